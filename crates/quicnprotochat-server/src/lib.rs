@@ -1,1 +1,31 @@
-//! placeholder
+//! The quicnprotochat node: one QUIC + TLS 1.3 endpoint serving `NodeService`
+//! (the Authentication Service's KeyPackage directory and the Delivery
+//! Service's message queues) over Cap'n Proto RPC, backed by SQLite.
+//!
+//! The node never sees plaintext: KeyPackages and messages are opaque MLS
+//! bytes, stored by the 32-byte Ed25519 identity key of their owner.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), quicnprotochat_server::ServerError> {
+//! let config = quicnprotochat_server::Config::default();
+//! quicnprotochat_server::run(config, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+//!
+//! # Layout
+//! - [`config`] — everything the node can be told, with defaults.
+//! - [`listener`] — the QUIC endpoint: accept loop, RPC worker threads,
+//!   graceful shutdown.
+//! - [`service`] — the `NodeService` RPC adapter: parse, one store call, reply.
+//! - [`store`] — all SQL: migrations and a group-committing writer thread.
+//! - [`error`] — the node's error types and their conversion to RPC errors.
+
+pub mod config;
+pub mod error;
+pub mod listener;
+pub mod service;
+pub mod store;
+
+pub use config::Config;
+pub use error::ServerError;
+pub use listener::{Node, run};

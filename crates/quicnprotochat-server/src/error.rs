@@ -1,0 +1,72 @@
+//! Errors of the node, one enum per layer, each converted once at its
+//! boundary: [`StoreError`](crate::store::StoreError) and field errors become
+//! [`ServiceError`], which becomes a `capnp::Error` for the peer.
+
+use std::io;
+use std::path::PathBuf;
+
+use quicnprotochat_proto::cert::CertError;
+use quicnprotochat_proto::transport::TransportError;
+use quicnprotochat_proto::wire::FieldError;
+
+use crate::store::StoreError;
+
+/// Errors that stop the node from starting or running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The TLS certificate or key could not be loaded or generated.
+    #[error("TLS certificate: {0}")]
+    Cert(#[from] CertError),
+    /// The TLS/QUIC configuration was rejected.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// What the operating system said.
+        source: io::Error,
+    },
+    /// The database could not be opened or migrated.
+    #[error("database {path}: {source}")]
+    Store {
+        /// The database file.
+        path: PathBuf,
+        /// What went wrong.
+        source: StoreError,
+    },
+    /// A worker thread could not be started.
+    #[error("starting RPC worker thread: {0}")]
+    Thread(io::Error),
+}
+
+/// Errors answering one RPC call; each becomes a `capnp::Error` whose text
+/// tells the caller what was wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// A parameter does not hold what the schema requires.
+    #[error("invalid argument: {0}")]
+    Field(#[from] FieldError),
+    /// The store failed; the call had no effect.
+    #[error("storage failure, nothing was stored or removed; retry later: {0}")]
+    Store(#[from] StoreError),
+    /// The node is shutting down and takes no new work.
+    #[error("the node is shutting down; retry in a moment")]
+    ShuttingDown,
+}
+
+impl From<ServiceError> for capnp::Error {
+    fn from(error: ServiceError) -> Self {
+        match error {
+            ServiceError::ShuttingDown => capnp::Error::overloaded(error.to_string()),
+            ServiceError::Store(StoreError::Closed) => capnp::Error::overloaded(error.to_string()),
+            _ => capnp::Error::failed(error.to_string()),
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The QUIC endpoint: the accept loop, the RPC worker threads and shutdown.
+//!
+//! The endpoint is driven by the caller's tokio runtime. Cap'n Proto RPC is
+//! `!Send`, so each worker thread runs a single-threaded runtime with a
+//! `LocalSet`; accepted connections are handed to the workers in turn, and
+//! every stream a client opens gets its own RPC session.
+//!
+//! Shutdown: stop accepting, refuse new calls, wait (bounded) for calls in
+//! flight to finish, close the endpoint, join the workers, wait for the
+//! connections to close, then close the store, which commits what is queued.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use capnp::message::ReaderOptions;
+use quicnprotochat_proto::{cert, rpc, transport};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, MAX_PAYLOAD_CEILING};
+use crate::error::ServerError;
+use crate::service::{NodeServiceImpl, Shared};
+use crate::store::{Store, StoreCloser};
+
+/// How long shutdown waits for calls in flight before closing connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for closed connections to be acknowledged.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Binds the node described by `config` and serves until `shutdown`
+/// completes, then shuts down cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    Node::bind(config).await?.run(shutdown).await
+}
+
+/// A bound node: certificate loaded, database open, socket listening.
+#[derive(Debug)]
+pub struct Node {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    store_closer: StoreCloser,
+    rpc_threads: usize,
+    reader_options: ReaderOptions,
+}
+
+impl Node {
+    /// Loads (or generates) the certificate, opens the database and binds the
+    /// UDP socket. Must be called within a tokio runtime, which then drives
+    /// the endpoint.
+    pub async fn bind(config: Config) -> Result<Node, ServerError> {
+        if config.max_payload == 0 || config.max_payload > MAX_PAYLOAD_CEILING {
+            return Err(ServerError::Config(format!(
+                "--max-payload must be between 1 and {MAX_PAYLOAD_CEILING} bytes, got {}",
+                config.max_payload
+            )));
+        }
+        if config.rpc_threads == 0 {
+            return Err(ServerError::Config("--rpc-threads must be at least 1".into()));
+        }
+        let identity = cert::load_or_generate(&config.tls_cert, &config.tls_key, &config.tls_names)?;
+        if identity.generated {
+            info!(
+                cert = %config.tls_cert.display(),
+                key = %config.tls_key.display(),
+                "generated a self-signed TLS certificate; give clients the certificate file as --ca-cert"
+            );
+        }
+        let server_config = transport::server_config(identity.cert, identity.key)?;
+        let (store, store_closer) = Store::open(&config.db).map_err(|source| ServerError::Store {
+            path: config.db.clone(),
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            ServerError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        Ok(Node {
+            endpoint,
+            shared: Shared::new(store, config.max_payload),
+            store_closer,
+            rpc_threads: config.rpc_threads,
+            reader_options: rpc::reader_options(config.max_payload),
+        })
+    }
+
+    /// The address the node listens on (useful after binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound quinn endpoint always knows its socket address; the error
+        // case is unreachable after a successful bind.
+        self.endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then shuts down cleanly.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let workers = (0..self.rpc_threads)
+            .map(|index| Worker::spawn(index, self.shared.clone(), self.reader_options))
+            .collect::<Result<Vec<_>, _>>()?;
+        info!(addr = %self.local_addr(), alpn = %String::from_utf8_lossy(transport::ALPN), "node listening");
+
+        tokio::pin!(shutdown);
+        let mut next = 0usize;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        workers[next % workers.len()].hand_over(incoming);
+                        next = next.wrapping_add(1);
+                    }
+                    None => break,
+                },
+            }
+        }
+
+        info!("shutting down: no new connections; finishing calls in flight");
+        self.shared.draining.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.shared.in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                warn!(
+                    calls = self.shared.in_flight.load(Ordering::SeqCst),
+                    "calls still in flight after {DRAIN_TIMEOUT:?}; closing anyway"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.endpoint.close(0u32.into(), b"node shutting down");
+        for worker in workers {
+            worker.join().await;
+        }
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            debug!("some peers did not acknowledge the close in time");
+        }
+        // The workers are gone, so this is the last handle to the store.
+        drop(self.shared);
+        self.store_closer.close().await;
+        info!("node stopped");
+        Ok(())
+    }
+}
+
+/// One RPC thread: a single-threaded runtime and `LocalSet` serving the
+/// connections handed to it.
+struct Worker {
+    connections: mpsc::UnboundedSender<quinn::Incoming>,
+    thread: JoinHandle<()>,
+}
+
+impl Worker {
+    fn spawn(index: usize, shared: Arc<Shared>, options: ReaderOptions) -> Result<Worker, ServerError> {
+        let (connections, mut receiver) = mpsc::unbounded_channel::<quinn::Incoming>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ServerError::Thread)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("rpc-{index}"))
+            .spawn(move || {
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, async {
+                    while let Some(incoming) = receiver.recv().await {
+                        tokio::task::spawn_local(serve_connection(incoming, shared.clone(), options));
+                    }
+                });
+                // The endpoint is closed by now, so every session ends soon;
+                // the timeout only guards against a bug keeping one alive.
+                if runtime.block_on(tokio::time::timeout(CLOSE_TIMEOUT, local)).is_err() {
+                    warn!("RPC worker {index}: sessions still open at shutdown; dropping them");
+                }
+            })
+            .map_err(ServerError::Thread)?;
+        Ok(Worker { connections, thread })
+    }
+
+    fn hand_over(&self, incoming: quinn::Incoming) {
+        // The receiver lives as long as the thread, which only ends after
+        // this sender is dropped in `join`.
+        if self.connections.send(incoming).is_err() {
+            warn!("RPC worker stopped unexpectedly; connection dropped");
+        }
+    }
+
+    async fn join(self) {
+        drop(self.connections);
+        let thread = self.thread;
+        if !matches!(tokio::task::spawn_blocking(move || thread.join()).await, Ok(Ok(()))) {
+            warn!("an RPC worker thread panicked");
+        }
+    }
+}
+
+/// Completes the handshake, then runs one RPC session per stream the client
+/// opens until the connection closes.
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, options: ReaderOptions) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(e) => {
+            debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    debug!(%remote, "connection established");
+    loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => {
+                let node = capnp_rpc::new_client(NodeServiceImpl::new(shared.clone()));
+                let session = rpc::serve(send, recv, node, options);
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = session.await {
+                        debug!(%remote, "RPC session ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                debug!(%remote, "connection closed: {e}");
+                return;
+            }
+        }
+    }
+}

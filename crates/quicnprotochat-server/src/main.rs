@@ -1,0 +1,89 @@
+//! `quicnprotochat-server`: parses flags, then runs the node until Ctrl-C or
+//! SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use quicnprotochat_proto::DEFAULT_MAX_PAYLOAD;
+use quicnprotochat_server::Config;
+use tracing_subscriber::EnvFilter;
+
+/// The quicnprotochat node: KeyPackage directory and message queues for MLS
+/// clients, over QUIC + TLS 1.3 + Cap'n Proto RPC.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// UDP address to listen on.
+    #[arg(long, env = "QUICNPROTOCHAT_LISTEN", default_value = "0.0.0.0:4201")]
+    listen: SocketAddr,
+    /// TLS certificate (DER); a self-signed one is generated here when missing.
+    #[arg(long, env = "QUICNPROTOCHAT_TLS_CERT", default_value = "data/server-cert.der")]
+    tls_cert: PathBuf,
+    /// TLS private key (PKCS#8 DER); generated with the certificate when missing.
+    #[arg(long, env = "QUICNPROTOCHAT_TLS_KEY", default_value = "data/server-key.der")]
+    tls_key: PathBuf,
+    /// Extra DNS name or IP address for a generated certificate (repeatable;
+    /// localhost, 127.0.0.1 and ::1 are always included).
+    #[arg(long = "tls-san", env = "QUICNPROTOCHAT_TLS_SAN", value_delimiter = ',')]
+    tls_san: Vec<String>,
+    /// SQLite database file.
+    #[arg(long, env = "QUICNPROTOCHAT_DB", default_value = "data/node.db")]
+    db: PathBuf,
+    /// Largest KeyPackage or message payload accepted, in bytes.
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_PAYLOAD", default_value_t = DEFAULT_MAX_PAYLOAD)]
+    max_payload: usize,
+    /// Threads running RPC sessions [default: number of CPUs].
+    #[arg(long, env = "QUICNPROTOCHAT_RPC_THREADS")]
+    rpc_threads: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let args = Args::parse();
+    let defaults = Config::default();
+    let config = Config {
+        listen: args.listen,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_names: args.tls_san,
+        db: args.db,
+        max_payload: args.max_payload,
+        rpc_threads: args.rpc_threads.unwrap_or(defaults.rpc_threads),
+    };
+    quicnprotochat_server::run(config, shutdown_signal())
+        .await
+        .context("the node stopped with an error")
+}
+
+/// Completes on Ctrl-C or (on Unix) SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

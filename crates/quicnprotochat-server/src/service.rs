@@ -1,0 +1,162 @@
+//! The `NodeService` RPC adapter. Each method parses its parameters into
+//! domain types, makes one store call and fills the results; all storage
+//! logic lives in [`crate::store`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use capnp::capability::Rc;
+use quicnprotochat_core::fingerprint;
+use quicnprotochat_proto::wire;
+use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
+
+use crate::error::ServiceError;
+use crate::store::Store;
+
+/// State shared by every connection's service object.
+#[derive(Debug)]
+pub struct Shared {
+    /// The store all calls go to.
+    pub store: Store,
+    /// Largest payload accepted, in bytes.
+    pub max_payload: usize,
+    /// Calls currently being answered; shutdown waits for this to reach zero.
+    pub in_flight: AtomicUsize,
+    /// Set at shutdown: new calls are refused so in-flight ones can finish.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    /// Shared state over `store`.
+    pub fn new(store: Store, max_payload: usize) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            max_payload,
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        })
+    }
+}
+
+/// The bootstrap capability served on each connection.
+pub struct NodeServiceImpl {
+    shared: Arc<Shared>,
+}
+
+impl NodeServiceImpl {
+    /// A service object answering from `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Registers a call as in flight, or refuses it while shutting down.
+    fn begin(&self) -> Result<CallGuard, ServiceError> {
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = CallGuard(self.shared.clone());
+        if self.shared.draining.load(Ordering::SeqCst) {
+            return Err(ServiceError::ShuttingDown);
+        }
+        Ok(guard)
+    }
+}
+
+/// Counts a call as in flight until dropped.
+struct CallGuard(Arc<Shared>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl node_capnp::node_service::Server for NodeServiceImpl {
+    async fn ping(
+        self: Rc<Self>,
+        _: node_capnp::node_service::PingParams,
+        mut results: node_capnp::node_service::PingResults,
+    ) -> Result<(), capnp::Error> {
+        let mut info = results.get().init_info();
+        info.set_version(env!("CARGO_PKG_VERSION"));
+        info.set_protocol_version(PROTOCOL_VERSION);
+        info.set_max_payload_bytes(u32::try_from(self.shared.max_payload).unwrap_or(u32::MAX));
+        Ok(())
+    }
+}
+
+impl auth_capnp::auth_service::Server for NodeServiceImpl {
+    async fn upload_key_package(
+        self: Rc<Self>,
+        params: auth_capnp::auth_service::UploadKeyPackageParams,
+        mut results: auth_capnp::auth_service::UploadKeyPackageResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let params = params.get()?;
+        let identity = wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+        let package = wire::payload("package", params.get_package()?, self.shared.max_payload)
+            .map_err(ServiceError::from)?
+            .to_vec();
+        let digest = fingerprint(&package);
+        self.shared
+            .store
+            .upload_key_package(identity, package)
+            .await
+            .map_err(ServiceError::from)?;
+        results.get().set_fingerprint(&digest);
+        Ok(())
+    }
+
+    async fn fetch_key_package(
+        self: Rc<Self>,
+        params: auth_capnp::auth_service::FetchKeyPackageParams,
+        mut results: auth_capnp::auth_service::FetchKeyPackageResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let identity = wire::identity_key("identityKey", params.get()?.get_identity_key()?).map_err(ServiceError::from)?;
+        let package = self
+            .shared
+            .store
+            .take_key_package(identity)
+            .await
+            .map_err(ServiceError::from)?;
+        results.get().set_package(package.as_deref().unwrap_or_default());
+        Ok(())
+    }
+}
+
+impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
+    async fn enqueue(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::EnqueueParams,
+        _: delivery_capnp::delivery_service::EnqueueResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let params = params.get()?;
+        let recipient = wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
+        let payload = wire::payload("payload", params.get_payload()?, self.shared.max_payload)
+            .map_err(ServiceError::from)?
+            .to_vec();
+        self.shared
+            .store
+            .enqueue(recipient, payload)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(())
+    }
+
+    async fn fetch(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::FetchParams,
+        mut results: delivery_capnp::delivery_service::FetchResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let recipient =
+            wire::identity_key("recipientKey", params.get()?.get_recipient_key()?).map_err(ServiceError::from)?;
+        let payloads = self.shared.store.drain(recipient).await.map_err(ServiceError::from)?;
+        let length = u32::try_from(payloads.len()).map_err(|_| capnp::Error::failed("too many messages".into()))?;
+        let mut list = results.get().init_payloads(length);
+        for (index, payload) in payloads.iter().enumerate() {
+            list.set(index as u32, payload);
+        }
+        Ok(())
+    }
+}

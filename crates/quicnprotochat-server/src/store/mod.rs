@@ -1,0 +1,176 @@
+//! The node's durable state: KeyPackages and message queues in SQLite.
+//!
+//! One writer thread owns the connection. RPC tasks send it [`Command`]s and
+//! await the answer, so SQLite never blocks the threads that run RPC. The
+//! writer takes every command that is waiting, runs them all in one
+//! transaction (each inside its own savepoint, so one failing command does not
+//! undo the others) and answers them only after `COMMIT` returns: many
+//! concurrent enqueues share one commit and one fsync ("group commit"), and a
+//! success answer always means the data is committed.
+//!
+//! # Layout
+//! - `migrations` — numbered schema migrations, tracked in `PRAGMA user_version`.
+//! - `queries` — every SQL statement, as typed functions on a transaction.
+//! - `writer` — the writer thread and its batching loop.
+
+mod migrations;
+mod queries;
+mod writer;
+
+use std::path::Path;
+
+use quicnprotochat_core::IdentityKey;
+use tokio::sync::{mpsc, oneshot};
+
+pub use migrations::SCHEMA_VERSION;
+
+/// How many commands may wait for the writer before callers are made to wait.
+const QUEUE_CAPACITY: usize = 8192;
+
+/// A fetch answer carries whole messages, oldest first, until it reaches this
+/// many payload bytes (and always at least one message); the rest stay queued
+/// for the next fetch. Keeps one answer far below the RPC message limit.
+pub const FETCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database was written by a newer version of the node.
+    #[error(
+        "schema version {found} is newer than this node understands ({supported}); run a newer quicnprotochat-server"
+    )]
+    SchemaTooNew {
+        /// Version found in the file.
+        found: i64,
+        /// Newest version this build knows.
+        supported: i64,
+    },
+    /// The file is a SQLite database of some other application.
+    #[error("not a quicnprotochat node database (application_id {0:#x}); pass another --db path")]
+    ForeignDatabase(i64),
+    /// The file is not a SQLite database at all.
+    #[error("not a SQLite database; pass another --db path")]
+    NotADatabase,
+    /// The database directory could not be created.
+    #[error("creating the database directory: {0}")]
+    Io(#[from] std::io::Error),
+    /// The transaction holding this command could not start or commit, so
+    /// nothing of it was kept.
+    #[error("transaction failed, nothing was stored: {0}")]
+    Transaction(String),
+    /// The writer thread has stopped (the node is shutting down).
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A handle to the store; cheap to clone, usable from any thread.
+#[derive(Clone, Debug)]
+pub struct Store {
+    commands: mpsc::Sender<Command>,
+}
+
+/// Owns the writer thread; [`StoreCloser::close`] finishes queued work and
+/// closes the database cleanly.
+#[derive(Debug)]
+pub struct StoreCloser {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database at `path`, and
+    /// starts its writer thread.
+    pub fn open(path: &Path) -> Result<(Store, StoreCloser), StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let connection = migrations::open(path)?;
+        let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let thread = writer::spawn(connection, receiver)?;
+        Ok((Store { commands }, StoreCloser { thread }))
+    }
+
+    /// Stores a KeyPackage for `identity`.
+    pub async fn upload_key_package(&self, identity: IdentityKey, package: Vec<u8>) -> Result<(), StoreError> {
+        self.call(|reply| Command::UploadKeyPackage {
+            identity,
+            package,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes and returns the oldest KeyPackage of `identity`, if any.
+    pub async fn take_key_package(&self, identity: IdentityKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.call(|reply| Command::TakeKeyPackage { identity, reply }).await
+    }
+
+    /// Appends `payload` to the queue of `recipient`.
+    pub async fn enqueue(&self, recipient: IdentityKey, payload: Vec<u8>) -> Result<(), StoreError> {
+        self.call(|reply| Command::Enqueue {
+            recipient,
+            payload,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes and returns the queued messages of `recipient`, oldest first,
+    /// up to [`FETCH_BUDGET_BYTES`].
+    pub async fn drain(&self, recipient: IdentityKey) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.call(|reply| Command::Drain { recipient, reply }).await
+    }
+
+    async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl StoreCloser {
+    /// Waits until every handle is dropped and the writer has committed what
+    /// was queued, then closes the database (checkpointing the WAL).
+    pub async fn close(self) {
+        let thread = self.thread;
+        // Joining blocks, so it must not run on an async worker thread.
+        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("the store writer thread panicked");
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One unit of work for the writer thread.
+#[derive(Debug)]
+enum Command {
+    UploadKeyPackage {
+        identity: IdentityKey,
+        package: Vec<u8>,
+        reply: Reply<()>,
+    },
+    TakeKeyPackage {
+        identity: IdentityKey,
+        reply: Reply<Option<Vec<u8>>>,
+    },
+    Enqueue {
+        recipient: IdentityKey,
+        payload: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Drain {
+        recipient: IdentityKey,
+        reply: Reply<Vec<Vec<u8>>>,
+    },
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,66 @@
+//! Every SQL statement of the node, as typed functions. Each runs inside the
+//! writer's current transaction; statements are cached by the connection.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use quicnprotochat_core::IdentityKey;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::FETCH_BUDGET_BYTES;
+
+pub(super) fn insert_key_package(db: &Connection, identity: &IdentityKey, package: &[u8]) -> rusqlite::Result<()> {
+    db.prepare_cached("INSERT INTO key_packages (identity_key, package, uploaded_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![identity.as_bytes(), package, unix_now()])?;
+    Ok(())
+}
+
+/// Deletes and returns the oldest KeyPackage of `identity`. Runs on the single
+/// writer connection, so two callers can never take the same row.
+pub(super) fn take_key_package(db: &Connection, identity: &IdentityKey) -> rusqlite::Result<Option<Vec<u8>>> {
+    db.prepare_cached(
+        "DELETE FROM key_packages WHERE id =
+             (SELECT id FROM key_packages WHERE identity_key = ?1 ORDER BY id LIMIT 1)
+         RETURNING package",
+    )?
+    .query_row(params![identity.as_bytes()], |row| row.get(0))
+    .optional()
+}
+
+pub(super) fn insert_message(db: &Connection, recipient: &IdentityKey, payload: &[u8]) -> rusqlite::Result<()> {
+    db.prepare_cached("INSERT INTO messages (recipient_key, payload, enqueued_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![recipient.as_bytes(), payload, unix_now()])?;
+    Ok(())
+}
+
+/// Reads the queue of `recipient` oldest first, up to the fetch budget, and
+/// deletes what it read.
+pub(super) fn drain_messages(db: &Connection, recipient: &IdentityKey) -> rusqlite::Result<Vec<Vec<u8>>> {
+    let mut payloads = Vec::new();
+    let mut last_seq = None;
+    let mut total = 0usize;
+    {
+        let mut select =
+            db.prepare_cached("SELECT seq, payload FROM messages WHERE recipient_key = ?1 ORDER BY seq")?;
+        let mut rows = select.query(params![recipient.as_bytes()])?;
+        while let Some(row) = rows.next()? {
+            let payload: Vec<u8> = row.get(1)?;
+            if !payloads.is_empty() && total + payload.len() > FETCH_BUDGET_BYTES {
+                break;
+            }
+            total += payload.len();
+            last_seq = Some(row.get::<_, i64>(0)?);
+            payloads.push(payload);
+        }
+    }
+    if let Some(last_seq) = last_seq {
+        db.prepare_cached("DELETE FROM messages WHERE recipient_key = ?1 AND seq <= ?2")?
+            .execute(params![recipient.as_bytes(), last_seq])?;
+    }
+    Ok(payloads)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}

@@ -1,0 +1,141 @@
+use std::collections::HashSet;
+
+use quicnprotochat_core::IdentityKey;
+
+use super::*;
+
+fn key(byte: u8) -> IdentityKey {
+    IdentityKey::from_bytes([byte; 32])
+}
+
+async fn open(dir: &tempfile::TempDir) -> (Store, StoreCloser) {
+    Store::open(&dir.path().join("node.db")).unwrap()
+}
+
+async fn close((store, closer): (Store, StoreCloser)) {
+    drop(store);
+    closer.close().await;
+}
+
+#[tokio::test]
+async fn drain_returns_messages_in_fifo_order_and_empties_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    for i in 0..10u8 {
+        store.enqueue(key(1), vec![i]).await.unwrap();
+    }
+    store.enqueue(key(2), b"other".to_vec()).await.unwrap();
+    let drained = store.drain(key(1)).await.unwrap();
+    assert_eq!(drained, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    assert!(store.drain(key(1)).await.unwrap().is_empty());
+    assert_eq!(store.drain(key(2)).await.unwrap(), vec![b"other".to_vec()]);
+    close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn queued_messages_and_key_packages_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    store.enqueue(key(1), b"kept".to_vec()).await.unwrap();
+    store.upload_key_package(key(1), b"kp".to_vec()).await.unwrap();
+    close((store, closer)).await;
+
+    let (store, closer) = open(&dir).await;
+    assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"kept".to_vec()]);
+    assert_eq!(store.take_key_package(key(1)).await.unwrap(), Some(b"kp".to_vec()));
+    close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn key_packages_are_served_once_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    store.upload_key_package(key(1), b"first".to_vec()).await.unwrap();
+    store.upload_key_package(key(1), b"second".to_vec()).await.unwrap();
+    assert_eq!(store.take_key_package(key(1)).await.unwrap(), Some(b"first".to_vec()));
+    assert_eq!(store.take_key_package(key(1)).await.unwrap(), Some(b"second".to_vec()));
+    assert_eq!(store.take_key_package(key(1)).await.unwrap(), None);
+    assert_eq!(store.take_key_package(key(9)).await.unwrap(), None);
+    close((store, closer)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_takes_never_hand_out_a_key_package_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    for i in 0..50u32 {
+        store.upload_key_package(key(1), i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    let takers: Vec<_> = (0..100)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.take_key_package(key(1)).await.unwrap() })
+        })
+        .collect();
+    let mut served = Vec::new();
+    for taker in takers {
+        if let Some(package) = taker.await.unwrap() {
+            served.push(package);
+        }
+    }
+    assert_eq!(served.len(), 50);
+    assert_eq!(served.iter().collect::<HashSet<_>>().len(), 50);
+    close((store, closer)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueues_are_all_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let senders: Vec<_> = (0..500u32)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.enqueue(key(3), i.to_be_bytes().to_vec()).await })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.unwrap().unwrap();
+    }
+    close((store, closer)).await;
+    let (store, closer) = open(&dir).await;
+    let drained: HashSet<_> = store.drain(key(3)).await.unwrap().into_iter().collect();
+    assert_eq!(drained.len(), 500);
+    close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn a_large_queue_is_drained_over_several_fetches_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let big = vec![7u8; FETCH_BUDGET_BYTES / 3 + 1];
+    for _ in 0..4 {
+        store.enqueue(key(1), big.clone()).await.unwrap();
+    }
+    assert_eq!(store.drain(key(1)).await.unwrap().len(), 2);
+    assert_eq!(store.drain(key(1)).await.unwrap().len(), 2);
+    assert!(store.drain(key(1)).await.unwrap().is_empty());
+    close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn a_foreign_database_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.db");
+    {
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("CREATE TABLE notes (text TEXT)").unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::ForeignDatabase(_)), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[tokio::test]
+async fn a_database_is_stamped_with_the_schema_version() {
+    let dir = tempfile::tempdir().unwrap();
+    close(open(&dir).await).await;
+    let db = rusqlite::Connection::open(dir.path().join("node.db")).unwrap();
+    let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+}

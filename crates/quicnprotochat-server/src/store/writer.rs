@@ -1,0 +1,143 @@
+//! The writer thread: the only owner of the SQLite connection.
+//!
+//! Loop: wait for a command, take every other command already waiting (up to
+//! [`MAX_BATCH`]), run them in one transaction with a savepoint each, commit,
+//! and only then answer. A command that fails rolls back to its savepoint and
+//! gets its error; the others still commit. If the commit itself fails, every
+//! command of the batch gets the error and nothing of it is kept.
+
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use tokio::sync::mpsc;
+
+use super::{Command, StoreError, queries};
+
+/// Most commands committed together; bounds the latency a batch adds.
+const MAX_BATCH: usize = 1024;
+
+pub(super) fn spawn(connection: Connection, commands: mpsc::Receiver<Command>) -> Result<JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || run(connection, commands))
+        .map_err(StoreError::Io)
+}
+
+fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Ends when every `Store` handle is dropped and the queue is empty.
+    while let Some(first) = commands.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match commands.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        execute_batch(&mut connection, &mut batch);
+    }
+    // Let SQLite refresh its query planner statistics, then close: closing the
+    // last connection checkpoints the WAL into the main file.
+    if let Err(e) = connection.execute_batch("PRAGMA optimize") {
+        tracing::warn!("PRAGMA optimize on close: {e}");
+    }
+    if let Err((_, e)) = connection.close() {
+        tracing::error!("closing the database: {e}");
+    } else {
+        tracing::info!("database closed cleanly");
+    }
+}
+
+/// An answer computed inside the transaction, sent once it commits.
+type Answer = Box<dyn FnOnce(Result<(), &StoreError>)>;
+
+fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>) {
+    let transaction = match connection.transaction() {
+        Ok(transaction) => transaction,
+        Err(e) => {
+            let error = StoreError::from(e);
+            tracing::error!("starting a transaction: {error}");
+            for command in batch.drain(..) {
+                fail(command, &error);
+            }
+            return;
+        }
+    };
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    for command in batch.drain(..) {
+        answers.push(apply(&transaction, command));
+    }
+    match transaction.commit() {
+        Ok(()) => answers.into_iter().for_each(|answer| answer(Ok(()))),
+        Err(e) => {
+            let error = StoreError::from(e);
+            tracing::error!("committing a batch of {} commands: {error}", answers.len());
+            answers.into_iter().for_each(|answer| answer(Err(&error)));
+        }
+    }
+}
+
+/// Runs one command inside its own savepoint and returns how to answer it.
+fn apply(db: &Connection, command: Command) -> Answer {
+    match command {
+        Command::UploadKeyPackage {
+            identity,
+            package,
+            reply,
+        } => answer(reply, in_savepoint(db, |db| queries::insert_key_package(db, &identity, &package))),
+        Command::TakeKeyPackage { identity, reply } => {
+            answer(reply, in_savepoint(db, |db| queries::take_key_package(db, &identity)))
+        }
+        Command::Enqueue {
+            recipient,
+            payload,
+            reply,
+        } => answer(reply, in_savepoint(db, |db| queries::insert_message(db, &recipient, &payload))),
+        Command::Drain { recipient, reply } => {
+            answer(reply, in_savepoint(db, |db| queries::drain_messages(db, &recipient)))
+        }
+    }
+}
+
+fn answer<T: 'static>(reply: super::Reply<T>, result: Result<T, StoreError>) -> Answer {
+    Box::new(move |committed| {
+        let outcome = match committed {
+            Ok(()) => result,
+            // The batch did not commit: whatever this command did is gone.
+            Err(e) => Err(StoreError::Transaction(e.to_string())),
+        };
+        // The caller may have gone away (connection closed); nothing to do.
+        let _ = reply.send(outcome);
+    })
+}
+
+fn in_savepoint<T>(db: &Connection, work: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+    db.execute_batch("SAVEPOINT command")?;
+    match work(db) {
+        Ok(value) => {
+            db.execute_batch("RELEASE command")?;
+            Ok(value)
+        }
+        Err(e) => {
+            if let Err(rollback) = db.execute_batch("ROLLBACK TO command; RELEASE command") {
+                tracing::error!("rolling back a failed command: {rollback}");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn fail(command: Command, error: &StoreError) {
+    let error = || StoreError::Transaction(error.to_string());
+    match command {
+        Command::UploadKeyPackage { reply, .. } | Command::Enqueue { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Command::TakeKeyPackage { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Command::Drain { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+    }
+}

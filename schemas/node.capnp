@@ -1,0 +1,27 @@
+# NodeService: the bootstrap capability of a quicnprotochat node.
+#
+# Transport: QUIC (RFC 9000) with TLS 1.3, ALPN "quicnprotochat/1". On each
+# connection the client opens one bidirectional stream and speaks standard
+# Cap'n Proto two-party RPC over it (rpc.capnp, standard stream framing, no
+# extra header). The bootstrap capability is a NodeService.
+@0xaaa04b3f51e7c957;
+
+using Auth = import "auth.capnp";
+using Delivery = import "delivery.capnp";
+
+# What a node says about itself.
+struct NodeInfo {
+  # The node software's version, e.g. "0.1.0".
+  version @0 :Text;
+
+  # The wire protocol version; bumped on incompatible changes. Currently 1.
+  protocolVersion @1 :UInt16;
+
+  # The largest KeyPackage or message payload, in bytes, the node accepts.
+  maxPayloadBytes @2 :UInt32;
+}
+
+interface NodeService extends(Auth.AuthService, Delivery.DeliveryService) {
+  # Liveness check that also tells the client what it is talking to.
+  ping @0 () -> (info :NodeInfo);
+}
