@@ -18,7 +18,9 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("codegen failed: {e}\n(is the `capnp` tool installed? On Debian: apt-get install capnproto)");
+                eprintln!(
+                    "codegen failed: {e}\n(is the `capnp` tool installed? On Debian: apt-get install capnproto)"
+                );
                 ExitCode::FAILURE
             }
         },

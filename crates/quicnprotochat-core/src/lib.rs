@@ -1,1 +1,30 @@
-//! placeholder
+//! The cryptographic core of quicnprotochat: Ed25519 identities, MLS
+//! (RFC 9420) KeyPackages and end-to-end encrypted groups, built on openmls.
+//!
+//! This crate does no I/O. Every operation takes an openmls provider, whose
+//! storage holds all MLS state (KeyPackage private keys, group state); make
+//! the storage persistent to keep groups across restarts. Messages go in and
+//! out as TLS-encoded `MlsMessage` bytes that the transport treats as opaque
+//! blobs.
+//!
+//! Layout:
+//! - [`identity`] — [`IdentityKey`] (a user is an Ed25519 public key) and its signing [`IdentityKeypair`].
+//! - [`key_package`] — generating KeyPackages and validating uploaded ones.
+//! - [`group`] — [`GroupMember`] (create, join, add, send, receive) and [`classify`] for routing.
+//! - [`error`] — [`CoreError`].
+
+pub mod error;
+pub mod group;
+pub mod identity;
+pub mod key_package;
+
+use openmls_traits::types::Ciphersuite;
+
+pub use error::CoreError;
+pub use group::{AddedMembers, GroupMember, Incoming, Received, classify};
+pub use identity::{IdentityKey, IdentityKeypair};
+pub use key_package::{fingerprint, generate_key_package, key_package_identity};
+
+/// The one MLS ciphersuite we speak: X25519 HPKE, AES-128-GCM, SHA-256 and
+/// Ed25519 signatures (so identities are Ed25519 keys).
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;

@@ -76,7 +76,13 @@ pub fn load_or_generate(
         }),
         (false, false) => {
             let mut names: Vec<String> = DEFAULT_NAMES.iter().map(|n| n.to_string()).collect();
-            names.extend(extra_names.iter().filter(|n| !names.contains(n)).cloned().collect::<Vec<_>>());
+            names.extend(
+                extra_names
+                    .iter()
+                    .filter(|n| !names.contains(n))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
             let generated = rcgen::generate_simple_self_signed(names)?;
             let key_der = generated.signing_key.serialize_der();
             // Key first and private: if writing the certificate fails, the

@@ -93,5 +93,6 @@ pub fn client_config(trusted: CertificateDer<'static>) -> Result<quinn::ClientCo
 
 fn idle_timeout() -> quinn::IdleTimeout {
     // 30 s is far below the QUIC varint limit, so the conversion cannot fail.
-    quinn::IdleTimeout::try_from(IDLE_TIMEOUT).unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000)))
+    quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
+        .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000)))
 }

@@ -58,7 +58,12 @@ mod tests {
     #[test]
     fn payload_must_be_non_empty_and_within_the_limit() {
         assert!(payload("payload", b"", 10).is_err());
-        assert!(payload("payload", &[0u8; 11], 10).unwrap_err().to_string().contains("limit of 10"));
+        assert!(
+            payload("payload", &[0u8; 11], 10)
+                .unwrap_err()
+                .to_string()
+                .contains("limit of 10")
+        );
         assert_eq!(payload("payload", b"abc", 10).unwrap(), b"abc");
     }
 }

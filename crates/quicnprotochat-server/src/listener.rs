@@ -75,12 +75,11 @@ impl Node {
             path: config.db.clone(),
             source,
         })?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            ServerError::Bind {
+        let endpoint =
+            quinn::Endpoint::server(server_config, config.listen).map_err(|source| ServerError::Bind {
                 addr: config.listen,
                 source,
-            }
-        })?;
+            })?;
         Ok(Node {
             endpoint,
             shared: Shared::new(store, config.max_payload),
@@ -177,7 +176,8 @@ impl Worker {
                 });
                 // The endpoint is closed by now, so every session ends soon;
                 // the timeout only guards against a bug keeping one alive.
-                if runtime.block_on(tokio::time::timeout(CLOSE_TIMEOUT, local)).is_err() {
+                let finished = runtime.block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, local).await });
+                if finished.is_err() {
                     warn!("RPC worker {index}: sessions still open at shutdown; dropping them");
                 }
             })
@@ -196,7 +196,10 @@ impl Worker {
     async fn join(self) {
         drop(self.connections);
         let thread = self.thread;
-        if !matches!(tokio::task::spawn_blocking(move || thread.join()).await, Ok(Ok(()))) {
+        if !matches!(
+            tokio::task::spawn_blocking(move || thread.join()).await,
+            Ok(Ok(()))
+        ) {
             warn!("an RPC worker thread panicked");
         }
     }

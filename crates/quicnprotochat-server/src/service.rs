@@ -91,7 +91,8 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
         let params = params.get()?;
-        let identity = wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+        let identity =
+            wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
         let package = wire::payload("package", params.get_package()?, self.shared.max_payload)
             .map_err(ServiceError::from)?
             .to_vec();
@@ -111,7 +112,8 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         mut results: auth_capnp::auth_service::FetchKeyPackageResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
-        let identity = wire::identity_key("identityKey", params.get()?.get_identity_key()?).map_err(ServiceError::from)?;
+        let identity = wire::identity_key("identityKey", params.get()?.get_identity_key()?)
+            .map_err(ServiceError::from)?;
         let package = self
             .shared
             .store
@@ -131,7 +133,8 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
         let params = params.get()?;
-        let recipient = wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
+        let recipient =
+            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
         let payload = wire::payload("payload", params.get_payload()?, self.shared.max_payload)
             .map_err(ServiceError::from)?
             .to_vec();
@@ -149,10 +152,16 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         mut results: delivery_capnp::delivery_service::FetchResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
-        let recipient =
-            wire::identity_key("recipientKey", params.get()?.get_recipient_key()?).map_err(ServiceError::from)?;
-        let payloads = self.shared.store.drain(recipient).await.map_err(ServiceError::from)?;
-        let length = u32::try_from(payloads.len()).map_err(|_| capnp::Error::failed("too many messages".into()))?;
+        let recipient = wire::identity_key("recipientKey", params.get()?.get_recipient_key()?)
+            .map_err(ServiceError::from)?;
+        let payloads = self
+            .shared
+            .store
+            .drain(recipient)
+            .await
+            .map_err(ServiceError::from)?;
+        let length =
+            u32::try_from(payloads.len()).map_err(|_| capnp::Error::failed("too many messages".into()))?;
         let mut list = results.get().init_payloads(length);
         for (index, payload) in payloads.iter().enumerate() {
             list.set(index as u32, payload);

@@ -94,7 +94,11 @@ impl Store {
     }
 
     /// Stores a KeyPackage for `identity`.
-    pub async fn upload_key_package(&self, identity: IdentityKey, package: Vec<u8>) -> Result<(), StoreError> {
+    pub async fn upload_key_package(
+        &self,
+        identity: IdentityKey,
+        package: Vec<u8>,
+    ) -> Result<(), StoreError> {
         self.call(|reply| Command::UploadKeyPackage {
             identity,
             package,
@@ -105,7 +109,8 @@ impl Store {
 
     /// Removes and returns the oldest KeyPackage of `identity`, if any.
     pub async fn take_key_package(&self, identity: IdentityKey) -> Result<Option<Vec<u8>>, StoreError> {
-        self.call(|reply| Command::TakeKeyPackage { identity, reply }).await
+        self.call(|reply| Command::TakeKeyPackage { identity, reply })
+            .await
     }
 
     /// Appends `payload` to the queue of `recipient`.

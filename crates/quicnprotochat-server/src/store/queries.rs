@@ -8,7 +8,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::FETCH_BUDGET_BYTES;
 
-pub(super) fn insert_key_package(db: &Connection, identity: &IdentityKey, package: &[u8]) -> rusqlite::Result<()> {
+pub(super) fn insert_key_package(
+    db: &Connection,
+    identity: &IdentityKey,
+    package: &[u8],
+) -> rusqlite::Result<()> {
     db.prepare_cached("INSERT INTO key_packages (identity_key, package, uploaded_at) VALUES (?1, ?2, ?3)")?
         .execute(params![identity.as_bytes(), package, unix_now()])?;
     Ok(())
@@ -26,7 +30,11 @@ pub(super) fn take_key_package(db: &Connection, identity: &IdentityKey) -> rusql
     .optional()
 }
 
-pub(super) fn insert_message(db: &Connection, recipient: &IdentityKey, payload: &[u8]) -> rusqlite::Result<()> {
+pub(super) fn insert_message(
+    db: &Connection,
+    recipient: &IdentityKey,
+    payload: &[u8],
+) -> rusqlite::Result<()> {
     db.prepare_cached("INSERT INTO messages (recipient_key, payload, enqueued_at) VALUES (?1, ?2, ?3)")?
         .execute(params![recipient.as_bytes(), payload, unix_now()])?;
     Ok(())

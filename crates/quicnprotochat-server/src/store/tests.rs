@@ -42,7 +42,10 @@ async fn queued_messages_and_key_packages_survive_a_reopen() {
 
     let (store, closer) = open(&dir).await;
     assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"kept".to_vec()]);
-    assert_eq!(store.take_key_package(key(1)).await.unwrap(), Some(b"kp".to_vec()));
+    assert_eq!(
+        store.take_key_package(key(1)).await.unwrap(),
+        Some(b"kp".to_vec())
+    );
     close((store, closer)).await;
 }
 
@@ -51,9 +54,18 @@ async fn key_packages_are_served_once_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
     let (store, closer) = open(&dir).await;
     store.upload_key_package(key(1), b"first".to_vec()).await.unwrap();
-    store.upload_key_package(key(1), b"second".to_vec()).await.unwrap();
-    assert_eq!(store.take_key_package(key(1)).await.unwrap(), Some(b"first".to_vec()));
-    assert_eq!(store.take_key_package(key(1)).await.unwrap(), Some(b"second".to_vec()));
+    store
+        .upload_key_package(key(1), b"second".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_key_package(key(1)).await.unwrap(),
+        Some(b"first".to_vec())
+    );
+    assert_eq!(
+        store.take_key_package(key(1)).await.unwrap(),
+        Some(b"second".to_vec())
+    );
     assert_eq!(store.take_key_package(key(1)).await.unwrap(), None);
     assert_eq!(store.take_key_package(key(9)).await.unwrap(), None);
     close((store, closer)).await;
@@ -64,7 +76,10 @@ async fn concurrent_takes_never_hand_out_a_key_package_twice() {
     let dir = tempfile::tempdir().unwrap();
     let (store, closer) = open(&dir).await;
     for i in 0..50u32 {
-        store.upload_key_package(key(1), i.to_be_bytes().to_vec()).await.unwrap();
+        store
+            .upload_key_package(key(1), i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
     }
     let takers: Vec<_> = (0..100)
         .map(|_| {

@@ -16,7 +16,10 @@ use super::{Command, StoreError, queries};
 /// Most commands committed together; bounds the latency a batch adds.
 const MAX_BATCH: usize = 1024;
 
-pub(super) fn spawn(connection: Connection, commands: mpsc::Receiver<Command>) -> Result<JoinHandle<()>, StoreError> {
+pub(super) fn spawn(
+    connection: Connection,
+    commands: mpsc::Receiver<Command>,
+) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || run(connection, commands))
@@ -84,18 +87,26 @@ fn apply(db: &Connection, command: Command) -> Answer {
             identity,
             package,
             reply,
-        } => answer(reply, in_savepoint(db, |db| queries::insert_key_package(db, &identity, &package))),
-        Command::TakeKeyPackage { identity, reply } => {
-            answer(reply, in_savepoint(db, |db| queries::take_key_package(db, &identity)))
-        }
+        } => answer(
+            reply,
+            in_savepoint(db, |db| queries::insert_key_package(db, &identity, &package)),
+        ),
+        Command::TakeKeyPackage { identity, reply } => answer(
+            reply,
+            in_savepoint(db, |db| queries::take_key_package(db, &identity)),
+        ),
         Command::Enqueue {
             recipient,
             payload,
             reply,
-        } => answer(reply, in_savepoint(db, |db| queries::insert_message(db, &recipient, &payload))),
-        Command::Drain { recipient, reply } => {
-            answer(reply, in_savepoint(db, |db| queries::drain_messages(db, &recipient)))
-        }
+        } => answer(
+            reply,
+            in_savepoint(db, |db| queries::insert_message(db, &recipient, &payload)),
+        ),
+        Command::Drain { recipient, reply } => answer(
+            reply,
+            in_savepoint(db, |db| queries::drain_messages(db, &recipient)),
+        ),
     }
 }
 
@@ -111,7 +122,10 @@ fn answer<T: 'static>(reply: super::Reply<T>, result: Result<T, StoreError>) -> 
     })
 }
 
-fn in_savepoint<T>(db: &Connection, work: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+fn in_savepoint<T>(
+    db: &Connection,
+    work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
     db.execute_batch("SAVEPOINT command")?;
     match work(db) {
         Ok(value) => {

@@ -1,0 +1,95 @@
+//! Stateless commands: `ping`, `register`, `fetch-key`.
+
+use std::time::Instant;
+
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::OpenMlsProvider;
+use quicnprotochat_core::{IdentityKeypair, fingerprint, generate_key_package, key_package_identity};
+
+use super::{Nodes, parse_key};
+use crate::cli::ConnectionArgs;
+use crate::error::ClientError;
+
+/// `ping`: prints the node's version and the round trip time of one call.
+pub(crate) async fn ping(args: &ConnectionArgs) -> Result<(), ClientError> {
+    let nodes = Nodes::connect(args).await?;
+    let started = Instant::now();
+    let info = nodes.auth().ping().await?;
+    let rtt = started.elapsed();
+    println!(
+        "pong from {} ({}): quicnprotochat-server {}, protocol {}, max payload {} bytes, round trip {:.3} ms",
+        args.server,
+        nodes.auth().remote(),
+        info.version,
+        info.protocol_version,
+        info.max_payload_bytes,
+        rtt.as_secs_f64() * 1000.0
+    );
+    nodes.close().await;
+    Ok(())
+}
+
+/// `register`: a throwaway identity with one KeyPackage on the node; prints
+/// the identity key. The secret key is not kept: use `register-state` for an
+/// identity you can use later.
+pub(crate) async fn register(args: &ConnectionArgs) -> Result<(), ClientError> {
+    let nodes = Nodes::connect(args).await?;
+    let identity = IdentityKeypair::generate();
+    let provider = OpenMlsRustCrypto::default();
+    let package = generate_key_package(&provider, &identity)?;
+    upload(&nodes, &identity, &package).await?;
+    println!("{}", identity.public_key());
+    nodes.close().await;
+    Ok(())
+}
+
+/// Uploads a KeyPackage and checks the node stored exactly these bytes.
+pub(crate) async fn upload(
+    nodes: &Nodes,
+    identity: &IdentityKeypair,
+    package: &[u8],
+) -> Result<(), ClientError> {
+    let stored = nodes
+        .auth()
+        .upload_key_package(&identity.public_key(), package)
+        .await?;
+    if stored != fingerprint(package) {
+        return Err(ClientError::FingerprintMismatch);
+    }
+    eprintln!(
+        "uploaded a KeyPackage ({} bytes, SHA-256 {})",
+        package.len(),
+        hex::encode(&stored)
+    );
+    Ok(())
+}
+
+/// `fetch-key`: takes one KeyPackage of an identity and describes it.
+pub(crate) async fn fetch_key(args: &ConnectionArgs, identity_key: &str) -> Result<(), ClientError> {
+    let identity = parse_key("identity key", identity_key)?;
+    let nodes = Nodes::connect(args).await?;
+    let package = nodes
+        .auth()
+        .fetch_key_package(&identity)
+        .await?
+        .ok_or(ClientError::NoKeyPackage(identity))?;
+    let provider = OpenMlsRustCrypto::default();
+    let owner =
+        key_package_identity(provider.crypto(), &package).map_err(|e| ClientError::BadKeyPackage {
+            requested: identity,
+            reason: e.to_string(),
+        })?;
+    if owner != identity {
+        return Err(ClientError::BadKeyPackage {
+            requested: identity,
+            reason: format!("its credential is for {owner}"),
+        });
+    }
+    println!(
+        "KeyPackage for {identity}: {} bytes, SHA-256 {}, signature valid",
+        package.len(),
+        hex::encode(fingerprint(&package))
+    );
+    nodes.close().await;
+    Ok(())
+}

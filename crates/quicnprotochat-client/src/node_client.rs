@@ -1,0 +1,249 @@
+//! A connection to a node and typed calls on its `NodeService`.
+//!
+//! Connecting verifies the node's certificate against the trusted one given
+//! with `--ca-cert`; there is no way to skip that. The RPC session is `!Send`
+//! and runs as a task on the current `LocalSet`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capnp::capability::FromClientHook;
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_proto::auth_capnp::auth_service;
+use quicnprotochat_proto::delivery_capnp::delivery_service;
+use quicnprotochat_proto::node_capnp::node_service;
+use quicnprotochat_proto::{cert, rpc, transport};
+
+use crate::error::ClientError;
+
+/// How long to wait for the QUIC + TLS handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long to wait for any one call's answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest RPC message this client reads from a node; a fetch answer carries
+/// up to 16 MiB of payloads.
+const MAX_INCOMING: usize = 32 * 1024 * 1024;
+
+/// Where the node is and whom to trust.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `host:port` of the node.
+    pub server: String,
+    /// Name to verify in the node's certificate; defaults to the host part
+    /// of `server`.
+    pub server_name: Option<String>,
+    /// The node's certificate (or the CA that issued it), DER.
+    pub ca_cert: PathBuf,
+}
+
+/// What a node says about itself in `ping`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Software version.
+    pub version: String,
+    /// Wire protocol version.
+    pub protocol_version: u16,
+    /// Largest payload accepted, in bytes.
+    pub max_payload_bytes: u32,
+}
+
+/// An open connection to a node.
+pub struct NodeClient {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    node: node_service::Client,
+    // NodeService extends both; the inherited methods are called through
+    // clients of the parent interfaces on the same capability.
+    auth: auth_service::Client,
+    delivery: delivery_service::Client,
+    remote: SocketAddr,
+}
+
+impl NodeClient {
+    /// Connects to the node, verifying its certificate, and opens the RPC
+    /// session. Must run inside a tokio `LocalSet`.
+    pub async fn connect(options: &ConnectOptions) -> Result<NodeClient, ClientError> {
+        let trusted = cert::load_certificate(&options.ca_cert).map_err(|source| ClientError::CaCert {
+            path: options.ca_cert.clone(),
+            source,
+        })?;
+        let config = transport::client_config(trusted).map_err(|e| ClientError::CaCertUnusable {
+            path: options.ca_cert.clone(),
+            reason: e.to_string(),
+        })?;
+        let (host, remote) = resolve(&options.server).await?;
+        let server_name = options.server_name.clone().unwrap_or(host);
+        let bind: SocketAddr = if remote.is_ipv6() {
+            "[::]:0"
+                .parse()
+                .map_err(|_| ClientError::Internal("IPv6 wildcard address"))?
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Socket)?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint
+            .connect(remote, &server_name)
+            .map_err(|e| ClientError::Connect {
+                server: options.server.clone(),
+                reason: e.to_string(),
+            })?;
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => {
+                return Err(ClientError::Unreachable {
+                    server: options.server.clone(),
+                    after: CONNECT_TIMEOUT,
+                });
+            }
+            Ok(Err(e)) => return Err(classify_connect_error(options, e)),
+            Ok(Ok(connection)) => connection,
+        };
+        let (send, recv) = connection.open_bi().await.map_err(|e| ClientError::Connect {
+            server: options.server.clone(),
+            reason: e.to_string(),
+        })?;
+        let (session, node) = rpc::connect(send, recv, rpc::reader_options(MAX_INCOMING / 2));
+        tokio::task::spawn_local(async move {
+            if let Err(e) = session.await {
+                tracing::debug!("RPC session ended: {e}");
+            }
+        });
+        Ok(NodeClient {
+            endpoint,
+            connection,
+            auth: node.clone().cast_to(),
+            delivery: node.clone().cast_to(),
+            node,
+            remote,
+        })
+    }
+
+    /// The node's address.
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// Asks the node who it is.
+    pub async fn ping(&self) -> Result<NodeInfo, ClientError> {
+        let request = self.node.ping_request();
+        let response = call(request.send().promise).await?;
+        let info = response.get()?.get_info()?;
+        Ok(NodeInfo {
+            version: info
+                .get_version()?
+                .to_string()
+                .map_err(|e| capnp::Error::failed(format!("ping: version is not UTF-8: {e}")))?,
+            protocol_version: info.get_protocol_version(),
+            max_payload_bytes: info.get_max_payload_bytes(),
+        })
+    }
+
+    /// Uploads a KeyPackage for `identity`; returns the node's SHA-256
+    /// fingerprint of what it stored.
+    pub async fn upload_key_package(
+        &self,
+        identity: &IdentityKey,
+        package: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut request = self.auth.upload_key_package_request();
+        request.get().set_identity_key(identity.as_bytes());
+        request.get().set_package(package);
+        let response = call(request.send().promise).await?;
+        Ok(response.get()?.get_fingerprint()?.to_vec())
+    }
+
+    /// Takes one KeyPackage of `identity`; `None` when it has none left.
+    pub async fn fetch_key_package(&self, identity: &IdentityKey) -> Result<Option<Vec<u8>>, ClientError> {
+        let mut request = self.auth.fetch_key_package_request();
+        request.get().set_identity_key(identity.as_bytes());
+        let response = call(request.send().promise).await?;
+        let package = response.get()?.get_package()?;
+        Ok((!package.is_empty()).then(|| package.to_vec()))
+    }
+
+    /// Queues `payload` for `recipient`; returns once the node committed it.
+    pub async fn enqueue(&self, recipient: &IdentityKey, payload: &[u8]) -> Result<(), ClientError> {
+        let mut request = self.delivery.enqueue_request();
+        request.get().set_recipient_key(recipient.as_bytes());
+        request.get().set_payload(payload);
+        call(request.send().promise).await?;
+        Ok(())
+    }
+
+    /// Drains one batch of the queue of `recipient`, oldest first.
+    pub async fn fetch(&self, recipient: &IdentityKey) -> Result<Vec<Vec<u8>>, ClientError> {
+        let mut request = self.delivery.fetch_request();
+        request.get().set_recipient_key(recipient.as_bytes());
+        let response = call(request.send().promise).await?;
+        let payloads = response.get()?.get_payloads()?;
+        payloads.iter().map(|p| Ok(p?.to_vec())).collect()
+    }
+
+    /// Drains the whole queue of `recipient`, batch after batch.
+    pub async fn fetch_all(&self, recipient: &IdentityKey) -> Result<Vec<Vec<u8>>, ClientError> {
+        let mut all = Vec::new();
+        loop {
+            let batch = self.fetch(recipient).await?;
+            if batch.is_empty() {
+                return Ok(all);
+            }
+            all.extend(batch);
+        }
+    }
+
+    /// Closes the connection and waits briefly for the node to acknowledge.
+    pub async fn close(self) {
+        self.connection.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn call<T>(promise: capnp::capability::Promise<T, capnp::Error>) -> Result<T, ClientError> {
+    match tokio::time::timeout(CALL_TIMEOUT, promise).await {
+        Err(_) => Err(ClientError::Timeout(CALL_TIMEOUT)),
+        Ok(result) => result.map_err(ClientError::from),
+    }
+}
+
+/// Splits `host:port` and resolves it to one address.
+async fn resolve(server: &str) -> Result<(String, SocketAddr), ClientError> {
+    let bad = |reason: &str| ClientError::BadServer {
+        server: server.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (host, _port) = server
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected host:port, e.g. 127.0.0.1:4201"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let remote = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| bad(&e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("the name resolves to no address"))?;
+    Ok((host, remote))
+}
+
+fn classify_connect_error(options: &ConnectOptions, error: quinn::ConnectionError) -> ClientError {
+    let text = error.to_string();
+    if text.contains("certificate") || text.contains("CertificateRequired") || text.contains("UnknownIssuer")
+    {
+        ClientError::UntrustedNode {
+            server: options.server.clone(),
+            ca_cert: options.ca_cert.clone(),
+            reason: text,
+        }
+    } else if matches!(error, quinn::ConnectionError::TimedOut) {
+        ClientError::Unreachable {
+            server: options.server.clone(),
+            after: CONNECT_TIMEOUT,
+        }
+    } else {
+        ClientError::Connect {
+            server: options.server.clone(),
+            reason: text,
+        }
+    }
+}

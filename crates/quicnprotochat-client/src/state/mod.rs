@@ -1,0 +1,273 @@
+//! The client's state file: one SQLite database holding the identity, the
+//! groups this client is in, a local inbox, and (through
+//! `openmls_sqlite_storage`) all MLS state.
+//!
+//! A state file is opened only after a read-only check that it is ours and
+//! intact, so a wrong path or a corrupt file is reported and never written.
+//!
+//! # Layout
+//! - `provider` — the OpenMLS provider over the state file's connection.
+//! - `schema` — our tables' numbered migrations and the ownership check.
+
+mod provider;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+pub use provider::{JsonCodec, StateProvider};
+
+/// Errors opening or using a state file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The file does not exist.
+    #[error("state file {0} not found; create it with `register-state --state {0}`")]
+    Missing(PathBuf),
+    /// The file is not a quicnprotochat state file, or is damaged.
+    #[error("{path} is not a usable quicnprotochat state file ({reason}); it was left untouched")]
+    NotAStateFile {
+        /// The file.
+        path: PathBuf,
+        /// What the check found.
+        reason: String,
+    },
+    /// The file was written by a newer client.
+    #[error("{path} has schema version {found}, newer than this client understands ({supported}); upgrade")]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Version in the file.
+        found: i64,
+        /// Newest version this build knows.
+        supported: i64,
+    },
+    /// The file has no identity yet.
+    #[error("{0} holds no identity; run `register-state --state {0}` first")]
+    NoIdentity(PathBuf),
+    /// The stored identity key is damaged.
+    #[error("{0}: the stored identity key is damaged")]
+    BadIdentity(PathBuf),
+    /// OpenMLS' storage tables could not be created or migrated.
+    #[error("migrating MLS storage tables: {0}")]
+    Migration(String),
+    /// SQLite failed.
+    #[error("state file: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The state file's directory could not be created.
+    #[error("creating the state file's directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A group this client is a member of, as recorded in the state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// The MLS group id.
+    pub group_id: Vec<u8>,
+    /// When this client created or joined it (Unix seconds).
+    pub joined_at: i64,
+}
+
+/// An open, checked state file.
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    connection: Connection,
+}
+
+impl StateFile {
+    /// Opens an existing state file.
+    pub fn open(path: &Path) -> Result<StateFile, StateError> {
+        if !path.exists() {
+            return Err(StateError::Missing(path.to_owned()));
+        }
+        schema::check(path)?;
+        Self::open_checked(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+    }
+
+    /// Opens the state file at `path`, creating it (owner-only permissions)
+    /// when it does not exist.
+    pub fn open_or_create(path: &Path) -> Result<StateFile, StateError> {
+        if path.exists() {
+            return Self::open(path);
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let state = Self::open_checked(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The file holds the identity's secret key.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(state)
+    }
+
+    fn open_checked(path: &Path, flags: OpenFlags) -> Result<StateFile, StateError> {
+        let mut connection = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        schema::migrate(path, &mut connection)?;
+        Ok(StateFile {
+            path: path.to_owned(),
+            connection,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// An OpenMLS provider storing into this file.
+    pub fn provider(&self) -> StateProvider<'_> {
+        StateProvider::new(&self.connection)
+    }
+
+    /// Starts a transaction; MLS state written through [`Self::provider`]
+    /// meanwhile commits or rolls back with it.
+    pub fn transaction(&self) -> Result<rusqlite::Transaction<'_>, StateError> {
+        Ok(self.connection.unchecked_transaction()?)
+    }
+
+    /// The stored identity.
+    pub fn identity(&self) -> Result<IdentityKeypair, StateError> {
+        self.stored_identity()?
+            .ok_or_else(|| StateError::NoIdentity(self.path.clone()))
+    }
+
+    /// The stored identity, or a fresh one stored now.
+    pub fn identity_or_generate(&self) -> Result<IdentityKeypair, StateError> {
+        if let Some(identity) = self.stored_identity()? {
+            return Ok(identity);
+        }
+        let identity = IdentityKeypair::generate();
+        self.connection.execute(
+            "INSERT INTO identity (id, secret_key, public_key, created_at) VALUES (1, ?1, ?2, ?3)",
+            params![
+                identity.secret_bytes().as_slice(),
+                identity.public_key().as_bytes(),
+                unix_now()
+            ],
+        )?;
+        Ok(identity)
+    }
+
+    fn stored_identity(&self) -> Result<Option<IdentityKeypair>, StateError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .connection
+            .query_row(
+                "SELECT secret_key, public_key FROM identity WHERE id = 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((secret, public)) = row else {
+            return Ok(None);
+        };
+        let secret = zeroize::Zeroizing::new(secret);
+        let secret: [u8; 32] = secret
+            .as_slice()
+            .try_into()
+            .map_err(|_| StateError::BadIdentity(self.path.clone()))?;
+        let identity = IdentityKeypair::from_secret_bytes(&secret);
+        if identity.public_key().as_bytes().as_slice() != public.as_slice() {
+            return Err(StateError::BadIdentity(self.path.clone()));
+        }
+        Ok(Some(identity))
+    }
+
+    /// The stored identity's public key.
+    pub fn identity_key(&self) -> Result<IdentityKey, StateError> {
+        Ok(self.identity()?.public_key())
+    }
+
+    /// Records that this client is in `group_id` and makes it the current
+    /// group (the one commands use when no `--group-id` is given).
+    pub fn record_group(&self, group_id: &[u8]) -> Result<(), StateError> {
+        let now = unix_now();
+        self.connection.execute(
+            "INSERT INTO groups (group_id, joined_at, last_used) VALUES (?1, ?2, ?2)
+             ON CONFLICT (group_id) DO UPDATE SET last_used = excluded.last_used",
+            params![group_id, now],
+        )?;
+        self.connection.execute(
+            "INSERT INTO settings (key, value) VALUES ('current_group', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![group_id],
+        )?;
+        Ok(())
+    }
+
+    /// The group most recently created, joined or chosen.
+    pub fn current_group(&self) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'current_group'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Every group this client is in, oldest first.
+    pub fn groups(&self) -> Result<Vec<GroupRecord>, StateError> {
+        let mut select = self
+            .connection
+            .prepare("SELECT group_id, joined_at FROM groups ORDER BY joined_at, group_id")?;
+        let rows = select.query_map([], |row| {
+            Ok(GroupRecord {
+                group_id: row.get(0)?,
+                joined_at: row.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Appends fetched payloads to the local inbox in one transaction, so
+    /// nothing the node handed over is lost if processing is interrupted.
+    pub fn push_inbox(&self, payloads: &[Vec<u8>]) -> Result<(), StateError> {
+        let transaction = self.transaction()?;
+        {
+            let mut insert =
+                transaction.prepare_cached("INSERT INTO inbox (payload, received_at) VALUES (?1, ?2)")?;
+            let now = unix_now();
+            for payload in payloads {
+                insert.execute(params![payload, now])?;
+            }
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// The inbox, oldest first, as (entry id, payload).
+    pub fn inbox(&self) -> Result<Vec<(i64, Vec<u8>)>, StateError> {
+        let mut select = self
+            .connection
+            .prepare("SELECT id, payload FROM inbox ORDER BY id")?;
+        let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes an inbox entry (within the caller's transaction, if any).
+    pub fn remove_inbox(&self, id: i64) -> Result<(), StateError> {
+        self.connection
+            .execute("DELETE FROM inbox WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests;

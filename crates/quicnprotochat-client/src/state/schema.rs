@@ -1,0 +1,88 @@
+//! Our tables of the state file, with numbered migrations tracked in
+//! `PRAGMA user_version`, and the check that a file is a state file at all.
+
+use std::path::Path;
+
+use openmls_sqlite_storage::SqliteStorageProvider;
+use rusqlite::{Connection, OpenFlags};
+
+use super::{JsonCodec, StateError};
+
+/// `application_id` of a state file: "QNPC" in ASCII.
+const APPLICATION_ID: i64 = 0x514E_5043;
+
+/// Migrations in order; entry `i` brings our tables to version `i + 1`.
+const MIGRATIONS: &[&str] = &["CREATE TABLE identity (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         secret_key BLOB NOT NULL,
+         public_key BLOB NOT NULL,
+         created_at INTEGER NOT NULL
+     );
+     CREATE TABLE groups (
+         group_id BLOB PRIMARY KEY,
+         joined_at INTEGER NOT NULL,
+         last_used INTEGER NOT NULL
+     );
+     CREATE TABLE settings (
+         key TEXT PRIMARY KEY,
+         value BLOB
+     );
+     CREATE TABLE inbox (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         payload BLOB NOT NULL,
+         received_at INTEGER NOT NULL
+     );"];
+
+/// The schema version of our tables this build creates and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Read-only check that `path` is an intact state file of ours (or an empty
+/// file), run before anything may write to it.
+pub(super) fn check(path: &Path) -> Result<(), StateError> {
+    let not_ours = |reason: String| StateError::NotAStateFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| not_ours(e.to_string()))?;
+    let application_id: i64 = connection
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(|e| not_ours(e.to_string()))?;
+    let tables: i64 = connection
+        .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
+        .map_err(|e| not_ours(e.to_string()))?;
+    if application_id != APPLICATION_ID && tables != 0 {
+        return Err(not_ours("it is a SQLite database of another application".into()));
+    }
+    let integrity: String = connection
+        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .map_err(|e| not_ours(e.to_string()))?;
+    if integrity != "ok" {
+        return Err(not_ours(format!("integrity check: {integrity}")));
+    }
+    Ok(())
+}
+
+/// Applies pending migrations of our tables and of OpenMLS' storage tables.
+pub(super) fn migrate(path: &Path, connection: &mut Connection) -> Result<(), StateError> {
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.busy_timeout(std::time::Duration::from_secs(5))?;
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StateError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let transaction = connection.transaction()?;
+        transaction.execute_batch(sql)?;
+        transaction.pragma_update(None, "user_version", index as i64 + 1)?;
+        transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
+        transaction.commit()?;
+    }
+    SqliteStorageProvider::<JsonCodec, &mut Connection>::new(connection)
+        .run_migrations()
+        .map_err(|e| StateError::Migration(e.to_string()))
+}

@@ -1,0 +1,141 @@
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_core::{GroupMember, IdentityKeypair, Received, generate_key_package};
+
+use super::*;
+
+#[test]
+fn identity_survives_reopening_and_the_file_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alice.state");
+    let key = {
+        let state = StateFile::open_or_create(&path).unwrap();
+        state.identity_or_generate().unwrap().public_key()
+    };
+    let state = StateFile::open(&path).unwrap();
+    assert_eq!(state.identity_key().unwrap(), key);
+    assert_eq!(state.identity_or_generate().unwrap().public_key(), key);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}
+
+#[test]
+fn a_missing_file_is_reported_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = StateFile::open(&dir.path().join("nope.state")).unwrap_err();
+    assert!(matches!(err, StateError::Missing(_)));
+    assert!(err.to_string().contains("register-state"), "{err}");
+}
+
+#[test]
+fn a_corrupt_file_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("garbage.state");
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&path, &garbage).unwrap();
+    let err = StateFile::open(&path).unwrap_err();
+    assert!(matches!(err, StateError::NotAStateFile { .. }), "{err}");
+    assert!(err.to_string().contains("left untouched"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), garbage);
+    assert!(StateFile::open_or_create(&path).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), garbage);
+}
+
+#[test]
+fn a_foreign_sqlite_database_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.db");
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (text TEXT); INSERT INTO notes VALUES ('mine');")
+        .unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let err = StateFile::open(&path).unwrap_err();
+    assert!(matches!(err, StateError::NotAStateFile { .. }), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bob.state");
+    let package = {
+        let state = StateFile::open_or_create(&path).unwrap();
+        let bob = state.identity_or_generate().unwrap();
+        let transaction = state.transaction().unwrap();
+        let package = generate_key_package(&state.provider(), &bob).unwrap();
+        transaction.commit().unwrap();
+        package
+    };
+
+    let alice = IdentityKeypair::generate();
+    let alice_provider = OpenMlsRustCrypto::default();
+    let mut alice_group = GroupMember::create(&alice_provider, &alice, b"g").unwrap();
+    let added = alice_group
+        .add_members(&alice_provider, &alice, &[package])
+        .unwrap();
+    alice_group.merge_pending_commit(&alice_provider).unwrap();
+    let ciphertext = alice_group
+        .send(&alice_provider, &alice, b"after restart")
+        .unwrap();
+
+    // A new StateFile, as a new process would open it.
+    let state = StateFile::open(&path).unwrap();
+    let mut bob_group = GroupMember::join(&state.provider(), &added.welcome).unwrap();
+    let received = bob_group.receive(&state.provider(), &ciphertext).unwrap();
+    assert_eq!(
+        received,
+        Received::Application {
+            sender: alice.public_key(),
+            plaintext: b"after restart".to_vec()
+        }
+    );
+    drop(bob_group);
+    drop(state);
+    let state = StateFile::open(&path).unwrap();
+    assert!(GroupMember::load(&state.provider(), b"g").unwrap().is_some());
+}
+
+#[test]
+fn a_rolled_back_transaction_leaves_no_mls_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    let identity = state.identity_or_generate().unwrap();
+    {
+        let _transaction = state.transaction().unwrap();
+        GroupMember::create(&state.provider(), &identity, b"rolled-back").unwrap();
+    }
+    assert!(
+        GroupMember::load(&state.provider(), b"rolled-back")
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn inbox_keeps_order_until_entries_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    state.push_inbox(&[b"one".to_vec(), b"two".to_vec()]).unwrap();
+    let inbox = state.inbox().unwrap();
+    assert_eq!(
+        inbox.iter().map(|(_, p)| p.as_slice()).collect::<Vec<_>>(),
+        [b"one".as_slice(), b"two".as_slice()]
+    );
+    state.remove_inbox(inbox[0].0).unwrap();
+    assert_eq!(state.inbox().unwrap().len(), 1);
+}
+
+#[test]
+fn the_last_created_or_joined_group_is_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    assert_eq!(state.current_group().unwrap(), None);
+    state.record_group(b"first").unwrap();
+    state.record_group(b"second").unwrap();
+    assert_eq!(state.current_group().unwrap(), Some(b"second".to_vec()));
+    assert_eq!(state.groups().unwrap().len(), 2);
+}

@@ -1,0 +1,1363 @@
+//! MLS groups: create, join, add members, send and receive.
+//!
+//! [`GroupMember`] is a thin policy layer over openmls' `MlsGroup`. openmls
+//! writes the group state to the provider's storage on every state change,
+//! so a group survives restarts as long as the storage does;
+//! [`GroupMember::load`] picks it up again. Everything here takes and returns
+//! TLS-encoded `MlsMessage` bytes, ready for the delivery service.
+//!
+//! Our policy on top of openmls:
+//! - every leaf's credential is a basic credential equal to its Ed25519
+//!   signature key (checked on join, on every commit and proposal);
+//! - a member may not change its identity in an Update or commit path;
+//! - only Add, Update, Remove and SelfRemove proposals are accepted;
+//! - our own commits stay pending until the caller merges them, so they are
+//!   applied only once the delivery service has accepted them.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use openmls::framing::Sender;
+use openmls::group::{
+    MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsGroupStateError, NewGroupError,
+    PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessMessageError, StagedCommit, StagedWelcome, ValidationError,
+    WelcomeError,
+};
+use openmls::prelude::{
+    GroupId, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal,
+    ProtocolMessage, SenderRatchetConfiguration, WireFormat, tls_codec::DeserializeBytes as _,
+};
+use openmls::storage::OpenMlsProvider;
+
+use crate::CIPHERSUITE;
+use crate::error::CoreError;
+use crate::identity::{IdentityKey, IdentityKeypair, checked_identity, credential_identity};
+use crate::key_package::{leaf_identity, validate_key_package};
+
+/// How many past epochs' message keys we keep, so application messages sent
+/// just before a commit (but delivered after it) still decrypt. Small on
+/// purpose: every retained epoch weakens forward secrecy.
+const MAX_PAST_EPOCHS: usize = 5;
+
+/// How many skipped messages per sender we keep keys for (reordering
+/// within an epoch). Our delivery service is FIFO per recipient, so this only
+/// covers messages lost or reordered by clients.
+const OUT_OF_ORDER_TOLERANCE: u32 = 20;
+
+/// How far ahead in a sender's ratchet we are willing to jump: bounds the
+/// work an attacker-chosen generation can cause.
+const MAX_FORWARD_DISTANCE: u32 = 1000;
+
+/// One member's view of one MLS group.
+pub struct GroupMember {
+    group: MlsGroup,
+}
+
+/// The messages produced by [`GroupMember::add_members`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddedMembers {
+    /// The Commit, a TLS-encoded `MlsMessage`, for the existing members.
+    pub commit: Vec<u8>,
+    /// The Welcome, a TLS-encoded `MlsMessage`, for all added members.
+    pub welcome: Vec<u8>,
+}
+
+/// What [`GroupMember::receive`] made of a message.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// An application message, decrypted and authenticated.
+    Application {
+        /// The member who sent it.
+        sender: IdentityKey,
+        /// The decrypted content.
+        plaintext: Vec<u8>,
+    },
+    /// Another member's commit, validated and merged: the group moved on to
+    /// `epoch`. If we had a pending commit of our own, it was dropped (the
+    /// delivery service cannot have accepted both).
+    Commit {
+        /// The new epoch.
+        epoch: u64,
+    },
+    /// A commit that removed us, merged: the group is now inactive
+    /// ([`GroupMember::is_active`] is false) and every further operation
+    /// fails with [`CoreError::NotAMember`]. The caller may
+    /// [`GroupMember::delete`] it.
+    Removed {
+        /// The epoch the remaining members moved to.
+        epoch: u64,
+    },
+    /// A standalone proposal, validated and stored. It takes effect with the
+    /// next commit; until then [`GroupMember::send`] fails with
+    /// [`CoreError::ProposalsPending`], and our next commit includes it.
+    Proposal,
+    /// A message we sent ourselves, fanned back by the delivery service.
+    /// MLS senders cannot decrypt their own messages, so there is nothing to
+    /// do.
+    OwnMessage,
+}
+
+/// Where a queued message belongs, from its unencrypted framing.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A Welcome: pass it to [`GroupMember::join`].
+    Welcome,
+    /// A commit, proposal or application message for an existing group:
+    /// pass it to that group's [`GroupMember::receive`].
+    Group {
+        /// The group it is for.
+        group_id: Vec<u8>,
+        /// The epoch it was sent in.
+        epoch: u64,
+    },
+}
+
+impl GroupMember {
+    /// Creates a new group with us as the only member, at epoch 0.
+    ///
+    /// Fails with [`CoreError::GroupExists`] if `provider`'s storage already
+    /// holds a group with this id.
+    pub fn create<P: OpenMlsProvider>(
+        provider: &P,
+        identity: &IdentityKeypair,
+        group_id: &[u8],
+    ) -> Result<Self, CoreError> {
+        let group = MlsGroup::new_with_group_id(
+            provider,
+            identity,
+            &create_config(),
+            GroupId::from_slice(group_id),
+            identity.credential_with_key(),
+        )
+        .map_err(|e| match e {
+            NewGroupError::GroupAlreadyExists => CoreError::GroupExists(hex::encode(group_id)),
+            NewGroupError::StorageError(e) => CoreError::storage(e),
+            e => CoreError::mls("creating the group")(e),
+        })?;
+        Ok(Self { group })
+    }
+
+    /// Loads a group from `provider`'s storage; `None` if there is none with
+    /// this id.
+    pub fn load<P: OpenMlsProvider>(provider: &P, group_id: &[u8]) -> Result<Option<Self>, CoreError> {
+        let group =
+            MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id)).map_err(CoreError::storage)?;
+        Ok(group.map(|group| Self { group }))
+    }
+
+    /// Joins a group from a Welcome (a TLS-encoded `MlsMessage`).
+    ///
+    /// The Welcome must address one of the KeyPackages generated with this
+    /// provider's storage; that KeyPackage's private keys are consumed (even
+    /// if joining fails later on), so a Welcome can be used only once.
+    pub fn join<P: OpenMlsProvider>(provider: &P, welcome: &[u8]) -> Result<Self, CoreError> {
+        let message = decode(welcome)?;
+        let wire_format = message.wire_format();
+        let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
+            return Err(CoreError::UnexpectedMessage {
+                expected: "a Welcome",
+                got: format!("{wire_format:?}"),
+            });
+        };
+
+        let builder = StagedWelcome::build_from_welcome(provider, &join_config(), welcome)
+            .map_err(welcome_error(None))?;
+        let group_id = builder
+            .processed_welcome()
+            .unverified_group_info()
+            .group_id()
+            .as_slice()
+            .to_vec();
+        // The adder validated each KeyPackage (lifetime included) when it
+        // committed the Add. Re-checking the lifetimes of untouched leaves
+        // here would lock newcomers out of any group where some member has
+        // not committed for longer than a KeyPackage lifetime (12 weeks).
+        let staged = builder
+            .skip_lifetime_validation()
+            .build()
+            .map_err(welcome_error(Some(&group_id)))?;
+
+        for member in staged.members() {
+            checked_identity(&member.credential, &member.signature_key)?;
+        }
+
+        let group = staged
+            .into_group(provider)
+            .map_err(welcome_error(Some(&group_id)))?;
+        Ok(Self { group })
+    }
+
+    /// The group id.
+    pub fn group_id(&self) -> Vec<u8> {
+        self.group.group_id().as_slice().to_vec()
+    }
+
+    /// The current epoch (0 at creation, +1 per merged commit).
+    pub fn epoch(&self) -> u64 {
+        self.group.epoch().as_u64()
+    }
+
+    /// The identities of all members, ourselves included, in tree order.
+    pub fn members(&self) -> Vec<IdentityKey> {
+        // Every leaf passed `leaf_identity` when it entered our view of the
+        // tree (join, commit, own creation), so no member is skipped here.
+        self.group
+            .members()
+            .filter_map(|member| IdentityKey::try_from(member.signature_key.as_slice()).ok())
+            .collect()
+    }
+
+    /// Our own identity in this group; `None` once we have been removed.
+    pub fn own_identity(&self) -> Option<IdentityKey> {
+        if !self.group.is_active() {
+            return None;
+        }
+        self.group
+            .own_leaf_node()
+            .and_then(|leaf| IdentityKey::try_from(leaf.signature_key().as_slice()).ok())
+    }
+
+    /// False once a commit removed us from the group.
+    pub fn is_active(&self) -> bool {
+        self.group.is_active()
+    }
+
+    /// Whether a commit of ours awaits [`Self::merge_pending_commit`] or
+    /// [`Self::discard_pending_commit`].
+    pub fn has_pending_commit(&self) -> bool {
+        self.group.pending_commit().is_some()
+    }
+
+    /// The underlying openmls group, for anything not wrapped here.
+    pub fn mls_group(&self) -> &MlsGroup {
+        &self.group
+    }
+
+    /// Adds everyone whose KeyPackage is given, in one commit.
+    ///
+    /// Each KeyPackage is validated as in [`crate::key_package_identity`] and
+    /// must belong to someone not yet in the group. The commit is left
+    /// pending: send both messages to the delivery service, then call
+    /// [`Self::merge_pending_commit`] if it accepted them, or
+    /// [`Self::discard_pending_commit`] if not.
+    pub fn add_members<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        identity: &IdentityKeypair,
+        key_packages: &[Vec<u8>],
+    ) -> Result<AddedMembers, CoreError> {
+        self.ensure_can_commit()?;
+        if key_packages.is_empty() {
+            return Err(CoreError::NoKeyPackages);
+        }
+
+        let mut seen: HashSet<IdentityKey> = self.members().into_iter().collect();
+        let mut validated = Vec::with_capacity(key_packages.len());
+        for bytes in key_packages {
+            let (key_package, joiner) = validate_key_package(provider.crypto(), bytes)?;
+            if !seen.insert(joiner) {
+                return Err(CoreError::AlreadyMember(joiner.to_string()));
+            }
+            validated.push(key_package);
+        }
+
+        let (commit, welcome, _group_info) = self
+            .group
+            .add_members(provider, identity, &validated)
+            .map_err(CoreError::mls("adding members"))?;
+        let encoded = encode(&commit).and_then(|commit| Ok((commit, encode(&welcome)?)));
+        match encoded {
+            Ok((commit, welcome)) => Ok(AddedMembers { commit, welcome }),
+            Err(e) => {
+                // Nobody can ever see this commit; don't leave it pending.
+                self.discard_pending_commit(provider)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the given members in one commit, returned as a TLS-encoded
+    /// `MlsMessage` for the delivery service. Like [`Self::add_members`],
+    /// the commit is left pending.
+    pub fn remove_members<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        identity: &IdentityKeypair,
+        members: &[IdentityKey],
+    ) -> Result<Vec<u8>, CoreError> {
+        self.ensure_can_commit()?;
+        let indices = members
+            .iter()
+            .map(|member| {
+                self.leaf_index_of(member)
+                    .ok_or_else(|| CoreError::UnknownMember(member.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let (commit, _welcome, _group_info) = self
+            .group
+            .remove_members(provider, identity, &indices)
+            .map_err(CoreError::mls("removing members"))?;
+        encode(&commit).or_else(|e| {
+            self.discard_pending_commit(provider)?;
+            Err(e)
+        })
+    }
+
+    /// Applies our pending commit: the group moves to the next epoch.
+    pub fn merge_pending_commit<P: OpenMlsProvider>(&mut self, provider: &P) -> Result<(), CoreError> {
+        self.ensure_active()?;
+        if !self.has_pending_commit() {
+            return Err(CoreError::NoPendingCommit);
+        }
+        self.group
+            .merge_pending_commit(provider)
+            .map_err(CoreError::mls("merging our commit"))
+    }
+
+    /// Throws our pending commit away; the group stays in its current epoch
+    /// as if the commit had never been created. Does nothing if there is no
+    /// pending commit.
+    pub fn discard_pending_commit<P: OpenMlsProvider>(&mut self, provider: &P) -> Result<(), CoreError> {
+        self.group
+            .clear_pending_commit(provider.storage())
+            .map_err(CoreError::storage)
+    }
+
+    /// Encrypts an application message for the group, returned as a
+    /// TLS-encoded `MlsMessage` (a PrivateMessage).
+    ///
+    /// Allowed while a commit of ours is pending: the message is in the
+    /// current epoch, which the other members are still in.
+    pub fn send<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        identity: &IdentityKeypair,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CoreError> {
+        self.ensure_active()?;
+        if self.group.has_pending_proposals() {
+            return Err(CoreError::ProposalsPending);
+        }
+        let message = self
+            .group
+            .create_message(provider, identity, plaintext)
+            .map_err(CoreError::mls("encrypting a message"))?;
+        encode(&message)
+    }
+
+    /// Processes a TLS-encoded `MlsMessage` for this group.
+    ///
+    /// Commits from other members are validated against our policy and
+    /// merged right away. On error nothing was applied (the group stays in
+    /// its epoch), so the caller can drop the message and carry on.
+    pub fn receive<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        message: &[u8],
+    ) -> Result<Received, CoreError> {
+        self.ensure_active()?;
+        let message = into_protocol_message(decode(message)?, "a group message")?;
+
+        if message.group_id() != self.group.group_id() {
+            return Err(CoreError::WrongGroup {
+                group: hex::encode(self.group.group_id().as_slice()),
+                message_group: hex::encode(message.group_id().as_slice()),
+            });
+        }
+        let message_epoch = message.epoch().as_u64();
+        let group_epoch = self.epoch();
+        if message_epoch > group_epoch {
+            return Err(CoreError::FutureEpoch {
+                message_epoch,
+                group_epoch,
+            });
+        }
+        let past_epoch = CoreError::PastEpoch {
+            message_epoch,
+            group_epoch,
+        };
+        // Handshake messages are only valid in the epoch they were made for.
+        if message_epoch < group_epoch && message.is_handshake_message() {
+            return Err(past_epoch);
+        }
+
+        let processed = self
+            .group
+            .process_message(provider, message)
+            .map_err(|e| match e {
+                ProcessMessageError::ValidationError(
+                    ValidationError::NoPastEpochData | ValidationError::WrongEpoch,
+                ) => past_epoch,
+                ProcessMessageError::GroupStateError(MlsGroupStateError::UseAfterEviction) => {
+                    CoreError::NotAMember
+                }
+                ProcessMessageError::StorageError(e) => CoreError::storage(e),
+                e => CoreError::mls("processing a message")(e),
+            })?;
+
+        let sender = processed.sender().clone();
+        let credential = processed.credential().clone();
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(message) => Ok(Received::Application {
+                // openmls matched the credential to the sending leaf of the
+                // message's epoch, and every leaf passed our checks.
+                sender: credential_identity(&credential)?,
+                plaintext: message.into_bytes(),
+            }),
+            ProcessedMessageContent::ProposalMessage(queued) => {
+                self.check_proposal(queued.sender(), queued.proposal())?;
+                self.group
+                    .store_pending_proposal(provider.storage(), *queued)
+                    .map_err(CoreError::storage)?;
+                Ok(Received::Proposal)
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                self.check_commit(&sender, &staged)?;
+                let removed = staged.self_removed();
+                self.group
+                    .merge_staged_commit(provider, *staged)
+                    .map_err(CoreError::mls("merging a commit"))?;
+                let epoch = self.epoch();
+                Ok(if removed {
+                    Received::Removed { epoch }
+                } else {
+                    Received::Commit { epoch }
+                })
+            }
+            ProcessedMessageContent::OwnPrivateMessage | ProcessedMessageContent::OwnPendingCommit => {
+                Ok(Received::OwnMessage)
+            }
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => Err(CoreError::Rejected {
+                what: "proposal",
+                reason: "external join proposals are not supported".into(),
+            }),
+            // Variants behind openmls draft features, in case another crate
+            // in the build enables them.
+            #[allow(unreachable_patterns)]
+            _ => Err(CoreError::Rejected {
+                what: "message",
+                reason: "content type not supported".into(),
+            }),
+        }
+    }
+
+    /// Deletes this group's state from `provider`'s storage, e.g. after we
+    /// were removed.
+    pub fn delete<P: OpenMlsProvider>(mut self, provider: &P) -> Result<(), CoreError> {
+        self.group.delete(provider.storage()).map_err(CoreError::storage)
+    }
+
+    fn ensure_active(&self) -> Result<(), CoreError> {
+        if self.group.is_active() {
+            Ok(())
+        } else {
+            Err(CoreError::NotAMember)
+        }
+    }
+
+    fn ensure_can_commit(&self) -> Result<(), CoreError> {
+        self.ensure_active()?;
+        if self.has_pending_commit() {
+            return Err(CoreError::CommitPending);
+        }
+        Ok(())
+    }
+
+    fn leaf_index_of(&self, identity: &IdentityKey) -> Option<LeafNodeIndex> {
+        self.group
+            .members()
+            .find(|member| member.signature_key == identity.as_bytes())
+            .map(|member| member.index)
+    }
+
+    fn identity_at(&self, index: LeafNodeIndex) -> Result<IdentityKey, CoreError> {
+        let member = self
+            .group
+            .member_at(index)
+            .ok_or_else(|| CoreError::InvalidCredential(format!("no member at leaf {}", index.u32())))?;
+        IdentityKey::try_from(member.signature_key.as_slice())
+    }
+
+    /// Our policy for another member's commit, checked before merging.
+    fn check_commit(&self, sender: &Sender, staged: &StagedCommit) -> Result<(), CoreError> {
+        for queued in staged.queued_proposals() {
+            self.check_proposal(queued.sender(), queued.proposal())?;
+        }
+        if let Some(leaf) = staged.update_path_leaf_node() {
+            let new = leaf_identity(leaf)?;
+            let Sender::Member(index) = sender else {
+                return Err(CoreError::Rejected {
+                    what: "commit",
+                    reason: "commits from non-members are not supported".into(),
+                });
+            };
+            if new != self.identity_at(*index)? {
+                return Err(CoreError::Rejected {
+                    what: "commit",
+                    reason: "the committer changed its identity".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Our policy for a proposal, standalone or inside a commit.
+    fn check_proposal(&self, sender: &Sender, proposal: &Proposal) -> Result<(), CoreError> {
+        match proposal {
+            Proposal::Add(add) => leaf_identity(add.key_package().leaf_node()).map(drop),
+            Proposal::Update(update) => {
+                let new = leaf_identity(update.leaf_node())?;
+                let Sender::Member(index) = sender else {
+                    return Err(CoreError::Rejected {
+                        what: "proposal",
+                        reason: "update from a non-member".into(),
+                    });
+                };
+                if new == self.identity_at(*index)? {
+                    Ok(())
+                } else {
+                    Err(CoreError::Rejected {
+                        what: "proposal",
+                        reason: "a member may not change its identity".into(),
+                    })
+                }
+            }
+            Proposal::Remove(_) | Proposal::SelfRemove => Ok(()),
+            other => Err(CoreError::Rejected {
+                what: "proposal",
+                reason: format!("{:?} proposals are not supported", other.proposal_type()),
+            }),
+        }
+    }
+}
+
+/// Short on purpose: openmls' own `Debug` dumps the whole tree.
+impl fmt::Debug for GroupMember {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupMember")
+            .field("group_id", &hex::encode(self.group.group_id().as_slice()))
+            .field("epoch", &self.epoch())
+            .field("members", &self.group.members().count())
+            .field("active", &self.is_active())
+            .field("pending_commit", &self.has_pending_commit())
+            .finish()
+    }
+}
+
+/// Reads the routing information of a queued message without decrypting it.
+///
+/// Errors for anything but a Welcome or a group (Public/PrivateMessage)
+/// message, including KeyPackages, GroupInfos and undecodable bytes.
+pub fn classify(message: &[u8]) -> Result<Incoming, CoreError> {
+    let message = decode(message)?;
+    if message.wire_format() == WireFormat::Welcome {
+        return Ok(Incoming::Welcome);
+    }
+    let message = into_protocol_message(message, "a Welcome or a group message")?;
+    Ok(Incoming::Group {
+        group_id: message.group_id().as_slice().to_vec(),
+        epoch: message.epoch().as_u64(),
+    })
+}
+
+/// The configuration of groups we create.
+fn create_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        // Welcomes carry the ratchet tree, so joining needs no second
+        // message or out-of-band tree download.
+        .use_ratchet_tree_extension(true)
+        // Commits and proposals go out as PrivateMessages too, and we accept
+        // nothing else: the delivery service then sees only group id, epoch
+        // and content type, not who joins or leaves. We need no server-side
+        // commit validation, which would require PublicMessages.
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(
+            OUT_OF_ORDER_TOLERANCE,
+            MAX_FORWARD_DISTANCE,
+        ))
+        .build()
+}
+
+/// The configuration of groups we join: the same runtime settings, so a
+/// joiner's own commits and Welcomes look like the creator's.
+fn join_config() -> MlsGroupJoinConfig {
+    create_config().join_config().clone()
+}
+
+fn decode(bytes: &[u8]) -> Result<MlsMessageIn, CoreError> {
+    MlsMessageIn::tls_deserialize_exact_bytes(bytes).map_err(|e| CoreError::MalformedMessage(e.to_string()))
+}
+
+fn encode(message: &MlsMessageOut) -> Result<Vec<u8>, CoreError> {
+    message.to_bytes().map_err(CoreError::mls("encoding a message"))
+}
+
+fn into_protocol_message(
+    message: MlsMessageIn,
+    expected: &'static str,
+) -> Result<ProtocolMessage, CoreError> {
+    let wire_format = message.wire_format();
+    message
+        .try_into_protocol_message()
+        .map_err(|_| CoreError::UnexpectedMessage {
+            expected,
+            got: format!("{wire_format:?}"),
+        })
+}
+
+/// Maps join errors, naming the group where it is already known.
+fn welcome_error<E: fmt::Display>(group_id: Option<&[u8]>) -> impl FnOnce(WelcomeError<E>) -> CoreError + '_ {
+    move |e| match e {
+        WelcomeError::NoMatchingKeyPackage => CoreError::NoMatchingKeyPackage,
+        WelcomeError::GroupAlreadyExists => {
+            CoreError::GroupExists(group_id.map(hex::encode).unwrap_or_default())
+        }
+        WelcomeError::StorageError(e) => CoreError::storage(e),
+        e => CoreError::mls("joining from a Welcome")(e),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use openmls::prelude::{BasicCredential, CredentialWithKey, KeyPackage};
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    use super::*;
+    use crate::generate_key_package;
+
+    const GROUP_ID: &[u8] = b"test-group";
+
+    /// One user: an identity and its own provider (its private storage).
+    struct Client {
+        provider: OpenMlsRustCrypto,
+        identity: IdentityKeypair,
+    }
+
+    impl Client {
+        fn new() -> Self {
+            Self {
+                provider: OpenMlsRustCrypto::default(),
+                identity: IdentityKeypair::generate(),
+            }
+        }
+
+        fn key(&self) -> IdentityKey {
+            self.identity.public_key()
+        }
+
+        fn key_package(&self) -> Vec<u8> {
+            generate_key_package(&self.provider, &self.identity).unwrap()
+        }
+
+        fn create(&self) -> GroupMember {
+            GroupMember::create(&self.provider, &self.identity, GROUP_ID).unwrap()
+        }
+
+        fn join(&self, welcome: &[u8]) -> GroupMember {
+            GroupMember::join(&self.provider, welcome).unwrap()
+        }
+
+        /// Adds `joiners` in one commit, merges it and returns the messages.
+        fn add(&self, group: &mut GroupMember, joiners: &[&Client]) -> AddedMembers {
+            let key_packages: Vec<_> = joiners.iter().map(|c| c.key_package()).collect();
+            let added = group
+                .add_members(&self.provider, &self.identity, &key_packages)
+                .unwrap();
+            group.merge_pending_commit(&self.provider).unwrap();
+            added
+        }
+
+        fn send(&self, group: &mut GroupMember, text: &str) -> Vec<u8> {
+            group
+                .send(&self.provider, &self.identity, text.as_bytes())
+                .unwrap()
+        }
+
+        fn receive(&self, group: &mut GroupMember, message: &[u8]) -> Received {
+            group.receive(&self.provider, message).unwrap()
+        }
+    }
+
+    fn application(sender: &Client, text: &str) -> Received {
+        Received::Application {
+            sender: sender.key(),
+            plaintext: text.as_bytes().to_vec(),
+        }
+    }
+
+    /// Alice creates the group and adds Bob.
+    fn alice_and_bob() -> (Client, GroupMember, Client, GroupMember) {
+        let alice = Client::new();
+        let bob = Client::new();
+        let mut alice_group = alice.create();
+        let added = alice.add(&mut alice_group, &[&bob]);
+        let bob_group = bob.join(&added.welcome);
+        (alice, alice_group, bob, bob_group)
+    }
+
+    #[test]
+    fn created_group_has_only_its_creator_at_epoch_zero() {
+        let alice = Client::new();
+        let group = alice.create();
+        assert_eq!(group.group_id(), GROUP_ID);
+        assert_eq!(group.epoch(), 0);
+        assert_eq!(group.members(), vec![alice.key()]);
+        assert_eq!(group.own_identity(), Some(alice.key()));
+        assert!(group.is_active());
+        assert!(!group.has_pending_commit());
+    }
+
+    #[test]
+    fn creating_an_existing_group_fails() {
+        let alice = Client::new();
+        let _group = alice.create();
+        let err = GroupMember::create(&alice.provider, &alice.identity, GROUP_ID).unwrap_err();
+        assert!(matches!(err, CoreError::GroupExists(_)), "{err}");
+    }
+
+    #[test]
+    fn two_members_exchange_messages_both_ways() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+
+        assert_eq!(alice_group.epoch(), 1);
+        assert_eq!(bob_group.epoch(), 1);
+        assert_eq!(bob_group.group_id(), GROUP_ID);
+        assert_eq!(alice_group.members(), bob_group.members());
+        assert_eq!(alice_group.members(), vec![alice.key(), bob.key()]);
+        assert_eq!(bob_group.own_identity(), Some(bob.key()));
+
+        let hello = alice.send(&mut alice_group, "hello bob");
+        assert_eq!(
+            bob.receive(&mut bob_group, &hello),
+            application(&alice, "hello bob")
+        );
+
+        let reply = bob.send(&mut bob_group, "hi alice");
+        assert_eq!(
+            alice.receive(&mut alice_group, &reply),
+            application(&bob, "hi alice")
+        );
+
+        // Several in a row, in order.
+        for i in 0..3 {
+            let text = format!("message {i}");
+            let message = bob.send(&mut bob_group, &text);
+            assert_eq!(
+                alice.receive(&mut alice_group, &message),
+                application(&bob, &text)
+            );
+        }
+    }
+
+    #[test]
+    fn three_members_exchange_messages_after_sequential_adds() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+
+        let added = alice.add(&mut alice_group, &[&carol]);
+        assert_eq!(
+            bob.receive(&mut bob_group, &added.commit),
+            Received::Commit { epoch: 2 }
+        );
+        let mut carol_group = carol.join(&added.welcome);
+
+        for group in [&alice_group, &bob_group, &carol_group] {
+            assert_eq!(group.epoch(), 2);
+            assert_eq!(group.members(), vec![alice.key(), bob.key(), carol.key()]);
+        }
+
+        let from_alice = alice.send(&mut alice_group, "from alice");
+        assert_eq!(
+            bob.receive(&mut bob_group, &from_alice),
+            application(&alice, "from alice")
+        );
+        assert_eq!(
+            carol.receive(&mut carol_group, &from_alice),
+            application(&alice, "from alice")
+        );
+
+        let from_bob = bob.send(&mut bob_group, "from bob");
+        assert_eq!(
+            alice.receive(&mut alice_group, &from_bob),
+            application(&bob, "from bob")
+        );
+        assert_eq!(
+            carol.receive(&mut carol_group, &from_bob),
+            application(&bob, "from bob")
+        );
+
+        let from_carol = carol.send(&mut carol_group, "from carol");
+        assert_eq!(
+            alice.receive(&mut alice_group, &from_carol),
+            application(&carol, "from carol")
+        );
+        assert_eq!(
+            bob.receive(&mut bob_group, &from_carol),
+            application(&carol, "from carol")
+        );
+    }
+
+    #[test]
+    fn a_joined_member_can_add_others() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+
+        let added = bob.add(&mut bob_group, &[&carol]);
+        assert_eq!(
+            alice.receive(&mut alice_group, &added.commit),
+            Received::Commit { epoch: 2 }
+        );
+        let mut carol_group = carol.join(&added.welcome);
+
+        let message = carol.send(&mut carol_group, "thanks bob");
+        assert_eq!(
+            alice.receive(&mut alice_group, &message),
+            application(&carol, "thanks bob")
+        );
+        assert_eq!(
+            bob.receive(&mut bob_group, &message),
+            application(&carol, "thanks bob")
+        );
+    }
+
+    #[test]
+    fn one_commit_adds_two_members() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let carol = Client::new();
+        let mut alice_group = alice.create();
+
+        let added = alice.add(&mut alice_group, &[&bob, &carol]);
+        assert_eq!(alice_group.epoch(), 1);
+        let mut bob_group = bob.join(&added.welcome);
+        let mut carol_group = carol.join(&added.welcome);
+
+        for group in [&alice_group, &bob_group, &carol_group] {
+            assert_eq!(group.epoch(), 1);
+            assert_eq!(group.members(), vec![alice.key(), bob.key(), carol.key()]);
+        }
+
+        let message = bob.send(&mut bob_group, "hi both");
+        assert_eq!(
+            alice.receive(&mut alice_group, &message),
+            application(&bob, "hi both")
+        );
+        assert_eq!(
+            carol.receive(&mut carol_group, &message),
+            application(&bob, "hi both")
+        );
+    }
+
+    #[test]
+    fn discarded_commit_leaves_group_at_old_epoch_and_working() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+
+        let added = alice_group
+            .add_members(&alice.provider, &alice.identity, &[carol.key_package()])
+            .unwrap();
+        assert!(alice_group.has_pending_commit());
+        assert_eq!(alice_group.epoch(), 1);
+        alice_group.discard_pending_commit(&alice.provider).unwrap();
+        assert!(!alice_group.has_pending_commit());
+        assert_eq!(alice_group.epoch(), 1);
+        assert_eq!(alice_group.members(), vec![alice.key(), bob.key()]);
+
+        // Still talking in epoch 1.
+        let message = alice.send(&mut alice_group, "still here");
+        assert_eq!(
+            bob.receive(&mut bob_group, &message),
+            application(&alice, "still here")
+        );
+        let reply = bob.send(&mut bob_group, "me too");
+        assert_eq!(
+            alice.receive(&mut alice_group, &reply),
+            application(&bob, "me too")
+        );
+
+        // The add can simply be retried (the delivery service never saw the
+        // discarded commit, so Bob never processes it).
+        drop(added);
+        let retried = alice.add(&mut alice_group, &[&carol]);
+        assert_eq!(
+            bob.receive(&mut bob_group, &retried.commit),
+            Received::Commit { epoch: 2 }
+        );
+        let mut carol_group = carol.join(&retried.welcome);
+        let message = carol.send(&mut carol_group, "made it");
+        assert_eq!(
+            alice.receive(&mut alice_group, &message),
+            application(&carol, "made it")
+        );
+    }
+
+    #[test]
+    fn discarded_commit_survives_reload() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let mut group = alice.create();
+        group
+            .add_members(&alice.provider, &alice.identity, &[bob.key_package()])
+            .unwrap();
+        group.discard_pending_commit(&alice.provider).unwrap();
+
+        let reloaded = GroupMember::load(&alice.provider, GROUP_ID).unwrap().unwrap();
+        assert!(!reloaded.has_pending_commit());
+        assert_eq!(reloaded.epoch(), 0);
+    }
+
+    #[test]
+    fn pending_commit_blocks_another_commit_but_not_sending() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+        let dave = Client::new();
+
+        alice_group
+            .add_members(&alice.provider, &alice.identity, &[carol.key_package()])
+            .unwrap();
+        let err = alice_group
+            .add_members(&alice.provider, &alice.identity, &[dave.key_package()])
+            .unwrap_err();
+        assert_eq!(err, CoreError::CommitPending);
+
+        let message = alice.send(&mut alice_group, "pending");
+        assert_eq!(
+            bob.receive(&mut bob_group, &message),
+            application(&alice, "pending")
+        );
+    }
+
+    #[test]
+    fn merging_without_pending_commit_fails() {
+        let alice = Client::new();
+        let mut group = alice.create();
+        assert_eq!(
+            group.merge_pending_commit(&alice.provider).unwrap_err(),
+            CoreError::NoPendingCommit
+        );
+    }
+
+    #[test]
+    fn adding_an_existing_member_fails() {
+        let (alice, mut alice_group, bob, _bob_group) = alice_and_bob();
+        let err = alice_group
+            .add_members(&alice.provider, &alice.identity, &[bob.key_package()])
+            .unwrap_err();
+        assert_eq!(err, CoreError::AlreadyMember(bob.key().to_string()));
+        assert!(!alice_group.has_pending_commit());
+    }
+
+    #[test]
+    fn adding_the_same_identity_twice_in_one_commit_fails() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let mut group = alice.create();
+        let err = group
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[bob.key_package(), bob.key_package()],
+            )
+            .unwrap_err();
+        assert_eq!(err, CoreError::AlreadyMember(bob.key().to_string()));
+    }
+
+    #[test]
+    fn adding_garbage_or_nothing_fails() {
+        let alice = Client::new();
+        let mut group = alice.create();
+        let err = group
+            .add_members(&alice.provider, &alice.identity, &[b"junk".to_vec()])
+            .unwrap_err();
+        assert!(matches!(err, CoreError::InvalidKeyPackage(_)), "{err}");
+        let err = group
+            .add_members(&alice.provider, &alice.identity, &[])
+            .unwrap_err();
+        assert_eq!(err, CoreError::NoKeyPackages);
+        assert!(!group.has_pending_commit());
+    }
+
+    #[test]
+    fn welcome_for_someone_else_is_rejected() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let eve = Client::new();
+        let mut group = alice.create();
+        let added = alice.add(&mut group, &[&bob]);
+
+        let err = GroupMember::join(&eve.provider, &added.welcome).unwrap_err();
+        assert_eq!(err, CoreError::NoMatchingKeyPackage);
+        assert_eq!(err.to_string(), "welcome is not for any of our KeyPackages");
+    }
+
+    #[test]
+    fn welcome_works_only_once() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let mut group = alice.create();
+        let added = alice.add(&mut group, &[&bob]);
+        let _bob_group = bob.join(&added.welcome);
+        assert!(GroupMember::join(&bob.provider, &added.welcome).is_err());
+    }
+
+    #[test]
+    fn join_rejects_non_welcome_messages() {
+        let (alice, mut alice_group, bob, _bob_group) = alice_and_bob();
+        let message = alice.send(&mut alice_group, "not a welcome");
+        let err = GroupMember::join(&bob.provider, &message).unwrap_err();
+        assert!(matches!(err, CoreError::UnexpectedMessage { .. }), "{err}");
+        let err = GroupMember::join(&bob.provider, b"junk").unwrap_err();
+        assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
+    }
+
+    #[test]
+    fn classify_routes_welcomes_and_group_messages() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let mut alice_group = alice.create();
+        let added = alice.add(&mut alice_group, &[&bob]);
+
+        assert_eq!(classify(&added.welcome).unwrap(), Incoming::Welcome);
+        assert_eq!(
+            classify(&added.commit).unwrap(),
+            Incoming::Group {
+                group_id: GROUP_ID.to_vec(),
+                epoch: 0
+            }
+        );
+        let message = alice.send(&mut alice_group, "hi");
+        assert_eq!(
+            classify(&message).unwrap(),
+            Incoming::Group {
+                group_id: GROUP_ID.to_vec(),
+                epoch: 1
+            }
+        );
+    }
+
+    #[test]
+    fn classify_rejects_garbage_and_key_packages() {
+        let err = classify(b"garbage").unwrap_err();
+        assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
+        assert!(err.to_string().starts_with("malformed MLS message"), "{err}");
+        assert!(classify(&[]).is_err());
+
+        // A bare KeyPackage is not an MlsMessage at all...
+        let bob = Client::new();
+        let key_package = bob.key_package();
+        assert!(classify(&key_package).is_err());
+
+        // ...and one wrapped in an MlsMessage is the wrong kind.
+        let (key_package, _) = validate_key_package(
+            openmls_traits::OpenMlsProvider::crypto(&bob.provider),
+            &key_package,
+        )
+        .unwrap();
+        let wrapped = MlsMessageOut::from(key_package).to_bytes().unwrap();
+        let err = classify(&wrapped).unwrap_err();
+        assert_eq!(
+            err,
+            CoreError::UnexpectedMessage {
+                expected: "a Welcome or a group message",
+                got: "KeyPackage".into()
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_message_is_rejected_and_group_still_works() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+
+        let err = bob_group.receive(&bob.provider, b"garbage").unwrap_err();
+        assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
+
+        // A well-framed message with a corrupted ciphertext.
+        let mut corrupted = alice.send(&mut alice_group, "lost");
+        let last = corrupted.len() - 1;
+        corrupted[last] ^= 0xff;
+        assert!(bob_group.receive(&bob.provider, &corrupted).is_err());
+
+        assert_eq!(bob_group.epoch(), 1);
+        let message = alice.send(&mut alice_group, "after garbage");
+        assert_eq!(
+            bob.receive(&mut bob_group, &message),
+            application(&alice, "after garbage")
+        );
+        let reply = bob.send(&mut bob_group, "fine");
+        assert_eq!(alice.receive(&mut alice_group, &reply), application(&bob, "fine"));
+    }
+
+    #[test]
+    fn message_for_another_group_is_rejected() {
+        let (alice, _alice_group, bob, mut bob_group) = alice_and_bob();
+        let mut other = GroupMember::create(&alice.provider, &alice.identity, b"other").unwrap();
+        let message = alice.send(&mut other, "wrong place");
+        let err = bob_group.receive(&bob.provider, &message).unwrap_err();
+        assert!(matches!(err, CoreError::WrongGroup { .. }), "{err}");
+    }
+
+    #[test]
+    fn replayed_commit_is_from_a_past_epoch() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+        let added = alice.add(&mut alice_group, &[&carol]);
+
+        bob.receive(&mut bob_group, &added.commit);
+        let err = bob_group.receive(&bob.provider, &added.commit).unwrap_err();
+        assert_eq!(
+            err,
+            CoreError::PastEpoch {
+                message_epoch: 1,
+                group_epoch: 2
+            }
+        );
+        assert!(err.to_string().starts_with("message from a past epoch"), "{err}");
+    }
+
+    #[test]
+    fn message_after_a_missed_commit_is_from_a_future_epoch() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+        let added = alice.add(&mut alice_group, &[&carol]);
+
+        let message = alice.send(&mut alice_group, "epoch 2");
+        let err = bob_group.receive(&bob.provider, &message).unwrap_err();
+        assert_eq!(
+            err,
+            CoreError::FutureEpoch {
+                message_epoch: 2,
+                group_epoch: 1
+            }
+        );
+
+        // Catching up fixes it.
+        bob.receive(&mut bob_group, &added.commit);
+        assert_eq!(
+            bob.receive(&mut bob_group, &message),
+            application(&alice, "epoch 2")
+        );
+    }
+
+    #[test]
+    fn application_message_from_the_previous_epoch_still_decrypts() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+
+        // Bob sends in epoch 1 while Alice's add moves her to epoch 2.
+        let late = bob.send(&mut bob_group, "sent in epoch 1");
+        let added = alice.add(&mut alice_group, &[&carol]);
+        assert_eq!(
+            alice.receive(&mut alice_group, &late),
+            application(&bob, "sent in epoch 1")
+        );
+        bob.receive(&mut bob_group, &added.commit);
+    }
+
+    #[test]
+    fn own_message_echoed_back_is_recognised() {
+        let (alice, mut alice_group, _bob, _bob_group) = alice_and_bob();
+        let message = alice.send(&mut alice_group, "echo");
+        assert_eq!(alice.receive(&mut alice_group, &message), Received::OwnMessage);
+    }
+
+    #[test]
+    fn removed_member_learns_it_and_can_no_longer_send() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let commit = alice_group
+            .remove_members(&alice.provider, &alice.identity, &[bob.key()])
+            .unwrap();
+        alice_group.merge_pending_commit(&alice.provider).unwrap();
+        assert_eq!(alice_group.members(), vec![alice.key()]);
+
+        assert_eq!(
+            bob.receive(&mut bob_group, &commit),
+            Received::Removed { epoch: 2 }
+        );
+        assert!(!bob_group.is_active());
+        assert_eq!(bob_group.own_identity(), None);
+        let err = bob_group
+            .send(&bob.provider, &bob.identity, b"let me in")
+            .unwrap_err();
+        assert_eq!(err, CoreError::NotAMember);
+
+        bob_group.delete(&bob.provider).unwrap();
+        assert!(GroupMember::load(&bob.provider, GROUP_ID).unwrap().is_none());
+    }
+
+    #[test]
+    fn removing_a_stranger_fails() {
+        let alice = Client::new();
+        let mut group = alice.create();
+        let stranger = IdentityKeypair::generate().public_key();
+        let err = group
+            .remove_members(&alice.provider, &alice.identity, &[stranger])
+            .unwrap_err();
+        assert_eq!(err, CoreError::UnknownMember(stranger.to_string()));
+    }
+
+    #[test]
+    fn load_returns_the_created_group_at_the_same_epoch() {
+        let alice = Client::new();
+        let group = alice.create();
+        let loaded = GroupMember::load(&alice.provider, GROUP_ID).unwrap().unwrap();
+        assert_eq!(loaded.epoch(), group.epoch());
+        assert_eq!(loaded.group_id(), GROUP_ID);
+        assert_eq!(loaded.members(), vec![alice.key()]);
+        assert!(GroupMember::load(&alice.provider, b"unknown").unwrap().is_none());
+    }
+
+    #[test]
+    fn loaded_groups_keep_working_after_commits_and_messages() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let first = alice.send(&mut alice_group, "first");
+        bob.receive(&mut bob_group, &first);
+        drop(alice_group);
+        drop(bob_group);
+
+        let mut alice_group = GroupMember::load(&alice.provider, GROUP_ID).unwrap().unwrap();
+        let mut bob_group = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
+        assert_eq!(alice_group.epoch(), 1);
+        assert_eq!(bob_group.epoch(), 1);
+
+        let second = alice.send(&mut alice_group, "second");
+        assert_eq!(
+            bob.receive(&mut bob_group, &second),
+            application(&alice, "second")
+        );
+        let reply = bob.send(&mut bob_group, "reply");
+        assert_eq!(
+            alice.receive(&mut alice_group, &reply),
+            application(&bob, "reply")
+        );
+    }
+
+    #[test]
+    fn pending_commit_survives_reload_and_can_be_merged() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+        let added = alice_group
+            .add_members(&alice.provider, &alice.identity, &[carol.key_package()])
+            .unwrap();
+        drop(alice_group);
+
+        let mut alice_group = GroupMember::load(&alice.provider, GROUP_ID).unwrap().unwrap();
+        assert!(alice_group.has_pending_commit());
+        alice_group.merge_pending_commit(&alice.provider).unwrap();
+        assert_eq!(alice_group.epoch(), 2);
+
+        bob.receive(&mut bob_group, &added.commit);
+        let mut carol_group = carol.join(&added.welcome);
+        let message = carol.send(&mut carol_group, "hello");
+        assert_eq!(
+            alice.receive(&mut alice_group, &message),
+            application(&carol, "hello")
+        );
+        assert_eq!(
+            bob.receive(&mut bob_group, &message),
+            application(&carol, "hello")
+        );
+    }
+
+    #[test]
+    fn commit_adding_a_forged_credential_is_rejected() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        // Mallory signs with her own key but claims to be Carol.
+        let mallory = Client::new();
+        let carol = IdentityKeypair::generate().public_key();
+        let forged = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &mallory.provider,
+                &mallory.identity,
+                CredentialWithKey {
+                    credential: BasicCredential::new(carol.as_bytes().to_vec()).into(),
+                    signature_key: mallory.key().as_bytes().as_slice().into(),
+                },
+            )
+            .unwrap()
+            .key_package()
+            .clone();
+
+        // A careless (or malicious) Alice that skips our checks.
+        let (commit, _welcome, _) = alice_group
+            .group
+            .add_members(&alice.provider, &alice.identity, &[forged])
+            .unwrap();
+        alice_group.group.merge_pending_commit(&alice.provider).unwrap();
+
+        let err = bob_group
+            .receive(&bob.provider, &commit.to_bytes().unwrap())
+            .unwrap_err();
+        assert!(matches!(err, CoreError::InvalidCredential(_)), "{err}");
+        assert_eq!(bob_group.epoch(), 1);
+        assert_eq!(bob_group.members(), vec![alice.key(), bob.key()]);
+    }
+
+    #[test]
+    fn losing_a_commit_race_drops_our_pending_commit() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+        let dave = Client::new();
+
+        // Both commit in epoch 1; the delivery service takes Alice's.
+        let alices = alice.add(&mut alice_group, &[&carol]);
+        bob_group
+            .add_members(&bob.provider, &bob.identity, &[dave.key_package()])
+            .unwrap();
+        assert_eq!(
+            bob.receive(&mut bob_group, &alices.commit),
+            Received::Commit { epoch: 2 }
+        );
+        assert!(!bob_group.has_pending_commit());
+        assert_eq!(bob_group.members(), alice_group.members());
+
+        // Bob simply retries in the new epoch.
+        let bobs = bob.add(&mut bob_group, &[&dave]);
+        assert_eq!(
+            alice.receive(&mut alice_group, &bobs.commit),
+            Received::Commit { epoch: 3 }
+        );
+        let mut dave_group = dave.join(&bobs.welcome);
+        let message = dave.send(&mut dave_group, "hi all");
+        assert_eq!(
+            alice.receive(&mut alice_group, &message),
+            application(&dave, "hi all")
+        );
+    }
+
+    #[test]
+    fn stored_proposal_blocks_sending_until_our_next_commit_covers_it() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let carol = Client::new();
+
+        let leave = bob_group.group.leave_group(&bob.provider, &bob.identity).unwrap();
+        assert_eq!(
+            alice.receive(&mut alice_group, &leave.to_bytes().unwrap()),
+            Received::Proposal
+        );
+        let err = alice_group
+            .send(&alice.provider, &alice.identity, b"blocked")
+            .unwrap_err();
+        assert_eq!(err, CoreError::ProposalsPending);
+
+        // Alice's next commit includes Bob's removal.
+        let added = alice.add(&mut alice_group, &[&carol]);
+        assert_eq!(alice_group.members(), vec![alice.key(), carol.key()]);
+        assert_eq!(
+            bob.receive(&mut bob_group, &added.commit),
+            Received::Removed { epoch: 2 }
+        );
+        let mut carol_group = carol.join(&added.welcome);
+        let message = alice.send(&mut alice_group, "unblocked");
+        assert_eq!(
+            carol.receive(&mut carol_group, &message),
+            application(&alice, "unblocked")
+        );
+    }
+}

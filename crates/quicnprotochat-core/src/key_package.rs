@@ -1,0 +1,191 @@
+//! KeyPackages: the one-time "add me" tokens a client uploads so others can
+//! put it into groups while it is offline.
+
+use openmls::prelude::{
+    KeyPackage, KeyPackageIn, LeafNode, OpenMlsCrypto, ProtocolVersion,
+    tls_codec::{DeserializeBytes as _, Serialize as _},
+};
+use openmls::storage::OpenMlsProvider;
+use sha2::{Digest, Sha256};
+
+use crate::CIPHERSUITE;
+use crate::error::CoreError;
+use crate::identity::{IdentityKey, IdentityKeypair, checked_identity};
+
+/// Creates a fresh KeyPackage for `identity` and returns its TLS encoding
+/// (a bare `KeyPackage`, not wrapped in an `MlsMessage`).
+///
+/// The private init and leaf keys are written to `provider`'s storage, keyed
+/// by the KeyPackage's hash reference; [`crate::GroupMember::join`] looks them
+/// up there, so the storage must outlive the upload (persist it if the Welcome
+/// may arrive in a later process). They are deleted when a Welcome consumes
+/// them.
+pub fn generate_key_package<P: OpenMlsProvider>(
+    provider: &P,
+    identity: &IdentityKeypair,
+) -> Result<Vec<u8>, CoreError> {
+    let bundle = KeyPackage::builder()
+        .build(CIPHERSUITE, provider, identity, identity.credential_with_key())
+        .map_err(CoreError::mls("generating a KeyPackage"))?;
+    bundle
+        .key_package()
+        .tls_serialize_detached()
+        .map_err(CoreError::mls("encoding a KeyPackage"))
+}
+
+/// SHA-256 of a KeyPackage's bytes: a stable name for it on the wire (the
+/// delivery service does not need to parse MLS to compute it).
+pub fn fingerprint(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Parses and fully validates a KeyPackage (signatures, protocol version,
+/// ciphersuite, lifetime) and returns the identity it belongs to.
+///
+/// Fails unless the credential is a basic credential whose identity is the
+/// 32-byte leaf signature key, so the returned key is the one that signed it.
+pub fn key_package_identity(crypto: &impl OpenMlsCrypto, bytes: &[u8]) -> Result<IdentityKey, CoreError> {
+    validate_key_package(crypto, bytes).map(|(_, identity)| identity)
+}
+
+/// [`key_package_identity`], also returning the validated KeyPackage for
+/// committing it.
+pub(crate) fn validate_key_package(
+    crypto: &impl OpenMlsCrypto,
+    bytes: &[u8],
+) -> Result<(KeyPackage, IdentityKey), CoreError> {
+    let unverified = KeyPackageIn::tls_deserialize_exact_bytes(bytes)
+        .map_err(|e| CoreError::InvalidKeyPackage(format!("cannot decode: {e}")))?;
+    let key_package = unverified
+        .validate(crypto, ProtocolVersion::Mls10)
+        .map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
+    if key_package.ciphersuite() != CIPHERSUITE {
+        return Err(CoreError::InvalidKeyPackage(format!(
+            "ciphersuite {:?} is not {CIPHERSUITE:?}",
+            key_package.ciphersuite()
+        )));
+    }
+    let identity =
+        leaf_identity(key_package.leaf_node()).map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
+    Ok((key_package, identity))
+}
+
+/// The identity behind a leaf, enforcing our credential rule.
+pub(crate) fn leaf_identity(leaf: &LeafNode) -> Result<IdentityKey, CoreError> {
+    checked_identity(leaf.credential(), leaf.signature_key().as_slice())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use openmls::prelude::{BasicCredential, CredentialWithKey};
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+    use openmls_traits::OpenMlsProvider as _;
+
+    use super::*;
+
+    #[test]
+    fn key_package_identity_returns_the_uploader() {
+        let provider = OpenMlsRustCrypto::default();
+        let alice = IdentityKeypair::generate();
+        let bytes = generate_key_package(&provider, &alice).unwrap();
+
+        let identity = key_package_identity(provider.crypto(), &bytes).unwrap();
+        assert_eq!(identity, alice.public_key());
+
+        // Anyone can validate it; no private state is needed.
+        let other = OpenMlsRustCrypto::default();
+        assert_eq!(
+            key_package_identity(other.crypto(), &bytes).unwrap(),
+            alice.public_key()
+        );
+    }
+
+    #[test]
+    fn key_packages_are_fresh_each_time() {
+        let provider = OpenMlsRustCrypto::default();
+        let alice = IdentityKeypair::generate();
+        let first = generate_key_package(&provider, &alice).unwrap();
+        let second = generate_key_package(&provider, &alice).unwrap();
+        assert_ne!(fingerprint(&first), fingerprint(&second));
+    }
+
+    #[test]
+    fn key_package_identity_rejects_garbage() {
+        let provider = OpenMlsRustCrypto::default();
+        let err = key_package_identity(provider.crypto(), b"not a key package").unwrap_err();
+        assert!(matches!(err, CoreError::InvalidKeyPackage(_)), "{err}");
+        assert!(err.to_string().starts_with("invalid KeyPackage"), "{err}");
+    }
+
+    #[test]
+    fn key_package_identity_rejects_trailing_bytes() {
+        let provider = OpenMlsRustCrypto::default();
+        let mut bytes = generate_key_package(&provider, &IdentityKeypair::generate()).unwrap();
+        bytes.push(0);
+        assert!(key_package_identity(provider.crypto(), &bytes).is_err());
+    }
+
+    #[test]
+    fn key_package_identity_rejects_a_tampered_package() {
+        let provider = OpenMlsRustCrypto::default();
+        let mut bytes = generate_key_package(&provider, &IdentityKeypair::generate()).unwrap();
+        // Flip a bit inside the trailing signature.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let err = key_package_identity(provider.crypto(), &bytes).unwrap_err();
+        assert!(err.to_string().contains("signature"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_is_sha256() {
+        assert_eq!(
+            hex::encode(fingerprint(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn key_package_identity_rejects_a_credential_naming_someone_else() {
+        let provider = OpenMlsRustCrypto::default();
+        let mallory = IdentityKeypair::generate();
+        let victim = IdentityKeypair::generate().public_key();
+        let forged = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &provider,
+                &mallory,
+                CredentialWithKey {
+                    credential: BasicCredential::new(victim.as_bytes().to_vec()).into(),
+                    signature_key: mallory.public_key().as_bytes().as_slice().into(),
+                },
+            )
+            .unwrap();
+        let bytes = forged.key_package().tls_serialize_detached().unwrap();
+        let err = key_package_identity(provider.crypto(), &bytes).unwrap_err();
+        assert!(
+            err.to_string().contains("differs from its signature key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn key_package_identity_rejects_a_credential_of_the_wrong_length() {
+        let provider = OpenMlsRustCrypto::default();
+        let mallory = IdentityKeypair::generate();
+        let forged = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &provider,
+                &mallory,
+                CredentialWithKey {
+                    credential: BasicCredential::new(b"mallory".to_vec()).into(),
+                    signature_key: mallory.public_key().as_bytes().as_slice().into(),
+                },
+            )
+            .unwrap();
+        let bytes = forged.key_package().tls_serialize_detached().unwrap();
+        let err = key_package_identity(provider.crypto(), &bytes).unwrap_err();
+        assert!(err.to_string().contains("must be 32 bytes, got 7"), "{err}");
+    }
+}
