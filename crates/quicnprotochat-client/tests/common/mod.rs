@@ -1,0 +1,179 @@
+//! Shared test helpers: a real node on 127.0.0.1 with a temporary data
+//! directory, and a way to run the real client binary against it.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
+use quicnprotochat_server::{Config, Node};
+use tokio::sync::oneshot;
+
+/// A node running on its own thread; stopped cleanly on drop.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestNode {
+    /// A node with a fresh temporary data directory.
+    pub fn start() -> TestNode {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut node = Self::start_in(temp.path().to_owned(), 0);
+        node._temp = Some(temp);
+        node
+    }
+
+    /// A node keeping its certificate and database in `dir`, on `port`
+    /// (0: any free port).
+    pub fn start_in(dir: PathBuf, port: u16) -> TestNode {
+        Self::start_with(
+            Config::in_dir(&dir, SocketAddr::from(([127, 0, 0, 1], port))),
+            dir,
+        )
+    }
+
+    /// A node with a custom configuration.
+    pub fn start_with(config: Config, dir: PathBuf) -> TestNode {
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let (bound, addr) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let node = Node::bind(config).await.expect("node binds");
+                bound.send(node.local_addr()).expect("report address");
+                node.run(async {
+                    let _ = stop.await;
+                })
+                .await
+                .expect("node runs and stops cleanly");
+            });
+        });
+        let addr = addr.recv().expect("node started");
+        TestNode {
+            addr,
+            dir,
+            _temp: None,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    /// The node's certificate, which clients trust.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("server-cert.der")
+    }
+
+    /// Stops the node cleanly and waits until its database is closed.
+    pub fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("node thread");
+        }
+    }
+
+    /// Stops the node and starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let temp = self._temp.take();
+        let mut node = Self::start_in(self.dir.clone(), self.addr.port());
+        node._temp = temp;
+        std::mem::swap(self, &mut node);
+    }
+
+    /// Connection options for library clients.
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            server: self.addr.to_string(),
+            server_name: None,
+            ca_cert: self.cert(),
+        }
+    }
+
+    /// A library client connected to this node (call inside a LocalSet).
+    pub async fn connect(&self) -> NodeClient {
+        NodeClient::connect(&self.options())
+            .await
+            .expect("client connects")
+    }
+
+    /// Runs the client binary against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut full = vec![
+            "--server".to_owned(),
+            self.addr.to_string(),
+            "--ca-cert".to_owned(),
+        ];
+        full.push(self.cert().display().to_string());
+        full.extend(args.iter().map(|a| a.to_string()));
+        run_client(&full)
+    }
+
+    /// Runs the client binary and returns its stdout, failing the test (with
+    /// its stderr) if it exits non-zero.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "client {args:?} failed: {}\n{}",
+            stderr(&output),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            // Don't turn a failing test into a double panic.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs the client binary with exactly `args`.
+pub fn run_client<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
+        .args(args)
+        .env_remove("QUICNPROTOCHAT_SERVER")
+        .env_remove("QUICNPROTOCHAT_CA_CERT")
+        .env_remove("QUICNPROTOCHAT_STATE")
+        .output()
+        .expect("client binary runs")
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A path for a state file in `dir`.
+pub fn state(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// Runs `body` on a current-thread runtime inside a LocalSet, as the client
+/// does (Cap'n Proto RPC is !Send).
+pub fn local<F: std::future::Future>(body: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tokio::task::LocalSet::new().block_on(&runtime, body)
+}

@@ -1,0 +1,205 @@
+//! NodeService over real QUIC: exactly-once KeyPackages, FIFO queues, and
+//! bad input that gets precise errors while the node keeps serving others.
+
+mod common;
+
+use std::collections::HashSet;
+
+use capnp::capability::FromClientHook;
+use common::{TestNode, local};
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_proto::delivery_capnp::delivery_service;
+use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, rpc, transport};
+
+fn key(byte: u8) -> IdentityKey {
+    IdentityKey::from_bytes([byte; 32])
+}
+
+/// A raw connection to the node, for sending what the typed client never
+/// would. Returns the connection and the node's Delivery Service.
+async fn raw(node: &TestNode) -> (quinn::Endpoint, quinn::Connection, delivery_service::Client) {
+    let config = transport::client_config(cert::load_certificate(&node.cert()).unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let connection = endpoint.connect(node.addr, "localhost").unwrap().await.unwrap();
+    let (send, recv) = connection.open_bi().await.unwrap();
+    let (session, service) = rpc::connect(send, recv, rpc::reader_options(DEFAULT_MAX_PAYLOAD));
+    tokio::task::spawn_local(session);
+    (endpoint, connection, service.cast_to())
+}
+
+#[test]
+fn a_key_package_is_served_exactly_once_to_concurrent_fetchers() {
+    let node = TestNode::start();
+    local(async {
+        let uploader = node.connect().await;
+        uploader
+            .upload_key_package(&key(1), b"the only one")
+            .await
+            .unwrap();
+        let mut fetchers = Vec::new();
+        for _ in 0..8 {
+            fetchers.push(node.connect().await);
+        }
+        // All eight calls are in flight at once, on eight connections.
+        let wanted = key(1);
+        let results = futures::future::join_all(fetchers.iter().map(|f| f.fetch_key_package(&wanted))).await;
+        let served: Vec<_> = results.into_iter().map(Result::unwrap).flatten().collect();
+        assert_eq!(served, vec![b"the only one".to_vec()]);
+    });
+}
+
+#[test]
+fn two_cli_processes_fetching_the_same_key_package_get_it_once() {
+    let node = TestNode::start();
+    let key = node.cli_ok(&["register"]).trim().to_owned();
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let args = vec![
+                "--server".to_owned(),
+                node.addr.to_string(),
+                "--ca-cert".to_owned(),
+                node.cert().display().to_string(),
+                "fetch-key".to_owned(),
+                key.clone(),
+            ];
+            std::thread::spawn(move || common::run_client(&args))
+        })
+        .collect();
+    let outputs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(outputs.iter().filter(|o| o.status.success()).count(), 1);
+    let refused = outputs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(common::stderr(refused).contains("has no KeyPackage"));
+}
+
+#[test]
+fn fetch_drains_the_queue_in_fifo_order() {
+    let node = TestNode::start();
+    local(async {
+        let client = node.connect().await;
+        for i in 0..50u32 {
+            client.enqueue(&key(2), &i.to_be_bytes()).await.unwrap();
+        }
+        let fetched = client.fetch(&key(2)).await.unwrap();
+        assert_eq!(
+            fetched,
+            (0..50u32).map(|i| i.to_be_bytes().to_vec()).collect::<Vec<_>>()
+        );
+        assert!(client.fetch(&key(2)).await.unwrap().is_empty());
+        assert!(client.fetch(&key(99)).await.unwrap().is_empty());
+        assert_eq!(client.fetch_key_package(&key(99)).await.unwrap(), None);
+    });
+}
+
+#[test]
+fn an_oversize_payload_is_refused_and_nothing_is_stored() {
+    let node = TestNode::start();
+    local(async {
+        let client = node.connect().await;
+        let err = client
+            .enqueue(&key(3), &vec![0u8; DEFAULT_MAX_PAYLOAD + 1])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("payload"), "{err}");
+        assert!(err.contains("limit of 1048576 bytes"), "{err}");
+        let err = client
+            .upload_key_package(&key(3), &vec![0u8; DEFAULT_MAX_PAYLOAD + 1])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("package"), "{err}");
+        // The same connection still works, and nothing was queued.
+        client
+            .enqueue(&key(3), &vec![1u8; DEFAULT_MAX_PAYLOAD])
+            .await
+            .unwrap();
+        assert_eq!(client.fetch(&key(3)).await.unwrap().len(), 1);
+    });
+}
+
+#[test]
+fn malformed_keys_and_empty_payloads_get_errors_naming_the_field() {
+    let node = TestNode::start();
+    local(async {
+        let (_endpoint, _connection, delivery) = raw(&node).await;
+        for (recipient, payload, field) in [
+            (vec![0u8; 31], b"x".to_vec(), "recipientKey"),
+            (vec![0u8; 33], b"x".to_vec(), "recipientKey"),
+            (Vec::new(), b"x".to_vec(), "recipientKey"),
+            (vec![0u8; 32], Vec::new(), "payload"),
+        ] {
+            let mut request = delivery.enqueue_request();
+            request.get().set_recipient_key(&recipient);
+            request.get().set_payload(&payload);
+            let err = request.send().promise.await.err().expect("refused").to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let mut request = delivery.fetch_request();
+        request.get().set_recipient_key(&[1, 2, 3]);
+        let err = request.send().promise.await.err().expect("refused").to_string();
+        assert!(err.contains("recipientKey") && err.contains("got 3"), "{err}");
+
+        // A well-behaved client is unaffected.
+        let client = node.connect().await;
+        client.ping().await.unwrap();
+    });
+}
+
+#[test]
+fn garbage_on_the_stream_does_not_disturb_other_clients() {
+    let node = TestNode::start();
+    local(async {
+        let config = transport::client_config(cert::load_certificate(&node.cert()).unwrap()).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        let attacks: [&[u8]; 3] = [
+            // A segment table claiming one enormous segment.
+            &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f],
+            // A segment table claiming 2^31 segments.
+            &[0xff, 0xff, 0xff, 0x7f, 1, 0, 0, 0],
+            // Plain noise.
+            b"GET / HTTP/1.1\r\nHost: example\r\n\r\n",
+        ];
+        for attack in attacks {
+            let connection = endpoint.connect(node.addr, "localhost").unwrap().await.unwrap();
+            let (mut send, mut recv) = connection.open_bi().await.unwrap();
+            send.write_all(attack).await.unwrap();
+            let _ = send.finish();
+            // The node ends the session; it must not answer with anything
+            // but an RPC abort or a closed stream.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), recv.read_to_end(1 << 16)).await;
+        }
+        let client = node.connect().await;
+        let info = client.ping().await.unwrap();
+        assert_eq!(info.protocol_version, quicnprotochat_proto::PROTOCOL_VERSION);
+        client.enqueue(&key(4), b"still works").await.unwrap();
+        assert_eq!(
+            client.fetch(&key(4)).await.unwrap(),
+            vec![b"still works".to_vec()]
+        );
+    });
+}
+
+#[test]
+fn many_clients_at_once_each_get_their_own_messages() {
+    let node = TestNode::start();
+    local(async {
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            clients.push(node.connect().await);
+        }
+        let sends = clients.iter().enumerate().map(|(i, client)| async move {
+            for n in 0..20u8 {
+                client.enqueue(&key(100 + i as u8), &[n]).await.unwrap();
+            }
+        });
+        futures::future::join_all(sends).await;
+        for (i, client) in clients.iter().enumerate() {
+            let got = client.fetch(&key(100 + i as u8)).await.unwrap();
+            assert_eq!(got, (0..20u8).map(|n| vec![n]).collect::<Vec<_>>());
+        }
+        let distinct: HashSet<_> = (0..16u8).map(|i| key(100 + i)).collect();
+        assert_eq!(distinct.len(), 16);
+    });
+}

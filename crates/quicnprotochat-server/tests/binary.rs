@@ -1,0 +1,135 @@
+//! The real `quicnprotochat-server` binary: first start generates the
+//! certificate, a client can talk to it, SIGTERM shuts it down cleanly, and a
+//! second start reuses the certificate and the stored data.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use capnp::capability::FromClientHook;
+use quicnprotochat_proto::delivery_capnp::delivery_service;
+use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, rpc, transport};
+
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    log: mpsc::Receiver<String>,
+}
+
+fn start(dir: &Path) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
+        .current_dir(dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("server binary starts");
+    let (lines, log) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let addr = loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(30))
+            .expect("node logs its address");
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    Running { child, addr, log }
+}
+
+/// Sends SIGTERM and returns the exit status and the rest of the log.
+fn terminate(mut running: Running) -> (std::process::ExitStatus, String) {
+    let status = Command::new("kill")
+        .args(["-TERM", &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = running.child.wait().unwrap();
+    let rest: Vec<String> = running.log.try_iter().collect();
+    (exit, rest.join("\n"))
+}
+
+fn with_delivery<T>(
+    addr: SocketAddr,
+    trusted: &Path,
+    body: impl AsyncFnOnce(delivery_service::Client) -> T,
+) -> T {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&runtime, async {
+        let config = transport::client_config(cert::load_certificate(trusted).unwrap()).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let (send, recv) = connection.open_bi().await.unwrap();
+        let (session, node) = rpc::connect(send, recv, rpc::reader_options(DEFAULT_MAX_PAYLOAD));
+        tokio::task::spawn_local(session);
+        let result = body(node.cast_to()).await;
+        connection.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        result
+    })
+}
+
+#[cfg(unix)]
+#[test]
+fn the_binary_generates_its_certificate_serves_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path());
+    let cert_path = dir.path().join("data/server-cert.der");
+    let first_cert = std::fs::read(&cert_path).expect("certificate generated in data/");
+    assert!(dir.path().join("data/server-key.der").exists());
+    assert!(dir.path().join("data/node.db").exists());
+
+    with_delivery(running.addr, &cert_path, async |delivery| {
+        let mut request = delivery.enqueue_request();
+        request.get().set_recipient_key(&[9; 32]);
+        request.get().set_payload(b"kept across restarts");
+        request.send().promise.await.unwrap();
+    });
+    let (exit, log) = terminate(running);
+    assert!(exit.success(), "exit status {exit:?}\n{log}");
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("database closed cleanly"), "{log}");
+
+    let running = start(dir.path());
+    assert_eq!(
+        std::fs::read(&cert_path).unwrap(),
+        first_cert,
+        "certificate reused"
+    );
+    let fetched = with_delivery(running.addr, &cert_path, async |delivery| {
+        let mut request = delivery.fetch_request();
+        request.get().set_recipient_key(&[9; 32]);
+        let response = request.send().promise.await.unwrap();
+        let payloads = response.get().unwrap().get_payloads().unwrap();
+        payloads.iter().map(|p| p.unwrap().to_vec()).collect::<Vec<_>>()
+    });
+    assert_eq!(fetched, vec![b"kept across restarts".to_vec()]);
+    let (exit, _) = terminate(running);
+    assert!(exit.success());
+}
+
+#[test]
+fn an_invalid_flag_value_is_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
+        .current_dir(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--max-payload", "0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("--max-payload must be between"), "{err}");
+}
