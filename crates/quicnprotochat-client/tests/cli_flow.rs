@@ -1,5 +1,7 @@
 //! The real client binary against a real node, as a user would run it.
 
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
 mod common;
 
 use common::{TestNode, state};

@@ -2,6 +2,8 @@
 //! certificate, a client can talk to it, SIGTERM shuts it down cleanly, and a
 //! second start reuses the certificate and the stored data.
 
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
