@@ -62,6 +62,18 @@ pub enum ClientError {
         /// What TLS reported.
         reason: String,
     },
+    /// The node's certificate is trusted but not valid for the name used.
+    #[error(
+        "the node at {server} presented a trusted certificate that is not valid for the name {name:?} ({reason}); connect by a name the certificate lists (localhost, 127.0.0.1, ::1 or a --tls-san of the node), or pass --server-name"
+    )]
+    WrongName {
+        /// The address tried.
+        server: String,
+        /// The name verified.
+        name: String,
+        /// What TLS reported.
+        reason: String,
+    },
     /// Any other connection failure.
     #[error("connecting to {server}: {reason}")]
     Connect {
@@ -101,6 +113,12 @@ pub enum ClientError {
     /// MLS processing failed.
     #[error("MLS: {0}")]
     Core(#[from] CoreError),
+    /// A queued message is for a group this client is not in.
+    #[error("message for unknown group {0}")]
+    UnknownGroup(String),
+    /// Some of the messages of a change could not be handed to the node.
+    #[error("{0}")]
+    PartialDelivery(String),
     /// A command needs a group and none is selected.
     #[error("{0}")]
     NoGroup(String),

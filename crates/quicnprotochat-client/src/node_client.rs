@@ -98,7 +98,7 @@ impl NodeClient {
                     after: CONNECT_TIMEOUT,
                 });
             }
-            Ok(Err(e)) => return Err(classify_connect_error(options, e)),
+            Ok(Err(e)) => return Err(classify_connect_error(options, &server_name, e)),
             Ok(Ok(connection)) => connection,
         };
         let (send, recv) = connection.open_bi().await.map_err(|e| ClientError::Connect {
@@ -226,9 +226,21 @@ async fn resolve(server: &str) -> Result<(String, SocketAddr), ClientError> {
     Ok((host, remote))
 }
 
-fn classify_connect_error(options: &ConnectOptions, error: quinn::ConnectionError) -> ClientError {
+fn classify_connect_error(
+    options: &ConnectOptions,
+    name: &str,
+    error: quinn::ConnectionError,
+) -> ClientError {
     let text = error.to_string();
-    if text.contains("certificate") || text.contains("CertificateRequired") || text.contains("UnknownIssuer")
+    if text.contains("NotValidForName") {
+        ClientError::WrongName {
+            server: options.server.clone(),
+            name: name.to_owned(),
+            reason: text,
+        }
+    } else if text.contains("certificate")
+        || text.contains("CertificateRequired")
+        || text.contains("UnknownIssuer")
     {
         ClientError::UntrustedNode {
             server: options.server.clone(),

@@ -227,3 +227,56 @@ fn ping_reports_the_node_version() {
         "{out}"
     );
 }
+
+#[test]
+fn recv_skips_undecodable_messages_with_a_warning_and_processes_the_rest() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (state(dir.path(), "alice.state"), state(dir.path(), "bob.state"));
+    node.cli_ok(&["register-state", "--state", &alice]);
+    let bob_key = node
+        .cli_ok(&["register-state", "--state", &bob])
+        .trim()
+        .to_owned();
+    node.cli_ok(&["create-group", "--state", &alice, "--group-id", "g"]);
+    node.cli_ok(&["invite", "--state", &alice, "--peer-key", &bob_key]);
+    node.cli_ok(&["join", "--state", &bob]);
+
+    let bob_identity: quicnprotochat_core::IdentityKey = bob_key.parse().unwrap();
+    common::local(async {
+        let client = node.connect().await;
+        client
+            .enqueue(&bob_identity, b"definitely not MLS")
+            .await
+            .unwrap();
+    });
+    node.cli_ok(&["send", "--state", &alice, "--msg", "after the garbage"]);
+
+    let out = node.cli(&["recv", "--state", &bob]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(common::stderr(&out).contains("warning: skipped a queued message"));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": after the garbage\n"));
+}
+
+#[test]
+fn joining_from_recv_does_not_change_the_current_group() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (state(dir.path(), "alice.state"), state(dir.path(), "bob.state"));
+    node.cli_ok(&["register-state", "--state", &alice]);
+    let bob_key = node
+        .cli_ok(&["register-state", "--state", &bob])
+        .trim()
+        .to_owned();
+    node.cli_ok(&["create-group", "--state", &bob, "--group-id", "bobs-own"]);
+    node.cli_ok(&["create-group", "--state", &alice, "--group-id", "alices"]);
+    node.cli_ok(&["invite", "--state", &alice, "--peer-key", &bob_key]);
+    let out = node.cli(&["recv", "--state", &bob]);
+    assert!(common::stderr(&out).contains("joined group alices"));
+    // A send without --group-id still goes to bob's own group.
+    let out = node.cli(&["send", "--state", &bob, "--msg", "to whom?"]);
+    assert!(!out.status.success());
+    assert!(common::stderr(&out).contains("only member of bobs-own"));
+    node.cli_ok(&["send", "--state", &bob, "--group-id", "alices", "--msg", "hi"]);
+    assert!(node.cli_ok(&["recv", "--state", &alice]).ends_with(": hi\n"));
+}

@@ -56,6 +56,11 @@ pub enum ServiceError {
     /// The store failed; the call had no effect.
     #[error("storage failure, nothing was stored or removed; retry later: {0}")]
     Store(#[from] StoreError),
+    /// The session has too many calls unanswered.
+    #[error(
+        "overloaded: {0} calls are already waiting on this connection; wait for answers before sending more"
+    )]
+    TooManyCalls(usize),
     /// The node is shutting down and takes no new work.
     #[error("the node is shutting down; retry in a moment")]
     ShuttingDown,
@@ -64,7 +69,9 @@ pub enum ServiceError {
 impl From<ServiceError> for capnp::Error {
     fn from(error: ServiceError) -> Self {
         match error {
-            ServiceError::ShuttingDown => capnp::Error::overloaded(error.to_string()),
+            ServiceError::ShuttingDown | ServiceError::TooManyCalls(_) => {
+                capnp::Error::overloaded(error.to_string())
+            }
             ServiceError::Store(StoreError::Closed) => capnp::Error::overloaded(error.to_string()),
             _ => capnp::Error::failed(error.to_string()),
         }

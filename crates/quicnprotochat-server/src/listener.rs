@@ -29,6 +29,11 @@ use crate::store::{Store, StoreCloser};
 /// How long shutdown waits for calls in flight before closing connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits, once no call is in flight, for clients to hang up
+/// by themselves, so that answers already written reach them before the
+/// endpoint closes every connection.
+const HANG_UP_GRACE: Duration = Duration::from_secs(1);
+
 /// How long shutdown waits for closed connections to be acknowledged.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -133,6 +138,10 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let grace_end = Instant::now() + HANG_UP_GRACE;
+        while self.shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < grace_end {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.endpoint.close(0u32.into(), b"node shutting down");
         for worker in workers {
             worker.join().await;
@@ -217,6 +226,8 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, option
         }
     };
     debug!(%remote, "connection established");
+    shared.connections.fetch_add(1, Ordering::SeqCst);
+    let _open = ConnectionGuard(shared.clone());
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
@@ -233,5 +244,14 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, option
                 return;
             }
         }
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
     }
 }

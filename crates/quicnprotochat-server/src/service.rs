@@ -2,6 +2,8 @@
 //! domain types, makes one store call and fills the results; all storage
 //! logic lives in [`crate::store`].
 
+use std::cell::Cell;
+use std::rc::Rc as LocalRc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -24,7 +26,15 @@ pub struct Shared {
     pub in_flight: AtomicUsize,
     /// Set at shutdown: new calls are refused so in-flight ones can finish.
     pub draining: AtomicBool,
+    /// Connections currently open; shutdown gives them a moment to hang up
+    /// on their own so answers already sent are not cut off.
+    pub connections: AtomicUsize,
 }
+
+/// Most calls one RPC session may have unanswered at once. capnp-rpc reads
+/// every incoming call as it arrives, so without a cap one peer could pile
+/// up payloads in memory faster than the store commits them.
+pub const MAX_CALLS_PER_SESSION: usize = 256;
 
 impl Shared {
     /// Shared state over `store`.
@@ -34,6 +44,7 @@ impl Shared {
             max_payload,
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
         })
     }
 }
@@ -41,18 +52,31 @@ impl Shared {
 /// The bootstrap capability served on each connection.
 pub struct NodeServiceImpl {
     shared: Arc<Shared>,
+    /// Unanswered calls of this session.
+    session_calls: LocalRc<Cell<usize>>,
 }
 
 impl NodeServiceImpl {
-    /// A service object answering from `shared`.
+    /// A service object for one RPC session, answering from `shared`.
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            session_calls: LocalRc::new(Cell::new(0)),
+        }
     }
 
-    /// Registers a call as in flight, or refuses it while shutting down.
+    /// Registers a call as in flight, or refuses it while shutting down or
+    /// when the session has too many calls unanswered.
     fn begin(&self) -> Result<CallGuard, ServiceError> {
+        if self.session_calls.get() >= MAX_CALLS_PER_SESSION {
+            return Err(ServiceError::TooManyCalls(MAX_CALLS_PER_SESSION));
+        }
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = CallGuard(self.shared.clone());
+        self.session_calls.set(self.session_calls.get() + 1);
+        let guard = CallGuard {
+            shared: self.shared.clone(),
+            session_calls: self.session_calls.clone(),
+        };
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(ServiceError::ShuttingDown);
         }
@@ -61,11 +85,15 @@ impl NodeServiceImpl {
 }
 
 /// Counts a call as in flight until dropped.
-struct CallGuard(Arc<Shared>);
+struct CallGuard {
+    shared: Arc<Shared>,
+    session_calls: LocalRc<Cell<usize>>,
+}
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.session_calls.set(self.session_calls.get() - 1);
     }
 }
 

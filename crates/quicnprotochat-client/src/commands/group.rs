@@ -61,7 +61,7 @@ pub(crate) fn create_group(path: &Path, group_id: &str) -> Result<(), ClientErro
     let identity = state.identity()?;
     let transaction = state.transaction()?;
     let group = GroupMember::create(&state.provider(), &identity, group_id.as_bytes())?;
-    state.record_group(group_id.as_bytes())?;
+    state.record_group(group_id.as_bytes(), true)?;
     transaction.commit().map_err(crate::state::StateError::from)?;
     eprintln!("created group {group_id} (epoch {}, 1 member)", group.epoch());
     Ok(())
@@ -112,22 +112,44 @@ pub(crate) async fn invite(
         transaction.commit().map_err(crate::state::StateError::from)?;
         added
     };
-    let delivered = async {
-        for member in &existing {
-            nodes.delivery().enqueue(member, &added.commit).await?;
+    // Deliver the Commit to every existing member, then the Welcome. Once
+    // any member has the Commit it has moved on, so we must merge too.
+    let mut undelivered = Vec::new();
+    let mut reached = 0;
+    for member in &existing {
+        match nodes.delivery().enqueue(member, &added.commit).await {
+            Ok(()) => reached += 1,
+            Err(e) => undelivered.push(format!("the Commit to {}: {e}", member.short())),
         }
-        nodes.delivery().enqueue(&peer, &added.welcome).await
     }
-    .await;
+    let mut first_error = None;
+    if (existing.is_empty() || reached > 0)
+        && let Err(e) = nodes.delivery().enqueue(&peer, &added.welcome).await
+    {
+        undelivered.push(format!("the Welcome to {}: {e}", peer.short()));
+        first_error = Some(e);
+    }
     let transaction = state.transaction()?;
-    if let Err(e) = delivered {
+    if reached == 0 && !undelivered.is_empty() {
+        // Nobody has the Commit: the group stays as it was.
         group.discard_pending_commit(&provider)?;
         transaction.commit().map_err(crate::state::StateError::from)?;
-        return Err(e);
+        return Err(first_error.unwrap_or_else(|| {
+            ClientError::PartialDelivery(format!("nothing was delivered: {}", undelivered.join("; ")))
+        }));
     }
     group.merge_pending_commit(&provider)?;
-    state.record_group(&group_id)?;
+    state.record_group(&group_id, true)?;
     transaction.commit().map_err(crate::state::StateError::from)?;
+    if !undelivered.is_empty() {
+        return Err(ClientError::PartialDelivery(format!(
+            "{} was added to {} (epoch {}), but the node did not take {}",
+            peer.short(),
+            group_name(&group_id),
+            group.epoch(),
+            undelivered.join("; ")
+        )));
+    }
     eprintln!(
         "invited {} to {}: epoch {}, {} members",
         peer.short(),
@@ -149,7 +171,9 @@ pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
     nodes.close().await;
     let mut joined = 0;
     for (entry, payload) in state.inbox()? {
-        if matches!(classify(&payload), Ok(Incoming::Welcome)) && process_entry(&state, entry, &payload)? {
+        if matches!(classify(&payload), Ok(Incoming::Welcome))
+            && process_entry(&state, entry, &payload, true)?
+        {
             joined += 1;
         }
     }
@@ -219,7 +243,7 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
     fetch_into_inbox(&nodes, &state, &identity).await?;
     nodes.close().await;
     for (entry, payload) in state.inbox()? {
-        process_entry(&state, entry, &payload)?;
+        process_entry(&state, entry, &payload, false)?;
     }
     Ok(())
 }
@@ -241,33 +265,44 @@ async fn fetch_into_inbox(
 }
 
 /// Processes one inbox entry and removes it, in one transaction. A message
-/// that cannot be processed is reported on stderr and removed. Returns
-/// whether the entry joined a group.
-fn process_entry(state: &StateFile, entry: i64, payload: &[u8]) -> Result<bool, ClientError> {
+/// that MLS rejects (garbage, unknown group, past epoch, ...) is reported on
+/// stderr and removed; a local failure (the state file) stops processing and
+/// keeps the entry for the next run. Returns whether the entry joined a group;
+/// `explicit_join` makes that group the current one.
+fn process_entry(
+    state: &StateFile,
+    entry: i64,
+    payload: &[u8],
+    explicit_join: bool,
+) -> Result<bool, ClientError> {
     let transaction = state.transaction()?;
-    match apply(state, payload) {
+    match apply(state, payload, explicit_join) {
         Ok(joined) => {
             state.remove_inbox(entry)?;
             transaction.commit().map_err(crate::state::StateError::from)?;
             Ok(joined)
         }
-        Err(e) => {
+        Err(e @ (ClientError::Core(_) | ClientError::UnknownGroup(_))) => {
             // Undo whatever the failed processing wrote, then drop the entry.
             drop(transaction);
             eprintln!("warning: skipped a queued message: {e}");
             state.remove_inbox(entry)?;
             Ok(false)
         }
+        Err(e) => Err(e),
     }
 }
 
-fn apply(state: &StateFile, payload: &[u8]) -> Result<bool, ClientError> {
+fn apply(state: &StateFile, payload: &[u8], explicit_join: bool) -> Result<bool, ClientError> {
     let provider = state.provider();
     match classify(payload)? {
         Incoming::Welcome => {
             let group = GroupMember::join(&provider, payload)?;
             let group_id = group.group_id();
-            state.record_group(&group_id)?;
+            // Joining from `recv` must not silently redirect a later `send`
+            // without --group-id into a group someone invited us to.
+            let make_current = explicit_join || state.current_group()?.is_none();
+            state.record_group(&group_id, make_current)?;
             eprintln!(
                 "joined group {} (epoch {}, {} members)",
                 group_name(&group_id),
@@ -277,9 +312,8 @@ fn apply(state: &StateFile, payload: &[u8]) -> Result<bool, ClientError> {
             Ok(true)
         }
         Incoming::Group { group_id, .. } => {
-            let mut group = GroupMember::load(&provider, &group_id)?.ok_or_else(|| {
-                ClientError::NoGroup(format!("message for unknown group {}", group_name(&group_id)))
-            })?;
+            let mut group = GroupMember::load(&provider, &group_id)?
+                .ok_or_else(|| ClientError::UnknownGroup(group_name(&group_id)))?;
             let name = group_name(&group_id);
             match group.receive(&provider, payload)? {
                 Received::Application { sender, plaintext } => {
@@ -304,7 +338,9 @@ fn apply(state: &StateFile, payload: &[u8]) -> Result<bool, ClientError> {
             }
             Ok(false)
         }
-        _ => Err(ClientError::Usage("unroutable message".into())),
+        other => Err(ClientError::Core(
+            quicnprotochat_core::CoreError::MalformedMessage(format!("cannot route {other:?}")),
+        )),
     }
 }
 

@@ -187,15 +187,19 @@ impl StateFile {
         Ok(self.identity()?.public_key())
     }
 
-    /// Records that this client is in `group_id` and makes it the current
-    /// group (the one commands use when no `--group-id` is given).
-    pub fn record_group(&self, group_id: &[u8]) -> Result<(), StateError> {
+    /// Records that this client is in `group_id`; with `make_current`, it
+    /// becomes the current group (the one commands use when no `--group-id`
+    /// is given).
+    pub fn record_group(&self, group_id: &[u8], make_current: bool) -> Result<(), StateError> {
         let now = unix_now();
         self.connection.execute(
             "INSERT INTO groups (group_id, joined_at, last_used) VALUES (?1, ?2, ?2)
              ON CONFLICT (group_id) DO UPDATE SET last_used = excluded.last_used",
             params![group_id, now],
         )?;
+        if !make_current {
+            return Ok(());
+        }
         self.connection.execute(
             "INSERT INTO settings (key, value) VALUES ('current_group', ?1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -134,8 +134,10 @@ fn the_last_created_or_joined_group_is_current() {
     let dir = tempfile::tempdir().unwrap();
     let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
     assert_eq!(state.current_group().unwrap(), None);
-    state.record_group(b"first").unwrap();
-    state.record_group(b"second").unwrap();
+    state.record_group(b"first", true).unwrap();
+    state.record_group(b"second", true).unwrap();
     assert_eq!(state.current_group().unwrap(), Some(b"second".to_vec()));
-    assert_eq!(state.groups().unwrap().len(), 2);
+    state.record_group(b"third", false).unwrap();
+    assert_eq!(state.current_group().unwrap(), Some(b"second".to_vec()));
+    assert_eq!(state.groups().unwrap().len(), 3);
 }

@@ -44,7 +44,10 @@ pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
     // synchronous=FULL: a commit is fsynced before it is acknowledged, so an
     // answered enqueue survives a power cut, not just a process crash. Group
     // commit amortises the fsync over every command in a batch.
-    connection.pragma_update(None, "journal_mode", "WAL")?;
+    let mode: String = connection.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NoWal(mode));
+    }
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", true)?;
     migrate(&mut connection)?;

@@ -28,9 +28,14 @@ pub use migrations::SCHEMA_VERSION;
 const QUEUE_CAPACITY: usize = 8192;
 
 /// A fetch answer carries whole messages, oldest first, until it reaches this
-/// many payload bytes (and always at least one message); the rest stay queued
-/// for the next fetch. Keeps one answer far below the RPC message limit.
+/// many bytes of encoded payloads (and always at least one message); the rest
+/// stay queued for the next fetch. Keeps one answer far below the RPC message
+/// limit of clients.
 pub const FETCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+
+/// A fetch answer carries at most this many messages, which bounds the rows
+/// one command deletes while every other command waits for the writer.
+pub const FETCH_MAX_MESSAGES: usize = 4096;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,12 @@ pub enum StoreError {
     /// The database directory could not be created.
     #[error("creating the database directory: {0}")]
     Io(#[from] std::io::Error),
+    /// The writer thread could not be started.
+    #[error("starting the database writer thread: {0}")]
+    Thread(std::io::Error),
+    /// SQLite refused to use write-ahead logging for this file.
+    #[error("SQLite refused WAL mode (journal_mode is {0}); put the database on a local file system")]
+    NoWal(String),
     /// The transaction holding this command could not start or commit, so
     /// nothing of it was kept.
     #[error("transaction failed, nothing was stored: {0}")]

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quicnprotochat_core::IdentityKey;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::FETCH_BUDGET_BYTES;
+use super::{FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES};
 
 pub(super) fn insert_key_package(
     db: &Connection,
@@ -41,7 +41,9 @@ pub(super) fn insert_message(
 }
 
 /// Reads the queue of `recipient` oldest first, up to the fetch budget, and
-/// deletes what it read.
+/// deletes what it read. The budget counts what each message costs in the
+/// Cap'n Proto answer (payload padded to a word, plus its list pointer), so a
+/// queue of many tiny messages cannot make an answer the client refuses.
 pub(super) fn drain_messages(db: &Connection, recipient: &IdentityKey) -> rusqlite::Result<Vec<Vec<u8>>> {
     let mut payloads = Vec::new();
     let mut last_seq = None;
@@ -52,10 +54,13 @@ pub(super) fn drain_messages(db: &Connection, recipient: &IdentityKey) -> rusqli
         let mut rows = select.query(params![recipient.as_bytes()])?;
         while let Some(row) = rows.next()? {
             let payload: Vec<u8> = row.get(1)?;
-            if !payloads.is_empty() && total + payload.len() > FETCH_BUDGET_BYTES {
+            let cost = payload.len().next_multiple_of(8) + 8;
+            if !payloads.is_empty()
+                && (total + cost > FETCH_BUDGET_BYTES || payloads.len() >= FETCH_MAX_MESSAGES)
+            {
                 break;
             }
-            total += payload.len();
+            total += cost;
             last_seq = Some(row.get::<_, i64>(0)?);
             payloads.push(payload);
         }

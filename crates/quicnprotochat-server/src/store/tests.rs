@@ -154,3 +154,19 @@ async fn a_database_is_stamped_with_the_schema_version() {
     let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
     assert_eq!(version, SCHEMA_VERSION);
 }
+
+#[tokio::test]
+async fn a_queue_of_tiny_messages_is_drained_in_bounded_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let total = FETCH_MAX_MESSAGES + 100;
+    for i in 0..total as u32 {
+        store.enqueue(key(5), i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    let first = store.drain(key(5)).await.unwrap();
+    assert_eq!(first.len(), FETCH_MAX_MESSAGES);
+    let second = store.drain(key(5)).await.unwrap();
+    assert_eq!(second.len(), 100);
+    assert_eq!(second[0], (FETCH_MAX_MESSAGES as u32).to_be_bytes().to_vec());
+    close((store, closer)).await;
+}

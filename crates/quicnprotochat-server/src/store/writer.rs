@@ -23,7 +23,7 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || run(connection, commands))
-        .map_err(StoreError::Io)
+        .map_err(StoreError::Thread)
 }
 
 fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>) {
@@ -67,8 +67,26 @@ fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>) {
         }
     };
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
-    for command in batch.drain(..) {
+    let mut commands = batch.drain(..);
+    for command in commands.by_ref() {
         answers.push(apply(&transaction, command));
+        if transaction.is_autocommit() {
+            // SQLite rolled the whole transaction back (disk full, I/O
+            // error). Running more commands now would commit each on its own
+            // and break the all-or-nothing answer, so fail the rest unrun.
+            break;
+        }
+    }
+    let rolled_back = transaction.is_autocommit();
+    if rolled_back {
+        let error = StoreError::Transaction("SQLite rolled the transaction back".into());
+        tracing::error!("{error}");
+        for command in commands {
+            fail(command, &error);
+        }
+        drop(transaction);
+        answers.into_iter().for_each(|answer| answer(Err(&error)));
+        return;
     }
     match transaction.commit() {
         Ok(()) => answers.into_iter().for_each(|answer| answer(Ok(()))),

@@ -1,0 +1,174 @@
+//! Round-trip benchmark of a node over real QUIC on loopback.
+//!
+//! Starts a node in this process (temporary directory, real SQLite file,
+//! synchronous=FULL) unless `--server HOST:PORT --ca-cert FILE` name a running
+//! one, then measures with one client connection:
+//! - `ping` round trip (sequential);
+//! - sequential enqueue + fetch pairs per second (100-byte payloads);
+//! - enqueues per second with 64 calls in flight (group commit at work).
+//!
+//! Run: `cargo run --release -p quicnprotochat-client --example rpc_bench [-- --iterations N]`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_server::{Config, Node};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut iterations = 5000usize;
+    let mut external: Option<(String, PathBuf)> = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--iterations" => iterations = args.next().and_then(|n| n.parse().ok()).expect("--iterations N"),
+            "--server" => {
+                let server = args.next().expect("--server HOST:PORT");
+                let cert = PathBuf::from("data/server-cert.der");
+                external = Some((server, cert));
+            }
+            "--ca-cert" => {
+                let cert = args.next().expect("--ca-cert FILE");
+                if let Some((_, c)) = external.as_mut() {
+                    *c = PathBuf::from(cert);
+                }
+            }
+            other => panic!("unknown argument {other}"),
+        }
+    }
+
+    let temp = tempfile::tempdir().unwrap();
+    let (options, _node) = match external {
+        Some((server, ca_cert)) => (
+            ConnectOptions {
+                server,
+                server_name: None,
+                ca_cert,
+            },
+            None,
+        ),
+        None => {
+            let (addr, node) = start_node(temp.path().to_owned());
+            (
+                ConnectOptions {
+                    server: addr.to_string(),
+                    server_name: None,
+                    ca_cert: temp.path().join("server-cert.der"),
+                },
+                Some(node),
+            )
+        }
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&runtime, async {
+        let client = NodeClient::connect(&options).await.unwrap();
+        let recipient = IdentityKey::from_bytes(rand_key());
+        let payload = vec![0x5au8; 100];
+
+        // Warm up the connection and the database.
+        for _ in 0..200 {
+            client.ping().await.unwrap();
+        }
+
+        let mut rtts = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let started = Instant::now();
+            client.ping().await.unwrap();
+            rtts.push(started.elapsed());
+        }
+        rtts.sort();
+        println!(
+            "ping round trip ({iterations} sequential): p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs",
+            micros(rtts[rtts.len() / 2]),
+            micros(rtts[rtts.len() * 99 / 100]),
+            micros(rtts.iter().sum::<Duration>() / rtts.len() as u32)
+        );
+
+        let started = Instant::now();
+        for _ in 0..iterations {
+            client.enqueue(&recipient, &payload).await.unwrap();
+            let fetched = client.fetch(&recipient).await.unwrap();
+            assert_eq!(fetched.len(), 1);
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "sequential enqueue+fetch ({iterations} pairs, 100 B): {:.0} pairs/s ({:.0} calls/s), {:.1} µs per pair",
+            iterations as f64 / elapsed.as_secs_f64(),
+            2.0 * iterations as f64 / elapsed.as_secs_f64(),
+            micros(elapsed / iterations as u32)
+        );
+
+        let in_flight = 64;
+        let total = iterations * 4;
+        let started = Instant::now();
+        {
+            let mut sent = 0;
+            let mut pending = FuturesUnordered::new();
+            while sent < total || !pending.is_empty() {
+                while sent < total && pending.len() < in_flight {
+                    pending.push(client.enqueue(&recipient, &payload));
+                    sent += 1;
+                }
+                pending.next().await.unwrap().unwrap();
+            }
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "pipelined enqueue ({total} calls, {in_flight} in flight, 100 B): {:.0} enqueues/s",
+            total as f64 / elapsed.as_secs_f64()
+        );
+        let mut drained = 0;
+        loop {
+            let batch = client.fetch(&recipient).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            drained += batch.len();
+        }
+        assert_eq!(drained, total);
+        client.close().await;
+    });
+}
+
+fn start_node(dir: PathBuf) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let config = Config::in_dir(&dir, SocketAddr::from(([127, 0, 0, 1], 0)));
+            let node = Node::bind(config).await.unwrap();
+            tx.send(node.local_addr()).unwrap();
+            // Runs until the process exits.
+            node.run(std::future::pending()).await.unwrap();
+        });
+    });
+    (rx.recv().unwrap(), handle)
+}
+
+fn rand_key() -> [u8; 32] {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(&nanos.to_le_bytes());
+    key
+}
+
+fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
