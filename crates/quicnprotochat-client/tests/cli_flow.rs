@@ -6,6 +6,25 @@ mod common;
 
 use common::{TestNode, state};
 
+/// Alice and Bob, each with a state file in `dir`, in a group `group_id`
+/// that Alice created and Bob joined. Returns (alice state, bob state, alice
+/// key, bob key).
+fn alice_and_bob_in_a_group(node: &TestNode, dir: &std::path::Path, group_id: &str) -> [String; 4] {
+    let (alice, bob) = (state(dir, "alice.state"), state(dir, "bob.state"));
+    let alice_key = node
+        .cli_ok(&["register-state", "--state", &alice])
+        .trim()
+        .to_owned();
+    let bob_key = node
+        .cli_ok(&["register-state", "--state", &bob])
+        .trim()
+        .to_owned();
+    node.cli_ok(&["create-group", "--state", &alice, "--group-id", group_id]);
+    node.cli_ok(&["invite", "--state", &alice, "--peer-key", &bob_key]);
+    node.cli_ok(&["join", "--state", &bob]);
+    [alice, bob, alice_key, bob_key]
+}
+
 #[test]
 fn demo_group_decrypts_both_directions() {
     let node = TestNode::start();
@@ -232,15 +251,7 @@ fn ping_reports_the_node_version() {
 fn recv_skips_undecodable_messages_with_a_warning_and_processes_the_rest() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (state(dir.path(), "alice.state"), state(dir.path(), "bob.state"));
-    node.cli_ok(&["register-state", "--state", &alice]);
-    let bob_key = node
-        .cli_ok(&["register-state", "--state", &bob])
-        .trim()
-        .to_owned();
-    node.cli_ok(&["create-group", "--state", &alice, "--group-id", "g"]);
-    node.cli_ok(&["invite", "--state", &alice, "--peer-key", &bob_key]);
-    node.cli_ok(&["join", "--state", &bob]);
+    let [alice, bob, _, bob_key] = alice_and_bob_in_a_group(&node, dir.path(), "g");
 
     let bob_identity: quicnprotochat_core::IdentityKey = bob_key.parse().unwrap();
     common::local(async {

@@ -205,3 +205,58 @@ fn many_clients_at_once_each_get_their_own_messages() {
         assert_eq!(distinct.len(), 16);
     });
 }
+
+#[test]
+fn every_enqueue_answered_before_a_shutdown_is_kept() {
+    let mut node = TestNode::start();
+    let options = node.options();
+    // A client pipelining enqueues on its own thread while the node stops.
+    let sender = std::thread::spawn(move || {
+        local(async move {
+            let client = quicnprotochat_client::node_client::NodeClient::connect(&options)
+                .await
+                .unwrap();
+            let mut acknowledged = Vec::new();
+            let mut next = 0u32;
+            'outer: loop {
+                let batch: Vec<u32> = (next..next + 32).collect();
+                next += 32;
+                let recipient = key(7);
+                let payloads: Vec<[u8; 4]> = batch.iter().map(|n| n.to_be_bytes()).collect();
+                let calls = payloads.iter().map(|p| client.enqueue(&recipient, p));
+                for (n, result) in batch.iter().zip(futures::future::join_all(calls).await) {
+                    match result {
+                        Ok(()) => acknowledged.push(*n),
+                        Err(_) => break 'outer,
+                    }
+                }
+            }
+            (acknowledged, next)
+        })
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    node.restart();
+    let (acknowledged, attempted) = sender.join().unwrap();
+    assert!(
+        !acknowledged.is_empty(),
+        "some enqueues were answered before the shutdown"
+    );
+
+    let stored: HashSet<u32> = local(async {
+        let client = node.connect().await;
+        client
+            .fetch_all(&key(7))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| u32::from_be_bytes(p.try_into().unwrap()))
+            .collect()
+    });
+    for n in &acknowledged {
+        assert!(stored.contains(n), "acknowledged enqueue {n} was lost");
+    }
+    assert!(
+        stored.iter().all(|n| *n < attempted),
+        "nothing appears that was not sent"
+    );
+}

@@ -13,13 +13,11 @@
 
 use std::path::Path;
 
-use openmls_traits::OpenMlsProvider;
 use quicnprotochat_core::{
     GroupMember, IdentityKey, IdentityKeypair, Incoming, Received, classify, generate_key_package,
-    key_package_identity,
 };
 
-use super::node::upload;
+use super::node::{fetch_verified_key_package, upload};
 use super::{Nodes, group_name, parse_key};
 use crate::cli::ConnectionArgs;
 use crate::error::ClientError;
@@ -87,22 +85,7 @@ pub(crate) async fn invite(
         )));
     }
     let nodes = Nodes::connect(args).await?;
-    let package = nodes
-        .auth()
-        .fetch_key_package(&peer)
-        .await?
-        .ok_or(ClientError::NoKeyPackage(peer))?;
-    let owner =
-        key_package_identity(provider.crypto(), &package).map_err(|e| ClientError::BadKeyPackage {
-            requested: peer,
-            reason: e.to_string(),
-        })?;
-    if owner != peer {
-        return Err(ClientError::BadKeyPackage {
-            requested: peer,
-            reason: format!("its credential is for {owner}"),
-        });
-    }
+    let package = fetch_verified_key_package(&nodes, &peer).await?;
     let me = identity.public_key();
     let existing: Vec<IdentityKey> = group.members().into_iter().filter(|m| *m != me).collect();
 

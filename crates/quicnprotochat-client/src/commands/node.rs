@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
-use quicnprotochat_core::{IdentityKeypair, fingerprint, generate_key_package, key_package_identity};
+use quicnprotochat_core::{
+    IdentityKey, IdentityKeypair, fingerprint, generate_key_package, key_package_identity,
+};
 
 use super::{Nodes, parse_key};
 use crate::cli::ConnectionArgs;
@@ -64,27 +66,38 @@ pub(crate) async fn upload(
     Ok(())
 }
 
+/// Takes one KeyPackage of `identity` from the node and checks that it is
+/// validly signed and belongs to `identity`: the node is not trusted to
+/// serve only genuine KeyPackages.
+pub(crate) async fn fetch_verified_key_package(
+    nodes: &Nodes,
+    identity: &IdentityKey,
+) -> Result<Vec<u8>, ClientError> {
+    let package = nodes
+        .auth()
+        .fetch_key_package(identity)
+        .await?
+        .ok_or(ClientError::NoKeyPackage(*identity))?;
+    let provider = OpenMlsRustCrypto::default();
+    let owner =
+        key_package_identity(provider.crypto(), &package).map_err(|e| ClientError::BadKeyPackage {
+            requested: *identity,
+            reason: e.to_string(),
+        })?;
+    if owner != *identity {
+        return Err(ClientError::BadKeyPackage {
+            requested: *identity,
+            reason: format!("its credential is for {owner}"),
+        });
+    }
+    Ok(package)
+}
+
 /// `fetch-key`: takes one KeyPackage of an identity and describes it.
 pub(crate) async fn fetch_key(args: &ConnectionArgs, identity_key: &str) -> Result<(), ClientError> {
     let identity = parse_key("identity key", identity_key)?;
     let nodes = Nodes::connect(args).await?;
-    let package = nodes
-        .auth()
-        .fetch_key_package(&identity)
-        .await?
-        .ok_or(ClientError::NoKeyPackage(identity))?;
-    let provider = OpenMlsRustCrypto::default();
-    let owner =
-        key_package_identity(provider.crypto(), &package).map_err(|e| ClientError::BadKeyPackage {
-            requested: identity,
-            reason: e.to_string(),
-        })?;
-    if owner != identity {
-        return Err(ClientError::BadKeyPackage {
-            requested: identity,
-            reason: format!("its credential is for {owner}"),
-        });
-    }
+    let package = fetch_verified_key_package(&nodes, &identity).await?;
     println!(
         "KeyPackage for {identity}: {} bytes, SHA-256 {}, signature valid",
         package.len(),
