@@ -24,7 +24,7 @@ use openmls::group::{
     WelcomeError,
 };
 use openmls::prelude::{
-    GroupId, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal,
+    GroupId, LeafNodeIndex, LeafNodeParameters, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal,
     ProtocolMessage, SenderRatchetConfiguration, WireFormat, tls_codec::DeserializeBytes as _,
 };
 use openmls::storage::OpenMlsProvider;
@@ -300,6 +300,92 @@ impl GroupMember {
             .group
             .remove_members(provider, identity, &indices)
             .map_err(CoreError::mls("removing members"))?;
+        encode(&commit).or_else(|e| {
+            self.discard_pending_commit(provider)?;
+            Err(e)
+        })
+    }
+
+    /// Commits fresh leaf keys for ourselves (post-compromise security): after
+    /// the commit is merged, secrets an attacker may have stolen from us no
+    /// longer protect new messages. Includes any pending proposals. Like
+    /// [`Self::add_members`], the commit is left pending.
+    pub fn self_update<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        identity: &IdentityKeypair,
+    ) -> Result<Vec<u8>, CoreError> {
+        self.ensure_can_commit()?;
+        let bundle = self
+            .group
+            .self_update(provider, identity, LeafNodeParameters::default())
+            .map_err(CoreError::mls("updating our leaf"))?;
+        encode(bundle.commit()).or_else(|e| {
+            self.discard_pending_commit(provider)?;
+            Err(e)
+        })
+    }
+
+    /// Asks the group to remove us: returns a Remove proposal (a TLS-encoded
+    /// `MlsMessage`) for the other members. MLS does not let a member commit
+    /// its own removal, so one of the others commits it (see
+    /// [`Self::should_commit_pending_proposals`]); until then we are still a
+    /// member and can read.
+    pub fn leave<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        identity: &IdentityKeypair,
+    ) -> Result<Vec<u8>, CoreError> {
+        self.ensure_can_commit()?;
+        let proposal = self
+            .group
+            .leave_group(provider, identity)
+            .map_err(CoreError::mls("leaving the group"))?;
+        encode(&proposal)
+    }
+
+    /// Whether proposals from other members are waiting for a commit.
+    pub fn has_pending_proposals(&self) -> bool {
+        self.group.has_pending_proposals()
+    }
+
+    /// Whether we are the member who should commit the pending proposals:
+    /// the one with the lowest leaf index among those the proposals do not
+    /// remove. One deterministic choice keeps members from committing the same
+    /// proposals at the same time.
+    pub fn should_commit_pending_proposals(&self) -> bool {
+        if !self.group.is_active() || !self.group.has_pending_proposals() || self.has_pending_commit() {
+            return false;
+        }
+        let removed: HashSet<LeafNodeIndex> = self
+            .group
+            .pending_proposals()
+            .filter_map(|queued| match queued.proposal() {
+                Proposal::Remove(remove) => Some(remove.removed()),
+                _ => None,
+            })
+            .collect();
+        let committer = self
+            .group
+            .members()
+            .map(|member| member.index)
+            .filter(|index| !removed.contains(index))
+            .min();
+        committer == Some(self.group.own_leaf_index())
+    }
+
+    /// Commits every pending proposal (e.g. a member's request to leave).
+    /// Like [`Self::add_members`], the commit is left pending.
+    pub fn commit_pending_proposals<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        identity: &IdentityKeypair,
+    ) -> Result<Vec<u8>, CoreError> {
+        self.ensure_can_commit()?;
+        let (commit, _welcome, _group_info) = self
+            .group
+            .commit_to_pending_proposals(provider, identity)
+            .map_err(CoreError::mls("committing pending proposals"))?;
         encode(&commit).or_else(|e| {
             self.discard_pending_commit(provider)?;
             Err(e)
@@ -1359,5 +1445,51 @@ mod tests {
             carol.receive(&mut carol_group, &message),
             application(&alice, "unblocked")
         );
+    }
+
+    #[test]
+    fn self_update_advances_the_epoch_and_everyone_still_reads() {
+        let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
+        let mut a = alice.create();
+        let added = alice.add(&mut a, &[&bob, &carol]);
+        let (mut b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+
+        let commit = b.self_update(&bob.provider, &bob.identity).unwrap();
+        b.merge_pending_commit(&bob.provider).unwrap();
+        assert_eq!(alice.receive(&mut a, &commit), Received::Commit { epoch: 2 });
+        assert_eq!(carol.receive(&mut c, &commit), Received::Commit { epoch: 2 });
+        assert_eq!((a.epoch(), b.epoch(), c.epoch()), (2, 2, 2));
+
+        let message = carol.send(&mut c, "after update");
+        assert_eq!(alice.receive(&mut a, &message), application(&carol, "after update"));
+        assert_eq!(bob.receive(&mut b, &message), application(&carol, "after update"));
+    }
+
+    #[test]
+    fn a_leave_is_committed_by_exactly_one_remaining_member() {
+        let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
+        let mut a = alice.create();
+        let added = alice.add(&mut a, &[&bob, &carol]);
+        let (mut b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+
+        // Alice (leaf 0) leaves: Bob and Carol store the proposal.
+        let proposal = a.leave(&alice.provider, &alice.identity).unwrap();
+        assert_eq!(bob.receive(&mut b, &proposal), Received::Proposal);
+        assert_eq!(carol.receive(&mut c, &proposal), Received::Proposal);
+        assert!(!a.should_commit_pending_proposals());
+        assert!(b.should_commit_pending_proposals(), "lowest remaining leaf commits");
+        assert!(!c.should_commit_pending_proposals());
+
+        let commit = b.commit_pending_proposals(&bob.provider, &bob.identity).unwrap();
+        b.merge_pending_commit(&bob.provider).unwrap();
+        assert_eq!(carol.receive(&mut c, &commit), Received::Commit { epoch: 2 });
+        assert_eq!(alice.receive(&mut a, &commit), Received::Removed { epoch: 2 });
+        assert!(!a.is_active());
+        assert_eq!(b.members(), c.members());
+        assert_eq!(b.members().len(), 2);
+
+        let message = carol.send(&mut c, "without alice");
+        assert_eq!(bob.receive(&mut b, &message), application(&carol, "without alice"));
+        assert!(a.receive(&alice.provider, &message).is_err());
     }
 }
