@@ -5,6 +5,17 @@
 # bytes (Welcome, Commit, PrivateMessage, ...).
 @0x87550e27a85ea8ce;
 
+# One payload and the recipients it is queued for.
+struct Envelope {
+  # The recipients' raw Ed25519 public keys; each exactly 32 bytes, at least
+  # one.
+  recipientKeys @0 :List(Data);
+
+  # One opaque message, queued once for every recipient; not empty, at most
+  # the node's payload limit (see ping).
+  payload @1 :Data;
+}
+
 interface DeliveryService {
   # Appends `payload` to the queue of `recipientKey`.
   #
@@ -24,4 +35,12 @@ interface DeliveryService {
   #               reads them, so two concurrent fetches never return the same
   #               message. Empty when the queue is empty or unknown.
   fetch @1 (recipientKey :Data) -> (payloads :List(Data));
+
+  # Queues every envelope's payload for each of its recipients, atomically:
+  # when this answers, all of them are durably committed; on error, none is.
+  # Clients use it to send a group change (the Commit to the members and the
+  # Welcome to the new ones) or a group message as one unit.
+  #
+  # envelopes: at least one; every key and payload checked as in `enqueue`.
+  enqueueBatch @2 (envelopes :List(Envelope)) -> ();
 }

@@ -76,29 +76,62 @@ pub enum Command {
         #[arg(long)]
         group_id: String,
     },
-    /// Add a peer to a group: takes their KeyPackage from the node, sends
-    /// the Commit to the other members and the Welcome to the peer.
+    /// Add peers to a group in one Commit: takes each peer's KeyPackage
+    /// from the node, sends the Commit to the members and the Welcome to the
+    /// new members, in one atomic delivery.
     Invite {
         /// The state file.
         #[command(flatten)]
         state: StateArg,
-        /// The peer's identity key, 64 hex characters.
-        #[arg(long)]
-        peer_key: String,
+        /// The peers to add (at least one).
+        #[command(flatten)]
+        peers: PeerArgs,
         /// The group [default: the current group].
         #[arg(long)]
         group_id: Option<String>,
     },
-    /// Join a group from a Welcome waiting in your queue.
+    /// Remove members from a group in one Commit.
+    Remove {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The members to remove (at least one).
+        #[command(flatten)]
+        peers: PeerArgs,
+        /// The group [default: the current group].
+        #[arg(long)]
+        group_id: Option<String>,
+    },
+    /// Refresh your keys in a group (post-compromise security): a Commit with
+    /// a fresh leaf; also commits any pending proposals.
+    Update {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The group [default: the current group].
+        #[arg(long)]
+        group_id: Option<String>,
+    },
+    /// Ask to leave a group; another member commits your removal.
+    Leave {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The group [default: the current group].
+        #[arg(long)]
+        group_id: Option<String>,
+    },
+    /// Join the group(s) whose Welcome is waiting in your queue; the last one
+    /// joined becomes the current group.
     Join(StateArg),
     /// Encrypt a message to a group and queue it for its members.
     Send {
         /// The state file.
         #[command(flatten)]
         state: StateArg,
-        /// Send to this member only [default: every other member].
-        #[arg(long)]
-        peer_key: Option<String>,
+        /// Send to these members only [default: every other member].
+        #[command(flatten)]
+        peers: PeerArgs,
         /// The group [default: the current group].
         #[arg(long)]
         group_id: Option<String>,
@@ -106,9 +139,69 @@ pub enum Command {
         #[arg(long)]
         msg: String,
     },
-    /// Fetch and process everything queued for you; print each message as
-    /// `<group> <sender>: <text>`.
+    /// Fetch and process everything queued for you, in order; print each
+    /// message as `<group> <sender>: <text>`.
     Recv(StateArg),
+    /// List your groups with their epoch and member count (`*` marks the
+    /// current group).
+    Groups(StateArg),
+    /// List a group's members' identity keys (and contact names).
+    Members {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The group [default: the current group].
+        #[arg(long)]
+        group_id: Option<String>,
+    },
+    /// Show a group's sent and received messages from local storage.
+    History {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The group [default: the current group].
+        #[arg(long)]
+        group_id: Option<String>,
+    },
+    /// Names for identity keys, usable as `--peer NAME`.
+    Contacts {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// What to do with contacts.
+        #[command(subcommand)]
+        action: ContactsAction,
+    },
+}
+
+/// `contacts` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ContactsAction {
+    /// Name an identity key.
+    Add {
+        /// The name (e.g. bob).
+        name: String,
+        /// The identity key, 64 hex characters.
+        identity_key: String,
+    },
+    /// List contacts.
+    List,
+    /// Forget a name.
+    Remove {
+        /// The name.
+        name: String,
+    },
+}
+
+/// Peers given by key or by contact name.
+#[derive(Debug, Args)]
+pub struct PeerArgs {
+    /// A peer's identity key, 64 hex characters (repeatable).
+    #[arg(long = "peer-key")]
+    pub keys: Vec<String>,
+    /// A peer's contact name, see `contacts add` (repeatable).
+    #[arg(long = "peer")]
+    pub names: Vec<String>,
 }
 
 /// The state file option shared by stateful commands.

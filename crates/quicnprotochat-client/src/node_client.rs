@@ -13,6 +13,7 @@ use quicnprotochat_core::IdentityKey;
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
+use quicnprotochat_proto::wire::Envelope;
 use quicnprotochat_proto::{cert, rpc, transport};
 
 use crate::error::ClientError;
@@ -169,6 +170,27 @@ impl NodeClient {
         let mut request = self.delivery.enqueue_request();
         request.get().set_recipient_key(recipient.as_bytes());
         request.get().set_payload(payload);
+        call(request.send().promise).await?;
+        Ok(())
+    }
+
+    /// Queues every envelope's payload for each of its recipients in one
+    /// atomic call: on success all are committed on the node, on error none.
+    pub async fn enqueue_batch(&self, envelopes: &[Envelope]) -> Result<(), ClientError> {
+        let mut request = self.delivery.enqueue_batch_request();
+        let length =
+            u32::try_from(envelopes.len()).map_err(|_| ClientError::Internal("too many envelopes"))?;
+        let mut list = request.get().init_envelopes(length);
+        for (index, envelope) in envelopes.iter().enumerate() {
+            let mut entry = list.reborrow().get(index as u32);
+            entry.set_payload(&envelope.payload);
+            let count = u32::try_from(envelope.recipients.len())
+                .map_err(|_| ClientError::Internal("too many recipients"))?;
+            let mut keys = entry.init_recipient_keys(count);
+            for (slot, recipient) in envelope.recipients.iter().enumerate() {
+                keys.set(slot as u32, recipient.as_bytes());
+            }
+        }
         call(request.send().promise).await?;
         Ok(())
     }

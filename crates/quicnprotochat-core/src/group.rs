@@ -24,8 +24,9 @@ use openmls::group::{
     WelcomeError,
 };
 use openmls::prelude::{
-    GroupId, LeafNodeIndex, LeafNodeParameters, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal,
-    ProtocolMessage, SenderRatchetConfiguration, WireFormat, tls_codec::DeserializeBytes as _,
+    GroupId, LeafNodeIndex, LeafNodeParameters, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
+    ProcessedMessageContent, Proposal, ProtocolMessage, SenderRatchetConfiguration, WireFormat,
+    tls_codec::DeserializeBytes as _,
 };
 use openmls::storage::OpenMlsProvider;
 
@@ -1461,7 +1462,10 @@ mod tests {
         assert_eq!((a.epoch(), b.epoch(), c.epoch()), (2, 2, 2));
 
         let message = carol.send(&mut c, "after update");
-        assert_eq!(alice.receive(&mut a, &message), application(&carol, "after update"));
+        assert_eq!(
+            alice.receive(&mut a, &message),
+            application(&carol, "after update")
+        );
         assert_eq!(bob.receive(&mut b, &message), application(&carol, "after update"));
     }
 
@@ -1477,7 +1481,10 @@ mod tests {
         assert_eq!(bob.receive(&mut b, &proposal), Received::Proposal);
         assert_eq!(carol.receive(&mut c, &proposal), Received::Proposal);
         assert!(!a.should_commit_pending_proposals());
-        assert!(b.should_commit_pending_proposals(), "lowest remaining leaf commits");
+        assert!(
+            b.should_commit_pending_proposals(),
+            "lowest remaining leaf commits"
+        );
         assert!(!c.should_commit_pending_proposals());
 
         let commit = b.commit_pending_proposals(&bob.provider, &bob.identity).unwrap();
@@ -1489,7 +1496,10 @@ mod tests {
         assert_eq!(b.members().len(), 2);
 
         let message = carol.send(&mut c, "without alice");
-        assert_eq!(bob.receive(&mut b, &message), application(&carol, "without alice"));
+        assert_eq!(
+            bob.receive(&mut b, &message),
+            application(&carol, "without alice")
+        );
         assert!(a.receive(&alice.provider, &message).is_err());
     }
 }

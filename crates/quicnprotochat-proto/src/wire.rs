@@ -8,16 +8,17 @@ use quicnprotochat_core::IdentityKey;
 #[derive(Debug, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct FieldError {
-    /// The schema's name of the field, e.g. `recipientKey`.
-    pub field: &'static str,
+    /// The schema's name of the field, e.g. `recipientKey` or
+    /// `envelopes[2].recipientKeys[0]`.
+    pub field: String,
     /// What is wrong with it and what was expected.
     pub reason: String,
 }
 
 /// Parses a 32-byte Ed25519 identity key field.
-pub fn identity_key(field: &'static str, bytes: &[u8]) -> Result<IdentityKey, FieldError> {
+pub fn identity_key(field: &str, bytes: &[u8]) -> Result<IdentityKey, FieldError> {
     IdentityKey::try_from(bytes).map_err(|_| FieldError {
-        field,
+        field: field.to_owned(),
         reason: format!(
             "an identity key must be exactly 32 bytes (a raw Ed25519 public key), got {}",
             bytes.len()
@@ -26,20 +27,83 @@ pub fn identity_key(field: &'static str, bytes: &[u8]) -> Result<IdentityKey, Fi
 }
 
 /// Checks a payload field: not empty and at most `max` bytes.
-pub fn payload<'a>(field: &'static str, bytes: &'a [u8], max: usize) -> Result<&'a [u8], FieldError> {
+pub fn payload<'a>(field: &str, bytes: &'a [u8], max: usize) -> Result<&'a [u8], FieldError> {
     if bytes.is_empty() {
         return Err(FieldError {
-            field,
+            field: field.to_owned(),
             reason: "must not be empty".into(),
         });
     }
     if bytes.len() > max {
         return Err(FieldError {
-            field,
+            field: field.to_owned(),
             reason: format!("{} bytes exceeds this node's limit of {max} bytes", bytes.len()),
         });
     }
     Ok(bytes)
+}
+
+/// Most recipients one `enqueueBatch` call may name in all its envelopes.
+pub const MAX_BATCH_RECIPIENTS: usize = 100_000;
+
+/// One payload and the recipients it is queued for (`delivery.capnp`'s
+/// `Envelope`, checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Who gets the payload; at least one.
+    pub recipients: Vec<IdentityKey>,
+    /// The opaque message.
+    pub payload: Vec<u8>,
+}
+
+/// Parses the `envelopes` parameter of `enqueueBatch`.
+pub fn envelopes(
+    list: capnp::struct_list::Reader<'_, crate::delivery_capnp::envelope::Owned>,
+    max_payload: usize,
+) -> Result<Vec<Envelope>, FieldError> {
+    let invalid = |field: String, reason: String| FieldError { field, reason };
+    if list.is_empty() {
+        return Err(invalid(
+            "envelopes".into(),
+            "must hold at least one envelope".into(),
+        ));
+    }
+    let mut total_recipients = 0usize;
+    let mut parsed = Vec::with_capacity(list.len() as usize);
+    for (index, envelope) in list.iter().enumerate() {
+        let recipients = envelope
+            .get_recipient_keys()
+            .map_err(|e| invalid(format!("envelopes[{index}].recipientKeys"), e.to_string()))?;
+        if recipients.is_empty() {
+            return Err(invalid(
+                format!("envelopes[{index}].recipientKeys"),
+                "must name at least one recipient".into(),
+            ));
+        }
+        total_recipients += recipients.len() as usize;
+        if total_recipients > MAX_BATCH_RECIPIENTS {
+            return Err(invalid(
+                "envelopes".into(),
+                format!("more than {MAX_BATCH_RECIPIENTS} recipients in one batch; split it"),
+            ));
+        }
+        let recipients = recipients
+            .iter()
+            .enumerate()
+            .map(|(slot, key)| {
+                let field = format!("envelopes[{index}].recipientKeys[{slot}]");
+                let key = key.map_err(|e| invalid(field.clone(), e.to_string()))?;
+                identity_key(&field, key)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let field = format!("envelopes[{index}].payload");
+        let bytes = envelope
+            .get_payload()
+            .map_err(|e| invalid(field.clone(), e.to_string()))?;
+        let payload = payload(&field, bytes, max_payload)?.to_vec();
+        parsed.push(Envelope { recipients, payload });
+    }
+    Ok(parsed)
 }
 
 #[cfg(test)]

@@ -174,6 +174,22 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         Ok(())
     }
 
+    async fn enqueue_batch(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::EnqueueBatchParams,
+        _: delivery_capnp::delivery_service::EnqueueBatchResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
+            .map_err(ServiceError::from)?;
+        self.shared
+            .store
+            .enqueue_batch(envelopes)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(())
+    }
+
     async fn fetch(
         self: Rc<Self>,
         params: delivery_capnp::delivery_service::FetchParams,

@@ -1,18 +1,30 @@
 //! The client's commands, one module per family, and what they share:
-//! connecting to the node(s) and naming groups.
+//! connecting to the node(s), naming groups and peers, and publishing group
+//! changes.
 //!
-//! Conventions: stdout carries results (identity keys, decrypted messages) so
-//! scripts can read them; progress and warnings go to stderr.
+//! Conventions: stdout carries results (identity keys, decrypted messages,
+//! listings) so scripts can read them; progress and warnings go to stderr.
+//!
+//! # Layout
+//! - `node` — stateless commands: ping, register, fetch-key.
+//! - `demo` — demo-group.
+//! - `identity` — register-state, whoami, contacts.
+//! - `group` — create-group, invite, remove, update, leave, groups, members, history.
+//! - `messages` — send, recv, join: the inbox and its processing.
 
 mod demo;
 mod group;
+mod identity;
+mod messages;
 mod node;
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{GroupMember, IdentityKey};
+use quicnprotochat_proto::wire::Envelope;
 
-use crate::cli::{Cli, Command, ConnectionArgs};
+use crate::cli::{Cli, Command, ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::node_client::{ConnectOptions, NodeClient};
+use crate::state::{StateError, StateFile};
 
 /// Runs one parsed command line. Must run inside a tokio `LocalSet`.
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
@@ -22,31 +34,37 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Register => node::register(connection).await,
         Command::FetchKey { identity_key } => node::fetch_key(connection, &identity_key).await,
         Command::DemoGroup => demo::demo_group(connection).await,
-        Command::RegisterState(state) => group::register_state(connection, &state.state).await,
-        Command::Whoami(state) => group::whoami(&state.state),
+        Command::RegisterState(state) => identity::register_state(connection, &state.state).await,
+        Command::Whoami(state) => identity::whoami(&state.state),
+        Command::Contacts { state, action } => identity::contacts(&state.state, action),
         Command::CreateGroup { state, group_id } => group::create_group(&state.state, &group_id),
         Command::Invite {
             state,
-            peer_key,
+            peers,
             group_id,
-        } => group::invite(connection, &state.state, &peer_key, group_id.as_deref()).await,
-        Command::Join(state) => group::join(connection, &state.state).await,
+        } => group::invite(connection, &state.state, &peers, group_id.as_deref()).await,
+        Command::Remove {
+            state,
+            peers,
+            group_id,
+        } => group::remove(connection, &state.state, &peers, group_id.as_deref()).await,
+        Command::Update { state, group_id } => {
+            group::update(connection, &state.state, group_id.as_deref()).await
+        }
+        Command::Leave { state, group_id } => {
+            group::leave(connection, &state.state, group_id.as_deref()).await
+        }
+        Command::Groups(state) => group::groups(&state.state),
+        Command::Members { state, group_id } => group::members(&state.state, group_id.as_deref()),
+        Command::History { state, group_id } => group::history(&state.state, group_id.as_deref()),
+        Command::Join(state) => messages::join(connection, &state.state).await,
         Command::Send {
             state,
-            peer_key,
+            peers,
             group_id,
             msg,
-        } => {
-            group::send(
-                connection,
-                &state.state,
-                peer_key.as_deref(),
-                group_id.as_deref(),
-                &msg,
-            )
-            .await
-        }
-        Command::Recv(state) => group::recv(connection, &state.state).await,
+        } => messages::send(connection, &state.state, &peers, group_id.as_deref(), &msg).await,
+        Command::Recv(state) => messages::recv(connection, &state.state).await,
     }
 }
 
@@ -100,10 +118,109 @@ pub(crate) fn parse_key(flag: &str, text: &str) -> Result<IdentityKey, ClientErr
         .map_err(|e| ClientError::Usage(format!("{flag}: {e}")))
 }
 
+/// The keys named by `--peer-key` and `--peer` (contact names), in order,
+/// without duplicates.
+pub(crate) fn resolve_peers(state: &StateFile, peers: &PeerArgs) -> Result<Vec<IdentityKey>, ClientError> {
+    let mut keys = Vec::new();
+    for text in &peers.keys {
+        keys.push(parse_key("--peer-key", text)?);
+    }
+    for name in &peers.names {
+        let key = state.contact_key(name)?.ok_or_else(|| {
+            ClientError::Usage(format!(
+                "--peer {name}: no such contact; add one with `contacts add {name} HEX`"
+            ))
+        })?;
+        keys.push(key);
+    }
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|key| seen.insert(*key));
+    Ok(keys)
+}
+
 /// Shows a group id as text when it is printable UTF-8, else as hex.
 pub(crate) fn group_name(group_id: &[u8]) -> String {
     match std::str::from_utf8(group_id) {
         Ok(text) if !text.is_empty() && !text.chars().any(char::is_control) => text.to_owned(),
         _ => hex::encode(group_id),
     }
+}
+
+/// Shows a member as its contact name, or the first 16 hex characters of
+/// its key.
+pub(crate) fn member_name(state: &StateFile, key: &IdentityKey) -> Result<String, StateError> {
+    Ok(state.contact_name(key)?.unwrap_or_else(|| key.short()))
+}
+
+/// Resolves `--group-id` (or the current group) and loads it.
+pub(crate) fn load_group(
+    state: &StateFile,
+    group_id: Option<&str>,
+) -> Result<(Vec<u8>, GroupMember), ClientError> {
+    let group_id = match group_id {
+        Some(id) => id.as_bytes().to_vec(),
+        None => state.current_group()?.ok_or_else(|| {
+            ClientError::NoGroup(
+                "no group yet; run `create-group --group-id NAME`, or `join` a group you were invited to"
+                    .into(),
+            )
+        })?,
+    };
+    let group = GroupMember::load(&state.provider(), &group_id)?.ok_or_else(|| {
+        ClientError::NoGroup(format!(
+            "{} is not one of your groups; `groups --state {}` lists them",
+            group_name(&group_id),
+            state.path().display()
+        ))
+    })?;
+    Ok((group_id, group))
+}
+
+/// Every member of `group` but us.
+pub(crate) fn others(group: &GroupMember, me: &IdentityKey) -> Vec<IdentityKey> {
+    group
+        .members()
+        .into_iter()
+        .filter(|member| member != me)
+        .collect()
+}
+
+/// Publishes a commit that `group` holds pending: hands `envelopes` to the
+/// node in one atomic call, then merges the commit. If the node did not take
+/// them, the commit is discarded and the group is left as it was.
+pub(crate) async fn publish_commit(
+    nodes: &Nodes,
+    state: &StateFile,
+    group: &mut GroupMember,
+    envelopes: &[Envelope],
+) -> Result<(), ClientError> {
+    let envelopes: Vec<Envelope> = envelopes
+        .iter()
+        .filter(|envelope| !envelope.recipients.is_empty())
+        .cloned()
+        .collect();
+    // Nobody else to tell (a group of one): nothing can disagree with us.
+    let delivered = if envelopes.is_empty() {
+        Ok(())
+    } else {
+        nodes.delivery().enqueue_batch(&envelopes).await
+    };
+    let transaction = state.transaction()?;
+    match delivered {
+        Ok(()) => group.merge_pending_commit(&state.provider())?,
+        Err(_) => group.discard_pending_commit(&state.provider())?,
+    }
+    transaction.commit().map_err(StateError::from)?;
+    delivered
+}
+
+/// Runs `work` in a state-file transaction and commits it if it succeeds.
+pub(crate) fn in_transaction<T>(
+    state: &StateFile,
+    work: impl FnOnce() -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let transaction = state.transaction()?;
+    let value = work()?;
+    transaction.commit().map_err(StateError::from)?;
+    Ok(value)
 }

@@ -8,7 +8,15 @@
 //! # Layout
 //! - `provider` — the OpenMLS provider over the state file's connection.
 //! - `schema` — our tables' numbered migrations and the ownership check.
+//! - `groups` — the groups we are in and the current group.
+//! - `inbox` — fetched payloads waiting to be processed.
+//! - `contacts` — names for identity keys.
+//! - `history` — sent and received application messages.
 
+mod contacts;
+mod groups;
+mod history;
+mod inbox;
 mod provider;
 mod schema;
 
@@ -18,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quicnprotochat_core::{IdentityKey, IdentityKeypair};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+pub use history::{Direction, HistoryEntry};
 pub use provider::{JsonCodec, StateProvider};
 
 /// Errors opening or using a state file.
@@ -48,6 +57,9 @@ pub enum StateError {
     /// The file has no identity yet.
     #[error("{0} holds no identity; run `register-state --state {0}` first")]
     NoIdentity(PathBuf),
+    /// A contact name is taken or unknown, or a key already has a name.
+    #[error("{0}")]
+    Contact(String),
     /// The stored identity key is damaged.
     #[error("{0}: the stored identity key is damaged")]
     BadIdentity(PathBuf),
@@ -69,13 +81,15 @@ pub struct GroupRecord {
     pub group_id: Vec<u8>,
     /// When this client created or joined it (Unix seconds).
     pub joined_at: i64,
+    /// When this client asked to leave it, if it did.
+    pub left_at: Option<i64>,
 }
 
 /// An open, checked state file.
 #[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
-    connection: Connection,
+    pub(crate) connection: Connection,
 }
 
 impl StateFile {
@@ -186,88 +200,10 @@ impl StateFile {
     pub fn identity_key(&self) -> Result<IdentityKey, StateError> {
         Ok(self.identity()?.public_key())
     }
-
-    /// Records that this client is in `group_id`; with `make_current`, it
-    /// becomes the current group (the one commands use when no `--group-id`
-    /// is given).
-    pub fn record_group(&self, group_id: &[u8], make_current: bool) -> Result<(), StateError> {
-        let now = unix_now();
-        self.connection.execute(
-            "INSERT INTO groups (group_id, joined_at, last_used) VALUES (?1, ?2, ?2)
-             ON CONFLICT (group_id) DO UPDATE SET last_used = excluded.last_used",
-            params![group_id, now],
-        )?;
-        if !make_current {
-            return Ok(());
-        }
-        self.connection.execute(
-            "INSERT INTO settings (key, value) VALUES ('current_group', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![group_id],
-        )?;
-        Ok(())
-    }
-
-    /// The group most recently created, joined or chosen.
-    pub fn current_group(&self) -> Result<Option<Vec<u8>>, StateError> {
-        Ok(self
-            .connection
-            .query_row(
-                "SELECT value FROM settings WHERE key = 'current_group'",
-                [],
-                |row| row.get(0),
-            )
-            .optional()?)
-    }
-
-    /// Every group this client is in, oldest first.
-    pub fn groups(&self) -> Result<Vec<GroupRecord>, StateError> {
-        let mut select = self
-            .connection
-            .prepare("SELECT group_id, joined_at FROM groups ORDER BY joined_at, group_id")?;
-        let rows = select.query_map([], |row| {
-            Ok(GroupRecord {
-                group_id: row.get(0)?,
-                joined_at: row.get(1)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Appends fetched payloads to the local inbox in one transaction, so
-    /// nothing the node handed over is lost if processing is interrupted.
-    pub fn push_inbox(&self, payloads: &[Vec<u8>]) -> Result<(), StateError> {
-        let transaction = self.transaction()?;
-        {
-            let mut insert =
-                transaction.prepare_cached("INSERT INTO inbox (payload, received_at) VALUES (?1, ?2)")?;
-            let now = unix_now();
-            for payload in payloads {
-                insert.execute(params![payload, now])?;
-            }
-        }
-        transaction.commit()?;
-        Ok(())
-    }
-
-    /// The inbox, oldest first, as (entry id, payload).
-    pub fn inbox(&self) -> Result<Vec<(i64, Vec<u8>)>, StateError> {
-        let mut select = self
-            .connection
-            .prepare("SELECT id, payload FROM inbox ORDER BY id")?;
-        let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Removes an inbox entry (within the caller's transaction, if any).
-    pub fn remove_inbox(&self, id: i64) -> Result<(), StateError> {
-        self.connection
-            .execute("DELETE FROM inbox WHERE id = ?1", params![id])?;
-        Ok(())
-    }
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs() as i64)

@@ -12,7 +12,8 @@ use super::{JsonCodec, StateError};
 const APPLICATION_ID: i64 = 0x514E_5043;
 
 /// Migrations in order; entry `i` brings our tables to version `i + 1`.
-const MIGRATIONS: &[&str] = &["CREATE TABLE identity (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE identity (
          id INTEGER PRIMARY KEY CHECK (id = 1),
          secret_key BLOB NOT NULL,
          public_key BLOB NOT NULL,
@@ -31,7 +32,25 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE identity (
          id INTEGER PRIMARY KEY AUTOINCREMENT,
          payload BLOB NOT NULL,
          received_at INTEGER NOT NULL
-     );"];
+     );",
+    // V2: contacts, message history, leaving groups.
+    "CREATE TABLE contacts (
+         name TEXT PRIMARY KEY,
+         identity_key BLOB NOT NULL UNIQUE CHECK (length(identity_key) = 32),
+         added_at INTEGER NOT NULL
+     );
+     CREATE TABLE history (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         group_id BLOB NOT NULL,
+         outgoing INTEGER NOT NULL,
+         sender BLOB NOT NULL,
+         body BLOB NOT NULL,
+         epoch INTEGER NOT NULL,
+         at INTEGER NOT NULL
+     );
+     CREATE INDEX history_by_group ON history (group_id, id);
+     ALTER TABLE groups ADD COLUMN left_at INTEGER;",
+];
 
 /// The schema version of our tables this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -22,6 +22,8 @@ use std::path::Path;
 use quicnprotochat_core::IdentityKey;
 use tokio::sync::{mpsc, oneshot};
 
+pub use quicnprotochat_proto::wire::Envelope;
+
 pub use migrations::SCHEMA_VERSION;
 
 /// How many commands may wait for the writer before callers are made to wait.
@@ -134,6 +136,13 @@ impl Store {
         .await
     }
 
+    /// Appends each payload to the queue of each of its recipients, all in
+    /// one savepoint: either every message is committed or none is.
+    pub async fn enqueue_batch(&self, envelopes: Vec<Envelope>) -> Result<(), StoreError> {
+        self.call(|reply| Command::EnqueueBatch { envelopes, reply })
+            .await
+    }
+
     /// Removes and returns the queued messages of `recipient`, oldest first,
     /// up to [`FETCH_BUDGET_BYTES`].
     pub async fn drain(&self, recipient: IdentityKey) -> Result<Vec<Vec<u8>>, StoreError> {
@@ -180,6 +189,10 @@ enum Command {
     Enqueue {
         recipient: IdentityKey,
         payload: Vec<u8>,
+        reply: Reply<()>,
+    },
+    EnqueueBatch {
+        envelopes: Vec<Envelope>,
         reply: Reply<()>,
     },
     Drain {

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quicnprotochat_core::IdentityKey;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES};
+use super::{Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES};
 
 pub(super) fn insert_key_package(
     db: &Connection,
@@ -37,6 +37,16 @@ pub(super) fn insert_message(
 ) -> rusqlite::Result<()> {
     db.prepare_cached("INSERT INTO messages (recipient_key, payload, enqueued_at) VALUES (?1, ?2, ?3)")?
         .execute(params![recipient.as_bytes(), payload, unix_now()])?;
+    Ok(())
+}
+
+/// Queues each envelope's payload for each of its recipients.
+pub(super) fn insert_envelopes(db: &Connection, envelopes: &[Envelope]) -> rusqlite::Result<()> {
+    for envelope in envelopes {
+        for recipient in &envelope.recipients {
+            insert_message(db, recipient, &envelope.payload)?;
+        }
+    }
     Ok(())
 }
 

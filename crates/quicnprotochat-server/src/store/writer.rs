@@ -121,6 +121,10 @@ fn apply(db: &Connection, command: Command) -> Answer {
             reply,
             in_savepoint(db, |db| queries::insert_message(db, &recipient, &payload)),
         ),
+        Command::EnqueueBatch { envelopes, reply } => answer(
+            reply,
+            in_savepoint(db, |db| queries::insert_envelopes(db, &envelopes)),
+        ),
         Command::Drain { recipient, reply } => answer(
             reply,
             in_savepoint(db, |db| queries::drain_messages(db, &recipient)),
@@ -162,7 +166,9 @@ fn in_savepoint<T>(
 fn fail(command: Command, error: &StoreError) {
     let error = || StoreError::Transaction(error.to_string());
     match command {
-        Command::UploadKeyPackage { reply, .. } | Command::Enqueue { reply, .. } => {
+        Command::UploadKeyPackage { reply, .. }
+        | Command::Enqueue { reply, .. }
+        | Command::EnqueueBatch { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
         Command::TakeKeyPackage { reply, .. } => {

@@ -1,0 +1,61 @@
+//! `register-state`, `whoami` and `contacts`.
+
+use std::path::Path;
+
+use quicnprotochat_core::generate_key_package;
+
+use super::node::upload;
+use super::{Nodes, in_transaction, parse_key};
+use crate::cli::{ConnectionArgs, ContactsAction};
+use crate::error::ClientError;
+use crate::state::StateFile;
+
+/// `register-state`: creates the state file (or reuses its identity),
+/// uploads a fresh KeyPackage and prints the identity key.
+pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
+    let nodes = Nodes::connect(args).await?;
+    let state = StateFile::open_or_create(path)?;
+    let identity = state.identity_or_generate()?;
+    // The private keys must be durable before anyone can use the KeyPackage
+    // to invite us.
+    let package = in_transaction(&state, || Ok(generate_key_package(&state.provider(), &identity)?))?;
+    upload(&nodes, &identity, &package).await?;
+    println!("{}", identity.public_key());
+    nodes.close().await;
+    Ok(())
+}
+
+/// `whoami`: prints the identity key and nothing else.
+pub(crate) fn whoami(path: &Path) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    println!("{}", state.identity_key()?);
+    Ok(())
+}
+
+/// `contacts add | list | remove`.
+pub(crate) fn contacts(path: &Path, action: ContactsAction) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    match action {
+        ContactsAction::Add { name, identity_key } => {
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ClientError::Usage(format!(
+                    "contact name {name:?} must be non-empty, without spaces"
+                )));
+            }
+            let key = parse_key("identity key", &identity_key)?;
+            state.add_contact(&name, &key)?;
+            eprintln!("{name} is {key}");
+        }
+        ContactsAction::List => {
+            for (name, key) in state.contacts()? {
+                println!("{name} {key}");
+            }
+        }
+        ContactsAction::Remove { name } => {
+            if !state.remove_contact(&name)? {
+                return Err(ClientError::Usage(format!("no contact named {name:?}")));
+            }
+        }
+    }
+    Ok(())
+}

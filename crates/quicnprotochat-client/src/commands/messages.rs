@@ -1,0 +1,260 @@
+//! `send`, `recv` and `join`: application messages and the inbox.
+//!
+//! Fetched payloads go to the local inbox in one transaction before any is
+//! processed; each is then processed and removed in one transaction, so a
+//! crash loses nothing and applies nothing twice.
+
+use std::path::Path;
+
+use quicnprotochat_core::{GroupMember, IdentityKeypair, Incoming, Received, classify};
+use quicnprotochat_proto::wire::Envelope;
+
+use super::{
+    Nodes, group_name, in_transaction, load_group, member_name, others, publish_commit, resolve_peers,
+};
+use crate::cli::{ConnectionArgs, PeerArgs};
+use crate::error::ClientError;
+use crate::state::{Direction, StateError, StateFile};
+
+/// Test hook: when this environment variable is set, `recv` exits right
+/// after storing the fetched messages in the inbox and before processing any,
+/// as a crash there would. Tests use it to prove nothing is lost.
+pub const EXIT_AFTER_FETCH_ENV: &str = "QUICNPROTOCHAT_TEST_EXIT_AFTER_FETCH";
+
+/// `send`: encrypts to the group and queues the ciphertext for the chosen
+/// members (default: every other member) in one atomic delivery.
+pub(crate) async fn send(
+    args: &ConnectionArgs,
+    path: &Path,
+    peers: &PeerArgs,
+    group_id: Option<&str>,
+    message: &str,
+) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let identity = state.identity()?;
+    let me = identity.public_key();
+    let (group_id, mut group) = load_group(&state, group_id)?;
+    let name = group_name(&group_id);
+    let others = others(&group, &me);
+    let chosen = resolve_peers(&state, peers)?;
+    if let Some(stranger) = chosen.iter().find(|peer| !others.contains(peer)) {
+        return Err(ClientError::Usage(format!(
+            "{stranger} is not another member of {name}; `invite` them first"
+        )));
+    }
+    if others.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "you are the only member of {name}; `invite` someone first"
+        )));
+    }
+    let recipients = if chosen.is_empty() { others } else { chosen };
+    let nodes = Nodes::connect(args).await?;
+    if group.has_pending_proposals() {
+        if !group.should_commit_pending_proposals() {
+            return Err(ClientError::Usage(format!(
+                "a member's proposal (e.g. leaving) in {name} awaits a commit by another member; run `recv` later, or `update --group-id {name}` to commit it yourself"
+            )));
+        }
+        commit_proposals(&nodes, &state, &identity, &group_id, &mut group).await?;
+    }
+    let ciphertext = in_transaction(&state, || {
+        let ciphertext = group.send(&state.provider(), &identity, message.as_bytes())?;
+        state.record_message(&group_id, Direction::Sent, &me, message.as_bytes(), group.epoch())?;
+        Ok(ciphertext)
+    })?;
+    let count = recipients.len();
+    nodes
+        .delivery()
+        .enqueue_batch(&[Envelope {
+            recipients,
+            payload: ciphertext,
+        }])
+        .await?;
+    eprintln!("sent to {count} member(s) of {name}");
+    nodes.close().await;
+    Ok(())
+}
+
+/// `recv`: fetches everything queued, processes it in order, then commits
+/// proposals this member is responsible for.
+pub(crate) async fn recv(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let identity = state.identity()?;
+    let nodes = Nodes::connect(args).await?;
+    fetch_into_inbox(&nodes, &state, &identity).await?;
+    if std::env::var_os(EXIT_AFTER_FETCH_ENV).is_some() {
+        eprintln!("exiting after fetch ({EXIT_AFTER_FETCH_ENV} is set)");
+        std::process::exit(3);
+    }
+    for (entry, payload) in state.inbox()? {
+        process_entry(&state, entry, &payload, false)?;
+    }
+    for record in state.groups()? {
+        if let Some(mut group) = GroupMember::load(&state.provider(), &record.group_id)?
+            && group.should_commit_pending_proposals()
+        {
+            commit_proposals(&nodes, &state, &identity, &record.group_id, &mut group).await?;
+        }
+    }
+    nodes.close().await;
+    Ok(())
+}
+
+/// `join`: fetches the queue and joins from the Welcome(s) in it. Other
+/// messages stay in the local inbox for `recv`.
+pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let identity = state.identity()?;
+    let nodes = Nodes::connect(args).await?;
+    fetch_into_inbox(&nodes, &state, &identity).await?;
+    nodes.close().await;
+    let mut joined = 0;
+    for (entry, payload) in state.inbox()? {
+        if matches!(classify(&payload), Ok(Incoming::Welcome))
+            && process_entry(&state, entry, &payload, true)?
+        {
+            joined += 1;
+        }
+    }
+    if joined == 0 {
+        return Err(ClientError::NoGroup(
+            "no Welcome is waiting for you; ask a member to `invite` you (with your identity key from `whoami`), then run `join` again".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Commits the pending proposals of `group` (e.g. a member leaving) and
+/// publishes the commit to every other member, including those it removes.
+async fn commit_proposals(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &[u8],
+    group: &mut GroupMember,
+) -> Result<(), ClientError> {
+    let recipients = others(group, &identity.public_key());
+    let commit = in_transaction(state, || {
+        Ok(group.commit_pending_proposals(&state.provider(), identity)?)
+    })?;
+    publish_commit(
+        nodes,
+        state,
+        group,
+        &[Envelope {
+            recipients,
+            payload: commit,
+        }],
+    )
+    .await?;
+    eprintln!(
+        "group {}: committed pending proposals; now epoch {}, {} members",
+        group_name(group_id),
+        group.epoch(),
+        group.members().len()
+    );
+    Ok(())
+}
+
+/// Drains our queue on the node into the local inbox.
+async fn fetch_into_inbox(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<(), ClientError> {
+    let me = identity.public_key();
+    loop {
+        let batch = nodes.delivery().fetch(&me).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        state.push_inbox(&batch)?;
+    }
+}
+
+/// Processes one inbox entry and removes it, in one transaction. A message
+/// that MLS rejects (garbage, unknown group, past epoch, ...) is reported on
+/// stderr and removed; a local failure (the state file) stops processing and
+/// keeps the entry for the next run. Returns whether the entry joined a group;
+/// `explicit_join` makes that group the current one.
+fn process_entry(
+    state: &StateFile,
+    entry: i64,
+    payload: &[u8],
+    explicit_join: bool,
+) -> Result<bool, ClientError> {
+    let transaction = state.transaction()?;
+    match apply(state, payload, explicit_join) {
+        Ok(joined) => {
+            state.remove_inbox(entry)?;
+            transaction.commit().map_err(StateError::from)?;
+            Ok(joined)
+        }
+        Err(e @ (ClientError::Core(_) | ClientError::UnknownGroup(_))) => {
+            // Undo whatever the failed processing wrote, then drop the entry.
+            drop(transaction);
+            eprintln!("warning: skipped a queued message: {e}");
+            state.remove_inbox(entry)?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn apply(state: &StateFile, payload: &[u8], explicit_join: bool) -> Result<bool, ClientError> {
+    let provider = state.provider();
+    match classify(payload)? {
+        Incoming::Welcome => {
+            let group = GroupMember::join(&provider, payload)?;
+            let group_id = group.group_id();
+            // Joining from `recv` must not silently redirect a later `send`
+            // without --group-id into a group someone invited us to.
+            let make_current = explicit_join || state.current_group()?.is_none();
+            state.record_group(&group_id, make_current)?;
+            eprintln!(
+                "joined group {} (epoch {}, {} members)",
+                group_name(&group_id),
+                group.epoch(),
+                group.members().len()
+            );
+            Ok(true)
+        }
+        Incoming::Group { group_id, .. } => {
+            let mut group = GroupMember::load(&provider, &group_id)?
+                .ok_or_else(|| ClientError::UnknownGroup(group_name(&group_id)))?;
+            let name = group_name(&group_id);
+            match group.receive(&provider, payload)? {
+                Received::Application { sender, plaintext } => {
+                    state.record_message(
+                        &group_id,
+                        Direction::Received,
+                        &sender,
+                        &plaintext,
+                        group.epoch(),
+                    )?;
+                    println!(
+                        "{name} {}: {}",
+                        member_name(state, &sender)?,
+                        String::from_utf8_lossy(&plaintext)
+                    );
+                }
+                Received::Commit { epoch } => {
+                    eprintln!(
+                        "group {name}: now at epoch {epoch}, {} members",
+                        group.members().len()
+                    );
+                }
+                Received::Removed { epoch } => {
+                    eprintln!("group {name}: you were removed from the group at epoch {epoch}");
+                }
+                Received::Proposal => eprintln!("group {name}: stored a proposal for the next commit"),
+                Received::OwnMessage => {}
+                _ => eprintln!("group {name}: processed a message"),
+            }
+            Ok(false)
+        }
+        other => Err(ClientError::Core(
+            quicnprotochat_core::CoreError::MalformedMessage(format!("cannot route {other:?}")),
+        )),
+    }
+}

@@ -1,0 +1,65 @@
+//! The groups this client is in, and the current group (the one commands
+//! use when no `--group-id` is given).
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{GroupRecord, StateError, StateFile, unix_now};
+
+impl StateFile {
+    /// Records that this client is in `group_id`; with `make_current`, it
+    /// becomes the current group.
+    pub fn record_group(&self, group_id: &[u8], make_current: bool) -> Result<(), StateError> {
+        let now = unix_now();
+        self.connection.execute(
+            "INSERT INTO groups (group_id, joined_at, last_used) VALUES (?1, ?2, ?2)
+             ON CONFLICT (group_id) DO UPDATE SET last_used = excluded.last_used, left_at = NULL",
+            params![group_id, now],
+        )?;
+        if !make_current {
+            return Ok(());
+        }
+        self.connection.execute(
+            "INSERT INTO settings (key, value) VALUES ('current_group', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![group_id],
+        )?;
+        Ok(())
+    }
+
+    /// Notes that we asked to leave `group_id`; it stays listed until the
+    /// other members commit our removal.
+    pub fn mark_left(&self, group_id: &[u8]) -> Result<(), StateError> {
+        self.connection.execute(
+            "UPDATE groups SET left_at = ?2 WHERE group_id = ?1",
+            params![group_id, unix_now()],
+        )?;
+        Ok(())
+    }
+
+    /// The current group, if any.
+    pub fn current_group(&self) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'current_group'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Every group this client is in, oldest first.
+    pub fn groups(&self) -> Result<Vec<GroupRecord>, StateError> {
+        let mut select = self
+            .connection
+            .prepare("SELECT group_id, joined_at, left_at FROM groups ORDER BY joined_at, group_id")?;
+        let rows = select.query_map([], |row| {
+            Ok(GroupRecord {
+                group_id: row.get(0)?,
+                joined_at: row.get(1)?,
+                left_at: row.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,89 @@
+//! Message history: every application message sent or received, per group,
+//! written in the same transaction as the MLS state change that produced it.
+
+use quicnprotochat_core::IdentityKey;
+use rusqlite::params;
+
+use super::{StateError, StateFile, unix_now};
+
+/// Whether we sent or received a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// We sent it.
+    Sent,
+    /// Another member sent it.
+    Received,
+}
+
+/// One message of a group's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// Sent or received.
+    pub direction: Direction,
+    /// Who sent it.
+    pub sender: IdentityKey,
+    /// The text.
+    pub body: Vec<u8>,
+    /// The epoch it was sent in.
+    pub epoch: u64,
+    /// When we stored it (Unix seconds).
+    pub at: i64,
+}
+
+impl StateFile {
+    /// Appends a message to the history of `group_id`.
+    pub fn record_message(
+        &self,
+        group_id: &[u8],
+        direction: Direction,
+        sender: &IdentityKey,
+        body: &[u8],
+        epoch: u64,
+    ) -> Result<(), StateError> {
+        self.connection.execute(
+            "INSERT INTO history (group_id, outgoing, sender, body, epoch, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                group_id,
+                direction == Direction::Sent,
+                sender.as_bytes(),
+                body,
+                epoch as i64,
+                unix_now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The history of `group_id`, oldest first.
+    pub fn history(&self, group_id: &[u8]) -> Result<Vec<HistoryEntry>, StateError> {
+        let mut select = self.connection.prepare(
+            "SELECT outgoing, sender, body, epoch, at FROM history WHERE group_id = ?1 ORDER BY id",
+        )?;
+        let rows = select.query_map(params![group_id], |row| {
+            Ok((
+                row.get::<_, bool>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut entries = Vec::new();
+        for row in rows {
+            let (outgoing, sender, body, epoch, at) = row?;
+            entries.push(HistoryEntry {
+                direction: if outgoing {
+                    Direction::Sent
+                } else {
+                    Direction::Received
+                },
+                sender: IdentityKey::try_from(sender.as_slice())
+                    .map_err(|_| StateError::Contact("a history entry has a damaged sender key".into()))?,
+                body,
+                epoch: epoch as u64,
+                at,
+            });
+        }
+        Ok(entries)
+    }
+}
