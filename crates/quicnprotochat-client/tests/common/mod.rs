@@ -87,9 +87,17 @@ impl TestNode {
 
     /// Stops the node and starts it again on the same port and data.
     pub fn restart(&mut self) {
+        self.restart_with(|_| {});
+    }
+
+    /// Stops the node and starts it again on the same port and data, with
+    /// its configuration changed by `adjust`.
+    pub fn restart_with(&mut self, adjust: impl FnOnce(&mut Config)) {
         self.stop();
         let temp = self._temp.take();
-        let mut node = Self::start_in(self.dir.clone(), self.addr.port());
+        let mut config = Config::in_dir(&self.dir, SocketAddr::from(([127, 0, 0, 1], self.addr.port())));
+        adjust(&mut config);
+        let mut node = Self::start_with(config, self.dir.clone());
         node._temp = temp;
         std::mem::swap(self, &mut node);
     }

@@ -1,0 +1,395 @@
+//! Multi-party groups through the real CLI and a real node: every step is a
+//! separate client process with its own state file.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use common::{TestNode, state};
+
+/// One person: a state file and the identity key `register-state` printed.
+struct Member {
+    name: &'static str,
+    state: String,
+    key: String,
+}
+
+impl Member {
+    fn register(node: &TestNode, dir: &std::path::Path, name: &'static str) -> Member {
+        let state = state(dir, &format!("{name}.state"));
+        let key = node
+            .cli_ok(&["register-state", "--state", &state])
+            .trim()
+            .to_owned();
+        Member { name, state, key }
+    }
+
+    fn short(&self) -> &str {
+        &self.key[..16]
+    }
+
+    /// Runs a stateful command for this member; returns stdout.
+    fn run(&self, node: &TestNode, command: &str, args: &[&str]) -> String {
+        let mut full = vec![command, "--state", &self.state];
+        full.extend_from_slice(args);
+        node.cli_ok(&full)
+    }
+
+    /// Runs a stateful command; returns (success, stdout, stderr).
+    fn try_run(&self, node: &TestNode, command: &str, args: &[&str]) -> (bool, String, String) {
+        let mut full = vec![command, "--state", &self.state];
+        full.extend_from_slice(args);
+        let out = node.cli(&full);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            common::stderr(&out),
+        )
+    }
+}
+
+/// `first` creates `group` and invites `rest` in one commit; they all join.
+fn group_of(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) {
+    first.run(node, "create-group", &["--group-id", group]);
+    let mut args = vec!["--group-id", group];
+    for member in rest {
+        args.extend_from_slice(&["--peer-key", &member.key]);
+    }
+    first.run(node, "invite", &args);
+    for member in rest {
+        member.run(node, "join", &[]);
+    }
+}
+
+fn sorted_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn five_members_invited_in_one_commit_all_read_each_other() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["alice", "bob", "carol", "dave", "erin"];
+    let members: Vec<Member> = names
+        .iter()
+        .map(|n| Member::register(&node, dir.path(), n))
+        .collect();
+    let rest: Vec<&Member> = members[1..].iter().collect();
+    group_of(&node, "five", &members[0], &rest);
+
+    for member in &members {
+        let listed = member.run(&node, "members", &["--group-id", "five"]);
+        assert_eq!(listed.lines().count(), 5, "{listed}");
+        assert!(listed.contains(&format!("{} (you)", member.key)), "{listed}");
+        let groups = member.run(&node, "groups", &[]);
+        assert_eq!(groups.trim(), "* five epoch 1 members 5");
+    }
+    for member in &members {
+        member.run(
+            &node,
+            "send",
+            &[
+                "--group-id",
+                "five",
+                "--msg",
+                &format!("hello from {}", member.name),
+            ],
+        );
+    }
+    for member in &members {
+        let got = member.run(&node, "recv", &[]);
+        let expected: Vec<String> = members
+            .iter()
+            .filter(|other| other.key != member.key)
+            .map(|other| format!("five {}: hello from {}", other.short(), other.name))
+            .collect();
+        let mut expected_sorted = expected.clone();
+        expected_sorted.sort();
+        assert_eq!(
+            sorted_lines(&got),
+            expected_sorted,
+            "{} received:\n{got}",
+            member.name
+        );
+    }
+}
+
+#[test]
+fn a_removed_member_is_told_and_cannot_read_new_messages() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "trio", &alice, &[&bob, &carol]);
+
+    alice.run(&node, "remove", &["--group-id", "trio", "--peer-key", &carol.key]);
+    let (ok, _, err) = carol.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("group trio: you were removed from the group at epoch 2"),
+        "{err}"
+    );
+    bob.run(&node, "recv", &[]);
+
+    alice.run(
+        &node,
+        "send",
+        &["--group-id", "trio", "--msg", "carol cannot read this"],
+    );
+    bob.run(&node, "send", &["--group-id", "trio", "--msg", "nor this"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("trio {}: carol cannot read this", alice.short())
+    );
+    assert_eq!(
+        alice.run(&node, "recv", &[]).trim(),
+        format!("trio {}: nor this", bob.short())
+    );
+    let (_, out, _) = carol.try_run(&node, "recv", &[]);
+    assert_eq!(out, "", "a removed member decrypts nothing");
+    let groups = carol.run(&node, "groups", &[]);
+    assert!(groups.contains("trio epoch 2 removed"), "{groups}");
+    assert_eq!(
+        alice
+            .run(&node, "members", &["--group-id", "trio"])
+            .lines()
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn update_advances_the_epoch_and_everyone_still_reads() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "fresh", &alice, &[&bob, &carol]);
+
+    bob.run(&node, "update", &["--group-id", "fresh"]);
+    alice.run(&node, "recv", &[]);
+    carol.run(&node, "recv", &[]);
+    for member in [&alice, &bob, &carol] {
+        assert_eq!(
+            member.run(&node, "groups", &[]).trim(),
+            "* fresh epoch 2 members 3"
+        );
+    }
+    carol.run(&node, "send", &["--msg", "after the update"]);
+    for member in [&alice, &bob] {
+        assert_eq!(
+            member.run(&node, "recv", &[]).trim(),
+            format!("fresh {}: after the update", carol.short())
+        );
+    }
+}
+
+#[test]
+fn leaving_is_committed_by_a_remaining_member() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "club", &alice, &[&bob, &carol]);
+
+    carol.run(&node, "leave", &["--group-id", "club"]);
+    assert!(carol.run(&node, "groups", &[]).contains("(leaving)"));
+    // Alice has the lowest leaf: her recv commits Carol's removal.
+    let (ok, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(
+        ok && err.contains("committed pending proposals; now epoch 2, 2 members"),
+        "{err}"
+    );
+    let (_, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(err.contains("now at epoch 2, 2 members"), "{err}");
+    let (_, _, err) = carol.try_run(&node, "recv", &[]);
+    assert!(err.contains("you were removed"), "{err}");
+
+    bob.run(&node, "send", &["--group-id", "club", "--msg", "just us"]);
+    assert_eq!(
+        alice.run(&node, "recv", &[]).trim(),
+        format!("club {}: just us", bob.short())
+    );
+}
+
+#[test]
+fn two_groups_sharing_members_in_one_state_file_do_not_mix() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    // Bob needs a KeyPackage per invitation.
+    bob.run(&node, "register-state", &[]);
+    group_of(&node, "work", &alice, &[&bob]);
+    alice.run(&node, "create-group", &["--group-id", "home"]);
+    alice.run(
+        &node,
+        "invite",
+        &[
+            "--group-id",
+            "home",
+            "--peer-key",
+            &bob.key,
+            "--peer-key",
+            &carol.key,
+        ],
+    );
+    let (_, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(err.contains("joined group home"), "{err}");
+    carol.run(&node, "join", &[]);
+
+    alice.run(&node, "send", &["--group-id", "work", "--msg", "about work"]);
+    alice.run(&node, "send", &["--group-id", "home", "--msg", "about home"]);
+    carol.run(&node, "send", &["--group-id", "home", "--msg", "carol at home"]);
+    let got = bob.run(&node, "recv", &[]);
+    assert_eq!(
+        got.lines().collect::<Vec<_>>(),
+        [
+            format!("work {}: about work", alice.short()),
+            format!("home {}: about home", alice.short()),
+            format!("home {}: carol at home", carol.short()),
+        ]
+    );
+    let work = bob.run(&node, "history", &["--group-id", "work"]);
+    assert_eq!(work.lines().count(), 1, "{work}");
+    assert!(
+        work.trim_end()
+            .ends_with(&format!("{}: about work", alice.short())),
+        "{work}"
+    );
+    let home = bob.run(&node, "history", &["--group-id", "home"]);
+    assert_eq!(home.lines().count(), 2, "{home}");
+    let groups = bob.run(&node, "groups", &[]);
+    assert!(groups.contains("work epoch 1 members 2"), "{groups}");
+    assert!(groups.contains("home epoch 1 members 3"), "{groups}");
+    assert_eq!(
+        carol.run(&node, "recv", &[]).trim(),
+        format!("home {}: about home", alice.short())
+    );
+    let alice_history = alice.run(&node, "history", &["--group-id", "home"]);
+    assert!(alice_history.contains("you: about home"), "{alice_history}");
+}
+
+#[test]
+fn garbage_and_messages_for_unknown_groups_are_skipped_and_the_rest_processed() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "ours", &alice, &[&bob]);
+    group_of(&node, "theirs", &carol, &[&alice]);
+    // A real MLS message of a group Bob is not in, moved into his queue.
+    carol.run(&node, "send", &["--group-id", "theirs", "--msg", "not for bob"]);
+    let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
+    let alice_key: quicnprotochat_core::IdentityKey = alice.key.parse().unwrap();
+    common::local(async {
+        let client = node.connect().await;
+        let foreign = client.fetch_all(&alice_key).await.unwrap();
+        assert_eq!(foreign.len(), 1);
+        client.enqueue(&bob_key, b"\x00\x01 garbage").await.unwrap();
+        client.enqueue(&bob_key, &foreign[0]).await.unwrap();
+    });
+    alice.run(&node, "send", &["--group-id", "ours", "--msg", "still delivered"]);
+
+    let (ok, out, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        err.matches("warning: skipped a queued message").count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("unknown group theirs"), "{err}");
+    assert_eq!(out.trim(), format!("ours {}: still delivered", alice.short()));
+}
+
+#[test]
+fn a_client_that_dies_after_fetching_loses_nothing() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "safe", &alice, &[&bob]);
+    alice.run(&node, "send", &["--msg", "first"]);
+    alice.run(&node, "send", &["--msg", "second"]);
+
+    let mut args = vec![
+        "--server".to_owned(),
+        node.addr.to_string(),
+        "--ca-cert".to_owned(),
+        node.cert().display().to_string(),
+    ];
+    args.extend(["recv", "--state", &bob.state].map(str::to_owned));
+    let crashed = std::process::Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
+        .args(&args)
+        .env("QUICNPROTOCHAT_TEST_EXIT_AFTER_FETCH", "1")
+        .output()
+        .unwrap();
+    assert_eq!(crashed.status.code(), Some(3), "{}", common::stderr(&crashed));
+    assert!(crashed.stdout.is_empty(), "nothing was processed");
+
+    let got = bob.run(&node, "recv", &[]);
+    assert_eq!(
+        got.lines().collect::<Vec<_>>(),
+        [
+            format!("safe {}: first", alice.short()),
+            format!("safe {}: second", alice.short())
+        ]
+    );
+    assert_eq!(bob.run(&node, "recv", &[]), "", "nothing is applied twice");
+}
+
+#[test]
+fn contacts_name_peers_for_commands_and_output() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    alice.run(&node, "contacts", &["add", "bob", &bob.key]);
+    bob.run(&node, "contacts", &["add", "alice", &alice.key]);
+    assert_eq!(
+        alice.run(&node, "contacts", &["list"]).trim(),
+        format!("bob {}", bob.key)
+    );
+    let (ok, _, err) = alice.try_run(&node, "contacts", &["add", "bob", &alice.key]);
+    assert!(!ok && err.contains("already used"), "{err}");
+
+    alice.run(&node, "create-group", &["--group-id", "named"]);
+    alice.run(&node, "invite", &["--peer", "bob"]);
+    bob.run(&node, "join", &[]);
+    alice.run(&node, "send", &["--peer", "bob", "--msg", "by name"]);
+    assert_eq!(bob.run(&node, "recv", &[]).trim(), "named alice: by name");
+    assert!(
+        alice
+            .run(&node, "members", &[])
+            .contains(&format!("{} bob", bob.key))
+    );
+    let (ok, _, err) = alice.try_run(&node, "send", &["--peer", "nobody", "--msg", "x"]);
+    assert!(!ok && err.contains("no such contact"), "{err}");
+}
+
+#[test]
+fn a_failed_invite_leaves_the_group_as_it_was() {
+    let mut node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "stable", &alice, &[&bob]);
+
+    // Nobody registered this key, so the invite fails before anything is sent.
+    let (ok, _, err) = alice.try_run(&node, "invite", &["--peer-key", &"cd".repeat(32)]);
+    assert!(!ok && err.contains("has no KeyPackage"), "{err}");
+
+    // A node that takes KeyPackages and messages but not a Welcome this big:
+    // the Commit and the Welcome are refused together, nothing is queued.
+    node.restart_with(|config| config.max_payload = 700);
+    let carol = Member::register(&node, dir.path(), "carol");
+    let (ok, _, err) = alice.try_run(&node, "invite", &["--peer-key", &carol.key]);
+    assert!(
+        !ok && err.contains("exceeds this node's limit of 700 bytes"),
+        "{err}"
+    );
+    assert_eq!(
+        alice.run(&node, "groups", &[]).trim(),
+        "* stable epoch 1 members 2"
+    );
+    assert_eq!(bob.run(&node, "recv", &[]), "", "bob got no commit");
+    alice.run(&node, "send", &["--msg", "still fine"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("stable {}: still fine", alice.short())
+    );
+}
