@@ -260,3 +260,48 @@ fn every_enqueue_answered_before_a_shutdown_is_kept() {
         "nothing appears that was not sent"
     );
 }
+
+#[test]
+fn a_batch_with_one_bad_envelope_stores_nothing() {
+    let node = TestNode::start();
+    local(async {
+        let (_endpoint, _connection, delivery) = raw(&node).await;
+        let mut request = delivery.enqueue_batch_request();
+        let mut envelopes = request.get().init_envelopes(2);
+        {
+            let mut good = envelopes.reborrow().get(0);
+            good.set_payload(b"would be queued");
+            good.init_recipient_keys(1).set(0, key(8).as_bytes());
+        }
+        {
+            let mut bad = envelopes.reborrow().get(1);
+            bad.set_payload(b"x");
+            let mut keys = bad.init_recipient_keys(2);
+            keys.set(0, key(9).as_bytes());
+            keys.set(1, &[1, 2, 3]);
+        }
+        let err = request.send().promise.await.err().expect("refused").to_string();
+        assert!(err.contains("envelopes[1].recipientKeys[1]"), "{err}");
+
+        let client = node.connect().await;
+        assert!(client.fetch(&key(8)).await.unwrap().is_empty());
+        assert!(client.fetch(&key(9)).await.unwrap().is_empty());
+
+        let batch = [
+            quicnprotochat_proto::wire::Envelope {
+                recipients: vec![key(8), key(9)],
+                payload: b"to both".to_vec(),
+            },
+            quicnprotochat_proto::wire::Envelope {
+                recipients: vec![key(9)],
+                payload: b"to nine".to_vec(),
+            },
+        ];
+        client.enqueue_batch(&batch).await.unwrap();
+        assert_eq!(client.fetch(&key(8)).await.unwrap(), vec![b"to both".to_vec()]);
+        assert_eq!(
+            client.fetch(&key(9)).await.unwrap(),
+            vec![b"to both".to_vec(), b"to nine".to_vec()]
+        );
+    });
+}
