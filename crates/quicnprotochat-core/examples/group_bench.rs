@@ -32,8 +32,15 @@ impl Person {
 
 fn main() {
     let sizes: Vec<usize> = {
-        let given: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("sizes are numbers")).collect();
-        if given.is_empty() { vec![10, 100, 1000, 10_000] } else { given }
+        let given: Vec<usize> = std::env::args()
+            .skip(1)
+            .map(|a| a.parse().expect("sizes are numbers"))
+            .collect();
+        if given.is_empty() {
+            vec![10, 100, 1000, 10_000]
+        } else {
+            given
+        }
     };
     println!(
         "| members | KeyPackages made | add all, one commit | commit | welcome | add in batches of {BATCH} | join from welcome | send 1 KiB | receive 1 KiB |"
@@ -74,7 +81,9 @@ fn run(size: usize) {
     assert_eq!(joined.members().len(), size);
 
     let started = Instant::now();
-    let message = group.send(&creator.provider, &creator.identity, &payload).unwrap();
+    let message = group
+        .send(&creator.provider, &creator.identity, &payload)
+        .unwrap();
     let send = started.elapsed();
     let started = Instant::now();
     let received = joined.receive(&newcomer.provider, &message).unwrap();
