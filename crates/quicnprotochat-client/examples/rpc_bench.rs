@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::IdentityKeypair;
 use quicnprotochat_server::{Config, Node};
 
 fn main() {
@@ -71,8 +71,9 @@ fn main() {
         .build()
         .unwrap();
     tokio::task::LocalSet::new().block_on(&runtime, async {
-        let client = NodeClient::connect(&options).await.unwrap();
-        let recipient = IdentityKey::from_bytes(rand_key());
+        let identity = IdentityKeypair::generate();
+        let client = NodeClient::connect(&options, Some(&identity)).await.unwrap();
+        let recipient = identity.public_key();
         let payload = vec![0x5au8; 100];
 
         // Warm up the connection and the database.
@@ -157,16 +158,6 @@ fn start_node(dir: PathBuf) -> (SocketAddr, std::thread::JoinHandle<()>) {
         });
     });
     (rx.recv().unwrap(), handle)
-}
-
-fn rand_key() -> [u8; 32] {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let mut key = [0u8; 32];
-    key[..16].copy_from_slice(&nanos.to_le_bytes());
-    key
 }
 
 fn micros(duration: Duration) -> f64 {

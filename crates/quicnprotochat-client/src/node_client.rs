@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::wire::Envelope;
-use quicnprotochat_proto::{cert, rpc, transport};
+use quicnprotochat_proto::{cert, peer, rpc, transport};
 
 use crate::error::ClientError;
 
@@ -65,15 +65,32 @@ pub struct NodeClient {
 
 impl NodeClient {
     /// Connects to the node, verifying its certificate, and opens the RPC
-    /// session. Must run inside a tokio `LocalSet`.
-    pub async fn connect(options: &ConnectOptions) -> Result<NodeClient, ClientError> {
+    /// session, authenticated as `identity` (needed to send, to read one's
+    /// own queue and to upload KeyPackages) or anonymous. Must run inside a
+    /// tokio `LocalSet`.
+    pub async fn connect(
+        options: &ConnectOptions,
+        identity: Option<&IdentityKeypair>,
+    ) -> Result<NodeClient, ClientError> {
         let trusted = cert::load_certificate(&options.ca_cert).map_err(|source| ClientError::CaCert {
             path: options.ca_cert.clone(),
             source,
         })?;
-        let config = transport::client_config(trusted).map_err(|e| ClientError::CaCertUnusable {
-            path: options.ca_cert.clone(),
-            reason: e.to_string(),
+        let client_certificate =
+            match identity {
+                Some(identity) => Some(peer::client_certificate(&identity.pkcs8_der()?).map_err(|e| {
+                    ClientError::Connect {
+                        server: options.server.clone(),
+                        reason: e.to_string(),
+                    }
+                })?),
+                None => None,
+            };
+        let config = transport::client_config(trusted, client_certificate).map_err(|e| {
+            ClientError::CaCertUnusable {
+                path: options.ca_cert.clone(),
+                reason: e.to_string(),
+            }
         })?;
         let (host, remote) = resolve(&options.server).await?;
         let server_name = options.server_name.clone().unwrap_or(host);

@@ -255,7 +255,9 @@ fn recv_skips_undecodable_messages_with_a_warning_and_processes_the_rest() {
 
     let bob_identity: quicnprotochat_core::IdentityKey = bob_key.parse().unwrap();
     common::local(async {
-        let client = node.connect().await;
+        let client = node
+            .connect_as(&quicnprotochat_core::IdentityKeypair::generate())
+            .await;
         client
             .enqueue(&bob_identity, b"definitely not MLS")
             .await

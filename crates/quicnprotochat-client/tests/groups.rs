@@ -278,10 +278,13 @@ fn garbage_and_messages_for_unknown_groups_are_skipped_and_the_rest_processed() 
     // A real MLS message of a group Bob is not in, moved into his queue.
     carol.run(&node, "send", &["--group-id", "theirs", "--msg", "not for bob"]);
     let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
-    let alice_key: quicnprotochat_core::IdentityKey = alice.key.parse().unwrap();
+    let alice_identity = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&alice.state))
+        .unwrap()
+        .identity()
+        .unwrap();
     common::local(async {
-        let client = node.connect().await;
-        let foreign = client.fetch_all(&alice_key).await.unwrap();
+        let client = node.connect_as(&alice_identity).await;
+        let foreign = client.fetch_all(&alice_identity.public_key()).await.unwrap();
         assert_eq!(foreign.len(), 1);
         client.enqueue(&bob_key, b"\x00\x01 garbage").await.unwrap();
         client.enqueue(&bob_key, &foreign[0]).await.unwrap();

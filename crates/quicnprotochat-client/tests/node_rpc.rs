@@ -8,19 +8,22 @@ mod common;
 use std::collections::HashSet;
 
 use capnp::capability::FromClientHook;
-use common::{TestNode, local};
+use common::{TestNode, identity, local};
 use quicnprotochat_core::IdentityKey;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
-use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, rpc, transport};
+use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
-fn key(byte: u8) -> IdentityKey {
-    IdentityKey::from_bytes([byte; 32])
+fn key(n: u8) -> IdentityKey {
+    identity(n).public_key()
 }
 
-/// A raw connection to the node, for sending what the typed client never
-/// would. Returns the connection and the node's Delivery Service.
-async fn raw(node: &TestNode) -> (quinn::Endpoint, quinn::Connection, delivery_service::Client) {
-    let config = transport::client_config(cert::load_certificate(&node.cert()).unwrap()).unwrap();
+/// A raw connection to the node authenticated as `identity(n)`, for sending
+/// what the typed client never would. Returns the connection and the node's
+/// Delivery Service.
+async fn raw(node: &TestNode, n: u8) -> (quinn::Endpoint, quinn::Connection, delivery_service::Client) {
+    let certificate = peer::client_certificate(&identity(n).pkcs8_der().unwrap()).unwrap();
+    let config =
+        transport::client_config(cert::load_certificate(&node.cert()).unwrap(), Some(certificate)).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(config);
     let connection = endpoint.connect(node.addr, "localhost").unwrap().await.unwrap();
@@ -34,7 +37,7 @@ async fn raw(node: &TestNode) -> (quinn::Endpoint, quinn::Connection, delivery_s
 fn a_key_package_is_served_exactly_once_to_concurrent_fetchers() {
     let node = TestNode::start();
     local(async {
-        let uploader = node.connect().await;
+        let uploader = node.connect_as(&identity(1)).await;
         uploader
             .upload_key_package(&key(1), b"the only one")
             .await
@@ -78,7 +81,7 @@ fn two_cli_processes_fetching_the_same_key_package_get_it_once() {
 fn fetch_drains_the_queue_in_fifo_order() {
     let node = TestNode::start();
     local(async {
-        let client = node.connect().await;
+        let client = node.connect_as(&identity(2)).await;
         for i in 0..50u32 {
             client.enqueue(&key(2), &i.to_be_bytes()).await.unwrap();
         }
@@ -88,7 +91,6 @@ fn fetch_drains_the_queue_in_fifo_order() {
             (0..50u32).map(|i| i.to_be_bytes().to_vec()).collect::<Vec<_>>()
         );
         assert!(client.fetch(&key(2)).await.unwrap().is_empty());
-        assert!(client.fetch(&key(99)).await.unwrap().is_empty());
         assert_eq!(client.fetch_key_package(&key(99)).await.unwrap(), None);
     });
 }
@@ -97,7 +99,7 @@ fn fetch_drains_the_queue_in_fifo_order() {
 fn an_oversize_payload_is_refused_and_nothing_is_stored() {
     let node = TestNode::start();
     local(async {
-        let client = node.connect().await;
+        let client = node.connect_as(&identity(3)).await;
         let err = client
             .enqueue(&key(3), &vec![0u8; DEFAULT_MAX_PAYLOAD + 1])
             .await
@@ -124,7 +126,7 @@ fn an_oversize_payload_is_refused_and_nothing_is_stored() {
 fn malformed_keys_and_empty_payloads_get_errors_naming_the_field() {
     let node = TestNode::start();
     local(async {
-        let (_endpoint, _connection, delivery) = raw(&node).await;
+        let (_endpoint, _connection, delivery) = raw(&node, 5).await;
         for (recipient, payload, field) in [
             (vec![0u8; 31], b"x".to_vec(), "recipientKey"),
             (vec![0u8; 33], b"x".to_vec(), "recipientKey"),
@@ -152,7 +154,7 @@ fn malformed_keys_and_empty_payloads_get_errors_naming_the_field() {
 fn garbage_on_the_stream_does_not_disturb_other_clients() {
     let node = TestNode::start();
     local(async {
-        let config = transport::client_config(cert::load_certificate(&node.cert()).unwrap()).unwrap();
+        let config = transport::client_config(cert::load_certificate(&node.cert()).unwrap(), None).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
         let attacks: [&[u8]; 3] = [
@@ -172,7 +174,7 @@ fn garbage_on_the_stream_does_not_disturb_other_clients() {
             // but an RPC abort or a closed stream.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), recv.read_to_end(1 << 16)).await;
         }
-        let client = node.connect().await;
+        let client = node.connect_as(&identity(4)).await;
         let info = client.ping().await.unwrap();
         assert_eq!(info.protocol_version, quicnprotochat_proto::PROTOCOL_VERSION);
         client.enqueue(&key(4), b"still works").await.unwrap();
@@ -188,8 +190,8 @@ fn many_clients_at_once_each_get_their_own_messages() {
     let node = TestNode::start();
     local(async {
         let mut clients = Vec::new();
-        for _ in 0..16 {
-            clients.push(node.connect().await);
+        for i in 0..16u8 {
+            clients.push(node.connect_as(&identity(100 + i)).await);
         }
         let sends = clients.iter().enumerate().map(|(i, client)| async move {
             for n in 0..20u8 {
@@ -213,9 +215,10 @@ fn every_enqueue_answered_before_a_shutdown_is_kept() {
     // A client pipelining enqueues on its own thread while the node stops.
     let sender = std::thread::spawn(move || {
         local(async move {
-            let client = quicnprotochat_client::node_client::NodeClient::connect(&options)
-                .await
-                .unwrap();
+            let client =
+                quicnprotochat_client::node_client::NodeClient::connect(&options, Some(&identity(7)))
+                    .await
+                    .unwrap();
             let mut acknowledged = Vec::new();
             let mut next = 0u32;
             'outer: loop {
@@ -243,7 +246,7 @@ fn every_enqueue_answered_before_a_shutdown_is_kept() {
     );
 
     let stored: HashSet<u32> = local(async {
-        let client = node.connect().await;
+        let client = node.connect_as(&identity(7)).await;
         client
             .fetch_all(&key(7))
             .await
@@ -265,7 +268,7 @@ fn every_enqueue_answered_before_a_shutdown_is_kept() {
 fn a_batch_with_one_bad_envelope_stores_nothing() {
     let node = TestNode::start();
     local(async {
-        let (_endpoint, _connection, delivery) = raw(&node).await;
+        let (_endpoint, _connection, delivery) = raw(&node, 8).await;
         let mut request = delivery.enqueue_batch_request();
         let mut envelopes = request.get().init_envelopes(2);
         {
@@ -283,9 +286,10 @@ fn a_batch_with_one_bad_envelope_stores_nothing() {
         let err = request.send().promise.await.err().expect("refused").to_string();
         assert!(err.contains("envelopes[1].recipientKeys[1]"), "{err}");
 
-        let client = node.connect().await;
+        let client = node.connect_as(&identity(8)).await;
+        let nine = node.connect_as(&identity(9)).await;
         assert!(client.fetch(&key(8)).await.unwrap().is_empty());
-        assert!(client.fetch(&key(9)).await.unwrap().is_empty());
+        assert!(nine.fetch(&key(9)).await.unwrap().is_empty());
 
         let batch = [
             quicnprotochat_proto::wire::Envelope {
@@ -300,8 +304,57 @@ fn a_batch_with_one_bad_envelope_stores_nothing() {
         client.enqueue_batch(&batch).await.unwrap();
         assert_eq!(client.fetch(&key(8)).await.unwrap(), vec![b"to both".to_vec()]);
         assert_eq!(
-            client.fetch(&key(9)).await.unwrap(),
+            nine.fetch(&key(9)).await.unwrap(),
             vec![b"to both".to_vec(), b"to nine".to_vec()]
         );
+    });
+}
+
+#[test]
+fn only_the_owner_may_read_a_queue_or_upload_its_key_packages() {
+    let node = TestNode::start();
+    local(async {
+        let owner = node.connect_as(&identity(10)).await;
+        let stranger = node.connect_as(&identity(11)).await;
+        let anonymous = node.connect().await;
+        owner.enqueue(&key(10), b"private").await.unwrap();
+
+        for client in [&stranger, &anonymous] {
+            let err = client.fetch(&key(10)).await.unwrap_err().to_string();
+            assert!(err.contains("permission denied"), "{err}");
+            let err = client
+                .upload_key_package(&key(10), b"forged")
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("permission denied"), "{err}");
+        }
+        let err = anonymous
+            .enqueue(&key(10), b"spam")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("permission denied") && err.contains("authenticated"),
+            "{err}"
+        );
+        let err = anonymous
+            .enqueue_batch(&[quicnprotochat_proto::wire::Envelope {
+                recipients: vec![key(10)],
+                payload: b"spam".to_vec(),
+            }])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("permission denied"), "{err}");
+
+        // Anonymous clients may still ping and take KeyPackages.
+        anonymous.ping().await.unwrap();
+        assert_eq!(anonymous.fetch_key_package(&key(10)).await.unwrap(), None);
+        // The owner's queue is intact: only the owner's message, once.
+        assert_eq!(owner.fetch(&key(10)).await.unwrap(), vec![b"private".to_vec()]);
+        // A stranger may send to the owner.
+        stranger.enqueue(&key(10), b"hello").await.unwrap();
+        assert_eq!(owner.fetch(&key(10)).await.unwrap(), vec![b"hello".to_vec()]);
     });
 }

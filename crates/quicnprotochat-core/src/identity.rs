@@ -118,6 +118,17 @@ impl IdentityKeypair {
         Zeroizing::new(self.signing_key.to_bytes())
     }
 
+    /// The secret key as PKCS#8 DER (RFC 8410), e.g. to present the identity
+    /// in a TLS client certificate; wiped when dropped.
+    pub fn pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, CoreError> {
+        use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+        let document = self
+            .signing_key
+            .to_pkcs8_der()
+            .map_err(|e| CoreError::InvalidIdentityKey(format!("encoding as PKCS#8: {e}")))?;
+        Ok(Zeroizing::new(document.as_bytes().to_vec()))
+    }
+
     /// The public half.
     pub fn public_key(&self) -> IdentityKey {
         IdentityKey(self.signing_key.verifying_key().to_bytes())

@@ -12,10 +12,13 @@
 //!   [`auth_capnp`], [`delivery_capnp`] and [`node_capnp`].
 //! - [`transport`] — ALPN, the one rustls crypto provider, TLS and QUIC configs.
 //! - [`cert`] — the node's self-signed certificate: generate, store, load.
+//! - [`peer`] — identity on the connection: client certificates for identity
+//!   keys, and the node's verifier.
 //! - [`rpc`] — a Cap'n Proto RPC session over one QUIC bidirectional stream.
 //! - [`wire`] — conversions from Cap'n Proto fields to core domain types.
 
 pub mod cert;
+pub mod peer;
 pub mod rpc;
 pub mod transport;
 pub mod wire;

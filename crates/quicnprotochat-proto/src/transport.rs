@@ -13,6 +13,8 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::peer::IdentityVerifier;
+
 /// The ALPN protocol identifier of quicnprotochat's wire protocol, version 1.
 pub const ALPN: &[u8] = b"quicnprotochat/1";
 
@@ -50,7 +52,7 @@ pub fn server_config(
 ) -> Result<quinn::ServerConfig, TransportError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(IdentityVerifier::new(&crypto_provider()))
         .with_single_cert(vec![cert], key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
@@ -67,19 +69,27 @@ pub fn server_config(
 }
 
 /// A QUIC client configuration that trusts exactly `trusted` (the node's
-/// self-signed certificate, or the CA that issued it), TLS 1.3 only.
+/// self-signed certificate, or the CA that issued it), TLS 1.3 only, and
+/// authenticates as `identity` (a client certificate and its key, see
+/// [`crate::peer`]) or, with `None`, connects anonymously.
 ///
 /// The certificate chain and the server name are always verified by rustls'
 /// WebPKI verifier; there is no option to skip verification.
-pub fn client_config(trusted: CertificateDer<'static>) -> Result<quinn::ClientConfig, TransportError> {
+pub fn client_config(
+    trusted: CertificateDer<'static>,
+    identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> Result<quinn::ClientConfig, TransportError> {
     let mut roots = RootCertStore::empty();
     roots
         .add(trusted)
         .map_err(|e| TransportError::TrustAnchor(e.to_string()))?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key)?,
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));

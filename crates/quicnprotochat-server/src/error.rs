@@ -56,6 +56,9 @@ pub enum ServiceError {
     /// The store failed; the call had no effect.
     #[error("storage failure, nothing was stored or removed; retry later: {0}")]
     Store(#[from] StoreError),
+    /// The connection's identity may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The session has too many calls unanswered.
     #[error(
         "overloaded: {0} calls are already waiting on this connection; wait for answers before sending more"

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use capnp::message::ReaderOptions;
-use quicnprotochat_proto::{cert, rpc, transport};
+use quicnprotochat_proto::{cert, peer, rpc, transport};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -225,13 +225,14 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, option
             return;
         }
     };
-    debug!(%remote, "connection established");
+    let peer = peer::peer_identity(&connection);
+    debug!(%remote, peer = ?peer, "connection established");
     shared.connections.fetch_add(1, Ordering::SeqCst);
     let _open = ConnectionGuard(shared.clone());
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
-                let node = capnp_rpc::new_client(NodeServiceImpl::new(shared.clone()));
+                let node = capnp_rpc::new_client(NodeServiceImpl::new(shared.clone(), peer));
                 let session = rpc::serve(send, recv, node, options);
                 tokio::task::spawn_local(async move {
                     if let Err(e) = session.await {

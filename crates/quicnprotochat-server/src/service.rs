@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use capnp::capability::Rc;
-use quicnprotochat_core::fingerprint;
+use quicnprotochat_core::{IdentityKey, fingerprint};
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
 
@@ -52,15 +52,19 @@ impl Shared {
 /// The bootstrap capability served on each connection.
 pub struct NodeServiceImpl {
     shared: Arc<Shared>,
+    /// Who this connection proved to be (TLS client certificate), if anyone.
+    peer: Option<IdentityKey>,
     /// Unanswered calls of this session.
     session_calls: LocalRc<Cell<usize>>,
 }
 
 impl NodeServiceImpl {
-    /// A service object for one RPC session, answering from `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    /// A service object for one RPC session of a connection authenticated
+    /// as `peer` (or anonymous), answering from `shared`.
+    pub fn new(shared: Arc<Shared>, peer: Option<IdentityKey>) -> Self {
         Self {
             shared,
+            peer,
             session_calls: LocalRc::new(Cell::new(0)),
         }
     }
@@ -81,6 +85,34 @@ impl NodeServiceImpl {
             return Err(ServiceError::ShuttingDown);
         }
         Ok(guard)
+    }
+}
+
+impl NodeServiceImpl {
+    /// Only the owner of `key` may act on it (its queue, its KeyPackages).
+    fn require_owner(&self, field: &str, key: &IdentityKey) -> Result<(), ServiceError> {
+        match &self.peer {
+            Some(peer) if peer == key => Ok(()),
+            Some(peer) => Err(ServiceError::PermissionDenied(format!(
+                "{field} {} belongs to someone else; this connection is authenticated as {}",
+                key.short(),
+                peer.short()
+            ))),
+            None => Err(ServiceError::PermissionDenied(format!(
+                "{field} {}: this needs a connection authenticated as that identity (a TLS client certificate for its key)",
+                key.short()
+            ))),
+        }
+    }
+
+    /// Sending needs an authenticated connection.
+    fn require_authenticated(&self) -> Result<IdentityKey, ServiceError> {
+        self.peer.ok_or_else(|| {
+            ServiceError::PermissionDenied(
+                "sending needs an authenticated connection (a TLS client certificate for your identity key)"
+                    .into(),
+            )
+        })
     }
 }
 
@@ -121,6 +153,7 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         let params = params.get()?;
         let identity =
             wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+        self.require_owner("identityKey", &identity)?;
         let package = wire::payload("package", params.get_package()?, self.shared.max_payload)
             .map_err(ServiceError::from)?
             .to_vec();
@@ -160,6 +193,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         _: delivery_capnp::delivery_service::EnqueueResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
+        self.require_authenticated()?;
         let params = params.get()?;
         let recipient =
             wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
@@ -180,6 +214,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         _: delivery_capnp::delivery_service::EnqueueBatchResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
+        self.require_authenticated()?;
         let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
             .map_err(ServiceError::from)?;
         self.shared
@@ -198,6 +233,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let _call = self.begin()?;
         let recipient = wire::identity_key("recipientKey", params.get()?.get_recipient_key()?)
             .map_err(ServiceError::from)?;
+        self.require_owner("recipientKey", &recipient)?;
         let payloads = self
             .shared
             .store

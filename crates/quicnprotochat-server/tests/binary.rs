@@ -13,7 +13,12 @@ use std::time::Duration;
 
 use capnp::capability::FromClientHook;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
-use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, rpc, transport};
+use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
+
+/// The queue the test writes and reads: that of the identity with seed 9.
+static QUEUE: std::sync::LazyLock<quicnprotochat_core::IdentityKey> = std::sync::LazyLock::new(|| {
+    quicnprotochat_core::IdentityKeypair::from_secret_bytes(&[9; 32]).public_key()
+});
 
 struct Running {
     child: Child,
@@ -70,7 +75,11 @@ fn with_delivery<T>(
         .build()
         .unwrap();
     tokio::task::LocalSet::new().block_on(&runtime, async {
-        let config = transport::client_config(cert::load_certificate(trusted).unwrap()).unwrap();
+        // Authenticated as the owner of the queue the test uses.
+        let owner = quicnprotochat_core::IdentityKeypair::from_secret_bytes(&[9; 32]);
+        let certificate = peer::client_certificate(&owner.pkcs8_der().unwrap()).unwrap();
+        let config =
+            transport::client_config(cert::load_certificate(trusted).unwrap(), Some(certificate)).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
         let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
@@ -96,7 +105,7 @@ fn the_binary_generates_its_certificate_serves_and_stops_cleanly_on_sigterm() {
 
     with_delivery(running.addr, &cert_path, async |delivery| {
         let mut request = delivery.enqueue_request();
-        request.get().set_recipient_key(&[9; 32]);
+        request.get().set_recipient_key(QUEUE.as_bytes());
         request.get().set_payload(b"kept across restarts");
         request.send().promise.await.unwrap();
     });
@@ -113,7 +122,7 @@ fn the_binary_generates_its_certificate_serves_and_stops_cleanly_on_sigterm() {
     );
     let fetched = with_delivery(running.addr, &cert_path, async |delivery| {
         let mut request = delivery.fetch_request();
-        request.get().set_recipient_key(&[9; 32]);
+        request.get().set_recipient_key(QUEUE.as_bytes());
         let response = request.send().promise.await.unwrap();
         let payloads = response.get().unwrap().get_payloads().unwrap();
         payloads.iter().map(|p| p.unwrap().to_vec()).collect::<Vec<_>>()

@@ -1,5 +1,6 @@
-//! `demo-group`: Alice and Bob, each with an in-memory MLS state, run the
-//! whole lifecycle through the node and check both messages decrypt.
+//! `demo-group`: Alice and Bob, each with an in-memory MLS state and their
+//! own authenticated connection, run the whole lifecycle through the node
+//! and check both messages decrypt.
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{GroupMember, IdentityKeypair, Received, generate_key_package};
@@ -13,22 +14,29 @@ struct Person {
     name: &'static str,
     identity: IdentityKeypair,
     provider: OpenMlsRustCrypto,
+    nodes: Nodes,
 }
 
 impl Person {
-    fn new(name: &'static str) -> Person {
-        let person = Person {
+    async fn connect(name: &'static str, args: &ConnectionArgs) -> Result<Person, ClientError> {
+        let identity = IdentityKeypair::generate();
+        let nodes = Nodes::connect(args, Some(&identity)).await?;
+        println!("{name}: identity key {}", identity.public_key());
+        Ok(Person {
             name,
-            identity: IdentityKeypair::generate(),
+            identity,
             provider: OpenMlsRustCrypto::default(),
-        };
-        println!("{name}: identity key {}", person.identity.public_key());
-        person
+            nodes,
+        })
     }
 
     /// Fetches this person's queue and decrypts the one expected message.
-    async fn receive_one(&self, nodes: &Nodes, group: &mut GroupMember) -> Result<String, ClientError> {
-        let queued = nodes.delivery().fetch_all(&self.identity.public_key()).await?;
+    async fn receive_one(&self, group: &mut GroupMember) -> Result<String, ClientError> {
+        let queued = self
+            .nodes
+            .delivery()
+            .fetch_all(&self.identity.public_key())
+            .await?;
         let [payload] = queued.as_slice() else {
             return Err(ClientError::Demo(format!(
                 "{} expected one queued message, found {}",
@@ -48,21 +56,20 @@ impl Person {
 
 /// Runs the demo; succeeds only if both directions decrypted correctly.
 pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError> {
-    let nodes = Nodes::connect(args).await?;
-    let info = nodes.auth().ping().await?;
+    let alice = Person::connect("Alice", args).await?;
+    let bob = Person::connect("Bob", args).await?;
+    let info = alice.nodes.auth().ping().await?;
     println!(
         "connected to {} (quicnprotochat-server {})",
         args.server, info.version
     );
 
-    let alice = Person::new("Alice");
-    let bob = Person::new("Bob");
-
     let package = generate_key_package(&bob.provider, &bob.identity)?;
-    upload(&nodes, &bob.identity, &package).await?;
+    upload(&bob.nodes, &bob.identity, &package).await?;
     println!("Bob: uploaded a KeyPackage to the node");
 
-    let fetched = nodes
+    let fetched = alice
+        .nodes
         .auth()
         .fetch_key_package(&bob.identity.public_key())
         .await?
@@ -77,7 +84,8 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     println!("Alice: created group {group_id} (epoch {})", alice_group.epoch());
 
     let added = alice_group.add_members(&alice.provider, &alice.identity, &[fetched])?;
-    nodes
+    alice
+        .nodes
         .delivery()
         .enqueue(&bob.identity.public_key(), &added.welcome)
         .await?;
@@ -88,7 +96,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         alice_group.epoch()
     );
 
-    let queued = nodes.delivery().fetch_all(&bob.identity.public_key()).await?;
+    let queued = bob.nodes.delivery().fetch_all(&bob.identity.public_key()).await?;
     let welcome = queued
         .first()
         .ok_or_else(|| ClientError::Demo("Bob's queue holds no Welcome".into()))?;
@@ -101,25 +109,27 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
 
     let to_bob = "Hello Bob, this is Alice.";
     let ciphertext = alice_group.send(&alice.provider, &alice.identity, to_bob.as_bytes())?;
-    nodes
+    alice
+        .nodes
         .delivery()
         .enqueue(&bob.identity.public_key(), &ciphertext)
         .await?;
     println!("Alice: sent {} encrypted bytes", ciphertext.len());
-    let received = bob.receive_one(&nodes, &mut bob_group).await?;
+    let received = bob.receive_one(&mut bob_group).await?;
     println!("Bob decrypted: {received}");
 
     let to_alice = "Hi Alice, Bob here. Got it.";
     let ciphertext = bob_group.send(&bob.provider, &bob.identity, to_alice.as_bytes())?;
-    nodes
+    bob.nodes
         .delivery()
         .enqueue(&alice.identity.public_key(), &ciphertext)
         .await?;
     println!("Bob: sent {} encrypted bytes", ciphertext.len());
-    let replied = alice.receive_one(&nodes, &mut alice_group).await?;
+    let replied = alice.receive_one(&mut alice_group).await?;
     println!("Alice decrypted: {replied}");
 
-    nodes.close().await;
+    alice.nodes.close().await;
+    bob.nodes.close().await;
     if received != to_bob || replied != to_alice {
         return Err(ClientError::Demo(
             "a decrypted message differs from what was sent".into(),

@@ -59,7 +59,7 @@ pub(crate) async fn invite(
             group_name(&group_id)
         )));
     }
-    let nodes = Nodes::connect(args).await?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     let mut packages = Vec::with_capacity(peers.len());
     for peer in &peers {
         packages.push(fetch_verified_key_package(&nodes, peer).await?);
@@ -112,7 +112,7 @@ pub(crate) async fn remove(
     if peers.contains(&me) {
         return Err(ClientError::Usage("to remove yourself, use `leave`".into()));
     }
-    let nodes = Nodes::connect(args).await?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     let recipients = others(&group, &me);
     let commit = in_transaction(&state, || {
         Ok(group.remove_members(&state.provider(), &identity, &peers)?)
@@ -143,7 +143,7 @@ pub(crate) async fn update(
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     let (group_id, mut group) = load_group(&state, group_id)?;
-    let nodes = Nodes::connect(args).await?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     let recipients = others(&group, &identity.public_key());
     let commit = in_transaction(&state, || Ok(group.self_update(&state.provider(), &identity)?))?;
     let envelopes = [Envelope {
@@ -178,7 +178,7 @@ pub(crate) async fn leave(
             group_name(&group_id)
         )));
     }
-    let nodes = Nodes::connect(args).await?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     let proposal = in_transaction(&state, || {
         let proposal = group.leave(&state.provider(), &identity)?;
         state.mark_left(&group_id)?;

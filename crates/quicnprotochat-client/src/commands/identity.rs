@@ -13,9 +13,9 @@ use crate::state::StateFile;
 /// `register-state`: creates the state file (or reuses its identity),
 /// uploads a fresh KeyPackage and prints the identity key.
 pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
-    let nodes = Nodes::connect(args).await?;
     let state = StateFile::open_or_create(path)?;
     let identity = state.identity_or_generate()?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     // The private keys must be durable before anyone can use the KeyPackage
     // to invite us.
     let package = in_transaction(&state, || Ok(generate_key_package(&state.provider(), &identity)?))?;

@@ -48,7 +48,7 @@ pub(crate) async fn send(
         )));
     }
     let recipients = if chosen.is_empty() { others } else { chosen };
-    let nodes = Nodes::connect(args).await?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     if group.has_pending_proposals() {
         if !group.should_commit_pending_proposals() {
             return Err(ClientError::Usage(format!(
@@ -80,7 +80,7 @@ pub(crate) async fn send(
 pub(crate) async fn recv(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let nodes = Nodes::connect(args).await?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     fetch_into_inbox(&nodes, &state, &identity).await?;
     if std::env::var_os(EXIT_AFTER_FETCH_ENV).is_some() {
         eprintln!("exiting after fetch ({EXIT_AFTER_FETCH_ENV} is set)");
@@ -105,7 +105,7 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
 pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let nodes = Nodes::connect(args).await?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     fetch_into_inbox(&nodes, &state, &identity).await?;
     nodes.close().await;
     let mut joined = 0;

@@ -18,7 +18,7 @@ mod identity;
 mod messages;
 mod node;
 
-use quicnprotochat_core::{GroupMember, IdentityKey};
+use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::{Cli, Command, ConnectionArgs, PeerArgs};
@@ -76,10 +76,14 @@ pub(crate) struct Nodes {
 }
 
 impl Nodes {
-    pub(crate) async fn connect(args: &ConnectionArgs) -> Result<Nodes, ClientError> {
-        let auth = NodeClient::connect(&options(args, &args.server)).await?;
+    /// Connects as `identity`, or anonymously.
+    pub(crate) async fn connect(
+        args: &ConnectionArgs,
+        identity: Option<&IdentityKeypair>,
+    ) -> Result<Nodes, ClientError> {
+        let auth = NodeClient::connect(&options(args, &args.server), identity).await?;
         let delivery = match &args.ds_server {
-            Some(ds) if *ds != args.server => Some(NodeClient::connect(&options(args, ds)).await?),
+            Some(ds) if *ds != args.server => Some(NodeClient::connect(&options(args, ds), identity).await?),
             _ => None,
         };
         Ok(Nodes { auth, delivery })

@@ -14,7 +14,7 @@ use crate::error::ClientError;
 
 /// `ping`: prints the node's version and the round trip time of one call.
 pub(crate) async fn ping(args: &ConnectionArgs) -> Result<(), ClientError> {
-    let nodes = Nodes::connect(args).await?;
+    let nodes = Nodes::connect(args, None).await?;
     let started = Instant::now();
     let info = nodes.auth().ping().await?;
     let rtt = started.elapsed();
@@ -35,8 +35,8 @@ pub(crate) async fn ping(args: &ConnectionArgs) -> Result<(), ClientError> {
 /// the identity key. The secret key is not kept: use `register-state` for an
 /// identity you can use later.
 pub(crate) async fn register(args: &ConnectionArgs) -> Result<(), ClientError> {
-    let nodes = Nodes::connect(args).await?;
     let identity = IdentityKeypair::generate();
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
     let provider = OpenMlsRustCrypto::default();
     let package = generate_key_package(&provider, &identity)?;
     upload(&nodes, &identity, &package).await?;
@@ -96,7 +96,8 @@ pub(crate) async fn fetch_verified_key_package(
 /// `fetch-key`: takes one KeyPackage of an identity and describes it.
 pub(crate) async fn fetch_key(args: &ConnectionArgs, identity_key: &str) -> Result<(), ClientError> {
     let identity = parse_key("identity key", identity_key)?;
-    let nodes = Nodes::connect(args).await?;
+    // Anyone may take a KeyPackage: that is how strangers invite each other.
+    let nodes = Nodes::connect(args, None).await?;
     let package = fetch_verified_key_package(&nodes, &identity).await?;
     println!(
         "KeyPackage for {identity}: {} bytes, SHA-256 {}, signature valid",

@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
+use quicnprotochat_core::IdentityKeypair;
 use quicnprotochat_server::{Config, Node};
 use tokio::sync::oneshot;
 
@@ -111,9 +112,17 @@ impl TestNode {
         }
     }
 
-    /// A library client connected to this node (call inside a LocalSet).
+    /// An anonymous library client connected to this node (call inside a
+    /// LocalSet).
     pub async fn connect(&self) -> NodeClient {
-        NodeClient::connect(&self.options())
+        NodeClient::connect(&self.options(), None)
+            .await
+            .expect("client connects")
+    }
+
+    /// A library client authenticated as `identity`.
+    pub async fn connect_as(&self, identity: &IdentityKeypair) -> NodeClient {
+        NodeClient::connect(&self.options(), Some(identity))
             .await
             .expect("client connects")
     }
@@ -184,4 +193,9 @@ pub fn local<F: std::future::Future>(body: F) -> F::Output {
         .build()
         .expect("runtime");
     tokio::task::LocalSet::new().block_on(&runtime, body)
+}
+
+/// A fixed identity for tests: the same `n` gives the same key.
+pub fn identity(n: u8) -> IdentityKeypair {
+    IdentityKeypair::from_secret_bytes(&[n; 32])
 }
