@@ -9,22 +9,42 @@
 interface AuthService {
   # Stores one KeyPackage for `identityKey`.
   #
-  # identityKey: the owner's raw Ed25519 public key; exactly 32 bytes.
+  # identityKey: the owner's raw Ed25519 public key; exactly 32 bytes. Only a
+  #              connection authenticated as this identity may upload for it.
   # package:     the TLS-serialized MLS KeyPackage (RFC 9420 `KeyPackage`);
-  #              not empty, at most the node's payload limit (see ping).
+  #              not empty, at most the node's payload limit (see ping). The
+  #              node validates it: signature, protocol version, ciphersuite
+  #              MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, lifetime, and a
+  #              basic credential equal to the leaf signature key, which must
+  #              be `identityKey`. A KeyPackage with the `last_resort`
+  #              extension is served only when no other is left, and is kept.
   # fingerprint: SHA-256 of `package` exactly as received, so the uploader can
   #              check that the node stored the bytes it sent.
   #
-  # Answers only after the KeyPackage is durably stored. Errors: a key that is
-  # not 32 bytes, an empty or oversize package.
+  # Answers only after the KeyPackage is durably stored. Errors say why a
+  # package was refused.
   uploadKeyPackage @0 (identityKey :Data, package :Data) -> (fingerprint :Data);
 
   # Takes one KeyPackage of `identityKey` out of the directory.
   #
   # identityKey: the owner's raw Ed25519 public key; exactly 32 bytes.
-  # package:     the oldest stored KeyPackage, which the node deletes in the
-  #              same transaction, so concurrent callers never receive the same
-  #              one. Empty (zero bytes) when the identity has none left or is
-  #              unknown.
+  # package:     the oldest unexpired KeyPackage, which the node deletes in
+  #              the same transaction, so concurrent callers never receive the
+  #              same one; when none is left, the newest unexpired last-resort
+  #              KeyPackage, which is kept. Empty (zero bytes) when there is
+  #              neither, or the identity is unknown.
+  #
+  # Anyone may call this, also anonymously: it is how strangers invite each
+  # other.
   fetchKeyPackage @1 (identityKey :Data) -> (package :Data);
+
+  # Stores several KeyPackages of `identityKey` at once, all or none; each
+  # is checked as in uploadKeyPackage. `fingerprints[i]` is the SHA-256 of
+  # `packages[i]`.
+  uploadKeyPackages @2 (identityKey :Data, packages :List(Data)) -> (fingerprints :List(Data));
+
+  # How many unexpired KeyPackages of `identityKey` are waiting to be served,
+  # not counting last-resort ones, and whether an unexpired last-resort one
+  # is stored. Only the owner may ask. Clients upload more when running low.
+  keyPackageCount @3 (identityKey :Data) -> (count :UInt32, hasLastResort :Bool);
 }

@@ -173,6 +173,36 @@ impl NodeClient {
         Ok(response.get()?.get_fingerprint()?.to_vec())
     }
 
+    /// Uploads several KeyPackages of `identity` in one atomic call; returns
+    /// the node's SHA-256 fingerprints, in order.
+    pub async fn upload_key_packages(
+        &self,
+        identity: &IdentityKey,
+        packages: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let mut request = self.auth.upload_key_packages_request();
+        request.get().set_identity_key(identity.as_bytes());
+        let length =
+            u32::try_from(packages.len()).map_err(|_| ClientError::Internal("too many KeyPackages"))?;
+        let mut list = request.get().init_packages(length);
+        for (index, package) in packages.iter().enumerate() {
+            list.set(index as u32, package);
+        }
+        let response = call(request.send().promise).await?;
+        let fingerprints = response.get()?.get_fingerprints()?;
+        fingerprints.iter().map(|f| Ok(f?.to_vec())).collect()
+    }
+
+    /// How many ordinary KeyPackages of `identity` the node still has, and
+    /// whether it has a last-resort one.
+    pub async fn key_package_count(&self, identity: &IdentityKey) -> Result<(u32, bool), ClientError> {
+        let mut request = self.auth.key_package_count_request();
+        request.get().set_identity_key(identity.as_bytes());
+        let response = call(request.send().promise).await?;
+        let results = response.get()?;
+        Ok((results.get_count(), results.get_has_last_resort()))
+    }
+
     /// Takes one KeyPackage of `identity`; `None` when it has none left.
     pub async fn fetch_key_package(&self, identity: &IdentityKey) -> Result<Option<Vec<u8>>, ClientError> {
         let mut request = self.auth.fetch_key_package_request();

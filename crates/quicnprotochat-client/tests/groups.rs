@@ -396,3 +396,44 @@ fn a_failed_invite_leaves_the_group_as_it_was() {
         format!("stable {}: still fine", alice.short())
     );
 }
+
+#[test]
+fn register_uploads_a_batch_with_a_last_resort_and_recv_tops_up() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    let bob_identity = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&bob.state))
+        .unwrap()
+        .identity()
+        .unwrap();
+    common::local(async {
+        let owner = node.connect_as(&bob_identity).await;
+        let (count, last_resort) = owner.key_package_count(&bob_identity.public_key()).await.unwrap();
+        assert!(count >= 3 && last_resort, "{count} {last_resort}");
+        // Strangers use up every ordinary KeyPackage.
+        let stranger = node.connect().await;
+        for _ in 0..count {
+            stranger
+                .fetch_key_package(&bob_identity.public_key())
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            owner.key_package_count(&bob_identity.public_key()).await.unwrap(),
+            (0, true)
+        );
+    });
+    // Bob is still invitable through his last-resort KeyPackage.
+    group_of(&node, "still-reachable", &alice, &[&bob]);
+    alice.run(&node, "send", &["--msg", "via last resort"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("still-reachable {}: via last resort", alice.short())
+    );
+    // That recv saw Bob running low and uploaded a fresh batch.
+    common::local(async {
+        let owner = node.connect_as(&bob_identity).await;
+        let (count, last_resort) = owner.key_package_count(&bob_identity.public_key()).await.unwrap();
+        assert!(count >= 3 && last_resort, "{count} {last_resort}");
+    });
+}

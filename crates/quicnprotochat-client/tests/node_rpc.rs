@@ -9,12 +9,18 @@ use std::collections::HashSet;
 
 use capnp::capability::FromClientHook;
 use common::{TestNode, identity, local};
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, KeyPackageOptions, generate_key_package_with};
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
 fn key(n: u8) -> IdentityKey {
     identity(n).public_key()
+}
+
+/// A real KeyPackage of `identity(n)` (its private keys are thrown away).
+fn key_package(n: u8, options: KeyPackageOptions) -> Vec<u8> {
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    generate_key_package_with(&provider, &identity(n), options).unwrap()
 }
 
 /// A raw connection to the node authenticated as `identity(n)`, for sending
@@ -38,10 +44,8 @@ fn a_key_package_is_served_exactly_once_to_concurrent_fetchers() {
     let node = TestNode::start();
     local(async {
         let uploader = node.connect_as(&identity(1)).await;
-        uploader
-            .upload_key_package(&key(1), b"the only one")
-            .await
-            .unwrap();
+        let only = key_package(1, KeyPackageOptions::default());
+        uploader.upload_key_package(&key(1), &only).await.unwrap();
         let mut fetchers = Vec::new();
         for _ in 0..8 {
             fetchers.push(node.connect().await);
@@ -50,7 +54,7 @@ fn a_key_package_is_served_exactly_once_to_concurrent_fetchers() {
         let wanted = key(1);
         let results = futures::future::join_all(fetchers.iter().map(|f| f.fetch_key_package(&wanted))).await;
         let served: Vec<_> = results.into_iter().filter_map(Result::unwrap).collect();
-        assert_eq!(served, vec![b"the only one".to_vec()]);
+        assert_eq!(served, vec![only]);
     });
 }
 
@@ -356,5 +360,98 @@ fn only_the_owner_may_read_a_queue_or_upload_its_key_packages() {
         // A stranger may send to the owner.
         stranger.enqueue(&key(10), b"hello").await.unwrap();
         assert_eq!(owner.fetch(&key(10)).await.unwrap(), vec![b"hello".to_vec()]);
+    });
+}
+
+#[test]
+fn garbage_and_foreign_key_packages_are_refused_with_the_reason() {
+    let node = TestNode::start();
+    local(async {
+        let client = node.connect_as(&identity(20)).await;
+        let err = client
+            .upload_key_package(&key(20), b"garbage")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("package: invalid KeyPackage"), "{err}");
+        // Validly signed, but by someone else.
+        let foreign = key_package(21, KeyPackageOptions::default());
+        let err = client
+            .upload_key_package(&key(20), &foreign)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("belongs to") && err.contains("not to identityKey"),
+            "{err}"
+        );
+        let err = client
+            .upload_key_packages(
+                &key(20),
+                &[key_package(20, KeyPackageOptions::default()), foreign],
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("packages[1]"), "{err}");
+        assert_eq!(
+            client.key_package_count(&key(20)).await.unwrap(),
+            (0, false),
+            "all or none"
+        );
+    });
+}
+
+#[test]
+fn the_last_resort_is_served_again_and_again_after_the_others() {
+    let node = TestNode::start();
+    local(async {
+        let owner = node.connect_as(&identity(22)).await;
+        let ordinary = key_package(22, KeyPackageOptions::default());
+        let last = key_package(
+            22,
+            KeyPackageOptions {
+                last_resort: true,
+                lifetime_seconds: None,
+            },
+        );
+        owner
+            .upload_key_packages(&key(22), &[last.clone(), ordinary.clone()])
+            .await
+            .unwrap();
+        assert_eq!(owner.key_package_count(&key(22)).await.unwrap(), (1, true));
+        let anyone = node.connect().await;
+        assert_eq!(anyone.fetch_key_package(&key(22)).await.unwrap(), Some(ordinary));
+        for _ in 0..3 {
+            assert_eq!(
+                anyone.fetch_key_package(&key(22)).await.unwrap(),
+                Some(last.clone())
+            );
+        }
+        assert_eq!(owner.key_package_count(&key(22)).await.unwrap(), (0, true));
+        let err = anyone.key_package_count(&key(22)).await.unwrap_err().to_string();
+        assert!(err.contains("permission denied"), "{err}");
+    });
+}
+
+#[test]
+fn an_expired_key_package_is_not_served() {
+    let node = TestNode::start();
+    local(async {
+        let owner = node.connect_as(&identity(23)).await;
+        let short = KeyPackageOptions {
+            last_resort: false,
+            lifetime_seconds: Some(1),
+        };
+        owner
+            .upload_key_package(&key(23), &key_package(23, short))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        assert_eq!(
+            node.connect().await.fetch_key_package(&key(23)).await.unwrap(),
+            None
+        );
+        assert_eq!(owner.key_package_count(&key(23)).await.unwrap(), (0, false));
     });
 }

@@ -2,7 +2,8 @@
 //! put it into groups while it is offline.
 
 use openmls::prelude::{
-    KeyPackage, KeyPackageIn, LeafNode, OpenMlsCrypto, ProtocolVersion,
+    Capabilities, ExtensionType, KeyPackage, KeyPackageIn, LeafNode, Lifetime, OpenMlsCrypto,
+    ProtocolVersion,
     tls_codec::{DeserializeBytes as _, Serialize as _},
 };
 use openmls::storage::OpenMlsProvider;
@@ -24,7 +25,43 @@ pub fn generate_key_package<P: OpenMlsProvider>(
     provider: &P,
     identity: &IdentityKeypair,
 ) -> Result<Vec<u8>, CoreError> {
-    let bundle = KeyPackage::builder()
+    generate_key_package_with(provider, identity, KeyPackageOptions::default())
+}
+
+/// How to make a KeyPackage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyPackageOptions {
+    /// Mark it with the RFC 9420 `last_resort` extension: a delivery service
+    /// hands it out only when no other KeyPackage is left, and keeps it, so
+    /// the owner stays reachable (at the cost of init-key reuse).
+    pub last_resort: bool,
+    /// Valid for this many seconds from now (default: openmls' 12 weeks).
+    pub lifetime_seconds: Option<u64>,
+}
+
+/// [`generate_key_package`] with options.
+pub fn generate_key_package_with<P: OpenMlsProvider>(
+    provider: &P,
+    identity: &IdentityKeypair,
+    options: KeyPackageOptions,
+) -> Result<Vec<u8>, CoreError> {
+    let mut builder = KeyPackage::builder();
+    if options.last_resort {
+        // A KeyPackage may only carry extensions its leaf declares support for.
+        builder = builder
+            .mark_as_last_resort()
+            .leaf_node_capabilities(Capabilities::new(
+                None,
+                None,
+                Some(&[ExtensionType::LastResort]),
+                None,
+                None,
+            ));
+    }
+    if let Some(seconds) = options.lifetime_seconds {
+        builder = builder.key_package_lifetime(Lifetime::new(seconds));
+    }
+    let bundle = builder
         .build(CIPHERSUITE, provider, identity, identity.credential_with_key())
         .map_err(CoreError::mls("generating a KeyPackage"))?;
     bundle
@@ -46,6 +83,29 @@ pub fn fingerprint(bytes: &[u8]) -> [u8; 32] {
 /// 32-byte leaf signature key, so the returned key is the one that signed it.
 pub fn key_package_identity(crypto: &impl OpenMlsCrypto, bytes: &[u8]) -> Result<IdentityKey, CoreError> {
     validate_key_package(crypto, bytes).map(|(_, identity)| identity)
+}
+
+/// What a delivery service needs to know of a validated KeyPackage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPackageInfo {
+    /// Whose it is (the key that signed it).
+    pub identity: IdentityKey,
+    /// Whether it carries the `last_resort` extension.
+    pub last_resort: bool,
+    /// End of its lifetime, in seconds since the Unix epoch.
+    pub not_after: u64,
+}
+
+/// Parses and fully validates a KeyPackage as [`key_package_identity`] does
+/// and reports its owner, last-resort mark and expiry. Needs no provider:
+/// validation uses only public keys.
+pub fn inspect_key_package(bytes: &[u8]) -> Result<KeyPackageInfo, CoreError> {
+    let (key_package, identity) = validate_key_package(&openmls_rust_crypto::RustCrypto::default(), bytes)?;
+    Ok(KeyPackageInfo {
+        identity,
+        last_resort: key_package.last_resort(),
+        not_after: key_package.life_time().not_after(),
+    })
 }
 
 /// [`key_package_identity`], also returning the validated KeyPackage for
@@ -108,6 +168,28 @@ mod tests {
         let first = generate_key_package(&provider, &alice).unwrap();
         let second = generate_key_package(&provider, &alice).unwrap();
         assert_ne!(fingerprint(&first), fingerprint(&second));
+    }
+
+    #[test]
+    fn inspect_reports_last_resort_and_expiry() {
+        let provider = OpenMlsRustCrypto::default();
+        let alice = IdentityKeypair::generate();
+        let normal = generate_key_package(&provider, &alice).unwrap();
+        let info = inspect_key_package(&normal).unwrap();
+        assert_eq!(info.identity, alice.public_key());
+        assert!(!info.last_resort);
+        let options = KeyPackageOptions {
+            last_resort: true,
+            lifetime_seconds: Some(60),
+        };
+        let last = generate_key_package_with(&provider, &alice, options).unwrap();
+        let info = inspect_key_package(&last).unwrap();
+        assert!(info.last_resort);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(info.not_after >= now + 59 && info.not_after <= now + 61);
     }
 
     #[test]

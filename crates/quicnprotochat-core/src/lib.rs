@@ -23,7 +23,10 @@ use openmls_traits::types::Ciphersuite;
 pub use error::CoreError;
 pub use group::{AddedMembers, GroupMember, Incoming, Received, classify};
 pub use identity::{IdentityKey, IdentityKeypair};
-pub use key_package::{fingerprint, generate_key_package, key_package_identity};
+pub use key_package::{
+    KeyPackageInfo, KeyPackageOptions, fingerprint, generate_key_package, generate_key_package_with,
+    inspect_key_package, key_package_identity,
+};
 
 /// The one MLS ciphersuite we speak: X25519 HPKE, AES-128-GCM, SHA-256 and
 /// Ed25519 signatures (so identities are Ed25519 keys).

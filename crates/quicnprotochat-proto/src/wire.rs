@@ -43,6 +43,48 @@ pub fn payload<'a>(field: &str, bytes: &'a [u8], max: usize) -> Result<&'a [u8],
     Ok(bytes)
 }
 
+/// A KeyPackage that passed validation for its uploader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidKeyPackage {
+    /// Its bytes, as uploaded.
+    pub bytes: Vec<u8>,
+    /// Whether it carries the `last_resort` extension.
+    pub last_resort: bool,
+    /// End of its lifetime, Unix seconds; never served after.
+    pub expires_at: u64,
+}
+
+/// Checks a KeyPackage field: size as [`payload`], then full MLS validation
+/// (signature, version, ciphersuite, lifetime, credential) and that it
+/// belongs to `owner`.
+pub fn key_package(
+    field: &str,
+    bytes: &[u8],
+    max: usize,
+    owner: &IdentityKey,
+) -> Result<ValidKeyPackage, FieldError> {
+    let bytes = payload(field, bytes, max)?;
+    let info = quicnprotochat_core::inspect_key_package(bytes).map_err(|e| FieldError {
+        field: field.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if info.identity != *owner {
+        return Err(FieldError {
+            field: field.to_owned(),
+            reason: format!(
+                "the KeyPackage belongs to {}, not to identityKey {}",
+                info.identity.short(),
+                owner.short()
+            ),
+        });
+    }
+    Ok(ValidKeyPackage {
+        bytes: bytes.to_vec(),
+        last_resort: info.last_resort,
+        expires_at: info.not_after,
+    })
+}
+
 /// Most recipients one `enqueueBatch` call may name in all its envelopes.
 pub const MAX_BATCH_RECIPIENTS: usize = 100_000;
 

@@ -31,6 +31,9 @@ pub struct Shared {
     pub connections: AtomicUsize,
 }
 
+/// Most KeyPackages one `uploadKeyPackages` call may carry.
+pub const MAX_KEY_PACKAGES_PER_UPLOAD: u32 = 1000;
+
 /// Most calls one RPC session may have unanswered at once. capnp-rpc reads
 /// every incoming call as it arrives, so without a cap one peer could pile
 /// up payloads in memory faster than the store commits them.
@@ -154,16 +157,86 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         let identity =
             wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
         self.require_owner("identityKey", &identity)?;
-        let package = wire::payload("package", params.get_package()?, self.shared.max_payload)
-            .map_err(ServiceError::from)?
-            .to_vec();
-        let digest = fingerprint(&package);
+        let package = wire::key_package(
+            "package",
+            params.get_package()?,
+            self.shared.max_payload,
+            &identity,
+        )
+        .map_err(ServiceError::from)?;
+        let digest = fingerprint(&package.bytes);
         self.shared
             .store
-            .upload_key_package(identity, package)
+            .upload_key_packages(identity, vec![package])
             .await
             .map_err(ServiceError::from)?;
         results.get().set_fingerprint(&digest);
+        Ok(())
+    }
+
+    async fn upload_key_packages(
+        self: Rc<Self>,
+        params: auth_capnp::auth_service::UploadKeyPackagesParams,
+        mut results: auth_capnp::auth_service::UploadKeyPackagesResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let params = params.get()?;
+        let identity =
+            wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+        self.require_owner("identityKey", &identity)?;
+        let list = params.get_packages()?;
+        if list.is_empty() || list.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
+            return Err(ServiceError::from(wire::FieldError {
+                field: "packages".into(),
+                reason: format!(
+                    "must hold 1 to {MAX_KEY_PACKAGES_PER_UPLOAD} KeyPackages, got {}",
+                    list.len()
+                ),
+            })
+            .into());
+        }
+        let mut packages = Vec::with_capacity(list.len() as usize);
+        for (index, bytes) in list.iter().enumerate() {
+            let field = format!("packages[{index}]");
+            packages.push(
+                wire::key_package(&field, bytes?, self.shared.max_payload, &identity)
+                    .map_err(ServiceError::from)?,
+            );
+        }
+        let digests: Vec<[u8; 32]> = packages
+            .iter()
+            .map(|package| fingerprint(&package.bytes))
+            .collect();
+        self.shared
+            .store
+            .upload_key_packages(identity, packages)
+            .await
+            .map_err(ServiceError::from)?;
+        let mut list = results.get().init_fingerprints(digests.len() as u32);
+        for (index, digest) in digests.iter().enumerate() {
+            list.set(index as u32, digest);
+        }
+        Ok(())
+    }
+
+    async fn key_package_count(
+        self: Rc<Self>,
+        params: auth_capnp::auth_service::KeyPackageCountParams,
+        mut results: auth_capnp::auth_service::KeyPackageCountResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let identity = wire::identity_key("identityKey", params.get()?.get_identity_key()?)
+            .map_err(ServiceError::from)?;
+        self.require_owner("identityKey", &identity)?;
+        let (count, has_last_resort) = self
+            .shared
+            .store
+            .count_key_packages(identity)
+            .await
+            .map_err(ServiceError::from)?;
+        let mut results = results.get();
+        results.set_count(count);
+        results.set_has_last_resort(has_last_resort);
         Ok(())
     }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use quicnprotochat_core::generate_key_package;
 
-use super::node::upload;
+use super::node::{top_up_key_packages, upload};
 use super::{Nodes, in_transaction, parse_key};
 use crate::cli::{ConnectionArgs, ContactsAction};
 use crate::error::ClientError;
@@ -16,10 +16,15 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
     let state = StateFile::open_or_create(path)?;
     let identity = state.identity_or_generate()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    // The private keys must be durable before anyone can use the KeyPackage
-    // to invite us.
+    // Always one fresh KeyPackage, then fill up to a batch (plus a last
+    // resort) if the node is running low. The private keys are durable
+    // before anyone can use a KeyPackage to invite us.
     let package = in_transaction(&state, || Ok(generate_key_package(&state.provider(), &identity)?))?;
     upload(&nodes, &identity, &package).await?;
+    let more = top_up_key_packages(&nodes, &state, &identity).await?;
+    if more > 0 {
+        eprintln!("uploaded {more} more KeyPackages (including a last-resort one if there was none)");
+    }
     println!("{}", identity.public_key());
     nodes.close().await;
     Ok(())

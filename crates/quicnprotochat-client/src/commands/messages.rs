@@ -9,6 +9,7 @@ use std::path::Path;
 use quicnprotochat_core::{GroupMember, IdentityKeypair, Incoming, Received, classify};
 use quicnprotochat_proto::wire::Envelope;
 
+use super::node::top_up_key_packages;
 use super::{
     Nodes, group_name, in_transaction, load_group, member_name, others, publish_commit, resolve_peers,
 };
@@ -89,6 +90,8 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
     for (entry, payload) in state.inbox()? {
         process_entry(&state, entry, &payload, false)?;
     }
+    // Stay invitable: replace the KeyPackages others used up.
+    top_up_key_packages(&nodes, &state, &identity).await?;
     for record in state.groups()? {
         if let Some(mut group) = GroupMember::load(&state.provider(), &record.group_id)?
             && group.should_commit_pending_proposals()

@@ -5,7 +5,8 @@ use std::time::Instant;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
 use quicnprotochat_core::{
-    IdentityKey, IdentityKeypair, fingerprint, generate_key_package, key_package_identity,
+    IdentityKey, IdentityKeypair, KeyPackageOptions, fingerprint, generate_key_package,
+    generate_key_package_with, key_package_identity,
 };
 
 use super::{Nodes, parse_key};
@@ -91,6 +92,55 @@ pub(crate) async fn fetch_verified_key_package(
         });
     }
     Ok(package)
+}
+
+/// How many ordinary KeyPackages a stateful client keeps on the node, and
+/// the level below which it uploads more.
+pub(crate) const KEY_PACKAGE_BATCH: usize = 8;
+const KEY_PACKAGE_LOW_WATER: u32 = 3;
+
+/// Tops up `identity`'s KeyPackages on the node: a batch when fewer than
+/// the low-water mark remain, and a last-resort one if it has none, so the
+/// identity stays reachable. The private keys are committed to the state
+/// file before the upload. Returns how many were uploaded.
+pub(crate) async fn top_up_key_packages(
+    nodes: &Nodes,
+    state: &crate::state::StateFile,
+    identity: &IdentityKeypair,
+) -> Result<usize, ClientError> {
+    let (count, has_last_resort) = nodes.auth().key_package_count(&identity.public_key()).await?;
+    let ordinary = if count < KEY_PACKAGE_LOW_WATER {
+        KEY_PACKAGE_BATCH
+    } else {
+        0
+    };
+    if ordinary == 0 && has_last_resort {
+        return Ok(0);
+    }
+    let packages = super::in_transaction(state, || {
+        let provider = state.provider();
+        let mut packages = Vec::with_capacity(ordinary + 1);
+        for _ in 0..ordinary {
+            packages.push(generate_key_package(&provider, identity)?);
+        }
+        if !has_last_resort {
+            let options = KeyPackageOptions {
+                last_resort: true,
+                lifetime_seconds: None,
+            };
+            packages.push(generate_key_package_with(&provider, identity, options)?);
+        }
+        Ok(packages)
+    })?;
+    let stored = nodes
+        .auth()
+        .upload_key_packages(&identity.public_key(), &packages)
+        .await?;
+    let expected: Vec<Vec<u8>> = packages.iter().map(|p| fingerprint(p).to_vec()).collect();
+    if stored != expected {
+        return Err(ClientError::FingerprintMismatch);
+    }
+    Ok(packages.len())
 }
 
 /// `fetch-key`: takes one KeyPackage of an identity and describes it.

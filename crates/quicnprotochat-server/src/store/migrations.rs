@@ -29,6 +29,11 @@ const MIGRATIONS: &[&str] = &[
          enqueued_at INTEGER NOT NULL
      );
      CREATE INDEX messages_by_recipient ON messages (recipient_key, seq);",
+    // V2: validated KeyPackages carry their last-resort mark and expiry.
+    // Rows from V1 were not validated; they keep serving until taken.
+    "ALTER TABLE key_packages ADD COLUMN last_resort INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE key_packages ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 9223372036854775807;
+     CREATE INDEX key_packages_serving ON key_packages (identity_key, last_resort, id);",
 ];
 
 /// The schema version this build creates and understands.

@@ -22,7 +22,7 @@ use std::path::Path;
 use quicnprotochat_core::IdentityKey;
 use tokio::sync::{mpsc, oneshot};
 
-pub use quicnprotochat_proto::wire::Envelope;
+pub use quicnprotochat_proto::wire::{Envelope, ValidKeyPackage};
 
 pub use migrations::SCHEMA_VERSION;
 
@@ -106,21 +106,29 @@ impl Store {
         Ok((Store { commands }, StoreCloser { thread }))
     }
 
-    /// Stores a KeyPackage for `identity`.
-    pub async fn upload_key_package(
+    /// Stores validated KeyPackages of `identity`, all or none.
+    pub async fn upload_key_packages(
         &self,
         identity: IdentityKey,
-        package: Vec<u8>,
+        packages: Vec<ValidKeyPackage>,
     ) -> Result<(), StoreError> {
-        self.call(|reply| Command::UploadKeyPackage {
+        self.call(|reply| Command::UploadKeyPackages {
             identity,
-            package,
+            packages,
             reply,
         })
         .await
     }
 
-    /// Removes and returns the oldest KeyPackage of `identity`, if any.
+    /// How many unexpired ordinary KeyPackages `identity` has, and whether
+    /// it has an unexpired last-resort one.
+    pub async fn count_key_packages(&self, identity: IdentityKey) -> Result<(u32, bool), StoreError> {
+        self.call(|reply| Command::CountKeyPackages { identity, reply })
+            .await
+    }
+
+    /// Takes a KeyPackage of `identity`: the oldest unexpired ordinary one
+    /// (deleted), else the newest unexpired last-resort one (kept).
     pub async fn take_key_package(&self, identity: IdentityKey) -> Result<Option<Vec<u8>>, StoreError> {
         self.call(|reply| Command::TakeKeyPackage { identity, reply })
             .await
@@ -177,10 +185,14 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// One unit of work for the writer thread.
 #[derive(Debug)]
 enum Command {
-    UploadKeyPackage {
+    UploadKeyPackages {
         identity: IdentityKey,
-        package: Vec<u8>,
+        packages: Vec<ValidKeyPackage>,
         reply: Reply<()>,
+    },
+    CountKeyPackages {
+        identity: IdentityKey,
+        reply: Reply<(u32, bool)>,
     },
     TakeKeyPackage {
         identity: IdentityKey,

@@ -6,28 +6,67 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quicnprotochat_core::IdentityKey;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES};
+use super::{Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, ValidKeyPackage};
 
 pub(super) fn insert_key_package(
     db: &Connection,
     identity: &IdentityKey,
-    package: &[u8],
+    package: &ValidKeyPackage,
 ) -> rusqlite::Result<()> {
-    db.prepare_cached("INSERT INTO key_packages (identity_key, package, uploaded_at) VALUES (?1, ?2, ?3)")?
-        .execute(params![identity.as_bytes(), package, unix_now()])?;
+    db.prepare_cached(
+        "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        identity.as_bytes(),
+        package.bytes,
+        unix_now(),
+        package.last_resort,
+        i64::try_from(package.expires_at).unwrap_or(i64::MAX)
+    ])?;
     Ok(())
 }
 
-/// Deletes and returns the oldest KeyPackage of `identity`. Runs on the single
-/// writer connection, so two callers can never take the same row.
+/// Deletes and returns the oldest unexpired ordinary KeyPackage of
+/// `identity`; if there is none, returns (and keeps) the newest unexpired
+/// last-resort one. Runs on the single writer connection, so two callers can
+/// never take the same row.
 pub(super) fn take_key_package(db: &Connection, identity: &IdentityKey) -> rusqlite::Result<Option<Vec<u8>>> {
+    let now = unix_now();
+    let taken = db
+        .prepare_cached(
+            "DELETE FROM key_packages WHERE id =
+                 (SELECT id FROM key_packages
+                  WHERE identity_key = ?1 AND last_resort = 0 AND expires_at > ?2
+                  ORDER BY id LIMIT 1)
+             RETURNING package",
+        )?
+        .query_row(params![identity.as_bytes(), now], |row| row.get(0))
+        .optional()?;
+    if taken.is_some() {
+        return Ok(taken);
+    }
     db.prepare_cached(
-        "DELETE FROM key_packages WHERE id =
-             (SELECT id FROM key_packages WHERE identity_key = ?1 ORDER BY id LIMIT 1)
-         RETURNING package",
+        "SELECT package FROM key_packages
+         WHERE identity_key = ?1 AND last_resort = 1 AND expires_at > ?2
+         ORDER BY id DESC LIMIT 1",
     )?
-    .query_row(params![identity.as_bytes()], |row| row.get(0))
+    .query_row(params![identity.as_bytes(), now], |row| row.get(0))
     .optional()
+}
+
+/// (unexpired ordinary KeyPackages, whether an unexpired last-resort one exists).
+pub(super) fn count_key_packages(db: &Connection, identity: &IdentityKey) -> rusqlite::Result<(u32, bool)> {
+    db.prepare_cached(
+        "SELECT coalesce(sum(last_resort = 0), 0), coalesce(max(last_resort), 0) FROM key_packages
+         WHERE identity_key = ?1 AND expires_at > ?2",
+    )?
+    .query_row(params![identity.as_bytes(), unix_now()], |row| {
+        Ok((
+            row.get::<_, i64>(0)?.clamp(0, i64::from(u32::MAX)) as u32,
+            row.get::<_, i64>(1)? != 0,
+        ))
+    })
 }
 
 pub(super) fn insert_message(

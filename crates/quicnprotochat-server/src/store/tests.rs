@@ -4,6 +4,16 @@ use quicnprotochat_core::IdentityKey;
 
 use super::*;
 
+/// An ordinary, never-expiring KeyPackage record (the store does not parse
+/// KeyPackages; the service validates them before).
+fn package(bytes: &[u8]) -> Vec<ValidKeyPackage> {
+    vec![ValidKeyPackage {
+        bytes: bytes.to_vec(),
+        last_resort: false,
+        expires_at: u64::MAX,
+    }]
+}
+
 fn key(byte: u8) -> IdentityKey {
     IdentityKey::from_bytes([byte; 32])
 }
@@ -37,7 +47,7 @@ async fn queued_messages_and_key_packages_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let (store, closer) = open(&dir).await;
     store.enqueue(key(1), b"kept".to_vec()).await.unwrap();
-    store.upload_key_package(key(1), b"kp".to_vec()).await.unwrap();
+    store.upload_key_packages(key(1), package(b"kp")).await.unwrap();
     close((store, closer)).await;
 
     let (store, closer) = open(&dir).await;
@@ -53,9 +63,12 @@ async fn queued_messages_and_key_packages_survive_a_reopen() {
 async fn key_packages_are_served_once_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
     let (store, closer) = open(&dir).await;
-    store.upload_key_package(key(1), b"first".to_vec()).await.unwrap();
     store
-        .upload_key_package(key(1), b"second".to_vec())
+        .upload_key_packages(key(1), package(b"first"))
+        .await
+        .unwrap();
+    store
+        .upload_key_packages(key(1), package(b"second"))
         .await
         .unwrap();
     assert_eq!(
@@ -77,7 +90,7 @@ async fn concurrent_takes_never_hand_out_a_key_package_twice() {
     let (store, closer) = open(&dir).await;
     for i in 0..50u32 {
         store
-            .upload_key_package(key(1), i.to_be_bytes().to_vec())
+            .upload_key_packages(key(1), package(&i.to_be_bytes()))
             .await
             .unwrap();
     }
@@ -168,5 +181,57 @@ async fn a_queue_of_tiny_messages_is_drained_in_bounded_batches() {
     let second = store.drain(key(5)).await.unwrap();
     assert_eq!(second.len(), 100);
     assert_eq!(second[0], (FETCH_MAX_MESSAGES as u32).to_be_bytes().to_vec());
+    close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let last = ValidKeyPackage {
+        bytes: b"last resort".to_vec(),
+        last_resort: true,
+        expires_at: u64::MAX,
+    };
+    store.upload_key_packages(key(1), vec![last]).await.unwrap();
+    store
+        .upload_key_packages(key(1), package(b"ordinary"))
+        .await
+        .unwrap();
+    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (1, true));
+    assert_eq!(
+        store.take_key_package(key(1)).await.unwrap(),
+        Some(b"ordinary".to_vec())
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            store.take_key_package(key(1)).await.unwrap(),
+            Some(b"last resort".to_vec())
+        );
+    }
+    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (0, true));
+    close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn an_expired_key_package_is_never_served_or_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let expired = ValidKeyPackage {
+        bytes: b"old".to_vec(),
+        last_resort: false,
+        expires_at: 1,
+    };
+    let expired_last = ValidKeyPackage {
+        bytes: b"old last resort".to_vec(),
+        last_resort: true,
+        expires_at: 1,
+    };
+    store
+        .upload_key_packages(key(1), vec![expired, expired_last])
+        .await
+        .unwrap();
+    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (0, false));
+    assert_eq!(store.take_key_package(key(1)).await.unwrap(), None);
     close((store, closer)).await;
 }

@@ -101,13 +101,21 @@ fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>) {
 /// Runs one command inside its own savepoint and returns how to answer it.
 fn apply(db: &Connection, command: Command) -> Answer {
     match command {
-        Command::UploadKeyPackage {
+        Command::UploadKeyPackages {
             identity,
-            package,
+            packages,
             reply,
         } => answer(
             reply,
-            in_savepoint(db, |db| queries::insert_key_package(db, &identity, &package)),
+            in_savepoint(db, |db| {
+                packages
+                    .iter()
+                    .try_for_each(|package| queries::insert_key_package(db, &identity, package))
+            }),
+        ),
+        Command::CountKeyPackages { identity, reply } => answer(
+            reply,
+            in_savepoint(db, |db| queries::count_key_packages(db, &identity)),
         ),
         Command::TakeKeyPackage { identity, reply } => answer(
             reply,
@@ -166,12 +174,15 @@ fn in_savepoint<T>(
 fn fail(command: Command, error: &StoreError) {
     let error = || StoreError::Transaction(error.to_string());
     match command {
-        Command::UploadKeyPackage { reply, .. }
+        Command::UploadKeyPackages { reply, .. }
         | Command::Enqueue { reply, .. }
         | Command::EnqueueBatch { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
         Command::TakeKeyPackage { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Command::CountKeyPackages { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
         Command::Drain { reply, .. } => {
