@@ -12,22 +12,41 @@ struct Envelope {
   recipientKeys @0 :List(Data);
 
   # One opaque message, queued once for every recipient; not empty, at most
-  # the node's payload limit (see ping).
+  # the node's payload limit (see ping). Stored once however many recipients.
+  payload @1 :Data;
+
+  # Optional (empty: none), at most 64 bytes, chosen by the sender: a retry
+  # with an id this sender already used is accepted and stores nothing new.
+  messageId @2 :Data;
+}
+
+# A message waiting in a queue.
+struct QueuedMessage {
+  # Its sequence number: unique and strictly increasing within the queue,
+  # never reused.
+  seq @0 :UInt64;
+
+  # The opaque message.
   payload @1 :Data;
 }
 
 interface DeliveryService {
-  # Appends `payload` to the queue of `recipientKey`.
+  # Appends `payload` to the queue of `recipientKey`. Needs an
+  # authenticated connection.
   #
   # recipientKey: the recipient's raw Ed25519 public key; exactly 32 bytes.
   # payload:      one opaque message; not empty, at most the node's payload
   #               limit (see ping).
+  # messageId:    optional (empty: none), at most 64 bytes: a retry with an id
+  #               this sender already used is accepted and stores nothing new.
   #
   # Answers only after the message is durably committed to the node's
   # database. Errors: a key that is not 32 bytes, an empty or oversize payload.
-  enqueue @0 (recipientKey :Data, payload :Data) -> ();
+  enqueue @0 (recipientKey :Data, payload :Data, messageId :Data) -> ();
 
-  # Drains the queue of `recipientKey`.
+  # Drains the queue of `recipientKey` (kept for simple clients; prefer
+  # fetchSince + ack, which lose nothing if the client dies mid-way). Only
+  # the owner may call it.
   #
   # recipientKey: the recipient's raw Ed25519 public key; exactly 32 bytes.
   # payloads:     every queued message in the order it was enqueued (oldest
@@ -43,4 +62,14 @@ interface DeliveryService {
   #
   # envelopes: at least one; every key and payload checked as in `enqueue`.
   enqueueBatch @2 (envelopes :List(Envelope)) -> ();
+
+  # Reads, without removing, the messages of `recipientKey` with a sequence
+  # number above `afterSeq`, oldest first: at most `limit` (0: no limit of
+  # our own) and at most about 16 MiB. Only the owner may call it.
+  fetchSince @3 (recipientKey :Data, afterSeq :UInt64, limit :UInt32) -> (messages :List(QueuedMessage));
+
+  # Deletes the messages of `recipientKey` with a sequence number up to and
+  # including `upToSeq`, once the client has stored them. Only the owner may
+  # call it.
+  ack @4 (recipientKey :Data, upToSeq :UInt64) -> ();
 }

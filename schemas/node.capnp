@@ -19,6 +19,11 @@ struct NodeInfo {
 
   # The largest KeyPackage or message payload, in bytes, the node accepts.
   maxPayloadBytes @2 :UInt32;
+
+  # 16 random bytes naming this node's database. Queue sequence numbers are
+  # only comparable while it stays the same: a client that remembers the
+  # highest sequence number it stored must forget it when this changes.
+  instanceId @3 :Data;
 }
 
 interface NodeService extends(Auth.AuthService, Delivery.DeliveryService) {

@@ -49,6 +49,9 @@ pub struct NodeInfo {
     pub protocol_version: u16,
     /// Largest payload accepted, in bytes.
     pub max_payload_bytes: u32,
+    /// Names the node's database; sequence numbers are only comparable
+    /// while it stays the same.
+    pub instance_id: Vec<u8>,
 }
 
 /// An open connection to a node.
@@ -156,6 +159,7 @@ impl NodeClient {
                 .map_err(|e| capnp::Error::failed(format!("ping: version is not UTF-8: {e}")))?,
             protocol_version: info.get_protocol_version(),
             max_payload_bytes: info.get_max_payload_bytes(),
+            instance_id: info.get_instance_id()?.to_vec(),
         })
     }
 
@@ -231,6 +235,9 @@ impl NodeClient {
         for (index, envelope) in envelopes.iter().enumerate() {
             let mut entry = list.reborrow().get(index as u32);
             entry.set_payload(&envelope.payload);
+            if let Some(id) = &envelope.message_id {
+                entry.set_message_id(id);
+            }
             let count = u32::try_from(envelope.recipients.len())
                 .map_err(|_| ClientError::Internal("too many recipients"))?;
             let mut keys = entry.init_recipient_keys(count);
@@ -238,6 +245,35 @@ impl NodeClient {
                 keys.set(slot as u32, recipient.as_bytes());
             }
         }
+        call(request.send().promise).await?;
+        Ok(())
+    }
+
+    /// Reads (without removing) the messages of `recipient` after
+    /// `after_seq`, oldest first, as (sequence number, payload).
+    pub async fn fetch_since(
+        &self,
+        recipient: &IdentityKey,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        let mut request = self.delivery.fetch_since_request();
+        request.get().set_recipient_key(recipient.as_bytes());
+        request.get().set_after_seq(after_seq);
+        request.get().set_limit(limit);
+        let response = call(request.send().promise).await?;
+        let messages = response.get()?.get_messages()?;
+        messages
+            .iter()
+            .map(|message| Ok((message.get_seq(), message.get_payload()?.to_vec())))
+            .collect()
+    }
+
+    /// Deletes the messages of `recipient` up to and including `up_to_seq`.
+    pub async fn ack(&self, recipient: &IdentityKey, up_to_seq: u64) -> Result<(), ClientError> {
+        let mut request = self.delivery.ack_request();
+        request.get().set_recipient_key(recipient.as_bytes());
+        request.get().set_up_to_seq(up_to_seq);
         call(request.send().promise).await?;
         Ok(())
     }

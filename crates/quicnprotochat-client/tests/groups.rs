@@ -303,7 +303,7 @@ fn garbage_and_messages_for_unknown_groups_are_skipped_and_the_rest_processed() 
 }
 
 #[test]
-fn a_client_that_dies_after_fetching_loses_nothing() {
+fn a_client_killed_between_fetch_and_ack_loses_nothing_and_applies_once() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
@@ -325,6 +325,22 @@ fn a_client_that_dies_after_fetching_loses_nothing() {
         .unwrap();
     assert_eq!(crashed.status.code(), Some(3), "{}", common::stderr(&crashed));
     assert!(crashed.stdout.is_empty(), "nothing was processed");
+    // Not acknowledged: the node still holds both and will deliver them again.
+    let bob_identity = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&bob.state))
+        .unwrap()
+        .identity()
+        .unwrap();
+    common::local(async {
+        let owner = node.connect_as(&bob_identity).await;
+        assert_eq!(
+            owner
+                .fetch_since(&bob_identity.public_key(), 0, 0)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+    });
 
     let got = bob.run(&node, "recv", &[]);
     assert_eq!(

@@ -299,10 +299,12 @@ fn a_batch_with_one_bad_envelope_stores_nothing() {
             quicnprotochat_proto::wire::Envelope {
                 recipients: vec![key(8), key(9)],
                 payload: b"to both".to_vec(),
+                message_id: None,
             },
             quicnprotochat_proto::wire::Envelope {
                 recipients: vec![key(9)],
                 payload: b"to nine".to_vec(),
+                message_id: None,
             },
         ];
         client.enqueue_batch(&batch).await.unwrap();
@@ -346,6 +348,7 @@ fn only_the_owner_may_read_a_queue_or_upload_its_key_packages() {
             .enqueue_batch(&[quicnprotochat_proto::wire::Envelope {
                 recipients: vec![key(10)],
                 payload: b"spam".to_vec(),
+                message_id: None,
             }])
             .await
             .unwrap_err()
@@ -453,5 +456,32 @@ fn an_expired_key_package_is_not_served() {
             None
         );
         assert_eq!(owner.key_package_count(&key(23)).await.unwrap(), (0, false));
+    });
+}
+
+#[test]
+fn a_retried_batch_with_the_same_message_ids_is_stored_once() {
+    let node = TestNode::start();
+    local(async {
+        let sender = node.connect_as(&identity(30)).await;
+        let batch = [quicnprotochat_proto::wire::Envelope {
+            recipients: vec![key(31), key(32)],
+            payload: b"exactly once".to_vec(),
+            message_id: Some(b"retry-me".to_vec()),
+        }];
+        sender.enqueue_batch(&batch).await.unwrap();
+        sender.enqueue_batch(&batch).await.unwrap();
+        for n in [31, 32] {
+            let owner = node.connect_as(&identity(n)).await;
+            let got = owner.fetch_since(&key(n), 0, 0).await.unwrap();
+            assert_eq!(got.len(), 1, "recipient {n}");
+            assert_eq!(got[0].1, b"exactly once".to_vec());
+            owner.ack(&key(n), got[0].0).await.unwrap();
+            assert!(owner.fetch_since(&key(n), 0, 0).await.unwrap().is_empty());
+        }
+        let err = sender.ack(&key(31), u64::MAX).await.unwrap_err().to_string();
+        assert!(err.contains("permission denied"), "{err}");
+        let err = sender.fetch_since(&key(31), 0, 0).await.unwrap_err().to_string();
+        assert!(err.contains("permission denied"), "{err}");
     });
 }

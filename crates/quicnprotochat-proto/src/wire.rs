@@ -96,6 +96,22 @@ pub struct Envelope {
     pub recipients: Vec<IdentityKey>,
     /// The opaque message.
     pub payload: Vec<u8>,
+    /// The sender's id for it, for idempotent retries.
+    pub message_id: Option<Vec<u8>>,
+}
+
+/// Longest message id accepted.
+pub const MAX_MESSAGE_ID: usize = 64;
+
+/// Parses an optional message id field (empty: none).
+pub fn message_id(field: &str, bytes: &[u8]) -> Result<Option<Vec<u8>>, FieldError> {
+    if bytes.len() > MAX_MESSAGE_ID {
+        return Err(FieldError {
+            field: field.to_owned(),
+            reason: format!("at most {MAX_MESSAGE_ID} bytes, got {}", bytes.len()),
+        });
+    }
+    Ok((!bytes.is_empty()).then(|| bytes.to_vec()))
 }
 
 /// Parses the `envelopes` parameter of `enqueueBatch`.
@@ -143,7 +159,16 @@ pub fn envelopes(
             .get_payload()
             .map_err(|e| invalid(field.clone(), e.to_string()))?;
         let payload = payload(&field, bytes, max_payload)?.to_vec();
-        parsed.push(Envelope { recipients, payload });
+        let field = format!("envelopes[{index}].messageId");
+        let id = envelope
+            .get_message_id()
+            .map_err(|e| invalid(field.clone(), e.to_string()))?;
+        let message_id = message_id(&field, id)?;
+        parsed.push(Envelope {
+            recipients,
+            payload,
+            message_id,
+        });
     }
     Ok(parsed)
 }

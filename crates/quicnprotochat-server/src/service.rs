@@ -142,6 +142,7 @@ impl node_capnp::node_service::Server for NodeServiceImpl {
         info.set_version(env!("CARGO_PKG_VERSION"));
         info.set_protocol_version(PROTOCOL_VERSION);
         info.set_max_payload_bytes(u32::try_from(self.shared.max_payload).unwrap_or(u32::MAX));
+        info.set_instance_id(&self.shared.store.instance_id());
         Ok(())
     }
 }
@@ -266,16 +267,18 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         _: delivery_capnp::delivery_service::EnqueueResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
-        self.require_authenticated()?;
+        let sender = self.require_authenticated()?;
         let params = params.get()?;
         let recipient =
             wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
         let payload = wire::payload("payload", params.get_payload()?, self.shared.max_payload)
             .map_err(ServiceError::from)?
             .to_vec();
+        let message_id =
+            wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
         self.shared
             .store
-            .enqueue(recipient, payload)
+            .enqueue(sender, recipient, payload, message_id)
             .await
             .map_err(ServiceError::from)?;
         Ok(())
@@ -287,12 +290,55 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         _: delivery_capnp::delivery_service::EnqueueBatchResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
-        self.require_authenticated()?;
+        let sender = self.require_authenticated()?;
         let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
             .map_err(ServiceError::from)?;
         self.shared
             .store
-            .enqueue_batch(envelopes)
+            .enqueue_batch(sender, envelopes)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(())
+    }
+
+    async fn fetch_since(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::FetchSinceParams,
+        mut results: delivery_capnp::delivery_service::FetchSinceResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let params = params.get()?;
+        let recipient =
+            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
+        self.require_owner("recipientKey", &recipient)?;
+        let messages = self
+            .shared
+            .store
+            .messages_after(recipient, params.get_after_seq(), params.get_limit() as usize)
+            .await
+            .map_err(ServiceError::from)?;
+        let mut list = results.get().init_messages(messages.len() as u32);
+        for (index, (seq, payload)) in messages.iter().enumerate() {
+            let mut entry = list.reborrow().get(index as u32);
+            entry.set_seq(*seq);
+            entry.set_payload(payload);
+        }
+        Ok(())
+    }
+
+    async fn ack(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::AckParams,
+        _: delivery_capnp::delivery_service::AckResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let params = params.get()?;
+        let recipient =
+            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
+        self.require_owner("recipientKey", &recipient)?;
+        self.shared
+            .store
+            .ack(recipient, params.get_up_to_seq())
             .await
             .map_err(ServiceError::from)?;
         Ok(())

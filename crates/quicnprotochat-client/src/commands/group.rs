@@ -9,11 +9,11 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use quicnprotochat_core::GroupMember;
-use quicnprotochat_proto::wire::Envelope;
 
 use super::node::fetch_verified_key_package;
 use super::{
-    Nodes, group_name, in_transaction, load_group, member_name, others, publish_commit, resolve_peers,
+    Nodes, envelope, group_name, in_transaction, load_group, member_name, others, publish_commit,
+    resolve_peers,
 };
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
@@ -69,14 +69,8 @@ pub(crate) async fn invite(
         Ok(group.add_members(&state.provider(), &identity, &packages)?)
     })?;
     let envelopes = [
-        Envelope {
-            recipients: existing,
-            payload: added.commit,
-        },
-        Envelope {
-            recipients: peers.clone(),
-            payload: added.welcome,
-        },
+        envelope(existing, added.commit),
+        envelope(peers.clone(), added.welcome),
     ];
     publish_commit(&nodes, &state, &mut group, &envelopes).await?;
     state.record_group(&group_id, true)?;
@@ -117,10 +111,7 @@ pub(crate) async fn remove(
     let commit = in_transaction(&state, || {
         Ok(group.remove_members(&state.provider(), &identity, &peers)?)
     })?;
-    let envelopes = [Envelope {
-        recipients,
-        payload: commit,
-    }];
+    let envelopes = [envelope(recipients, commit)];
     publish_commit(&nodes, &state, &mut group, &envelopes).await?;
     eprintln!(
         "removed {} from {}: epoch {}, {} members",
@@ -146,10 +137,7 @@ pub(crate) async fn update(
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     let recipients = others(&group, &identity.public_key());
     let commit = in_transaction(&state, || Ok(group.self_update(&state.provider(), &identity)?))?;
-    let envelopes = [Envelope {
-        recipients,
-        payload: commit,
-    }];
+    let envelopes = [envelope(recipients, commit)];
     publish_commit(&nodes, &state, &mut group, &envelopes).await?;
     eprintln!(
         "updated your keys in {}: epoch {}, {} members",
@@ -186,10 +174,7 @@ pub(crate) async fn leave(
     })?;
     nodes
         .delivery()
-        .enqueue_batch(&[Envelope {
-            recipients,
-            payload: proposal,
-        }])
+        .enqueue_batch(&[envelope(recipients, proposal)])
         .await?;
     eprintln!(
         "asked to leave {}; a remaining member removes you on their next `recv`",

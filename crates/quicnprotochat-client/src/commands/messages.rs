@@ -7,19 +7,20 @@
 use std::path::Path;
 
 use quicnprotochat_core::{GroupMember, IdentityKeypair, Incoming, Received, classify};
-use quicnprotochat_proto::wire::Envelope;
 
 use super::node::top_up_key_packages;
 use super::{
-    Nodes, group_name, in_transaction, load_group, member_name, others, publish_commit, resolve_peers,
+    Nodes, envelope, group_name, in_transaction, load_group, member_name, others, publish_commit,
+    resolve_peers,
 };
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::state::{Direction, StateError, StateFile};
 
-/// Test hook: when this environment variable is set, `recv` exits right
-/// after storing the fetched messages in the inbox and before processing any,
-/// as a crash there would. Tests use it to prove nothing is lost.
+/// Test hook: when this environment variable is set, `recv` and `join` exit
+/// right after storing the fetched messages in the inbox, before
+/// acknowledging them to the node and before processing any, as a crash
+/// there would. Tests use it to prove nothing is lost or applied twice.
 pub const EXIT_AFTER_FETCH_ENV: &str = "QUICNPROTOCHAT_TEST_EXIT_AFTER_FETCH";
 
 /// `send`: encrypts to the group and queues the ciphertext for the chosen
@@ -66,10 +67,7 @@ pub(crate) async fn send(
     let count = recipients.len();
     nodes
         .delivery()
-        .enqueue_batch(&[Envelope {
-            recipients,
-            payload: ciphertext,
-        }])
+        .enqueue_batch(&[envelope(recipients, ciphertext)])
         .await?;
     eprintln!("sent to {count} member(s) of {name}");
     nodes.close().await;
@@ -83,10 +81,6 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     fetch_into_inbox(&nodes, &state, &identity).await?;
-    if std::env::var_os(EXIT_AFTER_FETCH_ENV).is_some() {
-        eprintln!("exiting after fetch ({EXIT_AFTER_FETCH_ENV} is set)");
-        std::process::exit(3);
-    }
     for (entry, payload) in state.inbox()? {
         process_entry(&state, entry, &payload, false)?;
     }
@@ -140,16 +134,7 @@ async fn commit_proposals(
     let commit = in_transaction(state, || {
         Ok(group.commit_pending_proposals(&state.provider(), identity)?)
     })?;
-    publish_commit(
-        nodes,
-        state,
-        group,
-        &[Envelope {
-            recipients,
-            payload: commit,
-        }],
-    )
-    .await?;
+    publish_commit(nodes, state, group, &[envelope(recipients, commit)]).await?;
     eprintln!(
         "group {}: committed pending proposals; now epoch {}, {} members",
         group_name(group_id),
@@ -159,20 +144,44 @@ async fn commit_proposals(
     Ok(())
 }
 
-/// Drains our queue on the node into the local inbox.
+/// Copies our queue on the node into the local inbox, then acknowledges it.
+///
+/// Fetch, store, then ack: the node deletes messages only after they are
+/// committed locally, so a crash anywhere loses nothing. A message the node
+/// delivers again (the crash fell between store and ack) has a sequence
+/// number at or below the highest stored one and is skipped.
 async fn fetch_into_inbox(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
 ) -> Result<(), ClientError> {
     let me = identity.public_key();
+    let instance = nodes.delivery().ping().await?.instance_id;
+    let stored = state.stored_seq(&instance)?;
+    let mut seen = 0;
     loop {
-        let batch = nodes.delivery().fetch(&me).await?;
-        if batch.is_empty() {
-            return Ok(());
+        let batch = nodes.delivery().fetch_since(&me, seen, 0).await?;
+        let Some(&(last, _)) = batch.last() else {
+            break;
+        };
+        let fresh: Vec<Vec<u8>> = batch
+            .into_iter()
+            .filter(|(seq, _)| *seq > stored)
+            .map(|(_, payload)| payload)
+            .collect();
+        if !fresh.is_empty() {
+            state.push_inbox_at(&fresh, Some((&instance, last)))?;
         }
-        state.push_inbox(&batch)?;
+        seen = last;
     }
+    if std::env::var_os(EXIT_AFTER_FETCH_ENV).is_some() {
+        eprintln!("exiting after fetch ({EXIT_AFTER_FETCH_ENV} is set)");
+        std::process::exit(3);
+    }
+    if seen > 0 {
+        nodes.delivery().ack(&me, seen).await?;
+    }
+    Ok(())
 }
 
 /// Processes one inbox entry and removes it, in one transaction. A message

@@ -180,6 +180,16 @@ pub(crate) fn load_group(
     Ok((group_id, group))
 }
 
+/// An envelope with a fresh random message id, so a retried delivery is
+/// stored only once.
+pub(crate) fn envelope(recipients: Vec<IdentityKey>, payload: Vec<u8>) -> Envelope {
+    Envelope {
+        recipients,
+        payload,
+        message_id: Some(rand::random::<[u8; 16]>().to_vec()),
+    }
+}
+
 /// Every member of `group` but us.
 pub(crate) fn others(group: &GroupMember, me: &IdentityKey) -> Vec<IdentityKey> {
     group

@@ -3,14 +3,35 @@
 //! written here in one transaction before any is processed, and each is
 //! deleted in the same transaction that applies it.
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 use super::{StateError, StateFile, unix_now};
 
 impl StateFile {
     /// Appends fetched payloads to the inbox in one transaction.
     pub fn push_inbox(&self, payloads: &[Vec<u8>]) -> Result<(), StateError> {
+        self.push_inbox_at(payloads, None)
+    }
+
+    /// Appends fetched payloads to the inbox and, in the same transaction,
+    /// records `(node instance, sequence number)` as the highest stored, so
+    /// a redelivery of these messages is recognised.
+    pub fn push_inbox_at(
+        &self,
+        payloads: &[Vec<u8>],
+        cursor: Option<(&[u8], u64)>,
+    ) -> Result<(), StateError> {
         let transaction = self.transaction()?;
+        if let Some((instance, seq)) = cursor {
+            transaction.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![
+                    cursor_key(instance),
+                    i64::try_from(seq).unwrap_or(i64::MAX).to_be_bytes().to_vec()
+                ],
+            )?;
+        }
         {
             let mut insert =
                 transaction.prepare_cached("INSERT INTO inbox (payload, received_at) VALUES (?1, ?2)")?;
@@ -21,6 +42,21 @@ impl StateFile {
         }
         transaction.commit()?;
         Ok(())
+    }
+
+    /// The highest sequence number of node `instance` already stored.
+    pub fn stored_seq(&self, instance: &[u8]) -> Result<u64, StateError> {
+        let value: Option<Vec<u8>> = self
+            .connection
+            .query_row(
+                "SELECT value FROM settings WHERE key = ?1",
+                params![cursor_key(instance)],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(value
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, |bytes| i64::from_be_bytes(bytes).max(0) as u64))
     }
 
     /// The inbox, oldest first, as (entry id, payload).
@@ -38,4 +74,8 @@ impl StateFile {
             .execute("DELETE FROM inbox WHERE id = ?1", params![id])?;
         Ok(())
     }
+}
+
+fn cursor_key(instance: &[u8]) -> String {
+    format!("stored_seq:{}", hex::encode(instance))
 }

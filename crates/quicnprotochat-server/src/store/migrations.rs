@@ -34,14 +34,40 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE key_packages ADD COLUMN last_resort INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE key_packages ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 9223372036854775807;
      CREATE INDEX key_packages_serving ON key_packages (identity_key, last_resort, id);",
+    // V3: a payload sent to many recipients is stored once (messages point
+    // at it; a trigger frees it with its last queue entry), and senders'
+    // message ids make retries idempotent.
+    "CREATE TABLE payloads (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         body BLOB NOT NULL,
+         refs INTEGER NOT NULL
+     );
+     ALTER TABLE messages ADD COLUMN payload_id INTEGER REFERENCES payloads (id);
+     CREATE TRIGGER messages_release_payload AFTER DELETE ON messages
+     WHEN old.payload_id IS NOT NULL
+     BEGIN
+         UPDATE payloads SET refs = refs - 1 WHERE id = old.payload_id;
+         DELETE FROM payloads WHERE id = old.payload_id AND refs <= 0;
+     END;
+     CREATE TABLE message_ids (
+         sender BLOB NOT NULL,
+         message_id BLOB NOT NULL,
+         created_at INTEGER NOT NULL,
+         PRIMARY KEY (sender, message_id)
+     ) WITHOUT ROWID;
+     CREATE TABLE meta (
+         key TEXT PRIMARY KEY,
+         value BLOB NOT NULL
+     );
+     INSERT INTO meta (key, value) VALUES ('instance_id', randomblob(16));",
 ];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Opens the database at `path`, sets durability pragmas and applies pending
-/// migrations.
-pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
+/// migrations. Returns the connection and the database's instance id.
+pub(super) fn open(path: &Path) -> Result<(Connection, [u8; 16]), StoreError> {
     let mut connection = Connection::open(path)?;
     // Before anything writes: refuse a file that is not ours.
     check_ownership(&connection)?;
@@ -56,7 +82,14 @@ pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", true)?;
     migrate(&mut connection)?;
-    Ok(connection)
+    let id: Vec<u8> =
+        connection.query_row("SELECT value FROM meta WHERE key = 'instance_id'", [], |row| {
+            row.get(0)
+        })?;
+    let instance_id = id
+        .try_into()
+        .map_err(|_| StoreError::Transaction("the stored instance id is damaged".into()))?;
+    Ok((connection, instance_id))
 }
 
 fn check_ownership(connection: &Connection) -> Result<(), StoreError> {

@@ -84,6 +84,7 @@ pub enum StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     commands: mpsc::Sender<Command>,
+    instance_id: [u8; 16],
 }
 
 /// Owns the writer thread; [`StoreCloser::close`] finishes queued work and
@@ -100,10 +101,21 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let connection = migrations::open(path)?;
+        let (connection, instance_id) = migrations::open(path)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread = writer::spawn(connection, receiver)?;
-        Ok((Store { commands }, StoreCloser { thread }))
+        Ok((
+            Store {
+                commands,
+                instance_id,
+            },
+            StoreCloser { thread },
+        ))
+    }
+
+    /// 16 random bytes naming this database, created with it.
+    pub fn instance_id(&self) -> [u8; 16] {
+        self.instance_id
     }
 
     /// Stores validated KeyPackages of `identity`, all or none.
@@ -134,21 +146,66 @@ impl Store {
             .await
     }
 
-    /// Appends `payload` to the queue of `recipient`.
-    pub async fn enqueue(&self, recipient: IdentityKey, payload: Vec<u8>) -> Result<(), StoreError> {
-        self.call(|reply| Command::Enqueue {
-            recipient,
+    /// Appends `payload` to the queue of `recipient`, unless `sender` already
+    /// used `message_id`.
+    pub async fn enqueue(
+        &self,
+        sender: IdentityKey,
+        recipient: IdentityKey,
+        payload: Vec<u8>,
+        message_id: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let envelopes = vec![Envelope {
+            recipients: vec![recipient],
             payload,
+            message_id,
+        }];
+        self.enqueue_batch(sender, envelopes).await
+    }
+
+    /// Appends each payload to the queue of each of its recipients, all in
+    /// one savepoint: either every message is committed or none is.
+    /// Envelopes whose message id `sender` already used are skipped.
+    pub async fn enqueue_batch(
+        &self,
+        sender: IdentityKey,
+        envelopes: Vec<Envelope>,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Command::EnqueueBatch {
+            sender,
+            envelopes,
             reply,
         })
         .await
     }
 
-    /// Appends each payload to the queue of each of its recipients, all in
-    /// one savepoint: either every message is committed or none is.
-    pub async fn enqueue_batch(&self, envelopes: Vec<Envelope>) -> Result<(), StoreError> {
-        self.call(|reply| Command::EnqueueBatch { envelopes, reply })
-            .await
+    /// The messages of `recipient` after `after_seq`, oldest first, without
+    /// removing them: at most `limit` (0: the node's maximum) and within the
+    /// fetch budget.
+    pub async fn messages_after(
+        &self,
+        recipient: IdentityKey,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.call(|reply| Command::MessagesAfter {
+            recipient,
+            after_seq,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes the messages of `recipient` up to and including `up_to_seq`;
+    /// returns how many.
+    pub async fn ack(&self, recipient: IdentityKey, up_to_seq: u64) -> Result<usize, StoreError> {
+        self.call(|reply| Command::Ack {
+            recipient,
+            up_to_seq,
+            reply,
+        })
+        .await
     }
 
     /// Removes and returns the queued messages of `recipient`, oldest first,
@@ -198,14 +255,21 @@ enum Command {
         identity: IdentityKey,
         reply: Reply<Option<Vec<u8>>>,
     },
-    Enqueue {
-        recipient: IdentityKey,
-        payload: Vec<u8>,
-        reply: Reply<()>,
-    },
     EnqueueBatch {
+        sender: IdentityKey,
         envelopes: Vec<Envelope>,
         reply: Reply<()>,
+    },
+    MessagesAfter {
+        recipient: IdentityKey,
+        after_seq: u64,
+        limit: usize,
+        reply: Reply<Vec<(u64, Vec<u8>)>>,
+    },
+    Ack {
+        recipient: IdentityKey,
+        up_to_seq: u64,
+        reply: Reply<usize>,
     },
     Drain {
         recipient: IdentityKey,

@@ -69,56 +69,123 @@ pub(super) fn count_key_packages(db: &Connection, identity: &IdentityKey) -> rus
     })
 }
 
+/// Records that `sender` used `message_id`; false if it already had, in
+/// which case the message was stored before and must not be stored again.
+pub(super) fn claim_message_id(
+    db: &Connection,
+    sender: &IdentityKey,
+    message_id: &[u8],
+) -> rusqlite::Result<bool> {
+    let inserted = db
+        .prepare_cached(
+            "INSERT OR IGNORE INTO message_ids (sender, message_id, created_at) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![sender.as_bytes(), message_id, unix_now()])?;
+    Ok(inserted == 1)
+}
+
+/// Queues `payload` for every recipient: inline for one recipient, stored
+/// once and referenced for several.
 pub(super) fn insert_message(
     db: &Connection,
-    recipient: &IdentityKey,
+    recipients: &[IdentityKey],
     payload: &[u8],
 ) -> rusqlite::Result<()> {
-    db.prepare_cached("INSERT INTO messages (recipient_key, payload, enqueued_at) VALUES (?1, ?2, ?3)")?
-        .execute(params![recipient.as_bytes(), payload, unix_now()])?;
+    let now = unix_now();
+    if let [recipient] = recipients {
+        db.prepare_cached("INSERT INTO messages (recipient_key, payload, enqueued_at) VALUES (?1, ?2, ?3)")?
+            .execute(params![recipient.as_bytes(), payload, now])?;
+        return Ok(());
+    }
+    let payload_id: i64 = db
+        .prepare_cached("INSERT INTO payloads (body, refs) VALUES (?1, ?2) RETURNING id")?
+        .query_row(params![payload, recipients.len() as i64], |row| row.get(0))?;
+    let mut insert = db.prepare_cached(
+        "INSERT INTO messages (recipient_key, payload, enqueued_at, payload_id) VALUES (?1, X'', ?2, ?3)",
+    )?;
+    for recipient in recipients {
+        insert.execute(params![recipient.as_bytes(), now, payload_id])?;
+    }
     Ok(())
 }
 
-/// Queues each envelope's payload for each of its recipients.
-pub(super) fn insert_envelopes(db: &Connection, envelopes: &[Envelope]) -> rusqlite::Result<()> {
+/// Queues each envelope whose message id (if any) `sender` has not used yet.
+pub(super) fn insert_envelopes(
+    db: &Connection,
+    sender: &IdentityKey,
+    envelopes: &[Envelope],
+) -> rusqlite::Result<()> {
     for envelope in envelopes {
-        for recipient in &envelope.recipients {
-            insert_message(db, recipient, &envelope.payload)?;
+        if let Some(id) = &envelope.message_id
+            && !claim_message_id(db, sender, id)?
+        {
+            continue;
         }
+        insert_message(db, &envelope.recipients, &envelope.payload)?;
     }
     Ok(())
 }
 
-/// Reads the queue of `recipient` oldest first, up to the fetch budget, and
-/// deletes what it read. The budget counts what each message costs in the
-/// Cap'n Proto answer (payload padded to a word, plus its list pointer), so a
-/// queue of many tiny messages cannot make an answer the client refuses.
-pub(super) fn drain_messages(db: &Connection, recipient: &IdentityKey) -> rusqlite::Result<Vec<Vec<u8>>> {
-    let mut payloads = Vec::new();
-    let mut last_seq = None;
+/// The messages of `recipient` after `after_seq`, oldest first, at most
+/// `limit` and within the fetch budget. The budget counts what each message
+/// costs in the Cap'n Proto answer (payload padded to a word, plus its list
+/// pointer and sequence number), so a queue of many tiny messages cannot make
+/// an answer the client refuses.
+pub(super) fn messages_after(
+    db: &Connection,
+    recipient: &IdentityKey,
+    after_seq: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<(u64, Vec<u8>)>> {
+    let limit = if limit == 0 {
+        FETCH_MAX_MESSAGES
+    } else {
+        limit.min(FETCH_MAX_MESSAGES)
+    };
+    let mut select = db.prepare_cached(
+        "SELECT m.seq, coalesce(p.body, m.payload) FROM messages m
+         LEFT JOIN payloads p ON p.id = m.payload_id
+         WHERE m.recipient_key = ?1 AND m.seq > ?2 ORDER BY m.seq",
+    )?;
+    let mut rows = select.query(params![
+        recipient.as_bytes(),
+        i64::try_from(after_seq).unwrap_or(i64::MAX)
+    ])?;
+    let mut messages = Vec::new();
     let mut total = 0usize;
-    {
-        let mut select =
-            db.prepare_cached("SELECT seq, payload FROM messages WHERE recipient_key = ?1 ORDER BY seq")?;
-        let mut rows = select.query(params![recipient.as_bytes()])?;
-        while let Some(row) = rows.next()? {
-            let payload: Vec<u8> = row.get(1)?;
-            let cost = payload.len().next_multiple_of(8) + 8;
-            if !payloads.is_empty()
-                && (total + cost > FETCH_BUDGET_BYTES || payloads.len() >= FETCH_MAX_MESSAGES)
-            {
-                break;
-            }
-            total += cost;
-            last_seq = Some(row.get::<_, i64>(0)?);
-            payloads.push(payload);
+    while let Some(row) = rows.next()? {
+        let payload: Vec<u8> = row.get(1)?;
+        let cost = payload.len().next_multiple_of(8) + 24;
+        if !messages.is_empty() && (total + cost > FETCH_BUDGET_BYTES || messages.len() >= limit) {
+            break;
         }
+        total += cost;
+        messages.push((row.get::<_, i64>(0)? as u64, payload));
     }
-    if let Some(last_seq) = last_seq {
-        db.prepare_cached("DELETE FROM messages WHERE recipient_key = ?1 AND seq <= ?2")?
-            .execute(params![recipient.as_bytes(), last_seq])?;
+    Ok(messages)
+}
+
+/// Deletes the messages of `recipient` up to and including `up_to_seq`.
+pub(super) fn delete_through(
+    db: &Connection,
+    recipient: &IdentityKey,
+    up_to_seq: u64,
+) -> rusqlite::Result<usize> {
+    db.prepare_cached("DELETE FROM messages WHERE recipient_key = ?1 AND seq <= ?2")?
+        .execute(params![
+            recipient.as_bytes(),
+            i64::try_from(up_to_seq).unwrap_or(i64::MAX)
+        ])
+}
+
+/// Reads the queue of `recipient` oldest first, within the fetch budget, and
+/// deletes what it read.
+pub(super) fn drain_messages(db: &Connection, recipient: &IdentityKey) -> rusqlite::Result<Vec<Vec<u8>>> {
+    let messages = messages_after(db, recipient, 0, 0)?;
+    if let Some((last, _)) = messages.last() {
+        delete_through(db, recipient, *last)?;
     }
-    Ok(payloads)
+    Ok(messages.into_iter().map(|(_, payload)| payload).collect())
 }
 
 fn unix_now() -> i64 {

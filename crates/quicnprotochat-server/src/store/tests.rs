@@ -32,9 +32,12 @@ async fn drain_returns_messages_in_fifo_order_and_empties_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let (store, closer) = open(&dir).await;
     for i in 0..10u8 {
-        store.enqueue(key(1), vec![i]).await.unwrap();
+        store.enqueue(key(0), key(1), vec![i], None).await.unwrap();
     }
-    store.enqueue(key(2), b"other".to_vec()).await.unwrap();
+    store
+        .enqueue(key(0), key(2), b"other".to_vec(), None)
+        .await
+        .unwrap();
     let drained = store.drain(key(1)).await.unwrap();
     assert_eq!(drained, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
     assert!(store.drain(key(1)).await.unwrap().is_empty());
@@ -46,7 +49,10 @@ async fn drain_returns_messages_in_fifo_order_and_empties_the_queue() {
 async fn queued_messages_and_key_packages_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let (store, closer) = open(&dir).await;
-    store.enqueue(key(1), b"kept".to_vec()).await.unwrap();
+    store
+        .enqueue(key(0), key(1), b"kept".to_vec(), None)
+        .await
+        .unwrap();
     store.upload_key_packages(key(1), package(b"kp")).await.unwrap();
     close((store, closer)).await;
 
@@ -118,7 +124,11 @@ async fn concurrent_enqueues_are_all_committed() {
     let senders: Vec<_> = (0..500u32)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move { store.enqueue(key(3), i.to_be_bytes().to_vec()).await })
+            tokio::spawn(async move {
+                store
+                    .enqueue(key(0), key(3), i.to_be_bytes().to_vec(), None)
+                    .await
+            })
         })
         .collect();
     for sender in senders {
@@ -137,7 +147,7 @@ async fn a_large_queue_is_drained_over_several_fetches_within_the_budget() {
     let (store, closer) = open(&dir).await;
     let big = vec![7u8; FETCH_BUDGET_BYTES / 3 + 1];
     for _ in 0..4 {
-        store.enqueue(key(1), big.clone()).await.unwrap();
+        store.enqueue(key(0), key(1), big.clone(), None).await.unwrap();
     }
     assert_eq!(store.drain(key(1)).await.unwrap().len(), 2);
     assert_eq!(store.drain(key(1)).await.unwrap().len(), 2);
@@ -174,7 +184,10 @@ async fn a_queue_of_tiny_messages_is_drained_in_bounded_batches() {
     let (store, closer) = open(&dir).await;
     let total = FETCH_MAX_MESSAGES + 100;
     for i in 0..total as u32 {
-        store.enqueue(key(5), i.to_be_bytes().to_vec()).await.unwrap();
+        store
+            .enqueue(key(0), key(5), i.to_be_bytes().to_vec(), None)
+            .await
+            .unwrap();
     }
     let first = store.drain(key(5)).await.unwrap();
     assert_eq!(first.len(), FETCH_MAX_MESSAGES);
@@ -234,4 +247,83 @@ async fn an_expired_key_package_is_never_served_or_counted() {
     assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (0, false));
     assert_eq!(store.take_key_package(key(1)).await.unwrap(), None);
     close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn fetch_after_a_sequence_number_keeps_messages_until_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    for i in 0..5u8 {
+        store.enqueue(key(0), key(1), vec![i], None).await.unwrap();
+    }
+    let all = store.messages_after(key(1), 0, 0).await.unwrap();
+    assert_eq!(all.iter().map(|(_, p)| p[0]).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "strictly increasing");
+    let (third, _) = all[2];
+    assert_eq!(store.messages_after(key(1), third, 0).await.unwrap().len(), 2);
+    assert_eq!(store.messages_after(key(1), 0, 2).await.unwrap().len(), 2);
+    // Reading removes nothing; acking removes exactly up to the number.
+    assert_eq!(store.messages_after(key(1), 0, 0).await.unwrap().len(), 5);
+    assert_eq!(store.ack(key(1), third).await.unwrap(), 3);
+    let rest = store.messages_after(key(1), 0, 0).await.unwrap();
+    assert_eq!(rest, all[3..].to_vec());
+    // Sequence numbers are never reused, even after the queue empties.
+    store.ack(key(1), u64::MAX).await.unwrap();
+    store.enqueue(key(0), key(1), vec![9], None).await.unwrap();
+    let after = store.messages_after(key(1), 0, 0).await.unwrap();
+    assert!(after[0].0 > all[4].0);
+    close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn a_repeated_message_id_is_stored_once_per_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let id = Some(b"id-1".to_vec());
+    store
+        .enqueue(key(0), key(1), b"once".to_vec(), id.clone())
+        .await
+        .unwrap();
+    store
+        .enqueue(key(0), key(1), b"once".to_vec(), id.clone())
+        .await
+        .unwrap();
+    // The same id from another sender is another message.
+    store
+        .enqueue(key(2), key(1), b"other sender".to_vec(), id)
+        .await
+        .unwrap();
+    let got: Vec<Vec<u8>> = store.drain(key(1)).await.unwrap();
+    assert_eq!(got, vec![b"once".to_vec(), b"other sender".to_vec()]);
+    close((store, closer)).await;
+}
+
+#[tokio::test]
+async fn a_fanned_out_payload_is_stored_once_and_freed_with_its_last_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let envelope = Envelope {
+        recipients: (1..=100u8).map(key).collect(),
+        payload: vec![7u8; 1000],
+        message_id: None,
+    };
+    store.enqueue_batch(key(0), vec![envelope]).await.unwrap();
+    close((store, closer)).await;
+    let count = |sql: &str| -> i64 {
+        let db = rusqlite::Connection::open(dir.path().join("node.db")).unwrap();
+        db.query_row(sql, [], |row| row.get(0)).unwrap()
+    };
+    assert_eq!(count("SELECT count(*) FROM payloads"), 1);
+    assert_eq!(count("SELECT count(*) FROM messages"), 100);
+
+    let (store, closer) = open(&dir).await;
+    for n in 1..=99u8 {
+        assert_eq!(store.drain(key(n)).await.unwrap(), vec![vec![7u8; 1000]]);
+    }
+    close((store, closer)).await;
+    assert_eq!(count("SELECT refs FROM payloads"), 1);
+    let (store, closer) = open(&dir).await;
+    store.drain(key(100)).await.unwrap();
+    close((store, closer)).await;
+    assert_eq!(count("SELECT count(*) FROM payloads"), 0);
 }

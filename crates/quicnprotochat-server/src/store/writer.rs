@@ -121,17 +121,30 @@ fn apply(db: &Connection, command: Command) -> Answer {
             reply,
             in_savepoint(db, |db| queries::take_key_package(db, &identity)),
         ),
-        Command::Enqueue {
-            recipient,
-            payload,
+        Command::EnqueueBatch {
+            sender,
+            envelopes,
             reply,
         } => answer(
             reply,
-            in_savepoint(db, |db| queries::insert_message(db, &recipient, &payload)),
+            in_savepoint(db, |db| queries::insert_envelopes(db, &sender, &envelopes)),
         ),
-        Command::EnqueueBatch { envelopes, reply } => answer(
+        Command::MessagesAfter {
+            recipient,
+            after_seq,
+            limit,
             reply,
-            in_savepoint(db, |db| queries::insert_envelopes(db, &envelopes)),
+        } => answer(
+            reply,
+            in_savepoint(db, |db| queries::messages_after(db, &recipient, after_seq, limit)),
+        ),
+        Command::Ack {
+            recipient,
+            up_to_seq,
+            reply,
+        } => answer(
+            reply,
+            in_savepoint(db, |db| queries::delete_through(db, &recipient, up_to_seq)),
         ),
         Command::Drain { recipient, reply } => answer(
             reply,
@@ -174,9 +187,7 @@ fn in_savepoint<T>(
 fn fail(command: Command, error: &StoreError) {
     let error = || StoreError::Transaction(error.to_string());
     match command {
-        Command::UploadKeyPackages { reply, .. }
-        | Command::Enqueue { reply, .. }
-        | Command::EnqueueBatch { reply, .. } => {
+        Command::UploadKeyPackages { reply, .. } | Command::EnqueueBatch { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
         Command::TakeKeyPackage { reply, .. } => {
@@ -186,6 +197,12 @@ fn fail(command: Command, error: &StoreError) {
             let _ = reply.send(Err(error()));
         }
         Command::Drain { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Command::MessagesAfter { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Command::Ack { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
     }
