@@ -72,4 +72,16 @@ interface DeliveryService {
   # including `upToSeq`, once the client has stored them. Only the owner may
   # call it.
   ack @4 (recipientKey :Data, upToSeq :UInt64) -> ();
+
+  # Publishes a group change, accepting exactly one Commit per group and
+  # epoch: the first. `commit` carries a Commit (an MLS message whose
+  # unencrypted framing must name `groupId` and `epoch`) for its recipients;
+  # `welcome`, if it has recipients, carries the Welcome for new members and
+  # is delivered only together with the Commit. Both are committed in one
+  # transaction. If a Commit for this group was already accepted for `epoch`
+  # (or a later epoch), nothing is stored and the call fails with
+  # "commit conflict: …" naming the group's current epoch: process your
+  # queue, then redo the change. The node keeps only the group id and its
+  # current epoch for this. Needs an authenticated connection.
+  publishCommit @5 (groupId :Data, epoch :UInt64, commit :Envelope, welcome :Envelope) -> ();
 }

@@ -91,6 +91,12 @@ pub enum ClientError {
     /// The node answered a call with an error, or the session broke.
     #[error("node: {0}")]
     Rpc(#[from] capnp::Error),
+    /// Another member's Commit was accepted for the epoch ours was made in.
+    #[error("another member changed the group first{}", .current_epoch.map(|e| format!(" (it is at epoch {e})")).unwrap_or_default())]
+    CommitConflict {
+        /// The group's epoch on the node, if it said.
+        current_epoch: Option<u64>,
+    },
     /// The node has no KeyPackage left for a peer.
     #[error(
         "the node has no KeyPackage for {0}; ask its owner to run `register-state` (or `register`) to upload a fresh one"

@@ -233,20 +233,37 @@ impl NodeClient {
             u32::try_from(envelopes.len()).map_err(|_| ClientError::Internal("too many envelopes"))?;
         let mut list = request.get().init_envelopes(length);
         for (index, envelope) in envelopes.iter().enumerate() {
-            let mut entry = list.reborrow().get(index as u32);
-            entry.set_payload(&envelope.payload);
-            if let Some(id) = &envelope.message_id {
-                entry.set_message_id(id);
-            }
-            let count = u32::try_from(envelope.recipients.len())
-                .map_err(|_| ClientError::Internal("too many recipients"))?;
-            let mut keys = entry.init_recipient_keys(count);
-            for (slot, recipient) in envelope.recipients.iter().enumerate() {
-                keys.set(slot as u32, recipient.as_bytes());
-            }
+            fill_envelope(list.reborrow().get(index as u32), envelope)?;
         }
         call(request.send().promise).await?;
         Ok(())
+    }
+
+    /// Publishes a group change: `commit` (made in `epoch` of `group_id`) and,
+    /// delivered only with it, `welcome`. Fails with
+    /// [`ClientError::CommitConflict`] if another Commit won that epoch.
+    pub async fn publish_commit(
+        &self,
+        group_id: &[u8],
+        epoch: u64,
+        commit: &Envelope,
+        welcome: Option<&Envelope>,
+    ) -> Result<(), ClientError> {
+        let mut request = self.delivery.publish_commit_request();
+        request.get().set_group_id(group_id);
+        request.get().set_epoch(epoch);
+        fill_envelope(request.get().init_commit(), commit)?;
+        if let Some(welcome) = welcome {
+            fill_envelope(request.get().init_welcome(), welcome)?;
+        }
+        match call(request.send().promise).await {
+            Err(ClientError::Rpc(e)) if e.to_string().contains("commit conflict") => {
+                Err(ClientError::CommitConflict {
+                    current_epoch: current_epoch(&e.to_string()),
+                })
+            }
+            other => other.map(|_| ()),
+        }
     }
 
     /// Reads (without removing) the messages of `recipient` after
@@ -304,6 +321,29 @@ impl NodeClient {
         self.connection.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
+}
+
+fn fill_envelope(
+    mut builder: quicnprotochat_proto::delivery_capnp::envelope::Builder<'_>,
+    envelope: &Envelope,
+) -> Result<(), ClientError> {
+    builder.set_payload(&envelope.payload);
+    if let Some(id) = &envelope.message_id {
+        builder.set_message_id(id);
+    }
+    let count =
+        u32::try_from(envelope.recipients.len()).map_err(|_| ClientError::Internal("too many recipients"))?;
+    let mut keys = builder.init_recipient_keys(count);
+    for (slot, recipient) in envelope.recipients.iter().enumerate() {
+        keys.set(slot as u32, recipient.as_bytes());
+    }
+    Ok(())
+}
+
+/// The epoch named in a node's "commit conflict: … at epoch N" answer.
+fn current_epoch(text: &str) -> Option<u64> {
+    let rest = text.split("at epoch ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 async fn call<T>(promise: capnp::capability::Promise<T, capnp::Error>) -> Result<T, ClientError> {

@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use openmls::framing::Sender;
+use openmls::framing::{ContentType, Sender};
 use openmls::group::{
     MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsGroupStateError, NewGroupError,
     PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessMessageError, StagedCommit, StagedWelcome, ValidationError,
@@ -112,7 +112,20 @@ pub enum Incoming {
         group_id: Vec<u8>,
         /// The epoch it was sent in.
         epoch: u64,
+        /// What it carries (visible in the clear in MLS framing).
+        kind: MessageKind,
     },
+}
+
+/// The content type of a group message, from its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// An application message.
+    Application,
+    /// A proposal.
+    Proposal,
+    /// A Commit: moves the group to the next epoch.
+    Commit,
 }
 
 impl GroupMember {
@@ -647,6 +660,11 @@ pub fn classify(message: &[u8]) -> Result<Incoming, CoreError> {
     Ok(Incoming::Group {
         group_id: message.group_id().as_slice().to_vec(),
         epoch: message.epoch().as_u64(),
+        kind: match message.content_type() {
+            ContentType::Application => MessageKind::Application,
+            ContentType::Proposal => MessageKind::Proposal,
+            ContentType::Commit => MessageKind::Commit,
+        },
     })
 }
 
@@ -1115,7 +1133,8 @@ mod tests {
             classify(&added.commit).unwrap(),
             Incoming::Group {
                 group_id: GROUP_ID.to_vec(),
-                epoch: 0
+                epoch: 0,
+                kind: MessageKind::Commit,
             }
         );
         let message = alice.send(&mut alice_group, "hi");
@@ -1123,7 +1142,8 @@ mod tests {
             classify(&message).unwrap(),
             Incoming::Group {
                 group_id: GROUP_ID.to_vec(),
-                epoch: 1
+                epoch: 1,
+                kind: MessageKind::Application,
             }
         );
     }

@@ -21,7 +21,7 @@ pub mod key_package;
 use openmls_traits::types::Ciphersuite;
 
 pub use error::CoreError;
-pub use group::{AddedMembers, GroupMember, Incoming, Received, classify};
+pub use group::{AddedMembers, GroupMember, Incoming, MessageKind, Received, classify};
 pub use identity::{IdentityKey, IdentityKeypair};
 pub use key_package::{
     KeyPackageInfo, KeyPackageOptions, fingerprint, generate_key_package, generate_key_package_with,

@@ -119,58 +119,153 @@ pub fn envelopes(
     list: capnp::struct_list::Reader<'_, crate::delivery_capnp::envelope::Owned>,
     max_payload: usize,
 ) -> Result<Vec<Envelope>, FieldError> {
-    let invalid = |field: String, reason: String| FieldError { field, reason };
     if list.is_empty() {
-        return Err(invalid(
-            "envelopes".into(),
-            "must hold at least one envelope".into(),
-        ));
+        return Err(FieldError {
+            field: "envelopes".into(),
+            reason: "must hold at least one envelope".into(),
+        });
     }
     let mut total_recipients = 0usize;
     let mut parsed = Vec::with_capacity(list.len() as usize);
-    for (index, envelope) in list.iter().enumerate() {
-        let recipients = envelope
-            .get_recipient_keys()
-            .map_err(|e| invalid(format!("envelopes[{index}].recipientKeys"), e.to_string()))?;
-        if recipients.is_empty() {
-            return Err(invalid(
-                format!("envelopes[{index}].recipientKeys"),
-                "must name at least one recipient".into(),
-            ));
-        }
-        total_recipients += recipients.len() as usize;
+    for (index, reader) in list.iter().enumerate() {
+        let envelope = envelope(&format!("envelopes[{index}]"), reader, max_payload, 1)?;
+        total_recipients += envelope.recipients.len();
         if total_recipients > MAX_BATCH_RECIPIENTS {
-            return Err(invalid(
-                "envelopes".into(),
-                format!("more than {MAX_BATCH_RECIPIENTS} recipients in one batch; split it"),
-            ));
+            return Err(FieldError {
+                field: "envelopes".into(),
+                reason: format!("more than {MAX_BATCH_RECIPIENTS} recipients in one batch; split it"),
+            });
         }
-        let recipients = recipients
-            .iter()
-            .enumerate()
-            .map(|(slot, key)| {
-                let field = format!("envelopes[{index}].recipientKeys[{slot}]");
-                let key = key.map_err(|e| invalid(field.clone(), e.to_string()))?;
-                identity_key(&field, key)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let field = format!("envelopes[{index}].payload");
-        let bytes = envelope
-            .get_payload()
-            .map_err(|e| invalid(field.clone(), e.to_string()))?;
-        let payload = payload(&field, bytes, max_payload)?.to_vec();
-        let field = format!("envelopes[{index}].messageId");
-        let id = envelope
-            .get_message_id()
-            .map_err(|e| invalid(field.clone(), e.to_string()))?;
-        let message_id = message_id(&field, id)?;
-        parsed.push(Envelope {
-            recipients,
-            payload,
-            message_id,
-        });
+        parsed.push(envelope);
     }
     Ok(parsed)
+}
+
+/// Parses one `Envelope` named `field`: at least `min_recipients` recipients
+/// (at most [`MAX_BATCH_RECIPIENTS`]), each a 32-byte key, a payload within
+/// `max_payload` and an optional message id.
+pub fn envelope(
+    field: &str,
+    reader: crate::delivery_capnp::envelope::Reader<'_>,
+    max_payload: usize,
+    min_recipients: usize,
+) -> Result<Envelope, FieldError> {
+    let invalid = |field: String, reason: String| FieldError { field, reason };
+    let keys_field = format!("{field}.recipientKeys");
+    let recipients = reader
+        .get_recipient_keys()
+        .map_err(|e| invalid(keys_field.clone(), e.to_string()))?;
+    if (recipients.len() as usize) < min_recipients || recipients.len() as usize > MAX_BATCH_RECIPIENTS {
+        return Err(invalid(
+            keys_field,
+            format!("must name {min_recipients} to {MAX_BATCH_RECIPIENTS} recipients"),
+        ));
+    }
+    let recipients = recipients
+        .iter()
+        .enumerate()
+        .map(|(slot, key)| {
+            let field = format!("{keys_field}[{slot}]");
+            let key = key.map_err(|e| invalid(field.clone(), e.to_string()))?;
+            identity_key(&field, key)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let payload_field = format!("{field}.payload");
+    let bytes = reader
+        .get_payload()
+        .map_err(|e| invalid(payload_field.clone(), e.to_string()))?;
+    let payload = payload(&payload_field, bytes, max_payload)?.to_vec();
+    let id_field = format!("{field}.messageId");
+    let id = reader
+        .get_message_id()
+        .map_err(|e| invalid(id_field.clone(), e.to_string()))?;
+    let message_id = message_id(&id_field, id)?;
+    Ok(Envelope {
+        recipients,
+        payload,
+        message_id,
+    })
+}
+
+/// A group change for `publishCommit`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitPublication {
+    /// The group.
+    pub group_id: Vec<u8>,
+    /// The epoch the Commit was made in.
+    pub epoch: u64,
+    /// The Commit and its recipients.
+    pub commit: Envelope,
+    /// The Welcome and the new members, if any.
+    pub welcome: Option<Envelope>,
+}
+
+/// Longest group id accepted.
+pub const MAX_GROUP_ID: usize = 256;
+
+/// Parses `publishCommit`'s parameters and checks that the Commit's own
+/// framing names the same group and epoch and is a Commit.
+pub fn commit_publication(
+    params: crate::delivery_capnp::delivery_service::publish_commit_params::Reader<'_>,
+    max_payload: usize,
+) -> Result<CommitPublication, FieldError> {
+    let invalid = |field: &str, reason: String| FieldError {
+        field: field.to_owned(),
+        reason,
+    };
+    let group_id = params
+        .get_group_id()
+        .map_err(|e| invalid("groupId", e.to_string()))?;
+    if group_id.is_empty() || group_id.len() > MAX_GROUP_ID {
+        return Err(invalid("groupId", format!("must be 1 to {MAX_GROUP_ID} bytes")));
+    }
+    let epoch = params.get_epoch();
+    // A group of one has nobody to send the Commit to, but the Commit is
+    // still checked and its epoch still counts.
+    let commit = envelope(
+        "commit",
+        params
+            .get_commit()
+            .map_err(|e| invalid("commit", e.to_string()))?,
+        max_payload,
+        0,
+    )?;
+    match quicnprotochat_core::classify(&commit.payload) {
+        Ok(quicnprotochat_core::Incoming::Group {
+            group_id: framed_group,
+            epoch: framed_epoch,
+            kind: quicnprotochat_core::MessageKind::Commit,
+        }) if framed_group == group_id && framed_epoch == epoch => {}
+        Ok(other) => {
+            return Err(invalid(
+                "commit.payload",
+                format!("is not a Commit of this group in epoch {epoch} (its framing says {other:?})"),
+            ));
+        }
+        Err(e) => return Err(invalid("commit.payload", e.to_string())),
+    }
+    let welcome = if params.has_welcome() {
+        let reader = params
+            .get_welcome()
+            .map_err(|e| invalid("welcome", e.to_string()))?;
+        let has_recipients = reader
+            .get_recipient_keys()
+            .map(|keys| !keys.is_empty())
+            .unwrap_or(false);
+        if has_recipients {
+            Some(envelope("welcome", reader, max_payload, 1)?)
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    Ok(CommitPublication {
+        group_id: group_id.to_vec(),
+        epoch,
+        commit,
+        welcome,
+    })
 }
 
 #[cfg(test)]

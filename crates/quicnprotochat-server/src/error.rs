@@ -76,6 +76,10 @@ impl From<ServiceError> for capnp::Error {
                 capnp::Error::overloaded(error.to_string())
             }
             ServiceError::Store(StoreError::Closed) => capnp::Error::overloaded(error.to_string()),
+            // Not a failure of the store: the caller must catch up and retry.
+            ServiceError::Store(conflict @ StoreError::CommitConflict { .. }) => {
+                capnp::Error::failed(conflict.to_string())
+            }
             _ => capnp::Error::failed(error.to_string()),
         }
     }

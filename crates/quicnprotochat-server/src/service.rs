@@ -301,6 +301,23 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         Ok(())
     }
 
+    async fn publish_commit(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::PublishCommitParams,
+        _: delivery_capnp::delivery_service::PublishCommitResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let sender = self.require_authenticated()?;
+        let publication =
+            wire::commit_publication(params.get()?, self.shared.max_payload).map_err(ServiceError::from)?;
+        self.shared
+            .store
+            .publish_commit(sender, publication)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(())
+    }
+
     async fn fetch_since(
         self: Rc<Self>,
         params: delivery_capnp::delivery_service::FetchSinceParams,

@@ -12,7 +12,7 @@ use quicnprotochat_core::GroupMember;
 
 use super::node::fetch_verified_key_package;
 use super::{
-    Nodes, envelope, group_name, in_transaction, load_group, member_name, others, publish_commit,
+    Change, Nodes, change_group, envelope, group_name, in_transaction, load_group, member_name, others,
     resolve_peers,
 };
 use crate::cli::{ConnectionArgs, PeerArgs};
@@ -45,7 +45,7 @@ pub(crate) async fn invite(
 ) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let (group_id, mut group) = load_group(&state, group_id)?;
+    let (group_id, group) = load_group(&state, group_id)?;
     let peers = resolve_peers(&state, peers)?;
     if peers.is_empty() {
         return Err(ClientError::Usage(
@@ -64,15 +64,17 @@ pub(crate) async fn invite(
     for peer in &peers {
         packages.push(fetch_verified_key_package(&nodes, peer).await?);
     }
-    let existing = others(&group, &identity.public_key());
-    let added = in_transaction(&state, || {
-        Ok(group.add_members(&state.provider(), &identity, &packages)?)
-    })?;
-    let envelopes = [
-        envelope(existing, added.commit),
-        envelope(peers.clone(), added.welcome),
-    ];
-    publish_commit(&nodes, &state, &mut group, &envelopes).await?;
+    let me = identity.public_key();
+    let group = change_group(&nodes, &state, &identity, &group_id, |group| {
+        let commit_to = others(group, &me);
+        let added = group.add_members(&state.provider(), &identity, &packages)?;
+        Ok(Change {
+            commit: added.commit,
+            commit_to,
+            welcome: Some((added.welcome, peers.clone())),
+        })
+    })
+    .await?;
     state.record_group(&group_id, true)?;
     eprintln!(
         "invited {} to {}: epoch {}, {} members",
@@ -96,7 +98,7 @@ pub(crate) async fn remove(
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     let me = identity.public_key();
-    let (group_id, mut group) = load_group(&state, group_id)?;
+    let (group_id, _) = load_group(&state, group_id)?;
     let peers = resolve_peers(&state, peers)?;
     if peers.is_empty() {
         return Err(ClientError::Usage(
@@ -107,12 +109,16 @@ pub(crate) async fn remove(
         return Err(ClientError::Usage("to remove yourself, use `leave`".into()));
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let recipients = others(&group, &me);
-    let commit = in_transaction(&state, || {
-        Ok(group.remove_members(&state.provider(), &identity, &peers)?)
-    })?;
-    let envelopes = [envelope(recipients, commit)];
-    publish_commit(&nodes, &state, &mut group, &envelopes).await?;
+    let group = change_group(&nodes, &state, &identity, &group_id, |group| {
+        let commit_to = others(group, &me);
+        let commit = group.remove_members(&state.provider(), &identity, &peers)?;
+        Ok(Change {
+            commit,
+            commit_to,
+            welcome: None,
+        })
+    })
+    .await?;
     eprintln!(
         "removed {} from {}: epoch {}, {} members",
         peers.len(),
@@ -133,12 +139,19 @@ pub(crate) async fn update(
 ) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let (group_id, mut group) = load_group(&state, group_id)?;
+    let (group_id, _) = load_group(&state, group_id)?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let recipients = others(&group, &identity.public_key());
-    let commit = in_transaction(&state, || Ok(group.self_update(&state.provider(), &identity)?))?;
-    let envelopes = [envelope(recipients, commit)];
-    publish_commit(&nodes, &state, &mut group, &envelopes).await?;
+    let me = identity.public_key();
+    let group = change_group(&nodes, &state, &identity, &group_id, |group| {
+        let commit_to = others(group, &me);
+        let commit = group.self_update(&state.provider(), &identity)?;
+        Ok(Change {
+            commit,
+            commit_to,
+            welcome: None,
+        })
+    })
+    .await?;
     eprintln!(
         "updated your keys in {}: epoch {}, {} members",
         group_name(&group_id),

@@ -9,10 +9,7 @@ use std::path::Path;
 use quicnprotochat_core::{GroupMember, IdentityKeypair, Incoming, Received, classify};
 
 use super::node::top_up_key_packages;
-use super::{
-    Nodes, envelope, group_name, in_transaction, load_group, member_name, others, publish_commit,
-    resolve_peers,
-};
+use super::{Nodes, envelope, group_name, in_transaction, load_group, member_name, others, resolve_peers};
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::state::{Direction, StateError, StateFile};
@@ -80,10 +77,7 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    fetch_into_inbox(&nodes, &state, &identity).await?;
-    for (entry, payload) in state.inbox()? {
-        process_entry(&state, entry, &payload, false)?;
-    }
+    catch_up(&nodes, &state, &identity).await?;
     // Stay invitable: replace the KeyPackages others used up.
     top_up_key_packages(&nodes, &state, &identity).await?;
     for record in state.groups()? {
@@ -123,6 +117,7 @@ pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
 
 /// Commits the pending proposals of `group` (e.g. a member leaving) and
 /// publishes the commit to every other member, including those it removes.
+/// If another member committed first, ours is dropped: theirs covers it.
 async fn commit_proposals(
     nodes: &Nodes,
     state: &StateFile,
@@ -130,17 +125,48 @@ async fn commit_proposals(
     group_id: &[u8],
     group: &mut GroupMember,
 ) -> Result<(), ClientError> {
-    let recipients = others(group, &identity.public_key());
+    let me = identity.public_key();
+    let epoch = group.epoch();
+    let commit_to = others(group, &me);
     let commit = in_transaction(state, || {
         Ok(group.commit_pending_proposals(&state.provider(), identity)?)
     })?;
-    publish_commit(nodes, state, group, &[envelope(recipients, commit)]).await?;
-    eprintln!(
-        "group {}: committed pending proposals; now epoch {}, {} members",
-        group_name(group_id),
-        group.epoch(),
-        group.members().len()
-    );
+    let published = nodes
+        .delivery()
+        .publish_commit(group_id, epoch, &envelope(commit_to, commit), None)
+        .await;
+    let transaction = state.transaction()?;
+    match published {
+        Ok(()) => group.merge_pending_commit(&state.provider())?,
+        Err(_) => group.discard_pending_commit(&state.provider())?,
+    }
+    transaction.commit().map_err(StateError::from)?;
+    match published {
+        Ok(()) => {
+            eprintln!(
+                "group {}: committed pending proposals; now epoch {}, {} members",
+                group_name(group_id),
+                group.epoch(),
+                group.members().len()
+            );
+            Ok(())
+        }
+        Err(ClientError::CommitConflict { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Brings every group up to date: fetches the queue into the inbox and
+/// processes it, printing application messages as `recv` does.
+pub(crate) async fn catch_up(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<(), ClientError> {
+    fetch_into_inbox(nodes, state, identity).await?;
+    for (entry, payload) in state.inbox()? {
+        process_entry(state, entry, &payload, false)?;
+    }
     Ok(())
 }
 

@@ -15,7 +15,7 @@
 mod demo;
 mod group;
 mod identity;
-mod messages;
+pub(crate) mod messages;
 mod node;
 
 use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
@@ -199,33 +199,64 @@ pub(crate) fn others(group: &GroupMember, me: &IdentityKey) -> Vec<IdentityKey> 
         .collect()
 }
 
-/// Publishes a commit that `group` holds pending: hands `envelopes` to the
-/// node in one atomic call, then merges the commit. If the node did not take
-/// them, the commit is discarded and the group is left as it was.
-pub(crate) async fn publish_commit(
+/// A group change built against the group's current state: a pending
+/// Commit, who gets it, and the Welcome for new members if any.
+pub(crate) struct Change {
+    /// The Commit (pending in the group until published).
+    pub(crate) commit: Vec<u8>,
+    /// Who gets the Commit: every other member, including removed ones.
+    pub(crate) commit_to: Vec<IdentityKey>,
+    /// The Welcome and the new members.
+    pub(crate) welcome: Option<(Vec<u8>, Vec<IdentityKey>)>,
+}
+
+/// How often a change is redone after losing the race for an epoch.
+const CHANGE_ATTEMPTS: usize = 3;
+
+/// Makes and publishes a group change, one Commit per epoch: `make` builds
+/// it against the group as stored; the node accepts it only if no other
+/// Commit won that epoch. The Commit is merged only after the node took it
+/// (with its Welcome, atomically). If another member's Commit won, ours is
+/// discarded, the queue is processed (bringing the group up to date) and the
+/// change is made again, telling the user.
+pub(crate) async fn change_group(
     nodes: &Nodes,
     state: &StateFile,
-    group: &mut GroupMember,
-    envelopes: &[Envelope],
-) -> Result<(), ClientError> {
-    let envelopes: Vec<Envelope> = envelopes
-        .iter()
-        .filter(|envelope| !envelope.recipients.is_empty())
-        .cloned()
-        .collect();
-    // Nobody else to tell (a group of one): nothing can disagree with us.
-    let delivered = if envelopes.is_empty() {
-        Ok(())
-    } else {
-        nodes.delivery().enqueue_batch(&envelopes).await
-    };
-    let transaction = state.transaction()?;
-    match delivered {
-        Ok(()) => group.merge_pending_commit(&state.provider())?,
-        Err(_) => group.discard_pending_commit(&state.provider())?,
+    identity: &IdentityKeypair,
+    group_id: &[u8],
+    mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
+) -> Result<GroupMember, ClientError> {
+    let name = group_name(group_id);
+    for attempt in 1..=CHANGE_ATTEMPTS {
+        let mut group = GroupMember::load(&state.provider(), group_id)?
+            .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
+        let epoch = group.epoch();
+        let change = in_transaction(state, || make(&mut group))?;
+        let commit = envelope(change.commit_to, change.commit);
+        let welcome = change.welcome.map(|(payload, to)| envelope(to, payload));
+        let published = nodes
+            .delivery()
+            .publish_commit(group_id, epoch, &commit, welcome.as_ref())
+            .await;
+        let transaction = state.transaction()?;
+        match published {
+            Ok(()) => group.merge_pending_commit(&state.provider())?,
+            Err(_) => group.discard_pending_commit(&state.provider())?,
+        }
+        transaction.commit().map_err(StateError::from)?;
+        match published {
+            Ok(()) => return Ok(group),
+            Err(ClientError::CommitConflict { current_epoch }) if attempt < CHANGE_ATTEMPTS => {
+                let at = current_epoch
+                    .map(|e| format!(" (now at epoch {e})"))
+                    .unwrap_or_default();
+                eprintln!("another member changed {name} first{at}; catching up and trying again");
+                messages::catch_up(nodes, state, identity).await?;
+            }
+            Err(e) => return Err(e),
+        }
     }
-    transaction.commit().map_err(StateError::from)?;
-    delivered
+    Err(ClientError::CommitConflict { current_epoch: None })
 }
 
 /// Runs `work` in a state-file transaction and commits it if it succeeds.

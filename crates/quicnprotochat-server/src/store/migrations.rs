@@ -60,6 +60,12 @@ const MIGRATIONS: &[&str] = &[
          value BLOB NOT NULL
      );
      INSERT INTO meta (key, value) VALUES ('instance_id', randomblob(16));",
+    // V4: one Commit per group and epoch. Only the group id and the epoch
+    // the group is in (the first without an accepted Commit) are kept.
+    "CREATE TABLE group_epochs (
+         group_id BLOB PRIMARY KEY,
+         epoch INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// The schema version this build creates and understands.

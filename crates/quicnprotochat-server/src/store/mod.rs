@@ -22,7 +22,7 @@ use std::path::Path;
 use quicnprotochat_core::IdentityKey;
 use tokio::sync::{mpsc, oneshot};
 
-pub use quicnprotochat_proto::wire::{Envelope, ValidKeyPackage};
+pub use quicnprotochat_proto::wire::{CommitPublication, Envelope, ValidKeyPackage};
 
 pub use migrations::SCHEMA_VERSION;
 
@@ -75,6 +75,14 @@ pub enum StoreError {
     /// nothing of it was kept.
     #[error("transaction failed, nothing was stored: {0}")]
     Transaction(String),
+    /// Another Commit was already accepted for this group and epoch.
+    #[error(
+        "commit conflict: the group already moved on; it is at epoch {current_epoch}. Process your queue, then redo the change"
+    )]
+    CommitConflict {
+        /// The epoch the group is in now.
+        current_epoch: u64,
+    },
     /// The writer thread has stopped (the node is shutting down).
     #[error("the store is closed")]
     Closed,
@@ -179,6 +187,22 @@ impl Store {
         .await
     }
 
+    /// Publishes a group change if it is the first Commit for its group and
+    /// epoch; otherwise fails with [`StoreError::CommitConflict`] and stores
+    /// nothing.
+    pub async fn publish_commit(
+        &self,
+        sender: IdentityKey,
+        publication: CommitPublication,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Command::PublishCommit {
+            sender,
+            publication,
+            reply,
+        })
+        .await
+    }
+
     /// The messages of `recipient` after `after_seq`, oldest first, without
     /// removing them: at most `limit` (0: the node's maximum) and within the
     /// fetch budget.
@@ -258,6 +282,11 @@ enum Command {
     EnqueueBatch {
         sender: IdentityKey,
         envelopes: Vec<Envelope>,
+        reply: Reply<()>,
+    },
+    PublishCommit {
+        sender: IdentityKey,
+        publication: CommitPublication,
         reply: Reply<()>,
     },
     MessagesAfter {

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quicnprotochat_core::IdentityKey;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, ValidKeyPackage};
+use super::{CommitPublication, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, ValidKeyPackage};
 
 pub(super) fn insert_key_package(
     db: &Connection,
@@ -124,6 +124,55 @@ pub(super) fn insert_envelopes(
         insert_message(db, &envelope.recipients, &envelope.payload)?;
     }
     Ok(())
+}
+
+/// Publishes a group change if it is the first Commit for its group and
+/// epoch: queues the Commit and the Welcome and moves the group's epoch on.
+/// Returns `Err(current epoch)` on a conflict, having written nothing. A
+/// retry of an accepted publication (same sender and message id) succeeds
+/// without storing anything again.
+pub(super) fn publish_commit(
+    db: &Connection,
+    sender: &IdentityKey,
+    publication: &CommitPublication,
+) -> rusqlite::Result<Result<(), u64>> {
+    if let Some(id) = &publication.commit.message_id
+        && message_id_used(db, sender, id)?
+    {
+        return Ok(Ok(()));
+    }
+    let current: Option<i64> = db
+        .prepare_cached("SELECT epoch FROM group_epochs WHERE group_id = ?1")?
+        .query_row(params![publication.group_id], |row| row.get(0))
+        .optional()?;
+    let epoch = i64::try_from(publication.epoch).unwrap_or(i64::MAX);
+    if let Some(current) = current
+        && epoch < current
+    {
+        return Ok(Err(current as u64));
+    }
+    db.prepare_cached(
+        "INSERT INTO group_epochs (group_id, epoch) VALUES (?1, ?2)
+         ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch",
+    )?
+    .execute(params![publication.group_id, epoch.saturating_add(1)])?;
+    if let Some(id) = &publication.commit.message_id {
+        claim_message_id(db, sender, id)?;
+    }
+    if !publication.commit.recipients.is_empty() {
+        insert_message(db, &publication.commit.recipients, &publication.commit.payload)?;
+    }
+    if let Some(welcome) = &publication.welcome {
+        insert_envelopes(db, sender, std::slice::from_ref(welcome))?;
+    }
+    Ok(Ok(()))
+}
+
+fn message_id_used(db: &Connection, sender: &IdentityKey, message_id: &[u8]) -> rusqlite::Result<bool> {
+    db.prepare_cached("SELECT 1 FROM message_ids WHERE sender = ?1 AND message_id = ?2")?
+        .query_row(params![sender.as_bytes(), message_id], |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
 }
 
 /// The messages of `recipient` after `after_seq`, oldest first, at most

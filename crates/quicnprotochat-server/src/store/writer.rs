@@ -129,6 +129,19 @@ fn apply(db: &Connection, command: Command) -> Answer {
             reply,
             in_savepoint(db, |db| queries::insert_envelopes(db, &sender, &envelopes)),
         ),
+        Command::PublishCommit {
+            sender,
+            publication,
+            reply,
+        } => {
+            let outcome = in_savepoint(db, |db| queries::publish_commit(db, &sender, &publication));
+            let outcome = match outcome {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(current_epoch)) => Err(StoreError::CommitConflict { current_epoch }),
+                Err(e) => Err(e),
+            };
+            answer(reply, outcome)
+        }
         Command::MessagesAfter {
             recipient,
             after_seq,
@@ -187,7 +200,9 @@ fn in_savepoint<T>(
 fn fail(command: Command, error: &StoreError) {
     let error = || StoreError::Transaction(error.to_string());
     match command {
-        Command::UploadKeyPackages { reply, .. } | Command::EnqueueBatch { reply, .. } => {
+        Command::UploadKeyPackages { reply, .. }
+        | Command::EnqueueBatch { reply, .. }
+        | Command::PublishCommit { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
         Command::TakeKeyPackage { reply, .. } => {
