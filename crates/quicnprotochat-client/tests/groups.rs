@@ -453,3 +453,88 @@ fn register_uploads_a_batch_with_a_last_resort_and_recv_tops_up() {
         assert!(count >= 3 && last_resort, "{count} {last_resort}");
     });
 }
+
+#[test]
+fn a_member_whose_commit_loses_catches_up_and_retries() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "race", &alice, &[&bob]);
+
+    // Alice commits epoch 1 first; Bob, still in epoch 1, commits too.
+    alice.run(&node, "update", &["--group-id", "race"]);
+    let (ok, _, err) = bob.try_run(&node, "update", &["--group-id", "race"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("another member changed race first (now at epoch 2); catching up"),
+        "{err}"
+    );
+    assert!(err.contains("epoch 3"), "{err}");
+    alice.run(&node, "recv", &[]);
+    for member in [&alice, &bob] {
+        assert_eq!(
+            member.run(&node, "groups", &[]).trim(),
+            "* race epoch 3 members 2"
+        );
+    }
+    bob.run(&node, "send", &["--msg", "after the race"]);
+    assert_eq!(
+        alice.run(&node, "recv", &[]).trim(),
+        format!("race {}: after the race", bob.short())
+    );
+}
+
+#[test]
+fn two_members_committing_at_the_same_moment_end_up_agreeing() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "same-time", &alice, &[&bob]);
+
+    // Alice invites Carol while Bob updates, both from epoch 1.
+    let args = |member: &Member, command: &[&str]| -> Vec<String> {
+        let mut full = vec![
+            "--server".to_owned(),
+            node.addr.to_string(),
+            "--ca-cert".to_owned(),
+            node.cert().display().to_string(),
+        ];
+        full.extend(command.iter().map(|a| a.to_string()));
+        full.extend(["--state".to_owned(), member.state.clone()]);
+        full
+    };
+    let alice_args = args(
+        &alice,
+        &["invite", "--group-id", "same-time", "--peer-key", &carol.key],
+    );
+    let bob_args = args(&bob, &["update", "--group-id", "same-time"]);
+    let first = std::thread::spawn(move || common::run_client(&alice_args));
+    let second = std::thread::spawn(move || common::run_client(&bob_args));
+    let (first, second) = (first.join().unwrap(), second.join().unwrap());
+    assert!(first.status.success(), "{}", common::stderr(&first));
+    assert!(second.status.success(), "{}", common::stderr(&second));
+
+    carol.run(&node, "join", &[]);
+    alice.run(&node, "recv", &[]);
+    bob.run(&node, "recv", &[]);
+    carol.run(&node, "recv", &[]);
+    let expected = alice.run(&node, "groups", &[]);
+    assert!(expected.contains("epoch 3 members 3"), "{expected}");
+    for member in [&bob, &carol] {
+        assert_eq!(
+            member.run(&node, "groups", &[]).trim_start_matches('*').trim(),
+            expected.trim_start_matches('*').trim()
+        );
+        assert_eq!(
+            member
+                .run(&node, "members", &["--group-id", "same-time"])
+                .lines()
+                .count(),
+            3
+        );
+    }
+    carol.run(&node, "send", &["--group-id", "same-time", "--msg", "all agree"]);
+    for member in [&alice, &bob] {
+        assert!(member.run(&node, "recv", &[]).ends_with(": all agree\n"));
+    }
+}

@@ -327,3 +327,48 @@ async fn a_fanned_out_payload_is_stored_once_and_freed_with_its_last_entry() {
     close((store, closer)).await;
     assert_eq!(count("SELECT count(*) FROM payloads"), 0);
 }
+
+#[tokio::test]
+async fn only_the_first_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let publication = |payload: &[u8], welcome_to: u8| CommitPublication {
+        group_id: b"g".to_vec(),
+        epoch: 1,
+        commit: Envelope {
+            recipients: vec![key(1)],
+            payload: payload.to_vec(),
+            message_id: Some(payload.to_vec()),
+        },
+        welcome: Some(Envelope {
+            recipients: vec![key(welcome_to)],
+            payload: b"welcome".to_vec(),
+            message_id: None,
+        }),
+    };
+    store
+        .publish_commit(key(0), publication(b"first", 8))
+        .await
+        .unwrap();
+    // A retry of the accepted one is fine and stores nothing new.
+    store
+        .publish_commit(key(0), publication(b"first", 8))
+        .await
+        .unwrap();
+    let err = store
+        .publish_commit(key(2), publication(b"second", 9))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::CommitConflict { current_epoch: 2 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("epoch 2"), "{err}");
+    assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"first".to_vec()]);
+    assert_eq!(store.drain(key(8)).await.unwrap(), vec![b"welcome".to_vec()]);
+    assert!(
+        store.drain(key(9)).await.unwrap().is_empty(),
+        "the losing Welcome is not delivered"
+    );
+    close((store, closer)).await;
+}
