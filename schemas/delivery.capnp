@@ -30,6 +30,19 @@ struct QueuedMessage {
   payload @1 :Data;
 }
 
+# A client's callback for pushed messages (see DeliveryService.subscribe).
+interface MessageReceiver {
+  # New messages of the subscribed queue, oldest first. The node makes one
+  # call at a time and waits for it to return before the next, so a slow
+  # client slows its own stream (backpressure) and nothing else. Return once
+  # the messages are safe with you; ack them when you have stored them.
+  # Returning an error ends the subscription.
+  deliver @0 (messages :List(QueuedMessage)) -> ();
+}
+
+# A live subscription. It has no methods: dropping the last reference ends it.
+interface Subscription {}
+
 interface DeliveryService {
   # Appends `payload` to the queue of `recipientKey`. Needs an
   # authenticated connection.
@@ -84,4 +97,18 @@ interface DeliveryService {
   # queue, then redo the change. The node keeps only the group id and its
   # current epoch for this. Needs an authenticated connection.
   publishCommit @5 (groupId :Data, epoch :UInt64, commit :Envelope, welcome :Envelope) -> ();
+
+  # Pushes the messages of `recipientKey` after `afterSeq` to `receiver`
+  # as soon as they are committed, in order, until the returned subscription
+  # is dropped, the connection closes or `deliver` fails. Messages are not
+  # removed: ack them. Only the owner may subscribe.
+  subscribe @6 (recipientKey :Data, afterSeq :UInt64, receiver :MessageReceiver)
+      -> (subscription :Subscription);
+
+  # Long poll for clients that cannot host a capability: like fetchSince,
+  # but if there is nothing after `afterSeq` yet, waits up to `timeoutMs`
+  # (at most 60,000) for messages to arrive. An empty answer means none came.
+  # Only the owner may call it.
+  fetchWait @7 (recipientKey :Data, afterSeq :UInt64, limit :UInt32, timeoutMs :UInt32)
+      -> (messages :List(QueuedMessage));
 }

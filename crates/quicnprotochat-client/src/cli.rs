@@ -141,7 +141,15 @@ pub enum Command {
     },
     /// Fetch and process everything queued for you, in order; print each
     /// message as `<group> <sender>: <text>`.
-    Recv(StateArg),
+    Recv {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// Stay connected and process messages as the node pushes them,
+        /// until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
+    },
     /// List your groups with their epoch and member count (`*` marks the
     /// current group).
     Groups(StateArg),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use capnp::capability::FromClientHook;
 use quicnprotochat_core::{IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::auth_capnp::auth_service;
+use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::wire::Envelope;
@@ -279,11 +280,51 @@ impl NodeClient {
         request.get().set_after_seq(after_seq);
         request.get().set_limit(limit);
         let response = call(request.send().promise).await?;
-        let messages = response.get()?.get_messages()?;
-        messages
-            .iter()
-            .map(|message| Ok((message.get_seq(), message.get_payload()?.to_vec())))
-            .collect()
+        read_messages(response.get()?.get_messages()?)
+    }
+
+    /// Long poll: like [`Self::fetch_since`], but waits up to `timeout_ms`
+    /// for messages to arrive when there are none yet.
+    pub async fn fetch_wait(
+        &self,
+        recipient: &IdentityKey,
+        after_seq: u64,
+        limit: u32,
+        timeout_ms: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        let mut request = self.delivery.fetch_wait_request();
+        request.get().set_recipient_key(recipient.as_bytes());
+        request.get().set_after_seq(after_seq);
+        request.get().set_limit(limit);
+        request.get().set_timeout_ms(timeout_ms);
+        let wait = Duration::from_millis(u64::from(timeout_ms));
+        let response = match tokio::time::timeout(CALL_TIMEOUT + wait, request.send().promise).await {
+            Err(_) => return Err(ClientError::Timeout(CALL_TIMEOUT + wait)),
+            Ok(response) => response?,
+        };
+        read_messages(response.get()?.get_messages()?)
+    }
+
+    /// Subscribes to the queue of `recipient` after `after_seq`: the node
+    /// pushes batches of (sequence number, payload) into `sink` as they are
+    /// committed, waiting while `sink` is full. Dropping the returned
+    /// [`Subscription`] ends it.
+    pub async fn subscribe(
+        &self,
+        recipient: &IdentityKey,
+        after_seq: u64,
+        sink: tokio::sync::mpsc::Sender<Vec<(u64, Vec<u8>)>>,
+    ) -> Result<Subscription, ClientError> {
+        let mut request = self.delivery.subscribe_request();
+        request.get().set_recipient_key(recipient.as_bytes());
+        request.get().set_after_seq(after_seq);
+        request
+            .get()
+            .set_receiver(capnp_rpc::new_client(MessageReceiverImpl { sink }));
+        let response = call(request.send().promise).await?;
+        Ok(Subscription {
+            _client: response.get()?.get_subscription()?,
+        })
     }
 
     /// Deletes the messages of `recipient` up to and including `up_to_seq`.
@@ -321,6 +362,40 @@ impl NodeClient {
         self.connection.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
+}
+
+/// A live push subscription; dropping it ends the push.
+pub struct Subscription {
+    _client: delivery_service_capnp::subscription::Client,
+}
+
+/// Receives pushed messages and hands them to a channel; the node waits
+/// for each `deliver` to return, so a full channel slows the push down.
+struct MessageReceiverImpl {
+    sink: tokio::sync::mpsc::Sender<Vec<(u64, Vec<u8>)>>,
+}
+
+impl delivery_service_capnp::message_receiver::Server for MessageReceiverImpl {
+    async fn deliver(
+        self: capnp::capability::Rc<Self>,
+        params: delivery_service_capnp::message_receiver::DeliverParams,
+        _: delivery_service_capnp::message_receiver::DeliverResults,
+    ) -> Result<(), capnp::Error> {
+        let messages = read_messages(params.get()?.get_messages()?)
+            .map_err(|e| capnp::Error::failed(format!("reading pushed messages: {e}")))?;
+        self.sink
+            .send(messages)
+            .await
+            .map_err(|_| capnp::Error::disconnected("the client stopped following".into()))
+    }
+}
+
+fn read_messages(
+    list: capnp::struct_list::Reader<'_, delivery_service_capnp::queued_message::Owned>,
+) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    list.iter()
+        .map(|message| Ok((message.get_seq(), message.get_payload()?.to_vec())))
+        .collect()
 }
 
 fn fill_envelope(

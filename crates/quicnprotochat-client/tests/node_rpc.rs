@@ -485,3 +485,78 @@ fn a_retried_batch_with_the_same_message_ids_is_stored_once() {
         assert!(err.contains("permission denied"), "{err}");
     });
 }
+
+#[test]
+fn a_subscriber_receives_messages_enqueued_on_another_connection() {
+    let node = TestNode::start();
+    local(async {
+        let owner = node.connect_as(&identity(40)).await;
+        let sender = node.connect_as(&identity(41)).await;
+        sender.enqueue(&key(40), b"before").await.unwrap();
+        let (sink, mut pushed) = tokio::sync::mpsc::channel(1);
+        let subscription = owner.subscribe(&key(40), 0, sink).await.unwrap();
+        let first = pushed.recv().await.unwrap();
+        assert_eq!(
+            first.iter().map(|(_, p)| p.as_slice()).collect::<Vec<_>>(),
+            [b"before".as_slice()]
+        );
+        for n in 0..3u8 {
+            sender.enqueue(&key(40), &[n]).await.unwrap();
+        }
+        let mut received = Vec::new();
+        while received.len() < 3 {
+            let batch = tokio::time::timeout(std::time::Duration::from_secs(5), pushed.recv())
+                .await
+                .expect("pushed in time")
+                .unwrap();
+            received.extend(batch);
+        }
+        assert_eq!(received.iter().map(|(_, p)| p[0]).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(received.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(received[0].0 > first[0].0);
+        // A stranger may not subscribe to someone else's queue.
+        let (stranger_sink, _) = tokio::sync::mpsc::channel(1);
+        let err = sender
+            .subscribe(&key(40), 0, stranger_sink)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("permission denied"), "{err}");
+        // Dropping the subscription ends the push.
+        drop(subscription);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        sender.enqueue(&key(40), b"after").await.unwrap();
+        let late = tokio::time::timeout(std::time::Duration::from_millis(500), pushed.recv()).await;
+        assert!(
+            matches!(late, Err(_) | Ok(None)),
+            "no push after the subscription ended: {late:?}"
+        );
+    });
+}
+
+#[test]
+fn a_long_poll_answers_when_a_message_arrives_or_when_the_wait_ends() {
+    let node = TestNode::start();
+    local(async {
+        let owner = node.connect_as(&identity(42)).await;
+        let sender = node.connect_as(&identity(43)).await;
+        let started = std::time::Instant::now();
+        assert!(owner.fetch_wait(&key(42), 0, 0, 300).await.unwrap().is_empty());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+
+        let queue = key(42);
+        let poll = owner.fetch_wait(&queue, 0, 0, 10_000);
+        let send = async {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            sender.enqueue(&key(42), b"wake up").await.unwrap();
+        };
+        let started = std::time::Instant::now();
+        let (got, ()) = futures::join!(poll, send);
+        assert_eq!(got.unwrap()[0].1, b"wake up".to_vec());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "answered on arrival"
+        );
+    });
+}

@@ -127,6 +127,9 @@ impl Node {
 
         info!("shutting down: no new connections; finishing calls in flight");
         self.shared.draining.store(true, Ordering::SeqCst);
+        // Ends push subscriptions and long polls now instead of at the drain
+        // timeout.
+        self.shared.store.notifier().close();
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.shared.in_flight.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= deadline {

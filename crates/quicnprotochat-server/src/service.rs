@@ -6,14 +6,16 @@ use std::cell::Cell;
 use std::rc::Rc as LocalRc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use capnp::capability::Rc;
 use quicnprotochat_core::{IdentityKey, fingerprint};
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
+use tokio::sync::oneshot;
 
 use crate::error::ServiceError;
-use crate::store::Store;
+use crate::store::{QueueWatch, Store};
 
 /// State shared by every connection's service object.
 #[derive(Debug)]
@@ -318,6 +320,69 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         Ok(())
     }
 
+    async fn subscribe(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::SubscribeParams,
+        mut results: delivery_capnp::delivery_service::SubscribeResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let params = params.get()?;
+        let recipient =
+            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
+        self.require_owner("recipientKey", &recipient)?;
+        let receiver = params.get_receiver()?;
+        let (cancel, cancelled) = oneshot::channel();
+        let watch = self.shared.store.notifier().watch(recipient);
+        tokio::task::spawn_local(push(
+            self.shared.clone(),
+            recipient,
+            params.get_after_seq(),
+            receiver,
+            watch,
+            cancelled,
+        ));
+        results
+            .get()
+            .set_subscription(capnp_rpc::new_client(SubscriptionImpl { _cancel: cancel }));
+        Ok(())
+    }
+
+    async fn fetch_wait(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::FetchWaitParams,
+        mut results: delivery_capnp::delivery_service::FetchWaitResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let params = params.get()?;
+        let recipient =
+            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
+        self.require_owner("recipientKey", &recipient)?;
+        let after = params.get_after_seq();
+        let limit = params.get_limit() as usize;
+        let wait = Duration::from_millis(u64::from(params.get_timeout_ms().min(MAX_WAIT_MS)));
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut watch = self.shared.store.notifier().watch(recipient);
+        let messages = loop {
+            watch.mark_seen();
+            let messages = self
+                .shared
+                .store
+                .messages_after(recipient, after, limit)
+                .await
+                .map_err(ServiceError::from)?;
+            if !messages.is_empty() {
+                break messages;
+            }
+            match tokio::time::timeout_at(deadline, watch.changed()).await {
+                Ok(true) => continue,
+                // Timed out, or the node is shutting down: answer empty.
+                _ => break messages,
+            }
+        };
+        fill_messages(results.get().init_messages(messages.len() as u32), &messages);
+        Ok(())
+    }
+
     async fn fetch_since(
         self: Rc<Self>,
         params: delivery_capnp::delivery_service::FetchSinceParams,
@@ -334,12 +399,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             .messages_after(recipient, params.get_after_seq(), params.get_limit() as usize)
             .await
             .map_err(ServiceError::from)?;
-        let mut list = results.get().init_messages(messages.len() as u32);
-        for (index, (seq, payload)) in messages.iter().enumerate() {
-            let mut entry = list.reborrow().get(index as u32);
-            entry.set_seq(*seq);
-            entry.set_payload(payload);
-        }
+        fill_messages(results.get().init_messages(messages.len() as u32), &messages);
         Ok(())
     }
 
@@ -383,5 +443,70 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             list.set(index as u32, payload);
         }
         Ok(())
+    }
+}
+
+/// Longest a long poll waits.
+const MAX_WAIT_MS: u32 = 60_000;
+
+/// Most messages in one push.
+const PUSH_BATCH: usize = 256;
+
+fn fill_messages(
+    mut list: capnp::struct_list::Builder<'_, delivery_capnp::queued_message::Owned>,
+    messages: &[(u64, Vec<u8>)],
+) {
+    for (index, (seq, payload)) in messages.iter().enumerate() {
+        let mut entry = list.reborrow().get(index as u32);
+        entry.set_seq(*seq);
+        entry.set_payload(payload);
+    }
+}
+
+/// A live push subscription; dropping it (or the connection) ends the push.
+struct SubscriptionImpl {
+    _cancel: oneshot::Sender<()>,
+}
+
+impl delivery_capnp::subscription::Server for SubscriptionImpl {}
+
+/// Pushes the queue of `recipient` after `after` to `receiver`, one
+/// `deliver` call at a time, waking on commits, until cancelled, the
+/// receiver fails or the node shuts down.
+async fn push(
+    shared: Arc<Shared>,
+    recipient: IdentityKey,
+    mut after: u64,
+    receiver: delivery_capnp::message_receiver::Client,
+    mut watch: QueueWatch,
+    mut cancelled: oneshot::Receiver<()>,
+) {
+    loop {
+        watch.mark_seen();
+        let messages = match shared.store.messages_after(recipient, after, PUSH_BATCH).await {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::debug!("push to {}: {e}", recipient.short());
+                return;
+            }
+        };
+        if let Some(&(last, _)) = messages.last() {
+            let mut request = receiver.deliver_request();
+            fill_messages(request.get().init_messages(messages.len() as u32), &messages);
+            let delivered = tokio::select! {
+                delivered = request.send().promise => delivered,
+                _ = &mut cancelled => return,
+            };
+            if let Err(e) = delivered {
+                tracing::debug!("push to {} ended: {e}", recipient.short());
+                return;
+            }
+            after = last;
+            continue;
+        }
+        tokio::select! {
+            more = watch.changed() => if !more { return },
+            _ = &mut cancelled => return,
+        }
     }
 }

@@ -72,22 +72,55 @@ pub(crate) async fn send(
 }
 
 /// `recv`: fetches everything queued, processes it in order, then commits
-/// proposals this member is responsible for.
-pub(crate) async fn recv(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
+/// proposals this member is responsible for. With `follow`, then stays
+/// subscribed and does the same for every pushed batch until Ctrl-C.
+pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    catch_up(&nodes, &state, &identity).await?;
+    let mut seen = catch_up(&nodes, &state, &identity).await?;
     // Stay invitable: replace the KeyPackages others used up.
     top_up_key_packages(&nodes, &state, &identity).await?;
+    commit_due_proposals(&nodes, &state, &identity).await?;
+    if follow {
+        let me = identity.public_key();
+        let (sink, mut pushed) = tokio::sync::mpsc::channel(1);
+        let _subscription = nodes.delivery().subscribe(&me, seen.after, sink).await?;
+        eprintln!("following; press Ctrl-C to stop");
+        loop {
+            let batch = tokio::select! {
+                batch = pushed.recv() => batch,
+                _ = tokio::signal::ctrl_c() => break,
+            };
+            let Some(batch) = batch else {
+                return Err(ClientError::Connect {
+                    server: args.server.clone(),
+                    reason: "the node ended the subscription".into(),
+                });
+            };
+            seen = store_batch(&state, seen, batch)?;
+            nodes.delivery().ack(&me, seen.after).await?;
+            process_inbox(&state)?;
+            commit_due_proposals(&nodes, &state, &identity).await?;
+        }
+    }
+    nodes.close().await;
+    Ok(())
+}
+
+/// Commits pending proposals in every group where it is our turn.
+async fn commit_due_proposals(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<(), ClientError> {
     for record in state.groups()? {
         if let Some(mut group) = GroupMember::load(&state.provider(), &record.group_id)?
             && group.should_commit_pending_proposals()
         {
-            commit_proposals(&nodes, &state, &identity, &record.group_id, &mut group).await?;
+            commit_proposals(nodes, state, identity, &record.group_id, &mut group).await?;
         }
     }
-    nodes.close().await;
     Ok(())
 }
 
@@ -162,12 +195,21 @@ pub(crate) async fn catch_up(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
-) -> Result<(), ClientError> {
-    fetch_into_inbox(nodes, state, identity).await?;
-    for (entry, payload) in state.inbox()? {
-        process_entry(state, entry, &payload, false)?;
-    }
-    Ok(())
+) -> Result<Seen, ClientError> {
+    let seen = fetch_into_inbox(nodes, state, identity).await?;
+    process_inbox(state)?;
+    Ok(seen)
+}
+
+/// How far a client has read a node's queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Seen {
+    /// The node database's instance id.
+    instance: Vec<u8>,
+    /// The highest sequence number stored in the state file before this run.
+    stored: u64,
+    /// The highest sequence number seen (and stored) so far.
+    after: u64,
 }
 
 /// Copies our queue on the node into the local inbox, then acknowledges it.
@@ -180,32 +222,55 @@ async fn fetch_into_inbox(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
-) -> Result<(), ClientError> {
+) -> Result<Seen, ClientError> {
     let me = identity.public_key();
     let instance = nodes.delivery().ping().await?.instance_id;
     let stored = state.stored_seq(&instance)?;
-    let mut seen = 0;
+    let mut seen = Seen {
+        instance,
+        stored,
+        after: 0,
+    };
     loop {
-        let batch = nodes.delivery().fetch_since(&me, seen, 0).await?;
-        let Some(&(last, _)) = batch.last() else {
+        let batch = nodes.delivery().fetch_since(&me, seen.after, 0).await?;
+        if batch.is_empty() {
             break;
-        };
-        let fresh: Vec<Vec<u8>> = batch
-            .into_iter()
-            .filter(|(seq, _)| *seq > stored)
-            .map(|(_, payload)| payload)
-            .collect();
-        if !fresh.is_empty() {
-            state.push_inbox_at(&fresh, Some((&instance, last)))?;
         }
-        seen = last;
+        seen = store_batch(state, seen, batch)?;
     }
     if std::env::var_os(EXIT_AFTER_FETCH_ENV).is_some() {
         eprintln!("exiting after fetch ({EXIT_AFTER_FETCH_ENV} is set)");
         std::process::exit(3);
     }
-    if seen > 0 {
-        nodes.delivery().ack(&me, seen).await?;
+    if seen.after > 0 {
+        nodes.delivery().ack(&me, seen.after).await?;
+    }
+    Ok(seen)
+}
+
+/// Stores the messages of `batch` not stored before in the inbox, together
+/// with the new high-water mark, in one transaction.
+fn store_batch(state: &StateFile, mut seen: Seen, batch: Vec<(u64, Vec<u8>)>) -> Result<Seen, ClientError> {
+    let Some(&(last, _)) = batch.last() else {
+        return Ok(seen);
+    };
+    let fresh: Vec<Vec<u8>> = batch
+        .into_iter()
+        .filter(|(seq, _)| *seq > seen.stored)
+        .map(|(_, payload)| payload)
+        .collect();
+    if !fresh.is_empty() {
+        state.push_inbox_at(&fresh, Some((&seen.instance, last)))?;
+    }
+    seen.after = seen.after.max(last);
+    seen.stored = seen.stored.max(last);
+    Ok(seen)
+}
+
+/// Processes every inbox entry, oldest first.
+fn process_inbox(state: &StateFile) -> Result<(), ClientError> {
+    for (entry, payload) in state.inbox()? {
+        process_entry(state, entry, &payload, false)?;
     }
     Ok(())
 }

@@ -64,7 +64,7 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
             group_id,
             msg,
         } => messages::send(connection, &state.state, &peers, group_id.as_deref(), &msg).await,
-        Command::Recv(state) => messages::recv(connection, &state.state).await,
+        Command::Recv { state, follow } => messages::recv(connection, &state.state, follow).await,
     }
 }
 

@@ -12,12 +12,15 @@
 //! - `migrations` — numbered schema migrations, tracked in `PRAGMA user_version`.
 //! - `queries` — every SQL statement, as typed functions on a transaction.
 //! - `writer` — the writer thread and its batching loop.
+//! - `notifier` — wakes push subscriptions and long polls after a commit.
 
 mod migrations;
+mod notifier;
 mod queries;
 mod writer;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use quicnprotochat_core::IdentityKey;
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use quicnprotochat_proto::wire::{CommitPublication, Envelope, ValidKeyPackage};
 
 pub use migrations::SCHEMA_VERSION;
+pub use notifier::{Notifier, QueueWatch};
 
 /// How many commands may wait for the writer before callers are made to wait.
 const QUEUE_CAPACITY: usize = 8192;
@@ -93,6 +97,7 @@ pub enum StoreError {
 pub struct Store {
     commands: mpsc::Sender<Command>,
     instance_id: [u8; 16],
+    notifier: Arc<Notifier>,
 }
 
 /// Owns the writer thread; [`StoreCloser::close`] finishes queued work and
@@ -111,14 +116,21 @@ impl Store {
         }
         let (connection, instance_id) = migrations::open(path)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let thread = writer::spawn(connection, receiver)?;
+        let notifier = Notifier::new();
+        let thread = writer::spawn(connection, receiver, notifier.clone())?;
         Ok((
             Store {
                 commands,
                 instance_id,
+                notifier,
             },
             StoreCloser { thread },
         ))
+    }
+
+    /// Watchers of queues, woken after each commit that adds to them.
+    pub fn notifier(&self) -> &Arc<Notifier> {
+        &self.notifier
     }
 
     /// 16 random bytes naming this database, created with it.

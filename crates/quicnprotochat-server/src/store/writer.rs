@@ -6,12 +6,14 @@
 //! gets its error; the others still commit. If the commit itself fails, every
 //! command of the batch gets the error and nothing of it is kept.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use quicnprotochat_core::IdentityKey;
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
-use super::{Command, StoreError, queries};
+use super::{Command, Notifier, StoreError, queries};
 
 /// Most commands committed together; bounds the latency a batch adds.
 const MAX_BATCH: usize = 1024;
@@ -19,14 +21,15 @@ const MAX_BATCH: usize = 1024;
 pub(super) fn spawn(
     connection: Connection,
     commands: mpsc::Receiver<Command>,
+    notifier: Arc<Notifier>,
 ) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(connection, commands))
+        .spawn(move || run(connection, commands, &notifier))
         .map_err(StoreError::Thread)
 }
 
-fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>) {
+fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>, notifier: &Notifier) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Ends when every `Store` handle is dropped and the queue is empty.
     while let Some(first) = commands.blocking_recv() {
@@ -37,7 +40,7 @@ fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>) {
                 Err(_) => break,
             }
         }
-        execute_batch(&mut connection, &mut batch);
+        execute_batch(&mut connection, &mut batch, notifier);
     }
     // Let SQLite refresh its query planner statistics, then close: closing the
     // last connection checkpoints the WAL into the main file.
@@ -54,7 +57,7 @@ fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>) {
 /// An answer computed inside the transaction, sent once it commits.
 type Answer = Box<dyn FnOnce(Result<(), &StoreError>)>;
 
-fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>) {
+fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>, notifier: &Notifier) {
     let transaction = match connection.transaction() {
         Ok(transaction) => transaction,
         Err(e) => {
@@ -67,9 +70,11 @@ fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>) {
         }
     };
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    // Queues that received messages in this batch, woken after the commit.
+    let mut touched: Vec<IdentityKey> = Vec::new();
     let mut commands = batch.drain(..);
     for command in commands.by_ref() {
-        answers.push(apply(&transaction, command));
+        answers.push(apply(&transaction, command, &mut touched));
         if transaction.is_autocommit() {
             // SQLite rolled the whole transaction back (disk full, I/O
             // error). Running more commands now would commit each on its own
@@ -89,7 +94,10 @@ fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>) {
         return;
     }
     match transaction.commit() {
-        Ok(()) => answers.into_iter().for_each(|answer| answer(Ok(()))),
+        Ok(()) => {
+            answers.into_iter().for_each(|answer| answer(Ok(())));
+            notifier.notify(&touched);
+        }
         Err(e) => {
             let error = StoreError::from(e);
             tracing::error!("committing a batch of {} commands: {error}", answers.len());
@@ -98,8 +106,9 @@ fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>) {
     }
 }
 
-/// Runs one command inside its own savepoint and returns how to answer it.
-fn apply(db: &Connection, command: Command) -> Answer {
+/// Runs one command inside its own savepoint and returns how to answer it;
+/// adds the queues it wrote to `touched`.
+fn apply(db: &Connection, command: Command, touched: &mut Vec<IdentityKey>) -> Answer {
     match command {
         Command::UploadKeyPackages {
             identity,
@@ -125,10 +134,17 @@ fn apply(db: &Connection, command: Command) -> Answer {
             sender,
             envelopes,
             reply,
-        } => answer(
-            reply,
-            in_savepoint(db, |db| queries::insert_envelopes(db, &sender, &envelopes)),
-        ),
+        } => {
+            let outcome = in_savepoint(db, |db| queries::insert_envelopes(db, &sender, &envelopes));
+            if outcome.is_ok() {
+                touched.extend(
+                    envelopes
+                        .iter()
+                        .flat_map(|envelope| envelope.recipients.iter().copied()),
+                );
+            }
+            answer(reply, outcome)
+        }
         Command::PublishCommit {
             sender,
             publication,
@@ -136,7 +152,13 @@ fn apply(db: &Connection, command: Command) -> Answer {
         } => {
             let outcome = in_savepoint(db, |db| queries::publish_commit(db, &sender, &publication));
             let outcome = match outcome {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => {
+                    touched.extend(publication.commit.recipients.iter().copied());
+                    if let Some(welcome) = &publication.welcome {
+                        touched.extend(welcome.recipients.iter().copied());
+                    }
+                    Ok(())
+                }
                 Ok(Err(current_epoch)) => Err(StoreError::CommitConflict { current_epoch }),
                 Err(e) => Err(e),
             };
