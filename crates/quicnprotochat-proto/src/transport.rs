@@ -18,7 +18,8 @@ use crate::peer::IdentityVerifier;
 /// The ALPN protocol identifier of quicnprotochat's wire protocol, version 1.
 pub const ALPN: &[u8] = b"quicnprotochat/1";
 
-/// How long a connection may be silent before either end drops it.
+/// How long a client lets a connection be silent before dropping it (the
+/// node's own idle timeout is configurable).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often a client pings an otherwise idle connection to keep it open.
@@ -49,6 +50,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 pub fn server_config(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
+    idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -59,7 +61,7 @@ pub fn server_config(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_idle_timeout(Some(idle_timeout()))
+        .max_idle_timeout(Some(quic_idle_timeout(idle_timeout)))
         // One RPC stream per connection; a few spare so a reconnecting client
         // is never refused a stream, but a peer cannot open thousands.
         .max_concurrent_bidi_streams(4u32.into())
@@ -95,14 +97,13 @@ pub fn client_config(
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_idle_timeout(Some(idle_timeout()))
+        .max_idle_timeout(Some(quic_idle_timeout(IDLE_TIMEOUT)))
         .keep_alive_interval(Some(KEEP_ALIVE));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
 
-fn idle_timeout() -> quinn::IdleTimeout {
-    // 30 s is far below the QUIC varint limit, so the conversion cannot fail.
-    quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
-        .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000)))
+fn quic_idle_timeout(timeout: Duration) -> quinn::IdleTimeout {
+    // Beyond QUIC's varint range (~146 years) means "as long as possible".
+    quinn::IdleTimeout::try_from(timeout).unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::MAX))
 }

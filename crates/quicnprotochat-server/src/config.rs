@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, DEFAULT_PORT};
 
@@ -29,6 +30,21 @@ pub struct Config {
     /// Threads running Cap'n Proto RPC sessions (connections are spread over
     /// them). Defaults to the number of CPUs.
     pub rpc_threads: usize,
+    /// Most messages one recipient's queue may hold; beyond it enqueue
+    /// answers "queue full".
+    pub max_queue_depth: usize,
+    /// Messages one identity may queue per second (bursts of twice that);
+    /// 0: unlimited.
+    pub enqueue_rate: u32,
+    /// KeyPackage fetches per second per identity, or per address for
+    /// anonymous callers (bursts of twice that); 0: unlimited.
+    pub key_package_fetch_rate: u32,
+    /// Most connections open at once; further ones are refused.
+    pub max_connections: usize,
+    /// A connection silent this long is closed.
+    pub idle_timeout: Duration,
+    /// Undelivered messages older than this are deleted.
+    pub retention: Duration,
 }
 
 impl Default for Config {
@@ -41,6 +57,12 @@ impl Default for Config {
             db: PathBuf::from("data/node.db"),
             max_payload: DEFAULT_MAX_PAYLOAD,
             rpc_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_queue_depth: 10_000,
+            enqueue_rate: 1_000,
+            key_package_fetch_rate: 20,
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(30),
+            retention: Duration::from_secs(30 * 24 * 60 * 60),
         }
     }
 }

@@ -59,6 +59,9 @@ pub enum ServiceError {
     /// The connection's identity may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The caller sent too much too fast.
+    #[error("rate limited, retry after {} ms", .0.as_millis().max(1))]
+    RateLimited(std::time::Duration),
     /// The session has too many calls unanswered.
     #[error(
         "overloaded: {0} calls are already waiting on this connection; wait for answers before sending more"
@@ -76,10 +79,11 @@ impl From<ServiceError> for capnp::Error {
                 capnp::Error::overloaded(error.to_string())
             }
             ServiceError::Store(StoreError::Closed) => capnp::Error::overloaded(error.to_string()),
-            // Not a failure of the store: the caller must catch up and retry.
-            ServiceError::Store(conflict @ StoreError::CommitConflict { .. }) => {
-                capnp::Error::failed(conflict.to_string())
-            }
+            // Not failures of the store: the caller must catch up, or wait.
+            ServiceError::Store(
+                refusal @ (StoreError::CommitConflict { .. } | StoreError::QueueFull { .. }),
+            ) => capnp::Error::failed(refusal.to_string()),
+            ServiceError::RateLimited(_) => capnp::Error::overloaded(error.to_string()),
             _ => capnp::Error::failed(error.to_string()),
         }
     }

@@ -17,11 +17,13 @@
 //! - [`listener`] — the QUIC endpoint: accept loop, RPC worker threads,
 //!   graceful shutdown.
 //! - [`service`] — the `NodeService` RPC adapter: parse, one store call, reply.
+//! - [`limits`] — per-caller rate limits (token buckets).
 //! - [`store`] — all SQL: migrations and a group-committing writer thread.
 //! - [`error`] — the node's error types and their conversion to RPC errors.
 
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod listener;
 pub mod service;
 pub mod store;

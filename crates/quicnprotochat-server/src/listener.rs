@@ -23,8 +23,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, MAX_PAYLOAD_CEILING};
 use crate::error::ServerError;
+use crate::limits::RateLimits;
 use crate::service::{NodeServiceImpl, Shared};
-use crate::store::{Store, StoreCloser};
+use crate::store::{Store, StoreCloser, StoreLimits};
 
 /// How long shutdown waits for calls in flight before closing connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +52,8 @@ pub struct Node {
     store_closer: StoreCloser,
     rpc_threads: usize,
     reader_options: ReaderOptions,
+    max_connections: usize,
+    retention: Duration,
 }
 
 impl Node {
@@ -64,6 +67,11 @@ impl Node {
                 config.max_payload
             )));
         }
+        if config.max_queue_depth == 0 || config.max_connections == 0 {
+            return Err(ServerError::Config(
+                "--max-queue-depth and --max-connections must be at least 1".into(),
+            ));
+        }
         if config.rpc_threads == 0 {
             return Err(ServerError::Config("--rpc-threads must be at least 1".into()));
         }
@@ -75,11 +83,15 @@ impl Node {
                 "generated a self-signed TLS certificate; give clients the certificate file as --ca-cert"
             );
         }
-        let server_config = transport::server_config(identity.cert, identity.key)?;
-        let (store, store_closer) = Store::open(&config.db).map_err(|source| ServerError::Store {
-            path: config.db.clone(),
-            source,
-        })?;
+        let server_config = transport::server_config(identity.cert, identity.key, config.idle_timeout)?;
+        let limits = StoreLimits {
+            max_queue_depth: config.max_queue_depth,
+        };
+        let (store, store_closer) =
+            Store::open_with(&config.db, limits).map_err(|source| ServerError::Store {
+                path: config.db.clone(),
+                source,
+            })?;
         let endpoint =
             quinn::Endpoint::server(server_config, config.listen).map_err(|source| ServerError::Bind {
                 addr: config.listen,
@@ -87,7 +99,13 @@ impl Node {
             })?;
         Ok(Node {
             endpoint,
-            shared: Shared::new(store, config.max_payload),
+            shared: Shared::new(
+                store,
+                config.max_payload,
+                RateLimits::new(config.enqueue_rate, config.key_package_fetch_rate),
+            ),
+            max_connections: config.max_connections,
+            retention: config.retention,
             store_closer,
             rpc_threads: config.rpc_threads,
             reader_options: rpc::reader_options(config.max_payload),
@@ -110,13 +128,25 @@ impl Node {
             .collect::<Result<Vec<_>, _>>()?;
         info!(addr = %self.local_addr(), alpn = %String::from_utf8_lossy(transport::ALPN), "node listening");
 
+        let (stop_retention, retention_stopped) = tokio::sync::oneshot::channel();
+        let retention = tokio::spawn(retention_task(
+            self.shared.clone(),
+            self.retention,
+            retention_stopped,
+        ));
         tokio::pin!(shutdown);
         let mut next = 0usize;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) if self.shared.connections.load(Ordering::SeqCst) >= self.max_connections => {
+                        debug!(remote = %incoming.remote_address(), "refused: {} connections open", self.max_connections);
+                        incoming.refuse();
+                    }
                     Some(incoming) => {
+                        // Counted from here, so handshakes in progress count too.
+                        self.shared.connections.fetch_add(1, Ordering::SeqCst);
                         workers[next % workers.len()].hand_over(incoming);
                         next = next.wrapping_add(1);
                     }
@@ -126,6 +156,8 @@ impl Node {
         }
 
         info!("shutting down: no new connections; finishing calls in flight");
+        let _ = stop_retention.send(());
+        let _ = retention.await;
         self.shared.draining.store(true, Ordering::SeqCst);
         // Ends push subscriptions and long polls now instead of at the drain
         // timeout.
@@ -220,6 +252,8 @@ impl Worker {
 /// Completes the handshake, then runs one RPC session per stream the client
 /// opens until the connection closes.
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, options: ReaderOptions) {
+    // The accept loop counted this connection; uncount it however it ends.
+    let _open = ConnectionGuard(shared.clone());
     let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(connection) => connection,
@@ -230,12 +264,10 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, option
     };
     let peer = peer::peer_identity(&connection);
     debug!(%remote, peer = ?peer, "connection established");
-    shared.connections.fetch_add(1, Ordering::SeqCst);
-    let _open = ConnectionGuard(shared.clone());
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
-                let node = capnp_rpc::new_client(NodeServiceImpl::new(shared.clone(), peer));
+                let node = capnp_rpc::new_client(NodeServiceImpl::new(shared.clone(), peer, remote.ip()));
                 let session = rpc::serve(send, recv, node, options);
                 tokio::task::spawn_local(async move {
                     if let Err(e) = session.await {
@@ -248,6 +280,37 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, option
                 return;
             }
         }
+    }
+}
+
+/// Deletes what outlived the retention period, at start and then every
+/// tenth of the period (at most hourly, at least every 100 ms), until
+/// `stop` fires; also trims the rate limiters' memory.
+async fn retention_task(
+    shared: Arc<Shared>,
+    retention: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let period = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = &mut stop => return,
+        }
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(retention)
+            .and_then(|cutoff| cutoff.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |since| since.as_secs() as i64);
+        match shared.store.purge(cutoff).await {
+            Ok(0) => {}
+            Ok(purged) => info!(
+                purged,
+                "deleted undelivered messages older than the retention period"
+            ),
+            Err(e) => warn!("retention: {e}"),
+        }
+        shared.rate_limits.shrink();
     }
 }
 

@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -38,6 +39,24 @@ struct Args {
     /// Threads running RPC sessions [default: number of CPUs].
     #[arg(long, env = "QUICNPROTOCHAT_RPC_THREADS")]
     rpc_threads: Option<usize>,
+    /// Most messages one recipient's queue may hold; beyond it enqueue answers "queue full".
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_QUEUE_DEPTH", default_value_t = 10_000)]
+    max_queue_depth: usize,
+    /// Messages one identity may queue per second, bursts of twice that (0: unlimited).
+    #[arg(long, env = "QUICNPROTOCHAT_ENQUEUE_RATE", default_value_t = 1_000)]
+    enqueue_rate: u32,
+    /// KeyPackage fetches per second per identity, or per address when anonymous (0: unlimited).
+    #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_FETCH_RATE", default_value_t = 20)]
+    key_package_fetch_rate: u32,
+    /// Most connections open at once; further ones are refused.
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Seconds of silence after which a connection is closed.
+    #[arg(long, env = "QUICNPROTOCHAT_IDLE_TIMEOUT", default_value_t = 30)]
+    idle_timeout: u64,
+    /// Days an undelivered message is kept before it is deleted.
+    #[arg(long, env = "QUICNPROTOCHAT_RETENTION_DAYS", default_value_t = 30)]
+    retention_days: u64,
 }
 
 #[tokio::main]
@@ -57,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
         db: args.db,
         max_payload: args.max_payload,
         rpc_threads: args.rpc_threads.unwrap_or(defaults.rpc_threads),
+        max_queue_depth: args.max_queue_depth,
+        enqueue_rate: args.enqueue_rate,
+        key_package_fetch_rate: args.key_package_fetch_rate,
+        max_connections: args.max_connections,
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        retention: Duration::from_secs(args.retention_days.saturating_mul(24 * 60 * 60)),
     };
     quicnprotochat_server::run(config, shutdown_signal())
         .await

@@ -3,6 +3,7 @@
 //! logic lives in [`crate::store`].
 
 use std::cell::Cell;
+use std::net::IpAddr;
 use std::rc::Rc as LocalRc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,6 +16,7 @@ use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_ca
 use tokio::sync::oneshot;
 
 use crate::error::ServiceError;
+use crate::limits::{Caller, RateLimits};
 use crate::store::{QueueWatch, Store};
 
 /// State shared by every connection's service object.
@@ -31,6 +33,8 @@ pub struct Shared {
     /// Connections currently open; shutdown gives them a moment to hang up
     /// on their own so answers already sent are not cut off.
     pub connections: AtomicUsize,
+    /// Per-caller rate limits.
+    pub rate_limits: RateLimits,
 }
 
 /// Most KeyPackages one `uploadKeyPackages` call may carry.
@@ -43,10 +47,11 @@ pub const MAX_CALLS_PER_SESSION: usize = 256;
 
 impl Shared {
     /// Shared state over `store`.
-    pub fn new(store: Store, max_payload: usize) -> Arc<Self> {
+    pub fn new(store: Store, max_payload: usize, rate_limits: RateLimits) -> Arc<Self> {
         Arc::new(Self {
             store,
             max_payload,
+            rate_limits,
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
@@ -59,6 +64,8 @@ pub struct NodeServiceImpl {
     shared: Arc<Shared>,
     /// Who this connection proved to be (TLS client certificate), if anyone.
     peer: Option<IdentityKey>,
+    /// The connection's remote address, for limiting anonymous callers.
+    remote: IpAddr,
     /// Unanswered calls of this session.
     session_calls: LocalRc<Cell<usize>>,
 }
@@ -66,10 +73,11 @@ pub struct NodeServiceImpl {
 impl NodeServiceImpl {
     /// A service object for one RPC session of a connection authenticated
     /// as `peer` (or anonymous), answering from `shared`.
-    pub fn new(shared: Arc<Shared>, peer: Option<IdentityKey>) -> Self {
+    pub fn new(shared: Arc<Shared>, peer: Option<IdentityKey>, remote: IpAddr) -> Self {
         Self {
             shared,
             peer,
+            remote,
             session_calls: LocalRc::new(Cell::new(0)),
         }
     }
@@ -108,6 +116,11 @@ impl NodeServiceImpl {
                 key.short()
             ))),
         }
+    }
+
+    /// The caller, for rate limits.
+    fn caller(&self) -> Caller {
+        self.peer.map_or(Caller::Address(self.remote), Caller::Identity)
     }
 
     /// Sending needs an authenticated connection.
@@ -251,6 +264,10 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         let _call = self.begin()?;
         let identity = wire::identity_key("identityKey", params.get()?.get_identity_key()?)
             .map_err(ServiceError::from)?;
+        self.shared
+            .rate_limits
+            .check_key_package_fetch(self.caller())
+            .map_err(ServiceError::RateLimited)?;
         let package = self
             .shared
             .store
@@ -295,6 +312,11 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let sender = self.require_authenticated()?;
         let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
             .map_err(ServiceError::from)?;
+        let messages = envelopes.iter().map(|envelope| envelope.recipients.len()).sum();
+        self.shared
+            .rate_limits
+            .check_enqueue(self.caller(), messages)
+            .map_err(ServiceError::RateLimited)?;
         self.shared
             .store
             .enqueue_batch(sender, envelopes)
@@ -312,6 +334,15 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let sender = self.require_authenticated()?;
         let publication =
             wire::commit_publication(params.get()?, self.shared.max_payload).map_err(ServiceError::from)?;
+        let messages = publication.commit.recipients.len()
+            + publication
+                .welcome
+                .as_ref()
+                .map_or(0, |welcome| welcome.recipients.len());
+        self.shared
+            .rate_limits
+            .check_enqueue(self.caller(), messages)
+            .map_err(ServiceError::RateLimited)?;
         self.shared
             .store
             .publish_commit(sender, publication)

@@ -66,6 +66,24 @@ const MIGRATIONS: &[&str] = &[
          group_id BLOB PRIMARY KEY,
          epoch INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // V5: queue depths kept by triggers, so the queue-full check is one
+    // lookup instead of a count.
+    "CREATE TABLE queue_depths (
+         recipient_key BLOB PRIMARY KEY,
+         depth INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     INSERT INTO queue_depths (recipient_key, depth)
+         SELECT recipient_key, count(*) FROM messages GROUP BY recipient_key;
+     CREATE TRIGGER messages_count_insert AFTER INSERT ON messages
+     BEGIN
+         INSERT INTO queue_depths (recipient_key, depth) VALUES (new.recipient_key, 1)
+         ON CONFLICT (recipient_key) DO UPDATE SET depth = depth + 1;
+     END;
+     CREATE TRIGGER messages_count_delete AFTER DELETE ON messages
+     BEGIN
+         UPDATE queue_depths SET depth = depth - 1 WHERE recipient_key = old.recipient_key;
+     END;
+     CREATE INDEX messages_by_age ON messages (enqueued_at);",
 ];
 
 /// The schema version this build creates and understands.

@@ -79,6 +79,14 @@ pub enum StoreError {
     /// nothing of it was kept.
     #[error("transaction failed, nothing was stored: {0}")]
     Transaction(String),
+    /// A recipient's queue holds the maximum number of messages.
+    #[error("queue full: {} already has {limit} messages waiting; nothing was stored, retry later", recipient.short())]
+    QueueFull {
+        /// Whose queue.
+        recipient: IdentityKey,
+        /// The maximum.
+        limit: usize,
+    },
     /// Another Commit was already accepted for this group and epoch.
     #[error(
         "commit conflict: the group already moved on; it is at epoch {current_epoch}. Process your queue, then redo the change"
@@ -90,6 +98,21 @@ pub enum StoreError {
     /// The writer thread has stopped (the node is shutting down).
     #[error("the store is closed")]
     Closed,
+}
+
+/// Limits the store enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// Most messages one queue may hold; beyond it enqueue fails.
+    pub max_queue_depth: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            max_queue_depth: 10_000,
+        }
+    }
 }
 
 /// A handle to the store; cheap to clone, usable from any thread.
@@ -109,15 +132,20 @@ pub struct StoreCloser {
 
 impl Store {
     /// Opens (creating if needed) and migrates the database at `path`, and
-    /// starts its writer thread.
+    /// starts its writer thread, with default limits.
     pub fn open(path: &Path) -> Result<(Store, StoreCloser), StoreError> {
+        Self::open_with(path, StoreLimits::default())
+    }
+
+    /// [`Self::open`] with the given limits.
+    pub fn open_with(path: &Path, limits: StoreLimits) -> Result<(Store, StoreCloser), StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let (connection, instance_id) = migrations::open(path)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let notifier = Notifier::new();
-        let thread = writer::spawn(connection, receiver, notifier.clone())?;
+        let thread = writer::spawn(connection, receiver, notifier.clone(), limits)?;
         Ok((
             Store {
                 commands,
@@ -126,6 +154,12 @@ impl Store {
             },
             StoreCloser { thread },
         ))
+    }
+
+    /// Deletes messages and message ids older than `older_than` (Unix
+    /// seconds) and expired KeyPackages; returns how many messages went.
+    pub async fn purge(&self, older_than: i64) -> Result<usize, StoreError> {
+        self.call(|reply| Command::Purge { older_than, reply }).await
     }
 
     /// Watchers of queues, woken after each commit that adds to them.
@@ -315,6 +349,10 @@ enum Command {
     Drain {
         recipient: IdentityKey,
         reply: Reply<Vec<Vec<u8>>>,
+    },
+    Purge {
+        older_than: i64,
+        reply: Reply<usize>,
     },
 }
 

@@ -6,7 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quicnprotochat_core::IdentityKey;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{CommitPublication, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, ValidKeyPackage};
+use super::{
+    CommitPublication, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, StoreError, StoreLimits,
+    ValidKeyPackage,
+};
 
 pub(super) fn insert_key_package(
     db: &Connection,
@@ -109,21 +112,59 @@ pub(super) fn insert_message(
     Ok(())
 }
 
-/// Queues each envelope whose message id (if any) `sender` has not used yet.
+/// Queues each envelope whose message id (if any) `sender` has not used
+/// yet. Fails with [`StoreError::QueueFull`] if a recipient's queue is at the
+/// limit; the caller's savepoint then undoes the whole call.
 pub(super) fn insert_envelopes(
     db: &Connection,
     sender: &IdentityKey,
     envelopes: &[Envelope],
-) -> rusqlite::Result<()> {
+    limits: &StoreLimits,
+) -> Result<(), StoreError> {
     for envelope in envelopes {
         if let Some(id) = &envelope.message_id
             && !claim_message_id(db, sender, id)?
         {
             continue;
         }
+        check_room(db, &envelope.recipients, limits)?;
         insert_message(db, &envelope.recipients, &envelope.payload)?;
     }
     Ok(())
+}
+
+/// Fails if any recipient's queue already holds the maximum.
+fn check_room(db: &Connection, recipients: &[IdentityKey], limits: &StoreLimits) -> Result<(), StoreError> {
+    let mut depth = db.prepare_cached("SELECT depth FROM queue_depths WHERE recipient_key = ?1")?;
+    for recipient in recipients {
+        let current: i64 = depth
+            .query_row(params![recipient.as_bytes()], |row| row.get(0))
+            .optional()?
+            .unwrap_or(0);
+        if current >= limits.max_queue_depth as i64 {
+            return Err(StoreError::QueueFull {
+                recipient: *recipient,
+                limit: limits.max_queue_depth,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Deletes what has outlived the retention period: undelivered messages
+/// and used message ids enqueued before `older_than` (Unix seconds), and
+/// expired KeyPackages. Returns how many messages went.
+pub(super) fn purge(db: &Connection, older_than: i64) -> rusqlite::Result<usize> {
+    let messages = db
+        .prepare_cached("DELETE FROM messages WHERE enqueued_at < ?1")?
+        .execute(params![older_than])?;
+    db.prepare_cached("DELETE FROM message_ids WHERE created_at < ?1")?
+        .execute(params![older_than])?;
+    db.prepare_cached("DELETE FROM key_packages WHERE expires_at <= ?1")?
+        .execute(params![unix_now()])?;
+    db.prepare_cached("DELETE FROM queue_depths WHERE depth <= 0")?
+        .execute([])?;
+    Ok(messages)
 }
 
 /// Publishes a group change if it is the first Commit for its group and
@@ -135,11 +176,12 @@ pub(super) fn publish_commit(
     db: &Connection,
     sender: &IdentityKey,
     publication: &CommitPublication,
-) -> rusqlite::Result<Result<(), u64>> {
+    limits: &StoreLimits,
+) -> Result<(), StoreError> {
     if let Some(id) = &publication.commit.message_id
         && message_id_used(db, sender, id)?
     {
-        return Ok(Ok(()));
+        return Ok(());
     }
     let current: Option<i64> = db
         .prepare_cached("SELECT epoch FROM group_epochs WHERE group_id = ?1")?
@@ -149,7 +191,9 @@ pub(super) fn publish_commit(
     if let Some(current) = current
         && epoch < current
     {
-        return Ok(Err(current as u64));
+        return Err(StoreError::CommitConflict {
+            current_epoch: current as u64,
+        });
     }
     db.prepare_cached(
         "INSERT INTO group_epochs (group_id, epoch) VALUES (?1, ?2)
@@ -160,12 +204,13 @@ pub(super) fn publish_commit(
         claim_message_id(db, sender, id)?;
     }
     if !publication.commit.recipients.is_empty() {
+        check_room(db, &publication.commit.recipients, limits)?;
         insert_message(db, &publication.commit.recipients, &publication.commit.payload)?;
     }
     if let Some(welcome) = &publication.welcome {
-        insert_envelopes(db, sender, std::slice::from_ref(welcome))?;
+        insert_envelopes(db, sender, std::slice::from_ref(welcome), limits)?;
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 fn message_id_used(db: &Connection, sender: &IdentityKey, message_id: &[u8]) -> rusqlite::Result<bool> {

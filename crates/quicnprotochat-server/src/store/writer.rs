@@ -13,7 +13,7 @@ use quicnprotochat_core::IdentityKey;
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
-use super::{Command, Notifier, StoreError, queries};
+use super::{Command, Notifier, StoreError, StoreLimits, queries};
 
 /// Most commands committed together; bounds the latency a batch adds.
 const MAX_BATCH: usize = 1024;
@@ -22,14 +22,20 @@ pub(super) fn spawn(
     connection: Connection,
     commands: mpsc::Receiver<Command>,
     notifier: Arc<Notifier>,
+    limits: StoreLimits,
 ) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(connection, commands, &notifier))
+        .spawn(move || run(connection, commands, &notifier, limits))
         .map_err(StoreError::Thread)
 }
 
-fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>, notifier: &Notifier) {
+fn run(
+    mut connection: Connection,
+    mut commands: mpsc::Receiver<Command>,
+    notifier: &Notifier,
+    limits: StoreLimits,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Ends when every `Store` handle is dropped and the queue is empty.
     while let Some(first) = commands.blocking_recv() {
@@ -40,7 +46,7 @@ fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>, notifi
                 Err(_) => break,
             }
         }
-        execute_batch(&mut connection, &mut batch, notifier);
+        execute_batch(&mut connection, &mut batch, notifier, &limits);
     }
     // Let SQLite refresh its query planner statistics, then close: closing the
     // last connection checkpoints the WAL into the main file.
@@ -57,7 +63,12 @@ fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>, notifi
 /// An answer computed inside the transaction, sent once it commits.
 type Answer = Box<dyn FnOnce(Result<(), &StoreError>)>;
 
-fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>, notifier: &Notifier) {
+fn execute_batch(
+    connection: &mut Connection,
+    batch: &mut Vec<Command>,
+    notifier: &Notifier,
+    limits: &StoreLimits,
+) {
     let transaction = match connection.transaction() {
         Ok(transaction) => transaction,
         Err(e) => {
@@ -74,7 +85,7 @@ fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>, notifier
     let mut touched: Vec<IdentityKey> = Vec::new();
     let mut commands = batch.drain(..);
     for command in commands.by_ref() {
-        answers.push(apply(&transaction, command, &mut touched));
+        answers.push(apply(&transaction, command, limits, &mut touched));
         if transaction.is_autocommit() {
             // SQLite rolled the whole transaction back (disk full, I/O
             // error). Running more commands now would commit each on its own
@@ -108,7 +119,7 @@ fn execute_batch(connection: &mut Connection, batch: &mut Vec<Command>, notifier
 
 /// Runs one command inside its own savepoint and returns how to answer it;
 /// adds the queues it wrote to `touched`.
-fn apply(db: &Connection, command: Command, touched: &mut Vec<IdentityKey>) -> Answer {
+fn apply(db: &Connection, command: Command, limits: &StoreLimits, touched: &mut Vec<IdentityKey>) -> Answer {
     match command {
         Command::UploadKeyPackages {
             identity,
@@ -117,25 +128,28 @@ fn apply(db: &Connection, command: Command, touched: &mut Vec<IdentityKey>) -> A
         } => answer(
             reply,
             in_savepoint(db, |db| {
-                packages
-                    .iter()
-                    .try_for_each(|package| queries::insert_key_package(db, &identity, package))
+                for package in &packages {
+                    queries::insert_key_package(db, &identity, package)?;
+                }
+                Ok(())
             }),
         ),
         Command::CountKeyPackages { identity, reply } => answer(
             reply,
-            in_savepoint(db, |db| queries::count_key_packages(db, &identity)),
+            in_savepoint(db, |db| Ok(queries::count_key_packages(db, &identity)?)),
         ),
         Command::TakeKeyPackage { identity, reply } => answer(
             reply,
-            in_savepoint(db, |db| queries::take_key_package(db, &identity)),
+            in_savepoint(db, |db| Ok(queries::take_key_package(db, &identity)?)),
         ),
         Command::EnqueueBatch {
             sender,
             envelopes,
             reply,
         } => {
-            let outcome = in_savepoint(db, |db| queries::insert_envelopes(db, &sender, &envelopes));
+            let outcome = in_savepoint(db, |db| {
+                queries::insert_envelopes(db, &sender, &envelopes, limits)
+            });
             if outcome.is_ok() {
                 touched.extend(
                     envelopes
@@ -150,18 +164,15 @@ fn apply(db: &Connection, command: Command, touched: &mut Vec<IdentityKey>) -> A
             publication,
             reply,
         } => {
-            let outcome = in_savepoint(db, |db| queries::publish_commit(db, &sender, &publication));
-            let outcome = match outcome {
-                Ok(Ok(())) => {
-                    touched.extend(publication.commit.recipients.iter().copied());
-                    if let Some(welcome) = &publication.welcome {
-                        touched.extend(welcome.recipients.iter().copied());
-                    }
-                    Ok(())
+            let outcome = in_savepoint(db, |db| {
+                queries::publish_commit(db, &sender, &publication, limits)
+            });
+            if outcome.is_ok() {
+                touched.extend(publication.commit.recipients.iter().copied());
+                if let Some(welcome) = &publication.welcome {
+                    touched.extend(welcome.recipients.iter().copied());
                 }
-                Ok(Err(current_epoch)) => Err(StoreError::CommitConflict { current_epoch }),
-                Err(e) => Err(e),
-            };
+            }
             answer(reply, outcome)
         }
         Command::MessagesAfter {
@@ -171,7 +182,9 @@ fn apply(db: &Connection, command: Command, touched: &mut Vec<IdentityKey>) -> A
             reply,
         } => answer(
             reply,
-            in_savepoint(db, |db| queries::messages_after(db, &recipient, after_seq, limit)),
+            in_savepoint(db, |db| {
+                Ok(queries::messages_after(db, &recipient, after_seq, limit)?)
+            }),
         ),
         Command::Ack {
             recipient,
@@ -179,11 +192,14 @@ fn apply(db: &Connection, command: Command, touched: &mut Vec<IdentityKey>) -> A
             reply,
         } => answer(
             reply,
-            in_savepoint(db, |db| queries::delete_through(db, &recipient, up_to_seq)),
+            in_savepoint(db, |db| Ok(queries::delete_through(db, &recipient, up_to_seq)?)),
         ),
+        Command::Purge { older_than, reply } => {
+            answer(reply, in_savepoint(db, |db| Ok(queries::purge(db, older_than)?)))
+        }
         Command::Drain { recipient, reply } => answer(
             reply,
-            in_savepoint(db, |db| queries::drain_messages(db, &recipient)),
+            in_savepoint(db, |db| Ok(queries::drain_messages(db, &recipient)?)),
         ),
     }
 }
@@ -202,7 +218,7 @@ fn answer<T: 'static>(reply: super::Reply<T>, result: Result<T, StoreError>) -> 
 
 fn in_savepoint<T>(
     db: &Connection,
-    work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    work: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     db.execute_batch("SAVEPOINT command")?;
     match work(db) {
@@ -214,7 +230,7 @@ fn in_savepoint<T>(
             if let Err(rollback) = db.execute_batch("ROLLBACK TO command; RELEASE command") {
                 tracing::error!("rolling back a failed command: {rollback}");
             }
-            Err(e.into())
+            Err(e)
         }
     }
 }
@@ -240,6 +256,9 @@ fn fail(command: Command, error: &StoreError) {
             let _ = reply.send(Err(error()));
         }
         Command::Ack { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Command::Purge { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
     }

@@ -1,0 +1,109 @@
+//! Per-caller rate limits: token buckets (governor) keyed by the caller's
+//! identity, or by its IP address when it is anonymous.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use quicnprotochat_core::IdentityKey;
+
+/// Who is calling, for rate limiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// An authenticated connection.
+    Identity(IdentityKey),
+    /// An anonymous connection, by its address.
+    Address(IpAddr),
+}
+
+/// The node's rate limiters; `None` where a limit is switched off.
+#[derive(Debug)]
+pub struct RateLimits {
+    enqueue: Option<DefaultKeyedRateLimiter<Caller>>,
+    key_package_fetch: Option<DefaultKeyedRateLimiter<Caller>>,
+}
+
+impl RateLimits {
+    /// Limits of `enqueue_per_second` queued messages and
+    /// `fetch_per_second` KeyPackage fetches per caller (0: unlimited), each
+    /// allowing bursts of twice the rate.
+    pub fn new(enqueue_per_second: u32, fetch_per_second: u32) -> RateLimits {
+        RateLimits {
+            enqueue: limiter(enqueue_per_second),
+            key_package_fetch: limiter(fetch_per_second),
+        }
+    }
+
+    /// Takes `messages` tokens for queuing messages; on refusal, how long to
+    /// wait.
+    pub fn check_enqueue(&self, caller: Caller, messages: usize) -> Result<(), Duration> {
+        check(self.enqueue.as_ref(), caller, messages)
+    }
+
+    /// Takes a token for one KeyPackage fetch; on refusal, how long to wait.
+    pub fn check_key_package_fetch(&self, caller: Caller) -> Result<(), Duration> {
+        check(self.key_package_fetch.as_ref(), caller, 1)
+    }
+
+    /// Forgets callers whose buckets are full again, bounding memory.
+    pub fn shrink(&self) {
+        for limiter in [&self.enqueue, &self.key_package_fetch].into_iter().flatten() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+fn limiter(per_second: u32) -> Option<DefaultKeyedRateLimiter<Caller>> {
+    let rate = NonZeroU32::new(per_second)?;
+    let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+    Some(DefaultKeyedRateLimiter::dashmap(
+        Quota::per_second(rate).allow_burst(burst),
+    ))
+}
+
+fn check(
+    limiter: Option<&DefaultKeyedRateLimiter<Caller>>,
+    caller: Caller,
+    cost: usize,
+) -> Result<(), Duration> {
+    let Some(limiter) = limiter else {
+        return Ok(());
+    };
+    let Some(cost) = NonZeroU32::new(u32::try_from(cost).unwrap_or(u32::MAX)) else {
+        return Ok(());
+    };
+    match limiter.check_key_n(&caller, cost) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(not_until)) => Err(not_until.wait_time_from(DefaultClock::default().now())),
+        // More than a whole burst at once: it can never pass as one call;
+        // refuse it with the time the bucket takes to fill.
+        Err(_) => Err(Duration::from_secs(2)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_beyond_its_burst_is_told_how_long_to_wait() {
+        let limits = RateLimits::new(10, 0);
+        let caller = Caller::Identity(IdentityKey::from_bytes([1; 32]));
+        assert!(limits.check_enqueue(caller, 20).is_ok());
+        let wait = limits.check_enqueue(caller, 1).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(200),
+            "{wait:?}"
+        );
+        // Others have their own bucket; fetches are unlimited here.
+        assert!(
+            limits
+                .check_enqueue(Caller::Identity(IdentityKey::from_bytes([2; 32])), 1)
+                .is_ok()
+        );
+        assert!(limits.check_key_package_fetch(caller).is_ok());
+    }
+}
