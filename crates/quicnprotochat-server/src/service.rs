@@ -296,6 +296,10 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let message_id =
             wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
         self.shared
+            .rate_limits
+            .check_enqueue(self.caller(), 1)
+            .map_err(ServiceError::RateLimited)?;
+        self.shared
             .store
             .enqueue(sender, recipient, payload, message_id)
             .await
