@@ -153,6 +153,7 @@ fn start_node(dir: PathBuf) -> (SocketAddr, std::thread::JoinHandle<()>) {
             let mut config = Config::in_dir(&dir, SocketAddr::from(([127, 0, 0, 1], 0)));
             // Measure the node, not the abuse limits.
             config.enqueue_rate = 0;
+            config.ping_rate = 0;
             let node = Node::bind(config).await.unwrap();
             tx.send(node.local_addr()).unwrap();
             // Runs until the process exits.

@@ -39,6 +39,9 @@ pub struct Config {
     /// KeyPackage fetches per second per identity, or per address for
     /// anonymous callers (bursts of twice that); 0: unlimited.
     pub key_package_fetch_rate: u32,
+    /// Pings per second per identity, or per address for anonymous callers
+    /// (bursts of twice that); 0: unlimited.
+    pub ping_rate: u32,
     /// Most connections open at once; further ones are refused.
     pub max_connections: usize,
     /// A connection silent this long is closed.
@@ -60,6 +63,7 @@ impl Default for Config {
             max_queue_depth: 10_000,
             enqueue_rate: 1_000,
             key_package_fetch_rate: 20,
+            ping_rate: 100,
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(30),
             retention: Duration::from_secs(30 * 24 * 60 * 60),

@@ -23,17 +23,24 @@ pub enum Caller {
 pub struct RateLimits {
     enqueue: Option<DefaultKeyedRateLimiter<Caller>>,
     key_package_fetch: Option<DefaultKeyedRateLimiter<Caller>>,
+    ping: Option<DefaultKeyedRateLimiter<Caller>>,
 }
 
 impl RateLimits {
-    /// Limits of `enqueue_per_second` queued messages and
-    /// `fetch_per_second` KeyPackage fetches per caller (0: unlimited), each
-    /// allowing bursts of twice the rate.
-    pub fn new(enqueue_per_second: u32, fetch_per_second: u32) -> RateLimits {
+    /// Limits of `enqueue_per_second` queued messages, `fetch_per_second`
+    /// KeyPackage fetches and `ping_per_second` pings per caller (0:
+    /// unlimited), each allowing bursts of twice the rate.
+    pub fn new(enqueue_per_second: u32, fetch_per_second: u32, ping_per_second: u32) -> RateLimits {
         RateLimits {
             enqueue: limiter(enqueue_per_second),
             key_package_fetch: limiter(fetch_per_second),
+            ping: limiter(ping_per_second),
         }
+    }
+
+    /// Takes a token for one ping; on refusal, how long to wait.
+    pub fn check_ping(&self, caller: Caller) -> Result<(), Duration> {
+        check(self.ping.as_ref(), caller, 1)
     }
 
     /// Takes `messages` tokens for queuing messages; on refusal, how long to
@@ -49,7 +56,10 @@ impl RateLimits {
 
     /// Forgets callers whose buckets are full again, bounding memory.
     pub fn shrink(&self) {
-        for limiter in [&self.enqueue, &self.key_package_fetch].into_iter().flatten() {
+        for limiter in [&self.enqueue, &self.key_package_fetch, &self.ping]
+            .into_iter()
+            .flatten()
+        {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -90,7 +100,7 @@ mod tests {
 
     #[test]
     fn a_caller_beyond_its_burst_is_told_how_long_to_wait() {
-        let limits = RateLimits::new(10, 0);
+        let limits = RateLimits::new(10, 0, 0);
         let caller = Caller::Identity(IdentityKey::from_bytes([1; 32]));
         assert!(limits.check_enqueue(caller, 20).is_ok());
         let wait = limits.check_enqueue(caller, 1).unwrap_err();

@@ -102,7 +102,11 @@ impl Node {
             shared: Shared::new(
                 store,
                 config.max_payload,
-                RateLimits::new(config.enqueue_rate, config.key_package_fetch_rate),
+                RateLimits::new(
+                    config.enqueue_rate,
+                    config.key_package_fetch_rate,
+                    config.ping_rate,
+                ),
             ),
             max_connections: config.max_connections,
             retention: config.retention,

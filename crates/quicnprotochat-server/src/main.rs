@@ -48,6 +48,9 @@ struct Args {
     /// KeyPackage fetches per second per identity, or per address when anonymous (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_FETCH_RATE", default_value_t = 20)]
     key_package_fetch_rate: u32,
+    /// Pings per second per identity, or per address when anonymous (0: unlimited).
+    #[arg(long, env = "QUICNPROTOCHAT_PING_RATE", default_value_t = 100)]
+    ping_rate: u32,
     /// Most connections open at once; further ones are refused.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
@@ -79,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         max_queue_depth: args.max_queue_depth,
         enqueue_rate: args.enqueue_rate,
         key_package_fetch_rate: args.key_package_fetch_rate,
+        ping_rate: args.ping_rate,
         max_connections: args.max_connections,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         retention: Duration::from_secs(args.retention_days.saturating_mul(24 * 60 * 60)),

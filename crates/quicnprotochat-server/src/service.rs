@@ -153,6 +153,10 @@ impl node_capnp::node_service::Server for NodeServiceImpl {
         _: node_capnp::node_service::PingParams,
         mut results: node_capnp::node_service::PingResults,
     ) -> Result<(), capnp::Error> {
+        self.shared
+            .rate_limits
+            .check_ping(self.caller())
+            .map_err(ServiceError::RateLimited)?;
         let mut info = results.get().init_info();
         info.set_version(env!("CARGO_PKG_VERSION"));
         info.set_protocol_version(PROTOCOL_VERSION);
