@@ -12,8 +12,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -21,7 +19,11 @@ use futures::stream::FuturesUnordered;
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
 use quicnprotochat_core::IdentityKeypair;
 use quicnprotochat_proto::wire::Envelope;
-use quicnprotochat_server::{Config, Node};
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::start_node;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -132,28 +134,6 @@ fn fan_out(options: &ConnectOptions, batches: usize, recipients: usize) {
             (batches * recipients) as f64 / elapsed.as_secs_f64()
         );
     });
-}
-
-fn start_node(dir: PathBuf) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let mut config = Config::in_dir(&dir, SocketAddr::from(([127, 0, 0, 1], 0)));
-            // Measure the node, not the abuse limits.
-            config.enqueue_rate = 0;
-            config.ping_rate = 0;
-            config.max_queue_depth = 1_000_000;
-            let node = Node::bind(config).await.unwrap();
-            tx.send(node.local_addr()).unwrap();
-            node.run(std::future::pending()).await.unwrap();
-        });
-    });
-    rx.recv().unwrap()
 }
 
 fn local<F: std::future::Future>(body: F) -> F::Output {

@@ -11,7 +11,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,11 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
 use quicnprotochat_core::IdentityKeypair;
-use quicnprotochat_server::{Config, Node};
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::start_node;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -54,14 +57,14 @@ fn main() {
             None,
         ),
         None => {
-            let (addr, node) = start_node(temp.path().to_owned());
+            let addr = start_node(temp.path().to_owned());
             (
                 ConnectOptions {
                     server: addr.to_string(),
                     server_name: None,
                     ca_cert: temp.path().join("server-cert.der"),
                 },
-                Some(node),
+                Some(addr),
             )
         }
     };
@@ -139,28 +142,6 @@ fn main() {
         assert_eq!(drained, total);
         client.close().await;
     });
-}
-
-fn start_node(dir: PathBuf) -> (SocketAddr, std::thread::JoinHandle<()>) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let mut config = Config::in_dir(&dir, SocketAddr::from(([127, 0, 0, 1], 0)));
-            // Measure the node, not the abuse limits.
-            config.enqueue_rate = 0;
-            config.ping_rate = 0;
-            let node = Node::bind(config).await.unwrap();
-            tx.send(node.local_addr()).unwrap();
-            // Runs until the process exits.
-            node.run(std::future::pending()).await.unwrap();
-        });
-    });
-    (rx.recv().unwrap(), handle)
 }
 
 fn micros(duration: Duration) -> f64 {

@@ -9,7 +9,10 @@ use std::path::Path;
 use quicnprotochat_core::{GroupMember, IdentityKeypair, Incoming, Received, classify};
 
 use super::node::top_up_key_packages;
-use super::{Nodes, envelope, group_name, in_transaction, load_group, member_name, others, resolve_peers};
+use super::{
+    Change, Nodes, envelope, group_name, in_transaction, load_group, member_name, others, publish,
+    resolve_peers,
+};
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::state::{Direction, StateError, StateFile};
@@ -164,17 +167,12 @@ async fn commit_proposals(
     let commit = in_transaction(state, || {
         Ok(group.commit_pending_proposals(&state.provider(), identity)?)
     })?;
-    let published = nodes
-        .delivery()
-        .publish_commit(group_id, epoch, &envelope(commit_to, commit), None)
-        .await;
-    let transaction = state.transaction()?;
-    match published {
-        Ok(()) => group.merge_pending_commit(&state.provider())?,
-        Err(_) => group.discard_pending_commit(&state.provider())?,
-    }
-    transaction.commit().map_err(StateError::from)?;
-    match published {
+    let change = Change {
+        commit,
+        commit_to,
+        welcome: None,
+    };
+    match publish(nodes, state, group, group_id, epoch, change).await {
         Ok(()) => {
             eprintln!(
                 "group {}: committed pending proposals; now epoch {}, {} members",

@@ -232,19 +232,7 @@ pub(crate) async fn change_group(
             .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
         let epoch = group.epoch();
         let change = in_transaction(state, || make(&mut group))?;
-        let commit = envelope(change.commit_to, change.commit);
-        let welcome = change.welcome.map(|(payload, to)| envelope(to, payload));
-        let published = nodes
-            .delivery()
-            .publish_commit(group_id, epoch, &commit, welcome.as_ref())
-            .await;
-        let transaction = state.transaction()?;
-        match published {
-            Ok(()) => group.merge_pending_commit(&state.provider())?,
-            Err(_) => group.discard_pending_commit(&state.provider())?,
-        }
-        transaction.commit().map_err(StateError::from)?;
-        match published {
+        match publish(nodes, state, &mut group, group_id, epoch, change).await {
             Ok(()) => return Ok(group),
             Err(ClientError::CommitConflict { current_epoch }) if attempt < CHANGE_ATTEMPTS => {
                 let at = current_epoch
@@ -257,6 +245,32 @@ pub(crate) async fn change_group(
         }
     }
     Err(ClientError::CommitConflict { current_epoch: None })
+}
+
+/// Publishes the pending Commit of `group` (made in `epoch`) with
+/// `publishCommit`, then merges it if the node took it or discards it if not,
+/// in one state-file transaction.
+pub(crate) async fn publish(
+    nodes: &Nodes,
+    state: &StateFile,
+    group: &mut GroupMember,
+    group_id: &[u8],
+    epoch: u64,
+    change: Change,
+) -> Result<(), ClientError> {
+    let commit = envelope(change.commit_to, change.commit);
+    let welcome = change.welcome.map(|(payload, to)| envelope(to, payload));
+    let published = nodes
+        .delivery()
+        .publish_commit(group_id, epoch, &commit, welcome.as_ref())
+        .await;
+    let transaction = state.transaction()?;
+    match published {
+        Ok(()) => group.merge_pending_commit(&state.provider())?,
+        Err(_) => group.discard_pending_commit(&state.provider())?,
+    }
+    transaction.commit().map_err(StateError::from)?;
+    published
 }
 
 /// Runs `work` in a state-file transaction and commits it if it succeeds.
