@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, DEFAULT_PORT};
 
+pub use crate::store::Durability;
+
 /// Largest payload limit a node can be configured with. Fetch answers carry
 /// whole payloads, and clients refuse RPC messages above 64 MiB.
 pub const MAX_PAYLOAD_CEILING: usize = 16 * 1024 * 1024;
@@ -48,6 +50,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Undelivered messages older than this are deleted.
     pub retention: Duration,
+    /// fsync every commit (Full) or only at checkpoints (Normal).
+    pub durability: Durability,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(30),
             retention: Duration::from_secs(30 * 24 * 60 * 60),
+            durability: Durability::Full,
         }
     }
 }

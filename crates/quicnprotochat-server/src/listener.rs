@@ -88,7 +88,7 @@ impl Node {
             max_queue_depth: config.max_queue_depth,
         };
         let (store, store_closer) =
-            Store::open_with(&config.db, limits).map_err(|source| ServerError::Store {
+            Store::open_with(&config.db, limits, config.durability).map_err(|source| ServerError::Store {
                 path: config.db.clone(),
                 source,
             })?;

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use quicnprotochat_proto::DEFAULT_MAX_PAYLOAD;
 use quicnprotochat_server::Config;
+use quicnprotochat_server::config::Durability;
 use tracing_subscriber::EnvFilter;
 
 /// The quicnprotochat node: KeyPackage directory and message queues for MLS
@@ -57,9 +58,20 @@ struct Args {
     /// Seconds of silence after which a connection is closed.
     #[arg(long, env = "QUICNPROTOCHAT_IDLE_TIMEOUT", default_value_t = 30)]
     idle_timeout: u64,
+    /// full: fsync every commit (acknowledged messages survive a power cut);
+    /// normal: fsync at checkpoints (they survive a node crash, not always a power cut).
+    #[arg(long, env = "QUICNPROTOCHAT_DURABILITY", value_enum, default_value_t = DurabilityArg::Full)]
+    durability: DurabilityArg,
     /// Days an undelivered message is kept before it is deleted.
     #[arg(long, env = "QUICNPROTOCHAT_RETENTION_DAYS", default_value_t = 30)]
     retention_days: u64,
+}
+
+/// `--durability` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DurabilityArg {
+    Full,
+    Normal,
 }
 
 #[tokio::main]
@@ -86,6 +98,10 @@ async fn main() -> anyhow::Result<()> {
         max_connections: args.max_connections,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         retention: Duration::from_secs(args.retention_days.saturating_mul(24 * 60 * 60)),
+        durability: match args.durability {
+            DurabilityArg::Full => Durability::Full,
+            DurabilityArg::Normal => Durability::Normal,
+        },
     };
     quicnprotochat_server::run(config, shutdown_signal())
         .await

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::StoreError;
+use super::{Durability, StoreError};
 
 /// `application_id` of a node database: "QNPN" in ASCII.
 const APPLICATION_ID: i64 = 0x514E_504E;
@@ -91,19 +91,25 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Opens the database at `path`, sets durability pragmas and applies pending
 /// migrations. Returns the connection and the database's instance id.
-pub(super) fn open(path: &Path) -> Result<(Connection, [u8; 16]), StoreError> {
+pub(super) fn open(path: &Path, durability: Durability) -> Result<(Connection, [u8; 16]), StoreError> {
     let mut connection = Connection::open(path)?;
     // Before anything writes: refuse a file that is not ours.
     check_ownership(&connection)?;
     // WAL: readers never block the writer and commits append sequentially.
-    // synchronous=FULL: a commit is fsynced before it is acknowledged, so an
-    // answered enqueue survives a power cut, not just a process crash. Group
-    // commit amortises the fsync over every command in a batch.
     let mode: String = connection.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::NoWal(mode));
     }
-    connection.pragma_update(None, "synchronous", "FULL")?;
+    // FULL: every commit is fsynced before it is acknowledged, so an answered
+    // enqueue survives a power cut. NORMAL: the WAL is fsynced only at
+    // checkpoints; an answered enqueue survives a crash of the node process
+    // but the last commits may be lost in a power cut. Group commit shares
+    // one fsync among every command in a batch.
+    let synchronous = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    connection.pragma_update(None, "synchronous", synchronous)?;
     connection.pragma_update(None, "foreign_keys", true)?;
     migrate(&mut connection)?;
     let id: Vec<u8> =

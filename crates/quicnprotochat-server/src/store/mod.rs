@@ -100,6 +100,17 @@ pub enum StoreError {
     Closed,
 }
 
+/// How hard a commit tries to survive failures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync on every commit: acknowledged data survives a power cut.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: acknowledged data survives a crash of the
+    /// node process; the last commits may be lost in a power cut.
+    Normal,
+}
+
 /// Limits the store enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreLimits {
@@ -134,15 +145,19 @@ impl Store {
     /// Opens (creating if needed) and migrates the database at `path`, and
     /// starts its writer thread, with default limits.
     pub fn open(path: &Path) -> Result<(Store, StoreCloser), StoreError> {
-        Self::open_with(path, StoreLimits::default())
+        Self::open_with(path, StoreLimits::default(), Durability::default())
     }
 
-    /// [`Self::open`] with the given limits.
-    pub fn open_with(path: &Path, limits: StoreLimits) -> Result<(Store, StoreCloser), StoreError> {
+    /// [`Self::open`] with the given limits and durability.
+    pub fn open_with(
+        path: &Path,
+        limits: StoreLimits,
+        durability: Durability,
+    ) -> Result<(Store, StoreCloser), StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let (connection, instance_id) = migrations::open(path)?;
+        let (connection, instance_id) = migrations::open(path, durability)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let notifier = Notifier::new();
         let thread = writer::spawn(connection, receiver, notifier.clone(), limits)?;
