@@ -1,0 +1,208 @@
+//! Crash without loss: a client sends steadily while the real node binary is
+//! killed with SIGKILL at random moments and restarted on the same data.
+//! Every enqueue the node answered with success must be delivered exactly
+//! once afterwards, and nothing that was never sent may appear.
+
+#![cfg(unix)]
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use capnp::capability::FromClientHook;
+use quicnprotochat_core::IdentityKeypair;
+use quicnprotochat_proto::delivery_capnp::delivery_service;
+use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
+use rand::Rng;
+
+const KILLS: usize = 5;
+
+fn start(dir: &Path, addr: SocketAddr) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
+        .current_dir(dir)
+        .args(["--listen", &addr.to_string(), "--enqueue-rate", "0"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (ready, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ready = Some(ready);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("node listening")
+                && let Some(ready) = ready.take()
+            {
+                let _ = ready.send(());
+            }
+        }
+    });
+    listening
+        .recv_timeout(Duration::from_secs(30))
+        .expect("node starts");
+    child
+}
+
+fn free_port() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Session {
+    _endpoint: quinn::Endpoint,
+    delivery: delivery_service::Client,
+}
+
+async fn connect(addr: SocketAddr, ca: &Path, identity: &IdentityKeypair) -> Option<Session> {
+    let certificate = peer::client_certificate(&identity.pkcs8_der().ok()?).ok()?;
+    let config = transport::client_config(cert::load_certificate(ca).ok()?, Some(certificate)).ok()?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().ok()?).ok()?;
+    endpoint.set_default_client_config(config);
+    let connecting = endpoint.connect(addr, "localhost").ok()?;
+    let connection = tokio::time::timeout(Duration::from_secs(2), connecting)
+        .await
+        .ok()?
+        .ok()?;
+    let (send, recv) = connection.open_bi().await.ok()?;
+    let (session, node) = rpc::connect(send, recv, rpc::reader_options(DEFAULT_MAX_PAYLOAD));
+    tokio::task::spawn_local(session);
+    Some(Session {
+        _endpoint: endpoint,
+        delivery: node.cast_to(),
+    })
+}
+
+async fn enqueue(session: &Session, recipient: &[u8], id: u64) -> bool {
+    let mut request = session.delivery.enqueue_request();
+    request.get().set_recipient_key(recipient);
+    request.get().set_payload(&id.to_le_bytes());
+    request.get().set_message_id(&id.to_le_bytes());
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), request.send().promise).await,
+        Ok(Ok(_))
+    )
+}
+
+fn local<F: std::future::Future>(body: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&runtime, body)
+}
+
+#[test]
+fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let ca: PathBuf = dir.path().join("data/server-cert.der");
+    let mut node = start(dir.path(), addr);
+    let recipient = IdentityKeypair::from_secret_bytes(&[42; 32]);
+    let queue = recipient.public_key();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (stop, ca) = (stop.clone(), ca.clone());
+        std::thread::spawn(move || {
+            local(async move {
+                let identity = IdentityKeypair::from_secret_bytes(&[41; 32]);
+                let mut acknowledged = Vec::new();
+                let mut session = None;
+                let mut id = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    if session.is_none() {
+                        session = connect(addr, &ca, &identity).await;
+                        if session.is_none() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    }
+                    let current = session.as_ref().unwrap();
+                    if enqueue(current, queue.as_bytes(), id).await {
+                        acknowledged.push(id);
+                        id += 1;
+                    } else {
+                        // Retry the same id on a new connection: the node
+                        // stores it at most once.
+                        session = None;
+                    }
+                }
+                (acknowledged, id)
+            })
+        })
+    };
+
+    let mut rng = rand::thread_rng();
+    for _ in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(150..450)));
+        Command::new("kill")
+            .args(["-9", &node.id().to_string()])
+            .status()
+            .unwrap();
+        node.wait().unwrap();
+        node = start(dir.path(), addr);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (acknowledged, attempted) = sender.join().unwrap();
+    assert!(
+        acknowledged.len() > 20,
+        "the load kept flowing: {} acknowledged",
+        acknowledged.len()
+    );
+
+    let delivered: Vec<u64> = local(async {
+        let session = connect(addr, &ca, &recipient).await.expect("owner connects");
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let mut request = session.delivery.fetch_since_request();
+            request.get().set_recipient_key(queue.as_bytes());
+            request.get().set_after_seq(after);
+            let response = request.send().promise.await.unwrap();
+            let messages = response.get().unwrap().get_messages().unwrap();
+            if messages.is_empty() {
+                break;
+            }
+            for message in messages.iter() {
+                after = message.get_seq();
+                let payload: [u8; 8] = message.get_payload().unwrap().try_into().unwrap();
+                all.push(u64::from_le_bytes(payload));
+            }
+        }
+        all
+    });
+    let mut counts: HashMap<u64, usize> = HashMap::new();
+    for id in &delivered {
+        *counts.entry(*id).or_default() += 1;
+    }
+    for id in &acknowledged {
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "acknowledged message {id} delivered {:?} times",
+            counts.get(id)
+        );
+    }
+    assert!(counts.values().all(|n| *n == 1), "no message is delivered twice");
+    let sent: HashSet<u64> = (0..=attempted).collect();
+    assert!(
+        delivered.iter().all(|id| sent.contains(id)),
+        "nothing appears that was not sent"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &node.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(node.wait().unwrap().success());
+}
