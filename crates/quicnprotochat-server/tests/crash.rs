@@ -159,6 +159,10 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
         "the load kept flowing: {} acknowledged",
         acknowledged.len()
     );
+    eprintln!(
+        "{} enqueues acknowledged across {KILLS} kills",
+        acknowledged.len()
+    );
 
     let delivered: Vec<u64> = local(async {
         let session = connect(addr, &ca, &recipient).await.expect("owner connects");
