@@ -42,6 +42,22 @@ pub fn serve(
     RpcSystem::new(Box::new(network), Some(bootstrap.client))
 }
 
+/// An RPC session serving `bootstrap` over any byte stream pair, e.g. an
+/// in-memory pipe in tests and fuzzing.
+pub fn serve_stream<R, W>(
+    reader: R,
+    writer: W,
+    bootstrap: node_service::Client,
+    options: ReaderOptions,
+) -> NodeRpcSystem
+where
+    R: futures::AsyncRead + Unpin + 'static,
+    W: futures::AsyncWrite + Unpin + 'static,
+{
+    let network = twoparty::VatNetwork::new(reader, writer, Side::Server, options);
+    RpcSystem::new(Box::new(network), Some(bootstrap.client))
+}
+
 /// An RPC session on a stream this side opened, and the node's `NodeService`.
 pub fn connect(
     send: quinn::SendStream,
