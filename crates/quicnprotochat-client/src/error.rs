@@ -97,6 +97,17 @@ pub enum ClientError {
         /// The group's epoch on the node, if it said.
         current_epoch: Option<u64>,
     },
+    /// No answer came to a group change; it may or may not have reached the
+    /// node.
+    #[error(
+        "the node did not confirm the change to {group} ({reason}); it stays pending and your next command (e.g. `recv`) sends it again"
+    )]
+    Unconfirmed {
+        /// The group.
+        group: String,
+        /// What happened instead of an answer.
+        reason: String,
+    },
     /// The node has no KeyPackage left for a peer.
     #[error(
         "the node has no KeyPackage for {0}; ask its owner to run `register-state` (or `register`) to upload a fresh one"

@@ -258,7 +258,7 @@ impl NodeClient {
             fill_envelope(request.get().init_welcome(), welcome)?;
         }
         match call(request.send().promise).await {
-            Err(ClientError::Rpc(e)) if e.to_string().contains("commit conflict") => {
+            Err(ClientError::Rpc(e)) if e.to_string().contains("commit conflict:") => {
                 Err(ClientError::CommitConflict {
                     current_epoch: current_epoch(&e.to_string()),
                 })

@@ -220,6 +220,9 @@ pub fn commit_publication(
         return Err(invalid("groupId", format!("must be 1 to {MAX_GROUP_ID} bytes")));
     }
     let epoch = params.get_epoch();
+    if epoch >= i64::MAX as u64 {
+        return Err(invalid("epoch", "is beyond any epoch a group can reach".into()));
+    }
     // A group of one has nobody to send the Commit to, but the Commit is
     // still checked and its epoch still counts.
     let commit = envelope(

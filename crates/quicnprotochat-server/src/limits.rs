@@ -21,9 +21,16 @@ pub enum Caller {
 /// The node's rate limiters; `None` where a limit is switched off.
 #[derive(Debug)]
 pub struct RateLimits {
-    enqueue: Option<DefaultKeyedRateLimiter<Caller>>,
-    key_package_fetch: Option<DefaultKeyedRateLimiter<Caller>>,
-    ping: Option<DefaultKeyedRateLimiter<Caller>>,
+    enqueue: Option<Bucket>,
+    key_package_fetch: Option<Bucket>,
+    ping: Option<Bucket>,
+}
+
+/// One limiter and its burst size.
+#[derive(Debug)]
+struct Bucket {
+    limiter: DefaultKeyedRateLimiter<Caller>,
+    burst: NonZeroU32,
 }
 
 impl RateLimits {
@@ -60,37 +67,39 @@ impl RateLimits {
             .into_iter()
             .flatten()
         {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+            limiter.limiter.retain_recent();
+            limiter.limiter.shrink_to_fit();
         }
     }
 }
 
-fn limiter(per_second: u32) -> Option<DefaultKeyedRateLimiter<Caller>> {
+fn limiter(per_second: u32) -> Option<Bucket> {
     let rate = NonZeroU32::new(per_second)?;
     let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
-    Some(DefaultKeyedRateLimiter::dashmap(
-        Quota::per_second(rate).allow_burst(burst),
-    ))
+    Some(Bucket {
+        limiter: DefaultKeyedRateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
+        burst,
+    })
 }
 
-fn check(
-    limiter: Option<&DefaultKeyedRateLimiter<Caller>>,
-    caller: Caller,
-    cost: usize,
-) -> Result<(), Duration> {
-    let Some(limiter) = limiter else {
+fn check(bucket: Option<&Bucket>, caller: Caller, cost: usize) -> Result<(), Duration> {
+    let Some(Bucket { limiter, burst }) = bucket else {
         return Ok(());
     };
     let Some(cost) = NonZeroU32::new(u32::try_from(cost).unwrap_or(u32::MAX)) else {
         return Ok(());
     };
+    let wait = |not_until: governor::NotUntil<_>| not_until.wait_time_from(DefaultClock::default().now());
     match limiter.check_key_n(&caller, cost) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(not_until)) => Err(not_until.wait_time_from(DefaultClock::default().now())),
-        // More than a whole burst at once: it can never pass as one call;
-        // refuse it with the time the bucket takes to fill.
-        Err(_) => Err(Duration::from_secs(2)),
+        Ok(Err(not_until)) => Err(wait(not_until)),
+        // More than a whole burst at once can never pass as asked; charge a
+        // full burst instead, so a large group send waits for a full bucket
+        // but is not refused forever.
+        Err(_) => match limiter.check_key_n(&caller, *burst) {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(not_until)) => Err(wait(not_until)),
+        },
     }
 }
 

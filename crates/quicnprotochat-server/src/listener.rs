@@ -295,7 +295,9 @@ async fn retention_task(
     retention: Duration,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let period = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    // Also the cadence of trimming the limiter and watcher maps, so at most
+    // a minute.
+    let period = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut ticks = tokio::time::interval(period);
     loop {
         tokio::select! {
@@ -315,6 +317,7 @@ async fn retention_task(
             Err(e) => warn!("retention: {e}"),
         }
         shared.rate_limits.shrink();
+        shared.store.notifier().forget_unwatched();
     }
 }
 

@@ -68,6 +68,8 @@ pub struct NodeServiceImpl {
     remote: IpAddr,
     /// Unanswered calls of this session.
     session_calls: LocalRc<Cell<usize>>,
+    /// Live push subscriptions of this session.
+    subscriptions: LocalRc<Cell<usize>>,
 }
 
 impl NodeServiceImpl {
@@ -79,6 +81,7 @@ impl NodeServiceImpl {
             peer,
             remote,
             session_calls: LocalRc::new(Cell::new(0)),
+            subscriptions: LocalRc::new(Cell::new(0)),
         }
     }
 
@@ -370,16 +373,18 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
         self.require_owner("recipientKey", &recipient)?;
         let receiver = params.get_receiver()?;
+        if self.subscriptions.get() >= MAX_SUBSCRIPTIONS_PER_SESSION {
+            return Err(ServiceError::TooManyCalls(MAX_SUBSCRIPTIONS_PER_SESSION).into());
+        }
+        self.subscriptions.set(self.subscriptions.get() + 1);
+        let live = SubscriptionCount(self.subscriptions.clone());
         let (cancel, cancelled) = oneshot::channel();
         let watch = self.shared.store.notifier().watch(recipient);
-        tokio::task::spawn_local(push(
-            self.shared.clone(),
-            recipient,
-            params.get_after_seq(),
-            receiver,
-            watch,
-            cancelled,
-        ));
+        let (shared, after) = (self.shared.clone(), params.get_after_seq());
+        tokio::task::spawn_local(async move {
+            push(shared, recipient, after, receiver, watch, cancelled).await;
+            drop(live);
+        });
         results
             .get()
             .set_subscription(capnp_rpc::new_client(SubscriptionImpl { _cancel: cancel }));
@@ -502,6 +507,18 @@ fn fill_messages(
     }
 }
 
+/// Most live subscriptions one session may hold: each pins a push task.
+const MAX_SUBSCRIPTIONS_PER_SESSION: usize = 4;
+
+/// Counts a live subscription of a session until its push task ends.
+struct SubscriptionCount(LocalRc<Cell<usize>>);
+
+impl Drop for SubscriptionCount {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// A live push subscription; dropping it (or the connection) ends the push.
 struct SubscriptionImpl {
     _cancel: oneshot::Sender<()>,
@@ -532,6 +549,8 @@ async fn push(
         if let Some(&(last, _)) = messages.last() {
             let mut request = receiver.deliver_request();
             fill_messages(request.get().init_messages(messages.len() as u32), &messages);
+            // The request holds its own copy; don't keep two while waiting.
+            drop(messages);
             let delivered = tokio::select! {
                 delivered = request.send().promise => delivered,
                 _ = &mut cancelled => return,

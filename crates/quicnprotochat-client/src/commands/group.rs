@@ -12,8 +12,8 @@ use quicnprotochat_core::GroupMember;
 
 use super::node::fetch_verified_key_package;
 use super::{
-    Change, Nodes, change_group, envelope, group_name, in_transaction, load_group, member_name, others,
-    resolve_peers,
+    Change, Nodes, change_group, envelope, group_name, in_transaction, load_group, member_name, new_group_id,
+    others, resolve_peers,
 };
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
@@ -25,13 +25,27 @@ pub(crate) fn create_group(path: &Path, group_id: &str) -> Result<(), ClientErro
         return Err(ClientError::Usage("--group-id must not be empty".into()));
     }
     let state = StateFile::open(path)?;
+    if state
+        .groups()?
+        .iter()
+        .any(|record| group_name(&record.group_id) == group_id)
+    {
+        return Err(ClientError::Usage(format!(
+            "you already have a group called {group_id}; choose another name"
+        )));
+    }
     let identity = state.identity()?;
+    let id = new_group_id(group_id);
     let group = in_transaction(&state, || {
-        let group = GroupMember::create(&state.provider(), &identity, group_id.as_bytes())?;
-        state.record_group(group_id.as_bytes(), true)?;
+        let group = GroupMember::create(&state.provider(), &identity, &id)?;
+        state.record_group(&id, true)?;
         Ok(group)
     })?;
-    eprintln!("created group {group_id} (epoch {}, 1 member)", group.epoch());
+    eprintln!(
+        "created group {group_id} (id {}, epoch {}, 1 member)",
+        String::from_utf8_lossy(&id),
+        group.epoch()
+    );
     Ok(())
 }
 

@@ -194,6 +194,9 @@ pub(crate) async fn catch_up(
     state: &StateFile,
     identity: &IdentityKeypair,
 ) -> Result<Seen, ClientError> {
+    // First settle our own unanswered change: if the node took it, later
+    // messages are in the epoch after it.
+    super::resume_publications(nodes, state).await?;
     let seen = fetch_into_inbox(nodes, state, identity).await?;
     process_inbox(state)?;
     Ok(seen)
@@ -290,6 +293,13 @@ fn process_entry(
             state.remove_inbox(entry)?;
             transaction.commit().map_err(StateError::from)?;
             Ok(joined)
+        }
+        Err(e @ ClientError::Core(quicnprotochat_core::CoreError::FutureEpoch { .. })) => {
+            // A Commit we have not processed yet is missing; dropping this
+            // would lose it for good. Keep it for a later run.
+            drop(transaction);
+            eprintln!("warning: kept a queued message for later: {e}");
+            Ok(false)
         }
         Err(e @ (ClientError::Core(_) | ClientError::UnknownGroup(_))) => {
             // Undo whatever the failed processing wrote, then drop the entry.

@@ -24,7 +24,7 @@ use quicnprotochat_proto::wire::Envelope;
 use crate::cli::{Cli, Command, ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::node_client::{ConnectOptions, NodeClient};
-use crate::state::{StateError, StateFile};
+use crate::state::{Publication, StateError, StateFile};
 
 /// Runs one parsed command line. Must run inside a tokio `LocalSet`.
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
@@ -143,11 +143,28 @@ pub(crate) fn resolve_peers(state: &StateFile, peers: &PeerArgs) -> Result<Vec<I
 }
 
 /// Shows a group id as text when it is printable UTF-8, else as hex.
+/// A group id made by `create-group` is `NAME#` plus 16 random hex digits:
+/// the name is for people, the suffix keeps ids unique and unguessable, so
+/// nobody can collide with or squat on another group's id at the node.
 pub(crate) fn group_name(group_id: &[u8]) -> String {
     match std::str::from_utf8(group_id) {
-        Ok(text) if !text.is_empty() && !text.chars().any(char::is_control) => text.to_owned(),
+        Ok(text) if !text.is_empty() && !text.chars().any(char::is_control) => match text.rsplit_once('#') {
+            Some((name, suffix))
+                if !name.is_empty()
+                    && suffix.len() == 16
+                    && suffix.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                name.to_owned()
+            }
+            _ => text.to_owned(),
+        },
         _ => hex::encode(group_id),
     }
+}
+
+/// A fresh group id for a group people call `name`.
+pub(crate) fn new_group_id(name: &str) -> Vec<u8> {
+    format!("{name}#{}", hex::encode(rand::random::<[u8; 8]>())).into_bytes()
 }
 
 /// Shows a member as its contact name, or the first 16 hex characters of
@@ -162,7 +179,7 @@ pub(crate) fn load_group(
     group_id: Option<&str>,
 ) -> Result<(Vec<u8>, GroupMember), ClientError> {
     let group_id = match group_id {
-        Some(id) => id.as_bytes().to_vec(),
+        Some(name) => find_group(state, name)?,
         None => state.current_group()?.ok_or_else(|| {
             ClientError::NoGroup(
                 "no group yet; run `create-group --group-id NAME`, or `join` a group you were invited to"
@@ -187,6 +204,31 @@ pub(crate) fn envelope(recipients: Vec<IdentityKey>, payload: Vec<u8>) -> Envelo
         recipients,
         payload,
         message_id: Some(rand::random::<[u8; 16]>().to_vec()),
+    }
+}
+
+/// The id of the group called `name` (or with exactly that id).
+fn find_group(state: &StateFile, name: &str) -> Result<Vec<u8>, ClientError> {
+    let matching: Vec<Vec<u8>> = state
+        .groups()?
+        .into_iter()
+        .map(|record| record.group_id)
+        .filter(|id| id.as_slice() == name.as_bytes() || group_name(id) == name)
+        .collect();
+    match matching.as_slice() {
+        [id] => Ok(id.clone()),
+        [] => Err(ClientError::NoGroup(format!(
+            "{name} is not one of your groups; `groups --state {}` lists them",
+            state.path().display()
+        ))),
+        several => Err(ClientError::Usage(format!(
+            "several of your groups are called {name}; pass the full id as --group-id: {}",
+            several
+                .iter()
+                .map(|id| String::from_utf8_lossy(id).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
 }
 
@@ -227,6 +269,7 @@ pub(crate) async fn change_group(
     mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
 ) -> Result<GroupMember, ClientError> {
     let name = group_name(group_id);
+    resume_publications(nodes, state).await?;
     for attempt in 1..=CHANGE_ATTEMPTS {
         let mut group = GroupMember::load(&state.provider(), group_id)?
             .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
@@ -248,8 +291,10 @@ pub(crate) async fn change_group(
 }
 
 /// Publishes the pending Commit of `group` (made in `epoch`) with
-/// `publishCommit`, then merges it if the node took it or discards it if not,
-/// in one state-file transaction.
+/// `publishCommit`, then merges it if the node took it or discards it if the
+/// node refused it, in one state-file transaction. The change is saved in the
+/// outbox first: if no answer comes (timeout, lost connection), the Commit
+/// stays pending and the next command resends it with the same message ids.
 pub(crate) async fn publish(
     nodes: &Nodes,
     state: &StateFile,
@@ -258,19 +303,97 @@ pub(crate) async fn publish(
     epoch: u64,
     change: Change,
 ) -> Result<(), ClientError> {
-    let commit = envelope(change.commit_to, change.commit);
-    let welcome = change.welcome.map(|(payload, to)| envelope(to, payload));
-    let published = nodes
-        .delivery()
-        .publish_commit(group_id, epoch, &commit, welcome.as_ref())
-        .await;
+    let publication = Publication {
+        group_id: group_id.to_vec(),
+        epoch,
+        commit: envelope(change.commit_to, change.commit),
+        welcome: change.welcome.map(|(payload, to)| envelope(to, payload)),
+    };
+    state.save_publication(&publication)?;
+    send_publication(nodes, state, group, &publication).await
+}
+
+/// How often an unanswered publication is sent again within one command.
+const PUBLISH_ATTEMPTS: usize = 3;
+
+async fn send_publication(
+    nodes: &Nodes,
+    state: &StateFile,
+    group: &mut GroupMember,
+    publication: &Publication,
+) -> Result<(), ClientError> {
+    let mut answer = Err(ClientError::Internal("not sent"));
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        answer = nodes
+            .delivery()
+            .publish_commit(
+                &publication.group_id,
+                publication.epoch,
+                &publication.commit,
+                publication.welcome.as_ref(),
+            )
+            .await;
+        if answered(&answer) {
+            break;
+        }
+        if attempt < PUBLISH_ATTEMPTS {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+    if !answered(&answer) {
+        return Err(ClientError::Unconfirmed {
+            group: group_name(&publication.group_id),
+            reason: answer.err().map(|e| e.to_string()).unwrap_or_default(),
+        });
+    }
     let transaction = state.transaction()?;
-    match published {
+    match answer {
         Ok(()) => group.merge_pending_commit(&state.provider())?,
         Err(_) => group.discard_pending_commit(&state.provider())?,
     }
+    state.forget_publication(&publication.group_id)?;
     transaction.commit().map_err(StateError::from)?;
-    published
+    answer
+}
+
+/// Whether the node answered (took or refused the change), as opposed to no
+/// answer arriving, after which it may or may not have the change.
+fn answered(answer: &Result<(), ClientError>) -> bool {
+    match answer {
+        Ok(()) | Err(ClientError::CommitConflict { .. }) => true,
+        Err(ClientError::Rpc(e)) => matches!(e.kind, capnp::ErrorKind::Failed | capnp::ErrorKind::Overloaded),
+        Err(_) => false,
+    }
+}
+
+/// Settles group changes left from earlier runs: resends unanswered ones
+/// (same message ids, so the node stores them at most once) and discards
+/// pending Commits that were never sent.
+pub(crate) async fn resume_publications(nodes: &Nodes, state: &StateFile) -> Result<(), ClientError> {
+    for record in state.groups()? {
+        let Some(mut group) = GroupMember::load(&state.provider(), &record.group_id)? else {
+            continue;
+        };
+        match state.publication(&record.group_id)? {
+            Some(publication) if group.has_pending_commit() => {
+                let name = group_name(&record.group_id);
+                eprintln!("resending an unconfirmed change to {name}");
+                match send_publication(nodes, state, &mut group, &publication).await {
+                    Ok(()) => eprintln!("{name}: the node has it; now epoch {}", group.epoch()),
+                    Err(ClientError::CommitConflict { .. }) => {
+                        eprintln!("{name}: another member's change won; yours was dropped")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Some(_) => state.forget_publication(&record.group_id)?,
+            None if group.has_pending_commit() => {
+                in_transaction(state, || Ok(group.discard_pending_commit(&state.provider())?))?
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// Runs `work` in a state-file transaction and commits it if it succeeds.

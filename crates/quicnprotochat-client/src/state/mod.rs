@@ -10,6 +10,7 @@
 //! - `schema` — our tables' numbered migrations and the ownership check.
 //! - `groups` — the groups we are in and the current group.
 //! - `inbox` — fetched payloads waiting to be processed.
+//! - `outbox` — group changes sent whose answer never came, to resend.
 //! - `contacts` — names for identity keys.
 //! - `history` — sent and received application messages.
 
@@ -17,6 +18,7 @@ mod contacts;
 mod groups;
 mod history;
 mod inbox;
+mod outbox;
 mod provider;
 mod schema;
 
@@ -27,6 +29,7 @@ use quicnprotochat_core::{IdentityKey, IdentityKeypair};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 pub use history::{Direction, HistoryEntry};
+pub use outbox::Publication;
 pub use provider::{JsonCodec, StateProvider};
 
 /// Errors opening or using a state file.

@@ -50,6 +50,18 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX history_by_group ON history (group_id, id);
      ALTER TABLE groups ADD COLUMN left_at INTEGER;",
+    // V3: group changes sent but not yet confirmed by the node, resent with
+    // the same message ids until they are.
+    "CREATE TABLE outbox (
+         group_id BLOB PRIMARY KEY,
+         epoch INTEGER NOT NULL,
+         commit_payload BLOB NOT NULL,
+         commit_to BLOB NOT NULL,
+         commit_id BLOB NOT NULL,
+         welcome_payload BLOB,
+         welcome_to BLOB,
+         welcome_id BLOB
+     );",
 ];
 
 /// The schema version of our tables this build creates and understands.

@@ -89,7 +89,7 @@ pub enum StoreError {
     },
     /// Another Commit was already accepted for this group and epoch.
     #[error(
-        "commit conflict: the group already moved on; it is at epoch {current_epoch}. Process your queue, then redo the change"
+        "commit conflict: the group is at epoch {current_epoch}, not the Commit's. Process your queue, then redo the change"
     )]
     CommitConflict {
         /// The epoch the group is in now.

@@ -63,6 +63,15 @@ impl Notifier {
         }
     }
 
+    /// Forgets queues nobody watches any more, bounding the registry.
+    pub fn forget_unwatched(&self) {
+        let mut queues = self
+            .queues
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        queues.retain(|_, sender| sender.receiver_count() > 0);
+    }
+
     /// Wakes every watcher for good: the node is shutting down.
     pub fn close(&self) {
         self.closing.send_replace(true);

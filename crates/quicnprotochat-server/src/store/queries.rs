@@ -188,8 +188,11 @@ pub(super) fn publish_commit(
         .query_row(params![publication.group_id], |row| row.get(0))
         .optional()?;
     let epoch = i64::try_from(publication.epoch).unwrap_or(i64::MAX);
+    // The first Commit seen for a group fixes its epoch; from then on only a
+    // Commit for exactly the current epoch is accepted, so nobody can jump a
+    // group's epoch ahead of its members.
     if let Some(current) = current
-        && epoch < current
+        && epoch != current
     {
         return Err(StoreError::CommitConflict {
             current_epoch: current as u64,

@@ -1,0 +1,122 @@
+//! The outbox: a group change (Commit and Welcome) handed to the node whose
+//! answer never came. Its Commit stays pending in MLS; the next command
+//! resends it with the same message ids, which the node stores at most once,
+//! and then merges or discards it by the answer.
+
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_proto::wire::Envelope;
+use rusqlite::{OptionalExtension, params};
+
+use super::{StateError, StateFile};
+
+/// A group change waiting for the node's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// The group.
+    pub group_id: Vec<u8>,
+    /// The epoch the Commit was made in.
+    pub epoch: u64,
+    /// The Commit, its recipients and message id.
+    pub commit: Envelope,
+    /// The Welcome, if any.
+    pub welcome: Option<Envelope>,
+}
+
+impl StateFile {
+    /// Remembers a change before it is sent.
+    pub fn save_publication(&self, publication: &Publication) -> Result<(), StateError> {
+        let welcome = publication.welcome.as_ref();
+        self.connection.execute(
+            "INSERT OR REPLACE INTO outbox (group_id, epoch, commit_payload, commit_to, commit_id,
+                 welcome_payload, welcome_to, welcome_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                publication.group_id,
+                i64::try_from(publication.epoch).unwrap_or(i64::MAX),
+                publication.commit.payload,
+                keys(&publication.commit.recipients),
+                publication.commit.message_id.clone().unwrap_or_default(),
+                welcome.map(|w| w.payload.clone()),
+                welcome.map(|w| keys(&w.recipients)),
+                welcome.and_then(|w| w.message_id.clone()),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the change of `group_id` (answered, either way).
+    pub fn forget_publication(&self, group_id: &[u8]) -> Result<(), StateError> {
+        self.connection
+            .execute("DELETE FROM outbox WHERE group_id = ?1", params![group_id])?;
+        Ok(())
+    }
+
+    /// The unanswered change of `group_id`, if any.
+    pub fn publication(&self, group_id: &[u8]) -> Result<Option<Publication>, StateError> {
+        type Row = (
+            i64,
+            Vec<u8>,
+            Vec<u8>,
+            Vec<u8>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+        );
+        let row: Option<Row> = self
+            .connection
+            .query_row(
+                "SELECT epoch, commit_payload, commit_to, commit_id, welcome_payload, welcome_to, welcome_id
+                 FROM outbox WHERE group_id = ?1",
+                params![group_id],
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
+                        row.get(6)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((epoch, commit, commit_to, commit_id, welcome, welcome_to, welcome_id)) = row else {
+            return Ok(None);
+        };
+        let welcome = match (welcome, welcome_to) {
+            (Some(payload), Some(to)) => Some(Envelope {
+                recipients: parse_keys(&to)?,
+                payload,
+                message_id: welcome_id,
+            }),
+            _ => None,
+        };
+        Ok(Some(Publication {
+            group_id: group_id.to_vec(),
+            epoch: epoch.max(0) as u64,
+            commit: Envelope {
+                recipients: parse_keys(&commit_to)?,
+                payload: commit,
+                message_id: Some(commit_id),
+            },
+            welcome,
+        }))
+    }
+}
+
+fn keys(recipients: &[IdentityKey]) -> Vec<u8> {
+    recipients
+        .iter()
+        .flat_map(|key| key.as_bytes().to_vec())
+        .collect()
+}
+
+fn parse_keys(bytes: &[u8]) -> Result<Vec<IdentityKey>, StateError> {
+    bytes
+        .chunks(32)
+        .map(|chunk| {
+            IdentityKey::try_from(chunk).map_err(|_| StateError::Contact("an outbox entry is damaged".into()))
+        })
+        .collect()
+}
