@@ -608,3 +608,87 @@ fn recv_follow_prints_messages_as_they_arrive_until_interrupted() {
     // Everything was acknowledged: nothing is delivered again.
     assert_eq!(bob.run(&node, "recv", &[]), "");
 }
+
+#[test]
+fn groups_with_the_same_name_do_not_collide_at_the_node() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol, dave] =
+        ["alice", "bob", "carol", "dave"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "team", &alice, &[&bob]);
+    group_of(&node, "team", &carol, &[&dave]);
+    alice.run(&node, "update", &["--group-id", "team"]);
+    carol.run(&node, "update", &["--group-id", "team"]);
+    bob.run(&node, "recv", &[]);
+    dave.run(&node, "recv", &[]);
+    for member in [&alice, &bob, &carol, &dave] {
+        assert_eq!(
+            member.run(&node, "groups", &[]).trim(),
+            "* team epoch 2 members 2"
+        );
+    }
+    let (ok, _, err) = alice.try_run(&node, "create-group", &["--group-id", "team"]);
+    assert!(!ok && err.contains("already have a group called team"), "{err}");
+}
+
+#[test]
+fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
+    use quicnprotochat_client::state::{Publication, StateFile};
+    use quicnprotochat_core::GroupMember;
+
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "resume", &alice, &[&bob]);
+
+    // Alice updated; the node took the Commit but its answer was lost: the
+    // Commit is still pending in her state and the change is in her outbox.
+    let state = StateFile::open(std::path::Path::new(&alice.state)).unwrap();
+    let identity = state.identity().unwrap();
+    let group_id = state.current_group().unwrap().unwrap();
+    let mut group = GroupMember::load(&state.provider(), &group_id).unwrap().unwrap();
+    let epoch = group.epoch();
+    let transaction = state.transaction().unwrap();
+    let commit = group.self_update(&state.provider(), &identity).unwrap();
+    transaction.commit().unwrap();
+    let publication = Publication {
+        group_id: group_id.clone(),
+        epoch,
+        commit: quicnprotochat_proto::wire::Envelope {
+            recipients: vec![bob.key.parse().unwrap()],
+            payload: commit,
+            message_id: Some(b"answer-lost".to_vec()),
+        },
+        welcome: None,
+    };
+    state.save_publication(&publication).unwrap();
+    drop((group, state));
+    common::local(async {
+        let client = node.connect_as(&identity).await;
+        client
+            .publish_commit(&group_id, epoch, &publication.commit, None)
+            .await
+            .unwrap();
+    });
+
+    let (ok, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("resending an unconfirmed change to resume"), "{err}");
+    assert!(err.contains("resume: the node has it; now epoch 2"), "{err}");
+    let (_, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(
+        err.contains("now at epoch 2") && !err.contains("warning"),
+        "one Commit, once: {err}"
+    );
+    for member in [&alice, &bob] {
+        assert_eq!(
+            member.run(&node, "groups", &[]).trim(),
+            "* resume epoch 2 members 2"
+        );
+    }
+    alice.run(&node, "send", &["--msg", "settled"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("resume {}: settled", alice.short())
+    );
+}

@@ -560,3 +560,24 @@ fn a_long_poll_answers_when_a_message_arrives_or_when_the_wait_ends() {
         );
     });
 }
+
+#[test]
+fn a_session_may_hold_only_a_few_subscriptions() {
+    let node = TestNode::start();
+    local(async {
+        let owner = node.connect_as(&identity(50)).await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let (sink, _) = tokio::sync::mpsc::channel(1);
+            held.push(owner.subscribe(&key(50), 0, sink).await.unwrap());
+        }
+        let (sink, _) = tokio::sync::mpsc::channel(1);
+        let err = owner
+            .subscribe(&key(50), 0, sink)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("overloaded"), "{err}");
+    });
+}

@@ -372,3 +372,29 @@ async fn only_the_first_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with
     );
     close((store, closer)).await;
 }
+
+#[tokio::test]
+async fn a_commit_for_any_other_epoch_than_the_current_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let at = |epoch: u64| CommitPublication {
+        group_id: b"g".to_vec(),
+        epoch,
+        commit: Envelope {
+            recipients: vec![key(1)],
+            payload: epoch.to_be_bytes().to_vec(),
+            message_id: None,
+        },
+        welcome: None,
+    };
+    store.publish_commit(key(0), at(3)).await.unwrap();
+    for wrong in [0, 3, 5, 1 << 40] {
+        let err = store.publish_commit(key(0), at(wrong)).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::CommitConflict { current_epoch: 4 }),
+            "{wrong}: {err}"
+        );
+    }
+    store.publish_commit(key(0), at(4)).await.unwrap();
+    close((store, closer)).await;
+}
