@@ -100,7 +100,11 @@ pub struct KeyPackageInfo {
 /// and reports its owner, last-resort mark and expiry. Needs no provider:
 /// validation uses only public keys.
 pub fn inspect_key_package(bytes: &[u8]) -> Result<KeyPackageInfo, CoreError> {
-    let (key_package, identity) = validate_key_package(&openmls_rust_crypto::RustCrypto::default(), bytes)?;
+    // Validation uses only public-key operations, so one shared provider
+    // serves every call instead of seeding a fresh RNG per upload.
+    static CRYPTO: std::sync::LazyLock<openmls_rust_crypto::RustCrypto> =
+        std::sync::LazyLock::new(openmls_rust_crypto::RustCrypto::default);
+    let (key_package, identity) = validate_key_package(&*CRYPTO, bytes)?;
     Ok(KeyPackageInfo {
         identity,
         last_resort: key_package.last_resort(),

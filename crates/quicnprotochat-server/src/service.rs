@@ -126,6 +126,14 @@ impl NodeServiceImpl {
         self.peer.map_or(Caller::Address(self.remote), Caller::Identity)
     }
 
+    /// Charges `messages` queued messages to this caller's send rate.
+    fn limit_sends(&self, messages: usize) -> Result<(), ServiceError> {
+        self.shared
+            .rate_limits
+            .check_enqueue(self.caller(), messages)
+            .map_err(ServiceError::RateLimited)
+    }
+
     /// Sending needs an authenticated connection.
     fn require_authenticated(&self) -> Result<IdentityKey, ServiceError> {
         self.peer.ok_or_else(|| {
@@ -302,10 +310,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             .to_vec();
         let message_id =
             wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
-        self.shared
-            .rate_limits
-            .check_enqueue(self.caller(), 1)
-            .map_err(ServiceError::RateLimited)?;
+        self.limit_sends(1)?;
         self.shared
             .store
             .enqueue(sender, recipient, payload, message_id)
@@ -324,10 +329,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
             .map_err(ServiceError::from)?;
         let messages = envelopes.iter().map(|envelope| envelope.recipients.len()).sum();
-        self.shared
-            .rate_limits
-            .check_enqueue(self.caller(), messages)
-            .map_err(ServiceError::RateLimited)?;
+        self.limit_sends(messages)?;
         self.shared
             .store
             .enqueue_batch(sender, envelopes)
@@ -350,10 +352,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                 .welcome
                 .as_ref()
                 .map_or(0, |welcome| welcome.recipients.len());
-        self.shared
-            .rate_limits
-            .check_enqueue(self.caller(), messages)
-            .map_err(ServiceError::RateLimited)?;
+        self.limit_sends(messages)?;
         self.shared
             .store
             .publish_commit(sender, publication)

@@ -10,8 +10,8 @@ use quicnprotochat_core::{GroupMember, IdentityKeypair, Incoming, Received, clas
 
 use super::node::top_up_key_packages;
 use super::{
-    Change, Nodes, envelope, group_name, in_transaction, load_group, member_name, others, publish,
-    resolve_peers,
+    Change, Nodes, envelope, group_name, in_transaction, load_group, member_name, others, resolve_peers,
+    send_publication, stage,
 };
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
@@ -162,17 +162,14 @@ async fn commit_proposals(
     group: &mut GroupMember,
 ) -> Result<(), ClientError> {
     let me = identity.public_key();
-    let epoch = group.epoch();
-    let commit_to = others(group, &me);
-    let commit = in_transaction(state, || {
-        Ok(group.commit_pending_proposals(&state.provider(), identity)?)
+    let publication = stage(state, group, group_id, |group| {
+        Ok(Change {
+            commit_to: others(group, &me),
+            commit: group.commit_pending_proposals(&state.provider(), identity)?,
+            welcome: None,
+        })
     })?;
-    let change = Change {
-        commit,
-        commit_to,
-        welcome: None,
-    };
-    match publish(nodes, state, group, group_id, epoch, change).await {
+    match send_publication(nodes, state, group, &publication).await {
         Ok(()) => {
             eprintln!(
                 "group {}: committed pending proposals; now epoch {}, {} members",

@@ -273,9 +273,8 @@ pub(crate) async fn change_group(
     for attempt in 1..=CHANGE_ATTEMPTS {
         let mut group = GroupMember::load(&state.provider(), group_id)?
             .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
-        let epoch = group.epoch();
-        let change = in_transaction(state, || make(&mut group))?;
-        match publish(nodes, state, &mut group, group_id, epoch, change).await {
+        let publication = stage(state, &mut group, group_id, &mut make)?;
+        match send_publication(nodes, state, &mut group, &publication).await {
             Ok(()) => return Ok(group),
             Err(ClientError::CommitConflict { current_epoch }) if attempt < CHANGE_ATTEMPTS => {
                 let at = current_epoch
@@ -290,33 +289,36 @@ pub(crate) async fn change_group(
     Err(ClientError::CommitConflict { current_epoch: None })
 }
 
-/// Publishes the pending Commit of `group` (made in `epoch`) with
-/// `publishCommit`, then merges it if the node took it or discards it if the
-/// node refused it, in one state-file transaction. The change is saved in the
-/// outbox first: if no answer comes (timeout, lost connection), the Commit
-/// stays pending and the next command resends it with the same message ids.
-pub(crate) async fn publish(
-    nodes: &Nodes,
+/// Makes a change with `make` and saves it in the outbox in the same
+/// transaction, so a pending Commit never exists without the publication
+/// that settles it. Send it with [`send_publication`]: the node's answer
+/// merges or discards it; without an answer it stays pending and the next
+/// command resends it with the same message ids.
+pub(crate) fn stage(
     state: &StateFile,
     group: &mut GroupMember,
     group_id: &[u8],
-    epoch: u64,
-    change: Change,
-) -> Result<(), ClientError> {
-    let publication = Publication {
-        group_id: group_id.to_vec(),
-        epoch,
-        commit: envelope(change.commit_to, change.commit),
-        welcome: change.welcome.map(|(payload, to)| envelope(to, payload)),
-    };
-    state.save_publication(&publication)?;
-    send_publication(nodes, state, group, &publication).await
+    make: impl FnOnce(&mut GroupMember) -> Result<Change, ClientError>,
+) -> Result<Publication, ClientError> {
+    let epoch = group.epoch();
+    in_transaction(state, || {
+        let change = make(group)?;
+        let publication = Publication {
+            group_id: group_id.to_vec(),
+            epoch,
+            commit: envelope(change.commit_to, change.commit),
+            welcome: change.welcome.map(|(payload, to)| envelope(to, payload)),
+        };
+        state.save_publication(&publication)?;
+        Ok(publication)
+    })
 }
 
 /// How often an unanswered publication is sent again within one command.
 const PUBLISH_ATTEMPTS: usize = 3;
 
-async fn send_publication(
+/// Sends a staged change and settles it by the node's answer.
+pub(crate) async fn send_publication(
     nodes: &Nodes,
     state: &StateFile,
     group: &mut GroupMember,
@@ -366,17 +368,14 @@ fn answered(answer: &Result<(), ClientError>) -> bool {
     }
 }
 
-/// Settles group changes left from earlier runs: resends unanswered ones
-/// (same message ids, so the node stores them at most once) and discards
-/// pending Commits that were never sent.
+/// Settles group changes left unanswered by earlier runs: resends them with
+/// the same message ids (the node stores them at most once) and merges or
+/// discards them by the answer.
 pub(crate) async fn resume_publications(nodes: &Nodes, state: &StateFile) -> Result<(), ClientError> {
-    for record in state.groups()? {
-        let Some(mut group) = GroupMember::load(&state.provider(), &record.group_id)? else {
-            continue;
-        };
-        match state.publication(&record.group_id)? {
-            Some(publication) if group.has_pending_commit() => {
-                let name = group_name(&record.group_id);
+    for publication in state.publications()? {
+        let name = group_name(&publication.group_id);
+        match GroupMember::load(&state.provider(), &publication.group_id)? {
+            Some(mut group) if group.has_pending_commit() => {
                 eprintln!("resending an unconfirmed change to {name}");
                 match send_publication(nodes, state, &mut group, &publication).await {
                     Ok(()) => eprintln!("{name}: the node has it; now epoch {}", group.epoch()),
@@ -386,11 +385,8 @@ pub(crate) async fn resume_publications(nodes: &Nodes, state: &StateFile) -> Res
                     Err(e) => return Err(e),
                 }
             }
-            Some(_) => state.forget_publication(&record.group_id)?,
-            None if group.has_pending_commit() => {
-                in_transaction(state, || Ok(group.discard_pending_commit(&state.provider())?))?
-            }
-            None => {}
+            // Nothing pending any more: the entry is stale.
+            _ => state.forget_publication(&publication.group_id)?,
         }
     }
     Ok(())

@@ -51,6 +51,19 @@ impl StateFile {
         Ok(())
     }
 
+    /// Every unanswered change.
+    pub fn publications(&self) -> Result<Vec<Publication>, StateError> {
+        let mut select = self.connection.prepare("SELECT group_id FROM outbox")?;
+        let groups = select
+            .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut publications = Vec::with_capacity(groups.len());
+        for group_id in groups {
+            publications.extend(self.publication(&group_id)?);
+        }
+        Ok(publications)
+    }
+
     /// The unanswered change of `group_id`, if any.
     pub fn publication(&self, group_id: &[u8]) -> Result<Option<Publication>, StateError> {
         type Row = (
