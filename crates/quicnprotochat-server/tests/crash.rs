@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
@@ -37,6 +37,7 @@ fn start(dir: &Path, addr: SocketAddr) -> Child {
     std::thread::spawn(move || {
         let mut ready = Some(ready);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("NODE: {line}");
             if line.contains("node listening")
                 && let Some(ready) = ready.take()
             {
@@ -110,8 +111,9 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
     let queue = recipient.public_key();
 
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
     let sender = {
-        let (stop, ca) = (stop.clone(), ca.clone());
+        let (stop, ca, progress) = (stop.clone(), ca.clone(), progress.clone());
         std::thread::spawn(move || {
             local(async move {
                 let identity = IdentityKeypair::from_secret_bytes(&[41; 32]);
@@ -129,6 +131,7 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
                     let current = session.as_ref().unwrap();
                     if enqueue(current, queue.as_bytes(), id).await {
                         acknowledged.push(id);
+                        progress.store(acknowledged.len(), Ordering::SeqCst);
                         id += 1;
                     } else {
                         // Retry the same id on a new connection: the node
@@ -143,7 +146,18 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
 
     let mut rng = rand::thread_rng();
     for _ in 0..KILLS {
-        std::thread::sleep(Duration::from_millis(rng.gen_range(150..450)));
+        // Kill only once the load flows again (slow machines take a while
+        // to restart), then at a random moment.
+        let before = progress.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while progress.load(Ordering::SeqCst) < before + 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no enqueue acknowledged for 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
         Command::new("kill")
             .args(["-9", &node.id().to_string()])
             .status()

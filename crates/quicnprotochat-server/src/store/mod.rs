@@ -12,11 +12,13 @@
 //! - `migrations` — numbered schema migrations, tracked in `PRAGMA user_version`.
 //! - `queries` — every SQL statement, as typed functions on a transaction.
 //! - `writer` — the writer thread and its batching loop.
+//! - `readers` — the reader thread (queue reads) and background WAL checkpoints.
 //! - `notifier` — wakes push subscriptions and long polls after a commit.
 
 mod migrations;
 mod notifier;
 mod queries;
+mod readers;
 mod writer;
 
 use std::path::Path;
@@ -130,6 +132,7 @@ impl Default for StoreLimits {
 #[derive(Clone, Debug)]
 pub struct Store {
     commands: mpsc::Sender<Command>,
+    reads: mpsc::Sender<readers::Read>,
     instance_id: [u8; 16],
     notifier: Arc<Notifier>,
 }
@@ -159,11 +162,14 @@ impl Store {
         }
         let (connection, instance_id) = migrations::open(path, durability)?;
         let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let (reads, read_receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let side = readers::SideThreads::spawn(path, read_receiver)?;
         let notifier = Notifier::new();
-        let thread = writer::spawn(connection, receiver, notifier.clone(), limits)?;
+        let thread = writer::spawn(connection, receiver, notifier.clone(), limits, side)?;
         Ok((
             Store {
                 commands,
+                reads,
                 instance_id,
                 notifier,
             },
@@ -264,22 +270,25 @@ impl Store {
         .await
     }
 
-    /// The messages of `recipient` after `after_seq`, oldest first, without
-    /// removing them: at most `limit` (0: the node's maximum) and within the
-    /// fetch budget.
+    /// The committed messages of `recipient` after `after_seq`, oldest
+    /// first, without removing them: at most `limit` (0: the node's maximum)
+    /// and within the fetch budget. Runs on the reader connection, so it
+    /// never waits for the writer.
     pub async fn messages_after(
         &self,
         recipient: IdentityKey,
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.call(|reply| Command::MessagesAfter {
+        let (reply, answer) = oneshot::channel();
+        let read = readers::Read::MessagesAfter {
             recipient,
             after_seq,
             limit,
             reply,
-        })
-        .await
+        };
+        self.reads.send(read).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Deletes the messages of `recipient` up to and including `up_to_seq`;
@@ -349,12 +358,6 @@ enum Command {
         sender: IdentityKey,
         publication: CommitPublication,
         reply: Reply<()>,
-    },
-    MessagesAfter {
-        recipient: IdentityKey,
-        after_seq: u64,
-        limit: usize,
-        reply: Reply<Vec<(u64, Vec<u8>)>>,
     },
     Ack {
         recipient: IdentityKey,

@@ -398,3 +398,34 @@ async fn a_commit_for_any_other_epoch_than_the_current_is_refused() {
     store.publish_commit(key(0), at(4)).await.unwrap();
     close((store, closer)).await;
 }
+
+#[tokio::test]
+async fn reads_see_each_commit_and_closing_checkpoints_and_removes_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.db");
+    let (store, closer) = Store::open(&path).unwrap();
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let before = size();
+    for i in 0..200u8 {
+        store.enqueue(key(0), key(1), vec![i; 100], None).await.unwrap();
+        // The reader connection sees the commit the moment it is answered.
+        let read = store.messages_after(key(1), 0, 0).await.unwrap();
+        assert_eq!(read.len(), usize::from(i) + 1);
+        assert_eq!(read.last().unwrap().1, vec![i; 100]);
+    }
+    // The background checkpointer copies the WAL into the database file
+    // (SQLite's own checkpoint threshold is far above these few pages).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while size() <= before + 16 * 1024 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint ran");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    close((store, closer)).await;
+    assert!(
+        !dir.path().join("node.db-wal").exists(),
+        "closing removed the WAL"
+    );
+    let (store, closer) = Store::open(&path).unwrap();
+    assert_eq!(store.messages_after(key(1), 0, 0).await.unwrap().len(), 200);
+    close((store, closer)).await;
+}

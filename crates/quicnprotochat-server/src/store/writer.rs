@@ -13,6 +13,7 @@ use quicnprotochat_core::IdentityKey;
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
+use super::readers::SideThreads;
 use super::{Command, Notifier, StoreError, StoreLimits, queries};
 
 /// Most commands committed together; bounds the latency a batch adds.
@@ -23,10 +24,11 @@ pub(super) fn spawn(
     commands: mpsc::Receiver<Command>,
     notifier: Arc<Notifier>,
     limits: StoreLimits,
+    side: SideThreads,
 ) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(connection, commands, &notifier, limits))
+        .spawn(move || run(connection, commands, &notifier, limits, side))
         .map_err(StoreError::Thread)
 }
 
@@ -35,6 +37,7 @@ fn run(
     mut commands: mpsc::Receiver<Command>,
     notifier: &Notifier,
     limits: StoreLimits,
+    side: SideThreads,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Ends when every `Store` handle is dropped and the queue is empty.
@@ -48,6 +51,9 @@ fn run(
         }
         execute_batch(&mut connection, &mut batch, notifier, &limits);
     }
+    // The reader's queue closed with ours; once it and the checkpointer are
+    // gone this connection is the last, and closing it removes the WAL.
+    side.stop();
     // Let SQLite refresh its query planner statistics, then close: closing the
     // last connection checkpoints the WAL into the main file.
     if let Err(e) = connection.execute_batch("PRAGMA optimize") {
@@ -175,17 +181,6 @@ fn apply(db: &Connection, command: Command, limits: &StoreLimits, touched: &mut 
             }
             answer(reply, outcome)
         }
-        Command::MessagesAfter {
-            recipient,
-            after_seq,
-            limit,
-            reply,
-        } => answer(
-            reply,
-            in_savepoint(db, |db| {
-                Ok(queries::messages_after(db, &recipient, after_seq, limit)?)
-            }),
-        ),
         Command::Ack {
             recipient,
             up_to_seq,
@@ -220,10 +215,11 @@ fn in_savepoint<T>(
     db: &Connection,
     work: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    db.execute_batch("SAVEPOINT command")?;
+    // Cached statements: a savepoint per command is on the hot path.
+    db.prepare_cached("SAVEPOINT command")?.execute([])?;
     match work(db) {
         Ok(value) => {
-            db.execute_batch("RELEASE command")?;
+            db.prepare_cached("RELEASE command")?.execute([])?;
             Ok(value)
         }
         Err(e) => {
@@ -250,9 +246,6 @@ fn fail(command: Command, error: &StoreError) {
             let _ = reply.send(Err(error()));
         }
         Command::Drain { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
-        Command::MessagesAfter { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
         Command::Ack { reply, .. } => {

@@ -1,0 +1,130 @@
+//! `quicnprotochat-load`: starts a node and puts load on it; see the crate
+//! docs and BENCHMARKS.md.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use quicnprotochat_load::{NodeProcess, NodeSpec, Report, Scenario, Shape, default_binary, local};
+
+/// Puts load on a fresh quicnprotochat node (a child process) and reports
+/// messages/s, MB/s, enqueue→delivery latency and the node's CPU and memory.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Clients in a ring: each sends to the next and receives by push.
+    #[arg(long, default_value_t = 64, conflicts_with = "fanout")]
+    clients: usize,
+    /// Instead of a ring: one sender, every message to this many recipients.
+    #[arg(long)]
+    fanout: Option<usize>,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Steady total rate in messages/s (default: as fast as the window allows).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Calls in flight per sender (unpaced runs).
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Messages per enqueueBatch call (1: plain enqueue).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Client threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Repeat the run this many times, each on a fresh node, and print medians.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// The node binary (default: quicnprotochat-server next to this binary).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// The node's --durability.
+    #[arg(long, default_value = "full")]
+    durability: String,
+    /// The node's --max-payload.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_payload: usize,
+    /// The node's --rpc-threads.
+    #[arg(long)]
+    rpc_threads: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let spec = NodeSpec {
+        binary: args.node_bin.clone().unwrap_or_else(default_binary),
+        durability: args.durability.clone(),
+        max_payload: args.max_payload,
+        rpc_threads: args.rpc_threads,
+    };
+    let scenario = Scenario {
+        shape: args.fanout.map_or(Shape::Ring(args.clients), Shape::FanOut),
+        payload: args.payload,
+        duration: Duration::from_secs_f64(args.duration),
+        rate: args.rate,
+        window: args.window,
+        batch: args.batch,
+        threads: args.threads,
+    };
+    let mut reports = Vec::new();
+    for run in 1..=args.runs.max(1) {
+        let node = local(NodeProcess::start(&spec)).context("starting the node")?;
+        let probe = || node.usage();
+        let report = quicnprotochat_load::run(&node.options(), &scenario, Some(&probe))
+            .with_context(|| format!("run {run}"))?;
+        println!("run {run}: {scenario_line}", scenario_line = describe(&scenario));
+        print!("{report}");
+        reports.push(report);
+    }
+    println!("{}", markdown_row(&scenario, &reports));
+    Ok(())
+}
+
+fn describe(scenario: &Scenario) -> String {
+    let shape = match scenario.shape {
+        Shape::Ring(n) => format!("{n} clients in a ring"),
+        Shape::FanOut(n) => format!("fan-out to {n}"),
+    };
+    let pace = scenario.rate.map_or(format!("window {}", scenario.window), |r| {
+        format!("{r:.0} msgs/s")
+    });
+    format!(
+        "{shape}, {} B, {pace}, batch {}, {} s",
+        scenario.payload,
+        scenario.batch,
+        scenario.duration.as_secs_f64()
+    )
+}
+
+/// One Markdown table row of medians over the runs.
+fn markdown_row(scenario: &Scenario, reports: &[Report]) -> String {
+    let median = |value: &dyn Fn(&Report) -> f64| {
+        let mut values: Vec<f64> = reports.iter().map(value).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let ms = |q: f64| move |r: &Report| r.latency(q).as_secs_f64() * 1000.0;
+    let runs: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{:.0}", r.messages_per_second()))
+        .collect();
+    format!(
+        "| {} | {:.0} msgs/s ({}) | {:.2} MB/s | {:.2} / {:.2} / {:.2} ms | {:.0} % | {:.0} MiB |",
+        describe(scenario),
+        median(&Report::messages_per_second),
+        runs.join(" / "),
+        median(&Report::megabytes_per_second),
+        median(&ms(0.5)),
+        median(&ms(0.99)),
+        median(&ms(0.999)),
+        median(&|r| r
+            .node
+            .map_or(0.0, |n| 100.0 * n.cpu.as_secs_f64() / r.elapsed.as_secs_f64())),
+        median(&|r| r.node.map_or(0.0, |n| n.peak_rss as f64 / (1024.0 * 1024.0))),
+    )
+}

@@ -1,0 +1,417 @@
+//! One load run: clients connect, subscribe to their own queues, then send
+//! for a while; every message carries its send time, so each delivery gives
+//! an enqueue→delivery latency.
+//!
+//! Clients are spread over a few threads, each a current-thread runtime with
+//! a `LocalSet` (Cap'n Proto RPC is `!Send`). All threads start sending at
+//! once (a barrier), stop at the deadline, then wait until every accepted
+//! message has been pushed to its recipient.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use quicnprotochat_client::node_client::{ConnectOptions, NodeClient, Subscription};
+use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use quicnprotochat_proto::wire::Envelope;
+
+use crate::LoadError;
+use crate::node::Usage;
+use crate::stats::Report;
+
+/// Send times are nanoseconds since this instant, shared by all threads.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// How long to wait for the last deliveries after sending stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most calls one client keeps in flight (the node allows 256 per session).
+const MAX_WINDOW: usize = 240;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Who sends to whom.
+    pub shape: Shape,
+    /// Payload size in bytes (at least 16: the send time and sender).
+    pub payload: usize,
+    /// How long the senders send.
+    pub duration: Duration,
+    /// Steady total rate in messages/s; `None`: as fast as the window allows.
+    pub rate: Option<f64>,
+    /// Enqueue calls each sender keeps in flight (unpaced runs).
+    pub window: usize,
+    /// Envelopes per `enqueueBatch` call (1: plain `enqueue`).
+    pub batch: usize,
+    /// Client threads.
+    pub threads: usize,
+}
+
+/// Who sends to whom.
+#[derive(Debug, Clone, Copy)]
+pub enum Shape {
+    /// `n` clients; client i sends to client i+1 (the last to the first),
+    /// every client receives by push.
+    Ring(usize),
+    /// One sender; every message goes to all `n` recipients, who receive
+    /// by push.
+    FanOut(usize),
+}
+
+struct ClientSpec {
+    identity: IdentityKeypair,
+    /// Recipients of each message this client sends (empty: it only
+    /// receives).
+    targets: Vec<IdentityKey>,
+    receives: bool,
+}
+
+/// Counters all threads share.
+struct Shared {
+    barrier: tokio::sync::Barrier,
+    /// Messages the node accepted (one per recipient).
+    accepted: AtomicU64,
+    delivered: AtomicU64,
+    refused: AtomicU64,
+    senders_left: AtomicUsize,
+    first_error: Mutex<Option<String>>,
+}
+
+/// What one thread measured.
+#[derive(Default)]
+struct ThreadResult {
+    sent: u64,
+    bytes: u64,
+    latencies: Vec<Duration>,
+    last_delivery: u64,
+}
+
+/// Runs `scenario` against the node at `options`. `probe`, if given, reads
+/// the node's resource use; it is sampled when sending starts and at the end.
+pub fn run(
+    options: &ConnectOptions,
+    scenario: &Scenario,
+    probe: Option<&dyn Fn() -> Result<Usage, LoadError>>,
+) -> Result<Report, LoadError> {
+    if scenario.payload < 16 {
+        return Err(LoadError::Scenario("payloads must be at least 16 bytes".into()));
+    }
+    let specs = clients(scenario.shape);
+    let threads = scenario.threads.clamp(1, specs.len());
+    let senders = specs.iter().filter(|spec| !spec.targets.is_empty()).count();
+    let shared = Arc::new(Shared {
+        barrier: tokio::sync::Barrier::new(threads + 1),
+        accepted: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+        senders_left: AtomicUsize::new(senders),
+        first_error: Mutex::new(None),
+    });
+    let mut per_thread: Vec<Vec<ClientSpec>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, spec) in specs.into_iter().enumerate() {
+        per_thread[i % threads].push(spec);
+    }
+    let pacing = scenario
+        .rate
+        .map(|rate| Duration::from_secs_f64((senders * scenario.batch) as f64 / rate));
+    let handles: Vec<_> = per_thread
+        .into_iter()
+        .map(|specs| {
+            let (shared, options, scenario) = (shared.clone(), options.clone(), scenario.clone());
+            std::thread::spawn(move || local(client_thread(options, scenario, pacing, specs, shared)))
+        })
+        .collect();
+
+    let _ = *EPOCH;
+    // Every thread waits here once its clients are connected and subscribed.
+    // A thread that failed to connect still arrives, so nobody hangs.
+    local(shared.barrier.wait());
+    let start = EPOCH.elapsed();
+    let node_before = probe.map(|probe| probe()).transpose()?;
+    let own_before = crate::node::own_usage()?;
+
+    let mut results = Vec::new();
+    for handle in handles {
+        results.push(handle.join().map_err(|_| LoadError::ThreadPanicked)??);
+    }
+    let node_after = probe.map(|probe| probe()).transpose()?;
+    let own_after = crate::node::own_usage()?;
+
+    let mut latencies: Vec<Duration> = results.iter_mut().flat_map(|r| r.latencies.drain(..)).collect();
+    latencies.sort_unstable();
+    let last = results.iter().map(|r| r.last_delivery).max().unwrap_or(0);
+    if let Some(error) = shared.first_error.lock().ok().and_then(|e| e.clone()) {
+        eprintln!("first refused enqueue: {error}");
+    }
+    Ok(Report {
+        sent: results.iter().map(|r| r.sent).sum(),
+        delivered: shared.delivered.load(Ordering::Relaxed),
+        bytes: results.iter().map(|r| r.bytes).sum(),
+        refused: shared.refused.load(Ordering::Relaxed),
+        elapsed: Duration::from_nanos(last).saturating_sub(start),
+        latencies,
+        node: node_before.zip(node_after).map(|(before, after)| Usage {
+            cpu: after.cpu.saturating_sub(before.cpu),
+            peak_rss: after.peak_rss,
+        }),
+        clients_cpu: Some(own_after.cpu.saturating_sub(own_before.cpu)),
+    })
+}
+
+fn clients(shape: Shape) -> Vec<ClientSpec> {
+    match shape {
+        Shape::Ring(n) => {
+            let identities: Vec<IdentityKeypair> = (0..n).map(|_| IdentityKeypair::generate()).collect();
+            let keys: Vec<IdentityKey> = identities.iter().map(IdentityKeypair::public_key).collect();
+            identities
+                .into_iter()
+                .enumerate()
+                .map(|(i, identity)| ClientSpec {
+                    identity,
+                    targets: vec![keys[(i + 1) % n]],
+                    receives: true,
+                })
+                .collect()
+        }
+        Shape::FanOut(n) => {
+            let recipients: Vec<IdentityKeypair> = (0..n).map(|_| IdentityKeypair::generate()).collect();
+            let sender = ClientSpec {
+                identity: IdentityKeypair::generate(),
+                targets: recipients.iter().map(IdentityKeypair::public_key).collect(),
+                receives: false,
+            };
+            std::iter::once(sender)
+                .chain(recipients.into_iter().map(|identity| ClientSpec {
+                    identity,
+                    targets: Vec::new(),
+                    receives: true,
+                }))
+                .collect()
+        }
+    }
+}
+
+/// What the receivers of one thread collect.
+#[derive(Default)]
+struct Received {
+    bytes: u64,
+    latencies: Vec<Duration>,
+    last_delivery: u64,
+}
+
+async fn client_thread(
+    options: ConnectOptions,
+    scenario: Scenario,
+    pacing: Option<Duration>,
+    specs: Vec<ClientSpec>,
+    shared: Arc<Shared>,
+) -> Result<ThreadResult, LoadError> {
+    let connected = connect_all(&options, &specs).await;
+    if connected.is_err() {
+        // Nobody waits for senders that never start.
+        let senders = specs.iter().filter(|spec| !spec.targets.is_empty()).count();
+        shared.senders_left.fetch_sub(senders, Ordering::AcqRel);
+    }
+    shared.barrier.wait().await;
+    let clients = connected?;
+    let received = Rc::new(RefCell::new(Received::default()));
+    let mut receivers = Vec::new();
+    let mut subscriptions: Vec<Subscription> = Vec::new();
+    let mut senders = FuturesUnordered::new();
+    for (spec, client) in specs.iter().zip(&clients) {
+        if spec.receives {
+            let (sink, pushed) = tokio::sync::mpsc::channel(64);
+            let key = spec.identity.public_key();
+            subscriptions.push(client.subscribe(&key, 0, sink).await.map_err(LoadError::Client)?);
+            let (client, received, shared) = (client.clone(), received.clone(), shared.clone());
+            receivers.push(tokio::task::spawn_local(receive(
+                client, key, pushed, received, shared,
+            )));
+        }
+        if !spec.targets.is_empty() {
+            senders.push(send(client, &spec.targets, &scenario, pacing, &shared));
+        }
+    }
+    let mut sent = 0;
+    while let Some(count) = senders.next().await {
+        sent += count;
+        shared.senders_left.fetch_sub(1, Ordering::AcqRel);
+    }
+    drop(senders);
+    // Wait until every accepted message is delivered, everywhere.
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while (shared.senders_left.load(Ordering::Acquire) > 0
+        || shared.delivered.load(Ordering::Acquire) < shared.accepted.load(Ordering::Acquire))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(subscriptions);
+    for receiver in receivers {
+        receiver.abort();
+        let _ = receiver.await;
+    }
+    let received = std::mem::take(&mut *received.borrow_mut());
+    for client in clients
+        .into_iter()
+        .filter_map(|client| Rc::try_unwrap(client).ok())
+    {
+        client.close().await;
+    }
+    Ok(ThreadResult {
+        sent,
+        bytes: received.bytes,
+        latencies: received.latencies,
+        last_delivery: received.last_delivery,
+    })
+}
+
+async fn connect_all(
+    options: &ConnectOptions,
+    specs: &[ClientSpec],
+) -> Result<Vec<Rc<NodeClient>>, LoadError> {
+    // A few handshakes at a time: thousands at once would only queue up.
+    futures::stream::iter(specs)
+        .map(|spec| async move {
+            NodeClient::connect(options, Some(&spec.identity))
+                .await
+                .map(Rc::new)
+                .map_err(LoadError::Client)
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Sends until the scenario's duration is over; returns how many messages
+/// (per recipient) were sent.
+async fn send(
+    client: &NodeClient,
+    targets: &[IdentityKey],
+    scenario: &Scenario,
+    pacing: Option<Duration>,
+    shared: &Shared,
+) -> u64 {
+    let until = tokio::time::Instant::now() + scenario.duration;
+    let window = if pacing.is_some() {
+        MAX_WINDOW
+    } else {
+        scenario.window.clamp(1, MAX_WINDOW)
+    };
+    let per_call = (scenario.batch.max(1) * targets.len()) as u64;
+    let mut next = tokio::time::Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0;
+    loop {
+        let now = tokio::time::Instant::now();
+        let more = now < until;
+        if !more && in_flight.is_empty() {
+            return sent;
+        }
+        let due = pacing.is_none_or(|_| now >= next);
+        if more && due && in_flight.len() < window {
+            if let Some(interval) = pacing {
+                next += interval;
+            }
+            sent += per_call;
+            in_flight.push(enqueue(client, targets, scenario, shared));
+            continue;
+        }
+        match pacing {
+            Some(_) if more && in_flight.len() < window => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => {}
+                    Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                }
+            }
+            _ => {
+                in_flight.next().await;
+            }
+        }
+    }
+}
+
+async fn enqueue(client: &NodeClient, targets: &[IdentityKey], scenario: &Scenario, shared: &Shared) {
+    let stamp = || {
+        let mut payload = vec![0x5au8; scenario.payload];
+        payload[..8].copy_from_slice(&(EPOCH.elapsed().as_nanos() as u64).to_le_bytes());
+        payload
+    };
+    let outcome = if scenario.batch <= 1 && targets.len() == 1 {
+        client.enqueue(&targets[0], &stamp()).await
+    } else {
+        let envelopes: Vec<Envelope> = (0..scenario.batch.max(1))
+            .map(|_| Envelope {
+                recipients: targets.to_vec(),
+                payload: stamp(),
+                message_id: None,
+            })
+            .collect();
+        client.enqueue_batch(&envelopes).await
+    };
+    let messages = (scenario.batch.max(1) * targets.len()) as u64;
+    match outcome {
+        Ok(()) => {
+            shared.accepted.fetch_add(messages, Ordering::AcqRel);
+        }
+        Err(e) => {
+            shared.refused.fetch_add(messages, Ordering::Relaxed);
+            if let Ok(mut first) = shared.first_error.lock() {
+                first.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+/// Takes pushed batches, records each message's latency and acks what it
+/// took, one ack for everything waiting.
+async fn receive(
+    client: Rc<NodeClient>,
+    key: IdentityKey,
+    mut pushed: tokio::sync::mpsc::Receiver<Vec<(u64, Vec<u8>)>>,
+    received: Rc<RefCell<Received>>,
+    shared: Arc<Shared>,
+) {
+    while let Some(batch) = pushed.recv().await {
+        let mut last = record(&batch, &received, &shared);
+        while let Ok(batch) = pushed.try_recv() {
+            last = record(&batch, &received, &shared).max(last);
+        }
+        if last > 0 && client.ack(&key, last).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn record(batch: &[(u64, Vec<u8>)], received: &RefCell<Received>, shared: &Shared) -> u64 {
+    let now = EPOCH.elapsed().as_nanos() as u64;
+    let mut received = received.borrow_mut();
+    for (_, payload) in batch {
+        let sent = payload
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(now, u64::from_le_bytes);
+        received
+            .latencies
+            .push(Duration::from_nanos(now.saturating_sub(sent)));
+        received.bytes += payload.len() as u64;
+    }
+    received.last_delivery = received.last_delivery.max(now);
+    shared.delivered.fetch_add(batch.len() as u64, Ordering::AcqRel);
+    batch.last().map_or(0, |(seq, _)| *seq)
+}
+
+/// Runs `body` on a fresh current-thread runtime inside a `LocalSet`.
+pub fn local<F: std::future::Future>(body: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
+    tokio::task::LocalSet::new().block_on(&runtime, body)
+}

@@ -1,0 +1,82 @@
+//! The load generator against a real node (the server library on
+//! 127.0.0.1:0, real SQLite file, real QUIC): every accepted message is
+//! pushed to its recipient exactly once and measured.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quicnprotochat_client::node_client::ConnectOptions;
+use quicnprotochat_load::{Scenario, Shape, run};
+use quicnprotochat_server::{Config, Node};
+
+fn start_node(dir: std::path::PathBuf) -> ConnectOptions {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let config_dir = dir.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut config = Config::in_dir(&config_dir, SocketAddr::from(([127, 0, 0, 1], 0)));
+            config.enqueue_rate = 0;
+            let node = Node::bind(config).await.unwrap();
+            tx.send(node.local_addr()).unwrap();
+            node.run(std::future::pending()).await.unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    ConnectOptions {
+        server: addr.to_string(),
+        server_name: None,
+        ca_cert: dir.join("server-cert.der"),
+    }
+}
+
+fn scenario(shape: Shape, rate: Option<f64>, batch: usize) -> Scenario {
+    Scenario {
+        shape,
+        payload: 100,
+        duration: Duration::from_millis(700),
+        rate,
+        window: 4,
+        batch,
+        threads: 2,
+    }
+}
+
+#[test]
+fn every_message_of_a_ring_and_a_fan_out_is_pushed_and_timed() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = start_node(dir.path().to_owned());
+    for (name, scenario) in [
+        ("ring, unpaced", scenario(Shape::Ring(4), None, 1)),
+        ("ring, paced, batches", scenario(Shape::Ring(3), Some(400.0), 4)),
+        ("fan-out", scenario(Shape::FanOut(5), None, 1)),
+    ] {
+        let report = run(&options, &scenario, None).unwrap();
+        println!("{name}: {report}");
+        assert!(report.sent > 0, "{name}: something was sent");
+        assert_eq!(report.refused, 0, "{name}");
+        assert_eq!(
+            report.delivered, report.sent,
+            "{name}: every message delivered once"
+        );
+        assert_eq!(report.latencies.len() as u64, report.delivered, "{name}");
+        assert_eq!(report.bytes, report.delivered * 100, "{name}");
+        assert!(report.latency(0.0) > Duration::ZERO, "{name}");
+        assert!(report.latency(0.5) <= report.latency(0.99), "{name}");
+        assert!(
+            report.elapsed >= Duration::from_millis(600),
+            "{name}: {:?}",
+            report.elapsed
+        );
+        assert!(report.node.is_none(), "{name}: no node process to probe");
+    }
+    // A paced run sends at its rate: 400 msgs/s for 0.7 s is about 280.
+    let paced = run(&options, &scenario(Shape::Ring(2), Some(400.0), 1), None).unwrap();
+    assert!((200..=340).contains(&paced.sent), "sent {}", paced.sent);
+}

@@ -1,0 +1,119 @@
+//! The side connections: queue reads and WAL checkpoints, each on its own
+//! thread and connection, beside the writer.
+//!
+//! Reads (push, `fetchSince`, `fetchWait`) used to queue behind the writer
+//! and wait for its batch to be fsynced; in WAL mode a reader sees every
+//! committed transaction without waiting for the writer, so a push now
+//! reaches its subscriber right after the enqueue commits. Checkpoints
+//! (copying the WAL back into the database file, with an fsync) used to run
+//! inside whichever commit crossed SQLite's threshold and stall every command
+//! of that batch; here they run in the background (`PASSIVE`: never blocking
+//! the writer or readers).
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use quicnprotochat_core::IdentityKey;
+use rusqlite::Connection;
+use tokio::sync::mpsc;
+
+use super::{Reply, StoreError, queries};
+
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// One read for the reader thread.
+#[derive(Debug)]
+pub(super) enum Read {
+    MessagesAfter {
+        recipient: IdentityKey,
+        after_seq: u64,
+        limit: usize,
+        reply: Reply<Vec<(u64, Vec<u8>)>>,
+    },
+}
+
+/// The reader and checkpointer threads; the writer stops them before it
+/// closes the database, so that its connection is the last one and closing
+/// it checkpoints and removes the WAL.
+#[derive(Debug)]
+pub(super) struct SideThreads {
+    reader: JoinHandle<()>,
+    checkpointer: JoinHandle<()>,
+    stop_checkpoints: std_mpsc::Sender<()>,
+}
+
+impl SideThreads {
+    /// Opens the side connections to the (already migrated) database at
+    /// `path` and starts their threads. The reader ends once every sender
+    /// of `reads` is dropped.
+    pub(super) fn spawn(path: &Path, reads: mpsc::Receiver<Read>) -> Result<SideThreads, StoreError> {
+        let reader_connection = open_side(path)?;
+        reader_connection.pragma_update(None, "query_only", true)?;
+        let checkpoint_connection = open_side(path)?;
+        let reader = std::thread::Builder::new()
+            .name("store-reader".into())
+            .spawn(move || read_loop(&reader_connection, reads))
+            .map_err(StoreError::Thread)?;
+        let (stop_checkpoints, stop) = std_mpsc::channel();
+        let checkpointer = std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoint_connection, &stop))
+            .map_err(StoreError::Thread)?;
+        Ok(SideThreads {
+            reader,
+            checkpointer,
+            stop_checkpoints,
+        })
+    }
+
+    /// Waits for the reader to finish its reads and stops the checkpointer.
+    pub(super) fn stop(self) {
+        if self.reader.join().is_err() {
+            tracing::error!("the store reader thread panicked");
+        }
+        drop(self.stop_checkpoints);
+        if self.checkpointer.join().is_err() {
+            tracing::error!("the store checkpoint thread panicked");
+        }
+    }
+}
+
+fn open_side(path: &Path) -> Result<Connection, StoreError> {
+    let connection = Connection::open(path)?;
+    // Readers wait only while SQLite recovers or restarts the WAL.
+    connection.busy_timeout(Duration::from_secs(5))?;
+    Ok(connection)
+}
+
+fn read_loop(db: &Connection, mut reads: mpsc::Receiver<Read>) {
+    while let Some(read) = reads.blocking_recv() {
+        match read {
+            Read::MessagesAfter {
+                recipient,
+                after_seq,
+                limit,
+                reply,
+            } => {
+                let result =
+                    queries::messages_after(db, &recipient, after_seq, limit).map_err(StoreError::from);
+                // The caller may have gone away; nothing to do then.
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+fn checkpoint_loop(db: &Connection, stop: &std_mpsc::Receiver<()>) {
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        let outcome = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        match outcome {
+            Ok((frames, copied)) => tracing::trace!("checkpoint: {copied} of {frames} WAL frames copied"),
+            Err(e) => tracing::warn!("background WAL checkpoint: {e}"),
+        }
+    }
+}
