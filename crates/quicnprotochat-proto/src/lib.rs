@@ -15,9 +15,12 @@
 //! - [`peer`] — identity on the connection: client certificates for identity
 //!   keys, and the node's verifier.
 //! - [`rpc`] — a Cap'n Proto RPC session over one QUIC bidirectional stream.
+//! - [`guard`] — checks every incoming RPC frame before capnp-rpc reads it
+//!   (capability tables, open questions, size) and applies backpressure.
 //! - [`wire`] — conversions from Cap'n Proto fields to core domain types.
 
 pub mod cert;
+pub mod guard;
 pub mod peer;
 pub mod rpc;
 pub mod transport;

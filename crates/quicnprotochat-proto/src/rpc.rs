@@ -10,6 +10,7 @@ use capnp_rpc::{RpcSystem, twoparty};
 use futures::io::{BufReader, BufWriter};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
+use crate::guard::{GuardState, GuardedReader, GuardedWriter};
 use crate::node_capnp::node_service;
 
 /// The RPC system type both ends run.
@@ -54,7 +55,13 @@ where
     R: futures::AsyncRead + Unpin + 'static,
     W: futures::AsyncWrite + Unpin + 'static,
 {
-    let network = twoparty::VatNetwork::new(reader, writer, Side::Server, options);
+    let state = GuardState::new();
+    let network = twoparty::VatNetwork::new(
+        GuardedReader::new(reader, options, state.clone(), true),
+        GuardedWriter::new(writer, state),
+        Side::Server,
+        options,
+    );
     RpcSystem::new(Box::new(network), Some(bootstrap.client))
 }
 
@@ -70,17 +77,27 @@ pub fn connect(
     (system, node)
 }
 
-type Reader = BufReader<tokio_util::compat::Compat<quinn::RecvStream>>;
+type Reader = GuardedReader<BufReader<tokio_util::compat::Compat<quinn::RecvStream>>>;
 
+/// Both ends guard what they read (see [`crate::guard`]); only the node stops
+/// reading while its replies are not being read, since a client that did the
+/// same could deadlock with it.
 fn network(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     side: Side,
     options: ReaderOptions,
 ) -> twoparty::VatNetwork<Reader> {
+    let state = GuardState::new();
+    let backpressure = side == Side::Server;
     twoparty::VatNetwork::new(
-        BufReader::new(recv.compat()),
-        BufWriter::new(send.compat_write()),
+        GuardedReader::new(
+            BufReader::new(recv.compat()),
+            options,
+            state.clone(),
+            backpressure,
+        ),
+        BufWriter::new(GuardedWriter::new(send.compat_write(), state)),
         side,
         options,
     )

@@ -1,0 +1,752 @@
+//! The node under abuse from every side at once — 1,000 idle connections,
+//! streams that never send or stall mid-frame, hand-made Cap'n Proto
+//! messages claiming huge lists, deep nesting or huge segments, and a flood
+//! into one queue — while a normal client's pings stay fast and its messages
+//! all arrive.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use capnp::traits::HasTypeId;
+use capnp_rpc::rpc_capnp::{exception, message, return_};
+use common::{TestNode, identity, local};
+use futures::StreamExt;
+use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_proto::node_capnp::node_service;
+use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, rpc, transport};
+use quicnprotochat_server::Config;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Connections that complete the handshake and then only keep alive.
+const IDLE_CONNECTIONS: usize = 1_000;
+/// Client endpoints (UDP sockets) the idle connections share.
+const IDLE_ENDPOINTS: usize = 4;
+/// Handshakes in progress at once while opening the idle connections.
+const HANDSHAKES_AT_ONCE: usize = 32;
+/// Connections whose every stream is silent or stalled mid-frame.
+const STALLED_CONNECTIONS: usize = 12;
+/// Streams the node lets one connection open at once (see
+/// `transport::server_config`).
+const STREAMS_PER_CONNECTION: usize = 4;
+/// Enqueue calls each flood connection keeps in flight: enough to outrun
+/// the rate limit a few times over. The flooder shares the machine with the
+/// node here; with 64, a debug build on two cores saw a ping p99 of 40-100 ms.
+const FLOOD_IN_FLIGHT: usize = 16;
+/// Pings the normal client measures.
+const PINGS: usize = 500;
+/// One ping per period: 83 a second, under the node's default 100.
+const PING_PERIOD: Duration = Duration::from_millis(12);
+/// What the normal client's 99th-percentile ping must stay under.
+const PING_P99_LIMIT: Duration = Duration::from_millis(50);
+/// Messages the normal sender sends to the normal receiver.
+const MESSAGES: usize = 100;
+/// One message per period, spread over the measurement.
+const MESSAGE_PERIOD: Duration = Duration::from_millis(50);
+/// Nesting depth of the deep messages; the node's limit is 64.
+const DEPTH: usize = 100;
+/// The whole test fails rather than hang past this.
+const DEADLINE: Duration = Duration::from_secs(150);
+
+// Identities: the normal clients, the flooder and its victim.
+const PINGER: u8 = 1;
+const SENDER: u8 = 2;
+const RECEIVER: u8 = 3;
+const FLOODER: u8 = 4;
+const VICTIM: u8 = 5;
+const LATECOMER: u8 = 6;
+
+#[test]
+fn pings_stay_fast_and_messages_flow_while_the_node_is_abused_every_way_at_once() {
+    let started = Instant::now();
+    let mut node = TestNode::start();
+    local(async {
+        tokio::time::timeout(DEADLINE, abuse_and_measure(&node))
+            .await
+            .expect("the abuse test finishes in time");
+    });
+    // The node stops cleanly (its thread would panic otherwise) with the
+    // abusers' connections just closed.
+    let stopping = Instant::now();
+    node.stop();
+    println!(
+        "node stopped in {:?}; whole test {:?}",
+        stopping.elapsed(),
+        started.elapsed()
+    );
+}
+
+async fn abuse_and_measure(node: &TestNode) {
+    let trusted = cert::load_certificate(&node.cert()).unwrap();
+    let anonymous = transport::client_config(trusted, None).unwrap();
+    let endpoints: Vec<quinn::Endpoint> = (0..=IDLE_ENDPOINTS)
+        .map(|_| {
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            endpoint.set_default_client_config(anonymous.clone());
+            endpoint
+        })
+        .collect();
+    let (idle_endpoints, abuse_endpoint) = endpoints.split_at(IDLE_ENDPOINTS);
+    let abuse_endpoint = &abuse_endpoint[0];
+
+    // 1. A thousand connections that finish the handshake, then say nothing
+    //    (QUIC keep-alives aside).
+    let opening = Instant::now();
+    let idle = open_idle_connections(idle_endpoints, node.addr).await;
+    println!("{} idle connections open in {:?}", idle.len(), opening.elapsed());
+    assert_eq!(idle.len(), IDLE_CONNECTIONS);
+
+    // 2. Connections holding every stream the node allows, silent or stalled
+    //    in the middle of a frame. A fifth stream is never granted.
+    let partial_frames: [&[u8]; 3] = [
+        // Half a segment table.
+        &[0, 0, 0],
+        // A whole segment table, no segment.
+        &[0, 0, 0, 0, 0x10, 0, 0, 0],
+        // A segment table claiming a segment just under the traversal limit
+        // (390,128 words), and the first two words of it.
+        &[0, 0, 0, 0, 0xf0, 0xf3, 0x05, 0, 0, 0, 0, 0, 1, 0, 1, 0],
+    ];
+    let mut stalled = Vec::new();
+    for partial in partial_frames.iter().cycle().take(STALLED_CONNECTIONS) {
+        stalled.push(stall(abuse_endpoint, node.addr, partial).await);
+    }
+    let fifth_streams = futures::future::join_all(
+        stalled
+            .iter()
+            .map(|s| tokio::time::timeout(Duration::from_millis(300), s.connection.open_bi())),
+    )
+    .await;
+    assert!(
+        fifth_streams.iter().all(Result::is_err),
+        "the node grants no stream beyond {STREAMS_PER_CONNECTION} per connection"
+    );
+
+    // 3. The flood and the normal clients, each on its own thread so that
+    //    what the others do in this process does not delay it. The flood
+    //    uses one connection per RPC thread of the node (connections are
+    //    handed to the threads in turn), so that whichever thread serves a
+    //    normal client serves a flood too.
+    let (go, started) = watch::channel(false);
+    let stop_flood = Arc::new(AtomicBool::new(false));
+    let (ready, mut connected) = mpsc::channel(1);
+    let (flood_count, flood_thread) = on_own_thread({
+        let (options, ready, started, stop) =
+            (node.options(), ready.clone(), started.clone(), stop_flood.clone());
+        move || flood(options, Config::default().rpc_threads, ready, started, stop)
+    });
+    connected.recv().await.expect("the flooder connects");
+    let (mut pings, pinger_thread) = on_own_thread({
+        let (options, ready, started) = (node.options(), ready.clone(), started.clone());
+        move || pinger(options, ready, started)
+    });
+    connected.recv().await.expect("the pinger connects");
+    let (delivery, messenger_thread) = on_own_thread({
+        let options = node.options();
+        move || messenger(options, ready, started)
+    });
+    connected.recv().await.expect("the messenger connects");
+
+    // 4. Everything at once: the flood and the normal clients start, and
+    //    this thread sends malformed messages until the pings are done.
+    let measuring = Instant::now();
+    go.send(true).unwrap();
+    let mut rounds = 0;
+    let pings = loop {
+        malformed_messages_close_only_their_session(abuse_endpoint, node.addr).await;
+        rounds += 1;
+        tokio::select! {
+            pings = &mut pings => break joined(pings, pinger_thread),
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    };
+    let delivery = joined(delivery.await, messenger_thread);
+    let measured = measuring.elapsed();
+    stop_flood.store(true, Ordering::SeqCst);
+    let flood = joined(flood_count.await, flood_thread);
+
+    // The figures first, so that a failure still shows all of them.
+    let mut sorted = pings.clone();
+    sorted.sort();
+    let percentile = |p: usize| sorted[(sorted.len() * p).div_ceil(100) - 1];
+    let (p50, p99) = (percentile(50), percentile(99));
+    println!(
+        "{} pings over {measured:?}: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        pings.len(),
+        sorted[sorted.len() - 1]
+    );
+    println!(
+        "{} of {MESSAGES} messages delivered, slowest from enqueue to push {:?}",
+        delivery.payloads.len(),
+        delivery.slowest
+    );
+    let defaults = Config::default();
+    let allowed = 2 * defaults.enqueue_rate as usize
+        + (f64::from(defaults.enqueue_rate) * flood.elapsed.as_secs_f64() * 1.1) as usize;
+    println!(
+        "flood over {:?}: {} calls, {} committed (at most {allowed} allowed), refused: {} rate limited, \
+         {} queue full, {} overloaded",
+        flood.elapsed, flood.calls, flood.committed, flood.rate_limited, flood.queue_full, flood.overloaded
+    );
+    println!("{rounds} rounds of malformed messages, each closing only its own session");
+    let open = idle.iter().filter(|c| c.close_reason().is_none()).count();
+    println!("{open} of {IDLE_CONNECTIONS} idle connections still open");
+
+    // The normal client's pings were all answered, quickly.
+    assert_eq!(pings.len(), PINGS);
+    assert!(
+        p99 < PING_P99_LIMIT,
+        "ping p99 {p99:?} (p50 {p50:?}) is over {PING_P99_LIMIT:?} under abuse"
+    );
+
+    // The normal messages all arrived, in order, once.
+    assert_eq!(
+        delivery.payloads,
+        (0..MESSAGES as u32)
+            .map(|n| n.to_le_bytes().to_vec())
+            .collect::<Vec<_>>()
+    );
+    assert!(delivery.seqs.windows(2).all(|w| w[0] < w[1]));
+
+    // The flood outran the rate limit, every call got an answer, no more
+    // was committed than the limit allows, and the queue holds exactly what
+    // was committed.
+    assert!(
+        flood.other.is_empty(),
+        "unexpected flood errors: {:?}",
+        flood.other
+    );
+    assert!(
+        flood.calls > allowed && flood.rate_limited > 0,
+        "the flood outran the rate limit and was refused"
+    );
+    assert!(
+        flood.committed <= allowed.min(defaults.max_queue_depth),
+        "the rate limit holds"
+    );
+    let victim = node.connect_as(&identity(VICTIM)).await;
+    assert_eq!(
+        queue_length(&victim, &identity(VICTIM).public_key()).await,
+        flood.committed,
+        "every committed message is queued, no refused one is"
+    );
+
+    // Malformed messages were refused again and again.
+    assert!(rounds >= 3);
+
+    // The idle connections are all still open; no stalled stream was ever
+    // answered.
+    assert_eq!(open, IDLE_CONNECTIONS);
+    for stalled in &mut stalled {
+        for (_, recv) in &mut stalled.streams {
+            let read = tokio::time::timeout(Duration::from_millis(5), recv.read(&mut [0u8; 64])).await;
+            assert!(
+                !matches!(read, Ok(Ok(Some(_)))),
+                "the node never answers a partial frame"
+            );
+        }
+    }
+
+    // A newcomer is served as usual.
+    let latecomer = node.connect_as(&identity(LATECOMER)).await;
+    latecomer.ping().await.unwrap();
+    latecomer
+        .enqueue(&identity(LATECOMER).public_key(), b"still served")
+        .await
+        .unwrap();
+    assert_eq!(
+        latecomer.fetch(&identity(LATECOMER).public_key()).await.unwrap(),
+        [b"still served".to_vec()]
+    );
+
+    for endpoint in &endpoints {
+        endpoint.close(0u32.into(), b"done");
+    }
+    for endpoint in &endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    }
+}
+
+/// Runs the future `body` makes on a thread of its own, in a `LocalSet`;
+/// its result comes back through the receiver (see [`joined`]).
+fn on_own_thread<T, F>(body: impl FnOnce() -> F + Send + 'static) -> (oneshot::Receiver<T>, JoinHandle<()>)
+where
+    T: Send + 'static,
+    F: Future<Output = T>,
+{
+    let (result, receiver) = oneshot::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = result.send(local(body()));
+    });
+    (receiver, thread)
+}
+
+/// What a thread sent, or its panic.
+fn joined<T>(sent: Result<T, oneshot::error::RecvError>, thread: JoinHandle<()>) -> T {
+    match thread.join() {
+        Err(panic) => std::panic::resume_unwind(panic),
+        Ok(()) => sent.expect("the thread sends its result before it ends"),
+    }
+}
+
+// ---- The abusers ---------------------------------------------------------
+
+async fn open_idle_connections(endpoints: &[quinn::Endpoint], addr: SocketAddr) -> Vec<quinn::Connection> {
+    futures::stream::iter(0..IDLE_CONNECTIONS)
+        .map(|n| {
+            let connecting = endpoints[n % endpoints.len()].connect(addr, "localhost").unwrap();
+            async move {
+                tokio::time::timeout(Duration::from_secs(20), connecting)
+                    .await
+                    .expect("handshake in time")
+                    .expect("handshake completes")
+            }
+        })
+        .buffer_unordered(HANDSHAKES_AT_ONCE)
+        .collect()
+        .await
+}
+
+/// A connection holding all its streams: the first ones never carry a byte
+/// (the node learns of them when the last one does), the last one sends
+/// `partial`, the start of a frame, and stalls.
+struct Stalled {
+    connection: quinn::Connection,
+    streams: Vec<(quinn::SendStream, quinn::RecvStream)>,
+}
+
+async fn stall(endpoint: &quinn::Endpoint, addr: SocketAddr, partial: &[u8]) -> Stalled {
+    let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS_PER_CONNECTION {
+        streams.push(connection.open_bi().await.unwrap());
+    }
+    streams.last_mut().unwrap().0.write_all(partial).await.unwrap();
+    Stalled { connection, streams }
+}
+
+/// What the flood got back.
+#[derive(Debug, Default)]
+struct FloodCount {
+    calls: usize,
+    committed: usize,
+    rate_limited: usize,
+    queue_full: usize,
+    overloaded: usize,
+    other: Vec<String>,
+    elapsed: Duration,
+}
+
+/// One identity enqueues into one queue as fast as it can, keeping many
+/// calls in flight on each of `connections` connections, until `stop`.
+async fn flood(
+    options: ConnectOptions,
+    connections: usize,
+    ready: mpsc::Sender<()>,
+    mut go: watch::Receiver<bool>,
+    stop: Arc<AtomicBool>,
+) -> FloodCount {
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        clients.push(
+            NodeClient::connect(&options, Some(&identity(FLOODER)))
+                .await
+                .unwrap(),
+        );
+    }
+    ready.send(()).await.unwrap();
+    go.wait_for(|&go| go).await.unwrap();
+    let started = Instant::now();
+    let count = RefCell::new(FloodCount::default());
+    let victim = identity(VICTIM).public_key();
+    let callers = clients.iter().flat_map(|client| {
+        (0..FLOOD_IN_FLIGHT).map(|_| async {
+            while !stop.load(Ordering::SeqCst) {
+                let answer = client.enqueue(&victim, &[0x5a; 32]).await;
+                let mut count = count.borrow_mut();
+                count.calls += 1;
+                match answer {
+                    Ok(()) => count.committed += 1,
+                    Err(e) => {
+                        let text = e.to_string();
+                        if text.contains("rate limited, retry after") {
+                            count.rate_limited += 1;
+                        } else if text.contains("queue full") {
+                            count.queue_full += 1;
+                        } else if text.contains("overloaded") {
+                            count.overloaded += 1;
+                        } else {
+                            count.other.push(text);
+                        }
+                    }
+                }
+            }
+        })
+    });
+    futures::future::join_all(callers).await;
+    let mut count = count.into_inner();
+    count.elapsed = started.elapsed();
+    count
+}
+
+// ---- The normal clients --------------------------------------------------
+
+/// Pings at a steady pace and returns each round trip.
+async fn pinger(
+    options: ConnectOptions,
+    ready: mpsc::Sender<()>,
+    mut go: watch::Receiver<bool>,
+) -> Vec<Duration> {
+    let client = NodeClient::connect(&options, Some(&identity(PINGER)))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        client.ping().await.unwrap();
+    }
+    ready.send(()).await.unwrap();
+    go.wait_for(|&go| go).await.unwrap();
+    let mut ticks = tokio::time::interval(PING_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round_trips = Vec::with_capacity(PINGS);
+    for _ in 0..PINGS {
+        ticks.tick().await;
+        let sent = Instant::now();
+        client.ping().await.unwrap();
+        round_trips.push(sent.elapsed());
+    }
+    round_trips
+}
+
+/// What the normal receiver got.
+struct Delivery {
+    payloads: Vec<Vec<u8>>,
+    seqs: Vec<u64>,
+    slowest: Duration,
+}
+
+/// One normal client sends to another, which follows its queue by push.
+async fn messenger(
+    options: ConnectOptions,
+    ready: mpsc::Sender<()>,
+    mut go: watch::Receiver<bool>,
+) -> Delivery {
+    let sender = NodeClient::connect(&options, Some(&identity(SENDER)))
+        .await
+        .unwrap();
+    let receiver = NodeClient::connect(&options, Some(&identity(RECEIVER)))
+        .await
+        .unwrap();
+    let queue = identity(RECEIVER).public_key();
+    let (sink, mut pushed) = mpsc::channel(16);
+    let _subscription = receiver.subscribe(&queue, 0, sink).await.unwrap();
+    ready.send(()).await.unwrap();
+    go.wait_for(|&go| go).await.unwrap();
+    let sent_at = RefCell::new(Vec::with_capacity(MESSAGES));
+    let send = async {
+        let mut ticks = tokio::time::interval(MESSAGE_PERIOD);
+        for n in 0..MESSAGES as u32 {
+            ticks.tick().await;
+            sent_at.borrow_mut().push(Instant::now());
+            sender.enqueue(&queue, &n.to_le_bytes()).await.unwrap();
+        }
+    };
+    let receive = async {
+        let mut delivery = Delivery {
+            payloads: Vec::new(),
+            seqs: Vec::new(),
+            slowest: Duration::ZERO,
+        };
+        while delivery.payloads.len() < MESSAGES {
+            let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(20), pushed.recv()).await else {
+                break;
+            };
+            for (seq, payload) in batch {
+                if let Some(sent) = payload.get(..4).and_then(|n| {
+                    sent_at
+                        .borrow()
+                        .get(u32::from_le_bytes(n.try_into().unwrap()) as usize)
+                        .copied()
+                }) {
+                    delivery.slowest = delivery.slowest.max(sent.elapsed());
+                }
+                delivery.seqs.push(seq);
+                delivery.payloads.push(payload);
+            }
+        }
+        delivery
+    };
+    futures::join!(send, receive).1
+}
+
+/// How many messages `owner`'s connection finds in `queue`.
+async fn queue_length(owner: &NodeClient, queue: &IdentityKey) -> usize {
+    let (mut length, mut after) = (0, 0);
+    loop {
+        let batch = owner.fetch_since(queue, after, 0).await.unwrap();
+        let Some(&(last, _)) = batch.last() else {
+            return length;
+        };
+        length += batch.len();
+        after = last;
+    }
+}
+
+// ---- Malformed messages --------------------------------------------------
+
+/// Sends, each on its own stream of one connection, messages claiming a
+/// huge list, nesting deeper than the limit and a huge segment: the node
+/// answers each with an abort naming the problem (the RPC guard refuses
+/// huge capability tables and segments before anything is allocated for
+/// them) and closes that session only; the same connection then still gets a normal answer, even to a
+/// call whose parameters nest deeper than the limit.
+///
+/// No code on the node walks a message deeper than its schemas, so deep
+/// nesting never reaches the nesting limit: capnp-rpc looks two levels into
+/// `Message.unimplemented` and refuses it there, and `ping` never reads its
+/// parameters.
+async fn malformed_messages_close_only_their_session(endpoint: &quinn::Endpoint, addr: SocketAddr) {
+    let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let huge = (1 << 29) - 1;
+    let attacks: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "a capability table of 2^29-1 eight-byte elements",
+            [
+                bootstrap(0),
+                call_ping(1, 0, &[], list_pointer(0, EIGHT_BYTES, huge)),
+            ]
+            .concat(),
+            "refused RPC message: a capability table",
+        ),
+        (
+            "a capability table of 2^29-1 empty elements",
+            [bootstrap(0), call_ping(1, 0, &[], list_pointer(0, VOID, huge))].concat(),
+            "capabilit",
+        ),
+        (
+            "messages nested deeper than the limit",
+            nested_unimplemented(DEPTH),
+            "did not implement required RPC message type",
+        ),
+        (
+            "a segment of 2^28-1 words",
+            vec![0, 0, 0, 0, 0xff, 0xff, 0xff, 0x0f],
+            "refused RPC message: a message of 2147483640 bytes",
+        ),
+    ];
+    for (what, bytes, reason) in attacks {
+        let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(5), connection.open_bi())
+            .await
+            .expect("the node frees the streams of closed sessions")
+            .unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let (replies, finished) = replies(&mut recv, usize::MAX, Duration::from_secs(10)).await;
+        match replies.last() {
+            Some(Reply::Abort(text)) if text.contains(reason) => {}
+            other => panic!("{what}: expected an abort for {reason:?}, got {other:?} (all: {replies:?})"),
+        }
+        assert!(finished, "{what}: the node closes the session");
+        assert!(
+            connection.close_reason().is_none(),
+            "{what}: the node keeps the connection"
+        );
+        let _ = send.finish();
+    }
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[bootstrap(0), call_ping(1, 0, &chain(DEPTH), 0)].concat())
+        .await
+        .unwrap();
+    let (replies, _) = replies(&mut recv, 2, Duration::from_secs(10)).await;
+    assert!(
+        matches!(
+            replies.as_slice(),
+            [
+                Reply::Return {
+                    answer: 0,
+                    exception: None
+                },
+                Reply::Return {
+                    answer: 1,
+                    exception: None
+                }
+            ]
+        ),
+        "the same connection is still served: {replies:?}"
+    );
+    connection.close(0u32.into(), b"done");
+}
+
+// Cap'n Proto by hand: one-segment messages of 64-bit words, pointers as
+// the encoding spec lays them out (https://capnproto.org/encoding.html).
+
+const VOID: u64 = 0;
+const EIGHT_BYTES: u64 = 5;
+
+/// A struct pointer to `offset` words past itself.
+fn struct_pointer(offset: i32, data_words: u16, pointers: u16) -> u64 {
+    (u64::from(offset as u32) << 2) & 0xffff_fffc | u64::from(data_words) << 32 | u64::from(pointers) << 48
+}
+
+/// A list pointer to `offset` words past itself.
+fn list_pointer(offset: i32, element_size: u64, count: u32) -> u64 {
+    1 | (u64::from(offset as u32) << 2) & 0xffff_fffc | element_size << 32 | u64::from(count) << 35
+}
+
+/// Stream framing: a one-segment table, then the segment.
+fn frame(words: &[u64]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + words.len() * 8);
+    bytes.extend(0u32.to_le_bytes());
+    bytes.extend((words.len() as u32).to_le_bytes());
+    for word in words {
+        bytes.extend(word.to_le_bytes());
+    }
+    bytes
+}
+
+/// `Message.bootstrap` asking `question`.
+fn bootstrap(question: u32) -> Vec<u8> {
+    frame(&[
+        struct_pointer(0, 1, 1), // root: Message
+        8,                       // Message.bootstrap
+        struct_pointer(0, 1, 1), // Bootstrap
+        u64::from(question),
+        0,
+    ])
+}
+
+/// `NodeService.ping` on the answer to `on_answer`, with `content` as the
+/// parameters (a struct of one pointer; empty: no parameters) and
+/// `cap_table` as the pointer to the capability table.
+fn call_ping(question: u32, on_answer: u32, content: &[u64], cap_table: u64) -> Vec<u8> {
+    call(
+        question,
+        on_answer,
+        node_service::Client::TYPE_ID,
+        0,
+        ((0, 1), content),
+        cap_table,
+    )
+}
+
+/// `Message.call` of `method` of `interface` on the answer to `on_answer`,
+/// with `content` (of data and pointer section sizes `shape`) as the
+/// parameters and `cap_table` as the pointer to the capability table.
+fn call(
+    question: u32,
+    on_answer: u32,
+    interface: u64,
+    method: u16,
+    (shape, content): ((u16, u16), &[u64]),
+    cap_table: u64,
+) -> Vec<u8> {
+    let mut words = vec![
+        struct_pointer(0, 1, 1), // root: Message
+        2,                       // Message.call
+        struct_pointer(0, 3, 3), // Call
+        u64::from(question) | u64::from(method) << 32,
+        interface,
+        0,
+        struct_pointer(2, 1, 1), // Call.target
+        struct_pointer(3, 0, 2), // Call.params
+        0,
+        1 << 32,                 // MessageTarget.promisedAnswer
+        struct_pointer(2, 1, 1), // PromisedAnswer
+        if content.is_empty() {
+            0
+        } else {
+            struct_pointer(3, shape.0, shape.1) // Payload.content
+        },
+        cap_table, // Payload.capTable
+        u64::from(on_answer),
+        0,
+    ];
+    words.extend(content);
+    frame(&words)
+}
+
+/// Structs of one pointer, each pointing to the next, `depth` deep.
+fn chain(depth: usize) -> Vec<u64> {
+    let mut words = vec![struct_pointer(0, 0, 1); depth];
+    words.push(0);
+    words
+}
+
+/// `Message.unimplemented` of `Message.unimplemented` of … `depth` deep.
+fn nested_unimplemented(depth: usize) -> Vec<u8> {
+    let mut words = vec![struct_pointer(0, 1, 1)];
+    for _ in 0..depth {
+        words.extend([0, struct_pointer(0, 1, 1)]);
+    }
+    words.extend([0, 0]);
+    frame(&words)
+}
+
+/// An RPC message the node sent.
+#[derive(Debug)]
+enum Reply {
+    Return { answer: u32, exception: Option<String> },
+    Abort(String),
+    Other,
+}
+
+/// Reads the node's messages until `want` arrived, the node finished the
+/// stream (true) or `wait` passed.
+async fn replies(recv: &mut quinn::RecvStream, want: usize, wait: Duration) -> (Vec<Reply>, bool) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let (mut buffer, mut replies, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+    loop {
+        while let Some(len) = frame_length(&buffer) {
+            replies.push(parse_reply(&buffer[..len]));
+            buffer.drain(..len);
+        }
+        if replies.len() >= want {
+            return (replies, false);
+        }
+        match tokio::time::timeout_at(deadline, recv.read(&mut chunk)).await {
+            Ok(Ok(Some(n))) => buffer.extend_from_slice(&chunk[..n]),
+            Ok(Ok(None)) => return (replies, true),
+            Ok(Err(_)) | Err(_) => return (replies, false),
+        }
+    }
+}
+
+/// The length of the first whole frame in `bytes`, if there is one.
+fn frame_length(bytes: &[u8]) -> Option<usize> {
+    let number = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+    };
+    let segments = number(0)? + 1;
+    let words: usize = (0..segments).map(|n| number(4 + 4 * n)).sum::<Option<usize>>()?;
+    let length = (4 + 4 * segments).next_multiple_of(8) + words * 8;
+    (bytes.len() >= length).then_some(length)
+}
+
+fn parse_reply(bytes: &[u8]) -> Reply {
+    let message =
+        capnp::serialize::read_message(&mut &bytes[..], rpc::reader_options(DEFAULT_MAX_PAYLOAD)).unwrap();
+    let reason = |e: capnp::Result<exception::Reader>| e.unwrap().get_reason().unwrap().to_string().unwrap();
+    match message.get_root::<message::Reader>().unwrap().which() {
+        Ok(message::Abort(e)) => Reply::Abort(reason(e)),
+        Ok(message::Return(answer)) => {
+            let answer = answer.unwrap();
+            Reply::Return {
+                answer: answer.get_answer_id(),
+                exception: match answer.which() {
+                    Ok(return_::Exception(e)) => Some(reason(e)),
+                    _ => None,
+                },
+            }
+        }
+        _ => Reply::Other,
+    }
+}
