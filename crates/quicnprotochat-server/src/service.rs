@@ -302,6 +302,8 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
         let sender = self.require_authenticated()?;
+        // Before copying the payload: a flood over the rate costs no copies.
+        self.limit_sends(1)?;
         let params = params.get()?;
         let recipient =
             wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
@@ -310,7 +312,6 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             .to_vec();
         let message_id =
             wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
-        self.limit_sends(1)?;
         self.shared
             .store
             .enqueue(sender, recipient, payload, message_id)

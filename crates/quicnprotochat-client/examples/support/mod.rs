@@ -19,6 +19,7 @@ pub fn start_node(dir: PathBuf) -> SocketAddr {
         runtime.block_on(async move {
             let mut config = Config::in_dir(&dir, SocketAddr::from(([127, 0, 0, 1], 0)));
             config.enqueue_rate = 0;
+            config.key_package_fetch_rate = 0;
             config.ping_rate = 0;
             config.max_queue_depth = 1_000_000;
             let node = Node::bind(config).await.expect("node binds");
