@@ -149,3 +149,33 @@ pub enum ClientError {
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
+
+impl ClientError {
+    /// How long the node asked to wait, if it refused a call for its rate
+    /// limit ("rate limited, retry after N ms"); at most 5 s.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let ClientError::Rpc(e) = self else {
+            return None;
+        };
+        let rest = e.extra.split("rate limited, retry after ").nth(1)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let millis: u64 = digits.parse().ok()?;
+        Some(Duration::from_millis(millis.clamp(1, 5_000)))
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn the_nodes_retry_hint_is_read_from_a_rate_limit_error() {
+        let limited = ClientError::Rpc(capnp::Error::overloaded(
+            "remote exception: rate limited, retry after 16 ms".into(),
+        ));
+        assert_eq!(limited.retry_after(), Some(Duration::from_millis(16)));
+        let other = ClientError::Rpc(capnp::Error::failed("queue full".into()));
+        assert_eq!(other.retry_after(), None);
+        assert_eq!(ClientError::Timeout(Duration::from_secs(1)).retry_after(), None);
+    }
+}

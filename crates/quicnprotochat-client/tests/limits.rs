@@ -117,3 +117,27 @@ fn undelivered_messages_older_than_the_retention_period_are_deleted() {
         assert!(owner.fetch_since(&queue, 0, 0).await.unwrap().is_empty());
     });
 }
+
+#[test]
+fn inviting_more_people_than_the_key_package_fetch_rate_allows_waits_and_succeeds() {
+    let (node, dir) = node_with(|config| config.key_package_fetch_rate = 2);
+    let state = |name: &str| dir.path().join(name).display().to_string();
+    let keys: Vec<String> = (0..6)
+        .map(|n| {
+            node.cli_ok(&["register-state", "--state", &state(&format!("p{n}.state"))])
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    let alice = state("alice.state");
+    node.cli_ok(&["register-state", "--state", &alice]);
+    node.cli_ok(&["create-group", "--state", &alice, "--group-id", "many"]);
+    // Six fetches against a burst of four: the client waits as told.
+    let mut args = vec!["invite", "--state", &alice];
+    for key in &keys {
+        args.extend(["--peer-key", key.as_str()]);
+    }
+    node.cli_ok(&args);
+    let members = node.cli_ok(&["members", "--state", &alice]);
+    assert_eq!(members.lines().count(), 7, "{members}");
+}

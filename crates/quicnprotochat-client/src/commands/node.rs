@@ -74,11 +74,18 @@ pub(crate) async fn fetch_verified_key_package(
     nodes: &Nodes,
     identity: &IdentityKey,
 ) -> Result<Vec<u8>, ClientError> {
-    let package = nodes
-        .auth()
-        .fetch_key_package(identity)
-        .await?
-        .ok_or(ClientError::NoKeyPackage(*identity))?;
+    // Inviting many people at once can outrun the node's KeyPackage fetch
+    // rate; the node says when to retry, so wait that long (within reason).
+    let give_up = tokio::time::Instant::now() + RATE_LIMIT_PATIENCE;
+    let package = loop {
+        match nodes.auth().fetch_key_package(identity).await {
+            Err(e) => match e.retry_after() {
+                Some(wait) if tokio::time::Instant::now() + wait < give_up => tokio::time::sleep(wait).await,
+                _ => return Err(e),
+            },
+            Ok(package) => break package.ok_or(ClientError::NoKeyPackage(*identity))?,
+        }
+    };
     let provider = OpenMlsRustCrypto::default();
     let owner =
         key_package_identity(provider.crypto(), &package).map_err(|e| ClientError::BadKeyPackage {
@@ -93,6 +100,9 @@ pub(crate) async fn fetch_verified_key_package(
     }
     Ok(package)
 }
+
+/// How long a command keeps retrying calls the node rate-limits.
+const RATE_LIMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How many ordinary KeyPackages a stateful client keeps on the node, and
 /// the level below which it uploads more.

@@ -141,7 +141,7 @@ fn check_room(db: &Connection, recipients: &[IdentityKey], limits: &StoreLimits)
             .query_row(params![recipient.as_bytes()], |row| row.get(0))
             .optional()?
             .unwrap_or(0);
-        if current >= limits.max_queue_depth as i64 {
+        if current >= i64::try_from(limits.max_queue_depth).unwrap_or(i64::MAX) {
             return Err(StoreError::QueueFull {
                 recipient: *recipient,
                 limit: limits.max_queue_depth,

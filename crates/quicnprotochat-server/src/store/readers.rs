@@ -52,6 +52,10 @@ impl SideThreads {
     pub(super) fn spawn(path: &Path, reads: mpsc::Receiver<Read>) -> Result<SideThreads, StoreError> {
         let reader_connection = open_side(path)?;
         reader_connection.pragma_update(None, "query_only", true)?;
+        // A long queue's rows lie on as many pages as it has messages once
+        // the database outgrows the cache; 32 MiB of cache (default 2 MiB)
+        // keeps the pages of recently written queues at hand.
+        reader_connection.pragma_update(None, "cache_size", -32 * 1024)?;
         let checkpoint_connection = open_side(path)?;
         let reader = std::thread::Builder::new()
             .name("store-reader".into())

@@ -429,3 +429,28 @@ async fn reads_see_each_commit_and_closing_checkpoints_and_removes_the_wal() {
     assert_eq!(store.messages_after(key(1), 0, 0).await.unwrap().len(), 200);
     close((store, closer)).await;
 }
+
+#[tokio::test]
+async fn freeing_a_shared_payload_never_scans_the_queued_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.db");
+    close(Store::open(&path).unwrap()).await;
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.pragma_update(None, "foreign_keys", true).unwrap();
+    let mut plan = db
+        .prepare("EXPLAIN QUERY PLAN DELETE FROM payloads WHERE id = 1")
+        .unwrap();
+    let steps: Vec<String> = plan
+        .query_map([], |row| row.get::<_, String>(3))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        steps.iter().any(|step| step.contains("messages_by_payload")),
+        "the foreign-key check uses the index: {steps:?}"
+    );
+    assert!(
+        !steps.iter().any(|step| step.starts_with("SCAN messages")),
+        "{steps:?}"
+    );
+}
