@@ -7,10 +7,12 @@
 //!   for as long as the call is pending;
 //! - it keeps every answer until the peer sends `Finish`, so a peer that never
 //!   does makes the session grow without bound;
-//! - it queues replies without limit while the peer does not read them.
+//! - it queues replies without limit while the peer does not read them;
+//! - it keeps a promise capability that the peer resolves to itself alive
+//!   forever (found by fuzzing `rpc_session`).
 //!
 //! [`GuardedReader`] checks each whole frame (segment count, size, cap tables
-//! of calls and returns, open questions) and ends the session with an error
+//! of calls and returns, no promise capabilities, open questions) and ends the session with an error
 //! naming the violation; with backpressure on, it also stops reading new
 //! calls while [`GuardedWriter`] cannot write (the peer is not reading its
 //! replies), and it yields to other sessions on the thread now and then so one
@@ -25,7 +27,7 @@ use std::task::{Context, Poll, Waker};
 
 use capnp::Word;
 use capnp::message::ReaderOptions;
-use capnp_rpc::rpc_capnp::{message, return_};
+use capnp_rpc::rpc_capnp::{cap_descriptor, message, payload, resolve, return_};
 use futures::{AsyncRead, AsyncWrite};
 
 /// Most capabilities one call or return may carry. Every node method takes
@@ -256,11 +258,15 @@ fn inspect(frame: &[u8], options: ReaderOptions, state: &GuardState) -> Result<(
     match root.which() {
         Ok(message::Call(Ok(call))) => {
             if let Ok(params) = call.get_params() {
-                check_caps(cap_table_len(params))?;
+                check_caps(params)?;
             }
             open_question(state, call.get_question_id())
         }
         Ok(message::Bootstrap(Ok(bootstrap))) => open_question(state, bootstrap.get_question_id()),
+        Ok(message::Resolve(Ok(resolve))) => match resolve.which() {
+            Ok(resolve::Cap(Ok(cap))) => check_descriptor(cap),
+            _ => Ok(()),
+        },
         Ok(message::Finish(Ok(finish))) => {
             state
                 .open_questions
@@ -269,30 +275,39 @@ fn inspect(frame: &[u8], options: ReaderOptions, state: &GuardState) -> Result<(
             Ok(())
         }
         Ok(message::Return(Ok(answer))) => match answer.which() {
-            Ok(return_::Results(Ok(results))) => check_caps(cap_table_len(results)),
+            Ok(return_::Results(Ok(results))) => check_caps(results),
             _ => Ok(()),
         },
         _ => Ok(()),
     }
 }
 
-/// The length a payload's cap table claims, read from its pointer without
-/// walking the list.
-fn cap_table_len(payload: capnp_rpc::rpc_capnp::payload::Reader<'_>) -> Result<u32, String> {
-    payload
+/// Checks a payload's capability table: its length as its pointer claims
+/// (read without walking the list), then each descriptor.
+fn check_caps(payload: payload::Reader<'_>) -> Result<(), String> {
+    let table = payload
         .get_cap_table()
-        .map(|table| table.len())
-        .map_err(|e| format!("a capability table that cannot be read ({e})"))
-}
-
-fn check_caps(count: Result<u32, String>) -> Result<(), String> {
-    let count = count?;
-    if count > MAX_CAPS_PER_MESSAGE {
+        .map_err(|e| format!("a capability table that cannot be read ({e})"))?;
+    if table.len() > MAX_CAPS_PER_MESSAGE {
         return Err(format!(
-            "{count} capabilities in one message (at most {MAX_CAPS_PER_MESSAGE})"
+            "{} capabilities in one message (at most {MAX_CAPS_PER_MESSAGE})",
+            table.len()
         ));
     }
-    Ok(())
+    table.iter().try_for_each(check_descriptor)
+}
+
+/// Refuses promise capabilities. Nothing in this protocol passes one (the
+/// node's and the client's capabilities are all settled objects), and
+/// capnp-rpc keeps a promise that is resolved to itself alive forever: a
+/// peer could leak the session's memory with one 80-byte `Resolve`.
+fn check_descriptor(descriptor: cap_descriptor::Reader<'_>) -> Result<(), String> {
+    match descriptor.which() {
+        Ok(cap_descriptor::SenderPromise(_)) => {
+            Err("a promise capability (this protocol passes only settled capabilities)".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn open_question(state: &GuardState, id: u32) -> Result<(), String> {
@@ -405,6 +420,30 @@ mod tests {
         let whole = call(1, 0);
         let err = read_all(whole[..whole.len() - 3].to_vec()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn promise_capabilities_are_refused() {
+        // A promise resolved to itself: capnp-rpc would keep it forever.
+        let mut builder = capnp::message::Builder::new_default();
+        let mut resolve = builder.init_root::<message::Builder<'_>>().init_resolve();
+        resolve.set_promise_id(0);
+        resolve.init_cap().set_sender_promise(0);
+        let err = read_all(capnp::serialize::write_message_to_words(&builder)).unwrap_err();
+        assert!(err.to_string().contains("a promise capability"), "{err}");
+        // The same inside a call's capability table.
+        let mut builder = capnp::message::Builder::new_default();
+        let mut call = builder.init_root::<message::Builder<'_>>().init_call();
+        call.set_question_id(1);
+        call.init_params().init_cap_table(1).get(0).set_sender_promise(7);
+        let err = read_all(capnp::serialize::write_message_to_words(&builder)).unwrap_err();
+        assert!(err.to_string().contains("a promise capability"), "{err}");
+        // A settled capability passes.
+        let mut builder = capnp::message::Builder::new_default();
+        let mut call = builder.init_root::<message::Builder<'_>>().init_call();
+        call.set_question_id(1);
+        call.init_params().init_cap_table(1).get(0).set_sender_hosted(7);
+        assert!(read_all(capnp::serialize::write_message_to_words(&builder)).is_ok());
     }
 
     #[test]
