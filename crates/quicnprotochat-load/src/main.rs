@@ -34,6 +34,10 @@ struct Args {
     /// Messages per enqueueBatch call (1: plain enqueue).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Receivers ack at most once per this many milliseconds (0: after
+    /// every pushed batch).
+    #[arg(long, default_value_t = 0)]
+    ack_ms: u64,
     /// Client threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         rate: args.rate,
         window: args.window,
         batch: args.batch,
+        ack_every: Duration::from_millis(args.ack_ms),
         threads: args.threads,
     };
     let mut reports = Vec::new();
@@ -93,8 +98,13 @@ fn describe(scenario: &Scenario) -> String {
     let pace = scenario.rate.map_or(format!("window {}", scenario.window), |r| {
         format!("{r:.0} msgs/s")
     });
+    let acks = if scenario.ack_every.is_zero() {
+        String::new()
+    } else {
+        format!(", ack every {} ms", scenario.ack_every.as_millis())
+    };
     format!(
-        "{shape}, {} B, {pace}, batch {}, {} s",
+        "{shape}, {} B, {pace}, batch {}{acks}, {} s",
         scenario.payload,
         scenario.batch,
         scenario.duration.as_secs_f64()

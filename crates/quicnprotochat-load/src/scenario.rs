@@ -47,6 +47,8 @@ pub struct Scenario {
     pub window: usize,
     /// Envelopes per `enqueueBatch` call (1: plain `enqueue`).
     pub batch: usize,
+    /// Receivers ack at most this often (zero: after every pushed batch).
+    pub ack_every: Duration,
     /// Client threads.
     pub threads: usize,
 }
@@ -229,7 +231,12 @@ async fn client_thread(
             subscriptions.push(client.subscribe(&key, 0, sink).await.map_err(LoadError::Client)?);
             let (client, received, shared) = (client.clone(), received.clone(), shared.clone());
             receivers.push(tokio::task::spawn_local(receive(
-                client, key, pushed, received, shared,
+                client,
+                key,
+                pushed,
+                received,
+                shared,
+                scenario.ack_every,
             )));
         }
         if !spec.targets.is_empty() {
@@ -370,21 +377,46 @@ async fn enqueue(client: &NodeClient, targets: &[IdentityKey], scenario: &Scenar
 }
 
 /// Takes pushed batches, records each message's latency and acks what it
-/// took, one ack for everything waiting.
+/// took: one ack for everything waiting, or with `ack_every`, at most one
+/// per interval (a client that acks less often costs the node less).
 async fn receive(
     client: Rc<NodeClient>,
     key: IdentityKey,
     mut pushed: tokio::sync::mpsc::Receiver<Vec<(u64, Vec<u8>)>>,
     received: Rc<RefCell<Received>>,
     shared: Arc<Shared>,
+    ack_every: Duration,
 ) {
-    while let Some(batch) = pushed.recv().await {
-        let mut last = record(&batch, &received, &shared);
+    let mut unacked = 0;
+    let mut ack_at: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match ack_at {
+            Some(at) => tokio::select! {
+                batch = pushed.recv() => batch,
+                () = tokio::time::sleep_until(at) => {
+                    ack_at = None;
+                    if client.ack(&key, std::mem::take(&mut unacked)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            },
+            None => pushed.recv().await,
+        };
+        let Some(batch) = next else { return };
+        unacked = record(&batch, &received, &shared).max(unacked);
         while let Ok(batch) = pushed.try_recv() {
-            last = record(&batch, &received, &shared).max(last);
+            unacked = record(&batch, &received, &shared).max(unacked);
         }
-        if last > 0 && client.ack(&key, last).await.is_err() {
-            return;
+        if unacked == 0 {
+            continue;
+        }
+        if ack_every.is_zero() {
+            if client.ack(&key, std::mem::take(&mut unacked)).await.is_err() {
+                return;
+            }
+        } else if ack_at.is_none() {
+            ack_at = Some(tokio::time::Instant::now() + ack_every);
         }
     }
 }

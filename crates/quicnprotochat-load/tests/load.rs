@@ -44,6 +44,7 @@ fn scenario(shape: Shape, rate: Option<f64>, batch: usize) -> Scenario {
         rate,
         window: 4,
         batch,
+        ack_every: Duration::ZERO,
         threads: 2,
     }
 }
@@ -56,6 +57,13 @@ fn every_message_of_a_ring_and_a_fan_out_is_pushed_and_timed() {
         ("ring, unpaced", scenario(Shape::Ring(4), None, 1)),
         ("ring, paced, batches", scenario(Shape::Ring(3), Some(400.0), 4)),
         ("fan-out", scenario(Shape::FanOut(5), None, 1)),
+        (
+            "ring, acks every 20 ms",
+            Scenario {
+                ack_every: Duration::from_millis(20),
+                ..scenario(Shape::Ring(3), None, 1)
+            },
+        ),
     ] {
         let report = run(&options, &scenario, None).unwrap();
         println!("{name}: {report}");
