@@ -228,7 +228,16 @@ async fn client_thread(
         if spec.receives {
             let (sink, pushed) = tokio::sync::mpsc::channel(64);
             let key = spec.identity.public_key();
-            subscriptions.push(client.subscribe(&key, 0, sink).await.map_err(LoadError::Client)?);
+            let subscription = match client.subscribe(&key, 0, sink).await {
+                Ok(subscription) => subscription,
+                Err(e) => {
+                    // Nobody waits for this thread's senders then.
+                    let senders = specs.iter().filter(|spec| !spec.targets.is_empty()).count();
+                    shared.senders_left.fetch_sub(senders, Ordering::AcqRel);
+                    return Err(LoadError::Client(e));
+                }
+            };
+            subscriptions.push(subscription);
             let (client, received, shared) = (client.clone(), received.clone(), shared.clone());
             receivers.push(tokio::task::spawn_local(receive(
                 client,

@@ -43,7 +43,10 @@ impl Report {
         if self.latencies.is_empty() {
             return Duration::ZERO;
         }
-        let index = ((self.latencies.len() as f64 * q) as usize).min(self.latencies.len() - 1);
+        // Nearest rank: the smallest value with at least q of the samples at
+        // or below it.
+        let n = self.latencies.len();
+        let index = ((n as f64 * q).ceil() as usize).saturating_sub(1).min(n - 1);
         self.latencies[index]
     }
 }

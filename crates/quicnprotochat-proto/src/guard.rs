@@ -34,9 +34,19 @@ use futures::{AsyncRead, AsyncWrite};
 /// or returns at most one.
 pub const MAX_CAPS_PER_MESSAGE: u32 = 16;
 
-/// Most questions (calls and bootstraps) the peer may have open, answered or
-/// not, before it sends their `Finish`.
+/// Most distinct question ids (calls and bootstraps) the peer may have
+/// open before it sends their `Finish`.
+///
+/// An id is only forgotten on `Finish`. capnp-rpc answers a call without
+/// capabilities with `noFinishNeeded`, so its callers never finish those and
+/// the set holds every id used at once; that stays small because capnp-rpc
+/// (Rust and C++) reuses the lowest free id. A peer that never reuses ids
+/// would be refused after this many calls; counting only answers that need
+/// a `Finish` means reading our own outgoing `Return`s, not done yet.
 pub const MAX_OPEN_QUESTIONS: usize = 1024;
+
+/// Cap'n Proto's default traversal limit, used when none is given.
+const DEFAULT_LIMIT_WORDS: usize = 8 * 1024 * 1024;
 
 /// Cap'n Proto's own limit on segments in one message.
 const MAX_SEGMENTS: usize = 512;
@@ -101,7 +111,9 @@ impl<R: AsyncRead + Unpin> GuardedReader<R> {
     /// capnp-rpc reads with). With `backpressure`, stops reading while the
     /// writer sharing `state` is blocked.
     pub fn new(inner: R, options: ReaderOptions, state: Rc<GuardState>, backpressure: bool) -> Self {
-        let limit_words = options.traversal_limit_in_words.map_or(usize::MAX, |words| words);
+        // Without a traversal limit, still never buffer more than capnp's
+        // own default allows (64 MiB).
+        let limit_words = options.traversal_limit_in_words.unwrap_or(DEFAULT_LIMIT_WORDS);
         GuardedReader {
             inner,
             frame: Word::allocate_zeroed_vec(1),
@@ -150,11 +162,16 @@ impl<R: AsyncRead + Unpin> GuardedReader<R> {
         }
     }
 
-    fn table(&self) -> (usize, usize) {
+    /// The segment count the header claims (u64: the peer may claim 2^32)
+    /// and, if it is within [`MAX_SEGMENTS`], the segment table's size.
+    fn table(&self) -> (u64, Option<usize>) {
         let bytes = Word::words_to_bytes(&self.frame);
-        let segments = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize + 1;
+        let segments = u64::from(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])) + 1;
         // Count word plus one size per segment, padded to a whole word.
-        let table_bytes = (4 + 4 * segments).next_multiple_of(8);
+        let table_bytes = usize::try_from(segments)
+            .ok()
+            .filter(|&n| n <= MAX_SEGMENTS)
+            .map(|n| (4 + 4 * n).next_multiple_of(8));
         (segments, table_bytes)
     }
 }
@@ -198,32 +215,41 @@ impl<R: AsyncRead + Unpin> AsyncRead for GuardedReader<R> {
                         return Poll::Ready(Ok(0));
                     }
                     let (segments, table_bytes) = this.table();
-                    if segments > MAX_SEGMENTS {
+                    let Some(table_bytes) = table_bytes else {
                         return Poll::Ready(Err(invalid(format!(
                             "a message of {segments} segments (at most {MAX_SEGMENTS})"
                         ))));
-                    }
+                    };
                     this.resize(table_bytes);
                     this.phase = Phase::Table;
                 }
                 Phase::Table => {
                     std::task::ready!(this.fill(cx))?;
                     let (segments, table_bytes) = this.table();
+                    let table_bytes = table_bytes.unwrap_or_default();
                     let bytes = Word::words_to_bytes(&this.frame);
-                    let words: usize = (0..segments)
+                    // u64: up to 512 sizes of up to 2^32 words each.
+                    let words: u64 = (0..segments as usize)
                         .map(|i| {
                             let at = 4 + 4 * i;
-                            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-                                as usize
+                            u64::from(u32::from_le_bytes([
+                                bytes[at],
+                                bytes[at + 1],
+                                bytes[at + 2],
+                                bytes[at + 3],
+                            ]))
                         })
                         .sum();
-                    if words > this.limit_words {
-                        return Poll::Ready(Err(invalid(format!(
-                            "a message of {} bytes (at most {})",
-                            words.saturating_mul(8),
-                            this.limit_words.saturating_mul(8)
-                        ))));
-                    }
+                    let words = match usize::try_from(words) {
+                        Ok(words) if words <= this.limit_words => words,
+                        _ => {
+                            return Poll::Ready(Err(invalid(format!(
+                                "a message of {} bytes (at most {})",
+                                words.saturating_mul(8),
+                                this.limit_words.saturating_mul(8)
+                            ))));
+                        }
+                    };
                     this.resize(table_bytes + words * 8);
                     this.phase = Phase::Body;
                 }
@@ -411,6 +437,14 @@ mod tests {
         frame.extend([0; 4]);
         let err = read_all(frame).unwrap_err().to_string();
         assert!(err.contains("600 segments"), "{err}");
+        // The largest count a header can claim.
+        let err = read_all(vec![0xff; 8]).unwrap_err().to_string();
+        assert!(err.contains("4294967296 segments"), "{err}");
+        // 512 segments of 2^32-1 words each: refused, never summed into an overflow.
+        let mut frame = 511u32.to_le_bytes().to_vec();
+        frame.extend(std::iter::repeat_n(0xffu8, 4 * 512 + 4));
+        let err = read_all(frame).unwrap_err().to_string();
+        assert!(err.contains("a message of"), "{err}");
         // One segment claiming 256 MiB: refused from the table alone.
         let mut frame = 0u32.to_le_bytes().to_vec();
         frame.extend((32u32 << 20).to_le_bytes());
