@@ -104,7 +104,7 @@ pub fn run(
     }
     let specs = clients(scenario.shape);
     let threads = scenario.threads.clamp(1, specs.len());
-    let senders = specs.iter().filter(|spec| !spec.targets.is_empty()).count();
+    let senders = senders(&specs);
     let shared = Arc::new(Shared {
         barrier: tokio::sync::Barrier::new(threads + 1),
         accepted: AtomicU64::new(0),
@@ -164,6 +164,11 @@ pub fn run(
     })
 }
 
+/// How many of `specs` send.
+fn senders(specs: &[ClientSpec]) -> usize {
+    specs.iter().filter(|spec| !spec.targets.is_empty()).count()
+}
+
 fn clients(shape: Shape) -> Vec<ClientSpec> {
     match shape {
         Shape::Ring(n) => {
@@ -212,11 +217,11 @@ async fn client_thread(
     specs: Vec<ClientSpec>,
     shared: Arc<Shared>,
 ) -> Result<ThreadResult, LoadError> {
+    // After a failure here, nobody waits for this thread's senders.
+    let abandon = || shared.senders_left.fetch_sub(senders(&specs), Ordering::AcqRel);
     let connected = connect_all(&options, &specs).await;
     if connected.is_err() {
-        // Nobody waits for senders that never start.
-        let senders = specs.iter().filter(|spec| !spec.targets.is_empty()).count();
-        shared.senders_left.fetch_sub(senders, Ordering::AcqRel);
+        abandon();
     }
     shared.barrier.wait().await;
     let clients = connected?;
@@ -231,9 +236,7 @@ async fn client_thread(
             let subscription = match client.subscribe(&key, 0, sink).await {
                 Ok(subscription) => subscription,
                 Err(e) => {
-                    // Nobody waits for this thread's senders then.
-                    let senders = specs.iter().filter(|spec| !spec.targets.is_empty()).count();
-                    shared.senders_left.fetch_sub(senders, Ordering::AcqRel);
+                    abandon();
                     return Err(LoadError::Client(e));
                 }
             };

@@ -280,15 +280,13 @@ impl Store {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let read = readers::Read::MessagesAfter {
+        ask(&self.reads, |reply| readers::Read::MessagesAfter {
             recipient,
             after_seq,
             limit,
             reply,
-        };
-        self.reads.send(read).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        })
+        .await
     }
 
     /// Deletes the messages of `recipient` up to and including `up_to_seq`;
@@ -309,13 +307,15 @@ impl Store {
     }
 
     async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        ask(&self.commands, command).await
     }
+}
+
+/// Sends a request to the writer or the reader thread and waits for its answer.
+async fn ask<R, T>(queue: &mpsc::Sender<R>, request: impl FnOnce(Reply<T>) -> R) -> Result<T, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    queue.send(request(reply)).await.map_err(|_| StoreError::Closed)?;
+    answer.await.map_err(|_| StoreError::Closed)?
 }
 
 impl StoreCloser {
