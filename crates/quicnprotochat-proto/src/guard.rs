@@ -1,22 +1,30 @@
 //! Looks at every incoming RPC frame before capnp-rpc does, to bound what a
 //! peer can make this side hold.
 //!
-//! capnp-rpc trusts its peer in three ways that a delivery node cannot:
+//! capnp-rpc trusts its peer in four ways that a delivery node cannot:
 //! - it builds an entry for every element of a message's capability table,
 //!   so a 7 KiB message claiming 390,000 empty capabilities costs megabytes
 //!   for as long as the call is pending;
-//! - it keeps every answer until the peer sends `Finish`, so a peer that never
-//!   does makes the session grow without bound;
+//! - it keeps every answer that needs a `Finish` until the peer sends it, so
+//!   a peer that never does makes the session grow without bound;
 //! - it queues replies without limit while the peer does not read them;
 //! - it keeps a promise capability that the peer resolves to itself alive
 //!   forever (found by fuzzing `rpc_session`).
 //!
 //! [`GuardedReader`] checks each whole frame (segment count, size, cap tables
-//! of calls and returns, no promise capabilities, open questions) and ends the session with an error
-//! naming the violation; with backpressure on, it also stops reading new
-//! calls while [`GuardedWriter`] cannot write (the peer is not reading its
-//! replies), and it yields to other sessions on the thread now and then so one
-//! busy peer cannot starve them.
+//! of calls and returns, no promise capabilities, open questions) and ends the
+//! session with an error naming the violation; with backpressure on, it also
+//! stops reading new calls while [`GuardedWriter`] cannot write (the peer is
+//! not reading its replies), and it yields to other sessions on the thread
+//! now and then so one busy peer cannot starve them.
+//!
+//! A question stays open from the peer's `Call` or `Bootstrap` until its
+//! `Finish`, or until this side's `Return` for it says `noFinishNeeded`:
+//! capnp-rpc so answers every call whose results carry no capabilities, and
+//! the caller then never finishes it. [`GuardedWriter`] follows the framing
+//! of what it writes and reads just the head of each frame to catch those
+//! returns, so the count matches capnp-rpc's own table of answers whether or
+//! not the peer reuses question ids.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -34,15 +42,13 @@ use futures::{AsyncRead, AsyncWrite};
 /// or returns at most one.
 pub const MAX_CAPS_PER_MESSAGE: u32 = 16;
 
-/// Most distinct question ids (calls and bootstraps) the peer may have
-/// open before it sends their `Finish`.
+/// Most questions (calls and bootstraps) the peer may have open at once.
 ///
-/// An id is only forgotten on `Finish`. capnp-rpc answers a call without
-/// capabilities with `noFinishNeeded`, so its callers never finish those and
-/// the set holds every id used at once; that stays small because capnp-rpc
-/// (Rust and C++) reuses the lowest free id. A peer that never reuses ids
-/// would be refused after this many calls; counting only answers that need
-/// a `Finish` means reading our own outgoing `Return`s, not done yet.
+/// A question is open until the peer's `Finish` for it or this side's
+/// `Return` with `noFinishNeeded` (see the module docs), just as long as
+/// capnp-rpc keeps its answer; so this bounds calls in flight and answers
+/// holding capabilities, not how many calls a session makes, and ids need
+/// not be reused.
 pub const MAX_OPEN_QUESTIONS: usize = 1024;
 
 /// Cap'n Proto's default traversal limit, used when none is given.
@@ -56,6 +62,11 @@ const KEEP_WORDS: usize = 8192;
 
 /// Frames handed on before yielding to the other sessions of the thread.
 const FRAMES_PER_YIELD: u32 = 32;
+
+/// Words kept of each outgoing frame's first segment. capnp-rpc starts every
+/// message with the root pointer, the `Message` struct and then the struct
+/// of its variant, so a `Return`'s fixed fields lie within the first six.
+const HEAD_WORDS: usize = 64;
 
 /// What the reader and writer halves of one session share.
 #[derive(Debug, Default)]
@@ -347,16 +358,22 @@ fn open_question(state: &GuardState, id: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// An `AsyncWrite` that tells the reader of its session when it is blocked.
+/// An `AsyncWrite` that tells the reader of its session when it is blocked,
+/// and closes the questions its `Return`s need no `Finish` for.
 pub struct GuardedWriter<W> {
     inner: W,
     state: Rc<GuardState>,
+    outgoing: OutgoingFrames,
 }
 
 impl<W> GuardedWriter<W> {
     /// Guards `inner`, reporting to `state`.
     pub fn new(inner: W, state: Rc<GuardState>) -> Self {
-        GuardedWriter { inner, state }
+        GuardedWriter {
+            inner,
+            state,
+            outgoing: OutgoingFrames::new(),
+        }
     }
 }
 
@@ -369,8 +386,14 @@ impl<W: AsyncWrite + Unpin> GuardedWriter<W> {
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for GuardedWriter<W> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.track(poll)
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = poll {
+            // Only what the inner writer took is on its way to the peer; the
+            // rest comes again in a later call.
+            this.outgoing.follow(&buf[..written.min(buf.len())], &this.state);
+        }
+        this.track(poll)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -384,9 +407,164 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for GuardedWriter<W> {
     }
 }
 
+/// Where [`OutgoingFrames`] is in the stream it follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// The segment count.
+    Count,
+    /// The segment sizes, this many read so far.
+    Sizes(u32),
+    /// The padding after an even number of sizes, this many bytes left.
+    Padding(usize),
+    /// The segments, this many bytes seen so far.
+    Segments(u64),
+    /// The framing made no sense, so frame boundaries are unknown from here.
+    /// capnp never writes such a frame; open questions are then only closed
+    /// by `Finish`, as the peer is told to.
+    Lost,
+}
+
+/// Follows the standard framing of the bytes this side writes, keeping only
+/// the head of each frame's first segment: a push can carry megabytes, none
+/// of which matter here.
+struct OutgoingFrames {
+    scan: Scan,
+    /// A size field of the segment table split across writes.
+    field: [u8; 4],
+    field_len: usize,
+    segments: u32,
+    first_segment_words: u32,
+    frame_body_bytes: u64,
+    head: [Word; HEAD_WORDS],
+}
+
+impl OutgoingFrames {
+    fn new() -> Self {
+        OutgoingFrames {
+            scan: Scan::Count,
+            field: [0; 4],
+            field_len: 0,
+            segments: 0,
+            first_segment_words: 0,
+            frame_body_bytes: 0,
+            head: [capnp::word(0, 0, 0, 0, 0, 0, 0, 0); HEAD_WORDS],
+        }
+    }
+
+    /// Follows `bytes`, the next ones written; closes in `state` the question
+    /// of each complete `Return` that needs no `Finish`.
+    fn follow(&mut self, mut bytes: &[u8], state: &GuardState) {
+        while !bytes.is_empty() {
+            match self.scan {
+                Scan::Count | Scan::Sizes(_) => {
+                    let take = (4 - self.field_len).min(bytes.len());
+                    self.field[self.field_len..self.field_len + take].copy_from_slice(&bytes[..take]);
+                    self.field_len += take;
+                    bytes = &bytes[take..];
+                    if self.field_len == 4 {
+                        self.field_len = 0;
+                        self.table_field(u32::from_le_bytes(self.field), state);
+                    }
+                }
+                Scan::Padding(left) => {
+                    let take = left.min(bytes.len());
+                    bytes = &bytes[take..];
+                    if take == left {
+                        self.start_segments(state);
+                    } else {
+                        self.scan = Scan::Padding(left - take);
+                    }
+                }
+                Scan::Segments(seen) => {
+                    let left = self.frame_body_bytes - seen;
+                    let take = usize::try_from(left).map_or(bytes.len(), |left| left.min(bytes.len()));
+                    let head_bytes = self.head_words() * 8;
+                    // The head is the start of the first segment, so of the segments.
+                    if let Some(from) = usize::try_from(seen).ok().filter(|&from| from < head_bytes) {
+                        let to = head_bytes.min(from + take);
+                        Word::words_to_bytes_mut(&mut self.head)[from..to]
+                            .copy_from_slice(&bytes[..to - from]);
+                    }
+                    bytes = &bytes[take..];
+                    let seen = seen + take as u64;
+                    if seen == self.frame_body_bytes {
+                        self.end_frame(state);
+                    } else {
+                        self.scan = Scan::Segments(seen);
+                    }
+                }
+                Scan::Lost => return,
+            }
+        }
+    }
+
+    /// Takes the next 4-byte field of a segment table.
+    fn table_field(&mut self, value: u32, state: &GuardState) {
+        match self.scan {
+            Scan::Count => match value.checked_add(1) {
+                Some(segments) if segments as usize <= MAX_SEGMENTS => {
+                    self.segments = segments;
+                    self.frame_body_bytes = 0;
+                    self.scan = Scan::Sizes(0);
+                }
+                _ => self.scan = Scan::Lost,
+            },
+            Scan::Sizes(read) => {
+                if read == 0 {
+                    self.first_segment_words = value;
+                }
+                self.frame_body_bytes += u64::from(value) * 8;
+                let read = read + 1;
+                if read < self.segments {
+                    self.scan = Scan::Sizes(read);
+                } else if self.segments.is_multiple_of(2) {
+                    // The count and an even number of sizes end mid-word.
+                    self.scan = Scan::Padding(4);
+                } else {
+                    self.start_segments(state);
+                }
+            }
+            Scan::Padding(_) | Scan::Segments(_) | Scan::Lost => {}
+        }
+    }
+
+    fn start_segments(&mut self, state: &GuardState) {
+        if self.frame_body_bytes == 0 {
+            self.end_frame(state);
+        } else {
+            self.scan = Scan::Segments(0);
+        }
+    }
+
+    fn head_words(&self) -> usize {
+        HEAD_WORDS.min(self.first_segment_words as usize)
+    }
+
+    fn end_frame(&mut self, state: &GuardState) {
+        self.scan = Scan::Count;
+        if let Some(question) = self.answer_needing_no_finish() {
+            state.open_questions.borrow_mut().remove(&question);
+        }
+    }
+
+    /// The answer id of the frame just ended, if it is a `Return` with
+    /// `noFinishNeeded`. Reads only the kept head; a frame whose `Return`
+    /// lies beyond it is ignored (its question then waits for a `Finish`).
+    fn answer_needing_no_finish(&self) -> Option<u32> {
+        let segments = [Word::words_to_bytes(&self.head[..self.head_words()])];
+        let reader =
+            capnp::message::Reader::new(capnp::message::SegmentArray::new(&segments), ReaderOptions::new());
+        let root = reader.get_root::<message::Reader<'_>>().ok()?;
+        match root.which() {
+            Ok(message::Return(Ok(answer))) if answer.get_no_finish_needed() => Some(answer.get_answer_id()),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use futures::AsyncReadExt;
+    use futures::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
@@ -487,6 +665,174 @@ mod tests {
         assert!(err.contains("questions open"), "{err}");
         let finished: Vec<u8> = (0..5000).flat_map(|q| [call(q, 0), finish(q)].concat()).collect();
         assert!(read_all(finished).is_ok());
+    }
+
+    /// A `Return` for `question` carrying `payload` bytes of results.
+    fn answer(question: u32, no_finish_needed: bool, payload: usize) -> Vec<u8> {
+        let mut builder = capnp::message::Builder::new_default();
+        let mut answer = builder.init_root::<message::Builder<'_>>().init_return();
+        answer.set_answer_id(question);
+        answer.set_no_finish_needed(no_finish_needed);
+        let mut results = answer.init_results();
+        results
+            .reborrow()
+            .get_content()
+            .set_as::<capnp::data::Owned>(&vec![7u8; payload][..])
+            .unwrap();
+        results.init_cap_table(0);
+        capnp::serialize::write_message_to_words(&builder)
+    }
+
+    /// Takes at most `chunk` bytes per write.
+    struct Trickle {
+        written: Vec<u8>,
+        chunk: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.chunk);
+            self.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A writer for `state` whose inner writer takes `chunk` bytes at a time.
+    fn trickle_writer(state: &Rc<GuardState>, chunk: usize) -> GuardedWriter<Trickle> {
+        let inner = Trickle {
+            written: Vec::new(),
+            chunk,
+        };
+        GuardedWriter::new(inner, state.clone())
+    }
+
+    /// Writes `bytes` in pieces of `piece` bytes, as a `BufWriter` might.
+    fn write_in_pieces<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8], piece: usize) {
+        for part in bytes.chunks(piece) {
+            futures::executor::block_on(writer.write_all(part)).unwrap();
+        }
+    }
+
+    fn open(state: &GuardState, questions: impl IntoIterator<Item = u32>) {
+        for question in questions {
+            open_question(state, question).unwrap();
+        }
+    }
+
+    fn open_ids(state: &GuardState) -> Vec<u32> {
+        let mut open: Vec<u32> = state.open_questions.borrow().iter().copied().collect();
+        open.sort_unstable();
+        open
+    }
+
+    #[test]
+    fn returns_needing_no_finish_close_their_questions_however_the_bytes_are_split() {
+        let frames: Vec<u8> = (0..20).flat_map(|q| answer(q, true, 3 * q as usize)).collect();
+        for (piece, chunk) in [
+            (1, 1),
+            (3, 5),
+            (7, 2),
+            (13, 1000),
+            (frames.len(), 11),
+            (frames.len(), usize::MAX),
+        ] {
+            let state = GuardState::new();
+            open(&state, 0..25);
+            let mut writer = trickle_writer(&state, chunk);
+            write_in_pieces(&mut writer, &frames, piece);
+            assert_eq!(writer.inner.written, frames, "passed on unchanged");
+            assert_eq!(
+                open_ids(&state),
+                (20..25).collect::<Vec<_>>(),
+                "pieces of {piece}, chunks of {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn returns_that_need_a_finish_leave_their_questions_open() {
+        let state = GuardState::new();
+        open(&state, [1, 2, 3]);
+        let mut writer = trickle_writer(&state, 5);
+        let frames = [answer(1, false, 10), answer(2, true, 10), finish(3), call(3, 0)].concat();
+        write_in_pieces(&mut writer, &frames, 9);
+        assert_eq!(open_ids(&state), [1, 3]);
+    }
+
+    #[test]
+    fn only_bytes_the_inner_writer_took_are_followed() {
+        let state = GuardState::new();
+        open(&state, [4]);
+        let frame = answer(4, true, 0);
+        let mut writer = trickle_writer(&state, frame.len() - 1);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let poll = Pin::new(&mut writer).poll_write(&mut cx, &frame);
+        assert!(matches!(poll, Poll::Ready(Ok(n)) if n == frame.len() - 1));
+        assert_eq!(open_ids(&state), [4], "the frame is not complete yet");
+        let poll = Pin::new(&mut writer).poll_write(&mut cx, &frame[frame.len() - 1..]);
+        assert!(matches!(poll, Poll::Ready(Ok(1))));
+        assert!(open_ids(&state).is_empty());
+    }
+
+    #[test]
+    fn a_large_multi_segment_return_is_recognised_from_its_head() {
+        let state = GuardState::new();
+        open(&state, [9]);
+        // Larger than the first segment, so the payload goes to a second one.
+        let frame = answer(9, true, 1 << 20);
+        assert!(
+            u32::from_le_bytes(frame[..4].try_into().unwrap()) > 0,
+            "several segments"
+        );
+        let mut writer = trickle_writer(&state, 8192);
+        write_in_pieces(&mut writer, &frame, 8192);
+        assert!(open_ids(&state).is_empty());
+    }
+
+    #[test]
+    fn nonsense_output_is_passed_on_and_ignored() {
+        let state = GuardState::new();
+        open(&state, [0, 1]);
+        let mut writer = trickle_writer(&state, 100);
+        // A return whose head holds no valid message, then a frame claiming
+        // 600 segments: framing is lost, never an error.
+        let mut junk = 0u32.to_le_bytes().to_vec();
+        junk.extend(2u32.to_le_bytes());
+        junk.extend([0xff; 16]);
+        junk.extend(599u32.to_le_bytes());
+        junk.extend([0; 4]);
+        let frames = [junk.clone(), answer(1, true, 0)].concat();
+        write_in_pieces(&mut writer, &frames, 7);
+        assert_eq!(writer.inner.written, frames);
+        assert_eq!(open_ids(&state), [0, 1]);
+    }
+
+    #[test]
+    fn a_peer_that_never_reuses_question_ids_stays_within_the_limit() {
+        let calls: Vec<u8> = (0..5000).flat_map(|q| call(q, 0)).collect();
+        let state = GuardState::new();
+        let options = crate::rpc::reader_options(1024 * 1024);
+        let mut reader = GuardedReader::new(futures::io::Cursor::new(calls), options, state.clone(), true);
+        let mut writer = trickle_writer(&state, 13);
+        // The bootstrap's answer carries a capability, so it stays open.
+        open(&state, [u32::MAX]);
+        futures::executor::block_on(async {
+            for question in 0..5000 {
+                let mut frame = vec![0; call(question, 0).len()];
+                reader.read_exact(&mut frame).await.unwrap();
+                writer.write_all(&answer(question, true, 40)).await.unwrap();
+            }
+        });
+        assert_eq!(open_ids(&state), [u32::MAX]);
     }
 
     #[test]
