@@ -6,6 +6,28 @@
 # MLS KeyPackage's HPKE init key must not be used for two Welcomes.
 @0xab01bd30b7b897fa;
 
+using Delivery = import "delivery.capnp";
+
+# What `fetchKeyPackage` found. See delivery.capnp for how outcomes and
+# exceptions differ.
+struct FetchedKeyPackage {
+  union {
+    # A KeyPackage of the identity: the oldest unexpired ordinary one, which
+    # the node deleted in the same transaction (so concurrent callers never
+    # receive the same one); when none is left, the newest unexpired
+    # last-resort one, which is kept.
+    package @0 :Data;
+
+    # The identity has no unexpired KeyPackage (or is unknown): ask its
+    # owner to upload more.
+    none @1 :Void;
+
+    # Over the caller's fetch rate (per identity, or per address when
+    # anonymous): wait, then ask again.
+    rateLimited @2 :Delivery.RateLimited;
+  }
+}
+
 interface AuthService {
   # Stores one KeyPackage for `identityKey`.
   #
@@ -17,7 +39,8 @@ interface AuthService {
   #              MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, lifetime, and a
   #              basic credential equal to the leaf signature key, which must
   #              be `identityKey`. A KeyPackage with the `last_resort`
-  #              extension is served only when no other is left, and is kept.
+  #              extension (type 0x000A, from the MLS extensions draft) is
+  #              served only when no other is left, and is kept.
   # fingerprint: SHA-256 of `package` exactly as received, so the uploader can
   #              check that the node stored the bytes it sent.
   #
@@ -28,15 +51,11 @@ interface AuthService {
   # Takes one KeyPackage of `identityKey` out of the directory.
   #
   # identityKey: the owner's raw Ed25519 public key; exactly 32 bytes.
-  # package:     the oldest unexpired KeyPackage, which the node deletes in
-  #              the same transaction, so concurrent callers never receive the
-  #              same one; when none is left, the newest unexpired last-resort
-  #              KeyPackage, which is kept. Empty (zero bytes) when there is
-  #              neither, or the identity is unknown.
+  # outcome:     the KeyPackage, `none`, or `rateLimited`.
   #
   # Anyone may call this, also anonymously: it is how strangers invite each
   # other.
-  fetchKeyPackage @1 (identityKey :Data) -> (package :Data);
+  fetchKeyPackage @1 (identityKey :Data) -> (outcome :FetchedKeyPackage);
 
   # Stores several KeyPackages of `identityKey` at once, all or none; each
   # is checked as in uploadKeyPackage. `fingerprints[i]` is the SHA-256 of

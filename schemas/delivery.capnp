@@ -3,6 +3,27 @@
 # Each recipient, named by its 32-byte Ed25519 identity key, has one FIFO queue.
 # Payloads are opaque to the node: it never sees plaintext, only MLS-protected
 # bytes (Welcome, Commit, PrivateMessage, ...).
+#
+# Outcomes and exceptions (protocol version 2, for every method of NodeService)
+# ------------------------------------------------------------------------------
+# An outcome that a correct client must expect and act on comes back in the
+# call's results, as a typed value: a Commit that lost the race for its epoch
+# (with the group's current epoch), a rate limit (with how long to wait), full
+# queues (naming them), no KeyPackage left. Such an outcome never means partial
+# success: `accepted` means everything the call carried is durably committed,
+# any other outcome means nothing of it was stored.
+#
+# An exception means the call itself was wrong, or the node could not carry it
+# out; nothing of it was stored. Its text is for humans only (it names the
+# field or limit and what to do) and may change in any release: never decide
+# anything by it. Decide by the exception's type instead:
+# - failed:       the call was wrong (a field breaking this schema's rules,
+#                 permission denied, an oversize payload) or the node's
+#                 storage failed. Repeating the same call does not help.
+# - overloaded:   try again later: the node is shutting down, this session has
+#                 too many calls unanswered, or pings come too fast.
+# - disconnected: the session broke; whether the call took effect is unknown
+#                 (calls with a messageId may be repeated safely).
 @0x87550e27a85ea8ce;
 
 # One payload and the recipients it is queued for.
@@ -30,6 +51,66 @@ struct QueuedMessage {
   payload @1 :Data;
 }
 
+# The caller sent more than its rate limit allows; nothing was stored.
+struct RateLimited {
+  # Milliseconds to wait before the same call can pass; at least 1.
+  retryAfterMs @0 :UInt32;
+}
+
+# Queues without room for what the call would add; nothing was stored.
+struct QueueFull {
+  # The recipients whose queues are full (each 32 bytes, each named once,
+  # in the order the call first named them). A queue is full when its
+  # waiting messages plus the ones this call adds to it would exceed
+  # `maxDepth`; it has room again once its owner acks.
+  recipientKeys @0 :List(Data);
+
+  # The node's limit of messages waiting in one queue.
+  maxDepth @1 :UInt32;
+}
+
+# What became of `enqueue` or `enqueueBatch`.
+struct SendOutcome {
+  union {
+    # Every message is durably committed to the node's database.
+    accepted @0 :Void;
+
+    # Over the sender's rate limit (messages queued per second, each
+    # recipient counting once): wait, then send again.
+    rateLimited @1 :RateLimited;
+
+    # Some recipient's queue is full: wait for it to drain, or give up on
+    # those recipients.
+    queueFull @2 :QueueFull;
+  }
+}
+
+# Another Commit was accepted for the epoch this one was made in.
+struct CommitConflict {
+  # The epoch the group is in now, on the node. Process your queue until
+  # your group reaches it, then make the change again.
+  currentEpoch @0 :UInt64;
+}
+
+# What became of `publishCommit`.
+struct CommitOutcome {
+  union {
+    # The Commit (and Welcome) is durably committed; the group moved on to
+    # the next epoch. Merge your pending Commit.
+    accepted @0 :Void;
+
+    # Another member's Commit won this epoch: discard your pending Commit.
+    conflict @1 :CommitConflict;
+
+    # Over the sender's rate limit; the change was not published. Wait and
+    # publish the same Commit again.
+    rateLimited @2 :RateLimited;
+
+    # A recipient's queue is full; the change was not published.
+    queueFull @3 :QueueFull;
+  }
+}
+
 # A client's callback for pushed messages (see DeliveryService.subscribe).
 interface MessageReceiver {
   # New messages of the subscribed queue, oldest first. The node makes one
@@ -52,10 +133,12 @@ interface DeliveryService {
   #               limit (see ping).
   # messageId:    optional (empty: none), at most 64 bytes: a retry with an id
   #               this sender already used is accepted and stores nothing new.
+  # outcome:      `accepted` only after the message is durably committed to
+  #               the node's database; `rateLimited` or `queueFull` otherwise.
   #
-  # Answers only after the message is durably committed to the node's
-  # database. Errors: a key that is not 32 bytes, an empty or oversize payload.
-  enqueue @0 (recipientKey :Data, payload :Data, messageId :Data) -> ();
+  # Exceptions (failed): a key that is not 32 bytes, an empty or oversize
+  # payload, an anonymous connection.
+  enqueue @0 (recipientKey :Data, payload :Data, messageId :Data) -> (outcome :SendOutcome);
 
   # Drains the queue of `recipientKey` (kept for simple clients; prefer
   # fetchSince + ack, which lose nothing if the client dies mid-way). Only
@@ -74,7 +157,10 @@ interface DeliveryService {
   # Welcome to the new ones) or a group message as one unit.
   #
   # envelopes: at least one; every key and payload checked as in `enqueue`.
-  enqueueBatch @2 (envelopes :List(Envelope)) -> ();
+  # outcome:   as in `enqueue`, for the whole batch: `accepted` means every
+  #            envelope is committed; otherwise none is. `rateLimited`
+  #            counts one message per recipient of every envelope.
+  enqueueBatch @2 (envelopes :List(Envelope)) -> (outcome :SendOutcome);
 
   # Reads, without removing, the messages of `recipientKey` with a sequence
   # number above `afterSeq`, oldest first: at most `limit` (0: no limit of
@@ -87,16 +173,27 @@ interface DeliveryService {
   ack @4 (recipientKey :Data, upToSeq :UInt64) -> ();
 
   # Publishes a group change, accepting exactly one Commit per group and
-  # epoch: the first. `commit` carries a Commit (an MLS message whose
-  # unencrypted framing must name `groupId` and `epoch`) for its recipients;
-  # `welcome`, if it has recipients, carries the Welcome for new members and
-  # is delivered only together with the Commit. Both are committed in one
-  # transaction. If a Commit for this group was already accepted for `epoch`
-  # (or a later epoch), nothing is stored and the call fails with
-  # "commit conflict: …" naming the group's current epoch: process your
-  # queue, then redo the change. The node keeps only the group id and its
-  # current epoch for this. Needs an authenticated connection.
-  publishCommit @5 (groupId :Data, epoch :UInt64, commit :Envelope, welcome :Envelope) -> ();
+  # epoch: the first. Needs an authenticated connection.
+  #
+  # groupId: the MLS group id, 1 to 256 bytes.
+  # epoch:   the epoch the Commit was made in.
+  # commit:  the Commit (an MLS message whose unencrypted framing must name
+  #          `groupId` and `epoch`) and its recipients (may be none).
+  # welcome: optional (no recipients: none): the Welcome for new members,
+  #          delivered only together with the Commit.
+  # outcome: `accepted`: the Commit and the Welcome are durably committed in
+  #          one transaction and the group is at `epoch + 1`. `conflict`:
+  #          another Commit was already accepted for `epoch` (or the group is
+  #          at another epoch); it carries the group's current epoch: process
+  #          your queue, then redo the change. `rateLimited`, `queueFull`: as
+  #          in `enqueueBatch`. Anything but `accepted` stored nothing.
+  #
+  # The first Commit the node sees for a group fixes its epoch. A retry of an
+  # accepted publication (same sender and commit messageId) is `accepted`
+  # again without storing anything. The node keeps only the group id and
+  # its current epoch for this.
+  publishCommit @5 (groupId :Data, epoch :UInt64, commit :Envelope, welcome :Envelope)
+      -> (outcome :CommitOutcome);
 
   # Pushes the messages of `recipientKey` after `afterSeq` to `receiver`
   # as soon as they are committed, in order, until the returned subscription

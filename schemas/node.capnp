@@ -14,7 +14,8 @@ struct NodeInfo {
   # The node software's version, e.g. "0.1.0".
   version @0 :Text;
 
-  # The wire protocol version; bumped on incompatible changes. Currently 1.
+  # The wire protocol version; bumped on incompatible changes. Currently 2
+  # (typed outcomes in results; see delivery.capnp).
   protocolVersion @1 :UInt16;
 
   # The largest KeyPackage or message payload, in bytes, the node accepts.
@@ -27,6 +28,8 @@ struct NodeInfo {
 }
 
 interface NodeService extends(Auth.AuthService, Delivery.DeliveryService) {
-  # Liveness check that also tells the client what it is talking to.
+  # Liveness check that also tells the client what it is talking to. Anyone
+  # may call it. More than the node's ping rate (per identity, or per
+  # address when anonymous) is misuse and raises an `overloaded` exception.
   ping @0 () -> (info :NodeInfo);
 }

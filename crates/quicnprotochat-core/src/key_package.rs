@@ -31,9 +31,10 @@ pub fn generate_key_package<P: OpenMlsProvider>(
 /// How to make a KeyPackage.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeyPackageOptions {
-    /// Mark it with the RFC 9420 `last_resort` extension: a delivery service
-    /// hands it out only when no other KeyPackage is left, and keeps it, so
-    /// the owner stays reachable (at the cost of init-key reuse).
+    /// Mark it with the `last_resort` extension (type 0x000A, from the MLS
+    /// extensions draft): a delivery service hands it out only when no other
+    /// KeyPackage is left, and keeps it, so the owner stays reachable (at the
+    /// cost of init-key reuse).
     pub last_resort: bool,
     /// Valid for this many seconds from now (default: openmls' 12 weeks).
     pub lifetime_seconds: Option<u64>,

@@ -9,6 +9,7 @@
 //!
 //! Layout:
 //! - [`identity`] — [`IdentityKey`] (a user is an Ed25519 public key) and its signing [`IdentityKeypair`].
+//! - [`ids`] — [`Seq`], [`GroupId`] and [`QueuedMessage`]: identifiers the node and clients share.
 //! - [`key_package`] — generating KeyPackages and validating uploaded ones.
 //! - [`group`] — [`GroupMember`] (create, join, add, send, receive) and [`classify`] for routing.
 //! - [`error`] — [`CoreError`].
@@ -16,6 +17,7 @@
 pub mod error;
 pub mod group;
 pub mod identity;
+pub mod ids;
 pub mod key_package;
 
 use openmls_traits::types::Ciphersuite;
@@ -23,6 +25,7 @@ use openmls_traits::types::Ciphersuite;
 pub use error::CoreError;
 pub use group::{AddedMembers, GroupMember, Incoming, MessageKind, Received, classify};
 pub use identity::{IdentityKey, IdentityKeypair};
+pub use ids::{GroupId, QueuedMessage, Seq};
 pub use key_package::{
     KeyPackageInfo, KeyPackageOptions, fingerprint, generate_key_package, generate_key_package_with,
     inspect_key_package, key_package_identity,

@@ -18,9 +18,12 @@
 //! - [`guard`] — checks every incoming RPC frame before capnp-rpc reads it
 //!   (capability tables, open questions, size) and applies backpressure.
 //! - [`wire`] — conversions from Cap'n Proto fields to core domain types.
+//! - [`outcome`] — the typed outcomes of calls (accepted, rate limited, queue
+//!   full, commit conflict, no KeyPackage), written by the node, read by clients.
 
 pub mod cert;
 pub mod guard;
+pub mod outcome;
 pub mod peer;
 pub mod rpc;
 pub mod transport;
@@ -48,7 +51,7 @@ pub mod generated {
 pub use generated::{auth_capnp, delivery_capnp, node_capnp};
 
 /// The wire protocol version a node reports in `ping`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default largest payload (KeyPackage or message) a node accepts: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;

@@ -2,7 +2,9 @@
 //! validate"): the service and the client work with [`IdentityKey`], never
 //! with unchecked bytes.
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
+
+use crate::delivery_capnp;
 
 /// A field a peer sent that does not hold what the schema requires.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +193,7 @@ pub fn envelope(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitPublication {
     /// The group.
-    pub group_id: Vec<u8>,
+    pub group_id: GroupId,
     /// The epoch the Commit was made in.
     pub epoch: u64,
     /// The Commit and its recipients.
@@ -199,9 +201,6 @@ pub struct CommitPublication {
     /// The Welcome and the new members, if any.
     pub welcome: Option<Envelope>,
 }
-
-/// Longest group id accepted.
-pub const MAX_GROUP_ID: usize = 256;
 
 /// Parses `publishCommit`'s parameters and checks that the Commit's own
 /// framing names the same group and epoch and is a Commit.
@@ -216,9 +215,12 @@ pub fn commit_publication(
     let group_id = params
         .get_group_id()
         .map_err(|e| invalid("groupId", e.to_string()))?;
-    if group_id.is_empty() || group_id.len() > MAX_GROUP_ID {
-        return Err(invalid("groupId", format!("must be 1 to {MAX_GROUP_ID} bytes")));
-    }
+    let group_id = GroupId::new(group_id.to_vec()).ok_or_else(|| {
+        invalid(
+            "groupId",
+            format!("must be 1 to {} bytes, got {}", GroupId::MAX_LEN, group_id.len()),
+        )
+    })?;
     let epoch = params.get_epoch();
     if epoch >= i64::MAX as u64 {
         return Err(invalid("epoch", "is beyond any epoch a group can reach".into()));
@@ -238,7 +240,7 @@ pub fn commit_publication(
             group_id: framed_group,
             epoch: framed_epoch,
             kind: quicnprotochat_core::MessageKind::Commit,
-        }) if framed_group == group_id && framed_epoch == epoch => {}
+        }) if framed_group == group_id.as_bytes() && framed_epoch == epoch => {}
         Ok(other) => {
             return Err(invalid(
                 "commit.payload",
@@ -264,11 +266,37 @@ pub fn commit_publication(
         None
     };
     Ok(CommitPublication {
-        group_id: group_id.to_vec(),
+        group_id,
         epoch,
         commit,
         welcome,
     })
+}
+
+/// Fills a `List(QueuedMessage)` from `messages`, in order.
+pub fn fill_messages(
+    mut list: capnp::struct_list::Builder<'_, delivery_capnp::queued_message::Owned>,
+    messages: &[QueuedMessage],
+) {
+    for (index, message) in messages.iter().enumerate() {
+        let mut entry = list.reborrow().get(index as u32);
+        entry.set_seq(message.seq.get());
+        entry.set_payload(&message.payload);
+    }
+}
+
+/// Reads a `List(QueuedMessage)`.
+pub fn read_messages(
+    list: capnp::struct_list::Reader<'_, delivery_capnp::queued_message::Owned>,
+) -> capnp::Result<Vec<QueuedMessage>> {
+    list.iter()
+        .map(|message| {
+            Ok(QueuedMessage {
+                seq: Seq::new(message.get_seq()),
+                payload: message.get_payload()?.to_vec(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -34,8 +34,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use quicnprotochat_core::IdentityKey;
-use quicnprotochat_server::store::{Durability, Envelope, FETCH_MAX_MESSAGES, Store, StoreLimits};
+use quicnprotochat_core::{IdentityKey, Seq};
+use quicnprotochat_server::store::{Durability, Envelope, FETCH_MAX_MESSAGES, Limits, Store};
 use rusqlite::{Connection, OpenFlags};
 
 /// Messages per measured queue.
@@ -116,7 +116,7 @@ fn parse_args() -> Args {
 async fn run(args: &Args, path: &Path) {
     let mut memory = vec![("start", memory_status())];
     // Deep enough for every filled queue plus the measured ones.
-    let limits = StoreLimits {
+    let limits = Limits {
         max_queue_depth: args.messages / args.recipients + 10 * QUEUE,
     };
     let (store, closer) = Store::open_with(path, limits, Durability::Full).unwrap();
@@ -254,11 +254,11 @@ async fn measure(
             })
             .collect();
         let timer = Instant::now();
-        store.enqueue_batch(sender, envelopes).await.unwrap();
+        store.enqueue_batch(sender, envelopes).await.unwrap().unwrap();
         let enqueue = timer.elapsed();
         if let Some(other) = shared {
-            let messages = store.messages_after(other, 0, 0).await.unwrap();
-            store.ack(other, messages.last().unwrap().0).await.unwrap();
+            let messages = store.messages_after(other, Seq::ZERO, 0).await.unwrap();
+            store.ack(other, messages.last().unwrap().seq).await.unwrap();
         }
         let (fetch, ack) = fetch_and_ack(store, target, QUEUE).await;
         // Warm-up rounds are thrown away, unless rounds are too slow to spare.
@@ -294,10 +294,10 @@ async fn measure_filled(store: &Store, args: &Args, count: usize) -> Samples {
 /// message it returned; checks that `expected` messages came.
 async fn fetch_and_ack(store: &Store, recipient: IdentityKey, expected: usize) -> (Duration, Duration) {
     let timer = Instant::now();
-    let messages = store.messages_after(recipient, 0, 0).await.unwrap();
+    let messages = store.messages_after(recipient, Seq::ZERO, 0).await.unwrap();
     let fetch = timer.elapsed();
     assert_eq!(messages.len(), expected);
-    let last = messages.last().expect("the queue is not empty").0;
+    let last = messages.last().expect("the queue is not empty").seq;
     let timer = Instant::now();
     let acked = store.ack(recipient, last).await.unwrap();
     let ack = timer.elapsed();
@@ -326,7 +326,7 @@ async fn fill(store: &Store, sender: IdentityKey, args: &Args) {
     });
     let mut calls = futures::stream::iter(calls).buffer_unordered(FILL_IN_FLIGHT);
     while let Some(result) = calls.next().await {
-        result.unwrap();
+        result.unwrap().expect("the store has no depth limit here");
     }
 }
 

@@ -1,13 +1,39 @@
 //! The node's configuration. `main.rs` fills it from flags and environment
 //! variables; tests build it directly.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, DEFAULT_PORT};
+use quicnprotochat_proto::DEFAULT_PORT;
 
+pub use crate::delivery::DEFAULT_MAX_QUEUE_DEPTH;
 pub use crate::store::Durability;
+pub use quicnprotochat_proto::DEFAULT_MAX_PAYLOAD;
+
+// The defaults, each stated once: `Config::default` and the flags of
+// `quicnprotochat-server` both read these.
+
+/// Where the node listens: every IPv4 address, port 4201.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT);
+/// The node's certificate file.
+pub const DEFAULT_TLS_CERT: &str = "data/server-cert.der";
+/// The node's private key file.
+pub const DEFAULT_TLS_KEY: &str = "data/server-key.der";
+/// The node's database.
+pub const DEFAULT_DB: &str = "data/node.db";
+/// Messages one identity may queue per second.
+pub const DEFAULT_ENQUEUE_RATE: u32 = 1_000;
+/// KeyPackage fetches per second per caller.
+pub const DEFAULT_KEY_PACKAGE_FETCH_RATE: u32 = 20;
+/// Pings per second per caller.
+pub const DEFAULT_PING_RATE: u32 = 100;
+/// Connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Seconds of silence before a connection is closed.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
+/// Days an undelivered message is kept.
+pub const DEFAULT_RETENTION_DAYS: u64 = 30;
 
 /// Largest payload limit a node can be configured with. Fetch answers carry
 /// whole payloads, and clients refuse RPC messages above 64 MiB.
@@ -57,23 +83,28 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
-            tls_cert: PathBuf::from("data/server-cert.der"),
-            tls_key: PathBuf::from("data/server-key.der"),
+            listen: DEFAULT_LISTEN,
+            tls_cert: PathBuf::from(DEFAULT_TLS_CERT),
+            tls_key: PathBuf::from(DEFAULT_TLS_KEY),
             tls_names: Vec::new(),
-            db: PathBuf::from("data/node.db"),
+            db: PathBuf::from(DEFAULT_DB),
             max_payload: DEFAULT_MAX_PAYLOAD,
             rpc_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            max_queue_depth: 10_000,
-            enqueue_rate: 1_000,
-            key_package_fetch_rate: 20,
-            ping_rate: 100,
-            max_connections: 10_000,
-            idle_timeout: Duration::from_secs(30),
-            retention: Duration::from_secs(30 * 24 * 60 * 60),
+            max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
+            enqueue_rate: DEFAULT_ENQUEUE_RATE,
+            key_package_fetch_rate: DEFAULT_KEY_PACKAGE_FETCH_RATE,
+            ping_rate: DEFAULT_PING_RATE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
+            retention: retention_days(DEFAULT_RETENTION_DAYS),
             durability: Durability::Full,
         }
     }
+}
+
+/// `days` as a duration (saturating).
+pub fn retention_days(days: u64) -> Duration {
+    Duration::from_secs(days.saturating_mul(24 * 60 * 60))
 }
 
 impl Config {

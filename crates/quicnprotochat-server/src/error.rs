@@ -59,7 +59,8 @@ pub enum ServiceError {
     /// The connection's identity may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-    /// The caller sent too much too fast.
+    /// The caller pings faster than the ping rate (calls that carry work
+    /// answer a rate limit as a typed outcome instead).
     #[error("rate limited, retry after {} ms", .0.as_millis().max(1))]
     RateLimited(std::time::Duration),
     /// The session has too many calls unanswered.
@@ -79,10 +80,6 @@ impl From<ServiceError> for capnp::Error {
                 capnp::Error::overloaded(error.to_string())
             }
             ServiceError::Store(StoreError::Closed) => capnp::Error::overloaded(error.to_string()),
-            // Not failures of the store: the caller must catch up, or wait.
-            ServiceError::Store(
-                refusal @ (StoreError::CommitConflict { .. } | StoreError::QueueFull { .. }),
-            ) => capnp::Error::failed(refusal.to_string()),
             ServiceError::RateLimited(_) => capnp::Error::overloaded(error.to_string()),
             _ => capnp::Error::failed(error.to_string()),
         }

@@ -16,12 +16,17 @@
 //! - [`config`] — everything the node can be told, with defaults.
 //! - [`listener`] — the QUIC endpoint: accept loop, RPC worker threads,
 //!   graceful shutdown.
-//! - [`service`] — the `NodeService` RPC adapter: parse, one store call, reply.
+//! - [`service`] — the `NodeService` RPC adapter: parse, one store call, reply
+//!   (typed outcomes or an exception).
+//! - [`delivery`] — the delivery rules in plain Rust over a storage trait,
+//!   and the push and long-poll loops.
 //! - [`limits`] — per-caller rate limits (token buckets).
-//! - [`store`] — all SQL: migrations and a group-committing writer thread.
+//! - [`store`] — SQLite: migrations, the rows the rules read and write, a
+//!   group-committing writer thread, a reader thread.
 //! - [`error`] — the node's error types and their conversion to RPC errors.
 
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod limits;
 pub mod listener;

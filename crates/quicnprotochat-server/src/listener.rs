@@ -12,20 +12,20 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use capnp::message::ReaderOptions;
 use quicnprotochat_proto::{cert, peer, rpc, transport};
 use tokio::sync::mpsc;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, MAX_PAYLOAD_CEILING};
 use crate::error::ServerError;
 use crate::limits::RateLimits;
 use crate::service::{NodeServiceImpl, Shared};
-use crate::store::{Store, StoreCloser, StoreLimits};
+use crate::store::{Limits, Store, StoreCloser};
 
 /// How long shutdown waits for calls in flight before closing connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,7 +84,7 @@ impl Node {
             );
         }
         let server_config = transport::server_config(identity.cert, identity.key, config.idle_timeout)?;
-        let limits = StoreLimits {
+        let limits = Limits {
             max_queue_depth: config.max_queue_depth,
         };
         let (store, store_closer) =
@@ -144,14 +144,14 @@ impl Node {
             tokio::select! {
                 () = &mut shutdown => break,
                 incoming = self.endpoint.accept() => match incoming {
-                    Some(incoming) if self.shared.connections.load(Ordering::SeqCst) >= self.max_connections => {
+                    Some(incoming) if self.shared.connections.len() >= self.max_connections => {
                         debug!(remote = %incoming.remote_address(), "refused: {} connections open", self.max_connections);
                         incoming.refuse();
                     }
                     Some(incoming) => {
                         // Counted from here, so handshakes in progress count too.
-                        self.shared.connections.fetch_add(1, Ordering::SeqCst);
-                        workers[next % workers.len()].hand_over(incoming);
+                        let open = self.shared.connections.token();
+                        workers[next % workers.len()].hand_over(incoming, open);
                         next = next.wrapping_add(1);
                     }
                     None => break,
@@ -162,25 +162,22 @@ impl Node {
         info!("shutting down: no new connections; finishing calls in flight");
         let _ = stop_retention.send(());
         let _ = retention.await;
-        self.shared.draining.store(true, Ordering::SeqCst);
+        // New calls are refused from here on; wait for the last one in flight.
+        self.shared.calls.close();
         // Ends push subscriptions and long polls now instead of at the drain
         // timeout.
         self.shared.store.notifier().close();
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        while self.shared.in_flight.load(Ordering::SeqCst) > 0 {
-            if Instant::now() >= deadline {
-                warn!(
-                    calls = self.shared.in_flight.load(Ordering::SeqCst),
-                    "calls still in flight after {DRAIN_TIMEOUT:?}; closing anyway"
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.shared.calls.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                calls = self.shared.calls.len(),
+                "calls still in flight after {DRAIN_TIMEOUT:?}; closing anyway"
+            );
         }
-        let grace_end = Instant::now() + HANG_UP_GRACE;
-        while self.shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < grace_end {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.shared.connections.close();
+        let _ = tokio::time::timeout(HANG_UP_GRACE, self.shared.connections.wait()).await;
         self.endpoint.close(0u32.into(), b"node shutting down");
         for worker in workers {
             worker.join().await;
@@ -202,13 +199,13 @@ impl Node {
 /// One RPC thread: a single-threaded runtime and `LocalSet` serving the
 /// connections handed to it.
 struct Worker {
-    connections: mpsc::UnboundedSender<quinn::Incoming>,
+    connections: mpsc::UnboundedSender<(quinn::Incoming, TaskTrackerToken)>,
     thread: JoinHandle<()>,
 }
 
 impl Worker {
     fn spawn(index: usize, shared: Arc<Shared>, options: ReaderOptions) -> Result<Worker, ServerError> {
-        let (connections, mut receiver) = mpsc::unbounded_channel::<quinn::Incoming>();
+        let (connections, mut receiver) = mpsc::unbounded_channel::<(quinn::Incoming, TaskTrackerToken)>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -218,8 +215,8 @@ impl Worker {
             .spawn(move || {
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&runtime, async {
-                    while let Some(incoming) = receiver.recv().await {
-                        tokio::task::spawn_local(serve_connection(incoming, shared.clone(), options));
+                    while let Some((incoming, open)) = receiver.recv().await {
+                        tokio::task::spawn_local(serve_connection(incoming, open, shared.clone(), options));
                     }
                 });
                 // The endpoint is closed by now, so every session ends soon;
@@ -233,10 +230,10 @@ impl Worker {
         Ok(Worker { connections, thread })
     }
 
-    fn hand_over(&self, incoming: quinn::Incoming) {
+    fn hand_over(&self, incoming: quinn::Incoming, open: TaskTrackerToken) {
         // The receiver lives as long as the thread, which only ends after
         // this sender is dropped in `join`.
-        if self.connections.send(incoming).is_err() {
+        if self.connections.send((incoming, open)).is_err() {
             warn!("RPC worker stopped unexpectedly; connection dropped");
         }
     }
@@ -254,10 +251,14 @@ impl Worker {
 }
 
 /// Completes the handshake, then runs one RPC session per stream the client
-/// opens until the connection closes.
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>, options: ReaderOptions) {
-    // The accept loop counted this connection; uncount it however it ends.
-    let _open = ConnectionGuard(shared.clone());
+/// opens until the connection closes. `_open` counts the connection as open
+/// until this returns, however it ends.
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    _open: TaskTrackerToken,
+    shared: Arc<Shared>,
+    options: ReaderOptions,
+) {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(connection) => connection,
@@ -318,14 +319,5 @@ async fn retention_task(
         }
         shared.rate_limits.shrink();
         shared.store.notifier().forget_unwatched();
-    }
-}
-
-/// Counts a connection as open until dropped.
-struct ConnectionGuard(Arc<Shared>);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use quicnprotochat_proto::DEFAULT_MAX_PAYLOAD;
 use quicnprotochat_server::Config;
-use quicnprotochat_server::config::Durability;
+use quicnprotochat_server::config::{self, Durability};
 use tracing_subscriber::EnvFilter;
 
 /// The quicnprotochat node: KeyPackage directory and message queues for MLS
@@ -19,51 +18,51 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about)]
 struct Args {
     /// UDP address to listen on.
-    #[arg(long, env = "QUICNPROTOCHAT_LISTEN", default_value = "0.0.0.0:4201")]
+    #[arg(long, env = "QUICNPROTOCHAT_LISTEN", default_value_t = config::DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// TLS certificate (DER); a self-signed one is generated here when missing.
-    #[arg(long, env = "QUICNPROTOCHAT_TLS_CERT", default_value = "data/server-cert.der")]
+    #[arg(long, env = "QUICNPROTOCHAT_TLS_CERT", default_value = config::DEFAULT_TLS_CERT)]
     tls_cert: PathBuf,
     /// TLS private key (PKCS#8 DER); generated with the certificate when missing.
-    #[arg(long, env = "QUICNPROTOCHAT_TLS_KEY", default_value = "data/server-key.der")]
+    #[arg(long, env = "QUICNPROTOCHAT_TLS_KEY", default_value = config::DEFAULT_TLS_KEY)]
     tls_key: PathBuf,
     /// Extra DNS name or IP address for a generated certificate (repeatable;
     /// localhost, 127.0.0.1 and ::1 are always included).
     #[arg(long = "tls-san", env = "QUICNPROTOCHAT_TLS_SAN", value_delimiter = ',')]
     tls_san: Vec<String>,
     /// SQLite database file.
-    #[arg(long, env = "QUICNPROTOCHAT_DB", default_value = "data/node.db")]
+    #[arg(long, env = "QUICNPROTOCHAT_DB", default_value = config::DEFAULT_DB)]
     db: PathBuf,
     /// Largest KeyPackage or message payload accepted, in bytes.
-    #[arg(long, env = "QUICNPROTOCHAT_MAX_PAYLOAD", default_value_t = DEFAULT_MAX_PAYLOAD)]
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_PAYLOAD", default_value_t = config::DEFAULT_MAX_PAYLOAD)]
     max_payload: usize,
     /// Threads running RPC sessions [default: number of CPUs].
     #[arg(long, env = "QUICNPROTOCHAT_RPC_THREADS")]
     rpc_threads: Option<usize>,
     /// Most messages one recipient's queue may hold; beyond it enqueue answers "queue full".
-    #[arg(long, env = "QUICNPROTOCHAT_MAX_QUEUE_DEPTH", default_value_t = 10_000)]
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_QUEUE_DEPTH", default_value_t = config::DEFAULT_MAX_QUEUE_DEPTH)]
     max_queue_depth: usize,
     /// Messages one identity may queue per second, bursts of twice that (0: unlimited).
-    #[arg(long, env = "QUICNPROTOCHAT_ENQUEUE_RATE", default_value_t = 1_000)]
+    #[arg(long, env = "QUICNPROTOCHAT_ENQUEUE_RATE", default_value_t = config::DEFAULT_ENQUEUE_RATE)]
     enqueue_rate: u32,
     /// KeyPackage fetches per second per identity, or per address when anonymous (0: unlimited).
-    #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_FETCH_RATE", default_value_t = 20)]
+    #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_FETCH_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_FETCH_RATE)]
     key_package_fetch_rate: u32,
     /// Pings per second per identity, or per address when anonymous (0: unlimited).
-    #[arg(long, env = "QUICNPROTOCHAT_PING_RATE", default_value_t = 100)]
+    #[arg(long, env = "QUICNPROTOCHAT_PING_RATE", default_value_t = config::DEFAULT_PING_RATE)]
     ping_rate: u32,
     /// Most connections open at once; further ones are refused.
-    #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// Seconds of silence after which a connection is closed.
-    #[arg(long, env = "QUICNPROTOCHAT_IDLE_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "QUICNPROTOCHAT_IDLE_TIMEOUT", default_value_t = config::DEFAULT_IDLE_TIMEOUT_SECS)]
     idle_timeout: u64,
     /// full: fsync every commit (acknowledged messages survive a power cut);
     /// normal: fsync at checkpoints (they survive a node crash, not always a power cut).
     #[arg(long, env = "QUICNPROTOCHAT_DURABILITY", value_enum, default_value_t = DurabilityArg::Full)]
     durability: DurabilityArg,
     /// Days an undelivered message is kept before it is deleted.
-    #[arg(long, env = "QUICNPROTOCHAT_RETENTION_DAYS", default_value_t = 30)]
+    #[arg(long, env = "QUICNPROTOCHAT_RETENTION_DAYS", default_value_t = config::DEFAULT_RETENTION_DAYS)]
     retention_days: u64,
 }
 
@@ -97,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         ping_rate: args.ping_rate,
         max_connections: args.max_connections,
         idle_timeout: Duration::from_secs(args.idle_timeout),
-        retention: Duration::from_secs(args.retention_days.saturating_mul(24 * 60 * 60)),
+        retention: config::retention_days(args.retention_days),
         durability: match args.durability {
             DurabilityArg::Full => Durability::Full,
             DurabilityArg::Normal => Durability::Normal,

@@ -1,23 +1,28 @@
 //! The `NodeService` RPC adapter. Each method parses its parameters into
-//! domain types, makes one store call and fills the results; all storage
-//! logic lives in [`crate::store`].
+//! domain types, makes one store call and fills the results: an expected
+//! outcome (rate limited, queue full, commit conflict, no KeyPackage) as a
+//! typed value, a wrong call or a failure as an exception. The rules live in
+//! [`crate::delivery`], the storage in [`crate::store`].
 
 use std::cell::Cell;
 use std::net::IpAddr;
 use std::rc::Rc as LocalRc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use capnp::capability::Rc;
-use quicnprotochat_core::{IdentityKey, fingerprint};
+use quicnprotochat_core::{IdentityKey, Seq, fingerprint};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, RateLimited, SendOutcome};
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::delivery::{CommitRefusal, push};
 use crate::error::ServiceError;
 use crate::limits::{Caller, RateLimits};
-use crate::store::{QueueWatch, Store};
+use crate::store::Store;
 
 /// State shared by every connection's service object.
 #[derive(Debug)]
@@ -26,13 +31,13 @@ pub struct Shared {
     pub store: Store,
     /// Largest payload accepted, in bytes.
     pub max_payload: usize,
-    /// Calls currently being answered; shutdown waits for this to reach zero.
-    pub in_flight: AtomicUsize,
-    /// Set at shutdown: new calls are refused so in-flight ones can finish.
-    pub draining: AtomicBool,
-    /// Connections currently open; shutdown gives them a moment to hang up
-    /// on their own so answers already sent are not cut off.
-    pub connections: AtomicUsize,
+    /// Calls being answered, one token each. Shutdown closes it (new calls
+    /// are then refused) and waits until the last token is dropped.
+    pub calls: TaskTracker,
+    /// Open connections, one token each from the start of the handshake;
+    /// shutdown gives them a moment to hang up on their own so answers
+    /// already sent are not cut off.
+    pub connections: TaskTracker,
     /// Per-caller rate limits.
     pub rate_limits: RateLimits,
 }
@@ -52,9 +57,8 @@ impl Shared {
             store,
             max_payload,
             rate_limits,
-            in_flight: AtomicUsize::new(0),
-            draining: AtomicBool::new(false),
-            connections: AtomicUsize::new(0),
+            calls: TaskTracker::new(),
+            connections: TaskTracker::new(),
         })
     }
 }
@@ -91,16 +95,14 @@ impl NodeServiceImpl {
         if self.session_calls.get() >= MAX_CALLS_PER_SESSION {
             return Err(ServiceError::TooManyCalls(MAX_CALLS_PER_SESSION));
         }
-        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.session_calls.set(self.session_calls.get() + 1);
-        let guard = CallGuard {
-            shared: self.shared.clone(),
-            session_calls: self.session_calls.clone(),
-        };
-        if self.shared.draining.load(Ordering::SeqCst) {
+        if self.shared.calls.is_closed() {
             return Err(ServiceError::ShuttingDown);
         }
-        Ok(guard)
+        self.session_calls.set(self.session_calls.get() + 1);
+        Ok(CallGuard {
+            _token: self.shared.calls.token(),
+            session_calls: self.session_calls.clone(),
+        })
     }
 }
 
@@ -127,11 +129,11 @@ impl NodeServiceImpl {
     }
 
     /// Charges `messages` queued messages to this caller's send rate.
-    fn limit_sends(&self, messages: usize) -> Result<(), ServiceError> {
+    fn limit_sends(&self, messages: usize) -> Result<(), RateLimited> {
         self.shared
             .rate_limits
             .check_enqueue(self.caller(), messages)
-            .map_err(ServiceError::RateLimited)
+            .map_err(|retry_after| RateLimited { retry_after })
     }
 
     /// Sending needs an authenticated connection.
@@ -145,15 +147,15 @@ impl NodeServiceImpl {
     }
 }
 
-/// Counts a call as in flight until dropped.
+/// Counts a call as in flight, for its session and for shutdown, until
+/// dropped.
 struct CallGuard {
-    shared: Arc<Shared>,
+    _token: TaskTrackerToken,
     session_calls: LocalRc<Cell<usize>>,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.session_calls.set(self.session_calls.get() - 1);
     }
 }
@@ -279,17 +281,20 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         let _call = self.begin()?;
         let identity = wire::identity_key("identityKey", params.get()?.get_identity_key()?)
             .map_err(ServiceError::from)?;
-        self.shared
-            .rate_limits
-            .check_key_package_fetch(self.caller())
-            .map_err(ServiceError::RateLimited)?;
-        let package = self
-            .shared
-            .store
-            .take_key_package(identity)
-            .await
-            .map_err(ServiceError::from)?;
-        results.get().set_package(package.as_deref().unwrap_or_default());
+        let outcome = match self.shared.rate_limits.check_key_package_fetch(self.caller()) {
+            Err(retry_after) => FetchedKeyPackage::RateLimited(RateLimited { retry_after }),
+            Ok(()) => match self
+                .shared
+                .store
+                .take_key_package(identity)
+                .await
+                .map_err(ServiceError::from)?
+            {
+                Some(package) => FetchedKeyPackage::Package(package),
+                None => FetchedKeyPackage::None,
+            },
+        };
+        outcome.write(results.get().init_outcome());
         Ok(())
     }
 }
@@ -298,12 +303,15 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
     async fn enqueue(
         self: Rc<Self>,
         params: delivery_capnp::delivery_service::EnqueueParams,
-        _: delivery_capnp::delivery_service::EnqueueResults,
+        mut results: delivery_capnp::delivery_service::EnqueueResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
         let sender = self.require_authenticated()?;
         // Before copying the payload: a flood over the rate costs no copies.
-        self.limit_sends(1)?;
+        if let Err(limited) = self.limit_sends(1) {
+            SendOutcome::RateLimited(limited).write(results.get().init_outcome());
+            return Ok(());
+        }
         let params = params.get()?;
         let recipient =
             wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
@@ -312,37 +320,44 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             .to_vec();
         let message_id =
             wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
-        self.shared
+        let outcome = self
+            .shared
             .store
             .enqueue(sender, recipient, payload, message_id)
             .await
             .map_err(ServiceError::from)?;
+        send_outcome(outcome).write(results.get().init_outcome());
         Ok(())
     }
 
     async fn enqueue_batch(
         self: Rc<Self>,
         params: delivery_capnp::delivery_service::EnqueueBatchParams,
-        _: delivery_capnp::delivery_service::EnqueueBatchResults,
+        mut results: delivery_capnp::delivery_service::EnqueueBatchResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
         let sender = self.require_authenticated()?;
         let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
             .map_err(ServiceError::from)?;
         let messages = envelopes.iter().map(|envelope| envelope.recipients.len()).sum();
-        self.limit_sends(messages)?;
-        self.shared
+        if let Err(limited) = self.limit_sends(messages) {
+            SendOutcome::RateLimited(limited).write(results.get().init_outcome());
+            return Ok(());
+        }
+        let outcome = self
+            .shared
             .store
             .enqueue_batch(sender, envelopes)
             .await
             .map_err(ServiceError::from)?;
+        send_outcome(outcome).write(results.get().init_outcome());
         Ok(())
     }
 
     async fn publish_commit(
         self: Rc<Self>,
         params: delivery_capnp::delivery_service::PublishCommitParams,
-        _: delivery_capnp::delivery_service::PublishCommitResults,
+        mut results: delivery_capnp::delivery_service::PublishCommitResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
         let sender = self.require_authenticated()?;
@@ -353,12 +368,21 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                 .welcome
                 .as_ref()
                 .map_or(0, |welcome| welcome.recipients.len());
-        self.limit_sends(messages)?;
-        self.shared
-            .store
-            .publish_commit(sender, publication)
-            .await
-            .map_err(ServiceError::from)?;
+        let outcome = match self.limit_sends(messages) {
+            Err(limited) => CommitOutcome::RateLimited(limited),
+            Ok(()) => match self
+                .shared
+                .store
+                .publish_commit(sender, publication)
+                .await
+                .map_err(ServiceError::from)?
+            {
+                Ok(()) => CommitOutcome::Accepted,
+                Err(CommitRefusal::Conflict { current_epoch }) => CommitOutcome::Conflict { current_epoch },
+                Err(CommitRefusal::QueueFull(full)) => CommitOutcome::QueueFull(full),
+            },
+        };
+        outcome.write(results.get().init_outcome());
         Ok(())
     }
 
@@ -379,10 +403,9 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         self.subscriptions.set(self.subscriptions.get() + 1);
         let live = SubscriptionCount(self.subscriptions.clone());
         let (cancel, cancelled) = oneshot::channel();
-        let watch = self.shared.store.notifier().watch(recipient);
-        let (shared, after) = (self.shared.clone(), params.get_after_seq());
+        let (store, after) = (self.shared.store.clone(), Seq::new(params.get_after_seq()));
         tokio::task::spawn_local(async move {
-            push(shared, recipient, after, receiver, watch, cancelled).await;
+            push::push(store, recipient, after, receiver, cancelled).await;
             drop(live);
         });
         results
@@ -401,29 +424,16 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let recipient =
             wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
         self.require_owner("recipientKey", &recipient)?;
-        let after = params.get_after_seq();
-        let limit = params.get_limit() as usize;
-        let wait = Duration::from_millis(u64::from(params.get_timeout_ms().min(MAX_WAIT_MS)));
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut watch = self.shared.store.notifier().watch(recipient);
-        let messages = loop {
-            watch.mark_seen();
-            let messages = self
-                .shared
-                .store
-                .messages_after(recipient, after, limit)
-                .await
-                .map_err(ServiceError::from)?;
-            if !messages.is_empty() {
-                break messages;
-            }
-            match tokio::time::timeout_at(deadline, watch.changed()).await {
-                Ok(true) => continue,
-                // Timed out, or the node is shutting down: answer empty.
-                _ => break messages,
-            }
-        };
-        fill_messages(results.get().init_messages(messages.len() as u32), &messages);
+        let messages = push::wait_for_messages(
+            &self.shared.store,
+            recipient,
+            Seq::new(params.get_after_seq()),
+            params.get_limit() as usize,
+            Duration::from_millis(u64::from(params.get_timeout_ms())),
+        )
+        .await
+        .map_err(ServiceError::from)?;
+        wire::fill_messages(results.get().init_messages(messages.len() as u32), &messages);
         Ok(())
     }
 
@@ -440,10 +450,15 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let messages = self
             .shared
             .store
-            .messages_after(recipient, params.get_after_seq(), params.get_limit() as usize)
+            .messages_after(
+                recipient,
+                Seq::new(params.get_after_seq()),
+                params.get_limit() as usize,
+            )
             .await
             .map_err(ServiceError::from)?;
-        fill_messages(results.get().init_messages(messages.len() as u32), &messages);
+        // At most FETCH_MAX_MESSAGES: fits a list length.
+        wire::fill_messages(results.get().init_messages(messages.len() as u32), &messages);
         Ok(())
     }
 
@@ -459,7 +474,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         self.require_owner("recipientKey", &recipient)?;
         self.shared
             .store
-            .ack(recipient, params.get_up_to_seq())
+            .ack(recipient, Seq::new(params.get_up_to_seq()))
             .await
             .map_err(ServiceError::from)?;
         Ok(())
@@ -480,9 +495,8 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             .drain(recipient)
             .await
             .map_err(ServiceError::from)?;
-        let length =
-            u32::try_from(payloads.len()).map_err(|_| capnp::Error::failed("too many messages".into()))?;
-        let mut list = results.get().init_payloads(length);
+        // At most FETCH_MAX_MESSAGES: fits a list length.
+        let mut list = results.get().init_payloads(payloads.len() as u32);
         for (index, payload) in payloads.iter().enumerate() {
             list.set(index as u32, payload);
         }
@@ -490,20 +504,11 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
     }
 }
 
-/// Longest a long poll waits.
-const MAX_WAIT_MS: u32 = 60_000;
-
-/// Most messages in one push.
-const PUSH_BATCH: usize = 256;
-
-fn fill_messages(
-    mut list: capnp::struct_list::Builder<'_, delivery_capnp::queued_message::Owned>,
-    messages: &[(u64, Vec<u8>)],
-) {
-    for (index, (seq, payload)) in messages.iter().enumerate() {
-        let mut entry = list.reborrow().get(index as u32);
-        entry.set_seq(*seq);
-        entry.set_payload(payload);
+/// The wire outcome of an enqueue the store accepted or refused.
+fn send_outcome(outcome: Result<(), quicnprotochat_proto::outcome::QueueFull>) -> SendOutcome {
+    match outcome {
+        Ok(()) => SendOutcome::Accepted,
+        Err(full) => SendOutcome::QueueFull(full),
     }
 }
 
@@ -525,46 +530,3 @@ struct SubscriptionImpl {
 }
 
 impl delivery_capnp::subscription::Server for SubscriptionImpl {}
-
-/// Pushes the queue of `recipient` after `after` to `receiver`, one
-/// `deliver` call at a time, waking on commits, until cancelled, the
-/// receiver fails or the node shuts down.
-async fn push(
-    shared: Arc<Shared>,
-    recipient: IdentityKey,
-    mut after: u64,
-    receiver: delivery_capnp::message_receiver::Client,
-    mut watch: QueueWatch,
-    mut cancelled: oneshot::Receiver<()>,
-) {
-    loop {
-        watch.mark_seen();
-        let messages = match shared.store.messages_after(recipient, after, PUSH_BATCH).await {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::debug!("push to {}: {e}", recipient.short());
-                return;
-            }
-        };
-        if let Some(&(last, _)) = messages.last() {
-            let mut request = receiver.deliver_request();
-            fill_messages(request.get().init_messages(messages.len() as u32), &messages);
-            // The request holds its own copy; don't keep two while waiting.
-            drop(messages);
-            let delivered = tokio::select! {
-                delivered = request.send().promise => delivered,
-                _ = &mut cancelled => return,
-            };
-            if let Err(e) = delivered {
-                tracing::debug!("push to {} ended: {e}", recipient.short());
-                return;
-            }
-            after = last;
-            continue;
-        }
-        tokio::select! {
-            more = watch.changed() => if !more { return },
-            _ = &mut cancelled => return,
-        }
-    }
-}

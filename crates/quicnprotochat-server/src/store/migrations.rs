@@ -1,9 +1,12 @@
-//! Numbered schema migrations. The version applied last is kept in
-//! `PRAGMA user_version`; `application_id` marks the file as ours so that a
-//! wrong `--db` path is refused instead of being written into.
+//! The node database's numbered schema migrations, applied with the helper
+//! the client's state file uses too (`quicnprotochat-sqlite`): the version
+//! applied last is kept in `PRAGMA user_version`; `application_id` marks the
+//! file as ours so that a wrong `--db` path is refused instead of being
+//! written into.
 
 use std::path::Path;
 
+use quicnprotochat_sqlite::{MigrationError, Ownership};
 use rusqlite::Connection;
 
 use super::{Durability, StoreError};
@@ -97,8 +100,13 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// migrations. Returns the connection and the database's instance id.
 pub(super) fn open(path: &Path, durability: Durability) -> Result<(Connection, [u8; 16]), StoreError> {
     let mut connection = Connection::open(path)?;
-    // Before anything writes: refuse a file that is not ours.
-    check_ownership(&connection)?;
+    // Before anything writes (even the journal mode): refuse a file that is
+    // not ours.
+    match quicnprotochat_sqlite::check_ownership(&connection, APPLICATION_ID).map_err(refusal)? {
+        Ownership::Foreign { application_id } => return Err(StoreError::ForeignDatabase(application_id)),
+        Ownership::NotADatabase => return Err(StoreError::NotADatabase),
+        _ => {}
+    }
     // WAL: readers never block the writer and commits append sequentially.
     let mode: String = connection.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -121,7 +129,7 @@ pub(super) fn open(path: &Path, durability: Durability) -> Result<(Connection, [
     // instead of keeping the file at its high-water mark.
     connection.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     connection.pragma_update(None, "foreign_keys", true)?;
-    migrate(&mut connection)?;
+    quicnprotochat_sqlite::migrate(&mut connection, APPLICATION_ID, MIGRATIONS).map_err(refusal)?;
     let id: Vec<u8> =
         connection.query_row("SELECT value FROM meta WHERE key = 'instance_id'", [], |row| {
             row.get(0)
@@ -132,40 +140,12 @@ pub(super) fn open(path: &Path, durability: Durability) -> Result<(Connection, [
     Ok((connection, instance_id))
 }
 
-fn check_ownership(connection: &Connection) -> Result<(), StoreError> {
-    let application_id: i64 = connection
-        .pragma_query_value(None, "application_id", |row| row.get(0))
-        .map_err(|e| match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::NotADatabase) => StoreError::NotADatabase,
-            _ => e.into(),
-        })?;
-    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    if application_id != APPLICATION_ID {
-        // A fresh file has no id and no tables; anything else belongs to
-        // someone else and must not be written into.
-        let tables: i64 = connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
-        if application_id != 0 || version != 0 || tables != 0 {
-            return Err(StoreError::ForeignDatabase(application_id));
-        }
+/// The store's error for a file the migration helper refused or failed on.
+fn refusal(error: MigrationError) -> StoreError {
+    match error {
+        MigrationError::Foreign { application_id } => StoreError::ForeignDatabase(application_id),
+        MigrationError::NotADatabase => StoreError::NotADatabase,
+        MigrationError::TooNew { found, supported } => StoreError::SchemaTooNew { found, supported },
+        other => StoreError::Migration(other),
     }
-    Ok(())
-}
-
-fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::SchemaTooNew {
-            found: version,
-            supported: SCHEMA_VERSION,
-        });
-    }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let transaction = connection.transaction()?;
-        transaction.execute_batch(sql)?;
-        transaction.pragma_update(None, "user_version", index as i64 + 1)?;
-        transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
-        transaction.commit()?;
-        tracing::info!(version = index + 1, "applied database migration");
-    }
-    Ok(())
 }

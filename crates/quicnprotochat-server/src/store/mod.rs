@@ -1,4 +1,6 @@
-//! The node's durable state: KeyPackages and message queues in SQLite.
+//! The node's durable state: KeyPackages and message queues in SQLite. The
+//! rules of what to store live in [`crate::delivery`]; this module runs them
+//! against SQLite.
 //!
 //! One writer thread owns the connection. RPC tasks send it [`Command`]s and
 //! await the answer, so SQLite never blocks the threads that run RPC. The
@@ -10,40 +12,37 @@
 //!
 //! # Layout
 //! - `migrations` — numbered schema migrations, tracked in `PRAGMA user_version`.
-//! - `queries` — every SQL statement, as typed functions on a transaction.
+//! - `sqlite` — the [`Storage`](crate::delivery::Storage) of one SQLite
+//!   connection: the node's data statements (migrations and pragmas excepted).
 //! - `writer` — the writer thread and its batching loop.
 //! - `readers` — the reader thread (queue reads) and background WAL checkpoints.
 //! - `notifier` — wakes push subscriptions and long polls after a commit.
+//!
+//! The behaviour any backend must show is checked by the conformance suite in
+//! `tests/conformance/`, which `tests/store_sqlite.rs` runs against this one.
 
 mod migrations;
 mod notifier;
-mod queries;
 mod readers;
+mod sqlite;
 mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_proto::outcome::QueueFull;
 use tokio::sync::{mpsc, oneshot};
 
 pub use quicnprotochat_proto::wire::{CommitPublication, Envelope, ValidKeyPackage};
+
+pub use crate::delivery::{CommitRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits};
 
 pub use migrations::SCHEMA_VERSION;
 pub use notifier::{Notifier, QueueWatch};
 
 /// How many commands may wait for the writer before callers are made to wait.
 const QUEUE_CAPACITY: usize = 8192;
-
-/// A fetch answer carries whole messages, oldest first, until it reaches this
-/// many bytes of encoded payloads (and always at least one message); the rest
-/// stay queued for the next fetch. Keeps one answer far below the RPC message
-/// limit of clients.
-pub const FETCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
-
-/// A fetch answer carries at most this many messages, which bounds the rows
-/// one command deletes while every other command waits for the writer.
-pub const FETCH_MAX_MESSAGES: usize = 4096;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +61,9 @@ pub enum StoreError {
         /// Newest version this build knows.
         supported: i64,
     },
+    /// A migration failed (it was rolled back; earlier ones stay applied).
+    #[error("{0}")]
+    Migration(quicnprotochat_sqlite::MigrationError),
     /// The file is a SQLite database of some other application.
     #[error("not a quicnprotochat node database (application_id {0:#x}); pass another --db path")]
     ForeignDatabase(i64),
@@ -81,22 +83,6 @@ pub enum StoreError {
     /// nothing of it was kept.
     #[error("transaction failed, nothing was stored: {0}")]
     Transaction(String),
-    /// A recipient's queue holds the maximum number of messages.
-    #[error("queue full: {} already has {limit} messages waiting; nothing was stored, retry later", recipient.short())]
-    QueueFull {
-        /// Whose queue.
-        recipient: IdentityKey,
-        /// The maximum.
-        limit: usize,
-    },
-    /// Another Commit was already accepted for this group and epoch.
-    #[error(
-        "commit conflict: the group is at epoch {current_epoch}, not the Commit's. Process your queue, then redo the change"
-    )]
-    CommitConflict {
-        /// The epoch the group is in now.
-        current_epoch: u64,
-    },
     /// The writer thread has stopped (the node is shutting down).
     #[error("the store is closed")]
     Closed,
@@ -111,21 +97,6 @@ pub enum Durability {
     /// fsync at checkpoints only: acknowledged data survives a crash of the
     /// node process; the last commits may be lost in a power cut.
     Normal,
-}
-
-/// Limits the store enforces.
-#[derive(Debug, Clone, Copy)]
-pub struct StoreLimits {
-    /// Most messages one queue may hold; beyond it enqueue fails.
-    pub max_queue_depth: usize,
-}
-
-impl Default for StoreLimits {
-    fn default() -> Self {
-        Self {
-            max_queue_depth: 10_000,
-        }
-    }
 }
 
 /// A handle to the store; cheap to clone, usable from any thread.
@@ -148,13 +119,13 @@ impl Store {
     /// Opens (creating if needed) and migrates the database at `path`, and
     /// starts its writer thread, with default limits.
     pub fn open(path: &Path) -> Result<(Store, StoreCloser), StoreError> {
-        Self::open_with(path, StoreLimits::default(), Durability::default())
+        Self::open_with(path, Limits::default(), Durability::default())
     }
 
     /// [`Self::open`] with the given limits and durability.
     pub fn open_with(
         path: &Path,
-        limits: StoreLimits,
+        limits: Limits,
         durability: Durability,
     ) -> Result<(Store, StoreCloser), StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -229,7 +200,7 @@ impl Store {
         recipient: IdentityKey,
         payload: Vec<u8>,
         message_id: Option<Vec<u8>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Result<(), QueueFull>, StoreError> {
         let envelopes = vec![Envelope {
             recipients: vec![recipient],
             payload,
@@ -239,13 +210,14 @@ impl Store {
     }
 
     /// Appends each payload to the queue of each of its recipients, all in
-    /// one savepoint: either every message is committed or none is.
-    /// Envelopes whose message id `sender` already used are skipped.
+    /// one savepoint: either every message is committed or none is (a
+    /// refusal, or an error). Envelopes whose message id `sender` already
+    /// used are skipped.
     pub async fn enqueue_batch(
         &self,
         sender: IdentityKey,
         envelopes: Vec<Envelope>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Result<(), QueueFull>, StoreError> {
         self.call(|reply| Command::EnqueueBatch {
             sender,
             envelopes,
@@ -255,13 +227,12 @@ impl Store {
     }
 
     /// Publishes a group change if it is the first Commit for its group and
-    /// epoch; otherwise fails with [`StoreError::CommitConflict`] and stores
-    /// nothing.
+    /// epoch; otherwise stores nothing and says why.
     pub async fn publish_commit(
         &self,
         sender: IdentityKey,
         publication: CommitPublication,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Result<(), CommitRefusal>, StoreError> {
         self.call(|reply| Command::PublishCommit {
             sender,
             publication,
@@ -270,31 +241,31 @@ impl Store {
         .await
     }
 
-    /// The committed messages of `recipient` after `after_seq`, oldest
-    /// first, without removing them: at most `limit` (0: the node's maximum)
-    /// and within the fetch budget. Runs on the reader connection, so it
-    /// never waits for the writer.
+    /// The committed messages of `recipient` after `after`, oldest first,
+    /// without removing them: at most `limit` (0: the node's maximum) and
+    /// within the fetch budget. Runs on the reader connection, so it never
+    /// waits for the writer.
     pub async fn messages_after(
         &self,
         recipient: IdentityKey,
-        after_seq: u64,
+        after: Seq,
         limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
         ask(&self.reads, |reply| readers::Read::MessagesAfter {
             recipient,
-            after_seq,
+            after,
             limit,
             reply,
         })
         .await
     }
 
-    /// Deletes the messages of `recipient` up to and including `up_to_seq`;
+    /// Deletes the messages of `recipient` up to and including `up_to`;
     /// returns how many.
-    pub async fn ack(&self, recipient: IdentityKey, up_to_seq: u64) -> Result<usize, StoreError> {
+    pub async fn ack(&self, recipient: IdentityKey, up_to: Seq) -> Result<usize, StoreError> {
         self.call(|reply| Command::Ack {
             recipient,
-            up_to_seq,
+            up_to,
             reply,
         })
         .await
@@ -333,6 +304,13 @@ impl StoreCloser {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// Now in Unix seconds: the clock the rules are given.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// One unit of work for the writer thread.
 #[derive(Debug)]
 enum Command {
@@ -352,16 +330,16 @@ enum Command {
     EnqueueBatch {
         sender: IdentityKey,
         envelopes: Vec<Envelope>,
-        reply: Reply<()>,
+        reply: Reply<Result<(), QueueFull>>,
     },
     PublishCommit {
         sender: IdentityKey,
         publication: CommitPublication,
-        reply: Reply<()>,
+        reply: Reply<Result<(), CommitRefusal>>,
     },
     Ack {
         recipient: IdentityKey,
-        up_to_seq: u64,
+        up_to: Seq,
         reply: Reply<usize>,
     },
     Drain {

@@ -1,25 +1,27 @@
 //! The side connections: queue reads and WAL checkpoints, each on its own
 //! thread and connection, beside the writer.
 //!
-//! Reads (push, `fetchSince`, `fetchWait`) used to queue behind the writer
-//! and wait for its batch to be fsynced; in WAL mode a reader sees every
-//! committed transaction without waiting for the writer, so a push now
-//! reaches its subscriber right after the enqueue commits. Checkpoints
-//! (copying the WAL back into the database file, with an fsync) used to run
-//! inside whichever commit crossed SQLite's threshold and stall every command
-//! of that batch; here they run in the background (`PASSIVE`: never blocking
-//! the writer or readers).
+//! Reads (push, `fetchSince`, `fetchWait`) do not go through the writer: in
+//! WAL mode a reader sees every committed transaction without waiting for
+//! the writer's next batch and its fsync, so a push reaches its subscriber
+//! right after the enqueue commits. Checkpoints (copying the WAL back into
+//! the database file, with an fsync) run here in the background
+//! (`PASSIVE`: never blocking the writer or readers) rather than inside
+//! whichever commit crosses SQLite's threshold, which would stall every
+//! command of that batch.
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
-use super::{Reply, StoreError, queries};
+use super::sqlite::SqliteStorage;
+use super::{Reply, StoreError};
+use crate::delivery::rules;
 
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
@@ -29,9 +31,9 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 pub(super) enum Read {
     MessagesAfter {
         recipient: IdentityKey,
-        after_seq: u64,
+        after: Seq,
         limit: usize,
-        reply: Reply<Vec<(u64, Vec<u8>)>>,
+        reply: Reply<Vec<QueuedMessage>>,
     },
 }
 
@@ -97,12 +99,12 @@ fn read_loop(db: &Connection, mut reads: mpsc::Receiver<Read>) {
         match read {
             Read::MessagesAfter {
                 recipient,
-                after_seq,
+                after,
                 limit,
                 reply,
             } => {
-                let result =
-                    queries::messages_after(db, &recipient, after_seq, limit).map_err(StoreError::from);
+                let result = rules::messages_after(&mut SqliteStorage::new(db), &recipient, after, limit)
+                    .map_err(StoreError::from);
                 // The caller may have gone away; nothing to do then.
                 let _ = reply.send(result);
             }

@@ -14,7 +14,9 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::readers::SideThreads;
-use super::{Command, Notifier, StoreError, StoreLimits, queries};
+use super::sqlite::SqliteStorage;
+use super::{Command, Limits, Notifier, StoreError, unix_now};
+use crate::delivery::rules;
 
 /// Most commands committed together; bounds the latency a batch adds.
 const MAX_BATCH: usize = 1024;
@@ -23,20 +25,20 @@ pub(super) fn spawn(
     connection: Connection,
     commands: mpsc::Receiver<Command>,
     notifier: Arc<Notifier>,
-    limits: StoreLimits,
+    limits: Limits,
     side: SideThreads,
 ) -> Result<JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(connection, commands, &notifier, limits, side))
+        .spawn(move || write_loop(connection, commands, &notifier, limits, side))
         .map_err(StoreError::Thread)
 }
 
-fn run(
+fn write_loop(
     mut connection: Connection,
     mut commands: mpsc::Receiver<Command>,
     notifier: &Notifier,
-    limits: StoreLimits,
+    limits: Limits,
     side: SideThreads,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -73,7 +75,7 @@ fn execute_batch(
     connection: &mut Connection,
     batch: &mut Vec<Command>,
     notifier: &Notifier,
-    limits: &StoreLimits,
+    limits: &Limits,
 ) {
     let transaction = match connection.transaction() {
         Ok(transaction) => transaction,
@@ -125,7 +127,8 @@ fn execute_batch(
 
 /// Runs one command inside its own savepoint and returns how to answer it;
 /// adds the queues it wrote to `touched`.
-fn apply(db: &Connection, command: Command, limits: &StoreLimits, touched: &mut Vec<IdentityKey>) -> Answer {
+fn apply(db: &Connection, command: Command, limits: &Limits, touched: &mut Vec<IdentityKey>) -> Answer {
+    let now = unix_now();
     match command {
         Command::UploadKeyPackages {
             identity,
@@ -133,30 +136,21 @@ fn apply(db: &Connection, command: Command, limits: &StoreLimits, touched: &mut 
             reply,
         } => answer(
             reply,
-            in_savepoint(db, |db| {
-                for package in &packages {
-                    queries::insert_key_package(db, &identity, package)?;
-                }
-                Ok(())
-            }),
+            run(db, |s| rules::upload_key_packages(s, &identity, &packages, now)),
         ),
-        Command::CountKeyPackages { identity, reply } => answer(
-            reply,
-            in_savepoint(db, |db| Ok(queries::count_key_packages(db, &identity)?)),
-        ),
-        Command::TakeKeyPackage { identity, reply } => answer(
-            reply,
-            in_savepoint(db, |db| Ok(queries::take_key_package(db, &identity)?)),
-        ),
+        Command::CountKeyPackages { identity, reply } => {
+            answer(reply, run(db, |s| rules::count_key_packages(s, &identity, now)))
+        }
+        Command::TakeKeyPackage { identity, reply } => {
+            answer(reply, run(db, |s| rules::take_key_package(s, &identity, now)))
+        }
         Command::EnqueueBatch {
             sender,
             envelopes,
             reply,
         } => {
-            let outcome = in_savepoint(db, |db| {
-                queries::insert_envelopes(db, &sender, &envelopes, limits)
-            });
-            if outcome.is_ok() {
+            let outcome = decide(db, |s| rules::enqueue(s, &sender, &envelopes, limits, now));
+            if matches!(outcome, Ok(Ok(()))) {
                 touched.extend(
                     envelopes
                         .iter()
@@ -170,10 +164,10 @@ fn apply(db: &Connection, command: Command, limits: &StoreLimits, touched: &mut 
             publication,
             reply,
         } => {
-            let outcome = in_savepoint(db, |db| {
-                queries::publish_commit(db, &sender, &publication, limits)
+            let outcome = decide(db, |s| {
+                rules::publish_commit(s, &sender, &publication, limits, now)
             });
-            if outcome.is_ok() {
+            if matches!(outcome, Ok(Ok(()))) {
                 touched.extend(publication.commit.recipients.iter().copied());
                 if let Some(welcome) = &publication.welcome {
                     touched.extend(welcome.recipients.iter().copied());
@@ -183,19 +177,11 @@ fn apply(db: &Connection, command: Command, limits: &StoreLimits, touched: &mut 
         }
         Command::Ack {
             recipient,
-            up_to_seq,
+            up_to,
             reply,
-        } => answer(
-            reply,
-            in_savepoint(db, |db| Ok(queries::delete_through(db, &recipient, up_to_seq)?)),
-        ),
-        Command::Purge { older_than, reply } => {
-            answer(reply, in_savepoint(db, |db| Ok(queries::purge(db, older_than)?)))
-        }
-        Command::Drain { recipient, reply } => answer(
-            reply,
-            in_savepoint(db, |db| Ok(queries::drain_messages(db, &recipient)?)),
-        ),
+        } => answer(reply, run(db, |s| rules::ack(s, &recipient, up_to))),
+        Command::Purge { older_than, reply } => answer(reply, run(db, |s| rules::purge(s, older_than, now))),
+        Command::Drain { recipient, reply } => answer(reply, run(db, |s| rules::drain(s, &recipient))),
     }
 }
 
@@ -211,48 +197,46 @@ fn answer<T: 'static>(reply: super::Reply<T>, result: Result<T, StoreError>) -> 
     })
 }
 
-fn in_savepoint<T>(
+/// Runs one command that may refuse inside its own savepoint, which is
+/// undone if the command refuses or fails: nothing of a refused call stays.
+fn decide<T, R>(
     db: &Connection,
-    work: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
+    work: impl FnOnce(&mut SqliteStorage<'_>) -> rusqlite::Result<Result<T, R>>,
+) -> Result<Result<T, R>, StoreError> {
     // Cached statements: a savepoint per command is on the hot path.
     db.prepare_cached("SAVEPOINT command")?.execute([])?;
-    match work(db) {
-        Ok(value) => {
-            db.prepare_cached("RELEASE command")?.execute([])?;
-            Ok(value)
-        }
-        Err(e) => {
-            if let Err(rollback) = db.execute_batch("ROLLBACK TO command; RELEASE command") {
-                tracing::error!("rolling back a failed command: {rollback}");
-            }
-            Err(e)
-        }
+    let outcome = work(&mut SqliteStorage::new(db));
+    if matches!(outcome, Ok(Ok(_))) {
+        db.prepare_cached("RELEASE command")?.execute([])?;
+    } else if let Err(rollback) = db.execute_batch("ROLLBACK TO command; RELEASE command") {
+        tracing::error!("rolling back a refused or failed command: {rollback}");
     }
+    Ok(outcome?)
 }
 
+/// [`decide`] for a command that never refuses.
+fn run<T>(
+    db: &Connection,
+    work: impl FnOnce(&mut SqliteStorage<'_>) -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    let Ok(value) = decide(db, |storage| work(storage).map(Ok::<T, std::convert::Infallible>))?;
+    Ok(value)
+}
+
+/// Answers a command that never ran because its batch failed.
 fn fail(command: Command, error: &StoreError) {
-    let error = || StoreError::Transaction(error.to_string());
+    fn send<T>(reply: super::Reply<T>, error: &StoreError) {
+        // The caller may have gone away; nothing to do then.
+        let _ = reply.send(Err(StoreError::Transaction(error.to_string())));
+    }
     match command {
-        Command::UploadKeyPackages { reply, .. }
-        | Command::EnqueueBatch { reply, .. }
-        | Command::PublishCommit { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
-        Command::TakeKeyPackage { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
-        Command::CountKeyPackages { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
-        Command::Drain { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
-        Command::Ack { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
-        Command::Purge { reply, .. } => {
-            let _ = reply.send(Err(error()));
-        }
+        Command::UploadKeyPackages { reply, .. } => send(reply, error),
+        Command::EnqueueBatch { reply, .. } => send(reply, error),
+        Command::PublishCommit { reply, .. } => send(reply, error),
+        Command::TakeKeyPackage { reply, .. } => send(reply, error),
+        Command::CountKeyPackages { reply, .. } => send(reply, error),
+        Command::Drain { reply, .. } => send(reply, error),
+        Command::Ack { reply, .. } => send(reply, error),
+        Command::Purge { reply, .. } => send(reply, error),
     }
 }

@@ -1,0 +1,107 @@
+//! Identifiers that cross crates: queue sequence numbers and group ids.
+//! Newtypes, so a sequence number is never mistaken for an epoch or a count,
+//! and a group id for a payload.
+
+use std::fmt;
+
+/// A message's place in its recipient's queue: unique and strictly
+/// increasing within the queue, never reused. [`Seq::ZERO`] comes before
+/// the first message ("from the start").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Seq(u64);
+
+impl Seq {
+    /// Before every message of a queue.
+    pub const ZERO: Seq = Seq(0);
+
+    /// The sequence number `value`.
+    pub const fn new(value: u64) -> Seq {
+        Seq(value)
+    }
+
+    /// Its value on the wire.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl From<u64> for Seq {
+    fn from(value: u64) -> Seq {
+        Seq(value)
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An MLS group id as the node sees it: 1 to [`GroupId::MAX_LEN`] opaque
+/// bytes chosen by the group's creator.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(Vec<u8>);
+
+impl GroupId {
+    /// Longest group id accepted.
+    pub const MAX_LEN: usize = 256;
+
+    /// The id's bytes, if they are 1 to [`Self::MAX_LEN`] long.
+    pub fn new(bytes: Vec<u8>) -> Option<GroupId> {
+        (!bytes.is_empty() && bytes.len() <= Self::MAX_LEN).then_some(GroupId(bytes))
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The raw bytes, owned.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl fmt::Debug for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => write!(f, "GroupId({text:?})"),
+            Err(_) => write!(f, "GroupId({})", hex::encode(&self.0)),
+        }
+    }
+}
+
+/// One message waiting in a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// Its place in the queue.
+    pub seq: Seq,
+    /// The opaque message.
+    pub payload: Vec<u8>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_id_is_one_to_256_bytes() {
+        assert!(GroupId::new(Vec::new()).is_none());
+        assert!(GroupId::new(vec![7; 257]).is_none());
+        assert_eq!(
+            GroupId::new(vec![7; 256]).map(|id| id.as_bytes().len()),
+            Some(256)
+        );
+        assert_eq!(
+            format!("{:?}", GroupId::new(b"g#1".to_vec()).unwrap()),
+            "GroupId(\"g#1\")"
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_order_by_value() {
+        assert!(Seq::ZERO < Seq::new(1));
+        assert_eq!(Seq::from(9).get(), 9);
+    }
+}

@@ -1,0 +1,267 @@
+//! The typed outcomes of the wire contract, as both ends use them.
+//!
+//! A call that was understood but did not take effect says why in its
+//! results (see the head of `schemas/delivery.capnp`): these types mirror
+//! those unions one to one, with a `write` for the node and a `read` for
+//! clients, so neither end ever looks at an exception's text to decide
+//! anything.
+
+use std::time::Duration;
+
+use quicnprotochat_core::IdentityKey;
+
+use crate::wire::{FieldError, identity_key};
+use crate::{auth_capnp, delivery_capnp};
+
+/// Over a rate limit: how long to wait before the same call can pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    /// At least one millisecond.
+    pub retry_after: Duration,
+}
+
+impl RateLimited {
+    /// Whole milliseconds to wait, at least 1, as the schema carries them.
+    pub fn retry_after_ms(&self) -> u32 {
+        u32::try_from(self.retry_after.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1)
+    }
+
+    fn write(&self, mut builder: delivery_capnp::rate_limited::Builder<'_>) {
+        builder.set_retry_after_ms(self.retry_after_ms());
+    }
+
+    fn read(reader: delivery_capnp::rate_limited::Reader<'_>) -> RateLimited {
+        RateLimited {
+            retry_after: Duration::from_millis(u64::from(reader.get_retry_after_ms().max(1))),
+        }
+    }
+}
+
+/// Queues without room for what a call would add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueFull {
+    /// Whose queues, each once, in the order the call first named them.
+    pub recipients: Vec<IdentityKey>,
+    /// The node's limit of messages waiting in one queue.
+    pub max_depth: u32,
+}
+
+impl QueueFull {
+    fn write(&self, mut builder: delivery_capnp::queue_full::Builder<'_>) {
+        builder.set_max_depth(self.max_depth);
+        // A call names at most MAX_BATCH_RECIPIENTS recipients, far below u32.
+        let mut keys = builder.init_recipient_keys(self.recipients.len() as u32);
+        for (slot, recipient) in self.recipients.iter().enumerate() {
+            keys.set(slot as u32, recipient.as_bytes());
+        }
+    }
+
+    fn read(reader: delivery_capnp::queue_full::Reader<'_>) -> Result<QueueFull, OutcomeError> {
+        let keys = reader.get_recipient_keys()?;
+        let recipients = keys
+            .iter()
+            .enumerate()
+            .map(|(slot, key)| Ok(identity_key(&format!("queueFull.recipientKeys[{slot}]"), key?)?))
+            .collect::<Result<Vec<_>, OutcomeError>>()?;
+        Ok(QueueFull {
+            recipients,
+            max_depth: reader.get_max_depth(),
+        })
+    }
+}
+
+/// What became of `enqueue` or `enqueueBatch` (`SendOutcome`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Every message is durably committed.
+    Accepted,
+    /// Over the sender's rate limit; nothing was stored.
+    RateLimited(RateLimited),
+    /// Some queues are full; nothing was stored.
+    QueueFull(QueueFull),
+}
+
+impl SendOutcome {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: delivery_capnp::send_outcome::Builder<'_>) {
+        match self {
+            SendOutcome::Accepted => builder.set_accepted(()),
+            SendOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+            SendOutcome::QueueFull(full) => full.write(builder.init_queue_full()),
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(reader: delivery_capnp::send_outcome::Reader<'_>) -> Result<SendOutcome, OutcomeError> {
+        use delivery_capnp::send_outcome::Which;
+        Ok(match reader.which()? {
+            Which::Accepted(()) => SendOutcome::Accepted,
+            Which::RateLimited(limited) => SendOutcome::RateLimited(RateLimited::read(limited?)),
+            Which::QueueFull(full) => SendOutcome::QueueFull(QueueFull::read(full?)?),
+        })
+    }
+}
+
+/// What became of `publishCommit` (`CommitOutcome`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The change is durably committed; the group is in the next epoch.
+    Accepted,
+    /// Another Commit won the epoch; the group is at `current_epoch`.
+    Conflict {
+        /// The group's epoch on the node.
+        current_epoch: u64,
+    },
+    /// Over the sender's rate limit; nothing was published.
+    RateLimited(RateLimited),
+    /// Some queues are full; nothing was published.
+    QueueFull(QueueFull),
+}
+
+impl CommitOutcome {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: delivery_capnp::commit_outcome::Builder<'_>) {
+        match self {
+            CommitOutcome::Accepted => builder.set_accepted(()),
+            CommitOutcome::Conflict { current_epoch } => {
+                builder.init_conflict().set_current_epoch(*current_epoch)
+            }
+            CommitOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+            CommitOutcome::QueueFull(full) => full.write(builder.init_queue_full()),
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(reader: delivery_capnp::commit_outcome::Reader<'_>) -> Result<CommitOutcome, OutcomeError> {
+        use delivery_capnp::commit_outcome::Which;
+        Ok(match reader.which()? {
+            Which::Accepted(()) => CommitOutcome::Accepted,
+            Which::Conflict(conflict) => CommitOutcome::Conflict {
+                current_epoch: conflict?.get_current_epoch(),
+            },
+            Which::RateLimited(limited) => CommitOutcome::RateLimited(RateLimited::read(limited?)),
+            Which::QueueFull(full) => CommitOutcome::QueueFull(QueueFull::read(full?)?),
+        })
+    }
+}
+
+/// What `fetchKeyPackage` found (`FetchedKeyPackage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchedKeyPackage {
+    /// A KeyPackage of the identity.
+    Package(Vec<u8>),
+    /// The identity has no unexpired KeyPackage.
+    None,
+    /// Over the caller's fetch rate.
+    RateLimited(RateLimited),
+}
+
+impl FetchedKeyPackage {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: auth_capnp::fetched_key_package::Builder<'_>) {
+        match self {
+            FetchedKeyPackage::Package(package) => builder.set_package(package),
+            FetchedKeyPackage::None => builder.set_none(()),
+            FetchedKeyPackage::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(
+        reader: auth_capnp::fetched_key_package::Reader<'_>,
+    ) -> Result<FetchedKeyPackage, OutcomeError> {
+        use auth_capnp::fetched_key_package::Which;
+        Ok(match reader.which()? {
+            Which::Package(package) => FetchedKeyPackage::Package(package?.to_vec()),
+            Which::None(()) => FetchedKeyPackage::None,
+            Which::RateLimited(limited) => FetchedKeyPackage::RateLimited(RateLimited::read(limited?)),
+        })
+    }
+}
+
+/// An answer that does not hold what the schema says.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutcomeError {
+    /// The message could not be read (including a union member this build
+    /// does not know, from a newer node).
+    #[error("unreadable outcome: {0}")]
+    Capnp(#[from] capnp::Error),
+    /// An unknown union member, from a newer protocol version.
+    #[error("an outcome this client does not know (union member {0}); update the client")]
+    Unknown(u16),
+    /// A field breaks the schema's rules.
+    #[error("outcome: {0}")]
+    Field(#[from] FieldError),
+}
+
+impl From<capnp::NotInSchema> for OutcomeError {
+    fn from(unknown: capnp::NotInSchema) -> Self {
+        OutcomeError::Unknown(unknown.0)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn round_trip_send(outcome: &SendOutcome) -> SendOutcome {
+        let mut message = capnp::message::Builder::new_default();
+        outcome.write(message.init_root());
+        SendOutcome::read(message.get_root_as_reader().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn every_outcome_reads_back_as_written() {
+        let full = QueueFull {
+            recipients: vec![IdentityKey::from_bytes([1; 32]), IdentityKey::from_bytes([2; 32])],
+            max_depth: 10,
+        };
+        for outcome in [
+            SendOutcome::Accepted,
+            SendOutcome::RateLimited(RateLimited {
+                retry_after: Duration::from_millis(16),
+            }),
+            SendOutcome::QueueFull(full.clone()),
+        ] {
+            assert_eq!(round_trip_send(&outcome), outcome);
+        }
+        for outcome in [
+            CommitOutcome::Accepted,
+            CommitOutcome::Conflict { current_epoch: 7 },
+            CommitOutcome::QueueFull(full),
+        ] {
+            let mut message = capnp::message::Builder::new_default();
+            outcome.write(message.init_root());
+            assert_eq!(
+                CommitOutcome::read(message.get_root_as_reader().unwrap()).unwrap(),
+                outcome
+            );
+        }
+        for outcome in [FetchedKeyPackage::Package(vec![1, 2]), FetchedKeyPackage::None] {
+            let mut message = capnp::message::Builder::new_default();
+            outcome.write(message.init_root());
+            assert_eq!(
+                FetchedKeyPackage::read(message.get_root_as_reader().unwrap()).unwrap(),
+                outcome
+            );
+        }
+    }
+
+    #[test]
+    fn a_wait_below_a_millisecond_is_sent_as_one() {
+        let limited = RateLimited {
+            retry_after: Duration::from_micros(10),
+        };
+        assert_eq!(limited.retry_after_ms(), 1);
+        assert_eq!(
+            round_trip_send(&SendOutcome::RateLimited(limited)),
+            SendOutcome::RateLimited(RateLimited {
+                retry_after: Duration::from_millis(1)
+            })
+        );
+    }
+}

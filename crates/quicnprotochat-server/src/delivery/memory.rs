@@ -1,0 +1,190 @@
+//! [`Storage`] in memory: the reference of the storage contract, used by the
+//! rules' unit tests so they run with no database.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+
+use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+use quicnprotochat_proto::wire::ValidKeyPackage;
+
+use super::storage::{KeyPackageRow, Storage};
+
+/// Everything a node stores, in maps. Cloning it is a snapshot: see
+/// [`MemoryStorage::command`].
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStorage {
+    key_packages: BTreeMap<i64, (IdentityKey, ValidKeyPackage)>,
+    next_key_package: i64,
+    message_ids: HashMap<(IdentityKey, Vec<u8>), i64>,
+    queues: HashMap<IdentityKey, BTreeMap<Seq, (Vec<u8>, i64)>>,
+    /// One counter for all queues, like SQLite's AUTOINCREMENT: numbers are
+    /// increasing per queue and never reused.
+    last_seq: u64,
+    groups: HashMap<GroupId, u64>,
+}
+
+impl MemoryStorage {
+    /// Runs one command as in a transaction: whatever it wrote is undone if
+    /// it refuses.
+    pub fn command<T, R>(
+        &mut self,
+        work: impl FnOnce(&mut MemoryStorage) -> Result<Result<T, R>, Infallible>,
+    ) -> Result<T, R> {
+        let before = self.clone();
+        let Ok(outcome) = work(self);
+        if outcome.is_err() {
+            *self = before;
+        }
+        outcome
+    }
+
+    /// Runs one command that cannot refuse.
+    pub fn run<T>(&mut self, work: impl FnOnce(&mut MemoryStorage) -> Result<T, Infallible>) -> T {
+        let Ok(value) = work(self);
+        value
+    }
+}
+
+impl Storage for MemoryStorage {
+    type Error = Infallible;
+
+    fn insert_key_package(
+        &mut self,
+        identity: &IdentityKey,
+        package: &ValidKeyPackage,
+        _now: i64,
+    ) -> Result<(), Infallible> {
+        self.next_key_package += 1;
+        self.key_packages
+            .insert(self.next_key_package, (*identity, package.clone()));
+        Ok(())
+    }
+
+    fn oldest_key_package(
+        &mut self,
+        identity: &IdentityKey,
+        now: i64,
+    ) -> Result<Option<(KeyPackageRow, Vec<u8>)>, Infallible> {
+        Ok(self
+            .key_packages
+            .iter()
+            .find(|(_, (owner, package))| {
+                owner == identity && !package.last_resort && unexpired(package, now)
+            })
+            .map(|(row, (_, package))| (KeyPackageRow(*row), package.bytes.clone())))
+    }
+
+    fn delete_key_package(&mut self, row: KeyPackageRow) -> Result<(), Infallible> {
+        self.key_packages.remove(&row.0);
+        Ok(())
+    }
+
+    fn newest_last_resort(
+        &mut self,
+        identity: &IdentityKey,
+        now: i64,
+    ) -> Result<Option<Vec<u8>>, Infallible> {
+        Ok(self
+            .key_packages
+            .values()
+            .rev()
+            .find(|(owner, package)| owner == identity && package.last_resort && unexpired(package, now))
+            .map(|(_, package)| package.bytes.clone()))
+    }
+
+    fn count_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<(u32, bool), Infallible> {
+        let mine = || {
+            self.key_packages
+                .values()
+                .filter(move |(owner, package)| owner == identity && unexpired(package, now))
+        };
+        let ordinary = mine().filter(|(_, package)| !package.last_resort).count();
+        let last_resort = mine().any(|(_, package)| package.last_resort);
+        Ok((u32::try_from(ordinary).unwrap_or(u32::MAX), last_resort))
+    }
+
+    fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, Infallible> {
+        Ok(self.message_ids.contains_key(&(*sender, message_id.to_vec())))
+    }
+
+    fn claim_message_id(
+        &mut self,
+        sender: &IdentityKey,
+        message_id: &[u8],
+        now: i64,
+    ) -> Result<bool, Infallible> {
+        let key = (*sender, message_id.to_vec());
+        if self.message_ids.contains_key(&key) {
+            return Ok(false);
+        }
+        self.message_ids.insert(key, now);
+        Ok(true)
+    }
+
+    fn queue_depth(&mut self, recipient: &IdentityKey) -> Result<u64, Infallible> {
+        Ok(self.queues.get(recipient).map_or(0, |queue| queue.len() as u64))
+    }
+
+    fn append(&mut self, recipients: &[IdentityKey], payload: &[u8], now: i64) -> Result<(), Infallible> {
+        for recipient in recipients {
+            self.last_seq += 1;
+            self.queues
+                .entry(*recipient)
+                .or_default()
+                .insert(Seq::new(self.last_seq), (payload.to_vec(), now));
+        }
+        Ok(())
+    }
+
+    fn scan_queue(
+        &mut self,
+        recipient: &IdentityKey,
+        after: Seq,
+        visit: &mut dyn FnMut(Seq, Vec<u8>) -> bool,
+    ) -> Result<(), Infallible> {
+        if let Some(queue) = self.queues.get(recipient) {
+            for (seq, (payload, _)) in queue.range(Seq::new(after.get().saturating_add(1))..) {
+                if !visit(*seq, payload.clone()) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_through(&mut self, recipient: &IdentityKey, up_to: Seq) -> Result<usize, Infallible> {
+        let Some(queue) = self.queues.get_mut(recipient) else {
+            return Ok(0);
+        };
+        let kept = queue.split_off(&Seq::new(up_to.get().saturating_add(1)));
+        let deleted = queue.len();
+        *queue = kept;
+        Ok(deleted)
+    }
+
+    fn group_epoch(&mut self, group: &GroupId) -> Result<Option<u64>, Infallible> {
+        Ok(self.groups.get(group).copied())
+    }
+
+    fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> Result<(), Infallible> {
+        self.groups.insert(group.clone(), epoch);
+        Ok(())
+    }
+
+    fn purge(&mut self, older_than: i64, now: i64) -> Result<usize, Infallible> {
+        let mut purged = 0;
+        for queue in self.queues.values_mut() {
+            let before = queue.len();
+            queue.retain(|_, (_, enqueued_at)| *enqueued_at >= older_than);
+            purged += before - queue.len();
+        }
+        self.message_ids.retain(|_, created_at| *created_at >= older_than);
+        self.key_packages
+            .retain(|_, (_, package)| unexpired(package, now));
+        Ok(purged)
+    }
+}
+
+fn unexpired(package: &ValidKeyPackage, now: i64) -> bool {
+    i64::try_from(package.expires_at).unwrap_or(i64::MAX) > now
+}

@@ -1,0 +1,22 @@
+//! The Delivery Service's rules, in plain Rust apart from any database, and
+//! the loops that hand queued messages to waiting clients.
+//!
+//! # Layout
+//! - [`rules`] — one function per command (enqueue, publish a Commit, take
+//!   a KeyPackage, read, ack, drain, purge) over a [`Storage`].
+//! - [`storage`] — the [`Storage`] trait: one transaction's reads and writes.
+//! - [`memory`] — [`MemoryStorage`], the in-memory reference implementation
+//!   the rules are unit-tested against.
+//! - [`push`] — push subscriptions and long polls, woken by commits.
+
+pub mod memory;
+pub mod push;
+pub mod rules;
+pub mod storage;
+
+pub use memory::MemoryStorage;
+pub use rules::{CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits};
+pub use storage::{KeyPackageRow, Storage};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,91 @@
+//! Handing a queue's messages to a client that waits for them: push
+//! subscriptions (the node calls the client's `MessageReceiver`) and long
+//! polls (`fetchWait`). Both read from the store and sleep on the
+//! [`Notifier`](crate::store::Notifier) until a commit touches the queue.
+
+use std::time::Duration;
+
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_proto::{delivery_capnp, wire};
+use tokio::sync::oneshot;
+
+use crate::store::{Store, StoreError};
+
+/// Longest a long poll waits.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Most messages in one push.
+const PUSH_BATCH: usize = 256;
+
+/// The messages of `recipient` after `after` (at most `limit`, 0: the
+/// node's maximum); if there are none yet, waits up to `wait` (at most
+/// [`MAX_WAIT`]) for some to be committed. Empty if none came, or the node
+/// is shutting down.
+pub async fn wait_for_messages(
+    store: &Store,
+    recipient: IdentityKey,
+    after: Seq,
+    limit: usize,
+    wait: Duration,
+) -> Result<Vec<QueuedMessage>, StoreError> {
+    let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+    let mut watch = store.notifier().watch(recipient);
+    loop {
+        // Before the read: anything committed after it wakes the wait below.
+        watch.mark_seen();
+        let messages = store.messages_after(recipient, after, limit).await?;
+        if !messages.is_empty() {
+            return Ok(messages);
+        }
+        match tokio::time::timeout_at(deadline, watch.changed()).await {
+            Ok(true) => continue,
+            // Timed out, or the node is shutting down: answer empty.
+            _ => return Ok(messages),
+        }
+    }
+}
+
+/// Pushes the queue of `recipient` after `after` to `receiver`, one
+/// `deliver` call at a time (so a slow client slows only its own stream),
+/// waking on commits, until `cancelled` fires (the subscription was
+/// dropped), the receiver fails or the node shuts down.
+pub async fn push(
+    store: Store,
+    recipient: IdentityKey,
+    mut after: Seq,
+    receiver: delivery_capnp::message_receiver::Client,
+    mut cancelled: oneshot::Receiver<()>,
+) {
+    let mut watch = store.notifier().watch(recipient);
+    loop {
+        watch.mark_seen();
+        let messages = match store.messages_after(recipient, after, PUSH_BATCH).await {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::debug!("push to {}: {e}", recipient.short());
+                return;
+            }
+        };
+        if let Some(last) = messages.last().map(|message| message.seq) {
+            let mut request = receiver.deliver_request();
+            // At most PUSH_BATCH messages: fits a list length.
+            wire::fill_messages(request.get().init_messages(messages.len() as u32), &messages);
+            // The request holds its own copy; don't keep two while waiting.
+            drop(messages);
+            let delivered = tokio::select! {
+                delivered = request.send().promise => delivered,
+                _ = &mut cancelled => return,
+            };
+            if let Err(e) = delivered {
+                tracing::debug!("push to {} ended: {e}", recipient.short());
+                return;
+            }
+            after = last;
+            continue;
+        }
+        tokio::select! {
+            more = watch.changed() => if !more { return },
+            _ = &mut cancelled => return,
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The delivery rules, over any [`Storage`]: one Commit per group and epoch,
+//! message-id deduplication per sender, queue depth, KeyPackage selection,
+//! acks and the fetch budget.
+//!
+//! Each function is one command: the caller runs it inside one transaction
+//! (a savepoint of the writer's batch) and undoes that transaction when the
+//! function returns a refusal or an error, so a refusal never leaves half a
+//! call behind. Refusals ([`QueueFull`], [`CommitRefusal`]) are outcomes a
+//! correct client must handle; the storage's own error is a failure.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_proto::outcome::QueueFull;
+use quicnprotochat_proto::wire::{CommitPublication, Envelope, ValidKeyPackage};
+
+use super::storage::Storage;
+
+/// A fetch answer carries whole messages, oldest first, until it reaches this
+/// many bytes of encoded payloads (and always at least one message); the rest
+/// stay queued for the next fetch. Keeps one answer far below the RPC message
+/// limit of clients.
+pub const FETCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+
+/// A fetch answer carries at most this many messages, which bounds the rows
+/// one command reads or deletes while other commands wait.
+pub const FETCH_MAX_MESSAGES: usize = 4096;
+
+/// The node's default for [`Limits::max_queue_depth`].
+pub const DEFAULT_MAX_QUEUE_DEPTH: usize = 10_000;
+
+/// Limits the rules enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most messages one queue may hold; a call that would go beyond it is
+    /// refused whole.
+    pub max_queue_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
+        }
+    }
+}
+
+/// Why `publishCommit` stored nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitRefusal {
+    /// The group is at `current_epoch`, not at the Commit's epoch: another
+    /// Commit won.
+    Conflict {
+        /// The group's epoch now.
+        current_epoch: u64,
+    },
+    /// A recipient's queue has no room.
+    QueueFull(QueueFull),
+}
+
+/// Stores validated KeyPackages of `identity`.
+pub fn upload_key_packages<S: Storage>(
+    storage: &mut S,
+    identity: &IdentityKey,
+    packages: &[ValidKeyPackage],
+    now: i64,
+) -> Result<(), S::Error> {
+    for package in packages {
+        storage.insert_key_package(identity, package, now)?;
+    }
+    Ok(())
+}
+
+/// Takes a KeyPackage of `identity`: the oldest unexpired ordinary one,
+/// deleted so that nobody gets it again (its HPKE init key must serve one
+/// Welcome only); when none is left, the newest unexpired last-resort one,
+/// kept so that its owner stays reachable. Expired ones are never served.
+pub fn take_key_package<S: Storage>(
+    storage: &mut S,
+    identity: &IdentityKey,
+    now: i64,
+) -> Result<Option<Vec<u8>>, S::Error> {
+    if let Some((row, package)) = storage.oldest_key_package(identity, now)? {
+        storage.delete_key_package(row)?;
+        return Ok(Some(package));
+    }
+    storage.newest_last_resort(identity, now)
+}
+
+/// How many unexpired ordinary KeyPackages `identity` has, and whether it
+/// has an unexpired last-resort one.
+pub fn count_key_packages<S: Storage>(
+    storage: &mut S,
+    identity: &IdentityKey,
+    now: i64,
+) -> Result<(u32, bool), S::Error> {
+    storage.count_key_packages(identity, now)
+}
+
+/// Queues each envelope's payload for each of its recipients, all or none.
+/// An envelope whose message id `sender` already used is skipped (a retry);
+/// a recipient named twice in one envelope gets the payload once. Refused
+/// whole if any queue would go beyond the depth limit.
+pub fn enqueue<S: Storage>(
+    storage: &mut S,
+    sender: &IdentityKey,
+    envelopes: &[Envelope],
+    limits: &Limits,
+    now: i64,
+) -> Result<Result<(), QueueFull>, S::Error> {
+    let mut fresh = Vec::with_capacity(envelopes.len());
+    for envelope in envelopes {
+        if is_new(storage, sender, envelope, now)? {
+            fresh.push(envelope);
+        }
+    }
+    let mut incoming = Incoming::default();
+    for envelope in &fresh {
+        incoming.add(&envelope.recipients);
+    }
+    if let Err(full) = incoming.check_room(storage, limits)? {
+        return Ok(Err(full));
+    }
+    for envelope in fresh {
+        append(storage, envelope, now)?;
+    }
+    Ok(Ok(()))
+}
+
+/// Publishes a group change if its Commit is the first for its group and
+/// epoch: queues the Commit and the Welcome and moves the group to the next
+/// epoch. The first Commit the node sees for a group fixes its epoch; from
+/// then on only a Commit for exactly the current epoch is accepted, so
+/// nobody can move a group's epoch ahead of its members. A retry of an
+/// accepted publication (same sender and Commit message id) is accepted
+/// again without storing anything.
+pub fn publish_commit<S: Storage>(
+    storage: &mut S,
+    sender: &IdentityKey,
+    publication: &CommitPublication,
+    limits: &Limits,
+    now: i64,
+) -> Result<Result<(), CommitRefusal>, S::Error> {
+    if let Some(id) = &publication.commit.message_id
+        && storage.message_id_used(sender, id)?
+    {
+        return Ok(Ok(()));
+    }
+    if let Some(current_epoch) = storage.group_epoch(&publication.group_id)?
+        && current_epoch != publication.epoch
+    {
+        return Ok(Err(CommitRefusal::Conflict { current_epoch }));
+    }
+    let commit = &publication.commit;
+    if let Some(id) = &commit.message_id {
+        storage.claim_message_id(sender, id, now)?;
+    }
+    let welcome = match &publication.welcome {
+        Some(welcome) if is_new(storage, sender, welcome, now)? => Some(welcome),
+        _ => None,
+    };
+    let mut incoming = Incoming::default();
+    incoming.add(&commit.recipients);
+    if let Some(welcome) = welcome {
+        incoming.add(&welcome.recipients);
+    }
+    if let Err(full) = incoming.check_room(storage, limits)? {
+        return Ok(Err(CommitRefusal::QueueFull(full)));
+    }
+    storage.set_group_epoch(&publication.group_id, publication.epoch.saturating_add(1))?;
+    // A group of one has nobody to send its Commit to; its epoch still counts.
+    if !commit.recipients.is_empty() {
+        append(storage, commit, now)?;
+    }
+    if let Some(welcome) = welcome {
+        append(storage, welcome, now)?;
+    }
+    Ok(Ok(()))
+}
+
+/// The messages of `recipient` after `after`, oldest first, without removing
+/// them: at most `limit` (0: [`FETCH_MAX_MESSAGES`]) and within
+/// [`FETCH_BUDGET_BYTES`], but always the first if there is one. The budget
+/// counts what each message costs in the Cap'n Proto answer (payload padded
+/// to a word, plus its list entry), so a queue of many tiny messages cannot
+/// make an answer the client refuses.
+pub fn messages_after<S: Storage>(
+    storage: &mut S,
+    recipient: &IdentityKey,
+    after: Seq,
+    limit: usize,
+) -> Result<Vec<QueuedMessage>, S::Error> {
+    let limit = if limit == 0 {
+        FETCH_MAX_MESSAGES
+    } else {
+        limit.min(FETCH_MAX_MESSAGES)
+    };
+    let mut messages = Vec::new();
+    let mut total = 0usize;
+    storage.scan_queue(recipient, after, &mut |seq, payload| {
+        let cost = payload.len().next_multiple_of(8) + 24;
+        if !messages.is_empty() && total + cost > FETCH_BUDGET_BYTES {
+            return false;
+        }
+        total += cost;
+        messages.push(QueuedMessage { seq, payload });
+        messages.len() < limit
+    })?;
+    Ok(messages)
+}
+
+/// Deletes the messages of `recipient` up to and including `up_to`, once
+/// its owner has stored them; returns how many. Acking what is already gone
+/// (a repeated ack) deletes nothing and is no error.
+pub fn ack<S: Storage>(storage: &mut S, recipient: &IdentityKey, up_to: Seq) -> Result<usize, S::Error> {
+    storage.delete_through(recipient, up_to)
+}
+
+/// Reads the queue of `recipient` oldest first, within the fetch budget, and
+/// deletes what it read.
+pub fn drain<S: Storage>(storage: &mut S, recipient: &IdentityKey) -> Result<Vec<Vec<u8>>, S::Error> {
+    let messages = messages_after(storage, recipient, Seq::ZERO, 0)?;
+    if let Some(last) = messages.last() {
+        storage.delete_through(recipient, last.seq)?;
+    }
+    Ok(messages.into_iter().map(|message| message.payload).collect())
+}
+
+/// Deletes what outlived the retention period (messages and message ids
+/// from before `older_than`) and expired KeyPackages; returns how many
+/// messages went.
+pub fn purge<S: Storage>(storage: &mut S, older_than: i64, now: i64) -> Result<usize, S::Error> {
+    storage.purge(older_than, now)
+}
+
+/// Whether `envelope` is to be stored: it has no message id, or `sender`
+/// uses its id for the first time (which this records).
+fn is_new<S: Storage>(
+    storage: &mut S,
+    sender: &IdentityKey,
+    envelope: &Envelope,
+    now: i64,
+) -> Result<bool, S::Error> {
+    match &envelope.message_id {
+        Some(id) => storage.claim_message_id(sender, id, now),
+        None => Ok(true),
+    }
+}
+
+/// Appends an envelope's payload once to each distinct recipient.
+fn append<S: Storage>(storage: &mut S, envelope: &Envelope, now: i64) -> Result<(), S::Error> {
+    match envelope.recipients.as_slice() {
+        [_] => storage.append(&envelope.recipients, &envelope.payload, now),
+        many => {
+            let mut seen = std::collections::HashSet::with_capacity(many.len());
+            let distinct: Vec<IdentityKey> = many.iter().copied().filter(|key| seen.insert(*key)).collect();
+            storage.append(&distinct, &envelope.payload, now)
+        }
+    }
+}
+
+/// How many messages one call adds to each queue, in the order the call
+/// first names them.
+#[derive(Default)]
+struct Incoming {
+    order: Vec<IdentityKey>,
+    /// Per queue: messages added, and the last envelope that added one.
+    counts: HashMap<IdentityKey, (u64, usize)>,
+    envelopes: usize,
+}
+
+impl Incoming {
+    /// Counts one message for each distinct recipient of an envelope.
+    fn add(&mut self, recipients: &[IdentityKey]) {
+        self.envelopes += 1;
+        let envelope = self.envelopes;
+        for recipient in recipients {
+            match self.counts.entry(*recipient) {
+                Entry::Occupied(mut entry) => {
+                    let (count, last) = entry.get_mut();
+                    // Named twice in one envelope: queued (and counted) once.
+                    if *last != envelope {
+                        *count += 1;
+                        *last = envelope;
+                    }
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert((1, envelope));
+                    self.order.push(*recipient);
+                }
+            }
+        }
+    }
+
+    /// Refuses if any queue would hold more than the limit afterwards.
+    fn check_room<S: Storage>(
+        &self,
+        storage: &mut S,
+        limits: &Limits,
+    ) -> Result<Result<(), QueueFull>, S::Error> {
+        let max = u64::try_from(limits.max_queue_depth).unwrap_or(u64::MAX);
+        let mut full = Vec::new();
+        for recipient in &self.order {
+            let adding = self.counts.get(recipient).map_or(0, |(count, _)| *count);
+            if storage.queue_depth(recipient)?.saturating_add(adding) > max {
+                full.push(*recipient);
+            }
+        }
+        if full.is_empty() {
+            return Ok(Ok(()));
+        }
+        Ok(Err(QueueFull {
+            recipients: full,
+            max_depth: u32::try_from(limits.max_queue_depth).unwrap_or(u32::MAX),
+        }))
+    }
+}

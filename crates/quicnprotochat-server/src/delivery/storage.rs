@@ -1,0 +1,97 @@
+//! What the delivery rules need from a database: one transaction's reads and
+//! writes, row by row, with no rule of its own.
+//!
+//! A backend implements [`Storage`] for the duration of one command inside
+//! its transaction; the rules in [`super::rules`] decide everything else. The
+//! conformance suite (`store::conformance`) holds every backend to the same
+//! behaviour.
+
+use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+use quicnprotochat_proto::wire::ValidKeyPackage;
+
+/// A stored KeyPackage's row id, to delete the one that was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPackageRow(pub i64);
+
+/// One transaction's reads and writes. Times are Unix seconds, passed in so
+/// that the rules stay deterministic.
+pub trait Storage {
+    /// The backend's failure (I/O, disk full, connection lost); the command
+    /// it happened in has no effect.
+    type Error;
+
+    /// Stores a validated KeyPackage of `identity`.
+    fn insert_key_package(
+        &mut self,
+        identity: &IdentityKey,
+        package: &ValidKeyPackage,
+        now: i64,
+    ) -> Result<(), Self::Error>;
+
+    /// The oldest ordinary (not last-resort) KeyPackage of `identity` that
+    /// expires after `now`.
+    fn oldest_key_package(
+        &mut self,
+        identity: &IdentityKey,
+        now: i64,
+    ) -> Result<Option<(KeyPackageRow, Vec<u8>)>, Self::Error>;
+
+    /// Deletes one KeyPackage.
+    fn delete_key_package(&mut self, row: KeyPackageRow) -> Result<(), Self::Error>;
+
+    /// The newest last-resort KeyPackage of `identity` that expires after
+    /// `now`.
+    fn newest_last_resort(
+        &mut self,
+        identity: &IdentityKey,
+        now: i64,
+    ) -> Result<Option<Vec<u8>>, Self::Error>;
+
+    /// How many ordinary KeyPackages of `identity` expire after `now`, and
+    /// whether a last-resort one does.
+    fn count_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<(u32, bool), Self::Error>;
+
+    /// Whether `sender` already used `message_id`.
+    fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, Self::Error>;
+
+    /// Records that `sender` used `message_id`; false (recording nothing) if
+    /// it already had.
+    fn claim_message_id(
+        &mut self,
+        sender: &IdentityKey,
+        message_id: &[u8],
+        now: i64,
+    ) -> Result<bool, Self::Error>;
+
+    /// How many messages wait in the queue of `recipient`.
+    fn queue_depth(&mut self, recipient: &IdentityKey) -> Result<u64, Self::Error>;
+
+    /// Appends `payload` to the queue of each of `recipients` (distinct).
+    /// Each queue gives it a sequence number above every number it ever
+    /// gave, and a reader of that queue sees them in increasing order once
+    /// this transaction commits.
+    fn append(&mut self, recipients: &[IdentityKey], payload: &[u8], now: i64) -> Result<(), Self::Error>;
+
+    /// Hands the messages of `recipient` after `after` to `visit`, oldest
+    /// first, until `visit` returns false or the queue ends.
+    fn scan_queue(
+        &mut self,
+        recipient: &IdentityKey,
+        after: Seq,
+        visit: &mut dyn FnMut(Seq, Vec<u8>) -> bool,
+    ) -> Result<(), Self::Error>;
+
+    /// Deletes the messages of `recipient` up to and including `up_to`;
+    /// returns how many.
+    fn delete_through(&mut self, recipient: &IdentityKey, up_to: Seq) -> Result<usize, Self::Error>;
+
+    /// The epoch `group` is in, if the node has seen a Commit for it.
+    fn group_epoch(&mut self, group: &GroupId) -> Result<Option<u64>, Self::Error>;
+
+    /// Moves `group` to `epoch`.
+    fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> Result<(), Self::Error>;
+
+    /// Deletes messages and message ids recorded before `older_than`, and
+    /// KeyPackages expired at `now`; returns how many messages went.
+    fn purge(&mut self, older_than: i64, now: i64) -> Result<usize, Self::Error>;
+}

@@ -1,0 +1,295 @@
+//! The rules against [`MemoryStorage`]: no database involved.
+
+use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+use quicnprotochat_proto::outcome::QueueFull;
+use quicnprotochat_proto::wire::{CommitPublication, Envelope, ValidKeyPackage};
+
+use super::rules;
+use super::*;
+
+const NOW: i64 = 1_000_000;
+
+fn key(byte: u8) -> IdentityKey {
+    IdentityKey::from_bytes([byte; 32])
+}
+
+fn envelope(recipients: &[u8], payload: &[u8], id: Option<&[u8]>) -> Envelope {
+    Envelope {
+        recipients: recipients.iter().copied().map(key).collect(),
+        payload: payload.to_vec(),
+        message_id: id.map(<[u8]>::to_vec),
+    }
+}
+
+fn enqueue(
+    storage: &mut MemoryStorage,
+    sender: u8,
+    envelopes: &[Envelope],
+    depth: usize,
+) -> Result<(), QueueFull> {
+    let limits = Limits {
+        max_queue_depth: depth,
+    };
+    storage.command(|s| rules::enqueue(s, &key(sender), envelopes, &limits, NOW))
+}
+
+fn queue(storage: &mut MemoryStorage, of: u8) -> Vec<(u64, Vec<u8>)> {
+    storage
+        .run(|s| rules::messages_after(s, &key(of), Seq::ZERO, 0))
+        .into_iter()
+        .map(|message| (message.seq.get(), message.payload))
+        .collect()
+}
+
+fn payloads(storage: &mut MemoryStorage, of: u8) -> Vec<Vec<u8>> {
+    queue(storage, of)
+        .into_iter()
+        .map(|(_, payload)| payload)
+        .collect()
+}
+
+fn publication(epoch: u64, to: &[u8], welcome_to: &[u8], id: &[u8]) -> CommitPublication {
+    CommitPublication {
+        group_id: GroupId::new(b"g".to_vec()).unwrap(),
+        epoch,
+        commit: envelope(to, format!("commit {epoch}").as_bytes(), Some(id)),
+        welcome: (!welcome_to.is_empty())
+            .then(|| envelope(welcome_to, b"welcome", Some(&[id, b"-w"].concat()))),
+    }
+}
+
+fn publish(
+    storage: &mut MemoryStorage,
+    sender: u8,
+    publication: &CommitPublication,
+    depth: usize,
+) -> Result<(), CommitRefusal> {
+    let limits = Limits {
+        max_queue_depth: depth,
+    };
+    storage.command(|s| rules::publish_commit(s, &key(sender), publication, &limits, NOW))
+}
+
+fn key_package(bytes: &[u8], last_resort: bool, expires_at: u64) -> ValidKeyPackage {
+    ValidKeyPackage {
+        bytes: bytes.to_vec(),
+        last_resort,
+        expires_at,
+    }
+}
+
+#[test]
+fn sequence_numbers_increase_per_queue_and_are_never_reused() {
+    let mut storage = MemoryStorage::default();
+    for n in 0..3u8 {
+        enqueue(&mut storage, 9, &[envelope(&[1, 2], &[n], None)], 100).unwrap();
+    }
+    let first = queue(&mut storage, 1);
+    assert!(first.windows(2).all(|pair| pair[0].0 < pair[1].0), "{first:?}");
+    let last = first.last().unwrap().0;
+    storage.run(|s| rules::ack(s, &key(1), Seq::new(last)));
+    enqueue(&mut storage, 9, &[envelope(&[1], b"later", None)], 100).unwrap();
+    let after = queue(&mut storage, 1);
+    assert_eq!(after.len(), 1);
+    assert!(after[0].0 > last, "a number is never given twice");
+}
+
+#[test]
+fn a_message_id_is_stored_once_per_sender() {
+    let mut storage = MemoryStorage::default();
+    let once = [envelope(&[1], b"hi", Some(b"id-1"))];
+    enqueue(&mut storage, 7, &once, 100).unwrap();
+    enqueue(&mut storage, 7, &once, 100).unwrap();
+    // Another sender may use the same id.
+    enqueue(&mut storage, 8, &once, 100).unwrap();
+    // The same id twice in one batch: the second is a retry too.
+    enqueue(
+        &mut storage,
+        6,
+        &[envelope(&[1], b"a", Some(b"x")), envelope(&[1], b"b", Some(b"x"))],
+        100,
+    )
+    .unwrap();
+    assert_eq!(
+        payloads(&mut storage, 1),
+        [b"hi".to_vec(), b"hi".to_vec(), b"a".to_vec()]
+    );
+}
+
+#[test]
+fn a_queue_never_exceeds_its_depth_however_the_call_is_shaped() {
+    let mut storage = MemoryStorage::default();
+    enqueue(&mut storage, 9, &[envelope(&[1], b"first", None)], 3).unwrap();
+    // Three envelopes naming the victim: one more than its room.
+    let flood: Vec<Envelope> = (0..3).map(|_| envelope(&[1, 2], b"flood", None)).collect();
+    let refused = enqueue(&mut storage, 9, &flood, 3).unwrap_err();
+    assert_eq!(
+        refused,
+        QueueFull {
+            recipients: vec![key(1)],
+            max_depth: 3
+        }
+    );
+    assert_eq!(payloads(&mut storage, 1).len(), 1, "all or nothing");
+    assert!(payloads(&mut storage, 2).is_empty(), "all or nothing");
+    // One envelope naming a recipient many times counts (and queues) once.
+    enqueue(&mut storage, 9, &[envelope(&[1, 1, 1, 1, 1], b"once", None)], 3).unwrap();
+    assert_eq!(payloads(&mut storage, 1), [b"first".to_vec(), b"once".to_vec()]);
+}
+
+#[test]
+fn a_refused_batch_names_every_full_queue_and_forgets_its_message_ids() {
+    let mut storage = MemoryStorage::default();
+    for recipient in [1, 3] {
+        enqueue(&mut storage, 9, &[envelope(&[recipient], b"x", None)], 1).unwrap();
+    }
+    let batch = [envelope(&[3, 2, 1], b"y", Some(b"retry-me"))];
+    let refused = enqueue(&mut storage, 9, &batch, 1).unwrap_err();
+    assert_eq!(refused.recipients, [key(3), key(1)]);
+    assert_eq!(refused.max_depth, 1);
+    // Once there is room, the same call with the same id is stored: the
+    // refused one did not use up its id.
+    for recipient in [1, 3] {
+        let last = queue(&mut storage, recipient)[0].0;
+        storage.run(|s| rules::ack(s, &key(recipient), Seq::new(last)));
+    }
+    enqueue(&mut storage, 9, &batch, 1).unwrap();
+    for recipient in [1, 2, 3] {
+        assert_eq!(payloads(&mut storage, recipient), [b"y".to_vec()]);
+    }
+}
+
+#[test]
+fn the_first_commit_of_an_epoch_wins_and_the_others_learn_the_epoch() {
+    let mut storage = MemoryStorage::default();
+    publish(&mut storage, 1, &publication(1, &[2], &[3], b"a"), 100).unwrap();
+    assert_eq!(
+        payloads(&mut storage, 3),
+        [b"welcome".to_vec()],
+        "the Welcome goes with its Commit"
+    );
+    // Bob's Commit for the same epoch lost the race.
+    let refused = publish(&mut storage, 2, &publication(1, &[1], &[4], b"b"), 100).unwrap_err();
+    assert_eq!(refused, CommitRefusal::Conflict { current_epoch: 2 });
+    assert!(
+        payloads(&mut storage, 4).is_empty(),
+        "the loser's Welcome is not delivered"
+    );
+    assert!(payloads(&mut storage, 1).is_empty());
+    // Neither a past nor a future epoch is accepted.
+    for epoch in [0, 3, 100] {
+        assert_eq!(
+            publish(&mut storage, 2, &publication(epoch, &[1], &[], b"c"), 100),
+            Err(CommitRefusal::Conflict { current_epoch: 2 })
+        );
+    }
+    // Alice's retry of the accepted publication is accepted again and
+    // stores nothing new.
+    publish(&mut storage, 1, &publication(1, &[2], &[3], b"a"), 100).unwrap();
+    assert_eq!(payloads(&mut storage, 2).len(), 1);
+    publish(&mut storage, 2, &publication(2, &[1], &[], b"d"), 100).unwrap();
+    assert_eq!(payloads(&mut storage, 1), [b"commit 2".to_vec()]);
+}
+
+#[test]
+fn a_commit_with_a_full_queue_is_refused_and_the_epoch_stays() {
+    let mut storage = MemoryStorage::default();
+    enqueue(&mut storage, 9, &[envelope(&[3], b"waiting", None)], 1).unwrap();
+    let refused = publish(&mut storage, 1, &publication(5, &[2], &[3], b"a"), 1).unwrap_err();
+    assert_eq!(
+        refused,
+        CommitRefusal::QueueFull(QueueFull {
+            recipients: vec![key(3)],
+            max_depth: 1
+        })
+    );
+    assert!(payloads(&mut storage, 2).is_empty());
+    // The epoch was not fixed by the refused Commit, nor its id used.
+    publish(&mut storage, 1, &publication(7, &[2], &[], b"a"), 1).unwrap();
+    assert_eq!(payloads(&mut storage, 2), [b"commit 7".to_vec()]);
+}
+
+#[test]
+fn key_packages_are_served_ordinary_first_each_once_last_resort_kept_expired_never() {
+    let mut storage = MemoryStorage::default();
+    let owner = key(1);
+    let packages = [
+        key_package(b"old", false, u64::MAX),
+        key_package(b"expired", false, (NOW - 1) as u64),
+        key_package(b"resort-1", true, u64::MAX),
+        key_package(b"new", false, u64::MAX),
+        key_package(b"resort-2", true, u64::MAX),
+        key_package(b"resort-expired", true, NOW as u64),
+    ];
+    storage.run(|s| rules::upload_key_packages(s, &owner, &packages, NOW));
+    assert_eq!(
+        storage.run(|s| rules::count_key_packages(s, &owner, NOW)),
+        (2, true)
+    );
+    let mut take = || storage.run(|s| rules::take_key_package(s, &owner, NOW));
+    assert_eq!(take().as_deref(), Some(&b"old"[..]));
+    assert_eq!(take().as_deref(), Some(&b"new"[..]));
+    // Nothing ordinary left: the newest last resort, again and again.
+    assert_eq!(take().as_deref(), Some(&b"resort-2"[..]));
+    assert_eq!(take().as_deref(), Some(&b"resort-2"[..]));
+    assert_eq!(storage.run(|s| rules::take_key_package(s, &key(2), NOW)), None);
+    // Once the last resort expires too, there is nothing.
+    assert_eq!(
+        storage.run(|s| rules::take_key_package(s, &owner, i64::MAX)),
+        None
+    );
+}
+
+#[test]
+fn fetches_stop_at_the_message_limit_and_the_byte_budget_but_carry_at_least_one() {
+    let mut storage = MemoryStorage::default();
+    let tiny: Vec<Envelope> = (0..FETCH_MAX_MESSAGES + 10)
+        .map(|_| envelope(&[1], b"t", None))
+        .collect();
+    enqueue(&mut storage, 9, &tiny, usize::MAX).unwrap();
+    assert_eq!(queue(&mut storage, 1).len(), FETCH_MAX_MESSAGES);
+    let some = storage.run(|s| rules::messages_after(s, &key(1), Seq::ZERO, 5));
+    assert_eq!(some.len(), 5);
+
+    let big = vec![0u8; FETCH_BUDGET_BYTES / 3];
+    let bigger = vec![0u8; FETCH_BUDGET_BYTES + 1];
+    enqueue(&mut storage, 9, &[envelope(&[2], &bigger, None)], 100).unwrap();
+    for _ in 0..4 {
+        enqueue(&mut storage, 9, &[envelope(&[2], &big, None)], 100).unwrap();
+    }
+    let first = storage.run(|s| rules::messages_after(s, &key(2), Seq::ZERO, 0));
+    assert_eq!(first.len(), 1, "one message over the budget still comes alone");
+    let next = storage.run(|s| rules::messages_after(s, &key(2), first[0].seq, 0));
+    assert_eq!(next.len(), 2, "then as many as fit in the budget");
+}
+
+#[test]
+fn ack_deletes_through_the_given_number_and_repeating_it_is_harmless() {
+    let mut storage = MemoryStorage::default();
+    for n in 0..4u8 {
+        enqueue(&mut storage, 9, &[envelope(&[1], &[n], None)], 100).unwrap();
+    }
+    let seqs: Vec<u64> = queue(&mut storage, 1).into_iter().map(|(seq, _)| seq).collect();
+    assert_eq!(storage.run(|s| rules::ack(s, &key(1), Seq::new(seqs[1]))), 2);
+    assert_eq!(storage.run(|s| rules::ack(s, &key(1), Seq::new(seqs[1]))), 0);
+    assert_eq!(payloads(&mut storage, 1), [vec![2], vec![3]]);
+    assert_eq!(storage.run(|s| rules::drain(s, &key(1))), [vec![2], vec![3]]);
+    assert!(queue(&mut storage, 1).is_empty());
+}
+
+#[test]
+fn retention_purges_old_messages_ids_and_expired_key_packages() {
+    let mut storage = MemoryStorage::default();
+    enqueue(&mut storage, 9, &[envelope(&[1], b"old", Some(b"id"))], 100).unwrap();
+    storage
+        .run(|s| rules::upload_key_packages(s, &key(1), &[key_package(b"kp", false, (NOW + 5) as u64)], NOW));
+    assert_eq!(storage.run(|s| rules::purge(s, NOW + 1, NOW + 10)), 1);
+    assert!(queue(&mut storage, 1).is_empty());
+    assert_eq!(
+        storage.run(|s| rules::count_key_packages(s, &key(1), NOW)),
+        (0, false)
+    );
+    // The id was forgotten with the message: the same id is new again.
+    enqueue(&mut storage, 9, &[envelope(&[1], b"new", Some(b"id"))], 100).unwrap();
+    assert_eq!(payloads(&mut storage, 1), [b"new".to_vec()]);
+}

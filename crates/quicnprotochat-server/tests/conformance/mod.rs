@@ -1,0 +1,598 @@
+//! The conformance suite: what every storage backend of the node must do,
+//! checked through the public `Store` API only, so that each backend
+//! (`tests/store_sqlite.rs` today) runs exactly the same checks.
+//!
+//! Each check takes a fresh [`Backend`] and closes every store it opens.
+
+#![allow(dead_code)] // each runner file uses the checks it can run
+
+use std::collections::{HashMap, HashSet};
+
+use proptest::prelude::*;
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_proto::outcome::QueueFull;
+use quicnprotochat_server::store::{
+    CommitPublication, CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, Store,
+    StoreCloser, ValidKeyPackage,
+};
+
+/// A way to open a backend's store.
+pub trait Backend {
+    /// Opens the store with `limits`: empty the first time, holding what was
+    /// committed before on later calls (a restart).
+    fn open_with(&self, limits: Limits) -> (Store, StoreCloser);
+
+    /// [`Backend::open_with`] the default limits.
+    fn open(&self) -> (Store, StoreCloser) {
+        self.open_with(Limits::default())
+    }
+}
+
+/// Closes a store: drops the handle and waits for its writer to finish.
+pub async fn close((store, closer): (Store, StoreCloser)) {
+    drop(store);
+    closer.close().await;
+}
+
+pub fn key(byte: u8) -> IdentityKey {
+    IdentityKey::from_bytes([byte; 32])
+}
+
+/// One ordinary, never-expiring KeyPackage record (the store does not parse
+/// KeyPackages; the service validates them before).
+fn package(bytes: &[u8]) -> Vec<ValidKeyPackage> {
+    vec![ValidKeyPackage {
+        bytes: bytes.to_vec(),
+        last_resort: false,
+        expires_at: u64::MAX,
+    }]
+}
+
+fn envelope(recipients: &[u8], payload: &[u8]) -> Envelope {
+    Envelope {
+        recipients: recipients.iter().copied().map(key).collect(),
+        payload: payload.to_vec(),
+        message_id: None,
+    }
+}
+
+async fn all(store: &Store, of: u8) -> Vec<QueuedMessage> {
+    store.messages_after(key(of), Seq::ZERO, 0).await.unwrap()
+}
+
+pub async fn drain_returns_messages_in_fifo_order_and_empties_the_queue(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    for i in 0..10u8 {
+        store
+            .enqueue(key(0), key(1), vec![i], None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    store
+        .enqueue(key(0), key(2), b"other".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let drained = store.drain(key(1)).await.unwrap();
+    assert_eq!(drained, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    assert!(store.drain(key(1)).await.unwrap().is_empty());
+    assert_eq!(store.drain(key(2)).await.unwrap(), vec![b"other".to_vec()]);
+    close((store, closer)).await;
+}
+
+pub async fn queued_messages_and_key_packages_survive_a_restart(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    store
+        .enqueue(key(0), key(1), b"kept".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    store.upload_key_packages(key(1), package(b"kp")).await.unwrap();
+    close((store, closer)).await;
+
+    let (store, closer) = backend.open();
+    assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"kept".to_vec()]);
+    assert_eq!(
+        store.take_key_package(key(1)).await.unwrap(),
+        Some(b"kp".to_vec())
+    );
+    close((store, closer)).await;
+}
+
+pub async fn key_packages_are_served_once_oldest_first(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    store
+        .upload_key_packages(key(1), package(b"first"))
+        .await
+        .unwrap();
+    store
+        .upload_key_packages(key(1), package(b"second"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_key_package(key(1)).await.unwrap(),
+        Some(b"first".to_vec())
+    );
+    assert_eq!(
+        store.take_key_package(key(1)).await.unwrap(),
+        Some(b"second".to_vec())
+    );
+    assert_eq!(store.take_key_package(key(1)).await.unwrap(), None);
+    assert_eq!(store.take_key_package(key(9)).await.unwrap(), None);
+    close((store, closer)).await;
+}
+
+/// Run on a multi-threaded runtime.
+pub async fn concurrent_takes_never_hand_out_a_key_package_twice(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    for i in 0..50u32 {
+        store
+            .upload_key_packages(key(1), package(&i.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    let takers: Vec<_> = (0..100)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.take_key_package(key(1)).await.unwrap() })
+        })
+        .collect();
+    let mut served = Vec::new();
+    for taker in takers {
+        if let Some(package) = taker.await.unwrap() {
+            served.push(package);
+        }
+    }
+    assert_eq!(served.len(), 50);
+    assert_eq!(served.iter().collect::<HashSet<_>>().len(), 50);
+    close((store, closer)).await;
+}
+
+/// Run on a multi-threaded runtime.
+pub async fn concurrent_enqueues_are_all_committed(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let senders: Vec<_> = (0..500u32)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .enqueue(key(0), key(3), i.to_be_bytes().to_vec(), None)
+                    .await
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.unwrap().unwrap().unwrap();
+    }
+    close((store, closer)).await;
+    let (store, closer) = backend.open();
+    let drained: HashSet<_> = store.drain(key(3)).await.unwrap().into_iter().collect();
+    assert_eq!(drained.len(), 500);
+    close((store, closer)).await;
+}
+
+pub async fn a_large_queue_is_drained_over_several_fetches_within_the_budget(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let big = vec![7u8; FETCH_BUDGET_BYTES / 3 + 1];
+    for _ in 0..4 {
+        store
+            .enqueue(key(0), key(1), big.clone(), None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(store.drain(key(1)).await.unwrap().len(), 2);
+    assert_eq!(store.drain(key(1)).await.unwrap().len(), 2);
+    assert!(store.drain(key(1)).await.unwrap().is_empty());
+    close((store, closer)).await;
+}
+
+pub async fn a_queue_of_tiny_messages_is_drained_in_bounded_batches(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let total = FETCH_MAX_MESSAGES + 100;
+    let envelopes: Vec<Envelope> = (0..total as u32)
+        .map(|i| envelope(&[5], &i.to_be_bytes()))
+        .collect();
+    store.enqueue_batch(key(0), envelopes).await.unwrap().unwrap();
+    let first = store.drain(key(5)).await.unwrap();
+    assert_eq!(first.len(), FETCH_MAX_MESSAGES);
+    let second = store.drain(key(5)).await.unwrap();
+    assert_eq!(second.len(), 100);
+    assert_eq!(second[0], (FETCH_MAX_MESSAGES as u32).to_be_bytes().to_vec());
+    close((store, closer)).await;
+}
+
+pub async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let last = ValidKeyPackage {
+        bytes: b"last resort".to_vec(),
+        last_resort: true,
+        expires_at: u64::MAX,
+    };
+    store.upload_key_packages(key(1), vec![last]).await.unwrap();
+    store
+        .upload_key_packages(key(1), package(b"ordinary"))
+        .await
+        .unwrap();
+    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (1, true));
+    assert_eq!(
+        store.take_key_package(key(1)).await.unwrap(),
+        Some(b"ordinary".to_vec())
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            store.take_key_package(key(1)).await.unwrap(),
+            Some(b"last resort".to_vec())
+        );
+    }
+    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (0, true));
+    close((store, closer)).await;
+}
+
+pub async fn an_expired_key_package_is_never_served_or_counted(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let expired = |bytes: &[u8], last_resort| ValidKeyPackage {
+        bytes: bytes.to_vec(),
+        last_resort,
+        expires_at: 1,
+    };
+    store
+        .upload_key_packages(
+            key(1),
+            vec![expired(b"old", false), expired(b"old last resort", true)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (0, false));
+    assert_eq!(store.take_key_package(key(1)).await.unwrap(), None);
+    close((store, closer)).await;
+}
+
+pub async fn fetch_after_a_sequence_number_keeps_messages_until_acked(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    for i in 0..5u8 {
+        store
+            .enqueue(key(0), key(1), vec![i], None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let every = all(&store, 1).await;
+    assert_eq!(
+        every.iter().map(|m| m.payload[0]).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    assert!(
+        every.windows(2).all(|w| w[0].seq < w[1].seq),
+        "strictly increasing"
+    );
+    let third = every[2].seq;
+    assert_eq!(store.messages_after(key(1), third, 0).await.unwrap().len(), 2);
+    assert_eq!(store.messages_after(key(1), Seq::ZERO, 2).await.unwrap().len(), 2);
+    // Reading removes nothing; acking removes exactly up to the number.
+    assert_eq!(all(&store, 1).await.len(), 5);
+    assert_eq!(store.ack(key(1), third).await.unwrap(), 3);
+    assert_eq!(all(&store, 1).await, every[3..].to_vec());
+    // Sequence numbers are never reused, even after the queue empties.
+    store.ack(key(1), Seq::new(u64::MAX)).await.unwrap();
+    store
+        .enqueue(key(0), key(1), vec![9], None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(all(&store, 1).await[0].seq > every[4].seq);
+    close((store, closer)).await;
+}
+
+pub async fn a_repeated_message_id_is_stored_once_per_sender(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let id = Some(b"id-1".to_vec());
+    for _ in 0..2 {
+        store
+            .enqueue(key(0), key(1), b"once".to_vec(), id.clone())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // The same id from another sender is another message.
+    store
+        .enqueue(key(2), key(1), b"other sender".to_vec(), id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.drain(key(1)).await.unwrap(),
+        vec![b"once".to_vec(), b"other sender".to_vec()]
+    );
+    close((store, closer)).await;
+}
+
+pub async fn a_fanned_out_payload_reaches_every_recipient_once(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    // Recipient 7 named twice: it still gets the payload once.
+    let mut recipients: Vec<u8> = (1..=100).collect();
+    recipients.push(7);
+    store
+        .enqueue_batch(key(0), vec![envelope(&recipients, &[7u8; 1000])])
+        .await
+        .unwrap()
+        .unwrap();
+    for n in 1..=100u8 {
+        assert_eq!(
+            store.drain(key(n)).await.unwrap(),
+            vec![vec![7u8; 1000]],
+            "recipient {n}"
+        );
+    }
+    close((store, closer)).await;
+}
+
+fn publication(
+    group: &[u8],
+    epoch: u64,
+    to: u8,
+    payload: &[u8],
+    welcome_to: Option<u8>,
+) -> CommitPublication {
+    CommitPublication {
+        group_id: GroupId::new(group.to_vec()).unwrap(),
+        epoch,
+        commit: Envelope {
+            recipients: vec![key(to)],
+            payload: payload.to_vec(),
+            message_id: Some(payload.to_vec()),
+        },
+        welcome: welcome_to.map(|to| envelope(&[to], b"welcome")),
+    }
+}
+
+pub async fn only_the_first_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it(
+    backend: &impl Backend,
+) {
+    let (store, closer) = backend.open();
+    let first = publication(b"g", 1, 1, b"first", Some(8));
+    store
+        .publish_commit(key(0), first.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    // A retry of the accepted one is accepted and stores nothing new.
+    store.publish_commit(key(0), first).await.unwrap().unwrap();
+    let refused = store
+        .publish_commit(key(2), publication(b"g", 1, 1, b"second", Some(9)))
+        .await
+        .unwrap();
+    assert_eq!(refused, Err(CommitRefusal::Conflict { current_epoch: 2 }));
+    assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"first".to_vec()]);
+    assert_eq!(store.drain(key(8)).await.unwrap(), vec![b"welcome".to_vec()]);
+    assert!(
+        store.drain(key(9)).await.unwrap().is_empty(),
+        "the losing Welcome is not delivered"
+    );
+    close((store, closer)).await;
+}
+
+pub async fn a_commit_for_any_other_epoch_than_the_current_is_refused(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    // No message ids: a repeat of the accepted Commit is a new attempt here.
+    let at = |epoch: u64| {
+        let mut publication = publication(b"g", epoch, 1, &epoch.to_be_bytes(), None);
+        publication.commit.message_id = None;
+        publication
+    };
+    store.publish_commit(key(0), at(3)).await.unwrap().unwrap();
+    for wrong in [0, 3, 5, 1 << 40] {
+        let refused = store.publish_commit(key(0), at(wrong)).await.unwrap();
+        assert_eq!(
+            refused,
+            Err(CommitRefusal::Conflict { current_epoch: 4 }),
+            "epoch {wrong}"
+        );
+    }
+    store.publish_commit(key(0), at(4)).await.unwrap().unwrap();
+    // Another group has its own epoch.
+    store
+        .publish_commit(key(0), publication(b"h", 0, 1, b"h0", None))
+        .await
+        .unwrap()
+        .unwrap();
+    close((store, closer)).await;
+}
+
+pub async fn a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothing(backend: &impl Backend) {
+    let (store, closer) = backend.open_with(Limits { max_queue_depth: 3 });
+    store
+        .enqueue(key(0), key(1), b"a".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    // One batch naming the queue three more times than it has room for,
+    // beside a queue with room: refused whole, naming only the full queue.
+    let batch: Vec<Envelope> = (0..3).map(|_| envelope(&[2, 1], b"flood")).collect();
+    assert_eq!(
+        store.enqueue_batch(key(0), batch).await.unwrap(),
+        Err(QueueFull {
+            recipients: vec![key(1)],
+            max_depth: 3
+        })
+    );
+    assert_eq!(all(&store, 1).await.len(), 1);
+    assert!(all(&store, 2).await.is_empty());
+    // A refused Commit fixes no epoch and uses no message id.
+    store
+        .enqueue(key(0), key(1), b"b".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .enqueue(key(0), key(1), b"c".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let commit = publication(b"g", 5, 1, b"commit", None);
+    assert_eq!(
+        store.publish_commit(key(0), commit.clone()).await.unwrap(),
+        Err(CommitRefusal::QueueFull(QueueFull {
+            recipients: vec![key(1)],
+            max_depth: 3
+        }))
+    );
+    let last = all(&store, 1).await.last().unwrap().seq;
+    store.ack(key(1), last).await.unwrap();
+    store.publish_commit(key(0), commit).await.unwrap().unwrap();
+    assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"commit".to_vec()]);
+    close((store, closer)).await;
+}
+
+pub async fn a_read_sees_every_commit_as_soon_as_it_is_answered(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    for i in 0..200u8 {
+        store
+            .enqueue(key(0), key(1), vec![i; 100], None)
+            .await
+            .unwrap()
+            .unwrap();
+        let read = all(&store, 1).await;
+        assert_eq!(read.len(), usize::from(i) + 1);
+        assert_eq!(read.last().unwrap().payload, vec![i; 100]);
+    }
+    close((store, closer)).await;
+}
+
+/// One step of [`queues_behave_like_the_model`].
+#[derive(Debug, Clone)]
+pub enum QueueOp {
+    Enqueue { to: u8, payload: Vec<u8> },
+    Batch { to: Vec<u8>, payload: Vec<u8> },
+    FetchAfter { of: u8, index: usize },
+    Ack { of: u8, index: usize },
+    Drain { of: u8 },
+}
+
+/// Random sequences of [`QueueOp`]s on three queues.
+pub fn queue_ops() -> impl Strategy<Value = Vec<QueueOp>> {
+    let payload = proptest::collection::vec(any::<u8>(), 1..24);
+    let op = prop_oneof![
+        4 => (0..3u8, payload.clone()).prop_map(|(to, payload)| QueueOp::Enqueue { to, payload }),
+        2 => (proptest::sample::subsequence(vec![0u8, 1, 2], 1..=3), payload)
+            .prop_map(|(to, payload)| QueueOp::Batch { to, payload }),
+        2 => (0..3u8, 0..12usize).prop_map(|(of, index)| QueueOp::FetchAfter { of, index }),
+        2 => (0..3u8, 0..12usize).prop_map(|(of, index)| QueueOp::Ack { of, index }),
+        1 => (0..3u8).prop_map(|of| QueueOp::Drain { of }),
+    ];
+    proptest::collection::vec(op, 1..40)
+}
+
+/// What each queue must hold, oldest first, and the highest sequence number
+/// ever seen per queue.
+#[derive(Default)]
+struct Model {
+    queues: HashMap<u8, Vec<Vec<u8>>>,
+    highest_seen: HashMap<u8, Seq>,
+}
+
+impl Model {
+    /// Reads the whole queue of `of` and checks it against the model: same
+    /// payloads in the same order, sequence numbers strictly increasing.
+    async fn check(&mut self, store: &Store, of: u8) -> Vec<QueuedMessage> {
+        let messages = all(store, of).await;
+        let expected = self.queues.get(&of).cloned().unwrap_or_default();
+        let payloads: Vec<Vec<u8>> = messages.iter().map(|m| m.payload.clone()).collect();
+        assert_eq!(payloads, expected, "queue {of} is FIFO and complete");
+        assert!(
+            messages.windows(2).all(|w| w[0].seq < w[1].seq),
+            "seq strictly increasing"
+        );
+        messages
+    }
+
+    fn saw(&mut self, of: u8, seq: Seq) {
+        let seen = self.highest_seen.entry(of).or_default();
+        *seen = (*seen).max(seq);
+    }
+}
+
+/// The queues behave like a simple model — FIFO per recipient, sequence
+/// numbers strictly increasing and never reused, ack deletes exactly up to
+/// the number, drain empties — under `ops`.
+pub async fn queues_behave_like_the_model(backend: &impl Backend, ops: Vec<QueueOp>) {
+    let (store, closer) = backend.open();
+    let mut model = Model::default();
+    for op in ops {
+        match op {
+            QueueOp::Enqueue { to, payload } => {
+                store
+                    .enqueue(key(9), key(to), payload.clone(), None)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                model.queues.entry(to).or_default().push(payload);
+            }
+            QueueOp::Batch { to, payload } => {
+                store
+                    .enqueue_batch(key(9), vec![envelope(&to, &payload)])
+                    .await
+                    .unwrap()
+                    .unwrap();
+                for n in to {
+                    model.queues.entry(n).or_default().push(payload.clone());
+                }
+            }
+            QueueOp::FetchAfter { of, index } => {
+                let every = model.check(&store, of).await;
+                if let Some(message) = every.get(index) {
+                    let after = store.messages_after(key(of), message.seq, 0).await.unwrap();
+                    assert_eq!(
+                        after,
+                        every[index + 1..].to_vec(),
+                        "fetch after a seq is the suffix"
+                    );
+                }
+                if let Some(last) = every.last() {
+                    let seen = model.highest_seen.get(&of).copied().unwrap_or_default();
+                    assert!(
+                        every[0].seq > seen || every.iter().any(|m| m.seq == seen),
+                        "no seq reused"
+                    );
+                    model.saw(of, last.seq);
+                }
+            }
+            QueueOp::Ack { of, index } => {
+                let every = model.check(&store, of).await;
+                if let Some(message) = every.get(index) {
+                    let deleted = store.ack(key(of), message.seq).await.unwrap();
+                    assert_eq!(deleted, index + 1, "ack deletes exactly up to the number");
+                    model.queues.get_mut(&of).unwrap().drain(..=index);
+                    model.saw(of, every.last().unwrap().seq);
+                }
+                model.check(&store, of).await;
+            }
+            QueueOp::Drain { of } => {
+                let expected = model.queues.remove(&of).unwrap_or_default();
+                assert_eq!(
+                    store.drain(key(of)).await.unwrap(),
+                    expected,
+                    "drain returns everything in order"
+                );
+                assert!(all(&store, of).await.is_empty(), "drain empties");
+            }
+        }
+    }
+    // New messages get sequence numbers above everything seen before.
+    for of in 0..3u8 {
+        store
+            .enqueue(key(9), key(of), vec![0xff], None)
+            .await
+            .unwrap()
+            .unwrap();
+        model.queues.entry(of).or_default().push(vec![0xff]);
+        let every = model.check(&store, of).await;
+        let newest = every.last().unwrap().seq;
+        assert!(
+            newest > model.highest_seen.get(&of).copied().unwrap_or_default(),
+            "never reused"
+        );
+    }
+    close((store, closer)).await;
+}

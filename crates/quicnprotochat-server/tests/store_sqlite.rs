@@ -1,0 +1,68 @@
+//! The conformance suite (`tests/conformance/`) against the SQLite store:
+//! a real database file in a temporary directory, full durability.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod conformance;
+
+use conformance::Backend;
+use proptest::prelude::*;
+use quicnprotochat_server::store::{Durability, Limits, Store, StoreCloser};
+
+/// A SQLite database file in its own temporary directory.
+struct Sqlite {
+    dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    fn new() -> Sqlite {
+        Sqlite {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+impl Backend for Sqlite {
+    fn open_with(&self, limits: Limits) -> (Store, StoreCloser) {
+        Store::open_with(&self.dir.path().join("node.db"), limits, Durability::Full).unwrap()
+    }
+}
+
+/// One test per check, each on a fresh database.
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $check() {
+            conformance::$check(&Sqlite::new()).await;
+        }
+    )*};
+}
+
+conformance!(
+    drain_returns_messages_in_fifo_order_and_empties_the_queue,
+    queued_messages_and_key_packages_survive_a_restart,
+    key_packages_are_served_once_oldest_first,
+    concurrent_takes_never_hand_out_a_key_package_twice,
+    concurrent_enqueues_are_all_committed,
+    a_large_queue_is_drained_over_several_fetches_within_the_budget,
+    a_queue_of_tiny_messages_is_drained_in_bounded_batches,
+    the_last_resort_is_served_only_when_nothing_else_is_left_and_kept,
+    an_expired_key_package_is_never_served_or_counted,
+    fetch_after_a_sequence_number_keeps_messages_until_acked,
+    a_repeated_message_id_is_stored_once_per_sender,
+    a_fanned_out_payload_reaches_every_recipient_once,
+    only_the_first_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it,
+    a_commit_for_any_other_epoch_than_the_current_is_refused,
+    a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothing,
+    a_read_sees_every_commit_as_soon_as_it_is_answered,
+);
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn queues_behave_like_the_model(ops in conformance::queue_ops()) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(conformance::queues_behave_like_the_model(&Sqlite::new(), ops));
+    }
+}
