@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
-use quicnprotochat_core::IdentityKeypair;
+use quicnprotochat_core::{IdentityKeypair, Seq};
+use quicnprotochat_proto::outcome::SendOutcome;
 use quicnprotochat_proto::wire::Envelope;
 
 #[path = "support/mod.rs"]
@@ -65,7 +66,10 @@ fn push_latency(options: &ConnectOptions, messages: usize, rate: u64) {
                         sent += 1;
                         let mut payload = vec![0u8; 100];
                         payload[..8].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_le_bytes());
-                        pending.push(async move { client.enqueue(&queue, &payload).await.unwrap() });
+                        pending.push(async move {
+                            let outcome = client.enqueue(&queue, &payload).await.unwrap();
+                            assert_eq!(outcome, SendOutcome::Accepted);
+                        });
                     }
                     Some(()) = pending.next(), if !pending.is_empty() => {}
                 }
@@ -75,18 +79,18 @@ fn push_latency(options: &ConnectOptions, messages: usize, rate: u64) {
     let latencies = local(async {
         let client = NodeClient::connect(options, Some(&receiver)).await.unwrap();
         let (sink, mut pushed) = tokio::sync::mpsc::channel(64);
-        let _subscription = client.subscribe(&queue, 0, sink).await.unwrap();
+        let _subscription = client.subscribe(&queue, Seq::ZERO, sink).await.unwrap();
         ready_tx.send(()).unwrap();
         let mut latencies = Vec::with_capacity(messages);
         while latencies.len() < messages {
             let batch = pushed.recv().await.unwrap();
             let now = start.elapsed().as_nanos() as u64;
-            for (_, payload) in &batch {
-                let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
+            for message in &batch {
+                let sent = u64::from_le_bytes(message.payload[..8].try_into().unwrap());
                 latencies.push(Duration::from_nanos(now.saturating_sub(sent)));
             }
-            if let Some((last, _)) = batch.last() {
-                client.ack(&queue, *last).await.unwrap();
+            if let Some(last) = batch.last() {
+                client.ack(&queue, last.seq).await.unwrap();
             }
         }
         latencies
@@ -125,7 +129,7 @@ fn fan_out(options: &ConnectOptions, batches: usize, recipients: usize) {
                 pending.push(client.enqueue_batch(&envelope));
                 sent += 1;
             }
-            pending.next().await.unwrap().unwrap();
+            assert_eq!(pending.next().await.unwrap().unwrap(), SendOutcome::Accepted);
         }
         let elapsed = started.elapsed();
         println!(

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
 use quicnprotochat_core::IdentityKeypair;
+use quicnprotochat_proto::outcome::SendOutcome;
 
 #[path = "support/mod.rs"]
 mod support;
@@ -100,7 +101,7 @@ fn main() {
 
         let started = Instant::now();
         for _ in 0..iterations {
-            client.enqueue(&recipient, &payload).await.unwrap();
+            assert_eq!(client.enqueue(&recipient, &payload).await.unwrap(), SendOutcome::Accepted);
             let fetched = client.fetch(&recipient).await.unwrap();
             assert_eq!(fetched.len(), 1);
         }
@@ -123,7 +124,7 @@ fn main() {
                     pending.push(client.enqueue(&recipient, &payload));
                     sent += 1;
                 }
-                pending.next().await.unwrap().unwrap();
+                assert_eq!(pending.next().await.unwrap().unwrap(), SendOutcome::Accepted);
             }
         }
         let elapsed = started.elapsed();

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use quicnprotochat_core::{CoreError, IdentityKey};
 use quicnprotochat_proto::cert::CertError;
+use quicnprotochat_proto::outcome::{OutcomeError, QueueFull, RateLimited};
 
 use crate::state::StateError;
 
@@ -91,12 +92,48 @@ pub enum ClientError {
     /// The node answered a call with an error, or the session broke.
     #[error("node: {0}")]
     Rpc(#[from] capnp::Error),
-    /// Another member's Commit was accepted for the epoch ours was made in.
-    #[error("another member changed the group first{}", .current_epoch.map(|e| format!(" (it is at epoch {e})")).unwrap_or_default())]
+    /// Another member's Commit was accepted for the epoch ours was made in,
+    /// every time we tried.
+    #[error(
+        "another member changed the group first (it is at epoch {current_epoch}); run `recv` to catch up, then make your change again"
+    )]
     CommitConflict {
-        /// The group's epoch on the node, if it said.
-        current_epoch: Option<u64>,
+        /// The group's epoch on the node.
+        current_epoch: u64,
     },
+    /// The node refused a call for this identity's (or address's) rate
+    /// limit for longer than we were willing to wait; nothing was stored.
+    #[error(
+        "the node is rate limiting you and nothing was sent; wait at least {retry_after:?}, then run the command again"
+    )]
+    RateLimited {
+        /// How long the node said to wait.
+        retry_after: Duration,
+    },
+    /// Some recipients' queues on the node are full; nothing was stored.
+    #[error(
+        "the node's queue of {} is full (it holds at most {max_depth} messages) and nothing was sent; ask them to run `recv` so their queue drains, then try again",
+        short_keys(.recipients)
+    )]
+    QueueFull {
+        /// Whose queues are full.
+        recipients: Vec<IdentityKey>,
+        /// The node's limit of messages waiting in one queue.
+        max_depth: u32,
+    },
+    /// The node refused a group change (its queues were full, it rate
+    /// limited us past our patience, or it refused the call); the change
+    /// was dropped and the group is as it was.
+    #[error("{group} is unchanged: {reason}")]
+    ChangeRefused {
+        /// The group.
+        group: String,
+        /// Why, with what to do.
+        reason: Box<ClientError>,
+    },
+    /// The node's answer does not hold what the schema says.
+    #[error("the node's answer could not be read ({0}); is the client older than the node? update it")]
+    Outcome(#[from] OutcomeError),
     /// No answer came to a group change; it may or may not have reached the
     /// node.
     #[error(
@@ -150,32 +187,53 @@ pub enum ClientError {
     Internal(&'static str),
 }
 
-impl ClientError {
-    /// How long the node asked to wait, if it refused a call for its rate
-    /// limit ("rate limited, retry after N ms"); at most 5 s.
-    pub fn retry_after(&self) -> Option<Duration> {
-        let ClientError::Rpc(e) = self else {
-            return None;
-        };
-        let rest = e.extra.split("rate limited, retry after ").nth(1)?;
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        let millis: u64 = digits.parse().ok()?;
-        Some(Duration::from_millis(millis.clamp(1, 5_000)))
+impl From<RateLimited> for ClientError {
+    fn from(limited: RateLimited) -> Self {
+        ClientError::RateLimited {
+            retry_after: limited.retry_after,
+        }
     }
 }
 
+impl From<QueueFull> for ClientError {
+    fn from(full: QueueFull) -> Self {
+        ClientError::QueueFull {
+            recipients: full.recipients,
+            max_depth: full.max_depth,
+        }
+    }
+}
+
+/// Recipients as their short keys: `0123456789abcdef, …`.
+fn short_keys(recipients: &[IdentityKey]) -> String {
+    recipients
+        .iter()
+        .map(IdentityKey::short)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
-mod retry_tests {
+mod tests {
     use super::*;
 
     #[test]
-    fn the_nodes_retry_hint_is_read_from_a_rate_limit_error() {
-        let limited = ClientError::Rpc(capnp::Error::overloaded(
-            "remote exception: rate limited, retry after 16 ms".into(),
-        ));
-        assert_eq!(limited.retry_after(), Some(Duration::from_millis(16)));
-        let other = ClientError::Rpc(capnp::Error::failed("queue full".into()));
-        assert_eq!(other.retry_after(), None);
-        assert_eq!(ClientError::Timeout(Duration::from_secs(1)).retry_after(), None);
+    fn a_full_queue_names_the_recipients_and_what_to_do() {
+        let full = ClientError::QueueFull {
+            recipients: vec![
+                IdentityKey::from_bytes([0xab; 32]),
+                IdentityKey::from_bytes([0x01; 32]),
+            ],
+            max_depth: 3,
+        };
+        let text = full.to_string();
+        assert!(
+            text.contains(&format!("{}, {}", "ab".repeat(8), "01".repeat(8))),
+            "{text}"
+        );
+        assert!(
+            text.contains("at most 3 messages") && text.contains("`recv`"),
+            "{text}"
+        );
     }
 }

@@ -7,15 +7,26 @@
 //!
 //! # Layout
 //! - [`cli`] — the command line (clap).
-//! - [`commands`] — one module per command family; `run` dispatches.
+//! - [`commands`] — one module per command family; `run` only dispatches.
+//! - `nodes` — the connections a command uses; sending with rate limits
+//!   waited out and full queues reported.
+//! - `naming` — groups and peers by name: parse, resolve, show.
+//! - `publish` — group changes: stage, publish, settle by the node's typed
+//!   outcome, resume unanswered ones.
+//! - `incoming` — fetch → store → ack, then apply each queued message.
 //! - [`node_client`] — connect to a node (verifying it) and make typed calls.
-//! - [`state`] — the state file: identity, groups, inbox, OpenMLS storage.
+//! - [`state`] — the state file: identity, groups, inbox, outbox, OpenMLS
+//!   storage; each unit of work one transaction.
 //! - [`error`] — [`ClientError`], whose messages say what to do.
 
 pub mod cli;
 pub mod commands;
 pub mod error;
+mod incoming;
+mod naming;
 pub mod node_client;
+mod nodes;
+mod publish;
 pub mod state;
 
 pub use cli::Cli;

@@ -3,19 +3,27 @@
 //! Connecting verifies the node's certificate against the trusted one given
 //! with `--ca-cert`; there is no way to skip that. The RPC session is `!Send`
 //! and runs as a task on the current `LocalSet`.
+//!
+//! Calls return the node's typed outcomes ([`SendOutcome`],
+//! [`CommitOutcome`], [`FetchedKeyPackage`]) as values: deciding what to do
+//! about a rate limit, a full queue or a lost race is the caller's business.
+//! An exception comes back as [`ClientError::Rpc`]; only its
+//! [`capnp::ErrorKind`] means anything to code, its text is for people.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
-use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{GroupId, IdentityKey, IdentityKeypair, QueuedMessage, Seq};
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
-use quicnprotochat_proto::wire::Envelope;
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, SendOutcome};
+use quicnprotochat_proto::wire::{Envelope, read_messages};
 use quicnprotochat_proto::{cert, peer, rpc, transport};
+use rustls::AlertDescription;
 
 use crate::error::ClientError;
 
@@ -208,27 +216,29 @@ impl NodeClient {
         Ok((results.get_count(), results.get_has_last_resort()))
     }
 
-    /// Takes one KeyPackage of `identity`; `None` when it has none left.
-    pub async fn fetch_key_package(&self, identity: &IdentityKey) -> Result<Option<Vec<u8>>, ClientError> {
+    /// Takes one KeyPackage of `identity`: the package, none left, or over
+    /// the fetch rate (with how long to wait).
+    pub async fn fetch_key_package(&self, identity: &IdentityKey) -> Result<FetchedKeyPackage, ClientError> {
         let mut request = self.auth.fetch_key_package_request();
         request.get().set_identity_key(identity.as_bytes());
         let response = call(request.send().promise).await?;
-        let package = response.get()?.get_package()?;
-        Ok((!package.is_empty()).then(|| package.to_vec()))
+        Ok(FetchedKeyPackage::read(response.get()?.get_outcome()?)?)
     }
 
-    /// Queues `payload` for `recipient`; returns once the node committed it.
-    pub async fn enqueue(&self, recipient: &IdentityKey, payload: &[u8]) -> Result<(), ClientError> {
+    /// Queues `payload` for `recipient`. [`SendOutcome::Accepted`] comes only
+    /// once the node committed it; any other outcome stored nothing.
+    pub async fn enqueue(&self, recipient: &IdentityKey, payload: &[u8]) -> Result<SendOutcome, ClientError> {
         let mut request = self.delivery.enqueue_request();
         request.get().set_recipient_key(recipient.as_bytes());
         request.get().set_payload(payload);
-        call(request.send().promise).await?;
-        Ok(())
+        let response = call(request.send().promise).await?;
+        Ok(SendOutcome::read(response.get()?.get_outcome()?)?)
     }
 
     /// Queues every envelope's payload for each of its recipients in one
-    /// atomic call: on success all are committed on the node, on error none.
-    pub async fn enqueue_batch(&self, envelopes: &[Envelope]) -> Result<(), ClientError> {
+    /// atomic call: [`SendOutcome::Accepted`] means all are committed on the
+    /// node; any other outcome, or an error, means none is.
+    pub async fn enqueue_batch(&self, envelopes: &[Envelope]) -> Result<SendOutcome, ClientError> {
         let mut request = self.delivery.enqueue_batch_request();
         let length =
             u32::try_from(envelopes.len()).map_err(|_| ClientError::Internal("too many envelopes"))?;
@@ -236,51 +246,45 @@ impl NodeClient {
         for (index, envelope) in envelopes.iter().enumerate() {
             fill_envelope(list.reborrow().get(index as u32), envelope)?;
         }
-        call(request.send().promise).await?;
-        Ok(())
+        let response = call(request.send().promise).await?;
+        Ok(SendOutcome::read(response.get()?.get_outcome()?)?)
     }
 
     /// Publishes a group change: `commit` (made in `epoch` of `group_id`) and,
-    /// delivered only with it, `welcome`. Fails with
-    /// [`ClientError::CommitConflict`] if another Commit won that epoch.
+    /// delivered only with it, `welcome`. [`CommitOutcome::Conflict`] says
+    /// another Commit won that epoch, and which epoch the group is in now.
     pub async fn publish_commit(
         &self,
-        group_id: &[u8],
+        group_id: &GroupId,
         epoch: u64,
         commit: &Envelope,
         welcome: Option<&Envelope>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<CommitOutcome, ClientError> {
         let mut request = self.delivery.publish_commit_request();
-        request.get().set_group_id(group_id);
+        request.get().set_group_id(group_id.as_bytes());
         request.get().set_epoch(epoch);
         fill_envelope(request.get().init_commit(), commit)?;
         if let Some(welcome) = welcome {
             fill_envelope(request.get().init_welcome(), welcome)?;
         }
-        match call(request.send().promise).await {
-            Err(ClientError::Rpc(e)) if e.to_string().contains("commit conflict:") => {
-                Err(ClientError::CommitConflict {
-                    current_epoch: current_epoch(&e.to_string()),
-                })
-            }
-            other => other.map(|_| ()),
-        }
+        let response = call(request.send().promise).await?;
+        Ok(CommitOutcome::read(response.get()?.get_outcome()?)?)
     }
 
-    /// Reads (without removing) the messages of `recipient` after
-    /// `after_seq`, oldest first, as (sequence number, payload).
+    /// Reads (without removing) the messages of `recipient` after `after`,
+    /// oldest first: at most `limit` (0: the node's own limit).
     pub async fn fetch_since(
         &self,
         recipient: &IdentityKey,
-        after_seq: u64,
+        after: Seq,
         limit: u32,
-    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<QueuedMessage>, ClientError> {
         let mut request = self.delivery.fetch_since_request();
         request.get().set_recipient_key(recipient.as_bytes());
-        request.get().set_after_seq(after_seq);
+        request.get().set_after_seq(after.get());
         request.get().set_limit(limit);
         let response = call(request.send().promise).await?;
-        read_messages(response.get()?.get_messages()?)
+        Ok(read_messages(response.get()?.get_messages()?)?)
     }
 
     /// Long poll: like [`Self::fetch_since`], but waits up to `timeout_ms`
@@ -288,13 +292,13 @@ impl NodeClient {
     pub async fn fetch_wait(
         &self,
         recipient: &IdentityKey,
-        after_seq: u64,
+        after: Seq,
         limit: u32,
         timeout_ms: u32,
-    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<QueuedMessage>, ClientError> {
         let mut request = self.delivery.fetch_wait_request();
         request.get().set_recipient_key(recipient.as_bytes());
-        request.get().set_after_seq(after_seq);
+        request.get().set_after_seq(after.get());
         request.get().set_limit(limit);
         request.get().set_timeout_ms(timeout_ms);
         let wait = Duration::from_millis(u64::from(timeout_ms));
@@ -302,22 +306,21 @@ impl NodeClient {
             Err(_) => return Err(ClientError::Timeout(CALL_TIMEOUT + wait)),
             Ok(response) => response?,
         };
-        read_messages(response.get()?.get_messages()?)
+        Ok(read_messages(response.get()?.get_messages()?)?)
     }
 
-    /// Subscribes to the queue of `recipient` after `after_seq`: the node
-    /// pushes batches of (sequence number, payload) into `sink` as they are
-    /// committed, waiting while `sink` is full. Dropping the returned
-    /// [`Subscription`] ends it.
+    /// Subscribes to the queue of `recipient` after `after`: the node pushes
+    /// batches of messages into `sink` as they are committed, waiting while
+    /// `sink` is full. Dropping the returned [`Subscription`] ends it.
     pub async fn subscribe(
         &self,
         recipient: &IdentityKey,
-        after_seq: u64,
-        sink: tokio::sync::mpsc::Sender<Vec<(u64, Vec<u8>)>>,
+        after: Seq,
+        sink: tokio::sync::mpsc::Sender<Vec<QueuedMessage>>,
     ) -> Result<Subscription, ClientError> {
         let mut request = self.delivery.subscribe_request();
         request.get().set_recipient_key(recipient.as_bytes());
-        request.get().set_after_seq(after_seq);
+        request.get().set_after_seq(after.get());
         request
             .get()
             .set_receiver(capnp_rpc::new_client(MessageReceiverImpl { sink }));
@@ -327,11 +330,11 @@ impl NodeClient {
         })
     }
 
-    /// Deletes the messages of `recipient` up to and including `up_to_seq`.
-    pub async fn ack(&self, recipient: &IdentityKey, up_to_seq: u64) -> Result<(), ClientError> {
+    /// Deletes the messages of `recipient` up to and including `up_to`.
+    pub async fn ack(&self, recipient: &IdentityKey, up_to: Seq) -> Result<(), ClientError> {
         let mut request = self.delivery.ack_request();
         request.get().set_recipient_key(recipient.as_bytes());
-        request.get().set_up_to_seq(up_to_seq);
+        request.get().set_up_to_seq(up_to.get());
         call(request.send().promise).await?;
         Ok(())
     }
@@ -376,7 +379,7 @@ pub struct Subscription {
 /// Receives pushed messages and hands them to a channel; the node waits
 /// for each `deliver` to return, so a full channel slows the push down.
 struct MessageReceiverImpl {
-    sink: tokio::sync::mpsc::Sender<Vec<(u64, Vec<u8>)>>,
+    sink: tokio::sync::mpsc::Sender<Vec<QueuedMessage>>,
 }
 
 impl delivery_service_capnp::message_receiver::Server for MessageReceiverImpl {
@@ -394,14 +397,6 @@ impl delivery_service_capnp::message_receiver::Server for MessageReceiverImpl {
     }
 }
 
-fn read_messages(
-    list: capnp::struct_list::Reader<'_, delivery_service_capnp::queued_message::Owned>,
-) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
-    list.iter()
-        .map(|message| Ok((message.get_seq(), message.get_payload()?.to_vec())))
-        .collect()
-}
-
 fn fill_envelope(
     mut builder: quicnprotochat_proto::delivery_capnp::envelope::Builder<'_>,
     envelope: &Envelope,
@@ -417,12 +412,6 @@ fn fill_envelope(
         keys.set(slot as u32, recipient.as_bytes());
     }
     Ok(())
-}
-
-/// The epoch named in a node's "commit conflict: … at epoch N" answer.
-fn current_epoch(text: &str) -> Option<u64> {
-    let rest = text.split("at epoch ").nth(1)?;
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 async fn call<T>(promise: capnp::capability::Promise<T, capnp::Error>) -> Result<T, ClientError> {
@@ -450,36 +439,95 @@ async fn resolve(server: &str) -> Result<(String, SocketAddr), ClientError> {
     Ok((host, remote))
 }
 
+/// Says why a handshake failed, from quinn's error type and, for TLS
+/// failures, the TLS alert in its code; never from error text.
 fn classify_connect_error(
     options: &ConnectOptions,
     name: &str,
     error: quinn::ConnectionError,
 ) -> ClientError {
-    let text = error.to_string();
-    if text.contains("NotValidForName") {
-        ClientError::WrongName {
-            server: options.server.clone(),
-            name: name.to_owned(),
-            reason: text,
-        }
-    } else if text.contains("certificate")
-        || text.contains("CertificateRequired")
-        || text.contains("UnknownIssuer")
-    {
-        ClientError::UntrustedNode {
-            server: options.server.clone(),
-            ca_cert: options.ca_cert.clone(),
-            reason: text,
-        }
-    } else if matches!(error, quinn::ConnectionError::TimedOut) {
-        ClientError::Unreachable {
-            server: options.server.clone(),
+    let server = options.server.clone();
+    match &error {
+        // Our own TLS stack refused the node: quinn reports the alert we
+        // sent as a local transport error of the crypto class.
+        quinn::ConnectionError::TransportError(local) => match alert(local.code) {
+            // rustls checks the chain first (unknown_ca when it does not
+            // lead to the trusted certificate), then the name: bad_certificate
+            // after a good chain means the name. (It is also sent for a
+            // certificate that does not parse at all, before any chain
+            // check; only a broken node presents one, and the advice still
+            // points at the node.)
+            Some(AlertDescription::BadCertificate) => ClientError::WrongName {
+                server,
+                name: name.to_owned(),
+                reason: local.reason.clone(),
+            },
+            Some(
+                AlertDescription::UnknownCA
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::CertificateExpired
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::DecryptError,
+            ) => ClientError::UntrustedNode {
+                server,
+                ca_cert: options.ca_cert.clone(),
+                reason: local.reason.clone(),
+            },
+            _ => ClientError::Connect {
+                server,
+                reason: error.to_string(),
+            },
+        },
+        quinn::ConnectionError::ConnectionClosed(close) => ClientError::Connect {
+            server,
+            reason: match alert(close.error_code) {
+                Some(AlertDescription::NoApplicationProtocol) => format!(
+                    "the node does not speak {} ({error}); is it a quicnprotochat node of a matching version?",
+                    String::from_utf8_lossy(quicnprotochat_proto::ALPN)
+                ),
+                Some(_) => format!("the node refused the TLS handshake ({error})"),
+                None if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED => {
+                    format!(
+                        "the node refused the connection ({error}); it may be at its connection limit, try again later"
+                    )
+                }
+                None => error.to_string(),
+            },
+        },
+        quinn::ConnectionError::TimedOut => ClientError::Unreachable {
+            server,
             after: CONNECT_TIMEOUT,
-        }
-    } else {
-        ClientError::Connect {
-            server: options.server.clone(),
-            reason: text,
-        }
+        },
+        _ => ClientError::Connect {
+            server,
+            reason: error.to_string(),
+        },
+    }
+}
+
+/// The TLS alert a QUIC transport error code carries, if it is of the
+/// crypto class (0x0100 to 0x01ff, RFC 9001 section 4.8).
+fn alert(code: quinn::TransportErrorCode) -> Option<AlertDescription> {
+    let code = u64::from(code);
+    (code & !0xff == 0x100).then(|| AlertDescription::from((code & 0xff) as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_alerts_are_read_from_crypto_class_codes_only() {
+        assert_eq!(
+            alert(quinn::TransportErrorCode::crypto(48)),
+            Some(AlertDescription::UnknownCA)
+        );
+        assert_eq!(
+            alert(quinn::TransportErrorCode::crypto(42)),
+            Some(AlertDescription::BadCertificate)
+        );
+        assert_eq!(alert(quinn::TransportErrorCode::CONNECTION_REFUSED), None);
+        assert_eq!(alert(quinn::TransportErrorCode::PROTOCOL_VIOLATION), None);
     }
 }

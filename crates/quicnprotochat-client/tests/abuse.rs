@@ -20,9 +20,11 @@ use capnp::traits::HasTypeId;
 use capnp_rpc::rpc_capnp::{exception, message, return_};
 use common::{TestNode, identity, local};
 use futures::StreamExt;
+use quicnprotochat_client::ClientError;
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use quicnprotochat_proto::node_capnp::node_service;
+use quicnprotochat_proto::outcome::SendOutcome;
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, rpc, transport};
 use quicnprotochat_server::Config;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -259,10 +261,7 @@ async fn abuse_and_measure(node: &TestNode) {
     // A newcomer is served as usual.
     let latecomer = node.connect_as(&identity(LATECOMER)).await;
     latecomer.ping().await.unwrap();
-    latecomer
-        .enqueue(&identity(LATECOMER).public_key(), b"still served")
-        .await
-        .unwrap();
+    common::enqueue_ok(&latecomer, &identity(LATECOMER).public_key(), b"still served").await;
     assert_eq!(
         latecomer.fetch(&identity(LATECOMER).public_key()).await.unwrap(),
         [b"still served".to_vec()]
@@ -375,19 +374,13 @@ async fn flood(
                 let mut count = count.borrow_mut();
                 count.calls += 1;
                 match answer {
-                    Ok(()) => count.committed += 1,
-                    Err(e) => {
-                        let text = e.to_string();
-                        if text.contains("rate limited, retry after") {
-                            count.rate_limited += 1;
-                        } else if text.contains("queue full") {
-                            count.queue_full += 1;
-                        } else if text.contains("overloaded") {
-                            count.overloaded += 1;
-                        } else {
-                            count.other.push(text);
-                        }
+                    Ok(SendOutcome::Accepted) => count.committed += 1,
+                    Ok(SendOutcome::RateLimited(_)) => count.rate_limited += 1,
+                    Ok(SendOutcome::QueueFull(_)) => count.queue_full += 1,
+                    Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Overloaded => {
+                        count.overloaded += 1
                     }
+                    Err(e) => count.other.push(e.to_string()),
                 }
             }
         })
@@ -429,7 +422,7 @@ async fn pinger(
 /// What the normal receiver got.
 struct Delivery {
     payloads: Vec<Vec<u8>>,
-    seqs: Vec<u64>,
+    seqs: Vec<Seq>,
     slowest: Duration,
 }
 
@@ -447,7 +440,7 @@ async fn messenger(
         .unwrap();
     let queue = identity(RECEIVER).public_key();
     let (sink, mut pushed) = mpsc::channel(16);
-    let _subscription = receiver.subscribe(&queue, 0, sink).await.unwrap();
+    let _subscription = receiver.subscribe(&queue, Seq::ZERO, sink).await.unwrap();
     ready.send(()).await.unwrap();
     go.wait_for(|&go| go).await.unwrap();
     let sent_at = RefCell::new(Vec::with_capacity(MESSAGES));
@@ -456,7 +449,7 @@ async fn messenger(
         for n in 0..MESSAGES as u32 {
             ticks.tick().await;
             sent_at.borrow_mut().push(Instant::now());
-            sender.enqueue(&queue, &n.to_le_bytes()).await.unwrap();
+            common::enqueue_ok(&sender, &queue, &n.to_le_bytes()).await;
         }
     };
     let receive = async {
@@ -469,7 +462,7 @@ async fn messenger(
             let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(20), pushed.recv()).await else {
                 break;
             };
-            for (seq, payload) in batch {
+            for QueuedMessage { seq, payload } in batch {
                 if let Some(sent) = payload.get(..4).and_then(|n| {
                     sent_at
                         .borrow()
@@ -489,14 +482,14 @@ async fn messenger(
 
 /// How many messages `owner`'s connection finds in `queue`.
 async fn queue_length(owner: &NodeClient, queue: &IdentityKey) -> usize {
-    let (mut length, mut after) = (0, 0);
+    let (mut length, mut after) = (0, Seq::ZERO);
     loop {
         let batch = owner.fetch_since(queue, after, 0).await.unwrap();
-        let Some(&(last, _)) = batch.last() else {
+        let Some(last) = batch.last() else {
             return length;
         };
+        after = last.seq;
         length += batch.len();
-        after = last;
     }
 }
 

@@ -4,26 +4,9 @@
 
 mod common;
 
-use common::{TestNode, state};
-
-/// Alice and Bob, each with a state file in `dir`, in a group `group_id`
-/// that Alice created and Bob joined. Returns (alice state, bob state, alice
-/// key, bob key).
-fn alice_and_bob_in_a_group(node: &TestNode, dir: &std::path::Path, group_id: &str) -> [String; 4] {
-    let (alice, bob) = (state(dir, "alice.state"), state(dir, "bob.state"));
-    let alice_key = node
-        .cli_ok(&["register-state", "--state", &alice])
-        .trim()
-        .to_owned();
-    let bob_key = node
-        .cli_ok(&["register-state", "--state", &bob])
-        .trim()
-        .to_owned();
-    node.cli_ok(&["create-group", "--state", &alice, "--group-id", group_id]);
-    node.cli_ok(&["invite", "--state", &alice, "--peer-key", &bob_key]);
-    node.cli_ok(&["join", "--state", &bob]);
-    [alice, bob, alice_key, bob_key]
-}
+use common::{TestNode, alice_and_bob_in_a_group, state};
+use quicnprotochat_client::ClientError;
+use quicnprotochat_client::node_client::NodeClient;
 
 #[test]
 fn demo_group_decrypts_both_directions() {
@@ -165,6 +148,15 @@ fn a_wrong_or_missing_ca_certificate_is_reported() {
     let err = common::stderr(&wrong);
     assert!(err.contains("is not trusted"), "{err}");
     assert!(err.contains("--ca-cert"), "{err}");
+    common::local(async {
+        let mut options = node.options();
+        options.ca_cert = other.cert();
+        let refused = NodeClient::connect(&options, None).await.err();
+        assert!(
+            matches!(refused, Some(ClientError::UntrustedNode { .. })),
+            "{refused:?}"
+        );
+    });
 
     let missing = common::run_client(&[
         "--server",
@@ -177,6 +169,38 @@ fn a_wrong_or_missing_ca_certificate_is_reported() {
     let err = common::stderr(&missing);
     assert!(err.contains("cannot read the node's certificate"), "{err}");
     assert!(err.contains("--ca-cert"), "{err}");
+}
+
+#[test]
+fn a_name_the_nodes_certificate_does_not_list_is_reported() {
+    let node = TestNode::start();
+    let out = node.cli(&["--server-name", "elsewhere.example", "ping"]);
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("not valid for the name \"elsewhere.example\""),
+        "{err}"
+    );
+    assert!(err.contains("--server-name"), "{err}");
+    common::local(async {
+        let mut options = node.options();
+        options.server_name = Some("elsewhere.example".into());
+        let refused = NodeClient::connect(&options, None).await.err();
+        assert!(
+            matches!(refused, Some(ClientError::WrongName { ref name, .. }) if name == "elsewhere.example"),
+            "{refused:?}"
+        );
+        // The names the certificate lists work.
+        for name in ["localhost", "127.0.0.1"] {
+            options.server_name = Some(name.into());
+            NodeClient::connect(&options, None)
+                .await
+                .unwrap()
+                .ping()
+                .await
+                .unwrap();
+        }
+    });
 }
 
 #[test]
@@ -258,10 +282,7 @@ fn recv_skips_undecodable_messages_with_a_warning_and_processes_the_rest() {
         let client = node
             .connect_as(&quicnprotochat_core::IdentityKeypair::generate())
             .await;
-        client
-            .enqueue(&bob_identity, b"definitely not MLS")
-            .await
-            .unwrap();
+        common::enqueue_ok(&client, &bob_identity, b"definitely not MLS").await;
     });
     node.cli_ok(&["send", "--state", &alice, "--msg", "after the garbage"]);
 

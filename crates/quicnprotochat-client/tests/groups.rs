@@ -6,6 +6,7 @@
 mod common;
 
 use common::{TestNode, state};
+use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome};
 
 /// One person: a state file and the identity key `register-state` printed.
 struct Member {
@@ -286,8 +287,12 @@ fn garbage_and_messages_for_unknown_groups_are_skipped_and_the_rest_processed() 
         let client = node.connect_as(&alice_identity).await;
         let foreign = client.fetch_all(&alice_identity.public_key()).await.unwrap();
         assert_eq!(foreign.len(), 1);
-        client.enqueue(&bob_key, b"\x00\x01 garbage").await.unwrap();
-        client.enqueue(&bob_key, &foreign[0]).await.unwrap();
+        for payload in [b"\x00\x01 garbage".as_slice(), &foreign[0]] {
+            assert_eq!(
+                client.enqueue(&bob_key, payload).await.unwrap(),
+                SendOutcome::Accepted
+            );
+        }
     });
     alice.run(&node, "send", &["--group-id", "ours", "--msg", "still delivered"]);
 
@@ -334,7 +339,7 @@ fn a_client_killed_between_fetch_and_ack_loses_nothing_and_applies_once() {
         let owner = node.connect_as(&bob_identity).await;
         assert_eq!(
             owner
-                .fetch_since(&bob_identity.public_key(), 0, 0)
+                .fetch_since(&bob_identity.public_key(), quicnprotochat_core::Seq::ZERO, 0)
                 .await
                 .unwrap()
                 .len(),
@@ -429,10 +434,11 @@ fn register_uploads_a_batch_with_a_last_resort_and_recv_tops_up() {
         // Strangers use up every ordinary KeyPackage.
         let stranger = node.connect().await;
         for _ in 0..count {
-            stranger
+            let fetched = stranger
                 .fetch_key_package(&bob_identity.public_key())
                 .await
                 .unwrap();
+            assert!(matches!(fetched, FetchedKeyPackage::Package(_)), "{fetched:?}");
         }
         assert_eq!(
             owner.key_package_count(&bob_identity.public_key()).await.unwrap(),
@@ -633,8 +639,9 @@ fn groups_with_the_same_name_do_not_collide_at_the_node() {
 
 #[test]
 fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
-    use quicnprotochat_client::state::{Publication, StateFile};
-    use quicnprotochat_core::GroupMember;
+    use quicnprotochat_client::state::{Publication, StateError, StateFile};
+    use quicnprotochat_core::{GroupId, GroupMember};
+    use quicnprotochat_proto::outcome::CommitOutcome;
 
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
@@ -648,27 +655,28 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     let group_id = state.current_group().unwrap().unwrap();
     let mut group = GroupMember::load(&state.provider(), &group_id).unwrap().unwrap();
     let epoch = group.epoch();
-    let transaction = state.transaction().unwrap();
-    let commit = group.self_update(&state.provider(), &identity).unwrap();
-    transaction.commit().unwrap();
-    let publication = Publication {
-        group_id: group_id.clone(),
-        epoch,
-        commit: quicnprotochat_proto::wire::Envelope {
-            recipients: vec![bob.key.parse().unwrap()],
-            payload: commit,
-            message_id: Some(b"answer-lost".to_vec()),
-        },
-        welcome: None,
-    };
-    state.save_publication(&publication).unwrap();
+    let publication = state
+        .stage_publication(|| -> Result<Publication, StateError> {
+            Ok(Publication {
+                group_id: GroupId::new(group_id.clone()).unwrap(),
+                epoch,
+                commit: quicnprotochat_proto::wire::Envelope {
+                    recipients: vec![bob.key.parse().unwrap()],
+                    payload: group.self_update(&state.provider(), &identity)?,
+                    message_id: Some(b"answer-lost".to_vec()),
+                },
+                welcome: None,
+            })
+        })
+        .unwrap();
     drop((group, state));
     common::local(async {
         let client = node.connect_as(&identity).await;
-        client
-            .publish_commit(&group_id, epoch, &publication.commit, None)
+        let outcome = client
+            .publish_commit(&publication.group_id, epoch, &publication.commit, None)
             .await
             .unwrap();
+        assert_eq!(outcome, CommitOutcome::Accepted);
     });
 
     let (ok, _, err) = alice.try_run(&node, "recv", &[]);

@@ -1,5 +1,6 @@
-//! The node's limits answer with errors, never by dropping anything
-//! silently: queue full, rate limited, too many connections, retention.
+//! The node's limits answer with typed outcomes (queue full, rate limited)
+//! or refusals (too many connections), never by dropping anything silently;
+//! and retention.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -7,7 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestNode, identity, local};
+use common::{TestNode, alice_and_bob_in_a_group, identity, local};
+use quicnprotochat_core::Seq;
+use quicnprotochat_proto::outcome::{FetchedKeyPackage, QueueFull, SendOutcome};
+use quicnprotochat_proto::wire::Envelope;
 use quicnprotochat_server::Config;
 
 fn node_with(adjust: impl FnOnce(&mut Config)) -> (TestNode, tempfile::TempDir) {
@@ -25,19 +29,156 @@ fn a_full_queue_refuses_more_and_keeps_what_it_has() {
         let owner = node.connect_as(&identity(2)).await;
         let queue = identity(2).public_key();
         for n in 0..3u8 {
-            sender.enqueue(&queue, &[n]).await.unwrap();
+            assert_eq!(sender.enqueue(&queue, &[n]).await.unwrap(), SendOutcome::Accepted);
         }
-        let err = sender.enqueue(&queue, &[3]).await.unwrap_err().to_string();
-        assert!(
-            err.contains("queue full") && err.contains("3 messages waiting"),
-            "{err}"
+        assert_eq!(
+            sender.enqueue(&queue, &[3]).await.unwrap(),
+            SendOutcome::QueueFull(QueueFull {
+                recipients: vec![queue],
+                max_depth: 3
+            })
         );
-        let stored = owner.fetch_since(&queue, 0, 0).await.unwrap();
-        assert_eq!(stored.iter().map(|(_, p)| p[0]).collect::<Vec<_>>(), [0, 1, 2]);
+        let stored = owner.fetch_since(&queue, Seq::ZERO, 0).await.unwrap();
+        assert_eq!(stored.iter().map(|m| m.payload[0]).collect::<Vec<_>>(), [0, 1, 2]);
         // Once the owner acks, there is room again.
-        owner.ack(&queue, stored[2].0).await.unwrap();
-        sender.enqueue(&queue, &[4]).await.unwrap();
+        owner.ack(&queue, stored[2].seq).await.unwrap();
+        assert_eq!(sender.enqueue(&queue, &[4]).await.unwrap(), SendOutcome::Accepted);
     });
+}
+
+#[test]
+fn a_batch_naming_a_queue_more_often_than_it_has_room_is_refused_whole() {
+    let (node, _dir) = node_with(|config| config.max_queue_depth = 3);
+    local(async {
+        let sender = node.connect_as(&identity(8)).await;
+        let owner = node.connect_as(&identity(9)).await;
+        let roomy = node.connect_as(&identity(10)).await;
+        let (queue, other) = (identity(9).public_key(), identity(10).public_key());
+        assert_eq!(
+            sender.enqueue(&queue, b"waiting").await.unwrap(),
+            SendOutcome::Accepted
+        );
+        // One waiting plus three incoming is one more than the queue holds;
+        // the other recipient has room but gets nothing either.
+        let batch: Vec<Envelope> = (0..3u8)
+            .map(|n| Envelope {
+                recipients: vec![other, queue],
+                payload: vec![n],
+                message_id: None,
+            })
+            .collect();
+        assert_eq!(
+            sender.enqueue_batch(&batch).await.unwrap(),
+            SendOutcome::QueueFull(QueueFull {
+                recipients: vec![queue],
+                max_depth: 3
+            })
+        );
+        let stored = owner.fetch_since(&queue, Seq::ZERO, 0).await.unwrap();
+        assert_eq!(
+            stored.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(),
+            [b"waiting".as_slice()]
+        );
+        assert!(roomy.fetch_since(&other, Seq::ZERO, 0).await.unwrap().is_empty());
+
+        // A recipient named twice in one envelope gets that payload once:
+        // one waiting plus two incoming fits.
+        let fits = [
+            Envelope {
+                recipients: vec![queue, queue],
+                payload: b"once".to_vec(),
+                message_id: None,
+            },
+            Envelope {
+                recipients: vec![queue],
+                payload: b"twice".to_vec(),
+                message_id: None,
+            },
+        ];
+        assert_eq!(sender.enqueue_batch(&fits).await.unwrap(), SendOutcome::Accepted);
+        let stored = owner.fetch_since(&queue, Seq::ZERO, 0).await.unwrap();
+        assert_eq!(
+            stored.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(),
+            [b"waiting".as_slice(), b"once", b"twice"]
+        );
+    });
+}
+
+#[test]
+fn the_cli_names_a_full_queue_and_drops_a_change_the_node_refused() {
+    let (node, dir) = node_with(|config| config.max_queue_depth = 2);
+    let [alice, bob, _, bob_key] = alice_and_bob_in_a_group(&node, dir.path(), "small");
+    for text in ["one", "two"] {
+        node.cli_ok(&["send", "--state", &alice, "--msg", text]);
+    }
+
+    let out = node.cli(&["send", "--state", &alice, "--msg", "three"]);
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!("queue of {} is full", &bob_key[..16])) && err.contains("`recv`"),
+        "{err}"
+    );
+
+    // A Commit that cannot be queued is dropped: the group stays as it was.
+    let out = node.cli(&["update", "--state", &alice]);
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("small is unchanged") && err.contains("is full"),
+        "{err}"
+    );
+    assert_eq!(
+        node.cli_ok(&["groups", "--state", &alice]).trim(),
+        "* small epoch 1 members 2"
+    );
+
+    // Once Bob drains his queue there is room again.
+    assert_eq!(
+        node.cli_ok(&["recv", "--state", &bob]).lines().count(),
+        2,
+        "bob reads what was queued"
+    );
+    node.cli_ok(&["update", "--state", &alice]);
+    node.cli_ok(&["recv", "--state", &bob]);
+    assert_eq!(
+        node.cli_ok(&["groups", "--state", &bob]).trim(),
+        "* small epoch 2 members 2"
+    );
+}
+
+#[test]
+fn the_cli_waits_out_a_rate_limit_on_sends_and_group_changes() {
+    let (node, dir) = node_with(|config| config.enqueue_rate = 1);
+    let [alice, bob, _, _] = alice_and_bob_in_a_group(&node, dir.path(), "slow");
+    // A burst of two passes (the Welcome was one); after that the node
+    // says when to come back and the client waits that long.
+    let mut waited = 0;
+    for command in [
+        vec!["send", "--msg", "one"],
+        vec!["send", "--msg", "two"],
+        vec!["update"],
+        vec!["send", "--msg", "three"],
+    ] {
+        let mut args = command.clone();
+        args.extend(["--state", alice.as_str()]);
+        let out = node.cli(&args);
+        let err = common::stderr(&out);
+        assert!(out.status.success(), "{command:?}: {err}");
+        waited += usize::from(err.contains("the node asks us to slow down"));
+    }
+    assert!(waited >= 2, "the client waited for the rate limit");
+    assert_eq!(
+        node.cli_ok(&["recv", "--state", &bob])
+            .lines()
+            .map(|line| line.rsplit(' ').next().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>(),
+        ["one", "two", "three"]
+    );
+    assert_eq!(
+        node.cli_ok(&["groups", "--state", &bob]).trim(),
+        "* slow epoch 2 members 2"
+    );
 }
 
 #[test]
@@ -51,39 +192,49 @@ fn senders_and_key_package_fetchers_over_their_rate_are_told_when_to_retry() {
         let queue = identity(4).public_key();
         let mut refused = None;
         for n in 0..20u8 {
-            if let Err(e) = sender.enqueue(&queue, &[n]).await {
-                refused = Some((n, e.to_string()));
-                break;
+            match sender.enqueue(&queue, &[n]).await.unwrap() {
+                SendOutcome::Accepted => {}
+                SendOutcome::RateLimited(limited) => {
+                    refused = Some((n, limited));
+                    break;
+                }
+                other => panic!("{other:?}"),
             }
         }
-        let (at, err) = refused.expect("the burst runs out");
+        let (at, limited) = refused.expect("the burst runs out");
         assert!(
             at >= 10,
             "a burst of twice the rate passes first, refused at {at}"
         );
-        assert!(
-            err.contains("rate limited, retry after") && err.contains(" ms"),
-            "{err}"
-        );
+        assert!(limited.retry_after > Duration::ZERO, "{limited:?}");
+        assert!(limited.retry_after <= Duration::from_secs(1), "{limited:?}");
         // Another identity has its own bucket.
-        node.connect_as(&identity(5))
-            .await
-            .enqueue(&queue, b"fine")
-            .await
-            .unwrap();
+        assert_eq!(
+            node.connect_as(&identity(5))
+                .await
+                .enqueue(&queue, b"fine")
+                .await
+                .unwrap(),
+            SendOutcome::Accepted
+        );
 
         let anonymous = node.connect().await;
         let mut refused = None;
         for _ in 0..10 {
-            if let Err(e) = anonymous.fetch_key_package(&queue).await {
-                refused = Some(e.to_string());
+            if let FetchedKeyPackage::RateLimited(limited) =
+                anonymous.fetch_key_package(&queue).await.unwrap()
+            {
+                refused = Some(limited);
                 break;
             }
         }
-        let err = refused.expect("anonymous fetches are limited per address");
-        assert!(err.contains("rate limited"), "{err}");
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        anonymous.fetch_key_package(&queue).await.unwrap();
+        let limited = refused.expect("anonymous fetches are limited per address");
+        assert!(limited.retry_after > Duration::ZERO, "{limited:?}");
+        tokio::time::sleep(Duration::from_millis(600).max(limited.retry_after)).await;
+        assert_eq!(
+            anonymous.fetch_key_package(&queue).await.unwrap(),
+            FetchedKeyPackage::None
+        );
     });
 }
 
@@ -96,7 +247,10 @@ fn connections_beyond_the_maximum_are_refused() {
         first.ping().await.unwrap();
         second.ping().await.unwrap();
         let third = quicnprotochat_client::node_client::NodeClient::connect(&node.options(), None).await;
-        assert!(third.is_err(), "a third connection is refused");
+        assert!(
+            matches!(third, Err(quicnprotochat_client::ClientError::Connect { .. })),
+            "a third connection is refused"
+        );
         drop(first);
         tokio::time::sleep(Duration::from_millis(300)).await;
         second.ping().await.unwrap();
@@ -110,11 +264,14 @@ fn undelivered_messages_older_than_the_retention_period_are_deleted() {
         let sender = node.connect_as(&identity(6)).await;
         let owner = node.connect_as(&identity(7)).await;
         let queue = identity(7).public_key();
-        sender.enqueue(&queue, b"stale").await.unwrap();
-        assert_eq!(owner.fetch_since(&queue, 0, 0).await.unwrap().len(), 1);
+        assert_eq!(
+            sender.enqueue(&queue, b"stale").await.unwrap(),
+            SendOutcome::Accepted
+        );
+        assert_eq!(owner.fetch_since(&queue, Seq::ZERO, 0).await.unwrap().len(), 1);
         // Timestamps have one-second resolution: past two seconds it is old.
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(owner.fetch_since(&queue, 0, 0).await.unwrap().is_empty());
+        assert!(owner.fetch_since(&queue, Seq::ZERO, 0).await.unwrap().is_empty());
     });
 }
 

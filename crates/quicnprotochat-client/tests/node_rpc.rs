@@ -8,9 +8,10 @@ mod common;
 use std::collections::HashSet;
 
 use capnp::capability::FromClientHook;
-use common::{TestNode, identity, local};
-use quicnprotochat_core::{IdentityKey, KeyPackageOptions, generate_key_package_with};
+use common::{TestNode, enqueue_ok, identity, local};
+use quicnprotochat_core::{IdentityKey, KeyPackageOptions, Seq, generate_key_package_with};
 use quicnprotochat_proto::delivery_capnp::delivery_service;
+use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome};
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
 fn key(n: u8) -> IdentityKey {
@@ -53,7 +54,14 @@ fn a_key_package_is_served_exactly_once_to_concurrent_fetchers() {
         // All eight calls are in flight at once, on eight connections.
         let wanted = key(1);
         let results = futures::future::join_all(fetchers.iter().map(|f| f.fetch_key_package(&wanted))).await;
-        let served: Vec<_> = results.into_iter().filter_map(Result::unwrap).collect();
+        let served: Vec<_> = results
+            .into_iter()
+            .filter_map(|fetched| match fetched.unwrap() {
+                FetchedKeyPackage::Package(package) => Some(package),
+                FetchedKeyPackage::None => None,
+                limited => panic!("{limited:?}"),
+            })
+            .collect();
         assert_eq!(served, vec![only]);
     });
 }
@@ -87,7 +95,7 @@ fn fetch_drains_the_queue_in_fifo_order() {
     local(async {
         let client = node.connect_as(&identity(2)).await;
         for i in 0..50u32 {
-            client.enqueue(&key(2), &i.to_be_bytes()).await.unwrap();
+            enqueue_ok(&client, &key(2), &i.to_be_bytes()).await;
         }
         let fetched = client.fetch(&key(2)).await.unwrap();
         assert_eq!(
@@ -95,7 +103,10 @@ fn fetch_drains_the_queue_in_fifo_order() {
             (0..50u32).map(|i| i.to_be_bytes().to_vec()).collect::<Vec<_>>()
         );
         assert!(client.fetch(&key(2)).await.unwrap().is_empty());
-        assert_eq!(client.fetch_key_package(&key(99)).await.unwrap(), None);
+        assert_eq!(
+            client.fetch_key_package(&key(99)).await.unwrap(),
+            FetchedKeyPackage::None
+        );
     });
 }
 
@@ -118,10 +129,7 @@ fn an_oversize_payload_is_refused_and_nothing_is_stored() {
             .to_string();
         assert!(err.contains("package"), "{err}");
         // The same connection still works, and nothing was queued.
-        client
-            .enqueue(&key(3), &vec![1u8; DEFAULT_MAX_PAYLOAD])
-            .await
-            .unwrap();
+        enqueue_ok(&client, &key(3), &vec![1u8; DEFAULT_MAX_PAYLOAD]).await;
         assert_eq!(client.fetch(&key(3)).await.unwrap().len(), 1);
     });
 }
@@ -181,7 +189,7 @@ fn garbage_on_the_stream_does_not_disturb_other_clients() {
         let client = node.connect_as(&identity(4)).await;
         let info = client.ping().await.unwrap();
         assert_eq!(info.protocol_version, quicnprotochat_proto::PROTOCOL_VERSION);
-        client.enqueue(&key(4), b"still works").await.unwrap();
+        enqueue_ok(&client, &key(4), b"still works").await;
         assert_eq!(
             client.fetch(&key(4)).await.unwrap(),
             vec![b"still works".to_vec()]
@@ -199,7 +207,7 @@ fn many_clients_at_once_each_get_their_own_messages() {
         }
         let sends = clients.iter().enumerate().map(|(i, client)| async move {
             for n in 0..20u8 {
-                client.enqueue(&key(100 + i as u8), &[n]).await.unwrap();
+                enqueue_ok(client, &key(100 + i as u8), &[n]).await;
             }
         });
         futures::future::join_all(sends).await;
@@ -233,8 +241,8 @@ fn every_enqueue_answered_before_a_shutdown_is_kept() {
                 let calls = payloads.iter().map(|p| client.enqueue(&recipient, p));
                 for (n, result) in batch.iter().zip(futures::future::join_all(calls).await) {
                     match result {
-                        Ok(()) => acknowledged.push(*n),
-                        Err(_) => break 'outer,
+                        Ok(SendOutcome::Accepted) => acknowledged.push(*n),
+                        Ok(_) | Err(_) => break 'outer,
                     }
                 }
             }
@@ -307,7 +315,7 @@ fn a_batch_with_one_bad_envelope_stores_nothing() {
                 message_id: None,
             },
         ];
-        client.enqueue_batch(&batch).await.unwrap();
+        assert_eq!(client.enqueue_batch(&batch).await.unwrap(), SendOutcome::Accepted);
         assert_eq!(client.fetch(&key(8)).await.unwrap(), vec![b"to both".to_vec()]);
         assert_eq!(
             nine.fetch(&key(9)).await.unwrap(),
@@ -323,7 +331,7 @@ fn only_the_owner_may_read_a_queue_or_upload_its_key_packages() {
         let owner = node.connect_as(&identity(10)).await;
         let stranger = node.connect_as(&identity(11)).await;
         let anonymous = node.connect().await;
-        owner.enqueue(&key(10), b"private").await.unwrap();
+        enqueue_ok(&owner, &key(10), b"private").await;
 
         for client in [&stranger, &anonymous] {
             let err = client.fetch(&key(10)).await.unwrap_err().to_string();
@@ -357,11 +365,14 @@ fn only_the_owner_may_read_a_queue_or_upload_its_key_packages() {
 
         // Anonymous clients may still ping and take KeyPackages.
         anonymous.ping().await.unwrap();
-        assert_eq!(anonymous.fetch_key_package(&key(10)).await.unwrap(), None);
+        assert_eq!(
+            anonymous.fetch_key_package(&key(10)).await.unwrap(),
+            FetchedKeyPackage::None
+        );
         // The owner's queue is intact: only the owner's message, once.
         assert_eq!(owner.fetch(&key(10)).await.unwrap(), vec![b"private".to_vec()]);
         // A stranger may send to the owner.
-        stranger.enqueue(&key(10), b"hello").await.unwrap();
+        enqueue_ok(&stranger, &key(10), b"hello").await;
         assert_eq!(owner.fetch(&key(10)).await.unwrap(), vec![b"hello".to_vec()]);
     });
 }
@@ -424,11 +435,14 @@ fn the_last_resort_is_served_again_and_again_after_the_others() {
             .unwrap();
         assert_eq!(owner.key_package_count(&key(22)).await.unwrap(), (1, true));
         let anyone = node.connect().await;
-        assert_eq!(anyone.fetch_key_package(&key(22)).await.unwrap(), Some(ordinary));
+        assert_eq!(
+            anyone.fetch_key_package(&key(22)).await.unwrap(),
+            FetchedKeyPackage::Package(ordinary)
+        );
         for _ in 0..3 {
             assert_eq!(
                 anyone.fetch_key_package(&key(22)).await.unwrap(),
-                Some(last.clone())
+                FetchedKeyPackage::Package(last.clone())
             );
         }
         assert_eq!(owner.key_package_count(&key(22)).await.unwrap(), (0, true));
@@ -453,7 +467,7 @@ fn an_expired_key_package_is_not_served() {
         tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
         assert_eq!(
             node.connect().await.fetch_key_package(&key(23)).await.unwrap(),
-            None
+            FetchedKeyPackage::None
         );
         assert_eq!(owner.key_package_count(&key(23)).await.unwrap(), (0, false));
     });
@@ -469,19 +483,28 @@ fn a_retried_batch_with_the_same_message_ids_is_stored_once() {
             payload: b"exactly once".to_vec(),
             message_id: Some(b"retry-me".to_vec()),
         }];
-        sender.enqueue_batch(&batch).await.unwrap();
-        sender.enqueue_batch(&batch).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(sender.enqueue_batch(&batch).await.unwrap(), SendOutcome::Accepted);
+        }
         for n in [31, 32] {
             let owner = node.connect_as(&identity(n)).await;
-            let got = owner.fetch_since(&key(n), 0, 0).await.unwrap();
+            let got = owner.fetch_since(&key(n), Seq::ZERO, 0).await.unwrap();
             assert_eq!(got.len(), 1, "recipient {n}");
-            assert_eq!(got[0].1, b"exactly once".to_vec());
-            owner.ack(&key(n), got[0].0).await.unwrap();
-            assert!(owner.fetch_since(&key(n), 0, 0).await.unwrap().is_empty());
+            assert_eq!(got[0].payload, b"exactly once".to_vec());
+            owner.ack(&key(n), got[0].seq).await.unwrap();
+            assert!(owner.fetch_since(&key(n), Seq::ZERO, 0).await.unwrap().is_empty());
         }
-        let err = sender.ack(&key(31), u64::MAX).await.unwrap_err().to_string();
+        let err = sender
+            .ack(&key(31), Seq::new(u64::MAX))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("permission denied"), "{err}");
-        let err = sender.fetch_since(&key(31), 0, 0).await.unwrap_err().to_string();
+        let err = sender
+            .fetch_since(&key(31), Seq::ZERO, 0)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("permission denied"), "{err}");
     });
 }
@@ -492,16 +515,16 @@ fn a_subscriber_receives_messages_enqueued_on_another_connection() {
     local(async {
         let owner = node.connect_as(&identity(40)).await;
         let sender = node.connect_as(&identity(41)).await;
-        sender.enqueue(&key(40), b"before").await.unwrap();
+        enqueue_ok(&sender, &key(40), b"before").await;
         let (sink, mut pushed) = tokio::sync::mpsc::channel(1);
-        let subscription = owner.subscribe(&key(40), 0, sink).await.unwrap();
+        let subscription = owner.subscribe(&key(40), Seq::ZERO, sink).await.unwrap();
         let first = pushed.recv().await.unwrap();
         assert_eq!(
-            first.iter().map(|(_, p)| p.as_slice()).collect::<Vec<_>>(),
+            first.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(),
             [b"before".as_slice()]
         );
         for n in 0..3u8 {
-            sender.enqueue(&key(40), &[n]).await.unwrap();
+            enqueue_ok(&sender, &key(40), &[n]).await;
         }
         let mut received = Vec::new();
         while received.len() < 3 {
@@ -511,13 +534,16 @@ fn a_subscriber_receives_messages_enqueued_on_another_connection() {
                 .unwrap();
             received.extend(batch);
         }
-        assert_eq!(received.iter().map(|(_, p)| p[0]).collect::<Vec<_>>(), [0, 1, 2]);
-        assert!(received.windows(2).all(|w| w[0].0 < w[1].0));
-        assert!(received[0].0 > first[0].0);
+        assert_eq!(
+            received.iter().map(|m| m.payload[0]).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert!(received.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(received[0].seq > first[0].seq);
         // A stranger may not subscribe to someone else's queue.
         let (stranger_sink, _) = tokio::sync::mpsc::channel(1);
         let err = sender
-            .subscribe(&key(40), 0, stranger_sink)
+            .subscribe(&key(40), Seq::ZERO, stranger_sink)
             .await
             .err()
             .unwrap()
@@ -526,7 +552,7 @@ fn a_subscriber_receives_messages_enqueued_on_another_connection() {
         // Dropping the subscription ends the push.
         drop(subscription);
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        sender.enqueue(&key(40), b"after").await.unwrap();
+        enqueue_ok(&sender, &key(40), b"after").await;
         let late = tokio::time::timeout(std::time::Duration::from_millis(500), pushed.recv()).await;
         assert!(
             matches!(late, Err(_) | Ok(None)),
@@ -542,18 +568,24 @@ fn a_long_poll_answers_when_a_message_arrives_or_when_the_wait_ends() {
         let owner = node.connect_as(&identity(42)).await;
         let sender = node.connect_as(&identity(43)).await;
         let started = std::time::Instant::now();
-        assert!(owner.fetch_wait(&key(42), 0, 0, 300).await.unwrap().is_empty());
+        assert!(
+            owner
+                .fetch_wait(&key(42), Seq::ZERO, 0, 300)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert!(started.elapsed() >= std::time::Duration::from_millis(250));
 
         let queue = key(42);
-        let poll = owner.fetch_wait(&queue, 0, 0, 10_000);
+        let poll = owner.fetch_wait(&queue, Seq::ZERO, 0, 10_000);
         let send = async {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            sender.enqueue(&key(42), b"wake up").await.unwrap();
+            enqueue_ok(&sender, &key(42), b"wake up").await;
         };
         let started = std::time::Instant::now();
         let (got, ()) = futures::join!(poll, send);
-        assert_eq!(got.unwrap()[0].1, b"wake up".to_vec());
+        assert_eq!(got.unwrap()[0].payload, b"wake up".to_vec());
         assert!(
             started.elapsed() < std::time::Duration::from_secs(5),
             "answered on arrival"
@@ -569,11 +601,11 @@ fn a_session_may_hold_only_a_few_subscriptions() {
         let mut held = Vec::new();
         for _ in 0..4 {
             let (sink, _) = tokio::sync::mpsc::channel(1);
-            held.push(owner.subscribe(&key(50), 0, sink).await.unwrap());
+            held.push(owner.subscribe(&key(50), Seq::ZERO, sink).await.unwrap());
         }
         let (sink, _) = tokio::sync::mpsc::channel(1);
         let err = owner
-            .subscribe(&key(50), 0, sink)
+            .subscribe(&key(50), Seq::ZERO, sink)
             .await
             .err()
             .unwrap()

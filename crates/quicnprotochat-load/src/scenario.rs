@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient, Subscription};
-use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{IdentityKey, IdentityKeypair, QueuedMessage, Seq};
+use quicnprotochat_proto::outcome::SendOutcome;
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::LoadError;
@@ -233,7 +234,7 @@ async fn client_thread(
         if spec.receives {
             let (sink, pushed) = tokio::sync::mpsc::channel(64);
             let key = spec.identity.public_key();
-            let subscription = match client.subscribe(&key, 0, sink).await {
+            let subscription = match client.subscribe(&key, Seq::ZERO, sink).await {
                 Ok(subscription) => subscription,
                 Err(e) => {
                     abandon();
@@ -375,16 +376,27 @@ async fn enqueue(client: &NodeClient, targets: &[IdentityKey], scenario: &Scenar
         client.enqueue_batch(&envelopes).await
     };
     let messages = (scenario.batch.max(1) * targets.len()) as u64;
-    match outcome {
-        Ok(()) => {
+    // The node the binary starts has its rate limits off and a deep queue
+    // limit, so a refusal means the run overloaded something: it is counted
+    // (and the first one shown), not retried, so the figures stay honest.
+    let refusal = match outcome {
+        Ok(SendOutcome::Accepted) => {
             shared.accepted.fetch_add(messages, Ordering::AcqRel);
+            return;
         }
-        Err(e) => {
-            shared.refused.fetch_add(messages, Ordering::Relaxed);
-            if let Ok(mut first) = shared.first_error.lock() {
-                first.get_or_insert_with(|| e.to_string());
-            }
+        Ok(SendOutcome::RateLimited(limited)) => {
+            format!("rate limited, retry after {:?}", limited.retry_after)
         }
+        Ok(SendOutcome::QueueFull(full)) => format!(
+            "queue full ({} recipients at the node's limit of {} messages)",
+            full.recipients.len(),
+            full.max_depth
+        ),
+        Err(e) => e.to_string(),
+    };
+    shared.refused.fetch_add(messages, Ordering::Relaxed);
+    if let Ok(mut first) = shared.first_error.lock() {
+        first.get_or_insert(refusal);
     }
 }
 
@@ -394,12 +406,12 @@ async fn enqueue(client: &NodeClient, targets: &[IdentityKey], scenario: &Scenar
 async fn receive(
     client: Rc<NodeClient>,
     key: IdentityKey,
-    mut pushed: tokio::sync::mpsc::Receiver<Vec<(u64, Vec<u8>)>>,
+    mut pushed: tokio::sync::mpsc::Receiver<Vec<QueuedMessage>>,
     received: Rc<RefCell<Received>>,
     shared: Arc<Shared>,
     ack_every: Duration,
 ) {
-    let mut unacked = 0;
+    let mut unacked = Seq::ZERO;
     let mut ack_at: Option<tokio::time::Instant> = None;
     loop {
         let next = match ack_at {
@@ -420,7 +432,7 @@ async fn receive(
         while let Ok(batch) = pushed.try_recv() {
             unacked = record(&batch, &received, &shared).max(unacked);
         }
-        if unacked == 0 {
+        if unacked == Seq::ZERO {
             continue;
         }
         if ack_every.is_zero() {
@@ -433,10 +445,11 @@ async fn receive(
     }
 }
 
-fn record(batch: &[(u64, Vec<u8>)], received: &RefCell<Received>, shared: &Shared) -> u64 {
+/// Records a pushed batch; returns the last sequence number in it.
+fn record(batch: &[QueuedMessage], received: &RefCell<Received>, shared: &Shared) -> Seq {
     let now = EPOCH.elapsed().as_nanos() as u64;
     let mut received = received.borrow_mut();
-    for (_, payload) in batch {
+    for QueuedMessage { payload, .. } in batch {
         let sent = payload
             .get(..8)
             .and_then(|b| b.try_into().ok())
@@ -448,7 +461,7 @@ fn record(batch: &[(u64, Vec<u8>)], received: &RefCell<Received>, shared: &Share
     }
     received.last_delivery = received.last_delivery.max(now);
     shared.delivered.fetch_add(batch.len() as u64, Ordering::AcqRel);
-    batch.last().map_or(0, |(seq, _)| *seq)
+    batch.last().map_or(Seq::ZERO, |message| message.seq)
 }
 
 /// Runs `body` on a fresh current-thread runtime inside a `LocalSet`.

@@ -4,11 +4,12 @@
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{GroupMember, IdentityKeypair, Received, generate_key_package};
+use quicnprotochat_proto::outcome::FetchedKeyPackage;
 
-use super::Nodes;
 use super::node::upload;
 use crate::cli::ConnectionArgs;
 use crate::error::ClientError;
+use crate::nodes::{Nodes, accepted};
 
 struct Person {
     name: &'static str,
@@ -68,12 +69,16 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     upload(&bob.nodes, &bob.identity, &package).await?;
     println!("Bob: uploaded a KeyPackage to the node");
 
-    let fetched = alice
+    let fetched = match alice
         .nodes
         .auth()
         .fetch_key_package(&bob.identity.public_key())
         .await?
-        .ok_or(ClientError::NoKeyPackage(bob.identity.public_key()))?;
+    {
+        FetchedKeyPackage::Package(package) => package,
+        FetchedKeyPackage::None => return Err(ClientError::NoKeyPackage(bob.identity.public_key())),
+        FetchedKeyPackage::RateLimited(limited) => return Err(limited.into()),
+    };
     println!("Alice: fetched Bob's KeyPackage ({} bytes)", fetched.len());
 
     let group_id = format!(
@@ -84,11 +89,13 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     println!("Alice: created group {group_id} (epoch {})", alice_group.epoch());
 
     let added = alice_group.add_members(&alice.provider, &alice.identity, &[fetched])?;
-    alice
-        .nodes
-        .delivery()
-        .enqueue(&bob.identity.public_key(), &added.welcome)
-        .await?;
+    accepted(
+        alice
+            .nodes
+            .delivery()
+            .enqueue(&bob.identity.public_key(), &added.welcome)
+            .await?,
+    )?;
     alice_group.merge_pending_commit(&alice.provider)?;
     println!(
         "Alice: added Bob and queued his Welcome ({} bytes); epoch {}",
@@ -109,21 +116,25 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
 
     let to_bob = "Hello Bob, this is Alice.";
     let ciphertext = alice_group.send(&alice.provider, &alice.identity, to_bob.as_bytes())?;
-    alice
-        .nodes
-        .delivery()
-        .enqueue(&bob.identity.public_key(), &ciphertext)
-        .await?;
+    accepted(
+        alice
+            .nodes
+            .delivery()
+            .enqueue(&bob.identity.public_key(), &ciphertext)
+            .await?,
+    )?;
     println!("Alice: sent {} encrypted bytes", ciphertext.len());
     let received = bob.receive_one(&mut bob_group).await?;
     println!("Bob decrypted: {received}");
 
     let to_alice = "Hi Alice, Bob here. Got it.";
     let ciphertext = bob_group.send(&bob.provider, &bob.identity, to_alice.as_bytes())?;
-    bob.nodes
-        .delivery()
-        .enqueue(&alice.identity.public_key(), &ciphertext)
-        .await?;
+    accepted(
+        bob.nodes
+            .delivery()
+            .enqueue(&alice.identity.public_key(), &ciphertext)
+            .await?,
+    )?;
     println!("Bob: sent {} encrypted bytes", ciphertext.len());
     let replied = alice.receive_one(&mut alice_group).await?;
     println!("Alice decrypted: {replied}");

@@ -11,12 +11,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use quicnprotochat_core::GroupMember;
 
 use super::node::fetch_verified_key_package;
-use super::{
-    Change, Nodes, change_group, envelope, group_name, in_transaction, load_group, member_name, new_group_id,
-    others, resolve_peers,
-};
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
+use crate::naming::{group_name, load_group, member_name, new_group_id, others, resolve_peers};
+use crate::nodes::{Nodes, envelope};
+use crate::publish::{Change, change_group};
 use crate::state::{Direction, StateFile};
 
 /// `create-group`: a new group with us as its only member.
@@ -35,15 +34,11 @@ pub(crate) fn create_group(path: &Path, group_id: &str) -> Result<(), ClientErro
         )));
     }
     let identity = state.identity()?;
-    let id = new_group_id(group_id);
-    let group = in_transaction(&state, || {
-        let group = GroupMember::create(&state.provider(), &identity, &id)?;
-        state.record_group(&id, true)?;
-        Ok(group)
-    })?;
+    let id = new_group_id(group_id)?;
+    let group = state.create_group(&identity, id.as_bytes())?;
     eprintln!(
         "created group {group_id} (id {}, epoch {}, 1 member)",
-        String::from_utf8_lossy(&id),
+        String::from_utf8_lossy(id.as_bytes()),
         group.epoch()
     );
     Ok(())
@@ -194,15 +189,8 @@ pub(crate) async fn leave(
         )));
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let proposal = in_transaction(&state, || {
-        let proposal = group.leave(&state.provider(), &identity)?;
-        state.mark_left(&group_id)?;
-        Ok(proposal)
-    })?;
-    nodes
-        .delivery()
-        .enqueue_batch(&[envelope(recipients, proposal)])
-        .await?;
+    let proposal = state.leave_group(&group_id, &mut group, &identity)?;
+    nodes.deliver(&[envelope(recipients, proposal)]).await?;
     eprintln!(
         "asked to leave {}; a remaining member removes you on their next `recv`",
         group_name(&group_id)

@@ -2,12 +2,11 @@
 
 use std::path::Path;
 
-use quicnprotochat_core::generate_key_package;
-
 use super::node::{top_up_key_packages, upload};
-use super::{Nodes, in_transaction, parse_key};
 use crate::cli::{ConnectionArgs, ContactsAction};
 use crate::error::ClientError;
+use crate::naming::parse_key;
+use crate::nodes::Nodes;
 use crate::state::StateFile;
 
 /// `register-state`: creates the state file (or reuses its identity),
@@ -19,8 +18,9 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
     // Always one fresh KeyPackage, then fill up to a batch (plus a last
     // resort) if the node is running low. The private keys are durable
     // before anyone can use a KeyPackage to invite us.
-    let package = in_transaction(&state, || Ok(generate_key_package(&state.provider(), &identity)?))?;
-    upload(&nodes, &identity, &package).await?;
+    for package in state.generate_key_packages(&identity, 1, false)? {
+        upload(&nodes, &identity, &package).await?;
+    }
     let more = top_up_key_packages(&nodes, &state, &identity).await?;
     if more > 0 {
         eprintln!("uploaded {more} more KeyPackages (including a last-resort one if there was none)");

@@ -5,13 +5,15 @@ use std::time::Instant;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
 use quicnprotochat_core::{
-    IdentityKey, IdentityKeypair, KeyPackageOptions, fingerprint, generate_key_package,
-    generate_key_package_with, key_package_identity,
+    IdentityKey, IdentityKeypair, fingerprint, generate_key_package, key_package_identity,
 };
+use quicnprotochat_proto::outcome::FetchedKeyPackage;
 
-use super::{Nodes, parse_key};
 use crate::cli::ConnectionArgs;
 use crate::error::ClientError;
+use crate::naming::parse_key;
+use crate::nodes::{Nodes, Patience};
+use crate::state::StateFile;
 
 /// `ping`: prints the node's version and the round trip time of one call.
 pub(crate) async fn ping(args: &ConnectionArgs) -> Result<(), ClientError> {
@@ -76,14 +78,16 @@ pub(crate) async fn fetch_verified_key_package(
 ) -> Result<Vec<u8>, ClientError> {
     // Inviting many people at once can outrun the node's KeyPackage fetch
     // rate; the node says when to retry, so wait that long (within reason).
-    let give_up = tokio::time::Instant::now() + RATE_LIMIT_PATIENCE;
+    let patience = Patience::new();
     let package = loop {
-        match nodes.auth().fetch_key_package(identity).await {
-            Err(e) => match e.retry_after() {
-                Some(wait) if tokio::time::Instant::now() + wait < give_up => tokio::time::sleep(wait).await,
-                _ => return Err(e),
-            },
-            Ok(package) => break package.ok_or(ClientError::NoKeyPackage(*identity))?,
+        match nodes.auth().fetch_key_package(identity).await? {
+            FetchedKeyPackage::Package(package) => break package,
+            FetchedKeyPackage::None => return Err(ClientError::NoKeyPackage(*identity)),
+            FetchedKeyPackage::RateLimited(limited) => {
+                if !patience.wait(&limited).await {
+                    return Err(limited.into());
+                }
+            }
         }
     };
     let provider = OpenMlsRustCrypto::default();
@@ -101,9 +105,6 @@ pub(crate) async fn fetch_verified_key_package(
     Ok(package)
 }
 
-/// How long a command keeps retrying calls the node rate-limits.
-const RATE_LIMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// How many ordinary KeyPackages a stateful client keeps on the node, and
 /// the level below which it uploads more.
 pub(crate) const KEY_PACKAGE_BATCH: usize = 8;
@@ -115,7 +116,7 @@ const KEY_PACKAGE_LOW_WATER: u32 = 3;
 /// file before the upload. Returns how many were uploaded.
 pub(crate) async fn top_up_key_packages(
     nodes: &Nodes,
-    state: &crate::state::StateFile,
+    state: &StateFile,
     identity: &IdentityKeypair,
 ) -> Result<usize, ClientError> {
     let (count, has_last_resort) = nodes.auth().key_package_count(&identity.public_key()).await?;
@@ -127,21 +128,7 @@ pub(crate) async fn top_up_key_packages(
     if ordinary == 0 && has_last_resort {
         return Ok(0);
     }
-    let packages = super::in_transaction(state, || {
-        let provider = state.provider();
-        let mut packages = Vec::with_capacity(ordinary + 1);
-        for _ in 0..ordinary {
-            packages.push(generate_key_package(&provider, identity)?);
-        }
-        if !has_last_resort {
-            let options = KeyPackageOptions {
-                last_resort: true,
-                lifetime_seconds: None,
-            };
-            packages.push(generate_key_package_with(&provider, identity, options)?);
-        }
-        Ok(packages)
-    })?;
+    let packages = state.generate_key_packages(identity, ordinary, !has_last_resort)?;
     let stored = nodes
         .auth()
         .upload_key_packages(&identity.public_key(), &packages)

@@ -1,11 +1,41 @@
 //! The groups this client is in, and the current group (the one commands
 //! use when no `--group-id` is given).
 
+use quicnprotochat_core::{GroupMember, IdentityKeypair};
 use rusqlite::{OptionalExtension, params};
 
 use super::{GroupRecord, StateError, StateFile, unix_now};
 
 impl StateFile {
+    /// Creates the MLS group `group_id` with `identity` as its only member
+    /// and records it as the current group, in one transaction.
+    pub fn create_group(
+        &self,
+        identity: &IdentityKeypair,
+        group_id: &[u8],
+    ) -> Result<GroupMember, StateError> {
+        self.atomically(|| {
+            let group = GroupMember::create(&self.provider(), identity, group_id)?;
+            self.record_group(group_id, true)?;
+            Ok(group)
+        })
+    }
+
+    /// Makes our request to leave `group` and notes that we asked, in one
+    /// transaction; returns the proposal to send to the other members.
+    pub fn leave_group(
+        &self,
+        group_id: &[u8],
+        group: &mut GroupMember,
+        identity: &IdentityKeypair,
+    ) -> Result<Vec<u8>, StateError> {
+        self.atomically(|| {
+            let proposal = group.leave(&self.provider(), identity)?;
+            self.mark_left(group_id)?;
+            Ok(proposal)
+        })
+    }
+
     /// Records that this client is in `group_id`; with `make_current`, it
     /// becomes the current group.
     pub fn record_group(&self, group_id: &[u8], make_current: bool) -> Result<(), StateError> {

@@ -1,7 +1,7 @@
 //! Message history: every application message sent or received, per group,
 //! written in the same transaction as the MLS state change that produced it.
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
 use rusqlite::params;
 
 use super::{StateError, StateFile, unix_now};
@@ -31,6 +31,28 @@ pub struct HistoryEntry {
 }
 
 impl StateFile {
+    /// Encrypts `plaintext` for `group` and records it as sent, in one
+    /// transaction; returns the ciphertext to deliver.
+    pub fn encrypt_message(
+        &self,
+        group_id: &[u8],
+        group: &mut GroupMember,
+        identity: &IdentityKeypair,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, StateError> {
+        self.atomically(|| {
+            let ciphertext = group.send(&self.provider(), identity, plaintext)?;
+            self.record_message(
+                group_id,
+                Direction::Sent,
+                &identity.public_key(),
+                plaintext,
+                group.epoch(),
+            )?;
+            Ok(ciphertext)
+        })
+    }
+
     /// Appends a message to the history of `group_id`.
     pub fn record_message(
         &self,

@@ -3,6 +3,7 @@
 //! written here in one transaction before any is processed, and each is
 //! deleted in the same transaction that applies it.
 
+use quicnprotochat_core::Seq;
 use rusqlite::{OptionalExtension, params};
 
 use super::{StateError, StateFile, unix_now};
@@ -19,7 +20,7 @@ impl StateFile {
     pub fn push_inbox_at(
         &self,
         payloads: &[Vec<u8>],
-        cursor: Option<(&[u8], u64)>,
+        cursor: Option<(&[u8], Seq)>,
     ) -> Result<(), StateError> {
         let transaction = self.transaction()?;
         if let Some((instance, seq)) = cursor {
@@ -28,7 +29,10 @@ impl StateFile {
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 params![
                     cursor_key(instance),
-                    i64::try_from(seq).unwrap_or(i64::MAX).to_be_bytes().to_vec()
+                    i64::try_from(seq.get())
+                        .unwrap_or(i64::MAX)
+                        .to_be_bytes()
+                        .to_vec()
                 ],
             )?;
         }
@@ -45,7 +49,7 @@ impl StateFile {
     }
 
     /// The highest sequence number of node `instance` already stored.
-    pub fn stored_seq(&self, instance: &[u8]) -> Result<u64, StateError> {
+    pub fn stored_seq(&self, instance: &[u8]) -> Result<Seq, StateError> {
         let value: Option<Vec<u8>> = self
             .connection
             .query_row(
@@ -56,7 +60,9 @@ impl StateFile {
             .optional()?;
         Ok(value
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-            .map_or(0, |bytes| i64::from_be_bytes(bytes).max(0) as u64))
+            .map_or(Seq::ZERO, |bytes| {
+                Seq::new(i64::from_be_bytes(bytes).max(0) as u64)
+            }))
     }
 
     /// The inbox, oldest first, as (entry id, payload).
@@ -68,7 +74,24 @@ impl StateFile {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Removes an inbox entry (within the caller's transaction, if any).
+    /// Applies inbox entry `id` with `apply` (which changes MLS state
+    /// through [`Self::provider`] and records what it learnt) and removes
+    /// the entry, in one transaction. If `apply` fails, everything it wrote
+    /// is rolled back and the entry stays; the caller decides whether to
+    /// keep it for a later run or [`Self::remove_inbox`] it.
+    pub fn consume_inbox_entry<T, E: From<StateError>>(
+        &self,
+        id: i64,
+        apply: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.atomically(|| {
+            let value = apply()?;
+            self.remove_inbox(id)?;
+            Ok(value)
+        })
+    }
+
+    /// Removes an inbox entry.
     pub fn remove_inbox(&self, id: i64) -> Result<(), StateError> {
         self.connection
             .execute("DELETE FROM inbox WHERE id = ?1", params![id])?;

@@ -5,12 +5,21 @@
 //! A state file is opened only after a read-only check that it is ours and
 //! intact, so a wrong path or a corrupt file is reported and never written.
 //!
+//! Changes that must happen together (an MLS state change and the row that
+//! records it) are one method here, each one transaction; callers never
+//! open transactions themselves.
+//!
 //! # Layout
 //! - `provider` — the OpenMLS provider over the state file's connection.
 //! - `schema` — our tables' numbered migrations and the ownership check.
-//! - `groups` — the groups we are in and the current group.
-//! - `inbox` — fetched payloads waiting to be processed.
-//! - `outbox` — group changes sent whose answer never came, to resend.
+//! - `groups` — the groups we are in and the current group; creating and
+//!   leaving one.
+//! - `inbox` — fetched payloads waiting to be processed, each applied and
+//!   removed in one transaction.
+//! - `outbox` — group changes staged or sent whose answer has not come yet:
+//!   staged with their pending Commit, settled (merged or discarded) by the
+//!   node's answer.
+//! - `key_packages` — KeyPackages made with their private keys stored.
 //! - `contacts` — names for identity keys.
 //! - `history` — sent and received application messages.
 
@@ -18,6 +27,7 @@ mod contacts;
 mod groups;
 mod history;
 mod inbox;
+mod key_packages;
 mod outbox;
 mod provider;
 mod schema;
@@ -25,11 +35,11 @@ mod schema;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{CoreError, IdentityKey, IdentityKeypair};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 pub use history::{Direction, HistoryEntry};
-pub use outbox::Publication;
+pub use outbox::{Publication, Settlement};
 pub use provider::{JsonCodec, StateProvider};
 
 /// Errors opening or using a state file.
@@ -69,6 +79,15 @@ pub enum StateError {
     /// OpenMLS' storage tables could not be created or migrated.
     #[error("migrating MLS storage tables: {0}")]
     Migration(String),
+    /// Our own tables could not be migrated.
+    #[error("migrating the state file's tables: {0}")]
+    Schema(quicnprotochat_sqlite::MigrationError),
+    /// A stored row does not hold what we wrote.
+    #[error("the state file is damaged: {0}")]
+    Damaged(String),
+    /// An MLS operation on the stored state failed; nothing of it was kept.
+    #[error("MLS: {0}")]
+    Mls(#[from] CoreError),
     /// SQLite failed.
     #[error("state file: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -147,9 +166,20 @@ impl StateFile {
     }
 
     /// Starts a transaction; MLS state written through [`Self::provider`]
-    /// meanwhile commits or rolls back with it.
-    pub fn transaction(&self) -> Result<rusqlite::Transaction<'_>, StateError> {
+    /// meanwhile commits or rolls back with it. Only this module's methods
+    /// use it, so a unit of work is always one named method.
+    fn transaction(&self) -> Result<rusqlite::Transaction<'_>, StateError> {
         Ok(self.connection.unchecked_transaction()?)
+    }
+
+    /// Runs `work` in a transaction and commits it only if `work` succeeds;
+    /// on failure everything `work` wrote (MLS state included) is rolled
+    /// back.
+    fn atomically<T, E: From<StateError>>(&self, work: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let transaction = self.transaction()?;
+        let value = work()?;
+        transaction.commit().map_err(StateError::from)?;
+        Ok(value)
     }
 
     /// The stored identity.

@@ -1,9 +1,9 @@
-//! The outbox: a group change (Commit and Welcome) handed to the node whose
-//! answer never came. Its Commit stays pending in MLS; the next command
-//! resends it with the same message ids, which the node stores at most once,
-//! and then merges or discards it by the answer.
+//! The outbox: a group change (Commit and Welcome) staged for the node, or
+//! handed to it without an answer yet. Its Commit stays pending in MLS
+//! until the answer settles it; a later command resends it with the same
+//! message ids, which the node stores at most once.
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
 use quicnprotochat_proto::wire::Envelope;
 use rusqlite::{OptionalExtension, params};
 
@@ -13,7 +13,7 @@ use super::{StateError, StateFile};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publication {
     /// The group.
-    pub group_id: Vec<u8>,
+    pub group_id: GroupId,
     /// The epoch the Commit was made in.
     pub epoch: u64,
     /// The Commit, its recipients and message id.
@@ -22,7 +22,49 @@ pub struct Publication {
     pub welcome: Option<Envelope>,
 }
 
+/// What the node's answer did to a staged change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The node took it: the pending Commit is merged.
+    Merge,
+    /// The node stored none of it: the pending Commit is discarded.
+    Discard,
+}
+
 impl StateFile {
+    /// Stages a group change: `make` changes the group (leaving a pending
+    /// Commit in MLS state) and returns the publication that carries it,
+    /// which is saved in the outbox in the same transaction, so a pending
+    /// Commit never exists without the publication that settles it.
+    pub fn stage_publication<E: From<StateError>>(
+        &self,
+        make: impl FnOnce() -> Result<Publication, E>,
+    ) -> Result<Publication, E> {
+        self.atomically(|| {
+            let publication = make()?;
+            self.save_publication(&publication)?;
+            Ok(publication)
+        })
+    }
+
+    /// Settles the staged change of `group` by the node's answer: merges or
+    /// discards its pending Commit and forgets the publication, in one
+    /// transaction.
+    pub fn settle_publication(
+        &self,
+        group_id: &GroupId,
+        group: &mut GroupMember,
+        settlement: Settlement,
+    ) -> Result<(), StateError> {
+        self.atomically(|| {
+            match settlement {
+                Settlement::Merge => group.merge_pending_commit(&self.provider())?,
+                Settlement::Discard => group.discard_pending_commit(&self.provider())?,
+            }
+            self.forget_publication(group_id)
+        })
+    }
+
     /// Remembers a change before it is sent.
     pub fn save_publication(&self, publication: &Publication) -> Result<(), StateError> {
         let welcome = publication.welcome.as_ref();
@@ -31,7 +73,7 @@ impl StateFile {
                  welcome_payload, welcome_to, welcome_id)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
-                publication.group_id,
+                publication.group_id.as_bytes(),
                 i64::try_from(publication.epoch).unwrap_or(i64::MAX),
                 publication.commit.payload,
                 keys(&publication.commit.recipients),
@@ -45,9 +87,11 @@ impl StateFile {
     }
 
     /// Forgets the change of `group_id` (answered, either way).
-    pub fn forget_publication(&self, group_id: &[u8]) -> Result<(), StateError> {
-        self.connection
-            .execute("DELETE FROM outbox WHERE group_id = ?1", params![group_id])?;
+    pub fn forget_publication(&self, group_id: &GroupId) -> Result<(), StateError> {
+        self.connection.execute(
+            "DELETE FROM outbox WHERE group_id = ?1",
+            params![group_id.as_bytes()],
+        )?;
         Ok(())
     }
 
@@ -59,13 +103,15 @@ impl StateFile {
             .collect::<Result<Vec<_>, _>>()?;
         let mut publications = Vec::with_capacity(groups.len());
         for group_id in groups {
+            let group_id = GroupId::new(group_id)
+                .ok_or_else(|| StateError::Damaged("an outbox entry has an impossible group id".into()))?;
             publications.extend(self.publication(&group_id)?);
         }
         Ok(publications)
     }
 
     /// The unanswered change of `group_id`, if any.
-    pub fn publication(&self, group_id: &[u8]) -> Result<Option<Publication>, StateError> {
+    pub fn publication(&self, group_id: &GroupId) -> Result<Option<Publication>, StateError> {
         type Row = (
             i64,
             Vec<u8>,
@@ -80,7 +126,7 @@ impl StateFile {
             .query_row(
                 "SELECT epoch, commit_payload, commit_to, commit_id, welcome_payload, welcome_to, welcome_id
                  FROM outbox WHERE group_id = ?1",
-                params![group_id],
+                params![group_id.as_bytes()],
                 |row| {
                     Ok((
                         row.get(0)?,
@@ -106,7 +152,7 @@ impl StateFile {
             _ => None,
         };
         Ok(Some(Publication {
-            group_id: group_id.to_vec(),
+            group_id: group_id.clone(),
             epoch: epoch.max(0) as u64,
             commit: Envelope {
                 recipients: parse_keys(&commit_to)?,
@@ -129,7 +175,8 @@ fn parse_keys(bytes: &[u8]) -> Result<Vec<IdentityKey>, StateError> {
     bytes
         .chunks(32)
         .map(|chunk| {
-            IdentityKey::try_from(chunk).map_err(|_| StateError::Contact("an outbox entry is damaged".into()))
+            IdentityKey::try_from(chunk)
+                .map_err(|_| StateError::Damaged("an outbox entry has a malformed recipient key".into()))
         })
         .collect()
 }

@@ -1,9 +1,11 @@
 //! Our tables of the state file, with numbered migrations tracked in
-//! `PRAGMA user_version`, and the check that a file is a state file at all.
+//! `PRAGMA user_version` (applied by `quicnprotochat-sqlite`, as the node's
+//! are), and the check that a file is a state file at all.
 
 use std::path::Path;
 
 use openmls_sqlite_storage::SqliteStorageProvider;
+use quicnprotochat_sqlite::{MigrationError, Ownership, check_ownership};
 use rusqlite::{Connection, OpenFlags};
 
 use super::{JsonCodec, StateError};
@@ -64,9 +66,6 @@ const MIGRATIONS: &[&str] = &[
      );",
 ];
 
-/// The schema version of our tables this build creates and understands.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
-
 /// Read-only check that `path` is an intact state file of ours (or an empty
 /// file), run before anything may write to it.
 pub(super) fn check(path: &Path) -> Result<(), StateError> {
@@ -76,14 +75,14 @@ pub(super) fn check(path: &Path) -> Result<(), StateError> {
     };
     let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| not_ours(e.to_string()))?;
-    let application_id: i64 = connection
-        .pragma_query_value(None, "application_id", |row| row.get(0))
-        .map_err(|e| not_ours(e.to_string()))?;
-    let tables: i64 = connection
-        .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
-        .map_err(|e| not_ours(e.to_string()))?;
-    if application_id != APPLICATION_ID && tables != 0 {
-        return Err(not_ours("it is a SQLite database of another application".into()));
+    match check_ownership(&connection, APPLICATION_ID).map_err(|e| not_ours(e.to_string()))? {
+        Ownership::Fresh | Ownership::Ours { .. } => {}
+        Ownership::NotADatabase => return Err(not_ours("it is not a SQLite database".into())),
+        Ownership::Foreign { .. } => {
+            return Err(not_ours("it is a SQLite database of another application".into()));
+        }
+        // A kind of file this build does not know: leave it alone.
+        _ => return Err(not_ours("its owner could not be told".into())),
     }
     let integrity: String = connection
         .query_row("PRAGMA quick_check", [], |row| row.get(0))
@@ -98,21 +97,20 @@ pub(super) fn check(path: &Path) -> Result<(), StateError> {
 pub(super) fn migrate(path: &Path, connection: &mut Connection) -> Result<(), StateError> {
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
-    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StateError::TooNew {
+    quicnprotochat_sqlite::migrate(connection, APPLICATION_ID, MIGRATIONS).map_err(|e| match e {
+        MigrationError::TooNew { found, supported } => StateError::TooNew {
             path: path.to_owned(),
-            found: version,
-            supported: SCHEMA_VERSION,
-        });
-    }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let transaction = connection.transaction()?;
-        transaction.execute_batch(sql)?;
-        transaction.pragma_update(None, "user_version", index as i64 + 1)?;
-        transaction.pragma_update(None, "application_id", APPLICATION_ID)?;
-        transaction.commit()?;
-    }
+            found,
+            supported,
+        },
+        refused @ (MigrationError::Foreign { .. } | MigrationError::NotADatabase) => {
+            StateError::NotAStateFile {
+                path: path.to_owned(),
+                reason: refused.to_string(),
+            }
+        }
+        failed => StateError::Schema(failed),
+    })?;
     SqliteStorageProvider::<JsonCodec, &mut Connection>::new(connection)
         .run_migrations()
         .map_err(|e| StateError::Migration(e.to_string()))

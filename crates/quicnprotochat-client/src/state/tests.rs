@@ -1,5 +1,5 @@
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{GroupMember, IdentityKeypair, Received, generate_key_package};
+use quicnprotochat_core::{CoreError, GroupMember, IdentityKeypair, Received};
 
 use super::*;
 
@@ -65,10 +65,8 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     let package = {
         let state = StateFile::open_or_create(&path).unwrap();
         let bob = state.identity_or_generate().unwrap();
-        let transaction = state.transaction().unwrap();
-        let package = generate_key_package(&state.provider(), &bob).unwrap();
-        transaction.commit().unwrap();
-        package
+        let mut packages = state.generate_key_packages(&bob, 1, false).unwrap();
+        packages.pop().unwrap()
     };
 
     let alice = IdentityKeypair::generate();
@@ -113,6 +111,67 @@ fn a_rolled_back_transaction_leaves_no_mls_state() {
             .unwrap()
             .is_none()
     );
+}
+
+#[test]
+fn a_failed_inbox_entry_rolls_back_what_it_wrote_and_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    let identity = state.identity_or_generate().unwrap();
+    state.push_inbox(&[b"entry".to_vec()]).unwrap();
+    let (entry, _) = state.inbox().unwrap()[0].clone();
+    let failed: Result<(), StateError> = state.consume_inbox_entry(entry, || {
+        GroupMember::create(&state.provider(), &identity, b"half-done")?;
+        Err(StateError::Mls(CoreError::MalformedMessage("refused".into())))
+    });
+    assert!(failed.is_err());
+    assert!(
+        GroupMember::load(&state.provider(), b"half-done")
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(state.inbox().unwrap().len(), 1, "the entry stays");
+
+    state
+        .consume_inbox_entry(entry, || state.record_group(b"applied", false))
+        .unwrap();
+    assert!(state.inbox().unwrap().is_empty(), "applied and removed");
+    assert_eq!(state.groups().unwrap().len(), 1);
+}
+
+#[test]
+fn a_settled_publication_merges_or_discards_its_commit_and_is_forgotten() {
+    use quicnprotochat_core::GroupId;
+    use quicnprotochat_proto::wire::Envelope;
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    let identity = state.identity_or_generate().unwrap();
+    let id = GroupId::new(b"settle".to_vec()).unwrap();
+    let mut group = state.create_group(&identity, id.as_bytes()).unwrap();
+    for (settlement, epoch) in [(Settlement::Discard, 0), (Settlement::Merge, 1)] {
+        let publication = state
+            .stage_publication(|| -> Result<Publication, StateError> {
+                let commit = group.self_update(&state.provider(), &identity)?;
+                Ok(Publication {
+                    group_id: id.clone(),
+                    epoch: group.epoch(),
+                    commit: Envelope {
+                        recipients: Vec::new(),
+                        payload: commit,
+                        message_id: Some(b"id".to_vec()),
+                    },
+                    welcome: None,
+                })
+            })
+            .unwrap();
+        assert_eq!(state.publications().unwrap(), vec![publication]);
+        assert!(group.has_pending_commit());
+        state.settle_publication(&id, &mut group, settlement).unwrap();
+        assert!(!group.has_pending_commit());
+        assert_eq!(group.epoch(), epoch, "{settlement:?}");
+        assert!(state.publications().unwrap().is_empty());
+    }
 }
 
 #[test]

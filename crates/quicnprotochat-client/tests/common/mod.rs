@@ -10,7 +10,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
-use quicnprotochat_core::IdentityKeypair;
+use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use quicnprotochat_proto::outcome::SendOutcome;
 use quicnprotochat_server::{Config, Node};
 use tokio::sync::oneshot;
 
@@ -195,7 +196,38 @@ pub fn local<F: std::future::Future>(body: F) -> F::Output {
     tokio::task::LocalSet::new().block_on(&runtime, body)
 }
 
+/// Alice and Bob, each with a state file in `dir`, in a group `group_id`
+/// that Alice created and Bob joined. Returns (alice state, bob state, alice
+/// key, bob key).
+pub fn alice_and_bob_in_a_group(node: &TestNode, dir: &std::path::Path, group_id: &str) -> [String; 4] {
+    let (alice, bob) = (state(dir, "alice.state"), state(dir, "bob.state"));
+    let alice_key = node
+        .cli_ok(&["register-state", "--state", &alice])
+        .trim()
+        .to_owned();
+    let bob_key = node
+        .cli_ok(&["register-state", "--state", &bob])
+        .trim()
+        .to_owned();
+    node.cli_ok(&["create-group", "--state", &alice, "--group-id", group_id]);
+    node.cli_ok(&["invite", "--state", &alice, "--peer-key", &bob_key]);
+    node.cli_ok(&["join", "--state", &bob]);
+    [alice, bob, alice_key, bob_key]
+}
+
 /// A fixed identity for tests: the same `n` gives the same key.
 pub fn identity(n: u8) -> IdentityKeypair {
     IdentityKeypair::from_secret_bytes(&[n; 32])
+}
+
+/// Enqueues `payload` for `recipient` and fails the test unless the node
+/// accepted it.
+pub async fn enqueue_ok(client: &NodeClient, recipient: &IdentityKey, payload: &[u8]) {
+    assert_eq!(
+        client
+            .enqueue(recipient, payload)
+            .await
+            .expect("the node answers"),
+        SendOutcome::Accepted
+    );
 }

@@ -1,0 +1,212 @@
+//! Bringing groups up to date from the node's queue: fetch → store → ack,
+//! then apply each stored message.
+//!
+//! Fetched payloads go to the local inbox in one transaction before any is
+//! processed, and only then are they acknowledged to the node; each is then
+//! applied and removed in one transaction, so a crash loses nothing and
+//! applies nothing twice.
+
+use quicnprotochat_core::{
+    CoreError, GroupMember, IdentityKeypair, Incoming, QueuedMessage, Received, Seq, classify,
+};
+
+use crate::error::ClientError;
+use crate::naming::{group_name, member_name};
+use crate::nodes::Nodes;
+use crate::publish::resume_publications;
+use crate::state::{Direction, StateFile};
+
+/// Test hook: when this environment variable is set, `recv` and `join` exit
+/// right after storing the fetched messages in the inbox, before
+/// acknowledging them to the node and before processing any, as a crash
+/// there would. Tests use it to prove nothing is lost or applied twice.
+pub const EXIT_AFTER_FETCH_ENV: &str = "QUICNPROTOCHAT_TEST_EXIT_AFTER_FETCH";
+
+/// How far a client has read a node's queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Seen {
+    /// The node database's instance id.
+    instance: Vec<u8>,
+    /// The highest sequence number stored in the state file.
+    stored: Seq,
+    /// The highest sequence number seen (and stored) in this run.
+    after: Seq,
+}
+
+impl Seen {
+    /// The highest sequence number seen and stored in this run: ack up to
+    /// it, and continue after it.
+    pub(crate) fn after(&self) -> Seq {
+        self.after
+    }
+}
+
+/// Brings every group up to date: settles our own unanswered change, fetches
+/// the queue into the inbox and processes it, printing application messages
+/// as `recv` does.
+pub(crate) async fn catch_up(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<Seen, ClientError> {
+    // First settle our own unanswered change: if the node took it, later
+    // messages are in the epoch after it.
+    resume_publications(nodes, state).await?;
+    let seen = fetch_into_inbox(nodes, state, identity).await?;
+    process_inbox(state)?;
+    Ok(seen)
+}
+
+/// Copies our queue on the node into the local inbox, then acknowledges it.
+///
+/// Fetch, store, then ack: the node deletes messages only after they are
+/// committed locally, so a crash anywhere loses nothing. A message the node
+/// delivers again (the crash fell between store and ack) has a sequence
+/// number at or below the highest stored one and is skipped.
+pub(crate) async fn fetch_into_inbox(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<Seen, ClientError> {
+    let me = identity.public_key();
+    let instance = nodes.delivery().ping().await?.instance_id;
+    let stored = state.stored_seq(&instance)?;
+    let mut seen = Seen {
+        instance,
+        stored,
+        after: Seq::ZERO,
+    };
+    loop {
+        let batch = nodes.delivery().fetch_since(&me, seen.after, 0).await?;
+        if batch.is_empty() {
+            break;
+        }
+        seen = store_batch(state, seen, batch)?;
+    }
+    if std::env::var_os(EXIT_AFTER_FETCH_ENV).is_some() {
+        eprintln!("exiting after fetch ({EXIT_AFTER_FETCH_ENV} is set)");
+        std::process::exit(3);
+    }
+    if seen.after > Seq::ZERO {
+        nodes.delivery().ack(&me, seen.after).await?;
+    }
+    Ok(seen)
+}
+
+/// Stores the messages of `batch` not stored before in the inbox, together
+/// with the new high-water mark, in one transaction.
+pub(crate) fn store_batch(
+    state: &StateFile,
+    mut seen: Seen,
+    batch: Vec<QueuedMessage>,
+) -> Result<Seen, ClientError> {
+    let Some(last) = batch.last().map(|message| message.seq) else {
+        return Ok(seen);
+    };
+    let fresh: Vec<Vec<u8>> = batch
+        .into_iter()
+        .filter(|message| message.seq > seen.stored)
+        .map(|message| message.payload)
+        .collect();
+    if !fresh.is_empty() {
+        state.push_inbox_at(&fresh, Some((&seen.instance, last)))?;
+    }
+    seen.after = seen.after.max(last);
+    seen.stored = seen.stored.max(last);
+    Ok(seen)
+}
+
+/// Processes every inbox entry, oldest first.
+pub(crate) fn process_inbox(state: &StateFile) -> Result<(), ClientError> {
+    for (entry, payload) in state.inbox()? {
+        process_entry(state, entry, &payload, false)?;
+    }
+    Ok(())
+}
+
+/// Processes one inbox entry and removes it, in one transaction. A message
+/// that MLS rejects (garbage, unknown group, past epoch, ...) is reported on
+/// stderr and removed; a local failure (the state file) stops processing and
+/// keeps the entry for the next run. Returns whether the entry joined a group;
+/// `explicit_join` makes that group the current one.
+pub(crate) fn process_entry(
+    state: &StateFile,
+    entry: i64,
+    payload: &[u8],
+    explicit_join: bool,
+) -> Result<bool, ClientError> {
+    match state.consume_inbox_entry(entry, || apply(state, payload, explicit_join)) {
+        Ok(joined) => Ok(joined),
+        Err(e @ ClientError::Core(CoreError::FutureEpoch { .. })) => {
+            // A Commit we have not processed yet is missing; dropping this
+            // would lose it for good. Keep it for a later run.
+            eprintln!("warning: kept a queued message for later: {e}");
+            Ok(false)
+        }
+        Err(e @ (ClientError::Core(_) | ClientError::UnknownGroup(_))) => {
+            // What the failed processing wrote is rolled back; drop the entry.
+            eprintln!("warning: skipped a queued message: {e}");
+            state.remove_inbox(entry)?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn apply(state: &StateFile, payload: &[u8], explicit_join: bool) -> Result<bool, ClientError> {
+    let provider = state.provider();
+    match classify(payload)? {
+        Incoming::Welcome => {
+            let group = GroupMember::join(&provider, payload)?;
+            let group_id = group.group_id();
+            // Joining from `recv` must not silently redirect a later `send`
+            // without --group-id into a group someone invited us to.
+            let make_current = explicit_join || state.current_group()?.is_none();
+            state.record_group(&group_id, make_current)?;
+            eprintln!(
+                "joined group {} (epoch {}, {} members)",
+                group_name(&group_id),
+                group.epoch(),
+                group.members().len()
+            );
+            Ok(true)
+        }
+        Incoming::Group { group_id, .. } => {
+            let mut group = GroupMember::load(&provider, &group_id)?
+                .ok_or_else(|| ClientError::UnknownGroup(group_name(&group_id)))?;
+            let name = group_name(&group_id);
+            match group.receive(&provider, payload)? {
+                Received::Application { sender, plaintext } => {
+                    state.record_message(
+                        &group_id,
+                        Direction::Received,
+                        &sender,
+                        &plaintext,
+                        group.epoch(),
+                    )?;
+                    println!(
+                        "{name} {}: {}",
+                        member_name(state, &sender)?,
+                        String::from_utf8_lossy(&plaintext)
+                    );
+                }
+                Received::Commit { epoch } => {
+                    eprintln!(
+                        "group {name}: now at epoch {epoch}, {} members",
+                        group.members().len()
+                    );
+                }
+                Received::Removed { epoch } => {
+                    eprintln!("group {name}: you were removed from the group at epoch {epoch}");
+                }
+                Received::Proposal => eprintln!("group {name}: stored a proposal for the next commit"),
+                Received::OwnMessage => {}
+                _ => eprintln!("group {name}: processed a message"),
+            }
+            Ok(false)
+        }
+        other => Err(ClientError::Core(CoreError::MalformedMessage(format!(
+            "cannot route {other:?}"
+        )))),
+    }
+}

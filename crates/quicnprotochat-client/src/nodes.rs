@@ -1,0 +1,131 @@
+//! The node connections a command works with, and sending through them the
+//! way a user expects: a rate limit is waited out (within
+//! [`RATE_LIMIT_PATIENCE`]), a full queue is reported naming whose it is.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use quicnprotochat_proto::outcome::{RateLimited, SendOutcome};
+use quicnprotochat_proto::wire::Envelope;
+
+use crate::cli::ConnectionArgs;
+use crate::error::ClientError;
+use crate::node_client::{ConnectOptions, NodeClient};
+
+/// How long one command keeps retrying calls the node rate-limits, in all.
+pub(crate) const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Connections to the Authentication Service and the Delivery Service; one
+/// connection when both are the same node.
+pub(crate) struct Nodes {
+    auth: NodeClient,
+    delivery: Option<NodeClient>,
+}
+
+impl Nodes {
+    /// Connects as `identity`, or anonymously.
+    pub(crate) async fn connect(
+        args: &ConnectionArgs,
+        identity: Option<&IdentityKeypair>,
+    ) -> Result<Nodes, ClientError> {
+        let auth = NodeClient::connect(&options(args, &args.server), identity).await?;
+        let delivery = match &args.ds_server {
+            Some(ds) if *ds != args.server => Some(NodeClient::connect(&options(args, ds), identity).await?),
+            _ => None,
+        };
+        Ok(Nodes { auth, delivery })
+    }
+
+    /// The node holding KeyPackages.
+    pub(crate) fn auth(&self) -> &NodeClient {
+        &self.auth
+    }
+
+    /// The node holding message queues.
+    pub(crate) fn delivery(&self) -> &NodeClient {
+        self.delivery.as_ref().unwrap_or(&self.auth)
+    }
+
+    /// Queues `envelopes` on the delivery node in one atomic call, sending
+    /// it again (same message ids, so stored at most once) while the node
+    /// rate-limits us and our patience lasts.
+    pub(crate) async fn deliver(&self, envelopes: &[Envelope]) -> Result<(), ClientError> {
+        let patience = Patience::new();
+        loop {
+            match self.delivery().enqueue_batch(envelopes).await? {
+                SendOutcome::Accepted => return Ok(()),
+                SendOutcome::RateLimited(limited) => {
+                    if !patience.wait(&limited).await {
+                        return Err(limited.into());
+                    }
+                }
+                SendOutcome::QueueFull(full) => return Err(full.into()),
+            }
+        }
+    }
+
+    /// Closes both connections.
+    pub(crate) async fn close(self) {
+        if let Some(delivery) = self.delivery {
+            delivery.close().await;
+        }
+        self.auth.close().await;
+    }
+}
+
+fn options(args: &ConnectionArgs, server: &str) -> ConnectOptions {
+    ConnectOptions {
+        server: server.to_owned(),
+        server_name: args.server_name.clone(),
+        ca_cert: args.ca_cert.clone(),
+    }
+}
+
+/// `Ok` for [`SendOutcome::Accepted`], the matching error otherwise.
+pub(crate) fn accepted(outcome: SendOutcome) -> Result<(), ClientError> {
+    match outcome {
+        SendOutcome::Accepted => Ok(()),
+        SendOutcome::RateLimited(limited) => Err(limited.into()),
+        SendOutcome::QueueFull(full) => Err(full.into()),
+    }
+}
+
+/// An envelope with a fresh random message id, so a retried delivery is
+/// stored only once.
+pub(crate) fn envelope(recipients: Vec<IdentityKey>, payload: Vec<u8>) -> Envelope {
+    Envelope {
+        recipients,
+        payload,
+        message_id: Some(rand::random::<[u8; 16]>().to_vec()),
+    }
+}
+
+/// How long one command is still willing to wait out rate limits.
+pub(crate) struct Patience {
+    give_up: tokio::time::Instant,
+    told: Cell<bool>,
+}
+
+impl Patience {
+    /// [`RATE_LIMIT_PATIENCE`] from now.
+    pub(crate) fn new() -> Patience {
+        Patience {
+            give_up: tokio::time::Instant::now() + RATE_LIMIT_PATIENCE,
+            told: Cell::new(false),
+        }
+    }
+
+    /// Waits as long as the node asked and returns true, or returns false
+    /// at once if that would end past our patience.
+    pub(crate) async fn wait(&self, limited: &RateLimited) -> bool {
+        if tokio::time::Instant::now() + limited.retry_after >= self.give_up {
+            return false;
+        }
+        if !self.told.replace(true) {
+            eprintln!("the node asks us to slow down; waiting and trying again");
+        }
+        tokio::time::sleep(limited.retry_after).await;
+        true
+    }
+}

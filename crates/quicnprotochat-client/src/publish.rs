@@ -1,0 +1,256 @@
+//! Group changes, one Commit per epoch, published so that a crash or a lost
+//! answer never leaves a group half-changed.
+//!
+//! The protocol:
+//! 1. [`stage`] makes the change against the group as stored and saves the
+//!    publication (Commit, Welcome, their recipients and message ids) in the
+//!    outbox, in one transaction with the pending Commit.
+//! 2. [`send_publication`] publishes it and settles it by the node's typed
+//!    answer: accepted → merge; conflict (another Commit won the epoch) →
+//!    discard; rate limited → wait as told and publish the same Commit
+//!    again; queue full or refused → discard and report. Merging or
+//!    discarding and forgetting the publication are one transaction.
+//! 3. Without an answer (the session broke, no reply in time) the change
+//!    stays pending and [`resume_publications`] resends it, with the same
+//!    message ids, at the start of the next command.
+//!
+//! [`change_group`] runs the whole thing for a command and, when another
+//! member's Commit won, catches up and makes the change again.
+
+use std::time::Duration;
+
+use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_proto::outcome::CommitOutcome;
+
+use crate::error::ClientError;
+use crate::incoming;
+use crate::naming::{group_name, node_group_id, others};
+use crate::nodes::{Nodes, Patience, envelope};
+use crate::state::{Publication, Settlement, StateFile};
+
+/// A group change built against the group's current state: a pending
+/// Commit, who gets it, and the Welcome for new members if any.
+pub(crate) struct Change {
+    /// The Commit (pending in the group until published).
+    pub(crate) commit: Vec<u8>,
+    /// Who gets the Commit: every other member, including removed ones.
+    pub(crate) commit_to: Vec<IdentityKey>,
+    /// The Welcome and the new members.
+    pub(crate) welcome: Option<(Vec<u8>, Vec<IdentityKey>)>,
+}
+
+/// How a published change ended, when the node took or rejected it as a
+/// competitor (any other end is an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// The node took it; our Commit is merged.
+    Merged,
+    /// Another member's Commit won the epoch; ours was discarded.
+    Lost {
+        /// The epoch the group is in on the node.
+        current_epoch: u64,
+    },
+}
+
+/// How often a change is redone after losing the race for an epoch.
+const CHANGE_ATTEMPTS: usize = 3;
+
+/// How often an unanswered publication is sent again within one command.
+const PUBLISH_ATTEMPTS: usize = 3;
+
+/// Pause before sending an unanswered publication again.
+const RESEND_PAUSE: Duration = Duration::from_millis(300);
+
+/// Makes and publishes a group change: `make` builds it against the group
+/// as stored; the node accepts it only if no other Commit won that epoch.
+/// If another member's Commit won, ours is discarded, the queue is processed
+/// (bringing the group up to date) and the change is made again, telling
+/// the user.
+pub(crate) async fn change_group(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &[u8],
+    mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
+) -> Result<GroupMember, ClientError> {
+    let name = group_name(group_id);
+    resume_publications(nodes, state).await?;
+    let mut current_epoch = 0;
+    for attempt in 1..=CHANGE_ATTEMPTS {
+        let mut group = GroupMember::load(&state.provider(), group_id)?
+            .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
+        let publication = stage(state, &mut group, group_id, &mut make)?;
+        match send_publication(nodes, state, &mut group, &publication).await? {
+            Settled::Merged => return Ok(group),
+            Settled::Lost { current_epoch: now } => {
+                current_epoch = now;
+                if attempt < CHANGE_ATTEMPTS {
+                    eprintln!(
+                        "another member changed {name} first (now at epoch {now}); catching up and trying again"
+                    );
+                    incoming::catch_up(nodes, state, identity).await?;
+                }
+            }
+        }
+    }
+    Err(ClientError::CommitConflict { current_epoch })
+}
+
+/// Makes a change with `make` and saves it in the outbox in the same
+/// transaction, so a pending Commit never exists without the publication
+/// that settles it. Send it with [`send_publication`].
+pub(crate) fn stage(
+    state: &StateFile,
+    group: &mut GroupMember,
+    group_id: &[u8],
+    make: impl FnOnce(&mut GroupMember) -> Result<Change, ClientError>,
+) -> Result<Publication, ClientError> {
+    let node_id = node_group_id(group_id)?;
+    let epoch = group.epoch();
+    state.stage_publication(|| {
+        let change = make(group)?;
+        Ok(Publication {
+            group_id: node_id,
+            epoch,
+            commit: envelope(change.commit_to, change.commit),
+            welcome: change.welcome.map(|(payload, to)| envelope(to, payload)),
+        })
+    })
+}
+
+/// Publishes a staged change and settles it by the node's answer (see the
+/// module docs). Returns [`ClientError::Unconfirmed`] when no answer came:
+/// the change then stays pending.
+pub(crate) async fn send_publication(
+    nodes: &Nodes,
+    state: &StateFile,
+    group: &mut GroupMember,
+    publication: &Publication,
+) -> Result<Settled, ClientError> {
+    let group_id = &publication.group_id;
+    let patience = Patience::new();
+    let mut unanswered = 0;
+    let refusal = loop {
+        let answer = nodes
+            .delivery()
+            .publish_commit(
+                group_id,
+                publication.epoch,
+                &publication.commit,
+                publication.welcome.as_ref(),
+            )
+            .await;
+        match answer {
+            Ok(CommitOutcome::Accepted) => {
+                state.settle_publication(group_id, group, Settlement::Merge)?;
+                return Ok(Settled::Merged);
+            }
+            Ok(CommitOutcome::Conflict { current_epoch }) => {
+                state.settle_publication(group_id, group, Settlement::Discard)?;
+                return Ok(Settled::Lost { current_epoch });
+            }
+            Ok(CommitOutcome::RateLimited(limited)) => {
+                // Nothing was stored: the same Commit may be published again.
+                if !patience.wait(&limited).await {
+                    break limited.into();
+                }
+            }
+            Ok(CommitOutcome::QueueFull(full)) => break full.into(),
+            Err(refused) if refused_by_node(&refused) => break refused,
+            Err(e) => {
+                unanswered += 1;
+                if unanswered >= PUBLISH_ATTEMPTS {
+                    return Err(ClientError::Unconfirmed {
+                        group: group_name(group_id.as_bytes()),
+                        reason: e.to_string(),
+                    });
+                }
+                tokio::time::sleep(RESEND_PAUSE).await;
+            }
+        }
+    };
+    // The node stored none of it: drop the change, the group stays as it was.
+    state.settle_publication(group_id, group, Settlement::Discard)?;
+    Err(ClientError::ChangeRefused {
+        group: group_name(group_id.as_bytes()),
+        reason: Box::new(refusal),
+    })
+}
+
+/// Whether an error is the node refusing the call (nothing stored), as
+/// opposed to no answer arriving, after which it may or may not have the
+/// change. Decided by the exception's kind, never its text.
+fn refused_by_node(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::Rpc(e) if matches!(e.kind, capnp::ErrorKind::Failed | capnp::ErrorKind::Overloaded)
+    )
+}
+
+/// Settles group changes left unanswered by earlier runs: resends them with
+/// the same message ids (the node stores them at most once) and merges or
+/// discards them by the answer.
+pub(crate) async fn resume_publications(nodes: &Nodes, state: &StateFile) -> Result<(), ClientError> {
+    for publication in state.publications()? {
+        let name = group_name(publication.group_id.as_bytes());
+        match GroupMember::load(&state.provider(), publication.group_id.as_bytes())? {
+            Some(mut group) if group.has_pending_commit() => {
+                eprintln!("resending an unconfirmed change to {name}");
+                match send_publication(nodes, state, &mut group, &publication).await? {
+                    Settled::Merged => eprintln!("{name}: the node has it; now epoch {}", group.epoch()),
+                    Settled::Lost { current_epoch } => eprintln!(
+                        "{name}: another member's change won (the group is at epoch {current_epoch}); yours was dropped"
+                    ),
+                }
+            }
+            // Nothing pending any more: the entry is stale.
+            _ => state.forget_publication(&publication.group_id)?,
+        }
+    }
+    Ok(())
+}
+
+/// Commits pending proposals in every group where it is our turn.
+pub(crate) async fn commit_due_proposals(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<(), ClientError> {
+    for record in state.groups()? {
+        if let Some(mut group) = GroupMember::load(&state.provider(), &record.group_id)?
+            && group.should_commit_pending_proposals()
+        {
+            commit_proposals(nodes, state, identity, &record.group_id, &mut group).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Commits the pending proposals of `group` (e.g. a member leaving) and
+/// publishes the commit to every other member, including those it removes.
+/// If another member committed first, ours is dropped: theirs covers it.
+pub(crate) async fn commit_proposals(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &[u8],
+    group: &mut GroupMember,
+) -> Result<(), ClientError> {
+    let me = identity.public_key();
+    let publication = stage(state, group, group_id, |group| {
+        Ok(Change {
+            commit_to: others(group, &me),
+            commit: group.commit_pending_proposals(&state.provider(), identity)?,
+            welcome: None,
+        })
+    })?;
+    if send_publication(nodes, state, group, &publication).await? == Settled::Merged {
+        eprintln!(
+            "group {}: committed pending proposals; now epoch {}, {} members",
+            group_name(group_id),
+            group.epoch(),
+            group.members().len()
+        );
+    }
+    Ok(())
+}
