@@ -9,9 +9,12 @@ use std::collections::HashSet;
 
 use capnp::capability::FromClientHook;
 use common::{TestNode, enqueue_ok, identity, local};
-use quicnprotochat_core::{IdentityKey, KeyPackageOptions, Seq, generate_key_package_with};
+use quicnprotochat_core::{
+    GroupId, GroupMember, IdentityKey, KeyPackageOptions, Seq, generate_key_package_with,
+};
 use quicnprotochat_proto::delivery_capnp::delivery_service;
-use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, SendOutcome};
+use quicnprotochat_proto::wire::Envelope;
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
 fn key(n: u8) -> IdentityKey {
@@ -611,5 +614,54 @@ fn a_session_may_hold_only_a_few_subscriptions() {
             .unwrap()
             .to_string();
         assert!(err.contains("overloaded"), "{err}");
+    });
+}
+
+#[test]
+fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
+    let node = TestNode::start();
+    local(async {
+        // Two Commits made in epoch 0 of one group, as two members racing
+        // would make them.
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let creator = identity(1);
+        let mut group = GroupMember::create(&provider, &creator, b"race#1").unwrap();
+        let first = group.self_update(&provider, &creator).unwrap();
+        group.discard_pending_commit(&provider).unwrap();
+        let second = group.self_update(&provider, &creator).unwrap();
+        let group_id = GroupId::new(b"race#1".to_vec()).unwrap();
+        let commit = |payload: Vec<u8>, id: &[u8]| Envelope {
+            recipients: vec![key(2)],
+            payload,
+            message_id: Some(id.to_vec()),
+        };
+
+        let winner = node.connect_as(&identity(1)).await;
+        let loser = node.connect_as(&identity(2)).await;
+        let won = winner
+            .publish_commit(&group_id, 0, &commit(first.clone(), b"a"), None)
+            .await
+            .unwrap();
+        assert_eq!(won, CommitOutcome::Accepted);
+        let lost = loser
+            .publish_commit(&group_id, 0, &commit(second, b"b"), None)
+            .await
+            .unwrap();
+        assert_eq!(lost, CommitOutcome::Conflict { current_epoch: 1 });
+        // The winner's retry (same message id) is accepted again, and only
+        // the winning Commit was queued.
+        let again = winner
+            .publish_commit(&group_id, 0, &commit(first.clone(), b"a"), None)
+            .await
+            .unwrap();
+        assert_eq!(again, CommitOutcome::Accepted);
+        let queued = node
+            .connect_as(&identity(2))
+            .await
+            .fetch_since(&key(2), Seq::ZERO, 0)
+            .await
+            .unwrap();
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].payload, first);
     });
 }

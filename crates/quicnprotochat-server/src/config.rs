@@ -58,8 +58,8 @@ pub struct Config {
     /// Threads running Cap'n Proto RPC sessions (connections are spread over
     /// them). Defaults to the number of CPUs.
     pub rpc_threads: usize,
-    /// Most messages one recipient's queue may hold; beyond it enqueue
-    /// answers "queue full".
+    /// Most messages one recipient's queue may hold; a send that would go
+    /// beyond it is refused with the `queueFull` outcome.
     pub max_queue_depth: usize,
     /// Messages one identity may queue per second (bursts of twice that);
     /// 0: unlimited.

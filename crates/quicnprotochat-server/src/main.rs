@@ -39,7 +39,7 @@ struct Args {
     /// Threads running RPC sessions [default: number of CPUs].
     #[arg(long, env = "QUICNPROTOCHAT_RPC_THREADS")]
     rpc_threads: Option<usize>,
-    /// Most messages one recipient's queue may hold; beyond it enqueue answers "queue full".
+    /// Most messages one recipient's queue may hold; a send beyond it is refused (queueFull).
     #[arg(long, env = "QUICNPROTOCHAT_MAX_QUEUE_DEPTH", default_value_t = config::DEFAULT_MAX_QUEUE_DEPTH)]
     max_queue_depth: usize,
     /// Messages one identity may queue per second, bursts of twice that (0: unlimited).
