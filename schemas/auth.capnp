@@ -33,7 +33,10 @@ interface AuthService {
   #
   # identityKey: the owner's raw Ed25519 public key; exactly 32 bytes. Only a
   #              connection authenticated as this identity may upload for it.
-  # package:     the TLS-serialized MLS KeyPackage (RFC 9420 `KeyPackage`);
+  # package:     the TLS-serialized MLS KeyPackage (RFC 9420 `KeyPackage`),
+  #              bare or wrapped in an MLSMessage (wire format
+  #              mls_key_package, as some libraries produce it; it is
+  #              stored and served bare);
   #              not empty, at most the node's payload limit (see ping). The
   #              node validates it: signature, protocol version, ciphersuite
   #              MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, lifetime, and a

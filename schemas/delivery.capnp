@@ -92,6 +92,27 @@ struct CommitConflict {
   currentEpoch @0 :UInt64;
 }
 
+# A group's public state: what every member (and the node) may see, no
+# secret. The group's creator hands it to the node with the group's first
+# change (see publishCommit), so the node can check every Commit after.
+struct GroupState {
+  # The group's GroupInfo (RFC 9420, section 12.4.3) as a TLS-encoded
+  # MLSMessage, signed by a member, for the epoch the state describes.
+  groupInfo @0 :Data;
+
+  # The group's ratchet tree in that epoch: the TLS encoding of the
+  # `ratchet_tree` extension's data (RFC 9420, section 12.4.3.3).
+  ratchetTree @1 :Data;
+}
+
+# A handshake message the node checked against the group's public state and
+# found not valid: its members could not apply it.
+struct InvalidMessage {
+  # Why, for people (e.g. "not signed by a member of the group"); may
+  # change in any release.
+  reason @0 :Text;
+}
+
 # What became of `publishCommit`.
 struct CommitOutcome {
   union {
@@ -108,6 +129,52 @@ struct CommitOutcome {
 
     # A recipient's queue is full; the change was not published.
     queueFull @3 :QueueFull;
+
+    # The Commit is not valid for the group as the node knows it (not a
+    # PublicMessage, not signed by a member, a bad update path, a proposal
+    # the node has not seen, an identity rule broken); nothing was stored.
+    invalid @4 :InvalidMessage;
+
+    # The node has no state for this group and the call carried none:
+    # publish again with `initialState`.
+    unknownGroup @5 :Void;
+  }
+}
+
+# What `fetchGroupInfo` found.
+struct FetchedGroupInfo {
+  union {
+    # The current epoch's GroupInfo and ratchet tree.
+    state @0 :GroupState;
+
+    # The node has no GroupInfo of the current epoch (the last Commit
+    # carried none): ask a member to update, or wait for the next change.
+    unavailable @1 :Void;
+  }
+}
+
+# What became of `publishProposal`.
+struct ProposalOutcome {
+  union {
+    # The proposal is durably stored for the Commit that will reference it,
+    # and queued for its recipients.
+    accepted @0 :Void;
+
+    # The group is in another epoch (`currentEpoch`): a proposal counts only
+    # in the epoch it was made in. Process your queue and propose again.
+    conflict @1 :CommitConflict;
+
+    # Over the sender's rate limit; nothing was stored.
+    rateLimited @2 :RateLimited;
+
+    # A recipient's queue is full; nothing was stored.
+    queueFull @3 :QueueFull;
+
+    # Not a valid proposal for the group's public state.
+    invalid @4 :InvalidMessage;
+
+    # The node has no state for this group.
+    unknownGroup @5 :Void;
   }
 }
 
@@ -172,27 +239,49 @@ interface DeliveryService {
   # call it.
   ack @4 (recipientKey :Data, upToSeq :UInt64) -> ();
 
-  # Publishes a group change, accepting exactly one Commit per group and
-  # epoch: the first. Needs an authenticated connection.
+  # Publishes a group change, accepting exactly one valid Commit per group
+  # and epoch: the first. Needs an authenticated connection, as the member
+  # who made the Commit.
   #
-  # groupId: the MLS group id, 1 to 256 bytes.
-  # epoch:   the epoch the Commit was made in.
-  # commit:  the Commit (an MLS message whose unencrypted framing must name
-  #          `groupId` and `epoch`) and its recipients (may be none).
-  # welcome: optional (no recipients: none): the Welcome for new members,
-  #          delivered only together with the Commit.
-  # outcome: `accepted`: the Commit and the Welcome are durably committed in
-  #          one transaction and the group is at `epoch + 1`. `conflict`:
-  #          another Commit was already accepted for `epoch` (or the group is
-  #          at another epoch); it carries the group's current epoch: process
-  #          your queue, then redo the change. `rateLimited`, `queueFull`: as
-  #          in `enqueueBatch`. Anything but `accepted` stored nothing.
+  # groupId:      the MLS group id, 1 to 256 bytes.
+  # epoch:        the epoch the Commit was made in.
+  # commit:       the Commit, a TLS-encoded MLSMessage carrying a
+  #               PublicMessage (handshake messages are never encrypted, so
+  #               the node can check them), and its recipients (may be none).
+  # welcome:      optional (no recipients: none): the Welcome for new members,
+  #               delivered only together with the Commit.
+  # initialState: only with the group's first change (the node has no state
+  #               for the group yet): the group's public state in `epoch`,
+  #               from which the node checks this and every later Commit.
+  #               Ignored once the node has the group's state.
+  # groupInfo:    optional: the GroupInfo of the epoch this Commit starts
+  #               (`epoch + 1`), a TLS-encoded MLSMessage signed by the
+  #               committer, without the ratchet_tree extension. The node
+  #               checks it (the group context must be the one the Commit
+  #               leads to) and serves it, with the tree, to members who
+  #               rejoin (fetchGroupInfo). A Commit without one leaves the
+  #               node nothing to serve until the next Commit that has one.
+  # outcome:      `accepted`: the Commit and the Welcome are durably
+  #               committed in one transaction and the group is at
+  #               `epoch + 1`. `conflict`: another Commit was already accepted
+  #               for `epoch` (or the group is at another epoch); it carries
+  #               the group's current epoch: process your queue, then redo the
+  #               change. `invalid`: the Commit is not valid for the group's
+  #               public state. `unknownGroup`: send `initialState`.
+  #               `rateLimited`, `queueFull`: as in `enqueueBatch`. Anything
+  #               but `accepted` stored nothing.
   #
-  # The first Commit the node sees for a group fixes its epoch. A retry of an
-  # accepted publication (same sender and commit messageId) is `accepted`
-  # again without storing anything. The node keeps only the group id and
-  # its current epoch for this.
-  publishCommit @5 (groupId :Data, epoch :UInt64, commit :Envelope, welcome :Envelope)
+  # The node checks a Commit as RFC 9750 allows a Delivery Service to:
+  # framing, epoch, the signature of a current member (the caller's own
+  # leaf), proposals by value and by reference (see publishProposal), the
+  # update path's public keys and parent hashes, and that every leaf's
+  # credential is a basic credential equal to its signature key with no
+  # identity twice. It cannot check what only members can (the path's
+  # encrypted secrets, the confirmation and membership tags' values). A
+  # retry of an accepted publication (same sender and commit messageId) is
+  # `accepted` again without storing anything.
+  publishCommit @5 (groupId :Data, epoch :UInt64, commit :Envelope, welcome :Envelope,
+                    initialState :GroupState, groupInfo :Data)
       -> (outcome :CommitOutcome);
 
   # Pushes the messages of `recipientKey` after `afterSeq` to `receiver`
@@ -208,4 +297,29 @@ interface DeliveryService {
   # Only the owner may call it.
   fetchWait @7 (recipientKey :Data, afterSeq :UInt64, limit :UInt32, timeoutMs :UInt32)
       -> (messages :List(QueuedMessage));
+
+  # Publishes a standalone proposal (e.g. the Remove a member sends to leave)
+  # to its recipients, after checking it against the group's public state
+  # as publishCommit checks a Commit; the node keeps it so that a Commit of
+  # the same epoch may reference it. Needs an authenticated connection, as
+  # the member who made it.
+  #
+  # groupId:  the MLS group id.
+  # epoch:    the epoch the proposal was made in.
+  # proposal: the proposal, a TLS-encoded MLSMessage carrying a
+  #           PublicMessage, and its recipients.
+  # outcome:  see ProposalOutcome; anything but `accepted` stored nothing.
+  publishProposal @8 (groupId :Data, epoch :UInt64, proposal :Envelope)
+      -> (outcome :ProposalOutcome);
+
+  # The current public state of a group (GroupInfo and ratchet tree), for a
+  # member to rejoin by external commit when it lost its state (a wiped
+  # device): the node accepts such a Commit only from an identity that
+  # already owns a leaf of the group, and only if it removes that leaf, so a
+  # stranger who got hold of a GroupInfo cannot join. Needs a connection
+  # authenticated as a member of the group (an identity with a leaf in its
+  # current tree); anyone else gets a `failed` exception (permission denied).
+  #
+  # groupId: the MLS group id.
+  fetchGroupInfo @9 (groupId :Data) -> (outcome :FetchedGroupInfo);
 }

@@ -131,6 +131,24 @@ pub enum ClientError {
         /// Why, with what to do.
         reason: Box<ClientError>,
     },
+    /// The node checked a group change (a Commit or a proposal) against the
+    /// group's public state and found it not valid; it stored nothing.
+    #[error(
+        "the node refused it as not valid for the group (the node's reason: {reason}); if it happens again, this client and the group's other members may disagree about the group: report it with that reason"
+    )]
+    InvalidChange {
+        /// The node's words, for people.
+        reason: String,
+    },
+    /// The node keeps no public state for the group, so it cannot check
+    /// (and will not take) changes to it; the change was dropped.
+    #[error(
+        "the node has no state for {group}, so it takes no changes to it: the group was created before the node checked group changes, or the node lost its database; create a new group with `create-group` and invite its members again"
+    )]
+    GroupUnknownToNode {
+        /// The group.
+        group: String,
+    },
     /// The node's answer does not hold what the schema says.
     #[error("the node's answer could not be read ({0}); is the client older than the node? update it")]
     Outcome(#[from] OutcomeError),
@@ -140,6 +158,17 @@ pub enum ClientError {
         "the node did not confirm the change to {group} ({reason}); it stays pending and your next command (e.g. `recv`) sends it again"
     )]
     Unconfirmed {
+        /// The group.
+        group: String,
+        /// What happened instead of an answer.
+        reason: String,
+    },
+    /// No answer came to a proposal (e.g. a request to leave); it may or may
+    /// not have reached the node.
+    #[error(
+        "the node did not confirm your request to {group} ({reason}); it may have reached the other members: run `recv` later, and if nothing changed, run the command again"
+    )]
+    ProposalUnconfirmed {
         /// The group.
         group: String,
         /// What happened instead of an answer.

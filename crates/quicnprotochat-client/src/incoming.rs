@@ -51,7 +51,7 @@ pub(crate) async fn catch_up(
 ) -> Result<Seen, ClientError> {
     // First settle our own unanswered change: if the node took it, later
     // messages are in the epoch after it.
-    resume_publications(nodes, state).await?;
+    resume_publications(nodes, state, identity).await?;
     let seen = fetch_into_inbox(nodes, state, identity).await?;
     process_inbox(state)?;
     Ok(seen)

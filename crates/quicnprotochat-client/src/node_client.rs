@@ -5,8 +5,9 @@
 //! and runs as a task on the current `LocalSet`.
 //!
 //! Calls return the node's typed outcomes ([`SendOutcome`],
-//! [`CommitOutcome`], [`FetchedKeyPackage`]) as values: deciding what to do
-//! about a rate limit, a full queue or a lost race is the caller's business.
+//! [`CommitOutcome`], [`ProposalOutcome`], [`FetchedKeyPackage`]) as
+//! values: deciding what to do about a rate limit, a full queue, a lost race
+//! or a change the node found not valid is the caller's business.
 //! An exception comes back as [`ClientError::Rpc`]; only its
 //! [`capnp::ErrorKind`] means anything to code, its text is for people.
 
@@ -20,8 +21,8 @@ use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, SendOutcome};
-use quicnprotochat_proto::wire::{Envelope, read_messages};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, ProposalOutcome, SendOutcome};
+use quicnprotochat_proto::wire::{Envelope, GroupState, read_messages};
 use quicnprotochat_proto::{cert, peer, rpc, transport};
 use rustls::AlertDescription;
 
@@ -251,14 +252,22 @@ impl NodeClient {
     }
 
     /// Publishes a group change: `commit` (made in `epoch` of `group_id`) and,
-    /// delivered only with it, `welcome`. [`CommitOutcome::Conflict`] says
-    /// another Commit won that epoch, and which epoch the group is in now.
+    /// delivered only with it, `welcome`. With the group's first change,
+    /// `initial_state` hands the node the group's public state in `epoch`,
+    /// which it checks this and every later Commit against.
+    ///
+    /// [`CommitOutcome::Conflict`] says another Commit won that epoch, and
+    /// which epoch the group is in now; [`CommitOutcome::Invalid`] that the
+    /// node found the Commit not valid for the group;
+    /// [`CommitOutcome::UnknownGroup`] that it has no state for the group and
+    /// none was given.
     pub async fn publish_commit(
         &self,
         group_id: &GroupId,
         epoch: u64,
         commit: &Envelope,
         welcome: Option<&Envelope>,
+        initial_state: Option<&GroupState>,
     ) -> Result<CommitOutcome, ClientError> {
         let mut request = self.delivery.publish_commit_request();
         request.get().set_group_id(group_id.as_bytes());
@@ -267,8 +276,32 @@ impl NodeClient {
         if let Some(welcome) = welcome {
             fill_envelope(request.get().init_welcome(), welcome)?;
         }
+        if let Some(state) = initial_state {
+            let mut builder = request.get().init_initial_state();
+            builder.set_group_info(&state.group_info);
+            builder.set_ratchet_tree(&state.ratchet_tree);
+        }
         let response = call(request.send().promise).await?;
         Ok(CommitOutcome::read(response.get()?.get_outcome()?)?)
+    }
+
+    /// Publishes a standalone `proposal` (made in `epoch` of `group_id`) to
+    /// its recipients; the node checks it against the group's public state
+    /// and keeps it for the Commit that will reference it.
+    /// [`ProposalOutcome::Accepted`] comes only once it is stored; any other
+    /// outcome stored nothing.
+    pub async fn publish_proposal(
+        &self,
+        group_id: &GroupId,
+        epoch: u64,
+        proposal: &Envelope,
+    ) -> Result<ProposalOutcome, ClientError> {
+        let mut request = self.delivery.publish_proposal_request();
+        request.get().set_group_id(group_id.as_bytes());
+        request.get().set_epoch(epoch);
+        fill_envelope(request.get().init_proposal(), proposal)?;
+        let response = call(request.send().promise).await?;
+        Ok(ProposalOutcome::read(response.get()?.get_outcome()?)?)
     }
 
     /// Reads (without removing) the messages of `recipient` after `after`,

@@ -8,19 +8,30 @@
 //! 2. [`send_publication`] publishes it and settles it by the node's typed
 //!    answer: accepted → merge; conflict (another Commit won the epoch) →
 //!    discard; rate limited → wait as told and publish the same Commit
-//!    again; queue full or refused → discard and report. Merging or
-//!    discarding and forgetting the publication are one transaction.
+//!    again; queue full, not valid (the node's check against the group's
+//!    public state failed) or refused → discard and report; unknown group
+//!    (the node keeps no state for it) → discard and tell the user to make a
+//!    new group. Merging or discarding and forgetting the publication are
+//!    one transaction. The group's first change (made in epoch 0, when only
+//!    its creator can be in it) carries the group's public state of epoch 0,
+//!    from which the node checks every later change.
 //! 3. Without an answer (the session broke, no reply in time) the change
 //!    stays pending and [`resume_publications`] resends it, with the same
 //!    message ids, at the start of the next command.
 //!
 //! [`change_group`] runs the whole thing for a command and, when another
 //! member's Commit won, catches up and makes the change again.
+//!
+//! Standalone proposals (a request to leave) go out with [`propose`]: the
+//! node checks them too and keeps them for the Commit that will reference
+//! them. One the node did not take is withdrawn from the group again, since
+//! no Commit can ever cover it.
 
 use std::time::Duration;
 
-use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
-use quicnprotochat_proto::outcome::CommitOutcome;
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_proto::outcome::{CommitOutcome, ProposalOutcome};
+use quicnprotochat_proto::wire::{Envelope, GroupState};
 
 use crate::error::ClientError;
 use crate::incoming;
@@ -74,13 +85,13 @@ pub(crate) async fn change_group(
     mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
 ) -> Result<GroupMember, ClientError> {
     let name = group_name(group_id);
-    resume_publications(nodes, state).await?;
+    resume_publications(nodes, state, identity).await?;
     let mut current_epoch = 0;
     for attempt in 1..=CHANGE_ATTEMPTS {
         let mut group = GroupMember::load(&state.provider(), group_id)?
             .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
         let publication = stage(state, &mut group, group_id, &mut make)?;
-        match send_publication(nodes, state, &mut group, &publication).await? {
+        match send_publication(nodes, state, identity, &mut group, &publication).await? {
             Settled::Merged => return Ok(group),
             Settled::Lost { current_epoch: now } => {
                 current_epoch = now;
@@ -124,10 +135,20 @@ pub(crate) fn stage(
 pub(crate) async fn send_publication(
     nodes: &Nodes,
     state: &StateFile,
+    identity: &IdentityKeypair,
     group: &mut GroupMember,
     publication: &Publication,
 ) -> Result<Settled, ClientError> {
     let group_id = &publication.group_id;
+    // The group's first change: the node has no state for the group yet.
+    // Exported now from the group as stored (still in epoch 0, the Commit
+    // pending), not saved with the publication, so a resend after a crash
+    // carries it as well; a node that already has the state ignores it.
+    let initial_state = if publication.epoch == 0 {
+        Some(initial_state(state, identity, group, publication.epoch)?)
+    } else {
+        None
+    };
     let patience = Patience::new();
     let mut unanswered = 0;
     let refusal = loop {
@@ -138,6 +159,7 @@ pub(crate) async fn send_publication(
                 publication.epoch,
                 &publication.commit,
                 publication.welcome.as_ref(),
+                initial_state.as_ref(),
             )
             .await;
         match answer {
@@ -156,6 +178,15 @@ pub(crate) async fn send_publication(
                 }
             }
             Ok(CommitOutcome::QueueFull(full)) => break full.into(),
+            Ok(CommitOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
+            Ok(CommitOutcome::UnknownGroup) => {
+                // Nothing of this group can be published any more: drop
+                // the change so the group is at least readable as it was.
+                state.settle_publication(group_id, group, Settlement::Discard)?;
+                return Err(ClientError::GroupUnknownToNode {
+                    group: group_name(group_id.as_bytes()),
+                });
+            }
             Err(refused) if refused_by_node(&refused) => break refused,
             Err(e) => {
                 unanswered += 1;
@@ -177,6 +208,27 @@ pub(crate) async fn send_publication(
     })
 }
 
+/// The group's public state in `epoch`, for the node, from the group as
+/// stored (its pending Commit does not change it).
+fn initial_state(
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group: &GroupMember,
+    epoch: u64,
+) -> Result<GroupState, ClientError> {
+    // A pending Commit keeps its group in the epoch it was made in.
+    if group.epoch() != epoch {
+        return Err(ClientError::Internal(
+            "a pending change is not in its group's epoch",
+        ));
+    }
+    let public = group.export_public_state(&state.provider(), identity)?;
+    Ok(GroupState {
+        group_info: public.group_info,
+        ratchet_tree: public.ratchet_tree,
+    })
+}
+
 /// Whether an error is the node refusing the call (nothing stored), as
 /// opposed to no answer arriving, after which it may or may not have the
 /// change. Decided by the exception's kind, never its text.
@@ -190,13 +242,17 @@ fn refused_by_node(error: &ClientError) -> bool {
 /// Settles group changes left unanswered by earlier runs: resends them with
 /// the same message ids (the node stores them at most once) and merges or
 /// discards them by the answer.
-pub(crate) async fn resume_publications(nodes: &Nodes, state: &StateFile) -> Result<(), ClientError> {
+pub(crate) async fn resume_publications(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<(), ClientError> {
     for publication in state.publications()? {
         let name = group_name(publication.group_id.as_bytes());
         match GroupMember::load(&state.provider(), publication.group_id.as_bytes())? {
             Some(mut group) if group.has_pending_commit() => {
                 eprintln!("resending an unconfirmed change to {name}");
-                match send_publication(nodes, state, &mut group, &publication).await? {
+                match send_publication(nodes, state, identity, &mut group, &publication).await? {
                     Settled::Merged => eprintln!("{name}: the node has it; now epoch {}", group.epoch()),
                     Settled::Lost { current_epoch } => eprintln!(
                         "{name}: another member's change won (the group is at epoch {current_epoch}); yours was dropped"
@@ -244,7 +300,7 @@ pub(crate) async fn commit_proposals(
             welcome: None,
         })
     })?;
-    if send_publication(nodes, state, group, &publication).await? == Settled::Merged {
+    if send_publication(nodes, state, identity, group, &publication).await? == Settled::Merged {
         eprintln!(
             "group {}: committed pending proposals; now epoch {}, {} members",
             group_name(group_id),
@@ -253,4 +309,117 @@ pub(crate) async fn commit_proposals(
         );
     }
     Ok(())
+}
+
+/// How a published proposal ended, when the node took it or another
+/// member's Commit had moved the group on (any other end is an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proposed {
+    /// The node stored it and queued it for the other members.
+    Accepted,
+    /// The group is in another epoch on the node; ours was withdrawn.
+    Lost {
+        /// The epoch the group is in on the node.
+        current_epoch: u64,
+    },
+}
+
+/// Makes a standalone proposal with `make` (against the group as stored;
+/// it returns the TLS-encoded proposal, which it leaves pending in the
+/// group as ours) and publishes it to every other member. If the group had
+/// moved to another epoch on the node, the proposal is withdrawn, the queue
+/// processed and the proposal made again, telling the user. Every other
+/// refusal withdraws it and is reported.
+pub(crate) async fn propose(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &[u8],
+    mut make: impl FnMut(&mut GroupMember) -> Result<Vec<u8>, ClientError>,
+) -> Result<GroupMember, ClientError> {
+    let name = group_name(group_id);
+    let node_id = node_group_id(group_id)?;
+    let me = identity.public_key();
+    // A change of ours left unanswered must be settled first: it decides
+    // the epoch the proposal is made in.
+    resume_publications(nodes, state, identity).await?;
+    let mut current_epoch = 0;
+    for attempt in 1..=CHANGE_ATTEMPTS {
+        let mut group = GroupMember::load(&state.provider(), group_id)?
+            .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
+        let recipients = others(&group, &me);
+        if recipients.is_empty() {
+            return Err(ClientError::Usage(format!(
+                "you are the only member of {name}; there is nobody to ask"
+            )));
+        }
+        let epoch = group.epoch();
+        let proposal = envelope(recipients, make(&mut group)?);
+        match send_proposal(nodes, state, &node_id, &mut group, epoch, &proposal).await? {
+            Proposed::Accepted => return Ok(group),
+            Proposed::Lost { current_epoch: now } => {
+                current_epoch = now;
+                if attempt < CHANGE_ATTEMPTS {
+                    eprintln!("{name} changed meanwhile (now at epoch {now}); catching up and asking again");
+                    incoming::catch_up(nodes, state, identity).await?;
+                }
+            }
+        }
+    }
+    Err(ClientError::CommitConflict { current_epoch })
+}
+
+/// Publishes a proposal made in `epoch` and acts on the node's answer: a
+/// rate limit is waited out (within our patience), anything the node did
+/// not take withdraws the proposal from `group`.
+async fn send_proposal(
+    nodes: &Nodes,
+    state: &StateFile,
+    group_id: &GroupId,
+    group: &mut GroupMember,
+    epoch: u64,
+    proposal: &Envelope,
+) -> Result<Proposed, ClientError> {
+    let name = group_name(group_id.as_bytes());
+    let patience = Patience::new();
+    let mut unanswered = 0;
+    let refusal = loop {
+        match nodes.delivery().publish_proposal(group_id, epoch, proposal).await {
+            Ok(ProposalOutcome::Accepted) => return Ok(Proposed::Accepted),
+            Ok(ProposalOutcome::Conflict { current_epoch }) => {
+                state.withdraw_proposals(group_id.as_bytes(), group)?;
+                return Ok(Proposed::Lost { current_epoch });
+            }
+            Ok(ProposalOutcome::RateLimited(limited)) => {
+                // Nothing was stored: the same proposal may be sent again.
+                if !patience.wait(&limited).await {
+                    break limited.into();
+                }
+            }
+            Ok(ProposalOutcome::QueueFull(full)) => break full.into(),
+            Ok(ProposalOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
+            Ok(ProposalOutcome::UnknownGroup) => {
+                state.withdraw_proposals(group_id.as_bytes(), group)?;
+                return Err(ClientError::GroupUnknownToNode { group: name });
+            }
+            Err(refused) if refused_by_node(&refused) => break refused,
+            Err(e) => {
+                // The node may have it: the proposal stays, since a Commit
+                // referencing it can only be processed while we hold it.
+                unanswered += 1;
+                if unanswered >= PUBLISH_ATTEMPTS {
+                    return Err(ClientError::ProposalUnconfirmed {
+                        group: name,
+                        reason: e.to_string(),
+                    });
+                }
+                tokio::time::sleep(RESEND_PAUSE).await;
+            }
+        }
+    };
+    state.withdraw_proposals(group_id.as_bytes(), group)?;
+    Err(ClientError::ChangeRefused {
+        group: name,
+        reason: Box::new(refusal),
+    })
 }

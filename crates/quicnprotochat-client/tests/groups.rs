@@ -673,7 +673,7 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     common::local(async {
         let client = node.connect_as(&identity).await;
         let outcome = client
-            .publish_commit(&publication.group_id, epoch, &publication.commit, None)
+            .publish_commit(&publication.group_id, epoch, &publication.commit, None, None)
             .await
             .unwrap();
         assert_eq!(outcome, CommitOutcome::Accepted);

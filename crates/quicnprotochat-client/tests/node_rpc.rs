@@ -14,7 +14,7 @@ use quicnprotochat_core::{
 };
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, SendOutcome};
-use quicnprotochat_proto::wire::Envelope;
+use quicnprotochat_proto::wire::{Envelope, GroupState};
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
 fn key(n: u8) -> IdentityKey {
@@ -621,47 +621,66 @@ fn a_session_may_hold_only_a_few_subscriptions() {
 fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
     let node = TestNode::start();
     local(async {
-        // Two Commits made in epoch 0 of one group, as two members racing
-        // would make them.
-        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-        let creator = identity(1);
-        let mut group = GroupMember::create(&provider, &creator, b"race#1").unwrap();
-        let first = group.self_update(&provider, &creator).unwrap();
-        group.discard_pending_commit(&provider).unwrap();
-        let second = group.self_update(&provider, &creator).unwrap();
+        // identity(1) creates the group and adds identity(2); the first
+        // change hands the node the group's public state of epoch 0.
+        let (one, two) = (
+            openmls_rust_crypto::OpenMlsRustCrypto::default(),
+            openmls_rust_crypto::OpenMlsRustCrypto::default(),
+        );
+        let mut creator = GroupMember::create(&one, &identity(1), b"race#1").unwrap();
+        let package = quicnprotochat_core::generate_key_package(&two, &identity(2)).unwrap();
+        let added = creator.add_members(&one, &identity(1), &[package]).unwrap();
+        let state = creator.export_public_state(&one, &identity(1)).unwrap();
+        let state = GroupState {
+            group_info: state.group_info,
+            ratchet_tree: state.ratchet_tree,
+        };
         let group_id = GroupId::new(b"race#1".to_vec()).unwrap();
-        let commit = |payload: Vec<u8>, id: &[u8]| Envelope {
-            recipients: vec![key(2)],
+        let envelope = |to: u8, payload: Vec<u8>, id: &[u8]| Envelope {
+            recipients: vec![key(to)],
             payload,
             message_id: Some(id.to_vec()),
         };
-
         let winner = node.connect_as(&identity(1)).await;
         let loser = node.connect_as(&identity(2)).await;
+        let commit = Envelope {
+            recipients: vec![],
+            payload: added.commit,
+            message_id: Some(b"add".to_vec()),
+        };
+        let welcome = envelope(2, added.welcome.clone(), b"welcome");
+        let started = winner
+            .publish_commit(&group_id, 0, &commit, Some(&welcome), Some(&state))
+            .await
+            .unwrap();
+        assert_eq!(started, CommitOutcome::Accepted);
+        creator.merge_pending_commit(&one).unwrap();
+        let mut joiner = GroupMember::join(&two, &added.welcome).unwrap();
+
+        // Two Commits made in epoch 1, as two members racing would make them.
+        let first = creator.self_update(&one, &identity(1)).unwrap();
+        let second = joiner.self_update(&two, &identity(2)).unwrap();
         let won = winner
-            .publish_commit(&group_id, 0, &commit(first.clone(), b"a"), None)
+            .publish_commit(&group_id, 1, &envelope(2, first.clone(), b"a"), None, None)
             .await
             .unwrap();
         assert_eq!(won, CommitOutcome::Accepted);
         let lost = loser
-            .publish_commit(&group_id, 0, &commit(second, b"b"), None)
+            .publish_commit(&group_id, 1, &envelope(1, second, b"b"), None, None)
             .await
             .unwrap();
-        assert_eq!(lost, CommitOutcome::Conflict { current_epoch: 1 });
+        assert_eq!(lost, CommitOutcome::Conflict { current_epoch: 2 });
         // The winner's retry (same message id) is accepted again, and only
         // the winning Commit was queued.
         let again = winner
-            .publish_commit(&group_id, 0, &commit(first.clone(), b"a"), None)
+            .publish_commit(&group_id, 1, &envelope(2, first.clone(), b"a"), None, None)
             .await
             .unwrap();
         assert_eq!(again, CommitOutcome::Accepted);
-        let queued = node
-            .connect_as(&identity(2))
-            .await
-            .fetch_since(&key(2), Seq::ZERO, 0)
-            .await
-            .unwrap();
-        assert_eq!(queued.len(), 1);
-        assert_eq!(queued[0].payload, first);
+        let queued = loser.fetch_since(&key(2), Seq::ZERO, 0).await.unwrap();
+        let payloads: Vec<_> = queued.into_iter().map(|message| message.payload).collect();
+        assert_eq!(payloads, vec![added.welcome, first]);
+        let queued = winner.fetch_since(&key(1), Seq::ZERO, 0).await.unwrap();
+        assert!(queued.is_empty(), "the losing Commit was not queued");
     });
 }

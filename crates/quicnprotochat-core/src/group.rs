@@ -12,7 +12,19 @@
 //! - a member may not change its identity in an Update or commit path;
 //! - only Add, Update, Remove and SelfRemove proposals are accepted;
 //! - our own commits stay pending until the caller merges them, so they are
-//!   applied only once the delivery service has accepted them.
+//!   applied only once the delivery service has accepted them;
+//! - handshake messages (commits, proposals) travel as MLS PublicMessages and
+//!   only PublicMessages are accepted for them; application messages are
+//!   always PrivateMessages.
+//!
+//! Why handshakes are not encrypted: the delivery service keeps each group's
+//! public state (see [`GroupMember::export_public_state`]) and accepts a
+//! commit only if it is valid for that state (RFC 9750's Delivery Service
+//! validation). Otherwise any member, or anyone able to publish, could
+//! freeze a group with a commit the other members cannot apply: it would win
+//! its epoch at the node and nobody could move past it. The price is that the
+//! node learns who is in each group (credentials, adds and removes); it still
+//! learns nothing of application messages.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -20,13 +32,13 @@ use std::fmt;
 use openmls::framing::{ContentType, Sender};
 use openmls::group::{
     MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsGroupStateError, NewGroupError,
-    PURE_CIPHERTEXT_WIRE_FORMAT_POLICY, ProcessMessageError, StagedCommit, StagedWelcome, ValidationError,
+    PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessMessageError, StagedCommit, StagedWelcome, ValidationError,
     WelcomeError,
 };
 use openmls::prelude::{
     GroupId, LeafNodeIndex, LeafNodeParameters, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
     ProcessedMessageContent, Proposal, ProtocolMessage, SenderRatchetConfiguration, WireFormat,
-    tls_codec::DeserializeBytes as _,
+    tls_codec::{DeserializeBytes as _, Serialize as _},
 };
 use openmls::storage::OpenMlsProvider;
 
@@ -61,6 +73,20 @@ pub struct AddedMembers {
     pub commit: Vec<u8>,
     /// The Welcome, a TLS-encoded `MlsMessage`, for all added members.
     pub welcome: Vec<u8>,
+}
+
+/// A group's public state in one epoch, for the delivery service: what
+/// every member may see and nothing secret. From it the node checks the
+/// group's commits (see [`GroupMember::export_public_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicState {
+    /// The epoch both parts describe.
+    pub epoch: u64,
+    /// The GroupInfo as a TLS-encoded `MlsMessage`, signed by us, without
+    /// the ratchet tree extension (the tree travels in `ratchet_tree`).
+    pub group_info: Vec<u8>,
+    /// The TLS-encoded ratchet tree: the data of a `ratchet_tree` extension.
+    pub ratchet_tree: Vec<u8>,
 }
 
 /// What [`GroupMember::receive`] made of a message.
@@ -249,6 +275,37 @@ impl GroupMember {
         &self.group
     }
 
+    /// Exports the group's public state in the current epoch: a GroupInfo
+    /// signed with `identity` and the ratchet tree, for the delivery service
+    /// to check this epoch's commit and every later one against.
+    ///
+    /// A pending commit of ours does not change it (the group is still in
+    /// the epoch the commit was made in), so the state can be exported again
+    /// when resending that commit.
+    pub fn export_public_state<P: OpenMlsProvider>(
+        &self,
+        provider: &P,
+        identity: &IdentityKeypair,
+    ) -> Result<PublicState, CoreError> {
+        self.ensure_active()?;
+        // Without the tree: the node gets it separately, and a GroupInfo
+        // carrying it would be sent (and stored) twice.
+        let group_info = self
+            .group
+            .export_group_info(provider.crypto(), identity, false)
+            .map_err(CoreError::mls("exporting the GroupInfo"))?;
+        let ratchet_tree = self
+            .group
+            .export_ratchet_tree()
+            .tls_serialize_detached()
+            .map_err(CoreError::mls("encoding the ratchet tree"))?;
+        Ok(PublicState {
+            epoch: self.epoch(),
+            group_info: encode(&group_info)?,
+            ratchet_tree,
+        })
+    }
+
     /// Adds everyone whose KeyPackage is given, in one commit.
     ///
     /// Each KeyPackage is validated as in [`crate::key_package_identity`] and
@@ -341,7 +398,8 @@ impl GroupMember {
     }
 
     /// Asks the group to remove us: returns a Remove proposal (a TLS-encoded
-    /// `MlsMessage`) for the other members. MLS does not let a member commit
+    /// `MlsMessage` carrying a PublicMessage, so the delivery service can
+    /// check it) for the other members. MLS does not let a member commit
     /// its own removal, so one of the others commits it (see
     /// [`Self::should_commit_pending_proposals`]); until then we are still a
     /// member and can read.
@@ -356,6 +414,31 @@ impl GroupMember {
             .leave_group(provider, identity)
             .map_err(CoreError::mls("leaving the group"))?;
         encode(&proposal)
+    }
+
+    /// Takes back the proposals we made ourselves in this epoch (e.g. a
+    /// [`Self::leave`] the delivery service refused): they are removed from
+    /// the group's pending proposals, so nothing of ours waits for a commit
+    /// and [`Self::send`] works again unless others' proposals are pending.
+    ///
+    /// Only for proposals the delivery service did not take: a commit that
+    /// references one of them could no longer be processed. Returns how many
+    /// were withdrawn.
+    pub fn withdraw_own_proposals<P: OpenMlsProvider>(&mut self, provider: &P) -> Result<usize, CoreError> {
+        self.ensure_active()?;
+        let own = Sender::Member(self.group.own_leaf_index());
+        let ours: Vec<_> = self
+            .group
+            .pending_proposals()
+            .filter(|queued| *queued.sender() == own)
+            .map(|queued| queued.proposal_reference_ref().clone())
+            .collect();
+        for reference in &ours {
+            self.group
+                .remove_pending_proposal(provider.storage(), reference)
+                .map_err(CoreError::mls("withdrawing our proposal"))?;
+        }
+        Ok(ours.len())
     }
 
     /// Whether proposals from other members are waiting for a commit.
@@ -450,6 +533,8 @@ impl GroupMember {
 
     /// Processes a TLS-encoded `MlsMessage` for this group.
     ///
+    /// Commits and proposals must be PublicMessages (what the delivery
+    /// service checked); application messages are PrivateMessages.
     /// Commits from other members are validated against our policy and
     /// merged right away. On error nothing was applied (the group stays in
     /// its epoch), so the caller can drop the message and carry on.
@@ -675,11 +760,13 @@ fn create_config() -> MlsGroupCreateConfig {
         // Welcomes carry the ratchet tree, so joining needs no second
         // message or out-of-band tree download.
         .use_ratchet_tree_extension(true)
-        // Commits and proposals go out as PrivateMessages too, and we accept
-        // nothing else: the delivery service then sees only group id, epoch
-        // and content type, not who joins or leaves. We need no server-side
-        // commit validation, which would require PublicMessages.
-        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        // Commits and proposals go out as PublicMessages and we accept no
+        // others, so the delivery service can check every commit against the
+        // group's public state before anyone applies it (a commit it could
+        // not read might be one that members cannot apply, freezing the
+        // group). The trade-off: the node sees who joins and leaves.
+        // Application messages are encrypted whatever this policy says.
+        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)
         .sender_ratchet_configuration(SenderRatchetConfiguration::new(
             OUT_OF_ORDER_TOLERANCE,
@@ -732,6 +819,7 @@ fn welcome_error<E: fmt::Display>(group_id: Option<&[u8]>) -> impl FnOnce(Welcom
 mod tests {
     use openmls::prelude::{BasicCredential, CredentialWithKey, KeyPackage};
     use openmls_rust_crypto::OpenMlsRustCrypto;
+    use openmls_traits::OpenMlsProvider as _;
 
     use super::*;
     use crate::generate_key_package;
@@ -1521,5 +1609,305 @@ mod tests {
             application(&carol, "without alice")
         );
         assert!(a.receive(&alice.provider, &message).is_err());
+    }
+
+    /// The wire format of a TLS-encoded `MlsMessage`.
+    fn wire_format(message: &[u8]) -> WireFormat {
+        decode(message).unwrap().wire_format()
+    }
+
+    #[test]
+    fn handshakes_are_public_messages_and_application_messages_private() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let carol = Client::new();
+        let mut alice_group = alice.create();
+        let added = alice.add(&mut alice_group, &[&bob, &carol]);
+        let mut bob_group = bob.join(&added.welcome);
+        let mut carol_group = carol.join(&added.welcome);
+
+        assert_eq!(wire_format(&added.commit), WireFormat::PublicMessage);
+        assert!(matches!(
+            decode(&added.commit).unwrap().extract(),
+            MlsMessageBodyIn::PublicMessage(_)
+        ));
+        assert_eq!(wire_format(&added.welcome), WireFormat::Welcome);
+
+        let message = alice.send(&mut alice_group, "secret");
+        assert_eq!(wire_format(&message), WireFormat::PrivateMessage);
+        assert_eq!(
+            bob.receive(&mut bob_group, &message),
+            application(&alice, "secret")
+        );
+
+        let update = bob_group.self_update(&bob.provider, &bob.identity).unwrap();
+        assert_eq!(wire_format(&update), WireFormat::PublicMessage);
+        bob_group.merge_pending_commit(&bob.provider).unwrap();
+        assert_eq!(
+            alice.receive(&mut alice_group, &update),
+            Received::Commit { epoch: 2 }
+        );
+        assert_eq!(
+            carol.receive(&mut carol_group, &update),
+            Received::Commit { epoch: 2 }
+        );
+
+        // A proposal is public too, and classified from its public framing.
+        let leave = carol_group.leave(&carol.provider, &carol.identity).unwrap();
+        assert_eq!(wire_format(&leave), WireFormat::PublicMessage);
+        assert_eq!(
+            classify(&leave).unwrap(),
+            Incoming::Group {
+                group_id: GROUP_ID.to_vec(),
+                epoch: 2,
+                kind: MessageKind::Proposal,
+            }
+        );
+        assert_eq!(alice.receive(&mut alice_group, &leave), Received::Proposal);
+        assert_eq!(bob.receive(&mut bob_group, &leave), Received::Proposal);
+        let commit = alice_group
+            .commit_pending_proposals(&alice.provider, &alice.identity)
+            .unwrap();
+        assert_eq!(wire_format(&commit), WireFormat::PublicMessage);
+        assert_eq!(
+            classify(&commit).unwrap(),
+            Incoming::Group {
+                group_id: GROUP_ID.to_vec(),
+                epoch: 2,
+                kind: MessageKind::Commit,
+            }
+        );
+        alice_group.merge_pending_commit(&alice.provider).unwrap();
+        assert_eq!(
+            bob.receive(&mut bob_group, &commit),
+            Received::Commit { epoch: 3 }
+        );
+        assert_eq!(
+            carol.receive(&mut carol_group, &commit),
+            Received::Removed { epoch: 3 }
+        );
+    }
+
+    #[test]
+    fn a_public_commit_made_by_plain_openmls_is_processed_and_a_private_one_refused() {
+        use openmls::group::{MIXED_PLAINTEXT_WIRE_FORMAT_POLICY, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY};
+
+        let alice = Client::new();
+        let bob = Client::new();
+        let mut alice_group = alice.create();
+        let added = alice.add(&mut alice_group, &[&bob]);
+
+        // Bob is another implementation: openmls without our layer, whose
+        // handshake messages are encrypted at first.
+        let MlsMessageBodyIn::Welcome(welcome) = decode(&added.welcome).unwrap().extract() else {
+            panic!("not a Welcome");
+        };
+        let ciphertext_config = MlsGroupJoinConfig::builder()
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .build();
+        let mut bob_group = StagedWelcome::new_from_welcome(&bob.provider, &ciphertext_config, welcome, None)
+            .unwrap()
+            .into_group(&bob.provider)
+            .unwrap();
+
+        // An encrypted Commit is one the node could not have checked: refused.
+        let bundle = bob_group
+            .self_update(&bob.provider, &bob.identity, LeafNodeParameters::default())
+            .unwrap();
+        let private = bundle.commit().to_bytes().unwrap();
+        assert_eq!(wire_format(&private), WireFormat::PrivateMessage);
+        let err = alice_group.receive(&alice.provider, &private).unwrap_err();
+        assert!(matches!(err, CoreError::Mls { .. }), "{err}");
+        assert_eq!(alice_group.epoch(), 1);
+        bob_group.clear_pending_commit(bob.provider.storage()).unwrap();
+
+        // The same member with plaintext handshakes gets through.
+        let plaintext_config = MlsGroupJoinConfig::builder()
+            .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .build();
+        bob_group
+            .set_configuration(bob.provider.storage(), &plaintext_config)
+            .unwrap();
+        let bundle = bob_group
+            .self_update(&bob.provider, &bob.identity, LeafNodeParameters::default())
+            .unwrap();
+        let public = bundle.commit().to_bytes().unwrap();
+        assert_eq!(wire_format(&public), WireFormat::PublicMessage);
+        assert_eq!(
+            classify(&public).unwrap(),
+            Incoming::Group {
+                group_id: GROUP_ID.to_vec(),
+                epoch: 1,
+                kind: MessageKind::Commit,
+            }
+        );
+        assert_eq!(
+            alice.receive(&mut alice_group, &public),
+            Received::Commit { epoch: 2 }
+        );
+        bob_group.merge_pending_commit(&bob.provider).unwrap();
+
+        // Application messages stay encrypted, both ways.
+        let message = bob_group
+            .create_message(&bob.provider, &bob.identity, b"from openmls")
+            .unwrap()
+            .to_bytes()
+            .unwrap();
+        assert_eq!(wire_format(&message), WireFormat::PrivateMessage);
+        assert_eq!(
+            alice.receive(&mut alice_group, &message),
+            application(&bob, "from openmls")
+        );
+        let reply = alice.send(&mut alice_group, "from us");
+        let MlsMessageBodyIn::PrivateMessage(reply) = decode(&reply).unwrap().extract() else {
+            panic!("not a PrivateMessage");
+        };
+        let processed = bob_group.process_message(&bob.provider, reply).unwrap();
+        let ProcessedMessageContent::ApplicationMessage(reply) = processed.into_content() else {
+            panic!("not an application message");
+        };
+        assert_eq!(reply.into_bytes(), b"from us");
+    }
+
+    #[test]
+    fn the_public_state_lets_a_node_check_the_groups_commits() {
+        use openmls::group::{ProposalStore, PublicGroup};
+        use openmls::prelude::RatchetTreeIn;
+
+        let alice = Client::new();
+        let bob = Client::new();
+        let mut alice_group = alice.create();
+        // Exported while the first commit is pending: still epoch 0's state.
+        let added = alice_group
+            .add_members(&alice.provider, &alice.identity, &[bob.key_package()])
+            .unwrap();
+        let state = alice_group
+            .export_public_state(&alice.provider, &alice.identity)
+            .unwrap();
+        assert_eq!(state.epoch, 0);
+
+        let MlsMessageBodyIn::GroupInfo(group_info) = decode(&state.group_info).unwrap().extract() else {
+            panic!("not a GroupInfo");
+        };
+        assert_eq!(group_info.group_id().as_slice(), GROUP_ID);
+        assert_eq!(group_info.epoch().as_u64(), 0);
+        assert!(
+            group_info.extensions().ratchet_tree().is_none(),
+            "the tree travels on its own"
+        );
+        let tree = RatchetTreeIn::tls_deserialize_exact_bytes(&state.ratchet_tree).unwrap();
+
+        // What the node does: build the group's public state from it...
+        let node = OpenMlsRustCrypto::default();
+        let (mut public, _) = PublicGroup::from_external(
+            node.crypto(),
+            node.storage(),
+            tree,
+            group_info,
+            ProposalStore::new(),
+        )
+        .unwrap();
+        assert_eq!(public.members().count(), 1);
+
+        // ...and check the first commit against it.
+        let commit = into_protocol_message(decode(&added.commit).unwrap(), "a commit").unwrap();
+        let processed = public.process_message(node.crypto(), commit).unwrap();
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            panic!("not a commit");
+        };
+        public.merge_commit(node.storage(), *staged).unwrap();
+        assert_eq!(public.group_context().epoch().as_u64(), 1);
+        assert_eq!(public.members().count(), 2);
+
+        alice_group.merge_pending_commit(&alice.provider).unwrap();
+        assert_eq!(
+            alice_group
+                .export_public_state(&alice.provider, &alice.identity)
+                .unwrap()
+                .epoch,
+            1
+        );
+        let mut bob_group = bob.join(&added.welcome);
+
+        // Bob's update is checked by the node too, and a forged one is not.
+        // A PublicMessage Commit ends with its signature, the confirmation
+        // tag (33 bytes) and the membership tag (33 or 34 bytes); the node
+        // cannot check the tags (their keys are epoch secrets), but 80
+        // bytes from the end is inside the signature, which it checks.
+        let update = bob_group.self_update(&bob.provider, &bob.identity).unwrap();
+        let mut forged = update.clone();
+        let inside_signature = forged.len() - 80;
+        forged[inside_signature] ^= 0xff;
+        let forged = into_protocol_message(decode(&forged).unwrap(), "a commit").unwrap();
+        assert!(public.process_message(node.crypto(), forged).is_err());
+        let update = into_protocol_message(decode(&update).unwrap(), "a commit").unwrap();
+        let processed = public.process_message(node.crypto(), update).unwrap();
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            panic!("not a commit");
+        };
+        public.merge_commit(node.storage(), *staged).unwrap();
+        assert_eq!(public.group_context().epoch().as_u64(), 2);
+
+        // A commit from a past epoch is not valid any more.
+        let stale = into_protocol_message(decode(&added.commit).unwrap(), "a commit").unwrap();
+        assert!(public.process_message(node.crypto(), stale).is_err());
+    }
+
+    #[test]
+    fn a_withdrawn_leave_unblocks_sending_and_keeps_others_proposals() {
+        let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
+        let mut a = alice.create();
+        let added = alice.add(&mut a, &[&bob, &carol]);
+        let (mut b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+
+        // Carol asks to leave; Bob then asks too, but the node refuses his.
+        let carols = c.leave(&carol.provider, &carol.identity).unwrap();
+        assert_eq!(bob.receive(&mut b, &carols), Received::Proposal);
+        b.leave(&bob.provider, &bob.identity).unwrap();
+        assert_eq!(b.withdraw_own_proposals(&bob.provider).unwrap(), 1);
+        assert!(b.has_pending_proposals(), "Carol's stays");
+        assert_eq!(b.withdraw_own_proposals(&bob.provider).unwrap(), 0);
+
+        // Without Carol's request Bob could send again.
+        let mut b = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
+        assert_eq!(b.group.pending_proposals().count(), 1, "withdrawn in storage too");
+        assert_eq!(alice.receive(&mut a, &carols), Received::Proposal);
+        let commit = a
+            .commit_pending_proposals(&alice.provider, &alice.identity)
+            .unwrap();
+        a.merge_pending_commit(&alice.provider).unwrap();
+        assert_eq!(bob.receive(&mut b, &commit), Received::Commit { epoch: 2 });
+        assert_eq!(a.members(), vec![alice.key(), bob.key()]);
+        let message = bob.send(&mut b, "still here");
+        assert_eq!(alice.receive(&mut a, &message), application(&bob, "still here"));
+
+        // Withdrawing our only proposal unblocks sending at once.
+        a.leave(&alice.provider, &alice.identity).unwrap();
+        assert_eq!(
+            a.send(&alice.provider, &alice.identity, b"blocked").unwrap_err(),
+            CoreError::ProposalsPending
+        );
+        assert_eq!(a.withdraw_own_proposals(&alice.provider).unwrap(), 1);
+        let message = alice.send(&mut a, "staying after all");
+        assert_eq!(
+            bob.receive(&mut b, &message),
+            application(&alice, "staying after all")
+        );
+    }
+
+    #[test]
+    fn a_removed_member_exports_no_public_state() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let commit = alice_group
+            .remove_members(&alice.provider, &alice.identity, &[bob.key()])
+            .unwrap();
+        alice_group.merge_pending_commit(&alice.provider).unwrap();
+        bob.receive(&mut bob_group, &commit);
+        assert_eq!(
+            bob_group
+                .export_public_state(&bob.provider, &bob.identity)
+                .unwrap_err(),
+            CoreError::NotAMember
+        );
     }
 }

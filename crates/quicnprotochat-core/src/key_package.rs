@@ -86,6 +86,19 @@ pub fn key_package_identity(crypto: &impl OpenMlsCrypto, bytes: &[u8]) -> Result
     validate_key_package(crypto, bytes).map(|(_, identity)| identity)
 }
 
+/// The bare KeyPackage in `bytes`: the bytes themselves, or the KeyPackage
+/// inside them if they are an MLSMessage wrapping one (RFC 9420, section 6:
+/// version `mls10` (0x0001), wire format `mls_key_package` (0x0005)), which
+/// is how mls-rs and other libraries hand KeyPackages out. A bare
+/// KeyPackage starts with the version and then its ciphersuite, which is
+/// never 0x0005 for a KeyPackage we accept.
+pub fn unwrap_key_package(bytes: &[u8]) -> &[u8] {
+    match bytes {
+        [0x00, 0x01, 0x00, 0x05, inner @ ..] if !inner.is_empty() => inner,
+        bare => bare,
+    }
+}
+
 /// What a delivery service needs to know of a validated KeyPackage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyPackageInfo {
@@ -119,8 +132,11 @@ pub(crate) fn validate_key_package(
     crypto: &impl OpenMlsCrypto,
     bytes: &[u8],
 ) -> Result<(KeyPackage, IdentityKey), CoreError> {
-    let unverified = KeyPackageIn::tls_deserialize_exact_bytes(bytes)
-        .map_err(|e| CoreError::InvalidKeyPackage(format!("cannot decode: {e}")))?;
+    let unverified = KeyPackageIn::tls_deserialize_exact_bytes(bytes).map_err(|e| {
+        CoreError::InvalidKeyPackage(format!(
+            "cannot decode a KeyPackage ({e}); send a TLS-encoded KeyPackage (RFC 9420, section 10), bare or wrapped in an MLSMessage"
+        ))
+    })?;
     let key_package = unverified
         .validate(crypto, ProtocolVersion::Mls10)
         .map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
@@ -148,6 +164,22 @@ mod tests {
     use openmls_traits::OpenMlsProvider as _;
 
     use super::*;
+
+    #[test]
+    fn a_key_package_wrapped_in_an_mls_message_is_unwrapped() {
+        let provider = OpenMlsRustCrypto::default();
+        let alice = IdentityKeypair::generate();
+        let bare = generate_key_package(&provider, &alice).unwrap();
+        // MLSMessage { version mls10, wire format mls_key_package, key_package }.
+        let wrapped = [&[0x00, 0x01, 0x00, 0x05][..], &bare].concat();
+        assert_eq!(unwrap_key_package(&wrapped), bare.as_slice());
+        assert_eq!(unwrap_key_package(&bare), bare.as_slice());
+        let info = inspect_key_package(unwrap_key_package(&wrapped)).unwrap();
+        assert_eq!(info.identity, alice.public_key());
+        // Something else gets an error that says what to send.
+        let err = inspect_key_package(b"\x00\x01\x00\x02garbage").unwrap_err();
+        assert!(err.to_string().contains("send a TLS-encoded KeyPackage"), "{err}");
+    }
 
     #[test]
     fn key_package_identity_returns_the_uploader() {

@@ -12,6 +12,8 @@
 //! - [`ids`] — [`Seq`], [`GroupId`] and [`QueuedMessage`]: identifiers the node and clients share.
 //! - [`key_package`] — generating KeyPackages and validating uploaded ones.
 //! - [`group`] — [`GroupMember`] (create, join, add, send, receive) and [`classify`] for routing.
+//! - [`public_view`] — [`PublicView`]: a group's public state as the node
+//!   keeps it, checking Commits and proposals (RFC 9750).
 //! - [`error`] — [`CoreError`].
 
 pub mod error;
@@ -19,17 +21,19 @@ pub mod group;
 pub mod identity;
 pub mod ids;
 pub mod key_package;
+pub mod public_view;
 
 use openmls_traits::types::Ciphersuite;
 
 pub use error::CoreError;
-pub use group::{AddedMembers, GroupMember, Incoming, MessageKind, Received, classify};
+pub use group::{AddedMembers, GroupMember, Incoming, MessageKind, PublicState, Received, classify};
 pub use identity::{IdentityKey, IdentityKeypair};
 pub use ids::{GroupId, QueuedMessage, Seq};
 pub use key_package::{
     KeyPackageInfo, KeyPackageOptions, fingerprint, generate_key_package, generate_key_package_with,
-    inspect_key_package, key_package_identity,
+    inspect_key_package, key_package_identity, unwrap_key_package,
 };
+pub use public_view::PublicView;
 
 /// The one MLS ciphersuite we speak: X25519 HPKE, AES-128-GCM, SHA-256 and
 /// Ed25519 signatures (so identities are Ed25519 keys).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use quicnprotochat_core::IdentityKey;
 
-use crate::wire::{FieldError, identity_key};
+use crate::wire::{FieldError, GroupState, identity_key};
 use crate::{auth_capnp, delivery_capnp};
 
 /// Over a rate limit: how long to wait before the same call can pass.
@@ -118,6 +118,14 @@ pub enum CommitOutcome {
     RateLimited(RateLimited),
     /// Some queues are full; nothing was published.
     QueueFull(QueueFull),
+    /// The Commit is not valid for the group's public state.
+    Invalid {
+        /// Why, for people.
+        reason: String,
+    },
+    /// The node has no state for the group: publish again with the
+    /// group's initial state.
+    UnknownGroup,
 }
 
 impl CommitOutcome {
@@ -130,6 +138,8 @@ impl CommitOutcome {
             }
             CommitOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
             CommitOutcome::QueueFull(full) => full.write(builder.init_queue_full()),
+            CommitOutcome::Invalid { reason } => builder.init_invalid().set_reason(reason),
+            CommitOutcome::UnknownGroup => builder.set_unknown_group(()),
         }
     }
 
@@ -143,8 +153,117 @@ impl CommitOutcome {
             },
             Which::RateLimited(limited) => CommitOutcome::RateLimited(RateLimited::read(limited?)),
             Which::QueueFull(full) => CommitOutcome::QueueFull(QueueFull::read(full?)?),
+            Which::Invalid(invalid) => CommitOutcome::Invalid {
+                reason: read_reason(invalid?)?,
+            },
+            Which::UnknownGroup(()) => CommitOutcome::UnknownGroup,
         })
     }
+}
+
+/// What became of `publishProposal` (`ProposalOutcome`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProposalOutcome {
+    /// Stored for the Commit that references it and queued.
+    Accepted,
+    /// The group is at `current_epoch`, not the proposal's epoch.
+    Conflict {
+        /// The group's epoch on the node.
+        current_epoch: u64,
+    },
+    /// Over the sender's rate limit; nothing was stored.
+    RateLimited(RateLimited),
+    /// Some queues are full; nothing was stored.
+    QueueFull(QueueFull),
+    /// Not valid for the group's public state.
+    Invalid {
+        /// Why, for people.
+        reason: String,
+    },
+    /// The node has no state for the group.
+    UnknownGroup,
+}
+
+impl ProposalOutcome {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: delivery_capnp::proposal_outcome::Builder<'_>) {
+        match self {
+            ProposalOutcome::Accepted => builder.set_accepted(()),
+            ProposalOutcome::Conflict { current_epoch } => {
+                builder.init_conflict().set_current_epoch(*current_epoch)
+            }
+            ProposalOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+            ProposalOutcome::QueueFull(full) => full.write(builder.init_queue_full()),
+            ProposalOutcome::Invalid { reason } => builder.init_invalid().set_reason(reason),
+            ProposalOutcome::UnknownGroup => builder.set_unknown_group(()),
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(
+        reader: delivery_capnp::proposal_outcome::Reader<'_>,
+    ) -> Result<ProposalOutcome, OutcomeError> {
+        use delivery_capnp::proposal_outcome::Which;
+        Ok(match reader.which()? {
+            Which::Accepted(()) => ProposalOutcome::Accepted,
+            Which::Conflict(conflict) => ProposalOutcome::Conflict {
+                current_epoch: conflict?.get_current_epoch(),
+            },
+            Which::RateLimited(limited) => ProposalOutcome::RateLimited(RateLimited::read(limited?)),
+            Which::QueueFull(full) => ProposalOutcome::QueueFull(QueueFull::read(full?)?),
+            Which::Invalid(invalid) => ProposalOutcome::Invalid {
+                reason: read_reason(invalid?)?,
+            },
+            Which::UnknownGroup(()) => ProposalOutcome::UnknownGroup,
+        })
+    }
+}
+
+/// What `fetchGroupInfo` found (`FetchedGroupInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchedGroupInfo {
+    /// The current epoch's GroupInfo and ratchet tree.
+    State(GroupState),
+    /// No GroupInfo of the current epoch.
+    Unavailable,
+}
+
+impl FetchedGroupInfo {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: delivery_capnp::fetched_group_info::Builder<'_>) {
+        match self {
+            FetchedGroupInfo::State(state) => {
+                let mut slot = builder.init_state();
+                slot.set_group_info(&state.group_info);
+                slot.set_ratchet_tree(&state.ratchet_tree);
+            }
+            FetchedGroupInfo::Unavailable => builder.set_unavailable(()),
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(
+        reader: delivery_capnp::fetched_group_info::Reader<'_>,
+    ) -> Result<FetchedGroupInfo, OutcomeError> {
+        use delivery_capnp::fetched_group_info::Which;
+        Ok(match reader.which()? {
+            Which::State(state) => {
+                let state = state?;
+                FetchedGroupInfo::State(GroupState {
+                    group_info: state.get_group_info()?.to_vec(),
+                    ratchet_tree: state.get_ratchet_tree()?.to_vec(),
+                })
+            }
+            Which::Unavailable(()) => FetchedGroupInfo::Unavailable,
+        })
+    }
+}
+
+fn read_reason(invalid: delivery_capnp::invalid_message::Reader<'_>) -> Result<String, OutcomeError> {
+    invalid
+        .get_reason()?
+        .to_string()
+        .map_err(|e| OutcomeError::Capnp(capnp::Error::failed(format!("invalid.reason is not UTF-8: {e}"))))
 }
 
 /// What `fetchKeyPackage` found (`FetchedKeyPackage`).

@@ -2,7 +2,7 @@
 //! validate"): the service and the client work with [`IdentityKey`], never
 //! with unchecked bytes.
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, MessageKind, QueuedMessage, Seq};
 
 use crate::delivery_capnp;
 
@@ -58,14 +58,15 @@ pub struct ValidKeyPackage {
 
 /// Checks a KeyPackage field: size as [`payload`], then full MLS validation
 /// (signature, version, ciphersuite, lifetime, credential) and that it
-/// belongs to `owner`.
+/// belongs to `owner`. A KeyPackage wrapped in an MLSMessage is unwrapped.
 pub fn key_package(
     field: &str,
     bytes: &[u8],
     max: usize,
     owner: &IdentityKey,
 ) -> Result<ValidKeyPackage, FieldError> {
-    let bytes = payload(field, bytes, max)?;
+    // Wrapped in an MLSMessage or not: stored (and served) bare.
+    let bytes = quicnprotochat_core::unwrap_key_package(payload(field, bytes, max)?);
     let info = quicnprotochat_core::inspect_key_package(bytes).map_err(|e| FieldError {
         field: field.to_owned(),
         reason: e.to_string(),
@@ -200,6 +201,31 @@ pub struct CommitPublication {
     pub commit: Envelope,
     /// The Welcome and the new members, if any.
     pub welcome: Option<Envelope>,
+    /// The group's public state in `epoch`, sent with its first change.
+    pub initial_state: Option<GroupState>,
+    /// The GroupInfo of `epoch + 1`, for members who rejoin.
+    pub group_info: Option<Vec<u8>>,
+}
+
+/// A group's public state (`GroupState`): a GroupInfo and the ratchet tree
+/// of the same epoch, both as received (checked by the node's rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    /// A TLS-encoded MLSMessage carrying a GroupInfo.
+    pub group_info: Vec<u8>,
+    /// The TLS-encoded ratchet tree.
+    pub ratchet_tree: Vec<u8>,
+}
+
+/// A standalone proposal for `publishProposal`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProposalPublication {
+    /// The group.
+    pub group_id: GroupId,
+    /// The epoch the proposal was made in.
+    pub epoch: u64,
+    /// The proposal and its recipients.
+    pub proposal: Envelope,
 }
 
 /// Parses `publishCommit`'s parameters and checks that the Commit's own
@@ -208,23 +234,7 @@ pub fn commit_publication(
     params: crate::delivery_capnp::delivery_service::publish_commit_params::Reader<'_>,
     max_payload: usize,
 ) -> Result<CommitPublication, FieldError> {
-    let invalid = |field: &str, reason: String| FieldError {
-        field: field.to_owned(),
-        reason,
-    };
-    let group_id = params
-        .get_group_id()
-        .map_err(|e| invalid("groupId", e.to_string()))?;
-    let group_id = GroupId::new(group_id.to_vec()).ok_or_else(|| {
-        invalid(
-            "groupId",
-            format!("must be 1 to {} bytes, got {}", GroupId::MAX_LEN, group_id.len()),
-        )
-    })?;
-    let epoch = params.get_epoch();
-    if epoch >= i64::MAX as u64 {
-        return Err(invalid("epoch", "is beyond any epoch a group can reach".into()));
-    }
+    let (group_id, epoch) = group_and_epoch(params.get_group_id(), params.get_epoch())?;
     // A group of one has nobody to send the Commit to, but the Commit is
     // still checked and its epoch still counts.
     let commit = envelope(
@@ -235,20 +245,13 @@ pub fn commit_publication(
         max_payload,
         0,
     )?;
-    match quicnprotochat_core::classify(&commit.payload) {
-        Ok(quicnprotochat_core::Incoming::Group {
-            group_id: framed_group,
-            epoch: framed_epoch,
-            kind: quicnprotochat_core::MessageKind::Commit,
-        }) if framed_group == group_id.as_bytes() && framed_epoch == epoch => {}
-        Ok(other) => {
-            return Err(invalid(
-                "commit.payload",
-                format!("is not a Commit of this group in epoch {epoch} (its framing says {other:?})"),
-            ));
-        }
-        Err(e) => return Err(invalid("commit.payload", e.to_string())),
-    }
+    check_framing(
+        "commit.payload",
+        &commit.payload,
+        &group_id,
+        epoch,
+        MessageKind::Commit,
+    )?;
     let welcome = if params.has_welcome() {
         let reader = params
             .get_welcome()
@@ -265,12 +268,117 @@ pub fn commit_publication(
     } else {
         None
     };
+    let initial_state = if params.has_initial_state() {
+        let reader = params
+            .get_initial_state()
+            .map_err(|e| invalid("initialState", e.to_string()))?;
+        let group_info = reader
+            .get_group_info()
+            .map_err(|e| invalid("initialState.groupInfo", e.to_string()))?;
+        let ratchet_tree = reader
+            .get_ratchet_tree()
+            .map_err(|e| invalid("initialState.ratchetTree", e.to_string()))?;
+        Some(GroupState {
+            group_info: payload("initialState.groupInfo", group_info, max_payload)?.to_vec(),
+            ratchet_tree: payload("initialState.ratchetTree", ratchet_tree, max_payload)?.to_vec(),
+        })
+    } else {
+        None
+    };
+    let group_info = params
+        .get_group_info()
+        .map_err(|e| invalid("groupInfo", e.to_string()))?;
+    let group_info = if group_info.is_empty() {
+        None
+    } else {
+        Some(payload("groupInfo", group_info, max_payload)?.to_vec())
+    };
     Ok(CommitPublication {
         group_id,
         epoch,
         commit,
         welcome,
+        initial_state,
+        group_info,
     })
+}
+
+/// Parses `publishProposal`'s parameters and checks that the proposal's own
+/// framing names the same group and epoch and is a proposal.
+pub fn proposal_publication(
+    params: crate::delivery_capnp::delivery_service::publish_proposal_params::Reader<'_>,
+    max_payload: usize,
+) -> Result<ProposalPublication, FieldError> {
+    let (group_id, epoch) = group_and_epoch(params.get_group_id(), params.get_epoch())?;
+    let proposal = envelope(
+        "proposal",
+        params
+            .get_proposal()
+            .map_err(|e| invalid("proposal", e.to_string()))?,
+        max_payload,
+        0,
+    )?;
+    check_framing(
+        "proposal.payload",
+        &proposal.payload,
+        &group_id,
+        epoch,
+        MessageKind::Proposal,
+    )?;
+    Ok(ProposalPublication {
+        group_id,
+        epoch,
+        proposal,
+    })
+}
+
+fn invalid(field: &str, reason: String) -> FieldError {
+    FieldError {
+        field: field.to_owned(),
+        reason,
+    }
+}
+
+/// Parses a group id field: 1 to [`GroupId::MAX_LEN`] bytes.
+pub fn group_id(field: &str, bytes: &[u8]) -> Result<GroupId, FieldError> {
+    GroupId::new(bytes.to_vec()).ok_or_else(|| {
+        invalid(
+            field,
+            format!("must be 1 to {} bytes, got {}", GroupId::MAX_LEN, bytes.len()),
+        )
+    })
+}
+
+fn group_and_epoch(group_id_field: capnp::Result<&[u8]>, epoch: u64) -> Result<(GroupId, u64), FieldError> {
+    let bytes = group_id_field.map_err(|e| invalid("groupId", e.to_string()))?;
+    let group_id = group_id("groupId", bytes)?;
+    if epoch >= i64::MAX as u64 {
+        return Err(invalid("epoch", "is beyond any epoch a group can reach".into()));
+    }
+    Ok((group_id, epoch))
+}
+
+/// Checks that `payload`'s unencrypted MLS framing names `group_id`, `epoch`
+/// and carries `kind`.
+fn check_framing(
+    field: &str,
+    payload: &[u8],
+    group_id: &GroupId,
+    epoch: u64,
+    kind: MessageKind,
+) -> Result<(), FieldError> {
+    match quicnprotochat_core::classify(payload) {
+        Ok(quicnprotochat_core::Incoming::Group {
+            group_id: framed_group,
+            epoch: framed_epoch,
+            kind: framed_kind,
+        }) if framed_group == group_id.as_bytes() && framed_epoch == epoch && framed_kind == kind => Ok(()),
+        Ok(other) => Err(invalid(
+            field,
+            format!("is not a {kind:?} of this group in epoch {epoch} (its framing says {other:?})"),
+        )),
+        Err(e) => Err(invalid(field, e.to_string())),
+    }
 }
 
 /// Fills a `List(QueuedMessage)` from `messages`, in order.

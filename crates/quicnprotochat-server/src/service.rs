@@ -12,14 +12,16 @@ use std::time::Duration;
 
 use capnp::capability::Rc;
 use quicnprotochat_core::{IdentityKey, Seq, fingerprint};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, RateLimited, SendOutcome};
+use quicnprotochat_proto::outcome::{
+    CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, ProposalOutcome, RateLimited, SendOutcome,
+};
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::delivery::{CommitRefusal, push};
+use crate::delivery::{CommitRefusal, NotAMember, push};
 use crate::error::ServiceError;
 use crate::limits::{Caller, RateLimits};
 use crate::store::Store;
@@ -190,14 +192,11 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         let identity =
             wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
         self.require_owner("identityKey", &identity)?;
-        let package = wire::key_package(
-            "package",
-            params.get_package()?,
-            self.shared.max_payload,
-            &identity,
-        )
-        .map_err(ServiceError::from)?;
-        let digest = fingerprint(&package.bytes);
+        let received = params.get_package()?;
+        // Of the bytes as received, even if a wrapped KeyPackage is stored bare.
+        let digest = fingerprint(received);
+        let package = wire::key_package("package", received, self.shared.max_payload, &identity)
+            .map_err(ServiceError::from)?;
         self.shared
             .store
             .upload_key_packages(identity, vec![package])
@@ -229,17 +228,16 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
             .into());
         }
         let mut packages = Vec::with_capacity(list.len() as usize);
+        let mut digests = Vec::with_capacity(list.len() as usize);
         for (index, bytes) in list.iter().enumerate() {
             let field = format!("packages[{index}]");
+            let received = bytes?;
+            digests.push(fingerprint(received));
             packages.push(
-                wire::key_package(&field, bytes?, self.shared.max_payload, &identity)
+                wire::key_package(&field, received, self.shared.max_payload, &identity)
                     .map_err(ServiceError::from)?,
             );
         }
-        let digests: Vec<[u8; 32]> = packages
-            .iter()
-            .map(|package| fingerprint(&package.bytes))
-            .collect();
         self.shared
             .store
             .upload_key_packages(identity, packages)
@@ -380,6 +378,66 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                 Ok(()) => CommitOutcome::Accepted,
                 Err(CommitRefusal::Conflict { current_epoch }) => CommitOutcome::Conflict { current_epoch },
                 Err(CommitRefusal::QueueFull(full)) => CommitOutcome::QueueFull(full),
+                Err(CommitRefusal::Invalid { reason }) => CommitOutcome::Invalid { reason },
+                Err(CommitRefusal::UnknownGroup) => CommitOutcome::UnknownGroup,
+            },
+        };
+        outcome.write(results.get().init_outcome());
+        Ok(())
+    }
+
+    async fn fetch_group_info(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::FetchGroupInfoParams,
+        mut results: delivery_capnp::delivery_service::FetchGroupInfoResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let caller = self.require_authenticated()?;
+        let group = wire::group_id("groupId", params.get()?.get_group_id()?).map_err(ServiceError::from)?;
+        let outcome = match self
+            .shared
+            .store
+            .group_info(group, caller)
+            .await
+            .map_err(ServiceError::from)?
+        {
+            Ok(Some(state)) => FetchedGroupInfo::State(state),
+            Ok(None) => FetchedGroupInfo::Unavailable,
+            Err(NotAMember) => {
+                return Err(ServiceError::PermissionDenied(format!(
+                    "{} is not a member of this group; only members may read its GroupInfo",
+                    caller.short()
+                ))
+                .into());
+            }
+        };
+        outcome.write(results.get().init_outcome());
+        Ok(())
+    }
+
+    async fn publish_proposal(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::PublishProposalParams,
+        mut results: delivery_capnp::delivery_service::PublishProposalResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let sender = self.require_authenticated()?;
+        let publication =
+            wire::proposal_publication(params.get()?, self.shared.max_payload).map_err(ServiceError::from)?;
+        let outcome = match self.limit_sends(publication.proposal.recipients.len()) {
+            Err(limited) => ProposalOutcome::RateLimited(limited),
+            Ok(()) => match self
+                .shared
+                .store
+                .publish_proposal(sender, publication)
+                .await
+                .map_err(ServiceError::from)?
+            {
+                Ok(()) => ProposalOutcome::Accepted,
+                Err(CommitRefusal::Conflict { current_epoch }) => ProposalOutcome::Conflict { current_epoch },
+                Err(CommitRefusal::QueueFull(full)) => ProposalOutcome::QueueFull(full),
+                Err(CommitRefusal::Invalid { reason }) => ProposalOutcome::Invalid { reason },
+                Err(CommitRefusal::UnknownGroup) => ProposalOutcome::UnknownGroup,
             },
         };
         outcome.write(results.get().init_outcome());

@@ -51,8 +51,8 @@ conformance!(
     fetch_after_a_sequence_number_keeps_messages_until_acked,
     a_repeated_message_id_is_stored_once_per_sender,
     a_fanned_out_payload_reaches_every_recipient_once,
-    only_the_first_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it,
-    a_commit_for_any_other_epoch_than_the_current_is_refused,
+    only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it,
+    a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused,
     a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothing,
     a_read_sees_every_commit_as_soon_as_it_is_answered,
 );

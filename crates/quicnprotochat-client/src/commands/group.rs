@@ -1,9 +1,11 @@
 //! Group management: `create-group`, `invite`, `remove`, `update`, `leave`,
 //! and the read-only `groups`, `members`, `history`.
 //!
-//! Every change is a Commit (or, for `leave`, a proposal) that stays pending
-//! until the node has accepted all its messages in one atomic call; only then
-//! is it merged. If the node refuses, the group is left as it was.
+//! Every change is a Commit (or, for `leave`, a proposal) that the node
+//! checks against the group's public state. A Commit stays pending until
+//! the node has accepted all its messages in one atomic call; only then is
+//! it merged. If the node refuses a Commit or a proposal, the group is left
+//! as it was.
 
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
@@ -14,8 +16,8 @@ use super::node::fetch_verified_key_package;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::naming::{group_name, load_group, member_name, new_group_id, others, resolve_peers};
-use crate::nodes::{Nodes, envelope};
-use crate::publish::{Change, change_group};
+use crate::nodes::Nodes;
+use crate::publish::{Change, change_group, propose};
 use crate::state::{Direction, StateFile};
 
 /// `create-group`: a new group with us as its only member.
@@ -180,17 +182,18 @@ pub(crate) async fn leave(
 ) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let (group_id, mut group) = load_group(&state, group_id)?;
-    let recipients = others(&group, &identity.public_key());
-    if recipients.is_empty() {
+    let (group_id, group) = load_group(&state, group_id)?;
+    if others(&group, &identity.public_key()).is_empty() {
         return Err(ClientError::Usage(format!(
             "you are the only member of {}; there is nobody to leave",
             group_name(&group_id)
         )));
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let proposal = state.leave_group(&group_id, &mut group, &identity)?;
-    nodes.deliver(&[envelope(recipients, proposal)]).await?;
+    propose(&nodes, &state, &identity, &group_id, |group| {
+        Ok(state.leave_group(&group_id, group, &identity)?)
+    })
+    .await?;
     eprintln!(
         "asked to leave {}; a remaining member removes you on their next `recv`",
         group_name(&group_id)

@@ -36,6 +36,20 @@ impl StateFile {
         })
     }
 
+    /// Takes back our own proposals in `group` (the node did not take our
+    /// request to leave) and the note that we asked to leave, in one
+    /// transaction.
+    pub fn withdraw_proposals(&self, group_id: &[u8], group: &mut GroupMember) -> Result<(), StateError> {
+        self.atomically(|| {
+            group.withdraw_own_proposals(&self.provider())?;
+            self.connection.execute(
+                "UPDATE groups SET left_at = NULL WHERE group_id = ?1",
+                params![group_id],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Records that this client is in `group_id`; with `make_current`, it
     /// becomes the current group.
     pub fn record_group(&self, group_id: &[u8], make_current: bool) -> Result<(), StateError> {

@@ -21,6 +21,7 @@ pub struct MemoryStorage {
     /// increasing per queue and never reused.
     last_seq: u64,
     groups: HashMap<GroupId, u64>,
+    views: HashMap<GroupId, Vec<u8>>,
 }
 
 impl MemoryStorage {
@@ -168,6 +169,15 @@ impl Storage for MemoryStorage {
 
     fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> Result<(), Infallible> {
         self.groups.insert(group.clone(), epoch);
+        Ok(())
+    }
+
+    fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, Infallible> {
+        Ok(self.views.get(group).cloned())
+    }
+
+    fn set_group_view(&mut self, group: &GroupId, view: &[u8]) -> Result<(), Infallible> {
+        self.views.insert(group.clone(), view.to_vec());
         Ok(())
     }
 

@@ -15,7 +15,9 @@ pub mod rules;
 pub mod storage;
 
 pub use memory::MemoryStorage;
-pub use rules::{CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits};
+pub use rules::{
+    CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAMember,
+};
 pub use storage::{KeyPackageRow, Storage};
 
 #[cfg(test)]

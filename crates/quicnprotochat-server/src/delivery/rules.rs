@@ -11,9 +11,11 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, PublicView, QueuedMessage, Seq};
 use quicnprotochat_proto::outcome::QueueFull;
-use quicnprotochat_proto::wire::{CommitPublication, Envelope, ValidKeyPackage};
+use quicnprotochat_proto::wire::{
+    CommitPublication, Envelope, GroupState, ProposalPublication, ValidKeyPackage,
+};
 
 use super::storage::Storage;
 
@@ -46,10 +48,10 @@ impl Default for Limits {
     }
 }
 
-/// Why `publishCommit` stored nothing.
+/// Why `publishCommit` or `publishProposal` stored nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitRefusal {
-    /// The group is at `current_epoch`, not at the Commit's epoch: another
+    /// The group is at `current_epoch`, not at the message's epoch: another
     /// Commit won.
     Conflict {
         /// The group's epoch now.
@@ -57,6 +59,19 @@ pub enum CommitRefusal {
     },
     /// A recipient's queue has no room.
     QueueFull(QueueFull),
+    /// Not valid for the group's public view.
+    Invalid {
+        /// Why, for people.
+        reason: String,
+    },
+    /// The node has no view of the group, and none was handed over.
+    UnknownGroup,
+}
+
+impl From<quicnprotochat_core::public_view::Invalid> for CommitRefusal {
+    fn from(invalid: quicnprotochat_core::public_view::Invalid) -> Self {
+        CommitRefusal::Invalid { reason: invalid.0 }
+    }
 }
 
 /// Stores validated KeyPackages of `identity`.
@@ -128,13 +143,16 @@ pub fn enqueue<S: Storage>(
     Ok(Ok(()))
 }
 
-/// Publishes a group change if its Commit is the first for its group and
-/// epoch: queues the Commit and the Welcome and moves the group to the next
-/// epoch. The first Commit the node sees for a group fixes its epoch; from
-/// then on only a Commit for exactly the current epoch is accepted, so
-/// nobody can move a group's epoch ahead of its members. A retry of an
-/// accepted publication (same sender and Commit message id) is accepted
-/// again without storing anything.
+/// Publishes a group change if its Commit is valid and the first for its
+/// group and epoch: checks the Commit against the group's public view,
+/// queues the Commit and the Welcome, and moves the group (and its view) to
+/// the next epoch. A group's view starts from the state its creator hands
+/// over with the group's first change; a group the node has no view of
+/// accepts nothing else. From then on only a Commit for exactly the current
+/// epoch is accepted, so nobody can move a group's epoch ahead of its
+/// members, and only one its members can apply, so nobody can take an
+/// epoch with noise. A retry of an accepted publication (same sender and
+/// Commit message id) is accepted again without storing anything.
 pub fn publish_commit<S: Storage>(
     storage: &mut S,
     sender: &IdentityKey,
@@ -147,12 +165,46 @@ pub fn publish_commit<S: Storage>(
     {
         return Ok(Ok(()));
     }
-    if let Some(current_epoch) = storage.group_epoch(&publication.group_id)?
+    let group = &publication.group_id;
+    if let Some(current_epoch) = storage.group_epoch(group)?
         && current_epoch != publication.epoch
     {
         return Ok(Err(CommitRefusal::Conflict { current_epoch }));
     }
+    let mut view = match load_view(storage, group)? {
+        Ok(view) => view,
+        Err(CommitRefusal::UnknownGroup) => match &publication.initial_state {
+            Some(state) => match PublicView::start(
+                group.as_bytes(),
+                publication.epoch,
+                &state.group_info,
+                &state.ratchet_tree,
+                sender,
+            ) {
+                Ok(view) => view,
+                Err(invalid) => return Ok(Err(invalid.into())),
+            },
+            None => return Ok(Err(CommitRefusal::UnknownGroup)),
+        },
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    if view.epoch() != publication.epoch {
+        return Ok(Err(CommitRefusal::Conflict {
+            current_epoch: view.epoch(),
+        }));
+    }
     let commit = &publication.commit;
+    if let Err(invalid) = view.apply_commit(&commit.payload, sender) {
+        return Ok(Err(invalid.into()));
+    }
+    match &publication.group_info {
+        Some(group_info) => {
+            if let Err(invalid) = view.accept_group_info(group_info, sender) {
+                return Ok(Err(invalid.into()));
+            }
+        }
+        None => view.forget_group_info(),
+    }
     if let Some(id) = &commit.message_id {
         storage.claim_message_id(sender, id, now)?;
     }
@@ -168,7 +220,8 @@ pub fn publish_commit<S: Storage>(
     if let Err(full) = incoming.check_room(storage, limits)? {
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
-    storage.set_group_epoch(&publication.group_id, publication.epoch.saturating_add(1))?;
+    storage.set_group_view(group, &view.encode())?;
+    storage.set_group_epoch(group, view.epoch())?;
     // A group of one has nobody to send its Commit to; its epoch still counts.
     if !commit.recipients.is_empty() {
         append(storage, commit, now)?;
@@ -177,6 +230,96 @@ pub fn publish_commit<S: Storage>(
         append(storage, welcome, now)?;
     }
     Ok(Ok(()))
+}
+
+/// Publishes a standalone proposal (e.g. a member's request to leave) if it
+/// is valid for the group's public view in its epoch: the view keeps it for
+/// a Commit of this epoch to reference, and it is queued for its
+/// recipients. A retry (same sender and message id) is accepted again
+/// without storing anything.
+pub fn publish_proposal<S: Storage>(
+    storage: &mut S,
+    sender: &IdentityKey,
+    publication: &ProposalPublication,
+    limits: &Limits,
+    now: i64,
+) -> Result<Result<(), CommitRefusal>, S::Error> {
+    let proposal = &publication.proposal;
+    if let Some(id) = &proposal.message_id
+        && storage.message_id_used(sender, id)?
+    {
+        return Ok(Ok(()));
+    }
+    let mut view = match load_view(storage, &publication.group_id)? {
+        Ok(view) => view,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    if view.epoch() != publication.epoch {
+        return Ok(Err(CommitRefusal::Conflict {
+            current_epoch: view.epoch(),
+        }));
+    }
+    if let Err(invalid) = view.add_proposal(&proposal.payload, sender) {
+        return Ok(Err(invalid.into()));
+    }
+    if let Some(id) = &proposal.message_id {
+        storage.claim_message_id(sender, id, now)?;
+    }
+    let mut incoming = Incoming::default();
+    incoming.add(&proposal.recipients);
+    if let Err(full) = incoming.check_room(storage, limits)? {
+        return Ok(Err(CommitRefusal::QueueFull(full)));
+    }
+    storage.set_group_view(&publication.group_id, &view.encode())?;
+    if !proposal.recipients.is_empty() {
+        append(storage, proposal, now)?;
+    }
+    Ok(Ok(()))
+}
+
+/// The caller of [`group_info`] owns no leaf of the group (or the node has
+/// no view of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotAMember;
+
+/// The current GroupInfo and ratchet tree of `group`, for `caller` to
+/// rejoin by external commit; `Ok(None)` if the last Commit brought no
+/// GroupInfo.
+pub fn group_info<S: Storage>(
+    storage: &mut S,
+    group: &GroupId,
+    caller: &IdentityKey,
+) -> Result<Result<Option<GroupState>, NotAMember>, S::Error> {
+    let Ok(view) = load_view(storage, group)? else {
+        return Ok(Err(NotAMember));
+    };
+    if !view.is_member(caller) {
+        return Ok(Err(NotAMember));
+    }
+    Ok(Ok(view.group_info().map(|(group_info, ratchet_tree)| {
+        GroupState {
+            group_info,
+            ratchet_tree,
+        }
+    })))
+}
+
+/// The stored public view of `group`; [`CommitRefusal::UnknownGroup`] if
+/// there is none.
+fn load_view<S: Storage>(
+    storage: &mut S,
+    group: &GroupId,
+) -> Result<Result<PublicView, CommitRefusal>, S::Error> {
+    let Some(bytes) = storage.group_view(group)? else {
+        return Ok(Err(CommitRefusal::UnknownGroup));
+    };
+    Ok(PublicView::decode(group.as_bytes(), &bytes).map_err(|damaged| {
+        // Our own storage failed us; the caller can do nothing but know.
+        tracing::error!("{damaged}");
+        CommitRefusal::Invalid {
+            reason: format!("the node cannot check this group: {damaged}"),
+        }
+    }))
 }
 
 /// The messages of `recipient` after `after`, oldest first, without removing

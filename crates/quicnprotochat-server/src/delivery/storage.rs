@@ -91,6 +91,13 @@ pub trait Storage {
     /// Moves `group` to `epoch`.
     fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> Result<(), Self::Error>;
 
+    /// The stored public view of `group` (an opaque blob, see
+    /// `quicnprotochat_core::PublicView`), if the node has one.
+    fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, Self::Error>;
+
+    /// Stores the public view of `group`, replacing the old one.
+    fn set_group_view(&mut self, group: &GroupId, view: &[u8]) -> Result<(), Self::Error>;
+
     /// Deletes messages and message ids recorded before `older_than`, and
     /// KeyPackages expired at `now`; returns how many messages went.
     fn purge(&mut self, older_than: i64, now: i64) -> Result<usize, Self::Error>;

@@ -1,11 +1,14 @@
 //! The rules against [`MemoryStorage`]: no database involved.
 
-use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+use quicnprotochat_core::{IdentityKey, Seq};
 use quicnprotochat_proto::outcome::QueueFull;
-use quicnprotochat_proto::wire::{CommitPublication, Envelope, ValidKeyPackage};
+use quicnprotochat_proto::wire::{CommitPublication, Envelope, ProposalPublication, ValidKeyPackage};
 
 use super::rules;
 use super::*;
+
+#[path = "../../tests/conformance/mls.rs"]
+mod mls;
 
 const NOW: i64 = 1_000_000;
 
@@ -46,28 +49,6 @@ fn payloads(storage: &mut MemoryStorage, of: u8) -> Vec<Vec<u8>> {
         .into_iter()
         .map(|(_, payload)| payload)
         .collect()
-}
-
-fn publication(epoch: u64, to: &[u8], welcome_to: &[u8], id: &[u8]) -> CommitPublication {
-    CommitPublication {
-        group_id: GroupId::new(b"g".to_vec()).unwrap(),
-        epoch,
-        commit: envelope(to, format!("commit {epoch}").as_bytes(), Some(id)),
-        welcome: (!welcome_to.is_empty())
-            .then(|| envelope(welcome_to, b"welcome", Some(&[id, b"-w"].concat()))),
-    }
-}
-
-fn publish(
-    storage: &mut MemoryStorage,
-    sender: u8,
-    publication: &CommitPublication,
-    depth: usize,
-) -> Result<(), CommitRefusal> {
-    let limits = Limits {
-        max_queue_depth: depth,
-    };
-    storage.command(|s| rules::publish_commit(s, &key(sender), publication, &limits, NOW))
 }
 
 fn key_package(bytes: &[u8], last_resort: bool, expires_at: u64) -> ValidKeyPackage {
@@ -160,56 +141,6 @@ fn a_refused_batch_names_every_full_queue_and_forgets_its_message_ids() {
 }
 
 #[test]
-fn the_first_commit_of_an_epoch_wins_and_the_others_learn_the_epoch() {
-    let mut storage = MemoryStorage::default();
-    publish(&mut storage, 1, &publication(1, &[2], &[3], b"a"), 100).unwrap();
-    assert_eq!(
-        payloads(&mut storage, 3),
-        [b"welcome".to_vec()],
-        "the Welcome goes with its Commit"
-    );
-    // Bob's Commit for the same epoch lost the race.
-    let refused = publish(&mut storage, 2, &publication(1, &[1], &[4], b"b"), 100).unwrap_err();
-    assert_eq!(refused, CommitRefusal::Conflict { current_epoch: 2 });
-    assert!(
-        payloads(&mut storage, 4).is_empty(),
-        "the loser's Welcome is not delivered"
-    );
-    assert!(payloads(&mut storage, 1).is_empty());
-    // Neither a past nor a future epoch is accepted.
-    for epoch in [0, 3, 100] {
-        assert_eq!(
-            publish(&mut storage, 2, &publication(epoch, &[1], &[], b"c"), 100),
-            Err(CommitRefusal::Conflict { current_epoch: 2 })
-        );
-    }
-    // Alice's retry of the accepted publication is accepted again and
-    // stores nothing new.
-    publish(&mut storage, 1, &publication(1, &[2], &[3], b"a"), 100).unwrap();
-    assert_eq!(payloads(&mut storage, 2).len(), 1);
-    publish(&mut storage, 2, &publication(2, &[1], &[], b"d"), 100).unwrap();
-    assert_eq!(payloads(&mut storage, 1), [b"commit 2".to_vec()]);
-}
-
-#[test]
-fn a_commit_with_a_full_queue_is_refused_and_the_epoch_stays() {
-    let mut storage = MemoryStorage::default();
-    enqueue(&mut storage, 9, &[envelope(&[3], b"waiting", None)], 1).unwrap();
-    let refused = publish(&mut storage, 1, &publication(5, &[2], &[3], b"a"), 1).unwrap_err();
-    assert_eq!(
-        refused,
-        CommitRefusal::QueueFull(QueueFull {
-            recipients: vec![key(3)],
-            max_depth: 1
-        })
-    );
-    assert!(payloads(&mut storage, 2).is_empty());
-    // The epoch was not fixed by the refused Commit, nor its id used.
-    publish(&mut storage, 1, &publication(7, &[2], &[], b"a"), 1).unwrap();
-    assert_eq!(payloads(&mut storage, 2), [b"commit 7".to_vec()]);
-}
-
-#[test]
 fn key_packages_are_served_ordinary_first_each_once_last_resort_kept_expired_never() {
     let mut storage = MemoryStorage::default();
     let owner = key(1);
@@ -292,4 +223,283 @@ fn retention_purges_old_messages_ids_and_expired_key_packages() {
     // The id was forgotten with the message: the same id is new again.
     enqueue(&mut storage, 9, &[envelope(&[1], b"new", Some(b"id"))], 100).unwrap();
     assert_eq!(payloads(&mut storage, 1), [b"new".to_vec()]);
+}
+
+fn publish(
+    storage: &mut MemoryStorage,
+    sender: &IdentityKey,
+    publication: &CommitPublication,
+    depth: usize,
+) -> Result<(), CommitRefusal> {
+    let limits = Limits {
+        max_queue_depth: depth,
+    };
+    storage.command(|s| rules::publish_commit(s, sender, publication, &limits, NOW))
+}
+
+fn propose(
+    storage: &mut MemoryStorage,
+    sender: &IdentityKey,
+    publication: &ProposalPublication,
+) -> Result<(), CommitRefusal> {
+    storage.command(|s| rules::publish_proposal(s, sender, publication, &Limits::default(), NOW))
+}
+
+fn invalid(refusal: Result<(), CommitRefusal>) -> String {
+    match refusal {
+        Err(CommitRefusal::Invalid { reason }) => reason,
+        other => panic!("expected an invalid refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_group_the_node_has_no_view_of_accepts_nothing_but_its_initial_state() {
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"g");
+    let commit = alice.update();
+    let bare = alice.publication(commit.clone(), &[key(2)], b"a", false);
+    assert_eq!(
+        publish(&mut storage, &alice.key(), &bare, 100),
+        Err(CommitRefusal::UnknownGroup)
+    );
+    // Handed over by someone who is not in it: refused.
+    let with_state = alice.publication(commit, &[key(2)], b"a", true);
+    let reason = invalid(publish(&mut storage, &key(9), &with_state, 100));
+    assert!(reason.contains("not a member"), "{reason}");
+    publish(&mut storage, &alice.key(), &with_state, 100).unwrap();
+    assert_eq!(payloads(&mut storage, 2).len(), 1);
+}
+
+#[test]
+fn the_first_valid_commit_of_an_epoch_wins_and_the_others_learn_the_epoch() {
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"g");
+    let first = alice.update();
+    alice.discard();
+    let second = alice.update();
+    let mut winner = alice.publication(first, &[key(2)], b"a", true);
+    winner.welcome = Some(envelope(&[3], b"welcome", Some(b"w")));
+    publish(&mut storage, &alice.key(), &winner, 100).unwrap();
+    assert_eq!(
+        payloads(&mut storage, 3),
+        [b"welcome".to_vec()],
+        "the Welcome goes with its Commit"
+    );
+    // Made in the same epoch: lost the race.
+    let loser = alice.publication(second, &[key(2)], b"b", true);
+    assert_eq!(
+        publish(&mut storage, &alice.key(), &loser, 100),
+        Err(CommitRefusal::Conflict { current_epoch: 1 })
+    );
+    // A retry of the accepted one is accepted again and stores nothing new.
+    publish(&mut storage, &alice.key(), &winner, 100).unwrap();
+    assert_eq!(payloads(&mut storage, 2).len(), 1);
+    // The group goes on from the winner's epoch.
+    alice.discard();
+    let mut alice = mls::Member::create(1, b"h");
+    let commit = alice.update();
+    publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(commit, &[], b"h0", true),
+        100,
+    )
+    .unwrap();
+    alice.merge();
+    let next = alice.update();
+    publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(next, &[key(2)], b"h1", false),
+        100,
+    )
+    .unwrap();
+}
+
+#[test]
+fn noise_framed_as_a_commit_or_a_strangers_commit_is_refused_and_the_epoch_stays_free() {
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, _welcome, _) = alice.add(2);
+    publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(add, &[], b"add", true),
+        100,
+    )
+    .unwrap();
+    alice.merge();
+
+    // Alice's next Commit with bytes of its signature flipped (it ends
+    // with signature, confirmation tag and membership tag: 64, 32 and 32
+    // bytes, each after a length byte): the framing still names the group
+    // and epoch 1.
+    let mut noise = alice.update();
+    alice.discard();
+    let end = noise.len();
+    for byte in &mut noise[end - 100..end - 92] {
+        *byte ^= 0xa5;
+    }
+    let reason = invalid(publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(noise, &[key(2)], b"n", false),
+        100,
+    ));
+    assert!(reason.contains("not valid"), "{reason}");
+
+    // A stranger's own group with the same id and epoch: signed by nobody
+    // in Alice's group.
+    let mut stranger = mls::Member::create(9, b"g");
+    let (stranger_add, _, _) = stranger.add(8);
+    stranger.merge();
+    drop(stranger_add);
+    let forged = stranger.update();
+    invalid(publish(
+        &mut storage,
+        &stranger.key(),
+        &stranger.publication(forged, &[key(2)], b"s", false),
+        100,
+    ));
+    // Signed by Alice but sent on another member's connection.
+    let genuine = alice.update();
+    let publication = alice.publication(genuine, &[key(2)], b"ok", false);
+    let reason = invalid(publish(&mut storage, &key(2), &publication, 100));
+    assert!(reason.contains("this connection is"), "{reason}");
+    // Nothing took epoch 1: Alice's real Commit is accepted.
+    publish(&mut storage, &alice.key(), &publication, 100).unwrap();
+    assert_eq!(payloads(&mut storage, 2).len(), 1);
+}
+
+#[test]
+fn a_proposal_is_kept_for_the_commit_that_references_it() {
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, welcome, provider) = alice.add(2);
+    publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(add, &[], b"add", true),
+        100,
+    )
+    .unwrap();
+    alice.merge();
+    let mut bob = mls::join(2, provider, &welcome);
+
+    // Bob asks to leave; the node checks and keeps the proposal.
+    let leave = bob.leave(&[alice.key()], b"leave");
+    propose(&mut storage, &bob.key(), &leave).unwrap();
+    alice
+        .group
+        .receive(&alice.provider, &leave.proposal.payload)
+        .unwrap();
+    let commit = alice
+        .group
+        .commit_pending_proposals(&alice.provider, &alice.identity)
+        .unwrap();
+    publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(commit, &[bob.key()], b"c", false),
+        100,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_commit_referencing_a_proposal_the_node_has_not_seen_is_refused() {
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, welcome, provider) = alice.add(2);
+    publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(add, &[], b"add", true),
+        100,
+    )
+    .unwrap();
+    alice.merge();
+    let mut bob = mls::join(2, provider, &welcome);
+    // The proposal reaches Alice but never the node.
+    let leave = bob.leave(&[alice.key()], b"leave");
+    alice
+        .group
+        .receive(&alice.provider, &leave.proposal.payload)
+        .unwrap();
+    let commit = alice
+        .group
+        .commit_pending_proposals(&alice.provider, &alice.identity)
+        .unwrap();
+    let reason = invalid(publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(commit, &[bob.key()], b"c", false),
+        100,
+    ));
+    assert!(reason.contains("not valid"), "{reason}");
+}
+
+#[test]
+fn a_commit_with_a_full_queue_is_refused_and_the_epoch_stays() {
+    let mut storage = MemoryStorage::default();
+    enqueue(&mut storage, 9, &[envelope(&[3], b"waiting", None)], 1).unwrap();
+    let mut alice = mls::Member::create(1, b"g");
+    let commit = alice.update();
+    let mut publication = alice.publication(commit, &[key(2)], b"a", true);
+    publication.welcome = Some(envelope(&[3], b"welcome", None));
+    assert_eq!(
+        publish(&mut storage, &alice.key(), &publication, 1),
+        Err(CommitRefusal::QueueFull(QueueFull {
+            recipients: vec![key(3)],
+            max_depth: 1
+        }))
+    );
+    assert!(payloads(&mut storage, 2).is_empty());
+    // Neither the epoch nor the view nor the id was taken.
+    publication.welcome = None;
+    publish(&mut storage, &alice.key(), &publication, 1).unwrap();
+    assert_eq!(payloads(&mut storage, 2).len(), 1);
+}
+
+#[test]
+fn the_groupinfo_of_a_new_epoch_is_checked_and_served_only_to_members() {
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, welcome, provider) = alice.add(2);
+    let mut publication = alice.publication(add, &[], b"add", true);
+    alice.merge();
+    let bob = mls::join(2, provider, &welcome);
+    // The GroupInfo of epoch 1, signed by Alice, who made the Commit.
+    publication.group_info = Some(alice.state().group_info);
+    // Signed by Bob instead: refused with the whole change.
+    let mut forged = publication.clone();
+    forged.group_info = Some(bob.state().group_info);
+    let reason = invalid(publish(&mut storage, &alice.key(), &forged, 100));
+    assert!(reason.contains("not signed by the committer"), "{reason}");
+    publish(&mut storage, &alice.key(), &publication, 100).unwrap();
+
+    let group = publication.group_id.clone();
+    let served = storage.run(|s| rules::group_info(s, &group, &bob.key())).unwrap();
+    let state = served.expect("the node serves epoch 1's GroupInfo");
+    assert_eq!(Some(state.group_info), publication.group_info);
+    assert!(!state.ratchet_tree.is_empty());
+    assert_eq!(
+        storage.run(|s| rules::group_info(s, &group, &key(9))),
+        Err(NotAMember),
+        "strangers get nothing"
+    );
+
+    // A Commit without a GroupInfo leaves nothing current to serve.
+    let next = alice.update();
+    publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(next, &[bob.key()], b"u", false),
+        100,
+    )
+    .unwrap();
+    assert_eq!(
+        storage.run(|s| rules::group_info(s, &group, &bob.key())),
+        Ok(None)
+    );
 }

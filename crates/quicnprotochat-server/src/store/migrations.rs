@@ -91,6 +91,14 @@ const MIGRATIONS: &[&str] = &[
     // without this index that check scanned every queued message (seconds
     // at a million messages, inside the writer).
     "CREATE INDEX messages_by_payload ON messages (payload_id) WHERE payload_id IS NOT NULL;",
+    // V7: each group's public view (ratchet tree, group context, kept
+    // proposals), against which its handshake messages are checked. A rowid
+    // table: a view grows with the group (about 300 bytes a member), too big
+    // for the B-tree of a WITHOUT ROWID table.
+    "CREATE TABLE group_views (
+         group_id BLOB PRIMARY KEY,
+         view BLOB NOT NULL
+     );",
 ];
 
 /// The schema version this build creates and understands.

@@ -30,13 +30,15 @@ mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
-use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
 use quicnprotochat_proto::outcome::QueueFull;
 use tokio::sync::{mpsc, oneshot};
 
-pub use quicnprotochat_proto::wire::{CommitPublication, Envelope, ValidKeyPackage};
+pub use quicnprotochat_proto::wire::{
+    CommitPublication, Envelope, GroupState, ProposalPublication, ValidKeyPackage,
+};
 
-pub use crate::delivery::{CommitRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits};
+pub use crate::delivery::{CommitRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAMember};
 
 pub use migrations::SCHEMA_VERSION;
 pub use notifier::{Notifier, QueueWatch};
@@ -241,6 +243,32 @@ impl Store {
         .await
     }
 
+    /// Publishes a standalone proposal if it is valid for its group's public
+    /// view in its epoch; otherwise stores nothing and says why.
+    pub async fn publish_proposal(
+        &self,
+        sender: IdentityKey,
+        publication: ProposalPublication,
+    ) -> Result<Result<(), CommitRefusal>, StoreError> {
+        self.call(|reply| Command::PublishProposal {
+            sender,
+            publication,
+            reply,
+        })
+        .await
+    }
+
+    /// The current GroupInfo and ratchet tree of `group` for `caller`; see
+    /// [`crate::delivery::rules::group_info`].
+    pub async fn group_info(
+        &self,
+        group: GroupId,
+        caller: IdentityKey,
+    ) -> Result<Result<Option<GroupState>, NotAMember>, StoreError> {
+        self.call(|reply| Command::GroupInfo { group, caller, reply })
+            .await
+    }
+
     /// The committed messages of `recipient` after `after`, oldest first,
     /// without removing them: at most `limit` (0: the node's maximum) and
     /// within the fetch budget. Runs on the reader connection, so it never
@@ -336,6 +364,16 @@ enum Command {
         sender: IdentityKey,
         publication: CommitPublication,
         reply: Reply<Result<(), CommitRefusal>>,
+    },
+    PublishProposal {
+        sender: IdentityKey,
+        publication: ProposalPublication,
+        reply: Reply<Result<(), CommitRefusal>>,
+    },
+    GroupInfo {
+        group: GroupId,
+        caller: IdentityKey,
+        reply: Reply<Result<Option<GroupState>, NotAMember>>,
     },
     Ack {
         recipient: IdentityKey,

@@ -204,6 +204,23 @@ impl Storage for SqliteStorage<'_> {
         Ok(())
     }
 
+    fn group_view(&mut self, group: &GroupId) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.db
+            .prepare_cached("SELECT view FROM group_views WHERE group_id = ?1")?
+            .query_row(params![group.as_bytes()], |row| row.get(0))
+            .optional()
+    }
+
+    fn set_group_view(&mut self, group: &GroupId, view: &[u8]) -> rusqlite::Result<()> {
+        self.db
+            .prepare_cached(
+                "INSERT INTO group_views (group_id, view) VALUES (?1, ?2)
+                 ON CONFLICT (group_id) DO UPDATE SET view = excluded.view",
+            )?
+            .execute(params![group.as_bytes(), view])?;
+        Ok(())
+    }
+
     fn purge(&mut self, older_than: i64, now: i64) -> rusqlite::Result<usize> {
         let messages = self
             .db

@@ -175,6 +175,22 @@ fn apply(db: &Connection, command: Command, limits: &Limits, touched: &mut Vec<I
             }
             answer(reply, outcome)
         }
+        Command::PublishProposal {
+            sender,
+            publication,
+            reply,
+        } => {
+            let outcome = decide(db, |s| {
+                rules::publish_proposal(s, &sender, &publication, limits, now)
+            });
+            if matches!(outcome, Ok(Ok(()))) {
+                touched.extend(publication.proposal.recipients.iter().copied());
+            }
+            answer(reply, outcome)
+        }
+        Command::GroupInfo { group, caller, reply } => {
+            answer(reply, run(db, |s| rules::group_info(s, &group, &caller)))
+        }
         Command::Ack {
             recipient,
             up_to,
@@ -233,6 +249,8 @@ fn fail(command: Command, error: &StoreError) {
         Command::UploadKeyPackages { reply, .. } => send(reply, error),
         Command::EnqueueBatch { reply, .. } => send(reply, error),
         Command::PublishCommit { reply, .. } => send(reply, error),
+        Command::PublishProposal { reply, .. } => send(reply, error),
+        Command::GroupInfo { reply, .. } => send(reply, error),
         Command::TakeKeyPackage { reply, .. } => send(reply, error),
         Command::CountKeyPackages { reply, .. } => send(reply, error),
         Command::Drain { reply, .. } => send(reply, error),

@@ -6,14 +6,16 @@
 
 #![allow(dead_code)] // each runner file uses the checks it can run
 
+pub mod mls;
+
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_server::store::{
-    CommitPublication, CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, Store,
-    StoreCloser, ValidKeyPackage,
+    CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, Store, StoreCloser,
+    ValidKeyPackage,
 };
 
 /// A way to open a backend's store.
@@ -328,43 +330,28 @@ pub async fn a_fanned_out_payload_reaches_every_recipient_once(backend: &impl Ba
     close((store, closer)).await;
 }
 
-fn publication(
-    group: &[u8],
-    epoch: u64,
-    to: u8,
-    payload: &[u8],
-    welcome_to: Option<u8>,
-) -> CommitPublication {
-    CommitPublication {
-        group_id: GroupId::new(group.to_vec()).unwrap(),
-        epoch,
-        commit: Envelope {
-            recipients: vec![key(to)],
-            payload: payload.to_vec(),
-            message_id: Some(payload.to_vec()),
-        },
-        welcome: welcome_to.map(|to| envelope(&[to], b"welcome")),
-    }
-}
-
-pub async fn only_the_first_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it(
+pub async fn only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it(
     backend: &impl Backend,
 ) {
     let (store, closer) = backend.open();
-    let first = publication(b"g", 1, 1, b"first", Some(8));
+    let mut alice = mls::Member::create(1, b"g");
+    let first = alice.update();
+    alice.discard();
+    let second = alice.update();
+    let mut winner = alice.publication(first.clone(), &[key(7)], b"first", true);
+    winner.welcome = Some(envelope(&[8], b"welcome"));
     store
-        .publish_commit(key(0), first.clone())
+        .publish_commit(alice.key(), winner.clone())
         .await
         .unwrap()
         .unwrap();
     // A retry of the accepted one is accepted and stores nothing new.
-    store.publish_commit(key(0), first).await.unwrap().unwrap();
-    let refused = store
-        .publish_commit(key(2), publication(b"g", 1, 1, b"second", Some(9)))
-        .await
-        .unwrap();
-    assert_eq!(refused, Err(CommitRefusal::Conflict { current_epoch: 2 }));
-    assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"first".to_vec()]);
+    store.publish_commit(alice.key(), winner).await.unwrap().unwrap();
+    let mut loser = alice.publication(second, &[key(7)], b"second", true);
+    loser.welcome = Some(envelope(&[9], b"welcome"));
+    let refused = store.publish_commit(alice.key(), loser).await.unwrap();
+    assert_eq!(refused, Err(CommitRefusal::Conflict { current_epoch: 1 }));
+    assert_eq!(store.drain(key(7)).await.unwrap(), vec![first]);
     assert_eq!(store.drain(key(8)).await.unwrap(), vec![b"welcome".to_vec()]);
     assert!(
         store.drain(key(9)).await.unwrap().is_empty(),
@@ -373,27 +360,42 @@ pub async fn only_the_first_commit_of_an_epoch_is_accepted_and_its_welcome_goes_
     close((store, closer)).await;
 }
 
-pub async fn a_commit_for_any_other_epoch_than_the_current_is_refused(backend: &impl Backend) {
+pub async fn a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused(backend: &impl Backend) {
     let (store, closer) = backend.open();
-    // No message ids: a repeat of the accepted Commit is a new attempt here.
-    let at = |epoch: u64| {
-        let mut publication = publication(b"g", epoch, 1, &epoch.to_be_bytes(), None);
-        publication.commit.message_id = None;
-        publication
-    };
-    store.publish_commit(key(0), at(3)).await.unwrap().unwrap();
-    for wrong in [0, 3, 5, 1 << 40] {
-        let refused = store.publish_commit(key(0), at(wrong)).await.unwrap();
-        assert_eq!(
-            refused,
-            Err(CommitRefusal::Conflict { current_epoch: 4 }),
-            "epoch {wrong}"
-        );
-    }
-    store.publish_commit(key(0), at(4)).await.unwrap().unwrap();
-    // Another group has its own epoch.
+    let mut alice = mls::Member::create(1, b"g");
+    let commit = alice.update();
+    assert_eq!(
+        store
+            .publish_commit(alice.key(), alice.publication(commit.clone(), &[], b"0", false))
+            .await
+            .unwrap(),
+        Err(CommitRefusal::UnknownGroup)
+    );
     store
-        .publish_commit(key(0), publication(b"h", 0, 1, b"h0", None))
+        .publish_commit(alice.key(), alice.publication(commit, &[], b"0", true))
+        .await
+        .unwrap()
+        .unwrap();
+    alice.merge();
+    // Another epoch-0 Commit of the group, under another id: epoch 0 is taken.
+    let mut stale = mls::Member::create(1, b"g");
+    let old = stale.update();
+    assert_eq!(
+        store
+            .publish_commit(alice.key(), stale.publication(old, &[], b"again", false))
+            .await
+            .unwrap(),
+        Err(CommitRefusal::Conflict { current_epoch: 1 })
+    );
+    // Epoch 1, but from someone else's connection.
+    let next = alice.update();
+    let publication = alice.publication(next, &[key(2)], b"1", false);
+    assert!(matches!(
+        store.publish_commit(key(2), publication.clone()).await.unwrap(),
+        Err(CommitRefusal::Invalid { .. })
+    ));
+    store
+        .publish_commit(alice.key(), publication)
         .await
         .unwrap()
         .unwrap();
@@ -430,9 +432,11 @@ pub async fn a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothin
         .await
         .unwrap()
         .unwrap();
-    let commit = publication(b"g", 5, 1, b"commit", None);
+    let mut alice = mls::Member::create(7, b"g");
+    let payload = alice.update();
+    let commit = alice.publication(payload.clone(), &[key(1)], b"commit", true);
     assert_eq!(
-        store.publish_commit(key(0), commit.clone()).await.unwrap(),
+        store.publish_commit(alice.key(), commit.clone()).await.unwrap(),
         Err(CommitRefusal::QueueFull(QueueFull {
             recipients: vec![key(1)],
             max_depth: 3
@@ -440,8 +444,8 @@ pub async fn a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothin
     );
     let last = all(&store, 1).await.last().unwrap().seq;
     store.ack(key(1), last).await.unwrap();
-    store.publish_commit(key(0), commit).await.unwrap().unwrap();
-    assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"commit".to_vec()]);
+    store.publish_commit(alice.key(), commit).await.unwrap().unwrap();
+    assert_eq!(store.drain(key(1)).await.unwrap(), vec![payload]);
     close((store, closer)).await;
 }
 

@@ -1,0 +1,238 @@
+//! Group changes the node checks against each group's public state, through
+//! the real CLI and a real node: the first change hands the node the group's
+//! state, a change the node finds not valid or a group it does not know is
+//! reported and dropped, and a request to leave goes through the node's
+//! check too.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+
+use common::{TestNode, state};
+use quicnprotochat_client::state::{Publication, StateError, StateFile};
+use quicnprotochat_core::{GroupId, GroupMember};
+use quicnprotochat_proto::wire::Envelope;
+
+/// One person: a state file and the identity key `register-state` printed.
+struct Member {
+    state: String,
+    key: String,
+}
+
+impl Member {
+    fn register(node: &TestNode, dir: &Path, name: &str) -> Member {
+        let state = state(dir, &format!("{name}.state"));
+        let key = node
+            .cli_ok(&["register-state", "--state", &state])
+            .trim()
+            .to_owned();
+        Member { state, key }
+    }
+
+    fn short(&self) -> &str {
+        &self.key[..16]
+    }
+
+    /// Runs a stateful command for this member; returns stdout.
+    fn run(&self, node: &TestNode, command: &str, args: &[&str]) -> String {
+        let mut full = vec![command, "--state", &self.state];
+        full.extend_from_slice(args);
+        node.cli_ok(&full)
+    }
+
+    /// Runs a stateful command; returns (success, stdout, stderr).
+    fn try_run(&self, node: &TestNode, command: &str, args: &[&str]) -> (bool, String, String) {
+        let mut full = vec![command, "--state", &self.state];
+        full.extend_from_slice(args);
+        let out = node.cli(&full);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            common::stderr(&out),
+        )
+    }
+
+    /// Opens this member's state file directly, as the client does.
+    fn open(&self) -> StateFile {
+        StateFile::open(Path::new(&self.state)).unwrap()
+    }
+}
+
+/// `first` creates `group` and invites `rest` in one commit; they all join.
+fn group_of(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) {
+    first.run(node, "create-group", &["--group-id", group]);
+    let mut args = vec!["--group-id", group];
+    for member in rest {
+        args.extend_from_slice(&["--peer-key", &member.key]);
+    }
+    first.run(node, "invite", &args);
+    for member in rest {
+        member.run(node, "join", &[]);
+    }
+}
+
+/// Stages a self-update of `member`'s current group in its outbox as if the
+/// client had crashed before sending it; `tamper` may change the Commit.
+fn stage_unsent_update(member: &Member, recipients: &[&Member], tamper: impl FnOnce(&mut Vec<u8>)) {
+    let state = member.open();
+    let identity = state.identity().unwrap();
+    let group_id = state.current_group().unwrap().unwrap();
+    let mut group = GroupMember::load(&state.provider(), &group_id).unwrap().unwrap();
+    let epoch = group.epoch();
+    state
+        .stage_publication(|| -> Result<Publication, StateError> {
+            let mut commit = group.self_update(&state.provider(), &identity)?;
+            tamper(&mut commit);
+            Ok(Publication {
+                group_id: GroupId::new(group_id.clone()).unwrap(),
+                epoch,
+                commit: Envelope {
+                    recipients: recipients.iter().map(|m| m.key.parse().unwrap()).collect(),
+                    payload: commit,
+                    message_id: Some(b"unsent".to_vec()),
+                },
+                welcome: None,
+            })
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_groups_first_change_left_unsent_is_published_later_with_the_groups_state() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    alice.run(&node, "create-group", &["--group-id", "first"]);
+
+    // The group's first change, staged in epoch 0 but never sent: the node
+    // has no state for the group yet. The resend exports it from the group
+    // as stored, the Commit still pending.
+    stage_unsent_update(&alice, &[], |_| {});
+    let (ok, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("first: the node has it; now epoch 1"), "{err}");
+
+    // From that state the node checks the group's later changes.
+    alice.run(&node, "invite", &["--group-id", "first", "--peer-key", &bob.key]);
+    bob.run(&node, "join", &[]);
+    bob.run(&node, "update", &[]);
+    let (_, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(err.contains("now at epoch 3, 2 members"), "{err}");
+    alice.run(&node, "send", &["--msg", "checked all along"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("first {}: checked all along", alice.short())
+    );
+}
+
+#[test]
+fn a_commit_the_node_finds_not_valid_is_dropped_with_the_nodes_reason() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "strict", &alice, &[&bob]);
+
+    // A Commit damaged on its way: 80 bytes from the end of a PublicMessage
+    // Commit is inside its signature (the two tags follow it).
+    stage_unsent_update(&alice, &[&bob], |commit| {
+        let inside_signature = commit.len() - 80;
+        commit[inside_signature] ^= 0xff;
+    });
+    let (ok, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains(
+            "strict is unchanged: the node refused it as not valid for the group (the node's reason: "
+        ),
+        "{err}"
+    );
+
+    // Dropped for good: the group is as it was and takes the next change.
+    assert_eq!(
+        alice.run(&node, "groups", &[]).trim(),
+        "* strict epoch 1 members 2"
+    );
+    let (ok, _, err) = alice.try_run(&node, "update", &[]);
+    assert!(ok && !err.contains("resending"), "{err}");
+    let (_, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(
+        err.contains("now at epoch 2") && !err.contains("warning"),
+        "only the valid Commit reached Bob: {err}"
+    );
+}
+
+#[test]
+fn a_group_the_node_has_no_state_for_is_reported_and_left_as_it_was() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Member::register(&node, dir.path(), "alice");
+    alice.run(&node, "create-group", &["--group-id", "old"]);
+
+    // A group changed where this node never saw it (made before the node
+    // checked changes, or the node lost its database).
+    {
+        let state = alice.open();
+        let identity = state.identity().unwrap();
+        let group_id = state.current_group().unwrap().unwrap();
+        let mut group = GroupMember::load(&state.provider(), &group_id).unwrap().unwrap();
+        group.self_update(&state.provider(), &identity).unwrap();
+        group.merge_pending_commit(&state.provider()).unwrap();
+    }
+
+    for _ in 0..2 {
+        let (ok, _, err) = alice.try_run(&node, "update", &[]);
+        assert!(!ok, "{err}");
+        assert!(
+            err.contains("the node has no state for old")
+                && err.contains("create a new group with `create-group`"),
+            "{err}"
+        );
+        assert!(!err.contains("resending"), "the change was dropped: {err}");
+        assert_eq!(alice.run(&node, "groups", &[]).trim(), "* old epoch 1 members 1");
+    }
+}
+
+#[test]
+fn a_leave_made_in_a_past_epoch_is_made_again_after_catching_up() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "moving", &alice, &[&bob, &carol]);
+
+    // Alice moves the group to epoch 2 before Bob has seen it.
+    alice.run(&node, "update", &[]);
+    let (ok, _, err) = bob.try_run(&node, "leave", &["--group-id", "moving"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("moving changed meanwhile (now at epoch 2); catching up and asking again"),
+        "{err}"
+    );
+    assert!(err.contains("asked to leave moving"), "{err}");
+    assert_eq!(
+        bob.run(&node, "groups", &[]).trim(),
+        "* moving epoch 2 members 3 (leaving)"
+    );
+
+    // The node kept the proposal of epoch 2, so Alice's Commit that
+    // references it passes the node's check.
+    let (ok, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(
+        ok && err.contains("committed pending proposals; now epoch 3, 2 members"),
+        "{err}"
+    );
+    let (_, _, err) = carol.try_run(&node, "recv", &[]);
+    assert!(
+        err.contains("now at epoch 3, 2 members") && !err.contains("warning"),
+        "{err}"
+    );
+    let (_, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(err.contains("you were removed"), "{err}");
+
+    carol.run(&node, "send", &["--group-id", "moving", "--msg", "two of us"]);
+    assert_eq!(
+        alice.run(&node, "recv", &[]).trim(),
+        format!("moving {}: two of us", carol.short())
+    );
+}

@@ -1,0 +1,145 @@
+//! What the node pays to check a group's Commits (`PublicView`), in memory:
+//! for groups of each size, the time to start a view from a GroupInfo and
+//! ratchet tree, the stored view's size, and the time the node spends per
+//! Commit (decode the stored view, check and apply the Commit, encode the
+//! view again) for a self-update and for adding one member. Single-threaded,
+//! so wall time is the node's CPU time. Prints a Markdown table.
+//!
+//! Run: `cargo run --release -p quicnprotochat-core --example view_bench [-- SIZE ...]`
+//! (default sizes: 10 100 1000 10000; 5 Commits of each kind per size).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
+
+use std::time::{Duration, Instant};
+
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_core::{GroupMember, IdentityKeypair, PublicView, generate_key_package};
+
+/// Members added per Commit while building a group.
+const BATCH: usize = 1000;
+
+/// Commits of each kind measured per size.
+const RUNS: usize = 5;
+
+fn main() {
+    let sizes: Vec<usize> = {
+        let given: Vec<usize> = std::env::args()
+            .skip(1)
+            .map(|a| a.parse().expect("sizes are numbers"))
+            .collect();
+        if given.is_empty() {
+            vec![10, 100, 1000, 10_000]
+        } else {
+            given
+        }
+    };
+    println!(
+        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total) |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for size in sizes {
+        run(size);
+    }
+}
+
+fn run(size: usize) {
+    let provider = OpenMlsRustCrypto::default();
+    let creator = IdentityKeypair::generate();
+    let group_id = format!("bench-{size}").into_bytes();
+    let mut group = GroupMember::create(&provider, &creator, &group_id).unwrap();
+    // Joiners' KeyPackages from one scratch provider: nobody joins here.
+    let scratch = OpenMlsRustCrypto::default();
+    let mut left = size - 1;
+    while left > 0 {
+        let batch = left.min(BATCH);
+        let key_packages: Vec<Vec<u8>> = (0..batch)
+            .map(|_| generate_key_package(&scratch, &IdentityKeypair::generate()).unwrap())
+            .collect();
+        group.add_members(&provider, &creator, &key_packages).unwrap();
+        group.merge_pending_commit(&provider).unwrap();
+        left -= batch;
+    }
+    let me = creator.public_key();
+    let state = group.export_public_state(&provider, &creator).unwrap();
+    let started = Instant::now();
+    let view = PublicView::start(
+        &group_id,
+        group.epoch(),
+        &state.group_info,
+        &state.ratchet_tree,
+        &me,
+    )
+    .unwrap();
+    let start = started.elapsed();
+    let mut stored = view.encode();
+    assert_eq!(view.member_count(), size);
+
+    let mut updates = Vec::new();
+    let mut adds = Vec::new();
+    for _ in 0..RUNS {
+        let commit = group.self_update(&provider, &creator).unwrap();
+        let (timings, next) = apply(&group_id, &stored, &commit, &me);
+        group.merge_pending_commit(&provider).unwrap();
+        stored = next;
+        updates.push(timings);
+
+        let key_package = generate_key_package(&scratch, &IdentityKeypair::generate()).unwrap();
+        let added = group.add_members(&provider, &creator, &[key_package]).unwrap();
+        let (timings, next) = apply(&group_id, &stored, &added.commit, &me);
+        group.merge_pending_commit(&provider).unwrap();
+        stored = next;
+        adds.push(timings);
+    }
+    let median = |runs: &[[Duration; 3]], part: usize| -> Duration {
+        let mut values: Vec<Duration> = runs.iter().map(|run| run[part]).collect();
+        values.sort();
+        values[values.len() / 2]
+    };
+    let total = |runs: &[[Duration; 3]]| -> Duration {
+        let mut values: Vec<Duration> = runs.iter().map(|run| run.iter().sum()).collect();
+        values.sort();
+        values[values.len() / 2]
+    };
+    println!(
+        "| {size} | {} | {} | {} ({} / {} / {}) | {} |",
+        ms(start),
+        bytes(stored.len()),
+        ms(total(&updates)),
+        ms(median(&updates, 0)),
+        ms(median(&updates, 1)),
+        ms(median(&updates, 2)),
+        ms(total(&adds)),
+    );
+}
+
+/// Does what the node does for one Commit; returns the three times and the
+/// new stored view.
+fn apply(
+    group_id: &[u8],
+    stored: &[u8],
+    commit: &[u8],
+    caller: &quicnprotochat_core::IdentityKey,
+) -> ([Duration; 3], Vec<u8>) {
+    let started = Instant::now();
+    let mut view = PublicView::decode(group_id, stored).unwrap();
+    let decoded = started.elapsed();
+    let started = Instant::now();
+    view.apply_commit(commit, caller).unwrap();
+    let applied = started.elapsed();
+    let started = Instant::now();
+    let next = view.encode();
+    let encoded = started.elapsed();
+    ([decoded, applied, encoded], next)
+}
+
+fn ms(took: Duration) -> String {
+    format!("{:.2} ms", took.as_secs_f64() * 1000.0)
+}
+
+fn bytes(n: usize) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / f64::from(1 << 20))
+    } else {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    }
+}

@@ -1,0 +1,133 @@
+//! Real MLS groups for the node's tests: the Commits and proposals the
+//! rules check are made by `quicnprotochat_core::GroupMember`, as a client
+//! makes them. Shared by the rules' unit tests and the conformance suite.
+
+#![allow(dead_code)] // each test file uses what it needs
+
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair, generate_key_package};
+use quicnprotochat_proto::wire::{CommitPublication, Envelope, GroupState, ProposalPublication};
+
+/// One member of a real group: its identity, its MLS state.
+pub struct Member {
+    pub provider: OpenMlsRustCrypto,
+    pub identity: IdentityKeypair,
+    pub group: GroupMember,
+}
+
+impl Member {
+    /// Creates the group `group_id` with `identity(seed)` as its only member.
+    pub fn create(seed: u8, group_id: &[u8]) -> Member {
+        let provider = OpenMlsRustCrypto::default();
+        let identity = identity(seed);
+        let group = GroupMember::create(&provider, &identity, group_id).unwrap();
+        Member {
+            provider,
+            identity,
+            group,
+        }
+    }
+
+    /// This member's identity key.
+    pub fn key(&self) -> IdentityKey {
+        self.identity.public_key()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.group.epoch()
+    }
+
+    /// The group's public state in the current epoch.
+    pub fn state(&self) -> GroupState {
+        let state = self
+            .group
+            .export_public_state(&self.provider, &self.identity)
+            .unwrap();
+        GroupState {
+            group_info: state.group_info,
+            ratchet_tree: state.ratchet_tree,
+        }
+    }
+
+    /// A self-update Commit of the current epoch, left pending.
+    pub fn update(&mut self) -> Vec<u8> {
+        self.group.self_update(&self.provider, &self.identity).unwrap()
+    }
+
+    /// Adds `identity(seed)` (a fresh KeyPackage of it): the Commit, left
+    /// pending, and the Welcome.
+    pub fn add(&mut self, seed: u8) -> (Vec<u8>, Vec<u8>, OpenMlsRustCrypto) {
+        let joiner = OpenMlsRustCrypto::default();
+        let key_package = generate_key_package(&joiner, &identity(seed)).unwrap();
+        let added = self
+            .group
+            .add_members(&self.provider, &self.identity, &[key_package])
+            .unwrap();
+        (added.commit, added.welcome, joiner)
+    }
+
+    pub fn merge(&mut self) {
+        self.group.merge_pending_commit(&self.provider).unwrap();
+    }
+
+    pub fn discard(&mut self) {
+        self.group.discard_pending_commit(&self.provider).unwrap();
+    }
+
+    /// The publication of `commit`, made in this member's current epoch, for
+    /// `to`; with the group's initial state when `with_state`.
+    pub fn publication(
+        &self,
+        commit: Vec<u8>,
+        to: &[IdentityKey],
+        id: &[u8],
+        with_state: bool,
+    ) -> CommitPublication {
+        CommitPublication {
+            group_id: group_id(&self.group),
+            epoch: self.epoch(),
+            commit: Envelope {
+                recipients: to.to_vec(),
+                payload: commit,
+                message_id: Some(id.to_vec()),
+            },
+            welcome: None,
+            initial_state: with_state.then(|| self.state()),
+            group_info: None,
+        }
+    }
+
+    /// A request to leave, as a standalone proposal for `to`.
+    pub fn leave(&mut self, to: &[IdentityKey], id: &[u8]) -> ProposalPublication {
+        let proposal = self.group.leave(&self.provider, &self.identity).unwrap();
+        ProposalPublication {
+            group_id: group_id(&self.group),
+            epoch: self.epoch(),
+            proposal: Envelope {
+                recipients: to.to_vec(),
+                payload: proposal,
+                message_id: Some(id.to_vec()),
+            },
+        }
+    }
+}
+
+/// Joins the group of `welcome` as `identity(seed)`, with the provider that
+/// made its KeyPackage.
+pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8]) -> Member {
+    let group = GroupMember::join(&provider, welcome).unwrap();
+    Member {
+        provider,
+        identity: identity(seed),
+        group,
+    }
+}
+
+/// A deterministic identity.
+pub fn identity(seed: u8) -> IdentityKeypair {
+    IdentityKeypair::from_secret_bytes(&[seed; 32])
+}
+
+fn group_id(group: &GroupMember) -> GroupId {
+    GroupId::new(group.group_id()).unwrap()
+}
