@@ -256,7 +256,8 @@ interface DeliveryService {
   #               Ignored once the node has the group's state.
   # groupInfo:    optional: the GroupInfo of the epoch this Commit starts
   #               (`epoch + 1`), a TLS-encoded MLSMessage signed by the
-  #               committer, without the ratchet_tree extension. The node
+  #               committer, normally without the ratchet_tree extension
+  #               (a GroupInfo that carries it is accepted too). The node
   #               checks it (the group context must be the one the Commit
   #               leads to) and serves it, with the tree, to members who
   #               rejoin (fetchGroupInfo). A Commit without one leaves the

@@ -124,6 +124,20 @@ pub enum Command {
     /// Join the group(s) whose Welcome is waiting in your queue; the last one
     /// joined becomes the current group.
     Join(StateArg),
+    /// Rejoin a group whose state this state file lost (e.g. it was restored
+    /// from an older backup) but whose member you still are: an external
+    /// Commit from the group's current state on the node replaces your old
+    /// leaf. The group becomes the current group.
+    Rejoin {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The group's full id, as text (e.g. team#0123456789abcdef) or, for
+        /// an id that is not printable text, as hex; the name alone works
+        /// while the state file still lists the group.
+        #[arg(long)]
+        group_id: String,
+    },
     /// Encrypt a message to a group and queue it for its members.
     Send {
         /// The state file.

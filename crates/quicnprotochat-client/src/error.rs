@@ -149,6 +149,27 @@ pub enum ClientError {
         /// The group.
         group: String,
     },
+    /// The node has no GroupInfo of the group's current epoch to rejoin
+    /// from (the group's last change brought none).
+    #[error(
+        "the node has no current GroupInfo of {group} to rejoin from (its last change brought none, e.g. one made by an older client); ask a member to run `update --group-id {group}`, then run `rejoin` again"
+    )]
+    NoGroupInfo {
+        /// The group.
+        group: String,
+    },
+    /// The node would not serve the group's state for a rejoin: it serves
+    /// it only to identities that own a leaf of the group, and takes a
+    /// rejoin only from them.
+    #[error(
+        "the node refused to let you rejoin {group} ({reason}); only a current member can rejoin, so if you left or were removed, ask a member to `invite` you again"
+    )]
+    RejoinRefused {
+        /// The group.
+        group: String,
+        /// The node's words, for people.
+        reason: String,
+    },
     /// The node's answer does not hold what the schema says.
     #[error("the node's answer could not be read ({0}); is the client older than the node? update it")]
     Outcome(#[from] OutcomeError),

@@ -196,6 +196,13 @@ fn apply(state: &StateFile, payload: &[u8], explicit_join: bool) -> Result<bool,
                         group.members().len()
                     );
                 }
+                Received::Rejoined { member, epoch } => {
+                    eprintln!(
+                        "group {name}: {} rejoined; now at epoch {epoch}, {} members",
+                        member_name(state, &member)?,
+                        group.members().len()
+                    );
+                }
                 Received::Removed { epoch } => {
                     eprintln!("group {name}: you were removed from the group at epoch {epoch}");
                 }

@@ -12,7 +12,7 @@
 //!   waited out and full queues reported.
 //! - `naming` — groups and peers by name: parse, resolve, show.
 //! - `publish` — group changes: stage, publish, settle by the node's typed
-//!   outcome, resume unanswered ones.
+//!   outcome, resume unanswered ones; rejoining a group by external commit.
 //! - `incoming` — fetch → store → ack, then apply each queued message.
 //! - [`node_client`] — connect to a node (verifying it) and make typed calls.
 //! - [`state`] — the state file: identity, groups, inbox, outbox, OpenMLS

@@ -80,6 +80,25 @@ pub(crate) fn node_group_id(group_id: &[u8]) -> Result<GroupId, ClientError> {
     })
 }
 
+/// The group `rejoin --group-id` names: one the state file still lists (by
+/// name or full id), else the full id itself, taken as text, or as hex when
+/// that is how [`group_name`] shows it (an id that is not printable text).
+pub(crate) fn rejoin_group_id(state: &StateFile, text: &str) -> Result<GroupId, ClientError> {
+    if text.is_empty() {
+        return Err(ClientError::Usage("--group-id must not be empty".into()));
+    }
+    match find_group(state, text) {
+        Ok(id) => return node_group_id(&id),
+        Err(ClientError::NoGroup(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let id = match hex::decode(text) {
+        Ok(bytes) if group_name(&bytes).eq_ignore_ascii_case(text) => bytes,
+        _ => text.as_bytes().to_vec(),
+    };
+    node_group_id(&id)
+}
+
 /// Shows a member as its contact name, or the first 16 hex characters of
 /// its key.
 pub(crate) fn member_name(state: &StateFile, key: &IdentityKey) -> Result<String, StateError> {
@@ -147,6 +166,24 @@ pub(crate) fn others(group: &GroupMember, me: &IdentityKey) -> Vec<IdentityKey> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rejoin_takes_a_full_group_id_as_text_or_hex_as_groups_shows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+        let id = |text: &str| rejoin_group_id(&state, text).unwrap().as_bytes().to_vec();
+        assert_eq!(id("team#0123456789abcdef"), b"team#0123456789abcdef");
+        assert_eq!(id("0001ff"), [0x00, 0x01, 0xff]);
+        assert_eq!(id("0001FF"), [0x00, 0x01, 0xff]);
+        // Hex of printable text is shown as that text, so it is the id.
+        assert_eq!(id("61626364"), b"61626364");
+        assert_eq!(id("plain"), b"plain");
+        assert!(matches!(rejoin_group_id(&state, ""), Err(ClientError::Usage(_))));
+
+        // A group the state file still lists: its name is enough.
+        state.record_group(b"club#00112233aabbccdd", false).unwrap();
+        assert_eq!(id("club"), b"club#00112233aabbccdd");
+    }
 
     #[test]
     fn a_group_is_shown_by_the_name_its_creator_gave_it() {

@@ -5,8 +5,8 @@
 //! and runs as a task on the current `LocalSet`.
 //!
 //! Calls return the node's typed outcomes ([`SendOutcome`],
-//! [`CommitOutcome`], [`ProposalOutcome`], [`FetchedKeyPackage`]) as
-//! values: deciding what to do about a rate limit, a full queue, a lost race
+//! [`CommitOutcome`], [`ProposalOutcome`], [`FetchedKeyPackage`],
+//! [`FetchedGroupInfo`]) as values: deciding what to do about a rate limit, a full queue, a lost race
 //! or a change the node found not valid is the caller's business.
 //! An exception comes back as [`ClientError::Rpc`]; only its
 //! [`capnp::ErrorKind`] means anything to code, its text is for people.
@@ -21,7 +21,9 @@ use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, ProposalOutcome, SendOutcome};
+use quicnprotochat_proto::outcome::{
+    CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, ProposalOutcome, SendOutcome,
+};
 use quicnprotochat_proto::wire::{Envelope, GroupState, read_messages};
 use quicnprotochat_proto::{cert, peer, rpc, transport};
 use rustls::AlertDescription;
@@ -254,7 +256,11 @@ impl NodeClient {
     /// Publishes a group change: `commit` (made in `epoch` of `group_id`) and,
     /// delivered only with it, `welcome`. With the group's first change,
     /// `initial_state` hands the node the group's public state in `epoch`,
-    /// which it checks this and every later Commit against.
+    /// which it checks this and every later Commit against. `group_info` is
+    /// the GroupInfo of the epoch the Commit starts (`epoch + 1`, signed by
+    /// us), which the node checks and serves to members who rejoin
+    /// ([`Self::fetch_group_info`]); without one it has nothing to serve
+    /// until the next Commit that brings one.
     ///
     /// [`CommitOutcome::Conflict`] says another Commit won that epoch, and
     /// which epoch the group is in now; [`CommitOutcome::Invalid`] that the
@@ -268,6 +274,7 @@ impl NodeClient {
         commit: &Envelope,
         welcome: Option<&Envelope>,
         initial_state: Option<&GroupState>,
+        group_info: Option<&[u8]>,
     ) -> Result<CommitOutcome, ClientError> {
         let mut request = self.delivery.publish_commit_request();
         request.get().set_group_id(group_id.as_bytes());
@@ -281,8 +288,23 @@ impl NodeClient {
             builder.set_group_info(&state.group_info);
             builder.set_ratchet_tree(&state.ratchet_tree);
         }
+        if let Some(group_info) = group_info {
+            request.get().set_group_info(group_info);
+        }
         let response = call(request.send().promise).await?;
         Ok(CommitOutcome::read(response.get()?.get_outcome()?)?)
+    }
+
+    /// The current GroupInfo and ratchet tree of `group_id`, for rejoining it
+    /// by external commit; [`FetchedGroupInfo::Unavailable`] while the
+    /// group's last Commit brought no GroupInfo. Only a member of the group
+    /// (an identity with a leaf in the node's current tree) may ask; anyone
+    /// else gets a [`capnp::ErrorKind::Failed`] exception.
+    pub async fn fetch_group_info(&self, group_id: &GroupId) -> Result<FetchedGroupInfo, ClientError> {
+        let mut request = self.delivery.fetch_group_info_request();
+        request.get().set_group_id(group_id.as_bytes());
+        let response = call(request.send().promise).await?;
+        Ok(FetchedGroupInfo::read(response.get()?.get_outcome()?)?)
     }
 
     /// Publishes a standalone `proposal` (made in `epoch` of `group_id`) to

@@ -3,8 +3,10 @@
 //!
 //! The protocol:
 //! 1. [`stage`] makes the change against the group as stored and saves the
-//!    publication (Commit, Welcome, their recipients and message ids) in the
-//!    outbox, in one transaction with the pending Commit.
+//!    publication (Commit, Welcome, their recipients and message ids, and
+//!    the GroupInfo of the epoch the Commit starts, which the node serves to
+//!    members who rejoin) in the outbox, in one transaction with the pending
+//!    Commit.
 //! 2. [`send_publication`] publishes it and settles it by the node's typed
 //!    answer: accepted → merge; conflict (another Commit won the epoch) →
 //!    discard; rate limited → wait as told and publish the same Commit
@@ -22,6 +24,13 @@
 //! [`change_group`] runs the whole thing for a command and, when another
 //! member's Commit won, catches up and makes the change again.
 //!
+//! [`rejoin`] brings back a group whose state we lost: from the group's
+//! GroupInfo and tree on the node it makes an external Commit that replaces
+//! our old leaf. openmls merges that Commit at once, so the outbox marks
+//! the publication as a rejoin: the node's answer keeps the group (and
+//! records it as ours) or deletes it again; a lost race is retried with the
+//! group's new state.
+//!
 //! Standalone proposals (a request to leave) go out with [`propose`]: the
 //! node checks them too and keeps them for the Commit that will reference
 //! them. One the node did not take is withdrawn from the group again, since
@@ -30,14 +39,14 @@
 use std::time::Duration;
 
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair};
-use quicnprotochat_proto::outcome::{CommitOutcome, ProposalOutcome};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedGroupInfo, ProposalOutcome};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
 use crate::error::ClientError;
 use crate::incoming;
 use crate::naming::{group_name, node_group_id, others};
 use crate::nodes::{Nodes, Patience, envelope};
-use crate::state::{Publication, Settlement, StateFile};
+use crate::state::{Publication, Settlement, StateError, StateFile};
 
 /// A group change built against the group's current state: a pending
 /// Commit, who gets it, and the Welcome for new members if any.
@@ -125,8 +134,77 @@ pub(crate) fn stage(
             epoch,
             commit: envelope(change.commit_to, change.commit),
             welcome: change.welcome.map(|(payload, to)| envelope(to, payload)),
+            // Made with the Commit and never again: saved so a resend
+            // carries it too.
+            group_info: group.pending_group_info().map(<[u8]>::to_vec),
+            rejoin: false,
         })
     })
+}
+
+/// Rejoins `group_id`, whose state we lost (or whose stored state is stale),
+/// by external commit from the group's current GroupInfo and tree on the
+/// node; returns the group in its new epoch. The node serves those only to
+/// a member and takes the Commit only as that member's rejoin. If another
+/// Commit won the epoch, the rejoin is undone and made again from the
+/// group's new state.
+pub(crate) async fn rejoin(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &GroupId,
+) -> Result<GroupMember, ClientError> {
+    let name = group_name(group_id.as_bytes());
+    let me = identity.public_key();
+    // An unanswered rejoin of an earlier run is settled first.
+    resume_publications(nodes, state, identity).await?;
+    let mut current_epoch = 0;
+    for attempt in 1..=CHANGE_ATTEMPTS {
+        let (group_info, ratchet_tree) = match nodes.delivery().fetch_group_info(group_id).await {
+            Ok(FetchedGroupInfo::State(current)) => (current.group_info, current.ratchet_tree),
+            Ok(FetchedGroupInfo::Unavailable) => return Err(ClientError::NoGroupInfo { group: name }),
+            // The node refuses anyone it knows no leaf of: decided by the
+            // exception's kind, never its text.
+            Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Failed => {
+                return Err(ClientError::RejoinRefused {
+                    group: name,
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let publication = state.stage_publication(|| -> Result<Publication, ClientError> {
+            let rejoined = GroupMember::rejoin(
+                &state.provider(),
+                identity,
+                group_id.as_bytes(),
+                &group_info,
+                &ratchet_tree,
+            )?;
+            Ok(Publication {
+                group_id: group_id.clone(),
+                epoch: rejoined.epoch,
+                commit: envelope(others(&rejoined.group, &me), rejoined.commit),
+                welcome: None,
+                group_info: Some(rejoined.group_info),
+                rejoin: true,
+            })
+        })?;
+        let mut group = GroupMember::load(&state.provider(), group_id.as_bytes())?
+            .ok_or(ClientError::Internal("a staged rejoin left no group"))?;
+        match send_publication(nodes, state, identity, &mut group, &publication).await? {
+            Settled::Merged => return Ok(group),
+            Settled::Lost { current_epoch: now } => {
+                current_epoch = now;
+                if attempt < CHANGE_ATTEMPTS {
+                    eprintln!(
+                        "{name} changed while you rejoined (now at epoch {now}); trying again from its new state"
+                    );
+                }
+            }
+        }
+    }
+    Err(ClientError::CommitConflict { current_epoch })
 }
 
 /// Publishes a staged change and settles it by the node's answer (see the
@@ -143,8 +221,9 @@ pub(crate) async fn send_publication(
     // The group's first change: the node has no state for the group yet.
     // Exported now from the group as stored (still in epoch 0, the Commit
     // pending), not saved with the publication, so a resend after a crash
-    // carries it as well; a node that already has the state ignores it.
-    let initial_state = if publication.epoch == 0 {
+    // carries it as well; a node that already has the state ignores it. A
+    // rejoin needs none: the node served the state it started from.
+    let initial_state = if publication.epoch == 0 && !publication.rejoin {
         Some(initial_state(state, identity, group, publication.epoch)?)
     } else {
         None
@@ -160,15 +239,16 @@ pub(crate) async fn send_publication(
                 &publication.commit,
                 publication.welcome.as_ref(),
                 initial_state.as_ref(),
+                publication.group_info.as_deref(),
             )
             .await;
         match answer {
             Ok(CommitOutcome::Accepted) => {
-                state.settle_publication(group_id, group, Settlement::Merge)?;
+                settle(state, publication, group, Settlement::Merge)?;
                 return Ok(Settled::Merged);
             }
             Ok(CommitOutcome::Conflict { current_epoch }) => {
-                state.settle_publication(group_id, group, Settlement::Discard)?;
+                settle(state, publication, group, Settlement::Discard)?;
                 return Ok(Settled::Lost { current_epoch });
             }
             Ok(CommitOutcome::RateLimited(limited)) => {
@@ -182,7 +262,7 @@ pub(crate) async fn send_publication(
             Ok(CommitOutcome::UnknownGroup) => {
                 // Nothing of this group can be published any more: drop
                 // the change so the group is at least readable as it was.
-                state.settle_publication(group_id, group, Settlement::Discard)?;
+                settle(state, publication, group, Settlement::Discard)?;
                 return Err(ClientError::GroupUnknownToNode {
                     group: group_name(group_id.as_bytes()),
                 });
@@ -201,11 +281,27 @@ pub(crate) async fn send_publication(
         }
     };
     // The node stored none of it: drop the change, the group stays as it was.
-    state.settle_publication(group_id, group, Settlement::Discard)?;
+    settle(state, publication, group, Settlement::Discard)?;
     Err(ClientError::ChangeRefused {
         group: group_name(group_id.as_bytes()),
         reason: Box::new(refusal),
     })
+}
+
+/// Settles `publication` by the node's answer: a change's pending Commit is
+/// merged or discarded; a rejoin's group (merged when it was made) is kept
+/// and recorded as ours, or deleted.
+fn settle(
+    state: &StateFile,
+    publication: &Publication,
+    group: &mut GroupMember,
+    settlement: Settlement,
+) -> Result<(), StateError> {
+    if publication.rejoin {
+        state.settle_rejoin(&publication.group_id, settlement)
+    } else {
+        state.settle_publication(&publication.group_id, group, settlement)
+    }
 }
 
 /// The group's public state in `epoch`, for the node, from the group as
@@ -250,10 +346,19 @@ pub(crate) async fn resume_publications(
     for publication in state.publications()? {
         let name = group_name(publication.group_id.as_bytes());
         match GroupMember::load(&state.provider(), publication.group_id.as_bytes())? {
-            Some(mut group) if group.has_pending_commit() => {
-                eprintln!("resending an unconfirmed change to {name}");
+            // A rejoin's Commit is merged already; a change's is pending.
+            Some(mut group) if publication.rejoin || group.has_pending_commit() => {
+                let what = if publication.rejoin {
+                    "your unconfirmed rejoin of"
+                } else {
+                    "an unconfirmed change to"
+                };
+                eprintln!("resending {what} {name}");
                 match send_publication(nodes, state, identity, &mut group, &publication).await? {
                     Settled::Merged => eprintln!("{name}: the node has it; now epoch {}", group.epoch()),
+                    Settled::Lost { current_epoch } if publication.rejoin => eprintln!(
+                        "{name}: another member's change won (the group is at epoch {current_epoch}); your rejoin was dropped: run `rejoin` again"
+                    ),
                     Settled::Lost { current_epoch } => eprintln!(
                         "{name}: another member's change won (the group is at epoch {current_epoch}); yours was dropped"
                     ),

@@ -666,6 +666,8 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
                     message_id: Some(b"answer-lost".to_vec()),
                 },
                 welcome: None,
+                group_info: group.pending_group_info().map(<[u8]>::to_vec),
+                rejoin: false,
             })
         })
         .unwrap();
@@ -673,7 +675,14 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     common::local(async {
         let client = node.connect_as(&identity).await;
         let outcome = client
-            .publish_commit(&publication.group_id, epoch, &publication.commit, None, None)
+            .publish_commit(
+                &publication.group_id,
+                epoch,
+                &publication.commit,
+                None,
+                None,
+                publication.group_info.as_deref(),
+            )
             .await
             .unwrap();
         assert_eq!(outcome, CommitOutcome::Accepted);

@@ -650,7 +650,7 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
         };
         let welcome = envelope(2, added.welcome.clone(), b"welcome");
         let started = winner
-            .publish_commit(&group_id, 0, &commit, Some(&welcome), Some(&state))
+            .publish_commit(&group_id, 0, &commit, Some(&welcome), Some(&state), None)
             .await
             .unwrap();
         assert_eq!(started, CommitOutcome::Accepted);
@@ -661,19 +661,19 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
         let first = creator.self_update(&one, &identity(1)).unwrap();
         let second = joiner.self_update(&two, &identity(2)).unwrap();
         let won = winner
-            .publish_commit(&group_id, 1, &envelope(2, first.clone(), b"a"), None, None)
+            .publish_commit(&group_id, 1, &envelope(2, first.clone(), b"a"), None, None, None)
             .await
             .unwrap();
         assert_eq!(won, CommitOutcome::Accepted);
         let lost = loser
-            .publish_commit(&group_id, 1, &envelope(1, second, b"b"), None, None)
+            .publish_commit(&group_id, 1, &envelope(1, second, b"b"), None, None, None)
             .await
             .unwrap();
         assert_eq!(lost, CommitOutcome::Conflict { current_epoch: 2 });
         // The winner's retry (same message id) is accepted again, and only
         // the winning Commit was queued.
         let again = winner
-            .publish_commit(&group_id, 1, &envelope(2, first.clone(), b"a"), None, None)
+            .publish_commit(&group_id, 1, &envelope(2, first.clone(), b"a"), None, None, None)
             .await
             .unwrap();
         assert_eq!(again, CommitOutcome::Accepted);

@@ -94,6 +94,8 @@ fn stage_unsent_update(member: &Member, recipients: &[&Member], tamper: impl FnO
                     message_id: Some(b"unsent".to_vec()),
                 },
                 welcome: None,
+                group_info: group.pending_group_info().map(<[u8]>::to_vec),
+                rejoin: false,
             })
         })
         .unwrap();

@@ -82,6 +82,14 @@ pub enum CoreError {
     #[error("we are no longer a member of this group")]
     NotAMember,
 
+    /// A rejoin was asked for a group whose stored state is already in the
+    /// group's current epoch and context: there is nothing to repair.
+    #[error("the group is already up to date here (epoch {epoch}); there is nothing to rejoin")]
+    UpToDate {
+        /// The group's epoch.
+        epoch: u64,
+    },
+
     /// The operation needs the group without a pending commit of our own.
     #[error("a commit of ours is pending: merge or discard it first")]
     CommitPending,

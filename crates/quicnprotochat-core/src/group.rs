@@ -10,9 +10,16 @@
 //! - every leaf's credential is a basic credential equal to its Ed25519
 //!   signature key (checked on join, on every commit and proposal);
 //! - a member may not change its identity in an Update or commit path;
-//! - only Add, Update, Remove and SelfRemove proposals are accepted;
+//! - only Add, Update, Remove and SelfRemove proposals are accepted (and the
+//!   ExternalInit of a rejoin, below);
 //! - our own commits stay pending until the caller merges them, so they are
-//!   applied only once the delivery service has accepted them;
+//!   applied only once the delivery service has accepted them; each comes
+//!   with the GroupInfo of the epoch it starts
+//!   ([`GroupMember::pending_group_info`]), which the delivery service keeps
+//!   for members who rejoin;
+//! - a commit from a non-member (an external commit) is accepted only as a
+//!   member's rejoin ([`GroupMember::rejoin`]): its new leaf has the identity
+//!   of the one leaf it removes, and it adds nobody;
 //! - handshake messages (commits, proposals) travel as MLS PublicMessages and
 //!   only PublicMessages are accepted for them; application messages are
 //!   always PrivateMessages.
@@ -36,8 +43,9 @@ use openmls::group::{
     WelcomeError,
 };
 use openmls::prelude::{
-    GroupId, LeafNodeIndex, LeafNodeParameters, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
-    ProcessedMessageContent, Proposal, ProtocolMessage, SenderRatchetConfiguration, WireFormat,
+    CommitBuilder, CommitMessageBundle, GroupId, Initial, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn,
+    MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage, RatchetTreeIn,
+    SenderRatchetConfiguration, WireFormat,
     tls_codec::{DeserializeBytes as _, Serialize as _},
 };
 use openmls::storage::OpenMlsProvider;
@@ -64,6 +72,10 @@ const MAX_FORWARD_DISTANCE: u32 = 1000;
 /// One member's view of one MLS group.
 pub struct GroupMember {
     group: MlsGroup,
+    /// The GroupInfo (a TLS-encoded `MlsMessage`) of the epoch our pending
+    /// commit starts, made with that commit. openmls does not store it, so
+    /// it lives only here: see [`Self::pending_group_info`].
+    pending_group_info: Option<Vec<u8>>,
 }
 
 /// The messages produced by [`GroupMember::add_members`].
@@ -73,6 +85,22 @@ pub struct AddedMembers {
     pub commit: Vec<u8>,
     /// The Welcome, a TLS-encoded `MlsMessage`, for all added members.
     pub welcome: Vec<u8>,
+}
+
+/// What [`GroupMember::rejoin`] made: the group, already in the new epoch,
+/// and the messages for the delivery service.
+#[derive(Debug)]
+pub struct Rejoined {
+    /// The group as we rejoined it, stored and at `epoch + 1`.
+    pub group: GroupMember,
+    /// The epoch the external Commit was made in (the GroupInfo's).
+    pub epoch: u64,
+    /// The external Commit, a TLS-encoded `MlsMessage` (a PublicMessage),
+    /// for every other member.
+    pub commit: Vec<u8>,
+    /// The GroupInfo of the epoch the Commit starts, signed by us, without
+    /// the ratchet tree extension, for the delivery service to serve.
+    pub group_info: Vec<u8>,
 }
 
 /// A group's public state in one epoch, for the delivery service: what
@@ -113,6 +141,15 @@ pub enum Received {
     /// [`GroupMember::delete`] it.
     Removed {
         /// The epoch the remaining members moved to.
+        epoch: u64,
+    },
+    /// A member who had lost its group state rejoined by external commit: its
+    /// old leaf is gone, a fresh one took its place, and the group moved on
+    /// to `epoch`.
+    Rejoined {
+        /// Who rejoined.
+        member: IdentityKey,
+        /// The new epoch.
         epoch: u64,
     },
     /// A standalone proposal, validated and stored. It takes effect with the
@@ -176,7 +213,7 @@ impl GroupMember {
             NewGroupError::StorageError(e) => CoreError::storage(e),
             e => CoreError::mls("creating the group")(e),
         })?;
-        Ok(Self { group })
+        Ok(Self::wrap(group))
     }
 
     /// Loads a group from `provider`'s storage; `None` if there is none with
@@ -184,7 +221,7 @@ impl GroupMember {
     pub fn load<P: OpenMlsProvider>(provider: &P, group_id: &[u8]) -> Result<Option<Self>, CoreError> {
         let group =
             MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id)).map_err(CoreError::storage)?;
-        Ok(group.map(|group| Self { group }))
+        Ok(group.map(Self::wrap))
     }
 
     /// Joins a group from a Welcome (a TLS-encoded `MlsMessage`).
@@ -226,7 +263,126 @@ impl GroupMember {
         let group = staged
             .into_group(provider)
             .map_err(welcome_error(Some(&group_id)))?;
-        Ok(Self { group })
+        Ok(Self::wrap(group))
+    }
+
+    /// Rejoins a group we are a member of but whose state we lost (e.g. a
+    /// restored backup), by external commit, from the group's current
+    /// `group_info` (a TLS-encoded `MlsMessage`, as the delivery service
+    /// serves it) and `ratchet_tree` (TLS-encoded; ignored if the GroupInfo
+    /// carries the tree itself).
+    ///
+    /// The commit removes our old leaf (the one with our identity) and puts
+    /// a fresh one in its place; other members accept exactly that from a
+    /// non-member (see the module docs). Unlike our other commits, openmls
+    /// merges it at once: the group is stored in the new epoch. If the
+    /// delivery service does not take the commit, [`Self::delete`] the group
+    /// again (or run this in a storage transaction and roll it back).
+    ///
+    /// Any state of this group already in storage is replaced: it is what
+    /// the rejoin repairs. Fails with [`CoreError::UpToDate`] instead if that
+    /// state is in the GroupInfo's epoch with the same group context (there
+    /// is nothing to repair), with [`CoreError::NotAMember`] if no leaf of
+    /// the tree has our identity, and with [`CoreError::WrongGroup`] if the
+    /// GroupInfo is for another group than `group_id`.
+    pub fn rejoin<P: OpenMlsProvider>(
+        provider: &P,
+        identity: &IdentityKeypair,
+        group_id: &[u8],
+        group_info: &[u8],
+        ratchet_tree: &[u8],
+    ) -> Result<Rejoined, CoreError> {
+        let message = decode(group_info)?;
+        let wire_format = message.wire_format();
+        let MlsMessageBodyIn::GroupInfo(group_info) = message.extract() else {
+            return Err(CoreError::UnexpectedMessage {
+                expected: "a GroupInfo",
+                got: format!("{wire_format:?}"),
+            });
+        };
+        if group_info.group_id().as_slice() != group_id {
+            return Err(CoreError::WrongGroup {
+                group: hex::encode(group_id),
+                message_group: hex::encode(group_info.group_id().as_slice()),
+            });
+        }
+        let tree = RatchetTreeIn::tls_deserialize_exact_bytes(ratchet_tree)
+            .map_err(|e| CoreError::MalformedMessage(format!("ratchet tree: {e}")))?;
+        {
+            // The tree openmls will use. Its signatures are checked while
+            // building; our identity rules and our own membership are
+            // checked here, before anything is written.
+            let used = group_info
+                .extensions()
+                .ratchet_tree()
+                .map_or(&tree, |extension| extension.ratchet_tree());
+            let me = identity.public_key();
+            let mut ours = false;
+            for leaf in used.leaves() {
+                ours |= checked_identity(leaf.credential(), leaf.signature_key().as_slice())? == me;
+            }
+            if !ours {
+                return Err(CoreError::NotAMember);
+            }
+        }
+
+        let mls_group_id = GroupId::from_slice(group_id);
+        let epoch = group_info.epoch().as_u64();
+        if let Some(mut stale) =
+            MlsGroup::load(provider.storage(), &mls_group_id).map_err(CoreError::storage)?
+        {
+            if stale.is_active() && stale.public_group().group_context() == group_info.group_context() {
+                return Err(CoreError::UpToDate { epoch });
+            }
+            // openmls would write the new state over the old one key by
+            // key; whatever the new state has no key for (past epochs'
+            // secrets, leftover proposals) must not survive.
+            stale.delete(provider.storage()).map_err(CoreError::storage)?;
+        }
+
+        let operation = "rejoining the group";
+        let (group, bundle) = MlsGroup::external_commit_builder()
+            .with_ratchet_tree(tree)
+            .with_config(join_config())
+            // As in `join`: leaves that never updated keep their KeyPackage
+            // lifetime, which must not lock a member out of its own group.
+            .skip_lifetime_validation()
+            .build_group(provider, group_info, identity.credential_with_key())
+            .map_err(CoreError::mls(operation))?
+            .load_psks(provider.storage())
+            .map_err(CoreError::mls(operation))?
+            // The delivery service serves the tree on its own.
+            .create_group_info(true)
+            .use_ratchet_tree_extension(false)
+            .build(provider.rand(), provider.crypto(), identity, |_| true)
+            .map_err(CoreError::mls(operation))?
+            .finalize(provider)
+            .map_err(CoreError::mls(operation))?;
+        let mut group = Self::wrap(group);
+        let encoded = encode(bundle.commit()).and_then(|commit| Ok((commit, encode_group_info(&bundle)?)));
+        match encoded {
+            Ok((commit, group_info)) => Ok(Rejoined {
+                group,
+                epoch,
+                commit,
+                group_info,
+            }),
+            Err(e) => {
+                // Nobody can ever see this commit; don't keep its state.
+                group
+                    .group
+                    .delete(provider.storage())
+                    .map_err(CoreError::storage)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn wrap(group: MlsGroup) -> Self {
+        Self {
+            group,
+            pending_group_info: None,
+        }
     }
 
     /// The group id.
@@ -334,17 +490,18 @@ impl GroupMember {
             validated.push(key_package);
         }
 
-        let (commit, welcome, _group_info) = self
-            .group
-            .add_members(provider, identity, &validated)
-            .map_err(CoreError::mls("adding members"))?;
-        let encoded = encode(&commit).and_then(|commit| Ok((commit, encode(&welcome)?)));
-        match encoded {
-            Ok((commit, welcome)) => Ok(AddedMembers { commit, welcome }),
-            Err(e) => {
-                // Nobody can ever see this commit; don't leave it pending.
+        let (commit, welcome) = self.stage_commit(provider, identity, "adding members", true, |builder| {
+            // As openmls' own `add_members`: fresh keys for us as well.
+            builder.propose_adds(validated).force_self_update(true)
+        })?;
+        match welcome {
+            Some(welcome) => Ok(AddedMembers { commit, welcome }),
+            None => {
                 self.discard_pending_commit(provider)?;
-                Err(e)
+                Err(CoreError::Mls {
+                    operation: "adding members",
+                    detail: "the commit came without a Welcome".into(),
+                })
             }
         }
     }
@@ -367,14 +524,10 @@ impl GroupMember {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let (commit, _welcome, _group_info) = self
-            .group
-            .remove_members(provider, identity, &indices)
-            .map_err(CoreError::mls("removing members"))?;
-        encode(&commit).or_else(|e| {
-            self.discard_pending_commit(provider)?;
-            Err(e)
-        })
+        let (commit, _) = self.stage_commit(provider, identity, "removing members", false, |builder| {
+            builder.propose_removals(indices)
+        })?;
+        Ok(commit)
     }
 
     /// Commits fresh leaf keys for ourselves (post-compromise security): after
@@ -387,14 +540,11 @@ impl GroupMember {
         identity: &IdentityKeypair,
     ) -> Result<Vec<u8>, CoreError> {
         self.ensure_can_commit()?;
-        let bundle = self
-            .group
-            .self_update(provider, identity, LeafNodeParameters::default())
-            .map_err(CoreError::mls("updating our leaf"))?;
-        encode(bundle.commit()).or_else(|e| {
-            self.discard_pending_commit(provider)?;
-            Err(e)
-        })
+        // A commit without proposals always has an update path: our fresh
+        // leaf. Pending proposals are included (the builder's default).
+        let (commit, _) =
+            self.stage_commit(provider, identity, "updating our leaf", false, |builder| builder)?;
+        Ok(commit)
     }
 
     /// Asks the group to remove us: returns a Remove proposal (a TLS-encoded
@@ -479,14 +629,72 @@ impl GroupMember {
         identity: &IdentityKeypair,
     ) -> Result<Vec<u8>, CoreError> {
         self.ensure_can_commit()?;
-        let (commit, _welcome, _group_info) = self
-            .group
-            .commit_to_pending_proposals(provider, identity)
-            .map_err(CoreError::mls("committing pending proposals"))?;
-        encode(&commit).or_else(|e| {
-            self.discard_pending_commit(provider)?;
-            Err(e)
-        })
+        let (commit, _) = self.stage_commit(
+            provider,
+            identity,
+            "committing pending proposals",
+            false,
+            |builder| builder.consume_proposal_store(true),
+        )?;
+        Ok(commit)
+    }
+
+    /// The GroupInfo of the epoch our pending commit starts (a TLS-encoded
+    /// `MlsMessage`, signed by us), made with the commit, for the delivery
+    /// service to check and serve to members who rejoin. It carries the
+    /// ratchet tree only if the commit adds members (openmls puts the same
+    /// extensions in the Welcome's GroupInfo and this one, and joiners take
+    /// the tree from the Welcome).
+    ///
+    /// Only the `GroupMember` that made the commit has it: openmls does not
+    /// store it, so a group loaded again has none. Save it with the commit
+    /// if it may be sent again later.
+    pub fn pending_group_info(&self) -> Option<&[u8]> {
+        self.pending_group_info.as_deref()
+    }
+
+    /// Builds a commit with the proposals `propose` adds, leaves it pending
+    /// and keeps the GroupInfo of the epoch it starts; returns the Commit
+    /// and, with `welcome`, the Welcome (TLS-encoded `MlsMessage`s).
+    fn stage_commit<P: OpenMlsProvider>(
+        &mut self,
+        provider: &P,
+        identity: &IdentityKeypair,
+        operation: &'static str,
+        welcome: bool,
+        propose: impl for<'a> FnOnce(CommitBuilder<'a, Initial>) -> CommitBuilder<'a, Initial>,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), CoreError> {
+        let bundle = propose(self.group.commit_builder())
+            .load_psks(provider.storage())
+            .map_err(CoreError::mls(operation))?
+            .create_group_info(true)
+            // A Welcome must carry the tree (joiners have no other source);
+            // otherwise the GroupInfo goes without it, as the delivery
+            // service serves the tree on its own.
+            .use_ratchet_tree_extension(welcome)
+            .build(provider.rand(), provider.crypto(), identity, |_| true)
+            .map_err(CoreError::mls(operation))?
+            .stage_commit(provider)
+            .map_err(CoreError::mls(operation))?;
+        let encoded = (|| {
+            let commit = encode(bundle.commit())?;
+            let welcome = match bundle.to_welcome_msg() {
+                Some(message) if welcome => Some(encode(&message)?),
+                _ => None,
+            };
+            Ok((commit, welcome, encode_group_info(&bundle)?))
+        })();
+        match encoded {
+            Ok((commit, welcome, group_info)) => {
+                self.pending_group_info = Some(group_info);
+                Ok((commit, welcome))
+            }
+            Err(e) => {
+                // Nobody can ever see this commit; don't leave it pending.
+                self.discard_pending_commit(provider)?;
+                Err(e)
+            }
+        }
     }
 
     /// Applies our pending commit: the group moves to the next epoch.
@@ -497,7 +705,9 @@ impl GroupMember {
         }
         self.group
             .merge_pending_commit(provider)
-            .map_err(CoreError::mls("merging our commit"))
+            .map_err(CoreError::mls("merging our commit"))?;
+        self.pending_group_info = None;
+        Ok(())
     }
 
     /// Throws our pending commit away; the group stays in its current epoch
@@ -506,7 +716,9 @@ impl GroupMember {
     pub fn discard_pending_commit<P: OpenMlsProvider>(&mut self, provider: &P) -> Result<(), CoreError> {
         self.group
             .clear_pending_commit(provider.storage())
-            .map_err(CoreError::storage)
+            .map_err(CoreError::storage)?;
+        self.pending_group_info = None;
+        Ok(())
     }
 
     /// Encrypts an application message for the group, returned as a
@@ -600,16 +812,18 @@ impl GroupMember {
                 Ok(Received::Proposal)
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                self.check_commit(&sender, &staged)?;
+                let rejoined = self.check_commit(&sender, &staged)?;
                 let removed = staged.self_removed();
                 self.group
                     .merge_staged_commit(provider, *staged)
                     .map_err(CoreError::mls("merging a commit"))?;
+                // Merging another's commit dropped any pending one of ours.
+                self.pending_group_info = None;
                 let epoch = self.epoch();
-                Ok(if removed {
-                    Received::Removed { epoch }
-                } else {
-                    Received::Commit { epoch }
+                Ok(match rejoined {
+                    _ if removed => Received::Removed { epoch },
+                    Some(member) => Received::Rejoined { member, epoch },
+                    None => Received::Commit { epoch },
                 })
             }
             ProcessedMessageContent::OwnPrivateMessage | ProcessedMessageContent::OwnPendingCommit => {
@@ -667,26 +881,72 @@ impl GroupMember {
     }
 
     /// Our policy for another member's commit, checked before merging.
-    fn check_commit(&self, sender: &Sender, staged: &StagedCommit) -> Result<(), CoreError> {
+    /// Returns who rejoined, for a member's rejoin.
+    fn check_commit(&self, sender: &Sender, staged: &StagedCommit) -> Result<Option<IdentityKey>, CoreError> {
         for queued in staged.queued_proposals() {
             self.check_proposal(queued.sender(), queued.proposal())?;
         }
-        if let Some(leaf) = staged.update_path_leaf_node() {
-            let new = leaf_identity(leaf)?;
-            let Sender::Member(index) = sender else {
-                return Err(CoreError::Rejected {
-                    what: "commit",
-                    reason: "commits from non-members are not supported".into(),
-                });
-            };
-            if new != self.identity_at(*index)? {
-                return Err(CoreError::Rejected {
+        let new = staged.update_path_leaf_node().map(leaf_identity).transpose()?;
+        match sender {
+            Sender::Member(index) => match new {
+                Some(new) if new != self.identity_at(*index)? => Err(CoreError::Rejected {
                     what: "commit",
                     reason: "the committer changed its identity".into(),
-                });
+                }),
+                _ => Ok(None),
+            },
+            Sender::NewMemberCommit => {
+                // openmls requires an external commit to have a path.
+                let joiner = new.ok_or_else(|| CoreError::Rejected {
+                    what: "commit",
+                    reason: "an external commit without a new leaf".into(),
+                })?;
+                self.check_rejoin(&joiner, staged)?;
+                Ok(Some(joiner))
+            }
+            _ => Err(CoreError::Rejected {
+                what: "commit",
+                reason: "commits from non-members are not supported".into(),
+            }),
+        }
+    }
+
+    /// An external commit is accepted only as a member's rejoin (resync):
+    /// it removes the one leaf with the joiner's identity and nobody else,
+    /// and adds nobody. A stranger holding a GroupInfo gets nowhere, and
+    /// the delivery service applies the same rule.
+    fn check_rejoin(&self, joiner: &IdentityKey, staged: &StagedCommit) -> Result<(), CoreError> {
+        let refuse = |reason: &str| CoreError::Rejected {
+            what: "commit",
+            reason: format!("an external commit is accepted only as a member's rejoin: {reason}"),
+        };
+        let mut removes_old_leaf = false;
+        for queued in staged.queued_proposals() {
+            match queued.proposal() {
+                Proposal::ExternalInit(_) => {}
+                Proposal::Remove(remove) => {
+                    if self.identity_at(remove.removed())? != *joiner {
+                        return Err(refuse("it removes another member"));
+                    }
+                    removes_old_leaf = true;
+                }
+                // Another member's stored request to leave, which an
+                // external commit may cover (the delivery service allows
+                // it too).
+                Proposal::SelfRemove if matches!(queued.sender(), Sender::Member(_)) => {}
+                other => {
+                    return Err(refuse(&format!(
+                        "it carries a {:?} proposal",
+                        other.proposal_type()
+                    )));
+                }
             }
         }
-        Ok(())
+        if removes_old_leaf {
+            Ok(())
+        } else {
+            Err(refuse("it does not remove the joiner's old leaf"))
+        }
     }
 
     /// Our policy for a proposal, standalone or inside a commit.
@@ -711,6 +971,8 @@ impl GroupMember {
                 }
             }
             Proposal::Remove(_) | Proposal::SelfRemove => Ok(()),
+            // Only an external commit carries one; `check_rejoin` decides.
+            Proposal::ExternalInit(_) if *sender == Sender::NewMemberCommit => Ok(()),
             other => Err(CoreError::Rejected {
                 what: "proposal",
                 reason: format!("{:?} proposals are not supported", other.proposal_type()),
@@ -789,6 +1051,15 @@ fn encode(message: &MlsMessageOut) -> Result<Vec<u8>, CoreError> {
     message.to_bytes().map_err(CoreError::mls("encoding a message"))
 }
 
+/// The new epoch's GroupInfo of a commit built with `create_group_info`.
+fn encode_group_info(bundle: &CommitMessageBundle) -> Result<Vec<u8>, CoreError> {
+    let group_info = bundle.group_info().cloned().ok_or_else(|| CoreError::Mls {
+        operation: "exporting the GroupInfo",
+        detail: "the commit came without one".into(),
+    })?;
+    encode(&MlsMessageOut::from(group_info))
+}
+
 fn into_protocol_message(
     message: MlsMessageIn,
     expected: &'static str,
@@ -817,7 +1088,7 @@ fn welcome_error<E: fmt::Display>(group_id: Option<&[u8]>) -> impl FnOnce(Welcom
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use openmls::prelude::{BasicCredential, CredentialWithKey, KeyPackage};
+    use openmls::prelude::{BasicCredential, CredentialWithKey, KeyPackage, LeafNodeParameters};
     use openmls_rust_crypto::OpenMlsRustCrypto;
     use openmls_traits::OpenMlsProvider as _;
 
@@ -1909,5 +2180,288 @@ mod tests {
                 .unwrap_err(),
             CoreError::NotAMember
         );
+    }
+
+    /// The GroupInfo in `bytes` (a TLS-encoded `MlsMessage`).
+    fn group_info_of(bytes: &[u8]) -> openmls::messages::group_info::VerifiableGroupInfo {
+        let MlsMessageBodyIn::GroupInfo(info) = decode(bytes).unwrap().extract() else {
+            panic!("not a GroupInfo");
+        };
+        info
+    }
+
+    /// Whether `info` is signed by `signer`, as the node checks it.
+    fn signed_by(info: &openmls::messages::group_info::VerifiableGroupInfo, signer: &Client) -> bool {
+        use openmls::prelude::{
+            OpenMlsSignaturePublicKey, SignaturePublicKey, SignatureScheme, Verifiable as _,
+        };
+
+        let key = OpenMlsSignaturePublicKey::from_signature_key(
+            SignaturePublicKey::from(signer.key().as_bytes().to_vec()),
+            SignatureScheme::ED25519,
+        );
+        info.clone().verify_no_out(signer.provider.crypto(), &key).is_ok()
+    }
+
+    /// The same identity with empty storage: a member who lost its state.
+    fn restored(client: &Client) -> Client {
+        Client {
+            provider: OpenMlsRustCrypto::default(),
+            identity: IdentityKeypair::from_secret_bytes(&client.identity.secret_bytes()),
+        }
+    }
+
+    /// The GroupInfo `committer`'s self-update brought and the tree after
+    /// it, as the node serves them; the update is merged and returned.
+    fn update_with_group_info(committer: &Client, group: &mut GroupMember) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let update = group
+            .self_update(&committer.provider, &committer.identity)
+            .unwrap();
+        let group_info = group.pending_group_info().unwrap().to_vec();
+        group.merge_pending_commit(&committer.provider).unwrap();
+        let tree = group
+            .export_public_state(&committer.provider, &committer.identity)
+            .unwrap()
+            .ratchet_tree;
+        (update, group_info, tree)
+    }
+
+    #[test]
+    fn every_commit_comes_with_the_group_info_of_the_epoch_it_starts() {
+        let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
+        let mut a = alice.create();
+        assert_eq!(a.pending_group_info(), None);
+
+        // An add: the Welcome needs the tree, and openmls gives this
+        // GroupInfo the same extensions.
+        let added = a
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[bob.key_package(), carol.key_package()],
+            )
+            .unwrap();
+        let info = group_info_of(a.pending_group_info().unwrap());
+        assert_eq!(info.epoch().as_u64(), 1);
+        assert!(info.extensions().ratchet_tree().is_some());
+        assert!(
+            GroupMember::load(&alice.provider, GROUP_ID)
+                .unwrap()
+                .unwrap()
+                .pending_group_info()
+                .is_none(),
+            "not stored"
+        );
+        a.merge_pending_commit(&alice.provider).unwrap();
+        assert_eq!(a.pending_group_info(), None);
+        assert_eq!(info.group_context(), a.group.public_group().group_context());
+        assert!(signed_by(&info, &alice));
+        let (mut b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+
+        // Commits without a Welcome: without the tree.
+        let update = b.self_update(&bob.provider, &bob.identity).unwrap();
+        let info = group_info_of(b.pending_group_info().unwrap());
+        assert!(info.extensions().ratchet_tree().is_none());
+        assert!(info.extensions().external_pub().is_some(), "for rejoins");
+        b.merge_pending_commit(&bob.provider).unwrap();
+        assert_eq!(info.group_context(), b.group.public_group().group_context());
+        assert!(signed_by(&info, &bob) && !signed_by(&info, &alice));
+        alice.receive(&mut a, &update);
+        carol.receive(&mut c, &update);
+
+        let leave = c.leave(&carol.provider, &carol.identity).unwrap();
+        alice.receive(&mut a, &leave);
+        a.commit_pending_proposals(&alice.provider, &alice.identity)
+            .unwrap();
+        let info = group_info_of(a.pending_group_info().unwrap());
+        assert_eq!(info.epoch().as_u64(), 3);
+        assert!(info.extensions().ratchet_tree().is_none());
+        a.discard_pending_commit(&alice.provider).unwrap();
+        assert_eq!(a.pending_group_info(), None, "goes with the commit");
+
+        a.remove_members(&alice.provider, &alice.identity, &[bob.key()])
+            .unwrap();
+        let info = group_info_of(a.pending_group_info().unwrap());
+        a.merge_pending_commit(&alice.provider).unwrap();
+        assert_eq!(info.group_context(), a.group.public_group().group_context());
+        assert_eq!(a.members(), vec![alice.key()], "the Remove covered Carol's leave");
+    }
+
+    #[test]
+    fn a_member_who_lost_its_state_rejoins_and_everyone_reads() {
+        let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
+        let mut a = alice.create();
+        let added = alice.add(&mut a, &[&bob, &carol]);
+        let (mut old_b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+        let (update, group_info, tree) = update_with_group_info(&alice, &mut a);
+        bob.receive(&mut old_b, &update);
+        carol.receive(&mut c, &update);
+
+        let new_bob = restored(&bob);
+        let rejoined =
+            GroupMember::rejoin(&new_bob.provider, &new_bob.identity, GROUP_ID, &group_info, &tree).unwrap();
+        assert_eq!(rejoined.epoch, 2);
+        assert_eq!(wire_format(&rejoined.commit), WireFormat::PublicMessage);
+        let mut b = rejoined.group;
+        assert_eq!(b.epoch(), 3);
+        assert!(!b.has_pending_commit(), "openmls merged it");
+        let info = group_info_of(&rejoined.group_info);
+        assert_eq!(info.epoch().as_u64(), 3);
+        assert!(info.extensions().ratchet_tree().is_none());
+        assert_eq!(info.group_context(), b.group.public_group().group_context());
+        assert!(signed_by(&info, &bob));
+
+        let rejoin = Received::Rejoined {
+            member: bob.key(),
+            epoch: 3,
+        };
+        assert_eq!(alice.receive(&mut a, &rejoined.commit), rejoin);
+        assert_eq!(carol.receive(&mut c, &rejoined.commit), rejoin);
+        // A device still holding the old leaf learns it was replaced.
+        assert_eq!(
+            bob.receive(&mut old_b, &rejoined.commit),
+            Received::Removed { epoch: 3 }
+        );
+        assert_eq!(a.members(), vec![alice.key(), bob.key(), carol.key()]);
+        assert_eq!(b.members(), a.members());
+        assert_eq!(c.members(), a.members());
+
+        let message = alice.send(&mut a, "welcome back");
+        assert_eq!(
+            new_bob.receive(&mut b, &message),
+            application(&alice, "welcome back")
+        );
+        assert_eq!(
+            carol.receive(&mut c, &message),
+            application(&alice, "welcome back")
+        );
+        let reply = new_bob.send(&mut b, "thanks");
+        assert_eq!(alice.receive(&mut a, &reply), application(&bob, "thanks"));
+        assert_eq!(carol.receive(&mut c, &reply), application(&bob, "thanks"));
+
+        // The rejoined member commits like any other.
+        let update = b.self_update(&new_bob.provider, &new_bob.identity).unwrap();
+        b.merge_pending_commit(&new_bob.provider).unwrap();
+        assert_eq!(alice.receive(&mut a, &update), Received::Commit { epoch: 4 });
+        assert_eq!(carol.receive(&mut c, &update), Received::Commit { epoch: 4 });
+    }
+
+    #[test]
+    fn rejoining_replaces_a_stale_state_but_not_an_up_to_date_one() {
+        let (alice, mut a, bob, _) = alice_and_bob();
+        // Bob misses Alice's update: his state is stuck in epoch 1.
+        let (_, group_info, tree) = update_with_group_info(&alice, &mut a);
+
+        assert_eq!(
+            GroupMember::rejoin(&alice.provider, &alice.identity, GROUP_ID, &group_info, &tree).unwrap_err(),
+            CoreError::UpToDate { epoch: 2 }
+        );
+        assert_eq!(
+            GroupMember::load(&alice.provider, GROUP_ID)
+                .unwrap()
+                .unwrap()
+                .epoch(),
+            2
+        );
+
+        let rejoined =
+            GroupMember::rejoin(&bob.provider, &bob.identity, GROUP_ID, &group_info, &tree).unwrap();
+        assert_eq!(
+            alice.receive(&mut a, &rejoined.commit),
+            Received::Rejoined {
+                member: bob.key(),
+                epoch: 3
+            }
+        );
+        let mut b = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
+        assert_eq!(b.epoch(), 3);
+        let message = alice.send(&mut a, "in sync again");
+        assert_eq!(
+            bob.receive(&mut b, &message),
+            application(&alice, "in sync again")
+        );
+    }
+
+    #[test]
+    fn a_stranger_can_neither_rejoin_nor_join_by_external_commit() {
+        let (alice, mut a, bob, mut b) = alice_and_bob();
+        let (update, group_info, tree) = update_with_group_info(&alice, &mut a);
+        let stranger = Client::new();
+        assert_eq!(
+            GroupMember::rejoin(
+                &stranger.provider,
+                &stranger.identity,
+                GROUP_ID,
+                &group_info,
+                &tree
+            )
+            .unwrap_err(),
+            CoreError::NotAMember
+        );
+        assert!(GroupMember::load(&stranger.provider, GROUP_ID).unwrap().is_none());
+
+        // With openmls alone, the stranger's external commit adds it and
+        // removes nobody: refused.
+        let (_, bundle) = MlsGroup::external_commit_builder()
+            .with_ratchet_tree(RatchetTreeIn::tls_deserialize_exact_bytes(&tree).unwrap())
+            .with_config(join_config())
+            .build_group(
+                &stranger.provider,
+                group_info_of(&group_info),
+                stranger.identity.credential_with_key(),
+            )
+            .unwrap()
+            .load_psks(stranger.provider.storage())
+            .unwrap()
+            .build(
+                stranger.provider.rand(),
+                stranger.provider.crypto(),
+                &stranger.identity,
+                |_| true,
+            )
+            .unwrap()
+            .finalize(&stranger.provider)
+            .unwrap();
+        let commit = bundle.commit().to_bytes().unwrap();
+        let err = a.receive(&alice.provider, &commit).unwrap_err();
+        assert!(
+            matches!(&err, CoreError::Rejected { reason, .. } if reason.contains("does not remove")),
+            "{err}"
+        );
+        assert_eq!(a.epoch(), 2);
+        assert_eq!(a.members(), vec![alice.key(), bob.key()]);
+        assert_eq!(bob.receive(&mut b, &update), Received::Commit { epoch: 2 });
+        let message = alice.send(&mut a, "still just us");
+        assert_eq!(
+            bob.receive(&mut b, &message),
+            application(&alice, "still just us")
+        );
+    }
+
+    #[test]
+    fn rejoin_refuses_what_is_not_this_groups_group_info() {
+        let (alice, mut a, bob, _) = alice_and_bob();
+        let (update, group_info, tree) = update_with_group_info(&alice, &mut a);
+        let bob = restored(&bob);
+        let rejoin = |group_id: &[u8], group_info: &[u8], tree: &[u8]| {
+            GroupMember::rejoin(&bob.provider, &bob.identity, group_id, group_info, tree).unwrap_err()
+        };
+        assert!(matches!(
+            rejoin(b"another-group", &group_info, &tree),
+            CoreError::WrongGroup { .. }
+        ));
+        assert!(matches!(
+            rejoin(GROUP_ID, &update, &tree),
+            CoreError::UnexpectedMessage { .. }
+        ));
+        assert!(matches!(
+            rejoin(GROUP_ID, b"garbage", &tree),
+            CoreError::MalformedMessage(_)
+        ));
+        assert!(matches!(
+            rejoin(GROUP_ID, &group_info, b"garbage"),
+            CoreError::MalformedMessage(_)
+        ));
+        assert!(GroupMember::load(&bob.provider, GROUP_ID).unwrap().is_none());
     }
 }

@@ -11,7 +11,7 @@
 //! - [`identity`] — [`IdentityKey`] (a user is an Ed25519 public key) and its signing [`IdentityKeypair`].
 //! - [`ids`] — [`Seq`], [`GroupId`] and [`QueuedMessage`]: identifiers the node and clients share.
 //! - [`key_package`] — generating KeyPackages and validating uploaded ones.
-//! - [`group`] — [`GroupMember`] (create, join, add, send, receive) and [`classify`] for routing.
+//! - [`group`] — [`GroupMember`] (create, join, rejoin, add, send, receive) and [`classify`] for routing.
 //! - [`public_view`] — [`PublicView`]: a group's public state as the node
 //!   keeps it, checking Commits and proposals (RFC 9750).
 //! - [`error`] — [`CoreError`].
@@ -26,7 +26,9 @@ pub mod public_view;
 use openmls_traits::types::Ciphersuite;
 
 pub use error::CoreError;
-pub use group::{AddedMembers, GroupMember, Incoming, MessageKind, PublicState, Received, classify};
+pub use group::{
+    AddedMembers, GroupMember, Incoming, MessageKind, PublicState, Received, Rejoined, classify,
+};
 pub use identity::{IdentityKey, IdentityKeypair};
 pub use ids::{GroupId, QueuedMessage, Seq};
 pub use key_package::{

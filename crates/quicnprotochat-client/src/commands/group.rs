@@ -1,5 +1,5 @@
 //! Group management: `create-group`, `invite`, `remove`, `update`, `leave`,
-//! and the read-only `groups`, `members`, `history`.
+//! `rejoin`, and the read-only `groups`, `members`, `history`.
 //!
 //! Every change is a Commit (or, for `leave`, a proposal) that the node
 //! checks against the group's public state. A Commit stays pending until
@@ -10,14 +10,16 @@
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use quicnprotochat_core::GroupMember;
+use quicnprotochat_core::{CoreError, GroupMember};
 
 use super::node::fetch_verified_key_package;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
-use crate::naming::{group_name, load_group, member_name, new_group_id, others, resolve_peers};
+use crate::naming::{
+    group_name, load_group, member_name, new_group_id, others, rejoin_group_id, resolve_peers,
+};
 use crate::nodes::Nodes;
-use crate::publish::{Change, change_group, propose};
+use crate::publish::{self, Change, change_group, propose};
 use crate::state::{Direction, StateFile};
 
 /// `create-group`: a new group with us as its only member.
@@ -198,6 +200,31 @@ pub(crate) async fn leave(
         "asked to leave {}; a remaining member removes you on their next `recv`",
         group_name(&group_id)
     );
+    nodes.close().await;
+    Ok(())
+}
+
+/// `rejoin`: brings back a group whose state this client lost (or holds
+/// only in a stale form), by external commit from the group's state on the
+/// node. Only an identity that still owns a leaf of the group may.
+pub(crate) async fn rejoin(args: &ConnectionArgs, path: &Path, group_id: &str) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let identity = state.identity()?;
+    let group_id = rejoin_group_id(&state, group_id)?;
+    let name = group_name(group_id.as_bytes());
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    match publish::rejoin(&nodes, &state, &identity, &group_id).await {
+        Ok(group) => eprintln!(
+            "rejoined {name}: epoch {}, {} members",
+            group.epoch(),
+            group.members().len()
+        ),
+        // Not a failure: what the user wanted is already the case.
+        Err(ClientError::Core(CoreError::UpToDate { epoch })) => {
+            eprintln!("{name} is up to date here (epoch {epoch}); there is nothing to rejoin")
+        }
+        Err(e) => return Err(e),
+    }
     nodes.close().await;
     Ok(())
 }

@@ -11,7 +11,8 @@
 //! - `node` — stateless commands: ping, register, fetch-key.
 //! - `demo` — demo-group.
 //! - `identity` — register-state, whoami, contacts.
-//! - `group` — create-group, invite, remove, update, leave, groups, members, history.
+//! - `group` — create-group, invite, remove, update, leave, rejoin, groups, members,
+//!   history.
 //! - `messages` — send, recv, join.
 
 mod demo;
@@ -51,6 +52,7 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Leave { state, group_id } => {
             group::leave(connection, &state.state, group_id.as_deref()).await
         }
+        Command::Rejoin { state, group_id } => group::rejoin(connection, &state.state, &group_id).await,
         Command::Groups(state) => group::groups(&state.state),
         Command::Members { state, group_id } => group::members(&state.state, group_id.as_deref()),
         Command::History { state, group_id } => group::history(&state.state, group_id.as_deref()),

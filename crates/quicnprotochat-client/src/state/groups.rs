@@ -1,5 +1,5 @@
 //! The groups this client is in, and the current group (the one commands
-//! use when no `--group-id` is given).
+//! use when no `--group-id` is given); creating, leaving and rejoining one.
 
 use quicnprotochat_core::{GroupMember, IdentityKeypair};
 use rusqlite::{OptionalExtension, params};
@@ -59,9 +59,26 @@ impl StateFile {
              ON CONFLICT (group_id) DO UPDATE SET last_used = excluded.last_used, left_at = NULL",
             params![group_id, now],
         )?;
-        if !make_current {
-            return Ok(());
+        if make_current {
+            self.make_current(group_id)?;
         }
+        Ok(())
+    }
+
+    /// Records that we rejoined `group_id` and makes it the current group:
+    /// a record left from before (e.g. in a restored backup) is replaced,
+    /// as if we had just joined.
+    pub fn record_rejoined_group(&self, group_id: &[u8]) -> Result<(), StateError> {
+        self.connection.execute(
+            "INSERT INTO groups (group_id, joined_at, last_used) VALUES (?1, ?2, ?2)
+             ON CONFLICT (group_id) DO UPDATE SET joined_at = excluded.joined_at,
+                 last_used = excluded.last_used, left_at = NULL",
+            params![group_id, unix_now()],
+        )?;
+        self.make_current(group_id)
+    }
+
+    fn make_current(&self, group_id: &[u8]) -> Result<(), StateError> {
         self.connection.execute(
             "INSERT INTO settings (key, value) VALUES ('current_group', ?1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -12,13 +12,14 @@
 //! # Layout
 //! - `provider` — the OpenMLS provider over the state file's connection.
 //! - `schema` — our tables' numbered migrations and the ownership check.
-//! - `groups` — the groups we are in and the current group; creating and
-//!   leaving one.
+//! - `groups` — the groups we are in and the current group; creating,
+//!   leaving and rejoining one.
 //! - `inbox` — fetched payloads waiting to be processed, each applied and
 //!   removed in one transaction.
 //! - `outbox` — group changes staged or sent whose answer has not come yet:
-//!   staged with their pending Commit, settled (merged or discarded) by the
-//!   node's answer.
+//!   staged with their pending Commit and the new epoch's GroupInfo,
+//!   settled (merged or discarded) by the node's answer; rejoins, kept or
+//!   deleted by it.
 //! - `key_packages` — KeyPackages made with their private keys stored.
 //! - `contacts` — names for identity keys.
 //! - `history` — sent and received application messages.

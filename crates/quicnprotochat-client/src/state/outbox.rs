@@ -1,7 +1,13 @@
-//! The outbox: a group change (Commit and Welcome) staged for the node, or
-//! handed to it without an answer yet. Its Commit stays pending in MLS
-//! until the answer settles it; a later command resends it with the same
-//! message ids, which the node stores at most once.
+//! The outbox: a group change (Commit, Welcome and the new epoch's
+//! GroupInfo) staged for the node, or handed to it without an answer yet.
+//! Its Commit stays pending in MLS until the answer settles it; a later
+//! command resends it with the same message ids, which the node stores at
+//! most once.
+//!
+//! A rejoin is the exception: openmls merges an external Commit as it makes
+//! it, so its group is already in the new epoch while the publication
+//! waits; the answer either keeps the group (recording it as ours) or
+//! deletes it again.
 
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
 use quicnprotochat_proto::wire::Envelope;
@@ -20,6 +26,13 @@ pub struct Publication {
     pub commit: Envelope,
     /// The Welcome, if any.
     pub welcome: Option<Envelope>,
+    /// The GroupInfo of the epoch the Commit starts, for the node to serve
+    /// to members who rejoin; `None` only for changes staged by a client
+    /// that made none.
+    pub group_info: Option<Vec<u8>>,
+    /// Whether this is our rejoin of the group: its external Commit is
+    /// already merged (see the module docs).
+    pub rejoin: bool,
 }
 
 /// What the node's answer did to a staged change.
@@ -65,13 +78,32 @@ impl StateFile {
         })
     }
 
+    /// Settles our rejoin of `group` by the node's answer: on
+    /// [`Settlement::Merge`] the group (merged when the rejoin was made) is
+    /// recorded as ours and becomes the current group; on
+    /// [`Settlement::Discard`] its state is deleted again. Forgets the
+    /// publication, in the same transaction.
+    pub fn settle_rejoin(&self, group_id: &GroupId, settlement: Settlement) -> Result<(), StateError> {
+        self.atomically(|| {
+            match settlement {
+                Settlement::Merge => self.record_rejoined_group(group_id.as_bytes())?,
+                Settlement::Discard => {
+                    if let Some(group) = GroupMember::load(&self.provider(), group_id.as_bytes())? {
+                        group.delete(&self.provider())?;
+                    }
+                }
+            }
+            self.forget_publication(group_id)
+        })
+    }
+
     /// Remembers a change before it is sent.
     pub fn save_publication(&self, publication: &Publication) -> Result<(), StateError> {
         let welcome = publication.welcome.as_ref();
         self.connection.execute(
             "INSERT OR REPLACE INTO outbox (group_id, epoch, commit_payload, commit_to, commit_id,
-                 welcome_payload, welcome_to, welcome_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 welcome_payload, welcome_to, welcome_id, group_info, rejoin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 publication.group_id.as_bytes(),
                 i64::try_from(publication.epoch).unwrap_or(i64::MAX),
@@ -81,6 +113,8 @@ impl StateFile {
                 welcome.map(|w| w.payload.clone()),
                 welcome.map(|w| keys(&w.recipients)),
                 welcome.and_then(|w| w.message_id.clone()),
+                publication.group_info,
+                publication.rejoin,
             ],
         )?;
         Ok(())
@@ -120,11 +154,14 @@ impl StateFile {
             Option<Vec<u8>>,
             Option<Vec<u8>>,
             Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            bool,
         );
         let row: Option<Row> = self
             .connection
             .query_row(
-                "SELECT epoch, commit_payload, commit_to, commit_id, welcome_payload, welcome_to, welcome_id
+                "SELECT epoch, commit_payload, commit_to, commit_id, welcome_payload, welcome_to, welcome_id,
+                     group_info, rejoin
                  FROM outbox WHERE group_id = ?1",
                 params![group_id.as_bytes()],
                 |row| {
@@ -136,11 +173,15 @@ impl StateFile {
                         row.get(4)?,
                         row.get(5)?,
                         row.get(6)?,
+                        row.get(7)?,
+                        row.get(8)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((epoch, commit, commit_to, commit_id, welcome, welcome_to, welcome_id)) = row else {
+        let Some((epoch, commit, commit_to, commit_id, welcome, welcome_to, welcome_id, group_info, rejoin)) =
+            row
+        else {
             return Ok(None);
         };
         let welcome = match (welcome, welcome_to) {
@@ -160,6 +201,8 @@ impl StateFile {
                 message_id: Some(commit_id),
             },
             welcome,
+            group_info,
+            rejoin,
         }))
     }
 }

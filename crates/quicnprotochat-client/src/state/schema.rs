@@ -64,6 +64,11 @@ const MIGRATIONS: &[&str] = &[
          welcome_to BLOB,
          welcome_id BLOB
      );",
+    // V4: the GroupInfo of the epoch each Commit starts, which the node
+    // serves to members who rejoin, resent with its Commit; and rejoins,
+    // whose external Commit is merged before the node answers.
+    "ALTER TABLE outbox ADD COLUMN group_info BLOB;
+     ALTER TABLE outbox ADD COLUMN rejoin INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (or an empty

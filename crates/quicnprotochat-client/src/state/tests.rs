@@ -162,9 +162,12 @@ fn a_settled_publication_merges_or_discards_its_commit_and_is_forgotten() {
                         message_id: Some(b"id".to_vec()),
                     },
                     welcome: None,
+                    group_info: group.pending_group_info().map(<[u8]>::to_vec),
+                    rejoin: false,
                 })
             })
             .unwrap();
+        assert!(publication.group_info.is_some());
         assert_eq!(state.publications().unwrap(), vec![publication]);
         assert!(group.has_pending_commit());
         state.settle_publication(&id, &mut group, settlement).unwrap();

@@ -1,0 +1,424 @@
+//! Rejoining a group by external commit, through the real CLI and a real
+//! node: a member whose state file lost the group (a restored backup) gets
+//! back in from the GroupInfo the group's last Commit brought, the others
+//! accept it, and strangers get nowhere. Also the node's side of it over
+//! the typed client: each Commit's GroupInfo is served to members only.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+
+use common::{TestNode, identity, local, state};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_client::ClientError;
+use quicnprotochat_client::state::{Publication, StateError, StateFile};
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, generate_key_package};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedGroupInfo};
+use quicnprotochat_proto::wire::{Envelope, GroupState};
+
+/// One person: a state file and the identity key `register-state` printed.
+struct Member {
+    state: String,
+    key: String,
+}
+
+impl Member {
+    fn register(node: &TestNode, dir: &Path, name: &str) -> Member {
+        let state = state(dir, &format!("{name}.state"));
+        let key = node
+            .cli_ok(&["register-state", "--state", &state])
+            .trim()
+            .to_owned();
+        Member { state, key }
+    }
+
+    fn short(&self) -> &str {
+        &self.key[..16]
+    }
+
+    /// Runs a stateful command for this member; returns stdout.
+    fn run(&self, node: &TestNode, command: &str, args: &[&str]) -> String {
+        let (ok, out, err) = self.try_run(node, command, args);
+        assert!(ok, "{command} {args:?} failed: {err}\n{out}");
+        out
+    }
+
+    /// Runs a stateful command; returns (success, stdout, stderr).
+    fn try_run(&self, node: &TestNode, command: &str, args: &[&str]) -> (bool, String, String) {
+        let mut full = vec![command, "--state", &self.state];
+        full.extend_from_slice(args);
+        let out = node.cli(&full);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            common::stderr(&out),
+        )
+    }
+
+    /// Copies the state file aside, as a backup.
+    fn back_up(&self) -> String {
+        let backup = format!("{}.backup", self.state);
+        assert!(
+            !Path::new(&format!("{}-wal", self.state)).exists(),
+            "the state file is one file"
+        );
+        std::fs::copy(&self.state, &backup).unwrap();
+        backup
+    }
+
+    /// Puts a backup back in place of the state file.
+    fn restore(&self, backup: &str) {
+        std::fs::copy(backup, &self.state).unwrap();
+    }
+}
+
+/// `first` creates `name` and invites `rest` in one Commit; they all join.
+/// Returns the group's full id, as `create-group` prints it.
+fn group_of(node: &TestNode, name: &str, first: &Member, rest: &[&Member]) -> String {
+    let (ok, _, err) = first.try_run(node, "create-group", &["--group-id", name]);
+    assert!(ok, "{err}");
+    let full_id = err
+        .split("(id ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no group id in {err:?}"))
+        .to_owned();
+    assert!(full_id.starts_with(&format!("{name}#")), "{full_id}");
+    let mut args = vec!["--group-id", name];
+    for member in rest {
+        args.extend_from_slice(&["--peer-key", &member.key]);
+    }
+    first.run(node, "invite", &args);
+    for member in rest {
+        member.run(node, "join", &[]);
+    }
+    full_id
+}
+
+#[test]
+fn a_member_restored_from_an_old_backup_rejoins_and_reads_and_writes_again() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    // Bob's backup holds his identity and nothing else.
+    let backup = bob.back_up();
+    let full_id = group_of(&node, "team", &alice, &[&bob, &carol]);
+    alice.run(&node, "send", &["--msg", "before"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("team {}: before", alice.short())
+    );
+    carol.run(&node, "recv", &[]);
+
+    // Bob's device is wiped; he restores the backup and lost the group.
+    bob.restore(&backup);
+    assert_eq!(bob.run(&node, "groups", &[]), "");
+    let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
+    assert!(ok, "{err}");
+    assert!(err.contains("rejoined team: epoch 2, 3 members"), "{err}");
+    assert_eq!(bob.run(&node, "groups", &[]).trim(), "* team epoch 2 members 3");
+
+    // The others accept it and stay in the group.
+    for member in [&alice, &carol] {
+        let (ok, out, err) = member.try_run(&node, "recv", &[]);
+        assert!(ok, "{err}");
+        assert_eq!(out, "");
+        assert!(
+            err.contains(&format!(
+                "group team: {} rejoined; now at epoch 2, 3 members",
+                bob.short()
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("warning"), "{err}");
+        assert_eq!(
+            member.run(&node, "groups", &[]).trim(),
+            "* team epoch 2 members 3"
+        );
+    }
+
+    // Nothing left to repair: a second rejoin changes nothing.
+    let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", "team"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("team is up to date here (epoch 2)"), "{err}");
+
+    alice.run(&node, "send", &["--msg", "welcome back"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("team {}: welcome back", alice.short())
+    );
+    bob.run(&node, "send", &["--msg", "good to be back"]);
+    assert_eq!(
+        alice.run(&node, "recv", &[]).trim(),
+        format!("team {}: good to be back", bob.short())
+    );
+    assert_eq!(
+        carol.run(&node, "recv", &[]).trim(),
+        [
+            format!("team {}: welcome back", alice.short()),
+            format!("team {}: good to be back", bob.short()),
+        ]
+        .join("\n")
+    );
+
+    // Bob changes the group like any member, and everyone follows.
+    bob.run(&node, "update", &["--group-id", "team"]);
+    for member in [&alice, &carol] {
+        let (ok, _, err) = member.try_run(&node, "recv", &[]);
+        assert!(ok && err.contains("now at epoch 3, 3 members"), "{err}");
+    }
+}
+
+#[test]
+fn a_stranger_or_a_removed_member_cannot_rejoin_and_the_group_is_unaffected() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol, mallory] =
+        ["alice", "bob", "carol", "mallory"].map(|n| Member::register(&node, dir.path(), n));
+    let full_id = group_of(&node, "club", &alice, &[&bob, &carol]);
+    alice.run(&node, "remove", &["--group-id", "club", "--peer-key", &carol.key]);
+    carol.run(&node, "recv", &[]);
+    bob.run(&node, "recv", &[]);
+
+    for (outsider, group_id) in [(&mallory, full_id.as_str()), (&carol, "club")] {
+        let (ok, _, err) = outsider.try_run(&node, "rejoin", &["--group-id", group_id]);
+        assert!(!ok, "{err}");
+        assert!(
+            err.contains("the node refused to let you rejoin club")
+                && err.contains("is not a member of this group")
+                && err.contains("only a current member can rejoin"),
+            "{err}"
+        );
+    }
+    assert_eq!(mallory.run(&node, "groups", &[]), "");
+    assert!(carol.run(&node, "groups", &[]).contains("club epoch 2 removed"));
+
+    alice.run(&node, "send", &["--msg", "still us"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("club {}: still us", alice.short())
+    );
+    bob.run(&node, "send", &["--msg", "indeed"]);
+    let (ok, out, err) = alice.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("club {}: indeed", bob.short()));
+    assert!(!err.contains("rejoined"), "{err}");
+    assert_eq!(alice.run(&node, "groups", &[]).trim(), "* club epoch 2 members 2");
+}
+
+/// Stages `member`'s rejoin of `group_id` from the node's current state as
+/// if the client had crashed before the node answered: the group is merged
+/// in the state file and the publication waits in the outbox.
+fn stage_unanswered_rejoin(node: &TestNode, member: &Member, group_id: &str, message_id: &[u8]) {
+    let state = StateFile::open(Path::new(&member.state)).unwrap();
+    let identity = state.identity().unwrap();
+    let me = identity.public_key();
+    let group_id = GroupId::new(group_id.as_bytes().to_vec()).unwrap();
+    let fetched = local(async {
+        let client = node.connect_as(&identity).await;
+        client.fetch_group_info(&group_id).await.unwrap()
+    });
+    let FetchedGroupInfo::State(served) = fetched else {
+        panic!("no GroupInfo served");
+    };
+    state
+        .stage_publication(|| -> Result<Publication, StateError> {
+            let rejoined = GroupMember::rejoin(
+                &state.provider(),
+                &identity,
+                group_id.as_bytes(),
+                &served.group_info,
+                &served.ratchet_tree,
+            )?;
+            Ok(Publication {
+                group_id: group_id.clone(),
+                epoch: rejoined.epoch,
+                commit: Envelope {
+                    recipients: rejoined
+                        .group
+                        .members()
+                        .into_iter()
+                        .filter(|member| *member != me)
+                        .collect(),
+                    payload: rejoined.commit,
+                    message_id: Some(message_id.to_vec()),
+                },
+                welcome: None,
+                group_info: Some(rejoined.group_info),
+                rejoin: true,
+            })
+        })
+        .unwrap();
+}
+
+#[test]
+fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    let backup = bob.back_up();
+    let full_id = group_of(&node, "resume", &alice, &[&bob]);
+
+    // Bob rejoins after a restore, but the node never got the Commit.
+    bob.restore(&backup);
+    stage_unanswered_rejoin(&node, &bob, &full_id, b"rejoin-1");
+    let (ok, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("resending your unconfirmed rejoin of resume")
+            && err.contains("resume: the node has it; now epoch 2"),
+        "{err}"
+    );
+    assert_eq!(bob.run(&node, "groups", &[]).trim(), "* resume epoch 2 members 2");
+    let (_, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(err.contains("rejoined; now at epoch 2, 2 members"), "{err}");
+    alice.run(&node, "send", &["--msg", "settled"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("resume {}: settled", alice.short())
+    );
+
+    // Again, but Alice's update wins the epoch before the resend: the
+    // rejoin is dropped with its group state, and a new one succeeds.
+    bob.restore(&backup);
+    stage_unanswered_rejoin(&node, &bob, &full_id, b"rejoin-2");
+    alice.run(&node, "update", &[]);
+    let (ok, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("another member's change won (the group is at epoch 3); your rejoin was dropped: run `rejoin` again"),
+        "{err}"
+    );
+    assert_eq!(bob.run(&node, "groups", &[]), "");
+    let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
+    assert!(ok && err.contains("rejoined resume: epoch 4, 2 members"), "{err}");
+    bob.run(&node, "send", &["--msg", "back for good"]);
+    assert_eq!(
+        alice.run(&node, "recv", &[]).trim(),
+        format!("resume {}: back for good", bob.short())
+    );
+}
+
+fn key(n: u8) -> IdentityKey {
+    identity(n).public_key()
+}
+
+fn envelope(to: &[u8], payload: Vec<u8>, id: &[u8]) -> Envelope {
+    Envelope {
+        recipients: to.iter().map(|n| key(*n)).collect(),
+        payload,
+        message_id: Some(id.to_vec()),
+    }
+}
+
+#[test]
+fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
+    let node = TestNode::start();
+    local(async {
+        let (one, two) = (OpenMlsRustCrypto::default(), OpenMlsRustCrypto::default());
+        let group_id = GroupId::new(b"served#1".to_vec()).unwrap();
+        let mut creator = GroupMember::create(&one, &identity(1), group_id.as_bytes()).unwrap();
+        let package = generate_key_package(&two, &identity(2)).unwrap();
+        let added = creator.add_members(&one, &identity(1), &[package]).unwrap();
+        let group_info = creator.pending_group_info().unwrap().to_vec();
+        let state = creator.export_public_state(&one, &identity(1)).unwrap();
+        let state = GroupState {
+            group_info: state.group_info,
+            ratchet_tree: state.ratchet_tree,
+        };
+        let (member, joiner, stranger) = (
+            node.connect_as(&identity(1)).await,
+            node.connect_as(&identity(2)).await,
+            node.connect_as(&identity(3)).await,
+        );
+        let outcome = member
+            .publish_commit(
+                &group_id,
+                0,
+                &envelope(&[], added.commit, b"add"),
+                Some(&envelope(&[2], added.welcome.clone(), b"welcome")),
+                Some(&state),
+                Some(&group_info),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, CommitOutcome::Accepted);
+        creator.merge_pending_commit(&one).unwrap();
+        GroupMember::join(&two, &added.welcome).unwrap();
+
+        // Both members get epoch 1's GroupInfo, as published, and the tree.
+        for client in [&member, &joiner] {
+            let FetchedGroupInfo::State(served) = client.fetch_group_info(&group_id).await.unwrap() else {
+                panic!("no GroupInfo served");
+            };
+            assert_eq!(served.group_info, group_info);
+            assert!(!served.ratchet_tree.is_empty());
+        }
+        // A stranger gets a permission error, an anonymous caller too.
+        for client in [&stranger, &node.connect().await] {
+            match client.fetch_group_info(&group_id).await {
+                Err(ClientError::Rpc(e)) => assert_eq!(e.kind, capnp::ErrorKind::Failed, "{e}"),
+                other => panic!("served to a non-member: {other:?}"),
+            }
+        }
+
+        // identity(2) lost its state: it rejoins from what the node serves.
+        let FetchedGroupInfo::State(served) = joiner.fetch_group_info(&group_id).await.unwrap() else {
+            panic!("no GroupInfo served");
+        };
+        let wiped = OpenMlsRustCrypto::default();
+        let rejoined = GroupMember::rejoin(
+            &wiped,
+            &identity(2),
+            group_id.as_bytes(),
+            &served.group_info,
+            &served.ratchet_tree,
+        )
+        .unwrap();
+        assert_eq!(rejoined.epoch, 1);
+        // The stranger may not publish it for identity(2).
+        let stolen = stranger
+            .publish_commit(
+                &group_id,
+                1,
+                &envelope(&[1], rejoined.commit.clone(), b"stolen"),
+                None,
+                None,
+                Some(&rejoined.group_info),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(stolen, CommitOutcome::Invalid { .. }), "{stolen:?}");
+        let outcome = joiner
+            .publish_commit(
+                &group_id,
+                1,
+                &envelope(&[1], rejoined.commit.clone(), b"rejoin"),
+                None,
+                None,
+                Some(&rejoined.group_info),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, CommitOutcome::Accepted);
+        let FetchedGroupInfo::State(served) = member.fetch_group_info(&group_id).await.unwrap() else {
+            panic!("no GroupInfo served");
+        };
+        assert_eq!(served.group_info, rejoined.group_info, "the rejoin's, of epoch 2");
+
+        // A Commit without a GroupInfo leaves the node nothing to serve.
+        creator.receive(&one, &rejoined.commit).unwrap();
+        let update = creator.self_update(&one, &identity(1)).unwrap();
+        let outcome = member
+            .publish_commit(&group_id, 2, &envelope(&[2], update, b"update"), None, None, None)
+            .await
+            .unwrap();
+        assert_eq!(outcome, CommitOutcome::Accepted);
+        assert_eq!(
+            joiner.fetch_group_info(&group_id).await.unwrap(),
+            FetchedGroupInfo::Unavailable
+        );
+    });
+}
