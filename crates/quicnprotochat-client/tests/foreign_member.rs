@@ -1,0 +1,136 @@
+//! A member that is not our client: plain openmls (no `GroupMember`), with
+//! its own KeyPackage, joins from the Welcome a CLI member sent through the
+//! node and makes a PublicMessage Commit; the node checks it and CLI members
+//! process it, as they would one from another implementation.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use common::{TestNode, identity, local, state};
+use openmls::prelude::tls_codec::{DeserializeBytes as _, Serialize as _};
+use openmls::prelude::{
+    KeyPackage, LeafNodeParameters, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
+    PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, StagedWelcome,
+};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_core::{CIPHERSUITE, GroupId, Seq};
+use quicnprotochat_proto::outcome::CommitOutcome;
+use quicnprotochat_proto::wire::Envelope;
+
+#[test]
+fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_members() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = state(dir.path(), "alice.state");
+    let alice_key = node
+        .cli_ok(&["register-state", "--state", &alice])
+        .trim()
+        .to_owned();
+    let outsider = identity(42);
+    let provider = OpenMlsRustCrypto::default();
+
+    // Its KeyPackage, made and uploaded without our client library's help
+    // beyond the connection.
+    let bundle = KeyPackage::builder()
+        .build(CIPHERSUITE, &provider, &outsider, outsider.credential_with_key())
+        .unwrap();
+    let key_package = bundle.key_package().tls_serialize_detached().unwrap();
+    local(async {
+        let connection = node.connect_as(&outsider).await;
+        connection
+            .upload_key_package(&outsider.public_key(), &key_package)
+            .await
+            .unwrap();
+    });
+
+    node.cli_ok(&["create-group", "--state", &alice, "--group-id", "mixed"]);
+    let outsider_hex = outsider.public_key().to_string();
+    node.cli_ok(&["invite", "--state", &alice, "--peer-key", &outsider_hex]);
+
+    let message = local(async {
+        let connection = node.connect_as(&outsider).await;
+        let queued = connection
+            .fetch_since(&outsider.public_key(), Seq::ZERO, 0)
+            .await
+            .unwrap();
+        let welcome = queued
+            .iter()
+            .find_map(|message| {
+                match MlsMessageIn::tls_deserialize_exact_bytes(&message.payload)
+                    .unwrap()
+                    .extract()
+                {
+                    MlsMessageBodyIn::Welcome(welcome) => Some(welcome),
+                    _ => None,
+                }
+            })
+            .expect("Alice's Welcome is queued");
+        let config = MlsGroupJoinConfig::builder()
+            .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .build();
+        let mut group = StagedWelcome::new_from_welcome(&provider, &config, welcome, None)
+            .unwrap()
+            .into_group(&provider)
+            .unwrap();
+        let epoch = group.epoch().as_u64();
+        let commit = group
+            .self_update(&provider, &outsider, LeafNodeParameters::default())
+            .unwrap()
+            .commit()
+            .tls_serialize_detached()
+            .unwrap();
+        let envelope = Envelope {
+            recipients: vec![alice_key.parse().unwrap()],
+            payload: commit,
+            message_id: Some(b"outsider-update".to_vec()),
+        };
+        let group_id = GroupId::new(group.group_id().as_slice().to_vec()).unwrap();
+        let outcome = connection
+            .publish_commit(&group_id, epoch, &envelope, None, None, None)
+            .await
+            .unwrap();
+        assert_eq!(outcome, CommitOutcome::Accepted, "the node checked and took it");
+        group.merge_pending_commit(&provider).unwrap();
+        group
+    });
+    let mut group = message;
+
+    // Alice's CLI processes the foreign Commit and moves on with it.
+    node.cli_ok(&["recv", "--state", &alice]);
+    let groups = node.cli_ok(&["groups", "--state", &alice]);
+    assert!(groups.contains("mixed epoch 2 members 2"), "{groups}");
+    node.cli_ok(&[
+        "send",
+        "--state",
+        &alice,
+        "--group-id",
+        "mixed",
+        "--msg",
+        "hello outsider",
+    ]);
+
+    local(async {
+        // A new connection: the last one's session ended with its task set.
+        let connection = node.connect_as(&outsider).await;
+        let queued = connection
+            .fetch_since(&outsider.public_key(), Seq::ZERO, 0)
+            .await
+            .unwrap();
+        let text = queued
+            .iter()
+            .filter_map(|message| {
+                let parsed = MlsMessageIn::tls_deserialize_exact_bytes(&message.payload).ok()?;
+                let protocol = parsed.try_into_protocol_message().ok()?;
+                match group.process_message(&provider, protocol).ok()?.into_content() {
+                    ProcessedMessageContent::ApplicationMessage(application) => {
+                        Some(application.into_bytes())
+                    }
+                    _ => None,
+                }
+            })
+            .next_back()
+            .expect("Alice's message reaches the outsider");
+        assert_eq!(text, b"hello outsider");
+    });
+}
