@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestNode, identity, local, state};
+use common::{Member, TestNode, identity, local};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::ClientError;
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
@@ -18,60 +18,20 @@ use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, generate_key_packag
 use quicnprotochat_proto::outcome::{CommitOutcome, FetchedGroupInfo};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
-/// One person: a state file and the identity key `register-state` printed.
-struct Member {
-    state: String,
-    key: String,
+/// Copies a member's state file aside, as a backup.
+fn back_up(member: &Member) -> String {
+    let backup = format!("{}.backup", member.state);
+    assert!(
+        !Path::new(&format!("{}-wal", member.state)).exists(),
+        "the state file is one file"
+    );
+    std::fs::copy(&member.state, &backup).unwrap();
+    backup
 }
 
-impl Member {
-    fn register(node: &TestNode, dir: &Path, name: &str) -> Member {
-        let state = state(dir, &format!("{name}.state"));
-        let key = node
-            .cli_ok(&["register-state", "--state", &state])
-            .trim()
-            .to_owned();
-        Member { state, key }
-    }
-
-    fn short(&self) -> &str {
-        &self.key[..16]
-    }
-
-    /// Runs a stateful command for this member; returns stdout.
-    fn run(&self, node: &TestNode, command: &str, args: &[&str]) -> String {
-        let (ok, out, err) = self.try_run(node, command, args);
-        assert!(ok, "{command} {args:?} failed: {err}\n{out}");
-        out
-    }
-
-    /// Runs a stateful command; returns (success, stdout, stderr).
-    fn try_run(&self, node: &TestNode, command: &str, args: &[&str]) -> (bool, String, String) {
-        let mut full = vec![command, "--state", &self.state];
-        full.extend_from_slice(args);
-        let out = node.cli(&full);
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            common::stderr(&out),
-        )
-    }
-
-    /// Copies the state file aside, as a backup.
-    fn back_up(&self) -> String {
-        let backup = format!("{}.backup", self.state);
-        assert!(
-            !Path::new(&format!("{}-wal", self.state)).exists(),
-            "the state file is one file"
-        );
-        std::fs::copy(&self.state, &backup).unwrap();
-        backup
-    }
-
-    /// Puts a backup back in place of the state file.
-    fn restore(&self, backup: &str) {
-        std::fs::copy(backup, &self.state).unwrap();
-    }
+/// Puts a backup back in place of a member's state file.
+fn restore(member: &Member, backup: &str) {
+    std::fs::copy(backup, &member.state).unwrap();
 }
 
 /// `first` creates `name` and invites `rest` in one Commit; they all join.
@@ -103,7 +63,7 @@ fn a_member_restored_from_an_old_backup_rejoins_and_reads_and_writes_again() {
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
     // Bob's backup holds his identity and nothing else.
-    let backup = bob.back_up();
+    let backup = back_up(&bob);
     let full_id = group_of(&node, "team", &alice, &[&bob, &carol]);
     alice.run(&node, "send", &["--msg", "before"]);
     assert_eq!(
@@ -113,7 +73,7 @@ fn a_member_restored_from_an_old_backup_rejoins_and_reads_and_writes_again() {
     carol.run(&node, "recv", &[]);
 
     // Bob's device is wiped; he restores the backup and lost the group.
-    bob.restore(&backup);
+    restore(&bob, &backup);
     assert_eq!(bob.run(&node, "groups", &[]), "");
     let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
     assert!(ok, "{err}");
@@ -258,11 +218,11 @@ fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
-    let backup = bob.back_up();
+    let backup = back_up(&bob);
     let full_id = group_of(&node, "resume", &alice, &[&bob]);
 
     // Bob rejoins after a restore, but the node never got the Commit.
-    bob.restore(&backup);
+    restore(&bob, &backup);
     stage_unanswered_rejoin(&node, &bob, &full_id, b"rejoin-1");
     let (ok, _, err) = bob.try_run(&node, "recv", &[]);
     assert!(ok, "{err}");
@@ -282,7 +242,7 @@ fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
 
     // Again, but Alice's update wins the epoch before the resend: the
     // rejoin is dropped with its group state, and a new one succeeds.
-    bob.restore(&backup);
+    restore(&bob, &backup);
     stage_unanswered_rejoin(&node, &bob, &full_id, b"rejoin-2");
     alice.run(&node, "update", &[]);
     let (ok, _, err) = bob.try_run(&node, "recv", &[]);

@@ -10,54 +10,14 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestNode, state};
+use common::{Member, TestNode};
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::{GroupId, GroupMember};
 use quicnprotochat_proto::wire::Envelope;
 
-/// One person: a state file and the identity key `register-state` printed.
-struct Member {
-    state: String,
-    key: String,
-}
-
-impl Member {
-    fn register(node: &TestNode, dir: &Path, name: &str) -> Member {
-        let state = state(dir, &format!("{name}.state"));
-        let key = node
-            .cli_ok(&["register-state", "--state", &state])
-            .trim()
-            .to_owned();
-        Member { state, key }
-    }
-
-    fn short(&self) -> &str {
-        &self.key[..16]
-    }
-
-    /// Runs a stateful command for this member; returns stdout.
-    fn run(&self, node: &TestNode, command: &str, args: &[&str]) -> String {
-        let mut full = vec![command, "--state", &self.state];
-        full.extend_from_slice(args);
-        node.cli_ok(&full)
-    }
-
-    /// Runs a stateful command; returns (success, stdout, stderr).
-    fn try_run(&self, node: &TestNode, command: &str, args: &[&str]) -> (bool, String, String) {
-        let mut full = vec![command, "--state", &self.state];
-        full.extend_from_slice(args);
-        let out = node.cli(&full);
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            common::stderr(&out),
-        )
-    }
-
-    /// Opens this member's state file directly, as the client does.
-    fn open(&self) -> StateFile {
-        StateFile::open(Path::new(&self.state)).unwrap()
-    }
+/// Opens a member's state file directly, as the client does.
+fn open(member: &Member) -> StateFile {
+    StateFile::open(Path::new(&member.state)).unwrap()
 }
 
 /// `first` creates `group` and invites `rest` in one commit; they all join.
@@ -76,7 +36,7 @@ fn group_of(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) {
 /// Stages a self-update of `member`'s current group in its outbox as if the
 /// client had crashed before sending it; `tamper` may change the Commit.
 fn stage_unsent_update(member: &Member, recipients: &[&Member], tamper: impl FnOnce(&mut Vec<u8>)) {
-    let state = member.open();
+    let state = open(member);
     let identity = state.identity().unwrap();
     let group_id = state.current_group().unwrap().unwrap();
     let mut group = GroupMember::load(&state.provider(), &group_id).unwrap().unwrap();
@@ -175,7 +135,7 @@ fn a_group_the_node_has_no_state_for_is_reported_and_left_as_it_was() {
     // A group changed where this node never saw it (made before the node
     // checked changes, or the node lost its database).
     {
-        let state = alice.open();
+        let state = open(&alice);
         let identity = state.identity().unwrap();
         let group_id = state.current_group().unwrap().unwrap();
         let mut group = GroupMember::load(&state.provider(), &group_id).unwrap().unwrap();

@@ -231,3 +231,47 @@ pub async fn enqueue_ok(client: &NodeClient, recipient: &IdentityKey, payload: &
         SendOutcome::Accepted
     );
 }
+
+/// One person driving the real CLI: a state file and the identity key
+/// `register-state` printed.
+pub struct Member {
+    pub state: String,
+    pub key: String,
+}
+
+impl Member {
+    /// Registers `name` with a state file in `dir`.
+    pub fn register(node: &TestNode, dir: &Path, name: &str) -> Member {
+        let state = state(dir, &format!("{name}.state"));
+        let key = node
+            .cli_ok(&["register-state", "--state", &state])
+            .trim()
+            .to_owned();
+        Member { state, key }
+    }
+
+    /// The first 16 hex characters of the key, as the CLI shows members.
+    pub fn short(&self) -> &str {
+        &self.key[..16]
+    }
+
+    /// Runs a stateful command for this member; returns stdout, failing the
+    /// test if the command fails.
+    pub fn run(&self, node: &TestNode, command: &str, args: &[&str]) -> String {
+        let (ok, out, err) = self.try_run(node, command, args);
+        assert!(ok, "{command} {args:?} failed: {err}\n{out}");
+        out
+    }
+
+    /// Runs a stateful command; returns (success, stdout, stderr).
+    pub fn try_run(&self, node: &TestNode, command: &str, args: &[&str]) -> (bool, String, String) {
+        let mut full = vec![command, "--state", &self.state];
+        full.extend_from_slice(args);
+        let out = node.cli(&full);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr(&out),
+        )
+    }
+}
