@@ -503,3 +503,61 @@ fn the_groupinfo_of_a_new_epoch_is_checked_and_served_only_to_members() {
         Ok(None)
     );
 }
+
+#[test]
+fn a_well_signed_commit_whose_path_breaks_the_identity_rules_is_refused() {
+    use openmls::prelude::{
+        BasicCredential, CredentialWithKey, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig,
+        OpenMlsProvider as _, PURE_PLAINTEXT_WIRE_FORMAT_POLICY, tls_codec::Serialize as _,
+    };
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+    use quicnprotochat_core::{CIPHERSUITE, GroupId};
+
+    // A group made with plain openmls, so its member can put what it likes
+    // in its path: its signature key stays, its credential names another
+    // identity.
+    let provider = OpenMlsRustCrypto::default();
+    let alice = mls::identity(1);
+    let config = MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .build();
+    let mut group = MlsGroup::new(&provider, &alice, &config, alice.credential_with_key()).unwrap();
+    let group_info = group
+        .export_group_info(provider.crypto(), &alice, false)
+        .unwrap()
+        .tls_serialize_detached()
+        .unwrap();
+    let ratchet_tree = group.export_ratchet_tree().tls_serialize_detached().unwrap();
+    let disguise = CredentialWithKey {
+        credential: BasicCredential::new(key(7).as_bytes().to_vec()).into(),
+        signature_key: alice.credential_with_key().signature_key,
+    };
+    let commit = group
+        .self_update(
+            &provider,
+            &alice,
+            LeafNodeParameters::builder()
+                .with_credential_with_key(disguise)
+                .build(),
+        )
+        .unwrap()
+        .commit()
+        .tls_serialize_detached()
+        .unwrap();
+    let publication = CommitPublication {
+        group_id: GroupId::new(group.group_id().as_slice().to_vec()).unwrap(),
+        epoch: 0,
+        commit: envelope(&[2], &commit, Some(b"disguised")),
+        welcome: None,
+        initial_state: Some(quicnprotochat_proto::wire::GroupState {
+            group_info,
+            ratchet_tree,
+        }),
+        group_info: None,
+    };
+    let mut storage = MemoryStorage::default();
+    let reason = invalid(publish(&mut storage, &alice.public_key(), &publication, 100));
+    assert!(reason.contains("new leaf"), "{reason}");
+    assert!(payloads(&mut storage, 2).is_empty());
+}
