@@ -5,62 +5,8 @@
 
 mod common;
 
-use common::{TestNode, state};
+use common::{Member, TestNode, group_of};
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome};
-
-/// One person: a state file and the identity key `register-state` printed.
-struct Member {
-    name: &'static str,
-    state: String,
-    key: String,
-}
-
-impl Member {
-    fn register(node: &TestNode, dir: &std::path::Path, name: &'static str) -> Member {
-        let state = state(dir, &format!("{name}.state"));
-        let key = node
-            .cli_ok(&["register-state", "--state", &state])
-            .trim()
-            .to_owned();
-        Member { name, state, key }
-    }
-
-    fn short(&self) -> &str {
-        &self.key[..16]
-    }
-
-    /// Runs a stateful command for this member; returns stdout.
-    fn run(&self, node: &TestNode, command: &str, args: &[&str]) -> String {
-        let mut full = vec![command, "--state", &self.state];
-        full.extend_from_slice(args);
-        node.cli_ok(&full)
-    }
-
-    /// Runs a stateful command; returns (success, stdout, stderr).
-    fn try_run(&self, node: &TestNode, command: &str, args: &[&str]) -> (bool, String, String) {
-        let mut full = vec![command, "--state", &self.state];
-        full.extend_from_slice(args);
-        let out = node.cli(&full);
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            common::stderr(&out),
-        )
-    }
-}
-
-/// `first` creates `group` and invites `rest` in one commit; they all join.
-fn group_of(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) {
-    first.run(node, "create-group", &["--group-id", group]);
-    let mut args = vec!["--group-id", group];
-    for member in rest {
-        args.extend_from_slice(&["--peer-key", &member.key]);
-    }
-    first.run(node, "invite", &args);
-    for member in rest {
-        member.run(node, "join", &[]);
-    }
-}
 
 fn sorted_lines(text: &str) -> Vec<String> {
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();

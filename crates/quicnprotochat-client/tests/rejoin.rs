@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Member, TestNode, identity, local};
+use common::{Member, TestNode, identity, invite_all, local};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::ClientError;
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
@@ -36,7 +36,7 @@ fn restore(member: &Member, backup: &str) {
 
 /// `first` creates `name` and invites `rest` in one Commit; they all join.
 /// Returns the group's full id, as `create-group` prints it.
-fn group_of(node: &TestNode, name: &str, first: &Member, rest: &[&Member]) -> String {
+fn create_and_invite(node: &TestNode, name: &str, first: &Member, rest: &[&Member]) -> String {
     let (ok, _, err) = first.try_run(node, "create-group", &["--group-id", name]);
     assert!(ok, "{err}");
     let full_id = err
@@ -46,14 +46,7 @@ fn group_of(node: &TestNode, name: &str, first: &Member, rest: &[&Member]) -> St
         .unwrap_or_else(|| panic!("no group id in {err:?}"))
         .to_owned();
     assert!(full_id.starts_with(&format!("{name}#")), "{full_id}");
-    let mut args = vec!["--group-id", name];
-    for member in rest {
-        args.extend_from_slice(&["--peer-key", &member.key]);
-    }
-    first.run(node, "invite", &args);
-    for member in rest {
-        member.run(node, "join", &[]);
-    }
+    invite_all(node, name, first, rest);
     full_id
 }
 
@@ -64,7 +57,7 @@ fn a_member_restored_from_an_old_backup_rejoins_and_reads_and_writes_again() {
     let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
     // Bob's backup holds his identity and nothing else.
     let backup = back_up(&bob);
-    let full_id = group_of(&node, "team", &alice, &[&bob, &carol]);
+    let full_id = create_and_invite(&node, "team", &alice, &[&bob, &carol]);
     alice.run(&node, "send", &["--msg", "before"]);
     assert_eq!(
         bob.run(&node, "recv", &[]).trim(),
@@ -137,7 +130,7 @@ fn a_stranger_or_a_removed_member_cannot_rejoin_and_the_group_is_unaffected() {
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob, carol, mallory] =
         ["alice", "bob", "carol", "mallory"].map(|n| Member::register(&node, dir.path(), n));
-    let full_id = group_of(&node, "club", &alice, &[&bob, &carol]);
+    let full_id = create_and_invite(&node, "club", &alice, &[&bob, &carol]);
     alice.run(&node, "remove", &["--group-id", "club", "--peer-key", &carol.key]);
     carol.run(&node, "recv", &[]);
     bob.run(&node, "recv", &[]);
@@ -219,7 +212,7 @@ fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     let backup = back_up(&bob);
-    let full_id = group_of(&node, "resume", &alice, &[&bob]);
+    let full_id = create_and_invite(&node, "resume", &alice, &[&bob]);
 
     // Bob rejoins after a restore, but the node never got the Commit.
     restore(&bob, &backup);

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Member, TestNode};
+use common::{Member, TestNode, group_of};
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::{GroupId, GroupMember};
 use quicnprotochat_proto::wire::Envelope;
@@ -18,19 +18,6 @@ use quicnprotochat_proto::wire::Envelope;
 /// Opens a member's state file directly, as the client does.
 fn open(member: &Member) -> StateFile {
     StateFile::open(Path::new(&member.state)).unwrap()
-}
-
-/// `first` creates `group` and invites `rest` in one commit; they all join.
-fn group_of(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) {
-    first.run(node, "create-group", &["--group-id", group]);
-    let mut args = vec!["--group-id", group];
-    for member in rest {
-        args.extend_from_slice(&["--peer-key", &member.key]);
-    }
-    first.run(node, "invite", &args);
-    for member in rest {
-        member.run(node, "join", &[]);
-    }
 }
 
 /// Stages a self-update of `member`'s current group in its outbox as if the

@@ -128,39 +128,6 @@ pub enum CommitOutcome {
     UnknownGroup,
 }
 
-impl CommitOutcome {
-    /// Fills the node's answer.
-    pub fn write(&self, mut builder: delivery_capnp::commit_outcome::Builder<'_>) {
-        match self {
-            CommitOutcome::Accepted => builder.set_accepted(()),
-            CommitOutcome::Conflict { current_epoch } => {
-                builder.init_conflict().set_current_epoch(*current_epoch)
-            }
-            CommitOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
-            CommitOutcome::QueueFull(full) => full.write(builder.init_queue_full()),
-            CommitOutcome::Invalid { reason } => builder.init_invalid().set_reason(reason),
-            CommitOutcome::UnknownGroup => builder.set_unknown_group(()),
-        }
-    }
-
-    /// Reads the node's answer.
-    pub fn read(reader: delivery_capnp::commit_outcome::Reader<'_>) -> Result<CommitOutcome, OutcomeError> {
-        use delivery_capnp::commit_outcome::Which;
-        Ok(match reader.which()? {
-            Which::Accepted(()) => CommitOutcome::Accepted,
-            Which::Conflict(conflict) => CommitOutcome::Conflict {
-                current_epoch: conflict?.get_current_epoch(),
-            },
-            Which::RateLimited(limited) => CommitOutcome::RateLimited(RateLimited::read(limited?)),
-            Which::QueueFull(full) => CommitOutcome::QueueFull(QueueFull::read(full?)?),
-            Which::Invalid(invalid) => CommitOutcome::Invalid {
-                reason: read_reason(invalid?)?,
-            },
-            Which::UnknownGroup(()) => CommitOutcome::UnknownGroup,
-        })
-    }
-}
-
 /// What became of `publishProposal` (`ProposalOutcome`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProposalOutcome {
@@ -184,40 +151,48 @@ pub enum ProposalOutcome {
     UnknownGroup,
 }
 
-impl ProposalOutcome {
-    /// Fills the node's answer.
-    pub fn write(&self, mut builder: delivery_capnp::proposal_outcome::Builder<'_>) {
-        match self {
-            ProposalOutcome::Accepted => builder.set_accepted(()),
-            ProposalOutcome::Conflict { current_epoch } => {
-                builder.init_conflict().set_current_epoch(*current_epoch)
+/// `write` and `read` for an outcome of a group change: `CommitOutcome` and
+/// `ProposalOutcome` have the same members in the schema, so one body serves
+/// both (each with its own generated builder and reader).
+macro_rules! group_change_outcome {
+    ($outcome:ident, $schema:ident) => {
+        impl $outcome {
+            /// Fills the node's answer.
+            pub fn write(&self, mut builder: delivery_capnp::$schema::Builder<'_>) {
+                match self {
+                    $outcome::Accepted => builder.set_accepted(()),
+                    $outcome::Conflict { current_epoch } => {
+                        builder.init_conflict().set_current_epoch(*current_epoch)
+                    }
+                    $outcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+                    $outcome::QueueFull(full) => full.write(builder.init_queue_full()),
+                    $outcome::Invalid { reason } => builder.init_invalid().set_reason(reason),
+                    $outcome::UnknownGroup => builder.set_unknown_group(()),
+                }
             }
-            ProposalOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
-            ProposalOutcome::QueueFull(full) => full.write(builder.init_queue_full()),
-            ProposalOutcome::Invalid { reason } => builder.init_invalid().set_reason(reason),
-            ProposalOutcome::UnknownGroup => builder.set_unknown_group(()),
-        }
-    }
 
-    /// Reads the node's answer.
-    pub fn read(
-        reader: delivery_capnp::proposal_outcome::Reader<'_>,
-    ) -> Result<ProposalOutcome, OutcomeError> {
-        use delivery_capnp::proposal_outcome::Which;
-        Ok(match reader.which()? {
-            Which::Accepted(()) => ProposalOutcome::Accepted,
-            Which::Conflict(conflict) => ProposalOutcome::Conflict {
-                current_epoch: conflict?.get_current_epoch(),
-            },
-            Which::RateLimited(limited) => ProposalOutcome::RateLimited(RateLimited::read(limited?)),
-            Which::QueueFull(full) => ProposalOutcome::QueueFull(QueueFull::read(full?)?),
-            Which::Invalid(invalid) => ProposalOutcome::Invalid {
-                reason: read_reason(invalid?)?,
-            },
-            Which::UnknownGroup(()) => ProposalOutcome::UnknownGroup,
-        })
-    }
+            /// Reads the node's answer.
+            pub fn read(reader: delivery_capnp::$schema::Reader<'_>) -> Result<$outcome, OutcomeError> {
+                use delivery_capnp::$schema::Which;
+                Ok(match reader.which()? {
+                    Which::Accepted(()) => $outcome::Accepted,
+                    Which::Conflict(conflict) => $outcome::Conflict {
+                        current_epoch: conflict?.get_current_epoch(),
+                    },
+                    Which::RateLimited(limited) => $outcome::RateLimited(RateLimited::read(limited?)),
+                    Which::QueueFull(full) => $outcome::QueueFull(QueueFull::read(full?)?),
+                    Which::Invalid(invalid) => $outcome::Invalid {
+                        reason: read_reason(invalid?)?,
+                    },
+                    Which::UnknownGroup(()) => $outcome::UnknownGroup,
+                })
+            }
+        }
+    };
 }
+
+group_change_outcome!(CommitOutcome, commit_outcome);
+group_change_outcome!(ProposalOutcome, proposal_outcome);
 
 /// What `fetchGroupInfo` found (`FetchedGroupInfo`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +332,21 @@ mod tests {
             outcome.write(message.init_root());
             assert_eq!(
                 CommitOutcome::read(message.get_root_as_reader().unwrap()).unwrap(),
+                outcome
+            );
+        }
+        for outcome in [
+            ProposalOutcome::Accepted,
+            ProposalOutcome::Conflict { current_epoch: 3 },
+            ProposalOutcome::Invalid {
+                reason: "not a member".into(),
+            },
+            ProposalOutcome::UnknownGroup,
+        ] {
+            let mut message = capnp::message::Builder::new_default();
+            outcome.write(message.init_root());
+            assert_eq!(
+                ProposalOutcome::read(message.get_root_as_reader().unwrap()).unwrap(),
                 outcome
             );
         }

@@ -235,6 +235,7 @@ pub async fn enqueue_ok(client: &NodeClient, recipient: &IdentityKey, payload: &
 /// One person driving the real CLI: a state file and the identity key
 /// `register-state` printed.
 pub struct Member {
+    pub name: String,
     pub state: String,
     pub key: String,
 }
@@ -247,7 +248,11 @@ impl Member {
             .cli_ok(&["register-state", "--state", &state])
             .trim()
             .to_owned();
-        Member { state, key }
+        Member {
+            name: name.to_owned(),
+            state,
+            key,
+        }
     }
 
     /// The first 16 hex characters of the key, as the CLI shows members.
@@ -273,5 +278,23 @@ impl Member {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr(&out),
         )
+    }
+}
+
+/// `first` creates `group` and invites `rest` in one commit; they all join.
+pub fn group_of(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) {
+    first.run(node, "create-group", &["--group-id", group]);
+    invite_all(node, group, first, rest);
+}
+
+/// `first` invites `rest` to its `group` in one commit; they all join.
+pub fn invite_all(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) {
+    let mut args = vec!["--group-id", group];
+    for member in rest {
+        args.extend_from_slice(&["--peer-key", &member.key]);
+    }
+    first.run(node, "invite", &args);
+    for member in rest {
+        member.run(node, "join", &[]);
     }
 }

@@ -245,6 +245,17 @@ fn propose(
     storage.command(|s| rules::publish_proposal(s, sender, publication, &Limits::default(), NOW))
 }
 
+/// Group `g` of Alice (`identity(1)`) and Bob (`identity(2)`), its view
+/// handed to the node with the Commit that added Bob: now at epoch 1.
+fn alice_and_bob(storage: &mut MemoryStorage) -> (mls::Member, mls::Member) {
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, welcome, provider) = alice.add(2);
+    let publication = alice.publication(add, &[], b"add", true);
+    publish(storage, &alice.key(), &publication, 100).unwrap();
+    alice.merge();
+    (alice, mls::join(2, provider, &welcome))
+}
+
 fn invalid(refusal: Result<(), CommitRefusal>) -> String {
     match refusal {
         Err(CommitRefusal::Invalid { reason }) => reason,
@@ -319,16 +330,7 @@ fn the_first_valid_commit_of_an_epoch_wins_and_the_others_learn_the_epoch() {
 #[test]
 fn noise_framed_as_a_commit_or_a_strangers_commit_is_refused_and_the_epoch_stays_free() {
     let mut storage = MemoryStorage::default();
-    let mut alice = mls::Member::create(1, b"g");
-    let (add, _welcome, _) = alice.add(2);
-    publish(
-        &mut storage,
-        &alice.key(),
-        &alice.publication(add, &[], b"add", true),
-        100,
-    )
-    .unwrap();
-    alice.merge();
+    let (mut alice, _bob) = alice_and_bob(&mut storage);
 
     // Alice's next Commit with bytes of its signature flipped (it ends
     // with signature, confirmation tag and membership tag: 64, 32 and 32
@@ -374,17 +376,7 @@ fn noise_framed_as_a_commit_or_a_strangers_commit_is_refused_and_the_epoch_stays
 #[test]
 fn a_proposal_is_kept_for_the_commit_that_references_it() {
     let mut storage = MemoryStorage::default();
-    let mut alice = mls::Member::create(1, b"g");
-    let (add, welcome, provider) = alice.add(2);
-    publish(
-        &mut storage,
-        &alice.key(),
-        &alice.publication(add, &[], b"add", true),
-        100,
-    )
-    .unwrap();
-    alice.merge();
-    let mut bob = mls::join(2, provider, &welcome);
+    let (mut alice, mut bob) = alice_and_bob(&mut storage);
 
     // Bob asks to leave; the node checks and keeps the proposal.
     let leave = bob.leave(&[alice.key()], b"leave");
@@ -409,17 +401,7 @@ fn a_proposal_is_kept_for_the_commit_that_references_it() {
 #[test]
 fn a_commit_referencing_a_proposal_the_node_has_not_seen_is_refused() {
     let mut storage = MemoryStorage::default();
-    let mut alice = mls::Member::create(1, b"g");
-    let (add, welcome, provider) = alice.add(2);
-    publish(
-        &mut storage,
-        &alice.key(),
-        &alice.publication(add, &[], b"add", true),
-        100,
-    )
-    .unwrap();
-    alice.merge();
-    let mut bob = mls::join(2, provider, &welcome);
+    let (mut alice, mut bob) = alice_and_bob(&mut storage);
     // The proposal reaches Alice but never the node.
     let leave = bob.leave(&[alice.key()], b"leave");
     alice
