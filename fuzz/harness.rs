@@ -49,7 +49,8 @@ impl Pair {
             .add_members(&alice_provider, &alice, &[package])
             .expect("add");
         alice_group.merge_pending_commit(&alice_provider).expect("merge");
-        let bob_group = GroupMember::join(&bob_provider, &added.welcome).expect("join");
+        let tree = alice_group.ratchet_tree().expect("tree");
+        let bob_group = GroupMember::join(&bob_provider, &added.welcome, Some(&tree)).expect("join");
         Pair {
             alice,
             alice_provider,
@@ -72,7 +73,8 @@ pub fn incoming_payload(data: &[u8]) {
         let mut pair = pair.borrow_mut();
         let pair = pair.get_or_insert_with(Pair::new);
         let _ = pair.bob_group.receive(&pair.bob_provider, data);
-        let _ = GroupMember::join(&pair.bob_provider, data);
+        let _ = GroupMember::join(&pair.bob_provider, data, None);
+        let _ = GroupMember::join(&pair.bob_provider, data, Some(data));
         let message = pair
             .alice_group
             .send(&pair.alice_provider, &pair.alice, b"still fine")

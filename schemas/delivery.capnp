@@ -153,6 +153,23 @@ struct FetchedGroupInfo {
   }
 }
 
+# What `fetchWelcomeTree` found.
+struct FetchedWelcomeTree {
+  union {
+    # The group's ratchet tree in the asked epoch, TLS-encoded (the data of
+    # a ratchet_tree extension, RFC 9420 section 12.4.3.3). Join with it: the
+    # MLS library checks it against the tree hash in the Welcome's signed
+    # GroupInfo, so a node cannot slip in another tree.
+    tree @0 :Data;
+
+    # The node keeps no tree for that epoch: the Commit that started it was
+    # accepted longer ago than the node keeps undelivered messages, or no
+    # Commit it accepted started that epoch by adding members. The Welcome
+    # cannot be used; ask to be invited again.
+    unavailable @1 :Void;
+  }
+}
+
 # What became of `publishProposal`.
 struct ProposalOutcome {
   union {
@@ -323,4 +340,17 @@ interface DeliveryService {
   #
   # groupId: the MLS group id.
   fetchGroupInfo @9 (groupId :Data) -> (outcome :FetchedGroupInfo);
+
+  # The ratchet tree a new member needs with its Welcome. Welcomes do not
+  # carry the tree (it grows by ~350 bytes per member and would stop groups
+  # at the payload limit): the node keeps the tree of every epoch started by
+  # a Commit that adds members, for as long as it keeps undelivered messages,
+  # and serves it to the members that Commit added. Needs a connection
+  # authenticated as one of them; anyone else gets a `failed` exception
+  # (permission denied). A Welcome whose GroupInfo carries the tree (other
+  # clients may send one) needs no call.
+  #
+  # groupId: the MLS group id, as in the Welcome's GroupInfo.
+  # epoch:   the epoch the Welcome starts, as in its GroupInfo.
+  fetchWelcomeTree @10 (groupId :Data, epoch :UInt64) -> (outcome :FetchedWelcomeTree);
 }

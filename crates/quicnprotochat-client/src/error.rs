@@ -131,6 +131,28 @@ pub enum ClientError {
         /// Why, with what to do.
         reason: Box<ClientError>,
     },
+    /// A Welcome came without its ratchet tree and the node keeps none for
+    /// it (too old, or no Commit the node accepted added us then).
+    #[error(
+        "the invitation to group {group} (epoch {epoch}) cannot be used: the node no longer keeps the group's tree for it; ask a member to invite you again"
+    )]
+    WelcomeTreeUnavailable {
+        /// The group, by name.
+        group: String,
+        /// The epoch the Welcome starts.
+        epoch: u64,
+    },
+    /// The node refused to hand us the ratchet tree for a Welcome: it does
+    /// not know us as a member added in that epoch.
+    #[error(
+        "the invitation to group {group} cannot be used: the node refused its tree ({reason}); ask a member to invite you again"
+    )]
+    WelcomeTreeRefused {
+        /// The group, by name.
+        group: String,
+        /// The node's words.
+        reason: String,
+    },
     /// The node checked a group change (a Commit or a proposal) against the
     /// group's public state and found it not valid; it stored nothing.
     #[error(

@@ -7,8 +7,9 @@
 //! applies nothing twice.
 
 use quicnprotochat_core::{
-    CoreError, GroupMember, IdentityKeypair, Incoming, QueuedMessage, Received, Seq, classify,
+    CoreError, GroupId, GroupMember, IdentityKeypair, Incoming, QueuedMessage, Received, Seq, classify,
 };
+use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
 use crate::error::ClientError;
 use crate::naming::{group_name, member_name};
@@ -53,7 +54,7 @@ pub(crate) async fn catch_up(
     // messages are in the epoch after it.
     resume_publications(nodes, state, identity).await?;
     let seen = fetch_into_inbox(nodes, state, identity).await?;
-    process_inbox(state)?;
+    process_inbox(nodes, state).await?;
     Ok(seen)
 }
 
@@ -117,47 +118,103 @@ pub(crate) fn store_batch(
 }
 
 /// Processes every inbox entry, oldest first.
-pub(crate) fn process_inbox(state: &StateFile) -> Result<(), ClientError> {
+pub(crate) async fn process_inbox(nodes: &Nodes, state: &StateFile) -> Result<(), ClientError> {
     for (entry, payload) in state.inbox()? {
-        process_entry(state, entry, &payload, false)?;
+        process_entry(nodes, state, entry, &payload, false).await?;
     }
     Ok(())
 }
 
 /// Processes one inbox entry and removes it, in one transaction. A message
 /// that MLS rejects (garbage, unknown group, past epoch, ...) is reported on
-/// stderr and removed; a local failure (the state file) stops processing and
-/// keeps the entry for the next run. Returns whether the entry joined a group;
-/// `explicit_join` makes that group the current one.
-pub(crate) fn process_entry(
+/// stderr and removed; a local failure (the state file) or a node that
+/// cannot be asked stops processing and keeps the entry for the next run.
+/// Returns whether the entry joined a group; `explicit_join` makes that
+/// group the current one.
+///
+/// A Welcome without its ratchet tree (ours never carry it) is joined with
+/// the tree the node kept for us: the first try names the group and epoch
+/// and changes nothing, the second has the tree.
+pub(crate) async fn process_entry(
+    nodes: &Nodes,
     state: &StateFile,
     entry: i64,
     payload: &[u8],
     explicit_join: bool,
 ) -> Result<bool, ClientError> {
-    match state.consume_inbox_entry(entry, || apply(state, payload, explicit_join)) {
-        Ok(joined) => Ok(joined),
-        Err(e @ ClientError::Core(CoreError::FutureEpoch { .. })) => {
-            // A Commit we have not processed yet is missing; dropping this
-            // would lose it for good. Keep it for a later run.
-            eprintln!("warning: kept a queued message for later: {e}");
-            Ok(false)
+    let mut tree = None;
+    loop {
+        let outcome =
+            state.consume_inbox_entry(entry, || apply(state, payload, tree.as_deref(), explicit_join));
+        let (group_id, epoch) = match outcome {
+            Ok(joined) => return Ok(joined),
+            Err(ClientError::Core(CoreError::RatchetTreeNeeded { group_id, epoch })) if tree.is_none() => {
+                (group_id, epoch)
+            }
+            Err(e) => return settle_failure(state, entry, e).map(|()| false),
+        };
+        let fetched = match GroupId::new(group_id.clone()) {
+            Some(group) => nodes.delivery().fetch_welcome_tree(&group, epoch).await,
+            None => Err(ClientError::Core(CoreError::MalformedMessage(
+                "the Welcome's group id is not 1 to 256 bytes".into(),
+            ))),
+        };
+        match fetched {
+            Ok(FetchedWelcomeTree::Tree(fetched)) => tree = Some(fetched),
+            Ok(FetchedWelcomeTree::Unavailable) => {
+                let e = ClientError::WelcomeTreeUnavailable {
+                    group: group_name(&group_id),
+                    epoch,
+                };
+                return settle_failure(state, entry, e).map(|()| false);
+            }
+            // The node refused the call itself: it does not know us as a
+            // member this Welcome added (a forged or misdirected Welcome).
+            Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Failed => {
+                let e = ClientError::WelcomeTreeRefused {
+                    group: group_name(&group_id),
+                    reason: e.extra,
+                };
+                return settle_failure(state, entry, e).map(|()| false);
+            }
+            Err(e) => return Err(e),
         }
-        Err(e @ (ClientError::Core(_) | ClientError::UnknownGroup(_))) => {
-            // What the failed processing wrote is rolled back; drop the entry.
-            eprintln!("warning: skipped a queued message: {e}");
-            state.remove_inbox(entry)?;
-            Ok(false)
-        }
-        Err(e) => Err(e),
     }
 }
 
-fn apply(state: &StateFile, payload: &[u8], explicit_join: bool) -> Result<bool, ClientError> {
+/// After processing an entry failed (and everything it wrote was rolled
+/// back): keeps the entry when it may work later, drops it when it never
+/// will, and stops on a local failure.
+fn settle_failure(state: &StateFile, entry: i64, error: ClientError) -> Result<(), ClientError> {
+    match error {
+        e @ ClientError::Core(CoreError::FutureEpoch { .. }) => {
+            // A Commit we have not processed yet is missing; dropping this
+            // would lose it for good. Keep it for a later run.
+            eprintln!("warning: kept a queued message for later: {e}");
+            Ok(())
+        }
+        e @ (ClientError::Core(_)
+        | ClientError::UnknownGroup(_)
+        | ClientError::WelcomeTreeUnavailable { .. }
+        | ClientError::WelcomeTreeRefused { .. }) => {
+            eprintln!("warning: skipped a queued message: {e}");
+            state.remove_inbox(entry)?;
+            Ok(())
+        }
+        e => Err(e),
+    }
+}
+
+fn apply(
+    state: &StateFile,
+    payload: &[u8],
+    tree: Option<&[u8]>,
+    explicit_join: bool,
+) -> Result<bool, ClientError> {
     let provider = state.provider();
     match classify(payload)? {
         Incoming::Welcome => {
-            let group = GroupMember::join(&provider, payload)?;
+            let group = GroupMember::join(&provider, payload, tree)?;
             let group_id = group.group_id();
             // Joining from `recv` must not silently redirect a later `send`
             // without --group-id into a group someone invited us to.

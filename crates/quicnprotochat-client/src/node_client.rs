@@ -22,7 +22,7 @@ use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::outcome::{
-    CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, ProposalOutcome, SendOutcome,
+    CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, ProposalOutcome, SendOutcome,
 };
 use quicnprotochat_proto::wire::{Envelope, GroupState, read_messages};
 use quicnprotochat_proto::{cert, peer, rpc, transport};
@@ -305,6 +305,22 @@ impl NodeClient {
         request.get().set_group_id(group_id.as_bytes());
         let response = call(request.send().promise).await?;
         Ok(FetchedGroupInfo::read(response.get()?.get_outcome()?)?)
+    }
+
+    /// The ratchet tree of `group_id` in `epoch`, kept by the node for the
+    /// members the Commit that started `epoch` added, to join with their
+    /// Welcome; [`FetchedWelcomeTree::Unavailable`] if it keeps none. Anyone
+    /// else gets a [`capnp::ErrorKind::Failed`] exception.
+    pub async fn fetch_welcome_tree(
+        &self,
+        group_id: &GroupId,
+        epoch: u64,
+    ) -> Result<FetchedWelcomeTree, ClientError> {
+        let mut request = self.delivery.fetch_welcome_tree_request();
+        request.get().set_group_id(group_id.as_bytes());
+        request.get().set_epoch(epoch);
+        let response = call(request.send().promise).await?;
+        Ok(FetchedWelcomeTree::read(response.get()?.get_outcome()?)?)
     }
 
     /// Publishes a standalone `proposal` (made in `epoch` of `group_id`) to

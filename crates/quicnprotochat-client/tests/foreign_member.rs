@@ -11,11 +11,11 @@ use common::{TestNode, identity, local, state};
 use openmls::prelude::tls_codec::{DeserializeBytes as _, Serialize as _};
 use openmls::prelude::{
     KeyPackage, LeafNodeParameters, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
-    PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, StagedWelcome,
+    PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, RatchetTreeIn, StagedWelcome,
 };
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{CIPHERSUITE, GroupId, Seq};
-use quicnprotochat_proto::outcome::CommitOutcome;
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::Envelope;
 
 #[test]
@@ -69,7 +69,23 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
         let config = MlsGroupJoinConfig::builder()
             .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
             .build();
-        let mut group = StagedWelcome::new_from_welcome(&provider, &config, welcome, None)
+        // The Welcome carries no ratchet tree: as any client would, ask the
+        // node for the tree of the Welcome's group and epoch.
+        let staged = StagedWelcome::build_from_welcome(&provider, &config, welcome).unwrap();
+        let info = staged.processed_welcome().unverified_group_info();
+        assert!(info.extensions().ratchet_tree().is_none());
+        let group_id = GroupId::new(info.group_id().as_slice().to_vec()).unwrap();
+        let FetchedWelcomeTree::Tree(tree) = connection
+            .fetch_welcome_tree(&group_id, info.epoch().as_u64())
+            .await
+            .unwrap()
+        else {
+            panic!("the node keeps the tree for the member Alice added");
+        };
+        let tree = RatchetTreeIn::tls_deserialize_exact_bytes(&tree).unwrap();
+        let mut group = staged
+            .with_ratchet_tree(tree)
+            .build()
             .unwrap()
             .into_group(&provider)
             .unwrap();
@@ -85,7 +101,6 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
             payload: commit,
             message_id: Some(b"outsider-update".to_vec()),
         };
-        let group_id = GroupId::new(group.group_id().as_slice().to_vec()).unwrap();
         let outcome = connection
             .publish_commit(&group_id, epoch, &envelope, None, None, None)
             .await

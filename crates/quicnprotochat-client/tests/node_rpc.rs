@@ -13,7 +13,7 @@ use quicnprotochat_core::{
     GroupId, GroupMember, IdentityKey, KeyPackageOptions, Seq, generate_key_package_with,
 };
 use quicnprotochat_proto::delivery_capnp::delivery_service;
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, SendOutcome};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
@@ -655,7 +655,10 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
             .unwrap();
         assert_eq!(started, CommitOutcome::Accepted);
         creator.merge_pending_commit(&one).unwrap();
-        let mut joiner = GroupMember::join(&two, &added.welcome).unwrap();
+        let FetchedWelcomeTree::Tree(tree) = loser.fetch_welcome_tree(&group_id, 1).await.unwrap() else {
+            panic!("the node keeps the tree for the member it added");
+        };
+        let mut joiner = GroupMember::join(&two, &added.welcome, Some(&tree)).unwrap();
 
         // Two Commits made in epoch 1, as two members racing would make them.
         let first = creator.self_update(&one, &identity(1)).unwrap();

@@ -15,7 +15,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::ClientError;
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, generate_key_package};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedGroupInfo};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedGroupInfo, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
 /// Copies a member's state file aside, as a backup.
@@ -299,7 +299,10 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             .unwrap();
         assert_eq!(outcome, CommitOutcome::Accepted);
         creator.merge_pending_commit(&one).unwrap();
-        GroupMember::join(&two, &added.welcome).unwrap();
+        let FetchedWelcomeTree::Tree(tree) = joiner.fetch_welcome_tree(&group_id, 1).await.unwrap() else {
+            panic!("the node keeps the tree for the member it added");
+        };
+        GroupMember::join(&two, &added.welcome, Some(&tree)).unwrap();
 
         // Both members get epoch 1's GroupInfo, as published, and the tree.
         for client in [&member, &joiner] {

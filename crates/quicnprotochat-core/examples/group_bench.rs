@@ -73,10 +73,12 @@ fn run(size: usize) {
     group.merge_pending_commit(&creator.provider).unwrap();
     let add_one = started.elapsed();
 
-    // The last joiner joins from the Welcome (it holds the full ratchet tree).
+    // The last joiner joins from the Welcome and the ratchet tree (which
+    // the node serves; the Welcome does not carry it).
     let newcomer = joiners.last().expect("at least one joiner");
+    let tree = group.ratchet_tree().unwrap();
     let started = Instant::now();
-    let mut joined = GroupMember::join(&newcomer.provider, &added.welcome).unwrap();
+    let mut joined = GroupMember::join(&newcomer.provider, &added.welcome, Some(&tree)).unwrap();
     let join = started.elapsed();
     assert_eq!(joined.members().len(), size);
 

@@ -276,7 +276,8 @@ impl Group {
             .add_members(&creator.provider, &creator.identity, &packages)
             .unwrap();
         creator_group.merge_pending_commit(&creator.provider).unwrap();
-        let receiver_group = GroupMember::join(&receiver.provider, &added.welcome).unwrap();
+        let tree = creator_group.ratchet_tree().unwrap();
+        let receiver_group = GroupMember::join(&receiver.provider, &added.welcome, Some(&tree)).unwrap();
         assert_eq!(receiver_group.members().len(), size);
         Self {
             size,
@@ -305,13 +306,19 @@ impl Group {
                     .add_members(&self.creator.provider, &self.creator.identity, &packages)
                     .unwrap()
             });
+            // Welcomes carry no tree; the joiner gets it from the node.
+            let tree = self
+                .creator_group
+                .pending_ratchet_tree(&self.creator.provider)
+                .unwrap();
             self.creator_group
                 .discard_pending_commit(&self.creator.provider)
                 .unwrap();
             assert_eq!(self.creator_group.epoch(), epoch);
 
             let join = (count == 1).then(|| {
-                let (joined, took) = time(|| GroupMember::join(&newcomers, &added.welcome).unwrap());
+                let (joined, took) =
+                    time(|| GroupMember::join(&newcomers, &added.welcome, Some(&tree)).unwrap());
                 assert_eq!(joined.members().len(), self.size + 1);
                 took
             });

@@ -82,6 +82,21 @@ pub enum CoreError {
     #[error("we are no longer a member of this group")]
     NotAMember,
 
+    /// The Welcome's GroupInfo carries no ratchet tree (the delivery service
+    /// keeps it): fetch the tree of `epoch` of `group_id` and join again
+    /// with it (see [`crate::GroupMember::join`]). The KeyPackage the Welcome
+    /// addresses was kept.
+    #[error(
+        "the Welcome to group {} (epoch {epoch}) comes without its ratchet tree",
+        hex::encode(group_id)
+    )]
+    RatchetTreeNeeded {
+        /// The group the Welcome is for.
+        group_id: Vec<u8>,
+        /// The epoch the Welcome starts, whose tree is needed.
+        epoch: u64,
+    },
+
     /// A rejoin was asked for a group whose stored state is already in the
     /// group's current epoch and context: there is nothing to repair.
     #[error("the group is already up to date here (epoch {epoch}); there is nothing to rejoin")]

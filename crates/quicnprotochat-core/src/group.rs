@@ -43,12 +43,13 @@ use openmls::group::{
     WelcomeError,
 };
 use openmls::prelude::{
-    CommitBuilder, CommitMessageBundle, GroupId, Initial, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn,
-    MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage, RatchetTreeIn,
+    CommitBuilder, CommitMessageBundle, GroupId, Initial, KeyPackageBundle, LeafNodeIndex, MlsMessageBodyIn,
+    MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage, RatchetTreeIn,
     SenderRatchetConfiguration, WireFormat,
     tls_codec::{DeserializeBytes as _, Serialize as _},
 };
 use openmls::storage::OpenMlsProvider;
+use openmls_traits::storage::StorageProvider as _;
 
 use crate::CIPHERSUITE;
 use crate::error::CoreError;
@@ -228,8 +229,22 @@ impl GroupMember {
     ///
     /// The Welcome must address one of the KeyPackages generated with this
     /// provider's storage; that KeyPackage's private keys are consumed (even
-    /// if joining fails later on), so a Welcome can be used only once.
-    pub fn join<P: OpenMlsProvider>(provider: &P, welcome: &[u8]) -> Result<Self, CoreError> {
+    /// if joining fails later on, except with
+    /// [`CoreError::RatchetTreeNeeded`]), so a Welcome can be used only once.
+    ///
+    /// `ratchet_tree` (TLS-encoded) is the group's tree in the Welcome's
+    /// epoch, as the delivery service keeps it; openmls checks it against
+    /// the tree hash the Welcome's signed GroupInfo commits to, so a node
+    /// cannot slip in another tree. A Welcome whose GroupInfo carries the
+    /// tree itself needs none (and ignores this one). Without either, fails
+    /// with [`CoreError::RatchetTreeNeeded`], naming the group and epoch
+    /// whose tree to fetch, and leaves the KeyPackage in storage for the
+    /// next try.
+    pub fn join<P: OpenMlsProvider>(
+        provider: &P,
+        welcome: &[u8],
+        ratchet_tree: Option<&[u8]>,
+    ) -> Result<Self, CoreError> {
         let message = decode(welcome)?;
         let wire_format = message.wire_format();
         let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
@@ -239,14 +254,39 @@ impl GroupMember {
             });
         };
 
-        let builder = StagedWelcome::build_from_welcome(provider, &join_config(), welcome)
+        // openmls deletes the KeyPackage it joins with (unless it is a last
+        // resort) as soon as it has decrypted the Welcome, before it needs
+        // the tree; keep it to put back if we must come again with the tree.
+        let addressed = welcome.secrets().iter().find_map(|secret| {
+            let reference = secret.new_member();
+            provider
+                .storage()
+                .key_package::<_, KeyPackageBundle>(&reference)
+                .ok()
+                .flatten()
+                .map(|bundle| (reference, bundle))
+        });
+        let mut builder = StagedWelcome::build_from_welcome(provider, &join_config(), welcome)
             .map_err(welcome_error(None))?;
-        let group_id = builder
-            .processed_welcome()
-            .unverified_group_info()
-            .group_id()
-            .as_slice()
-            .to_vec();
+        let info = builder.processed_welcome().unverified_group_info();
+        let group_id = info.group_id().as_slice().to_vec();
+        if info.extensions().ratchet_tree().is_none() {
+            let Some(tree) = ratchet_tree else {
+                if let Some((reference, bundle)) = addressed {
+                    provider
+                        .storage()
+                        .write_key_package(&reference, &bundle)
+                        .map_err(CoreError::storage)?;
+                }
+                return Err(CoreError::RatchetTreeNeeded {
+                    epoch: info.epoch().as_u64(),
+                    group_id,
+                });
+            };
+            let tree = RatchetTreeIn::tls_deserialize_exact_bytes(tree)
+                .map_err(|e| CoreError::MalformedMessage(format!("ratchet tree: {e}")))?;
+            builder = builder.with_ratchet_tree(tree);
+        }
         // The adder validated each KeyPackage (lifetime included) when it
         // committed the Add. Re-checking the lifetimes of untouched leaves
         // here would lock newcomers out of any group where some member has
@@ -450,16 +490,38 @@ impl GroupMember {
             .group
             .export_group_info(provider.crypto(), identity, false)
             .map_err(CoreError::mls("exporting the GroupInfo"))?;
-        let ratchet_tree = self
-            .group
-            .export_ratchet_tree()
-            .tls_serialize_detached()
-            .map_err(CoreError::mls("encoding the ratchet tree"))?;
+        let ratchet_tree = self.ratchet_tree()?;
         Ok(PublicState {
             epoch: self.epoch(),
             group_info: encode(&group_info)?,
             ratchet_tree,
         })
+    }
+
+    /// The group's ratchet tree in the current epoch, TLS-encoded (the data
+    /// of a `ratchet_tree` extension): what a joiner of this epoch needs
+    /// with its Welcome.
+    pub fn ratchet_tree(&self) -> Result<Vec<u8>, CoreError> {
+        self.group
+            .export_ratchet_tree()
+            .tls_serialize_detached()
+            .map_err(CoreError::mls("encoding the ratchet tree"))
+    }
+
+    /// The ratchet tree of the epoch our pending commit starts, TLS-encoded:
+    /// what its joiners need if they cannot get it from the delivery service
+    /// (which computes the same tree when it accepts the commit).
+    pub fn pending_ratchet_tree<P: OpenMlsProvider>(&self, provider: &P) -> Result<Vec<u8>, CoreError> {
+        let pending = self.group.pending_commit().ok_or(CoreError::NoPendingCommit)?;
+        pending
+            .export_ratchet_tree(provider.crypto(), self.group.export_ratchet_tree())
+            .map_err(CoreError::mls("building the pending ratchet tree"))?
+            .ok_or_else(|| CoreError::Mls {
+                operation: "building the pending ratchet tree",
+                detail: "the pending commit has no tree of its own".into(),
+            })?
+            .tls_serialize_detached()
+            .map_err(CoreError::mls("encoding the ratchet tree"))
     }
 
     /// Adds everyone whose KeyPackage is given, in one commit.
@@ -641,10 +703,8 @@ impl GroupMember {
 
     /// The GroupInfo of the epoch our pending commit starts (a TLS-encoded
     /// `MlsMessage`, signed by us), made with the commit, for the delivery
-    /// service to check and serve to members who rejoin. It carries the
-    /// ratchet tree only if the commit adds members (openmls puts the same
-    /// extensions in the Welcome's GroupInfo and this one, and joiners take
-    /// the tree from the Welcome).
+    /// service to check and serve to members who rejoin. It never carries
+    /// the ratchet tree: the delivery service has it.
     ///
     /// Only the `GroupMember` that made the commit has it: openmls does not
     /// store it, so a group loaded again has none. Save it with the commit
@@ -668,10 +728,11 @@ impl GroupMember {
             .load_psks(provider.storage())
             .map_err(CoreError::mls(operation))?
             .create_group_info(true)
-            // A Welcome must carry the tree (joiners have no other source);
-            // otherwise the GroupInfo goes without it, as the delivery
-            // service serves the tree on its own.
-            .use_ratchet_tree_extension(welcome)
+            // Neither the Welcome nor the GroupInfo carries the tree: the
+            // delivery service keeps it and serves it to joiners (and to
+            // members who rejoin), so a Welcome stays small whatever the
+            // group's size (the tree is ~350 B per member).
+            .use_ratchet_tree_extension(false)
             .build(provider.rand(), provider.crypto(), identity, |_| true)
             .map_err(CoreError::mls(operation))?
             .stage_commit(provider)
@@ -1019,9 +1080,11 @@ pub fn classify(message: &[u8]) -> Result<Incoming, CoreError> {
 fn create_config() -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
-        // Welcomes carry the ratchet tree, so joining needs no second
-        // message or out-of-band tree download.
-        .use_ratchet_tree_extension(true)
+        // No ratchet tree in Welcomes or GroupInfos: the delivery service
+        // keeps each group's tree and serves it to joiners, who check it
+        // against the tree hash (a Welcome carrying the tree would grow by
+        // ~350 B per member and stop at the node's payload limit).
+        .use_ratchet_tree_extension(false)
         // Commits and proposals go out as PublicMessages and we accept no
         // others, so the delivery service can check every commit against the
         // group's public state before anyone applies it (a commit it could
@@ -1123,18 +1186,31 @@ mod tests {
             GroupMember::create(&self.provider, &self.identity, GROUP_ID).unwrap()
         }
 
-        fn join(&self, welcome: &[u8]) -> GroupMember {
-            GroupMember::join(&self.provider, welcome).unwrap()
+        /// Joins from the Welcome with the tree the node would serve.
+        fn join(&self, added: &Added) -> GroupMember {
+            GroupMember::join(&self.provider, &added.welcome, Some(&added.tree)).unwrap()
         }
 
-        /// Adds `joiners` in one commit, merges it and returns the messages.
-        fn add(&self, group: &mut GroupMember, joiners: &[&Client]) -> AddedMembers {
+        /// Joins from `welcome` with the tree of `adder`, which merged the
+        /// add.
+        fn join_from(&self, welcome: &[u8], adder: &GroupMember) -> GroupMember {
+            let tree = adder.ratchet_tree().unwrap();
+            GroupMember::join(&self.provider, welcome, Some(&tree)).unwrap()
+        }
+
+        /// Adds `joiners` in one commit, merges it and returns the messages
+        /// with the new epoch's tree.
+        fn add(&self, group: &mut GroupMember, joiners: &[&Client]) -> Added {
             let key_packages: Vec<_> = joiners.iter().map(|c| c.key_package()).collect();
-            let added = group
+            let AddedMembers { commit, welcome } = group
                 .add_members(&self.provider, &self.identity, &key_packages)
                 .unwrap();
             group.merge_pending_commit(&self.provider).unwrap();
-            added
+            Added {
+                commit,
+                welcome,
+                tree: group.ratchet_tree().unwrap(),
+            }
         }
 
         fn send(&self, group: &mut GroupMember, text: &str) -> Vec<u8> {
@@ -1146,6 +1222,14 @@ mod tests {
         fn receive(&self, group: &mut GroupMember, message: &[u8]) -> Received {
             group.receive(&self.provider, message).unwrap()
         }
+    }
+
+    /// What an add produced, and the tree of the epoch it started (which the
+    /// node keeps for the joiners).
+    struct Added {
+        commit: Vec<u8>,
+        welcome: Vec<u8>,
+        tree: Vec<u8>,
     }
 
     fn application(sender: &Client, text: &str) -> Received {
@@ -1161,7 +1245,7 @@ mod tests {
         let bob = Client::new();
         let mut alice_group = alice.create();
         let added = alice.add(&mut alice_group, &[&bob]);
-        let bob_group = bob.join(&added.welcome);
+        let bob_group = bob.join(&added);
         (alice, alice_group, bob, bob_group)
     }
 
@@ -1229,7 +1313,7 @@ mod tests {
             bob.receive(&mut bob_group, &added.commit),
             Received::Commit { epoch: 2 }
         );
-        let mut carol_group = carol.join(&added.welcome);
+        let mut carol_group = carol.join(&added);
 
         for group in [&alice_group, &bob_group, &carol_group] {
             assert_eq!(group.epoch(), 2);
@@ -1277,7 +1361,7 @@ mod tests {
             alice.receive(&mut alice_group, &added.commit),
             Received::Commit { epoch: 2 }
         );
-        let mut carol_group = carol.join(&added.welcome);
+        let mut carol_group = carol.join(&added);
 
         let message = carol.send(&mut carol_group, "thanks bob");
         assert_eq!(
@@ -1299,8 +1383,8 @@ mod tests {
 
         let added = alice.add(&mut alice_group, &[&bob, &carol]);
         assert_eq!(alice_group.epoch(), 1);
-        let mut bob_group = bob.join(&added.welcome);
-        let mut carol_group = carol.join(&added.welcome);
+        let mut bob_group = bob.join(&added);
+        let mut carol_group = carol.join(&added);
 
         for group in [&alice_group, &bob_group, &carol_group] {
             assert_eq!(group.epoch(), 1);
@@ -1353,7 +1437,7 @@ mod tests {
             bob.receive(&mut bob_group, &retried.commit),
             Received::Commit { epoch: 2 }
         );
-        let mut carol_group = carol.join(&retried.welcome);
+        let mut carol_group = carol.join(&retried);
         let message = carol.send(&mut carol_group, "made it");
         assert_eq!(
             alice.receive(&mut alice_group, &message),
@@ -1455,7 +1539,7 @@ mod tests {
         let mut group = alice.create();
         let added = alice.add(&mut group, &[&bob]);
 
-        let err = GroupMember::join(&eve.provider, &added.welcome).unwrap_err();
+        let err = GroupMember::join(&eve.provider, &added.welcome, Some(&added.tree)).unwrap_err();
         assert_eq!(err, CoreError::NoMatchingKeyPackage);
         assert_eq!(err.to_string(), "welcome is not for any of our KeyPackages");
     }
@@ -1466,17 +1550,50 @@ mod tests {
         let bob = Client::new();
         let mut group = alice.create();
         let added = alice.add(&mut group, &[&bob]);
-        let _bob_group = bob.join(&added.welcome);
-        assert!(GroupMember::join(&bob.provider, &added.welcome).is_err());
+        let _bob_group = bob.join(&added);
+        assert!(GroupMember::join(&bob.provider, &added.welcome, Some(&added.tree)).is_err());
+    }
+
+    #[test]
+    fn a_welcome_without_its_tree_names_the_tree_to_fetch() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let mut group = alice.create();
+        let added = alice.add(&mut group, &[&bob]);
+        assert_eq!(
+            GroupMember::join(&bob.provider, &added.welcome, None).unwrap_err(),
+            CoreError::RatchetTreeNeeded {
+                group_id: GROUP_ID.to_vec(),
+                epoch: 1
+            }
+        );
+        // Nothing was consumed: the same Welcome works with the tree.
+        let bob_group = bob.join(&added);
+        assert_eq!(bob_group.members(), group.members());
+    }
+
+    #[test]
+    fn a_tree_that_is_not_the_welcomes_is_refused() {
+        let alice = Client::new();
+        let (bob, carol, dave) = (Client::new(), Client::new(), Client::new());
+        let mut group = alice.create();
+        let first = alice.add(&mut group, &[&bob]);
+        let second = alice.add(&mut group, &[&carol, &dave]);
+        // The tree of another epoch (what a lying node could serve): its
+        // hash is not the one the Welcome's signed GroupInfo commits to.
+        let err = GroupMember::join(&carol.provider, &second.welcome, Some(&first.tree)).unwrap_err();
+        assert!(err.to_string().contains("joining from a Welcome"), "{err}");
+        let err = GroupMember::join(&dave.provider, &second.welcome, Some(b"junk")).unwrap_err();
+        assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
     }
 
     #[test]
     fn join_rejects_non_welcome_messages() {
         let (alice, mut alice_group, bob, _bob_group) = alice_and_bob();
         let message = alice.send(&mut alice_group, "not a welcome");
-        let err = GroupMember::join(&bob.provider, &message).unwrap_err();
+        let err = GroupMember::join(&bob.provider, &message, None).unwrap_err();
         assert!(matches!(err, CoreError::UnexpectedMessage { .. }), "{err}");
-        let err = GroupMember::join(&bob.provider, b"junk").unwrap_err();
+        let err = GroupMember::join(&bob.provider, b"junk", None).unwrap_err();
         assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
     }
 
@@ -1718,7 +1835,7 @@ mod tests {
         assert_eq!(alice_group.epoch(), 2);
 
         bob.receive(&mut bob_group, &added.commit);
-        let mut carol_group = carol.join(&added.welcome);
+        let mut carol_group = carol.join_from(&added.welcome, &alice_group);
         let message = carol.send(&mut carol_group, "hello");
         assert_eq!(
             alice.receive(&mut alice_group, &message),
@@ -1789,7 +1906,7 @@ mod tests {
             alice.receive(&mut alice_group, &bobs.commit),
             Received::Commit { epoch: 3 }
         );
-        let mut dave_group = dave.join(&bobs.welcome);
+        let mut dave_group = dave.join(&bobs);
         let message = dave.send(&mut dave_group, "hi all");
         assert_eq!(
             alice.receive(&mut alice_group, &message),
@@ -1819,7 +1936,7 @@ mod tests {
             bob.receive(&mut bob_group, &added.commit),
             Received::Removed { epoch: 2 }
         );
-        let mut carol_group = carol.join(&added.welcome);
+        let mut carol_group = carol.join(&added);
         let message = alice.send(&mut alice_group, "unblocked");
         assert_eq!(
             carol.receive(&mut carol_group, &message),
@@ -1832,7 +1949,7 @@ mod tests {
         let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
         let mut a = alice.create();
         let added = alice.add(&mut a, &[&bob, &carol]);
-        let (mut b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+        let (mut b, mut c) = (bob.join(&added), carol.join(&added));
 
         let commit = b.self_update(&bob.provider, &bob.identity).unwrap();
         b.merge_pending_commit(&bob.provider).unwrap();
@@ -1853,7 +1970,7 @@ mod tests {
         let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
         let mut a = alice.create();
         let added = alice.add(&mut a, &[&bob, &carol]);
-        let (mut b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+        let (mut b, mut c) = (bob.join(&added), carol.join(&added));
 
         // Alice (leaf 0) leaves: Bob and Carol store the proposal.
         let proposal = a.leave(&alice.provider, &alice.identity).unwrap();
@@ -1894,8 +2011,8 @@ mod tests {
         let carol = Client::new();
         let mut alice_group = alice.create();
         let added = alice.add(&mut alice_group, &[&bob, &carol]);
-        let mut bob_group = bob.join(&added.welcome);
-        let mut carol_group = carol.join(&added.welcome);
+        let mut bob_group = bob.join(&added);
+        let mut carol_group = carol.join(&added);
 
         assert_eq!(wire_format(&added.commit), WireFormat::PublicMessage);
         assert!(matches!(
@@ -1976,10 +2093,12 @@ mod tests {
         let ciphertext_config = MlsGroupJoinConfig::builder()
             .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
             .build();
-        let mut bob_group = StagedWelcome::new_from_welcome(&bob.provider, &ciphertext_config, welcome, None)
-            .unwrap()
-            .into_group(&bob.provider)
-            .unwrap();
+        let tree = RatchetTreeIn::tls_deserialize_exact_bytes(&added.tree).unwrap();
+        let mut bob_group =
+            StagedWelcome::new_from_welcome(&bob.provider, &ciphertext_config, welcome, Some(tree))
+                .unwrap()
+                .into_group(&bob.provider)
+                .unwrap();
 
         // An encrypted Commit is one the node could not have checked: refused.
         let bundle = bob_group
@@ -2098,7 +2217,7 @@ mod tests {
                 .epoch,
             1
         );
-        let mut bob_group = bob.join(&added.welcome);
+        let mut bob_group = bob.join_from(&added.welcome, &alice_group);
 
         // Bob's update is checked by the node too, and a forged one is not.
         // A PublicMessage Commit ends with its signature, the confirmation
@@ -2129,7 +2248,7 @@ mod tests {
         let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
         let mut a = alice.create();
         let added = alice.add(&mut a, &[&bob, &carol]);
-        let (mut b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+        let (mut b, mut c) = (bob.join(&added), carol.join(&added));
 
         // Carol asks to leave; Bob then asks too, but the node refuses his.
         let carols = c.leave(&carol.provider, &carol.identity).unwrap();
@@ -2232,8 +2351,8 @@ mod tests {
         let mut a = alice.create();
         assert_eq!(a.pending_group_info(), None);
 
-        // An add: the Welcome needs the tree, and openmls gives this
-        // GroupInfo the same extensions.
+        // An add: neither the Welcome nor this GroupInfo carries the tree
+        // (the node serves it).
         let added = a
             .add_members(
                 &alice.provider,
@@ -2243,7 +2362,7 @@ mod tests {
             .unwrap();
         let info = group_info_of(a.pending_group_info().unwrap());
         assert_eq!(info.epoch().as_u64(), 1);
-        assert!(info.extensions().ratchet_tree().is_some());
+        assert!(info.extensions().ratchet_tree().is_none());
         assert!(
             GroupMember::load(&alice.provider, GROUP_ID)
                 .unwrap()
@@ -2256,7 +2375,10 @@ mod tests {
         assert_eq!(a.pending_group_info(), None);
         assert_eq!(info.group_context(), a.group.public_group().group_context());
         assert!(signed_by(&info, &alice));
-        let (mut b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+        let (mut b, mut c) = (
+            bob.join_from(&added.welcome, &a),
+            carol.join_from(&added.welcome, &a),
+        );
 
         // Commits without a Welcome: without the tree.
         let update = b.self_update(&bob.provider, &bob.identity).unwrap();
@@ -2292,7 +2414,7 @@ mod tests {
         let (alice, bob, carol) = (Client::new(), Client::new(), Client::new());
         let mut a = alice.create();
         let added = alice.add(&mut a, &[&bob, &carol]);
-        let (mut old_b, mut c) = (bob.join(&added.welcome), carol.join(&added.welcome));
+        let (mut old_b, mut c) = (bob.join(&added), carol.join(&added));
         let (update, group_info, tree) = update_with_group_info(&alice, &mut a);
         bob.receive(&mut old_b, &update);
         carol.receive(&mut c, &update);

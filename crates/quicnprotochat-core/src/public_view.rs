@@ -134,19 +134,37 @@ impl PublicView {
 
     /// Checks `commit` (a TLS-encoded MLSMessage carrying a PublicMessage
     /// Commit of the current epoch, sent by `caller`) and applies it: the
-    /// group moves to the next epoch. On `Err` the state may be partly
-    /// changed: drop it and decode the stored one again.
-    pub fn apply_commit(&mut self, commit: &[u8], caller: &IdentityKey) -> Result<(), Invalid> {
+    /// group moves to the next epoch. Returns the identities the Commit
+    /// added (they join by Welcome and need the new epoch's
+    /// [`Self::ratchet_tree`]). On `Err` the state may be partly changed:
+    /// drop it and decode the stored one again.
+    pub fn apply_commit(&mut self, commit: &[u8], caller: &IdentityKey) -> Result<Vec<IdentityKey>, Invalid> {
         let processed = self.process(commit, "Commit")?;
         let sender = processed.sender().clone();
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(Invalid("the message is not a Commit".into()));
         };
         self.check_commit(&sender, &staged, caller)?;
+        let added = staged
+            .add_proposals()
+            .map(|add| leaf_identity(add.add_proposal().key_package().leaf_node()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Invalid(format!("an added member: {e}")))?;
         self.group
             .merge_commit(&self.items, *staged)
             .map_err(|e| Invalid(format!("the Commit cannot be applied: {e}")))?;
-        self.check_members()
+        self.check_members()?;
+        Ok(added)
+    }
+
+    /// The current epoch's ratchet tree, TLS-encoded: what a member joining
+    /// by a Welcome of this epoch needs.
+    pub fn ratchet_tree(&self) -> Vec<u8> {
+        // Encoding a tree openmls built and checked cannot fail.
+        self.group
+            .export_ratchet_tree()
+            .tls_serialize_detached()
+            .unwrap_or_default()
     }
 
     /// Keeps `group_info` (a TLS-encoded MLSMessage carrying the GroupInfo of
@@ -186,8 +204,7 @@ impl PublicView {
     /// while no Commit of this epoch brought a GroupInfo.
     pub fn group_info(&self) -> Option<(Vec<u8>, Vec<u8>)> {
         let group_info = self.items.0.borrow().group_info.clone()?;
-        let tree = self.group.export_ratchet_tree().tls_serialize_detached().ok()?;
-        Some((group_info, tree))
+        Some((group_info, self.ratchet_tree()))
     }
 
     /// Checks a standalone proposal (a TLS-encoded MLSMessage carrying a

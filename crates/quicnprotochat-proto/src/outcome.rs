@@ -234,6 +234,36 @@ impl FetchedGroupInfo {
     }
 }
 
+/// What `fetchWelcomeTree` found (`FetchedWelcomeTree`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchedWelcomeTree {
+    /// The group's ratchet tree in the asked epoch, TLS-encoded.
+    Tree(Vec<u8>),
+    /// The node keeps no tree for that epoch.
+    Unavailable,
+}
+
+impl FetchedWelcomeTree {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: delivery_capnp::fetched_welcome_tree::Builder<'_>) {
+        match self {
+            FetchedWelcomeTree::Tree(tree) => builder.set_tree(tree),
+            FetchedWelcomeTree::Unavailable => builder.set_unavailable(()),
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(
+        reader: delivery_capnp::fetched_welcome_tree::Reader<'_>,
+    ) -> Result<FetchedWelcomeTree, OutcomeError> {
+        use delivery_capnp::fetched_welcome_tree::Which;
+        Ok(match reader.which()? {
+            Which::Tree(tree) => FetchedWelcomeTree::Tree(tree?.to_vec()),
+            Which::Unavailable(()) => FetchedWelcomeTree::Unavailable,
+        })
+    }
+}
+
 fn read_reason(invalid: delivery_capnp::invalid_message::Reader<'_>) -> Result<String, OutcomeError> {
     invalid
         .get_reason()?
@@ -347,6 +377,17 @@ mod tests {
             outcome.write(message.init_root());
             assert_eq!(
                 ProposalOutcome::read(message.get_root_as_reader().unwrap()).unwrap(),
+                outcome
+            );
+        }
+        for outcome in [
+            FetchedWelcomeTree::Tree(vec![3, 4]),
+            FetchedWelcomeTree::Unavailable,
+        ] {
+            let mut message = capnp::message::Builder::new_default();
+            outcome.write(message.init_root());
+            assert_eq!(
+                FetchedWelcomeTree::read(message.get_root_as_reader().unwrap()).unwrap(),
                 outcome
             );
         }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use capnp::capability::Rc;
 use quicnprotochat_core::{IdentityKey, Seq, fingerprint};
 use quicnprotochat_proto::outcome::{
-    CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, ProposalOutcome, RateLimited, SendOutcome,
+    CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, ProposalOutcome, RateLimited,
+    SendOutcome,
 };
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
@@ -21,7 +22,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::delivery::{CommitRefusal, NotAMember, push};
+use crate::delivery::{CommitRefusal, NotAJoiner, NotAMember, push};
 use crate::error::ServiceError;
 use crate::limits::{Caller, RateLimits};
 use crate::store::Store;
@@ -406,6 +407,36 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             Err(NotAMember) => {
                 return Err(ServiceError::PermissionDenied(format!(
                     "{} is not a member of this group; only members may read its GroupInfo",
+                    caller.short()
+                ))
+                .into());
+            }
+        };
+        outcome.write(results.get().init_outcome());
+        Ok(())
+    }
+
+    async fn fetch_welcome_tree(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::FetchWelcomeTreeParams,
+        mut results: delivery_capnp::delivery_service::FetchWelcomeTreeResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let caller = self.require_authenticated()?;
+        let params = params.get()?;
+        let group = wire::group_id("groupId", params.get_group_id()?).map_err(ServiceError::from)?;
+        let outcome = match self
+            .shared
+            .store
+            .welcome_tree(group, params.get_epoch(), caller)
+            .await
+            .map_err(ServiceError::from)?
+        {
+            Ok(Some(tree)) => FetchedWelcomeTree::Tree(tree),
+            Ok(None) => FetchedWelcomeTree::Unavailable,
+            Err(NotAJoiner) => {
+                return Err(ServiceError::PermissionDenied(format!(
+                    "{} was not added to this group in that epoch; only the members a Commit added may read its tree",
                     caller.short()
                 ))
                 .into());

@@ -53,6 +53,7 @@ conformance!(
     a_fanned_out_payload_reaches_every_recipient_once,
     only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it,
     a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused,
+    the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_restart,
     a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothing,
     a_read_sees_every_commit_as_soon_as_it_is_answered,
 );

@@ -3,8 +3,9 @@
 //! and check both messages decrypt.
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{GroupMember, IdentityKeypair, Received, generate_key_package};
-use quicnprotochat_proto::outcome::FetchedKeyPackage;
+use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKeypair, Received, generate_key_package};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
+use quicnprotochat_proto::wire::{Envelope, GroupState};
 
 use super::node::upload;
 use crate::cli::ConnectionArgs;
@@ -88,17 +89,46 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     let mut alice_group = GroupMember::create(&alice.provider, &alice.identity, group_id.as_bytes())?;
     println!("Alice: created group {group_id} (epoch {})", alice_group.epoch());
 
+    // The node checks every group change against the group's public state,
+    // which Alice hands over with her first change.
+    let initial_state = alice_group.export_public_state(&alice.provider, &alice.identity)?;
     let added = alice_group.add_members(&alice.provider, &alice.identity, &[fetched])?;
-    accepted(
-        alice
-            .nodes
-            .delivery()
-            .enqueue(&bob.identity.public_key(), &added.welcome)
-            .await?,
-    )?;
+    let group = GroupId::new(alice_group.group_id())
+        .ok_or_else(|| ClientError::Demo("the demo's group id is not 1 to 256 bytes".into()))?;
+    let welcome = Envelope {
+        recipients: vec![bob.identity.public_key()],
+        payload: added.welcome.clone(),
+        message_id: None,
+    };
+    let commit = Envelope {
+        recipients: Vec::new(),
+        payload: added.commit,
+        message_id: None,
+    };
+    let initial_state = GroupState {
+        group_info: initial_state.group_info,
+        ratchet_tree: initial_state.ratchet_tree,
+    };
+    let outcome = alice
+        .nodes
+        .delivery()
+        .publish_commit(
+            &group,
+            alice_group.epoch(),
+            &commit,
+            Some(&welcome),
+            Some(&initial_state),
+            alice_group.pending_group_info(),
+        )
+        .await?;
+    if outcome != CommitOutcome::Accepted {
+        return Err(ClientError::Demo(format!(
+            "the node refused Alice's add: {outcome:?}"
+        )));
+    }
     alice_group.merge_pending_commit(&alice.provider)?;
     println!(
-        "Alice: added Bob and queued his Welcome ({} bytes); epoch {}",
+        "Alice: added Bob (the node checked the Commit) and queued his Welcome ({} bytes); epoch {}",
         added.welcome.len(),
         alice_group.epoch()
     );
@@ -107,7 +137,25 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     let welcome = queued
         .first()
         .ok_or_else(|| ClientError::Demo("Bob's queue holds no Welcome".into()))?;
-    let mut bob_group = GroupMember::join(&bob.provider, welcome)?;
+    // The Welcome does not carry the group's ratchet tree: the node keeps
+    // it for the members the add named.
+    let mut bob_group = match GroupMember::join(&bob.provider, welcome, None) {
+        Err(CoreError::RatchetTreeNeeded { epoch, .. }) => {
+            let FetchedWelcomeTree::Tree(tree) =
+                bob.nodes.delivery().fetch_welcome_tree(&group, epoch).await?
+            else {
+                return Err(ClientError::Demo(
+                    "the node keeps no tree for Bob's Welcome".into(),
+                ));
+            };
+            println!(
+                "Bob: fetched the group's ratchet tree from the node ({} bytes)",
+                tree.len()
+            );
+            GroupMember::join(&bob.provider, welcome, Some(&tree))?
+        }
+        joined => joined?,
+    };
     println!(
         "Bob: joined {group_id} from the Welcome (epoch {}, {} members)",
         bob_group.epoch(),

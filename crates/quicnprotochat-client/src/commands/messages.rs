@@ -87,7 +87,7 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Re
             };
             seen = store_batch(&state, seen, batch)?;
             nodes.delivery().ack(&me, seen.after()).await?;
-            process_inbox(&state)?;
+            process_inbox(&nodes, &state).await?;
             commit_due_proposals(&nodes, &state, &identity).await?;
         }
     }
@@ -102,15 +102,15 @@ pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     fetch_into_inbox(&nodes, &state, &identity).await?;
-    nodes.close().await;
     let mut joined = 0;
     for (entry, payload) in state.inbox()? {
         if matches!(classify(&payload), Ok(Incoming::Welcome))
-            && process_entry(&state, entry, &payload, true)?
+            && process_entry(&nodes, &state, entry, &payload, true).await?
         {
             joined += 1;
         }
     }
+    nodes.close().await;
     if joined == 0 {
         return Err(ClientError::NoGroup(
             "no Welcome is waiting for you; ask a member to `invite` you (with your identity key from `whoami`), then run `join` again".into(),

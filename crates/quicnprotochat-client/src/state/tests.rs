@@ -82,7 +82,8 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
 
     // A new StateFile, as a new process would open it.
     let state = StateFile::open(&path).unwrap();
-    let mut bob_group = GroupMember::join(&state.provider(), &added.welcome).unwrap();
+    let tree = alice_group.ratchet_tree().unwrap();
+    let mut bob_group = GroupMember::join(&state.provider(), &added.welcome, Some(&tree)).unwrap();
     let received = bob_group.receive(&state.provider(), &ciphertext).unwrap();
     assert_eq!(
         received,

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use quicnprotochat_core::{GroupId, IdentityKey, Seq};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
-use super::storage::{KeyPackageRow, Storage};
+use super::storage::{KeyPackageRow, Storage, WelcomeTree};
 
 /// Everything a node stores, in maps. Cloning it is a snapshot: see
 /// [`MemoryStorage::command`].
@@ -22,6 +22,7 @@ pub struct MemoryStorage {
     last_seq: u64,
     groups: HashMap<GroupId, u64>,
     views: HashMap<GroupId, Vec<u8>>,
+    welcome_trees: HashMap<(GroupId, u64), (WelcomeTree, i64)>,
 }
 
 impl MemoryStorage {
@@ -181,7 +182,32 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn put_welcome_tree(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        tree: &[u8],
+        joiners: &[IdentityKey],
+        now: i64,
+    ) -> Result<(), Infallible> {
+        let kept = WelcomeTree {
+            tree: tree.to_vec(),
+            joiners: joiners.to_vec(),
+        };
+        self.welcome_trees.insert((group.clone(), epoch), (kept, now));
+        Ok(())
+    }
+
+    fn welcome_tree(&mut self, group: &GroupId, epoch: u64) -> Result<Option<WelcomeTree>, Infallible> {
+        Ok(self
+            .welcome_trees
+            .get(&(group.clone(), epoch))
+            .map(|(kept, _)| kept.clone()))
+    }
+
     fn purge(&mut self, older_than: i64, now: i64) -> Result<usize, Infallible> {
+        self.welcome_trees
+            .retain(|_, (_, created_at)| *created_at >= older_than);
         let mut purged = 0;
         for queue in self.queues.values_mut() {
             let before = queue.len();

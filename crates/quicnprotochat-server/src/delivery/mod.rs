@@ -16,9 +16,10 @@ pub mod storage;
 
 pub use memory::MemoryStorage;
 pub use rules::{
-    CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAMember,
+    CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner,
+    NotAMember,
 };
-pub use storage::{KeyPackageRow, Storage};
+pub use storage::{KeyPackageRow, Storage, WelcomeTree};
 
 #[cfg(test)]
 mod tests;

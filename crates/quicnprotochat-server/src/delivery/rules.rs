@@ -194,9 +194,10 @@ pub fn publish_commit<S: Storage>(
         }));
     }
     let commit = &publication.commit;
-    if let Err(invalid) = view.apply_commit(&commit.payload, sender) {
-        return Ok(Err(invalid.into()));
-    }
+    let added = match view.apply_commit(&commit.payload, sender) {
+        Ok(added) => added,
+        Err(invalid) => return Ok(Err(invalid.into())),
+    };
     match &publication.group_info {
         Some(group_info) => {
             if let Err(invalid) = view.accept_group_info(group_info, sender) {
@@ -222,6 +223,10 @@ pub fn publish_commit<S: Storage>(
     }
     storage.set_group_view(group, &view.encode())?;
     storage.set_group_epoch(group, view.epoch())?;
+    if !added.is_empty() {
+        // Welcomes do not carry the tree; the new members fetch it.
+        storage.put_welcome_tree(group, view.epoch(), &view.ratchet_tree(), &added, now)?;
+    }
     // A group of one has nobody to send its Commit to; its epoch still counts.
     if !commit.recipients.is_empty() {
         append(storage, commit, now)?;
@@ -302,6 +307,31 @@ pub fn group_info<S: Storage>(
             ratchet_tree,
         }
     })))
+}
+
+/// The caller of [`welcome_tree`] is not among the members the Commit that
+/// started the epoch added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotAJoiner;
+
+/// The ratchet tree of `group` in `epoch`, for `caller` to join with a
+/// Welcome of that epoch; `Ok(None)` if the node keeps none (purged, or no
+/// Commit it accepted started that epoch by adding members). Only the
+/// members that Commit added may read it.
+pub fn welcome_tree<S: Storage>(
+    storage: &mut S,
+    group: &GroupId,
+    epoch: u64,
+    caller: &IdentityKey,
+) -> Result<Result<Option<Vec<u8>>, NotAJoiner>, S::Error> {
+    let Some(kept) = storage.welcome_tree(group, epoch)? else {
+        return Ok(Ok(None));
+    };
+    if kept.joiners.contains(caller) {
+        Ok(Ok(Some(kept.tree)))
+    } else {
+        Ok(Err(NotAJoiner))
+    }
 }
 
 /// The stored public view of `group`; [`CommitRefusal::UnknownGroup`] if

@@ -13,6 +13,15 @@ use quicnprotochat_proto::wire::ValidKeyPackage;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyPackageRow(pub i64);
 
+/// A ratchet tree kept for the members a Commit added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WelcomeTree {
+    /// The tree, TLS-encoded.
+    pub tree: Vec<u8>,
+    /// Who may fetch it: the members the Commit added.
+    pub joiners: Vec<IdentityKey>,
+}
+
 /// One transaction's reads and writes. Times are Unix seconds, passed in so
 /// that the rules stay deterministic.
 pub trait Storage {
@@ -98,7 +107,24 @@ pub trait Storage {
     /// Stores the public view of `group`, replacing the old one.
     fn set_group_view(&mut self, group: &GroupId, view: &[u8]) -> Result<(), Self::Error>;
 
-    /// Deletes messages and message ids recorded before `older_than`, and
-    /// KeyPackages expired at `now`; returns how many messages went.
+    /// Keeps `tree`, the ratchet tree of `group` in `epoch`, for `joiners`
+    /// (the members the Commit that started `epoch` added) to fetch with
+    /// their Welcome.
+    fn put_welcome_tree(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        tree: &[u8],
+        joiners: &[IdentityKey],
+        now: i64,
+    ) -> Result<(), Self::Error>;
+
+    /// The tree kept for the joiners of `epoch` of `group`, and who they
+    /// are.
+    fn welcome_tree(&mut self, group: &GroupId, epoch: u64) -> Result<Option<WelcomeTree>, Self::Error>;
+
+    /// Deletes messages, message ids and Welcome trees recorded before
+    /// `older_than`, and KeyPackages expired at `now`; returns how many
+    /// messages went.
     fn purge(&mut self, older_than: i64, now: i64) -> Result<usize, Self::Error>;
 }

@@ -253,7 +253,12 @@ fn alice_and_bob(storage: &mut MemoryStorage) -> (mls::Member, mls::Member) {
     let publication = alice.publication(add, &[], b"add", true);
     publish(storage, &alice.key(), &publication, 100).unwrap();
     alice.merge();
-    (alice, mls::join(2, provider, &welcome))
+    // Bob joins with the tree the node kept for him.
+    let tree = storage
+        .run(|s| rules::welcome_tree(s, &publication.group_id, 1, &mls::identity(2).public_key()))
+        .unwrap()
+        .unwrap();
+    (alice, mls::join(2, provider, &welcome, &tree))
 }
 
 fn invalid(refusal: Result<(), CommitRefusal>) -> String {
@@ -450,7 +455,7 @@ fn the_groupinfo_of_a_new_epoch_is_checked_and_served_only_to_members() {
     let (add, welcome, provider) = alice.add(2);
     let mut publication = alice.publication(add, &[], b"add", true);
     alice.merge();
-    let bob = mls::join(2, provider, &welcome);
+    let bob = mls::join(2, provider, &welcome, &alice.group.ratchet_tree().unwrap());
     // The GroupInfo of epoch 1, signed by Alice, who made the Commit.
     publication.group_info = Some(alice.state().group_info);
     // Signed by Bob instead: refused with the whole change.
@@ -542,4 +547,123 @@ fn a_well_signed_commit_whose_path_breaks_the_identity_rules_is_refused() {
     let reason = invalid(publish(&mut storage, &alice.public_key(), &publication, 100));
     assert!(reason.contains("new leaf"), "{reason}");
     assert!(payloads(&mut storage, 2).is_empty());
+}
+
+#[test]
+fn the_tree_of_an_epoch_that_added_members_is_kept_for_them_alone_until_purged() {
+    let mut storage = MemoryStorage::default();
+    let (mut alice, bob) = alice_and_bob(&mut storage);
+    let group = alice.publication(Vec::new(), &[], b"-", false).group_id;
+    let tree_of = |storage: &mut MemoryStorage, epoch, who: &IdentityKey| {
+        storage.run(|s| rules::welcome_tree(s, &group, epoch, who))
+    };
+    // Bob, added in epoch 1, reads the tree of epoch 1 (the one he joined
+    // with in `alice_and_bob`); Alice, a member already, and a stranger may not.
+    assert_eq!(
+        tree_of(&mut storage, 1, &bob.key()),
+        Ok(Some(alice.group.ratchet_tree().unwrap()))
+    );
+    assert_eq!(tree_of(&mut storage, 1, &alice.key()), Err(NotAJoiner));
+    assert_eq!(tree_of(&mut storage, 1, &key(9)), Err(NotAJoiner));
+    // No add started epoch 0, and none started epoch 2.
+    assert_eq!(tree_of(&mut storage, 0, &bob.key()), Ok(None));
+    let update = alice.update();
+    let publication = alice.publication(update, &[bob.key()], b"update", false);
+    publish(&mut storage, &alice.key(), &publication, 100).unwrap();
+    alice.merge();
+    assert_eq!(tree_of(&mut storage, 2, &bob.key()), Ok(None));
+    // Kept as long as undelivered messages, then purged with them.
+    storage.run(|s| rules::purge(s, NOW, NOW));
+    assert!(tree_of(&mut storage, 1, &bob.key()).unwrap().is_some());
+    storage.run(|s| rules::purge(s, NOW + 1, NOW + 1));
+    assert_eq!(tree_of(&mut storage, 1, &bob.key()), Ok(None));
+}
+
+#[test]
+fn a_well_signed_commit_with_a_broken_update_path_is_refused_and_the_group_goes_on() {
+    use openmls::prelude::{
+        LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, OpenMlsProvider as _,
+        PURE_PLAINTEXT_WIRE_FORMAT_POLICY, SignatureScheme, tls_codec::Serialize as _,
+    };
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+    use openmls_traits::signatures::{Signer, SignerError};
+    use quicnprotochat_core::{CIPHERSUITE, GroupId, IdentityKeypair};
+
+    /// Signs everything as Alice would, except the new leaf of her update
+    /// path, whose signature is garbage: the Commit itself is well signed,
+    /// its path is not valid.
+    struct BreaksItsPath<'a>(&'a IdentityKeypair);
+    impl Signer for BreaksItsPath<'_> {
+        fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, SignerError> {
+            // SignContent: label<V> ("MLS 1.0 " + label), then content<V>.
+            let label = b"MLS 1.0 LeafNodeTBS";
+            if payload.get(1..1 + label.len()) == Some(&label[..]) {
+                Ok(vec![0x55; 64])
+            } else {
+                self.0.sign(payload)
+            }
+        }
+        fn signature_scheme(&self) -> SignatureScheme {
+            self.0.signature_scheme()
+        }
+    }
+
+    let provider = OpenMlsRustCrypto::default();
+    let alice = mls::identity(1);
+    let config = MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .build();
+    let mut group = MlsGroup::new(&provider, &alice, &config, alice.credential_with_key()).unwrap();
+    let initial_state = quicnprotochat_proto::wire::GroupState {
+        group_info: group
+            .export_group_info(provider.crypto(), &alice, false)
+            .unwrap()
+            .tls_serialize_detached()
+            .unwrap(),
+        ratchet_tree: group.export_ratchet_tree().tls_serialize_detached().unwrap(),
+    };
+    let commit = group
+        .self_update(&provider, &BreaksItsPath(&alice), LeafNodeParameters::default())
+        .unwrap()
+        .commit()
+        .tls_serialize_detached()
+        .unwrap();
+    let group_id = GroupId::new(group.group_id().as_slice().to_vec()).unwrap();
+    let broken = CommitPublication {
+        group_id: group_id.clone(),
+        epoch: 0,
+        commit: envelope(&[2], &commit, Some(b"broken")),
+        welcome: None,
+        initial_state: Some(initial_state.clone()),
+        group_info: None,
+    };
+    let mut storage = MemoryStorage::default();
+    let reason = invalid(publish(&mut storage, &alice.public_key(), &broken, 100));
+    // openmls' words for a bad leaf signature; a bad signature on the
+    // Commit itself reads "Verifying the signature failed".
+    assert!(
+        reason.contains("not valid for the group: Signature verification failed"),
+        "{reason}"
+    );
+    assert!(payloads(&mut storage, 2).is_empty());
+
+    // The epoch was not taken: Alice's honest update goes through.
+    group.clear_pending_commit(provider.storage()).unwrap();
+    let honest = group
+        .self_update(&provider, &alice, LeafNodeParameters::default())
+        .unwrap()
+        .commit()
+        .tls_serialize_detached()
+        .unwrap();
+    let publication = CommitPublication {
+        group_id,
+        epoch: 0,
+        commit: envelope(&[2], &honest, Some(b"honest")),
+        welcome: None,
+        initial_state: Some(initial_state),
+        group_info: None,
+    };
+    publish(&mut storage, &alice.public_key(), &publication, 100).unwrap();
+    assert_eq!(payloads(&mut storage, 2), vec![honest]);
 }

@@ -99,6 +99,19 @@ const MIGRATIONS: &[&str] = &[
          group_id BLOB PRIMARY KEY,
          view BLOB NOT NULL
      );",
+    // V8: the ratchet tree of each epoch a Commit started by adding
+    // members, for them to fetch with their Welcome (which no longer carries
+    // it); `joiners` is their 32-byte identity keys, concatenated. Purged
+    // with undelivered messages, so a tree lives as long as its Welcome can.
+    "CREATE TABLE welcome_trees (
+         group_id BLOB NOT NULL,
+         epoch INTEGER NOT NULL,
+         tree BLOB NOT NULL,
+         joiners BLOB NOT NULL,
+         created_at INTEGER NOT NULL,
+         PRIMARY KEY (group_id, epoch)
+     );
+     CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);",
 ];
 
 /// The schema version this build creates and understands.

@@ -38,7 +38,9 @@ pub use quicnprotochat_proto::wire::{
     CommitPublication, Envelope, GroupState, ProposalPublication, ValidKeyPackage,
 };
 
-pub use crate::delivery::{CommitRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAMember};
+pub use crate::delivery::{
+    CommitRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, NotAMember,
+};
 
 pub use migrations::SCHEMA_VERSION;
 pub use notifier::{Notifier, QueueWatch};
@@ -269,6 +271,23 @@ impl Store {
             .await
     }
 
+    /// The ratchet tree of `group` in `epoch` for `caller`, who joins with
+    /// a Welcome of that epoch; see [`crate::delivery::rules::welcome_tree`].
+    pub async fn welcome_tree(
+        &self,
+        group: GroupId,
+        epoch: u64,
+        caller: IdentityKey,
+    ) -> Result<Result<Option<Vec<u8>>, NotAJoiner>, StoreError> {
+        self.call(|reply| Command::WelcomeTree {
+            group,
+            epoch,
+            caller,
+            reply,
+        })
+        .await
+    }
+
     /// The committed messages of `recipient` after `after`, oldest first,
     /// without removing them: at most `limit` (0: the node's maximum) and
     /// within the fetch budget. Runs on the reader connection, so it never
@@ -374,6 +393,12 @@ enum Command {
         group: GroupId,
         caller: IdentityKey,
         reply: Reply<Result<Option<GroupState>, NotAMember>>,
+    },
+    WelcomeTree {
+        group: GroupId,
+        epoch: u64,
+        caller: IdentityKey,
+        reply: Reply<Result<Option<Vec<u8>>, NotAJoiner>>,
     },
     Ack {
         recipient: IdentityKey,

@@ -7,7 +7,7 @@ use quicnprotochat_core::{GroupId, IdentityKey, Seq};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::ValidKeyPackage;
-use crate::delivery::{KeyPackageRow, Storage};
+use crate::delivery::{KeyPackageRow, Storage, WelcomeTree};
 
 /// One command's view of a connection.
 pub(super) struct SqliteStorage<'c> {
@@ -221,7 +221,47 @@ impl Storage for SqliteStorage<'_> {
         Ok(())
     }
 
+    fn put_welcome_tree(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        tree: &[u8],
+        joiners: &[IdentityKey],
+        now: i64,
+    ) -> rusqlite::Result<()> {
+        let joiners: Vec<u8> = joiners.iter().flat_map(|key| *key.as_bytes()).collect();
+        self.db
+            .prepare_cached(
+                "INSERT OR REPLACE INTO welcome_trees (group_id, epoch, tree, joiners, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![group.as_bytes(), sql_int(epoch), tree, joiners, now])?;
+        Ok(())
+    }
+
+    fn welcome_tree(&mut self, group: &GroupId, epoch: u64) -> rusqlite::Result<Option<WelcomeTree>> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .db
+            .prepare_cached("SELECT tree, joiners FROM welcome_trees WHERE group_id = ?1 AND epoch = ?2")?
+            .query_row(params![group.as_bytes(), sql_int(epoch)], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        Ok(row.map(|(tree, joiners)| WelcomeTree {
+            tree,
+            // Written by `put_welcome_tree` as whole keys.
+            joiners: joiners
+                .chunks_exact(32)
+                .filter_map(|key| <[u8; 32]>::try_from(key).ok())
+                .map(IdentityKey::from_bytes)
+                .collect(),
+        }))
+    }
+
     fn purge(&mut self, older_than: i64, now: i64) -> rusqlite::Result<usize> {
+        self.db
+            .prepare_cached("DELETE FROM welcome_trees WHERE created_at < ?1")?
+            .execute(params![older_than])?;
         let messages = self
             .db
             .prepare_cached("DELETE FROM messages WHERE enqueued_at < ?1")?

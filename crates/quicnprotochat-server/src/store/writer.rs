@@ -191,6 +191,12 @@ fn apply(db: &Connection, command: Command, limits: &Limits, touched: &mut Vec<I
         Command::GroupInfo { group, caller, reply } => {
             answer(reply, run(db, |s| rules::group_info(s, &group, &caller)))
         }
+        Command::WelcomeTree {
+            group,
+            epoch,
+            caller,
+            reply,
+        } => answer(reply, run(db, |s| rules::welcome_tree(s, &group, epoch, &caller))),
         Command::Ack {
             recipient,
             up_to,
@@ -251,6 +257,7 @@ fn fail(command: Command, error: &StoreError) {
         Command::PublishCommit { reply, .. } => send(reply, error),
         Command::PublishProposal { reply, .. } => send(reply, error),
         Command::GroupInfo { reply, .. } => send(reply, error),
+        Command::WelcomeTree { reply, .. } => send(reply, error),
         Command::TakeKeyPackage { reply, .. } => send(reply, error),
         Command::CountKeyPackages { reply, .. } => send(reply, error),
         Command::Drain { reply, .. } => send(reply, error),

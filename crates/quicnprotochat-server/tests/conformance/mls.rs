@@ -113,9 +113,9 @@ impl Member {
 }
 
 /// Joins the group of `welcome` as `identity(seed)`, with the provider that
-/// made its KeyPackage.
-pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8]) -> Member {
-    let group = GroupMember::join(&provider, welcome).unwrap();
+/// made its KeyPackage and the ratchet tree of the Welcome's epoch.
+pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8], tree: &[u8]) -> Member {
+    let group = GroupMember::join(&provider, welcome, Some(tree)).unwrap();
     Member {
         provider,
         identity: identity(seed),

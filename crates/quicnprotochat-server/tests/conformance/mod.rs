@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_server::store::{
-    CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, Store, StoreCloser,
+    CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, Store, StoreCloser,
     ValidKeyPackage,
 };
 
@@ -357,6 +357,49 @@ pub async fn only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome
         store.drain(key(9)).await.unwrap().is_empty(),
         "the losing Welcome is not delivered"
     );
+    close((store, closer)).await;
+}
+
+pub async fn the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_restart(
+    backend: &impl Backend,
+) {
+    let (store, closer) = backend.open();
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, welcome, provider) = alice.add(2);
+    let bob = mls::identity(2).public_key();
+    let mut publication = alice.publication(add, &[], b"add", true);
+    publication.welcome = Some(Envelope {
+        recipients: vec![bob],
+        payload: welcome.clone(),
+        message_id: None,
+    });
+    let group = publication.group_id.clone();
+    store
+        .publish_commit(alice.key(), publication)
+        .await
+        .unwrap()
+        .unwrap();
+    alice.merge();
+    close((store, closer)).await;
+
+    let (store, closer) = backend.open();
+    let tree = store
+        .welcome_tree(group.clone(), 1, bob)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // The Welcome carries no tree; the kept one is the one it commits to.
+    let joined = mls::join(2, provider, &welcome, &tree);
+    assert_eq!(joined.group.members(), alice.group.members());
+    assert_eq!(
+        store.welcome_tree(group.clone(), 1, alice.key()).await.unwrap(),
+        Err(NotAJoiner)
+    );
+    assert_eq!(store.welcome_tree(group.clone(), 0, bob).await.unwrap(), Ok(None));
+    // Purged with the messages it came with.
+    store.purge(i64::MAX).await.unwrap();
+    assert_eq!(store.welcome_tree(group, 1, bob).await.unwrap(), Ok(None));
     close((store, closer)).await;
 }
 

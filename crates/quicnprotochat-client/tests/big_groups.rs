@@ -1,0 +1,107 @@
+//! Welcomes without the ratchet tree, through the real CLI and a real node:
+//! a group whose tree is bigger than the node's payload limit is still
+//! joined, because the joiner fetches the tree from the node (and checks it
+//! against the tree hash the Welcome's signed GroupInfo commits to) instead
+//! of receiving it inside the Welcome.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Member, TestNode, local};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_client::node_client::NodeClient;
+use quicnprotochat_client::state::StateFile;
+use quicnprotochat_core::{GroupId, IdentityKeypair, Seq, generate_key_package};
+use quicnprotochat_proto::outcome::FetchedWelcomeTree;
+use quicnprotochat_server::Config;
+
+/// The node's payload limit in this test: below a 66-member tree (~14 KB),
+/// above a Commit adding four people.
+const MAX_PAYLOAD: usize = 8 * 1024;
+
+/// People outside the CLI with KeyPackages on the node.
+const OTHERS: usize = 64;
+
+#[test]
+fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node_keeps() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut config = Config::in_dir(temp.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.max_payload = MAX_PAYLOAD;
+    let node = TestNode::start_with(config, temp.path().to_owned());
+    let alice = Member::register(&node, temp.path(), "alice");
+    let bob = Member::register(&node, temp.path(), "bob");
+
+    let others: Vec<IdentityKeypair> = (0..OTHERS).map(|_| IdentityKeypair::generate()).collect();
+    local(async {
+        for identity in &others {
+            let package = generate_key_package(&OpenMlsRustCrypto::default(), identity).unwrap();
+            node.connect_as(identity)
+                .await
+                .upload_key_package(&identity.public_key(), &package)
+                .await
+                .unwrap();
+        }
+    });
+    alice.run(&node, "create-group", &["--group-id", "big"]);
+    // A Commit carries each KeyPackage it adds (~300 B) under the same
+    // limit: a few people per invite.
+    for batch in others.chunks(4) {
+        let keys: Vec<String> = batch.iter().map(|i| i.public_key().to_string()).collect();
+        let mut args = vec!["--group-id", "big"];
+        for key in &keys {
+            args.extend_from_slice(&["--peer-key", key]);
+        }
+        alice.run(&node, "invite", &args);
+    }
+    alice.run(&node, "invite", &["--group-id", "big", "--peer-key", &bob.key]);
+
+    // What Bob finds on the node: a Welcome within the limit, and a tree
+    // beyond it (a Welcome carrying the tree, bigger than the tree itself,
+    // could not have been sent).
+    let bob_identity = StateFile::open(std::path::Path::new(&bob.state))
+        .unwrap()
+        .identity()
+        .unwrap();
+    let epoch = (OTHERS / 4 + 1) as u64;
+    let group = StateFile::open(std::path::Path::new(&alice.state))
+        .unwrap()
+        .current_group()
+        .unwrap()
+        .unwrap();
+    let (welcome, tree) = local(async {
+        let client: NodeClient = node.connect_as(&bob_identity).await;
+        let queued = client
+            .fetch_since(&bob_identity.public_key(), Seq::ZERO, 0)
+            .await
+            .unwrap();
+        let group = GroupId::new(group).unwrap();
+        let FetchedWelcomeTree::Tree(tree) = client.fetch_welcome_tree(&group, epoch).await.unwrap() else {
+            panic!("the node keeps the tree of the epoch that added Bob");
+        };
+        (queued, tree)
+    });
+    assert_eq!(welcome.len(), 1, "Bob's queue holds his Welcome");
+    assert!(welcome[0].payload.len() <= MAX_PAYLOAD);
+    assert!(
+        tree.len() > MAX_PAYLOAD,
+        "the tree ({} B) is bigger than the limit",
+        tree.len()
+    );
+
+    bob.run(&node, "join", &[]);
+    let groups = bob.run(&node, "groups", &[]);
+    assert!(
+        groups.contains(&format!("big epoch {epoch} members {}", OTHERS + 2)),
+        "{groups}"
+    );
+    alice.run(
+        &node,
+        "send",
+        &["--group-id", "big", "--msg", "hello, all 66 of us"],
+    );
+    let read = bob.run(&node, "recv", &[]);
+    assert!(read.contains("hello, all 66 of us"), "{read}");
+}
