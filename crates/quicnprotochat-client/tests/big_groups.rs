@@ -2,7 +2,8 @@
 //! a group whose tree is bigger than the node's payload limit is still
 //! joined, because the joiner fetches the tree from the node (and checks it
 //! against the tree hash the Welcome's signed GroupInfo commits to) instead
-//! of receiving it inside the Welcome.
+//! of receiving it inside the Welcome; a Welcome whose tree the node does
+//! not keep, or will not give the caller, is reported and dropped.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -10,12 +11,13 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Member, TestNode, local};
+use common::{Member, TestNode, enqueue_ok, local};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::node_client::NodeClient;
 use quicnprotochat_client::state::StateFile;
-use quicnprotochat_core::{GroupId, IdentityKeypair, Seq, generate_key_package};
-use quicnprotochat_proto::outcome::FetchedWelcomeTree;
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair, Seq, generate_key_package};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
+use quicnprotochat_proto::wire::{Envelope, GroupState};
 use quicnprotochat_server::Config;
 
 /// The node's payload limit in this test: below a 66-member tree (~14 KB),
@@ -104,4 +106,102 @@ fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node
     );
     let read = bob.run(&node, "recv", &[]);
     assert!(read.contains("hello, all 66 of us"), "{read}");
+}
+
+#[test]
+fn a_welcome_whose_tree_the_node_does_not_keep_is_reported_and_dropped() {
+    let node = TestNode::start();
+    let bob = Member::register(&node, &node.dir, "bob");
+    let bob_key: IdentityKey = bob.key.parse().unwrap();
+    // Someone adds Bob but never publishes the Commit through the node, only
+    // the Welcome: the node has no tree for its epoch.
+    let adder = IdentityKeypair::generate();
+    local(async {
+        let client = node.connect_as(&adder).await;
+        let FetchedKeyPackage::Package(package) = client.fetch_key_package(&bob_key).await.unwrap() else {
+            panic!("Bob's KeyPackages are on the node");
+        };
+        let provider = OpenMlsRustCrypto::default();
+        let mut group = GroupMember::create(&provider, &adder, b"unpublished").unwrap();
+        let added = group.add_members(&provider, &adder, &[package]).unwrap();
+        enqueue_ok(&client, &bob_key, &added.welcome).await;
+    });
+
+    let (ok, _, err) = bob.try_run(&node, "join", &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("the node no longer keeps the group's tree for it; ask a member to invite you again"),
+        "{err}"
+    );
+    // Dropped, not retried forever: the next run finds nothing to join.
+    let (ok, _, err) = bob.try_run(&node, "join", &[]);
+    assert!(!ok);
+    assert!(err.contains("no Welcome is waiting for you"), "{err}");
+}
+
+#[test]
+fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
+    let node = TestNode::start();
+    let bob = Member::register(&node, &node.dir, "bob");
+    let carol = Member::register(&node, &node.dir, "carol");
+    let (bob_key, carol_key): (IdentityKey, IdentityKey) =
+        (bob.key.parse().unwrap(), carol.key.parse().unwrap());
+    // The node accepts a Commit adding Carol; the adder also makes a
+    // Welcome for Bob in the same epoch (from a Commit it never publishes)
+    // and queues it for him.
+    let adder = IdentityKeypair::generate();
+    local(async {
+        let client = node.connect_as(&adder).await;
+        let mut packages = Vec::new();
+        for key in [&carol_key, &bob_key] {
+            let FetchedKeyPackage::Package(package) = client.fetch_key_package(key).await.unwrap() else {
+                panic!("KeyPackages are on the node");
+            };
+            packages.push(package);
+        }
+        let provider = OpenMlsRustCrypto::default();
+        let mut group = GroupMember::create(&provider, &adder, b"one-epoch").unwrap();
+        let state = group.export_public_state(&provider, &adder).unwrap();
+        let for_bob = group.add_members(&provider, &adder, &packages[1..]).unwrap();
+        group.discard_pending_commit(&provider).unwrap();
+        let for_carol = group.add_members(&provider, &adder, &packages[..1]).unwrap();
+        let outcome = client
+            .publish_commit(
+                &GroupId::new(b"one-epoch".to_vec()).unwrap(),
+                0,
+                &Envelope {
+                    recipients: Vec::new(),
+                    payload: for_carol.commit,
+                    message_id: None,
+                },
+                Some(&Envelope {
+                    recipients: vec![carol_key],
+                    payload: for_carol.welcome,
+                    message_id: None,
+                }),
+                Some(&GroupState {
+                    group_info: state.group_info,
+                    ratchet_tree: state.ratchet_tree,
+                }),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, CommitOutcome::Accepted);
+        enqueue_ok(&client, &bob_key, &for_bob.welcome).await;
+    });
+
+    let (ok, _, err) = bob.try_run(&node, "join", &[]);
+    assert!(!ok);
+    assert!(err.contains("the node refused its tree"), "{err}");
+    assert!(
+        err.contains("only the members a Commit added may read its tree"),
+        "{err}"
+    );
+    let (ok, _, err) = bob.try_run(&node, "join", &[]);
+    assert!(!ok && err.contains("no Welcome is waiting for you"), "{err}");
+    // Carol, whom the accepted Commit added, joins with the tree.
+    carol.run(&node, "join", &[]);
+    let groups = carol.run(&node, "groups", &[]);
+    assert!(groups.contains("epoch 1 members 2"), "{groups}");
 }
