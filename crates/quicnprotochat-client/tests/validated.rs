@@ -13,6 +13,7 @@ use std::path::Path;
 use common::{Member, TestNode, group_of};
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::{GroupId, GroupMember};
+use quicnprotochat_proto::outcome::CommitOutcome;
 use quicnprotochat_proto::wire::Envelope;
 
 /// Opens a member's state file directly, as the client does.
@@ -184,4 +185,88 @@ fn a_leave_made_in_a_past_epoch_is_made_again_after_catching_up() {
         alice.run(&node, "recv", &[]).trim(),
         format!("moving {}: two of us", carol.short())
     );
+}
+
+/// The framing of an MLS PublicMessage Commit (RFC 9420, section 6):
+/// version, wire format, group id, epoch, a member sender, no authenticated
+/// data, content type commit, then `noise`: what anyone who has seen one
+/// message of the group can make.
+fn framed_as_a_commit(group_id: &[u8], epoch: u64, noise: &[u8]) -> Vec<u8> {
+    let mut message = vec![0x00, 0x01, 0x00, 0x01];
+    assert!(group_id.len() < 64, "a one-byte length");
+    message.push(group_id.len() as u8);
+    message.extend_from_slice(group_id);
+    message.extend_from_slice(&epoch.to_be_bytes());
+    message.extend_from_slice(&[0x01, 0, 0, 0, 2]); // member at leaf 2
+    message.push(0x00); // no authenticated data
+    message.push(0x03); // commit
+    message.extend_from_slice(noise);
+    message
+}
+
+#[test]
+fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_the_group_freely() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, eve, carol] = ["alice", "bob", "eve", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "team", &alice, &[&bob, &eve]);
+    alice.run(&node, "remove", &["--group-id", "team", "--peer-key", &eve.key]);
+    bob.run(&node, "recv", &[]);
+    eve.try_run(&node, "recv", &[]);
+
+    // Eve, removed at epoch 2, publishes noise framed as a Commit of the
+    // group's current epoch, on her own authenticated connection.
+    let state = open(&eve);
+    let eve_identity = state.identity().unwrap();
+    let group_id = state.current_group().unwrap().unwrap();
+    let publish = |payload: Vec<u8>| {
+        common::local(async {
+            node.connect_as(&eve_identity)
+                .await
+                .publish_commit(
+                    &GroupId::new(group_id.clone()).unwrap(),
+                    2,
+                    &Envelope {
+                        recipients: vec![alice.key.parse().unwrap(), bob.key.parse().unwrap()],
+                        payload,
+                        message_id: None,
+                    },
+                    None,
+                    None,
+                    None,
+                )
+                .await
+        })
+    };
+    // Bytes that do not even parse as a Commit: refused as a wrong call.
+    let err = publish(framed_as_a_commit(&group_id, 2, &[0x5a; 117])).unwrap_err();
+    assert!(err.to_string().contains("malformed MLS message"), "{err}");
+    // A well-formed Commit of noise: no proposals, no path, and random
+    // signature, confirmation tag and membership tag.
+    // (64 needs a two-byte variable-length size: 0x40 0x40.)
+    let mut body = vec![0x00, 0x00, 0x40, 0x40];
+    body.extend_from_slice(&[0x5a; 64]);
+    body.push(0x20);
+    body.extend_from_slice(&[0xa5; 32]);
+    body.push(0x20);
+    body.extend_from_slice(&[0x3c; 32]);
+    let outcome = publish(framed_as_a_commit(&group_id, 2, &body)).unwrap();
+    assert!(matches!(outcome, CommitOutcome::Invalid { .. }), "{outcome:?}");
+
+    // The epoch stayed free: the others add, update and remove as before.
+    alice.run(&node, "invite", &["--group-id", "team", "--peer-key", &carol.key]);
+    carol.run(&node, "join", &[]);
+    bob.run(&node, "recv", &[]);
+    bob.run(&node, "update", &["--group-id", "team"]);
+    alice.run(&node, "recv", &[]);
+    carol.run(&node, "recv", &[]);
+    alice.run(&node, "remove", &["--group-id", "team", "--peer-key", &bob.key]);
+    carol.run(&node, "recv", &[]);
+    let groups = carol.run(&node, "groups", &[]);
+    assert!(groups.contains("team epoch 5 members 2"), "{groups}");
+    alice.run(&node, "send", &["--group-id", "team", "--msg", "still ours"]);
+    let read = carol.run(&node, "recv", &[]);
+    assert!(read.contains("still ours"), "{read}");
+    let (_, out, _) = eve.try_run(&node, "recv", &[]);
+    assert_eq!(out, "", "the removed member reads nothing");
 }

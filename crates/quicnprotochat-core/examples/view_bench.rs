@@ -34,9 +34,9 @@ fn main() {
         }
     };
     println!(
-        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total) |"
+        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total, tree kept included) | tree kept for the joiner |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for size in sizes {
         run(size);
     }
@@ -76,19 +76,21 @@ fn run(size: usize) {
 
     let mut updates = Vec::new();
     let mut adds = Vec::new();
+    let mut tree = 0;
     for _ in 0..RUNS {
         let commit = group.self_update(&provider, &creator).unwrap();
-        let (timings, next) = apply(&group_id, &stored, &commit, &me);
+        let (timings, next, _) = apply(&group_id, &stored, &commit, &me);
         group.merge_pending_commit(&provider).unwrap();
         stored = next;
         updates.push(timings);
 
         let key_package = generate_key_package(&scratch, &IdentityKeypair::generate()).unwrap();
         let added = group.add_members(&provider, &creator, &[key_package]).unwrap();
-        let (timings, next) = apply(&group_id, &stored, &added.commit, &me);
+        let (timings, next, kept) = apply(&group_id, &stored, &added.commit, &me);
         group.merge_pending_commit(&provider).unwrap();
         stored = next;
         adds.push(timings);
+        tree = kept.unwrap_or_default();
     }
     let median = |runs: &[[Duration; 3]], part: usize| -> Duration {
         let mut values: Vec<Duration> = runs.iter().map(|run| run[part]).collect();
@@ -101,7 +103,7 @@ fn run(size: usize) {
         values[values.len() / 2]
     };
     println!(
-        "| {size} | {} | {} | {} ({} / {} / {}) | {} |",
+        "| {size} | {} | {} | {} ({} / {} / {}) | {} | {} |",
         ms(start),
         bytes(stored.len()),
         ms(total(&updates)),
@@ -109,27 +111,31 @@ fn run(size: usize) {
         ms(median(&updates, 1)),
         ms(median(&updates, 2)),
         ms(total(&adds)),
+        bytes(tree),
     );
 }
 
-/// Does what the node does for one Commit; returns the three times and the
-/// new stored view.
+/// Does what the node does for one Commit; returns the three times, the new
+/// stored view and, for a Commit that adds members, the size of the tree
+/// kept for them (encoding it counts in the third time).
 fn apply(
     group_id: &[u8],
     stored: &[u8],
     commit: &[u8],
     caller: &quicnprotochat_core::IdentityKey,
-) -> ([Duration; 3], Vec<u8>) {
+) -> ([Duration; 3], Vec<u8>, Option<usize>) {
     let started = Instant::now();
     let mut view = PublicView::decode(group_id, stored).unwrap();
     let decoded = started.elapsed();
     let started = Instant::now();
-    view.apply_commit(commit, caller).unwrap();
+    let added = view.apply_commit(commit, caller).unwrap();
     let applied = started.elapsed();
     let started = Instant::now();
     let next = view.encode();
+    // A Commit that adds members also leaves the new epoch's tree for them.
+    let tree = (!added.is_empty()).then(|| view.ratchet_tree().len());
     let encoded = started.elapsed();
-    ([decoded, applied, encoded], next)
+    ([decoded, applied, encoded], next, tree)
 }
 
 fn ms(took: Duration) -> String {
