@@ -208,7 +208,8 @@ fn framed_as_a_commit(group_id: &[u8], epoch: u64, noise: &[u8]) -> Vec<u8> {
 fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_the_group_freely() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
-    let [alice, bob, eve, carol] = ["alice", "bob", "eve", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    let [alice, bob, eve, carol] =
+        ["alice", "bob", "eve", "carol"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "team", &alice, &[&bob, &eve]);
     alice.run(&node, "remove", &["--group-id", "team", "--peer-key", &eve.key]);
     bob.run(&node, "recv", &[]);

@@ -15,7 +15,8 @@
 //! - `sqlite` — the [`Storage`](crate::delivery::Storage) of one SQLite
 //!   connection: the node's data statements (migrations and pragmas excepted).
 //! - `writer` — the writer thread and its batching loop.
-//! - `readers` — the reader thread (queue reads) and background WAL checkpoints.
+//! - `readers` — the reader thread (queue reads, a group's GroupInfo and
+//!   Welcome trees) and background WAL checkpoints.
 //! - `notifier` — wakes push subscriptions and long polls after a commit.
 //!
 //! The behaviour any backend must show is checked by the conformance suite in
@@ -261,25 +262,31 @@ impl Store {
     }
 
     /// The current GroupInfo and ratchet tree of `group` for `caller`; see
-    /// [`crate::delivery::rules::group_info`].
+    /// [`crate::delivery::rules::group_info`]. Runs on the reader
+    /// connection: decoding a big group's view must not hold the writer.
     pub async fn group_info(
         &self,
         group: GroupId,
         caller: IdentityKey,
     ) -> Result<Result<Option<GroupState>, NotAMember>, StoreError> {
-        self.call(|reply| Command::GroupInfo { group, caller, reply })
-            .await
+        ask(&self.reads, |reply| readers::Read::GroupInfo {
+            group,
+            caller,
+            reply,
+        })
+        .await
     }
 
     /// The ratchet tree of `group` in `epoch` for `caller`, who joins with
     /// a Welcome of that epoch; see [`crate::delivery::rules::welcome_tree`].
+    /// Runs on the reader connection.
     pub async fn welcome_tree(
         &self,
         group: GroupId,
         epoch: u64,
         caller: IdentityKey,
     ) -> Result<Result<Option<Vec<u8>>, NotAJoiner>, StoreError> {
-        self.call(|reply| Command::WelcomeTree {
+        ask(&self.reads, |reply| readers::Read::WelcomeTree {
             group,
             epoch,
             caller,
@@ -388,17 +395,6 @@ enum Command {
         sender: IdentityKey,
         publication: ProposalPublication,
         reply: Reply<Result<(), CommitRefusal>>,
-    },
-    GroupInfo {
-        group: GroupId,
-        caller: IdentityKey,
-        reply: Reply<Result<Option<GroupState>, NotAMember>>,
-    },
-    WelcomeTree {
-        group: GroupId,
-        epoch: u64,
-        caller: IdentityKey,
-        reply: Reply<Result<Option<Vec<u8>>, NotAJoiner>>,
     },
     Ack {
         recipient: IdentityKey,

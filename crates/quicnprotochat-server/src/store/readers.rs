@@ -1,7 +1,8 @@
 //! The side connections: queue reads and WAL checkpoints, each on its own
 //! thread and connection, beside the writer.
 //!
-//! Reads (push, `fetchSince`, `fetchWait`) do not go through the writer: in
+//! Reads (push, `fetchSince`, `fetchWait`, a group's GroupInfo or Welcome
+//! tree) do not go through the writer: in
 //! WAL mode a reader sees every committed transaction without waiting for
 //! the writer's next batch and its fsync, so a push reaches its subscriber
 //! right after the enqueue commits. Checkpoints (copying the WAL back into
@@ -15,13 +16,13 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::sqlite::SqliteStorage;
-use super::{Reply, StoreError};
-use crate::delivery::rules;
+use super::{GroupState, Reply, StoreError};
+use crate::delivery::{NotAJoiner, NotAMember, rules};
 
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
@@ -34,6 +35,17 @@ pub(super) enum Read {
         after: Seq,
         limit: usize,
         reply: Reply<Vec<QueuedMessage>>,
+    },
+    GroupInfo {
+        group: GroupId,
+        caller: IdentityKey,
+        reply: Reply<Result<Option<GroupState>, NotAMember>>,
+    },
+    WelcomeTree {
+        group: GroupId,
+        epoch: u64,
+        caller: IdentityKey,
+        reply: Reply<Result<Option<Vec<u8>>, NotAJoiner>>,
     },
 }
 
@@ -95,19 +107,29 @@ fn open_side(path: &Path) -> Result<Connection, StoreError> {
 }
 
 fn read_loop(db: &Connection, mut reads: mpsc::Receiver<Read>) {
+    // The caller may have gone away (its connection closed); nothing to do
+    // then.
+    fn answer<T>(reply: Reply<T>, result: rusqlite::Result<T>) {
+        let _ = reply.send(result.map_err(StoreError::from));
+    }
     while let Some(read) = reads.blocking_recv() {
+        let storage = &mut SqliteStorage::new(db);
         match read {
             Read::MessagesAfter {
                 recipient,
                 after,
                 limit,
                 reply,
-            } => {
-                let result = rules::messages_after(&mut SqliteStorage::new(db), &recipient, after, limit)
-                    .map_err(StoreError::from);
-                // The caller may have gone away; nothing to do then.
-                let _ = reply.send(result);
+            } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
+            Read::GroupInfo { group, caller, reply } => {
+                answer(reply, rules::group_info(storage, &group, &caller))
             }
+            Read::WelcomeTree {
+                group,
+                epoch,
+                caller,
+                reply,
+            } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
         }
     }
 }

@@ -188,15 +188,6 @@ fn apply(db: &Connection, command: Command, limits: &Limits, touched: &mut Vec<I
             }
             answer(reply, outcome)
         }
-        Command::GroupInfo { group, caller, reply } => {
-            answer(reply, run(db, |s| rules::group_info(s, &group, &caller)))
-        }
-        Command::WelcomeTree {
-            group,
-            epoch,
-            caller,
-            reply,
-        } => answer(reply, run(db, |s| rules::welcome_tree(s, &group, epoch, &caller))),
         Command::Ack {
             recipient,
             up_to,
@@ -256,8 +247,6 @@ fn fail(command: Command, error: &StoreError) {
         Command::EnqueueBatch { reply, .. } => send(reply, error),
         Command::PublishCommit { reply, .. } => send(reply, error),
         Command::PublishProposal { reply, .. } => send(reply, error),
-        Command::GroupInfo { reply, .. } => send(reply, error),
-        Command::WelcomeTree { reply, .. } => send(reply, error),
         Command::TakeKeyPackage { reply, .. } => send(reply, error),
         Command::CountKeyPackages { reply, .. } => send(reply, error),
         Command::Drain { reply, .. } => send(reply, error),
