@@ -150,6 +150,7 @@ pub(super) fn open(path: &Path, durability: Durability) -> Result<(Connection, [
     // instead of keeping the file at its high-water mark.
     connection.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     connection.pragma_update(None, "foreign_keys", true)?;
+    check_integrity(&connection)?;
     quicnprotochat_sqlite::migrate(&mut connection, APPLICATION_ID, MIGRATIONS).map_err(refusal)?;
     let id: Vec<u8> =
         connection.query_row("SELECT value FROM meta WHERE key = 'instance_id'", [], |row| {
@@ -159,6 +160,41 @@ pub(super) fn open(path: &Path, durability: Durability) -> Result<(Connection, [
         .try_into()
         .map_err(|_| StoreError::Transaction("the stored instance id is damaged".into()))?;
     Ok((connection, instance_id))
+}
+
+/// Refuses a database with damaged pages. `quick_check` reads every page
+/// but skips `integrity_check`'s index-to-table cross checks: a 1.4 GB
+/// file of a million 1 KiB messages passed in 1.0 s here (page cache warm;
+/// a cold start reads the file once more). Serving from a damaged file
+/// would answer calls with "database disk image is malformed", or worse,
+/// with whatever the damaged pages hold.
+fn check_integrity(connection: &Connection) -> Result<(), StoreError> {
+    let mut statement = connection.prepare("PRAGMA quick_check(8)")?;
+    let mut rows = statement.query([])?;
+    let mut findings = Vec::new();
+    loop {
+        match rows.next() {
+            Ok(Some(row)) => findings.push(row.get::<_, String>(0)?),
+            Ok(None) => break,
+            // SQLite may give up reading a damaged page instead of
+            // reporting it.
+            Err(rusqlite::Error::SqliteFailure(e, message))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+                ) =>
+            {
+                findings.push(message.unwrap_or_else(|| e.to_string()));
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if findings == ["ok"] {
+        Ok(())
+    } else {
+        Err(StoreError::Damaged(findings.join("; ")))
+    }
 }
 
 /// The store's error for a file the migration helper refused or failed on.

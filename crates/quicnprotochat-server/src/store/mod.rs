@@ -81,6 +81,12 @@ pub enum StoreError {
     /// The writer thread could not be started.
     #[error("starting the database writer thread: {0}")]
     Thread(std::io::Error),
+    /// SQLite's `quick_check` found damaged pages: the node refuses to serve
+    /// from the file rather than answer with errors or wrong data.
+    #[error(
+        "the database is damaged (quick_check: {0}); the node serves nothing from it. Stop here, keep a copy of the file, then either restore a backup or recover what is readable: `sqlite3 DB .recover | sqlite3 RECOVERED` (needs free space about the database's size) and start the node with --db RECOVERED"
+    )]
+    Damaged(String),
     /// SQLite refused to use write-ahead logging for this file.
     #[error("SQLite refused WAL mode (journal_mode is {0}); put the database on a local file system")]
     NoWal(String),

@@ -35,6 +35,38 @@ async fn a_foreign_database_is_refused_and_left_untouched() {
 }
 
 #[tokio::test]
+async fn a_database_with_damaged_pages_is_refused_with_how_to_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    for n in 0..200u32 {
+        store
+            .enqueue_batch(
+                key(1),
+                vec![Envelope {
+                    recipients: vec![key(2)],
+                    payload: n.to_be_bytes().repeat(64),
+                    message_id: None,
+                }],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    close((store, closer)).await;
+    // Overwrite the middle of the file: pages of the queued messages.
+    let path = dir.path().join("node.db");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2 / 4096 * 4096;
+    bytes[middle..middle + 4096].fill(0x5a);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged(_)), "{err}");
+    assert!(err.to_string().contains(".recover"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "left as it was");
+}
+
+#[tokio::test]
 async fn a_database_is_stamped_with_the_schema_version() {
     let dir = tempfile::tempdir().unwrap();
     close(open(&dir).await).await;
