@@ -122,6 +122,7 @@ pub(crate) async fn process_inbox(nodes: &Nodes, state: &StateFile) -> Result<()
     for (entry, payload) in state.inbox()? {
         process_entry(nodes, state, entry, &payload, false).await?;
     }
+    state.compact_if_sparse()?;
     Ok(())
 }
 
@@ -147,7 +148,7 @@ pub(crate) async fn process_entry(
         let outcome =
             state.consume_inbox_entry(entry, || apply(state, payload, tree.as_deref(), explicit_join));
         let (group_id, epoch) = match outcome {
-            Ok(joined) => return Ok(joined),
+            Ok(applied) => return Ok(applied.tell()),
             Err(ClientError::Core(CoreError::RatchetTreeNeeded { group_id, epoch })) if tree.is_none() => {
                 (group_id, epoch)
             }
@@ -182,15 +183,52 @@ pub(crate) async fn process_entry(
     }
 }
 
+/// How long an entry from a later epoch than its group may wait for the
+/// Commits it needs, and how many of them, with how many bytes, may wait at
+/// once, and how far ahead their epoch may be. A real gap closes within a
+/// few runs (the node delivers each member's queue in order); beyond these
+/// bounds an entry is someone filling the state file, and is dropped.
+const KEPT_MAX_AGE_SECS: i64 = 7 * 24 * 60 * 60;
+const KEPT_MAX_ENTRIES: i64 = 1_000;
+const KEPT_MAX_BYTES: i64 = 16 * 1024 * 1024;
+const KEPT_MAX_EPOCHS_AHEAD: u64 = 100;
+
 /// After processing an entry failed (and everything it wrote was rolled
-/// back): keeps the entry when it may work later, drops it when it never
-/// will, and stops on a local failure.
+/// back): keeps the entry when it may work later and the bounds allow,
+/// drops it otherwise, and stops on a local failure.
 fn settle_failure(state: &StateFile, entry: i64, error: ClientError) -> Result<(), ClientError> {
     match error {
-        e @ ClientError::Core(CoreError::FutureEpoch { .. }) => {
+        ClientError::Core(CoreError::FutureEpoch {
+            message_epoch,
+            group_epoch,
+        }) => {
             // A Commit we have not processed yet is missing; dropping this
-            // would lose it for good. Keep it for a later run.
-            eprintln!("warning: kept a queued message for later: {e}");
+            // would lose it for good. Keep it for a later run, within bounds.
+            let e = CoreError::FutureEpoch {
+                message_epoch,
+                group_epoch,
+            };
+            let kept = state.kept_back()?;
+            let (first_kept, newly) = state.keep_back(entry)?;
+            let over = if message_epoch.saturating_sub(group_epoch) > KEPT_MAX_EPOCHS_AHEAD {
+                Some(format!("more than {KEPT_MAX_EPOCHS_AHEAD} epochs ahead"))
+            } else if crate::state::unix_now() - first_kept > KEPT_MAX_AGE_SECS {
+                Some("waited 7 days for the Commits it needs".to_owned())
+            } else if newly && (kept.entries >= KEPT_MAX_ENTRIES || kept.bytes > KEPT_MAX_BYTES) {
+                Some(format!(
+                    "{} messages ({} bytes) already wait for missing Commits",
+                    kept.entries, kept.bytes
+                ))
+            } else {
+                None
+            };
+            match over {
+                None => eprintln!("warning: kept a queued message for later: {e}"),
+                Some(why) => {
+                    eprintln!("warning: dropped a queued message from a later epoch ({why}): {e}");
+                    state.remove_inbox(entry)?;
+                }
+            }
             Ok(())
         }
         e @ (ClientError::Core(_)
@@ -205,12 +243,37 @@ fn settle_failure(state: &StateFile, entry: i64, error: ClientError) -> Result<(
     }
 }
 
+/// What applying one entry did, to tell the user once it is committed: a
+/// message printed before its transaction commits would be printed again
+/// after a crash, when the entry is applied again.
+#[derive(Debug, Default)]
+struct Applied {
+    /// The entry joined a group.
+    joined: bool,
+    /// For stdout: a received message.
+    message: Option<String>,
+    /// For stderr: what changed.
+    note: Option<String>,
+}
+
+impl Applied {
+    fn tell(self) -> bool {
+        if let Some(message) = self.message {
+            println!("{message}");
+        }
+        if let Some(note) = self.note {
+            eprintln!("{note}");
+        }
+        self.joined
+    }
+}
+
 fn apply(
     state: &StateFile,
     payload: &[u8],
     tree: Option<&[u8]>,
     explicit_join: bool,
-) -> Result<bool, ClientError> {
+) -> Result<Applied, ClientError> {
     let provider = state.provider();
     match classify(payload)? {
         Incoming::Welcome => {
@@ -220,18 +283,22 @@ fn apply(
             // without --group-id into a group someone invited us to.
             let make_current = explicit_join || state.current_group()?.is_none();
             state.record_group(&group_id, make_current)?;
-            eprintln!(
-                "joined group {} (epoch {}, {} members)",
-                group_name(&group_id),
-                group.epoch(),
-                group.members().len()
-            );
-            Ok(true)
+            Ok(Applied {
+                joined: true,
+                message: None,
+                note: Some(format!(
+                    "joined group {} (epoch {}, {} members)",
+                    group_name(&group_id),
+                    group.epoch(),
+                    group.members().len()
+                )),
+            })
         }
         Incoming::Group { group_id, .. } => {
             let mut group = GroupMember::load(&provider, &group_id)?
                 .ok_or_else(|| ClientError::UnknownGroup(group_name(&group_id)))?;
             let name = group_name(&group_id);
+            let mut applied = Applied::default();
             match group.receive(&provider, payload)? {
                 Received::Application { sender, plaintext } => {
                     state.record_message(
@@ -241,33 +308,37 @@ fn apply(
                         &plaintext,
                         group.epoch(),
                     )?;
-                    println!(
+                    applied.message = Some(format!(
                         "{name} {}: {}",
                         member_name(state, &sender)?,
                         String::from_utf8_lossy(&plaintext)
-                    );
+                    ));
                 }
                 Received::Commit { epoch } => {
-                    eprintln!(
+                    applied.note = Some(format!(
                         "group {name}: now at epoch {epoch}, {} members",
                         group.members().len()
-                    );
+                    ));
                 }
                 Received::Rejoined { member, epoch } => {
-                    eprintln!(
+                    applied.note = Some(format!(
                         "group {name}: {} rejoined; now at epoch {epoch}, {} members",
                         member_name(state, &member)?,
                         group.members().len()
-                    );
+                    ));
                 }
                 Received::Removed { epoch } => {
-                    eprintln!("group {name}: you were removed from the group at epoch {epoch}");
+                    applied.note = Some(format!(
+                        "group {name}: you were removed from the group at epoch {epoch}"
+                    ));
                 }
-                Received::Proposal => eprintln!("group {name}: stored a proposal for the next commit"),
+                Received::Proposal => {
+                    applied.note = Some(format!("group {name}: stored a proposal for the next commit"));
+                }
                 Received::OwnMessage => {}
-                _ => eprintln!("group {name}: processed a message"),
+                _ => applied.note = Some(format!("group {name}: processed a message")),
             }
-            Ok(false)
+            Ok(applied)
         }
         other => Err(ClientError::Core(CoreError::MalformedMessage(format!(
             "cannot route {other:?}"

@@ -287,7 +287,9 @@ pub(crate) fn history(path: &Path, group_id: Option<&str>) -> Result<(), ClientE
         let when =
             humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(entry.at.max(0) as u64));
         let who = match entry.direction {
-            Direction::Sent => "you".to_owned(),
+            Direction::Sent if entry.confirmed => "you".to_owned(),
+            // Encrypted, but the node never confirmed taking it.
+            Direction::Sent => "you (not delivered)".to_owned(),
             Direction::Received => member_name(&state, &entry.sender)?,
         };
         println!("{when} {who}: {}", String::from_utf8_lossy(&entry.body));

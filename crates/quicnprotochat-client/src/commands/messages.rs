@@ -50,9 +50,10 @@ pub(crate) async fn send(
         }
         commit_proposals(&nodes, &state, &identity, &group_id, &mut group).await?;
     }
-    let ciphertext = state.encrypt_message(&group_id, &mut group, &identity, message.as_bytes())?;
+    let (ciphertext, sent) = state.encrypt_message(&group_id, &mut group, &identity, message.as_bytes())?;
     let count = recipients.len();
     nodes.deliver(&[envelope(recipients, ciphertext)]).await?;
+    state.confirm_sent(sent)?;
     eprintln!("sent to {count} member(s) of {name}");
     nodes.close().await;
     Ok(())
@@ -110,6 +111,7 @@ pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
             joined += 1;
         }
     }
+    state.compact_if_sparse()?;
     nodes.close().await;
     if joined == 0 {
         return Err(ClientError::NoGroup(

@@ -1,5 +1,6 @@
 //! Message history: every application message sent or received, per group,
 //! written in the same transaction as the MLS state change that produced it.
+//! A sent message counts as delivered only once the node took it.
 
 use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
 use rusqlite::params;
@@ -28,29 +29,49 @@ pub struct HistoryEntry {
     pub epoch: u64,
     /// When we stored it (Unix seconds).
     pub at: i64,
+    /// Received, or sent and taken by the node; false for a sent message
+    /// the node did not confirm (the send failed or was interrupted).
+    pub confirmed: bool,
 }
 
+/// A sent message's history row, to confirm once the node took it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentMessage(i64);
+
 impl StateFile {
-    /// Encrypts `plaintext` for `group` and records it as sent, in one
-    /// transaction; returns the ciphertext to deliver.
+    /// Encrypts `plaintext` for `group` and records it as sent but not yet
+    /// confirmed, in one transaction (the ratchet step must be kept before
+    /// the ciphertext leaves); returns the ciphertext to deliver and the row
+    /// to [`Self::confirm_sent`] once the node took it.
     pub fn encrypt_message(
         &self,
         group_id: &[u8],
         group: &mut GroupMember,
         identity: &IdentityKeypair,
         plaintext: &[u8],
-    ) -> Result<Vec<u8>, StateError> {
+    ) -> Result<(Vec<u8>, SentMessage), StateError> {
         self.atomically(|| {
             let ciphertext = group.send(&self.provider(), identity, plaintext)?;
-            self.record_message(
-                group_id,
-                Direction::Sent,
-                &identity.public_key(),
-                plaintext,
-                group.epoch(),
+            self.connection.execute(
+                "INSERT INTO history (group_id, outgoing, sender, body, epoch, at, confirmed)
+                 VALUES (?1, 1, ?2, ?3, ?4, ?5, 0)",
+                params![
+                    group_id,
+                    identity.public_key().as_bytes(),
+                    plaintext,
+                    group.epoch() as i64,
+                    unix_now()
+                ],
             )?;
-            Ok(ciphertext)
+            Ok((ciphertext, SentMessage(self.connection.last_insert_rowid())))
         })
+    }
+
+    /// Marks a sent message as taken by the node.
+    pub fn confirm_sent(&self, sent: SentMessage) -> Result<(), StateError> {
+        self.connection
+            .execute("UPDATE history SET confirmed = 1 WHERE id = ?1", params![sent.0])?;
+        Ok(())
     }
 
     /// Appends a message to the history of `group_id`.
@@ -79,7 +100,7 @@ impl StateFile {
     /// The history of `group_id`, oldest first.
     pub fn history(&self, group_id: &[u8]) -> Result<Vec<HistoryEntry>, StateError> {
         let mut select = self.connection.prepare(
-            "SELECT outgoing, sender, body, epoch, at FROM history WHERE group_id = ?1 ORDER BY id",
+            "SELECT outgoing, sender, body, epoch, at, confirmed FROM history WHERE group_id = ?1 ORDER BY id",
         )?;
         let rows = select.query_map(params![group_id], |row| {
             Ok((
@@ -88,11 +109,12 @@ impl StateFile {
                 row.get::<_, Vec<u8>>(2)?,
                 row.get::<_, i64>(3)?,
                 row.get::<_, i64>(4)?,
+                row.get::<_, bool>(5)?,
             ))
         })?;
         let mut entries = Vec::new();
         for row in rows {
-            let (outgoing, sender, body, epoch, at) = row?;
+            let (outgoing, sender, body, epoch, at, confirmed) = row?;
             entries.push(HistoryEntry {
                 direction: if outgoing {
                     Direction::Sent
@@ -104,6 +126,7 @@ impl StateFile {
                 body,
                 epoch: epoch as u64,
                 at,
+                confirmed,
             });
         }
         Ok(entries)

@@ -8,6 +8,15 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{StateError, StateFile, unix_now};
 
+/// Inbox entries waiting for Commits not processed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeptBack {
+    /// How many.
+    pub entries: i64,
+    /// Their payloads' total size.
+    pub bytes: i64,
+}
+
 impl StateFile {
     /// Appends fetched payloads to the inbox in one transaction.
     pub fn push_inbox(&self, payloads: &[Vec<u8>]) -> Result<(), StateError> {
@@ -89,6 +98,36 @@ impl StateFile {
             self.remove_inbox(id)?;
             Ok(value)
         })
+    }
+
+    /// Marks entry `id` as kept back for a later run (from a later epoch
+    /// than its group), unless it already is; returns when it was first kept
+    /// back (Unix seconds) and whether that is now.
+    pub fn keep_back(&self, id: i64) -> Result<(i64, bool), StateError> {
+        let now = unix_now();
+        let newly = self.connection.execute(
+            "UPDATE inbox SET kept_at = ?2 WHERE id = ?1 AND kept_at IS NULL",
+            params![id, now],
+        )? > 0;
+        let first: Option<i64> = self
+            .connection
+            .query_row("SELECT kept_at FROM inbox WHERE id = ?1", params![id], |row| {
+                row.get(0)
+            })
+            .optional()?
+            .flatten();
+        Ok((first.unwrap_or(now), newly))
+    }
+
+    /// How many entries, with how many payload bytes, are kept back
+    /// already.
+    pub fn kept_back(&self) -> Result<KeptBack, StateError> {
+        let (entries, bytes) = self.connection.query_row(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM inbox WHERE kept_at IS NOT NULL",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        Ok(KeptBack { entries, bytes })
     }
 
     /// Removes an inbox entry.

@@ -28,6 +28,7 @@ mod contacts;
 mod groups;
 mod history;
 mod inbox;
+pub use inbox::KeptBack;
 mod key_packages;
 mod outbox;
 mod provider;
@@ -39,7 +40,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quicnprotochat_core::{CoreError, IdentityKey, IdentityKeypair};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-pub use history::{Direction, HistoryEntry};
+pub use history::{Direction, HistoryEntry, SentMessage};
 pub use outbox::{Publication, Settlement};
 pub use provider::{JsonCodec, StateProvider};
 
@@ -117,19 +118,26 @@ pub struct StateFile {
 
 impl StateFile {
     /// Opens an existing state file.
+    ///
+    /// An empty file is refused: only [`Self::open_or_create`] (the
+    /// commands that create a state) takes one.
     pub fn open(path: &Path) -> Result<StateFile, StateError> {
+        Self::open_existing(path, false)
+    }
+
+    fn open_existing(path: &Path, allow_fresh: bool) -> Result<StateFile, StateError> {
         if !path.exists() {
             return Err(StateError::Missing(path.to_owned()));
         }
-        schema::check(path)?;
+        schema::check(path, allow_fresh)?;
         Self::open_checked(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
     }
 
     /// Opens the state file at `path`, creating it (owner-only permissions)
-    /// when it does not exist.
+    /// when it does not exist or is empty.
     pub fn open_or_create(path: &Path) -> Result<StateFile, StateError> {
         if path.exists() {
-            return Self::open(path);
+            return Self::open_existing(path, true);
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -181,6 +189,27 @@ impl StateFile {
         let value = work()?;
         transaction.commit().map_err(StateError::from)?;
         Ok(value)
+    }
+
+    /// Gives the space of deleted rows back to the file system once it
+    /// passes 4 MiB (e.g. after a burst of messages was processed or
+    /// dropped), so the file does not keep its high-water mark. Returns
+    /// whether it compacted.
+    pub fn compact_if_sparse(&self) -> Result<bool, StateError> {
+        const THRESHOLD: i64 = 4 * 1024 * 1024;
+        let free: i64 = self
+            .connection
+            .pragma_query_value(None, "freelist_count", |row| row.get(0))?;
+        let page: i64 = self
+            .connection
+            .pragma_query_value(None, "page_size", |row| row.get(0))?;
+        if free.saturating_mul(page) < THRESHOLD {
+            return Ok(false);
+        }
+        // VACUUM rewrites the file through the rollback journal: a crash
+        // leaves the old file or the new one, never half of each.
+        self.connection.execute_batch("VACUUM")?;
+        Ok(true)
     }
 
     /// The stored identity.

@@ -69,19 +69,37 @@ const MIGRATIONS: &[&str] = &[
     // whose external Commit is merged before the node answers.
     "ALTER TABLE outbox ADD COLUMN group_info BLOB;
      ALTER TABLE outbox ADD COLUMN rejoin INTEGER NOT NULL DEFAULT 0;",
+    // V5: a sent message is confirmed once the node took it (earlier rows
+    // count as confirmed); an inbox entry from a later epoch than its group
+    // remembers when it was first kept back, to bound what waits.
+    "ALTER TABLE history ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE inbox ADD COLUMN kept_at INTEGER;",
 ];
 
-/// Read-only check that `path` is an intact state file of ours (or an empty
-/// file), run before anything may write to it.
-pub(super) fn check(path: &Path) -> Result<(), StateError> {
+/// Read-only check that `path` is an intact state file of ours (an empty
+/// file too, with `allow_fresh`), run before anything may write to it.
+///
+/// A process that died inside a write leaves a hot rollback journal beside
+/// the file; a read-only connection cannot roll it back and SQLite then
+/// refuses to read at all. So a hot journal next to a file whose header
+/// says it is ours is rolled back first (opening it read-write and reading
+/// does that); any other file with a journal is refused untouched.
+pub(super) fn check(path: &Path, allow_fresh: bool) -> Result<(), StateError> {
     let not_ours = |reason: String| StateError::NotAStateFile {
         path: path.to_owned(),
         reason,
     };
+    roll_back_hot_journal(path).map_err(not_ours)?;
     let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| not_ours(e.to_string()))?;
     match check_ownership(&connection, APPLICATION_ID).map_err(|e| not_ours(e.to_string()))? {
-        Ownership::Fresh | Ownership::Ours { .. } => {}
+        Ownership::Ours { .. } => {}
+        Ownership::Fresh if allow_fresh => {}
+        Ownership::Fresh => {
+            return Err(not_ours(
+                "it is empty; `register-state` creates a state file (or pass the right --state)".into(),
+            ));
+        }
         Ownership::NotADatabase => return Err(not_ours("it is not a SQLite database".into())),
         Ownership::Foreign { .. } => {
             return Err(not_ours("it is a SQLite database of another application".into()));
@@ -95,6 +113,42 @@ pub(super) fn check(path: &Path) -> Result<(), StateError> {
     if integrity != "ok" {
         return Err(not_ours(format!("integrity check: {integrity}")));
     }
+    Ok(())
+}
+
+/// Rolls back the hot journal of an interrupted write, if there is one and
+/// the file's header carries our application id; refuses any other file
+/// with a journal, leaving both as they are.
+fn roll_back_hot_journal(path: &Path) -> Result<(), String> {
+    let mut journal = path.as_os_str().to_owned();
+    journal.push("-journal");
+    let hot = std::fs::metadata(&journal).is_ok_and(|meta| meta.len() > 0);
+    if !hot {
+        return Ok(());
+    }
+    // The database header: the magic string, and the application id at
+    // offset 68, big-endian (https://sqlite.org/fileformat.html).
+    let mut header = [0u8; 72];
+    let ours = std::fs::File::open(path)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut header))
+        .is_ok()
+        && header.starts_with(b"SQLite format 3\0")
+        && i64::from(u32::from_be_bytes([
+            header[68], header[69], header[70], header[71],
+        ])) == APPLICATION_ID;
+    if !ours {
+        return Err(
+            "an interrupted write left a journal beside it, and its header is not a state file's; nothing was touched"
+                .into(),
+        );
+    }
+    let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| format!("rolling back an interrupted write: {e}"))?;
+    connection
+        .query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .map_err(|e| format!("rolling back an interrupted write: {e}"))?;
     Ok(())
 }
 
