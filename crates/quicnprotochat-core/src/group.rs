@@ -240,6 +240,10 @@ impl GroupMember {
     /// with [`CoreError::RatchetTreeNeeded`], naming the group and epoch
     /// whose tree to fetch, and leaves the KeyPackage in storage for the
     /// next try.
+    ///
+    /// A Welcome to a group we were removed from replaces its stored state
+    /// (we are invited back); one to a group we are still in fails with
+    /// [`CoreError::GroupExists`].
     pub fn join<P: OpenMlsProvider>(
         provider: &P,
         welcome: &[u8],
@@ -286,6 +290,19 @@ impl GroupMember {
             let tree = RatchetTreeIn::tls_deserialize_exact_bytes(tree)
                 .map_err(|e| CoreError::MalformedMessage(format!("ratchet tree: {e}")))?;
             builder = builder.with_ratchet_tree(tree);
+        }
+        // A group we were removed from and are invited to again: the new
+        // Welcome replaces the dead state (deleted first, so nothing of the
+        // old epochs survives under keys the new state does not write). A
+        // group we are still in stays, and the Welcome is refused.
+        if let Some(mut old) =
+            MlsGroup::load(provider.storage(), &GroupId::from_slice(&group_id)).map_err(CoreError::storage)?
+        {
+            if old.is_active() {
+                return Err(CoreError::GroupExists(hex::encode(&group_id)));
+            }
+            old.delete(provider.storage()).map_err(CoreError::storage)?;
+            builder = builder.replace_old_group();
         }
         // The adder validated each KeyPackage (lifetime included) when it
         // committed the Add. Re-checking the lifetimes of untouched leaves
@@ -1585,6 +1602,38 @@ mod tests {
         assert!(err.to_string().contains("joining from a Welcome"), "{err}");
         let err = GroupMember::join(&dave.provider, &second.welcome, Some(b"junk")).unwrap_err();
         assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
+    }
+
+    #[test]
+    fn a_removed_member_invited_again_joins_and_the_old_state_is_replaced() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let removed = alice_group
+            .remove_members(&alice.provider, &alice.identity, &[bob.key()])
+            .unwrap();
+        alice_group.merge_pending_commit(&alice.provider).unwrap();
+        bob.receive(&mut bob_group, &removed);
+        assert!(!bob_group.is_active());
+
+        let again = alice.add(&mut alice_group, &[&bob]);
+        let mut bob_group = bob.join(&again);
+        assert!(bob_group.is_active());
+        assert_eq!(bob_group.epoch(), alice_group.epoch());
+        let message = alice.send(&mut alice_group, "welcome back");
+        assert_eq!(
+            bob.receive(&mut bob_group, &message),
+            application(&alice, "welcome back")
+        );
+
+        // While he is in, a Welcome to another group with the same id
+        // does not replace his.
+        let carol = Client::new();
+        let mut impostor = carol.create();
+        let added = carol.add(&mut impostor, &[&bob]);
+        let err = GroupMember::join(&bob.provider, &added.welcome, Some(&added.tree)).unwrap_err();
+        assert!(matches!(err, CoreError::GroupExists(_)), "{err}");
+        let kept = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
+        assert!(kept.is_active());
+        assert_eq!(kept.epoch(), bob_group.epoch());
     }
 
     #[test]

@@ -26,6 +26,11 @@ pub(crate) async fn send(
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     let me = identity.public_key();
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    // Catch up first (printing what arrived, as `recv` does): a message
+    // encrypted in an epoch the group has left is one its readers may no
+    // longer be able to open.
+    catch_up(&nodes, &state, &identity).await?;
     let (group_id, mut group) = load_group(&state, group_id)?;
     let name = group_name(&group_id);
     let others = others(&group, &me);
@@ -41,7 +46,6 @@ pub(crate) async fn send(
         )));
     }
     let recipients = if chosen.is_empty() { others } else { chosen };
-    let nodes = Nodes::connect(args, Some(&identity)).await?;
     if group.has_pending_proposals() {
         if !group.should_commit_pending_proposals() {
             return Err(ClientError::Usage(format!(
