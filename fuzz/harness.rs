@@ -133,7 +133,12 @@ pub fn rpc_session(data: &[u8]) {
         local.block_on(&node.runtime, async {
             let peer =
                 (data.first().copied().unwrap_or(0) % 2 == 1).then(|| IdentityKey::from_bytes([7; 32]));
-            let shared = Shared::new(node.store.clone(), 64 * 1024, RateLimits::new(0, 0, 0));
+            let shared = Shared::new(
+                node.store.clone(),
+                64 * 1024,
+                RateLimits::new(0, 0, 0, 0, 0, 0),
+                quicnprotochat_proto::wire::KeyPackagePolicy::default(),
+            );
             let service =
                 capnp_rpc::new_client(NodeServiceImpl::new(shared, peer, IpAddr::from([127, 0, 0, 1])));
             let (client, server) = tokio::io::duplex(1 << 16);

@@ -28,6 +28,32 @@ struct FetchedKeyPackage {
   }
 }
 
+# What became of an upload (protocol 4). Anything but `stored` stored
+# nothing.
+struct UploadOutcome {
+  union {
+    # Every KeyPackage is durably stored; `fingerprint(s)` are filled.
+    stored @0 :Void;
+
+    # Over the uploader's send budget (each KeyPackage counts as one queued
+    # message, its bytes as payload bytes): wait, then upload again.
+    rateLimited @1 :Delivery.RateLimited;
+
+    # The identity would hold more unexpired KeyPackages than the node
+    # keeps for one identity: let some be used (or expire) first.
+    tooMany @2 :TooManyKeyPackages;
+  }
+}
+
+# An identity's KeyPackage stock is full.
+struct TooManyKeyPackages {
+  # Unexpired KeyPackages the identity holds now.
+  stored @0 :UInt32;
+
+  # The node's limit per identity (`--max-key-packages`).
+  max @1 :UInt32;
+}
+
 interface AuthService {
   # Stores one KeyPackage for `identityKey`.
   #
@@ -41,15 +67,20 @@ interface AuthService {
   #              node validates it: signature, protocol version, ciphersuite
   #              MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, lifetime, and a
   #              basic credential equal to the leaf signature key, which must
-  #              be `identityKey`. A KeyPackage with the `last_resort`
-  #              extension (type 0x000A, from the MLS extensions draft) is
-  #              served only when no other is left, and is kept.
+  #              be `identityKey`, a lifetime of at most the node's maximum
+  #              (90 days by default, RFC 9420 section 7.2 asks for one), and
+  #              extensions (leaf and KeyPackage, each) of at most 1 KiB. A
+  #              KeyPackage with the `last_resort` extension (type 0x000A,
+  #              from the MLS extensions draft) is served only when no other
+  #              is left, and is kept.
   # fingerprint: SHA-256 of `package` exactly as received, so the uploader can
-  #              check that the node stored the bytes it sent.
+  #              check that the node stored the bytes it sent; empty unless
+  #              `outcome` is `stored`.
+  # outcome:     `stored`, or why nothing was (protocol 4).
   #
-  # Answers only after the KeyPackage is durably stored. Errors say why a
-  # package was refused.
-  uploadKeyPackage @0 (identityKey :Data, package :Data) -> (fingerprint :Data);
+  # Answers only after the KeyPackage is durably stored. An invalid package
+  # is a `failed` exception saying why.
+  uploadKeyPackage @0 (identityKey :Data, package :Data) -> (fingerprint :Data, outcome :UploadOutcome);
 
   # Takes one KeyPackage of `identityKey` out of the directory.
   #
@@ -57,13 +88,18 @@ interface AuthService {
   # outcome:     the KeyPackage, `none`, or `rateLimited`.
   #
   # Anyone may call this, also anonymously: it is how strangers invite each
-  # other.
+  # other. Besides each caller's fetch rate, each identity's ordinary
+  # KeyPackages are handed out at a limited rate whoever asks (a few per
+  # minute by default): beyond it the caller gets the last-resort one, so
+  # nobody can drain an identity's stock in a burst and its owner stays
+  # reachable.
   fetchKeyPackage @1 (identityKey :Data) -> (outcome :FetchedKeyPackage);
 
   # Stores several KeyPackages of `identityKey` at once, all or none; each
   # is checked as in uploadKeyPackage. `fingerprints[i]` is the SHA-256 of
-  # `packages[i]`.
-  uploadKeyPackages @2 (identityKey :Data, packages :List(Data)) -> (fingerprints :List(Data));
+  # `packages[i]` (empty unless `outcome` is `stored`).
+  uploadKeyPackages @2 (identityKey :Data, packages :List(Data))
+      -> (fingerprints :List(Data), outcome :UploadOutcome);
 
   # How many unexpired KeyPackages of `identityKey` are waiting to be served,
   # not counting last-resort ones, and whether an unexpired last-resort one

@@ -4,7 +4,7 @@
 # Payloads are opaque to the node: it never sees plaintext, only MLS-protected
 # bytes (Welcome, Commit, PrivateMessage, ...).
 #
-# Outcomes and exceptions (protocol version 2, for every method of NodeService)
+# Outcomes and exceptions (protocol version 4, for every method of NodeService)
 # ------------------------------------------------------------------------------
 # An outcome that a correct client must expect and act on comes back in the
 # call's results, as a typed value: a Commit that lost the race for its epoch
@@ -67,6 +67,33 @@ struct QueueFull {
 
   # The node's limit of messages waiting in one queue.
   maxDepth @1 :UInt32;
+
+  # The node's limit of payload bytes waiting in one queue (protocol 4); a
+  # queue is also full when its waiting bytes plus the call's would exceed
+  # it.
+  maxBytes @2 :UInt64;
+}
+
+# The call carries more than the sender may ever queue at once (its burst):
+# nothing was stored. Split it into calls within both maxima.
+struct TooLarge {
+  # Most messages one call may queue (recipients, summed over envelopes).
+  maxMessages @0 :UInt32;
+
+  # Most payload bytes one call may carry (each envelope's payload once).
+  maxBytes @1 :UInt64;
+}
+
+# An application message (an MLS PrivateMessage) encrypted in an epoch its
+# group has already left on the node; nothing was stored. Members at the
+# newer epoch might not be able to read it: process your queue, then
+# encrypt it again.
+struct StaleEpoch {
+  # The group the message is for.
+  groupId @0 :Data;
+
+  # The epoch the group is in now, on the node.
+  currentEpoch @1 :UInt64;
 }
 
 # What became of `enqueue` or `enqueueBatch`.
@@ -75,13 +102,20 @@ struct SendOutcome {
     # Every message is durably committed to the node's database.
     accepted @0 :Void;
 
-    # Over the sender's rate limit (messages queued per second, each
-    # recipient counting once): wait, then send again.
+    # Over the sender's budget (messages queued per second, each recipient
+    # counting once, and payload bytes per second): wait, then send again.
     rateLimited @1 :RateLimited;
 
     # Some recipient's queue is full: wait for it to drain, or give up on
     # those recipients.
     queueFull @2 :QueueFull;
+
+    # More than one call may carry (protocol 4): split it.
+    tooLarge @3 :TooLarge;
+
+    # A message from an epoch its group has left (protocol 4): catch up,
+    # then encrypt and send it again.
+    staleEpoch @4 :StaleEpoch;
   }
 }
 

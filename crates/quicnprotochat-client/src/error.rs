@@ -112,7 +112,7 @@ pub enum ClientError {
     },
     /// Some recipients' queues on the node are full; nothing was stored.
     #[error(
-        "the node's queue of {} is full (it holds at most {max_depth} messages) and nothing was sent; ask them to run `recv` so their queue drains, then try again",
+        "the node's queue of {} is full (it holds at most {max_depth} messages or {max_bytes} bytes) and nothing was sent; ask them to run `recv` so their queue drains, then try again",
         short_keys(.recipients)
     )]
     QueueFull {
@@ -120,6 +120,28 @@ pub enum ClientError {
         recipients: Vec<IdentityKey>,
         /// The node's limit of messages waiting in one queue.
         max_depth: u32,
+        /// The node's limit of payload bytes waiting in one queue.
+        max_bytes: u64,
+    },
+    /// A message was encrypted in an epoch its group has left on the node,
+    /// every time we tried; nothing was stored.
+    #[error(
+        "the group moved on (epoch {current_epoch}) while this message was being sent, every time it was tried; run `recv`, then send it again"
+    )]
+    StaleEpoch {
+        /// The group's epoch on the node.
+        current_epoch: u64,
+    },
+    /// The identity already keeps as many KeyPackages on the node as it
+    /// allows; nothing was stored.
+    #[error(
+        "the node already keeps {stored} KeyPackages of yours (its limit is {max}); nothing was uploaded. Others take them when they invite you"
+    )]
+    TooManyKeyPackages {
+        /// How many it keeps.
+        stored: u32,
+        /// The node's limit.
+        max: u32,
     },
     /// The node refused a group change (its queues were full, it rate
     /// limited us past our patience, or it refused the call); the change
@@ -272,6 +294,7 @@ impl From<QueueFull> for ClientError {
         ClientError::QueueFull {
             recipients: full.recipients,
             max_depth: full.max_depth,
+            max_bytes: full.max_bytes,
         }
     }
 }
@@ -297,6 +320,7 @@ mod tests {
                 IdentityKey::from_bytes([0x01; 32]),
             ],
             max_depth: 3,
+            max_bytes: 1024,
         };
         let text = full.to_string();
         assert!(
@@ -304,7 +328,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("at most 3 messages") && text.contains("`recv`"),
+            text.contains("at most 3 messages or 1024 bytes") && text.contains("`recv`"),
             "{text}"
         );
     }

@@ -23,6 +23,7 @@ use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::outcome::{
     CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, ProposalOutcome, SendOutcome,
+    UploadOutcome,
 };
 use quicnprotochat_proto::wire::{Envelope, GroupState, read_messages};
 use quicnprotochat_proto::{cert, peer, rpc, transport};
@@ -176,7 +177,8 @@ impl NodeClient {
     }
 
     /// Uploads a KeyPackage for `identity`; returns the node's SHA-256
-    /// fingerprint of what it stored.
+    /// fingerprint of what it stored. A refusal (rate limit, KeyPackage
+    /// limit) is its typed [`ClientError`].
     pub async fn upload_key_package(
         &self,
         identity: &IdentityKey,
@@ -186,7 +188,9 @@ impl NodeClient {
         request.get().set_identity_key(identity.as_bytes());
         request.get().set_package(package);
         let response = call(request.send().promise).await?;
-        Ok(response.get()?.get_fingerprint()?.to_vec())
+        let response = response.get()?;
+        stored(UploadOutcome::read(response.get_outcome()?)?)?;
+        Ok(response.get_fingerprint()?.to_vec())
     }
 
     /// Uploads several KeyPackages of `identity` in one atomic call; returns
@@ -205,7 +209,9 @@ impl NodeClient {
             list.set(index as u32, package);
         }
         let response = call(request.send().promise).await?;
-        let fingerprints = response.get()?.get_fingerprints()?;
+        let response = response.get()?;
+        stored(UploadOutcome::read(response.get_outcome()?)?)?;
+        let fingerprints = response.get_fingerprints()?;
         fingerprints.iter().map(|f| Ok(f?.to_vec())).collect()
     }
 
@@ -582,6 +588,15 @@ fn classify_connect_error(
 fn alert(code: quinn::TransportErrorCode) -> Option<AlertDescription> {
     let code = u64::from(code);
     (code & !0xff == 0x100).then(|| AlertDescription::from((code & 0xff) as u8))
+}
+
+/// An upload's outcome as the client's error, if it stored nothing.
+fn stored(outcome: UploadOutcome) -> Result<(), ClientError> {
+    match outcome {
+        UploadOutcome::Stored => Ok(()),
+        UploadOutcome::RateLimited(limited) => Err(limited.into()),
+        UploadOutcome::TooMany { stored, max } => Err(ClientError::TooManyKeyPackages { stored, max }),
+    }
 }
 
 #[cfg(test)]

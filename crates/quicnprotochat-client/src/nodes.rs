@@ -6,7 +6,7 @@ use std::cell::Cell;
 use std::time::Duration;
 
 use quicnprotochat_core::{IdentityKey, IdentityKeypair};
-use quicnprotochat_proto::outcome::{RateLimited, SendOutcome};
+use quicnprotochat_proto::outcome::{RateLimited, SendOutcome, TooLarge};
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::ConnectionArgs;
@@ -61,11 +61,47 @@ impl Nodes {
                     }
                 }
                 SendOutcome::QueueFull(full) => return Err(full.into()),
+                SendOutcome::TooLarge(large) => {
+                    return Box::pin(self.deliver_in_parts(envelopes, large)).await;
+                }
+                SendOutcome::StaleEpoch(stale) => {
+                    return Err(ClientError::StaleEpoch {
+                        current_epoch: stale.current_epoch,
+                    });
+                }
             }
         }
     }
 
-    /// Closes both connections.
+    /// Delivers envelopes too big for one call (a message to a group
+    /// larger than the sender's burst) in calls within the node's maxima,
+    /// one after the other: each part is atomic, the whole is not. A part's
+    /// message id is the envelope's with the part's number appended, so a
+    /// retry of the whole stores no part twice.
+    async fn deliver_in_parts(&self, envelopes: &[Envelope], large: TooLarge) -> Result<(), ClientError> {
+        let per_call = usize::try_from(large.max_messages).unwrap_or(usize::MAX).max(1);
+        for envelope in envelopes {
+            if envelope.payload.len() as u64 > large.max_bytes {
+                return Err(ClientError::Internal("a payload above the node's burst of bytes"));
+            }
+            for (part, recipients) in envelope.recipients.chunks(per_call).enumerate() {
+                let message_id = envelope.message_id.as_ref().map(|id| {
+                    let mut id = id.clone();
+                    id.truncate(60);
+                    id.extend_from_slice(&(part as u32).to_be_bytes());
+                    id
+                });
+                let piece = Envelope {
+                    recipients: recipients.to_vec(),
+                    payload: envelope.payload.clone(),
+                    message_id,
+                };
+                self.deliver(std::slice::from_ref(&piece)).await?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn close(self) {
         if let Some(delivery) = self.delivery {
             delivery.close().await;
@@ -88,6 +124,10 @@ pub(crate) fn accepted(outcome: SendOutcome) -> Result<(), ClientError> {
         SendOutcome::Accepted => Ok(()),
         SendOutcome::RateLimited(limited) => Err(limited.into()),
         SendOutcome::QueueFull(full) => Err(full.into()),
+        SendOutcome::TooLarge(_) => Err(ClientError::Internal("one message is more than the node's burst")),
+        SendOutcome::StaleEpoch(stale) => Err(ClientError::StaleEpoch {
+            current_epoch: stale.current_epoch,
+        }),
     }
 }
 

@@ -377,6 +377,9 @@ async fn flood(
                     Ok(SendOutcome::Accepted) => count.committed += 1,
                     Ok(SendOutcome::RateLimited(_)) => count.rate_limited += 1,
                     Ok(SendOutcome::QueueFull(_)) => count.queue_full += 1,
+                    Ok(other @ (SendOutcome::TooLarge(_) | SendOutcome::StaleEpoch(_))) => {
+                        count.other.push(format!("{other:?}"))
+                    }
                     Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Overloaded => {
                         count.overloaded += 1
                     }

@@ -371,8 +371,13 @@ fn a_failed_invite_leaves_the_group_as_it_was() {
 
 #[test]
 fn register_uploads_a_batch_with_a_last_resort_and_recv_tops_up() {
-    let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
+    // Strangers take Bob's whole stock below; the node's per-identity serve
+    // rate (tested in `limits`) would hand them his last resort instead.
+    let mut config =
+        quicnprotochat_server::Config::in_dir(dir.path(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.key_package_serve_rate = 0;
+    let node = TestNode::start_with(config, dir.path().to_owned());
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     let bob_identity = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&bob.state))
         .unwrap()

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{TestNode, alice_and_bob_in_a_group, identity, local};
 use quicnprotochat_core::Seq;
-use quicnprotochat_proto::outcome::{FetchedKeyPackage, QueueFull, SendOutcome};
+use quicnprotochat_proto::outcome::{FetchedKeyPackage, QueueFull, SendOutcome, TooLarge};
 use quicnprotochat_proto::wire::Envelope;
 use quicnprotochat_server::Config;
 
@@ -35,7 +35,8 @@ fn a_full_queue_refuses_more_and_keeps_what_it_has() {
             sender.enqueue(&queue, &[3]).await.unwrap(),
             SendOutcome::QueueFull(QueueFull {
                 recipients: vec![queue],
-                max_depth: 3
+                max_depth: 3,
+                max_bytes: quicnprotochat_server::config::DEFAULT_MAX_QUEUE_BYTES,
             })
         );
         let stored = owner.fetch_since(&queue, Seq::ZERO, 0).await.unwrap();
@@ -71,7 +72,8 @@ fn a_batch_naming_a_queue_more_often_than_it_has_room_is_refused_whole() {
             sender.enqueue_batch(&batch).await.unwrap(),
             SendOutcome::QueueFull(QueueFull {
                 recipients: vec![queue],
-                max_depth: 3
+                max_depth: 3,
+                max_bytes: quicnprotochat_server::config::DEFAULT_MAX_QUEUE_BYTES,
             })
         );
         let stored = owner.fetch_since(&queue, Seq::ZERO, 0).await.unwrap();
@@ -297,4 +299,199 @@ fn inviting_more_people_than_the_key_package_fetch_rate_allows_waits_and_succeed
     node.cli_ok(&args);
     let members = node.cli_ok(&["members", "--state", &alice]);
     assert_eq!(members.lines().count(), 7, "{members}");
+}
+
+#[test]
+fn a_send_bigger_than_the_burst_is_refused_whole_and_the_cli_splits_it() {
+    let (node, dir) = node_with(|config| config.enqueue_rate = 2);
+    local(async {
+        let sender = node.connect_as(&identity(3)).await;
+        let many: Vec<_> = (10..15).map(|n| identity(n).public_key()).collect();
+        let envelope = Envelope {
+            recipients: many.clone(),
+            payload: b"to five".to_vec(),
+            message_id: None,
+        };
+        assert_eq!(
+            sender.enqueue_batch(&[envelope]).await.unwrap(),
+            SendOutcome::TooLarge(TooLarge {
+                max_messages: 4,
+                max_bytes: 2 * quicnprotochat_server::config::DEFAULT_SEND_BYTES_RATE,
+            })
+        );
+        // Nothing was stored, and nothing was charged: a full burst passes.
+        let owner = node.connect_as(&identity(10)).await;
+        assert!(
+            owner
+                .fetch_since(&many[0], Seq::ZERO, 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let four = Envelope {
+            recipients: many[..4].to_vec(),
+            payload: b"to four".to_vec(),
+            message_id: None,
+        };
+        assert_eq!(
+            sender.enqueue_batch(&[four]).await.unwrap(),
+            SendOutcome::Accepted
+        );
+    });
+    // The CLI sends a message to a group bigger than the burst in parts.
+    let [alice, _, _, _] = alice_and_bob_in_a_group(&node, dir.path(), "split");
+    let others: Vec<common::Member> = ["carol", "dave", "erin", "frank", "grace"]
+        .iter()
+        .map(|name| common::Member::register(&node, dir.path(), name))
+        .collect();
+    let mut args = vec!["invite", "--state", alice.as_str(), "--group-id", "split"];
+    for member in &others {
+        args.extend(["--peer-key", member.key.as_str()]);
+    }
+    node.cli_ok(&args);
+    for member in &others {
+        member.run(&node, "join", &[]);
+    }
+    node.cli_ok(&[
+        "send",
+        "--state",
+        &alice,
+        "--group-id",
+        "split",
+        "--msg",
+        "to all six",
+    ]);
+    for member in &others {
+        assert!(
+            member.run(&node, "recv", &[]).contains("to all six"),
+            "{}",
+            member.name
+        );
+    }
+}
+
+#[test]
+fn a_sender_is_held_to_its_byte_rate_and_a_queue_to_its_byte_limit() {
+    let (node, _dir) = node_with(|config| {
+        config.max_payload = 4096;
+        config.send_bytes_rate = 4096;
+        config.max_queue_bytes = 10_000;
+    });
+    local(async {
+        let sender = node.connect_as(&identity(3)).await;
+        let queue = identity(4).public_key();
+        // The byte burst is twice the payload limit: two full payloads.
+        for _ in 0..2 {
+            assert_eq!(
+                sender.enqueue(&queue, &[7; 4096]).await.unwrap(),
+                SendOutcome::Accepted
+            );
+        }
+        let SendOutcome::RateLimited(limited) = sender.enqueue(&queue, &[7; 4096]).await.unwrap() else {
+            panic!("over the byte budget");
+        };
+        assert!(limited.retry_after > Duration::from_millis(500), "{limited:?}");
+        // Another sender fills the queue to its byte limit: 8,192 of 10,000.
+        let other = node.connect_as(&identity(5)).await;
+        assert_eq!(
+            other.enqueue(&queue, &[1; 2000]).await.unwrap(),
+            SendOutcome::QueueFull(QueueFull {
+                recipients: vec![queue],
+                max_depth: quicnprotochat_server::config::DEFAULT_MAX_QUEUE_DEPTH as u32,
+                max_bytes: 10_000,
+            })
+        );
+        assert_eq!(
+            other.enqueue(&queue, &[1; 1808]).await.unwrap(),
+            SendOutcome::Accepted
+        );
+    });
+}
+
+#[test]
+fn key_packages_beyond_the_stock_limit_or_the_lifetime_limit_are_refused() {
+    let (node, _dir) = node_with(|config| config.max_key_packages = 3);
+    local(async {
+        let owner = identity(6);
+        let client = node.connect_as(&owner).await;
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let make = |lifetime_seconds| {
+            quicnprotochat_core::generate_key_package_with(
+                &provider,
+                &owner,
+                quicnprotochat_core::KeyPackageOptions {
+                    last_resort: false,
+                    lifetime_seconds,
+                },
+            )
+            .unwrap()
+        };
+        // RFC 9420 asks for a maximum lifetime: a century is refused.
+        let err = client
+            .upload_key_package(&owner.public_key(), &make(Some(100 * 365 * 86_400)))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("valid for at most 90 days"), "{err}");
+        let three: Vec<Vec<u8>> = (0..3).map(|_| make(None)).collect();
+        client
+            .upload_key_packages(&owner.public_key(), &three)
+            .await
+            .unwrap();
+        let err = client
+            .upload_key_package(&owner.public_key(), &make(None))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                quicnprotochat_client::ClientError::TooManyKeyPackages { stored: 3, max: 3 }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            client.key_package_count(&owner.public_key()).await.unwrap(),
+            (3, false)
+        );
+    });
+}
+
+#[test]
+fn nobody_drains_an_identitys_key_packages_in_a_burst_and_the_last_resort_keeps_it_reachable() {
+    // Each caller's own fetch rate off (all these callers share 127.0.0.1):
+    // what is under test is the rate per target identity.
+    let (node, dir) = node_with(|config| config.key_package_fetch_rate = 0);
+    let bob = common::Member::register(&node, dir.path(), "bob");
+    let bob_key = bob.key.parse().unwrap();
+    local(async {
+        // Fifty fetches from 25 connections, as fast as they come.
+        let mut served = std::collections::HashMap::<Vec<u8>, usize>::new();
+        for _ in 0..25 {
+            let stranger = node.connect().await;
+            for _ in 0..2 {
+                if let FetchedKeyPackage::Package(package) =
+                    stranger.fetch_key_package(&bob_key).await.unwrap()
+                {
+                    *served.entry(package).or_default() += 1;
+                }
+            }
+        }
+        // The serve rate lets a few ordinary ones go; every other answer is
+        // the last resort, which stays.
+        let ordinary = served.values().filter(|&&times| times == 1).count();
+        assert_eq!(
+            ordinary,
+            quicnprotochat_server::config::DEFAULT_KEY_PACKAGE_SERVE_RATE as usize
+        );
+        assert_eq!(served.values().sum::<usize>(), 50);
+        let owner = node.connect_as(&identity_of(&bob)).await;
+        let (left, last_resort) = owner.key_package_count(&bob_key).await.unwrap();
+        assert!(left >= 3 && last_resort, "{left} {last_resort}");
+    });
+}
+
+fn identity_of(member: &common::Member) -> quicnprotochat_core::IdentityKeypair {
+    quicnprotochat_client::state::StateFile::open(std::path::Path::new(&member.state))
+        .unwrap()
+        .identity()
+        .unwrap()
 }

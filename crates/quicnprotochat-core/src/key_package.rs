@@ -4,7 +4,7 @@
 use openmls::prelude::{
     Capabilities, ExtensionType, KeyPackage, KeyPackageIn, LeafNode, Lifetime, OpenMlsCrypto,
     ProtocolVersion,
-    tls_codec::{DeserializeBytes as _, Serialize as _},
+    tls_codec::{DeserializeBytes as _, Serialize as _, Size as _},
 };
 use openmls::storage::OpenMlsProvider;
 use sha2::{Digest, Sha256};
@@ -106,8 +106,13 @@ pub struct KeyPackageInfo {
     pub identity: IdentityKey,
     /// Whether it carries the `last_resort` extension.
     pub last_resort: bool,
+    /// Start of its lifetime, in seconds since the Unix epoch.
+    pub not_before: u64,
     /// End of its lifetime, in seconds since the Unix epoch.
     pub not_after: u64,
+    /// The larger of its own extensions' and its leaf's extensions'
+    /// encoded size, in bytes.
+    pub extensions_size: usize,
 }
 
 /// Parses and fully validates a KeyPackage as [`key_package_identity`] does
@@ -119,10 +124,16 @@ pub fn inspect_key_package(bytes: &[u8]) -> Result<KeyPackageInfo, CoreError> {
     static CRYPTO: std::sync::LazyLock<openmls_rust_crypto::RustCrypto> =
         std::sync::LazyLock::new(openmls_rust_crypto::RustCrypto::default);
     let (key_package, identity) = validate_key_package(&*CRYPTO, bytes)?;
+    let extensions_size = key_package
+        .extensions()
+        .tls_serialized_len()
+        .max(key_package.leaf_node().extensions().tls_serialized_len());
     Ok(KeyPackageInfo {
         identity,
         last_resort: key_package.last_resort(),
+        not_before: key_package.life_time().not_before(),
         not_after: key_package.life_time().not_after(),
+        extensions_size,
     })
 }
 

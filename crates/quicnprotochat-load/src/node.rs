@@ -60,10 +60,14 @@ impl NodeProcess {
             .args([
                 "--enqueue-rate",
                 "0",
+                "--send-bytes-rate",
+                "0",
                 "--ping-rate",
                 "0",
                 "--max-queue-depth",
                 "10000000",
+                "--max-queue-bytes",
+                "1099511627776",
             ])
             .arg("--max-payload")
             .arg(spec.max_payload.to_string())

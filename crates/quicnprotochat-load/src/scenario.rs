@@ -388,10 +388,18 @@ async fn enqueue(client: &NodeClient, targets: &[IdentityKey], scenario: &Scenar
             format!("rate limited, retry after {:?}", limited.retry_after)
         }
         Ok(SendOutcome::QueueFull(full)) => format!(
-            "queue full ({} recipients at the node's limit of {} messages)",
+            "queue full ({} recipients at the node's limit of {} messages or {} bytes)",
             full.recipients.len(),
-            full.max_depth
+            full.max_depth,
+            full.max_bytes
         ),
+        Ok(SendOutcome::TooLarge(large)) => format!(
+            "too large for one call (at most {} messages, {} bytes)",
+            large.max_messages, large.max_bytes
+        ),
+        Ok(SendOutcome::StaleEpoch(stale)) => {
+            format!("from a past epoch (the group is at {})", stale.current_epoch)
+        }
         Err(e) => e.to_string(),
     };
     shared.refused.fetch_add(messages, Ordering::Relaxed);

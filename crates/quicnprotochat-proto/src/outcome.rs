@@ -46,11 +46,15 @@ pub struct QueueFull {
     pub recipients: Vec<IdentityKey>,
     /// The node's limit of messages waiting in one queue.
     pub max_depth: u32,
+    /// The node's limit of payload bytes waiting in one queue (0 from a
+    /// node before protocol 4).
+    pub max_bytes: u64,
 }
 
 impl QueueFull {
     fn write(&self, mut builder: delivery_capnp::queue_full::Builder<'_>) {
         builder.set_max_depth(self.max_depth);
+        builder.set_max_bytes(self.max_bytes);
         // A call names at most MAX_BATCH_RECIPIENTS recipients, far below u32.
         let mut keys = builder.init_recipient_keys(self.recipients.len() as u32);
         for (slot, recipient) in self.recipients.iter().enumerate() {
@@ -68,8 +72,27 @@ impl QueueFull {
         Ok(QueueFull {
             recipients,
             max_depth: reader.get_max_depth(),
+            max_bytes: reader.get_max_bytes(),
         })
     }
+}
+
+/// A call bigger than the sender may ever queue at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge {
+    /// Most messages (recipients, summed over envelopes) one call may queue.
+    pub max_messages: u32,
+    /// Most payload bytes one call may carry.
+    pub max_bytes: u64,
+}
+
+/// An application message from an epoch its group has left on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleEpoch {
+    /// The group.
+    pub group_id: Vec<u8>,
+    /// The group's epoch on the node.
+    pub current_epoch: u64,
 }
 
 /// What became of `enqueue` or `enqueueBatch` (`SendOutcome`).
@@ -81,6 +104,10 @@ pub enum SendOutcome {
     RateLimited(RateLimited),
     /// Some queues are full; nothing was stored.
     QueueFull(QueueFull),
+    /// More than one call may carry; nothing was stored.
+    TooLarge(TooLarge),
+    /// A message from an epoch its group has left; nothing was stored.
+    StaleEpoch(StaleEpoch),
 }
 
 impl SendOutcome {
@@ -90,6 +117,16 @@ impl SendOutcome {
             SendOutcome::Accepted => builder.set_accepted(()),
             SendOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
             SendOutcome::QueueFull(full) => full.write(builder.init_queue_full()),
+            SendOutcome::TooLarge(large) => {
+                let mut slot = builder.init_too_large();
+                slot.set_max_messages(large.max_messages);
+                slot.set_max_bytes(large.max_bytes);
+            }
+            SendOutcome::StaleEpoch(stale) => {
+                let mut slot = builder.init_stale_epoch();
+                slot.set_group_id(&stale.group_id);
+                slot.set_current_epoch(stale.current_epoch);
+            }
         }
     }
 
@@ -100,6 +137,69 @@ impl SendOutcome {
             Which::Accepted(()) => SendOutcome::Accepted,
             Which::RateLimited(limited) => SendOutcome::RateLimited(RateLimited::read(limited?)),
             Which::QueueFull(full) => SendOutcome::QueueFull(QueueFull::read(full?)?),
+            Which::TooLarge(large) => {
+                let large = large?;
+                SendOutcome::TooLarge(TooLarge {
+                    max_messages: large.get_max_messages(),
+                    max_bytes: large.get_max_bytes(),
+                })
+            }
+            Which::StaleEpoch(stale) => {
+                let stale = stale?;
+                SendOutcome::StaleEpoch(StaleEpoch {
+                    group_id: stale.get_group_id()?.to_vec(),
+                    current_epoch: stale.get_current_epoch(),
+                })
+            }
+        })
+    }
+}
+
+/// What became of `uploadKeyPackage` or `uploadKeyPackages`
+/// (`UploadOutcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// Every KeyPackage is durably stored.
+    Stored,
+    /// Over the uploader's send budget; nothing was stored.
+    RateLimited(RateLimited),
+    /// The identity's stock would exceed the node's limit; nothing was
+    /// stored.
+    TooMany {
+        /// Unexpired KeyPackages the identity holds now.
+        stored: u32,
+        /// The node's limit per identity.
+        max: u32,
+    },
+}
+
+impl UploadOutcome {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: auth_capnp::upload_outcome::Builder<'_>) {
+        match self {
+            UploadOutcome::Stored => builder.set_stored(()),
+            UploadOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+            UploadOutcome::TooMany { stored, max } => {
+                let mut slot = builder.init_too_many();
+                slot.set_stored(*stored);
+                slot.set_max(*max);
+            }
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(reader: auth_capnp::upload_outcome::Reader<'_>) -> Result<UploadOutcome, OutcomeError> {
+        use auth_capnp::upload_outcome::Which;
+        Ok(match reader.which()? {
+            Which::Stored(()) => UploadOutcome::Stored,
+            Which::RateLimited(limited) => UploadOutcome::RateLimited(RateLimited::read(limited?)),
+            Which::TooMany(many) => {
+                let many = many?;
+                UploadOutcome::TooMany {
+                    stored: many.get_stored(),
+                    max: many.get_max(),
+                }
+            }
         })
     }
 }
@@ -343,6 +443,7 @@ mod tests {
         let full = QueueFull {
             recipients: vec![IdentityKey::from_bytes([1; 32]), IdentityKey::from_bytes([2; 32])],
             max_depth: 10,
+            max_bytes: 1 << 20,
         };
         for outcome in [
             SendOutcome::Accepted,
@@ -350,8 +451,33 @@ mod tests {
                 retry_after: Duration::from_millis(16),
             }),
             SendOutcome::QueueFull(full.clone()),
+            SendOutcome::TooLarge(TooLarge {
+                max_messages: 2000,
+                max_bytes: 8 << 20,
+            }),
+            SendOutcome::StaleEpoch(StaleEpoch {
+                group_id: b"g".to_vec(),
+                current_epoch: 4,
+            }),
         ] {
             assert_eq!(round_trip_send(&outcome), outcome);
+        }
+        for outcome in [
+            UploadOutcome::Stored,
+            UploadOutcome::RateLimited(RateLimited {
+                retry_after: Duration::from_millis(3),
+            }),
+            UploadOutcome::TooMany {
+                stored: 1000,
+                max: 1000,
+            },
+        ] {
+            let mut message = capnp::message::Builder::new_default();
+            outcome.write(message.init_root());
+            assert_eq!(
+                UploadOutcome::read(message.get_root_as_reader().unwrap()).unwrap(),
+                outcome
+            );
         }
         for outcome in [
             CommitOutcome::Accepted,

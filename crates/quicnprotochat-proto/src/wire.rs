@@ -56,14 +56,36 @@ pub struct ValidKeyPackage {
     pub expires_at: u64,
 }
 
+/// What a node accepts of a KeyPackage beyond MLS validity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPackagePolicy {
+    /// Longest lifetime (not_after − not_before), in seconds.
+    pub max_lifetime_secs: u64,
+    /// Largest encoded size of its extensions, and of its leaf's.
+    pub max_extensions_bytes: usize,
+}
+
+impl Default for KeyPackagePolicy {
+    /// 90 days (openmls makes KeyPackages for 12 weeks and an hour) and
+    /// 1 KiB of extensions (a last-resort mark takes 4 bytes).
+    fn default() -> Self {
+        Self {
+            max_lifetime_secs: 90 * 24 * 60 * 60,
+            max_extensions_bytes: 1024,
+        }
+    }
+}
+
 /// Checks a KeyPackage field: size as [`payload`], then full MLS validation
-/// (signature, version, ciphersuite, lifetime, credential) and that it
-/// belongs to `owner`. A KeyPackage wrapped in an MLSMessage is unwrapped.
+/// (signature, version, ciphersuite, lifetime, credential), `policy`, and
+/// that it belongs to `owner`. A KeyPackage wrapped in an MLSMessage is
+/// unwrapped.
 pub fn key_package(
     field: &str,
     bytes: &[u8],
     max: usize,
     owner: &IdentityKey,
+    policy: &KeyPackagePolicy,
 ) -> Result<ValidKeyPackage, FieldError> {
     // Wrapped in an MLSMessage or not: stored (and served) bare.
     let bytes = quicnprotochat_core::unwrap_key_package(payload(field, bytes, max)?);
@@ -71,21 +93,58 @@ pub fn key_package(
         field: field.to_owned(),
         reason: e.to_string(),
     })?;
+    let refuse = |reason: String| FieldError {
+        field: field.to_owned(),
+        reason,
+    };
     if info.identity != *owner {
-        return Err(FieldError {
-            field: field.to_owned(),
-            reason: format!(
-                "the KeyPackage belongs to {}, not to identityKey {}",
-                info.identity.short(),
-                owner.short()
-            ),
-        });
+        return Err(refuse(format!(
+            "the KeyPackage belongs to {}, not to identityKey {}",
+            info.identity.short(),
+            owner.short()
+        )));
+    }
+    let lifetime = info.not_after.saturating_sub(info.not_before);
+    if lifetime > policy.max_lifetime_secs {
+        return Err(refuse(format!(
+            "its lifetime is {} days; this node takes KeyPackages valid for at most {} days (RFC 9420, section 7.2)",
+            lifetime / 86_400,
+            policy.max_lifetime_secs / 86_400
+        )));
+    }
+    if info.extensions_size > policy.max_extensions_bytes {
+        return Err(refuse(format!(
+            "its extensions take {} bytes; this node takes at most {}",
+            info.extensions_size, policy.max_extensions_bytes
+        )));
     }
     Ok(ValidKeyPackage {
         bytes: bytes.to_vec(),
         last_resort: info.last_resort,
         expires_at: info.not_after,
     })
+}
+
+/// The group id and epoch in the clear header of an MLS PrivateMessage
+/// (RFC 9420, section 6: version mls10, wire format mls_private_message,
+/// then `group_id<V>` and `epoch`); `None` for any other payload, which the
+/// node treats as opaque.
+pub fn private_message_epoch(payload: &[u8]) -> Option<(&[u8], u64)> {
+    let rest = payload.strip_prefix(&[0x00, 0x01, 0x00, 0x02])?;
+    // The group id's size: a QUIC-style variable-length integer of 1, 2 or
+    // 4 bytes (group ids are at most 256 bytes here).
+    let first = *rest.first()?;
+    let (len, rest) = match first >> 6 {
+        0 => (usize::from(first & 0x3f), rest.get(1..)?),
+        1 => (
+            (usize::from(first & 0x3f) << 8) | usize::from(*rest.get(1)?),
+            rest.get(2..)?,
+        ),
+        _ => return None,
+    };
+    let group = rest.get(..len)?;
+    let epoch = u64::from_be_bytes(rest.get(len..len + 8)?.try_into().ok()?);
+    Some((group, epoch))
 }
 
 /// Most recipients one `enqueueBatch` call may name in all its envelopes.

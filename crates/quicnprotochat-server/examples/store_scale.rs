@@ -118,6 +118,8 @@ async fn run(args: &Args, path: &Path) {
     // Deep enough for every filled queue plus the measured ones.
     let limits = Limits {
         max_queue_depth: args.messages / args.recipients + 10 * QUEUE,
+        max_queue_bytes: u64::MAX,
+        ..Limits::default()
     };
     let (store, closer) = Store::open_with(path, limits, Durability::Full).unwrap();
     memory.push(("store opened", memory_status()));

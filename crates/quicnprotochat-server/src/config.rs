@@ -24,6 +24,24 @@ pub const DEFAULT_TLS_KEY: &str = "data/server-key.der";
 pub const DEFAULT_DB: &str = "data/node.db";
 /// Messages one identity may queue per second.
 pub const DEFAULT_ENQUEUE_RATE: u32 = 1_000;
+/// Payload bytes one identity may store per second: 4 MiB/s, bursts of
+/// 8 MiB (and never less than twice the payload limit). A chat uses a tiny
+/// part of it; a client pushing media at full speed is slowed down, instead
+/// of filling the disk at tens of MB/s.
+pub const DEFAULT_SEND_BYTES_RATE: u64 = 4 * 1024 * 1024;
+/// Payload bytes one queue may hold: 256 MiB, a long absence in busy groups
+/// or 256 messages at the largest payload; beyond it, `queueFull`.
+pub const DEFAULT_MAX_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
+/// Unexpired KeyPackages one identity may keep on the node: far above what
+/// a client keeps (10 and a last resort), far below what fills a disk.
+pub const DEFAULT_MAX_KEY_PACKAGES: u32 = 1_000;
+/// Longest KeyPackage lifetime accepted (RFC 9420, section 7.2, asks for a
+/// maximum): 90 days; clients make them for 28 days and renew.
+pub const DEFAULT_MAX_KEY_PACKAGE_LIFETIME_DAYS: u64 = 90;
+/// Ordinary KeyPackages of one identity handed out per minute, whoever asks
+/// (beyond it, the last-resort one): enough for a few invitations a minute,
+/// too few to drain a stock in a burst.
+pub const DEFAULT_KEY_PACKAGE_SERVE_RATE: u32 = 6;
 /// KeyPackage fetches per second per caller.
 pub const DEFAULT_KEY_PACKAGE_FETCH_RATE: u32 = 20;
 /// Pings per second per caller.
@@ -62,8 +80,22 @@ pub struct Config {
     /// beyond it is refused with the `queueFull` outcome.
     pub max_queue_depth: usize,
     /// Messages one identity may queue per second (bursts of twice that);
-    /// 0: unlimited.
+    /// 0: unlimited. KeyPackage uploads count too; a group change bigger
+    /// than the burst passes when the budget is full and is paid off after.
     pub enqueue_rate: u32,
+    /// Payload bytes one identity may store per second (bursts of twice
+    /// that, at least twice `max_payload`); 0: unlimited.
+    pub send_bytes_rate: u64,
+    /// Most payload bytes one recipient's queue may hold; a send beyond it
+    /// is refused with the `queueFull` outcome.
+    pub max_queue_bytes: u64,
+    /// Most unexpired KeyPackages one identity may keep on the node.
+    pub max_key_packages: u32,
+    /// Longest KeyPackage lifetime accepted.
+    pub max_key_package_lifetime: Duration,
+    /// Ordinary KeyPackages of one identity handed out per minute, whoever
+    /// asks (beyond it, the last-resort one); 0: unlimited.
+    pub key_package_serve_rate: u32,
     /// KeyPackage fetches per second per identity, or per address for
     /// anonymous callers (bursts of twice that); 0: unlimited.
     pub key_package_fetch_rate: u32,
@@ -92,6 +124,11 @@ impl Default for Config {
             rpc_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
             enqueue_rate: DEFAULT_ENQUEUE_RATE,
+            send_bytes_rate: DEFAULT_SEND_BYTES_RATE,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
+            max_key_packages: DEFAULT_MAX_KEY_PACKAGES,
+            max_key_package_lifetime: retention_days(DEFAULT_MAX_KEY_PACKAGE_LIFETIME_DAYS),
+            key_package_serve_rate: DEFAULT_KEY_PACKAGE_SERVE_RATE,
             key_package_fetch_rate: DEFAULT_KEY_PACKAGE_FETCH_RATE,
             ping_rate: DEFAULT_PING_RATE,
             max_connections: DEFAULT_MAX_CONNECTIONS,

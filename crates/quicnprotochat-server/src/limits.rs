@@ -1,9 +1,20 @@
-//! Per-caller rate limits: token buckets (governor) keyed by the caller's
-//! identity, or by its IP address when it is anonymous.
+//! Per-caller limits: the send budget (queued messages and payload bytes
+//! per second, our own GCRA) and token buckets for pings and KeyPackage
+//! fetches (governor), keyed by the caller's identity, or by its IP address
+//! when it is anonymous.
+//!
+//! The send budget is not a governor bucket because it needs what governor
+//! does not offer: two costs charged together or not at all (messages and
+//! bytes), and a group change bigger than the burst (a Commit to a big
+//! group, which cannot be split) that passes once the budget is full and
+//! then leaves its sender in debt for exactly its cost, so no call shape
+//! gets more than the rate.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -18,57 +29,112 @@ pub enum Caller {
     Address(IpAddr),
 }
 
-/// The node's rate limiters; `None` where a limit is switched off.
-#[derive(Debug)]
-pub struct RateLimits {
-    enqueue: Option<Bucket>,
-    key_package_fetch: Option<Bucket>,
-    ping: Option<Bucket>,
+/// What a call costs against the send budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    /// Messages it queues: recipients, summed over envelopes (a KeyPackage
+    /// uploaded counts as one).
+    pub messages: u64,
+    /// Payload bytes it stores (a payload queued for many once).
+    pub bytes: u64,
 }
 
-/// One limiter and its burst size.
+/// Why a send was refused; it was not charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendRefusal {
+    /// Over the budget: it can pass after this wait.
+    Wait(Duration),
+    /// Bigger than the burst: it can never pass as it is.
+    TooLarge {
+        /// The burst of messages.
+        max_messages: u64,
+        /// The burst of bytes.
+        max_bytes: u64,
+    },
+}
+
+/// The node's rate limits; `None` where a limit is switched off.
+#[derive(Debug)]
+pub struct RateLimits {
+    sends: SendBudget,
+    key_package_fetch: Option<Bucket>,
+    ping: Option<Bucket>,
+    /// Ordinary KeyPackages handed out per target identity, whoever asks.
+    key_package_serve: Option<DefaultKeyedRateLimiter<IdentityKey>>,
+}
+
+/// One per-caller token bucket.
 #[derive(Debug)]
 struct Bucket {
     limiter: DefaultKeyedRateLimiter<Caller>,
-    burst: NonZeroU32,
 }
 
 impl RateLimits {
-    /// Limits of `enqueue_per_second` queued messages, `fetch_per_second`
-    /// KeyPackage fetches and `ping_per_second` pings per caller (0:
-    /// unlimited), each allowing bursts of twice the rate.
-    pub fn new(enqueue_per_second: u32, fetch_per_second: u32, ping_per_second: u32) -> RateLimits {
+    /// Limits of `messages_per_second` queued messages and
+    /// `bytes_per_second` payload bytes per caller (bursts of twice the
+    /// rate, and never less than `min_byte_burst`, the largest call one
+    /// payload makes), `fetch_per_second` KeyPackage fetches and
+    /// `ping_per_second` pings per caller (bursts of twice the rate), and
+    /// `serve_per_minute` ordinary KeyPackages per target identity (bursts
+    /// of the same); 0: unlimited.
+    pub fn new(
+        messages_per_second: u32,
+        bytes_per_second: u64,
+        min_byte_burst: u64,
+        fetch_per_second: u32,
+        ping_per_second: u32,
+        serve_per_minute: u32,
+    ) -> RateLimits {
         RateLimits {
-            enqueue: limiter(enqueue_per_second),
+            sends: SendBudget::new(
+                Gcra::new(u64::from(messages_per_second), 2 * u64::from(messages_per_second)),
+                Gcra::new(bytes_per_second, (2 * bytes_per_second).max(min_byte_burst)),
+            ),
             key_package_fetch: limiter(fetch_per_second),
             ping: limiter(ping_per_second),
+            key_package_serve: NonZeroU32::new(serve_per_minute)
+                .map(|rate| DefaultKeyedRateLimiter::dashmap(Quota::per_minute(rate))),
         }
+    }
+
+    /// Whether an ordinary KeyPackage of `target` may be handed out now;
+    /// if not, only its last-resort one is.
+    pub fn may_serve_ordinary_key_package(&self, target: &IdentityKey) -> bool {
+        self.key_package_serve
+            .as_ref()
+            .is_none_or(|limiter| limiter.check_key(target).is_ok())
     }
 
     /// Takes a token for one ping; on refusal, how long to wait.
     pub fn check_ping(&self, caller: Caller) -> Result<(), Duration> {
-        check(self.ping.as_ref(), caller, 1)
+        check(self.ping.as_ref(), caller)
     }
 
-    /// Takes `messages` tokens for queuing messages; on refusal, how long to
-    /// wait.
-    pub fn check_enqueue(&self, caller: Caller, messages: usize) -> Result<(), Duration> {
-        check(self.enqueue.as_ref(), caller, messages)
+    /// Charges a call that queues or stores something to the caller's send
+    /// budget. A call bigger than the burst is refused as
+    /// [`SendRefusal::TooLarge`], unless it is `indivisible` (a group
+    /// change): that one passes when the budget is full and leaves the
+    /// caller in debt for the rest.
+    pub fn check_send(&self, caller: Caller, cost: Cost, indivisible: bool) -> Result<(), SendRefusal> {
+        self.sends.check(caller, cost, indivisible, Instant::now())
     }
 
     /// Takes a token for one KeyPackage fetch; on refusal, how long to wait.
     pub fn check_key_package_fetch(&self, caller: Caller) -> Result<(), Duration> {
-        check(self.key_package_fetch.as_ref(), caller, 1)
+        check(self.key_package_fetch.as_ref(), caller)
     }
 
-    /// Forgets callers whose buckets are full again, bounding memory.
+    /// Forgets callers whose budgets and buckets are full again, bounding
+    /// memory.
     pub fn shrink(&self) {
-        for limiter in [&self.enqueue, &self.key_package_fetch, &self.ping]
-            .into_iter()
-            .flatten()
-        {
+        self.sends.shrink(Instant::now());
+        for limiter in [&self.key_package_fetch, &self.ping].into_iter().flatten() {
             limiter.limiter.retain_recent();
             limiter.limiter.shrink_to_fit();
+        }
+        if let Some(limiter) = &self.key_package_serve {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
         }
     }
 }
@@ -78,28 +144,128 @@ fn limiter(per_second: u32) -> Option<Bucket> {
     let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
     Some(Bucket {
         limiter: DefaultKeyedRateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
-        burst,
     })
 }
 
-fn check(bucket: Option<&Bucket>, caller: Caller, cost: usize) -> Result<(), Duration> {
-    let Some(Bucket { limiter, burst }) = bucket else {
+fn check(bucket: Option<&Bucket>, caller: Caller) -> Result<(), Duration> {
+    let Some(Bucket { limiter }) = bucket else {
         return Ok(());
     };
-    let Some(cost) = NonZeroU32::new(u32::try_from(cost).unwrap_or(u32::MAX)) else {
-        return Ok(());
-    };
-    let wait = |not_until: governor::NotUntil<_>| not_until.wait_time_from(DefaultClock::default().now());
-    match limiter.check_key_n(&caller, cost) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(not_until)) => Err(wait(not_until)),
-        // More than a whole burst at once can never pass as asked; charge a
-        // full burst instead, so a large group send waits for a full bucket
-        // but is not refused forever.
-        Err(_) => match limiter.check_key_n(&caller, *burst) {
-            Ok(Ok(())) | Err(_) => Ok(()),
-            Ok(Err(not_until)) => Err(wait(not_until)),
-        },
+    limiter
+        .check_key(&caller)
+        .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+}
+
+/// One dimension of the send budget: the generic cell rate algorithm. A
+/// caller's state is its theoretical arrival time (TAT): when its budget
+/// will be full again. A call of cost `c` at `now` moves the TAT to
+/// `max(TAT, now) + c·T` and passes if that is at most `now + burst·T`.
+#[derive(Debug, Clone, Copy)]
+struct Gcra {
+    /// Time one unit costs; `None`: unlimited.
+    per_unit: Option<Duration>,
+    burst: u64,
+}
+
+impl Gcra {
+    fn new(per_second: u64, burst: u64) -> Gcra {
+        Gcra {
+            per_unit: (per_second > 0).then(|| Duration::from_secs_f64(1.0 / per_second as f64)),
+            burst,
+        }
+    }
+
+    /// The TAT after charging `cost` at `now` from `tat`, or how long to
+    /// wait. `indivisible` lets a cost above the burst pass when the budget
+    /// is full.
+    fn charge(
+        &self,
+        tat: Instant,
+        cost: u64,
+        indivisible: bool,
+        now: Instant,
+    ) -> Result<Instant, SendRefusal> {
+        let Some(per_unit) = self.per_unit else {
+            return Ok(tat);
+        };
+        let start = tat.max(now);
+        let after = start + per_unit.saturating_mul(u32::try_from(cost).unwrap_or(u32::MAX));
+        if cost > self.burst && indivisible {
+            return if tat <= now {
+                Ok(after)
+            } else {
+                Err(SendRefusal::Wait(tat - now))
+            };
+        }
+        let limit = now + per_unit.saturating_mul(u32::try_from(self.burst).unwrap_or(u32::MAX));
+        if after <= limit {
+            Ok(after)
+        } else {
+            Err(SendRefusal::Wait(after - limit))
+        }
+    }
+
+    fn too_large(&self, cost: u64) -> bool {
+        self.per_unit.is_some() && cost > self.burst
+    }
+}
+
+/// Messages and bytes per caller, charged together.
+#[derive(Debug)]
+struct SendBudget {
+    messages: Gcra,
+    bytes: Gcra,
+    /// Each caller's TATs (messages, bytes); a caller absent is full.
+    callers: Mutex<HashMap<Caller, (Instant, Instant)>>,
+}
+
+impl SendBudget {
+    fn new(messages: Gcra, bytes: Gcra) -> SendBudget {
+        SendBudget {
+            messages,
+            bytes,
+            callers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn check(&self, caller: Caller, cost: Cost, indivisible: bool, now: Instant) -> Result<(), SendRefusal> {
+        if !indivisible && (self.messages.too_large(cost.messages) || self.bytes.too_large(cost.bytes)) {
+            return Err(SendRefusal::TooLarge {
+                max_messages: self.messages.burst,
+                max_bytes: self.bytes.burst,
+            });
+        }
+        if self.messages.per_unit.is_none() && self.bytes.per_unit.is_none() {
+            return Ok(());
+        }
+        // A poisoned lock only means another thread panicked mid-update of
+        // plain timestamps; the map is still usable.
+        let mut callers = self
+            .callers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (messages, bytes) = callers.get(&caller).copied().unwrap_or((now, now));
+        let charged = (
+            self.messages.charge(messages, cost.messages, indivisible, now),
+            self.bytes.charge(bytes, cost.bytes, indivisible, now),
+        );
+        match charged {
+            (Ok(messages), Ok(bytes)) => {
+                callers.insert(caller, (messages, bytes));
+                Ok(())
+            }
+            (Err(SendRefusal::Wait(a)), Err(SendRefusal::Wait(b))) => Err(SendRefusal::Wait(a.max(b))),
+            (Err(refusal), _) | (_, Err(refusal)) => Err(refusal),
+        }
+    }
+
+    fn shrink(&self, now: Instant) {
+        let mut callers = self
+            .callers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        callers.retain(|_, (messages, bytes)| *messages > now || *bytes > now);
+        callers.shrink_to_fit();
     }
 }
 
@@ -107,22 +273,110 @@ fn check(bucket: Option<&Bucket>, caller: Caller, cost: usize) -> Result<(), Dur
 mod tests {
     use super::*;
 
+    fn caller(byte: u8) -> Caller {
+        Caller::Identity(IdentityKey::from_bytes([byte; 32]))
+    }
+
+    fn messages(n: u64) -> Cost {
+        Cost {
+            messages: n,
+            bytes: n,
+        }
+    }
+
     #[test]
     fn a_caller_beyond_its_burst_is_told_how_long_to_wait() {
-        let limits = RateLimits::new(10, 0, 0);
-        let caller = Caller::Identity(IdentityKey::from_bytes([1; 32]));
-        assert!(limits.check_enqueue(caller, 20).is_ok());
-        let wait = limits.check_enqueue(caller, 1).unwrap_err();
+        let limits = RateLimits::new(10, 0, 0, 0, 0, 0);
+        assert!(limits.check_send(caller(1), messages(20), false).is_ok());
+        let Err(SendRefusal::Wait(wait)) = limits.check_send(caller(1), messages(1), false) else {
+            panic!("over the burst");
+        };
         assert!(
-            wait > Duration::ZERO && wait <= Duration::from_millis(200),
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
             "{wait:?}"
         );
-        // Others have their own bucket; fetches are unlimited here.
-        assert!(
-            limits
-                .check_enqueue(Caller::Identity(IdentityKey::from_bytes([2; 32])), 1)
-                .is_ok()
+        // Others have their own budget; fetches are unlimited here.
+        assert!(limits.check_send(caller(2), messages(1), false).is_ok());
+        assert!(limits.check_key_package_fetch(caller(1)).is_ok());
+    }
+
+    #[test]
+    fn ordinary_key_packages_of_one_identity_are_served_at_its_own_rate() {
+        let limits = RateLimits::new(0, 0, 0, 0, 0, 3);
+        let target = IdentityKey::from_bytes([7; 32]);
+        for _ in 0..3 {
+            assert!(limits.may_serve_ordinary_key_package(&target));
+        }
+        assert!(!limits.may_serve_ordinary_key_package(&target));
+        assert!(limits.may_serve_ordinary_key_package(&IdentityKey::from_bytes([8; 32])));
+    }
+
+    #[test]
+    fn a_call_bigger_than_the_burst_is_refused_whole_and_charged_nothing() {
+        let limits = RateLimits::new(10, 1000, 0, 0, 0, 0);
+        assert_eq!(
+            limits.check_send(caller(1), messages(21), false),
+            Err(SendRefusal::TooLarge {
+                max_messages: 20,
+                max_bytes: 2000
+            })
         );
-        assert!(limits.check_key_package_fetch(caller).is_ok());
+        assert_eq!(
+            limits.check_send(
+                caller(1),
+                Cost {
+                    messages: 1,
+                    bytes: 2001
+                },
+                false
+            ),
+            Err(SendRefusal::TooLarge {
+                max_messages: 20,
+                max_bytes: 2000
+            })
+        );
+        // Nothing was charged: the whole burst is still there.
+        assert!(limits.check_send(caller(1), messages(20), false).is_ok());
+    }
+
+    #[test]
+    fn an_indivisible_change_above_the_burst_passes_once_full_and_leaves_a_debt() {
+        let budget = SendBudget::new(Gcra::new(1000, 2000), Gcra::new(0, 0));
+        let start = Instant::now();
+        let cost = Cost {
+            messages: 10_000,
+            bytes: 0,
+        };
+        assert_eq!(budget.check(caller(1), cost, true, start), Ok(()));
+        // In debt for 8,000 messages at 1,000/s: a message passes once the
+        // debt is below the burst (8 s later), and another change above the
+        // burst only when the budget is full again (10 s later).
+        let later = start + Duration::from_secs(7);
+        assert_eq!(
+            budget.check(caller(1), messages(1), false, later),
+            Err(SendRefusal::Wait(Duration::from_millis(1001)))
+        );
+        assert_eq!(
+            budget.check(caller(1), cost, true, later),
+            Err(SendRefusal::Wait(Duration::from_secs(3)))
+        );
+        let repaid = start + Duration::from_secs(10);
+        assert_eq!(budget.check(caller(1), messages(2000), false, repaid), Ok(()));
+    }
+
+    #[test]
+    fn the_rate_holds_whatever_the_call_shape() {
+        // 300 calls of 100 messages as fast as possible against 1,000/s:
+        // what passes in 10 s of simulated time is the burst plus the rate.
+        let budget = SendBudget::new(Gcra::new(1000, 2000), Gcra::new(0, 0));
+        let start = Instant::now();
+        let mut passed = 0;
+        for step in 0..10_000u64 {
+            let now = start + Duration::from_millis(step);
+            if budget.check(caller(1), messages(100), false, now).is_ok() {
+                passed += 100;
+            }
+        }
+        assert!((11_900..=12_100).contains(&passed), "{passed}");
     }
 }

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use capnp::message::ReaderOptions;
-use quicnprotochat_proto::{cert, peer, rpc, transport};
+use quicnprotochat_proto::{cert, peer, rpc, transport, wire};
 use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
@@ -86,6 +86,8 @@ impl Node {
         let server_config = transport::server_config(identity.cert, identity.key, config.idle_timeout)?;
         let limits = Limits {
             max_queue_depth: config.max_queue_depth,
+            max_queue_bytes: config.max_queue_bytes,
+            max_key_packages: config.max_key_packages,
         };
         let (store, store_closer) =
             Store::open_with(&config.db, limits, config.durability).map_err(|source| ServerError::Store {
@@ -104,9 +106,16 @@ impl Node {
                 config.max_payload,
                 RateLimits::new(
                     config.enqueue_rate,
+                    config.send_bytes_rate,
+                    2 * config.max_payload as u64,
                     config.key_package_fetch_rate,
                     config.ping_rate,
+                    config.key_package_serve_rate,
                 ),
+                wire::KeyPackagePolicy {
+                    max_lifetime_secs: config.max_key_package_lifetime.as_secs(),
+                    ..wire::KeyPackagePolicy::default()
+                },
             ),
             max_connections: config.max_connections,
             retention: config.retention,

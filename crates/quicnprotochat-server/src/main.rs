@@ -45,6 +45,21 @@ struct Args {
     /// Messages one identity may queue per second, bursts of twice that (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_ENQUEUE_RATE", default_value_t = config::DEFAULT_ENQUEUE_RATE)]
     enqueue_rate: u32,
+    /// Payload bytes one identity may store per second, bursts of twice that (0: unlimited).
+    #[arg(long, env = "QUICNPROTOCHAT_SEND_BYTES_RATE", default_value_t = config::DEFAULT_SEND_BYTES_RATE)]
+    send_bytes_rate: u64,
+    /// Most payload bytes waiting in one recipient's queue.
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_QUEUE_BYTES", default_value_t = config::DEFAULT_MAX_QUEUE_BYTES)]
+    max_queue_bytes: u64,
+    /// Most unexpired KeyPackages one identity may keep on the node.
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_KEY_PACKAGES", default_value_t = config::DEFAULT_MAX_KEY_PACKAGES)]
+    max_key_packages: u32,
+    /// Longest KeyPackage lifetime accepted, in days.
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_KEY_PACKAGE_LIFETIME_DAYS", default_value_t = config::DEFAULT_MAX_KEY_PACKAGE_LIFETIME_DAYS)]
+    max_key_package_lifetime_days: u64,
+    /// Ordinary KeyPackages of one identity handed out per minute, whoever asks (0: unlimited).
+    #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_SERVE_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_SERVE_RATE)]
+    key_package_serve_rate: u32,
     /// KeyPackage fetches per second per identity, or per address when anonymous (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_FETCH_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_FETCH_RATE)]
     key_package_fetch_rate: u32,
@@ -92,6 +107,11 @@ async fn main() -> anyhow::Result<()> {
         rpc_threads: args.rpc_threads.unwrap_or(defaults.rpc_threads),
         max_queue_depth: args.max_queue_depth,
         enqueue_rate: args.enqueue_rate,
+        send_bytes_rate: args.send_bytes_rate,
+        max_queue_bytes: args.max_queue_bytes,
+        max_key_packages: args.max_key_packages,
+        max_key_package_lifetime: config::retention_days(args.max_key_package_lifetime_days),
+        key_package_serve_rate: args.key_package_serve_rate,
         key_package_fetch_rate: args.key_package_fetch_rate,
         ping_rate: args.ping_rate,
         max_connections: args.max_connections,

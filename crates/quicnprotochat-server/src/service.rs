@@ -14,7 +14,7 @@ use capnp::capability::Rc;
 use quicnprotochat_core::{IdentityKey, Seq, fingerprint};
 use quicnprotochat_proto::outcome::{
     CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, ProposalOutcome, RateLimited,
-    SendOutcome,
+    SendOutcome, TooLarge, UploadOutcome,
 };
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
@@ -22,9 +22,9 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::delivery::{CommitRefusal, NotAJoiner, NotAMember, push};
+use crate::delivery::{CommitRefusal, NotAJoiner, NotAMember, SendRefusal, push};
 use crate::error::ServiceError;
-use crate::limits::{Caller, RateLimits};
+use crate::limits::{self, Caller, Cost, RateLimits};
 use crate::store::Store;
 
 /// State shared by every connection's service object.
@@ -43,6 +43,8 @@ pub struct Shared {
     pub connections: TaskTracker,
     /// Per-caller rate limits.
     pub rate_limits: RateLimits,
+    /// What KeyPackages the node takes beyond MLS validity.
+    pub key_package_policy: wire::KeyPackagePolicy,
 }
 
 /// Most KeyPackages one `uploadKeyPackages` call may carry.
@@ -55,11 +57,17 @@ pub const MAX_CALLS_PER_SESSION: usize = 256;
 
 impl Shared {
     /// Shared state over `store`.
-    pub fn new(store: Store, max_payload: usize, rate_limits: RateLimits) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        max_payload: usize,
+        rate_limits: RateLimits,
+        key_package_policy: wire::KeyPackagePolicy,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             max_payload,
             rate_limits,
+            key_package_policy,
             calls: TaskTracker::new(),
             connections: TaskTracker::new(),
         })
@@ -131,12 +139,75 @@ impl NodeServiceImpl {
         self.peer.map_or(Caller::Address(self.remote), Caller::Identity)
     }
 
-    /// Charges `messages` queued messages to this caller's send rate.
-    fn limit_sends(&self, messages: usize) -> Result<(), RateLimited> {
+    /// Charges a call that queues `envelopes` to this caller's send budget:
+    /// each recipient a message, each payload its bytes once.
+    fn charge_sends<'a>(
+        &self,
+        envelopes: impl IntoIterator<Item = &'a wire::Envelope>,
+        extra_bytes: usize,
+        indivisible: bool,
+    ) -> Result<(), limits::SendRefusal> {
+        let mut cost = Cost {
+            messages: 0,
+            bytes: extra_bytes as u64,
+        };
+        for envelope in envelopes {
+            cost.messages += envelope.recipients.len() as u64;
+            cost.bytes += envelope.payload.len() as u64;
+        }
         self.shared
             .rate_limits
-            .check_enqueue(self.caller(), messages)
-            .map_err(|retry_after| RateLimited { retry_after })
+            .check_send(self.caller(), cost, indivisible)
+    }
+
+    /// Charges a group change, which cannot be split: it may go over the
+    /// burst (and leave a debt); a refusal is only ever a wait.
+    fn charge_change<'a>(
+        &self,
+        envelopes: impl IntoIterator<Item = &'a wire::Envelope>,
+        extra_bytes: usize,
+    ) -> Result<(), RateLimited> {
+        match self.charge_sends(envelopes, extra_bytes, true) {
+            Ok(()) => Ok(()),
+            Err(limits::SendRefusal::Wait(retry_after)) => Err(RateLimited { retry_after }),
+            // Indivisible costs are never refused as too large.
+            Err(limits::SendRefusal::TooLarge { .. }) => Err(RateLimited {
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
+
+    /// Charges an upload's bytes to the send budget and stores it, within
+    /// the identity's KeyPackage limit. Uploads queue nothing, so they do
+    /// not count as messages; how many an identity keeps is bounded by the
+    /// limit instead. Indivisible: a client's batch passes whatever the
+    /// rate (and leaves a debt).
+    async fn store_key_packages(
+        &self,
+        identity: IdentityKey,
+        packages: Vec<wire::ValidKeyPackage>,
+    ) -> Result<UploadOutcome, ServiceError> {
+        let cost = Cost {
+            messages: 0,
+            bytes: packages.iter().map(|package| package.bytes.len() as u64).sum(),
+        };
+        if let Err(refusal) = self.shared.rate_limits.check_send(self.caller(), cost, true) {
+            let retry_after = match refusal {
+                limits::SendRefusal::Wait(wait) => wait,
+                // Indivisible costs are never refused as too large.
+                limits::SendRefusal::TooLarge { .. } => Duration::from_secs(1),
+            };
+            return Ok(UploadOutcome::RateLimited(RateLimited { retry_after }));
+        }
+        Ok(
+            match self.shared.store.upload_key_packages(identity, packages).await? {
+                Ok(()) => UploadOutcome::Stored,
+                Err(too_many) => UploadOutcome::TooMany {
+                    stored: u32::try_from(too_many.stored).unwrap_or(u32::MAX),
+                    max: too_many.max,
+                },
+            },
+        )
     }
 
     /// Sending needs an authenticated connection.
@@ -196,14 +267,20 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         let received = params.get_package()?;
         // Of the bytes as received, even if a wrapped KeyPackage is stored bare.
         let digest = fingerprint(received);
-        let package = wire::key_package("package", received, self.shared.max_payload, &identity)
-            .map_err(ServiceError::from)?;
-        self.shared
-            .store
-            .upload_key_packages(identity, vec![package])
-            .await
-            .map_err(ServiceError::from)?;
-        results.get().set_fingerprint(&digest);
+        let package = wire::key_package(
+            "package",
+            received,
+            self.shared.max_payload,
+            &identity,
+            &self.shared.key_package_policy,
+        )
+        .map_err(ServiceError::from)?;
+        let outcome = self.store_key_packages(identity, vec![package]).await?;
+        let mut results = results.get();
+        if outcome == UploadOutcome::Stored {
+            results.set_fingerprint(&digest);
+        }
+        outcome.write(results.init_outcome());
         Ok(())
     }
 
@@ -235,19 +312,25 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
             let received = bytes?;
             digests.push(fingerprint(received));
             packages.push(
-                wire::key_package(&field, received, self.shared.max_payload, &identity)
-                    .map_err(ServiceError::from)?,
+                wire::key_package(
+                    &field,
+                    received,
+                    self.shared.max_payload,
+                    &identity,
+                    &self.shared.key_package_policy,
+                )
+                .map_err(ServiceError::from)?,
             );
         }
-        self.shared
-            .store
-            .upload_key_packages(identity, packages)
-            .await
-            .map_err(ServiceError::from)?;
-        let mut list = results.get().init_fingerprints(digests.len() as u32);
-        for (index, digest) in digests.iter().enumerate() {
-            list.set(index as u32, digest);
+        let outcome = self.store_key_packages(identity, packages).await?;
+        let mut results = results.get();
+        if outcome == UploadOutcome::Stored {
+            let mut list = results.reborrow().init_fingerprints(digests.len() as u32);
+            for (index, digest) in digests.iter().enumerate() {
+                list.set(index as u32, digest);
+            }
         }
+        outcome.write(results.init_outcome());
         Ok(())
     }
 
@@ -285,7 +368,10 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
             Ok(()) => match self
                 .shared
                 .store
-                .take_key_package(identity)
+                .take_key_package(
+                    identity,
+                    self.shared.rate_limits.may_serve_ordinary_key_package(&identity),
+                )
                 .await
                 .map_err(ServiceError::from)?
             {
@@ -306,26 +392,29 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
         let sender = self.require_authenticated()?;
-        // Before copying the payload: a flood over the rate costs no copies.
-        if let Err(limited) = self.limit_sends(1) {
-            SendOutcome::RateLimited(limited).write(results.get().init_outcome());
-            return Ok(());
-        }
         let params = params.get()?;
         let recipient =
             wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
         let payload = wire::payload("payload", params.get_payload()?, self.shared.max_payload)
-            .map_err(ServiceError::from)?
-            .to_vec();
+            .map_err(ServiceError::from)?;
         let message_id =
             wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
-        let outcome = self
-            .shared
-            .store
-            .enqueue(sender, recipient, payload, message_id)
-            .await
-            .map_err(ServiceError::from)?;
-        send_outcome(outcome).write(results.get().init_outcome());
+        let envelope = wire::Envelope {
+            recipients: vec![recipient],
+            payload: payload.to_vec(),
+            message_id,
+        };
+        let outcome = match self.charge_sends([&envelope], 0, false) {
+            Err(refusal) => refused_send(refusal),
+            Ok(()) => send_outcome(
+                self.shared
+                    .store
+                    .enqueue_batch(sender, vec![envelope])
+                    .await
+                    .map_err(ServiceError::from)?,
+            ),
+        };
+        outcome.write(results.get().init_outcome());
         Ok(())
     }
 
@@ -338,18 +427,17 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let sender = self.require_authenticated()?;
         let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
             .map_err(ServiceError::from)?;
-        let messages = envelopes.iter().map(|envelope| envelope.recipients.len()).sum();
-        if let Err(limited) = self.limit_sends(messages) {
-            SendOutcome::RateLimited(limited).write(results.get().init_outcome());
-            return Ok(());
-        }
-        let outcome = self
-            .shared
-            .store
-            .enqueue_batch(sender, envelopes)
-            .await
-            .map_err(ServiceError::from)?;
-        send_outcome(outcome).write(results.get().init_outcome());
+        let outcome = match self.charge_sends(&envelopes, 0, false) {
+            Err(refusal) => refused_send(refusal),
+            Ok(()) => send_outcome(
+                self.shared
+                    .store
+                    .enqueue_batch(sender, envelopes)
+                    .await
+                    .map_err(ServiceError::from)?,
+            ),
+        };
+        outcome.write(results.get().init_outcome());
         Ok(())
     }
 
@@ -362,12 +450,15 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let sender = self.require_authenticated()?;
         let publication =
             wire::commit_publication(params.get()?, self.shared.max_payload).map_err(ServiceError::from)?;
-        let messages = publication.commit.recipients.len()
+        let extra = publication.group_info.as_ref().map_or(0, Vec::len)
             + publication
-                .welcome
+                .initial_state
                 .as_ref()
-                .map_or(0, |welcome| welcome.recipients.len());
-        let outcome = match self.limit_sends(messages) {
+                .map_or(0, |state| state.group_info.len() + state.ratchet_tree.len());
+        let outcome = match self.charge_change(
+            std::iter::once(&publication.commit).chain(publication.welcome.as_ref()),
+            extra,
+        ) {
             Err(limited) => CommitOutcome::RateLimited(limited),
             Ok(()) => match self
                 .shared
@@ -455,7 +546,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let sender = self.require_authenticated()?;
         let publication =
             wire::proposal_publication(params.get()?, self.shared.max_payload).map_err(ServiceError::from)?;
-        let outcome = match self.limit_sends(publication.proposal.recipients.len()) {
+        let outcome = match self.charge_change([&publication.proposal], 0) {
             Err(limited) => ProposalOutcome::RateLimited(limited),
             Ok(()) => match self
                 .shared
@@ -594,10 +685,25 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
 }
 
 /// The wire outcome of an enqueue the store accepted or refused.
-fn send_outcome(outcome: Result<(), quicnprotochat_proto::outcome::QueueFull>) -> SendOutcome {
+fn send_outcome(outcome: Result<(), SendRefusal>) -> SendOutcome {
     match outcome {
         Ok(()) => SendOutcome::Accepted,
-        Err(full) => SendOutcome::QueueFull(full),
+        Err(SendRefusal::QueueFull(full)) => SendOutcome::QueueFull(full),
+        Err(SendRefusal::StaleEpoch(stale)) => SendOutcome::StaleEpoch(stale),
+    }
+}
+
+/// The outcome of a send the budget refused.
+fn refused_send(refusal: limits::SendRefusal) -> SendOutcome {
+    match refusal {
+        limits::SendRefusal::Wait(retry_after) => SendOutcome::RateLimited(RateLimited { retry_after }),
+        limits::SendRefusal::TooLarge {
+            max_messages,
+            max_bytes,
+        } => SendOutcome::TooLarge(TooLarge {
+            max_messages: u32::try_from(max_messages).unwrap_or(u32::MAX),
+            max_bytes,
+        }),
     }
 }
 

@@ -56,6 +56,9 @@ conformance!(
     the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_restart,
     a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothing,
     a_read_sees_every_commit_as_soon_as_it_is_answered,
+    a_queue_never_holds_more_bytes_than_its_limit_and_acks_make_room,
+    an_identity_keeps_at_most_its_limit_of_key_packages,
+    an_application_message_from_an_epoch_its_group_left_is_refused,
 );
 
 proptest! {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use quicnprotochat_core::{Incoming, classify};
+use quicnprotochat_core::{IdentityKeypair, Incoming, classify};
 
 use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
@@ -25,16 +25,43 @@ pub(crate) async fn send(
 ) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let me = identity.public_key();
     let nodes = Nodes::connect(args, Some(&identity)).await?;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match send_once(&nodes, &state, &identity, peers, group_id, message).await {
+            // The group moved on while we encrypted: catch up and encrypt
+            // again (the node refused the stale one, so nobody has it).
+            Err(ClientError::StaleEpoch { .. }) if tries < SEND_TRIES => continue,
+            outcome => {
+                nodes.close().await;
+                return outcome;
+            }
+        }
+    }
+}
+
+/// How often `send` encrypts a message again after the node said its group
+/// had moved on.
+const SEND_TRIES: usize = 3;
+
+async fn send_once(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    peers: &PeerArgs,
+    group_id: Option<&str>,
+    message: &str,
+) -> Result<(), ClientError> {
+    let me = identity.public_key();
     // Catch up first (printing what arrived, as `recv` does): a message
     // encrypted in an epoch the group has left is one its readers may no
-    // longer be able to open.
-    catch_up(&nodes, &state, &identity).await?;
-    let (group_id, mut group) = load_group(&state, group_id)?;
+    // longer be able to open, and the node refuses it.
+    catch_up(nodes, state, identity).await?;
+    let (group_id, mut group) = load_group(state, group_id)?;
     let name = group_name(&group_id);
     let others = others(&group, &me);
-    let chosen = resolve_peers(&state, peers)?;
+    let chosen = resolve_peers(state, peers)?;
     if let Some(stranger) = chosen.iter().find(|peer| !others.contains(peer)) {
         return Err(ClientError::Usage(format!(
             "{stranger} is not another member of {name}; `invite` them first"
@@ -52,14 +79,20 @@ pub(crate) async fn send(
                 "a member's proposal (e.g. leaving) in {name} awaits a commit by another member; run `recv` later, or `update --group-id {name}` to commit it yourself"
             )));
         }
-        commit_proposals(&nodes, &state, &identity, &group_id, &mut group).await?;
+        commit_proposals(nodes, state, identity, &group_id, &mut group).await?;
     }
-    let (ciphertext, sent) = state.encrypt_message(&group_id, &mut group, &identity, message.as_bytes())?;
+    let (ciphertext, sent) = state.encrypt_message(&group_id, &mut group, identity, message.as_bytes())?;
     let count = recipients.len();
-    nodes.deliver(&[envelope(recipients, ciphertext)]).await?;
-    state.confirm_sent(sent)?;
+    match nodes.deliver(&[envelope(recipients, ciphertext)]).await {
+        Ok(()) => state.confirm_sent(sent)?,
+        Err(e @ ClientError::StaleEpoch { .. }) => {
+            // Refused whole: this copy is no message of the history.
+            state.forget_sent(sent)?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    }
     eprintln!("sent to {count} member(s) of {name}");
-    nodes.close().await;
     Ok(())
 }
 

@@ -67,6 +67,16 @@ impl StateFile {
         })
     }
 
+    /// Forgets a sent message the node refused whole (it is sent again as a
+    /// new one).
+    pub fn forget_sent(&self, sent: SentMessage) -> Result<(), StateError> {
+        self.connection.execute(
+            "DELETE FROM history WHERE id = ?1 AND confirmed = 0",
+            params![sent.0],
+        )?;
+        Ok(())
+    }
+
     /// Marks a sent message as taken by the node.
     pub fn confirm_sent(&self, sent: SentMessage) -> Result<(), StateError> {
         self.connection

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use quicnprotochat_core::{GroupId, IdentityKey, Seq};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
-use super::storage::{KeyPackageRow, Storage, WelcomeTree};
+use super::storage::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
 
 /// Everything a node stores, in maps. Cloning it is a snapshot: see
 /// [`MemoryStorage::command`].
@@ -105,6 +105,14 @@ impl Storage for MemoryStorage {
         Ok((u32::try_from(ordinary).unwrap_or(u32::MAX), last_resort))
     }
 
+    fn stored_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<u64, Infallible> {
+        Ok(self
+            .key_packages
+            .values()
+            .filter(|(owner, package)| owner == identity && unexpired(package, now))
+            .count() as u64)
+    }
+
     fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, Infallible> {
         Ok(self.message_ids.contains_key(&(*sender, message_id.to_vec())))
     }
@@ -123,8 +131,14 @@ impl Storage for MemoryStorage {
         Ok(true)
     }
 
-    fn queue_depth(&mut self, recipient: &IdentityKey) -> Result<u64, Infallible> {
-        Ok(self.queues.get(recipient).map_or(0, |queue| queue.len() as u64))
+    fn queue_usage(&mut self, recipient: &IdentityKey) -> Result<QueueUsage, Infallible> {
+        Ok(self
+            .queues
+            .get(recipient)
+            .map_or(QueueUsage::default(), |queue| QueueUsage {
+                messages: queue.len() as u64,
+                bytes: queue.values().map(|(payload, _)| payload.len() as u64).sum(),
+            }))
     }
 
     fn append(&mut self, recipients: &[IdentityKey], payload: &[u8], now: i64) -> Result<(), Infallible> {

@@ -17,9 +17,9 @@ pub mod storage;
 pub use memory::MemoryStorage;
 pub use rules::{
     CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner,
-    NotAMember,
+    NotAMember, SendRefusal, TooManyKeyPackages,
 };
-pub use storage::{KeyPackageRow, Storage, WelcomeTree};
+pub use storage::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
 
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
 use quicnprotochat_core::{GroupId, IdentityKey, PublicView, QueuedMessage, Seq};
-use quicnprotochat_proto::outcome::QueueFull;
+use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
 use quicnprotochat_proto::wire::{
     CommitPublication, Envelope, GroupState, ProposalPublication, ValidKeyPackage,
 };
@@ -38,14 +38,38 @@ pub struct Limits {
     /// Most messages one queue may hold; a call that would go beyond it is
     /// refused whole.
     pub max_queue_depth: usize,
+    /// Most payload bytes one queue may hold, likewise.
+    pub max_queue_bytes: u64,
+    /// Most unexpired KeyPackages one identity may keep.
+    pub max_key_packages: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
+            max_queue_bytes: 256 * 1024 * 1024,
+            max_key_packages: 1_000,
         }
     }
+}
+
+/// Why `enqueue` stored nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendRefusal {
+    /// A recipient's queue has no room.
+    QueueFull(QueueFull),
+    /// An application message from an epoch its group has left.
+    StaleEpoch(StaleEpoch),
+}
+
+/// An upload would leave the identity with more KeyPackages than allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyKeyPackages {
+    /// Unexpired KeyPackages the identity holds now.
+    pub stored: u64,
+    /// The limit.
+    pub max: u32,
 }
 
 /// Why `publishCommit` or `publishProposal` stored nothing.
@@ -79,24 +103,34 @@ pub fn upload_key_packages<S: Storage>(
     storage: &mut S,
     identity: &IdentityKey,
     packages: &[ValidKeyPackage],
+    limits: &Limits,
     now: i64,
-) -> Result<(), S::Error> {
+) -> Result<Result<(), TooManyKeyPackages>, S::Error> {
+    let stored = storage.stored_key_packages(identity, now)?;
+    if stored.saturating_add(packages.len() as u64) > u64::from(limits.max_key_packages) {
+        return Ok(Err(TooManyKeyPackages {
+            stored,
+            max: limits.max_key_packages,
+        }));
+    }
     for package in packages {
         storage.insert_key_package(identity, package, now)?;
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Takes a KeyPackage of `identity`: the oldest unexpired ordinary one,
 /// deleted so that nobody gets it again (its HPKE init key must serve one
-/// Welcome only); when none is left, the newest unexpired last-resort one,
-/// kept so that its owner stays reachable. Expired ones are never served.
+/// Welcome only); when none is left, or `ordinary` is false (the identity's
+/// serve rate is spent), the newest unexpired last-resort one, kept so that
+/// its owner stays reachable. Expired ones are never served.
 pub fn take_key_package<S: Storage>(
     storage: &mut S,
     identity: &IdentityKey,
+    ordinary: bool,
     now: i64,
 ) -> Result<Option<Vec<u8>>, S::Error> {
-    if let Some((row, package)) = storage.oldest_key_package(identity, now)? {
+    if ordinary && let Some((row, package)) = storage.oldest_key_package(identity, now)? {
         storage.delete_key_package(row)?;
         return Ok(Some(package));
     }
@@ -116,26 +150,34 @@ pub fn count_key_packages<S: Storage>(
 /// Queues each envelope's payload for each of its recipients, all or none.
 /// An envelope whose message id `sender` already used is skipped (a retry);
 /// a recipient named twice in one envelope gets the payload once. Refused
-/// whole if any queue would go beyond the depth limit.
+/// whole if any queue would go beyond the depth or byte limit, or if an
+/// application message is from an epoch its group has left (its readers
+/// may no longer be able to open it; the sender should catch up and
+/// encrypt it again).
 pub fn enqueue<S: Storage>(
     storage: &mut S,
     sender: &IdentityKey,
     envelopes: &[Envelope],
     limits: &Limits,
     now: i64,
-) -> Result<Result<(), QueueFull>, S::Error> {
+) -> Result<Result<(), SendRefusal>, S::Error> {
     let mut fresh = Vec::with_capacity(envelopes.len());
     for envelope in envelopes {
         if is_new(storage, sender, envelope, now)? {
             fresh.push(envelope);
         }
     }
+    for envelope in &fresh {
+        if let Some(stale) = stale_epoch(storage, &envelope.payload)? {
+            return Ok(Err(SendRefusal::StaleEpoch(stale)));
+        }
+    }
     let mut incoming = Incoming::default();
     for envelope in &fresh {
-        incoming.add(&envelope.recipients);
+        incoming.add(&envelope.recipients, envelope.payload.len());
     }
     if let Err(full) = incoming.check_room(storage, limits)? {
-        return Ok(Err(full));
+        return Ok(Err(SendRefusal::QueueFull(full)));
     }
     for envelope in fresh {
         append(storage, envelope, now)?;
@@ -214,9 +256,9 @@ pub fn publish_commit<S: Storage>(
         _ => None,
     };
     let mut incoming = Incoming::default();
-    incoming.add(&commit.recipients);
+    incoming.add(&commit.recipients, commit.payload.len());
     if let Some(welcome) = welcome {
-        incoming.add(&welcome.recipients);
+        incoming.add(&welcome.recipients, welcome.payload.len());
     }
     if let Err(full) = incoming.check_room(storage, limits)? {
         return Ok(Err(CommitRefusal::QueueFull(full)));
@@ -271,7 +313,7 @@ pub fn publish_proposal<S: Storage>(
         storage.claim_message_id(sender, id, now)?;
     }
     let mut incoming = Incoming::default();
-    incoming.add(&proposal.recipients);
+    incoming.add(&proposal.recipients, proposal.payload.len());
     if let Err(full) = incoming.check_room(storage, limits)? {
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
@@ -422,6 +464,24 @@ fn is_new<S: Storage>(
 }
 
 /// Appends an envelope's payload once to each distinct recipient.
+/// The group and epoch of `payload` if it is an MLS PrivateMessage from an
+/// epoch before the one its group is in on the node.
+fn stale_epoch<S: Storage>(storage: &mut S, payload: &[u8]) -> Result<Option<StaleEpoch>, S::Error> {
+    let Some((group_id, epoch)) = quicnprotochat_proto::wire::private_message_epoch(payload) else {
+        return Ok(None);
+    };
+    let Some(group) = GroupId::new(group_id.to_vec()) else {
+        return Ok(None);
+    };
+    Ok(match storage.group_epoch(&group)? {
+        Some(current_epoch) if epoch < current_epoch => Some(StaleEpoch {
+            group_id: group_id.to_vec(),
+            current_epoch,
+        }),
+        _ => None,
+    })
+}
+
 fn append<S: Storage>(storage: &mut S, envelope: &Envelope, now: i64) -> Result<(), S::Error> {
     match envelope.recipients.as_slice() {
         [_] => storage.append(&envelope.recipients, &envelope.payload, now),
@@ -438,35 +498,40 @@ fn append<S: Storage>(storage: &mut S, envelope: &Envelope, now: i64) -> Result<
 #[derive(Default)]
 struct Incoming {
     order: Vec<IdentityKey>,
-    /// Per queue: messages added, and the last envelope that added one.
-    counts: HashMap<IdentityKey, (u64, usize)>,
+    /// Per queue: messages and bytes added, and the last envelope that
+    /// added one.
+    counts: HashMap<IdentityKey, (u64, u64, usize)>,
     envelopes: usize,
 }
 
 impl Incoming {
-    /// Counts one message for each distinct recipient of an envelope.
-    fn add(&mut self, recipients: &[IdentityKey]) {
+    /// Counts one message of `bytes` for each distinct recipient of an
+    /// envelope.
+    fn add(&mut self, recipients: &[IdentityKey], bytes: usize) {
         self.envelopes += 1;
         let envelope = self.envelopes;
+        let bytes = bytes as u64;
         for recipient in recipients {
             match self.counts.entry(*recipient) {
                 Entry::Occupied(mut entry) => {
-                    let (count, last) = entry.get_mut();
+                    let (count, size, last) = entry.get_mut();
                     // Named twice in one envelope: queued (and counted) once.
                     if *last != envelope {
                         *count += 1;
+                        *size += bytes;
                         *last = envelope;
                     }
                 }
                 Entry::Vacant(slot) => {
-                    slot.insert((1, envelope));
+                    slot.insert((1, bytes, envelope));
                     self.order.push(*recipient);
                 }
             }
         }
     }
 
-    /// Refuses if any queue would hold more than the limit afterwards.
+    /// Refuses if any queue would hold more messages or bytes than the
+    /// limits afterwards.
     fn check_room<S: Storage>(
         &self,
         storage: &mut S,
@@ -475,8 +540,14 @@ impl Incoming {
         let max = u64::try_from(limits.max_queue_depth).unwrap_or(u64::MAX);
         let mut full = Vec::new();
         for recipient in &self.order {
-            let adding = self.counts.get(recipient).map_or(0, |(count, _)| *count);
-            if storage.queue_depth(recipient)?.saturating_add(adding) > max {
+            let (adding, bytes) = self
+                .counts
+                .get(recipient)
+                .map_or((0, 0), |(count, bytes, _)| (*count, *bytes));
+            let usage = storage.queue_usage(recipient)?;
+            if usage.messages.saturating_add(adding) > max
+                || usage.bytes.saturating_add(bytes) > limits.max_queue_bytes
+            {
                 full.push(*recipient);
             }
         }
@@ -486,6 +557,7 @@ impl Incoming {
         Ok(Err(QueueFull {
             recipients: full,
             max_depth: u32::try_from(limits.max_queue_depth).unwrap_or(u32::MAX),
+            max_bytes: limits.max_queue_bytes,
         }))
     }
 }

@@ -13,6 +13,16 @@ use quicnprotochat_proto::wire::ValidKeyPackage;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyPackageRow(pub i64);
 
+/// What waits in one queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueUsage {
+    /// Messages.
+    pub messages: u64,
+    /// Their payloads' bytes (a payload queued for many counts in each
+    /// queue).
+    pub bytes: u64,
+}
+
 /// A ratchet tree kept for the members a Commit added.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WelcomeTree {
@@ -56,6 +66,10 @@ pub trait Storage {
         now: i64,
     ) -> Result<Option<Vec<u8>>, Self::Error>;
 
+    /// How many KeyPackages of `identity` (ordinary and last-resort) expire
+    /// after `now`.
+    fn stored_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<u64, Self::Error>;
+
     /// How many ordinary KeyPackages of `identity` expire after `now`, and
     /// whether a last-resort one does.
     fn count_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<(u32, bool), Self::Error>;
@@ -72,8 +86,9 @@ pub trait Storage {
         now: i64,
     ) -> Result<bool, Self::Error>;
 
-    /// How many messages wait in the queue of `recipient`.
-    fn queue_depth(&mut self, recipient: &IdentityKey) -> Result<u64, Self::Error>;
+    /// How many messages, with how many payload bytes, wait in the queue of
+    /// `recipient`.
+    fn queue_usage(&mut self, recipient: &IdentityKey) -> Result<QueueUsage, Self::Error>;
 
     /// Appends `payload` to the queue of each of `recipients` (distinct).
     /// Each queue gives it a sequence number above every number it ever

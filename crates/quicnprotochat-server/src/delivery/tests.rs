@@ -32,8 +32,14 @@ fn enqueue(
 ) -> Result<(), QueueFull> {
     let limits = Limits {
         max_queue_depth: depth,
+        ..Limits::default()
     };
-    storage.command(|s| rules::enqueue(s, &key(sender), envelopes, &limits, NOW))
+    storage
+        .command(|s| rules::enqueue(s, &key(sender), envelopes, &limits, NOW))
+        .map_err(|refusal| match refusal {
+            SendRefusal::QueueFull(full) => full,
+            other => panic!("not a full queue: {other:?}"),
+        })
 }
 
 fn queue(storage: &mut MemoryStorage, of: u8) -> Vec<(u64, Vec<u8>)> {
@@ -108,7 +114,8 @@ fn a_queue_never_exceeds_its_depth_however_the_call_is_shaped() {
         refused,
         QueueFull {
             recipients: vec![key(1)],
-            max_depth: 3
+            max_depth: 3,
+            max_bytes: Limits::default().max_queue_bytes,
         }
     );
     assert_eq!(payloads(&mut storage, 1).len(), 1, "all or nothing");
@@ -152,21 +159,26 @@ fn key_packages_are_served_ordinary_first_each_once_last_resort_kept_expired_nev
         key_package(b"resort-2", true, u64::MAX),
         key_package(b"resort-expired", true, NOW as u64),
     ];
-    storage.run(|s| rules::upload_key_packages(s, &owner, &packages, NOW));
+    storage
+        .command(|s| rules::upload_key_packages(s, &owner, &packages, &Limits::default(), NOW))
+        .unwrap();
     assert_eq!(
         storage.run(|s| rules::count_key_packages(s, &owner, NOW)),
         (2, true)
     );
-    let mut take = || storage.run(|s| rules::take_key_package(s, &owner, NOW));
+    let mut take = || storage.run(|s| rules::take_key_package(s, &owner, true, NOW));
     assert_eq!(take().as_deref(), Some(&b"old"[..]));
     assert_eq!(take().as_deref(), Some(&b"new"[..]));
     // Nothing ordinary left: the newest last resort, again and again.
     assert_eq!(take().as_deref(), Some(&b"resort-2"[..]));
     assert_eq!(take().as_deref(), Some(&b"resort-2"[..]));
-    assert_eq!(storage.run(|s| rules::take_key_package(s, &key(2), NOW)), None);
+    assert_eq!(
+        storage.run(|s| rules::take_key_package(s, &key(2), true, NOW)),
+        None
+    );
     // Once the last resort expires too, there is nothing.
     assert_eq!(
-        storage.run(|s| rules::take_key_package(s, &owner, i64::MAX)),
+        storage.run(|s| rules::take_key_package(s, &owner, true, i64::MAX)),
         None
     );
 }
@@ -213,7 +225,16 @@ fn retention_purges_old_messages_ids_and_expired_key_packages() {
     let mut storage = MemoryStorage::default();
     enqueue(&mut storage, 9, &[envelope(&[1], b"old", Some(b"id"))], 100).unwrap();
     storage
-        .run(|s| rules::upload_key_packages(s, &key(1), &[key_package(b"kp", false, (NOW + 5) as u64)], NOW));
+        .command(|s| {
+            rules::upload_key_packages(
+                s,
+                &key(1),
+                &[key_package(b"kp", false, (NOW + 5) as u64)],
+                &Limits::default(),
+                NOW,
+            )
+        })
+        .unwrap();
     assert_eq!(storage.run(|s| rules::purge(s, NOW + 1, NOW + 10)), 1);
     assert!(queue(&mut storage, 1).is_empty());
     assert_eq!(
@@ -233,6 +254,7 @@ fn publish(
 ) -> Result<(), CommitRefusal> {
     let limits = Limits {
         max_queue_depth: depth,
+        ..Limits::default()
     };
     storage.command(|s| rules::publish_commit(s, sender, publication, &limits, NOW))
 }
@@ -438,7 +460,8 @@ fn a_commit_with_a_full_queue_is_refused_and_the_epoch_stays() {
         publish(&mut storage, &alice.key(), &publication, 1),
         Err(CommitRefusal::QueueFull(QueueFull {
             recipients: vec![key(3)],
-            max_depth: 1
+            max_depth: 1,
+            max_bytes: Limits::default().max_queue_bytes,
         }))
     );
     assert!(payloads(&mut storage, 2).is_empty());

@@ -112,6 +112,29 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (group_id, epoch)
      );
      CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);",
+    // V9: queues are limited in bytes too: each queue entry knows its
+    // payload's size, and the triggers of V5 keep each queue's total.
+    "ALTER TABLE messages ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+     UPDATE messages SET size = CASE
+         WHEN payload_id IS NULL THEN length(payload)
+         ELSE (SELECT length(body) FROM payloads WHERE payloads.id = messages.payload_id)
+     END;
+     ALTER TABLE queue_depths ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+     UPDATE queue_depths SET bytes = (
+         SELECT coalesce(sum(size), 0) FROM messages WHERE messages.recipient_key = queue_depths.recipient_key
+     );
+     DROP TRIGGER messages_count_insert;
+     DROP TRIGGER messages_count_delete;
+     CREATE TRIGGER messages_count_insert AFTER INSERT ON messages
+     BEGIN
+         INSERT INTO queue_depths (recipient_key, depth, bytes) VALUES (new.recipient_key, 1, new.size)
+         ON CONFLICT (recipient_key) DO UPDATE SET depth = depth + 1, bytes = bytes + new.size;
+     END;
+     CREATE TRIGGER messages_count_delete AFTER DELETE ON messages
+     BEGIN
+         UPDATE queue_depths SET depth = depth - 1, bytes = bytes - old.size
+         WHERE recipient_key = old.recipient_key;
+     END;",
 ];
 
 /// The schema version this build creates and understands.

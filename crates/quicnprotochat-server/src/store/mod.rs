@@ -32,7 +32,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
-use quicnprotochat_proto::outcome::QueueFull;
 use tokio::sync::{mpsc, oneshot};
 
 pub use quicnprotochat_proto::wire::{
@@ -40,7 +39,8 @@ pub use quicnprotochat_proto::wire::{
 };
 
 pub use crate::delivery::{
-    CommitRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, NotAMember,
+    CommitRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, NotAMember, SendRefusal,
+    TooManyKeyPackages,
 };
 
 pub use migrations::SCHEMA_VERSION;
@@ -175,12 +175,13 @@ impl Store {
         self.instance_id
     }
 
-    /// Stores validated KeyPackages of `identity`, all or none.
+    /// Stores validated KeyPackages of `identity`, all or none; none if the
+    /// identity would hold more than the limit.
     pub async fn upload_key_packages(
         &self,
         identity: IdentityKey,
         packages: Vec<ValidKeyPackage>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Result<(), TooManyKeyPackages>, StoreError> {
         self.call(|reply| Command::UploadKeyPackages {
             identity,
             packages,
@@ -197,10 +198,19 @@ impl Store {
     }
 
     /// Takes a KeyPackage of `identity`: the oldest unexpired ordinary one
-    /// (deleted), else the newest unexpired last-resort one (kept).
-    pub async fn take_key_package(&self, identity: IdentityKey) -> Result<Option<Vec<u8>>, StoreError> {
-        self.call(|reply| Command::TakeKeyPackage { identity, reply })
-            .await
+    /// (deleted) if `ordinary`, else (or when none is left) the newest
+    /// unexpired last-resort one (kept).
+    pub async fn take_key_package(
+        &self,
+        identity: IdentityKey,
+        ordinary: bool,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.call(|reply| Command::TakeKeyPackage {
+            identity,
+            ordinary,
+            reply,
+        })
+        .await
     }
 
     /// Appends `payload` to the queue of `recipient`, unless `sender` already
@@ -211,7 +221,7 @@ impl Store {
         recipient: IdentityKey,
         payload: Vec<u8>,
         message_id: Option<Vec<u8>>,
-    ) -> Result<Result<(), QueueFull>, StoreError> {
+    ) -> Result<Result<(), SendRefusal>, StoreError> {
         let envelopes = vec![Envelope {
             recipients: vec![recipient],
             payload,
@@ -228,7 +238,7 @@ impl Store {
         &self,
         sender: IdentityKey,
         envelopes: Vec<Envelope>,
-    ) -> Result<Result<(), QueueFull>, StoreError> {
+    ) -> Result<Result<(), SendRefusal>, StoreError> {
         self.call(|reply| Command::EnqueueBatch {
             sender,
             envelopes,
@@ -377,7 +387,7 @@ enum Command {
     UploadKeyPackages {
         identity: IdentityKey,
         packages: Vec<ValidKeyPackage>,
-        reply: Reply<()>,
+        reply: Reply<Result<(), TooManyKeyPackages>>,
     },
     CountKeyPackages {
         identity: IdentityKey,
@@ -385,12 +395,13 @@ enum Command {
     },
     TakeKeyPackage {
         identity: IdentityKey,
+        ordinary: bool,
         reply: Reply<Option<Vec<u8>>>,
     },
     EnqueueBatch {
         sender: IdentityKey,
         envelopes: Vec<Envelope>,
-        reply: Reply<Result<(), QueueFull>>,
+        reply: Reply<Result<(), SendRefusal>>,
     },
     PublishCommit {
         sender: IdentityKey,

@@ -7,7 +7,7 @@ use quicnprotochat_core::{GroupId, IdentityKey, Seq};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::ValidKeyPackage;
-use crate::delivery::{KeyPackageRow, Storage, WelcomeTree};
+use crate::delivery::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
 
 /// One command's view of a connection.
 pub(super) struct SqliteStorage<'c> {
@@ -99,6 +99,14 @@ impl Storage for SqliteStorage<'_> {
             })
     }
 
+    fn stored_key_packages(&mut self, identity: &IdentityKey, now: i64) -> rusqlite::Result<u64> {
+        let count: i64 = self
+            .db
+            .prepare_cached("SELECT count(*) FROM key_packages WHERE identity_key = ?1 AND expires_at > ?2")?
+            .query_row(params![identity.as_bytes(), now], |row| row.get(0))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> rusqlite::Result<bool> {
         self.db
             .prepare_cached("SELECT 1 FROM message_ids WHERE sender = ?1 AND message_id = ?2")?
@@ -122,14 +130,21 @@ impl Storage for SqliteStorage<'_> {
         Ok(inserted == 1)
     }
 
-    fn queue_depth(&mut self, recipient: &IdentityKey) -> rusqlite::Result<u64> {
-        // Kept by triggers on `messages` (V5), so this is one lookup.
-        let depth: Option<i64> = self
+    fn queue_usage(&mut self, recipient: &IdentityKey) -> rusqlite::Result<QueueUsage> {
+        // Kept by triggers on `messages` (V5, V9), so this is one lookup.
+        let usage: Option<(i64, i64)> = self
             .db
-            .prepare_cached("SELECT depth FROM queue_depths WHERE recipient_key = ?1")?
-            .query_row(params![recipient.as_bytes()], |row| row.get(0))
+            .prepare_cached("SELECT depth, bytes FROM queue_depths WHERE recipient_key = ?1")?
+            .query_row(params![recipient.as_bytes()], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
             .optional()?;
-        Ok(depth.map_or(0, |depth| u64::try_from(depth).unwrap_or(0)))
+        Ok(
+            usage.map_or(QueueUsage::default(), |(messages, bytes)| QueueUsage {
+                messages: u64::try_from(messages).unwrap_or(0),
+                bytes: u64::try_from(bytes).unwrap_or(0),
+            }),
+        )
     }
 
     /// Inline for one recipient; stored once in `payloads` and referenced
@@ -140,9 +155,9 @@ impl Storage for SqliteStorage<'_> {
         if let [recipient] = recipients {
             self.db
                 .prepare_cached(
-                    "INSERT INTO messages (recipient_key, payload, enqueued_at) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO messages (recipient_key, payload, enqueued_at, size) VALUES (?1, ?2, ?3, ?4)",
                 )?
-                .execute(params![recipient.as_bytes(), payload, now])?;
+                .execute(params![recipient.as_bytes(), payload, now, payload.len() as i64])?;
             return Ok(());
         }
         let payload_id: i64 = self
@@ -150,10 +165,15 @@ impl Storage for SqliteStorage<'_> {
             .prepare_cached("INSERT INTO payloads (body, refs) VALUES (?1, ?2) RETURNING id")?
             .query_row(params![payload, recipients.len() as i64], |row| row.get(0))?;
         let mut insert = self.db.prepare_cached(
-            "INSERT INTO messages (recipient_key, payload, enqueued_at, payload_id) VALUES (?1, X'', ?2, ?3)",
+            "INSERT INTO messages (recipient_key, payload, enqueued_at, payload_id, size) VALUES (?1, X'', ?2, ?3, ?4)",
         )?;
         for recipient in recipients {
-            insert.execute(params![recipient.as_bytes(), now, payload_id])?;
+            insert.execute(params![
+                recipient.as_bytes(),
+                now,
+                payload_id,
+                payload.len() as i64
+            ])?;
         }
         Ok(())
     }

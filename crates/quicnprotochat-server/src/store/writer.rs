@@ -136,14 +136,21 @@ fn apply(db: &Connection, command: Command, limits: &Limits, touched: &mut Vec<I
             reply,
         } => answer(
             reply,
-            run(db, |s| rules::upload_key_packages(s, &identity, &packages, now)),
+            decide(db, |s| {
+                rules::upload_key_packages(s, &identity, &packages, limits, now)
+            }),
         ),
         Command::CountKeyPackages { identity, reply } => {
             answer(reply, run(db, |s| rules::count_key_packages(s, &identity, now)))
         }
-        Command::TakeKeyPackage { identity, reply } => {
-            answer(reply, run(db, |s| rules::take_key_package(s, &identity, now)))
-        }
+        Command::TakeKeyPackage {
+            identity,
+            ordinary,
+            reply,
+        } => answer(
+            reply,
+            run(db, |s| rules::take_key_package(s, &identity, ordinary, now)),
+        ),
         Command::EnqueueBatch {
             sender,
             envelopes,

@@ -14,8 +14,8 @@ use proptest::prelude::*;
 use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_server::store::{
-    CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, Store, StoreCloser,
-    ValidKeyPackage,
+    CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, SendRefusal, Store,
+    StoreCloser, TooManyKeyPackages, ValidKeyPackage,
 };
 
 /// A way to open a backend's store.
@@ -90,13 +90,17 @@ pub async fn queued_messages_and_key_packages_survive_a_restart(backend: &impl B
         .await
         .unwrap()
         .unwrap();
-    store.upload_key_packages(key(1), package(b"kp")).await.unwrap();
+    store
+        .upload_key_packages(key(1), package(b"kp"))
+        .await
+        .unwrap()
+        .unwrap();
     close((store, closer)).await;
 
     let (store, closer) = backend.open();
     assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"kept".to_vec()]);
     assert_eq!(
-        store.take_key_package(key(1)).await.unwrap(),
+        store.take_key_package(key(1), true).await.unwrap(),
         Some(b"kp".to_vec())
     );
     close((store, closer)).await;
@@ -107,21 +111,23 @@ pub async fn key_packages_are_served_once_oldest_first(backend: &impl Backend) {
     store
         .upload_key_packages(key(1), package(b"first"))
         .await
+        .unwrap()
         .unwrap();
     store
         .upload_key_packages(key(1), package(b"second"))
         .await
+        .unwrap()
         .unwrap();
     assert_eq!(
-        store.take_key_package(key(1)).await.unwrap(),
+        store.take_key_package(key(1), true).await.unwrap(),
         Some(b"first".to_vec())
     );
     assert_eq!(
-        store.take_key_package(key(1)).await.unwrap(),
+        store.take_key_package(key(1), true).await.unwrap(),
         Some(b"second".to_vec())
     );
-    assert_eq!(store.take_key_package(key(1)).await.unwrap(), None);
-    assert_eq!(store.take_key_package(key(9)).await.unwrap(), None);
+    assert_eq!(store.take_key_package(key(1), true).await.unwrap(), None);
+    assert_eq!(store.take_key_package(key(9), true).await.unwrap(), None);
     close((store, closer)).await;
 }
 
@@ -132,12 +138,13 @@ pub async fn concurrent_takes_never_hand_out_a_key_package_twice(backend: &impl 
         store
             .upload_key_packages(key(1), package(&i.to_be_bytes()))
             .await
+            .unwrap()
             .unwrap();
     }
     let takers: Vec<_> = (0..100)
         .map(|_| {
             let store = store.clone();
-            tokio::spawn(async move { store.take_key_package(key(1)).await.unwrap() })
+            tokio::spawn(async move { store.take_key_package(key(1), true).await.unwrap() })
         })
         .collect();
     let mut served = Vec::new();
@@ -212,19 +219,24 @@ pub async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept(b
         last_resort: true,
         expires_at: u64::MAX,
     };
-    store.upload_key_packages(key(1), vec![last]).await.unwrap();
+    store
+        .upload_key_packages(key(1), vec![last])
+        .await
+        .unwrap()
+        .unwrap();
     store
         .upload_key_packages(key(1), package(b"ordinary"))
         .await
+        .unwrap()
         .unwrap();
     assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (1, true));
     assert_eq!(
-        store.take_key_package(key(1)).await.unwrap(),
+        store.take_key_package(key(1), true).await.unwrap(),
         Some(b"ordinary".to_vec())
     );
     for _ in 0..3 {
         assert_eq!(
-            store.take_key_package(key(1)).await.unwrap(),
+            store.take_key_package(key(1), true).await.unwrap(),
             Some(b"last resort".to_vec())
         );
     }
@@ -245,9 +257,10 @@ pub async fn an_expired_key_package_is_never_served_or_counted(backend: &impl Ba
             vec![expired(b"old", false), expired(b"old last resort", true)],
         )
         .await
+        .unwrap()
         .unwrap();
     assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (0, false));
-    assert_eq!(store.take_key_package(key(1)).await.unwrap(), None);
+    assert_eq!(store.take_key_package(key(1), true).await.unwrap(), None);
     close((store, closer)).await;
 }
 
@@ -446,7 +459,10 @@ pub async fn a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused(
 }
 
 pub async fn a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothing(backend: &impl Backend) {
-    let (store, closer) = backend.open_with(Limits { max_queue_depth: 3 });
+    let (store, closer) = backend.open_with(Limits {
+        max_queue_depth: 3,
+        ..Limits::default()
+    });
     store
         .enqueue(key(0), key(1), b"a".to_vec(), None)
         .await
@@ -457,10 +473,11 @@ pub async fn a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothin
     let batch: Vec<Envelope> = (0..3).map(|_| envelope(&[2, 1], b"flood")).collect();
     assert_eq!(
         store.enqueue_batch(key(0), batch).await.unwrap(),
-        Err(QueueFull {
+        Err(SendRefusal::QueueFull(QueueFull {
             recipients: vec![key(1)],
-            max_depth: 3
-        })
+            max_depth: 3,
+            max_bytes: Limits::default().max_queue_bytes,
+        }))
     );
     assert_eq!(all(&store, 1).await.len(), 1);
     assert!(all(&store, 2).await.is_empty());
@@ -482,13 +499,140 @@ pub async fn a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothin
         store.publish_commit(alice.key(), commit.clone()).await.unwrap(),
         Err(CommitRefusal::QueueFull(QueueFull {
             recipients: vec![key(1)],
-            max_depth: 3
+            max_depth: 3,
+            max_bytes: Limits::default().max_queue_bytes,
         }))
     );
     let last = all(&store, 1).await.last().unwrap().seq;
     store.ack(key(1), last).await.unwrap();
     store.publish_commit(alice.key(), commit).await.unwrap().unwrap();
     assert_eq!(store.drain(key(1)).await.unwrap(), vec![payload]);
+    close((store, closer)).await;
+}
+
+pub async fn a_queue_never_holds_more_bytes_than_its_limit_and_acks_make_room(backend: &impl Backend) {
+    let limits = Limits {
+        max_queue_bytes: 1000,
+        ..Limits::default()
+    };
+    let (store, closer) = backend.open_with(limits);
+    // A payload shared by two queues counts in each.
+    store
+        .enqueue_batch(key(0), vec![envelope(&[1, 2], &[7; 600])])
+        .await
+        .unwrap()
+        .unwrap();
+    let refused = store
+        .enqueue_batch(
+            key(0),
+            vec![envelope(&[2], &[8; 300]), envelope(&[1, 3], &[9; 401])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err(SendRefusal::QueueFull(QueueFull {
+            recipients: vec![key(1)],
+            max_depth: u32::try_from(limits.max_queue_depth).unwrap(),
+            max_bytes: 1000,
+        }))
+    );
+    assert_eq!(all(&store, 2).await.len(), 1, "refused whole");
+    close((store, closer)).await;
+    // Across a restart, and once acked, the bytes are counted right.
+    let (store, closer) = backend.open_with(limits);
+    store
+        .enqueue(key(0), key(1), vec![1; 400], None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        store.enqueue(key(0), key(1), vec![1; 1], None).await.unwrap(),
+        Err(SendRefusal::QueueFull(_))
+    ));
+    let first = all(&store, 1).await[0].seq;
+    store.ack(key(1), first).await.unwrap();
+    store
+        .enqueue(key(0), key(1), vec![1; 600], None)
+        .await
+        .unwrap()
+        .unwrap();
+    close((store, closer)).await;
+}
+
+pub async fn an_identity_keeps_at_most_its_limit_of_key_packages(backend: &impl Backend) {
+    let limits = Limits {
+        max_key_packages: 3,
+        ..Limits::default()
+    };
+    let (store, closer) = backend.open_with(limits);
+    let two = [package(b"a"), package(b"b")].concat();
+    store.upload_key_packages(key(1), two).await.unwrap().unwrap();
+    let two = [package(b"c"), package(b"d")].concat();
+    assert_eq!(
+        store.upload_key_packages(key(1), two).await.unwrap(),
+        Err(TooManyKeyPackages { stored: 2, max: 3 })
+    );
+    assert_eq!(
+        store.count_key_packages(key(1)).await.unwrap(),
+        (2, false),
+        "refused whole"
+    );
+    store
+        .upload_key_packages(key(1), package(b"c"))
+        .await
+        .unwrap()
+        .unwrap();
+    // Taking one makes room again.
+    store.take_key_package(key(1), true).await.unwrap().unwrap();
+    store
+        .upload_key_packages(key(1), package(b"d"))
+        .await
+        .unwrap()
+        .unwrap();
+    close((store, closer)).await;
+}
+
+pub async fn an_application_message_from_an_epoch_its_group_left_is_refused(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let mut alice = mls::Member::create(1, b"g");
+    let old = alice
+        .group
+        .send(&alice.provider, &alice.identity, b"epoch 0")
+        .unwrap();
+    let update = alice.update();
+    let publication = alice.publication(update, &[], b"up", true);
+    store
+        .publish_commit(alice.key(), publication)
+        .await
+        .unwrap()
+        .unwrap();
+    alice.merge();
+    assert_eq!(
+        store.enqueue(alice.key(), key(2), old, None).await.unwrap(),
+        Err(SendRefusal::StaleEpoch(
+            quicnprotochat_proto::outcome::StaleEpoch {
+                group_id: b"g".to_vec(),
+                current_epoch: 1,
+            }
+        ))
+    );
+    assert!(all(&store, 2).await.is_empty());
+    let current = alice
+        .group
+        .send(&alice.provider, &alice.identity, b"epoch 1")
+        .unwrap();
+    store
+        .enqueue(alice.key(), key(2), current, None)
+        .await
+        .unwrap()
+        .unwrap();
+    // Payloads that are no PrivateMessage stay opaque.
+    store
+        .enqueue(alice.key(), key(2), b"opaque".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
     close((store, closer)).await;
 }
 
