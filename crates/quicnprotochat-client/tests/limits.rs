@@ -495,3 +495,70 @@ fn identity_of(member: &common::Member) -> quicnprotochat_core::IdentityKeypair 
         .identity()
         .unwrap()
 }
+
+#[test]
+fn one_address_holds_at_most_its_share_of_connections() {
+    let (node, _dir) = node_with(|config| config.max_connections_per_address = 2);
+    local(async {
+        let first = node.connect().await;
+        let _second = node.connect_as(&identity(1)).await;
+        let third = quicnprotochat_client::node_client::NodeClient::connect(&node.options(), None).await;
+        assert!(
+            matches!(third, Err(quicnprotochat_client::ClientError::Connect { .. })),
+            "a third connection from 127.0.0.1 is refused"
+        );
+        // Once one closes, the address has room again.
+        first.close().await;
+        let mut again = None;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(client) =
+                quicnprotochat_client::node_client::NodeClient::connect(&node.options(), None).await
+            {
+                again = Some(client);
+                break;
+            }
+        }
+        again.expect("room again after a close").ping().await.unwrap();
+    });
+}
+
+#[test]
+fn anonymous_connections_cannot_lock_out_members() {
+    let (node, _dir) = node_with(|config| {
+        config.max_connections = 3;
+        config.max_anonymous_connections = 1;
+    });
+    local(async {
+        let stranger = node.connect().await;
+        stranger.ping().await.unwrap();
+        // A second anonymous connection is closed once the node sees it has
+        // no certificate.
+        let refused = quicnprotochat_client::node_client::NodeClient::connect(&node.options(), None).await;
+        let refused_ping = match refused {
+            Ok(client) => client.ping().await.map(drop),
+            Err(e) => Err(e),
+        };
+        assert!(
+            refused_ping.is_err(),
+            "a second anonymous connection is turned away"
+        );
+        // Members still get in.
+        let member = node.connect_as(&identity(1)).await;
+        member.ping().await.unwrap();
+        stranger.ping().await.unwrap();
+    });
+}
+
+#[test]
+fn under_a_handshake_flood_new_clients_prove_their_address_and_still_connect() {
+    // Every handshake counts as "beyond the threshold": each new client
+    // gets a QUIC Retry first, and comes back with its token.
+    let (node, _dir) = node_with(|config| config.retry_above = 0);
+    local(async {
+        let client = node.connect_as(&identity(1)).await;
+        client.ping().await.unwrap();
+        let anonymous = node.connect().await;
+        anonymous.ping().await.unwrap();
+    });
+}

@@ -48,6 +48,15 @@ pub const DEFAULT_KEY_PACKAGE_FETCH_RATE: u32 = 20;
 pub const DEFAULT_PING_RATE: u32 = 100;
 /// Connections open at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Connections one remote address may hold: enough for a household or an
+/// office behind one NAT, far below the total.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// Connections without a client certificate (strangers fetching KeyPackages,
+/// pinging): a quarter of the total, so they can never lock out members.
+pub const DEFAULT_MAX_ANONYMOUS_CONNECTIONS: usize = 2_500;
+/// Handshakes from unvalidated addresses in progress before new ones must
+/// prove their address with a QUIC Retry (one more round trip).
+pub const DEFAULT_RETRY_ABOVE: usize = 32;
 /// Seconds of silence before a connection is closed.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
 /// Days an undelivered message is kept.
@@ -104,6 +113,14 @@ pub struct Config {
     pub ping_rate: u32,
     /// Most connections open at once; further ones are refused.
     pub max_connections: usize,
+    /// Most connections one remote IP address may hold.
+    pub max_connections_per_address: usize,
+    /// Most connections without a client certificate; further ones are
+    /// closed after the handshake.
+    pub max_anonymous_connections: usize,
+    /// Handshakes from unvalidated addresses in progress beyond which new
+    /// clients must prove their address (QUIC Retry) first.
+    pub retry_above: usize,
     /// A connection silent this long is closed.
     pub idle_timeout: Duration,
     /// Undelivered messages older than this are deleted.
@@ -132,6 +149,9 @@ impl Default for Config {
             key_package_fetch_rate: DEFAULT_KEY_PACKAGE_FETCH_RATE,
             ping_rate: DEFAULT_PING_RATE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_anonymous_connections: DEFAULT_MAX_ANONYMOUS_CONNECTIONS,
+            retry_above: DEFAULT_RETRY_ABOVE,
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
             retention: retention_days(DEFAULT_RETENTION_DAYS),
             durability: Durability::Full,

@@ -20,11 +20,14 @@
 //!   (typed outcomes or an exception).
 //! - [`delivery`] — the delivery rules in plain Rust over a storage trait,
 //!   and the push and long-poll loops.
-//! - [`limits`] — per-caller rate limits (token buckets).
+//! - [`limits`] — per-caller rate limits (the send budget, token buckets).
+//! - [`admission`] — who may hold a connection: per-address and anonymous
+//!   caps, QUIC Retry under a handshake flood.
 //! - [`store`] — SQLite: migrations, the rows the rules read and write, a
 //!   group-committing writer thread, a reader thread.
 //! - [`error`] — the node's error types and their conversion to RPC errors.
 
+pub mod admission;
 pub mod config;
 pub mod delivery;
 pub mod error;

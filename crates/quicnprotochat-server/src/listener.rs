@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
+use crate::admission::{AddressSlot, Admission, Decision};
 use crate::config::{Config, MAX_PAYLOAD_CEILING};
 use crate::error::ServerError;
 use crate::limits::RateLimits;
@@ -38,6 +39,14 @@ const HANG_UP_GRACE: Duration = Duration::from_secs(1);
 /// How long shutdown waits for closed connections to be acknowledged.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a handshake may take: well under the idle timeout, so a peer
+/// that starts handshakes and never finishes them holds a slot briefly.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The QUIC application error code a refused anonymous connection is closed
+/// with (after the handshake, when the node learns it is anonymous).
+const TOO_MANY_ANONYMOUS: u32 = 0x51;
+
 /// Binds the node described by `config` and serves until `shutdown`
 /// completes, then shuts down cleanly.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
@@ -53,6 +62,7 @@ pub struct Node {
     rpc_threads: usize,
     reader_options: ReaderOptions,
     max_connections: usize,
+    admission: Arc<Admission>,
     retention: Duration,
 }
 
@@ -118,6 +128,11 @@ impl Node {
                 },
             ),
             max_connections: config.max_connections,
+            admission: Admission::new(
+                config.max_connections_per_address,
+                config.max_anonymous_connections,
+                config.retry_above,
+            ),
             retention: config.retention,
             store_closer,
             rpc_threads: config.rpc_threads,
@@ -137,7 +152,14 @@ impl Node {
     /// Serves until `shutdown` completes, then shuts down cleanly.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let workers = (0..self.rpc_threads)
-            .map(|index| Worker::spawn(index, self.shared.clone(), self.reader_options))
+            .map(|index| {
+                Worker::spawn(
+                    index,
+                    self.shared.clone(),
+                    self.admission.clone(),
+                    self.reader_options,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         info!(addr = %self.local_addr(), alpn = %String::from_utf8_lossy(transport::ALPN), "node listening");
 
@@ -158,10 +180,31 @@ impl Node {
                         incoming.refuse();
                     }
                     Some(incoming) => {
-                        // Counted from here, so handshakes in progress count too.
-                        let open = self.shared.connections.token();
-                        workers[next % workers.len()].hand_over(incoming, open);
-                        next = next.wrapping_add(1);
+                        let remote = incoming.remote_address();
+                        match self.admission.admit(
+                            remote.ip(),
+                            incoming.remote_address_validated(),
+                            incoming.may_retry(),
+                        ) {
+                            Decision::Retry => {
+                                // Stateless: the client comes back with a
+                                // token proving its address, or never.
+                                if let Err(e) = incoming.retry() {
+                                    debug!(%remote, "retry: {e}");
+                                }
+                            }
+                            Decision::Refuse => {
+                                debug!(%remote, "refused: its address holds as many connections as it may");
+                                incoming.refuse();
+                            }
+                            Decision::Admit(slot) => {
+                                // Counted from here, so handshakes in
+                                // progress count too.
+                                let open = self.shared.connections.token();
+                                workers[next % workers.len()].hand_over(incoming, open, slot);
+                                next = next.wrapping_add(1);
+                            }
+                        }
                     }
                     None => break,
                 },
@@ -208,13 +251,19 @@ impl Node {
 /// One RPC thread: a single-threaded runtime and `LocalSet` serving the
 /// connections handed to it.
 struct Worker {
-    connections: mpsc::UnboundedSender<(quinn::Incoming, TaskTrackerToken)>,
+    connections: mpsc::UnboundedSender<(quinn::Incoming, TaskTrackerToken, AddressSlot)>,
     thread: JoinHandle<()>,
 }
 
 impl Worker {
-    fn spawn(index: usize, shared: Arc<Shared>, options: ReaderOptions) -> Result<Worker, ServerError> {
-        let (connections, mut receiver) = mpsc::unbounded_channel::<(quinn::Incoming, TaskTrackerToken)>();
+    fn spawn(
+        index: usize,
+        shared: Arc<Shared>,
+        admission: Arc<Admission>,
+        options: ReaderOptions,
+    ) -> Result<Worker, ServerError> {
+        let (connections, mut receiver) =
+            mpsc::unbounded_channel::<(quinn::Incoming, TaskTrackerToken, AddressSlot)>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -224,8 +273,14 @@ impl Worker {
             .spawn(move || {
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&runtime, async {
-                    while let Some((incoming, open)) = receiver.recv().await {
-                        tokio::task::spawn_local(serve_connection(incoming, open, shared.clone(), options));
+                    while let Some((incoming, open, slot)) = receiver.recv().await {
+                        tokio::task::spawn_local(serve_connection(
+                            incoming,
+                            (open, slot),
+                            shared.clone(),
+                            admission.clone(),
+                            options,
+                        ));
                     }
                 });
                 // The endpoint is closed by now, so every session ends soon;
@@ -239,10 +294,10 @@ impl Worker {
         Ok(Worker { connections, thread })
     }
 
-    fn hand_over(&self, incoming: quinn::Incoming, open: TaskTrackerToken) {
+    fn hand_over(&self, incoming: quinn::Incoming, open: TaskTrackerToken, slot: AddressSlot) {
         // The receiver lives as long as the thread, which only ends after
         // this sender is dropped in `join`.
-        if self.connections.send((incoming, open)).is_err() {
+        if self.connections.send((incoming, open, slot)).is_err() {
             warn!("RPC worker stopped unexpectedly; connection dropped");
         }
     }
@@ -259,24 +314,48 @@ impl Worker {
     }
 }
 
-/// Completes the handshake, then runs one RPC session per stream the client
-/// opens until the connection closes. `_open` counts the connection as open
-/// until this returns, however it ends.
+/// Completes the handshake (within [`HANDSHAKE_TIMEOUT`]), then runs one
+/// RPC session per stream the client opens until the connection closes.
+/// `held` counts the connection as open, and against its address, until
+/// this returns, however it ends; an anonymous one also takes an anonymous
+/// slot, or is closed.
 async fn serve_connection(
     incoming: quinn::Incoming,
-    _open: TaskTrackerToken,
+    held: (TaskTrackerToken, AddressSlot),
     shared: Arc<Shared>,
+    admission: Arc<Admission>,
     options: ReaderOptions,
 ) {
+    let (_open, mut slot) = held;
     let remote = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(e) => {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+    slot.handshake_done();
+    let connection = match handshake {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
             debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, "handshake not finished within {HANDSHAKE_TIMEOUT:?}");
             return;
         }
     };
     let peer = peer::peer_identity(&connection);
+    let _anonymous = match peer {
+        Some(_) => None,
+        None => match admission.anonymous() {
+            Some(anonymous) => Some(anonymous),
+            None => {
+                debug!(%remote, "refused: as many anonymous connections as allowed are open");
+                connection.close(
+                    TOO_MANY_ANONYMOUS.into(),
+                    b"too many anonymous connections; try later",
+                );
+                return;
+            }
+        },
+    };
     debug!(%remote, peer = ?peer, "connection established");
     loop {
         match connection.accept_bi().await {

@@ -66,6 +66,12 @@ struct Args {
     /// Pings per second per identity, or per address when anonymous (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_PING_RATE", default_value_t = config::DEFAULT_PING_RATE)]
     ping_rate: u32,
+    /// Most connections one remote IP address may hold.
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    max_connections_per_address: usize,
+    /// Most connections without a client certificate.
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_ANONYMOUS_CONNECTIONS", default_value_t = config::DEFAULT_MAX_ANONYMOUS_CONNECTIONS)]
+    max_anonymous_connections: usize,
     /// Most connections open at once; further ones are refused.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
@@ -115,6 +121,9 @@ async fn main() -> anyhow::Result<()> {
         key_package_fetch_rate: args.key_package_fetch_rate,
         ping_rate: args.ping_rate,
         max_connections: args.max_connections,
+        max_connections_per_address: args.max_connections_per_address,
+        max_anonymous_connections: args.max_anonymous_connections,
+        retry_above: config::DEFAULT_RETRY_ABOVE,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         retention: config::retention_days(args.retention_days),
         durability: match args.durability {

@@ -1,0 +1,186 @@
+//! Who may hold a connection: caps per remote address and for anonymous
+//! connections below the node's total, and QUIC address validation (Retry)
+//! once unvalidated handshakes pile up.
+//!
+//! A slot is a guard: the count goes down when it is dropped, however the
+//! connection ends.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The counters and their caps, shared by the accept loop and the workers.
+#[derive(Debug)]
+pub struct Admission {
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    max_per_address: usize,
+    anonymous: AtomicUsize,
+    max_anonymous: usize,
+    handshaking: AtomicUsize,
+    retry_above: usize,
+}
+
+/// What to do with a new connection attempt.
+#[derive(Debug)]
+pub enum Decision {
+    /// Go on with the handshake, holding the address slot.
+    Admit(AddressSlot),
+    /// Ask the client to prove its address first (QUIC Retry): no state is
+    /// kept until it comes back with the token.
+    Retry,
+    /// Its address holds as many connections as it may.
+    Refuse,
+}
+
+impl Admission {
+    /// Caps of `max_per_address` connections per remote address and
+    /// `max_anonymous` anonymous ones; Retry once more than `retry_above`
+    /// handshakes from unvalidated addresses are in progress.
+    pub fn new(max_per_address: usize, max_anonymous: usize, retry_above: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            per_address: Mutex::new(HashMap::new()),
+            max_per_address,
+            anonymous: AtomicUsize::new(0),
+            max_anonymous,
+            handshaking: AtomicUsize::new(0),
+            retry_above,
+        })
+    }
+
+    /// Decides on an attempt from `address`, whose address QUIC has
+    /// validated or not (a Retry token or a migration).
+    pub fn admit(self: &Arc<Self>, address: IpAddr, validated: bool, may_retry: bool) -> Decision {
+        if !validated && may_retry && self.handshaking.load(Ordering::Relaxed) >= self.retry_above {
+            return Decision::Retry;
+        }
+        // A poisoned lock only means a panic elsewhere mid-update of plain
+        // counters; they are still usable.
+        let mut per_address = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        let held = per_address.entry(address).or_default();
+        if *held >= self.max_per_address {
+            return Decision::Refuse;
+        }
+        *held += 1;
+        self.handshaking.fetch_add(1, Ordering::Relaxed);
+        Decision::Admit(AddressSlot {
+            admission: self.clone(),
+            address,
+            handshaking: true,
+        })
+    }
+
+    /// Takes an anonymous slot for a connection whose handshake ended
+    /// without a client certificate; `None` if all are taken.
+    pub fn anonymous(self: &Arc<Self>) -> Option<AnonymousSlot> {
+        let taken = self
+            .anonymous
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < self.max_anonymous).then_some(held + 1)
+            })
+            .is_ok();
+        taken.then(|| AnonymousSlot {
+            admission: self.clone(),
+        })
+    }
+}
+
+/// A connection counted against its address (and, until
+/// [`AddressSlot::handshake_done`], as a handshake in progress).
+#[derive(Debug)]
+pub struct AddressSlot {
+    admission: Arc<Admission>,
+    address: IpAddr,
+    handshaking: bool,
+}
+
+impl AddressSlot {
+    /// The handshake ended (either way).
+    pub fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            self.admission.handshaking.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        self.handshake_done();
+        let mut per_address = self
+            .admission
+            .per_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = per_address.get_mut(&self.address) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                per_address.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// An anonymous connection, counted until dropped.
+#[derive(Debug)]
+pub struct AnonymousSlot {
+    admission: Arc<Admission>,
+}
+
+impl Drop for AnonymousSlot {
+    fn drop(&mut self) {
+        self.admission.anonymous.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_holds_at_most_its_share_and_gets_it_back() {
+        let admission = Admission::new(2, 1, 100);
+        let address: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = admission.admit(address, true, true);
+        let second = admission.admit(address, true, true);
+        assert!(matches!(admission.admit(address, true, true), Decision::Refuse));
+        assert!(matches!(
+            admission.admit("192.0.2.2".parse().unwrap(), true, true),
+            Decision::Admit(_)
+        ));
+        drop(first);
+        assert!(matches!(admission.admit(address, true, true), Decision::Admit(_)));
+        drop(second);
+    }
+
+    #[test]
+    fn unvalidated_handshakes_beyond_the_threshold_are_asked_to_retry() {
+        let admission = Admission::new(100, 1, 2);
+        let address: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut slots: Vec<AddressSlot> = (0..2)
+            .map(|_| match admission.admit(address, false, true) {
+                Decision::Admit(slot) => slot,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(matches!(admission.admit(address, false, true), Decision::Retry));
+        // A client back with its Retry token is validated and admitted.
+        assert!(matches!(admission.admit(address, true, true), Decision::Admit(_)));
+        for slot in &mut slots {
+            slot.handshake_done();
+        }
+        assert!(matches!(
+            admission.admit(address, false, true),
+            Decision::Admit(_)
+        ));
+    }
+
+    #[test]
+    fn anonymous_connections_have_their_own_cap() {
+        let admission = Admission::new(100, 2, 100);
+        let first = admission.anonymous().unwrap();
+        let _second = admission.anonymous().unwrap();
+        assert!(admission.anonymous().is_none());
+        drop(first);
+        assert!(admission.anonymous().is_some());
+    }
+}
