@@ -43,7 +43,7 @@ pub(crate) async fn send(
 
 /// How often `send` encrypts a message again after the node said its group
 /// had moved on.
-const SEND_TRIES: usize = 3;
+const SEND_TRIES: usize = 5;
 
 async fn send_once(
     nodes: &Nodes,
