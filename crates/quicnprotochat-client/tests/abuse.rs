@@ -1,8 +1,10 @@
-//! The node under abuse from every side at once — 1,000 idle connections,
-//! streams that never send or stall mid-frame, hand-made Cap'n Proto
-//! messages claiming huge lists, deep nesting or huge segments, and a flood
-//! into one queue — while a normal client's pings stay fast and its messages
-//! all arrive.
+//! The node under abuse from every side at once — 1,000 idle connections
+//! from 16 addresses, one more address trying to hold 100 (refused beyond
+//! its 64), streams that never send or stall mid-frame, hand-made Cap'n
+//! Proto messages claiming huge lists, deep nesting or huge segments, and a
+//! flood into one queue with calls bigger than any burst mixed in (refused
+//! whole) — while a normal client's pings stay fast and its messages all
+//! arrive. The other limits each have their own test in `limits.rs`.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -31,8 +33,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Connections that complete the handshake and then only keep alive.
 const IDLE_CONNECTIONS: usize = 1_000;
-/// Client endpoints (UDP sockets) the idle connections share.
-const IDLE_ENDPOINTS: usize = 4;
+/// Client endpoints (UDP sockets) the idle connections share, each on its
+/// own loopback address (127.0.0.10 and up) so that each stays under the
+/// node's cap of connections per address.
+const IDLE_ENDPOINTS: usize = 16;
+/// Connections one more address tries to open: more than its cap of 64.
+const GREEDY_CONNECTIONS: usize = 100;
+/// Recipients of the flood's oversized calls: more than the send burst.
+const OVERSIZED_RECIPIENTS: usize = 3_000;
 /// Handshakes in progress at once while opening the idle connections.
 const HANDSHAKES_AT_ONCE: usize = 32;
 /// Connections whose every stream is silent or stalled mid-frame.
@@ -90,15 +98,18 @@ fn pings_stay_fast_and_messages_flow_while_the_node_is_abused_every_way_at_once(
 async fn abuse_and_measure(node: &TestNode) {
     let trusted = cert::load_certificate(&node.cert()).unwrap();
     let anonymous = transport::client_config(trusted, None).unwrap();
-    let endpoints: Vec<quinn::Endpoint> = (0..=IDLE_ENDPOINTS)
-        .map(|_| {
-            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    // The abusers come from their own loopback addresses (127.0.0.8 and
+    // up), the normal clients from 127.0.0.1, as different hosts would.
+    let endpoints: Vec<quinn::Endpoint> = (0..IDLE_ENDPOINTS + 2)
+        .map(|n| {
+            let address = SocketAddr::from(([127, 0, 0, 8 + n as u8], 0));
+            let mut endpoint = quinn::Endpoint::client(address).unwrap();
             endpoint.set_default_client_config(anonymous.clone());
             endpoint
         })
         .collect();
-    let (idle_endpoints, abuse_endpoint) = endpoints.split_at(IDLE_ENDPOINTS);
-    let abuse_endpoint = &abuse_endpoint[0];
+    let (greedy_endpoint, rest) = endpoints.split_first().unwrap();
+    let (abuse_endpoint, idle_endpoints) = rest.split_first().unwrap();
 
     // 1. A thousand connections that finish the handshake, then say nothing
     //    (QUIC keep-alives aside).
@@ -106,6 +117,25 @@ async fn abuse_and_measure(node: &TestNode) {
     let idle = open_idle_connections(idle_endpoints, node.addr).await;
     println!("{} idle connections open in {:?}", idle.len(), opening.elapsed());
     assert_eq!(idle.len(), IDLE_CONNECTIONS);
+
+    // 1b. One address trying to hold more connections than its share: the
+    //     node refuses it beyond 64.
+    let greedy: Vec<quinn::Connection> = futures::future::join_all(
+        (0..GREEDY_CONNECTIONS).map(|_| greedy_endpoint.connect(node.addr, "localhost").unwrap()),
+    )
+    .await
+    .into_iter()
+    .filter_map(Result::ok)
+    .collect();
+    println!(
+        "{} of {GREEDY_CONNECTIONS} connections from one address admitted",
+        greedy.len()
+    );
+    assert_eq!(
+        greedy.len(),
+        quicnprotochat_server::config::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+        "one address holds at most its share"
+    );
 
     // 2. Connections holding every stream the node allows, silent or stalled
     //    in the middle of a frame. A fifth stream is never granted.
@@ -196,8 +226,14 @@ async fn abuse_and_measure(node: &TestNode) {
         + (f64::from(defaults.enqueue_rate) * flood.elapsed.as_secs_f64() * 1.1) as usize;
     println!(
         "flood over {:?}: {} calls, {} committed (at most {allowed} allowed), refused: {} rate limited, \
-         {} queue full, {} overloaded",
-        flood.elapsed, flood.calls, flood.committed, flood.rate_limited, flood.queue_full, flood.overloaded
+         {} too large, {} queue full, {} overloaded",
+        flood.elapsed,
+        flood.calls,
+        flood.committed,
+        flood.rate_limited,
+        flood.too_large,
+        flood.queue_full,
+        flood.overloaded
     );
     println!("{rounds} rounds of malformed messages, each closing only its own session");
     let open = idle.iter().filter(|c| c.close_reason().is_none()).count();
@@ -230,6 +266,10 @@ async fn abuse_and_measure(node: &TestNode) {
     assert!(
         flood.calls > allowed && flood.rate_limited > 0,
         "the flood outran the rate limit and was refused"
+    );
+    assert!(
+        flood.too_large > 0,
+        "every call bigger than the burst is refused whole"
     );
     assert!(
         flood.committed <= allowed.min(defaults.max_queue_depth),
@@ -299,6 +339,13 @@ fn joined<T>(sent: Result<T, oneshot::error::RecvError>, thread: JoinHandle<()>)
 
 // ---- The abusers ---------------------------------------------------------
 
+/// The key of the `n`th stranger an oversized call names.
+fn stranger_key(n: u32) -> IdentityKey {
+    let mut key = [0xee; 32];
+    key[..4].copy_from_slice(&n.to_be_bytes());
+    IdentityKey::from_bytes(key)
+}
+
 async fn open_idle_connections(endpoints: &[quinn::Endpoint], addr: SocketAddr) -> Vec<quinn::Connection> {
     futures::stream::iter(0..IDLE_CONNECTIONS)
         .map(|n| {
@@ -339,6 +386,7 @@ struct FloodCount {
     calls: usize,
     committed: usize,
     rate_limited: usize,
+    too_large: usize,
     queue_full: usize,
     overloaded: usize,
     other: Vec<String>,
@@ -369,17 +417,33 @@ async fn flood(
     let victim = identity(VICTIM).public_key();
     let callers = clients.iter().flat_map(|client| {
         (0..FLOOD_IN_FLIGHT).map(|_| async {
+            let mut round = 0usize;
             while !stop.load(Ordering::SeqCst) {
-                let answer = client.enqueue(&victim, &[0x5a; 32]).await;
+                round += 1;
+                // Now and then, one call bigger than any burst: the victim
+                // and thousands of strangers at once (charged one burst
+                // before protocol 4, now refused whole).
+                let answer = if round % 8 == 0 {
+                    let mut recipients = vec![victim];
+                    recipients.extend((0..OVERSIZED_RECIPIENTS as u32).map(|n| stranger_key(n)));
+                    client
+                        .enqueue_batch(&[quicnprotochat_proto::wire::Envelope {
+                            recipients,
+                            payload: vec![0x5a; 32],
+                            message_id: None,
+                        }])
+                        .await
+                } else {
+                    client.enqueue(&victim, &[0x5a; 32]).await
+                };
                 let mut count = count.borrow_mut();
                 count.calls += 1;
                 match answer {
                     Ok(SendOutcome::Accepted) => count.committed += 1,
                     Ok(SendOutcome::RateLimited(_)) => count.rate_limited += 1,
+                    Ok(SendOutcome::TooLarge(_)) => count.too_large += 1,
                     Ok(SendOutcome::QueueFull(_)) => count.queue_full += 1,
-                    Ok(other @ (SendOutcome::TooLarge(_) | SendOutcome::StaleEpoch(_))) => {
-                        count.other.push(format!("{other:?}"))
-                    }
+                    Ok(other @ SendOutcome::StaleEpoch(_)) => count.other.push(format!("{other:?}")),
                     Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Overloaded => {
                         count.overloaded += 1
                     }
