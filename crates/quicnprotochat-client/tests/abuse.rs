@@ -423,7 +423,7 @@ async fn flood(
                 // Now and then, one call bigger than any burst: the victim
                 // and thousands of strangers at once (charged one burst
                 // before protocol 4, now refused whole).
-                let answer = if round % 8 == 0 {
+                let answer = if round.is_multiple_of(8) {
                     let mut recipients = vec![victim];
                     recipients.extend((0..OVERSIZED_RECIPIENTS as u32).map(|n| stranger_key(n)));
                     client
