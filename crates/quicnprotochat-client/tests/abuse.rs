@@ -425,7 +425,7 @@ async fn flood(
                 // before protocol 4, now refused whole).
                 let answer = if round.is_multiple_of(8) {
                     let mut recipients = vec![victim];
-                    recipients.extend((0..OVERSIZED_RECIPIENTS as u32).map(|n| stranger_key(n)));
+                    recipients.extend((0..OVERSIZED_RECIPIENTS as u32).map(stranger_key));
                     client
                         .enqueue_batch(&[quicnprotochat_proto::wire::Envelope {
                             recipients,

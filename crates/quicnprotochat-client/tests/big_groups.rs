@@ -40,11 +40,13 @@ fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node
     local(async {
         for identity in &others {
             let package = generate_key_package(&OpenMlsRustCrypto::default(), identity).unwrap();
-            node.connect_as(identity)
-                .await
+            let client = node.connect_as(identity).await;
+            client
                 .upload_key_package(&identity.public_key(), &package)
                 .await
                 .unwrap();
+            // One address holds at most 64 connections at the node.
+            client.close().await;
         }
     });
     alice.run(&node, "create-group", &["--group-id", "big"]);
