@@ -562,3 +562,47 @@ fn under_a_handshake_flood_new_clients_prove_their_address_and_still_connect() {
         anonymous.ping().await.unwrap();
     });
 }
+
+#[test]
+fn initial_packets_from_a_sender_that_keeps_no_state_do_not_lock_clients_out() {
+    // The node of the report: room for 50 connections.
+    let (node, _dir) = node_with(|config| config.max_connections = 50);
+    local(async {
+        // 120 genuine QUIC Initial packets, captured on a socket of ours, then
+        // sent to the node from an address that never answers (it keeps no
+        // state: it cannot take part in any handshake).
+        let trap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let trusted = quicnprotochat_proto::cert::load_certificate(&node.cert()).unwrap();
+        let mut capturer = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        capturer.set_default_client_config(
+            quicnprotochat_proto::transport::client_config(trusted, None).unwrap(),
+        );
+        let mut attempts = Vec::new();
+        let mut initials = Vec::new();
+        let mut buffer = [0u8; 2048];
+        for _ in 0..120 {
+            attempts.push(capturer.connect(trap.local_addr().unwrap(), "localhost").unwrap());
+            let (len, _) = tokio::time::timeout(Duration::from_secs(2), trap.recv_from(&mut buffer))
+                .await
+                .expect("an Initial packet")
+                .unwrap();
+            initials.push(buffer[..len].to_vec());
+        }
+        let spoofer = tokio::net::UdpSocket::bind("127.0.0.21:0").await.unwrap();
+        for initial in &initials {
+            spoofer.send_to(initial, node.addr).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // A real client still gets in at once (through a Retry).
+        let started = std::time::Instant::now();
+        let client = node.connect_as(&identity(1)).await;
+        client.ping().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(attempts);
+    });
+}
