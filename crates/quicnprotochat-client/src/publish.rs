@@ -223,7 +223,7 @@ pub(crate) async fn send_publication(
     // pending), not saved with the publication, so a resend after a crash
     // carries it as well; a node that already has the state ignores it. A
     // rejoin needs none: the node served the state it started from.
-    let initial_state = if publication.epoch == 0 && !publication.rejoin {
+    let mut initial_state = if publication.epoch == 0 && !publication.rejoin {
         Some(initial_state(state, identity, group, publication.epoch)?)
     } else {
         None
@@ -259,6 +259,12 @@ pub(crate) async fn send_publication(
             }
             Ok(CommitOutcome::QueueFull(full)) => break full.into(),
             Ok(CommitOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
+            Ok(CommitOutcome::UnknownGroup) if initial_state.is_none() && !publication.rejoin => {
+                // The node forgot the group's public state (it was idle for
+                // the node's group retention): hand it over again, in the
+                // epoch the node still knows the group to be in.
+                initial_state = Some(self::initial_state(state, identity, group, publication.epoch)?);
+            }
             Ok(CommitOutcome::UnknownGroup) => {
                 // Nothing of this group can be published any more: drop
                 // the change so the group is at least readable as it was.

@@ -114,14 +114,14 @@ fn a_commit_the_node_finds_not_valid_is_dropped_with_the_nodes_reason() {
 }
 
 #[test]
-fn a_group_the_node_has_no_state_for_is_reported_and_left_as_it_was() {
+fn a_group_the_node_has_no_state_for_is_handed_over_again_with_its_next_change() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let alice = Member::register(&node, dir.path(), "alice");
     alice.run(&node, "create-group", &["--group-id", "old"]);
 
-    // A group changed where this node never saw it (made before the node
-    // checked changes, or the node lost its database).
+    // A group changed where this node never saw it (the node lost its
+    // database, or forgot the group after a year without a change).
     {
         let state = open(&alice);
         let identity = state.identity().unwrap();
@@ -131,17 +131,40 @@ fn a_group_the_node_has_no_state_for_is_reported_and_left_as_it_was() {
         group.merge_pending_commit(&state.provider()).unwrap();
     }
 
-    for _ in 0..2 {
-        let (ok, _, err) = alice.try_run(&node, "update", &[]);
-        assert!(!ok, "{err}");
-        assert!(
-            err.contains("the node has no state for old")
-                && err.contains("create a new group with `create-group`"),
-            "{err}"
-        );
-        assert!(!err.contains("resending"), "the change was dropped: {err}");
-        assert_eq!(alice.run(&node, "groups", &[]).trim(), "* old epoch 1 members 1");
-    }
+    // The next change hands the node the group's state in epoch 1 with it,
+    // and from then on the node checks the group's changes again.
+    alice.run(&node, "update", &[]);
+    assert_eq!(alice.run(&node, "groups", &[]).trim(), "* old epoch 2 members 1");
+    alice.run(&node, "update", &[]);
+    assert_eq!(alice.run(&node, "groups", &[]).trim(), "* old epoch 3 members 1");
+}
+
+#[test]
+fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        quicnprotochat_server::Config::in_dir(dir.path(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    // The retention task runs every 100 ms here; a group idle for 1 s goes.
+    config.retention = std::time::Duration::from_secs(1);
+    config.group_retention = std::time::Duration::from_secs(1);
+    let node = TestNode::start_with(config, dir.path().to_owned());
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "idle", &alice, &[&bob]);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let group_id = GroupId::new(open(&alice).current_group().unwrap().unwrap()).unwrap();
+    let forgotten = common::local(async {
+        let client = node.connect_as(&open(&bob).identity().unwrap()).await;
+        client.fetch_group_info(&group_id).await
+    });
+    assert!(forgotten.is_err(), "the node no longer knows the group's members");
+
+    // Bob's next change hands the state over again, in the epoch the node
+    // kept; everyone goes on.
+    bob.run(&node, "update", &[]);
+    alice.run(&node, "recv", &[]);
+    alice.run(&node, "send", &["--group-id", "idle", "--msg", "awake again"]);
+    assert!(bob.run(&node, "recv", &[]).contains("awake again"));
+    assert!(bob.run(&node, "groups", &[]).contains("idle epoch 2 members 2"));
 }
 
 #[test]

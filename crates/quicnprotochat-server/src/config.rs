@@ -61,6 +61,9 @@ pub const DEFAULT_RETRY_ABOVE: usize = 32;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
 /// Days an undelivered message is kept.
 pub const DEFAULT_RETENTION_DAYS: u64 = 30;
+/// Days a group may go without a change before the node forgets its public
+/// view (a member's next change hands it over again).
+pub const DEFAULT_GROUP_RETENTION_DAYS: u64 = 365;
 
 /// Largest payload limit a node can be configured with. Fetch answers carry
 /// whole payloads, and clients refuse RPC messages above 64 MiB.
@@ -125,6 +128,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Undelivered messages older than this are deleted.
     pub retention: Duration,
+    /// The public view of a group without a change for this long is
+    /// forgotten (its epoch is kept); zero: never.
+    pub group_retention: Duration,
     /// fsync every commit (Full) or only at checkpoints (Normal).
     pub durability: Durability,
 }
@@ -154,6 +160,7 @@ impl Default for Config {
             retry_above: DEFAULT_RETRY_ABOVE,
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
             retention: retention_days(DEFAULT_RETENTION_DAYS),
+            group_retention: retention_days(DEFAULT_GROUP_RETENTION_DAYS),
             durability: Durability::Full,
         }
     }

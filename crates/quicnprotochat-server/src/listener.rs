@@ -64,6 +64,7 @@ pub struct Node {
     max_connections: usize,
     admission: Arc<Admission>,
     retention: Duration,
+    group_retention: Duration,
 }
 
 impl Node {
@@ -134,6 +135,7 @@ impl Node {
                 config.retry_above,
             ),
             retention: config.retention,
+            group_retention: config.group_retention,
             store_closer,
             rpc_threads: config.rpc_threads,
             reader_options: rpc::reader_options(config.max_payload),
@@ -167,6 +169,7 @@ impl Node {
         let retention = tokio::spawn(retention_task(
             self.shared.clone(),
             self.retention,
+            self.group_retention,
             retention_stopped,
         ));
         tokio::pin!(shutdown);
@@ -382,6 +385,7 @@ async fn serve_connection(
 async fn retention_task(
     shared: Arc<Shared>,
     retention: Duration,
+    group_retention: Duration,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     // Also the cadence of trimming the limiter and watcher maps, so at most
@@ -393,11 +397,7 @@ async fn retention_task(
             _ = ticks.tick() => {}
             _ = &mut stop => return,
         }
-        let cutoff = std::time::SystemTime::now()
-            .checked_sub(retention)
-            .and_then(|cutoff| cutoff.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |since| since.as_secs() as i64);
-        match shared.store.purge(cutoff).await {
+        match shared.store.purge(unix_cutoff(retention)).await {
             Ok(0) => {}
             Ok(purged) => info!(
                 purged,
@@ -405,7 +405,25 @@ async fn retention_task(
             ),
             Err(e) => warn!("retention: {e}"),
         }
+        if !group_retention.is_zero() {
+            match shared.store.purge_idle_groups(unix_cutoff(group_retention)).await {
+                Ok(0) => {}
+                Ok(purged) => info!(
+                    purged,
+                    "forgot the public views of groups idle for the group retention period"
+                ),
+                Err(e) => warn!("group retention: {e}"),
+            }
+        }
         shared.rate_limits.shrink();
         shared.store.notifier().forget_unwatched();
     }
+}
+
+/// Unix seconds `age` ago (0 if that is before 1970).
+fn unix_cutoff(age: Duration) -> i64 {
+    std::time::SystemTime::now()
+        .checked_sub(age)
+        .and_then(|cutoff| cutoff.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |since| since.as_secs() as i64)
 }

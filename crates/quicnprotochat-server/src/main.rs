@@ -85,6 +85,9 @@ struct Args {
     /// Days an undelivered message is kept before it is deleted.
     #[arg(long, env = "QUICNPROTOCHAT_RETENTION_DAYS", default_value_t = config::DEFAULT_RETENTION_DAYS)]
     retention_days: u64,
+    /// Days a group may go without a change before the node forgets its public view (0: never).
+    #[arg(long, env = "QUICNPROTOCHAT_GROUP_RETENTION_DAYS", default_value_t = config::DEFAULT_GROUP_RETENTION_DAYS)]
+    group_retention_days: u64,
 }
 
 /// `--durability` values.
@@ -126,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         retry_above: config::DEFAULT_RETRY_ABOVE,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         retention: config::retention_days(args.retention_days),
+        group_retention: config::retention_days(args.group_retention_days),
         durability: match args.durability {
             DurabilityArg::Full => Durability::Full,
             DurabilityArg::Normal => Durability::Normal,

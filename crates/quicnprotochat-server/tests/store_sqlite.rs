@@ -59,6 +59,7 @@ conformance!(
     a_queue_never_holds_more_bytes_than_its_limit_and_acks_make_room,
     an_identity_keeps_at_most_its_limit_of_key_packages,
     an_application_message_from_an_epoch_its_group_left_is_refused,
+    an_idle_groups_view_is_forgotten_but_its_epoch_kept,
 );
 
 proptest! {

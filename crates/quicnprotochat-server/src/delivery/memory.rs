@@ -21,7 +21,7 @@ pub struct MemoryStorage {
     /// increasing per queue and never reused.
     last_seq: u64,
     groups: HashMap<GroupId, u64>,
-    views: HashMap<GroupId, Vec<u8>>,
+    views: HashMap<GroupId, (Vec<u8>, i64)>,
     welcome_trees: HashMap<(GroupId, u64), (WelcomeTree, i64)>,
 }
 
@@ -188,12 +188,18 @@ impl Storage for MemoryStorage {
     }
 
     fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, Infallible> {
-        Ok(self.views.get(group).cloned())
+        Ok(self.views.get(group).map(|(view, _)| view.clone()))
     }
 
-    fn set_group_view(&mut self, group: &GroupId, view: &[u8]) -> Result<(), Infallible> {
-        self.views.insert(group.clone(), view.to_vec());
+    fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> Result<(), Infallible> {
+        self.views.insert(group.clone(), (view.to_vec(), now));
         Ok(())
+    }
+
+    fn purge_idle_groups(&mut self, before: i64) -> Result<usize, Infallible> {
+        let count = self.views.len();
+        self.views.retain(|_, (_, changed_at)| *changed_at >= before);
+        Ok(count - self.views.len())
     }
 
     fn put_welcome_tree(

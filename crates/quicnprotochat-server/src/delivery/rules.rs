@@ -263,7 +263,7 @@ pub fn publish_commit<S: Storage>(
     if let Err(full) = incoming.check_room(storage, limits)? {
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
-    storage.set_group_view(group, &view.encode())?;
+    storage.set_group_view(group, &view.encode(), now)?;
     storage.set_group_epoch(group, view.epoch())?;
     if !added.is_empty() {
         // Welcomes do not carry the tree; the new members fetch it.
@@ -317,7 +317,7 @@ pub fn publish_proposal<S: Storage>(
     if let Err(full) = incoming.check_room(storage, limits)? {
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
-    storage.set_group_view(&publication.group_id, &view.encode())?;
+    storage.set_group_view(&publication.group_id, &view.encode(), now)?;
     if !proposal.recipients.is_empty() {
         append(storage, proposal, now)?;
     }
@@ -447,6 +447,14 @@ pub fn drain<S: Storage>(storage: &mut S, recipient: &IdentityKey) -> Result<Vec
 /// messages went.
 pub fn purge<S: Storage>(storage: &mut S, older_than: i64, now: i64) -> Result<usize, S::Error> {
     storage.purge(older_than, now)
+}
+
+/// Forgets the public views of groups without a change since `before`. A
+/// member's next change finds the group unknown and hands the node the
+/// group's state again, at the epoch the node still knows (so nobody can
+/// roll the group back to an older one).
+pub fn purge_idle_groups<S: Storage>(storage: &mut S, before: i64) -> Result<usize, S::Error> {
+    storage.purge_idle_groups(before)
 }
 
 /// Whether `envelope` is to be stored: it has no message id, or `sender`

@@ -119,8 +119,14 @@ pub trait Storage {
     /// `quicnprotochat_core::PublicView`), if the node has one.
     fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, Self::Error>;
 
-    /// Stores the public view of `group`, replacing the old one.
-    fn set_group_view(&mut self, group: &GroupId, view: &[u8]) -> Result<(), Self::Error>;
+    /// Stores the public view of `group`, replacing the old one, as changed
+    /// at `now`.
+    fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> Result<(), Self::Error>;
+
+    /// Forgets the public views of groups unchanged since before `before`
+    /// (their epochs stay, so nobody can hand the node an older state);
+    /// returns how many.
+    fn purge_idle_groups(&mut self, before: i64) -> Result<usize, Self::Error>;
 
     /// Keeps `tree`, the ratchet tree of `group` in `epoch`, for `joiners`
     /// (the members the Commit that started `epoch` added) to fetch with

@@ -135,6 +135,12 @@ const MIGRATIONS: &[&str] = &[
          UPDATE queue_depths SET depth = depth - 1, bytes = bytes - old.size
          WHERE recipient_key = old.recipient_key;
      END;",
+    // V10: when each group's view last changed, so that views of groups
+    // idle for the group retention period can be forgotten (their epoch
+    // row stays). Views from before count as changed now.
+    "ALTER TABLE group_views ADD COLUMN changed_at INTEGER NOT NULL DEFAULT 0;
+     UPDATE group_views SET changed_at = CAST(strftime('%s', 'now') AS INTEGER);
+     CREATE INDEX group_views_by_age ON group_views (changed_at);",
 ];
 
 /// The schema version this build creates and understands.

@@ -165,6 +165,13 @@ impl Store {
         self.call(|reply| Command::Purge { older_than, reply }).await
     }
 
+    /// Forgets the public views of groups unchanged since before `before`
+    /// (Unix seconds); their epochs stay. Returns how many.
+    pub async fn purge_idle_groups(&self, before: i64) -> Result<usize, StoreError> {
+        self.call(|reply| Command::PurgeIdleGroups { before, reply })
+            .await
+    }
+
     /// Watchers of queues, woken after each commit that adds to them.
     pub fn notifier(&self) -> &Arc<Notifier> {
         &self.notifier
@@ -424,6 +431,10 @@ enum Command {
     },
     Purge {
         older_than: i64,
+        reply: Reply<usize>,
+    },
+    PurgeIdleGroups {
+        before: i64,
         reply: Reply<usize>,
     },
 }

@@ -231,14 +231,20 @@ impl Storage for SqliteStorage<'_> {
             .optional()
     }
 
-    fn set_group_view(&mut self, group: &GroupId, view: &[u8]) -> rusqlite::Result<()> {
+    fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> rusqlite::Result<()> {
         self.db
             .prepare_cached(
-                "INSERT INTO group_views (group_id, view) VALUES (?1, ?2)
-                 ON CONFLICT (group_id) DO UPDATE SET view = excluded.view",
+                "INSERT INTO group_views (group_id, view, changed_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (group_id) DO UPDATE SET view = excluded.view, changed_at = excluded.changed_at",
             )?
-            .execute(params![group.as_bytes(), view])?;
+            .execute(params![group.as_bytes(), view, now])?;
         Ok(())
+    }
+
+    fn purge_idle_groups(&mut self, before: i64) -> rusqlite::Result<usize> {
+        self.db
+            .prepare_cached("DELETE FROM group_views WHERE changed_at < ?1")?
+            .execute(params![before])
     }
 
     fn put_welcome_tree(

@@ -201,6 +201,9 @@ fn apply(db: &Connection, command: Command, limits: &Limits, touched: &mut Vec<I
             reply,
         } => answer(reply, run(db, |s| rules::ack(s, &recipient, up_to))),
         Command::Purge { older_than, reply } => answer(reply, run(db, |s| rules::purge(s, older_than, now))),
+        Command::PurgeIdleGroups { before, reply } => {
+            answer(reply, run(db, |s| rules::purge_idle_groups(s, before)))
+        }
         Command::Drain { recipient, reply } => answer(reply, run(db, |s| rules::drain(s, &recipient))),
     }
 }
@@ -259,5 +262,6 @@ fn fail(command: Command, error: &StoreError) {
         Command::Drain { reply, .. } => send(reply, error),
         Command::Ack { reply, .. } => send(reply, error),
         Command::Purge { reply, .. } => send(reply, error),
+        Command::PurgeIdleGroups { reply, .. } => send(reply, error),
     }
 }

@@ -636,6 +636,48 @@ pub async fn an_application_message_from_an_epoch_its_group_left_is_refused(back
     close((store, closer)).await;
 }
 
+pub async fn an_idle_groups_view_is_forgotten_but_its_epoch_kept(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let mut alice = mls::Member::create(1, b"g");
+    let stale = alice.update();
+    alice.discard();
+    let update = alice.update();
+    store
+        .publish_commit(alice.key(), alice.publication(update, &[], b"first", true))
+        .await
+        .unwrap()
+        .unwrap();
+    let stale = mls::Member::publication(&alice, stale, &[], b"stale", true);
+    alice.merge();
+    assert_eq!(
+        store.purge_idle_groups(0).await.unwrap(),
+        0,
+        "nothing is that old"
+    );
+    assert_eq!(store.purge_idle_groups(i64::MAX).await.unwrap(), 1);
+
+    // Nobody can hand the node an older state than the epoch it kept.
+    assert_eq!(
+        store.publish_commit(alice.key(), stale).await.unwrap(),
+        Err(CommitRefusal::Conflict { current_epoch: 1 })
+    );
+    // In the kept epoch: unknown until a member hands the state over again.
+    let next = alice.update();
+    assert_eq!(
+        store
+            .publish_commit(alice.key(), alice.publication(next.clone(), &[], b"next", false))
+            .await
+            .unwrap(),
+        Err(CommitRefusal::UnknownGroup)
+    );
+    store
+        .publish_commit(alice.key(), alice.publication(next, &[], b"next", true))
+        .await
+        .unwrap()
+        .unwrap();
+    close((store, closer)).await;
+}
+
 pub async fn a_read_sees_every_commit_as_soon_as_it_is_answered(backend: &impl Backend) {
     let (store, closer) = backend.open();
     for i in 0..200u8 {
