@@ -136,7 +136,7 @@ pub fn rpc_session(data: &[u8]) {
             let shared = Shared::new(
                 node.store.clone(),
                 64 * 1024,
-                RateLimits::new(0, 0, 0, 0, 0, 0),
+                RateLimits::new(0, 0, 0, 0, 0, 0, 0),
                 quicnprotochat_proto::wire::KeyPackagePolicy::default(),
             );
             let service =

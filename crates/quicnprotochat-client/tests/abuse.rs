@@ -3,8 +3,11 @@
 //! its 64), streams that never send or stall mid-frame, hand-made Cap'n
 //! Proto messages claiming huge lists, deep nesting or huge segments, and a
 //! flood into one queue with calls bigger than any burst mixed in (refused
-//! whole) — while a normal client's pings stay fast and its messages all
-//! arrive. The other limits each have their own test in `limits.rs`.
+//! whole), and a hoarder draining someone's KeyPackages, uploading its own
+//! by the hundred and storing big payloads (held to the serve rate, the
+//! KeyPackage limit and the byte budget) — while a normal client's pings
+//! stay fast and its messages all arrive. The anonymous-connection cap and
+//! QUIC Retry under an Initial flood have their own tests in `limits.rs`.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -74,11 +77,13 @@ const RECEIVER: u8 = 3;
 const FLOODER: u8 = 4;
 const VICTIM: u8 = 5;
 const LATECOMER: u8 = 6;
+const HOARDER: u8 = 7;
 
 #[test]
 fn pings_stay_fast_and_messages_flow_while_the_node_is_abused_every_way_at_once() {
     let started = Instant::now();
-    let mut node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = TestNode::start_with(abused_config(dir.path()), dir.path().to_owned());
     local(async {
         tokio::time::timeout(DEADLINE, abuse_and_measure(&node))
             .await
@@ -177,6 +182,12 @@ async fn abuse_and_measure(node: &TestNode) {
         move || flood(options, Config::default().rpc_threads, ready, started, stop)
     });
     connected.recv().await.expect("the flooder connects");
+    let (hoard_count, hoard_thread) = on_own_thread({
+        let (options, ready, started, stop) =
+            (node.options(), ready.clone(), started.clone(), stop_flood.clone());
+        move || hoard(options, ready, started, stop)
+    });
+    connected.recv().await.expect("the hoarder connects");
     let (mut pings, pinger_thread) = on_own_thread({
         let (options, ready, started) = (node.options(), ready.clone(), started.clone());
         move || pinger(options, ready, started)
@@ -205,6 +216,7 @@ async fn abuse_and_measure(node: &TestNode) {
     let measured = measuring.elapsed();
     stop_flood.store(true, Ordering::SeqCst);
     let flood = joined(flood_count.await, flood_thread);
+    let hoard = joined(hoard_count.await, hoard_thread);
 
     // The figures first, so that a failure still shows all of them.
     let mut sorted = pings.clone();
@@ -221,7 +233,7 @@ async fn abuse_and_measure(node: &TestNode) {
         delivery.payloads.len(),
         delivery.slowest
     );
-    let defaults = Config::default();
+    let defaults = abused_config(&node.dir);
     let allowed = 2 * defaults.enqueue_rate as usize
         + (f64::from(defaults.enqueue_rate) * flood.elapsed.as_secs_f64() * 1.1) as usize;
     println!(
@@ -234,6 +246,19 @@ async fn abuse_and_measure(node: &TestNode) {
         flood.too_large,
         flood.queue_full,
         flood.overloaded
+    );
+    println!(
+        "hoarder over {:?}: {} of the victim's ordinary KeyPackages and {} last-resort answers; \
+         uploads: {} stored, {} refused as too many, {} rate limited; {} bytes stored of big \
+         payloads, {} refused",
+        hoard.elapsed,
+        hoard.ordinary,
+        hoard.last_resort,
+        hoard.uploads_stored,
+        hoard.uploads_too_many,
+        hoard.uploads_limited,
+        hoard.big_bytes_stored,
+        hoard.big_refused
     );
     println!("{rounds} rounds of malformed messages, each closing only its own session");
     let open = idle.iter().filter(|c| c.close_reason().is_none()).count();
@@ -282,6 +307,33 @@ async fn abuse_and_measure(node: &TestNode) {
         "every committed message is queued, no refused one is"
     );
 
+    // The hoarder took no more of the victim's stock than the serve rate
+    // allows, was stopped at the KeyPackage limit, and stored no more
+    // bytes than the byte budget allows.
+    assert!(
+        hoard.other.is_empty(),
+        "unexpected hoarder errors: {:?}",
+        hoard.other
+    );
+    assert!(
+        hoard.ordinary <= quicnprotochat_server::config::DEFAULT_KEY_PACKAGE_SERVE_RATE as usize + 1,
+        "the stock is not drained in a burst"
+    );
+    assert!(hoard.last_resort > 0, "the victim stays reachable");
+    let upload_rate = defaults.key_package_upload_rate as f64;
+    assert!(hoard.uploads_limited > 0, "uploads are held to their rate");
+    assert!(
+        (hoard.uploads_stored as f64)
+            <= upload_rate + upload_rate * hoard.elapsed.as_secs_f64() / 60.0 + 100.0,
+        "no more KeyPackages were validated and stored than the upload rate allows"
+    );
+    assert!(hoard.big_refused > 0, "big payloads are held to the byte rate");
+    let byte_rate = defaults.send_bytes_rate as f64;
+    assert!(
+        (hoard.big_bytes_stored as f64) <= 2.0 * byte_rate + byte_rate * hoard.elapsed.as_secs_f64() * 1.1,
+        "the byte budget holds"
+    );
+
     // Malformed messages were refused again and again.
     assert!(rounds >= 3);
 
@@ -313,6 +365,14 @@ async fn abuse_and_measure(node: &TestNode) {
     for endpoint in &endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
+}
+
+/// The node's configuration: the defaults, but a send rate the flood
+/// outruns many times over even on a busy two-core machine.
+fn abused_config(dir: &std::path::Path) -> Config {
+    let mut config = Config::in_dir(dir, SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.enqueue_rate = 300;
+    config
 }
 
 /// Runs the future `body` makes on a thread of its own, in a `LocalSet`;
@@ -454,6 +514,92 @@ async fn flood(
     });
     futures::future::join_all(callers).await;
     let mut count = count.into_inner();
+    count.elapsed = started.elapsed();
+    count
+}
+
+/// What the hoarder got.
+#[derive(Debug, Default)]
+struct HoardCount {
+    ordinary: usize,
+    last_resort: usize,
+    uploads_stored: usize,
+    uploads_too_many: usize,
+    uploads_limited: usize,
+    big_bytes_stored: usize,
+    big_refused: usize,
+    other: Vec<String>,
+    elapsed: Duration,
+}
+
+/// Someone after KeyPackages, CPU and disk: takes the victim's KeyPackages
+/// as fast as it can from an anonymous connection, uploads KeyPackages of
+/// its own in batches of 100 (each one costs the node a signature check),
+/// and sends itself payloads of the largest size, until `stop`. (The stock limit per
+/// identity, which the upload rate reaches only after ten minutes, has its
+/// own test in `limits.rs`.)
+async fn hoard(
+    options: ConnectOptions,
+    ready: mpsc::Sender<()>,
+    mut go: watch::Receiver<bool>,
+    stop: Arc<AtomicBool>,
+) -> HoardCount {
+    let victim_identity = identity(VICTIM);
+    let victim = NodeClient::connect(&options, Some(&victim_identity))
+        .await
+        .unwrap();
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let make = |owner: &quicnprotochat_core::IdentityKeypair, last_resort: bool| {
+        quicnprotochat_core::generate_key_package_with(
+            &provider,
+            owner,
+            quicnprotochat_core::KeyPackageOptions {
+                last_resort,
+                lifetime_seconds: None,
+            },
+        )
+        .unwrap()
+    };
+    let mut stock: Vec<Vec<u8>> = (0..10).map(|_| make(&victim_identity, false)).collect();
+    let resort = make(&victim_identity, true);
+    stock.push(resort.clone());
+    victim
+        .upload_key_packages(&victim_identity.public_key(), &stock)
+        .await
+        .unwrap();
+    let own = identity(HOARDER);
+    let batch: Vec<Vec<u8>> = (0..100).map(|_| make(&own, false)).collect();
+    let stranger = NodeClient::connect(&options, None).await.unwrap();
+    let uploader = NodeClient::connect(&options, Some(&own)).await.unwrap();
+    ready.send(()).await.unwrap();
+    go.wait_for(|&go| go).await.unwrap();
+    let started = Instant::now();
+    let mut count = HoardCount::default();
+    let victim_key = victim_identity.public_key();
+    let big = vec![0x42; DEFAULT_MAX_PAYLOAD];
+    while !stop.load(Ordering::SeqCst) {
+        match stranger.fetch_key_package(&victim_key).await {
+            Ok(quicnprotochat_proto::outcome::FetchedKeyPackage::Package(package)) if package == resort => {
+                count.last_resort += 1
+            }
+            Ok(quicnprotochat_proto::outcome::FetchedKeyPackage::Package(_)) => count.ordinary += 1,
+            // The caller's own fetch rate.
+            Ok(quicnprotochat_proto::outcome::FetchedKeyPackage::RateLimited(_)) => {}
+            other => count.other.push(format!("fetch: {other:?}")),
+        }
+        match uploader.upload_key_packages(&own.public_key(), &batch).await {
+            Ok(_) => count.uploads_stored += batch.len(),
+            Err(ClientError::TooManyKeyPackages { .. }) => count.uploads_too_many += 1,
+            Err(ClientError::RateLimited { .. }) => count.uploads_limited += 1,
+            Err(e) => count.other.push(format!("upload: {e}")),
+        }
+        match uploader.enqueue(&own.public_key(), &big).await {
+            Ok(SendOutcome::Accepted) => count.big_bytes_stored += big.len(),
+            Ok(SendOutcome::RateLimited(_)) => count.big_refused += 1,
+            other => count.other.push(format!("big: {other:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     count.elapsed = started.elapsed();
     count
 }

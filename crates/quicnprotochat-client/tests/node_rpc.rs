@@ -459,15 +459,17 @@ fn an_expired_key_package_is_not_served() {
     let node = TestNode::start();
     local(async {
         let owner = node.connect_as(&identity(23)).await;
+        // Valid for 3 s: enough to be uploaded on a busy machine (the node
+        // refuses a KeyPackage already expired), then let expire.
         let short = KeyPackageOptions {
             last_resort: false,
-            lifetime_seconds: Some(1),
+            lifetime_seconds: Some(3),
         };
         owner
             .upload_key_package(&key(23), &key_package(23, short))
             .await
             .unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(4100)).await;
         assert_eq!(
             node.connect().await.fetch_key_package(&key(23)).await.unwrap(),
             FetchedKeyPackage::None

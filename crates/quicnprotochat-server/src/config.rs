@@ -38,6 +38,10 @@ pub const DEFAULT_MAX_KEY_PACKAGES: u32 = 1_000;
 /// Longest KeyPackage lifetime accepted (RFC 9420, section 7.2, asks for a
 /// maximum): 90 days; clients make them for 28 days and renew.
 pub const DEFAULT_MAX_KEY_PACKAGE_LIFETIME_DAYS: u64 = 90;
+/// KeyPackages one identity may upload per minute (bursts of as many):
+/// checking a KeyPackage's signatures costs the node real CPU, and a client
+/// uploads 11 when it registers and 10 when it runs low.
+pub const DEFAULT_KEY_PACKAGE_UPLOAD_RATE: u32 = 100;
 /// Ordinary KeyPackages of one identity handed out per minute, whoever asks
 /// (beyond it, the last-resort one): enough for a few invitations a minute,
 /// too few to drain a stock in a burst.
@@ -108,6 +112,9 @@ pub struct Config {
     /// Ordinary KeyPackages of one identity handed out per minute, whoever
     /// asks (beyond it, the last-resort one); 0: unlimited.
     pub key_package_serve_rate: u32,
+    /// KeyPackages one identity may upload per minute, bursts of as many
+    /// (checked before they are validated); 0: unlimited.
+    pub key_package_upload_rate: u32,
     /// KeyPackage fetches per second per identity, or per address for
     /// anonymous callers (bursts of twice that); 0: unlimited.
     pub key_package_fetch_rate: u32,
@@ -152,6 +159,7 @@ impl Default for Config {
             max_key_packages: DEFAULT_MAX_KEY_PACKAGES,
             max_key_package_lifetime: retention_days(DEFAULT_MAX_KEY_PACKAGE_LIFETIME_DAYS),
             key_package_serve_rate: DEFAULT_KEY_PACKAGE_SERVE_RATE,
+            key_package_upload_rate: DEFAULT_KEY_PACKAGE_UPLOAD_RATE,
             key_package_fetch_rate: DEFAULT_KEY_PACKAGE_FETCH_RATE,
             ping_rate: DEFAULT_PING_RATE,
             max_connections: DEFAULT_MAX_CONNECTIONS,

@@ -61,6 +61,8 @@ pub struct RateLimits {
     ping: Option<Bucket>,
     /// Ordinary KeyPackages handed out per target identity, whoever asks.
     key_package_serve: Option<DefaultKeyedRateLimiter<IdentityKey>>,
+    /// KeyPackages uploaded per identity.
+    key_package_upload: Option<(DefaultKeyedRateLimiter<IdentityKey>, NonZeroU32)>,
 }
 
 /// One per-caller token bucket.
@@ -75,8 +77,9 @@ impl RateLimits {
     /// rate, and never less than `min_byte_burst`, the largest call one
     /// payload makes), `fetch_per_second` KeyPackage fetches and
     /// `ping_per_second` pings per caller (bursts of twice the rate), and
-    /// `serve_per_minute` ordinary KeyPackages per target identity (bursts
-    /// of the same); 0: unlimited.
+    /// `serve_per_minute` ordinary KeyPackages per target identity and
+    /// `uploads_per_minute` KeyPackages uploaded per identity (bursts of the
+    /// same); 0: unlimited.
     pub fn new(
         messages_per_second: u32,
         bytes_per_second: u64,
@@ -84,6 +87,7 @@ impl RateLimits {
         fetch_per_second: u32,
         ping_per_second: u32,
         serve_per_minute: u32,
+        uploads_per_minute: u32,
     ) -> RateLimits {
         RateLimits {
             sends: SendBudget::new(
@@ -94,6 +98,29 @@ impl RateLimits {
             ping: limiter(ping_per_second),
             key_package_serve: NonZeroU32::new(serve_per_minute)
                 .map(|rate| DefaultKeyedRateLimiter::dashmap(Quota::per_minute(rate))),
+            key_package_upload: NonZeroU32::new(uploads_per_minute)
+                .map(|rate| (DefaultKeyedRateLimiter::dashmap(Quota::per_minute(rate)), rate)),
+        }
+    }
+
+    /// Takes `count` tokens for uploading KeyPackages of `owner` (before
+    /// they are validated, which costs the node CPU). `Err(Ok(wait))`: over
+    /// the rate; `Err(Err(burst))`: more than one upload may ever carry.
+    pub fn check_key_package_upload(
+        &self,
+        owner: &IdentityKey,
+        count: u32,
+    ) -> Result<(), Result<Duration, u32>> {
+        let Some((limiter, burst)) = &self.key_package_upload else {
+            return Ok(());
+        };
+        let Some(count) = NonZeroU32::new(count) else {
+            return Ok(());
+        };
+        match limiter.check_key_n(owner, count) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Ok(not_until.wait_time_from(DefaultClock::default().now()))),
+            Err(_) => Err(Err(burst.get())),
         }
     }
 
@@ -132,7 +159,13 @@ impl RateLimits {
             limiter.limiter.retain_recent();
             limiter.limiter.shrink_to_fit();
         }
-        if let Some(limiter) = &self.key_package_serve {
+        for limiter in [
+            self.key_package_serve.as_ref(),
+            self.key_package_upload.as_ref().map(|(limiter, _)| limiter),
+        ]
+        .into_iter()
+        .flatten()
+        {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -286,7 +319,7 @@ mod tests {
 
     #[test]
     fn a_caller_beyond_its_burst_is_told_how_long_to_wait() {
-        let limits = RateLimits::new(10, 0, 0, 0, 0, 0);
+        let limits = RateLimits::new(10, 0, 0, 0, 0, 0, 0);
         assert!(limits.check_send(caller(1), messages(20), false).is_ok());
         let Err(SendRefusal::Wait(wait)) = limits.check_send(caller(1), messages(1), false) else {
             panic!("over the burst");
@@ -302,7 +335,7 @@ mod tests {
 
     #[test]
     fn ordinary_key_packages_of_one_identity_are_served_at_its_own_rate() {
-        let limits = RateLimits::new(0, 0, 0, 0, 0, 3);
+        let limits = RateLimits::new(0, 0, 0, 0, 0, 3, 0);
         let target = IdentityKey::from_bytes([7; 32]);
         for _ in 0..3 {
             assert!(limits.may_serve_ordinary_key_package(&target));
@@ -313,7 +346,7 @@ mod tests {
 
     #[test]
     fn a_call_bigger_than_the_burst_is_refused_whole_and_charged_nothing() {
-        let limits = RateLimits::new(10, 1000, 0, 0, 0, 0);
+        let limits = RateLimits::new(10, 1000, 0, 0, 0, 0, 0);
         assert_eq!(
             limits.check_send(caller(1), messages(21), false),
             Err(SendRefusal::TooLarge {

@@ -122,6 +122,7 @@ impl Node {
                     config.key_package_fetch_rate,
                     config.ping_rate,
                     config.key_package_serve_rate,
+                    config.key_package_upload_rate,
                 ),
                 wire::KeyPackagePolicy {
                     max_lifetime_secs: config.max_key_package_lifetime.as_secs(),

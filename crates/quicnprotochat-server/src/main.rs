@@ -57,6 +57,9 @@ struct Args {
     /// Longest KeyPackage lifetime accepted, in days.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_KEY_PACKAGE_LIFETIME_DAYS", default_value_t = config::DEFAULT_MAX_KEY_PACKAGE_LIFETIME_DAYS)]
     max_key_package_lifetime_days: u64,
+    /// KeyPackages one identity may upload per minute, bursts of as many (0: unlimited).
+    #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_UPLOAD_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_UPLOAD_RATE)]
+    key_package_upload_rate: u32,
     /// Ordinary KeyPackages of one identity handed out per minute, whoever asks (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_SERVE_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_SERVE_RATE)]
     key_package_serve_rate: u32,
@@ -121,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         max_key_packages: args.max_key_packages,
         max_key_package_lifetime: config::retention_days(args.max_key_package_lifetime_days),
         key_package_serve_rate: args.key_package_serve_rate,
+        key_package_upload_rate: args.key_package_upload_rate,
         key_package_fetch_rate: args.key_package_fetch_rate,
         ping_rate: args.ping_rate,
         max_connections: args.max_connections,

@@ -177,6 +177,21 @@ impl NodeServiceImpl {
         }
     }
 
+    /// Takes `count` KeyPackages from `owner`'s upload rate before anything
+    /// is validated (validation is what costs); a refusal to answer with.
+    fn limit_uploads(&self, owner: &IdentityKey, count: u32) -> Result<Option<UploadOutcome>, ServiceError> {
+        match self.shared.rate_limits.check_key_package_upload(owner, count) {
+            Ok(()) => Ok(None),
+            Err(Ok(retry_after)) => Ok(Some(UploadOutcome::RateLimited(RateLimited { retry_after }))),
+            Err(Err(burst)) => Err(ServiceError::from(wire::FieldError {
+                field: "packages".into(),
+                reason: format!(
+                    "{count} KeyPackages at once are more than this node takes in one upload ({burst}); upload fewer"
+                ),
+            })),
+        }
+    }
+
     /// Charges an upload's bytes to the send budget and stores it, within
     /// the identity's KeyPackage limit. Uploads queue nothing, so they do
     /// not count as messages; how many an identity keeps is bounded by the
@@ -264,6 +279,10 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         let identity =
             wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
         self.require_owner("identityKey", &identity)?;
+        if let Some(refused) = self.limit_uploads(&identity, 1)? {
+            refused.write(results.get().init_outcome());
+            return Ok(());
+        }
         let received = params.get_package()?;
         // Of the bytes as received, even if a wrapped KeyPackage is stored bare.
         let digest = fingerprint(received);
@@ -304,6 +323,10 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
                 ),
             })
             .into());
+        }
+        if let Some(refused) = self.limit_uploads(&identity, list.len())? {
+            refused.write(results.get().init_outcome());
+            return Ok(());
         }
         let mut packages = Vec::with_capacity(list.len() as usize);
         let mut digests = Vec::with_capacity(list.len() as usize);

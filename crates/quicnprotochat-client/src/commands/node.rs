@@ -7,7 +7,7 @@ use openmls_traits::OpenMlsProvider;
 use quicnprotochat_core::{
     IdentityKey, IdentityKeypair, fingerprint, generate_key_package, key_package_identity,
 };
-use quicnprotochat_proto::outcome::FetchedKeyPackage;
+use quicnprotochat_proto::outcome::{FetchedKeyPackage, RateLimited};
 
 use crate::cli::ConnectionArgs;
 use crate::error::ClientError;
@@ -54,10 +54,18 @@ pub(crate) async fn upload(
     identity: &IdentityKeypair,
     package: &[u8],
 ) -> Result<(), ClientError> {
-    let stored = nodes
-        .auth()
-        .upload_key_package(&identity.public_key(), package)
-        .await?;
+    let patience = Patience::new();
+    let stored = loop {
+        match nodes
+            .auth()
+            .upload_key_package(&identity.public_key(), package)
+            .await
+        {
+            Err(ClientError::RateLimited { retry_after })
+                if patience.wait(&RateLimited { retry_after }).await => {}
+            outcome => break outcome?,
+        }
+    };
     if stored != fingerprint(package) {
         return Err(ClientError::FingerprintMismatch);
     }
@@ -129,10 +137,18 @@ pub(crate) async fn top_up_key_packages(
         return Ok(0);
     }
     let packages = state.generate_key_packages(identity, ordinary, !has_last_resort)?;
-    let stored = nodes
-        .auth()
-        .upload_key_packages(&identity.public_key(), &packages)
-        .await?;
+    let patience = Patience::new();
+    let stored = loop {
+        match nodes
+            .auth()
+            .upload_key_packages(&identity.public_key(), &packages)
+            .await
+        {
+            Err(ClientError::RateLimited { retry_after })
+                if patience.wait(&RateLimited { retry_after }).await => {}
+            outcome => break outcome?,
+        }
+    };
     let expected: Vec<Vec<u8>> = packages.iter().map(|p| fingerprint(p).to_vec()).collect();
     if stored != expected {
         return Err(ClientError::FingerprintMismatch);
