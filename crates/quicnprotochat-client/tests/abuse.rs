@@ -6,8 +6,10 @@
 //! whole), and a hoarder draining someone's KeyPackages, uploading its own
 //! by the hundred and storing big payloads (held to the serve rate, the
 //! KeyPackage limit and the byte budget) — while a normal client's pings
-//! stay fast and its messages all arrive. The anonymous-connection cap and
-//! QUIC Retry under an Initial flood have their own tests in `limits.rs`.
+//! stay fast and its messages all arrive. Before all that, anonymous
+//! connections beyond the node's cap are turned away and a burst of spoofed
+//! QUIC Initials starts handshakes that can never finish (new clients then
+//! get in through a Retry).
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -42,6 +44,13 @@ const IDLE_CONNECTIONS: usize = 1_000;
 const IDLE_ENDPOINTS: usize = 16;
 /// Connections one more address tries to open: more than its cap of 64.
 const GREEDY_CONNECTIONS: usize = 100;
+/// The node's cap of anonymous connections here: a little above what the
+/// idle, greedy and stalled connections hold.
+const MAX_ANONYMOUS: usize = 1_100;
+/// Anonymous connections tried beyond those, from two more addresses.
+const EXTRA_ANONYMOUS: usize = 60;
+/// QUIC Initial packets sent from an address that never answers.
+const SPOOFED_INITIALS: usize = 120;
 /// Recipients of the flood's oversized calls: more than the send burst.
 const OVERSIZED_RECIPIENTS: usize = 3_000;
 /// Handshakes in progress at once while opening the idle connections.
@@ -167,6 +176,44 @@ async fn abuse_and_measure(node: &TestNode) {
         fifth_streams.iter().all(Result::is_err),
         "the node grants no stream beyond {STREAMS_PER_CONNECTION} per connection"
     );
+
+    // 2b. More anonymous connections than the node takes: those beyond its
+    //     cap are closed once the handshake shows they are anonymous.
+    let extra_endpoints: Vec<quinn::Endpoint> = (0..2u8)
+        .map(|n| {
+            let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 40 + n], 0))).unwrap();
+            endpoint.set_default_client_config(anonymous.clone());
+            endpoint
+        })
+        .collect();
+    let extra: Vec<quinn::Connection> = futures::future::join_all(
+        (0..EXTRA_ANONYMOUS).map(|n| extra_endpoints[n % 2].connect(node.addr, "localhost").unwrap()),
+    )
+    .await
+    .into_iter()
+    .filter_map(Result::ok)
+    .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still_open = extra.iter().filter(|c| c.close_reason().is_none()).count();
+    let held = IDLE_CONNECTIONS + GREEDY_CONNECTIONS.min(64) + STALLED_CONNECTIONS;
+    println!(
+        "{still_open} of {EXTRA_ANONYMOUS} more anonymous connections kept (cap {MAX_ANONYMOUS}, {held} held before)"
+    );
+    assert_eq!(still_open, MAX_ANONYMOUS - held, "the anonymous cap holds");
+    // Members still get in; then the extra connections go.
+    node.connect_as(&identity(LATECOMER)).await.ping().await.unwrap();
+    for endpoint in &extra_endpoints {
+        endpoint.close(0u32.into(), b"done");
+    }
+    drop(extra);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 2c. Genuine QUIC Initial packets, captured on a socket of ours and sent
+    //     from an address that never answers: handshakes the node can never
+    //     finish. Beyond 32 of them new clients must prove their address
+    //     (QUIC Retry) before the node keeps state for them.
+    let spoofed = spoof_initials(node, &anonymous).await;
+    println!("{spoofed} spoofed Initial packets sent");
 
     // 3. The flood and the normal clients, each on its own thread so that
     //    what the others do in this process does not delay it. The flood
@@ -350,8 +397,15 @@ async fn abuse_and_measure(node: &TestNode) {
         }
     }
 
-    // A newcomer is served as usual.
+    // A newcomer is served as usual (through a Retry while the spoofed
+    // handshakes last).
+    let connecting = Instant::now();
     let latecomer = node.connect_as(&identity(LATECOMER)).await;
+    assert!(
+        connecting.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        connecting.elapsed()
+    );
     latecomer.ping().await.unwrap();
     common::enqueue_ok(&latecomer, &identity(LATECOMER).public_key(), b"still served").await;
     assert_eq!(
@@ -362,9 +416,12 @@ async fn abuse_and_measure(node: &TestNode) {
     for endpoint in &endpoints {
         endpoint.close(0u32.into(), b"done");
     }
-    for endpoint in &endpoints {
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    }
+    // All at once: each may wait for peers that never acknowledge.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        futures::future::join_all(endpoints.iter().map(quinn::Endpoint::wait_idle)),
+    )
+    .await;
 }
 
 /// The node's configuration: the defaults, but a send rate the flood
@@ -372,6 +429,7 @@ async fn abuse_and_measure(node: &TestNode) {
 fn abused_config(dir: &std::path::Path) -> Config {
     let mut config = Config::in_dir(dir, SocketAddr::from(([127, 0, 0, 1], 0)));
     config.enqueue_rate = 300;
+    config.max_anonymous_connections = MAX_ANONYMOUS;
     config
 }
 
@@ -398,6 +456,27 @@ fn joined<T>(sent: Result<T, oneshot::error::RecvError>, thread: JoinHandle<()>)
 }
 
 // ---- The abusers ---------------------------------------------------------
+
+/// Sends the node [`SPOOFED_INITIALS`] genuine Initial packets from
+/// 127.0.0.30, which never answers; returns how many were sent.
+async fn spoof_initials(node: &TestNode, config: &quinn::ClientConfig) -> usize {
+    let trap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut capturer = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    capturer.set_default_client_config(config.clone());
+    let mut attempts = Vec::new();
+    let mut buffer = [0u8; 2048];
+    let spoofer = tokio::net::UdpSocket::bind("127.0.0.30:0").await.unwrap();
+    for _ in 0..SPOOFED_INITIALS {
+        attempts.push(capturer.connect(trap.local_addr().unwrap(), "localhost").unwrap());
+        let (len, _) = tokio::time::timeout(Duration::from_secs(2), trap.recv_from(&mut buffer))
+            .await
+            .expect("an Initial packet")
+            .unwrap();
+        spoofer.send_to(&buffer[..len], node.addr).await.unwrap();
+    }
+    capturer.close(0u32.into(), b"done");
+    attempts.len()
+}
 
 /// The key of the `n`th stranger an oversized call names.
 fn stranger_key(n: u32) -> IdentityKey {
