@@ -367,6 +367,10 @@ async fn abuse_and_measure(node: &TestNode) {
         "the stock is not drained in a burst"
     );
     assert!(hoard.last_resort > 0, "the victim stays reachable");
+    assert!(
+        hoard.century_refused,
+        "a KeyPackage valid for a century is refused"
+    );
     let upload_rate = defaults.key_package_upload_rate as f64;
     assert!(hoard.uploads_limited > 0, "uploads are held to their rate");
     assert!(
@@ -563,8 +567,15 @@ async fn flood(
                 // and thousands of strangers at once (charged one burst
                 // before protocol 4, now refused whole).
                 let answer = if round.is_multiple_of(8) {
-                    let mut recipients = vec![victim];
-                    recipients.extend((0..OVERSIZED_RECIPIENTS as u32).map(stranger_key));
+                    // The victim named thousands of times (each naming
+                    // counts), or the victim and thousands of strangers.
+                    let recipients = if round.is_multiple_of(16) {
+                        vec![victim; OVERSIZED_RECIPIENTS]
+                    } else {
+                        let mut recipients = vec![victim];
+                        recipients.extend((0..OVERSIZED_RECIPIENTS as u32).map(stranger_key));
+                        recipients
+                    };
                     client
                         .enqueue_batch(&[quicnprotochat_proto::wire::Envelope {
                             recipients,
@@ -607,6 +618,7 @@ struct HoardCount {
     uploads_limited: usize,
     big_bytes_stored: usize,
     big_refused: usize,
+    century_refused: bool,
     other: Vec<String>,
     elapsed: Duration,
 }
@@ -648,6 +660,17 @@ async fn hoard(
         .unwrap();
     let own = identity(HOARDER);
     let batch: Vec<Vec<u8>> = (0..100).map(|_| make(&own, false)).collect();
+    // KeyPackages valid for a century are refused (RFC 9420 asks for a
+    // maximum lifetime).
+    let century = quicnprotochat_core::generate_key_package_with(
+        &provider,
+        &own,
+        quicnprotochat_core::KeyPackageOptions {
+            last_resort: false,
+            lifetime_seconds: Some(100 * 365 * 86_400),
+        },
+    )
+    .unwrap();
     let stranger = NodeClient::connect(&options, None).await.unwrap();
     let uploader = NodeClient::connect(&options, Some(&own)).await.unwrap();
     ready.send(()).await.unwrap();
@@ -656,6 +679,12 @@ async fn hoard(
     let mut count = HoardCount::default();
     let victim_key = victim_identity.public_key();
     let big = vec![0x42; DEFAULT_MAX_PAYLOAD];
+    match uploader.upload_key_package(&own.public_key(), &century).await {
+        Err(ClientError::Rpc(e)) if e.extra.contains("valid for at most 90 days") => {
+            count.century_refused = true
+        }
+        other => count.other.push(format!("century: {other:?}")),
+    }
     while !stop.load(Ordering::SeqCst) {
         match stranger.fetch_key_package(&victim_key).await {
             Ok(quicnprotochat_proto::outcome::FetchedKeyPackage::Package(package)) if package == resort => {

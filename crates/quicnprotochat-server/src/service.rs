@@ -140,11 +140,13 @@ impl NodeServiceImpl {
     }
 
     /// Charges a call that queues `envelopes` to this caller's send budget:
-    /// each recipient a message, each payload its bytes once.
+    /// each recipient a message, each payload its bytes once, and at least
+    /// `min_messages` messages.
     fn charge_sends<'a>(
         &self,
         envelopes: impl IntoIterator<Item = &'a wire::Envelope>,
         extra_bytes: usize,
+        min_messages: u64,
         indivisible: bool,
     ) -> Result<(), limits::SendRefusal> {
         let mut cost = Cost {
@@ -155,19 +157,22 @@ impl NodeServiceImpl {
             cost.messages += envelope.recipients.len() as u64;
             cost.bytes += envelope.payload.len() as u64;
         }
+        cost.messages = cost.messages.max(min_messages);
         self.shared
             .rate_limits
             .check_send(self.caller(), cost, indivisible)
     }
 
     /// Charges a group change, which cannot be split: it may go over the
-    /// burst (and leave a debt); a refusal is only ever a wait.
+    /// burst (and leave a debt); a refusal is only ever a wait. It counts as
+    /// one message at least: checking it costs the node CPU even when it
+    /// goes to nobody (a group of one).
     fn charge_change<'a>(
         &self,
         envelopes: impl IntoIterator<Item = &'a wire::Envelope>,
         extra_bytes: usize,
     ) -> Result<(), RateLimited> {
-        match self.charge_sends(envelopes, extra_bytes, true) {
+        match self.charge_sends(envelopes, extra_bytes, 1, true) {
             Ok(()) => Ok(()),
             Err(limits::SendRefusal::Wait(retry_after)) => Err(RateLimited { retry_after }),
             // Indivisible costs are never refused as too large.
@@ -427,7 +432,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             payload: payload.to_vec(),
             message_id,
         };
-        let outcome = match self.charge_sends([&envelope], 0, false) {
+        let outcome = match self.charge_sends([&envelope], 0, 0, false) {
             Err(refusal) => refused_send(refusal),
             Ok(()) => send_outcome(
                 self.shared
@@ -450,7 +455,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         let sender = self.require_authenticated()?;
         let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
             .map_err(ServiceError::from)?;
-        let outcome = match self.charge_sends(&envelopes, 0, false) {
+        let outcome = match self.charge_sends(&envelopes, 0, 0, false) {
             Err(refusal) => refused_send(refusal),
             Ok(()) => send_outcome(
                 self.shared
