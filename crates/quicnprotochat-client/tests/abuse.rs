@@ -4,8 +4,10 @@
 //! Proto messages claiming huge lists, deep nesting or huge segments, and a
 //! flood into one queue with calls bigger than any burst mixed in (refused
 //! whole), and a hoarder draining someone's KeyPackages, uploading its own
-//! by the hundred and storing big payloads (held to the serve rate, the
-//! KeyPackage limit and the byte budget) — while a normal client's pings
+//! by the hundred (and one valid for a century, one with a 900 KB
+//! extension), storing big payloads and publishing the flooder's group
+//! changes (held to the serve rate, the upload rate, the KeyPackage policy
+//! and the send budget, which charges commits too) — while a normal client's pings
 //! stay fast and its messages all arrive. Before all that, anonymous
 //! connections beyond the node's cap are turned away and a burst of spoofed
 //! QUIC Initials starts handshakes that can never finish (new clients then
@@ -297,7 +299,7 @@ async fn abuse_and_measure(node: &TestNode) {
     println!(
         "hoarder over {:?}: {} of the victim's ordinary KeyPackages and {} last-resort answers; \
          uploads: {} stored, {} refused as too many, {} rate limited; {} bytes stored of big \
-         payloads, {} refused",
+         payloads, {} refused; the flooder's commits: {} accepted, {} rate limited",
         hoard.elapsed,
         hoard.ordinary,
         hoard.last_resort,
@@ -305,7 +307,9 @@ async fn abuse_and_measure(node: &TestNode) {
         hoard.uploads_too_many,
         hoard.uploads_limited,
         hoard.big_bytes_stored,
-        hoard.big_refused
+        hoard.big_refused,
+        hoard.commits_accepted,
+        hoard.commits_limited
     );
     println!("{rounds} rounds of malformed messages, each closing only its own session");
     let open = idle.iter().filter(|c| c.close_reason().is_none()).count();
@@ -370,6 +374,10 @@ async fn abuse_and_measure(node: &TestNode) {
     assert!(
         hoard.century_refused,
         "a KeyPackage valid for a century is refused"
+    );
+    assert!(
+        hoard.bulky_refused,
+        "a KeyPackage with a 900 KB extension is refused"
     );
     let upload_rate = defaults.key_package_upload_rate as f64;
     assert!(hoard.uploads_limited > 0, "uploads are held to their rate");
@@ -619,6 +627,9 @@ struct HoardCount {
     big_bytes_stored: usize,
     big_refused: usize,
     century_refused: bool,
+    bulky_refused: bool,
+    commits_accepted: usize,
+    commits_limited: usize,
     other: Vec<String>,
     elapsed: Duration,
 }
@@ -672,6 +683,12 @@ async fn hoard(
     )
     .unwrap();
     let stranger = NodeClient::connect(&options, None).await.unwrap();
+    // The flooder's group changes: charged to the same budget as its sends.
+    let flooder = identity(FLOODER);
+    let committer = NodeClient::connect(&options, Some(&flooder)).await.unwrap();
+    let group_provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let mut group = quicnprotochat_core::GroupMember::create(&group_provider, &flooder, b"hoard").unwrap();
+    let mut initial_state = Some(group.export_public_state(&group_provider, &flooder).unwrap());
     let uploader = NodeClient::connect(&options, Some(&own)).await.unwrap();
     ready.send(()).await.unwrap();
     go.wait_for(|&go| go).await.unwrap();
@@ -684,6 +701,39 @@ async fn hoard(
             count.century_refused = true
         }
         other => count.other.push(format!("century: {other:?}")),
+    }
+    // Nor is one carrying a 900 KB leaf extension.
+    let bulky = {
+        use openmls::prelude::{
+            Capabilities, Extension, ExtensionType, Extensions, KeyPackage, UnknownExtension,
+            tls_codec::Serialize as _,
+        };
+        KeyPackage::builder()
+            .leaf_node_capabilities(Capabilities::new(
+                None,
+                None,
+                Some(&[ExtensionType::Unknown(0xff00)]),
+                None,
+                None,
+            ))
+            .leaf_node_extensions(
+                Extensions::single(Extension::Unknown(0xff00, UnknownExtension(vec![0x5a; 900_000])))
+                    .unwrap(),
+            )
+            .build(
+                quicnprotochat_core::CIPHERSUITE,
+                &provider,
+                &own,
+                own.credential_with_key(),
+            )
+            .unwrap()
+            .key_package()
+            .tls_serialize_detached()
+            .unwrap()
+    };
+    match uploader.upload_key_package(&own.public_key(), &bulky).await {
+        Err(ClientError::Rpc(e)) if e.extra.contains("its extensions take") => count.bulky_refused = true,
+        other => count.other.push(format!("bulky: {other:?}")),
     }
     while !stop.load(Ordering::SeqCst) {
         match stranger.fetch_key_package(&victim_key).await {
@@ -701,10 +751,47 @@ async fn hoard(
             Err(ClientError::RateLimited { .. }) => count.uploads_limited += 1,
             Err(e) => count.other.push(format!("upload: {e}")),
         }
-        match uploader.enqueue(&own.public_key(), &big).await {
-            Ok(SendOutcome::Accepted) => count.big_bytes_stored += big.len(),
-            Ok(SendOutcome::RateLimited(_)) => count.big_refused += 1,
-            other => count.other.push(format!("big: {other:?}")),
+        let epoch = group.epoch();
+        let commit = group.self_update(&group_provider, &flooder).unwrap();
+        let state = initial_state
+            .as_ref()
+            .map(|state| quicnprotochat_proto::wire::GroupState {
+                group_info: state.group_info.clone(),
+                ratchet_tree: state.ratchet_tree.clone(),
+            });
+        let published = committer
+            .publish_commit(
+                &quicnprotochat_core::GroupId::new(b"hoard".to_vec()).unwrap(),
+                epoch,
+                &quicnprotochat_proto::wire::Envelope {
+                    recipients: Vec::new(),
+                    payload: commit,
+                    message_id: None,
+                },
+                None,
+                state.as_ref(),
+                group.pending_group_info(),
+            )
+            .await;
+        match published {
+            Ok(quicnprotochat_proto::outcome::CommitOutcome::Accepted) => {
+                group.merge_pending_commit(&group_provider).unwrap();
+                initial_state = None;
+                count.commits_accepted += 1;
+            }
+            Ok(quicnprotochat_proto::outcome::CommitOutcome::RateLimited(_)) => {
+                group.discard_pending_commit(&group_provider).unwrap();
+                count.commits_limited += 1;
+            }
+            other => count.other.push(format!("commit: {other:?}")),
+        }
+        // Faster than the byte budget: three of the largest payloads a round.
+        for _ in 0..3 {
+            match uploader.enqueue(&own.public_key(), &big).await {
+                Ok(SendOutcome::Accepted) => count.big_bytes_stored += big.len(),
+                Ok(SendOutcome::RateLimited(_)) => count.big_refused += 1,
+                other => count.other.push(format!("big: {other:?}")),
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
