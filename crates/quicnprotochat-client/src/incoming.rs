@@ -208,17 +208,22 @@ fn settle_failure(state: &StateFile, entry: i64, error: ClientError) -> Result<(
                 message_epoch,
                 group_epoch,
             };
-            let kept = state.kept_back()?;
             let (first_kept, newly) = state.keep_back(entry)?;
             let over = if message_epoch.saturating_sub(group_epoch) > KEPT_MAX_EPOCHS_AHEAD {
                 Some(format!("more than {KEPT_MAX_EPOCHS_AHEAD} epochs ahead"))
             } else if crate::state::unix_now() - first_kept > KEPT_MAX_AGE_SECS {
                 Some("waited 7 days for the Commits it needs".to_owned())
-            } else if newly && (kept.entries >= KEPT_MAX_ENTRIES || kept.bytes > KEPT_MAX_BYTES) {
-                Some(format!(
-                    "{} messages ({} bytes) already wait for missing Commits",
-                    kept.entries, kept.bytes
-                ))
+            } else if newly {
+                // Only an entry kept for the first time is measured against
+                // what already waits (so a run re-reading the kept ones does
+                // not sum them again for each).
+                let kept = state.kept_back_besides(entry)?;
+                (kept.entries >= KEPT_MAX_ENTRIES || kept.bytes > KEPT_MAX_BYTES).then(|| {
+                    format!(
+                        "{} messages ({} bytes) already wait for missing Commits",
+                        kept.entries, kept.bytes
+                    )
+                })
             } else {
                 None
             };

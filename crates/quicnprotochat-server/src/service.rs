@@ -427,17 +427,18 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             .map_err(ServiceError::from)?;
         let message_id =
             wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
-        let envelope = wire::Envelope {
-            recipients: vec![recipient],
-            payload: payload.to_vec(),
-            message_id,
+        // Charged before the payload is copied: a flood over the budget
+        // costs no copies.
+        let cost = Cost {
+            messages: 1,
+            bytes: payload.len() as u64,
         };
-        let outcome = match self.charge_sends([&envelope], 0, 0, false) {
+        let outcome = match self.shared.rate_limits.check_send(self.caller(), cost, false) {
             Err(refusal) => refused_send(refusal),
             Ok(()) => send_outcome(
                 self.shared
                     .store
-                    .enqueue_batch(sender, vec![envelope])
+                    .enqueue(sender, recipient, payload.to_vec(), message_id)
                     .await
                     .map_err(ServiceError::from)?,
             ),

@@ -119,12 +119,13 @@ impl StateFile {
         Ok((first.unwrap_or(now), newly))
     }
 
-    /// How many entries, with how many payload bytes, are kept back
-    /// already.
-    pub fn kept_back(&self) -> Result<KeptBack, StateError> {
+    /// How many entries besides `id`, with how many payload bytes, are
+    /// kept back.
+    pub fn kept_back_besides(&self, id: i64) -> Result<KeptBack, StateError> {
         let (entries, bytes) = self.connection.query_row(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM inbox WHERE kept_at IS NOT NULL",
-            [],
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM inbox
+             WHERE kept_at IS NOT NULL AND id != ?1",
+            params![id],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
         Ok(KeptBack { entries, bytes })

@@ -416,22 +416,33 @@ pub async fn the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_r
     close((store, closer)).await;
 }
 
-pub async fn a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused(backend: &impl Backend) {
-    let (store, closer) = backend.open();
-    let mut alice = mls::Member::create(1, b"g");
-    let commit = alice.update();
+/// Publishes `commit` of `member`: refused as an unknown group without the
+/// group's state, accepted with it.
+async fn unknown_until_the_state_comes_with_it(
+    store: &Store,
+    member: &mls::Member,
+    commit: Vec<u8>,
+    id: &[u8],
+) {
     assert_eq!(
         store
-            .publish_commit(alice.key(), alice.publication(commit.clone(), &[], b"0", false))
+            .publish_commit(member.key(), member.publication(commit.clone(), &[], id, false))
             .await
             .unwrap(),
         Err(CommitRefusal::UnknownGroup)
     );
     store
-        .publish_commit(alice.key(), alice.publication(commit, &[], b"0", true))
+        .publish_commit(member.key(), member.publication(commit, &[], id, true))
         .await
         .unwrap()
         .unwrap();
+}
+
+pub async fn a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let mut alice = mls::Member::create(1, b"g");
+    let commit = alice.update();
+    unknown_until_the_state_comes_with_it(&store, &alice, commit, b"0").await;
     alice.merge();
     // Another epoch-0 Commit of the group, under another id: epoch 0 is taken.
     let mut stale = mls::Member::create(1, b"g");
@@ -663,18 +674,7 @@ pub async fn an_idle_groups_view_is_forgotten_but_its_epoch_kept(backend: &impl 
     );
     // In the kept epoch: unknown until a member hands the state over again.
     let next = alice.update();
-    assert_eq!(
-        store
-            .publish_commit(alice.key(), alice.publication(next.clone(), &[], b"next", false))
-            .await
-            .unwrap(),
-        Err(CommitRefusal::UnknownGroup)
-    );
-    store
-        .publish_commit(alice.key(), alice.publication(next, &[], b"next", true))
-        .await
-        .unwrap()
-        .unwrap();
+    unknown_until_the_state_comes_with_it(&store, &alice, next, b"next").await;
     close((store, closer)).await;
 }
 
