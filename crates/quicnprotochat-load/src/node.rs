@@ -1,6 +1,6 @@
 //! The node under test: a `quicnprotochat-server` child process with its own
-//! temporary directory, and what it used (CPU time, peak RSS) read from
-//! `/proc`.
+//! temporary directory, and what it used (CPU time, context switches, peak
+//! RSS) read from `/proc`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -31,13 +31,35 @@ pub struct NodeProcess {
     address: SocketAddr,
 }
 
-/// CPU time and memory of the node process.
+/// The most connections the node started here accepts, in all and from one
+/// address. Every client of a run connects from 127.0.0.1, so the node's
+/// per-address default (64) would refuse all but the first few of a large
+/// run; these caps are far above any run this machine can hold.
+const MAX_CONNECTIONS: usize = 100_000;
+
+/// CPU time, context switches and memory of the node process.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
     /// User + system CPU time so far.
     pub cpu: Duration,
+    /// Voluntary + involuntary context switches so far, summed over the
+    /// threads alive when read: Linux keeps no per-process total of a
+    /// running process, so the switches of a thread that has exited are
+    /// lost (a delta can then undercount, never overcount).
+    pub context_switches: u64,
     /// Peak resident set size (VmHWM), bytes.
     pub peak_rss: u64,
+}
+
+impl Usage {
+    /// What was used from `before` to `self`; the peak RSS is `self`'s.
+    pub fn since(self, before: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(before.cpu),
+            context_switches: self.context_switches.saturating_sub(before.context_switches),
+            peak_rss: self.peak_rss,
+        }
+    }
 }
 
 impl NodeProcess {
@@ -69,6 +91,10 @@ impl NodeProcess {
                 "--max-queue-bytes",
                 "1099511627776",
             ])
+            .arg("--max-connections")
+            .arg(MAX_CONNECTIONS.to_string())
+            .arg("--max-connections-per-address")
+            .arg(MAX_CONNECTIONS.to_string())
             .arg("--max-payload")
             .arg(spec.max_payload.to_string())
             .arg("--durability")
@@ -97,7 +123,7 @@ impl NodeProcess {
         }
     }
 
-    /// The node's CPU time and peak RSS so far.
+    /// The node's CPU time, context switches and peak RSS so far.
     pub fn usage(&self) -> Result<Usage, LoadError> {
         process_usage(&format!("/proc/{}", self.child.id()))
     }
@@ -135,7 +161,7 @@ impl Drop for NodeProcess {
     }
 }
 
-/// CPU time and peak RSS of this process.
+/// CPU time, context switches and peak RSS of this process.
 pub fn own_usage() -> Result<Usage, LoadError> {
     process_usage("/proc/self")
 }
@@ -160,8 +186,32 @@ fn process_usage(proc_dir: &str) -> Result<Usage, LoadError> {
     Ok(Usage {
         // USER_HZ is 100 on every Linux architecture the node targets.
         cpu: Duration::from_millis(cpu_ticks * 10),
+        context_switches: context_switches(proc_dir)?,
         peak_rss: peak_kib * 1024,
     })
+}
+
+/// Context switches of every thread of the process: `{proc_dir}/status`
+/// counts only the main thread, and the node works on its other threads.
+fn context_switches(proc_dir: &str) -> Result<u64, LoadError> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("{proc_dir}/task")).map_err(LoadError::Io)? {
+        let task = task.map_err(LoadError::Io)?;
+        // A thread may exit between the listing and the read; it just
+        // no longer counts.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|count| count.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
 }
 
 /// A loopback UDP port nobody uses right now.
@@ -177,4 +227,40 @@ pub fn default_binary() -> PathBuf {
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join(&name)))
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+    use super::*;
+
+    #[test]
+    fn own_usage_counts_the_context_switches_of_other_threads() {
+        let (start, started) = std::sync::mpsc::channel::<()>();
+        let (ready, wait) = std::sync::mpsc::channel();
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            let _ = started.recv();
+            // Each sleep blocks the thread: one voluntary switch at least.
+            for _ in 0..50 {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            ready.send(()).unwrap();
+            // Alive while the main thread reads, so its counts are there.
+            let _ = finished.recv();
+        });
+        let before = own_usage().unwrap();
+        start.send(()).unwrap();
+        wait.recv().unwrap();
+        let after = own_usage().unwrap();
+        finish.send(()).unwrap();
+        sleeper.join().unwrap();
+        assert!(
+            after.context_switches >= before.context_switches + 50,
+            "{} then {}",
+            before.context_switches,
+            after.context_switches
+        );
+    }
 }

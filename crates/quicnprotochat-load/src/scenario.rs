@@ -1,6 +1,7 @@
 //! One load run: clients connect, subscribe to their own queues, then send
 //! for a while; every message carries its send time, so each delivery gives
-//! an enqueue→delivery latency.
+//! an enqueue→delivery latency. An idle run connects and subscribes the same
+//! way, then sends nothing while the node's usage is measured.
 //!
 //! Clients are spread over a few threads, each a current-thread runtime with
 //! a `LocalSet` (Cap'n Proto RPC is `!Send`). All threads start sending at
@@ -19,10 +20,11 @@ use quicnprotochat_client::node_client::{ConnectOptions, NodeClient, Subscriptio
 use quicnprotochat_core::{IdentityKey, IdentityKeypair, QueuedMessage, Seq};
 use quicnprotochat_proto::outcome::SendOutcome;
 use quicnprotochat_proto::wire::Envelope;
+use tokio::task::JoinHandle;
 
 use crate::LoadError;
 use crate::node::Usage;
-use crate::stats::Report;
+use crate::stats::{IdleReport, Report};
 
 /// Send times are nanoseconds since this instant, shared by all threads.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -32,6 +34,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Most calls one client keeps in flight (the node allows 256 per session).
 const MAX_WINDOW: usize = 240;
+
+/// Handshakes in progress at once, over all threads: on a small machine,
+/// thousands at once would only queue up (client and node share the cores)
+/// and run into the connect timeout.
+const HANDSHAKES_IN_FLIGHT: usize = 32;
+
+/// The pause between an idle run's setup and its measured window, so the
+/// tail of the setup (handshake and subscription packets still in flight,
+/// their acks) is not counted as idle cost.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -54,6 +66,17 @@ pub struct Scenario {
     pub threads: usize,
 }
 
+/// An idle run: clients that hold a push subscription and send nothing.
+#[derive(Debug, Clone)]
+pub struct Idle {
+    /// Clients, each subscribed by push to its own queue.
+    pub clients: usize,
+    /// How long the node's usage is measured once they are all subscribed.
+    pub duration: Duration,
+    /// Client threads.
+    pub threads: usize,
+}
+
 /// Who sends to whom.
 #[derive(Debug, Clone, Copy)]
 pub enum Shape {
@@ -71,6 +94,10 @@ struct ClientSpec {
     /// receives).
     targets: Vec<IdentityKey>,
     receives: bool,
+    /// Where in the pacing interval this client's sends fall (0..1): paced
+    /// senders are spread evenly over the interval, so that a steady rate
+    /// is steady at the node too, not a burst from every client at once.
+    phase: f64,
 }
 
 /// Counters all threads share.
@@ -104,28 +131,20 @@ pub fn run(
         return Err(LoadError::Scenario("payloads must be at least 16 bytes".into()));
     }
     let specs = clients(scenario.shape);
-    let threads = scenario.threads.clamp(1, specs.len());
     let senders = senders(&specs);
-    let shared = Arc::new(Shared {
-        barrier: tokio::sync::Barrier::new(threads + 1),
-        accepted: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        refused: AtomicU64::new(0),
-        senders_left: AtomicUsize::new(senders),
-        first_error: Mutex::new(None),
-    });
-    let mut per_thread: Vec<Vec<ClientSpec>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, spec) in specs.into_iter().enumerate() {
-        per_thread[i % threads].push(spec);
-    }
+    let per_thread = spread(specs, scenario.threads);
+    let shared = Shared::new(per_thread.len(), senders);
     let pacing = scenario
         .rate
         .map(|rate| Duration::from_secs_f64((senders * scenario.batch) as f64 / rate));
+    let in_flight = handshakes_per_thread(per_thread.len());
     let handles: Vec<_> = per_thread
         .into_iter()
         .map(|specs| {
             let (shared, options, scenario) = (shared.clone(), options.clone(), scenario.clone());
-            std::thread::spawn(move || local(client_thread(options, scenario, pacing, specs, shared)))
+            std::thread::spawn(move || {
+                local(client_thread(options, scenario, pacing, specs, in_flight, shared))
+            })
         })
         .collect();
 
@@ -157,12 +176,118 @@ pub fn run(
         refused: shared.refused.load(Ordering::Relaxed),
         elapsed: Duration::from_nanos(last).saturating_sub(start),
         latencies,
-        node: node_before.zip(node_after).map(|(before, after)| Usage {
-            cpu: after.cpu.saturating_sub(before.cpu),
-            peak_rss: after.peak_rss,
-        }),
+        node: node_before
+            .zip(node_after)
+            .map(|(before, after)| after.since(before)),
         clients_cpu: Some(own_after.cpu.saturating_sub(own_before.cpu)),
     })
+}
+
+/// Connects `idle.clients` clients, subscribes each by push to its own
+/// queue, waits until all are subscribed and a moment more, then measures
+/// the node's resource use (through `probe`, if given) for `idle.duration`
+/// while nothing is sent.
+pub fn idle(
+    options: &ConnectOptions,
+    idle: &Idle,
+    probe: Option<&dyn Fn() -> Result<Usage, LoadError>>,
+) -> Result<IdleReport, LoadError> {
+    if idle.clients == 0 {
+        return Err(LoadError::Scenario(
+            "an idle run needs at least one client".into(),
+        ));
+    }
+    let setup_start = Instant::now();
+    let specs = (0..idle.clients)
+        .map(|_| ClientSpec {
+            identity: IdentityKeypair::generate(),
+            targets: Vec::new(),
+            receives: true,
+            phase: 0.0,
+        })
+        .collect();
+    let per_thread = spread(specs, idle.threads);
+    let shared = Shared::new(per_thread.len(), 0);
+    let in_flight = handshakes_per_thread(per_thread.len());
+    let handles: Vec<_> = per_thread
+        .into_iter()
+        .map(|specs| {
+            let (shared, options) = (shared.clone(), options.clone());
+            std::thread::spawn(move || local(idle_thread(options, specs, in_flight, shared)))
+        })
+        .collect();
+
+    // Every thread arrives here once its clients are subscribed, or failed.
+    local(shared.barrier.wait());
+    let setup = setup_start.elapsed();
+    let failed = shared.first_error.lock().map_or(true, |error| error.is_some());
+    let measured = if failed {
+        // The failing thread's own error is returned below.
+        Ok((Duration::ZERO, None))
+    } else {
+        std::thread::sleep(SETTLE);
+        measure(idle.duration, probe)
+    };
+    // Released only now, so no client closes during the window; released
+    // even when probing failed, so no thread waits forever.
+    local(shared.barrier.wait());
+    for handle in handles {
+        handle.join().map_err(|_| LoadError::ThreadPanicked)??;
+    }
+    let (window, node) = measured?;
+    Ok(IdleReport {
+        clients: idle.clients,
+        setup,
+        window,
+        node,
+    })
+}
+
+/// Sleeps for `duration` between two readings of `probe`; returns the time
+/// between the readings and what was used in it.
+fn measure(
+    duration: Duration,
+    probe: Option<&dyn Fn() -> Result<Usage, LoadError>>,
+) -> Result<(Duration, Option<Usage>), LoadError> {
+    let before = probe.map(|probe| probe()).transpose()?;
+    let start = Instant::now();
+    std::thread::sleep(duration);
+    let after = probe.map(|probe| probe()).transpose()?;
+    let window = start.elapsed();
+    Ok((
+        window,
+        before.zip(after).map(|(before, after)| after.since(before)),
+    ))
+}
+
+impl Shared {
+    fn new(threads: usize, senders: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            // The threads and the thread that measures.
+            barrier: tokio::sync::Barrier::new(threads + 1),
+            accepted: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            senders_left: AtomicUsize::new(senders),
+            first_error: Mutex::new(None),
+        })
+    }
+}
+
+/// Deals `specs` out over at most `threads` threads (at least one, and no
+/// thread without clients).
+fn spread(specs: Vec<ClientSpec>, threads: usize) -> Vec<Vec<ClientSpec>> {
+    let threads = threads.clamp(1, specs.len().max(1));
+    let mut per_thread: Vec<Vec<ClientSpec>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, spec) in specs.into_iter().enumerate() {
+        per_thread[i % threads].push(spec);
+    }
+    per_thread
+}
+
+/// Each thread's share of [`HANDSHAKES_IN_FLIGHT`].
+fn handshakes_per_thread(threads: usize) -> usize {
+    (HANDSHAKES_IN_FLIGHT / threads.max(1)).max(1)
 }
 
 /// How many of `specs` send.
@@ -182,6 +307,7 @@ fn clients(shape: Shape) -> Vec<ClientSpec> {
                     identity,
                     targets: vec![keys[(i + 1) % n]],
                     receives: true,
+                    phase: i as f64 / n as f64,
                 })
                 .collect()
         }
@@ -191,12 +317,14 @@ fn clients(shape: Shape) -> Vec<ClientSpec> {
                 identity: IdentityKeypair::generate(),
                 targets: recipients.iter().map(IdentityKeypair::public_key).collect(),
                 receives: false,
+                phase: 0.0,
             };
             std::iter::once(sender)
                 .chain(recipients.into_iter().map(|identity| ClientSpec {
                     identity,
                     targets: Vec::new(),
                     receives: true,
+                    phase: 0.0,
                 }))
                 .collect()
         }
@@ -216,44 +344,30 @@ async fn client_thread(
     scenario: Scenario,
     pacing: Option<Duration>,
     specs: Vec<ClientSpec>,
+    in_flight: usize,
     shared: Arc<Shared>,
 ) -> Result<ThreadResult, LoadError> {
     // After a failure here, nobody waits for this thread's senders.
     let abandon = || shared.senders_left.fetch_sub(senders(&specs), Ordering::AcqRel);
-    let connected = connect_all(&options, &specs).await;
+    let connected = connect_all(&options, &specs, in_flight).await;
     if connected.is_err() {
         abandon();
     }
     shared.barrier.wait().await;
     let clients = connected?;
     let received = Rc::new(RefCell::new(Received::default()));
-    let mut receivers = Vec::new();
-    let mut subscriptions: Vec<Subscription> = Vec::new();
+    let receivers = match subscribe_all(&specs, &clients, &received, &shared, scenario.ack_every).await {
+        Ok(receivers) => receivers,
+        Err(e) => {
+            abandon();
+            return Err(e);
+        }
+    };
+    // Senders start when first polled below, after every subscription.
     let mut senders = FuturesUnordered::new();
     for (spec, client) in specs.iter().zip(&clients) {
-        if spec.receives {
-            let (sink, pushed) = tokio::sync::mpsc::channel(64);
-            let key = spec.identity.public_key();
-            let subscription = match client.subscribe(&key, Seq::ZERO, sink).await {
-                Ok(subscription) => subscription,
-                Err(e) => {
-                    abandon();
-                    return Err(LoadError::Client(e));
-                }
-            };
-            subscriptions.push(subscription);
-            let (client, received, shared) = (client.clone(), received.clone(), shared.clone());
-            receivers.push(tokio::task::spawn_local(receive(
-                client,
-                key,
-                pushed,
-                received,
-                shared,
-                scenario.ack_every,
-            )));
-        }
         if !spec.targets.is_empty() {
-            senders.push(send(client, &spec.targets, &scenario, pacing, &shared));
+            senders.push(send(client, spec, &scenario, pacing, &shared));
         }
     }
     let mut sent = 0;
@@ -270,18 +384,9 @@ async fn client_thread(
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    drop(subscriptions);
-    for receiver in receivers {
-        receiver.abort();
-        let _ = receiver.await;
-    }
+    receivers.stop().await;
     let received = std::mem::take(&mut *received.borrow_mut());
-    for client in clients
-        .into_iter()
-        .filter_map(|client| Rc::try_unwrap(client).ok())
-    {
-        client.close().await;
-    }
+    close_all(clients).await;
     Ok(ThreadResult {
         sent,
         bytes: received.bytes,
@@ -290,11 +395,41 @@ async fn client_thread(
     })
 }
 
+/// One idle thread: connects and subscribes its clients, then holds them
+/// until the measuring thread has passed the barrier twice (all subscribed,
+/// window over).
+async fn idle_thread(
+    options: ConnectOptions,
+    specs: Vec<ClientSpec>,
+    in_flight: usize,
+    shared: Arc<Shared>,
+) -> Result<(), LoadError> {
+    let received = Rc::new(RefCell::new(Received::default()));
+    let held = match connect_all(&options, &specs, in_flight).await {
+        Ok(clients) => subscribe_all(&specs, &clients, &received, &shared, Duration::ZERO)
+            .await
+            .map(|receivers| (clients, receivers)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &held
+        && let Ok(mut first) = shared.first_error.lock()
+    {
+        first.get_or_insert(e.to_string());
+    }
+    shared.barrier.wait().await;
+    shared.barrier.wait().await;
+    let (clients, receivers) = held?;
+    receivers.stop().await;
+    close_all(clients).await;
+    Ok(())
+}
+
+/// Connects a client for each of `specs`, `in_flight` handshakes at a time.
 async fn connect_all(
     options: &ConnectOptions,
     specs: &[ClientSpec],
+    in_flight: usize,
 ) -> Result<Vec<Rc<NodeClient>>, LoadError> {
-    // A few handshakes at a time: thousands at once would only queue up.
     futures::stream::iter(specs)
         .map(|spec| async move {
             NodeClient::connect(options, Some(&spec.identity))
@@ -302,22 +437,86 @@ async fn connect_all(
                 .map(Rc::new)
                 .map_err(LoadError::Client)
         })
-        .buffered(16)
+        .buffered(in_flight.max(1))
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect()
 }
 
+/// The push subscriptions of one thread's receiving clients and the tasks
+/// that take their batches.
+struct Receivers {
+    subscriptions: Vec<Subscription>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Receivers {
+    /// Ends the subscriptions and the tasks, which hold clones of the
+    /// clients (so the clients can be closed after this).
+    async fn stop(self) {
+        drop(self.subscriptions);
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Subscribes every receiving client of `specs` by push to its own queue
+/// and starts a [`receive`] task for it.
+async fn subscribe_all(
+    specs: &[ClientSpec],
+    clients: &[Rc<NodeClient>],
+    received: &Rc<RefCell<Received>>,
+    shared: &Arc<Shared>,
+    ack_every: Duration,
+) -> Result<Receivers, LoadError> {
+    let mut receivers = Receivers {
+        subscriptions: Vec::new(),
+        tasks: Vec::new(),
+    };
+    for (spec, client) in specs.iter().zip(clients).filter(|(spec, _)| spec.receives) {
+        let (sink, pushed) = tokio::sync::mpsc::channel(64);
+        let key = spec.identity.public_key();
+        let subscription = match client.subscribe(&key, Seq::ZERO, sink).await {
+            Ok(subscription) => subscription,
+            Err(e) => {
+                receivers.stop().await;
+                return Err(LoadError::Client(e));
+            }
+        };
+        receivers.subscriptions.push(subscription);
+        let (client, received, shared) = (client.clone(), received.clone(), shared.clone());
+        receivers.tasks.push(tokio::task::spawn_local(receive(
+            client, key, pushed, received, shared, ack_every,
+        )));
+    }
+    Ok(receivers)
+}
+
+/// Closes every client not still shared, all at once: one at a time, each
+/// close's short wait for its frame to leave would add up.
+async fn close_all(clients: Vec<Rc<NodeClient>>) {
+    clients
+        .into_iter()
+        .filter_map(|client| Rc::try_unwrap(client).ok())
+        .map(NodeClient::close)
+        .collect::<FuturesUnordered<_>>()
+        .collect::<()>()
+        .await;
+}
+
 /// Sends until the scenario's duration is over; returns how many messages
 /// (per recipient) were sent.
 async fn send(
     client: &NodeClient,
-    targets: &[IdentityKey],
+    spec: &ClientSpec,
     scenario: &Scenario,
     pacing: Option<Duration>,
     shared: &Shared,
 ) -> u64 {
+    let targets = &spec.targets[..];
     let until = tokio::time::Instant::now() + scenario.duration;
     let window = if pacing.is_some() {
         MAX_WINDOW
@@ -325,7 +524,8 @@ async fn send(
         scenario.window.clamp(1, MAX_WINDOW)
     };
     let per_call = (scenario.batch.max(1) * targets.len()) as u64;
-    let mut next = tokio::time::Instant::now();
+    let mut next =
+        tokio::time::Instant::now() + pacing.map_or(Duration::ZERO, |interval| interval.mul_f64(spec.phase));
     let mut in_flight = FuturesUnordered::new();
     let mut sent = 0;
     loop {

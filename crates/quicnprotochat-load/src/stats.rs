@@ -1,4 +1,5 @@
-//! What a run measured, and how it is printed.
+//! What a run measured, and how it is printed: a load run's [`Report`] and
+//! an idle run's [`IdleReport`].
 
 use std::fmt;
 use std::time::Duration;
@@ -20,8 +21,8 @@ pub struct Report {
     pub elapsed: Duration,
     /// Enqueue→delivery latency of every delivered message, sorted.
     pub latencies: Vec<Duration>,
-    /// The node's CPU time during the run and its peak RSS, when the node
-    /// is a process of ours.
+    /// The node's CPU time and context switches during the run and its peak
+    /// RSS, when the node is a process of ours.
     pub node: Option<Usage>,
     /// This process's CPU time during the run (clients, encoding, QUIC).
     pub clients_cpu: Option<Duration>,
@@ -48,6 +49,70 @@ impl Report {
         let n = self.latencies.len();
         let index = ((n as f64 * q).ceil() as usize).saturating_sub(1).min(n - 1);
         self.latencies[index]
+    }
+
+    /// The node's CPU time per delivered message, when its usage is known
+    /// and something was delivered.
+    pub fn node_cpu_per_message(&self) -> Option<Duration> {
+        let node = self.node.filter(|_| self.delivered > 0)?;
+        Some(node.cpu.div_f64(self.delivered as f64))
+    }
+
+    /// The node's context switches per delivered message, when its usage is
+    /// known and something was delivered.
+    pub fn context_switches_per_message(&self) -> Option<f64> {
+        let node = self.node.filter(|_| self.delivered > 0)?;
+        Some(node.context_switches as f64 / self.delivered as f64)
+    }
+}
+
+/// What the node used while clients were connected and subscribed but
+/// nothing was sent: the cost of holding them (keep-alives, timers).
+#[derive(Debug, Clone)]
+pub struct IdleReport {
+    /// Clients connected, each subscribed by push to its own queue.
+    pub clients: usize,
+    /// How long it took to connect and subscribe them all.
+    pub setup: Duration,
+    /// The measured window (after setup and a settling pause).
+    pub window: Duration,
+    /// The node's CPU time and context switches during the window and its
+    /// peak RSS, when the node is a process of ours.
+    pub node: Option<Usage>,
+}
+
+impl IdleReport {
+    /// The node's CPU time as a percentage of one core, when known.
+    pub fn cpu_percent(&self) -> Option<f64> {
+        self.node
+            .map(|node| 100.0 * node.cpu.as_secs_f64() / self.window.as_secs_f64().max(1e-9))
+    }
+
+    /// The node's context switches per second, when known.
+    pub fn context_switches_per_second(&self) -> Option<f64> {
+        self.node
+            .map(|node| node.context_switches as f64 / self.window.as_secs_f64().max(1e-9))
+    }
+}
+
+impl fmt::Display for IdleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "idle: {} subscribed clients for {:.1} s: ",
+            self.clients,
+            self.window.as_secs_f64()
+        )?;
+        match (self.node, self.cpu_percent(), self.context_switches_per_second()) {
+            (Some(node), Some(percent), Some(switches)) => writeln!(
+                f,
+                "node {percent:.1} % of one core ({:.2} s CPU), {switches:.0} context switches/s, peak RSS {:.1} MiB",
+                node.cpu.as_secs_f64(),
+                node.peak_rss as f64 / (1024.0 * 1024.0)
+            )?,
+            _ => writeln!(f, "node usage unknown")?,
+        }
+        writeln!(f, "connected and subscribed in {:.2} s", self.setup.as_secs_f64())
     }
 }
 
@@ -80,6 +145,15 @@ impl fmt::Display for Report {
                 node.peak_rss as f64 / (1024.0 * 1024.0)
             )?;
         }
+        if let (Some(cpu), Some(switches)) =
+            (self.node_cpu_per_message(), self.context_switches_per_message())
+        {
+            writeln!(
+                f,
+                "node cost per delivered message: {:.0} µs CPU, {switches:.1} context switches",
+                cpu.as_secs_f64() * 1e6
+            )?;
+        }
         if let Some(cpu) = self.clients_cpu {
             writeln!(f, "load generator: {:.2} s CPU", cpu.as_secs_f64())?;
         }
@@ -89,4 +163,47 @@ impl fmt::Display for Report {
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(delivered: u64, node: Option<Usage>) -> Report {
+        Report {
+            sent: delivered,
+            delivered,
+            bytes: delivered * 100,
+            refused: 0,
+            elapsed: Duration::from_secs(1),
+            latencies: Vec::new(),
+            node,
+            clients_cpu: None,
+        }
+    }
+
+    #[test]
+    fn the_per_message_cost_divides_the_node_usage_by_the_deliveries() {
+        let node = Usage {
+            cpu: Duration::from_millis(312),
+            context_switches: 14_200,
+            peak_rss: 0,
+        };
+        let report = report(1000, Some(node));
+        assert_eq!(report.node_cpu_per_message(), Some(Duration::from_micros(312)));
+        assert_eq!(report.context_switches_per_message(), Some(14.2));
+        assert!(
+            report
+                .to_string()
+                .contains("node cost per delivered message: 312 µs CPU, 14.2 context switches"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn there_is_no_per_message_cost_without_deliveries_or_node_usage() {
+        assert_eq!(report(0, Some(Usage::default())).node_cpu_per_message(), None);
+        assert_eq!(report(10, None).context_switches_per_message(), None);
+        assert!(!report(10, None).to_string().contains("cost per"));
+    }
 }

@@ -1,6 +1,7 @@
 //! The load generator against a real node (the server library on
 //! 127.0.0.1:0, real SQLite file, real QUIC): every accepted message is
-//! pushed to its recipient exactly once and measured.
+//! pushed to its recipient exactly once and measured; an idle run holds its
+//! subscribed clients through the window.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -8,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use quicnprotochat_client::node_client::ConnectOptions;
-use quicnprotochat_load::{Scenario, Shape, run};
+use quicnprotochat_load::{Idle, Scenario, Shape, idle, run};
 use quicnprotochat_server::{Config, Node};
 
 fn start_node(dir: std::path::PathBuf) -> ConnectOptions {
@@ -87,4 +88,26 @@ fn every_message_of_a_ring_and_a_fan_out_is_pushed_and_timed() {
     // A paced run sends at its rate: 400 msgs/s for 0.7 s is about 280.
     let paced = run(&options, &scenario(Shape::Ring(2), Some(400.0), 1), None).unwrap();
     assert!((200..=340).contains(&paced.sent), "sent {}", paced.sent);
+}
+
+#[test]
+fn an_idle_run_subscribes_every_client_and_measures_the_whole_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = start_node(dir.path().to_owned());
+    let window = Duration::from_millis(300);
+    let idle_run = Idle {
+        clients: 5,
+        duration: window,
+        threads: 2,
+    };
+    let report = idle(&options, &idle_run, None).unwrap();
+    println!("{report}");
+    assert_eq!(report.clients, 5);
+    assert!(report.setup > Duration::ZERO);
+    assert!(report.window >= window, "{:?}", report.window);
+    assert!(report.node.is_none(), "no node process to probe");
+    assert!(report.to_string().contains("node usage unknown"), "{report}");
+    // The clients were closed: a ring run on the same node still works.
+    let after = run(&options, &scenario(Shape::Ring(2), None, 1), None).unwrap();
+    assert_eq!(after.delivered, after.sent);
 }

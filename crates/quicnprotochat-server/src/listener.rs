@@ -1,13 +1,19 @@
 //! The QUIC endpoint: the accept loop, the RPC worker threads and shutdown.
 //!
-//! The endpoint is driven by the caller's tokio runtime. Cap'n Proto RPC is
-//! `!Send`, so each worker thread runs a single-threaded runtime with a
-//! `LocalSet`; accepted connections are handed to the workers in turn, and
-//! every stream a client opens gets its own RPC session.
+//! Cap'n Proto RPC is `!Send`, so each RPC thread ("worker") runs a
+//! single-threaded runtime with a `LocalSet`; accepted connections are
+//! handed to the workers in turn, and every stream a client opens gets its
+//! own RPC session. The first worker also runs the QUIC endpoint's socket
+//! I/O and the store's writer: a call served there is read from the
+//! socket, executed, committed and answered without waking another thread
+//! (each such wake-up costs more CPU than the call's own work; BENCHMARKS.md,
+//! "Cost per message"). The caller's runtime only accepts connections and
+//! runs the retention task.
 //!
 //! Shutdown: stop accepting, refuse new calls, wait (bounded) for calls in
-//! flight to finish, close the endpoint, join the workers, wait for the
-//! connections to close, then close the store, which commits what is queued.
+//! flight to finish, close the endpoint, let the workers' sessions end,
+//! wait for the connections to close, then close the store, which commits
+//! what is queued, and join the worker threads.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -53,14 +59,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Node::bind(config).await?.run(shutdown).await
 }
 
-/// A bound node: certificate loaded, database open, socket listening.
+/// A bound node: certificate loaded, database open, socket listening,
+/// RPC threads waiting for connections.
 #[derive(Debug)]
 pub struct Node {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     store_closer: StoreCloser,
-    rpc_threads: usize,
-    reader_options: ReaderOptions,
+    workers: Vec<Worker>,
     max_connections: usize,
     admission: Arc<Admission>,
     retention: Duration,
@@ -100,46 +106,79 @@ impl Node {
             max_queue_bytes: config.max_queue_bytes,
             max_key_packages: config.max_key_packages,
         };
+        let mut runtimes = Runtimes(Vec::with_capacity(config.rpc_threads));
+        for _ in 0..config.rpc_threads {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ServerError::Thread)?;
+            runtimes.0.push(runtime);
+        }
+        let first = runtimes.0[0].handle().clone();
         let (store, store_closer) =
-            Store::open_with(&config.db, limits, config.durability).map_err(|source| ServerError::Store {
-                path: config.db.clone(),
-                source,
+            Store::open_on(&config.db, limits, config.durability, &first).map_err(|source| {
+                ServerError::Store {
+                    path: config.db.clone(),
+                    source,
+                }
             })?;
-        let endpoint =
+        let endpoint = {
+            // Inside the first worker's runtime, quinn registers the socket
+            // with that runtime and spawns the endpoint driver on it.
+            let _first = first.enter();
             quinn::Endpoint::server(server_config, config.listen).map_err(|source| ServerError::Bind {
                 addr: config.listen,
                 source,
-            })?;
+            })?
+        };
+        let shared = Shared::new(
+            store,
+            config.max_payload,
+            RateLimits::new(
+                config.enqueue_rate,
+                config.send_bytes_rate,
+                2 * config.max_payload as u64,
+                config.key_package_fetch_rate,
+                config.ping_rate,
+                config.key_package_serve_rate,
+                config.key_package_upload_rate,
+            ),
+            wire::KeyPackagePolicy {
+                max_lifetime_secs: config.max_key_package_lifetime.as_secs(),
+                ..wire::KeyPackagePolicy::default()
+            },
+        );
+        let admission = Admission::new(
+            config.max_connections_per_address,
+            config.max_anonymous_connections,
+            config.retry_above,
+        );
+        let reader_options = rpc::reader_options(config.max_payload);
+        let workers = std::mem::take(&mut runtimes.0)
+            .into_iter()
+            .enumerate()
+            .map(|(index, runtime)| {
+                // The first worker's thread runs the writer to its end.
+                let writer = (index == 0).then(|| store_closer.finished());
+                Worker::spawn(
+                    index,
+                    runtime,
+                    writer,
+                    shared.clone(),
+                    admission.clone(),
+                    reader_options,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Node {
             endpoint,
-            shared: Shared::new(
-                store,
-                config.max_payload,
-                RateLimits::new(
-                    config.enqueue_rate,
-                    config.send_bytes_rate,
-                    2 * config.max_payload as u64,
-                    config.key_package_fetch_rate,
-                    config.ping_rate,
-                    config.key_package_serve_rate,
-                    config.key_package_upload_rate,
-                ),
-                wire::KeyPackagePolicy {
-                    max_lifetime_secs: config.max_key_package_lifetime.as_secs(),
-                    ..wire::KeyPackagePolicy::default()
-                },
-            ),
+            shared,
             max_connections: config.max_connections,
-            admission: Admission::new(
-                config.max_connections_per_address,
-                config.max_anonymous_connections,
-                config.retry_above,
-            ),
+            admission,
             retention: config.retention,
             group_retention: config.group_retention,
             store_closer,
-            rpc_threads: config.rpc_threads,
-            reader_options: rpc::reader_options(config.max_payload),
+            workers,
         })
     }
 
@@ -153,17 +192,8 @@ impl Node {
     }
 
     /// Serves until `shutdown` completes, then shuts down cleanly.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let workers = (0..self.rpc_threads)
-            .map(|index| {
-                Worker::spawn(
-                    index,
-                    self.shared.clone(),
-                    self.admission.clone(),
-                    self.reader_options,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let mut workers = std::mem::take(&mut self.workers);
         info!(addr = %self.local_addr(), alpn = %String::from_utf8_lossy(transport::ALPN), "node listening");
 
         let (stop_retention, retention_stopped) = tokio::sync::oneshot::channel();
@@ -235,8 +265,8 @@ impl Node {
         self.shared.connections.close();
         let _ = tokio::time::timeout(HANG_UP_GRACE, self.shared.connections.wait()).await;
         self.endpoint.close(0u32.into(), b"node shutting down");
-        for worker in workers {
-            worker.join().await;
+        for worker in &mut workers {
+            worker.finish_sessions().await;
         }
         if tokio::time::timeout(CLOSE_TIMEOUT, self.endpoint.wait_idle())
             .await
@@ -244,34 +274,55 @@ impl Node {
         {
             debug!("some peers did not acknowledge the close in time");
         }
-        // The workers are gone, so this is the last handle to the store.
+        // The sessions are gone, so this is the last handle to the store.
         drop(self.shared);
         self.store_closer.close().await;
+        for worker in workers {
+            worker.join().await;
+        }
         info!("node stopped");
         Ok(())
     }
 }
 
+/// The workers' runtimes until their threads take them. Dropping a runtime
+/// waits for its blocking tasks, which may not happen on an async thread,
+/// so when `bind` fails half-way they are shut down in the background.
+struct Runtimes(Vec<tokio::runtime::Runtime>);
+
+impl Drop for Runtimes {
+    fn drop(&mut self) {
+        for runtime in self.0.drain(..) {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// One RPC thread: a single-threaded runtime and `LocalSet` serving the
 /// connections handed to it.
+#[derive(Debug)]
 struct Worker {
-    connections: mpsc::UnboundedSender<(quinn::Incoming, TaskTrackerToken, AddressSlot)>,
+    connections: Option<mpsc::UnboundedSender<(quinn::Incoming, TaskTrackerToken, AddressSlot)>>,
+    /// Fires once the thread's sessions have ended and it has let go of the
+    /// shared state.
+    sessions_done: Option<tokio::sync::oneshot::Receiver<()>>,
     thread: JoinHandle<()>,
 }
 
 impl Worker {
+    /// Starts the thread. With `writer`, the thread also runs the store's
+    /// writer (spawned on `runtime`) and keeps going until it has finished.
     fn spawn(
         index: usize,
+        runtime: tokio::runtime::Runtime,
+        writer: Option<tokio::sync::watch::Receiver<bool>>,
         shared: Arc<Shared>,
         admission: Arc<Admission>,
         options: ReaderOptions,
     ) -> Result<Worker, ServerError> {
         let (connections, mut receiver) =
             mpsc::unbounded_channel::<(quinn::Incoming, TaskTrackerToken, AddressSlot)>();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(ServerError::Thread)?;
+        let (sessions_ended, sessions_done) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name(format!("rpc-{index}"))
             .spawn(move || {
@@ -287,27 +338,51 @@ impl Worker {
                         ));
                     }
                 });
+                drop((shared, admission));
                 // The endpoint is closed by now, so every session ends soon;
                 // the timeout only guards against a bug keeping one alive.
                 let finished = runtime.block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, local).await });
                 if finished.is_err() {
                     warn!("RPC worker {index}: sessions still open at shutdown; dropping them");
                 }
+                let _ = sessions_ended.send(());
+                if let Some(mut writer) = writer {
+                    // The writer ends once the last store handle is dropped,
+                    // after every session; it needs this runtime until then.
+                    let _ = runtime.block_on(writer.wait_for(|done| *done));
+                }
             })
             .map_err(ServerError::Thread)?;
-        Ok(Worker { connections, thread })
+        Ok(Worker {
+            connections: Some(connections),
+            sessions_done: Some(sessions_done),
+            thread,
+        })
     }
 
     fn hand_over(&self, incoming: quinn::Incoming, open: TaskTrackerToken, slot: AddressSlot) {
-        // The receiver lives as long as the thread, which only ends after
-        // this sender is dropped in `join`.
-        if self.connections.send((incoming, open, slot)).is_err() {
+        // The receiver lives as long as the thread's sessions, which only
+        // end after this sender is dropped in `finish_sessions`.
+        let sent = self
+            .connections
+            .as_ref()
+            .is_some_and(|connections| connections.send((incoming, open, slot)).is_ok());
+        if !sent {
             warn!("RPC worker stopped unexpectedly; connection dropped");
         }
     }
 
-    async fn join(self) {
-        drop(self.connections);
+    /// Stops handing it connections and waits until its sessions have ended.
+    async fn finish_sessions(&mut self) {
+        self.connections = None;
+        if let Some(done) = self.sessions_done.take() {
+            // An error means the thread ended early (a panic); `join` says so.
+            let _ = done.await;
+        }
+    }
+
+    async fn join(mut self) {
+        self.finish_sessions().await;
         let thread = self.thread;
         if !matches!(
             tokio::task::spawn_blocking(move || thread.join()).await,

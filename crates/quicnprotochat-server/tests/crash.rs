@@ -1,7 +1,10 @@
-//! Crash without loss: a client sends steadily while the real node binary is
-//! killed with SIGKILL at random moments and restarted on the same data.
-//! Every enqueue the node answered with success must be delivered exactly
-//! once afterwards, and nothing that was never sent may appear.
+//! Crash without loss: a client sends steadily, and the recipient fetches
+//! and acks steadily, while the real node binary is killed with SIGKILL at
+//! random moments and restarted on the same data. Every enqueue the node
+//! answered with success must be stored exactly once (one sequence number)
+//! and reach the recipient, every ack the node answered must hold after the
+//! kills (acks commit without a sync of their own, which a process crash
+//! must not undo), and nothing that was never sent may appear.
 
 #![cfg(unix)]
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
@@ -93,6 +96,35 @@ async fn enqueue(session: &Session, recipient: &[u8], id: u64) -> bool {
     )
 }
 
+/// The messages after `after` as (sequence number, id); `None` if the call
+/// failed.
+async fn fetch_since(session: &Session, recipient: &[u8], after: u64) -> Option<Vec<(u64, u64)>> {
+    let mut request = session.delivery.fetch_since_request();
+    request.get().set_recipient_key(recipient);
+    request.get().set_after_seq(after);
+    let response = tokio::time::timeout(Duration::from_secs(2), request.send().promise)
+        .await
+        .ok()?
+        .ok()?;
+    let messages = response.get().ok()?.get_messages().ok()?;
+    let mut fetched = Vec::new();
+    for message in messages.iter() {
+        let payload: [u8; 8] = message.get_payload().ok()?.try_into().ok()?;
+        fetched.push((message.get_seq(), u64::from_le_bytes(payload)));
+    }
+    Some(fetched)
+}
+
+async fn ack(session: &Session, recipient: &[u8], up_to: u64) -> bool {
+    let mut request = session.delivery.ack_request();
+    request.get().set_recipient_key(recipient);
+    request.get().set_up_to_seq(up_to);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), request.send().promise).await,
+        Ok(Ok(_))
+    )
+}
+
 fn local<F: std::future::Future>(body: F) -> F::Output {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -144,6 +176,48 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
         })
     };
 
+    let receiver = {
+        let (stop, ca) = (stop.clone(), ca.clone());
+        std::thread::spawn(move || {
+            local(async move {
+                let recipient = IdentityKeypair::from_secret_bytes(&[42; 32]);
+                let queue = recipient.public_key();
+                let mut fetched = Vec::new();
+                // The highest sequence number whose ack the node answered.
+                let mut acked = 0u64;
+                let mut after = 0u64;
+                let mut session = None;
+                while !stop.load(Ordering::SeqCst) {
+                    if session.is_none() {
+                        session = connect(addr, &ca, &recipient).await;
+                        if session.is_none() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    }
+                    let current = session.as_ref().unwrap();
+                    match fetch_since(current, queue.as_bytes(), after).await {
+                        Some(batch) if batch.is_empty() => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Some(batch) => {
+                            let last = batch.last().unwrap().0;
+                            fetched.extend(batch);
+                            after = last;
+                            if ack(current, queue.as_bytes(), last).await {
+                                acked = last;
+                            } else {
+                                session = None;
+                            }
+                        }
+                        None => session = None,
+                    }
+                }
+                (fetched, acked)
+            })
+        })
+    };
+
     let mut rng = rand::thread_rng();
     for _ in 0..KILLS {
         // Kill only once the load flows again (slow machines take a while
@@ -178,43 +252,47 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
         acknowledged.len()
     );
 
-    let delivered: Vec<u64> = local(async {
+    let (fetched, acked) = receiver.join().unwrap();
+    assert!(acked > 0, "the recipient acked while the node was killed");
+    let remaining: Vec<(u64, u64)> = local(async {
         let session = connect(addr, &ca, &recipient).await.expect("owner connects");
         let mut all = Vec::new();
         let mut after = 0;
         loop {
-            let mut request = session.delivery.fetch_since_request();
-            request.get().set_recipient_key(queue.as_bytes());
-            request.get().set_after_seq(after);
-            let response = request.send().promise.await.unwrap();
-            let messages = response.get().unwrap().get_messages().unwrap();
-            if messages.is_empty() {
-                break;
-            }
-            for message in messages.iter() {
-                after = message.get_seq();
-                let payload: [u8; 8] = message.get_payload().unwrap().try_into().unwrap();
-                all.push(u64::from_le_bytes(payload));
-            }
+            let batch = fetch_since(&session, queue.as_bytes(), after)
+                .await
+                .expect("fetchSince answers");
+            let Some(&(last, _)) = batch.last() else { break };
+            after = last;
+            all.extend(batch);
         }
         all
     });
-    let mut counts: HashMap<u64, usize> = HashMap::new();
-    for id in &delivered {
-        *counts.entry(*id).or_default() += 1;
+    assert!(
+        remaining.iter().all(|(seq, _)| *seq > acked),
+        "every answered ack survived the kills: acked up to {acked}, still queued {:?}",
+        remaining
+            .iter()
+            .map(|(seq, _)| seq)
+            .filter(|seq| **seq <= acked)
+            .collect::<Vec<_>>()
+    );
+    // Every id with the sequence numbers it was seen under, fetched during
+    // the run (maybe more than once, if an ack was lost with a kill) or
+    // still queued.
+    let mut stored: HashMap<u64, HashSet<u64>> = HashMap::new();
+    for (seq, id) in fetched.iter().chain(&remaining) {
+        stored.entry(*id).or_default().insert(*seq);
     }
     for id in &acknowledged {
-        assert_eq!(
-            counts.get(id),
-            Some(&1),
-            "acknowledged message {id} delivered {:?} times",
-            counts.get(id)
-        );
+        assert!(stored.contains_key(id), "acknowledged message {id} was lost");
     }
-    assert!(counts.values().all(|n| *n == 1), "no message is delivered twice");
+    for (id, seqs) in &stored {
+        assert_eq!(seqs.len(), 1, "message {id} stored once, found under {seqs:?}");
+    }
     let sent: HashSet<u64> = (0..=attempted).collect();
     assert!(
-        delivered.iter().all(|id| sent.contains(id)),
+        stored.keys().all(|id| sent.contains(id)),
         "nothing appears that was not sent"
     );
 

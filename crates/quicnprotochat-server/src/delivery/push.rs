@@ -3,13 +3,14 @@
 //! polls (`fetchWait`). Both read from the store and sleep on the
 //! [`Notifier`](crate::store::Notifier) until a commit touches the queue.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use quicnprotochat_proto::{delivery_capnp, wire};
 use tokio::sync::oneshot;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Fresh, Store, StoreError};
 
 /// Longest a long poll waits.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -49,6 +50,12 @@ pub async fn wait_for_messages(
 /// `deliver` call at a time (so a slow client slows only its own stream),
 /// waking on commits, until `cancelled` fires (the subscription was
 /// dropped), the receiver fails or the node shuts down.
+///
+/// It reads the database when it starts, when a read filled a whole push,
+/// and when it missed a change or a change carried no messages; otherwise
+/// it sends on the messages a change carries (see
+/// [`Notifier`](crate::store::Notifier)), so a subscriber that keeps up
+/// costs the node no read per message.
 pub async fn push(
     store: Store,
     recipient: IdentityKey,
@@ -57,21 +64,35 @@ pub async fn push(
     mut cancelled: oneshot::Receiver<()>,
 ) {
     let mut watch = store.notifier().watch(recipient);
+    // Messages handed over with a change, not yet pushed.
+    let mut carried: Option<Arc<[QueuedMessage]>> = None;
     loop {
-        watch.mark_seen();
-        let messages = match store.messages_after(recipient, after, PUSH_BATCH).await {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::debug!("push to {}: {e}", recipient.short());
-                return;
+        let (batch, read_more): (Arc<[QueuedMessage]>, bool) = match carried.take() {
+            Some(messages) => (messages, false),
+            None => {
+                watch.mark_seen();
+                match store.messages_after(recipient, after, PUSH_BATCH).await {
+                    Ok(messages) => {
+                        let full = messages.len() == PUSH_BATCH;
+                        (messages.into(), full)
+                    }
+                    Err(e) => {
+                        tracing::debug!("push to {}: {e}", recipient.short());
+                        return;
+                    }
+                }
             }
         };
+        // A read since the previous change may have pushed some of a
+        // change's messages already.
+        let messages = &batch[batch.partition_point(|message| message.seq <= after)..];
         if let Some(last) = messages.last().map(|message| message.seq) {
             let mut request = receiver.deliver_request();
-            // At most PUSH_BATCH messages: fits a list length.
-            wire::fill_messages(request.get().init_messages(messages.len() as u32), &messages);
+            // At most PUSH_BATCH messages (a change carries fewer): fits a
+            // list length.
+            wire::fill_messages(request.get().init_messages(messages.len() as u32), messages);
             // The request holds its own copy; don't keep two while waiting.
-            drop(messages);
+            drop(batch);
             let delivered = tokio::select! {
                 delivered = request.send().promise => delivered,
                 _ = &mut cancelled => return,
@@ -81,11 +102,16 @@ pub async fn push(
                 return;
             }
             after = last;
-            continue;
+            if read_more {
+                continue;
+            }
         }
         tokio::select! {
             more = watch.changed() => if !more { return },
             _ = &mut cancelled => return,
+        }
+        if let Fresh::Messages(messages) = watch.fresh() {
+            carried = Some(messages);
         }
     }
 }

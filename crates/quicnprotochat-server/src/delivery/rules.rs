@@ -425,6 +425,28 @@ pub fn messages_after<S: Storage>(
     Ok(messages)
 }
 
+/// The messages of `recipient` after `after`, if there are at most
+/// `max_messages` of them with at most `max_bytes` of payload in all; else
+/// `None`, having read no more than one message beyond either bound.
+pub fn messages_within<S: Storage>(
+    storage: &mut S,
+    recipient: &IdentityKey,
+    after: Seq,
+    max_messages: usize,
+    max_bytes: usize,
+) -> Result<Option<Vec<QueuedMessage>>, S::Error> {
+    let mut messages = Vec::new();
+    let mut total = 0usize;
+    let mut fits = true;
+    storage.scan_queue(recipient, after, &mut |seq, payload| {
+        total += payload.len();
+        fits = total <= max_bytes && messages.len() < max_messages;
+        messages.push(QueuedMessage { seq, payload });
+        fits
+    })?;
+    Ok(fits.then_some(messages))
+}
+
 /// Deletes the messages of `recipient` up to and including `up_to`, once
 /// its owner has stored them; returns how many. Acking what is already gone
 /// (a repeated ack) deletes nothing and is no error.

@@ -3,18 +3,40 @@
 //!
 //! One `watch` channel per queue that someone waits on: a watch remembers
 //! that it changed, so a commit between a waiter's read and its wait is
-//! never missed.
+//! never missed. Each change carries a version (one per synced batch that
+//! wrote to the queue) and, when they are few and small, that batch's
+//! messages for the queue: a push that has seen the previous version sends
+//! them on without reading the database. A waiter that missed a version, or
+//! a change that carries nothing, reads the database instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, QueuedMessage};
 use tokio::sync::watch;
+
+/// Most payload bytes of one queue's messages a change carries. Small, as
+/// every watched queue keeps its last change in memory until the next one
+/// (1,000 subscribers: at most 16 MiB); a chat message is well below it.
+pub(super) const CARRY_BYTES: usize = 16 * 1024;
+
+/// Most messages of one queue a change carries.
+pub(super) const CARRY_MESSAGES: usize = 64;
+
+/// The last change of one queue.
+#[derive(Debug, Clone, Default)]
+struct Change {
+    /// Counts the synced batches that wrote to the queue while watched.
+    version: u64,
+    /// That batch's messages for the queue, oldest first; `None` when they
+    /// did not fit [`CARRY_BYTES`] and [`CARRY_MESSAGES`].
+    messages: Option<Arc<[QueuedMessage]>>,
+}
 
 /// The registry of queue watchers.
 #[derive(Debug)]
 pub struct Notifier {
-    queues: Mutex<HashMap<IdentityKey, watch::Sender<()>>>,
+    queues: Mutex<HashMap<IdentityKey, watch::Sender<Change>>>,
     closing: watch::Sender<bool>,
 }
 
@@ -29,35 +51,57 @@ impl Notifier {
 
     /// Starts watching the queue of `recipient`.
     pub fn watch(&self, recipient: IdentityKey) -> QueueWatch {
-        let changes = {
-            let mut queues = self
-                .queues
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            queues
-                .entry(recipient)
-                .or_insert_with(|| watch::Sender::new(()))
-                .subscribe()
-        };
+        let mut changes = self
+            .lock()
+            .entry(recipient)
+            .or_insert_with(|| watch::Sender::new(Change::default()))
+            .subscribe();
+        let seen = changes.borrow_and_update().version;
         QueueWatch {
             changes,
+            seen,
             closing: self.closing.subscribe(),
         }
     }
 
-    /// Tells the watchers of these queues that messages were committed.
-    pub(super) fn notify<'a>(&self, recipients: impl IntoIterator<Item = &'a IdentityKey>) {
-        let mut queues = self
-            .queues
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    /// Which of `recipients` someone watches: only their messages are worth
+    /// carrying.
+    pub(super) fn watched(&self, recipients: &[IdentityKey]) -> Vec<IdentityKey> {
+        let queues = self.lock();
+        recipients
+            .iter()
+            .filter(|recipient| {
+                queues
+                    .get(recipient)
+                    .is_some_and(|sender| sender.receiver_count() > 0)
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Tells the watchers of these queues that a batch writing to them was
+    /// synced, handing on its messages for the queues in `carried`.
+    /// `recipients` may repeat a queue; each changes once.
+    pub(super) fn notify(
+        &self,
+        recipients: &[IdentityKey],
+        carried: &HashMap<IdentityKey, Arc<[QueuedMessage]>>,
+    ) {
+        let mut queues = self.lock();
+        let mut done = std::collections::HashSet::with_capacity(recipients.len().min(1024));
         for recipient in recipients {
+            if !done.insert(*recipient) {
+                continue;
+            }
             if let Some(sender) = queues.get(recipient) {
                 if sender.receiver_count() == 0 {
                     // Nobody waits any more: forget the queue.
                     queues.remove(recipient);
                 } else {
-                    sender.send_replace(());
+                    sender.send_modify(|change| {
+                        change.version += 1;
+                        change.messages = carried.get(recipient).cloned();
+                    });
                 }
             }
         }
@@ -65,31 +109,60 @@ impl Notifier {
 
     /// Forgets queues nobody watches any more, bounding the registry.
     pub fn forget_unwatched(&self) {
-        let mut queues = self
-            .queues
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        queues.retain(|_, sender| sender.receiver_count() > 0);
+        self.lock().retain(|_, sender| sender.receiver_count() > 0);
     }
 
     /// Wakes every watcher for good: the node is shutting down.
     pub fn close(&self) {
         self.closing.send_replace(true);
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IdentityKey, watch::Sender<Change>>> {
+        // A panic while holding the lock leaves the map intact.
+        self.queues
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// A waiter's view of one queue.
 #[derive(Debug)]
 pub struct QueueWatch {
-    changes: watch::Receiver<()>,
+    changes: watch::Receiver<Change>,
+    /// The version this waiter has accounted for.
+    seen: u64,
     closing: watch::Receiver<bool>,
 }
 
+/// What a waiter learns from [`QueueWatch::fresh`].
+#[derive(Debug)]
+pub enum Fresh {
+    /// Exactly the messages committed since the version seen before (some
+    /// may already have been read from the database).
+    Messages(Arc<[QueuedMessage]>),
+    /// Something changed that the waiter must read from the database.
+    Unknown,
+}
+
 impl QueueWatch {
-    /// Forgets changes seen so far: call before reading the queue, so that
-    /// [`Self::changed`] returns for anything committed after the read.
+    /// Forgets changes seen so far: call before reading the queue from the
+    /// database, so that [`Self::changed`] returns for anything synced
+    /// after the read.
     pub fn mark_seen(&mut self) {
-        self.changes.borrow_and_update();
+        self.seen = self.changes.borrow_and_update().version;
+    }
+
+    /// Takes the latest change: its messages if it is the one right after
+    /// the version this waiter accounted for and it carries them, else
+    /// [`Fresh::Unknown`]. Either way the waiter has now seen it.
+    pub fn fresh(&mut self) -> Fresh {
+        let change = self.changes.borrow_and_update();
+        let next = change.version == self.seen.wrapping_add(1);
+        self.seen = change.version;
+        match &change.messages {
+            Some(messages) if next => Fresh::Messages(messages.clone()),
+            _ => Fresh::Unknown,
+        }
     }
 
     /// Waits until the queue may hold new messages. False when the node is

@@ -1,22 +1,24 @@
-//! The side connections: queue reads and WAL checkpoints, each on its own
-//! thread and connection, beside the writer.
+//! The side connections: reads and WAL checkpoints, beside the writer.
 //!
-//! Reads (push, `fetchSince`, `fetchWait`, a group's GroupInfo or Welcome
-//! tree) do not go through the writer: in
-//! WAL mode a reader sees every committed transaction without waiting for
-//! the writer's next batch and its fsync, so a push reaches its subscriber
-//! right after the enqueue commits. Checkpoints (copying the WAL back into
+//! Reads do not go through the writer: in WAL mode a reader sees every
+//! committed transaction without waiting for the writer's next batch, so a
+//! push reaches its subscriber right after the enqueue is synced. Queue reads (push, `fetchSince`, `fetchWait`) run on the
+//! calling thread with a pooled connection ([`ReadPool`]); a group's
+//! GroupInfo or Welcome tree, which may take tens of milliseconds to decode
+//! in a big group, is read on the reader thread so that it holds no RPC
+//! thread. Checkpoints (copying the WAL back into
 //! the database file, with an fsync) run here in the background
 //! (`PASSIVE`: never blocking the writer or readers) rather than inside
 //! whichever commit crosses SQLite's threshold, which would stall every
 //! command of that batch.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey};
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
@@ -30,12 +32,6 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 /// One read for the reader thread.
 #[derive(Debug)]
 pub(super) enum Read {
-    MessagesAfter {
-        recipient: IdentityKey,
-        after: Seq,
-        limit: usize,
-        reply: Reply<Vec<QueuedMessage>>,
-    },
     GroupInfo {
         group: GroupId,
         caller: IdentityKey,
@@ -66,10 +62,6 @@ impl SideThreads {
     pub(super) fn spawn(path: &Path, reads: mpsc::Receiver<Read>) -> Result<SideThreads, StoreError> {
         let reader_connection = open_side(path)?;
         reader_connection.pragma_update(None, "query_only", true)?;
-        // A long queue's rows lie on as many pages as it has messages once
-        // the database outgrows the cache; 32 MiB of cache (default 2 MiB)
-        // keeps the pages of recently written queues at hand.
-        reader_connection.pragma_update(None, "cache_size", -32 * 1024)?;
         let checkpoint_connection = open_side(path)?;
         let reader = std::thread::Builder::new()
             .name("store-reader".into())
@@ -99,6 +91,55 @@ impl SideThreads {
     }
 }
 
+/// Read-only connections for reads on the calling thread: a read takes one
+/// (opening it the first time), uses it and puts it back, so there are as
+/// many as reads ever ran at once, about one per RPC thread.
+#[derive(Debug)]
+pub(super) struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    pub(super) fn new(path: &Path) -> ReadPool {
+        ReadPool {
+            path: path.to_owned(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `read` with a pooled connection.
+    pub(super) fn read<T>(
+        &self,
+        read: impl FnOnce(&mut SqliteStorage<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.lock().pop();
+        let connection = match pooled {
+            Some(connection) => connection,
+            None => open_reader(&self.path)?,
+        };
+        let result = read(&mut SqliteStorage::new(&connection));
+        self.lock().push(connection);
+        result.map_err(StoreError::from)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        // A panic while holding the lock leaves the list intact.
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A connection for queue reads.
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let connection = open_side(path)?;
+    connection.pragma_update(None, "query_only", true)?;
+    // A long queue's rows lie on as many pages as it has messages once the
+    // database outgrows the cache; 32 MiB of cache (default 2 MiB) keeps
+    // the pages of recently written queues at hand.
+    connection.pragma_update(None, "cache_size", -32 * 1024)?;
+    Ok(connection)
+}
+
 fn open_side(path: &Path) -> Result<Connection, StoreError> {
     let connection = Connection::open(path)?;
     // Readers wait only while SQLite recovers or restarts the WAL.
@@ -115,12 +156,6 @@ fn read_loop(db: &Connection, mut reads: mpsc::Receiver<Read>) {
     while let Some(read) = reads.blocking_recv() {
         let storage = &mut SqliteStorage::new(db);
         match read {
-            Read::MessagesAfter {
-                recipient,
-                after,
-                limit,
-                reply,
-            } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
             Read::GroupInfo { group, caller, reply } => {
                 answer(reply, rules::group_info(storage, &group, &caller))
             }

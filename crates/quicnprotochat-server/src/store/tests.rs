@@ -171,3 +171,45 @@ async fn freeing_a_shared_payload_never_scans_the_queued_messages() {
         "{steps:?}"
     );
 }
+
+#[tokio::test]
+async fn a_change_carries_its_small_messages_and_a_missed_or_big_one_says_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, closer) = open(&dir).await;
+    let mut watch = store.notifier().watch(key(1));
+    watch.mark_seen();
+    let send = |payload: Vec<u8>| store.enqueue(key(0), key(1), payload, None);
+    send(vec![1; 10]).await.unwrap().unwrap();
+    assert!(watch.changed().await);
+    let Fresh::Messages(first) = watch.fresh() else {
+        panic!("the next change carries its message")
+    };
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].payload, vec![1; 10]);
+    // Exactly what a read of the queue after the previous state shows.
+    let read = store.messages_after(key(1), Seq::ZERO, 0).await.unwrap();
+    assert_eq!(read[0].seq, first[0].seq);
+
+    // Two changes before the waiter looks: it missed one, so it must read.
+    send(vec![2; 10]).await.unwrap().unwrap();
+    send(vec![3; 10]).await.unwrap().unwrap();
+    assert!(watch.changed().await);
+    assert!(matches!(watch.fresh(), Fresh::Unknown));
+
+    // Too big to carry: the waiter reads.
+    send(vec![4; notifier::CARRY_BYTES + 1]).await.unwrap().unwrap();
+    assert!(watch.changed().await);
+    assert!(matches!(watch.fresh(), Fresh::Unknown));
+
+    // Back to small: carried again, and only this batch's message.
+    send(vec![5; 10]).await.unwrap().unwrap();
+    assert!(watch.changed().await);
+    let Fresh::Messages(last) = watch.fresh() else {
+        panic!("the next change carries its message")
+    };
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].payload, vec![5; 10]);
+    assert_eq!(store.messages_after(key(1), Seq::ZERO, 0).await.unwrap().len(), 5);
+    drop(watch);
+    close((store, closer)).await;
+}

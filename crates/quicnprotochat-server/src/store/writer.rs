@@ -1,58 +1,101 @@
-//! The writer thread: the only owner of the SQLite connection.
+//! The writer: the only owner of the SQLite write connection.
 //!
-//! Loop: wait for a command, take every other command already waiting (up to
+//! Loop: wait for a command, gather every other command that is ready (up to
 //! [`MAX_BATCH`]), run them in one transaction with a savepoint each, commit,
 //! and only then answer. A command that fails rolls back to its savepoint and
 //! gets its error; the others still commit. If the commit itself fails, every
 //! command of the batch gets the error and nothing of it is kept.
+//!
+//! "Commit" here is SQLite's `COMMIT` without an fsync; the batch's answers
+//! go out once [`super::sync`] has made it durable, on this thread or the
+//! sync thread.
+//!
+//! The loop is a task, run either on a thread of its own ([`spawn`]) or on
+//! the node's first RPC thread ([`spawn_on`]), beside the QUIC endpoint and
+//! the RPC sessions of that thread. There it takes and answers calls without
+//! waking another thread: each hand-off between threads costs more CPU than
+//! the SQLite work of a message (BENCHMARKS.md, "Cost per message").
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use rusqlite::Connection;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use super::notifier::{CARRY_BYTES, CARRY_MESSAGES};
 use super::readers::SideThreads;
 use super::sqlite::SqliteStorage;
+use super::sync::{Answers, Committed, Syncer};
 use super::{Command, Limits, Notifier, StoreError, unix_now};
 use crate::delivery::rules;
 
 /// Most commands committed together; bounds the latency a batch adds.
 const MAX_BATCH: usize = 1024;
 
-pub(super) fn spawn(
-    connection: Connection,
-    commands: mpsc::Receiver<Command>,
-    notifier: Arc<Notifier>,
-    limits: Limits,
-    side: SideThreads,
-) -> Result<JoinHandle<()>, StoreError> {
+/// Everything the write loop owns.
+pub(super) struct Writer {
+    pub(super) connection: Connection,
+    pub(super) commands: mpsc::Receiver<Command>,
+    pub(super) syncer: Syncer,
+    pub(super) notifier: Arc<Notifier>,
+    pub(super) limits: Limits,
+    pub(super) side: SideThreads,
+    /// Set once the database is closed.
+    pub(super) finished: watch::Sender<bool>,
+}
+
+/// Runs the writer on a thread of its own.
+pub(super) fn spawn(writer: Writer) -> Result<JoinHandle<()>, StoreError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(StoreError::Thread)?;
     std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || write_loop(connection, commands, &notifier, limits, side))
+        .spawn(move || runtime.block_on(write_loop(writer)))
         .map_err(StoreError::Thread)
 }
 
-fn write_loop(
-    mut connection: Connection,
-    mut commands: mpsc::Receiver<Command>,
-    notifier: &Notifier,
-    limits: Limits,
-    side: SideThreads,
-) {
+/// Runs the writer as a task of `runtime`, which must be a current-thread
+/// runtime whose thread keeps running until the writer has finished.
+pub(super) fn spawn_on(writer: Writer, runtime: &tokio::runtime::Handle) {
+    drop(runtime.spawn(write_loop(writer)));
+}
+
+async fn write_loop(writer: Writer) {
+    let Writer {
+        mut connection,
+        mut commands,
+        syncer,
+        notifier,
+        limits,
+        side,
+        finished,
+    } = writer;
+    // The highest message sequence number committed so far: the messages of
+    // the next batch lie above it.
+    let mut committed_seq = match last_seq(&connection) {
+        Ok(seq) => seq,
+        Err(e) => {
+            tracing::error!("reading the last sequence number: {e}");
+            i64::MAX
+        }
+    };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Ends when every `Store` handle is dropped and the queue is empty.
-    while let Some(first) = commands.blocking_recv() {
+    while let Some(first) = commands.recv().await {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match commands.try_recv() {
-                Ok(command) => batch.push(command),
-                Err(_) => break,
-            }
+        gather(&mut commands, &mut batch).await;
+        let needs_sync = batch.iter().any(Command::needs_fsync);
+        if let Some(committed) = execute_batch(&mut connection, &mut batch, &limits, &notifier, committed_seq)
+        {
+            committed_seq = committed.last_seq;
+            syncer.finish(committed, needs_sync);
         }
-        execute_batch(&mut connection, &mut batch, notifier, &limits);
     }
+    // Answers what waits for a sync.
+    syncer.stop();
     // The reader's queue closed with ours; once it and the checkpointer are
     // gone this connection is the last, and closing it removes the WAL.
     side.stop();
@@ -66,17 +109,63 @@ fn write_loop(
     } else {
         tracing::info!("database closed cleanly");
     }
+    finished.send_replace(true);
 }
 
-/// An answer computed inside the transaction, sent once it commits.
-type Answer = Box<dyn FnOnce(Result<(), &StoreError>)>;
+/// Adds to `batch` every command that is ready, letting the tasks of this
+/// thread run in between: sessions woken before the writer (by the same
+/// socket read) may send more commands. Stops when a yield brought nothing
+/// new or the batch is full.
+async fn gather(commands: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) {
+    loop {
+        while batch.len() < MAX_BATCH {
+            match commands.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        if batch.len() >= MAX_BATCH {
+            return;
+        }
+        YieldOnce(false).await;
+        if commands.is_empty() {
+            return;
+        }
+    }
+}
 
+/// Goes to the back of the runtime's queue once. Unlike
+/// `tokio::task::yield_now`, which waits for the runtime to poll its
+/// sockets too (an `epoll_wait` per batch), this only lets the tasks that
+/// are already woken run first.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        context.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+/// An answer computed inside the transaction, sent once it is durable.
+type Answer = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+
+/// Runs `batch` in one transaction and commits it; `None` if it failed (its
+/// callers have their errors then). `before`: the highest message sequence
+/// number committed before it.
 fn execute_batch(
     connection: &mut Connection,
     batch: &mut Vec<Command>,
-    notifier: &Notifier,
     limits: &Limits,
-) {
+    notifier: &Notifier,
+    before: i64,
+) -> Option<Committed> {
     let transaction = match connection.transaction() {
         Ok(transaction) => transaction,
         Err(e) => {
@@ -85,10 +174,10 @@ fn execute_batch(
             for command in batch.drain(..) {
                 fail(command, &error);
             }
-            return;
+            return None;
         }
     };
-    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let mut answers: Answers = Vec::with_capacity(batch.len());
     // Queues that received messages in this batch, woken after the commit.
     let mut touched: Vec<IdentityKey> = Vec::new();
     let mut commands = batch.drain(..);
@@ -110,19 +199,76 @@ fn execute_batch(
         }
         drop(transaction);
         answers.into_iter().for_each(|answer| answer(Err(&error)));
-        return;
+        return None;
     }
+    let carried = carry(&transaction, notifier, &touched, before);
     match transaction.commit() {
-        Ok(()) => {
-            answers.into_iter().for_each(|answer| answer(Ok(())));
-            notifier.notify(&touched);
-        }
+        Ok(()) => match last_seq(connection) {
+            Ok(last_seq) => Some(Committed {
+                answers,
+                touched,
+                carried,
+                last_seq,
+            }),
+            Err(e) => {
+                // Committed, but without the watermark its messages would
+                // stay hidden: say so rather than answer success.
+                let error = StoreError::from(e);
+                tracing::error!("reading the last sequence number: {error}");
+                answers.into_iter().for_each(|answer| answer(Err(&error)));
+                None
+            }
+        },
         Err(e) => {
             let error = StoreError::from(e);
             tracing::error!("committing a batch of {} commands: {error}", answers.len());
             answers.into_iter().for_each(|answer| answer(Err(&error)));
+            None
         }
     }
+}
+
+/// The messages this batch added to the watched queues among `touched`
+/// (those above `before`), where few and small enough to hand to the
+/// waiters with the wake-up, sparing each a database read. Read inside the
+/// batch's transaction: the pages are in memory and no lock is taken.
+fn carry(
+    db: &Connection,
+    notifier: &Notifier,
+    touched: &[IdentityKey],
+    before: i64,
+) -> HashMap<IdentityKey, Arc<[QueuedMessage]>> {
+    let mut carried = HashMap::new();
+    if touched.is_empty() || before == i64::MAX {
+        return carried;
+    }
+    let mut distinct = touched.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let after = Seq::new(u64::try_from(before).unwrap_or(0));
+    for recipient in notifier.watched(&distinct) {
+        let storage = &mut SqliteStorage::new(db);
+        match rules::messages_within(storage, &recipient, after, CARRY_MESSAGES, CARRY_BYTES) {
+            Ok(Some(messages)) => {
+                carried.insert(recipient, messages.into());
+            }
+            // Too many: the waiters read the database.
+            Ok(None) => {}
+            Err(e) => tracing::warn!("reading a batch's messages for its waiters: {e}"),
+        }
+    }
+    carried
+}
+
+/// The highest message sequence number ever handed out (`AUTOINCREMENT`
+/// keeps it even after the message is gone).
+pub(super) fn last_seq(connection: &Connection) -> rusqlite::Result<i64> {
+    use rusqlite::OptionalExtension;
+    let seq = connection
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")?
+        .query_row([], |row| row.get(0))
+        .optional()?;
+    Ok(seq.unwrap_or(0))
 }
 
 /// Runs one command inside its own savepoint and returns how to answer it;
@@ -208,10 +354,12 @@ fn apply(db: &Connection, command: Command, limits: &Limits, touched: &mut Vec<I
     }
 }
 
-fn answer<T: 'static>(reply: super::Reply<T>, result: Result<T, StoreError>) -> Answer {
+fn answer<T: Send + 'static>(reply: super::Reply<T>, result: Result<T, StoreError>) -> Answer {
     Box::new(move |committed| {
         let outcome = match committed {
             Ok(()) => result,
+            // Committed, but maybe not on the disk: nobody can tell.
+            Err(StoreError::Sync(e)) => Err(StoreError::NotDurable(e.to_string())),
             // The batch did not commit: whatever this command did is gone.
             Err(e) => Err(StoreError::Transaction(e.to_string())),
         };

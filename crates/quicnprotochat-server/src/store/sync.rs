@@ -1,0 +1,218 @@
+//! Making commits durable apart from committing them.
+//!
+//! The writer commits with `PRAGMA synchronous = NORMAL`: `COMMIT` appends
+//! the batch to the WAL with `pwrite` and returns without waiting for the
+//! disk. This module then syncs the WAL file (`fdatasync`) and only after
+//! that answers the batch's callers, wakes the queues it wrote and lets
+//! reads see its messages. Apart from the commit, the sync runs either
+//!
+//! - on the writer's own thread, when no other sync is under way (a lightly
+//!   loaded node: a thread hand-off would cost more CPU than it saves), or
+//! - on the sync thread, when one is (a busy node: the writer goes on
+//!   committing the next batch while the disk works, and one sync covers
+//!   every batch committed meanwhile).
+//!
+//! Why a sync of the WAL file makes a `NORMAL` commit as durable as a
+//! `FULL` one: `FULL` differs only in syncing the WAL at each commit.
+//! SQLite's recovery replays the WAL's frames up to the last complete
+//! commit whose checksums hold, and a checkpoint syncs the WAL before it
+//! copies frames into the database file (and syncs that after). So once the
+//! WAL is synced, every commit in it survives a power cut. The WAL file
+//! keeps its inode while any connection is open, and the node's connections
+//! stay open until it closes.
+//!
+//! Reads see only messages whose commit is synced ([`Watermark`]): a
+//! message is never pushed or fetched before its sender's enqueue is
+//! answered, so a power cut cannot take back a message a recipient has.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
+
+use super::{Notifier, StoreError};
+
+/// The highest message sequence number whose commit is synced: reads show
+/// messages up to it. Sequence numbers grow with every commit, so every
+/// message at or below it is synced.
+#[derive(Debug)]
+pub(super) struct Watermark(AtomicI64);
+
+impl Watermark {
+    pub(super) fn new(synced: i64) -> Watermark {
+        Watermark(AtomicI64::new(synced))
+    }
+
+    fn raise(&self, synced: i64) {
+        self.0.fetch_max(synced, Ordering::AcqRel);
+    }
+
+    /// Drops the messages (sorted by sequence number) not yet synced.
+    pub(super) fn hide_unsynced(&self, messages: &mut Vec<QueuedMessage>) {
+        let synced = Seq::new(self.0.load(Ordering::Acquire).max(0) as u64);
+        let visible = messages.partition_point(|message| message.seq <= synced);
+        messages.truncate(visible);
+    }
+}
+
+/// Most commands in a batch that the writer syncs itself when no sync is
+/// under way: one, the batch of a node that serves one call at a time.
+/// Bigger batches mean calls are arriving faster than single commits, and
+/// the writer should not stop serving them to wait for the disk.
+const INLINE_SYNC_MAX: usize = 1;
+
+/// How a batch's callers are answered once it is durable.
+pub(super) type Answers = Vec<Box<dyn FnOnce(Result<(), &StoreError>) + Send>>;
+
+/// A committed batch waiting for its sync.
+pub(super) struct Committed {
+    pub(super) answers: Answers,
+    /// Queues the batch wrote to, woken once it is synced.
+    pub(super) touched: Vec<IdentityKey>,
+    /// The batch's messages for the watched queues among them, where they
+    /// are few and small enough to hand to their waiters.
+    pub(super) carried: HashMap<IdentityKey, Arc<[QueuedMessage]>>,
+    /// The highest message sequence number committed so far.
+    pub(super) last_seq: i64,
+}
+
+/// Syncs committed batches and then answers them; see the module docs.
+pub(super) struct Syncer {
+    wal: Arc<File>,
+    /// `None` with `Durability::Normal`: commits are answered unsynced.
+    jobs: Option<mpsc::Sender<Committed>>,
+    /// Batches handed to the sync thread and not yet answered.
+    in_flight: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the writer and the sync thread share.
+struct Shared {
+    notifier: Arc<Notifier>,
+    watermark: Arc<Watermark>,
+}
+
+impl Syncer {
+    /// Opens the WAL of the database at `path` (the writer's connection
+    /// holds it open) and, if `durable`, starts the sync thread. Syncs the
+    /// WAL once: a node killed before may have left commits unsynced.
+    pub(super) fn start(
+        path: &Path,
+        durable: bool,
+        notifier: Arc<Notifier>,
+        watermark: Arc<Watermark>,
+    ) -> Result<Syncer, StoreError> {
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        let wal = Arc::new(File::open(&wal_path)?);
+        wal.sync_data()?;
+        let shared = Arc::new(Shared { notifier, watermark });
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (jobs, thread) = if durable {
+            let (jobs, queue) = mpsc::channel();
+            let (wal, shared, in_flight) = (wal.clone(), shared.clone(), in_flight.clone());
+            let thread = std::thread::Builder::new()
+                .name("store-sync".into())
+                .spawn(move || sync_loop(&wal, &queue, &shared, &in_flight))
+                .map_err(StoreError::Thread)?;
+            (Some(jobs), Some(thread))
+        } else {
+            (None, None)
+        };
+        Ok(Syncer {
+            wal,
+            jobs,
+            in_flight,
+            shared,
+            thread,
+        })
+    }
+
+    /// Answers `batch` once it is durable. `needs_sync`: whether any of
+    /// its commands must reach the disk before its answer (see
+    /// `Command::needs_fsync`).
+    pub(super) fn finish(&self, batch: Committed, needs_sync: bool) {
+        let Some(jobs) = &self.jobs else {
+            // Durability::Normal: the WAL is synced at checkpoints only.
+            self.shared.complete(batch, Ok(()));
+            return;
+        };
+        // Nothing syncing means every earlier batch is answered, so this
+        // one may be answered now without getting ahead of them.
+        let idle = self.in_flight.load(Ordering::Acquire) == 0;
+        if idle && !needs_sync {
+            self.shared.complete(batch, Ok(()));
+            return;
+        }
+        if idle && batch.answers.len() <= INLINE_SYNC_MAX {
+            // A lightly loaded node: waiting for the disk here costs one
+            // context switch; handing the batch over would cost three.
+            self.sync_here(batch);
+            return;
+        }
+        // A busy node, or a sync under way: the sync thread syncs this
+        // batch (with whatever else is committed meanwhile) while the
+        // writer goes on. A batch that needs no sync queues too, so that
+        // it is not answered, nor shows messages, ahead of earlier ones.
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError(batch)) = jobs.send(batch) {
+            // The sync thread is gone (it panicked): sync here instead.
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.sync_here(batch);
+        }
+    }
+
+    fn sync_here(&self, batch: Committed) {
+        let synced = self.wal.sync_data().map_err(StoreError::Sync);
+        self.shared.complete(batch, synced.as_ref().map(|_| ()));
+    }
+
+    /// Answers what is queued and stops the sync thread.
+    pub(super) fn stop(mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the store sync thread panicked");
+        }
+    }
+}
+
+impl Shared {
+    /// Publishes a synced (or failed) batch: reads may show its messages,
+    /// its queues' waiters wake, its callers get their answers.
+    fn complete(&self, batch: Committed, synced: Result<(), &StoreError>) {
+        match synced {
+            Ok(()) => {
+                self.watermark.raise(batch.last_seq);
+                // Wake the waiters first: a caller that has its answer
+                // knows the recipients' pushes are under way.
+                self.notifier.notify(&batch.touched, &batch.carried);
+                batch.answers.into_iter().for_each(|answer| answer(Ok(())));
+            }
+            Err(error) => {
+                tracing::error!("syncing the WAL: {error}");
+                batch.answers.into_iter().for_each(|answer| answer(Err(error)));
+            }
+        }
+    }
+}
+
+fn sync_loop(wal: &File, queue: &mpsc::Receiver<Committed>, shared: &Shared, in_flight: &AtomicUsize) {
+    while let Ok(first) = queue.recv() {
+        // One sync for every batch committed by now.
+        let mut batches = vec![first];
+        batches.extend(queue.try_iter());
+        let synced = wal.sync_data().map_err(StoreError::Sync);
+        let count = batches.len();
+        for batch in batches {
+            shared.complete(batch, synced.as_ref().map(|_| ()));
+        }
+        in_flight.fetch_sub(count, Ordering::AcqRel);
+    }
+}
