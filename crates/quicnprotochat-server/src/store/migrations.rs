@@ -141,6 +141,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE group_views ADD COLUMN changed_at INTEGER NOT NULL DEFAULT 0;
      UPDATE group_views SET changed_at = CAST(strftime('%s', 'now') AS INTEGER);
      CREATE INDEX group_views_by_age ON group_views (changed_at);",
+    // V11: retention finds old messages by sequence number (they are
+    // numbered in arrival order), not by an index every enqueue and ack had
+    // to update.
+    "DROP INDEX messages_by_age;",
 ];
 
 /// The schema version this build creates and understands.

@@ -288,9 +288,18 @@ impl Storage for SqliteStorage<'_> {
         self.db
             .prepare_cached("DELETE FROM welcome_trees WHERE created_at < ?1")?
             .execute(params![older_than])?;
+        // Sequence numbers follow arrival, so the old messages are the ones
+        // before the first young one: a scan in sequence order that stops
+        // there, instead of an index on the arrival time that every enqueue
+        // and ack would update. (A message stamped before a backward step
+        // of the clock waits until the ones before it are old too.)
         let messages = self
             .db
-            .prepare_cached("DELETE FROM messages WHERE enqueued_at < ?1")?
+            .prepare_cached(
+                "DELETE FROM messages WHERE seq < coalesce(
+                     (SELECT seq FROM messages WHERE enqueued_at >= ?1 ORDER BY seq LIMIT 1),
+                     (SELECT max(seq) FROM messages) + 1)",
+            )?
             .execute(params![older_than])?;
         self.db
             .prepare_cached("DELETE FROM message_ids WHERE created_at < ?1")?
