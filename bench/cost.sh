@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The node's cost per delivered message, as the kernel sees it: runs the load
 # generator, attaches `perf stat` to its node child for a window while the
-# clients send, and divides the node's syscalls (all, and fsync, futex,
+# clients send, and divides the node's syscalls (all, and fsync, fdatasync, futex,
 # epoll_wait, the send/recv/write family), context switches and CPU time by
 # the messages delivered in that window (the load generator's delivered
 # msgs/s times the window). The load generator's own per-message line counts
@@ -30,7 +30,7 @@ shift
 window=${WINDOW:-4}
 delay=${DELAY:-3}
 perf=${PERF:-/usr/bin/perf}
-events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_fsync
+events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync
 events+=,syscalls:sys_enter_futex,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_sendmsg
 events+=,syscalls:sys_enter_sendmmsg,syscalls:sys_enter_recvmmsg,syscalls:sys_enter_pwrite64
 events+=,syscalls:sys_enter_write
@@ -98,11 +98,12 @@ awk -v rate="$rate" '
         printf "%.0f msgs/s x %.2f s = %.0f messages\n", rate, elapsed, messages
         if (missing != "") printf "not counted:%s\n", missing
         printf "%-22s %10.1f µs\n", "CPU (task-clock)", count["task-clock"] * 1000 / messages
-        split("raw_syscalls:sys_enter syscalls:sys_enter_fsync syscalls:sys_enter_futex " \
+        split("raw_syscalls:sys_enter syscalls:sys_enter_fsync syscalls:sys_enter_fdatasync " \
+              "syscalls:sys_enter_futex " \
               "syscalls:sys_enter_epoll_wait context-switches syscalls:sys_enter_sendmsg " \
               "syscalls:sys_enter_sendmmsg syscalls:sys_enter_recvmmsg " \
               "syscalls:sys_enter_pwrite64 syscalls:sys_enter_write", order, " ")
-        split("syscalls fsync futex epoll_wait context-switches sendmsg sendmmsg recvmmsg " \
+        split("syscalls fsync fdatasync futex epoll_wait context-switches sendmsg sendmmsg recvmmsg " \
               "pwrite64 write", label, " ")
         for (i = 1; i in order; i++)
             printf "%-22s %10.2f\n", label[i], count[order[i]] / messages
