@@ -111,8 +111,9 @@ impl Syncer {
     ) -> Result<Syncer, StoreError> {
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
-        let wal = Arc::new(File::open(&wal_path)?);
-        wal.sync_data()?;
+        // The writer's connection has opened (and so created) it by now.
+        let wal = Arc::new(File::open(&wal_path).map_err(StoreError::Sync)?);
+        wal.sync_data().map_err(StoreError::Sync)?;
         let shared = Arc::new(Shared { notifier, watermark });
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (jobs, thread) = if durable {
@@ -216,5 +217,33 @@ fn sync_loop(wal: &File, queue: &mpsc::Receiver<Committed>, shared: &Shared, in_
             shared.complete(batch, synced.as_ref().map(|_| ()));
         }
         in_flight.fetch_sub(count, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(seqs: &[u64]) -> Vec<QueuedMessage> {
+        seqs.iter()
+            .map(|seq| QueuedMessage {
+                seq: Seq::new(*seq),
+                payload: vec![1],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reads_show_messages_up_to_the_watermark_and_it_never_goes_back() {
+        let watermark = Watermark::new(3);
+        let mut read = messages(&[1, 3, 4, 7]);
+        watermark.hide_unsynced(&mut read);
+        assert_eq!(read.iter().map(|m| m.seq.get()).collect::<Vec<_>>(), [1, 3]);
+        watermark.raise(7);
+        // Once shown, a message stays shown.
+        watermark.raise(4);
+        let mut read = messages(&[4, 7, 9]);
+        watermark.hide_unsynced(&mut read);
+        assert_eq!(read.iter().map(|m| m.seq.get()).collect::<Vec<_>>(), [4, 7]);
     }
 }
