@@ -201,24 +201,33 @@ fn execute_batch(
         answers.into_iter().for_each(|answer| answer(Err(&error)));
         return None;
     }
+    // Read inside the transaction, which spares a read transaction (and
+    // its locks) of its own; only a batch that queued messages moves it.
+    let last_seq = if touched.is_empty() && before != i64::MAX {
+        Ok(before)
+    } else {
+        last_seq(&transaction)
+    };
+    let last_seq = match last_seq {
+        Ok(last_seq) => last_seq,
+        Err(e) => {
+            // Without it the batch's messages could not be shown once
+            // synced: undo the batch rather than answer success.
+            let error = StoreError::from(e);
+            tracing::error!("reading the last sequence number: {error}");
+            drop(transaction);
+            answers.into_iter().for_each(|answer| answer(Err(&error)));
+            return None;
+        }
+    };
     let carried = carry(&transaction, notifier, &touched, before);
     match transaction.commit() {
-        Ok(()) => match last_seq(connection) {
-            Ok(last_seq) => Some(Committed {
-                answers,
-                touched,
-                carried,
-                last_seq,
-            }),
-            Err(e) => {
-                // Committed, but without the watermark its messages would
-                // stay hidden: say so rather than answer success.
-                let error = StoreError::from(e);
-                tracing::error!("reading the last sequence number: {error}");
-                answers.into_iter().for_each(|answer| answer(Err(&error)));
-                None
-            }
-        },
+        Ok(()) => Some(Committed {
+            answers,
+            touched,
+            carried,
+            last_seq,
+        }),
         Err(e) => {
             let error = StoreError::from(e);
             tracing::error!("committing a batch of {} commands: {error}", answers.len());
