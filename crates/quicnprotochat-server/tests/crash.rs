@@ -96,6 +96,24 @@ async fn enqueue(session: &Session, recipient: &[u8], id: u64) -> bool {
     )
 }
 
+/// Connects `session` if it is not; false (after a short wait) if the node
+/// does not answer yet.
+async fn reconnect(
+    session: &mut Option<Session>,
+    addr: SocketAddr,
+    ca: &Path,
+    identity: &IdentityKeypair,
+) -> bool {
+    if session.is_none() {
+        *session = connect(addr, ca, identity).await;
+        if session.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return false;
+        }
+    }
+    true
+}
+
 /// The messages after `after` as (sequence number, id); `None` if the call
 /// failed.
 async fn fetch_since(session: &Session, recipient: &[u8], after: u64) -> Option<Vec<(u64, u64)>> {
@@ -153,12 +171,8 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
                 let mut session = None;
                 let mut id = 0u64;
                 while !stop.load(Ordering::SeqCst) {
-                    if session.is_none() {
-                        session = connect(addr, &ca, &identity).await;
-                        if session.is_none() {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
+                    if !reconnect(&mut session, addr, &ca, &identity).await {
+                        continue;
                     }
                     let current = session.as_ref().unwrap();
                     if enqueue(current, queue.as_bytes(), id).await {
@@ -188,12 +202,8 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
                 let mut after = 0u64;
                 let mut session = None;
                 while !stop.load(Ordering::SeqCst) {
-                    if session.is_none() {
-                        session = connect(addr, &ca, &recipient).await;
-                        if session.is_none() {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
+                    if !reconnect(&mut session, addr, &ca, &recipient).await {
+                        continue;
                     }
                     let current = session.as_ref().unwrap();
                     match fetch_since(current, queue.as_bytes(), after).await {

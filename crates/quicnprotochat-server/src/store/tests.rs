@@ -3,7 +3,7 @@
 //! every backend shares is checked by the conformance suite
 //! (`tests/conformance/`).
 
-use quicnprotochat_core::{IdentityKey, Seq};
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 
 use super::*;
 
@@ -179,16 +179,22 @@ async fn a_change_carries_its_small_messages_and_a_missed_or_big_one_says_read()
     let mut watch = store.notifier().watch(key(1));
     watch.mark_seen();
     let send = |payload: Vec<u8>| store.enqueue(key(0), key(1), payload, None);
+    // The waiter's next look after one change: exactly that change's one
+    // message.
+    async fn carried_one(watch: &mut QueueWatch, payload: &[u8]) -> QueuedMessage {
+        assert!(watch.changed().await);
+        let Fresh::Messages(messages) = watch.fresh() else {
+            panic!("the next change carries its message")
+        };
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].payload, payload);
+        messages[0].clone()
+    }
     send(vec![1; 10]).await.unwrap().unwrap();
-    assert!(watch.changed().await);
-    let Fresh::Messages(first) = watch.fresh() else {
-        panic!("the next change carries its message")
-    };
-    assert_eq!(first.len(), 1);
-    assert_eq!(first[0].payload, vec![1; 10]);
+    let first = carried_one(&mut watch, &[1; 10]).await;
     // Exactly what a read of the queue after the previous state shows.
     let read = store.messages_after(key(1), Seq::ZERO, 0).await.unwrap();
-    assert_eq!(read[0].seq, first[0].seq);
+    assert_eq!(read[0].seq, first.seq);
 
     // Two changes before the waiter looks: it missed one, so it must read.
     send(vec![2; 10]).await.unwrap().unwrap();
@@ -203,12 +209,7 @@ async fn a_change_carries_its_small_messages_and_a_missed_or_big_one_says_read()
 
     // Back to small: carried again, and only this batch's message.
     send(vec![5; 10]).await.unwrap().unwrap();
-    assert!(watch.changed().await);
-    let Fresh::Messages(last) = watch.fresh() else {
-        panic!("the next change carries its message")
-    };
-    assert_eq!(last.len(), 1);
-    assert_eq!(last[0].payload, vec![5; 10]);
+    carried_one(&mut watch, &[5; 10]).await;
     assert_eq!(store.messages_after(key(1), Seq::ZERO, 0).await.unwrap().len(), 5);
     drop(watch);
     close((store, closer)).await;
