@@ -89,11 +89,12 @@ pub struct Config {
     pub db: PathBuf,
     /// Largest KeyPackage or message payload accepted, in bytes.
     pub max_payload: usize,
-    /// Threads running Cap'n Proto RPC sessions (connections are spread over
-    /// them); the first also runs the QUIC socket and the store's writer.
-    /// Defaults to half the CPUs, at least one: the other half is for the
-    /// disk syncs and the kernel's network work, and more RPC threads than
-    /// that only add hand-offs (BENCHMARKS.md, "Cost per message").
+    /// Threads running Cap'n Proto RPC sessions; the first also runs the
+    /// store's writer. Each new connection goes to the
+    /// thread serving the fewest, the first on a tie. Defaults to the number
+    /// of CPUs: with one thread, a flood of TLS handshakes or a heavy
+    /// client holds up every other client's calls (BENCHMARKS.md, "Cost per
+    /// message").
     pub rpc_threads: usize,
     /// Most messages one recipient's queue may hold; a send that would go
     /// beyond it is refused with the `queueFull` outcome.
@@ -154,7 +155,7 @@ impl Default for Config {
             tls_names: Vec::new(),
             db: PathBuf::from(DEFAULT_DB),
             max_payload: DEFAULT_MAX_PAYLOAD,
-            rpc_threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            rpc_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
             enqueue_rate: DEFAULT_ENQUEUE_RATE,
             send_bytes_rate: DEFAULT_SEND_BYTES_RATE,

@@ -24,8 +24,7 @@
 //! - [`admission`] — who may hold a connection: per-address and anonymous
 //!   caps, QUIC Retry under a handshake flood.
 //! - [`store`] — SQLite: migrations, the rows the rules read and write, a
-//!   group-committing writer, syncs apart from commits, queue reads on the
-//!   caller's thread.
+//!   group-committing writer, syncs apart from commits, a reader thread.
 //! - [`error`] — the node's error types and their conversion to RPC errors.
 
 pub mod admission;

@@ -1,14 +1,16 @@
 //! The QUIC endpoint: the accept loop, the RPC worker threads and shutdown.
 //!
 //! Cap'n Proto RPC is `!Send`, so each RPC thread ("worker") runs a
-//! single-threaded runtime with a `LocalSet`; accepted connections are
-//! handed to the workers in turn, and every stream a client opens gets its
-//! own RPC session. The first worker also runs the QUIC endpoint's socket
-//! I/O and the store's writer: a call served there is read from the
-//! socket, executed, committed and answered without waking another thread
-//! (each such wake-up costs more CPU than the call's own work; BENCHMARKS.md,
-//! "Cost per message"). The caller's runtime only accepts connections and
-//! runs the retention task.
+//! single-threaded runtime with a `LocalSet`; each accepted connection goes
+//! to the worker serving the fewest, and every stream a client opens gets
+//! its own RPC session. The first worker also runs the store's writer: a
+//! call served there reaches the writer, and gets its answer, without
+//! waking another thread (each such wake-up costs more CPU than the call's
+//! own work; BENCHMARKS.md, "Cost per message"). The caller's runtime runs
+//! the QUIC endpoint's socket I/O, accepts connections and runs the
+//! retention task. (The socket I/O ran on the first worker too, which saved
+//! a wake-up per packet, but under the abuse test's floods a busy worker
+//! left every client's packets waiting: pings stalled for 2 s.)
 //!
 //! Shutdown: stop accepting, refuse new calls, wait (bounded) for calls in
 //! flight to finish, close the endpoint, let the workers' sessions end,
@@ -18,6 +20,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -122,15 +125,11 @@ impl Node {
                     source,
                 }
             })?;
-        let endpoint = {
-            // Inside the first worker's runtime, quinn registers the socket
-            // with that runtime and spawns the endpoint driver on it.
-            let _first = first.enter();
+        let endpoint =
             quinn::Endpoint::server(server_config, config.listen).map_err(|source| ServerError::Bind {
                 addr: config.listen,
                 source,
-            })?
-        };
+            })?;
         let shared = Shared::new(
             store,
             config.max_payload,
@@ -204,7 +203,6 @@ impl Node {
             retention_stopped,
         ));
         tokio::pin!(shutdown);
-        let mut next = 0usize;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -235,8 +233,12 @@ impl Node {
                                 // Counted from here, so handshakes in
                                 // progress count too.
                                 let open = self.shared.connections.token();
-                                workers[next % workers.len()].hand_over(incoming, open, slot);
-                                next = next.wrapping_add(1);
+                                // The least busy thread; the first (which
+                                // also runs the writer) on a tie, so that a
+                                // lone client pays no hand-off to it.
+                                if let Some(worker) = workers.iter().min_by_key(|worker| worker.load()) {
+                                    worker.hand_over(incoming, open, slot);
+                                }
                             }
                         }
                     }
@@ -298,11 +300,28 @@ impl Drop for Runtimes {
     }
 }
 
+/// What a worker is handed for each connection: the connection, its place
+/// among the open ones and its address's, and its place in the worker's
+/// load.
+type Handed = (quinn::Incoming, TaskTrackerToken, AddressSlot, LoadToken);
+
+/// Counts a connection in its worker's load until dropped.
+#[derive(Debug)]
+struct LoadToken(Arc<AtomicUsize>);
+
+impl Drop for LoadToken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One RPC thread: a single-threaded runtime and `LocalSet` serving the
 /// connections handed to it.
 #[derive(Debug)]
 struct Worker {
-    connections: Option<mpsc::UnboundedSender<(quinn::Incoming, TaskTrackerToken, AddressSlot)>>,
+    connections: Option<mpsc::UnboundedSender<Handed>>,
+    /// Connections it serves now.
+    load: Arc<AtomicUsize>,
     /// Fires once the thread's sessions have ended and it has let go of the
     /// shared state.
     sessions_done: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -320,18 +339,17 @@ impl Worker {
         admission: Arc<Admission>,
         options: ReaderOptions,
     ) -> Result<Worker, ServerError> {
-        let (connections, mut receiver) =
-            mpsc::unbounded_channel::<(quinn::Incoming, TaskTrackerToken, AddressSlot)>();
+        let (connections, mut receiver) = mpsc::unbounded_channel::<Handed>();
         let (sessions_ended, sessions_done) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name(format!("rpc-{index}"))
             .spawn(move || {
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&runtime, async {
-                    while let Some((incoming, open, slot)) = receiver.recv().await {
+                    while let Some((incoming, open, slot, load)) = receiver.recv().await {
                         tokio::task::spawn_local(serve_connection(
                             incoming,
-                            (open, slot),
+                            (open, slot, load),
                             shared.clone(),
                             admission.clone(),
                             options,
@@ -355,18 +373,25 @@ impl Worker {
             .map_err(ServerError::Thread)?;
         Ok(Worker {
             connections: Some(connections),
+            load: Arc::new(AtomicUsize::new(0)),
             sessions_done: Some(sessions_done),
             thread,
         })
     }
 
+    fn load(&self) -> usize {
+        self.load.load(Ordering::Relaxed)
+    }
+
     fn hand_over(&self, incoming: quinn::Incoming, open: TaskTrackerToken, slot: AddressSlot) {
+        self.load.fetch_add(1, Ordering::Relaxed);
+        let load = LoadToken(self.load.clone());
         // The receiver lives as long as the thread's sessions, which only
         // end after this sender is dropped in `finish_sessions`.
         let sent = self
             .connections
             .as_ref()
-            .is_some_and(|connections| connections.send((incoming, open, slot)).is_ok());
+            .is_some_and(|connections| connections.send((incoming, open, slot, load)).is_ok());
         if !sent {
             warn!("RPC worker stopped unexpectedly; connection dropped");
         }
@@ -400,12 +425,12 @@ impl Worker {
 /// slot, or is closed.
 async fn serve_connection(
     incoming: quinn::Incoming,
-    held: (TaskTrackerToken, AddressSlot),
+    held: (TaskTrackerToken, AddressSlot, LoadToken),
     shared: Arc<Shared>,
     admission: Arc<Admission>,
     options: ReaderOptions,
 ) {
-    let (_open, mut slot) = held;
+    let (_open, mut slot, _load) = held;
     let remote = incoming.remote_address();
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
     slot.handshake_done();

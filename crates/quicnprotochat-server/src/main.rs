@@ -36,7 +36,7 @@ struct Args {
     /// Largest KeyPackage or message payload accepted, in bytes.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_PAYLOAD", default_value_t = config::DEFAULT_MAX_PAYLOAD)]
     max_payload: usize,
-    /// Threads running RPC sessions [default: half the CPUs, at least 1].
+    /// Threads running RPC sessions [default: number of CPUs].
     #[arg(long, env = "QUICNPROTOCHAT_RPC_THREADS")]
     rpc_threads: Option<usize>,
     /// Most messages one recipient's queue may hold; a send beyond it is refused (queueFull).

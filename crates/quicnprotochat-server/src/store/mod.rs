@@ -19,8 +19,8 @@
 //! - `writer` — the writer and its batching loop.
 //! - `sync` — makes committed batches durable, then answers them and lets
 //!   reads see them.
-//! - `readers` — queue reads on the caller's thread, the reader thread (a
-//!   group's GroupInfo and Welcome trees) and background WAL checkpoints.
+//! - `readers` — the reader thread (queue reads, a group's GroupInfo and
+//!   Welcome trees) and background WAL checkpoints.
 //! - `notifier` — wakes push subscriptions and long polls after a commit.
 //!
 //! The behaviour any backend must show is checked by the conformance suite in
@@ -126,10 +126,6 @@ pub enum Durability {
 /// A handle to the store; cheap to clone, usable from any thread.
 #[derive(Clone, Debug)]
 pub struct Store {
-    // Declared first, so dropped first: the last handle closes the pooled
-    // read connections before the writer sees its queue close, and the
-    // writer's connection is then the last one (closing it removes the WAL).
-    queue_reads: Arc<readers::ReadPool>,
     /// Reads show messages up to here: those whose commit is synced.
     watermark: Arc<sync::Watermark>,
     commands: mpsc::Sender<Command>,
@@ -226,7 +222,6 @@ impl Store {
             watermark.clone(),
         )?;
         let store = Store {
-            queue_reads: Arc::new(readers::ReadPool::new(path)),
             watermark,
             commands,
             reads,
@@ -406,22 +401,21 @@ impl Store {
 
     /// The committed messages of `recipient` after `after`, oldest first,
     /// without removing them: at most `limit` (0: the node's maximum) and
-    /// within the fetch budget (16 MiB).
-    ///
-    /// Reads on the calling thread, with a read-only connection of its own,
-    /// and blocks it meanwhile: a push or fetch reads pages the writer just
-    /// wrote, which are in memory, so the read costs less than the two
-    /// thread switches of asking another thread for it. It never waits for
-    /// the writer (WAL readers see the last commit without locking).
+    /// within the fetch budget, and only those whose commit is synced. Runs
+    /// on the reader connection, so it never waits for the writer.
     pub async fn messages_after(
         &self,
         recipient: IdentityKey,
         after: Seq,
         limit: usize,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
-        let mut messages = self
-            .queue_reads
-            .read(|storage| crate::delivery::rules::messages_after(storage, &recipient, after, limit))?;
+        let mut messages = ask(&self.reads, |reply| readers::Read::MessagesAfter {
+            recipient,
+            after,
+            limit,
+            reply,
+        })
+        .await?;
         self.watermark.hide_unsynced(&mut messages);
         Ok(messages)
     }

@@ -12,13 +12,12 @@
 //! whichever commit crosses SQLite's threshold, which would stall every
 //! command of that batch.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use quicnprotochat_core::{GroupId, IdentityKey};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
@@ -32,6 +31,12 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 /// One read for the reader thread.
 #[derive(Debug)]
 pub(super) enum Read {
+    MessagesAfter {
+        recipient: IdentityKey,
+        after: Seq,
+        limit: usize,
+        reply: Reply<Vec<QueuedMessage>>,
+    },
     GroupInfo {
         group: GroupId,
         caller: IdentityKey,
@@ -62,6 +67,10 @@ impl SideThreads {
     pub(super) fn spawn(path: &Path, reads: mpsc::Receiver<Read>) -> Result<SideThreads, StoreError> {
         let reader_connection = open_side(path)?;
         reader_connection.pragma_update(None, "query_only", true)?;
+        // A long queue's rows lie on as many pages as it has messages once
+        // the database outgrows the cache; 32 MiB of cache (default 2 MiB)
+        // keeps the pages of recently written queues at hand.
+        reader_connection.pragma_update(None, "cache_size", -32 * 1024)?;
         let checkpoint_connection = open_side(path)?;
         let reader = std::thread::Builder::new()
             .name("store-reader".into())
@@ -91,55 +100,6 @@ impl SideThreads {
     }
 }
 
-/// Read-only connections for reads on the calling thread: a read takes one
-/// (opening it the first time), uses it and puts it back, so there are as
-/// many as reads ever ran at once, about one per RPC thread.
-#[derive(Debug)]
-pub(super) struct ReadPool {
-    path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
-}
-
-impl ReadPool {
-    pub(super) fn new(path: &Path) -> ReadPool {
-        ReadPool {
-            path: path.to_owned(),
-            idle: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Runs `read` with a pooled connection.
-    pub(super) fn read<T>(
-        &self,
-        read: impl FnOnce(&mut SqliteStorage<'_>) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let pooled = self.lock().pop();
-        let connection = match pooled {
-            Some(connection) => connection,
-            None => open_reader(&self.path)?,
-        };
-        let result = read(&mut SqliteStorage::new(&connection));
-        self.lock().push(connection);
-        result.map_err(StoreError::from)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
-        // A panic while holding the lock leaves the list intact.
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// A connection for queue reads.
-fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let connection = open_side(path)?;
-    connection.pragma_update(None, "query_only", true)?;
-    // A long queue's rows lie on as many pages as it has messages once the
-    // database outgrows the cache; 32 MiB of cache (default 2 MiB) keeps
-    // the pages of recently written queues at hand.
-    connection.pragma_update(None, "cache_size", -32 * 1024)?;
-    Ok(connection)
-}
-
 fn open_side(path: &Path) -> Result<Connection, StoreError> {
     let connection = Connection::open(path)?;
     // Readers wait only while SQLite recovers or restarts the WAL.
@@ -156,6 +116,12 @@ fn read_loop(db: &Connection, mut reads: mpsc::Receiver<Read>) {
     while let Some(read) = reads.blocking_recv() {
         let storage = &mut SqliteStorage::new(db);
         match read {
+            Read::MessagesAfter {
+                recipient,
+                after,
+                limit,
+                reply,
+            } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
             Read::GroupInfo { group, caller, reply } => {
                 answer(reply, rules::group_info(storage, &group, &caller))
             }

@@ -2,15 +2,15 @@
 //!
 //! The writer commits with `PRAGMA synchronous = NORMAL`: `COMMIT` appends
 //! the batch to the WAL with `pwrite` and returns without waiting for the
-//! disk. This module then syncs the WAL file (`fdatasync`) and only after
-//! that answers the batch's callers, wakes the queues it wrote and lets
-//! reads see its messages. Apart from the commit, the sync runs either
+//! disk. The sync thread then syncs the WAL file (`fdatasync`), once for
+//! every batch committed by then, and only after that answers the batches'
+//! callers, wakes the queues they wrote and lets reads see their messages.
+//! Meanwhile the writer commits the next batch.
 //!
-//! - on the writer's own thread, when no other sync is under way (a lightly
-//!   loaded node: a thread hand-off would cost more CPU than it saves), or
-//! - on the sync thread, when one is (a busy node: the writer goes on
-//!   committing the next batch while the disk works, and one sync covers
-//!   every batch committed meanwhile).
+//! The sync never runs on the writer's thread, which is an RPC thread: an
+//! `fdatasync` usually takes a fraction of a millisecond, but behind a
+//! checkpoint writing out megabytes it took hundreds (the abuse test saw
+//! 70–370 ms), and that thread would serve no call meanwhile.
 //!
 //! Why a sync of the WAL file makes a `NORMAL` commit as durable as a
 //! `FULL` one: `FULL` differs only in syncing the WAL at each commit.
@@ -58,14 +58,6 @@ impl Watermark {
         messages.truncate(visible);
     }
 }
-
-/// Most commands in a batch that the writer syncs itself when no sync is
-/// under way. A lightly loaded node makes batches of one or two (a send, an
-/// ack arriving with it); a busy one makes batches of a hundred and more,
-/// and should not stop serving calls to wait for the disk. Measured at one
-/// client sending 1,000 msgs/s: with 1, batches of two went to the sync
-/// thread and cost 4.7 context switches per message; with 8, 3.7.
-const INLINE_SYNC_MAX: usize = 8;
 
 /// How a batch's callers are answered once it is durable.
 pub(super) type Answers = Vec<Box<dyn FnOnce(Result<(), &StoreError>) + Send>>;
@@ -147,21 +139,14 @@ impl Syncer {
         };
         // Nothing syncing means every earlier batch is answered, so this
         // one may be answered now without getting ahead of them.
-        let idle = self.in_flight.load(Ordering::Acquire) == 0;
-        if idle && !needs_sync {
+        if !needs_sync && self.in_flight.load(Ordering::Acquire) == 0 {
             self.shared.complete(batch, Ok(()));
             return;
         }
-        if idle && batch.answers.len() <= INLINE_SYNC_MAX {
-            // A lightly loaded node: waiting for the disk here costs one
-            // context switch; handing the batch over would cost three.
-            self.sync_here(batch);
-            return;
-        }
-        // A busy node, or a sync under way: the sync thread syncs this
-        // batch (with whatever else is committed meanwhile) while the
-        // writer goes on. A batch that needs no sync queues too, so that
-        // it is not answered, nor shows messages, ahead of earlier ones.
+        // The sync thread syncs this batch (with whatever else is committed
+        // meanwhile) while the writer goes on. A batch that needs no sync
+        // queues too when one is under way, so that it is not answered, nor
+        // shows messages, ahead of earlier ones.
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         if let Err(mpsc::SendError(batch)) = jobs.send(batch) {
             // The sync thread is gone (it panicked): sync here instead.

@@ -14,7 +14,9 @@
 //! the node's first RPC thread ([`spawn_on`]), beside the QUIC endpoint and
 //! the RPC sessions of that thread. There it takes and answers calls without
 //! waking another thread: each hand-off between threads costs more CPU than
-//! the SQLite work of a message (BENCHMARKS.md, "Cost per message").
+//! the SQLite work of a message (BENCHMARKS.md, "Cost per message"). A heavy
+//! batch, which would hold that thread for milliseconds, runs on a
+//! blocking-pool thread instead ([`light`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,8 +90,38 @@ async fn write_loop(writer: Writer) {
         batch.push(first);
         gather(&mut commands, &mut batch).await;
         let needs_sync = batch.iter().any(Command::needs_fsync);
-        if let Some(committed) = execute_batch(&mut connection, &mut batch, &limits, &notifier, committed_seq)
-        {
+        let light = light(&batch);
+        let committed = if light {
+            execute_batch(&mut connection, &mut batch, &limits, &notifier, committed_seq)
+        } else {
+            // A heavy batch (big payloads, a Commit, KeyPackages) would hold
+            // this thread, and every call it serves, for milliseconds: run
+            // it on a blocking-pool thread, with the connection, meanwhile.
+            let work = (connection, std::mem::take(&mut batch), notifier.clone());
+            let before = committed_seq;
+            let ran = tokio::task::spawn_blocking(move || {
+                let (mut connection, mut batch, notifier) = work;
+                let committed = execute_batch(&mut connection, &mut batch, &limits, &notifier, before);
+                (connection, batch, committed)
+            })
+            .await;
+            match ran {
+                Ok((returned, emptied, committed)) => {
+                    connection = returned;
+                    batch = emptied;
+                    committed
+                }
+                Err(e) => {
+                    // The batch panicked (a bug) and took the connection
+                    // with it: nothing more can be written. Its callers and
+                    // all later ones get "the store is closed"; what waits
+                    // for a sync is answered as the sync thread ends.
+                    tracing::error!("the store writer failed: {e}");
+                    return;
+                }
+            }
+        };
+        if let Some(committed) = committed {
             committed_seq = committed.last_seq;
             syncer.finish(committed, needs_sync);
         }
@@ -110,6 +142,35 @@ async fn write_loop(writer: Writer) {
         tracing::info!("database closed cleanly");
     }
     finished.send_replace(true);
+}
+
+/// Most commands in a batch the writer runs on its own thread. A lightly
+/// loaded node makes batches of one or two (a send, an ack arriving with
+/// it); bigger ones run on a blocking-pool thread, where the hand-off is
+/// small beside their work.
+const LIGHT_COMMANDS: usize = 8;
+
+/// Most payload bytes in a batch the writer runs on its own thread: writing
+/// a megabyte into SQLite takes milliseconds in which the thread would
+/// serve no call.
+const LIGHT_BYTES: usize = 64 * 1024;
+
+/// Whether `batch` is light enough to run on the writer's own thread: few
+/// commands, few bytes, and none whose work the writer cannot tell before
+/// it runs (a Commit checks and rewrites its group's public view;
+/// KeyPackages come in dozens; a purge may delete many rows).
+fn light(batch: &[Command]) -> bool {
+    let mut bytes = 0usize;
+    for command in batch {
+        bytes += match command {
+            Command::EnqueueBatch { envelopes, .. } => {
+                envelopes.iter().map(|envelope| envelope.payload.len()).sum()
+            }
+            Command::Ack { .. } | Command::CountKeyPackages { .. } | Command::TakeKeyPackage { .. } => 0,
+            _ => return false,
+        };
+    }
+    batch.len() <= LIGHT_COMMANDS && bytes <= LIGHT_BYTES
 }
 
 /// Adds to `batch` every command that is ready, letting the tasks of this
