@@ -170,7 +170,7 @@ impl Store {
     /// [`Self::open_with`], but the writer runs as a task of `runtime` (a
     /// current-thread runtime) instead of on a thread of its own: the node
     /// puts it on its first RPC thread, so that calls served there reach
-    /// the writer, and get its answer, without waking another thread. That
+    /// the writer without waking another thread. That
     /// thread must keep running its runtime until [`StoreCloser::finished`]
     /// says the writer is done.
     pub fn open_on(

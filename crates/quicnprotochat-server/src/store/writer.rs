@@ -7,16 +7,15 @@
 //! command of the batch gets the error and nothing of it is kept.
 //!
 //! "Commit" here is SQLite's `COMMIT` without an fsync; the batch's answers
-//! go out once [`super::sync`] has made it durable, on this thread or the
-//! sync thread.
+//! go out once the sync thread ([`super::sync`]) has made it durable.
 //!
 //! The loop is a task, run either on a thread of its own ([`spawn`]) or on
-//! the node's first RPC thread ([`spawn_on`]), beside the QUIC endpoint and
-//! the RPC sessions of that thread. There it takes and answers calls without
-//! waking another thread: each hand-off between threads costs more CPU than
-//! the SQLite work of a message (BENCHMARKS.md, "Cost per message"). A heavy
-//! batch, which would hold that thread for milliseconds, runs on a
-//! blocking-pool thread instead ([`light`]).
+//! the node's first RPC thread ([`spawn_on`]), beside the RPC sessions of
+//! that thread. There it takes their calls without waking another thread:
+//! each hand-off between threads costs more CPU than the SQLite work of a
+//! message (BENCHMARKS.md, "Cost per message"). A heavy batch, which would
+//! hold that thread for milliseconds, runs on a blocking-pool thread
+//! instead ([`light`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -175,7 +174,7 @@ fn light(batch: &[Command]) -> bool {
 
 /// Adds to `batch` every command that is ready, letting the tasks of this
 /// thread run in between: sessions woken before the writer (by the same
-/// socket read) may send more commands. Stops when a yield brought nothing
+/// burst of packets) may send more commands. Stops when a yield brought nothing
 /// new or the batch is full.
 async fn gather(commands: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) {
     loop {
