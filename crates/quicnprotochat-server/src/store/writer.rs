@@ -482,3 +482,44 @@ fn fail(command: Command, error: &StoreError) {
         Command::PurgeIdleGroups { reply, .. } => send(reply, error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use quicnprotochat_proto::wire::Envelope;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn enqueue(bytes: usize) -> Command {
+        Command::EnqueueBatch {
+            sender: IdentityKey::from_bytes([1; 32]),
+            envelopes: vec![Envelope {
+                recipients: vec![IdentityKey::from_bytes([2; 32])],
+                payload: vec![0; bytes],
+                message_id: None,
+            }],
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn ack() -> Command {
+        Command::Ack {
+            recipient: IdentityKey::from_bytes([2; 32]),
+            up_to: Seq::new(1),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn only_few_small_messages_and_acks_run_on_the_writers_own_thread() {
+        assert!(light(&[enqueue(100), ack()]));
+        assert!(light(&(0..LIGHT_COMMANDS).map(|_| ack()).collect::<Vec<_>>()));
+        assert!(!light(&(0..=LIGHT_COMMANDS).map(|_| ack()).collect::<Vec<_>>()));
+        assert!(!light(&[enqueue(LIGHT_BYTES + 1)]));
+        let purge = Command::Purge {
+            older_than: 0,
+            reply: oneshot::channel().0,
+        };
+        assert!(!light(&[purge]), "a purge may delete many rows");
+    }
+}
