@@ -81,18 +81,14 @@ impl Notifier {
 
     /// Tells the watchers of these queues that a batch writing to them was
     /// synced, handing on its messages for the queues in `carried`.
-    /// `recipients` may repeat a queue; each changes once.
+    /// `recipients` are distinct: a watcher counts one version per batch.
     pub(super) fn notify(
         &self,
         recipients: &[IdentityKey],
         carried: &HashMap<IdentityKey, Arc<[QueuedMessage]>>,
     ) {
         let mut queues = self.lock();
-        let mut done = std::collections::HashSet::with_capacity(recipients.len().min(1024));
         for recipient in recipients {
-            if !done.insert(*recipient) {
-                continue;
-            }
             if let Some(sender) = queues.get(recipient) {
                 if sender.receiver_count() == 0 {
                     // Nobody waits any more: forget the queue.

@@ -65,7 +65,7 @@ pub(super) type Answers = Vec<Box<dyn FnOnce(Result<(), &StoreError>) + Send>>;
 /// A committed batch waiting for its sync.
 pub(super) struct Committed {
     pub(super) answers: Answers,
-    /// Queues the batch wrote to, woken once it is synced.
+    /// Queues the batch wrote to, each once, woken once it is synced.
     pub(super) touched: Vec<IdentityKey>,
     /// The batch's messages for the watched queues among them, where they
     /// are few and small enough to hand to their waiters.

@@ -280,6 +280,9 @@ fn execute_batch(
             return None;
         }
     };
+    // Each queue once: the carried messages and the wake-up are per queue.
+    touched.sort_unstable();
+    touched.dedup();
     let carried = carry(&transaction, notifier, &touched, before);
     match transaction.commit() {
         Ok(()) => Some(Committed {
@@ -298,6 +301,7 @@ fn execute_batch(
 }
 
 /// The messages this batch added to the watched queues among `touched`
+/// (distinct)
 /// (those above `before`), where few and small enough to hand to the
 /// waiters with the wake-up, sparing each a database read. Read inside the
 /// batch's transaction: the pages are in memory and no lock is taken.
@@ -311,11 +315,8 @@ fn carry(
     if touched.is_empty() || before == i64::MAX {
         return carried;
     }
-    let mut distinct = touched.to_vec();
-    distinct.sort_unstable();
-    distinct.dedup();
     let after = Seq::new(u64::try_from(before).unwrap_or(0));
-    for recipient in notifier.watched(&distinct) {
+    for recipient in notifier.watched(touched) {
         let storage = &mut SqliteStorage::new(db);
         match rules::messages_within(storage, &recipient, after, CARRY_MESSAGES, CARRY_BYTES) {
             Ok(Some(messages)) => {
