@@ -8,7 +8,7 @@ use std::time::Duration;
 use quicnprotochat_proto::DEFAULT_PORT;
 
 pub use crate::delivery::DEFAULT_MAX_QUEUE_DEPTH;
-pub use crate::store::Durability;
+pub use crate::store::{Database, Durability};
 pub use quicnprotochat_proto::DEFAULT_MAX_PAYLOAD;
 
 // The defaults, each stated once: `Config::default` and the flags of
@@ -86,7 +86,7 @@ pub struct Config {
     /// besides localhost, 127.0.0.1 and ::1.
     pub tls_names: Vec<String>,
     /// SQLite database file; created with its directory when missing.
-    pub db: PathBuf,
+    pub db: Database,
     /// Largest KeyPackage or message payload accepted, in bytes.
     pub max_payload: usize,
     /// Threads running Cap'n Proto RPC sessions; the first also runs the
@@ -153,7 +153,7 @@ impl Default for Config {
             tls_cert: PathBuf::from(DEFAULT_TLS_CERT),
             tls_key: PathBuf::from(DEFAULT_TLS_KEY),
             tls_names: Vec::new(),
-            db: PathBuf::from(DEFAULT_DB),
+            db: Database::Sqlite(PathBuf::from(DEFAULT_DB)),
             max_payload: DEFAULT_MAX_PAYLOAD,
             rpc_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
@@ -192,7 +192,7 @@ impl Config {
             listen,
             tls_cert: dir.join("server-cert.der"),
             tls_key: dir.join("server-key.der"),
-            db: dir.join("node.db"),
+            db: Database::Sqlite(dir.join("node.db")),
             ..Self::default()
         }
     }

@@ -3,7 +3,6 @@
 //! [`ServiceError`], which becomes a `capnp::Error` for the peer.
 
 use std::io;
-use std::path::PathBuf;
 
 use quicnprotochat_proto::cert::CertError;
 use quicnprotochat_proto::transport::TransportError;
@@ -33,10 +32,10 @@ pub enum ServerError {
         source: io::Error,
     },
     /// The database could not be opened or migrated.
-    #[error("database {path}: {source}")]
+    #[error("database {db}: {source}")]
     Store {
-        /// The database file.
-        path: PathBuf,
+        /// The database file, or URL without its password.
+        db: String,
         /// What went wrong.
         source: StoreError,
     },
@@ -54,7 +53,7 @@ pub enum ServiceError {
     #[error("invalid argument: {0}")]
     Field(#[from] FieldError),
     /// The store failed; the call had no effect.
-    #[error("storage failure, nothing was stored or removed; retry later: {0}")]
+    #[error("storage failure; retry later: {0}")]
     Store(#[from] StoreError),
     /// The connection's identity may not do this.
     #[error("permission denied: {0}")]

@@ -118,12 +118,10 @@ impl Node {
             runtimes.0.push(runtime);
         }
         let first = runtimes.0[0].handle().clone();
-        let (store, store_closer) =
-            Store::open_on(&config.db, limits, config.durability, &first).map_err(|source| {
-                ServerError::Store {
-                    path: config.db.clone(),
-                    source,
-                }
+        let (store, store_closer) = Store::open_database(&config.db, limits, config.durability, &first)
+            .map_err(|source| ServerError::Store {
+                db: config.db.to_string(),
+                source,
             })?;
         let endpoint =
             quinn::Endpoint::server(server_config, config.listen).map_err(|source| ServerError::Bind {

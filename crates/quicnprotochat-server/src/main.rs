@@ -30,9 +30,11 @@ struct Args {
     /// localhost, 127.0.0.1 and ::1 are always included).
     #[arg(long = "tls-san", env = "QUICNPROTOCHAT_TLS_SAN", value_delimiter = ',')]
     tls_san: Vec<String>,
-    /// SQLite database file.
+    /// Database: a SQLite file (created when missing), or a PostgreSQL URL
+    /// (postgres://user@host:port/dbname, postgresql://…, ?host=/socket/dir)
+    /// naming an existing database that any number of nodes may share.
     #[arg(long, env = "QUICNPROTOCHAT_DB", default_value = config::DEFAULT_DB)]
-    db: PathBuf,
+    db: String,
     /// Largest KeyPackage or message payload accepted, in bytes.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_PAYLOAD", default_value_t = config::DEFAULT_MAX_PAYLOAD)]
     max_payload: usize,
@@ -114,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_names: args.tls_san,
-        db: args.db,
+        db: config::Database::parse(&args.db),
         max_payload: args.max_payload,
         rpc_threads: args.rpc_threads.unwrap_or(defaults.rpc_threads),
         max_queue_depth: args.max_queue_depth,

@@ -26,8 +26,10 @@
 //! The behaviour any backend must show is checked by the conformance suite in
 //! `tests/conformance/`, which `tests/store_sqlite.rs` runs against this one.
 
+mod commands;
 mod migrations;
 mod notifier;
+mod postgres;
 mod readers;
 mod sqlite;
 mod sync;
@@ -99,6 +101,21 @@ pub enum StoreError {
     /// nothing of it was kept.
     #[error("transaction failed, nothing was stored: {0}")]
     Transaction(String),
+    /// PostgreSQL refused a statement.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// The database server cannot be reached (stopped, restarting, network
+    /// down). If it went away while a batch was committing, nobody can tell
+    /// whether that batch took effect; a retry with the same message id is
+    /// safe either way. The node keeps trying to reconnect.
+    #[error("database unavailable, retry later: {0}")]
+    Unavailable(String),
+    /// The PostgreSQL URL cannot be parsed.
+    #[error("bad PostgreSQL URL: {0}")]
+    BadUrl(String),
+    /// The PostgreSQL database holds tables of something else.
+    #[error("not a quicnprotochat node database ({0}); pass an empty database or one a node created")]
+    ForeignPostgres(String),
     /// The writer thread has stopped (the node is shutting down).
     #[error("the store is closed")]
     Closed,
@@ -110,6 +127,59 @@ pub enum StoreError {
     /// safe.
     #[error("committed, but syncing to disk failed, so it may not survive a power cut: {0}")]
     NotDurable(String),
+}
+
+/// Where the node keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file, created when missing: one node.
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database (`postgres://…` or `postgresql://…`, libpq URL
+    /// form) that any number of nodes share.
+    Postgres(String),
+}
+
+impl Database {
+    /// A PostgreSQL URL or else a SQLite path.
+    pub fn parse(db: &str) -> Database {
+        if postgres::is_url(db) {
+            Database::Postgres(db.to_owned())
+        } else {
+            Database::Sqlite(db.into())
+        }
+    }
+}
+
+impl std::fmt::Display for Database {
+    /// The path, or the URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "{}", path.display()),
+            Database::Postgres(url) => f.write_str(&redact(url)),
+        }
+    }
+}
+
+impl From<std::path::PathBuf> for Database {
+    fn from(path: std::path::PathBuf) -> Database {
+        Database::Sqlite(path)
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and errors.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 /// How hard a commit tries to survive failures.
@@ -126,8 +196,9 @@ pub enum Durability {
 /// A handle to the store; cheap to clone, usable from any thread.
 #[derive(Clone, Debug)]
 pub struct Store {
-    /// Reads show messages up to here: those whose commit is synced.
-    watermark: Arc<sync::Watermark>,
+    /// Reads show messages up to here: those whose commit is synced (SQLite;
+    /// PostgreSQL answers a commit once it is durable).
+    watermark: Option<Arc<sync::Watermark>>,
     commands: mpsc::Sender<Command>,
     reads: mpsc::Sender<readers::Read>,
     instance_id: [u8; 16],
@@ -191,6 +262,27 @@ impl Store {
         ))
     }
 
+    /// Opens the PostgreSQL database at `url` (`postgres://…`), which must
+    /// exist: creates or migrates the node's tables, and starts the
+    /// connections. Any number of nodes may open the same database.
+    pub fn open_postgres(url: &str, limits: Limits) -> Result<(Store, StoreCloser), StoreError> {
+        postgres::open(url, limits)
+    }
+
+    /// Opens `db`: a SQLite file with its writer on `runtime` (see
+    /// [`Self::open_on`]), or a PostgreSQL database.
+    pub fn open_database(
+        db: &Database,
+        limits: Limits,
+        durability: Durability,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<(Store, StoreCloser), StoreError> {
+        match db {
+            Database::Sqlite(path) => Self::open_on(path, limits, durability, runtime),
+            Database::Postgres(url) => Self::open_postgres(url, limits),
+        }
+    }
+
     fn prepare(
         path: &Path,
         limits: Limits,
@@ -222,7 +314,7 @@ impl Store {
             watermark.clone(),
         )?;
         let store = Store {
-            watermark,
+            watermark: Some(watermark),
             commands,
             reads,
             instance_id,
@@ -416,7 +508,9 @@ impl Store {
             reply,
         })
         .await?;
-        self.watermark.hide_unsynced(&mut messages);
+        if let Some(watermark) = &self.watermark {
+            watermark.hide_unsynced(&mut messages);
+        }
         Ok(messages)
     }
 

@@ -103,6 +103,35 @@ impl Notifier {
         }
     }
 
+    /// Wakes the watchers of every queue whose key starts with one of
+    /// `prefixes`, carrying nothing: another node wrote to the queue, and
+    /// the watchers read it from the database.
+    pub(super) fn wake_prefixes(&self, prefixes: &std::collections::HashSet<[u8; 8]>) {
+        self.wake_where(|key| {
+            let mut prefix = [0u8; 8];
+            prefix.copy_from_slice(&key.as_bytes()[..8]);
+            prefixes.contains(&prefix)
+        });
+    }
+
+    /// Wakes every watcher, carrying nothing, so that each reads its queue
+    /// from the database (after wake-ups may have been missed).
+    pub(super) fn wake_all(&self) {
+        self.wake_where(|_| true);
+    }
+
+    fn wake_where(&self, wanted: impl Fn(&IdentityKey) -> bool) {
+        let queues = self.lock();
+        for (key, sender) in queues.iter() {
+            if sender.receiver_count() > 0 && wanted(key) {
+                sender.send_modify(|change| {
+                    change.version += 1;
+                    change.messages = None;
+                });
+            }
+        }
+    }
+
     /// Forgets queues nobody watches any more, bounding the registry.
     pub fn forget_unwatched(&self) {
         self.lock().retain(|_, sender| sender.receiver_count() > 0);

@@ -6,7 +6,8 @@
 use quicnprotochat_core::{GroupId, IdentityKey, Seq};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::ValidKeyPackage;
+use super::commands::Transact;
+use super::{StoreError, ValidKeyPackage};
 use crate::delivery::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
 
 /// One command's view of a connection.
@@ -17,6 +18,23 @@ pub(super) struct SqliteStorage<'c> {
 impl<'c> SqliteStorage<'c> {
     pub(super) fn new(db: &'c Connection) -> Self {
         Self { db }
+    }
+}
+
+impl Transact for SqliteStorage<'_> {
+    fn decide<T, R>(
+        &mut self,
+        mut work: impl FnMut(&mut Self) -> rusqlite::Result<Result<T, R>>,
+    ) -> Result<Result<T, R>, StoreError> {
+        // Cached statements: a savepoint per command is on the hot path.
+        self.db.prepare_cached("SAVEPOINT command")?.execute([])?;
+        let outcome = work(self);
+        if matches!(outcome, Ok(Ok(_))) {
+            self.db.prepare_cached("RELEASE command")?.execute([])?;
+        } else if let Err(rollback) = self.db.execute_batch("ROLLBACK TO command; RELEASE command") {
+            tracing::error!("rolling back a refused or failed command: {rollback}");
+        }
+        Ok(outcome?)
     }
 }
 

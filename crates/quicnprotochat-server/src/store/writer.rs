@@ -25,11 +25,12 @@ use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
+use super::commands::{apply, fail};
 use super::notifier::{CARRY_BYTES, CARRY_MESSAGES};
 use super::readers::SideThreads;
 use super::sqlite::SqliteStorage;
 use super::sync::{Answers, Committed, Syncer};
-use super::{Command, Limits, Notifier, StoreError, unix_now};
+use super::{Command, Limits, Notifier, StoreError};
 use crate::delivery::rules;
 
 /// Most commands committed together; bounds the latency a batch adds.
@@ -213,9 +214,6 @@ impl std::future::Future for YieldOnce {
     }
 }
 
-/// An answer computed inside the transaction, sent once it is durable.
-type Answer = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
-
 /// Runs `batch` in one transaction and commits it; `None` if it failed (its
 /// callers have their errors then). `before`: the highest message sequence
 /// number committed before it.
@@ -242,7 +240,12 @@ fn execute_batch(
     let mut touched: Vec<IdentityKey> = Vec::new();
     let mut commands = batch.drain(..);
     for command in commands.by_ref() {
-        answers.push(apply(&transaction, command, limits, &mut touched));
+        answers.push(apply(
+            &mut SqliteStorage::new(&transaction),
+            command,
+            limits,
+            &mut touched,
+        ));
         if transaction.is_autocommit() {
             // SQLite rolled the whole transaction back (disk full, I/O
             // error). Running more commands now would commit each on its own
@@ -339,149 +342,6 @@ pub(super) fn last_seq(connection: &Connection) -> rusqlite::Result<i64> {
         .query_row([], |row| row.get(0))
         .optional()?;
     Ok(seq.unwrap_or(0))
-}
-
-/// Runs one command inside its own savepoint and returns how to answer it;
-/// adds the queues it wrote to `touched`.
-fn apply(db: &Connection, command: Command, limits: &Limits, touched: &mut Vec<IdentityKey>) -> Answer {
-    let now = unix_now();
-    match command {
-        Command::UploadKeyPackages {
-            identity,
-            packages,
-            reply,
-        } => answer(
-            reply,
-            decide(db, |s| {
-                rules::upload_key_packages(s, &identity, &packages, limits, now)
-            }),
-        ),
-        Command::CountKeyPackages { identity, reply } => {
-            answer(reply, run(db, |s| rules::count_key_packages(s, &identity, now)))
-        }
-        Command::TakeKeyPackage {
-            identity,
-            ordinary,
-            reply,
-        } => answer(
-            reply,
-            run(db, |s| rules::take_key_package(s, &identity, ordinary, now)),
-        ),
-        Command::EnqueueBatch {
-            sender,
-            envelopes,
-            reply,
-        } => {
-            let outcome = decide(db, |s| rules::enqueue(s, &sender, &envelopes, limits, now));
-            if matches!(outcome, Ok(Ok(()))) {
-                touched.extend(
-                    envelopes
-                        .iter()
-                        .flat_map(|envelope| envelope.recipients.iter().copied()),
-                );
-            }
-            answer(reply, outcome)
-        }
-        Command::PublishCommit {
-            sender,
-            publication,
-            reply,
-        } => {
-            let outcome = decide(db, |s| {
-                rules::publish_commit(s, &sender, &publication, limits, now)
-            });
-            if matches!(outcome, Ok(Ok(()))) {
-                touched.extend(publication.commit.recipients.iter().copied());
-                if let Some(welcome) = &publication.welcome {
-                    touched.extend(welcome.recipients.iter().copied());
-                }
-            }
-            answer(reply, outcome)
-        }
-        Command::PublishProposal {
-            sender,
-            publication,
-            reply,
-        } => {
-            let outcome = decide(db, |s| {
-                rules::publish_proposal(s, &sender, &publication, limits, now)
-            });
-            if matches!(outcome, Ok(Ok(()))) {
-                touched.extend(publication.proposal.recipients.iter().copied());
-            }
-            answer(reply, outcome)
-        }
-        Command::Ack {
-            recipient,
-            up_to,
-            reply,
-        } => answer(reply, run(db, |s| rules::ack(s, &recipient, up_to))),
-        Command::Purge { older_than, reply } => answer(reply, run(db, |s| rules::purge(s, older_than, now))),
-        Command::PurgeIdleGroups { before, reply } => {
-            answer(reply, run(db, |s| rules::purge_idle_groups(s, before)))
-        }
-        Command::Drain { recipient, reply } => answer(reply, run(db, |s| rules::drain(s, &recipient))),
-    }
-}
-
-fn answer<T: Send + 'static>(reply: super::Reply<T>, result: Result<T, StoreError>) -> Answer {
-    Box::new(move |committed| {
-        let outcome = match committed {
-            Ok(()) => result,
-            // Committed, but maybe not on the disk: nobody can tell.
-            Err(StoreError::Sync(e)) => Err(StoreError::NotDurable(e.to_string())),
-            // The batch did not commit: whatever this command did is gone.
-            Err(e) => Err(StoreError::Transaction(e.to_string())),
-        };
-        // The caller may have gone away (connection closed); nothing to do.
-        let _ = reply.send(outcome);
-    })
-}
-
-/// Runs one command that may refuse inside its own savepoint, which is
-/// undone if the command refuses or fails: nothing of a refused call stays.
-fn decide<T, R>(
-    db: &Connection,
-    work: impl FnOnce(&mut SqliteStorage<'_>) -> rusqlite::Result<Result<T, R>>,
-) -> Result<Result<T, R>, StoreError> {
-    // Cached statements: a savepoint per command is on the hot path.
-    db.prepare_cached("SAVEPOINT command")?.execute([])?;
-    let outcome = work(&mut SqliteStorage::new(db));
-    if matches!(outcome, Ok(Ok(_))) {
-        db.prepare_cached("RELEASE command")?.execute([])?;
-    } else if let Err(rollback) = db.execute_batch("ROLLBACK TO command; RELEASE command") {
-        tracing::error!("rolling back a refused or failed command: {rollback}");
-    }
-    Ok(outcome?)
-}
-
-/// [`decide`] for a command that never refuses.
-fn run<T>(
-    db: &Connection,
-    work: impl FnOnce(&mut SqliteStorage<'_>) -> rusqlite::Result<T>,
-) -> Result<T, StoreError> {
-    let Ok(value) = decide(db, |storage| work(storage).map(Ok::<T, std::convert::Infallible>))?;
-    Ok(value)
-}
-
-/// Answers a command that never ran because its batch failed.
-fn fail(command: Command, error: &StoreError) {
-    fn send<T>(reply: super::Reply<T>, error: &StoreError) {
-        // The caller may have gone away; nothing to do then.
-        let _ = reply.send(Err(StoreError::Transaction(error.to_string())));
-    }
-    match command {
-        Command::UploadKeyPackages { reply, .. } => send(reply, error),
-        Command::EnqueueBatch { reply, .. } => send(reply, error),
-        Command::PublishCommit { reply, .. } => send(reply, error),
-        Command::PublishProposal { reply, .. } => send(reply, error),
-        Command::TakeKeyPackage { reply, .. } => send(reply, error),
-        Command::CountKeyPackages { reply, .. } => send(reply, error),
-        Command::Drain { reply, .. } => send(reply, error),
-        Command::Ack { reply, .. } => send(reply, error),
-        Command::Purge { reply, .. } => send(reply, error),
-        Command::PurgeIdleGroups { reply, .. } => send(reply, error),
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,162 @@
+//! The node's tables on PostgreSQL: numbered migrations, applied in one
+//! transaction under an advisory lock, so that nodes starting together
+//! migrate once and never see a half-made schema.
+//!
+//! A table `quicnprotochat_meta` marks the database as a node's and records
+//! the schema version and the instance id. A database with other tables and
+//! no marker belongs to something else and is refused; one whose version is
+//! newer than this build knows is refused too.
+//!
+//! Every hot statement is keyed by one recipient, one identity or one group
+//! and joins no other queue, so each table can later be partitioned by hash
+//! of that key or distributed by it (README, "Running several nodes").
+
+use postgres::Client;
+
+use super::super::StoreError;
+
+/// The advisory lock the migrations run under ("QNPN" and the table
+/// marker's name in spirit; any fixed number would do).
+const MIGRATION_LOCK: i64 = 0x514E_504E_6D69_6772;
+
+/// What `quicnprotochat_meta.application` holds.
+const APPLICATION: &[u8] = b"quicnprotochat-node";
+
+/// The schema, one entry per version. Never edit an entry that shipped;
+/// append a new one.
+const MIGRATIONS: &[&str] = &[
+    // Payloads are stored once per recipient (no shared payload rows), so
+    // that no statement joins across queues and `messages` can be split by
+    // recipient. Queue counters live in `queues`: `last_seq` gives each
+    // queue its own gapless sequence, taken under the row's lock, so a
+    // queue's numbers rise in commit order; `depth` and `bytes` make the
+    // queue limits one lookup. Queue rows are never deleted: a queue that
+    // restarted at 1 would hide new messages from a reader that acked more.
+    "CREATE TABLE key_packages (
+         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+         identity_key bytea NOT NULL CHECK (octet_length(identity_key) = 32),
+         package bytea NOT NULL,
+         uploaded_at bigint NOT NULL,
+         last_resort boolean NOT NULL,
+         expires_at bigint NOT NULL
+     );
+     CREATE INDEX key_packages_serving ON key_packages (identity_key, last_resort, id);
+     CREATE INDEX key_packages_by_expiry ON key_packages (expires_at);
+     CREATE TABLE queues (
+         recipient_key bytea PRIMARY KEY CHECK (octet_length(recipient_key) = 32),
+         last_seq bigint NOT NULL DEFAULT 0,
+         depth bigint NOT NULL DEFAULT 0,
+         bytes bigint NOT NULL DEFAULT 0
+     );
+     CREATE TABLE messages (
+         recipient_key bytea NOT NULL,
+         seq bigint NOT NULL,
+         payload bytea NOT NULL,
+         enqueued_at bigint NOT NULL,
+         PRIMARY KEY (recipient_key, seq)
+     );
+     -- Ciphertext does not compress: skip the attempt.
+     ALTER TABLE messages ALTER COLUMN payload SET STORAGE EXTERNAL;
+     -- Retention scans by age; a BRIN index costs next to nothing per insert.
+     CREATE INDEX messages_by_age ON messages USING brin (enqueued_at);
+     CREATE TABLE message_ids (
+         sender bytea NOT NULL,
+         message_id bytea NOT NULL,
+         created_at bigint NOT NULL,
+         PRIMARY KEY (sender, message_id)
+     );
+     CREATE INDEX message_ids_by_age ON message_ids USING brin (created_at);
+     CREATE TABLE group_epochs (
+         group_id bytea PRIMARY KEY,
+         epoch bigint NOT NULL
+     );
+     CREATE TABLE group_views (
+         group_id bytea PRIMARY KEY,
+         view bytea NOT NULL,
+         changed_at bigint NOT NULL
+     );
+     CREATE INDEX group_views_by_age ON group_views (changed_at);
+     CREATE TABLE welcome_trees (
+         group_id bytea NOT NULL,
+         epoch bigint NOT NULL,
+         tree bytea NOT NULL,
+         joiners bytea NOT NULL,
+         created_at bigint NOT NULL,
+         PRIMARY KEY (group_id, epoch)
+     );
+     CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);",
+];
+
+/// The schema version this build creates.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Creates or migrates the node's tables; returns the database's instance
+/// id.
+pub(super) fn migrate(client: &mut Client) -> Result<[u8; 16], StoreError> {
+    let mut transaction = client.transaction()?;
+    transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    let marked: bool = transaction
+        .query_one("SELECT to_regclass('quicnprotochat_meta') IS NOT NULL", &[])?
+        .get(0);
+    if !marked {
+        let tables: i64 = transaction
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
+                &[],
+            )?
+            .get(0);
+        if tables > 0 {
+            return Err(StoreError::ForeignPostgres(format!(
+                "it has {tables} tables and no quicnprotochat_meta"
+            )));
+        }
+        let instance_id: [u8; 16] = rand::random();
+        transaction
+            .batch_execute("CREATE TABLE quicnprotochat_meta (key text PRIMARY KEY, value bytea NOT NULL)")?;
+        transaction.execute(
+            "INSERT INTO quicnprotochat_meta (key, value) VALUES
+                 ('application', $1), ('schema_version', '0'), ('instance_id', $2)",
+            &[&APPLICATION, &instance_id.as_slice()],
+        )?;
+    }
+    let meta = |transaction: &mut postgres::Transaction<'_>, key: &str| -> Result<Vec<u8>, StoreError> {
+        let row = transaction.query_opt("SELECT value FROM quicnprotochat_meta WHERE key = $1", &[&key])?;
+        row.map(|row| row.get::<_, Vec<u8>>(0))
+            .ok_or_else(|| StoreError::ForeignPostgres(format!("quicnprotochat_meta has no {key}")))
+    };
+    let application = meta(&mut transaction, "application")?;
+    if application != APPLICATION {
+        return Err(StoreError::ForeignPostgres(format!(
+            "quicnprotochat_meta names the application {:?}",
+            String::from_utf8_lossy(&application)
+        )));
+    }
+    let found = meta(&mut transaction, "schema_version")?;
+    let found: i64 = std::str::from_utf8(&found)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| StoreError::ForeignPostgres("its schema_version is not a number".into()))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let start = usize::try_from(found).unwrap_or(0);
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(start) {
+        transaction.batch_execute(migration)?;
+        tracing::info!(version = index + 1, "applied PostgreSQL migration");
+    }
+    if found < SCHEMA_VERSION {
+        transaction.execute(
+            "UPDATE quicnprotochat_meta SET value = $1 WHERE key = 'schema_version'",
+            &[&SCHEMA_VERSION.to_string().into_bytes()],
+        )?;
+    }
+    let instance_id = meta(&mut transaction, "instance_id")?;
+    let instance_id = instance_id
+        .try_into()
+        .map_err(|_| StoreError::ForeignPostgres("its instance_id is not 16 bytes".into()))?;
+    transaction.commit()?;
+    Ok(instance_id)
+}

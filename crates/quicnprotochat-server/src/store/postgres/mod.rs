@@ -1,0 +1,527 @@
+//! The store on PostgreSQL: any number of nodes share one database.
+//!
+//! The same commands as on SQLite, run by the same rules
+//! ([`super::commands::apply`]), but by several writer threads, each with a
+//! connection of its own, taking batches from one queue: while one waits
+//! for PostgreSQL, the next gathers its batch. A batch is one transaction:
+//! it locks the rows of the queues it writes (sorted, in one statement),
+//! runs each command (those that may refuse in a savepoint), sends one
+//! small NOTIFY naming the queues it wrote, and commits. PostgreSQL answers
+//! a commit once it is durable (`synchronous_commit`), so the answers go
+//! out right away and reads need no watermark.
+//!
+//! # Layout
+//! - `migrations` — numbered schema migrations under an advisory lock.
+//! - `storage` — [`Storage`](crate::delivery::Storage) on one connection,
+//!   and how each guarantee holds across nodes.
+//! - `listen` — the LISTEN connection: other nodes' commits wake this
+//!   node's waiters.
+
+mod listen;
+mod migrations;
+mod storage;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use postgres::{Client, NoTls};
+use quicnprotochat_core::IdentityKey;
+use tokio::sync::{mpsc, watch};
+
+use self::storage::{PgStorage, Statements, classify, describe};
+use super::commands::{apply, fail};
+use super::readers::Read;
+use super::{Command, Limits, Notifier, QUEUE_CAPACITY, Store, StoreCloser, StoreError};
+use crate::delivery::rules;
+
+/// Writer connections per node. Three keep a batch gathering while two
+/// wait for PostgreSQL; more only add lock waits on busy queues
+/// (BENCHMARKS.md, "Several nodes on PostgreSQL").
+const WRITERS: usize = 3;
+
+/// Reader connections per node (queue reads for push and fetch, group
+/// views).
+const READERS: usize = 2;
+
+/// Most commands in one batch.
+const MAX_BATCH: usize = 512;
+
+/// Most commands of one batch that run in a savepoint. A savepoint that
+/// writes is a subtransaction until the commit, and a transaction with
+/// more than 64 of them makes every snapshot in the cluster look them up
+/// in `pg_subtrans`, a known cliff.
+const MAX_SAVEPOINTS: usize = 48;
+
+/// How long a connection that failed waits before trying again; calls
+/// meanwhile fail at once with "database unavailable".
+pub(super) const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+
+/// Most queues one wake-up names; a batch that wrote more wakes every
+/// waiter of the other nodes (NOTIFY payloads stop at 8000 bytes).
+const MAX_NAMED_QUEUES: usize = 400;
+
+/// Whether `db` names a PostgreSQL database rather than a SQLite file.
+pub fn is_url(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
+/// Connects to the database at `url`, creates or migrates its tables, and
+/// starts the writer, reader and listener threads.
+pub(super) fn open(url: &str, limits: Limits) -> Result<(Store, StoreCloser), StoreError> {
+    let config = config(url)?;
+    // The synchronous client runs a runtime of its own, which must not be
+    // started (or dropped) on an async thread: migrate on a thread of its
+    // own, like every connection after it.
+    let migrating = config.clone();
+    let instance_id = std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                let mut client = connect(&migrating)?;
+                migrations::migrate(&mut client)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Transaction("the migration thread panicked".into())))
+    })?;
+    let notifier = Notifier::new();
+    // Names this node's wake-ups so that its listener skips them.
+    let tag = hex::encode(rand::random::<[u8; 8]>());
+    let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
+    let (reads, read_receiver) = mpsc::channel(QUEUE_CAPACITY);
+    let receiver = Arc::new(Mutex::new(receiver));
+    let read_receiver = Arc::new(Mutex::new(read_receiver));
+    let mut threads = Vec::with_capacity(WRITERS + READERS);
+    for index in 0..WRITERS {
+        let link = Link::new(config.clone());
+        let (queue, notifier, tag) = (receiver.clone(), notifier.clone(), tag.clone());
+        threads.push(spawn(format!("store-pg-writer-{index}"), move || {
+            write_loop(link, &queue, &limits, &notifier, &tag);
+        })?);
+    }
+    for index in 0..READERS {
+        let link = Link::new(config.clone());
+        let queue = read_receiver.clone();
+        threads.push(spawn(format!("store-pg-reader-{index}"), move || {
+            read_loop(link, &queue)
+        })?);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = {
+        let (config, notifier, tag, stop) = (config.clone(), notifier.clone(), tag.clone(), stop.clone());
+        spawn("store-pg-listen".into(), move || {
+            listen::listen_loop(&config, &notifier, &tag, &stop);
+        })?
+    };
+    let (finished, finished_receiver) = watch::channel(false);
+    let supervisor = spawn("store-pg".into(), move || {
+        // Writers and readers end once every `Store` handle is gone and
+        // their queues are empty.
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("a PostgreSQL store thread panicked");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        if listener.join().is_err() {
+            tracing::error!("the PostgreSQL listener thread panicked");
+        }
+        tracing::info!("database connections closed");
+        finished.send_replace(true);
+    })?;
+    let store = Store {
+        watermark: None,
+        commands,
+        reads,
+        instance_id,
+        notifier,
+    };
+    Ok((
+        store,
+        StoreCloser {
+            thread: Some(supervisor),
+            finished: finished_receiver,
+        },
+    ))
+}
+
+fn spawn(name: String, work: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(work)
+        .map_err(StoreError::Thread)
+}
+
+/// The connection settings in `url`, plus the node's own.
+fn config(url: &str) -> Result<postgres::Config, StoreError> {
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e: postgres::Error| StoreError::BadUrl(describe(&e)))?;
+    config.application_name("quicnprotochat-node");
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    Ok(config)
+}
+
+/// A new connection, set up for the node.
+pub(super) fn connect(config: &postgres::Config) -> Result<Client, StoreError> {
+    let mut client = config.connect(NoTls).map_err(classify)?;
+    // A statement stuck behind a lock (say, of a node that hangs) fails
+    // instead of holding a writer for ever.
+    client
+        .batch_execute("SET statement_timeout = '30s'")
+        .map_err(classify)?;
+    Ok(client)
+}
+
+/// One thread's connection, made again after it is lost.
+struct Link {
+    config: postgres::Config,
+    client: Option<Client>,
+    statements: Statements,
+    /// No new attempt before then, after a failed one.
+    retry_at: Option<Instant>,
+}
+
+impl Link {
+    fn new(config: postgres::Config) -> Link {
+        Link {
+            config,
+            client: None,
+            statements: Statements::default(),
+            retry_at: None,
+        }
+    }
+
+    /// The connection, made now if there is none (at most every
+    /// [`RECONNECT_PAUSE`]).
+    fn connected(&mut self) -> Result<(&mut Client, &mut Statements), StoreError> {
+        if self.client.as_ref().is_some_and(Client::is_closed) {
+            self.lost();
+        }
+        if self.client.is_none() {
+            if self.retry_at.is_some_and(|at| Instant::now() < at) {
+                return Err(StoreError::Unavailable("reconnecting to PostgreSQL".into()));
+            }
+            match connect(&self.config) {
+                Ok(client) => {
+                    if self.retry_at.take().is_some() {
+                        tracing::info!("reconnected to PostgreSQL");
+                    }
+                    self.client = Some(client);
+                }
+                Err(error) => {
+                    if self.retry_at.is_none() {
+                        tracing::warn!("connecting to PostgreSQL: {error}");
+                    }
+                    self.retry_at = Some(Instant::now() + RECONNECT_PAUSE);
+                    return Err(error);
+                }
+            }
+        }
+        match &mut self.client {
+            Some(client) => Ok((client, &mut self.statements)),
+            None => Err(StoreError::Unavailable("not connected".into())),
+        }
+    }
+
+    /// Drops the connection: the next call makes a new one.
+    fn lost(&mut self) {
+        self.client = None;
+        self.statements.clear();
+        self.retry_at.get_or_insert_with(Instant::now);
+    }
+}
+
+fn write_loop(
+    mut link: Link,
+    queue: &Mutex<mpsc::Receiver<Command>>,
+    limits: &Limits,
+    notifier: &Notifier,
+    tag: &str,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        {
+            let mut receiver = queue.lock().unwrap_or_else(PoisonError::into_inner);
+            match receiver.blocking_recv() {
+                Some(command) => batch.push(command),
+                // Every `Store` handle is gone and the queue is empty.
+                None => return,
+            }
+            gather(&mut receiver, &mut batch);
+        }
+        if !execute_batch(&mut link, &mut batch, limits, notifier, tag) {
+            link.lost();
+        }
+    }
+}
+
+/// Adds every ready command to `batch`, within [`MAX_BATCH`] and
+/// [`MAX_SAVEPOINTS`].
+fn gather(receiver: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) {
+    let mut savepoints = batch.iter().filter(|command| uses_savepoint(command)).count();
+    while batch.len() < MAX_BATCH && savepoints < MAX_SAVEPOINTS {
+        match receiver.try_recv() {
+            Ok(command) => {
+                savepoints += usize::from(uses_savepoint(&command));
+                batch.push(command);
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Whether the command may refuse after writing, so runs in a savepoint.
+fn uses_savepoint(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::UploadKeyPackages { .. }
+            | Command::EnqueueBatch { .. }
+            | Command::PublishCommit { .. }
+            | Command::PublishProposal { .. }
+    )
+}
+
+/// The queues `batch` may write, sorted and distinct.
+fn written_queues(batch: &[Command]) -> Vec<IdentityKey> {
+    let mut queues = Vec::new();
+    for command in batch {
+        match command {
+            Command::EnqueueBatch { envelopes, .. } => {
+                queues.extend(
+                    envelopes
+                        .iter()
+                        .flat_map(|envelope| envelope.recipients.iter().copied()),
+                );
+            }
+            Command::PublishCommit { publication, .. } => {
+                queues.extend(publication.commit.recipients.iter().copied());
+                if let Some(welcome) = &publication.welcome {
+                    queues.extend(welcome.recipients.iter().copied());
+                }
+            }
+            Command::PublishProposal { publication, .. } => {
+                queues.extend(publication.proposal.recipients.iter().copied());
+            }
+            Command::Ack { recipient, .. } | Command::Drain { recipient, .. } => queues.push(*recipient),
+            _ => {}
+        }
+    }
+    queues.sort_unstable();
+    queues.dedup();
+    queues
+}
+
+/// Runs `batch` in one transaction and answers it. False when the
+/// connection must be made again.
+fn execute_batch(
+    link: &mut Link,
+    batch: &mut Vec<Command>,
+    limits: &Limits,
+    notifier: &Notifier,
+    tag: &str,
+) -> bool {
+    let (client, statements) = match link.connected() {
+        Ok(connected) => connected,
+        Err(error) => {
+            batch.drain(..).for_each(|command| fail(command, &error));
+            return true;
+        }
+    };
+    if let Err(e) = client.batch_execute("BEGIN") {
+        let error = classify(e);
+        batch.drain(..).for_each(|command| fail(command, &error));
+        return !matches!(error, StoreError::Unavailable(_));
+    }
+    let mut storage = PgStorage::new(client, statements);
+    let queues = written_queues(batch);
+    if !queues.is_empty() {
+        let keys: Vec<&[u8]> = queues.iter().map(|key| key.as_bytes().as_slice()).collect();
+        if let Err(e) = storage.lock_queues(&keys) {
+            let error = classify(e);
+            drop(storage);
+            return abandon(client, batch.drain(..), Vec::new(), &error);
+        }
+    }
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut touched: Vec<IdentityKey> = Vec::new();
+    let mut commands = batch.drain(..);
+    for command in commands.by_ref() {
+        answers.push(apply(&mut storage, command, limits, &mut touched));
+        if storage.broken() {
+            break;
+        }
+    }
+    if storage.broken() {
+        drop(storage);
+        let error = if client.is_closed() {
+            StoreError::Unavailable("the connection to PostgreSQL was lost".into())
+        } else {
+            StoreError::Transaction("a statement failed and PostgreSQL aborted the batch".into())
+        };
+        tracing::error!("{error}");
+        return abandon(client, commands, answers, &error);
+    }
+    drop(commands);
+    touched.sort_unstable();
+    touched.dedup();
+    if !touched.is_empty()
+        && let Err(e) = storage.notify(&wake_up(tag, &touched))
+    {
+        let error = classify(e);
+        drop(storage);
+        return abandon(client, std::iter::empty(), answers, &error);
+    }
+    drop(storage);
+    match client.batch_execute("COMMIT") {
+        Ok(()) => {
+            answers.into_iter().for_each(|answer| answer(Ok(())));
+            notifier.notify(&touched, &std::collections::HashMap::new());
+            true
+        }
+        Err(e) => {
+            // Lost while committing: the batch may or may not have taken
+            // effect, which `Unavailable` says.
+            let error = classify(e);
+            tracing::error!("committing a batch: {error}");
+            answers.into_iter().for_each(|answer| answer(Err(&error)));
+            !matches!(error, StoreError::Unavailable(_))
+        }
+    }
+}
+
+/// Rolls the batch back and answers everything in it with `error`.
+fn abandon(
+    client: &mut Client,
+    unrun: impl Iterator<Item = Command>,
+    answers: Vec<super::commands::Answer>,
+    error: &StoreError,
+) -> bool {
+    unrun.for_each(|command| fail(command, error));
+    answers.into_iter().for_each(|answer| answer(Err(error)));
+    match client.batch_execute("ROLLBACK") {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("rolling back a failed batch: {}", describe(&e));
+            false
+        }
+    }
+}
+
+/// A batch's NOTIFY payload: this node's tag, then the first 8 bytes (hex)
+/// of each queue it wrote, or `*` for "any". Small on purpose: PostgreSQL
+/// queues every payload in one shared area and serialises committing
+/// transactions that notified.
+fn wake_up(tag: &str, touched: &[IdentityKey]) -> String {
+    let mut payload = String::with_capacity(tag.len() + 1 + touched.len().min(MAX_NAMED_QUEUES) * 17);
+    payload.push_str(tag);
+    payload.push(' ');
+    if touched.len() > MAX_NAMED_QUEUES {
+        payload.push('*');
+        return payload;
+    }
+    for (index, key) in touched.iter().enumerate() {
+        if index > 0 {
+            payload.push(',');
+        }
+        payload.push_str(&hex::encode(&key.as_bytes()[..8]));
+    }
+    payload
+}
+
+fn read_loop(mut link: Link, queue: &Mutex<mpsc::Receiver<Read>>) {
+    loop {
+        let read = {
+            let mut receiver = queue.lock().unwrap_or_else(PoisonError::into_inner);
+            match receiver.blocking_recv() {
+                Some(read) => read,
+                None => return,
+            }
+        };
+        let lost = match link.connected() {
+            Ok((client, statements)) => {
+                let lost = serve(&mut PgStorage::new(client, statements), read);
+                lost || client.is_closed()
+            }
+            Err(error) => {
+                refuse(read, &error);
+                false
+            }
+        };
+        if lost {
+            link.lost();
+        }
+    }
+}
+
+/// Answers one read; true if it found the connection gone.
+fn serve(storage: &mut PgStorage<'_>, read: Read) -> bool {
+    fn answer<T>(reply: super::Reply<T>, result: Result<T, storage::PgError>) -> bool {
+        let result = result.map_err(StoreError::from);
+        let lost = matches!(result, Err(StoreError::Unavailable(_)));
+        // The caller may have gone away; nothing to do then.
+        let _ = reply.send(result);
+        lost
+    }
+    match read {
+        Read::MessagesAfter {
+            recipient,
+            after,
+            limit,
+            reply,
+        } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
+        Read::GroupInfo { group, caller, reply } => {
+            answer(reply, rules::group_info(storage, &group, &caller))
+        }
+        Read::WelcomeTree {
+            group,
+            epoch,
+            caller,
+            reply,
+        } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
+    }
+}
+
+/// Answers a read that could not run.
+fn refuse(read: Read, error: &StoreError) {
+    let error = || StoreError::Unavailable(error.to_string());
+    // The caller may have gone away; nothing to do then.
+    match read {
+        Read::MessagesAfter { reply, .. } => drop(reply.send(Err(error()))),
+        Read::GroupInfo { reply, .. } => drop(reply.send(Err(error()))),
+        Read::WelcomeTree { reply, .. } => drop(reply.send(Err(error()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wake_up_names_queues_by_prefix_and_falls_back_to_everyone() {
+        let keys = [
+            IdentityKey::from_bytes([0xab; 32]),
+            IdentityKey::from_bytes([1; 32]),
+        ];
+        assert_eq!(wake_up("t", &keys), "t abababababababab,0101010101010101");
+        let many: Vec<IdentityKey> = (0..=MAX_NAMED_QUEUES)
+            .map(|index| {
+                let mut key = [0; 32];
+                key[..8].copy_from_slice(&(index as u64).to_be_bytes());
+                IdentityKey::from_bytes(key)
+            })
+            .collect();
+        assert_eq!(wake_up("t", &many), "t *");
+        assert!(wake_up("0123456789abcdef", &many[..MAX_NAMED_QUEUES]).len() < 8000);
+    }
+
+    #[test]
+    fn postgres_urls_are_told_from_sqlite_paths() {
+        assert!(is_url("postgres://node@db.example/chat"));
+        assert!(is_url("postgresql://node@/chat?host=/run/postgresql"));
+        assert!(!is_url("data/node.db"));
+        assert!(!is_url("postgres.db"));
+    }
+}

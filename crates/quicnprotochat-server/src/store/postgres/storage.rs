@@ -1,0 +1,636 @@
+//! [`Storage`] on one PostgreSQL connection: the statements the rules need,
+//! each prepared once per connection.
+//!
+//! Several nodes (and several writers of one node) run batches at the same
+//! time, so each guarantee the SQLite store gets from its single writer is
+//! made explicit here:
+//! - a batch first locks the rows of every queue it writes, in one sorted
+//!   statement ([`PgStorage::lock_queues`]): batches never deadlock on
+//!   queues, depth checks see every committed message, and each queue's
+//!   counter hands out numbers in commit order;
+//! - the oldest KeyPackage is taken `FOR UPDATE SKIP LOCKED`, so two nodes
+//!   never serve the same one;
+//! - a group's epoch moves only from the value its command read
+//!   ([`PgError::Raced`] otherwise, and the command runs again and sees the
+//!   winner's epoch);
+//! - an identity's KeyPackage count is taken under an advisory lock of that
+//!   identity.
+
+use std::collections::HashMap;
+
+use postgres::types::ToSql;
+use postgres::{Client, Row, Statement};
+use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+
+use super::super::commands::Transact;
+use super::super::{StoreError, ValidKeyPackage};
+use crate::delivery::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
+
+/// A failure inside one command.
+#[derive(Debug)]
+pub(in crate::store) enum PgError {
+    /// PostgreSQL failed or refused a statement.
+    Db(postgres::Error),
+    /// Another transaction changed what this command read (a group's
+    /// epoch); running the command again sees the change.
+    Raced(&'static str),
+}
+
+impl From<postgres::Error> for PgError {
+    fn from(error: postgres::Error) -> Self {
+        PgError::Db(error)
+    }
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PgError::Db(error) => write!(f, "{}", describe(error)),
+            PgError::Raced(what) => write!(f, "{what} changed meanwhile"),
+        }
+    }
+}
+
+impl PgError {
+    /// Whether running the command again may well succeed: a conflict with
+    /// a concurrent transaction, not a fault.
+    fn retryable(&self) -> bool {
+        use postgres::error::SqlState;
+        match self {
+            PgError::Raced(_) => true,
+            PgError::Db(error) => error.code().is_some_and(|code| {
+                *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::UNIQUE_VIOLATION
+            }),
+        }
+    }
+}
+
+impl From<PgError> for StoreError {
+    fn from(error: PgError) -> Self {
+        match error {
+            PgError::Db(error) => classify(error),
+            PgError::Raced(what) => StoreError::Transaction(format!("{what} kept changing; retry")),
+        }
+    }
+}
+
+/// A database error's full text: the server's message and detail, not only
+/// "db error".
+pub(super) fn describe(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
+    }
+}
+
+/// Whether `error` means the server is gone (stopped, restarting,
+/// unreachable) rather than that it refused a statement.
+pub(super) fn is_unavailable(error: &postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        // Class 08: connection exception; 57P01–57P03: shutting down,
+        // crash, cannot connect now.
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57P")
+        }
+        // No SQLSTATE: the socket failed (or a value did not convert,
+        // which these statements never do).
+        None => std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>()),
+    }
+}
+
+/// `StoreError` for a PostgreSQL failure.
+pub(super) fn classify(error: postgres::Error) -> StoreError {
+    if is_unavailable(&error) {
+        StoreError::Unavailable(describe(&error))
+    } else {
+        StoreError::Postgres(error)
+    }
+}
+
+/// Statements prepared on one connection, by their text.
+#[derive(Default)]
+pub(super) struct Statements(HashMap<&'static str, Statement>);
+
+impl Statements {
+    fn get(&mut self, client: &mut Client, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.0.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = client.prepare(sql)?;
+        self.0.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Forgets everything: the connection they were prepared on is gone.
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// The storage of one connection: inside a writer's batch transaction, or
+/// statement by statement on a reader.
+pub(super) struct PgStorage<'c> {
+    client: &'c mut Client,
+    statements: &'c mut Statements,
+    /// Usage of the queues this transaction holds locked, kept up to date
+    /// by its own appends and deletes; dropped when a command is undone.
+    usage: HashMap<IdentityKey, QueueUsage>,
+    /// The epochs the running command read, by group: a move of the epoch
+    /// must start from it.
+    epochs_read: HashMap<GroupId, Option<u64>>,
+    /// Whether a savepoint `command` exists.
+    savepoint: bool,
+    /// Whether a statement failed outside a savepoint, which aborts the
+    /// whole transaction.
+    broken: bool,
+}
+
+impl<'c> PgStorage<'c> {
+    pub(super) fn new(client: &'c mut Client, statements: &'c mut Statements) -> Self {
+        Self {
+            client,
+            statements,
+            usage: HashMap::new(),
+            epochs_read: HashMap::new(),
+            savepoint: false,
+            broken: false,
+        }
+    }
+
+    /// Whether the transaction is aborted and can only be rolled back.
+    pub(super) fn broken(&self) -> bool {
+        self.broken
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let result = self
+            .statements
+            .get(self.client, sql)
+            .and_then(|statement| self.client.query(&statement, params));
+        self.broken |= result.is_err();
+        result
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, postgres::Error> {
+        let result = self
+            .statements
+            .get(self.client, sql)
+            .and_then(|statement| self.client.execute(&statement, params));
+        self.broken |= result.is_err();
+        result
+    }
+
+    /// Locks the queue rows of `recipients` (distinct), creating missing
+    /// ones, in key order, and remembers their usage. Every batch takes its
+    /// queue locks here first and in the same order, so two batches (of
+    /// this node or another) wait for each other instead of deadlocking.
+    pub(super) fn lock_queues(&mut self, recipients: &[&[u8]]) -> Result<(), postgres::Error> {
+        let rows = self.query(
+            "INSERT INTO queues AS q (recipient_key)
+             SELECT r FROM unnest($1::bytea[]) AS r ORDER BY r
+             ON CONFLICT (recipient_key) DO UPDATE SET last_seq = q.last_seq
+             RETURNING recipient_key, depth, bytes",
+            &[&recipients],
+        )?;
+        for row in rows {
+            let key: &[u8] = row.get(0);
+            if let Ok(key) = <[u8; 32]>::try_from(key) {
+                self.usage.insert(
+                    IdentityKey::from_bytes(key),
+                    QueueUsage {
+                        messages: count(row.get(1)),
+                        bytes: count(row.get(2)),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Wakes the other nodes' waiters of the queues a batch wrote: one
+    /// small notification per batch, sent at its commit.
+    pub(super) fn notify(&mut self, payload: &str) -> Result<(), postgres::Error> {
+        self.execute("SELECT pg_notify('quicnprotochat', $1)", &[&payload])
+            .map(drop)
+    }
+}
+
+/// A non-negative SQL count.
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// Sequence numbers and epochs are below 2^63 in practice; a larger value
+/// asked for (a client's `afterSeq` of u64::MAX) means "beyond everything".
+fn sql_int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Rows a queue read fetches per statement: a fetch stops early at its
+/// budget, so reading the whole queue at once would waste the rest.
+const SCAN_PAGE: i64 = 128;
+
+impl Transact for PgStorage<'_> {
+    fn decide<T, R>(
+        &mut self,
+        mut work: impl FnMut(&mut Self) -> Result<Result<T, R>, PgError>,
+    ) -> Result<Result<T, R>, StoreError> {
+        // One round trip: the previous command's savepoint is released as
+        // this one's is taken (a savepoint that wrote stays a
+        // subtransaction until the commit either way).
+        let open = if self.savepoint {
+            "RELEASE command; SAVEPOINT command"
+        } else {
+            "SAVEPOINT command"
+        };
+        if let Err(e) = self.client.batch_execute(open) {
+            self.broken = true;
+            return Err(classify(e));
+        }
+        self.savepoint = true;
+        let mut attempts = 0;
+        loop {
+            self.epochs_read.clear();
+            let outcome = work(self);
+            if matches!(outcome, Ok(Ok(_))) {
+                return outcome.map_err(StoreError::from);
+            }
+            // `ROLLBACK TO` keeps the savepoint for another attempt.
+            if let Err(e) = self.client.batch_execute("ROLLBACK TO command") {
+                self.broken = true;
+                tracing::error!("rolling back a refused or failed command: {}", describe(&e));
+                return Err(classify(e));
+            }
+            self.broken = false;
+            // The undone writes may have moved the cached usage.
+            self.usage.clear();
+            match outcome {
+                Err(e) if e.retryable() && attempts < 3 => {
+                    attempts += 1;
+                    tracing::debug!("running a command again after a conflict: {e}");
+                }
+                other => return other.map_err(StoreError::from),
+            }
+        }
+    }
+
+    /// No savepoint: these commands write at most one statement's worth,
+    /// and if that fails the whole batch fails (see [`PgStorage::broken`]).
+    fn run<T>(&mut self, mut work: impl FnMut(&mut Self) -> Result<T, PgError>) -> Result<T, StoreError> {
+        work(self).map_err(StoreError::from)
+    }
+}
+
+impl Storage for PgStorage<'_> {
+    type Error = PgError;
+
+    fn insert_key_package(
+        &mut self,
+        identity: &IdentityKey,
+        package: &ValidKeyPackage,
+        now: i64,
+    ) -> Result<(), PgError> {
+        self.execute(
+            "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &identity.as_bytes().as_slice(),
+                &package.bytes,
+                &now,
+                &package.last_resort,
+                &sql_int(package.expires_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn oldest_key_package(
+        &mut self,
+        identity: &IdentityKey,
+        now: i64,
+    ) -> Result<Option<(KeyPackageRow, Vec<u8>)>, PgError> {
+        // SKIP LOCKED: one another node is handing out right now is not
+        // there for us; we take the next.
+        let row = self.query_opt(
+            "SELECT id, package FROM key_packages
+             WHERE identity_key = $1 AND NOT last_resort AND expires_at > $2
+             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            &[&identity.as_bytes().as_slice(), &now],
+        )?;
+        Ok(row.map(|row| (KeyPackageRow(row.get(0)), row.get(1))))
+    }
+
+    fn delete_key_package(&mut self, row: KeyPackageRow) -> Result<(), PgError> {
+        self.execute("DELETE FROM key_packages WHERE id = $1", &[&row.0])?;
+        Ok(())
+    }
+
+    fn newest_last_resort(&mut self, identity: &IdentityKey, now: i64) -> Result<Option<Vec<u8>>, PgError> {
+        let row = self.query_opt(
+            "SELECT package FROM key_packages
+             WHERE identity_key = $1 AND last_resort AND expires_at > $2
+             ORDER BY id DESC LIMIT 1",
+            &[&identity.as_bytes().as_slice(), &now],
+        )?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    fn stored_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<u64, PgError> {
+        // Counted to decide whether an upload fits: hold the identity's
+        // lock until the batch commits, so that two nodes storing for one
+        // identity at once cannot both fit under the limit.
+        let mut lock = [0u8; 8];
+        lock.copy_from_slice(&identity.as_bytes()[..8]);
+        self.execute("SELECT pg_advisory_xact_lock($1)", &[&i64::from_le_bytes(lock)])?;
+        let row = self.query_opt(
+            "SELECT count(*) FROM key_packages WHERE identity_key = $1 AND expires_at > $2",
+            &[&identity.as_bytes().as_slice(), &now],
+        )?;
+        Ok(row.map_or(0, |row| count(row.get(0))))
+    }
+
+    fn count_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<(u32, bool), PgError> {
+        let row = self.query_opt(
+            "SELECT count(*) FILTER (WHERE NOT last_resort), coalesce(bool_or(last_resort), false)
+             FROM key_packages WHERE identity_key = $1 AND expires_at > $2",
+            &[&identity.as_bytes().as_slice(), &now],
+        )?;
+        Ok(row.map_or((0, false), |row| {
+            (
+                u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX),
+                row.get(1),
+            )
+        }))
+    }
+
+    fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, PgError> {
+        let row = self.query_opt(
+            "SELECT 1 FROM message_ids WHERE sender = $1 AND message_id = $2",
+            &[&sender.as_bytes().as_slice(), &message_id],
+        )?;
+        Ok(row.is_some())
+    }
+
+    fn claim_message_id(
+        &mut self,
+        sender: &IdentityKey,
+        message_id: &[u8],
+        now: i64,
+    ) -> Result<bool, PgError> {
+        // A claim another node's open transaction made waits for it here,
+        // then counts as used once it commits.
+        let inserted = self.execute(
+            "INSERT INTO message_ids (sender, message_id, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+            &[&sender.as_bytes().as_slice(), &message_id, &now],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    fn queue_usage(&mut self, recipient: &IdentityKey) -> Result<QueueUsage, PgError> {
+        if let Some(usage) = self.usage.get(recipient) {
+            return Ok(*usage);
+        }
+        let row = self.query_opt(
+            "SELECT depth, bytes FROM queues WHERE recipient_key = $1 FOR UPDATE",
+            &[&recipient.as_bytes().as_slice()],
+        )?;
+        let Some(row) = row else {
+            // No row, no lock: nothing to remember.
+            return Ok(QueueUsage::default());
+        };
+        let usage = QueueUsage {
+            messages: count(row.get(0)),
+            bytes: count(row.get(1)),
+        };
+        self.usage.insert(*recipient, usage);
+        Ok(usage)
+    }
+
+    /// One statement for any number of recipients: each queue's counter
+    /// row moves by one under its lock, and the message takes the new
+    /// number.
+    fn append(&mut self, recipients: &[IdentityKey], payload: &[u8], now: i64) -> Result<(), PgError> {
+        let keys: Vec<&[u8]> = recipients.iter().map(|key| key.as_bytes().as_slice()).collect();
+        let size = i64::try_from(payload.len()).unwrap_or(i64::MAX);
+        self.execute(
+            "WITH q AS (
+                 INSERT INTO queues AS q (recipient_key, last_seq, depth, bytes)
+                 SELECT r, 1, 1, $3 FROM unnest($1::bytea[]) AS r ORDER BY r
+                 ON CONFLICT (recipient_key) DO UPDATE
+                 SET last_seq = q.last_seq + 1, depth = q.depth + 1, bytes = q.bytes + excluded.bytes
+                 RETURNING recipient_key, last_seq)
+             INSERT INTO messages (recipient_key, seq, payload, enqueued_at)
+             SELECT recipient_key, last_seq, $2, $4 FROM q",
+            &[&keys, &payload, &size, &now],
+        )?;
+        for recipient in recipients {
+            if let Some(usage) = self.usage.get_mut(recipient) {
+                usage.messages += 1;
+                usage.bytes += payload.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn scan_queue(
+        &mut self,
+        recipient: &IdentityKey,
+        after: Seq,
+        visit: &mut dyn FnMut(Seq, Vec<u8>) -> bool,
+    ) -> Result<(), PgError> {
+        let mut after = sql_int(after.get());
+        loop {
+            let rows = self.query(
+                "SELECT seq, payload FROM messages
+                 WHERE recipient_key = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&recipient.as_bytes().as_slice(), &after, &SCAN_PAGE],
+            )?;
+            let full = rows.len() as i64 == SCAN_PAGE;
+            for row in rows {
+                after = row.get(0);
+                if !visit(Seq::new(count(after)), row.get(1)) {
+                    return Ok(());
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    fn delete_through(&mut self, recipient: &IdentityKey, up_to: Seq) -> Result<usize, PgError> {
+        let row = self.query_opt(
+            "WITH d AS (
+                 DELETE FROM messages WHERE recipient_key = $1 AND seq <= $2
+                 RETURNING octet_length(payload) AS size),
+             t AS (SELECT count(*) AS n, coalesce(sum(size), 0)::bigint AS b FROM d),
+             u AS (UPDATE queues SET depth = depth - t.n, bytes = bytes - t.b
+                   FROM t WHERE recipient_key = $1 AND t.n > 0)
+             SELECT n, b FROM t",
+            &[&recipient.as_bytes().as_slice(), &sql_int(up_to.get())],
+        )?;
+        let (deleted, bytes) = row.map_or((0, 0), |row| (count(row.get(0)), count(row.get(1))));
+        if let Some(usage) = self.usage.get_mut(recipient) {
+            usage.messages = usage.messages.saturating_sub(deleted);
+            usage.bytes = usage.bytes.saturating_sub(bytes);
+        }
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+    }
+
+    fn group_epoch(&mut self, group: &GroupId) -> Result<Option<u64>, PgError> {
+        let row = self.query_opt(
+            "SELECT epoch FROM group_epochs WHERE group_id = $1",
+            &[&group.as_bytes()],
+        )?;
+        let epoch = row.map(|row| count(row.get(0)));
+        self.epochs_read.insert(group.clone(), epoch);
+        Ok(epoch)
+    }
+
+    /// Moves the epoch only from the one this command read: a competing
+    /// Commit that another node accepted meanwhile makes this one run
+    /// again, and then it sees that epoch.
+    fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> Result<(), PgError> {
+        let moved = match self.epochs_read.get(group).copied() {
+            Some(Some(read)) => self.execute(
+                "UPDATE group_epochs SET epoch = $2 WHERE group_id = $1 AND epoch = $3",
+                &[&group.as_bytes(), &sql_int(epoch), &sql_int(read)],
+            )?,
+            Some(None) => self.execute(
+                "INSERT INTO group_epochs (group_id, epoch) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&group.as_bytes(), &sql_int(epoch)],
+            )?,
+            None => self.execute(
+                "INSERT INTO group_epochs (group_id, epoch) VALUES ($1, $2)
+                 ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch",
+                &[&group.as_bytes(), &sql_int(epoch)],
+            )?,
+        };
+        if moved == 0 {
+            return Err(PgError::Raced("the group's epoch"));
+        }
+        self.epochs_read.insert(group.clone(), Some(epoch));
+        Ok(())
+    }
+
+    fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, PgError> {
+        let row = self.query_opt(
+            "SELECT view FROM group_views WHERE group_id = $1",
+            &[&group.as_bytes()],
+        )?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> Result<(), PgError> {
+        self.execute(
+            "INSERT INTO group_views (group_id, view, changed_at) VALUES ($1, $2, $3)
+             ON CONFLICT (group_id) DO UPDATE SET view = excluded.view, changed_at = excluded.changed_at",
+            &[&group.as_bytes(), &view, &now],
+        )?;
+        Ok(())
+    }
+
+    fn purge_idle_groups(&mut self, before: i64) -> Result<usize, PgError> {
+        let deleted = self.execute("DELETE FROM group_views WHERE changed_at < $1", &[&before])?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+    }
+
+    fn put_welcome_tree(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        tree: &[u8],
+        joiners: &[IdentityKey],
+        now: i64,
+    ) -> Result<(), PgError> {
+        let joiners: Vec<u8> = joiners.iter().flat_map(|key| *key.as_bytes()).collect();
+        self.execute(
+            "INSERT INTO welcome_trees (group_id, epoch, tree, joiners, created_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (group_id, epoch) DO UPDATE
+             SET tree = excluded.tree, joiners = excluded.joiners, created_at = excluded.created_at",
+            &[&group.as_bytes(), &sql_int(epoch), &tree, &joiners, &now],
+        )?;
+        Ok(())
+    }
+
+    fn welcome_tree(&mut self, group: &GroupId, epoch: u64) -> Result<Option<WelcomeTree>, PgError> {
+        let row = self.query_opt(
+            "SELECT tree, joiners FROM welcome_trees WHERE group_id = $1 AND epoch = $2",
+            &[&group.as_bytes(), &sql_int(epoch)],
+        )?;
+        Ok(row.map(|row| {
+            let joiners: Vec<u8> = row.get(1);
+            WelcomeTree {
+                tree: row.get(0),
+                // Written by `put_welcome_tree` as whole keys.
+                joiners: joiners
+                    .chunks_exact(32)
+                    .filter_map(|key| <[u8; 32]>::try_from(key).ok())
+                    .map(IdentityKey::from_bytes)
+                    .collect(),
+            }
+        }))
+    }
+
+    /// Safe on every node at once: a row two purges both find is deleted
+    /// by one and skipped by the other, and queue counters move by what
+    /// each really deleted. Queue rows are locked first, in the same order
+    /// batches lock them.
+    fn purge(&mut self, older_than: i64, now: i64) -> Result<usize, PgError> {
+        self.execute("DELETE FROM welcome_trees WHERE created_at < $1", &[&older_than])?;
+        let old: Vec<Vec<u8>> = self
+            .query(
+                "SELECT DISTINCT recipient_key FROM messages WHERE enqueued_at < $1",
+                &[&older_than],
+            )?
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut purged = 0;
+        if !old.is_empty() {
+            let keys: Vec<&[u8]> = old.iter().map(Vec::as_slice).collect();
+            self.query(
+                "SELECT 1 FROM queues WHERE recipient_key = ANY($1) ORDER BY recipient_key FOR UPDATE",
+                &[&keys],
+            )?;
+            let row = self.query_opt(
+                "WITH d AS (
+                     DELETE FROM messages WHERE recipient_key = ANY($1) AND enqueued_at < $2
+                     RETURNING recipient_key, octet_length(payload) AS size),
+                 per AS (SELECT recipient_key, count(*) AS n, sum(size)::bigint AS b FROM d GROUP BY recipient_key),
+                 u AS (UPDATE queues q SET depth = q.depth - per.n, bytes = q.bytes - per.b
+                       FROM per WHERE q.recipient_key = per.recipient_key)
+                 SELECT coalesce(sum(n), 0)::bigint FROM per",
+                &[&keys, &older_than],
+            )?;
+            purged = row.map_or(0, |row| count(row.get(0)));
+            self.usage.clear();
+        }
+        self.execute("DELETE FROM message_ids WHERE created_at < $1", &[&older_than])?;
+        self.execute("DELETE FROM key_packages WHERE expires_at <= $1", &[&now])?;
+        Ok(usize::try_from(purged).unwrap_or(usize::MAX))
+    }
+}
