@@ -19,9 +19,13 @@ use super::{RECONNECT_PAUSE, connect};
 const POLL: Duration = Duration::from_millis(200);
 
 pub(super) fn listen_loop(config: &postgres::Config, notifier: &Notifier, tag: &str, stop: &AtomicBool) {
+    // Its own name, so that an operator (or a test) can tell it apart in
+    // `pg_stat_activity`.
+    let mut config = config.clone();
+    config.application_name("quicnprotochat-node-listen");
     let mut warned = false;
     while !stop.load(Ordering::Relaxed) {
-        let mut client = match connect(config).and_then(|mut client| {
+        let mut client = match connect(&config).and_then(|mut client| {
             client
                 .batch_execute("LISTEN quicnprotochat")
                 .map_err(super::storage::classify)?;

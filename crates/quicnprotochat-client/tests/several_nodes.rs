@@ -1,0 +1,339 @@
+//! Several real nodes on one real PostgreSQL database, driven by the real
+//! CLI and the client library over real QUIC: what one node takes, every
+//! node serves. Without PostgreSQL these tests say so and pass, unless
+//! `QUICNPROTOCHAT_REQUIRE_POSTGRES=1`.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Member, TestNode, identity, local};
+use quicnprotochat_core::Seq;
+use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome};
+use quicnprotochat_proto::wire::Envelope;
+use quicnprotochat_server::Config;
+use quicnprotochat_server::config::Database;
+use quicnprotochat_testpg::TestPostgres;
+
+/// `count` nodes on the database at `url`, sharing one data directory (so
+/// one generated certificate, which every client trusts).
+fn nodes_on(url: &str, count: usize, dir: &std::path::Path) -> Vec<TestNode> {
+    (0..count)
+        .map(|_| {
+            let mut config = Config::in_dir(dir, SocketAddr::from(([127, 0, 0, 1], 0)));
+            config.db = Database::Postgres(url.to_owned());
+            // One identity's KeyPackages are fetched many times below.
+            config.key_package_serve_rate = 0;
+            config.key_package_fetch_rate = 0;
+            config.enqueue_rate = 0;
+            TestNode::start_with(config, dir.to_owned())
+        })
+        .collect()
+}
+
+/// A fresh database on the shared test cluster.
+fn database() -> Option<String> {
+    Some(TestPostgres::shared()?.create_database())
+}
+
+#[test]
+fn register_on_one_node_invite_through_another_and_follow_on_a_third() {
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, 3, dir.path());
+    let [a, b, c] = [&nodes[0], &nodes[1], &nodes[2]];
+    let alice = Member::register(a, dir.path(), "alice");
+    let bob = Member::register(a, dir.path(), "bob");
+    alice.run(a, "create-group", &["--group-id", "spread"]);
+    alice.run(b, "invite", &["--peer-key", &bob.key]);
+    bob.run(c, "join", &[]);
+
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
+        .args([
+            "--server",
+            &c.addr.to_string(),
+            "--ca-cert",
+            c.cert().to_str().unwrap(),
+        ])
+        .args(["recv", "--follow", "--state", &bob.state])
+        .env_remove("QUICNPROTOCHAT_SERVER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, got) = std::sync::mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let (notes, following) = std::sync::mpsc::channel();
+    let stderr = follower.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = notes.send(line);
+        }
+    });
+    loop {
+        let note = following
+            .recv_timeout(Duration::from_secs(20))
+            .expect("follower starts");
+        if note.contains("following") {
+            break;
+        }
+    }
+    for (node, text) in [(a, "sent through A"), (b, "sent through B")] {
+        let started = Instant::now();
+        alice.run(node, "send", &["--msg", text]);
+        let line = got
+            .recv_timeout(Duration::from_secs(10))
+            .expect("pushed by node C and printed");
+        assert_eq!(line, format!("spread {}: {text}", alice.short()));
+        eprintln!(
+            "{text}: printed by the follower on C {:?} after the send started",
+            started.elapsed()
+        );
+    }
+    // A Commit made through B reaches the follower on C as well.
+    alice.run(b, "update", &[]);
+    alice.run(a, "send", &["--msg", "after the update"]);
+    let line = got
+        .recv_timeout(Duration::from_secs(10))
+        .expect("pushed and printed");
+    assert_eq!(line, format!("spread {}: after the update", alice.short()));
+    Command::new("kill")
+        .args(["-INT", &follower.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(follower.wait().unwrap().success());
+
+    // And back: Bob answers through B, Alice reads through C.
+    bob.run(b, "send", &["--msg", "hello from bob"]);
+    let read = alice.run(c, "recv", &[]);
+    assert!(
+        read.ends_with(&format!("spread {}: hello from bob\n", bob.short())),
+        "{read}"
+    );
+    // Everything was acknowledged, whichever node took the ack.
+    assert_eq!(bob.run(a, "recv", &[]), "");
+}
+
+#[test]
+fn every_node_answers_with_the_databases_instance_id() {
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, 2, dir.path());
+    let ids = local(async {
+        let mut ids = Vec::new();
+        for node in &nodes {
+            ids.push(node.connect().await.ping().await.unwrap().instance_id);
+        }
+        ids
+    });
+    assert_eq!(ids[0].len(), 16);
+    assert_eq!(ids[0], ids[1]);
+}
+
+#[test]
+fn a_key_package_is_served_once_whichever_node_is_asked() {
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, 2, dir.path());
+    let alice = Member::register(&nodes[0], dir.path(), "alice");
+    let key = quicnprotochat_core::IdentityKey::from_bytes(hex_key(&alice.key));
+    // `register-state` stores a batch (8 or so) and a last resort: ask for
+    // more than that.
+    let fetches = 24;
+    let served = local(async {
+        let clients = [nodes[0].connect().await, nodes[1].connect().await];
+        // Both nodes at once, twice as often as there are KeyPackages.
+        let fetches = (0..fetches).map(|i| clients[i % 2].fetch_key_package(&key));
+        futures::future::join_all(fetches).await
+    });
+    let mut times: HashMap<Vec<u8>, usize> = HashMap::new();
+    for fetched in served {
+        match fetched.unwrap() {
+            FetchedKeyPackage::Package(package) => *times.entry(package).or_insert(0) += 1,
+            other => panic!("every fetch is served: {other:?}"),
+        }
+    }
+    // Each ordinary KeyPackage once; the last resort, kept, for the rest.
+    let mut counts: Vec<usize> = times.into_values().collect();
+    counts.sort_unstable();
+    let last_resort = counts.pop().unwrap();
+    assert!(counts.len() >= 8, "the batch was served: {counts:?}");
+    assert!(
+        counts.iter().all(|served| *served == 1),
+        "none served twice: {counts:?}"
+    );
+    assert_eq!(
+        last_resort,
+        fetches - counts.len(),
+        "the last resort is kept and served"
+    );
+}
+
+fn hex_key(text: &str) -> [u8; 32] {
+    let bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+/// Terminates the listening connections of every node on `url`.
+fn drop_listeners(url: &str) -> u64 {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let row = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'quicnprotochat-node-listen' AND datname = current_database()",
+                &[],
+            )
+            .unwrap();
+        row.get::<_, i64>(0) as u64
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn pushes_cross_nodes_and_survive_the_listening_connection_dropping() {
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, 2, dir.path());
+    let (sender, recipient) = (identity(1), identity(2));
+    let latencies = local(async {
+        let on_a = nodes[0].connect_as(&sender).await;
+        let on_b = nodes[1].connect_as(&recipient).await;
+        let (sink, mut pushed) = tokio::sync::mpsc::channel(64);
+        let _subscription = on_b
+            .subscribe(&recipient.public_key(), Seq::new(0), sink)
+            .await
+            .unwrap();
+        let mut latencies = Vec::new();
+        for round in 0..30u32 {
+            if round % 10 == 5 {
+                // The node re-checks every subscribed queue once it
+                // listens again, so a wake-up sent meanwhile is not lost.
+                assert!(drop_listeners(&url) >= 2, "both nodes were listening");
+            }
+            let started = Instant::now();
+            let outcome = on_a
+                .enqueue(&recipient.public_key(), &round.to_be_bytes())
+                .await
+                .unwrap();
+            assert_eq!(outcome, SendOutcome::Accepted);
+            let batch = tokio::time::timeout(Duration::from_secs(10), pushed.recv())
+                .await
+                .expect("pushed by the other node")
+                .unwrap();
+            latencies.push(started.elapsed());
+            assert_eq!(batch.len(), 1);
+            assert_eq!(batch[0].payload, round.to_be_bytes());
+            assert_eq!(batch[0].seq, Seq::new(u64::from(round) + 1));
+            on_b.ack(&recipient.public_key(), batch[0].seq).await.unwrap();
+        }
+        latencies
+    });
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    eprintln!(
+        "enqueue on A to push on B: median {:?}, max {:?}",
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    );
+}
+
+#[test]
+fn the_database_stopping_under_load_loses_nothing_and_the_node_recovers() {
+    let Some(cluster) = TestPostgres::start_own() else {
+        return;
+    };
+    let url = cluster.create_database();
+    let mut cluster = Some(cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, 1, dir.path());
+    let (sender, recipient) = (identity(3), identity(4));
+    let to = recipient.public_key();
+    let envelope = |i: u32| Envelope {
+        recipients: vec![to],
+        payload: i.to_be_bytes().to_vec(),
+        message_id: Some(i.to_be_bytes().to_vec()),
+    };
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (accepted, failed, errors, total) = local(async {
+        let client = nodes[0].connect_as(&sender).await;
+        let mut accepted = Vec::new();
+        let mut failed = Vec::new();
+        let mut errors = Vec::new();
+        let mut i = 0u32;
+        let started = Instant::now();
+        let mut outage = None;
+        // Send steadily; stop the database a second in, start it again two
+        // seconds later, go on until sends have succeeded for two seconds.
+        loop {
+            let elapsed = started.elapsed();
+            if outage.is_none()
+                && elapsed > Duration::from_secs(1)
+                && let Some(cluster) = cluster.take()
+            {
+                let stopped = stopped.clone();
+                outage = Some(std::thread::spawn(move || {
+                    cluster.stop_server();
+                    stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_secs(2));
+                    cluster.start_server();
+                    cluster
+                }));
+            }
+            match client.enqueue_batch(&[envelope(i)]).await {
+                Ok(SendOutcome::Accepted) => accepted.push(i),
+                Ok(other) => panic!("unexpected outcome {other:?}"),
+                Err(error) => {
+                    failed.push(i);
+                    errors.push(error.to_string());
+                }
+            }
+            i += 1;
+            let recovered = outage.as_ref().is_some_and(|outage| outage.is_finished())
+                && failed.last().is_some_and(|last| i > last + 200);
+            if recovered || elapsed > Duration::from_secs(60) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let cluster = outage.unwrap().join().unwrap();
+        // The client retries what failed, with the same message ids.
+        for id in &failed {
+            let outcome = client.enqueue_batch(&[envelope(*id)]).await.unwrap();
+            assert_eq!(outcome, SendOutcome::Accepted);
+        }
+        // Every message is there exactly once: each acknowledged one, and
+        // each retried one, whether or not its first try had taken effect.
+        let reader = nodes[0].connect_as(&recipient).await;
+        let mut delivered: HashMap<Vec<u8>, usize> = HashMap::new();
+        for payload in reader.fetch_all(&to).await.unwrap() {
+            *delivered.entry(payload).or_insert(0) += 1;
+        }
+        assert_eq!(delivered.len(), i as usize, "every message delivered");
+        assert!(delivered.values().all(|copies| *copies == 1), "none twice");
+        drop(cluster);
+        (accepted, failed, errors, i)
+    });
+    assert!(stopped.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(!failed.is_empty(), "some sends met the stopped database");
+    assert!(
+        errors.iter().any(|error| error.contains("database unavailable")),
+        "the error says why: {errors:?}"
+    );
+    assert!(accepted.len() + failed.len() == total as usize && !accepted.is_empty());
+}
