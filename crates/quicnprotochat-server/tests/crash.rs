@@ -5,6 +5,9 @@
 //! and reach the recipient, every ack the node answered must hold after the
 //! kills (acks commit without a sync of their own, which a process crash
 //! must not undo), and nothing that was never sent may appear.
+//!
+//! The same with two nodes sharing one PostgreSQL database: the clients
+//! move to the other node while one is killed.
 
 #![cfg(unix)]
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
@@ -26,10 +29,11 @@ use rand::Rng;
 
 const KILLS: usize = 5;
 
-fn start(dir: &Path, addr: SocketAddr) -> Child {
+fn start(dir: &Path, addr: SocketAddr, extra: &[String]) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
         .current_dir(dir)
         .args(["--listen", &addr.to_string(), "--enqueue-rate", "0"])
+        .args(extra)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -96,17 +100,20 @@ async fn enqueue(session: &Session, recipient: &[u8], id: u64) -> bool {
     )
 }
 
-/// Connects `session` if it is not; false (after a short wait) if the node
-/// does not answer yet.
+/// Connects `session` if it is not, to the node at `nodes[*next]`; false
+/// (after a short wait, and with `next` moved on to another node) if that
+/// node does not answer.
 async fn reconnect(
     session: &mut Option<Session>,
-    addr: SocketAddr,
+    nodes: &[SocketAddr],
+    next: &mut usize,
     ca: &Path,
     identity: &IdentityKeypair,
 ) -> bool {
     if session.is_none() {
-        *session = connect(addr, ca, identity).await;
+        *session = connect(nodes[*next % nodes.len()], ca, identity).await;
         if session.is_none() {
+            *next += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
             return false;
         }
@@ -155,23 +162,41 @@ fn local<F: std::future::Future>(body: F) -> F::Output {
 fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let addr = free_port();
-    let ca: PathBuf = dir.path().join("data/server-cert.der");
-    let mut node = start(dir.path(), addr);
+    survive_kills(dir.path(), &[addr], &[]);
+}
+
+#[test]
+fn nodes_sharing_postgres_are_killed_and_clients_carry_on_through_the_other() {
+    let Some(cluster) = quicnprotochat_testpg::TestPostgres::shared() else {
+        return;
+    };
+    let url = cluster.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    survive_kills(dir.path(), &[free_port(), free_port()], &["--db".into(), url]);
+}
+
+/// Runs the load against `nodes` (all started in `dir` with `extra`
+/// arguments) and kills one of them, in turn, [`KILLS`] times.
+fn survive_kills(dir: &Path, nodes: &[SocketAddr], extra: &[String]) {
+    let ca: PathBuf = dir.join("data/server-cert.der");
+    let mut running: Vec<Child> = nodes.iter().map(|addr| start(dir, *addr, extra)).collect();
+    let addrs: Vec<SocketAddr> = nodes.to_vec();
     let recipient = IdentityKeypair::from_secret_bytes(&[42; 32]);
     let queue = recipient.public_key();
 
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicUsize::new(0));
     let sender = {
-        let (stop, ca, progress) = (stop.clone(), ca.clone(), progress.clone());
+        let (stop, ca, progress, addrs) = (stop.clone(), ca.clone(), progress.clone(), addrs.clone());
         std::thread::spawn(move || {
             local(async move {
                 let identity = IdentityKeypair::from_secret_bytes(&[41; 32]);
                 let mut acknowledged = Vec::new();
                 let mut session = None;
+                let mut next = 0;
                 let mut id = 0u64;
                 while !stop.load(Ordering::SeqCst) {
-                    if !reconnect(&mut session, addr, &ca, &identity).await {
+                    if !reconnect(&mut session, &addrs, &mut next, &ca, &identity).await {
                         continue;
                     }
                     let current = session.as_ref().unwrap();
@@ -180,9 +205,11 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
                         progress.store(acknowledged.len(), Ordering::SeqCst);
                         id += 1;
                     } else {
-                        // Retry the same id on a new connection: the node
-                        // stores it at most once.
+                        // Retry the same id on a new connection, to the
+                        // next node if there are several: the nodes store
+                        // it at most once.
                         session = None;
+                        next += 1;
                     }
                 }
                 (acknowledged, id)
@@ -191,7 +218,7 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
     };
 
     let receiver = {
-        let (stop, ca) = (stop.clone(), ca.clone());
+        let (stop, ca, addrs) = (stop.clone(), ca.clone(), addrs.clone());
         std::thread::spawn(move || {
             local(async move {
                 let recipient = IdentityKeypair::from_secret_bytes(&[42; 32]);
@@ -201,8 +228,10 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
                 let mut acked = 0u64;
                 let mut after = 0u64;
                 let mut session = None;
+                // Reads from another node than the sender writes to.
+                let mut next = 1;
                 while !stop.load(Ordering::SeqCst) {
-                    if !reconnect(&mut session, addr, &ca, &recipient).await {
+                    if !reconnect(&mut session, &addrs, &mut next, &ca, &recipient).await {
                         continue;
                     }
                     let current = session.as_ref().unwrap();
@@ -218,9 +247,13 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
                                 acked = last;
                             } else {
                                 session = None;
+                                next += 1;
                             }
                         }
-                        None => session = None,
+                        None => {
+                            session = None;
+                            next += 1;
+                        }
                     }
                 }
                 (fetched, acked)
@@ -229,7 +262,8 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
     };
 
     let mut rng = rand::thread_rng();
-    for _ in 0..KILLS {
+    for kill in 0..KILLS {
+        let victim = kill % running.len();
         // Kill only once the load flows again (slow machines take a while
         // to restart), then at a random moment.
         let before = progress.load(Ordering::SeqCst);
@@ -243,11 +277,11 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
         }
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
         Command::new("kill")
-            .args(["-9", &node.id().to_string()])
+            .args(["-9", &running[victim].id().to_string()])
             .status()
             .unwrap();
-        node.wait().unwrap();
-        node = start(dir.path(), addr);
+        running[victim].wait().unwrap();
+        running[victim] = start(dir, addrs[victim], extra);
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
@@ -265,7 +299,7 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
     let (fetched, acked) = receiver.join().unwrap();
     assert!(acked > 0, "the recipient acked while the node was killed");
     let remaining: Vec<(u64, u64)> = local(async {
-        let session = connect(addr, &ca, &recipient).await.expect("owner connects");
+        let session = connect(addrs[0], &ca, &recipient).await.expect("owner connects");
         let mut all = Vec::new();
         let mut after = 0;
         loop {
@@ -306,9 +340,11 @@ fn acknowledged_messages_survive_repeated_kill_9_exactly_once() {
         "nothing appears that was not sent"
     );
 
-    Command::new("kill")
-        .args(["-TERM", &node.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(node.wait().unwrap().success());
+    for mut node in running {
+        Command::new("kill")
+            .args(["-TERM", &node.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(node.wait().unwrap().success());
+    }
 }
