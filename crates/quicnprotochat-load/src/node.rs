@@ -1,15 +1,18 @@
-//! The node under test: a `quicnprotochat-server` child process with its own
-//! temporary directory, and what it used (CPU time, context switches, peak
-//! RSS) read from `/proc`.
+//! The nodes under test: `quicnprotochat-server` child processes sharing a
+//! temporary directory (their certificate) and a database, and what they
+//! used (CPU time, context switches, peak RSS) read from `/proc`.
 
+use std::fmt;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
 
 use crate::LoadError;
+use crate::postgres::{PostgresSnapshot, ticks_to_duration};
 
 /// How the node is started.
 #[derive(Debug, Clone)]
@@ -22,13 +25,82 @@ pub struct NodeSpec {
     pub max_payload: usize,
     /// `--rpc-threads`, or the node's default.
     pub rpc_threads: Option<usize>,
+    /// Where the node keeps its data.
+    pub database: Database,
+}
+
+/// Where the nodes keep their data (their `--db`).
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Database {
+    /// A fresh SQLite file in each run's temporary directory.
+    Private,
+    /// This SQLite file, kept from run to run.
+    Sqlite(PathBuf),
+    /// The PostgreSQL database at this `postgres://` URL, which several
+    /// nodes can share.
+    Postgres(String),
+}
+
+impl Database {
+    /// A `--db` value: a `postgres://` or `postgresql://` URL (the two
+    /// schemes libpq accepts) names PostgreSQL, anything else a SQLite file.
+    pub fn parse(value: &str) -> Database {
+        let is_url = ["postgres://", "postgresql://"].iter().any(|scheme| {
+            value
+                .get(..scheme.len())
+                .is_some_and(|prefix| prefix.eq_ignore_ascii_case(scheme))
+        });
+        if is_url {
+            Database::Postgres(value.to_owned())
+        } else {
+            Database::Sqlite(PathBuf::from(value))
+        }
+    }
+
+    /// Whether the nodes use PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Database::Postgres(_))
+    }
+}
+
+/// Leaves the URL out: it may hold a password.
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Database::Private => f.write_str("Private"),
+            Database::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Database::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
+}
+
+/// Refuses `nodes` nodes on `database` unless they can share it: a SQLite
+/// file is one node's (the node holds it open and exclusively), so only
+/// PostgreSQL takes more than one.
+pub fn check_nodes(nodes: usize, database: &Database) -> Result<(), LoadError> {
+    match nodes {
+        0 => Err(LoadError::Scenario("a run needs at least one node".into())),
+        1 => Ok(()),
+        _ if database.is_postgres() => Ok(()),
+        _ => Err(LoadError::SqliteShared { nodes }),
+    }
 }
 
 /// A running node; killed when dropped.
 pub struct NodeProcess {
     child: Child,
-    dir: tempfile::TempDir,
+    /// Shared by the nodes of a run (one certificate for all), removed
+    /// when the last of them is dropped, after its process is killed.
+    dir: Arc<tempfile::TempDir>,
     address: SocketAddr,
+}
+
+/// The nodes of a run: node processes sharing one certificate (so one CA
+/// file trusts them all) and one database; killed when dropped.
+pub struct Nodes {
+    nodes: Vec<NodeProcess>,
+    postgres: bool,
 }
 
 /// The most connections the node started here accepts, in all and from one
@@ -37,7 +109,8 @@ pub struct NodeProcess {
 /// run; these caps are far above any run this machine can hold.
 const MAX_CONNECTIONS: usize = 100_000;
 
-/// CPU time, context switches and memory of the node process.
+/// CPU time, context switches and memory of the node process (or the sum
+/// over the nodes of a run).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
     /// User + system CPU time so far.
@@ -47,8 +120,55 @@ pub struct Usage {
     /// running process, so the switches of a thread that has exited are
     /// lost (a delta can then undercount, never overcount).
     pub context_switches: u64,
-    /// Peak resident set size (VmHWM), bytes.
+    /// Peak resident set size (VmHWM), bytes; summed over several nodes,
+    /// so an upper bound of what they held at once.
     pub peak_rss: u64,
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+
+    fn add(self, other: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu + other.cpu,
+            context_switches: self.context_switches + other.context_switches,
+            peak_rss: self.peak_rss + other.peak_rss,
+        }
+    }
+}
+
+/// What the processes under test have used so far, read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    /// The node processes, summed.
+    pub nodes: Usage,
+    /// Every PostgreSQL process, when the nodes use PostgreSQL.
+    pub postgres: Option<PostgresSnapshot>,
+}
+
+/// What was used between two [`Sample`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Used {
+    /// The node processes, summed (peak RSS as of the later sample).
+    pub nodes: Usage,
+    /// PostgreSQL's CPU time, when both samples saw PostgreSQL processes.
+    pub postgres_cpu: Option<Duration>,
+}
+
+impl Sample {
+    /// What was used from `before` to `self`. PostgreSQL's CPU time is
+    /// left unknown when no PostgreSQL process was seen: that means it is
+    /// out of sight, not idle.
+    pub fn since(&self, before: &Sample) -> Used {
+        let postgres_cpu = match (&before.postgres, &self.postgres) {
+            (Some(before), Some(after)) if !after.is_empty() => Some(after.since(before)),
+            _ => None,
+        };
+        Used {
+            nodes: self.nodes.since(before.nodes),
+            postgres_cpu,
+        }
+    }
 }
 
 impl Usage {
@@ -67,8 +187,20 @@ impl NodeProcess {
     /// queue depth large enough for the run, and waits until it answers a
     /// ping.
     pub async fn start(spec: &NodeSpec) -> Result<NodeProcess, LoadError> {
-        let dir = tempfile::tempdir().map_err(LoadError::Io)?;
+        let dir = Arc::new(tempfile::tempdir().map_err(LoadError::Io)?);
+        NodeProcess::start_in(spec, dir).await
+    }
+
+    /// [`NodeProcess::start`] with its certificate (and private database)
+    /// in `dir`: the first node there creates the certificate, later ones
+    /// load it.
+    async fn start_in(spec: &NodeSpec, dir: Arc<tempfile::TempDir>) -> Result<NodeProcess, LoadError> {
         let address = free_port()?;
+        let database = match &spec.database {
+            Database::Private => dir.path().join("node.db").into_os_string(),
+            Database::Sqlite(path) => path.clone().into_os_string(),
+            Database::Postgres(url) => url.into(),
+        };
         let mut command = Command::new(&spec.binary);
         command
             .arg("--listen")
@@ -77,8 +209,9 @@ impl NodeProcess {
             .arg(dir.path().join("server-cert.der"))
             .arg("--tls-key")
             .arg(dir.path().join("server-key.der"))
-            .arg("--db")
-            .arg(dir.path().join("node.db"))
+            // In the environment rather than on the command line, where
+            // `ps` would show a PostgreSQL URL's password.
+            .env("QUICNPROTOCHAT_DB", database)
             .args([
                 "--enqueue-rate",
                 "0",
@@ -161,6 +294,46 @@ impl Drop for NodeProcess {
     }
 }
 
+impl Nodes {
+    /// Starts `count` nodes as [`NodeProcess::start`] does, all on `spec`'s
+    /// database, after [`check_nodes`]. They start one after another: the
+    /// first creates the certificate the others load (started together,
+    /// several would each write one), and a fresh database's schema is
+    /// created by one node, not raced for.
+    pub async fn start(spec: &NodeSpec, count: usize) -> Result<Nodes, LoadError> {
+        check_nodes(count, &spec.database)?;
+        let dir = Arc::new(tempfile::tempdir().map_err(LoadError::Io)?);
+        let mut nodes = Vec::with_capacity(count);
+        for _ in 0..count {
+            nodes.push(NodeProcess::start_in(spec, dir.clone()).await?);
+        }
+        Ok(Nodes {
+            nodes,
+            postgres: spec.database.is_postgres(),
+        })
+    }
+
+    /// How clients reach each node, in order.
+    pub fn options(&self) -> Vec<ConnectOptions> {
+        self.nodes.iter().map(NodeProcess::options).collect()
+    }
+
+    /// The nodes' usage so far, summed, and with PostgreSQL, what every
+    /// PostgreSQL process has used.
+    pub fn sample(&self) -> Result<Sample, LoadError> {
+        let mut nodes = Usage::default();
+        for node in &self.nodes {
+            nodes = nodes + node.usage()?;
+        }
+        let postgres = if self.postgres {
+            Some(PostgresSnapshot::take()?)
+        } else {
+            None
+        };
+        Ok(Sample { nodes, postgres })
+    }
+}
+
 /// CPU time, context switches and peak RSS of this process.
 pub fn own_usage() -> Result<Usage, LoadError> {
     process_usage("/proc/self")
@@ -184,8 +357,7 @@ fn process_usage(proc_dir: &str) -> Result<Usage, LoadError> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap_or(0);
     Ok(Usage {
-        // USER_HZ is 100 on every Linux architecture the node targets.
-        cpu: Duration::from_millis(cpu_ticks * 10),
+        cpu: ticks_to_duration(cpu_ticks),
         context_switches: context_switches(proc_dir)?,
         peak_rss: peak_kib * 1024,
     })
@@ -234,6 +406,49 @@ mod tests {
     #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
     use super::*;
+
+    #[test]
+    fn a_postgres_url_names_postgresql_and_anything_else_a_sqlite_file() {
+        for url in [
+            "postgres://load@localhost/quicnprotochat",
+            "postgresql:///quicnprotochat?host=/run/postgresql",
+            "POSTGRES://x",
+        ] {
+            assert!(Database::parse(url).is_postgres(), "{url}");
+        }
+        assert_eq!(
+            Database::parse("data/node.db"),
+            Database::Sqlite(PathBuf::from("data/node.db"))
+        );
+        assert_eq!(
+            Database::parse("postgres.db"),
+            Database::Sqlite(PathBuf::from("postgres.db"))
+        );
+    }
+
+    #[test]
+    fn several_nodes_are_refused_on_sqlite_and_taken_on_postgresql() {
+        let sqlite = Database::Sqlite(PathBuf::from("node.db"));
+        let postgres = Database::parse("postgres://localhost/load");
+        for database in [&Database::Private, &sqlite] {
+            assert!(check_nodes(1, database).is_ok());
+            let refusal = check_nodes(3, database).unwrap_err();
+            assert!(
+                matches!(refusal, LoadError::SqliteShared { nodes: 3 }),
+                "{refusal:?}"
+            );
+            assert!(refusal.to_string().contains("postgres://"), "{refusal}");
+        }
+        assert!(check_nodes(1, &postgres).is_ok());
+        assert!(check_nodes(3, &postgres).is_ok());
+        assert!(check_nodes(0, &postgres).is_err());
+    }
+
+    #[test]
+    fn the_debug_form_of_a_postgres_database_hides_its_url() {
+        let database = Database::parse("postgres://load:secret@localhost/load");
+        assert!(!format!("{database:?}").contains("secret"));
+    }
 
     #[test]
     fn own_usage_counts_the_context_switches_of_other_threads() {

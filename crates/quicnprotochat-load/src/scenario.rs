@@ -7,6 +7,11 @@
 //! a `LocalSet` (Cap'n Proto RPC is `!Send`). All threads start sending at
 //! once (a barrier), stop at the deadline, then wait until every accepted
 //! message has been pushed to its recipient.
+//!
+//! With several nodes, clients are spread over them round-robin, arranged
+//! so that senders and their recipients are on different nodes wherever
+//! that is possible ([`assign`]): each delivery then crosses from the node
+//! that accepted it to the node that pushes it.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -23,8 +28,11 @@ use quicnprotochat_proto::wire::Envelope;
 use tokio::task::JoinHandle;
 
 use crate::LoadError;
-use crate::node::Usage;
+use crate::node::{Sample, Used};
 use crate::stats::{IdleReport, Report};
+
+/// Reads what the processes under test have used so far.
+type Probe<'a> = &'a dyn Fn() -> Result<Sample, LoadError>;
 
 /// Send times are nanoseconds since this instant, shared by all threads.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -98,6 +106,8 @@ struct ClientSpec {
     /// senders are spread evenly over the interval, so that a steady rate
     /// is steady at the node too, not a burst from every client at once.
     phase: f64,
+    /// The node this client connects to (an index into the run's nodes).
+    node: usize,
 }
 
 /// Counters all threads share.
@@ -125,12 +135,27 @@ struct ThreadResult {
 pub fn run(
     options: &ConnectOptions,
     scenario: &Scenario,
-    probe: Option<&dyn Fn() -> Result<Usage, LoadError>>,
+    probe: Option<Probe<'_>>,
+) -> Result<Report, LoadError> {
+    run_on(std::slice::from_ref(options), scenario, probe)
+}
+
+/// Runs `scenario` against the nodes at `nodes`, which share one database:
+/// the clients are spread over them as [`assign`] says. `probe`, if given,
+/// reads what the nodes (and their database) used; it is sampled when
+/// sending starts and at the end.
+pub fn run_on(
+    nodes: &[ConnectOptions],
+    scenario: &Scenario,
+    probe: Option<Probe<'_>>,
 ) -> Result<Report, LoadError> {
     if scenario.payload < 16 {
         return Err(LoadError::Scenario("payloads must be at least 16 bytes".into()));
     }
-    let specs = clients(scenario.shape);
+    if nodes.is_empty() {
+        return Err(LoadError::Scenario("a run needs at least one node".into()));
+    }
+    let specs = clients(scenario.shape, nodes.len());
     let senders = senders(&specs);
     let per_thread = spread(specs, scenario.threads);
     let shared = Shared::new(per_thread.len(), senders);
@@ -141,9 +166,9 @@ pub fn run(
     let handles: Vec<_> = per_thread
         .into_iter()
         .map(|specs| {
-            let (shared, options, scenario) = (shared.clone(), options.clone(), scenario.clone());
+            let (shared, nodes, scenario) = (shared.clone(), nodes.to_vec(), scenario.clone());
             std::thread::spawn(move || {
-                local(client_thread(options, scenario, pacing, specs, in_flight, shared))
+                local(client_thread(nodes, scenario, pacing, specs, in_flight, shared))
             })
         })
         .collect();
@@ -153,15 +178,16 @@ pub fn run(
     // A thread that failed to connect still arrives, so nobody hangs.
     local(shared.barrier.wait());
     let start = EPOCH.elapsed();
-    let node_before = probe.map(|probe| probe()).transpose()?;
+    let before = probe.map(|probe| probe()).transpose()?;
     let own_before = crate::node::own_usage()?;
 
     let mut results = Vec::new();
     for handle in handles {
         results.push(handle.join().map_err(|_| LoadError::ThreadPanicked)??);
     }
-    let node_after = probe.map(|probe| probe()).transpose()?;
+    let after = probe.map(|probe| probe()).transpose()?;
     let own_after = crate::node::own_usage()?;
+    let used = before.zip(after).map(|(before, after)| after.since(&before));
 
     let mut latencies: Vec<Duration> = results.iter_mut().flat_map(|r| r.latencies.drain(..)).collect();
     latencies.sort_unstable();
@@ -176,9 +202,9 @@ pub fn run(
         refused: shared.refused.load(Ordering::Relaxed),
         elapsed: Duration::from_nanos(last).saturating_sub(start),
         latencies,
-        node: node_before
-            .zip(node_after)
-            .map(|(before, after)| after.since(before)),
+        nodes: nodes.len(),
+        node: used.map(|used| used.nodes),
+        postgres_cpu: used.and_then(|used| used.postgres_cpu),
         clients_cpu: Some(own_after.cpu.saturating_sub(own_before.cpu)),
     })
 }
@@ -190,20 +216,33 @@ pub fn run(
 pub fn idle(
     options: &ConnectOptions,
     idle: &Idle,
-    probe: Option<&dyn Fn() -> Result<Usage, LoadError>>,
+    probe: Option<Probe<'_>>,
+) -> Result<IdleReport, LoadError> {
+    idle_on(std::slice::from_ref(options), idle, probe)
+}
+
+/// [`idle`] with the clients spread round-robin over `nodes`.
+pub fn idle_on(
+    nodes: &[ConnectOptions],
+    idle: &Idle,
+    probe: Option<Probe<'_>>,
 ) -> Result<IdleReport, LoadError> {
     if idle.clients == 0 {
         return Err(LoadError::Scenario(
             "an idle run needs at least one client".into(),
         ));
     }
+    if nodes.is_empty() {
+        return Err(LoadError::Scenario("a run needs at least one node".into()));
+    }
     let setup_start = Instant::now();
     let specs = (0..idle.clients)
-        .map(|_| ClientSpec {
+        .map(|i| ClientSpec {
             identity: IdentityKeypair::generate(),
             targets: Vec::new(),
             receives: true,
             phase: 0.0,
+            node: i % nodes.len(),
         })
         .collect();
     let per_thread = spread(specs, idle.threads);
@@ -212,8 +251,8 @@ pub fn idle(
     let handles: Vec<_> = per_thread
         .into_iter()
         .map(|specs| {
-            let (shared, options) = (shared.clone(), options.clone());
-            std::thread::spawn(move || local(idle_thread(options, specs, in_flight, shared)))
+            let (shared, nodes) = (shared.clone(), nodes.to_vec());
+            std::thread::spawn(move || local(idle_thread(nodes, specs, in_flight, shared)))
         })
         .collect();
 
@@ -234,21 +273,20 @@ pub fn idle(
     for handle in handles {
         handle.join().map_err(|_| LoadError::ThreadPanicked)??;
     }
-    let (window, node) = measured?;
+    let (window, used) = measured?;
     Ok(IdleReport {
         clients: idle.clients,
+        nodes: nodes.len(),
         setup,
         window,
-        node,
+        node: used.map(|used| used.nodes),
+        postgres_cpu: used.and_then(|used| used.postgres_cpu),
     })
 }
 
 /// Sleeps for `duration` between two readings of `probe`; returns the time
-/// between the readings and what was used in it.
-fn measure(
-    duration: Duration,
-    probe: Option<&dyn Fn() -> Result<Usage, LoadError>>,
-) -> Result<(Duration, Option<Usage>), LoadError> {
+/// between the readings and what the nodes and PostgreSQL used in it.
+fn measure(duration: Duration, probe: Option<Probe<'_>>) -> Result<(Duration, Option<Used>), LoadError> {
     let before = probe.map(|probe| probe()).transpose()?;
     let start = Instant::now();
     std::thread::sleep(duration);
@@ -256,7 +294,7 @@ fn measure(
     let window = start.elapsed();
     Ok((
         window,
-        before.zip(after).map(|(before, after)| after.since(before)),
+        before.zip(after).map(|(before, after)| after.since(&before)),
     ))
 }
 
@@ -295,8 +333,9 @@ fn senders(specs: &[ClientSpec]) -> usize {
     specs.iter().filter(|spec| !spec.targets.is_empty()).count()
 }
 
-fn clients(shape: Shape) -> Vec<ClientSpec> {
-    match shape {
+/// The clients of `shape`, each on its node of [`assign`].
+fn clients(shape: Shape, nodes: usize) -> Vec<ClientSpec> {
+    let specs: Vec<ClientSpec> = match shape {
         Shape::Ring(n) => {
             let identities: Vec<IdentityKeypair> = (0..n).map(|_| IdentityKeypair::generate()).collect();
             let keys: Vec<IdentityKey> = identities.iter().map(IdentityKeypair::public_key).collect();
@@ -308,6 +347,7 @@ fn clients(shape: Shape) -> Vec<ClientSpec> {
                     targets: vec![keys[(i + 1) % n]],
                     receives: true,
                     phase: i as f64 / n as f64,
+                    node: 0,
                 })
                 .collect()
         }
@@ -318,6 +358,7 @@ fn clients(shape: Shape) -> Vec<ClientSpec> {
                 targets: recipients.iter().map(IdentityKeypair::public_key).collect(),
                 receives: false,
                 phase: 0.0,
+                node: 0,
             };
             std::iter::once(sender)
                 .chain(recipients.into_iter().map(|identity| ClientSpec {
@@ -325,9 +366,46 @@ fn clients(shape: Shape) -> Vec<ClientSpec> {
                     targets: Vec::new(),
                     receives: true,
                     phase: 0.0,
+                    node: 0,
                 }))
                 .collect()
         }
+    };
+    specs
+        .into_iter()
+        .zip(assign(shape, nodes))
+        .map(|(spec, node)| ClientSpec { node, ..spec })
+        .collect()
+}
+
+/// The node of each client of `shape` over `nodes` nodes, in the order of
+/// [`clients`]. Round-robin, so each node holds as many clients as another
+/// (give or take one), and arranged so that a sender's recipients are on
+/// other nodes than the sender wherever possible, so that deliveries cross
+/// nodes:
+/// - a ring puts client i on node i mod `nodes`, so client i's recipient
+///   i+1 is on the next node. Only the pair that closes the ring (last →
+///   first) can meet on node 0: with 3 or more nodes the last client moves
+///   to node 1 (node 0 held the one extra client, so the balance holds);
+///   with 2 nodes and an odd ring no arrangement avoids one same-node pair.
+/// - a fan-out puts its sender on node 0 and the recipients round-robin on
+///   the others.
+fn assign(shape: Shape, nodes: usize) -> Vec<usize> {
+    let nodes = nodes.max(1);
+    match shape {
+        Shape::Ring(n) => (0..n)
+            .map(|i| {
+                let closes_on_node_zero = n > 1 && i == n - 1 && i % nodes == 0;
+                if nodes >= 3 && closes_on_node_zero {
+                    1
+                } else {
+                    i % nodes
+                }
+            })
+            .collect(),
+        Shape::FanOut(n) => std::iter::once(0)
+            .chain((0..n).map(|j| if nodes == 1 { 0 } else { 1 + j % (nodes - 1) }))
+            .collect(),
     }
 }
 
@@ -340,7 +418,7 @@ struct Received {
 }
 
 async fn client_thread(
-    options: ConnectOptions,
+    nodes: Vec<ConnectOptions>,
     scenario: Scenario,
     pacing: Option<Duration>,
     specs: Vec<ClientSpec>,
@@ -349,7 +427,7 @@ async fn client_thread(
 ) -> Result<ThreadResult, LoadError> {
     // After a failure here, nobody waits for this thread's senders.
     let abandon = || shared.senders_left.fetch_sub(senders(&specs), Ordering::AcqRel);
-    let connected = connect_all(&options, &specs, in_flight).await;
+    let connected = connect_all(&nodes, &specs, in_flight).await;
     if connected.is_err() {
         abandon();
     }
@@ -399,13 +477,13 @@ async fn client_thread(
 /// until the measuring thread has passed the barrier twice (all subscribed,
 /// window over).
 async fn idle_thread(
-    options: ConnectOptions,
+    nodes: Vec<ConnectOptions>,
     specs: Vec<ClientSpec>,
     in_flight: usize,
     shared: Arc<Shared>,
 ) -> Result<(), LoadError> {
     let received = Rc::new(RefCell::new(Received::default()));
-    let held = match connect_all(&options, &specs, in_flight).await {
+    let held = match connect_all(&nodes, &specs, in_flight).await {
         Ok(clients) => subscribe_all(&specs, &clients, &received, &shared, Duration::ZERO)
             .await
             .map(|receivers| (clients, receivers)),
@@ -424,14 +502,18 @@ async fn idle_thread(
     Ok(())
 }
 
-/// Connects a client for each of `specs`, `in_flight` handshakes at a time.
+/// Connects a client for each of `specs` to its node, `in_flight`
+/// handshakes at a time.
 async fn connect_all(
-    options: &ConnectOptions,
+    nodes: &[ConnectOptions],
     specs: &[ClientSpec],
     in_flight: usize,
 ) -> Result<Vec<Rc<NodeClient>>, LoadError> {
     futures::stream::iter(specs)
         .map(|spec| async move {
+            let options = nodes
+                .get(spec.node)
+                .ok_or_else(|| LoadError::Scenario(format!("no node {} for a client", spec.node)))?;
             NodeClient::connect(options, Some(&spec.identity))
                 .await
                 .map(Rc::new)
@@ -679,4 +761,85 @@ pub fn local<F: std::future::Future>(body: F) -> F::Output {
         .build()
         .expect("a current-thread runtime builds");
     tokio::task::LocalSet::new().block_on(&runtime, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clients per node.
+    fn counts(assigned: &[usize], nodes: usize) -> Vec<usize> {
+        (0..nodes)
+            .map(|node| assigned.iter().filter(|&&n| n == node).count())
+            .collect()
+    }
+
+    #[test]
+    fn one_node_takes_every_client() {
+        assert_eq!(assign(Shape::Ring(5), 1), vec![0; 5]);
+        assert_eq!(assign(Shape::FanOut(3), 1), vec![0; 4]);
+    }
+
+    #[test]
+    fn a_ring_is_round_robin_and_its_sends_cross_nodes() {
+        for nodes in 2..=6 {
+            for n in 1..=40 {
+                let assigned = assign(Shape::Ring(n), nodes);
+                assert_eq!(assigned.len(), n);
+                let counts = counts(&assigned, nodes);
+                let (least, most) = (counts.iter().min(), counts.iter().max());
+                assert!(
+                    most.zip(least).is_some_and(|(most, least)| most - least <= 1),
+                    "{n} clients on {nodes} nodes: {counts:?}"
+                );
+                // Client i sends to client i+1; count the sends that stay
+                // on their node.
+                let same_node = (0..n).filter(|&i| assigned[i] == assigned[(i + 1) % n]).count();
+                // One client sends to itself; two nodes cannot alternate
+                // around an odd ring; otherwise every send crosses.
+                let unavoidable = usize::from(n == 1 || (nodes == 2 && n % 2 == 1));
+                assert_eq!(
+                    same_node, unavoidable,
+                    "{n} clients on {nodes} nodes: {assigned:?}"
+                );
+            }
+        }
+        assert_eq!(assign(Shape::Ring(4), 2), vec![0, 1, 0, 1]);
+        assert_eq!(assign(Shape::Ring(4), 3), vec![0, 1, 2, 1]);
+    }
+
+    #[test]
+    fn a_fan_out_sends_only_to_other_nodes() {
+        for nodes in 2..=5 {
+            for n in 1..=30 {
+                let assigned = assign(Shape::FanOut(n), nodes);
+                assert_eq!(assigned.len(), n + 1);
+                assert_eq!(assigned[0], 0, "the sender");
+                let recipients = counts(&assigned[1..], nodes);
+                assert_eq!(recipients[0], 0, "{n} recipients, {nodes} nodes: {assigned:?}");
+                let others = &recipients[1..];
+                let (least, most) = (others.iter().min(), others.iter().max());
+                assert!(
+                    most.zip(least).is_some_and(|(most, least)| most - least <= 1),
+                    "{n} recipients on {nodes} nodes: {recipients:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_clients_of_a_shape_carry_their_nodes() {
+        let ring = clients(Shape::Ring(6), 3);
+        let nodes: Vec<usize> = ring.iter().map(|spec| spec.node).collect();
+        assert_eq!(nodes, assign(Shape::Ring(6), 3));
+        // The targets are unchanged: client i still sends to client i+1.
+        for (i, spec) in ring.iter().enumerate() {
+            assert_eq!(spec.targets, vec![ring[(i + 1) % 6].identity.public_key()]);
+        }
+        let fan_out = clients(Shape::FanOut(4), 2);
+        assert_eq!(
+            fan_out.iter().map(|spec| spec.node).collect::<Vec<_>>(),
+            vec![0, 1, 1, 1, 1]
+        );
+    }
 }
