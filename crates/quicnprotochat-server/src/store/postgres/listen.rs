@@ -13,27 +13,32 @@ use std::time::Duration;
 use postgres::fallible_iterator::FallibleIterator;
 
 use super::super::Notifier;
-use super::{RECONNECT_PAUSE, connect};
+use super::RECONNECT_PAUSE;
+use super::storage::classify;
 
 /// How often the loop looks at `stop` while no notification comes.
 const POLL: Duration = Duration::from_millis(200);
 
-pub(super) fn listen_loop(config: &postgres::Config, notifier: &Notifier, tag: &str, stop: &AtomicBool) {
+pub(super) fn listen_loop(
+    config: &tokio_postgres::Config,
+    notifier: &Notifier,
+    tag: &str,
+    stop: &AtomicBool,
+) {
     // Its own name, so that an operator (or a test) can tell it apart in
     // `pg_stat_activity`.
-    let mut config = config.clone();
+    let mut config = postgres::Config::from(config.clone());
     config.application_name("quicnprotochat-node-listen");
     let mut warned = false;
     while !stop.load(Ordering::Relaxed) {
-        let mut client = match connect(&config).and_then(|mut client| {
-            client
-                .batch_execute("LISTEN quicnprotochat")
-                .map_err(super::storage::classify)?;
+        let mut client = match config.connect(postgres::NoTls).and_then(|mut client| {
+            client.batch_execute("LISTEN quicnprotochat")?;
             Ok(client)
         }) {
             Ok(client) => client,
             Err(error) => {
                 if !warned {
+                    let error = classify(error);
                     tracing::warn!("listening for other nodes' messages: {error}; retrying");
                     warned = true;
                 }

@@ -11,12 +11,15 @@
 //! out right away and reads need no watermark.
 //!
 //! # Layout
+//! - `conn` — a connection that sends the statements deciding nothing
+//!   (`BEGIN`, savepoints, `NOTIFY`, `COMMIT`) with the next one.
 //! - `migrations` — numbered schema migrations under an advisory lock.
 //! - `storage` — [`Storage`](crate::delivery::Storage) on one connection,
 //!   and how each guarantee holds across nodes.
 //! - `listen` — the LISTEN connection: other nodes' commits wake this
 //!   node's waiters.
 
+mod conn;
 mod listen;
 mod migrations;
 mod storage;
@@ -26,11 +29,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use postgres::{Client, NoTls};
 use quicnprotochat_core::IdentityKey;
 use tokio::sync::{mpsc, watch};
 
-use self::storage::{PgStorage, Statements, classify, describe};
+use self::conn::Conn;
+use self::storage::{PgStorage, classify, describe};
 use super::commands::{apply, fail};
 use super::readers::Read;
 use super::{Command, Limits, Notifier, QUEUE_CAPACITY, Store, StoreCloser, StoreError};
@@ -78,7 +81,9 @@ pub(super) fn open(url: &str, limits: Limits) -> Result<(Store, StoreCloser), St
     let instance_id = std::thread::scope(|scope| {
         scope
             .spawn(move || {
-                let mut client = connect(&migrating)?;
+                let mut client = postgres::Config::from(migrating)
+                    .connect(postgres::NoTls)
+                    .map_err(classify)?;
                 migrations::migrate(&mut client)
             })
             .join()
@@ -153,8 +158,8 @@ fn spawn(name: String, work: impl FnOnce() + Send + 'static) -> Result<JoinHandl
 }
 
 /// The connection settings in `url`, plus the node's own.
-fn config(url: &str) -> Result<postgres::Config, StoreError> {
-    let mut config: postgres::Config = url
+fn config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e: postgres::Error| StoreError::BadUrl(describe(&e)))?;
     config.application_name("quicnprotochat-node");
@@ -164,52 +169,39 @@ fn config(url: &str) -> Result<postgres::Config, StoreError> {
     Ok(config)
 }
 
-/// A new connection, set up for the node.
-pub(super) fn connect(config: &postgres::Config) -> Result<Client, StoreError> {
-    let mut client = config.connect(NoTls).map_err(classify)?;
-    // A statement stuck behind a lock (say, of a node that hangs) fails
-    // instead of holding a writer for ever.
-    client
-        .batch_execute("SET statement_timeout = '30s'")
-        .map_err(classify)?;
-    Ok(client)
-}
-
 /// One thread's connection, made again after it is lost.
 struct Link {
-    config: postgres::Config,
-    client: Option<Client>,
-    statements: Statements,
+    config: tokio_postgres::Config,
+    conn: Option<Conn>,
     /// No new attempt before then, after a failed one.
     retry_at: Option<Instant>,
 }
 
 impl Link {
-    fn new(config: postgres::Config) -> Link {
+    fn new(config: tokio_postgres::Config) -> Link {
         Link {
             config,
-            client: None,
-            statements: Statements::default(),
+            conn: None,
             retry_at: None,
         }
     }
 
     /// The connection, made now if there is none (at most every
     /// [`RECONNECT_PAUSE`]).
-    fn connected(&mut self) -> Result<(&mut Client, &mut Statements), StoreError> {
-        if self.client.as_ref().is_some_and(Client::is_closed) {
+    fn connected(&mut self) -> Result<&mut Conn, StoreError> {
+        if self.conn.as_ref().is_some_and(Conn::is_closed) {
             self.lost();
         }
-        if self.client.is_none() {
+        if self.conn.is_none() {
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
                 return Err(StoreError::Unavailable("reconnecting to PostgreSQL".into()));
             }
-            match connect(&self.config) {
-                Ok(client) => {
+            match Conn::connect(&self.config) {
+                Ok(conn) => {
                     if self.retry_at.take().is_some() {
                         tracing::info!("reconnected to PostgreSQL");
                     }
-                    self.client = Some(client);
+                    self.conn = Some(conn);
                 }
                 Err(error) => {
                     if self.retry_at.is_none() {
@@ -220,16 +212,15 @@ impl Link {
                 }
             }
         }
-        match &mut self.client {
-            Some(client) => Ok((client, &mut self.statements)),
+        match &mut self.conn {
+            Some(conn) => Ok(conn),
             None => Err(StoreError::Unavailable("not connected".into())),
         }
     }
 
     /// Drops the connection: the next call makes a new one.
     fn lost(&mut self) {
-        self.client = None;
-        self.statements.clear();
+        self.conn = None;
         self.retry_at.get_or_insert_with(Instant::now);
     }
 }
@@ -323,26 +314,23 @@ fn execute_batch(
     notifier: &Notifier,
     tag: &str,
 ) -> bool {
-    let (client, statements) = match link.connected() {
-        Ok(connected) => connected,
+    let conn = match link.connected() {
+        Ok(conn) => conn,
         Err(error) => {
             batch.drain(..).for_each(|command| fail(command, &error));
             return true;
         }
     };
-    if let Err(e) = client.batch_execute("BEGIN") {
-        let error = classify(e);
-        batch.drain(..).for_each(|command| fail(command, &error));
-        return !matches!(error, StoreError::Unavailable(_));
-    }
-    let mut storage = PgStorage::new(client, statements);
+    // Goes out with the first statement.
+    conn.defer("BEGIN");
+    let mut storage = PgStorage::new(conn);
     let queues = written_queues(batch);
     if !queues.is_empty() {
         let keys: Vec<&[u8]> = queues.iter().map(|key| key.as_bytes().as_slice()).collect();
         if let Err(e) = storage.lock_queues(&keys) {
             let error = classify(e);
             drop(storage);
-            return abandon(client, batch.drain(..), Vec::new(), &error);
+            return abandon(conn, batch.drain(..), Vec::new(), &error);
         }
     }
     let mut answers = Vec::with_capacity(batch.len());
@@ -356,26 +344,21 @@ fn execute_batch(
     }
     if storage.broken() {
         drop(storage);
-        let error = if client.is_closed() {
+        let error = if conn.is_closed() {
             StoreError::Unavailable("the connection to PostgreSQL was lost".into())
         } else {
             StoreError::Transaction("a statement failed and PostgreSQL aborted the batch".into())
         };
         tracing::error!("{error}");
-        return abandon(client, commands, answers, &error);
+        return abandon(conn, commands, answers, &error);
     }
     drop(commands);
+    drop(storage);
     touched.sort_unstable();
     touched.dedup();
-    if !touched.is_empty()
-        && let Err(e) = storage.notify(&wake_up(tag, &touched))
-    {
-        let error = classify(e);
-        drop(storage);
-        return abandon(client, std::iter::empty(), answers, &error);
-    }
-    drop(storage);
-    match client.batch_execute("COMMIT") {
+    let payload = (!touched.is_empty()).then(|| wake_up(tag, &touched));
+    let notify = payload.as_deref().map(|payload| (NOTIFY, payload));
+    match conn.commit(notify) {
         Ok(()) => {
             answers.into_iter().for_each(|answer| answer(Ok(())));
             notifier.notify(&touched, &std::collections::HashMap::new());
@@ -387,21 +370,27 @@ fn execute_batch(
             let error = classify(e);
             tracing::error!("committing a batch: {error}");
             answers.into_iter().for_each(|answer| answer(Err(&error)));
+            let _ = conn.batch_execute("ROLLBACK");
             !matches!(error, StoreError::Unavailable(_))
         }
     }
 }
 
+/// Wakes the other nodes' waiters of the queues a batch wrote; sent with
+/// the batch's `COMMIT`, delivered by PostgreSQL once it commits.
+const NOTIFY: &str = "SELECT pg_notify('quicnprotochat', $1)";
+
 /// Rolls the batch back and answers everything in it with `error`.
 fn abandon(
-    client: &mut Client,
+    conn: &mut Conn,
     unrun: impl Iterator<Item = Command>,
     answers: Vec<super::commands::Answer>,
     error: &StoreError,
 ) -> bool {
     unrun.for_each(|command| fail(command, error));
     answers.into_iter().for_each(|answer| answer(Err(error)));
-    match client.batch_execute("ROLLBACK") {
+    conn.discard_deferred();
+    match conn.batch_execute("ROLLBACK") {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!("rolling back a failed batch: {}", describe(&e));
@@ -441,9 +430,9 @@ fn read_loop(mut link: Link, queue: &Mutex<mpsc::Receiver<Read>>) {
             }
         };
         let lost = match link.connected() {
-            Ok((client, statements)) => {
-                let lost = serve(&mut PgStorage::new(client, statements), read);
-                lost || client.is_closed()
+            Ok(conn) => {
+                let lost = serve(&mut PgStorage::new(conn), read);
+                lost || conn.is_closed()
             }
             Err(error) => {
                 refuse(read, &error);

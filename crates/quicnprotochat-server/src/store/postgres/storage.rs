@@ -18,9 +18,11 @@
 
 use std::collections::HashMap;
 
+use postgres::Row;
 use postgres::types::ToSql;
-use postgres::{Client, Row, Statement};
 use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+
+use super::conn::Conn;
 
 use super::super::commands::Transact;
 use super::super::{StoreError, ValidKeyPackage};
@@ -116,52 +118,41 @@ pub(super) fn classify(error: postgres::Error) -> StoreError {
     }
 }
 
-/// Statements prepared on one connection, by their text.
-#[derive(Default)]
-pub(super) struct Statements(HashMap<&'static str, Statement>);
-
-impl Statements {
-    fn get(&mut self, client: &mut Client, sql: &'static str) -> Result<Statement, postgres::Error> {
-        if let Some(statement) = self.0.get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = client.prepare(sql)?;
-        self.0.insert(sql, statement.clone());
-        Ok(statement)
-    }
-
-    /// Forgets everything: the connection they were prepared on is gone.
-    pub(super) fn clear(&mut self) {
-        self.0.clear();
-    }
+/// Where the running command's savepoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Savepoint {
+    /// No command has taken one in this transaction.
+    None,
+    /// Taken when the command sends its first statement (with it, in one
+    /// round trip); `release`: the previous command's is released first.
+    Pending { release: bool },
+    /// Sent: statements have run since.
+    Open,
 }
 
 /// The storage of one connection: inside a writer's batch transaction, or
 /// statement by statement on a reader.
 pub(super) struct PgStorage<'c> {
-    client: &'c mut Client,
-    statements: &'c mut Statements,
+    conn: &'c mut Conn,
     /// Usage of the queues this transaction holds locked, kept up to date
     /// by its own appends and deletes; dropped when a command is undone.
     usage: HashMap<IdentityKey, QueueUsage>,
     /// The epochs the running command read, by group: a move of the epoch
     /// must start from it.
     epochs_read: HashMap<GroupId, Option<u64>>,
-    /// Whether a savepoint `command` exists.
-    savepoint: bool,
-    /// Whether a statement failed outside a savepoint, which aborts the
-    /// whole transaction.
+    savepoint: Savepoint,
+    /// Whether a statement failed outside a savepoint, or a deferred one
+    /// failed: the whole transaction is aborted.
     broken: bool,
 }
 
 impl<'c> PgStorage<'c> {
-    pub(super) fn new(client: &'c mut Client, statements: &'c mut Statements) -> Self {
+    pub(super) fn new(conn: &'c mut Conn) -> Self {
         Self {
-            client,
-            statements,
+            conn,
             usage: HashMap::new(),
             epochs_read: HashMap::new(),
-            savepoint: false,
+            savepoint: Savepoint::None,
             broken: false,
         }
     }
@@ -171,17 +162,33 @@ impl<'c> PgStorage<'c> {
         self.broken
     }
 
+    /// Takes the running command's savepoint with its first statement.
+    fn before_statement(&mut self) {
+        if let Savepoint::Pending { release } = self.savepoint {
+            self.conn.defer(if release {
+                "RELEASE command; SAVEPOINT command"
+            } else {
+                "SAVEPOINT command"
+            });
+            self.savepoint = Savepoint::Open;
+        }
+    }
+
     fn query(
         &mut self,
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, postgres::Error> {
-        let result = self
-            .statements
-            .get(self.client, sql)
-            .and_then(|statement| self.client.query(&statement, params));
+        self.before_statement();
+        let result = self.conn.query(sql, params);
         self.broken |= result.is_err();
         result
+    }
+
+    /// Whether the transaction can no longer be trusted: a deferred
+    /// statement failed, maybe one of a command already decided.
+    fn poisoned(&self) -> bool {
+        self.conn.poisoned()
     }
 
     fn query_opt(
@@ -193,10 +200,8 @@ impl<'c> PgStorage<'c> {
     }
 
     fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, postgres::Error> {
-        let result = self
-            .statements
-            .get(self.client, sql)
-            .and_then(|statement| self.client.execute(&statement, params));
+        self.before_statement();
+        let result = self.conn.execute(sql, params);
         self.broken |= result.is_err();
         result
     }
@@ -227,13 +232,6 @@ impl<'c> PgStorage<'c> {
         }
         Ok(())
     }
-
-    /// Wakes the other nodes' waiters of the queues a batch wrote: one
-    /// small notification per batch, sent at its commit.
-    pub(super) fn notify(&mut self, payload: &str) -> Result<(), postgres::Error> {
-        self.execute("SELECT pg_notify('quicnprotochat', $1)", &[&payload])
-            .map(drop)
-    }
 }
 
 /// A non-negative SQL count.
@@ -252,39 +250,55 @@ fn sql_int(value: u64) -> i64 {
 const SCAN_PAGE: i64 = 128;
 
 impl Transact for PgStorage<'_> {
+    /// The savepoint, and the rollback to it, go out with the next
+    /// statement (see `conn`): a command that refuses before writing
+    /// anything sends neither.
     fn decide<T, R>(
         &mut self,
         mut work: impl FnMut(&mut Self) -> Result<Result<T, R>, PgError>,
     ) -> Result<Result<T, R>, StoreError> {
-        // One round trip: the previous command's savepoint is released as
-        // this one's is taken (a savepoint that wrote stays a
-        // subtransaction until the commit either way).
-        let open = if self.savepoint {
-            "RELEASE command; SAVEPOINT command"
-        } else {
-            "SAVEPOINT command"
+        let before = self.savepoint;
+        let pending = match before {
+            Savepoint::None => Savepoint::Pending { release: false },
+            Savepoint::Open => Savepoint::Pending { release: true },
+            pending @ Savepoint::Pending { .. } => pending,
         };
-        if let Err(e) = self.client.batch_execute(open) {
-            self.broken = true;
-            return Err(classify(e));
-        }
-        self.savepoint = true;
+        let mark = self.conn.mark();
         let mut attempts = 0;
         loop {
+            self.savepoint = pending;
             self.epochs_read.clear();
             let outcome = work(self);
+            if self.poisoned() {
+                // Not this command's fault, maybe: the batch fails whole.
+                self.broken = true;
+                return Err(StoreError::Transaction(
+                    "a statement of the batch failed; nothing of it was stored".into(),
+                ));
+            }
+            let unsent = self.conn.unsent_since(mark);
             if matches!(outcome, Ok(Ok(_))) {
+                if unsent && self.savepoint == Savepoint::Open {
+                    // All it did is still queued: its writes need no
+                    // savepoint of their own.
+                    self.conn.unqueue_at(mark);
+                    self.savepoint = before;
+                }
                 return outcome.map_err(StoreError::from);
             }
-            // `ROLLBACK TO` keeps the savepoint for another attempt.
-            if let Err(e) = self.client.batch_execute("ROLLBACK TO command") {
-                self.broken = true;
-                tracing::error!("rolling back a refused or failed command: {}", describe(&e));
-                return Err(classify(e));
+            if unsent {
+                // Nothing of it reached PostgreSQL: forget it.
+                self.conn.unqueue_since(mark);
+                self.savepoint = before;
+                self.usage.clear();
+            } else if self.savepoint == Savepoint::Open {
+                // `ROLLBACK TO` keeps the savepoint, for another attempt or
+                // for the next command to release.
+                self.conn.defer("ROLLBACK TO command");
+                self.broken = false;
+                // The undone writes may have moved the cached usage.
+                self.usage.clear();
             }
-            self.broken = false;
-            // The undone writes may have moved the cached usage.
-            self.usage.clear();
             match outcome {
                 Err(e) if e.retryable() && attempts < 3 => {
                     attempts += 1;
@@ -430,11 +444,13 @@ impl Storage for PgStorage<'_> {
 
     /// One statement for any number of recipients: each queue's counter
     /// row moves by one under its lock, and the message takes the new
-    /// number.
+    /// number. Deferred: it goes out with the next statement whose answer
+    /// is needed, or the commit (see `conn`).
     fn append(&mut self, recipients: &[IdentityKey], payload: &[u8], now: i64) -> Result<(), PgError> {
-        let keys: Vec<&[u8]> = recipients.iter().map(|key| key.as_bytes().as_slice()).collect();
+        let keys: Vec<Vec<u8>> = recipients.iter().map(|key| key.as_bytes().to_vec()).collect();
         let size = i64::try_from(payload.len()).unwrap_or(i64::MAX);
-        self.execute(
+        self.before_statement();
+        let deferred = self.conn.defer_statement(
             "WITH q AS (
                  INSERT INTO queues AS q (recipient_key, last_seq, depth, bytes)
                  SELECT r, 1, 1, $3 FROM unnest($1::bytea[]) AS r ORDER BY r
@@ -443,8 +459,17 @@ impl Storage for PgStorage<'_> {
                  RETURNING recipient_key, last_seq)
              INSERT INTO messages (recipient_key, seq, payload, enqueued_at)
              SELECT recipient_key, last_seq, $2, $4 FROM q",
-            &[&keys, &payload, &size, &now],
-        )?;
+            vec![
+                Box::new(keys),
+                Box::new(payload.to_vec()),
+                Box::new(size),
+                Box::new(now),
+            ],
+        );
+        if let Err(e) = deferred {
+            self.broken = true;
+            return Err(e.into());
+        }
         for recipient in recipients {
             if let Some(usage) = self.usage.get_mut(recipient) {
                 usage.messages += 1;
