@@ -16,23 +16,37 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Where the node is and how to trust it.
+/// Where the nodes are and how to trust them.
 #[derive(Debug, Args)]
 pub struct ConnectionArgs {
-    /// The node (host:port) serving KeyPackages (the Authentication Service).
+    /// The node(s) serving KeyPackages (the Authentication Service), as
+    /// host:port. Several nodes sharing one database may be given, comma
+    /// separated or by repeating the flag: each command connects to the
+    /// first that completes a handshake, in the order given; one that
+    /// answered is never skipped. `recv --follow` goes on to the next when
+    /// its connection drops.
     #[arg(
         long,
         global = true,
         env = "QUICNPROTOCHAT_SERVER",
+        value_delimiter = ',',
+        value_parser = node_address,
         default_value = "127.0.0.1:4201"
     )]
-    pub server: String,
-    /// The node (host:port) serving message queues (the Delivery Service);
-    /// defaults to --server, since one node serves both roles.
-    #[arg(long, global = true, env = "QUICNPROTOCHAT_DS_SERVER")]
-    pub ds_server: Option<String>,
-    /// The node's certificate (DER) to trust; the node writes it to
-    /// data/server-cert.der on first start.
+    pub server: Vec<String>,
+    /// The node(s) serving message queues (the Delivery Service), as
+    /// --server; defaults to --server, since one node serves both roles.
+    #[arg(
+        long,
+        global = true,
+        env = "QUICNPROTOCHAT_DS_SERVER",
+        value_delimiter = ',',
+        value_parser = node_address
+    )]
+    pub ds_server: Vec<String>,
+    /// The nodes' certificate (DER) to trust; a node writes it to
+    /// data/server-cert.der on first start, and nodes started in one
+    /// directory share it.
     #[arg(
         long,
         global = true,
@@ -40,9 +54,17 @@ pub struct ConnectionArgs {
         default_value = "data/server-cert.der"
     )]
     pub ca_cert: PathBuf,
-    /// Name to verify in the node's certificate [default: the host part of --server].
+    /// Name to verify in the node's certificate [default: the host part of
+    /// the node being connected to].
     #[arg(long, global = true, env = "QUICNPROTOCHAT_SERVER_NAME")]
     pub server_name: Option<String>,
+}
+
+/// One entry of a node list, without the blanks around it (`a:1, b:2`).
+/// Whether it is a usable `host:port` is found out when it is dialled, so
+/// commands that need no node run whatever the list holds.
+fn node_address(entry: &str) -> Result<String, String> {
+    Ok(entry.trim().to_owned())
 }
 
 /// The client's commands.
@@ -232,4 +254,36 @@ pub struct StateArg {
     /// The client state file (SQLite); holds your identity key and MLS state.
     #[arg(long, env = "QUICNPROTOCHAT_STATE")]
     pub state: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn connection(args: &[&str]) -> ConnectionArgs {
+        let mut full = vec!["quicnprotochat-client"];
+        full.extend_from_slice(args);
+        full.push("ping");
+        Cli::try_parse_from(full).unwrap().connection
+    }
+
+    #[test]
+    fn nodes_are_listed_with_commas_or_by_repeating_the_flag_in_order() {
+        let expected = ["a:1", "b:2", "c:3"];
+        assert_eq!(
+            connection(&["--server", "a:1,b:2", "--server", "c:3"]).server,
+            expected
+        );
+        assert_eq!(connection(&["--server", " a:1 , b:2,c:3"]).server, expected);
+        let both = connection(&["--server", "a:1", "--ds-server", "b:2,c:3"]);
+        assert_eq!(both.server, ["a:1"]);
+        assert_eq!(both.ds_server, ["b:2", "c:3"]);
+    }
+
+    #[test]
+    fn the_delivery_nodes_default_to_none_meaning_the_same_as_server() {
+        assert!(connection(&["--server", "a:1"]).ds_server.is_empty());
+    }
 }

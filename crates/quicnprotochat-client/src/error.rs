@@ -6,6 +6,7 @@ use std::time::Duration;
 use quicnprotochat_core::{CoreError, IdentityKey};
 use quicnprotochat_proto::cert::CertError;
 use quicnprotochat_proto::outcome::{OutcomeError, QueueFull, RateLimited};
+use quicnprotochat_proto::peer::IdentityCertError;
 
 use crate::state::StateError;
 
@@ -83,9 +84,21 @@ pub enum ClientError {
         /// What went wrong.
         reason: String,
     },
-    /// The local UDP socket could not be opened.
-    #[error("opening a UDP socket: {0}")]
-    Socket(std::io::Error),
+    /// Several nodes were given and none could be connected to; each
+    /// failure names its node and what to do.
+    #[error(
+        "could not connect to any of the {} nodes given (tried in this order):{}",
+        .failures.len(),
+        bulleted(.failures)
+    )]
+    NoNodeReachable {
+        /// Why each node failed, in the order tried.
+        failures: Vec<ClientError>,
+    },
+    /// Our client certificate (which carries the identity key) could not be
+    /// made.
+    #[error("{0}; the identity key in the state file may be damaged")]
+    IdentityCertificate(#[from] IdentityCertError),
     /// The node did not answer a call in time.
     #[error("the node did not answer within {0:?}; try again")]
     Timeout(Duration),
@@ -281,6 +294,22 @@ pub enum ClientError {
     Internal(&'static str),
 }
 
+impl ClientError {
+    /// Whether the error says the connection to the node is gone or no
+    /// longer answers (it dropped, a call got no answer in time, a group
+    /// change got no answer), as opposed to the node answering with a
+    /// refusal or an error. Work interrupted so is safe to resume through
+    /// another connection: fetching is acknowledged only after storing, and
+    /// an unanswered change stays pending and is sent again.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            ClientError::Rpc(e) => e.kind == capnp::ErrorKind::Disconnected,
+            ClientError::Timeout(_) | ClientError::Unconfirmed { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 impl From<RateLimited> for ClientError {
     fn from(limited: RateLimited) -> Self {
         ClientError::RateLimited {
@@ -297,6 +326,11 @@ impl From<QueueFull> for ClientError {
             max_bytes: full.max_bytes,
         }
     }
+}
+
+/// Errors one per line, each as a bullet: `\n  - …`.
+fn bulleted(errors: &[ClientError]) -> String {
+    errors.iter().map(|e| format!("\n  - {e}")).collect()
 }
 
 /// Recipients as their short keys: `0123456789abcdef, …`.

@@ -8,12 +8,15 @@
 //! # Layout
 //! - [`cli`] — the command line (clap).
 //! - [`commands`] — one module per command family; `run` only dispatches.
-//! - `nodes` — the connections a command uses; sending with rate limits
-//!   waited out and full queues reported.
+//! - `nodes` — the connections a command uses (the first of each list of
+//!   nodes that answers, the next one on a reconnect); sending with rate
+//!   limits waited out and full queues reported.
 //! - `naming` — groups and peers by name: parse, resolve, show.
 //! - `publish` — group changes: stage, publish, settle by the node's typed
 //!   outcome, resume unanswered ones; rejoining a group by external commit.
 //! - `incoming` — fetch → store → ack, then apply each queued message.
+//! - `follow` — `recv --follow`: pushed batches until Ctrl-C, resumed through
+//!   the next node when the connection is lost.
 //! - [`node_client`] — connect to a node (verifying it) and make typed calls.
 //! - [`state`] — the state file: identity, groups, inbox, outbox, OpenMLS
 //!   storage; each unit of work one transaction.
@@ -22,6 +25,7 @@
 pub mod cli;
 pub mod commands;
 pub mod error;
+mod follow;
 mod incoming;
 mod naming;
 pub mod node_client;

@@ -2,7 +2,9 @@
 //!
 //! Connecting verifies the node's certificate against the trusted one given
 //! with `--ca-cert`; there is no way to skip that. The RPC session is `!Send`
-//! and runs as a task on the current `LocalSet`.
+//! and runs as a task on the current `LocalSet`. A [`Dialer`] prepares the
+//! TLS side once and connects to one node, or to the first of a list of
+//! nodes that completes a handshake ([`Dialer::dial_first`]).
 //!
 //! Calls return the node's typed outcomes ([`SendOutcome`],
 //! [`CommitOutcome`], [`ProposalOutcome`], [`FetchedKeyPackage`],
@@ -12,7 +14,7 @@
 //! [`capnp::ErrorKind`] means anything to code, its text is for people.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
@@ -76,40 +78,61 @@ pub struct NodeClient {
     // clients of the parent interfaces on the same capability.
     auth: auth_service::Client,
     delivery: delivery_service::Client,
+    server: String,
     remote: SocketAddr,
 }
 
-impl NodeClient {
-    /// Connects to the node, verifying its certificate, and opens the RPC
-    /// session, authenticated as `identity` (needed to send, to read one's
-    /// own queue and to upload KeyPackages) or anonymous. Must run inside a
-    /// tokio `LocalSet`.
-    pub async fn connect(
-        options: &ConnectOptions,
+/// What connecting to a node needs besides its address: the trusted
+/// certificate and our own client certificate, prepared once for however
+/// many nodes are dialled.
+pub struct Dialer {
+    config: quinn::ClientConfig,
+    server_name: Option<String>,
+    ca_cert: PathBuf,
+}
+
+impl Dialer {
+    /// Reads the trusted certificate `ca_cert` and prepares connections
+    /// authenticated as `identity` (or anonymous), verifying `server_name`
+    /// in the node's certificate, or by default the host part of the address
+    /// dialled. Every error here is local: no node is asked yet.
+    pub fn new(
+        ca_cert: &Path,
+        server_name: Option<String>,
         identity: Option<&IdentityKeypair>,
-    ) -> Result<NodeClient, ClientError> {
-        let trusted = cert::load_certificate(&options.ca_cert).map_err(|source| ClientError::CaCert {
-            path: options.ca_cert.clone(),
+    ) -> Result<Dialer, ClientError> {
+        let trusted = cert::load_certificate(ca_cert).map_err(|source| ClientError::CaCert {
+            path: ca_cert.to_owned(),
             source,
         })?;
-        let client_certificate =
-            match identity {
-                Some(identity) => Some(peer::client_certificate(&identity.pkcs8_der()?).map_err(|e| {
-                    ClientError::Connect {
-                        server: options.server.clone(),
-                        reason: e.to_string(),
-                    }
-                })?),
-                None => None,
-            };
+        let client_certificate = match identity {
+            Some(identity) => Some(peer::client_certificate(&identity.pkcs8_der()?)?),
+            None => None,
+        };
         let config = transport::client_config(trusted, client_certificate).map_err(|e| {
             ClientError::CaCertUnusable {
-                path: options.ca_cert.clone(),
+                path: ca_cert.to_owned(),
                 reason: e.to_string(),
             }
         })?;
-        let (host, remote) = resolve(&options.server).await?;
-        let server_name = options.server_name.clone().unwrap_or(host);
+        Ok(Dialer {
+            config,
+            server_name,
+            ca_cert: ca_cert.to_owned(),
+        })
+    }
+
+    /// Connects to the node at `server` (`host:port`), verifying its
+    /// certificate, and opens the RPC session. Every error here is about
+    /// that node (its address, its answer, its certificate) and names it.
+    /// Must run inside a tokio `LocalSet`.
+    pub async fn dial(&self, server: &str) -> Result<NodeClient, ClientError> {
+        let failed = |reason: String| ClientError::Connect {
+            server: server.to_owned(),
+            reason,
+        };
+        let (host, remote) = resolve(server).await?;
+        let server_name = self.server_name.clone().unwrap_or(host);
         let bind: SocketAddr = if remote.is_ipv6() {
             "[::]:0"
                 .parse()
@@ -117,28 +140,25 @@ impl NodeClient {
         } else {
             SocketAddr::from(([0, 0, 0, 0], 0))
         };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Socket)?;
-        endpoint.set_default_client_config(config);
+        // The socket's address family follows the node's, so a host without
+        // IPv6 fails here for an IPv6 node only: a failure of this node.
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| failed(format!("opening a UDP socket: {e}")))?;
+        endpoint.set_default_client_config(self.config.clone());
         let connecting = endpoint
             .connect(remote, &server_name)
-            .map_err(|e| ClientError::Connect {
-                server: options.server.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| failed(e.to_string()))?;
         let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Err(_) => {
                 return Err(ClientError::Unreachable {
-                    server: options.server.clone(),
+                    server: server.to_owned(),
                     after: CONNECT_TIMEOUT,
                 });
             }
-            Ok(Err(e)) => return Err(classify_connect_error(options, &server_name, e)),
+            Ok(Err(e)) => return Err(classify_connect_error(server, &self.ca_cert, &server_name, e)),
             Ok(Ok(connection)) => connection,
         };
-        let (send, recv) = connection.open_bi().await.map_err(|e| ClientError::Connect {
-            server: options.server.clone(),
-            reason: e.to_string(),
-        })?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| failed(e.to_string()))?;
         let (session, node) = rpc::connect(send, recv, rpc::reader_options(MAX_INCOMING / 2));
         tokio::task::spawn_local(async move {
             if let Err(e) = session.await {
@@ -151,8 +171,79 @@ impl NodeClient {
             auth: node.clone().cast_to(),
             delivery: node.clone().cast_to(),
             node,
+            server: server.to_owned(),
             remote,
         })
+    }
+
+    /// Connects to the first of `servers` that completes a handshake,
+    /// trying them in order from index `start` and wrapping around.
+    ///
+    /// Only a failure to connect (no answer, refused, the handshake or its
+    /// TLS failed, the address does not resolve) moves on to the next node:
+    /// once a node has answered, what it says is the answer. When every node
+    /// fails, the error lists each with why
+    /// ([`ClientError::NoNodeReachable`]); with a single node it is that
+    /// node's own error.
+    pub async fn dial_first(&self, servers: &[String], start: usize) -> Result<Dialled, ClientError> {
+        let mut skipped = Vec::new();
+        for offset in 0..servers.len() {
+            let index = (start + offset) % servers.len();
+            match self.dial(&servers[index]).await {
+                Ok(client) => {
+                    return Ok(Dialled {
+                        index,
+                        client,
+                        skipped,
+                    });
+                }
+                Err(e) => skipped.push(e),
+            }
+        }
+        match skipped.len() {
+            0 => Err(ClientError::Usage(
+                "no node given; pass --server HOST:PORT".into(),
+            )),
+            1 => Err(skipped.remove(0)),
+            _ => Err(ClientError::NoNodeReachable { failures: skipped }),
+        }
+    }
+}
+
+/// The node [`Dialer::dial_first`] connected to, and why the ones tried
+/// before it were skipped.
+pub struct Dialled {
+    /// Its index in the list.
+    pub index: usize,
+    /// The connection.
+    pub client: NodeClient,
+    /// The failures of the nodes tried before it, in order.
+    pub skipped: Vec<ClientError>,
+}
+
+impl NodeClient {
+    /// Connects to the node, verifying its certificate, and opens the RPC
+    /// session, authenticated as `identity` (needed to send, to read one's
+    /// own queue and to upload KeyPackages) or anonymous. Must run inside a
+    /// tokio `LocalSet`.
+    pub async fn connect(
+        options: &ConnectOptions,
+        identity: Option<&IdentityKeypair>,
+    ) -> Result<NodeClient, ClientError> {
+        Dialer::new(&options.ca_cert, options.server_name.clone(), identity)?
+            .dial(&options.server)
+            .await
+    }
+
+    /// The node's address as given (`host:port`).
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Whether the connection has ended (closed by either end, or timed
+    /// out): every call on it fails from then on.
+    pub fn is_closed(&self) -> bool {
+        self.connection.close_reason().is_some()
     }
 
     /// The node's address.
@@ -437,6 +528,12 @@ impl NodeClient {
         }
     }
 
+    /// Closes the connection at once, without waiting for anything; every
+    /// call on it fails from then on.
+    pub fn hang_up(&self) {
+        self.connection.close(0u32.into(), b"bye");
+    }
+
     /// Closes the connection, giving the close frame a moment to leave.
     pub async fn close(self) {
         self.connection.close(0u32.into(), b"bye");
@@ -519,11 +616,12 @@ async fn resolve(server: &str) -> Result<(String, SocketAddr), ClientError> {
 /// Says why a handshake failed, from quinn's error type and, for TLS
 /// failures, the TLS alert in its code; never from error text.
 fn classify_connect_error(
-    options: &ConnectOptions,
+    server: &str,
+    ca_cert: &Path,
     name: &str,
     error: quinn::ConnectionError,
 ) -> ClientError {
-    let server = options.server.clone();
+    let server = server.to_owned();
     match &error {
         // Our own TLS stack refused the node: quinn reports the alert we
         // sent as a local transport error of the crypto class.
@@ -548,7 +646,7 @@ fn classify_connect_error(
                 | AlertDescription::DecryptError,
             ) => ClientError::UntrustedNode {
                 server,
-                ca_cert: options.ca_cert.clone(),
+                ca_cert: ca_cert.to_owned(),
                 reason: local.reason.clone(),
             },
             _ => ClientError::Connect {

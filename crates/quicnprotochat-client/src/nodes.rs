@@ -1,6 +1,10 @@
 //! The node connections a command works with, and sending through them the
 //! way a user expects: a rate limit is waited out (within
 //! [`RATE_LIMIT_PATIENCE`]), a full queue is reported naming whose it is.
+//!
+//! Each role (`--server`, `--ds-server`) may name several interchangeable
+//! nodes: a command connects to the first that answers, and a long-running
+//! one reconnects to the next when its connection is lost.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -11,40 +15,102 @@ use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::ConnectionArgs;
 use crate::error::ClientError;
-use crate::node_client::{ConnectOptions, NodeClient};
+use crate::node_client::{Dialer, NodeClient};
 
 /// How long one command keeps retrying calls the node rate-limits, in all.
 pub(crate) const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Connections to the Authentication Service and the Delivery Service; one
-/// connection when both are the same node.
+/// connection when both are the same nodes.
 pub(crate) struct Nodes {
-    auth: NodeClient,
-    delivery: Option<NodeClient>,
+    dialer: Dialer,
+    auth: Link,
+    delivery: Option<Link>,
+}
+
+/// A connection to one node of a list of interchangeable nodes (they share
+/// one database), remembering which, so that a reconnect can go on with the
+/// next.
+struct Link {
+    servers: Vec<String>,
+    index: usize,
+    client: NodeClient,
+}
+
+impl Link {
+    /// Connects to the first node of `servers` that answers, from `start`.
+    async fn connect(dialer: &Dialer, servers: &[String], start: usize) -> Result<Link, ClientError> {
+        let dialled = dialer.dial_first(servers, start).await?;
+        for skipped in &dialled.skipped {
+            eprintln!("warning: skipped a node: {skipped}");
+        }
+        Ok(Link {
+            servers: servers.to_vec(),
+            index: dialled.index,
+            client: dialled.client,
+        })
+    }
+
+    /// Replaces the connection with one to the next node that answers,
+    /// starting after the current one (which is tried last).
+    async fn reconnect(&mut self, dialer: &Dialer) -> Result<(), ClientError> {
+        // The connection is lost or of no use: tell the node at once (one
+        // shutting down waits for its clients to go) rather than after the
+        // next node is found.
+        self.client.hang_up();
+        let next = Link::connect(dialer, &self.servers, self.index + 1).await?;
+        let old = std::mem::replace(self, next);
+        old.client.close().await;
+        Ok(())
+    }
 }
 
 impl Nodes {
-    /// Connects as `identity`, or anonymously.
+    /// Connects as `identity`, or anonymously, to the first node of each
+    /// list that answers.
     pub(crate) async fn connect(
         args: &ConnectionArgs,
         identity: Option<&IdentityKeypair>,
     ) -> Result<Nodes, ClientError> {
-        let auth = NodeClient::connect(&options(args, &args.server), identity).await?;
-        let delivery = match &args.ds_server {
-            Some(ds) if *ds != args.server => Some(NodeClient::connect(&options(args, ds), identity).await?),
-            _ => None,
+        let dialer = Dialer::new(&args.ca_cert, args.server_name.clone(), identity)?;
+        let auth = Link::connect(&dialer, &args.server, 0).await?;
+        let delivery = if args.ds_server.is_empty() || args.ds_server == args.server {
+            None
+        } else {
+            Some(Link::connect(&dialer, &args.ds_server, 0).await?)
         };
-        Ok(Nodes { auth, delivery })
+        Ok(Nodes {
+            dialer,
+            auth,
+            delivery,
+        })
     }
 
     /// The node holding KeyPackages.
     pub(crate) fn auth(&self) -> &NodeClient {
-        &self.auth
+        &self.auth.client
     }
 
     /// The node holding message queues.
     pub(crate) fn delivery(&self) -> &NodeClient {
-        self.delivery.as_ref().unwrap_or(&self.auth)
+        &self.delivery.as_ref().unwrap_or(&self.auth).client
+    }
+
+    /// After the delivery node's connection was lost: connects to the next
+    /// delivery node that answers (the lost one is tried last), and does the
+    /// same for the Authentication Service if it shares that connection or
+    /// lost its own.
+    pub(crate) async fn reconnect(&mut self) -> Result<(), ClientError> {
+        match &mut self.delivery {
+            Some(delivery) => {
+                delivery.reconnect(&self.dialer).await?;
+                if self.auth.client.is_closed() {
+                    self.auth.reconnect(&self.dialer).await?;
+                }
+            }
+            None => self.auth.reconnect(&self.dialer).await?,
+        }
+        Ok(())
     }
 
     /// Queues `envelopes` on the delivery node in one atomic call, sending
@@ -104,17 +170,9 @@ impl Nodes {
 
     pub(crate) async fn close(self) {
         if let Some(delivery) = self.delivery {
-            delivery.close().await;
+            delivery.client.close().await;
         }
-        self.auth.close().await;
-    }
-}
-
-fn options(args: &ConnectionArgs, server: &str) -> ConnectOptions {
-    ConnectOptions {
-        server: server.to_owned(),
-        server_name: args.server_name.clone(),
-        ca_cert: args.ca_cert.clone(),
+        self.auth.client.close().await;
     }
 }
 

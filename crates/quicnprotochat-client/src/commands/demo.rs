@@ -63,7 +63,8 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     let info = alice.nodes.auth().ping().await?;
     println!(
         "connected to {} (quicnprotochat-server {})",
-        args.server, info.version
+        alice.nodes.auth().server(),
+        info.version
     );
 
     let package = generate_key_package(&bob.provider, &bob.identity)?;

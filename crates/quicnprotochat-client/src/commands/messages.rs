@@ -8,7 +8,7 @@ use quicnprotochat_core::{IdentityKeypair, Incoming, classify};
 use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
-use crate::incoming::{catch_up, fetch_into_inbox, process_entry, process_inbox, store_batch};
+use crate::incoming::{catch_up, fetch_into_inbox, process_entry};
 use crate::naming::{group_name, load_group, others, resolve_peers};
 use crate::nodes::{Nodes, envelope};
 use crate::publish::{commit_due_proposals, commit_proposals};
@@ -98,36 +98,19 @@ async fn send_once(
 
 /// `recv`: fetches everything queued, processes it in order, then commits
 /// proposals this member is responsible for. With `follow`, then stays
-/// subscribed and does the same for every pushed batch until Ctrl-C.
+/// subscribed and does the same for every pushed batch until Ctrl-C,
+/// through the next node given when the connection is lost (see
+/// [`crate::follow`]).
 pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let mut seen = catch_up(&nodes, &state, &identity).await?;
+    let mut nodes = Nodes::connect(args, Some(&identity)).await?;
+    let seen = catch_up(&nodes, &state, &identity).await?;
     // Stay invitable: replace the KeyPackages others used up.
     top_up_key_packages(&nodes, &state, &identity).await?;
     commit_due_proposals(&nodes, &state, &identity).await?;
     if follow {
-        let me = identity.public_key();
-        let (sink, mut pushed) = tokio::sync::mpsc::channel(1);
-        let _subscription = nodes.delivery().subscribe(&me, seen.after(), sink).await?;
-        eprintln!("following; press Ctrl-C to stop");
-        loop {
-            let batch = tokio::select! {
-                batch = pushed.recv() => batch,
-                _ = tokio::signal::ctrl_c() => break,
-            };
-            let Some(batch) = batch else {
-                return Err(ClientError::Connect {
-                    server: args.server.clone(),
-                    reason: "the node ended the subscription".into(),
-                });
-            };
-            seen = store_batch(&state, seen, batch)?;
-            nodes.delivery().ack(&me, seen.after()).await?;
-            process_inbox(&nodes, &state).await?;
-            commit_due_proposals(&nodes, &state, &identity).await?;
-        }
+        crate::follow::follow(&mut nodes, &state, &identity, seen).await?;
     }
     nodes.close().await;
     Ok(())

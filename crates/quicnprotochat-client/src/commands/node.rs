@@ -23,7 +23,7 @@ pub(crate) async fn ping(args: &ConnectionArgs) -> Result<(), ClientError> {
     let rtt = started.elapsed();
     println!(
         "pong from {} ({}): quicnprotochat-server {}, protocol {}, max payload {} bytes, round trip {:.3} ms",
-        args.server,
+        nodes.auth().server(),
         nodes.auth().remote(),
         info.version,
         info.protocol_version,
