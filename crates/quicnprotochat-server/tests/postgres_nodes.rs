@@ -339,3 +339,58 @@ async fn a_commit_on_one_node_wakes_a_waiter_on_the_other() {
     assert_eq!(messages.len(), 1);
     close_both([a, b]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_failing_in_a_batch_leaves_only_what_was_answered() {
+    let Some(url) = database() else { return };
+    let (store, closer) = Store::open_postgres(&url, Limits::default()).unwrap();
+    // A payload the database refuses: its append fails where it is queued,
+    // among the appends of other sends in the same batch.
+    sql(
+        &url,
+        "ALTER TABLE messages ADD CONSTRAINT refuse_bad CHECK (payload <> '\\xbad0'::bytea)",
+    );
+    let sends: Vec<_> = (0..200u32)
+        .map(|i| {
+            let store = store.clone();
+            let payload = if i % 50 == 25 {
+                vec![0xba, 0xd0]
+            } else {
+                i.to_be_bytes().to_vec()
+            };
+            tokio::spawn(async move {
+                (
+                    payload.clone(),
+                    store.enqueue(key(1), key(2), payload, None).await,
+                )
+            })
+        })
+        .collect();
+    let mut answered = HashSet::new();
+    let mut failed = 0;
+    for send in sends {
+        let (payload, outcome) = send.await.unwrap();
+        match outcome {
+            Ok(Ok(())) => {
+                assert_ne!(
+                    payload,
+                    vec![0xba, 0xd0],
+                    "a refused statement is never answered as stored"
+                );
+                answered.insert(payload);
+            }
+            Ok(Err(refusal)) => panic!("unexpected refusal {refusal:?}"),
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(failed >= 4, "each bad send fails");
+    let stored: HashSet<Vec<u8>> = store
+        .messages_after(key(2), Seq::new(0), 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|message| message.payload)
+        .collect();
+    assert_eq!(stored, answered, "stored is exactly what was answered as stored");
+    close((store, closer)).await;
+}
