@@ -140,6 +140,13 @@ pub(super) struct PgStorage<'c> {
     /// The epochs the running command read, by group: a move of the epoch
     /// must start from it.
     epochs_read: HashMap<GroupId, Option<u64>>,
+    /// Group epochs this transaction read or set: every application
+    /// message in a batch asks for its group's (the stale-epoch check),
+    /// which costs a round trip each without this. Unlocked reads, as
+    /// before: a Commit moves an epoch only from the value it was checked
+    /// against ([`Storage::set_group_epoch`]), so a stale entry makes it run
+    /// again, never wins.
+    epochs: HashMap<GroupId, Option<u64>>,
     savepoint: Savepoint,
     /// Whether a statement failed outside a savepoint, or a deferred one
     /// failed: the whole transaction is aborted.
@@ -152,6 +159,7 @@ impl<'c> PgStorage<'c> {
             conn,
             usage: HashMap::new(),
             epochs_read: HashMap::new(),
+            epochs: HashMap::new(),
             savepoint: Savepoint::None,
             broken: false,
         }
@@ -291,13 +299,16 @@ impl Transact for PgStorage<'_> {
                 self.conn.unqueue_since(mark);
                 self.savepoint = before;
                 self.usage.clear();
+                self.epochs.clear();
             } else if self.savepoint == Savepoint::Open {
                 // `ROLLBACK TO` keeps the savepoint, for another attempt or
                 // for the next command to release.
                 self.conn.defer("ROLLBACK TO command");
                 self.broken = false;
-                // The undone writes may have moved the cached usage.
+                // The undone writes may have moved the cached usage and
+                // epochs.
                 self.usage.clear();
+                self.epochs.clear();
             }
             match outcome {
                 Err(e) if e.retryable() && attempts < 3 => {
@@ -525,11 +536,18 @@ impl Storage for PgStorage<'_> {
     }
 
     fn group_epoch(&mut self, group: &GroupId) -> Result<Option<u64>, PgError> {
-        let row = self.query_opt(
-            "SELECT epoch FROM group_epochs WHERE group_id = $1",
-            &[&group.as_bytes()],
-        )?;
-        let epoch = row.map(|row| count(row.get(0)));
+        let epoch = match self.epochs.get(group) {
+            Some(epoch) => *epoch,
+            None => {
+                let row = self.query_opt(
+                    "SELECT epoch FROM group_epochs WHERE group_id = $1",
+                    &[&group.as_bytes()],
+                )?;
+                let epoch = row.map(|row| count(row.get(0)));
+                self.epochs.insert(group.clone(), epoch);
+                epoch
+            }
+        };
         self.epochs_read.insert(group.clone(), epoch);
         Ok(epoch)
     }
@@ -554,9 +572,12 @@ impl Storage for PgStorage<'_> {
             )?,
         };
         if moved == 0 {
+            // Read it afresh when the command runs again.
+            self.epochs.remove(group);
             return Err(PgError::Raced("the group's epoch"));
         }
         self.epochs_read.insert(group.clone(), Some(epoch));
+        self.epochs.insert(group.clone(), Some(epoch));
         Ok(())
     }
 
