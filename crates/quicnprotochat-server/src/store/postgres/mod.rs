@@ -39,10 +39,12 @@ use super::readers::Read;
 use super::{Command, Limits, Notifier, QUEUE_CAPACITY, Store, StoreCloser, StoreError};
 use crate::delivery::rules;
 
-/// Writer connections per node. Three keep a batch gathering while two
-/// wait for PostgreSQL; more only add lock waits on busy queues
-/// (BENCHMARKS.md, "Several nodes on PostgreSQL").
-const WRITERS: usize = 3;
+/// Writer connections per node: one gathers a batch while the other's
+/// commits. More only split the same busy queues' lock waits into smaller
+/// batches: measured at 64 clients, one node, 1 / 2 / 3 writers: 11,363 /
+/// 11,034 / 9,140 msgs/s (BENCHMARKS.md, "Several nodes on PostgreSQL");
+/// two keep commits of batches on different queues overlapping.
+const WRITERS: usize = 2;
 
 /// Reader connections per node (queue reads for push and fetch, group
 /// views).
