@@ -635,7 +635,7 @@ impl Command {
     /// power cut in between loses it, which only makes the node deliver
     /// those messages again, and clients drop what they already have by
     /// sequence number (README, "Durability").
-    fn needs_fsync(&self) -> bool {
+    pub(super) fn needs_fsync(&self) -> bool {
         !matches!(self, Command::Ack { .. } | Command::CountKeyPackages { .. })
     }
 }
