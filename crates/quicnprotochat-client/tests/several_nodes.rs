@@ -337,3 +337,45 @@ fn the_database_stopping_under_load_loses_nothing_and_the_node_recovers() {
     );
     assert!(accepted.len() + failed.len() == total as usize && !accepted.is_empty());
 }
+
+#[test]
+fn members_changing_the_group_through_two_nodes_at_once_agree_on_one_history() {
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, 2, dir.path());
+    let [a, b] = [&nodes[0], &nodes[1]];
+    let alice = Member::register(a, dir.path(), "alice");
+    let bob = Member::register(b, dir.path(), "bob");
+    alice.run(a, "create-group", &["--group-id", "race"]);
+    alice.run(a, "invite", &["--peer-key", &bob.key]);
+    bob.run(b, "join", &[]);
+    for round in 0..3 {
+        // Both publish a Commit for the same epoch, through different nodes,
+        // at the same moment: the nodes accept one, the other member is
+        // told `conflict`, catches up and makes its change again.
+        let (alice_done, bob_done) = std::thread::scope(|scope| {
+            let alice_update = scope.spawn(|| alice.try_run(a, "update", &[]));
+            let bob_update = scope.spawn(|| bob.try_run(b, "update", &[]));
+            (alice_update.join().unwrap(), bob_update.join().unwrap())
+        });
+        assert!(alice_done.0, "round {round}: alice's update: {}", alice_done.2);
+        assert!(bob_done.0, "round {round}: bob's update: {}", bob_done.2);
+        // One history: each reads the other's message in the same epoch.
+        alice.run(b, "send", &["--msg", &format!("from alice {round}")]);
+        let read = bob.run(a, "recv", &[]);
+        assert!(
+            read.ends_with(&format!(": from alice {round}\n")),
+            "round {round}: {read}"
+        );
+        bob.run(a, "send", &["--msg", &format!("from bob {round}")]);
+        let read = alice.run(b, "recv", &[]);
+        assert!(
+            read.ends_with(&format!(": from bob {round}\n")),
+            "round {round}: {read}"
+        );
+    }
+    let alice_groups = alice.run(a, "groups", &[]);
+    assert_eq!(alice_groups, bob.run(b, "groups", &[]), "both in the same epoch");
+    // Two changes per round, each its own epoch: 1 (invite) + 2 × 3.
+    assert_eq!(alice_groups.trim(), "* race epoch 7 members 2");
+}

@@ -394,3 +394,27 @@ async fn a_statement_failing_in_a_batch_leaves_only_what_was_answered() {
     assert_eq!(stored, answered, "stored is exactly what was answered as stored");
     close((store, closer)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_naming_a_unix_socket_directory_works() {
+    let Some(cluster) = TestPostgres::shared() else {
+        return;
+    };
+    let url = cluster.create_database();
+    // Only for a cluster these tests started (its socket directory is known).
+    let Some(socket) = cluster.socket_url(&url) else {
+        return;
+    };
+    assert!(socket.contains("?host=/"), "{socket}");
+    let (store, closer) = Store::open_postgres(&socket, Limits::default()).unwrap();
+    store
+        .enqueue(key(1), key(2), b"by socket".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    close((store, closer)).await;
+    // And the same database over TCP sees it.
+    let (store, closer) = Store::open_postgres(&url, Limits::default()).unwrap();
+    assert_eq!(store.drain(key(2)).await.unwrap(), vec![b"by socket".to_vec()]);
+    close((store, closer)).await;
+}
