@@ -32,6 +32,26 @@ pub struct WelcomeTree {
     pub joiners: Vec<IdentityKey>,
 }
 
+impl WelcomeTree {
+    /// `joiners` as a database column keeps them: their keys one after
+    /// another.
+    pub fn joiners_column(joiners: &[IdentityKey]) -> Vec<u8> {
+        joiners.iter().flat_map(|key| *key.as_bytes()).collect()
+    }
+
+    /// A tree and the joiners read back from [`Self::joiners_column`].
+    pub fn from_columns(tree: Vec<u8>, joiners: &[u8]) -> WelcomeTree {
+        WelcomeTree {
+            tree,
+            joiners: joiners
+                .chunks_exact(32)
+                .filter_map(|key| <[u8; 32]>::try_from(key).ok())
+                .map(IdentityKey::from_bytes)
+                .collect(),
+        }
+    }
+}
+
 /// One transaction's reads and writes. Times are Unix seconds, passed in so
 /// that the rules stay deterministic.
 pub trait Storage {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::sqlite::SqliteStorage;
 use super::{GroupState, Reply, StoreError};
-use crate::delivery::{NotAJoiner, NotAMember, rules};
+use crate::delivery::{NotAJoiner, NotAMember, Storage, rules};
 
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
@@ -108,29 +108,49 @@ fn open_side(path: &Path) -> Result<Connection, StoreError> {
 }
 
 fn read_loop(db: &Connection, mut reads: mpsc::Receiver<Read>) {
-    // The caller may have gone away (its connection closed); nothing to do
-    // then.
-    fn answer<T>(reply: Reply<T>, result: rusqlite::Result<T>) {
-        let _ = reply.send(result.map_err(StoreError::from));
-    }
     while let Some(read) = reads.blocking_recv() {
-        let storage = &mut SqliteStorage::new(db);
-        match read {
-            Read::MessagesAfter {
-                recipient,
-                after,
-                limit,
-                reply,
-            } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
-            Read::GroupInfo { group, caller, reply } => {
-                answer(reply, rules::group_info(storage, &group, &caller))
-            }
-            Read::WelcomeTree {
-                group,
-                epoch,
-                caller,
-                reply,
-            } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
+        serve(&mut SqliteStorage::new(db), read);
+    }
+}
+
+/// Answers one read from `storage`, on any backend; true if the answer is
+/// that the database is unavailable (the connection is worth making again).
+pub(super) fn serve<S: Storage<Error: Into<StoreError>>>(storage: &mut S, read: Read) -> bool {
+    fn answer<T, E: Into<StoreError>>(reply: Reply<T>, result: Result<T, E>) -> bool {
+        let result = result.map_err(Into::into);
+        let unavailable = matches!(result, Err(StoreError::Unavailable(_)));
+        // The caller may have gone away (its connection closed); nothing to
+        // do then.
+        let _ = reply.send(result);
+        unavailable
+    }
+    match read {
+        Read::MessagesAfter {
+            recipient,
+            after,
+            limit,
+            reply,
+        } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
+        Read::GroupInfo { group, caller, reply } => {
+            answer(reply, rules::group_info(storage, &group, &caller))
+        }
+        Read::WelcomeTree {
+            group,
+            epoch,
+            caller,
+            reply,
+        } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
+    }
+}
+
+impl Read {
+    /// Answers a read that could not run with `error`.
+    pub(super) fn fail(self, error: StoreError) {
+        // The caller may have gone away; nothing to do then.
+        match self {
+            Read::MessagesAfter { reply, .. } => drop(reply.send(Err(error))),
+            Read::GroupInfo { reply, .. } => drop(reply.send(Err(error))),
+            Read::WelcomeTree { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }

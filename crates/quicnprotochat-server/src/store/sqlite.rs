@@ -273,7 +273,7 @@ impl Storage for SqliteStorage<'_> {
         joiners: &[IdentityKey],
         now: i64,
     ) -> rusqlite::Result<()> {
-        let joiners: Vec<u8> = joiners.iter().flat_map(|key| *key.as_bytes()).collect();
+        let joiners = WelcomeTree::joiners_column(joiners);
         self.db
             .prepare_cached(
                 "INSERT OR REPLACE INTO welcome_trees (group_id, epoch, tree, joiners, created_at)
@@ -291,15 +291,7 @@ impl Storage for SqliteStorage<'_> {
                 Ok((row.get(0)?, row.get(1)?))
             })
             .optional()?;
-        Ok(row.map(|(tree, joiners)| WelcomeTree {
-            tree,
-            // Written by `put_welcome_tree` as whole keys.
-            joiners: joiners
-                .chunks_exact(32)
-                .filter_map(|key| <[u8; 32]>::try_from(key).ok())
-                .map(IdentityKey::from_bytes)
-                .collect(),
-        }))
+        Ok(row.map(|(tree, joiners): (Vec<u8>, Vec<u8>)| WelcomeTree::from_columns(tree, &joiners)))
     }
 
     fn purge(&mut self, older_than: i64, now: i64) -> rusqlite::Result<usize> {

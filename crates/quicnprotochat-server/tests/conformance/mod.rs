@@ -18,6 +18,37 @@ use quicnprotochat_server::store::{
     StoreCloser, TooManyKeyPackages, ValidKeyPackage,
 };
 
+/// Calls `$run!` with the name of every check that takes a backend, so
+/// that each runner file runs all of them.
+macro_rules! every_check {
+    ($run:ident) => {
+        $run!(
+            drain_returns_messages_in_fifo_order_and_empties_the_queue,
+            queued_messages_and_key_packages_survive_a_restart,
+            key_packages_are_served_once_oldest_first,
+            concurrent_takes_never_hand_out_a_key_package_twice,
+            concurrent_enqueues_are_all_committed,
+            a_large_queue_is_drained_over_several_fetches_within_the_budget,
+            a_queue_of_tiny_messages_is_drained_in_bounded_batches,
+            the_last_resort_is_served_only_when_nothing_else_is_left_and_kept,
+            an_expired_key_package_is_never_served_or_counted,
+            fetch_after_a_sequence_number_keeps_messages_until_acked,
+            a_repeated_message_id_is_stored_once_per_sender,
+            a_fanned_out_payload_reaches_every_recipient_once,
+            only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it,
+            a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused,
+            the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_restart,
+            a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothing,
+            a_read_sees_every_commit_as_soon_as_it_is_answered,
+            a_queue_never_holds_more_bytes_than_its_limit_and_acks_make_room,
+            an_identity_keeps_at_most_its_limit_of_key_packages,
+            an_application_message_from_an_epoch_its_group_left_is_refused,
+            an_idle_groups_view_is_forgotten_but_its_epoch_kept,
+        );
+    };
+}
+pub(crate) use every_check;
+
 /// A way to open a backend's store.
 pub trait Backend {
     /// Opens the store with `limits`: empty the first time, holding what was

@@ -35,9 +35,8 @@ use tokio::sync::{mpsc, watch};
 use self::conn::Conn;
 use self::storage::{PgStorage, classify, describe};
 use super::commands::{apply, fail};
-use super::readers::Read;
+use super::readers::{Read, serve};
 use super::{Command, Limits, Notifier, QUEUE_CAPACITY, Store, StoreCloser, StoreError};
-use crate::delivery::rules;
 
 /// Writer connections per node: one gathers a batch while the other's
 /// commits. More only split the same busy queues' lock waits into smaller
@@ -444,52 +443,13 @@ fn read_loop(mut link: Link, queue: &Mutex<mpsc::Receiver<Read>>) {
                 lost || conn.is_closed()
             }
             Err(error) => {
-                refuse(read, &error);
+                read.fail(error);
                 false
             }
         };
         if lost {
             link.lost();
         }
-    }
-}
-
-/// Answers one read; true if it found the connection gone.
-fn serve(storage: &mut PgStorage<'_>, read: Read) -> bool {
-    fn answer<T>(reply: super::Reply<T>, result: Result<T, storage::PgError>) -> bool {
-        let result = result.map_err(StoreError::from);
-        let lost = matches!(result, Err(StoreError::Unavailable(_)));
-        // The caller may have gone away; nothing to do then.
-        let _ = reply.send(result);
-        lost
-    }
-    match read {
-        Read::MessagesAfter {
-            recipient,
-            after,
-            limit,
-            reply,
-        } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
-        Read::GroupInfo { group, caller, reply } => {
-            answer(reply, rules::group_info(storage, &group, &caller))
-        }
-        Read::WelcomeTree {
-            group,
-            epoch,
-            caller,
-            reply,
-        } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
-    }
-}
-
-/// Answers a read that could not run.
-fn refuse(read: Read, error: &StoreError) {
-    let error = || StoreError::Unavailable(error.to_string());
-    // The caller may have gone away; nothing to do then.
-    match read {
-        Read::MessagesAfter { reply, .. } => drop(reply.send(Err(error()))),
-        Read::GroupInfo { reply, .. } => drop(reply.send(Err(error()))),
-        Read::WelcomeTree { reply, .. } => drop(reply.send(Err(error()))),
     }
 }
 

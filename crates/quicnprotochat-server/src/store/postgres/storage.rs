@@ -611,7 +611,7 @@ impl Storage for PgStorage<'_> {
         joiners: &[IdentityKey],
         now: i64,
     ) -> Result<(), PgError> {
-        let joiners: Vec<u8> = joiners.iter().flat_map(|key| *key.as_bytes()).collect();
+        let joiners = WelcomeTree::joiners_column(joiners);
         self.execute(
             "INSERT INTO welcome_trees (group_id, epoch, tree, joiners, created_at)
              VALUES ($1, $2, $3, $4, $5)
@@ -627,18 +627,7 @@ impl Storage for PgStorage<'_> {
             "SELECT tree, joiners FROM welcome_trees WHERE group_id = $1 AND epoch = $2",
             &[&group.as_bytes(), &sql_int(epoch)],
         )?;
-        Ok(row.map(|row| {
-            let joiners: Vec<u8> = row.get(1);
-            WelcomeTree {
-                tree: row.get(0),
-                // Written by `put_welcome_tree` as whole keys.
-                joiners: joiners
-                    .chunks_exact(32)
-                    .filter_map(|key| <[u8; 32]>::try_from(key).ok())
-                    .map(IdentityKey::from_bytes)
-                    .collect(),
-            }
-        }))
+        Ok(row.map(|row| WelcomeTree::from_columns(row.get(0), row.get(1))))
     }
 
     /// Safe on every node at once: a row two purges both find is deleted
