@@ -20,6 +20,7 @@ use quicnprotochat_server::store::{
 
 /// Calls `$run!` with the name of every check that takes a backend, so
 /// that each runner file runs all of them.
+#[allow(unused_macros)] // files checking other things use the helpers only
 macro_rules! every_check {
     ($run:ident) => {
         $run!(
@@ -47,6 +48,7 @@ macro_rules! every_check {
         );
     };
 }
+#[allow(unused_imports)]
 pub(crate) use every_check;
 
 /// A way to open a backend's store.
