@@ -36,6 +36,12 @@ use crate::error::ClientError;
 /// How long to wait for the QUIC + TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long [`Dialer::dial_first`] waits for a node's handshake before it
+/// also tries the next one (RFC 8305's connection attempt delay): a node
+/// that is down over UDP says nothing, and waiting out its whole timeout
+/// before trying the next would add 5 s to every command.
+pub const NEXT_NODE_AFTER: Duration = Duration::from_millis(250);
+
 /// How long to wait for any one call's answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -177,7 +183,10 @@ impl Dialer {
     }
 
     /// Connects to the first of `servers` that completes a handshake,
-    /// trying them in order from index `start` and wrapping around.
+    /// trying them in order from index `start` and wrapping around: each
+    /// next node once the one before has failed, or has not answered
+    /// within [`NEXT_NODE_AFTER`] (the attempts then run side by side, and
+    /// the first handshake to complete wins).
     ///
     /// Only a failure to connect (no answer, refused, the handshake or its
     /// TLS failed, the address does not resolve) moves on to the next node:
@@ -186,20 +195,54 @@ impl Dialer {
     /// ([`ClientError::NoNodeReachable`]); with a single node it is that
     /// node's own error.
     pub async fn dial_first(&self, servers: &[String], start: usize) -> Result<Dialled, ClientError> {
-        let mut skipped = Vec::new();
-        for offset in 0..servers.len() {
-            let index = (start + offset) % servers.len();
-            match self.dial(&servers[index]).await {
-                Ok(client) => {
-                    return Ok(Dialled {
-                        index,
-                        client,
-                        skipped,
-                    });
+        use futures::StreamExt;
+
+        let order: Vec<usize> = (0..servers.len())
+            .map(|offset| (start + offset) % servers.len())
+            .collect();
+        let attempt = |index: usize| async move { (index, self.dial(&servers[index]).await) };
+        let mut attempts = futures::stream::FuturesUnordered::new();
+        let mut launched = 0;
+        let mut failures: Vec<(usize, ClientError)> = Vec::new();
+        loop {
+            if attempts.is_empty() {
+                let Some(&index) = order.get(launched) else { break };
+                launched += 1;
+                attempts.push(attempt(index));
+            }
+            let more = launched < order.len();
+            tokio::select! {
+                Some((index, result)) = attempts.next() => match result {
+                    Ok(client) => {
+                        // Nodes before it that have not answered yet are
+                        // given up on: say so, like the ones that failed.
+                        let position = order.iter().position(|i| *i == index).unwrap_or(0);
+                        for &earlier in &order[..position] {
+                            if !failures.iter().any(|(failed, _)| *failed == earlier) {
+                                failures.push((earlier, ClientError::Unreachable {
+                                    server: servers[earlier].clone(),
+                                    after: NEXT_NODE_AFTER,
+                                }));
+                            }
+                        }
+                        // In list order, as tried.
+                        failures.sort_by_key(|(index, _)| order.iter().position(|i| i == index));
+                        return Ok(Dialled {
+                            index,
+                            client,
+                            skipped: failures.into_iter().map(|(_, error)| error).collect(),
+                        });
+                    }
+                    Err(error) => failures.push((index, error)),
+                },
+                () = tokio::time::sleep(NEXT_NODE_AFTER), if more => {
+                    attempts.push(attempt(order[launched]));
+                    launched += 1;
                 }
-                Err(e) => skipped.push(e),
             }
         }
+        failures.sort_by_key(|(index, _)| order.iter().position(|i| i == index));
+        let mut skipped: Vec<ClientError> = failures.into_iter().map(|(_, error)| error).collect();
         match skipped.len() {
             0 => Err(ClientError::Usage(
                 "no node given; pass --server HOST:PORT".into(),
