@@ -234,15 +234,21 @@ fn write_loop(
     tag: &str,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // A purge taken while gathering, kept for a batch of its own.
+    let mut held = None;
     loop {
-        {
+        if let Some(purge) = held.take() {
+            batch.push(purge);
+        } else {
             let mut receiver = queue.lock().unwrap_or_else(PoisonError::into_inner);
             match receiver.blocking_recv() {
                 Some(command) => batch.push(command),
                 // Every `Store` handle is gone and the queue is empty.
                 None => return,
             }
-            gather(&mut receiver, &mut batch);
+            if !alone(&batch[0]) {
+                held = gather(&mut receiver, &mut batch);
+            }
         }
         if !execute_batch(&mut link, &mut batch, limits, notifier, tag) {
             link.lost();
@@ -250,19 +256,29 @@ fn write_loop(
     }
 }
 
+/// Whether the command runs in a batch of its own: a purge locks the rows
+/// of every queue it deletes from, in key order, which a batch that
+/// already holds some queue's lock would take out of order.
+fn alone(command: &Command) -> bool {
+    matches!(command, Command::Purge { .. } | Command::PurgeIdleGroups { .. })
+}
+
 /// Adds every ready command to `batch`, within [`MAX_BATCH`] and
-/// [`MAX_SAVEPOINTS`].
-fn gather(receiver: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) {
+/// [`MAX_SAVEPOINTS`]; returns a command that must run alone, taken but
+/// not added.
+fn gather(receiver: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) -> Option<Command> {
     let mut savepoints = batch.iter().filter(|command| uses_savepoint(command)).count();
     while batch.len() < MAX_BATCH && savepoints < MAX_SAVEPOINTS {
         match receiver.try_recv() {
+            Ok(command) if alone(&command) => return Some(command),
             Ok(command) => {
                 savepoints += usize::from(uses_savepoint(&command));
                 batch.push(command);
             }
-            Err(_) => return,
+            Err(_) => return None,
         }
     }
+    None
 }
 
 /// Whether the command may refuse after writing, so runs in a savepoint.
@@ -333,7 +349,16 @@ fn execute_batch(
     }
     let mut storage = PgStorage::new(conn);
     let queues = written_queues(batch);
-    if !queues.is_empty() {
+    // A batch that only deletes from one queue (acks, a drain) locks that
+    // queue's row with its first delete: nothing to order, and no send to
+    // check a depth for. Every other batch takes its locks up front.
+    let sends = batch.iter().any(|command| {
+        matches!(
+            command,
+            Command::EnqueueBatch { .. } | Command::PublishCommit { .. } | Command::PublishProposal { .. }
+        )
+    });
+    if sends || queues.len() > 1 {
         let keys: Vec<&[u8]> = queues.iter().map(|key| key.as_bytes().as_slice()).collect();
         if let Err(e) = storage.lock_queues(&keys) {
             let error = classify(e);
@@ -473,6 +498,28 @@ mod tests {
             .collect();
         assert_eq!(wake_up("t", &many), "t *");
         assert!(wake_up("0123456789abcdef", &many[..MAX_NAMED_QUEUES]).len() < 8000);
+    }
+
+    #[test]
+    fn a_purge_is_kept_out_of_a_batch_for_one_of_its_own() {
+        let (sender, mut receiver) = mpsc::channel(8);
+        let ack = || Command::Ack {
+            recipient: IdentityKey::from_bytes([2; 32]),
+            up_to: quicnprotochat_core::Seq::new(1),
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        let purge = Command::Purge {
+            older_than: 0,
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        for command in [ack(), purge, ack()] {
+            assert!(sender.try_send(command).is_ok());
+        }
+        let mut batch = vec![ack()];
+        let held = gather(&mut receiver, &mut batch);
+        assert_eq!(batch.len(), 2, "the ack before the purge joins the batch");
+        assert!(held.as_ref().is_some_and(alone), "the purge waits for its own batch");
+        assert!(receiver.try_recv().is_ok(), "the ack after it waits too");
     }
 
     #[test]
