@@ -1,6 +1,7 @@
 //! The quicnprotochat node: one QUIC + TLS 1.3 endpoint serving `NodeService`
 //! (the Authentication Service's KeyPackage directory and the Delivery
-//! Service's message queues) over Cap'n Proto RPC, backed by SQLite.
+//! Service's message queues) over Cap'n Proto RPC, backed by SQLite, or by a
+//! PostgreSQL database that any number of nodes share.
 //!
 //! The node never sees plaintext: KeyPackages and messages are opaque MLS
 //! bytes, stored by the 32-byte Ed25519 identity key of their owner.
@@ -23,8 +24,10 @@
 //! - [`limits`] — per-caller rate limits (the send budget, token buckets).
 //! - [`admission`] — who may hold a connection: per-address and anonymous
 //!   caps, QUIC Retry under a handshake flood.
-//! - [`store`] — SQLite: migrations, the rows the rules read and write, a
-//!   group-committing writer, syncs apart from commits, a reader thread.
+//! - [`store`] — SQLite (migrations, the rows the rules read and write, a
+//!   group-committing writer, syncs apart from commits, a reader thread) or
+//!   PostgreSQL (writer and reader connections, LISTEN/NOTIFY between
+//!   nodes), behind one `Store` handle.
 //! - [`error`] — the node's error types and their conversion to RPC errors.
 
 pub mod admission;

@@ -1,6 +1,8 @@
-//! The node's durable state: KeyPackages and message queues in SQLite. The
-//! rules of what to store live in [`crate::delivery`]; this module runs them
-//! against SQLite.
+//! The node's durable state: KeyPackages and message queues in SQLite, or in
+//! PostgreSQL shared by several nodes ([`Store::open_postgres`], module
+//! `postgres`). The rules of what to store live in [`crate::delivery`]; this
+//! module runs them against either, through the same commands
+//! (`commands`). What follows is the SQLite side.
 //!
 //! One writer owns the write connection. RPC tasks send it [`Command`]s and
 //! await the answer. The writer takes every command that is waiting, runs
@@ -13,6 +15,10 @@
 //! ([`Store::open_with`]).
 //!
 //! # Layout
+//! - `commands` — one command's rules inside a batch's transaction, for
+//!   both backends.
+//! - `postgres` — the PostgreSQL backend: writer and reader connections,
+//!   migrations, LISTEN/NOTIFY between nodes.
 //! - `migrations` — numbered schema migrations, tracked in `PRAGMA user_version`.
 //! - `sqlite` — the [`Storage`](crate::delivery::Storage) of one SQLite
 //!   connection: the node's data statements (migrations and pragmas excepted).
@@ -24,7 +30,8 @@
 //! - `notifier` — wakes push subscriptions and long polls after a commit.
 //!
 //! The behaviour any backend must show is checked by the conformance suite in
-//! `tests/conformance/`, which `tests/store_sqlite.rs` runs against this one.
+//! `tests/conformance/`, which `tests/store_sqlite.rs` and
+//! `tests/store_postgres.rs` run against each.
 
 mod commands;
 mod migrations;
