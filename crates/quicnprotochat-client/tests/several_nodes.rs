@@ -379,3 +379,57 @@ fn members_changing_the_group_through_two_nodes_at_once_agree_on_one_history() {
     // Two changes per round, each its own epoch: 1 (invite) + 2 × 3.
     assert_eq!(alice_groups.trim(), "* race epoch 7 members 2");
 }
+
+#[test]
+fn a_subscriber_gets_every_message_once_in_order_when_two_nodes_write_its_queue() {
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, 2, dir.path());
+    let recipient = identity(20);
+    let to = recipient.public_key();
+    const EACH: u32 = 150;
+    let pushed = local(async {
+        let reader = nodes[0].connect_as(&recipient).await;
+        let (sink, mut batches) = tokio::sync::mpsc::channel(64);
+        let _subscription = reader.subscribe(&to, Seq::new(0), sink).await.unwrap();
+        // One sender on the subscriber's node (its messages come with the
+        // wake-up) and one on the other (read after a NOTIFY), at once.
+        let senders = [(&nodes[0], identity(21), 1u8), (&nodes[1], identity(22), 2u8)];
+        let sending = futures::future::join_all(senders.iter().map(|(node, sender, tag)| async move {
+            let client = node.connect_as(sender).await;
+            for i in 0..EACH {
+                let mut payload = vec![*tag];
+                payload.extend_from_slice(&i.to_be_bytes());
+                assert_eq!(
+                    client.enqueue(&to, &payload).await.unwrap(),
+                    SendOutcome::Accepted
+                );
+            }
+        }));
+        let receiving = async {
+            let mut pushed = Vec::new();
+            while pushed.len() < 2 * EACH as usize {
+                let batch = tokio::time::timeout(Duration::from_secs(20), batches.recv())
+                    .await
+                    .expect("every message is pushed")
+                    .unwrap();
+                let last = batch.last().unwrap().seq;
+                pushed.extend(batch);
+                // Acked as it goes: a message pushed out of order would be
+                // deleted unseen.
+                reader.ack(&to, last).await.unwrap();
+            }
+            pushed
+        };
+        let (_, pushed) = tokio::join!(sending, receiving);
+        pushed
+    });
+    let seqs: Vec<u64> = pushed.iter().map(|message| message.seq.get()).collect();
+    assert_eq!(
+        seqs,
+        (1..=u64::from(2 * EACH)).collect::<Vec<_>>(),
+        "every number once, in order"
+    );
+    let distinct: std::collections::HashSet<_> = pushed.iter().map(|message| &message.payload).collect();
+    assert_eq!(distinct.len(), 2 * EACH as usize, "every message once");
+}

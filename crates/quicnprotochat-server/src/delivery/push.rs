@@ -110,8 +110,13 @@ pub async fn push(
             more = watch.changed() => if !more { return },
             _ = &mut cancelled => return,
         }
-        if let Fresh::Messages(messages) = watch.fresh() {
-            carried = Some(messages);
+        match watch.fresh() {
+            // Unless another node's messages may lie between what was
+            // pushed and these.
+            Fresh::Messages { messages, follows } if follows.is_none_or(|follows| follows <= after) => {
+                carried = Some(messages);
+            }
+            _ => {}
         }
     }
 }

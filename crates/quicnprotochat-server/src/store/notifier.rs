@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use quicnprotochat_core::{IdentityKey, QueuedMessage};
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use tokio::sync::watch;
 
 /// Most payload bytes of one queue's messages a change carries. Small, as
@@ -31,6 +31,10 @@ struct Change {
     /// That batch's messages for the queue, oldest first; `None` when they
     /// did not fit [`CARRY_BYTES`] and [`CARRY_MESSAGES`].
     messages: Option<Arc<[QueuedMessage]>>,
+    /// The sequence number right before them, when the backend numbers each
+    /// queue without gaps (PostgreSQL): several writers commit to one queue,
+    /// so a waiter may use them only once it has everything up to there.
+    follows: Option<Seq>,
 }
 
 /// The registry of queue watchers.
@@ -87,6 +91,27 @@ impl Notifier {
         recipients: &[IdentityKey],
         carried: &HashMap<IdentityKey, Arc<[QueuedMessage]>>,
     ) {
+        self.notify_carrying(recipients, carried, false);
+    }
+
+    /// [`Self::notify`] from a backend whose queues number their messages
+    /// without gaps, where other writers (nodes) commit to the same queues:
+    /// each carried run of messages is marked with the number right before
+    /// it (see [`Fresh::Messages`]).
+    pub(super) fn notify_gapless(
+        &self,
+        recipients: &[IdentityKey],
+        carried: &HashMap<IdentityKey, Arc<[QueuedMessage]>>,
+    ) {
+        self.notify_carrying(recipients, carried, true);
+    }
+
+    fn notify_carrying(
+        &self,
+        recipients: &[IdentityKey],
+        carried: &HashMap<IdentityKey, Arc<[QueuedMessage]>>,
+        gapless: bool,
+    ) {
         let mut queues = self.lock();
         for recipient in recipients {
             if let Some(sender) = queues.get(recipient) {
@@ -97,6 +122,12 @@ impl Notifier {
                     sender.send_modify(|change| {
                         change.version += 1;
                         change.messages = carried.get(recipient).cloned();
+                        change.follows = match (&change.messages, gapless) {
+                            (Some(messages), true) => messages
+                                .first()
+                                .map(|first| Seq::new(first.seq.get().saturating_sub(1))),
+                            _ => None,
+                        };
                     });
                 }
             }
@@ -127,6 +158,7 @@ impl Notifier {
                 sender.send_modify(|change| {
                     change.version += 1;
                     change.messages = None;
+                    change.follows = None;
                 });
             }
         }
@@ -162,9 +194,17 @@ pub struct QueueWatch {
 /// What a waiter learns from [`QueueWatch::fresh`].
 #[derive(Debug)]
 pub enum Fresh {
-    /// Exactly the messages committed since the version seen before (some
-    /// may already have been read from the database).
-    Messages(Arc<[QueuedMessage]>),
+    /// Exactly the messages the change committed (some may already have
+    /// been read from the database). With `follows`, they are the ones
+    /// right after that number: a waiter that has not had every message up
+    /// to it must read the database instead (another node's commit may lie
+    /// between).
+    Messages {
+        /// The messages, oldest first.
+        messages: Arc<[QueuedMessage]>,
+        /// The sequence number right before the first of them, when known.
+        follows: Option<Seq>,
+    },
     /// Something changed that the waiter must read from the database.
     Unknown,
 }
@@ -185,7 +225,10 @@ impl QueueWatch {
         let next = change.version == self.seen.wrapping_add(1);
         self.seen = change.version;
         match &change.messages {
-            Some(messages) if next => Fresh::Messages(messages.clone()),
+            Some(messages) if next => Fresh::Messages {
+                messages: messages.clone(),
+                follows: change.follows,
+            },
             _ => Fresh::Unknown,
         }
     }

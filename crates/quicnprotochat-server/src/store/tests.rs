@@ -183,7 +183,7 @@ async fn a_change_carries_its_small_messages_and_a_missed_or_big_one_says_read()
     // message.
     async fn carried_one(watch: &mut QueueWatch, payload: &[u8]) -> QueuedMessage {
         assert!(watch.changed().await);
-        let Fresh::Messages(messages) = watch.fresh() else {
+        let Fresh::Messages { messages, .. } = watch.fresh() else {
             panic!("the next change carries its message")
         };
         assert_eq!(messages.len(), 1);

@@ -366,6 +366,9 @@ fn execute_batch(
             return abandon(conn, batch.drain(..), Vec::new(), &error);
         }
     }
+    if sends {
+        storage.carry_for(&notifier.watched(&queues));
+    }
     let mut answers = Vec::with_capacity(batch.len());
     let mut touched: Vec<IdentityKey> = Vec::new();
     let mut commands = batch.drain(..);
@@ -386,6 +389,7 @@ fn execute_batch(
         return abandon(conn, commands, answers, &error);
     }
     drop(commands);
+    let carried = storage.take_carried();
     drop(storage);
     touched.sort_unstable();
     touched.dedup();
@@ -394,7 +398,10 @@ fn execute_batch(
     match conn.commit(notify) {
         Ok(()) => {
             answers.into_iter().for_each(|answer| answer(Ok(())));
-            notifier.notify(&touched, &std::collections::HashMap::new());
+            // This node's waiters get the messages with the wake-up,
+            // marked with where they follow on (other nodes write to the
+            // same queues).
+            notifier.notify_gapless(&touched, &carried);
             true
         }
         Err(e) => {
@@ -518,7 +525,10 @@ mod tests {
         let mut batch = vec![ack()];
         let held = gather(&mut receiver, &mut batch);
         assert_eq!(batch.len(), 2, "the ack before the purge joins the batch");
-        assert!(held.as_ref().is_some_and(alone), "the purge waits for its own batch");
+        assert!(
+            held.as_ref().is_some_and(alone),
+            "the purge waits for its own batch"
+        );
         assert!(receiver.try_recv().is_ok(), "the ack after it waits too");
     }
 

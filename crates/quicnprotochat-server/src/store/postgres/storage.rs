@@ -17,14 +17,16 @@
 //!   identity.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use postgres::Row;
 use postgres::types::ToSql;
-use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
 
 use super::conn::Conn;
 
 use super::super::commands::Transact;
+use super::super::notifier::{CARRY_BYTES, CARRY_MESSAGES};
 use super::super::{StoreError, ValidKeyPackage};
 use crate::delivery::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
 
@@ -147,6 +149,16 @@ pub(super) struct PgStorage<'c> {
     /// against ([`Storage::set_group_epoch`]), so a stale entry makes it run
     /// again, never wins.
     epochs: HashMap<GroupId, Option<u64>>,
+    /// The last sequence number of each queue this transaction holds
+    /// locked, moved by its own appends: under the lock, nobody else
+    /// numbers that queue's messages, and each append takes the next one.
+    last_seqs: HashMap<IdentityKey, u64>,
+    /// Messages appended to watched queues, handed to their waiters with the
+    /// wake-up (see [`PgStorage::take_carried`]); `None` for a queue whose
+    /// messages did not all fit, or could not all be numbered.
+    carried: HashMap<IdentityKey, Option<Vec<QueuedMessage>>>,
+    /// Whether `carried` still tells the truth (no command was undone).
+    carrying: bool,
     savepoint: Savepoint,
     /// Whether a statement failed outside a savepoint, or a deferred one
     /// failed: the whole transaction is aborted.
@@ -160,6 +172,9 @@ impl<'c> PgStorage<'c> {
             usage: HashMap::new(),
             epochs_read: HashMap::new(),
             epochs: HashMap::new(),
+            last_seqs: HashMap::new(),
+            carried: HashMap::new(),
+            carrying: true,
             savepoint: Savepoint::None,
             broken: false,
         }
@@ -168,6 +183,36 @@ impl<'c> PgStorage<'c> {
     /// Whether the transaction is aborted and can only be rolled back.
     pub(super) fn broken(&self) -> bool {
         self.broken
+    }
+
+    /// Keeps the messages appended to these queues, for their waiters.
+    pub(super) fn carry_for(&mut self, watched: &[IdentityKey]) {
+        for queue in watched {
+            self.carried.insert(*queue, Some(Vec::new()));
+        }
+    }
+
+    /// The messages appended to each watched queue, where few and small
+    /// enough to hand over with the wake-up (as the SQLite store does).
+    pub(super) fn take_carried(&mut self) -> HashMap<IdentityKey, Arc<[QueuedMessage]>> {
+        if !self.carrying {
+            return HashMap::new();
+        }
+        self.carried
+            .drain()
+            .filter_map(|(queue, messages)| Some((queue, messages?)))
+            .filter(|(_, messages)| !messages.is_empty())
+            .map(|(queue, messages)| (queue, messages.into()))
+            .collect()
+    }
+
+    /// Forgets what the transaction remembered of its own writes: a command
+    /// was undone, and with it some of them.
+    fn forget_own_writes(&mut self) {
+        self.usage.clear();
+        self.epochs.clear();
+        self.last_seqs.clear();
+        self.carrying = false;
     }
 
     /// Takes the running command's savepoint with its first statement.
@@ -223,19 +268,21 @@ impl<'c> PgStorage<'c> {
             "INSERT INTO queues AS q (recipient_key)
              SELECT r FROM unnest($1::bytea[]) AS r ORDER BY r
              ON CONFLICT (recipient_key) DO UPDATE SET last_seq = q.last_seq
-             RETURNING recipient_key, depth, bytes",
+             RETURNING recipient_key, depth, bytes, last_seq",
             &[&recipients],
         )?;
         for row in rows {
             let key: &[u8] = row.get(0);
             if let Ok(key) = <[u8; 32]>::try_from(key) {
+                let key = IdentityKey::from_bytes(key);
                 self.usage.insert(
-                    IdentityKey::from_bytes(key),
+                    key,
                     QueueUsage {
                         messages: count(row.get(1)),
                         bytes: count(row.get(2)),
                     },
                 );
+                self.last_seqs.insert(key, count(row.get(3)));
             }
         }
         Ok(())
@@ -298,17 +345,13 @@ impl Transact for PgStorage<'_> {
                 // Nothing of it reached PostgreSQL: forget it.
                 self.conn.unqueue_since(mark);
                 self.savepoint = before;
-                self.usage.clear();
-                self.epochs.clear();
+                self.forget_own_writes();
             } else if self.savepoint == Savepoint::Open {
                 // `ROLLBACK TO` keeps the savepoint, for another attempt or
                 // for the next command to release.
                 self.conn.defer("ROLLBACK TO command");
                 self.broken = false;
-                // The undone writes may have moved the cached usage and
-                // epochs.
-                self.usage.clear();
-                self.epochs.clear();
+                self.forget_own_writes();
             }
             match outcome {
                 Err(e) if e.retryable() && attempts < 3 => {
@@ -485,6 +528,32 @@ impl Storage for PgStorage<'_> {
             if let Some(usage) = self.usage.get_mut(recipient) {
                 usage.messages += 1;
                 usage.bytes += payload.len() as u64;
+            }
+            let seq = self.last_seqs.get_mut(recipient).map(|last| {
+                *last += 1;
+                Seq::new(*last)
+            });
+            if let Some(carried) = self.carried.get_mut(recipient) {
+                let fits = |messages: &Vec<QueuedMessage>| {
+                    messages.len() < CARRY_MESSAGES
+                        && messages
+                            .iter()
+                            .map(|message| message.payload.len())
+                            .sum::<usize>()
+                            + payload.len()
+                            <= CARRY_BYTES
+                };
+                *carried = match (carried.take(), seq) {
+                    (Some(mut messages), Some(seq)) if fits(&messages) => {
+                        messages.push(QueuedMessage {
+                            seq,
+                            payload: payload.to_vec(),
+                        });
+                        Some(messages)
+                    }
+                    // Too many, or a number not known: the waiters read.
+                    _ => None,
+                };
             }
         }
         Ok(())
