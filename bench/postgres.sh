@@ -55,7 +55,10 @@ SELECT format('per delivered message (%s): %s statements, %s writer batches (%s 
     round(:delivered::numeric / nullif(sum(calls) FILTER (WHERE query = 'BEGIN'), 0), 1),
     round((2 * sum(calls) FILTER (WHERE query = 'BEGIN')
            + sum(calls) FILTER (WHERE query LIKE 'SELECT seq, payload%' OR query LIKE 'WITH d AS%'
-                                   OR query LIKE 'SELECT 1 FROM message_ids%' OR query LIKE 'INSERT INTO message_ids%'))::numeric
+                                   OR query LIKE 'SELECT 1 FROM message_ids%' OR query LIKE 'INSERT INTO message_ids%')
+           -- a batch of acks on one queue takes no lock up front: its delete
+           -- goes with the BEGIN
+           - coalesce(sum(calls) FILTER (WHERE query LIKE 'SET LOCAL synchronous_commit%'), 0))::numeric
           / :delivered, 3),
     round((SELECT wal_bytes FROM pg_stat_wal) / :delivered, 0))
 FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database());
