@@ -418,3 +418,14 @@ async fn a_url_naming_a_unix_socket_directory_works() {
     assert_eq!(store.drain(key(2)).await.unwrap(), vec![b"by socket".to_vec()]);
     close((store, closer)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_requiring_tls_is_refused_not_sent_in_the_clear() {
+    let Some(url) = database() else { return };
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let error =
+        Store::open_postgres(&format!("{url}{separator}sslmode=require"), Limits::default()).unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, StoreError::BadUrl(_)), "{text}");
+    assert!(text.contains("without TLS"), "{text}");
+}

@@ -163,6 +163,15 @@ fn config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e: postgres::Error| StoreError::BadUrl(describe(&e)))?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        // Without a TLS connector the client could only fail the handshake;
+        // say why instead, and never fall back to plaintext.
+        return Err(StoreError::BadUrl(
+            "sslmode=require: the node speaks to PostgreSQL without TLS; connect over a Unix socket \
+             (?host=/var/run/postgresql) or a private network, without sslmode=require"
+                .into(),
+        ));
+    }
     config.application_name("quicnprotochat-node");
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
