@@ -504,68 +504,36 @@ fn two_members_committing_at_the_same_moment_end_up_agreeing() {
 #[cfg(unix)]
 #[test]
 fn recv_follow_prints_messages_as_they_arrive_until_interrupted() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
 
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "live", &alice, &[&bob]);
 
-    let mut follower = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
+    follow
         .args([
             "--server",
             &node.addr.to_string(),
             "--ca-cert",
             node.cert().to_str().unwrap(),
         ])
-        .args(["recv", "--follow", "--state", &bob.state])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines, got) = std::sync::mpsc::channel();
-    let stdout = follower.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let stderr = follower.stderr.take().unwrap();
-    let (notes, following) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = notes.send(line);
-        }
-    });
-    loop {
-        let note = following
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("follower starts");
-        if note.contains("following") {
-            break;
-        }
-    }
+        .args(["recv", "--follow", "--state", &bob.state]);
+    let mut follower = common::Follower::start(follow);
+    follower.await_note("following", std::time::Duration::from_secs(20));
     for text in ["first live", "second live"] {
         alice.run(&node, "send", &["--msg", text]);
-        let line = got
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("pushed and printed");
+        let line = follower.next_line();
         assert_eq!(line, format!("live {}: {text}", alice.short()));
     }
     // A Commit arrives live too: Alice updates, then sends in the new epoch.
     alice.run(&node, "update", &[]);
     alice.run(&node, "send", &["--msg", "after the update"]);
-    let line = got
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("pushed and printed");
+    let line = follower.next_line();
     assert_eq!(line, format!("live {}: after the update", alice.short()));
 
-    Command::new("kill")
-        .args(["-INT", &follower.id().to_string()])
-        .status()
-        .unwrap();
-    let status = follower.wait().unwrap();
+    let status = follower.interrupt();
     assert!(status.success(), "{status:?}");
     // Everything was acknowledged: nothing is delivered again.
     assert_eq!(bob.run(&node, "recv", &[]), "");

@@ -7,14 +7,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{Member, TestNode, group_of, stderr};
+use common::{Follower, Member, TestNode, group_of, stderr};
 use quicnprotochat_server::Config;
 use quicnprotochat_server::config::Database;
 
@@ -227,68 +225,6 @@ fn a_node_that_answered_is_final_even_when_the_next_would_say_otherwise() {
     assert!(out.contains("signature valid"), "{out}");
 }
 
-/// A `recv --follow` process with its output read line by line.
-struct Follower {
-    child: Child,
-    lines: Receiver<String>,
-    notes: Receiver<String>,
-}
-
-impl Follower {
-    fn start(mut command: Command) -> Follower {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (lines, notes) = (
-            Self::read(child.stdout.take().unwrap()),
-            Self::read(child.stderr.take().unwrap()),
-        );
-        Follower { child, lines, notes }
-    }
-
-    fn read(from: impl std::io::Read + Send + 'static) -> Receiver<String> {
-        let (sender, receiver) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(from).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        receiver
-    }
-
-    /// Waits for a note on stderr containing `text`; returns the notes seen.
-    fn await_note(&self, text: &str, within: Duration) -> Vec<String> {
-        let give_up = Instant::now() + within;
-        let mut seen = Vec::new();
-        loop {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match self.notes.recv_timeout(left) {
-                Ok(note) if note.contains(text) => {
-                    seen.push(note);
-                    return seen;
-                }
-                Ok(note) => seen.push(note),
-                Err(_) => panic!("no note containing {text:?} within {within:?}; got {seen:#?}"),
-            }
-        }
-    }
-
-    fn next_line(&self) -> String {
-        self.lines
-            .recv_timeout(Duration::from_secs(20))
-            .expect("pushed and printed")
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[cfg(unix)]
 #[test]
 fn a_follower_carries_on_through_the_list_when_its_node_goes_away() {
@@ -327,14 +263,10 @@ fn a_follower_carries_on_through_the_list_when_its_node_goes_away() {
     );
     assert_eq!(follower.next_line(), format!("relay {}: after", alice.short()));
 
-    Command::new("kill")
-        .args(["-INT", &follower.child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = follower.child.wait().unwrap();
+    let status = follower.interrupt();
     assert!(status.success(), "{status:?}");
     // Nothing was printed twice, and everything was acknowledged.
-    let rest: Vec<String> = follower.lines.iter().collect();
+    let rest = follower.rest();
     assert!(rest.is_empty(), "{rest:?}");
     assert_eq!(bob.run(&node, "recv", &[]), "");
 }

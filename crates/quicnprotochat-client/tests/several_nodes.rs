@@ -8,12 +8,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Member, TestNode, identity, local};
+use common::{Follower, Member, TestNode, identity, local};
 use quicnprotochat_core::Seq;
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome};
 use quicnprotochat_proto::wire::Envelope;
@@ -54,7 +53,8 @@ fn register_on_one_node_invite_through_another_and_follow_on_a_third() {
     alice.run(b, "invite", &["--peer-key", &bob.key]);
     bob.run(c, "join", &[]);
 
-    let mut follower = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
+    follow
         .args([
             "--server",
             &c.addr.to_string(),
@@ -62,39 +62,13 @@ fn register_on_one_node_invite_through_another_and_follow_on_a_third() {
             c.cert().to_str().unwrap(),
         ])
         .args(["recv", "--follow", "--state", &bob.state])
-        .env_remove("QUICNPROTOCHAT_SERVER")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines, got) = std::sync::mpsc::channel();
-    let stdout = follower.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let (notes, following) = std::sync::mpsc::channel();
-    let stderr = follower.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = notes.send(line);
-        }
-    });
-    loop {
-        let note = following
-            .recv_timeout(Duration::from_secs(20))
-            .expect("follower starts");
-        if note.contains("following") {
-            break;
-        }
-    }
+        .env_remove("QUICNPROTOCHAT_SERVER");
+    let mut follower = Follower::start(follow);
+    follower.await_note("following", Duration::from_secs(20));
     for (node, text) in [(a, "sent through A"), (b, "sent through B")] {
         let started = Instant::now();
         alice.run(node, "send", &["--msg", text]);
-        let line = got
-            .recv_timeout(Duration::from_secs(10))
-            .expect("pushed by node C and printed");
+        let line = follower.next_line();
         assert_eq!(line, format!("spread {}: {text}", alice.short()));
         eprintln!(
             "{text}: printed by the follower on C {:?} after the send started",
@@ -104,15 +78,9 @@ fn register_on_one_node_invite_through_another_and_follow_on_a_third() {
     // A Commit made through B reaches the follower on C as well.
     alice.run(b, "update", &[]);
     alice.run(a, "send", &["--msg", "after the update"]);
-    let line = got
-        .recv_timeout(Duration::from_secs(10))
-        .expect("pushed and printed");
+    let line = follower.next_line();
     assert_eq!(line, format!("spread {}: after the update", alice.short()));
-    Command::new("kill")
-        .args(["-INT", &follower.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(follower.wait().unwrap().success());
+    assert!(follower.interrupt().success());
 
     // And back: Bob answers through B, Alice reads through C.
     bob.run(b, "send", &["--msg", "hello from bob"]);

@@ -3,11 +3,13 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::mpsc;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, channel};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
 use quicnprotochat_core::{IdentityKey, IdentityKeypair};
@@ -296,5 +298,85 @@ pub fn invite_all(node: &TestNode, group: &str, first: &Member, rest: &[&Member]
     first.run(node, "invite", &args);
     for member in rest {
         member.run(node, "join", &[]);
+    }
+}
+
+/// A `recv --follow` process with its output read line by line.
+pub struct Follower {
+    child: Child,
+    lines: Receiver<String>,
+    notes: Receiver<String>,
+}
+
+impl Follower {
+    /// Starts `command` (a `recv --follow`) with its output piped.
+    pub fn start(mut command: Command) -> Follower {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (lines, notes) = (
+            Self::read(child.stdout.take().unwrap()),
+            Self::read(child.stderr.take().unwrap()),
+        );
+        Follower { child, lines, notes }
+    }
+
+    fn read(from: impl std::io::Read + Send + 'static) -> Receiver<String> {
+        let (sender, receiver) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(from).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        receiver
+    }
+
+    /// Waits for a note on stderr containing `text`; returns the notes seen.
+    pub fn await_note(&self, text: &str, within: Duration) -> Vec<String> {
+        let give_up = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = give_up.saturating_duration_since(Instant::now());
+            match self.notes.recv_timeout(left) {
+                Ok(note) if note.contains(text) => {
+                    seen.push(note);
+                    return seen;
+                }
+                Ok(note) => seen.push(note),
+                Err(_) => panic!("no note containing {text:?} within {within:?}; got {seen:#?}"),
+            }
+        }
+    }
+
+    /// The next line on stdout, waiting up to 20 s.
+    pub fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("pushed and printed")
+    }
+}
+
+impl Follower {
+    /// Every line it printed and nobody read yet, once it has exited.
+    pub fn rest(&self) -> Vec<String> {
+        self.lines.iter().collect()
+    }
+
+    /// Interrupts it (SIGINT, as Ctrl-C) and waits for it to exit.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        self.child.wait().expect("the follower exits")
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
