@@ -17,22 +17,6 @@ fn listening(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
-/// Runs one test of this binary in a child process with `env` set, so the
-/// shared cluster of a fresh process can be observed under that environment
-/// (setting variables in this multi-threaded process would be unsound).
-fn run_child(test: &str, env: &[(&str, &str)]) -> Output {
-    let exe = std::env::current_exe().expect("the test binary knows its path");
-    let mut command = Command::new(exe);
-    command
-        .args(["--ignored", "--exact", test, "--test-threads=1"])
-        .env_remove(URL_ENV)
-        .env_remove(REQUIRE_ENV);
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    command.output().expect("the test binary runs")
-}
-
 #[test]
 fn shared_cluster_gives_fresh_separate_databases() {
     let Some(pg) = TestPostgres::shared() else { return };
@@ -127,31 +111,13 @@ fn two_own_clusters_are_independent() {
 }
 
 #[test]
-fn external_url_is_used_by_shared() {
+fn an_external_server_is_used_as_given() {
     let Some(server) = TestPostgres::start_own() else {
         return;
     };
-    let output = run_child("tests::external_url_child", &[(URL_ENV, &server.admin_url())]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "child failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    // The child's database landed on the server we handed it.
-    let created = psql(
-        &server,
-        &server.admin_url(),
-        "SELECT count(*) FROM pg_database WHERE datname LIKE 'qnpc\\_test\\_%'",
-    );
-    assert_eq!(created, "1");
-}
-
-#[test]
-#[ignore = "run in a child process by external_url_is_used_by_shared"]
-fn external_url_child() {
-    let url = std::env::var(URL_ENV).expect("the parent sets the URL");
-    let pg = TestPostgres::shared().expect("the external server is available");
+    let url = server.admin_url();
+    // What `shared()` opens when QUICNPROTOCHAT_TEST_POSTGRES names a server.
+    let pg = TestPostgres::external(url.clone()).expect("the server answers");
     assert_eq!(pg.admin_url(), url);
     assert_eq!(pg.port(), port_of(&url));
     assert!(matches!(pg.kind, Kind::External { .. }));
@@ -160,22 +126,42 @@ fn external_url_child() {
     let name = format!("qnpc_test_{}_", std::process::id());
     assert!(database.contains(&name), "{database}");
     assert_eq!(
-        psql(pg, &database, "SELECT current_database()"),
+        psql(&pg, &database, "SELECT current_database()"),
         database_of(&database).unwrap()
     );
+    // The database landed on the server we named.
+    let created = psql(
+        &server,
+        &server.admin_url(),
+        &format!(
+            "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+            database_of(&database).unwrap()
+        ),
+    );
+    assert_eq!(created, "1");
+    // A server of someone else's is never stopped or started.
     assert!(catch_unwind(AssertUnwindSafe(|| pg.stop_server())).is_err());
     assert!(catch_unwind(AssertUnwindSafe(|| pg.start_server())).is_err());
 }
 
 #[test]
-fn unreachable_external_url_fails_loudly() {
-    let output = run_child(
-        "tests::external_url_child",
-        &[(URL_ENV, "postgres://postgres@127.0.0.1:1/postgres")],
-    );
-    assert!(!output.status.success());
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("cannot be reached"), "{stdout}");
+fn an_unreachable_external_server_fails_loudly() {
+    let opened = catch_unwind(|| TestPostgres::external("postgres://postgres@127.0.0.1:1/postgres".into()));
+    match opened {
+        // Whoever named a server wants the suite to run on it: a panic,
+        // not a quiet skip.
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+                .unwrap_or_default();
+            assert!(message.contains("cannot be reached"), "{message}");
+        }
+        // Without a psql client there is nothing to reach it with.
+        Ok(Err(why)) => assert!(why.contains("no psql"), "{why}"),
+        Ok(Ok(_)) => panic!("a server on port 1 was taken as reachable"),
+    }
 }
 
 #[test]
