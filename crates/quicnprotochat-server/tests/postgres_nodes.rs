@@ -392,6 +392,15 @@ async fn a_statement_failing_in_a_batch_leaves_only_what_was_answered() {
         .map(|message| message.payload)
         .collect();
     assert_eq!(stored, answered, "stored is exactly what was answered as stored");
+    // The failures were the batches', not the connections': sends go on
+    // (more than the writers, so each writer serves some).
+    for i in 0..20u32 {
+        store
+            .enqueue(key(1), key(3), (1000 + i).to_be_bytes().to_vec(), None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
     close((store, closer)).await;
 }
 
