@@ -421,8 +421,6 @@ fn execute_batch(
             answers.into_iter().for_each(|answer| answer(Err(&error)));
             // A queued statement that failed poisoned the connection's
             // transaction, not the connection: the next batch starts clean.
-            // A queued statement that failed poisoned the connection's
-            // transaction, not the connection: the next batch starts clean.
             conn.discard_deferred();
             let _ = conn.batch_execute("ROLLBACK");
             !matches!(error, StoreError::Unavailable(_))
