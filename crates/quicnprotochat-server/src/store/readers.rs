@@ -2,15 +2,15 @@
 //!
 //! Reads do not go through the writer: in WAL mode a reader sees every
 //! committed transaction without waiting for the writer's next batch, so a
-//! push reaches its subscriber right after the enqueue is synced. Queue reads (push, `fetchSince`, `fetchWait`) run on the
-//! calling thread with a pooled connection ([`ReadPool`]); a group's
-//! GroupInfo or Welcome tree, which may take tens of milliseconds to decode
-//! in a big group, is read on the reader thread so that it holds no RPC
-//! thread. Checkpoints (copying the WAL back into
-//! the database file, with an fsync) run here in the background
-//! (`PASSIVE`: never blocking the writer or readers) rather than inside
-//! whichever commit crosses SQLite's threshold, which would stall every
-//! command of that batch.
+//! push reaches its subscriber right after the enqueue is synced. Queue
+//! reads (push, `fetchSince`, `fetchWait`) and a group's GroupInfo or
+//! Welcome tree (which may take tens of milliseconds to decode in a big
+//! group) run on the reader thread, so that they hold no RPC thread;
+//! [`serve`] answers them, for the PostgreSQL readers too. Checkpoints
+//! (copying the WAL back into the database file, with an fsync) run here in
+//! the background (`PASSIVE`: never blocking the writer or readers) rather
+//! than inside whichever commit crosses SQLite's threshold, which would stall
+//! every command of that batch.
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;

@@ -55,7 +55,8 @@ pub(super) struct Conn {
     deferred: Vec<Deferred>,
     /// Requests sent so far, each taking every deferred statement along.
     requests: u64,
-    /// A deferred statement failed since the last [`Self::clear_poison`].
+    /// A deferred statement failed since the last
+    /// [`Self::discard_deferred`].
     poisoned: bool,
 }
 
