@@ -134,6 +134,12 @@ impl IdentityKeypair {
         IdentityKey(self.signing_key.verifying_key().to_bytes())
     }
 
+    /// A plain Ed25519 signature of `message`, for the project's own signed
+    /// structures (device lists); MLS signs through [`Signer`].
+    pub(crate) fn sign_raw(&self, message: &[u8]) -> [u8; 64] {
+        self.signing_key.sign(message).to_bytes()
+    }
+
     /// The MLS credential for this identity: a basic credential whose
     /// identity is the public key, bound to that same key as signature key.
     pub fn credential_with_key(&self) -> CredentialWithKey {

@@ -9,6 +9,8 @@
 //!
 //! Layout:
 //! - [`identity`] — [`IdentityKey`] (a user is an Ed25519 public key) and its signing [`IdentityKeypair`].
+//! - [`devices`] — [`SignedDeviceList`]: which device keys belong to a user
+//!   key, versioned and signed by it.
 //! - [`ids`] — [`Seq`], [`GroupId`] and [`QueuedMessage`]: identifiers the node and clients share.
 //! - [`key_package`] — generating KeyPackages and validating uploaded ones.
 //! - [`group`] — [`GroupMember`] (create, join, rejoin, add, send, receive) and [`classify`] for routing.
@@ -16,6 +18,7 @@
 //!   keeps it, checking Commits and proposals (RFC 9750).
 //! - [`error`] — [`CoreError`].
 
+pub mod devices;
 pub mod error;
 pub mod group;
 pub mod identity;
@@ -25,6 +28,7 @@ pub mod public_view;
 
 use openmls_traits::types::Ciphersuite;
 
+pub use devices::{DeviceList, DeviceListError, Freshness, SignedDeviceList};
 pub use error::CoreError;
 pub use group::{
     AddedMembers, GroupMember, Incoming, MessageKind, PublicState, Received, Rejoined, classify,
