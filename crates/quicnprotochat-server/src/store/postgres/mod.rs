@@ -290,15 +290,23 @@ fn gather(receiver: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) -> O
     None
 }
 
-/// Whether the command may refuse after writing, so runs in a savepoint.
+/// Whether the command may leave a subtransaction behind: one that may
+/// refuse after writing runs in a savepoint, which is sent (and, once it
+/// writes, becomes a subtransaction) only if the command runs a statement
+/// whose answer it waits for. A send without message ids whose payloads
+/// are no MLS application messages only queues its appends (`conn`), so it
+/// never does, and need not shorten the batch.
 fn uses_savepoint(command: &Command) -> bool {
-    matches!(
-        command,
+    match command {
         Command::UploadKeyPackages { .. }
-            | Command::EnqueueBatch { .. }
-            | Command::PublishCommit { .. }
-            | Command::PublishProposal { .. }
-    )
+        | Command::PublishCommit { .. }
+        | Command::PublishProposal { .. } => true,
+        Command::EnqueueBatch { envelopes, .. } => envelopes.iter().any(|envelope| {
+            envelope.message_id.is_some()
+                || quicnprotochat_proto::wire::private_message_epoch(&envelope.payload).is_some()
+        }),
+        _ => false,
+    }
 }
 
 /// The queues `batch` may write, sorted and distinct.
@@ -542,6 +550,24 @@ mod tests {
             "the purge waits for its own batch"
         );
         assert!(receiver.try_recv().is_ok(), "the ack after it waits too");
+    }
+
+    #[test]
+    fn only_commands_that_wait_on_a_statement_count_toward_the_savepoint_cap() {
+        let send = |message_id: Option<Vec<u8>>| Command::EnqueueBatch {
+            sender: IdentityKey::from_bytes([1; 32]),
+            envelopes: vec![quicnprotochat_proto::wire::Envelope {
+                recipients: vec![IdentityKey::from_bytes([2; 32])],
+                payload: b"opaque".to_vec(),
+                message_id,
+            }],
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        assert!(!uses_savepoint(&send(None)), "its append only queues");
+        assert!(
+            uses_savepoint(&send(Some(b"id".to_vec()))),
+            "its message id is claimed and awaited"
+        );
     }
 
     #[test]
