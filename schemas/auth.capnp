@@ -54,6 +54,70 @@ struct TooManyKeyPackages {
   max @1 :UInt32;
 }
 
+# A user's device list (protocol 5): which device keys belong to one user
+# key, signed by that user key. A person is known to peers by the user key;
+# each of their devices has its own Ed25519 device key, which is its TLS
+# identity, the owner of its queue and KeyPackages, and the signature key of
+# its MLS leaves. To reach a user, fetch its list and one KeyPackage per
+# device. A user without a stored list has exactly one device: the user key
+# itself (every client before protocol 5 works that way).
+#
+# A leaf's basic credential names its user: either 32 bytes, the key being
+# both user and device (equal to the leaf signature key), or 64 bytes, the
+# user key followed by the device key (equal to the leaf signature key).
+# Clients accept a 64-byte leaf only if the user's current list names the
+# device; the node cannot forge lists, so it cannot add a device to anyone.
+struct SignedDeviceList {
+  # The user key; exactly 32 bytes.
+  userKey @0 :Data;
+
+  # Each new list of a user has a higher version than every earlier one.
+  version @1 :UInt64;
+
+  # The device keys, 32 bytes each, at least 1 and at most 64, distinct and
+  # in ascending byte order.
+  devices @2 :List(Data);
+
+  # Ed25519 signature (64 bytes) by `userKey` over, in this order: the ASCII
+  # label "quicnprotochat device list v1", `userKey`, `version` as a
+  # big-endian u64, the number of devices as a big-endian u16, and the
+  # device keys in list order. Verified strictly (no malleable signatures).
+  signature @3 :Data;
+}
+
+# What became of `uploadDeviceList` (protocol 5). Anything but `stored`
+# stored nothing.
+struct DeviceListOutcome {
+  union {
+    # The list is durably stored and is what fetchDeviceLists serves; also
+    # the answer when exactly this list was already stored (a safe retry).
+    stored @0 :Void;
+
+    # The node holds a list of this user with this or a higher version:
+    # lists never go back (a removed device stays removed). `current` is
+    # the stored version; sign a list with a higher one.
+    stale @1 :StaleDeviceList;
+
+    # `signature` is not `userKey`'s signature over this list.
+    badSignature @2 :Void;
+
+    # The caller may not replace this user's list: only a device named in
+    # the stored list may (or, for a user's first list, a device named in
+    # the new list or the user key itself), so a device that was removed
+    # cannot put itself back through this node.
+    notADevice @3 :Void;
+
+    # Over the caller's send budget: wait, then upload again.
+    rateLimited @4 :Delivery.RateLimited;
+  }
+}
+
+# A device list upload that would not move the user's list forward.
+struct StaleDeviceList {
+  # The version the node holds.
+  current @0 :UInt64;
+}
+
 interface AuthService {
   # Stores one KeyPackage for `identityKey`.
   #
@@ -105,4 +169,21 @@ interface AuthService {
   # not counting last-resort ones, and whether an unexpired last-resort one
   # is stored. Only the owner may ask. Clients upload more when running low.
   keyPackageCount @3 (identityKey :Data) -> (count :UInt32, hasLastResort :Bool);
+
+  # Stores a user's device list (protocol 5); see SignedDeviceList and
+  # DeviceListOutcome. The connection must be authenticated (as a device of
+  # the user, see `notADevice`). A malformed list (wrong key or signature
+  # length, no device, more than 64, not ascending and distinct) is a
+  # `failed` exception saying why. Answers only once the list is durably
+  # stored.
+  uploadDeviceList @4 (list :SignedDeviceList) -> (outcome :DeviceListOutcome);
+
+  # The stored device lists of `userKeys` (each 32 bytes, at most 256 per
+  # call), in the order asked, leaving out users without a list (a user
+  # without a list has one device: the user key). Anyone may call this,
+  # also anonymously; each call counts as one fetch against the caller's
+  # fetch rate, and over it the call raises an `overloaded` exception.
+  # Clients verify every signature themselves and remember the highest
+  # version they saw of each user, so an old or forged list is detected.
+  fetchDeviceLists @5 (userKeys :List(Data)) -> (lists :List(SignedDeviceList));
 }

@@ -14,9 +14,10 @@ struct NodeInfo {
   # The node software's version, e.g. "0.1.0".
   version @0 :Text;
 
-  # The wire protocol version; bumped on incompatible changes. Currently 3
+  # The wire protocol version; bumped on incompatible changes. Currently 5
   # (2: typed outcomes in results; 3: the node checks group changes; see
-  # delivery.capnp).
+  # delivery.capnp; 4: typed upload outcomes; 5: device lists, see
+  # auth.capnp).
   protocolVersion @1 :UInt16;
 
   # The largest KeyPackage or message payload, in bytes, the node accepts.

@@ -204,6 +204,55 @@ impl UploadOutcome {
     }
 }
 
+/// What became of `uploadDeviceList` (`DeviceListOutcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceListOutcome {
+    /// The list is durably stored (or exactly this list already was).
+    Stored,
+    /// The node holds this user's list at `current`, this version or a
+    /// higher one; nothing was stored.
+    Stale {
+        /// The stored version.
+        current: u64,
+    },
+    /// The signature is not the user key's over this list.
+    BadSignature,
+    /// The caller is not a device of the stored list (nor, for a first
+    /// list, of the new one or the user key).
+    NotADevice,
+    /// Over the caller's send budget; nothing was stored.
+    RateLimited(RateLimited),
+}
+
+impl DeviceListOutcome {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: auth_capnp::device_list_outcome::Builder<'_>) {
+        match self {
+            DeviceListOutcome::Stored => builder.set_stored(()),
+            DeviceListOutcome::Stale { current } => builder.init_stale().set_current(*current),
+            DeviceListOutcome::BadSignature => builder.set_bad_signature(()),
+            DeviceListOutcome::NotADevice => builder.set_not_a_device(()),
+            DeviceListOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(
+        reader: auth_capnp::device_list_outcome::Reader<'_>,
+    ) -> Result<DeviceListOutcome, OutcomeError> {
+        use auth_capnp::device_list_outcome::Which;
+        Ok(match reader.which()? {
+            Which::Stored(()) => DeviceListOutcome::Stored,
+            Which::Stale(stale) => DeviceListOutcome::Stale {
+                current: stale?.get_current(),
+            },
+            Which::BadSignature(()) => DeviceListOutcome::BadSignature,
+            Which::NotADevice(()) => DeviceListOutcome::NotADevice,
+            Which::RateLimited(limited) => DeviceListOutcome::RateLimited(RateLimited::read(limited?)),
+        })
+    }
+}
+
 /// What became of `publishCommit` (`CommitOutcome`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {

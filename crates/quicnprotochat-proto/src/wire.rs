@@ -537,3 +537,75 @@ mod tests {
         assert_eq!(payload("payload", b"abc", 10).unwrap(), b"abc");
     }
 }
+
+/// Most users one `fetchDeviceLists` call may name.
+pub const MAX_DEVICE_LIST_FETCH: usize = 256;
+
+/// Fills a `SignedDeviceList`.
+pub fn write_device_list(
+    signed: &quicnprotochat_core::SignedDeviceList,
+    mut builder: crate::auth_capnp::signed_device_list::Builder<'_>,
+) {
+    let list = signed.list();
+    builder.set_user_key(list.user().as_bytes());
+    builder.set_version(list.version());
+    // At most MAX_DEVICES (64) entries: fits a u32.
+    let mut devices = builder.reborrow().init_devices(list.devices().len() as u32);
+    for (i, device) in list.devices().iter().enumerate() {
+        devices.set(i as u32, device.as_bytes());
+    }
+    builder.set_signature(signed.signature());
+}
+
+/// Reads a `SignedDeviceList` as the schema states it: key and signature
+/// lengths, 1 to 64 devices, ascending and distinct. The signature is not
+/// checked here ([`quicnprotochat_core::SignedDeviceList::verify`] does).
+pub fn read_device_list(
+    field: &str,
+    reader: crate::auth_capnp::signed_device_list::Reader<'_>,
+) -> Result<quicnprotochat_core::SignedDeviceList, FieldError> {
+    use quicnprotochat_core::devices::MAX_DEVICES;
+    use quicnprotochat_core::{DeviceList, SignedDeviceList};
+
+    let bad = |name: &str, reason: String| FieldError {
+        field: format!("{field}.{name}"),
+        reason,
+    };
+    let unreadable = |name: &str, e: capnp::Error| bad(name, format!("unreadable: {e}"));
+    let user = identity_key(
+        &format!("{field}.userKey"),
+        reader.get_user_key().map_err(|e| unreadable("userKey", e))?,
+    )?;
+    let devices = reader.get_devices().map_err(|e| unreadable("devices", e))?;
+    if devices.is_empty() || devices.len() as usize > MAX_DEVICES {
+        return Err(bad(
+            "devices",
+            format!("must name 1 to {MAX_DEVICES} devices, names {}", devices.len()),
+        ));
+    }
+    let mut keys: Vec<IdentityKey> = Vec::with_capacity(devices.len() as usize);
+    for (i, device) in devices.iter().enumerate() {
+        let device = device.map_err(|e| unreadable(&format!("devices[{i}]"), e))?;
+        let key = identity_key(&format!("{field}.devices[{i}]"), device)?;
+        if keys.last().is_some_and(|previous| *previous >= key) {
+            return Err(bad(
+                &format!("devices[{i}]"),
+                "device keys must be distinct and in ascending byte order".into(),
+            ));
+        }
+        keys.push(key);
+    }
+    let signature = reader.get_signature().map_err(|e| unreadable("signature", e))?;
+    let signature: [u8; 64] = signature.try_into().map_err(|_| {
+        bad(
+            "signature",
+            format!(
+                "an Ed25519 signature is exactly 64 bytes, got {}",
+                signature.len()
+            ),
+        )
+    })?;
+    let list =
+        DeviceList::new(user, reader.get_version(), keys).map_err(|e| bad("devices", e.to_string()))?;
+    Ok(SignedDeviceList::from_parts(list, signature))
+}
