@@ -46,11 +46,22 @@ impl Pair {
         let mut alice_group = GroupMember::create(&alice_provider, &alice, b"fuzz").expect("create");
         let package = generate_key_package(&bob_provider, &bob).expect("key package");
         let added = alice_group
-            .add_members(&alice_provider, &alice, &[package])
+            .add_members(
+                &alice_provider,
+                &alice,
+                &[package],
+                &quicnprotochat_core::NoDeviceLists,
+            )
             .expect("add");
         alice_group.merge_pending_commit(&alice_provider).expect("merge");
         let tree = alice_group.ratchet_tree().expect("tree");
-        let bob_group = GroupMember::join(&bob_provider, &added.welcome, Some(&tree)).expect("join");
+        let bob_group = GroupMember::join(
+            &bob_provider,
+            &added.welcome,
+            Some(&tree),
+            &quicnprotochat_core::NoDeviceLists,
+        )
+        .expect("join");
         Pair {
             alice,
             alice_provider,
@@ -72,14 +83,29 @@ pub fn incoming_payload(data: &[u8]) {
     PAIR.with(|pair| {
         let mut pair = pair.borrow_mut();
         let pair = pair.get_or_insert_with(Pair::new);
-        let _ = pair.bob_group.receive(&pair.bob_provider, data);
-        let _ = GroupMember::join(&pair.bob_provider, data, None);
-        let _ = GroupMember::join(&pair.bob_provider, data, Some(data));
+        let _ = pair
+            .bob_group
+            .receive(&pair.bob_provider, data, &quicnprotochat_core::NoDeviceLists);
+        let _ = GroupMember::join(
+            &pair.bob_provider,
+            data,
+            None,
+            &quicnprotochat_core::NoDeviceLists,
+        );
+        let _ = GroupMember::join(
+            &pair.bob_provider,
+            data,
+            Some(data),
+            &quicnprotochat_core::NoDeviceLists,
+        );
         let message = pair
             .alice_group
             .send(&pair.alice_provider, &pair.alice, b"still fine")
             .expect("alice can still send");
-        match pair.bob_group.receive(&pair.bob_provider, &message) {
+        match pair
+            .bob_group
+            .receive(&pair.bob_provider, &message, &quicnprotochat_core::NoDeviceLists)
+        {
             Ok(Received::Application { plaintext, .. }) => assert_eq!(plaintext, b"still fine"),
             other => panic!("the group was corrupted by an input: {other:?}"),
         }

@@ -116,7 +116,14 @@ fn main() {
                 vec![package]
             };
             let epoch = group.epoch();
-            let added = group.add_members(&provider, &creator, &packages).unwrap();
+            let added = group
+                .add_members(
+                    &provider,
+                    &creator,
+                    &packages,
+                    &quicnprotochat_core::NoDeviceLists,
+                )
+                .unwrap();
             let state = initial_state.take().map(|state| GroupState {
                 group_info: state.group_info,
                 ratchet_tree: state.ratchet_tree,

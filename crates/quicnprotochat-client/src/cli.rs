@@ -87,8 +87,38 @@ pub enum Command {
     /// Create the state file (or reuse its identity), upload a fresh
     /// KeyPackage, print the identity key.
     RegisterState(StateArg),
-    /// Print the state file's identity key (64 hex characters) and nothing else.
-    Whoami(StateArg),
+    /// Print your user key (64 hex characters: what peers invite) and
+    /// nothing else.
+    Whoami {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// Print this device's key instead (its own key among your
+        /// devices; the same as the user key for a state made before users
+        /// had several devices).
+        #[arg(long)]
+        device: bool,
+    },
+    /// Make a new state file a new device of yours: prints a one-line link
+    /// code to give to `devices add` on one of your devices; the next
+    /// `recv` here completes the link.
+    Link {
+        /// The new device's state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// How long the code is accepted.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        valid_for: std::time::Duration,
+    },
+    /// Your devices: link one, list them, remove one.
+    Devices {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// What to do with devices.
+        #[command(subcommand)]
+        action: DevicesAction,
+    },
     /// Create a group with you as its only member; it becomes the current group.
     CreateGroup {
         /// The state file.
@@ -237,10 +267,32 @@ pub enum ContactsAction {
     },
 }
 
+/// `devices` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DevicesAction {
+    /// Link the new device whose code `link` printed: sign it into your
+    /// device list, hand it your user key through the node (encrypted to
+    /// it), and add it to every group you are in, one Commit per group.
+    Add {
+        /// The link code.
+        code: String,
+    },
+    /// One line per device: its key, and `(this device)`.
+    List,
+    /// Remove a device: a new device list without it, and its leaves
+    /// removed from every group; given this device's key, this device
+    /// leaves.
+    Remove {
+        /// The device key, 64 hex characters (see `devices list`).
+        device_key: String,
+    },
+}
+
 /// Peers given by key or by contact name.
 #[derive(Debug, Args)]
 pub struct PeerArgs {
-    /// A peer's identity key, 64 hex characters (repeatable).
+    /// A peer's user key, 64 hex characters (repeatable); every device of
+    /// the user is meant.
     #[arg(long = "peer-key")]
     pub keys: Vec<String>,
     /// A peer's contact name, see `contacts add` (repeatable).

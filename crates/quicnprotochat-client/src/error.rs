@@ -292,6 +292,25 @@ pub enum ClientError {
     /// A bug: an invariant did not hold.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// A node's answer breaks the schema.
+    #[error("the node's answer is malformed: {0}")]
+    Protocol(String),
+    /// A device list the node served (or that we were about to trust) is
+    /// not acceptable: not signed by its user, older than one seen before,
+    /// or withheld after we saw one.
+    #[error("device list of {user}: {reason}")]
+    DeviceList {
+        /// The user key, short.
+        user: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The node refused a device list we uploaded.
+    #[error("the node refused the device list: {0}")]
+    DeviceListRefused(String),
+    /// A link code or handoff was refused.
+    #[error(transparent)]
+    Link(#[from] quicnprotochat_core::link::LinkError),
 }
 
 impl ClientError {

@@ -11,6 +11,7 @@ use quicnprotochat_core::{
 };
 use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
+use crate::devices::Directory;
 use crate::error::ClientError;
 use crate::naming::{group_name, member_name};
 use crate::nodes::Nodes;
@@ -144,13 +145,25 @@ pub(crate) async fn process_entry(
     explicit_join: bool,
 ) -> Result<bool, ClientError> {
     let mut tree = None;
+    let mut fetched_lists = false;
     loop {
-        let outcome =
-            state.consume_inbox_entry(entry, || apply(state, payload, tree.as_deref(), explicit_join));
+        let directory = nodes.directory();
+        let outcome = state.consume_inbox_entry(entry, || {
+            apply(state, payload, tree.as_deref(), explicit_join, directory)
+        });
         let (group_id, epoch) = match outcome {
             Ok(applied) => return Ok(applied.tell()),
             Err(ClientError::Core(CoreError::RatchetTreeNeeded { group_id, epoch })) if tree.is_none() => {
                 (group_id, epoch)
+            }
+            // The message adds (or, for a Welcome, holds) devices of users
+            // whose lists this command has not fetched: fetch them and
+            // apply it again. A list the node forged or rolled back stops
+            // processing with that error, keeping the message.
+            Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) if !fetched_lists => {
+                fetched_lists = true;
+                directory.fetch(nodes, state, &users).await?;
+                continue;
             }
             Err(e) => return settle_failure(state, entry, e).map(|()| false),
         };
@@ -278,11 +291,12 @@ fn apply(
     payload: &[u8],
     tree: Option<&[u8]>,
     explicit_join: bool,
+    directory: &Directory,
 ) -> Result<Applied, ClientError> {
     let provider = state.provider();
     match classify(payload)? {
         Incoming::Welcome => {
-            let group = GroupMember::join(&provider, payload, tree)?;
+            let group = GroupMember::join(&provider, payload, tree, directory)?;
             let group_id = group.group_id();
             // Joining from `recv` must not silently redirect a later `send`
             // without --group-id into a group someone invited us to.
@@ -304,20 +318,24 @@ fn apply(
                 .ok_or_else(|| ClientError::UnknownGroup(group_name(&group_id)))?;
             let name = group_name(&group_id);
             let mut applied = Applied::default();
-            match group.receive(&provider, payload)? {
+            match group.receive(&provider, payload, directory)? {
                 Received::Application { sender, plaintext } => {
+                    // Attributed to the user, whichever of its devices
+                    // sent it.
                     state.record_message(
                         &group_id,
                         Direction::Received,
-                        &sender,
+                        &sender.user,
                         &plaintext,
                         group.epoch(),
                     )?;
-                    applied.message = Some(format!(
-                        "{name} {}: {}",
-                        member_name(state, &sender)?,
-                        String::from_utf8_lossy(&plaintext)
-                    ));
+                    // Our own user: sent from another of our devices.
+                    let from = if sender.user == state.identity_key()? {
+                        "me".to_owned()
+                    } else {
+                        member_name(state, &sender.user)?
+                    };
+                    applied.message = Some(format!("{name} {from}: {}", String::from_utf8_lossy(&plaintext)));
                 }
                 Received::Commit { epoch } => {
                     applied.note = Some(format!(

@@ -12,6 +12,8 @@
 //!   nodes that answers, the next one on a reconnect); sending with rate
 //!   limits waited out and full queues reported.
 //! - `naming` — groups and peers by name: parse, resolve, show.
+//! - `devices` — users' device lists: fetched once per command, verified,
+//!   checked against the highest version seen; publishing a new list.
 //! - `publish` — group changes: stage, publish, settle by the node's typed
 //!   outcome, resume unanswered ones; rejoining a group by external commit.
 //! - `incoming` — fetch → store → ack, then apply each queued message.
@@ -24,6 +26,7 @@
 
 pub mod cli;
 pub mod commands;
+mod devices;
 pub mod error;
 mod follow;
 mod incoming;

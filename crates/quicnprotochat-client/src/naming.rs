@@ -154,7 +154,28 @@ fn find_group(state: &StateFile, name: &str) -> Result<Vec<u8>, ClientError> {
     }
 }
 
-/// Every member of `group` but us.
+/// The devices in `group` of the given keys: every device of a user key,
+/// or the device a device key names. A key with none is an error naming it.
+pub(crate) fn devices_of(group: &GroupMember, keys: &[IdentityKey]) -> Result<Vec<IdentityKey>, ClientError> {
+    let members = group.member_keys();
+    let mut devices = Vec::new();
+    for key in keys {
+        let before = devices.len();
+        for member in members.iter().filter(|m| m.user == *key || m.device == *key) {
+            if !devices.contains(&member.device) {
+                devices.push(member.device);
+            }
+        }
+        if devices.len() == before {
+            return Err(ClientError::Core(quicnprotochat_core::CoreError::UnknownMember(
+                key.to_string(),
+            )));
+        }
+    }
+    Ok(devices)
+}
+
+/// Every member device of `group` but this one (our other devices too).
 pub(crate) fn others(group: &GroupMember, me: &IdentityKey) -> Vec<IdentityKey> {
     group
         .members()

@@ -18,16 +18,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
-use quicnprotochat_core::{GroupId, IdentityKey, IdentityKeypair, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, IdentityKeypair, QueuedMessage, Seq, SignedDeviceList};
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::outcome::{
-    CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, ProposalOutcome, SendOutcome,
-    UploadOutcome,
+    CommitOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree,
+    ProposalOutcome, SendOutcome, UploadOutcome,
 };
-use quicnprotochat_proto::wire::{Envelope, GroupState, read_messages};
+use quicnprotochat_proto::wire::{
+    Envelope, GroupState, MAX_DEVICE_LIST_FETCH, read_device_list, read_messages, write_device_list,
+};
 use quicnprotochat_proto::{cert, peer, rpc, transport};
 use rustls::AlertDescription;
 
@@ -366,6 +368,42 @@ impl NodeClient {
         request.get().set_identity_key(identity.as_bytes());
         let response = call(request.send().promise).await?;
         Ok(FetchedKeyPackage::read(response.get()?.get_outcome()?)?)
+    }
+
+    /// Uploads a user's signed device list; the node's typed answer.
+    pub async fn upload_device_list(
+        &self,
+        list: &SignedDeviceList,
+    ) -> Result<DeviceListOutcome, ClientError> {
+        let mut request = self.auth.upload_device_list_request();
+        write_device_list(list, request.get().init_list());
+        let response = call(request.send().promise).await?;
+        Ok(DeviceListOutcome::read(response.get()?.get_outcome()?)?)
+    }
+
+    /// The device lists the node stores for `users` (at most
+    /// [`MAX_DEVICE_LIST_FETCH`]), as read from the wire: the signatures are
+    /// not checked here.
+    pub async fn fetch_device_lists(
+        &self,
+        users: &[IdentityKey],
+    ) -> Result<Vec<SignedDeviceList>, ClientError> {
+        let mut request = self.auth.fetch_device_lists_request();
+        let count = u32::try_from(users.len().min(MAX_DEVICE_LIST_FETCH)).unwrap_or(0);
+        let mut keys = request.get().init_user_keys(count);
+        for (index, user) in users.iter().take(count as usize).enumerate() {
+            keys.set(index as u32, user.as_bytes());
+        }
+        let response = call(request.send().promise).await?;
+        let lists = response.get()?.get_lists()?;
+        lists
+            .iter()
+            .enumerate()
+            .map(|(index, list)| {
+                read_device_list(&format!("lists[{index}]"), list)
+                    .map_err(|e| ClientError::Protocol(format!("fetchDeviceLists: {e}")))
+            })
+            .collect()
     }
 
     /// Queues `payload` for `recipient`. [`SendOutcome::Accepted`] comes only

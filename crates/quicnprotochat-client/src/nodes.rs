@@ -14,6 +14,7 @@ use quicnprotochat_proto::outcome::{RateLimited, SendOutcome, TooLarge};
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::ConnectionArgs;
+use crate::devices::Directory;
 use crate::error::ClientError;
 use crate::node_client::{Dialer, NodeClient};
 
@@ -26,6 +27,8 @@ pub(crate) struct Nodes {
     dialer: Dialer,
     auth: Link,
     delivery: Option<Link>,
+    /// The device lists this command fetched through these connections.
+    directory: Directory,
 }
 
 /// A connection to one node of a list of interchangeable nodes (they share
@@ -83,7 +86,13 @@ impl Nodes {
             dialer,
             auth,
             delivery,
+            directory: Directory::default(),
         })
+    }
+
+    /// The device lists fetched in this command.
+    pub(crate) fn directory(&self) -> &Directory {
+        &self.directory
     }
 
     /// The node holding KeyPackages.

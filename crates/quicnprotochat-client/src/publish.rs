@@ -38,10 +38,11 @@
 
 use std::time::Duration;
 
-use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::outcome::{CommitOutcome, FetchedGroupInfo, ProposalOutcome};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
+use crate::devices::with_lists;
 use crate::error::ClientError;
 use crate::incoming;
 use crate::naming::{group_name, node_group_id, others};
@@ -99,7 +100,16 @@ pub(crate) async fn change_group(
     for attempt in 1..=CHANGE_ATTEMPTS {
         let mut group = GroupMember::load(&state.provider(), group_id)?
             .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
-        let publication = stage(state, &mut group, group_id, &mut make)?;
+        // A change that adds devices of users whose lists this command has
+        // not fetched fails without staging anything; fetch and make it
+        // again.
+        let publication = match stage(state, &mut group, group_id, &mut make) {
+            Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) => {
+                nodes.directory().fetch(nodes, state, &users).await?;
+                stage(state, &mut group, group_id, &mut make)?
+            }
+            other => other?,
+        };
         match send_publication(nodes, state, identity, &mut group, &publication).await? {
             Settled::Merged => return Ok(group),
             Settled::Lost { current_epoch: now } => {
@@ -173,23 +183,27 @@ pub(crate) async fn rejoin(
             }
             Err(e) => return Err(e),
         };
-        let publication = state.stage_publication(|| -> Result<Publication, ClientError> {
-            let rejoined = GroupMember::rejoin(
-                &state.provider(),
-                identity,
-                group_id.as_bytes(),
-                &group_info,
-                &ratchet_tree,
-            )?;
-            Ok(Publication {
-                group_id: group_id.clone(),
-                epoch: rejoined.epoch,
-                commit: envelope(others(&rejoined.group, &me), rejoined.commit),
-                welcome: None,
-                group_info: Some(rejoined.group_info),
-                rejoin: true,
+        let publication = with_lists(nodes, state, |directory| {
+            state.stage_publication(|| -> Result<Publication, ClientError> {
+                let rejoined = GroupMember::rejoin(
+                    &state.provider(),
+                    identity,
+                    group_id.as_bytes(),
+                    &group_info,
+                    &ratchet_tree,
+                    directory,
+                )?;
+                Ok(Publication {
+                    group_id: group_id.clone(),
+                    epoch: rejoined.epoch,
+                    commit: envelope(others(&rejoined.group, &me), rejoined.commit),
+                    welcome: None,
+                    group_info: Some(rejoined.group_info),
+                    rejoin: true,
+                })
             })
-        })?;
+        })
+        .await?;
         let mut group = GroupMember::load(&state.provider(), group_id.as_bytes())?
             .ok_or(ClientError::Internal("a staged rejoin left no group"))?;
         match send_publication(nodes, state, identity, &mut group, &publication).await? {

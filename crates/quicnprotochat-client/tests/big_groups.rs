@@ -125,7 +125,9 @@ fn a_welcome_whose_tree_the_node_does_not_keep_is_reported_and_dropped() {
         };
         let provider = OpenMlsRustCrypto::default();
         let mut group = GroupMember::create(&provider, &adder, b"unpublished").unwrap();
-        let added = group.add_members(&provider, &adder, &[package]).unwrap();
+        let added = group
+            .add_members(&provider, &adder, &[package], &quicnprotochat_core::NoDeviceLists)
+            .unwrap();
         enqueue_ok(&client, &bob_key, &added.welcome).await;
     });
 
@@ -164,9 +166,23 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
         let provider = OpenMlsRustCrypto::default();
         let mut group = GroupMember::create(&provider, &adder, b"one-epoch").unwrap();
         let state = group.export_public_state(&provider, &adder).unwrap();
-        let for_bob = group.add_members(&provider, &adder, &packages[1..]).unwrap();
+        let for_bob = group
+            .add_members(
+                &provider,
+                &adder,
+                &packages[1..],
+                &quicnprotochat_core::NoDeviceLists,
+            )
+            .unwrap();
         group.discard_pending_commit(&provider).unwrap();
-        let for_carol = group.add_members(&provider, &adder, &packages[..1]).unwrap();
+        let for_carol = group
+            .add_members(
+                &provider,
+                &adder,
+                &packages[..1],
+                &quicnprotochat_core::NoDeviceLists,
+            )
+            .unwrap();
         let outcome = client
             .publish_commit(
                 &GroupId::new(b"one-epoch".to_vec()).unwrap(),

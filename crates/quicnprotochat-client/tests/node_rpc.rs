@@ -631,7 +631,14 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
         );
         let mut creator = GroupMember::create(&one, &identity(1), b"race#1").unwrap();
         let package = quicnprotochat_core::generate_key_package(&two, &identity(2)).unwrap();
-        let added = creator.add_members(&one, &identity(1), &[package]).unwrap();
+        let added = creator
+            .add_members(
+                &one,
+                &identity(1),
+                &[package],
+                &quicnprotochat_core::NoDeviceLists,
+            )
+            .unwrap();
         let state = creator.export_public_state(&one, &identity(1)).unwrap();
         let state = GroupState {
             group_info: state.group_info,
@@ -660,7 +667,13 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
         let FetchedWelcomeTree::Tree(tree) = loser.fetch_welcome_tree(&group_id, 1).await.unwrap() else {
             panic!("the node keeps the tree for the member it added");
         };
-        let mut joiner = GroupMember::join(&two, &added.welcome, Some(&tree)).unwrap();
+        let mut joiner = GroupMember::join(
+            &two,
+            &added.welcome,
+            Some(&tree),
+            &quicnprotochat_core::NoDeviceLists,
+        )
+        .unwrap();
 
         // Two Commits made in epoch 1, as two members racing would make them.
         let first = creator.self_update(&one, &identity(1)).unwrap();

@@ -184,6 +184,7 @@ fn stage_unanswered_rejoin(node: &TestNode, member: &Member, group_id: &str, mes
                 group_id.as_bytes(),
                 &served.group_info,
                 &served.ratchet_tree,
+                &quicnprotochat_core::NoDeviceLists,
             )?;
             Ok(Publication {
                 group_id: group_id.clone(),
@@ -274,7 +275,14 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         let group_id = GroupId::new(b"served#1".to_vec()).unwrap();
         let mut creator = GroupMember::create(&one, &identity(1), group_id.as_bytes()).unwrap();
         let package = generate_key_package(&two, &identity(2)).unwrap();
-        let added = creator.add_members(&one, &identity(1), &[package]).unwrap();
+        let added = creator
+            .add_members(
+                &one,
+                &identity(1),
+                &[package],
+                &quicnprotochat_core::NoDeviceLists,
+            )
+            .unwrap();
         let group_info = creator.pending_group_info().unwrap().to_vec();
         let state = creator.export_public_state(&one, &identity(1)).unwrap();
         let state = GroupState {
@@ -302,7 +310,13 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         let FetchedWelcomeTree::Tree(tree) = joiner.fetch_welcome_tree(&group_id, 1).await.unwrap() else {
             panic!("the node keeps the tree for the member it added");
         };
-        GroupMember::join(&two, &added.welcome, Some(&tree)).unwrap();
+        GroupMember::join(
+            &two,
+            &added.welcome,
+            Some(&tree),
+            &quicnprotochat_core::NoDeviceLists,
+        )
+        .unwrap();
 
         // Both members get epoch 1's GroupInfo, as published, and the tree.
         for client in [&member, &joiner] {
@@ -331,6 +345,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             group_id.as_bytes(),
             &served.group_info,
             &served.ratchet_tree,
+            &quicnprotochat_core::NoDeviceLists,
         )
         .unwrap();
         assert_eq!(rejoined.epoch, 1);
@@ -365,7 +380,9 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         assert_eq!(served.group_info, rejoined.group_info, "the rejoin's, of epoch 2");
 
         // A Commit without a GroupInfo leaves the node nothing to serve.
-        creator.receive(&one, &rejoined.commit).unwrap();
+        creator
+            .receive(&one, &rejoined.commit, &quicnprotochat_core::NoDeviceLists)
+            .unwrap();
         let update = creator.self_update(&one, &identity(1)).unwrap();
         let outcome = member
             .publish_commit(&group_id, 2, &envelope(&[2], update, b"update"), None, None, None)

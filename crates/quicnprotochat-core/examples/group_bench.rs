@@ -68,7 +68,12 @@ fn run(size: usize) {
     let mut group = GroupMember::create(&creator.provider, &creator.identity, b"bench-one").unwrap();
     let started = Instant::now();
     let added = group
-        .add_members(&creator.provider, &creator.identity, &packages)
+        .add_members(
+            &creator.provider,
+            &creator.identity,
+            &packages,
+            &quicnprotochat_core::NoDeviceLists,
+        )
         .unwrap();
     group.merge_pending_commit(&creator.provider).unwrap();
     let add_one = started.elapsed();
@@ -78,7 +83,13 @@ fn run(size: usize) {
     let newcomer = joiners.last().expect("at least one joiner");
     let tree = group.ratchet_tree().unwrap();
     let started = Instant::now();
-    let mut joined = GroupMember::join(&newcomer.provider, &added.welcome, Some(&tree)).unwrap();
+    let mut joined = GroupMember::join(
+        &newcomer.provider,
+        &added.welcome,
+        Some(&tree),
+        &quicnprotochat_core::NoDeviceLists,
+    )
+    .unwrap();
     let join = started.elapsed();
     assert_eq!(joined.members().len(), size);
 
@@ -88,7 +99,9 @@ fn run(size: usize) {
         .unwrap();
     let send = started.elapsed();
     let started = Instant::now();
-    let received = joined.receive(&newcomer.provider, &message).unwrap();
+    let received = joined
+        .receive(&newcomer.provider, &message, &quicnprotochat_core::NoDeviceLists)
+        .unwrap();
     let receive = started.elapsed();
     assert!(matches!(received, Received::Application { .. }));
 
@@ -101,7 +114,12 @@ fn run(size: usize) {
     let started = Instant::now();
     for chunk in fresh.chunks(BATCH) {
         batched
-            .add_members(&creator.provider, &creator.identity, chunk)
+            .add_members(
+                &creator.provider,
+                &creator.identity,
+                chunk,
+                &quicnprotochat_core::NoDeviceLists,
+            )
             .unwrap();
         batched.merge_pending_commit(&creator.provider).unwrap();
     }

@@ -273,11 +273,22 @@ impl Group {
         let mut creator_group =
             GroupMember::create(&creator.provider, &creator.identity, b"mls-bench").unwrap();
         let added = creator_group
-            .add_members(&creator.provider, &creator.identity, &packages)
+            .add_members(
+                &creator.provider,
+                &creator.identity,
+                &packages,
+                &quicnprotochat_core::NoDeviceLists,
+            )
             .unwrap();
         creator_group.merge_pending_commit(&creator.provider).unwrap();
         let tree = creator_group.ratchet_tree().unwrap();
-        let receiver_group = GroupMember::join(&receiver.provider, &added.welcome, Some(&tree)).unwrap();
+        let receiver_group = GroupMember::join(
+            &receiver.provider,
+            &added.welcome,
+            Some(&tree),
+            &quicnprotochat_core::NoDeviceLists,
+        )
+        .unwrap();
         assert_eq!(receiver_group.members().len(), size);
         Self {
             size,
@@ -303,7 +314,12 @@ impl Group {
 
             let (added, create) = time(|| {
                 self.creator_group
-                    .add_members(&self.creator.provider, &self.creator.identity, &packages)
+                    .add_members(
+                        &self.creator.provider,
+                        &self.creator.identity,
+                        &packages,
+                        &quicnprotochat_core::NoDeviceLists,
+                    )
                     .unwrap()
             });
             // Welcomes carry no tree; the joiner gets it from the node.
@@ -317,8 +333,15 @@ impl Group {
             assert_eq!(self.creator_group.epoch(), epoch);
 
             let join = (count == 1).then(|| {
-                let (joined, took) =
-                    time(|| GroupMember::join(&newcomers, &added.welcome, Some(&tree)).unwrap());
+                let (joined, took) = time(|| {
+                    GroupMember::join(
+                        &newcomers,
+                        &added.welcome,
+                        Some(&tree),
+                        &quicnprotochat_core::NoDeviceLists,
+                    )
+                    .unwrap()
+                });
                 assert_eq!(joined.members().len(), self.size + 1);
                 took
             });
@@ -345,7 +368,11 @@ impl Group {
             });
             let (received, decrypt) = time(|| {
                 self.receiver_group
-                    .receive(&self.receiver.provider, &message)
+                    .receive(
+                        &self.receiver.provider,
+                        &message,
+                        &quicnprotochat_core::NoDeviceLists,
+                    )
                     .unwrap()
             });
             assert!(matches!(received, Received::Application { plaintext, .. } if plaintext == PAYLOAD));
@@ -376,7 +403,12 @@ impl Group {
             let package = generate_key_package(&newcomer.provider, &newcomer.identity).unwrap();
             let added = self
                 .creator_group
-                .add_members(&self.creator.provider, &self.creator.identity, &[package])
+                .add_members(
+                    &self.creator.provider,
+                    &self.creator.identity,
+                    &[package],
+                    &quicnprotochat_core::NoDeviceLists,
+                )
                 .unwrap();
             self.creator_group
                 .merge_pending_commit(&self.creator.provider)
@@ -389,7 +421,11 @@ impl Group {
     fn process(&mut self, commit: &[u8]) -> Duration {
         let (received, took) = time(|| {
             self.receiver_group
-                .receive(&self.receiver.provider, commit)
+                .receive(
+                    &self.receiver.provider,
+                    commit,
+                    &quicnprotochat_core::NoDeviceLists,
+                )
                 .unwrap()
         });
         let epoch = self.creator_group.epoch();

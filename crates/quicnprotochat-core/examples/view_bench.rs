@@ -55,7 +55,14 @@ fn run(size: usize) {
         let key_packages: Vec<Vec<u8>> = (0..batch)
             .map(|_| generate_key_package(&scratch, &IdentityKeypair::generate()).unwrap())
             .collect();
-        group.add_members(&provider, &creator, &key_packages).unwrap();
+        group
+            .add_members(
+                &provider,
+                &creator,
+                &key_packages,
+                &quicnprotochat_core::NoDeviceLists,
+            )
+            .unwrap();
         group.merge_pending_commit(&provider).unwrap();
         left -= batch;
     }
@@ -85,7 +92,14 @@ fn run(size: usize) {
         updates.push(timings);
 
         let key_package = generate_key_package(&scratch, &IdentityKeypair::generate()).unwrap();
-        let added = group.add_members(&provider, &creator, &[key_package]).unwrap();
+        let added = group
+            .add_members(
+                &provider,
+                &creator,
+                &[key_package],
+                &quicnprotochat_core::NoDeviceLists,
+            )
+            .unwrap();
         let (timings, next, kept) = apply(&group_id, &stored, &added.commit, &me);
         group.merge_pending_commit(&provider).unwrap();
         stored = next;

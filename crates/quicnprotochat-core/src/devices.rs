@@ -17,7 +17,8 @@
 
 use ed25519_dalek::{Signature, VerifyingKey};
 
-use crate::identity::{IdentityKey, IdentityKeypair};
+use crate::error::CoreError;
+use crate::identity::{IdentityKey, IdentityKeypair, MemberKey};
 
 /// What the signature begins with, so that it can never be taken for a
 /// signature over anything else the user key signs.
@@ -188,6 +189,74 @@ impl SignedDeviceList {
             Some(seen) if self == seen => Freshness::Same,
             Some(_) => Freshness::Stale,
         }
+    }
+}
+
+/// What the caller knows of a user's current device list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
+    /// The user's current list names the device.
+    Yes,
+    /// The user's current list does not name it, or the user has no list
+    /// (then its only device is the user key).
+    No,
+    /// The caller has not looked the user's list up yet.
+    Unknown,
+}
+
+/// Where group operations learn which devices users listed. Core does no
+/// I/O: a directory answers from what its owner already fetched and
+/// verified, and says [`Listed::Unknown`] otherwise; the operation then
+/// fails with [`CoreError::DeviceListsNeeded`], changing nothing, and the
+/// caller fetches those lists and tries again.
+pub trait DeviceDirectory {
+    /// Whether `user`'s current list names `device`.
+    fn listed(&self, user: &IdentityKey, device: &IdentityKey) -> Listed;
+}
+
+/// A directory that knows no lists: every user's only device is its user
+/// key. For callers whose peers never use device lists (and tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDeviceLists;
+
+impl DeviceDirectory for NoDeviceLists {
+    fn listed(&self, _user: &IdentityKey, _device: &IdentityKey) -> Listed {
+        Listed::No
+    }
+}
+
+/// Checks that every member's device belongs to its user: the user key
+/// itself always does; any other device only if the user's current list
+/// names it. Collects every user whose list the directory lacks into one
+/// [`CoreError::DeviceListsNeeded`], so the caller fetches them in one go.
+pub fn check_devices<'a>(
+    directory: &impl DeviceDirectory,
+    members: impl IntoIterator<Item = &'a MemberKey>,
+) -> Result<(), CoreError> {
+    let mut needed: Vec<IdentityKey> = Vec::new();
+    for member in members {
+        if member.is_own_user() {
+            continue;
+        }
+        match directory.listed(&member.user, &member.device) {
+            Listed::Yes => {}
+            Listed::No => {
+                return Err(CoreError::UnlistedDevice {
+                    user: member.user.to_string(),
+                    device: member.device.to_string(),
+                });
+            }
+            Listed::Unknown => {
+                if !needed.contains(&member.user) {
+                    needed.push(member.user);
+                }
+            }
+        }
+    }
+    if needed.is_empty() {
+        Ok(())
+    } else {
+        Err(CoreError::DeviceListsNeeded(needed))
     }
 }
 

@@ -21,7 +21,8 @@ pub enum CoreError {
     InvalidKeyPackage(String),
 
     /// A credential in a group (or in a message for it) is not one of ours:
-    /// not a basic credential holding the 32-byte Ed25519 signature key.
+    /// not a basic credential holding the 32-byte Ed25519 signature key, or
+    /// a user key followed by that signature key.
     #[error("invalid member credential: {0}")]
     InvalidCredential(String),
 
@@ -139,6 +140,23 @@ pub enum CoreError {
         /// Why.
         reason: String,
     },
+
+    /// A leaf's device is not in its user's current device list: the user
+    /// did not sign it in (or removed it). Whoever made the leaf, perhaps
+    /// the node, cannot add a device to someone.
+    #[error("device {device} is not a device of user {user} (not in the user's signed device list)")]
+    UnlistedDevice {
+        /// The user key, hex.
+        user: String,
+        /// The device key, hex.
+        device: String,
+    },
+
+    /// The operation needs these users' current device lists, which the
+    /// caller has not looked up; nothing was changed. Fetch them, then try
+    /// again.
+    #[error("the device lists of {} users are needed", .0.len())]
+    DeviceListsNeeded(Vec<crate::identity::IdentityKey>),
 
     /// The storage provider failed.
     #[error("storage error: {0}")]

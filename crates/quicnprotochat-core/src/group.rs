@@ -7,9 +7,14 @@
 //! TLS-encoded `MlsMessage` bytes, ready for the delivery service.
 //!
 //! Our policy on top of openmls:
-//! - every leaf's credential is a basic credential equal to its Ed25519
-//!   signature key (checked on join, on every commit and proposal);
-//! - a member may not change its identity in an Update or commit path;
+//! - every leaf's credential is a basic credential naming its Ed25519
+//!   signature key (the device), alone or after its user key (checked on
+//!   join, on every commit and proposal);
+//! - a leaf whose device is not its user key must be in that user's
+//!   current signed device list ([`DeviceDirectory`]): checked when adding,
+//!   when joining and rejoining, and for every Add we receive, so nobody
+//!   (the node included) can add a device to a user;
+//! - a member may not change its user or device in an Update or commit path;
 //! - only Add, Update, Remove and SelfRemove proposals are accepted (and the
 //!   ExternalInit of a rejoin, below);
 //! - our own commits stay pending until the caller merges them, so they are
@@ -52,9 +57,10 @@ use openmls::storage::OpenMlsProvider;
 use openmls_traits::storage::StorageProvider as _;
 
 use crate::CIPHERSUITE;
+use crate::devices::{DeviceDirectory, check_devices};
 use crate::error::CoreError;
-use crate::identity::{IdentityKey, IdentityKeypair, checked_identity, credential_identity};
-use crate::key_package::{leaf_identity, validate_key_package};
+use crate::identity::{IdentityKey, IdentityKeypair, MemberKey, checked_member, credential_member};
+use crate::key_package::{leaf_member, validate_key_package};
 
 /// How many past epochs' message keys we keep, so application messages sent
 /// just before a commit (but delivered after it) still decrypt. Small on
@@ -124,8 +130,8 @@ pub struct PublicState {
 pub enum Received {
     /// An application message, decrypted and authenticated.
     Application {
-        /// The member who sent it.
-        sender: IdentityKey,
+        /// The member who sent it: its user and the device it sent from.
+        sender: MemberKey,
         /// The decrypted content.
         plaintext: Vec<u8>,
     },
@@ -248,6 +254,7 @@ impl GroupMember {
         provider: &P,
         welcome: &[u8],
         ratchet_tree: Option<&[u8]>,
+        directory: &impl DeviceDirectory,
     ) -> Result<Self, CoreError> {
         let message = decode(welcome)?;
         let wire_format = message.wire_format();
@@ -313,8 +320,20 @@ impl GroupMember {
             .build()
             .map_err(welcome_error(Some(&group_id)))?;
 
-        for member in staged.members() {
-            checked_identity(&member.credential, &member.signature_key)?;
+        let members = staged
+            .members()
+            .map(|member| checked_member(&member.credential, &member.signature_key))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Err(e) = check_devices(directory, &members) {
+            // As for a missing tree: the caller may come again once it has
+            // the lists, and needs the KeyPackage then.
+            if let Some((reference, bundle)) = addressed {
+                provider
+                    .storage()
+                    .write_key_package(&reference, &bundle)
+                    .map_err(CoreError::storage)?;
+            }
+            return Err(e);
         }
 
         let group = staged
@@ -348,6 +367,7 @@ impl GroupMember {
         group_id: &[u8],
         group_info: &[u8],
         ratchet_tree: &[u8],
+        directory: &impl DeviceDirectory,
     ) -> Result<Rejoined, CoreError> {
         let message = decode(group_info)?;
         let wire_format = message.wire_format();
@@ -374,13 +394,14 @@ impl GroupMember {
                 .ratchet_tree()
                 .map_or(&tree, |extension| extension.ratchet_tree());
             let me = identity.public_key();
-            let mut ours = false;
-            for leaf in used.leaves() {
-                ours |= checked_identity(leaf.credential(), leaf.signature_key().as_slice())? == me;
-            }
-            if !ours {
+            let members = used
+                .leaves()
+                .map(|leaf| checked_member(leaf.credential(), leaf.signature_key().as_slice()))
+                .collect::<Result<Vec<_>, _>>()?;
+            if !members.iter().any(|member| member.device == me) {
                 return Err(CoreError::NotAMember);
             }
+            check_devices(directory, &members)?;
         }
 
         let mls_group_id = GroupId::from_slice(group_id);
@@ -459,6 +480,15 @@ impl GroupMember {
         self.group
             .members()
             .filter_map(|member| IdentityKey::try_from(member.signature_key.as_slice()).ok())
+            .collect()
+    }
+
+    /// Every member's user and device, ourselves included, in tree order.
+    pub fn member_keys(&self) -> Vec<MemberKey> {
+        // As in `members`: every leaf passed our credential rule.
+        self.group
+            .members()
+            .filter_map(|member| checked_member(&member.credential, &member.signature_key).ok())
             .collect()
     }
 
@@ -553,6 +583,7 @@ impl GroupMember {
         provider: &P,
         identity: &IdentityKeypair,
         key_packages: &[Vec<u8>],
+        directory: &impl DeviceDirectory,
     ) -> Result<AddedMembers, CoreError> {
         self.ensure_can_commit()?;
         if key_packages.is_empty() {
@@ -561,13 +592,16 @@ impl GroupMember {
 
         let mut seen: HashSet<IdentityKey> = self.members().into_iter().collect();
         let mut validated = Vec::with_capacity(key_packages.len());
+        let mut joiners = Vec::with_capacity(key_packages.len());
         for bytes in key_packages {
             let (key_package, joiner) = validate_key_package(provider.crypto(), bytes)?;
-            if !seen.insert(joiner) {
-                return Err(CoreError::AlreadyMember(joiner.to_string()));
+            if !seen.insert(joiner.device) {
+                return Err(CoreError::AlreadyMember(joiner.device.to_string()));
             }
             validated.push(key_package);
+            joiners.push(joiner);
         }
+        check_devices(directory, &joiners)?;
 
         let (commit, welcome) = self.stage_commit(provider, identity, "adding members", true, |builder| {
             // As openmls' own `add_members`: fresh keys for us as well.
@@ -832,6 +866,7 @@ impl GroupMember {
         &mut self,
         provider: &P,
         message: &[u8],
+        directory: &impl DeviceDirectory,
     ) -> Result<Received, CoreError> {
         self.ensure_active()?;
         let message = into_protocol_message(decode(message)?, "a group message")?;
@@ -879,18 +914,18 @@ impl GroupMember {
             ProcessedMessageContent::ApplicationMessage(message) => Ok(Received::Application {
                 // openmls matched the credential to the sending leaf of the
                 // message's epoch, and every leaf passed our checks.
-                sender: credential_identity(&credential)?,
+                sender: credential_member(&credential)?,
                 plaintext: message.into_bytes(),
             }),
             ProcessedMessageContent::ProposalMessage(queued) => {
-                self.check_proposal(queued.sender(), queued.proposal())?;
+                self.check_proposal(queued.sender(), queued.proposal(), directory)?;
                 self.group
                     .store_pending_proposal(provider.storage(), *queued)
                     .map_err(CoreError::storage)?;
                 Ok(Received::Proposal)
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
-                let rejoined = self.check_commit(&sender, &staged)?;
+                let rejoined = self.check_commit(&sender, &staged, directory)?;
                 let removed = staged.self_removed();
                 self.group
                     .merge_staged_commit(provider, *staged)
@@ -951,23 +986,32 @@ impl GroupMember {
     }
 
     fn identity_at(&self, index: LeafNodeIndex) -> Result<IdentityKey, CoreError> {
+        self.member_at(index).map(|member| member.device)
+    }
+
+    fn member_at(&self, index: LeafNodeIndex) -> Result<MemberKey, CoreError> {
         let member = self
             .group
             .member_at(index)
             .ok_or_else(|| CoreError::InvalidCredential(format!("no member at leaf {}", index.u32())))?;
-        IdentityKey::try_from(member.signature_key.as_slice())
+        checked_member(&member.credential, &member.signature_key)
     }
 
     /// Our policy for another member's commit, checked before merging.
     /// Returns who rejoined, for a member's rejoin.
-    fn check_commit(&self, sender: &Sender, staged: &StagedCommit) -> Result<Option<IdentityKey>, CoreError> {
+    fn check_commit(
+        &self,
+        sender: &Sender,
+        staged: &StagedCommit,
+        directory: &impl DeviceDirectory,
+    ) -> Result<Option<IdentityKey>, CoreError> {
         for queued in staged.queued_proposals() {
-            self.check_proposal(queued.sender(), queued.proposal())?;
+            self.check_proposal(queued.sender(), queued.proposal(), directory)?;
         }
-        let new = staged.update_path_leaf_node().map(leaf_identity).transpose()?;
+        let new = staged.update_path_leaf_node().map(leaf_member).transpose()?;
         match sender {
             Sender::Member(index) => match new {
-                Some(new) if new != self.identity_at(*index)? => Err(CoreError::Rejected {
+                Some(new) if new != self.member_at(*index)? => Err(CoreError::Rejected {
                     what: "commit",
                     reason: "the committer changed its identity".into(),
                 }),
@@ -975,10 +1019,12 @@ impl GroupMember {
             },
             Sender::NewMemberCommit => {
                 // openmls requires an external commit to have a path.
-                let joiner = new.ok_or_else(|| CoreError::Rejected {
-                    what: "commit",
-                    reason: "an external commit without a new leaf".into(),
-                })?;
+                let joiner = new
+                    .ok_or_else(|| CoreError::Rejected {
+                        what: "commit",
+                        reason: "an external commit without a new leaf".into(),
+                    })?
+                    .device;
                 self.check_rejoin(&joiner, staged)?;
                 Ok(Some(joiner))
             }
@@ -1028,18 +1074,26 @@ impl GroupMember {
     }
 
     /// Our policy for a proposal, standalone or inside a commit.
-    fn check_proposal(&self, sender: &Sender, proposal: &Proposal) -> Result<(), CoreError> {
+    fn check_proposal(
+        &self,
+        sender: &Sender,
+        proposal: &Proposal,
+        directory: &impl DeviceDirectory,
+    ) -> Result<(), CoreError> {
         match proposal {
-            Proposal::Add(add) => leaf_identity(add.key_package().leaf_node()).map(drop),
+            Proposal::Add(add) => {
+                let joiner = leaf_member(add.key_package().leaf_node())?;
+                check_devices(directory, [&joiner])
+            }
             Proposal::Update(update) => {
-                let new = leaf_identity(update.leaf_node())?;
+                let new = leaf_member(update.leaf_node())?;
                 let Sender::Member(index) = sender else {
                     return Err(CoreError::Rejected {
                         what: "proposal",
                         reason: "update from a non-member".into(),
                     });
                 };
-                if new == self.identity_at(*index)? {
+                if new == self.member_at(*index)? {
                     Ok(())
                 } else {
                     Err(CoreError::Rejected {
@@ -1173,6 +1227,7 @@ mod tests {
     use openmls_traits::OpenMlsProvider as _;
 
     use super::*;
+    use crate::devices::NoDeviceLists;
     use crate::generate_key_package;
 
     const GROUP_ID: &[u8] = b"test-group";
@@ -1205,14 +1260,14 @@ mod tests {
 
         /// Joins from the Welcome with the tree the node would serve.
         fn join(&self, added: &Added) -> GroupMember {
-            GroupMember::join(&self.provider, &added.welcome, Some(&added.tree)).unwrap()
+            GroupMember::join(&self.provider, &added.welcome, Some(&added.tree), &NoDeviceLists).unwrap()
         }
 
         /// Joins from `welcome` with the tree of `adder`, which merged the
         /// add.
         fn join_from(&self, welcome: &[u8], adder: &GroupMember) -> GroupMember {
             let tree = adder.ratchet_tree().unwrap();
-            GroupMember::join(&self.provider, welcome, Some(&tree)).unwrap()
+            GroupMember::join(&self.provider, welcome, Some(&tree), &NoDeviceLists).unwrap()
         }
 
         /// Adds `joiners` in one commit, merges it and returns the messages
@@ -1220,7 +1275,7 @@ mod tests {
         fn add(&self, group: &mut GroupMember, joiners: &[&Client]) -> Added {
             let key_packages: Vec<_> = joiners.iter().map(|c| c.key_package()).collect();
             let AddedMembers { commit, welcome } = group
-                .add_members(&self.provider, &self.identity, &key_packages)
+                .add_members(&self.provider, &self.identity, &key_packages, &NoDeviceLists)
                 .unwrap();
             group.merge_pending_commit(&self.provider).unwrap();
             Added {
@@ -1237,7 +1292,7 @@ mod tests {
         }
 
         fn receive(&self, group: &mut GroupMember, message: &[u8]) -> Received {
-            group.receive(&self.provider, message).unwrap()
+            group.receive(&self.provider, message, &NoDeviceLists).unwrap()
         }
     }
 
@@ -1251,7 +1306,10 @@ mod tests {
 
     fn application(sender: &Client, text: &str) -> Received {
         Received::Application {
-            sender: sender.key(),
+            sender: MemberKey {
+                user: sender.key(),
+                device: sender.key(),
+            },
             plaintext: text.as_bytes().to_vec(),
         }
     }
@@ -1425,7 +1483,12 @@ mod tests {
         let carol = Client::new();
 
         let added = alice_group
-            .add_members(&alice.provider, &alice.identity, &[carol.key_package()])
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[carol.key_package()],
+                &NoDeviceLists,
+            )
             .unwrap();
         assert!(alice_group.has_pending_commit());
         assert_eq!(alice_group.epoch(), 1);
@@ -1468,7 +1531,12 @@ mod tests {
         let bob = Client::new();
         let mut group = alice.create();
         group
-            .add_members(&alice.provider, &alice.identity, &[bob.key_package()])
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[bob.key_package()],
+                &NoDeviceLists,
+            )
             .unwrap();
         group.discard_pending_commit(&alice.provider).unwrap();
 
@@ -1484,10 +1552,20 @@ mod tests {
         let dave = Client::new();
 
         alice_group
-            .add_members(&alice.provider, &alice.identity, &[carol.key_package()])
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[carol.key_package()],
+                &NoDeviceLists,
+            )
             .unwrap();
         let err = alice_group
-            .add_members(&alice.provider, &alice.identity, &[dave.key_package()])
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[dave.key_package()],
+                &NoDeviceLists,
+            )
             .unwrap_err();
         assert_eq!(err, CoreError::CommitPending);
 
@@ -1512,7 +1590,12 @@ mod tests {
     fn adding_an_existing_member_fails() {
         let (alice, mut alice_group, bob, _bob_group) = alice_and_bob();
         let err = alice_group
-            .add_members(&alice.provider, &alice.identity, &[bob.key_package()])
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[bob.key_package()],
+                &NoDeviceLists,
+            )
             .unwrap_err();
         assert_eq!(err, CoreError::AlreadyMember(bob.key().to_string()));
         assert!(!alice_group.has_pending_commit());
@@ -1528,6 +1611,7 @@ mod tests {
                 &alice.provider,
                 &alice.identity,
                 &[bob.key_package(), bob.key_package()],
+                &NoDeviceLists,
             )
             .unwrap_err();
         assert_eq!(err, CoreError::AlreadyMember(bob.key().to_string()));
@@ -1538,11 +1622,16 @@ mod tests {
         let alice = Client::new();
         let mut group = alice.create();
         let err = group
-            .add_members(&alice.provider, &alice.identity, &[b"junk".to_vec()])
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[b"junk".to_vec()],
+                &NoDeviceLists,
+            )
             .unwrap_err();
         assert!(matches!(err, CoreError::InvalidKeyPackage(_)), "{err}");
         let err = group
-            .add_members(&alice.provider, &alice.identity, &[])
+            .add_members(&alice.provider, &alice.identity, &[], &NoDeviceLists)
             .unwrap_err();
         assert_eq!(err, CoreError::NoKeyPackages);
         assert!(!group.has_pending_commit());
@@ -1556,7 +1645,8 @@ mod tests {
         let mut group = alice.create();
         let added = alice.add(&mut group, &[&bob]);
 
-        let err = GroupMember::join(&eve.provider, &added.welcome, Some(&added.tree)).unwrap_err();
+        let err =
+            GroupMember::join(&eve.provider, &added.welcome, Some(&added.tree), &NoDeviceLists).unwrap_err();
         assert_eq!(err, CoreError::NoMatchingKeyPackage);
         assert_eq!(err.to_string(), "welcome is not for any of our KeyPackages");
     }
@@ -1568,7 +1658,7 @@ mod tests {
         let mut group = alice.create();
         let added = alice.add(&mut group, &[&bob]);
         let _bob_group = bob.join(&added);
-        assert!(GroupMember::join(&bob.provider, &added.welcome, Some(&added.tree)).is_err());
+        assert!(GroupMember::join(&bob.provider, &added.welcome, Some(&added.tree), &NoDeviceLists).is_err());
     }
 
     #[test]
@@ -1578,7 +1668,7 @@ mod tests {
         let mut group = alice.create();
         let added = alice.add(&mut group, &[&bob]);
         assert_eq!(
-            GroupMember::join(&bob.provider, &added.welcome, None).unwrap_err(),
+            GroupMember::join(&bob.provider, &added.welcome, None, &NoDeviceLists).unwrap_err(),
             CoreError::RatchetTreeNeeded {
                 group_id: GROUP_ID.to_vec(),
                 epoch: 1
@@ -1598,9 +1688,16 @@ mod tests {
         let second = alice.add(&mut group, &[&carol, &dave]);
         // The tree of another epoch (what a lying node could serve): its
         // hash is not the one the Welcome's signed GroupInfo commits to.
-        let err = GroupMember::join(&carol.provider, &second.welcome, Some(&first.tree)).unwrap_err();
+        let err = GroupMember::join(
+            &carol.provider,
+            &second.welcome,
+            Some(&first.tree),
+            &NoDeviceLists,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("joining from a Welcome"), "{err}");
-        let err = GroupMember::join(&dave.provider, &second.welcome, Some(b"junk")).unwrap_err();
+        let err =
+            GroupMember::join(&dave.provider, &second.welcome, Some(b"junk"), &NoDeviceLists).unwrap_err();
         assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
     }
 
@@ -1629,7 +1726,8 @@ mod tests {
         let carol = Client::new();
         let mut impostor = carol.create();
         let added = carol.add(&mut impostor, &[&bob]);
-        let err = GroupMember::join(&bob.provider, &added.welcome, Some(&added.tree)).unwrap_err();
+        let err =
+            GroupMember::join(&bob.provider, &added.welcome, Some(&added.tree), &NoDeviceLists).unwrap_err();
         assert!(matches!(err, CoreError::GroupExists(_)), "{err}");
         let kept = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
         assert!(kept.is_active());
@@ -1640,9 +1738,9 @@ mod tests {
     fn join_rejects_non_welcome_messages() {
         let (alice, mut alice_group, bob, _bob_group) = alice_and_bob();
         let message = alice.send(&mut alice_group, "not a welcome");
-        let err = GroupMember::join(&bob.provider, &message, None).unwrap_err();
+        let err = GroupMember::join(&bob.provider, &message, None, &NoDeviceLists).unwrap_err();
         assert!(matches!(err, CoreError::UnexpectedMessage { .. }), "{err}");
-        let err = GroupMember::join(&bob.provider, b"junk", None).unwrap_err();
+        let err = GroupMember::join(&bob.provider, b"junk", None, &NoDeviceLists).unwrap_err();
         assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
     }
 
@@ -1706,14 +1804,20 @@ mod tests {
     fn garbage_message_is_rejected_and_group_still_works() {
         let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
 
-        let err = bob_group.receive(&bob.provider, b"garbage").unwrap_err();
+        let err = bob_group
+            .receive(&bob.provider, b"garbage", &NoDeviceLists)
+            .unwrap_err();
         assert!(matches!(err, CoreError::MalformedMessage(_)), "{err}");
 
         // A well-framed message with a corrupted ciphertext.
         let mut corrupted = alice.send(&mut alice_group, "lost");
         let last = corrupted.len() - 1;
         corrupted[last] ^= 0xff;
-        assert!(bob_group.receive(&bob.provider, &corrupted).is_err());
+        assert!(
+            bob_group
+                .receive(&bob.provider, &corrupted, &NoDeviceLists)
+                .is_err()
+        );
 
         assert_eq!(bob_group.epoch(), 1);
         let message = alice.send(&mut alice_group, "after garbage");
@@ -1730,7 +1834,9 @@ mod tests {
         let (alice, _alice_group, bob, mut bob_group) = alice_and_bob();
         let mut other = GroupMember::create(&alice.provider, &alice.identity, b"other").unwrap();
         let message = alice.send(&mut other, "wrong place");
-        let err = bob_group.receive(&bob.provider, &message).unwrap_err();
+        let err = bob_group
+            .receive(&bob.provider, &message, &NoDeviceLists)
+            .unwrap_err();
         assert!(matches!(err, CoreError::WrongGroup { .. }), "{err}");
     }
 
@@ -1741,7 +1847,9 @@ mod tests {
         let added = alice.add(&mut alice_group, &[&carol]);
 
         bob.receive(&mut bob_group, &added.commit);
-        let err = bob_group.receive(&bob.provider, &added.commit).unwrap_err();
+        let err = bob_group
+            .receive(&bob.provider, &added.commit, &NoDeviceLists)
+            .unwrap_err();
         assert_eq!(
             err,
             CoreError::PastEpoch {
@@ -1759,7 +1867,9 @@ mod tests {
         let added = alice.add(&mut alice_group, &[&carol]);
 
         let message = alice.send(&mut alice_group, "epoch 2");
-        let err = bob_group.receive(&bob.provider, &message).unwrap_err();
+        let err = bob_group
+            .receive(&bob.provider, &message, &NoDeviceLists)
+            .unwrap_err();
         assert_eq!(
             err,
             CoreError::FutureEpoch {
@@ -1874,7 +1984,12 @@ mod tests {
         let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
         let carol = Client::new();
         let added = alice_group
-            .add_members(&alice.provider, &alice.identity, &[carol.key_package()])
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[carol.key_package()],
+                &NoDeviceLists,
+            )
             .unwrap();
         drop(alice_group);
 
@@ -1924,11 +2039,145 @@ mod tests {
         alice_group.group.merge_pending_commit(&alice.provider).unwrap();
 
         let err = bob_group
-            .receive(&bob.provider, &commit.to_bytes().unwrap())
+            .receive(&bob.provider, &commit.to_bytes().unwrap(), &NoDeviceLists)
             .unwrap_err();
         assert!(matches!(err, CoreError::InvalidCredential(_)), "{err}");
         assert_eq!(bob_group.epoch(), 1);
         assert_eq!(bob_group.members(), vec![alice.key(), bob.key()]);
+    }
+
+    /// A directory holding some users' lists (user, devices); any other
+    /// user is `unknown` or has no list.
+    struct Lists {
+        lists: Vec<(IdentityKey, Vec<IdentityKey>)>,
+        others_unknown: bool,
+    }
+
+    impl DeviceDirectory for Lists {
+        fn listed(&self, user: &IdentityKey, device: &IdentityKey) -> crate::Listed {
+            match self.lists.iter().find(|(listed, _)| listed == user) {
+                Some((_, devices)) if devices.contains(device) => crate::Listed::Yes,
+                Some(_) => crate::Listed::No,
+                None if self.others_unknown => crate::Listed::Unknown,
+                None => crate::Listed::No,
+            }
+        }
+    }
+
+    /// A second device of `user`, with its own key.
+    fn device_of(user: &Client) -> Client {
+        Client {
+            provider: OpenMlsRustCrypto::default(),
+            identity: IdentityKeypair::generate().of_user(user.key()),
+        }
+    }
+
+    #[test]
+    fn a_device_joins_only_when_its_user_lists_it_and_speaks_as_that_user() {
+        let (alice, mut alice_group, bob, mut bob_group) = alice_and_bob();
+        let laptop = device_of(&bob);
+        let package = laptop.key_package();
+        let info = crate::inspect_key_package(&package).unwrap();
+        assert_eq!((info.identity, info.user), (laptop.key(), bob.key()));
+
+        // Alice has not looked Bob's list up: she is told whose she needs,
+        // and nothing changes.
+        let unknown = Lists {
+            lists: vec![],
+            others_unknown: true,
+        };
+        let err = alice_group
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                std::slice::from_ref(&package),
+                &unknown,
+            )
+            .unwrap_err();
+        assert_eq!(err, CoreError::DeviceListsNeeded(vec![bob.key()]));
+        assert!(!alice_group.has_pending_commit());
+        // A list that does not name the laptop refuses it.
+        let without = Lists {
+            lists: vec![(bob.key(), vec![bob.key()])],
+            others_unknown: false,
+        };
+        let err = alice_group
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                std::slice::from_ref(&package),
+                &without,
+            )
+            .unwrap_err();
+        assert!(matches!(err, CoreError::UnlistedDevice { .. }), "{err}");
+
+        let with = Lists {
+            lists: vec![(bob.key(), vec![bob.key(), laptop.key()])],
+            others_unknown: false,
+        };
+        let added = alice_group
+            .add_members(&alice.provider, &alice.identity, &[package], &with)
+            .unwrap();
+        alice_group.merge_pending_commit(&alice.provider).unwrap();
+        let tree = alice_group.ratchet_tree().unwrap();
+        // Bob's phone checks the Add against the list too.
+        assert!(matches!(
+            bob_group.receive(&bob.provider, &added.commit, &without),
+            Err(CoreError::UnlistedDevice { .. })
+        ));
+        assert_eq!(
+            bob_group.receive(&bob.provider, &added.commit, &with).unwrap(),
+            Received::Commit { epoch: 2 }
+        );
+        // Joining checks every leaf; the laptop asks for the list first.
+        let err = GroupMember::join(&laptop.provider, &added.welcome, Some(&tree), &unknown).unwrap_err();
+        assert_eq!(err, CoreError::DeviceListsNeeded(vec![bob.key()]));
+        let mut laptop_group =
+            GroupMember::join(&laptop.provider, &added.welcome, Some(&tree), &with).unwrap();
+
+        let message = laptop.send(&mut laptop_group, "from the laptop");
+        let from_laptop = Received::Application {
+            sender: MemberKey {
+                user: bob.key(),
+                device: laptop.key(),
+            },
+            plaintext: b"from the laptop".to_vec(),
+        };
+        assert_eq!(
+            alice_group.receive(&alice.provider, &message, &with).unwrap(),
+            from_laptop
+        );
+        assert_eq!(
+            bob_group.receive(&bob.provider, &message, &with).unwrap(),
+            from_laptop
+        );
+        assert_eq!(laptop_group.member_keys().len(), 3);
+    }
+
+    #[test]
+    fn a_credential_whose_device_is_not_its_signature_key_is_refused() {
+        let bob = Client::new();
+        let mallory = Client::new();
+        let claimed = [bob.key().as_bytes().as_slice(), bob.key().as_bytes().as_slice()].concat();
+        let forged = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &mallory.provider,
+                &mallory.identity,
+                CredentialWithKey {
+                    credential: BasicCredential::new(claimed).into(),
+                    signature_key: mallory.key().as_bytes().as_slice().into(),
+                },
+            )
+            .unwrap()
+            .key_package()
+            .tls_serialize_detached()
+            .unwrap();
+        let err = crate::inspect_key_package(&forged).unwrap_err();
+        assert!(
+            err.to_string().contains("differs from its signature key"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1940,7 +2189,12 @@ mod tests {
         // Both commit in epoch 1; the delivery service takes Alice's.
         let alices = alice.add(&mut alice_group, &[&carol]);
         bob_group
-            .add_members(&bob.provider, &bob.identity, &[dave.key_package()])
+            .add_members(
+                &bob.provider,
+                &bob.identity,
+                &[dave.key_package()],
+                &NoDeviceLists,
+            )
             .unwrap();
         assert_eq!(
             bob.receive(&mut bob_group, &alices.commit),
@@ -2045,7 +2299,7 @@ mod tests {
             bob.receive(&mut b, &message),
             application(&carol, "without alice")
         );
-        assert!(a.receive(&alice.provider, &message).is_err());
+        assert!(a.receive(&alice.provider, &message, &NoDeviceLists).is_err());
     }
 
     /// The wire format of a TLS-encoded `MlsMessage`.
@@ -2155,7 +2409,9 @@ mod tests {
             .unwrap();
         let private = bundle.commit().to_bytes().unwrap();
         assert_eq!(wire_format(&private), WireFormat::PrivateMessage);
-        let err = alice_group.receive(&alice.provider, &private).unwrap_err();
+        let err = alice_group
+            .receive(&alice.provider, &private, &NoDeviceLists)
+            .unwrap_err();
         assert!(matches!(err, CoreError::Mls { .. }), "{err}");
         assert_eq!(alice_group.epoch(), 1);
         bob_group.clear_pending_commit(bob.provider.storage()).unwrap();
@@ -2218,7 +2474,12 @@ mod tests {
         let mut alice_group = alice.create();
         // Exported while the first commit is pending: still epoch 0's state.
         let added = alice_group
-            .add_members(&alice.provider, &alice.identity, &[bob.key_package()])
+            .add_members(
+                &alice.provider,
+                &alice.identity,
+                &[bob.key_package()],
+                &NoDeviceLists,
+            )
             .unwrap();
         let state = alice_group
             .export_public_state(&alice.provider, &alice.identity)
@@ -2407,6 +2668,7 @@ mod tests {
                 &alice.provider,
                 &alice.identity,
                 &[bob.key_package(), carol.key_package()],
+                &NoDeviceLists,
             )
             .unwrap();
         let info = group_info_of(a.pending_group_info().unwrap());
@@ -2469,8 +2731,15 @@ mod tests {
         carol.receive(&mut c, &update);
 
         let new_bob = restored(&bob);
-        let rejoined =
-            GroupMember::rejoin(&new_bob.provider, &new_bob.identity, GROUP_ID, &group_info, &tree).unwrap();
+        let rejoined = GroupMember::rejoin(
+            &new_bob.provider,
+            &new_bob.identity,
+            GROUP_ID,
+            &group_info,
+            &tree,
+            &NoDeviceLists,
+        )
+        .unwrap();
         assert_eq!(rejoined.epoch, 2);
         assert_eq!(wire_format(&rejoined.commit), WireFormat::PublicMessage);
         let mut b = rejoined.group;
@@ -2524,7 +2793,15 @@ mod tests {
         let (_, group_info, tree) = update_with_group_info(&alice, &mut a);
 
         assert_eq!(
-            GroupMember::rejoin(&alice.provider, &alice.identity, GROUP_ID, &group_info, &tree).unwrap_err(),
+            GroupMember::rejoin(
+                &alice.provider,
+                &alice.identity,
+                GROUP_ID,
+                &group_info,
+                &tree,
+                &NoDeviceLists
+            )
+            .unwrap_err(),
             CoreError::UpToDate { epoch: 2 }
         );
         assert_eq!(
@@ -2535,8 +2812,15 @@ mod tests {
             2
         );
 
-        let rejoined =
-            GroupMember::rejoin(&bob.provider, &bob.identity, GROUP_ID, &group_info, &tree).unwrap();
+        let rejoined = GroupMember::rejoin(
+            &bob.provider,
+            &bob.identity,
+            GROUP_ID,
+            &group_info,
+            &tree,
+            &NoDeviceLists,
+        )
+        .unwrap();
         assert_eq!(
             alice.receive(&mut a, &rejoined.commit),
             Received::Rejoined {
@@ -2564,7 +2848,8 @@ mod tests {
                 &stranger.identity,
                 GROUP_ID,
                 &group_info,
-                &tree
+                &tree,
+                &NoDeviceLists
             )
             .unwrap_err(),
             CoreError::NotAMember
@@ -2594,7 +2879,7 @@ mod tests {
             .finalize(&stranger.provider)
             .unwrap();
         let commit = bundle.commit().to_bytes().unwrap();
-        let err = a.receive(&alice.provider, &commit).unwrap_err();
+        let err = a.receive(&alice.provider, &commit, &NoDeviceLists).unwrap_err();
         assert!(
             matches!(&err, CoreError::Rejected { reason, .. } if reason.contains("does not remove")),
             "{err}"
@@ -2615,7 +2900,15 @@ mod tests {
         let (update, group_info, tree) = update_with_group_info(&alice, &mut a);
         let bob = restored(&bob);
         let rejoin = |group_id: &[u8], group_info: &[u8], tree: &[u8]| {
-            GroupMember::rejoin(&bob.provider, &bob.identity, group_id, group_info, tree).unwrap_err()
+            GroupMember::rejoin(
+                &bob.provider,
+                &bob.identity,
+                group_id,
+                group_info,
+                tree,
+                &NoDeviceLists,
+            )
+            .unwrap_err()
         };
         assert!(matches!(
             rejoin(b"another-group", &group_info, &tree),

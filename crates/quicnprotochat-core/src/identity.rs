@@ -96,6 +96,9 @@ impl fmt::Debug for IdentityKey {
 /// never printed by `Debug`.
 pub struct IdentityKeypair {
     signing_key: SigningKey,
+    /// The user this key is a device of, when that is another key (see
+    /// [`Self::of_user`]); `None`: the key is its own user.
+    user: Option<IdentityKey>,
 }
 
 impl IdentityKeypair {
@@ -103,6 +106,7 @@ impl IdentityKeypair {
     pub fn generate() -> Self {
         Self {
             signing_key: SigningKey::generate(&mut OsRng),
+            user: None,
         }
     }
 
@@ -110,6 +114,7 @@ impl IdentityKeypair {
     pub fn from_secret_bytes(secret: &[u8; KEY_LEN]) -> Self {
         Self {
             signing_key: SigningKey::from_bytes(secret),
+            user: None,
         }
     }
 
@@ -140,12 +145,31 @@ impl IdentityKeypair {
         self.signing_key.sign(message).to_bytes()
     }
 
-    /// The MLS credential for this identity: a basic credential whose
-    /// identity is the public key, bound to that same key as signature key.
+    /// This key as a device of `user`: the MLS credentials it makes from
+    /// now on name that user ([`Self::credential_with_key`]). A key given
+    /// itself as user stays its own user.
+    pub fn of_user(mut self, user: IdentityKey) -> Self {
+        self.user = (user != self.public_key()).then_some(user);
+        self
+    }
+
+    /// The user this key is a device of: another key, or itself.
+    pub fn user(&self) -> IdentityKey {
+        self.user.unwrap_or_else(|| self.public_key())
+    }
+
+    /// The MLS credential for this key, bound to it as signature key: a
+    /// basic credential whose identity is the public key (a key that is its
+    /// own user), or the user key followed by the public key (a device of
+    /// another user key). See [`MemberKey`].
     pub fn credential_with_key(&self) -> CredentialWithKey {
         let public = self.public_key();
+        let identity = match self.user {
+            None => public.as_bytes().to_vec(),
+            Some(user) => [user.as_bytes().as_slice(), public.as_bytes().as_slice()].concat(),
+        };
         CredentialWithKey {
-            credential: BasicCredential::new(public.as_bytes().to_vec()).into(),
+            credential: BasicCredential::new(identity).into(),
             signature_key: public.as_bytes().as_slice().into(),
         }
     }
@@ -172,29 +196,75 @@ impl Signer for IdentityKeypair {
     }
 }
 
-/// The identity a credential names, if it is one of ours: a basic credential
-/// holding exactly a 32-byte key.
-pub(crate) fn credential_identity(credential: &Credential) -> Result<IdentityKey, CoreError> {
-    let basic = BasicCredential::try_from(credential.clone())
-        .map_err(|_| CoreError::InvalidCredential("not a basic credential".into()))?;
-    IdentityKey::try_from(basic.identity()).map_err(|e| CoreError::InvalidCredential(e.to_string()))
+/// Who a leaf is: the user it belongs to and its device key (the leaf's
+/// signature key, which also owns its queue). A key that is its own user has
+/// `user == device`.
+///
+/// Encoded in a basic credential as 32 bytes (the key, both user and device)
+/// or 64 bytes (user key, then device key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    /// The user key, what peers know and invite.
+    pub user: IdentityKey,
+    /// The device key: the leaf's signature key and queue owner.
+    pub device: IdentityKey,
 }
 
-/// [`credential_identity`], additionally requiring that the credential names
-/// the signature key it is bound to, so that whoever signs as this leaf is
-/// the identity it shows.
+impl MemberKey {
+    /// Whether the device is the user key itself, which needs no device
+    /// list: only the user key's holder can sign as it.
+    pub fn is_own_user(&self) -> bool {
+        self.user == self.device
+    }
+}
+
+/// The member a credential names, if it is one of ours: a basic credential
+/// holding a 32-byte key or a 64-byte user and device key pair.
+pub(crate) fn credential_member(credential: &Credential) -> Result<MemberKey, CoreError> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| CoreError::InvalidCredential("not a basic credential".into()))?;
+    let identity = basic.identity();
+    let key =
+        |bytes: &[u8]| IdentityKey::try_from(bytes).map_err(|e| CoreError::InvalidCredential(e.to_string()));
+    match identity.len() {
+        KEY_LEN => {
+            let key = key(identity)?;
+            Ok(MemberKey {
+                user: key,
+                device: key,
+            })
+        }
+        64 => Ok(MemberKey {
+            user: key(&identity[..KEY_LEN])?,
+            device: key(&identity[KEY_LEN..])?,
+        }),
+        other => Err(CoreError::InvalidCredential(format!(
+            "a credential names a 32-byte key or a 64-byte user and device key pair, not {other} bytes"
+        ))),
+    }
+}
+
+/// [`credential_member`], additionally requiring that the credential's
+/// device is the signature key it is bound to, so that whoever signs as
+/// this leaf is the device it shows.
+pub(crate) fn checked_member(credential: &Credential, signature_key: &[u8]) -> Result<MemberKey, CoreError> {
+    let member = credential_member(credential)?;
+    if member.device.as_bytes().as_slice() != signature_key {
+        return Err(CoreError::InvalidCredential(format!(
+            "credential device {} differs from its signature key",
+            member.device.short()
+        )));
+    }
+    Ok(member)
+}
+
+/// The device key of [`checked_member`]: what queues, callers and leaves
+/// are matched by.
 pub(crate) fn checked_identity(
     credential: &Credential,
     signature_key: &[u8],
 ) -> Result<IdentityKey, CoreError> {
-    let identity = credential_identity(credential)?;
-    if identity.as_bytes().as_slice() != signature_key {
-        return Err(CoreError::InvalidCredential(format!(
-            "credential identity {} differs from its signature key",
-            identity.short()
-        )));
-    }
-    Ok(identity)
+    checked_member(credential, signature_key).map(|member| member.device)
 }
 
 #[cfg(test)]

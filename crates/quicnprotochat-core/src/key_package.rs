@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::CIPHERSUITE;
 use crate::error::CoreError;
-use crate::identity::{IdentityKey, IdentityKeypair, checked_identity};
+use crate::identity::{IdentityKey, IdentityKeypair, MemberKey, checked_identity, checked_member};
 
 /// Creates a fresh KeyPackage for `identity` and returns its TLS encoding
 /// (a bare `KeyPackage`, not wrapped in an `MlsMessage`).
@@ -83,7 +83,7 @@ pub fn fingerprint(bytes: &[u8]) -> [u8; 32] {
 /// Fails unless the credential is a basic credential whose identity is the
 /// 32-byte leaf signature key, so the returned key is the one that signed it.
 pub fn key_package_identity(crypto: &impl OpenMlsCrypto, bytes: &[u8]) -> Result<IdentityKey, CoreError> {
-    validate_key_package(crypto, bytes).map(|(_, identity)| identity)
+    validate_key_package(crypto, bytes).map(|(_, member)| member.device)
 }
 
 /// The bare KeyPackage in `bytes`: the bytes themselves, or the KeyPackage
@@ -102,8 +102,11 @@ pub fn unwrap_key_package(bytes: &[u8]) -> &[u8] {
 /// What a delivery service needs to know of a validated KeyPackage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyPackageInfo {
-    /// Whose it is (the key that signed it).
+    /// Whose it is: the device key that signed it, which owns it.
     pub identity: IdentityKey,
+    /// The user its credential names (equal to `identity` for a key that is
+    /// its own user).
+    pub user: IdentityKey,
     /// Whether it carries the `last_resort` extension.
     pub last_resort: bool,
     /// Start of its lifetime, in seconds since the Unix epoch.
@@ -123,13 +126,14 @@ pub fn inspect_key_package(bytes: &[u8]) -> Result<KeyPackageInfo, CoreError> {
     // serves every call instead of seeding a fresh RNG per upload.
     static CRYPTO: std::sync::LazyLock<openmls_rust_crypto::RustCrypto> =
         std::sync::LazyLock::new(openmls_rust_crypto::RustCrypto::default);
-    let (key_package, identity) = validate_key_package(&*CRYPTO, bytes)?;
+    let (key_package, member) = validate_key_package(&*CRYPTO, bytes)?;
     let extensions_size = key_package
         .extensions()
         .tls_serialized_len()
         .max(key_package.leaf_node().extensions().tls_serialized_len());
     Ok(KeyPackageInfo {
-        identity,
+        identity: member.device,
+        user: member.user,
         last_resort: key_package.last_resort(),
         not_before: key_package.life_time().not_before(),
         not_after: key_package.life_time().not_after(),
@@ -142,7 +146,7 @@ pub fn inspect_key_package(bytes: &[u8]) -> Result<KeyPackageInfo, CoreError> {
 pub(crate) fn validate_key_package(
     crypto: &impl OpenMlsCrypto,
     bytes: &[u8],
-) -> Result<(KeyPackage, IdentityKey), CoreError> {
+) -> Result<(KeyPackage, MemberKey), CoreError> {
     let unverified = KeyPackageIn::tls_deserialize_exact_bytes(bytes).map_err(|e| {
         CoreError::InvalidKeyPackage(format!(
             "cannot decode a KeyPackage ({e}); send a TLS-encoded KeyPackage (RFC 9420, section 10), bare or wrapped in an MLSMessage"
@@ -157,14 +161,19 @@ pub(crate) fn validate_key_package(
             key_package.ciphersuite()
         )));
     }
-    let identity =
-        leaf_identity(key_package.leaf_node()).map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
-    Ok((key_package, identity))
+    let member =
+        leaf_member(key_package.leaf_node()).map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
+    Ok((key_package, member))
 }
 
-/// The identity behind a leaf, enforcing our credential rule.
+/// The device key behind a leaf, enforcing our credential rule.
 pub(crate) fn leaf_identity(leaf: &LeafNode) -> Result<IdentityKey, CoreError> {
     checked_identity(leaf.credential(), leaf.signature_key().as_slice())
+}
+
+/// The user and device behind a leaf, enforcing our credential rule.
+pub(crate) fn leaf_member(leaf: &LeafNode) -> Result<MemberKey, CoreError> {
+    checked_member(leaf.credential(), leaf.signature_key().as_slice())
 }
 
 #[cfg(test)]
@@ -316,6 +325,6 @@ mod tests {
             .unwrap();
         let bytes = forged.key_package().tls_serialize_detached().unwrap();
         let err = key_package_identity(provider.crypto(), &bytes).unwrap_err();
-        assert!(err.to_string().contains("must be 32 bytes, got 7"), "{err}");
+        assert!(err.to_string().contains("not 7 bytes"), "{err}");
     }
 }

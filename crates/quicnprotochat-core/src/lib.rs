@@ -24,16 +24,20 @@ pub mod group;
 pub mod identity;
 pub mod ids;
 pub mod key_package;
+pub mod link;
 pub mod public_view;
 
 use openmls_traits::types::Ciphersuite;
 
-pub use devices::{DeviceList, DeviceListError, Freshness, SignedDeviceList};
+pub use devices::{
+    DeviceDirectory, DeviceList, DeviceListError, Freshness, Listed, NoDeviceLists, SignedDeviceList,
+    check_devices,
+};
 pub use error::CoreError;
 pub use group::{
     AddedMembers, GroupMember, Incoming, MessageKind, PublicState, Received, Rejoined, classify,
 };
-pub use identity::{IdentityKey, IdentityKeypair};
+pub use identity::{IdentityKey, IdentityKeypair, MemberKey};
 pub use ids::{GroupId, QueuedMessage, Seq};
 pub use key_package::{
     KeyPackageInfo, KeyPackageOptions, fingerprint, generate_key_package, generate_key_package_with,

@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::IdentityKey;
-use crate::key_package::leaf_identity;
+use crate::key_package::{leaf_identity, leaf_member};
 
 /// Why a handshake message or an initial state is refused; the text is for
 /// people.
@@ -272,25 +272,27 @@ impl PublicView {
         for queued in staged.queued_proposals() {
             self.check_proposal(queued)?;
         }
-        let path_identity = staged
+        // Compared as user and device both: a leaf that kept its device but
+        // named another user would be refused by every member.
+        let path_member = staged
             .update_path_leaf_node()
-            .map(|leaf| leaf_identity(leaf).map_err(|e| Invalid(format!("the Commit's new leaf: {e}"))))
+            .map(|leaf| leaf_member(leaf).map_err(|e| Invalid(format!("the Commit's new leaf: {e}"))))
             .transpose()?;
         match sender {
             Sender::NewMemberCommit => {
                 // An external commit is accepted only as a member's rejoin:
                 // its new leaf is the caller, and it removes the caller's
                 // old leaf. A stranger holding a GroupInfo gets nothing.
-                if path_identity != Some(*caller) {
+                let Some(joiner) = path_member.filter(|member| member.device == *caller) else {
                     return Err(Invalid(
                         "an external Commit's new leaf must be the caller's".into(),
                     ));
-                }
+                };
                 let removes_own_leaf = staged.remove_proposals().any(|remove| {
                     self.group
                         .leaf(remove.remove_proposal().removed())
-                        .and_then(|leaf| leaf_identity(leaf).ok())
-                        == Some(*caller)
+                        .and_then(|leaf| leaf_member(leaf).ok())
+                        == Some(joiner)
                 });
                 if !removes_own_leaf {
                     return Err(Invalid(
@@ -302,8 +304,12 @@ impl PublicView {
             }
             _ => {
                 self.check_sender(sender, caller)?;
-                match path_identity {
-                    Some(identity) if identity != *caller => {
+                let old = match sender {
+                    Sender::Member(index) => self.group.leaf(*index).and_then(|leaf| leaf_member(leaf).ok()),
+                    _ => None,
+                };
+                match path_member {
+                    Some(new) if Some(new) != old => {
                         Err(Invalid("the committer changed its identity".into()))
                     }
                     _ => Ok(()),
@@ -318,12 +324,11 @@ impl PublicView {
                 .map(drop)
                 .map_err(|e| Invalid(format!("an added member: {e}"))),
             Proposal::Update(update) => {
-                let new =
-                    leaf_identity(update.leaf_node()).map_err(|e| Invalid(format!("an update: {e}")))?;
+                let new = leaf_member(update.leaf_node()).map_err(|e| Invalid(format!("an update: {e}")))?;
                 let Sender::Member(index) = queued.sender() else {
                     return Err(Invalid("an update from a non-member".into()));
                 };
-                let old = self.group.leaf(*index).and_then(|leaf| leaf_identity(leaf).ok());
+                let old = self.group.leaf(*index).and_then(|leaf| leaf_member(leaf).ok());
                 if old == Some(new) {
                     Ok(())
                 } else {

@@ -3,7 +3,9 @@
 //! and check both messages decrypt.
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKeypair, Received, generate_key_package};
+use quicnprotochat_core::{
+    CoreError, GroupId, GroupMember, IdentityKeypair, NoDeviceLists, Received, generate_key_package,
+};
 use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
@@ -46,7 +48,7 @@ impl Person {
                 queued.len()
             )));
         };
-        match group.receive(&self.provider, payload)? {
+        match group.receive(&self.provider, payload, &NoDeviceLists)? {
             Received::Application { plaintext, .. } => Ok(String::from_utf8_lossy(&plaintext).into_owned()),
             other => Err(ClientError::Demo(format!(
                 "{} expected an application message, got {other:?}",
@@ -93,7 +95,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     // The node checks every group change against the group's public state,
     // which Alice hands over with her first change.
     let initial_state = alice_group.export_public_state(&alice.provider, &alice.identity)?;
-    let added = alice_group.add_members(&alice.provider, &alice.identity, &[fetched])?;
+    let added = alice_group.add_members(&alice.provider, &alice.identity, &[fetched], &NoDeviceLists)?;
     let group = GroupId::new(alice_group.group_id())
         .ok_or_else(|| ClientError::Demo("the demo's group id is not 1 to 256 bytes".into()))?;
     let welcome = Envelope {
@@ -140,7 +142,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         .ok_or_else(|| ClientError::Demo("Bob's queue holds no Welcome".into()))?;
     // The Welcome does not carry the group's ratchet tree: the node keeps
     // it for the members the add named.
-    let mut bob_group = match GroupMember::join(&bob.provider, welcome, None) {
+    let mut bob_group = match GroupMember::join(&bob.provider, welcome, None, &NoDeviceLists) {
         Err(CoreError::RatchetTreeNeeded { epoch, .. }) => {
             let FetchedWelcomeTree::Tree(tree) =
                 bob.nodes.delivery().fetch_welcome_tree(&group, epoch).await?
@@ -153,7 +155,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
                 "Bob: fetched the group's ratchet tree from the node ({} bytes)",
                 tree.len()
             );
-            GroupMember::join(&bob.provider, welcome, Some(&tree))?
+            GroupMember::join(&bob.provider, welcome, Some(&tree), &NoDeviceLists)?
         }
         joined => joined?,
     };

@@ -10,13 +10,13 @@
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use quicnprotochat_core::{CoreError, GroupMember};
+use quicnprotochat_core::{CoreError, GroupMember, IdentityKey};
 
 use super::node::fetch_verified_key_package;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::naming::{
-    group_name, load_group, member_name, new_group_id, others, rejoin_group_id, resolve_peers,
+    devices_of, group_name, load_group, member_name, new_group_id, others, rejoin_group_id, resolve_peers,
 };
 use crate::nodes::Nodes;
 use crate::publish::{self, Change, change_group, propose};
@@ -65,33 +65,74 @@ pub(crate) async fn invite(
             "name at least one peer with --peer-key HEX or --peer NAME".into(),
         ));
     }
-    let members = group.members();
-    if let Some(member) = peers.iter().find(|peer| members.contains(peer)) {
-        return Err(ClientError::Usage(format!(
-            "{member} is already a member of {}",
-            group_name(&group_id)
-        )));
-    }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let mut packages = Vec::with_capacity(peers.len());
-    for peer in &peers {
-        packages.push(fetch_verified_key_package(&nodes, peer).await?);
+    // Every current device of each peer, and of our own user (so that our
+    // other devices are in every group we are), that is not in the group.
+    let own_user = identity.user();
+    let mut users = peers.clone();
+    users.push(own_user);
+    nodes.directory().fetch(&nodes, &state, &users).await?;
+    let present = group.members();
+    let mut targets: Vec<(IdentityKey, IdentityKey)> = Vec::new();
+    for user in &users {
+        let devices = nodes
+            .directory()
+            .devices(user)
+            .ok_or(ClientError::Internal("a fetched user has no devices"))?;
+        let missing: Vec<IdentityKey> = devices.into_iter().filter(|d| !present.contains(d)).collect();
+        if missing.is_empty() && *user != own_user {
+            return Err(ClientError::Usage(format!(
+                "{user} is already a member of {}",
+                group_name(&group_id)
+            )));
+        }
+        targets.extend(missing.into_iter().map(|device| (*user, device)));
+    }
+    let mut packages = Vec::with_capacity(targets.len());
+    let mut joiners = Vec::with_capacity(targets.len());
+    for user in &users {
+        let mut reached = 0;
+        let mut last_error = None;
+        for (_, device) in targets.iter().filter(|(owner, _)| owner == user) {
+            match fetch_verified_key_package(&nodes, Some(user), device).await {
+                Ok(package) => {
+                    packages.push(package);
+                    joiners.push(*device);
+                    reached += 1;
+                }
+                // One device without a KeyPackage (long offline) must not
+                // keep the user's other devices out.
+                Err(e @ ClientError::NoKeyPackage(_)) => {
+                    eprintln!(
+                        "warning: skipped device {} of {}: {e}",
+                        device.short(),
+                        user.short()
+                    );
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if reached == 0 && *user != own_user {
+            return Err(last_error.unwrap_or(ClientError::NoKeyPackage(*user)));
+        }
     }
     let me = identity.public_key();
     let group = change_group(&nodes, &state, &identity, &group_id, |group| {
         let commit_to = others(group, &me);
-        let added = group.add_members(&state.provider(), &identity, &packages)?;
+        let added = group.add_members(&state.provider(), &identity, &packages, nodes.directory())?;
         Ok(Change {
             commit: added.commit,
             commit_to,
-            welcome: Some((added.welcome, peers.clone())),
+            welcome: Some((added.welcome, joiners.clone())),
         })
     })
     .await?;
     state.record_group(&group_id, true)?;
     eprintln!(
-        "invited {} to {}: epoch {}, {} members",
+        "invited {} ({} devices) to {}: epoch {}, {} members",
         peers.len(),
+        joiners.len(),
         group_name(&group_id),
         group.epoch(),
         group.members().len()
@@ -118,13 +159,15 @@ pub(crate) async fn remove(
             "name at least one member with --peer-key HEX or --peer NAME".into(),
         ));
     }
-    if peers.contains(&me) {
+    if peers.contains(&me) || peers.contains(&identity.user()) {
         return Err(ClientError::Usage("to remove yourself, use `leave`".into()));
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     let group = change_group(&nodes, &state, &identity, &group_id, |group| {
         let commit_to = others(group, &me);
-        let commit = group.remove_members(&state.provider(), &identity, &peers)?;
+        // A user goes with all its devices; a device key names one.
+        let devices = devices_of(group, &peers)?;
+        let commit = group.remove_members(&state.provider(), &identity, &devices)?;
         Ok(Change {
             commit,
             commit_to,
@@ -260,21 +303,30 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// `members`: one line per member: identity key, contact name, `(you)`.
+/// `members`: one line per member user: user key, contact name, `(you)`,
+/// and how many of its devices are in the group.
 pub(crate) fn members(path: &Path, group_id: Option<&str>) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let me = state.identity_key()?;
     let (_, group) = load_group(&state, group_id)?;
-    for member in group.members() {
-        let mut line = member.to_string();
-        if let Some(name) = state.contact_name(&member)? {
+    let mut users: Vec<(IdentityKey, usize)> = Vec::new();
+    for member in group.member_keys() {
+        match users.iter_mut().find(|(user, _)| *user == member.user) {
+            Some((_, count)) => *count += 1,
+            None => users.push((member.user, 1)),
+        }
+    }
+    for (user, devices) in users {
+        let mut line = user.to_string();
+        if let Some(name) = state.contact_name(&user)? {
             line.push(' ');
             line.push_str(&name);
         }
-        if member == me {
+        if user == me {
             line.push_str(" (you)");
         }
-        println!("{line}");
+        let plural = if devices == 1 { "" } else { "s" };
+        println!("{line} {devices} device{plural}");
     }
     Ok(())
 }

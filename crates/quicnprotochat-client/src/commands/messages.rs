@@ -3,16 +3,16 @@
 
 use std::path::Path;
 
-use quicnprotochat_core::{IdentityKeypair, Incoming, classify};
+use quicnprotochat_core::{CoreError, IdentityKeypair, Incoming, classify};
 
 use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::incoming::{catch_up, fetch_into_inbox, process_entry};
-use crate::naming::{group_name, load_group, others, resolve_peers};
+use crate::naming::{devices_of, group_name, load_group, others, resolve_peers};
 use crate::nodes::{Nodes, envelope};
 use crate::publish::{commit_due_proposals, commit_proposals};
-use crate::state::StateFile;
+use crate::state::{StateError, StateFile};
 
 /// `send`: encrypts to the group and queues the ciphertext for the chosen
 /// members (default: every other member) in one atomic delivery.
@@ -62,11 +62,19 @@ async fn send_once(
     let name = group_name(&group_id);
     let others = others(&group, &me);
     let chosen = resolve_peers(state, peers)?;
-    if let Some(stranger) = chosen.iter().find(|peer| !others.contains(peer)) {
-        return Err(ClientError::Usage(format!(
-            "{stranger} is not another member of {name}; `invite` them first"
-        )));
-    }
+    // A chosen user gets the message on each of its devices in the group.
+    let chosen = match devices_of(&group, &chosen) {
+        Ok(devices) => devices
+            .into_iter()
+            .filter(|device| *device != me)
+            .collect::<Vec<_>>(),
+        Err(ClientError::Core(CoreError::UnknownMember(stranger))) => {
+            return Err(ClientError::Usage(format!(
+                "{stranger} is not another member of {name}; `invite` them first"
+            )));
+        }
+        Err(e) => return Err(e),
+    };
     if others.is_empty() {
         return Err(ClientError::Usage(format!(
             "you are the only member of {name}; `invite` someone first"
@@ -103,7 +111,17 @@ async fn send_once(
 /// [`crate::follow`]).
 pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
-    let identity = state.identity()?;
+    let identity = match state.identity() {
+        Err(StateError::LinkPending(_)) => {
+            // A new device: its first `recv` completes the link, then goes
+            // on as that device (joining the groups it was added to).
+            let link = state
+                .pending_link()?
+                .ok_or(ClientError::Internal("a pending link vanished"))?;
+            super::devices::complete_link(args, &state, &link).await?
+        }
+        identity => identity?,
+    };
     let mut nodes = Nodes::connect(args, Some(&identity)).await?;
     let seen = catch_up(&nodes, &state, &identity).await?;
     // Stay invitable: replace the KeyPackages others used up.

@@ -11,11 +11,13 @@
 //! - `node` — stateless commands: ping, register, fetch-key.
 //! - `demo` — demo-group.
 //! - `identity` — register-state, whoami, contacts.
+//! - `devices` — link, devices add | list | remove, and completing a link.
 //! - `group` — create-group, invite, remove, update, leave, rejoin, groups, members,
 //!   history.
 //! - `messages` — send, recv, join.
 
 mod demo;
+mod devices;
 mod group;
 mod identity;
 mod messages;
@@ -33,7 +35,9 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::FetchKey { identity_key } => node::fetch_key(connection, &identity_key).await,
         Command::DemoGroup => demo::demo_group(connection).await,
         Command::RegisterState(state) => identity::register_state(connection, &state.state).await,
-        Command::Whoami(state) => identity::whoami(&state.state),
+        Command::Whoami { state, device } => identity::whoami(&state.state, device),
+        Command::Link { state, valid_for } => devices::link(&state.state, valid_for),
+        Command::Devices { state, action } => devices::devices(connection, &state.state, action).await,
         Command::Contacts { state, action } => identity::contacts(&state.state, action),
         Command::CreateGroup { state, group_id } => group::create_group(&state.state, &group_id),
         Command::Invite {

@@ -3,9 +3,8 @@
 use std::time::Instant;
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use openmls_traits::OpenMlsProvider;
 use quicnprotochat_core::{
-    IdentityKey, IdentityKeypair, fingerprint, generate_key_package, key_package_identity,
+    IdentityKey, IdentityKeypair, fingerprint, generate_key_package, inspect_key_package,
 };
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, RateLimited};
 
@@ -82,6 +81,7 @@ pub(crate) async fn upload(
 /// serve only genuine KeyPackages.
 pub(crate) async fn fetch_verified_key_package(
     nodes: &Nodes,
+    user: Option<&IdentityKey>,
     identity: &IdentityKey,
 ) -> Result<Vec<u8>, ClientError> {
     // Inviting many people at once can outrun the node's KeyPackage fetch
@@ -98,16 +98,20 @@ pub(crate) async fn fetch_verified_key_package(
             }
         }
     };
-    let provider = OpenMlsRustCrypto::default();
-    let owner =
-        key_package_identity(provider.crypto(), &package).map_err(|e| ClientError::BadKeyPackage {
-            requested: *identity,
-            reason: e.to_string(),
-        })?;
-    if owner != *identity {
+    let info = inspect_key_package(&package).map_err(|e| ClientError::BadKeyPackage {
+        requested: *identity,
+        reason: e.to_string(),
+    })?;
+    if info.identity != *identity {
         return Err(ClientError::BadKeyPackage {
             requested: *identity,
-            reason: format!("its credential is for {owner}"),
+            reason: format!("its credential is for {}", info.identity),
+        });
+    }
+    if let Some(user) = user.filter(|user| info.user != **user) {
+        return Err(ClientError::BadKeyPackage {
+            requested: *identity,
+            reason: format!("its credential names user {}, not {user}", info.user),
         });
     }
     Ok(package)
@@ -161,9 +165,15 @@ pub(crate) async fn fetch_key(args: &ConnectionArgs, identity_key: &str) -> Resu
     let identity = parse_key("identity key", identity_key)?;
     // Anyone may take a KeyPackage: that is how strangers invite each other.
     let nodes = Nodes::connect(args, None).await?;
-    let package = fetch_verified_key_package(&nodes, &identity).await?;
+    let package = fetch_verified_key_package(&nodes, None, &identity).await?;
+    let info = inspect_key_package(&package)?;
+    let user = if info.user == identity {
+        String::new()
+    } else {
+        format!(" (a device of user {})", info.user)
+    };
     println!(
-        "KeyPackage for {identity}: {} bytes, SHA-256 {}, signature valid",
+        "KeyPackage for {identity}{user}: {} bytes, SHA-256 {}, signature valid",
         package.len(),
         hex::encode(fingerprint(&package))
     );

@@ -22,9 +22,12 @@
 //!   deleted by it.
 //! - `key_packages` — KeyPackages made with their private keys stored.
 //! - `contacts` — names for identity keys.
+//! - `devices` — the user key, the device lists seen, and a new device's
+//!   pending link.
 //! - `history` — sent and received application messages.
 
 mod contacts;
+mod devices;
 mod groups;
 mod history;
 mod inbox;
@@ -72,6 +75,14 @@ pub enum StateError {
     /// The file has no identity yet.
     #[error("{0} holds no identity; run `register-state --state {0}` first")]
     NoIdentity(PathBuf),
+    /// The file is a new device waiting for its link.
+    #[error(
+        "{0} is a new device waiting to be linked: run `devices add CODE` on one of your devices with the code `link` printed, then `recv --state {0}` here"
+    )]
+    LinkPending(PathBuf),
+    /// The file already belongs to a user, so it cannot become a new device.
+    #[error("{0} already holds a user and device; `link` needs a new state file")]
+    AlreadyRegistered(PathBuf),
     /// A contact name is taken or unknown, or a key already has a name.
     #[error("{0}")]
     Contact(String),
@@ -212,27 +223,61 @@ impl StateFile {
         Ok(true)
     }
 
-    /// The stored identity.
+    /// This device's key pair, as a device of its user: its TLS identity,
+    /// queue owner and MLS leaf key.
     pub fn identity(&self) -> Result<IdentityKeypair, StateError> {
-        self.stored_identity()?
-            .ok_or_else(|| StateError::NoIdentity(self.path.clone()))
+        let device = self.stored_identity()?.ok_or_else(|| self.no_identity())?;
+        Ok(match self.stored_user()? {
+            Some(user) => device.of_user(user.public_key()),
+            None => device,
+        })
     }
 
-    /// The stored identity, or a fresh one stored now.
-    pub fn identity_or_generate(&self) -> Result<IdentityKeypair, StateError> {
-        if let Some(identity) = self.stored_identity()? {
-            return Ok(identity);
+    fn no_identity(&self) -> StateError {
+        if self.pending_link().ok().flatten().is_some() {
+            StateError::LinkPending(self.path.clone())
+        } else {
+            StateError::NoIdentity(self.path.clone())
         }
-        let identity = IdentityKeypair::generate();
+    }
+
+    /// The stored device, or a new user with its first device, stored now.
+    /// A new user's key is not a device key: the first device gets a key
+    /// of its own, so that linking more devices later hands them the user
+    /// key without handing them this device's.
+    pub fn identity_or_generate(&self) -> Result<IdentityKeypair, StateError> {
+        if self.stored_identity()?.is_some() {
+            return self.identity();
+        }
+        if self.pending_link()?.is_some() {
+            return Err(StateError::LinkPending(self.path.clone()));
+        }
+        let user = IdentityKeypair::generate();
+        let device = IdentityKeypair::generate();
+        self.atomically(|| {
+            self.store_device(&user, &device)?;
+            Ok::<_, StateError>(())
+        })?;
+        Ok(device.of_user(user.public_key()))
+    }
+
+    /// Stores this device's key and its user's (not yet stored).
+    fn store_device(&self, user: &IdentityKeypair, device: &IdentityKeypair) -> Result<(), StateError> {
         self.connection.execute(
             "INSERT INTO identity (id, secret_key, public_key, created_at) VALUES (1, ?1, ?2, ?3)",
             params![
-                identity.secret_bytes().as_slice(),
-                identity.public_key().as_bytes(),
+                device.secret_bytes().as_slice(),
+                device.public_key().as_bytes(),
                 unix_now()
             ],
         )?;
-        Ok(identity)
+        if user.public_key() != device.public_key() {
+            self.connection.execute(
+                "INSERT INTO user_key (id, secret_key, public_key) VALUES (1, ?1, ?2)",
+                params![user.secret_bytes().as_slice(), user.public_key().as_bytes()],
+            )?;
+        }
+        Ok(())
     }
 
     fn stored_identity(&self) -> Result<Option<IdentityKeypair>, StateError> {
@@ -259,9 +304,9 @@ impl StateFile {
         Ok(Some(identity))
     }
 
-    /// The stored identity's public key.
+    /// The user key: what peers know and invite.
     pub fn identity_key(&self) -> Result<IdentityKey, StateError> {
-        Ok(self.identity()?.public_key())
+        Ok(self.identity()?.user())
     }
 }
 

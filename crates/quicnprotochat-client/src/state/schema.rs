@@ -74,6 +74,28 @@ const MIGRATIONS: &[&str] = &[
     // remembers when it was first kept back, to bound what waits.
     "ALTER TABLE history ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
      ALTER TABLE inbox ADD COLUMN kept_at INTEGER;",
+    // V6: users with several devices. `identity` stays this device's key;
+    // `user_key` holds the user key when it is another key (a state made
+    // before V6 has none: its key is its own user). `device_lists` keeps
+    // the highest verified list seen per user, to notice a node serving an
+    // older one. `pending_link` is a new device's link key until the
+    // handoff arrives.
+    "CREATE TABLE user_key (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         secret_key BLOB NOT NULL,
+         public_key BLOB NOT NULL
+     );
+     CREATE TABLE device_lists (
+         user_key BLOB PRIMARY KEY CHECK (length(user_key) = 32),
+         version INTEGER NOT NULL,
+         devices BLOB NOT NULL,
+         signature BLOB NOT NULL
+     );
+     CREATE TABLE pending_link (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         link_secret BLOB NOT NULL,
+         expires_at INTEGER NOT NULL
+     );",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty

@@ -9,11 +9,17 @@ fn identity_survives_reopening_and_the_file_is_private() {
     let path = dir.path().join("alice.state");
     let key = {
         let state = StateFile::open_or_create(&path).unwrap();
-        state.identity_or_generate().unwrap().public_key()
+        state.identity_or_generate().unwrap()
     };
     let state = StateFile::open(&path).unwrap();
-    assert_eq!(state.identity_key().unwrap(), key);
-    assert_eq!(state.identity_or_generate().unwrap().public_key(), key);
+    // A new user's key is not its first device's.
+    assert_ne!(key.user(), key.public_key());
+    assert_eq!(state.identity_key().unwrap(), key.user());
+    assert_eq!(state.identity().unwrap().public_key(), key.public_key());
+    assert_eq!(
+        state.identity_or_generate().unwrap().public_key(),
+        key.public_key()
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -73,7 +79,12 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     let alice_provider = OpenMlsRustCrypto::default();
     let mut alice_group = GroupMember::create(&alice_provider, &alice, b"g").unwrap();
     let added = alice_group
-        .add_members(&alice_provider, &alice, &[package])
+        .add_members(
+            &alice_provider,
+            &alice,
+            &[package],
+            &quicnprotochat_core::NoDeviceLists,
+        )
         .unwrap();
     alice_group.merge_pending_commit(&alice_provider).unwrap();
     let ciphertext = alice_group
@@ -83,12 +94,27 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     // A new StateFile, as a new process would open it.
     let state = StateFile::open(&path).unwrap();
     let tree = alice_group.ratchet_tree().unwrap();
-    let mut bob_group = GroupMember::join(&state.provider(), &added.welcome, Some(&tree)).unwrap();
-    let received = bob_group.receive(&state.provider(), &ciphertext).unwrap();
+    let mut bob_group = GroupMember::join(
+        &state.provider(),
+        &added.welcome,
+        Some(&tree),
+        &quicnprotochat_core::NoDeviceLists,
+    )
+    .unwrap();
+    let received = bob_group
+        .receive(
+            &state.provider(),
+            &ciphertext,
+            &quicnprotochat_core::NoDeviceLists,
+        )
+        .unwrap();
     assert_eq!(
         received,
         Received::Application {
-            sender: alice.public_key(),
+            sender: quicnprotochat_core::MemberKey {
+                user: alice.public_key(),
+                device: alice.public_key(),
+            },
             plaintext: b"after restart".to_vec()
         }
     );

@@ -1,0 +1,286 @@
+//! `link`, `devices add | list | remove`, and completing a link on the new
+//! device's first `recv`. The protocol (codes, key derivation, handoff) is
+//! `quicnprotochat_core::link`; here it meets the node and the groups.
+
+use std::path::Path;
+use std::time::Duration;
+
+use quicnprotochat_core::link::{
+    DeviceKeyPackages, HANDOFF_MAGIC, Handoff, LinkCode, LinkError, LinkSecret, derive_device,
+};
+use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
+
+use crate::cli::{ConnectionArgs, DevicesAction};
+use crate::devices::publish_list;
+use crate::error::ClientError;
+use crate::naming::{group_name, others, parse_key};
+use crate::nodes::{Nodes, envelope};
+use crate::publish::{Change, change_group, propose};
+use crate::state::{StateFile, unix_now};
+
+/// `link`: makes this new state file a device waiting to be linked and
+/// prints its link code (valid for `valid_for`).
+pub(crate) fn link(path: &Path, valid_for: Duration) -> Result<(), ClientError> {
+    let state = StateFile::open_or_create(path)?;
+    let expires_at = (unix_now().max(0) as u64).saturating_add(valid_for.as_secs());
+    let secret = LinkSecret::generate(expires_at);
+    state.start_link(&secret)?;
+    println!("{}", secret.code()?.encode());
+    eprintln!(
+        "on one of your devices run: devices add --state FILE CODE (the code above, valid for {}), then `recv` here",
+        humantime::format_duration(valid_for)
+    );
+    Ok(())
+}
+
+/// `devices add | list | remove`.
+pub(crate) async fn devices(
+    args: &ConnectionArgs,
+    path: &Path,
+    action: DevicesAction,
+) -> Result<(), ClientError> {
+    match action {
+        DevicesAction::Add { code } => add(args, path, &code).await,
+        DevicesAction::List => list(args, path).await,
+        DevicesAction::Remove { device_key } => remove(args, path, &device_key).await,
+    }
+}
+
+/// The user's current devices and list version on the node (version 0 and
+/// this device alone for a user who never published a list).
+async fn current_devices(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<(u64, Vec<IdentityKey>), ClientError> {
+    let user = identity.user();
+    nodes.directory().fetch(nodes, state, &[user]).await?;
+    Ok(match nodes.directory().list(&user).flatten() {
+        Some(list) => (list.list().version(), list.list().devices().to_vec()),
+        None => (0, vec![identity.public_key()]),
+    })
+}
+
+/// The groups this device is an active member of and has not asked to
+/// leave.
+fn active_groups(state: &StateFile) -> Result<Vec<Vec<u8>>, ClientError> {
+    let mut groups = Vec::new();
+    for record in state.groups()? {
+        if record.left_at.is_some() {
+            continue;
+        }
+        if GroupMember::load(&state.provider(), &record.group_id)?.is_some_and(|group| group.is_active()) {
+            groups.push(record.group_id);
+        }
+    }
+    Ok(groups)
+}
+
+/// `devices add CODE`: signs the new device into the user's list, hands it
+/// the user key (sealed to the code) and adds it to every group.
+async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let identity = state.identity()?;
+    let user = state.user()?;
+    let code = LinkCode::parse(code)?;
+    code.check_fresh(unix_now().max(0) as u64)?;
+    let device = derive_device(&user, &code.link_key);
+    let new = device.public_key();
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    let (version, mut devices) = current_devices(&nodes, &state, &identity).await?;
+    if devices.contains(&new) {
+        return Err(ClientError::Usage(format!(
+            "this link code was already used: device {new} is one of your devices; run `link` on the new device for a fresh code"
+        )));
+    }
+    devices.push(new);
+    let groups = active_groups(&state)?;
+    // One KeyPackage per group Add, made before anything is published so
+    // the handoff can carry their private keys.
+    let packages = DeviceKeyPackages::generate(&device, groups.len())?;
+    let public = packages.public()?;
+    let list = publish_list(&nodes, &state, &user, version + 1, devices).await?;
+    let handoff = Handoff {
+        user_secret: user.secret_bytes(),
+        list,
+        key_packages: packages,
+    }
+    .seal(&code)?;
+    // The handoff waits in the link key's queue; the new device reads it on
+    // its next `recv`, before the Welcomes in its own queue.
+    nodes.deliver(&[envelope(vec![code.link_key], handoff)]).await?;
+    eprintln!("device {} is now one of your devices", new.short());
+
+    let me = identity.public_key();
+    let mut failed = Vec::new();
+    for (group_id, package) in groups.iter().zip(public) {
+        let added = change_group(&nodes, &state, &identity, group_id, |group| {
+            let commit_to = others(group, &me);
+            let added = group.add_members(
+                &state.provider(),
+                &identity,
+                std::slice::from_ref(&package),
+                nodes.directory(),
+            )?;
+            Ok(Change {
+                commit: added.commit,
+                commit_to,
+                welcome: Some((added.welcome, vec![new])),
+            })
+        })
+        .await;
+        match added {
+            Ok(group) => eprintln!(
+                "added it to {}: epoch {}, {} members",
+                group_name(group_id),
+                group.epoch(),
+                group.members().len()
+            ),
+            // The device is linked whatever happens to one group; say
+            // which groups it is missing, and go on with the others.
+            Err(e) => {
+                eprintln!("warning: could not add it to {}: {e}", group_name(group_id));
+                failed.push(group_name(group_id));
+            }
+        }
+    }
+    nodes.close().await;
+    if failed.is_empty() {
+        eprintln!(
+            "the new device joins {} group(s) on its next `recv`",
+            groups.len()
+        );
+        Ok(())
+    } else {
+        Err(ClientError::Usage(format!(
+            "the device is linked, but was not added to: {}; invite it there with `invite --peer-key {}`",
+            failed.join(", "),
+            identity.user()
+        )))
+    }
+}
+
+/// `devices list`: the user's devices as the node serves them, verified.
+async fn list(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let identity = state.identity()?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    let (_, devices) = current_devices(&nodes, &state, &identity).await?;
+    nodes.close().await;
+    for device in devices {
+        if device == identity.public_key() {
+            println!("{device} (this device)");
+        } else {
+            println!("{device}");
+        }
+    }
+    Ok(())
+}
+
+/// `devices remove KEY`: a new list without the device, then its leaves
+/// removed from every group (this device's own: it leaves them).
+async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let identity = state.identity()?;
+    let user = state.user()?;
+    let gone = parse_key("device key", device_key)?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    let (version, devices) = current_devices(&nodes, &state, &identity).await?;
+    if !devices.contains(&gone) {
+        return Err(ClientError::Usage(format!(
+            "{gone} is not one of your devices; `devices list` shows them"
+        )));
+    }
+    let rest: Vec<IdentityKey> = devices.into_iter().filter(|device| *device != gone).collect();
+    if rest.is_empty() {
+        return Err(ClientError::Usage("you cannot remove your only device".into()));
+    }
+    publish_list(&nodes, &state, &user, version + 1, rest).await?;
+    eprintln!("device {} is no longer one of your devices", gone.short());
+
+    let me = identity.public_key();
+    for group_id in active_groups(&state)? {
+        let name = group_name(&group_id);
+        let Some(group) = GroupMember::load(&state.provider(), &group_id)? else {
+            continue;
+        };
+        if !group.members().contains(&gone) {
+            continue;
+        }
+        if gone == me {
+            // A member cannot commit its own removal: ask to leave, and
+            // another member commits it.
+            if others(&group, &me).is_empty() {
+                continue;
+            }
+            propose(&nodes, &state, &identity, &group_id, |group| {
+                Ok(state.leave_group(&group_id, group, &identity)?)
+            })
+            .await?;
+            eprintln!("asked to leave {name}");
+        } else {
+            let group = change_group(&nodes, &state, &identity, &group_id, |group| {
+                let commit_to = others(group, &me);
+                let commit = group.remove_members(&state.provider(), &identity, &[gone])?;
+                Ok(Change {
+                    commit,
+                    commit_to,
+                    welcome: None,
+                })
+            })
+            .await?;
+            eprintln!(
+                "removed it from {name}: epoch {}, {} members",
+                group.epoch(),
+                group.members().len()
+            );
+        }
+    }
+    nodes.close().await;
+    Ok(())
+}
+
+/// On a new device's first `recv`: reads the handoff from the link key's
+/// queue and becomes a device of the user. Returns the device's key pair.
+pub(crate) async fn complete_link(
+    args: &ConnectionArgs,
+    state: &StateFile,
+    link: &LinkSecret,
+) -> Result<IdentityKeypair, ClientError> {
+    let nodes = Nodes::connect(args, Some(link.link_key())).await?;
+    let me = link.link_key().public_key();
+    let queued = nodes.delivery().fetch_since(&me, Default::default(), 0).await?;
+    let mut linked = None;
+    let mut refused = None;
+    for message in &queued {
+        if !message.payload.starts_with(HANDOFF_MAGIC) {
+            continue;
+        }
+        match link.open(&message.payload) {
+            Ok((handoff, device)) => {
+                linked = Some((handoff, device));
+                break;
+            }
+            Err(e) => refused = Some(e),
+        }
+    }
+    let Some((handoff, device)) = linked else {
+        nodes.close().await;
+        return Err(match refused {
+            Some(e) => e.into(),
+            None => ClientError::Link(LinkError::NotYet),
+        });
+    };
+    state.complete_link(&handoff, &device)?;
+    // Only now is it safe to let the node drop the handoff.
+    if let Some(last) = queued.last() {
+        nodes.delivery().ack(&me, last.seq).await?;
+    }
+    nodes.close().await;
+    eprintln!(
+        "linked: this device ({}) is now a device of {}",
+        device.public_key().short(),
+        device.user()
+    );
+    Ok(device)
+}
