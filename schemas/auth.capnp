@@ -130,8 +130,10 @@ interface AuthService {
   #              not empty, at most the node's payload limit (see ping). The
   #              node validates it: signature, protocol version, ciphersuite
   #              MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, lifetime, and a
-  #              basic credential equal to the leaf signature key, which must
-  #              be `identityKey`, a lifetime of at most the node's maximum
+  #              basic credential naming the leaf signature key, which must
+  #              be `identityKey` (the device key): 32 bytes, the key itself,
+  #              or 64 bytes, the user key and then the device key (see
+  #              SignedDeviceList), a lifetime of at most the node's maximum
   #              (90 days by default, RFC 9420 section 7.2 asks for one), and
   #              extensions (leaf and KeyPackage, each) of at most 1 KiB. A
   #              KeyPackage with the `last_resort` extension (type 0x000A,

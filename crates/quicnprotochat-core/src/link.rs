@@ -315,7 +315,7 @@ impl Handoff {
                 .key_packages
                 .bundles
                 .iter()
-                .map(|bundle| serde_json::to_string(bundle))
+                .map(serde_json::to_string)
                 .collect::<Result<_, _>>()
                 .map_err(CoreError::mls("encoding the handoff"))?,
         };

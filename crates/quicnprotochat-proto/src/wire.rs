@@ -466,78 +466,6 @@ pub fn read_messages(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_packages_beyond_the_nodes_policy_are_refused_naming_the_rule() {
-        use openmls::prelude::{
-            Capabilities, Extension, ExtensionType, Extensions, KeyPackage, UnknownExtension,
-            tls_codec::Serialize as _,
-        };
-        use quicnprotochat_core::{CIPHERSUITE, IdentityKeypair};
-
-        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-        let owner = IdentityKeypair::generate();
-        let with_leaf_extension = |size: usize| {
-            let extension = Extension::Unknown(0xff00, UnknownExtension(vec![0x5a; size]));
-            KeyPackage::builder()
-                .leaf_node_capabilities(Capabilities::new(
-                    None,
-                    None,
-                    Some(&[ExtensionType::Unknown(0xff00)]),
-                    None,
-                    None,
-                ))
-                .leaf_node_extensions(Extensions::single(extension).unwrap())
-                .build(CIPHERSUITE, &provider, &owner, owner.credential_with_key())
-                .unwrap()
-                .key_package()
-                .tls_serialize_detached()
-                .unwrap()
-        };
-        let policy = KeyPackagePolicy::default();
-        let check = |bytes: &[u8]| key_package("package", bytes, 1 << 20, &owner.public_key(), &policy);
-        assert!(check(&with_leaf_extension(100)).is_ok());
-        let err = check(&with_leaf_extension(900_000)).unwrap_err();
-        assert!(err.reason.contains("its extensions take"), "{err:?}");
-        // A lifetime of a year is more than 90 days.
-        let yearly = quicnprotochat_core::generate_key_package_with(
-            &provider,
-            &owner,
-            quicnprotochat_core::KeyPackageOptions {
-                last_resort: false,
-                lifetime_seconds: Some(365 * 86_400),
-            },
-        )
-        .unwrap();
-        let err = check(&yearly).unwrap_err();
-        assert!(err.reason.contains("valid for at most 90 days"), "{err:?}");
-    }
-
-    #[test]
-    fn identity_key_error_names_the_field_and_length() {
-        let err = identity_key("recipientKey", &[0u8; 31]).unwrap_err();
-        let text = err.to_string();
-        assert!(text.starts_with("recipientKey:"), "{text}");
-        assert!(text.contains("got 31"), "{text}");
-        assert!(identity_key("recipientKey", &[7u8; 32]).is_ok());
-    }
-
-    #[test]
-    fn payload_must_be_non_empty_and_within_the_limit() {
-        assert!(payload("payload", b"", 10).is_err());
-        assert!(
-            payload("payload", &[0u8; 11], 10)
-                .unwrap_err()
-                .to_string()
-                .contains("limit of 10")
-        );
-        assert_eq!(payload("payload", b"abc", 10).unwrap(), b"abc");
-    }
-}
-
 /// Most users one `fetchDeviceLists` call may name.
 pub const MAX_DEVICE_LIST_FETCH: usize = 256;
 
@@ -608,4 +536,76 @@ pub fn read_device_list(
     let list =
         DeviceList::new(user, reader.get_version(), keys).map_err(|e| bad("devices", e.to_string()))?;
     Ok(SignedDeviceList::from_parts(list, signature))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_packages_beyond_the_nodes_policy_are_refused_naming_the_rule() {
+        use openmls::prelude::{
+            Capabilities, Extension, ExtensionType, Extensions, KeyPackage, UnknownExtension,
+            tls_codec::Serialize as _,
+        };
+        use quicnprotochat_core::{CIPHERSUITE, IdentityKeypair};
+
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let owner = IdentityKeypair::generate();
+        let with_leaf_extension = |size: usize| {
+            let extension = Extension::Unknown(0xff00, UnknownExtension(vec![0x5a; size]));
+            KeyPackage::builder()
+                .leaf_node_capabilities(Capabilities::new(
+                    None,
+                    None,
+                    Some(&[ExtensionType::Unknown(0xff00)]),
+                    None,
+                    None,
+                ))
+                .leaf_node_extensions(Extensions::single(extension).unwrap())
+                .build(CIPHERSUITE, &provider, &owner, owner.credential_with_key())
+                .unwrap()
+                .key_package()
+                .tls_serialize_detached()
+                .unwrap()
+        };
+        let policy = KeyPackagePolicy::default();
+        let check = |bytes: &[u8]| key_package("package", bytes, 1 << 20, &owner.public_key(), &policy);
+        assert!(check(&with_leaf_extension(100)).is_ok());
+        let err = check(&with_leaf_extension(900_000)).unwrap_err();
+        assert!(err.reason.contains("its extensions take"), "{err:?}");
+        // A lifetime of a year is more than 90 days.
+        let yearly = quicnprotochat_core::generate_key_package_with(
+            &provider,
+            &owner,
+            quicnprotochat_core::KeyPackageOptions {
+                last_resort: false,
+                lifetime_seconds: Some(365 * 86_400),
+            },
+        )
+        .unwrap();
+        let err = check(&yearly).unwrap_err();
+        assert!(err.reason.contains("valid for at most 90 days"), "{err:?}");
+    }
+
+    #[test]
+    fn identity_key_error_names_the_field_and_length() {
+        let err = identity_key("recipientKey", &[0u8; 31]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("recipientKey:"), "{text}");
+        assert!(text.contains("got 31"), "{text}");
+        assert!(identity_key("recipientKey", &[7u8; 32]).is_ok());
+    }
+
+    #[test]
+    fn payload_must_be_non_empty_and_within_the_limit() {
+        assert!(payload("payload", b"", 10).is_err());
+        assert!(
+            payload("payload", &[0u8; 11], 10)
+                .unwrap_err()
+                .to_string()
+                .contains("limit of 10")
+        );
+        assert_eq!(payload("payload", b"abc", 10).unwrap(), b"abc");
+    }
 }

@@ -120,7 +120,8 @@ pub struct Config {
     /// (checked before they are validated); 0: unlimited.
     pub key_package_upload_rate: u32,
     /// KeyPackage fetches per second per identity, or per address for
-    /// anonymous callers (bursts of twice that); 0: unlimited.
+    /// anonymous callers (bursts of twice that); a `fetchDeviceLists` call
+    /// counts as one fetch too; 0: unlimited.
     pub key_package_fetch_rate: u32,
     /// Pings per second per identity, or per address for anonymous callers
     /// (bursts of twice that); 0: unlimited.

@@ -58,8 +58,10 @@ pub enum ServiceError {
     /// The connection's identity may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-    /// The caller pings faster than the ping rate (calls that carry work
-    /// answer a rate limit as a typed outcome instead).
+    /// The caller pings faster than the ping rate, or fetches device lists
+    /// faster than its fetch rate: calls whose results have no outcome to
+    /// carry it (calls that carry work answer a rate limit as a typed
+    /// outcome instead).
     #[error("rate limited, retry after {} ms", .0.as_millis().max(1))]
     RateLimited(std::time::Duration),
     /// The session has too many calls unanswered.

@@ -1,10 +1,13 @@
 //! The quicnprotochat node: one QUIC + TLS 1.3 endpoint serving `NodeService`
-//! (the Authentication Service's KeyPackage directory and the Delivery
-//! Service's message queues) over Cap'n Proto RPC, backed by SQLite, or by a
-//! PostgreSQL database that any number of nodes share.
+//! (the Authentication Service's KeyPackage directory and users' signed
+//! device lists, and the Delivery Service's message queues) over Cap'n
+//! Proto RPC, backed by SQLite, or by a PostgreSQL database that any number
+//! of nodes share.
 //!
 //! The node never sees plaintext: KeyPackages and messages are opaque MLS
-//! bytes, stored by the 32-byte Ed25519 identity key of their owner.
+//! bytes, stored by the 32-byte Ed25519 identity key of their owner. Device
+//! lists are signed by their user key, so the node can withhold one but
+//! never forge one.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), quicnprotochat_server::ServerError> {

@@ -12,8 +12,8 @@ use quicnprotochat_server::Config;
 use quicnprotochat_server::config::{self, Durability};
 use tracing_subscriber::EnvFilter;
 
-/// The quicnprotochat node: KeyPackage directory and message queues for MLS
-/// clients, over QUIC + TLS 1.3 + Cap'n Proto RPC.
+/// The quicnprotochat node: KeyPackage directory, device lists and message
+/// queues for MLS clients, over QUIC + TLS 1.3 + Cap'n Proto RPC.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -65,7 +65,7 @@ struct Args {
     /// Ordinary KeyPackages of one identity handed out per minute, whoever asks (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_SERVE_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_SERVE_RATE)]
     key_package_serve_rate: u32,
-    /// KeyPackage fetches per second per identity, or per address when anonymous (0: unlimited).
+    /// KeyPackage (and device list) fetches per second per identity, or per address when anonymous (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_FETCH_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_FETCH_RATE)]
     key_package_fetch_rate: u32,
     /// Pings per second per identity, or per address when anonymous (0: unlimited).

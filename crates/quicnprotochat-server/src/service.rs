@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capnp::capability::Rc;
-use quicnprotochat_core::{IdentityKey, Seq, fingerprint};
+use quicnprotochat_core::{IdentityKey, Seq, SignedDeviceList, fingerprint};
 use quicnprotochat_proto::outcome::{
-    CommitOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, ProposalOutcome, RateLimited,
-    SendOutcome, TooLarge, UploadOutcome,
+    CommitOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree,
+    ProposalOutcome, RateLimited, SendOutcome, TooLarge, UploadOutcome,
 };
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::delivery::{CommitRefusal, NotAJoiner, NotAMember, SendRefusal, push};
+use crate::delivery::{CommitRefusal, DeviceListRefusal, NotAJoiner, NotAMember, SendRefusal, push};
 use crate::error::ServiceError;
 use crate::limits::{self, Caller, Cost, RateLimits};
 use crate::store::Store;
@@ -239,6 +239,62 @@ impl NodeServiceImpl {
             )
         })
     }
+
+    /// Stores a device list, charged to the caller's send budget first as
+    /// one message of the list's size: storing it costs the node a write
+    /// and a signature check. Indivisible, like a KeyPackage upload: a list
+    /// (about 2 KiB at most) is never refused as bigger than the burst.
+    async fn store_device_list(
+        &self,
+        caller: IdentityKey,
+        list: SignedDeviceList,
+    ) -> Result<DeviceListOutcome, ServiceError> {
+        let cost = Cost {
+            messages: 1,
+            // User key, version, devices, signature.
+            bytes: (32 + 8 + 32 * list.list().devices().len() + 64) as u64,
+        };
+        if let Err(refusal) = self.shared.rate_limits.check_send(self.caller(), cost, true) {
+            let retry_after = match refusal {
+                limits::SendRefusal::Wait(wait) => wait,
+                // Indivisible costs are never refused as too large.
+                limits::SendRefusal::TooLarge { .. } => Duration::from_secs(1),
+            };
+            return Ok(DeviceListOutcome::RateLimited(RateLimited { retry_after }));
+        }
+        Ok(match self.shared.store.upload_device_list(caller, list).await? {
+            Ok(()) => DeviceListOutcome::Stored,
+            Err(DeviceListRefusal::Stale { current }) => DeviceListOutcome::Stale { current },
+            Err(DeviceListRefusal::BadSignature) => DeviceListOutcome::BadSignature,
+            Err(DeviceListRefusal::NotADevice) => DeviceListOutcome::NotADevice,
+        })
+    }
+}
+
+/// Parses `userKeys` of `fetchDeviceLists`: at most
+/// [`wire::MAX_DEVICE_LIST_FETCH`] keys of 32 bytes each.
+fn user_keys(keys: capnp::data_list::Reader<'_>) -> Result<Vec<IdentityKey>, ServiceError> {
+    if keys.len() as usize > wire::MAX_DEVICE_LIST_FETCH {
+        return Err(wire::FieldError {
+            field: "userKeys".into(),
+            reason: format!(
+                "names {} users; at most {} per call, ask for the rest in another",
+                keys.len(),
+                wire::MAX_DEVICE_LIST_FETCH
+            ),
+        }
+        .into());
+    }
+    let mut users = Vec::with_capacity(keys.len() as usize);
+    for (index, key) in keys.iter().enumerate() {
+        let field = format!("userKeys[{index}]");
+        let key = key.map_err(|e| wire::FieldError {
+            field: field.clone(),
+            reason: format!("unreadable: {e}"),
+        })?;
+        users.push(wire::identity_key(&field, key)?);
+    }
+    Ok(users)
 }
 
 /// Counts a call as in flight, for its session and for shutdown, until
@@ -408,6 +464,52 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
             },
         };
         outcome.write(results.get().init_outcome());
+        Ok(())
+    }
+
+    async fn upload_device_list(
+        self: Rc<Self>,
+        params: auth_capnp::auth_service::UploadDeviceListParams,
+        mut results: auth_capnp::auth_service::UploadDeviceListResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let caller = self.peer.ok_or_else(|| {
+            ServiceError::PermissionDenied(
+                "uploading a device list needs a connection authenticated as one of the user's devices (a TLS client certificate for its key)"
+                    .into(),
+            )
+        })?;
+        let list = wire::read_device_list("list", params.get()?.get_list()?).map_err(ServiceError::from)?;
+        let outcome = self.store_device_list(caller, list).await?;
+        outcome.write(results.get().init_outcome());
+        Ok(())
+    }
+
+    async fn fetch_device_lists(
+        self: Rc<Self>,
+        params: auth_capnp::auth_service::FetchDeviceListsParams,
+        mut results: auth_capnp::auth_service::FetchDeviceListsResults,
+    ) -> Result<(), capnp::Error> {
+        let _call = self.begin()?;
+        let users = user_keys(params.get()?.get_user_keys()?)?;
+        // One fetch whatever the number of users: a client asks for a
+        // group's worth in one call. The answer has no outcome to carry a
+        // rate limit, so it is an exception, as for pings.
+        self.shared
+            .rate_limits
+            .check_key_package_fetch(self.caller())
+            .map_err(ServiceError::RateLimited)?;
+        let lists = self
+            .shared
+            .store
+            .device_lists(users)
+            .await
+            .map_err(ServiceError::from)?;
+        // At most MAX_DEVICE_LIST_FETCH: fits a list length.
+        let mut list = results.get().init_lists(lists.len() as u32);
+        for (index, signed) in lists.iter().enumerate() {
+            wire::write_device_list(signed, list.reborrow().get(index as u32));
+        }
         Ok(())
     }
 }

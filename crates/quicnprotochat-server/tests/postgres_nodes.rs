@@ -9,10 +9,13 @@ mod conformance;
 
 use std::collections::HashSet;
 
+use conformance::device_lists::{public, signed_list};
 use conformance::{close, key, mls};
 use quicnprotochat_core::Seq;
 use quicnprotochat_proto::wire::ValidKeyPackage;
-use quicnprotochat_server::store::{CommitRefusal, Limits, SendRefusal, Store, StoreCloser, StoreError};
+use quicnprotochat_server::store::{
+    CommitRefusal, DeviceListRefusal, Limits, SendRefusal, Store, StoreCloser, StoreError,
+};
 use quicnprotochat_testpg::TestPostgres;
 
 /// A fresh database on the shared test cluster.
@@ -240,6 +243,48 @@ async fn competing_commits_on_two_nodes_leave_one_per_epoch() {
     // Each round queued exactly its winner (and the setup Commits).
     let queued = a.0.drain(key(7)).await.unwrap();
     assert_eq!(queued.len(), 6 + 3);
+    close_both([a, b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_lists_stored_on_two_nodes_at_once_never_lose_the_newest() {
+    let Some(url) = database() else { return };
+    let [a, b] = two_nodes(&url, Limits::default());
+    let (user, phone) = (1u8, 10u8);
+    for round in 0..10u64 {
+        // Two lists under one version, one through each node: one wins.
+        let version = 3 * round + 1;
+        let one = signed_list(user, version, &[phone, 20]);
+        let other = signed_list(user, version, &[phone, 21]);
+        let (x, y) = tokio::join!(
+            a.0.upload_device_list(public(phone), one.clone()),
+            b.0.upload_device_list(public(phone), other.clone())
+        );
+        let outcomes = [x.unwrap(), y.unwrap()];
+        let stale = Err(DeviceListRefusal::Stale { current: version });
+        assert!(
+            outcomes == [Ok(()), stale] || outcomes == [stale, Ok(())],
+            "round {round}: {outcomes:?}"
+        );
+        let winner = if outcomes[0].is_ok() { one } else { other };
+        assert_eq!(b.0.device_lists(vec![public(user)]).await.unwrap(), vec![winner]);
+
+        // Two newer versions at once: the higher one is stored, whichever
+        // commits first.
+        let newer = signed_list(user, version + 1, &[phone, 22]);
+        let newest = signed_list(user, version + 2, &[phone, 23]);
+        let (x, y) = tokio::join!(
+            a.0.upload_device_list(public(phone), newer),
+            b.0.upload_device_list(public(phone), newest.clone())
+        );
+        let x = x.unwrap();
+        assert!(
+            x == Ok(()) || x == Err(DeviceListRefusal::Stale { current: version + 2 }),
+            "round {round}: {x:?}"
+        );
+        assert_eq!(y.unwrap(), Ok(()), "round {round}: the newest is stored");
+        assert_eq!(a.0.device_lists(vec![public(user)]).await.unwrap(), vec![newest]);
+    }
     close_both([a, b]).await;
 }
 

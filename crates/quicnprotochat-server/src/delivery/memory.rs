@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
-use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 use super::storage::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
@@ -23,6 +23,7 @@ pub struct MemoryStorage {
     groups: HashMap<GroupId, u64>,
     views: HashMap<GroupId, (Vec<u8>, i64)>,
     welcome_trees: HashMap<(GroupId, u64), (WelcomeTree, i64)>,
+    device_lists: HashMap<IdentityKey, SignedDeviceList>,
 }
 
 impl MemoryStorage {
@@ -238,6 +239,22 @@ impl Storage for MemoryStorage {
         self.key_packages
             .retain(|_, (_, package)| unexpired(package, now));
         Ok(purged)
+    }
+
+    fn device_list(&mut self, user: &IdentityKey) -> Result<Option<SignedDeviceList>, Infallible> {
+        Ok(self.device_lists.get(user).cloned())
+    }
+
+    fn device_lists(&mut self, users: &[IdentityKey]) -> Result<Vec<SignedDeviceList>, Infallible> {
+        Ok(users
+            .iter()
+            .filter_map(|user| self.device_lists.get(user).cloned())
+            .collect())
+    }
+
+    fn put_device_list(&mut self, list: &SignedDeviceList, _now: i64) -> Result<(), Infallible> {
+        self.device_lists.insert(*list.list().user(), list.clone());
+        Ok(())
     }
 }
 

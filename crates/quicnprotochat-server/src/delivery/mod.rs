@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`rules`] — one function per command (enqueue, publish a Commit, take
-//!   a KeyPackage, read, ack, drain, purge) over a [`Storage`].
+//!   a KeyPackage, store or read device lists, read, ack, drain, purge) over
+//!   a [`Storage`].
 //! - [`storage`] — the [`Storage`] trait: one transaction's reads and writes.
 //! - [`memory`] — [`MemoryStorage`], the in-memory reference implementation
 //!   the rules are unit-tested against.
@@ -16,10 +17,10 @@ pub mod storage;
 
 pub use memory::MemoryStorage;
 pub use rules::{
-    CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner,
-    NotAMember, SendRefusal, TooManyKeyPackages,
+    CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES,
+    Limits, NotAJoiner, NotAMember, SendRefusal, TooManyKeyPackages,
 };
-pub use storage::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
+pub use storage::{DamagedDeviceList, DeviceListColumns, KeyPackageRow, QueueUsage, Storage, WelcomeTree};
 
 #[cfg(test)]
 mod tests;

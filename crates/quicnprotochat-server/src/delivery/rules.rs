@@ -1,6 +1,6 @@
 //! The delivery rules, over any [`Storage`]: one Commit per group and epoch,
 //! message-id deduplication per sender, queue depth, KeyPackage selection,
-//! acks and the fetch budget.
+//! device lists that only move forward, acks and the fetch budget.
 //!
 //! Each function is one command: the caller runs it inside one transaction
 //! (a savepoint of the writer's batch) and undoes that transaction when the
@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use quicnprotochat_core::{GroupId, IdentityKey, PublicView, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, PublicView, QueuedMessage, Seq, SignedDeviceList};
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
 use quicnprotochat_proto::wire::{
     CommitPublication, Envelope, GroupState, ProposalPublication, ValidKeyPackage,
@@ -145,6 +145,84 @@ pub fn count_key_packages<S: Storage>(
     now: i64,
 ) -> Result<(u32, bool), S::Error> {
     storage.count_key_packages(identity, now)
+}
+
+/// Why `uploadDeviceList` stored nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceListRefusal {
+    /// The node holds a list of the user at `current`, this version or a
+    /// higher one (another list under the same version, if the same).
+    Stale {
+        /// The stored version.
+        current: u64,
+    },
+    /// The signature is not the user key's over the list.
+    BadSignature,
+    /// The caller is not a device of the stored list (nor, for a user's
+    /// first list, of the new one or the user key).
+    NotADevice,
+}
+
+/// Stores `list`, uploaded by `caller` (the connection's identity), as its
+/// user's device list, if the user key signed it, the caller may replace
+/// the user's list, and it moves the list forward.
+///
+/// Checked in this order, so that an answer never says more than the
+/// caller may know:
+/// 1. the signature (strict Ed25519), before anything is read;
+/// 2. exactly the stored list again (a retry after a lost answer): stored,
+///    nothing written. Checked before who the caller is, because such an
+///    upload changes nothing (and the list is public anyway); a device
+///    that removed itself can then still retry its upload;
+/// 3. who may replace the list: a device named in the stored list; for a
+///    user's first list, a device named in it or the user key itself. A
+///    removed device cannot put itself back, even with an old list the
+///    user once signed;
+/// 4. the version: higher than the stored one, or the list is stale.
+pub fn upload_device_list<S: Storage>(
+    storage: &mut S,
+    caller: &IdentityKey,
+    list: &SignedDeviceList,
+    now: i64,
+) -> Result<Result<(), DeviceListRefusal>, S::Error> {
+    if list.verify().is_err() {
+        return Ok(Err(DeviceListRefusal::BadSignature));
+    }
+    let user = list.list().user();
+    let stored = storage.device_list(user)?;
+    if stored.as_ref() == Some(list) {
+        return Ok(Ok(()));
+    }
+    let may_replace = match &stored {
+        Some(stored) => stored.list().contains(caller),
+        None => list.list().contains(caller) || caller == user,
+    };
+    if !may_replace {
+        return Ok(Err(DeviceListRefusal::NotADevice));
+    }
+    if let Some(stored) = &stored
+        && list.list().version() <= stored.list().version()
+    {
+        return Ok(Err(DeviceListRefusal::Stale {
+            current: stored.list().version(),
+        }));
+    }
+    storage.put_device_list(list, now)?;
+    Ok(Ok(()))
+}
+
+/// The stored device lists of `users`, in the order asked (a user asked
+/// twice, twice), leaving out users without one.
+pub fn device_lists<S: Storage>(
+    storage: &mut S,
+    users: &[IdentityKey],
+) -> Result<Vec<SignedDeviceList>, S::Error> {
+    let found: HashMap<IdentityKey, SignedDeviceList> = storage
+        .device_lists(users)?
+        .into_iter()
+        .map(|list| (*list.list().user(), list))
+        .collect();
+    Ok(users.iter().filter_map(|user| found.get(user).cloned()).collect())
 }
 
 /// Queues each envelope's payload for each of its recipients, all or none.

@@ -6,7 +6,7 @@
 //! conformance suite (`store::conformance`) holds every backend to the same
 //! behaviour.
 
-use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+use quicnprotochat_core::{DeviceList, GroupId, IdentityKey, Seq, SignedDeviceList};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 /// A stored KeyPackage's row id, to delete the one that was read.
@@ -49,6 +49,71 @@ impl WelcomeTree {
                 .map(IdentityKey::from_bytes)
                 .collect(),
         }
+    }
+}
+
+/// A device list as database columns keep it; both backends convert
+/// through here, so they store exactly the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceListColumns {
+    /// The version's 64 bits as a signed integer (SQL has no unsigned
+    /// one). Versions are compared in Rust only (and for equality in SQL),
+    /// so a version of 2^63 or more is stored and compared like any other
+    /// instead of being refused.
+    pub version: i64,
+    /// The device keys, 32 bytes each, one after another, ascending.
+    pub devices: Vec<u8>,
+    /// The user key's signature.
+    pub signature: [u8; 64],
+}
+
+/// A stored device list row does not hold a list: the database was changed
+/// behind the node's back (the tables' checks keep the node from writing
+/// one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the stored device list of {user} is damaged: {reason}")]
+pub struct DamagedDeviceList {
+    /// The user key, short.
+    pub user: String,
+    /// What is wrong with the row.
+    pub reason: String,
+}
+
+impl DeviceListColumns {
+    /// The columns of `signed`.
+    pub fn of(signed: &SignedDeviceList) -> DeviceListColumns {
+        let list = signed.list();
+        DeviceListColumns {
+            version: i64::from_be_bytes(list.version().to_be_bytes()),
+            devices: list.devices().iter().flat_map(|key| *key.as_bytes()).collect(),
+            signature: *signed.signature(),
+        }
+    }
+
+    /// The list of `user` read back from its columns.
+    pub fn read(
+        user: IdentityKey,
+        version: i64,
+        devices: &[u8],
+        signature: &[u8],
+    ) -> Result<SignedDeviceList, DamagedDeviceList> {
+        let damaged = |reason: String| DamagedDeviceList {
+            user: user.short(),
+            reason,
+        };
+        let signature: [u8; 64] = signature
+            .try_into()
+            .map_err(|_| damaged(format!("a signature of {} bytes", signature.len())))?;
+        if !devices.len().is_multiple_of(32) {
+            return Err(damaged(format!("{} bytes of device keys", devices.len())));
+        }
+        let devices = devices
+            .chunks_exact(32)
+            .filter_map(|key| <[u8; 32]>::try_from(key).ok())
+            .map(IdentityKey::from_bytes);
+        let version = u64::from_be_bytes(version.to_be_bytes());
+        let list = DeviceList::new(user, version, devices).map_err(|e| damaged(e.to_string()))?;
+        Ok(SignedDeviceList::from_parts(list, signature))
     }
 }
 
@@ -168,4 +233,17 @@ pub trait Storage {
     /// `older_than`, and KeyPackages expired at `now`; returns how many
     /// messages went.
     fn purge(&mut self, older_than: i64, now: i64) -> Result<usize, Self::Error>;
+
+    /// The stored device list of `user`, if any, as it was stored.
+    fn device_list(&mut self, user: &IdentityKey) -> Result<Option<SignedDeviceList>, Self::Error>;
+
+    /// The stored device lists of those of `users` that have one, in any
+    /// order.
+    fn device_lists(&mut self, users: &[IdentityKey]) -> Result<Vec<SignedDeviceList>, Self::Error>;
+
+    /// Stores `list` as its user's list, replacing the stored one, which
+    /// this command read with [`Self::device_list`] (a backend shared by
+    /// several nodes fails with a retryable error, never overwriting, if
+    /// the stored list changed since).
+    fn put_device_list(&mut self, list: &SignedDeviceList, now: i64) -> Result<(), Self::Error>;
 }

@@ -410,7 +410,11 @@ fn a_proposal_is_kept_for_the_commit_that_references_it() {
     propose(&mut storage, &bob.key(), &leave).unwrap();
     alice
         .group
-        .receive(&alice.provider, &leave.proposal.payload)
+        .receive(
+            &alice.provider,
+            &leave.proposal.payload,
+            &quicnprotochat_core::NoDeviceLists,
+        )
         .unwrap();
     let commit = alice
         .group
@@ -433,7 +437,11 @@ fn a_commit_referencing_a_proposal_the_node_has_not_seen_is_refused() {
     let leave = bob.leave(&[alice.key()], b"leave");
     alice
         .group
-        .receive(&alice.provider, &leave.proposal.payload)
+        .receive(
+            &alice.provider,
+            &leave.proposal.payload,
+            &quicnprotochat_core::NoDeviceLists,
+        )
         .unwrap();
     let commit = alice
         .group
@@ -689,4 +697,75 @@ fn a_well_signed_commit_with_a_broken_update_path_is_refused_and_the_group_goes_
     };
     publish(&mut storage, &alice.public_key(), &publication, 100).unwrap();
     assert_eq!(payloads(&mut storage, 2), vec![honest]);
+}
+
+/// The list of the devices of seeds `devices` of the user of seed `user`,
+/// at `version`, signed by that user.
+fn device_list(user: u8, version: u64, devices: &[u8]) -> quicnprotochat_core::SignedDeviceList {
+    use quicnprotochat_core::{DeviceList, IdentityKeypair};
+    let public = |seed: u8| IdentityKeypair::from_secret_bytes(&[seed; 32]).public_key();
+    DeviceList::new(public(user), version, devices.iter().copied().map(public))
+        .unwrap()
+        .sign(&IdentityKeypair::from_secret_bytes(&[user; 32]))
+        .unwrap()
+}
+
+fn upload_list(
+    storage: &mut MemoryStorage,
+    caller: u8,
+    list: &quicnprotochat_core::SignedDeviceList,
+) -> Result<(), DeviceListRefusal> {
+    let caller = quicnprotochat_core::IdentityKeypair::from_secret_bytes(&[caller; 32]).public_key();
+    storage.command(|s| rules::upload_device_list(s, &caller, list, NOW))
+}
+
+#[test]
+fn a_first_device_list_may_come_from_a_device_it_names_or_the_user_key() {
+    let mut storage = MemoryStorage::default();
+    assert_eq!(
+        upload_list(&mut storage, 9, &device_list(1, 1, &[10])),
+        Err(DeviceListRefusal::NotADevice)
+    );
+    assert_eq!(upload_list(&mut storage, 1, &device_list(1, 1, &[10])), Ok(()));
+    assert_eq!(
+        upload_list(&mut storage, 10, &device_list(2, 1, &[10, 11])),
+        Ok(())
+    );
+    // Once a list is stored, only its devices count: not the user key.
+    assert_eq!(
+        upload_list(&mut storage, 1, &device_list(1, 2, &[10, 11])),
+        Err(DeviceListRefusal::NotADevice)
+    );
+}
+
+#[test]
+fn a_device_list_refusal_says_no_more_than_the_caller_may_know() {
+    let mut storage = MemoryStorage::default();
+    let v2 = device_list(1, 2, &[10]);
+    assert_eq!(upload_list(&mut storage, 10, &v2), Ok(()));
+    // A stranger learns nothing about the stored version from a list it may
+    // not store, but a forged one is bad whoever sends it.
+    assert_eq!(
+        upload_list(&mut storage, 9, &device_list(1, 1, &[9])),
+        Err(DeviceListRefusal::NotADevice)
+    );
+    let forged = quicnprotochat_core::SignedDeviceList::from_parts(
+        device_list(1, 3, &[9]).list().clone(),
+        *v2.signature(),
+    );
+    assert_eq!(
+        upload_list(&mut storage, 9, &forged),
+        Err(DeviceListRefusal::BadSignature)
+    );
+    // Exactly the stored list is a retry: stored, whoever retries it.
+    assert_eq!(upload_list(&mut storage, 9, &v2), Ok(()));
+    assert_eq!(
+        upload_list(&mut storage, 10, &device_list(1, 2, &[10, 11])),
+        Err(DeviceListRefusal::Stale { current: 2 })
+    );
+    let users = [
+        quicnprotochat_core::IdentityKeypair::from_secret_bytes(&[5; 32]).public_key(),
+        *v2.list().user(),
+    ];
+    assert_eq!(storage.run(|s| rules::device_lists(s, &users)), vec![v2]);
 }

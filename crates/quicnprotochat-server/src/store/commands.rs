@@ -60,6 +60,10 @@ pub(super) fn apply<D: Transact>(
             reply,
             db.run(|s| rules::take_key_package(s, &identity, ordinary, now)),
         ),
+        Command::UploadDeviceList { caller, list, reply } => answer(
+            reply,
+            db.decide(|s| rules::upload_device_list(s, &caller, &list, now)),
+        ),
         Command::EnqueueBatch {
             sender,
             envelopes,
@@ -147,6 +151,7 @@ pub(super) fn fail(command: Command, error: &StoreError) {
         Command::PublishProposal { reply, .. } => send(reply, error),
         Command::TakeKeyPackage { reply, .. } => send(reply, error),
         Command::CountKeyPackages { reply, .. } => send(reply, error),
+        Command::UploadDeviceList { reply, .. } => send(reply, error),
         Command::Drain { reply, .. } => send(reply, error),
         Command::Ack { reply, .. } => send(reply, error),
         Command::Purge { reply, .. } => send(reply, error),

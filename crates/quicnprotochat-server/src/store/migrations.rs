@@ -145,6 +145,18 @@ const MIGRATIONS: &[&str] = &[
     // numbered in arrival order), not by an index every enqueue and ack had
     // to update.
     "DROP INDEX messages_by_age;",
+    // V12: each user's signed device list (protocol 5), the latest only.
+    // `version` is the u64's bit pattern (see `DeviceListColumns`);
+    // `devices` the 32-byte device keys, concatenated, ascending (1 to 64).
+    // A rowid table: a row of 64 devices passes 2 KiB.
+    "CREATE TABLE device_lists (
+         user_key BLOB PRIMARY KEY CHECK (length(user_key) = 32),
+         version INTEGER NOT NULL,
+         devices BLOB NOT NULL
+             CHECK (length(devices) BETWEEN 32 AND 2048 AND length(devices) % 32 = 0),
+         signature BLOB NOT NULL CHECK (length(signature) = 64),
+         updated_at INTEGER NOT NULL
+     );",
 ];
 
 /// The schema version this build creates and understands.

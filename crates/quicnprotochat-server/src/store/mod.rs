@@ -1,4 +1,5 @@
-//! The node's durable state: KeyPackages and message queues in SQLite, or in
+//! The node's durable state: KeyPackages, device lists and message queues
+//! in SQLite, or in
 //! PostgreSQL shared by several nodes ([`Store::open_postgres`], module
 //! `postgres`). The rules of what to store live in [`crate::delivery`]; this
 //! module runs them against either, through the same commands
@@ -26,7 +27,7 @@
 //! - `sync` — makes committed batches durable, then answers them and lets
 //!   reads see them.
 //! - `readers` — the reader thread (queue reads, a group's GroupInfo and
-//!   Welcome trees) and background WAL checkpoints.
+//!   Welcome trees, device lists) and background WAL checkpoints.
 //! - `notifier` — wakes push subscriptions and long polls after a commit.
 //!
 //! The behaviour any backend must show is checked by the conformance suite in
@@ -45,7 +46,7 @@ mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use quicnprotochat_proto::wire::{
@@ -53,8 +54,8 @@ pub use quicnprotochat_proto::wire::{
 };
 
 pub use crate::delivery::{
-    CommitRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, NotAMember, SendRefusal,
-    TooManyKeyPackages,
+    CommitRefusal, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, NotAMember,
+    SendRefusal, TooManyKeyPackages,
 };
 
 pub use migrations::SCHEMA_VERSION;
@@ -400,6 +401,27 @@ impl Store {
         .await
     }
 
+    /// Stores `list`, uploaded by `caller`, as its user's device list if it
+    /// is signed by the user key, `caller` may replace the user's list, and
+    /// it moves the list forward; see
+    /// [`crate::delivery::rules::upload_device_list`]. Answered once the
+    /// list is durably stored.
+    pub async fn upload_device_list(
+        &self,
+        caller: IdentityKey,
+        list: SignedDeviceList,
+    ) -> Result<Result<(), DeviceListRefusal>, StoreError> {
+        self.call(|reply| Command::UploadDeviceList { caller, list, reply })
+            .await
+    }
+
+    /// The stored device lists of `users`, in the order asked, leaving out
+    /// users without one. Runs on the reader connection, so it never waits
+    /// for the writer.
+    pub async fn device_lists(&self, users: Vec<IdentityKey>) -> Result<Vec<SignedDeviceList>, StoreError> {
+        ask(&self.reads, |reply| readers::Read::DeviceLists { users, reply }).await
+    }
+
     /// Appends `payload` to the queue of `recipient`, unless `sender` already
     /// used `message_id`.
     pub async fn enqueue(
@@ -599,6 +621,11 @@ enum Command {
         identity: IdentityKey,
         ordinary: bool,
         reply: Reply<Option<Vec<u8>>>,
+    },
+    UploadDeviceList {
+        caller: IdentityKey,
+        list: SignedDeviceList,
+        reply: Reply<Result<(), DeviceListRefusal>>,
     },
     EnqueueBatch {
         sender: IdentityKey,

@@ -3,9 +3,9 @@
 //! Reads do not go through the writer: in WAL mode a reader sees every
 //! committed transaction without waiting for the writer's next batch, so a
 //! push reaches its subscriber right after the enqueue is synced. Queue
-//! reads (push, `fetchSince`, `fetchWait`) and a group's GroupInfo or
+//! reads (push, `fetchSince`, `fetchWait`), a group's GroupInfo or
 //! Welcome tree (which may take tens of milliseconds to decode in a big
-//! group) run on the reader thread, so that they hold no RPC thread;
+//! group) and device lists run on the reader thread, so that they hold no RPC thread;
 //! [`serve`] answers them, for the PostgreSQL readers too. Checkpoints
 //! (copying the WAL back into the database file, with an fsync) run here in
 //! the background (`PASSIVE`: never blocking the writer or readers) rather
@@ -17,7 +17,7 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
@@ -47,6 +47,10 @@ pub(super) enum Read {
         epoch: u64,
         caller: IdentityKey,
         reply: Reply<Result<Option<Vec<u8>>, NotAJoiner>>,
+    },
+    DeviceLists {
+        users: Vec<IdentityKey>,
+        reply: Reply<Vec<SignedDeviceList>>,
     },
 }
 
@@ -140,6 +144,7 @@ pub(super) fn serve<S: Storage<Error: Into<StoreError>>>(storage: &mut S, read: 
             caller,
             reply,
         } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
+        Read::DeviceLists { users, reply } => answer(reply, rules::device_lists(storage, &users)),
     }
 }
 
@@ -151,6 +156,7 @@ impl Read {
             Read::MessagesAfter { reply, .. } => drop(reply.send(Err(error))),
             Read::GroupInfo { reply, .. } => drop(reply.send(Err(error))),
             Read::WelcomeTree { reply, .. } => drop(reply.send(Err(error))),
+            Read::DeviceLists { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }

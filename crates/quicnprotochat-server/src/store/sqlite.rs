@@ -3,12 +3,12 @@
 //! transaction. Statements are cached by the connection. The schema they
 //! run against is in `migrations`.
 
-use quicnprotochat_core::{GroupId, IdentityKey, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::commands::Transact;
 use super::{StoreError, ValidKeyPackage};
-use crate::delivery::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
+use crate::delivery::{DeviceListColumns, KeyPackageRow, QueueUsage, Storage, WelcomeTree};
 
 /// One command's view of a connection.
 pub(super) struct SqliteStorage<'c> {
@@ -322,4 +322,50 @@ impl Storage for SqliteStorage<'_> {
             .execute([])?;
         Ok(messages)
     }
+
+    fn device_list(&mut self, user: &IdentityKey) -> rusqlite::Result<Option<SignedDeviceList>> {
+        self.db
+            .prepare_cached("SELECT version, devices, signature FROM device_lists WHERE user_key = ?1")?
+            .query_row(params![user.as_bytes()], |row| device_list_row(*user, row))
+            .optional()
+    }
+
+    /// One lookup per user: each is a primary-key probe on a connection in
+    /// this process, cheaper than building a statement for the whole set.
+    fn device_lists(&mut self, users: &[IdentityKey]) -> rusqlite::Result<Vec<SignedDeviceList>> {
+        let mut lists = Vec::new();
+        for user in users {
+            lists.extend(self.device_list(user)?);
+        }
+        Ok(lists)
+    }
+
+    fn put_device_list(&mut self, list: &SignedDeviceList, now: i64) -> rusqlite::Result<()> {
+        let columns = DeviceListColumns::of(list);
+        self.db
+            .prepare_cached(
+                "INSERT INTO device_lists (user_key, version, devices, signature, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (user_key) DO UPDATE SET version = excluded.version,
+                     devices = excluded.devices, signature = excluded.signature,
+                     updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                list.list().user().as_bytes(),
+                columns.version,
+                columns.devices,
+                columns.signature,
+                now
+            ])?;
+        Ok(())
+    }
+}
+
+/// The device list of `user` in a row of `version, devices, signature`.
+fn device_list_row(user: IdentityKey, row: &rusqlite::Row<'_>) -> rusqlite::Result<SignedDeviceList> {
+    let devices: Vec<u8> = row.get(1)?;
+    let signature: Vec<u8> = row.get(2)?;
+    DeviceListColumns::read(user, row.get(0)?, &devices, &signature).map_err(|damaged| {
+        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Blob, Box::new(damaged))
+    })
 }

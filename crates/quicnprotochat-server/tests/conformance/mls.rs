@@ -61,7 +61,12 @@ impl Member {
         let key_package = generate_key_package(&joiner, &identity(seed)).unwrap();
         let added = self
             .group
-            .add_members(&self.provider, &self.identity, &[key_package])
+            .add_members(
+                &self.provider,
+                &self.identity,
+                &[key_package],
+                &quicnprotochat_core::NoDeviceLists,
+            )
             .unwrap();
         (added.commit, added.welcome, joiner)
     }
@@ -115,7 +120,13 @@ impl Member {
 /// Joins the group of `welcome` as `identity(seed)`, with the provider that
 /// made its KeyPackage and the ratchet tree of the Welcome's epoch.
 pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8], tree: &[u8]) -> Member {
-    let group = GroupMember::join(&provider, welcome, Some(tree)).unwrap();
+    let group = GroupMember::join(
+        &provider,
+        welcome,
+        Some(tree),
+        &quicnprotochat_core::NoDeviceLists,
+    )
+    .unwrap();
     Member {
         provider,
         identity: identity(seed),

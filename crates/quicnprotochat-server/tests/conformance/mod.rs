@@ -1,11 +1,13 @@
 //! The conformance suite: what every storage backend of the node must do,
 //! checked through the public `Store` API only, so that each backend
-//! (`tests/store_sqlite.rs` today) runs exactly the same checks.
+//! (`tests/store_sqlite.rs`, `tests/store_postgres.rs`) runs exactly the
+//! same checks. Device lists' checks are in `device_lists`.
 //!
 //! Each check takes a fresh [`Backend`] and closes every store it opens.
 
 #![allow(dead_code)] // each runner file uses the checks it can run
 
+pub mod device_lists;
 pub mod mls;
 
 use std::collections::{HashMap, HashSet};
@@ -45,11 +47,24 @@ macro_rules! every_check {
             an_identity_keeps_at_most_its_limit_of_key_packages,
             an_application_message_from_an_epoch_its_group_left_is_refused,
             an_idle_groups_view_is_forgotten_but_its_epoch_kept,
+            a_device_list_is_stored_by_its_device_and_served_in_the_order_asked,
+            a_device_list_only_moves_to_a_higher_version,
+            a_device_list_not_signed_by_its_user_key_is_refused,
+            only_a_device_of_the_stored_list_may_replace_it,
+            concurrent_uploads_of_one_users_list_never_lose_the_newest,
         );
     };
 }
 #[allow(unused_imports)]
 pub(crate) use every_check;
+
+#[allow(unused_imports)] // files checking other things use the helpers only
+pub use device_lists::{
+    a_device_list_is_stored_by_its_device_and_served_in_the_order_asked,
+    a_device_list_not_signed_by_its_user_key_is_refused, a_device_list_only_moves_to_a_higher_version,
+    concurrent_uploads_of_one_users_list_never_lose_the_newest,
+    only_a_device_of_the_stored_list_may_replace_it,
+};
 
 /// A way to open a backend's store.
 pub trait Backend {

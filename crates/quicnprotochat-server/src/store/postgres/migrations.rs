@@ -85,6 +85,17 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (group_id, epoch)
      );
      CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);",
+    // 2: each user's signed device list (protocol 5), the latest only.
+    // `version` is the u64's bit pattern (see `DeviceListColumns`);
+    // `devices` the 32-byte device keys, concatenated, ascending (1 to 64).
+    "CREATE TABLE device_lists (
+         user_key bytea PRIMARY KEY CHECK (octet_length(user_key) = 32),
+         version bigint NOT NULL,
+         devices bytea NOT NULL
+             CHECK (octet_length(devices) BETWEEN 32 AND 2048 AND octet_length(devices) % 32 = 0),
+         signature bytea NOT NULL CHECK (octet_length(signature) = 64),
+         updated_at bigint NOT NULL
+     );",
 ];
 
 /// The schema version this build creates.

@@ -299,6 +299,7 @@ fn gather(receiver: &mut mpsc::Receiver<Command>, batch: &mut Vec<Command>) -> O
 fn uses_savepoint(command: &Command) -> bool {
     match command {
         Command::UploadKeyPackages { .. }
+        | Command::UploadDeviceList { .. }
         | Command::PublishCommit { .. }
         | Command::PublishProposal { .. } => true,
         Command::EnqueueBatch { envelopes, .. } => envelopes.iter().any(|envelope| {

@@ -14,21 +14,26 @@
 //!   ([`PgError::Raced`] otherwise, and the command runs again and sees the
 //!   winner's epoch);
 //! - an identity's KeyPackage count is taken under an advisory lock of that
-//!   identity.
+//!   identity;
+//! - a user's device list is replaced only if it is still the one its
+//!   command read ([`PgError::Raced`] otherwise, as for epochs): two nodes
+//!   storing lists of one user at once never both win with one lost.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use postgres::Row;
 use postgres::types::ToSql;
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
 
 use super::conn::Conn;
 
 use super::super::commands::Transact;
 use super::super::notifier::{CARRY_BYTES, CARRY_MESSAGES};
 use super::super::{StoreError, ValidKeyPackage};
-use crate::delivery::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
+use crate::delivery::{
+    DamagedDeviceList, DeviceListColumns, KeyPackageRow, QueueUsage, Storage, WelcomeTree,
+};
 
 /// A failure inside one command.
 #[derive(Debug)]
@@ -36,8 +41,11 @@ pub(in crate::store) enum PgError {
     /// PostgreSQL failed or refused a statement.
     Db(postgres::Error),
     /// Another transaction changed what this command read (a group's
-    /// epoch); running the command again sees the change.
+    /// epoch, a user's device list); running the command again sees the
+    /// change.
     Raced(&'static str),
+    /// A stored row does not hold what the node writes.
+    Damaged(DamagedDeviceList),
 }
 
 impl From<postgres::Error> for PgError {
@@ -51,6 +59,7 @@ impl std::fmt::Display for PgError {
         match self {
             PgError::Db(error) => write!(f, "{}", describe(error)),
             PgError::Raced(what) => write!(f, "{what} changed meanwhile"),
+            PgError::Damaged(damaged) => write!(f, "{damaged}"),
         }
     }
 }
@@ -62,6 +71,7 @@ impl PgError {
         use postgres::error::SqlState;
         match self {
             PgError::Raced(_) => true,
+            PgError::Damaged(_) => false,
             PgError::Db(error) => error.code().is_some_and(|code| {
                 *code == SqlState::T_R_DEADLOCK_DETECTED
                     || *code == SqlState::T_R_SERIALIZATION_FAILURE
@@ -76,6 +86,7 @@ impl From<PgError> for StoreError {
         match error {
             PgError::Db(error) => classify(error),
             PgError::Raced(what) => StoreError::Transaction(format!("{what} kept changing; retry")),
+            PgError::Damaged(damaged) => StoreError::Transaction(damaged.to_string()),
         }
     }
 }
@@ -142,6 +153,9 @@ pub(super) struct PgStorage<'c> {
     /// The epochs the running command read, by group: a move of the epoch
     /// must start from it.
     epochs_read: HashMap<GroupId, Option<u64>>,
+    /// The device list versions the running command read, by user (`None`:
+    /// no list): a new list replaces only the one read.
+    device_lists_read: HashMap<IdentityKey, Option<i64>>,
     /// Group epochs this transaction read or set: every application
     /// message in a batch asks for its group's (the stale-epoch check),
     /// which costs a round trip each without this. Unlocked reads, as
@@ -171,6 +185,7 @@ impl<'c> PgStorage<'c> {
             conn,
             usage: HashMap::new(),
             epochs_read: HashMap::new(),
+            device_lists_read: HashMap::new(),
             epochs: HashMap::new(),
             last_seqs: HashMap::new(),
             carried: HashMap::new(),
@@ -323,6 +338,7 @@ impl Transact for PgStorage<'_> {
         loop {
             self.savepoint = pending;
             self.epochs_read.clear();
+            self.device_lists_read.clear();
             let outcome = work(self);
             if self.poisoned() {
                 // Not this command's fault, maybe: the batch fails whole.
@@ -737,4 +753,93 @@ impl Storage for PgStorage<'_> {
         self.execute("DELETE FROM key_packages WHERE expires_at <= $1", &[&now])?;
         Ok(usize::try_from(purged).unwrap_or(usize::MAX))
     }
+
+    /// Unlocked: [`Storage::put_device_list`] checks that the list is still
+    /// the one read here.
+    fn device_list(&mut self, user: &IdentityKey) -> Result<Option<SignedDeviceList>, PgError> {
+        let row = self.query_opt(
+            "SELECT version, devices, signature FROM device_lists WHERE user_key = $1",
+            &[&user.as_bytes().as_slice()],
+        )?;
+        let list = row.map(|row| device_list_row(*user, &row)).transpose()?;
+        self.device_lists_read.insert(
+            *user,
+            list.as_ref().map(|list| DeviceListColumns::of(list).version),
+        );
+        Ok(list)
+    }
+
+    /// One statement for every user: a reader answers up to 256 at once.
+    fn device_lists(&mut self, users: &[IdentityKey]) -> Result<Vec<SignedDeviceList>, PgError> {
+        let keys: Vec<&[u8]> = users.iter().map(|user| user.as_bytes().as_slice()).collect();
+        let rows = self.query(
+            "SELECT user_key, version, devices, signature FROM device_lists WHERE user_key = ANY($1)",
+            &[&keys],
+        )?;
+        let mut lists = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key: &[u8] = row.get(0);
+            // The column's check keeps every key 32 bytes long.
+            let Ok(user) = IdentityKey::try_from(key) else {
+                continue;
+            };
+            lists.push(device_list_row(user, &row)?);
+        }
+        Ok(lists)
+    }
+
+    /// Replaces the list only if it is still the one this command read (the
+    /// same version, or none): another node's list stored meanwhile makes
+    /// this command run again, and then it sees that list. Versions only
+    /// rise, so an equal version is the very list that was read.
+    fn put_device_list(&mut self, list: &SignedDeviceList, now: i64) -> Result<(), PgError> {
+        let user = list.list().user();
+        let columns = DeviceListColumns::of(list);
+        let params: [&(dyn ToSql + Sync); 5] = [
+            &user.as_bytes().as_slice(),
+            &columns.version,
+            &columns.devices,
+            &columns.signature.as_slice(),
+            &now,
+        ];
+        let written = match self.device_lists_read.get(user).copied() {
+            Some(Some(read)) => self.execute(
+                "UPDATE device_lists SET version = $2, devices = $3, signature = $4, updated_at = $5
+                 WHERE user_key = $1 AND version = $6",
+                &[params[0], params[1], params[2], params[3], params[4], &read],
+            )?,
+            // No list when read: one inserted meanwhile wins; the insert
+            // waits for its transaction and then does nothing.
+            Some(None) => self.execute(
+                "INSERT INTO device_lists (user_key, version, devices, signature, updated_at)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &params,
+            )?,
+            // Not read by this command: the rules always read first, so
+            // this is a caller that means to overwrite.
+            None => self.execute(
+                "INSERT INTO device_lists (user_key, version, devices, signature, updated_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_key) DO UPDATE SET version = excluded.version,
+                     devices = excluded.devices, signature = excluded.signature,
+                     updated_at = excluded.updated_at",
+                &params,
+            )?,
+        };
+        if written == 0 {
+            return Err(PgError::Raced("the user's device list"));
+        }
+        self.device_lists_read.insert(*user, Some(columns.version));
+        Ok(())
+    }
+}
+
+/// The device list of `user` in a row ending in `version, devices,
+/// signature`.
+fn device_list_row(user: IdentityKey, row: &Row) -> Result<SignedDeviceList, PgError> {
+    let columns = row.len();
+    let version: i64 = row.get(columns - 3);
+    let devices: &[u8] = row.get(columns - 2);
+    let signature: &[u8] = row.get(columns - 1);
+    DeviceListColumns::read(user, version, devices, signature).map_err(PgError::Damaged)
 }
