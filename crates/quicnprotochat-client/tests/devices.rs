@@ -61,10 +61,7 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
     let phone_device = device_key(&node, &phone);
     assert_ne!(laptop_device, phone_device);
     assert_eq!(laptop_device.len(), 64);
-    assert_ne!(
-        phone_device, phone.key,
-        "a new user's key is not its first device's"
-    );
+    assert_eq!(phone_device, phone.key, "a user's first device is the user key");
     // The code was used: a second `devices add` is refused.
     let (ok, _, err) = phone.try_run(&node, "devices", &["add", &code]);
     assert!(!ok);

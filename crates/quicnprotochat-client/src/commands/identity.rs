@@ -3,10 +3,7 @@
 use std::path::Path;
 
 use super::node::{top_up_key_packages, upload};
-use quicnprotochat_core::IdentityKeypair;
-
 use crate::cli::{ConnectionArgs, ContactsAction};
-use crate::devices::publish_list;
 use crate::error::ClientError;
 use crate::naming::parse_key;
 use crate::nodes::Nodes;
@@ -18,8 +15,6 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
     let state = StateFile::open_or_create(path)?;
     let identity = state.identity_or_generate()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    // The list first: a KeyPackage of a device no list names is of no use.
-    publish_first_list(&nodes, &state, &identity).await?;
     // Always one fresh KeyPackage, then fill up to a batch (plus a last
     // resort) if the node is running low. The private keys are durable
     // before anyone can use a KeyPackage to invite us.
@@ -32,24 +27,6 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
     }
     println!("{}", identity.user());
     nodes.close().await;
-    Ok(())
-}
-
-/// A user whose key is not its device's needs a list naming the device
-/// before anyone can reach it: publishes version 1 if the node has none.
-async fn publish_first_list(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-) -> Result<(), ClientError> {
-    let user = identity.user();
-    if user == identity.public_key() {
-        return Ok(());
-    }
-    nodes.directory().fetch(nodes, state, &[user]).await?;
-    if nodes.directory().list(&user).flatten().is_none() {
-        publish_list(nodes, state, &state.user()?, 1, vec![identity.public_key()]).await?;
-    }
     Ok(())
 }
 

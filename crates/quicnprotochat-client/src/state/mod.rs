@@ -241,10 +241,12 @@ impl StateFile {
         }
     }
 
-    /// The stored device, or a new user with its first device, stored now.
-    /// A new user's key is not a device key: the first device gets a key
-    /// of its own, so that linking more devices later hands them the user
-    /// key without handing them this device's.
+    /// The stored device, or a new user stored now. A new user's first
+    /// device is the user key itself, as on Signal: a person with one
+    /// device has one key, and peers who know nothing of device lists
+    /// still reach that device by the key they were given. Devices linked
+    /// later get keys of their own (and the user key, to link and remove
+    /// devices in turn).
     pub fn identity_or_generate(&self) -> Result<IdentityKeypair, StateError> {
         if self.stored_identity()?.is_some() {
             return self.identity();
@@ -253,12 +255,8 @@ impl StateFile {
             return Err(StateError::LinkPending(self.path.clone()));
         }
         let user = IdentityKeypair::generate();
-        let device = IdentityKeypair::generate();
-        self.atomically(|| {
-            self.store_device(&user, &device)?;
-            Ok::<_, StateError>(())
-        })?;
-        Ok(device.of_user(user.public_key()))
+        self.store_device(&user, &user)?;
+        Ok(user)
     }
 
     /// Stores this device's key and its user's (not yet stored).

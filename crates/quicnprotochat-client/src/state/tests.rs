@@ -12,8 +12,8 @@ fn identity_survives_reopening_and_the_file_is_private() {
         state.identity_or_generate().unwrap()
     };
     let state = StateFile::open(&path).unwrap();
-    // A new user's key is not its first device's.
-    assert_ne!(key.user(), key.public_key());
+    // A new user's first device is the user key itself.
+    assert_eq!(key.user(), key.public_key());
     assert_eq!(state.identity_key().unwrap(), key.user());
     assert_eq!(state.identity().unwrap().public_key(), key.public_key());
     assert_eq!(
@@ -64,6 +64,19 @@ fn a_foreign_sqlite_database_is_refused_and_left_untouched() {
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
+/// Bob's user lists his device (what the node would serve).
+struct BobsList;
+
+impl quicnprotochat_core::DeviceDirectory for BobsList {
+    fn listed(
+        &self,
+        _user: &quicnprotochat_core::IdentityKey,
+        _device: &quicnprotochat_core::IdentityKey,
+    ) -> quicnprotochat_core::Listed {
+        quicnprotochat_core::Listed::Yes
+    }
+}
+
 #[test]
 fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -79,12 +92,7 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     let alice_provider = OpenMlsRustCrypto::default();
     let mut alice_group = GroupMember::create(&alice_provider, &alice, b"g").unwrap();
     let added = alice_group
-        .add_members(
-            &alice_provider,
-            &alice,
-            &[package],
-            &quicnprotochat_core::NoDeviceLists,
-        )
+        .add_members(&alice_provider, &alice, &[package], &BobsList)
         .unwrap();
     alice_group.merge_pending_commit(&alice_provider).unwrap();
     let ciphertext = alice_group
@@ -94,19 +102,9 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     // A new StateFile, as a new process would open it.
     let state = StateFile::open(&path).unwrap();
     let tree = alice_group.ratchet_tree().unwrap();
-    let mut bob_group = GroupMember::join(
-        &state.provider(),
-        &added.welcome,
-        Some(&tree),
-        &quicnprotochat_core::NoDeviceLists,
-    )
-    .unwrap();
+    let mut bob_group = GroupMember::join(&state.provider(), &added.welcome, Some(&tree), &BobsList).unwrap();
     let received = bob_group
-        .receive(
-            &state.provider(),
-            &ciphertext,
-            &quicnprotochat_core::NoDeviceLists,
-        )
+        .receive(&state.provider(), &ciphertext, &BobsList)
         .unwrap();
     assert_eq!(
         received,
