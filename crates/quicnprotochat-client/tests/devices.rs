@@ -7,6 +7,16 @@
 mod common;
 
 use common::{Member, TestNode, state};
+use openmls::prelude::tls_codec::{DeserializeBytes as _, Serialize as _};
+use openmls::prelude::{
+    KeyPackage, KeyPackageIn, MlsGroup, MlsGroupCreateConfig, PURE_PLAINTEXT_WIRE_FORMAT_POLICY,
+    ProtocolVersion,
+};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::OpenMlsProvider as _;
+use quicnprotochat_core::{CIPHERSUITE, GroupId, GroupMember, IdentityKey, IdentityKeypair, Seq};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
+use quicnprotochat_proto::wire::Envelope;
 
 /// `link` on a new state file: the one line it prints.
 fn link(node: &TestNode, state: &str, extra: &[&str]) -> String {
@@ -186,4 +196,185 @@ fn wrong_and_expired_link_codes_are_refused_clearly() {
     );
     let listed = phone.run(&node, "devices", &["list"]);
     assert_eq!(listed.lines().count(), 1, "{listed}");
+}
+
+/// A directory that believes every device belongs to its user: what a
+/// careless or malicious member would use.
+struct Credulous;
+
+impl quicnprotochat_core::DeviceDirectory for Credulous {
+    fn listed(&self, _user: &IdentityKey, _device: &IdentityKey) -> quicnprotochat_core::Listed {
+        quicnprotochat_core::Listed::Yes
+    }
+}
+
+/// A KeyPackage of a device that claims to be `user`'s without being in
+/// its list.
+fn rogue_key_package(user: &IdentityKey) -> (OpenMlsRustCrypto, KeyPackage) {
+    let rogue = IdentityKeypair::generate().of_user(*user);
+    let provider = OpenMlsRustCrypto::default();
+    let bundle = KeyPackage::builder()
+        .build(CIPHERSUITE, &provider, &rogue, rogue.credential_with_key())
+        .unwrap();
+    let package = bundle.key_package().clone();
+    (provider, package)
+}
+
+#[test]
+fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_members() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Member::register(&node, dir.path(), "alice");
+    let alice_user: IdentityKey = alice.key.parse().unwrap();
+    let mallory = common::identity(42);
+    let mallory_provider = OpenMlsRustCrypto::default();
+    let package = quicnprotochat_core::generate_key_package(&mallory_provider, &mallory).unwrap();
+    common::local(async {
+        let connection = node.connect_as(&mallory).await;
+        connection
+            .upload_key_package(&mallory.public_key(), &package)
+            .await
+            .unwrap();
+    });
+    alice.run(&node, "create-group", &["--group-id", "g"]);
+    alice.run(
+        &node,
+        "invite",
+        &["--group-id", "g", "--peer-key", &mallory.public_key().to_string()],
+    );
+
+    // Mallory, a member, commits an Add of a device claiming to be one of
+    // Alice's. The node checks Alice's list and refuses it, so it cannot
+    // take the group's epoch.
+    let (_rogue_provider, rogue) = rogue_key_package(&alice_user);
+    let rogue_bytes = rogue.tls_serialize_detached().unwrap();
+    let outcome = common::local(async {
+        let connection = node.connect_as(&mallory).await;
+        let queued = connection
+            .fetch_since(&mallory.public_key(), Seq::ZERO, 0)
+            .await
+            .unwrap();
+        let welcome = &queued.last().unwrap().payload;
+        let (group_id, epoch) = match GroupMember::join(&mallory_provider, welcome, None, &Credulous) {
+            Err(quicnprotochat_core::CoreError::RatchetTreeNeeded { group_id, epoch }) => (group_id, epoch),
+            other => panic!("a Welcome without its tree: {other:?}"),
+        };
+        let group_id = GroupId::new(group_id).unwrap();
+        let FetchedWelcomeTree::Tree(tree) = connection.fetch_welcome_tree(&group_id, epoch).await.unwrap()
+        else {
+            panic!("the node keeps the tree");
+        };
+        let mut group = GroupMember::join(&mallory_provider, welcome, Some(&tree), &Credulous).unwrap();
+        let added = group
+            .add_members(&mallory_provider, &mallory, &[rogue_bytes], &Credulous)
+            .unwrap();
+        let envelope = Envelope {
+            recipients: vec![alice_user],
+            payload: added.commit,
+            message_id: Some(b"rogue-add".to_vec()),
+        };
+        connection
+            .publish_commit(&group_id, group.epoch(), &envelope, None, None, None)
+            .await
+            .unwrap()
+    });
+    match outcome {
+        CommitOutcome::Invalid { reason } => assert!(reason.contains("does not name it"), "{reason}"),
+        other => panic!("the node must refuse the Add: {other:?}"),
+    }
+
+    // A Welcome goes to a queue unchecked, and may carry its own tree: one
+    // naming a device Alice never listed is refused by Alice herself.
+    let welcome = common::local(async {
+        let connection = node.connect_as(&mallory).await;
+        let FetchedKeyPackage::Package(real) = connection.fetch_key_package(&alice_user).await.unwrap()
+        else {
+            panic!("Alice has KeyPackages on the node");
+        };
+        let real = KeyPackageIn::tls_deserialize_exact_bytes(&real)
+            .unwrap()
+            .validate(mallory_provider.crypto(), ProtocolVersion::Mls10)
+            .unwrap();
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .build();
+        let provider = OpenMlsRustCrypto::default();
+        let mut group = MlsGroup::new(&provider, &mallory, &config, mallory.credential_with_key()).unwrap();
+        let (_, welcome, _) = group.add_members(&provider, &mallory, &[real, rogue]).unwrap();
+        let welcome = welcome.tls_serialize_detached().unwrap();
+        common::enqueue_ok(&connection, &alice_user, &welcome).await;
+        welcome
+    });
+    assert!(!welcome.is_empty());
+    let (_, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(err.contains("is not a device of user"), "{err}");
+    let groups = alice.run(&node, "groups", &[]);
+    assert_eq!(groups.lines().count(), 1, "only her own group: {groups}");
+    assert!(groups.contains("g epoch 1 members 2"), "{groups}");
+}
+
+#[test]
+fn a_device_list_the_node_rolls_back_forges_or_withholds_is_refused_by_the_client() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let phone = Member::register(&node, dir.path(), "phone");
+    let (laptop, _) = linked_device(&node, dir.path(), &phone, "laptop");
+    let laptop_device = device_key(&node, &laptop);
+    let db = rusqlite::Connection::open(node.dir.join("node.db")).unwrap();
+    let user = hex::decode(&phone.key).unwrap();
+    let row = |db: &rusqlite::Connection| -> (i64, Vec<u8>, Vec<u8>) {
+        db.query_row(
+            "SELECT version, devices, signature FROM device_lists WHERE user_key = ?1",
+            [&user],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .unwrap()
+    };
+    let first = row(&db);
+    assert_eq!(first.0, 1);
+    phone.run(&node, "devices", &["remove", &laptop_device]);
+    let second = row(&db);
+    assert_eq!(second.0, 2);
+
+    let serve = |version: i64, devices: &[u8], signature: &[u8]| {
+        db.execute(
+            "UPDATE device_lists SET version = ?2, devices = ?3, signature = ?4 WHERE user_key = ?1",
+            rusqlite::params![&user, version, devices, signature],
+        )
+        .unwrap();
+    };
+    // The old list, validly signed, put back: the laptop would be Alice's
+    // again. The phone saw version 2 and refuses it.
+    serve(first.0, &first.1, &first.2);
+    let (ok, _, err) = phone.try_run(&node, "devices", &["list"]);
+    assert!(!ok);
+    assert!(
+        err.contains("the node serves version 1, but version 2 was seen before"),
+        "{err}"
+    );
+    // A list the user never signed.
+    let mut forged = second.2.clone();
+    forged[0] ^= 1;
+    serve(3, &first.1, &forged);
+    let (ok, _, err) = phone.try_run(&node, "devices", &["list"]);
+    assert!(!ok);
+    assert!(err.contains("not signed by that user key"), "{err}");
+    // No list at all, after one was seen.
+    db.execute("DELETE FROM device_lists WHERE user_key = ?1", [&user])
+        .unwrap();
+    let (ok, _, err) = phone.try_run(&node, "devices", &["list"]);
+    assert!(!ok);
+    assert!(err.contains("withholds"), "{err}");
+    // The true list back: all is well.
+    db.execute(
+        "INSERT INTO device_lists (user_key, version, devices, signature, updated_at) VALUES (?1, ?2, ?3, ?4, 0)",
+        rusqlite::params![&user, second.0, &second.1, &second.2],
+    )
+    .unwrap();
+    assert_eq!(
+        phone.run(&node, "devices", &["list"]).trim(),
+        format!("{} (this device)", phone.key)
+    );
 }

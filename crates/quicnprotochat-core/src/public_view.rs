@@ -30,7 +30,7 @@ use openmls_traits::storage::{CURRENT_VERSION, traits};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::identity::IdentityKey;
+use crate::identity::{IdentityKey, MemberKey};
 use crate::key_package::{leaf_identity, leaf_member};
 
 /// Why a handshake message or an initial state is refused; the text is for
@@ -134,11 +134,12 @@ impl PublicView {
 
     /// Checks `commit` (a TLS-encoded MLSMessage carrying a PublicMessage
     /// Commit of the current epoch, sent by `caller`) and applies it: the
-    /// group moves to the next epoch. Returns the identities the Commit
-    /// added (they join by Welcome and need the new epoch's
-    /// [`Self::ratchet_tree`]). On `Err` the state may be partly changed:
-    /// drop it and decode the stored one again.
-    pub fn apply_commit(&mut self, commit: &[u8], caller: &IdentityKey) -> Result<Vec<IdentityKey>, Invalid> {
+    /// group moves to the next epoch. Returns the members the Commit added
+    /// (they join by Welcome and need the new epoch's
+    /// [`Self::ratchet_tree`]; the caller checks their devices against
+    /// their users' lists). On `Err` the state may be partly changed: drop
+    /// it and decode the stored one again.
+    pub fn apply_commit(&mut self, commit: &[u8], caller: &IdentityKey) -> Result<Vec<MemberKey>, Invalid> {
         let processed = self.process(commit, "Commit")?;
         let sender = processed.sender().clone();
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
@@ -147,7 +148,7 @@ impl PublicView {
         self.check_commit(&sender, &staged, caller)?;
         let added = staged
             .add_proposals()
-            .map(|add| leaf_identity(add.add_proposal().key_package().leaf_node()))
+            .map(|add| leaf_member(add.add_proposal().key_package().leaf_node()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Invalid(format!("an added member: {e}")))?;
         self.group
@@ -209,8 +210,9 @@ impl PublicView {
 
     /// Checks a standalone proposal (a TLS-encoded MLSMessage carrying a
     /// PublicMessage proposal of the current epoch, sent by `caller`) and
-    /// keeps it for a Commit of this epoch to reference.
-    pub fn add_proposal(&mut self, proposal: &[u8], caller: &IdentityKey) -> Result<(), Invalid> {
+    /// keeps it for a Commit of this epoch to reference. Returns the member
+    /// it adds, if it is an Add (the caller checks its device).
+    pub fn add_proposal(&mut self, proposal: &[u8], caller: &IdentityKey) -> Result<Vec<MemberKey>, Invalid> {
         let processed = self.process(proposal, "proposal")?;
         let sender = processed.sender().clone();
         let ProcessedMessageContent::ProposalMessage(queued) = processed.into_content() else {
@@ -218,9 +220,17 @@ impl PublicView {
         };
         self.check_sender(&sender, caller)?;
         self.check_proposal(&queued)?;
+        let added = match queued.proposal() {
+            Proposal::Add(add) => vec![
+                leaf_member(add.key_package().leaf_node())
+                    .map_err(|e| Invalid(format!("an added member: {e}")))?,
+            ],
+            _ => Vec::new(),
+        };
         self.group
             .add_proposal(&self.items, *queued)
-            .map_err(|e| Invalid(format!("the proposal cannot be kept: {e}")))
+            .map_err(|e| Invalid(format!("the proposal cannot be kept: {e}")))?;
+        Ok(added)
     }
 
     fn process(&self, bytes: &[u8], what: &str) -> Result<openmls::prelude::ProcessedMessage, Invalid> {

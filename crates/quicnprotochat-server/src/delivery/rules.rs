@@ -11,7 +11,10 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use quicnprotochat_core::{GroupId, IdentityKey, PublicView, QueuedMessage, Seq, SignedDeviceList};
+use quicnprotochat_core::public_view::Invalid;
+use quicnprotochat_core::{
+    GroupId, IdentityKey, MemberKey, PublicView, QueuedMessage, Seq, SignedDeviceList,
+};
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
 use quicnprotochat_proto::wire::{
     CommitPublication, Envelope, GroupState, ProposalPublication, ValidKeyPackage,
@@ -318,6 +321,10 @@ pub fn publish_commit<S: Storage>(
         Ok(added) => added,
         Err(invalid) => return Ok(Err(invalid.into())),
     };
+    if let Err(invalid) = check_listed(storage, &added)? {
+        return Ok(Err(invalid.into()));
+    }
+    let added: Vec<IdentityKey> = added.iter().map(|member| member.device).collect();
     match &publication.group_info {
         Some(group_info) => {
             if let Err(invalid) = view.accept_group_info(group_info, sender) {
@@ -357,6 +364,25 @@ pub fn publish_commit<S: Storage>(
     Ok(Ok(()))
 }
 
+/// Every added device must be its user key or named by its user's stored
+/// device list: the members check the same, and a Commit they would refuse
+/// must not take the group's epoch here.
+fn check_listed<S: Storage>(storage: &mut S, added: &[MemberKey]) -> Result<Result<(), Invalid>, S::Error> {
+    for member in added.iter().filter(|member| !member.is_own_user()) {
+        let listed = storage
+            .device_list(&member.user)?
+            .is_some_and(|list| list.list().contains(&member.device));
+        if !listed {
+            return Ok(Err(Invalid(format!(
+                "it adds device {} as a device of user {}, whose device list does not name it",
+                member.device.short(),
+                member.user.short()
+            ))));
+        }
+    }
+    Ok(Ok(()))
+}
+
 /// Publishes a standalone proposal (e.g. a member's request to leave) if it
 /// is valid for the group's public view in its epoch: the view keeps it for
 /// a Commit of this epoch to reference, and it is queued for its
@@ -384,8 +410,13 @@ pub fn publish_proposal<S: Storage>(
             current_epoch: view.epoch(),
         }));
     }
-    if let Err(invalid) = view.add_proposal(&proposal.payload, sender) {
-        return Ok(Err(invalid.into()));
+    match view.add_proposal(&proposal.payload, sender) {
+        Ok(added) => {
+            if let Err(invalid) = check_listed(storage, &added)? {
+                return Ok(Err(invalid.into()));
+            }
+        }
+        Err(invalid) => return Ok(Err(invalid.into())),
     }
     if let Some(id) = &proposal.message_id {
         storage.claim_message_id(sender, id, now)?;
