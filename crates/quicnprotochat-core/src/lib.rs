@@ -8,9 +8,14 @@
 //! blobs.
 //!
 //! Layout:
-//! - [`identity`] — [`IdentityKey`] (a user is an Ed25519 public key) and its signing [`IdentityKeypair`].
+//! - [`identity`] — [`IdentityKey`] (users and devices are Ed25519 public
+//!   keys), its signing [`IdentityKeypair`], and [`MemberKey`]: the user and
+//!   device a leaf's credential names.
 //! - [`devices`] — [`SignedDeviceList`]: which device keys belong to a user
-//!   key, versioned and signed by it.
+//!   key, versioned and signed by it; [`DeviceDirectory`], through which
+//!   group operations check that every leaf's device is listed.
+//! - [`link`] — linking a new device: the link code, the device key it
+//!   yields, and the sealed handoff of the user key.
 //! - [`ids`] — [`Seq`], [`GroupId`] and [`QueuedMessage`]: identifiers the node and clients share.
 //! - [`key_package`] — generating KeyPackages and validating uploaded ones.
 //! - [`group`] — [`GroupMember`] (create, join, rejoin, add, send, receive) and [`classify`] for routing.
