@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Wall time of multi-device operations as a user waits for them, with the release
 # binaries in DIR, on a node of its own (127.0.0.1:$PORT, rate limits off):
-#  - linking a device to a user who is in $GROUPS groups (default 10), each shared with
+#  - linking a device to a user who is in $GROUPS groups ($GROUP_COUNT, default 10), each shared with
 #    one other person: `devices add CODE` on the existing device (one Commit per group)
 #    and the new device's first `recv` (completes the link, joins every group);
 #  - inviting a user with 3 devices (one Commit, three KeyPackages), against inviting a
 #    user with one device, into fresh two-member groups.
 # Milliseconds, $RUNS runs each (default 3).
 # Usage: bench/devices.sh target/release
-BIN=$1; GROUPS_N=${GROUPS:-10}; RUNS=${RUNS:-3}; PORT=${PORT:-47231}
+BIN=$1; GROUPS_N=${GROUP_COUNT:-10}; RUNS=${RUNS:-3}; PORT=${PORT:-47231}
 DIR=$(mktemp -d /tmp/devbench.XXXXXX)
 "$BIN/quicnprotochat-server" --listen 127.0.0.1:$PORT --db "$DIR/node.db" --tls-cert "$DIR/cert.der" --tls-key "$DIR/key.der" \
   --enqueue-rate 0 --key-package-fetch-rate 0 --ping-rate 0 2>"$DIR/node.log" &

@@ -112,9 +112,6 @@ pub enum Command {
     },
     /// Your devices: link one, list them, remove one.
     Devices {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// What to do with devices.
         #[command(subcommand)]
         action: DevicesAction,
@@ -274,15 +271,21 @@ pub enum DevicesAction {
     /// device list, hand it your user key through the node (encrypted to
     /// it), and add it to every group you are in, one Commit per group.
     Add {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
         /// The link code.
         code: String,
     },
     /// One line per device: its key, and `(this device)`.
-    List,
+    List(StateArg),
     /// Remove a device: a new device list without it, and its leaves
     /// removed from every group; given this device's key, this device
     /// leaves.
     Remove {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
         /// The device key, 64 hex characters (see `devices list`).
         device_key: String,
     },

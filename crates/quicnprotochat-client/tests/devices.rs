@@ -32,7 +32,7 @@ fn link(node: &TestNode, state: &str, extra: &[&str]) -> String {
 fn linked_device(node: &TestNode, dir: &std::path::Path, of: &Member, name: &str) -> (Member, String) {
     let path = state(dir, &format!("{name}.state"));
     let code = link(node, &path, &[]);
-    of.run(node, "devices", &["add", &code]);
+    devices_ok(node, of, &["add", &code]);
     let device = Member {
         name: name.to_owned(),
         state: path,
@@ -42,6 +42,24 @@ fn linked_device(node: &TestNode, dir: &std::path::Path, of: &Member, name: &str
     assert!(ok, "{err}");
     assert!(err.contains("linked: this device"), "{err}");
     (device, code)
+}
+
+/// `devices SUBCOMMAND --state F ARGS...`, as the user types it.
+fn devices_try(node: &TestNode, member: &Member, args: &[&str]) -> (bool, String, String) {
+    let mut full = vec!["devices", args[0], "--state", &member.state];
+    full.extend_from_slice(&args[1..]);
+    let out = node.cli(&full);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        common::stderr(&out),
+    )
+}
+
+fn devices_ok(node: &TestNode, member: &Member, args: &[&str]) -> String {
+    let (ok, out, err) = devices_try(node, member, args);
+    assert!(ok, "devices {args:?} failed: {err}\n{out}");
+    out
 }
 
 fn device_key(node: &TestNode, member: &Member) -> String {
@@ -73,12 +91,12 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
     assert_eq!(laptop_device.len(), 64);
     assert_eq!(phone_device, phone.key, "a user's first device is the user key");
     // The code was used: a second `devices add` is refused.
-    let (ok, _, err) = phone.try_run(&node, "devices", &["add", &code]);
+    let (ok, _, err) = devices_try(&node, &phone, &["add", &code]);
     assert!(!ok);
     assert!(err.contains("already used"), "{err}");
 
     for (member, this) in [(&phone, &phone_device), (&laptop, &laptop_device)] {
-        let listed = member.run(&node, "devices", &["list"]);
+        let listed = devices_ok(&node, member, &["list"]);
         let mut lines: Vec<&str> = listed.lines().collect();
         lines.sort();
         let mut expected = vec![phone_device.clone(), laptop_device.clone()];
@@ -142,8 +160,8 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
 
     // The phone cuts the laptop off: a new list without it, and its leaves
     // removed from both groups. What is sent afterwards, it cannot read.
-    phone.run(&node, "devices", &["remove", &laptop_device]);
-    let listed = phone.run(&node, "devices", &["list"]);
+    devices_ok(&node, &phone, &["remove", &laptop_device]);
+    let listed = devices_ok(&node, &phone, &["list"]);
     assert_eq!(listed.trim(), format!("{phone_device} (this device)"));
     bob.run(&node, "recv", &[]);
     let members = bob.run(&node, "members", &["--group-id", "g2"]);
@@ -160,7 +178,7 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
     // It still holds the user key, but the node no longer takes a list
     // from it: it cannot link itself another device.
     let spare = link(&node, &state(dir.path(), "spare.state"), &[]);
-    let (ok, _, err) = laptop.try_run(&node, "devices", &["add", &spare]);
+    let (ok, _, err) = devices_try(&node, &laptop, &["add", &spare]);
     assert!(!ok);
     assert!(err.contains("not in the user's current list"), "{err}");
 }
@@ -176,14 +194,14 @@ fn wrong_and_expired_link_codes_are_refused_clearly() {
     let last = typo.len() - 1;
     typo[last] = if typo[last] == b'0' { b'1' } else { b'0' };
     let typo = String::from_utf8(typo).unwrap();
-    let (ok, _, err) = phone.try_run(&node, "devices", &["add", &typo]);
+    let (ok, _, err) = devices_try(&node, &phone, &["add", &typo]);
     assert!(!ok);
     assert!(err.contains("not a valid link code"), "{err}");
 
     let expiring = state(dir.path(), "old.state");
     let code = link(&node, &expiring, &["--valid-for", "1s"]);
     std::thread::sleep(std::time::Duration::from_millis(2_100));
-    let (ok, _, err) = phone.try_run(&node, "devices", &["add", &code]);
+    let (ok, _, err) = devices_try(&node, &phone, &["add", &code]);
     assert!(!ok);
     assert!(err.contains("expired"), "{err}");
     // Nothing was linked: the waiting device says what to do.
@@ -194,7 +212,7 @@ fn wrong_and_expired_link_codes_are_refused_clearly() {
         "{}",
         common::stderr(&out)
     );
-    let listed = phone.run(&node, "devices", &["list"]);
+    let listed = devices_ok(&node, &phone, &["list"]);
     assert_eq!(listed.lines().count(), 1, "{listed}");
 }
 
@@ -334,7 +352,7 @@ fn a_device_list_the_node_rolls_back_forges_or_withholds_is_refused_by_the_clien
     };
     let first = row(&db);
     assert_eq!(first.0, 1);
-    phone.run(&node, "devices", &["remove", &laptop_device]);
+    devices_ok(&node, &phone, &["remove", &laptop_device]);
     let second = row(&db);
     assert_eq!(second.0, 2);
 
@@ -348,7 +366,7 @@ fn a_device_list_the_node_rolls_back_forges_or_withholds_is_refused_by_the_clien
     // The old list, validly signed, put back: the laptop would be Alice's
     // again. The phone saw version 2 and refuses it.
     serve(first.0, &first.1, &first.2);
-    let (ok, _, err) = phone.try_run(&node, "devices", &["list"]);
+    let (ok, _, err) = devices_try(&node, &phone, &["list"]);
     assert!(!ok);
     assert!(
         err.contains("the node serves version 1, but version 2 was seen before"),
@@ -358,13 +376,13 @@ fn a_device_list_the_node_rolls_back_forges_or_withholds_is_refused_by_the_clien
     let mut forged = second.2.clone();
     forged[0] ^= 1;
     serve(3, &first.1, &forged);
-    let (ok, _, err) = phone.try_run(&node, "devices", &["list"]);
+    let (ok, _, err) = devices_try(&node, &phone, &["list"]);
     assert!(!ok);
     assert!(err.contains("not signed by that user key"), "{err}");
     // No list at all, after one was seen.
     db.execute("DELETE FROM device_lists WHERE user_key = ?1", [&user])
         .unwrap();
-    let (ok, _, err) = phone.try_run(&node, "devices", &["list"]);
+    let (ok, _, err) = devices_try(&node, &phone, &["list"]);
     assert!(!ok);
     assert!(err.contains("withholds"), "{err}");
     // The true list back: all is well.
@@ -374,7 +392,7 @@ fn a_device_list_the_node_rolls_back_forges_or_withholds_is_refused_by_the_clien
     )
     .unwrap();
     assert_eq!(
-        phone.run(&node, "devices", &["list"]).trim(),
+        devices_ok(&node, &phone, &["list"]).trim(),
         format!("{} (this device)", phone.key)
     );
 }

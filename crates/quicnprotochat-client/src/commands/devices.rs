@@ -34,15 +34,11 @@ pub(crate) fn link(path: &Path, valid_for: Duration) -> Result<(), ClientError> 
 }
 
 /// `devices add | list | remove`.
-pub(crate) async fn devices(
-    args: &ConnectionArgs,
-    path: &Path,
-    action: DevicesAction,
-) -> Result<(), ClientError> {
+pub(crate) async fn devices(args: &ConnectionArgs, action: DevicesAction) -> Result<(), ClientError> {
     match action {
-        DevicesAction::Add { code } => add(args, path, &code).await,
-        DevicesAction::List => list(args, path).await,
-        DevicesAction::Remove { device_key } => remove(args, path, &device_key).await,
+        DevicesAction::Add { state, code } => add(args, &state.state, &code).await,
+        DevicesAction::List(state) => list(args, &state.state).await,
+        DevicesAction::Remove { state, device_key } => remove(args, &state.state, &device_key).await,
     }
 }
 

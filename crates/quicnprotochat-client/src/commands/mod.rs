@@ -37,7 +37,7 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::RegisterState(state) => identity::register_state(connection, &state.state).await,
         Command::Whoami { state, device } => identity::whoami(&state.state, device),
         Command::Link { state, valid_for } => devices::link(&state.state, valid_for),
-        Command::Devices { state, action } => devices::devices(connection, &state.state, action).await,
+        Command::Devices { action } => devices::devices(connection, action).await,
         Command::Contacts { state, action } => identity::contacts(&state.state, action),
         Command::CreateGroup { state, group_id } => group::create_group(&state.state, &group_id),
         Command::Invite {
