@@ -156,7 +156,11 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
     assert!(got.contains("g2 me: from the phone"), "{got}");
     // (The phone printed the laptop's message while catching up to send.)
     let history = phone.run(&node, "history", &["--group-id", "g2"]);
-    assert!(history.contains("from the laptop"), "{history}");
+    assert!(
+        history.contains("you (another device): from the laptop"),
+        "{history}"
+    );
+    assert!(history.contains("you: from the phone"), "{history}");
 
     // The phone cuts the laptop off: a new list without it, and its leaves
     // removed from both groups. What is sent afterwards, it cannot read.

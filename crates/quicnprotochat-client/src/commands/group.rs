@@ -334,6 +334,7 @@ pub(crate) fn members(path: &Path, group_id: Option<&str>) -> Result<(), ClientE
 /// `history`: the group's messages from local storage, oldest first.
 pub(crate) fn history(path: &Path, group_id: Option<&str>) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
+    let me = state.identity_key()?;
     let (group_id, _) = load_group(&state, group_id)?;
     for entry in state.history(&group_id)? {
         let when =
@@ -342,6 +343,8 @@ pub(crate) fn history(path: &Path, group_id: Option<&str>) -> Result<(), ClientE
             Direction::Sent if entry.confirmed => "you".to_owned(),
             // Encrypted, but the node never confirmed taking it.
             Direction::Sent => "you (not delivered)".to_owned(),
+            // Sent by this user from another of its devices.
+            Direction::Received if entry.sender == me => "you (another device)".to_owned(),
             Direction::Received => member_name(&state, &entry.sender)?,
         };
         println!("{when} {who}: {}", String::from_utf8_lossy(&entry.body));
