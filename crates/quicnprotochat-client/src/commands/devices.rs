@@ -10,6 +10,7 @@ use quicnprotochat_core::link::{
 };
 use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
 
+use super::group::remove_from_group;
 use crate::cli::{ConnectionArgs, DevicesAction};
 use crate::devices::publish_list;
 use crate::error::ClientError;
@@ -215,16 +216,7 @@ async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<
             .await?;
             eprintln!("asked to leave {name}");
         } else {
-            let group = change_group(&nodes, &state, &identity, &group_id, |group| {
-                let commit_to = others(group, &me);
-                let commit = group.remove_members(&state.provider(), &identity, &[gone])?;
-                Ok(Change {
-                    commit,
-                    commit_to,
-                    welcome: None,
-                })
-            })
-            .await?;
+            let group = remove_from_group(&nodes, &state, &identity, &group_id, &[gone]).await?;
             eprintln!(
                 "removed it from {name}: epoch {}, {} members",
                 group.epoch(),

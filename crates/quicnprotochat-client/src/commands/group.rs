@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use quicnprotochat_core::{CoreError, GroupMember, IdentityKey};
+use quicnprotochat_core::{CoreError, GroupMember, IdentityKey, IdentityKeypair};
 
 use super::node::fetch_verified_key_package;
 use crate::cli::{ConnectionArgs, PeerArgs};
@@ -163,18 +163,7 @@ pub(crate) async fn remove(
         return Err(ClientError::Usage("to remove yourself, use `leave`".into()));
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let group = change_group(&nodes, &state, &identity, &group_id, |group| {
-        let commit_to = others(group, &me);
-        // A user goes with all its devices; a device key names one.
-        let devices = devices_of(group, &peers)?;
-        let commit = group.remove_members(&state.provider(), &identity, &devices)?;
-        Ok(Change {
-            commit,
-            commit_to,
-            welcome: None,
-        })
-    })
-    .await?;
+    let group = remove_from_group(&nodes, &state, &identity, &group_id, &peers).await?;
     eprintln!(
         "removed {} from {}: epoch {}, {} members",
         peers.len(),
@@ -184,6 +173,30 @@ pub(crate) async fn remove(
     );
     nodes.close().await;
     Ok(())
+}
+
+/// Removes `keys` from the group in one Commit: every device of a user
+/// key, or the device a device key names; sent to everyone including the
+/// removed, so they learn of it.
+pub(crate) async fn remove_from_group(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &[u8],
+    keys: &[IdentityKey],
+) -> Result<GroupMember, ClientError> {
+    let me = identity.public_key();
+    change_group(nodes, state, identity, group_id, |group| {
+        let commit_to = others(group, &me);
+        let devices = devices_of(group, keys)?;
+        let commit = group.remove_members(&state.provider(), identity, &devices)?;
+        Ok(Change {
+            commit,
+            commit_to,
+            welcome: None,
+        })
+    })
+    .await
 }
 
 /// `update`: a Commit with fresh keys for our leaf (and any pending

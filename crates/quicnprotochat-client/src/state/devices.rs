@@ -20,27 +20,7 @@ impl StateFile {
     }
 
     pub(super) fn stored_user(&self) -> Result<Option<IdentityKeypair>, StateError> {
-        let row: Option<(Vec<u8>, Vec<u8>)> = self
-            .connection
-            .query_row(
-                "SELECT secret_key, public_key FROM user_key WHERE id = 1",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()?;
-        let Some((secret, public)) = row else {
-            return Ok(None);
-        };
-        let secret = zeroize::Zeroizing::new(secret);
-        let secret: [u8; 32] = secret
-            .as_slice()
-            .try_into()
-            .map_err(|_| StateError::BadIdentity(self.path.clone()))?;
-        let user = IdentityKeypair::from_secret_bytes(&secret);
-        if user.public_key().as_bytes().as_slice() != public.as_slice() {
-            return Err(StateError::BadIdentity(self.path.clone()));
-        }
-        Ok(Some(user))
+        self.stored_keypair("SELECT secret_key, public_key FROM user_key WHERE id = 1")
     }
 
     /// The highest verified device list of `user` seen so far.

@@ -279,13 +279,15 @@ impl StateFile {
     }
 
     fn stored_identity(&self) -> Result<Option<IdentityKeypair>, StateError> {
+        self.stored_keypair("SELECT secret_key, public_key FROM identity WHERE id = 1")
+    }
+
+    /// The key pair in the row `query` selects (secret, public), checked
+    /// against each other.
+    fn stored_keypair(&self, query: &str) -> Result<Option<IdentityKeypair>, StateError> {
         let row: Option<(Vec<u8>, Vec<u8>)> = self
             .connection
-            .query_row(
-                "SELECT secret_key, public_key FROM identity WHERE id = 1",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
+            .query_row(query, [], |row| Ok((row.get(0)?, row.get(1)?)))
             .optional()?;
         let Some((secret, public)) = row else {
             return Ok(None);
@@ -295,11 +297,11 @@ impl StateFile {
             .as_slice()
             .try_into()
             .map_err(|_| StateError::BadIdentity(self.path.clone()))?;
-        let identity = IdentityKeypair::from_secret_bytes(&secret);
-        if identity.public_key().as_bytes().as_slice() != public.as_slice() {
+        let pair = IdentityKeypair::from_secret_bytes(&secret);
+        if pair.public_key().as_bytes().as_slice() != public.as_slice() {
             return Err(StateError::BadIdentity(self.path.clone()));
         }
-        Ok(Some(identity))
+        Ok(Some(pair))
     }
 
     /// The user key: what peers know and invite.
