@@ -129,7 +129,10 @@ interface AuthService {
   #              stored and served bare);
   #              not empty, at most the node's payload limit (see ping). The
   #              node validates it: signature, protocol version, ciphersuite
-  #              MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, lifetime, and a
+  #              MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519 (0x0001) or,
+  #              from protocol 6, MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519
+  #              (0x004F; its ML-KEM-768 + X25519 init key alone is 1,216
+  #              bytes), lifetime, and a
   #              basic credential naming the leaf signature key, which must
   #              be `identityKey` (the device key): 32 bytes, the key itself,
   #              or 64 bytes, the user key and then the device key (see
@@ -159,7 +162,15 @@ interface AuthService {
   # minute by default): beyond it the caller gets the last-resort one, so
   # nobody can drain an identity's stock in a burst and its owner stays
   # reachable.
-  fetchKeyPackage @1 (identityKey :Data) -> (outcome :FetchedKeyPackage);
+  #
+  # ciphersuite: the MLS ciphersuite wanted (protocol 6): 0x0001
+  #              (MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, the default,
+  #              what every earlier client gets) or 0x004F
+  #              (MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519, provisional
+  #              code point). Only KeyPackages of that suite are served, and
+  #              `none` means none of that suite. Any other value is a
+  #              `failed` exception naming the suites the node knows.
+  fetchKeyPackage @1 (identityKey :Data, ciphersuite :UInt16 = 0x0001) -> (outcome :FetchedKeyPackage);
 
   # Stores several KeyPackages of `identityKey` at once, all or none; each
   # is checked as in uploadKeyPackage. `fingerprints[i]` is the SHA-256 of
@@ -170,7 +181,10 @@ interface AuthService {
   # How many unexpired KeyPackages of `identityKey` are waiting to be served,
   # not counting last-resort ones, and whether an unexpired last-resort one
   # is stored. Only the owner may ask. Clients upload more when running low.
-  keyPackageCount @3 (identityKey :Data) -> (count :UInt32, hasLastResort :Bool);
+  #
+  # ciphersuite: which suite's KeyPackages to count (protocol 6), as in
+  #              fetchKeyPackage; defaults to 0x0001.
+  keyPackageCount @3 (identityKey :Data, ciphersuite :UInt16 = 0x0001) -> (count :UInt32, hasLastResort :Bool);
 
   # Stores a user's device list (protocol 5); see SignedDeviceList and
   # DeviceListOutcome. The connection must be authenticated (as a device of

@@ -14,10 +14,11 @@ struct NodeInfo {
   # The node software's version, e.g. "0.1.0".
   version @0 :Text;
 
-  # The wire protocol version; bumped on incompatible changes. Currently 5
+  # The wire protocol version; bumped on incompatible changes. Currently 6
   # (2: typed outcomes in results; 3: the node checks group changes; see
   # delivery.capnp; 4: typed upload outcomes; 5: device lists, see
-  # auth.capnp).
+  # auth.capnp; 6: KeyPackages per ciphersuite, the hybrid ML-KEM-768 +
+  # X25519 suite).
   protocolVersion @1 :UInt16;
 
   # The largest KeyPackage or message payload, in bytes, the node accepts.

@@ -658,6 +658,7 @@ async fn hoard(
             quicnprotochat_core::KeyPackageOptions {
                 last_resort,
                 lifetime_seconds: None,
+                suite: Default::default(),
             },
         )
         .unwrap()
@@ -679,6 +680,7 @@ async fn hoard(
         quicnprotochat_core::KeyPackageOptions {
             last_resort: false,
             lifetime_seconds: Some(100 * 365 * 86_400),
+            suite: Default::default(),
         },
     )
     .unwrap();

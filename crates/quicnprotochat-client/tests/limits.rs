@@ -422,6 +422,7 @@ fn key_packages_beyond_the_stock_limit_or_the_lifetime_limit_are_refused() {
                 quicnprotochat_core::KeyPackageOptions {
                     last_resort: false,
                     lifetime_seconds,
+                    suite: Default::default(),
                 },
             )
             .unwrap()

@@ -430,6 +430,7 @@ fn the_last_resort_is_served_again_and_again_after_the_others() {
             KeyPackageOptions {
                 last_resort: true,
                 lifetime_seconds: None,
+                suite: Default::default(),
             },
         );
         owner
@@ -464,6 +465,7 @@ fn an_expired_key_package_is_not_served() {
         let short = KeyPackageOptions {
             last_resort: false,
             lifetime_seconds: Some(3),
+            suite: Default::default(),
         };
         owner
             .upload_key_package(&key(23), &key_package(23, short))

@@ -158,6 +158,15 @@ pub enum CoreError {
     #[error("the device lists of {} users are needed", .0.len())]
     DeviceListsNeeded(Vec<crate::identity::IdentityKey>),
 
+    /// A KeyPackage of another ciphersuite than the group's.
+    #[error("the group is a {group} group, but the KeyPackage is for {key_package}")]
+    WrongSuite {
+        /// The group's suite.
+        group: &'static str,
+        /// The KeyPackage's suite.
+        key_package: &'static str,
+    },
+
     /// The storage provider failed.
     #[error("storage error: {0}")]
     Storage(String),

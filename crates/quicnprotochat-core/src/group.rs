@@ -56,11 +56,11 @@ use openmls::prelude::{
 use openmls::storage::OpenMlsProvider;
 use openmls_traits::storage::StorageProvider as _;
 
-use crate::CIPHERSUITE;
 use crate::devices::{DeviceDirectory, check_devices};
 use crate::error::CoreError;
 use crate::identity::{IdentityKey, IdentityKeypair, MemberKey, checked_member, credential_member};
 use crate::key_package::{leaf_member, validate_key_package};
+use crate::suite::Suite;
 
 /// How many past epochs' message keys we keep, so application messages sent
 /// just before a commit (but delivered after it) still decrypt. Small on
@@ -208,10 +208,21 @@ impl GroupMember {
         identity: &IdentityKeypair,
         group_id: &[u8],
     ) -> Result<Self, CoreError> {
+        Self::create_with_suite(provider, identity, group_id, Suite::default())
+    }
+
+    /// [`Self::create`] in the given ciphersuite: members are added with
+    /// KeyPackages of that suite only.
+    pub fn create_with_suite<P: OpenMlsProvider>(
+        provider: &P,
+        identity: &IdentityKeypair,
+        group_id: &[u8],
+        suite: Suite,
+    ) -> Result<Self, CoreError> {
         let group = MlsGroup::new_with_group_id(
             provider,
             identity,
-            &create_config(),
+            &create_config(suite),
             GroupId::from_slice(group_id),
             identity.credential_with_key(),
         )
@@ -468,6 +479,12 @@ impl GroupMember {
         self.group.group_id().as_slice().to_vec()
     }
 
+    /// The group's ciphersuite (a group stored by this crate is always in
+    /// one of ours).
+    pub fn suite(&self) -> Suite {
+        Suite::from_ciphersuite(self.group.ciphersuite()).unwrap_or_default()
+    }
+
     /// The current epoch (0 at creation, +1 per merged commit).
     pub fn epoch(&self) -> u64 {
         self.group.epoch().as_u64()
@@ -595,6 +612,13 @@ impl GroupMember {
         let mut joiners = Vec::with_capacity(key_packages.len());
         for bytes in key_packages {
             let (key_package, joiner) = validate_key_package(provider.crypto(), bytes)?;
+            if key_package.ciphersuite() != self.group.ciphersuite() {
+                return Err(CoreError::WrongSuite {
+                    group: self.suite().name(),
+                    key_package: Suite::from_ciphersuite(key_package.ciphersuite())
+                        .map_or("another suite", Suite::name),
+                });
+            }
             if !seen.insert(joiner.device) {
                 return Err(CoreError::AlreadyMember(joiner.device.to_string()));
             }
@@ -1148,9 +1172,9 @@ pub fn classify(message: &[u8]) -> Result<Incoming, CoreError> {
 }
 
 /// The configuration of groups we create.
-fn create_config() -> MlsGroupCreateConfig {
+fn create_config(suite: Suite) -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
-        .ciphersuite(CIPHERSUITE)
+        .ciphersuite(suite.ciphersuite())
         // No ratchet tree in Welcomes or GroupInfos: the delivery service
         // keeps each group's tree and serves it to joiners, who check it
         // against the tree hash (a Welcome carrying the tree would grow by
@@ -1174,7 +1198,8 @@ fn create_config() -> MlsGroupCreateConfig {
 /// The configuration of groups we join: the same runtime settings, so a
 /// joiner's own commits and Welcomes look like the creator's.
 fn join_config() -> MlsGroupJoinConfig {
-    create_config().join_config().clone()
+    // The join configuration holds no ciphersuite: a Welcome brings its own.
+    create_config(Suite::default()).join_config().clone()
 }
 
 fn decode(bytes: &[u8]) -> Result<MlsMessageIn, CoreError> {
@@ -1227,6 +1252,7 @@ mod tests {
     use openmls_traits::OpenMlsProvider as _;
 
     use super::*;
+    use crate::CIPHERSUITE;
     use crate::devices::NoDeviceLists;
     use crate::generate_key_package;
 

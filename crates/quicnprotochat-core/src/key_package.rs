@@ -9,9 +9,11 @@ use openmls::prelude::{
 use openmls::storage::OpenMlsProvider;
 use sha2::{Digest, Sha256};
 
+#[cfg(test)]
 use crate::CIPHERSUITE;
 use crate::error::CoreError;
 use crate::identity::{IdentityKey, IdentityKeypair, MemberKey, checked_identity, checked_member};
+use crate::suite::Suite;
 
 /// Creates a fresh KeyPackage for `identity` and returns its TLS encoding
 /// (a bare `KeyPackage`, not wrapped in an `MlsMessage`).
@@ -38,6 +40,8 @@ pub struct KeyPackageOptions {
     pub last_resort: bool,
     /// Valid for this many seconds from now (default: openmls' 12 weeks).
     pub lifetime_seconds: Option<u64>,
+    /// The ciphersuite (a group of that suite can add its owner).
+    pub suite: Suite,
 }
 
 /// [`generate_key_package`] with options.
@@ -63,7 +67,12 @@ pub fn generate_key_package_with<P: OpenMlsProvider>(
         builder = builder.key_package_lifetime(Lifetime::new(seconds));
     }
     let bundle = builder
-        .build(CIPHERSUITE, provider, identity, identity.credential_with_key())
+        .build(
+            options.suite.ciphersuite(),
+            provider,
+            identity,
+            identity.credential_with_key(),
+        )
         .map_err(CoreError::mls("generating a KeyPackage"))?;
     bundle
         .key_package()
@@ -113,6 +122,8 @@ pub struct KeyPackageInfo {
     pub not_before: u64,
     /// End of its lifetime, in seconds since the Unix epoch.
     pub not_after: u64,
+    /// Its ciphersuite.
+    pub suite: Suite,
     /// The larger of its own extensions' and its leaf's extensions'
     /// encoded size, in bytes.
     pub extensions_size: usize,
@@ -137,6 +148,8 @@ pub fn inspect_key_package(bytes: &[u8]) -> Result<KeyPackageInfo, CoreError> {
         last_resort: key_package.last_resort(),
         not_before: key_package.life_time().not_before(),
         not_after: key_package.life_time().not_after(),
+        // Validation admitted only our suites.
+        suite: Suite::from_ciphersuite(key_package.ciphersuite()).unwrap_or_default(),
         extensions_size,
     })
 }
@@ -155,10 +168,11 @@ pub(crate) fn validate_key_package(
     let key_package = unverified
         .validate(crypto, ProtocolVersion::Mls10)
         .map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
-    if key_package.ciphersuite() != CIPHERSUITE {
+    if Suite::from_ciphersuite(key_package.ciphersuite()).is_none() {
         return Err(CoreError::InvalidKeyPackage(format!(
-            "ciphersuite {:?} is not {CIPHERSUITE:?}",
-            key_package.ciphersuite()
+            "ciphersuite {:?} is not one of ours ({})",
+            key_package.ciphersuite(),
+            Suite::ALL.map(Suite::full_name).join(", ")
         )));
     }
     let member =
@@ -238,6 +252,7 @@ mod tests {
         let options = KeyPackageOptions {
             last_resort: true,
             lifetime_seconds: Some(60),
+            suite: Default::default(),
         };
         let last = generate_key_package_with(&provider, &alice, options).unwrap();
         let info = inspect_key_package(&last).unwrap();

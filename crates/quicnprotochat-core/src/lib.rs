@@ -21,6 +21,8 @@
 //! - [`group`] — [`GroupMember`] (create, join, rejoin, add, send, receive) and [`classify`] for routing.
 //! - [`public_view`] — [`PublicView`]: a group's public state as the node
 //!   keeps it, checking Commits and proposals (RFC 9750).
+//! - [`suite`] — [`Suite`]: the ciphersuites we speak (X25519 and the
+//!   ML-KEM-768 + X25519 hybrid).
 //! - [`error`] — [`CoreError`].
 
 pub mod devices;
@@ -31,6 +33,7 @@ pub mod ids;
 pub mod key_package;
 pub mod link;
 pub mod public_view;
+pub mod suite;
 
 use openmls_traits::types::Ciphersuite;
 
@@ -49,7 +52,9 @@ pub use key_package::{
     inspect_key_package, key_package_identity, unwrap_key_package,
 };
 pub use public_view::PublicView;
+pub use suite::Suite;
 
-/// The one MLS ciphersuite we speak: X25519 HPKE, AES-128-GCM, SHA-256 and
-/// Ed25519 signatures (so identities are Ed25519 keys).
+/// The default suite's MLS ciphersuite: X25519 HPKE, AES-128-GCM, SHA-256
+/// and Ed25519 signatures (so identities are Ed25519 keys). See [`Suite`]
+/// for all we speak.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;

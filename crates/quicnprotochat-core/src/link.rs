@@ -36,10 +36,10 @@ use sha2::{Digest, Sha256};
 use tls_codec::{DeserializeBytes as _, Serialize as _};
 use zeroize::Zeroizing;
 
-use crate::CIPHERSUITE;
 use crate::devices::{DeviceList, SignedDeviceList};
 use crate::error::CoreError;
 use crate::identity::{IdentityKey, IdentityKeypair};
+use crate::suite::Suite;
 
 /// What a link code starts with, so it is recognised as one.
 pub const LINK_CODE_PREFIX: &str = "qnpc-link-";
@@ -394,14 +394,20 @@ pub struct DeviceKeyPackages {
 }
 
 impl DeviceKeyPackages {
-    /// Makes `count` KeyPackages for `device` (a device key pair of its
-    /// user, see [`derive_device`]), in a throwaway store.
-    pub fn generate(device: &IdentityKeypair, count: usize) -> Result<DeviceKeyPackages, CoreError> {
+    /// Makes one KeyPackage per entry of `suites` for `device` (a device
+    /// key pair of its user, see [`derive_device`]), in a throwaway store.
+    pub fn generate(device: &IdentityKeypair, suites: &[Suite]) -> Result<DeviceKeyPackages, CoreError> {
         let provider = OpenMlsRustCrypto::default();
-        let bundles = (0..count)
-            .map(|_| {
+        let bundles = suites
+            .iter()
+            .map(|suite| {
                 KeyPackage::builder()
-                    .build(CIPHERSUITE, &provider, device, device.credential_with_key())
+                    .build(
+                        suite.ciphersuite(),
+                        &provider,
+                        device,
+                        device.credential_with_key(),
+                    )
                     .map_err(CoreError::mls("generating a KeyPackage"))
             })
             .collect::<Result<_, _>>()?;
@@ -502,7 +508,7 @@ mod tests {
             .unwrap()
             .sign(&user)
             .unwrap();
-        let packages = DeviceKeyPackages::generate(&device, 1).unwrap();
+        let packages = DeviceKeyPackages::generate(&device, &[Suite::X25519]).unwrap();
         let public = packages.public().unwrap();
         let handoff = Handoff {
             user_secret: user.secret_bytes(),

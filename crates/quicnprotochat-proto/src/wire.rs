@@ -581,6 +581,7 @@ mod tests {
             quicnprotochat_core::KeyPackageOptions {
                 last_resort: false,
                 lifetime_seconds: Some(365 * 86_400),
+                suite: Default::default(),
             },
         )
         .unwrap();

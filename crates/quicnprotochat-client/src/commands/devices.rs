@@ -8,7 +8,7 @@ use std::time::Duration;
 use quicnprotochat_core::link::{
     DeviceKeyPackages, HANDOFF_MAGIC, Handoff, LinkCode, LinkError, LinkSecret, derive_device,
 };
-use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair, Suite};
 
 use super::group::remove_from_group;
 use crate::cli::{ConnectionArgs, DevicesAction};
@@ -59,15 +59,17 @@ async fn current_devices(
 }
 
 /// The groups this device is an active member of and has not asked to
-/// leave.
-fn active_groups(state: &StateFile) -> Result<Vec<Vec<u8>>, ClientError> {
+/// leave, with their ciphersuites.
+fn active_groups(state: &StateFile) -> Result<Vec<(Vec<u8>, Suite)>, ClientError> {
     let mut groups = Vec::new();
     for record in state.groups()? {
         if record.left_at.is_some() {
             continue;
         }
-        if GroupMember::load(&state.provider(), &record.group_id)?.is_some_and(|group| group.is_active()) {
-            groups.push(record.group_id);
+        if let Some(group) = GroupMember::load(&state.provider(), &record.group_id)?
+            && group.is_active()
+        {
+            groups.push((record.group_id, group.suite()));
         }
     }
     Ok(groups)
@@ -94,7 +96,8 @@ async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), Clien
     let groups = active_groups(&state)?;
     // One KeyPackage per group Add, made before anything is published so
     // the handoff can carry their private keys.
-    let packages = DeviceKeyPackages::generate(&device, groups.len())?;
+    let suites: Vec<Suite> = groups.iter().map(|(_, suite)| *suite).collect();
+    let packages = DeviceKeyPackages::generate(&device, &suites)?;
     let public = packages.public()?;
     let list = publish_list(&nodes, &state, &user, version + 1, devices).await?;
     let handoff = Handoff {
@@ -110,7 +113,7 @@ async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), Clien
 
     let me = identity.public_key();
     let mut failed = Vec::new();
-    for (group_id, package) in groups.iter().zip(public) {
+    for ((group_id, _), package) in groups.iter().zip(public) {
         let added = change_group(&nodes, &state, &identity, group_id, |group| {
             let commit_to = others(group, &me);
             let added = group.add_members(
@@ -196,7 +199,7 @@ async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<
     eprintln!("device {} is no longer one of your devices", gone.short());
 
     let me = identity.public_key();
-    for group_id in active_groups(&state)? {
+    for (group_id, _) in active_groups(&state)? {
         let name = group_name(&group_id);
         let Some(group) = GroupMember::load(&state.provider(), &group_id)? else {
             continue;

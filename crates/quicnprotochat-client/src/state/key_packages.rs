@@ -30,6 +30,7 @@ impl StateFile {
                 let options = KeyPackageOptions {
                     last_resort: true,
                     lifetime_seconds: None,
+                    suite: Default::default(),
                 };
                 packages.push(generate_key_package_with(&provider, identity, options)?);
             }
