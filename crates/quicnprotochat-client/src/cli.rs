@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use quicnprotochat_core::Suite;
 
 /// quicnprotochat client: end-to-end encrypted MLS groups over a quicnprotochat node.
 #[derive(Debug, Parser)]
@@ -60,6 +61,19 @@ pub struct ConnectionArgs {
     pub server_name: Option<String>,
 }
 
+/// The ciphersuite of new groups (see the README for why).
+const DEFAULT_SUITE: &str = "x25519";
+
+/// A ciphersuite by its short name.
+fn suite(name: &str) -> Result<Suite, String> {
+    Suite::from_name(name).ok_or_else(|| {
+        format!(
+            "unknown ciphersuite {name:?}; choose one of: {}",
+            Suite::ALL.map(Suite::name).join(", ")
+        )
+    })
+}
+
 /// One entry of a node list, without the blanks around it (`a:1, b:2`).
 /// Whether it is a usable `host:port` is found out when it is dialled, so
 /// commands that need no node run whatever the list holds.
@@ -80,6 +94,9 @@ pub enum Command {
     FetchKey {
         /// The identity key, 64 hex characters.
         identity_key: String,
+        /// Which ciphersuite's KeyPackage: x25519 or mlkem768x25519.
+        #[arg(long, default_value = "x25519", value_parser = suite)]
+        ciphersuite: Suite,
     },
     /// Run Alice and Bob end to end against the node: group, invite, join,
     /// and one message each way.
@@ -124,6 +141,11 @@ pub enum Command {
         /// The group's id (any text, unique to you and your peers).
         #[arg(long)]
         group_id: String,
+        /// The group's MLS ciphersuite: `x25519`, or `mlkem768x25519`
+        /// (ML-KEM-768 + X25519 hybrid: group secrets stay confidential
+        /// against a future quantum attacker; provisional code point).
+        #[arg(long, default_value = DEFAULT_SUITE, value_parser = suite)]
+        ciphersuite: Suite,
     },
     /// Add peers to a group in one Commit: takes each peer's KeyPackage
     /// from the node, sends the Commit to the members and the Welcome to the

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
-use quicnprotochat_core::{GroupId, IdentityKey, IdentityKeypair, QueuedMessage, Seq, SignedDeviceList};
+use quicnprotochat_core::{
+    GroupId, IdentityKey, IdentityKeypair, QueuedMessage, Seq, SignedDeviceList, Suite,
+};
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
@@ -354,8 +356,18 @@ impl NodeClient {
     /// How many ordinary KeyPackages of `identity` the node still has, and
     /// whether it has a last-resort one.
     pub async fn key_package_count(&self, identity: &IdentityKey) -> Result<(u32, bool), ClientError> {
+        self.key_package_count_in(identity, Suite::X25519).await
+    }
+
+    /// [`Self::key_package_count`] for the KeyPackages of `suite`.
+    pub async fn key_package_count_in(
+        &self,
+        identity: &IdentityKey,
+        suite: Suite,
+    ) -> Result<(u32, bool), ClientError> {
         let mut request = self.auth.key_package_count_request();
         request.get().set_identity_key(identity.as_bytes());
+        request.get().set_ciphersuite(suite.code());
         let response = call(request.send().promise).await?;
         let results = response.get()?;
         Ok((results.get_count(), results.get_has_last_resort()))
@@ -364,8 +376,18 @@ impl NodeClient {
     /// Takes one KeyPackage of `identity`: the package, none left, or over
     /// the fetch rate (with how long to wait).
     pub async fn fetch_key_package(&self, identity: &IdentityKey) -> Result<FetchedKeyPackage, ClientError> {
+        self.fetch_key_package_in(identity, Suite::X25519).await
+    }
+
+    /// [`Self::fetch_key_package`] of a KeyPackage of `suite`.
+    pub async fn fetch_key_package_in(
+        &self,
+        identity: &IdentityKey,
+        suite: Suite,
+    ) -> Result<FetchedKeyPackage, ClientError> {
         let mut request = self.auth.fetch_key_package_request();
         request.get().set_identity_key(identity.as_bytes());
+        request.get().set_ciphersuite(suite.code());
         let response = call(request.send().promise).await?;
         Ok(FetchedKeyPackage::read(response.get()?.get_outcome()?)?)
     }

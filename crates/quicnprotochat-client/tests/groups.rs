@@ -31,7 +31,7 @@ fn five_members_invited_in_one_commit_all_read_each_other() {
         assert_eq!(listed.lines().count(), 5, "{listed}");
         assert!(listed.contains(&format!("{} (you)", member.key)), "{listed}");
         let groups = member.run(&node, "groups", &[]);
-        assert_eq!(groups.trim(), "* five epoch 1 members 5");
+        assert_eq!(groups.trim(), "* five epoch 1 members 5 x25519");
     }
     // `send` catches up first, printing what arrived, as `recv` does.
     let mut printed: Vec<String> = Vec::new();
@@ -121,7 +121,7 @@ fn update_advances_the_epoch_and_everyone_still_reads() {
     for member in [&alice, &bob, &carol] {
         assert_eq!(
             member.run(&node, "groups", &[]).trim(),
-            "* fresh epoch 2 members 3"
+            "* fresh epoch 2 members 3 x25519"
         );
     }
     carol.run(&node, "send", &["--msg", "after the update"]);
@@ -359,7 +359,7 @@ fn a_failed_invite_leaves_the_group_as_it_was() {
     );
     assert_eq!(
         alice.run(&node, "groups", &[]).trim(),
-        "* stable epoch 1 members 2"
+        "* stable epoch 1 members 2 x25519"
     );
     assert_eq!(bob.run(&node, "recv", &[]), "", "bob got no commit");
     alice.run(&node, "send", &["--msg", "still fine"]);
@@ -436,7 +436,7 @@ fn a_member_whose_commit_loses_catches_up_and_retries() {
     for member in [&alice, &bob] {
         assert_eq!(
             member.run(&node, "groups", &[]).trim(),
-            "* race epoch 3 members 2"
+            "* race epoch 3 members 2 x25519"
         );
     }
     bob.run(&node, "send", &["--msg", "after the race"]);
@@ -554,7 +554,7 @@ fn groups_with_the_same_name_do_not_collide_at_the_node() {
     for member in [&alice, &bob, &carol, &dave] {
         assert_eq!(
             member.run(&node, "groups", &[]).trim(),
-            "* team epoch 2 members 2"
+            "* team epoch 2 members 2 x25519"
         );
     }
     let (ok, _, err) = alice.try_run(&node, "create-group", &["--group-id", "team"]);
@@ -624,7 +624,7 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     for member in [&alice, &bob] {
         assert_eq!(
             member.run(&node, "groups", &[]).trim(),
-            "* resume epoch 2 members 2"
+            "* resume epoch 2 members 2 x25519"
         );
     }
     alice.run(&node, "send", &["--msg", "settled"]);

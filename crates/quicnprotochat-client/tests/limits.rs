@@ -132,7 +132,7 @@ fn the_cli_names_a_full_queue_and_drops_a_change_the_node_refused() {
     );
     assert_eq!(
         node.cli_ok(&["groups", "--state", &alice]).trim(),
-        "* small epoch 1 members 2"
+        "* small epoch 1 members 2 x25519"
     );
 
     // Once Bob drains his queue there is room again.
@@ -145,7 +145,7 @@ fn the_cli_names_a_full_queue_and_drops_a_change_the_node_refused() {
     node.cli_ok(&["recv", "--state", &bob]);
     assert_eq!(
         node.cli_ok(&["groups", "--state", &bob]).trim(),
-        "* small epoch 2 members 2"
+        "* small epoch 2 members 2 x25519"
     );
 }
 
@@ -179,7 +179,7 @@ fn the_cli_waits_out_a_rate_limit_on_sends_and_group_changes() {
     );
     assert_eq!(
         node.cli_ok(&["groups", "--state", &bob]).trim(),
-        "* slow epoch 2 members 2"
+        "* slow epoch 2 members 2 x25519"
     );
 }
 

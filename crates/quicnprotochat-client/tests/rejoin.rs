@@ -71,7 +71,10 @@ fn a_member_restored_from_an_old_backup_rejoins_and_reads_and_writes_again() {
     let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
     assert!(ok, "{err}");
     assert!(err.contains("rejoined team: epoch 2, 3 members"), "{err}");
-    assert_eq!(bob.run(&node, "groups", &[]).trim(), "* team epoch 2 members 3");
+    assert_eq!(
+        bob.run(&node, "groups", &[]).trim(),
+        "* team epoch 2 members 3 x25519"
+    );
 
     // The others accept it and stay in the group.
     for member in [&alice, &carol] {
@@ -88,7 +91,7 @@ fn a_member_restored_from_an_old_backup_rejoins_and_reads_and_writes_again() {
         assert!(!err.contains("warning"), "{err}");
         assert_eq!(
             member.run(&node, "groups", &[]).trim(),
-            "* team epoch 2 members 3"
+            "* team epoch 2 members 3 x25519"
         );
     }
 
@@ -158,7 +161,10 @@ fn a_stranger_or_a_removed_member_cannot_rejoin_and_the_group_is_unaffected() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), format!("club {}: indeed", bob.short()));
     assert!(!err.contains("rejoined"), "{err}");
-    assert_eq!(alice.run(&node, "groups", &[]).trim(), "* club epoch 2 members 2");
+    assert_eq!(
+        alice.run(&node, "groups", &[]).trim(),
+        "* club epoch 2 members 2 x25519"
+    );
 }
 
 /// Stages `member`'s rejoin of `group_id` from the node's current state as
@@ -225,7 +231,10 @@ fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
             && err.contains("resume: the node has it; now epoch 2"),
         "{err}"
     );
-    assert_eq!(bob.run(&node, "groups", &[]).trim(), "* resume epoch 2 members 2");
+    assert_eq!(
+        bob.run(&node, "groups", &[]).trim(),
+        "* resume epoch 2 members 2 x25519"
+    );
     let (_, _, err) = alice.try_run(&node, "recv", &[]);
     assert!(err.contains("rejoined; now at epoch 2, 2 members"), "{err}");
     alice.run(&node, "send", &["--msg", "settled"]);

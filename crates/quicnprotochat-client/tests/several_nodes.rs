@@ -345,7 +345,7 @@ fn members_changing_the_group_through_two_nodes_at_once_agree_on_one_history() {
     let alice_groups = alice.run(a, "groups", &[]);
     assert_eq!(alice_groups, bob.run(b, "groups", &[]), "both in the same epoch");
     // Two changes per round, each its own epoch: 1 (invite) + 2 × 3.
-    assert_eq!(alice_groups.trim(), "* race epoch 7 members 2");
+    assert_eq!(alice_groups.trim(), "* race epoch 7 members 2 x25519");
 }
 
 #[test]

@@ -102,7 +102,7 @@ fn a_commit_the_node_finds_not_valid_is_dropped_with_the_nodes_reason() {
     // Dropped for good: the group is as it was and takes the next change.
     assert_eq!(
         alice.run(&node, "groups", &[]).trim(),
-        "* strict epoch 1 members 2"
+        "* strict epoch 1 members 2 x25519"
     );
     let (ok, _, err) = alice.try_run(&node, "update", &[]);
     assert!(ok && !err.contains("resending"), "{err}");
@@ -134,9 +134,15 @@ fn a_group_the_node_has_no_state_for_is_handed_over_again_with_its_next_change()
     // The next change hands the node the group's state in epoch 1 with it,
     // and from then on the node checks the group's changes again.
     alice.run(&node, "update", &[]);
-    assert_eq!(alice.run(&node, "groups", &[]).trim(), "* old epoch 2 members 1");
+    assert_eq!(
+        alice.run(&node, "groups", &[]).trim(),
+        "* old epoch 2 members 1 x25519"
+    );
     alice.run(&node, "update", &[]);
-    assert_eq!(alice.run(&node, "groups", &[]).trim(), "* old epoch 3 members 1");
+    assert_eq!(
+        alice.run(&node, "groups", &[]).trim(),
+        "* old epoch 3 members 1 x25519"
+    );
 }
 
 #[test]
@@ -185,7 +191,7 @@ fn a_leave_made_in_a_past_epoch_is_made_again_after_catching_up() {
     assert!(err.contains("asked to leave moving"), "{err}");
     assert_eq!(
         bob.run(&node, "groups", &[]).trim(),
-        "* moving epoch 2 members 3 (leaving)"
+        "* moving epoch 2 members 3 x25519 (leaving)"
     );
 
     // The node kept the proposal of epoch 2, so Alice's Commit that

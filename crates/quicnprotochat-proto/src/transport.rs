@@ -52,11 +52,7 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(IdentityVerifier::new(&crypto_provider()))
-        .with_single_cert(vec![cert], key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = server_tls(cert, key)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
@@ -70,6 +66,22 @@ pub fn server_config(
     Ok(config)
 }
 
+/// The node's TLS configuration inside [`server_config`]: TLS 1.3 only,
+/// [`ALPN`], client certificates checked by [`IdentityVerifier`], and the
+/// provider's key exchange groups in its order of preference
+/// (X25519MLKEM768 first).
+pub fn server_tls(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, TransportError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(IdentityVerifier::new(&crypto_provider()))
+        .with_single_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
 /// A QUIC client configuration that trusts exactly `trusted` (the node's
 /// self-signed certificate, or the CA that issued it), TLS 1.3 only, and
 /// authenticates as `identity` (a client certificate and its key, see
@@ -81,11 +93,22 @@ pub fn client_config(
     trusted: CertificateDer<'static>,
     identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> Result<quinn::ClientConfig, TransportError> {
+    quic_client_config(client_tls(crypto_provider(), trusted, identity)?)
+}
+
+/// The client's TLS configuration inside [`client_config`], with
+/// `provider`'s key exchange groups offered (in its order: the default
+/// provider offers X25519MLKEM768 first, then X25519, ...).
+pub fn client_tls(
+    provider: Arc<CryptoProvider>,
+    trusted: CertificateDer<'static>,
+    identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> Result<rustls::ClientConfig, TransportError> {
     let mut roots = RootCertStore::empty();
     roots
         .add(trusted)
         .map_err(|e| TransportError::TrustAnchor(e.to_string()))?;
-    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots);
     let mut tls = match identity {
@@ -93,6 +116,12 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// A QUIC client configuration around `tls` (see [`client_tls`]), with the
+/// client's idle timeout and keep-alive.
+pub fn quic_client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TransportError> {
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
@@ -106,4 +135,77 @@ pub fn client_config(
 fn quic_idle_timeout(timeout: Duration) -> quinn::IdleTimeout {
     // Beyond QUIC's varint range (~146 years) means "as long as possible".
     quinn::IdleTimeout::try_from(timeout).unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::MAX))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rustls::NamedGroup;
+    use rustls::pki_types::ServerName;
+    use rustls::quic::{self, Connection, Version};
+
+    use super::*;
+
+    /// A node certificate and a client identity, as the node and the
+    /// client make them.
+    fn parties() -> (rustls::ServerConfig, CertificateDer<'static>, (CertificateDer<'static>, PrivateKeyDer<'static>)) {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::cert::load_or_generate(&dir.path().join("c.der"), &dir.path().join("k.der"), &[]).unwrap();
+        let identity = quicnprotochat_core::IdentityKeypair::generate();
+        let client = crate::peer::client_certificate(&identity.pkcs8_der().unwrap()).unwrap();
+        (server_tls(node.cert.clone(), node.key).unwrap(), node.cert, client)
+    }
+
+    /// Runs a QUIC-TLS handshake between the two configurations in memory
+    /// and returns the key exchange group each side ended with.
+    fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> (NamedGroup, NamedGroup) {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut client = Connection::Client(
+            quic::ClientConnection::new(Arc::new(client), Version::V1, name, b"client".to_vec()).unwrap(),
+        );
+        let mut server =
+            Connection::Server(quic::ServerConnection::new(Arc::new(server), Version::V1, b"server".to_vec()).unwrap());
+        // Each key change moves on to the next packet space; each space's
+        // bytes arrive on their own and in order, as QUIC delivers them.
+        let pass = |from: &mut Connection, to: &mut Connection| {
+            loop {
+                let mut bytes = Vec::new();
+                let change = from.write_hs(&mut bytes);
+                if !bytes.is_empty() {
+                    to.read_hs(&bytes).unwrap();
+                }
+                if change.is_none() {
+                    break;
+                }
+            }
+        };
+        for _ in 0..8 {
+            pass(&mut client, &mut server);
+            pass(&mut server, &mut client);
+            if !client.is_handshaking() && !server.is_handshaking() {
+                let group = |conn: &Connection| conn.negotiated_key_exchange_group().unwrap().name();
+                return (group(&client), group(&server));
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn our_client_and_node_agree_on_the_hybrid_x25519mlkem768_key_exchange() {
+        let (server, trusted, identity) = parties();
+        let client = client_tls(crypto_provider(), trusted, Some(identity)).unwrap();
+        assert_eq!(
+            handshake(client, server),
+            (NamedGroup::X25519MLKEM768, NamedGroup::X25519MLKEM768)
+        );
+    }
+
+    #[test]
+    fn a_client_offering_only_x25519_still_gets_in() {
+        let (server, trusted, identity) = parties();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+        let client = client_tls(Arc::new(provider), trusted, Some(identity)).unwrap();
+        assert_eq!(handshake(client, server), (NamedGroup::X25519, NamedGroup::X25519));
+    }
 }

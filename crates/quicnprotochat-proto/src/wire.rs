@@ -2,7 +2,7 @@
 //! validate"): the service and the client work with [`IdentityKey`], never
 //! with unchecked bytes.
 
-use quicnprotochat_core::{GroupId, IdentityKey, MessageKind, QueuedMessage, Seq};
+use quicnprotochat_core::{GroupId, IdentityKey, MessageKind, QueuedMessage, Seq, Suite};
 
 use crate::delivery_capnp;
 
@@ -54,6 +54,8 @@ pub struct ValidKeyPackage {
     pub last_resort: bool,
     /// End of its lifetime, Unix seconds; never served after.
     pub expires_at: u64,
+    /// Its ciphersuite: it is served only to fetches asking for this one.
+    pub suite: Suite,
 }
 
 /// What a node accepts of a KeyPackage beyond MLS validity.
@@ -77,9 +79,9 @@ impl Default for KeyPackagePolicy {
 }
 
 /// Checks a KeyPackage field: size as [`payload`], then full MLS validation
-/// (signature, version, ciphersuite, lifetime, credential), `policy`, and
-/// that it belongs to `owner`. A KeyPackage wrapped in an MLSMessage is
-/// unwrapped.
+/// (signature, version, ciphersuite: one of [`Suite::ALL`], lifetime,
+/// credential), `policy`, and that it belongs to `owner`. A KeyPackage
+/// wrapped in an MLSMessage is unwrapped.
 pub fn key_package(
     field: &str,
     bytes: &[u8],
@@ -122,6 +124,25 @@ pub fn key_package(
         bytes: bytes.to_vec(),
         last_resort: info.last_resort,
         expires_at: info.not_after,
+        suite: info.suite,
+    })
+}
+
+/// Parses a ciphersuite field (a `UInt16` MLS code point) into one of the
+/// suites this build speaks; any other value is refused naming those.
+pub fn ciphersuite(field: &str, code: u16) -> Result<Suite, FieldError> {
+    Suite::from_code(code).ok_or_else(|| {
+        let known: Vec<String> = Suite::ALL
+            .iter()
+            .map(|suite| format!("0x{:04X} ({})", suite.code(), suite.full_name()))
+            .collect();
+        FieldError {
+            field: field.to_owned(),
+            reason: format!(
+                "0x{code:04X} is not an MLS ciphersuite this node knows; ask for one of {}",
+                known.join(", ")
+            ),
+        }
     })
 }
 
@@ -587,6 +608,44 @@ mod tests {
         .unwrap();
         let err = check(&yearly).unwrap_err();
         assert!(err.reason.contains("valid for at most 90 days"), "{err:?}");
+    }
+
+    #[test]
+    fn a_key_package_of_either_suite_is_taken_with_its_suite() {
+        use quicnprotochat_core::{IdentityKeypair, KeyPackageOptions};
+
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let owner = IdentityKeypair::generate();
+        for suite in Suite::ALL {
+            let options = KeyPackageOptions {
+                suite,
+                ..KeyPackageOptions::default()
+            };
+            let bytes = quicnprotochat_core::generate_key_package_with(&provider, &owner, options).unwrap();
+            let valid = key_package(
+                "package",
+                &bytes,
+                crate::DEFAULT_MAX_PAYLOAD,
+                &owner.public_key(),
+                &KeyPackagePolicy::default(),
+            )
+            .unwrap();
+            assert_eq!(valid.suite, suite);
+        }
+    }
+
+    #[test]
+    fn an_unknown_ciphersuite_is_refused_naming_the_known_ones() {
+        assert_eq!(ciphersuite("ciphersuite", 0x0001).unwrap(), Suite::X25519);
+        assert_eq!(ciphersuite("ciphersuite", 0x004F).unwrap(), Suite::MlKem768X25519);
+        let text = ciphersuite("ciphersuite", 0x0002).unwrap_err().to_string();
+        for expected in [
+            "ciphersuite: 0x0002",
+            "0x0001 (MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519)",
+            "0x004F (MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519)",
+        ] {
+            assert!(text.contains(expected), "{text}");
+        }
     }
 
     #[test]

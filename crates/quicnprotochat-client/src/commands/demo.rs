@@ -80,7 +80,12 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         .await?
     {
         FetchedKeyPackage::Package(package) => package,
-        FetchedKeyPackage::None => return Err(ClientError::NoKeyPackage(bob.identity.public_key())),
+        FetchedKeyPackage::None => {
+            return Err(ClientError::NoKeyPackage(
+                bob.identity.public_key(),
+                Default::default(),
+            ));
+        }
         FetchedKeyPackage::RateLimited(limited) => return Err(limited.into()),
     };
     println!("Alice: fetched Bob's KeyPackage ({} bytes)", fetched.len());

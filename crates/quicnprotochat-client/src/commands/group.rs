@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use quicnprotochat_core::{CoreError, GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{CoreError, GroupMember, IdentityKey, IdentityKeypair, Suite};
 
 use super::node::fetch_verified_key_package;
 use crate::cli::{ConnectionArgs, PeerArgs};
@@ -22,8 +22,8 @@ use crate::nodes::Nodes;
 use crate::publish::{self, Change, change_group, propose};
 use crate::state::{Direction, StateFile};
 
-/// `create-group`: a new group with us as its only member.
-pub(crate) fn create_group(path: &Path, group_id: &str) -> Result<(), ClientError> {
+/// `create-group`: a new group with us as its only member, in `suite`.
+pub(crate) fn create_group(path: &Path, group_id: &str, suite: Suite) -> Result<(), ClientError> {
     if group_id.is_empty() {
         return Err(ClientError::Usage("--group-id must not be empty".into()));
     }
@@ -39,9 +39,9 @@ pub(crate) fn create_group(path: &Path, group_id: &str) -> Result<(), ClientErro
     }
     let identity = state.identity()?;
     let id = new_group_id(group_id)?;
-    let group = state.create_group(&identity, id.as_bytes())?;
+    let group = state.create_group(&identity, id.as_bytes(), suite)?;
     eprintln!(
-        "created group {group_id} (id {}, epoch {}, 1 member)",
+        "created group {group_id} (id {}, epoch {}, 1 member, ciphersuite {suite})",
         String::from_utf8_lossy(id.as_bytes()),
         group.epoch()
     );
@@ -94,7 +94,7 @@ pub(crate) async fn invite(
         let mut reached = 0;
         let mut last_error = None;
         for (_, device) in targets.iter().filter(|(owner, _)| owner == user) {
-            match fetch_verified_key_package(&nodes, Some(user), device).await {
+            match fetch_verified_key_package(&nodes, Some(user), device, group.suite()).await {
                 Ok(package) => {
                     packages.push(package);
                     joiners.push(*device);
@@ -102,7 +102,7 @@ pub(crate) async fn invite(
                 }
                 // One device without a KeyPackage (long offline) must not
                 // keep the user's other devices out.
-                Err(e @ ClientError::NoKeyPackage(_)) => {
+                Err(e @ ClientError::NoKeyPackage(..)) => {
                     eprintln!(
                         "warning: skipped device {} of {}: {e}",
                         device.short(),
@@ -114,7 +114,7 @@ pub(crate) async fn invite(
             }
         }
         if reached == 0 && *user != own_user {
-            return Err(last_error.unwrap_or(ClientError::NoKeyPackage(*user)));
+            return Err(last_error.unwrap_or(ClientError::NoKeyPackage(*user, group.suite())));
         }
     }
     let me = identity.public_key();
@@ -304,9 +304,10 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
                     ""
                 };
                 println!(
-                    "{mark} {name} epoch {} members {}{leaving}",
+                    "{mark} {name} epoch {} members {} {}{leaving}",
                     group.epoch(),
-                    group.members().len()
+                    group.members().len(),
+                    group.suite()
                 );
             }
             Some(group) => println!("{mark} {name} epoch {} removed", group.epoch()),

@@ -18,7 +18,7 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
     // Always one fresh KeyPackage, then fill up to a batch (plus a last
     // resort) if the node is running low. The private keys are durable
     // before anyone can use a KeyPackage to invite us.
-    for package in state.generate_key_packages(&identity, 1, false)? {
+    for package in state.generate_key_packages(&identity, Default::default(), 1, false)? {
         upload(&nodes, &identity, &package).await?;
     }
     let more = top_up_key_packages(&nodes, &state, &identity).await?;

@@ -32,14 +32,21 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
         Command::Ping => node::ping(connection).await,
         Command::Register => node::register(connection).await,
-        Command::FetchKey { identity_key } => node::fetch_key(connection, &identity_key).await,
+        Command::FetchKey {
+            identity_key,
+            ciphersuite,
+        } => node::fetch_key(connection, &identity_key, ciphersuite).await,
         Command::DemoGroup => demo::demo_group(connection).await,
         Command::RegisterState(state) => identity::register_state(connection, &state.state).await,
         Command::Whoami { state, device } => identity::whoami(&state.state, device),
         Command::Link { state, valid_for } => devices::link(&state.state, valid_for),
         Command::Devices { action } => devices::devices(connection, action).await,
         Command::Contacts { state, action } => identity::contacts(&state.state, action),
-        Command::CreateGroup { state, group_id } => group::create_group(&state.state, &group_id),
+        Command::CreateGroup {
+            state,
+            group_id,
+            ciphersuite,
+        } => group::create_group(&state.state, &group_id, ciphersuite),
         Command::Invite {
             state,
             peers,

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{
-    IdentityKey, IdentityKeypair, fingerprint, generate_key_package, inspect_key_package,
+    IdentityKey, IdentityKeypair, Suite, fingerprint, generate_key_package, inspect_key_package,
 };
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, RateLimited};
 
@@ -83,14 +83,15 @@ pub(crate) async fn fetch_verified_key_package(
     nodes: &Nodes,
     user: Option<&IdentityKey>,
     identity: &IdentityKey,
+    suite: Suite,
 ) -> Result<Vec<u8>, ClientError> {
     // Inviting many people at once can outrun the node's KeyPackage fetch
     // rate; the node says when to retry, so wait that long (within reason).
     let patience = Patience::new();
     let package = loop {
-        match nodes.auth().fetch_key_package(identity).await? {
+        match nodes.auth().fetch_key_package_in(identity, suite).await? {
             FetchedKeyPackage::Package(package) => break package,
-            FetchedKeyPackage::None => return Err(ClientError::NoKeyPackage(*identity)),
+            FetchedKeyPackage::None => return Err(ClientError::NoKeyPackage(*identity, suite)),
             FetchedKeyPackage::RateLimited(limited) => {
                 if !patience.wait(&limited).await {
                     return Err(limited.into());
@@ -108,6 +109,12 @@ pub(crate) async fn fetch_verified_key_package(
             reason: format!("its credential is for {}", info.identity),
         });
     }
+    if info.suite != suite {
+        return Err(ClientError::BadKeyPackage {
+            requested: *identity,
+            reason: format!("it is a {} KeyPackage, not {suite}", info.suite),
+        });
+    }
     if let Some(user) = user.filter(|user| info.user != **user) {
         return Err(ClientError::BadKeyPackage {
             requested: *identity,
@@ -122,16 +129,33 @@ pub(crate) async fn fetch_verified_key_package(
 pub(crate) const KEY_PACKAGE_BATCH: usize = 8;
 const KEY_PACKAGE_LOW_WATER: u32 = 3;
 
-/// Tops up `identity`'s KeyPackages on the node: a batch when fewer than
-/// the low-water mark remain, and a last-resort one if it has none, so the
-/// identity stays reachable. The private keys are committed to the state
-/// file before the upload. Returns how many were uploaded.
+/// Tops up `identity`'s KeyPackages on the node, for each ciphersuite: a
+/// batch when fewer than the low-water mark remain, and a last-resort one
+/// if it has none, so the identity stays reachable in groups of either
+/// suite. The private keys are committed to the state file before the
+/// upload. Returns how many were uploaded.
 pub(crate) async fn top_up_key_packages(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
 ) -> Result<usize, ClientError> {
-    let (count, has_last_resort) = nodes.auth().key_package_count(&identity.public_key()).await?;
+    let mut uploaded = 0;
+    for suite in Suite::ALL {
+        uploaded += top_up_suite(nodes, state, identity, suite).await?;
+    }
+    Ok(uploaded)
+}
+
+async fn top_up_suite(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    suite: Suite,
+) -> Result<usize, ClientError> {
+    let (count, has_last_resort) = nodes
+        .auth()
+        .key_package_count_in(&identity.public_key(), suite)
+        .await?;
     let ordinary = if count < KEY_PACKAGE_LOW_WATER {
         KEY_PACKAGE_BATCH
     } else {
@@ -140,7 +164,7 @@ pub(crate) async fn top_up_key_packages(
     if ordinary == 0 && has_last_resort {
         return Ok(0);
     }
-    let packages = state.generate_key_packages(identity, ordinary, !has_last_resort)?;
+    let packages = state.generate_key_packages(identity, suite, ordinary, !has_last_resort)?;
     let patience = Patience::new();
     let stored = loop {
         match nodes
@@ -160,12 +184,17 @@ pub(crate) async fn top_up_key_packages(
     Ok(packages.len())
 }
 
-/// `fetch-key`: takes one KeyPackage of an identity and describes it.
-pub(crate) async fn fetch_key(args: &ConnectionArgs, identity_key: &str) -> Result<(), ClientError> {
+/// `fetch-key`: takes one KeyPackage of an identity (in `suite`) and
+/// describes it.
+pub(crate) async fn fetch_key(
+    args: &ConnectionArgs,
+    identity_key: &str,
+    suite: Suite,
+) -> Result<(), ClientError> {
     let identity = parse_key("identity key", identity_key)?;
     // Anyone may take a KeyPackage: that is how strangers invite each other.
     let nodes = Nodes::connect(args, None).await?;
-    let package = fetch_verified_key_package(&nodes, None, &identity).await?;
+    let package = fetch_verified_key_package(&nodes, None, &identity, suite).await?;
     let info = inspect_key_package(&package)?;
     let user = if info.user == identity {
         String::new()
@@ -173,8 +202,11 @@ pub(crate) async fn fetch_key(args: &ConnectionArgs, identity_key: &str) -> Resu
         format!(" (a device of user {})", info.user)
     };
     println!(
-        "KeyPackage for {identity}{user}: {} bytes, SHA-256 {}, signature valid",
+        "KeyPackage for {identity}{user}: {} bytes, ciphersuite {} ({}, 0x{:04x}), SHA-256 {}, signature valid",
         package.len(),
+        info.suite,
+        info.suite.full_name(),
+        info.suite.code(),
         hex::encode(fingerprint(&package))
     );
     nodes.close().await;

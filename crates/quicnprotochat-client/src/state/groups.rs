@@ -1,7 +1,7 @@
 //! The groups this client is in, and the current group (the one commands
 //! use when no `--group-id` is given); creating, leaving and rejoining one.
 
-use quicnprotochat_core::{GroupMember, IdentityKeypair};
+use quicnprotochat_core::{GroupMember, IdentityKeypair, Suite};
 use rusqlite::{OptionalExtension, params};
 
 use super::{GroupRecord, StateError, StateFile, unix_now};
@@ -13,9 +13,10 @@ impl StateFile {
         &self,
         identity: &IdentityKeypair,
         group_id: &[u8],
+        suite: Suite,
     ) -> Result<GroupMember, StateError> {
         self.atomically(|| {
-            let group = GroupMember::create(&self.provider(), identity, group_id)?;
+            let group = GroupMember::create_with_suite(&self.provider(), identity, group_id, suite)?;
             self.record_group(group_id, true)?;
             Ok(group)
         })

@@ -2,7 +2,7 @@
 //! keys a Welcome is encrypted to) committed to the state file before any
 //! leaves this machine, so nobody can invite us with one we cannot open.
 
-use quicnprotochat_core::{IdentityKeypair, KeyPackageOptions, generate_key_package_with};
+use quicnprotochat_core::{IdentityKeypair, KeyPackageOptions, Suite, generate_key_package_with};
 
 use super::{StateError, StateFile};
 
@@ -13,6 +13,7 @@ impl StateFile {
     pub fn generate_key_packages(
         &self,
         identity: &IdentityKeypair,
+        suite: Suite,
         ordinary: usize,
         last_resort: bool,
     ) -> Result<Vec<Vec<u8>>, StateError> {
@@ -20,17 +21,17 @@ impl StateFile {
             let provider = self.provider();
             let mut packages = Vec::with_capacity(ordinary + usize::from(last_resort));
             for _ in 0..ordinary {
-                packages.push(generate_key_package_with(
-                    &provider,
-                    identity,
-                    KeyPackageOptions::default(),
-                )?);
+                let options = KeyPackageOptions {
+                    suite,
+                    ..KeyPackageOptions::default()
+                };
+                packages.push(generate_key_package_with(&provider, identity, options)?);
             }
             if last_resort {
                 let options = KeyPackageOptions {
                     last_resort: true,
                     lifetime_seconds: None,
-                    suite: Default::default(),
+                    suite,
                 };
                 packages.push(generate_key_package_with(&provider, identity, options)?);
             }

@@ -84,7 +84,9 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     let package = {
         let state = StateFile::open_or_create(&path).unwrap();
         let bob = state.identity_or_generate().unwrap();
-        let mut packages = state.generate_key_packages(&bob, 1, false).unwrap();
+        let mut packages = state
+            .generate_key_packages(&bob, Default::default(), 1, false)
+            .unwrap();
         packages.pop().unwrap()
     };
 
@@ -173,7 +175,9 @@ fn a_settled_publication_merges_or_discards_its_commit_and_is_forgotten() {
     let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
     let identity = state.identity_or_generate().unwrap();
     let id = GroupId::new(b"settle".to_vec()).unwrap();
-    let mut group = state.create_group(&identity, id.as_bytes()).unwrap();
+    let mut group = state
+        .create_group(&identity, id.as_bytes(), Default::default())
+        .unwrap();
     for (settlement, epoch) in [(Settlement::Discard, 0), (Settlement::Merge, 1)] {
         let publication = state
             .stage_publication(|| -> Result<Publication, StateError> {
