@@ -22,9 +22,27 @@ use quicnprotochat_server::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
-/// KeyPackage validation (what the node runs on every upload) and routing.
+/// KeyPackage validation (what the node runs on every upload, bare or
+/// wrapped in an MLSMessage, of either ciphersuite) and routing. A
+/// KeyPackage the node takes must be stored as exactly the bare bytes, under
+/// the ciphersuite it has.
 pub fn key_package(data: &[u8]) {
-    let _ = quicnprotochat_core::inspect_key_package(data);
+    let bare = quicnprotochat_core::unwrap_key_package(data);
+    if let Ok(info) = quicnprotochat_core::inspect_key_package(bare) {
+        // Any lifetime: the seeds (`regressions/key_package/seed-*`) are
+        // made valid for a century, so that they keep reaching every check.
+        let policy = quicnprotochat_proto::wire::KeyPackagePolicy {
+            max_lifetime_secs: u64::MAX,
+            ..Default::default()
+        };
+        if let Ok(taken) =
+            quicnprotochat_proto::wire::key_package("package", data, data.len(), &info.identity, &policy)
+        {
+            assert_eq!(taken.bytes, bare, "stored bare, as received");
+            assert_eq!(taken.suite, info.suite, "stored under its own suite");
+            assert_eq!(taken.last_resort, info.last_resort);
+        }
+    }
     let _ = classify(data);
 }
 

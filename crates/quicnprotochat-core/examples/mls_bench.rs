@@ -7,7 +7,12 @@
 //! ```sh
 //! cargo run --release -p quicnprotochat-core --example mls_bench
 //! cargo run --release -p quicnprotochat-core --example mls_bench -- 10 100 1000
+//! MLS_SUITE=mlkem768x25519 cargo run --release -p quicnprotochat-core --example mls_bench
 //! ```
+//!
+//! `MLS_SUITE` picks the ciphersuite by its short name (`x25519`, the
+//! default, or `mlkem768x25519`); the output starts with the suite and the
+//! size of one of its KeyPackages.
 //!
 //! The project's setup: [`quicnprotochat_core::CIPHERSUITE`], openmls with
 //! `openmls_rust_crypto` and its memory storage (group state is serialised on
@@ -50,7 +55,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{GroupMember, IdentityKeypair, Received, generate_key_package};
+use quicnprotochat_core::{
+    GroupMember, IdentityKeypair, KeyPackageOptions, Received, Suite, generate_key_package_with,
+};
 
 const DEFAULT_SIZES: [usize; 4] = [10, 100, 1_000, 10_000];
 /// How many members one commit adds, for each "add" column.
@@ -72,6 +79,28 @@ fn main() -> ExitCode {
     print_tables(&create, &reports);
     eprintln!("total: {}", duration(started.elapsed()));
     ExitCode::SUCCESS
+}
+
+/// The suite under test, from `MLS_SUITE` (default x25519).
+fn suite() -> Suite {
+    static SUITE: std::sync::LazyLock<Suite> = std::sync::LazyLock::new(|| {
+        let name = std::env::var("MLS_SUITE").unwrap_or_else(|_| Suite::X25519.name().to_owned());
+        Suite::from_name(&name)
+            .unwrap_or_else(|| panic!("MLS_SUITE={name:?} is not x25519 or mlkem768x25519"))
+    });
+    *SUITE
+}
+
+/// A fresh KeyPackage of the suite under test.
+fn key_package(
+    provider: &OpenMlsRustCrypto,
+    identity: &IdentityKeypair,
+) -> Result<Vec<u8>, quicnprotochat_core::CoreError> {
+    let options = KeyPackageOptions {
+        suite: suite(),
+        ..KeyPackageOptions::default()
+    };
+    generate_key_package_with(provider, identity, options)
 }
 
 /// Group sizes from the command line, or the defaults.
@@ -201,7 +230,9 @@ fn bench_create() -> Timings {
     let runs = Runs::CHEAP.repeat(|| {
         // A fresh user each time: its first group, in empty storage.
         let creator = Person::new();
-        let (group, took) = time(|| GroupMember::create(&creator.provider, &creator.identity, b"mls-bench"));
+        let (group, took) = time(|| {
+            GroupMember::create_with_suite(&creator.provider, &creator.identity, b"mls-bench", suite())
+        });
         assert_eq!(group.unwrap().members().len(), 1);
         took
     });
@@ -266,12 +297,13 @@ impl Group {
         // Members who never act share one provider for their KeyPackage keys.
         let silent = OpenMlsRustCrypto::default();
         let mut packages: Vec<Vec<u8>> = (2..size)
-            .map(|_| generate_key_package(&silent, &IdentityKeypair::generate()).unwrap())
+            .map(|_| key_package(&silent, &IdentityKeypair::generate()).unwrap())
             .collect();
-        packages.push(generate_key_package(&receiver.provider, &receiver.identity).unwrap());
+        packages.push(key_package(&receiver.provider, &receiver.identity).unwrap());
 
         let mut creator_group =
-            GroupMember::create(&creator.provider, &creator.identity, b"mls-bench").unwrap();
+            GroupMember::create_with_suite(&creator.provider, &creator.identity, b"mls-bench", suite())
+                .unwrap();
         let added = creator_group
             .add_members(
                 &creator.provider,
@@ -309,7 +341,7 @@ impl Group {
             // storage: the first newcomer's, so it can join.
             let newcomers = OpenMlsRustCrypto::default();
             let packages: Vec<Vec<u8>> = (0..count)
-                .map(|_| generate_key_package(&newcomers, &IdentityKeypair::generate()).unwrap())
+                .map(|_| key_package(&newcomers, &IdentityKeypair::generate()).unwrap())
                 .collect();
 
             let (added, create) = time(|| {
@@ -400,7 +432,7 @@ impl Group {
     fn measure_process_add(&mut self, runs: Runs) -> Timings {
         Timings(runs.repeat(|| {
             let newcomer = Person::new();
-            let package = generate_key_package(&newcomer.provider, &newcomer.identity).unwrap();
+            let package = key_package(&newcomer.provider, &newcomer.identity).unwrap();
             let added = self
                 .creator_group
                 .add_members(
@@ -436,6 +468,14 @@ impl Group {
 }
 
 fn print_tables(create: &Timings, reports: &[SizeReport]) {
+    let package = key_package(&OpenMlsRustCrypto::default(), &IdentityKeypair::generate()).unwrap();
+    println!(
+        "Ciphersuite {} ({}); one KeyPackage: {}.",
+        suite().name(),
+        suite().full_name(),
+        bytes(package.len())
+    );
+    println!();
     println!(
         "Each cell: median (min–max) over the runs shown, after {} warm-up runs for messages and one for \
          commits and joins in groups of up to 3,000 members.",

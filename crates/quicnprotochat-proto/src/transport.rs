@@ -148,12 +148,21 @@ mod tests {
 
     /// A node certificate and a client identity, as the node and the
     /// client make them.
-    fn parties() -> (rustls::ServerConfig, CertificateDer<'static>, (CertificateDer<'static>, PrivateKeyDer<'static>)) {
+    fn parties() -> (
+        rustls::ServerConfig,
+        CertificateDer<'static>,
+        (CertificateDer<'static>, PrivateKeyDer<'static>),
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let node = crate::cert::load_or_generate(&dir.path().join("c.der"), &dir.path().join("k.der"), &[]).unwrap();
+        let node =
+            crate::cert::load_or_generate(&dir.path().join("c.der"), &dir.path().join("k.der"), &[]).unwrap();
         let identity = quicnprotochat_core::IdentityKeypair::generate();
         let client = crate::peer::client_certificate(&identity.pkcs8_der().unwrap()).unwrap();
-        (server_tls(node.cert.clone(), node.key).unwrap(), node.cert, client)
+        (
+            server_tls(node.cert.clone(), node.key).unwrap(),
+            node.cert,
+            client,
+        )
     }
 
     /// Runs a QUIC-TLS handshake between the two configurations in memory
@@ -163,8 +172,9 @@ mod tests {
         let mut client = Connection::Client(
             quic::ClientConnection::new(Arc::new(client), Version::V1, name, b"client".to_vec()).unwrap(),
         );
-        let mut server =
-            Connection::Server(quic::ServerConnection::new(Arc::new(server), Version::V1, b"server".to_vec()).unwrap());
+        let mut server = Connection::Server(
+            quic::ServerConnection::new(Arc::new(server), Version::V1, b"server".to_vec()).unwrap(),
+        );
         // Each key change moves on to the next packet space; each space's
         // bytes arrive on their own and in order, as QUIC delivers them.
         let pass = |from: &mut Connection, to: &mut Connection| {
@@ -206,6 +216,9 @@ mod tests {
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
         let client = client_tls(Arc::new(provider), trusted, Some(identity)).unwrap();
-        assert_eq!(handshake(client, server), (NamedGroup::X25519, NamedGroup::X25519));
+        assert_eq!(
+            handshake(client, server),
+            (NamedGroup::X25519, NamedGroup::X25519)
+        );
     }
 }

@@ -569,11 +569,11 @@ mod tests {
             Capabilities, Extension, ExtensionType, Extensions, KeyPackage, UnknownExtension,
             tls_codec::Serialize as _,
         };
-        use quicnprotochat_core::{CIPHERSUITE, IdentityKeypair};
+        use quicnprotochat_core::IdentityKeypair;
 
         let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
         let owner = IdentityKeypair::generate();
-        let with_leaf_extension = |size: usize| {
+        let with_leaf_extension = |suite: Suite, size: usize| {
             let extension = Extension::Unknown(0xff00, UnknownExtension(vec![0x5a; size]));
             KeyPackage::builder()
                 .leaf_node_capabilities(Capabilities::new(
@@ -584,7 +584,12 @@ mod tests {
                     None,
                 ))
                 .leaf_node_extensions(Extensions::single(extension).unwrap())
-                .build(CIPHERSUITE, &provider, &owner, owner.credential_with_key())
+                .build(
+                    suite.ciphersuite(),
+                    &provider,
+                    &owner,
+                    owner.credential_with_key(),
+                )
                 .unwrap()
                 .key_package()
                 .tls_serialize_detached()
@@ -592,9 +597,13 @@ mod tests {
         };
         let policy = KeyPackagePolicy::default();
         let check = |bytes: &[u8]| key_package("package", bytes, 1 << 20, &owner.public_key(), &policy);
-        assert!(check(&with_leaf_extension(100)).is_ok());
-        let err = check(&with_leaf_extension(900_000)).unwrap_err();
-        assert!(err.reason.contains("its extensions take"), "{err:?}");
+        // The same extension limit whatever the suite (a hybrid suite's big
+        // keys are not extensions).
+        for suite in Suite::ALL {
+            assert!(check(&with_leaf_extension(suite, 100)).is_ok());
+            let err = check(&with_leaf_extension(suite, 900_000)).unwrap_err();
+            assert!(err.reason.contains("its extensions take"), "{err:?}");
+        }
         // A lifetime of a year is more than 90 days.
         let yearly = quicnprotochat_core::generate_key_package_with(
             &provider,

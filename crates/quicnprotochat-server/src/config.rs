@@ -32,8 +32,9 @@ pub const DEFAULT_SEND_BYTES_RATE: u64 = 4 * 1024 * 1024;
 /// Payload bytes one queue may hold: 256 MiB, a long absence in busy groups
 /// or 256 messages at the largest payload; beyond it, `queueFull`.
 pub const DEFAULT_MAX_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
-/// Unexpired KeyPackages one identity may keep on the node: far above what
-/// a client keeps (10 and a last resort), far below what fills a disk.
+/// Unexpired KeyPackages one identity may keep on the node of each
+/// ciphersuite: far above what a client keeps (10 and a last resort per
+/// suite), far below what fills a disk.
 pub const DEFAULT_MAX_KEY_PACKAGES: u32 = 1_000;
 /// Longest KeyPackage lifetime accepted (RFC 9420, section 7.2, asks for a
 /// maximum): 90 days; clients make them for 28 days and renew.
@@ -42,9 +43,10 @@ pub const DEFAULT_MAX_KEY_PACKAGE_LIFETIME_DAYS: u64 = 90;
 /// checking a KeyPackage's signatures costs the node real CPU, and a client
 /// uploads 11 when it registers and 10 when it runs low.
 pub const DEFAULT_KEY_PACKAGE_UPLOAD_RATE: u32 = 100;
-/// Ordinary KeyPackages of one identity handed out per minute, whoever asks
-/// (beyond it, the last-resort one): enough for a few invitations a minute,
-/// too few to drain a stock in a burst.
+/// Ordinary KeyPackages of one identity and ciphersuite handed out per
+/// minute, whoever asks (beyond it, the last-resort one of that suite):
+/// enough for a few invitations a minute, too few to drain a stock in a
+/// burst.
 pub const DEFAULT_KEY_PACKAGE_SERVE_RATE: u32 = 6;
 /// KeyPackage fetches per second per caller.
 pub const DEFAULT_KEY_PACKAGE_FETCH_RATE: u32 = 20;
@@ -109,12 +111,14 @@ pub struct Config {
     /// Most payload bytes one recipient's queue may hold; a send beyond it
     /// is refused with the `queueFull` outcome.
     pub max_queue_bytes: u64,
-    /// Most unexpired KeyPackages one identity may keep on the node.
+    /// Most unexpired KeyPackages one identity may keep on the node, per
+    /// ciphersuite.
     pub max_key_packages: u32,
     /// Longest KeyPackage lifetime accepted.
     pub max_key_package_lifetime: Duration,
-    /// Ordinary KeyPackages of one identity handed out per minute, whoever
-    /// asks (beyond it, the last-resort one); 0: unlimited.
+    /// Ordinary KeyPackages of one identity and ciphersuite handed out per
+    /// minute, whoever asks (beyond it, the last-resort one of that suite);
+    /// 0: unlimited.
     pub key_package_serve_rate: u32,
     /// KeyPackages one identity may upload per minute, bursts of as many
     /// (checked before they are validated); 0: unlimited.

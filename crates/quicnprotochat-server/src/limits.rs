@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, Suite};
 
 /// Who is calling, for rate limiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,8 +59,9 @@ pub struct RateLimits {
     sends: SendBudget,
     key_package_fetch: Option<Bucket>,
     ping: Option<Bucket>,
-    /// Ordinary KeyPackages handed out per target identity, whoever asks.
-    key_package_serve: Option<DefaultKeyedRateLimiter<IdentityKey>>,
+    /// Ordinary KeyPackages handed out per target identity and suite,
+    /// whoever asks.
+    key_package_serve: Option<DefaultKeyedRateLimiter<(IdentityKey, Suite)>>,
     /// KeyPackages uploaded per identity.
     key_package_upload: Option<(DefaultKeyedRateLimiter<IdentityKey>, NonZeroU32)>,
 }
@@ -78,6 +79,7 @@ impl RateLimits {
     /// payload makes), `fetch_per_second` KeyPackage fetches and
     /// `ping_per_second` pings per caller (bursts of twice the rate), and
     /// `serve_per_minute` ordinary KeyPackages per target identity and
+    /// ciphersuite and
     /// `uploads_per_minute` KeyPackages uploaded per identity (bursts of the
     /// same); 0: unlimited.
     pub fn new(
@@ -124,12 +126,14 @@ impl RateLimits {
         }
     }
 
-    /// Whether an ordinary KeyPackage of `target` may be handed out now;
-    /// if not, only its last-resort one is.
-    pub fn may_serve_ordinary_key_package(&self, target: &IdentityKey) -> bool {
+    /// Whether an ordinary KeyPackage of `target` in `suite` may be handed
+    /// out now; if not, only its last-resort one of that suite is. Each
+    /// suite's stock has its own rate: a burst of invitations to groups of
+    /// one suite leaves the other's protection against draining whole.
+    pub fn may_serve_ordinary_key_package(&self, target: &IdentityKey, suite: Suite) -> bool {
         self.key_package_serve
             .as_ref()
-            .is_none_or(|limiter| limiter.check_key(target).is_ok())
+            .is_none_or(|limiter| limiter.check_key(&(*target, suite)).is_ok())
     }
 
     /// Takes a token for one ping; on refusal, how long to wait.
@@ -159,13 +163,11 @@ impl RateLimits {
             limiter.limiter.retain_recent();
             limiter.limiter.shrink_to_fit();
         }
-        for limiter in [
-            self.key_package_serve.as_ref(),
-            self.key_package_upload.as_ref().map(|(limiter, _)| limiter),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        if let Some(limiter) = &self.key_package_serve {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        if let Some((limiter, _)) = &self.key_package_upload {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -334,14 +336,18 @@ mod tests {
     }
 
     #[test]
-    fn ordinary_key_packages_of_one_identity_are_served_at_its_own_rate() {
+    fn ordinary_key_packages_of_one_identity_and_suite_are_served_at_their_own_rate() {
         let limits = RateLimits::new(0, 0, 0, 0, 0, 3, 0);
         let target = IdentityKey::from_bytes([7; 32]);
         for _ in 0..3 {
-            assert!(limits.may_serve_ordinary_key_package(&target));
+            assert!(limits.may_serve_ordinary_key_package(&target, Suite::MlKem768X25519));
         }
-        assert!(!limits.may_serve_ordinary_key_package(&target));
-        assert!(limits.may_serve_ordinary_key_package(&IdentityKey::from_bytes([8; 32])));
+        assert!(!limits.may_serve_ordinary_key_package(&target, Suite::MlKem768X25519));
+        // The identity's other suite and other identities have their own.
+        assert!(limits.may_serve_ordinary_key_package(&target, Suite::X25519));
+        assert!(
+            limits.may_serve_ordinary_key_package(&IdentityKey::from_bytes([8; 32]), Suite::MlKem768X25519)
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ struct Args {
     /// Most payload bytes waiting in one recipient's queue.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_QUEUE_BYTES", default_value_t = config::DEFAULT_MAX_QUEUE_BYTES)]
     max_queue_bytes: u64,
-    /// Most unexpired KeyPackages one identity may keep on the node.
+    /// Most unexpired KeyPackages one identity may keep on the node, per ciphersuite.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_KEY_PACKAGES", default_value_t = config::DEFAULT_MAX_KEY_PACKAGES)]
     max_key_packages: u32,
     /// Longest KeyPackage lifetime accepted, in days.
@@ -62,7 +62,7 @@ struct Args {
     /// KeyPackages one identity may upload per minute, bursts of as many (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_UPLOAD_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_UPLOAD_RATE)]
     key_package_upload_rate: u32,
-    /// Ordinary KeyPackages of one identity handed out per minute, whoever asks (0: unlimited).
+    /// Ordinary KeyPackages of one identity and ciphersuite handed out per minute, whoever asks (0: unlimited).
     #[arg(long, env = "QUICNPROTOCHAT_KEY_PACKAGE_SERVE_RATE", default_value_t = config::DEFAULT_KEY_PACKAGE_SERVE_RATE)]
     key_package_serve_rate: u32,
     /// KeyPackage (and device list) fetches per second per identity, or per address when anonymous (0: unlimited).

@@ -198,7 +198,7 @@ impl NodeServiceImpl {
     }
 
     /// Charges an upload's bytes to the send budget and stores it, within
-    /// the identity's KeyPackage limit. Uploads queue nothing, so they do
+    /// the identity's KeyPackage limit of each suite. Uploads queue nothing, so they do
     /// not count as messages; how many an identity keeps is bounded by the
     /// limit instead. Indivisible: a client's batch passes whatever the
     /// rate (and leaves a debt).
@@ -222,6 +222,7 @@ impl NodeServiceImpl {
         Ok(
             match self.shared.store.upload_key_packages(identity, packages).await? {
                 Ok(()) => UploadOutcome::Stored,
+                // Of the suite whose stock is full; the limit is per suite.
                 Err(too_many) => UploadOutcome::TooMany {
                     stored: u32::try_from(too_many.stored).unwrap_or(u32::MAX),
                     max: too_many.max,
@@ -424,13 +425,15 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         mut results: auth_capnp::auth_service::KeyPackageCountResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
-        let identity = wire::identity_key("identityKey", params.get()?.get_identity_key()?)
-            .map_err(ServiceError::from)?;
+        let params = params.get()?;
+        let identity =
+            wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+        let suite = wire::ciphersuite("ciphersuite", params.get_ciphersuite()).map_err(ServiceError::from)?;
         self.require_owner("identityKey", &identity)?;
         let (count, has_last_resort) = self
             .shared
             .store
-            .count_key_packages(identity)
+            .count_key_packages(identity, suite)
             .await
             .map_err(ServiceError::from)?;
         let mut results = results.get();
@@ -445,8 +448,10 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         mut results: auth_capnp::auth_service::FetchKeyPackageResults,
     ) -> Result<(), capnp::Error> {
         let _call = self.begin()?;
-        let identity = wire::identity_key("identityKey", params.get()?.get_identity_key()?)
-            .map_err(ServiceError::from)?;
+        let params = params.get()?;
+        let identity =
+            wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+        let suite = wire::ciphersuite("ciphersuite", params.get_ciphersuite()).map_err(ServiceError::from)?;
         let outcome = match self.shared.rate_limits.check_key_package_fetch(self.caller()) {
             Err(retry_after) => FetchedKeyPackage::RateLimited(RateLimited { retry_after }),
             Ok(()) => match self
@@ -454,7 +459,10 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
                 .store
                 .take_key_package(
                     identity,
-                    self.shared.rate_limits.may_serve_ordinary_key_package(&identity),
+                    suite,
+                    self.shared
+                        .rate_limits
+                        .may_serve_ordinary_key_package(&identity, suite),
                 )
                 .await
                 .map_err(ServiceError::from)?

@@ -6,94 +6,14 @@
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
 mod conformance;
+mod node;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-
-use capnp::capability::FromClientHook;
 use conformance::device_lists::{keypair, public, signed_by, signed_list};
+use node::{TestNode, failure};
 use quicnprotochat_core::{DeviceList, IdentityKey, SignedDeviceList};
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::outcome::DeviceListOutcome;
-use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport, wire};
-use quicnprotochat_server::{Config, Node, ServerError};
-
-/// Bounds startup, each conversation and shutdown, so a stall fails the
-/// test instead of hanging it.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A node running on 127.0.0.1:0 in a temporary directory until
-/// [`TestNode::stop`], or told to stop when dropped (a failed test).
-struct TestNode {
-    addr: SocketAddr,
-    cert: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    running: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl TestNode {
-    async fn start(configure: impl FnOnce(&mut Config)) -> TestNode {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::in_dir(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
-        config.rpc_threads = 1;
-        configure(&mut config);
-        let cert = config.tls_cert.clone();
-        let node = tokio::time::timeout(STEP_TIMEOUT, Node::bind(config))
-            .await
-            .unwrap()
-            .unwrap();
-        let addr = node.local_addr();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(node.run(async {
-            let _ = stopped.await;
-        }));
-        TestNode {
-            addr,
-            cert,
-            stop: Some(stop),
-            running: Some(running),
-            _dir: dir,
-        }
-    }
-
-    /// Stops the node and checks that it stopped cleanly.
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        let running = self.running.take().unwrap();
-        tokio::time::timeout(STEP_TIMEOUT, running)
-            .await
-            .expect("the node stops in time")
-            .unwrap()
-            .unwrap();
-    }
-
-    /// Runs `body` with the node's AuthService, connected as the device of
-    /// seed `device`, or anonymously; on a `LocalSet`, as RPC sessions run.
-    async fn with_auth<T>(&self, device: Option<u8>, body: impl AsyncFnOnce(auth_service::Client) -> T) -> T {
-        let local = tokio::task::LocalSet::new();
-        let conversation = local.run_until(async {
-            let identity =
-                device.map(|seed| peer::client_certificate(&keypair(seed).pkcs8_der().unwrap()).unwrap());
-            let config =
-                transport::client_config(cert::load_certificate(&self.cert).unwrap(), identity).unwrap();
-            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            endpoint.set_default_client_config(config);
-            let connection = endpoint.connect(self.addr, "localhost").unwrap().await.unwrap();
-            let (send, recv) = connection.open_bi().await.unwrap();
-            let (session, node) = rpc::connect(send, recv, rpc::reader_options(DEFAULT_MAX_PAYLOAD));
-            tokio::task::spawn_local(session);
-            let result = body(node.cast_to()).await;
-            connection.close(0u32.into(), b"done");
-            endpoint.wait_idle().await;
-            result
-        });
-        tokio::time::timeout(STEP_TIMEOUT, conversation)
-            .await
-            .expect("the conversation finishes in time")
-    }
-}
+use quicnprotochat_proto::wire;
 
 /// Calls `uploadDeviceList` with `list`: its outcome, or the exception.
 async fn upload(
@@ -126,23 +46,6 @@ fn raw(keys: &[IdentityKey]) -> Vec<Vec<u8>> {
     keys.iter().map(|key| key.as_bytes().to_vec()).collect()
 }
 
-/// A failed call's kind and text.
-fn failure<T>(result: Result<T, capnp::Error>) -> (capnp::ErrorKind, String) {
-    match result {
-        Ok(_) => panic!("the call succeeded"),
-        Err(error) => (error.kind, error.extra),
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            // The node may be gone already; nothing to do then.
-            let _ = stop.send(());
-        }
-    }
-}
-
 const USER: u8 = 1;
 const PHONE: u8 = 10;
 const LAPTOP: u8 = 11;
@@ -151,7 +54,7 @@ const LAPTOP: u8 = 11;
 async fn a_device_stores_its_users_list_and_anyone_fetches_it() {
     let node = TestNode::start(|_| {}).await;
     let v2 = signed_list(USER, 2, &[PHONE, LAPTOP]);
-    node.with_auth(Some(PHONE), async |auth| {
+    node.with_auth(Some(&keypair(PHONE)), async |auth| {
         assert_eq!(upload(&auth, &v2).await.unwrap(), DeviceListOutcome::Stored);
         // A retry of the same list is answered the same.
         assert_eq!(upload(&auth, &v2).await.unwrap(), DeviceListOutcome::Stored);
@@ -189,7 +92,7 @@ async fn a_device_stores_its_users_list_and_anyone_fetches_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_device_list_calls_are_refused_with_the_field() {
     let node = TestNode::start(|_| {}).await;
-    node.with_auth(Some(PHONE), async |auth| {
+    node.with_auth(Some(&keypair(PHONE)), async |auth| {
         // More users than one call may name.
         let many = raw(&vec![public(USER); wire::MAX_DEVICE_LIST_FETCH + 1]);
         let (kind, text) = failure(fetch(&auth, &many).await);
@@ -236,7 +139,7 @@ async fn over_its_rates_a_caller_is_told_to_wait() {
         config.key_package_fetch_rate = 1;
     })
     .await;
-    node.with_auth(Some(PHONE), async |auth| {
+    node.with_auth(Some(&keypair(PHONE)), async |auth| {
         // Each upload counts as a message of the send budget.
         for version in 1..=2 {
             let list = signed_list(USER, version, &[PHONE]);

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use conformance::device_lists::{public, signed_list};
 use conformance::{close, key, mls};
-use quicnprotochat_core::Seq;
+use quicnprotochat_core::{Seq, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 use quicnprotochat_server::store::{
     CommitRefusal, DeviceListRefusal, Limits, SendRefusal, Store, StoreCloser, StoreError,
@@ -167,18 +167,20 @@ async fn a_key_package_is_served_once_across_nodes_and_the_last_resort_kept() {
             bytes: i.to_be_bytes().to_vec(),
             last_resort: false,
             expires_at: u64::MAX,
+            suite: Suite::X25519,
         })
         .collect();
     packages.push(ValidKeyPackage {
         bytes: b"last resort".to_vec(),
         last_resort: true,
         expires_at: u64::MAX,
+        suite: Suite::X25519,
     });
     a.0.upload_key_packages(key(1), packages).await.unwrap().unwrap();
     let takers: Vec<_> = (0..80)
         .map(|i| {
             let store = if i % 2 == 0 { a.0.clone() } else { b.0.clone() };
-            tokio::spawn(async move { store.take_key_package(key(1), true).await.unwrap() })
+            tokio::spawn(async move { store.take_key_package(key(1), Suite::X25519, true).await.unwrap() })
         })
         .collect();
     let mut ordinary = Vec::new();
@@ -197,7 +199,10 @@ async fn a_key_package_is_served_once_across_nodes_and_the_last_resort_kept() {
         "none served twice"
     );
     assert_eq!(last_resort, 50);
-    assert_eq!(b.0.count_key_packages(key(1)).await.unwrap(), (0, true));
+    assert_eq!(
+        b.0.count_key_packages(key(1), Suite::X25519).await.unwrap(),
+        (0, true)
+    );
     close_both([a, b]).await;
 }
 

@@ -5,17 +5,18 @@
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
-use std::net::SocketAddr;
+mod node;
+
 use std::time::Duration;
 
 use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capnp::serialize::OwnedSegments;
 use capnp::traits::HasTypeId;
 use capnp_rpc::rpc_capnp::{cap_descriptor, message, return_};
+use node::{STEP_TIMEOUT, TestNode};
 use quicnprotochat_proto::guard::MAX_OPEN_QUESTIONS;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::{PROTOCOL_VERSION, cert, transport};
-use quicnprotochat_server::{Config, Node};
 
 /// Pings sent with fresh question ids, after the bootstrap's id 0.
 const PINGS: u32 = 5_000;
@@ -23,9 +24,6 @@ const PINGS: u32 = 5_000;
 /// Bounds the whole conversation, so a stalled session fails the test
 /// instead of hanging it.
 const CONVERSATION_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Bounds startup and shutdown steps.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Writes one message in standard stream framing.
 async fn send(stream: &mut quinn::SendStream, builder: &Builder<HeapAllocator>) {
@@ -149,49 +147,31 @@ async fn a_peer_that_never_reuses_question_ids_keeps_its_session() {
         PINGS as usize > 2 * MAX_OPEN_QUESTIONS,
         "the test exceeds the limit"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::in_dir(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.ping_rate = 0;
-    config.rpc_threads = 1;
-    let cert_path = config.tls_cert.clone();
-    let node = tokio::time::timeout(STEP_TIMEOUT, Node::bind(config))
-        .await
-        .unwrap()
-        .unwrap();
-    let addr = node.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(node.run(async {
-        let _ = stopped.await;
-    }));
+    let node = TestNode::start(|config| config.ping_rate = 0).await;
 
-    let client_config = transport::client_config(cert::load_certificate(&cert_path).unwrap(), None).unwrap();
+    let client_config = transport::client_config(cert::load_certificate(node.cert()).unwrap(), None).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client_config);
-    let connection = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect(addr, "localhost").unwrap())
+    let connection = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect(node.addr(), "localhost").unwrap())
         .await
         .unwrap()
         .unwrap();
 
     tokio::time::timeout(CONVERSATION_TIMEOUT, async {
         let (mut send_stream, mut recv) = connection.open_bi().await.unwrap();
-        let node = bootstrap(&mut send_stream, &mut recv).await;
+        let service = bootstrap(&mut send_stream, &mut recv).await;
         // Fresh ids only, and no Finish for any of them: only the node's
         // noFinishNeeded tells its guard these questions are closed.
         for question in 1..=PINGS {
-            ping(&mut send_stream, &mut recv, node, question).await;
+            ping(&mut send_stream, &mut recv, service, question).await;
         }
         // The session is still up: one more call is answered.
-        ping(&mut send_stream, &mut recv, node, PINGS + 1).await;
+        ping(&mut send_stream, &mut recv, service, PINGS + 1).await;
     })
     .await
     .expect("the conversation finishes in time");
 
     connection.close(0u32.into(), b"done");
     let _ = tokio::time::timeout(STEP_TIMEOUT, endpoint.wait_idle()).await;
-    stop.send(()).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, running)
-        .await
-        .expect("the node stops in time")
-        .unwrap()
-        .unwrap();
+    node.stop().await;
 }

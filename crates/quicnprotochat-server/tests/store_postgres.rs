@@ -10,6 +10,7 @@ mod conformance;
 
 use conformance::Backend;
 use proptest::prelude::*;
+use quicnprotochat_core::IdentityKey;
 use quicnprotochat_server::store::{Limits, Store, StoreCloser};
 use quicnprotochat_testpg::TestPostgres;
 
@@ -30,6 +31,45 @@ impl Postgres {
 impl Backend for Postgres {
     fn open_with(&self, limits: Limits) -> (Store, StoreCloser) {
         Store::open_postgres(&self.url, limits).unwrap()
+    }
+
+    fn store_key_packages_before_suites(&self, identity: IdentityKey, packages: &[(&[u8], bool)]) {
+        let url = self.url.clone();
+        let packages: Vec<(Vec<u8>, bool)> = packages
+            .iter()
+            .map(|(bytes, last_resort)| (bytes.to_vec(), *last_resort))
+            .collect();
+        // The synchronous client must not run on an async thread.
+        std::thread::spawn(move || {
+            let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            // Migration 3 added the ciphersuite; undone here, which only
+            // works while it is the newest migration.
+            let version: Vec<u8> = db
+                .query_one(
+                    "SELECT value FROM quicnprotochat_meta WHERE key = 'schema_version'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(version, b"3", "undo the migrations after 3 here too");
+            db.batch_execute(
+                "DROP INDEX key_packages_serving;
+                 ALTER TABLE key_packages DROP COLUMN ciphersuite;
+                 CREATE INDEX key_packages_serving ON key_packages (identity_key, last_resort, id);
+                 UPDATE quicnprotochat_meta SET value = '2' WHERE key = 'schema_version';",
+            )
+            .unwrap();
+            for (bytes, last_resort) in packages {
+                db.execute(
+                    "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at)
+                     VALUES ($1, $2, 0, $3, 9223372036854775807)",
+                    &[&identity.as_bytes().as_slice(), &bytes, &last_resort],
+                )
+                .unwrap();
+            }
+        })
+        .join()
+        .unwrap();
     }
 }
 

@@ -7,7 +7,8 @@ mod conformance;
 
 use conformance::Backend;
 use proptest::prelude::*;
-use quicnprotochat_server::store::{Durability, Limits, Store, StoreCloser};
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_server::store::{Durability, Limits, SCHEMA_VERSION, Store, StoreCloser};
 
 /// A SQLite database file in its own temporary directory.
 struct Sqlite {
@@ -25,6 +26,29 @@ impl Sqlite {
 impl Backend for Sqlite {
     fn open_with(&self, limits: Limits) -> (Store, StoreCloser) {
         Store::open_with(&self.dir.path().join("node.db"), limits, Durability::Full).unwrap()
+    }
+
+    fn store_key_packages_before_suites(&self, identity: IdentityKey, packages: &[(&[u8], bool)]) {
+        // V13 added the ciphersuite; undone here, which only works while
+        // it is the newest migration.
+        assert_eq!(SCHEMA_VERSION, 13, "undo the migrations after V13 here too");
+        let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
+        db.execute_batch(
+            "DROP INDEX key_packages_serving;
+             ALTER TABLE key_packages DROP COLUMN ciphersuite;
+             CREATE INDEX key_packages_by_identity ON key_packages (identity_key, id);
+             CREATE INDEX key_packages_serving ON key_packages (identity_key, last_resort, id);
+             PRAGMA user_version = 12;",
+        )
+        .unwrap();
+        for (bytes, last_resort) in packages {
+            db.execute(
+                "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at)
+                 VALUES (?1, ?2, 0, ?3, 9223372036854775807)",
+                rusqlite::params![identity.as_bytes(), bytes, last_resort],
+            )
+            .unwrap();
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
-use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList};
+use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 use super::storage::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
@@ -66,13 +66,14 @@ impl Storage for MemoryStorage {
     fn oldest_key_package(
         &mut self,
         identity: &IdentityKey,
+        suite: Suite,
         now: i64,
     ) -> Result<Option<(KeyPackageRow, Vec<u8>)>, Infallible> {
         Ok(self
             .key_packages
             .iter()
             .find(|(_, (owner, package))| {
-                owner == identity && !package.last_resort && unexpired(package, now)
+                serves(owner, package, identity, suite, now) && !package.last_resort
             })
             .map(|(row, (_, package))| (KeyPackageRow(*row), package.bytes.clone())))
     }
@@ -85,32 +86,43 @@ impl Storage for MemoryStorage {
     fn newest_last_resort(
         &mut self,
         identity: &IdentityKey,
+        suite: Suite,
         now: i64,
     ) -> Result<Option<Vec<u8>>, Infallible> {
         Ok(self
             .key_packages
             .values()
             .rev()
-            .find(|(owner, package)| owner == identity && package.last_resort && unexpired(package, now))
+            .find(|(owner, package)| serves(owner, package, identity, suite, now) && package.last_resort)
             .map(|(_, package)| package.bytes.clone()))
     }
 
-    fn count_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<(u32, bool), Infallible> {
+    fn count_key_packages(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> Result<(u32, bool), Infallible> {
         let mine = || {
             self.key_packages
                 .values()
-                .filter(move |(owner, package)| owner == identity && unexpired(package, now))
+                .filter(move |(owner, package)| serves(owner, package, identity, suite, now))
         };
         let ordinary = mine().filter(|(_, package)| !package.last_resort).count();
         let last_resort = mine().any(|(_, package)| package.last_resort);
         Ok((u32::try_from(ordinary).unwrap_or(u32::MAX), last_resort))
     }
 
-    fn stored_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<u64, Infallible> {
+    fn stored_key_packages(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> Result<u64, Infallible> {
         Ok(self
             .key_packages
             .values()
-            .filter(|(owner, package)| owner == identity && unexpired(package, now))
+            .filter(|(owner, package)| serves(owner, package, identity, suite, now))
             .count() as u64)
     }
 
@@ -256,6 +268,18 @@ impl Storage for MemoryStorage {
         self.device_lists.insert(*list.list().user(), list.clone());
         Ok(())
     }
+}
+
+/// Whether `package`, stored for `owner`, is one of `identity` in `suite`
+/// that has not expired at `now`.
+fn serves(
+    owner: &IdentityKey,
+    package: &ValidKeyPackage,
+    identity: &IdentityKey,
+    suite: Suite,
+    now: i64,
+) -> bool {
+    owner == identity && package.suite == suite && unexpired(package, now)
 }
 
 fn unexpired(package: &ValidKeyPackage, now: i64) -> bool {

@@ -13,7 +13,7 @@ use std::collections::hash_map::Entry;
 
 use quicnprotochat_core::public_view::Invalid;
 use quicnprotochat_core::{
-    GroupId, IdentityKey, MemberKey, PublicView, QueuedMessage, Seq, SignedDeviceList,
+    GroupId, IdentityKey, MemberKey, PublicView, QueuedMessage, Seq, SignedDeviceList, Suite,
 };
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
 use quicnprotochat_proto::wire::{
@@ -43,7 +43,8 @@ pub struct Limits {
     pub max_queue_depth: usize,
     /// Most payload bytes one queue may hold, likewise.
     pub max_queue_bytes: u64,
-    /// Most unexpired KeyPackages one identity may keep.
+    /// Most unexpired KeyPackages one identity may keep of each
+    /// ciphersuite.
     pub max_key_packages: u32,
 }
 
@@ -66,10 +67,14 @@ pub enum SendRefusal {
     StaleEpoch(StaleEpoch),
 }
 
-/// An upload would leave the identity with more KeyPackages than allowed.
+/// An upload would leave the identity with more KeyPackages of one
+/// ciphersuite than allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooManyKeyPackages {
-    /// Unexpired KeyPackages the identity holds now.
+    /// The ciphersuite whose stock is full (the first such, in
+    /// [`Suite::ALL`] order).
+    pub suite: Suite,
+    /// Unexpired KeyPackages of that suite the identity holds now.
     pub stored: u64,
     /// The limit.
     pub max: u32,
@@ -101,7 +106,10 @@ impl From<quicnprotochat_core::public_view::Invalid> for CommitRefusal {
     }
 }
 
-/// Stores validated KeyPackages of `identity`.
+/// Stores validated KeyPackages of `identity`, each under its suite, all
+/// or none. Each suite has a stock of its own, limited on its own: a client
+/// keeps a full stock of every suite it speaks, and filling one never
+/// refuses uploads of another.
 pub fn upload_key_packages<S: Storage>(
     storage: &mut S,
     identity: &IdentityKey,
@@ -109,12 +117,19 @@ pub fn upload_key_packages<S: Storage>(
     limits: &Limits,
     now: i64,
 ) -> Result<Result<(), TooManyKeyPackages>, S::Error> {
-    let stored = storage.stored_key_packages(identity, now)?;
-    if stored.saturating_add(packages.len() as u64) > u64::from(limits.max_key_packages) {
-        return Ok(Err(TooManyKeyPackages {
-            stored,
-            max: limits.max_key_packages,
-        }));
+    for suite in Suite::ALL {
+        let adding = packages.iter().filter(|package| package.suite == suite).count() as u64;
+        if adding == 0 {
+            continue;
+        }
+        let stored = storage.stored_key_packages(identity, suite, now)?;
+        if stored.saturating_add(adding) > u64::from(limits.max_key_packages) {
+            return Ok(Err(TooManyKeyPackages {
+                suite,
+                stored,
+                max: limits.max_key_packages,
+            }));
+        }
     }
     for package in packages {
         storage.insert_key_package(identity, package, now)?;
@@ -122,32 +137,37 @@ pub fn upload_key_packages<S: Storage>(
     Ok(Ok(()))
 }
 
-/// Takes a KeyPackage of `identity`: the oldest unexpired ordinary one,
-/// deleted so that nobody gets it again (its HPKE init key must serve one
-/// Welcome only); when none is left, or `ordinary` is false (the identity's
-/// serve rate is spent), the newest unexpired last-resort one, kept so that
-/// its owner stays reachable. Expired ones are never served.
+/// Takes a KeyPackage of `identity` in `suite` (a group can only add its
+/// members with KeyPackages of its own suite): the oldest unexpired
+/// ordinary one, deleted so that nobody gets it again (its HPKE init key
+/// must serve one Welcome only); when none is left, or `ordinary` is false
+/// (the serve rate of the identity's stock of that suite is spent), the
+/// newest unexpired last-resort one of that suite, kept so that its owner
+/// stays reachable. Expired ones are never served, nor ones of another
+/// suite.
 pub fn take_key_package<S: Storage>(
     storage: &mut S,
     identity: &IdentityKey,
+    suite: Suite,
     ordinary: bool,
     now: i64,
 ) -> Result<Option<Vec<u8>>, S::Error> {
-    if ordinary && let Some((row, package)) = storage.oldest_key_package(identity, now)? {
+    if ordinary && let Some((row, package)) = storage.oldest_key_package(identity, suite, now)? {
         storage.delete_key_package(row)?;
         return Ok(Some(package));
     }
-    storage.newest_last_resort(identity, now)
+    storage.newest_last_resort(identity, suite, now)
 }
 
-/// How many unexpired ordinary KeyPackages `identity` has, and whether it
-/// has an unexpired last-resort one.
+/// How many unexpired ordinary KeyPackages `identity` has in `suite`, and
+/// whether it has an unexpired last-resort one of that suite.
 pub fn count_key_packages<S: Storage>(
     storage: &mut S,
     identity: &IdentityKey,
+    suite: Suite,
     now: i64,
 ) -> Result<(u32, bool), S::Error> {
-    storage.count_key_packages(identity, now)
+    storage.count_key_packages(identity, suite, now)
 }
 
 /// Why `uploadDeviceList` stored nothing.

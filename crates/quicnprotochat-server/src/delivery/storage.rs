@@ -6,7 +6,7 @@
 //! conformance suite (`store::conformance`) holds every backend to the same
 //! behaviour.
 
-use quicnprotochat_core::{DeviceList, GroupId, IdentityKey, Seq, SignedDeviceList};
+use quicnprotochat_core::{DeviceList, GroupId, IdentityKey, Seq, SignedDeviceList, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 /// A stored KeyPackage's row id, to delete the one that was read.
@@ -124,7 +124,7 @@ pub trait Storage {
     /// it happened in has no effect.
     type Error;
 
-    /// Stores a validated KeyPackage of `identity`.
+    /// Stores a validated KeyPackage of `identity`, under its suite.
     fn insert_key_package(
         &mut self,
         identity: &IdentityKey,
@@ -132,32 +132,44 @@ pub trait Storage {
         now: i64,
     ) -> Result<(), Self::Error>;
 
-    /// The oldest ordinary (not last-resort) KeyPackage of `identity` that
-    /// expires after `now`.
+    /// The oldest ordinary (not last-resort) KeyPackage of `identity` in
+    /// `suite` that expires after `now`.
     fn oldest_key_package(
         &mut self,
         identity: &IdentityKey,
+        suite: Suite,
         now: i64,
     ) -> Result<Option<(KeyPackageRow, Vec<u8>)>, Self::Error>;
 
     /// Deletes one KeyPackage.
     fn delete_key_package(&mut self, row: KeyPackageRow) -> Result<(), Self::Error>;
 
-    /// The newest last-resort KeyPackage of `identity` that expires after
-    /// `now`.
+    /// The newest last-resort KeyPackage of `identity` in `suite` that
+    /// expires after `now`.
     fn newest_last_resort(
         &mut self,
         identity: &IdentityKey,
+        suite: Suite,
         now: i64,
     ) -> Result<Option<Vec<u8>>, Self::Error>;
 
-    /// How many KeyPackages of `identity` (ordinary and last-resort) expire
-    /// after `now`.
-    fn stored_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<u64, Self::Error>;
+    /// How many KeyPackages of `identity` in `suite` (ordinary and
+    /// last-resort) expire after `now`.
+    fn stored_key_packages(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> Result<u64, Self::Error>;
 
-    /// How many ordinary KeyPackages of `identity` expire after `now`, and
-    /// whether a last-resort one does.
-    fn count_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<(u32, bool), Self::Error>;
+    /// How many ordinary KeyPackages of `identity` in `suite` expire after
+    /// `now`, and whether a last-resort one of that suite does.
+    fn count_key_packages(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> Result<(u32, bool), Self::Error>;
 
     /// Whether `sender` already used `message_id`.
     fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, Self::Error>;

@@ -1,6 +1,6 @@
 //! The rules against [`MemoryStorage`]: no database involved.
 
-use quicnprotochat_core::{IdentityKey, Seq};
+use quicnprotochat_core::{IdentityKey, Seq, Suite};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_proto::wire::{CommitPublication, Envelope, ProposalPublication, ValidKeyPackage};
 
@@ -62,6 +62,15 @@ fn key_package(bytes: &[u8], last_resort: bool, expires_at: u64) -> ValidKeyPack
         bytes: bytes.to_vec(),
         last_resort,
         expires_at,
+        suite: Suite::X25519,
+    }
+}
+
+/// An unexpiring KeyPackage record of `suite`.
+fn of_suite(bytes: &[u8], last_resort: bool, suite: Suite) -> ValidKeyPackage {
+    ValidKeyPackage {
+        suite,
+        ..key_package(bytes, last_resort, u64::MAX)
     }
 }
 
@@ -163,24 +172,80 @@ fn key_packages_are_served_ordinary_first_each_once_last_resort_kept_expired_nev
         .command(|s| rules::upload_key_packages(s, &owner, &packages, &Limits::default(), NOW))
         .unwrap();
     assert_eq!(
-        storage.run(|s| rules::count_key_packages(s, &owner, NOW)),
+        storage.run(|s| rules::count_key_packages(s, &owner, Suite::X25519, NOW)),
         (2, true)
     );
-    let mut take = || storage.run(|s| rules::take_key_package(s, &owner, true, NOW));
+    let mut take = || storage.run(|s| rules::take_key_package(s, &owner, Suite::X25519, true, NOW));
     assert_eq!(take().as_deref(), Some(&b"old"[..]));
     assert_eq!(take().as_deref(), Some(&b"new"[..]));
     // Nothing ordinary left: the newest last resort, again and again.
     assert_eq!(take().as_deref(), Some(&b"resort-2"[..]));
     assert_eq!(take().as_deref(), Some(&b"resort-2"[..]));
     assert_eq!(
-        storage.run(|s| rules::take_key_package(s, &key(2), true, NOW)),
+        storage.run(|s| rules::take_key_package(s, &key(2), Suite::X25519, true, NOW)),
         None
     );
     // Once the last resort expires too, there is nothing.
     assert_eq!(
-        storage.run(|s| rules::take_key_package(s, &owner, true, i64::MAX)),
+        storage.run(|s| rules::take_key_package(s, &owner, Suite::X25519, true, i64::MAX)),
         None
     );
+}
+
+#[test]
+fn each_suites_key_packages_are_a_stock_of_their_own() {
+    let mut storage = MemoryStorage::default();
+    let owner = key(1);
+    let limits = Limits {
+        max_key_packages: 2,
+        ..Limits::default()
+    };
+    let (classic, hybrid) = (Suite::X25519, Suite::MlKem768X25519);
+    let mut upload = |packages: &[ValidKeyPackage]| {
+        storage.command(|s| rules::upload_key_packages(s, &owner, packages, &limits, NOW))
+    };
+    // Two of each suite: each stock is full, neither blocks the other.
+    upload(&[
+        of_suite(b"classic", false, classic),
+        of_suite(b"hybrid", false, hybrid),
+        of_suite(b"hybrid resort", true, hybrid),
+    ])
+    .unwrap();
+    upload(&[of_suite(b"classic resort", true, classic)]).unwrap();
+    assert_eq!(
+        upload(&[
+            of_suite(b"one more", false, classic),
+            of_suite(b"spare", false, hybrid)
+        ]),
+        Err(TooManyKeyPackages {
+            suite: classic,
+            stored: 2,
+            max: 2
+        })
+    );
+    assert_eq!(
+        upload(&[of_suite(b"spare", false, hybrid)]),
+        Err(TooManyKeyPackages {
+            suite: hybrid,
+            stored: 2,
+            max: 2
+        })
+    );
+    let count = |storage: &mut MemoryStorage, suite| {
+        storage.run(|s| rules::count_key_packages(s, &owner, suite, NOW))
+    };
+    assert_eq!(count(&mut storage, classic), (1, true));
+    assert_eq!(count(&mut storage, hybrid), (1, true));
+    let mut take =
+        |suite, ordinary| storage.run(|s| rules::take_key_package(s, &owner, suite, ordinary, NOW));
+    // The serve rate of one suite spent: that suite's last resort only.
+    assert_eq!(take(hybrid, false).as_deref(), Some(&b"hybrid resort"[..]));
+    assert_eq!(take(hybrid, true).as_deref(), Some(&b"hybrid"[..]));
+    assert_eq!(take(hybrid, true).as_deref(), Some(&b"hybrid resort"[..]));
+    assert_eq!(take(classic, true).as_deref(), Some(&b"classic"[..]));
+    assert_eq!(take(classic, true).as_deref(), Some(&b"classic resort"[..]));
+    assert_eq!(count(&mut storage, classic), (0, true));
+    assert_eq!(count(&mut storage, hybrid), (0, true));
 }
 
 #[test]
@@ -238,7 +303,7 @@ fn retention_purges_old_messages_ids_and_expired_key_packages() {
     assert_eq!(storage.run(|s| rules::purge(s, NOW + 1, NOW + 10)), 1);
     assert!(queue(&mut storage, 1).is_empty());
     assert_eq!(
-        storage.run(|s| rules::count_key_packages(s, &key(1), NOW)),
+        storage.run(|s| rules::count_key_packages(s, &key(1), Suite::X25519, NOW)),
         (0, false)
     );
     // The id was forgotten with the message: the same id is new again.

@@ -49,16 +49,22 @@ pub(super) fn apply<D: Transact>(
             reply,
             db.decide(|s| rules::upload_key_packages(s, &identity, &packages, limits, now)),
         ),
-        Command::CountKeyPackages { identity, reply } => {
-            answer(reply, db.run(|s| rules::count_key_packages(s, &identity, now)))
-        }
+        Command::CountKeyPackages {
+            identity,
+            suite,
+            reply,
+        } => answer(
+            reply,
+            db.run(|s| rules::count_key_packages(s, &identity, suite, now)),
+        ),
         Command::TakeKeyPackage {
             identity,
+            suite,
             ordinary,
             reply,
         } => answer(
             reply,
-            db.run(|s| rules::take_key_package(s, &identity, ordinary, now)),
+            db.run(|s| rules::take_key_package(s, &identity, suite, ordinary, now)),
         ),
         Command::UploadDeviceList { caller, list, reply } => answer(
             reply,

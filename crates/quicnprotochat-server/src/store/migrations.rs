@@ -157,6 +157,18 @@ const MIGRATIONS: &[&str] = &[
          signature BLOB NOT NULL CHECK (length(signature) = 64),
          updated_at INTEGER NOT NULL
      );",
+    // V13: KeyPackages of each MLS ciphersuite (protocol 6) are a stock of
+    // their own: served, counted and limited per identity and suite.
+    // `ciphersuite` is the suite's code point (a u16); every KeyPackage
+    // stored before is 0x0001, the only suite uploads took. Every fetch and
+    // count names identity and suite, so the serving index leads with both;
+    // V1's index on (identity_key, id) only cost writes since V2's serving
+    // index, whose prefix it is, and goes.
+    "ALTER TABLE key_packages ADD COLUMN ciphersuite INTEGER NOT NULL DEFAULT 1
+         CHECK (ciphersuite BETWEEN 0 AND 65535);
+     DROP INDEX key_packages_serving;
+     DROP INDEX key_packages_by_identity;
+     CREATE INDEX key_packages_serving ON key_packages (identity_key, ciphersuite, last_resort, id);",
 ];
 
 /// The schema version this build creates and understands.

@@ -46,7 +46,7 @@ mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList, Suite};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use quicnprotochat_proto::wire::{
@@ -364,7 +364,7 @@ impl Store {
     }
 
     /// Stores validated KeyPackages of `identity`, all or none; none if the
-    /// identity would hold more than the limit.
+    /// identity would hold more than the limit of one suite's KeyPackages.
     pub async fn upload_key_packages(
         &self,
         identity: IdentityKey,
@@ -378,23 +378,33 @@ impl Store {
         .await
     }
 
-    /// How many unexpired ordinary KeyPackages `identity` has, and whether
-    /// it has an unexpired last-resort one.
-    pub async fn count_key_packages(&self, identity: IdentityKey) -> Result<(u32, bool), StoreError> {
-        self.call(|reply| Command::CountKeyPackages { identity, reply })
-            .await
+    /// How many unexpired ordinary KeyPackages `identity` has in `suite`,
+    /// and whether it has an unexpired last-resort one of that suite.
+    pub async fn count_key_packages(
+        &self,
+        identity: IdentityKey,
+        suite: Suite,
+    ) -> Result<(u32, bool), StoreError> {
+        self.call(|reply| Command::CountKeyPackages {
+            identity,
+            suite,
+            reply,
+        })
+        .await
     }
 
-    /// Takes a KeyPackage of `identity`: the oldest unexpired ordinary one
-    /// (deleted) if `ordinary`, else (or when none is left) the newest
-    /// unexpired last-resort one (kept).
+    /// Takes a KeyPackage of `identity` in `suite`: the oldest unexpired
+    /// ordinary one (deleted) if `ordinary`, else (or when none is left)
+    /// the newest unexpired last-resort one (kept).
     pub async fn take_key_package(
         &self,
         identity: IdentityKey,
+        suite: Suite,
         ordinary: bool,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         self.call(|reply| Command::TakeKeyPackage {
             identity,
+            suite,
             ordinary,
             reply,
         })
@@ -615,10 +625,12 @@ enum Command {
     },
     CountKeyPackages {
         identity: IdentityKey,
+        suite: Suite,
         reply: Reply<(u32, bool)>,
     },
     TakeKeyPackage {
         identity: IdentityKey,
+        suite: Suite,
         ordinary: bool,
         reply: Reply<Option<Vec<u8>>>,
     },

@@ -3,7 +3,7 @@
 //! transaction. Statements are cached by the connection. The schema they
 //! run against is in `migrations`.
 
-use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList};
+use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList, Suite};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::commands::Transact;
@@ -55,15 +55,16 @@ impl Storage for SqliteStorage<'_> {
     ) -> rusqlite::Result<()> {
         self.db
             .prepare_cached(
-                "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at, ciphersuite)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
             .execute(params![
                 identity.as_bytes(),
                 package.bytes,
                 now,
                 package.last_resort,
-                sql_int(package.expires_at)
+                sql_int(package.expires_at),
+                package.suite.code()
             ])?;
         Ok(())
     }
@@ -71,15 +72,16 @@ impl Storage for SqliteStorage<'_> {
     fn oldest_key_package(
         &mut self,
         identity: &IdentityKey,
+        suite: Suite,
         now: i64,
     ) -> rusqlite::Result<Option<(KeyPackageRow, Vec<u8>)>> {
         self.db
             .prepare_cached(
                 "SELECT id, package FROM key_packages
-                 WHERE identity_key = ?1 AND last_resort = 0 AND expires_at > ?2
+                 WHERE identity_key = ?1 AND ciphersuite = ?2 AND last_resort = 0 AND expires_at > ?3
                  ORDER BY id LIMIT 1",
             )?
-            .query_row(params![identity.as_bytes(), now], |row| {
+            .query_row(params![identity.as_bytes(), suite.code(), now], |row| {
                 Ok((KeyPackageRow(row.get(0)?), row.get(1)?))
             })
             .optional()
@@ -92,24 +94,34 @@ impl Storage for SqliteStorage<'_> {
         Ok(())
     }
 
-    fn newest_last_resort(&mut self, identity: &IdentityKey, now: i64) -> rusqlite::Result<Option<Vec<u8>>> {
+    fn newest_last_resort(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> rusqlite::Result<Option<Vec<u8>>> {
         self.db
             .prepare_cached(
                 "SELECT package FROM key_packages
-                 WHERE identity_key = ?1 AND last_resort = 1 AND expires_at > ?2
+                 WHERE identity_key = ?1 AND ciphersuite = ?2 AND last_resort = 1 AND expires_at > ?3
                  ORDER BY id DESC LIMIT 1",
             )?
-            .query_row(params![identity.as_bytes(), now], |row| row.get(0))
+            .query_row(params![identity.as_bytes(), suite.code(), now], |row| row.get(0))
             .optional()
     }
 
-    fn count_key_packages(&mut self, identity: &IdentityKey, now: i64) -> rusqlite::Result<(u32, bool)> {
+    fn count_key_packages(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> rusqlite::Result<(u32, bool)> {
         self.db
             .prepare_cached(
                 "SELECT coalesce(sum(last_resort = 0), 0), coalesce(max(last_resort), 0) FROM key_packages
-                 WHERE identity_key = ?1 AND expires_at > ?2",
+                 WHERE identity_key = ?1 AND ciphersuite = ?2 AND expires_at > ?3",
             )?
-            .query_row(params![identity.as_bytes(), now], |row| {
+            .query_row(params![identity.as_bytes(), suite.code(), now], |row| {
                 Ok((
                     row.get::<_, i64>(0)?.clamp(0, i64::from(u32::MAX)) as u32,
                     row.get::<_, i64>(1)? != 0,
@@ -117,11 +129,19 @@ impl Storage for SqliteStorage<'_> {
             })
     }
 
-    fn stored_key_packages(&mut self, identity: &IdentityKey, now: i64) -> rusqlite::Result<u64> {
+    fn stored_key_packages(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> rusqlite::Result<u64> {
         let count: i64 = self
             .db
-            .prepare_cached("SELECT count(*) FROM key_packages WHERE identity_key = ?1 AND expires_at > ?2")?
-            .query_row(params![identity.as_bytes(), now], |row| row.get(0))?;
+            .prepare_cached(
+                "SELECT count(*) FROM key_packages
+                 WHERE identity_key = ?1 AND ciphersuite = ?2 AND expires_at > ?3",
+            )?
+            .query_row(params![identity.as_bytes(), suite.code(), now], |row| row.get(0))?;
         Ok(u64::try_from(count).unwrap_or(0))
     }
 

@@ -1,19 +1,21 @@
 //! The conformance suite: what every storage backend of the node must do,
 //! checked through the public `Store` API only, so that each backend
 //! (`tests/store_sqlite.rs`, `tests/store_postgres.rs`) runs exactly the
-//! same checks. Device lists' checks are in `device_lists`.
+//! same checks. Device lists' checks are in `device_lists`, those of
+//! KeyPackages of several ciphersuites in `key_packages`.
 //!
 //! Each check takes a fresh [`Backend`] and closes every store it opens.
 
 #![allow(dead_code)] // each runner file uses the checks it can run
 
 pub mod device_lists;
+pub mod key_packages;
 pub mod mls;
 
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
-use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq, Suite};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_server::store::{
     CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, SendRefusal, Store,
@@ -52,6 +54,10 @@ macro_rules! every_check {
             a_device_list_not_signed_by_its_user_key_is_refused,
             only_a_device_of_the_stored_list_may_replace_it,
             concurrent_uploads_of_one_users_list_never_lose_the_newest,
+            key_packages_are_served_only_to_fetches_of_their_suite,
+            each_suite_has_its_own_last_resort_and_count,
+            the_key_package_limit_holds_per_suite,
+            a_key_package_stored_before_suites_is_an_x25519_one,
         );
     };
 }
@@ -65,6 +71,11 @@ pub use device_lists::{
     concurrent_uploads_of_one_users_list_never_lose_the_newest,
     only_a_device_of_the_stored_list_may_replace_it,
 };
+#[allow(unused_imports)] // files checking other things use the helpers only
+pub use key_packages::{
+    a_key_package_stored_before_suites_is_an_x25519_one, each_suite_has_its_own_last_resort_and_count,
+    key_packages_are_served_only_to_fetches_of_their_suite, the_key_package_limit_holds_per_suite,
+};
 
 /// A way to open a backend's store.
 pub trait Backend {
@@ -76,6 +87,13 @@ pub trait Backend {
     fn open(&self) -> (Store, StoreCloser) {
         self.open_with(Limits::default())
     }
+
+    /// Turns the backend's database (created by an open, closed since)
+    /// back into one a node before protocol 6 left: KeyPackages without a
+    /// ciphersuite, at the schema version before the one that added it,
+    /// holding `packages` (bytes, last-resort mark; never expiring) of
+    /// `identity`. The next open migrates it.
+    fn store_key_packages_before_suites(&self, identity: IdentityKey, packages: &[(&[u8], bool)]);
 }
 
 /// Closes a store: drops the handle and waits for its writer to finish.
@@ -95,6 +113,7 @@ fn package(bytes: &[u8]) -> Vec<ValidKeyPackage> {
         bytes: bytes.to_vec(),
         last_resort: false,
         expires_at: u64::MAX,
+        suite: Suite::X25519,
     }]
 }
 
@@ -148,7 +167,7 @@ pub async fn queued_messages_and_key_packages_survive_a_restart(backend: &impl B
     let (store, closer) = backend.open();
     assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"kept".to_vec()]);
     assert_eq!(
-        store.take_key_package(key(1), true).await.unwrap(),
+        store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
         Some(b"kp".to_vec())
     );
     close((store, closer)).await;
@@ -167,15 +186,21 @@ pub async fn key_packages_are_served_once_oldest_first(backend: &impl Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(
-        store.take_key_package(key(1), true).await.unwrap(),
+        store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
         Some(b"first".to_vec())
     );
     assert_eq!(
-        store.take_key_package(key(1), true).await.unwrap(),
+        store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
         Some(b"second".to_vec())
     );
-    assert_eq!(store.take_key_package(key(1), true).await.unwrap(), None);
-    assert_eq!(store.take_key_package(key(9), true).await.unwrap(), None);
+    assert_eq!(
+        store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.take_key_package(key(9), Suite::X25519, true).await.unwrap(),
+        None
+    );
     close((store, closer)).await;
 }
 
@@ -192,7 +217,7 @@ pub async fn concurrent_takes_never_hand_out_a_key_package_twice(backend: &impl 
     let takers: Vec<_> = (0..100)
         .map(|_| {
             let store = store.clone();
-            tokio::spawn(async move { store.take_key_package(key(1), true).await.unwrap() })
+            tokio::spawn(async move { store.take_key_package(key(1), Suite::X25519, true).await.unwrap() })
         })
         .collect();
     let mut served = Vec::new();
@@ -266,6 +291,7 @@ pub async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept(b
         bytes: b"last resort".to_vec(),
         last_resort: true,
         expires_at: u64::MAX,
+        suite: Suite::X25519,
     };
     store
         .upload_key_packages(key(1), vec![last])
@@ -277,18 +303,24 @@ pub async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept(b
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (1, true));
     assert_eq!(
-        store.take_key_package(key(1), true).await.unwrap(),
+        store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
+        (1, true)
+    );
+    assert_eq!(
+        store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
         Some(b"ordinary".to_vec())
     );
     for _ in 0..3 {
         assert_eq!(
-            store.take_key_package(key(1), true).await.unwrap(),
+            store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
             Some(b"last resort".to_vec())
         );
     }
-    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (0, true));
+    assert_eq!(
+        store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
+        (0, true)
+    );
     close((store, closer)).await;
 }
 
@@ -298,6 +330,7 @@ pub async fn an_expired_key_package_is_never_served_or_counted(backend: &impl Ba
         bytes: bytes.to_vec(),
         last_resort,
         expires_at: 1,
+        suite: Suite::X25519,
     };
     store
         .upload_key_packages(
@@ -307,8 +340,14 @@ pub async fn an_expired_key_package_is_never_served_or_counted(backend: &impl Ba
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(store.count_key_packages(key(1)).await.unwrap(), (0, false));
-    assert_eq!(store.take_key_package(key(1), true).await.unwrap(), None);
+    assert_eq!(
+        store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
+        (0, false)
+    );
+    assert_eq!(
+        store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
+        None
+    );
     close((store, closer)).await;
 }
 
@@ -630,10 +669,14 @@ pub async fn an_identity_keeps_at_most_its_limit_of_key_packages(backend: &impl 
     let two = [package(b"c"), package(b"d")].concat();
     assert_eq!(
         store.upload_key_packages(key(1), two).await.unwrap(),
-        Err(TooManyKeyPackages { stored: 2, max: 3 })
+        Err(TooManyKeyPackages {
+            suite: Suite::X25519,
+            stored: 2,
+            max: 3
+        })
     );
     assert_eq!(
-        store.count_key_packages(key(1)).await.unwrap(),
+        store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
         (2, false),
         "refused whole"
     );
@@ -643,7 +686,11 @@ pub async fn an_identity_keeps_at_most_its_limit_of_key_packages(backend: &impl 
         .unwrap()
         .unwrap();
     // Taking one makes room again.
-    store.take_key_package(key(1), true).await.unwrap().unwrap();
+    store
+        .take_key_package(key(1), Suite::X25519, true)
+        .await
+        .unwrap()
+        .unwrap();
     store
         .upload_key_packages(key(1), package(b"d"))
         .await

@@ -96,6 +96,19 @@ const MIGRATIONS: &[&str] = &[
          signature bytea NOT NULL CHECK (octet_length(signature) = 64),
          updated_at bigint NOT NULL
      );",
+    // 3: KeyPackages of each MLS ciphersuite (protocol 6) are a stock of
+    // their own: served, counted and limited per identity and suite.
+    // `ciphersuite` is the suite's code point (a u16, too big for
+    // smallint); every KeyPackage stored before is 0x0001, the only suite
+    // uploads took. The default only fills those rows: the node names the
+    // suite of every new one, and an insert that forgot it must fail.
+    // Every fetch and count names identity and suite, so the serving index
+    // leads with both.
+    "ALTER TABLE key_packages ADD COLUMN ciphersuite integer NOT NULL DEFAULT 1
+         CHECK (ciphersuite BETWEEN 0 AND 65535);
+     ALTER TABLE key_packages ALTER COLUMN ciphersuite DROP DEFAULT;
+     DROP INDEX key_packages_serving;
+     CREATE INDEX key_packages_serving ON key_packages (identity_key, ciphersuite, last_resort, id);",
 ];
 
 /// The schema version this build creates.

@@ -13,8 +13,8 @@
 //! - a group's epoch moves only from the value its command read
 //!   ([`PgError::Raced`] otherwise, and the command runs again and sees the
 //!   winner's epoch);
-//! - an identity's KeyPackage count is taken under an advisory lock of that
-//!   identity;
+//! - an identity's KeyPackage count (of one suite) is taken under an
+//!   advisory lock of that identity;
 //! - a user's device list is replaced only if it is still the one its
 //!   command read ([`PgError::Raced`] otherwise, as for epochs): two nodes
 //!   storing lists of one user at once never both win with one lost.
@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use postgres::Row;
 use postgres::types::ToSql;
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
+use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList, Suite};
 
 use super::conn::Conn;
 
@@ -315,6 +315,12 @@ fn sql_int(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// The `ciphersuite` column of `suite`: its code point, as `integer` (a
+/// u16 does not fit `smallint`).
+fn suite_column(suite: Suite) -> i32 {
+    i32::from(suite.code())
+}
+
 /// Rows a queue read fetches per statement: a fetch stops early at its
 /// budget, so reading the whole queue at once would waste the rest.
 const SCAN_PAGE: i64 = 128;
@@ -396,14 +402,15 @@ impl Storage for PgStorage<'_> {
         now: i64,
     ) -> Result<(), PgError> {
         self.execute(
-            "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at, ciphersuite)
+             VALUES ($1, $2, $3, $4, $5, $6)",
             &[
                 &identity.as_bytes().as_slice(),
                 &package.bytes,
                 &now,
                 &package.last_resort,
                 &sql_int(package.expires_at),
+                &suite_column(package.suite),
             ],
         )?;
         Ok(())
@@ -412,15 +419,16 @@ impl Storage for PgStorage<'_> {
     fn oldest_key_package(
         &mut self,
         identity: &IdentityKey,
+        suite: Suite,
         now: i64,
     ) -> Result<Option<(KeyPackageRow, Vec<u8>)>, PgError> {
         // SKIP LOCKED: one another node is handing out right now is not
         // there for us; we take the next.
         let row = self.query_opt(
             "SELECT id, package FROM key_packages
-             WHERE identity_key = $1 AND NOT last_resort AND expires_at > $2
+             WHERE identity_key = $1 AND ciphersuite = $2 AND NOT last_resort AND expires_at > $3
              ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-            &[&identity.as_bytes().as_slice(), &now],
+            &[&identity.as_bytes().as_slice(), &suite_column(suite), &now],
         )?;
         Ok(row.map(|row| (KeyPackageRow(row.get(0)), row.get(1))))
     }
@@ -430,35 +438,53 @@ impl Storage for PgStorage<'_> {
         Ok(())
     }
 
-    fn newest_last_resort(&mut self, identity: &IdentityKey, now: i64) -> Result<Option<Vec<u8>>, PgError> {
+    fn newest_last_resort(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> Result<Option<Vec<u8>>, PgError> {
         let row = self.query_opt(
             "SELECT package FROM key_packages
-             WHERE identity_key = $1 AND last_resort AND expires_at > $2
+             WHERE identity_key = $1 AND ciphersuite = $2 AND last_resort AND expires_at > $3
              ORDER BY id DESC LIMIT 1",
-            &[&identity.as_bytes().as_slice(), &now],
+            &[&identity.as_bytes().as_slice(), &suite_column(suite), &now],
         )?;
         Ok(row.map(|row| row.get(0)))
     }
 
-    fn stored_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<u64, PgError> {
+    fn stored_key_packages(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> Result<u64, PgError> {
         // Counted to decide whether an upload fits: hold the identity's
         // lock until the batch commits, so that two nodes storing for one
-        // identity at once cannot both fit under the limit.
+        // identity at once cannot both fit under the limit. One lock for
+        // all its suites: an upload of several suites takes it once per
+        // suite, which PostgreSQL allows.
         let mut lock = [0u8; 8];
         lock.copy_from_slice(&identity.as_bytes()[..8]);
         self.execute("SELECT pg_advisory_xact_lock($1)", &[&i64::from_le_bytes(lock)])?;
         let row = self.query_opt(
-            "SELECT count(*) FROM key_packages WHERE identity_key = $1 AND expires_at > $2",
-            &[&identity.as_bytes().as_slice(), &now],
+            "SELECT count(*) FROM key_packages
+             WHERE identity_key = $1 AND ciphersuite = $2 AND expires_at > $3",
+            &[&identity.as_bytes().as_slice(), &suite_column(suite), &now],
         )?;
         Ok(row.map_or(0, |row| count(row.get(0))))
     }
 
-    fn count_key_packages(&mut self, identity: &IdentityKey, now: i64) -> Result<(u32, bool), PgError> {
+    fn count_key_packages(
+        &mut self,
+        identity: &IdentityKey,
+        suite: Suite,
+        now: i64,
+    ) -> Result<(u32, bool), PgError> {
         let row = self.query_opt(
             "SELECT count(*) FILTER (WHERE NOT last_resort), coalesce(bool_or(last_resort), false)
-             FROM key_packages WHERE identity_key = $1 AND expires_at > $2",
-            &[&identity.as_bytes().as_slice(), &now],
+             FROM key_packages WHERE identity_key = $1 AND ciphersuite = $2 AND expires_at > $3",
+            &[&identity.as_bytes().as_slice(), &suite_column(suite), &now],
         )?;
         Ok(row.map_or((0, false), |row| {
             (
