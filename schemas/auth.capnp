@@ -39,18 +39,20 @@ struct UploadOutcome {
     # message, its bytes as payload bytes): wait, then upload again.
     rateLimited @1 :Delivery.RateLimited;
 
-    # The identity would hold more unexpired KeyPackages than the node
-    # keeps for one identity: let some be used (or expire) first.
+    # The identity would hold more unexpired KeyPackages of one
+    # ciphersuite than the node keeps for one identity and suite: let some
+    # be used (or expire) first.
     tooMany @2 :TooManyKeyPackages;
   }
 }
 
-# An identity's KeyPackage stock is full.
+# An identity's KeyPackage stock of one ciphersuite is full (the first full
+# suite of the upload, protocol 6).
 struct TooManyKeyPackages {
-  # Unexpired KeyPackages the identity holds now.
+  # Unexpired KeyPackages of that suite the identity holds now.
   stored @0 :UInt32;
 
-  # The node's limit per identity (`--max-key-packages`).
+  # The node's limit per identity and suite (`--max-key-packages`).
   max @1 :UInt32;
 }
 
@@ -158,10 +160,10 @@ interface AuthService {
   #
   # Anyone may call this, also anonymously: it is how strangers invite each
   # other. Besides each caller's fetch rate, each identity's ordinary
-  # KeyPackages are handed out at a limited rate whoever asks (a few per
-  # minute by default): beyond it the caller gets the last-resort one, so
-  # nobody can drain an identity's stock in a burst and its owner stays
-  # reachable.
+  # KeyPackages of each suite are handed out at a limited rate whoever asks
+  # (a few per minute by default): beyond it the caller gets the last-resort
+  # one of that suite, so nobody can drain an identity's stock in a burst
+  # and its owner stays reachable.
   #
   # ciphersuite: the MLS ciphersuite wanted (protocol 6): 0x0001
   #              (MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, the default,

@@ -163,12 +163,12 @@ pub enum UploadOutcome {
     Stored,
     /// Over the uploader's send budget; nothing was stored.
     RateLimited(RateLimited),
-    /// The identity's stock would exceed the node's limit; nothing was
-    /// stored.
+    /// The identity's stock of one suite would exceed the node's limit;
+    /// nothing was stored.
     TooMany {
-        /// Unexpired KeyPackages the identity holds now.
+        /// Unexpired KeyPackages of that suite the identity holds now.
         stored: u32,
-        /// The node's limit per identity.
+        /// The node's limit per identity and suite.
         max: u32,
     },
 }
