@@ -254,7 +254,7 @@ pub enum ClientError {
     },
     /// The node has no KeyPackage left for a peer.
     #[error(
-        "the node has no {1} KeyPackage for {0}; ask its owner to run `register-state` (or `recv`) with a client that speaks {1} to upload fresh ones"
+        "the node has no KeyPackage for {0} in ciphersuite {1}; ask its owner to run `register-state` (or `recv`) with a client that speaks {1}, to upload fresh ones"
     )]
     NoKeyPackage(IdentityKey, quicnprotochat_core::Suite),
     /// A KeyPackage the node served is not valid for the requested identity.

@@ -124,7 +124,10 @@ fn mixing_suites_is_refused_clearly() {
         ],
     );
     assert!(!ok);
-    assert!(err.contains("has no mlkem768x25519 KeyPackage"), "{err}");
+    assert!(
+        err.contains("has no KeyPackage for") && err.contains("in ciphersuite mlkem768x25519"),
+        "{err}"
+    );
     // The same peer joins a classic group.
     alice.run(&node, "create-group", &["--group-id", "classic"]);
     alice.run(

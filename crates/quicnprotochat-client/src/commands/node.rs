@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{
-    IdentityKey, IdentityKeypair, Suite, fingerprint, generate_key_package, inspect_key_package,
+    IdentityKey, IdentityKeypair, KeyPackageOptions, Suite, fingerprint, generate_key_package,
+    generate_key_package_with, inspect_key_package,
 };
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, RateLimited};
 
@@ -162,6 +163,26 @@ async fn top_up_suite(
         0
     };
     if ordinary == 0 && has_last_resort {
+        return Ok(0);
+    }
+    // A node whose payload limit is below this suite's KeyPackages (a
+    // hybrid one is 2.7 KB) can never take them: say so, and keep none in
+    // the state file that could never be used.
+    let sample = generate_key_package_with(
+        &OpenMlsRustCrypto::default(),
+        identity,
+        KeyPackageOptions {
+            suite,
+            last_resort: true,
+            ..KeyPackageOptions::default()
+        },
+    )?;
+    let max = nodes.auth().ping().await?.max_payload_bytes;
+    if sample.len() > max as usize {
+        eprintln!(
+            "note: this node takes payloads up to {max} bytes and a {suite} KeyPackage is {} bytes: nobody can invite you to {suite} groups through it",
+            sample.len()
+        );
         return Ok(0);
     }
     let packages = state.generate_key_packages(identity, suite, ordinary, !has_last_resort)?;
