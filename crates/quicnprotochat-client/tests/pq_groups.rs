@@ -183,3 +183,30 @@ fn a_client_offering_only_x25519_key_exchange_connects_to_the_node_over_quic() {
         endpoint.wait_idle().await;
     });
 }
+
+#[test]
+fn a_device_linked_later_joins_its_users_hybrid_group() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Member::register(&node, dir.path(), "alice");
+    let bob = Member::register(&node, dir.path(), "bob");
+    bob.run(
+        &node,
+        "create-group",
+        &["--group-id", "pq", "--ciphersuite", HYBRID],
+    );
+    bob.run(&node, "invite", &["--group-id", "pq", "--peer-key", &alice.key]);
+    alice.run(&node, "join", &[]);
+
+    // The linking device makes the new device's KeyPackage in the group's
+    // suite.
+    let laptop = common::state(dir.path(), "laptop.state");
+    let code = node.cli_ok(&["link", "--state", &laptop]);
+    node.cli_ok(&["devices", "add", "--state", &alice.state, code.trim()]);
+    node.cli_ok(&["recv", "--state", &laptop]);
+    let groups = node.cli_ok(&["groups", "--state", &laptop]);
+    assert_eq!(groups.trim(), "* pq epoch 2 members 3 mlkem768x25519");
+    bob.run(&node, "send", &["--group-id", "pq", "--msg", "to both of alice"]);
+    let got = node.cli_ok(&["recv", "--state", &laptop]);
+    assert!(got.contains("to both of alice"), "{got}");
+}
