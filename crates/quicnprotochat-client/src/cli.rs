@@ -256,6 +256,27 @@ pub enum Command {
         #[arg(long)]
         group_id: Option<String>,
     },
+    /// Talk in a group from one process: show messages as the node pushes
+    /// them, send each line typed on stdin. Commands: `/members`,
+    /// `/invite NAME|HEX`, `/group NAME` (switch), `/quit`.
+    ///
+    /// With stdin not a terminal it sends each line, waits until the node
+    /// has taken every one, and exits at the end of input:
+    /// `echo hi | quicnprotochat-client chat --state F`.
+    Chat {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The group to talk in [default: the current group].
+        #[arg(long)]
+        group_id: Option<String>,
+    },
+    /// Print a completion script for your shell on stdout, e.g.
+    /// `quicnprotochat-client completions bash > ~/.local/share/bash-completion/completions/quicnprotochat-client`.
+    Completions {
+        /// The shell to complete in.
+        shell: Shell,
+    },
     /// Names for identity keys, usable as `--peer NAME`.
     Contacts {
         /// The state file.
@@ -265,6 +286,19 @@ pub enum Command {
         #[command(subcommand)]
         action: ContactsAction,
     },
+}
+
+/// The shells `completions` writes scripts for: the three people use most
+/// and the tests cover (clap_complete knows a few more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum Shell {
+    /// GNU Bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
 }
 
 /// `contacts` subcommands.

@@ -286,6 +286,13 @@ pub enum ClientError {
     /// A command-line argument is not usable.
     #[error("{0}")]
     Usage(String),
+    /// `chat` could not read the next line of stdin.
+    #[error("reading stdin: {0}")]
+    Stdin(#[source] std::io::Error),
+    /// The node dropped `chat`'s subscription (it is shutting down, or the
+    /// connection broke).
+    #[error("the node at {0} ended the subscription; start `chat` again")]
+    Unsubscribed(String),
     /// The demo's end-to-end check failed.
     #[error("demo failed: {0}")]
     Demo(String),

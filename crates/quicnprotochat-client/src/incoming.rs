@@ -41,6 +41,16 @@ impl Seen {
     pub(crate) fn after(&self) -> Seq {
         self.after
     }
+
+    /// Takes in what another fetch on the same queue (e.g. the catch-up
+    /// before a send) stored meanwhile, so a pushed batch repeating it is
+    /// not stored and applied a second time.
+    pub(crate) fn refresh(mut self, state: &StateFile) -> Result<Seen, ClientError> {
+        let stored = state.stored_seq(&self.instance)?;
+        self.stored = self.stored.max(stored);
+        self.after = self.after.max(stored);
+        Ok(self)
+    }
 }
 
 /// Brings every group up to date: settles our own unanswered change, fetches

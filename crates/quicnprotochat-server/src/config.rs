@@ -149,6 +149,9 @@ pub struct Config {
     pub group_retention: Duration,
     /// fsync every commit (Full) or only at checkpoints (Normal).
     pub durability: Durability,
+    /// TCP address serving Prometheus metrics at `/metrics`; none: no
+    /// metrics are recorded.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -179,6 +182,7 @@ impl Default for Config {
             retention: retention_days(DEFAULT_RETENTION_DAYS),
             group_retention: retention_days(DEFAULT_GROUP_RETENTION_DAYS),
             durability: Durability::Full,
+            metrics_listen: None,
         }
     }
 }

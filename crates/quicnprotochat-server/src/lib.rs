@@ -31,6 +31,8 @@
 //!   group-committing writer, syncs apart from commits, a reader thread) or
 //!   PostgreSQL (writer and reader connections, LISTEN/NOTIFY between
 //!   nodes), behind one `Store` handle.
+//! - [`metrics`] — the Prometheus series the node records, the recorder
+//!   and the `/metrics` HTTP listener.
 //! - [`error`] — the node's error types and their conversion to RPC errors.
 
 pub mod admission;
@@ -39,6 +41,7 @@ pub mod delivery;
 pub mod error;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod service;
 pub mod store;
 

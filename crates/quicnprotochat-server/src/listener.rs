@@ -28,12 +28,13 @@ use capnp::message::ReaderOptions;
 use quicnprotochat_proto::{cert, peer, rpc, transport, wire};
 use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::admission::{AddressSlot, Admission, Decision};
 use crate::config::{Config, MAX_PAYLOAD_CEILING};
 use crate::error::ServerError;
 use crate::limits::RateLimits;
+use crate::metrics::{self, GaugeGuard};
 use crate::service::{NodeServiceImpl, Shared};
 use crate::store::{Limits, Store, StoreCloser};
 
@@ -74,6 +75,11 @@ pub struct Node {
     admission: Arc<Admission>,
     retention: Duration,
     group_retention: Duration,
+    /// The `/metrics` listener and the recorder it renders, when asked for.
+    metrics: Option<(
+        tokio::net::TcpListener,
+        metrics_exporter_prometheus::PrometheusHandle,
+    )>,
 }
 
 impl Node {
@@ -95,6 +101,20 @@ impl Node {
         if config.rpc_threads == 0 {
             return Err(ServerError::Config("--rpc-threads must be at least 1".into()));
         }
+        // Bound first: a busy metrics port fails start-up before any
+        // thread or database is set up.
+        let metrics = match config.metrics_listen {
+            Some(addr) => match metrics::install() {
+                Some(handle) => {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Bind { addr, source })?;
+                    Some((listener, handle))
+                }
+                None => None,
+            },
+            None => None,
+        };
         let identity = cert::load_or_generate(&config.tls_cert, &config.tls_key, &config.tls_names)?;
         if identity.generated {
             info!(
@@ -174,6 +194,7 @@ impl Node {
             admission,
             retention: config.retention,
             group_retention: config.group_retention,
+            metrics,
             store_closer,
             workers,
         })
@@ -188,10 +209,34 @@ impl Node {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// The TCP address serving `/metrics`, if the node serves metrics.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then shuts down cleanly.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let mut workers = std::mem::take(&mut self.workers);
         info!(addr = %self.local_addr(), alpn = %String::from_utf8_lossy(transport::ALPN), "node listening");
+        let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+        let mut metrics_tasks = Vec::new();
+        if let Some((listener, handle)) = self.metrics.take() {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "serving Prometheus metrics at /metrics");
+            }
+            metrics_tasks.push(tokio::spawn(metrics::serve(
+                listener,
+                handle.clone(),
+                metrics_stopped.clone(),
+            )));
+            metrics_tasks.push(tokio::spawn(sample_task(
+                self.shared.clone(),
+                handle,
+                metrics_stopped,
+            )));
+        }
 
         let (stop_retention, retention_stopped) = tokio::sync::oneshot::channel();
         let retention = tokio::spawn(retention_task(
@@ -248,6 +293,10 @@ impl Node {
         info!("shutting down: no new connections; finishing calls in flight");
         let _ = stop_retention.send(());
         let _ = retention.await;
+        let _ = stop_metrics.send(true);
+        for task in metrics_tasks {
+            let _ = task.await;
+        }
         // New calls are refused from here on; wait for the last one in flight.
         self.shared.calls.close();
         // Ends push subscriptions and long polls now instead of at the drain
@@ -429,6 +478,7 @@ async fn serve_connection(
     options: ReaderOptions,
 ) {
     let (_open, mut slot, _load) = held;
+    let _gauge = GaugeGuard::new(metrics::CONNECTIONS_OPEN);
     let remote = incoming.remote_address();
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
     slot.handshake_done();
@@ -458,23 +508,81 @@ async fn serve_connection(
             }
         },
     };
-    debug!(%remote, peer = ?peer, "connection established");
+    // Every line logged for this connection, its sessions and the calls
+    // they run carries who and where from, so one client's story can be
+    // grepped.
+    let span = tracing::info_span!(
+        "connection",
+        peer = %peer.map_or_else(|| "anonymous".to_owned(), |peer| peer.short()),
+        %remote,
+    );
+    serve_sessions(connection, peer, remote, shared, options)
+        .instrument(span)
+        .await;
+}
+
+/// Runs one RPC session per stream the client opens until the connection
+/// closes; inside the connection's span.
+async fn serve_sessions(
+    connection: quinn::Connection,
+    peer: Option<quicnprotochat_core::IdentityKey>,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+    options: ReaderOptions,
+) {
+    debug!("connection established");
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
                 let node = capnp_rpc::new_client(NodeServiceImpl::new(shared.clone(), peer, remote.ip()));
                 let session = rpc::serve(send, recv, node, options);
-                tokio::task::spawn_local(async move {
-                    if let Err(e) = session.await {
-                        debug!(%remote, "RPC session ended: {e}");
+                tokio::task::spawn_local(
+                    async move {
+                        if let Err(e) = session.await {
+                            // A peer hanging up ends its session as
+                            // `Disconnected` or a premature end of file;
+                            // `Failed` is what the RPC guard's refusals and
+                            // malformed messages become.
+                            if e.kind == capnp::ErrorKind::Failed {
+                                ::metrics::counter!(metrics::GUARD_ABORTS).increment(1);
+                            }
+                            debug!("RPC session ended: {e}");
+                        }
                     }
-                });
+                    .in_current_span(),
+                );
             }
             Err(e) => {
-                debug!(%remote, "connection closed: {e}");
+                debug!("connection closed: {e}");
                 return;
             }
         }
+    }
+}
+
+/// Every [`metrics::SAMPLE_INTERVAL`] until `stop` fires: reads the gauges
+/// that need a count from the database (messages queued, KeyPackages
+/// stored) and lets the recorder fold its histogram buffers, so they stay
+/// small between scrapes.
+async fn sample_task(
+    shared: Arc<Shared>,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(metrics::SAMPLE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match shared.store.totals().await {
+            Ok(totals) => {
+                ::metrics::gauge!(metrics::MESSAGES_QUEUED).set(totals.messages_queued as f64);
+                ::metrics::gauge!(metrics::KEY_PACKAGES_STORED).set(totals.key_packages_stored as f64);
+            }
+            Err(e) => debug!("metrics: counting queued messages and KeyPackages: {e}"),
+        }
+        handle.run_upkeep();
     }
 }
 

@@ -93,6 +93,19 @@ struct Args {
     /// Days a group may go without a change before the node forgets its public view (0: never).
     #[arg(long, env = "QUICNPROTOCHAT_GROUP_RETENTION_DAYS", default_value_t = config::DEFAULT_GROUP_RETENTION_DAYS)]
     group_retention_days: u64,
+    /// TCP address serving Prometheus metrics at http://ADDR/metrics (off when unset).
+    #[arg(long, env = "QUICNPROTOCHAT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log lines on stderr as text, or as one JSON object per line.
+    #[arg(long, env = "QUICNPROTOCHAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `--durability` values.
@@ -104,12 +117,24 @@ enum DurabilityArg {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
+        // One object per line, with the current span's fields (the
+        // connection's peer and remote address) and the spans above it.
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let defaults = Config::default();
     let config = Config {
         listen: args.listen,
@@ -140,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
             DurabilityArg::Full => Durability::Full,
             DurabilityArg::Normal => Durability::Normal,
         },
+        metrics_listen: args.metrics_listen,
     };
     quicnprotochat_server::run(config, shutdown_signal())
         .await

@@ -2,13 +2,16 @@
 //! domain types, makes one store call and fills the results: an expected
 //! outcome (rate limited, queue full, commit conflict, no KeyPackage) as a
 //! typed value, a wrong call or a failure as an exception. The rules live in
-//! [`crate::delivery`], the storage in [`crate::store`].
+//! [`crate::delivery`], the storage in [`crate::store`]. Every method runs
+//! inside `observed`, which counts the call by method and outcome (a typed
+//! outcome's kind, or `error` for an exception) and times it.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::IpAddr;
 use std::rc::Rc as LocalRc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capnp::capability::Rc;
 use quicnprotochat_core::{IdentityKey, Seq, SignedDeviceList, fingerprint};
@@ -25,6 +28,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::delivery::{CommitRefusal, DeviceListRefusal, NotAJoiner, NotAMember, SendRefusal, push};
 use crate::error::ServiceError;
 use crate::limits::{self, Caller, Cost, RateLimits};
+use crate::metrics::{self, GaugeGuard};
 use crate::store::Store;
 
 /// State shared by every connection's service object.
@@ -317,16 +321,19 @@ impl node_capnp::node_service::Server for NodeServiceImpl {
         _: node_capnp::node_service::PingParams,
         mut results: node_capnp::node_service::PingResults,
     ) -> Result<(), capnp::Error> {
-        self.shared
-            .rate_limits
-            .check_ping(self.caller())
-            .map_err(ServiceError::RateLimited)?;
-        let mut info = results.get().init_info();
-        info.set_version(env!("CARGO_PKG_VERSION"));
-        info.set_protocol_version(PROTOCOL_VERSION);
-        info.set_max_payload_bytes(u32::try_from(self.shared.max_payload).unwrap_or(u32::MAX));
-        info.set_instance_id(&self.shared.store.instance_id());
-        Ok(())
+        observed("ping", async move {
+            self.shared
+                .rate_limits
+                .check_ping(self.caller())
+                .map_err(ServiceError::RateLimited)?;
+            let mut info = results.get().init_info();
+            info.set_version(env!("CARGO_PKG_VERSION"));
+            info.set_protocol_version(PROTOCOL_VERSION);
+            info.set_max_payload_bytes(u32::try_from(self.shared.max_payload).unwrap_or(u32::MAX));
+            info.set_instance_id(&self.shared.store.instance_id());
+            Ok("ok")
+        })
+        .await
     }
 }
 
@@ -336,33 +343,38 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         params: auth_capnp::auth_service::UploadKeyPackageParams,
         mut results: auth_capnp::auth_service::UploadKeyPackageResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let params = params.get()?;
-        let identity =
-            wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
-        self.require_owner("identityKey", &identity)?;
-        if let Some(refused) = self.limit_uploads(&identity, 1)? {
-            refused.write(results.get().init_outcome());
-            return Ok(());
-        }
-        let received = params.get_package()?;
-        // Of the bytes as received, even if a wrapped KeyPackage is stored bare.
-        let digest = fingerprint(received);
-        let package = wire::key_package(
-            "package",
-            received,
-            self.shared.max_payload,
-            &identity,
-            &self.shared.key_package_policy,
-        )
-        .map_err(ServiceError::from)?;
-        let outcome = self.store_key_packages(identity, vec![package]).await?;
-        let mut results = results.get();
-        if outcome == UploadOutcome::Stored {
-            results.set_fingerprint(&digest);
-        }
-        outcome.write(results.init_outcome());
-        Ok(())
+        observed("uploadKeyPackage", async move {
+            let _call = self.begin()?;
+            let params = params.get()?;
+            let identity =
+                wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+            self.require_owner("identityKey", &identity)?;
+            if let Some(refused) = self.limit_uploads(&identity, 1)? {
+                let label = refused.label();
+                refused.write(results.get().init_outcome());
+                return Ok(label);
+            }
+            let received = params.get_package()?;
+            // Of the bytes as received, even if a wrapped KeyPackage is stored bare.
+            let digest = fingerprint(received);
+            let package = wire::key_package(
+                "package",
+                received,
+                self.shared.max_payload,
+                &identity,
+                &self.shared.key_package_policy,
+            )
+            .map_err(ServiceError::from)?;
+            let outcome = self.store_key_packages(identity, vec![package]).await?;
+            let mut results = results.get();
+            if outcome == UploadOutcome::Stored {
+                results.set_fingerprint(&digest);
+            }
+            let label = outcome.label();
+            outcome.write(results.init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn upload_key_packages(
@@ -370,53 +382,58 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         params: auth_capnp::auth_service::UploadKeyPackagesParams,
         mut results: auth_capnp::auth_service::UploadKeyPackagesResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let params = params.get()?;
-        let identity =
-            wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
-        self.require_owner("identityKey", &identity)?;
-        let list = params.get_packages()?;
-        if list.is_empty() || list.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
-            return Err(ServiceError::from(wire::FieldError {
-                field: "packages".into(),
-                reason: format!(
-                    "must hold 1 to {MAX_KEY_PACKAGES_PER_UPLOAD} KeyPackages, got {}",
-                    list.len()
-                ),
-            })
-            .into());
-        }
-        if let Some(refused) = self.limit_uploads(&identity, list.len())? {
-            refused.write(results.get().init_outcome());
-            return Ok(());
-        }
-        let mut packages = Vec::with_capacity(list.len() as usize);
-        let mut digests = Vec::with_capacity(list.len() as usize);
-        for (index, bytes) in list.iter().enumerate() {
-            let field = format!("packages[{index}]");
-            let received = bytes?;
-            digests.push(fingerprint(received));
-            packages.push(
-                wire::key_package(
-                    &field,
-                    received,
-                    self.shared.max_payload,
-                    &identity,
-                    &self.shared.key_package_policy,
-                )
-                .map_err(ServiceError::from)?,
-            );
-        }
-        let outcome = self.store_key_packages(identity, packages).await?;
-        let mut results = results.get();
-        if outcome == UploadOutcome::Stored {
-            let mut list = results.reborrow().init_fingerprints(digests.len() as u32);
-            for (index, digest) in digests.iter().enumerate() {
-                list.set(index as u32, digest);
+        observed("uploadKeyPackages", async move {
+            let _call = self.begin()?;
+            let params = params.get()?;
+            let identity =
+                wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+            self.require_owner("identityKey", &identity)?;
+            let list = params.get_packages()?;
+            if list.is_empty() || list.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
+                return Err(ServiceError::from(wire::FieldError {
+                    field: "packages".into(),
+                    reason: format!(
+                        "must hold 1 to {MAX_KEY_PACKAGES_PER_UPLOAD} KeyPackages, got {}",
+                        list.len()
+                    ),
+                })
+                .into());
             }
-        }
-        outcome.write(results.init_outcome());
-        Ok(())
+            if let Some(refused) = self.limit_uploads(&identity, list.len())? {
+                let label = refused.label();
+                refused.write(results.get().init_outcome());
+                return Ok(label);
+            }
+            let mut packages = Vec::with_capacity(list.len() as usize);
+            let mut digests = Vec::with_capacity(list.len() as usize);
+            for (index, bytes) in list.iter().enumerate() {
+                let field = format!("packages[{index}]");
+                let received = bytes?;
+                digests.push(fingerprint(received));
+                packages.push(
+                    wire::key_package(
+                        &field,
+                        received,
+                        self.shared.max_payload,
+                        &identity,
+                        &self.shared.key_package_policy,
+                    )
+                    .map_err(ServiceError::from)?,
+                );
+            }
+            let outcome = self.store_key_packages(identity, packages).await?;
+            let mut results = results.get();
+            if outcome == UploadOutcome::Stored {
+                let mut list = results.reborrow().init_fingerprints(digests.len() as u32);
+                for (index, digest) in digests.iter().enumerate() {
+                    list.set(index as u32, digest);
+                }
+            }
+            let label = outcome.label();
+            outcome.write(results.init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn key_package_count(
@@ -424,22 +441,26 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         params: auth_capnp::auth_service::KeyPackageCountParams,
         mut results: auth_capnp::auth_service::KeyPackageCountResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let params = params.get()?;
-        let identity =
-            wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
-        let suite = wire::ciphersuite("ciphersuite", params.get_ciphersuite()).map_err(ServiceError::from)?;
-        self.require_owner("identityKey", &identity)?;
-        let (count, has_last_resort) = self
-            .shared
-            .store
-            .count_key_packages(identity, suite)
-            .await
-            .map_err(ServiceError::from)?;
-        let mut results = results.get();
-        results.set_count(count);
-        results.set_has_last_resort(has_last_resort);
-        Ok(())
+        observed("keyPackageCount", async move {
+            let _call = self.begin()?;
+            let params = params.get()?;
+            let identity =
+                wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+            let suite =
+                wire::ciphersuite("ciphersuite", params.get_ciphersuite()).map_err(ServiceError::from)?;
+            self.require_owner("identityKey", &identity)?;
+            let (count, has_last_resort) = self
+                .shared
+                .store
+                .count_key_packages(identity, suite)
+                .await
+                .map_err(ServiceError::from)?;
+            let mut results = results.get();
+            results.set_count(count);
+            results.set_has_last_resort(has_last_resort);
+            Ok("ok")
+        })
+        .await
     }
 
     async fn fetch_key_package(
@@ -447,32 +468,37 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         params: auth_capnp::auth_service::FetchKeyPackageParams,
         mut results: auth_capnp::auth_service::FetchKeyPackageResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let params = params.get()?;
-        let identity =
-            wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
-        let suite = wire::ciphersuite("ciphersuite", params.get_ciphersuite()).map_err(ServiceError::from)?;
-        let outcome = match self.shared.rate_limits.check_key_package_fetch(self.caller()) {
-            Err(retry_after) => FetchedKeyPackage::RateLimited(RateLimited { retry_after }),
-            Ok(()) => match self
-                .shared
-                .store
-                .take_key_package(
-                    identity,
-                    suite,
-                    self.shared
-                        .rate_limits
-                        .may_serve_ordinary_key_package(&identity, suite),
-                )
-                .await
-                .map_err(ServiceError::from)?
-            {
-                Some(package) => FetchedKeyPackage::Package(package),
-                None => FetchedKeyPackage::None,
-            },
-        };
-        outcome.write(results.get().init_outcome());
-        Ok(())
+        observed("fetchKeyPackage", async move {
+            let _call = self.begin()?;
+            let params = params.get()?;
+            let identity =
+                wire::identity_key("identityKey", params.get_identity_key()?).map_err(ServiceError::from)?;
+            let suite =
+                wire::ciphersuite("ciphersuite", params.get_ciphersuite()).map_err(ServiceError::from)?;
+            let outcome = match self.shared.rate_limits.check_key_package_fetch(self.caller()) {
+                Err(retry_after) => FetchedKeyPackage::RateLimited(RateLimited { retry_after }),
+                Ok(()) => match self
+                    .shared
+                    .store
+                    .take_key_package(
+                        identity,
+                        suite,
+                        self.shared
+                            .rate_limits
+                            .may_serve_ordinary_key_package(&identity, suite),
+                    )
+                    .await
+                    .map_err(ServiceError::from)?
+                {
+                    Some(package) => FetchedKeyPackage::Package(package),
+                    None => FetchedKeyPackage::None,
+                },
+            };
+            let label = outcome.label();
+            outcome.write(results.get().init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn upload_device_list(
@@ -480,17 +506,21 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         params: auth_capnp::auth_service::UploadDeviceListParams,
         mut results: auth_capnp::auth_service::UploadDeviceListResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let caller = self.peer.ok_or_else(|| {
-            ServiceError::PermissionDenied(
-                "uploading a device list needs a connection authenticated as one of the user's devices (a TLS client certificate for its key)"
-                    .into(),
-            )
-        })?;
-        let list = wire::read_device_list("list", params.get()?.get_list()?).map_err(ServiceError::from)?;
-        let outcome = self.store_device_list(caller, list).await?;
-        outcome.write(results.get().init_outcome());
-        Ok(())
+        observed("uploadDeviceList", async move {
+            let _call = self.begin()?;
+            let caller = self.peer.ok_or_else(|| {
+                ServiceError::PermissionDenied(
+                    "uploading a device list needs a connection authenticated as one of the user's devices (a TLS client certificate for its key)"
+                        .into(),
+                )
+            })?;
+            let list = wire::read_device_list("list", params.get()?.get_list()?).map_err(ServiceError::from)?;
+            let outcome = self.store_device_list(caller, list).await?;
+            let label = outcome.label();
+            outcome.write(results.get().init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn fetch_device_lists(
@@ -498,27 +528,30 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
         params: auth_capnp::auth_service::FetchDeviceListsParams,
         mut results: auth_capnp::auth_service::FetchDeviceListsResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let users = user_keys(params.get()?.get_user_keys()?)?;
-        // One fetch whatever the number of users: a client asks for a
-        // group's worth in one call. The answer has no outcome to carry a
-        // rate limit, so it is an exception, as for pings.
-        self.shared
-            .rate_limits
-            .check_key_package_fetch(self.caller())
-            .map_err(ServiceError::RateLimited)?;
-        let lists = self
-            .shared
-            .store
-            .device_lists(users)
-            .await
-            .map_err(ServiceError::from)?;
-        // At most MAX_DEVICE_LIST_FETCH: fits a list length.
-        let mut list = results.get().init_lists(lists.len() as u32);
-        for (index, signed) in lists.iter().enumerate() {
-            wire::write_device_list(signed, list.reborrow().get(index as u32));
-        }
-        Ok(())
+        observed("fetchDeviceLists", async move {
+            let _call = self.begin()?;
+            let users = user_keys(params.get()?.get_user_keys()?)?;
+            // One fetch whatever the number of users: a client asks for a
+            // group's worth in one call. The answer has no outcome to carry a
+            // rate limit, so it is an exception, as for pings.
+            self.shared
+                .rate_limits
+                .check_key_package_fetch(self.caller())
+                .map_err(ServiceError::RateLimited)?;
+            let lists = self
+                .shared
+                .store
+                .device_lists(users)
+                .await
+                .map_err(ServiceError::from)?;
+            // At most MAX_DEVICE_LIST_FETCH: fits a list length.
+            let mut list = results.get().init_lists(lists.len() as u32);
+            for (index, signed) in lists.iter().enumerate() {
+                wire::write_device_list(signed, list.reborrow().get(index as u32));
+            }
+            Ok("ok")
+        })
+        .await
     }
 }
 
@@ -528,33 +561,40 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::EnqueueParams,
         mut results: delivery_capnp::delivery_service::EnqueueResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let sender = self.require_authenticated()?;
-        let params = params.get()?;
-        let recipient =
-            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
-        let payload = wire::payload("payload", params.get_payload()?, self.shared.max_payload)
-            .map_err(ServiceError::from)?;
-        let message_id =
-            wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
-        // Charged before the payload is copied: a flood over the budget
-        // costs no copies.
-        let cost = Cost {
-            messages: 1,
-            bytes: payload.len() as u64,
-        };
-        let outcome = match self.shared.rate_limits.check_send(self.caller(), cost, false) {
-            Err(refusal) => refused_send(refusal),
-            Ok(()) => send_outcome(
-                self.shared
-                    .store
-                    .enqueue(sender, recipient, payload.to_vec(), message_id)
-                    .await
-                    .map_err(ServiceError::from)?,
-            ),
-        };
-        outcome.write(results.get().init_outcome());
-        Ok(())
+        observed("enqueue", async move {
+            let _call = self.begin()?;
+            let sender = self.require_authenticated()?;
+            let params = params.get()?;
+            let recipient = wire::identity_key("recipientKey", params.get_recipient_key()?)
+                .map_err(ServiceError::from)?;
+            let payload = wire::payload("payload", params.get_payload()?, self.shared.max_payload)
+                .map_err(ServiceError::from)?;
+            let message_id =
+                wire::message_id("messageId", params.get_message_id()?).map_err(ServiceError::from)?;
+            // Charged before the payload is copied: a flood over the budget
+            // costs no copies.
+            let cost = Cost {
+                messages: 1,
+                bytes: payload.len() as u64,
+            };
+            let outcome = match self.shared.rate_limits.check_send(self.caller(), cost, false) {
+                Err(refusal) => refused_send(refusal),
+                Ok(()) => send_outcome(
+                    self.shared
+                        .store
+                        .enqueue(sender, recipient, payload.to_vec(), message_id)
+                        .await
+                        .map_err(ServiceError::from)?,
+                ),
+            };
+            if outcome == SendOutcome::Accepted {
+                ::metrics::counter!(metrics::MESSAGES_ENQUEUED).increment(1);
+            }
+            let label = outcome.label();
+            outcome.write(results.get().init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn enqueue_batch(
@@ -562,22 +602,33 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::EnqueueBatchParams,
         mut results: delivery_capnp::delivery_service::EnqueueBatchResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let sender = self.require_authenticated()?;
-        let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
-            .map_err(ServiceError::from)?;
-        let outcome = match self.charge_sends(&envelopes, 0, 0, false) {
-            Err(refusal) => refused_send(refusal),
-            Ok(()) => send_outcome(
-                self.shared
-                    .store
-                    .enqueue_batch(sender, envelopes)
-                    .await
-                    .map_err(ServiceError::from)?,
-            ),
-        };
-        outcome.write(results.get().init_outcome());
-        Ok(())
+        observed("enqueueBatch", async move {
+            let _call = self.begin()?;
+            let sender = self.require_authenticated()?;
+            let envelopes = wire::envelopes(params.get()?.get_envelopes()?, self.shared.max_payload)
+                .map_err(ServiceError::from)?;
+            let messages: u64 = envelopes
+                .iter()
+                .map(|envelope| envelope.recipients.len() as u64)
+                .sum();
+            let outcome = match self.charge_sends(&envelopes, 0, 0, false) {
+                Err(refusal) => refused_send(refusal),
+                Ok(()) => send_outcome(
+                    self.shared
+                        .store
+                        .enqueue_batch(sender, envelopes)
+                        .await
+                        .map_err(ServiceError::from)?,
+                ),
+            };
+            if outcome == SendOutcome::Accepted {
+                ::metrics::counter!(metrics::MESSAGES_ENQUEUED).increment(messages);
+            }
+            let label = outcome.label();
+            outcome.write(results.get().init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn publish_commit(
@@ -585,36 +636,49 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::PublishCommitParams,
         mut results: delivery_capnp::delivery_service::PublishCommitResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let sender = self.require_authenticated()?;
-        let publication =
-            wire::commit_publication(params.get()?, self.shared.max_payload).map_err(ServiceError::from)?;
-        let extra = publication.group_info.as_ref().map_or(0, Vec::len)
-            + publication
-                .initial_state
-                .as_ref()
-                .map_or(0, |state| state.group_info.len() + state.ratchet_tree.len());
-        let outcome = match self.charge_change(
-            std::iter::once(&publication.commit).chain(publication.welcome.as_ref()),
-            extra,
-        ) {
-            Err(limited) => CommitOutcome::RateLimited(limited),
-            Ok(()) => match self
-                .shared
-                .store
-                .publish_commit(sender, publication)
-                .await
-                .map_err(ServiceError::from)?
-            {
-                Ok(()) => CommitOutcome::Accepted,
-                Err(CommitRefusal::Conflict { current_epoch }) => CommitOutcome::Conflict { current_epoch },
-                Err(CommitRefusal::QueueFull(full)) => CommitOutcome::QueueFull(full),
-                Err(CommitRefusal::Invalid { reason }) => CommitOutcome::Invalid { reason },
-                Err(CommitRefusal::UnknownGroup) => CommitOutcome::UnknownGroup,
-            },
-        };
-        outcome.write(results.get().init_outcome());
-        Ok(())
+        observed("publishCommit", async move {
+            let _call = self.begin()?;
+            let sender = self.require_authenticated()?;
+            let publication = wire::commit_publication(params.get()?, self.shared.max_payload)
+                .map_err(ServiceError::from)?;
+            let extra = publication.group_info.as_ref().map_or(0, Vec::len)
+                + publication
+                    .initial_state
+                    .as_ref()
+                    .map_or(0, |state| state.group_info.len() + state.ratchet_tree.len());
+            let messages: u64 = std::iter::once(&publication.commit)
+                .chain(publication.welcome.as_ref())
+                .map(|envelope| envelope.recipients.len() as u64)
+                .sum();
+            let outcome = match self.charge_change(
+                std::iter::once(&publication.commit).chain(publication.welcome.as_ref()),
+                extra,
+            ) {
+                Err(limited) => CommitOutcome::RateLimited(limited),
+                Ok(()) => match self
+                    .shared
+                    .store
+                    .publish_commit(sender, publication)
+                    .await
+                    .map_err(ServiceError::from)?
+                {
+                    Ok(()) => CommitOutcome::Accepted,
+                    Err(CommitRefusal::Conflict { current_epoch }) => {
+                        CommitOutcome::Conflict { current_epoch }
+                    }
+                    Err(CommitRefusal::QueueFull(full)) => CommitOutcome::QueueFull(full),
+                    Err(CommitRefusal::Invalid { reason }) => CommitOutcome::Invalid { reason },
+                    Err(CommitRefusal::UnknownGroup) => CommitOutcome::UnknownGroup,
+                },
+            };
+            if outcome == CommitOutcome::Accepted {
+                ::metrics::counter!(metrics::MESSAGES_ENQUEUED).increment(messages);
+            }
+            let label = outcome.label();
+            outcome.write(results.get().init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn fetch_group_info(
@@ -622,28 +686,33 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::FetchGroupInfoParams,
         mut results: delivery_capnp::delivery_service::FetchGroupInfoResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let caller = self.require_authenticated()?;
-        let group = wire::group_id("groupId", params.get()?.get_group_id()?).map_err(ServiceError::from)?;
-        let outcome = match self
-            .shared
-            .store
-            .group_info(group, caller)
-            .await
-            .map_err(ServiceError::from)?
-        {
-            Ok(Some(state)) => FetchedGroupInfo::State(state),
-            Ok(None) => FetchedGroupInfo::Unavailable,
-            Err(NotAMember) => {
-                return Err(ServiceError::PermissionDenied(format!(
-                    "{} is not a member of this group; only members may read its GroupInfo",
-                    caller.short()
-                ))
-                .into());
-            }
-        };
-        outcome.write(results.get().init_outcome());
-        Ok(())
+        observed("fetchGroupInfo", async move {
+            let _call = self.begin()?;
+            let caller = self.require_authenticated()?;
+            let group =
+                wire::group_id("groupId", params.get()?.get_group_id()?).map_err(ServiceError::from)?;
+            let outcome = match self
+                .shared
+                .store
+                .group_info(group, caller)
+                .await
+                .map_err(ServiceError::from)?
+            {
+                Ok(Some(state)) => FetchedGroupInfo::State(state),
+                Ok(None) => FetchedGroupInfo::Unavailable,
+                Err(NotAMember) => {
+                    return Err(ServiceError::PermissionDenied(format!(
+                        "{} is not a member of this group; only members may read its GroupInfo",
+                        caller.short()
+                    ))
+                    .into());
+                }
+            };
+            let label = outcome.label();
+            outcome.write(results.get().init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn fetch_welcome_tree(
@@ -651,29 +720,33 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::FetchWelcomeTreeParams,
         mut results: delivery_capnp::delivery_service::FetchWelcomeTreeResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let caller = self.require_authenticated()?;
-        let params = params.get()?;
-        let group = wire::group_id("groupId", params.get_group_id()?).map_err(ServiceError::from)?;
-        let outcome = match self
-            .shared
-            .store
-            .welcome_tree(group, params.get_epoch(), caller)
-            .await
-            .map_err(ServiceError::from)?
-        {
-            Ok(Some(tree)) => FetchedWelcomeTree::Tree(tree),
-            Ok(None) => FetchedWelcomeTree::Unavailable,
-            Err(NotAJoiner) => {
-                return Err(ServiceError::PermissionDenied(format!(
-                    "{} was not added to this group in that epoch; only the members a Commit added may read its tree",
-                    caller.short()
-                ))
-                .into());
-            }
-        };
-        outcome.write(results.get().init_outcome());
-        Ok(())
+        observed("fetchWelcomeTree", async move {
+            let _call = self.begin()?;
+            let caller = self.require_authenticated()?;
+            let params = params.get()?;
+            let group = wire::group_id("groupId", params.get_group_id()?).map_err(ServiceError::from)?;
+            let outcome = match self
+                .shared
+                .store
+                .welcome_tree(group, params.get_epoch(), caller)
+                .await
+                .map_err(ServiceError::from)?
+            {
+                Ok(Some(tree)) => FetchedWelcomeTree::Tree(tree),
+                Ok(None) => FetchedWelcomeTree::Unavailable,
+                Err(NotAJoiner) => {
+                    return Err(ServiceError::PermissionDenied(format!(
+                        "{} was not added to this group in that epoch; only the members a Commit added may read its tree",
+                        caller.short()
+                    ))
+                    .into());
+                }
+            };
+            let label = outcome.label();
+            outcome.write(results.get().init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn publish_proposal(
@@ -681,28 +754,38 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::PublishProposalParams,
         mut results: delivery_capnp::delivery_service::PublishProposalResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let sender = self.require_authenticated()?;
-        let publication =
-            wire::proposal_publication(params.get()?, self.shared.max_payload).map_err(ServiceError::from)?;
-        let outcome = match self.charge_change([&publication.proposal], 0) {
-            Err(limited) => ProposalOutcome::RateLimited(limited),
-            Ok(()) => match self
-                .shared
-                .store
-                .publish_proposal(sender, publication)
-                .await
-                .map_err(ServiceError::from)?
-            {
-                Ok(()) => ProposalOutcome::Accepted,
-                Err(CommitRefusal::Conflict { current_epoch }) => ProposalOutcome::Conflict { current_epoch },
-                Err(CommitRefusal::QueueFull(full)) => ProposalOutcome::QueueFull(full),
-                Err(CommitRefusal::Invalid { reason }) => ProposalOutcome::Invalid { reason },
-                Err(CommitRefusal::UnknownGroup) => ProposalOutcome::UnknownGroup,
-            },
-        };
-        outcome.write(results.get().init_outcome());
-        Ok(())
+        observed("publishProposal", async move {
+            let _call = self.begin()?;
+            let sender = self.require_authenticated()?;
+            let publication = wire::proposal_publication(params.get()?, self.shared.max_payload)
+                .map_err(ServiceError::from)?;
+            let messages = publication.proposal.recipients.len() as u64;
+            let outcome = match self.charge_change([&publication.proposal], 0) {
+                Err(limited) => ProposalOutcome::RateLimited(limited),
+                Ok(()) => match self
+                    .shared
+                    .store
+                    .publish_proposal(sender, publication)
+                    .await
+                    .map_err(ServiceError::from)?
+                {
+                    Ok(()) => ProposalOutcome::Accepted,
+                    Err(CommitRefusal::Conflict { current_epoch }) => {
+                        ProposalOutcome::Conflict { current_epoch }
+                    }
+                    Err(CommitRefusal::QueueFull(full)) => ProposalOutcome::QueueFull(full),
+                    Err(CommitRefusal::Invalid { reason }) => ProposalOutcome::Invalid { reason },
+                    Err(CommitRefusal::UnknownGroup) => ProposalOutcome::UnknownGroup,
+                },
+            };
+            if outcome == ProposalOutcome::Accepted {
+                ::metrics::counter!(metrics::MESSAGES_ENQUEUED).increment(messages);
+            }
+            let label = outcome.label();
+            outcome.write(results.get().init_outcome());
+            Ok(label)
+        })
+        .await
     }
 
     async fn subscribe(
@@ -710,27 +793,31 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::SubscribeParams,
         mut results: delivery_capnp::delivery_service::SubscribeResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let params = params.get()?;
-        let recipient =
-            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
-        self.require_owner("recipientKey", &recipient)?;
-        let receiver = params.get_receiver()?;
-        if self.subscriptions.get() >= MAX_SUBSCRIPTIONS_PER_SESSION {
-            return Err(ServiceError::TooManyCalls(MAX_SUBSCRIPTIONS_PER_SESSION).into());
-        }
-        self.subscriptions.set(self.subscriptions.get() + 1);
-        let live = SubscriptionCount(self.subscriptions.clone());
-        let (cancel, cancelled) = oneshot::channel();
-        let (store, after) = (self.shared.store.clone(), Seq::new(params.get_after_seq()));
-        tokio::task::spawn_local(async move {
-            push::push(store, recipient, after, receiver, cancelled).await;
-            drop(live);
-        });
-        results
-            .get()
-            .set_subscription(capnp_rpc::new_client(SubscriptionImpl { _cancel: cancel }));
-        Ok(())
+        observed("subscribe", async move {
+            let _call = self.begin()?;
+            let params = params.get()?;
+            let recipient = wire::identity_key("recipientKey", params.get_recipient_key()?)
+                .map_err(ServiceError::from)?;
+            self.require_owner("recipientKey", &recipient)?;
+            let receiver = params.get_receiver()?;
+            if self.subscriptions.get() >= MAX_SUBSCRIPTIONS_PER_SESSION {
+                return Err(ServiceError::TooManyCalls(MAX_SUBSCRIPTIONS_PER_SESSION).into());
+            }
+            self.subscriptions.set(self.subscriptions.get() + 1);
+            let live = SubscriptionCount(self.subscriptions.clone());
+            let (cancel, cancelled) = oneshot::channel();
+            let (store, after) = (self.shared.store.clone(), Seq::new(params.get_after_seq()));
+            let open = GaugeGuard::new(metrics::SUBSCRIPTIONS_OPEN);
+            tokio::task::spawn_local(async move {
+                push::push(store, recipient, after, receiver, cancelled).await;
+                drop((live, open));
+            });
+            results
+                .get()
+                .set_subscription(capnp_rpc::new_client(SubscriptionImpl { _cancel: cancel }));
+            Ok("ok")
+        })
+        .await
     }
 
     async fn fetch_wait(
@@ -738,22 +825,25 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::FetchWaitParams,
         mut results: delivery_capnp::delivery_service::FetchWaitResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let params = params.get()?;
-        let recipient =
-            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
-        self.require_owner("recipientKey", &recipient)?;
-        let messages = push::wait_for_messages(
-            &self.shared.store,
-            recipient,
-            Seq::new(params.get_after_seq()),
-            params.get_limit() as usize,
-            Duration::from_millis(u64::from(params.get_timeout_ms())),
-        )
+        observed("fetchWait", async move {
+            let _call = self.begin()?;
+            let params = params.get()?;
+            let recipient = wire::identity_key("recipientKey", params.get_recipient_key()?)
+                .map_err(ServiceError::from)?;
+            self.require_owner("recipientKey", &recipient)?;
+            let messages = push::wait_for_messages(
+                &self.shared.store,
+                recipient,
+                Seq::new(params.get_after_seq()),
+                params.get_limit() as usize,
+                Duration::from_millis(u64::from(params.get_timeout_ms())),
+            )
+            .await
+            .map_err(ServiceError::from)?;
+            wire::fill_messages(results.get().init_messages(messages.len() as u32), &messages);
+            Ok("ok")
+        })
         .await
-        .map_err(ServiceError::from)?;
-        wire::fill_messages(results.get().init_messages(messages.len() as u32), &messages);
-        Ok(())
     }
 
     async fn fetch_since(
@@ -761,24 +851,27 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::FetchSinceParams,
         mut results: delivery_capnp::delivery_service::FetchSinceResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let params = params.get()?;
-        let recipient =
-            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
-        self.require_owner("recipientKey", &recipient)?;
-        let messages = self
-            .shared
-            .store
-            .messages_after(
-                recipient,
-                Seq::new(params.get_after_seq()),
-                params.get_limit() as usize,
-            )
-            .await
-            .map_err(ServiceError::from)?;
-        // At most FETCH_MAX_MESSAGES: fits a list length.
-        wire::fill_messages(results.get().init_messages(messages.len() as u32), &messages);
-        Ok(())
+        observed("fetchSince", async move {
+            let _call = self.begin()?;
+            let params = params.get()?;
+            let recipient = wire::identity_key("recipientKey", params.get_recipient_key()?)
+                .map_err(ServiceError::from)?;
+            self.require_owner("recipientKey", &recipient)?;
+            let messages = self
+                .shared
+                .store
+                .messages_after(
+                    recipient,
+                    Seq::new(params.get_after_seq()),
+                    params.get_limit() as usize,
+                )
+                .await
+                .map_err(ServiceError::from)?;
+            // At most FETCH_MAX_MESSAGES: fits a list length.
+            wire::fill_messages(results.get().init_messages(messages.len() as u32), &messages);
+            Ok("ok")
+        })
+        .await
     }
 
     async fn ack(
@@ -786,17 +879,22 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::AckParams,
         _: delivery_capnp::delivery_service::AckResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let params = params.get()?;
-        let recipient =
-            wire::identity_key("recipientKey", params.get_recipient_key()?).map_err(ServiceError::from)?;
-        self.require_owner("recipientKey", &recipient)?;
-        self.shared
-            .store
-            .ack(recipient, Seq::new(params.get_up_to_seq()))
-            .await
-            .map_err(ServiceError::from)?;
-        Ok(())
+        observed("ack", async move {
+            let _call = self.begin()?;
+            let params = params.get()?;
+            let recipient = wire::identity_key("recipientKey", params.get_recipient_key()?)
+                .map_err(ServiceError::from)?;
+            self.require_owner("recipientKey", &recipient)?;
+            let acked = self
+                .shared
+                .store
+                .ack(recipient, Seq::new(params.get_up_to_seq()))
+                .await
+                .map_err(ServiceError::from)?;
+            ::metrics::counter!(metrics::MESSAGES_ACKED).increment(acked as u64);
+            Ok("ok")
+        })
+        .await
     }
 
     async fn fetch(
@@ -804,22 +902,133 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         params: delivery_capnp::delivery_service::FetchParams,
         mut results: delivery_capnp::delivery_service::FetchResults,
     ) -> Result<(), capnp::Error> {
-        let _call = self.begin()?;
-        let recipient = wire::identity_key("recipientKey", params.get()?.get_recipient_key()?)
-            .map_err(ServiceError::from)?;
-        self.require_owner("recipientKey", &recipient)?;
-        let payloads = self
-            .shared
-            .store
-            .drain(recipient)
-            .await
-            .map_err(ServiceError::from)?;
-        // At most FETCH_MAX_MESSAGES: fits a list length.
-        let mut list = results.get().init_payloads(payloads.len() as u32);
-        for (index, payload) in payloads.iter().enumerate() {
-            list.set(index as u32, payload);
+        observed("fetch", async move {
+            let _call = self.begin()?;
+            let recipient = wire::identity_key("recipientKey", params.get()?.get_recipient_key()?)
+                .map_err(ServiceError::from)?;
+            self.require_owner("recipientKey", &recipient)?;
+            let payloads = self
+                .shared
+                .store
+                .drain(recipient)
+                .await
+                .map_err(ServiceError::from)?;
+            // At most FETCH_MAX_MESSAGES: fits a list length.
+            let mut list = results.get().init_payloads(payloads.len() as u32);
+            for (index, payload) in payloads.iter().enumerate() {
+                list.set(index as u32, payload);
+            }
+            Ok("ok")
+        })
+        .await
+    }
+}
+
+/// Answers a call with `body`, then counts it under `method` with the
+/// outcome `body` names (or `error` for an exception), and times it.
+async fn observed(
+    method: &'static str,
+    body: impl Future<Output = Result<&'static str, capnp::Error>>,
+) -> Result<(), capnp::Error> {
+    let started = Instant::now();
+    let result = body.await;
+    let outcome = result.as_ref().map_or("error", |label| label);
+    metrics::record_call(method, outcome, started);
+    result.map(drop)
+}
+
+/// The `outcome` label of a typed result: `ok`, or the refusal's kind in
+/// snake case; `none` and `unavailable` (nothing to hand out) are answers,
+/// not refusals (see [`metrics::NOT_REFUSALS`]).
+trait Label {
+    fn label(&self) -> &'static str;
+}
+
+impl Label for SendOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            SendOutcome::Accepted => "ok",
+            SendOutcome::RateLimited(_) => "rate_limited",
+            SendOutcome::QueueFull(_) => "queue_full",
+            SendOutcome::TooLarge(_) => "too_large",
+            SendOutcome::StaleEpoch(_) => "stale_epoch",
         }
-        Ok(())
+    }
+}
+
+impl Label for UploadOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            UploadOutcome::Stored => "ok",
+            UploadOutcome::RateLimited(_) => "rate_limited",
+            UploadOutcome::TooMany { .. } => "too_many",
+        }
+    }
+}
+
+impl Label for DeviceListOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            DeviceListOutcome::Stored => "ok",
+            DeviceListOutcome::Stale { .. } => "stale",
+            DeviceListOutcome::BadSignature => "bad_signature",
+            DeviceListOutcome::NotADevice => "not_a_device",
+            DeviceListOutcome::RateLimited(_) => "rate_limited",
+        }
+    }
+}
+
+impl Label for CommitOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            CommitOutcome::Accepted => "ok",
+            CommitOutcome::Conflict { .. } => "conflict",
+            CommitOutcome::RateLimited(_) => "rate_limited",
+            CommitOutcome::QueueFull(_) => "queue_full",
+            CommitOutcome::Invalid { .. } => "invalid",
+            CommitOutcome::UnknownGroup => "unknown_group",
+        }
+    }
+}
+
+impl Label for ProposalOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            ProposalOutcome::Accepted => "ok",
+            ProposalOutcome::Conflict { .. } => "conflict",
+            ProposalOutcome::RateLimited(_) => "rate_limited",
+            ProposalOutcome::QueueFull(_) => "queue_full",
+            ProposalOutcome::Invalid { .. } => "invalid",
+            ProposalOutcome::UnknownGroup => "unknown_group",
+        }
+    }
+}
+
+impl Label for FetchedGroupInfo {
+    fn label(&self) -> &'static str {
+        match self {
+            FetchedGroupInfo::State(_) => "ok",
+            FetchedGroupInfo::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl Label for FetchedWelcomeTree {
+    fn label(&self) -> &'static str {
+        match self {
+            FetchedWelcomeTree::Tree(_) => "ok",
+            FetchedWelcomeTree::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl Label for FetchedKeyPackage {
+    fn label(&self) -> &'static str {
+        match self {
+            FetchedKeyPackage::Package(_) => "ok",
+            FetchedKeyPackage::None => "none",
+            FetchedKeyPackage::RateLimited(_) => "rate_limited",
+        }
     }
 }
 

@@ -58,20 +58,41 @@ pub(crate) async fn invite(
 ) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let (group_id, group) = load_group(&state, group_id)?;
-    let peers = resolve_peers(&state, peers)?;
-    if peers.is_empty() {
+    // Refuse a missing group or unknown peer before dialling a node.
+    load_group(&state, group_id)?;
+    if resolve_peers(&state, peers)?.is_empty() {
         return Err(ClientError::Usage(
             "name at least one peer with --peer-key HEX or --peer NAME".into(),
         ));
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
+    invite_through(&nodes, &state, &identity, peers, group_id).await?;
+    nodes.close().await;
+    Ok(())
+}
+
+/// Adds every peer in one Commit through open connections, as `invite`
+/// does; `chat`'s `/invite` uses it too.
+pub(crate) async fn invite_through(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    peers: &PeerArgs,
+    group_id: Option<&str>,
+) -> Result<(), ClientError> {
+    let (group_id, group) = load_group(state, group_id)?;
+    let peers = resolve_peers(state, peers)?;
+    if peers.is_empty() {
+        return Err(ClientError::Usage(
+            "name at least one peer with --peer-key HEX or --peer NAME".into(),
+        ));
+    }
     // Every current device of each peer, and of our own user (so that our
     // other devices are in every group we are), that is not in the group.
     let own_user = identity.user();
     let mut users = peers.clone();
     users.push(own_user);
-    nodes.directory().fetch(&nodes, &state, &users).await?;
+    nodes.directory().fetch(nodes, state, &users).await?;
     let present = group.members();
     let mut targets: Vec<(IdentityKey, IdentityKey)> = Vec::new();
     for user in &users {
@@ -94,7 +115,7 @@ pub(crate) async fn invite(
         let mut reached = 0;
         let mut last_error = None;
         for (_, device) in targets.iter().filter(|(owner, _)| owner == user) {
-            match fetch_verified_key_package(&nodes, Some(user), device, group.suite()).await {
+            match fetch_verified_key_package(nodes, Some(user), device, group.suite()).await {
                 Ok(package) => {
                     packages.push(package);
                     joiners.push(*device);
@@ -118,9 +139,9 @@ pub(crate) async fn invite(
         }
     }
     let me = identity.public_key();
-    let group = change_group(&nodes, &state, &identity, &group_id, |group| {
+    let group = change_group(nodes, state, identity, &group_id, |group| {
         let commit_to = others(group, &me);
-        let added = group.add_members(&state.provider(), &identity, &packages, nodes.directory())?;
+        let added = group.add_members(&state.provider(), identity, &packages, nodes.directory())?;
         Ok(Change {
             commit: added.commit,
             commit_to,
@@ -137,7 +158,6 @@ pub(crate) async fn invite(
         group.epoch(),
         group.members().len()
     );
-    nodes.close().await;
     Ok(())
 }
 
@@ -320,9 +340,14 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
 /// `members`: one line per member user: user key, contact name, `(you)`,
 /// and how many of its devices are in the group.
 pub(crate) fn members(path: &Path, group_id: Option<&str>) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+    print_members(&StateFile::open(path)?, group_id)
+}
+
+/// Prints the `members` listing from an open state file (`chat`'s
+/// `/members` too).
+pub(crate) fn print_members(state: &StateFile, group_id: Option<&str>) -> Result<(), ClientError> {
     let me = state.identity_key()?;
-    let (_, group) = load_group(&state, group_id)?;
+    let (_, group) = load_group(state, group_id)?;
     let mut users: Vec<(IdentityKey, usize)> = Vec::new();
     for member in group.member_keys() {
         match users.iter_mut().find(|(user, _)| *user == member.user) {

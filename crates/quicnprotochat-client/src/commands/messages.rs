@@ -26,17 +26,29 @@ pub(crate) async fn send(
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
+    let outcome = send_through(&nodes, &state, &identity, peers, group_id, message).await;
+    nodes.close().await;
+    outcome
+}
+
+/// Sends one message through open connections, as `send` does; `chat`
+/// sends each line with it. Returns once the node has taken the message.
+pub(crate) async fn send_through(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    peers: &PeerArgs,
+    group_id: Option<&str>,
+    message: &str,
+) -> Result<(), ClientError> {
     let mut tries = 0;
     loop {
         tries += 1;
-        match send_once(&nodes, &state, &identity, peers, group_id, message).await {
+        match send_once(nodes, state, identity, peers, group_id, message).await {
             // The group moved on while we encrypted: catch up and encrypt
             // again (the node refused the stale one, so nobody has it).
             Err(ClientError::StaleEpoch { .. }) if tries < SEND_TRIES => continue,
-            outcome => {
-                nodes.close().await;
-                return outcome;
-            }
+            outcome => return outcome,
         }
     }
 }

@@ -15,7 +15,11 @@
 //! - `group` — create-group, invite, remove, update, leave, rejoin, groups, members,
 //!   history.
 //! - `messages` — send, recv, join.
+//! - `chat` — chat: push and stdin in one loop.
+//! - `completions` — shell completion scripts.
 
+mod chat;
+mod completions;
 mod demo;
 mod devices;
 mod group;
@@ -75,5 +79,7 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
             msg,
         } => messages::send(connection, &state.state, &peers, group_id.as_deref(), &msg).await,
         Command::Recv { state, follow } => messages::recv(connection, &state.state, follow).await,
+        Command::Chat { state, group_id } => chat::chat(connection, &state.state, group_id).await,
+        Command::Completions { shell } => completions::completions(shell),
     }
 }

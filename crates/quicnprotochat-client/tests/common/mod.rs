@@ -374,6 +374,28 @@ impl Follower {
     }
 }
 
+impl Follower {
+    /// Writes `line` and a newline to its stdin, which the command given to
+    /// [`Follower::start`] must have piped.
+    pub fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin is piped");
+        writeln!(stdin, "{line}").expect("the process reads its stdin");
+    }
+
+    /// Waits for it to exit on its own, up to `within`, and returns how.
+    pub fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let give_up = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait works") {
+                return status;
+            }
+            assert!(Instant::now() < give_up, "still running after {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Follower {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
-use super::storage::{KeyPackageRow, QueueUsage, Storage, WelcomeTree};
+use super::storage::{KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
 
 /// Everything a node stores, in maps. Cloning it is a snapshot: see
 /// [`MemoryStorage::command`].
@@ -267,6 +267,13 @@ impl Storage for MemoryStorage {
     fn put_device_list(&mut self, list: &SignedDeviceList, _now: i64) -> Result<(), Infallible> {
         self.device_lists.insert(*list.list().user(), list.clone());
         Ok(())
+    }
+
+    fn totals(&mut self) -> Result<Totals, Infallible> {
+        Ok(Totals {
+            messages_queued: self.queues.values().map(|queue| queue.len() as u64).sum(),
+            key_packages_stored: self.key_packages.len() as u64,
+        })
     }
 }
 

@@ -20,7 +20,9 @@ pub use rules::{
     CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES,
     Limits, NotAJoiner, NotAMember, SendRefusal, TooManyKeyPackages,
 };
-pub use storage::{DamagedDeviceList, DeviceListColumns, KeyPackageRow, QueueUsage, Storage, WelcomeTree};
+pub use storage::{
+    DamagedDeviceList, DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree,
+};
 
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@
 //! [`Notifier`](crate::store::Notifier) until a commit touches the queue.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use quicnprotochat_proto::{delivery_capnp, wire};
@@ -66,6 +66,9 @@ pub async fn push(
     let mut watch = store.notifier().watch(recipient);
     // Messages handed over with a change, not yet pushed.
     let mut carried: Option<Arc<[QueuedMessage]>> = None;
+    // When the commit that queued what comes next woke this push; none for
+    // the backlog a subscription starts with, whose age is unknown.
+    let mut woken: Option<Instant> = None;
     loop {
         let (batch, read_more): (Arc<[QueuedMessage]>, bool) = match carried.take() {
             Some(messages) => (messages, false),
@@ -87,12 +90,16 @@ pub async fn push(
         // change's messages already.
         let messages = &batch[batch.partition_point(|message| message.seq <= after)..];
         if let Some(last) = messages.last().map(|message| message.seq) {
+            metrics::counter!(crate::metrics::MESSAGES_PUSHED).increment(messages.len() as u64);
             let mut request = receiver.deliver_request();
             // At most PUSH_BATCH messages (a change carries fewer): fits a
             // list length.
             wire::fill_messages(request.get().init_messages(messages.len() as u32), messages);
             // The request holds its own copy; don't keep two while waiting.
             drop(batch);
+            if let Some(woken) = woken.take() {
+                metrics::histogram!(crate::metrics::PUSH_LAG).record(woken.elapsed().as_secs_f64());
+            }
             let delivered = tokio::select! {
                 delivered = request.send().promise => delivered,
                 _ = &mut cancelled => return,
@@ -110,6 +117,7 @@ pub async fn push(
             more = watch.changed() => if !more { return },
             _ = &mut cancelled => return,
         }
+        woken = Some(Instant::now());
         match watch.fresh() {
             // Unless another node's messages may lie between what was
             // pushed and these.

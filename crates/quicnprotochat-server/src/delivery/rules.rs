@@ -152,11 +152,18 @@ pub fn take_key_package<S: Storage>(
     ordinary: bool,
     now: i64,
 ) -> Result<Option<Vec<u8>>, S::Error> {
+    // Counted here, the one place that knows which kind it hands out; a
+    // batch that fails after this (rare) counts one too many.
     if ordinary && let Some((row, package)) = storage.oldest_key_package(identity, suite, now)? {
         storage.delete_key_package(row)?;
+        metrics::counter!(crate::metrics::KEY_PACKAGES_SERVED, "last_resort" => "false").increment(1);
         return Ok(Some(package));
     }
-    storage.newest_last_resort(identity, suite, now)
+    let package = storage.newest_last_resort(identity, suite, now)?;
+    if package.is_some() {
+        metrics::counter!(crate::metrics::KEY_PACKAGES_SERVED, "last_resort" => "true").increment(1);
+    }
+    Ok(package)
 }
 
 /// How many unexpired ordinary KeyPackages `identity` has in `suite`, and

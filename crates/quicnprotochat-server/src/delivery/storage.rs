@@ -23,6 +23,15 @@ pub struct QueueUsage {
     pub bytes: u64,
 }
 
+/// What the whole store holds, for the node's gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages waiting in all queues.
+    pub messages_queued: u64,
+    /// KeyPackages stored, expired ones not yet purged included.
+    pub key_packages_stored: u64,
+}
+
 /// A ratchet tree kept for the members a Commit added.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WelcomeTree {
@@ -258,4 +267,8 @@ pub trait Storage {
     /// several nodes fails with a retryable error, never overwriting, if
     /// the stored list changed since).
     fn put_device_list(&mut self, list: &SignedDeviceList, now: i64) -> Result<(), Self::Error>;
+
+    /// Messages queued and KeyPackages stored in all, for metrics; read
+    /// every few seconds, so it must stay cheap (one row per queue at most).
+    fn totals(&mut self) -> Result<Totals, Self::Error>;
 }

@@ -55,7 +55,7 @@ pub use quicnprotochat_proto::wire::{
 
 pub use crate::delivery::{
     CommitRefusal, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, NotAMember,
-    SendRefusal, TooManyKeyPackages,
+    SendRefusal, TooManyKeyPackages, Totals,
 };
 
 pub use migrations::SCHEMA_VERSION;
@@ -568,6 +568,12 @@ impl Store {
     /// up to [`FETCH_BUDGET_BYTES`].
     pub async fn drain(&self, recipient: IdentityKey) -> Result<Vec<Vec<u8>>, StoreError> {
         self.call(|reply| Command::Drain { recipient, reply }).await
+    }
+
+    /// Messages queued and KeyPackages stored in all, for the node's
+    /// gauges; on the reader connection.
+    pub async fn totals(&self) -> Result<Totals, StoreError> {
+        ask(&self.reads, |reply| readers::Read::Totals { reply }).await
     }
 
     async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {

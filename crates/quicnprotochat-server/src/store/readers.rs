@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::sqlite::SqliteStorage;
 use super::{GroupState, Reply, StoreError};
-use crate::delivery::{NotAJoiner, NotAMember, Storage, rules};
+use crate::delivery::{NotAJoiner, NotAMember, Storage, Totals, rules};
 
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
@@ -51,6 +51,9 @@ pub(super) enum Read {
     DeviceLists {
         users: Vec<IdentityKey>,
         reply: Reply<Vec<SignedDeviceList>>,
+    },
+    Totals {
+        reply: Reply<Totals>,
     },
 }
 
@@ -145,6 +148,7 @@ pub(super) fn serve<S: Storage<Error: Into<StoreError>>>(storage: &mut S, read: 
             reply,
         } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
         Read::DeviceLists { users, reply } => answer(reply, rules::device_lists(storage, &users)),
+        Read::Totals { reply } => answer(reply, storage.totals()),
     }
 }
 
@@ -157,6 +161,7 @@ impl Read {
             Read::GroupInfo { reply, .. } => drop(reply.send(Err(error))),
             Read::WelcomeTree { reply, .. } => drop(reply.send(Err(error))),
             Read::DeviceLists { reply, .. } => drop(reply.send(Err(error))),
+            Read::Totals { reply } => drop(reply.send(Err(error))),
         }
     }
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::commands::Transact;
 use super::{StoreError, ValidKeyPackage};
-use crate::delivery::{DeviceListColumns, KeyPackageRow, QueueUsage, Storage, WelcomeTree};
+use crate::delivery::{DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
 
 /// One command's view of a connection.
 pub(super) struct SqliteStorage<'c> {
@@ -378,6 +378,22 @@ impl Storage for SqliteStorage<'_> {
                 now
             ])?;
         Ok(())
+    }
+
+    fn totals(&mut self) -> rusqlite::Result<Totals> {
+        // `queue_depths` is kept by triggers: one row per queue, not per
+        // message.
+        let (messages, key_packages): (i64, i64) = self
+            .db
+            .prepare_cached(
+                "SELECT (SELECT coalesce(sum(depth), 0) FROM queue_depths),
+                        (SELECT count(*) FROM key_packages)",
+            )?
+            .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(Totals {
+            messages_queued: u64::try_from(messages).unwrap_or(0),
+            key_packages_stored: u64::try_from(key_packages).unwrap_or(0),
+        })
     }
 }
 

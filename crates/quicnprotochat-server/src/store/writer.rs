@@ -91,6 +91,9 @@ async fn write_loop(writer: Writer) {
         gather(&mut commands, &mut batch).await;
         let needs_sync = batch.iter().any(Command::needs_fsync);
         let light = light(&batch);
+        // Run and COMMIT, without the fsync the syncer does apart.
+        let size = batch.len();
+        let started = std::time::Instant::now();
         let committed = if light {
             execute_batch(&mut connection, &mut batch, &limits, &notifier, committed_seq)
         } else {
@@ -121,6 +124,8 @@ async fn write_loop(writer: Writer) {
                 }
             }
         };
+        metrics::histogram!(crate::metrics::STORE_BATCH_SIZE).record(size as f64);
+        metrics::histogram!(crate::metrics::STORE_COMMIT).record(started.elapsed().as_secs_f64());
         if let Some(committed) = committed {
             committed_seq = committed.last_seq;
             syncer.finish(committed, needs_sync);

@@ -19,7 +19,7 @@ use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq, Suite};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_server::store::{
     CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, SendRefusal, Store,
-    StoreCloser, TooManyKeyPackages, ValidKeyPackage,
+    StoreCloser, TooManyKeyPackages, Totals, ValidKeyPackage,
 };
 
 /// Calls `$run!` with the name of every check that takes a backend, so
@@ -58,6 +58,7 @@ macro_rules! every_check {
             each_suite_has_its_own_last_resort_and_count,
             the_key_package_limit_holds_per_suite,
             a_key_package_stored_before_suites_is_an_x25519_one,
+            the_totals_count_queued_messages_and_stored_key_packages,
         );
     };
 }
@@ -147,6 +148,37 @@ pub async fn drain_returns_messages_in_fifo_order_and_empties_the_queue(backend:
     assert_eq!(drained, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
     assert!(store.drain(key(1)).await.unwrap().is_empty());
     assert_eq!(store.drain(key(2)).await.unwrap(), vec![b"other".to_vec()]);
+    close((store, closer)).await;
+}
+
+/// What the node's `messages_queued` and `key_packages_stored` gauges read.
+pub async fn the_totals_count_queued_messages_and_stored_key_packages(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    assert_eq!(store.totals().await.unwrap(), Totals::default());
+    store
+        .enqueue_batch(key(0), vec![envelope(&[1, 2, 3], b"fanned out")])
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .enqueue(key(0), key(1), b"second".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .upload_key_packages(key(1), package(b"kp"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.totals().await.unwrap(),
+        Totals {
+            messages_queued: 4,
+            key_packages_stored: 1
+        }
+    );
+    store.drain(key(1)).await.unwrap();
+    assert_eq!(store.totals().await.unwrap().messages_queued, 2);
     close((store, closer)).await;
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use capnp::capability::FromClientHook;
 use quicnprotochat_core::IdentityKeypair;
 use quicnprotochat_proto::auth_capnp::auth_service;
+use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 use quicnprotochat_server::{Config, Node, ServerError};
 
@@ -22,6 +23,7 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// (a failed test).
 pub struct TestNode {
     addr: SocketAddr,
+    metrics: Option<SocketAddr>,
     cert: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     running: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
@@ -42,12 +44,14 @@ impl TestNode {
             .unwrap()
             .unwrap();
         let addr = node.local_addr();
+        let metrics = node.metrics_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = tokio::spawn(node.run(async {
             let _ = stopped.await;
         }));
         TestNode {
             addr,
+            metrics,
             cert,
             stop: Some(stop),
             running: Some(running),
@@ -58,6 +62,12 @@ impl TestNode {
     /// The node's UDP address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The node's `/metrics` TCP address, when started with
+    /// `metrics_listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
     }
 
     /// The node's (self-signed) certificate, to trust.
@@ -82,6 +92,23 @@ impl TestNode {
         &self,
         device: Option<&IdentityKeypair>,
         body: impl AsyncFnOnce(auth_service::Client) -> T,
+    ) -> T {
+        self.with_client(device, body).await
+    }
+
+    /// [`Self::with_auth`] with the DeliveryService.
+    pub async fn with_delivery<T>(
+        &self,
+        device: Option<&IdentityKeypair>,
+        body: impl AsyncFnOnce(delivery_service::Client) -> T,
+    ) -> T {
+        self.with_client(device, body).await
+    }
+
+    async fn with_client<C: FromClientHook, T>(
+        &self,
+        device: Option<&IdentityKeypair>,
+        body: impl AsyncFnOnce(C) -> T,
     ) -> T {
         let identity = device.map(|keypair| peer::client_certificate(&keypair.pkcs8_der().unwrap()).unwrap());
         let local = tokio::task::LocalSet::new();

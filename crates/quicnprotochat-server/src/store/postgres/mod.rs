@@ -259,7 +259,13 @@ fn write_loop(
                 held = gather(&mut receiver, &mut batch);
             }
         }
-        if !execute_batch(&mut link, &mut batch, limits, notifier, tag) {
+        // Through COMMIT, which waits for PostgreSQL's WAL flush.
+        let size = batch.len();
+        let started = std::time::Instant::now();
+        let kept = execute_batch(&mut link, &mut batch, limits, notifier, tag);
+        metrics::histogram!(crate::metrics::STORE_BATCH_SIZE).record(size as f64);
+        metrics::histogram!(crate::metrics::STORE_COMMIT).record(started.elapsed().as_secs_f64());
+        if !kept {
             link.lost();
         }
     }

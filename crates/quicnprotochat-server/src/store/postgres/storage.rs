@@ -32,7 +32,7 @@ use super::super::commands::Transact;
 use super::super::notifier::{CARRY_BYTES, CARRY_MESSAGES};
 use super::super::{StoreError, ValidKeyPackage};
 use crate::delivery::{
-    DamagedDeviceList, DeviceListColumns, KeyPackageRow, QueueUsage, Storage, WelcomeTree,
+    DamagedDeviceList, DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree,
 };
 
 /// A failure inside one command.
@@ -857,6 +857,19 @@ impl Storage for PgStorage<'_> {
         }
         self.device_lists_read.insert(*user, Some(columns.version));
         Ok(())
+    }
+
+    fn totals(&mut self) -> Result<Totals, PgError> {
+        // `queues` keeps each queue's depth: one row per queue.
+        let row = self.query_opt(
+            "SELECT (SELECT coalesce(sum(depth), 0)::bigint FROM queues),
+                    (SELECT count(*) FROM key_packages)",
+            &[],
+        )?;
+        Ok(row.map_or(Totals::default(), |row| Totals {
+            messages_queued: count(row.get(0)),
+            key_packages_stored: count(row.get(1)),
+        }))
     }
 }
 

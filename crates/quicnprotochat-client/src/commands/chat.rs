@@ -1,0 +1,264 @@
+//! `chat`: one process that shows what the node pushes and sends what is
+//! typed, so nobody has to juggle `send` and `recv --follow`.
+//!
+//! One loop selects between the next line of stdin and the next pushed
+//! batch. Each line is handled to the end (a message is sent, and answered
+//! by the node, before the next line is read), so when stdin is a pipe,
+//! reaching its end means every line was taken by the node and `chat` can
+//! exit 0. Pushed batches go through the same fetch → store → ack → apply
+//! path as `recv --follow`; the notes it prints (joined, removed, a new
+//! epoch) are the announcements.
+//!
+//! Unlike `recv --follow`, a lost connection ends `chat` with an error
+//! instead of reconnecting: a line typed while no node answers could not be
+//! sent anyway.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::pin::pin;
+
+use quicnprotochat_core::IdentityKeypair;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::group::{invite_through, print_members};
+use super::messages::send_through;
+use super::node::top_up_key_packages;
+use crate::cli::{ConnectionArgs, PeerArgs};
+use crate::error::ClientError;
+use crate::incoming::{Seen, catch_up, process_inbox, store_batch};
+use crate::naming::{group_name, load_group};
+use crate::nodes::Nodes;
+use crate::publish::commit_due_proposals;
+use crate::state::StateFile;
+
+/// What `/help` and an unknown command show.
+const COMMANDS: &str =
+    "/members, /invite NAME|HEX..., /group NAME, /quit (start a message with // to send a leading /)";
+
+/// `chat`: talks in `group_id` (default: the current group, or the first
+/// one joined while chatting) until `/quit`, the end of stdin, or Ctrl-C.
+pub(crate) async fn chat(
+    args: &ConnectionArgs,
+    path: &Path,
+    group_id: Option<String>,
+) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let identity = state.identity()?;
+    // A group named but not ours is refused before dialling a node. With
+    // no group at all, chat still starts: it can wait for an invitation,
+    // and the group joined becomes the current one.
+    if group_id.is_some() {
+        load_group(&state, group_id.as_deref())?;
+    }
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    let seen = catch_up(&nodes, &state, &identity).await?;
+    // Stay invitable while chatting, as `recv` does.
+    top_up_key_packages(&nodes, &state, &identity).await?;
+    commit_due_proposals(&nodes, &state, &identity).await?;
+    let interactive = std::io::stdin().is_terminal();
+    let mut session = Session {
+        nodes: &nodes,
+        state: &state,
+        identity: &identity,
+        group: group_id,
+    };
+    let outcome = session.run(seen, interactive).await;
+    nodes.close().await;
+    outcome
+}
+
+/// One line of input, parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// Nothing to do (a blank line).
+    Blank,
+    /// Text to send to the group.
+    Message(String),
+    /// `/members`.
+    Members,
+    /// `/invite NAME|HEX...`: contact names or user keys.
+    Invite(Vec<String>),
+    /// `/group NAME`.
+    Group(String),
+    /// `/quit`.
+    Quit,
+    /// `/help`.
+    Help,
+}
+
+/// Parses a typed line; the error is for the person typing.
+fn parse(line: &str) -> Result<Line, String> {
+    if line.trim().is_empty() {
+        return Ok(Line::Blank);
+    }
+    // `//text` sends `/text`: a way to start a message with a slash.
+    if let Some(text) = line.strip_prefix("//") {
+        return Ok(Line::Message(format!("/{text}")));
+    }
+    let Some(command) = line.strip_prefix('/') else {
+        return Ok(Line::Message(line.to_owned()));
+    };
+    let mut words = command.split_whitespace();
+    let name = words.next().unwrap_or_default();
+    let rest: Vec<String> = words.map(str::to_owned).collect();
+    match (name, rest.as_slice()) {
+        ("members", []) => Ok(Line::Members),
+        ("quit", []) => Ok(Line::Quit),
+        ("help", []) => Ok(Line::Help),
+        ("group", [group]) => Ok(Line::Group(group.clone())),
+        ("invite", [_, ..]) => Ok(Line::Invite(rest)),
+        ("members" | "quit" | "help", _) => Err(format!("/{name} takes no arguments")),
+        ("group", _) => Err("usage: /group NAME".into()),
+        ("invite", _) => Err("usage: /invite NAME|HEX...".into()),
+        _ => Err(format!("unknown command /{name}; commands: {COMMANDS}")),
+    }
+}
+
+/// Peers as `/invite` names them: a 64-hex-character word is a user key,
+/// anything else a contact name.
+fn peers(words: Vec<String>) -> PeerArgs {
+    let (keys, names) = words
+        .into_iter()
+        .partition(|word| word.len() == 64 && word.chars().all(|c| c.is_ascii_hexdigit()));
+    PeerArgs { keys, names }
+}
+
+/// Whether `chat` goes on after `error` while a person is typing: a
+/// mistake or a refusal is theirs to correct; a lost node or a failing
+/// state file is not.
+fn recoverable(error: &ClientError) -> bool {
+    !error.is_connection_lost() && !matches!(error, ClientError::State(_) | ClientError::Internal(_))
+}
+
+/// Whether the loop goes on after a line.
+enum Flow {
+    Continue,
+    Quit,
+}
+
+/// A running chat: open connections, the state file, and the group lines
+/// go to (`None`: the current group).
+struct Session<'a> {
+    nodes: &'a Nodes,
+    state: &'a StateFile,
+    identity: &'a IdentityKeypair,
+    group: Option<String>,
+}
+
+impl Session<'_> {
+    /// Subscribes after `seen` and handles lines and pushed batches until
+    /// the input ends, `/quit`, or Ctrl-C. With `interactive`, a refused
+    /// line is reported and the chat goes on; otherwise (a script) it ends
+    /// the chat with that error.
+    async fn run(&mut self, mut seen: Seen, interactive: bool) -> Result<(), ClientError> {
+        let me = self.identity.public_key();
+        let (sink, mut pushed) = tokio::sync::mpsc::channel(1);
+        let _subscription = self.nodes.delivery().subscribe(&me, seen.after(), sink).await?;
+        // Printed once subscribed, also for scripts: from here on, what is
+        // sent to us shows up without delay (tests wait for this line).
+        match load_group(self.state, self.group.as_deref()) {
+            Ok((id, _)) => eprintln!("chatting in {}; type a message, or {COMMANDS}", group_name(&id)),
+            Err(ClientError::NoGroup(_)) => {
+                eprintln!("chatting; you are in no group yet: wait for an invitation, or type {COMMANDS}")
+            }
+            Err(e) => return Err(e),
+        }
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        let mut interrupted = pin!(tokio::signal::ctrl_c());
+        loop {
+            // All three are cancel-safe: a line or batch not taken in this
+            // round stays for the next.
+            tokio::select! {
+                line = lines.next_line() => {
+                    let Some(line) = line.map_err(ClientError::Stdin)? else {
+                        return Ok(());
+                    };
+                    match self.handle(&line).await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Quit) => return Ok(()),
+                        Err(e) if interactive && recoverable(&e) => eprintln!("error: {e}"),
+                        Err(e) => return Err(e),
+                    }
+                }
+                batch = pushed.recv() => {
+                    let Some(batch) = batch else {
+                        return Err(ClientError::Unsubscribed(self.nodes.delivery().server().to_owned()));
+                    };
+                    // A send's catch-up may have stored part of this batch.
+                    seen = store_batch(self.state, seen.refresh(self.state)?, batch)?;
+                    self.nodes.delivery().ack(&me, seen.after()).await?;
+                    process_inbox(self.nodes, self.state).await?;
+                    commit_due_proposals(self.nodes, self.state, self.identity).await?;
+                }
+                _ = interrupted.as_mut() => return Ok(()),
+            }
+        }
+    }
+
+    /// Handles one line of input.
+    async fn handle(&mut self, line: &str) -> Result<Flow, ClientError> {
+        let group = self.group.as_deref();
+        match parse(line).map_err(ClientError::Usage)? {
+            Line::Blank => {}
+            Line::Message(text) => {
+                let everyone = PeerArgs {
+                    keys: Vec::new(),
+                    names: Vec::new(),
+                };
+                send_through(self.nodes, self.state, self.identity, &everyone, group, &text).await?;
+            }
+            Line::Members => print_members(self.state, group)?,
+            Line::Invite(words) => {
+                invite_through(self.nodes, self.state, self.identity, &peers(words), group).await?;
+            }
+            Line::Group(name) => {
+                let (id, _) = load_group(self.state, Some(&name))?;
+                eprintln!("now chatting in {}", group_name(&id));
+                self.group = Some(name);
+            }
+            Line::Help => eprintln!("commands: {COMMANDS}"),
+            Line::Quit => return Ok(Flow::Quit),
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_messages_unless_they_start_with_one_slash() {
+        assert_eq!(parse("hello"), Ok(Line::Message("hello".into())));
+        assert_eq!(
+            parse(" /not at the start"),
+            Ok(Line::Message(" /not at the start".into()))
+        );
+        assert_eq!(parse("//members"), Ok(Line::Message("/members".into())));
+        assert_eq!(parse("   "), Ok(Line::Blank));
+    }
+
+    #[test]
+    fn commands_take_their_arguments_and_refuse_others() {
+        assert_eq!(parse("/members"), Ok(Line::Members));
+        assert_eq!(parse("/quit"), Ok(Line::Quit));
+        assert_eq!(parse("/group team"), Ok(Line::Group("team".into())));
+        assert_eq!(
+            parse("/invite bob carol"),
+            Ok(Line::Invite(vec!["bob".into(), "carol".into()]))
+        );
+        assert!(parse("/invite").is_err());
+        assert!(parse("/group").is_err());
+        assert!(parse("/group a b").is_err());
+        assert!(parse("/quit now").is_err());
+        assert!(parse("/dance").unwrap_err().contains("unknown command /dance"));
+    }
+
+    #[test]
+    fn an_invitee_is_a_key_when_it_is_64_hex_characters_else_a_contact() {
+        let key = "ab".repeat(32);
+        let peers = peers(vec![key.clone(), "bob".into(), "abcd".into()]);
+        assert_eq!(peers.keys, [key]);
+        assert_eq!(peers.names, ["bob", "abcd"]);
+    }
+}

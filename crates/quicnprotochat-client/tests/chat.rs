@@ -1,0 +1,162 @@
+//! `chat`: the real client binary, driven through its stdin, against a
+//! real node; a second client checks what arrived.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{Follower, Member, TestNode, group_of};
+
+/// `chat` for `member` against `node` (in `group`, else the current
+/// group), ready to spawn.
+fn chat(node: &TestNode, member: &Member, group: Option<&str>) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
+    command
+        .args(["--server", &node.addr.to_string()])
+        .args(["--ca-cert", &node.cert().display().to_string()])
+        .args(["chat", "--state", &member.state])
+        .args(group.map(|group| ["--group-id", group]).into_iter().flatten())
+        .env_remove("QUICNPROTOCHAT_SERVER")
+        .env_remove("QUICNPROTOCHAT_CA_CERT")
+        .env_remove("QUICNPROTOCHAT_STATE");
+    command
+}
+
+/// Runs `chat` with `input` piped to its stdin, then closed, as a script
+/// does; returns once it exits.
+fn chat_piped(node: &TestNode, member: &Member, group: &str, input: &str) -> Output {
+    let mut child = chat(node, member, Some(group))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(input.as_bytes())
+        .expect("chat reads its stdin");
+    child.wait_with_output().expect("chat exits")
+}
+
+#[test]
+fn piped_lines_are_each_sent_before_chat_exits_at_the_end_of_input() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+
+    let output = chat_piped(&node, &alice, "talk", "first line\n\nsecond line\n");
+    assert!(
+        output.status.success(),
+        "chat failed: {}",
+        common::stderr(&output)
+    );
+
+    // Exited 0 means the node took both: Bob's plain `recv` finds them.
+    let received = bob.run(&node, "recv", &[]);
+    let lines: Vec<&str> = received.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("talk {}: first line", alice.short()),
+            format!("talk {}: second line", alice.short()),
+        ]
+    );
+}
+
+#[test]
+fn a_refused_line_fails_a_piped_chat() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+
+    let output = chat_piped(&node, &alice, "talk", "/dance\n");
+    assert!(!output.status.success());
+    assert!(common::stderr(&output).contains("unknown command /dance"));
+}
+
+#[test]
+fn chat_shows_pushed_messages_sends_typed_lines_and_ends_on_quit() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+
+    let mut command = chat(&node, &bob, Some("talk"));
+    command.stdin(Stdio::piped());
+    let mut bob_chat = Follower::start(command);
+    bob_chat.await_note("chatting in talk", Duration::from_secs(20));
+
+    // Pushed while chat waits on its stdin.
+    alice.run(&node, "send", &["--msg", "hello bob"]);
+    assert_eq!(bob_chat.next_line(), format!("talk {}: hello bob", alice.short()));
+
+    bob_chat.type_line("/members");
+    let members = [bob_chat.next_line(), bob_chat.next_line()];
+    assert!(
+        members.iter().any(|line| line.starts_with(&alice.key)),
+        "{members:?}"
+    );
+    assert!(
+        members
+            .iter()
+            .any(|line| line.starts_with(&bob.key) && line.contains("(you)")),
+        "{members:?}"
+    );
+
+    bob_chat.type_line("hello alice");
+    bob_chat.await_note("sent to 1 member(s) of talk", Duration::from_secs(20));
+    assert_eq!(
+        alice.run(&node, "recv", &[]).trim(),
+        format!("talk {}: hello alice", bob.short())
+    );
+
+    bob_chat.type_line("/quit");
+    assert!(bob_chat.wait_for_exit(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn an_invitation_typed_in_chat_is_joined_and_announced_in_the_invitees_chat() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+
+    // Carol is in no group yet: her chat waits for an invitation.
+    let mut command = chat(&node, &carol, None);
+    command.stdin(Stdio::piped());
+    let mut carol_chat = Follower::start(command);
+    carol_chat.await_note("no group yet", Duration::from_secs(20));
+
+    let input = format!("/invite {}\nwelcome carol\n", carol.key);
+    let output = chat_piped(&node, &alice, "talk", &input);
+    assert!(
+        output.status.success(),
+        "chat failed: {}",
+        common::stderr(&output)
+    );
+
+    carol_chat.await_note("joined group talk", Duration::from_secs(20));
+    assert_eq!(
+        carol_chat.next_line(),
+        format!("talk {}: welcome carol", alice.short())
+    );
+    // The group joined is where her lines go.
+    carol_chat.type_line("hi all");
+    carol_chat.await_note("sent to 2 member(s) of talk", Duration::from_secs(20));
+    carol_chat.type_line("/quit");
+    assert!(carol_chat.wait_for_exit(Duration::from_secs(20)).success());
+
+    let received = bob.run(&node, "recv", &[]);
+    assert!(
+        received.ends_with(&format!("talk {}: hi all\n", carol.short())),
+        "{received}"
+    );
+}
