@@ -304,9 +304,25 @@ impl StateFile {
         Ok(Some(pair))
     }
 
-    /// The user key: what peers know and invite.
+    /// The user key: what peers know and invite. Reads only the public
+    /// keys (no secret is loaded, no key derived): `recv` asks for it per
+    /// received message.
     pub fn identity_key(&self) -> Result<IdentityKey, StateError> {
-        Ok(self.identity()?.user())
+        let public: Option<Vec<u8>> = self
+            .connection
+            .query_row(
+                "SELECT coalesce((SELECT public_key FROM user_key WHERE id = 1),
+                                 (SELECT public_key FROM identity WHERE id = 1))",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?
+            .flatten();
+        match public {
+            Some(bytes) => IdentityKey::try_from(bytes.as_slice())
+                .map_err(|_| StateError::BadIdentity(self.path.clone())),
+            None => Err(self.no_identity()),
+        }
     }
 }
 
