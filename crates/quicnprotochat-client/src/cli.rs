@@ -12,6 +12,11 @@ pub struct Cli {
     /// Connection options, accepted before or after the command.
     #[command(flatten)]
     pub connection: ConnectionArgs,
+    /// Print JSON instead of text: one document per command, one object
+    /// per line for what arrives (`recv`, `chat`); on failure, an error
+    /// object with a stable `kind` as the last line of stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

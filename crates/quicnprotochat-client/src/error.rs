@@ -336,6 +336,174 @@ impl ClientError {
     }
 }
 
+/// What kind of failure an error is, as the exit code tells it (README,
+/// "Scripting"): a script retries an unreachable node, reports a refusal,
+/// fixes its input, and alerts on the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Category {
+    /// Something failed here: the state file, MLS processing, a bug. Exit 1.
+    Local,
+    /// The command line, a name, a key or a code is not usable. Exit 2
+    /// (as clap's own usage errors).
+    BadInput,
+    /// No trusted node answered, or the connection was lost before the
+    /// node confirmed anything. Exit 3.
+    Unreachable,
+    /// The node answered and refused (rate limited, queue full, a lost
+    /// race, nothing to serve, not valid). Exit 4.
+    Refused,
+    /// The node's answer is malformed or fails verification (a forged
+    /// KeyPackage or device list). Exit 5.
+    BadAnswer,
+}
+
+impl Category {
+    /// The process exit code of a command failing with this category.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Category::Local => 1,
+            Category::BadInput => 2,
+            Category::Unreachable => 3,
+            Category::Refused => 4,
+            Category::BadAnswer => 5,
+        }
+    }
+}
+
+impl ClientError {
+    /// A stable name for what went wrong (`rate_limited`, `no_group`, ...),
+    /// the `kind` of the JSON error object; with its category. A change
+    /// the node refused is reported by why it was refused.
+    pub fn kind(&self) -> (&'static str, Category) {
+        use Category::*;
+        match self {
+            ClientError::CaCert { .. } | ClientError::CaCertUnusable { .. } => ("ca_cert", BadInput),
+            ClientError::BadServer { .. } => ("bad_server", BadInput),
+            ClientError::Unreachable { .. } | ClientError::NoNodeReachable { .. } => {
+                ("unreachable", Unreachable)
+            }
+            ClientError::UntrustedNode { .. } => ("untrusted_node", Unreachable),
+            ClientError::WrongName { .. } => ("wrong_server_name", Unreachable),
+            ClientError::Connect { .. } => ("connect_failed", Unreachable),
+            ClientError::IdentityCertificate(_) => ("identity_damaged", Local),
+            ClientError::Timeout(_) => ("timeout", Unreachable),
+            ClientError::Rpc(e) if e.kind == capnp::ErrorKind::Disconnected => {
+                ("connection_lost", Unreachable)
+            }
+            ClientError::Rpc(_) => ("node_error", Refused),
+            ClientError::CommitConflict { .. } => ("commit_conflict", Refused),
+            ClientError::RateLimited { .. } => ("rate_limited", Refused),
+            ClientError::QueueFull { .. } => ("queue_full", Refused),
+            ClientError::StaleEpoch { .. } => ("stale_epoch", Refused),
+            ClientError::TooManyKeyPackages { .. } => ("too_many_key_packages", Refused),
+            ClientError::ChangeRefused { reason, .. } => reason.kind(),
+            ClientError::WelcomeTreeUnavailable { .. } => ("welcome_tree_unavailable", Refused),
+            ClientError::WelcomeTreeRefused { .. } => ("welcome_tree_refused", Refused),
+            ClientError::InvalidChange { .. } => ("invalid_change", Refused),
+            ClientError::GroupUnknownToNode { .. } => ("group_unknown_to_node", Refused),
+            ClientError::NoGroupInfo { .. } => ("no_group_info", Refused),
+            ClientError::RejoinRefused { .. } => ("rejoin_refused", Refused),
+            ClientError::Outcome(_) | ClientError::Protocol(_) => ("bad_answer", BadAnswer),
+            ClientError::Unconfirmed { .. } | ClientError::ProposalUnconfirmed { .. } => {
+                ("unconfirmed", Unreachable)
+            }
+            ClientError::NoKeyPackage(..) => ("no_key_package", Refused),
+            ClientError::BadKeyPackage { .. } => ("bad_key_package", BadAnswer),
+            ClientError::FingerprintMismatch => ("fingerprint_mismatch", BadAnswer),
+            ClientError::State(e) => state_kind(e),
+            ClientError::Core(e) => core_kind(e),
+            ClientError::UnknownGroup(_) => ("unknown_group", Local),
+            ClientError::PartialDelivery(_) => ("partial_delivery", Refused),
+            ClientError::NoGroup(_) => ("no_group", BadInput),
+            ClientError::Usage(_) => ("usage", BadInput),
+            ClientError::Stdin(_) => ("stdin", Local),
+            ClientError::Unsubscribed(_) => ("connection_lost", Unreachable),
+            ClientError::Demo(_) => ("demo_failed", Local),
+            ClientError::Internal(_) => ("internal", Local),
+            ClientError::DeviceList { .. } => ("bad_device_list", BadAnswer),
+            ClientError::DeviceListRefused(_) => ("device_list_refused", Refused),
+            ClientError::Link(quicnprotochat_core::link::LinkError::NotYet) => ("link_pending", BadInput),
+            ClientError::Link(_) => ("bad_link_code", BadInput),
+        }
+    }
+
+    /// The process exit code for this error (see [`Category`]).
+    pub fn exit_code(&self) -> u8 {
+        self.kind().1.exit_code()
+    }
+
+    /// The JSON error object `--json` prints on stderr: `type` "error", a
+    /// stable `kind`, the `exit_code`, the `message` for people, and, where
+    /// a script can act on them, the numbers behind it.
+    pub fn report(&self) -> serde_json::Value {
+        let (kind, category) = self.kind();
+        let mut report = serde_json::json!({
+            "type": "error",
+            "kind": kind,
+            "exit_code": category.exit_code(),
+            "message": self.to_string(),
+        });
+        let detail = match self.innermost() {
+            ClientError::RateLimited { retry_after } => Some((
+                "retry_after_ms",
+                serde_json::json!(retry_after.as_millis() as u64),
+            )),
+            ClientError::CommitConflict { current_epoch } | ClientError::StaleEpoch { current_epoch } => {
+                Some(("current_epoch", serde_json::json!(current_epoch)))
+            }
+            ClientError::QueueFull { recipients, .. } => Some((
+                "recipients",
+                serde_json::json!(recipients.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            )),
+            _ => None,
+        };
+        if let (Some((field, value)), Some(object)) = (detail, report.as_object_mut()) {
+            object.insert(field.to_owned(), value);
+        }
+        report
+    }
+
+    /// The error a refused change wraps, else this one.
+    fn innermost(&self) -> &ClientError {
+        match self {
+            ClientError::ChangeRefused { reason, .. } => reason.innermost(),
+            other => other,
+        }
+    }
+}
+
+/// Kinds of state file failures: a missing or wrong file is the user's to
+/// fix; a damaged one is local.
+fn state_kind(error: &StateError) -> (&'static str, Category) {
+    match error {
+        StateError::Missing(_) => ("no_state_file", Category::BadInput),
+        StateError::NotAStateFile { .. } => ("not_a_state_file", Category::BadInput),
+        StateError::NoIdentity(_) => ("no_identity", Category::BadInput),
+        StateError::LinkPending(_) => ("link_pending", Category::BadInput),
+        StateError::AlreadyRegistered(_) => ("already_registered", Category::BadInput),
+        StateError::Contact(_) => ("contact", Category::BadInput),
+        StateError::TooNew { .. } => ("state_too_new", Category::Local),
+        StateError::BadIdentity(_) => ("identity_damaged", Category::Local),
+        StateError::Mls(e) => core_kind(e),
+        _ => ("state_file", Category::Local),
+    }
+}
+
+/// Kinds of MLS failures: asking for something the group makes impossible
+/// is bad input; the rest is local.
+fn core_kind(error: &CoreError) -> (&'static str, Category) {
+    match error {
+        CoreError::AlreadyMember(_) => ("already_member", Category::BadInput),
+        CoreError::UnknownMember(_) => ("unknown_member", Category::BadInput),
+        CoreError::GroupExists(_) => ("group_exists", Category::BadInput),
+        CoreError::InvalidIdentityKey(_) => ("bad_key", Category::BadInput),
+        CoreError::WrongSuite { .. } => ("wrong_suite", Category::BadInput),
+        CoreError::UnlistedDevice { .. } => ("unlisted_device", Category::BadInput),
+        _ => ("mls", Category::Local),
+    }
+}
+
 impl From<RateLimited> for ClientError {
     fn from(limited: RateLimited) -> Self {
         ClientError::RateLimited {

@@ -63,30 +63,46 @@ pub(crate) async fn follow(
             Err(e) if e.is_connection_lost() => e.to_string(),
             Err(e) => return Err(e),
         };
-        eprintln!(
-            "warning: lost the node at {} ({lost}); reconnecting",
-            nodes.delivery().server()
-        );
-        if connected_at.elapsed() >= STEADY {
-            pause.reset();
-        }
-        loop {
-            tokio::select! {
-                () = pause.wait() => {}
-                _ = interrupted.as_mut() => return Ok(()),
-            }
-            let reconnected = tokio::select! {
-                reconnected = nodes.reconnect() => reconnected,
-                _ = interrupted.as_mut() => return Ok(()),
-            };
-            match reconnected {
-                Ok(()) => break,
-                // Everything local was checked before the first connection;
-                // what fails now is the nodes, which may come back.
-                Err(e) => eprintln!("warning: {e}\ntrying again in {:?}", pause.upcoming()),
-            }
+        if !reconnect(nodes, &mut pause, connected_at, &lost, interrupted.as_mut()).await {
+            return Ok(());
         }
         eprintln!("following through {}", nodes.delivery().server());
+    }
+}
+
+/// After the connection made at `connected_at` was lost (`lost` says how):
+/// reconnects `nodes` to the next node that answers, pausing between
+/// rounds as `pause` says, until one does (true) or `interrupted` fires
+/// (false). `chat` reconnects with it too.
+pub(crate) async fn reconnect<F: Future>(
+    nodes: &mut Nodes,
+    pause: &mut Pause,
+    connected_at: Instant,
+    lost: &str,
+    mut interrupted: Pin<&mut F>,
+) -> bool {
+    eprintln!(
+        "warning: lost the node at {} ({lost}); reconnecting",
+        nodes.delivery().server()
+    );
+    if connected_at.elapsed() >= STEADY {
+        pause.reset();
+    }
+    loop {
+        tokio::select! {
+            () = pause.wait() => {}
+            _ = interrupted.as_mut() => return false,
+        }
+        let reconnected = tokio::select! {
+            reconnected = nodes.reconnect() => reconnected,
+            _ = interrupted.as_mut() => return false,
+        };
+        match reconnected {
+            Ok(()) => return true,
+            // Everything local was checked before the first connection;
+            // what fails now is the nodes, which may come back.
+            Err(e) => eprintln!("warning: {e}\ntrying again in {:?}", pause.upcoming()),
+        }
     }
 }
 
@@ -139,7 +155,7 @@ async fn follow_connection<F: Future>(
 /// [`FIRST_PAUSE`] up to [`LONGEST_PAUSE`] while nodes keep failing, so a
 /// node that drops every connection at once is not hammered.
 #[derive(Debug, Default)]
-struct Pause {
+pub(crate) struct Pause {
     next: Duration,
 }
 

@@ -13,10 +13,11 @@ use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
 use crate::devices::Directory;
 use crate::error::ClientError;
-use crate::naming::{group_name, member_name};
+use crate::naming::group_name;
 use crate::nodes::Nodes;
+use crate::output::{Event, Progress};
 use crate::publish::resume_publications;
-use crate::state::{Direction, StateFile};
+use crate::state::{Direction, InboxEntry, StateFile};
 
 /// Test hook: when this environment variable is set, `recv` and `join` exit
 /// right after storing the fetched messages in the inbox, before
@@ -115,34 +116,41 @@ pub(crate) fn store_batch(
     let Some(last) = batch.last().map(|message| message.seq) else {
         return Ok(seen);
     };
-    let fresh: Vec<Vec<u8>> = batch
+    let fresh: Vec<QueuedMessage> = batch
         .into_iter()
         .filter(|message| message.seq > seen.stored)
-        .map(|message| message.payload)
         .collect();
     if !fresh.is_empty() {
-        state.push_inbox_at(&fresh, Some((&seen.instance, last)))?;
+        state.push_queued(&seen.instance, &fresh, last)?;
     }
     seen.after = seen.after.max(last);
     seen.stored = seen.stored.max(last);
     Ok(seen)
 }
 
-/// Processes every inbox entry, oldest first.
+/// Processes every inbox entry, oldest first, printing what each did. A
+/// long backlog shows a progress bar on a terminal.
 pub(crate) async fn process_inbox(nodes: &Nodes, state: &StateFile) -> Result<(), ClientError> {
-    for (entry, payload) in state.inbox()? {
-        process_entry(nodes, state, entry, &payload, false).await?;
+    let inbox = state.inbox()?;
+    let progress = Progress::new(inbox.len(), PROGRESS_WORTH, "catching up");
+    for entry in &inbox {
+        let applied = process_entry(nodes, state, entry, false).await?;
+        progress.suspend(|| applied.tell())?;
+        progress.step();
     }
     state.compact_if_sparse()?;
     Ok(())
 }
 
+/// How many queued messages make a backlog worth a progress bar.
+const PROGRESS_WORTH: usize = 200;
+
 /// Processes one inbox entry and removes it, in one transaction. A message
 /// that MLS rejects (garbage, unknown group, past epoch, ...) is reported on
 /// stderr and removed; a local failure (the state file) or a node that
 /// cannot be asked stops processing and keeps the entry for the next run.
-/// Returns whether the entry joined a group; `explicit_join` makes that
-/// group the current one.
+/// Returns what it did, to [`Applied::tell`] once it is committed;
+/// `explicit_join` makes a group it joins the current one.
 ///
 /// A Welcome without its ratchet tree (ours never carry it) is joined with
 /// the tree the node kept for us: the first try names the group and epoch
@@ -150,19 +158,20 @@ pub(crate) async fn process_inbox(nodes: &Nodes, state: &StateFile) -> Result<()
 pub(crate) async fn process_entry(
     nodes: &Nodes,
     state: &StateFile,
-    entry: i64,
-    payload: &[u8],
+    entry: &InboxEntry,
     explicit_join: bool,
-) -> Result<bool, ClientError> {
+) -> Result<Applied, ClientError> {
+    let (payload, seq) = (entry.payload.as_slice(), entry.seq);
+    let entry = entry.id;
     let mut tree = None;
     let mut fetched_lists = false;
     loop {
         let directory = nodes.directory();
         let outcome = state.consume_inbox_entry(entry, || {
-            apply(state, payload, tree.as_deref(), explicit_join, directory)
+            apply(state, payload, seq, tree.as_deref(), explicit_join, directory)
         });
         let (group_id, epoch) = match outcome {
-            Ok(applied) => return Ok(applied.tell()),
+            Ok(applied) => return Ok(applied),
             Err(ClientError::Core(CoreError::RatchetTreeNeeded { group_id, epoch })) if tree.is_none() => {
                 (group_id, epoch)
             }
@@ -175,7 +184,7 @@ pub(crate) async fn process_entry(
                 directory.fetch(nodes, state, &users).await?;
                 continue;
             }
-            Err(e) => return settle_failure(state, entry, e).map(|()| false),
+            Err(e) => return settle_failure(state, entry, e).map(|()| Applied::default()),
         };
         let fetched = match GroupId::new(group_id.clone()) {
             Some(group) => nodes.delivery().fetch_welcome_tree(&group, epoch).await,
@@ -190,7 +199,7 @@ pub(crate) async fn process_entry(
                     group: group_name(&group_id),
                     epoch,
                 };
-                return settle_failure(state, entry, e).map(|()| false);
+                return settle_failure(state, entry, e).map(|()| Applied::default());
             }
             // The node refused the call itself: it does not know us as a
             // member this Welcome added (a forged or misdirected Welcome).
@@ -199,7 +208,7 @@ pub(crate) async fn process_entry(
                     group: group_name(&group_id),
                     reason: e.extra,
                 };
-                return settle_failure(state, entry, e).map(|()| false);
+                return settle_failure(state, entry, e).map(|()| Applied::default());
             }
             Err(e) => return Err(e),
         }
@@ -275,30 +284,28 @@ fn settle_failure(state: &StateFile, entry: i64, error: ClientError) -> Result<(
 /// message printed before its transaction commits would be printed again
 /// after a crash, when the entry is applied again.
 #[derive(Debug, Default)]
-struct Applied {
+pub(crate) struct Applied {
     /// The entry joined a group.
-    joined: bool,
-    /// For stdout: a received message.
-    message: Option<String>,
-    /// For stderr: what changed.
-    note: Option<String>,
+    pub(crate) joined: bool,
+    /// What to report.
+    event: Option<Event>,
 }
 
 impl Applied {
-    fn tell(self) -> bool {
-        if let Some(message) = self.message {
-            println!("{message}");
+    /// Prints what happened (see [`Event::print`]); returns whether the
+    /// entry joined a group.
+    pub(crate) fn tell(self) -> Result<bool, ClientError> {
+        if let Some(event) = &self.event {
+            event.print()?;
         }
-        if let Some(note) = self.note {
-            eprintln!("{note}");
-        }
-        self.joined
+        Ok(self.joined)
     }
 }
 
 fn apply(
     state: &StateFile,
     payload: &[u8],
+    seq: Option<Seq>,
     tree: Option<&[u8]>,
     explicit_join: bool,
     directory: &Directory,
@@ -314,21 +321,19 @@ fn apply(
             state.record_group(&group_id, make_current)?;
             Ok(Applied {
                 joined: true,
-                message: None,
-                note: Some(format!(
-                    "joined group {} (epoch {}, {} members)",
-                    group_name(&group_id),
-                    group.epoch(),
-                    group.members().len()
-                )),
+                event: Some(Event::Joined {
+                    group: group_name(&group_id),
+                    group_id: hex::encode(&group_id),
+                    epoch: group.epoch(),
+                    members: group.members().len(),
+                }),
             })
         }
         Incoming::Group { group_id, .. } => {
             let mut group = GroupMember::load(&provider, &group_id)?
                 .ok_or_else(|| ClientError::UnknownGroup(group_name(&group_id)))?;
-            let name = group_name(&group_id);
-            let mut applied = Applied::default();
-            match group.receive(&provider, payload, directory)? {
+            let (name, id) = (group_name(&group_id), hex::encode(&group_id));
+            let event = match group.receive(&provider, payload, directory)? {
                 Received::Application { sender, plaintext } => {
                     // Attributed to the user, whichever of its devices
                     // sent it.
@@ -339,39 +344,48 @@ fn apply(
                         &plaintext,
                         group.epoch(),
                     )?;
-                    // Our own user: sent from another of our devices.
-                    let from = if sender.user == state.identity_key()? {
-                        "me".to_owned()
-                    } else {
-                        member_name(state, &sender.user)?
-                    };
-                    applied.message = Some(format!("{name} {from}: {}", String::from_utf8_lossy(&plaintext)));
+                    Some(Event::Message {
+                        group: name,
+                        group_id: id,
+                        sender: state.contact_name(&sender.user)?,
+                        sender_key: sender.user.to_string(),
+                        // Our own user: sent from another of our devices.
+                        from_me: sender.user == state.identity_key()?,
+                        text: String::from_utf8_lossy(&plaintext).into_owned(),
+                        seq: seq.map(Seq::get),
+                        epoch: group.epoch(),
+                    })
                 }
-                Received::Commit { epoch } => {
-                    applied.note = Some(format!(
-                        "group {name}: now at epoch {epoch}, {} members",
-                        group.members().len()
-                    ));
-                }
-                Received::Rejoined { member, epoch } => {
-                    applied.note = Some(format!(
-                        "group {name}: {} rejoined; now at epoch {epoch}, {} members",
-                        member_name(state, &member)?,
-                        group.members().len()
-                    ));
-                }
-                Received::Removed { epoch } => {
-                    applied.note = Some(format!(
-                        "group {name}: you were removed from the group at epoch {epoch}"
-                    ));
-                }
-                Received::Proposal => {
-                    applied.note = Some(format!("group {name}: stored a proposal for the next commit"));
-                }
-                Received::OwnMessage => {}
-                _ => applied.note = Some(format!("group {name}: processed a message")),
-            }
-            Ok(applied)
+                Received::Commit { epoch } => Some(Event::Changed {
+                    group: name,
+                    group_id: id,
+                    epoch,
+                    members: group.members().len(),
+                }),
+                Received::Rejoined { member, epoch } => Some(Event::Rejoined {
+                    group: name,
+                    group_id: id,
+                    member: state.contact_name(&member)?,
+                    member_key: member.to_string(),
+                    epoch,
+                    members: group.members().len(),
+                }),
+                Received::Removed { epoch } => Some(Event::Removed {
+                    group: name,
+                    group_id: id,
+                    epoch,
+                }),
+                Received::Proposal => Some(Event::Proposal {
+                    group: name,
+                    group_id: id,
+                }),
+                Received::OwnMessage => None,
+                _ => Some(Event::Processed {
+                    group: name,
+                    group_id: id,
+                }),
+            };
+            Ok(Applied { joined: false, event })
         }
         other => Err(ClientError::Core(CoreError::MalformedMessage(format!(
             "cannot route {other:?}"

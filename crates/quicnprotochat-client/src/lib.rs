@@ -22,7 +22,9 @@
 //! - [`node_client`] — connect to a node (verifying it) and make typed calls.
 //! - [`state`] — the state file: identity, groups, inbox, outbox, OpenMLS
 //!   storage; each unit of work one transaction.
-//! - [`error`] — [`ClientError`], whose messages say what to do.
+//! - [`output`] — text or `--json`, and progress bars on a terminal.
+//! - [`error`] — [`ClientError`], whose messages say what to do, and the
+//!   kind and exit code of each.
 
 pub mod cli;
 pub mod commands;
@@ -33,6 +35,7 @@ mod incoming;
 mod naming;
 pub mod node_client;
 mod nodes;
+pub mod output;
 mod publish;
 pub mod state;
 

@@ -135,7 +135,8 @@ fn find_group(state: &StateFile, name: &str) -> Result<Vec<u8>, ClientError> {
         .groups()?
         .into_iter()
         .map(|record| record.group_id)
-        .filter(|id| id.as_slice() == name.as_bytes() || group_name(id) == name)
+        // By its full id, its name, or (as `--json` prints it) its id in hex.
+        .filter(|id| id.as_slice() == name.as_bytes() || group_name(id) == name || hex::encode(id) == name)
         .collect();
     match matching.as_slice() {
         [id] => Ok(id.clone()),

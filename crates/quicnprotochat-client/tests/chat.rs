@@ -123,6 +123,36 @@ fn chat_shows_pushed_messages_sends_typed_lines_and_ends_on_quit() {
 }
 
 #[test]
+fn chat_goes_on_through_a_restarted_node() {
+    let mut node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+
+    let mut command = chat(&node, &bob, Some("talk"));
+    command.stdin(Stdio::piped());
+    let mut bob_chat = Follower::start(command);
+    bob_chat.await_note("chatting in talk", Duration::from_secs(20));
+
+    // The node goes away and comes back on the same address and database.
+    node.restart();
+    bob_chat.await_note("chatting through", Duration::from_secs(60));
+    alice.run(&node, "send", &["--msg", "after the restart"]);
+    assert_eq!(
+        bob_chat.next_line(),
+        format!("talk {}: after the restart", alice.short())
+    );
+    bob_chat.type_line("still here");
+    bob_chat.await_note("sent to 1 member(s) of talk", Duration::from_secs(20));
+    bob_chat.type_line("/quit");
+    assert!(bob_chat.wait_for_exit(Duration::from_secs(20)).success());
+    assert_eq!(
+        alice.run(&node, "recv", &[]).trim(),
+        format!("talk {}: still here", bob.short())
+    );
+}
+
+#[test]
 fn an_invitation_typed_in_chat_is_joined_and_announced_in_the_invitees_chat() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();

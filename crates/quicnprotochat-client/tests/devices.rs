@@ -383,6 +383,13 @@ fn a_device_list_the_node_rolls_back_forges_or_withholds_is_refused_by_the_clien
     let (ok, _, err) = devices_try(&node, &phone, &["list"]);
     assert!(!ok);
     assert!(err.contains("not signed by that user key"), "{err}");
+    // A node whose answer fails verification has its own exit code (5) and
+    // error kind, for scripts to alert on.
+    let out = node.cli(&["--json", "devices", "list", "--state", &phone.state]);
+    assert_eq!(out.status.code(), Some(5), "{}", common::stderr(&out));
+    let error: serde_json::Value =
+        serde_json::from_str(common::stderr(&out).lines().last().unwrap()).unwrap();
+    assert_eq!(error["kind"], "bad_device_list", "{error}");
     // No list at all, after one was seen.
     db.execute("DELETE FROM device_lists WHERE user_key = ?1", [&user])
         .unwrap();

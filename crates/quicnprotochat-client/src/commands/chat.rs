@@ -9,22 +9,28 @@
 //! path as `recv --follow`; the notes it prints (joined, removed, a new
 //! epoch) are the announcements.
 //!
-//! Unlike `recv --follow`, a lost connection ends `chat` with an error
-//! instead of reconnecting: a line typed while no node answers could not be
-//! sent anyway.
+//! A lost connection is cured as `recv --follow` cures it: `chat` goes on
+//! through the next node that answers (the same one, restarted, for a
+//! single node), catching up and subscribing again; lines typed meanwhile
+//! wait in stdin. A line whose sending the lost connection interrupted is
+//! not sent again, since the node may have taken it: a person is told and
+//! may type it again, a script's chat fails (exit code 3) so it can decide.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::path::Path;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 
-use quicnprotochat_core::IdentityKeypair;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use quicnprotochat_core::{IdentityKeypair, QueuedMessage};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
+use tokio::time::Instant;
 
 use super::group::{invite_through, print_members};
 use super::messages::send_through;
 use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
+use crate::follow::{Pause, reconnect};
 use crate::incoming::{Seen, catch_up, process_inbox, store_batch};
 use crate::naming::{group_name, load_group};
 use crate::nodes::Nodes;
@@ -50,19 +56,21 @@ pub(crate) async fn chat(
     if group_id.is_some() {
         load_group(&state, group_id.as_deref())?;
     }
-    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    let mut nodes = Nodes::connect(args, Some(&identity)).await?;
     let seen = catch_up(&nodes, &state, &identity).await?;
     // Stay invitable while chatting, as `recv` does.
     top_up_key_packages(&nodes, &state, &identity).await?;
     commit_due_proposals(&nodes, &state, &identity).await?;
     let interactive = std::io::stdin().is_terminal();
-    let mut session = Session {
-        nodes: &nodes,
+    let outcome = Session {
+        nodes: &mut nodes,
         state: &state,
         identity: &identity,
         group: group_id,
-    };
-    let outcome = session.run(seen, interactive).await;
+        interactive,
+    }
+    .run(seen)
+    .await;
     nodes.close().await;
     outcome
 }
@@ -136,63 +144,141 @@ enum Flow {
     Quit,
 }
 
-/// A running chat: open connections, the state file, and the group lines
-/// go to (`None`: the current group).
+/// How chatting through one connection ended.
+enum Ended {
+    /// The input ended, `/quit`, or Ctrl-C.
+    Done,
+    /// The connection was lost (why): reconnect.
+    Lost(String),
+}
+
+/// A running chat: open connections, the state file, the group lines go to
+/// (`None`: the current group), and whether a person is typing.
 struct Session<'a> {
-    nodes: &'a Nodes,
+    nodes: &'a mut Nodes,
     state: &'a StateFile,
     identity: &'a IdentityKeypair,
     group: Option<String>,
+    interactive: bool,
 }
 
 impl Session<'_> {
-    /// Subscribes after `seen` and handles lines and pushed batches until
-    /// the input ends, `/quit`, or Ctrl-C. With `interactive`, a refused
-    /// line is reported and the chat goes on; otherwise (a script) it ends
-    /// the chat with that error.
-    async fn run(&mut self, mut seen: Seen, interactive: bool) -> Result<(), ClientError> {
-        let me = self.identity.public_key();
-        let (sink, mut pushed) = tokio::sync::mpsc::channel(1);
-        let _subscription = self.nodes.delivery().subscribe(&me, seen.after(), sink).await?;
-        // Printed once subscribed, also for scripts: from here on, what is
-        // sent to us shows up without delay (tests wait for this line).
-        match load_group(self.state, self.group.as_deref()) {
-            Ok((id, _)) => eprintln!("chatting in {}; type a message, or {COMMANDS}", group_name(&id)),
-            Err(ClientError::NoGroup(_)) => {
-                eprintln!("chatting; you are in no group yet: wait for an invitation, or type {COMMANDS}")
-            }
-            Err(e) => return Err(e),
-        }
+    /// Handles lines and pushed batches, from `seen` on, until the input
+    /// ends, `/quit`, or Ctrl-C, reconnecting whenever the connection is
+    /// lost. When a person is typing, a refused line is reported and the
+    /// chat goes on; a script's chat ends with that error.
+    async fn run(&mut self, seen: Seen) -> Result<(), ClientError> {
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
         let mut interrupted = pin!(tokio::signal::ctrl_c());
+        let mut caught_up = Some(seen);
+        let mut pause = Pause::default();
+        let mut first = true;
+        loop {
+            let connected_at = Instant::now();
+            let ended = self
+                .connection(caught_up.take(), &mut lines, interrupted.as_mut(), first)
+                .await?;
+            first = false;
+            let Ended::Lost(lost) = ended else {
+                return Ok(());
+            };
+            if !reconnect(self.nodes, &mut pause, connected_at, &lost, interrupted.as_mut()).await {
+                return Ok(());
+            }
+            eprintln!("chatting through {}", self.nodes.delivery().server());
+        }
+    }
+
+    /// Chats through the current connection: catches up first unless
+    /// `caught_up` says that was done on it, subscribes after the last
+    /// message seen, then handles lines and pushed batches.
+    async fn connection<F: Future>(
+        &mut self,
+        caught_up: Option<Seen>,
+        lines: &mut Lines<BufReader<Stdin>>,
+        mut interrupted: Pin<&mut F>,
+        first: bool,
+    ) -> Result<Ended, ClientError> {
+        let lost = |e: ClientError| {
+            if e.is_connection_lost() {
+                Ok(Ended::Lost(e.to_string()))
+            } else {
+                Err(e)
+            }
+        };
+        let mut seen = match caught_up {
+            Some(seen) => seen,
+            None => match self.catch_up().await {
+                Ok(seen) => seen,
+                Err(e) => return lost(e),
+            },
+        };
+        let me = self.identity.public_key();
+        let (sink, mut pushed) = tokio::sync::mpsc::channel(1);
+        let _subscription = match self.nodes.delivery().subscribe(&me, seen.after(), sink).await {
+            Ok(subscription) => subscription,
+            Err(e) => return lost(e),
+        };
+        if first {
+            // Printed once subscribed, also for scripts: from here on, what
+            // is sent to us shows up without delay (tests wait for this).
+            match load_group(self.state, self.group.as_deref()) {
+                Ok((id, _)) => eprintln!("chatting in {}; type a message, or {COMMANDS}", group_name(&id)),
+                Err(ClientError::NoGroup(_)) => {
+                    eprintln!("chatting; you are in no group yet: wait for an invitation, or type {COMMANDS}")
+                }
+                Err(e) => return Err(e),
+            }
+        }
         loop {
             // All three are cancel-safe: a line or batch not taken in this
             // round stays for the next.
             tokio::select! {
                 line = lines.next_line() => {
                     let Some(line) = line.map_err(ClientError::Stdin)? else {
-                        return Ok(());
+                        return Ok(Ended::Done);
                     };
                     match self.handle(&line).await {
                         Ok(Flow::Continue) => {}
-                        Ok(Flow::Quit) => return Ok(()),
-                        Err(e) if interactive && recoverable(&e) => eprintln!("error: {e}"),
+                        Ok(Flow::Quit) => return Ok(Ended::Done),
+                        Err(e) if self.interactive && recoverable(&e) => eprintln!("error: {e}"),
+                        Err(e) if self.interactive && e.is_connection_lost() => {
+                            eprintln!("error: {e}\nthat line may not have been sent; type it again once reconnected if it does not show up");
+                            return Ok(Ended::Lost(e.to_string()));
+                        }
                         Err(e) => return Err(e),
                     }
                 }
                 batch = pushed.recv() => {
                     let Some(batch) = batch else {
-                        return Err(ClientError::Unsubscribed(self.nodes.delivery().server().to_owned()));
+                        return Ok(Ended::Lost("the node ended the subscription".into()));
                     };
-                    // A send's catch-up may have stored part of this batch.
-                    seen = store_batch(self.state, seen.refresh(self.state)?, batch)?;
-                    self.nodes.delivery().ack(&me, seen.after()).await?;
-                    process_inbox(self.nodes, self.state).await?;
-                    commit_due_proposals(self.nodes, self.state, self.identity).await?;
+                    if let Err(e) = self.take(&mut seen, batch).await {
+                        return lost(e);
+                    }
                 }
-                _ = interrupted.as_mut() => return Ok(()),
+                _ = interrupted.as_mut() => return Ok(Ended::Done),
             }
         }
+    }
+
+    /// Catches up through a new connection, as at the start.
+    async fn catch_up(&self) -> Result<Seen, ClientError> {
+        let seen = catch_up(self.nodes, self.state, self.identity).await?;
+        commit_due_proposals(self.nodes, self.state, self.identity).await?;
+        Ok(seen)
+    }
+
+    /// Stores, acknowledges and applies a pushed batch.
+    async fn take(&self, seen: &mut Seen, batch: Vec<QueuedMessage>) -> Result<(), ClientError> {
+        // A send's catch-up may have stored part of this batch.
+        *seen = store_batch(self.state, seen.clone().refresh(self.state)?, batch)?;
+        self.nodes
+            .delivery()
+            .ack(&self.identity.public_key(), seen.after())
+            .await?;
+        process_inbox(self.nodes, self.state).await?;
+        commit_due_proposals(self.nodes, self.state, self.identity).await
     }
 
     /// Handles one line of input.

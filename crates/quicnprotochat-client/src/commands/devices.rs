@@ -9,6 +9,7 @@ use quicnprotochat_core::link::{
     DeviceKeyPackages, HANDOFF_MAGIC, Handoff, LinkCode, LinkError, LinkSecret, derive_device,
 };
 use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair, Suite};
+use serde_json::json;
 
 use super::group::remove_from_group;
 use crate::cli::{ConnectionArgs, DevicesAction};
@@ -16,6 +17,7 @@ use crate::devices::publish_list;
 use crate::error::ClientError;
 use crate::naming::{group_name, others, parse_key};
 use crate::nodes::{Nodes, envelope};
+use crate::output::{self, print_json};
 use crate::publish::{Change, change_group, propose};
 use crate::state::{StateFile, unix_now};
 
@@ -26,7 +28,12 @@ pub(crate) fn link(path: &Path, valid_for: Duration) -> Result<(), ClientError> 
     let expires_at = (unix_now().max(0) as u64).saturating_add(valid_for.as_secs());
     let secret = LinkSecret::generate(expires_at);
     state.start_link(&secret)?;
-    println!("{}", secret.code()?.encode());
+    let code = secret.code()?.encode();
+    if output::json() {
+        print_json(&json!({ "code": code }))?;
+    } else {
+        println!("{code}");
+    }
     eprintln!(
         "on one of your devices run: devices add --state FILE CODE (the code above, valid for {}), then `recv` here",
         humantime::format_duration(valid_for)
@@ -167,6 +174,13 @@ async fn list(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     let (_, devices) = current_devices(&nodes, &state, &identity).await?;
     nodes.close().await;
+    if output::json() {
+        let devices: Vec<_> = devices
+            .iter()
+            .map(|device| json!({ "device_key": device.to_string(), "this_device": *device == identity.public_key() }))
+            .collect();
+        return print_json(&json!({ "user_key": identity.user().to_string(), "devices": devices }));
+    }
     for device in devices {
         if device == identity.public_key() {
             println!("{device} (this device)");

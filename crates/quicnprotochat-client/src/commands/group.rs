@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use quicnprotochat_core::{CoreError, GroupMember, IdentityKey, IdentityKeypair, Suite};
+use serde_json::json;
 
 use super::node::fetch_verified_key_package;
 use crate::cli::{ConnectionArgs, PeerArgs};
@@ -19,6 +20,7 @@ use crate::naming::{
     devices_of, group_name, load_group, member_name, new_group_id, others, rejoin_group_id, resolve_peers,
 };
 use crate::nodes::Nodes;
+use crate::output::{self, Progress, print_json};
 use crate::publish::{self, Change, change_group, propose};
 use crate::state::{Direction, StateFile};
 
@@ -111,11 +113,14 @@ pub(crate) async fn invite_through(
     }
     let mut packages = Vec::with_capacity(targets.len());
     let mut joiners = Vec::with_capacity(targets.len());
+    let progress = Progress::new(targets.len(), 20, "fetching KeyPackages");
     for user in &users {
         let mut reached = 0;
         let mut last_error = None;
         for (_, device) in targets.iter().filter(|(owner, _)| owner == user) {
-            match fetch_verified_key_package(nodes, Some(user), device, group.suite()).await {
+            let fetched = fetch_verified_key_package(nodes, Some(user), device, group.suite()).await;
+            progress.step();
+            match fetched {
                 Ok(package) => {
                     packages.push(package);
                     joiners.push(*device);
@@ -124,11 +129,13 @@ pub(crate) async fn invite_through(
                 // One device without a KeyPackage (long offline) must not
                 // keep the user's other devices out.
                 Err(e @ ClientError::NoKeyPackage(..)) => {
-                    eprintln!(
-                        "warning: skipped device {} of {}: {e}",
-                        device.short(),
-                        user.short()
-                    );
+                    progress.suspend(|| {
+                        eprintln!(
+                            "warning: skipped device {} of {}: {e}",
+                            device.short(),
+                            user.short()
+                        )
+                    });
                     last_error = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -138,6 +145,8 @@ pub(crate) async fn invite_through(
             return Err(last_error.unwrap_or(ClientError::NoKeyPackage(*user, group.suite())));
         }
     }
+    // Cleared before the Commit goes out.
+    drop(progress);
     let me = identity.public_key();
     let group = change_group(nodes, state, identity, &group_id, |group| {
         let commit_to = others(group, &me);
@@ -305,24 +314,39 @@ pub(crate) async fn rejoin(args: &ConnectionArgs, path: &Path, group_id: &str) -
     Ok(())
 }
 
-/// `groups`: one line per group: current marker, name, epoch, members.
+/// `groups`: one line per group: current marker, name, epoch, members,
+/// ciphersuite (with `--json`, one document listing them).
 pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let current = state.current_group()?;
+    let mut listed = Vec::new();
     for record in state.groups()? {
-        let mark = if current.as_deref() == Some(record.group_id.as_slice()) {
-            "*"
-        } else {
-            " "
-        };
+        let is_current = current.as_deref() == Some(record.group_id.as_slice());
+        let mark = if is_current { "*" } else { " " };
         let name = group_name(&record.group_id);
-        match GroupMember::load(&state.provider(), &record.group_id)? {
+        let group = GroupMember::load(&state.provider(), &record.group_id)?;
+        // active | leaving | removed | no_state (the MLS state is gone).
+        let status = match &group {
+            Some(group) if group.is_active() && record.left_at.is_some() => "leaving",
+            Some(group) if group.is_active() => "active",
+            Some(_) => "removed",
+            None => "no_state",
+        };
+        if output::json() {
+            listed.push(json!({
+                "group": name,
+                "group_id": hex::encode(&record.group_id),
+                "current": is_current,
+                "status": status,
+                "epoch": group.as_ref().map(GroupMember::epoch),
+                "members": group.as_ref().filter(|g| g.is_active()).map(|g| g.members().len()),
+                "ciphersuite": group.as_ref().map(|g| g.suite().name()),
+            }));
+            continue;
+        }
+        match group {
             Some(group) if group.is_active() => {
-                let leaving = if record.left_at.is_some() {
-                    " (leaving)"
-                } else {
-                    ""
-                };
+                let leaving = if status == "leaving" { " (leaving)" } else { "" };
                 println!(
                     "{mark} {name} epoch {} members {} {}{leaving}",
                     group.epoch(),
@@ -333,6 +357,9 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
             Some(group) => println!("{mark} {name} epoch {} removed", group.epoch()),
             None => println!("{mark} {name} (no MLS state)"),
         }
+    }
+    if output::json() {
+        print_json(&json!({ "groups": listed }))?;
     }
     Ok(())
 }
@@ -347,7 +374,7 @@ pub(crate) fn members(path: &Path, group_id: Option<&str>) -> Result<(), ClientE
 /// `/members` too).
 pub(crate) fn print_members(state: &StateFile, group_id: Option<&str>) -> Result<(), ClientError> {
     let me = state.identity_key()?;
-    let (_, group) = load_group(state, group_id)?;
+    let (group_id, group) = load_group(state, group_id)?;
     let mut users: Vec<(IdentityKey, usize)> = Vec::new();
     for member in group.member_keys() {
         match users.iter_mut().find(|(user, _)| *user == member.user) {
@@ -355,9 +382,20 @@ pub(crate) fn print_members(state: &StateFile, group_id: Option<&str>) -> Result
             None => users.push((member.user, 1)),
         }
     }
+    let mut listed = Vec::new();
     for (user, devices) in users {
+        let name = state.contact_name(&user)?;
+        if output::json() {
+            listed.push(json!({
+                "user_key": user.to_string(),
+                "name": name,
+                "you": user == me,
+                "devices": devices,
+            }));
+            continue;
+        }
         let mut line = user.to_string();
-        if let Some(name) = state.contact_name(&user)? {
+        if let Some(name) = name {
             line.push(' ');
             line.push_str(&name);
         }
@@ -367,6 +405,14 @@ pub(crate) fn print_members(state: &StateFile, group_id: Option<&str>) -> Result
         let plural = if devices == 1 { "" } else { "s" };
         println!("{line} {devices} device{plural}");
     }
+    if output::json() {
+        print_json(&json!({
+            "group": group_name(&group_id),
+            "group_id": hex::encode(&group_id),
+            "epoch": group.epoch(),
+            "members": listed,
+        }))?;
+    }
     Ok(())
 }
 
@@ -375,9 +421,27 @@ pub(crate) fn history(path: &Path, group_id: Option<&str>) -> Result<(), ClientE
     let state = StateFile::open(path)?;
     let me = state.identity_key()?;
     let (group_id, _) = load_group(&state, group_id)?;
+    let mut listed = Vec::new();
     for entry in state.history(&group_id)? {
         let when =
             humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(entry.at.max(0) as u64));
+        let text = String::from_utf8_lossy(&entry.body);
+        if output::json() {
+            let sent = entry.direction == Direction::Sent;
+            listed.push(json!({
+                "at": when.to_string(),
+                "direction": if sent { "sent" } else { "received" },
+                "sender_key": entry.sender.to_string(),
+                "sender": state.contact_name(&entry.sender)?,
+                // Sent by us, from this device or another.
+                "from_me": sent || entry.sender == me,
+                // False for a sent message the node never confirmed taking.
+                "delivered": entry.confirmed,
+                "epoch": entry.epoch,
+                "text": text,
+            }));
+            continue;
+        }
         let who = match entry.direction {
             Direction::Sent if entry.confirmed => "you".to_owned(),
             // Encrypted, but the node never confirmed taking it.
@@ -386,7 +450,14 @@ pub(crate) fn history(path: &Path, group_id: Option<&str>) -> Result<(), ClientE
             Direction::Received if entry.sender == me => "you (another device)".to_owned(),
             Direction::Received => member_name(&state, &entry.sender)?,
         };
-        println!("{when} {who}: {}", String::from_utf8_lossy(&entry.body));
+        println!("{when} {who}: {text}");
+    }
+    if output::json() {
+        print_json(&json!({
+            "group": group_name(&group_id),
+            "group_id": hex::encode(&group_id),
+            "messages": listed,
+        }))?;
     }
     Ok(())
 }

@@ -2,11 +2,14 @@
 
 use std::path::Path;
 
+use serde_json::json;
+
 use super::node::{top_up_key_packages, upload};
 use crate::cli::{ConnectionArgs, ContactsAction};
 use crate::error::ClientError;
 use crate::naming::parse_key;
 use crate::nodes::Nodes;
+use crate::output::{self, print_json};
 use crate::state::StateFile;
 
 /// `register-state`: creates the state file (or reuses its identity),
@@ -25,7 +28,15 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
     if more > 0 {
         eprintln!("uploaded {more} more KeyPackages (including a last-resort one if there was none)");
     }
-    println!("{}", identity.user());
+    if output::json() {
+        print_json(&json!({
+            "user_key": identity.user().to_string(),
+            "device_key": identity.public_key().to_string(),
+            "key_packages_uploaded": 1 + more,
+        }))?;
+    } else {
+        println!("{}", identity.user());
+    }
     nodes.close().await;
     Ok(())
 }
@@ -35,7 +46,13 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
 pub(crate) fn whoami(path: &Path, device: bool) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    if device {
+    if output::json() {
+        // Both keys, whichever was asked for.
+        print_json(&json!({
+            "user_key": identity.user().to_string(),
+            "device_key": identity.public_key().to_string(),
+        }))?;
+    } else if device {
         println!("{}", identity.public_key());
     } else {
         println!("{}", identity.user());
@@ -58,8 +75,17 @@ pub(crate) fn contacts(path: &Path, action: ContactsAction) -> Result<(), Client
             eprintln!("{name} is {key}");
         }
         ContactsAction::List => {
-            for (name, key) in state.contacts()? {
-                println!("{name} {key}");
+            let contacts = state.contacts()?;
+            if output::json() {
+                let contacts: Vec<_> = contacts
+                    .iter()
+                    .map(|(name, key)| json!({ "name": name, "user_key": key.to_string() }))
+                    .collect();
+                print_json(&json!({ "contacts": contacts }))?;
+            } else {
+                for (name, key) in contacts {
+                    println!("{name} {key}");
+                }
             }
         }
         ContactsAction::Remove { name } => {

@@ -11,6 +11,7 @@ use crate::error::ClientError;
 use crate::incoming::{catch_up, fetch_into_inbox, process_entry};
 use crate::naming::{devices_of, group_name, load_group, others, resolve_peers};
 use crate::nodes::{Nodes, envelope};
+use crate::output::Event;
 use crate::publish::{commit_due_proposals, commit_proposals};
 use crate::state::{StateError, StateFile};
 
@@ -112,8 +113,13 @@ async fn send_once(
         }
         Err(e) => return Err(e),
     }
-    eprintln!("sent to {count} member(s) of {name}");
-    Ok(())
+    Event::Sent {
+        group: name,
+        group_id: hex::encode(&group_id),
+        recipients: count,
+        text: message.to_owned(),
+    }
+    .print()
 }
 
 /// `recv`: fetches everything queued, processes it in order, then commits
@@ -154,9 +160,9 @@ pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     fetch_into_inbox(&nodes, &state, &identity).await?;
     let mut joined = 0;
-    for (entry, payload) in state.inbox()? {
-        if matches!(classify(&payload), Ok(Incoming::Welcome))
-            && process_entry(&nodes, &state, entry, &payload, true).await?
+    for entry in state.inbox()? {
+        if matches!(classify(&entry.payload), Ok(Incoming::Welcome))
+            && process_entry(&nodes, &state, &entry, true).await?.tell()?
         {
             joined += 1;
         }

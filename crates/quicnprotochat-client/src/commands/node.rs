@@ -8,11 +8,13 @@ use quicnprotochat_core::{
     generate_key_package_with, inspect_key_package,
 };
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, RateLimited};
+use serde_json::json;
 
 use crate::cli::ConnectionArgs;
 use crate::error::ClientError;
 use crate::naming::parse_key;
 use crate::nodes::{Nodes, Patience};
+use crate::output::{self, print_json};
 use crate::state::StateFile;
 
 /// `ping`: prints the node's version and the round trip time of one call.
@@ -21,15 +23,26 @@ pub(crate) async fn ping(args: &ConnectionArgs) -> Result<(), ClientError> {
     let started = Instant::now();
     let info = nodes.auth().ping().await?;
     let rtt = started.elapsed();
-    println!(
-        "pong from {} ({}): quicnprotochat-server {}, protocol {}, max payload {} bytes, round trip {:.3} ms",
-        nodes.auth().server(),
-        nodes.auth().remote(),
-        info.version,
-        info.protocol_version,
-        info.max_payload_bytes,
-        rtt.as_secs_f64() * 1000.0
-    );
+    if output::json() {
+        print_json(&json!({
+            "server": nodes.auth().server(),
+            "remote": nodes.auth().remote().to_string(),
+            "version": info.version,
+            "protocol": info.protocol_version,
+            "max_payload_bytes": info.max_payload_bytes,
+            "round_trip_ms": rtt.as_secs_f64() * 1000.0,
+        }))?;
+    } else {
+        println!(
+            "pong from {} ({}): quicnprotochat-server {}, protocol {}, max payload {} bytes, round trip {:.3} ms",
+            nodes.auth().server(),
+            nodes.auth().remote(),
+            info.version,
+            info.protocol_version,
+            info.max_payload_bytes,
+            rtt.as_secs_f64() * 1000.0
+        );
+    }
     nodes.close().await;
     Ok(())
 }
@@ -43,7 +56,11 @@ pub(crate) async fn register(args: &ConnectionArgs) -> Result<(), ClientError> {
     let provider = OpenMlsRustCrypto::default();
     let package = generate_key_package(&provider, &identity)?;
     upload(&nodes, &identity, &package).await?;
-    println!("{}", identity.public_key());
+    if output::json() {
+        print_json(&json!({ "user_key": identity.public_key().to_string() }))?;
+    } else {
+        println!("{}", identity.public_key());
+    }
     nodes.close().await;
     Ok(())
 }
@@ -217,19 +234,32 @@ pub(crate) async fn fetch_key(
     let nodes = Nodes::connect(args, None).await?;
     let package = fetch_verified_key_package(&nodes, None, &identity, suite).await?;
     let info = inspect_key_package(&package)?;
-    let user = if info.user == identity {
-        String::new()
+    let sha256 = hex::encode(fingerprint(&package));
+    if output::json() {
+        print_json(&json!({
+            "identity_key": identity.to_string(),
+            "user_key": info.user.to_string(),
+            "bytes": package.len(),
+            "ciphersuite": info.suite.name(),
+            "ciphersuite_name": info.suite.full_name(),
+            "ciphersuite_code": info.suite.code(),
+            "sha256": sha256,
+            "signature_valid": true,
+        }))?;
     } else {
-        format!(" (a device of user {})", info.user)
-    };
-    println!(
-        "KeyPackage for {identity}{user}: {} bytes, ciphersuite {} ({}, 0x{:04x}), SHA-256 {}, signature valid",
-        package.len(),
-        info.suite,
-        info.suite.full_name(),
-        info.suite.code(),
-        hex::encode(fingerprint(&package))
-    );
+        let user = if info.user == identity {
+            String::new()
+        } else {
+            format!(" (a device of user {})", info.user)
+        };
+        println!(
+            "KeyPackage for {identity}{user}: {} bytes, ciphersuite {} ({}, 0x{:04x}), SHA-256 {sha256}, signature valid",
+            package.len(),
+            info.suite,
+            info.suite.full_name(),
+            info.suite.code(),
+        );
+    }
     nodes.close().await;
     Ok(())
 }

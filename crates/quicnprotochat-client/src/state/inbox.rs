@@ -3,7 +3,7 @@
 //! written here in one transaction before any is processed, and each is
 //! deleted in the same transaction that applies it.
 
-use quicnprotochat_core::Seq;
+use quicnprotochat_core::{QueuedMessage, Seq};
 use rusqlite::{OptionalExtension, params};
 
 use super::{StateError, StateFile, unix_now};
@@ -17,42 +17,52 @@ pub struct KeptBack {
     pub bytes: i64,
 }
 
+/// A message waiting in the inbox.
+#[derive(Debug, Clone)]
+pub struct InboxEntry {
+    /// Its row, to apply or remove it by.
+    pub id: i64,
+    /// The node's sequence number for it, if it came from a queue.
+    pub seq: Option<Seq>,
+    /// The message as the node delivered it.
+    pub payload: Vec<u8>,
+}
+
 impl StateFile {
-    /// Appends fetched payloads to the inbox in one transaction.
+    /// Appends payloads to the inbox in one transaction, without sequence
+    /// numbers (tests store payloads that came from no queue).
     pub fn push_inbox(&self, payloads: &[Vec<u8>]) -> Result<(), StateError> {
-        self.push_inbox_at(payloads, None)
+        let transaction = self.transaction()?;
+        insert_entries(
+            &transaction,
+            payloads.iter().map(|payload| (None, payload.as_slice())),
+        )?;
+        transaction.commit()?;
+        Ok(())
     }
 
-    /// Appends fetched payloads to the inbox and, in the same transaction,
-    /// records `(node instance, sequence number)` as the highest stored, so
-    /// a redelivery of these messages is recognised.
-    pub fn push_inbox_at(
+    /// Appends messages fetched from node `instance` to the inbox and, in
+    /// the same transaction, records the highest sequence number of the
+    /// batch they came in (`last`) as stored, so a redelivery is
+    /// recognised.
+    pub fn push_queued(
         &self,
-        payloads: &[Vec<u8>],
-        cursor: Option<(&[u8], Seq)>,
+        instance: &[u8],
+        messages: &[QueuedMessage],
+        last: Seq,
     ) -> Result<(), StateError> {
         let transaction = self.transaction()?;
-        if let Some((instance, seq)) = cursor {
-            transaction.execute(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![
-                    cursor_key(instance),
-                    i64::try_from(seq.get())
-                        .unwrap_or(i64::MAX)
-                        .to_be_bytes()
-                        .to_vec()
-                ],
-            )?;
-        }
-        {
-            let mut insert =
-                transaction.prepare_cached("INSERT INTO inbox (payload, received_at) VALUES (?1, ?2)")?;
-            let now = unix_now();
-            for payload in payloads {
-                insert.execute(params![payload, now])?;
-            }
-        }
+        transaction.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![cursor_key(instance), seq_column(last).to_be_bytes().to_vec()],
+        )?;
+        insert_entries(
+            &transaction,
+            messages
+                .iter()
+                .map(|message| (Some(message.seq), message.payload.as_slice())),
+        )?;
         transaction.commit()?;
         Ok(())
     }
@@ -74,12 +84,20 @@ impl StateFile {
             }))
     }
 
-    /// The inbox, oldest first, as (entry id, payload).
-    pub fn inbox(&self) -> Result<Vec<(i64, Vec<u8>)>, StateError> {
+    /// The inbox, oldest first.
+    pub fn inbox(&self) -> Result<Vec<InboxEntry>, StateError> {
         let mut select = self
             .connection
-            .prepare("SELECT id, payload FROM inbox ORDER BY id")?;
-        let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            .prepare("SELECT id, seq, payload FROM inbox ORDER BY id")?;
+        let rows = select.query_map([], |row| {
+            Ok(InboxEntry {
+                id: row.get(0)?,
+                seq: row
+                    .get::<_, Option<i64>>(1)?
+                    .map(|seq| Seq::new(seq.max(0) as u64)),
+                payload: row.get(2)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -141,4 +159,23 @@ impl StateFile {
 
 fn cursor_key(instance: &[u8]) -> String {
     format!("stored_seq:{}", hex::encode(instance))
+}
+
+/// A sequence number as SQLite's signed integer.
+fn seq_column(seq: Seq) -> i64 {
+    i64::try_from(seq.get()).unwrap_or(i64::MAX)
+}
+
+/// Inserts inbox rows: (sequence number, payload).
+fn insert_entries<'a>(
+    transaction: &rusqlite::Transaction<'_>,
+    entries: impl Iterator<Item = (Option<Seq>, &'a [u8])>,
+) -> Result<(), StateError> {
+    let mut insert =
+        transaction.prepare_cached("INSERT INTO inbox (payload, received_at, seq) VALUES (?1, ?2, ?3)")?;
+    let now = unix_now();
+    for (seq, payload) in entries {
+        insert.execute(params![payload, now, seq.map(seq_column)])?;
+    }
+    Ok(())
 }

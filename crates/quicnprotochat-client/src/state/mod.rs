@@ -31,7 +31,7 @@ mod devices;
 mod groups;
 mod history;
 mod inbox;
-pub use inbox::KeptBack;
+pub use inbox::{InboxEntry, KeptBack};
 mod key_packages;
 mod outbox;
 mod provider;

@@ -96,6 +96,9 @@ const MIGRATIONS: &[&str] = &[
          link_secret BLOB NOT NULL,
          expires_at INTEGER NOT NULL
      );",
+    // V7: the node's sequence number of each fetched message, which `recv
+    // --json` reports (NULL for entries stored before).
+    "ALTER TABLE inbox ADD COLUMN seq INTEGER;",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty

@@ -1,5 +1,5 @@
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{CoreError, GroupMember, IdentityKeypair, Received};
+use quicnprotochat_core::{CoreError, GroupMember, IdentityKeypair, QueuedMessage, Received, Seq};
 
 use super::*;
 
@@ -146,7 +146,7 @@ fn a_failed_inbox_entry_rolls_back_what_it_wrote_and_stays() {
     let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
     let identity = state.identity_or_generate().unwrap();
     state.push_inbox(&[b"entry".to_vec()]).unwrap();
-    let (entry, _) = state.inbox().unwrap()[0].clone();
+    let entry = state.inbox().unwrap()[0].id;
     let failed: Result<(), StateError> = state.consume_inbox_entry(entry, || {
         GroupMember::create(&state.provider(), &identity, b"half-done")?;
         Err(StateError::Mls(CoreError::MalformedMessage("refused".into())))
@@ -213,11 +213,23 @@ fn inbox_keeps_order_until_entries_are_removed() {
     state.push_inbox(&[b"one".to_vec(), b"two".to_vec()]).unwrap();
     let inbox = state.inbox().unwrap();
     assert_eq!(
-        inbox.iter().map(|(_, p)| p.as_slice()).collect::<Vec<_>>(),
+        inbox.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(),
         [b"one".as_slice(), b"two".as_slice()]
     );
-    state.remove_inbox(inbox[0].0).unwrap();
+    assert!(inbox.iter().all(|e| e.seq.is_none()), "from no queue");
+    state.remove_inbox(inbox[0].id).unwrap();
     assert_eq!(state.inbox().unwrap().len(), 1);
+
+    // Fetched messages keep the node's sequence numbers, and the batch's
+    // last one is remembered as stored.
+    let queued = [7, 9].map(|seq| QueuedMessage {
+        seq: Seq::new(seq),
+        payload: format!("m{seq}").into_bytes(),
+    });
+    state.push_queued(b"node", &queued, Seq::new(10)).unwrap();
+    let seqs: Vec<_> = state.inbox().unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [None, Some(Seq::new(7)), Some(Seq::new(9))]);
+    assert_eq!(state.stored_seq(b"node").unwrap(), Seq::new(10));
 }
 
 #[test]

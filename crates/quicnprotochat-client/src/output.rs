@@ -1,0 +1,219 @@
+//! How the client prints: text for people, or (with `--json`) JSON for
+//! scripts; and progress bars on a terminal.
+//!
+//! With `--json`, stdout carries only JSON: one document per command that
+//! prints data, and one object per line (`"type"`: `message`, `joined`,
+//! ...) for what arrives from the node and for each message sent. Stderr
+//! stays for people (notes, warnings); when a command fails its last line
+//! is the error object (see [`ClientError::report`]).
+//!
+//! The mode is process-wide, set once from the command line, as the log
+//! subscriber is: it decides how every path that receives messages prints,
+//! and those are reached from nearly every command.
+
+use std::io::{IsTerminal, Write};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::error::ClientError;
+
+static JSON: OnceLock<bool> = OnceLock::new();
+
+/// Sets the output mode for the rest of the process (the first call wins).
+pub fn set_json(json: bool) {
+    let _ = JSON.set(json);
+}
+
+/// Whether output is JSON (`--json`).
+pub fn json() -> bool {
+    JSON.get().copied().unwrap_or(false)
+}
+
+/// Prints `value` as one line of JSON on stdout and flushes it, so a
+/// script reading the stream sees each object as soon as it is printed.
+pub(crate) fn print_json<T: Serialize>(value: &T) -> Result<(), ClientError> {
+    let line = serde_json::to_string(value)
+        .map_err(|_| ClientError::Internal("a result could not be written as JSON"))?;
+    let mut stdout = std::io::stdout().lock();
+    // A closed stdout (the reader went away) is not the command's failure.
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+    Ok(())
+}
+
+/// Something that happened, as `recv`, `chat` and the catch-up of other
+/// commands report it: with `--json`, one object per line on stdout, its
+/// `type` the variant's name; as text, a received message on stdout and
+/// the rest on stderr. `group` is the group's name for people, `group_id`
+/// its id in hex.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub(crate) enum Event {
+    /// An application message arrived.
+    Message {
+        group: String,
+        group_id: String,
+        /// The sender's contact name, if it has one.
+        sender: Option<String>,
+        /// The sender's user key (whichever of its devices sent it).
+        sender_key: String,
+        /// Sent by this user from another of its devices.
+        from_me: bool,
+        /// The text (invalid UTF-8 replaced).
+        text: String,
+        /// The node's sequence number of the message in our queue.
+        seq: Option<u64>,
+        /// The group's epoch it was sent in.
+        epoch: u64,
+    },
+    /// We joined a group by a Welcome.
+    Joined {
+        group: String,
+        group_id: String,
+        epoch: u64,
+        members: usize,
+    },
+    /// A Commit moved the group to a new epoch.
+    Changed {
+        group: String,
+        group_id: String,
+        epoch: u64,
+        members: usize,
+    },
+    /// A member rejoined by external commit.
+    Rejoined {
+        group: String,
+        group_id: String,
+        member: Option<String>,
+        member_key: String,
+        epoch: u64,
+        members: usize,
+    },
+    /// We were removed from the group.
+    Removed {
+        group: String,
+        group_id: String,
+        epoch: u64,
+    },
+    /// A proposal was stored for the next Commit.
+    Proposal { group: String, group_id: String },
+    /// A handshake message was processed that changed nothing to report.
+    Processed { group: String, group_id: String },
+    /// The node took a message we sent.
+    Sent {
+        group: String,
+        group_id: String,
+        recipients: usize,
+        text: String,
+    },
+}
+
+impl Event {
+    /// Prints the event in the current mode.
+    pub(crate) fn print(&self) -> Result<(), ClientError> {
+        if json() {
+            return print_json(self);
+        }
+        match self {
+            Event::Message {
+                group,
+                sender,
+                sender_key,
+                from_me,
+                text,
+                ..
+            } => {
+                let from = match (from_me, sender) {
+                    (true, _) => "me",
+                    (false, Some(name)) => name,
+                    // The short form, as `members` and contacts show it.
+                    (false, None) => sender_key.get(..16).unwrap_or(sender_key),
+                };
+                println!("{group} {from}: {text}");
+            }
+            Event::Joined {
+                group,
+                epoch,
+                members,
+                ..
+            } => eprintln!("joined group {group} (epoch {epoch}, {members} members)"),
+            Event::Changed {
+                group,
+                epoch,
+                members,
+                ..
+            } => eprintln!("group {group}: now at epoch {epoch}, {members} members"),
+            Event::Rejoined {
+                group,
+                member,
+                member_key,
+                epoch,
+                members,
+                ..
+            } => {
+                let who = member
+                    .as_deref()
+                    .unwrap_or(member_key.get(..16).unwrap_or(member_key));
+                eprintln!("group {group}: {who} rejoined; now at epoch {epoch}, {members} members");
+            }
+            Event::Removed { group, epoch, .. } => {
+                eprintln!("group {group}: you were removed from the group at epoch {epoch}")
+            }
+            Event::Proposal { group, .. } => {
+                eprintln!("group {group}: stored a proposal for the next commit")
+            }
+            Event::Processed { group, .. } => eprintln!("group {group}: processed a message"),
+            Event::Sent {
+                group, recipients, ..
+            } => eprintln!("sent to {recipients} member(s) of {group}"),
+        }
+        Ok(())
+    }
+}
+
+/// A progress bar on stderr for a long operation: drawn only when stderr is
+/// a terminal and the work is long enough to be worth one (`len` at least
+/// `worth`), hidden otherwise, so scripts and logs never see it.
+pub(crate) struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    /// A bar of `len` steps described by `what` ("fetching KeyPackages").
+    pub(crate) fn new(len: usize, worth: usize, what: &'static str) -> Progress {
+        let bar = if len >= worth && std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(len as u64);
+            // The template is a constant; should it ever be refused, the
+            // default style is just as usable.
+            if let Ok(style) = ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} {elapsed}") {
+                bar.set_style(style);
+            }
+            bar.set_message(what);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        Progress { bar }
+    }
+
+    /// One step done.
+    pub(crate) fn step(&self) {
+        self.bar.inc(1);
+    }
+
+    /// Runs `print` with the bar cleared, so lines printed to the same
+    /// terminal are not torn by it.
+    pub(crate) fn suspend<R>(&self, print: impl FnOnce() -> R) -> R {
+        self.bar.suspend(print)
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}

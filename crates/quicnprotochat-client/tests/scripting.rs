@@ -1,0 +1,300 @@
+//! The CLI for scripts: `--json` output of the real client binary against
+//! a real node, and exit codes that tell unreachable, refused, bad input
+//! and local failure apart (README, "Scripting").
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::{Member, TestNode, group_of, run_client};
+use serde_json::Value;
+
+/// Every line of `text` as JSON; fails the test on a line that is not.
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect()
+}
+
+/// `text` as exactly one JSON document on one line.
+fn document(text: &str) -> Value {
+    let lines = json_lines(text);
+    assert_eq!(lines.len(), 1, "one document expected: {text}");
+    lines.into_iter().next().unwrap()
+}
+
+/// The error object a failed `--json` command printed last on stderr,
+/// after checking that its exit code is `code` and says the same.
+fn failure(output: &Output, code: i32) -> Value {
+    let stderr = common::stderr(output);
+    assert_eq!(output.status.code(), Some(code), "exit code; stderr: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    let error: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["exit_code"], code, "{error}");
+    assert!(!error["message"].as_str().unwrap().is_empty(), "{error}");
+    error
+}
+
+/// Only the `type` of each object.
+fn types(objects: &[Value]) -> Vec<&str> {
+    objects.iter().map(|o| o["type"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn recv_json_prints_one_object_per_line_with_group_sender_text_and_sequence_number() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+    bob.run(&node, "contacts", &["add", "alice", &alice.key]);
+
+    let sent = document(&alice.run(&node, "send", &["--json", "--msg", "hello \"bob\""]));
+    assert_eq!(sent["type"], "sent");
+    assert_eq!(sent["group"], "talk");
+    assert_eq!(sent["recipients"], 1);
+    assert_eq!(sent["text"], "hello \"bob\"");
+    alice.run(&node, "send", &["--msg", "second"]);
+    // A Commit is reported as the group's new epoch.
+    alice.run(&node, "update", &[]);
+    alice.run(&node, "send", &["--msg", "third"]);
+
+    let events = json_lines(&bob.run(&node, "recv", &["--json"]));
+    assert_eq!(
+        types(&events),
+        ["message", "message", "changed", "message"],
+        "{events:#?}"
+    );
+    let group_id = sent["group_id"].as_str().unwrap();
+    let messages: Vec<&Value> = events.iter().filter(|e| e["type"] == "message").collect();
+    for message in &messages {
+        assert_eq!(message["group"], "talk");
+        assert_eq!(message["group_id"], group_id);
+        assert_eq!(message["sender"], "alice");
+        assert_eq!(message["sender_key"], alice.key.as_str());
+        assert_eq!(message["from_me"], false);
+        assert!(message["epoch"].is_u64(), "{message}");
+    }
+    let texts: Vec<&str> = messages.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["hello \"bob\"", "second", "third"]);
+    // The node's sequence numbers of Bob's queue: present and rising.
+    let seqs: Vec<u64> = messages.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "{seqs:?}");
+    let changed = &events[2];
+    assert_eq!(changed["epoch"], messages[2]["epoch"]);
+    assert_eq!(changed["members"], 2);
+
+    // Nothing new: no lines at all.
+    assert_eq!(bob.run(&node, "recv", &["--json"]), "");
+
+    // The hex group id printed is accepted wherever a group is named.
+    let reply = document(&bob.run(&node, "send", &["--json", "--group-id", group_id, "--msg", "ok"]));
+    assert_eq!(reply["group_id"], group_id);
+}
+
+#[test]
+fn chat_json_reports_what_it_sent_and_what_arrived_as_objects() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+    bob.run(&node, "send", &["--msg", "before the chat"]);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
+        .args(["--server", &node.addr.to_string()])
+        .args(["--ca-cert", &node.cert().display().to_string()])
+        .args(["--json", "chat", "--state", &alice.state, "--group-id", "talk"])
+        .env_remove("QUICNPROTOCHAT_SERVER")
+        .env_remove("QUICNPROTOCHAT_CA_CERT")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"one\n/members\ntwo\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", common::stderr(&output));
+
+    let objects = json_lines(&String::from_utf8(output.stdout).unwrap());
+    // Bob's message caught up on start, each line sent, and `/members` as
+    // one document between them.
+    assert_eq!(objects[0]["type"], "message", "{objects:#?}");
+    assert_eq!(objects[0]["text"], "before the chat");
+    assert_eq!(objects[0]["sender_key"], bob.key.as_str());
+    assert_eq!(objects[1]["type"], "sent");
+    assert_eq!(objects[1]["text"], "one");
+    assert_eq!(objects[2]["members"].as_array().unwrap().len(), 2, "{objects:#?}");
+    assert_eq!(objects[3]["type"], "sent");
+    assert_eq!(objects[3]["text"], "two");
+    assert_eq!(objects.len(), 4, "{objects:#?}");
+
+    let received = json_lines(&bob.run(&node, "recv", &["--json"]));
+    let texts: Vec<&str> = received.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["one", "two"]);
+}
+
+#[test]
+fn every_listing_command_prints_one_json_document() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice_state = common::state(dir.path(), "alice.state");
+    let registered = document(&node.cli_ok(&["--json", "register-state", "--state", &alice_state]));
+    let alice_key = registered["user_key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        registered["device_key"],
+        alice_key.as_str(),
+        "one device: the user key"
+    );
+    assert!(registered["key_packages_uploaded"].as_u64().unwrap() >= 1);
+    let alice = Member {
+        name: "alice".into(),
+        state: alice_state,
+        key: alice_key,
+    };
+    let bob = Member::register(&node, dir.path(), "bob");
+
+    let pong = document(&node.cli_ok(&["--json", "ping"]));
+    assert_eq!(pong["protocol"], 6);
+    assert!(pong["max_payload_bytes"].as_u64().unwrap() > 0);
+    assert!(pong["round_trip_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(pong["version"], env!("CARGO_PKG_VERSION"));
+
+    let me = document(&alice.run(&node, "whoami", &["--json"]));
+    assert_eq!(me["user_key"], alice.key.as_str());
+    assert_eq!(me["device_key"], alice.key.as_str());
+
+    let key_package = document(&node.cli_ok(&["--json", "fetch-key", &bob.key]));
+    assert_eq!(key_package["identity_key"], bob.key.as_str());
+    assert_eq!(key_package["user_key"], bob.key.as_str());
+    assert_eq!(key_package["ciphersuite"], "x25519");
+    assert_eq!(key_package["ciphersuite_code"], 1);
+    assert_eq!(key_package["signature_valid"], true);
+    assert_eq!(key_package["sha256"].as_str().unwrap().len(), 64);
+
+    alice.run(&node, "contacts", &["add", "bob", &bob.key]);
+    let contacts = document(&alice.run(&node, "contacts", &["list", "--json"]));
+    assert_eq!(contacts["contacts"][0]["name"], "bob");
+    assert_eq!(contacts["contacts"][0]["user_key"], bob.key.as_str());
+
+    group_of(&node, "talk", &alice, &[&bob]);
+    alice.run(&node, "create-group", &["--group-id", "quiet"]);
+    alice.run(&node, "send", &["--group-id", "talk", "--msg", "hi"]);
+    bob.run(&node, "send", &["--msg", "hi back"]);
+    alice.run(&node, "recv", &[]);
+
+    let groups = document(&alice.run(&node, "groups", &["--json"]));
+    let groups = groups["groups"].as_array().unwrap();
+    let talk = groups.iter().find(|g| g["group"] == "talk").unwrap();
+    assert_eq!(talk["status"], "active");
+    assert_eq!(talk["members"], 2);
+    assert_eq!(talk["ciphersuite"], "x25519");
+    let quiet = groups.iter().find(|g| g["group"] == "quiet").unwrap();
+    assert_eq!(quiet["members"], 1);
+    let current = groups.iter().filter(|g| g["current"] == true).count();
+    assert_eq!(current, 1, "{groups:#?}");
+
+    let members = document(&alice.run(&node, "members", &["--group-id", "talk", "--json"]));
+    assert_eq!(members["group"], "talk");
+    assert_eq!(members["group_id"], talk["group_id"]);
+    let listed = members["members"].as_array().unwrap();
+    let bob_entry = listed.iter().find(|m| m["user_key"] == bob.key.as_str()).unwrap();
+    assert_eq!(bob_entry["name"], "bob");
+    assert_eq!(bob_entry["you"], false);
+    assert_eq!(bob_entry["devices"], 1);
+    let alice_entry = listed
+        .iter()
+        .find(|m| m["user_key"] == alice.key.as_str())
+        .unwrap();
+    assert_eq!(alice_entry["you"], true);
+    assert_eq!(alice_entry["name"], Value::Null);
+
+    let history = document(&alice.run(&node, "history", &["--group-id", "talk", "--json"]));
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{history}");
+    assert_eq!(messages[0]["direction"], "sent");
+    assert_eq!(messages[0]["from_me"], true);
+    assert_eq!(messages[0]["delivered"], true);
+    assert_eq!(messages[0]["text"], "hi");
+    assert_eq!(messages[1]["direction"], "received");
+    assert_eq!(messages[1]["sender"], "bob");
+    assert_eq!(messages[1]["sender_key"], bob.key.as_str());
+    assert_eq!(messages[1]["text"], "hi back");
+    assert!(
+        humantime::parse_rfc3339(messages[1]["at"].as_str().unwrap()).is_ok(),
+        "{history}"
+    );
+}
+
+#[test]
+fn exit_codes_and_error_kinds_tell_failures_apart() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Member::register(&node, dir.path(), "alice");
+
+    // Bad input (2): a key that is not one, and a flag clap does not know.
+    let error = failure(&node.cli(&["--json", "fetch-key", "not-a-key"]), 2);
+    assert_eq!(error["kind"], "usage");
+    let error = failure(&node.cli(&["--json", "send", "--no-such-flag"]), 2);
+    assert_eq!(error["kind"], "usage");
+    assert!(
+        error["message"].as_str().unwrap().contains("--no-such-flag"),
+        "{error}"
+    );
+    let error = failure(
+        &node.cli(&["--json", "send", "--state", &alice.state, "--msg", "hi"]),
+        2,
+    );
+    assert_eq!(error["kind"], "no_group");
+    let missing = common::state(dir.path(), "nobody.state");
+    let error = failure(&node.cli(&["--json", "whoami", "--state", &missing]), 2);
+    assert_eq!(error["kind"], "no_state_file");
+
+    // Refused (4): the node has no KeyPackage left for a throwaway identity
+    // whose only one was taken.
+    let throwaway = node.cli_ok(&["register"]).trim().to_owned();
+    node.cli_ok(&["fetch-key", &throwaway]);
+    let error = failure(&node.cli(&["--json", "fetch-key", &throwaway]), 4);
+    assert_eq!(error["kind"], "no_key_package");
+
+    // Local failure (1): a state file written by a newer client.
+    let newer = common::state(dir.path(), "newer.state");
+    std::fs::copy(&alice.state, &newer).unwrap();
+    rusqlite::Connection::open(&newer)
+        .unwrap()
+        .pragma_update(None, "user_version", 999)
+        .unwrap();
+    let error = failure(&node.cli(&["--json", "whoami", "--state", &newer]), 1);
+    assert_eq!(error["kind"], "state_too_new");
+
+    // Unreachable (3): nothing listens on the port.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap().to_string();
+    let output = run_client(&[
+        "--server",
+        &address,
+        "--ca-cert",
+        &node.cert().display().to_string(),
+        "--json",
+        "ping",
+    ]);
+    let error = failure(&output, 3);
+    assert_eq!(error["kind"], "unreachable");
+
+    // The same codes without --json, with the message for people.
+    let output = node.cli(&["fetch-key", &throwaway]);
+    assert_eq!(output.status.code(), Some(4));
+    assert!(
+        common::stderr(&output).starts_with("error: the node has no KeyPackage"),
+        "{}",
+        common::stderr(&output)
+    );
+    assert_eq!(node.cli(&["fetch-key", "not-a-key"]).status.code(), Some(2));
+}
