@@ -298,3 +298,65 @@ fn exit_codes_and_error_kinds_tell_failures_apart() {
     );
     assert_eq!(node.cli(&["fetch-key", "not-a-key"]).status.code(), Some(2));
 }
+
+#[test]
+fn progress_bars_show_on_a_terminal_and_never_in_a_pipe() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Member::register(&node, dir.path(), "alice");
+    // 20 invitees make a bar worth drawing; each joins both groups.
+    let invitees: Vec<Member> = (0..20)
+        .map(|i| Member::register(&node, dir.path(), &format!("peer{i}")))
+        .collect();
+    let peer_keys = |members: &[Member]| -> Vec<String> {
+        members
+            .iter()
+            .flat_map(|m| ["--peer-key".to_owned(), m.key.clone()])
+            .collect()
+    };
+    alice.run(&node, "create-group", &["--group-id", "piped"]);
+    alice.run(&node, "create-group", &["--group-id", "shown"]);
+
+    // Piped: stderr has no bar.
+    let keys = peer_keys(&invitees);
+    let mut args = vec!["--group-id", "piped"];
+    args.extend(keys.iter().map(String::as_str));
+    let (ok, _, err) = alice.try_run(&node, "invite", &args);
+    assert!(ok, "{err}");
+    assert!(!err.contains("fetching KeyPackages"), "{err}");
+    assert_eq!(
+        err.trim(),
+        "invited 20 (20 devices) to piped: epoch 1, 21 members"
+    );
+
+    // On a terminal (util-linux `script` gives the command a pseudo-terminal).
+    let command = [
+        env!("CARGO_BIN_EXE_quicnprotochat-client").to_owned(),
+        "--server".into(),
+        node.addr.to_string(),
+        "--ca-cert".into(),
+        node.cert().display().to_string(),
+        "invite".into(),
+        "--state".into(),
+        alice.state.clone(),
+        "--group-id".into(),
+        "shown".into(),
+    ]
+    .into_iter()
+    .chain(peer_keys(&invitees))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let output = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux) runs");
+    let terminal = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{terminal}");
+    assert!(terminal.contains("fetching KeyPackages"), "{terminal}");
+    assert!(terminal.contains("/20"), "{terminal}");
+    assert!(
+        terminal.contains("invited 20 (20 devices) to shown"),
+        "{terminal}"
+    );
+}
