@@ -74,12 +74,21 @@ pub struct GuardState {
     open_questions: RefCell<HashSet<u32>>,
     write_blocked: Cell<bool>,
     reader_waiting: RefCell<Option<Waker>>,
+    /// The reader refused a message, ending the session.
+    refused: Cell<bool>,
 }
 
 impl GuardState {
     /// A fresh state for one session.
     pub fn new() -> Rc<GuardState> {
         Rc::new(GuardState::default())
+    }
+
+    /// Whether the reader refused a message of the peer (which ends the
+    /// session), as opposed to the session ending any other way; the node
+    /// counts these.
+    pub fn refused(&self) -> bool {
+        self.refused.get()
     }
 
     fn set_write_blocked(&self, blocked: bool) {
@@ -227,9 +236,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for GuardedReader<R> {
                     }
                     let (segments, table_bytes) = this.table();
                     let Some(table_bytes) = table_bytes else {
-                        return Poll::Ready(Err(invalid(format!(
-                            "a message of {segments} segments (at most {MAX_SEGMENTS})"
-                        ))));
+                        return Poll::Ready(Err(invalid(
+                            &this.state,
+                            format!("a message of {segments} segments (at most {MAX_SEGMENTS})"),
+                        )));
                     };
                     this.resize(table_bytes);
                     this.phase = Phase::Table;
@@ -254,11 +264,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for GuardedReader<R> {
                     let words = match usize::try_from(words) {
                         Ok(words) if words <= this.limit_words => words,
                         _ => {
-                            return Poll::Ready(Err(invalid(format!(
-                                "a message of {} bytes (at most {})",
-                                words.saturating_mul(8),
-                                this.limit_words.saturating_mul(8)
-                            ))));
+                            return Poll::Ready(Err(invalid(
+                                &this.state,
+                                format!(
+                                    "a message of {} bytes (at most {})",
+                                    words.saturating_mul(8),
+                                    this.limit_words.saturating_mul(8)
+                                ),
+                            )));
                         }
                     };
                     this.resize(table_bytes + words * 8);
@@ -267,7 +280,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for GuardedReader<R> {
                 Phase::Body => {
                     std::task::ready!(this.fill(cx))?;
                     let frame = &Word::words_to_bytes(&this.frame)[..this.needed];
-                    inspect(frame, this.options, &this.state).map_err(invalid)?;
+                    inspect(frame, this.options, &this.state)
+                        .map_err(|reason| invalid(&this.state, reason))?;
                     this.frames += 1;
                     this.phase = Phase::Out(0);
                 }
@@ -276,7 +290,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for GuardedReader<R> {
     }
 }
 
-fn invalid(reason: String) -> io::Error {
+/// The error that ends the session for a refused message, noted in `state`.
+fn invalid(state: &GuardState, reason: String) -> io::Error {
+    state.refused.set(true);
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!("refused RPC message: {reason}"),

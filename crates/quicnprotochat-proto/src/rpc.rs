@@ -4,6 +4,8 @@
 //! open a QUIC stream can talk to a node. `RpcSystem` is `!Send`, so sessions
 //! run on a tokio `LocalSet`.
 
+use std::rc::Rc;
+
 use capnp::message::ReaderOptions;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{RpcSystem, twoparty};
@@ -32,15 +34,17 @@ pub fn reader_options(max_payload: usize) -> ReaderOptions {
     options
 }
 
-/// An RPC session on an accepted stream, serving `bootstrap` to the peer.
+/// An RPC session on an accepted stream, serving `bootstrap` to the peer,
+/// and its guard's state, which tells afterwards whether the guard ended it
+/// ([`GuardState::refused`]).
 pub fn serve(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     bootstrap: node_service::Client,
     options: ReaderOptions,
-) -> NodeRpcSystem {
-    let network = network(send, recv, Side::Server, options);
-    RpcSystem::new(Box::new(network), Some(bootstrap.client))
+) -> (NodeRpcSystem, Rc<GuardState>) {
+    let (network, guard) = network(send, recv, Side::Server, options);
+    (RpcSystem::new(Box::new(network), Some(bootstrap.client)), guard)
 }
 
 /// An RPC session serving `bootstrap` over any byte stream pair, e.g. an
@@ -71,7 +75,7 @@ pub fn connect(
     recv: quinn::RecvStream,
     options: ReaderOptions,
 ) -> (NodeRpcSystem, node_service::Client) {
-    let network = network(send, recv, Side::Client, options);
+    let (network, _) = network(send, recv, Side::Client, options);
     let mut system = RpcSystem::new(Box::new(network), None);
     let node = system.bootstrap(Side::Server);
     (system, node)
@@ -87,18 +91,19 @@ fn network(
     recv: quinn::RecvStream,
     side: Side,
     options: ReaderOptions,
-) -> twoparty::VatNetwork<Reader> {
+) -> (twoparty::VatNetwork<Reader>, Rc<GuardState>) {
     let state = GuardState::new();
     let backpressure = side == Side::Server;
-    twoparty::VatNetwork::new(
+    let network = twoparty::VatNetwork::new(
         GuardedReader::new(
             BufReader::new(recv.compat()),
             options,
             state.clone(),
             backpressure,
         ),
-        BufWriter::new(GuardedWriter::new(send.compat_write(), state)),
+        BufWriter::new(GuardedWriter::new(send.compat_write(), state.clone())),
         side,
         options,
-    )
+    );
+    (network, state)
 }

@@ -535,17 +535,14 @@ async fn serve_sessions(
         match connection.accept_bi().await {
             Ok((send, recv)) => {
                 let node = capnp_rpc::new_client(NodeServiceImpl::new(shared.clone(), peer, remote.ip()));
-                let session = rpc::serve(send, recv, node, options);
+                let (session, guard) = rpc::serve(send, recv, node, options);
                 tokio::task::spawn_local(
                     async move {
-                        if let Err(e) = session.await {
-                            // A peer hanging up ends its session as
-                            // `Disconnected` or a premature end of file;
-                            // `Failed` is what the RPC guard's refusals and
-                            // malformed messages become.
-                            if e.kind == capnp::ErrorKind::Failed {
-                                ::metrics::counter!(metrics::GUARD_ABORTS).increment(1);
-                            }
+                        let ended = session.await;
+                        if guard.refused() {
+                            ::metrics::counter!(metrics::GUARD_ABORTS).increment(1);
+                        }
+                        if let Err(e) = ended {
                             debug!("RPC session ended: {e}");
                         }
                     }

@@ -130,7 +130,10 @@ fn describe() {
     );
     describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Time from enqueue to push");
     describe_counter!(REFUSALS, "Refused calls, by kind");
-    describe_counter!(GUARD_ABORTS, "RPC sessions ended for breaking the protocol");
+    describe_counter!(
+        GUARD_ABORTS,
+        "RPC sessions the RPC guard ended for breaking the protocol"
+    );
     for name in [MESSAGES_ENQUEUED, MESSAGES_PUSHED, MESSAGES_ACKED, GUARD_ABORTS] {
         metrics::counter!(name).increment(0);
     }

@@ -227,6 +227,46 @@ async fn the_metrics_endpoint_serves_every_series_and_calls_move_them() {
 }
 
 #[tokio::test]
+async fn a_session_the_rpc_guard_ends_is_counted() {
+    let node = TestNode::start(|config| {
+        config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let aborts = |page: &str| sample(page, "quicnprotochat_guard_aborts_total", &[]).unwrap_or(0.0);
+    let before = aborts(&scrape(&node).await);
+
+    let config = transport::client_config(cert::load_certificate(node.cert()).unwrap(), None).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let connection = endpoint.connect(node.addr(), "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    // A frame header claiming 2^32 segments: the guard refuses it before
+    // reading on, and the node ends the session.
+    send.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 0, 0, 0])
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20)).await;
+    assert!(ended.is_ok(), "the node ends the session");
+
+    // The count moves once the session's task has seen it end.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = aborts(&scrape(&node).await);
+        if now > before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "guard aborts stayed at {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    connection.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn the_metrics_listener_answers_only_get_metrics() {
     let node = TestNode::start(|config| {
         config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
