@@ -6,8 +6,11 @@
 //! applied and removed in one transaction, so a crash loses nothing and
 //! applies nothing twice.
 
+use std::collections::BTreeSet;
+
 use quicnprotochat_core::{
-    CoreError, GroupId, GroupMember, IdentityKeypair, Incoming, QueuedMessage, Received, Seq, classify,
+    CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair, Incoming, MessageKind, QueuedMessage,
+    Received, Seq, classify,
 };
 use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
@@ -15,7 +18,7 @@ use crate::devices::Directory;
 use crate::error::ClientError;
 use crate::naming::group_name;
 use crate::nodes::Nodes;
-use crate::output::{Event, Progress};
+use crate::output::{Event, Person, Progress};
 use crate::publish::resume_publications;
 use crate::state::{Direction, InboxEntry, StateFile};
 
@@ -329,10 +332,14 @@ fn apply(
                 }),
             })
         }
-        Incoming::Group { group_id, .. } => {
+        Incoming::Group { group_id, kind, .. } => {
             let mut group = GroupMember::load(&provider, &group_id)?
                 .ok_or_else(|| ClientError::UnknownGroup(group_name(&group_id)))?;
             let (name, id) = (group_name(&group_id), hex::encode(&group_id));
+            // Who a Commit adds or removes is told by comparing the users
+            // before and after (only for Commits: a big group's member list
+            // is not free).
+            let users_before = (kind == MessageKind::Commit).then(|| users(&group));
             let event = match group.receive(&provider, payload, directory)? {
                 Received::Application { sender, plaintext } => {
                     // Attributed to the user, whichever of its devices
@@ -356,12 +363,18 @@ fn apply(
                         epoch: group.epoch(),
                     })
                 }
-                Received::Commit { epoch } => Some(Event::Changed {
-                    group: name,
-                    group_id: id,
-                    epoch,
-                    members: group.members().len(),
-                }),
+                Received::Commit { epoch } => {
+                    let after = users(&group);
+                    let before = users_before.unwrap_or_else(|| after.clone());
+                    Some(Event::Changed {
+                        group: name,
+                        group_id: id,
+                        epoch,
+                        members: group.members().len(),
+                        joined: people(state, after.difference(&before))?,
+                        left: people(state, before.difference(&after))?,
+                    })
+                }
                 Received::Rejoined { member, epoch } => Some(Event::Rejoined {
                     group: name,
                     group_id: id,
@@ -391,4 +404,28 @@ fn apply(
             "cannot route {other:?}"
         )))),
     }
+}
+
+/// The users with a device in `group`.
+fn users(group: &GroupMember) -> BTreeSet<IdentityKey> {
+    group
+        .member_keys()
+        .into_iter()
+        .map(|member| member.user)
+        .collect()
+}
+
+/// Users as events name them.
+fn people<'a>(
+    state: &StateFile,
+    users: impl Iterator<Item = &'a IdentityKey>,
+) -> Result<Vec<Person>, ClientError> {
+    users
+        .map(|user| {
+            Ok(Person {
+                user_key: user.to_string(),
+                name: state.contact_name(user)?,
+            })
+        })
+        .collect()
 }

@@ -76,12 +76,16 @@ pub(crate) enum Event {
         epoch: u64,
         members: usize,
     },
-    /// A Commit moved the group to a new epoch.
+    /// A Commit moved the group to a new epoch; `joined` and `left` are
+    /// the users it added and removed (a user with several devices joins
+    /// with the first and leaves with the last).
     Changed {
         group: String,
         group_id: String,
         epoch: u64,
         members: usize,
+        joined: Vec<Person>,
+        left: Vec<Person>,
     },
     /// A member rejoined by external commit.
     Rejoined {
@@ -109,6 +113,23 @@ pub(crate) enum Event {
         recipients: usize,
         text: String,
     },
+}
+
+/// A user as events name them: the user key, and the contact name if it
+/// has one.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Person {
+    pub(crate) user_key: String,
+    pub(crate) name: Option<String>,
+}
+
+impl Person {
+    /// The contact name, else the short key.
+    fn shown(&self) -> &str {
+        self.name
+            .as_deref()
+            .unwrap_or(self.user_key.get(..16).unwrap_or(&self.user_key))
+    }
 }
 
 impl Event {
@@ -144,8 +165,21 @@ impl Event {
                 group,
                 epoch,
                 members,
+                joined,
+                left,
                 ..
-            } => eprintln!("group {group}: now at epoch {epoch}, {members} members"),
+            } => {
+                // "ann joined, bob left; " before the epoch, when anyone did.
+                let mut changes: Vec<String> =
+                    joined.iter().map(|p| format!("{} joined", p.shown())).collect();
+                changes.extend(left.iter().map(|p| format!("{} left", p.shown())));
+                let changes = if changes.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}; ", changes.join(", "))
+                };
+                eprintln!("group {group}: {changes}now at epoch {epoch}, {members} members")
+            }
             Event::Rejoined {
                 group,
                 member,

@@ -184,9 +184,26 @@ fn an_invitation_typed_in_chat_is_joined_and_announced_in_the_invitees_chat() {
     carol_chat.type_line("/quit");
     assert!(carol_chat.wait_for_exit(Duration::from_secs(20)).success());
 
-    let received = bob.run(&node, "recv", &[]);
+    // Bob, not chatting, is told who joined when he catches up.
+    let (ok, received, notes) = bob.try_run(&node, "recv", &[]);
+    assert!(ok, "{notes}");
     assert!(
         received.ends_with(&format!("talk {}: hi all\n", carol.short())),
         "{received}"
+    );
+    assert!(
+        notes.contains(&format!(
+            "group talk: {} joined; now at epoch 2, 3 members",
+            carol.short()
+        )),
+        "{notes}"
+    );
+    // And who left, by contact name when he has one.
+    bob.run(&node, "contacts", &["add", "carol", &carol.key]);
+    alice.run(&node, "remove", &["--group-id", "talk", "--peer-key", &carol.key]);
+    let (ok, _, notes) = bob.try_run(&node, "recv", &[]);
+    assert!(
+        ok && notes.contains("group talk: carol left; now at epoch 3, 2 members"),
+        "{notes}"
     );
 }

@@ -86,6 +86,9 @@ fn recv_json_prints_one_object_per_line_with_group_sender_text_and_sequence_numb
     let changed = &events[2];
     assert_eq!(changed["epoch"], messages[2]["epoch"]);
     assert_eq!(changed["members"], 2);
+    // An update adds and removes nobody.
+    assert_eq!(changed["joined"], serde_json::json!([]));
+    assert_eq!(changed["left"], serde_json::json!([]));
 
     // Nothing new: no lines at all.
     assert_eq!(bob.run(&node, "recv", &["--json"]), "");
