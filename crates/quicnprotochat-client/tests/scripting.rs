@@ -99,6 +99,40 @@ fn recv_json_prints_one_object_per_line_with_group_sender_text_and_sequence_numb
 }
 
 #[test]
+fn recv_follow_json_prints_each_pushed_message_as_an_object_as_it_arrives() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "live", &alice, &[&bob]);
+
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
+    follow
+        .args(["--server", &node.addr.to_string()])
+        .args(["--ca-cert", &node.cert().display().to_string()])
+        .args(["--json", "recv", "--follow", "--state", &bob.state])
+        .env_remove("QUICNPROTOCHAT_SERVER")
+        .env_remove("QUICNPROTOCHAT_CA_CERT");
+    let mut follower = common::Follower::start(follow);
+    follower.await_note("following", std::time::Duration::from_secs(20));
+    let mut last_seq = 0;
+    for text in ["first", "second"] {
+        alice.run(&node, "send", &["--msg", text]);
+        let message: Value = serde_json::from_str(&follower.next_line()).unwrap();
+        assert_eq!(message["type"], "message");
+        assert_eq!(message["group"], "live");
+        assert_eq!(message["sender_key"], alice.key.as_str());
+        assert_eq!(message["text"], text);
+        let seq = message["seq"].as_u64().unwrap();
+        assert!(seq > last_seq, "{message}");
+        last_seq = seq;
+    }
+    alice.run(&node, "update", &[]);
+    let changed: Value = serde_json::from_str(&follower.next_line()).unwrap();
+    assert_eq!(changed["type"], "changed", "{changed}");
+    assert!(follower.interrupt().success());
+}
+
+#[test]
 fn chat_json_reports_what_it_sent_and_what_arrived_as_objects() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
