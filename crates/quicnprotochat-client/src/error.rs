@@ -289,10 +289,6 @@ pub enum ClientError {
     /// `chat` could not read the next line of stdin.
     #[error("reading stdin: {0}")]
     Stdin(#[source] std::io::Error),
-    /// The node dropped `chat`'s subscription (it is shutting down, or the
-    /// connection broke).
-    #[error("the node at {0} ended the subscription; start `chat` again")]
-    Unsubscribed(String),
     /// The demo's end-to-end check failed.
     #[error("demo failed: {0}")]
     Demo(String),
@@ -418,7 +414,6 @@ impl ClientError {
             ClientError::NoGroup(_) => ("no_group", BadInput),
             ClientError::Usage(_) => ("usage", BadInput),
             ClientError::Stdin(_) => ("stdin", Local),
-            ClientError::Unsubscribed(_) => ("connection_lost", Unreachable),
             ClientError::Demo(_) => ("demo_failed", Local),
             ClientError::Internal(_) => ("internal", Local),
             ClientError::DeviceList { .. } => ("bad_device_list", BadAnswer),
