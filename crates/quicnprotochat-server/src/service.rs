@@ -24,6 +24,7 @@ use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_ca
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
+use tracing::Instrument;
 
 use crate::delivery::{CommitRefusal, DeviceListRefusal, NotAJoiner, NotAMember, SendRefusal, push};
 use crate::error::ServiceError;
@@ -808,10 +809,14 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             let (cancel, cancelled) = oneshot::channel();
             let (store, after) = (self.shared.store.clone(), Seq::new(params.get_after_seq()));
             let open = GaugeGuard::new(metrics::SUBSCRIPTIONS_OPEN);
-            tokio::task::spawn_local(async move {
-                push::push(store, recipient, after, receiver, cancelled).await;
-                drop((live, open));
-            });
+            // In the connection's span, so its push lines name the peer too.
+            tokio::task::spawn_local(
+                async move {
+                    push::push(store, recipient, after, receiver, cancelled).await;
+                    drop((live, open));
+                }
+                .in_current_span(),
+            );
             results
                 .get()
                 .set_subscription(capnp_rpc::new_client(SubscriptionImpl { _cancel: cancel }));

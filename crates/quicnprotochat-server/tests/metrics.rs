@@ -1,7 +1,8 @@
 //! Operating a node: the Prometheus endpoint (`--metrics-listen`) serves
 //! every series the node records and calls move them, over real QUIC
 //! against the node library on 127.0.0.1:0; the real binary's
-//! `--log-format json` lines parse and carry the connection's span; the
+//! `--log-format json` lines parse and carry the connection's span (its
+//! push tasks' lines too); the
 //! Grafana dashboard in `deploy/` is valid JSON graphing the main series.
 //!
 //! The recorder is one per process (see `metrics.rs`), so the tests here
@@ -289,7 +290,21 @@ fn a_node_without_metrics_listen_serves_no_metrics() {
     assert_eq!(config.metrics_listen, None);
 }
 
-/// One connection to `addr` as `device`, enqueueing to its own queue.
+/// A receiver that refuses every push, which ends the push task.
+struct Refuser;
+
+impl message_receiver::Server for Refuser {
+    async fn deliver(
+        self: capnp::capability::Rc<Self>,
+        _: message_receiver::DeliverParams,
+        _: message_receiver::DeliverResults,
+    ) -> Result<(), capnp::Error> {
+        Err(capnp::Error::failed("not taking pushes".into()))
+    }
+}
+
+/// One connection to `addr` as `device`, subscribed to its own queue with a
+/// receiver refusing pushes, then enqueueing to it.
 fn connect_and_enqueue(addr: SocketAddr, trusted: &std::path::Path, device: &IdentityKeypair) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -306,7 +321,13 @@ fn connect_and_enqueue(addr: SocketAddr, trusted: &std::path::Path, device: &Ide
         let (session, node) = rpc::connect(send, recv, rpc::reader_options(DEFAULT_MAX_PAYLOAD));
         tokio::task::spawn_local(session);
         let delivery: delivery_service::Client = node.cast_to();
+        let mut request = delivery.subscribe_request();
+        request.get().set_recipient_key(device.public_key().as_bytes());
+        request.get().set_receiver(capnp_rpc::new_client(Refuser));
+        let _subscription = request.send().promise.await.unwrap();
         enqueue(&delivery, device, 7).await;
+        // Long enough for the push to be made and refused.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         connection.close(0u32.into(), b"done");
         endpoint.wait_idle().await;
     });
@@ -356,6 +377,18 @@ fn json_log_lines_parse_and_carry_the_connection_span() {
         span["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{span}"
     );
+    // The push task's lines carry the connection's span too.
+    let push = loop {
+        let line = next();
+        if line["fields"]["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("push to"))
+        {
+            break line;
+        }
+    };
+    assert_eq!(push["span"]["name"], "connection", "{push}");
+    assert_eq!(push["span"]["peer"], me.public_key().short(), "{push}");
     let _ = child.kill();
     let _ = child.wait();
 }
