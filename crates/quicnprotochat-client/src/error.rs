@@ -536,6 +536,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refused_change_is_reported_by_why_with_the_numbers_behind_it() {
+        let refused = ClientError::ChangeRefused {
+            group: "team".into(),
+            reason: Box::new(ClientError::RateLimited {
+                retry_after: Duration::from_millis(1500),
+            }),
+        };
+        assert_eq!(refused.kind(), ("rate_limited", Category::Refused));
+        assert_eq!(refused.exit_code(), 4);
+        let report = refused.report();
+        assert_eq!(report["kind"], "rate_limited");
+        assert_eq!(report["retry_after_ms"], 1500);
+        assert_eq!(report["exit_code"], 4);
+        assert!(
+            report["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("team is unchanged")
+        );
+    }
+
+    #[test]
+    fn a_lost_connection_is_unreachable_and_a_node_error_a_refusal() {
+        let lost = ClientError::Rpc(capnp::Error::disconnected("gone".into()));
+        assert_eq!(lost.kind(), ("connection_lost", Category::Unreachable));
+        let failed = ClientError::Rpc(capnp::Error::failed("no".into()));
+        assert_eq!(failed.kind(), ("node_error", Category::Refused));
+        let conflict = ClientError::CommitConflict { current_epoch: 7 };
+        assert_eq!(conflict.report()["current_epoch"], 7);
+        let exits: Vec<u8> = [
+            Category::Local,
+            Category::BadInput,
+            Category::Unreachable,
+            Category::Refused,
+            Category::BadAnswer,
+        ]
+        .map(Category::exit_code)
+        .to_vec();
+        assert_eq!(exits, [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
     fn a_full_queue_names_the_recipients_and_what_to_do() {
         let full = ClientError::QueueFull {
             recipients: vec![

@@ -14,16 +14,18 @@ use common::{Follower, Member, TestNode, group_of};
 /// `chat` for `member` against `node` (in `group`, else the current
 /// group), ready to spawn.
 fn chat(node: &TestNode, member: &Member, group: Option<&str>) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
-    command
-        .args(["--server", &node.addr.to_string()])
-        .args(["--ca-cert", &node.cert().display().to_string()])
-        .args(["chat", "--state", &member.state])
-        .args(group.map(|group| ["--group-id", group]).into_iter().flatten())
-        .env_remove("QUICNPROTOCHAT_SERVER")
-        .env_remove("QUICNPROTOCHAT_CA_CERT")
-        .env_remove("QUICNPROTOCHAT_STATE");
-    command
+    let mut args = vec!["chat", "--state", &member.state];
+    args.extend(group.map(|group| ["--group-id", group]).into_iter().flatten());
+    node.command(&args)
+}
+
+/// `member` chatting in `group` with stdin piped, once it is subscribed.
+fn chatting(node: &TestNode, member: &Member, group: &str) -> Follower {
+    let mut command = chat(node, member, Some(group));
+    command.stdin(Stdio::piped());
+    let chat = Follower::start(command);
+    chat.await_note(&format!("chatting in {group}"), Duration::from_secs(20));
+    chat
 }
 
 /// Runs `chat` with `input` piped to its stdin, then closed, as a script
@@ -89,10 +91,7 @@ fn chat_shows_pushed_messages_sends_typed_lines_and_ends_on_quit() {
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "talk", &alice, &[&bob]);
 
-    let mut command = chat(&node, &bob, Some("talk"));
-    command.stdin(Stdio::piped());
-    let mut bob_chat = Follower::start(command);
-    bob_chat.await_note("chatting in talk", Duration::from_secs(20));
+    let mut bob_chat = chatting(&node, &bob, "talk");
 
     // Pushed while chat waits on its stdin.
     alice.run(&node, "send", &["--msg", "hello bob"]);
@@ -129,10 +128,7 @@ fn chat_goes_on_through_a_restarted_node() {
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "talk", &alice, &[&bob]);
 
-    let mut command = chat(&node, &bob, Some("talk"));
-    command.stdin(Stdio::piped());
-    let mut bob_chat = Follower::start(command);
-    bob_chat.await_note("chatting in talk", Duration::from_secs(20));
+    let mut bob_chat = chatting(&node, &bob, "talk");
 
     // The node goes away and comes back on the same address and database.
     node.restart();

@@ -105,13 +105,7 @@ fn recv_follow_json_prints_each_pushed_message_as_an_object_as_it_arrives() {
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "live", &alice, &[&bob]);
 
-    let mut follow = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
-    follow
-        .args(["--server", &node.addr.to_string()])
-        .args(["--ca-cert", &node.cert().display().to_string()])
-        .args(["--json", "recv", "--follow", "--state", &bob.state])
-        .env_remove("QUICNPROTOCHAT_SERVER")
-        .env_remove("QUICNPROTOCHAT_CA_CERT");
+    let follow = node.command(&["--json", "recv", "--follow", "--state", &bob.state]);
     let mut follower = common::Follower::start(follow);
     follower.await_note("following", std::time::Duration::from_secs(20));
     let mut last_seq = 0;
@@ -140,12 +134,8 @@ fn chat_json_reports_what_it_sent_and_what_arrived_as_objects() {
     group_of(&node, "talk", &alice, &[&bob]);
     bob.run(&node, "send", &["--msg", "before the chat"]);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
-        .args(["--server", &node.addr.to_string()])
-        .args(["--ca-cert", &node.cert().display().to_string()])
-        .args(["--json", "chat", "--state", &alice.state, "--group-id", "talk"])
-        .env_remove("QUICNPROTOCHAT_SERVER")
-        .env_remove("QUICNPROTOCHAT_CA_CERT")
+    let mut child = node
+        .command(&["--json", "chat", "--state", &alice.state, "--group-id", "talk"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -142,6 +142,20 @@ impl TestNode {
         run_client(&full)
     }
 
+    /// The client binary set up to talk to this node with `args`, to spawn
+    /// (for long-running commands: `chat`, `recv --follow`).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
+        command
+            .args(["--server", &self.addr.to_string()])
+            .args(["--ca-cert", &self.cert().display().to_string()])
+            .args(args)
+            .env_remove("QUICNPROTOCHAT_SERVER")
+            .env_remove("QUICNPROTOCHAT_CA_CERT")
+            .env_remove("QUICNPROTOCHAT_STATE");
+        command
+    }
+
     /// Runs the client binary and returns its stdout, failing the test (with
     /// its stderr) if it exits non-zero.
     pub fn cli_ok(&self, args: &[&str]) -> String {
