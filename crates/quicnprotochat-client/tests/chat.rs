@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -28,22 +27,9 @@ fn chatting(node: &TestNode, member: &Member, group: &str) -> Follower {
     chat
 }
 
-/// Runs `chat` with `input` piped to its stdin, then closed, as a script
-/// does; returns once it exits.
+/// Runs `chat` in `group` with `input` piped, as a script does.
 fn chat_piped(node: &TestNode, member: &Member, group: &str, input: &str) -> Output {
-    let mut child = chat(node, member, Some(group))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("client starts");
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(input.as_bytes())
-        .expect("chat reads its stdin");
-    child.wait_with_output().expect("chat exits")
+    common::run_piped(chat(node, member, Some(group)), input)
 }
 
 #[test]

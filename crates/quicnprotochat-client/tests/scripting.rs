@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use common::{Member, TestNode, group_of, run_client};
@@ -134,20 +133,10 @@ fn chat_json_reports_what_it_sent_and_what_arrived_as_objects() {
     group_of(&node, "talk", &alice, &[&bob]);
     bob.run(&node, "send", &["--msg", "before the chat"]);
 
-    let mut child = node
-        .command(&["--json", "chat", "--state", &alice.state, "--group-id", "talk"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"one\n/members\ntwo\n")
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = common::run_piped(
+        node.command(&["--json", "chat", "--state", &alice.state, "--group-id", "talk"]),
+        "one\n/members\ntwo\n",
+    );
     assert!(output.status.success(), "{}", common::stderr(&output));
 
     let objects = json_lines(&String::from_utf8(output.stdout).unwrap());
@@ -356,21 +345,57 @@ fn progress_bars_show_on_a_terminal_and_never_in_a_pipe() {
         "invited 20 (20 devices) to piped: epoch 1, 21 members"
     );
 
-    // On a terminal (util-linux `script` gives the command a pseudo-terminal).
+    // On a terminal.
+    let mut args = vec!["invite", "--state", &alice.state, "--group-id", "shown"];
+    args.extend(keys.iter().map(String::as_str));
+    let (ok, terminal) = on_terminal(&node, &args);
+    assert!(ok, "{terminal}");
+    assert!(terminal.contains("fetching KeyPackages"), "{terminal}");
+    assert!(terminal.contains("/20"), "{terminal}");
+    assert!(
+        terminal.contains("invited 20 (20 devices) to shown"),
+        "{terminal}"
+    );
+}
+
+#[test]
+fn a_long_backlog_shows_a_catch_up_bar_on_a_terminal() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+    // 200 queued messages make the bar worth drawing.
+    let lines: String = (0..200).map(|i| format!("message {i}\n")).collect();
+    let sent = common::run_piped(
+        node.command(&["chat", "--state", &alice.state, "--group-id", "talk"]),
+        &lines,
+    );
+    assert!(sent.status.success(), "{}", common::stderr(&sent));
+
+    let (ok, terminal) = on_terminal(&node, &["recv", "--state", &bob.state]);
+    assert!(ok, "{terminal}");
+    assert!(terminal.contains("catching up"), "{terminal}");
+    assert!(terminal.contains("/200"), "{terminal}");
+    // The messages are printed whole around the bar.
+    assert!(
+        terminal.contains(&format!("talk {}: message 199", alice.short())),
+        "{terminal}"
+    );
+}
+
+/// Runs the client against `node` with `args` on a pseudo-terminal (util-
+/// linux `script` makes one), as a person would; whether it succeeded, and
+/// everything the terminal showed.
+fn on_terminal(node: &TestNode, args: &[&str]) -> (bool, String) {
     let command = [
-        env!("CARGO_BIN_EXE_quicnprotochat-client").to_owned(),
-        "--server".into(),
-        node.addr.to_string(),
-        "--ca-cert".into(),
-        node.cert().display().to_string(),
-        "invite".into(),
-        "--state".into(),
-        alice.state.clone(),
-        "--group-id".into(),
-        "shown".into(),
+        env!("CARGO_BIN_EXE_quicnprotochat-client"),
+        "--server",
+        &node.addr.to_string(),
+        "--ca-cert",
+        &node.cert().display().to_string(),
     ]
     .into_iter()
-    .chain(peer_keys(&invitees))
+    .chain(args.iter().copied())
     .collect::<Vec<_>>()
     .join(" ");
     let output = Command::new("script")
@@ -378,12 +403,8 @@ fn progress_bars_show_on_a_terminal_and_never_in_a_pipe() {
         .stdin(Stdio::null())
         .output()
         .expect("script (util-linux) runs");
-    let terminal = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{terminal}");
-    assert!(terminal.contains("fetching KeyPackages"), "{terminal}");
-    assert!(terminal.contains("/20"), "{terminal}");
-    assert!(
-        terminal.contains("invited 20 (20 devices) to shown"),
-        "{terminal}"
-    );
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
 }

@@ -182,6 +182,25 @@ impl Drop for TestNode {
     }
 }
 
+/// Runs `command` with `input` piped to its stdin, then closed, as a
+/// script does; returns once it exits.
+pub fn run_piped(mut command: Command, input: &str) -> Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(input.as_bytes())
+        .expect("the client reads its stdin");
+    child.wait_with_output().expect("the client exits")
+}
+
 /// Runs the client binary with exactly `args`.
 pub fn run_client<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
