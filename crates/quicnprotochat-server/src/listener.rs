@@ -557,19 +557,24 @@ async fn serve_sessions(
     }
 }
 
-/// Every [`metrics::SAMPLE_INTERVAL`] until `stop` fires: reads the gauges
+/// Until `stop` fires: every [`metrics::SAMPLE_INTERVAL`], reads the gauges
 /// that need a count from the database (messages queued, KeyPackages
-/// stored) and lets the recorder fold its histogram buffers, so they stay
-/// small between scrapes.
+/// stored); every [`metrics::UPKEEP_INTERVAL`], lets the recorder fold its
+/// histogram buffers, so they stay small between scrapes.
 async fn sample_task(
     shared: Arc<Shared>,
     handle: metrics_exporter_prometheus::PrometheusHandle,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut ticks = tokio::time::interval(metrics::SAMPLE_INTERVAL);
+    let mut samples = tokio::time::interval(metrics::SAMPLE_INTERVAL);
+    let mut upkeep = tokio::time::interval(metrics::UPKEEP_INTERVAL);
     loop {
         tokio::select! {
-            _ = ticks.tick() => {}
+            _ = samples.tick() => {}
+            _ = upkeep.tick() => {
+                handle.run_upkeep();
+                continue;
+            }
             _ = stop.changed() => return,
         }
         match shared.store.totals().await {
@@ -579,7 +584,6 @@ async fn sample_task(
             }
             Err(e) => debug!("metrics: counting queued messages and KeyPackages: {e}"),
         }
-        handle.run_upkeep();
     }
 }
 
