@@ -322,6 +322,11 @@ fn apply(
             // without --group-id into a group someone invited us to.
             let make_current = explicit_join || state.current_group()?.is_none();
             state.record_group(&group_id, make_current)?;
+            // Joined with a KeyPackage the device that linked us made: its
+            // leaf key is noted, to be replaced (`replace_handed_leaves`).
+            if let Some(key) = group.own_leaf_key() {
+                state.note_joined_leaf(&group_id, &key)?;
+            }
             Ok(Applied {
                 joined: true,
                 event: Some(Event::Joined {

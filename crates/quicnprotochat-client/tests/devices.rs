@@ -29,7 +29,14 @@ fn link(node: &TestNode, state: &str, extra: &[&str]) -> String {
 
 /// A second device of `of`, linked with `devices add` and completed with
 /// `recv` on the new device; returns it as a member (its key is the user's).
-fn linked_device(node: &TestNode, dir: &std::path::Path, of: &Member, name: &str) -> (Member, String) {
+/// Links a new device `name` to `of`; returns it, the code used, and what
+/// its first `recv` (which completes the link) said on stderr.
+fn linked_device(
+    node: &TestNode,
+    dir: &std::path::Path,
+    of: &Member,
+    name: &str,
+) -> (Member, String, String) {
     let path = state(dir, &format!("{name}.state"));
     let code = link(node, &path, &[]);
     devices_ok(node, of, &["add", &code]);
@@ -41,7 +48,7 @@ fn linked_device(node: &TestNode, dir: &std::path::Path, of: &Member, name: &str
     let (ok, _, err) = device.try_run(node, "recv", &[]);
     assert!(ok, "{err}");
     assert!(err.contains("linked: this device"), "{err}");
-    (device, code)
+    (device, code, err)
 }
 
 /// `devices SUBCOMMAND --state F ARGS...`, as the user types it.
@@ -83,8 +90,16 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
 
     // Her laptop becomes a second device; its first `recv` completes the
     // link and joins the group she was already in.
-    let (laptop, code) = linked_device(&node, dir.path(), &phone, "alice-laptop");
+    let (laptop, code, notes) = linked_device(&node, dir.path(), &phone, "alice-laptop");
     assert_eq!(laptop.run(&node, "whoami", &[]).trim(), phone.key);
+    // The phone made the laptop's first leaf keys: the laptop replaced
+    // them at once (epoch 2 added it, its update made epoch 3).
+    assert!(
+        notes.contains("replaced the keys your other device made for this one in early: epoch 3"),
+        "{notes}"
+    );
+    let groups = laptop.run(&node, "groups", &[]);
+    assert!(groups.contains("early epoch 3 members 3"), "{groups}");
     let laptop_device = device_key(&node, &laptop);
     let phone_device = device_key(&node, &phone);
     assert_ne!(laptop_device, phone_device);
@@ -342,7 +357,7 @@ fn a_device_list_the_node_rolls_back_forges_or_withholds_is_refused_by_the_clien
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let phone = Member::register(&node, dir.path(), "phone");
-    let (laptop, _) = linked_device(&node, dir.path(), &phone, "laptop");
+    let (laptop, _, _) = linked_device(&node, dir.path(), &phone, "laptop");
     let laptop_device = device_key(&node, &laptop);
     let db = rusqlite::Connection::open(node.dir.join("node.db")).unwrap();
     let user = hex::decode(&phone.key).unwrap();

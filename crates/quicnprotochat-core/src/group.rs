@@ -519,6 +519,17 @@ impl GroupMember {
             .and_then(|leaf| IdentityKey::try_from(leaf.signature_key().as_slice()).ok())
     }
 
+    /// Our leaf's HPKE encryption key (public, TLS-encoded), which path
+    /// secrets are encrypted to; `None` once we have been removed.
+    pub fn own_leaf_key(&self) -> Option<Vec<u8>> {
+        if !self.group.is_active() {
+            return None;
+        }
+        self.group
+            .own_leaf_node()
+            .and_then(|leaf| leaf.encryption_key().tls_serialize_detached().ok())
+    }
+
     /// False once a commit removed us from the group.
     pub fn is_active(&self) -> bool {
         self.group.is_active()

@@ -427,6 +427,24 @@ impl DeviceKeyPackages {
             .collect()
     }
 
+    /// The HPKE encryption keys (public) of their leaves: the leaf keys
+    /// the device has in a group it joins with one of them, until it
+    /// updates. The device that made them knows their private keys.
+    /// Encoded as [`crate::GroupMember::own_leaf_key`] encodes them.
+    pub fn leaf_keys(&self) -> Vec<Vec<u8>> {
+        self.bundles
+            .iter()
+            .filter_map(|bundle| {
+                bundle
+                    .key_package()
+                    .leaf_node()
+                    .encryption_key()
+                    .tls_serialize_detached()
+                    .ok()
+            })
+            .collect()
+    }
+
     /// How many there are.
     pub fn len(&self) -> usize {
         self.bundles.len()
@@ -549,8 +567,15 @@ mod tests {
         opened.key_packages.install(&laptop).unwrap();
         let tree = group.ratchet_tree().unwrap();
         assert!(GroupMember::join(&laptop, &added.welcome, Some(&tree), &NoDeviceLists).is_err());
-        let joined = GroupMember::join(&laptop, &added.welcome, Some(&tree), &Listed(list)).unwrap();
+        let mut joined = GroupMember::join(&laptop, &added.welcome, Some(&tree), &Listed(list)).unwrap();
         assert_eq!(joined.members().len(), 2);
+        // Its leaf key is the handed-over one (the phone knows its private
+        // key) until it updates.
+        let handed = opened.key_packages.leaf_keys();
+        assert!(handed.contains(&joined.own_leaf_key().unwrap()));
+        joined.self_update(&laptop, &device).unwrap();
+        joined.merge_pending_commit(&laptop).unwrap();
+        assert!(!handed.contains(&joined.own_leaf_key().unwrap()));
     }
 
     #[test]

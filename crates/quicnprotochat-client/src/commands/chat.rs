@@ -25,6 +25,7 @@ use quicnprotochat_core::{IdentityKeypair, QueuedMessage};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 use tokio::time::Instant;
 
+use super::devices::replace_handed_leaves;
 use super::group::{invite_through, print_members};
 use super::messages::send_through;
 use super::node::top_up_key_packages;
@@ -58,6 +59,7 @@ pub(crate) async fn chat(
     }
     let mut nodes = Nodes::connect(args, Some(&identity)).await?;
     let seen = catch_up(&nodes, &state, &identity).await?;
+    replace_handed_leaves(&nodes, &state, &identity).await?;
     // Stay invitable while chatting, as `recv` does.
     top_up_key_packages(&nodes, &state, &identity).await?;
     commit_due_proposals(&nodes, &state, &identity).await?;

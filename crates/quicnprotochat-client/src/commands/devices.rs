@@ -11,7 +11,7 @@ use quicnprotochat_core::link::{
 use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair, Suite};
 use serde_json::json;
 
-use super::group::remove_from_group;
+use super::group::{remove_from_group, update_through};
 use crate::cli::{ConnectionArgs, DevicesAction};
 use crate::devices::publish_list;
 use crate::error::ClientError;
@@ -242,6 +242,44 @@ async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<
         }
     }
     nodes.close().await;
+    Ok(())
+}
+
+/// Replaces our leaf keys in every group we joined with a KeyPackage the
+/// device that linked us made (and so whose private keys it knows), one
+/// `update` Commit per group: otherwise, were that device removed later,
+/// it could still open what is encrypted to our leaf. The first `recv` of a
+/// new device does it; a group that cannot be updated now is tried again
+/// by the next `recv`.
+pub(crate) async fn replace_handed_leaves(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+) -> Result<(), ClientError> {
+    for group_id in state.handed_leaves()? {
+        let name = group_name(&group_id);
+        if !GroupMember::load(&state.provider(), &group_id)?.is_some_and(|group| group.is_active()) {
+            state.forget_handed_leaf(&group_id)?;
+            continue;
+        }
+        match update_through(nodes, state, identity, &group_id).await {
+            Ok(group) => {
+                state.forget_handed_leaf(&group_id)?;
+                eprintln!(
+                    "replaced the keys your other device made for this one in {name}: epoch {}",
+                    group.epoch()
+                );
+            }
+            Err(e) => {
+                eprintln!(
+                    "warning: could not yet replace the keys your other device made for this one in {name} ({e}); the next `recv` tries again"
+                );
+                if e.is_connection_lost() {
+                    return Ok(());
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -239,17 +239,7 @@ pub(crate) async fn update(
     let identity = state.identity()?;
     let (group_id, _) = load_group(&state, group_id)?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let me = identity.public_key();
-    let group = change_group(&nodes, &state, &identity, &group_id, |group| {
-        let commit_to = others(group, &me);
-        let commit = group.self_update(&state.provider(), &identity)?;
-        Ok(Change {
-            commit,
-            commit_to,
-            welcome: None,
-        })
-    })
-    .await?;
+    let group = update_through(&nodes, &state, &identity, &group_id).await?;
     eprintln!(
         "updated your keys in {}: epoch {}, {} members",
         group_name(&group_id),
@@ -258,6 +248,27 @@ pub(crate) async fn update(
     );
     nodes.close().await;
     Ok(())
+}
+
+/// Replaces our leaf's keys in `group_id` with a Commit (which also
+/// commits pending proposals), through open connections.
+pub(crate) async fn update_through(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &[u8],
+) -> Result<GroupMember, ClientError> {
+    let me = identity.public_key();
+    change_group(nodes, state, identity, group_id, |group| {
+        let commit_to = others(group, &me);
+        let commit = group.self_update(&state.provider(), identity)?;
+        Ok(Change {
+            commit,
+            commit_to,
+            welcome: None,
+        })
+    })
+    .await
 }
 
 /// `leave`: sends a request to be removed; the remaining member with the

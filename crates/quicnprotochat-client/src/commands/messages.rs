@@ -5,6 +5,7 @@ use std::path::Path;
 
 use quicnprotochat_core::{CoreError, IdentityKeypair, Incoming, classify};
 
+use super::devices::replace_handed_leaves;
 use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
@@ -142,6 +143,7 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Re
     };
     let mut nodes = Nodes::connect(args, Some(&identity)).await?;
     let seen = catch_up(&nodes, &state, &identity).await?;
+    replace_handed_leaves(&nodes, &state, &identity).await?;
     // Stay invitable: replace the KeyPackages others used up.
     top_up_key_packages(&nodes, &state, &identity).await?;
     commit_due_proposals(&nodes, &state, &identity).await?;
@@ -168,6 +170,7 @@ pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
         }
     }
     state.compact_if_sparse()?;
+    replace_handed_leaves(&nodes, &state, &identity).await?;
     nodes.close().await;
     if joined == 0 {
         return Err(ClientError::NoGroup(

@@ -116,8 +116,45 @@ impl StateFile {
             self.store_device(&user, device)?;
             self.remember_device_list(&handoff.list)?;
             handoff.key_packages.install(&self.provider())?;
+            for key in handoff.key_packages.leaf_keys() {
+                self.connection.execute(
+                    "INSERT OR IGNORE INTO handed_leaf_keys (encryption_key) VALUES (?1)",
+                    params![key],
+                )?;
+            }
             self.connection.execute("DELETE FROM pending_link", [])?;
             Ok::<_, StateError>(())
         })
+    }
+}
+
+impl StateFile {
+    /// Notes that we joined `group_id` with leaf key `key`; true if the key
+    /// is one the device that linked us made, so the leaf must be updated.
+    pub fn note_joined_leaf(&self, group_id: &[u8], key: &[u8]) -> Result<bool, StateError> {
+        let changed = self.connection.execute(
+            "UPDATE handed_leaf_keys SET group_id = ?1 WHERE encryption_key = ?2",
+            params![group_id, key],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// The groups whose leaf still has a key the linking device made.
+    pub fn handed_leaves(&self) -> Result<Vec<Vec<u8>>, StateError> {
+        let mut select = self
+            .connection
+            .prepare("SELECT group_id FROM handed_leaf_keys WHERE group_id IS NOT NULL ORDER BY group_id")?;
+        let rows = select.query_map([], |row| row.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets the handed-over leaf key of `group_id` (updated, or the
+    /// group is gone).
+    pub fn forget_handed_leaf(&self, group_id: &[u8]) -> Result<(), StateError> {
+        self.connection.execute(
+            "DELETE FROM handed_leaf_keys WHERE group_id = ?1",
+            params![group_id],
+        )?;
+        Ok(())
     }
 }

@@ -99,6 +99,13 @@ const MIGRATIONS: &[&str] = &[
     // V7: the node's sequence number of each fetched message, which `recv
     // --json` reports (NULL for entries stored before).
     "ALTER TABLE inbox ADD COLUMN seq INTEGER;",
+    // V8: a linked device's first leaf keys, made (so known) by the device
+    // that linked it; `group_id` is set once a Welcome joined with one, and
+    // the row is gone once that group's leaf was updated.
+    "CREATE TABLE handed_leaf_keys (
+         encryption_key BLOB PRIMARY KEY,
+         group_id BLOB
+     );",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty
