@@ -1,6 +1,7 @@
 //! The user behind this device: the user key (when it is not the device key
-//! itself), the highest verified device list seen of each user, and a new
-//! device's link key until its handoff arrives.
+//! itself), the highest verified device list seen of each user, a new
+//! device's link key until its handoff arrives, and the leaf keys the
+//! linking device made for it until they are replaced.
 
 use quicnprotochat_core::link::{Handoff, LinkSecret};
 use quicnprotochat_core::{DeviceList, Freshness, IdentityKey, IdentityKeypair, SignedDeviceList};
@@ -126,9 +127,7 @@ impl StateFile {
             Ok::<_, StateError>(())
         })
     }
-}
 
-impl StateFile {
     /// Notes that we joined `group_id` with leaf key `key`; true if the key
     /// is one the device that linked us made, so the leaf must be updated.
     pub fn note_joined_leaf(&self, group_id: &[u8], key: &[u8]) -> Result<bool, StateError> {

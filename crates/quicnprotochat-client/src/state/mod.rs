@@ -14,16 +14,16 @@
 //! - `schema` — our tables' numbered migrations and the ownership check.
 //! - `groups` — the groups we are in and the current group; creating,
 //!   leaving and rejoining one.
-//! - `inbox` — fetched payloads waiting to be processed, each applied and
-//!   removed in one transaction.
+//! - `inbox` — fetched payloads waiting to be processed (with the node's
+//!   sequence number), each applied and removed in one transaction.
 //! - `outbox` — group changes staged or sent whose answer has not come yet:
 //!   staged with their pending Commit and the new epoch's GroupInfo,
 //!   settled (merged or discarded) by the node's answer; rejoins, kept or
 //!   deleted by it.
 //! - `key_packages` — KeyPackages made with their private keys stored.
 //! - `contacts` — names for identity keys.
-//! - `devices` — the user key, the device lists seen, and a new device's
-//!   pending link.
+//! - `devices` — the user key, the device lists seen, a new device's
+//!   pending link, and the leaf keys its linking device made.
 //! - `history` — sent and received application messages.
 
 mod contacts;
