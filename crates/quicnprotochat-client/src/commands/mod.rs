@@ -5,7 +5,8 @@
 //! each unit of work is one method of the state file.
 //!
 //! Conventions: stdout carries results (identity keys, decrypted messages,
-//! listings) so scripts can read them; progress and warnings go to stderr.
+//! listings) so scripts can read them, as JSON with `--json` (see
+//! [`crate::output`]); progress and warnings go to stderr.
 //!
 //! # Layout
 //! - `node` — stateless commands: ping, register, fetch-key.
