@@ -577,6 +577,152 @@ mod tests {
         assert_eq!(exits, [1, 2, 3, 4, 5]);
     }
 
+    /// One error of every kind (three variants that are hard to build
+    /// share their kind with one here: `CaCert`, `IdentityCertificate`,
+    /// `Outcome`).
+    fn one_of_each_kind() -> Vec<ClientError> {
+        use quicnprotochat_core::link::LinkError;
+        let path = || PathBuf::from("s.state");
+        let text = || "x".to_owned();
+        let key = IdentityKey::from_bytes([1; 32]);
+        let core = |e: CoreError| ClientError::Core(e);
+        let state = |e: StateError| ClientError::State(e);
+        vec![
+            ClientError::CaCertUnusable {
+                path: path(),
+                reason: text(),
+            },
+            ClientError::BadServer {
+                server: text(),
+                reason: text(),
+            },
+            ClientError::Unreachable {
+                server: text(),
+                after: Duration::from_secs(5),
+            },
+            ClientError::UntrustedNode {
+                server: text(),
+                ca_cert: path(),
+                reason: text(),
+            },
+            ClientError::WrongName {
+                server: text(),
+                name: text(),
+                reason: text(),
+            },
+            ClientError::Connect {
+                server: text(),
+                reason: text(),
+            },
+            ClientError::Timeout(Duration::from_secs(1)),
+            ClientError::Rpc(capnp::Error::disconnected(text())),
+            ClientError::Rpc(capnp::Error::failed(text())),
+            ClientError::CommitConflict { current_epoch: 1 },
+            ClientError::RateLimited {
+                retry_after: Duration::from_secs(1),
+            },
+            ClientError::QueueFull {
+                recipients: vec![key],
+                max_depth: 1,
+                max_bytes: 1,
+            },
+            ClientError::StaleEpoch { current_epoch: 1 },
+            ClientError::TooManyKeyPackages { stored: 1, max: 1 },
+            ClientError::WelcomeTreeUnavailable {
+                group: text(),
+                epoch: 1,
+            },
+            ClientError::WelcomeTreeRefused {
+                group: text(),
+                reason: text(),
+            },
+            ClientError::InvalidChange { reason: text() },
+            ClientError::GroupUnknownToNode { group: text() },
+            ClientError::NoGroupInfo { group: text() },
+            ClientError::RejoinRefused {
+                group: text(),
+                reason: text(),
+            },
+            ClientError::Protocol(text()),
+            ClientError::Unconfirmed {
+                group: text(),
+                reason: text(),
+            },
+            ClientError::NoKeyPackage(key, quicnprotochat_core::Suite::X25519),
+            ClientError::BadKeyPackage {
+                requested: key,
+                reason: text(),
+            },
+            ClientError::FingerprintMismatch,
+            state(StateError::Missing(path())),
+            state(StateError::NotAStateFile {
+                path: path(),
+                reason: text(),
+            }),
+            state(StateError::NoIdentity(path())),
+            state(StateError::LinkPending(path())),
+            state(StateError::AlreadyRegistered(path())),
+            state(StateError::Contact(text())),
+            state(StateError::TooNew {
+                path: path(),
+                found: 9,
+                supported: 8,
+            }),
+            state(StateError::BadIdentity(path())),
+            state(StateError::Damaged(text())),
+            core(CoreError::AlreadyMember(text())),
+            core(CoreError::UnknownMember(text())),
+            core(CoreError::GroupExists(text())),
+            core(CoreError::InvalidIdentityKey(text())),
+            core(CoreError::WrongSuite {
+                group: "x25519",
+                key_package: "mlkem768x25519",
+            }),
+            core(CoreError::UnlistedDevice {
+                user: text(),
+                device: text(),
+            }),
+            core(CoreError::MalformedMessage(text())),
+            ClientError::UnknownGroup(text()),
+            ClientError::PartialDelivery(text()),
+            ClientError::NoGroup(text()),
+            ClientError::Usage(text()),
+            ClientError::Stdin(std::io::Error::other(text())),
+            ClientError::Demo(text()),
+            ClientError::Internal("x"),
+            ClientError::DeviceList {
+                user: text(),
+                reason: text(),
+            },
+            ClientError::DeviceListRefused(text()),
+            ClientError::Link(LinkError::NotYet),
+            ClientError::Link(LinkError::BadCode),
+        ]
+    }
+
+    /// The README's exit code table is the contract scripts read: every
+    /// kind is listed in the row of its exit code.
+    #[test]
+    fn every_kind_is_in_the_readme_row_of_its_exit_code() {
+        let readme = include_str!("../../../README.md");
+        let mut kinds = std::collections::BTreeSet::new();
+        for error in one_of_each_kind() {
+            let (kind, category) = error.kind();
+            kinds.insert(kind);
+            let row = readme
+                .lines()
+                .find(|line| line.starts_with(&format!("| {} | ", category.exit_code())))
+                .unwrap_or_else(|| panic!("no README row for exit code {}", category.exit_code()));
+            assert!(
+                row.contains(&format!("`{kind}`")),
+                "{kind} (exit {}) is not in its README row: {row}",
+                category.exit_code()
+            );
+        }
+        // Every kind `kind()` returns today (`runtime` is main's own).
+        assert_eq!(kinds.len(), 51, "{kinds:?}");
+    }
+
     #[test]
     fn a_full_queue_names_the_recipients_and_what_to_do() {
         let full = ClientError::QueueFull {
