@@ -6,19 +6,17 @@
 //! applied and removed in one transaction, so a crash loses nothing and
 //! applies nothing twice.
 
-use std::collections::BTreeSet;
-
 use quicnprotochat_core::{
-    CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair, Incoming, MessageKind, QueuedMessage,
-    Received, Seq, classify,
+    CoreError, GroupId, GroupMember, IdentityKeypair, Incoming, MessageKind, QueuedMessage, Received, Seq,
+    classify,
 };
 use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
 use crate::devices::Directory;
 use crate::error::ClientError;
-use crate::naming::group_name;
+use crate::naming::{changed_event, group_name, users};
 use crate::nodes::Nodes;
-use crate::output::{Event, Person, Progress};
+use crate::output::{Event, Progress};
 use crate::publish::resume_publications;
 use crate::state::{Direction, InboxEntry, StateFile};
 
@@ -368,17 +366,9 @@ fn apply(
                         epoch: group.epoch(),
                     })
                 }
-                Received::Commit { epoch } => {
-                    let after = users(&group);
-                    let before = users_before.unwrap_or_else(|| after.clone());
-                    Some(Event::Changed {
-                        group: name,
-                        group_id: id,
-                        epoch,
-                        members: group.members().len(),
-                        joined: people(state, after.difference(&before))?,
-                        left: people(state, before.difference(&after))?,
-                    })
+                Received::Commit { .. } => {
+                    let before = users_before.unwrap_or_else(|| users(&group));
+                    Some(changed_event(state, &group_id, &before, &group)?)
                 }
                 Received::Rejoined { member, epoch } => Some(Event::Rejoined {
                     group: name,
@@ -409,28 +399,4 @@ fn apply(
             "cannot route {other:?}"
         )))),
     }
-}
-
-/// The users with a device in `group`.
-fn users(group: &GroupMember) -> BTreeSet<IdentityKey> {
-    group
-        .member_keys()
-        .into_iter()
-        .map(|member| member.user)
-        .collect()
-}
-
-/// Users as events name them.
-fn people<'a>(
-    state: &StateFile,
-    users: impl Iterator<Item = &'a IdentityKey>,
-) -> Result<Vec<Person>, ClientError> {
-    users
-        .map(|user| {
-            Ok(Person {
-                user_key: user.to_string(),
-                name: state.contact_name(user)?,
-            })
-        })
-        .collect()
 }

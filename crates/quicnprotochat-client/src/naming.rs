@@ -2,10 +2,13 @@
 //! on the command line, groups by the name people gave them, members as
 //! shown to people, and who else is in a group.
 
+use std::collections::BTreeSet;
+
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
 
 use crate::cli::PeerArgs;
 use crate::error::ClientError;
+use crate::output::{Event, Person};
 use crate::state::{StateError, StateFile};
 
 /// Parses an identity key given on the command line as `flag`.
@@ -182,6 +185,49 @@ pub(crate) fn others(group: &GroupMember, me: &IdentityKey) -> Vec<IdentityKey> 
         .members()
         .into_iter()
         .filter(|member| member != me)
+        .collect()
+}
+
+/// The users with a device in `group`.
+pub(crate) fn users(group: &GroupMember) -> BTreeSet<IdentityKey> {
+    group
+        .member_keys()
+        .into_iter()
+        .map(|member| member.user)
+        .collect()
+}
+
+/// The `changed` event of `group` (`group_id`) now at a new epoch: the
+/// users who joined and left since it had the users `before`.
+pub(crate) fn changed_event(
+    state: &StateFile,
+    group_id: &[u8],
+    before: &BTreeSet<IdentityKey>,
+    group: &GroupMember,
+) -> Result<Event, ClientError> {
+    let after = users(group);
+    Ok(Event::Changed {
+        group: group_name(group_id),
+        group_id: hex::encode(group_id),
+        epoch: group.epoch(),
+        members: group.members().len(),
+        joined: people(state, after.difference(before))?,
+        left: people(state, before.difference(&after))?,
+    })
+}
+
+/// Users as events name them.
+fn people<'a>(
+    state: &StateFile,
+    users: impl Iterator<Item = &'a IdentityKey>,
+) -> Result<Vec<Person>, ClientError> {
+    users
+        .map(|user| {
+            Ok(Person {
+                user_key: user.to_string(),
+                name: state.contact_name(user)?,
+            })
+        })
         .collect()
 }
 

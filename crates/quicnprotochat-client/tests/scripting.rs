@@ -158,6 +158,49 @@ fn chat_json_reports_what_it_sent_and_what_arrived_as_objects() {
 }
 
 #[test]
+fn own_group_changes_print_the_changed_object_the_members_see() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    alice.run(&node, "contacts", &["add", "bob", &bob.key]);
+
+    let created = document(&alice.run(&node, "create-group", &["--json", "--group-id", "team"]));
+    assert_eq!(created["group"], "team");
+    assert_eq!(created["epoch"], 0);
+    assert_eq!(created["ciphersuite"], "x25519");
+    // The full id, unique even among groups called "team".
+    let id = hex::decode(created["group_id"].as_str().unwrap()).unwrap();
+    assert!(id.starts_with(b"team#"), "{created}");
+
+    let invited = document(&alice.run(&node, "invite", &["--json", "--peer", "bob"]));
+    assert_eq!(invited["type"], "changed");
+    assert_eq!(invited["group_id"], created["group_id"]);
+    assert_eq!(invited["epoch"], 1);
+    assert_eq!(invited["members"], 2);
+    assert_eq!(
+        invited["joined"],
+        serde_json::json!([{ "user_key": bob.key, "name": "bob" }])
+    );
+    assert_eq!(invited["left"], serde_json::json!([]));
+    bob.run(&node, "join", &[]);
+
+    let updated = document(&alice.run(&node, "update", &["--json"]));
+    assert_eq!(updated["epoch"], 2);
+    assert_eq!(updated["joined"], serde_json::json!([]));
+    assert_eq!(updated["left"], serde_json::json!([]));
+
+    let removed = document(&alice.run(&node, "remove", &["--json", "--peer", "bob"]));
+    assert_eq!(removed["epoch"], 3);
+    assert_eq!(removed["members"], 1);
+    assert_eq!(removed["left"][0]["user_key"], bob.key.as_str());
+
+    // Bob is told, as an object too.
+    let told = json_lines(&bob.run(&node, "recv", &["--json"]));
+    assert_eq!(types(&told), ["changed", "removed"], "{told:#?}");
+    assert_eq!(told[1]["group_id"], created["group_id"]);
+}
+
+#[test]
 fn every_listing_command_prints_one_json_document() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();

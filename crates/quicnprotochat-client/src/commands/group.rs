@@ -7,6 +7,7 @@
 //! it merged. If the node refuses a Commit or a proposal, the group is left
 //! as it was.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -17,7 +18,8 @@ use super::node::fetch_verified_key_package;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::naming::{
-    devices_of, group_name, load_group, member_name, new_group_id, others, rejoin_group_id, resolve_peers,
+    changed_event, devices_of, group_name, load_group, member_name, new_group_id, others, rejoin_group_id,
+    resolve_peers, users,
 };
 use crate::nodes::Nodes;
 use crate::output::{self, Progress, print_json};
@@ -42,6 +44,15 @@ pub(crate) fn create_group(path: &Path, group_id: &str, suite: Suite) -> Result<
     let identity = state.identity()?;
     let id = new_group_id(group_id)?;
     let group = state.create_group(&identity, id.as_bytes(), suite)?;
+    if output::json() {
+        print_json(&json!({
+            "group": group_id,
+            "group_id": hex::encode(id.as_bytes()),
+            "epoch": group.epoch(),
+            "members": 1,
+            "ciphersuite": suite.name(),
+        }))?;
+    }
     eprintln!(
         "created group {group_id} (id {}, epoch {}, 1 member, ciphersuite {suite})",
         String::from_utf8_lossy(id.as_bytes()),
@@ -148,7 +159,7 @@ pub(crate) async fn invite_through(
     // Cleared before the Commit goes out.
     drop(progress);
     let me = identity.public_key();
-    let group = change_group(nodes, state, identity, &group_id, |group| {
+    let group = change_reported(nodes, state, identity, &group_id, |group| {
         let commit_to = others(group, &me);
         let added = group.add_members(&state.provider(), identity, &packages, nodes.directory())?;
         Ok(Change {
@@ -168,6 +179,29 @@ pub(crate) async fn invite_through(
         group.members().len()
     );
     Ok(())
+}
+
+/// [`change_group`], then with `--json` the `changed` object of our own
+/// change, as the other members see it: who joined and left.
+async fn change_reported(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &[u8],
+    mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
+) -> Result<GroupMember, ClientError> {
+    let mut before = BTreeSet::new();
+    let group = change_group(nodes, state, identity, group_id, |group| {
+        // The users in the epoch the change is made in (after a lost race
+        // it is made again in a later one).
+        before = users(group);
+        make(group)
+    })
+    .await?;
+    if output::json() {
+        changed_event(state, group_id, &before, &group)?.print()?;
+    }
+    Ok(group)
 }
 
 /// `remove`: removes members in one Commit, sent to everyone including the
@@ -215,7 +249,7 @@ pub(crate) async fn remove_from_group(
     keys: &[IdentityKey],
 ) -> Result<GroupMember, ClientError> {
     let me = identity.public_key();
-    change_group(nodes, state, identity, group_id, |group| {
+    change_reported(nodes, state, identity, group_id, |group| {
         let commit_to = others(group, &me);
         let devices = devices_of(group, keys)?;
         let commit = group.remove_members(&state.provider(), identity, &devices)?;
@@ -259,7 +293,7 @@ pub(crate) async fn update_through(
     group_id: &[u8],
 ) -> Result<GroupMember, ClientError> {
     let me = identity.public_key();
-    change_group(nodes, state, identity, group_id, |group| {
+    change_reported(nodes, state, identity, group_id, |group| {
         let commit_to = others(group, &me);
         let commit = group.self_update(&state.provider(), identity)?;
         Ok(Change {
