@@ -58,6 +58,16 @@ async fn get(addr: SocketAddr, path: &str) -> (String, String) {
     (head.lines().next().unwrap().to_owned(), body.to_owned())
 }
 
+/// A node serving metrics on a port of its own, configured further by
+/// `adjust`.
+async fn metrics_node(adjust: impl FnOnce(&mut quicnprotochat_server::Config)) -> TestNode {
+    TestNode::start(|config| {
+        config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        adjust(config);
+    })
+    .await
+}
+
 async fn scrape(node: &TestNode) -> String {
     let (status, body) = get(node.metrics_addr().unwrap(), "/metrics").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
@@ -109,8 +119,7 @@ async fn enqueue(delivery: &delivery_service::Client, recipient: &IdentityKeypai
 
 #[tokio::test]
 async fn the_metrics_endpoint_serves_every_series_and_calls_move_them() {
-    let node = TestNode::start(|config| {
-        config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let node = metrics_node(|config| {
         // The second message to a queue is refused: a refusal to count.
         config.max_queue_depth = 1;
     })
@@ -229,10 +238,7 @@ async fn the_metrics_endpoint_serves_every_series_and_calls_move_them() {
 
 #[tokio::test]
 async fn a_session_the_rpc_guard_ends_is_counted() {
-    let node = TestNode::start(|config| {
-        config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    })
-    .await;
+    let node = metrics_node(|_| {}).await;
     let aborts = |page: &str| sample(page, "quicnprotochat_guard_aborts_total", &[]).unwrap_or(0.0);
     let before = aborts(&scrape(&node).await);
 
@@ -269,10 +275,7 @@ async fn a_session_the_rpc_guard_ends_is_counted() {
 
 #[tokio::test]
 async fn the_metrics_listener_answers_only_get_metrics() {
-    let node = TestNode::start(|config| {
-        config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    })
-    .await;
+    let node = metrics_node(|_| {}).await;
     let addr = node.metrics_addr().unwrap();
     let (status, _) = get(addr, "/").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
