@@ -23,7 +23,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{IdentityKeypair, KeyPackageOptions, Suite};
 use quicnprotochat_proto::delivery_capnp::{delivery_service, message_receiver};
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome, UploadOutcome};
-use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
+use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, rpc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every series the node exports.
@@ -242,9 +242,7 @@ async fn a_session_the_rpc_guard_ends_is_counted() {
     let aborts = |page: &str| sample(page, "quicnprotochat_guard_aborts_total", &[]).unwrap_or(0.0);
     let before = aborts(&scrape(&node).await);
 
-    let config = transport::client_config(cert::load_certificate(node.cert()).unwrap(), None).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
+    let endpoint = node::client_endpoint(node.cert(), None);
     let connection = endpoint.connect(node.addr(), "localhost").unwrap().await.unwrap();
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
     // A frame header claiming 2^32 segments: the guard refuses it before
@@ -314,11 +312,7 @@ fn connect_and_enqueue(addr: SocketAddr, trusted: &std::path::Path, device: &Ide
         .build()
         .unwrap();
     tokio::task::LocalSet::new().block_on(&runtime, async {
-        let certificate = peer::client_certificate(&device.pkcs8_der().unwrap()).unwrap();
-        let config =
-            transport::client_config(cert::load_certificate(trusted).unwrap(), Some(certificate)).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(config);
+        let endpoint = node::client_endpoint(trusted, Some(device));
         let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
         let (send, recv) = connection.open_bi().await.unwrap();
         let (session, node) = rpc::connect(send, recv, rpc::reader_options(DEFAULT_MAX_PAYLOAD));

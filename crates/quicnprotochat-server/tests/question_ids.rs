@@ -14,9 +14,9 @@ use capnp::serialize::OwnedSegments;
 use capnp::traits::HasTypeId;
 use capnp_rpc::rpc_capnp::{cap_descriptor, message, return_};
 use node::{STEP_TIMEOUT, TestNode};
+use quicnprotochat_proto::PROTOCOL_VERSION;
 use quicnprotochat_proto::guard::MAX_OPEN_QUESTIONS;
 use quicnprotochat_proto::node_capnp::node_service;
-use quicnprotochat_proto::{PROTOCOL_VERSION, cert, transport};
 
 /// Pings sent with fresh question ids, after the bootstrap's id 0.
 const PINGS: u32 = 5_000;
@@ -149,9 +149,7 @@ async fn a_peer_that_never_reuses_question_ids_keeps_its_session() {
     );
     let node = TestNode::start(|config| config.ping_rate = 0).await;
 
-    let client_config = transport::client_config(cert::load_certificate(node.cert()).unwrap(), None).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(client_config);
+    let endpoint = node::client_endpoint(node.cert(), None);
     let connection = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect(node.addr(), "localhost").unwrap())
         .await
         .unwrap()

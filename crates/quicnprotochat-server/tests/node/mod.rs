@@ -110,13 +110,9 @@ impl TestNode {
         device: Option<&IdentityKeypair>,
         body: impl AsyncFnOnce(C) -> T,
     ) -> T {
-        let identity = device.map(|keypair| peer::client_certificate(&keypair.pkcs8_der().unwrap()).unwrap());
         let local = tokio::task::LocalSet::new();
         let conversation = local.run_until(async {
-            let config =
-                transport::client_config(cert::load_certificate(&self.cert).unwrap(), identity).unwrap();
-            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            endpoint.set_default_client_config(config);
+            let endpoint = client_endpoint(&self.cert, device);
             let connection = endpoint.connect(self.addr, "localhost").unwrap().await.unwrap();
             let (send, recv) = connection.open_bi().await.unwrap();
             let (session, node) = rpc::connect(send, recv, rpc::reader_options(DEFAULT_MAX_PAYLOAD));
@@ -139,6 +135,16 @@ impl Drop for TestNode {
             let _ = stop.send(());
         }
     }
+}
+
+/// A client endpoint trusting the node certificate at `trusted`, presenting
+/// `device`'s certificate (anonymous without one). Inside a tokio runtime.
+pub fn client_endpoint(trusted: &Path, device: Option<&IdentityKeypair>) -> quinn::Endpoint {
+    let identity = device.map(|keypair| peer::client_certificate(&keypair.pkcs8_der().unwrap()).unwrap());
+    let config = transport::client_config(cert::load_certificate(trusted).unwrap(), identity).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    endpoint
 }
 
 /// A failed call's kind and text.
