@@ -190,15 +190,19 @@ async fn change_reported(
     group_id: &[u8],
     mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
 ) -> Result<GroupMember, ClientError> {
+    let report = output::json();
     let mut before = BTreeSet::new();
     let group = change_group(nodes, state, identity, group_id, |group| {
         // The users in the epoch the change is made in (after a lost race
-        // it is made again in a later one).
-        before = users(group);
+        // it is made again in a later one); a big group's member list is
+        // not free, so only when it is reported.
+        if report {
+            before = users(group);
+        }
         make(group)
     })
     .await?;
-    if output::json() {
+    if report {
         changed_event(state, group_id, &before, &group)?.print()?;
     }
     Ok(group)
