@@ -63,6 +63,10 @@ pub const DEFAULT_MAX_ANONYMOUS_CONNECTIONS: usize = 2_500;
 /// Handshakes from unvalidated addresses in progress before new ones must
 /// prove their address with a QUIC Retry (one more round trip).
 pub const DEFAULT_RETRY_ABOVE: usize = 32;
+/// Bytes asked of the kernel for each of the UDP socket's buffers: about
+/// 2,800 full datagrams, so bursts from many clients are read, not dropped
+/// (Linux grants at most `net.core.rmem_max`; its default is 208 KiB).
+pub const DEFAULT_UDP_BUFFER: usize = 4 << 20;
 /// Seconds of silence before a connection is closed.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
 /// Days an undelivered message is kept.
@@ -142,6 +146,9 @@ pub struct Config {
     pub retry_above: usize,
     /// A connection silent this long is closed.
     pub idle_timeout: Duration,
+    /// Bytes asked for each of the UDP socket's kernel buffers (receive and
+    /// send); 0 keeps the system's default. The kernel may grant less.
+    pub udp_buffer: usize,
     /// Undelivered messages older than this are deleted.
     pub retention: Duration,
     /// The public view of a group without a change for this long is
@@ -179,6 +186,7 @@ impl Default for Config {
             max_anonymous_connections: DEFAULT_MAX_ANONYMOUS_CONNECTIONS,
             retry_above: DEFAULT_RETRY_ABOVE,
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
+            udp_buffer: DEFAULT_UDP_BUFFER,
             retention: retention_days(DEFAULT_RETENTION_DAYS),
             group_retention: retention_days(DEFAULT_GROUP_RETENTION_DAYS),
             durability: Durability::Full,

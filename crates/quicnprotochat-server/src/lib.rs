@@ -47,4 +47,4 @@ pub mod store;
 
 pub use config::Config;
 pub use error::ServerError;
-pub use listener::{Node, run};
+pub use listener::{Node, UdpBuffers, run};

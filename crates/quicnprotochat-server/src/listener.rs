@@ -75,6 +75,8 @@ pub struct Node {
     admission: Arc<Admission>,
     retention: Duration,
     group_retention: Duration,
+    /// The UDP socket's kernel buffers, as the kernel granted them.
+    udp_buffers: UdpBuffers,
     /// The `/metrics` listener and the recorder it renders, when asked for.
     metrics: Option<(
         tokio::net::TcpListener,
@@ -143,11 +145,18 @@ impl Node {
                 db: config.db.to_string(),
                 source,
             })?;
-        let endpoint =
-            quinn::Endpoint::server(server_config, config.listen).map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_error = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let (socket, udp_buffers) = bind_udp(config.listen, config.udp_buffer).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
         let shared = Shared::new(
             store,
             config.max_payload,
@@ -194,10 +203,16 @@ impl Node {
             admission,
             retention: config.retention,
             group_retention: config.group_retention,
+            udp_buffers,
             metrics,
             store_closer,
             workers,
         })
+    }
+
+    /// The sizes of the UDP socket's kernel buffers.
+    pub fn udp_buffers(&self) -> UdpBuffers {
+        self.udp_buffers
     }
 
     /// The address the node listens on (useful after binding port 0).
@@ -350,6 +365,56 @@ impl Drop for Runtimes {
 /// What a worker is handed for each connection: the connection, its place
 /// among the open ones and its address's, and its place in the worker's
 /// load.
+/// The sizes, in bytes, of a UDP socket's kernel buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpBuffers {
+    /// Datagrams received but not yet read by the node.
+    pub receive: usize,
+    /// Datagrams written but not yet sent by the kernel.
+    pub send: usize,
+}
+
+/// Binds the node's UDP socket and asks for `buffer` bytes for each of its
+/// kernel buffers (0: the system's default).
+///
+/// Every client's packets land in one socket, and the endpoint reads it
+/// between other work: a burst (a thousand keep-alives, a client sending a
+/// megabyte, a wave of handshakes) overflows Linux's default of about
+/// 208 KiB and the kernel drops datagrams. QUIC resends them, but a
+/// dropped handshake packet costs its client a second or more, and the
+/// abuse test saw one handshake wait for 30 s. The kernel caps what it
+/// grants (`net.core.rmem_max`, `net.core.wmem_max`); the node says so
+/// rather than fail.
+fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<(std::net::UdpSocket, UdpBuffers)> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    if buffer > 0 {
+        // Refusals are reported below, with the sizes the socket has.
+        let _ = state.set_recv_buffer_size((&socket).into(), buffer);
+        let _ = state.set_send_buffer_size((&socket).into(), buffer);
+    }
+    let buffers = UdpBuffers {
+        receive: state.recv_buffer_size((&socket).into())?,
+        send: state.send_buffer_size((&socket).into())?,
+    };
+    if buffer > 0 && (buffers.receive < buffer || buffers.send < buffer) {
+        warn!(
+            asked = buffer,
+            receive = buffers.receive,
+            send = buffers.send,
+            "the kernel granted smaller UDP buffers than asked for: bursts of packets may be dropped; \
+             on Linux raise net.core.rmem_max and net.core.wmem_max (sysctl) to at least the size asked for"
+        );
+    } else {
+        debug!(
+            receive = buffers.receive,
+            send = buffers.send,
+            "UDP socket buffers"
+        );
+    }
+    Ok((socket, buffers))
+}
+
 type Handed = (quinn::Incoming, TaskTrackerToken, AddressSlot, LoadToken);
 
 /// Counts a connection in its worker's load until dropped.

@@ -83,6 +83,10 @@ struct Args {
     /// Seconds of silence after which a connection is closed.
     #[arg(long, env = "QUICNPROTOCHAT_IDLE_TIMEOUT", default_value_t = config::DEFAULT_IDLE_TIMEOUT_SECS)]
     idle_timeout: u64,
+    /// Bytes asked of the kernel for each UDP socket buffer (0: the system's default).
+    /// Linux grants at most net.core.rmem_max / wmem_max; the node warns when it gets less.
+    #[arg(long, env = "QUICNPROTOCHAT_UDP_BUFFER", default_value_t = config::DEFAULT_UDP_BUFFER)]
+    udp_buffer: usize,
     /// full: fsync every commit (acknowledged messages survive a power cut);
     /// normal: fsync at checkpoints (they survive a node crash, not always a power cut).
     #[arg(long, env = "QUICNPROTOCHAT_DURABILITY", value_enum, default_value_t = DurabilityArg::Full)]
@@ -159,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
         max_anonymous_connections: args.max_anonymous_connections,
         retry_above: config::DEFAULT_RETRY_ABOVE,
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        udp_buffer: args.udp_buffer,
         retention: config::retention_days(args.retention_days),
         group_retention: config::retention_days(args.group_retention_days),
         durability: match args.durability {

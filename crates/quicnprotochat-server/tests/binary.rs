@@ -23,13 +23,17 @@ static QUEUE: std::sync::LazyLock<quicnprotochat_core::IdentityKey> = std::sync:
 struct Running {
     child: Child,
     addr: SocketAddr,
+    /// What the node logged up to the line with its address.
+    startup: Vec<String>,
     log: mpsc::Receiver<String>,
 }
 
-fn start(dir: &Path) -> Running {
+/// Starts the binary in `dir` on a free port, with `flags` besides.
+fn start(dir: &Path, flags: &[&str]) -> Running {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
         .current_dir(dir)
         .args(["--listen", "127.0.0.1:0"])
+        .args(flags)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -42,15 +46,26 @@ fn start(dir: &Path) -> Running {
             let _ = lines.send(line);
         }
     });
+    let mut startup = Vec::new();
     let addr = loop {
         let line = log
             .recv_timeout(Duration::from_secs(30))
             .expect("node logs its address");
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
+        startup.push(line);
+        if let Some(addr) = addr {
+            break addr;
         }
     };
-    Running { child, addr, log }
+    Running {
+        child,
+        addr,
+        startup,
+        log,
+    }
 }
 
 /// Sends SIGTERM and returns the exit status and the rest of the log.
@@ -97,7 +112,7 @@ fn with_delivery<T>(
 #[test]
 fn the_binary_generates_its_certificate_serves_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path());
+    let running = start(dir.path(), &[]);
     let cert_path = dir.path().join("data/server-cert.der");
     let first_cert = std::fs::read(&cert_path).expect("certificate generated in data/");
     assert!(dir.path().join("data/server-key.der").exists());
@@ -114,7 +129,7 @@ fn the_binary_generates_its_certificate_serves_and_stops_cleanly_on_sigterm() {
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("database closed cleanly"), "{log}");
 
-    let running = start(dir.path());
+    let running = start(dir.path(), &[]);
     assert_eq!(
         std::fs::read(&cert_path).unwrap(),
         first_cert,
@@ -143,4 +158,36 @@ fn an_invalid_flag_value_is_refused_with_a_message() {
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("--max-payload must be between"), "{err}");
+}
+
+/// Asked for more than Linux grants (`net.core.rmem_max`), the node still
+/// starts and serves, and says what to raise.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_node_granted_smaller_udp_buffers_than_asked_says_so() {
+    // Asking for a gigabyte shows the most a socket gets (twice the cap).
+    let most = {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
+        state.set_recv_buffer_size((&socket).into(), 1 << 30).unwrap();
+        state.recv_buffer_size((&socket).into()).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let asked = (2 * most).to_string();
+    let running = start(dir.path(), &["--udp-buffer", &asked]);
+    let startup = running.startup.join("\n");
+    assert!(
+        startup.contains("the kernel granted smaller UDP buffers than asked for")
+            && startup.contains("net.core.rmem_max"),
+        "{startup}"
+    );
+    let cert_path = dir.path().join("data/server-cert.der");
+    with_delivery(running.addr, &cert_path, async |delivery| {
+        let mut request = delivery.enqueue_request();
+        request.get().set_recipient_key(QUEUE.as_bytes());
+        request.get().set_payload(b"served all the same");
+        request.send().promise.await.unwrap();
+    });
+    let (exit, log) = terminate(running);
+    assert!(exit.success(), "exit status {exit:?}\n{log}");
 }

@@ -12,8 +12,9 @@ use capnp::capability::FromClientHook;
 use quicnprotochat_core::IdentityKeypair;
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
+use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
-use quicnprotochat_server::{Config, Node, ServerError};
+use quicnprotochat_server::{Config, Node, ServerError, UdpBuffers};
 
 /// Bounds startup, each conversation and shutdown, so a stall fails the
 /// test instead of hanging it.
@@ -24,6 +25,7 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct TestNode {
     addr: SocketAddr,
     metrics: Option<SocketAddr>,
+    udp_buffers: UdpBuffers,
     cert: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     running: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
@@ -45,6 +47,7 @@ impl TestNode {
             .unwrap();
         let addr = node.local_addr();
         let metrics = node.metrics_addr();
+        let udp_buffers = node.udp_buffers();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = tokio::spawn(node.run(async {
             let _ = stopped.await;
@@ -52,6 +55,7 @@ impl TestNode {
         TestNode {
             addr,
             metrics,
+            udp_buffers,
             cert,
             stop: Some(stop),
             running: Some(running),
@@ -68,6 +72,11 @@ impl TestNode {
     /// `metrics_listen`.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics
+    }
+
+    /// The sizes of the node's UDP socket buffers.
+    pub fn udp_buffers(&self) -> UdpBuffers {
+        self.udp_buffers
     }
 
     /// The node's (self-signed) certificate, to trust.
@@ -101,6 +110,15 @@ impl TestNode {
         &self,
         device: Option<&IdentityKeypair>,
         body: impl AsyncFnOnce(delivery_service::Client) -> T,
+    ) -> T {
+        self.with_client(device, body).await
+    }
+
+    /// [`Self::with_auth`] with the whole NodeService.
+    pub async fn with_node<T>(
+        &self,
+        device: Option<&IdentityKeypair>,
+        body: impl AsyncFnOnce(node_service::Client) -> T,
     ) -> T {
         self.with_client(device, body).await
     }
