@@ -5,7 +5,10 @@
 //! one, then measures with one client connection:
 //! - `ping` round trip (sequential);
 //! - sequential enqueue + fetch pairs per second (100-byte payloads);
-//! - enqueues per second with 64 calls in flight (group commit at work).
+//! - enqueues per second with 64 calls in flight (group commit at work);
+//! - with its own node of one RPC thread (so that both connections share
+//!   it), `ping` round trips on one connection while another uploads
+//!   batches of 100 KeyPackages back to back.
 //!
 //! Run: `cargo run --release -p quicnprotochat-client --example rpc_bench [-- --iterations N]`
 
@@ -23,7 +26,7 @@ use quicnprotochat_proto::outcome::SendOutcome;
 #[path = "support/mod.rs"]
 mod support;
 
-use support::start_node;
+use support::{start_node, start_node_with};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -48,6 +51,7 @@ fn main() {
     }
 
     let temp = tempfile::tempdir().unwrap();
+    let own_node = external.is_none();
     let (options, _node) = match external {
         Some((server, ca_cert)) => (
             ConnectOptions {
@@ -142,6 +146,80 @@ fn main() {
         }
         assert_eq!(drained, total);
         client.close().await;
+    });
+
+    if own_node {
+        pings_beside_key_package_uploads(&runtime);
+    }
+}
+
+/// Pings on one connection while another uploads batches of 100
+/// KeyPackages (each checked by the node: two signatures and more), on a
+/// node of one RPC thread with the upload limits off.
+fn pings_beside_key_package_uploads(runtime: &tokio::runtime::Runtime) {
+    const BATCHES: usize = 20;
+    let temp = tempfile::tempdir().unwrap();
+    let addr = start_node_with(temp.path().to_owned(), |config| {
+        config.rpc_threads = 1;
+        config.key_package_upload_rate = 0;
+        config.send_bytes_rate = 0;
+        config.max_key_packages = 1_000_000;
+    });
+    let options = ConnectOptions {
+        server: addr.to_string(),
+        server_name: None,
+        ca_cert: temp.path().join("server-cert.der"),
+    };
+    let uploader = IdentityKeypair::generate();
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let batches: Vec<Vec<Vec<u8>>> = (0..BATCHES)
+        .map(|_| {
+            (0..100)
+                .map(|_| quicnprotochat_core::generate_key_package(&provider, &uploader).unwrap())
+                .collect()
+        })
+        .collect();
+    tokio::task::LocalSet::new().block_on(runtime, async {
+        let pinger = NodeClient::connect(&options, Some(&IdentityKeypair::generate()))
+            .await
+            .unwrap();
+        let uploading = NodeClient::connect(&options, Some(&uploader)).await.unwrap();
+        for _ in 0..200 {
+            pinger.ping().await.unwrap();
+        }
+        let (done, mut finished) = tokio::sync::oneshot::channel();
+        let started = Instant::now();
+        let uploads = tokio::task::spawn_local(async move {
+            for batch in &batches {
+                uploading
+                    .upload_key_packages(&uploader.public_key(), batch)
+                    .await
+                    .unwrap();
+            }
+            let elapsed = started.elapsed();
+            let _ = done.send(());
+            uploading.close().await;
+            elapsed
+        });
+        let mut rtts = Vec::new();
+        while finished.try_recv().is_err() {
+            let sent = Instant::now();
+            pinger.ping().await.unwrap();
+            rtts.push(sent.elapsed());
+        }
+        let elapsed = uploads.await.unwrap();
+        rtts.sort();
+        println!(
+            "ping beside 100-KeyPackage uploads (one RPC thread; {BATCHES} uploads in {:.0} ms, {:.0} KeyPackages/s): \
+             {} pings, p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+            elapsed.as_secs_f64() * 1e3,
+            (BATCHES * 100) as f64 / elapsed.as_secs_f64(),
+            rtts.len(),
+            micros(rtts[rtts.len() / 2]),
+            micros(rtts[rtts.len() * 99 / 100]),
+            micros(rtts[rtts.len() - 1]),
+        );
+        pinger.close().await;
     });
 }
 

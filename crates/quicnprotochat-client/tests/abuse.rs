@@ -764,10 +764,10 @@ async fn hoard(
         other => count.other.push(format!("bulky: {other:?}")),
     }
     while !stop.load(Ordering::SeqCst) {
-        // Several fetches a round: a round's uploads and commit take long
-        // on a busy machine, and the stock's burst must be drained within
-        // the few rounds the pings last for the last resort to show.
-        for _ in 0..3 {
+        // More fetches a round than the serve rate's burst: a round's
+        // uploads, commit and big payloads take long on a busy machine, and
+        // the last resort must show within the first.
+        for _ in 0..quicnprotochat_server::config::DEFAULT_KEY_PACKAGE_SERVE_RATE + 2 {
             match stranger.fetch_key_package(&victim_key).await {
                 Ok(quicnprotochat_proto::outcome::FetchedKeyPackage::Package(package))
                     if package == resort =>
@@ -825,11 +825,16 @@ async fn hoard(
                 count.other.push(format!("commit: {other:?}"))
             }
         }
-        // Faster than the byte budget: three of the largest payloads a round.
-        for _ in 0..3 {
+        // Faster than the byte budget: the largest payloads, until one is
+        // refused (however few rounds a busy machine allows: the first
+        // round goes through the burst) or a dozen a round.
+        for _ in 0..12 {
             match uploader.enqueue(&own.public_key(), &big).await {
                 Ok(SendOutcome::Accepted) => count.big_bytes_stored += big.len(),
-                Ok(SendOutcome::RateLimited(_)) => count.big_refused += 1,
+                Ok(SendOutcome::RateLimited(_)) => {
+                    count.big_refused += 1;
+                    break;
+                }
                 other => count.other.push(format!("big: {other:?}")),
             }
         }

@@ -72,6 +72,9 @@ pub enum ServiceError {
     /// The node is shutting down and takes no new work.
     #[error("the node is shutting down; retry in a moment")]
     ShuttingDown,
+    /// A bug on the node (a check that panicked); the call had no effect.
+    #[error("internal error; the call had no effect: {0}")]
+    Internal(String),
 }
 
 impl From<ServiceError> for capnp::Error {

@@ -202,6 +202,41 @@ impl NodeServiceImpl {
         }
     }
 
+    /// Checks each of `received` as a KeyPackage of `owner` (the field
+    /// named `list[i]`, or `package` when not a list) and fingerprints it
+    /// as received (also when a wrapped KeyPackage is stored bare); the
+    /// first invalid one's error.
+    ///
+    /// On a blocking-pool thread: a KeyPackage's signatures cost the node
+    /// real CPU, and an upload of a hundred held this RPC thread, and every
+    /// connection it serves, for 2 s in a debug build (the abuse test's
+    /// pings stalled that long on one core).
+    async fn check_key_packages(
+        &self,
+        owner: IdentityKey,
+        received: Vec<Vec<u8>>,
+        list: Option<&'static str>,
+    ) -> Result<(Vec<wire::ValidKeyPackage>, Vec<[u8; 32]>), ServiceError> {
+        let (max, policy) = (self.shared.max_payload, self.shared.key_package_policy);
+        let checked = tokio::task::spawn_blocking(move || {
+            received
+                .iter()
+                .enumerate()
+                .map(|(index, bytes)| {
+                    let field = match list {
+                        Some(list) => format!("{list}[{index}]"),
+                        None => "package".to_owned(),
+                    };
+                    let package = wire::key_package(&field, bytes, max, &owner, &policy)?;
+                    Ok((package, fingerprint(bytes)))
+                })
+                .collect::<Result<(Vec<_>, Vec<_>), wire::FieldError>>()
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("checking KeyPackages failed: {e}")))?;
+        Ok(checked?)
+    }
+
     /// Charges an upload's bytes to the send budget and stores it, within
     /// the identity's KeyPackage limit of each suite. Uploads queue nothing, so they do
     /// not count as messages; how many an identity keeps is bounded by the
@@ -355,21 +390,14 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
                 refused.write(results.get().init_outcome());
                 return Ok(label);
             }
-            let received = params.get_package()?;
-            // Of the bytes as received, even if a wrapped KeyPackage is stored bare.
-            let digest = fingerprint(received);
-            let package = wire::key_package(
-                "package",
-                received,
-                self.shared.max_payload,
-                &identity,
-                &self.shared.key_package_policy,
-            )
-            .map_err(ServiceError::from)?;
-            let outcome = self.store_key_packages(identity, vec![package]).await?;
+            let received = params.get_package()?.to_vec();
+            let (packages, digests) = self.check_key_packages(identity, vec![received], None).await?;
+            let outcome = self.store_key_packages(identity, packages).await?;
             let mut results = results.get();
-            if outcome == UploadOutcome::Stored {
-                results.set_fingerprint(&digest);
+            if outcome == UploadOutcome::Stored
+                && let Some(digest) = digests.first()
+            {
+                results.set_fingerprint(digest);
             }
             let label = outcome.label();
             outcome.write(results.init_outcome());
@@ -405,23 +433,13 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
                 refused.write(results.get().init_outcome());
                 return Ok(label);
             }
-            let mut packages = Vec::with_capacity(list.len() as usize);
-            let mut digests = Vec::with_capacity(list.len() as usize);
-            for (index, bytes) in list.iter().enumerate() {
-                let field = format!("packages[{index}]");
-                let received = bytes?;
-                digests.push(fingerprint(received));
-                packages.push(
-                    wire::key_package(
-                        &field,
-                        received,
-                        self.shared.max_payload,
-                        &identity,
-                        &self.shared.key_package_policy,
-                    )
-                    .map_err(ServiceError::from)?,
-                );
-            }
+            let received = list
+                .iter()
+                .map(|bytes| bytes.map(<[u8]>::to_vec))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (packages, digests) = self
+                .check_key_packages(identity, received, Some("packages"))
+                .await?;
             let outcome = self.store_key_packages(identity, packages).await?;
             let mut results = results.get();
             if outcome == UploadOutcome::Stored {
