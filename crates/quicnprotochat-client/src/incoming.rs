@@ -185,7 +185,7 @@ pub(crate) async fn process_entry(
                 directory.fetch(nodes, state, &users).await?;
                 continue;
             }
-            Err(e) => return settle_failure(state, entry, e).map(|()| Applied::default()),
+            Err(e) => return settle_failure(state, entry, seq, e).map(|()| Applied::default()),
         };
         let fetched = match GroupId::new(group_id.clone()) {
             Some(group) => nodes.delivery().fetch_welcome_tree(&group, epoch).await,
@@ -200,7 +200,7 @@ pub(crate) async fn process_entry(
                     group: group_name(&group_id),
                     epoch,
                 };
-                return settle_failure(state, entry, e).map(|()| Applied::default());
+                return settle_failure(state, entry, seq, e).map(|()| Applied::default());
             }
             // The node refused the call itself: it does not know us as a
             // member this Welcome added (a forged or misdirected Welcome).
@@ -209,7 +209,7 @@ pub(crate) async fn process_entry(
                     group: group_name(&group_id),
                     reason: e.extra,
                 };
-                return settle_failure(state, entry, e).map(|()| Applied::default());
+                return settle_failure(state, entry, seq, e).map(|()| Applied::default());
             }
             Err(e) => return Err(e),
         }
@@ -228,8 +228,15 @@ const KEPT_MAX_EPOCHS_AHEAD: u64 = 100;
 
 /// After processing an entry failed (and everything it wrote was rolled
 /// back): keeps the entry when it may work later and the bounds allow,
-/// drops it otherwise, and stops on a local failure.
-fn settle_failure(state: &StateFile, entry: i64, error: ClientError) -> Result<(), ClientError> {
+/// drops it otherwise (either way reported as a `kept` or `dropped`
+/// event, so a script learns of it), and stops on a local failure.
+fn settle_failure(
+    state: &StateFile,
+    entry: i64,
+    seq: Option<Seq>,
+    error: ClientError,
+) -> Result<(), ClientError> {
+    let seq = seq.map(Seq::get);
     match error {
         ClientError::Core(CoreError::FutureEpoch {
             message_epoch,
@@ -261,9 +268,21 @@ fn settle_failure(state: &StateFile, entry: i64, error: ClientError) -> Result<(
                 None
             };
             match over {
-                None => eprintln!("warning: kept a queued message for later: {e}"),
+                None => Event::Kept {
+                    seq,
+                    epoch: message_epoch,
+                    group_epoch,
+                }
+                .print()?,
                 Some(why) => {
-                    eprintln!("warning: dropped a queued message from a later epoch ({why}): {e}");
+                    let e = ClientError::Core(e);
+                    Event::Dropped {
+                        seq,
+                        error: e.kind().0,
+                        message: e.to_string(),
+                        gave_up: Some(why),
+                    }
+                    .print()?;
                     state.remove_inbox(entry)?;
                 }
             }
@@ -273,7 +292,13 @@ fn settle_failure(state: &StateFile, entry: i64, error: ClientError) -> Result<(
         | ClientError::UnknownGroup(_)
         | ClientError::WelcomeTreeUnavailable { .. }
         | ClientError::WelcomeTreeRefused { .. }) => {
-            eprintln!("warning: skipped a queued message: {e}");
+            Event::Dropped {
+                seq,
+                error: e.kind().0,
+                message: e.to_string(),
+                gave_up: None,
+            }
+            .print()?;
             state.remove_inbox(entry)?;
             Ok(())
         }

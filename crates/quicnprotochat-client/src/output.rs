@@ -18,6 +18,8 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use quicnprotochat_core::CoreError;
+
 use crate::error::ClientError;
 
 static JSON: OnceLock<bool> = OnceLock::new();
@@ -106,6 +108,30 @@ pub(crate) enum Event {
     Proposal { group: String, group_id: String },
     /// A handshake message was processed that changed nothing to report.
     Processed { group: String, group_id: String },
+    /// A queued message from a later epoch than its group is at (a
+    /// Commit before it has not arrived yet): kept, and tried again on
+    /// later runs.
+    Kept {
+        /// The node's sequence number of the message in our queue.
+        seq: Option<u64>,
+        /// The message's epoch.
+        epoch: u64,
+        /// The epoch its group is at here.
+        group_epoch: u64,
+    },
+    /// A queued message given up: unreadable (garbage, not for us, a past
+    /// epoch), for a group we do not know, or kept too long for the
+    /// Commits it needs (`gave_up` says which bound it crossed).
+    Dropped {
+        /// The node's sequence number of the message in our queue.
+        seq: Option<u64>,
+        /// The kind of error, as in the error object's `kind`.
+        error: &'static str,
+        /// The error, for people.
+        message: String,
+        /// Why a message kept for later was given up; none for the others.
+        gave_up: Option<String>,
+    },
     /// The node took a message we sent.
     Sent {
         group: String,
@@ -200,6 +226,21 @@ impl Event {
                 eprintln!("group {group}: stored a proposal for the next commit")
             }
             Event::Processed { group, .. } => eprintln!("group {group}: processed a message"),
+            Event::Kept {
+                epoch, group_epoch, ..
+            } => eprintln!(
+                "warning: kept a queued message for later: {}",
+                CoreError::FutureEpoch {
+                    message_epoch: *epoch,
+                    group_epoch: *group_epoch,
+                }
+            ),
+            Event::Dropped {
+                message,
+                gave_up: Some(why),
+                ..
+            } => eprintln!("warning: dropped a queued message from a later epoch ({why}): {message}"),
+            Event::Dropped { message, .. } => eprintln!("warning: skipped a queued message: {message}"),
             Event::Sent {
                 group, recipients, ..
             } => eprintln!("sent to {recipients} member(s) of {group}"),

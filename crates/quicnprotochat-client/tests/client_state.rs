@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Member, TestNode, enqueue_ok, group_of, local};
+use common::{Member, TestNode, enqueue_ok, group_of, local, private_message};
 use quicnprotochat_client::state::StateFile;
 use quicnprotochat_core::IdentityKeypair;
 use quicnprotochat_server::Config;
@@ -179,28 +179,6 @@ fn a_send_the_node_refused_is_not_recorded_as_delivered() {
     let history = alice.run(&node, "history", &[]);
     assert!(history.contains("you: fits"), "{history}");
     assert!(history.contains("you (not delivered): does not fit"), "{history}");
-}
-
-/// An MLS PrivateMessage (RFC 9420, section 6.3) of `group_id` in `epoch`
-/// whose ciphertext is `size` bytes of noise: what anyone can send to a
-/// member without being in the group.
-fn private_message(group_id: &[u8], epoch: u64, size: usize) -> Vec<u8> {
-    let mut message = vec![0x00, 0x01, 0x00, 0x02];
-    message.push(group_id.len() as u8);
-    message.extend_from_slice(group_id);
-    message.extend_from_slice(&epoch.to_be_bytes());
-    message.push(0x01); // application
-    message.push(0x00); // no authenticated data
-    message.push(0x04); // encrypted sender data
-    message.extend_from_slice(&[0xa5; 4]);
-    // The size in MLS's variable-length form, which must be the shortest.
-    match u32::try_from(size).unwrap() {
-        short @ 0..64 => message.push(short as u8),
-        medium @ 64..16_384 => message.extend_from_slice(&(medium as u16 | 0x4000).to_be_bytes()),
-        long => message.extend_from_slice(&(long | 0x8000_0000).to_be_bytes()),
-    }
-    message.resize(message.len() + size, 0x5a);
-    message
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 
 use std::process::{Command, Output, Stdio};
 
-use common::{Member, TestNode, group_of, run_client};
+use common::{Member, TestNode, enqueue_ok, group_of, local, private_message, run_client};
 use serde_json::Value;
 
 /// Every line of `text` as JSON; fails the test on a line that is not.
@@ -450,4 +450,45 @@ fn on_terminal(node: &TestNode, args: &[&str]) -> (bool, String) {
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
     )
+}
+
+/// Queued messages the client cannot use are events too, so that a script
+/// learns of them: `kept` for one from a later epoch (it waits for the
+/// Commits before it), `dropped` for garbage; the rest is processed.
+#[test]
+fn queued_messages_kept_for_later_or_dropped_are_reported_as_objects() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "ours", &alice, &[&bob]);
+    let group_id = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&bob.state))
+        .unwrap()
+        .current_group()
+        .unwrap()
+        .unwrap();
+    let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
+    local(async {
+        let stranger = node
+            .connect_as(&quicnprotochat_core::IdentityKeypair::generate())
+            .await;
+        enqueue_ok(&stranger, &bob_key, b"\x00\x01 garbage").await;
+        enqueue_ok(&stranger, &bob_key, &private_message(&group_id, 7, 100)).await;
+    });
+    alice.run(&node, "send", &["--msg", "still read"]);
+
+    let (ok, out, err) = bob.try_run(&node, "recv", &["--json"]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("warning"), "events are not repeated as text: {err}");
+    let objects = json_lines(&out);
+    assert_eq!(types(&objects), ["dropped", "kept", "message"], "{objects:?}");
+    let (dropped, kept, message) = (&objects[0], &objects[1], &objects[2]);
+    assert_eq!(dropped["error"], "mls", "{dropped}");
+    assert!(!dropped["message"].as_str().unwrap().is_empty(), "{dropped}");
+    assert_eq!(dropped["gave_up"], Value::Null, "{dropped}");
+    assert_eq!(kept["epoch"], 7, "{kept}");
+    assert_eq!(kept["group_epoch"], 1, "{kept}");
+    assert_eq!(message["text"], "still read");
+    // Each names its place in the queue, in order.
+    let seqs: Vec<u64> = objects.iter().map(|o| o["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "{seqs:?}");
 }
