@@ -362,9 +362,6 @@ impl Drop for Runtimes {
     }
 }
 
-/// What a worker is handed for each connection: the connection, its place
-/// among the open ones and its address's, and its place in the worker's
-/// load.
 /// The sizes, in bytes, of a UDP socket's kernel buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdpBuffers {
@@ -415,6 +412,9 @@ fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<(std::net::UdpSo
     Ok((socket, buffers))
 }
 
+/// What a worker is handed for each connection: the connection, its place
+/// among the open ones and its address's, and its place in the worker's
+/// load.
 type Handed = (quinn::Incoming, TaskTrackerToken, AddressSlot, LoadToken);
 
 /// Counts a connection in its worker's load until dropped.
