@@ -108,6 +108,16 @@ fn with_delivery<T>(
     })
 }
 
+/// Queues `payload` in the test's queue through the node at `addr`.
+fn enqueue(addr: SocketAddr, trusted: &Path, payload: &[u8]) {
+    with_delivery(addr, trusted, async |delivery| {
+        let mut request = delivery.enqueue_request();
+        request.get().set_recipient_key(QUEUE.as_bytes());
+        request.get().set_payload(payload);
+        request.send().promise.await.unwrap();
+    });
+}
+
 #[cfg(unix)]
 #[test]
 fn the_binary_generates_its_certificate_serves_and_stops_cleanly_on_sigterm() {
@@ -118,12 +128,7 @@ fn the_binary_generates_its_certificate_serves_and_stops_cleanly_on_sigterm() {
     assert!(dir.path().join("data/server-key.der").exists());
     assert!(dir.path().join("data/node.db").exists());
 
-    with_delivery(running.addr, &cert_path, async |delivery| {
-        let mut request = delivery.enqueue_request();
-        request.get().set_recipient_key(QUEUE.as_bytes());
-        request.get().set_payload(b"kept across restarts");
-        request.send().promise.await.unwrap();
-    });
+    enqueue(running.addr, &cert_path, b"kept across restarts");
     let (exit, log) = terminate(running);
     assert!(exit.success(), "exit status {exit:?}\n{log}");
     assert!(log.contains("SIGTERM received"), "{log}");
@@ -182,12 +187,7 @@ fn a_node_granted_smaller_udp_buffers_than_asked_says_so() {
         "{startup}"
     );
     let cert_path = dir.path().join("data/server-cert.der");
-    with_delivery(running.addr, &cert_path, async |delivery| {
-        let mut request = delivery.enqueue_request();
-        request.get().set_recipient_key(QUEUE.as_bytes());
-        request.get().set_payload(b"served all the same");
-        request.send().promise.await.unwrap();
-    });
+    enqueue(running.addr, &cert_path, b"served all the same");
     let (exit, log) = terminate(running);
     assert!(exit.success(), "exit status {exit:?}\n{log}");
 }
