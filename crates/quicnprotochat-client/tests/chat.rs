@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{Follower, Member, TestNode, group_of};
+use common::{Follower, Member, Relay, TestNode, group_of};
 
 /// `chat` for `member` against `node` (in `group`, else the current
 /// group), ready to spawn.
@@ -132,6 +132,53 @@ fn chat_goes_on_through_a_restarted_node() {
         alice.run(&node, "recv", &[]).trim(),
         format!("talk {}: still here", bob.short())
     );
+}
+
+/// A message line the connection was lost under, after it was encrypted
+/// and before the node answered, is delivered once reconnected, with the
+/// same message id, and arrives once; the lines after it keep their order.
+#[test]
+fn a_message_cut_off_by_a_lost_connection_is_sent_once_reconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    // One message a second for each sender (bursts of two): Bob's third
+    // line waits on the rate limit, encrypted, and the link goes down
+    // while it waits.
+    let mut config =
+        quicnprotochat_server::Config::in_dir(dir.path(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.enqueue_rate = 1;
+    let node = TestNode::start_with(config, dir.path().to_owned());
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+
+    let relay = Relay::start(node.addr);
+    let mut command =
+        node.command_through(relay.addr, &["chat", "--state", &bob.state, "--group-id", "talk"]);
+    command.stdin(Stdio::piped());
+    let mut bob_chat = Follower::start(command);
+    bob_chat.await_note("chatting in talk", Duration::from_secs(20));
+    for line in ["one", "two", "three"] {
+        bob_chat.type_line(line);
+    }
+    bob_chat.await_note("the node asks us to slow down", Duration::from_secs(20));
+    relay.cut(true);
+    // The client gives the silent connection up after its idle timeout.
+    bob_chat.await_note("that message is sent once reconnected", Duration::from_secs(60));
+    relay.cut(false);
+    bob_chat.await_note("chatting through", Duration::from_secs(60));
+    // Each line is handled to the end before the next is read.
+    bob_chat.type_line("four");
+    bob_chat.type_line("/quit");
+    assert!(bob_chat.wait_for_exit(Duration::from_secs(30)).success());
+
+    let received = alice.run(&node, "recv", &[]);
+    let lines: Vec<&str> = received.lines().collect();
+    assert_eq!(
+        lines,
+        ["one", "two", "three", "four"].map(|text| format!("talk {}: {text}", bob.short())),
+        "{received}"
+    );
+    let history = bob.run(&node, "history", &[]);
+    assert!(!history.contains("not delivered"), "{history}");
 }
 
 #[test]

@@ -12,9 +12,12 @@
 //! A lost connection is cured as `recv --follow` cures it: `chat` goes on
 //! through the next node that answers (the same one, restarted, for a
 //! single node), catching up and subscribing again; lines typed meanwhile
-//! wait in stdin. A line whose sending the lost connection interrupted is
-//! not sent again, since the node may have taken it: a person is told and
-//! may type it again, a script's chat fails (exit code 3) so it can decide.
+//! wait in stdin. A message line whose sending the lost connection
+//! interrupted is sent first once reconnected: encrypted already, it goes
+//! again with the same message id, which the node stores at most once
+//! (it may have taken it before the connection went); not encrypted yet,
+//! it is sent as if just typed. Other lines (`/invite`) are not repeated:
+//! a person is told, a script's chat fails (exit code 3).
 
 use std::future::Future;
 use std::io::IsTerminal;
@@ -27,7 +30,7 @@ use tokio::time::Instant;
 
 use super::devices::replace_handed_leaves;
 use super::group::{invite_through, print_members};
-use super::messages::send_through;
+use super::messages::{Unconfirmed, deliver_again, send_through};
 use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
@@ -70,6 +73,7 @@ pub(crate) async fn chat(
         identity: &identity,
         group: group_id,
         interactive,
+        interrupted: None,
     }
     .run(seen)
     .await;
@@ -155,13 +159,23 @@ enum Ended {
 }
 
 /// A running chat: open connections, the state file, the group lines go to
-/// (`None`: the current group), and whether a person is typing.
+/// (`None`: the current group), whether a person is typing, and the
+/// message line a lost connection interrupted.
 struct Session<'a> {
     nodes: &'a mut Nodes,
     state: &'a StateFile,
     identity: &'a IdentityKeypair,
     group: Option<String>,
     interactive: bool,
+    interrupted: Option<Interrupted>,
+}
+
+/// A message line whose sending a lost connection cut off.
+enum Interrupted {
+    /// Before it was encrypted: nothing of it left this device.
+    Typed(String),
+    /// After: the node may have it.
+    Encrypted(Unconfirmed),
 }
 
 impl Session<'_> {
@@ -232,6 +246,15 @@ impl Session<'_> {
                 Err(e) => return Err(e),
             }
         }
+        // Before any new line, so that the interrupted one keeps its place.
+        if let Some(interrupted) = self.interrupted.take() {
+            match self.send_interrupted(interrupted).await {
+                Ok(()) => {}
+                Err(e) if e.is_connection_lost() => return Ok(Ended::Lost(e.to_string())),
+                Err(e) if self.interactive && recoverable(&e) => eprintln!("error: {e}"),
+                Err(e) => return Err(e),
+            }
+        }
         loop {
             // All three are cancel-safe: a line or batch not taken in this
             // round stays for the next.
@@ -244,8 +267,12 @@ impl Session<'_> {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Quit) => return Ok(Ended::Done),
                         Err(e) if self.interactive && recoverable(&e) => eprintln!("error: {e}"),
+                        Err(e) if e.is_connection_lost() && self.interrupted.is_some() => {
+                            eprintln!("{e}\nthat message is sent once reconnected");
+                            return Ok(Ended::Lost(e.to_string()));
+                        }
                         Err(e) if self.interactive && e.is_connection_lost() => {
-                            eprintln!("error: {e}\nthat line may not have been sent; type it again once reconnected if it does not show up");
+                            eprintln!("error: {e}\nthat line may not have been carried out; check once reconnected");
                             return Ok(Ended::Lost(e.to_string()));
                         }
                         Err(e) => return Err(e),
@@ -283,18 +310,56 @@ impl Session<'_> {
         commit_due_proposals(self.nodes, self.state, self.identity).await
     }
 
+    /// Sends the message line a lost connection interrupted; lost again,
+    /// it stays for the next connection.
+    async fn send_interrupted(&mut self, interrupted: Interrupted) -> Result<(), ClientError> {
+        match interrupted {
+            Interrupted::Encrypted(unconfirmed) => {
+                let mut slot = None;
+                let sent = deliver_again(self.nodes, self.state, self.identity, unconfirmed, &mut slot).await;
+                self.interrupted = slot.map(Interrupted::Encrypted);
+                sent
+            }
+            Interrupted::Typed(text) => self.send_message(text).await,
+        }
+    }
+
+    /// Sends a message line to everyone in the chat's group. If the
+    /// connection is lost meanwhile, keeps it (encrypted or not) for the
+    /// next connection.
+    async fn send_message(&mut self, text: String) -> Result<(), ClientError> {
+        let everyone = PeerArgs {
+            keys: Vec::new(),
+            names: Vec::new(),
+        };
+        let mut unconfirmed = None;
+        let sent = send_through(
+            self.nodes,
+            self.state,
+            self.identity,
+            &everyone,
+            self.group.as_deref(),
+            &text,
+            &mut unconfirmed,
+        )
+        .await;
+        if let Err(e) = &sent
+            && e.is_connection_lost()
+        {
+            self.interrupted = Some(match unconfirmed {
+                Some(unconfirmed) => Interrupted::Encrypted(unconfirmed),
+                None => Interrupted::Typed(text),
+            });
+        }
+        sent
+    }
+
     /// Handles one line of input.
     async fn handle(&mut self, line: &str) -> Result<Flow, ClientError> {
         let group = self.group.as_deref();
         match parse(line).map_err(ClientError::Usage)? {
             Line::Blank => {}
-            Line::Message(text) => {
-                let everyone = PeerArgs {
-                    keys: Vec::new(),
-                    names: Vec::new(),
-                };
-                send_through(self.nodes, self.state, self.identity, &everyone, group, &text).await?;
-            }
+            Line::Message(text) => self.send_message(text).await?,
             Line::Members => print_members(self.state, group)?,
             Line::Invite(words) => {
                 invite_through(self.nodes, self.state, self.identity, &peers(words), group).await?;

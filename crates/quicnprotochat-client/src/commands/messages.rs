@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use quicnprotochat_core::{CoreError, IdentityKeypair, Incoming, classify};
+use quicnprotochat_proto::wire::Envelope;
 
 use super::devices::replace_handed_leaves;
 use super::node::top_up_key_packages;
@@ -14,7 +15,7 @@ use crate::naming::{devices_of, group_name, load_group, others, resolve_peers};
 use crate::nodes::{Nodes, envelope};
 use crate::output::Event;
 use crate::publish::{commit_due_proposals, commit_proposals};
-use crate::state::{StateError, StateFile};
+use crate::state::{SentMessage, StateError, StateFile};
 
 /// `send`: encrypts to the group and queues the ciphertext for the chosen
 /// members (default: every other member) in one atomic delivery.
@@ -28,13 +29,17 @@ pub(crate) async fn send(
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    let outcome = send_through(&nodes, &state, &identity, peers, group_id, message).await;
+    // Delivering again after a lost connection is `chat`'s; `send` reports
+    // the loss (exit code 3) and its history says "not delivered".
+    let outcome = send_through(&nodes, &state, &identity, peers, group_id, message, &mut None).await;
     nodes.close().await;
     outcome
 }
 
 /// Sends one message through open connections, as `send` does; `chat`
 /// sends each line with it. Returns once the node has taken the message.
+/// If the connection is lost after the message was encrypted, before the
+/// node answered, `unconfirmed` gets what [`deliver_again`] needs.
 pub(crate) async fn send_through(
     nodes: &Nodes,
     state: &StateFile,
@@ -42,11 +47,12 @@ pub(crate) async fn send_through(
     peers: &PeerArgs,
     group_id: Option<&str>,
     message: &str,
+    unconfirmed: &mut Option<Unconfirmed>,
 ) -> Result<(), ClientError> {
     let mut tries = 0;
     loop {
         tries += 1;
-        match send_once(nodes, state, identity, peers, group_id, message).await {
+        match send_once(nodes, state, identity, peers, group_id, message, unconfirmed).await {
             // The group moved on while we encrypted: catch up and encrypt
             // again (the node refused the stale one, so nobody has it).
             Err(ClientError::StaleEpoch { .. }) if tries < SEND_TRIES => continue,
@@ -59,6 +65,67 @@ pub(crate) async fn send_through(
 /// had moved on.
 const SEND_TRIES: usize = 5;
 
+/// A message encrypted and kept in the history whose delivery a lost
+/// connection cut off before the node answered: the node may have taken
+/// it or not. Its envelope keeps its message id, so delivering it again
+/// stores it at most once.
+#[derive(Debug)]
+pub(crate) struct Unconfirmed {
+    envelope: Envelope,
+    sent: SentMessage,
+    group_id: Vec<u8>,
+    text: String,
+}
+
+/// Delivers `unconfirmed` again through the (new) connection and reports
+/// it as sent. If the group moved on meanwhile and the node refuses the
+/// old epoch (so it never took the message), the text is encrypted and
+/// sent anew, to everyone in the group as `chat` sends. A connection lost
+/// again puts it back into `slot`.
+pub(crate) async fn deliver_again(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    unconfirmed: Unconfirmed,
+    slot: &mut Option<Unconfirmed>,
+) -> Result<(), ClientError> {
+    match nodes.deliver(std::slice::from_ref(&unconfirmed.envelope)).await {
+        Ok(()) => {
+            state.confirm_sent(unconfirmed.sent)?;
+            Event::Sent {
+                group: group_name(&unconfirmed.group_id),
+                group_id: hex::encode(&unconfirmed.group_id),
+                recipients: unconfirmed.envelope.recipients.len(),
+                text: unconfirmed.text,
+            }
+            .print()
+        }
+        Err(ClientError::StaleEpoch { .. }) => {
+            state.forget_sent(unconfirmed.sent)?;
+            let everyone = PeerArgs {
+                keys: Vec::new(),
+                names: Vec::new(),
+            };
+            let group = hex::encode(&unconfirmed.group_id);
+            send_through(
+                nodes,
+                state,
+                identity,
+                &everyone,
+                Some(&group),
+                &unconfirmed.text,
+                slot,
+            )
+            .await
+        }
+        Err(e) if e.is_connection_lost() => {
+            *slot = Some(unconfirmed);
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn send_once(
     nodes: &Nodes,
     state: &StateFile,
@@ -66,6 +133,7 @@ async fn send_once(
     peers: &PeerArgs,
     group_id: Option<&str>,
     message: &str,
+    unconfirmed: &mut Option<Unconfirmed>,
 ) -> Result<(), ClientError> {
     let me = identity.public_key();
     // Catch up first (printing what arrived, as `recv` does): a message
@@ -105,11 +173,21 @@ async fn send_once(
     }
     let (ciphertext, sent) = state.encrypt_message(&group_id, &mut group, identity, message.as_bytes())?;
     let count = recipients.len();
-    match nodes.deliver(&[envelope(recipients, ciphertext)]).await {
+    let envelope = envelope(recipients, ciphertext);
+    match nodes.deliver(std::slice::from_ref(&envelope)).await {
         Ok(()) => state.confirm_sent(sent)?,
         Err(e @ ClientError::StaleEpoch { .. }) => {
             // Refused whole: this copy is no message of the history.
             state.forget_sent(sent)?;
+            return Err(e);
+        }
+        Err(e) if e.is_connection_lost() => {
+            *unconfirmed = Some(Unconfirmed {
+                envelope,
+                sent,
+                group_id: group_id.clone(),
+                text: message.to_owned(),
+            });
             return Err(e);
         }
         Err(e) => return Err(e),

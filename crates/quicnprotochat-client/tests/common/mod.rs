@@ -145,9 +145,15 @@ impl TestNode {
     /// The client binary set up to talk to this node with `args`, to spawn
     /// (for long-running commands: `chat`, `recv --follow`).
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_through(self.addr, args)
+    }
+
+    /// [`TestNode::command`] reaching the node at `server` (a [`Relay`]
+    /// in front of it).
+    pub fn command_through(&self, server: SocketAddr, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
         command
-            .args(["--server", &self.addr.to_string()])
+            .args(["--server", &server.to_string()])
             .args(["--ca-cert", &self.cert().display().to_string()])
             .args(args)
             .env_remove("QUICNPROTOCHAT_SERVER")
@@ -456,4 +462,56 @@ pub fn private_message(group_id: &[u8], epoch: u64, size: usize) -> Vec<u8> {
     }
     message.resize(message.len() + size, 0x5a);
     message
+}
+
+/// A UDP relay in front of a node whose link can be cut, as a network
+/// outage cuts it: while cut, every datagram either way is dropped. Serves
+/// one client address (the last one heard from). Its threads end with the
+/// test process.
+pub struct Relay {
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr) -> Relay {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(target).unwrap();
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (front_in, back_out) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+        let (is_cut, seen) = (cut.clone(), client.clone());
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 65_536];
+            while let Ok((len, from)) = front_in.recv_from(&mut buffer) {
+                *seen.lock().unwrap() = Some(from);
+                if !is_cut.load(Ordering::SeqCst) {
+                    let _ = back_out.send(&buffer[..len]);
+                }
+            }
+        });
+        let is_cut = cut.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 65_536];
+            while let Ok(len) = back.recv(&mut buffer) {
+                let to = *client.lock().unwrap();
+                if let Some(to) = to
+                    && !is_cut.load(Ordering::SeqCst)
+                {
+                    let _ = front.send_to(&buffer[..len], to);
+                }
+            }
+        });
+        Relay { addr, cut }
+    }
+
+    /// Cuts the link (`true`) or restores it.
+    pub fn cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
 }
