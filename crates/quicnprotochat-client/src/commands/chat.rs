@@ -315,9 +315,19 @@ impl Session<'_> {
     async fn send_interrupted(&mut self, interrupted: Interrupted) -> Result<(), ClientError> {
         match interrupted {
             Interrupted::Encrypted(unconfirmed) => {
+                let text = unconfirmed.text().to_owned();
                 let mut slot = None;
                 let sent = deliver_again(self.nodes, self.state, self.identity, unconfirmed, &mut slot).await;
-                self.interrupted = slot.map(Interrupted::Encrypted);
+                if let Err(e) = &sent
+                    && e.is_connection_lost()
+                {
+                    // Refused for its old epoch, it is encrypted anew, and
+                    // the connection may go before that.
+                    self.interrupted = Some(match slot {
+                        Some(unconfirmed) => Interrupted::Encrypted(unconfirmed),
+                        None => Interrupted::Typed(text),
+                    });
+                }
                 sent
             }
             Interrupted::Typed(text) => self.send_message(text).await,

@@ -77,6 +77,13 @@ pub(crate) struct Unconfirmed {
     text: String,
 }
 
+impl Unconfirmed {
+    /// The message's text.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+}
+
 /// Delivers `unconfirmed` again through the (new) connection and reports
 /// it as sent. If the group moved on meanwhile and the node refuses the
 /// old epoch (so it never took the message), the text is encrypted and
