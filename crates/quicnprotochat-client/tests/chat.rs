@@ -143,10 +143,7 @@ fn a_message_cut_off_by_a_lost_connection_is_sent_once_reconnected() {
     // One message a second for each sender (bursts of two): Bob's third
     // line waits on the rate limit, encrypted, and the link goes down
     // while it waits.
-    let mut config =
-        quicnprotochat_server::Config::in_dir(dir.path(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.enqueue_rate = 1;
-    let node = TestNode::start_with(config, dir.path().to_owned());
+    let node = TestNode::start_configured(dir.path(), |config| config.enqueue_rate = 1);
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "talk", &alice, &[&bob]);
 

@@ -318,16 +318,9 @@ impl Session<'_> {
                 let text = unconfirmed.text().to_owned();
                 let mut slot = None;
                 let sent = deliver_again(self.nodes, self.state, self.identity, unconfirmed, &mut slot).await;
-                if let Err(e) = &sent
-                    && e.is_connection_lost()
-                {
-                    // Refused for its old epoch, it is encrypted anew, and
-                    // the connection may go before that.
-                    self.interrupted = Some(match slot {
-                        Some(unconfirmed) => Interrupted::Encrypted(unconfirmed),
-                        None => Interrupted::Typed(text),
-                    });
-                }
+                // Refused for its old epoch, it is encrypted anew, and the
+                // connection may go before that.
+                self.keep_if_lost(&sent, slot, text);
                 sent
             }
             Interrupted::Typed(text) => self.send_message(text).await,
@@ -353,7 +346,19 @@ impl Session<'_> {
             &mut unconfirmed,
         )
         .await;
-        if let Err(e) = &sent
+        self.keep_if_lost(&sent, unconfirmed, text);
+        sent
+    }
+
+    /// After sending `text`: if the connection was lost, keeps the message
+    /// for the next connection, encrypted (`unconfirmed`) or not.
+    fn keep_if_lost(
+        &mut self,
+        sent: &Result<(), ClientError>,
+        unconfirmed: Option<Unconfirmed>,
+        text: String,
+    ) {
+        if let Err(e) = sent
             && e.is_connection_lost()
         {
             self.interrupted = Some(match unconfirmed {
@@ -361,7 +366,6 @@ impl Session<'_> {
                 None => Interrupted::Typed(text),
             });
         }
-        sent
     }
 
     /// Handles one line of input.

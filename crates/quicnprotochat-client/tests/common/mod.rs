@@ -44,6 +44,14 @@ impl TestNode {
         )
     }
 
+    /// A node in `dir` on any free port, its defaults changed by
+    /// `configure`.
+    pub fn start_configured(dir: &Path, configure: impl FnOnce(&mut Config)) -> TestNode {
+        let mut config = Config::in_dir(dir, SocketAddr::from(([127, 0, 0, 1], 0)));
+        configure(&mut config);
+        Self::start_with(config, dir.to_owned())
+    }
+
     /// A node with a custom configuration.
     pub fn start_with(config: Config, dir: PathBuf) -> TestNode {
         let (shutdown, stop) = oneshot::channel::<()>();
