@@ -332,6 +332,18 @@ impl ClientError {
     }
 }
 
+/// The JSON error object of a failure of `kind` in `category`, as `--json`
+/// prints it last on stderr (README, "Scripting"); [`ClientError::report`]
+/// adds the numbers behind some kinds.
+pub fn error_object(kind: &str, category: Category, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "error",
+        "kind": kind,
+        "exit_code": category.exit_code(),
+        "message": message,
+    })
+}
+
 /// What kind of failure an error is, as the exit code tells it (README,
 /// "Scripting"): a script retries an unreachable node, reports a refusal,
 /// fixes its input, and alerts on the rest.
@@ -433,12 +445,7 @@ impl ClientError {
     /// a script can act on them, the numbers behind it.
     pub fn report(&self) -> serde_json::Value {
         let (kind, category) = self.kind();
-        let mut report = serde_json::json!({
-            "type": "error",
-            "kind": kind,
-            "exit_code": category.exit_code(),
-            "message": self.to_string(),
-        });
+        let mut report = error_object(kind, category, &self.to_string());
         let detail = match self.innermost() {
             ClientError::RateLimited { retry_after } => Some((
                 "retry_after_ms",

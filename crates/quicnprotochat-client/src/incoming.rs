@@ -147,8 +147,8 @@ pub(crate) async fn process_inbox(nodes: &Nodes, state: &StateFile) -> Result<()
 const PROGRESS_WORTH: usize = 200;
 
 /// Processes one inbox entry and removes it, in one transaction. A message
-/// that MLS rejects (garbage, unknown group, past epoch, ...) is reported on
-/// stderr and removed; a local failure (the state file) or a node that
+/// that MLS rejects (garbage, unknown group, past epoch, ...) is reported
+/// (a `dropped` event) and removed; a local failure (the state file) or a node that
 /// cannot be asked stops processing and keeps the entry for the next run.
 /// Returns what it did, to [`Applied::tell`] once it is committed;
 /// `explicit_join` makes a group it joins the current one.

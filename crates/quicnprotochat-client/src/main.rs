@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use quicnprotochat_client::error::Category;
+use quicnprotochat_client::error::{Category, error_object};
 use quicnprotochat_client::{Cli, commands, output};
 use tracing_subscriber::EnvFilter;
 
@@ -66,13 +66,7 @@ fn usage_error(error: clap::Error) -> ExitCode {
 /// Reports a failure that is not a command's own error.
 fn fail(kind: &str, category: Category, message: &str) {
     if output::json() || std::env::args_os().any(|arg| arg == "--json") {
-        let report = serde_json::json!({
-            "type": "error",
-            "kind": kind,
-            "exit_code": category.exit_code(),
-            "message": message,
-        });
-        eprintln!("{report}");
+        eprintln!("{}", error_object(kind, category, message));
     } else {
         eprintln!("error: {message}");
     }
