@@ -111,7 +111,23 @@ struct DeviceListOutcome {
 
     # Over the caller's send budget: wait, then upload again.
     rateLimited @4 :Delivery.RateLimited;
+
+    # The version is more than `maxStep` above the stored one (for a
+    # user's first list: above `maxStep`), protocol 7. Versions only move
+    # forward; a bounded step keeps anyone from exhausting them (a list at
+    # 2^64-1 could never be replaced). Sign a list with a version within
+    # the step.
+    tooFar @5 :DeviceListTooFar;
   }
+}
+
+# A device list upload whose version jumps too far ahead.
+struct DeviceListTooFar {
+  # The version the node holds (0: none).
+  current @0 :UInt64;
+
+  # The most a new version may exceed it by.
+  maxStep @1 :UInt64;
 }
 
 # A device list upload that would not move the user's list forward.

@@ -4,7 +4,7 @@
 # Payloads are opaque to the node: it never sees plaintext, only MLS-protected
 # bytes (Welcome, Commit, PrivateMessage, ...).
 #
-# Outcomes and exceptions (protocol version 4, for every method of NodeService)
+# Outcomes and exceptions (protocol version 7, for every method of NodeService)
 # ------------------------------------------------------------------------------
 # An outcome that a correct client must expect and act on comes back in the
 # call's results, as a typed value: a Commit that lost the race for its epoch
@@ -14,16 +14,20 @@
 # any other outcome means nothing of it was stored.
 #
 # An exception means the call itself was wrong, or the node could not carry it
-# out; nothing of it was stored. Its text is for humans only (it names the
-# field or limit and what to do) and may change in any release: never decide
-# anything by it. Decide by the exception's type instead:
+# out. Its text is for humans only (it names the field or limit and what to
+# do) and may change in any release: never decide anything by it. Decide by
+# the exception's type instead (protocol 7):
 # - failed:       the call was wrong (a field breaking this schema's rules,
-#                 permission denied, an oversize payload) or the node's
-#                 storage failed. Repeating the same call does not help.
-# - overloaded:   try again later: the node is shutting down, this session has
-#                 too many calls unanswered, or pings come too fast.
-# - disconnected: the session broke; whether the call took effect is unknown
-#                 (calls with a messageId may be repeated safely).
+#                 permission denied, an oversize payload). Nothing was
+#                 stored, and repeating the same call fails again.
+# - overloaded:   nothing was stored; try again later: the node is shutting
+#                 down, this session has too many calls unanswered, pings
+#                 come too fast, or a storage transaction or read failed.
+# - disconnected: the outcome is unknown: the session broke, or the node's
+#                 database went away mid-call, or a commit's sync to disk
+#                 failed. The call may or may not have taken effect; repeat
+#                 it (calls with a messageId are stored at most once) and
+#                 never read it as a refusal.
 @0x87550e27a85ea8ce;
 
 # One payload and the recipients it is queued for.
@@ -114,8 +118,18 @@ struct SendOutcome {
     tooLarge @3 :TooLarge;
 
     # A message from an epoch its group has left (protocol 4): catch up,
-    # then encrypt and send it again.
+    # then encrypt and send it again. Answered only to a member of the
+    # group (protocol 7): anyone else's message is queued as any opaque
+    # payload, so it tells nobody whether the group exists.
     staleEpoch @4 :StaleEpoch;
+
+    # A payload is, by its clear MLS framing, a handshake: a Commit or a
+    # proposal (PublicMessage, or PrivateMessage whose content type says
+    # so) or a Welcome (protocol 7). Group changes go through
+    # publishCommit and publishProposal, where the node orders them (one
+    # Commit per epoch); sent around that, different members could be made
+    # to apply different Commits. Nothing was stored.
+    handshake @5 :Void;
   }
 }
 
@@ -170,7 +184,9 @@ struct CommitOutcome {
     invalid @4 :InvalidMessage;
 
     # The node has no state for this group and the call carried none:
-    # publish again with `initialState`.
+    # publish again with `initialState`. Also the answer to a caller who is
+    # not a member of a group the node knows (protocol 7), so that a
+    # non-member learns neither the group's epoch nor that it exists.
     unknownGroup @5 :Void;
   }
 }
@@ -184,6 +200,11 @@ struct FetchedGroupInfo {
     # The node has no GroupInfo of the current epoch (the last Commit
     # carried none): ask a member to update, or wait for the next change.
     unavailable @1 :Void;
+
+    # The caller owns no leaf of the group, or the node knows no such group
+    # (protocol 7; the two are not told apart, so the answer says nothing
+    # about a group to anyone outside it).
+    notMember @2 :Void;
   }
 }
 
@@ -196,10 +217,12 @@ struct FetchedWelcomeTree {
     # GroupInfo, so a node cannot slip in another tree.
     tree @0 :Data;
 
-    # The node keeps no tree for that epoch: the Commit that started it was
-    # accepted longer ago than the node keeps undelivered messages, or no
-    # Commit it accepted started that epoch by adding members. The Welcome
-    # cannot be used; ask to be invited again.
+    # The node keeps no tree for the caller in that epoch: the Commit that
+    # started it was accepted longer ago than the node keeps undelivered
+    # messages, no Commit it accepted started that epoch by adding members,
+    # or that Commit did not add the caller (protocol 7: the same answer,
+    # so nobody learns whether a group exists). The Welcome cannot be used;
+    # ask to be invited again.
     unavailable @1 :Void;
   }
 }
@@ -224,9 +247,19 @@ struct ProposalOutcome {
     # Not a valid proposal for the group's public state.
     invalid @4 :InvalidMessage;
 
-    # The node has no state for this group.
+    # The node has no state for this group, or the caller is not one of
+    # its members (protocol 7: the two are not told apart).
     unknownGroup @5 :Void;
+
+    # The group already holds `max` proposals in this epoch (protocol 7):
+    # commit them (or wait for a Commit), then propose again.
+    tooManyProposals @6 :TooManyProposals;
   }
+}
+
+# The most proposals the node keeps for one group and epoch.
+struct TooManyProposals {
+  max @0 :UInt32;
 }
 
 # A client's callback for pushed messages (see DeliveryService.subscribe).
@@ -255,7 +288,8 @@ interface DeliveryService {
   #               the node's database; `rateLimited` or `queueFull` otherwise.
   #
   # Exceptions (failed): a key that is not 32 bytes, an empty or oversize
-  # payload, an anonymous connection.
+  # payload, an anonymous connection. A handshake (Commit, proposal,
+  # Welcome) is the typed outcome `handshake`.
   enqueue @0 (recipientKey :Data, payload :Data, messageId :Data) -> (outcome :SendOutcome);
 
   # Drains the queue of `recipientKey` (kept for simple clients; prefer
@@ -308,7 +342,9 @@ interface DeliveryService {
   # groupInfo:    optional: the GroupInfo of the epoch this Commit starts
   #               (`epoch + 1`), a TLS-encoded MLSMessage signed by the
   #               committer, normally without the ratchet_tree extension
-  #               (a GroupInfo that carries it is accepted too). The node
+  #               (a GroupInfo that carries it is accepted too), with the
+  #               `external_pub` extension (RFC 9420, section 12.4.3.2),
+  #               without which nobody can rejoin from it. The node
   #               checks it (the group context must be the one the Commit
   #               leads to) and serves it, with the tree, to members who
   #               rejoin (fetchGroupInfo). A Commit without one leaves the
@@ -370,7 +406,7 @@ interface DeliveryService {
   # already owns a leaf of the group, and only if it removes that leaf, so a
   # stranger who got hold of a GroupInfo cannot join. Needs a connection
   # authenticated as a member of the group (an identity with a leaf in its
-  # current tree); anyone else gets a `failed` exception (permission denied).
+  # current tree); anyone else gets `notMember`.
   #
   # groupId: the MLS group id.
   fetchGroupInfo @9 (groupId :Data) -> (outcome :FetchedGroupInfo);
@@ -380,8 +416,7 @@ interface DeliveryService {
   # at the payload limit): the node keeps the tree of every epoch started by
   # a Commit that adds members, for as long as it keeps undelivered messages,
   # and serves it to the members that Commit added. Needs a connection
-  # authenticated as one of them; anyone else gets a `failed` exception
-  # (permission denied). A Welcome whose GroupInfo carries the tree (other
+  # authenticated as one of them; anyone else gets `unavailable`. A Welcome whose GroupInfo carries the tree (other
   # clients may send one) needs no call.
   #
   # groupId: the MLS group id, as in the Welcome's GroupInfo.

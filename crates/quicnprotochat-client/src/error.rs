@@ -241,6 +241,16 @@ pub enum ClientError {
         /// What happened instead of an answer.
         reason: String,
     },
+    /// The group holds as many proposals in this epoch as the node keeps.
+    #[error(
+        "{group} already has {max} requests waiting for a Commit; run `recv` (a member commits them), then try again"
+    )]
+    TooManyProposals {
+        /// The group.
+        group: String,
+        /// The node's limit per group and epoch.
+        max: u32,
+    },
     /// No answer came to a proposal (e.g. a request to leave); it may or may
     /// not have reached the node.
     #[error(
@@ -399,11 +409,15 @@ impl ClientError {
             ClientError::Rpc(e) if e.kind == capnp::ErrorKind::Disconnected => {
                 ("connection_lost", Unreachable)
             }
+            // Nothing was stored and the same call may pass later (the
+            // node's storage failed for now, or it is shutting down).
+            ClientError::Rpc(e) if e.kind == capnp::ErrorKind::Overloaded => ("node_busy", Unreachable),
             ClientError::Rpc(_) => ("node_error", Refused),
             ClientError::CommitConflict { .. } => ("commit_conflict", Refused),
             ClientError::RateLimited { .. } => ("rate_limited", Refused),
             ClientError::QueueFull { .. } => ("queue_full", Refused),
             ClientError::StaleEpoch { .. } => ("stale_epoch", Refused),
+            ClientError::TooManyProposals { .. } => ("too_many_proposals", Refused),
             ClientError::TooManyKeyPackages { .. } => ("too_many_key_packages", Refused),
             ClientError::ChangeRefused { reason, .. } => reason.kind(),
             ClientError::WelcomeTreeUnavailable { .. } => ("welcome_tree_unavailable", Refused),
@@ -624,6 +638,7 @@ mod tests {
             ClientError::Timeout(Duration::from_secs(1)),
             ClientError::Rpc(capnp::Error::disconnected(text())),
             ClientError::Rpc(capnp::Error::failed(text())),
+            ClientError::Rpc(capnp::Error::overloaded(text())),
             ClientError::CommitConflict { current_epoch: 1 },
             ClientError::RateLimited {
                 retry_after: Duration::from_secs(1),
@@ -634,6 +649,10 @@ mod tests {
                 max_bytes: 1,
             },
             ClientError::StaleEpoch { current_epoch: 1 },
+            ClientError::TooManyProposals {
+                group: text(),
+                max: 100,
+            },
             ClientError::TooManyKeyPackages { stored: 1, max: 1 },
             ClientError::WelcomeTreeUnavailable {
                 group: text(),
@@ -727,7 +746,7 @@ mod tests {
             );
         }
         // Every kind `kind()` returns today (`runtime` is main's own).
-        assert_eq!(kinds.len(), 51, "{kinds:?}");
+        assert_eq!(kinds.len(), 53, "{kinds:?}");
     }
 
     #[test]

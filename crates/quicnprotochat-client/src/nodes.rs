@@ -144,6 +144,7 @@ impl Nodes {
                         current_epoch: stale.current_epoch,
                     });
                 }
+                SendOutcome::Handshake => return Err(HANDSHAKE_REFUSED),
             }
         }
     }
@@ -195,8 +196,14 @@ pub(crate) fn accepted(outcome: SendOutcome) -> Result<(), ClientError> {
         SendOutcome::StaleEpoch(stale) => Err(ClientError::StaleEpoch {
             current_epoch: stale.current_epoch,
         }),
+        SendOutcome::Handshake => Err(HANDSHAKE_REFUSED),
     }
 }
+
+/// This client publishes every handshake through `publishCommit` or
+/// `publishProposal`; a `handshake` answer to a plain send is a bug here.
+const HANDSHAKE_REFUSED: ClientError =
+    ClientError::Internal("the node refused a plain message as an MLS handshake");
 
 /// An envelope with a fresh random message id, so a retried delivery is
 /// stored only once.

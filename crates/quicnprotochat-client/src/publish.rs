@@ -173,14 +173,21 @@ pub(crate) async fn rejoin(
         let (group_info, ratchet_tree) = match nodes.delivery().fetch_group_info(group_id).await {
             Ok(FetchedGroupInfo::State(current)) => (current.group_info, current.ratchet_tree),
             Ok(FetchedGroupInfo::Unavailable) => return Err(ClientError::NoGroupInfo { group: name }),
-            // The node refuses anyone it knows no leaf of: decided by the
-            // exception's kind, never its text.
+            // The node knows no leaf of ours in the group (or no group).
+            Ok(FetchedGroupInfo::NotMember) => {
+                return Err(ClientError::RejoinRefused {
+                    group: name,
+                    reason: "the node knows you as no member of it".into(),
+                });
+            }
+            // The call itself was wrong: the same call fails again.
             Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Failed => {
                 return Err(ClientError::RejoinRefused {
                     group: name,
                     reason: e.to_string(),
                 });
             }
+            // Overloaded or outcome unknown: nothing to drop, try later.
             Err(e) => return Err(e),
         };
         let publication = with_lists(nodes, state, |directory| {
@@ -345,14 +352,14 @@ fn initial_state(
     })
 }
 
-/// Whether an error is the node refusing the call (nothing stored), as
-/// opposed to no answer arriving, after which it may or may not have the
-/// change. Decided by the exception's kind, never its text.
+/// Whether an error is the node refusing the call for good (`failed`:
+/// nothing stored, and the same call fails again), as opposed to no
+/// answer, an unknown outcome (`disconnected`: it may have the change) or
+/// a passing failure (`overloaded`: nothing stored, try later), after
+/// which the change is kept and sent again. Decided by the exception's
+/// kind, never its text.
 fn refused_by_node(error: &ClientError) -> bool {
-    matches!(
-        error,
-        ClientError::Rpc(e) if matches!(e.kind, capnp::ErrorKind::Failed | capnp::ErrorKind::Overloaded)
-    )
+    matches!(error, ClientError::Rpc(e) if e.kind == capnp::ErrorKind::Failed)
 }
 
 /// Settles group changes left unanswered by earlier runs: resends them with
@@ -526,6 +533,12 @@ async fn send_proposal(
             Ok(ProposalOutcome::UnknownGroup) => {
                 state.withdraw_proposals(group_id.as_bytes(), group)?;
                 return Err(ClientError::GroupUnknownToNode { group: name });
+            }
+            Ok(ProposalOutcome::TooManyProposals { max }) => {
+                break ClientError::TooManyProposals {
+                    group: name.clone(),
+                    max,
+                };
             }
             Err(refused) if refused_by_node(&refused) => break refused,
             Err(e) => {

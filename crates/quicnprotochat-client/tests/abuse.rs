@@ -627,7 +627,9 @@ async fn flood(
                     Ok(SendOutcome::RateLimited(_)) => count.rate_limited += 1,
                     Ok(SendOutcome::TooLarge(_)) => count.too_large += 1,
                     Ok(SendOutcome::QueueFull(_)) => count.queue_full += 1,
-                    Ok(other @ SendOutcome::StaleEpoch(_)) => count.other.push(format!("{other:?}")),
+                    Ok(other @ (SendOutcome::StaleEpoch(_) | SendOutcome::Handshake)) => {
+                        count.other.push(format!("{other:?}"))
+                    }
                     Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Overloaded => {
                         count.overloaded += 1
                     }

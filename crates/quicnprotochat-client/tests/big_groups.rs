@@ -11,12 +11,12 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Member, TestNode, enqueue_ok, local};
+use common::{Member, TestNode, local, smuggle_welcome};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::node_client::NodeClient;
 use quicnprotochat_client::state::StateFile;
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair, Seq, generate_key_package};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
+use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 use quicnprotochat_server::Config;
 
@@ -116,7 +116,7 @@ fn a_welcome_whose_tree_the_node_does_not_keep_is_reported_and_dropped() {
     let bob = Member::register(&node, &node.dir, "bob");
     let bob_key: IdentityKey = bob.key.parse().unwrap();
     // Someone adds Bob but never publishes the Commit through the node, only
-    // the Welcome: the node has no tree for its epoch.
+    // the Welcome (as another group's): the node has no tree for its epoch.
     let adder = IdentityKeypair::generate();
     local(async {
         let client = node.connect_as(&adder).await;
@@ -128,7 +128,7 @@ fn a_welcome_whose_tree_the_node_does_not_keep_is_reported_and_dropped() {
         let added = group
             .add_members(&provider, &adder, &[package], &quicnprotochat_core::NoDeviceLists)
             .unwrap();
-        enqueue_ok(&client, &bob_key, &added.welcome).await;
+        smuggle_welcome(&client, &adder, bob_key, added.welcome).await;
     });
 
     let (ok, _, err) = bob.try_run(&node, "join", &[]);
@@ -206,14 +206,21 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
             .await
             .unwrap();
         assert_eq!(outcome, CommitOutcome::Accepted);
-        enqueue_ok(&client, &bob_key, &for_bob.welcome).await;
+        // A Welcome sent around the node's ordering is refused outright.
+        assert_eq!(
+            client.enqueue(&bob_key, &for_bob.welcome).await.unwrap(),
+            SendOutcome::Handshake
+        );
+        smuggle_welcome(&client, &adder, bob_key, for_bob.welcome).await;
     });
 
+    // Bob learns nothing beyond "no tree for you": the same answer as for
+    // a tree the node never kept, so a Welcome tells nobody whether a group
+    // exists.
     let (ok, _, err) = bob.try_run(&node, "join", &[]);
     assert!(!ok);
-    assert!(err.contains("the node refused its tree"), "{err}");
     assert!(
-        err.contains("only the members a Commit added may read its tree"),
+        err.contains("the node no longer keeps the group's tree for it; ask a member to invite you again"),
         "{err}"
     );
     let (ok, _, err) = bob.try_run(&node, "join", &[]);

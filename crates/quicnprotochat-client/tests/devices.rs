@@ -320,8 +320,10 @@ fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_membe
         other => panic!("the node must refuse the Add: {other:?}"),
     }
 
-    // A Welcome goes to a queue unchecked, and may carry its own tree: one
-    // naming a device Alice never listed is refused by Alice herself.
+    // A Welcome of a Commit the node never saw (here the Welcome of
+    // another group's change, the one way the node still queues a Welcome)
+    // may carry its own tree: one naming a device Alice never listed is
+    // refused by Alice herself.
     let welcome = common::local(async {
         let connection = node.connect_as(&mallory).await;
         let FetchedKeyPackage::Package(real) = connection.fetch_key_package(&alice_user).await.unwrap()
@@ -341,7 +343,7 @@ fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_membe
         let mut group = MlsGroup::new(&provider, &mallory, &config, mallory.credential_with_key()).unwrap();
         let (_, welcome, _) = group.add_members(&provider, &mallory, &[real, rogue]).unwrap();
         let welcome = welcome.tls_serialize_detached().unwrap();
-        common::enqueue_ok(&connection, &alice_user, &welcome).await;
+        common::smuggle_welcome(&connection, &mallory, alice_user, welcome.clone()).await;
         welcome
     });
     assert!(!welcome.is_empty());

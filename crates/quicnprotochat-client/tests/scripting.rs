@@ -221,7 +221,7 @@ fn every_listing_command_prints_one_json_document() {
     let bob = Member::register(&node, dir.path(), "bob");
 
     let pong = document(&node.cli_ok(&["--json", "ping"]));
-    assert_eq!(pong["protocol"], 6);
+    assert_eq!(pong["protocol"], quicnprotochat_proto::PROTOCOL_VERSION);
     assert!(pong["max_payload_bytes"].as_u64().unwrap() > 0);
     assert!(pong["round_trip_ms"].as_f64().unwrap() >= 0.0);
     assert_eq!(pong["version"], env!("CARGO_PKG_VERSION"));

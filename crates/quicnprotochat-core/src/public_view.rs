@@ -125,6 +125,12 @@ impl PublicView {
         self.group.members().count()
     }
 
+    /// How many standalone proposals the view keeps for a Commit of the
+    /// current epoch.
+    pub fn proposal_count(&self) -> usize {
+        self.items.0.borrow().proposals.len()
+    }
+
     /// Whether `identity` owns a leaf of the group.
     pub fn is_member(&self, identity: &IdentityKey) -> bool {
         self.group

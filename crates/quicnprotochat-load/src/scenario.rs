@@ -682,6 +682,7 @@ async fn enqueue(client: &NodeClient, targets: &[IdentityKey], scenario: &Scenar
         Ok(SendOutcome::StaleEpoch(stale)) => {
             format!("from a past epoch (the group is at {})", stale.current_epoch)
         }
+        Ok(SendOutcome::Handshake) => "an MLS handshake, which only the publish calls carry".to_owned(),
         Err(e) => e.to_string(),
     };
     shared.refused.fetch_add(messages, Ordering::Relaxed);

@@ -108,6 +108,9 @@ pub enum SendOutcome {
     TooLarge(TooLarge),
     /// A message from an epoch its group has left; nothing was stored.
     StaleEpoch(StaleEpoch),
+    /// A payload is an MLS Commit, proposal or Welcome, which only
+    /// `publishCommit`/`publishProposal` carry; nothing was stored.
+    Handshake,
 }
 
 impl SendOutcome {
@@ -127,6 +130,7 @@ impl SendOutcome {
                 slot.set_group_id(&stale.group_id);
                 slot.set_current_epoch(stale.current_epoch);
             }
+            SendOutcome::Handshake => builder.set_handshake(()),
         }
     }
 
@@ -151,6 +155,7 @@ impl SendOutcome {
                     current_epoch: stale.get_current_epoch(),
                 })
             }
+            Which::Handshake(()) => SendOutcome::Handshake,
         })
     }
 }
@@ -222,6 +227,14 @@ pub enum DeviceListOutcome {
     NotADevice,
     /// Over the caller's send budget; nothing was stored.
     RateLimited(RateLimited),
+    /// The version is more than `max_step` above `current` (0: no stored
+    /// list); nothing was stored.
+    TooFar {
+        /// The stored version, 0 if none.
+        current: u64,
+        /// The most a new version may exceed it by.
+        max_step: u64,
+    },
 }
 
 impl DeviceListOutcome {
@@ -233,6 +246,11 @@ impl DeviceListOutcome {
             DeviceListOutcome::BadSignature => builder.set_bad_signature(()),
             DeviceListOutcome::NotADevice => builder.set_not_a_device(()),
             DeviceListOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+            DeviceListOutcome::TooFar { current, max_step } => {
+                let mut slot = builder.init_too_far();
+                slot.set_current(*current);
+                slot.set_max_step(*max_step);
+            }
         }
     }
 
@@ -249,6 +267,13 @@ impl DeviceListOutcome {
             Which::BadSignature(()) => DeviceListOutcome::BadSignature,
             Which::NotADevice(()) => DeviceListOutcome::NotADevice,
             Which::RateLimited(limited) => DeviceListOutcome::RateLimited(RateLimited::read(limited?)),
+            Which::TooFar(far) => {
+                let far = far?;
+                DeviceListOutcome::TooFar {
+                    current: far.get_current(),
+                    max_step: far.get_max_step(),
+                }
+            }
         })
     }
 }
@@ -296,34 +321,42 @@ pub enum ProposalOutcome {
         /// Why, for people.
         reason: String,
     },
-    /// The node has no state for the group.
+    /// The node has no state for the group, or the caller is not a member.
     UnknownGroup,
+    /// The group holds `max` proposals in this epoch already.
+    TooManyProposals {
+        /// The node's limit per group and epoch.
+        max: u32,
+    },
 }
 
 /// `write` and `read` for an outcome of a group change: `CommitOutcome` and
-/// `ProposalOutcome` have the same members in the schema, so one body serves
-/// both (each with its own generated builder and reader).
+/// `ProposalOutcome` share their first members in the schema, so one body
+/// serves both (each with its own generated builder and reader); the arms
+/// of the members only one of them has are passed in, naming the builder
+/// and the reader they use.
 macro_rules! group_change_outcome {
-    ($outcome:ident, $schema:ident) => {
+    ($outcome:ident, $schema:ident, |$builder:ident, $reader:ident| { $($write:tt)* } { $($read:tt)* }) => {
         impl $outcome {
             /// Fills the node's answer.
-            pub fn write(&self, mut builder: delivery_capnp::$schema::Builder<'_>) {
+            pub fn write(&self, mut $builder: delivery_capnp::$schema::Builder<'_>) {
                 match self {
-                    $outcome::Accepted => builder.set_accepted(()),
+                    $outcome::Accepted => $builder.set_accepted(()),
                     $outcome::Conflict { current_epoch } => {
-                        builder.init_conflict().set_current_epoch(*current_epoch)
+                        $builder.init_conflict().set_current_epoch(*current_epoch)
                     }
-                    $outcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
-                    $outcome::QueueFull(full) => full.write(builder.init_queue_full()),
-                    $outcome::Invalid { reason } => builder.init_invalid().set_reason(reason),
-                    $outcome::UnknownGroup => builder.set_unknown_group(()),
+                    $outcome::RateLimited(limited) => limited.write($builder.init_rate_limited()),
+                    $outcome::QueueFull(full) => full.write($builder.init_queue_full()),
+                    $outcome::Invalid { reason } => $builder.init_invalid().set_reason(reason),
+                    $outcome::UnknownGroup => $builder.set_unknown_group(()),
+                    $($write)*
                 }
             }
 
             /// Reads the node's answer.
-            pub fn read(reader: delivery_capnp::$schema::Reader<'_>) -> Result<$outcome, OutcomeError> {
+            pub fn read($reader: delivery_capnp::$schema::Reader<'_>) -> Result<$outcome, OutcomeError> {
                 use delivery_capnp::$schema::Which;
-                Ok(match reader.which()? {
+                Ok(match $reader.which()? {
                     Which::Accepted(()) => $outcome::Accepted,
                     Which::Conflict(conflict) => $outcome::Conflict {
                         current_epoch: conflict?.get_current_epoch(),
@@ -334,14 +367,19 @@ macro_rules! group_change_outcome {
                         reason: read_reason(invalid?)?,
                     },
                     Which::UnknownGroup(()) => $outcome::UnknownGroup,
+                    $($read)*
                 })
             }
         }
     };
 }
 
-group_change_outcome!(CommitOutcome, commit_outcome);
-group_change_outcome!(ProposalOutcome, proposal_outcome);
+group_change_outcome!(CommitOutcome, commit_outcome, |builder, reader| {} {});
+group_change_outcome!(ProposalOutcome, proposal_outcome, |builder, reader| {
+    ProposalOutcome::TooManyProposals { max } => builder.init_too_many_proposals().set_max(*max),
+} {
+    Which::TooManyProposals(many) => ProposalOutcome::TooManyProposals { max: many?.get_max() },
+});
 
 /// What `fetchGroupInfo` found (`FetchedGroupInfo`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,6 +388,9 @@ pub enum FetchedGroupInfo {
     State(GroupState),
     /// No GroupInfo of the current epoch.
     Unavailable,
+    /// The caller owns no leaf of the group, or the node knows no such
+    /// group.
+    NotMember,
 }
 
 impl FetchedGroupInfo {
@@ -362,6 +403,7 @@ impl FetchedGroupInfo {
                 slot.set_ratchet_tree(&state.ratchet_tree);
             }
             FetchedGroupInfo::Unavailable => builder.set_unavailable(()),
+            FetchedGroupInfo::NotMember => builder.set_not_member(()),
         }
     }
 
@@ -379,6 +421,7 @@ impl FetchedGroupInfo {
                 })
             }
             Which::Unavailable(()) => FetchedGroupInfo::Unavailable,
+            Which::NotMember(()) => FetchedGroupInfo::NotMember,
         })
     }
 }
@@ -508,6 +551,7 @@ mod tests {
                 group_id: b"g".to_vec(),
                 current_epoch: 4,
             }),
+            SendOutcome::Handshake,
         ] {
             assert_eq!(round_trip_send(&outcome), outcome);
         }
@@ -547,6 +591,7 @@ mod tests {
                 reason: "not a member".into(),
             },
             ProposalOutcome::UnknownGroup,
+            ProposalOutcome::TooManyProposals { max: 256 },
         ] {
             let mut message = capnp::message::Builder::new_default();
             outcome.write(message.init_root());
@@ -563,6 +608,38 @@ mod tests {
             outcome.write(message.init_root());
             assert_eq!(
                 FetchedWelcomeTree::read(message.get_root_as_reader().unwrap()).unwrap(),
+                outcome
+            );
+        }
+        for outcome in [
+            FetchedGroupInfo::State(GroupState {
+                group_info: vec![1],
+                ratchet_tree: vec![2, 3],
+            }),
+            FetchedGroupInfo::Unavailable,
+            FetchedGroupInfo::NotMember,
+        ] {
+            let mut message = capnp::message::Builder::new_default();
+            outcome.write(message.init_root());
+            assert_eq!(
+                FetchedGroupInfo::read(message.get_root_as_reader().unwrap()).unwrap(),
+                outcome
+            );
+        }
+        for outcome in [
+            DeviceListOutcome::Stored,
+            DeviceListOutcome::Stale { current: 4 },
+            DeviceListOutcome::BadSignature,
+            DeviceListOutcome::NotADevice,
+            DeviceListOutcome::TooFar {
+                current: 2,
+                max_step: 1 << 20,
+            },
+        ] {
+            let mut message = capnp::message::Builder::new_default();
+            outcome.write(message.init_root());
+            assert_eq!(
+                DeviceListOutcome::read(message.get_root_as_reader().unwrap()).unwrap(),
                 outcome
             );
         }

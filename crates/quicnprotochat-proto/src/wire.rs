@@ -151,9 +151,41 @@ pub fn ciphersuite(field: &str, code: u16) -> Result<Suite, FieldError> {
 /// then `group_id<V>` and `epoch`); `None` for any other payload, which the
 /// node treats as opaque.
 pub fn private_message_epoch(payload: &[u8]) -> Option<(&[u8], u64)> {
+    private_header(payload).map(|header| (header.group, header.epoch))
+}
+
+/// Whether `payload` is, by its clear MLS framing (RFC 9420, section 6), a
+/// handshake: a PublicMessage (which carries only proposals and Commits), a
+/// PrivateMessage whose content type is a proposal or a Commit, or a
+/// Welcome. Such messages must reach members through the node's ordering
+/// (`publishCommit`, `publishProposal`), never as plain queued payloads.
+/// Anything else, MLS or not, is opaque.
+pub fn is_handshake(payload: &[u8]) -> bool {
+    const MLS10: [u8; 2] = [0x00, 0x01];
+    const PUBLIC: [u8; 2] = [0x00, 0x01];
+    const WELCOME: [u8; 2] = [0x00, 0x03];
+    // ContentType (RFC 9420, section 6): proposal(2), commit(3).
+    const PROPOSAL: u8 = 2;
+    const COMMIT: u8 = 3;
+    match (payload.get(..2), payload.get(2..4)) {
+        (Some(version), Some(format)) if version == MLS10 && (format == PUBLIC || format == WELCOME) => true,
+        _ => private_header(payload).is_some_and(|header| matches!(header.content_type, PROPOSAL | COMMIT)),
+    }
+}
+
+/// The clear part of an MLS PrivateMessage.
+struct PrivateHeader<'a> {
+    group: &'a [u8],
+    epoch: u64,
+    content_type: u8,
+}
+
+/// Reads the clear header of an MLS PrivateMessage: version mls10, wire
+/// format mls_private_message, `group_id<V>`, `epoch`, `content_type`.
+fn private_header(payload: &[u8]) -> Option<PrivateHeader<'_>> {
     let rest = payload.strip_prefix(&[0x00, 0x01, 0x00, 0x02])?;
-    // The group id's size: a QUIC-style variable-length integer of 1, 2 or
-    // 4 bytes (group ids are at most 256 bytes here).
+    // The group id's size: a QUIC-style variable-length integer of 1 or 2
+    // bytes (group ids are at most 256 bytes here).
     let first = *rest.first()?;
     let (len, rest) = match first >> 6 {
         0 => (usize::from(first & 0x3f), rest.get(1..)?),
@@ -165,7 +197,12 @@ pub fn private_message_epoch(payload: &[u8]) -> Option<(&[u8], u64)> {
     };
     let group = rest.get(..len)?;
     let epoch = u64::from_be_bytes(rest.get(len..len + 8)?.try_into().ok()?);
-    Some((group, epoch))
+    let content_type = *rest.get(len + 8)?;
+    Some(PrivateHeader {
+        group,
+        epoch,
+        content_type,
+    })
 }
 
 /// Most recipients one `enqueueBatch` call may name in all its envelopes.

@@ -52,8 +52,9 @@ pub enum ServiceError {
     /// A parameter does not hold what the schema requires.
     #[error("invalid argument: {0}")]
     Field(#[from] FieldError),
-    /// The store failed; the call had no effect.
-    #[error("storage failure; retry later: {0}")]
+    /// The store failed; [`StoreError::effect`] tells whether the call had
+    /// an effect.
+    #[error("storage failure: {0}")]
     Store(#[from] StoreError),
     /// The connection's identity may not do this.
     #[error("permission denied: {0}")]
@@ -77,15 +78,141 @@ pub enum ServiceError {
     Internal(String),
 }
 
+impl ServiceError {
+    /// The exception type the peer gets for this error: the one table from
+    /// every failure to what a client may conclude from it (`schemas/`,
+    /// "Outcomes and exceptions").
+    ///
+    /// - `failed`: the call was wrong; nothing was stored and the same call
+    ///   will fail again.
+    /// - `overloaded`: nothing was stored, and the same call may pass later
+    ///   (rate, shutdown, a transaction or read that failed).
+    /// - `disconnected`: the call's effect is unknown (the database went
+    ///   away mid-call, a commit whose durability is unknown): repeat it
+    ///   with the same message ids, never read it as a refusal.
+    pub fn exception(&self) -> capnp::ErrorKind {
+        use capnp::ErrorKind::{Disconnected, Failed, Overloaded};
+        match self {
+            ServiceError::Field(_) | ServiceError::PermissionDenied(_) | ServiceError::Internal(_) => Failed,
+            ServiceError::RateLimited(_) | ServiceError::TooManyCalls(_) | ServiceError::ShuttingDown => {
+                Overloaded
+            }
+            ServiceError::Store(store) => match store.effect() {
+                Effect::Unknown => Disconnected,
+                Effect::NoneYet => Overloaded,
+                Effect::None => Failed,
+            },
+        }
+    }
+}
+
+/// What a failed store call did to the database, as far as the node knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing, and nothing will come of trying again: the store is
+    /// unusable as configured (wrong file, newer schema, damaged).
+    None,
+    /// Nothing, but the same call may pass later: a transaction that
+    /// rolled back, a read that failed, a store that is closing.
+    NoneYet,
+    /// Unknown: the database went away while committing, or the commit's
+    /// sync to disk failed.
+    Unknown,
+}
+
+impl StoreError {
+    /// What the failed call did; see [`Effect`].
+    pub fn effect(&self) -> Effect {
+        match self {
+            StoreError::Unavailable(_) | StoreError::NotDurable(_) | StoreError::Sync(_) => Effect::Unknown,
+            StoreError::Sqlite(_)
+            | StoreError::Postgres(_)
+            | StoreError::Transaction(_)
+            | StoreError::Closed
+            | StoreError::Io(_)
+            | StoreError::Thread(_) => Effect::NoneYet,
+            StoreError::SchemaTooNew { .. }
+            | StoreError::Migration(_)
+            | StoreError::ForeignDatabase(_)
+            | StoreError::NotADatabase
+            | StoreError::Damaged(_)
+            | StoreError::NoWal(_)
+            | StoreError::InUse { .. }
+            | StoreError::BadUrl(_)
+            | StoreError::ForeignPostgres(_) => Effect::None,
+        }
+    }
+}
+
 impl From<ServiceError> for capnp::Error {
     fn from(error: ServiceError) -> Self {
-        match error {
-            ServiceError::ShuttingDown | ServiceError::TooManyCalls(_) => {
-                capnp::Error::overloaded(error.to_string())
-            }
-            ServiceError::Store(StoreError::Closed) => capnp::Error::overloaded(error.to_string()),
-            ServiceError::RateLimited(_) => capnp::Error::overloaded(error.to_string()),
-            _ => capnp::Error::failed(error.to_string()),
+        let kind = error.exception();
+        capnp::Error {
+            kind,
+            extra: error.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use capnp::ErrorKind::{Disconnected, Failed, Overloaded};
+
+    use super::*;
+
+    /// Every error a call can end in, with the exception its peer must get.
+    /// A new variant that is missing here fails to compile in `effect` or
+    /// `exception` first, then here by its absence from this table.
+    #[test]
+    fn every_error_maps_to_its_exception_type() {
+        let io = || std::io::Error::other("disk");
+        let table: Vec<(ServiceError, capnp::ErrorKind)> = vec![
+            (
+                ServiceError::Field(FieldError {
+                    field: "payload".into(),
+                    reason: "is empty".into(),
+                }),
+                Failed,
+            ),
+            (ServiceError::PermissionDenied("not yours".into()), Failed),
+            (ServiceError::Internal("bug".into()), Failed),
+            (
+                ServiceError::RateLimited(std::time::Duration::from_millis(5)),
+                Overloaded,
+            ),
+            (ServiceError::TooManyCalls(64), Overloaded),
+            (ServiceError::ShuttingDown, Overloaded),
+            (StoreError::Unavailable("gone".into()).into(), Disconnected),
+            (StoreError::NotDurable("fsync".into()).into(), Disconnected),
+            (StoreError::Sync(io()).into(), Disconnected),
+            (StoreError::Transaction("rolled back".into()).into(), Overloaded),
+            (
+                StoreError::Sqlite(rusqlite::Error::InvalidQuery).into(),
+                Overloaded,
+            ),
+            (StoreError::Closed.into(), Overloaded),
+            (StoreError::Io(io()).into(), Overloaded),
+            (StoreError::Thread(io()).into(), Overloaded),
+            (
+                StoreError::SchemaTooNew {
+                    found: 9,
+                    supported: 8,
+                }
+                .into(),
+                Failed,
+            ),
+            (StoreError::ForeignDatabase(1).into(), Failed),
+            (StoreError::NotADatabase.into(), Failed),
+            (StoreError::Damaged("page 3".into()).into(), Failed),
+            (StoreError::NoWal("delete".into()).into(), Failed),
+            (StoreError::BadUrl("x".into()).into(), Failed),
+            (StoreError::ForeignPostgres("t".into()).into(), Failed),
+        ];
+        for (error, kind) in table {
+            let text = error.to_string();
+            let exception = capnp::Error::from(error);
+            assert_eq!(exception.kind, kind, "{text}");
+            assert_eq!(exception.extra, text);
         }
     }
 }

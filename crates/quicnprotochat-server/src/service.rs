@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
-use crate::delivery::{CommitRefusal, DeviceListRefusal, NotAJoiner, NotAMember, SendRefusal, push};
+use crate::delivery::{CommitRefusal, DeviceListRefusal, NotAMember, SendRefusal, push};
 use crate::error::ServiceError;
 use crate::limits::{self, Caller, Cost, RateLimits};
 use crate::metrics::{self, GaugeGuard};
@@ -308,6 +308,9 @@ impl NodeServiceImpl {
             Err(DeviceListRefusal::Stale { current }) => DeviceListOutcome::Stale { current },
             Err(DeviceListRefusal::BadSignature) => DeviceListOutcome::BadSignature,
             Err(DeviceListRefusal::NotADevice) => DeviceListOutcome::NotADevice,
+            Err(DeviceListRefusal::TooFar { current, max_step }) => {
+                DeviceListOutcome::TooFar { current, max_step }
+            }
         })
     }
 }
@@ -688,6 +691,12 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                     Err(CommitRefusal::QueueFull(full)) => CommitOutcome::QueueFull(full),
                     Err(CommitRefusal::Invalid { reason }) => CommitOutcome::Invalid { reason },
                     Err(CommitRefusal::UnknownGroup) => CommitOutcome::UnknownGroup,
+                    // Proposals only; a Commit frees the count.
+                    Err(CommitRefusal::TooManyProposals { .. }) => {
+                        return Err(
+                            ServiceError::Internal("a Commit refused for too many proposals".into()).into(),
+                        );
+                    }
                 },
             };
             if outcome == CommitOutcome::Accepted {
@@ -719,13 +728,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             {
                 Ok(Some(state)) => FetchedGroupInfo::State(state),
                 Ok(None) => FetchedGroupInfo::Unavailable,
-                Err(NotAMember) => {
-                    return Err(ServiceError::PermissionDenied(format!(
-                        "{} is not a member of this group; only members may read its GroupInfo",
-                        caller.short()
-                    ))
-                    .into());
-                }
+                Err(NotAMember) => FetchedGroupInfo::NotMember,
             };
             let label = outcome.label();
             outcome.write(results.get().init_outcome());
@@ -751,15 +754,8 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                 .await
                 .map_err(ServiceError::from)?
             {
-                Ok(Some(tree)) => FetchedWelcomeTree::Tree(tree),
-                Ok(None) => FetchedWelcomeTree::Unavailable,
-                Err(NotAJoiner) => {
-                    return Err(ServiceError::PermissionDenied(format!(
-                        "{} was not added to this group in that epoch; only the members a Commit added may read its tree",
-                        caller.short()
-                    ))
-                    .into());
-                }
+                Some(tree) => FetchedWelcomeTree::Tree(tree),
+                None => FetchedWelcomeTree::Unavailable,
             };
             let label = outcome.label();
             outcome.write(results.get().init_outcome());
@@ -795,6 +791,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                     Err(CommitRefusal::QueueFull(full)) => ProposalOutcome::QueueFull(full),
                     Err(CommitRefusal::Invalid { reason }) => ProposalOutcome::Invalid { reason },
                     Err(CommitRefusal::UnknownGroup) => ProposalOutcome::UnknownGroup,
+                    Err(CommitRefusal::TooManyProposals { max }) => ProposalOutcome::TooManyProposals { max },
                 },
             };
             if outcome == ProposalOutcome::Accepted {
@@ -975,6 +972,7 @@ impl Label for SendOutcome {
             SendOutcome::QueueFull(_) => "queue_full",
             SendOutcome::TooLarge(_) => "too_large",
             SendOutcome::StaleEpoch(_) => "stale_epoch",
+            SendOutcome::Handshake => "handshake",
         }
     }
 }
@@ -996,6 +994,7 @@ impl Label for DeviceListOutcome {
             DeviceListOutcome::Stale { .. } => "stale",
             DeviceListOutcome::BadSignature => "bad_signature",
             DeviceListOutcome::NotADevice => "not_a_device",
+            DeviceListOutcome::TooFar { .. } => "too_far",
             DeviceListOutcome::RateLimited(_) => "rate_limited",
         }
     }
@@ -1023,6 +1022,7 @@ impl Label for ProposalOutcome {
             ProposalOutcome::QueueFull(_) => "queue_full",
             ProposalOutcome::Invalid { .. } => "invalid",
             ProposalOutcome::UnknownGroup => "unknown_group",
+            ProposalOutcome::TooManyProposals { .. } => "too_many_proposals",
         }
     }
 }
@@ -1032,6 +1032,7 @@ impl Label for FetchedGroupInfo {
         match self {
             FetchedGroupInfo::State(_) => "ok",
             FetchedGroupInfo::Unavailable => "unavailable",
+            FetchedGroupInfo::NotMember => "not_member",
         }
     }
 }
@@ -1061,6 +1062,7 @@ fn send_outcome(outcome: Result<(), SendRefusal>) -> SendOutcome {
         Ok(()) => SendOutcome::Accepted,
         Err(SendRefusal::QueueFull(full)) => SendOutcome::QueueFull(full),
         Err(SendRefusal::StaleEpoch(stale)) => SendOutcome::StaleEpoch(stale),
+        Err(SendRefusal::Handshake) => SendOutcome::Handshake,
     }
 }
 

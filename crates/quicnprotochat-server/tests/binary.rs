@@ -165,6 +165,39 @@ fn an_invalid_flag_value_is_refused_with_a_message() {
     assert!(err.contains("--max-payload must be between"), "{err}");
 }
 
+/// Two nodes on one SQLite file would each wake only their own subscribers,
+/// splitting delivery: the second refuses to start, naming the first, and
+/// the file is free again once the first stops.
+#[test]
+fn a_second_node_on_a_sqlite_file_in_use_exits_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = start(dir.path(), &[]);
+    let second = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
+        .current_dir(dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(&format!(
+            "another node is using this database (process {} holds data/node.db.lock)",
+            first.child.id()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("give this node another --db"), "{err}");
+    // The first node was not disturbed.
+    let cert_path = dir.path().join("data/server-cert.der");
+    enqueue(first.addr, &cert_path, b"still the one node");
+    let (exit, log) = terminate(first);
+    assert!(exit.success(), "exit status {exit:?}\n{log}");
+    // Stopped, it leaves the file to the next node.
+    let next = start(dir.path(), &[]);
+    let (exit, log) = terminate(next);
+    assert!(exit.success(), "exit status {exit:?}\n{log}");
+}
+
 /// Asked for more than Linux grants (`net.core.rmem_max`), the node still
 /// starts and serves, and says what to raise.
 #[cfg(target_os = "linux")]

@@ -281,6 +281,51 @@ pub async fn enqueue_ok(client: &NodeClient, recipient: &IdentityKey, payload: &
     );
 }
 
+/// Gets `welcome` (a Welcome the node has no Commit for) into the queue
+/// of `recipient` the one way the node still takes a Welcome: as the
+/// Welcome of an accepted Commit, here the first change of a throwaway
+/// group of `adder`'s that adds nobody. The node keeps no tree for the
+/// Welcome's own group and epoch, as a hostile adder would arrange.
+pub async fn smuggle_welcome(
+    client: &NodeClient,
+    adder: &IdentityKeypair,
+    recipient: IdentityKey,
+    welcome: Vec<u8>,
+) {
+    use quicnprotochat_core::{GroupId, GroupMember};
+    use quicnprotochat_proto::outcome::CommitOutcome;
+    use quicnprotochat_proto::wire::{Envelope, GroupState};
+
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let cover_id = format!("cover-{}", rand::random::<u64>());
+    let mut cover = GroupMember::create(&provider, adder, cover_id.as_bytes()).unwrap();
+    let state = cover.export_public_state(&provider, adder).unwrap();
+    let commit = cover.self_update(&provider, adder).unwrap();
+    let outcome = client
+        .publish_commit(
+            &GroupId::new(cover_id.into_bytes()).unwrap(),
+            0,
+            &Envelope {
+                recipients: Vec::new(),
+                payload: commit,
+                message_id: None,
+            },
+            Some(&Envelope {
+                recipients: vec![recipient],
+                payload: welcome,
+                message_id: None,
+            }),
+            Some(&GroupState {
+                group_info: state.group_info,
+                ratchet_tree: state.ratchet_tree,
+            }),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, CommitOutcome::Accepted);
+}
+
 /// One person driving the real CLI: a state file and the identity key
 /// `register-state` printed.
 pub struct Member {

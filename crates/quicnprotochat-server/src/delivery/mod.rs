@@ -18,7 +18,7 @@ pub mod storage;
 pub use memory::MemoryStorage;
 pub use rules::{
     CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES,
-    Limits, NotAJoiner, NotAMember, SendRefusal, TooManyKeyPackages,
+    Limits, NotAMember, SendRefusal, TooManyKeyPackages,
 };
 pub use storage::{
     DamagedDeviceList, DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree,

@@ -32,6 +32,17 @@ pub const FETCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
 /// one command reads or deletes while other commands wait.
 pub const FETCH_MAX_MESSAGES: usize = 4096;
 
+/// Most standalone proposals the node keeps for one group and epoch: each
+/// is rewritten with the group's state on every change of this epoch, and
+/// every member's next Commit must carry them all. A Commit frees the count.
+pub const MAX_PROPOSALS_PER_EPOCH: u32 = 100;
+
+/// Most a device list's version may move forward in one upload (and a
+/// user's first list may start at): versions only go up, and a bounded
+/// step keeps anyone from spending them (a list at `u64::MAX` could never
+/// be replaced). 2^32 steps of 2^32 each still leave room.
+pub const MAX_DEVICE_LIST_STEP: u64 = 1 << 32;
+
 /// The node's default for [`Limits::max_queue_depth`].
 pub const DEFAULT_MAX_QUEUE_DEPTH: usize = 10_000;
 
@@ -65,6 +76,9 @@ pub enum SendRefusal {
     QueueFull(QueueFull),
     /// An application message from an epoch its group has left.
     StaleEpoch(StaleEpoch),
+    /// A handshake (Commit, proposal, Welcome): only the publish calls,
+    /// which order them, carry those.
+    Handshake,
 }
 
 /// An upload would leave the identity with more KeyPackages of one
@@ -96,8 +110,15 @@ pub enum CommitRefusal {
         /// Why, for people.
         reason: String,
     },
-    /// The node has no view of the group, and none was handed over.
+    /// The node has no view of the group, and none was handed over; or
+    /// the sender is not a member of the group the node knows (told apart
+    /// from no group by nobody, so a stranger learns nothing of it).
     UnknownGroup,
+    /// The group keeps [`MAX_PROPOSALS_PER_EPOCH`] proposals already.
+    TooManyProposals {
+        /// The limit.
+        max: u32,
+    },
 }
 
 impl From<quicnprotochat_core::public_view::Invalid> for CommitRefusal {
@@ -191,6 +212,14 @@ pub enum DeviceListRefusal {
     /// The caller is not a device of the stored list (nor, for a user's
     /// first list, of the new one or the user key).
     NotADevice,
+    /// The version is more than `max_step` above `current` (0: no list
+    /// stored).
+    TooFar {
+        /// The stored version, 0 if none.
+        current: u64,
+        /// [`MAX_DEVICE_LIST_STEP`].
+        max_step: u64,
+    },
 }
 
 /// Stores `list`, uploaded by `caller` (the connection's identity), as its
@@ -208,7 +237,9 @@ pub enum DeviceListRefusal {
 ///    user's first list, a device named in it or the user key itself. A
 ///    removed device cannot put itself back, even with an old list the
 ///    user once signed;
-/// 4. the version: higher than the stored one, or the list is stale.
+/// 4. the version: higher than the stored one, or the list is stale; and
+///    at most [`MAX_DEVICE_LIST_STEP`] above it (or above 0 for a first
+///    list), so that versions cannot be used up.
 pub fn upload_device_list<S: Storage>(
     storage: &mut S,
     caller: &IdentityKey,
@@ -237,6 +268,13 @@ pub fn upload_device_list<S: Storage>(
             current: stored.list().version(),
         }));
     }
+    let current = stored.as_ref().map_or(0, |stored| stored.list().version());
+    if list.list().version() - current > MAX_DEVICE_LIST_STEP {
+        return Ok(Err(DeviceListRefusal::TooFar {
+            current,
+            max_step: MAX_DEVICE_LIST_STEP,
+        }));
+    }
     storage.put_device_list(list, now)?;
     Ok(Ok(()))
 }
@@ -258,8 +296,11 @@ pub fn device_lists<S: Storage>(
 /// Queues each envelope's payload for each of its recipients, all or none.
 /// An envelope whose message id `sender` already used is skipped (a retry);
 /// a recipient named twice in one envelope gets the payload once. Refused
-/// whole if any queue would go beyond the depth or byte limit, or if an
-/// application message is from an epoch its group has left (its readers
+/// whole if a payload is an MLS handshake (Commits, proposals and Welcomes
+/// go through the publish calls, which order them: sent around them, a
+/// member could make others apply different Commits of one epoch), if any
+/// queue would go beyond the depth or byte limit, or if an application
+/// message of a member is from an epoch its group has left (its readers
 /// may no longer be able to open it; the sender should catch up and
 /// encrypt it again).
 pub fn enqueue<S: Storage>(
@@ -269,6 +310,12 @@ pub fn enqueue<S: Storage>(
     limits: &Limits,
     now: i64,
 ) -> Result<Result<(), SendRefusal>, S::Error> {
+    if envelopes
+        .iter()
+        .any(|envelope| quicnprotochat_proto::wire::is_handshake(&envelope.payload))
+    {
+        return Ok(Err(SendRefusal::Handshake));
+    }
     let mut fresh = Vec::with_capacity(envelopes.len());
     for envelope in envelopes {
         if is_new(storage, sender, envelope, now)? {
@@ -276,7 +323,7 @@ pub fn enqueue<S: Storage>(
         }
     }
     for envelope in &fresh {
-        if let Some(stale) = stale_epoch(storage, &envelope.payload)? {
+        if let Some(stale) = stale_epoch(storage, sender, &envelope.payload)? {
             return Ok(Err(SendRefusal::StaleEpoch(stale)));
         }
     }
@@ -316,14 +363,22 @@ pub fn publish_commit<S: Storage>(
         return Ok(Ok(()));
     }
     let group = &publication.group_id;
-    if let Some(current_epoch) = storage.group_epoch(group)?
-        && current_epoch != publication.epoch
-    {
-        return Ok(Err(CommitRefusal::Conflict { current_epoch }));
-    }
+    // Read first: a backend shared by several nodes moves an epoch only
+    // from the value the command read (`Storage::set_group_epoch`).
+    let known_epoch = storage.group_epoch(group)?;
     let mut view = match load_view(storage, group)? {
+        // A stranger learns neither the epoch nor that the group exists.
+        Ok(view) if !view.is_member(sender) => return Ok(Err(CommitRefusal::UnknownGroup)),
         Ok(view) => view,
         Err(CommitRefusal::UnknownGroup) => match &publication.initial_state {
+            None => return Ok(Err(CommitRefusal::UnknownGroup)),
+            // A forgotten group is handed over again at the epoch the node
+            // still knows, never an older one.
+            Some(_) if known_epoch.is_some_and(|epoch| epoch != publication.epoch) => {
+                return Ok(Err(CommitRefusal::Conflict {
+                    current_epoch: known_epoch.unwrap_or_default(),
+                }));
+            }
             Some(state) => match PublicView::start(
                 group.as_bytes(),
                 publication.epoch,
@@ -334,14 +389,12 @@ pub fn publish_commit<S: Storage>(
                 Ok(view) => view,
                 Err(invalid) => return Ok(Err(invalid.into())),
             },
-            None => return Ok(Err(CommitRefusal::UnknownGroup)),
         },
         Err(refusal) => return Ok(Err(refusal)),
     };
-    if view.epoch() != publication.epoch {
-        return Ok(Err(CommitRefusal::Conflict {
-            current_epoch: view.epoch(),
-        }));
+    let current_epoch = known_epoch.unwrap_or(view.epoch());
+    if current_epoch != publication.epoch || view.epoch() != publication.epoch {
+        return Ok(Err(CommitRefusal::Conflict { current_epoch }));
     }
     let commit = &publication.commit;
     let added = match view.apply_commit(&commit.payload, sender) {
@@ -429,12 +482,19 @@ pub fn publish_proposal<S: Storage>(
         return Ok(Ok(()));
     }
     let mut view = match load_view(storage, &publication.group_id)? {
+        // A stranger learns neither the epoch nor that the group exists.
+        Ok(view) if !view.is_member(sender) => return Ok(Err(CommitRefusal::UnknownGroup)),
         Ok(view) => view,
         Err(refusal) => return Ok(Err(refusal)),
     };
     if view.epoch() != publication.epoch {
         return Ok(Err(CommitRefusal::Conflict {
             current_epoch: view.epoch(),
+        }));
+    }
+    if view.proposal_count() >= MAX_PROPOSALS_PER_EPOCH as usize {
+        return Ok(Err(CommitRefusal::TooManyProposals {
+            max: MAX_PROPOSALS_PER_EPOCH,
         }));
     }
     match view.add_proposal(&proposal.payload, sender) {
@@ -487,29 +547,22 @@ pub fn group_info<S: Storage>(
     })))
 }
 
-/// The caller of [`welcome_tree`] is not among the members the Commit that
-/// started the epoch added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotAJoiner;
-
 /// The ratchet tree of `group` in `epoch`, for `caller` to join with a
-/// Welcome of that epoch; `Ok(None)` if the node keeps none (purged, or no
-/// Commit it accepted started that epoch by adding members). Only the
-/// members that Commit added may read it.
+/// Welcome of that epoch. Only the members the Commit that started the
+/// epoch added may read it; `None` for anyone else, and when the node keeps
+/// none (purged, or no Commit it accepted started that epoch by adding
+/// members): one answer, so that it tells nobody outside whether the group
+/// exists.
 pub fn welcome_tree<S: Storage>(
     storage: &mut S,
     group: &GroupId,
     epoch: u64,
     caller: &IdentityKey,
-) -> Result<Result<Option<Vec<u8>>, NotAJoiner>, S::Error> {
-    let Some(kept) = storage.welcome_tree(group, epoch)? else {
-        return Ok(Ok(None));
-    };
-    if kept.joiners.contains(caller) {
-        Ok(Ok(Some(kept.tree)))
-    } else {
-        Ok(Err(NotAJoiner))
-    }
+) -> Result<Option<Vec<u8>>, S::Error> {
+    Ok(storage
+        .welcome_tree(group, epoch)?
+        .filter(|kept| kept.joiners.contains(caller))
+        .map(|kept| kept.tree))
 }
 
 /// The stored public view of `group`; [`CommitRefusal::UnknownGroup`] if
@@ -631,21 +684,30 @@ fn is_new<S: Storage>(
 
 /// Appends an envelope's payload once to each distinct recipient.
 /// The group and epoch of `payload` if it is an MLS PrivateMessage from an
-/// epoch before the one its group is in on the node.
-fn stale_epoch<S: Storage>(storage: &mut S, payload: &[u8]) -> Result<Option<StaleEpoch>, S::Error> {
+/// epoch before the one its group is in on the node, and `sender` is a
+/// member of that group. Anyone else's message is opaque, so the answer
+/// tells nobody outside a group whether it exists or where it is. Only a
+/// stale message costs reading the group's view.
+fn stale_epoch<S: Storage>(
+    storage: &mut S,
+    sender: &IdentityKey,
+    payload: &[u8],
+) -> Result<Option<StaleEpoch>, S::Error> {
     let Some((group_id, epoch)) = quicnprotochat_proto::wire::private_message_epoch(payload) else {
         return Ok(None);
     };
     let Some(group) = GroupId::new(group_id.to_vec()) else {
         return Ok(None);
     };
-    Ok(match storage.group_epoch(&group)? {
-        Some(current_epoch) if epoch < current_epoch => Some(StaleEpoch {
-            group_id: group_id.to_vec(),
-            current_epoch,
-        }),
-        _ => None,
-    })
+    let current_epoch = match storage.group_epoch(&group)? {
+        Some(current_epoch) if epoch < current_epoch => current_epoch,
+        _ => return Ok(None),
+    };
+    let member = matches!(load_view(storage, &group)?, Ok(view) if view.is_member(sender));
+    Ok(member.then(|| StaleEpoch {
+        group_id: group_id.to_vec(),
+        current_epoch,
+    }))
 }
 
 fn append<S: Storage>(storage: &mut S, envelope: &Envelope, now: i64) -> Result<(), S::Error> {

@@ -18,6 +18,8 @@
 //! # Layout
 //! - `commands` — one command's rules inside a batch's transaction, for
 //!   both backends.
+//! - `lock` — one node per SQLite file: a lock file held for the node's
+//!   life.
 //! - `postgres` — the PostgreSQL backend: writer and reader connections,
 //!   migrations, LISTEN/NOTIFY between nodes.
 //! - `migrations` — numbered schema migrations, tracked in `PRAGMA user_version`.
@@ -35,6 +37,7 @@
 //! `tests/store_postgres.rs` run against each.
 
 mod commands;
+mod lock;
 mod migrations;
 mod notifier;
 mod postgres;
@@ -54,7 +57,7 @@ pub use quicnprotochat_proto::wire::{
 };
 
 pub use crate::delivery::{
-    CommitRefusal, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAJoiner, NotAMember,
+    CommitRefusal, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAMember,
     SendRefusal, TooManyKeyPackages, Totals,
 };
 
@@ -130,6 +133,18 @@ pub enum StoreError {
     /// Syncing the WAL to the disk failed.
     #[error("syncing the database to disk: {0}")]
     Sync(std::io::Error),
+    /// Another node (process `holder`) serves this SQLite file: two nodes
+    /// on one file would split delivery between them.
+    #[error(
+        "another node is using this database (process {holder} holds {}); stop it, or give this node another --db",
+        lock.display()
+    )]
+    InUse {
+        /// The lock file beside the database.
+        lock: std::path::PathBuf,
+        /// The process id the holder wrote into it (empty if unreadable).
+        holder: String,
+    },
     /// The command was committed but syncing it to the disk failed: it may
     /// or may not survive a power cut. A retry with the same message id is
     /// safe.
@@ -299,6 +314,9 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
+        // Before anything touches the file: a second node must not even
+        // migrate it.
+        let lock = lock::NodeLock::acquire(path)?;
         let (connection, instance_id) = migrations::open(path, durability)?;
         // Commits append to the WAL without waiting for the disk; the
         // syncer makes them durable before they are answered (`sync`).
@@ -335,6 +353,7 @@ impl Store {
             notifier: store.notifier.clone(),
             limits,
             side,
+            lock,
             finished: watch::Sender::new(false),
         };
         Ok((store, writer))
@@ -520,7 +539,7 @@ impl Store {
         group: GroupId,
         epoch: u64,
         caller: IdentityKey,
-    ) -> Result<Result<Option<Vec<u8>>, NotAJoiner>, StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         ask(&self.reads, |reply| readers::Read::WelcomeTree {
             group,
             epoch,

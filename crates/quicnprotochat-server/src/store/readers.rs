@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::sqlite::SqliteStorage;
 use super::{GroupState, Reply, StoreError};
-use crate::delivery::{NotAJoiner, NotAMember, Storage, Totals, rules};
+use crate::delivery::{NotAMember, Storage, Totals, rules};
 
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
@@ -46,7 +46,7 @@ pub(super) enum Read {
         group: GroupId,
         epoch: u64,
         caller: IdentityKey,
-        reply: Reply<Result<Option<Vec<u8>>, NotAJoiner>>,
+        reply: Reply<Option<Vec<u8>>>,
     },
     DeviceLists {
         users: Vec<IdentityKey>,

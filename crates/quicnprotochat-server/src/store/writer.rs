@@ -44,6 +44,8 @@ pub(super) struct Writer {
     pub(super) notifier: Arc<Notifier>,
     pub(super) limits: Limits,
     pub(super) side: SideThreads,
+    /// This node's hold on the SQLite file, given up once it is closed.
+    pub(super) lock: super::lock::NodeLock,
     /// Set once the database is closed.
     pub(super) finished: watch::Sender<bool>,
 }
@@ -73,6 +75,7 @@ async fn write_loop(writer: Writer) {
         notifier,
         limits,
         side,
+        lock,
         finished,
     } = writer;
     // The highest message sequence number committed so far: the messages of
@@ -146,6 +149,9 @@ async fn write_loop(writer: Writer) {
     } else {
         tracing::info!("database closed cleanly");
     }
+    // Released before anyone hears of the close, so a node started right
+    // after (a restart) finds the file free.
+    drop(lock);
     finished.send_replace(true);
 }
 

@@ -4,6 +4,7 @@
 
 use openmls_traits::signatures::Signer;
 use quicnprotochat_core::{DeviceList, IdentityKey, IdentityKeypair, SignedDeviceList};
+use quicnprotochat_server::delivery::rules::MAX_DEVICE_LIST_STEP;
 use quicnprotochat_server::store::DeviceListRefusal;
 
 use super::{Backend, close};
@@ -80,6 +81,14 @@ pub async fn a_device_list_only_moves_to_a_higher_version(backend: &impl Backend
         let store = store.clone();
         async move { store.upload_device_list(public(PHONE), list).await.unwrap() }
     };
+    // A first list starts within the step, too.
+    assert_eq!(
+        upload(signed_list(USER, MAX_DEVICE_LIST_STEP + 1, &[PHONE])).await,
+        Err(DeviceListRefusal::TooFar {
+            current: 0,
+            max_step: MAX_DEVICE_LIST_STEP
+        })
+    );
     let v3 = signed_list(USER, 3, &[PHONE, LAPTOP]);
     assert_eq!(upload(v3.clone()).await, Ok(()));
 
@@ -96,16 +105,31 @@ pub async fn a_device_list_only_moves_to_a_higher_version(backend: &impl Backend
     );
     assert_eq!(store.device_lists(vec![public(USER)]).await.unwrap(), vec![v3]);
 
-    // A higher version replaces it; versions of 2^63 and above too.
+    // A higher version replaces it, within the bounded step.
     let v4 = signed_list(USER, 4, &[PHONE, TABLET]);
     assert_eq!(upload(v4.clone()).await, Ok(()));
+    assert_eq!(
+        store.device_lists(vec![public(USER)]).await.unwrap(),
+        vec![v4.clone()]
+    );
+    // Versions cannot be used up: a jump past the step (to u64::MAX, after
+    // which no list could replace it) is refused and changes nothing.
+    for far in [4 + MAX_DEVICE_LIST_STEP + 1, u64::MAX] {
+        assert_eq!(
+            upload(signed_list(USER, far, &[PHONE])).await,
+            Err(DeviceListRefusal::TooFar {
+                current: 4,
+                max_step: MAX_DEVICE_LIST_STEP
+            })
+        );
+    }
     assert_eq!(store.device_lists(vec![public(USER)]).await.unwrap(), vec![v4]);
-    let huge = signed_list(USER, u64::MAX - 1, &[PHONE]);
+    let huge = signed_list(USER, 4 + MAX_DEVICE_LIST_STEP, &[PHONE]);
     assert_eq!(upload(huge.clone()).await, Ok(()));
     assert_eq!(
-        upload(signed_list(USER, 1 << 63, &[PHONE, LAPTOP])).await,
+        upload(signed_list(USER, 5, &[PHONE, LAPTOP])).await,
         Err(DeviceListRefusal::Stale {
-            current: u64::MAX - 1
+            current: 4 + MAX_DEVICE_LIST_STEP
         })
     );
     assert_eq!(store.device_lists(vec![public(USER)]).await.unwrap(), vec![huge]);

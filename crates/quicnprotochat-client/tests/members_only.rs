@@ -1,0 +1,291 @@
+//! Group answers only for members, and group changes only through the
+//! node's ordering, through a real node over real QUIC with groups the real
+//! CLI made: a stranger who knows a group's id learns neither its epoch nor
+//! that it exists; a member cannot fork a group by sending different
+//! Commits around `publishCommit`; proposals per epoch are bounded.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod common;
+
+use common::{Member, TestNode, group_of, identity, local, private_message};
+use openmls::prelude::tls_codec::{DeserializeBytes as _, Serialize as _};
+use openmls::prelude::{KeyPackageIn, MlsGroup, OpenMlsProvider as _, ProtocolVersion};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_client::node_client::NodeClient;
+use quicnprotochat_client::state::StateFile;
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair};
+use quicnprotochat_proto::outcome::{
+    CommitOutcome, FetchedGroupInfo, FetchedWelcomeTree, ProposalOutcome, SendOutcome,
+};
+use quicnprotochat_proto::wire::{Envelope, GroupState};
+
+/// The node's id of the group `name` of `member`, as `--json` prints it.
+fn group_id_of(node: &TestNode, member: &Member, name: &str) -> GroupId {
+    let listed = member.run(node, "groups", &["--json"]);
+    let document: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let group = document["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|group| group["group"] == name)
+        .unwrap_or_else(|| panic!("{name} in {listed}"));
+    GroupId::new(hex::decode(group["group_id"].as_str().unwrap()).unwrap()).unwrap()
+}
+
+fn identity_of(member: &Member) -> IdentityKeypair {
+    StateFile::open(std::path::Path::new(&member.state))
+        .unwrap()
+        .identity()
+        .unwrap()
+}
+
+/// A Commit framed for `group` in `epoch` 0, made by `stranger` in a group of
+/// its own under the same id: what someone outside can send.
+fn strangers_commit(stranger: &IdentityKeypair, group: &GroupId) -> (Vec<u8>, GroupState) {
+    let provider = OpenMlsRustCrypto::default();
+    let mut own = GroupMember::create(&provider, stranger, group.as_bytes()).unwrap();
+    let state = own.export_public_state(&provider, stranger).unwrap();
+    let commit = own.self_update(&provider, stranger).unwrap();
+    (
+        commit,
+        GroupState {
+            group_info: state.group_info,
+            ratchet_tree: state.ratchet_tree,
+        },
+    )
+}
+
+/// Every answer a stranger gets about `group`.
+async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair, group: &GroupId) -> String {
+    let (commit, state) = strangers_commit(stranger, group);
+    let envelope = |payload: Vec<u8>| Envelope {
+        recipients: Vec::new(),
+        payload,
+        message_id: None,
+    };
+    let commit_alone = client
+        .publish_commit(group, 0, &envelope(commit.clone()), None, None, None)
+        .await
+        .unwrap();
+    let group_info = client.fetch_group_info(group).await.unwrap();
+    let tree = client.fetch_welcome_tree(group, 1).await.unwrap();
+    // A PrivateMessage from epoch 0 of the group, to a queue of the
+    // stranger's choosing.
+    let stale = client
+        .enqueue(
+            &identity(99).public_key(),
+            &private_message(group.as_bytes(), 0, 64),
+        )
+        .await
+        .unwrap();
+    let with_state = client
+        .publish_commit(group, 0, &envelope(commit), None, Some(&state), None)
+        .await
+        .unwrap();
+    format!("{commit_alone:?} {group_info:?} {tree:?} {stale:?} | created: {with_state:?}")
+}
+
+#[test]
+fn a_stranger_learns_neither_the_epoch_nor_the_existence_of_a_group() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|name| Member::register(&node, dir.path(), name));
+    group_of(&node, "secret", &alice, &[&bob]);
+    alice.run(&node, "update", &[]);
+    let secret = group_id_of(&node, &alice, "secret");
+    let nothing = GroupId::new(b"no such group".to_vec()).unwrap();
+    let stranger = identity(77);
+
+    let (about_secret, about_nothing) = local(async {
+        let client = node.connect_as(&stranger).await;
+        (
+            what_a_stranger_learns(&client, &stranger, &secret).await,
+            what_a_stranger_learns(&client, &stranger, &nothing).await,
+        )
+    });
+    // Everything but the attempt to create the group under its id answers
+    // alike: the stranger cannot tell the real group from no group.
+    let (secret_answers, secret_created) = about_secret.split_once(" | ").unwrap();
+    let (nothing_answers, nothing_created) = about_nothing.split_once(" | ").unwrap();
+    assert_eq!(secret_answers, nothing_answers);
+    assert_eq!(
+        secret_answers, "UnknownGroup NotMember Unavailable Accepted",
+        "no epoch, no existence"
+    );
+    // Creating a group under a taken id fails without saying more; under a
+    // free one it works (the one thing a stranger can still learn).
+    assert_eq!(secret_created, "created: UnknownGroup");
+    assert_eq!(nothing_created, "created: Accepted");
+
+    // A member of the group does get its epoch when a message is stale.
+    let bob_identity = identity_of(&bob);
+    local(async {
+        let client = node.connect_as(&bob_identity).await;
+        match client
+            .enqueue(
+                &identity(99).public_key(),
+                &private_message(secret.as_bytes(), 0, 64),
+            )
+            .await
+            .unwrap()
+        {
+            SendOutcome::StaleEpoch(stale) => assert_eq!(stale.current_epoch, 2),
+            other => panic!("a member's stale message: {other:?}"),
+        }
+    });
+    // The group carries on.
+    alice.run(&node, "send", &["--msg", "still ours"]);
+    let out = bob.run(&node, "recv", &[]);
+    assert_eq!(out.trim(), format!("secret {}: still ours", alice.short()));
+}
+
+#[test]
+fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_group() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|name| Member::register(&node, dir.path(), name));
+    group_of(&node, "trio", &alice, &[&bob, &carol]);
+    let group = group_id_of(&node, &alice, "trio");
+    let (bob_key, carol_key) = (bob.key.parse().unwrap(), carol.key.parse().unwrap());
+
+    // Alice makes two valid Commits of one epoch: one removing Carol, for
+    // Bob; one removing Bob, for Carol.
+    let alice_identity = identity_of(&alice);
+    let (for_bob, for_carol) = {
+        let state = StateFile::open(std::path::Path::new(&alice.state)).unwrap();
+        let provider = state.provider();
+        let mut trio = GroupMember::load(&provider, group.as_bytes()).unwrap().unwrap();
+        let for_bob = trio
+            .remove_members(&provider, &alice_identity, &[carol_key])
+            .unwrap();
+        trio.discard_pending_commit(&provider).unwrap();
+        let for_carol = trio
+            .remove_members(&provider, &alice_identity, &[bob_key])
+            .unwrap();
+        trio.discard_pending_commit(&provider).unwrap();
+        (for_bob, for_carol)
+    };
+    // A Commit in a PrivateMessage is refused by its framing as well.
+    let mut private_commit = private_message(group.as_bytes(), 1, 64);
+    private_commit[4 + 1 + group.as_bytes().len() + 8] = 0x03;
+    local(async {
+        let client = node.connect_as(&alice_identity).await;
+        for (to, payload) in [
+            (bob_key, &for_bob),
+            (carol_key, &for_carol),
+            (bob_key, &private_commit),
+        ] {
+            assert_eq!(
+                client.enqueue(&to, payload).await.unwrap(),
+                SendOutcome::Handshake
+            );
+        }
+        // Also inside a batch, which is refused whole.
+        let batch = [
+            Envelope {
+                recipients: vec![bob_key],
+                payload: b"harmless".to_vec(),
+                message_id: None,
+            },
+            Envelope {
+                recipients: vec![carol_key],
+                payload: for_carol.clone(),
+                message_id: None,
+            },
+        ];
+        assert_eq!(
+            client.enqueue_batch(&batch).await.unwrap(),
+            SendOutcome::Handshake
+        );
+    });
+
+    // Nobody moved: all three are still in one group at one epoch.
+    alice.run(&node, "send", &["--msg", "one group"]);
+    for member in [&bob, &carol] {
+        let out = member.run(&node, "recv", &[]);
+        assert_eq!(out.trim(), format!("trio {}: one group", alice.short()), "{out}");
+    }
+    for member in [&alice, &bob, &carol] {
+        let groups = member.run(&node, "groups", &[]);
+        assert!(groups.contains("trio epoch 1 members 3"), "{groups}");
+    }
+}
+
+#[test]
+fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start_configured(dir.path(), |config| config.enqueue_rate = 0);
+    let owner = identity(5);
+    let provider = OpenMlsRustCrypto::default();
+    let group = GroupId::new(b"proposals".to_vec()).unwrap();
+    let mut first = GroupMember::create(&provider, &owner, group.as_bytes()).unwrap();
+    let state = first.export_public_state(&provider, &owner).unwrap();
+    let commit = first.self_update(&provider, &owner).unwrap();
+    first.merge_pending_commit(&provider).unwrap();
+    let mut mls = MlsGroup::load(
+        provider.storage(),
+        &openmls::group::GroupId::from_slice(group.as_bytes()),
+    )
+    .unwrap()
+    .unwrap();
+    let cap = quicnprotochat_server::delivery::rules::MAX_PROPOSALS_PER_EPOCH as usize;
+    let proposals: Vec<Vec<u8>> = (0..=cap)
+        .map(|_| {
+            let joiner = IdentityKeypair::generate();
+            let package =
+                quicnprotochat_core::generate_key_package(&OpenMlsRustCrypto::default(), &joiner).unwrap();
+            let package = KeyPackageIn::tls_deserialize_exact_bytes(&package)
+                .unwrap()
+                .validate(provider.crypto(), ProtocolVersion::Mls10)
+                .unwrap();
+            let (message, _) = mls.propose_add_member(&provider, &owner, &package).unwrap();
+            message.tls_serialize_detached().unwrap()
+        })
+        .collect();
+    local(async {
+        let client = node.connect_as(&owner).await;
+        let none = |payload: Vec<u8>| Envelope {
+            recipients: Vec::new(),
+            payload,
+            message_id: None,
+        };
+        let outcome = client
+            .publish_commit(
+                &group,
+                0,
+                &none(commit),
+                None,
+                Some(&GroupState {
+                    group_info: state.group_info,
+                    ratchet_tree: state.ratchet_tree,
+                }),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, CommitOutcome::Accepted);
+        for proposal in &proposals[..cap] {
+            let outcome = client
+                .publish_proposal(&group, 1, &none(proposal.clone()))
+                .await
+                .unwrap();
+            assert_eq!(outcome, ProposalOutcome::Accepted);
+        }
+        let outcome = client
+            .publish_proposal(&group, 1, &none(proposals[cap].clone()))
+            .await
+            .unwrap();
+        assert_eq!(outcome, ProposalOutcome::TooManyProposals { max: cap as u32 });
+        // The group itself is untouched: its GroupInfo answer is unchanged
+        // and the node still serves the tree of no epoch to a stranger.
+        assert_eq!(
+            client.fetch_welcome_tree(&group, 1).await.unwrap(),
+            FetchedWelcomeTree::Unavailable
+        );
+        assert!(matches!(
+            client.fetch_group_info(&group).await.unwrap(),
+            FetchedGroupInfo::Unavailable
+        ));
+    });
+}

@@ -1,0 +1,98 @@
+//! The wire contract states one protocol version in three places: the
+//! README a client author reads, the schema they generate code from, and
+//! what a running node reports in `ping`. All three must be the code's.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod node;
+
+use std::path::{Path, PathBuf};
+
+use node::TestNode;
+use quicnprotochat_proto::PROTOCOL_VERSION;
+
+/// The heading of the README's section on outcomes, which names the
+/// protocol version it describes.
+const README_HEADING: &str = "## Outcomes and errors (protocol version ";
+
+/// How `NodeInfo.protocolVersion`'s comment in `schemas/node.capnp` names
+/// the current version.
+const SCHEMA_MARKER: &str = "Currently ";
+
+/// The repository's root, two levels above this crate.
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The number at the start of `text`, up to the first non-digit.
+fn leading_number(text: &str) -> Option<u16> {
+    let end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    text[..end].parse().ok()
+}
+
+/// The protocol version in the README's outcomes heading.
+fn readme_version(readme: &str) -> u16 {
+    let headings: Vec<&str> = readme
+        .lines()
+        .filter_map(|line| line.strip_prefix(README_HEADING))
+        .collect();
+    let [heading] = headings.as_slice() else {
+        panic!(
+            "README.md has {} headings \"{README_HEADING}N)\", not one",
+            headings.len()
+        );
+    };
+    heading
+        .strip_suffix(')')
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("README.md: no version in \"{README_HEADING}{heading}\""))
+}
+
+/// The version `NodeInfo.protocolVersion`'s comment calls current.
+fn schema_version(schema: &str) -> u16 {
+    let comment: String = schema
+        .lines()
+        .take_while(|line| !line.contains("protocolVersion @"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let after = comment
+        .rfind(SCHEMA_MARKER)
+        .map(|at| &comment[at + SCHEMA_MARKER.len()..])
+        .unwrap_or_else(|| panic!("schemas/node.capnp: no \"{SCHEMA_MARKER}N\" before protocolVersion"));
+    leading_number(after).unwrap_or_else(|| panic!("schemas/node.capnp: no number after \"{SCHEMA_MARKER}\""))
+}
+
+/// The protocol version a ping over a fresh anonymous connection reports.
+async fn pinged_version(node: &TestNode) -> u16 {
+    node.with_node(None, async |node| {
+        let response = node.ping_request().send().promise.await.unwrap();
+        response.get().unwrap().get_info().unwrap().get_protocol_version()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn readme_schema_and_running_node_state_the_code_protocol_version() {
+    let root = repository();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let schema = std::fs::read_to_string(root.join("schemas/node.capnp")).unwrap();
+    let node = TestNode::start(|_| {}).await;
+    let pinged = pinged_version(&node).await;
+    node.stop().await;
+
+    let stated = [
+        ("README.md", readme_version(&readme)),
+        ("schemas/node.capnp", schema_version(&schema)),
+        ("a running node's ping", pinged),
+    ];
+    let wrong: Vec<String> = stated
+        .iter()
+        .filter(|(_, version)| *version != PROTOCOL_VERSION)
+        .map(|(source, version)| format!("{source} states {version}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "the code's PROTOCOL_VERSION is {PROTOCOL_VERSION}, but {}",
+        wrong.join(", ")
+    );
+}
