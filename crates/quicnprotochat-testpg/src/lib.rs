@@ -207,6 +207,23 @@ impl TestPostgres {
         }
     }
 
+    /// Crashes the server: `pg_ctl stop -m immediate`, which ends every
+    /// process at once without a checkpoint, as a power cut or a killed
+    /// server would; the next start recovers from the WAL. Commits
+    /// answered before are durable; calls in flight get no answer.
+    ///
+    /// # Panics
+    /// As [`Self::stop_server`].
+    pub fn crash_server(&self) {
+        let cluster = self.started("crash_server");
+        if let Err(error) = cluster.stop("immediate") {
+            panic!(
+                "cannot crash the test PostgreSQL on port {}: {error}",
+                cluster.port
+            );
+        }
+    }
+
     /// Starts the server again, on the same port and directory, and returns
     /// once it accepts connections.
     ///

@@ -185,7 +185,16 @@ struct Link {
     conn: Option<Conn>,
     /// No new attempt before then, after a failed one.
     retry_at: Option<Instant>,
+    /// When the connection last served a call.
+    used_at: Instant,
 }
+
+/// A connection idle this long is probed before it serves a call: the
+/// server may have restarted meanwhile, and a connection it dropped is only
+/// noticed when used. Without the probe the first call after an outage
+/// would fail on the dead connection (one per thread) although the
+/// database is back.
+const IDLE_PROBE: Duration = Duration::from_secs(1);
 
 impl Link {
     fn new(config: tokio_postgres::Config) -> Link {
@@ -193,7 +202,26 @@ impl Link {
             config,
             conn: None,
             retry_at: None,
+            used_at: Instant::now(),
         }
+    }
+
+    /// [`Self::connected`], after making sure a connection that sat idle
+    /// ([`IDLE_PROBE`]) is still alive, with an empty query (one round
+    /// trip, sent before anything of the call, so a dead one is replaced
+    /// with nothing lost or left in doubt).
+    fn probed(&mut self) -> Result<&mut Conn, StoreError> {
+        let idle = self.used_at.elapsed() >= IDLE_PROBE;
+        self.used_at = Instant::now();
+        if idle
+            && let Some(conn) = &mut self.conn
+            && conn.batch_execute("").is_err()
+        {
+            tracing::info!("an idle connection to PostgreSQL was gone; connecting again");
+            self.conn = None;
+            self.retry_at = None;
+        }
+        self.connected()
     }
 
     /// The connection, made now if there is none (at most every
@@ -355,7 +383,7 @@ fn execute_batch(
     notifier: &Notifier,
     tag: &str,
 ) -> bool {
-    let conn = match link.connected() {
+    let conn = match link.probed() {
         Ok(conn) => conn,
         Err(error) => {
             batch.drain(..).for_each(|command| fail(command, &error));
@@ -496,7 +524,7 @@ fn read_loop(mut link: Link, queue: &Mutex<mpsc::Receiver<Read>>) {
                 None => return,
             }
         };
-        let lost = match link.connected() {
+        let lost = match link.probed() {
             Ok(conn) => {
                 let lost = serve(&mut PgStorage::new(conn), read);
                 lost || conn.is_closed()
