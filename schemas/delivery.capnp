@@ -339,16 +339,20 @@ interface DeliveryService {
   #               for the group yet): the group's public state in `epoch`,
   #               from which the node checks this and every later Commit.
   #               Ignored once the node has the group's state.
-  # groupInfo:    optional: the GroupInfo of the epoch this Commit starts
-  #               (`epoch + 1`), a TLS-encoded MLSMessage signed by the
-  #               committer, normally without the ratchet_tree extension
-  #               (a GroupInfo that carries it is accepted too), with the
-  #               `external_pub` extension (RFC 9420, section 12.4.3.2),
-  #               without which nobody can rejoin from it. The node
-  #               checks it (the group context must be the one the Commit
-  #               leads to) and serves it, with the tree, to members who
-  #               rejoin (fetchGroupInfo). A Commit without one leaves the
-  #               node nothing to serve until the next Commit that has one.
+  # groupInfo:    required (protocol 7): the GroupInfo of the epoch this
+  #               Commit starts (`epoch + 1`), a TLS-encoded MLSMessage
+  #               signed by the committer, normally without the
+  #               ratchet_tree extension (a GroupInfo that carries it is
+  #               accepted too), with the `external_pub` extension (RFC
+  #               9420, section 12.4.3.2). The node checks it (the group
+  #               context must be the one the Commit leads to) and serves
+  #               it, with the tree, to members who rejoin
+  #               (fetchGroupInfo). A member that cannot process an
+  #               accepted Commit (the node cannot check its membership
+  #               tag or the path secrets sent to each member) rejoins from
+  #               it by external commit, so no member can freeze a group.
+  #               A Commit without it, or without `external_pub`, is
+  #               `invalid`.
   # outcome:      `accepted`: the Commit and the Welcome are durably
   #               committed in one transaction and the group is at
   #               `epoch + 1`. `conflict`: another Commit was already accepted

@@ -185,6 +185,9 @@ pub(crate) async fn process_entry(
                 directory.fetch(nodes, state, &users).await?;
                 continue;
             }
+            Err(ClientError::Core(broken @ CoreError::BrokenCommit { .. })) => {
+                return resync(nodes, state, entry, seq, broken).await;
+            }
             Err(e) => return settle_failure(state, entry, seq, e).map(|()| Applied::default()),
         };
         let fetched = match GroupId::new(group_id.clone()) {
@@ -212,6 +215,74 @@ pub(crate) async fn process_entry(
                 return settle_failure(state, entry, seq, e).map(|()| Applied::default());
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Follows the others past a Commit they applied and we cannot process
+/// (`broken`, a [`CoreError::BrokenCommit`]): rejoins the group by external
+/// commit from its current GroupInfo on the node, then drops the Commit
+/// (now of a past epoch). Without this, one broken Commit would leave us
+/// behind for good, unable to read or change the group. If the node cannot
+/// be asked now the Commit stays in the inbox and the next run tries again;
+/// if the rejoin is refused, the Commit is dropped, saying why.
+async fn resync(
+    nodes: &Nodes,
+    state: &StateFile,
+    entry: i64,
+    seq: Option<Seq>,
+    broken: CoreError,
+) -> Result<Applied, ClientError> {
+    let CoreError::BrokenCommit {
+        group_id,
+        committer,
+        reason,
+        ..
+    } = &broken
+    else {
+        return Err(ClientError::Core(broken));
+    };
+    let group = GroupId::new(group_id.clone()).ok_or(ClientError::Internal("a group id out of bounds"))?;
+    let identity = state.identity()?;
+    match crate::publish::rejoin(nodes, state, &identity, &group).await {
+        Ok(rejoined) => {
+            state.remove_inbox(entry)?;
+            let culprit = match committer {
+                Some(key) => Some(crate::output::Person {
+                    user_key: key.to_string(),
+                    name: state.contact_name(key)?,
+                }),
+                None => None,
+            };
+            Ok(Applied {
+                joined: false,
+                event: Some(Event::Resynced {
+                    group: group_name(group_id),
+                    group_id: hex::encode(group_id),
+                    culprit,
+                    reason: reason.clone(),
+                    epoch: rejoined.epoch(),
+                    members: rejoined.members().len(),
+                }),
+            })
+        }
+        // Not asked, or the node could not answer now: keep the Commit.
+        Err(e)
+            if e.is_connection_lost() || e.exit_code() == crate::error::Category::Unreachable.exit_code() =>
+        {
+            Err(e)
+        }
+        Err(e) => {
+            let error = ClientError::Core(broken);
+            Event::Dropped {
+                seq: seq.map(Seq::get),
+                error: error.kind().0,
+                message: error.to_string(),
+                gave_up: Some(format!("could not rejoin to carry on: {e}")),
+            }
+            .print()?;
+            state.remove_inbox(entry)?;
+            Ok(Applied::default())
         }
     }
 }

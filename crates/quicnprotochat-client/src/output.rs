@@ -98,6 +98,22 @@ pub(crate) enum Event {
         epoch: u64,
         members: usize,
     },
+    /// A Commit the others applied could not be processed here (its
+    /// sender broke it, by mistake or on purpose), so we rejoined by
+    /// external commit: the group carries on, and its members may want to
+    /// remove `culprit`.
+    Resynced {
+        group: String,
+        group_id: String,
+        /// The member whose Commit was broken (its device key), and its
+        /// contact name if known.
+        culprit: Option<Person>,
+        /// What MLS found wrong with the Commit.
+        reason: String,
+        /// The epoch our rejoin started.
+        epoch: u64,
+        members: usize,
+    },
     /// We were removed from the group.
     Removed {
         group: String,
@@ -218,6 +234,19 @@ impl Event {
                     .as_deref()
                     .unwrap_or(member_key.get(..16).unwrap_or(member_key));
                 eprintln!("group {group}: {who} rejoined; now at epoch {epoch}, {members} members");
+            }
+            Event::Resynced {
+                group,
+                culprit,
+                reason,
+                epoch,
+                members,
+                ..
+            } => {
+                let who = culprit.as_ref().map_or("a member", Person::shown);
+                eprintln!(
+                    "group {group}: a Commit from {who} could not be processed here ({reason}); rejoined to carry on, now at epoch {epoch}, {members} members. If it happens again, remove {who}"
+                );
             }
             Event::Removed { group, epoch, .. } => {
                 eprintln!("group {group}: you were removed from the group at epoch {epoch}")

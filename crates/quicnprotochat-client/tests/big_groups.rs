@@ -183,6 +183,7 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
                 &quicnprotochat_core::NoDeviceLists,
             )
             .unwrap();
+        let group_info = group.pending_group_info().unwrap().to_vec();
         let outcome = client
             .publish_commit(
                 &GroupId::new(b"one-epoch".to_vec()).unwrap(),
@@ -201,7 +202,7 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
                     group_info: state.group_info,
                     ratchet_tree: state.ratchet_tree,
                 }),
-                None,
+                Some(&group_info),
             )
             .await
             .unwrap();

@@ -10,7 +10,7 @@ mod common;
 use common::{TestNode, identity, local, state};
 use openmls::prelude::tls_codec::{DeserializeBytes as _, Serialize as _};
 use openmls::prelude::{
-    KeyPackage, LeafNodeParameters, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
+    KeyPackage, LeafNodeParameters, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, OpenMlsProvider as _,
     PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, RatchetTreeIn, StagedWelcome,
 };
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -96,17 +96,24 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
             .commit()
             .tls_serialize_detached()
             .unwrap();
+        // Every Commit brings the GroupInfo of the epoch it starts (with
+        // external_pub, which openmls puts in): exported once merged.
+        group.merge_pending_commit(&provider).unwrap();
+        let group_info = group
+            .export_group_info(provider.crypto(), &outsider, false)
+            .unwrap()
+            .tls_serialize_detached()
+            .unwrap();
         let envelope = Envelope {
             recipients: vec![alice_key.parse().unwrap()],
             payload: commit,
             message_id: Some(b"outsider-update".to_vec()),
         };
         let outcome = connection
-            .publish_commit(&group_id, epoch, &envelope, None, None, None)
+            .publish_commit(&group_id, epoch, &envelope, None, None, Some(&group_info))
             .await
             .unwrap();
         assert_eq!(outcome, CommitOutcome::Accepted, "the node checked and took it");
-        group.merge_pending_commit(&provider).unwrap();
         group
     });
     let mut group = message;

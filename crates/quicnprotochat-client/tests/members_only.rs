@@ -42,33 +42,35 @@ fn identity_of(member: &Member) -> IdentityKeypair {
 
 /// A Commit framed for `group` in `epoch` 0, made by `stranger` in a group of
 /// its own under the same id: what someone outside can send.
-fn strangers_commit(stranger: &IdentityKeypair, group: &GroupId) -> (Vec<u8>, GroupState) {
+fn strangers_commit(stranger: &IdentityKeypair, group: &GroupId) -> (Vec<u8>, GroupState, Vec<u8>) {
     let provider = OpenMlsRustCrypto::default();
     let mut own = GroupMember::create(&provider, stranger, group.as_bytes()).unwrap();
     let state = own.export_public_state(&provider, stranger).unwrap();
     let commit = own.self_update(&provider, stranger).unwrap();
+    let group_info = own.pending_group_info().unwrap().to_vec();
     (
         commit,
         GroupState {
             group_info: state.group_info,
             ratchet_tree: state.ratchet_tree,
         },
+        group_info,
     )
 }
 
 /// Every answer a stranger gets about `group`.
 async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair, group: &GroupId) -> String {
-    let (commit, state) = strangers_commit(stranger, group);
+    let (commit, state, group_info) = strangers_commit(stranger, group);
     let envelope = |payload: Vec<u8>| Envelope {
         recipients: Vec::new(),
         payload,
         message_id: None,
     };
     let commit_alone = client
-        .publish_commit(group, 0, &envelope(commit.clone()), None, None, None)
+        .publish_commit(group, 0, &envelope(commit.clone()), None, None, Some(&group_info))
         .await
         .unwrap();
-    let group_info = client.fetch_group_info(group).await.unwrap();
+    let served = client.fetch_group_info(group).await.unwrap();
     let tree = client.fetch_welcome_tree(group, 1).await.unwrap();
     // A PrivateMessage from epoch 0 of the group, to a queue of the
     // stranger's choosing.
@@ -80,10 +82,10 @@ async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair,
         .await
         .unwrap();
     let with_state = client
-        .publish_commit(group, 0, &envelope(commit), None, Some(&state), None)
+        .publish_commit(group, 0, &envelope(commit), None, Some(&state), Some(&group_info))
         .await
         .unwrap();
-    format!("{commit_alone:?} {group_info:?} {tree:?} {stale:?} | created: {with_state:?}")
+    format!("{commit_alone:?} {served:?} {tree:?} {stale:?} | created: {with_state:?}")
 }
 
 #[test]
@@ -222,6 +224,7 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
     let mut first = GroupMember::create(&provider, &owner, group.as_bytes()).unwrap();
     let state = first.export_public_state(&provider, &owner).unwrap();
     let commit = first.self_update(&provider, &owner).unwrap();
+    let group_info = first.pending_group_info().unwrap().to_vec();
     first.merge_pending_commit(&provider).unwrap();
     let mut mls = MlsGroup::load(
         provider.storage(),
@@ -260,7 +263,7 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
                     group_info: state.group_info,
                     ratchet_tree: state.ratchet_tree,
                 }),
-                None,
+                Some(&group_info),
             )
             .await
             .unwrap();
@@ -277,15 +280,15 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
             .await
             .unwrap();
         assert_eq!(outcome, ProposalOutcome::TooManyProposals { max: cap as u32 });
-        // The group itself is untouched: its GroupInfo answer is unchanged
-        // and the node still serves the tree of no epoch to a stranger.
+        // The group itself is untouched: still at epoch 1, its GroupInfo
+        // served, and no epoch started by adding anyone.
         assert_eq!(
             client.fetch_welcome_tree(&group, 1).await.unwrap(),
             FetchedWelcomeTree::Unavailable
         );
         assert!(matches!(
             client.fetch_group_info(&group).await.unwrap(),
-            FetchedGroupInfo::Unavailable
+            FetchedGroupInfo::State(_)
         ));
     });
 }

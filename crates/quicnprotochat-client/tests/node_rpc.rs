@@ -641,6 +641,7 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
                 &quicnprotochat_core::NoDeviceLists,
             )
             .unwrap();
+        let added_info = creator.pending_group_info().unwrap().to_vec();
         let state = creator.export_public_state(&one, &identity(1)).unwrap();
         let state = GroupState {
             group_info: state.group_info,
@@ -661,7 +662,14 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
         };
         let welcome = envelope(2, added.welcome.clone(), b"welcome");
         let started = winner
-            .publish_commit(&group_id, 0, &commit, Some(&welcome), Some(&state), None)
+            .publish_commit(
+                &group_id,
+                0,
+                &commit,
+                Some(&welcome),
+                Some(&state),
+                Some(&added_info),
+            )
             .await
             .unwrap();
         assert_eq!(started, CommitOutcome::Accepted);
@@ -679,21 +687,44 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
 
         // Two Commits made in epoch 1, as two members racing would make them.
         let first = creator.self_update(&one, &identity(1)).unwrap();
+        let first_info = creator.pending_group_info().unwrap().to_vec();
         let second = joiner.self_update(&two, &identity(2)).unwrap();
+        let second_info = joiner.pending_group_info().unwrap().to_vec();
         let won = winner
-            .publish_commit(&group_id, 1, &envelope(2, first.clone(), b"a"), None, None, None)
+            .publish_commit(
+                &group_id,
+                1,
+                &envelope(2, first.clone(), b"a"),
+                None,
+                None,
+                Some(&first_info),
+            )
             .await
             .unwrap();
         assert_eq!(won, CommitOutcome::Accepted);
         let lost = loser
-            .publish_commit(&group_id, 1, &envelope(1, second, b"b"), None, None, None)
+            .publish_commit(
+                &group_id,
+                1,
+                &envelope(1, second, b"b"),
+                None,
+                None,
+                Some(&second_info),
+            )
             .await
             .unwrap();
         assert_eq!(lost, CommitOutcome::Conflict { current_epoch: 2 });
         // The winner's retry (same message id) is accepted again, and only
         // the winning Commit was queued.
         let again = winner
-            .publish_commit(&group_id, 1, &envelope(2, first.clone(), b"a"), None, None, None)
+            .publish_commit(
+                &group_id,
+                1,
+                &envelope(2, first.clone(), b"a"),
+                None,
+                None,
+                Some(&first_info),
+            )
             .await
             .unwrap();
         assert_eq!(again, CommitOutcome::Accepted);

@@ -395,7 +395,8 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         };
         assert_eq!(served.group_info, rejoined.group_info, "the rejoin's, of epoch 2");
 
-        // A Commit without a GroupInfo leaves the node nothing to serve.
+        // A Commit without a GroupInfo is refused (nobody could rejoin past
+        // it), and the rejoin's stays served.
         creator
             .receive(&one, &rejoined.commit, &quicnprotochat_core::NoDeviceLists)
             .unwrap();
@@ -404,10 +405,13 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             .publish_commit(&group_id, 2, &envelope(&[2], update, b"update"), None, None, None)
             .await
             .unwrap();
-        assert_eq!(outcome, CommitOutcome::Accepted);
-        assert_eq!(
-            joiner.fetch_group_info(&group_id).await.unwrap(),
-            FetchedGroupInfo::Unavailable
-        );
+        match outcome {
+            CommitOutcome::Invalid { reason } => assert!(reason.contains("must carry groupInfo"), "{reason}"),
+            other => panic!("a Commit without groupInfo: {other:?}"),
+        }
+        let FetchedGroupInfo::State(served) = joiner.fetch_group_info(&group_id).await.unwrap() else {
+            panic!("no GroupInfo served");
+        };
+        assert_eq!(served.group_info, rejoined.group_info);
     });
 }

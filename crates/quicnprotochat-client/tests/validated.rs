@@ -168,8 +168,42 @@ fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
         "the node no longer knows the group's members"
     );
 
-    // Bob's next change hands the state over again, in the epoch the node
-    // kept; everyone goes on.
+    // A stranger who knows the id hands over a state of its own making, at
+    // the group's epoch: refused, told nothing, the group stays its
+    // members'.
+    let taken = common::local(async {
+        let stranger = common::identity(77);
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let mut own = GroupMember::create(&provider, &stranger, group_id.as_bytes()).unwrap();
+        own.self_update(&provider, &stranger).unwrap();
+        own.merge_pending_commit(&provider).unwrap();
+        let state = own.export_public_state(&provider, &stranger).unwrap();
+        let commit = own.self_update(&provider, &stranger).unwrap();
+        let group_info = own.pending_group_info().unwrap().to_vec();
+        node.connect_as(&stranger)
+            .await
+            .publish_commit(
+                &group_id,
+                1,
+                &Envelope {
+                    recipients: vec![alice.key.parse().unwrap()],
+                    payload: commit,
+                    message_id: None,
+                },
+                None,
+                Some(&quicnprotochat_proto::wire::GroupState {
+                    group_info: state.group_info,
+                    ratchet_tree: state.ratchet_tree,
+                }),
+                Some(&group_info),
+            )
+            .await
+            .unwrap()
+    });
+    assert_eq!(taken, CommitOutcome::UnknownGroup);
+
+    // Bob's next change hands the state over again, in the state the node
+    // kept the fingerprint of; everyone goes on.
     bob.run(&node, "update", &[]);
     alice.run(&node, "recv", &[]);
     alice.run(&node, "send", &["--group-id", "idle", "--msg", "awake again"]);

@@ -8,6 +8,8 @@ use std::fmt::Display;
 
 use thiserror::Error;
 
+use crate::identity::IdentityKey;
+
 /// Everything that can go wrong in identity, KeyPackage and group handling.
 #[non_exhaustive]
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -77,6 +79,26 @@ pub enum CoreError {
         message_epoch: u64,
         /// Our current epoch.
         group_epoch: u64,
+    },
+
+    /// A Commit of the group's current epoch, ordered by the delivery
+    /// service (so the others moved on with it), that we cannot process: a
+    /// broken membership tag, a path secret we cannot decrypt, a
+    /// confirmation tag that does not match. Its sender made it so, by
+    /// mistake or on purpose; the way on is to rejoin by external commit.
+    #[error(
+        "a Commit from {} for epoch {epoch} cannot be processed here ({reason})",
+        committer.as_ref().map_or("an unknown member".to_owned(), IdentityKey::short)
+    )]
+    BrokenCommit {
+        /// The group.
+        group_id: Vec<u8>,
+        /// The epoch the Commit was made in (ours).
+        epoch: u64,
+        /// The member whose leaf sent it (its device key), if known.
+        committer: Option<IdentityKey>,
+        /// What MLS found wrong.
+        reason: String,
     },
 
     /// We were removed from the group; it can no longer be used.

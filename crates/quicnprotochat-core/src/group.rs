@@ -929,6 +929,25 @@ impl GroupMember {
             return Err(past_epoch);
         }
 
+        // A Commit of our epoch that fails to process is one the others
+        // applied: told apart, so the caller can resync instead of staying
+        // behind for good. Only a PublicMessage Commit counts: that is what
+        // the delivery service checks and orders, and it refuses every
+        // other handshake, so a Commit in a PrivateMessage was ordered by
+        // nobody and is simply refused (our wire format policy).
+        let ordered_commit = message.content_type() == ContentType::Commit
+            && message.wire_format() == WireFormat::PublicMessage;
+        let committer = ordered_commit.then(|| self.committer(&message));
+        let group_id = self.group.group_id().as_slice().to_vec();
+        let broken = |reason: String| match &committer {
+            Some(committer) => CoreError::BrokenCommit {
+                group_id,
+                epoch: message_epoch,
+                committer: *committer,
+                reason,
+            },
+            None => CoreError::mls("processing a message")(reason),
+        };
         let processed = self
             .group
             .process_message(provider, message)
@@ -940,7 +959,7 @@ impl GroupMember {
                     CoreError::NotAMember
                 }
                 ProcessMessageError::StorageError(e) => CoreError::storage(e),
-                e => CoreError::mls("processing a message")(e),
+                e => broken(e.to_string()),
             })?;
 
         let sender = processed.sender().clone();
@@ -989,6 +1008,19 @@ impl GroupMember {
                 reason: "content type not supported".into(),
             }),
         }
+    }
+
+    /// The device key of the member whose leaf sent `message`, for a
+    /// PublicMessage from a member.
+    fn committer(&self, message: &ProtocolMessage) -> Option<IdentityKey> {
+        let ProtocolMessage::PublicMessage(public) = message else {
+            return None;
+        };
+        let Sender::Member(index) = public.sender() else {
+            return None;
+        };
+        let member = self.group.member_at(*index)?;
+        IdentityKey::try_from(member.signature_key.as_slice()).ok()
     }
 
     /// Deletes this group's state from `provider`'s storage, e.g. after we

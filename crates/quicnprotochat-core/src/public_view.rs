@@ -125,6 +125,25 @@ impl PublicView {
         self.group.members().count()
     }
 
+    /// A digest of the group's current state (its GroupContext: group id,
+    /// epoch, tree hash, transcript hash, extensions): what a member of
+    /// this epoch, and only one, can show again. The node keeps it when it
+    /// forgets a group's view, so that only a state of exactly this epoch
+    /// of this group can be handed over again.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        // Encoding a context openmls built cannot fail.
+        let context = self
+            .group
+            .group_context()
+            .tls_serialize_detached()
+            .unwrap_or_default();
+        let mut hash = sha2::Sha256::new();
+        hash.update(b"quicnprotochat group fingerprint v1");
+        hash.update(&context);
+        hash.finalize().into()
+    }
+
     /// How many standalone proposals the view keeps for a Commit of the
     /// current epoch.
     pub fn proposal_count(&self) -> usize {
@@ -185,6 +204,13 @@ impl PublicView {
         let MlsMessageBodyIn::GroupInfo(info) = message.extract() else {
             return Err(Invalid("groupInfo does not carry a GroupInfo".into()));
         };
+        // Without it nobody can rejoin from it, and rejoining is how a
+        // member that cannot process a Commit carries on.
+        if info.extensions().external_pub().is_none() {
+            return Err(Invalid(
+                "groupInfo lacks the external_pub extension, without which nobody can rejoin from it".into(),
+            ));
+        }
         if info.group_context() != self.group.group_context() {
             return Err(Invalid(format!(
                 "groupInfo does not describe the group in epoch {} as the Commit left it",
@@ -199,11 +225,6 @@ impl PublicView {
             .map_err(|_| Invalid("groupInfo is not signed by the committer".into()))?;
         self.items.0.borrow_mut().group_info = Some(group_info.to_vec());
         Ok(())
-    }
-
-    /// Forgets the GroupInfo kept for rejoins (it describes a past epoch).
-    pub fn forget_group_info(&mut self) {
-        self.items.0.borrow_mut().group_info = None;
     }
 
     /// The current epoch's GroupInfo (as accepted) and the ratchet tree
@@ -375,6 +396,18 @@ impl PublicView {
         }
         Ok(())
     }
+}
+
+/// Whether `commit` (a TLS-encoded MLSMessage) is an external Commit: the
+/// only kind the node accepts is a member's rejoin.
+pub fn is_rejoin(commit: &[u8]) -> bool {
+    let Ok(message) = MlsMessageIn::tls_deserialize_exact_bytes(commit) else {
+        return false;
+    };
+    matches!(
+        message.extract(),
+        MlsMessageBodyIn::PublicMessage(public) if matches!(public.sender(), Sender::NewMemberCommit)
+    )
 }
 
 /// What `PublicGroup` stores, each item encoded on its own.

@@ -37,6 +37,10 @@ pub const CONNECTIONS_OPEN: &str = "quicnprotochat_connections_open";
 pub const SUBSCRIPTIONS_OPEN: &str = "quicnprotochat_subscriptions_open";
 /// Messages queued for a recipient (one per recipient of an envelope).
 pub const MESSAGES_ENQUEUED: &str = "quicnprotochat_messages_enqueued_total";
+/// External Commits accepted: members rejoining a group, after losing
+/// their state or failing to process a Commit (a resync). Not labelled by
+/// group: a group id in a metric would name a group to whoever scrapes it.
+pub const REJOINS: &str = "quicnprotochat_rejoins_total";
 /// Messages handed to a push subscriber.
 pub const MESSAGES_PUSHED: &str = "quicnprotochat_messages_pushed_total";
 /// Messages deleted by acknowledgement.
@@ -123,6 +127,10 @@ fn describe() {
     describe_gauge!(SUBSCRIPTIONS_OPEN, "Push subscriptions open");
     describe_counter!(MESSAGES_ENQUEUED, "Messages queued, one per recipient");
     describe_counter!(MESSAGES_PUSHED, "Messages handed to push subscribers");
+    describe_counter!(
+        REJOINS,
+        "Rejoins by external Commit: members that lost their state or could not process a Commit"
+    );
     describe_counter!(MESSAGES_ACKED, "Messages deleted by acknowledgement");
     describe_gauge!(MESSAGES_QUEUED, "Messages waiting in all queues (sampled)");
     describe_gauge!(KEY_PACKAGES_STORED, "KeyPackages stored (sampled)");
@@ -139,7 +147,13 @@ fn describe() {
         GUARD_ABORTS,
         "RPC sessions the RPC guard ended for breaking the protocol"
     );
-    for name in [MESSAGES_ENQUEUED, MESSAGES_PUSHED, MESSAGES_ACKED, GUARD_ABORTS] {
+    for name in [
+        MESSAGES_ENQUEUED,
+        MESSAGES_PUSHED,
+        MESSAGES_ACKED,
+        GUARD_ABORTS,
+        REJOINS,
+    ] {
         metrics::counter!(name).increment(0);
     }
     for name in [

@@ -672,6 +672,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                 .chain(publication.welcome.as_ref())
                 .map(|envelope| envelope.recipients.len() as u64)
                 .sum();
+            let rejoin = quicnprotochat_core::public_view::is_rejoin(&publication.commit.payload);
             let outcome = match self.charge_change(
                 std::iter::once(&publication.commit).chain(publication.welcome.as_ref()),
                 extra,
@@ -701,6 +702,9 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             };
             if outcome == CommitOutcome::Accepted {
                 ::metrics::counter!(metrics::MESSAGES_ENQUEUED).increment(messages);
+                if rejoin {
+                    ::metrics::counter!(metrics::REJOINS).increment(1);
+                }
             }
             let label = outcome.label();
             outcome.write(results.get().init_outcome());

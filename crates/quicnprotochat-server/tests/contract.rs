@@ -62,22 +62,13 @@ fn schema_version(schema: &str) -> u16 {
     leading_number(after).unwrap_or_else(|| panic!("schemas/node.capnp: no number after \"{SCHEMA_MARKER}\""))
 }
 
-/// The protocol version a ping over a fresh anonymous connection reports.
-async fn pinged_version(node: &TestNode) -> u16 {
-    node.with_node(None, async |node| {
-        let response = node.ping_request().send().promise.await.unwrap();
-        response.get().unwrap().get_info().unwrap().get_protocol_version()
-    })
-    .await
-}
-
 #[tokio::test]
 async fn readme_schema_and_running_node_state_the_code_protocol_version() {
     let root = repository();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let schema = std::fs::read_to_string(root.join("schemas/node.capnp")).unwrap();
     let node = TestNode::start(|_| {}).await;
-    let pinged = pinged_version(&node).await;
+    let pinged = node.pinged_protocol().await;
     node.stop().await;
 
     let stated = [

@@ -43,6 +43,7 @@ const SERIES: &[&str] = &[
     "quicnprotochat_push_lag_seconds",
     "quicnprotochat_refusals_total",
     "quicnprotochat_guard_aborts_total",
+    "quicnprotochat_rejoins_total",
 ];
 
 /// `GET path` over plain TCP; the status line and the body.

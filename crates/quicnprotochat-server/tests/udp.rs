@@ -25,15 +25,6 @@ fn granted(bytes: Option<usize>) -> (usize, usize) {
     )
 }
 
-/// The protocol version a ping over a fresh anonymous connection reports.
-async fn ping(node: &TestNode) -> u16 {
-    node.with_node(None, async |node| {
-        let response = node.ping_request().send().promise.await.unwrap();
-        response.get().unwrap().get_info().unwrap().get_protocol_version()
-    })
-    .await
-}
-
 #[tokio::test]
 async fn the_node_asks_for_the_configured_udp_buffers_and_serves_through_them() {
     // Linux grants at most its cap (net.core.rmem_max, wmem_max), doubled
@@ -49,13 +40,13 @@ async fn the_node_asks_for_the_configured_udp_buffers_and_serves_through_them() 
         buffers.receive > default_receive || receive_cap <= default_receive,
         "more than the default of {default_receive} bytes, where the cap allows"
     );
-    assert_eq!(ping(&node).await, PROTOCOL_VERSION);
+    assert_eq!(node.pinged_protocol().await, PROTOCOL_VERSION);
     node.stop().await;
 
     // 0 leaves the system's defaults.
     let node = TestNode::start(|config| config.udp_buffer = 0).await;
     let buffers = node.udp_buffers();
     assert_eq!((buffers.receive, buffers.send), (default_receive, default_send));
-    assert_eq!(ping(&node).await, PROTOCOL_VERSION);
+    assert_eq!(node.pinged_protocol().await, PROTOCOL_VERSION);
     node.stop().await;
 }

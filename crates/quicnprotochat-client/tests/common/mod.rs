@@ -301,6 +301,7 @@ pub async fn smuggle_welcome(
     let mut cover = GroupMember::create(&provider, adder, cover_id.as_bytes()).unwrap();
     let state = cover.export_public_state(&provider, adder).unwrap();
     let commit = cover.self_update(&provider, adder).unwrap();
+    let group_info = cover.pending_group_info().map(<[u8]>::to_vec);
     let outcome = client
         .publish_commit(
             &GroupId::new(cover_id.into_bytes()).unwrap(),
@@ -319,7 +320,7 @@ pub async fn smuggle_welcome(
                 group_info: state.group_info,
                 ratchet_tree: state.ratchet_tree,
             }),
-            None,
+            group_info.as_deref(),
         )
         .await
         .unwrap();

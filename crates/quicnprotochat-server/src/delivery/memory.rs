@@ -21,6 +21,8 @@ pub struct MemoryStorage {
     /// increasing per queue and never reused.
     last_seq: u64,
     groups: HashMap<GroupId, u64>,
+    /// The fingerprint of each group's current state.
+    fingerprints: HashMap<GroupId, [u8; 32]>,
     views: HashMap<GroupId, (Vec<u8>, i64)>,
     welcome_trees: HashMap<(GroupId, u64), (WelcomeTree, i64)>,
     device_lists: HashMap<IdentityKey, SignedDeviceList>,
@@ -195,9 +197,19 @@ impl Storage for MemoryStorage {
         Ok(self.groups.get(group).copied())
     }
 
-    fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> Result<(), Infallible> {
+    fn set_group_epoch(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        fingerprint: &[u8; 32],
+    ) -> Result<(), Infallible> {
         self.groups.insert(group.clone(), epoch);
+        self.fingerprints.insert(group.clone(), *fingerprint);
         Ok(())
+    }
+
+    fn group_fingerprint(&mut self, group: &GroupId) -> Result<Option<[u8; 32]>, Infallible> {
+        Ok(self.fingerprints.get(group).copied())
     }
 
     fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, Infallible> {

@@ -372,23 +372,33 @@ pub fn publish_commit<S: Storage>(
         Ok(view) => view,
         Err(CommitRefusal::UnknownGroup) => match &publication.initial_state {
             None => return Ok(Err(CommitRefusal::UnknownGroup)),
-            // A forgotten group is handed over again at the epoch the node
-            // still knows, never an older one.
-            Some(_) if known_epoch.is_some_and(|epoch| epoch != publication.epoch) => {
-                return Ok(Err(CommitRefusal::Conflict {
-                    current_epoch: known_epoch.unwrap_or_default(),
-                }));
+            Some(state) => {
+                let view = match PublicView::start(
+                    group.as_bytes(),
+                    publication.epoch,
+                    &state.group_info,
+                    &state.ratchet_tree,
+                    sender,
+                ) {
+                    Ok(view) => view,
+                    Err(invalid) => return Ok(Err(invalid.into())),
+                };
+                // A forgotten group is handed over again only in the very
+                // state the node last knew it in (of which it kept the
+                // fingerprint): a stranger, or anyone holding an older
+                // state, is told nothing, as for a group it does not know.
+                if storage
+                    .group_fingerprint(group)?
+                    .is_some_and(|kept| kept != view.fingerprint())
+                {
+                    return Ok(Err(CommitRefusal::UnknownGroup));
+                }
+                // Groups from before fingerprints: never an older epoch.
+                if let Some(current_epoch) = known_epoch.filter(|epoch| *epoch != publication.epoch) {
+                    return Ok(Err(CommitRefusal::Conflict { current_epoch }));
+                }
+                view
             }
-            Some(state) => match PublicView::start(
-                group.as_bytes(),
-                publication.epoch,
-                &state.group_info,
-                &state.ratchet_tree,
-                sender,
-            ) {
-                Ok(view) => view,
-                Err(invalid) => return Ok(Err(invalid.into())),
-            },
         },
         Err(refusal) => return Ok(Err(refusal)),
     };
@@ -405,13 +415,16 @@ pub fn publish_commit<S: Storage>(
         return Ok(Err(invalid.into()));
     }
     let added: Vec<IdentityKey> = added.iter().map(|member| member.device).collect();
-    match &publication.group_info {
-        Some(group_info) => {
-            if let Err(invalid) = view.accept_group_info(group_info, sender) {
-                return Ok(Err(invalid.into()));
-            }
-        }
-        None => view.forget_group_info(),
+    // Every Commit brings the GroupInfo of the epoch it starts: a member
+    // that cannot process the Commit (its sender broke it) rejoins from it
+    // and the group carries on, instead of freezing for all but its sender.
+    let Some(group_info) = &publication.group_info else {
+        return Ok(Err(CommitRefusal::Invalid {
+            reason: "a Commit must carry groupInfo, the GroupInfo of the epoch it starts (with external_pub), so that members who cannot process it can rejoin".into(),
+        }));
+    };
+    if let Err(invalid) = view.accept_group_info(group_info, sender) {
+        return Ok(Err(invalid.into()));
     }
     if let Some(id) = &commit.message_id {
         storage.claim_message_id(sender, id, now)?;
@@ -429,7 +442,7 @@ pub fn publish_commit<S: Storage>(
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
     storage.set_group_view(group, &view.encode(), now)?;
-    storage.set_group_epoch(group, view.epoch())?;
+    storage.set_group_epoch(group, view.epoch(), &view.fingerprint())?;
     if !added.is_empty() {
         // Welcomes do not carry the tree; the new members fetch it.
         storage.put_welcome_tree(group, view.epoch(), &view.ratchet_tree(), &added, now)?;
@@ -662,8 +675,9 @@ pub fn purge<S: Storage>(storage: &mut S, older_than: i64, now: i64) -> Result<u
 
 /// Forgets the public views of groups without a change since `before`. A
 /// member's next change finds the group unknown and hands the node the
-/// group's state again, at the epoch the node still knows (so nobody can
-/// roll the group back to an older one).
+/// group's state again, in exactly the state the node last knew (its
+/// fingerprint is kept with the epoch), so nobody can roll the group back
+/// or hand over a state of its own making.
 pub fn purge_idle_groups<S: Storage>(storage: &mut S, before: i64) -> Result<usize, S::Error> {
     storage.purge_idle_groups(before)
 }

@@ -218,8 +218,18 @@ pub trait Storage {
     /// The epoch `group` is in, if the node has seen a Commit for it.
     fn group_epoch(&mut self, group: &GroupId) -> Result<Option<u64>, Self::Error>;
 
-    /// Moves `group` to `epoch`.
-    fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> Result<(), Self::Error>;
+    /// Moves `group` to `epoch`, whose state has `fingerprint`
+    /// (`PublicView::fingerprint`).
+    fn set_group_epoch(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        fingerprint: &[u8; 32],
+    ) -> Result<(), Self::Error>;
+
+    /// The fingerprint of the state `group` is in, if the node kept one
+    /// (groups of nodes before it have none).
+    fn group_fingerprint(&mut self, group: &GroupId) -> Result<Option<[u8; 32]>, Self::Error>;
 
     /// The stored public view of `group` (an opaque blob, see
     /// `quicnprotochat_core::PublicView`), if the node has one.

@@ -567,7 +567,7 @@ fn the_groupinfo_of_a_new_epoch_is_checked_and_served_only_to_members() {
     let group = publication.group_id.clone();
     let served = storage.run(|s| rules::group_info(s, &group, &bob.key())).unwrap();
     let state = served.expect("the node serves epoch 1's GroupInfo");
-    assert_eq!(Some(state.group_info), publication.group_info);
+    assert_eq!(Some(&state.group_info), publication.group_info.as_ref());
     assert!(!state.ratchet_tree.is_empty());
     assert_eq!(
         storage.run(|s| rules::group_info(s, &group, &key(9))),
@@ -575,18 +575,17 @@ fn the_groupinfo_of_a_new_epoch_is_checked_and_served_only_to_members() {
         "strangers get nothing"
     );
 
-    // A Commit without a GroupInfo leaves nothing current to serve.
+    // A Commit without a GroupInfo is refused: members who could not
+    // process it would have nothing to rejoin from.
     let next = alice.update();
-    publish(
-        &mut storage,
-        &alice.key(),
-        &alice.publication(next, &[bob.key()], b"u", false),
-        100,
-    )
-    .unwrap();
+    let mut bare = alice.publication(next, &[bob.key()], b"u", false);
+    bare.group_info = None;
+    let reason = invalid(publish(&mut storage, &alice.key(), &bare, 100));
+    assert!(reason.contains("must carry groupInfo"), "{reason}");
     assert_eq!(
         storage.run(|s| rules::group_info(s, &group, &bob.key())),
-        Ok(None)
+        Ok(Some(state)),
+        "the last one is still served"
     );
 }
 
@@ -757,13 +756,20 @@ fn a_well_signed_commit_with_a_broken_update_path_is_refused_and_the_group_goes_
         .commit()
         .tls_serialize_detached()
         .unwrap();
+    // The GroupInfo of epoch 1, as the node will see the group after it.
+    group.merge_pending_commit(&provider).unwrap();
+    let group_info = group
+        .export_group_info(provider.crypto(), &alice, false)
+        .unwrap()
+        .tls_serialize_detached()
+        .unwrap();
     let publication = CommitPublication {
         group_id,
         epoch: 0,
         commit: envelope(&[2], &honest, Some(b"honest")),
         welcome: None,
         initial_state: Some(initial_state),
-        group_info: None,
+        group_info: Some(group_info),
     };
     publish(&mut storage, &alice.public_key(), &publication, 100).unwrap();
     assert_eq!(payloads(&mut storage, 2), vec![honest]);

@@ -169,6 +169,12 @@ const MIGRATIONS: &[&str] = &[
      DROP INDEX key_packages_serving;
      DROP INDEX key_packages_by_identity;
      CREATE INDEX key_packages_serving ON key_packages (identity_key, ciphersuite, last_resort, id);",
+    // V14: a digest of each group's current state (protocol 7), kept past
+    // the view: a forgotten group is handed over again only in exactly
+    // that state, so a stranger who knows its id cannot take it. NULL for
+    // groups changed before.
+    "ALTER TABLE group_epochs ADD COLUMN fingerprint BLOB
+         CHECK (fingerprint IS NULL OR length(fingerprint) = 32);",
 ];
 
 /// The schema version this build creates and understands.

@@ -252,14 +252,28 @@ impl Storage for SqliteStorage<'_> {
         Ok(epoch.map(|epoch| u64::try_from(epoch).unwrap_or(0)))
     }
 
-    fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> rusqlite::Result<()> {
+    fn set_group_epoch(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        fingerprint: &[u8; 32],
+    ) -> rusqlite::Result<()> {
         self.db
             .prepare_cached(
-                "INSERT INTO group_epochs (group_id, epoch) VALUES (?1, ?2)
-                 ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch",
+                "INSERT INTO group_epochs (group_id, epoch, fingerprint) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch, fingerprint = excluded.fingerprint",
             )?
-            .execute(params![group.as_bytes(), sql_int(epoch)])?;
+            .execute(params![group.as_bytes(), sql_int(epoch), &fingerprint[..]])?;
         Ok(())
+    }
+
+    fn group_fingerprint(&mut self, group: &GroupId) -> rusqlite::Result<Option<[u8; 32]>> {
+        let fingerprint: Option<Option<Vec<u8>>> = self
+            .db
+            .prepare_cached("SELECT fingerprint FROM group_epochs WHERE group_id = ?1")?
+            .query_row(params![group.as_bytes()], |row| row.get(0))
+            .optional()?;
+        Ok(fingerprint.flatten().and_then(|bytes| bytes.try_into().ok()))
     }
 
     fn group_view(&mut self, group: &GroupId) -> rusqlite::Result<Option<Vec<u8>>> {

@@ -13,6 +13,9 @@ pub struct Member {
     pub provider: OpenMlsRustCrypto,
     pub identity: IdentityKeypair,
     pub group: GroupMember,
+    /// The GroupInfo of the epoch each Commit made here starts, by Commit:
+    /// a test may publish a Commit after making (and discarding) others.
+    group_infos: std::collections::HashMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Member {
@@ -25,6 +28,7 @@ impl Member {
             provider,
             identity,
             group,
+            group_infos: Default::default(),
         }
     }
 
@@ -51,7 +55,16 @@ impl Member {
 
     /// A self-update Commit of the current epoch, left pending.
     pub fn update(&mut self) -> Vec<u8> {
-        self.group.self_update(&self.provider, &self.identity).unwrap()
+        let commit = self.group.self_update(&self.provider, &self.identity).unwrap();
+        self.note_group_info(&commit);
+        commit
+    }
+
+    /// Keeps the GroupInfo of the Commit just made, for its publication.
+    fn note_group_info(&mut self, commit: &[u8]) {
+        if let Some(info) = self.group.pending_group_info() {
+            self.group_infos.insert(commit.to_vec(), info.to_vec());
+        }
     }
 
     /// Adds `identity(seed)` (a fresh KeyPackage of it): the Commit, left
@@ -68,6 +81,7 @@ impl Member {
                 &quicnprotochat_core::NoDeviceLists,
             )
             .unwrap();
+        self.note_group_info(&added.commit);
         (added.commit, added.welcome, joiner)
     }
 
@@ -80,7 +94,8 @@ impl Member {
     }
 
     /// The publication of `commit`, made in this member's current epoch, for
-    /// `to`; with the group's initial state when `with_state`.
+    /// `to`, with the GroupInfo of the epoch its pending Commit starts; with
+    /// the group's initial state when `with_state`.
     pub fn publication(
         &self,
         commit: Vec<u8>,
@@ -91,6 +106,12 @@ impl Member {
         CommitPublication {
             group_id: group_id(&self.group),
             epoch: self.epoch(),
+            // A Commit made straight on `group` has the pending GroupInfo.
+            group_info: self
+                .group_infos
+                .get(&commit)
+                .cloned()
+                .or_else(|| self.group.pending_group_info().map(<[u8]>::to_vec)),
             commit: Envelope {
                 recipients: to.to_vec(),
                 payload: commit,
@@ -98,7 +119,6 @@ impl Member {
             },
             welcome: None,
             initial_state: with_state.then(|| self.state()),
-            group_info: None,
         }
     }
 
@@ -131,6 +151,7 @@ pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8], tree: &[u8]) 
         provider,
         identity: identity(seed),
         group,
+        group_infos: Default::default(),
     }
 }
 

@@ -792,10 +792,25 @@ pub async fn an_idle_groups_view_is_forgotten_but_its_epoch_kept(backend: &impl 
     );
     assert_eq!(store.purge_idle_groups(i64::MAX).await.unwrap(), 1);
 
-    // Nobody can hand the node an older state than the epoch it kept.
+    // Nobody can hand the node an older state than the one it kept the
+    // fingerprint of, and it says nothing of the group to whoever tries.
     assert_eq!(
         store.publish_commit(alice.key(), stale).await.unwrap(),
-        Err(CommitRefusal::Conflict { current_epoch: 1 })
+        Err(CommitRefusal::UnknownGroup)
+    );
+    // Nor a state of the right epoch of someone's own making.
+    let mut stranger = mls::Member::create(9, b"g");
+    let own = stranger.update();
+    stranger.group.merge_pending_commit(&stranger.provider).unwrap();
+    drop(own);
+    assert_eq!(stranger.epoch(), 1);
+    let taken = stranger.update();
+    assert_eq!(
+        store
+            .publish_commit(stranger.key(), stranger.publication(taken, &[], b"take", true))
+            .await
+            .unwrap(),
+        Err(CommitRefusal::UnknownGroup)
     );
     // In the kept epoch: unknown until a member hands the state over again.
     let next = alice.update();

@@ -123,6 +123,16 @@ impl TestNode {
         self.with_client(device, body).await
     }
 
+    /// The protocol version a ping over a fresh anonymous connection
+    /// reports.
+    pub async fn pinged_protocol(&self) -> u16 {
+        self.with_node(None, async |node| {
+            let response = node.ping_request().send().promise.await.unwrap();
+            response.get().unwrap().get_info().unwrap().get_protocol_version()
+        })
+        .await
+    }
+
     async fn with_client<C: FromClientHook, T>(
         &self,
         device: Option<&IdentityKeypair>,

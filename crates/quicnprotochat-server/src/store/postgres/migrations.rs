@@ -109,6 +109,12 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE key_packages ALTER COLUMN ciphersuite DROP DEFAULT;
      DROP INDEX key_packages_serving;
      CREATE INDEX key_packages_serving ON key_packages (identity_key, ciphersuite, last_resort, id);",
+    // 4: a digest of each group's current state (protocol 7), kept past
+    // the view: a forgotten group is handed over again only in exactly
+    // that state, so a stranger who knows its id cannot take it. NULL for
+    // groups changed before.
+    "ALTER TABLE group_epochs ADD COLUMN fingerprint bytea
+         CHECK (fingerprint IS NULL OR octet_length(fingerprint) = 32);",
 ];
 
 /// The schema version this build creates.

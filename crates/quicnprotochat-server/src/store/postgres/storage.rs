@@ -666,20 +666,27 @@ impl Storage for PgStorage<'_> {
     /// Moves the epoch only from the one this command read: a competing
     /// Commit that another node accepted meanwhile makes this one run
     /// again, and then it sees that epoch.
-    fn set_group_epoch(&mut self, group: &GroupId, epoch: u64) -> Result<(), PgError> {
+    fn set_group_epoch(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        fingerprint: &[u8; 32],
+    ) -> Result<(), PgError> {
+        let fingerprint = &fingerprint[..];
         let moved = match self.epochs_read.get(group).copied() {
             Some(Some(read)) => self.execute(
-                "UPDATE group_epochs SET epoch = $2 WHERE group_id = $1 AND epoch = $3",
-                &[&group.as_bytes(), &sql_int(epoch), &sql_int(read)],
+                "UPDATE group_epochs SET epoch = $2, fingerprint = $4 WHERE group_id = $1 AND epoch = $3",
+                &[&group.as_bytes(), &sql_int(epoch), &sql_int(read), &fingerprint],
             )?,
             Some(None) => self.execute(
-                "INSERT INTO group_epochs (group_id, epoch) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&group.as_bytes(), &sql_int(epoch)],
+                "INSERT INTO group_epochs (group_id, epoch, fingerprint) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&group.as_bytes(), &sql_int(epoch), &fingerprint],
             )?,
             None => self.execute(
-                "INSERT INTO group_epochs (group_id, epoch) VALUES ($1, $2)
-                 ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch",
-                &[&group.as_bytes(), &sql_int(epoch)],
+                "INSERT INTO group_epochs (group_id, epoch, fingerprint) VALUES ($1, $2, $3)
+                 ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch, fingerprint = excluded.fingerprint",
+                &[&group.as_bytes(), &sql_int(epoch), &fingerprint],
             )?,
         };
         if moved == 0 {
@@ -690,6 +697,15 @@ impl Storage for PgStorage<'_> {
         self.epochs_read.insert(group.clone(), Some(epoch));
         self.epochs.insert(group.clone(), Some(epoch));
         Ok(())
+    }
+
+    fn group_fingerprint(&mut self, group: &GroupId) -> Result<Option<[u8; 32]>, PgError> {
+        let row = self.query_opt(
+            "SELECT fingerprint FROM group_epochs WHERE group_id = $1",
+            &[&group.as_bytes()],
+        )?;
+        let fingerprint: Option<Vec<u8>> = row.and_then(|row| row.get(0));
+        Ok(fingerprint.and_then(|bytes| bytes.try_into().ok()))
     }
 
     fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, PgError> {
