@@ -132,6 +132,60 @@ fn a_failed_queue_write_stores_nothing_and_the_next_send_goes_through(
     assert_eq!(out.trim(), format!("writes {}: after", alice.short()), "{out}");
 }
 
+/// A failed read of the group's state (a rejoin's GroupInfo, a Commit's
+/// check), and of the KeyPackage directory (an invite), is no refusal
+/// either: nothing is dropped, the change stays pending and goes through
+/// once the table is back.
+fn failed_group_and_key_package_reads_cost_nothing(node: &TestNode, db: &Outside, dir: &Path) {
+    let alice = Member::register(node, dir, "alice3");
+    let bob = Member::register(node, dir, "bob3");
+    let carol = Member::register(node, dir, "carol3");
+    common::group_of(node, "paths", &alice, &[&bob]);
+
+    db.break_table("group_views");
+    // A rejoin cannot read the GroupInfo: not told it may not rejoin.
+    let (ok, _, err) = bob.try_run(node, "rejoin", &["--group-id", "paths"]);
+    assert!(!ok, "{err}");
+    assert!(!err.contains("refused to let you rejoin"), "{err}");
+    // A Commit cannot be checked: it stays pending, not dropped.
+    let (ok, _, err) = alice.try_run(node, "update", &[]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("stays pending"), "{err}");
+    db.mend_table("group_views");
+    let (ok, _, err) = alice.try_run(node, "recv", &[]);
+    assert!(ok && err.contains("the node has it; now epoch 2"), "{err}");
+
+    db.break_table("key_packages");
+    let (ok, _, err) = alice.try_run(node, "invite", &["--peer-key", &carol.key]);
+    assert!(!ok, "{err}");
+    assert!(!err.contains("no KeyPackage"), "not told Carol has none: {err}");
+    db.mend_table("key_packages");
+    alice.run(node, "invite", &["--peer-key", &carol.key]);
+    carol.run(node, "join", &[]);
+    bob.run(node, "recv", &[]);
+    alice.run(node, "send", &["--msg", "all three"]);
+    for member in [&bob, &carol] {
+        let out = member.run(node, "recv", &[]);
+        assert_eq!(out.trim(), format!("paths {}: all three", alice.short()));
+    }
+}
+
+#[test]
+fn sqlite_failed_group_and_key_package_reads_cost_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, db) = sqlite_node(dir.path());
+    failed_group_and_key_package_reads_cost_nothing(&node, &db, dir.path());
+}
+
+#[test]
+fn postgres_failed_group_and_key_package_reads_cost_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((node, db)) = postgres_node(dir.path()) else {
+        return;
+    };
+    failed_group_and_key_package_reads_cost_nothing(&node, &db, dir.path());
+}
+
 #[test]
 fn sqlite_a_failed_welcome_tree_read_keeps_the_welcome() {
     let dir = tempfile::tempdir().unwrap();
@@ -308,4 +362,104 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
         texts.len(),
         epochs[0]
     );
+}
+
+/// A small file system of its own (tmpfs) for the node's data, so that a
+/// test can fill it; unmounted on drop. Mounting needs root (CI runs as
+/// root): elsewhere the test says so and passes.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, megabytes: u32) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(SmallDisk { path })
+    }
+
+    /// Fills the disk with a file of its own until the file system says
+    /// it is full; returns the file.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5a; 64 * 1024];
+        while file.write_all(&chunk).and_then(|()| file.sync_data()).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: the node may still hold its files while it stops.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// The node's SQLite file on a disk that fills up: a send that needs room
+/// fails without being acknowledged and stores nothing, and once space is
+/// free again the node carries on by itself: the next send is delivered,
+/// once, and the failed one never.
+#[test]
+fn sqlite_on_a_full_disk_stores_nothing_and_carries_on_once_there_is_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(dir.path().join("disk"), 24) else {
+        return;
+    };
+    let node = TestNode::start_with(
+        Config::in_dir(&disk.path, SocketAddr::from(([127, 0, 0, 1], 0))),
+        disk.path.clone(),
+    );
+    let alice = Member::register(&node, dir.path(), "alice");
+    let bob = Member::register(&node, dir.path(), "bob");
+    common::group_of(&node, "full", &alice, &[&bob]);
+
+    let filler = disk.fill();
+    // Sends big enough that the write-ahead log must grow, until one finds
+    // no room (a few may still fit in pages SQLite holds already).
+    let mut acknowledged = Vec::new();
+    let mut refused = false;
+    for n in 0..40 {
+        let text = format!("{n} {}", "x".repeat(100 * 1024));
+        let (ok, _, err) = alice.try_run(&node, "send", &["--msg", &text]);
+        if ok {
+            acknowledged.push(text);
+        } else {
+            eprintln!(
+                "send {n} on the full disk: {}",
+                err.lines().last().unwrap_or_default()
+            );
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a full disk took 40 sends of 100 KiB");
+    std::fs::remove_file(filler).unwrap();
+
+    alice.run(&node, "send", &["--msg", "room again"]);
+    let out = bob.run(&node, "recv", &[]);
+    let prefix = format!("full {}: ", alice.short());
+    let received: Vec<&str> = out
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .collect();
+    let mut expected: Vec<&str> = acknowledged.iter().map(String::as_str).collect();
+    expected.push("room again");
+    assert_eq!(
+        received, expected,
+        "every acknowledged message once, the refused one never"
+    );
+    drop(node);
 }
