@@ -118,6 +118,13 @@ struct DeviceListOutcome {
     # 2^64-1 could never be replaced). Sign a list with a version within
     # the step.
     tooFar @5 :DeviceListTooFar;
+
+    # The list names a device an earlier list of this user dropped
+    # (protocol 7): removed devices stay removed, whoever uploads the list.
+    # Every device holds the user key, so a removed one could otherwise
+    # sign itself back in. Link the hardware anew (a new link code makes a
+    # new device key).
+    removedDevice @6 :Void;
   }
 }
 

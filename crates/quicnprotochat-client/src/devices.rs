@@ -196,6 +196,12 @@ pub(crate) async fn publish_list(
                     "this device is not in the user's current list on the node (it was removed)".into(),
                 ));
             }
+            DeviceListOutcome::RemovedDevice => {
+                return Err(ClientError::DeviceListRefused(
+                    "the list names a device removed earlier; removed devices stay removed (link it anew)"
+                        .into(),
+                ));
+            }
             DeviceListOutcome::TooFar { current, max_step } => {
                 return Err(ClientError::DeviceListRefused(format!(
                     "version {version} is more than {max_step} above the node's {current}; lists move forward one step at a time"

@@ -14,8 +14,11 @@ use openmls::prelude::{
 };
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider as _;
+use quicnprotochat_client::state::StateFile;
 use quicnprotochat_core::{CIPHERSUITE, GroupId, GroupMember, IdentityKey, IdentityKeypair, Seq};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
+use quicnprotochat_proto::outcome::{
+    CommitOutcome, DeviceListOutcome, FetchedKeyPackage, FetchedWelcomeTree,
+};
 use quicnprotochat_proto::wire::Envelope;
 
 /// `link` on a new state file: the one line it prints.
@@ -200,6 +203,35 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
     let (ok, _, err) = devices_try(&node, &laptop, &["add", &spare]);
     assert!(!ok);
     assert!(err.contains("not in the user's current list"), "{err}");
+    // Nor by any other way it can try: it signs, with the user key it
+    // kept, a list naming itself again, and uploads it as itself and as
+    // the user key (the phone's own identity).
+    let laptop_state = StateFile::open(std::path::Path::new(&laptop.state)).unwrap();
+    let user = laptop_state.user().unwrap();
+    let laptop_identity = laptop_state.identity().unwrap();
+    let outcomes = common::local(async {
+        let anyone = node.connect().await;
+        let current = anyone.fetch_device_lists(&[user.public_key()]).await.unwrap();
+        let current = current[0].list().clone();
+        let mut devices = current.devices().to_vec();
+        devices.push(laptop_identity.public_key());
+        let back = quicnprotochat_core::DeviceList::new(user.public_key(), current.version() + 1, devices)
+            .unwrap()
+            .sign(&user)
+            .unwrap();
+        let mut outcomes = Vec::new();
+        for caller in [&laptop_identity, &user] {
+            let client = node.connect_as(caller).await;
+            outcomes.push(client.upload_device_list(&back).await.unwrap());
+        }
+        outcomes
+    });
+    assert_eq!(
+        outcomes,
+        [DeviceListOutcome::NotADevice, DeviceListOutcome::RemovedDevice]
+    );
+    let listed = devices_ok(&node, &phone, &["list"]);
+    assert_eq!(listed.trim(), format!("{phone_device} (this device)"));
 }
 
 #[test]

@@ -227,6 +227,9 @@ pub enum DeviceListOutcome {
     NotADevice,
     /// Over the caller's send budget; nothing was stored.
     RateLimited(RateLimited),
+    /// The list names a device an earlier list of the user dropped;
+    /// nothing was stored.
+    RemovedDevice,
     /// The version is more than `max_step` above `current` (0: no stored
     /// list); nothing was stored.
     TooFar {
@@ -246,6 +249,7 @@ impl DeviceListOutcome {
             DeviceListOutcome::BadSignature => builder.set_bad_signature(()),
             DeviceListOutcome::NotADevice => builder.set_not_a_device(()),
             DeviceListOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+            DeviceListOutcome::RemovedDevice => builder.set_removed_device(()),
             DeviceListOutcome::TooFar { current, max_step } => {
                 let mut slot = builder.init_too_far();
                 slot.set_current(*current);
@@ -267,6 +271,7 @@ impl DeviceListOutcome {
             Which::BadSignature(()) => DeviceListOutcome::BadSignature,
             Which::NotADevice(()) => DeviceListOutcome::NotADevice,
             Which::RateLimited(limited) => DeviceListOutcome::RateLimited(RateLimited::read(limited?)),
+            Which::RemovedDevice(()) => DeviceListOutcome::RemovedDevice,
             Which::TooFar(far) => {
                 let far = far?;
                 DeviceListOutcome::TooFar {
@@ -631,6 +636,7 @@ mod tests {
             DeviceListOutcome::Stale { current: 4 },
             DeviceListOutcome::BadSignature,
             DeviceListOutcome::NotADevice,
+            DeviceListOutcome::RemovedDevice,
             DeviceListOutcome::TooFar {
                 current: 2,
                 max_step: 1 << 20,

@@ -308,6 +308,7 @@ impl NodeServiceImpl {
             Err(DeviceListRefusal::Stale { current }) => DeviceListOutcome::Stale { current },
             Err(DeviceListRefusal::BadSignature) => DeviceListOutcome::BadSignature,
             Err(DeviceListRefusal::NotADevice) => DeviceListOutcome::NotADevice,
+            Err(DeviceListRefusal::RemovedDevice) => DeviceListOutcome::RemovedDevice,
             Err(DeviceListRefusal::TooFar { current, max_step }) => {
                 DeviceListOutcome::TooFar { current, max_step }
             }
@@ -999,6 +1000,7 @@ impl Label for DeviceListOutcome {
             DeviceListOutcome::BadSignature => "bad_signature",
             DeviceListOutcome::NotADevice => "not_a_device",
             DeviceListOutcome::TooFar { .. } => "too_far",
+            DeviceListOutcome::RemovedDevice => "removed_device",
             DeviceListOutcome::RateLimited(_) => "rate_limited",
         }
     }

@@ -42,8 +42,8 @@ impl Backend for Postgres {
         // The synchronous client must not run on an async thread.
         std::thread::spawn(move || {
             let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            // Migration 3 added the ciphersuite; undone here with 4 after
-            // it.
+            // Migration 3 added the ciphersuite; undone here with 4 and 5
+            // after it.
             let version: Vec<u8> = db
                 .query_one(
                     "SELECT value FROM quicnprotochat_meta WHERE key = 'schema_version'",
@@ -51,9 +51,10 @@ impl Backend for Postgres {
                 )
                 .unwrap()
                 .get(0);
-            assert_eq!(version, b"4", "undo the migrations after 3 here too");
+            assert_eq!(version, b"5", "undo the migrations after 3 here too");
             db.batch_execute(
-                "ALTER TABLE group_epochs DROP COLUMN fingerprint;
+                "DROP TABLE removed_devices;
+                 ALTER TABLE group_epochs DROP COLUMN fingerprint;
                  DROP INDEX key_packages_serving;
                  ALTER TABLE key_packages DROP COLUMN ciphersuite;
                  CREATE INDEX key_packages_serving ON key_packages (identity_key, last_resort, id);

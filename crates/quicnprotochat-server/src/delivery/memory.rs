@@ -26,6 +26,7 @@ pub struct MemoryStorage {
     views: HashMap<GroupId, (Vec<u8>, i64)>,
     welcome_trees: HashMap<(GroupId, u64), (WelcomeTree, i64)>,
     device_lists: HashMap<IdentityKey, SignedDeviceList>,
+    removed_devices: std::collections::HashSet<(IdentityKey, IdentityKey)>,
 }
 
 impl MemoryStorage {
@@ -278,6 +279,21 @@ impl Storage for MemoryStorage {
 
     fn put_device_list(&mut self, list: &SignedDeviceList, _now: i64) -> Result<(), Infallible> {
         self.device_lists.insert(*list.list().user(), list.clone());
+        Ok(())
+    }
+
+    fn is_removed_device(&mut self, user: &IdentityKey, device: &IdentityKey) -> Result<bool, Infallible> {
+        Ok(self.removed_devices.contains(&(*user, *device)))
+    }
+
+    fn remove_devices(
+        &mut self,
+        user: &IdentityKey,
+        devices: &[IdentityKey],
+        _now: i64,
+    ) -> Result<(), Infallible> {
+        self.removed_devices
+            .extend(devices.iter().map(|device| (*user, *device)));
         Ok(())
     }
 

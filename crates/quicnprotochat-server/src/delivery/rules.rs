@@ -212,6 +212,9 @@ pub enum DeviceListRefusal {
     /// The caller is not a device of the stored list (nor, for a user's
     /// first list, of the new one or the user key).
     NotADevice,
+    /// The list names a device an earlier list of the user dropped:
+    /// removed devices stay removed.
+    RemovedDevice,
     /// The version is more than `max_step` above `current` (0: no list
     /// stored).
     TooFar {
@@ -239,7 +242,13 @@ pub enum DeviceListRefusal {
 ///    user once signed;
 /// 4. the version: higher than the stored one, or the list is stale; and
 ///    at most [`MAX_DEVICE_LIST_STEP`] above it (or above 0 for a first
-///    list), so that versions cannot be used up.
+///    list), so that versions cannot be used up;
+/// 5. no device an earlier list dropped: a removed device still holds the
+///    user key (every device does), so it could sign a list naming itself
+///    again and upload it as the user key; whoever uploads, it stays out.
+///
+/// The devices a stored list names and the new one does not are recorded
+/// as removed.
 pub fn upload_device_list<S: Storage>(
     storage: &mut S,
     caller: &IdentityKey,
@@ -275,7 +284,24 @@ pub fn upload_device_list<S: Storage>(
             max_step: MAX_DEVICE_LIST_STEP,
         }));
     }
+    for device in list.list().devices() {
+        if storage.is_removed_device(user, device)? {
+            return Ok(Err(DeviceListRefusal::RemovedDevice));
+        }
+    }
     storage.put_device_list(list, now)?;
+    if let Some(stored) = &stored {
+        let dropped: Vec<IdentityKey> = stored
+            .list()
+            .devices()
+            .iter()
+            .filter(|device| !list.list().contains(device))
+            .copied()
+            .collect();
+        if !dropped.is_empty() {
+            storage.remove_devices(user, &dropped, now)?;
+        }
+    }
     Ok(Ok(()))
 }
 

@@ -278,6 +278,17 @@ pub trait Storage {
     /// the stored list changed since).
     fn put_device_list(&mut self, list: &SignedDeviceList, now: i64) -> Result<(), Self::Error>;
 
+    /// Whether a list of `user` once dropped `device`.
+    fn is_removed_device(&mut self, user: &IdentityKey, device: &IdentityKey) -> Result<bool, Self::Error>;
+
+    /// Records that a list of `user` dropped `devices`, for good.
+    fn remove_devices(
+        &mut self,
+        user: &IdentityKey,
+        devices: &[IdentityKey],
+        now: i64,
+    ) -> Result<(), Self::Error>;
+
     /// Messages queued and KeyPackages stored in all, for metrics; read
     /// every few seconds, so it must stay cheap (one row per queue at most).
     fn totals(&mut self) -> Result<Totals, Self::Error>;

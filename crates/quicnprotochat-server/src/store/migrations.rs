@@ -175,6 +175,15 @@ const MIGRATIONS: &[&str] = &[
     // groups changed before.
     "ALTER TABLE group_epochs ADD COLUMN fingerprint BLOB
          CHECK (fingerprint IS NULL OR length(fingerprint) = 32);",
+    // V15: devices a user's list dropped (protocol 7): no later list may
+    // name them again, whoever uploads it, so a removed device that still
+    // holds the user key cannot put itself back.
+    "CREATE TABLE removed_devices (
+         user_key BLOB NOT NULL CHECK (length(user_key) = 32),
+         device_key BLOB NOT NULL CHECK (length(device_key) = 32),
+         removed_at INTEGER NOT NULL,
+         PRIMARY KEY (user_key, device_key)
+     ) WITHOUT ROWID;",
 ];
 
 /// The schema version this build creates and understands.

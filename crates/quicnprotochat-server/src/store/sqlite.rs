@@ -394,6 +394,28 @@ impl Storage for SqliteStorage<'_> {
         Ok(())
     }
 
+    fn is_removed_device(&mut self, user: &IdentityKey, device: &IdentityKey) -> rusqlite::Result<bool> {
+        self.db
+            .prepare_cached("SELECT 1 FROM removed_devices WHERE user_key = ?1 AND device_key = ?2")?
+            .exists(params![user.as_bytes(), device.as_bytes()])
+    }
+
+    fn remove_devices(
+        &mut self,
+        user: &IdentityKey,
+        devices: &[IdentityKey],
+        now: i64,
+    ) -> rusqlite::Result<()> {
+        let mut insert = self.db.prepare_cached(
+            "INSERT INTO removed_devices (user_key, device_key, removed_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )?;
+        for device in devices {
+            insert.execute(params![user.as_bytes(), device.as_bytes(), now])?;
+        }
+        Ok(())
+    }
+
     fn totals(&mut self) -> rusqlite::Result<Totals> {
         // `queue_depths` is kept by triggers: one row per queue, not per
         // message.

@@ -1,6 +1,6 @@
 //! Device lists (protocol 5): stored only when signed by the user key, sent
-//! by a device of the user, and newer than the stored one; served in the
-//! order asked.
+//! by a device of the user, newer than the stored one (by a bounded step)
+//! and naming no device an earlier list dropped; served in the order asked.
 
 use openmls_traits::signatures::Signer;
 use quicnprotochat_core::{DeviceList, IdentityKey, IdentityKeypair, SignedDeviceList};
@@ -206,7 +206,13 @@ pub async fn only_a_device_of_the_stored_list_may_replace_it(backend: &impl Back
         store.upload_device_list(public(LAPTOP), v2).await.unwrap(),
         Ok(())
     );
-    // A listed device may.
+    // A listed device may replace the list, but not with the removed
+    // laptop in it (removed devices stay removed): with a new device.
+    assert_eq!(
+        store.upload_device_list(public(PHONE), v3).await.unwrap(),
+        Err(DeviceListRefusal::RemovedDevice)
+    );
+    let v3 = signed_list(USER, 3, &[PHONE, TABLET]);
     assert_eq!(
         store.upload_device_list(public(PHONE), v3.clone()).await.unwrap(),
         Ok(())
@@ -268,6 +274,58 @@ pub async fn concurrent_uploads_of_one_users_list_never_lose_the_newest(backend:
     assert_eq!(
         store.device_lists(vec![public(USER)]).await.unwrap(),
         vec![signed_list(USER, 17, &[PHONE, LAPTOP])]
+    );
+    close((store, closer)).await;
+}
+
+pub async fn a_device_a_list_dropped_stays_out_whoever_uploads(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let upload = |caller: u8, list: SignedDeviceList| {
+        let store = store.clone();
+        async move { store.upload_device_list(public(caller), list).await.unwrap() }
+    };
+    // The user key is a device (the first one); the laptop is linked, then
+    // removed by a list the phone uploads.
+    assert_eq!(
+        upload(USER, signed_list(USER, 1, &[USER, PHONE, LAPTOP])).await,
+        Ok(())
+    );
+    let without = signed_list(USER, 2, &[USER, PHONE]);
+    assert_eq!(upload(PHONE, without.clone()).await, Ok(()));
+    // The laptop still holds the user key: it signs a list naming itself
+    // again and tries every identity it has. None gets it back in.
+    let back = signed_list(USER, 3, &[USER, PHONE, LAPTOP]);
+    assert_eq!(
+        upload(LAPTOP, back.clone()).await,
+        Err(DeviceListRefusal::NotADevice)
+    );
+    for caller in [USER, PHONE] {
+        assert_eq!(
+            upload(caller, back.clone()).await,
+            Err(DeviceListRefusal::RemovedDevice)
+        );
+    }
+    close((store, closer)).await;
+    // Durably: after a restart too, and in a list of its own making.
+    let (store, closer) = backend.open();
+    assert_eq!(
+        store
+            .upload_device_list(public(USER), signed_list(USER, 9, &[USER, LAPTOP]))
+            .await
+            .unwrap(),
+        Err(DeviceListRefusal::RemovedDevice)
+    );
+    assert_eq!(
+        store.device_lists(vec![public(USER)]).await.unwrap(),
+        vec![without]
+    );
+    // A newly linked device is welcome.
+    assert_eq!(
+        store
+            .upload_device_list(public(PHONE), signed_list(USER, 3, &[USER, PHONE, TABLET]))
+            .await
+            .unwrap(),
+        Ok(())
     );
     close((store, closer)).await;
 }

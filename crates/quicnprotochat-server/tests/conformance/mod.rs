@@ -51,6 +51,7 @@ macro_rules! every_check {
             an_idle_groups_view_is_forgotten_but_its_epoch_kept,
             a_device_list_is_stored_by_its_device_and_served_in_the_order_asked,
             a_device_list_only_moves_to_a_higher_version,
+            a_device_a_list_dropped_stays_out_whoever_uploads,
             a_device_list_not_signed_by_its_user_key_is_refused,
             only_a_device_of_the_stored_list_may_replace_it,
             concurrent_uploads_of_one_users_list_never_lose_the_newest,
@@ -67,6 +68,7 @@ pub(crate) use every_check;
 
 #[allow(unused_imports)] // files checking other things use the helpers only
 pub use device_lists::{
+    a_device_a_list_dropped_stays_out_whoever_uploads,
     a_device_list_is_stored_by_its_device_and_served_in_the_order_asked,
     a_device_list_not_signed_by_its_user_key_is_refused, a_device_list_only_moves_to_a_higher_version,
     concurrent_uploads_of_one_users_list_never_lose_the_newest,

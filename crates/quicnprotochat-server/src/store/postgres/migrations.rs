@@ -115,6 +115,15 @@ const MIGRATIONS: &[&str] = &[
     // groups changed before.
     "ALTER TABLE group_epochs ADD COLUMN fingerprint bytea
          CHECK (fingerprint IS NULL OR octet_length(fingerprint) = 32);",
+    // 5: devices a user's list dropped (protocol 7): no later list may name
+    // them again, whoever uploads it, so a removed device that still holds
+    // the user key cannot put itself back.
+    "CREATE TABLE removed_devices (
+         user_key bytea NOT NULL CHECK (octet_length(user_key) = 32),
+         device_key bytea NOT NULL CHECK (octet_length(device_key) = 32),
+         removed_at bigint NOT NULL,
+         PRIMARY KEY (user_key, device_key)
+     );",
 ];
 
 /// The schema version this build creates.

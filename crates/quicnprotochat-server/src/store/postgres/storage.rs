@@ -834,6 +834,30 @@ impl Storage for PgStorage<'_> {
     /// same version, or none): another node's list stored meanwhile makes
     /// this command run again, and then it sees that list. Versions only
     /// rise, so an equal version is the very list that was read.
+    fn is_removed_device(&mut self, user: &IdentityKey, device: &IdentityKey) -> Result<bool, PgError> {
+        let row = self.query_opt(
+            "SELECT 1 FROM removed_devices WHERE user_key = $1 AND device_key = $2",
+            &[&user.as_bytes().as_slice(), &device.as_bytes().as_slice()],
+        )?;
+        Ok(row.is_some())
+    }
+
+    fn remove_devices(
+        &mut self,
+        user: &IdentityKey,
+        devices: &[IdentityKey],
+        now: i64,
+    ) -> Result<(), PgError> {
+        for device in devices {
+            self.execute(
+                "INSERT INTO removed_devices (user_key, device_key, removed_at) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&user.as_bytes().as_slice(), &device.as_bytes().as_slice(), &now],
+            )?;
+        }
+        Ok(())
+    }
+
     fn put_device_list(&mut self, list: &SignedDeviceList, now: i64) -> Result<(), PgError> {
         let user = list.list().user();
         let columns = DeviceListColumns::of(list);
