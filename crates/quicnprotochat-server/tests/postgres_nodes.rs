@@ -258,9 +258,12 @@ async fn device_lists_stored_on_two_nodes_at_once_never_lose_the_newest() {
     let (user, phone) = (1u8, 10u8);
     for round in 0..10u64 {
         // Two lists under one version, one through each node: one wins.
+        // Each round names devices of its own: a device a list dropped
+        // may never come back.
         let version = 3 * round + 1;
-        let one = signed_list(user, version, &[phone, 20]);
-        let other = signed_list(user, version, &[phone, 21]);
+        let device = 20 + 4 * round as u8;
+        let one = signed_list(user, version, &[phone, device]);
+        let other = signed_list(user, version, &[phone, device + 1]);
         let (x, y) = tokio::join!(
             a.0.upload_device_list(public(phone), one.clone()),
             b.0.upload_device_list(public(phone), other.clone())
@@ -276,8 +279,8 @@ async fn device_lists_stored_on_two_nodes_at_once_never_lose_the_newest() {
 
         // Two newer versions at once: the higher one is stored, whichever
         // commits first.
-        let newer = signed_list(user, version + 1, &[phone, 22]);
-        let newest = signed_list(user, version + 2, &[phone, 23]);
+        let newer = signed_list(user, version + 1, &[phone, device + 2]);
+        let newest = signed_list(user, version + 2, &[phone, device + 3]);
         let (x, y) = tokio::join!(
             a.0.upload_device_list(public(phone), newer),
             b.0.upload_device_list(public(phone), newest.clone())
