@@ -246,6 +246,27 @@ fn postgres_restarted_while_the_node_idles_answers_the_first_calls() {
     );
 }
 
+/// Runs `command` as a script would right after an outage: a call that
+/// meets a database connection the crash left dead is answered
+/// `disconnected` (exit 3), and the README says to retry those.
+/// Returns what every attempt printed.
+fn run_retrying(node: &TestNode, member: &Member, command: &str, args: &[&str]) -> String {
+    let mut printed = String::new();
+    for _ in 0..5 {
+        let (ok, out, err) = member.try_run(node, command, args);
+        printed.push_str(&out);
+        if ok {
+            return printed;
+        }
+        eprintln!(
+            "{command}: {}; trying again",
+            err.lines().last().unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    printed + &member.run(node, command, args)
+}
+
 /// The epoch `member`'s `groups` shows for `group`.
 fn epoch_of(node: &TestNode, member: &Member, group: &str) -> Option<u64> {
     let listed = member.run(node, "groups", &[]);
@@ -277,6 +298,8 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
     let mut acknowledged = Vec::new();
     let mut received: Vec<String> = Vec::new();
     let mut invite_taken = false;
+    // What the clients said on stderr, shown when an assertion fails.
+    let mut notes: Vec<String> = Vec::new();
     std::thread::scope(|scope| {
         scope.spawn(|| {
             for _ in 0..3 {
@@ -288,11 +311,14 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
         });
         for round in 0..18 {
             let text = format!("storm message {round}");
-            if alice.try_run(&node, "send", &["--msg", &text]).0 {
+            let (ok, _, err) = alice.try_run(&node, "send", &["--msg", &text]);
+            notes.extend(err.lines().map(|line| format!("alice ({text}): {line}")));
+            if ok {
                 acknowledged.push(text);
             }
             match round % 6 {
-                1 => drop(bob.try_run(&node, "update", &[])),
+                // Its catch-up prints what arrived, as `recv` does.
+                1 => received.extend(bob.try_run(&node, "update", &[]).1.lines().map(str::to_owned)),
                 3 => drop(carol.try_run(&node, "update", &[])),
                 5 if !invite_taken => {
                     // Taken means answered, or left pending for the next
@@ -302,22 +328,23 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
                 }
                 _ => {}
             }
-            let (_, out, _) = bob.try_run(&node, "recv", &[]);
+            let (_, out, err) = bob.try_run(&node, "recv", &[]);
             received.extend(out.lines().map(str::to_owned));
+            notes.extend(err.lines().map(|line| format!("bob: {line}")));
         }
     });
     if !invite_taken {
         // Every try met the database down before anything was staged.
-        alice.run(&node, "invite", &["--peer-key", &dave.key]);
+        run_retrying(&node, &alice, "invite", &["--peer-key", &dave.key]);
     }
 
     // The database stays up now: everyone settles what is pending.
     let mut epochs = Vec::new();
     for _ in 0..6 {
         for member in [&alice, &carol] {
-            member.run(&node, "recv", &[]);
+            run_retrying(&node, member, "recv", &[]);
         }
-        let out = bob.run(&node, "recv", &[]);
+        let out = run_retrying(&node, &bob, "recv", &[]);
         received.extend(out.lines().map(str::to_owned));
         epochs = [&alice, &bob, &carol]
             .iter()
@@ -331,8 +358,8 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
         epochs.windows(2).all(|pair| pair[0] == pair[1]),
         "one epoch: {epochs:?}"
     );
-    dave.run(&node, "join", &[]);
-    dave.run(&node, "recv", &[]);
+    run_retrying(&node, &dave, "join", &[]);
+    run_retrying(&node, &dave, "recv", &[]);
     assert_eq!(
         epoch_of(&node, &dave, "storm"),
         epochs[0],
@@ -346,7 +373,12 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
         .collect();
     for text in &acknowledged {
         let copies = texts.iter().filter(|got| *got == text).count();
-        assert_eq!(copies, 1, "{text}: delivered {copies} times; received {texts:?}");
+        assert_eq!(
+            copies,
+            1,
+            "{text}: delivered {copies} times; received {texts:?}\n{}",
+            notes.join("\n")
+        );
     }
     let mut distinct = texts.clone();
     distinct.sort_unstable();
