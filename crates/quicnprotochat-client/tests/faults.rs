@@ -170,53 +170,38 @@ fn failed_group_and_key_package_reads_cost_nothing(node: &TestNode, db: &Outside
     }
 }
 
-#[test]
-fn sqlite_failed_group_and_key_package_reads_cost_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (node, db) = sqlite_node(dir.path());
-    failed_group_and_key_package_reads_cost_nothing(&node, &db, dir.path());
-}
-
-#[test]
-fn postgres_failed_group_and_key_package_reads_cost_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((node, db)) = postgres_node(dir.path()) else {
-        return;
+/// One test per backend for each check taking the node, the database as
+/// reached from outside, and the directory for state files.
+macro_rules! on_both_backends {
+    ($($check:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[test]
+                fn $check() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let (node, db) = super::sqlite_node(dir.path());
+                    super::$check(&node, &db, dir.path());
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[test]
+                fn $check() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let Some((node, db)) = super::postgres_node(dir.path()) else { return };
+                    super::$check(&node, &db, dir.path());
+                }
+            )*
+        }
     };
-    failed_group_and_key_package_reads_cost_nothing(&node, &db, dir.path());
 }
 
-#[test]
-fn sqlite_a_failed_welcome_tree_read_keeps_the_welcome() {
-    let dir = tempfile::tempdir().unwrap();
-    let (node, db) = sqlite_node(dir.path());
-    a_failed_welcome_tree_read_keeps_the_welcome(&node, &db, dir.path());
-}
-
-#[test]
-fn postgres_a_failed_welcome_tree_read_keeps_the_welcome() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((node, db)) = postgres_node(dir.path()) else {
-        return;
-    };
-    a_failed_welcome_tree_read_keeps_the_welcome(&node, &db, dir.path());
-}
-
-#[test]
-fn sqlite_a_failed_queue_write_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (node, db) = sqlite_node(dir.path());
-    a_failed_queue_write_stores_nothing_and_the_next_send_goes_through(&node, &db, dir.path());
-}
-
-#[test]
-fn postgres_a_failed_queue_write_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((node, db)) = postgres_node(dir.path()) else {
-        return;
-    };
-    a_failed_queue_write_stores_nothing_and_the_next_send_goes_through(&node, &db, dir.path());
-}
+on_both_backends!(
+    a_failed_welcome_tree_read_keeps_the_welcome,
+    a_failed_queue_write_stores_nothing_and_the_next_send_goes_through,
+    failed_group_and_key_package_reads_cost_nothing,
+);
 
 /// PostgreSQL restarts while the node sits idle: every connection the node
 /// held died with it, unnoticed. The first calls after (a send, then a
