@@ -75,12 +75,14 @@ fn sqlite_node(dir: &Path) -> (TestNode, Outside) {
 
 fn postgres_node(dir: &Path) -> Option<(TestNode, Outside)> {
     let url = TestPostgres::shared()?.create_database();
+    Some((node_on_postgres(&url, dir), Outside::Postgres(url)))
+}
+
+/// A node on the PostgreSQL database at `url`, its files in `dir`.
+fn node_on_postgres(url: &str, dir: &Path) -> TestNode {
     let mut config = Config::in_dir(dir, SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.db = Database::Postgres(url.clone());
-    Some((
-        TestNode::start_with(config, dir.to_owned()),
-        Outside::Postgres(url),
-    ))
+    config.db = Database::Postgres(url.to_owned());
+    TestNode::start_with(config, dir.to_owned())
 }
 
 /// Bob is invited; the node cannot read the Welcome's tree when he first
@@ -212,9 +214,7 @@ fn postgres_restarted_while_the_node_idles_answers_the_first_calls() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::in_dir(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.db = Database::Postgres(postgres.create_database());
-    let node = TestNode::start_with(config, dir.path().to_owned());
+    let node = node_on_postgres(&postgres.create_database(), dir.path());
     let alice = Member::register(&node, dir.path(), "alice");
     let bob = Member::register(&node, dir.path(), "bob");
     common::group_of(&node, "restart", &alice, &[&bob]);
@@ -273,9 +273,7 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::in_dir(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.db = Database::Postgres(postgres.create_database());
-    let node = TestNode::start_with(config, dir.path().to_owned());
+    let node = node_on_postgres(&postgres.create_database(), dir.path());
     let [alice, bob, carol, dave] =
         ["alice", "bob", "carol", "dave"].map(|name| Member::register(&node, dir.path(), name));
     common::group_of(&node, "storm", &alice, &[&bob, &carol]);

@@ -937,13 +937,19 @@ impl GroupMember {
         // nobody and is simply refused (our wire format policy).
         let ordered_commit = message.content_type() == ContentType::Commit
             && message.wire_format() == WireFormat::PublicMessage;
-        let committer = ordered_commit.then(|| self.committer(&message));
-        let group_id = self.group.group_id().as_slice().to_vec();
-        let broken = |reason: String| match &committer {
-            Some(committer) => CoreError::BrokenCommit {
+        // Taken before processing borrows the group; nothing is copied for
+        // application messages, the common case.
+        let commit_from = ordered_commit.then(|| {
+            (
+                self.group.group_id().as_slice().to_vec(),
+                self.committer(&message),
+            )
+        });
+        let broken = |reason: String| match commit_from {
+            Some((group_id, committer)) => CoreError::BrokenCommit {
                 group_id,
                 epoch: message_epoch,
-                committer: *committer,
+                committer,
                 reason,
             },
             None => CoreError::mls("processing a message")(reason),

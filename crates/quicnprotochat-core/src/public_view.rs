@@ -398,18 +398,6 @@ impl PublicView {
     }
 }
 
-/// Whether `commit` (a TLS-encoded MLSMessage) is an external Commit: the
-/// only kind the node accepts is a member's rejoin.
-pub fn is_rejoin(commit: &[u8]) -> bool {
-    let Ok(message) = MlsMessageIn::tls_deserialize_exact_bytes(commit) else {
-        return false;
-    };
-    matches!(
-        message.extract(),
-        MlsMessageBodyIn::PublicMessage(public) if matches!(public.sender(), Sender::NewMemberCommit)
-    )
-}
-
 /// What `PublicGroup` stores, each item encoded on its own.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Snapshot {

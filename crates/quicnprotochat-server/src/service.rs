@@ -673,7 +673,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                 .chain(publication.welcome.as_ref())
                 .map(|envelope| envelope.recipients.len() as u64)
                 .sum();
-            let rejoin = quicnprotochat_core::public_view::is_rejoin(&publication.commit.payload);
+            let rejoin = wire::is_external_commit(&publication.commit.payload);
             let outcome = match self.charge_change(
                 std::iter::once(&publication.commit).chain(publication.welcome.as_ref()),
                 extra,
