@@ -1,32 +1,39 @@
 //! A member who sends what the others cannot process, through the real node
 //! and the real CLI: the node orders the Commit (it cannot check what only
-//! members can, such as the membership tag), the others find they cannot
-//! process it, rejoin by external commit from the GroupInfo every Commit
-//! must carry, and then remove the offender and carry on. Without that
-//! GroupInfo the node refuses the Commit, so the group cannot be frozen.
+//! members can, such as the membership tag or a path secret sealed to one
+//! member), the others find they cannot process it, rejoin by external
+//! commit from the GroupInfo every Commit must carry, and then remove the
+//! offender and carry on. Without that GroupInfo the node refuses the
+//! Commit, so the group cannot be frozen.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use common::{Member, TestNode, group_of, local};
-use quicnprotochat_client::state::StateFile;
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::crypto::OpenMlsCrypto;
+use openmls_traits::types::{
+    AeadType, Ciphersuite, CryptoError, ExporterSecret, HashType, HpkeCiphertext, HpkeConfig, HpkeKeyPair,
+    KemOutput, SignatureScheme,
+};
+use quicnprotochat_client::state::{StateFile, StateProvider};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
 use quicnprotochat_proto::outcome::CommitOutcome;
 use quicnprotochat_proto::wire::Envelope;
 
-#[test]
-fn members_resync_past_a_commit_with_a_broken_membership_tag_and_remove_its_sender() {
-    let node = TestNode::start();
-    let dir = tempfile::tempdir().unwrap();
-    let [alice, bob, mallory] =
-        ["alice", "bob", "mallory"].map(|name| Member::register(&node, dir.path(), name));
-    group_of(&node, "club", &alice, &[&bob, &mallory]);
-    let mallory_key: IdentityKey = mallory.key.parse().unwrap();
-    let others: Vec<IdentityKey> = [&alice, &bob].map(|m| m.key.parse().unwrap()).to_vec();
-
-    // Mallory makes a valid self-update and breaks its membership tag (the
-    // message's last 32 bytes), which only members can check.
+/// Mallory publishes a self-update Commit to `others` that `spoil` breaks
+/// after (or while) making it. The node refuses it without the new epoch's
+/// GroupInfo and orders it with. Returns the epoch it was made in.
+fn mallory_publishes(
+    node: &TestNode,
+    mallory: &Member,
+    others: &[&Member],
+    make: impl FnOnce(&StateProvider<'_>, &mut GroupMember, &quicnprotochat_core::IdentityKeypair) -> Vec<u8>,
+) -> u64 {
     let state = StateFile::open(std::path::Path::new(&mallory.state)).unwrap();
     let identity = state.identity().unwrap();
     let group_id = GroupId::new(state.current_group().unwrap().unwrap()).unwrap();
@@ -35,12 +42,10 @@ fn members_resync_past_a_commit_with_a_broken_membership_tag_and_remove_its_send
         .unwrap()
         .unwrap();
     let epoch = club.epoch();
-    let mut commit = club.self_update(&provider, &identity).unwrap();
+    let commit = make(&provider, &mut club, &identity);
     let group_info = club.pending_group_info().unwrap().to_vec();
-    let last = commit.len() - 1;
-    commit[last] ^= 0x01;
     let to_others = Envelope {
-        recipients: others.clone(),
+        recipients: others.iter().map(|m| m.key.parse().unwrap()).collect(),
         payload: commit,
         message_id: None,
     };
@@ -63,22 +68,47 @@ fn members_resync_past_a_commit_with_a_broken_membership_tag_and_remove_its_send
         assert_eq!(
             outcome,
             CommitOutcome::Accepted,
-            "the node cannot check a membership tag"
+            "the node cannot check what only members can"
         );
     });
     club.merge_pending_commit(&provider).unwrap();
-    drop(state);
+    epoch
+}
 
-    // Bob cannot process it: he says so, naming Mallory, and rejoins.
-    let (ok, _, err) = bob.try_run(&node, "recv", &[]);
+/// Runs `recv` for `member` and asserts it told of a Commit from `culprit`
+/// it could not process and rejoined.
+fn resyncs_naming(node: &TestNode, member: &Member, culprit: &Member) {
+    let (ok, _, err) = member.try_run(node, "recv", &[]);
     assert!(ok, "{err}");
     assert!(
         err.contains(&format!(
             "a Commit from {} could not be processed here",
-            mallory.short()
+            culprit.short()
         )) && err.contains("rejoined to carry on"),
         "{err}"
     );
+}
+
+#[test]
+fn members_resync_past_a_commit_with_a_broken_membership_tag_and_remove_its_sender() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, mallory] =
+        ["alice", "bob", "mallory"].map(|name| Member::register(&node, dir.path(), name));
+    group_of(&node, "club", &alice, &[&bob, &mallory]);
+    let mallory_key: IdentityKey = mallory.key.parse().unwrap();
+
+    // Mallory makes a valid self-update and breaks its membership tag (the
+    // message's last 32 bytes), which only members can check.
+    let epoch = mallory_publishes(&node, &mallory, &[&alice, &bob], |provider, club, identity| {
+        let mut commit = club.self_update(provider, identity).unwrap();
+        let last = commit.len() - 1;
+        commit[last] ^= 0x01;
+        commit
+    });
+
+    // Bob cannot process it: he says so, naming Mallory, and rejoins.
+    resyncs_naming(&node, &bob, &mallory);
     // Alice, with --json, gets the event naming the culprit.
     let (ok, out, err) = alice.try_run(&node, "recv", &["--json"]);
     assert!(ok, "{err}");
@@ -105,4 +135,258 @@ fn members_resync_past_a_commit_with_a_broken_membership_tag_and_remove_its_send
     assert!(!members.contains(&mallory.key[..16]), "{members}");
     let groups = alice.run(&node, "groups", &[]);
     assert!(groups.contains("members 2"), "{groups}");
+}
+
+#[test]
+fn members_resync_past_a_commit_with_a_wrong_path_secret_for_one_of_them() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol, mallory] =
+        ["alice", "bob", "carol", "mallory"].map(|name| Member::register(&node, dir.path(), name));
+    // Leaves 0 to 3 in this order: Carol's leaf is the sibling of
+    // Mallory's, so an update path seals one path secret to Carol alone and
+    // one to Alice and Bob together.
+    group_of(&node, "club", &alice, &[&bob, &carol, &mallory]);
+    let carol_key: IdentityKey = carol.key.parse().unwrap();
+
+    // Mallory's self-update seals a wrong path secret to Carol: signature,
+    // confirmation and membership tags are all valid, as openmls makes them
+    // over what was sealed. Only Carol can tell.
+    mallory_publishes(
+        &node,
+        &mallory,
+        &[&alice, &bob, &carol],
+        |provider, club, identity| {
+            let victim = club
+                .mls_group()
+                .members()
+                .find(|member| member.signature_key == carol_key.as_bytes())
+                .unwrap()
+                .encryption_key;
+            let saboteur = Saboteur {
+                inner: provider,
+                crypto: WrongSecretTo {
+                    victim,
+                    crypto: RustCrypto::default(),
+                    sealed: AtomicUsize::new(0),
+                },
+            };
+            let commit = club.self_update(&saboteur, identity).unwrap();
+            assert_eq!(
+                saboteur.crypto.sealed.load(Ordering::Relaxed),
+                1,
+                "one secret sealed to Carol"
+            );
+            commit
+        },
+    );
+
+    // Alice and Bob process it as any Commit; Carol cannot, says so and
+    // rejoins; the others take her rejoin.
+    for member in [&alice, &bob] {
+        let (ok, _, err) = member.try_run(&node, "recv", &[]);
+        assert!(ok && !err.contains("could not be processed"), "{err}");
+    }
+    resyncs_naming(&node, &carol, &mallory);
+    for member in [&alice, &bob] {
+        let (ok, _, err) = member.try_run(&node, "recv", &[]);
+        assert!(ok, "{err}");
+    }
+
+    // Alice removes Mallory; the three carry on at one epoch.
+    alice.run(
+        &node,
+        "remove",
+        &["--group-id", "club", "--peer-key", &mallory.key],
+    );
+    alice.run(&node, "send", &["--msg", "without her"]);
+    for member in [&bob, &carol] {
+        let out = member.run(&node, "recv", &[]);
+        assert_eq!(out.trim(), format!("club {}: without her", alice.short()));
+    }
+    let groups: Vec<String> = [&alice, &bob, &carol]
+        .map(|member| {
+            let line = member.run(&node, "groups", &[]);
+            // "* club epoch N members 3 ..." minus the current-group mark.
+            line.trim().trim_start_matches('*').trim().to_owned()
+        })
+        .to_vec();
+    assert!(groups[0].contains("members 3"), "{groups:?}");
+    let epochs: Vec<&str> = groups
+        .iter()
+        .map(|line| line.split_whitespace().nth(2).unwrap())
+        .collect();
+    assert!(epochs.iter().all(|epoch| *epoch == epochs[0]), "{groups:?}");
+}
+
+/// Mallory's provider: her own storage and randomness, and crypto that
+/// seals a wrong path secret to one HPKE key.
+struct Saboteur<'a, 'b> {
+    inner: &'a StateProvider<'b>,
+    crypto: WrongSecretTo,
+}
+
+impl<'a, 'b> OpenMlsProvider for Saboteur<'a, 'b> {
+    type CryptoProvider = WrongSecretTo;
+    type RandProvider = RustCrypto;
+    type StorageProvider = <StateProvider<'b> as OpenMlsProvider>::StorageProvider;
+
+    fn storage(&self) -> &Self::StorageProvider {
+        self.inner.storage()
+    }
+
+    fn crypto(&self) -> &Self::CryptoProvider {
+        &self.crypto
+    }
+
+    fn rand(&self) -> &Self::RandProvider {
+        self.inner.rand()
+    }
+}
+
+/// The real crypto, except that what is sealed to `victim` is altered after
+/// its length prefix: a well-formed, wrong path secret.
+struct WrongSecretTo {
+    victim: Vec<u8>,
+    crypto: RustCrypto,
+    sealed: AtomicUsize,
+}
+
+impl OpenMlsCrypto for WrongSecretTo {
+    fn hpke_seal(
+        &self,
+        config: HpkeConfig,
+        pk_r: &[u8],
+        info: &[u8],
+        aad: &[u8],
+        ptxt: &[u8],
+    ) -> Result<HpkeCiphertext, CryptoError> {
+        if pk_r != self.victim {
+            return self.crypto.hpke_seal(config, pk_r, info, aad, ptxt);
+        }
+        self.sealed.fetch_add(1, Ordering::Relaxed);
+        let mut wrong = ptxt.to_vec();
+        wrong.iter_mut().skip(1).for_each(|byte| *byte ^= 0xff);
+        self.crypto.hpke_seal(config, pk_r, info, aad, &wrong)
+    }
+
+    fn supports(&self, ciphersuite: Ciphersuite) -> Result<(), CryptoError> {
+        self.crypto.supports(ciphersuite)
+    }
+
+    fn supported_ciphersuites(&self) -> Vec<Ciphersuite> {
+        self.crypto.supported_ciphersuites()
+    }
+
+    fn hkdf_extract(
+        &self,
+        hash_type: HashType,
+        salt: &[u8],
+        ikm: &[u8],
+    ) -> Result<tls_codec::SecretVLBytes, CryptoError> {
+        self.crypto.hkdf_extract(hash_type, salt, ikm)
+    }
+
+    fn hmac(
+        &self,
+        hash_type: HashType,
+        key: &[u8],
+        message: &[u8],
+    ) -> Result<tls_codec::SecretVLBytes, CryptoError> {
+        self.crypto.hmac(hash_type, key, message)
+    }
+
+    fn hkdf_expand(
+        &self,
+        hash_type: HashType,
+        prk: &[u8],
+        info: &[u8],
+        okm_len: usize,
+    ) -> Result<tls_codec::SecretVLBytes, CryptoError> {
+        self.crypto.hkdf_expand(hash_type, prk, info, okm_len)
+    }
+
+    fn hash(&self, hash_type: HashType, data: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.crypto.hash(hash_type, data)
+    }
+
+    fn aead_encrypt(
+        &self,
+        alg: AeadType,
+        key: &[u8],
+        data: &[u8],
+        nonce: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        self.crypto.aead_encrypt(alg, key, data, nonce, aad)
+    }
+
+    fn aead_decrypt(
+        &self,
+        alg: AeadType,
+        key: &[u8],
+        ct_tag: &[u8],
+        nonce: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        self.crypto.aead_decrypt(alg, key, ct_tag, nonce, aad)
+    }
+
+    fn signature_key_gen(&self, alg: SignatureScheme) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
+        self.crypto.signature_key_gen(alg)
+    }
+
+    fn verify_signature(
+        &self,
+        alg: SignatureScheme,
+        data: &[u8],
+        pk: &[u8],
+        signature: &[u8],
+    ) -> Result<(), CryptoError> {
+        self.crypto.verify_signature(alg, data, pk, signature)
+    }
+
+    fn sign(&self, alg: SignatureScheme, data: &[u8], key: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.crypto.sign(alg, data, key)
+    }
+
+    fn hpke_open(
+        &self,
+        config: HpkeConfig,
+        input: &HpkeCiphertext,
+        sk_r: &[u8],
+        info: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        self.crypto.hpke_open(config, input, sk_r, info, aad)
+    }
+
+    fn hpke_setup_sender_and_export(
+        &self,
+        config: HpkeConfig,
+        pk_r: &[u8],
+        info: &[u8],
+        exporter_context: &[u8],
+        exporter_length: usize,
+    ) -> Result<(KemOutput, ExporterSecret), CryptoError> {
+        self.crypto
+            .hpke_setup_sender_and_export(config, pk_r, info, exporter_context, exporter_length)
+    }
+
+    fn hpke_setup_receiver_and_export(
+        &self,
+        config: HpkeConfig,
+        enc: &[u8],
+        sk_r: &[u8],
+        info: &[u8],
+        exporter_context: &[u8],
+        exporter_length: usize,
+    ) -> Result<ExporterSecret, CryptoError> {
+        self.crypto
+            .hpke_setup_receiver_and_export(config, enc, sk_r, info, exporter_context, exporter_length)
+    }
+
+    fn derive_hpke_keypair(&self, config: HpkeConfig, ikm: &[u8]) -> Result<HpkeKeyPair, CryptoError> {
+        self.crypto.derive_hpke_keypair(config, ikm)
+    }
 }
