@@ -16,6 +16,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{Member, TestNode};
 use quicnprotochat_server::Config;
@@ -262,76 +263,78 @@ fn epoch_of(node: &TestNode, member: &Member, group: &str) -> Option<u64> {
     words.nth(1)?.parse().ok()
 }
 
-/// PostgreSQL crashes (immediate shutdown: no checkpoint, calls in flight
-/// unanswered) three times while members send, update and invite. Once it
-/// is back, every message whose send was acknowledged is delivered exactly
-/// once, nothing twice, the invited person joins, and every member is at
-/// one epoch.
-#[test]
-fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowledged() {
-    let Some(postgres) = TestPostgres::start_own() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let node = node_on_postgres(&postgres.create_database(), dir.path());
+/// A storm: Alice, Bob and Carol in a group; while `disrupt` runs on a
+/// thread of its own (given the count of sends refused so far), Alice sends 18 messages, Bob and Carol update, Alice
+/// invites Dave, and Bob receives after each round; each message is padded
+/// with `pad` bytes. `tend` runs before
+/// every command (it may restart a node that stopped). Afterwards every
+/// message whose send was acknowledged is delivered exactly once, nothing
+/// twice, Dave joins, and every member is at one epoch.
+fn storm(
+    node: &mut TestNode,
+    dir: &Path,
+    pad: usize,
+    disrupt: impl FnOnce(&AtomicUsize) + Send,
+    mut tend: impl FnMut(&mut TestNode),
+) -> usize {
     let [alice, bob, carol, dave] =
-        ["alice", "bob", "carol", "dave"].map(|name| Member::register(&node, dir.path(), name));
-    common::group_of(&node, "storm", &alice, &[&bob, &carol]);
+        ["alice", "bob", "carol", "dave"].map(|name| Member::register(node, dir, name));
+    common::group_of(node, "storm", &alice, &[&bob, &carol]);
 
     let mut acknowledged = Vec::new();
     let mut received: Vec<String> = Vec::new();
     let mut invite_taken = false;
     // What the clients said on stderr, shown when an assertion fails.
     let mut notes: Vec<String> = Vec::new();
+    let refused = AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        scope.spawn(|| {
-            for _ in 0..3 {
-                std::thread::sleep(std::time::Duration::from_millis(1500));
-                postgres.crash_server();
-                std::thread::sleep(std::time::Duration::from_millis(400));
-                postgres.start_server();
-            }
-        });
+        scope.spawn(|| disrupt(&refused));
         for round in 0..18 {
-            let text = format!("storm message {round}");
-            let (ok, _, err) = alice.try_run(&node, "send", &["--msg", &text]);
+            let text = format!("storm message {round} {}", "x".repeat(pad));
+            tend(node);
+            let (ok, _, err) = alice.try_run(node, "send", &["--msg", &text]);
             notes.extend(err.lines().map(|line| format!("alice ({text}): {line}")));
             if ok {
                 acknowledged.push(text);
+            } else {
+                refused.fetch_add(1, Ordering::SeqCst);
             }
+            tend(node);
             match round % 6 {
                 // Its catch-up prints what arrived, as `recv` does.
-                1 => received.extend(bob.try_run(&node, "update", &[]).1.lines().map(str::to_owned)),
-                3 => drop(carol.try_run(&node, "update", &[])),
+                1 => received.extend(bob.try_run(node, "update", &[]).1.lines().map(str::to_owned)),
+                3 => drop(carol.try_run(node, "update", &[])),
                 5 if !invite_taken => {
                     // Taken means answered, or left pending for the next
                     // command to send again: either way Dave must get in.
-                    let (ok, _, err) = alice.try_run(&node, "invite", &["--peer-key", &dave.key]);
+                    let (ok, _, err) = alice.try_run(node, "invite", &["--peer-key", &dave.key]);
                     invite_taken = ok || err.contains("stays pending");
                 }
                 _ => {}
             }
-            let (_, out, err) = bob.try_run(&node, "recv", &[]);
+            tend(node);
+            let (_, out, err) = bob.try_run(node, "recv", &[]);
             received.extend(out.lines().map(str::to_owned));
             notes.extend(err.lines().map(|line| format!("bob: {line}")));
         }
     });
+    tend(node);
     if !invite_taken {
-        // Every try met the database down before anything was staged.
-        run_retrying(&node, &alice, "invite", &["--peer-key", &dave.key]);
+        // Every try met the fault before anything was staged.
+        run_retrying(node, &alice, "invite", &["--peer-key", &dave.key]);
     }
 
-    // The database stays up now: everyone settles what is pending.
+    // The fault is over now: everyone settles what is pending.
     let mut epochs = Vec::new();
     for _ in 0..6 {
         for member in [&alice, &carol] {
-            run_retrying(&node, member, "recv", &[]);
+            run_retrying(node, member, "recv", &[]);
         }
-        let out = run_retrying(&node, &bob, "recv", &[]);
+        let out = run_retrying(node, &bob, "recv", &[]);
         received.extend(out.lines().map(str::to_owned));
         epochs = [&alice, &bob, &carol]
             .iter()
-            .map(|member| epoch_of(&node, member, "storm"))
+            .map(|member| epoch_of(node, member, "storm"))
             .collect();
         if epochs.windows(2).all(|pair| pair[0] == pair[1]) {
             break;
@@ -341,10 +344,10 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
         epochs.windows(2).all(|pair| pair[0] == pair[1]),
         "one epoch: {epochs:?}"
     );
-    run_retrying(&node, &dave, "join", &[]);
-    run_retrying(&node, &dave, "recv", &[]);
+    run_retrying(node, &dave, "join", &[]);
+    run_retrying(node, &dave, "recv", &[]);
     assert_eq!(
-        epoch_of(&node, &dave, "storm"),
+        epoch_of(node, &dave, "storm"),
         epochs[0],
         "Dave joined the group as it is"
     );
@@ -369,7 +372,7 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
     assert_eq!(distinct.len(), texts.len(), "nothing twice: {texts:?}");
     assert!(
         !acknowledged.is_empty(),
-        "some sends went through between the crashes"
+        "some sends went through between the faults"
     );
     eprintln!(
         "{} of 18 sends acknowledged, {} messages delivered, final epoch {:?}",
@@ -377,6 +380,152 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
         texts.len(),
         epochs[0]
     );
+    acknowledged.len()
+}
+
+/// PostgreSQL crashes (immediate shutdown: no checkpoint, calls in flight
+/// unanswered) three times during a storm.
+#[test]
+fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowledged() {
+    let Some(postgres) = TestPostgres::start_own() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = node_on_postgres(&postgres.create_database(), dir.path());
+    let crashes = |_: &AtomicUsize| {
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            postgres.crash_server();
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            postgres.start_server();
+        }
+    };
+    storm(&mut node, dir.path(), 0, crashes, |_| {});
+}
+
+/// The disk under the node's SQLite file fails (EIO) three times during a
+/// storm: every sync (writes land in the page cache, never on the disk),
+/// then every read and write, then all of them. A failed read or write
+/// stores nothing; a failed sync of the WAL stops the node (what the disk
+/// holds is unknown; see the node's `store/sync.rs`), which is started
+/// again once the disk is back, as a supervisor would, and SQLite recovers
+/// what the disk holds.
+#[test]
+fn sqlite_disk_failing_while_members_send_update_and_invite_loses_nothing_acknowledged() {
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let config = Config::in_dir(&node_dir, SocketAddr::from(([127, 0, 0, 1], 0)));
+    let Database::Sqlite(db) = config.db.clone() else {
+        unreachable!("in_dir makes a SQLite node")
+    };
+    let mut node = TestNode::start_with(config, node_dir);
+    let Some(failing) = FailingDisk::check() else {
+        return;
+    };
+    let db = std::fs::canonicalize(db).unwrap();
+    // The disk is failing now; the node stopped (seen between commands).
+    let (failing_now, stopped) = (AtomicBool::new(false), AtomicBool::new(false));
+    let failures = |_: &AtomicUsize| {
+        for calls in [
+            "fsync,fdatasync",
+            "pread64,pwrite64",
+            "pread64,pwrite64,fsync,fdatasync",
+        ] {
+            std::thread::sleep(Duration::from_millis(1500));
+            failing_now.store(true, Ordering::SeqCst);
+            let eio = failing.fail(&db, calls);
+            // A failing sync lasts until the node stopped on it (the
+            // members keep writing meanwhile), or for 5 s.
+            let until =
+                Instant::now() + Duration::from_millis(if calls.contains("sync") { 5000 } else { 400 });
+            while Instant::now() < until && !(calls.contains("sync") && stopped.load(Ordering::SeqCst)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(eio);
+            failing_now.store(false, Ordering::SeqCst);
+        }
+    };
+    let mut restarts = 0;
+    let tend = |node: &mut TestNode| {
+        if let Some(ran) = node.stopped_by_itself() {
+            let error = ran.expect_err("a node stops by itself only on an error");
+            assert!(error.contains("disk failed a sync"), "{error}");
+            stopped.store(true, Ordering::SeqCst);
+            // Started again once the disk works.
+            while failing_now.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            stopped.store(false, Ordering::SeqCst);
+            restarts += 1;
+            node.restart();
+        }
+    };
+    storm(&mut node, dir.path(), 0, failures, tend);
+    eprintln!("the node stopped on a failed sync and was started again {restarts} times");
+    assert!(restarts > 0, "the node wrote while its syncs failed, and stopped");
+}
+
+/// Makes every read, write and sync of a file fail with EIO, by tracing
+/// this process with strace's fault injection: the node's real SQLite
+/// meets real I/O errors from the system calls it makes.
+struct FailingDisk;
+
+impl FailingDisk {
+    /// `None` (saying why) where strace cannot trace this process.
+    fn check() -> Option<FailingDisk> {
+        let works = std::process::Command::new("strace")
+            .args(["-qq", "-o", "/dev/null", "true"])
+            .status()
+            .is_ok_and(|status| status.success());
+        if !works {
+            assert!(
+                std::env::var_os("QUICNPROTOCHAT_REQUIRE_STRACE").is_none(),
+                "QUICNPROTOCHAT_REQUIRE_STRACE is set but strace cannot run here"
+            );
+            eprintln!("skipped: strace is missing or cannot trace here");
+            return None;
+        }
+        Some(FailingDisk)
+    }
+
+    /// Fails `calls` (system calls, comma-separated) on `db` and its WAL
+    /// until the returned guard drops.
+    fn fail(&self, db: &Path, calls: &str) -> FailingIo {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        let mut tracer = std::process::Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-p"])
+            .arg(std::process::id().to_string())
+            .arg("-P")
+            .arg(db)
+            .arg("-P")
+            .arg(&wal)
+            .args(["-e", &format!("trace={calls}")])
+            .args(["-e", &format!("inject={calls}:error=EIO")])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // strace attaches to every thread before it says anything; give it
+        // the moment that takes.
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        assert!(tracer.try_wait().unwrap().is_none(), "strace stopped at once");
+        FailingIo(tracer)
+    }
+}
+
+/// Stops strace, which detaches and leaves the node's I/O alone.
+struct FailingIo(std::process::Child);
+
+impl Drop for FailingIo {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
 }
 
 /// A small file system of its own (tmpfs) for the node's data, so that a
@@ -477,4 +626,36 @@ fn sqlite_on_a_full_disk_stores_nothing_and_carries_on_once_there_is_room() {
         "every acknowledged message once, the refused one never"
     );
     drop(node);
+}
+
+/// The disk under the node's SQLite file fills up three times during a
+/// storm: what finds no room stores nothing, and the node carries on by
+/// itself once there is room again.
+#[test]
+fn sqlite_disk_filling_up_while_members_send_update_and_invite_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(dir.path().join("disk"), 24) else {
+        return;
+    };
+    let mut node = TestNode::start_with(
+        Config::in_dir(&disk.path, SocketAddr::from(([127, 0, 0, 1], 0))),
+        disk.path.clone(),
+    );
+    // Full until a send finds no room (or for 5 s): the node needs room
+    // only where its files must grow, and reuses what it freed.
+    let fill_ups = |refused: &AtomicUsize| {
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            let before = refused.load(Ordering::SeqCst);
+            let filler = disk.fill();
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < until && refused.load(Ordering::SeqCst) == before {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            std::fs::remove_file(filler).unwrap();
+        }
+    };
+    // Messages big enough that the WAL and the database file must grow.
+    let acknowledged = storm(&mut node, dir.path(), 100 * 1024, fill_ups, |_| {});
+    assert!(acknowledged < 18, "the full disk refused some sends");
 }

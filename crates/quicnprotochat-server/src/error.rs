@@ -42,6 +42,14 @@ pub enum ServerError {
     /// A worker thread could not be started.
     #[error("starting RPC worker thread: {0}")]
     Thread(io::Error),
+    /// The database's disk failed to make commits durable, so what it
+    /// holds is unknown: the node stopped rather than answer more writes.
+    #[error(
+        "the database's disk failed a sync ({0}); the node stopped rather than acknowledge \
+         writes it cannot make durable. Check the disk, then start the node again: SQLite \
+         recovers what the disk holds, and clients resend what was not acknowledged"
+    )]
+    DiskFailed(String),
 }
 
 /// Errors answering one RPC call; each becomes a `capnp::Error` whose text

@@ -28,7 +28,7 @@ use capnp::message::ReaderOptions;
 use quicnprotochat_proto::{cert, peer, rpc, transport, wire};
 use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::admission::{AddressSlot, Admission, Decision};
 use crate::config::{Config, MAX_PAYLOAD_CEILING};
@@ -261,9 +261,17 @@ impl Node {
             retention_stopped,
         ));
         tokio::pin!(shutdown);
+        let disk_failed = self.store_closer.failed();
+        tokio::pin!(disk_failed);
+        let mut failure = None;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                failed = &mut disk_failed => {
+                    error!("the database's disk failed a sync: {failed}; stopping the node");
+                    failure = Some(failed);
+                    break;
+                }
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) if self.shared.connections.len() >= self.max_connections => {
                         debug!(remote = %incoming.remote_address(), "refused: {} connections open", self.max_connections);
@@ -344,8 +352,13 @@ impl Node {
         for worker in workers {
             worker.join().await;
         }
-        info!("node stopped");
-        Ok(())
+        match failure {
+            Some(failed) => Err(ServerError::DiskFailed(failed)),
+            None => {
+                info!("node stopped");
+                Ok(())
+            }
+        }
     }
 }
 

@@ -23,7 +23,8 @@ pub struct TestNode {
     pub dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Ends with what `Node::run` returned.
+    thread: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl TestNode {
@@ -69,8 +70,8 @@ impl TestNode {
                     let _ = stop.await;
                 })
                 .await
-                .expect("node runs and stops cleanly");
-            });
+                .map_err(|e| e.to_string())
+            })
         });
         let addr = addr.recv().expect("node started");
         TestNode {
@@ -93,8 +94,21 @@ impl TestNode {
             let _ = shutdown.send(());
         }
         if let Some(thread) = self.thread.take() {
-            thread.join().expect("node thread");
+            let ran = thread.join().expect("node thread");
+            ran.expect("node runs and stops cleanly");
         }
+    }
+
+    /// What the node's run ended with, if it stopped by itself (it was not
+    /// told to); `None` while it runs.
+    pub fn stopped_by_itself(&mut self) -> Option<Result<(), String>> {
+        if !self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+            return None;
+        }
+        self.shutdown = None;
+        self.thread
+            .take()
+            .map(|thread| thread.join().expect("node thread"))
     }
 
     /// Stops the node and starts it again on the same port and data.

@@ -234,6 +234,8 @@ pub struct Store {
 pub struct StoreCloser {
     thread: Option<std::thread::JoinHandle<()>>,
     finished: watch::Receiver<bool>,
+    /// SQLite's: turns to what failed once the WAL could not be synced.
+    failure: Option<watch::Receiver<Option<String>>>,
 }
 
 impl Store {
@@ -251,12 +253,14 @@ impl Store {
     ) -> Result<(Store, StoreCloser), StoreError> {
         let (store, writer) = Self::prepare(path, limits, durability)?;
         let finished = writer.finished.subscribe();
+        let failure = Some(writer.syncer.failure());
         let thread = writer::spawn(writer)?;
         Ok((
             store,
             StoreCloser {
                 thread: Some(thread),
                 finished,
+                failure,
             },
         ))
     }
@@ -275,12 +279,14 @@ impl Store {
     ) -> Result<(Store, StoreCloser), StoreError> {
         let (store, writer) = Self::prepare(path, limits, durability)?;
         let finished = writer.finished.subscribe();
+        let failure = Some(writer.syncer.failure());
         writer::spawn_on(writer, runtime);
         Ok((
             store,
             StoreCloser {
                 thread: None,
                 finished,
+                failure,
             },
         ))
     }
@@ -621,6 +627,21 @@ impl StoreCloser {
             // The writer's task was dropped before it finished: its runtime
             // stopped early. SQLite's journal keeps the file consistent.
             tracing::error!("the store writer stopped before closing the database");
+        }
+    }
+
+    /// Resolves, with what failed, once the store can no longer make a
+    /// write durable (a failed sync of SQLite's WAL: see `sync`); from then
+    /// on it stores nothing and the node must stop. Never resolves before.
+    pub fn failed(&self) -> impl Future<Output = String> + Send + 'static {
+        let failure = self.failure.clone();
+        async move {
+            if let Some(mut failure) = failure
+                && let Ok(failed) = failure.wait_for(Option::is_some).await
+            {
+                return failed.clone().unwrap_or_default();
+            }
+            std::future::pending().await
         }
     }
 

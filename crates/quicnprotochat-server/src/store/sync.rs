@@ -34,6 +34,8 @@ use std::thread::JoinHandle;
 
 use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 
+use tokio::sync::watch;
+
 use super::{Notifier, StoreError};
 
 /// The highest message sequence number whose commit is synced: reads show
@@ -89,6 +91,13 @@ pub(super) struct Syncer {
 struct Shared {
     notifier: Arc<Notifier>,
     watermark: Arc<Watermark>,
+    /// The first failed sync, for good. After `fdatasync` fails, Linux may
+    /// have dropped the WAL pages it could not write and the next sync
+    /// "succeeds" without them, so nothing committed after can be called
+    /// durable any more: the store stops writing and the node stops
+    /// (PostgreSQL too stops on a failed fsync). A restart lets SQLite
+    /// recover what the disk actually holds.
+    failed: watch::Sender<Option<String>>,
 }
 
 impl Syncer {
@@ -106,7 +115,11 @@ impl Syncer {
         // The writer's connection has opened (and so created) it by now.
         let wal = Arc::new(File::open(&wal_path).map_err(StoreError::Sync)?);
         wal.sync_data().map_err(StoreError::Sync)?;
-        let shared = Arc::new(Shared { notifier, watermark });
+        let shared = Arc::new(Shared {
+            notifier,
+            watermark,
+            failed: watch::Sender::new(None),
+        });
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (jobs, thread) = if durable {
             let (jobs, queue) = mpsc::channel();
@@ -155,6 +168,16 @@ impl Syncer {
         }
     }
 
+    /// Whether a sync has failed: nothing more may be written.
+    pub(super) fn failed(&self) -> bool {
+        self.shared.failed.borrow().is_some()
+    }
+
+    /// Turns to what failed once a sync has failed.
+    pub(super) fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.shared.failed.subscribe()
+    }
+
     fn sync_here(&self, batch: Committed) {
         let synced = self.wal.sync_data().map_err(StoreError::Sync);
         self.shared.complete(batch, synced.as_ref().map(|_| ()));
@@ -175,6 +198,23 @@ impl Shared {
     /// Publishes a synced (or failed) batch: reads may show its messages,
     /// its queues' waiters wake, its callers get their answers.
     fn complete(&self, batch: Committed, synced: Result<(), &StoreError>) {
+        if let Err(error) = synced {
+            self.failed.send_if_modified(|failed| {
+                let first = failed.is_none();
+                if first {
+                    *failed = Some(error.to_string());
+                }
+                first
+            });
+        }
+        // Once one sync failed, no later one proves anything.
+        let earlier = self.failed.borrow().as_ref().map(|failed| {
+            StoreError::Sync(std::io::Error::other(format!("an earlier sync failed: {failed}")))
+        });
+        let synced = match (&earlier, synced) {
+            (Some(earlier), Ok(())) => Err(earlier),
+            (_, synced) => synced,
+        };
         match synced {
             Ok(()) => {
                 self.watermark.raise(batch.last_seq);
@@ -216,6 +256,45 @@ mod tests {
                 payload: vec![1],
             })
             .collect()
+    }
+
+    /// A batch answering into `answers`, its last message `last_seq`.
+    fn batch(last_seq: i64, answers: &std::sync::Arc<std::sync::Mutex<Vec<bool>>>) -> Committed {
+        let answers = answers.clone();
+        Committed {
+            answers: vec![Box::new(move |synced| {
+                answers.lock().unwrap().push(synced.is_ok())
+            })],
+            touched: Vec::new(),
+            carried: HashMap::new(),
+            last_seq,
+        }
+    }
+
+    #[test]
+    fn after_one_failed_sync_no_batch_is_answered_durable_nor_shown() {
+        let shared = Shared {
+            notifier: Notifier::new(),
+            watermark: Arc::new(Watermark::new(0)),
+            failed: watch::Sender::new(None),
+        };
+        let answers = Arc::default();
+        shared.complete(batch(1, &answers), Ok(()));
+        let failure = StoreError::Sync(std::io::Error::other("EIO"));
+        shared.complete(batch(2, &answers), Err(&failure));
+        // The next sync "succeeds": the pages it lost are not in it.
+        shared.complete(batch(3, &answers), Ok(()));
+        assert_eq!(*answers.lock().unwrap(), [true, false, false]);
+        assert!(
+            shared
+                .failed
+                .borrow()
+                .as_deref()
+                .is_some_and(|f| f.contains("EIO"))
+        );
+        let mut read = messages(&[1, 2, 3]);
+        shared.watermark.hide_unsynced(&mut read);
+        assert_eq!(read.len(), 1, "only what was synced before the failure shows");
     }
 
     #[test]

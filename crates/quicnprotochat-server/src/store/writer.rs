@@ -92,6 +92,14 @@ async fn write_loop(writer: Writer) {
     while let Some(first) = commands.recv().await {
         batch.push(first);
         gather(&mut commands, &mut batch).await;
+        if syncer.failed() {
+            // The disk lost what it was given (see `sync`): write nothing
+            // more, so nothing more is answered as stored. The node stops.
+            for command in batch.drain(..) {
+                fail(command, &StoreError::Closed);
+            }
+            continue;
+        }
         let needs_sync = batch.iter().any(Command::needs_fsync);
         let light = light(&batch);
         // Run and COMMIT, without the fsync the syncer does apart.

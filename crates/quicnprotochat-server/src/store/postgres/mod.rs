@@ -147,6 +147,9 @@ pub(super) fn open(url: &str, limits: Limits) -> Result<(Store, StoreCloser), St
         StoreCloser {
             thread: Some(supervisor),
             finished: finished_receiver,
+            // PostgreSQL stops by itself on a failed fsync; the node sees
+            // the connections go.
+            failure: None,
         },
     ))
 }
