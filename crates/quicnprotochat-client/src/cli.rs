@@ -328,9 +328,10 @@ pub enum ContactsAction {
 /// `devices` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DevicesAction {
-    /// Link the new device whose code `link` printed: sign it into your
-    /// device list, hand it your user key through the node (encrypted to
-    /// it), and add it to every group you are in, one Commit per group.
+    /// Link the new device whose code `link` printed (on your first
+    /// device, which holds your user key): sign it into your device list,
+    /// hand it its own key through the node (encrypted to it), and add it
+    /// to every group you are in, one Commit per group.
     Add {
         /// The state file.
         #[command(flatten)]
@@ -340,9 +341,9 @@ pub enum DevicesAction {
     },
     /// One line per device: its key, and `(this device)`.
     List(StateArg),
-    /// Remove a device: a new device list without it, and its leaves
-    /// removed from every group; given this device's key, this device
-    /// leaves.
+    /// Remove a device (on your first device, which holds your user key
+    /// and stays): a new device list without it, and its leaves removed
+    /// from every group; it can no longer act for you.
     Remove {
         /// The state file.
         #[command(flatten)]

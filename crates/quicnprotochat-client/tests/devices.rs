@@ -197,38 +197,63 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
         got.contains(&format!("g2 {}: after the removal", bob.short())),
         "{got}"
     );
-    // It still holds the user key, but the node no longer takes a list
-    // from it: it cannot link itself another device.
-    let spare = link(&node, &state(dir.path(), "spare.state"), &[]);
-    let (ok, _, err) = devices_try(&node, &laptop, &["add", &spare]);
-    assert!(!ok);
-    assert!(err.contains("not in the user's current list"), "{err}");
-    // Nor by any other way it can try: it signs, with the user key it
-    // kept, a list naming itself again, and uploads it as itself and as
-    // the user key (the phone's own identity).
+    // It holds no key its user still uses: the user key's secret was never
+    // in its state file (so it cannot log in as the phone, whose key that
+    // is, nor sign a list), and it may not link or remove devices.
+    let user = StateFile::open(std::path::Path::new(&phone.state))
+        .unwrap()
+        .user()
+        .unwrap()
+        .expect("the first device holds the user key");
+    let secret = user.secret_bytes();
+    for file in std::fs::read_dir(dir.path()).unwrap() {
+        let file = file.unwrap().path();
+        if file.to_string_lossy().contains("alice-laptop") {
+            let bytes = std::fs::read(&file).unwrap();
+            assert!(
+                !bytes
+                    .windows(secret.len())
+                    .any(|window| window == secret.as_slice()),
+                "{} holds the user key",
+                file.display()
+            );
+        }
+    }
     let laptop_state = StateFile::open(std::path::Path::new(&laptop.state)).unwrap();
-    let user = laptop_state.user().unwrap();
+    assert!(laptop_state.user().unwrap().is_none());
+    let spare = link(&node, &state(dir.path(), "spare.state"), &[]);
+    for args in [vec!["add", spare.as_str()], vec!["remove", phone_device.as_str()]] {
+        let (ok, _, err) = devices_try(&node, &laptop, &args);
+        assert!(!ok);
+        assert!(err.contains("only your first device"), "{err}");
+    }
+    // Nor by any other way it can try with what it has: the last list it
+    // saw (which names it), and a newer one naming it and a device of its
+    // own under the user's last signature (it cannot make one), each
+    // uploaded as itself.
     let laptop_identity = laptop_state.identity().unwrap();
     let outcomes = common::local(async {
         let anyone = node.connect().await;
         let current = anyone.fetch_device_lists(&[user.public_key()]).await.unwrap();
         let current = current[0].list().clone();
-        let mut devices = current.devices().to_vec();
-        devices.push(laptop_identity.public_key());
-        let back = quicnprotochat_core::DeviceList::new(user.public_key(), current.version() + 1, devices)
-            .unwrap()
-            .sign(&user)
-            .unwrap();
+        let seen = laptop_state.device_list(&user.public_key()).unwrap().unwrap();
+        assert!(seen.list().contains(&laptop_identity.public_key()));
+        let mine = IdentityKeypair::generate().public_key();
+        let devices = [user.public_key(), laptop_identity.public_key(), mine];
+        let forged = quicnprotochat_core::SignedDeviceList::from_parts(
+            quicnprotochat_core::DeviceList::new(user.public_key(), current.version() + 1, devices).unwrap(),
+            *seen.signature(),
+        );
+        let client = node.connect_as(&laptop_identity).await;
         let mut outcomes = Vec::new();
-        for caller in [&laptop_identity, &user] {
-            let client = node.connect_as(caller).await;
-            outcomes.push(client.upload_device_list(&back).await.unwrap());
+        for list in [&seen, &forged] {
+            outcomes.push(client.upload_device_list(list).await.unwrap());
         }
         outcomes
     });
     assert_eq!(
         outcomes,
-        [DeviceListOutcome::NotADevice, DeviceListOutcome::RemovedDevice]
+        [DeviceListOutcome::NotADevice, DeviceListOutcome::BadSignature]
     );
     let listed = devices_ok(&node, &phone, &["list"]);
     assert_eq!(listed.trim(), format!("{phone_device} (this device)"));

@@ -1,27 +1,33 @@
 //! Linking a new device to a user: the link code, the new device's keys,
-//! and the handoff that carries the user's secrets to it, encrypted.
+//! and the handoff that carries them to it, encrypted.
 //!
 //! The steps, and who does what:
 //! 1. The new device makes a *link key* (an Ed25519 key: its TLS identity
 //!    until it is linked, so it can read its own queue) and shows a
 //!    [`LinkCode`]: the link key, an HPKE public key derived from the link
 //!    key's secret, the code's expiry, and a checksum that catches typos.
-//! 2. An existing device of the user reads the code and derives the new
-//!    device's key from the user key's secret and the link key
-//!    ([`derive_device`]): the same code always yields the same device, so
-//!    every device of the user can tell that a code was used already (its
-//!    device is in the user's list). It signs the new device into the list,
-//!    makes KeyPackages for it (one per group it adds it to), and sends the
-//!    [`Handoff`] — the user key's secret, the list and those KeyPackages'
-//!    private keys — sealed with HPKE to the code's public key, to the link
-//!    key's queue. The node sees only ciphertext.
-//! 3. The new device opens the handoff ([`LinkSecret::open`]), derives its
-//!    device key the same way, checks that the list is the user's and names
-//!    it, and from then on is that device.
+//! 2. The user's first device, the one device holding the user key, reads
+//!    the code and derives the new device's key from the user key's secret
+//!    and the link key ([`derive_device`]): the same code always yields the
+//!    same device, so a used code is told apart (its device is in the
+//!    user's list already). It signs the new device into the list, makes
+//!    KeyPackages for it (one per group it adds it to), and sends the
+//!    [`Handoff`] — the new device's own secret key, the list and those
+//!    KeyPackages' private keys — sealed with HPKE to the code's public key,
+//!    to the link key's queue. The node sees only ciphertext.
+//! 3. The new device opens the handoff ([`LinkSecret::open`]), checks that
+//!    the list is validly signed by its user and names the device, and from
+//!    then on is that device.
 //!
-//! Why the existing device makes the new device's first keys: it has to
-//! add the device to the user's groups in the same command, and a group
-//! Add needs a KeyPackage signed by the device. Whoever holds the user key
+//! Why the user key never leaves the first device: every device holding it
+//! could sign lists and log in as the first device (whose key it is), so a
+//! device removed later could add devices of its own choosing back. A
+//! linked device holds only its own key, which the user's next list drops
+//! and the node then refuses for good.
+//!
+//! Why the first device makes the new device's first keys: it has to add
+//! the device to the user's groups in the same command, and a group Add
+//! needs a KeyPackage signed by the device. It holds the user key, which
 //! can act as the user anyway, so this trusts nobody new; the new device
 //! replaces those keys with its own on its first `update` in each group.
 
@@ -46,7 +52,10 @@ pub const LINK_CODE_PREFIX: &str = "qnpc-link-";
 
 /// What a handoff payload starts with. No MLS message starts this way (they
 /// start with the protocol version, 0x0001), so a queue can carry both.
-pub const HANDOFF_MAGIC: &[u8] = b"QNPC-HANDOFF-1";
+///
+/// Version 2 carries the device's own key where version 1 carried the user
+/// key; a device waiting with older software does not open it.
+pub const HANDOFF_MAGIC: &[u8] = b"QNPC-HANDOFF-2";
 
 /// Labels keeping each derivation and signature apart from every other use
 /// of the same secrets.
@@ -264,17 +273,17 @@ impl LinkSecret {
         let wire: WireHandoff =
             serde_json::from_slice(&plaintext).map_err(|e| LinkError::Malformed(e.to_string()))?;
         let handoff = wire.into_handoff()?;
-        let user = IdentityKeypair::from_secret_bytes(&handoff.user_secret);
-        if handoff.list.list().user() != &user.public_key() {
-            return Err(LinkError::Malformed(
-                "the list is not the handed-over user's".into(),
-            ));
-        }
         handoff
             .list
             .verify()
             .map_err(|e| LinkError::Malformed(e.to_string()))?;
-        let device = derive_device(&user, &self.link.public_key());
+        let user = *handoff.list.list().user();
+        let device = IdentityKeypair::from_secret_bytes(&handoff.device_secret).of_user(user);
+        if device.public_key() == user {
+            // That would hand over the user key, which stays on the first
+            // device.
+            return Err(LinkError::Malformed("the handoff holds the user key".into()));
+        }
         if !handoff.list.list().contains(&device.public_key()) {
             return Err(LinkError::Malformed("the list does not name this device".into()));
         }
@@ -282,10 +291,11 @@ impl LinkSecret {
     }
 }
 
-/// What the existing device hands the new one.
+/// What the first device hands the new one.
 pub struct Handoff {
-    /// The user key's secret.
-    pub user_secret: Zeroizing<[u8; 32]>,
+    /// The new device's secret key ([`derive_device`]); never the user
+    /// key's.
+    pub device_secret: Zeroizing<[u8; 32]>,
     /// The user's device list naming the new device.
     pub list: SignedDeviceList,
     /// The new device's first KeyPackages with their private keys
@@ -307,7 +317,8 @@ impl Handoff {
     pub fn seal(&self, code: &LinkCode) -> Result<Vec<u8>, CoreError> {
         let list = self.list.list();
         let wire = WireHandoff {
-            user_secret: hex::encode(self.user_secret.as_slice()),
+            device_secret: hex::encode(self.device_secret.as_slice()),
+            user: list.user().to_string(),
             version: list.version(),
             devices: list.devices().iter().map(|device| device.to_string()).collect(),
             signature: hex::encode(self.list.signature()),
@@ -345,7 +356,8 @@ impl Handoff {
 /// the format is versioned by [`HANDOFF_MAGIC`]).
 #[derive(Serialize, Deserialize)]
 struct WireHandoff {
-    user_secret: String,
+    device_secret: String,
+    user: String,
     version: u64,
     devices: Vec<String>,
     signature: String,
@@ -356,12 +368,12 @@ struct WireHandoff {
 impl WireHandoff {
     fn into_handoff(self) -> Result<Handoff, LinkError> {
         let bad = |what: &str| LinkError::Malformed(what.to_owned());
-        let secret: [u8; 32] = hex::decode(&self.user_secret)
+        let secret: [u8; 32] = hex::decode(&self.device_secret)
             .ok()
             .and_then(|bytes| bytes.try_into().ok())
-            .ok_or_else(|| bad("user secret"))?;
+            .ok_or_else(|| bad("device secret"))?;
         let secret = Zeroizing::new(secret);
-        let user = IdentityKeypair::from_secret_bytes(&secret).public_key();
+        let user: IdentityKey = self.user.parse().map_err(|_| bad("user key"))?;
         let devices = self
             .devices
             .iter()
@@ -379,7 +391,7 @@ impl WireHandoff {
             .map(|bundle| serde_json::from_str(bundle).map_err(|_| bad("KeyPackage bundle")))
             .collect::<Result<Vec<KeyPackageBundle>, _>>()?;
         Ok(Handoff {
-            user_secret: secret,
+            device_secret: secret,
             list: SignedDeviceList::from_parts(list, signature),
             key_packages: DeviceKeyPackages { bundles },
         })
@@ -529,7 +541,7 @@ mod tests {
         let packages = DeviceKeyPackages::generate(&device, &[Suite::X25519]).unwrap();
         let public = packages.public().unwrap();
         let handoff = Handoff {
-            user_secret: user.secret_bytes(),
+            device_secret: device.secret_bytes(),
             list: list.clone(),
             key_packages: packages,
         };
@@ -543,7 +555,8 @@ mod tests {
         let (opened, opened_device) = link.open(&sealed).unwrap();
         assert_eq!(opened.list, list);
         assert_eq!(opened_device.public_key(), device.public_key());
-        assert_eq!(opened.user_secret.as_slice(), user.secret_bytes().as_slice());
+        assert_eq!(opened_device.user(), user.public_key());
+        assert_eq!(opened.device_secret.as_slice(), device.secret_bytes().as_slice());
 
         // The user's first device adds the new one with the KeyPackage made
         // for it; the new device joins with the private keys handed over.
@@ -588,11 +601,32 @@ mod tests {
             .sign(&user)
             .unwrap();
         let handoff = Handoff {
-            user_secret: user.secret_bytes(),
+            device_secret: derive_device(&user, &code.link_key).secret_bytes(),
             list,
             key_packages: DeviceKeyPackages::default(),
         };
         let sealed = handoff.seal(&code).unwrap();
         assert!(matches!(link.open(&sealed), Err(LinkError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_handoff_carrying_the_user_key_is_refused() {
+        let user = IdentityKeypair::generate();
+        let link = LinkSecret::generate(u64::MAX);
+        let code = link.code().unwrap();
+        let list = DeviceList::new(user.public_key(), 2, [user.public_key()])
+            .unwrap()
+            .sign(&user)
+            .unwrap();
+        let handoff = Handoff {
+            device_secret: user.secret_bytes(),
+            list,
+            key_packages: DeviceKeyPackages::default(),
+        };
+        let sealed = handoff.seal(&code).unwrap();
+        assert_eq!(
+            link.open(&sealed).unwrap_err(),
+            LinkError::Malformed("the handoff holds the user key".into())
+        );
     }
 }

@@ -18,7 +18,7 @@ use crate::error::ClientError;
 use crate::naming::{group_name, others, parse_key};
 use crate::nodes::{Nodes, envelope};
 use crate::output::{self, print_json};
-use crate::publish::{Change, change_group, propose};
+use crate::publish::{Change, change_group};
 use crate::state::{StateFile, unix_now};
 
 /// `link`: makes this new state file a device waiting to be linked and
@@ -82,12 +82,27 @@ fn active_groups(state: &StateFile) -> Result<Vec<(Vec<u8>, Suite)>, ClientError
     Ok(groups)
 }
 
+/// The user key pair, or why this device cannot `what` (a linked device
+/// does not hold it).
+fn user_key(
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    what: &str,
+) -> Result<IdentityKeypair, ClientError> {
+    state.user()?.ok_or_else(|| {
+        ClientError::Usage(format!(
+            "only your first device, which holds your user key {}, can {what}; this device was linked to it: run the command there",
+            identity.user()
+        ))
+    })
+}
+
 /// `devices add CODE`: signs the new device into the user's list, hands it
-/// the user key (sealed to the code) and adds it to every group.
+/// its key (sealed to the code) and adds it to every group.
 async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let user = state.user()?;
+    let user = user_key(&state, &identity, "link devices")?;
     let code = LinkCode::parse(code)?;
     code.check_fresh(unix_now().max(0) as u64)?;
     let device = derive_device(&user, &code.link_key);
@@ -108,7 +123,7 @@ async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), Clien
     let public = packages.public()?;
     let list = publish_list(&nodes, &state, &user, version + 1, devices).await?;
     let handoff = Handoff {
-        user_secret: user.secret_bytes(),
+        device_secret: device.secret_bytes(),
         list,
         key_packages: packages,
     }
@@ -192,12 +207,18 @@ async fn list(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
 }
 
 /// `devices remove KEY`: a new list without the device, then its leaves
-/// removed from every group (this device's own: it leaves them).
+/// removed from every group. Runs on the first device, which stays.
 async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let user = state.user()?;
+    let user = user_key(&state, &identity, "remove devices")?;
     let gone = parse_key("device key", device_key)?;
+    if gone == user.public_key() {
+        return Err(ClientError::Usage(
+            "this device holds your user key and stays one of your devices; remove the others from here"
+                .into(),
+        ));
+    }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     let (version, devices) = current_devices(&nodes, &state, &identity).await?;
     if !devices.contains(&gone) {
@@ -212,34 +233,20 @@ async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<
     publish_list(&nodes, &state, &user, version + 1, rest).await?;
     eprintln!("device {} is no longer one of your devices", gone.short());
 
-    let me = identity.public_key();
     for (group_id, _) in active_groups(&state)? {
-        let name = group_name(&group_id);
         let Some(group) = GroupMember::load(&state.provider(), &group_id)? else {
             continue;
         };
         if !group.members().contains(&gone) {
             continue;
         }
-        if gone == me {
-            // A member cannot commit its own removal: ask to leave, and
-            // another member commits it.
-            if others(&group, &me).is_empty() {
-                continue;
-            }
-            propose(&nodes, &state, &identity, &group_id, |group| {
-                Ok(state.leave_group(&group_id, group, &identity)?)
-            })
-            .await?;
-            eprintln!("asked to leave {name}");
-        } else {
-            let group = remove_from_group(&nodes, &state, &identity, &group_id, &[gone]).await?;
-            eprintln!(
-                "removed it from {name}: epoch {}, {} members",
-                group.epoch(),
-                group.members().len()
-            );
-        }
+        let group = remove_from_group(&nodes, &state, &identity, &group_id, &[gone]).await?;
+        eprintln!(
+            "removed it from {}: epoch {}, {} members",
+            group_name(&group_id),
+            group.epoch(),
+            group.members().len()
+        );
     }
     nodes.close().await;
     Ok(())

@@ -1,6 +1,6 @@
-//! The user behind this device: the user key (when it is not the device key
-//! itself), the highest verified device list seen of each user, a new
-//! device's link key until its handoff arrives, and the leaf keys the
+//! The user behind this device: the user's public key (when it is not the
+//! device key itself), the highest verified device list seen of each user,
+//! a new device's link key until its handoff arrives, and the leaf keys the
 //! linking device made for it until they are replaced.
 
 use quicnprotochat_core::link::{Handoff, LinkSecret};
@@ -10,18 +10,33 @@ use rusqlite::{OptionalExtension, params};
 use super::{StateError, StateFile};
 
 impl StateFile {
-    /// The user key pair: the stored user key, or (a state made before
-    /// users had several devices, or a device whose key is its user's) the
-    /// device key itself.
-    pub fn user(&self) -> Result<IdentityKeypair, StateError> {
-        match self.stored_user()? {
-            Some(user) => Ok(user),
-            None => self.stored_identity()?.ok_or_else(|| self.no_identity()),
+    /// The user key pair, which signs device lists: held by the user's
+    /// first device alone, whose device key it is. `None` on a linked
+    /// device, which holds only its own key (see `core::link`).
+    pub fn user(&self) -> Result<Option<IdentityKeypair>, StateError> {
+        if self.linked_to()?.is_some() {
+            return Ok(None);
         }
+        self.stored_identity()?
+            .map(Some)
+            .ok_or_else(|| self.no_identity())
     }
 
-    pub(super) fn stored_user(&self) -> Result<Option<IdentityKeypair>, StateError> {
-        self.stored_keypair("SELECT secret_key, public_key FROM user_key WHERE id = 1")
+    /// The user this device was linked to; `None` on a first device (its
+    /// key is its own user).
+    pub(super) fn linked_to(&self) -> Result<Option<IdentityKey>, StateError> {
+        let public: Option<Vec<u8>> = self
+            .connection
+            .query_row("SELECT public_key FROM user_key WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        public
+            .map(|bytes| {
+                IdentityKey::try_from(bytes.as_slice())
+                    .map_err(|_| StateError::BadIdentity(self.path.clone()))
+            })
+            .transpose()
     }
 
     /// The highest verified device list of `user` seen so far.
@@ -112,9 +127,8 @@ impl StateFile {
     /// Completes a link in one transaction: this file becomes `device` of
     /// the handoff's user, with its list and the KeyPackages made for it.
     pub fn complete_link(&self, handoff: &Handoff, device: &IdentityKeypair) -> Result<(), StateError> {
-        let user = IdentityKeypair::from_secret_bytes(&handoff.user_secret);
         self.atomically(|| {
-            self.store_device(&user, device)?;
+            self.store_device(device)?;
             self.remember_device_list(&handoff.list)?;
             handoff.key_packages.install(&self.provider())?;
             for key in handoff.key_packages.leaf_keys() {

@@ -227,8 +227,8 @@ impl StateFile {
     /// queue owner and MLS leaf key.
     pub fn identity(&self) -> Result<IdentityKeypair, StateError> {
         let device = self.stored_identity()?.ok_or_else(|| self.no_identity())?;
-        Ok(match self.stored_user()? {
-            Some(user) => device.of_user(user.public_key()),
+        Ok(match self.linked_to()? {
+            Some(user) => device.of_user(user),
             None => device,
         })
     }
@@ -245,8 +245,8 @@ impl StateFile {
     /// device is the user key itself, as on Signal: a person with one
     /// device has one key, and peers who know nothing of device lists
     /// still reach that device by the key they were given. Devices linked
-    /// later get keys of their own (and the user key, to link and remove
-    /// devices in turn).
+    /// later get keys of their own; only this first one holds the user key,
+    /// which links and removes devices.
     pub fn identity_or_generate(&self) -> Result<IdentityKeypair, StateError> {
         if self.stored_identity()?.is_some() {
             return self.identity();
@@ -255,12 +255,13 @@ impl StateFile {
             return Err(StateError::LinkPending(self.path.clone()));
         }
         let user = IdentityKeypair::generate();
-        self.store_device(&user, &user)?;
+        self.store_device(&user)?;
         Ok(user)
     }
 
-    /// Stores this device's key and its user's (not yet stored).
-    fn store_device(&self, user: &IdentityKeypair, device: &IdentityKeypair) -> Result<(), StateError> {
+    /// Stores this device's key and, for a linked device, its user's
+    /// public key (not yet stored).
+    fn store_device(&self, device: &IdentityKeypair) -> Result<(), StateError> {
         self.connection.execute(
             "INSERT INTO identity (id, secret_key, public_key, created_at) VALUES (1, ?1, ?2, ?3)",
             params![
@@ -269,10 +270,11 @@ impl StateFile {
                 unix_now()
             ],
         )?;
-        if user.public_key() != device.public_key() {
+        let user = device.user();
+        if user != device.public_key() {
             self.connection.execute(
-                "INSERT INTO user_key (id, secret_key, public_key) VALUES (1, ?1, ?2)",
-                params![user.secret_bytes().as_slice(), user.public_key().as_bytes()],
+                "INSERT INTO user_key (id, public_key) VALUES (1, ?1)",
+                params![user.as_bytes()],
             )?;
         }
         Ok(())

@@ -11,10 +11,10 @@ use rusqlite::{Connection, OpenFlags};
 use super::{JsonCodec, StateError};
 
 /// `application_id` of a state file: "QNPC" in ASCII.
-const APPLICATION_ID: i64 = 0x514E_5043;
+pub(super) const APPLICATION_ID: i64 = 0x514E_5043;
 
 /// Migrations in order; entry `i` brings our tables to version `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     "CREATE TABLE identity (
          id INTEGER PRIMARY KEY CHECK (id = 1),
          secret_key BLOB NOT NULL,
@@ -106,6 +106,19 @@ const MIGRATIONS: &[&str] = &[
          encryption_key BLOB PRIMARY KEY,
          group_id BLOB
      );",
+    // V9: the user key's secret stays on the user's first device (whose
+    // device key it is); a linked device keeps only the user's public key.
+    // A device linked before drops the copy it was handed, its bytes
+    // overwritten (`secure_delete`), so a device removed later cannot sign
+    // lists or log in as the first device.
+    "PRAGMA secure_delete = ON;
+     CREATE TABLE user_public_key (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         public_key BLOB NOT NULL CHECK (length(public_key) = 32)
+     );
+     INSERT INTO user_public_key (id, public_key) SELECT id, public_key FROM user_key;
+     DROP TABLE user_key;
+     ALTER TABLE user_public_key RENAME TO user_key;",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty

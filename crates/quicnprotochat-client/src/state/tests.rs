@@ -244,3 +244,46 @@ fn the_last_created_or_joined_group_is_current() {
     assert_eq!(state.current_group().unwrap(), Some(b"second".to_vec()));
     assert_eq!(state.groups().unwrap().len(), 3);
 }
+
+#[test]
+fn a_device_linked_before_v9_drops_its_copy_of_the_user_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("laptop.state");
+    let user = IdentityKeypair::generate();
+    let device = IdentityKeypair::generate();
+    {
+        // A state file as version 8 left a linked device: the user key's
+        // secret beside the device's.
+        let mut connection = rusqlite::Connection::open(&path).unwrap();
+        quicnprotochat_sqlite::migrate(&mut connection, schema::APPLICATION_ID, &schema::MIGRATIONS[..8])
+            .unwrap();
+        connection
+            .execute(
+                "INSERT INTO identity (id, secret_key, public_key, created_at) VALUES (1, ?1, ?2, 0)",
+                rusqlite::params![device.secret_bytes().as_slice(), device.public_key().as_bytes()],
+            )
+            .unwrap();
+        connection
+            .execute(
+                "INSERT INTO user_key (id, secret_key, public_key) VALUES (1, ?1, ?2)",
+                rusqlite::params![user.secret_bytes().as_slice(), user.public_key().as_bytes()],
+            )
+            .unwrap();
+        // Our tables alone, so nothing else reuses the freed page.
+        quicnprotochat_sqlite::migrate(&mut connection, schema::APPLICATION_ID, schema::MIGRATIONS).unwrap();
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    let secret = user.secret_bytes();
+    assert!(
+        !bytes
+            .windows(secret.len())
+            .any(|window| window == secret.as_slice()),
+        "the secret's bytes are overwritten, not just unlinked"
+    );
+    let state = StateFile::open(&path).unwrap();
+    let identity = state.identity().unwrap();
+    assert_eq!(identity.public_key(), device.public_key());
+    assert_eq!(identity.user(), user.public_key(), "still the user's device");
+    assert_eq!(state.identity_key().unwrap(), user.public_key());
+    assert!(state.user().unwrap().is_none(), "no user key to sign lists with");
+}
