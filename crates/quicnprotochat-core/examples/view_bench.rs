@@ -2,8 +2,10 @@
 //! for groups of each size, the time to start a view from a GroupInfo and
 //! ratchet tree, the stored view's size, and the time the node spends per
 //! Commit (decode the stored view, check and apply the Commit, encode the
-//! view again) for a self-update and for adding one member. Single-threaded,
-//! so wall time is the node's CPU time. Prints a Markdown table.
+//! view again) for a self-update and for adding one member, and the bytes
+//! the node writes to keep one standalone proposal (a row of its own; the
+//! view is not written). Single-threaded, so wall time is the node's CPU
+//! time. Prints a Markdown table.
 //!
 //! Run: `cargo run --release -p quicnprotochat-core --example view_bench [-- SIZE ...]`
 //! (default sizes: 10 100 1000 10000; 5 Commits of each kind per size).
@@ -34,9 +36,9 @@ fn main() {
         }
     };
     println!(
-        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total, tree kept included) | tree kept for the joiner |"
+        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total, tree kept included) | tree kept for the joiner | proposal kept (written) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for size in sizes {
         run(size);
     }
@@ -106,6 +108,10 @@ fn run(size: usize) {
         adds.push(timings);
         tree = kept.unwrap_or_default();
     }
+    // A request to leave, as the node keeps it.
+    let leave = group.leave(&provider, &creator).unwrap();
+    let mut view = PublicView::decode(&group_id, &stored, &[]).unwrap();
+    let (_, proposal) = view.add_proposal(&leave, &me).unwrap();
     let median = |runs: &[[Duration; 3]], part: usize| -> Duration {
         let mut values: Vec<Duration> = runs.iter().map(|run| run[part]).collect();
         values.sort();
@@ -117,7 +123,7 @@ fn run(size: usize) {
         values[values.len() / 2]
     };
     println!(
-        "| {size} | {} | {} | {} ({} / {} / {}) | {} | {} |",
+        "| {size} | {} | {} | {} ({} / {} / {}) | {} | {} | {} |",
         ms(start),
         bytes(stored.len()),
         ms(total(&updates)),
@@ -126,6 +132,7 @@ fn run(size: usize) {
         ms(median(&updates, 2)),
         ms(total(&adds)),
         bytes(tree),
+        bytes(proposal.len()),
     );
 }
 
@@ -139,7 +146,7 @@ fn apply(
     caller: &quicnprotochat_core::IdentityKey,
 ) -> ([Duration; 3], Vec<u8>, Option<usize>) {
     let started = Instant::now();
-    let mut view = PublicView::decode(group_id, stored).unwrap();
+    let mut view = PublicView::decode(group_id, stored, &[]).unwrap();
     let decoded = started.elapsed();
     let started = Instant::now();
     let added = view.apply_commit(commit, caller).unwrap();

@@ -13,7 +13,10 @@
 //! encrypted secrets, the confirmation and membership tags' values) it
 //! cannot.
 //!
-//! The view is stored as one opaque blob per group ([`PublicView::encode`]).
+//! The view is stored as one opaque blob per group ([`PublicView::encode`]),
+//! rewritten by each Commit, and the standalone proposals of its epoch as
+//! one small item each ([`PublicView::add_proposal`]), so that keeping a
+//! proposal writes that proposal, not the whole tree again.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -99,9 +102,15 @@ impl PublicView {
         Ok(state)
     }
 
-    /// Reads a state stored with [`Self::encode`].
-    pub fn decode(group_id: &[u8], bytes: &[u8]) -> Result<PublicView, DamagedState> {
-        let snapshot: Snapshot = decode(bytes).map_err(|e| DamagedState(e.0))?;
+    /// Reads a state stored with [`Self::encode`], with the proposals kept
+    /// for its epoch (the items [`Self::add_proposal`] returned, in order).
+    pub fn decode(group_id: &[u8], bytes: &[u8], proposals: &[Vec<u8>]) -> Result<PublicView, DamagedState> {
+        let mut snapshot: Snapshot = decode(bytes).map_err(|e| DamagedState(e.0))?;
+        for item in proposals {
+            let (reference, proposal): (Vec<u8>, Vec<u8>) = decode(item).map_err(|e| DamagedState(e.0))?;
+            snapshot.proposals.retain(|(stored, _)| *stored != reference);
+            snapshot.proposals.push((reference, proposal));
+        }
         let items = Items(RefCell::new(snapshot));
         let group = PublicGroup::load(&items, &MlsGroupId::from_slice(group_id))
             .map_err(|e| DamagedState(e.0))?
@@ -109,10 +118,15 @@ impl PublicView {
         Ok(PublicView { group, items })
     }
 
-    /// The state as one blob, for storage.
+    /// The state as one blob, for storage, without the proposals (each
+    /// kept on its own; a Commit's new epoch starts with none).
     pub fn encode(&self) -> Vec<u8> {
+        let mut snapshot = self.items.0.borrow_mut();
+        let proposals = std::mem::take(&mut snapshot.proposals);
         // Serializing plain byte vectors into a vector cannot fail.
-        encode(&*self.items.0.borrow()).unwrap_or_default()
+        let bytes = encode(&*snapshot).unwrap_or_default();
+        snapshot.proposals = proposals;
+        bytes
     }
 
     /// The group's current epoch.
@@ -238,8 +252,13 @@ impl PublicView {
     /// Checks a standalone proposal (a TLS-encoded MLSMessage carrying a
     /// PublicMessage proposal of the current epoch, sent by `caller`) and
     /// keeps it for a Commit of this epoch to reference. Returns the member
-    /// it adds, if it is an Add (the caller checks its device).
-    pub fn add_proposal(&mut self, proposal: &[u8], caller: &IdentityKey) -> Result<Vec<MemberKey>, Invalid> {
+    /// it adds, if it is an Add (the caller checks its device), and the
+    /// item to store beside the view for [`Self::decode`].
+    pub fn add_proposal(
+        &mut self,
+        proposal: &[u8],
+        caller: &IdentityKey,
+    ) -> Result<(Vec<MemberKey>, Vec<u8>), Invalid> {
         let processed = self.process(proposal, "proposal")?;
         let sender = processed.sender().clone();
         let ProcessedMessageContent::ProposalMessage(queued) = processed.into_content() else {
@@ -257,7 +276,18 @@ impl PublicView {
         self.group
             .add_proposal(&self.items, *queued)
             .map_err(|e| Invalid(format!("the proposal cannot be kept: {e}")))?;
-        Ok(added)
+        // `queue_proposal` put it last.
+        let item = self
+            .items
+            .0
+            .borrow()
+            .proposals
+            .last()
+            .map(encode)
+            .transpose()
+            .map_err(|e| Invalid(format!("the proposal cannot be kept: {e}")))?
+            .ok_or_else(|| Invalid("the proposal was not kept".into()))?;
+        Ok((added, item))
     }
 
     fn process(&self, bytes: &[u8], what: &str) -> Result<openmls::prelude::ProcessedMessage, Invalid> {

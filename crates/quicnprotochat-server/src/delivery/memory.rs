@@ -24,6 +24,8 @@ pub struct MemoryStorage {
     /// The fingerprint of each group's current state.
     fingerprints: HashMap<GroupId, [u8; 32]>,
     views: HashMap<GroupId, (Vec<u8>, i64)>,
+    /// The proposals kept for each group: (epoch, item), in order.
+    proposals: HashMap<GroupId, Vec<(u64, Vec<u8>)>>,
     welcome_trees: HashMap<(GroupId, u64), (WelcomeTree, i64)>,
     device_lists: HashMap<IdentityKey, SignedDeviceList>,
     removed_devices: std::collections::HashSet<(IdentityKey, IdentityKey)>,
@@ -219,12 +221,43 @@ impl Storage for MemoryStorage {
 
     fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> Result<(), Infallible> {
         self.views.insert(group.clone(), (view.to_vec(), now));
+        self.proposals.remove(group);
+        Ok(())
+    }
+
+    fn group_proposals(&mut self, group: &GroupId, epoch: u64) -> Result<Vec<Vec<u8>>, Infallible> {
+        Ok(self
+            .proposals
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter(|(kept, _)| *kept == epoch)
+            .map(|(_, item)| item.clone())
+            .collect())
+    }
+
+    fn add_group_proposal(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        item: &[u8],
+        now: i64,
+    ) -> Result<(), Infallible> {
+        self.proposals
+            .entry(group.clone())
+            .or_default()
+            .push((epoch, item.to_vec()));
+        if let Some((_, changed_at)) = self.views.get_mut(group) {
+            *changed_at = now;
+        }
         Ok(())
     }
 
     fn purge_idle_groups(&mut self, before: i64) -> Result<usize, Infallible> {
         let count = self.views.len();
         self.views.retain(|_, (_, changed_at)| *changed_at >= before);
+        let views = &self.views;
+        self.proposals.retain(|group, _| views.contains_key(group));
         Ok(count - self.views.len())
     }
 

@@ -536,14 +536,15 @@ pub fn publish_proposal<S: Storage>(
             max: MAX_PROPOSALS_PER_EPOCH,
         }));
     }
-    match view.add_proposal(&proposal.payload, sender) {
-        Ok(added) => {
+    let item = match view.add_proposal(&proposal.payload, sender) {
+        Ok((added, item)) => {
             if let Err(invalid) = check_listed(storage, &added)? {
                 return Ok(Err(invalid.into()));
             }
+            item
         }
         Err(invalid) => return Ok(Err(invalid.into())),
-    }
+    };
     if let Some(id) = &proposal.message_id {
         storage.claim_message_id(sender, id, now)?;
     }
@@ -552,7 +553,8 @@ pub fn publish_proposal<S: Storage>(
     if let Err(full) = incoming.check_room(storage, limits)? {
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
-    storage.set_group_view(&publication.group_id, &view.encode(), now)?;
+    // The proposal alone: the view (the whole tree) stays as it is.
+    storage.add_group_proposal(&publication.group_id, view.epoch(), &item, now)?;
     if !proposal.recipients.is_empty() {
         append(storage, proposal, now)?;
     }
@@ -613,13 +615,20 @@ fn load_view<S: Storage>(
     let Some(bytes) = storage.group_view(group)? else {
         return Ok(Err(CommitRefusal::UnknownGroup));
     };
-    Ok(PublicView::decode(group.as_bytes(), &bytes).map_err(|damaged| {
-        // Our own storage failed us; the caller can do nothing but know.
-        tracing::error!("{damaged}");
-        CommitRefusal::Invalid {
-            reason: format!("the node cannot check this group: {damaged}"),
-        }
-    }))
+    // The view's epoch is the group's: both move with each Commit.
+    let proposals = match storage.group_epoch(group)? {
+        Some(epoch) => storage.group_proposals(group, epoch)?,
+        None => Vec::new(),
+    };
+    Ok(
+        PublicView::decode(group.as_bytes(), &bytes, &proposals).map_err(|damaged| {
+            // Our own storage failed us; the caller can do nothing but know.
+            tracing::error!("{damaged}");
+            CommitRefusal::Invalid {
+                reason: format!("the node cannot check this group: {damaged}"),
+            }
+        }),
+    )
 }
 
 /// The messages of `recipient` after `after`, oldest first, without removing

@@ -236,12 +236,28 @@ pub trait Storage {
     fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, Self::Error>;
 
     /// Stores the public view of `group`, replacing the old one, as changed
-    /// at `now`.
+    /// at `now`, and forgets the proposals kept for it: a new view starts
+    /// an epoch, which has none yet.
     fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> Result<(), Self::Error>;
 
-    /// Forgets the public views of groups unchanged since before `before`
-    /// (their epochs stay, so nobody can hand the node an older state);
-    /// returns how many.
+    /// The proposals kept for `group` in `epoch`, in the order they came
+    /// (opaque items, see `quicnprotochat_core::PublicView::add_proposal`).
+    fn group_proposals(&mut self, group: &GroupId, epoch: u64) -> Result<Vec<Vec<u8>>, Self::Error>;
+
+    /// Keeps one more proposal for `group` in `epoch`, at `now` (which
+    /// counts as a change of the group for [`Self::purge_idle_groups`]),
+    /// leaving the view as it is.
+    fn add_group_proposal(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        item: &[u8],
+        now: i64,
+    ) -> Result<(), Self::Error>;
+
+    /// Forgets the public views of groups unchanged since before `before`,
+    /// with their proposals (their epochs stay, so nobody can hand the node
+    /// an older state); returns how many.
     fn purge_idle_groups(&mut self, before: i64) -> Result<usize, Self::Error>;
 
     /// Keeps `tree`, the ratchet tree of `group` in `epoch`, for `joiners`

@@ -473,9 +473,14 @@ fn a_proposal_is_kept_for_the_commit_that_references_it() {
     let mut storage = MemoryStorage::default();
     let (mut alice, mut bob) = alice_and_bob(&mut storage);
 
-    // Bob asks to leave; the node checks and keeps the proposal.
+    // Bob asks to leave; the node checks and keeps the proposal, on its
+    // own: the group's view (its whole tree) is not written again.
     let leave = bob.leave(&[alice.key()], b"leave");
+    let group = leave.group_id.clone();
+    let view = storage.group_view(&group).unwrap();
     propose(&mut storage, &bob.key(), &leave).unwrap();
+    assert_eq!(storage.group_view(&group).unwrap(), view);
+    assert_eq!(storage.group_proposals(&group, 1).unwrap().len(), 1);
     alice
         .group
         .receive(
@@ -495,6 +500,9 @@ fn a_proposal_is_kept_for_the_commit_that_references_it() {
         100,
     )
     .unwrap();
+    // The new epoch starts with none.
+    assert!(storage.group_proposals(&group, 1).unwrap().is_empty());
+    assert!(storage.group_proposals(&group, 2).unwrap().is_empty());
 }
 
 #[test]

@@ -184,6 +184,16 @@ const MIGRATIONS: &[&str] = &[
          removed_at INTEGER NOT NULL,
          PRIMARY KEY (user_key, device_key)
      ) WITHOUT ROWID;",
+    // V16: standalone proposals kept beside the group's view, one row each,
+    // so that keeping one does not rewrite the whole view (the tree). The
+    // rowid keeps their order; a Commit (a new view) deletes them.
+    "CREATE TABLE group_proposals (
+         id INTEGER PRIMARY KEY,
+         group_id BLOB NOT NULL,
+         epoch INTEGER NOT NULL,
+         item BLOB NOT NULL
+     );
+     CREATE INDEX group_proposals_by_group ON group_proposals (group_id, epoch, id);",
 ];
 
 /// The schema version this build creates and understands.

@@ -290,13 +290,51 @@ impl Storage for SqliteStorage<'_> {
                  ON CONFLICT (group_id) DO UPDATE SET view = excluded.view, changed_at = excluded.changed_at",
             )?
             .execute(params![group.as_bytes(), view, now])?;
+        self.db
+            .prepare_cached("DELETE FROM group_proposals WHERE group_id = ?1")?
+            .execute(params![group.as_bytes()])?;
+        Ok(())
+    }
+
+    fn group_proposals(&mut self, group: &GroupId, epoch: u64) -> rusqlite::Result<Vec<Vec<u8>>> {
+        self.db
+            .prepare_cached(
+                "SELECT item FROM group_proposals WHERE group_id = ?1 AND epoch = ?2 ORDER BY id",
+            )?
+            .query_map(params![group.as_bytes(), sql_int(epoch)], |row| row.get(0))?
+            .collect()
+    }
+
+    fn add_group_proposal(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        item: &[u8],
+        now: i64,
+    ) -> rusqlite::Result<()> {
+        self.db
+            .prepare_cached("INSERT INTO group_proposals (group_id, epoch, item) VALUES (?1, ?2, ?3)")?
+            .execute(params![group.as_bytes(), sql_int(epoch), item])?;
+        self.db
+            .prepare_cached("UPDATE group_views SET changed_at = ?2 WHERE group_id = ?1")?
+            .execute(params![group.as_bytes(), now])?;
         Ok(())
     }
 
     fn purge_idle_groups(&mut self, before: i64) -> rusqlite::Result<usize> {
-        self.db
+        let purged = self
+            .db
             .prepare_cached("DELETE FROM group_views WHERE changed_at < ?1")?
-            .execute(params![before])
+            .execute(params![before])?;
+        if purged > 0 {
+            self.db
+                .prepare_cached(
+                    "DELETE FROM group_proposals
+                     WHERE NOT EXISTS (SELECT 1 FROM group_views WHERE group_views.group_id = group_proposals.group_id)",
+                )?
+                .execute([])?;
+        }
+        Ok(purged)
     }
 
     fn put_welcome_tree(

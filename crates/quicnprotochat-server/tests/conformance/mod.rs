@@ -43,6 +43,7 @@ macro_rules! every_check {
             only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome_goes_with_it,
             a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused,
             the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_restart,
+            a_kept_proposal_survives_a_restart_and_a_commit_of_its_epoch_takes_it,
             a_queue_never_holds_more_than_its_depth_and_a_refusal_stores_nothing,
             a_read_sees_every_commit_as_soon_as_it_is_answered,
             a_queue_never_holds_more_bytes_than_its_limit_and_acks_make_room,
@@ -491,6 +492,66 @@ pub async fn only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome
         store.drain(key(9)).await.unwrap().is_empty(),
         "the losing Welcome is not delivered"
     );
+    close((store, closer)).await;
+}
+
+/// A standalone proposal is kept on its own beside the group's view: it
+/// survives a restart, the Commit of its epoch that references it is
+/// accepted, and the next epoch goes on without it.
+pub async fn a_kept_proposal_survives_a_restart_and_a_commit_of_its_epoch_takes_it(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, welcome, provider) = alice.add(2);
+    let bob_key = mls::identity(2).public_key();
+    let mut publication = alice.publication(add, &[], b"add", true);
+    publication.welcome = Some(Envelope {
+        recipients: vec![bob_key],
+        payload: welcome.clone(),
+        message_id: None,
+    });
+    let group = publication.group_id.clone();
+    store
+        .publish_commit(alice.key(), publication)
+        .await
+        .unwrap()
+        .unwrap();
+    alice.merge();
+    let tree = store.welcome_tree(group, 1, bob_key).await.unwrap().unwrap();
+    let mut bob = mls::join(2, provider, &welcome, &tree);
+    let leave = bob.leave(&[alice.key()], b"leave");
+    store
+        .publish_proposal(bob.key(), leave.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    close((store, closer)).await;
+
+    let (store, closer) = backend.open();
+    alice
+        .group
+        .receive(
+            &alice.provider,
+            &leave.proposal.payload,
+            &quicnprotochat_core::NoDeviceLists,
+        )
+        .unwrap();
+    let commit = alice
+        .group
+        .commit_pending_proposals(&alice.provider, &alice.identity)
+        .unwrap();
+    store
+        .publish_commit(alice.key(), alice.publication(commit, &[bob.key()], b"c", false))
+        .await
+        .unwrap()
+        .unwrap();
+    alice.merge();
+    // The next epoch goes on without it.
+    let update = alice.update();
+    store
+        .publish_commit(alice.key(), alice.publication(update, &[], b"u", false))
+        .await
+        .unwrap()
+        .unwrap();
     close((store, closer)).await;
 }
 

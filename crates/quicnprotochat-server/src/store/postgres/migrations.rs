@@ -124,6 +124,17 @@ const MIGRATIONS: &[&str] = &[
          removed_at bigint NOT NULL,
          PRIMARY KEY (user_key, device_key)
      );",
+    // 6: standalone proposals kept beside the group's view, one row each,
+    // so that keeping one does not rewrite the whole view (the tree); and
+    // two nodes keeping proposals of one group at once both keep theirs.
+    // `id` keeps their order; a Commit (a new view) deletes them.
+    "CREATE TABLE group_proposals (
+         id bigserial PRIMARY KEY,
+         group_id bytea NOT NULL,
+         epoch bigint NOT NULL,
+         item bytea NOT NULL
+     );
+     CREATE INDEX group_proposals_by_group ON group_proposals (group_id, epoch, id);",
 ];
 
 /// The schema version this build creates.

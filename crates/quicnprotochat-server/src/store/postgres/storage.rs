@@ -722,11 +722,48 @@ impl Storage for PgStorage<'_> {
              ON CONFLICT (group_id) DO UPDATE SET view = excluded.view, changed_at = excluded.changed_at",
             &[&group.as_bytes(), &view, &now],
         )?;
+        self.execute(
+            "DELETE FROM group_proposals WHERE group_id = $1",
+            &[&group.as_bytes()],
+        )?;
+        Ok(())
+    }
+
+    fn group_proposals(&mut self, group: &GroupId, epoch: u64) -> Result<Vec<Vec<u8>>, PgError> {
+        let rows = self.query(
+            "SELECT item FROM group_proposals WHERE group_id = $1 AND epoch = $2 ORDER BY id",
+            &[&group.as_bytes(), &sql_int(epoch)],
+        )?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    fn add_group_proposal(
+        &mut self,
+        group: &GroupId,
+        epoch: u64,
+        item: &[u8],
+        now: i64,
+    ) -> Result<(), PgError> {
+        self.execute(
+            "INSERT INTO group_proposals (group_id, epoch, item) VALUES ($1, $2, $3)",
+            &[&group.as_bytes(), &sql_int(epoch), &item],
+        )?;
+        self.execute(
+            "UPDATE group_views SET changed_at = $2 WHERE group_id = $1",
+            &[&group.as_bytes(), &now],
+        )?;
         Ok(())
     }
 
     fn purge_idle_groups(&mut self, before: i64) -> Result<usize, PgError> {
         let deleted = self.execute("DELETE FROM group_views WHERE changed_at < $1", &[&before])?;
+        if deleted > 0 {
+            self.execute(
+                "DELETE FROM group_proposals p
+                 WHERE NOT EXISTS (SELECT 1 FROM group_views v WHERE v.group_id = p.group_id)",
+                &[],
+            )?;
+        }
         Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
     }
 
