@@ -334,7 +334,9 @@ interface DeliveryService {
   #               PublicMessage (handshake messages are never encrypted, so
   #               the node can check them), and its recipients (may be none).
   # welcome:      optional (no recipients: none): the Welcome for new members,
-  #               delivered only together with the Commit.
+  #               delivered only together with the Commit. It must be an
+  #               MLSMessage carrying a Welcome, for devices the Commit adds
+  #               only (protocol 7; else `invalid`).
   # initialState: only with the group's first change (the node has no state
   #               for the group yet): the group's public state in `epoch`,
   #               from which the node checks this and every later Commit.

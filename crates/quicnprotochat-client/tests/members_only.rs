@@ -2,7 +2,8 @@
 //! node's ordering, through a real node over real QUIC with groups the real
 //! CLI made: a stranger who knows a group's id learns neither its epoch nor
 //! that it exists; a member cannot fork a group by sending different
-//! Commits around `publishCommit`; proposals per epoch are bounded.
+//! Commits around `publishCommit` (by `enqueue`, or as the Welcome of one);
+//! proposals per epoch are bounded.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -154,7 +155,7 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
     // Alice makes two valid Commits of one epoch: one removing Carol, for
     // Bob; one removing Bob, for Carol.
     let alice_identity = identity_of(&alice);
-    let (for_bob, for_carol) = {
+    let (for_bob, for_carol, carols_group_info) = {
         let state = StateFile::open(std::path::Path::new(&alice.state)).unwrap();
         let provider = state.provider();
         let mut trio = GroupMember::load(&provider, group.as_bytes()).unwrap().unwrap();
@@ -165,8 +166,9 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
         let for_carol = trio
             .remove_members(&provider, &alice_identity, &[bob_key])
             .unwrap();
+        let group_info = trio.pending_group_info().unwrap().to_vec();
         trio.discard_pending_commit(&provider).unwrap();
-        (for_bob, for_carol)
+        (for_bob, for_carol, group_info)
     };
     // A Commit in a PrivateMessage is refused by its framing as well.
     let mut private_commit = private_message(group.as_bytes(), 1, 64);
@@ -200,6 +202,30 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
             client.enqueue_batch(&batch).await.unwrap(),
             SendOutcome::Handshake
         );
+        // Nor in the Welcome's place beside an ordered Commit: the one for
+        // Carol published, the one for Bob as its "Welcome".
+        let to = |recipient, payload: &Vec<u8>| Envelope {
+            recipients: vec![recipient],
+            payload: payload.clone(),
+            message_id: None,
+        };
+        let outcome = client
+            .publish_commit(
+                &group,
+                1,
+                &to(carol_key, &for_carol),
+                Some(&to(bob_key, &for_bob)),
+                None,
+                Some(&carols_group_info),
+            )
+            .await
+            .unwrap();
+        match outcome {
+            CommitOutcome::Invalid { reason } => {
+                assert!(reason.contains("must carry an MLS Welcome"), "{reason}")
+            }
+            other => panic!("a Commit in the Welcome's place: {other:?}"),
+        }
     });
 
     // Nobody moved: all three are still in one group at one epoch.

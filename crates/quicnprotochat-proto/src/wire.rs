@@ -173,6 +173,13 @@ pub fn is_handshake(payload: &[u8]) -> bool {
     }
 }
 
+/// Whether `payload` is, by its clear MLS framing, an MLS Welcome (version
+/// mls10, wire format mls_welcome): what the Welcome envelope of a Commit
+/// must carry.
+pub fn is_welcome(payload: &[u8]) -> bool {
+    payload.starts_with(&[0x00, 0x01, 0x00, 0x03])
+}
+
 /// Whether `payload` is, by its clear MLS framing, an external Commit (a
 /// PublicMessage whose sender type is new_member_commit, RFC 9420 section
 /// 6): the only kind the node accepts is a member's rejoin. Reads the

@@ -298,8 +298,10 @@ pub async fn enqueue_ok(client: &NodeClient, recipient: &IdentityKey, payload: &
 /// Gets `welcome` (a Welcome the node has no Commit for) into the queue
 /// of `recipient` the one way the node still takes a Welcome: as the
 /// Welcome of an accepted Commit, here the first change of a throwaway
-/// group of `adder`'s that adds nobody. The node keeps no tree for the
-/// Welcome's own group and epoch, as a hostile adder would arrange.
+/// group of `adder`'s that adds `recipient` (with a KeyPackage of theirs
+/// from the node), since a Welcome goes only to those its Commit adds. The
+/// node keeps no tree for the Welcome's own group and epoch, as a hostile
+/// adder would arrange.
 pub async fn smuggle_welcome(
     client: &NodeClient,
     adder: &IdentityKeypair,
@@ -314,7 +316,15 @@ pub async fn smuggle_welcome(
     let cover_id = format!("cover-{}", rand::random::<u64>());
     let mut cover = GroupMember::create(&provider, adder, cover_id.as_bytes()).unwrap();
     let state = cover.export_public_state(&provider, adder).unwrap();
-    let commit = cover.self_update(&provider, adder).unwrap();
+    let quicnprotochat_proto::outcome::FetchedKeyPackage::Package(package) =
+        client.fetch_key_package(&recipient).await.unwrap()
+    else {
+        panic!("the recipient has KeyPackages on the node");
+    };
+    let commit = cover
+        .add_members(&provider, adder, &[package], &quicnprotochat_core::NoDeviceLists)
+        .unwrap()
+        .commit;
     let group_info = cover.pending_group_info().map(<[u8]>::to_vec);
     let outcome = client
         .publish_commit(

@@ -16,6 +16,7 @@ use quicnprotochat_core::{
     GroupId, IdentityKey, MemberKey, PublicView, QueuedMessage, Seq, SignedDeviceList, Suite,
 };
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
+use quicnprotochat_proto::wire;
 use quicnprotochat_proto::wire::{
     CommitPublication, Envelope, GroupState, ProposalPublication, ValidKeyPackage,
 };
@@ -338,7 +339,7 @@ pub fn enqueue<S: Storage>(
 ) -> Result<Result<(), SendRefusal>, S::Error> {
     if envelopes
         .iter()
-        .any(|envelope| quicnprotochat_proto::wire::is_handshake(&envelope.payload))
+        .any(|envelope| wire::is_handshake(&envelope.payload))
     {
         return Ok(Err(SendRefusal::Handshake));
     }
@@ -441,6 +442,28 @@ pub fn publish_commit<S: Storage>(
         return Ok(Err(invalid.into()));
     }
     let added: Vec<IdentityKey> = added.iter().map(|member| member.device).collect();
+    // The Welcome goes with its Commit to those it adds, and is a Welcome:
+    // anything else here (another Commit for some members, say) would
+    // reach them unordered and could fork the group.
+    if let Some(welcome) = &publication.welcome {
+        if !wire::is_welcome(&welcome.payload) {
+            return Ok(Err(CommitRefusal::Invalid {
+                reason: "the welcome envelope must carry an MLS Welcome".into(),
+            }));
+        }
+        if let Some(other) = welcome
+            .recipients
+            .iter()
+            .find(|recipient| !added.contains(recipient))
+        {
+            return Ok(Err(CommitRefusal::Invalid {
+                reason: format!(
+                    "the Welcome may go only to the devices the Commit adds, and {} is not one",
+                    other.short()
+                ),
+            }));
+        }
+    }
     // Every Commit brings the GroupInfo of the epoch it starts: a member
     // that cannot process the Commit (its sender broke it) rejoins from it
     // and the group carries on, instead of freezing for all but its sender.
@@ -742,7 +765,7 @@ fn stale_epoch<S: Storage>(
     sender: &IdentityKey,
     payload: &[u8],
 ) -> Result<Option<StaleEpoch>, S::Error> {
-    let Some((group_id, epoch)) = quicnprotochat_proto::wire::private_message_epoch(payload) else {
+    let Some((group_id, epoch)) = wire::private_message_epoch(payload) else {
         return Ok(None);
     };
     let Some(group) = GroupId::new(group_id.to_vec()) else {

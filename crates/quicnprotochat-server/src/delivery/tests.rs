@@ -51,10 +51,24 @@ fn queue(storage: &mut MemoryStorage, of: u8) -> Vec<(u64, Vec<u8>)> {
 }
 
 fn payloads(storage: &mut MemoryStorage, of: u8) -> Vec<Vec<u8>> {
-    queue(storage, of)
+    payloads_of(storage, &key(of))
+}
+
+fn payloads_of(storage: &mut MemoryStorage, of: &IdentityKey) -> Vec<Vec<u8>> {
+    storage
+        .run(|s| rules::messages_after(s, of, Seq::ZERO, 0))
         .into_iter()
-        .map(|(_, payload)| payload)
+        .map(|message| message.payload)
         .collect()
+}
+
+/// `welcome` as the Welcome envelope for `to`.
+fn welcome_to(to: IdentityKey, welcome: &[u8]) -> Envelope {
+    Envelope {
+        recipients: vec![to],
+        payload: welcome.to_vec(),
+        message_id: None,
+    }
 }
 
 fn key_package(bytes: &[u8], last_resort: bool, expires_at: u64) -> ValidKeyPackage {
@@ -376,15 +390,16 @@ fn a_group_the_node_has_no_view_of_accepts_nothing_but_its_initial_state() {
 fn the_first_valid_commit_of_an_epoch_wins_and_the_others_learn_the_epoch() {
     let mut storage = MemoryStorage::default();
     let mut alice = mls::Member::create(1, b"g");
-    let first = alice.update();
+    let (first, welcome, _) = alice.add(3);
     alice.discard();
     let second = alice.update();
+    let carol = mls::identity(3).public_key();
     let mut winner = alice.publication(first, &[key(2)], b"a", true);
-    winner.welcome = Some(envelope(&[3], b"welcome", Some(b"w")));
+    winner.welcome = Some(welcome_to(carol, &welcome));
     publish(&mut storage, &alice.key(), &winner, 100).unwrap();
     assert_eq!(
-        payloads(&mut storage, 3),
-        [b"welcome".to_vec()],
+        payloads_of(&mut storage, &carol),
+        [welcome],
         "the Welcome goes with its Commit"
     );
     // Made in the same epoch: lost the race.
@@ -535,15 +550,16 @@ fn a_commit_referencing_a_proposal_the_node_has_not_seen_is_refused() {
 #[test]
 fn a_commit_with_a_full_queue_is_refused_and_the_epoch_stays() {
     let mut storage = MemoryStorage::default();
-    enqueue(&mut storage, 9, &[envelope(&[3], b"waiting", None)], 1).unwrap();
+    let carol = mls::identity(9).public_key();
+    enqueue(&mut storage, 9, &[welcome_to(carol, b"waiting")], 1).unwrap();
     let mut alice = mls::Member::create(1, b"g");
-    let commit = alice.update();
+    let (commit, welcome, _) = alice.add(9);
     let mut publication = alice.publication(commit, &[key(2)], b"a", true);
-    publication.welcome = Some(envelope(&[3], b"welcome", None));
+    publication.welcome = Some(welcome_to(carol, &welcome));
     assert_eq!(
         publish(&mut storage, &alice.key(), &publication, 1),
         Err(CommitRefusal::QueueFull(QueueFull {
-            recipients: vec![key(3)],
+            recipients: vec![carol],
             max_depth: 1,
             max_bytes: Limits::default().max_queue_bytes,
         }))
@@ -553,6 +569,31 @@ fn a_commit_with_a_full_queue_is_refused_and_the_epoch_stays() {
     publication.welcome = None;
     publish(&mut storage, &alice.key(), &publication, 1).unwrap();
     assert_eq!(payloads(&mut storage, 2).len(), 1);
+}
+
+#[test]
+fn the_welcome_envelope_carries_a_welcome_for_the_added_devices_only() {
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, welcome, _) = alice.add(3);
+    let carol = mls::identity(3).public_key();
+    let mut publication = alice.publication(add, &[], b"add", true);
+    // Another Commit of the epoch for some members, in the Welcome's place:
+    // they would apply it unordered, and the group would fork.
+    alice.discard();
+    let other = alice.update();
+    publication.welcome = Some(welcome_to(carol, &other));
+    let reason = invalid(publish(&mut storage, &alice.key(), &publication, 100));
+    assert!(reason.contains("must carry an MLS Welcome"), "{reason}");
+    // A Welcome for someone the Commit does not add.
+    publication.welcome = Some(welcome_to(key(4), &welcome));
+    let reason = invalid(publish(&mut storage, &alice.key(), &publication, 100));
+    assert!(reason.contains("only to the devices the Commit adds"), "{reason}");
+    assert!(payloads(&mut storage, 4).is_empty() && payloads_of(&mut storage, &carol).is_empty());
+    // To Carol, whom it adds: accepted.
+    publication.welcome = Some(welcome_to(carol, &welcome));
+    publish(&mut storage, &alice.key(), &publication, 100).unwrap();
+    assert_eq!(payloads_of(&mut storage, &carol), [welcome]);
 }
 
 #[test]

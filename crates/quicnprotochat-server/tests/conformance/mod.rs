@@ -470,11 +470,16 @@ pub async fn only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome
 ) {
     let (store, closer) = backend.open();
     let mut alice = mls::Member::create(1, b"g");
-    let first = alice.update();
+    let (first, first_welcome, _) = alice.add(8);
     alice.discard();
-    let second = alice.update();
+    let (second, second_welcome, _) = alice.add(9);
+    let welcome_to = |seed: u8, welcome: &[u8]| Envelope {
+        recipients: vec![mls::identity(seed).public_key()],
+        payload: welcome.to_vec(),
+        message_id: None,
+    };
     let mut winner = alice.publication(first.clone(), &[key(7)], b"first", true);
-    winner.welcome = Some(envelope(&[8], b"welcome"));
+    winner.welcome = Some(welcome_to(8, &first_welcome));
     store
         .publish_commit(alice.key(), winner.clone())
         .await
@@ -483,13 +488,20 @@ pub async fn only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome
     // A retry of the accepted one is accepted and stores nothing new.
     store.publish_commit(alice.key(), winner).await.unwrap().unwrap();
     let mut loser = alice.publication(second, &[key(7)], b"second", true);
-    loser.welcome = Some(envelope(&[9], b"welcome"));
+    loser.welcome = Some(welcome_to(9, &second_welcome));
     let refused = store.publish_commit(alice.key(), loser).await.unwrap();
     assert_eq!(refused, Err(CommitRefusal::Conflict { current_epoch: 1 }));
     assert_eq!(store.drain(key(7)).await.unwrap(), vec![first]);
-    assert_eq!(store.drain(key(8)).await.unwrap(), vec![b"welcome".to_vec()]);
+    assert_eq!(
+        store.drain(mls::identity(8).public_key()).await.unwrap(),
+        vec![first_welcome]
+    );
     assert!(
-        store.drain(key(9)).await.unwrap().is_empty(),
+        store
+            .drain(mls::identity(9).public_key())
+            .await
+            .unwrap()
+            .is_empty(),
         "the losing Welcome is not delivered"
     );
     close((store, closer)).await;
