@@ -332,7 +332,9 @@ interface DeliveryService {
   # epoch:        the epoch the Commit was made in.
   # commit:       the Commit, a TLS-encoded MLSMessage carrying a
   #               PublicMessage (handshake messages are never encrypted, so
-  #               the node can check them), and its recipients (may be none).
+  #               the node can check them), and its recipients: every member
+  #               device the new epoch keeps but the sender and those it adds
+  #               (protocol 7; else `invalid`), so none when there are none.
   # welcome:      optional (no recipients: none): the Welcome for new members,
   #               delivered only together with the Commit. It must be an
   #               MLSMessage carrying a Welcome, for devices the Commit adds

@@ -765,7 +765,11 @@ async fn hoard(
         Err(ClientError::Rpc(e)) if e.extra.contains("its extensions take") => count.bulky_refused = true,
         other => count.other.push(format!("bulky: {other:?}")),
     }
-    while !stop.load(Ordering::SeqCst) {
+    // At least two rounds however busy the machine: the second one's
+    // uploads are over the upload rate's burst.
+    let mut rounds = 0;
+    while rounds < 2 || !stop.load(Ordering::SeqCst) {
+        rounds += 1;
         // More fetches a round than the serve rate's burst: a round's
         // uploads, commit and big payloads take long on a busy machine, and
         // the last resort must show within the first.

@@ -164,6 +164,15 @@ impl PublicView {
         self.items.0.borrow().proposals.len()
     }
 
+    /// The device key of every member (the leaves' signature keys), in
+    /// tree order.
+    pub fn member_devices(&self) -> Vec<IdentityKey> {
+        self.group
+            .members()
+            .filter_map(|member| IdentityKey::try_from(member.signature_key.as_slice()).ok())
+            .collect()
+    }
+
     /// Whether `identity` owns a leaf of the group.
     pub fn is_member(&self, identity: &IdentityKey) -> bool {
         self.group

@@ -8,8 +8,8 @@
 //! call behind. Refusals ([`QueueFull`], [`CommitRefusal`]) are outcomes a
 //! correct client must handle; the storage's own error is a failure.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 
 use quicnprotochat_core::public_view::Invalid;
 use quicnprotochat_core::{
@@ -442,6 +442,22 @@ pub fn publish_commit<S: Storage>(
         return Ok(Err(invalid.into()));
     }
     let added: Vec<IdentityKey> = added.iter().map(|member| member.device).collect();
+    // Every member of the new epoch but its sender and those it adds (who
+    // get the Welcome) must get the Commit: one left out would stay behind
+    // while the others move on, frozen out by the sender.
+    let told: HashSet<&IdentityKey> = commit.recipients.iter().chain(&added).chain([sender]).collect();
+    if let Some(left_out) = view
+        .member_devices()
+        .into_iter()
+        .find(|device| !told.contains(device))
+    {
+        return Ok(Err(CommitRefusal::Invalid {
+            reason: format!(
+                "the Commit must go to every member of the group, and it leaves out {}",
+                left_out.short()
+            ),
+        }));
+    }
     // The Welcome goes with its Commit to those it adds, and is a Welcome:
     // anything else here (another Commit for some members, say) would
     // reach them unordered and could fork the group.

@@ -475,12 +475,36 @@ fn noise_framed_as_a_commit_or_a_strangers_commit_is_refused_and_the_epoch_stays
     );
     // Signed by Alice but sent on another member's connection.
     let genuine = alice.update();
-    let publication = alice.publication(genuine, &[key(2)], b"ok", false);
+    let publication = alice.publication(genuine, &[bob.key()], b"ok", false);
     let reason = invalid(publish(&mut storage, &bob.key(), &publication, 100));
     assert!(reason.contains("this connection is"), "{reason}");
     // Nothing took epoch 1: Alice's real Commit is accepted.
     publish(&mut storage, &alice.key(), &publication, 100).unwrap();
-    assert_eq!(payloads(&mut storage, 2).len(), 1);
+    assert_eq!(payloads_of(&mut storage, &bob.key()).len(), 1);
+}
+
+#[test]
+fn a_commit_must_go_to_every_member_it_keeps() {
+    let mut storage = MemoryStorage::default();
+    let (mut alice, bob) = alice_and_bob(&mut storage);
+    // Alice leaves Bob out of her update: he would stay behind for good.
+    let update = alice.update();
+    let reason = invalid(publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(update.clone(), &[key(7)], b"u", false),
+        100,
+    ));
+    assert!(reason.contains("leaves out"), "{reason}");
+    // Nothing was stored, and with Bob it is accepted.
+    assert!(payloads(&mut storage, 7).is_empty());
+    publish(
+        &mut storage,
+        &alice.key(),
+        &alice.publication(update, &[bob.key()], b"u", false),
+        100,
+    )
+    .unwrap();
 }
 
 #[test]
