@@ -113,12 +113,9 @@ fn a_failed_welcome_tree_read_keeps_the_welcome(node: &TestNode, db: &Outside, d
 
 /// The node cannot write the queue table when Alice sends: the send fails
 /// without a refusal, and once the table is back her next send and Bob's
-/// receive work, nothing delivered twice.
-fn a_failed_queue_write_stores_nothing_and_the_next_send_goes_through(
-    node: &TestNode,
-    db: &Outside,
-    dir: &Path,
-) {
+/// receive work, nothing delivered twice. Then it cannot read it when Bob
+/// receives: nothing is lost, and his next receive gets it, once.
+fn a_failed_queue_write_or_read_loses_nothing(node: &TestNode, db: &Outside, dir: &Path) {
     let alice = Member::register(node, dir, "alice2");
     let bob = Member::register(node, dir, "bob2");
     alice.run(node, "create-group", &["--group-id", "writes"]);
@@ -133,6 +130,14 @@ fn a_failed_queue_write_stores_nothing_and_the_next_send_goes_through(
     alice.run(node, "send", &["--msg", "after"]);
     let out = bob.run(node, "recv", &[]);
     assert_eq!(out.trim(), format!("writes {}: after", alice.short()), "{out}");
+
+    alice.run(node, "send", &["--msg", "waiting"]);
+    db.break_table("messages");
+    let (ok, out, err) = bob.try_run(node, "recv", &[]);
+    assert!(!ok && out.is_empty(), "the queue cannot be read: {err}");
+    db.mend_table("messages");
+    let out = bob.run(node, "recv", &[]);
+    assert_eq!(out.trim(), format!("writes {}: waiting", alice.short()), "{out}");
 }
 
 /// A failed read of the group's state (a rejoin's GroupInfo, a Commit's
@@ -202,7 +207,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     a_failed_welcome_tree_read_keeps_the_welcome,
-    a_failed_queue_write_stores_nothing_and_the_next_send_goes_through,
+    a_failed_queue_write_or_read_loses_nothing,
     failed_group_and_key_package_reads_cost_nothing,
 );
 
