@@ -38,13 +38,43 @@ pub(crate) fn resolve_peers(state: &StateFile, peers: &PeerArgs) -> Result<Vec<I
     Ok(keys)
 }
 
+/// Whether `c` must not reach a terminal as it is: a control character
+/// (C0 with newline and ESC, DEL, C1), or a character that reorders or
+/// hides text (bidirectional overrides and isolates, zero-width ones, line
+/// and paragraph separators), with which a peer could move the cursor,
+/// retitle the window, forge a line from someone else or disguise text.
+pub(crate) fn unsafe_to_show(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// `text` with every character [`unsafe_to_show`] written as an escape
+/// (`\n`, `\t`, `\r`, else `\u{1b}`), so a message prints as one line of
+/// visible characters; `--json` carries the exact text instead.
+pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(unsafe_to_show) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if unsafe_to_show(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Shows a group id as text when it is printable UTF-8, else as hex.
 /// A group id made by `create-group` is `NAME#` plus 16 random hex digits:
 /// the name is for people, the suffix keeps ids unique and unguessable, so
 /// nobody can collide with or squat on another group's id at the node.
 pub(crate) fn group_name(group_id: &[u8]) -> String {
     match std::str::from_utf8(group_id) {
-        Ok(text) if !text.is_empty() && !text.chars().any(char::is_control) => match text.rsplit_once('#') {
+        Ok(text) if !text.is_empty() && !text.chars().any(unsafe_to_show) => match text.rsplit_once('#') {
             Some((name, suffix))
                 if !name.is_empty()
                     && suffix.len() == 16
@@ -264,5 +294,18 @@ mod tests {
             new_group_id(&"x".repeat(240)),
             Err(ClientError::Usage(_))
         ));
+        // A name that would reorder or hide text is shown as hex.
+        assert_eq!(group_name("a\u{202e}b".as_bytes()), "61e280ae62");
+    }
+
+    #[test]
+    fn text_is_shown_as_visible_characters_on_one_line() {
+        assert_eq!(shown("plain, ünïcode ✓"), "plain, ünïcode ✓");
+        assert_eq!(shown("a\nb\tc\rd"), r"a\nb\tc\rd");
+        assert_eq!(shown("\u{1b}[2J\u{7f}\u{85}"), r"\u{1b}[2J\u{7f}\u{85}");
+        assert_eq!(
+            shown("x\u{202e}y\u{200b}z\u{2028}"),
+            r"x\u{202e}y\u{200b}z\u{2028}"
+        );
     }
 }

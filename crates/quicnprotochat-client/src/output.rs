@@ -21,6 +21,7 @@ use serde::Serialize;
 use quicnprotochat_core::CoreError;
 
 use crate::error::ClientError;
+use crate::naming::shown;
 
 static JSON: OnceLock<bool> = OnceLock::new();
 
@@ -195,7 +196,7 @@ impl Event {
                     // The short form, as `members` and contacts show it.
                     (false, None) => sender_key.get(..16).unwrap_or(sender_key),
                 };
-                println!("{group} {from}: {text}");
+                println!("{group} {}: {}", shown(from), shown(text));
             }
             Event::Joined {
                 group,
@@ -245,7 +246,8 @@ impl Event {
             } => {
                 let who = culprit.as_ref().map_or("a member", Person::shown);
                 eprintln!(
-                    "group {group}: a Commit from {who} could not be processed here ({reason}); rejoined to carry on, now at epoch {epoch}, {members} members. If it happens again, remove {who}"
+                    "group {group}: a Commit from {who} could not be processed here ({}); rejoined to carry on, now at epoch {epoch}, {members} members. If it happens again, remove {who}",
+                    shown(reason)
                 );
             }
             Event::Removed { group, epoch, .. } => {

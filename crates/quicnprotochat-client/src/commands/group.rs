@@ -19,7 +19,7 @@ use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::naming::{
     changed_event, devices_of, group_name, load_group, member_name, new_group_id, others, rejoin_group_id,
-    resolve_peers, users,
+    resolve_peers, shown, users,
 };
 use crate::nodes::Nodes;
 use crate::output::{self, Progress, print_json};
@@ -499,7 +499,7 @@ pub(crate) fn history(path: &Path, group_id: Option<&str>) -> Result<(), ClientE
             Direction::Received if entry.sender == me => "you (another device)".to_owned(),
             Direction::Received => member_name(&state, &entry.sender)?,
         };
-        println!("{when} {who}: {text}");
+        println!("{when} {}: {}", shown(&who), shown(&text));
     }
     if output::json() {
         print_json(&json!({

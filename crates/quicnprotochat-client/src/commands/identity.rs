@@ -65,7 +65,11 @@ pub(crate) fn contacts(path: &Path, action: ContactsAction) -> Result<(), Client
     let state = StateFile::open(path)?;
     match action {
         ContactsAction::Add { name, identity_key } => {
-            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if name.is_empty()
+                || name
+                    .chars()
+                    .any(|c| c.is_whitespace() || crate::naming::unsafe_to_show(c))
+            {
                 return Err(ClientError::Usage(format!(
                     "contact name {name:?} must be non-empty, without spaces"
                 )));
