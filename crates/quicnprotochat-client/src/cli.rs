@@ -197,9 +197,36 @@ pub enum Command {
         #[arg(long)]
         group_id: Option<String>,
     },
-    /// Join the group(s) whose Welcome is waiting in your queue; the last one
-    /// joined becomes the current group.
+    /// Join the group(s) whose Welcome is waiting in your queue, and every
+    /// waiting invitation (your consent to all); the last one joined
+    /// becomes the current group.
     Join(StateArg),
+    /// List the waiting invitations: Welcomes from people who are neither
+    /// your contacts nor your own devices, which `recv` does not join.
+    Invitations(StateArg),
+    /// Join the group of a waiting invitation (by the name `invitations`
+    /// shows, or its id), or of all of them with `--all`; it becomes the
+    /// current group.
+    Accept {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The group's name or id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        group: Option<String>,
+        /// Every waiting invitation.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Refuse a waiting invitation: it is forgotten, and what the group
+    /// sends you is dropped.
+    Decline {
+        /// The state file.
+        #[command(flatten)]
+        state: StateArg,
+        /// The group's name or id, as `invitations` shows it.
+        group: String,
+    },
     /// Rejoin a group whose state this state file lost (e.g. it was restored
     /// from an older backup) but whose member you still are: an external
     /// Commit from the group's current state on the node replaces your old

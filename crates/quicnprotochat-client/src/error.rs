@@ -188,6 +188,17 @@ pub enum ClientError {
         /// The node's words.
         reason: String,
     },
+    /// A stranger's Welcome that was not kept as an invitation: as many
+    /// wait already, or it is too big (only in `dropped` events).
+    #[error("an invitation to {group} from {inviter} was dropped: {why}")]
+    InvitationDropped {
+        /// The group, by name.
+        group: String,
+        /// The inviter's short user key.
+        inviter: String,
+        /// Which bound it crossed.
+        why: String,
+    },
     /// The node checked a group change (a Commit or a proposal) against the
     /// group's public state and found it not valid; it stored nothing.
     #[error(
@@ -422,6 +433,7 @@ impl ClientError {
             ClientError::ChangeRefused { reason, .. } => reason.kind(),
             ClientError::WelcomeTreeUnavailable { .. } => ("welcome_tree_unavailable", Refused),
             ClientError::WelcomeTreeRefused { .. } => ("welcome_tree_refused", Refused),
+            ClientError::InvitationDropped { .. } => ("invitation_dropped", Local),
             ClientError::InvalidChange { .. } => ("invalid_change", Refused),
             ClientError::GroupUnknownToNode { .. } => ("group_unknown_to_node", Refused),
             ClientError::NoGroupInfo { .. } => ("no_group_info", Refused),
@@ -662,6 +674,11 @@ mod tests {
                 group: text(),
                 reason: text(),
             },
+            ClientError::InvitationDropped {
+                group: text(),
+                inviter: text(),
+                why: text(),
+            },
             ClientError::InvalidChange { reason: text() },
             ClientError::GroupUnknownToNode { group: text() },
             ClientError::NoGroupInfo { group: text() },
@@ -746,7 +763,7 @@ mod tests {
             );
         }
         // Every kind `kind()` returns today (`runtime` is main's own).
-        assert_eq!(kinds.len(), 53, "{kinds:?}");
+        assert_eq!(kinds.len(), 54, "{kinds:?}");
     }
 
     #[test]

@@ -16,9 +16,9 @@ use crate::devices::Directory;
 use crate::error::ClientError;
 use crate::naming::{changed_event, group_name, users};
 use crate::nodes::Nodes;
-use crate::output::{Event, Progress};
+use crate::output::{Event, Person, Progress};
 use crate::publish::resume_publications;
-use crate::state::{Direction, InboxEntry, StateFile};
+use crate::state::{Direction, InboxEntry, Invitation, NotKept, StateFile, unix_now};
 
 /// Test hook: when this environment variable is set, `recv` and `join` exit
 /// right after storing the fetched messages in the inbox, before
@@ -164,6 +164,13 @@ pub(crate) async fn process_entry(
 ) -> Result<Applied, ClientError> {
     let (payload, seq) = (entry.payload.as_slice(), entry.seq);
     let entry = entry.id;
+    // A message for a group we are invited to waits for the answer: on
+    // `accept` it is applied after the Welcome, on `decline` dropped.
+    if let Ok(Incoming::Group { group_id, .. }) = classify(payload)
+        && state.has_invitation(&group_id)?
+    {
+        return Ok(Applied::default());
+    }
     let mut tree = None;
     let mut fetched_lists = false;
     loop {
@@ -188,35 +195,138 @@ pub(crate) async fn process_entry(
             Err(ClientError::Core(broken @ CoreError::BrokenCommit { .. })) => {
                 return resync(nodes, state, entry, seq, broken).await;
             }
+            Err(ClientError::Core(CoreError::Invitation {
+                group_id,
+                epoch,
+                inviter,
+                members,
+            })) => {
+                let invitation = Invitation {
+                    group_id,
+                    inviter,
+                    epoch,
+                    members,
+                    welcome: payload.to_vec(),
+                    tree,
+                    received_at: unix_now(),
+                };
+                return keep_invitation(state, entry, seq, invitation);
+            }
             Err(e) => return settle_failure(state, entry, seq, e).map(|()| Applied::default()),
         };
-        let fetched = match GroupId::new(group_id.clone()) {
-            Some(group) => nodes.delivery().fetch_welcome_tree(&group, epoch).await,
-            None => Err(ClientError::Core(CoreError::MalformedMessage(
-                "the Welcome's group id is not 1 to 256 bytes".into(),
-            ))),
-        };
-        match fetched {
-            Ok(FetchedWelcomeTree::Tree(fetched)) => tree = Some(fetched),
-            Ok(FetchedWelcomeTree::Unavailable) => {
-                let e = ClientError::WelcomeTreeUnavailable {
-                    group: group_name(&group_id),
-                    epoch,
-                };
-                return settle_failure(state, entry, seq, e).map(|()| Applied::default());
-            }
-            // The node refused the call itself: it does not know us as a
-            // member this Welcome added (a forged or misdirected Welcome).
-            Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Failed => {
-                let e = ClientError::WelcomeTreeRefused {
-                    group: group_name(&group_id),
-                    reason: e.extra,
-                };
+        match fetch_tree(nodes, &group_id, epoch).await {
+            Ok(fetched) => tree = Some(fetched),
+            Err(
+                e @ (ClientError::WelcomeTreeUnavailable { .. } | ClientError::WelcomeTreeRefused { .. }),
+            ) => {
                 return settle_failure(state, entry, seq, e).map(|()| Applied::default());
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The ratchet tree the node kept for the Welcome to `group_id` that starts
+/// `epoch`.
+async fn fetch_tree(nodes: &Nodes, group_id: &[u8], epoch: u64) -> Result<Vec<u8>, ClientError> {
+    let fetched = match GroupId::new(group_id.to_vec()) {
+        Some(group) => nodes.delivery().fetch_welcome_tree(&group, epoch).await,
+        None => Err(ClientError::Core(CoreError::MalformedMessage(
+            "the Welcome's group id is not 1 to 256 bytes".into(),
+        ))),
+    };
+    match fetched {
+        Ok(FetchedWelcomeTree::Tree(fetched)) => Ok(fetched),
+        Ok(FetchedWelcomeTree::Unavailable) => Err(ClientError::WelcomeTreeUnavailable {
+            group: group_name(group_id),
+            epoch,
+        }),
+        // The node refused the call itself: it does not know us as a
+        // member this Welcome added (a forged or misdirected Welcome).
+        Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Failed => {
+            Err(ClientError::WelcomeTreeRefused {
+                group: group_name(group_id),
+                reason: e.extra,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Joins the group of a kept invitation (the user consented) and forgets
+/// the invitation, in one transaction; the messages of the group kept
+/// meanwhile are applied by the next [`process_inbox`].
+pub(crate) async fn accept_invitation(
+    nodes: &Nodes,
+    state: &StateFile,
+    invitation: &Invitation,
+) -> Result<Applied, ClientError> {
+    let mut tree = invitation.tree.clone();
+    let mut fetched_lists = false;
+    loop {
+        let directory = nodes.directory();
+        let outcome = state.consume_invitation(&invitation.group_id, || {
+            apply(state, &invitation.welcome, None, tree.as_deref(), true, directory)
+        });
+        match outcome {
+            Ok(applied) => return Ok(applied),
+            Err(ClientError::Core(CoreError::RatchetTreeNeeded { group_id, epoch })) if tree.is_none() => {
+                tree = Some(fetch_tree(nodes, &group_id, epoch).await?);
+            }
+            Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) if !fetched_lists => {
+                fetched_lists = true;
+                directory.fetch(nodes, state, &users).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Keeps a Welcome from a stranger as an invitation, or drops it past the
+/// bounds on invitations, saying so.
+fn keep_invitation(
+    state: &StateFile,
+    entry: i64,
+    seq: Option<Seq>,
+    invitation: Invitation,
+) -> Result<Applied, ClientError> {
+    let why = match state.keep_invitation(entry, &invitation)? {
+        Ok(()) => {
+            let inviter = Person {
+                user_key: invitation.inviter.user.to_string(),
+                name: state.contact_name(&invitation.inviter.user)?,
+            };
+            return Ok(Applied {
+                joined: false,
+                event: Some(Event::Invited {
+                    group: group_name(&invitation.group_id),
+                    group_id: hex::encode(&invitation.group_id),
+                    inviter,
+                    epoch: invitation.epoch,
+                    members: invitation.members,
+                }),
+            });
+        }
+        Err(NotKept::TooMany) => format!(
+            "{} invitations wait already; accept or decline some",
+            crate::state::MAX_INVITATIONS
+        ),
+        Err(NotKept::TooBig) => format!("it is bigger than {} bytes", crate::state::MAX_INVITATION_BYTES),
+    };
+    let dropped = ClientError::InvitationDropped {
+        group: group_name(&invitation.group_id),
+        inviter: invitation.inviter.user.short().to_owned(),
+        why,
+    };
+    Ok(Applied {
+        joined: false,
+        event: Some(Event::Dropped {
+            seq: seq.map(Seq::get),
+            error: dropped.kind().0,
+            message: dropped.to_string(),
+            gave_up: None,
+        }),
+    })
 }
 
 /// Follows the others past a Commit they applied and we cannot process
@@ -410,7 +520,15 @@ fn apply(
     let provider = state.provider();
     match classify(payload)? {
         Incoming::Welcome => {
-            let group = GroupMember::join(&provider, payload, tree, directory)?;
+            // Joined at once only from our own devices and our contacts
+            // (or on `join`): anyone else's Welcome is an invitation.
+            let me = state.identity_key()?;
+            let consent = |inviter: &quicnprotochat_core::MemberKey| {
+                explicit_join
+                    || inviter.user == me
+                    || state.contact_name(&inviter.user).ok().flatten().is_some()
+            };
+            let group = GroupMember::join_if(&provider, payload, tree, directory, consent)?;
             let group_id = group.group_id();
             // Joining from `recv` must not silently redirect a later `send`
             // without --group-id into a group someone invited us to.

@@ -79,6 +79,15 @@ pub(crate) enum Event {
         epoch: u64,
         members: usize,
     },
+    /// A Welcome from someone who is neither a contact nor one of our
+    /// devices: kept as an invitation until `accept` or `decline`.
+    Invited {
+        group: String,
+        group_id: String,
+        inviter: Person,
+        epoch: u64,
+        members: usize,
+    },
     /// A Commit moved the group to a new epoch; `joined` and `left` are
     /// the users it added and removed (a user with several devices joins
     /// with the first and leaves with the last).
@@ -204,6 +213,15 @@ impl Event {
                 members,
                 ..
             } => eprintln!("joined group {group} (epoch {epoch}, {members} members)"),
+            Event::Invited {
+                group,
+                inviter,
+                members,
+                ..
+            } => eprintln!(
+                "{} invites you to group {group} ({members} members); `accept {group}` to join, `decline {group}` to refuse",
+                inviter.shown()
+            ),
             Event::Changed {
                 group,
                 epoch,

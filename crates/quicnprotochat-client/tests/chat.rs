@@ -179,7 +179,7 @@ fn a_message_cut_off_by_a_lost_connection_is_sent_once_reconnected() {
 }
 
 #[test]
-fn an_invitation_typed_in_chat_is_joined_and_announced_in_the_invitees_chat() {
+fn an_invitation_typed_in_chat_reaches_the_invitees_chat_and_is_joined_on_accept() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
@@ -199,6 +199,9 @@ fn an_invitation_typed_in_chat_is_joined_and_announced_in_the_invitees_chat() {
         common::stderr(&output)
     );
 
+    // Alice is no contact of Carol's: an invitation, joined on /accept.
+    carol_chat.await_note("invites you to group talk", Duration::from_secs(20));
+    carol_chat.type_line("/accept talk");
     carol_chat.await_note("joined group talk", Duration::from_secs(20));
     assert_eq!(
         carol_chat.next_line(),

@@ -297,7 +297,10 @@ fn joining_from_recv_does_not_change_the_current_group() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let (alice, bob) = (state(dir.path(), "alice.state"), state(dir.path(), "bob.state"));
-    node.cli_ok(&["register-state", "--state", &alice]);
+    let alice_key = node
+        .cli_ok(&["register-state", "--state", &alice])
+        .trim()
+        .to_owned();
     let bob_key = node
         .cli_ok(&["register-state", "--state", &bob])
         .trim()
@@ -305,6 +308,8 @@ fn joining_from_recv_does_not_change_the_current_group() {
     node.cli_ok(&["create-group", "--state", &bob, "--group-id", "bobs-own"]);
     node.cli_ok(&["create-group", "--state", &alice, "--group-id", "alices"]);
     node.cli_ok(&["invite", "--state", &alice, "--peer-key", &bob_key]);
+    // Alice is Bob's contact, so `recv` joins her group at once.
+    node.cli_ok(&["contacts", "--state", &bob, "add", "alice", &alice_key]);
     let out = node.cli(&["recv", "--state", &bob]);
     assert!(common::stderr(&out).contains("joined group alices"));
     // A send without --group-id still goes to bob's own group.

@@ -154,8 +154,9 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
         members.contains(&format!("{} (you) 1 device", bob.key)),
         "{members}"
     );
-    phone.run(&node, "recv", &[]);
-    laptop.run(&node, "recv", &[]);
+    // Bob is no contact of Alice's: each device joins on `join`.
+    phone.run(&node, "join", &[]);
+    laptop.run(&node, "join", &[]);
 
     // A message from either device is Alice's for Bob, and shows on her
     // other device as her own.

@@ -1,6 +1,8 @@
 //! What a stranger or a hostile member can make a client print, store or
 //! do, through the real CLI and a real node: text from peers prints as one
-//! line of visible characters (`--json` keeps it exact).
+//! line of visible characters (`--json` keeps it exact); a stranger's
+//! Welcome is an invitation the user accepts or declines, and a flood of
+//! them or an oversized group id costs the client little.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -35,4 +37,210 @@ fn control_characters_in_messages_print_escaped_on_one_line_and_exact_in_json() 
     let json = bob.run(&node, "history", &["--json"]);
     let document: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(document["messages"][0]["text"], nasty, "{json}");
+}
+
+/// `stranger` (no contact of `to`'s) makes a group `name` and adds `to`
+/// with a KeyPackage of theirs from the node, through the node's ordering
+/// like any `invite`: a genuine Welcome from someone `to` does not know.
+/// Returns the group and its provider, to send into it.
+async fn invite_as_stranger(
+    client: &quicnprotochat_client::node_client::NodeClient,
+    stranger: &quicnprotochat_core::IdentityKeypair,
+    to: quicnprotochat_core::IdentityKey,
+    name: &[u8],
+) -> (
+    quicnprotochat_core::GroupMember,
+    openmls_rust_crypto::OpenMlsRustCrypto,
+) {
+    use quicnprotochat_core::{GroupId, GroupMember, NoDeviceLists};
+    use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage};
+    use quicnprotochat_proto::wire::{Envelope, GroupState};
+
+    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let mut group = GroupMember::create(&provider, stranger, name).unwrap();
+    let state = group.export_public_state(&provider, stranger).unwrap();
+    let FetchedKeyPackage::Package(package) = client.fetch_key_package(&to).await.unwrap() else {
+        panic!("the invitee has KeyPackages on the node");
+    };
+    let added = group
+        .add_members(&provider, stranger, &[package], &NoDeviceLists)
+        .unwrap();
+    let group_info = group.pending_group_info().map(<[u8]>::to_vec);
+    let envelope = |recipients: Vec<_>, payload| Envelope {
+        recipients,
+        payload,
+        message_id: None,
+    };
+    let outcome = client
+        .publish_commit(
+            &GroupId::new(name.to_vec()).unwrap(),
+            0,
+            &envelope(Vec::new(), added.commit),
+            Some(&envelope(vec![to], added.welcome)),
+            Some(&GroupState {
+                group_info: state.group_info,
+                ratchet_tree: state.ratchet_tree,
+            }),
+            group_info.as_deref(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, CommitOutcome::Accepted);
+    group.merge_pending_commit(&provider).unwrap();
+    (group, provider)
+}
+
+#[test]
+fn a_strangers_welcome_is_an_invitation_joined_only_on_accept() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bob = Member::register(&node, dir.path(), "bob");
+    let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
+    let mallory = quicnprotochat_core::IdentityKeypair::generate();
+    common::local(async {
+        let client = node.connect_as(&mallory).await;
+        let (mut group, provider) =
+            invite_as_stranger(&client, &mallory, bob_key, b"offers#0011223344556677").await;
+        // Sent while Bob has not answered: kept for him, not lost.
+        let message = group.send(&provider, &mallory, b"buy now").unwrap();
+        assert_eq!(
+            client.enqueue(&bob_key, &message).await.unwrap(),
+            quicnprotochat_proto::outcome::SendOutcome::Accepted
+        );
+    });
+
+    let (ok, out, err) = bob.try_run(&node, "recv", &["--json"]);
+    assert!(ok, "{err}");
+    let invited: serde_json::Value = out
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|event| event["type"] == "invited")
+        .unwrap_or_else(|| panic!("no invited event: {out}"));
+    assert_eq!(invited["group"], "offers");
+    assert_eq!(invited["inviter"]["user_key"], mallory.public_key().to_string());
+    assert!(
+        !out.contains("buy now"),
+        "nothing of the group is shown yet: {out}"
+    );
+    // Not joined: no group, and `recv` keeps saying what waits.
+    assert_eq!(bob.run(&node, "groups", &[]).trim(), "");
+    let (_, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(
+        err.contains("1 invitation from people you have not named"),
+        "{err}"
+    );
+    let listed = bob.run(&node, "invitations", &[]);
+    assert_eq!(
+        listed.trim(),
+        format!("offers from {} (2 members)", mallory.public_key())
+    );
+
+    let (ok, out, err) = bob.try_run(&node, "accept", &["offers"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("joined group offers"), "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("offers {}: buy now", mallory.public_key().short())
+    );
+    assert!(bob.run(&node, "groups", &[]).contains("offers epoch 1 members 2"));
+    assert_eq!(bob.run(&node, "invitations", &[]).trim(), "");
+}
+
+#[test]
+fn a_declined_invitation_is_forgotten_and_its_group_dropped() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bob = Member::register(&node, dir.path(), "bob");
+    let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
+    let mallory = quicnprotochat_core::IdentityKeypair::generate();
+    let (mut group, provider) = common::local(async {
+        let client = node.connect_as(&mallory).await;
+        invite_as_stranger(&client, &mallory, bob_key, b"spam#0011223344556677").await
+    });
+    bob.run(&node, "recv", &[]);
+    let (ok, _, err) = bob.try_run(&node, "decline", &["spam"]);
+    assert!(ok && err.contains("declined the invitation to spam"), "{err}");
+    assert_eq!(bob.run(&node, "invitations", &[]).trim(), "");
+    // What the group sends later is dropped as any stranger's group's.
+    common::local(async {
+        let client = node.connect_as(&mallory).await;
+        let message = group.send(&provider, &mallory, b"still there?").unwrap();
+        client.enqueue(&bob_key, &message).await.unwrap();
+    });
+    let (ok, out, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok && out.is_empty(), "{err}");
+    assert!(err.contains("skipped a queued message"), "{err}");
+    let (ok, _, err) = bob.try_run(&node, "accept", &["spam"]);
+    assert!(!ok && err.contains("no invitation to spam waits"), "{err}");
+    assert_eq!(bob.run(&node, "groups", &[]).trim(), "");
+}
+
+#[test]
+fn a_flood_of_invitations_costs_the_client_little() {
+    // Past the serve rate, every stranger gets Bob's last resort.
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bob = Member::register(&node, dir.path(), "bob");
+    let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
+    let flood = quicnprotochat_client::state::MAX_INVITATIONS + 4;
+    common::local(async {
+        for n in 0..flood {
+            let stranger = quicnprotochat_core::IdentityKeypair::generate();
+            let client = node.connect_as(&stranger).await;
+            invite_as_stranger(&client, &stranger, bob_key, format!("flood-{n}").as_bytes()).await;
+        }
+    });
+    let (ok, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        err.matches("invites you to group").count(),
+        quicnprotochat_client::state::MAX_INVITATIONS,
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("invitations wait already").count(),
+        flood - quicnprotochat_client::state::MAX_INVITATIONS,
+        "{err}"
+    );
+    assert_eq!(
+        bob.run(&node, "invitations", &[]).lines().count(),
+        quicnprotochat_client::state::MAX_INVITATIONS
+    );
+    let size = std::fs::metadata(&bob.state).unwrap().len();
+    assert!(size < 4 * 1024 * 1024, "the state file holds {size} bytes");
+}
+
+#[test]
+fn a_welcome_to_a_group_id_longer_than_any_node_takes_is_refused() {
+    use quicnprotochat_core::{GroupMember, NoDeviceLists};
+
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bob = Member::register(&node, dir.path(), "bob");
+    let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
+    let mallory = quicnprotochat_core::IdentityKeypair::generate();
+    common::local(async {
+        let client = node.connect_as(&mallory).await;
+        let quicnprotochat_proto::outcome::FetchedKeyPackage::Package(package) =
+            client.fetch_key_package(&bob_key).await.unwrap()
+        else {
+            panic!("Bob has KeyPackages on the node");
+        };
+        // A group no node would order (its id is 64 KiB), whose Welcome
+        // reaches Bob as the Welcome of another group's Commit.
+        let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let huge = vec![b'x'; 64 * 1024];
+        let mut group = GroupMember::create(&provider, &mallory, &huge).unwrap();
+        let added = group
+            .add_members(&provider, &mallory, &[package], &NoDeviceLists)
+            .unwrap();
+        common::smuggle_welcome(&client, &mallory, bob_key, added.welcome).await;
+    });
+    let (ok, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("group id has 65536 bytes"), "{err}");
+    assert_eq!(bob.run(&node, "invitations", &[]).trim(), "");
+    assert_eq!(bob.run(&node, "groups", &[]).trim(), "");
+    let size = std::fs::metadata(&bob.state).unwrap().len();
+    assert!(size < 1024 * 1024, "the state file holds {size} bytes");
 }

@@ -63,6 +63,8 @@ fn five_members_changing_a_group_at_once_end_in_the_same_state_and_read_everythi
     let members = ["ana", "ben", "cyd", "dov", "eve"].map(|n| Member::register(&node, dir.path(), n));
     let [ana, ben, cyd, dov, eve] = &members;
     group_of(&node, "gym", ana, &[ben, cyd, dov, eve]);
+    // Ben invites Eve back later, and her `recv` joins: she knows him.
+    eve.run(&node, "contacts", &["add", "ben", &ben.key]);
     let send = |text: &'static str| vec!["send", "--group-id", "gym", "--msg", text];
     let update = || vec!["update", "--group-id", "gym"];
     let recv = || vec!["recv"];

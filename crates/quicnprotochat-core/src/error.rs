@@ -120,6 +120,21 @@ pub enum CoreError {
         epoch: u64,
     },
 
+    /// A valid Welcome whose sender the caller did not consent to join
+    /// from ([`crate::GroupMember::join_if`]): nothing was joined, and the
+    /// KeyPackage it was sealed to is kept, so it can be joined later.
+    #[error("an invitation to group {} (epoch {epoch}, {members} members) from {}", hex::encode(group_id), inviter.user.short())]
+    Invitation {
+        /// The group the Welcome is for.
+        group_id: Vec<u8>,
+        /// The epoch the Welcome starts.
+        epoch: u64,
+        /// The member that sent it (signed its GroupInfo).
+        inviter: crate::MemberKey,
+        /// How many leaves the group has.
+        members: usize,
+    },
+
     /// A rejoin was asked for a group whose stored state is already in the
     /// group's current epoch and context: there is nothing to repair.
     #[error("the group is already up to date here (epoch {epoch}); there is nothing to rejoin")]

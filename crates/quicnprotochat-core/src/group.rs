@@ -267,6 +267,22 @@ impl GroupMember {
         ratchet_tree: Option<&[u8]>,
         directory: &impl DeviceDirectory,
     ) -> Result<Self, CoreError> {
+        Self::join_if(provider, welcome, ratchet_tree, directory, |_| true)
+    }
+
+    /// [`Self::join`], if `consent` agrees to join from the Welcome's
+    /// sender (the member that signed its GroupInfo), told once the Welcome
+    /// is fully checked; otherwise nothing is joined, the KeyPackage stays,
+    /// and the answer is [`CoreError::Invitation`], for the caller to keep
+    /// and join later (with consent). Refuses a group id longer than any
+    /// node takes ([`crate::GroupId::MAX_LEN`]).
+    pub fn join_if<P: OpenMlsProvider>(
+        provider: &P,
+        welcome: &[u8],
+        ratchet_tree: Option<&[u8]>,
+        directory: &impl DeviceDirectory,
+        consent: impl FnOnce(&MemberKey) -> bool,
+    ) -> Result<Self, CoreError> {
         let message = decode(welcome)?;
         let wire_format = message.wire_format();
         let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
@@ -292,6 +308,13 @@ impl GroupMember {
             .map_err(welcome_error(None))?;
         let info = builder.processed_welcome().unverified_group_info();
         let group_id = info.group_id().as_slice().to_vec();
+        if group_id.is_empty() || group_id.len() > crate::GroupId::MAX_LEN {
+            return Err(CoreError::MalformedMessage(format!(
+                "the Welcome's group id has {} bytes; groups have 1 to {}",
+                group_id.len(),
+                crate::GroupId::MAX_LEN
+            )));
+        }
         if info.extensions().ratchet_tree().is_none() {
             let Some(tree) = ratchet_tree else {
                 if let Some((reference, bundle)) = addressed {
@@ -335,16 +358,34 @@ impl GroupMember {
             .members()
             .map(|member| checked_member(&member.credential, &member.signature_key))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Err(e) = check_devices(directory, &members) {
-            // As for a missing tree: the caller may come again once it has
-            // the lists, and needs the KeyPackage then.
-            if let Some((reference, bundle)) = addressed {
+        // As for a missing tree: the caller may come again (once it has
+        // the lists, or consents), and needs the KeyPackage then.
+        let keep_key_package = || -> Result<(), CoreError> {
+            if let Some((reference, bundle)) = &addressed {
                 provider
                     .storage()
-                    .write_key_package(&reference, &bundle)
+                    .write_key_package(reference, bundle)
                     .map_err(CoreError::storage)?;
             }
+            Ok(())
+        };
+        if let Err(e) = check_devices(directory, &members) {
+            keep_key_package()?;
             return Err(e);
+        }
+        let inviter = staged
+            .welcome_sender()
+            .ok()
+            .and_then(|leaf| checked_member(leaf.credential(), leaf.signature_key().as_slice()).ok())
+            .ok_or_else(|| CoreError::MalformedMessage("the Welcome's sender has no valid leaf".into()))?;
+        if !consent(&inviter) {
+            keep_key_package()?;
+            return Err(CoreError::Invitation {
+                group_id,
+                epoch: staged.group_context().epoch().as_u64(),
+                inviter,
+                members: members.len(),
+            });
         }
 
         let group = staged

@@ -35,15 +35,14 @@ use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::follow::{Pause, reconnect};
-use crate::incoming::{Seen, catch_up, process_inbox, store_batch};
+use crate::incoming::{Seen, accept_invitation, catch_up, process_inbox, store_batch};
 use crate::naming::{group_name, load_group};
 use crate::nodes::Nodes;
 use crate::publish::commit_due_proposals;
 use crate::state::StateFile;
 
 /// What `/help` and an unknown command show.
-const COMMANDS: &str =
-    "/members, /invite NAME|HEX..., /group NAME, /quit (start a message with // to send a leading /)";
+const COMMANDS: &str = "/members, /invite NAME|HEX..., /group NAME, /accept GROUP, /quit (start a message with // to send a leading /)";
 
 /// `chat`: talks in `group_id` (default: the current group, or the first
 /// one joined while chatting) until `/quit`, the end of stdin, or Ctrl-C.
@@ -94,6 +93,8 @@ enum Line {
     Invite(Vec<String>),
     /// `/group NAME`.
     Group(String),
+    /// `/accept GROUP`: join the group of a waiting invitation.
+    Accept(String),
     /// `/quit`.
     Quit,
     /// `/help`.
@@ -120,9 +121,11 @@ fn parse(line: &str) -> Result<Line, String> {
         ("quit", []) => Ok(Line::Quit),
         ("help", []) => Ok(Line::Help),
         ("group", [group]) => Ok(Line::Group(group.clone())),
+        ("accept", [group]) => Ok(Line::Accept(group.clone())),
         ("invite", [_, ..]) => Ok(Line::Invite(rest)),
         ("members" | "quit" | "help", _) => Err(format!("/{name} takes no arguments")),
         ("group", _) => Err("usage: /group NAME".into()),
+        ("accept", _) => Err("usage: /accept GROUP".into()),
         ("invite", _) => Err("usage: /invite NAME|HEX...".into()),
         _ => Err(format!("unknown command /{name}; commands: {COMMANDS}")),
     }
@@ -383,6 +386,16 @@ impl Session<'_> {
                 eprintln!("now chatting in {}", group_name(&id));
                 self.group = Some(name);
             }
+            Line::Accept(name) => {
+                let invitation = super::messages::invitation_to(self.state, &name)?;
+                accept_invitation(self.nodes, self.state, &invitation)
+                    .await?
+                    .tell()?;
+                // What the group sent while we were invited.
+                process_inbox(self.nodes, self.state).await?;
+                eprintln!("now chatting in {}", group_name(&invitation.group_id));
+                self.group = Some(group_name(&invitation.group_id));
+            }
             Line::Help => eprintln!("commands: {COMMANDS}"),
             Line::Quit => return Ok(Flow::Quit),
         }
@@ -410,6 +423,8 @@ mod tests {
         assert_eq!(parse("/members"), Ok(Line::Members));
         assert_eq!(parse("/quit"), Ok(Line::Quit));
         assert_eq!(parse("/group team"), Ok(Line::Group("team".into())));
+        assert_eq!(parse("/accept offers"), Ok(Line::Accept("offers".into())));
+        assert!(parse("/accept").is_err());
         assert_eq!(
             parse("/invite bob carol"),
             Ok(Line::Invite(vec!["bob".into(), "carol".into()]))

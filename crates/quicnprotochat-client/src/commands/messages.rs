@@ -10,12 +10,12 @@ use super::devices::replace_handed_leaves;
 use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
-use crate::incoming::{catch_up, fetch_into_inbox, process_entry};
+use crate::incoming::{accept_invitation, catch_up, fetch_into_inbox, process_entry};
 use crate::naming::{devices_of, group_name, load_group, others, resolve_peers};
 use crate::nodes::{Nodes, envelope};
-use crate::output::Event;
+use crate::output::{self, Event, print_json};
 use crate::publish::{commit_due_proposals, commit_proposals};
-use crate::state::{SentMessage, StateError, StateFile};
+use crate::state::{Invitation, SentMessage, StateError, StateFile};
 
 /// `send`: encrypts to the group and queues the ciphertext for the chosen
 /// members (default: every other member) in one atomic delivery.
@@ -232,10 +232,123 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Re
     // Stay invitable: replace the KeyPackages others used up.
     top_up_key_packages(&nodes, &state, &identity).await?;
     commit_due_proposals(&nodes, &state, &identity).await?;
+    tell_invitations(&state)?;
     if follow {
         crate::follow::follow(&mut nodes, &state, &identity, seen).await?;
     }
     nodes.close().await;
+    Ok(())
+}
+
+/// Says on stderr how many invitations wait, if any.
+fn tell_invitations(state: &StateFile) -> Result<(), ClientError> {
+    let waiting = state.invitations()?.len();
+    if waiting > 0 && !output::json() {
+        eprintln!(
+            "{waiting} invitation{} from people you have not named as contacts wait{}: `invitations` lists them, `accept GROUP` joins, `decline GROUP` refuses",
+            if waiting == 1 { "" } else { "s" },
+            if waiting == 1 { "s" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// The waiting invitation to `group` (its name as shown, or its id as
+/// text or hex).
+pub(crate) fn invitation_to(state: &StateFile, group: &str) -> Result<Invitation, ClientError> {
+    state
+        .invitations()?
+        .into_iter()
+        .find(|invitation| {
+            let id = &invitation.group_id;
+            group_name(id) == group
+                || id.as_slice() == group.as_bytes()
+                || hex::encode(id) == group.to_lowercase()
+        })
+        .ok_or_else(|| {
+            ClientError::Usage(format!(
+                "no invitation to {group} waits; `invitations` lists them"
+            ))
+        })
+}
+
+/// `invitations`: the waiting invitations, oldest first.
+pub(crate) fn invitations(path: &Path) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let waiting = state.invitations()?;
+    if output::json() {
+        let mut listed = Vec::new();
+        for invitation in &waiting {
+            listed.push(serde_json::json!({
+                "group": group_name(&invitation.group_id),
+                "group_id": hex::encode(&invitation.group_id),
+                "inviter_key": invitation.inviter.user.to_string(),
+                "inviter": state.contact_name(&invitation.inviter.user)?,
+                "epoch": invitation.epoch,
+                "members": invitation.members,
+                "received_at": invitation.received_at,
+            }));
+        }
+        return print_json(&serde_json::json!({ "invitations": listed }));
+    }
+    for invitation in &waiting {
+        println!(
+            "{} from {} ({} members)",
+            group_name(&invitation.group_id),
+            invitation.inviter.user,
+            invitation.members
+        );
+    }
+    Ok(())
+}
+
+/// `accept GROUP | --all`: joins the groups of waiting invitations, then
+/// applies what those groups sent meanwhile.
+pub(crate) async fn accept(
+    args: &ConnectionArgs,
+    path: &Path,
+    group: Option<&str>,
+    all: bool,
+) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let chosen = match group {
+        Some(group) if !all => vec![invitation_to(&state, group)?],
+        _ => state.invitations()?,
+    };
+    if chosen.is_empty() {
+        return Err(ClientError::NoGroup("no invitation waits".into()));
+    }
+    let identity = state.identity()?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    accept_all(&nodes, &state, &chosen).await?;
+    catch_up(&nodes, &state, &identity).await?;
+    top_up_key_packages(&nodes, &state, &identity).await?;
+    nodes.close().await;
+    Ok(())
+}
+
+/// Joins the group of each of `chosen`; returns how many it joined.
+async fn accept_all(nodes: &Nodes, state: &StateFile, chosen: &[Invitation]) -> Result<usize, ClientError> {
+    let mut joined = 0;
+    for invitation in chosen {
+        if accept_invitation(nodes, state, invitation).await?.tell()? {
+            joined += 1;
+        }
+    }
+    Ok(joined)
+}
+
+/// `decline GROUP`: forgets the invitation; what the group sent is dropped
+/// by the next `recv` (as for any group we are not in).
+pub(crate) fn decline(path: &Path, group: &str) -> Result<(), ClientError> {
+    let state = StateFile::open(path)?;
+    let invitation = invitation_to(&state, group)?;
+    state.remove_invitation(&invitation.group_id)?;
+    eprintln!(
+        "declined the invitation to {} from {}",
+        group_name(&invitation.group_id),
+        invitation.inviter.user.short()
+    );
     Ok(())
 }
 
@@ -246,7 +359,8 @@ pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), Clien
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     fetch_into_inbox(&nodes, &state, &identity).await?;
-    let mut joined = 0;
+    // `join` is consent to every waiting invitation too.
+    let mut joined = accept_all(&nodes, &state, &state.invitations()?).await?;
     for entry in state.inbox()? {
         if matches!(classify(&entry.payload), Ok(Incoming::Welcome))
             && process_entry(&nodes, &state, &entry, true).await?.tell()?

@@ -73,6 +73,11 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Members { state, group_id } => group::members(&state.state, group_id.as_deref()),
         Command::History { state, group_id } => group::history(&state.state, group_id.as_deref()),
         Command::Join(state) => messages::join(connection, &state.state).await,
+        Command::Invitations(state) => messages::invitations(&state.state),
+        Command::Accept { state, group, all } => {
+            messages::accept(connection, &state.state, group.as_deref(), all).await
+        }
+        Command::Decline { state, group } => messages::decline(&state.state, &group),
         Command::Send {
             state,
             peers,

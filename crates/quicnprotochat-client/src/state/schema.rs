@@ -119,6 +119,18 @@ pub(super) const MIGRATIONS: &[&str] = &[
      INSERT INTO user_public_key (id, public_key) SELECT id, public_key FROM user_key;
      DROP TABLE user_key;
      ALTER TABLE user_public_key RENAME TO user_key;",
+    // V10: Welcomes from people who are neither contacts nor our own
+    // devices, waiting for the user to accept or decline them.
+    "CREATE TABLE invitations (
+         group_id BLOB PRIMARY KEY CHECK (length(group_id) BETWEEN 1 AND 256),
+         inviter_user BLOB NOT NULL CHECK (length(inviter_user) = 32),
+         inviter_device BLOB NOT NULL CHECK (length(inviter_device) = 32),
+         epoch INTEGER NOT NULL,
+         members INTEGER NOT NULL,
+         welcome BLOB NOT NULL,
+         tree BLOB,
+         received_at INTEGER NOT NULL
+     );",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty
