@@ -4,7 +4,7 @@
 use openmls::prelude::{
     Capabilities, ExtensionType, KeyPackage, KeyPackageIn, LeafNode, Lifetime, OpenMlsCrypto,
     ProtocolVersion,
-    tls_codec::{DeserializeBytes as _, Serialize as _, Size as _},
+    tls_codec::{self, DeserializeBytes as _, Serialize as _, Size as _},
 };
 use openmls::storage::OpenMlsProvider;
 use sha2::{Digest, Sha256};
@@ -175,9 +175,77 @@ pub(crate) fn validate_key_package(
             Suite::ALL.map(Suite::full_name).join(", ")
         )));
     }
+    check_rfc_rules(crypto, &key_package)?;
     let member =
         leaf_member(key_package.leaf_node()).map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
     Ok((key_package, member))
+}
+
+/// What RFC 9420 asks of a KeyPackage beyond what openmls checks when it
+/// verifies one: its init key and its leaf's encryption key are public
+/// keys of its ciphersuite's KEM (section 10.1: a key of another length
+/// is one nobody can encrypt to, and the Welcome to it fails for every
+/// adder), its leaf lists its own ciphersuite among its capabilities, and
+/// every extension it carries that is not a default one (section 7.2),
+/// its own and its leaf's, is listed in those capabilities.
+fn check_rfc_rules(crypto: &impl OpenMlsCrypto, key_package: &KeyPackage) -> Result<(), CoreError> {
+    let suite = key_package.ciphersuite();
+    // The length of a public key the suite's KEM makes (32 bytes for
+    // X25519, 1,216 for X-Wing).
+    let expected = crypto
+        .derive_hpke_keypair(suite.hpke_config(), &[0x51; 32])
+        .map_err(|e| CoreError::InvalidKeyPackage(format!("its ciphersuite's KEM: {e:?}")))?
+        .public
+        .len();
+    let leaf = key_package.leaf_node();
+    // openmls shows a leaf's key only TLS-encoded (`opaque<V>`).
+    let leaf_key = leaf
+        .encryption_key()
+        .tls_serialize_detached()
+        .ok()
+        .and_then(|encoded| tls_codec::VLBytes::tls_deserialize_exact_bytes(&encoded).ok())
+        .ok_or_else(|| CoreError::InvalidKeyPackage("its leaf's encryption key cannot be read".into()))?;
+    for (what, length) in [
+        ("init key", key_package.hpke_init_key().as_slice().len()),
+        ("leaf's encryption key", leaf_key.as_slice().len()),
+    ] {
+        if length != expected {
+            return Err(CoreError::InvalidKeyPackage(format!(
+                "its {what} has {length} bytes, but a public key of its ciphersuite has {expected}"
+            )));
+        }
+    }
+    let capabilities = leaf.capabilities();
+    if !capabilities
+        .ciphersuites()
+        .iter()
+        .any(|listed| *listed == suite.into())
+    {
+        return Err(CoreError::InvalidKeyPackage(format!(
+            "its leaf does not list its own ciphersuite {suite:?} among its capabilities"
+        )));
+    }
+    let carried = key_package
+        .extensions()
+        .iter()
+        .chain(leaf.extensions().iter())
+        .map(|extension| extension.extension_type());
+    for extension in carried {
+        let default = matches!(
+            extension,
+            ExtensionType::ApplicationId
+                | ExtensionType::RatchetTree
+                | ExtensionType::RequiredCapabilities
+                | ExtensionType::ExternalPub
+                | ExtensionType::ExternalSenders
+        );
+        if !default && !capabilities.extensions().contains(&extension) {
+            return Err(CoreError::InvalidKeyPackage(format!(
+                "it carries extension {extension:?}, which its leaf does not list among its capabilities"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The device key behind a leaf, enforcing our credential rule.
@@ -262,6 +330,62 @@ mod tests {
             .unwrap()
             .as_secs();
         assert!(info.not_after >= now + 59 && info.not_after <= now + 61);
+    }
+
+    /// A KeyPackage of `alice` built by openmls' builder as `build` sets it
+    /// up, TLS-encoded.
+    fn built(
+        alice: &IdentityKeypair,
+        build: impl FnOnce(openmls::prelude::KeyPackageBuilder) -> openmls::prelude::KeyPackageBuilder,
+    ) -> Vec<u8> {
+        let provider = OpenMlsRustCrypto::default();
+        build(KeyPackage::builder())
+            .build(CIPHERSUITE, &provider, alice, alice.credential_with_key())
+            .unwrap()
+            .key_package()
+            .tls_serialize_detached()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_key_package_must_list_its_suite_and_every_extension_it_carries() {
+        use openmls::prelude::{Ciphersuite, Extension, Extensions, UnknownExtension};
+
+        let provider = OpenMlsRustCrypto::default();
+        let alice = IdentityKeypair::generate();
+        // Ours, plain and last resort, pass.
+        for last_resort in [false, true] {
+            let options = KeyPackageOptions {
+                last_resort,
+                ..KeyPackageOptions::default()
+            };
+            let ours = generate_key_package_with(&provider, &alice, options).unwrap();
+            key_package_identity(provider.crypto(), &ours).unwrap();
+        }
+        // Its leaf claims only another suite.
+        let elsewhere = built(&alice, |builder| {
+            builder.leaf_node_capabilities(Capabilities::new(
+                None,
+                Some(&[Ciphersuite::MLS_128_DHKEMP256_AES128GCM_SHA256_P256]),
+                None,
+                None,
+                None,
+            ))
+        });
+        let err = key_package_identity(provider.crypto(), &elsewhere).unwrap_err();
+        assert!(
+            err.to_string().contains("does not list its own ciphersuite"),
+            "{err}"
+        );
+        // It carries an extension its leaf does not list.
+        let unlisted = built(&alice, |builder| {
+            builder.key_package_extensions(
+                Extensions::single(Extension::Unknown(0xff00, UnknownExtension(vec![1, 2, 3]))).unwrap(),
+            )
+        });
+        // (openmls refuses this one itself; ours covers the leaf's own.)
+        let err = key_package_identity(provider.crypto(), &unlisted).unwrap_err();
+        assert!(err.to_string().contains("capabilities"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -119,6 +120,36 @@ enum DurabilityArg {
     Normal,
 }
 
+/// Exit code when stderr cannot be written at start (`EX_IOERR`): the node
+/// would run blind, and there is nowhere to say why.
+const EXIT_STDERR_UNWRITABLE: i32 = 74;
+
+/// stderr for log lines, where a line that cannot be written (a full disk
+/// under a redirected log, a closed pipe) is counted
+/// (`quicnprotochat_log_lines_lost_total`) and dropped: the node serves on
+/// without its log. (tracing-subscriber's own report of such a failure is
+/// an `eprintln!`, which panics the thread that logged, a store writer
+/// say; it is turned off below.)
+struct LossyStderr;
+
+/// Log lines lost so far (see [`LossyStderr`]).
+static LOG_LINES_LOST: AtomicU64 = AtomicU64::new(0);
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::io::stderr().write_all(buf).is_err() {
+            LOG_LINES_LOST.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(quicnprotochat_server::metrics::LOG_LINES_LOST).increment(1);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -127,7 +158,8 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+            .with_writer(|| LossyStderr)
+            .log_internal_errors(false)
             .init(),
         // One object per line, with the current span's fields (the
         // connection's peer and remote address) and the spans above it.
@@ -136,8 +168,16 @@ async fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .with_current_span(true)
             .with_span_list(true)
-            .with_writer(std::io::stderr)
+            .with_writer(|| LossyStderr)
+            .log_internal_errors(false)
             .init(),
+    }
+    // A node whose stderr is unwritable from the start (`2>/dev/full`)
+    // exits with a code of its own rather than run without a log (later,
+    // lost lines are only counted).
+    tracing::info!("quicnprotochat-server {} starting", env!("CARGO_PKG_VERSION"));
+    if LOG_LINES_LOST.load(Ordering::Relaxed) > 0 {
+        std::process::exit(EXIT_STDERR_UNWRITABLE);
     }
     let defaults = Config::default();
     let config = Config {

@@ -61,6 +61,8 @@ pub const PUSH_LAG: &str = "quicnprotochat_push_lag_seconds";
 pub const REFUSALS: &str = "quicnprotochat_refusals_total";
 /// RPC sessions the node ended because the peer broke the protocol.
 pub const GUARD_ABORTS: &str = "quicnprotochat_guard_aborts_total";
+/// Log lines that could not be written (stderr full or gone).
+pub const LOG_LINES_LOST: &str = "quicnprotochat_log_lines_lost_total";
 
 /// How often the sampled gauges are read from the store.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
@@ -143,6 +145,7 @@ fn describe() {
     );
     describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Time from enqueue to push");
     describe_counter!(REFUSALS, "Refused calls, by kind");
+    describe_counter!(LOG_LINES_LOST, "Log lines that could not be written");
     describe_counter!(
         GUARD_ABORTS,
         "RPC sessions the RPC guard ended for breaking the protocol"

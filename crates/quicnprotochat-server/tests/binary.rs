@@ -224,3 +224,66 @@ fn a_node_granted_smaller_udp_buffers_than_asked_says_so() {
     let (exit, log) = terminate(running);
     assert!(exit.success(), "exit status {exit:?}\n{log}");
 }
+
+/// A node whose stderr cannot be written when it starts exits at once with
+/// code 74 (EX_IOERR), rather than panic (101) or run without a log.
+#[cfg(unix)]
+#[test]
+fn a_node_that_cannot_write_its_log_at_start_exits_74() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
+        .current_dir(dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .stderr(std::fs::File::create("/dev/full").unwrap())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(74));
+}
+
+/// A node whose log stops being writable while it runs (the reader of its
+/// stderr went away) serves on: every log line after is dropped, none kills
+/// a thread, and it still stops cleanly.
+#[cfg(unix)]
+#[test]
+fn a_node_whose_log_breaks_while_it_runs_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
+        .current_dir(dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        // Every call logs, so every call meets the broken log.
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = {
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+        lines
+            .find_map(|line| {
+                line.split("addr=")
+                    .nth(1)
+                    .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+            })
+            .expect("node logs its address")
+        // The read end of its stderr closes here.
+    };
+    for n in 0..3u8 {
+        enqueue(addr, &dir.path().join("data/server-cert.der"), &[n]);
+    }
+    let drained = with_delivery(addr, &dir.path().join("data/server-cert.der"), async |delivery| {
+        let mut request = delivery.fetch_request();
+        request.get().set_recipient_key(QUEUE.as_bytes());
+        let response = request.send().promise.await.unwrap();
+        response.get().unwrap().get_payloads().unwrap().len()
+    });
+    assert_eq!(drained, 3, "every call was served with the log gone");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
