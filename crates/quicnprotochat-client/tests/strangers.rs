@@ -244,3 +244,51 @@ fn a_welcome_to_a_group_id_longer_than_any_node_takes_is_refused() {
     let size = std::fs::metadata(&bob.state).unwrap().len();
     assert!(size < 1024 * 1024, "the state file holds {size} bytes");
 }
+
+/// 3,000 messages nobody can read (PrivateMessages of a group Bob is not
+/// in, and garbage) before one real one: `recv` drops each (a warning),
+/// acknowledges them all, prints the real message, and says how long it
+/// took (a number for the notes, not a limit tested here).
+#[test]
+fn three_thousand_junk_messages_are_dropped_and_acknowledged_and_the_real_one_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // One stranger sends it all: past the per-sender rate a real flood
+    // would spread over many identities.
+    let node = TestNode::start_configured(dir.path(), |config| config.enqueue_rate = 0);
+    let [alice, bob] = ["alice", "bob"].map(|name| Member::register(&node, dir.path(), name));
+    group_of(&node, "real", &alice, &[&bob]);
+    let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
+    let stranger = quicnprotochat_core::IdentityKeypair::generate();
+    common::local(async {
+        let client = node.connect_as(&stranger).await;
+        for round in 0..30u64 {
+            let batch: Vec<quicnprotochat_proto::wire::Envelope> = (0..100u64)
+                .map(|n| quicnprotochat_proto::wire::Envelope {
+                    recipients: vec![bob_key],
+                    payload: if n % 2 == 0 {
+                        common::private_message(b"elsewhere#0011223344556677", round * 100 + n, 200)
+                    } else {
+                        vec![0x5a; 200]
+                    },
+                    message_id: None,
+                })
+                .collect();
+            assert_eq!(
+                client.enqueue_batch(&batch).await.unwrap(),
+                quicnprotochat_proto::outcome::SendOutcome::Accepted
+            );
+        }
+    });
+    alice.run(&node, "send", &["--msg", "after the junk"]);
+
+    let started = std::time::Instant::now();
+    let (ok, out, err) = bob.try_run(&node, "recv", &[]);
+    let took = started.elapsed();
+    assert!(ok, "{}", err.lines().last().unwrap_or_default());
+    assert_eq!(out.trim(), format!("real {}: after the junk", alice.short()));
+    assert_eq!(err.matches("skipped a queued message").count(), 3000);
+    eprintln!("recv over 3,000 junk messages and one real one took {took:?}");
+    // All acknowledged: nothing is left for the next run.
+    let (ok, out, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok && out.is_empty() && !err.contains("skipped"), "{err}");
+}

@@ -29,11 +29,13 @@ impl Backend for Sqlite {
     }
 
     fn store_key_packages_before_suites(&self, identity: IdentityKey, packages: &[(&[u8], bool)]) {
-        // V13 added the ciphersuite; undone here with V14 to V16 after it.
-        assert_eq!(SCHEMA_VERSION, 16, "undo the migrations after V13 here too");
+        // V13 added the ciphersuite; undone here with V14 to V17 after it.
+        assert_eq!(SCHEMA_VERSION, 17, "undo the migrations after V13 here too");
         let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
         db.execute_batch(
-            "DROP TABLE group_proposals;
+            "DROP INDEX key_packages_by_fingerprint;
+             ALTER TABLE key_packages DROP COLUMN fingerprint;
+             DROP TABLE group_proposals;
              DROP TABLE removed_devices;
              ALTER TABLE group_epochs DROP COLUMN fingerprint;
              DROP INDEX key_packages_serving;

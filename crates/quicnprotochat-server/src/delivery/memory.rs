@@ -68,6 +68,16 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn has_key_package(
+        &mut self,
+        identity: &IdentityKey,
+        fingerprint: &[u8; 32],
+    ) -> Result<bool, Infallible> {
+        Ok(self.key_packages.values().any(|(owner, package)| {
+            owner == identity && quicnprotochat_core::fingerprint(&package.bytes) == *fingerprint
+        }))
+    }
+
     fn oldest_key_package(
         &mut self,
         identity: &IdentityKey,

@@ -131,7 +131,9 @@ impl From<quicnprotochat_core::public_view::Invalid> for CommitRefusal {
 /// Stores validated KeyPackages of `identity`, each under its suite, all
 /// or none. Each suite has a stock of its own, limited on its own: a client
 /// keeps a full stock of every suite it speaks, and filling one never
-/// refuses uploads of another.
+/// refuses uploads of another. A KeyPackage stored already (or twice in the
+/// upload) is stored once: served twice, its init key would be used for
+/// two Welcomes.
 pub fn upload_key_packages<S: Storage>(
     storage: &mut S,
     identity: &IdentityKey,
@@ -139,6 +141,15 @@ pub fn upload_key_packages<S: Storage>(
     limits: &Limits,
     now: i64,
 ) -> Result<Result<(), TooManyKeyPackages>, S::Error> {
+    let mut seen = HashSet::new();
+    let mut fresh = Vec::with_capacity(packages.len());
+    for package in packages {
+        let fingerprint = quicnprotochat_core::fingerprint(&package.bytes);
+        if seen.insert(fingerprint) && !storage.has_key_package(identity, &fingerprint)? {
+            fresh.push(package);
+        }
+    }
+    let packages = fresh;
     for suite in Suite::ALL {
         let adding = packages.iter().filter(|package| package.suite == suite).count() as u64;
         if adding == 0 {

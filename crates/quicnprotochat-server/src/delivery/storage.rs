@@ -141,6 +141,15 @@ pub trait Storage {
         now: i64,
     ) -> Result<(), Self::Error>;
 
+    /// Whether `identity` has a KeyPackage stored whose bytes have this
+    /// SHA-256 `fingerprint` (served ones are gone; ones stored before
+    /// fingerprints were kept are not found).
+    fn has_key_package(
+        &mut self,
+        identity: &IdentityKey,
+        fingerprint: &[u8; 32],
+    ) -> Result<bool, Self::Error>;
+
     /// The oldest ordinary (not last-resort) KeyPackage of `identity` in
     /// `suite` that expires after `now`.
     fn oldest_key_package(

@@ -194,6 +194,11 @@ const MIGRATIONS: &[&str] = &[
          item BLOB NOT NULL
      );
      CREATE INDEX group_proposals_by_group ON group_proposals (group_id, epoch, id);",
+    // V17: the SHA-256 of each KeyPackage, so one stored already is not
+    // stored (and served) twice. NULL for KeyPackages stored before.
+    "ALTER TABLE key_packages ADD COLUMN fingerprint BLOB
+         CHECK (fingerprint IS NULL OR length(fingerprint) = 32);
+     CREATE INDEX key_packages_by_fingerprint ON key_packages (identity_key, fingerprint);",
 ];
 
 /// The schema version this build creates and understands.

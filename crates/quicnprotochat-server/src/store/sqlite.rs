@@ -55,8 +55,8 @@ impl Storage for SqliteStorage<'_> {
     ) -> rusqlite::Result<()> {
         self.db
             .prepare_cached(
-                "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at, ciphersuite)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at, ciphersuite, fingerprint)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 identity.as_bytes(),
@@ -64,9 +64,19 @@ impl Storage for SqliteStorage<'_> {
                 now,
                 package.last_resort,
                 sql_int(package.expires_at),
-                package.suite.code()
+                package.suite.code(),
+                &quicnprotochat_core::fingerprint(&package.bytes)[..],
             ])?;
         Ok(())
+    }
+
+    fn has_key_package(&mut self, identity: &IdentityKey, fingerprint: &[u8; 32]) -> rusqlite::Result<bool> {
+        Ok(self
+            .db
+            .prepare_cached("SELECT 1 FROM key_packages WHERE identity_key = ?1 AND fingerprint = ?2")?
+            .query_row(params![identity.as_bytes(), &fingerprint[..]], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
     fn oldest_key_package(

@@ -31,6 +31,7 @@ macro_rules! every_check {
             drain_returns_messages_in_fifo_order_and_empties_the_queue,
             queued_messages_and_key_packages_survive_a_restart,
             key_packages_are_served_once_oldest_first,
+            a_key_package_uploaded_again_is_stored_once,
             concurrent_takes_never_hand_out_a_key_package_twice,
             concurrent_enqueues_are_all_committed,
             a_large_queue_is_drained_over_several_fetches_within_the_budget,
@@ -240,6 +241,43 @@ pub async fn key_packages_are_served_once_oldest_first(backend: &impl Backend) {
 }
 
 /// Run on a multi-threaded runtime.
+/// The same KeyPackage uploaded twice, or twice in one upload, is stored
+/// once: served twice, its init key would open two Welcomes. Another
+/// identity's copy is its own.
+pub async fn a_key_package_uploaded_again_is_stored_once(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    for _ in 0..2 {
+        store
+            .upload_key_packages(key(1), package(b"same"))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let mut twice = package(b"other");
+    twice.extend(package(b"other"));
+    store.upload_key_packages(key(1), twice).await.unwrap().unwrap();
+    store
+        .upload_key_packages(key(2), package(b"same"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
+        (2, false)
+    );
+    for expected in [Some(b"same".to_vec()), Some(b"other".to_vec()), None] {
+        assert_eq!(
+            store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
+            expected
+        );
+    }
+    assert_eq!(
+        store.take_key_package(key(2), Suite::X25519, true).await.unwrap(),
+        Some(b"same".to_vec())
+    );
+    close((store, closer)).await;
+}
+
 pub async fn concurrent_takes_never_hand_out_a_key_package_twice(backend: &impl Backend) {
     let (store, closer) = backend.open();
     for i in 0..50u32 {

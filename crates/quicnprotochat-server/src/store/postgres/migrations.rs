@@ -135,6 +135,11 @@ const MIGRATIONS: &[&str] = &[
          item bytea NOT NULL
      );
      CREATE INDEX group_proposals_by_group ON group_proposals (group_id, epoch, id);",
+    // 7: the SHA-256 of each KeyPackage, so one stored already is not
+    // stored (and served) twice. NULL for KeyPackages stored before.
+    "ALTER TABLE key_packages ADD COLUMN fingerprint bytea
+         CHECK (fingerprint IS NULL OR octet_length(fingerprint) = 32);
+     CREATE INDEX key_packages_by_fingerprint ON key_packages (identity_key, fingerprint);",
 ];
 
 /// The schema version this build creates.

@@ -402,8 +402,8 @@ impl Storage for PgStorage<'_> {
         now: i64,
     ) -> Result<(), PgError> {
         self.execute(
-            "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at, ciphersuite)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO key_packages (identity_key, package, uploaded_at, last_resort, expires_at, ciphersuite, fingerprint)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[
                 &identity.as_bytes().as_slice(),
                 &package.bytes,
@@ -411,9 +411,18 @@ impl Storage for PgStorage<'_> {
                 &package.last_resort,
                 &sql_int(package.expires_at),
                 &suite_column(package.suite),
+                &&quicnprotochat_core::fingerprint(&package.bytes)[..],
             ],
         )?;
         Ok(())
+    }
+
+    fn has_key_package(&mut self, identity: &IdentityKey, fingerprint: &[u8; 32]) -> Result<bool, PgError> {
+        let row = self.query_opt(
+            "SELECT 1 FROM key_packages WHERE identity_key = $1 AND fingerprint = $2",
+            &[&identity.as_bytes().as_slice(), &&fingerprint[..]],
+        )?;
+        Ok(row.is_some())
     }
 
     fn oldest_key_package(
