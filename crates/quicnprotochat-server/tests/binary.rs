@@ -287,3 +287,119 @@ fn a_node_whose_log_breaks_while_it_runs_serves_on() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Queues `payload` in the test's queue through `delivery`; the exception's
+/// kind if the node refused.
+async fn try_enqueue(delivery: &delivery_service::Client, payload: &[u8]) -> Result<(), capnp::ErrorKind> {
+    let mut request = delivery.enqueue_request();
+    request.get().set_recipient_key(QUEUE.as_bytes());
+    request.get().set_payload(payload);
+    request.send().promise.await.map(|_| ()).map_err(|e| e.kind)
+}
+
+/// The node's database and its log on one small disk (a tmpfs) that fills
+/// up: writes are refused (`overloaded`), the log lines it cannot write are
+/// dropped, and once there is room again the node carries on by itself,
+/// with every acknowledged message kept and no refused one. Mounting needs
+/// root (CI runs as root): elsewhere the test says so and passes.
+#[cfg(unix)]
+#[test]
+fn a_node_whose_database_and_log_share_a_full_disk_refuses_then_resumes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&disk)
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&disk);
+    let log_path = disk.join("node.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
+        .current_dir(&disk)
+        .args(["--listen", "127.0.0.1:0"])
+        // Every call logs, so the log meets the full disk too.
+        .env("RUST_LOG", "debug")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let addr: SocketAddr = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(rest) = log.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no address in {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cert = disk.join("data/server-cert.der");
+
+    let filler = disk.join("filler");
+    let (kept, refused) = with_delivery(addr, &cert, async |delivery| {
+        let mut kept = Vec::new();
+        let first = vec![1u8; 64 * 1024];
+        try_enqueue(&delivery, &first).await.unwrap();
+        kept.push(first);
+        // Fill the disk to the last byte.
+        {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&filler).unwrap();
+            let chunk = vec![0x5a; 64 * 1024];
+            while file.write_all(&chunk).and_then(|()| file.sync_data()).is_ok() {}
+        }
+        // Big payloads until one finds no room (a few fit in pages SQLite
+        // holds already).
+        let mut refused = None;
+        for n in 2..60u8 {
+            let payload = vec![n; 200 * 1024];
+            match try_enqueue(&delivery, &payload).await {
+                Ok(()) => kept.push(payload),
+                Err(kind) => {
+                    refused = Some(kind);
+                    break;
+                }
+            }
+        }
+        (kept, refused)
+    });
+    assert_eq!(
+        refused,
+        Some(capnp::ErrorKind::Overloaded),
+        "a full disk refuses a write as `overloaded` (nothing stored)"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    // Room again: the same node takes writes, without a restart.
+    let last = vec![0xee; 1024];
+    let fetched = with_delivery(addr, &cert, async |delivery| {
+        try_enqueue(&delivery, &last).await.unwrap();
+        let mut request = delivery.fetch_request();
+        request.get().set_recipient_key(QUEUE.as_bytes());
+        let response = request.send().promise.await.unwrap();
+        let payloads = response.get().unwrap().get_payloads().unwrap();
+        payloads.iter().map(|p| p.unwrap().to_vec()).collect::<Vec<_>>()
+    });
+    let mut expected = kept;
+    expected.push(last);
+    assert_eq!(fetched.len(), expected.len());
+    assert!(
+        fetched == expected,
+        "every acknowledged message once, the refused one never"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success());
+}
