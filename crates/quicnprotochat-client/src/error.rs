@@ -169,7 +169,7 @@ pub enum ClientError {
     /// A Welcome came without its ratchet tree and the node keeps none for
     /// it (too old, or no Commit the node accepted added us then).
     #[error(
-        "the invitation to group {group} (epoch {epoch}) cannot be used: the node no longer keeps the group's tree for it; ask a member to invite you again"
+        "the invitation to group {group} (epoch {epoch}) cannot be used: the node no longer keeps the group's tree for it; ask a member to invite you again (the node keeps the trees of a group's newest 4 epochs that added members, for 30 days)"
     )]
     WelcomeTreeUnavailable {
         /// The group, by name.

@@ -277,6 +277,7 @@ impl Storage for MemoryStorage {
         epoch: u64,
         tree: &[u8],
         joiners: &[IdentityKey],
+        keep: usize,
         now: i64,
     ) -> Result<(), Infallible> {
         let kept = WelcomeTree {
@@ -284,6 +285,16 @@ impl Storage for MemoryStorage {
             joiners: joiners.to_vec(),
         };
         self.welcome_trees.insert((group.clone(), epoch), (kept, now));
+        let mut epochs: Vec<u64> = self
+            .welcome_trees
+            .keys()
+            .filter(|(kept_group, _)| kept_group == group)
+            .map(|(_, epoch)| *epoch)
+            .collect();
+        epochs.sort_unstable_by(|a, b| b.cmp(a));
+        for old in epochs.into_iter().skip(keep) {
+            self.welcome_trees.remove(&(group.clone(), old));
+        }
         Ok(())
     }
 

@@ -38,6 +38,13 @@ pub const FETCH_MAX_MESSAGES: usize = 4096;
 /// every member's next Commit must carry them all. A Commit frees the count.
 pub const MAX_PROPOSALS_PER_EPOCH: u32 = 100;
 
+/// Most epochs of one group whose ratchet tree the node keeps for joiners
+/// (the newest): a group's kept trees cost at most this many times its
+/// current tree, however many Commits add members. A joiner whose Welcome
+/// is older than that finds no tree and is told to be invited again (or,
+/// as a member the node knows, to `rejoin`).
+pub const WELCOME_TREES_PER_GROUP: usize = 4;
+
 /// Most a device list's version may move forward in one upload (and a
 /// user's first list may start at): versions only go up, and a bounded
 /// step keeps anyone from spending them (a list at `u64::MAX` could never
@@ -521,7 +528,14 @@ pub fn publish_commit<S: Storage>(
     storage.set_group_epoch(group, view.epoch(), &view.fingerprint())?;
     if !added.is_empty() {
         // Welcomes do not carry the tree; the new members fetch it.
-        storage.put_welcome_tree(group, view.epoch(), &view.ratchet_tree(), &added, now)?;
+        storage.put_welcome_tree(
+            group,
+            view.epoch(),
+            &view.ratchet_tree(),
+            &added,
+            WELCOME_TREES_PER_GROUP,
+            now,
+        )?;
     }
     // A group of one has nobody to send its Commit to; its epoch still counts.
     if !commit.recipients.is_empty() {

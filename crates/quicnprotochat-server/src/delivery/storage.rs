@@ -271,13 +271,15 @@ pub trait Storage {
 
     /// Keeps `tree`, the ratchet tree of `group` in `epoch`, for `joiners`
     /// (the members the Commit that started `epoch` added) to fetch with
-    /// their Welcome.
+    /// their Welcome, and forgets the trees of the group's older epochs
+    /// but the newest `keep` (this one included).
     fn put_welcome_tree(
         &mut self,
         group: &GroupId,
         epoch: u64,
         tree: &[u8],
         joiners: &[IdentityKey],
+        keep: usize,
         now: i64,
     ) -> Result<(), Self::Error>;
 

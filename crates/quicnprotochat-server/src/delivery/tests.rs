@@ -918,3 +918,92 @@ fn a_device_list_refusal_says_no_more_than_the_caller_may_know() {
     ];
     assert_eq!(storage.run(|s| rules::device_lists(s, &users)), vec![v2]);
 }
+
+/// The bytes of a publication as its sender sent them.
+fn sent_bytes(publication: &CommitPublication) -> usize {
+    publication.commit.payload.len()
+        + publication
+            .welcome
+            .as_ref()
+            .map_or(0, |welcome| welcome.payload.len())
+        + publication.group_info.as_ref().map_or(0, Vec::len)
+        + publication
+            .initial_state
+            .as_ref()
+            .map_or(0, |state| state.group_info.len() + state.ratchet_tree.len())
+}
+
+#[test]
+fn sixty_adds_to_a_big_group_keep_trees_of_a_few_epochs_only() {
+    use quicnprotochat_core::{IdentityKeypair, NoDeviceLists, generate_key_package};
+
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"big");
+    let group = quicnprotochat_core::GroupId::new(b"big".to_vec()).unwrap();
+    // 100 members, added in the group's first Commit.
+    let scratch = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let joiners: Vec<IdentityKeypair> = (0..99).map(|_| IdentityKeypair::generate()).collect();
+    let packages: Vec<Vec<u8>> = joiners
+        .iter()
+        .map(|joiner| generate_key_package(&scratch, joiner).unwrap())
+        .collect();
+    let added = alice
+        .group
+        .add_members(&alice.provider, &alice.identity, &packages, &NoDeviceLists)
+        .unwrap();
+    let mut publication = alice.publication(added.commit, &[], b"first", true);
+    publication.welcome = Some(Envelope {
+        recipients: joiners.iter().map(IdentityKeypair::public_key).collect(),
+        payload: added.welcome,
+        message_id: None,
+    });
+    let mut sent = sent_bytes(&publication);
+    publish(&mut storage, &alice.key(), &publication, 1000).unwrap();
+    alice.merge();
+    // Then 60 Commits adding one member each.
+    for seed in 10..70u8 {
+        let me = alice.key();
+        let (commit, welcome, _) = alice.add(seed);
+        let newcomer = mls::identity(seed).public_key();
+        let others: Vec<IdentityKey> = alice
+            .group
+            .members()
+            .into_iter()
+            .filter(|member| *member != me)
+            .collect();
+        let mut publication = alice.publication(commit, &others, &[seed], false);
+        publication.welcome = Some(Envelope {
+            recipients: vec![newcomer],
+            payload: welcome,
+            message_id: None,
+        });
+        sent += sent_bytes(&publication);
+        publish(&mut storage, &alice.key(), &publication, 1000).unwrap();
+        alice.merge();
+    }
+
+    let trees: Vec<usize> = (1..=61u64)
+        .filter_map(|epoch| storage.welcome_tree(&group, epoch).unwrap())
+        .map(|kept| kept.tree.len())
+        .collect();
+    assert_eq!(
+        trees.len(),
+        rules::WELCOME_TREES_PER_GROUP,
+        "the newest epochs' trees only"
+    );
+    let newest = *trees.last().unwrap();
+    let kept: usize = trees.iter().sum();
+    assert!(kept <= rules::WELCOME_TREES_PER_GROUP * newest);
+    let view = storage.group_view(&group).unwrap().unwrap().len();
+    // The group's state and its kept trees against what was sent to make
+    // them: a few times, where keeping every epoch's tree was ~55 times.
+    let ratio = (kept + view) as f64 / sent as f64;
+    assert!(
+        ratio <= 5.0,
+        "stored {} bytes for {sent} sent ({ratio:.2}×)",
+        kept + view
+    );
+    eprintln!(
+        "61 epochs of a group grown to 160 members: {sent} bytes sent, {kept} bytes of trees and {view} of state kept ({ratio:.2}×)"
+    );
+}

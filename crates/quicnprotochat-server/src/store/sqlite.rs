@@ -353,6 +353,7 @@ impl Storage for SqliteStorage<'_> {
         epoch: u64,
         tree: &[u8],
         joiners: &[IdentityKey],
+        keep: usize,
         now: i64,
     ) -> rusqlite::Result<()> {
         let joiners = WelcomeTree::joiners_column(joiners);
@@ -362,6 +363,12 @@ impl Storage for SqliteStorage<'_> {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![group.as_bytes(), sql_int(epoch), tree, joiners, now])?;
+        self.db
+            .prepare_cached(
+                "DELETE FROM welcome_trees WHERE group_id = ?1 AND epoch NOT IN
+                     (SELECT epoch FROM welcome_trees WHERE group_id = ?1 ORDER BY epoch DESC LIMIT ?2)",
+            )?
+            .execute(params![group.as_bytes(), i64::try_from(keep).unwrap_or(i64::MAX)])?;
         Ok(())
     }
 

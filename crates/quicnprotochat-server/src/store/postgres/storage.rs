@@ -782,6 +782,7 @@ impl Storage for PgStorage<'_> {
         epoch: u64,
         tree: &[u8],
         joiners: &[IdentityKey],
+        keep: usize,
         now: i64,
     ) -> Result<(), PgError> {
         let joiners = WelcomeTree::joiners_column(joiners);
@@ -791,6 +792,11 @@ impl Storage for PgStorage<'_> {
              ON CONFLICT (group_id, epoch) DO UPDATE
              SET tree = excluded.tree, joiners = excluded.joiners, created_at = excluded.created_at",
             &[&group.as_bytes(), &sql_int(epoch), &tree, &joiners, &now],
+        )?;
+        self.execute(
+            "DELETE FROM welcome_trees WHERE group_id = $1 AND epoch NOT IN
+                 (SELECT epoch FROM welcome_trees WHERE group_id = $1 ORDER BY epoch DESC LIMIT $2)",
+            &[&group.as_bytes(), &i64::try_from(keep).unwrap_or(i64::MAX)],
         )?;
         Ok(())
     }
