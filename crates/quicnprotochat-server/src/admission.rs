@@ -2,11 +2,16 @@
 //! connections below the node's total, and QUIC address validation (Retry)
 //! once unvalidated handshakes pile up.
 //!
+//! An "address" is an IPv4 address, or an IPv6 prefix (a /64 by default):
+//! whoever has one IPv6 address usually has a whole /64 of them, so
+//! counting full IPv6 addresses would cap nobody. An IPv4 address seen
+//! through a dual-stack socket (`::ffff:a.b.c.d`) is that IPv4 address.
+//!
 //! A slot is a guard: the count goes down when it is dropped, however the
 //! connection ends.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +20,8 @@ use std::sync::{Arc, Mutex};
 pub struct Admission {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     max_per_address: usize,
+    /// Leading bits of an IPv6 address that name its "address".
+    ipv6_prefix: u8,
     anonymous: AtomicUsize,
     max_anonymous: usize,
     handshaking: AtomicUsize,
@@ -34,13 +41,20 @@ pub enum Decision {
 }
 
 impl Admission {
-    /// Caps of `max_per_address` connections per remote address and
+    /// Caps of `max_per_address` connections per remote address (an IPv6
+    /// one counted as its prefix of `ipv6_prefix` bits) and
     /// `max_anonymous` anonymous ones; Retry once more than `retry_above`
     /// handshakes from unvalidated addresses are in progress.
-    pub fn new(max_per_address: usize, max_anonymous: usize, retry_above: usize) -> Arc<Admission> {
+    pub fn new(
+        max_per_address: usize,
+        ipv6_prefix: u8,
+        max_anonymous: usize,
+        retry_above: usize,
+    ) -> Arc<Admission> {
         Arc::new(Admission {
             per_address: Mutex::new(HashMap::new()),
             max_per_address,
+            ipv6_prefix: ipv6_prefix.min(128),
             anonymous: AtomicUsize::new(0),
             max_anonymous,
             handshaking: AtomicUsize::new(0),
@@ -54,6 +68,7 @@ impl Admission {
         if !validated && may_retry && self.handshaking.load(Ordering::Relaxed) >= self.retry_above {
             return Decision::Retry;
         }
+        let address = self.counted_as(address);
         // A poisoned lock only means a panic elsewhere mid-update of plain
         // counters; they are still usable.
         let mut per_address = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
@@ -68,6 +83,21 @@ impl Admission {
             address,
             handshaking: true,
         })
+    }
+
+    /// What `address` counts as: itself for IPv4 (also when mapped into
+    /// IPv6), its prefix for IPv6.
+    fn counted_as(&self, address: IpAddr) -> IpAddr {
+        match address.to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.ipv6_prefix))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(bits & mask))
+            }
+            v4 => v4,
+        }
     }
 
     /// Takes an anonymous slot for a connection whose handshake ended
@@ -138,7 +168,7 @@ mod tests {
 
     #[test]
     fn an_address_holds_at_most_its_share_and_gets_it_back() {
-        let admission = Admission::new(2, 1, 100);
+        let admission = Admission::new(2, 64, 1, 100);
         let address: IpAddr = "192.0.2.1".parse().unwrap();
         let first = admission.admit(address, true, true);
         let second = admission.admit(address, true, true);
@@ -154,7 +184,7 @@ mod tests {
 
     #[test]
     fn unvalidated_handshakes_beyond_the_threshold_are_asked_to_retry() {
-        let admission = Admission::new(100, 1, 2);
+        let admission = Admission::new(100, 64, 1, 2);
         let address: IpAddr = "192.0.2.1".parse().unwrap();
         let mut slots: Vec<AddressSlot> = (0..2)
             .map(|_| match admission.admit(address, false, true) {
@@ -176,11 +206,40 @@ mod tests {
 
     #[test]
     fn anonymous_connections_have_their_own_cap() {
-        let admission = Admission::new(100, 2, 100);
+        let admission = Admission::new(100, 64, 2, 100);
         let first = admission.anonymous().unwrap();
         let _second = admission.anonymous().unwrap();
         assert!(admission.anonymous().is_none());
         drop(first);
         assert!(admission.anonymous().is_some());
+    }
+
+    #[test]
+    fn an_ipv6_prefix_counts_as_one_address_and_a_mapped_ipv4_as_itself() {
+        let admission = Admission::new(2, 64, 1, 100);
+        let admit = |text: &str| admission.admit(text.parse().unwrap(), true, true);
+        // Two addresses of one /64 share its cap.
+        let _a = admit("2001:db8:1:2::1");
+        let _b = admit("2001:db8:1:2:ffff:ffff:ffff:ffff");
+        assert!(matches!(admit("2001:db8:1:2::abcd"), Decision::Refuse));
+        // The next /64 is another address.
+        assert!(matches!(admit("2001:db8:1:3::1"), Decision::Admit(_)));
+        // An IPv4 address through a dual-stack socket is that IPv4 address.
+        let _c = admit("192.0.2.7");
+        let _d = admit("::ffff:192.0.2.7");
+        assert!(matches!(admit("192.0.2.7"), Decision::Refuse));
+        // /128 counts every IPv6 address on its own; /0 all as one.
+        let exact = Admission::new(1, 128, 1, 100);
+        let _e = exact.admit("2001:db8::1".parse().unwrap(), true, true);
+        assert!(matches!(
+            exact.admit("2001:db8::2".parse().unwrap(), true, true),
+            Decision::Admit(_)
+        ));
+        let all = Admission::new(1, 0, 1, 100);
+        let _f = all.admit("2001:db8::1".parse().unwrap(), true, true);
+        assert!(matches!(
+            all.admit("2001:db9::2".parse().unwrap(), true, true),
+            Decision::Refuse
+        ));
     }
 }

@@ -57,6 +57,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Connections one remote address may hold: enough for a household or an
 /// office behind one NAT, far below the total.
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// How many leading bits of an IPv6 address name one "address" for the
+/// per-address cap: a /64 is what one subscriber (or one virtual machine)
+/// is handed, and holds more addresses than could ever be counted one by
+/// one.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// Connections without a client certificate (strangers fetching KeyPackages,
 /// pinging): a quarter of the total, so they can never lock out members.
 pub const DEFAULT_MAX_ANONYMOUS_CONNECTIONS: usize = 2_500;
@@ -136,8 +141,11 @@ pub struct Config {
     pub ping_rate: u32,
     /// Most connections open at once; further ones are refused.
     pub max_connections: usize,
-    /// Most connections one remote IP address may hold.
+    /// Most connections one remote IP address may hold (an IPv6 address
+    /// counts as its prefix of `ipv6_prefix` bits).
     pub max_connections_per_address: usize,
+    /// The IPv6 prefix length (0 to 128) counted as one address.
+    pub ipv6_prefix: u8,
     /// Most connections without a client certificate; further ones are
     /// closed after the handshake.
     pub max_anonymous_connections: usize,
@@ -183,6 +191,7 @@ impl Default for Config {
             ping_rate: DEFAULT_PING_RATE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
             max_anonymous_connections: DEFAULT_MAX_ANONYMOUS_CONNECTIONS,
             retry_above: DEFAULT_RETRY_ABOVE,
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),

@@ -176,6 +176,7 @@ impl Node {
         );
         let admission = Admission::new(
             config.max_connections_per_address,
+            config.ipv6_prefix,
             config.max_anonymous_connections,
             config.retry_above,
         );

@@ -75,6 +75,11 @@ struct Args {
     /// Most connections one remote IP address may hold.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
     max_connections_per_address: usize,
+    /// How many leading bits of an IPv6 address count as one address for
+    /// --max-connections-per-address (64: a /64, what one subscriber gets).
+    #[arg(long, env = "QUICNPROTOCHAT_IPV6_PREFIX", default_value_t = config::DEFAULT_IPV6_PREFIX,
+          value_parser = clap::value_parser!(u8).range(0..=128))]
+    ipv6_prefix: u8,
     /// Most connections without a client certificate.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_ANONYMOUS_CONNECTIONS", default_value_t = config::DEFAULT_MAX_ANONYMOUS_CONNECTIONS)]
     max_anonymous_connections: usize,
@@ -200,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
         ping_rate: args.ping_rate,
         max_connections: args.max_connections,
         max_connections_per_address: args.max_connections_per_address,
+        ipv6_prefix: args.ipv6_prefix,
         max_anonymous_connections: args.max_anonymous_connections,
         retry_above: config::DEFAULT_RETRY_ABOVE,
         idle_timeout: Duration::from_secs(args.idle_timeout),
