@@ -39,57 +39,6 @@ fn control_characters_in_messages_print_escaped_on_one_line_and_exact_in_json() 
     assert_eq!(document["messages"][0]["text"], nasty, "{json}");
 }
 
-/// `stranger` (no contact of `to`'s) makes a group `name` and adds `to`
-/// with a KeyPackage of theirs from the node, through the node's ordering
-/// like any `invite`: a genuine Welcome from someone `to` does not know.
-/// Returns the group and its provider, to send into it.
-async fn invite_as_stranger(
-    client: &quicnprotochat_client::node_client::NodeClient,
-    stranger: &quicnprotochat_core::IdentityKeypair,
-    to: quicnprotochat_core::IdentityKey,
-    name: &[u8],
-) -> (
-    quicnprotochat_core::GroupMember,
-    openmls_rust_crypto::OpenMlsRustCrypto,
-) {
-    use quicnprotochat_core::{GroupId, GroupMember, NoDeviceLists};
-    use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage};
-    use quicnprotochat_proto::wire::{Envelope, GroupState};
-
-    let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-    let mut group = GroupMember::create(&provider, stranger, name).unwrap();
-    let state = group.export_public_state(&provider, stranger).unwrap();
-    let FetchedKeyPackage::Package(package) = client.fetch_key_package(&to).await.unwrap() else {
-        panic!("the invitee has KeyPackages on the node");
-    };
-    let added = group
-        .add_members(&provider, stranger, &[package], &NoDeviceLists)
-        .unwrap();
-    let group_info = group.pending_group_info().map(<[u8]>::to_vec);
-    let envelope = |recipients: Vec<_>, payload| Envelope {
-        recipients,
-        payload,
-        message_id: None,
-    };
-    let outcome = client
-        .publish_commit(
-            &GroupId::new(name.to_vec()).unwrap(),
-            0,
-            &envelope(Vec::new(), added.commit),
-            Some(&envelope(vec![to], added.welcome)),
-            Some(&GroupState {
-                group_info: state.group_info,
-                ratchet_tree: state.ratchet_tree,
-            }),
-            group_info.as_deref(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(outcome, CommitOutcome::Accepted);
-    group.merge_pending_commit(&provider).unwrap();
-    (group, provider)
-}
-
 #[test]
 fn a_strangers_welcome_is_an_invitation_joined_only_on_accept() {
     let node = TestNode::start();
@@ -100,7 +49,7 @@ fn a_strangers_welcome_is_an_invitation_joined_only_on_accept() {
     common::local(async {
         let client = node.connect_as(&mallory).await;
         let (mut group, provider) =
-            invite_as_stranger(&client, &mallory, bob_key, b"offers#0011223344556677").await;
+            common::add_to_new_group(&client, &mallory, bob_key, b"offers#0011223344556677", None).await;
         // Sent while Bob has not answered: kept for him, not lost.
         let message = group.send(&provider, &mallory, b"buy now").unwrap();
         assert_eq!(
@@ -155,7 +104,7 @@ fn a_declined_invitation_is_forgotten_and_its_group_dropped() {
     let mallory = quicnprotochat_core::IdentityKeypair::generate();
     let (mut group, provider) = common::local(async {
         let client = node.connect_as(&mallory).await;
-        invite_as_stranger(&client, &mallory, bob_key, b"spam#0011223344556677").await
+        common::add_to_new_group(&client, &mallory, bob_key, b"spam#0011223344556677", None).await
     });
     bob.run(&node, "recv", &[]);
     let (ok, _, err) = bob.try_run(&node, "decline", &["spam"]);
@@ -187,7 +136,8 @@ fn a_flood_of_invitations_costs_the_client_little() {
         for n in 0..flood {
             let stranger = quicnprotochat_core::IdentityKeypair::generate();
             let client = node.connect_as(&stranger).await;
-            invite_as_stranger(&client, &stranger, bob_key, format!("flood-{n}").as_bytes()).await;
+            common::add_to_new_group(&client, &stranger, bob_key, format!("flood-{n}").as_bytes(), None)
+                .await;
         }
     });
     let (ok, _, err) = bob.try_run(&node, "recv", &[]);

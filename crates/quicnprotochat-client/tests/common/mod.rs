@@ -298,48 +298,60 @@ pub async fn enqueue_ok(client: &NodeClient, recipient: &IdentityKey, payload: &
 /// Gets `welcome` (a Welcome the node has no Commit for) into the queue
 /// of `recipient` the one way the node still takes a Welcome: as the
 /// Welcome of an accepted Commit, here the first change of a throwaway
-/// group of `adder`'s that adds `recipient` (with a KeyPackage of theirs
-/// from the node), since a Welcome goes only to those its Commit adds. The
-/// node keeps no tree for the Welcome's own group and epoch, as a hostile
-/// adder would arrange.
+/// group of `adder`'s that adds `recipient` (see [`add_to_new_group`]),
+/// since a Welcome goes only to those its Commit adds. The node keeps no
+/// tree for the Welcome's own group and epoch, as a hostile adder would
+/// arrange.
 pub async fn smuggle_welcome(
     client: &NodeClient,
     adder: &IdentityKeypair,
     recipient: IdentityKey,
     welcome: Vec<u8>,
 ) {
-    use quicnprotochat_core::{GroupId, GroupMember};
-    use quicnprotochat_proto::outcome::CommitOutcome;
+    let cover_id = format!("cover-{}", rand::random::<u64>());
+    add_to_new_group(client, adder, recipient, cover_id.as_bytes(), Some(welcome)).await;
+}
+
+/// `adder` makes the group `group_id` and adds `recipient` with a
+/// KeyPackage of theirs from the node, through the node's ordering like any
+/// `invite`: the Commit is the group's first change (with its initial
+/// state), its Welcome goes to `recipient` (`welcome` instead, if given).
+/// Returns the group, merged, and its provider, to send into it.
+pub async fn add_to_new_group(
+    client: &NodeClient,
+    adder: &IdentityKeypair,
+    recipient: IdentityKey,
+    group_id: &[u8],
+    welcome: Option<Vec<u8>>,
+) -> (
+    quicnprotochat_core::GroupMember,
+    openmls_rust_crypto::OpenMlsRustCrypto,
+) {
+    use quicnprotochat_core::{GroupId, GroupMember, NoDeviceLists};
+    use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage};
     use quicnprotochat_proto::wire::{Envelope, GroupState};
 
     let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-    let cover_id = format!("cover-{}", rand::random::<u64>());
-    let mut cover = GroupMember::create(&provider, adder, cover_id.as_bytes()).unwrap();
-    let state = cover.export_public_state(&provider, adder).unwrap();
-    let quicnprotochat_proto::outcome::FetchedKeyPackage::Package(package) =
-        client.fetch_key_package(&recipient).await.unwrap()
-    else {
+    let mut group = GroupMember::create(&provider, adder, group_id).unwrap();
+    let state = group.export_public_state(&provider, adder).unwrap();
+    let FetchedKeyPackage::Package(package) = client.fetch_key_package(&recipient).await.unwrap() else {
         panic!("the recipient has KeyPackages on the node");
     };
-    let commit = cover
-        .add_members(&provider, adder, &[package], &quicnprotochat_core::NoDeviceLists)
-        .unwrap()
-        .commit;
-    let group_info = cover.pending_group_info().map(<[u8]>::to_vec);
+    let added = group
+        .add_members(&provider, adder, &[package], &NoDeviceLists)
+        .unwrap();
+    let group_info = group.pending_group_info().map(<[u8]>::to_vec);
+    let envelope = |recipients: Vec<IdentityKey>, payload| Envelope {
+        recipients,
+        payload,
+        message_id: None,
+    };
     let outcome = client
         .publish_commit(
-            &GroupId::new(cover_id.into_bytes()).unwrap(),
+            &GroupId::new(group_id.to_vec()).unwrap(),
             0,
-            &Envelope {
-                recipients: Vec::new(),
-                payload: commit,
-                message_id: None,
-            },
-            Some(&Envelope {
-                recipients: vec![recipient],
-                payload: welcome,
-                message_id: None,
-            }),
+            &envelope(Vec::new(), added.commit),
+            Some(&envelope(vec![recipient], welcome.unwrap_or(added.welcome))),
             Some(&GroupState {
                 group_info: state.group_info,
                 ratchet_tree: state.ratchet_tree,
@@ -349,6 +361,8 @@ pub async fn smuggle_welcome(
         .await
         .unwrap();
     assert_eq!(outcome, CommitOutcome::Accepted);
+    group.merge_pending_commit(&provider).unwrap();
+    (group, provider)
 }
 
 /// One person driving the real CLI: a state file and the identity key
