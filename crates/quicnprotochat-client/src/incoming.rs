@@ -18,7 +18,7 @@ use crate::naming::{changed_event, group_name, users};
 use crate::nodes::Nodes;
 use crate::output::{Event, Person, Progress};
 use crate::publish::resume_publications;
-use crate::state::{Direction, InboxEntry, Invitation, NotKept, StateFile, unix_now};
+use crate::state::{Direction, InboxEntry, Invitation, KeptWelcome, NotKept, StateFile, unix_now};
 
 /// Test hook: when this environment variable is set, `recv` and `join` exit
 /// right after storing the fetched messages in the inbox, before
@@ -164,13 +164,6 @@ pub(crate) async fn process_entry(
 ) -> Result<Applied, ClientError> {
     let (payload, seq) = (entry.payload.as_slice(), entry.seq);
     let entry = entry.id;
-    // A message for a group we are invited to waits for the answer: on
-    // `accept` it is applied after the Welcome, on `decline` dropped.
-    if let Ok(Incoming::Group { group_id, .. }) = classify(payload)
-        && state.has_invitation(&group_id)?
-    {
-        return Ok(Applied::default());
-    }
     let mut tree = None;
     let mut fetched_lists = false;
     loop {
@@ -206,11 +199,19 @@ pub(crate) async fn process_entry(
                     inviter,
                     epoch,
                     members,
-                    welcome: payload.to_vec(),
-                    tree,
                     received_at: unix_now(),
                 };
-                return keep_invitation(state, entry, seq, invitation);
+                let kept = KeptWelcome {
+                    welcome: payload.to_vec(),
+                    tree,
+                };
+                return keep_invitation(state, entry, seq, invitation, &kept);
+            }
+            // A message for a group we are invited to waits for the answer
+            // (asked only of messages for groups we are not in): on
+            // `accept` it is applied after the Welcome, on `decline` dropped.
+            Err(ClientError::UnknownGroup(_)) if awaits_answer(state, payload)? => {
+                return Ok(Applied::default());
             }
             Err(e) => return settle_failure(state, entry, seq, e).map(|()| Applied::default()),
         };
@@ -223,6 +224,14 @@ pub(crate) async fn process_entry(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Whether `payload` is a message for a group an invitation waits for.
+fn awaits_answer(state: &StateFile, payload: &[u8]) -> Result<bool, ClientError> {
+    match classify(payload) {
+        Ok(Incoming::Group { group_id, .. }) => Ok(state.has_invitation(&group_id)?),
+        _ => Ok(false),
     }
 }
 
@@ -261,12 +270,14 @@ pub(crate) async fn accept_invitation(
     state: &StateFile,
     invitation: &Invitation,
 ) -> Result<Applied, ClientError> {
-    let mut tree = invitation.tree.clone();
+    let KeptWelcome { welcome, mut tree } = state
+        .invitation_welcome(&invitation.group_id)?
+        .ok_or(ClientError::Internal("an invitation vanished"))?;
     let mut fetched_lists = false;
     loop {
         let directory = nodes.directory();
         let outcome = state.consume_invitation(&invitation.group_id, || {
-            apply(state, &invitation.welcome, None, tree.as_deref(), true, directory)
+            apply(state, &welcome, None, tree.as_deref(), true, directory)
         });
         match outcome {
             Ok(applied) => return Ok(applied),
@@ -289,8 +300,9 @@ fn keep_invitation(
     entry: i64,
     seq: Option<Seq>,
     invitation: Invitation,
+    kept: &KeptWelcome,
 ) -> Result<Applied, ClientError> {
-    let why = match state.keep_invitation(entry, &invitation)? {
+    let why = match state.keep_invitation(entry, &invitation, kept)? {
         Ok(()) => {
             let inviter = Person {
                 user_key: invitation.inviter.user.to_string(),

@@ -168,14 +168,14 @@ pub(crate) fn validate_key_package(
     let key_package = unverified
         .validate(crypto, ProtocolVersion::Mls10)
         .map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
-    if Suite::from_ciphersuite(key_package.ciphersuite()).is_none() {
+    let Some(suite) = Suite::from_ciphersuite(key_package.ciphersuite()) else {
         return Err(CoreError::InvalidKeyPackage(format!(
             "ciphersuite {:?} is not one of ours ({})",
             key_package.ciphersuite(),
             Suite::ALL.map(Suite::full_name).join(", ")
         )));
-    }
-    check_rfc_rules(crypto, &key_package)?;
+    };
+    check_rfc_rules(&key_package, suite)?;
     let member =
         leaf_member(key_package.leaf_node()).map_err(|e| CoreError::InvalidKeyPackage(e.to_string()))?;
     Ok((key_package, member))
@@ -188,15 +188,8 @@ pub(crate) fn validate_key_package(
 /// adder), its leaf lists its own ciphersuite among its capabilities, and
 /// every extension it carries that is not a default one (section 7.2),
 /// its own and its leaf's, is listed in those capabilities.
-fn check_rfc_rules(crypto: &impl OpenMlsCrypto, key_package: &KeyPackage) -> Result<(), CoreError> {
-    let suite = key_package.ciphersuite();
-    // The length of a public key the suite's KEM makes (32 bytes for
-    // X25519, 1,216 for X-Wing).
-    let expected = crypto
-        .derive_hpke_keypair(suite.hpke_config(), &[0x51; 32])
-        .map_err(|e| CoreError::InvalidKeyPackage(format!("its ciphersuite's KEM: {e:?}")))?
-        .public
-        .len();
+fn check_rfc_rules(key_package: &KeyPackage, suite: Suite) -> Result<(), CoreError> {
+    let expected = suite.kem_public_key_len();
     let leaf = key_package.leaf_node();
     // openmls shows a leaf's key only TLS-encoded (`opaque<V>`).
     let leaf_key = leaf
@@ -219,10 +212,11 @@ fn check_rfc_rules(crypto: &impl OpenMlsCrypto, key_package: &KeyPackage) -> Res
     if !capabilities
         .ciphersuites()
         .iter()
-        .any(|listed| *listed == suite.into())
+        .any(|listed| *listed == suite.ciphersuite().into())
     {
         return Err(CoreError::InvalidKeyPackage(format!(
-            "its leaf does not list its own ciphersuite {suite:?} among its capabilities"
+            "its leaf does not list its own ciphersuite {} among its capabilities",
+            suite.full_name()
         )));
     }
     let carried = key_package

@@ -35,6 +35,16 @@ impl Suite {
         }
     }
 
+    /// The length of a public key of the suite's HPKE KEM (an init key, a
+    /// leaf's encryption key): X25519's 32 bytes, or X-Wing's ML-KEM-768
+    /// encapsulation key (1,184) followed by an X25519 key.
+    pub fn kem_public_key_len(self) -> usize {
+        match self {
+            Suite::X25519 => 32,
+            Suite::MlKem768X25519 => 1184 + 32,
+        }
+    }
+
     /// The IANA code point (0x004F is provisional).
     pub fn code(self) -> u16 {
         self.ciphersuite().into()
@@ -83,6 +93,22 @@ impl std::fmt::Display for Suite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kem_public_keys_have_the_length_the_provider_makes() {
+        use openmls_rust_crypto::OpenMlsRustCrypto;
+        use openmls_traits::OpenMlsProvider as _;
+        use openmls_traits::crypto::OpenMlsCrypto as _;
+
+        let provider = OpenMlsRustCrypto::default();
+        for suite in Suite::ALL {
+            let pair = provider
+                .crypto()
+                .derive_hpke_keypair(suite.ciphersuite().hpke_config(), &[7; 32])
+                .unwrap();
+            assert_eq!(pair.public.len(), suite.kem_public_key_len(), "{suite:?}");
+        }
+    }
 
     #[test]
     fn names_and_code_points_round_trip() {

@@ -50,12 +50,28 @@ pub fn payload<'a>(field: &str, bytes: &'a [u8], max: usize) -> Result<&'a [u8],
 pub struct ValidKeyPackage {
     /// Its bytes, as uploaded.
     pub bytes: Vec<u8>,
+    /// The SHA-256 of `bytes` ([`quicnprotochat_core::fingerprint`]), by
+    /// which one stored already is told apart; taken once, here.
+    pub fingerprint: [u8; 32],
     /// Whether it carries the `last_resort` extension.
     pub last_resort: bool,
     /// End of its lifetime, Unix seconds; never served after.
     pub expires_at: u64,
     /// Its ciphersuite: it is served only to fetches asking for this one.
     pub suite: Suite,
+}
+
+impl ValidKeyPackage {
+    /// A record of `bytes` (already validated) with its fingerprint.
+    pub fn new(bytes: Vec<u8>, last_resort: bool, expires_at: u64, suite: Suite) -> ValidKeyPackage {
+        ValidKeyPackage {
+            fingerprint: quicnprotochat_core::fingerprint(&bytes),
+            bytes,
+            last_resort,
+            expires_at,
+            suite,
+        }
+    }
 }
 
 /// What a node accepts of a KeyPackage beyond MLS validity.
@@ -120,12 +136,12 @@ pub fn key_package(
             info.extensions_size, policy.max_extensions_bytes
         )));
     }
-    Ok(ValidKeyPackage {
-        bytes: bytes.to_vec(),
-        last_resort: info.last_resort,
-        expires_at: info.not_after,
-        suite: info.suite,
-    })
+    Ok(ValidKeyPackage::new(
+        bytes.to_vec(),
+        info.last_resort,
+        info.not_after,
+        info.suite,
+    ))
 }
 
 /// Parses a ciphersuite field (a `UInt16` MLS code point) into one of the

@@ -228,7 +228,13 @@ impl NodeServiceImpl {
                         None => "package".to_owned(),
                     };
                     let package = wire::key_package(&field, bytes, max, &owner, &policy)?;
-                    Ok((package, fingerprint(bytes)))
+                    // As received: a wrapped one was stored bare.
+                    let digest = if package.bytes.len() == bytes.len() {
+                        package.fingerprint
+                    } else {
+                        fingerprint(bytes)
+                    };
+                    Ok((package, digest))
                 })
                 .collect::<Result<(Vec<_>, Vec<_>), wire::FieldError>>()
         })

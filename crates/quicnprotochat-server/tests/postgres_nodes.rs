@@ -163,19 +163,14 @@ async fn a_key_package_is_served_once_across_nodes_and_the_last_resort_kept() {
     let Some(url) = database() else { return };
     let [a, b] = two_nodes(&url, Limits::default());
     let mut packages: Vec<ValidKeyPackage> = (0..30u32)
-        .map(|i| ValidKeyPackage {
-            bytes: i.to_be_bytes().to_vec(),
-            last_resort: false,
-            expires_at: u64::MAX,
-            suite: Suite::X25519,
-        })
+        .map(|i| ValidKeyPackage::new(i.to_be_bytes().to_vec(), false, u64::MAX, Suite::X25519))
         .collect();
-    packages.push(ValidKeyPackage {
-        bytes: b"last resort".to_vec(),
-        last_resort: true,
-        expires_at: u64::MAX,
-        suite: Suite::X25519,
-    });
+    packages.push(ValidKeyPackage::new(
+        b"last resort".to_vec(),
+        true,
+        u64::MAX,
+        Suite::X25519,
+    ));
     a.0.upload_key_packages(key(1), packages).await.unwrap().unwrap();
     let takers: Vec<_> = (0..80)
         .map(|i| {

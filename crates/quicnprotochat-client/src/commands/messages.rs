@@ -242,7 +242,7 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Re
 
 /// Says on stderr how many invitations wait, if any.
 fn tell_invitations(state: &StateFile) -> Result<(), ClientError> {
-    let waiting = state.invitations()?.len();
+    let waiting = state.invitation_count()?;
     if waiting > 0 && !output::json() {
         eprintln!(
             "{waiting} invitation{} from people you have not named as contacts wait{}: `invitations` lists them, `accept GROUP` joins, `decline GROUP` refuses",

@@ -15,7 +15,8 @@ pub const MAX_INVITATIONS: usize = 32;
 /// 10,000 members.
 pub const MAX_INVITATION_BYTES: usize = 4 * 1024 * 1024;
 
-/// A Welcome waiting for the user's consent.
+/// A Welcome waiting for the user's consent, as listed (its bytes are read
+/// only to accept it: [`StateFile::invitation_welcome`]).
 #[derive(Debug, Clone)]
 pub struct Invitation {
     /// The group it is for.
@@ -26,13 +27,18 @@ pub struct Invitation {
     pub epoch: u64,
     /// How many members the group had.
     pub members: usize,
+    /// When it arrived (Unix seconds).
+    pub received_at: i64,
+}
+
+/// What joining from an invitation takes.
+#[derive(Debug, Clone)]
+pub struct KeptWelcome {
     /// The Welcome.
     pub welcome: Vec<u8>,
     /// The tree the node kept for it (none if the Welcome carried its
     /// own).
     pub tree: Option<Vec<u8>>,
-    /// When it arrived (Unix seconds).
-    pub received_at: i64,
 }
 
 /// Why an invitation was not kept.
@@ -45,17 +51,19 @@ pub enum NotKept {
 }
 
 impl StateFile {
-    /// Keeps `invitation` (replacing an older one for the same group) and
-    /// removes inbox entry `entry`, in one transaction; or, past the
-    /// bounds, removes the entry only and says why.
+    /// Keeps `invitation` with what joining from it takes (replacing an
+    /// older one for the same group) and removes inbox entry `entry`, in
+    /// one transaction; or, past the bounds, removes the entry only and
+    /// says why.
     pub fn keep_invitation(
         &self,
         entry: i64,
         invitation: &Invitation,
+        kept: &KeptWelcome,
     ) -> Result<Result<(), NotKept>, StateError> {
         self.atomically(|| {
             self.remove_inbox(entry)?;
-            let size = invitation.welcome.len() + invitation.tree.as_ref().map_or(0, Vec::len);
+            let size = kept.welcome.len() + kept.tree.as_ref().map_or(0, Vec::len);
             if size > MAX_INVITATION_BYTES {
                 return Ok(Err(NotKept::TooBig));
             }
@@ -77,8 +85,8 @@ impl StateFile {
                     invitation.inviter.device.as_bytes(),
                     i64::try_from(invitation.epoch).unwrap_or(i64::MAX),
                     i64::try_from(invitation.members).unwrap_or(i64::MAX),
-                    invitation.welcome,
-                    invitation.tree,
+                    kept.welcome,
+                    kept.tree,
                     invitation.received_at,
                 ],
             )?;
@@ -89,7 +97,7 @@ impl StateFile {
     /// The invitations waiting, oldest first.
     pub fn invitations(&self) -> Result<Vec<Invitation>, StateError> {
         let mut statement = self.connection.prepare(
-            "SELECT group_id, inviter_user, inviter_device, epoch, members, welcome, tree, received_at
+            "SELECT group_id, inviter_user, inviter_device, epoch, members, received_at
              FROM invitations ORDER BY received_at, group_id",
         )?;
         let rows = statement.query_map([], |row| {
@@ -99,14 +107,12 @@ impl StateFile {
                 row.get::<_, Vec<u8>>(2)?,
                 row.get::<_, i64>(3)?,
                 row.get::<_, i64>(4)?,
-                row.get::<_, Vec<u8>>(5)?,
-                row.get::<_, Option<Vec<u8>>>(6)?,
-                row.get::<_, i64>(7)?,
+                row.get::<_, i64>(5)?,
             ))
         })?;
         let damaged = || StateError::Damaged("a kept invitation".into());
         rows.map(|row| {
-            let (group_id, user, device, epoch, members, welcome, tree, received_at) = row?;
+            let (group_id, user, device, epoch, members, received_at) = row?;
             let key = |bytes: &[u8]| IdentityKey::try_from(bytes).map_err(|_| damaged());
             Ok(Invitation {
                 group_id,
@@ -116,12 +122,35 @@ impl StateFile {
                 },
                 epoch: u64::try_from(epoch).map_err(|_| damaged())?,
                 members: usize::try_from(members).map_err(|_| damaged())?,
-                welcome,
-                tree,
                 received_at,
             })
         })
         .collect()
+    }
+
+    /// How many invitations wait.
+    pub fn invitation_count(&self) -> Result<usize, StateError> {
+        let count: i64 = self
+            .connection
+            .query_row("SELECT count(*) FROM invitations", [], |row| row.get(0))?;
+        Ok(usize::try_from(count).unwrap_or(usize::MAX))
+    }
+
+    /// The Welcome (and tree) of the invitation to `group_id`.
+    pub fn invitation_welcome(&self, group_id: &[u8]) -> Result<Option<KeptWelcome>, StateError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT welcome, tree FROM invitations WHERE group_id = ?1",
+                params![group_id],
+                |row| {
+                    Ok(KeptWelcome {
+                        welcome: row.get(0)?,
+                        tree: row.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     /// Whether an invitation to `group_id` waits.

@@ -33,7 +33,7 @@ mod history;
 mod inbox;
 mod invitations;
 pub use inbox::{InboxEntry, KeptBack};
-pub use invitations::{Invitation, MAX_INVITATION_BYTES, MAX_INVITATIONS, NotKept};
+pub use invitations::{Invitation, KeptWelcome, MAX_INVITATION_BYTES, MAX_INVITATIONS, NotKept};
 mod key_packages;
 mod outbox;
 mod provider;

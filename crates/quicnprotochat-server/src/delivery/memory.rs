@@ -73,9 +73,10 @@ impl Storage for MemoryStorage {
         identity: &IdentityKey,
         fingerprint: &[u8; 32],
     ) -> Result<bool, Infallible> {
-        Ok(self.key_packages.values().any(|(owner, package)| {
-            owner == identity && quicnprotochat_core::fingerprint(&package.bytes) == *fingerprint
-        }))
+        Ok(self
+            .key_packages
+            .values()
+            .any(|(owner, package)| owner == identity && package.fingerprint == *fingerprint))
     }
 
     fn oldest_key_package(

@@ -151,8 +151,7 @@ pub fn upload_key_packages<S: Storage>(
     let mut seen = HashSet::new();
     let mut fresh = Vec::with_capacity(packages.len());
     for package in packages {
-        let fingerprint = quicnprotochat_core::fingerprint(&package.bytes);
-        if seen.insert(fingerprint) && !storage.has_key_package(identity, &fingerprint)? {
+        if seen.insert(package.fingerprint) && !storage.has_key_package(identity, &package.fingerprint)? {
             fresh.push(package);
         }
     }

@@ -72,12 +72,7 @@ fn welcome_to(to: IdentityKey, welcome: &[u8]) -> Envelope {
 }
 
 fn key_package(bytes: &[u8], last_resort: bool, expires_at: u64) -> ValidKeyPackage {
-    ValidKeyPackage {
-        bytes: bytes.to_vec(),
-        last_resort,
-        expires_at,
-        suite: Suite::X25519,
-    }
+    ValidKeyPackage::new(bytes.to_vec(), last_resort, expires_at, Suite::X25519)
 }
 
 /// An unexpiring KeyPackage record of `suite`.

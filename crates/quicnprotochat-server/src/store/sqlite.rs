@@ -65,7 +65,7 @@ impl Storage for SqliteStorage<'_> {
                 package.last_resort,
                 sql_int(package.expires_at),
                 package.suite.code(),
-                &quicnprotochat_core::fingerprint(&package.bytes)[..],
+                &package.fingerprint[..],
             ])?;
         Ok(())
     }

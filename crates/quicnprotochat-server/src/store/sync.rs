@@ -198,22 +198,27 @@ impl Shared {
     /// Publishes a synced (or failed) batch: reads may show its messages,
     /// its queues' waiters wake, its callers get their answers.
     fn complete(&self, batch: Committed, synced: Result<(), &StoreError>) {
-        if let Err(error) = synced {
-            self.failed.send_if_modified(|failed| {
-                let first = failed.is_none();
-                if first {
-                    *failed = Some(error.to_string());
+        let earlier;
+        let synced = match synced {
+            Err(error) => {
+                self.failed.send_if_modified(|failed| {
+                    let first = failed.is_none();
+                    if first {
+                        *failed = Some(error.to_string());
+                    }
+                    first
+                });
+                Err(error)
+            }
+            // Once one sync failed, no later one proves anything.
+            Ok(()) => match self.failed.borrow().as_deref() {
+                None => Ok(()),
+                Some(failed) => {
+                    earlier =
+                        StoreError::Sync(std::io::Error::other(format!("an earlier sync failed: {failed}")));
+                    Err(&earlier)
                 }
-                first
-            });
-        }
-        // Once one sync failed, no later one proves anything.
-        let earlier = self.failed.borrow().as_ref().map(|failed| {
-            StoreError::Sync(std::io::Error::other(format!("an earlier sync failed: {failed}")))
-        });
-        let synced = match (&earlier, synced) {
-            (Some(earlier), Ok(())) => Err(earlier),
-            (_, synced) => synced,
+            },
         };
         match synced {
             Ok(()) => {

@@ -13,12 +13,7 @@ const HYBRID: Suite = Suite::MlKem768X25519;
 /// A never-expiring KeyPackage record of `suite` (the store does not parse
 /// KeyPackages; the service validates them and reads their suite before).
 fn of_suite(bytes: &[u8], last_resort: bool, suite: Suite) -> ValidKeyPackage {
-    ValidKeyPackage {
-        bytes: bytes.to_vec(),
-        last_resort,
-        expires_at: u64::MAX,
-        suite,
-    }
+    ValidKeyPackage::new(bytes.to_vec(), last_resort, u64::MAX, suite)
 }
 
 pub async fn key_packages_are_served_only_to_fetches_of_their_suite(backend: &impl Backend) {

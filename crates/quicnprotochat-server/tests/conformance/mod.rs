@@ -114,12 +114,12 @@ pub fn key(byte: u8) -> IdentityKey {
 /// One ordinary, never-expiring KeyPackage record (the store does not parse
 /// KeyPackages; the service validates them before).
 fn package(bytes: &[u8]) -> Vec<ValidKeyPackage> {
-    vec![ValidKeyPackage {
-        bytes: bytes.to_vec(),
-        last_resort: false,
-        expires_at: u64::MAX,
-        suite: Suite::X25519,
-    }]
+    vec![ValidKeyPackage::new(
+        bytes.to_vec(),
+        false,
+        u64::MAX,
+        Suite::X25519,
+    )]
 }
 
 fn envelope(recipients: &[u8], payload: &[u8]) -> Envelope {
@@ -360,12 +360,7 @@ pub async fn a_queue_of_tiny_messages_is_drained_in_bounded_batches(backend: &im
 
 pub async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept(backend: &impl Backend) {
     let (store, closer) = backend.open();
-    let last = ValidKeyPackage {
-        bytes: b"last resort".to_vec(),
-        last_resort: true,
-        expires_at: u64::MAX,
-        suite: Suite::X25519,
-    };
+    let last = ValidKeyPackage::new(b"last resort".to_vec(), true, u64::MAX, Suite::X25519);
     store
         .upload_key_packages(key(1), vec![last])
         .await
@@ -399,12 +394,8 @@ pub async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept(b
 
 pub async fn an_expired_key_package_is_never_served_or_counted(backend: &impl Backend) {
     let (store, closer) = backend.open();
-    let expired = |bytes: &[u8], last_resort| ValidKeyPackage {
-        bytes: bytes.to_vec(),
-        last_resort,
-        expires_at: 1,
-        suite: Suite::X25519,
-    };
+    let expired =
+        |bytes: &[u8], last_resort| ValidKeyPackage::new(bytes.to_vec(), last_resort, 1, Suite::X25519);
     store
         .upload_key_packages(
             key(1),
@@ -545,17 +536,22 @@ pub async fn only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome
     close((store, closer)).await;
 }
 
-/// A standalone proposal is kept on its own beside the group's view: it
-/// survives a restart, the Commit of its epoch that references it is
-/// accepted, and the next epoch goes on without it.
-pub async fn a_kept_proposal_survives_a_restart_and_a_commit_of_its_epoch_takes_it(backend: &impl Backend) {
-    let (store, closer) = backend.open();
+/// What [`alice_adds_bob`] leaves for Bob to join with.
+struct Added {
+    group: quicnprotochat_core::GroupId,
+    welcome: Vec<u8>,
+    /// The provider holding Bob's KeyPackage.
+    provider: openmls_rust_crypto::OpenMlsRustCrypto,
+}
+
+/// Alice makes group `g` and adds Bob (`mls::identity(2)`) with its first
+/// Commit, the Welcome to him; her Commit is merged.
+async fn alice_adds_bob(store: &Store) -> (mls::Member, Added) {
     let mut alice = mls::Member::create(1, b"g");
     let (add, welcome, provider) = alice.add(2);
-    let bob_key = mls::identity(2).public_key();
     let mut publication = alice.publication(add, &[], b"add", true);
     publication.welcome = Some(Envelope {
-        recipients: vec![bob_key],
+        recipients: vec![mls::identity(2).public_key()],
         payload: welcome.clone(),
         message_id: None,
     });
@@ -566,7 +562,29 @@ pub async fn a_kept_proposal_survives_a_restart_and_a_commit_of_its_epoch_takes_
         .unwrap()
         .unwrap();
     alice.merge();
-    let tree = store.welcome_tree(group, 1, bob_key).await.unwrap().unwrap();
+    (
+        alice,
+        Added {
+            group,
+            welcome,
+            provider,
+        },
+    )
+}
+
+/// A standalone proposal is kept on its own beside the group's view: it
+/// survives a restart, the Commit of its epoch that references it is
+/// accepted, and the next epoch goes on without it.
+pub async fn a_kept_proposal_survives_a_restart_and_a_commit_of_its_epoch_takes_it(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let (mut alice, added) = alice_adds_bob(&store).await;
+    let bob_key = mls::identity(2).public_key();
+    let tree = store
+        .welcome_tree(added.group, 1, bob_key)
+        .await
+        .unwrap()
+        .unwrap();
+    let (welcome, provider) = (added.welcome, added.provider);
     let mut bob = mls::join(2, provider, &welcome, &tree);
     let leave = bob.leave(&[alice.key()], b"leave");
     store
@@ -609,22 +627,15 @@ pub async fn the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_r
     backend: &impl Backend,
 ) {
     let (store, closer) = backend.open();
-    let mut alice = mls::Member::create(1, b"g");
-    let (add, welcome, provider) = alice.add(2);
+    let (
+        alice,
+        Added {
+            group,
+            welcome,
+            provider,
+        },
+    ) = alice_adds_bob(&store).await;
     let bob = mls::identity(2).public_key();
-    let mut publication = alice.publication(add, &[], b"add", true);
-    publication.welcome = Some(Envelope {
-        recipients: vec![bob],
-        payload: welcome.clone(),
-        message_id: None,
-    });
-    let group = publication.group_id.clone();
-    store
-        .publish_commit(alice.key(), publication)
-        .await
-        .unwrap()
-        .unwrap();
-    alice.merge();
     close((store, closer)).await;
 
     let (store, closer) = backend.open();

@@ -411,7 +411,7 @@ impl Storage for PgStorage<'_> {
                 &package.last_resort,
                 &sql_int(package.expires_at),
                 &suite_column(package.suite),
-                &&quicnprotochat_core::fingerprint(&package.bytes)[..],
+                &&package.fingerprint[..],
             ],
         )?;
         Ok(())
