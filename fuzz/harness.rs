@@ -17,7 +17,8 @@ use quicnprotochat_core::{
     GroupMember, IdentityKey, IdentityKeypair, Received, classify, generate_key_package,
 };
 use quicnprotochat_server::limits::RateLimits;
-use quicnprotochat_server::service::{NodeServiceImpl, Shared};
+use quicnprotochat_proto::memory::{AnswerBounds, MemoryBudget, Pool};
+use quicnprotochat_server::service::{NodeServiceImpl, Session, Shared};
 use quicnprotochat_server::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -183,16 +184,37 @@ pub fn rpc_session(data: &[u8]) {
                 RateLimits::new(0, 0, 0, 0, 0, 0, 0),
                 quicnprotochat_proto::wire::KeyPackagePolicy::default(),
             );
-            let service =
-                capnp_rpc::new_client(NodeServiceImpl::new(shared, peer, IpAddr::from([127, 0, 0, 1])));
+            // The node's accounting, with small pools so inputs reach their limits.
+            let options = quicnprotochat_proto::rpc::reader_options(64 * 1024);
+            let bounds = AnswerBounds::new(64 * 1024, 256 * 1024);
+            let budget = MemoryBudget {
+                calls: Pool::new(1 << 20),
+                pushes: Pool::new(1 << 20),
+                connection_calls: 1 << 20,
+                connection_pushes: 2 * bounds.messages,
+                floor: 64 * 1024,
+            };
+            let memory = budget.connection();
+            let session = Session {
+                pushes: memory.pushes.clone(),
+                close: Box::new(|| {}),
+                stall_timeout: Duration::from_secs(1),
+                push_bound: bounds.messages,
+            };
+            let service = capnp_rpc::new_client(NodeServiceImpl::new(
+                shared,
+                peer,
+                IpAddr::from([127, 0, 0, 1]),
+                session,
+            ));
             let (client, server) = tokio::io::duplex(1 << 16);
             let (read, write) = tokio::io::split(server);
-            let options = quicnprotochat_proto::rpc::reader_options(64 * 1024);
             let session = quicnprotochat_proto::rpc::serve_stream(
                 read.compat(),
                 write.compat_write(),
                 service,
                 options,
+                Some((memory.calls.clone(), bounds)),
             );
             let session = tokio::task::spawn_local(session);
             let (mut answers, mut input) = tokio::io::split(client);

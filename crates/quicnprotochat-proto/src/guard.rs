@@ -18,6 +18,16 @@
 //! not reading its replies), and it yields to other sessions on the thread
 //! now and then so one busy peer cannot starve them.
 //!
+//! With a memory budget (the node's side, see [`crate::memory`]), the reader
+//! takes each frame's declared size from the connection's calls account
+//! before it reads the frame's body, and grows the frame's buffer only as
+//! bytes arrive; a call also takes the largest answer its method can give.
+//! A call's bytes go back when the writer has written its `Return`; any other
+//! frame's once capnp-rpc has it. So answers a peer does not read, calls it
+//! pipelines and frames it never finishes all hold budget, and when the
+//! account is spent the reader stops reading: the peer's cost is bounded,
+//! and a peer that stops reading stops being read.
+//!
 //! A question stays open from the peer's `Call` or `Bootstrap` until its
 //! `Finish`, or until this side's `Return` for it says `noFinishNeeded`:
 //! capnp-rpc so answers every call whose results carry no capabilities, and
@@ -27,16 +37,19 @@
 //! not the peer reuses question ids.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use capnp::Word;
 use capnp::message::ReaderOptions;
 use capnp_rpc::rpc_capnp::{cap_descriptor, message, payload, resolve, return_};
 use futures::{AsyncRead, AsyncWrite};
+
+use crate::memory::{Account, AnswerBounds};
 
 /// Most capabilities one call or return may carry. Every node method takes
 /// or returns at most one.
@@ -60,6 +73,11 @@ const MAX_SEGMENTS: usize = 512;
 /// A frame buffer larger than this (64 KiB) is released once handed on.
 const KEEP_WORDS: usize = 8192;
 
+/// A frame's buffer starts this big (64 KiB) and doubles as bytes arrive,
+/// never beyond the frame's size: memory follows what the peer sent, not
+/// what it declared.
+const FIRST_BODY_WORDS: usize = 8192;
+
 /// Frames handed on before yielding to the other sessions of the thread.
 const FRAMES_PER_YIELD: u32 = 32;
 
@@ -76,12 +94,59 @@ pub struct GuardState {
     reader_waiting: RefCell<Option<Waker>>,
     /// The reader refused a message, ending the session.
     refused: Cell<bool>,
+    /// The connection's calls account and the answer bounds, on the node.
+    memory: Option<(Rc<Account>, AnswerBounds)>,
+    /// Bytes each unanswered question holds in `memory`: its frame and its
+    /// answer's bound.
+    answers: RefCell<HashMap<u32, usize>>,
+    /// Since when the writer has been unable to write (the peer grants no
+    /// flow-control credit).
+    write_waiting_since: Cell<Option<Instant>>,
+    /// Since when the reader has been waiting inside a frame for the peer's
+    /// next byte.
+    frame_waiting_since: Cell<Option<Instant>>,
 }
 
 impl GuardState {
     /// A fresh state for one session.
     pub fn new() -> Rc<GuardState> {
         Rc::new(GuardState::default())
+    }
+
+    /// A fresh state for one session whose frames and answers are held in
+    /// `calls`, answers counted by `bounds`.
+    pub fn with_memory(calls: Rc<Account>, bounds: AnswerBounds) -> Rc<GuardState> {
+        let mut state = GuardState::default();
+        state.memory = Some((calls, bounds));
+        Rc::new(state)
+    }
+
+    /// Since when the session has been waiting on its peer: for it to grant
+    /// credit for this side's writes, or to send the rest of a frame it
+    /// began. `None` while neither.
+    pub fn waiting_on_peer_since(&self) -> Option<Instant> {
+        match (self.write_waiting_since.get(), self.frame_waiting_since.get()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Bytes the session's unanswered calls hold.
+    pub fn held_by_answers(&self) -> usize {
+        self.answers.borrow().values().sum()
+    }
+
+    fn give(&self, bytes: usize) {
+        if let Some((account, _)) = &self.memory {
+            account.give(bytes);
+        }
+    }
+
+    /// The `Return` for `question` has been written: its bytes go back.
+    fn answered(&self, question: u32) {
+        if let Some(bytes) = self.answers.borrow_mut().remove(&question) {
+            self.give(bytes);
+        }
     }
 
     /// Whether the reader refused a message of the peer (which ends the
@@ -92,6 +157,11 @@ impl GuardState {
     }
 
     fn set_write_blocked(&self, blocked: bool) {
+        match (blocked, self.write_waiting_since.get()) {
+            (true, None) => self.write_waiting_since.set(Some(Instant::now())),
+            (false, Some(_)) => self.write_waiting_since.set(None),
+            _ => {}
+        }
         if self.write_blocked.replace(blocked)
             && !blocked
             && let Some(waker) = self.reader_waiting.borrow_mut().take()
@@ -101,13 +171,29 @@ impl GuardState {
     }
 }
 
+impl Drop for GuardState {
+    fn drop(&mut self) {
+        let held: usize = self.answers.get_mut().values().sum();
+        self.give(held);
+    }
+}
+
 enum Phase {
     /// Filling the first word: segment count and first segment size.
     Header,
     /// Filling the rest of the segment table.
     Table,
+    /// Waiting for the calls account to hold the frame's declared size.
+    Charge,
     /// Filling the segments.
     Body,
+    /// A checked call waiting for the account to hold its answer.
+    Admit {
+        /// The call's question id.
+        question: u32,
+        /// Its method's answer bound.
+        answer: usize,
+    },
     /// Handing the checked frame on, from this byte.
     Out(usize),
 }
@@ -124,6 +210,14 @@ pub struct GuardedReader<R> {
     state: Rc<GuardState>,
     backpressure: bool,
     frames: u32,
+    /// Bytes the frame being read or handed on holds in the calls account.
+    charged: usize,
+}
+
+impl<R> Drop for GuardedReader<R> {
+    fn drop(&mut self) {
+        self.state.give(self.charged);
+    }
 }
 
 impl<R: AsyncRead + Unpin> GuardedReader<R> {
@@ -145,6 +239,7 @@ impl<R: AsyncRead + Unpin> GuardedReader<R> {
             state,
             backpressure,
             frames: 0,
+            charged: 0,
         }
     }
 
@@ -152,11 +247,23 @@ impl<R: AsyncRead + Unpin> GuardedReader<R> {
     /// at a clean end of stream between frames.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         while self.filled < self.needed {
+            self.grow();
+            let until = self.needed.min(self.frame.len() * 8);
             let bytes = Word::words_to_bytes_mut(&mut self.frame);
-            let read = match Pin::new(&mut self.inner).poll_read(cx, &mut bytes[self.filled..self.needed]) {
-                Poll::Ready(Ok(read)) => read,
+            let read = match Pin::new(&mut self.inner).poll_read(cx, &mut bytes[self.filled..until]) {
+                Poll::Ready(Ok(read)) => {
+                    self.state.frame_waiting_since.set(None);
+                    read
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Between frames a peer may be silent as long as it
+                    // likes; inside one, it owes the rest.
+                    if self.filled > 0 && self.state.frame_waiting_since.get().is_none() {
+                        self.state.frame_waiting_since.set(Some(Instant::now()));
+                    }
+                    return Poll::Pending;
+                }
             };
             if read == 0 {
                 if self.filled == 0 && matches!(self.phase, Phase::Header) {
@@ -172,14 +279,24 @@ impl<R: AsyncRead + Unpin> GuardedReader<R> {
         Poll::Ready(Ok(true))
     }
 
+    /// Sets how many bytes the current phase needs; the buffer grows as
+    /// they arrive ([`Self::grow`]).
     fn resize(&mut self, bytes: usize) {
         self.needed = bytes;
-        let words = bytes.div_ceil(8);
-        if self.frame.len() < words {
-            let mut bigger = Word::allocate_zeroed_vec(words);
-            bigger[..self.frame.len()].copy_from_slice(&self.frame);
-            self.frame = bigger;
+    }
+
+    /// Makes room for the next bytes: the buffer doubles (from
+    /// [`FIRST_BODY_WORDS`]) when full, up to what the phase needs.
+    fn grow(&mut self) {
+        let have = self.frame.len();
+        let needed = self.needed.div_ceil(8);
+        if have * 8 > self.filled || have >= needed {
+            return;
         }
+        let words = needed.min((2 * have).max(FIRST_BODY_WORDS));
+        let mut bigger = Word::allocate_zeroed_vec(words);
+        bigger[..have].copy_from_slice(&self.frame);
+        self.frame = bigger;
     }
 
     /// The segment count the header claims (u64: the peer may claim 2^32)
@@ -206,6 +323,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for GuardedReader<R> {
                     let n = bytes.len().min(out.len());
                     out[..n].copy_from_slice(&bytes[..n]);
                     this.phase = if from + n == this.needed {
+                        // A call's bytes moved to its question in `Admit`;
+                        // any other frame is capnp-rpc's now.
+                        this.state.give(std::mem::take(&mut this.charged));
                         this.filled = 0;
                         this.needed = 8;
                         if this.frame.len() > KEEP_WORDS {
@@ -275,14 +395,36 @@ impl<R: AsyncRead + Unpin> AsyncRead for GuardedReader<R> {
                         }
                     };
                     this.resize(table_bytes + words * 8);
+                    this.phase = Phase::Charge;
+                }
+                Phase::Charge => {
+                    if let Some((account, _)) = &this.state.memory {
+                        std::task::ready!(account.poll_take(this.needed, cx));
+                        this.charged = this.needed;
+                    }
                     this.phase = Phase::Body;
                 }
                 Phase::Body => {
                     std::task::ready!(this.fill(cx))?;
                     let frame = &Word::words_to_bytes(&this.frame)[..this.needed];
-                    inspect(frame, this.options, &this.state)
+                    let question = inspect(frame, this.options, &this.state)
                         .map_err(|reason| invalid(&this.state, reason))?;
                     this.frames += 1;
+                    this.phase = match (question, &this.state.memory) {
+                        (Some((question, interface, method)), Some((_, bounds))) => Phase::Admit {
+                            question,
+                            answer: bounds.of(interface, method),
+                        },
+                        _ => Phase::Out(0),
+                    };
+                }
+                Phase::Admit { question, answer } => {
+                    if let Some((account, _)) = &this.state.memory {
+                        std::task::ready!(account.poll_take(answer, cx));
+                        let held = answer + std::mem::take(&mut this.charged);
+                        // A question id the peer reuses before its answer adds up.
+                        *this.state.answers.borrow_mut().entry(question).or_default() += held;
+                    }
                     this.phase = Phase::Out(0);
                 }
             }
@@ -299,39 +441,52 @@ fn invalid(state: &GuardState, reason: String) -> io::Error {
     )
 }
 
-/// Checks one whole frame. Messages capnp-rpc itself would refuse (unknown
-/// kinds, broken pointers) are passed on for it to answer.
-fn inspect(frame: &[u8], options: ReaderOptions, state: &GuardState) -> Result<(), String> {
+/// A question the peer asked: its id, and the interface and method it
+/// calls (a bootstrap: none, 0).
+type Asked = (u32, u64, u16);
+
+/// Checks one whole frame; for a call or bootstrap, says what it asks.
+/// Messages capnp-rpc itself would refuse (unknown kinds, broken pointers)
+/// are passed on for it to answer.
+fn inspect(frame: &[u8], options: ReaderOptions, state: &GuardState) -> Result<Option<Asked>, String> {
     let Ok(reader) = capnp::serialize::read_message_from_flat_slice(&mut &frame[..], options) else {
-        return Ok(());
+        return Ok(None);
     };
     let Ok(root) = reader.get_root::<message::Reader<'_>>() else {
-        return Ok(());
+        return Ok(None);
     };
     match root.which() {
         Ok(message::Call(Ok(call))) => {
             if let Ok(params) = call.get_params() {
                 check_caps(params)?;
             }
-            open_question(state, call.get_question_id())
+            open_question(state, call.get_question_id())?;
+            Ok(Some((
+                call.get_question_id(),
+                call.get_interface_id(),
+                call.get_method_id(),
+            )))
         }
-        Ok(message::Bootstrap(Ok(bootstrap))) => open_question(state, bootstrap.get_question_id()),
+        Ok(message::Bootstrap(Ok(bootstrap))) => {
+            open_question(state, bootstrap.get_question_id())?;
+            Ok(Some((bootstrap.get_question_id(), 0, 0)))
+        }
         Ok(message::Resolve(Ok(resolve))) => match resolve.which() {
-            Ok(resolve::Cap(Ok(cap))) => check_descriptor(cap),
-            _ => Ok(()),
+            Ok(resolve::Cap(Ok(cap))) => check_descriptor(cap).map(|()| None),
+            _ => Ok(None),
         },
         Ok(message::Finish(Ok(finish))) => {
             state
                 .open_questions
                 .borrow_mut()
                 .remove(&finish.get_question_id());
-            Ok(())
+            Ok(None)
         }
         Ok(message::Return(Ok(answer))) => match answer.which() {
-            Ok(return_::Results(Ok(results))) => check_caps(results),
-            _ => Ok(()),
+            Ok(return_::Results(Ok(results))) => check_caps(results).map(|()| None),
+            _ => Ok(None),
         },
-        _ => Ok(()),
+        _ => Ok(None),
     }
 }
 
@@ -558,21 +713,25 @@ impl OutgoingFrames {
 
     fn end_frame(&mut self, state: &GuardState) {
         self.scan = Scan::Count;
-        if let Some(question) = self.answer_needing_no_finish() {
-            state.open_questions.borrow_mut().remove(&question);
+        if let Some((question, no_finish_needed)) = self.answer() {
+            state.answered(question);
+            if no_finish_needed {
+                state.open_questions.borrow_mut().remove(&question);
+            }
         }
     }
 
-    /// The answer id of the frame just ended, if it is a `Return` with
-    /// `noFinishNeeded`. Reads only the kept head; a frame whose `Return`
-    /// lies beyond it is ignored (its question then waits for a `Finish`).
-    fn answer_needing_no_finish(&self) -> Option<u32> {
+    /// The answer id of the frame just ended, if it is a `Return`, and
+    /// whether it said `noFinishNeeded`. Reads only the kept head; a frame
+    /// whose `Return` lies beyond it is ignored (its question then waits
+    /// for a `Finish`, and its bytes for the session's end).
+    fn answer(&self) -> Option<(u32, bool)> {
         let segments = [Word::words_to_bytes(&self.head[..self.head_words()])];
         let reader =
             capnp::message::Reader::new(capnp::message::SegmentArray::new(&segments), ReaderOptions::new());
         let root = reader.get_root::<message::Reader<'_>>().ok()?;
         match root.which() {
-            Ok(message::Return(Ok(answer))) if answer.get_no_finish_needed() => Some(answer.get_answer_id()),
+            Ok(message::Return(Ok(answer))) => Some((answer.get_answer_id(), answer.get_no_finish_needed())),
             _ => None,
         }
     }

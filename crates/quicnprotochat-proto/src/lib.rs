@@ -17,12 +17,15 @@
 //! - [`rpc`] — a Cap'n Proto RPC session over one QUIC bidirectional stream.
 //! - [`guard`] — checks every incoming RPC frame before capnp-rpc reads it
 //!   (capability tables, open questions, size) and applies backpressure.
+//! - [`memory`] — the memory budgets of a connection and of the node:
+//!   frames, answers and pushes held, and the pools they draw on.
 //! - [`wire`] — conversions from Cap'n Proto fields to core domain types.
 //! - [`outcome`] — the typed outcomes of calls (accepted, rate limited, queue
 //!   full, commit conflict, no KeyPackage), written by the node, read by clients.
 
 pub mod cert;
 pub mod guard;
+pub mod memory;
 pub mod outcome;
 pub mod peer;
 pub mod rpc;

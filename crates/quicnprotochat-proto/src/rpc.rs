@@ -13,6 +13,7 @@ use futures::io::{BufReader, BufWriter};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::guard::{GuardState, GuardedReader, GuardedWriter};
+use crate::memory::{Account, AnswerBounds};
 use crate::node_capnp::node_service;
 
 /// The RPC system type both ends run.
@@ -36,30 +37,39 @@ pub fn reader_options(max_payload: usize) -> ReaderOptions {
 
 /// An RPC session on an accepted stream, serving `bootstrap` to the peer,
 /// and its guard's state, which tells afterwards whether the guard ended it
-/// ([`GuardState::refused`]).
+/// ([`GuardState::refused`]) and meanwhile whether it waits on its peer.
+/// Its frames and answers are held in `calls` (see [`crate::memory`]).
 pub fn serve(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     bootstrap: node_service::Client,
     options: ReaderOptions,
+    calls: Rc<Account>,
+    bounds: AnswerBounds,
 ) -> (NodeRpcSystem, Rc<GuardState>) {
-    let (network, guard) = network(send, recv, Side::Server, options);
-    (RpcSystem::new(Box::new(network), Some(bootstrap.client)), guard)
+    let state = GuardState::with_memory(calls, bounds);
+    let network = network(send, recv, Side::Server, options, state.clone());
+    (RpcSystem::new(Box::new(network), Some(bootstrap.client)), state)
 }
 
 /// An RPC session serving `bootstrap` over any byte stream pair, e.g. an
-/// in-memory pipe in tests and fuzzing.
+/// in-memory pipe in tests and fuzzing; with `memory`, held as [`serve`]
+/// holds it.
 pub fn serve_stream<R, W>(
     reader: R,
     writer: W,
     bootstrap: node_service::Client,
     options: ReaderOptions,
+    memory: Option<(Rc<Account>, AnswerBounds)>,
 ) -> NodeRpcSystem
 where
     R: futures::AsyncRead + Unpin + 'static,
     W: futures::AsyncWrite + Unpin + 'static,
 {
-    let state = GuardState::new();
+    let state = match memory {
+        Some((calls, bounds)) => GuardState::with_memory(calls, bounds),
+        None => GuardState::new(),
+    };
     let network = twoparty::VatNetwork::new(
         GuardedReader::new(reader, options, state.clone(), true),
         GuardedWriter::new(writer, state),
@@ -75,7 +85,7 @@ pub fn connect(
     recv: quinn::RecvStream,
     options: ReaderOptions,
 ) -> (NodeRpcSystem, node_service::Client) {
-    let (network, _) = network(send, recv, Side::Client, options);
+    let network = network(send, recv, Side::Client, options, GuardState::new());
     let mut system = RpcSystem::new(Box::new(network), None);
     let node = system.bootstrap(Side::Server);
     (system, node)
@@ -91,19 +101,18 @@ fn network(
     recv: quinn::RecvStream,
     side: Side,
     options: ReaderOptions,
-) -> (twoparty::VatNetwork<Reader>, Rc<GuardState>) {
-    let state = GuardState::new();
+    state: Rc<GuardState>,
+) -> twoparty::VatNetwork<Reader> {
     let backpressure = side == Side::Server;
-    let network = twoparty::VatNetwork::new(
+    twoparty::VatNetwork::new(
         GuardedReader::new(
             BufReader::new(recv.compat()),
             options,
             state.clone(),
             backpressure,
         ),
-        BufWriter::new(GuardedWriter::new(send.compat_write(), state.clone())),
+        BufWriter::new(GuardedWriter::new(send.compat_write(), state)),
         side,
         options,
-    );
-    (network, state)
+    )
 }

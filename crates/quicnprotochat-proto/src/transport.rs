@@ -45,6 +45,18 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Bytes a client may send on one stream ahead of the node reading them.
+pub const STREAM_RECEIVE_WINDOW: u32 = 512 * 1024;
+
+/// Bytes a client may send on all its streams ahead of the node reading
+/// them.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 1024 * 1024;
+
+/// Bytes the node may have written to one connection and not yet had
+/// acknowledged. With the receive window, the most QUIC holds for one
+/// connection: 2 MiB.
+pub const SEND_WINDOW: u64 = 1024 * 1024;
+
 /// A QUIC server configuration presenting `cert` (signed by `key`), TLS 1.3
 /// only, speaking [`ALPN`].
 pub fn server_config(
@@ -61,7 +73,15 @@ pub fn server_config(
         // One RPC stream per connection; a few spare so a reconnecting client
         // is never refused a stream, but a peer cannot open thousands.
         .max_concurrent_bidi_streams(4u32.into())
-        .max_concurrent_uni_streams(0u32.into());
+        .max_concurrent_uni_streams(0u32.into())
+        // What QUIC itself may hold for one connection, beyond the node's
+        // memory budget: bytes received and not yet read (per stream and in
+        // all), bytes written and not yet acknowledged, and no datagrams
+        // (the protocol has none; quinn would buffer 1.25 MB of them).
+        .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
+        .receive_window(CONNECTION_RECEIVE_WINDOW.into())
+        .send_window(SEND_WINDOW)
+        .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

@@ -569,6 +569,13 @@ pub fn read_messages(
 /// Most users one `fetchDeviceLists` call may name.
 pub const MAX_DEVICE_LIST_FETCH: usize = 256;
 
+/// A fetch answer (`fetch`, `fetchSince`, `fetchWait`, and each push)
+/// carries whole messages, oldest first, until their encoded size reaches
+/// this many bytes, and always at least one message; the rest stay queued
+/// for the next. It bounds what one answer makes the node hold: a peer that
+/// asks and never reads holds at most its calls budget of such answers.
+pub const FETCH_ANSWER_BYTES: usize = 1024 * 1024;
+
 /// Fills a `SignedDeviceList`.
 pub fn write_device_list(
     signed: &quicnprotochat_core::SignedDeviceList,

@@ -74,6 +74,12 @@ pub const DEFAULT_RETRY_ABOVE: usize = 32;
 pub const DEFAULT_UDP_BUFFER: usize = 4 << 20;
 /// Seconds of silence before a connection is closed.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
+
+/// Default for [`Config::memory_budget`], in MiB.
+pub const DEFAULT_MEMORY_BUDGET_MIB: usize = 256;
+
+/// Default for [`Config::stall_timeout`], in seconds.
+pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 30;
 /// Days an undelivered message is kept.
 pub const DEFAULT_RETENTION_DAYS: u64 = 30;
 /// Days a group may go without a change before the node forgets its public
@@ -154,6 +160,14 @@ pub struct Config {
     pub retry_above: usize,
     /// A connection silent this long is closed.
     pub idle_timeout: Duration,
+    /// Bytes the node may hold for all peers together (frames being read,
+    /// answers and pushes not yet taken), besides each connection's small
+    /// floor; see `quicnprotochat_proto::memory`.
+    pub memory_budget: usize,
+    /// How long a connection may keep the node waiting (no flow-control
+    /// credit for its answers, a frame begun and not finished, a push not
+    /// answered) before it is closed.
+    pub stall_timeout: Duration,
     /// Bytes asked for each of the UDP socket's kernel buffers (receive and
     /// send); 0 keeps the system's default. The kernel may grant less.
     pub udp_buffer: usize,
@@ -195,6 +209,8 @@ impl Default for Config {
             max_anonymous_connections: DEFAULT_MAX_ANONYMOUS_CONNECTIONS,
             retry_above: DEFAULT_RETRY_ABOVE,
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
+            memory_budget: DEFAULT_MEMORY_BUDGET_MIB * 1024 * 1024,
+            stall_timeout: Duration::from_secs(DEFAULT_STALL_TIMEOUT_SECS),
             udp_buffer: DEFAULT_UDP_BUFFER,
             retention: retention_days(DEFAULT_RETENTION_DAYS),
             group_retention: retention_days(DEFAULT_GROUP_RETENTION_DAYS),

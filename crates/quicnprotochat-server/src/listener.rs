@@ -19,12 +19,15 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use capnp::message::ReaderOptions;
+use quicnprotochat_proto::guard::GuardState;
+use quicnprotochat_proto::memory::{AnswerBounds, MemoryBudget, Pool};
 use quicnprotochat_proto::{cert, peer, rpc, transport, wire};
 use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -35,7 +38,7 @@ use crate::config::{Config, MAX_PAYLOAD_CEILING};
 use crate::error::ServerError;
 use crate::limits::RateLimits;
 use crate::metrics::{self, GaugeGuard};
-use crate::service::{NodeServiceImpl, Shared};
+use crate::service::{NodeServiceImpl, Session, Shared};
 use crate::store::{Limits, Store, StoreCloser};
 
 /// How long shutdown waits for calls in flight before closing connections.
@@ -57,6 +60,24 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// with (after the handshake, when the node learns it is anonymous).
 const TOO_MANY_ANONYMOUS: u32 = 0x51;
 
+/// The QUIC application error code a connection is closed with when it kept
+/// the node waiting longer than the stall timeout.
+pub const STALLED: u32 = 0x52;
+
+/// What each account of a connection may hold without drawing on the
+/// node's pool: enough for a member's small calls and pushes, however
+/// full the pool is.
+const MEMORY_FLOOR: usize = 64 * 1024;
+
+/// How a connection is served: the same for all, set at bind.
+#[derive(Debug, Clone)]
+struct Serving {
+    options: ReaderOptions,
+    memory: MemoryBudget,
+    bounds: AnswerBounds,
+    stall_timeout: Duration,
+}
+
 /// Binds the node described by `config` and serves until `shutdown`
 /// completes, then shuts down cleanly.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
@@ -73,6 +94,8 @@ pub struct Node {
     workers: Vec<Worker>,
     max_connections: usize,
     admission: Arc<Admission>,
+    /// The memory pools, for the sampled gauge.
+    pools: [(&'static str, Arc<Pool>); 2],
     retention: Duration,
     group_retention: Duration,
     /// The UDP socket's kernel buffers, as the kernel granted them.
@@ -181,6 +204,16 @@ impl Node {
             config.retry_above,
         );
         let reader_options = rpc::reader_options(config.max_payload);
+        let serving = Serving {
+            options: reader_options,
+            memory: memory_budget(&config, reader_options),
+            bounds: AnswerBounds::new(config.max_payload, max_frame(reader_options)),
+            stall_timeout: config.stall_timeout,
+        };
+        let pools = [
+            ("calls", serving.memory.calls.clone()),
+            ("pushes", serving.memory.pushes.clone()),
+        ];
         let workers = std::mem::take(&mut runtimes.0)
             .into_iter()
             .enumerate()
@@ -193,7 +226,7 @@ impl Node {
                     writer,
                     shared.clone(),
                     admission.clone(),
-                    reader_options,
+                    serving.clone(),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -202,6 +235,7 @@ impl Node {
             shared,
             max_connections: config.max_connections,
             admission,
+            pools,
             retention: config.retention,
             group_retention: config.group_retention,
             udp_buffers,
@@ -249,6 +283,7 @@ impl Node {
             )));
             metrics_tasks.push(tokio::spawn(sample_task(
                 self.shared.clone(),
+                self.pools.clone(),
                 handle,
                 metrics_stopped,
             )));
@@ -463,7 +498,7 @@ impl Worker {
         writer: Option<tokio::sync::watch::Receiver<bool>>,
         shared: Arc<Shared>,
         admission: Arc<Admission>,
-        options: ReaderOptions,
+        serving: Serving,
     ) -> Result<Worker, ServerError> {
         let (connections, mut receiver) = mpsc::unbounded_channel::<Handed>();
         let (sessions_ended, sessions_done) = tokio::sync::oneshot::channel();
@@ -478,7 +513,7 @@ impl Worker {
                             (open, slot, load),
                             shared.clone(),
                             admission.clone(),
-                            options,
+                            serving.clone(),
                         ));
                     }
                 });
@@ -554,7 +589,7 @@ async fn serve_connection(
     held: (TaskTrackerToken, AddressSlot, LoadToken),
     shared: Arc<Shared>,
     admission: Arc<Admission>,
-    options: ReaderOptions,
+    serving: Serving,
 ) {
     let (_open, mut slot, _load) = held;
     let _gauge = GaugeGuard::new(metrics::CONNECTIONS_OPEN);
@@ -595,44 +630,120 @@ async fn serve_connection(
         peer = %peer.map_or_else(|| "anonymous".to_owned(), |peer| peer.short()),
         %remote,
     );
-    serve_sessions(connection, peer, remote, shared, options)
+    serve_sessions(connection, peer, remote, shared, serving)
         .instrument(span)
         .await;
 }
 
 /// Runs one RPC session per stream the client opens until the connection
-/// closes; inside the connection's span.
+/// closes; inside the connection's span. All its sessions hold their frames,
+/// answers and pushes in one connection's memory accounts; a connection that keeps
+/// a session waiting on it longer than the stall timeout is closed.
 async fn serve_sessions(
     connection: quinn::Connection,
     peer: Option<quicnprotochat_core::IdentityKey>,
     remote: SocketAddr,
     shared: Arc<Shared>,
-    options: ReaderOptions,
+    serving: Serving,
 ) {
     debug!("connection established");
+    let memory = serving.memory.connection();
+    let mut sessions: Vec<std::rc::Weak<GuardState>> = Vec::new();
+    let mut watch = tokio::time::interval((serving.stall_timeout / 4).max(Duration::from_millis(100)));
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match connection.accept_bi().await {
-            Ok((send, recv)) => {
-                let node = capnp_rpc::new_client(NodeServiceImpl::new(shared.clone(), peer, remote.ip()));
-                let (session, guard) = rpc::serve(send, recv, node, options);
-                tokio::task::spawn_local(
-                    async move {
-                        let ended = session.await;
-                        if guard.refused() {
-                            ::metrics::counter!(metrics::GUARD_ABORTS).increment(1);
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let node = capnp_rpc::new_client(NodeServiceImpl::new(
+                        shared.clone(),
+                        peer,
+                        remote.ip(),
+                        Session {
+                            pushes: memory.pushes.clone(),
+                            close: {
+                                let (connection, timeout) = (connection.clone(), serving.stall_timeout);
+                                Box::new(move || stalled(&connection, timeout))
+                            },
+                            stall_timeout: serving.stall_timeout,
+                            push_bound: serving.bounds.messages,
+                        },
+                    ));
+                    let (session, guard) = rpc::serve(
+                        send,
+                        recv,
+                        node,
+                        serving.options,
+                        memory.calls.clone(),
+                        serving.bounds,
+                    );
+                    sessions.retain(|session| session.strong_count() > 0);
+                    sessions.push(Rc::downgrade(&guard));
+                    tokio::task::spawn_local(
+                        async move {
+                            let ended = session.await;
+                            if guard.refused() {
+                                ::metrics::counter!(metrics::GUARD_ABORTS).increment(1);
+                            }
+                            if let Err(e) = ended {
+                                debug!("RPC session ended: {e}");
+                            }
                         }
-                        if let Err(e) = ended {
-                            debug!("RPC session ended: {e}");
-                        }
-                    }
-                    .in_current_span(),
-                );
-            }
-            Err(e) => {
-                debug!("connection closed: {e}");
-                return;
+                        .in_current_span(),
+                    );
+                }
+                Err(e) => {
+                    debug!("connection closed: {e}");
+                    return;
+                }
+            },
+            _ = watch.tick() => {
+                if let Some(since) = waiting_since(&sessions)
+                    && since.elapsed() >= serving.stall_timeout
+                {
+                    stalled(&connection, serving.stall_timeout);
+                }
             }
         }
+    }
+}
+
+/// Since when the longest-waiting session of a connection has been waiting
+/// on its peer, if any is.
+fn waiting_since(sessions: &[std::rc::Weak<GuardState>]) -> Option<std::time::Instant> {
+    sessions
+        .iter()
+        .filter_map(|session| session.upgrade()?.waiting_on_peer_since())
+        .min()
+}
+
+/// Closes a connection that kept the node waiting for `timeout`, which
+/// gives back everything it held.
+fn stalled(connection: &quinn::Connection, timeout: Duration) {
+    debug!("closing: the peer kept the node waiting for {timeout:?}");
+    ::metrics::counter!(metrics::STALLED_CONNECTIONS).increment(1);
+    connection.close(STALLED.into(), b"stalled: the node waited too long for this peer");
+}
+
+/// The largest frame a peer may send, in bytes.
+fn max_frame(options: ReaderOptions) -> usize {
+    options
+        .traversal_limit_in_words
+        .map_or(usize::MAX, |words| words.saturating_mul(8))
+}
+
+/// The node's pools and each connection's limits: a connection may hold
+/// four of the largest frames with their answers' room, and two of the
+/// largest pushes; all connections together, the configured budget (3/4
+/// for calls, 1/4 for pushes), beyond each one's floor.
+fn memory_budget(config: &Config, options: ReaderOptions) -> MemoryBudget {
+    let bounds = AnswerBounds::new(config.max_payload, max_frame(options));
+    MemoryBudget {
+        calls: Pool::new(config.memory_budget / 4 * 3),
+        pushes: Pool::new(config.memory_budget / 4),
+        connection_calls: 4 * max_frame(options),
+        connection_pushes: 2 * bounds.messages,
+        floor: MEMORY_FLOOR,
     }
 }
 
@@ -642,6 +753,7 @@ async fn serve_sessions(
 /// histogram buffers, so they stay small between scrapes.
 async fn sample_task(
     shared: Arc<Shared>,
+    pools: [(&'static str, Arc<Pool>); 2],
     handle: metrics_exporter_prometheus::PrometheusHandle,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -655,6 +767,9 @@ async fn sample_task(
                 continue;
             }
             _ = stop.changed() => return,
+        }
+        for (name, pool) in &pools {
+            ::metrics::gauge!(metrics::MEMORY_HELD, "pool" => *name).set(pool.held() as f64);
         }
         match shared.store.totals().await {
             Ok(totals) => {

@@ -89,6 +89,15 @@ struct Args {
     /// Seconds of silence after which a connection is closed.
     #[arg(long, env = "QUICNPROTOCHAT_IDLE_TIMEOUT", default_value_t = config::DEFAULT_IDLE_TIMEOUT_SECS)]
     idle_timeout: u64,
+    /// MiB the node may hold for all peers together: frames being read, answers and
+    /// pushes not yet taken (3/4 for calls, 1/4 for pushes). Each connection may also
+    /// hold 64 KiB of each beyond it, so a member's small calls are always served.
+    #[arg(long, env = "QUICNPROTOCHAT_MEMORY_BUDGET_MIB", default_value_t = config::DEFAULT_MEMORY_BUDGET_MIB)]
+    memory_budget_mib: usize,
+    /// Seconds a connection may keep the node waiting (no credit for its answers,
+    /// a frame begun and not finished, a push not taken) before it is closed.
+    #[arg(long, env = "QUICNPROTOCHAT_STALL_TIMEOUT", default_value_t = config::DEFAULT_STALL_TIMEOUT_SECS)]
+    stall_timeout: u64,
     /// Bytes asked of the kernel for each UDP socket buffer (0: the system's default).
     /// Linux grants at most net.core.rmem_max / wmem_max; the node warns when it gets less.
     #[arg(long, env = "QUICNPROTOCHAT_UDP_BUFFER", default_value_t = config::DEFAULT_UDP_BUFFER)]
@@ -209,6 +218,8 @@ async fn main() -> anyhow::Result<()> {
         max_anonymous_connections: args.max_anonymous_connections,
         retry_above: config::DEFAULT_RETRY_ABOVE,
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        memory_budget: args.memory_budget_mib.saturating_mul(1024 * 1024),
+        stall_timeout: Duration::from_secs(args.stall_timeout),
         udp_buffer: args.udp_buffer,
         retention: config::retention_days(args.retention_days),
         group_retention: config::retention_days(args.group_retention_days),

@@ -61,6 +61,11 @@ pub const PUSH_LAG: &str = "quicnprotochat_push_lag_seconds";
 pub const REFUSALS: &str = "quicnprotochat_refusals_total";
 /// RPC sessions the node ended because the peer broke the protocol.
 pub const GUARD_ABORTS: &str = "quicnprotochat_guard_aborts_total";
+/// Connections closed for keeping the node waiting past the stall timeout.
+pub const STALLED_CONNECTIONS: &str = "quicnprotochat_stalled_connections_total";
+/// Bytes held in the node's memory pools, by `pool` (`calls`, `pushes`),
+/// beyond each connection's floor (sampled).
+pub const MEMORY_HELD: &str = "quicnprotochat_memory_held_bytes";
 /// Log lines that could not be written (stderr full or gone).
 pub const LOG_LINES_LOST: &str = "quicnprotochat_log_lines_lost_total";
 
@@ -147,6 +152,15 @@ fn describe() {
     describe_counter!(REFUSALS, "Refused calls, by kind");
     describe_counter!(LOG_LINES_LOST, "Log lines that could not be written");
     describe_counter!(
+        STALLED_CONNECTIONS,
+        "Connections closed for keeping the node waiting past the stall timeout"
+    );
+    describe_gauge!(
+        MEMORY_HELD,
+        metrics::Unit::Bytes,
+        "Bytes of frames, answers and pushes held in the memory pools, by pool (sampled)"
+    );
+    describe_counter!(
         GUARD_ABORTS,
         "RPC sessions the RPC guard ended for breaking the protocol"
     );
@@ -155,6 +169,7 @@ fn describe() {
         MESSAGES_PUSHED,
         MESSAGES_ACKED,
         GUARD_ABORTS,
+        STALLED_CONNECTIONS,
         REJOINS,
     ] {
         metrics::counter!(name).increment(0);

@@ -19,6 +19,7 @@ use quicnprotochat_proto::outcome::{
     CommitOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree,
     ProposalOutcome, RateLimited, SendOutcome, TooLarge, UploadOutcome,
 };
+use quicnprotochat_proto::memory::Account;
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
 use tokio::sync::oneshot;
@@ -79,9 +80,22 @@ impl Shared {
     }
 }
 
+/// What a session knows of its connection, for pushes.
+pub struct Session {
+    /// The connection's pushes account.
+    pub pushes: LocalRc<Account>,
+    /// Closes the connection: a subscriber stalled.
+    pub close: Box<dyn Fn()>,
+    /// How long a pushed batch may wait for the subscriber's answer.
+    pub stall_timeout: Duration,
+    /// The most bytes one push can carry.
+    pub push_bound: usize,
+}
+
 /// The bootstrap capability served on each connection.
 pub struct NodeServiceImpl {
     shared: Arc<Shared>,
+    session: LocalRc<Session>,
     /// Who this connection proved to be (TLS client certificate), if anyone.
     peer: Option<IdentityKey>,
     /// The connection's remote address, for limiting anonymous callers.
@@ -95,9 +109,10 @@ pub struct NodeServiceImpl {
 impl NodeServiceImpl {
     /// A service object for one RPC session of a connection authenticated
     /// as `peer` (or anonymous), answering from `shared`.
-    pub fn new(shared: Arc<Shared>, peer: Option<IdentityKey>, remote: IpAddr) -> Self {
+    pub fn new(shared: Arc<Shared>, peer: Option<IdentityKey>, remote: IpAddr, session: Session) -> Self {
         Self {
             shared,
+            session: LocalRc::new(session),
             peer,
             remote,
             session_calls: LocalRc::new(Cell::new(0)),
@@ -835,10 +850,19 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             let (cancel, cancelled) = oneshot::channel();
             let (store, after) = (self.shared.store.clone(), Seq::new(params.get_after_seq()));
             let open = GaugeGuard::new(metrics::SUBSCRIPTIONS_OPEN);
+            let session = self.session.clone();
             // In the connection's span, so its push lines name the peer too.
             tokio::task::spawn_local(
                 async move {
-                    push::push(store, recipient, after, receiver, cancelled).await;
+                    let subscriber = push::Subscriber {
+                        receiver,
+                        memory: session.pushes.clone(),
+                        stall_timeout: session.stall_timeout,
+                        most: session.push_bound,
+                    };
+                    if push::push(store, recipient, after, subscriber, cancelled).await == push::Ended::Stalled {
+                        (session.close)();
+                    }
                     drop((live, open));
                 }
                 .in_current_span(),

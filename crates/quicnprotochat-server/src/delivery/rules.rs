@@ -25,9 +25,9 @@ use super::storage::Storage;
 
 /// A fetch answer carries whole messages, oldest first, until it reaches this
 /// many bytes of encoded payloads (and always at least one message); the rest
-/// stay queued for the next fetch. Keeps one answer far below the RPC message
-/// limit of clients.
-pub const FETCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+/// stay queued for the next fetch. The wire contract's number
+/// ([`wire::FETCH_ANSWER_BYTES`]): the node's memory budget counts on it.
+pub const FETCH_BUDGET_BYTES: usize = wire::FETCH_ANSWER_BYTES;
 
 /// A fetch answer carries at most this many messages, which bounds the rows
 /// one command reads or deletes while other commands wait.

@@ -1,0 +1,369 @@
+//! Memory budgets: how many bytes of frames, answers and pushes one
+//! connection may make the node hold, and how many all connections together.
+//!
+//! Two accounts per connection, each drawing on a pool shared by the whole
+//! node:
+//! - **calls**: every incoming frame from the moment its size is known (so
+//!   a frame declaring megabytes and sending a kilobyte holds its budget,
+//!   never its memory), and for a call, also the largest answer its method
+//!   can give, until that answer has been written to QUIC. The reader of a
+//!   session waits for this account before it reads a frame, which is the
+//!   backpressure: a peer that stops reading its answers stops being read.
+//! - **pushes**: the node's `deliver` calls to a subscriber, from the read
+//!   of the messages until the subscriber answers. Kept apart from calls
+//!   because a push is answered by a frame the reader must be free to read:
+//!   if pushes could fill the calls account, a paused reader would wait for
+//!   pushes that wait for the reader.
+//!
+//! Each account may hold up to its `floor` without drawing on the pool, so a
+//! peer's small calls are served however full the pool is; beyond it, the
+//! pool must have room. A single take larger than the account's limit is
+//! granted when the account holds nothing (it could never pass otherwise).
+//!
+//! Everything here is single-threaded per connection (`Rc`, `Cell`) except
+//! the pool, which every RPC thread shares.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+/// Bytes the whole node may hold for one kind of use, across connections.
+#[derive(Debug)]
+pub struct Pool {
+    limit: usize,
+    held: AtomicUsize,
+    /// Accounts waiting for room, woken when any is given back.
+    waiting: Mutex<Vec<Waker>>,
+}
+
+impl Pool {
+    /// A pool of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            limit,
+            held: AtomicUsize::new(0),
+            waiting: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Bytes held now, by all connections.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The pool's size.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes `bytes` if they fit (or the pool is empty); otherwise leaves
+    /// `cx` to be woken when some are given back.
+    fn poll_take(&self, bytes: usize, cx: &mut Context<'_>) -> Poll<()> {
+        if bytes == 0 {
+            return Poll::Ready(());
+        }
+        let mut held = self.held.load(Ordering::Relaxed);
+        loop {
+            if held != 0 && held.saturating_add(bytes) > self.limit {
+                // Registered before the re-check, so a give in between wakes it.
+                self.lock_waiting().push(cx.waker().clone());
+                let now = self.held.load(Ordering::Relaxed);
+                if now == held {
+                    return Poll::Pending;
+                }
+                held = now;
+                continue;
+            }
+            match self
+                .held
+                .compare_exchange_weak(held, held + bytes, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Poll::Ready(()),
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    fn give(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.held.fetch_sub(bytes, Ordering::AcqRel);
+        let waiting = std::mem::take(&mut *self.lock_waiting());
+        for waker in waiting {
+            waker.wake();
+        }
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waker>> {
+        // A panic while holding the lock leaves only a list of wakers.
+        self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One connection's share of one [`Pool`].
+#[derive(Debug)]
+pub struct Account {
+    limit: usize,
+    floor: usize,
+    pool: Arc<Pool>,
+    held: Cell<usize>,
+    waiting: RefCell<Vec<Waker>>,
+}
+
+impl Account {
+    /// An account of at most `limit` bytes, the first `floor` of them not
+    /// drawn on `pool`.
+    pub fn new(limit: usize, floor: usize, pool: Arc<Pool>) -> Rc<Account> {
+        Rc::new(Account {
+            limit,
+            floor: floor.min(limit),
+            pool,
+            held: Cell::new(0),
+            waiting: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.get()
+    }
+
+    /// The account's limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes `bytes` once the account and the pool have room; `Pending`
+    /// (with `cx` to be woken) until then.
+    pub fn poll_take(&self, bytes: usize, cx: &mut Context<'_>) -> Poll<()> {
+        let held = self.held.get();
+        if held != 0 && held.saturating_add(bytes) > self.limit {
+            self.waiting.borrow_mut().push(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let after = held.saturating_add(bytes);
+        // What lies above the floor comes from the pool.
+        let from_pool = self.above_floor(after) - self.above_floor(held);
+        std::task::ready!(self.pool.poll_take(from_pool, cx));
+        self.held.set(after);
+        Poll::Ready(())
+    }
+
+    /// The part of `held` bytes drawn on the pool.
+    fn above_floor(&self, held: usize) -> usize {
+        held.saturating_sub(self.floor)
+    }
+
+    /// Takes `bytes` once there is room.
+    pub async fn take(self: &Rc<Self>, bytes: usize) -> Held {
+        poll_fn(|cx| self.poll_take(bytes, cx)).await;
+        Held {
+            account: self.clone(),
+            bytes,
+        }
+    }
+
+    /// Gives `bytes` back, to the pool first for what was drawn on it.
+    pub fn give(&self, bytes: usize) {
+        let bytes = bytes.min(self.held.get());
+        if bytes == 0 {
+            return;
+        }
+        let held = self.held.get();
+        let after = held - bytes;
+        self.held.set(after);
+        self.pool.give(self.above_floor(held) - self.above_floor(after));
+        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+        for waker in waiting {
+            waker.wake();
+        }
+    }
+}
+
+/// Bytes taken from an [`Account`], given back when dropped.
+#[derive(Debug)]
+pub struct Held {
+    account: Rc<Account>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Gives back what is held beyond `bytes`.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        if bytes < self.bytes {
+            self.account.give(self.bytes - bytes);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.account.give(self.bytes);
+    }
+}
+
+/// What one connection may hold: its calls account and its pushes account.
+#[derive(Debug, Clone)]
+pub struct ConnectionMemory {
+    /// Incoming frames and the answers to calls.
+    pub calls: Rc<Account>,
+    /// Messages pushed to subscribers and not yet taken.
+    pub pushes: Rc<Account>,
+}
+
+/// The node-wide pools and the per-connection limits drawn on them.
+#[derive(Debug, Clone)]
+pub struct MemoryBudget {
+    /// Frames and answers, all connections together.
+    pub calls: Arc<Pool>,
+    /// Pushes, all connections together.
+    pub pushes: Arc<Pool>,
+    /// One connection's limit for frames and answers.
+    pub connection_calls: usize,
+    /// One connection's limit for pushes.
+    pub connection_pushes: usize,
+    /// What each account may hold without drawing on its pool.
+    pub floor: usize,
+}
+
+impl MemoryBudget {
+    /// The accounts of a new connection.
+    pub fn connection(&self) -> ConnectionMemory {
+        ConnectionMemory {
+            calls: Account::new(self.connection_calls, self.floor, self.calls.clone()),
+            pushes: Account::new(self.connection_pushes, self.floor, self.pushes.clone()),
+        }
+    }
+}
+
+/// The largest answer each `NodeService` method can give, in bytes, which
+/// a call holds in its connection's calls account from the moment it is
+/// read until its answer has been written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerBounds {
+    /// Outcomes, counts, pings, exceptions: a few hundred bytes.
+    pub small: usize,
+    /// `fetch`, `fetchSince` and `fetchWait`: at most
+    /// [`crate::wire::FETCH_ANSWER_BYTES`] and one more message.
+    pub messages: usize,
+    /// A KeyPackage, device lists, a group's state or a ratchet tree:
+    /// bounded by what one frame could carry to the node. A group whose
+    /// state grew larger (thousands of members) is answered all the same;
+    /// only such an answer exceeds its bound.
+    pub large: usize,
+    /// `uploadKeyPackages`: a fingerprint and an outcome per package.
+    pub uploads: usize,
+}
+
+impl AnswerBounds {
+    /// The bounds for a node accepting payloads of `max_payload` bytes and
+    /// frames of `max_frame` bytes.
+    pub fn new(max_payload: usize, max_frame: usize) -> AnswerBounds {
+        AnswerBounds {
+            small: 4 * 1024,
+            messages: crate::wire::FETCH_ANSWER_BYTES + max_payload + 4 * 1024,
+            large: max_frame,
+            uploads: 128 * 1024,
+        }
+    }
+
+    /// The bound of method `method` of interface `interface`; calls to
+    /// anything else (which are answered with an exception) are small.
+    pub fn of(&self, interface: u64, method: u16) -> usize {
+        use capnp::traits::HasTypeId;
+
+        use crate::auth_capnp::auth_service;
+        use crate::delivery_capnp::delivery_service;
+
+        if interface == delivery_service::Client::TYPE_ID {
+            match method {
+                // fetch, fetchSince, fetchWait
+                1 | 3 | 7 => self.messages,
+                // fetchGroupInfo, fetchWelcomeTree
+                9 | 10 => self.large,
+                _ => self.small,
+            }
+        } else if interface == auth_service::Client::TYPE_ID {
+            match method {
+                // fetchKeyPackage, fetchDeviceLists
+                1 | 5 => self.large,
+                // uploadKeyPackages
+                2 => self.uploads,
+                _ => self.small,
+            }
+        } else {
+            self.small
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::task::noop_waker;
+
+    use super::*;
+
+    fn take(account: &Account, bytes: usize) -> bool {
+        let waker = noop_waker();
+        account
+            .poll_take(bytes, &mut Context::from_waker(&waker))
+            .is_ready()
+    }
+
+    #[test]
+    fn an_account_holds_its_floor_without_the_pool_and_the_rest_from_it() {
+        let pool = Pool::new(100);
+        let a = Account::new(1000, 50, pool.clone());
+        assert!(take(&a, 40));
+        assert_eq!(pool.held(), 0, "within the floor");
+        assert!(take(&a, 30));
+        assert_eq!(pool.held(), 20, "what lies above the floor");
+        a.give(30);
+        assert_eq!((a.held(), pool.held()), (40, 0));
+        a.give(40);
+        assert_eq!((a.held(), pool.held()), (0, 0));
+    }
+
+    #[test]
+    fn a_full_pool_holds_back_every_account_beyond_its_floor() {
+        let pool = Pool::new(100);
+        let greedy = Account::new(1000, 0, pool.clone());
+        let member = Account::new(1000, 64, pool.clone());
+        assert!(take(&greedy, 100));
+        assert!(!take(&greedy, 1), "the pool is full");
+        assert!(take(&member, 64), "a floor is always there");
+        assert!(!take(&member, 1));
+        greedy.give(50);
+        assert!(take(&member, 50));
+        assert_eq!(pool.held(), 100);
+    }
+
+    #[test]
+    fn an_account_stops_at_its_limit_but_a_lone_take_bigger_than_it_passes() {
+        let pool = Pool::new(10_000);
+        let a = Account::new(100, 0, pool.clone());
+        assert!(take(&a, 80));
+        assert!(!take(&a, 30));
+        a.give(80);
+        assert!(take(&a, 500), "alone, a take bigger than the limit passes");
+        assert!(!take(&a, 1));
+        a.give(500);
+        assert_eq!((a.held(), pool.held()), (0, 0));
+    }
+
+    #[test]
+    fn held_bytes_go_back_when_dropped_or_shrunk() {
+        let pool = Pool::new(1000);
+        let a = Account::new(1000, 0, pool.clone());
+        let mut held = futures::executor::block_on(a.take(300));
+        held.shrink_to(100);
+        assert_eq!((a.held(), pool.held()), (100, 100));
+        drop(held);
+        assert_eq!((a.held(), pool.held()), (0, 0));
+    }
+}
