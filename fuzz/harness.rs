@@ -190,11 +190,11 @@ pub fn rpc_session(data: &[u8]) {
             let budget = MemoryBudget {
                 calls: Pool::new(1 << 20),
                 pushes: Pool::new(1 << 20),
-                connection_calls: 1 << 20,
-                connection_pushes: 2 * bounds.messages,
+                peer_calls: 1 << 20,
+                peer_pushes: 2 * bounds.messages,
                 floor: 64 * 1024,
             };
-            let memory = budget.connection();
+            let memory = budget.peer();
             let session = Session {
                 pushes: memory.pushes.clone(),
                 close: Box::new(|| {}),

@@ -41,6 +41,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -95,7 +96,7 @@ pub struct GuardState {
     /// The reader refused a message, ending the session.
     refused: Cell<bool>,
     /// The connection's calls account and the answer bounds, on the node.
-    memory: Option<(Rc<Account>, AnswerBounds)>,
+    memory: Option<(Arc<Account>, AnswerBounds)>,
     /// Bytes each unanswered question holds in `memory`: its frame and its
     /// answer's bound.
     answers: RefCell<HashMap<u32, usize>>,
@@ -115,7 +116,7 @@ impl GuardState {
 
     /// A fresh state for one session whose frames and answers are held in
     /// `calls`, answers counted by `bounds`.
-    pub fn with_memory(calls: Rc<Account>, bounds: AnswerBounds) -> Rc<GuardState> {
+    pub fn with_memory(calls: Arc<Account>, bounds: AnswerBounds) -> Rc<GuardState> {
         let mut state = GuardState::default();
         state.memory = Some((calls, bounds));
         Rc::new(state)

@@ -1,8 +1,8 @@
-//! Memory budgets: how many bytes of frames, answers and pushes one
-//! connection may make the node hold, and how many all connections together.
+//! Memory budgets: how many bytes of frames, answers and pushes one peer
+//! (an identity, or an anonymous address) may make the node hold over all
+//! its connections, and how many all peers together.
 //!
-//! Two accounts per connection, each drawing on a pool shared by the whole
-//! node:
+//! Two accounts per peer, each drawing on a pool shared by the whole node:
 //! - **calls**: every incoming frame from the moment its size is known (so
 //!   a frame declaring megabytes and sending a kilobyte holds its budget,
 //!   never its memory), and for a call, also the largest answer its method
@@ -20,12 +20,10 @@
 //! pool must have room. A single take larger than the account's limit is
 //! granted when the account holds nothing (it could never pass otherwise).
 //!
-//! Everything here is single-threaded per connection (`Rc`, `Cell`) except
-//! the pool, which every RPC thread shares.
+//! A peer's connections may be served by different RPC threads, so the
+//! accounts are atomic, as the pools are.
 
-use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -99,37 +97,37 @@ impl Pool {
     }
 
     fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waker>> {
-        // A panic while holding the lock leaves only a list of wakers.
-        self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.waiting)
     }
 }
 
-/// One connection's share of one [`Pool`].
+/// One peer's share of one [`Pool`]: every connection of the peer draws on
+/// it, from whichever RPC thread serves it.
 #[derive(Debug)]
 pub struct Account {
     limit: usize,
     floor: usize,
     pool: Arc<Pool>,
-    held: Cell<usize>,
-    waiting: RefCell<Vec<Waker>>,
+    held: AtomicUsize,
+    waiting: Mutex<Vec<Waker>>,
 }
 
 impl Account {
     /// An account of at most `limit` bytes, the first `floor` of them not
     /// drawn on `pool`.
-    pub fn new(limit: usize, floor: usize, pool: Arc<Pool>) -> Rc<Account> {
-        Rc::new(Account {
+    pub fn new(limit: usize, floor: usize, pool: Arc<Pool>) -> Arc<Account> {
+        Arc::new(Account {
             limit,
             floor: floor.min(limit),
             pool,
-            held: Cell::new(0),
-            waiting: RefCell::new(Vec::new()),
+            held: AtomicUsize::new(0),
+            waiting: Mutex::new(Vec::new()),
         })
     }
 
     /// Bytes held now.
     pub fn held(&self) -> usize {
-        self.held.get()
+        self.held.load(Ordering::Relaxed)
     }
 
     /// The account's limit.
@@ -137,29 +135,46 @@ impl Account {
         self.limit
     }
 
-    /// Takes `bytes` once the account and the pool have room; `Pending`
-    /// (with `cx` to be woken) until then.
-    pub fn poll_take(&self, bytes: usize, cx: &mut Context<'_>) -> Poll<()> {
-        let held = self.held.get();
-        if held != 0 && held.saturating_add(bytes) > self.limit {
-            self.waiting.borrow_mut().push(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let after = held.saturating_add(bytes);
-        // What lies above the floor comes from the pool.
-        let from_pool = self.above_floor(after) - self.above_floor(held);
-        std::task::ready!(self.pool.poll_take(from_pool, cx));
-        self.held.set(after);
-        Poll::Ready(())
-    }
-
     /// The part of `held` bytes drawn on the pool.
     fn above_floor(&self, held: usize) -> usize {
         held.saturating_sub(self.floor)
     }
 
+    /// Takes `bytes` once the account and the pool have room; `Pending`
+    /// (with `cx` to be woken) until then.
+    pub fn poll_take(&self, bytes: usize, cx: &mut Context<'_>) -> Poll<()> {
+        let mut held = self.held.load(Ordering::Relaxed);
+        loop {
+            if held != 0 && held.saturating_add(bytes) > self.limit {
+                // Registered before the re-check, so a give in between wakes it.
+                lock(&self.waiting).push(cx.waker().clone());
+                let now = self.held.load(Ordering::Relaxed);
+                if now == held {
+                    return Poll::Pending;
+                }
+                held = now;
+                continue;
+            }
+            let after = held.saturating_add(bytes);
+            // What lies above the floor comes from the pool.
+            let from_pool = self.above_floor(after) - self.above_floor(held);
+            std::task::ready!(self.pool.poll_take(from_pool, cx));
+            match self
+                .held
+                .compare_exchange(held, after, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Poll::Ready(()),
+                Err(now) => {
+                    // Another connection of the peer moved first: try again.
+                    self.pool.give(from_pool);
+                    held = now;
+                }
+            }
+        }
+    }
+
     /// Takes `bytes` once there is room.
-    pub async fn take(self: &Rc<Self>, bytes: usize) -> Held {
+    pub async fn take(self: &Arc<Self>, bytes: usize) -> Held {
         poll_fn(|cx| self.poll_take(bytes, cx)).await;
         Held {
             account: self.clone(),
@@ -167,27 +182,31 @@ impl Account {
         }
     }
 
-    /// Gives `bytes` back, to the pool first for what was drawn on it.
+    /// Gives `bytes` back (as taken earlier), to the pool first for what was
+    /// drawn on it.
     pub fn give(&self, bytes: usize) {
-        let bytes = bytes.min(self.held.get());
         if bytes == 0 {
             return;
         }
-        let held = self.held.get();
-        let after = held - bytes;
-        self.held.set(after);
-        self.pool.give(self.above_floor(held) - self.above_floor(after));
-        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+        let before = self.held.fetch_sub(bytes, Ordering::AcqRel);
+        let after = before.saturating_sub(bytes);
+        self.pool.give(self.above_floor(before) - self.above_floor(after));
+        let waiting = std::mem::take(&mut *lock(&self.waiting));
         for waker in waiting {
             waker.wake();
         }
     }
 }
 
+/// Locks a list of wakers; a panic while it was held left only wakers.
+fn lock(waiting: &Mutex<Vec<Waker>>) -> std::sync::MutexGuard<'_, Vec<Waker>> {
+    waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Bytes taken from an [`Account`], given back when dropped.
 #[derive(Debug)]
 pub struct Held {
-    account: Rc<Account>,
+    account: Arc<Account>,
     bytes: usize,
 }
 
@@ -207,13 +226,14 @@ impl Drop for Held {
     }
 }
 
-/// What one connection may hold: its calls account and its pushes account.
-#[derive(Debug, Clone)]
-pub struct ConnectionMemory {
+/// What one peer may hold, over all its connections: its calls account
+/// and its pushes account.
+#[derive(Debug)]
+pub struct PeerMemory {
     /// Incoming frames and the answers to calls.
-    pub calls: Rc<Account>,
+    pub calls: Arc<Account>,
     /// Messages pushed to subscribers and not yet taken.
-    pub pushes: Rc<Account>,
+    pub pushes: Arc<Account>,
 }
 
 /// The node-wide pools and the per-connection limits drawn on them.
@@ -223,20 +243,20 @@ pub struct MemoryBudget {
     pub calls: Arc<Pool>,
     /// Pushes, all connections together.
     pub pushes: Arc<Pool>,
-    /// One connection's limit for frames and answers.
-    pub connection_calls: usize,
-    /// One connection's limit for pushes.
-    pub connection_pushes: usize,
+    /// One peer's limit for frames and answers.
+    pub peer_calls: usize,
+    /// One peer's limit for pushes.
+    pub peer_pushes: usize,
     /// What each account may hold without drawing on its pool.
     pub floor: usize,
 }
 
 impl MemoryBudget {
-    /// The accounts of a new connection.
-    pub fn connection(&self) -> ConnectionMemory {
-        ConnectionMemory {
-            calls: Account::new(self.connection_calls, self.floor, self.calls.clone()),
-            pushes: Account::new(self.connection_pushes, self.floor, self.pushes.clone()),
+    /// The accounts of a peer new to the node.
+    pub fn peer(&self) -> PeerMemory {
+        PeerMemory {
+            calls: Account::new(self.peer_calls, self.floor, self.calls.clone()),
+            pushes: Account::new(self.peer_pushes, self.floor, self.pushes.clone()),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! run on a tokio `LocalSet`.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use capnp::message::ReaderOptions;
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -44,7 +45,7 @@ pub fn serve(
     recv: quinn::RecvStream,
     bootstrap: node_service::Client,
     options: ReaderOptions,
-    calls: Rc<Account>,
+    calls: Arc<Account>,
     bounds: AnswerBounds,
 ) -> (NodeRpcSystem, Rc<GuardState>) {
     let state = GuardState::with_memory(calls, bounds);
@@ -60,7 +61,7 @@ pub fn serve_stream<R, W>(
     writer: W,
     bootstrap: node_service::Client,
     options: ReaderOptions,
-    memory: Option<(Rc<Account>, AnswerBounds)>,
+    memory: Option<(Arc<Account>, AnswerBounds)>,
 ) -> NodeRpcSystem
 where
     R: futures::AsyncRead + Unpin + 'static,

@@ -87,7 +87,7 @@ impl Admission {
 
     /// What `address` counts as: itself for IPv4 (also when mapped into
     /// IPv6), its prefix for IPv6.
-    fn counted_as(&self, address: IpAddr) -> IpAddr {
+    pub fn counted_as(&self, address: IpAddr) -> IpAddr {
         match address.to_canonical() {
             IpAddr::V6(v6) => {
                 let bits = u128::from(v6);

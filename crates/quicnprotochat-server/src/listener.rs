@@ -19,15 +19,16 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use capnp::message::ReaderOptions;
 use quicnprotochat_proto::guard::GuardState;
-use quicnprotochat_proto::memory::{AnswerBounds, MemoryBudget, Pool};
+use quicnprotochat_proto::memory::{AnswerBounds, MemoryBudget, PeerMemory, Pool};
 use quicnprotochat_proto::{cert, peer, rpc, transport, wire};
 use tokio::sync::mpsc;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -36,7 +37,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::admission::{AddressSlot, Admission, Decision};
 use crate::config::{Config, MAX_PAYLOAD_CEILING};
 use crate::error::ServerError;
-use crate::limits::RateLimits;
+use crate::limits::{Caller, RateLimits};
 use crate::metrics::{self, GaugeGuard};
 use crate::service::{NodeServiceImpl, Session, Shared};
 use crate::store::{Limits, Store, StoreCloser};
@@ -74,8 +75,28 @@ const MEMORY_FLOOR: usize = 64 * 1024;
 struct Serving {
     options: ReaderOptions,
     memory: MemoryBudget,
+    /// The memory of each peer with a connection open, shared by all its
+    /// connections.
+    peers: Arc<Mutex<HashMap<Caller, Weak<PeerMemory>>>>,
     bounds: AnswerBounds,
     stall_timeout: Duration,
+}
+
+impl Serving {
+    /// The memory accounts of `caller`: those its other connections use, or
+    /// new ones.
+    fn memory_of(&self, caller: Caller) -> Arc<PeerMemory> {
+        let mut peers = self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(memory) = peers.get(&caller).and_then(Weak::upgrade) {
+            return memory;
+        }
+        // Forget peers that left while the map is at hand; it holds at most
+        // one entry per open connection.
+        peers.retain(|_, memory| memory.strong_count() > 0);
+        let memory = Arc::new(self.memory.peer());
+        peers.insert(caller, Arc::downgrade(&memory));
+        memory
+    }
 }
 
 /// Binds the node described by `config` and serves until `shutdown`
@@ -207,6 +228,7 @@ impl Node {
         let serving = Serving {
             options: reader_options,
             memory: memory_budget(&config, reader_options),
+            peers: Arc::default(),
             bounds: AnswerBounds::new(config.max_payload, max_frame(reader_options)),
             stall_timeout: config.stall_timeout,
         };
@@ -630,14 +652,18 @@ async fn serve_connection(
         peer = %peer.map_or_else(|| "anonymous".to_owned(), |peer| peer.short()),
         %remote,
     );
-    serve_sessions(connection, peer, remote, shared, serving)
+    let memory = serving.memory_of(match peer {
+        Some(identity) => Caller::Identity(identity),
+        None => Caller::Address(admission.counted_as(remote.ip())),
+    });
+    serve_sessions(connection, peer, remote, shared, serving, memory)
         .instrument(span)
         .await;
 }
 
 /// Runs one RPC session per stream the client opens until the connection
 /// closes; inside the connection's span. All its sessions hold their frames,
-/// answers and pushes in one connection's memory accounts; a connection that keeps
+/// answers and pushes in `memory`, the peer's accounts; a connection that keeps
 /// a session waiting on it longer than the stall timeout is closed.
 async fn serve_sessions(
     connection: quinn::Connection,
@@ -645,9 +671,9 @@ async fn serve_sessions(
     remote: SocketAddr,
     shared: Arc<Shared>,
     serving: Serving,
+    memory: Arc<PeerMemory>,
 ) {
     debug!("connection established");
-    let memory = serving.memory.connection();
     let mut sessions: Vec<std::rc::Weak<GuardState>> = Vec::new();
     let mut watch = tokio::time::interval((serving.stall_timeout / 4).max(Duration::from_millis(100)));
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -732,17 +758,17 @@ fn max_frame(options: ReaderOptions) -> usize {
         .map_or(usize::MAX, |words| words.saturating_mul(8))
 }
 
-/// The node's pools and each connection's limits: a connection may hold
-/// four of the largest frames with their answers' room, and two of the
-/// largest pushes; all connections together, the configured budget (3/4
-/// for calls, 1/4 for pushes), beyond each one's floor.
+/// The node's pools and each peer's limits: a peer may hold four of the
+/// largest frames with their answers' room, and two of the largest pushes;
+/// all peers together, the configured budget (3/4 for calls, 1/4 for
+/// pushes), beyond each one's floor.
 fn memory_budget(config: &Config, options: ReaderOptions) -> MemoryBudget {
     let bounds = AnswerBounds::new(config.max_payload, max_frame(options));
     MemoryBudget {
         calls: Pool::new(config.memory_budget / 4 * 3),
         pushes: Pool::new(config.memory_budget / 4),
-        connection_calls: 4 * max_frame(options),
-        connection_pushes: 2 * bounds.messages,
+        peer_calls: 4 * max_frame(options),
+        peer_pushes: 2 * bounds.messages,
         floor: MEMORY_FLOOR,
     }
 }

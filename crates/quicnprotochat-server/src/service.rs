@@ -82,8 +82,8 @@ impl Shared {
 
 /// What a session knows of its connection, for pushes.
 pub struct Session {
-    /// The connection's pushes account.
-    pub pushes: LocalRc<Account>,
+    /// The peer's pushes account.
+    pub pushes: Arc<Account>,
     /// Closes the connection: a subscriber stalled.
     pub close: Box<dyn Fn()>,
     /// How long a pushed batch may wait for the subscriber's answer.

@@ -4,81 +4,23 @@
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
+mod node;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
+use node::process::{start, terminate};
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
 /// The queue the test writes and reads: that of the identity with seed 9.
 static QUEUE: std::sync::LazyLock<quicnprotochat_core::IdentityKey> = std::sync::LazyLock::new(|| {
     quicnprotochat_core::IdentityKeypair::from_secret_bytes(&[9; 32]).public_key()
 });
-
-struct Running {
-    child: Child,
-    addr: SocketAddr,
-    /// What the node logged up to the line with its address.
-    startup: Vec<String>,
-    log: mpsc::Receiver<String>,
-}
-
-/// Starts the binary in `dir` on a free port, with `flags` besides.
-fn start(dir: &Path, flags: &[&str]) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-server"))
-        .current_dir(dir)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(flags)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("server binary starts");
-    let (lines, log) = mpsc::channel();
-    let stderr = child.stderr.take().expect("stderr piped");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let mut startup = Vec::new();
-    let addr = loop {
-        let line = log
-            .recv_timeout(Duration::from_secs(30))
-            .expect("node logs its address");
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
-        startup.push(line);
-        if let Some(addr) = addr {
-            break addr;
-        }
-    };
-    Running {
-        child,
-        addr,
-        startup,
-        log,
-    }
-}
-
-/// Sends SIGTERM and returns the exit status and the rest of the log.
-fn terminate(mut running: Running) -> (std::process::ExitStatus, String) {
-    let status = Command::new("kill")
-        .args(["-TERM", &running.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = running.child.wait().unwrap();
-    let rest: Vec<String> = running.log.try_iter().collect();
-    (exit, rest.join("\n"))
-}
 
 fn with_delivery<T>(
     addr: SocketAddr,

@@ -3,7 +3,6 @@
 //! polls (`fetchWait`). Both read from the store and sleep on the
 //! [`Notifier`](crate::store::Notifier) until a commit touches the queue.
 
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,7 +53,7 @@ pub struct Subscriber {
     /// The client's `MessageReceiver`.
     pub receiver: delivery_capnp::message_receiver::Client,
     /// Holds each push's messages until the subscriber answers it.
-    pub memory: Rc<Account>,
+    pub memory: Arc<Account>,
     /// A push unanswered this long ends the subscription as stalled.
     pub stall_timeout: Duration,
     /// The most bytes one read of the queue can return (a push's bound).

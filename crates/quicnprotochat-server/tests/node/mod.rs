@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test file uses what it needs
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
