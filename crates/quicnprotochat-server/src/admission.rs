@@ -24,6 +24,10 @@ pub struct Admission {
     ipv6_prefix: u8,
     anonymous: AtomicUsize,
     max_anonymous: usize,
+    /// Connections of strangers: anonymous, or identities the node held
+    /// nothing for when they connected while strangers held their share.
+    strangers: AtomicUsize,
+    max_strangers: usize,
     handshaking: AtomicUsize,
     retry_above: usize,
 }
@@ -44,12 +48,14 @@ impl Admission {
     /// Caps of `max_per_address` connections per remote address (an IPv6
     /// one counted as its prefix of `ipv6_prefix` bits) and
     /// `max_anonymous` anonymous ones; Retry once more than `retry_above`
-    /// handshakes from unvalidated addresses are in progress.
+    /// handshakes from unvalidated addresses are in progress; at most
+    /// `max_strangers` connections of strangers (see [`Self::stranger`]).
     pub fn new(
         max_per_address: usize,
         ipv6_prefix: u8,
         max_anonymous: usize,
         retry_above: usize,
+        max_strangers: usize,
     ) -> Arc<Admission> {
         Arc::new(Admission {
             per_address: Mutex::new(HashMap::new()),
@@ -57,6 +63,8 @@ impl Admission {
             ipv6_prefix: ipv6_prefix.min(128),
             anonymous: AtomicUsize::new(0),
             max_anonymous,
+            strangers: AtomicUsize::new(0),
+            max_strangers,
             handshaking: AtomicUsize::new(0),
             retry_above,
         })
@@ -102,17 +110,45 @@ impl Admission {
 
     /// Takes an anonymous slot for a connection whose handshake ended
     /// without a client certificate; `None` if all are taken.
-    pub fn anonymous(self: &Arc<Self>) -> Option<AnonymousSlot> {
-        let taken = self
-            .anonymous
+    pub fn anonymous(self: &Arc<Self>) -> Option<CountedSlot> {
+        self.count(Counted::Anonymous)
+    }
+
+    /// Takes a stranger's slot; `None` if strangers hold their whole share.
+    /// Every connection takes one while there is room (so knowing who is a
+    /// member costs nothing until it matters); beyond, only identities the
+    /// node already serves get in, without one: the rest of the node's total
+    /// is theirs.
+    pub fn stranger(self: &Arc<Self>) -> Option<CountedSlot> {
+        self.count(Counted::Stranger)
+    }
+
+    fn count(self: &Arc<Self>, kind: Counted) -> Option<CountedSlot> {
+        let (counter, max) = self.counter(kind);
+        let taken = counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (held < self.max_anonymous).then_some(held + 1)
+                (held < max).then_some(held + 1)
             })
             .is_ok();
-        taken.then(|| AnonymousSlot {
+        taken.then(|| CountedSlot {
             admission: self.clone(),
+            kind,
         })
     }
+
+    fn counter(&self, kind: Counted) -> (&AtomicUsize, usize) {
+        match kind {
+            Counted::Anonymous => (&self.anonymous, self.max_anonymous),
+            Counted::Stranger => (&self.strangers, self.max_strangers),
+        }
+    }
+}
+
+/// What a [`CountedSlot`] counts.
+#[derive(Debug, Clone, Copy)]
+enum Counted {
+    Anonymous,
+    Stranger,
 }
 
 /// A connection counted against its address (and, until
@@ -150,15 +186,16 @@ impl Drop for AddressSlot {
     }
 }
 
-/// An anonymous connection, counted until dropped.
+/// An anonymous or a stranger's connection, counted until dropped.
 #[derive(Debug)]
-pub struct AnonymousSlot {
+pub struct CountedSlot {
     admission: Arc<Admission>,
+    kind: Counted,
 }
 
-impl Drop for AnonymousSlot {
+impl Drop for CountedSlot {
     fn drop(&mut self) {
-        self.admission.anonymous.fetch_sub(1, Ordering::AcqRel);
+        self.admission.counter(self.kind).0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -168,7 +205,7 @@ mod tests {
 
     #[test]
     fn an_address_holds_at_most_its_share_and_gets_it_back() {
-        let admission = Admission::new(2, 64, 1, 100);
+        let admission = Admission::new(2, 64, 1, 100, usize::MAX);
         let address: IpAddr = "192.0.2.1".parse().unwrap();
         let first = admission.admit(address, true, true);
         let second = admission.admit(address, true, true);
@@ -184,7 +221,7 @@ mod tests {
 
     #[test]
     fn unvalidated_handshakes_beyond_the_threshold_are_asked_to_retry() {
-        let admission = Admission::new(100, 64, 1, 2);
+        let admission = Admission::new(100, 64, 1, 2, usize::MAX);
         let address: IpAddr = "192.0.2.1".parse().unwrap();
         let mut slots: Vec<AddressSlot> = (0..2)
             .map(|_| match admission.admit(address, false, true) {
@@ -205,8 +242,18 @@ mod tests {
     }
 
     #[test]
+    fn strangers_hold_at_most_their_share() {
+        let admission = Admission::new(100, 64, 100, 100, 2);
+        let first = admission.stranger().unwrap();
+        let _second = admission.stranger().unwrap();
+        assert!(admission.stranger().is_none());
+        drop(first);
+        assert!(admission.stranger().is_some());
+    }
+
+    #[test]
     fn anonymous_connections_have_their_own_cap() {
-        let admission = Admission::new(100, 64, 2, 100);
+        let admission = Admission::new(100, 64, 2, 100, usize::MAX);
         let first = admission.anonymous().unwrap();
         let _second = admission.anonymous().unwrap();
         assert!(admission.anonymous().is_none());
@@ -216,7 +263,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_prefix_counts_as_one_address_and_a_mapped_ipv4_as_itself() {
-        let admission = Admission::new(2, 64, 1, 100);
+        let admission = Admission::new(2, 64, 1, 100, usize::MAX);
         let admit = |text: &str| admission.admit(text.parse().unwrap(), true, true);
         // Two addresses of one /64 share its cap.
         let _a = admit("2001:db8:1:2::1");
@@ -229,13 +276,13 @@ mod tests {
         let _d = admit("::ffff:192.0.2.7");
         assert!(matches!(admit("192.0.2.7"), Decision::Refuse));
         // /128 counts every IPv6 address on its own; /0 all as one.
-        let exact = Admission::new(1, 128, 1, 100);
+        let exact = Admission::new(1, 128, 1, 100, usize::MAX);
         let _e = exact.admit("2001:db8::1".parse().unwrap(), true, true);
         assert!(matches!(
             exact.admit("2001:db8::2".parse().unwrap(), true, true),
             Decision::Admit(_)
         ));
-        let all = Admission::new(1, 0, 1, 100);
+        let all = Admission::new(1, 0, 1, 100, usize::MAX);
         let _f = all.admit("2001:db8::1".parse().unwrap(), true, true);
         assert!(matches!(
             all.admit("2001:db9::2".parse().unwrap(), true, true),

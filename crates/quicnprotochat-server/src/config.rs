@@ -75,6 +75,10 @@ pub const DEFAULT_UDP_BUFFER: usize = 4 << 20;
 /// Seconds of silence before a connection is closed.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
 
+/// Default for [`Config::reserved_connections_percent`]: a quarter of the
+/// total.
+pub const DEFAULT_RESERVED_CONNECTIONS_PERCENT: u8 = 25;
+
 /// Default for [`Config::memory_budget`], in MiB.
 pub const DEFAULT_MEMORY_BUDGET_MIB: usize = 256;
 
@@ -147,6 +151,11 @@ pub struct Config {
     pub ping_rate: u32,
     /// Most connections open at once; further ones are refused.
     pub max_connections: usize,
+    /// The share of `max_connections`, in percent, that strangers
+    /// (anonymous callers, and identities the node holds no KeyPackage,
+    /// message or device list for) cannot take: kept for the identities the
+    /// node already serves.
+    pub reserved_connections_percent: u8,
     /// Most connections one remote IP address may hold (an IPv6 address
     /// counts as its prefix of `ipv6_prefix` bits).
     pub max_connections_per_address: usize,
@@ -204,6 +213,7 @@ impl Default for Config {
             key_package_fetch_rate: DEFAULT_KEY_PACKAGE_FETCH_RATE,
             ping_rate: DEFAULT_PING_RATE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            reserved_connections_percent: DEFAULT_RESERVED_CONNECTIONS_PERCENT,
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
             max_anonymous_connections: DEFAULT_MAX_ANONYMOUS_CONNECTIONS,

@@ -61,6 +61,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// with (after the handshake, when the node learns it is anonymous).
 const TOO_MANY_ANONYMOUS: u32 = 0x51;
 
+/// The QUIC application error code a stranger's connection is closed with
+/// (after the handshake) when strangers hold their whole share.
+const TOO_MANY_STRANGERS: u32 = 0x53;
+
 /// The QUIC application error code a connection is closed with when it kept
 /// the node waiting longer than the stall timeout.
 pub const STALLED: u32 = 0x52;
@@ -223,6 +227,7 @@ impl Node {
             config.ipv6_prefix,
             config.max_anonymous_connections,
             config.retry_above,
+            strangers_share(config.max_connections, config.reserved_connections_percent),
         );
         let reader_options = rpc::reader_options(config.max_payload);
         let serving = Serving {
@@ -644,6 +649,23 @@ async fn serve_connection(
             }
         },
     };
+    let _stranger = match admission.stranger() {
+        Some(slot) => Some(slot),
+        // Strangers hold their share: the rest is for identities the node
+        // already serves. A store that cannot say lets them in: members
+        // must not be locked out by a database hiccup.
+        None => match peer {
+            Some(identity) if shared.store.knows(identity).await.unwrap_or(true) => None,
+            _ => {
+                debug!(%remote, "refused: strangers hold their share of connections");
+                connection.close(
+                    TOO_MANY_STRANGERS.into(),
+                    b"the node is busy with connections of strangers; try later",
+                );
+                return;
+            }
+        },
+    };
     // Every line logged for this connection, its sessions and the calls
     // they run carries who and where from, so one client's story can be
     // grepped.
@@ -749,6 +771,13 @@ fn stalled(connection: &quinn::Connection, timeout: Duration) {
     debug!("closing: the peer kept the node waiting for {timeout:?}");
     ::metrics::counter!(metrics::STALLED_CONNECTIONS).increment(1);
     connection.close(STALLED.into(), b"stalled: the node waited too long for this peer");
+}
+
+/// Connections strangers may hold: what `reserved_percent` of `total`
+/// leaves.
+fn strangers_share(total: usize, reserved_percent: u8) -> usize {
+    let reserved = total.saturating_mul(usize::from(reserved_percent.min(100))) / 100;
+    total - reserved
 }
 
 /// The largest frame a peer may send, in bytes.

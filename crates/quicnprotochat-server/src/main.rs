@@ -86,6 +86,13 @@ struct Args {
     /// Most connections open at once; further ones are refused.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Percent of --max-connections kept for identities the node already serves (with
+    /// KeyPackages, queued messages or a device list): strangers, anonymous or not,
+    /// share the rest.
+    #[arg(long, env = "QUICNPROTOCHAT_RESERVED_CONNECTIONS_PERCENT",
+          default_value_t = config::DEFAULT_RESERVED_CONNECTIONS_PERCENT,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    reserved_connections_percent: u8,
     /// Seconds of silence after which a connection is closed.
     #[arg(long, env = "QUICNPROTOCHAT_IDLE_TIMEOUT", default_value_t = config::DEFAULT_IDLE_TIMEOUT_SECS)]
     idle_timeout: u64,
@@ -213,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
         key_package_fetch_rate: args.key_package_fetch_rate,
         ping_rate: args.ping_rate,
         max_connections: args.max_connections,
+        reserved_connections_percent: args.reserved_connections_percent,
         max_connections_per_address: args.max_connections_per_address,
         ipv6_prefix: args.ipv6_prefix,
         max_anonymous_connections: args.max_anonymous_connections,

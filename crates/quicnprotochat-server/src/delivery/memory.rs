@@ -352,6 +352,12 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn knows(&mut self, identity: &IdentityKey) -> Result<bool, Infallible> {
+        Ok(self.key_packages.values().any(|(owner, _)| owner == identity)
+            || self.queues.get(identity).is_some_and(|queue| !queue.is_empty())
+            || self.device_lists.contains_key(identity))
+    }
+
     fn totals(&mut self) -> Result<Totals, Infallible> {
         Ok(Totals {
             messages_queued: self.queues.values().map(|queue| queue.len() as u64).sum(),

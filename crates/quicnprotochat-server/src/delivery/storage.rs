@@ -316,6 +316,12 @@ pub trait Storage {
         now: i64,
     ) -> Result<(), Self::Error>;
 
+    /// Whether the node holds anything for `identity`: KeyPackages, queued
+    /// messages or a device list (as its user). Such an identity is one the
+    /// node already serves, for the connections reserved to them; every
+    /// registered device keeps at least its last-resort KeyPackage.
+    fn knows(&mut self, identity: &IdentityKey) -> Result<bool, Self::Error>;
+
     /// Messages queued and KeyPackages stored in all, for metrics; read
     /// every few seconds, so it must stay cheap (one row per queue at most).
     fn totals(&mut self) -> Result<Totals, Self::Error>;

@@ -595,6 +595,13 @@ impl Store {
         self.call(|reply| Command::Drain { recipient, reply }).await
     }
 
+    /// Whether the node holds KeyPackages, queued messages or a device
+    /// list for `identity` (see [`Storage::knows`]); on the reader
+    /// connection.
+    pub async fn knows(&self, identity: IdentityKey) -> Result<bool, StoreError> {
+        ask(&self.reads, |reply| readers::Read::Knows { identity, reply }).await
+    }
+
     /// Messages queued and KeyPackages stored in all, for the node's
     /// gauges; on the reader connection.
     pub async fn totals(&self) -> Result<Totals, StoreError> {

@@ -52,6 +52,10 @@ pub(super) enum Read {
         users: Vec<IdentityKey>,
         reply: Reply<Vec<SignedDeviceList>>,
     },
+    Knows {
+        identity: IdentityKey,
+        reply: Reply<bool>,
+    },
     Totals {
         reply: Reply<Totals>,
     },
@@ -148,6 +152,7 @@ pub(super) fn serve<S: Storage<Error: Into<StoreError>>>(storage: &mut S, read: 
             reply,
         } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
         Read::DeviceLists { users, reply } => answer(reply, rules::device_lists(storage, &users)),
+        Read::Knows { identity, reply } => answer(reply, storage.knows(&identity)),
         Read::Totals { reply } => answer(reply, storage.totals()),
     }
 }
@@ -161,6 +166,7 @@ impl Read {
             Read::GroupInfo { reply, .. } => drop(reply.send(Err(error))),
             Read::WelcomeTree { reply, .. } => drop(reply.send(Err(error))),
             Read::DeviceLists { reply, .. } => drop(reply.send(Err(error))),
+            Read::Knows { reply, .. } => drop(reply.send(Err(error))),
             Read::Totals { reply } => drop(reply.send(Err(error))),
         }
     }

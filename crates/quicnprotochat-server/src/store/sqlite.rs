@@ -471,6 +471,17 @@ impl Storage for SqliteStorage<'_> {
         Ok(())
     }
 
+    fn knows(&mut self, identity: &IdentityKey) -> rusqlite::Result<bool> {
+        let key = identity.as_bytes().as_slice();
+        self.db
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM key_packages WHERE identity_key = ?1)
+                     OR EXISTS (SELECT 1 FROM queue_depths WHERE recipient_key = ?1 AND depth > 0)
+                     OR EXISTS (SELECT 1 FROM device_lists WHERE user_key = ?1)",
+            )?
+            .query_row([key], |row| row.get(0))
+    }
+
     fn totals(&mut self) -> rusqlite::Result<Totals> {
         // `queue_depths` is kept by triggers: one row per queue, not per
         // message.

@@ -44,6 +44,37 @@ const TABLET: u8 = 12;
 /// A device of nobody in particular.
 const STRANGER: u8 = 99;
 
+pub async fn the_node_knows_whom_it_holds_key_packages_messages_or_a_device_list_for(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let (owner, recipient, sender) = (super::key(60), super::key(61), super::key(69));
+    for stranger in [owner, recipient, sender, public(USER)] {
+        assert!(!store.knows(stranger).await.unwrap());
+    }
+    store
+        .upload_key_packages(owner, super::package(b"kp"))
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .enqueue(sender, recipient, b"for you".to_vec(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .upload_device_list(public(PHONE), signed_list(USER, 1, &[PHONE]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.knows(owner).await.unwrap(), "KeyPackages");
+    assert!(store.knows(recipient).await.unwrap(), "queued messages");
+    assert!(store.knows(public(USER)).await.unwrap(), "a device list");
+    assert!(!store.knows(sender).await.unwrap(), "a sender alone is not known");
+    // A queue emptied no longer counts.
+    store.drain(recipient).await.unwrap();
+    assert!(!store.knows(recipient).await.unwrap());
+    close((store, closer)).await;
+}
+
 pub async fn a_device_list_is_stored_by_its_device_and_served_in_the_order_asked(backend: &impl Backend) {
     let (store, closer) = backend.open();
     let first = signed_list(USER, 1, &[PHONE, LAPTOP]);

@@ -52,6 +52,7 @@ macro_rules! every_check {
             an_application_message_from_an_epoch_its_group_left_is_refused,
             an_idle_groups_view_is_forgotten_but_its_epoch_kept,
             a_device_list_is_stored_by_its_device_and_served_in_the_order_asked,
+            the_node_knows_whom_it_holds_key_packages_messages_or_a_device_list_for,
             a_device_list_only_moves_to_a_higher_version,
             a_device_a_list_dropped_stays_out_whoever_uploads,
             a_device_list_not_signed_by_its_user_key_is_refused,
@@ -75,6 +76,7 @@ pub use device_lists::{
     a_device_list_not_signed_by_its_user_key_is_refused, a_device_list_only_moves_to_a_higher_version,
     concurrent_uploads_of_one_users_list_never_lose_the_newest,
     only_a_device_of_the_stored_list_may_replace_it,
+    the_node_knows_whom_it_holds_key_packages_messages_or_a_device_list_for,
 };
 #[allow(unused_imports)] // files checking other things use the helpers only
 pub use key_packages::{

@@ -170,9 +170,14 @@ impl Drop for TestNode {
 /// A client endpoint trusting the node certificate at `trusted`, presenting
 /// `device`'s certificate (anonymous without one). Inside a tokio runtime.
 pub fn client_endpoint(trusted: &Path, device: Option<&IdentityKeypair>) -> quinn::Endpoint {
+    client_endpoint_at(trusted, device, "127.0.0.1:0".parse().unwrap())
+}
+
+/// [`client_endpoint`] on the local address `bind`.
+pub fn client_endpoint_at(trusted: &Path, device: Option<&IdentityKeypair>, bind: SocketAddr) -> quinn::Endpoint {
     let identity = device.map(|keypair| peer::client_certificate(&keypair.pkcs8_der().unwrap()).unwrap());
     let config = transport::client_config(cert::load_certificate(trusted).unwrap(), identity).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client(bind).unwrap();
     endpoint.set_default_client_config(config);
     endpoint
 }

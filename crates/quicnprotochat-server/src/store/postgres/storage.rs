@@ -951,6 +951,17 @@ impl Storage for PgStorage<'_> {
         Ok(())
     }
 
+    fn knows(&mut self, identity: &IdentityKey) -> Result<bool, PgError> {
+        let key = identity.as_bytes().as_slice();
+        let row = self.query_opt(
+            "SELECT EXISTS (SELECT 1 FROM key_packages WHERE identity_key = $1)
+                 OR EXISTS (SELECT 1 FROM queues WHERE recipient_key = $1 AND depth > 0)
+                 OR EXISTS (SELECT 1 FROM device_lists WHERE user_key = $1)",
+            &[&key],
+        )?;
+        Ok(row.is_some_and(|row| row.get(0)))
+    }
+
     fn totals(&mut self) -> Result<Totals, PgError> {
         // `queues` keeps each queue's depth: one row per queue.
         let row = self.query_opt(
