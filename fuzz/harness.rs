@@ -16,8 +16,8 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{
     GroupMember, IdentityKey, IdentityKeypair, Received, classify, generate_key_package,
 };
-use quicnprotochat_server::limits::RateLimits;
 use quicnprotochat_proto::memory::{AnswerBounds, MemoryBudget, Pool};
+use quicnprotochat_server::limits::RateLimits;
 use quicnprotochat_server::service::{NodeServiceImpl, Session, Shared};
 use quicnprotochat_server::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

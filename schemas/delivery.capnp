@@ -316,7 +316,8 @@ interface DeliveryService {
 
   # Reads, without removing, the messages of `recipientKey` with a sequence
   # number above `afterSeq`, oldest first: at most `limit` (0: no limit of
-  # our own) and at most about 16 MiB. Only the owner may call it.
+  # our own) and at most 1 MiB of payloads (or a single larger message).
+  # Only the owner may call it.
   fetchSince @3 (recipientKey :Data, afterSeq :UInt64, limit :UInt32) -> (messages :List(QueuedMessage));
 
   # Deletes the messages of `recipientKey` with a sequence number up to and

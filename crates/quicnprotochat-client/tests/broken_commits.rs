@@ -10,16 +10,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
+use common::tampered::{Tampered, Tampering};
 use common::{Member, TestNode, group_of, local};
-use openmls_rust_crypto::RustCrypto;
-use openmls_traits::OpenMlsProvider;
-use openmls_traits::crypto::OpenMlsCrypto;
-use openmls_traits::types::{
-    AeadType, Ciphersuite, CryptoError, ExporterSecret, HashType, HpkeCiphertext, HpkeConfig, HpkeKeyPair,
-    KemOutput, SignatureScheme,
-};
 use quicnprotochat_client::state::{StateFile, StateProvider};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
 use quicnprotochat_proto::outcome::CommitOutcome;
@@ -163,12 +157,11 @@ fn members_resync_past_a_commit_with_a_wrong_path_secret_for_one_of_them() {
                 .find(|member| member.signature_key == carol_key.as_bytes())
                 .unwrap()
                 .encryption_key;
-            let saboteur = Saboteur {
+            let saboteur = Tampering {
                 inner: provider,
-                crypto: WrongSecretTo {
-                    victim,
-                    crypto: RustCrypto::default(),
-                    sealed: AtomicUsize::new(0),
+                crypto: Tampered {
+                    wrong_secret_to: Some(victim),
+                    ..Tampered::default()
                 },
             };
             let commit = club.self_update(&saboteur, identity).unwrap();
@@ -217,176 +210,4 @@ fn members_resync_past_a_commit_with_a_wrong_path_secret_for_one_of_them() {
         .map(|line| line.split_whitespace().nth(2).unwrap())
         .collect();
     assert!(epochs.iter().all(|epoch| *epoch == epochs[0]), "{groups:?}");
-}
-
-/// Mallory's provider: her own storage and randomness, and crypto that
-/// seals a wrong path secret to one HPKE key.
-struct Saboteur<'a, 'b> {
-    inner: &'a StateProvider<'b>,
-    crypto: WrongSecretTo,
-}
-
-impl<'a, 'b> OpenMlsProvider for Saboteur<'a, 'b> {
-    type CryptoProvider = WrongSecretTo;
-    type RandProvider = RustCrypto;
-    type StorageProvider = <StateProvider<'b> as OpenMlsProvider>::StorageProvider;
-
-    fn storage(&self) -> &Self::StorageProvider {
-        self.inner.storage()
-    }
-
-    fn crypto(&self) -> &Self::CryptoProvider {
-        &self.crypto
-    }
-
-    fn rand(&self) -> &Self::RandProvider {
-        self.inner.rand()
-    }
-}
-
-/// The real crypto, except that what is sealed to `victim` is altered after
-/// its length prefix: a well-formed, wrong path secret.
-struct WrongSecretTo {
-    victim: Vec<u8>,
-    crypto: RustCrypto,
-    sealed: AtomicUsize,
-}
-
-impl OpenMlsCrypto for WrongSecretTo {
-    fn hpke_seal(
-        &self,
-        config: HpkeConfig,
-        pk_r: &[u8],
-        info: &[u8],
-        aad: &[u8],
-        ptxt: &[u8],
-    ) -> Result<HpkeCiphertext, CryptoError> {
-        if pk_r != self.victim {
-            return self.crypto.hpke_seal(config, pk_r, info, aad, ptxt);
-        }
-        self.sealed.fetch_add(1, Ordering::Relaxed);
-        let mut wrong = ptxt.to_vec();
-        wrong.iter_mut().skip(1).for_each(|byte| *byte ^= 0xff);
-        self.crypto.hpke_seal(config, pk_r, info, aad, &wrong)
-    }
-
-    fn supports(&self, ciphersuite: Ciphersuite) -> Result<(), CryptoError> {
-        self.crypto.supports(ciphersuite)
-    }
-
-    fn supported_ciphersuites(&self) -> Vec<Ciphersuite> {
-        self.crypto.supported_ciphersuites()
-    }
-
-    fn hkdf_extract(
-        &self,
-        hash_type: HashType,
-        salt: &[u8],
-        ikm: &[u8],
-    ) -> Result<tls_codec::SecretVLBytes, CryptoError> {
-        self.crypto.hkdf_extract(hash_type, salt, ikm)
-    }
-
-    fn hmac(
-        &self,
-        hash_type: HashType,
-        key: &[u8],
-        message: &[u8],
-    ) -> Result<tls_codec::SecretVLBytes, CryptoError> {
-        self.crypto.hmac(hash_type, key, message)
-    }
-
-    fn hkdf_expand(
-        &self,
-        hash_type: HashType,
-        prk: &[u8],
-        info: &[u8],
-        okm_len: usize,
-    ) -> Result<tls_codec::SecretVLBytes, CryptoError> {
-        self.crypto.hkdf_expand(hash_type, prk, info, okm_len)
-    }
-
-    fn hash(&self, hash_type: HashType, data: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        self.crypto.hash(hash_type, data)
-    }
-
-    fn aead_encrypt(
-        &self,
-        alg: AeadType,
-        key: &[u8],
-        data: &[u8],
-        nonce: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>, CryptoError> {
-        self.crypto.aead_encrypt(alg, key, data, nonce, aad)
-    }
-
-    fn aead_decrypt(
-        &self,
-        alg: AeadType,
-        key: &[u8],
-        ct_tag: &[u8],
-        nonce: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>, CryptoError> {
-        self.crypto.aead_decrypt(alg, key, ct_tag, nonce, aad)
-    }
-
-    fn signature_key_gen(&self, alg: SignatureScheme) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
-        self.crypto.signature_key_gen(alg)
-    }
-
-    fn verify_signature(
-        &self,
-        alg: SignatureScheme,
-        data: &[u8],
-        pk: &[u8],
-        signature: &[u8],
-    ) -> Result<(), CryptoError> {
-        self.crypto.verify_signature(alg, data, pk, signature)
-    }
-
-    fn sign(&self, alg: SignatureScheme, data: &[u8], key: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        self.crypto.sign(alg, data, key)
-    }
-
-    fn hpke_open(
-        &self,
-        config: HpkeConfig,
-        input: &HpkeCiphertext,
-        sk_r: &[u8],
-        info: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>, CryptoError> {
-        self.crypto.hpke_open(config, input, sk_r, info, aad)
-    }
-
-    fn hpke_setup_sender_and_export(
-        &self,
-        config: HpkeConfig,
-        pk_r: &[u8],
-        info: &[u8],
-        exporter_context: &[u8],
-        exporter_length: usize,
-    ) -> Result<(KemOutput, ExporterSecret), CryptoError> {
-        self.crypto
-            .hpke_setup_sender_and_export(config, pk_r, info, exporter_context, exporter_length)
-    }
-
-    fn hpke_setup_receiver_and_export(
-        &self,
-        config: HpkeConfig,
-        enc: &[u8],
-        sk_r: &[u8],
-        info: &[u8],
-        exporter_context: &[u8],
-        exporter_length: usize,
-    ) -> Result<ExporterSecret, CryptoError> {
-        self.crypto
-            .hpke_setup_receiver_and_export(config, enc, sk_r, info, exporter_context, exporter_length)
-    }
-
-    fn derive_hpke_keypair(&self, config: HpkeConfig, ikm: &[u8]) -> Result<HpkeKeyPair, CryptoError> {
-        self.crypto.derive_hpke_keypair(config, ikm)
-    }
 }

@@ -521,14 +521,18 @@ impl FailingDisk {
     }
 }
 
-/// Stops strace, which detaches and leaves the node's I/O alone.
+/// Stops strace, which leaves the node's I/O alone.
 struct FailingIo(std::process::Child);
 
 impl Drop for FailingIo {
+    /// SIGKILL, not SIGINT: on SIGINT strace detaches thread by thread and
+    /// waits for each to stop, and a thread of this process inside a
+    /// `vfork` (every `Command::spawn`: the members' CLI runs, a `kill`)
+    /// never stops while its child, traced too, waits for strace: both hang
+    /// for good. A killed tracer's tracees are detached by the kernel at
+    /// once. (Nor is `kill` spawned for it: that was such a spawn.)
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
-            .status();
+        let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }

@@ -8,9 +8,10 @@ mod common;
 use std::collections::HashSet;
 
 use capnp::capability::FromClientHook;
+use common::tampered::{Tampered, Tampering};
 use common::{TestNode, enqueue_ok, identity, local};
 use quicnprotochat_core::{
-    GroupId, GroupMember, IdentityKey, KeyPackageOptions, Seq, generate_key_package_with,
+    GroupId, GroupMember, IdentityKey, KeyPackageOptions, Seq, Suite, generate_key_package_with,
 };
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
@@ -377,6 +378,56 @@ fn only_the_owner_may_read_a_queue_or_upload_its_key_packages() {
         // A stranger may send to the owner.
         enqueue_ok(&stranger, &key(10), b"hello").await;
         assert_eq!(owner.fetch(&key(10)).await.unwrap(), vec![b"hello".to_vec()]);
+    });
+}
+
+#[test]
+fn key_packages_whose_keys_have_the_wrong_length_for_their_suite_are_refused() {
+    let node = TestNode::start();
+    local(async {
+        let client = node.connect_as(&identity(22)).await;
+        // Validly signed by their owner, made through openmls with crypto
+        // that derives 32-byte HPKE public keys: right for X25519, wrong for
+        // the hybrid suite (1,216 bytes).
+        let with_keys_of = |length, suite| {
+            let inner = openmls_rust_crypto::OpenMlsRustCrypto::default();
+            let provider = Tampering {
+                inner: &inner,
+                crypto: Tampered {
+                    hpke_public_key_len: Some(length),
+                    ..Tampered::default()
+                },
+            };
+            let options = KeyPackageOptions {
+                suite,
+                ..KeyPackageOptions::default()
+            };
+            generate_key_package_with(&provider, &identity(22), options).unwrap()
+        };
+        let short = with_keys_of(32, Suite::MlKem768X25519);
+        let err = client
+            .upload_key_package(&key(22), &short)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("init key has 32 bytes") && err.contains("1216"),
+            "{err}"
+        );
+        // One byte short in the classic suite too.
+        let err = client
+            .upload_key_package(&key(22), &with_keys_of(31, Suite::X25519))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("init key has 31 bytes"), "{err}");
+        // The same tampering that changes nothing passes: the check is the
+        // length, not the provider.
+        client
+            .upload_key_package(&key(22), &with_keys_of(32, Suite::X25519))
+            .await
+            .unwrap();
+        assert_eq!(client.key_package_count(&key(22)).await.unwrap(), (1, false));
     });
 }
 

@@ -19,7 +19,7 @@
 //! now and then so one busy peer cannot starve them.
 //!
 //! With a memory budget (the node's side, see [`crate::memory`]), the reader
-//! takes each frame's declared size from the connection's calls account
+//! takes each frame's declared size from its peer's calls account
 //! before it reads the frame's body, and grows the frame's buffer only as
 //! bytes arrive; a call also takes the largest answer its method can give.
 //! A call's bytes go back when the writer has written its `Return`; any other
@@ -95,7 +95,7 @@ pub struct GuardState {
     reader_waiting: RefCell<Option<Waker>>,
     /// The reader refused a message, ending the session.
     refused: Cell<bool>,
-    /// The connection's calls account and the answer bounds, on the node.
+    /// The peer's calls account and the answer bounds, on the node.
     memory: Option<(Arc<Account>, AnswerBounds)>,
     /// Bytes each unanswered question holds in `memory`: its frame and its
     /// answer's bound.
@@ -130,11 +130,6 @@ impl GuardState {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
-    }
-
-    /// Bytes the session's unanswered calls hold.
-    pub fn held_by_answers(&self) -> usize {
-        self.answers.borrow().values().sum()
     }
 
     fn give(&self, bytes: usize) {

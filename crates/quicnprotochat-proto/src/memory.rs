@@ -24,7 +24,7 @@
 //! accounts are atomic, as the pools are.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -34,7 +34,7 @@ pub struct Pool {
     limit: usize,
     held: AtomicUsize,
     /// Accounts waiting for room, woken when any is given back.
-    waiting: Mutex<Vec<Waker>>,
+    waiting: Waiting,
 }
 
 impl Pool {
@@ -43,13 +43,13 @@ impl Pool {
         Arc::new(Pool {
             limit,
             held: AtomicUsize::new(0),
-            waiting: Mutex::new(Vec::new()),
+            waiting: Waiting::default(),
         })
     }
 
     /// Bytes held now, by all connections.
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
+        self.held.load(Ordering::SeqCst)
     }
 
     /// The pool's size.
@@ -63,12 +63,12 @@ impl Pool {
         if bytes == 0 {
             return Poll::Ready(());
         }
-        let mut held = self.held.load(Ordering::Relaxed);
+        let mut held = self.held.load(Ordering::SeqCst);
         loop {
             if held != 0 && held.saturating_add(bytes) > self.limit {
                 // Registered before the re-check, so a give in between wakes it.
-                self.lock_waiting().push(cx.waker().clone());
-                let now = self.held.load(Ordering::Relaxed);
+                self.waiting.push(cx.waker());
+                let now = self.held.load(Ordering::SeqCst);
                 if now == held {
                     return Poll::Pending;
                 }
@@ -77,7 +77,7 @@ impl Pool {
             }
             match self
                 .held
-                .compare_exchange_weak(held, held + bytes, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange_weak(held, held + bytes, Ordering::SeqCst, Ordering::SeqCst)
             {
                 Ok(_) => return Poll::Ready(()),
                 Err(now) => held = now,
@@ -89,15 +89,8 @@ impl Pool {
         if bytes == 0 {
             return;
         }
-        self.held.fetch_sub(bytes, Ordering::AcqRel);
-        let waiting = std::mem::take(&mut *self.lock_waiting());
-        for waker in waiting {
-            waker.wake();
-        }
-    }
-
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waker>> {
-        lock(&self.waiting)
+        self.held.fetch_sub(bytes, Ordering::SeqCst);
+        self.waiting.wake_all();
     }
 }
 
@@ -109,7 +102,7 @@ pub struct Account {
     floor: usize,
     pool: Arc<Pool>,
     held: AtomicUsize,
-    waiting: Mutex<Vec<Waker>>,
+    waiting: Waiting,
 }
 
 impl Account {
@@ -121,13 +114,13 @@ impl Account {
             floor: floor.min(limit),
             pool,
             held: AtomicUsize::new(0),
-            waiting: Mutex::new(Vec::new()),
+            waiting: Waiting::default(),
         })
     }
 
     /// Bytes held now.
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
+        self.held.load(Ordering::SeqCst)
     }
 
     /// The account's limit.
@@ -143,12 +136,12 @@ impl Account {
     /// Takes `bytes` once the account and the pool have room; `Pending`
     /// (with `cx` to be woken) until then.
     pub fn poll_take(&self, bytes: usize, cx: &mut Context<'_>) -> Poll<()> {
-        let mut held = self.held.load(Ordering::Relaxed);
+        let mut held = self.held.load(Ordering::SeqCst);
         loop {
             if held != 0 && held.saturating_add(bytes) > self.limit {
                 // Registered before the re-check, so a give in between wakes it.
-                lock(&self.waiting).push(cx.waker().clone());
-                let now = self.held.load(Ordering::Relaxed);
+                self.waiting.push(cx.waker());
+                let now = self.held.load(Ordering::SeqCst);
                 if now == held {
                     return Poll::Pending;
                 }
@@ -161,7 +154,7 @@ impl Account {
             std::task::ready!(self.pool.poll_take(from_pool, cx));
             match self
                 .held
-                .compare_exchange(held, after, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(held, after, Ordering::SeqCst, Ordering::SeqCst)
             {
                 Ok(_) => return Poll::Ready(()),
                 Err(now) => {
@@ -188,19 +181,51 @@ impl Account {
         if bytes == 0 {
             return;
         }
-        let before = self.held.fetch_sub(bytes, Ordering::AcqRel);
+        let before = self.held.fetch_sub(bytes, Ordering::SeqCst);
         let after = before.saturating_sub(bytes);
         self.pool.give(self.above_floor(before) - self.above_floor(after));
-        let waiting = std::mem::take(&mut *lock(&self.waiting));
-        for waker in waiting {
-            waker.wake();
-        }
+        self.waiting.wake_all();
     }
 }
 
-/// Locks a list of wakers; a panic while it was held left only wakers.
-fn lock(waiting: &Mutex<Vec<Waker>>) -> std::sync::MutexGuard<'_, Vec<Waker>> {
-    waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Tasks waiting for room. A give looks at a flag, not the lock, when
+/// nobody waits: the common case, on every answer written. (All orderings
+/// are sequentially consistent: a taker stores the flag then reads the
+/// count, a giver writes the count then reads the flag, and one of them
+/// must see the other's write.)
+#[derive(Debug, Default)]
+struct Waiting {
+    any: AtomicBool,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl Waiting {
+    fn push(&self, waker: &Waker) {
+        let mut wakers = self.lock();
+        wakers.push(waker.clone());
+        self.any.store(true, Ordering::SeqCst);
+    }
+
+    fn wake_all(&self) {
+        if !self.any.load(Ordering::SeqCst) {
+            return;
+        }
+        let wakers = {
+            let mut wakers = self.lock();
+            self.any.store(false, Ordering::SeqCst);
+            std::mem::take(&mut *wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// A panic while the lock was held left only a list of wakers.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Waker>> {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Bytes taken from an [`Account`], given back when dropped.
@@ -262,11 +287,13 @@ impl MemoryBudget {
 }
 
 /// The largest answer each `NodeService` method can give, in bytes, which
-/// a call holds in its connection's calls account from the moment it is
+/// a call holds in its peer's calls account from the moment it is
 /// read until its answer has been written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnswerBounds {
-    /// Outcomes, counts, pings, exceptions: a few hundred bytes.
+    /// Outcomes, counts, pings, exceptions: a few hundred bytes. Small
+    /// enough that a client's usual window of pipelined sends (32) stays
+    /// within its floor, off the shared pool.
     pub small: usize,
     /// `fetch`, `fetchSince` and `fetchWait`: at most
     /// [`crate::wire::FETCH_ANSWER_BYTES`] and one more message.
@@ -285,7 +312,7 @@ impl AnswerBounds {
     /// frames of `max_frame` bytes.
     pub fn new(max_payload: usize, max_frame: usize) -> AnswerBounds {
         AnswerBounds {
-            small: 4 * 1024,
+            small: 1024,
             messages: crate::wire::FETCH_ANSWER_BYTES + max_payload + 4 * 1024,
             large: max_frame,
             uploads: 128 * 1024,

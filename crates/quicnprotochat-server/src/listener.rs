@@ -17,12 +17,12 @@
 //! wait for the connections to close, then close the store, which commits
 //! what is queued, and join the worker threads.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex, Weak};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 

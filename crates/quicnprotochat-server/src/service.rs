@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use capnp::capability::Rc;
 use quicnprotochat_core::{IdentityKey, Seq, SignedDeviceList, fingerprint};
+use quicnprotochat_proto::memory::Account;
 use quicnprotochat_proto::outcome::{
     CommitOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree,
     ProposalOutcome, RateLimited, SendOutcome, TooLarge, UploadOutcome,
 };
-use quicnprotochat_proto::memory::Account;
 use quicnprotochat_proto::wire;
 use quicnprotochat_proto::{PROTOCOL_VERSION, auth_capnp, delivery_capnp, node_capnp};
 use tokio::sync::oneshot;
@@ -860,7 +860,9 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                         stall_timeout: session.stall_timeout,
                         most: session.push_bound,
                     };
-                    if push::push(store, recipient, after, subscriber, cancelled).await == push::Ended::Stalled {
+                    if push::push(store, recipient, after, subscriber, cancelled).await
+                        == push::Ended::Stalled
+                    {
                         (session.close)();
                     }
                     drop((live, open));

@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
-use quicnprotochat_proto::delivery_capnp::delivery_service;
 use node::process::{start, terminate};
+use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
 /// The queue the test writes and reads: that of the identity with seed 9.

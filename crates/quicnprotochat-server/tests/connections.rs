@@ -11,9 +11,9 @@ mod node;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use capnp::capability::FromClientHook;
 use node::{STEP_TIMEOUT, TestNode, client_endpoint_at};
 use quicnprotochat_core::IdentityKeypair;
-use capnp::capability::FromClientHook;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, rpc};
 

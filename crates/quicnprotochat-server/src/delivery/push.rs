@@ -48,7 +48,7 @@ pub async fn wait_for_messages(
 }
 
 /// Where a subscription's pushes go: the subscriber's receiver, the
-/// connection's pushes account and how long a push may wait for its answer.
+/// peer's pushes account and how long a push may wait for its answer.
 pub struct Subscriber {
     /// The client's `MessageReceiver`.
     pub receiver: delivery_capnp::message_receiver::Client,
@@ -76,7 +76,7 @@ pub enum Ended {
 /// waking on commits, until `cancelled` fires (the subscription was
 /// dropped), the receiver fails, it stalls or the node shuts down.
 ///
-/// Each push holds its messages in the connection's pushes account from
+/// Each push holds its messages in its peer's pushes account from
 /// before they are read until the subscriber answers; with the account (or
 /// the node's pool) spent, the push waits. So a subscriber that does not
 /// read costs the node at most its account, and past the stall timeout its

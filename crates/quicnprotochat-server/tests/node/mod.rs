@@ -174,7 +174,11 @@ pub fn client_endpoint(trusted: &Path, device: Option<&IdentityKeypair>) -> quin
 }
 
 /// [`client_endpoint`] on the local address `bind`.
-pub fn client_endpoint_at(trusted: &Path, device: Option<&IdentityKeypair>, bind: SocketAddr) -> quinn::Endpoint {
+pub fn client_endpoint_at(
+    trusted: &Path,
+    device: Option<&IdentityKeypair>,
+    bind: SocketAddr,
+) -> quinn::Endpoint {
     let identity = device.map(|keypair| peer::client_certificate(&keypair.pkcs8_der().unwrap()).unwrap());
     let config = transport::client_config(cert::load_certificate(trusted).unwrap(), identity).unwrap();
     let mut endpoint = quinn::Endpoint::client(bind).unwrap();

@@ -69,4 +69,3 @@ pub fn terminate(mut running: Running) -> (std::process::ExitStatus, String) {
     let rest: Vec<String> = running.log.try_iter().collect();
     (exit, rest.join("\n"))
 }
-
