@@ -31,30 +31,26 @@ use std::task::{Context, Poll, Waker};
 /// Bytes the whole node may hold for one kind of use, across connections.
 #[derive(Debug)]
 pub struct Pool {
-    limit: usize,
-    held: AtomicUsize,
-    /// Accounts waiting for room, woken when any is given back.
-    waiting: Waiting,
+    /// Accounts waiting for room are woken when any is given back.
+    bytes: Counter,
 }
 
 impl Pool {
     /// A pool of `limit` bytes.
     pub fn new(limit: usize) -> Arc<Pool> {
         Arc::new(Pool {
-            limit,
-            held: AtomicUsize::new(0),
-            waiting: Waiting::default(),
+            bytes: Counter::new(limit),
         })
     }
 
     /// Bytes held now, by all connections.
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
+        self.bytes.held()
     }
 
     /// The pool's size.
     pub fn limit(&self) -> usize {
-        self.limit
+        self.bytes.limit
     }
 
     /// Takes `bytes` if they fit (or the pool is empty); otherwise leaves
@@ -63,34 +59,18 @@ impl Pool {
         if bytes == 0 {
             return Poll::Ready(());
         }
-        let mut held = self.held.load(Ordering::SeqCst);
         loop {
-            if held != 0 && held.saturating_add(bytes) > self.limit {
-                // Registered before the re-check, so a give in between wakes it.
-                self.waiting.push(cx.waker());
-                let now = self.held.load(Ordering::SeqCst);
-                if now == held {
-                    return Poll::Pending;
-                }
-                held = now;
-                continue;
-            }
-            match self
-                .held
-                .compare_exchange_weak(held, held + bytes, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return Poll::Ready(()),
-                Err(now) => held = now,
+            let held = std::task::ready!(self.bytes.poll_room(bytes, cx));
+            if self.bytes.commit(held, held + bytes) {
+                return Poll::Ready(());
             }
         }
     }
 
     fn give(&self, bytes: usize) {
-        if bytes == 0 {
-            return;
+        if bytes != 0 {
+            self.bytes.give(bytes);
         }
-        self.held.fetch_sub(bytes, Ordering::SeqCst);
-        self.waiting.wake_all();
     }
 }
 
@@ -98,11 +78,9 @@ impl Pool {
 /// it, from whichever RPC thread serves it.
 #[derive(Debug)]
 pub struct Account {
-    limit: usize,
+    bytes: Counter,
     floor: usize,
     pool: Arc<Pool>,
-    held: AtomicUsize,
-    waiting: Waiting,
 }
 
 impl Account {
@@ -110,22 +88,20 @@ impl Account {
     /// drawn on `pool`.
     pub fn new(limit: usize, floor: usize, pool: Arc<Pool>) -> Arc<Account> {
         Arc::new(Account {
-            limit,
+            bytes: Counter::new(limit),
             floor: floor.min(limit),
             pool,
-            held: AtomicUsize::new(0),
-            waiting: Waiting::default(),
         })
     }
 
     /// Bytes held now.
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
+        self.bytes.held()
     }
 
     /// The account's limit.
     pub fn limit(&self) -> usize {
-        self.limit
+        self.bytes.limit
     }
 
     /// The part of `held` bytes drawn on the pool.
@@ -136,33 +112,17 @@ impl Account {
     /// Takes `bytes` once the account and the pool have room; `Pending`
     /// (with `cx` to be woken) until then.
     pub fn poll_take(&self, bytes: usize, cx: &mut Context<'_>) -> Poll<()> {
-        let mut held = self.held.load(Ordering::SeqCst);
         loop {
-            if held != 0 && held.saturating_add(bytes) > self.limit {
-                // Registered before the re-check, so a give in between wakes it.
-                self.waiting.push(cx.waker());
-                let now = self.held.load(Ordering::SeqCst);
-                if now == held {
-                    return Poll::Pending;
-                }
-                held = now;
-                continue;
-            }
+            let held = std::task::ready!(self.bytes.poll_room(bytes, cx));
             let after = held.saturating_add(bytes);
             // What lies above the floor comes from the pool.
             let from_pool = self.above_floor(after) - self.above_floor(held);
             std::task::ready!(self.pool.poll_take(from_pool, cx));
-            match self
-                .held
-                .compare_exchange(held, after, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return Poll::Ready(()),
-                Err(now) => {
-                    // Another connection of the peer moved first: try again.
-                    self.pool.give(from_pool);
-                    held = now;
-                }
+            if self.bytes.commit(held, after) {
+                return Poll::Ready(());
             }
+            // Another connection of the peer moved first: try again.
+            self.pool.give(from_pool);
         }
     }
 
@@ -181,10 +141,63 @@ impl Account {
         if bytes == 0 {
             return;
         }
-        let before = self.held.fetch_sub(bytes, Ordering::SeqCst);
+        let before = self.bytes.give(bytes);
         let after = before.saturating_sub(bytes);
         self.pool.give(self.above_floor(before) - self.above_floor(after));
+    }
+}
+
+/// Bytes held against a limit, and the tasks waiting for room.
+#[derive(Debug)]
+struct Counter {
+    limit: usize,
+    held: AtomicUsize,
+    waiting: Waiting,
+}
+
+impl Counter {
+    fn new(limit: usize) -> Counter {
+        Counter {
+            limit,
+            held: AtomicUsize::new(0),
+            waiting: Waiting::default(),
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// What is held now, once `bytes` more fit (or nothing is held: a lone
+    /// take bigger than the limit passes); until then `cx` waits for a give.
+    fn poll_room(&self, bytes: usize, cx: &mut Context<'_>) -> Poll<usize> {
+        let mut held = self.held();
+        loop {
+            if held == 0 || held.saturating_add(bytes) <= self.limit {
+                return Poll::Ready(held);
+            }
+            // Registered before the re-check, so a give in between wakes it.
+            self.waiting.push(cx.waker());
+            let now = self.held();
+            if now == held {
+                return Poll::Pending;
+            }
+            held = now;
+        }
+    }
+
+    /// Moves what is held from `held` to `after`, unless it changed since.
+    fn commit(&self, held: usize, after: usize) -> bool {
+        self.held
+            .compare_exchange(held, after, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Gives `bytes` back and wakes who waits; what was held before.
+    fn give(&self, bytes: usize) -> usize {
+        let before = self.held.fetch_sub(bytes, Ordering::SeqCst);
         self.waiting.wake_all();
+        before
     }
 }
 
