@@ -1,6 +1,7 @@
-//! Who may hold a connection: caps per remote address and for anonymous
-//! connections below the node's total, and QUIC address validation (Retry)
-//! once unvalidated handshakes pile up.
+//! Who may hold a connection: caps per remote address, per client identity,
+//! for anonymous connections and for strangers (a share of the node's
+//! total), and QUIC address validation (Retry) once unvalidated handshakes
+//! pile up.
 //!
 //! An "address" is an IPv4 address, or an IPv6 prefix (a /64 by default):
 //! whoever has one IPv6 address usually has a whole /64 of them, so
@@ -11,15 +12,19 @@
 //! connection ends.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use quicnprotochat_core::IdentityKey;
+
 /// The counters and their caps, shared by the accept loop and the workers.
 #[derive(Debug)]
 pub struct Admission {
-    per_address: Mutex<HashMap<IpAddr, usize>>,
-    max_per_address: usize,
+    per_address: PerKey<IpAddr>,
+    /// Connections per client identity, counted once the handshake shows it.
+    per_identity: PerKey<IdentityKey>,
     /// Leading bits of an IPv6 address that name its "address".
     ipv6_prefix: u8,
     anonymous: AtomicUsize,
@@ -49,17 +54,19 @@ impl Admission {
     /// one counted as its prefix of `ipv6_prefix` bits) and
     /// `max_anonymous` anonymous ones; Retry once more than `retry_above`
     /// handshakes from unvalidated addresses are in progress; at most
-    /// `max_strangers` connections of strangers (see [`Self::stranger`]).
+    /// `max_strangers` connections of strangers (see [`Self::stranger`])
+    /// and `max_per_identity` of one identity.
     pub fn new(
         max_per_address: usize,
         ipv6_prefix: u8,
         max_anonymous: usize,
         retry_above: usize,
         max_strangers: usize,
+        max_per_identity: usize,
     ) -> Arc<Admission> {
         Arc::new(Admission {
-            per_address: Mutex::new(HashMap::new()),
-            max_per_address,
+            per_address: PerKey::new(max_per_address),
+            per_identity: PerKey::new(max_per_identity),
             ipv6_prefix: ipv6_prefix.min(128),
             anonymous: AtomicUsize::new(0),
             max_anonymous,
@@ -77,14 +84,9 @@ impl Admission {
             return Decision::Retry;
         }
         let address = self.counted_as(address);
-        // A poisoned lock only means a panic elsewhere mid-update of plain
-        // counters; they are still usable.
-        let mut per_address = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
-        let held = per_address.entry(address).or_default();
-        if *held >= self.max_per_address {
+        if !self.per_address.take(address) {
             return Decision::Refuse;
         }
-        *held += 1;
         self.handshaking.fetch_add(1, Ordering::Relaxed);
         Decision::Admit(AddressSlot {
             admission: self.clone(),
@@ -106,6 +108,15 @@ impl Admission {
             }
             v4 => v4,
         }
+    }
+
+    /// Takes a slot of `identity`, whose connection's handshake just
+    /// proved it; `None` if it holds as many connections as it may.
+    pub fn identity(self: &Arc<Self>, identity: IdentityKey) -> Option<IdentitySlot> {
+        self.per_identity.take(identity).then(|| IdentitySlot {
+            admission: self.clone(),
+            identity,
+        })
     }
 
     /// Takes an anonymous slot for a connection whose handshake ended
@@ -172,17 +183,64 @@ impl AddressSlot {
 impl Drop for AddressSlot {
     fn drop(&mut self) {
         self.handshake_done();
-        let mut per_address = self
-            .admission
-            .per_address
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = per_address.get_mut(&self.address) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                per_address.remove(&self.address);
+        self.admission.per_address.give(self.address);
+    }
+}
+
+/// A connection counted against its client identity until dropped.
+#[derive(Debug)]
+pub struct IdentitySlot {
+    admission: Arc<Admission>,
+    identity: IdentityKey,
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        self.admission.per_identity.give(self.identity);
+    }
+}
+
+/// Connections held per key (an address, an identity), up to a cap; a key
+/// holding none is forgotten.
+#[derive(Debug)]
+struct PerKey<K> {
+    held: Mutex<HashMap<K, usize>>,
+    max: usize,
+}
+
+impl<K: Hash + Eq> PerKey<K> {
+    fn new(max: usize) -> PerKey<K> {
+        PerKey {
+            held: Mutex::new(HashMap::new()),
+            max,
+        }
+    }
+
+    /// Counts one more for `key`, unless it holds its cap already.
+    fn take(&self, key: K) -> bool {
+        let mut held = self.lock();
+        let count = held.entry(key).or_default();
+        if *count >= self.max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn give(&self, key: K) {
+        let mut held = self.lock();
+        if let Some(count) = held.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&key);
             }
         }
+    }
+
+    /// A poisoned lock only means a panic elsewhere mid-update of plain
+    /// counters; they are still usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, usize>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -205,7 +263,7 @@ mod tests {
 
     #[test]
     fn an_address_holds_at_most_its_share_and_gets_it_back() {
-        let admission = Admission::new(2, 64, 1, 100, usize::MAX);
+        let admission = Admission::new(2, 64, 1, 100, usize::MAX, usize::MAX);
         let address: IpAddr = "192.0.2.1".parse().unwrap();
         let first = admission.admit(address, true, true);
         let second = admission.admit(address, true, true);
@@ -221,7 +279,7 @@ mod tests {
 
     #[test]
     fn unvalidated_handshakes_beyond_the_threshold_are_asked_to_retry() {
-        let admission = Admission::new(100, 64, 1, 2, usize::MAX);
+        let admission = Admission::new(100, 64, 1, 2, usize::MAX, usize::MAX);
         let address: IpAddr = "192.0.2.1".parse().unwrap();
         let mut slots: Vec<AddressSlot> = (0..2)
             .map(|_| match admission.admit(address, false, true) {
@@ -242,8 +300,20 @@ mod tests {
     }
 
     #[test]
+    fn an_identity_holds_at_most_its_share_and_gets_it_back() {
+        let admission = Admission::new(100, 64, 100, 100, 100, 2);
+        let (alice, bob) = (IdentityKey::from_bytes([1; 32]), IdentityKey::from_bytes([2; 32]));
+        let first = admission.identity(alice).unwrap();
+        let _second = admission.identity(alice).unwrap();
+        assert!(admission.identity(alice).is_none());
+        assert!(admission.identity(bob).is_some(), "each identity has its own");
+        drop(first);
+        assert!(admission.identity(alice).is_some());
+    }
+
+    #[test]
     fn strangers_hold_at_most_their_share() {
-        let admission = Admission::new(100, 64, 100, 100, 2);
+        let admission = Admission::new(100, 64, 100, 100, 2, usize::MAX);
         let first = admission.stranger().unwrap();
         let _second = admission.stranger().unwrap();
         assert!(admission.stranger().is_none());
@@ -253,7 +323,7 @@ mod tests {
 
     #[test]
     fn anonymous_connections_have_their_own_cap() {
-        let admission = Admission::new(100, 64, 2, 100, usize::MAX);
+        let admission = Admission::new(100, 64, 2, 100, usize::MAX, usize::MAX);
         let first = admission.anonymous().unwrap();
         let _second = admission.anonymous().unwrap();
         assert!(admission.anonymous().is_none());
@@ -263,7 +333,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_prefix_counts_as_one_address_and_a_mapped_ipv4_as_itself() {
-        let admission = Admission::new(2, 64, 1, 100, usize::MAX);
+        let admission = Admission::new(2, 64, 1, 100, usize::MAX, usize::MAX);
         let admit = |text: &str| admission.admit(text.parse().unwrap(), true, true);
         // Two addresses of one /64 share its cap.
         let _a = admit("2001:db8:1:2::1");
@@ -276,13 +346,13 @@ mod tests {
         let _d = admit("::ffff:192.0.2.7");
         assert!(matches!(admit("192.0.2.7"), Decision::Refuse));
         // /128 counts every IPv6 address on its own; /0 all as one.
-        let exact = Admission::new(1, 128, 1, 100, usize::MAX);
+        let exact = Admission::new(1, 128, 1, 100, usize::MAX, usize::MAX);
         let _e = exact.admit("2001:db8::1".parse().unwrap(), true, true);
         assert!(matches!(
             exact.admit("2001:db8::2".parse().unwrap(), true, true),
             Decision::Admit(_)
         ));
-        let all = Admission::new(1, 0, 1, 100, usize::MAX);
+        let all = Admission::new(1, 0, 1, 100, usize::MAX, usize::MAX);
         let _f = all.admit("2001:db8::1".parse().unwrap(), true, true);
         assert!(matches!(
             all.admit("2001:db9::2".parse().unwrap(), true, true),

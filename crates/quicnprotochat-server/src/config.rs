@@ -75,6 +75,9 @@ pub const DEFAULT_UDP_BUFFER: usize = 4 << 20;
 /// Seconds of silence before a connection is closed.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
 
+/// Default for [`Config::max_connections_per_identity`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: usize = 32;
+
 /// Default for [`Config::reserved_connections_percent`]: a quarter of the
 /// total.
 pub const DEFAULT_RESERVED_CONNECTIONS_PERCENT: u8 = 25;
@@ -159,6 +162,8 @@ pub struct Config {
     /// Most connections one remote IP address may hold (an IPv6 address
     /// counts as its prefix of `ipv6_prefix` bits).
     pub max_connections_per_address: usize,
+    /// Most connections one client identity may hold, from anywhere.
+    pub max_connections_per_identity: usize,
     /// The IPv6 prefix length (0 to 128) counted as one address.
     pub ipv6_prefix: u8,
     /// Most connections without a client certificate; further ones are
@@ -215,6 +220,7 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             reserved_connections_percent: DEFAULT_RESERVED_CONNECTIONS_PERCENT,
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
             max_anonymous_connections: DEFAULT_MAX_ANONYMOUS_CONNECTIONS,
             retry_above: DEFAULT_RETRY_ABOVE,

@@ -65,6 +65,10 @@ const TOO_MANY_ANONYMOUS: u32 = 0x51;
 /// (after the handshake) when strangers hold their whole share.
 const TOO_MANY_STRANGERS: u32 = 0x53;
 
+/// The QUIC application error code a connection is closed with (after the
+/// handshake) when its identity holds as many connections as it may.
+const TOO_MANY_FOR_IDENTITY: u32 = 0x54;
+
 /// The QUIC application error code a connection is closed with when it kept
 /// the node waiting longer than the stall timeout.
 pub const STALLED: u32 = 0x52;
@@ -228,6 +232,7 @@ impl Node {
             config.max_anonymous_connections,
             config.retry_above,
             strangers_share(config.max_connections, config.reserved_connections_percent),
+            config.max_connections_per_identity,
         );
         let reader_options = rpc::reader_options(config.max_payload);
         let serving = Serving {
@@ -635,6 +640,20 @@ async fn serve_connection(
         }
     };
     let peer = peer::peer_identity(&connection);
+    let _identity = match peer {
+        Some(identity) => match admission.identity(identity) {
+            Some(slot) => Some(slot),
+            None => {
+                debug!(%remote, "refused: its identity holds as many connections as it may");
+                connection.close(
+                    TOO_MANY_FOR_IDENTITY.into(),
+                    b"too many connections for this identity",
+                );
+                return;
+            }
+        },
+        None => None,
+    };
     let _anonymous = match peer {
         Some(_) => None,
         None => match admission.anonymous() {

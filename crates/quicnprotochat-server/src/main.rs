@@ -80,6 +80,10 @@ struct Args {
     #[arg(long, env = "QUICNPROTOCHAT_IPV6_PREFIX", default_value_t = config::DEFAULT_IPV6_PREFIX,
           value_parser = clap::value_parser!(u8).range(0..=128))]
     ipv6_prefix: u8,
+    /// Most connections one client identity may hold, from any address; further
+    /// ones are closed after the handshake.
+    #[arg(long, env = "QUICNPROTOCHAT_MAX_CONNECTIONS_PER_IDENTITY", default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY)]
+    max_connections_per_identity: usize,
     /// Most connections without a client certificate.
     #[arg(long, env = "QUICNPROTOCHAT_MAX_ANONYMOUS_CONNECTIONS", default_value_t = config::DEFAULT_MAX_ANONYMOUS_CONNECTIONS)]
     max_anonymous_connections: usize,
@@ -223,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
         reserved_connections_percent: args.reserved_connections_percent,
         max_connections_per_address: args.max_connections_per_address,
         ipv6_prefix: args.ipv6_prefix,
+        max_connections_per_identity: args.max_connections_per_identity,
         max_anonymous_connections: args.max_anonymous_connections,
         retry_above: config::DEFAULT_RETRY_ABOVE,
         idle_timeout: Duration::from_secs(args.idle_timeout),
@@ -243,29 +248,38 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Completes on Ctrl-C or (on Unix) SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+///
+/// The handlers are installed here, before the node starts, not when the
+/// future is first polled: a SIGTERM arriving just after the node logs its
+/// address must stop it cleanly, not kill it.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let (mut interrupt, mut terminate) = match (interrupt, terminate) {
+            (Ok(interrupt), Ok(terminate)) => (interrupt, terminate),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("cannot listen for Ctrl-C and SIGTERM: {e}");
+                return std::future::pending().await;
+            }
+        };
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("Ctrl-C received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+}
+
+/// Completes on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!("cannot listen for Ctrl-C: {e}");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C received"),
-        () = terminate => tracing::info!("SIGTERM received"),
+        tracing::info!("Ctrl-C received");
     }
 }

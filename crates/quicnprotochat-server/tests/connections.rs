@@ -2,7 +2,8 @@
 //! it already serves: fresh identities from six loopback addresses and from
 //! [::1] fill all they may of a node's total (scaled down to 40, a quarter
 //! kept), and a member (an identity with a message queued) still connects
-//! and is served, while one more stranger is turned away.
+//! and is served, while one more stranger is turned away; and one identity
+//! holds at most its cap of connections, from any address.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -21,9 +22,12 @@ use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, rpc};
 const TOTAL: usize = 40;
 const RESERVED_PERCENT: u8 = 25;
 const PER_ADDRESS: usize = 8;
+const PER_IDENTITY: usize = 3;
 
-/// The QUIC application error code of a stranger turned away.
+/// The QUIC application error codes of a stranger turned away, and of a
+/// connection beyond its identity's cap.
 const TOO_MANY_STRANGERS: u32 = 0x53;
+const TOO_MANY_FOR_IDENTITY: u32 = 0x54;
 
 /// A fresh identity, never seen by the node.
 fn stranger(n: u8) -> IdentityKeypair {
@@ -75,6 +79,7 @@ async fn strangers_from_many_addresses_cannot_lock_a_member_out() {
         config.max_connections = TOTAL;
         config.reserved_connections_percent = RESERVED_PERCENT;
         config.max_connections_per_address = PER_ADDRESS;
+        config.max_connections_per_identity = PER_IDENTITY;
     })
     .await;
     let strangers_share = TOTAL - TOTAL * usize::from(RESERVED_PERCENT) / 100;
@@ -142,6 +147,30 @@ async fn strangers_from_many_addresses_cannot_lock_a_member_out() {
     })
     .await;
     assert!(connection.close_reason().is_none(), "the member stays connected");
+
+    // The member may hold a few more, from another address, up to its
+    // identity's cap; beyond it, a connection is closed after its handshake.
+    let mut more = Vec::new();
+    for _ in 1..PER_IDENTITY {
+        more.push(
+            connect(&node, &member, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)))
+                .await
+                .unwrap(),
+        );
+    }
+    let (_endpoint, beyond) = connect(&node, &member, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)))
+        .await
+        .unwrap();
+    match tokio::time::timeout(STEP_TIMEOUT, beyond.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, TOO_MANY_FOR_IDENTITY.into())
+        }
+        other => panic!("a connection beyond the identity's cap should be closed, got {other}"),
+    }
+    assert!(
+        more.iter()
+            .all(|(_, connection)| connection.close_reason().is_none())
+    );
 
     // One more stranger, from the member's address: turned away.
     let (_stranger_endpoint, late) = connect(&node, &stranger(200), IpAddr::V4(Ipv4Addr::LOCALHOST))
