@@ -1,6 +1,7 @@
 //! The wire contract states one protocol version in three places: the
-//! README a client author reads, the schema they generate code from, and
-//! what a running node reports in `ping`. All three must be the code's.
+//! protocol document a client author reads (docs/protocol.md), the schema
+//! they generate code from, and what a running node reports in `ping`. All
+//! three must be the code's.
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -11,9 +12,9 @@ use std::path::{Path, PathBuf};
 use node::TestNode;
 use quicnprotochat_proto::PROTOCOL_VERSION;
 
-/// The heading of the README's section on outcomes, which names the
+/// The heading of docs/protocol.md's section on outcomes, which names the
 /// protocol version it describes.
-const README_HEADING: &str = "## Outcomes and errors (protocol version ";
+const DOCS_HEADING: &str = "## Outcomes and errors (protocol version ";
 
 /// How `NodeInfo.protocolVersion`'s comment in `schemas/node.capnp` names
 /// the current version.
@@ -30,22 +31,22 @@ fn leading_number(text: &str) -> Option<u16> {
     text[..end].parse().ok()
 }
 
-/// The protocol version in the README's outcomes heading.
-fn readme_version(readme: &str) -> u16 {
-    let headings: Vec<&str> = readme
+/// The protocol version in docs/protocol.md's outcomes heading.
+fn docs_version(docs: &str) -> u16 {
+    let headings: Vec<&str> = docs
         .lines()
-        .filter_map(|line| line.strip_prefix(README_HEADING))
+        .filter_map(|line| line.strip_prefix(DOCS_HEADING))
         .collect();
     let [heading] = headings.as_slice() else {
         panic!(
-            "README.md has {} headings \"{README_HEADING}N)\", not one",
+            "docs/protocol.md has {} headings \"{DOCS_HEADING}N)\", not one",
             headings.len()
         );
     };
     heading
         .strip_suffix(')')
         .and_then(|number| number.parse().ok())
-        .unwrap_or_else(|| panic!("README.md: no version in \"{README_HEADING}{heading}\""))
+        .unwrap_or_else(|| panic!("docs/protocol.md: no version in \"{DOCS_HEADING}{heading}\""))
 }
 
 /// The version `NodeInfo.protocolVersion`'s comment calls current.
@@ -63,16 +64,16 @@ fn schema_version(schema: &str) -> u16 {
 }
 
 #[tokio::test]
-async fn readme_schema_and_running_node_state_the_code_protocol_version() {
+async fn docs_schema_and_running_node_state_the_code_protocol_version() {
     let root = repository();
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let docs = std::fs::read_to_string(root.join("docs/protocol.md")).unwrap();
     let schema = std::fs::read_to_string(root.join("schemas/node.capnp")).unwrap();
     let node = TestNode::start(|_| {}).await;
     let pinged = node.pinged_protocol().await;
     node.stop().await;
 
     let stated = [
-        ("README.md", readme_version(&readme)),
+        ("docs/protocol.md", docs_version(&docs)),
         ("schemas/node.capnp", schema_version(&schema)),
         ("a running node's ping", pinged),
     ];
