@@ -11,7 +11,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
 
@@ -23,7 +22,7 @@ use quicnprotochat_client::{Cli, commands};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair, Seq, generate_key_package};
 use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
-use quicnprotochat_server::{Config, Node};
+use quicnprotochat_server::testing::TestNode;
 
 /// Members added per Commit: a creator-only group's Commit carries an update
 /// path encrypted to nearly every member (~85 B each), plus each added
@@ -36,22 +35,8 @@ fn main() {
         .map_or(10_000, |a| a.parse().expect("SIZE is a number"));
     assert!(size >= 2, "a group to join has at least its creator");
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::in_dir(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
-    let (bound, addr) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async move {
-            let node = Node::bind(config).await.unwrap();
-            bound.send(node.local_addr()).unwrap();
-            node.run(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-    });
-    let addr: SocketAddr = addr.recv().unwrap();
+    let mut node = TestNode::builder().in_dir(dir.path()).start();
+    let addr = node.addr;
     let cert = dir.path().join("server-cert.der");
     let state = dir.path().join("joiner.state");
     let connection = [
@@ -197,6 +182,5 @@ fn main() {
         join.as_secs_f64(),
         quicnprotochat_server::config::DEFAULT_MAX_PAYLOAD
     );
-    drop(stop);
-    node.join().unwrap();
+    node.stop();
 }

@@ -61,10 +61,10 @@ fn main() {
     let binary = client_binary();
     let temp = tempfile::tempdir().unwrap();
     let node_dir = temp.path().join("node");
-    let addr = start_node(node_dir.clone());
+    let node = start_node(node_dir.clone());
     let client = Client {
         binary,
-        server: addr.to_string(),
+        server: node.addr.to_string(),
         ca_cert: node_dir.join("server-cert.der"),
     };
     let mut rows = Vec::new();

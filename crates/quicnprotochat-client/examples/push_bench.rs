@@ -31,9 +31,9 @@ fn main() {
     let messages: usize = args.next().map_or(10_000, |n| n.parse().expect("MESSAGES"));
     let rate: u64 = args.next().map_or(2_000, |n| n.parse().expect("RATE"));
     let dir = tempfile::tempdir().unwrap();
-    let addr = start_node(dir.path().to_owned());
+    let node = start_node(dir.path().to_owned());
     let options = ConnectOptions {
-        server: addr.to_string(),
+        server: node.addr.to_string(),
         server_name: None,
         ca_cert: dir.path().join("server-cert.der"),
     };

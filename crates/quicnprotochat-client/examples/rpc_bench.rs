@@ -62,14 +62,14 @@ fn main() {
             None,
         ),
         None => {
-            let addr = start_node(temp.path().to_owned());
+            let node = start_node(temp.path().to_owned());
             (
                 ConnectOptions {
-                    server: addr.to_string(),
+                    server: node.addr.to_string(),
                     server_name: None,
-                    ca_cert: temp.path().join("server-cert.der"),
+                    ca_cert: node.cert().to_owned(),
                 },
-                Some(addr),
+                Some(node),
             )
         }
     };
@@ -159,16 +159,16 @@ fn main() {
 fn pings_beside_key_package_uploads(runtime: &tokio::runtime::Runtime) {
     const BATCHES: usize = 20;
     let temp = tempfile::tempdir().unwrap();
-    let addr = start_node_with(temp.path().to_owned(), |config| {
+    let node = start_node_with(temp.path().to_owned(), |config| {
         config.rpc_threads = 1;
         config.key_package_upload_rate = 0;
         config.send_bytes_rate = 0;
         config.max_key_packages = 1_000_000;
     });
     let options = ConnectOptions {
-        server: addr.to_string(),
+        server: node.addr.to_string(),
         server_name: None,
-        ca_cert: temp.path().join("server-cert.der"),
+        ca_cert: node.cert().to_owned(),
     };
     let uploader = IdentityKeypair::generate();
     let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();

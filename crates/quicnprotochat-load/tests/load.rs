@@ -5,36 +5,23 @@
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use quicnprotochat_client::node_client::ConnectOptions;
 use quicnprotochat_load::{Idle, Scenario, Shape, idle, run};
-use quicnprotochat_server::{Config, Node};
+use quicnprotochat_server::testing::TestNode;
 
-fn start_node(dir: std::path::PathBuf) -> ConnectOptions {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let config_dir = dir.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let mut config = Config::in_dir(&config_dir, SocketAddr::from(([127, 0, 0, 1], 0)));
-            config.enqueue_rate = 0;
-            let node = Node::bind(config).await.unwrap();
-            tx.send(node.local_addr()).unwrap();
-            node.run(std::future::pending()).await.unwrap();
-        });
-    });
-    let addr = rx.recv().unwrap();
-    ConnectOptions {
-        server: addr.to_string(),
+/// A node taking sends as fast as they come, and how to reach it.
+fn start_node() -> (TestNode, ConnectOptions) {
+    let node = TestNode::builder()
+        .configure(|config| config.enqueue_rate = 0)
+        .start();
+    let options = ConnectOptions {
+        server: node.addr.to_string(),
         server_name: None,
-        ca_cert: dir.join("server-cert.der"),
-    }
+        ca_cert: node.cert().to_owned(),
+    };
+    (node, options)
 }
 
 fn scenario(shape: Shape, rate: Option<f64>, batch: usize) -> Scenario {
@@ -52,8 +39,7 @@ fn scenario(shape: Shape, rate: Option<f64>, batch: usize) -> Scenario {
 
 #[test]
 fn every_message_of_a_ring_and_a_fan_out_is_pushed_and_timed() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = start_node(dir.path().to_owned());
+    let (_node, options) = start_node();
     for (name, scenario) in [
         ("ring, unpaced", scenario(Shape::Ring(4), None, 1)),
         ("ring, paced, batches", scenario(Shape::Ring(3), Some(400.0), 4)),
@@ -92,8 +78,7 @@ fn every_message_of_a_ring_and_a_fan_out_is_pushed_and_timed() {
 
 #[test]
 fn an_idle_run_subscribes_every_client_and_measures_the_whole_window() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = start_node(dir.path().to_owned());
+    let (_node, options) = start_node();
     let window = Duration::from_millis(300);
     let idle_run = Idle {
         clients: 5,

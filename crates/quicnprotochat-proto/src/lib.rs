@@ -61,3 +61,7 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
 /// The port a node listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 4201;
+
+/// Where a node writes its certificate (relative to where it runs) unless
+/// told otherwise, and where clients look for it to trust.
+pub const DEFAULT_CERT_PATH: &str = "data/server-cert.der";

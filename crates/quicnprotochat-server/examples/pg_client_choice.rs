@@ -1,6 +1,6 @@
 //! Why the PostgreSQL store uses the synchronous `postgres` client: the
-//! measurement behind the choice (BENCHMARKS.md, "Several nodes on
-//! PostgreSQL").
+//! measurement behind the choice (docs/benchmarks/journal.md, "Several
+//! nodes on PostgreSQL").
 //!
 //! The rules decide each command statement by statement (a claimed message
 //! id, then the queue's usage, then the append), so one command's

@@ -17,7 +17,7 @@ pub use quicnprotochat_proto::DEFAULT_MAX_PAYLOAD;
 /// Where the node listens: every IPv4 address, port 4201.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT);
 /// The node's certificate file.
-pub const DEFAULT_TLS_CERT: &str = "data/server-cert.der";
+pub const DEFAULT_TLS_CERT: &str = quicnprotochat_proto::DEFAULT_CERT_PATH;
 /// The node's private key file.
 pub const DEFAULT_TLS_KEY: &str = "data/server-key.der";
 /// The node's database.
@@ -29,15 +29,10 @@ pub const DEFAULT_ENQUEUE_RATE: u32 = 1_000;
 /// part of it; a client pushing media at full speed is slowed down, instead
 /// of filling the disk at tens of MB/s.
 pub const DEFAULT_SEND_BYTES_RATE: u64 = 4 * 1024 * 1024;
-/// Payload bytes one queue may hold: 256 MiB, a long absence in busy groups
-/// or 256 messages at the largest payload; beyond it, `queueFull`.
-pub const DEFAULT_MAX_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
-/// Unexpired KeyPackages one identity may keep on the node of each
-/// ciphersuite: far above what a client keeps (10 and a last resort per
-/// suite), far below what fills a disk.
-pub const DEFAULT_MAX_KEY_PACKAGES: u32 = 1_000;
+pub use crate::delivery::{DEFAULT_MAX_KEY_PACKAGES, DEFAULT_MAX_QUEUE_BYTES};
 /// Longest KeyPackage lifetime accepted (RFC 9420, section 7.2, asks for a
-/// maximum): 90 days; clients make them for 28 days and renew.
+/// maximum): 90 days; this project's client makes them with OpenMLS's
+/// default lifetime (12 weeks) and renews them.
 pub const DEFAULT_MAX_KEY_PACKAGE_LIFETIME_DAYS: u64 = 90;
 /// KeyPackages one identity may upload per minute (bursts of as many):
 /// checking a KeyPackage's signatures costs the node real CPU, and a client
@@ -94,7 +89,8 @@ pub const DEFAULT_RETENTION_DAYS: u64 = 30;
 pub const DEFAULT_GROUP_RETENTION_DAYS: u64 = 365;
 
 /// Largest payload limit a node can be configured with. Fetch answers carry
-/// whole payloads, and clients refuse RPC messages above 64 MiB.
+/// whole payloads, and this project's client refuses RPC messages above
+/// 32 MiB.
 pub const MAX_PAYLOAD_CEILING: usize = 16 * 1024 * 1024;
 
 /// Everything the node can be told.
@@ -117,8 +113,8 @@ pub struct Config {
     /// store's writer. Each new connection goes to the
     /// thread serving the fewest, the first on a tie. Defaults to the number
     /// of CPUs: with one thread, a flood of TLS handshakes or a heavy
-    /// client holds up every other client's calls (BENCHMARKS.md, "Cost per
-    /// message").
+    /// client holds up every other client's calls
+    /// (docs/benchmarks/journal.md, "Cost per message").
     pub rpc_threads: usize,
     /// Most messages one recipient's queue may hold; a send that would go
     /// beyond it is refused with the `queueFull` outcome.

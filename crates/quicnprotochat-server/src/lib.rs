@@ -34,6 +34,7 @@
 //! - [`metrics`] — the Prometheus series the node records, the recorder
 //!   and the `/metrics` HTTP listener.
 //! - [`error`] — the node's error types and their conversion to RPC errors.
+//! - `testing` (feature `testing`) — the node every test and example starts.
 
 pub mod admission;
 pub mod config;
@@ -44,6 +45,8 @@ pub mod listener;
 pub mod metrics;
 pub mod service;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::Config;
 pub use error::ServerError;

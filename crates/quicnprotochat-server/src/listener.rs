@@ -6,7 +6,7 @@
 //! its own RPC session. The first worker also runs the store's writer: a
 //! call served there reaches the writer, and gets its answer, without
 //! waking another thread (each such wake-up costs more CPU than the call's
-//! own work; BENCHMARKS.md, "Cost per message"). The caller's runtime runs
+//! own work; docs/benchmarks/journal.md, "Cost per message"). The caller's runtime runs
 //! the QUIC endpoint's socket I/O, accepts connections and runs the
 //! retention task. (The socket I/O ran on the first worker too, which saved
 //! a wake-up per packet, but under the abuse test's floods a busy worker

@@ -225,7 +225,8 @@ impl NodeServiceImpl {
     /// On a blocking-pool thread: a KeyPackage's signatures cost the node
     /// real CPU, and an upload of a hundred held this RPC thread, and every
     /// connection it serves, for 11 ms in a release build and 2 s in a
-    /// debug one (BENCHMARKS.md, "KeyPackage checks off the RPC threads").
+    /// debug one (docs/benchmarks/journal.md, "KeyPackage checks off the RPC
+    /// threads").
     async fn check_key_packages(
         &self,
         owner: IdentityKey,

@@ -9,125 +9,77 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver, channel};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
 use quicnprotochat_core::{IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::outcome::SendOutcome;
-use quicnprotochat_server::{Config, Node};
-use tokio::sync::oneshot;
+use quicnprotochat_server::Config;
+use quicnprotochat_server::testing;
 
-/// A node running on its own thread; stopped cleanly on drop.
+/// The node every test starts (`quicnprotochat_server::testing`), with
+/// ways to run the client against it.
 pub struct TestNode {
-    pub addr: SocketAddr,
-    pub dir: PathBuf,
-    _temp: Option<tempfile::TempDir>,
-    shutdown: Option<oneshot::Sender<()>>,
-    /// Ends with what `Node::run` returned.
-    thread: Option<JoinHandle<Result<(), String>>>,
+    node: testing::TestNode,
+}
+
+impl std::ops::Deref for TestNode {
+    type Target = testing::TestNode;
+
+    fn deref(&self) -> &testing::TestNode {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for TestNode {
+    fn deref_mut(&mut self) -> &mut testing::TestNode {
+        &mut self.node
+    }
 }
 
 impl TestNode {
     /// A node with a fresh temporary data directory.
     pub fn start() -> TestNode {
-        let temp = tempfile::tempdir().expect("temp dir");
-        let mut node = Self::start_in(temp.path().to_owned(), 0);
-        node._temp = Some(temp);
-        node
+        TestNode {
+            node: testing::TestNode::start(),
+        }
     }
 
     /// A node keeping its certificate and database in `dir`, on `port`
     /// (0: any free port).
     pub fn start_in(dir: PathBuf, port: u16) -> TestNode {
-        Self::start_with(
-            Config::in_dir(&dir, SocketAddr::from(([127, 0, 0, 1], port))),
-            dir,
-        )
+        TestNode {
+            node: testing::TestNode::builder().in_dir(dir).port(port).start(),
+        }
     }
 
     /// A node in `dir` on any free port, its defaults changed by
     /// `configure`.
     pub fn start_configured(dir: &Path, configure: impl FnOnce(&mut Config)) -> TestNode {
-        let mut config = Config::in_dir(dir, SocketAddr::from(([127, 0, 0, 1], 0)));
-        configure(&mut config);
-        Self::start_with(config, dir.to_owned())
+        TestNode {
+            node: testing::TestNode::builder()
+                .in_dir(dir)
+                .configure(configure)
+                .start(),
+        }
     }
 
-    /// A node with a custom configuration.
+    /// A node with a custom configuration, its files in `dir`.
     pub fn start_with(config: Config, dir: PathBuf) -> TestNode {
-        let (shutdown, stop) = oneshot::channel::<()>();
-        let (bound, addr) = mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let node = Node::bind(config).await.expect("node binds");
-                bound.send(node.local_addr()).expect("report address");
-                node.run(async {
-                    let _ = stop.await;
-                })
-                .await
-                .map_err(|e| e.to_string())
-            })
-        });
-        let addr = addr.recv().expect("node started");
         TestNode {
-            addr,
-            dir,
-            _temp: None,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            node: testing::TestNode::builder().in_dir(dir).config(config).start(),
         }
     }
 
     /// The node's certificate, which clients trust.
     pub fn cert(&self) -> PathBuf {
-        self.dir.join("server-cert.der")
-    }
-
-    /// Stops the node cleanly and waits until its database is closed.
-    pub fn stop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let ran = thread.join().expect("node thread");
-            ran.expect("node runs and stops cleanly");
-        }
-    }
-
-    /// What the node's run ended with, if it stopped by itself (it was not
-    /// told to); `None` while it runs.
-    pub fn stopped_by_itself(&mut self) -> Option<Result<(), String>> {
-        if !self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
-            return None;
-        }
-        self.shutdown = None;
-        self.thread
-            .take()
-            .map(|thread| thread.join().expect("node thread"))
+        self.node.cert().to_owned()
     }
 
     /// Stops the node and starts it again on the same port and data.
     pub fn restart(&mut self) {
-        self.restart_with(|_| {});
-    }
-
-    /// Stops the node and starts it again on the same port and data, with
-    /// its configuration changed by `adjust`.
-    pub fn restart_with(&mut self, adjust: impl FnOnce(&mut Config)) {
-        self.stop();
-        let temp = self._temp.take();
-        let mut config = Config::in_dir(&self.dir, SocketAddr::from(([127, 0, 0, 1], self.addr.port())));
-        adjust(&mut config);
-        let mut node = Self::start_with(config, self.dir.clone());
-        node._temp = temp;
-        std::mem::swap(self, &mut node);
+        self.node.restart_with(|_| {});
     }
 
     /// Connection options for library clients.
@@ -197,18 +149,6 @@ impl TestNode {
             String::from_utf8_lossy(&output.stdout)
         );
         String::from_utf8(output.stdout).expect("UTF-8 output")
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            // Don't turn a failing test into a double panic.
-            let _ = thread.join();
-        }
     }
 }
 

@@ -17,8 +17,9 @@ pub mod storage;
 
 pub use memory::MemoryStorage;
 pub use rules::{
-    CommitRefusal, DEFAULT_MAX_QUEUE_DEPTH, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES,
-    Limits, NotAMember, SendRefusal, TooManyKeyPackages,
+    CommitRefusal, DEFAULT_MAX_KEY_PACKAGES, DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_DEPTH,
+    DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAMember, SendRefusal,
+    TooManyKeyPackages,
 };
 pub use storage::{
     DamagedDeviceList, DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree,

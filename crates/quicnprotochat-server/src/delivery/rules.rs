@@ -54,6 +54,17 @@ pub const MAX_DEVICE_LIST_STEP: u64 = 1 << 32;
 /// The node's default for [`Limits::max_queue_depth`].
 pub const DEFAULT_MAX_QUEUE_DEPTH: usize = 10_000;
 
+/// The node's default for [`Limits::max_queue_bytes`]: 256 MiB, a long
+/// absence in busy groups or 256 messages at the largest payload; beyond
+/// it, `queueFull`.
+pub const DEFAULT_MAX_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The node's default for [`Limits::max_key_packages`], unexpired
+/// KeyPackages of one identity and ciphersuite: far above what a client
+/// keeps (10 and a last resort per suite), far below what fills a
+/// disk.
+pub const DEFAULT_MAX_KEY_PACKAGES: u32 = 1_000;
+
 /// Limits the rules enforce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -71,8 +82,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
-            max_queue_bytes: 256 * 1024 * 1024,
-            max_key_packages: 1_000,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
+            max_key_packages: DEFAULT_MAX_KEY_PACKAGES,
         }
     }
 }

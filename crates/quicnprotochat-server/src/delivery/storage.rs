@@ -3,7 +3,7 @@
 //!
 //! A backend implements [`Storage`] for the duration of one command inside
 //! its transaction; the rules in [`super::rules`] decide everything else. The
-//! conformance suite (`store::conformance`) holds every backend to the same
+//! conformance suite (`tests/conformance/`) holds every backend to the same
 //! behaviour.
 
 use quicnprotochat_core::{DeviceList, GroupId, IdentityKey, Seq, SignedDeviceList, Suite};

@@ -20,6 +20,8 @@
 //!   both backends.
 //! - `lock` — one node per SQLite file: a lock file held for the node's
 //!   life.
+//! - `memory` — the store over the in-memory reference storage: the same
+//!   commands and reads, no database.
 //! - `postgres` — the PostgreSQL backend: writer and reader connections,
 //!   migrations, LISTEN/NOTIFY between nodes.
 //! - `migrations` — numbered schema migrations, tracked in `PRAGMA user_version`.
@@ -33,11 +35,12 @@
 //! - `notifier` — wakes push subscriptions and long polls after a commit.
 //!
 //! The behaviour any backend must show is checked by the conformance suite in
-//! `tests/conformance/`, which `tests/store_sqlite.rs` and
-//! `tests/store_postgres.rs` run against each.
+//! `tests/conformance/`, which `tests/store_memory.rs`, `tests/store_sqlite.rs`
+//! and `tests/store_postgres.rs` run against each.
 
 mod commands;
 mod lock;
+mod memory;
 mod migrations;
 mod notifier;
 mod postgres;
@@ -61,6 +64,7 @@ pub use crate::delivery::{
     SendRefusal, TooManyKeyPackages, Totals,
 };
 
+pub use memory::MemoryDatabase;
 pub use migrations::SCHEMA_VERSION;
 pub use notifier::{Fresh, Notifier, QueueWatch};
 
@@ -296,6 +300,16 @@ impl Store {
     /// connections. Any number of nodes may open the same database.
     pub fn open_postgres(url: &str, limits: Limits) -> Result<(Store, StoreCloser), StoreError> {
         postgres::open(url, limits)
+    }
+
+    /// Opens a store on `database`, in memory: the rules and reads of the
+    /// other backends with nothing written anywhere (tests; the reference
+    /// the conformance suite holds the databases to).
+    pub fn open_memory(
+        database: &MemoryDatabase,
+        limits: Limits,
+    ) -> Result<(Store, StoreCloser), StoreError> {
+        memory::open(database, limits)
     }
 
     /// Opens `db`: a SQLite file with its writer on `runtime` (see
@@ -733,7 +747,7 @@ impl Command {
     /// cache), and the next commit that fsyncs carries it to the disk. A
     /// power cut in between loses it, which only makes the node deliver
     /// those messages again, and clients drop what they already have by
-    /// sequence number (README, "Durability").
+    /// sequence number (docs/operating.md, "Durability").
     pub(super) fn needs_fsync(&self) -> bool {
         !matches!(self, Command::Ack { .. } | Command::CountKeyPackages { .. })
     }

@@ -13,7 +13,7 @@
 //! the node's first RPC thread ([`spawn_on`]), beside the RPC sessions of
 //! that thread. There it takes their calls without waking another thread:
 //! each hand-off between threads costs more CPU than the SQLite work of a
-//! message (BENCHMARKS.md, "Cost per message"). A heavy batch, which would
+//! message (docs/benchmarks/journal.md, "Cost per message"). A heavy batch, which would
 //! hold that thread for milliseconds, runs on a blocking-pool thread
 //! instead ([`light`]).
 

@@ -7,7 +7,7 @@
 pub mod process;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use capnp::capability::FromClientHook;
@@ -16,84 +16,58 @@ use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
-use quicnprotochat_server::{Config, Node, ServerError, UdpBuffers};
+use quicnprotochat_server::testing;
+use quicnprotochat_server::{Config, UdpBuffers};
 
 /// Bounds startup, each conversation and shutdown, so a stall fails the
 /// test instead of hanging it.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A node running until [`TestNode::stop`], or told to stop when dropped
+/// The node every test starts (`quicnprotochat_server::testing`), with one
+/// RPC thread; running until [`TestNode::stop`], or stopped when dropped
 /// (a failed test).
 pub struct TestNode {
-    addr: SocketAddr,
-    metrics: Option<SocketAddr>,
-    udp_buffers: UdpBuffers,
-    cert: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    running: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
-    _dir: tempfile::TempDir,
+    node: testing::TestNode,
 }
 
 impl TestNode {
     /// Starts a node with one RPC thread and the defaults, changed by
     /// `configure`.
     pub async fn start(configure: impl FnOnce(&mut Config)) -> TestNode {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::in_dir(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
-        config.rpc_threads = 1;
-        configure(&mut config);
-        let cert = config.tls_cert.clone();
-        let node = tokio::time::timeout(STEP_TIMEOUT, Node::bind(config))
-            .await
-            .unwrap()
-            .unwrap();
-        let addr = node.local_addr();
-        let metrics = node.metrics_addr();
-        let udp_buffers = node.udp_buffers();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(node.run(async {
-            let _ = stopped.await;
-        }));
-        TestNode {
-            addr,
-            metrics,
-            udp_buffers,
-            cert,
-            stop: Some(stop),
-            running: Some(running),
-            _dir: dir,
-        }
+        let node = testing::TestNode::builder()
+            .configure(|config| config.rpc_threads = 1)
+            .configure(configure)
+            .start();
+        TestNode { node }
     }
 
     /// The node's UDP address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.node.addr()
     }
 
     /// The node's `/metrics` TCP address, when started with
     /// `metrics_listen`.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics
+        self.node.metrics_addr()
     }
 
     /// The sizes of the node's UDP socket buffers.
     pub fn udp_buffers(&self) -> UdpBuffers {
-        self.udp_buffers
+        self.node.udp_buffers()
     }
 
     /// The node's (self-signed) certificate, to trust.
     pub fn cert(&self) -> &Path {
-        &self.cert
+        self.node.cert()
     }
 
     /// Stops the node and checks that it stopped cleanly.
     pub async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        let running = self.running.take().unwrap();
-        tokio::time::timeout(STEP_TIMEOUT, running)
+        let stopped = tokio::task::spawn_blocking(move || self.node.stop());
+        tokio::time::timeout(STEP_TIMEOUT, stopped)
             .await
             .expect("the node stops in time")
-            .unwrap()
             .unwrap();
     }
 
@@ -142,8 +116,8 @@ impl TestNode {
     ) -> T {
         let local = tokio::task::LocalSet::new();
         let conversation = local.run_until(async {
-            let endpoint = client_endpoint(&self.cert, device);
-            let connection = endpoint.connect(self.addr, "localhost").unwrap().await.unwrap();
+            let endpoint = client_endpoint(self.cert(), device);
+            let connection = endpoint.connect(self.addr(), "localhost").unwrap().await.unwrap();
             let (send, recv) = connection.open_bi().await.unwrap();
             let (session, node) = rpc::connect(send, recv, rpc::reader_options(DEFAULT_MAX_PAYLOAD));
             tokio::task::spawn_local(session);
@@ -155,15 +129,6 @@ impl TestNode {
         tokio::time::timeout(STEP_TIMEOUT, conversation)
             .await
             .expect("the conversation finishes in time")
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            // The node may be gone already; nothing to do then.
-            let _ = stop.send(());
-        }
     }
 }
 

@@ -8,8 +8,8 @@
 //! trip as the next statement whose answer is needed, or the `COMMIT`. A
 //! batch of sends is then two round trips to PostgreSQL however many
 //! messages it holds, and those round trips are what a batch's length, and
-//! so the time it holds its queue locks, is made of (BENCHMARKS.md,
-//! "Several nodes on PostgreSQL").
+//! so the time it holds its queue locks, is made of
+//! (docs/benchmarks/journal.md, "Several nodes on PostgreSQL").
 //!
 //! An error in a queued statement shows up with the next request; it
 //! poisons the connection's transaction ([`Conn::poisoned`]): it cannot be

@@ -9,7 +9,8 @@
 //!
 //! Every hot statement is keyed by one recipient, one identity or one group
 //! and joins no other queue, so each table can later be partitioned by hash
-//! of that key or distributed by it (README, "Running several nodes").
+//! of that key or distributed by it (docs/operating.md, "Running several
+//! nodes"; docs/benchmarks/journal.md, "One primary, and past it").
 
 use postgres::Client;
 

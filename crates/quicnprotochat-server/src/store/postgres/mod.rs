@@ -24,7 +24,6 @@ mod listen;
 mod migrations;
 mod storage;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,7 +40,7 @@ use super::{Command, Limits, Notifier, QUEUE_CAPACITY, Store, StoreCloser, Store
 /// Writer connections per node: one gathers a batch while the other's
 /// commits. More only split the same busy queues' lock waits into smaller
 /// batches: measured at 64 clients, one node, 1 / 2 / 3 writers: 11,363 /
-/// 11,034 / 9,140 msgs/s (BENCHMARKS.md, "Several nodes on PostgreSQL");
+/// 11,034 / 9,140 msgs/s (docs/benchmarks/journal.md, "Several nodes on PostgreSQL");
 /// two keep commits of batches on different queues overlapping.
 const WRITERS: usize = 2;
 
@@ -112,11 +111,11 @@ pub(super) fn open(url: &str, limits: Limits) -> Result<(Store, StoreCloser), St
             read_loop(link, &queue)
         })?);
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    let (stop, stopped) = watch::channel(false);
     let listener = {
-        let (config, notifier, tag, stop) = (config.clone(), notifier.clone(), tag.clone(), stop.clone());
+        let (config, notifier, tag) = (config.clone(), notifier.clone(), tag.clone());
         spawn("store-pg-listen".into(), move || {
-            listen::listen_loop(&config, &notifier, &tag, &stop);
+            listen::listen_loop(&config, &notifier, &tag, stopped);
         })?
     };
     let (finished, finished_receiver) = watch::channel(false);
@@ -128,7 +127,7 @@ pub(super) fn open(url: &str, limits: Limits) -> Result<(Store, StoreCloser), St
                 tracing::error!("a PostgreSQL store thread panicked");
             }
         }
-        stop.store(true, Ordering::Relaxed);
+        stop.send_replace(true);
         if listener.join().is_err() {
             tracing::error!("the PostgreSQL listener thread panicked");
         }
@@ -397,7 +396,7 @@ fn execute_batch(
     conn.defer("BEGIN");
     if !batch.iter().any(Command::needs_fsync) {
         // Acks alone need not wait for PostgreSQL's WAL flush, for the
-        // reason they skip SQLite's sync (README, "Durability"): one lost
+        // reason they skip SQLite's sync (docs/operating.md, "Durability"): one lost
         // in a crash of PostgreSQL only makes the node deliver those
         // messages again, which clients drop by sequence number.
         conn.defer("SET LOCAL synchronous_commit = off");

@@ -1,0 +1,60 @@
+//! The conformance suite (`tests/conformance/`) against the store in
+//! memory: the reference storage behind the same commands, rules and reads
+//! as the databases, so that it is held to the same contract.
+
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
+
+mod conformance;
+
+use conformance::Backend;
+use proptest::prelude::*;
+use quicnprotochat_core::{IdentityKey, Suite};
+use quicnprotochat_server::delivery::Storage;
+use quicnprotochat_server::store::{Limits, MemoryDatabase, Store, StoreCloser, ValidKeyPackage};
+
+/// A database in memory; stores opened on it again find what was
+/// committed before, as after a restart.
+#[derive(Default)]
+struct Memory {
+    database: MemoryDatabase,
+}
+
+impl Backend for Memory {
+    fn open_with(&self, limits: Limits) -> (Store, StoreCloser) {
+        Store::open_memory(&self.database, limits).unwrap()
+    }
+
+    fn store_key_packages_before_suites(&self, identity: IdentityKey, packages: &[(&[u8], bool)]) {
+        // Memory has no older format to migrate: what the migration makes
+        // of such KeyPackages (x25519 ones, never expiring) is stored as is.
+        self.database.with(|storage| {
+            for (bytes, last_resort) in packages {
+                let package =
+                    ValidKeyPackage::new(bytes.to_vec(), *last_resort, u64::MAX >> 1, Suite::X25519);
+                storage.insert_key_package(&identity, &package, 0).unwrap();
+            }
+        });
+    }
+}
+
+/// One test per check, each on a fresh database.
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $check() {
+            conformance::$check(&Memory::default()).await;
+        }
+    )*};
+}
+
+conformance::every_check!(conformance);
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn queues_behave_like_the_model(ops in conformance::queue_ops()) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(conformance::queues_behave_like_the_model(&Memory::default(), ops));
+    }
+}
