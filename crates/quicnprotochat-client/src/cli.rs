@@ -17,6 +17,11 @@ pub struct Cli {
     /// object with a stable `kind` as the last line of stderr.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The client state file (SQLite): holds your identity key and MLS
+    /// state. Every command but `ping`, `register`, `fetch-key`,
+    /// `demo-group` and `completions` needs one.
+    #[arg(long, global = true, env = "QUICNPROTOCHAT_STATE")]
+    pub state: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -37,7 +42,7 @@ pub struct ConnectionArgs {
         env = "QUICNPROTOCHAT_SERVER",
         value_delimiter = ',',
         value_parser = node_address,
-        default_value = "127.0.0.1:4201"
+        default_value = DEFAULT_NODE
     )]
     pub server: Vec<String>,
     /// The node(s) serving message queues (the Delivery Service), as
@@ -57,7 +62,7 @@ pub struct ConnectionArgs {
         long,
         global = true,
         env = "QUICNPROTOCHAT_CA_CERT",
-        default_value = "data/server-cert.der"
+        default_value = quicnprotochat_proto::DEFAULT_CERT_PATH
     )]
     pub ca_cert: PathBuf,
     /// Name to verify in the node's certificate [default: the host part of
@@ -66,8 +71,13 @@ pub struct ConnectionArgs {
     pub server_name: Option<String>,
 }
 
-/// The ciphersuite of new groups (see the README for why).
+/// The ciphersuite of new groups and of KeyPackages asked for (see
+/// docs/cli.md, "Post-quantum groups", for why).
 const DEFAULT_SUITE: &str = "x25519";
+
+/// The node a command talks to unless told otherwise: one on this machine,
+/// at [`quicnprotochat_proto::DEFAULT_PORT`].
+const DEFAULT_NODE: &str = "127.0.0.1:4201";
 
 /// A ciphersuite by its short name.
 fn suite(name: &str) -> Result<Suite, String> {
@@ -100,7 +110,7 @@ pub enum Command {
         /// The identity key, 64 hex characters.
         identity_key: String,
         /// Which ciphersuite's KeyPackage: x25519 or mlkem768x25519.
-        #[arg(long, default_value = "x25519", value_parser = suite)]
+        #[arg(long, default_value = DEFAULT_SUITE, value_parser = suite)]
         ciphersuite: Suite,
     },
     /// Run Alice and Bob end to end against the node: group, invite, join,
@@ -108,13 +118,10 @@ pub enum Command {
     DemoGroup,
     /// Create the state file (or reuse its identity), upload a fresh
     /// KeyPackage, print the identity key.
-    RegisterState(StateArg),
+    RegisterState,
     /// Print your user key (64 hex characters: what peers invite) and
     /// nothing else.
     Whoami {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// Print this device's key instead (its own key among your
         /// devices; the same as the user key for a state made before users
         /// had several devices).
@@ -125,9 +132,6 @@ pub enum Command {
     /// code to give to `devices add` on one of your devices; the next
     /// `recv` here completes the link.
     Link {
-        /// The new device's state file.
-        #[command(flatten)]
-        state: StateArg,
         /// How long the code is accepted.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         valid_for: std::time::Duration,
@@ -140,9 +144,6 @@ pub enum Command {
     },
     /// Create a group with you as its only member; it becomes the current group.
     CreateGroup {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group's id (any text, unique to you and your peers).
         #[arg(long)]
         group_id: String,
@@ -156,9 +157,6 @@ pub enum Command {
     /// from the node, sends the Commit to the members and the Welcome to the
     /// new members, in one atomic delivery.
     Invite {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The peers to add (at least one).
         #[command(flatten)]
         peers: PeerArgs,
@@ -168,9 +166,6 @@ pub enum Command {
     },
     /// Remove members from a group in one Commit.
     Remove {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The members to remove (at least one).
         #[command(flatten)]
         peers: PeerArgs,
@@ -181,18 +176,12 @@ pub enum Command {
     /// Refresh your keys in a group (post-compromise security): a Commit with
     /// a fresh leaf; also commits any pending proposals.
     Update {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group [default: the current group].
         #[arg(long)]
         group_id: Option<String>,
     },
     /// Ask to leave a group; another member commits your removal.
     Leave {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group [default: the current group].
         #[arg(long)]
         group_id: Option<String>,
@@ -200,17 +189,14 @@ pub enum Command {
     /// Join the group(s) whose Welcome is waiting in your queue, and every
     /// waiting invitation (your consent to all); the last one joined
     /// becomes the current group.
-    Join(StateArg),
+    Join,
     /// List the waiting invitations: Welcomes from people who are neither
     /// your contacts nor your own devices, which `recv` does not join.
-    Invitations(StateArg),
+    Invitations,
     /// Join the group of a waiting invitation (by the name `invitations`
     /// shows, or its id), or of all of them with `--all`; it becomes the
     /// current group.
     Accept {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group's name or id.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         group: Option<String>,
@@ -221,9 +207,6 @@ pub enum Command {
     /// Refuse a waiting invitation: it is forgotten, and what the group
     /// sends you is dropped.
     Decline {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group's name or id, as `invitations` shows it.
         group: String,
     },
@@ -232,9 +215,6 @@ pub enum Command {
     /// Commit from the group's current state on the node replaces your old
     /// leaf. The group becomes the current group.
     Rejoin {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group's full id, as text (e.g. team#0123456789abcdef) or, for
         /// an id that is not printable text, as hex; the name alone works
         /// while the state file still lists the group.
@@ -243,9 +223,6 @@ pub enum Command {
     },
     /// Encrypt a message to a group and queue it for its members.
     Send {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// Send to these members only [default: every other member].
         #[command(flatten)]
         peers: PeerArgs,
@@ -259,9 +236,6 @@ pub enum Command {
     /// Fetch and process everything queued for you, in order; print each
     /// message as `<group> <sender>: <text>`.
     Recv {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// Stay connected and process messages as the node pushes them,
         /// until Ctrl-C.
         #[arg(long)]
@@ -269,21 +243,15 @@ pub enum Command {
     },
     /// List your groups with their epoch and member count (`*` marks the
     /// current group).
-    Groups(StateArg),
+    Groups,
     /// List a group's members' identity keys (and contact names).
     Members {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group [default: the current group].
         #[arg(long)]
         group_id: Option<String>,
     },
     /// Show a group's sent and received messages from local storage.
     History {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group [default: the current group].
         #[arg(long)]
         group_id: Option<String>,
@@ -296,9 +264,6 @@ pub enum Command {
     /// has taken every one, and exits at the end of input:
     /// `echo hi | quicnprotochat-client chat --state F`.
     Chat {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The group to talk in [default: the current group].
         #[arg(long)]
         group_id: Option<String>,
@@ -311,9 +276,6 @@ pub enum Command {
     },
     /// Names for identity keys, usable as `--peer NAME`.
     Contacts {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// What to do with contacts.
         #[command(subcommand)]
         action: ContactsAction,
@@ -360,21 +322,15 @@ pub enum DevicesAction {
     /// hand it its own key through the node (encrypted to it), and add it
     /// to every group you are in, one Commit per group.
     Add {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The link code.
         code: String,
     },
     /// One line per device: its key, and `(this device)`.
-    List(StateArg),
+    List,
     /// Remove a device (on your first device, which holds your user key
     /// and stays): a new device list without it, and its leaves removed
     /// from every group; it can no longer act for you.
     Remove {
-        /// The state file.
-        #[command(flatten)]
-        state: StateArg,
         /// The device key, 64 hex characters (see `devices list`).
         device_key: String,
     },
@@ -390,14 +346,6 @@ pub struct PeerArgs {
     /// A peer's contact name, see `contacts add` (repeatable).
     #[arg(long = "peer")]
     pub names: Vec<String>,
-}
-
-/// The state file option shared by stateful commands.
-#[derive(Debug, Args)]
-pub struct StateArg {
-    /// The client state file (SQLite); holds your identity key and MLS state.
-    #[arg(long, env = "QUICNPROTOCHAT_STATE")]
-    pub state: PathBuf,
 }
 
 #[cfg(test)]
@@ -424,6 +372,20 @@ mod tests {
         let both = connection(&["--server", "a:1", "--ds-server", "b:2,c:3"]);
         assert_eq!(both.server, ["a:1"]);
         assert_eq!(both.ds_server, ["b:2", "c:3"]);
+    }
+
+    #[test]
+    fn the_defaults_are_the_ones_stated_once() {
+        let defaults = connection(&[]);
+        assert_eq!(
+            defaults.server,
+            [format!("127.0.0.1:{}", quicnprotochat_proto::DEFAULT_PORT)]
+        );
+        assert_eq!(
+            defaults.ca_cert,
+            std::path::Path::new(quicnprotochat_proto::DEFAULT_CERT_PATH)
+        );
+        assert_eq!(suite(DEFAULT_SUITE), Ok(Suite::default()));
     }
 
     #[test]

@@ -52,6 +52,15 @@ pub enum ClientError {
         /// How long we waited.
         after: Duration,
     },
+    /// The node's host said nothing listens on the port (ICMP port
+    /// unreachable), so there is no point waiting for a handshake.
+    #[error(
+        "no node answered at {server}: nothing listens there (its host refused the connection); is quicnprotochat-server running there? (set --server or QUICNPROTOCHAT_SERVER)"
+    )]
+    NothingListens {
+        /// The address tried.
+        server: String,
+    },
     /// The node's certificate is not the trusted one.
     #[error(
         "the node at {server} is not trusted: its certificate does not match {ca_cert} ({reason}); pass the node's own certificate with --ca-cert"
@@ -301,6 +310,15 @@ pub enum ClientError {
     /// Some of the messages of a change could not be handed to the node.
     #[error("{0}")]
     PartialDelivery(String),
+    /// A command that acts as a member, in a group this client was removed
+    /// from (or whose leave was committed): a normal state, not a failure.
+    #[error(
+        "you are no longer a member of {group}: a member removed you (or committed your leave); `history` still shows what was said, and a new invitation lets you back in"
+    )]
+    NotAMember {
+        /// The group's name.
+        group: String,
+    },
     /// A command needs a group and none is selected.
     #[error("{0}")]
     NoGroup(String),
@@ -354,7 +372,7 @@ impl ClientError {
 }
 
 /// The JSON error object of a failure of `kind` in `category`, as `--json`
-/// prints it last on stderr (README, "Scripting"); [`ClientError::report`]
+/// prints it last on stderr (docs/cli.md, "Scripting"); [`ClientError::report`]
 /// adds the numbers behind some kinds.
 pub fn error_object(kind: &str, category: Category, message: &str) -> serde_json::Value {
     serde_json::json!({
@@ -365,7 +383,7 @@ pub fn error_object(kind: &str, category: Category, message: &str) -> serde_json
     })
 }
 
-/// What kind of failure an error is, as the exit code tells it (README,
+/// What kind of failure an error is, as the exit code tells it (docs/cli.md,
 /// "Scripting"): a script retries an unreachable node, reports a refusal,
 /// fixes its input, and alerts on the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,6 +403,9 @@ pub enum Category {
     /// The node's answer is malformed or fails verification (a forged
     /// KeyPackage or device list). Exit 5.
     BadAnswer,
+    /// This client is no longer a member of the group the command acts
+    /// in: it was removed, or its leave was committed. Exit 6.
+    NotAMember,
 }
 
 impl Category {
@@ -396,6 +417,7 @@ impl Category {
             Category::Unreachable => 3,
             Category::Refused => 4,
             Category::BadAnswer => 5,
+            Category::NotAMember => 6,
         }
     }
 }
@@ -409,9 +431,9 @@ impl ClientError {
         match self {
             ClientError::CaCert { .. } | ClientError::CaCertUnusable { .. } => ("ca_cert", BadInput),
             ClientError::BadServer { .. } => ("bad_server", BadInput),
-            ClientError::Unreachable { .. } | ClientError::NoNodeReachable { .. } => {
-                ("unreachable", Unreachable)
-            }
+            ClientError::Unreachable { .. }
+            | ClientError::NothingListens { .. }
+            | ClientError::NoNodeReachable { .. } => ("unreachable", Unreachable),
             ClientError::UntrustedNode { .. } => ("untrusted_node", Unreachable),
             ClientError::WrongName { .. } => ("wrong_server_name", Unreachable),
             ClientError::Connect { .. } => ("connect_failed", Unreachable),
@@ -450,6 +472,7 @@ impl ClientError {
             ClientError::UnknownGroup(_) => ("unknown_group", Local),
             ClientError::PartialDelivery(_) => ("partial_delivery", Refused),
             ClientError::NoGroup(_) => ("no_group", BadInput),
+            ClientError::NotAMember { .. } => ("not_a_member", NotAMember),
             ClientError::Usage(_) => ("usage", BadInput),
             ClientError::Stdin(_) => ("stdin", Local),
             ClientError::Demo(_) => ("demo_failed", Local),
@@ -528,6 +551,7 @@ fn core_kind(error: &CoreError) -> (&'static str, Category) {
         CoreError::InvalidIdentityKey(_) => ("bad_key", Category::BadInput),
         CoreError::WrongSuite { .. } => ("wrong_suite", Category::BadInput),
         CoreError::UnlistedDevice { .. } => ("unlisted_device", Category::BadInput),
+        CoreError::NotAMember => ("not_a_member", Category::NotAMember),
         _ => ("mls", Category::Local),
     }
 }
@@ -633,6 +657,7 @@ mod tests {
                 server: text(),
                 after: Duration::from_secs(5),
             },
+            ClientError::NothingListens { server: text() },
             ClientError::UntrustedNode {
                 server: text(),
                 ca_cert: path(),
@@ -729,6 +754,8 @@ mod tests {
             ClientError::UnknownGroup(text()),
             ClientError::PartialDelivery(text()),
             ClientError::NoGroup(text()),
+            ClientError::NotAMember { group: text() },
+            core(CoreError::NotAMember),
             ClientError::Usage(text()),
             ClientError::Stdin(std::io::Error::other(text())),
             ClientError::Demo(text()),
@@ -743,27 +770,27 @@ mod tests {
         ]
     }
 
-    /// The README's exit code table is the contract scripts read: every
-    /// kind is listed in the row of its exit code.
+    /// The exit code table of docs/cli.md ("Scripting") is the contract
+    /// scripts read: every kind is listed in the row of its exit code.
     #[test]
-    fn every_kind_is_in_the_readme_row_of_its_exit_code() {
-        let readme = include_str!("../../../README.md");
+    fn every_kind_is_in_the_docs_row_of_its_exit_code() {
+        let docs = include_str!("../../../docs/cli.md");
         let mut kinds = std::collections::BTreeSet::new();
         for error in one_of_each_kind() {
             let (kind, category) = error.kind();
             kinds.insert(kind);
-            let row = readme
+            let row = docs
                 .lines()
                 .find(|line| line.starts_with(&format!("| {} | ", category.exit_code())))
-                .unwrap_or_else(|| panic!("no README row for exit code {}", category.exit_code()));
+                .unwrap_or_else(|| panic!("no docs/cli.md row for exit code {}", category.exit_code()));
             assert!(
                 row.contains(&format!("`{kind}`")),
-                "{kind} (exit {}) is not in its README row: {row}",
+                "{kind} (exit {}) is not in its docs/cli.md row: {row}",
                 category.exit_code()
             );
         }
         // Every kind `kind()` returns today (`runtime` is main's own).
-        assert_eq!(kinds.len(), 54, "{kinds:?}");
+        assert_eq!(kinds.len(), 55, "{kinds:?}");
     }
 
     #[test]

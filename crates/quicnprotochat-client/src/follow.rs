@@ -51,7 +51,7 @@ pub(crate) async fn follow(
     if futures::poll!(interrupted.as_mut()).is_ready() {
         return Ok(());
     }
-    eprintln!("following; press Ctrl-C to stop");
+    note!("following; press Ctrl-C to stop");
     let mut caught_up = Some(seen);
     let mut pause = Pause::default();
     loop {
@@ -66,7 +66,7 @@ pub(crate) async fn follow(
         if !reconnect(nodes, &mut pause, connected_at, &lost, interrupted.as_mut()).await {
             return Ok(());
         }
-        eprintln!("following through {}", nodes.delivery().server());
+        note!("following through {}", nodes.delivery().server());
     }
 }
 
@@ -81,7 +81,7 @@ pub(crate) async fn reconnect<F: Future>(
     lost: &str,
     mut interrupted: Pin<&mut F>,
 ) -> bool {
-    eprintln!(
+    note!(
         "warning: lost the node at {} ({lost}); reconnecting",
         nodes.delivery().server()
     );
@@ -101,7 +101,7 @@ pub(crate) async fn reconnect<F: Future>(
             Ok(()) => return true,
             // Everything local was checked before the first connection;
             // what fails now is the nodes, which may come back.
-            Err(e) => eprintln!("warning: {e}\ntrying again in {:?}", pause.upcoming()),
+            Err(e) => note!("warning: {e}\ntrying again in {:?}", pause.upcoming()),
         }
     }
 }

@@ -98,7 +98,7 @@ pub(crate) async fn fetch_into_inbox(
         seen = store_batch(state, seen, batch)?;
     }
     if std::env::var_os(EXIT_AFTER_FETCH_ENV).is_some() {
-        eprintln!("exiting after fetch ({EXIT_AFTER_FETCH_ENV} is set)");
+        note!("exiting after fetch ({EXIT_AFTER_FETCH_ENV} is set)");
         std::process::exit(3);
     }
     if seen.after > Seq::ZERO {
@@ -384,7 +384,7 @@ async fn resync(
                     culprit,
                     reason: reason.clone(),
                     epoch: rejoined.epoch(),
-                    members: rejoined.members().len(),
+                    members: rejoined.user_count(),
                 }),
             })
         }
@@ -557,7 +557,7 @@ fn apply(
                     group: group_name(&group_id),
                     group_id: hex::encode(&group_id),
                     epoch: group.epoch(),
-                    members: group.members().len(),
+                    members: group.user_count(),
                 }),
             })
         }
@@ -602,7 +602,7 @@ fn apply(
                     member: state.contact_name(&member)?,
                     member_key: member.to_string(),
                     epoch,
-                    members: group.members().len(),
+                    members: group.user_count(),
                 }),
                 Received::Removed { epoch } => Some(Event::Removed {
                     group: name,

@@ -17,6 +17,10 @@
 //! - `publish` — group changes: stage, publish, settle by the node's typed
 //!   outcome, resume unanswered ones; rejoining a group by external commit.
 //! - `incoming` — fetch → store → ack, then apply each queued message.
+//! - `key_packages` — uploading KeyPackages, keeping a stock of them on the
+//!   node, taking a peer's one verified.
+//! - `editor` — what `chat` reads: a line editor on a terminal (history,
+//!   lines printed above the one being typed), stdin's lines otherwise.
 //! - `follow` — `recv --follow`: pushed batches until Ctrl-C, resumed through
 //!   the next node when the connection is lost.
 //! - [`node_client`] — connect to a node (verifying it) and make typed calls.
@@ -26,12 +30,29 @@
 //! - [`error`] — [`ClientError`], whose messages say what to do, and the
 //!   kind and exit code of each.
 
+/// `println!` through [`output::out`]: shown above the line `chat` is
+/// editing, when it is.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::output::out(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` through [`output::note`], as `say!`.
+macro_rules! note {
+    ($($arg:tt)*) => {
+        $crate::output::note(format_args!($($arg)*))
+    };
+}
+
 pub mod cli;
 pub mod commands;
 mod devices;
+mod editor;
 pub mod error;
 mod follow;
 mod incoming;
+mod key_packages;
 mod naming;
 pub mod node_client;
 mod nodes;

@@ -1,6 +1,6 @@
 //! `quicnprotochat-client`: parse the command line, run the command, print
 //! the error (if any, as JSON with `--json`) and exit with the code of its
-//! kind (README, "Scripting").
+//! kind (docs/cli.md, "Scripting").
 
 use std::process::ExitCode;
 

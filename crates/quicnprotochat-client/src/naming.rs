@@ -162,6 +162,22 @@ pub(crate) fn load_group(
     Ok((group_id, group))
 }
 
+/// As [`load_group`], for a command that acts as a member (sends, changes
+/// the group): a group this client was removed from is its own failure,
+/// not an MLS one.
+pub(crate) fn load_group_as_member(
+    state: &StateFile,
+    group_id: Option<&str>,
+) -> Result<(Vec<u8>, GroupMember), ClientError> {
+    let (group_id, group) = load_group(state, group_id)?;
+    if !group.is_active() {
+        return Err(ClientError::NotAMember {
+            group: group_name(&group_id),
+        });
+    }
+    Ok((group_id, group))
+}
+
 /// The id of the group called `name` (or with exactly that id).
 fn find_group(state: &StateFile, name: &str) -> Result<Vec<u8>, ClientError> {
     let matching: Vec<Vec<u8>> = state
@@ -240,7 +256,7 @@ pub(crate) fn changed_event(
         group: group_name(group_id),
         group_id: hex::encode(group_id),
         epoch: group.epoch(),
-        members: group.members().len(),
+        members: group.user_count(),
         joined: people(state, after.difference(before))?,
         left: people(state, before.difference(&after))?,
     })

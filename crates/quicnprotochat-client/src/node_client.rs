@@ -53,6 +53,26 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// up to 16 MiB of payloads.
 const MAX_INCOMING: usize = 32 * 1024 * 1024;
 
+/// Completes if the host at `remote` says nothing listens on its port;
+/// pending otherwise. QUIC learns of a node that is down only by its
+/// handshake timing out, but the host usually says so at once: a datagram
+/// from a connected UDP socket draws an ICMP "port unreachable", which the
+/// OS reports as a refused connection. A node that does listen drops the
+/// single byte (no QUIC packet is that short); a host or firewall that says
+/// nothing leaves this pending, and the handshake's timeout decides.
+async fn nothing_listens(remote: SocketAddr, bind: SocketAddr) {
+    let refused = async {
+        let socket = tokio::net::UdpSocket::bind(bind).await.ok()?;
+        socket.connect(remote).await.ok()?;
+        socket.send(&[0]).await.ok()?;
+        let answer = socket.recv(&mut [0; 1]).await;
+        matches!(answer, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused).then_some(())
+    };
+    if refused.await.is_none() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Where the node is and whom to trust.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -158,7 +178,15 @@ impl Dialer {
         let connecting = endpoint
             .connect(remote, &server_name)
             .map_err(|e| failed(e.to_string()))?;
-        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        let handshake = tokio::select! {
+            handshake = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => handshake,
+            () = nothing_listens(remote, bind) => {
+                return Err(ClientError::NothingListens {
+                    server: server.to_owned(),
+                });
+            }
+        };
+        let connection = match handshake {
             Err(_) => {
                 return Err(ClientError::Unreachable {
                     server: server.to_owned(),

@@ -45,7 +45,7 @@ impl Link {
     async fn connect(dialer: &Dialer, servers: &[String], start: usize) -> Result<Link, ClientError> {
         let dialled = dialer.dial_first(servers, start).await?;
         for skipped in &dialled.skipped {
-            eprintln!("warning: skipped a node: {skipped}");
+            note!("warning: skipped a node: {skipped}");
         }
         Ok(Link {
             servers: servers.to_vec(),
@@ -237,7 +237,7 @@ impl Patience {
             return false;
         }
         if !self.told.replace(true) {
-            eprintln!("the node asks us to slow down; waiting and trying again");
+            note!("the node asks us to slow down; waiting and trying again");
         }
         tokio::time::sleep(limited.retry_after).await;
         true

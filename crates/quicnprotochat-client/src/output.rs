@@ -10,9 +10,15 @@
 //! The mode is process-wide, set once from the command line, as the log
 //! subscriber is: it decides how every path that receives messages prints,
 //! and those are reached from nearly every command.
+//!
+//! Every line goes through [`out`] or [`note`] (the `say!` and `note!`
+//! macros): while `chat` edits a line on a terminal, they hand it to the
+//! line editor, which prints it above the line being typed and leaves
+//! that line intact.
 
+use std::fmt;
 use std::io::{IsTerminal, Write};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -35,11 +41,56 @@ pub fn json() -> bool {
     JSON.get().copied().unwrap_or(false)
 }
 
+/// The line editor's printer while `chat` edits a line on a terminal.
+static EDITOR: Mutex<Option<Box<dyn rustyline::ExternalPrinter + Send>>> = Mutex::new(None);
+
+/// From now on, prints every line through `printer` (`None`: directly).
+pub(crate) fn print_through(printer: Option<Box<dyn rustyline::ExternalPrinter + Send>>) {
+    *EDITOR.lock().unwrap_or_else(PoisonError::into_inner) = printer;
+}
+
+/// Prints a line of results (a listing, a message) on stdout.
+pub(crate) fn out(line: fmt::Arguments<'_>) {
+    if !through_editor(line) {
+        println!("{line}");
+    }
+}
+
+/// Prints a line for people (a note, a warning) on stderr.
+pub(crate) fn note(line: fmt::Arguments<'_>) {
+    if !through_editor(line) {
+        eprintln!("{line}");
+    }
+}
+
+/// Hands `line` to the line editor, if one is editing; false if none is
+/// (or it could not take it: then the line is printed directly).
+fn through_editor(line: fmt::Arguments<'_>) -> bool {
+    let mut editor = EDITOR.lock().unwrap_or_else(PoisonError::into_inner);
+    editor
+        .as_mut()
+        .is_some_and(|printer| printer.print(format!("{line}\n")).is_ok())
+}
+
+/// Whether a line editor holds the terminal (no progress bar then: it
+/// would tear the line being typed).
+fn editing() -> bool {
+    EDITOR.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+}
+
+/// `n` of something, in words that agree with it: "1 member", "2 members".
+pub(crate) fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Prints `value` as one line of JSON on stdout and flushes it, so a
 /// script reading the stream sees each object as soon as it is printed.
 pub(crate) fn print_json<T: Serialize>(value: &T) -> Result<(), ClientError> {
     let line = serde_json::to_string(value)
         .map_err(|_| ClientError::Internal("a result could not be written as JSON"))?;
+    if through_editor(format_args!("{line}")) {
+        return Ok(());
+    }
     let mut stdout = std::io::stdout().lock();
     // A closed stdout (the reader went away) is not the command's failure.
     let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
@@ -205,22 +256,26 @@ impl Event {
                     // The short form, as `members` and contacts show it.
                     (false, None) => sender_key.get(..16).unwrap_or(sender_key),
                 };
-                println!("{group} {}: {}", shown(from), shown(text));
+                say!("{group} {}: {}", shown(from), shown(text));
             }
             Event::Joined {
                 group,
                 epoch,
                 members,
                 ..
-            } => eprintln!("joined group {group} (epoch {epoch}, {members} members)"),
+            } => note!(
+                "joined group {group} (epoch {epoch}, {})",
+                counted(*members, "member", "members")
+            ),
             Event::Invited {
                 group,
                 inviter,
                 members,
                 ..
-            } => eprintln!(
-                "{} invites you to group {group} ({members} members); `accept {group}` to join, `decline {group}` to refuse",
-                inviter.shown()
+            } => note!(
+                "{} invites you to group {group} ({}); `accept {group}` to join, `decline {group}` to refuse",
+                inviter.shown(),
+                counted(*members, "member", "members")
             ),
             Event::Changed {
                 group,
@@ -239,7 +294,10 @@ impl Event {
                 } else {
                     format!("{}; ", changes.join(", "))
                 };
-                eprintln!("group {group}: {changes}now at epoch {epoch}, {members} members")
+                note!(
+                    "group {group}: {changes}now at epoch {epoch}, {}",
+                    counted(*members, "member", "members")
+                )
             }
             Event::Rejoined {
                 group,
@@ -252,7 +310,10 @@ impl Event {
                 let who = member
                     .as_deref()
                     .unwrap_or(member_key.get(..16).unwrap_or(member_key));
-                eprintln!("group {group}: {who} rejoined; now at epoch {epoch}, {members} members");
+                note!(
+                    "group {group}: {who} rejoined; now at epoch {epoch}, {}",
+                    counted(*members, "member", "members")
+                );
             }
             Event::Resynced {
                 group,
@@ -263,21 +324,22 @@ impl Event {
                 ..
             } => {
                 let who = culprit.as_ref().map_or("a member", Person::shown);
-                eprintln!(
-                    "group {group}: a Commit from {who} could not be processed here ({}); rejoined to carry on, now at epoch {epoch}, {members} members. If it happens again, remove {who}",
-                    shown(reason)
+                note!(
+                    "group {group}: a Commit from {who} could not be processed here ({}); rejoined to carry on, now at epoch {epoch}, {}. If it happens again, remove {who}",
+                    shown(reason),
+                    counted(*members, "member", "members")
                 );
             }
             Event::Removed { group, epoch, .. } => {
-                eprintln!("group {group}: you were removed from the group at epoch {epoch}")
+                note!("group {group}: you were removed from the group at epoch {epoch}")
             }
             Event::Proposal { group, .. } => {
-                eprintln!("group {group}: stored a proposal for the next commit")
+                note!("group {group}: stored a proposal for the next commit")
             }
-            Event::Processed { group, .. } => eprintln!("group {group}: processed a message"),
+            Event::Processed { group, .. } => note!("group {group}: processed a message"),
             Event::Kept {
                 epoch, group_epoch, ..
-            } => eprintln!(
+            } => note!(
                 "warning: kept a queued message for later: {}",
                 CoreError::FutureEpoch {
                     message_epoch: *epoch,
@@ -288,11 +350,11 @@ impl Event {
                 message,
                 gave_up: Some(why),
                 ..
-            } => eprintln!("warning: dropped a queued message from a later epoch ({why}): {message}"),
-            Event::Dropped { message, .. } => eprintln!("warning: skipped a queued message: {message}"),
+            } => note!("warning: dropped a queued message from a later epoch ({why}): {message}"),
+            Event::Dropped { message, .. } => note!("warning: skipped a queued message: {message}"),
             Event::Sent {
                 group, recipients, ..
-            } => eprintln!("sent to {recipients} member(s) of {group}"),
+            } => note!("sent to {recipients} member(s) of {group}"),
         }
         Ok(())
     }
@@ -308,7 +370,7 @@ pub(crate) struct Progress {
 impl Progress {
     /// A bar of `len` steps described by `what` ("fetching KeyPackages").
     pub(crate) fn new(len: usize, worth: usize, what: &'static str) -> Progress {
-        let bar = if len >= worth && std::io::stderr().is_terminal() {
+        let bar = if len >= worth && std::io::stderr().is_terminal() && !editing() {
             let bar = ProgressBar::new(len as u64);
             // The template is a constant; should it ever be refused, the
             // default style is just as usable.

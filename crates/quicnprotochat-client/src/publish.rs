@@ -47,6 +47,7 @@ use crate::error::ClientError;
 use crate::incoming;
 use crate::naming::{group_name, node_group_id, others};
 use crate::nodes::{Nodes, Patience, envelope};
+use crate::output::counted;
 use crate::state::{Publication, Settlement, StateError, StateFile};
 
 /// A group change built against the group's current state: a pending
@@ -115,7 +116,7 @@ pub(crate) async fn change_group(
             Settled::Lost { current_epoch: now } => {
                 current_epoch = now;
                 if attempt < CHANGE_ATTEMPTS {
-                    eprintln!(
+                    note!(
                         "another member changed {name} first (now at epoch {now}); catching up and trying again"
                     );
                     incoming::catch_up(nodes, state, identity).await?;
@@ -218,7 +219,7 @@ pub(crate) async fn rejoin(
             Settled::Lost { current_epoch: now } => {
                 current_epoch = now;
                 if attempt < CHANGE_ATTEMPTS {
-                    eprintln!(
+                    note!(
                         "{name} changed while you rejoined (now at epoch {now}); trying again from its new state"
                     );
                 }
@@ -380,13 +381,13 @@ pub(crate) async fn resume_publications(
                 } else {
                     "an unconfirmed change to"
                 };
-                eprintln!("resending {what} {name}");
+                note!("resending {what} {name}");
                 match send_publication(nodes, state, identity, &mut group, &publication).await? {
-                    Settled::Merged => eprintln!("{name}: the node has it; now epoch {}", group.epoch()),
-                    Settled::Lost { current_epoch } if publication.rejoin => eprintln!(
+                    Settled::Merged => note!("{name}: the node has it; now epoch {}", group.epoch()),
+                    Settled::Lost { current_epoch } if publication.rejoin => note!(
                         "{name}: another member's change won (the group is at epoch {current_epoch}); your rejoin was dropped: run `rejoin` again"
                     ),
-                    Settled::Lost { current_epoch } => eprintln!(
+                    Settled::Lost { current_epoch } => note!(
                         "{name}: another member's change won (the group is at epoch {current_epoch}); yours was dropped"
                     ),
                 }
@@ -433,11 +434,11 @@ pub(crate) async fn commit_proposals(
         })
     })?;
     if send_publication(nodes, state, identity, group, &publication).await? == Settled::Merged {
-        eprintln!(
-            "group {}: committed pending proposals; now epoch {}, {} members",
+        note!(
+            "group {}: committed pending proposals; now epoch {}, {}",
             group_name(group_id),
             group.epoch(),
-            group.members().len()
+            counted(group.user_count(), "member", "members")
         );
     }
     Ok(())
@@ -492,7 +493,7 @@ pub(crate) async fn propose(
             Proposed::Lost { current_epoch: now } => {
                 current_epoch = now;
                 if attempt < CHANGE_ATTEMPTS {
-                    eprintln!("{name} changed meanwhile (now at epoch {now}); catching up and asking again");
+                    note!("{name} changed meanwhile (now at epoch {now}); catching up and asking again");
                     incoming::catch_up(nodes, state, identity).await?;
                 }
             }

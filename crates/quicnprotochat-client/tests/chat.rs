@@ -236,3 +236,114 @@ fn an_invitation_typed_in_chat_reaches_the_invitees_chat_and_is_joined_on_accept
         "{notes}"
     );
 }
+
+/// What a terminal (a pseudo-terminal `script` opens) has shown so far,
+/// read as it comes.
+struct Screen {
+    shown: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Screen {
+    fn watch(from: impl std::io::Read + Send + 'static) -> Screen {
+        let shown = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let into = shown.clone();
+        std::thread::spawn(move || {
+            let mut from = from;
+            let mut buffer = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut from, &mut buffer) {
+                into.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        });
+        Screen { shown }
+    }
+
+    /// Waits until the screen shows `text` after byte `from`; returns
+    /// where it starts.
+    fn await_text(&self, text: &str, from: usize) -> usize {
+        let give_up = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let shown = self.shown.lock().unwrap().clone();
+            if let Some(at) = shown.get(from..).and_then(|rest| rest.find(text)) {
+                return from + at;
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the terminal never showed {text:?} after byte {from}:\n{shown:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A person chatting at a terminal: a message that arrives while a line is
+/// half typed is shown above it, and the line stays as typed (its rest
+/// typed afterwards makes one message); the editor keeps a history.
+#[test]
+fn a_message_arriving_in_chat_leaves_the_half_typed_line_intact() {
+    use std::io::Write;
+
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "talk", &alice, &[&bob]);
+    alice.run(&node, "contacts", &["add", "bob", &bob.key]);
+
+    let command = [
+        env!("CARGO_BIN_EXE_quicnprotochat-client"),
+        "--server",
+        &node.addr.to_string(),
+        "--ca-cert",
+        &node.cert().display().to_string(),
+        "chat",
+        "--state",
+        &alice.state,
+    ]
+    .join(" ");
+    let mut terminal = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("script (util-linux) runs");
+    let mut keys = terminal.stdin.take().unwrap();
+    let screen = Screen::watch(terminal.stdout.take().unwrap());
+    let mut type_keys = |text: &str| {
+        keys.write_all(text.as_bytes()).unwrap();
+        keys.flush().unwrap();
+    };
+
+    let ready = screen.await_text("chatting in talk", 0);
+    let prompt = screen.await_text("> ", ready);
+    type_keys("half");
+    let typed = screen.await_text("half", prompt);
+
+    bob.run(&node, "send", &["--msg", "hello from bob"]);
+    let arrived = screen.await_text("talk bob: hello from bob", typed);
+    // Below the message, the prompt is drawn again with the half-typed line.
+    screen.await_text("> half", arrived);
+
+    type_keys(" typed\r");
+    screen.await_text("sent to 1 member(s) of talk", arrived);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("talk {}: half typed", alice.short())
+    );
+
+    // Up brings the last line back; Enter sends it again.
+    let before = screen.shown.lock().unwrap().len();
+    type_keys("\x1b[A\r");
+    screen.await_text("sent to 1 member(s) of talk", before);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("talk {}: half typed", alice.short())
+    );
+
+    // Ctrl-D on an empty line ends the chat, and the terminal is left as
+    // it was.
+    type_keys("\x04");
+    let exit = terminal.wait().unwrap();
+    assert!(exit.success(), "{:?}", screen.shown.lock().unwrap());
+}

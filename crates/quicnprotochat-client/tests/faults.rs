@@ -239,7 +239,7 @@ fn postgres_restarted_while_the_node_idles_answers_the_first_calls() {
 
 /// Runs `command` as a script would right after an outage: a call that
 /// meets a database connection the crash left dead is answered
-/// `disconnected` (exit 3), and the README says to retry those.
+/// `disconnected` (exit 3), and docs/cli.md ("Scripting") says to retry those.
 /// Returns what every attempt printed.
 fn run_retrying(node: &TestNode, member: &Member, command: &str, args: &[&str]) -> String {
     let mut printed = String::new();

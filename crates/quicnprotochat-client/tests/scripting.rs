@@ -1,6 +1,6 @@
 //! The CLI for scripts: `--json` output of the real client binary against
 //! a real node, and exit codes that tell unreachable, refused, bad input
-//! and local failure apart (README, "Scripting").
+//! and local failure apart (docs/cli.md, "Scripting").
 
 #![allow(clippy::unwrap_used)] // in tests, a failed unwrap is a failed test
 
@@ -385,7 +385,7 @@ fn progress_bars_show_on_a_terminal_and_never_in_a_pipe() {
     assert!(!err.contains("fetching KeyPackages"), "{err}");
     assert_eq!(
         err.trim(),
-        "invited 20 (20 devices) to piped: epoch 1, 21 members"
+        "invited 20 people (20 devices) to piped: epoch 1, 21 members"
     );
 
     // On a terminal.
@@ -396,7 +396,7 @@ fn progress_bars_show_on_a_terminal_and_never_in_a_pipe() {
     assert!(terminal.contains("fetching KeyPackages"), "{terminal}");
     assert!(terminal.contains("/20"), "{terminal}");
     assert!(
-        terminal.contains("invited 20 (20 devices) to shown"),
+        terminal.contains("invited 20 people (20 devices) to shown"),
         "{terminal}"
     );
 }
@@ -491,4 +491,115 @@ fn queued_messages_kept_for_later_or_dropped_are_reported_as_objects() {
     // Each names its place in the queue, in order.
     let seqs: Vec<u64> = objects.iter().map(|o| o["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "{seqs:?}");
+}
+
+/// `--state`, like every global option, goes before or after any
+/// subcommand, at any depth.
+#[test]
+fn global_options_go_before_or_after_any_subcommand() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Member::register(&node, dir.path(), "alice");
+    let bob = Member::register(&node, dir.path(), "bob");
+    let state = alice.state.as_str();
+    node.cli_ok(&["contacts", "add", "bob", &bob.key, "--state", state]);
+    for args in [
+        vec!["contacts", "list", "--state", state],
+        vec!["contacts", "--state", state, "list"],
+        vec!["--state", state, "contacts", "list"],
+    ] {
+        assert_eq!(node.cli_ok(&args).trim(), format!("bob {}", bob.key), "{args:?}");
+    }
+    for args in [
+        vec!["devices", "--state", state, "list"],
+        vec!["devices", "list", "--state", state],
+        vec!["--state", state, "devices", "list"],
+    ] {
+        let listed = node.cli_ok(&args);
+        assert!(listed.contains(&alice.key), "{args:?}: {listed}");
+    }
+    let listed = document(&node.cli_ok(&["groups", "--state", state, "--json"]));
+    assert_eq!(listed["groups"], serde_json::json!([]), "{listed}");
+    // Without a state file, a command that needs one says so.
+    let error = failure(&run_client(&["--json", "groups"]), 2);
+    assert_eq!(error["kind"], "usage");
+    assert!(
+        error["message"].as_str().unwrap().contains("--state FILE"),
+        "{error}"
+    );
+}
+
+/// Being removed is a state a member can be in, not a local failure: its
+/// sends and changes fail with their own kind and exit code, and what was
+/// said stays readable.
+#[test]
+fn a_removed_members_sends_and_changes_fail_with_their_own_kind() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    common::group_of(&node, "team", &alice, &[&bob]);
+    alice.run(&node, "send", &["--msg", "before"]);
+    alice.run(&node, "remove", &["--peer-key", &bob.key]);
+    bob.run(&node, "recv", &[]);
+
+    for (command, args) in [
+        ("send", vec!["--json", "--msg", "still here?"]),
+        ("update", vec!["--json"]),
+        ("leave", vec!["--json"]),
+    ] {
+        let mut full = vec![command, "--state", bob.state.as_str()];
+        full.extend(args);
+        let error = failure(&node.cli(&full), 6);
+        assert_eq!(error["kind"], "not_a_member", "{command}: {error}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("no longer a member of team"),
+            "{command}: {error}"
+        );
+    }
+    let (ok, _, err) = bob.try_run(&node, "send", &["--msg", "text"]);
+    assert!(!ok);
+    assert!(
+        err.starts_with("error: you are no longer a member of team"),
+        "{err}"
+    );
+    let history = bob.run(&node, "history", &[]);
+    assert!(history.contains("before"), "{history}");
+}
+
+/// A node that is down on a host that says so (a datagram to a closed port
+/// draws "port unreachable", as loopback does): the command fails at once
+/// with the kind scripts retry, instead of waiting out the handshake.
+#[test]
+fn a_command_aimed_at_a_closed_port_fails_without_waiting_for_the_handshake() {
+    let node = TestNode::start();
+    let closed = {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap().to_string()
+    };
+    let started = std::time::Instant::now();
+    let output = run_client(&[
+        "--server",
+        &closed,
+        "--ca-cert",
+        &node.cert().display().to_string(),
+        "--json",
+        "ping",
+    ]);
+    let waited = started.elapsed();
+    let error = failure(&output, 3);
+    assert_eq!(error["kind"], "unreachable");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("no node answered at {closed}: nothing listens there")),
+        "{error}"
+    );
+    assert!(
+        waited < quicnprotochat_client::node_client::CONNECT_TIMEOUT,
+        "waited {waited:?}, as long as for a node that says nothing"
+    );
 }

@@ -47,7 +47,8 @@
 //! everyone.
 //!
 //! Progress goes to stderr; stdout is only the Markdown tables, ready to
-//! paste into BENCHMARKS.md.
+//! paste into BENCHMARKS.md or its journal (docs/benchmarks/journal.md,
+//! "MLS operations").
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 

@@ -131,7 +131,7 @@ pub enum CoreError {
         epoch: u64,
         /// The member that sent it (signed its GroupInfo).
         inviter: crate::MemberKey,
-        /// How many leaves the group has.
+        /// How many users the group has (each with one or more devices).
         members: usize,
     },
 

@@ -384,7 +384,7 @@ impl GroupMember {
                 group_id,
                 epoch: staged.group_context().epoch().as_u64(),
                 inviter,
-                members: members.len(),
+                members: crate::identity::user_count(&members),
             });
         }
 
@@ -548,6 +548,12 @@ impl GroupMember {
             .members()
             .filter_map(|member| checked_member(&member.credential, &member.signature_key).ok())
             .collect()
+    }
+
+    /// How many users are members (ourselves included); each of their
+    /// devices is a leaf of its own.
+    pub fn user_count(&self) -> usize {
+        crate::identity::user_count(&self.member_keys())
     }
 
     /// Our own identity in this group; `None` once we have been removed.

@@ -210,6 +210,15 @@ pub struct MemberKey {
     pub device: IdentityKey,
 }
 
+/// How many users the `members` are: what the client calls a group's
+/// members (each user may have several devices, one leaf each).
+pub fn user_count(members: &[MemberKey]) -> usize {
+    let mut users: Vec<IdentityKey> = members.iter().map(|member| member.user).collect();
+    users.sort_unstable();
+    users.dedup();
+    users.len()
+}
+
 impl MemberKey {
     /// Whether the device is the user key itself, which needs no device
     /// list: only the user key's holder can sign as it.

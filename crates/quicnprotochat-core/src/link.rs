@@ -78,7 +78,10 @@ pub enum LinkError {
     #[error("this is not a valid link code (mistyped or cut short?); copy the whole line `link` printed")]
     BadCode,
     /// The code's time is up.
-    #[error("this link code expired {0} seconds ago; run `link` on the new device again for a fresh one")]
+    #[error(
+        "this link code expired {0} second{s} ago; run `link` on the new device again for a fresh one",
+        s = if *.0 == 1 { "" } else { "s" }
+    )]
     Expired(u64),
     /// The handoff could not be opened with this device's link key: it was
     /// made for another code.

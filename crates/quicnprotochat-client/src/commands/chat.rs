@@ -7,7 +7,9 @@
 //! reaching its end means every line was taken by the node and `chat` can
 //! exit 0. Pushed batches go through the same fetch → store → ack → apply
 //! path as `recv --follow`; the notes it prints (joined, removed, a new
-//! epoch) are the announcements.
+//! epoch) are the announcements. On a terminal, lines are typed through a
+//! line editor (`crate::editor`): what arrives is printed above the line
+//! being typed, which stays as it was.
 //!
 //! A lost connection is cured as `recv --follow` cures it: `chat` goes on
 //! through the next node that answers (the same one, restarted, for a
@@ -25,17 +27,17 @@ use std::path::Path;
 use std::pin::{Pin, pin};
 
 use quicnprotochat_core::{IdentityKeypair, QueuedMessage};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 use tokio::time::Instant;
 
 use super::devices::replace_handed_leaves;
 use super::group::{invite_through, print_members};
 use super::messages::{Unconfirmed, deliver_again, send_through};
-use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
+use crate::editor::Input;
 use crate::error::ClientError;
 use crate::follow::{Pause, reconnect};
 use crate::incoming::{Seen, accept_invitation, catch_up, process_inbox, store_batch};
+use crate::key_packages::top_up_key_packages;
 use crate::naming::{group_name, load_group};
 use crate::nodes::Nodes;
 use crate::publish::commit_due_proposals;
@@ -187,7 +189,7 @@ impl Session<'_> {
     /// lost. When a person is typing, a refused line is reported and the
     /// chat goes on; a script's chat ends with that error.
     async fn run(&mut self, seen: Seen) -> Result<(), ClientError> {
-        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        let mut lines = Input::open();
         let mut interrupted = pin!(tokio::signal::ctrl_c());
         let mut caught_up = Some(seen);
         let mut pause = Pause::default();
@@ -204,7 +206,7 @@ impl Session<'_> {
             if !reconnect(self.nodes, &mut pause, connected_at, &lost, interrupted.as_mut()).await {
                 return Ok(());
             }
-            eprintln!("chatting through {}", self.nodes.delivery().server());
+            note!("chatting through {}", self.nodes.delivery().server());
         }
     }
 
@@ -214,7 +216,7 @@ impl Session<'_> {
     async fn connection<F: Future>(
         &mut self,
         caught_up: Option<Seen>,
-        lines: &mut Lines<BufReader<Stdin>>,
+        lines: &mut Input,
         mut interrupted: Pin<&mut F>,
         first: bool,
     ) -> Result<Ended, ClientError> {
@@ -242,9 +244,9 @@ impl Session<'_> {
             // Printed once subscribed, also for scripts: from here on, what
             // is sent to us shows up without delay (tests wait for this).
             match load_group(self.state, self.group.as_deref()) {
-                Ok((id, _)) => eprintln!("chatting in {}; type a message, or {COMMANDS}", group_name(&id)),
+                Ok((id, _)) => note!("chatting in {}; type a message, or {COMMANDS}", group_name(&id)),
                 Err(ClientError::NoGroup(_)) => {
-                    eprintln!("chatting; you are in no group yet: wait for an invitation, or type {COMMANDS}")
+                    note!("chatting; you are in no group yet: wait for an invitation, or type {COMMANDS}")
                 }
                 Err(e) => return Err(e),
             }
@@ -254,7 +256,7 @@ impl Session<'_> {
             match self.send_interrupted(interrupted).await {
                 Ok(()) => {}
                 Err(e) if e.is_connection_lost() => return Ok(Ended::Lost(e.to_string())),
-                Err(e) if self.interactive && recoverable(&e) => eprintln!("error: {e}"),
+                Err(e) if self.interactive && recoverable(&e) => note!("error: {e}"),
                 Err(e) => return Err(e),
             }
         }
@@ -266,16 +268,18 @@ impl Session<'_> {
                     let Some(line) = line.map_err(ClientError::Stdin)? else {
                         return Ok(Ended::Done);
                     };
-                    match self.handle(&line).await {
+                    let handled = self.handle(&line).await;
+                    lines.handled();
+                    match handled {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Quit) => return Ok(Ended::Done),
-                        Err(e) if self.interactive && recoverable(&e) => eprintln!("error: {e}"),
+                        Err(e) if self.interactive && recoverable(&e) => note!("error: {e}"),
                         Err(e) if e.is_connection_lost() && self.interrupted.is_some() => {
-                            eprintln!("{e}\nthat message is sent once reconnected");
+                            note!("{e}\nthat message is sent once reconnected");
                             return Ok(Ended::Lost(e.to_string()));
                         }
                         Err(e) if self.interactive && e.is_connection_lost() => {
-                            eprintln!("error: {e}\nthat line may not have been carried out; check once reconnected");
+                            note!("error: {e}\nthat line may not have been carried out; check once reconnected");
                             return Ok(Ended::Lost(e.to_string()));
                         }
                         Err(e) => return Err(e),
@@ -383,7 +387,7 @@ impl Session<'_> {
             }
             Line::Group(name) => {
                 let (id, _) = load_group(self.state, Some(&name))?;
-                eprintln!("now chatting in {}", group_name(&id));
+                note!("now chatting in {}", group_name(&id));
                 self.group = Some(name);
             }
             Line::Accept(name) => {
@@ -393,10 +397,10 @@ impl Session<'_> {
                     .tell()?;
                 // What the group sent while we were invited.
                 process_inbox(self.nodes, self.state).await?;
-                eprintln!("now chatting in {}", group_name(&invitation.group_id));
+                note!("now chatting in {}", group_name(&invitation.group_id));
                 self.group = Some(group_name(&invitation.group_id));
             }
-            Line::Help => eprintln!("commands: {COMMANDS}"),
+            Line::Help => note!("commands: {COMMANDS}"),
             Line::Quit => return Ok(Flow::Quit),
         }
         Ok(Flow::Continue)

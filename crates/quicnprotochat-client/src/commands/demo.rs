@@ -9,10 +9,11 @@ use quicnprotochat_core::{
 use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
-use super::node::upload;
 use crate::cli::ConnectionArgs;
 use crate::error::ClientError;
+use crate::key_packages::upload;
 use crate::nodes::{Nodes, accepted};
+use crate::output::counted;
 
 struct Person {
     name: &'static str,
@@ -25,7 +26,7 @@ impl Person {
     async fn connect(name: &'static str, args: &ConnectionArgs) -> Result<Person, ClientError> {
         let identity = IdentityKeypair::generate();
         let nodes = Nodes::connect(args, Some(&identity)).await?;
-        println!("{name}: identity key {}", identity.public_key());
+        say!("{name}: identity key {}", identity.public_key());
         Ok(Person {
             name,
             identity,
@@ -63,7 +64,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     let alice = Person::connect("Alice", args).await?;
     let bob = Person::connect("Bob", args).await?;
     let info = alice.nodes.auth().ping().await?;
-    println!(
+    say!(
         "connected to {} (quicnprotochat-server {})",
         alice.nodes.auth().server(),
         info.version
@@ -71,7 +72,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
 
     let package = generate_key_package(&bob.provider, &bob.identity)?;
     upload(&bob.nodes, &bob.identity, &package).await?;
-    println!("Bob: uploaded a KeyPackage to the node");
+    say!("Bob: uploaded a KeyPackage to the node");
 
     let fetched = match alice
         .nodes
@@ -88,14 +89,14 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         }
         FetchedKeyPackage::RateLimited(limited) => return Err(limited.into()),
     };
-    println!("Alice: fetched Bob's KeyPackage ({} bytes)", fetched.len());
+    say!("Alice: fetched Bob's KeyPackage ({} bytes)", fetched.len());
 
     let group_id = format!(
         "demo-{}",
         hex::encode(&alice.identity.public_key().as_bytes()[..4])
     );
     let mut alice_group = GroupMember::create(&alice.provider, &alice.identity, group_id.as_bytes())?;
-    println!("Alice: created group {group_id} (epoch {})", alice_group.epoch());
+    say!("Alice: created group {group_id} (epoch {})", alice_group.epoch());
 
     // The node checks every group change against the group's public state,
     // which Alice hands over with her first change.
@@ -135,7 +136,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         )));
     }
     alice_group.merge_pending_commit(&alice.provider)?;
-    println!(
+    say!(
         "Alice: added Bob (the node checked the Commit) and queued his Welcome ({} bytes); epoch {}",
         added.welcome.len(),
         alice_group.epoch()
@@ -156,7 +157,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
                     "the node keeps no tree for Bob's Welcome".into(),
                 ));
             };
-            println!(
+            say!(
                 "Bob: fetched the group's ratchet tree from the node ({} bytes)",
                 tree.len()
             );
@@ -164,10 +165,10 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         }
         joined => joined?,
     };
-    println!(
-        "Bob: joined {group_id} from the Welcome (epoch {}, {} members)",
+    say!(
+        "Bob: joined {group_id} from the Welcome (epoch {}, {})",
         bob_group.epoch(),
-        bob_group.members().len()
+        counted(bob_group.user_count(), "member", "members")
     );
 
     let to_bob = "Hello Bob, this is Alice.";
@@ -179,9 +180,9 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
             .enqueue(&bob.identity.public_key(), &ciphertext)
             .await?,
     )?;
-    println!("Alice: sent {} encrypted bytes", ciphertext.len());
+    say!("Alice: sent {} encrypted bytes", ciphertext.len());
     let received = bob.receive_one(&mut bob_group).await?;
-    println!("Bob decrypted: {received}");
+    say!("Bob decrypted: {received}");
 
     let to_alice = "Hi Alice, Bob here. Got it.";
     let ciphertext = bob_group.send(&bob.provider, &bob.identity, to_alice.as_bytes())?;
@@ -191,9 +192,9 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
             .enqueue(&alice.identity.public_key(), &ciphertext)
             .await?,
     )?;
-    println!("Bob: sent {} encrypted bytes", ciphertext.len());
+    say!("Bob: sent {} encrypted bytes", ciphertext.len());
     let replied = alice.receive_one(&mut alice_group).await?;
-    println!("Alice decrypted: {replied}");
+    say!("Alice decrypted: {replied}");
 
     alice.nodes.close().await;
     bob.nodes.close().await;
@@ -202,6 +203,6 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
             "a decrypted message differs from what was sent".into(),
         ));
     }
-    println!("demo-group: both messages decrypted end to end");
+    say!("demo-group: both messages decrypted end to end");
     Ok(())
 }

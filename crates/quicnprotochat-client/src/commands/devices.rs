@@ -17,6 +17,7 @@ use crate::devices::publish_list;
 use crate::error::ClientError;
 use crate::naming::{group_name, others, parse_key};
 use crate::nodes::{Nodes, envelope};
+use crate::output::counted;
 use crate::output::{self, print_json};
 use crate::publish::{Change, change_group};
 use crate::state::{StateFile, unix_now};
@@ -32,9 +33,9 @@ pub(crate) fn link(path: &Path, valid_for: Duration) -> Result<(), ClientError> 
     if output::json() {
         print_json(&json!({ "code": code }))?;
     } else {
-        println!("{code}");
+        say!("{code}");
     }
-    eprintln!(
+    note!(
         "on one of your devices run: devices add --state FILE CODE (the code above, valid for {}), then `recv` here",
         humantime::format_duration(valid_for)
     );
@@ -42,11 +43,15 @@ pub(crate) fn link(path: &Path, valid_for: Duration) -> Result<(), ClientError> 
 }
 
 /// `devices add | list | remove`.
-pub(crate) async fn devices(args: &ConnectionArgs, action: DevicesAction) -> Result<(), ClientError> {
+pub(crate) async fn devices(
+    args: &ConnectionArgs,
+    path: &Path,
+    action: DevicesAction,
+) -> Result<(), ClientError> {
     match action {
-        DevicesAction::Add { state, code } => add(args, &state.state, &code).await,
-        DevicesAction::List(state) => list(args, &state.state).await,
-        DevicesAction::Remove { state, device_key } => remove(args, &state.state, &device_key).await,
+        DevicesAction::Add { code } => add(args, path, &code).await,
+        DevicesAction::List => list(args, path).await,
+        DevicesAction::Remove { device_key } => remove(args, path, &device_key).await,
     }
 }
 
@@ -131,7 +136,7 @@ async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), Clien
     // The handoff waits in the link key's queue; the new device reads it on
     // its next `recv`, before the Welcomes in its own queue.
     nodes.deliver(&[envelope(vec![code.link_key], handoff)]).await?;
-    eprintln!("device {} is now one of your devices", new.short());
+    note!("device {} is now one of your devices", new.short());
 
     let me = identity.public_key();
     let mut failed = Vec::new();
@@ -152,23 +157,23 @@ async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), Clien
         })
         .await;
         match added {
-            Ok(group) => eprintln!(
-                "added it to {}: epoch {}, {} members",
+            Ok(group) => note!(
+                "added it to {}: epoch {}, {}",
                 group_name(group_id),
                 group.epoch(),
-                group.members().len()
+                counted(group.user_count(), "member", "members")
             ),
             // The device is linked whatever happens to one group; say
             // which groups it is missing, and go on with the others.
             Err(e) => {
-                eprintln!("warning: could not add it to {}: {e}", group_name(group_id));
+                note!("warning: could not add it to {}: {e}", group_name(group_id));
                 failed.push(group_name(group_id));
             }
         }
     }
     nodes.close().await;
     if failed.is_empty() {
-        eprintln!(
+        note!(
             "the new device joins {} group(s) on its next `recv`",
             groups.len()
         );
@@ -198,9 +203,9 @@ async fn list(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
     }
     for device in devices {
         if device == identity.public_key() {
-            println!("{device} (this device)");
+            say!("{device} (this device)");
         } else {
-            println!("{device}");
+            say!("{device}");
         }
     }
     Ok(())
@@ -231,7 +236,7 @@ async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<
         return Err(ClientError::Usage("you cannot remove your only device".into()));
     }
     publish_list(&nodes, &state, &user, version + 1, rest).await?;
-    eprintln!("device {} is no longer one of your devices", gone.short());
+    note!("device {} is no longer one of your devices", gone.short());
 
     for (group_id, _) in active_groups(&state)? {
         let Some(group) = GroupMember::load(&state.provider(), &group_id)? else {
@@ -241,11 +246,11 @@ async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<
             continue;
         }
         let group = remove_from_group(&nodes, &state, &identity, &group_id, &[gone]).await?;
-        eprintln!(
-            "removed it from {}: epoch {}, {} members",
+        note!(
+            "removed it from {}: epoch {}, {}",
             group_name(&group_id),
             group.epoch(),
-            group.members().len()
+            counted(group.user_count(), "member", "members")
         );
     }
     nodes.close().await;
@@ -272,13 +277,13 @@ pub(crate) async fn replace_handed_leaves(
         match update_through(nodes, state, identity, &group_id).await {
             Ok(group) => {
                 state.forget_handed_leaf(&group_id)?;
-                eprintln!(
+                note!(
                     "replaced the keys your other device made for this one in {name}: epoch {}",
                     group.epoch()
                 );
             }
             Err(e) => {
-                eprintln!(
+                note!(
                     "warning: could not yet replace the keys your other device made for this one in {name} ({e}); the next `recv` tries again"
                 );
                 if e.is_connection_lost() {
@@ -327,7 +332,7 @@ pub(crate) async fn complete_link(
         nodes.delivery().ack(&me, last.seq).await?;
     }
     nodes.close().await;
-    eprintln!(
+    note!(
         "linked: this device ({}) is now a device of {}",
         device.public_key().short(),
         device.user()

@@ -14,14 +14,15 @@ use std::time::{Duration, UNIX_EPOCH};
 use quicnprotochat_core::{CoreError, GroupMember, IdentityKey, IdentityKeypair, Suite};
 use serde_json::json;
 
-use super::node::fetch_verified_key_package;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
+use crate::key_packages::fetch_verified_key_package;
 use crate::naming::{
-    changed_event, devices_of, group_name, load_group, member_name, new_group_id, others, rejoin_group_id,
-    resolve_peers, shown, users,
+    changed_event, devices_of, group_name, load_group, load_group_as_member, member_name, new_group_id,
+    others, rejoin_group_id, resolve_peers, shown, users,
 };
 use crate::nodes::Nodes;
+use crate::output::counted;
 use crate::output::{self, Progress, print_json};
 use crate::publish::{self, Change, change_group, propose};
 use crate::state::{Direction, StateFile};
@@ -53,7 +54,7 @@ pub(crate) fn create_group(path: &Path, group_id: &str, suite: Suite) -> Result<
             "ciphersuite": suite.name(),
         }))?;
     }
-    eprintln!(
+    note!(
         "created group {group_id} (id {}, epoch {}, 1 member, ciphersuite {suite})",
         String::from_utf8_lossy(id.as_bytes()),
         group.epoch()
@@ -72,7 +73,7 @@ pub(crate) async fn invite(
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     // Refuse a missing group or unknown peer before dialling a node.
-    load_group(&state, group_id)?;
+    load_group_as_member(&state, group_id)?;
     if resolve_peers(&state, peers)?.is_empty() {
         return Err(ClientError::Usage(
             "name at least one peer with --peer-key HEX or --peer NAME".into(),
@@ -93,7 +94,7 @@ pub(crate) async fn invite_through(
     peers: &PeerArgs,
     group_id: Option<&str>,
 ) -> Result<(), ClientError> {
-    let (group_id, group) = load_group(state, group_id)?;
+    let (group_id, group) = load_group_as_member(state, group_id)?;
     let peers = resolve_peers(state, peers)?;
     if peers.is_empty() {
         return Err(ClientError::Usage(
@@ -141,7 +142,7 @@ pub(crate) async fn invite_through(
                 // keep the user's other devices out.
                 Err(e @ ClientError::NoKeyPackage(..)) => {
                     progress.suspend(|| {
-                        eprintln!(
+                        note!(
                             "warning: skipped device {} of {}: {e}",
                             device.short(),
                             user.short()
@@ -170,13 +171,13 @@ pub(crate) async fn invite_through(
     })
     .await?;
     state.record_group(&group_id, true)?;
-    eprintln!(
-        "invited {} ({} devices) to {}: epoch {}, {} members",
-        peers.len(),
-        joiners.len(),
+    note!(
+        "invited {} ({}) to {}: epoch {}, {}",
+        counted(peers.len(), "person", "people"),
+        counted(joiners.len(), "device", "devices"),
         group_name(&group_id),
         group.epoch(),
-        group.members().len()
+        counted(group.user_count(), "member", "members")
     );
     Ok(())
 }
@@ -219,7 +220,7 @@ pub(crate) async fn remove(
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
     let me = identity.public_key();
-    let (group_id, _) = load_group(&state, group_id)?;
+    let (group_id, _) = load_group_as_member(&state, group_id)?;
     let peers = resolve_peers(&state, peers)?;
     if peers.is_empty() {
         return Err(ClientError::Usage(
@@ -231,12 +232,12 @@ pub(crate) async fn remove(
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     let group = remove_from_group(&nodes, &state, &identity, &group_id, &peers).await?;
-    eprintln!(
-        "removed {} from {}: epoch {}, {} members",
-        peers.len(),
+    note!(
+        "removed {} from {}: epoch {}, {}",
+        counted(peers.len(), "person", "people"),
         group_name(&group_id),
         group.epoch(),
-        group.members().len()
+        counted(group.user_count(), "member", "members")
     );
     nodes.close().await;
     Ok(())
@@ -275,14 +276,14 @@ pub(crate) async fn update(
 ) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let (group_id, _) = load_group(&state, group_id)?;
+    let (group_id, _) = load_group_as_member(&state, group_id)?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     let group = update_through(&nodes, &state, &identity, &group_id).await?;
-    eprintln!(
-        "updated your keys in {}: epoch {}, {} members",
+    note!(
+        "updated your keys in {}: epoch {}, {}",
         group_name(&group_id),
         group.epoch(),
-        group.members().len()
+        counted(group.user_count(), "member", "members")
     );
     nodes.close().await;
     Ok(())
@@ -318,7 +319,7 @@ pub(crate) async fn leave(
 ) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let identity = state.identity()?;
-    let (group_id, group) = load_group(&state, group_id)?;
+    let (group_id, group) = load_group_as_member(&state, group_id)?;
     if others(&group, &identity.public_key()).is_empty() {
         return Err(ClientError::Usage(format!(
             "you are the only member of {}; there is nobody to leave",
@@ -330,7 +331,7 @@ pub(crate) async fn leave(
         Ok(state.leave_group(&group_id, group, &identity)?)
     })
     .await?;
-    eprintln!(
+    note!(
         "asked to leave {}; a remaining member removes you on their next `recv`",
         group_name(&group_id)
     );
@@ -348,14 +349,14 @@ pub(crate) async fn rejoin(args: &ConnectionArgs, path: &Path, group_id: &str) -
     let name = group_name(group_id.as_bytes());
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     match publish::rejoin(&nodes, &state, &identity, &group_id).await {
-        Ok(group) => eprintln!(
-            "rejoined {name}: epoch {}, {} members",
+        Ok(group) => note!(
+            "rejoined {name}: epoch {}, {}",
             group.epoch(),
-            group.members().len()
+            counted(group.user_count(), "member", "members")
         ),
         // Not a failure: what the user wanted is already the case.
         Err(ClientError::Core(CoreError::UpToDate { epoch })) => {
-            eprintln!("{name} is up to date here (epoch {epoch}); there is nothing to rejoin")
+            note!("{name} is up to date here (epoch {epoch}); there is nothing to rejoin")
         }
         Err(e) => return Err(e),
     }
@@ -388,7 +389,7 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
                 "current": is_current,
                 "status": status,
                 "epoch": group.as_ref().map(GroupMember::epoch),
-                "members": group.as_ref().filter(|g| g.is_active()).map(|g| g.members().len()),
+                "members": group.as_ref().filter(|g| g.is_active()).map(|g| g.user_count()),
                 "ciphersuite": group.as_ref().map(|g| g.suite().name()),
             }));
             continue;
@@ -396,15 +397,15 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
         match group {
             Some(group) if group.is_active() => {
                 let leaving = if status == "leaving" { " (leaving)" } else { "" };
-                println!(
+                say!(
                     "{mark} {name} epoch {} members {} {}{leaving}",
                     group.epoch(),
-                    group.members().len(),
+                    group.user_count(),
                     group.suite()
                 );
             }
-            Some(group) => println!("{mark} {name} epoch {} removed", group.epoch()),
-            None => println!("{mark} {name} (no MLS state)"),
+            Some(group) => say!("{mark} {name} epoch {} removed", group.epoch()),
+            None => say!("{mark} {name} (no MLS state)"),
         }
     }
     if output::json() {
@@ -452,7 +453,7 @@ pub(crate) fn print_members(state: &StateFile, group_id: Option<&str>) -> Result
             line.push_str(" (you)");
         }
         let plural = if devices == 1 { "" } else { "s" };
-        println!("{line} {devices} device{plural}");
+        say!("{line} {devices} device{plural}");
     }
     if output::json() {
         print_json(&json!({
@@ -499,7 +500,7 @@ pub(crate) fn history(path: &Path, group_id: Option<&str>) -> Result<(), ClientE
             Direction::Received if entry.sender == me => "you (another device)".to_owned(),
             Direction::Received => member_name(&state, &entry.sender)?,
         };
-        println!("{when} {}: {}", shown(&who), shown(&text));
+        say!("{when} {}: {}", shown(&who), shown(&text));
     }
     if output::json() {
         print_json(&json!({

@@ -4,9 +4,9 @@ use std::path::Path;
 
 use serde_json::json;
 
-use super::node::{top_up_key_packages, upload};
 use crate::cli::{ConnectionArgs, ContactsAction};
 use crate::error::ClientError;
+use crate::key_packages::{top_up_key_packages, upload};
 use crate::naming::parse_key;
 use crate::nodes::Nodes;
 use crate::output::{self, print_json};
@@ -26,7 +26,7 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
     }
     let more = top_up_key_packages(&nodes, &state, &identity).await?;
     if more > 0 {
-        eprintln!("uploaded {more} more KeyPackages (including a last-resort one if there was none)");
+        note!("uploaded {more} more KeyPackages (including a last-resort one if there was none)");
     }
     if output::json() {
         print_json(&json!({
@@ -35,7 +35,7 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
             "key_packages_uploaded": 1 + more,
         }))?;
     } else {
-        println!("{}", identity.user());
+        say!("{}", identity.user());
     }
     nodes.close().await;
     Ok(())
@@ -53,9 +53,9 @@ pub(crate) fn whoami(path: &Path, device: bool) -> Result<(), ClientError> {
             "device_key": identity.public_key().to_string(),
         }))?;
     } else if device {
-        println!("{}", identity.public_key());
+        say!("{}", identity.public_key());
     } else {
-        println!("{}", identity.user());
+        say!("{}", identity.user());
     }
     Ok(())
 }
@@ -76,7 +76,7 @@ pub(crate) fn contacts(path: &Path, action: ContactsAction) -> Result<(), Client
             }
             let key = parse_key("identity key", &identity_key)?;
             state.add_contact(&name, &key)?;
-            eprintln!("{name} is {key}");
+            note!("{name} is {key}");
         }
         ContactsAction::List => {
             let contacts = state.contacts()?;
@@ -88,7 +88,7 @@ pub(crate) fn contacts(path: &Path, action: ContactsAction) -> Result<(), Client
                 print_json(&json!({ "contacts": contacts }))?;
             } else {
                 for (name, key) in contacts {
-                    println!("{name} {key}");
+                    say!("{name} {key}");
                 }
             }
         }

@@ -7,12 +7,13 @@ use quicnprotochat_core::{CoreError, IdentityKeypair, Incoming, classify};
 use quicnprotochat_proto::wire::Envelope;
 
 use super::devices::replace_handed_leaves;
-use super::node::top_up_key_packages;
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
 use crate::incoming::{accept_invitation, catch_up, fetch_into_inbox, process_entry};
-use crate::naming::{devices_of, group_name, load_group, others, resolve_peers};
+use crate::key_packages::top_up_key_packages;
+use crate::naming::{devices_of, group_name, load_group_as_member, others, resolve_peers};
 use crate::nodes::{Nodes, envelope};
+use crate::output::counted;
 use crate::output::{self, Event, print_json};
 use crate::publish::{commit_due_proposals, commit_proposals};
 use crate::state::{Invitation, SentMessage, StateError, StateFile};
@@ -147,7 +148,7 @@ async fn send_once(
     // encrypted in an epoch the group has left is one its readers may no
     // longer be able to open, and the node refuses it.
     catch_up(nodes, state, identity).await?;
-    let (group_id, mut group) = load_group(state, group_id)?;
+    let (group_id, mut group) = load_group_as_member(state, group_id)?;
     let name = group_name(&group_id);
     let others = others(&group, &me);
     let chosen = resolve_peers(state, peers)?;
@@ -244,7 +245,7 @@ pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Re
 fn tell_invitations(state: &StateFile) -> Result<(), ClientError> {
     let waiting = state.invitation_count()?;
     if waiting > 0 && !output::json() {
-        eprintln!(
+        note!(
             "{waiting} invitation{} from people you have not named as contacts wait{}: `invitations` lists them, `accept GROUP` joins, `decline GROUP` refuses",
             if waiting == 1 { "" } else { "s" },
             if waiting == 1 { "s" } else { "" }
@@ -292,11 +293,11 @@ pub(crate) fn invitations(path: &Path) -> Result<(), ClientError> {
         return print_json(&serde_json::json!({ "invitations": listed }));
     }
     for invitation in &waiting {
-        println!(
-            "{} from {} ({} members)",
+        say!(
+            "{} from {} ({})",
             group_name(&invitation.group_id),
             invitation.inviter.user,
-            invitation.members
+            counted(invitation.members, "member", "members")
         );
     }
     Ok(())
@@ -344,7 +345,7 @@ pub(crate) fn decline(path: &Path, group: &str) -> Result<(), ClientError> {
     let state = StateFile::open(path)?;
     let invitation = invitation_to(&state, group)?;
     state.remove_invitation(&invitation.group_id)?;
-    eprintln!(
+    note!(
         "declined the invitation to {} from {}",
         group_name(&invitation.group_id),
         invitation.inviter.user.short()

@@ -33,8 +33,23 @@ use crate::error::ClientError;
 
 /// Runs one parsed command line. Must run inside a tokio `LocalSet`.
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
-    let connection = &cli.connection;
-    match cli.command {
+    let Cli {
+        connection,
+        state,
+        command,
+        ..
+    } = cli;
+    let connection = &connection;
+    // `--state` is global (before or after any subcommand), so clap cannot
+    // require it of the commands that need it: they ask here.
+    let state = || {
+        state.as_deref().ok_or_else(|| {
+            ClientError::Usage(
+                "this command needs a state file: --state FILE (or QUICNPROTOCHAT_STATE)".into(),
+            )
+        })
+    };
+    match command {
         Command::Ping => node::ping(connection).await,
         Command::Register => node::register(connection).await,
         Command::FetchKey {
@@ -42,50 +57,36 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
             ciphersuite,
         } => node::fetch_key(connection, &identity_key, ciphersuite).await,
         Command::DemoGroup => demo::demo_group(connection).await,
-        Command::RegisterState(state) => identity::register_state(connection, &state.state).await,
-        Command::Whoami { state, device } => identity::whoami(&state.state, device),
-        Command::Link { state, valid_for } => devices::link(&state.state, valid_for),
-        Command::Devices { action } => devices::devices(connection, action).await,
-        Command::Contacts { state, action } => identity::contacts(&state.state, action),
+        Command::RegisterState => identity::register_state(connection, state()?).await,
+        Command::Whoami { device } => identity::whoami(state()?, device),
+        Command::Link { valid_for } => devices::link(state()?, valid_for),
+        Command::Devices { action } => devices::devices(connection, state()?, action).await,
+        Command::Contacts { action } => identity::contacts(state()?, action),
         Command::CreateGroup {
-            state,
             group_id,
             ciphersuite,
-        } => group::create_group(&state.state, &group_id, ciphersuite),
-        Command::Invite {
-            state,
-            peers,
-            group_id,
-        } => group::invite(connection, &state.state, &peers, group_id.as_deref()).await,
-        Command::Remove {
-            state,
-            peers,
-            group_id,
-        } => group::remove(connection, &state.state, &peers, group_id.as_deref()).await,
-        Command::Update { state, group_id } => {
-            group::update(connection, &state.state, group_id.as_deref()).await
+        } => group::create_group(state()?, &group_id, ciphersuite),
+        Command::Invite { peers, group_id } => {
+            group::invite(connection, state()?, &peers, group_id.as_deref()).await
         }
-        Command::Leave { state, group_id } => {
-            group::leave(connection, &state.state, group_id.as_deref()).await
+        Command::Remove { peers, group_id } => {
+            group::remove(connection, state()?, &peers, group_id.as_deref()).await
         }
-        Command::Rejoin { state, group_id } => group::rejoin(connection, &state.state, &group_id).await,
-        Command::Groups(state) => group::groups(&state.state),
-        Command::Members { state, group_id } => group::members(&state.state, group_id.as_deref()),
-        Command::History { state, group_id } => group::history(&state.state, group_id.as_deref()),
-        Command::Join(state) => messages::join(connection, &state.state).await,
-        Command::Invitations(state) => messages::invitations(&state.state),
-        Command::Accept { state, group, all } => {
-            messages::accept(connection, &state.state, group.as_deref(), all).await
+        Command::Update { group_id } => group::update(connection, state()?, group_id.as_deref()).await,
+        Command::Leave { group_id } => group::leave(connection, state()?, group_id.as_deref()).await,
+        Command::Rejoin { group_id } => group::rejoin(connection, state()?, &group_id).await,
+        Command::Groups => group::groups(state()?),
+        Command::Members { group_id } => group::members(state()?, group_id.as_deref()),
+        Command::History { group_id } => group::history(state()?, group_id.as_deref()),
+        Command::Join => messages::join(connection, state()?).await,
+        Command::Invitations => messages::invitations(state()?),
+        Command::Accept { group, all } => messages::accept(connection, state()?, group.as_deref(), all).await,
+        Command::Decline { group } => messages::decline(state()?, &group),
+        Command::Send { peers, group_id, msg } => {
+            messages::send(connection, state()?, &peers, group_id.as_deref(), &msg).await
         }
-        Command::Decline { state, group } => messages::decline(&state.state, &group),
-        Command::Send {
-            state,
-            peers,
-            group_id,
-            msg,
-        } => messages::send(connection, &state.state, &peers, group_id.as_deref(), &msg).await,
-        Command::Recv { state, follow } => messages::recv(connection, &state.state, follow).await,
-        Command::Chat { state, group_id } => chat::chat(connection, &state.state, group_id).await,
+        Command::Recv { follow } => messages::recv(connection, state()?, follow).await,
+        Command::Chat { group_id } => chat::chat(connection, state()?, group_id).await,
         Command::Completions { shell } => completions::completions(shell),
     }
 }
