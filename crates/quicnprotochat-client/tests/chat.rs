@@ -290,17 +290,7 @@ fn a_message_arriving_in_chat_leaves_the_half_typed_line_intact() {
     group_of(&node, "talk", &alice, &[&bob]);
     alice.run(&node, "contacts", &["add", "bob", &bob.key]);
 
-    let command = [
-        env!("CARGO_BIN_EXE_quicnprotochat-client"),
-        "--server",
-        &node.addr.to_string(),
-        "--ca-cert",
-        &node.cert().display().to_string(),
-        "chat",
-        "--state",
-        &alice.state,
-    ]
-    .join(" ");
+    let command = node.shell_line(&["chat", "--state", &alice.state]);
     let mut terminal = Command::new("script")
         .args(["-qfec", &command, "/dev/null"])
         .stdin(Stdio::piped())

@@ -430,17 +430,7 @@ fn a_long_backlog_shows_a_catch_up_bar_on_a_terminal() {
 /// linux `script` makes one), as a person would; whether it succeeded, and
 /// everything the terminal showed.
 fn on_terminal(node: &TestNode, args: &[&str]) -> (bool, String) {
-    let command = [
-        env!("CARGO_BIN_EXE_quicnprotochat-client"),
-        "--server",
-        &node.addr.to_string(),
-        "--ca-cert",
-        &node.cert().display().to_string(),
-    ]
-    .into_iter()
-    .chain(args.iter().copied())
-    .collect::<Vec<_>>()
-    .join(" ");
+    let command = node.shell_line(args);
     let output = Command::new("script")
         .args(["-qec", &command, "/dev/null"])
         .stdin(Stdio::null())

@@ -269,7 +269,11 @@ impl Session<'_> {
                         return Ok(Ended::Done);
                     };
                     let handled = self.handle(&line).await;
-                    lines.handled();
+                    // The editor prompts for the next line, unless this
+                    // one ends the chat.
+                    if !matches!(handled, Ok(Flow::Quit)) {
+                        lines.handled();
+                    }
                     match handled {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Quit) => return Ok(Ended::Done),

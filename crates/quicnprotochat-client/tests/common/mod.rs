@@ -118,6 +118,23 @@ impl TestNode {
         run_client(&full)
     }
 
+    /// The client binary's command line against this node with `args`, as
+    /// one string for a shell (`script -c`, which runs it on a terminal).
+    pub fn shell_line(&self, args: &[&str]) -> String {
+        let (server, cert) = (self.addr.to_string(), self.cert().display().to_string());
+        [
+            env!("CARGO_BIN_EXE_quicnprotochat-client"),
+            "--server",
+            &server,
+            "--ca-cert",
+            &cert,
+        ]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ")
+    }
+
     /// The client binary set up to talk to this node with `args`, to spawn
     /// (for long-running commands: `chat`, `recv --follow`).
     pub fn command(&self, args: &[&str]) -> Command {
