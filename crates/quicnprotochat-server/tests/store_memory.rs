@@ -7,7 +7,6 @@
 mod conformance;
 
 use conformance::Backend;
-use proptest::prelude::*;
 use quicnprotochat_core::{IdentityKey, Suite};
 use quicnprotochat_server::delivery::Storage;
 use quicnprotochat_server::store::{Limits, MemoryDatabase, Store, StoreCloser, ValidKeyPackage};
@@ -37,24 +36,5 @@ impl Backend for Memory {
     }
 }
 
-/// One test per check, each on a fresh database.
-macro_rules! conformance {
-    ($($check:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $check() {
-            conformance::$check(&Memory::default()).await;
-        }
-    )*};
-}
-
-conformance::every_check!(conformance);
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
-
-    #[test]
-    fn queues_behave_like_the_model(ops in conformance::queue_ops()) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(conformance::queues_behave_like_the_model(&Memory::default(), ops));
-    }
-}
+// Each check and case on a fresh database.
+conformance::suite_on!(Some(Memory::default()), cases: 64);

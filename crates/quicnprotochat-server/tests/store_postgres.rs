@@ -9,7 +9,6 @@
 mod conformance;
 
 use conformance::Backend;
-use proptest::prelude::*;
 use quicnprotochat_core::IdentityKey;
 use quicnprotochat_server::store::{Limits, Store, StoreCloser};
 use quicnprotochat_testpg::TestPostgres;
@@ -78,27 +77,6 @@ impl Backend for Postgres {
     }
 }
 
-/// One test per check, each on a fresh database.
-macro_rules! conformance {
-    ($($check:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $check() {
-            let Some(backend) = Postgres::new() else { return };
-            conformance::$check(&backend).await;
-        }
-    )*};
-}
-
-conformance::every_check!(conformance);
-
-proptest! {
-    // Fewer cases than on SQLite: each creates a database on the server.
-    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
-
-    #[test]
-    fn queues_behave_like_the_model(ops in conformance::queue_ops()) {
-        let Some(backend) = Postgres::new() else { return Ok(()) };
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(conformance::queues_behave_like_the_model(&backend, ops));
-    }
-}
+// Each check and case on a fresh database on the server; fewer cases than
+// on SQLite, as each creates a database.
+conformance::suite_on!(Postgres::new(), cases: 24);

@@ -6,7 +6,6 @@
 mod conformance;
 
 use conformance::Backend;
-use proptest::prelude::*;
 use quicnprotochat_core::IdentityKey;
 use quicnprotochat_server::store::{Durability, Limits, SCHEMA_VERSION, Store, StoreCloser};
 
@@ -56,24 +55,5 @@ impl Backend for Sqlite {
     }
 }
 
-/// One test per check, each on a fresh database.
-macro_rules! conformance {
-    ($($check:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $check() {
-            conformance::$check(&Sqlite::new()).await;
-        }
-    )*};
-}
-
-conformance::every_check!(conformance);
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
-
-    #[test]
-    fn queues_behave_like_the_model(ops in conformance::queue_ops()) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(conformance::queues_behave_like_the_model(&Sqlite::new(), ops));
-    }
-}
+// Each check and case on a fresh database file.
+conformance::suite_on!(Some(Sqlite::new()), cases: 64);

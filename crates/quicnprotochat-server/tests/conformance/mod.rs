@@ -22,12 +22,15 @@ use quicnprotochat_server::store::{
     TooManyKeyPackages, Totals, ValidKeyPackage,
 };
 
-/// Calls `$run!` with the name of every check that takes a backend, so
-/// that each runner file runs all of them.
+/// The whole suite as tests of the runner file that calls it: one test per
+/// check, and the queue property test with `cases` cases, each on a fresh
+/// backend from `$fresh`, an `Option` (`None` skips: PostgreSQL without a
+/// server). Each runner states only its backend.
 #[allow(unused_macros)] // files checking other things use the helpers only
-macro_rules! every_check {
-    ($run:ident) => {
-        $run!(
+macro_rules! suite_on {
+    ($fresh:expr, cases: $cases:expr) => {
+        conformance::one_test_per_check!(
+            $fresh;
             drain_returns_messages_in_fifo_order_and_empties_the_queue,
             queued_messages_and_key_packages_survive_a_restart,
             key_packages_are_served_once_oldest_first,
@@ -64,10 +67,38 @@ macro_rules! every_check {
             a_key_package_stored_before_suites_is_an_x25519_one,
             the_totals_count_queued_messages_and_stored_key_packages,
         );
+
+        proptest::proptest! {
+            #![proptest_config(proptest::prelude::ProptestConfig {
+                cases: $cases,
+                ..proptest::prelude::ProptestConfig::default()
+            })]
+
+            #[test]
+            fn queues_behave_like_the_model(ops in conformance::queue_ops()) {
+                let Some(backend) = $fresh else { return Ok(()) };
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(conformance::queues_behave_like_the_model(&backend, ops));
+            }
+        }
     };
 }
 #[allow(unused_imports)]
-pub(crate) use every_check;
+pub(crate) use suite_on;
+
+/// One test per named check, each on a fresh backend from `$fresh`.
+#[allow(unused_macros)]
+macro_rules! one_test_per_check {
+    ($fresh:expr; $($check:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $check() {
+            let Some(backend) = $fresh else { return };
+            conformance::$check(&backend).await;
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use one_test_per_check;
 
 #[allow(unused_imports)] // files checking other things use the helpers only
 pub use device_lists::{
