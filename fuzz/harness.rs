@@ -17,8 +17,9 @@ use quicnprotochat_core::{
     GroupMember, IdentityKey, IdentityKeypair, Received, classify, generate_key_package,
 };
 use quicnprotochat_proto::memory::{AnswerBounds, MemoryBudget, Pool};
+use quicnprotochat_server::api::Shared;
 use quicnprotochat_server::limits::RateLimits;
-use quicnprotochat_server::service::{NodeServiceImpl, Session, Shared};
+use quicnprotochat_server::service::{NodeServiceImpl, Session};
 use quicnprotochat_server::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};

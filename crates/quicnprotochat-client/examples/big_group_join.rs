@@ -20,7 +20,7 @@ use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
 use quicnprotochat_client::state::StateFile;
 use quicnprotochat_client::{Cli, commands};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair, Seq, generate_key_package};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
+use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 use quicnprotochat_server::testing::TestNode;
 
@@ -136,7 +136,7 @@ fn main() {
                 .unwrap();
             assert_eq!(
                 outcome,
-                CommitOutcome::Accepted,
+                ChangeOutcome::Accepted,
                 "Commit of {commit_len} B at epoch {epoch}"
             );
             group.merge_pending_commit(&provider).unwrap();

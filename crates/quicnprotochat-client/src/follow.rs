@@ -17,10 +17,11 @@ use quicnprotochat_core::IdentityKeypair;
 use tokio::time::Instant;
 
 use crate::error::ClientError;
-use crate::incoming::{Seen, catch_up, process_inbox, store_batch};
+use crate::incoming::{Seen, process_inbox, store_batch};
 use crate::nodes::Nodes;
 use crate::publish::commit_due_proposals;
 use crate::state::StateFile;
+use crate::sync::catch_up;
 
 /// How long a connection must have lasted for its loss to be news: the
 /// reconnect is then immediate. A shorter one continues the streak of

@@ -12,12 +12,11 @@ use quicnprotochat_core::{
 };
 use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
-use crate::devices::Directory;
+use crate::directory::Directory;
 use crate::error::ClientError;
 use crate::naming::{changed_event, group_name, users};
 use crate::nodes::Nodes;
 use crate::output::{Event, Person, Progress};
-use crate::publish::resume_publications;
 use crate::state::{Direction, InboxEntry, Invitation, KeptWelcome, NotKept, StateFile, unix_now};
 
 /// Test hook: when this environment variable is set, `recv` and `join` exit
@@ -53,22 +52,6 @@ impl Seen {
         self.after = self.after.max(stored);
         Ok(self)
     }
-}
-
-/// Brings every group up to date: settles our own unanswered change, fetches
-/// the queue into the inbox and processes it, printing application messages
-/// as `recv` does.
-pub(crate) async fn catch_up(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-) -> Result<Seen, ClientError> {
-    // First settle our own unanswered change: if the node took it, later
-    // messages are in the epoch after it.
-    resume_publications(nodes, state, identity).await?;
-    let seen = fetch_into_inbox(nodes, state, identity).await?;
-    process_inbox(nodes, state).await?;
-    Ok(seen)
 }
 
 /// Copies our queue on the node into the local inbox, then acknowledges it.
@@ -182,7 +165,7 @@ pub(crate) async fn process_entry(
             // processing with that error, keeping the message.
             Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) if !fetched_lists => {
                 fetched_lists = true;
-                directory.fetch(nodes, state, &users).await?;
+                nodes.fetch_device_lists(state, &users).await?;
                 continue;
             }
             Err(ClientError::Core(broken @ CoreError::BrokenCommit { .. })) => {
@@ -286,7 +269,7 @@ pub(crate) async fn accept_invitation(
             }
             Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) if !fetched_lists => {
                 fetched_lists = true;
-                directory.fetch(nodes, state, &users).await?;
+                nodes.fetch_device_lists(state, &users).await?;
             }
             Err(e) => return Err(e),
         }

@@ -8,21 +8,31 @@
 //! # Layout
 //! - [`cli`] — the command line (clap).
 //! - [`commands`] — one module per command family; `run` only dispatches.
+//!   Commands parse arguments and call the modules below, never each other.
+//! - `changes` — group changes as commands make them (invite, remove,
+//!   update, leave): made, published, and made again after catching up
+//!   when another member's Commit won.
+//! - `sending` — an application message encrypted and queued, delivered
+//!   again after a lost connection.
+//! - `sync` — catching up: the outbox settled, then the queue fetched and
+//!   applied.
+//! - `publish` — one group change: stage, publish, settle by the node's
+//!   typed outcome, resume unanswered ones; rejoining a group by external
+//!   commit.
+//! - `incoming` — fetch → store → ack, then apply each queued message.
+//! - `follow` — `recv --follow`: pushed batches until Ctrl-C, resumed through
+//!   the next node when the connection is lost.
+//! - `key_packages` — uploading KeyPackages, keeping a stock of them on the
+//!   node, taking a peer's one verified.
+//! - `link` — completing a device link on the new device.
 //! - `nodes` — the connections a command uses (the first of each list of
 //!   nodes that answers, the next one on a reconnect); sending with rate
 //!   limits waited out and full queues reported.
+//! - `directory` — users' device lists: fetched once per command, verified,
+//!   checked against the highest version seen.
 //! - `naming` — groups and peers by name: parse, resolve, show.
-//! - `devices` — users' device lists: fetched once per command, verified,
-//!   checked against the highest version seen; publishing a new list.
-//! - `publish` — group changes: stage, publish, settle by the node's typed
-//!   outcome, resume unanswered ones; rejoining a group by external commit.
-//! - `incoming` — fetch → store → ack, then apply each queued message.
-//! - `key_packages` — uploading KeyPackages, keeping a stock of them on the
-//!   node, taking a peer's one verified.
 //! - `editor` — what `chat` reads: a line editor on a terminal (history,
 //!   lines printed above the one being typed), stdin's lines otherwise.
-//! - `follow` — `recv --follow`: pushed batches until Ctrl-C, resumed through
-//!   the next node when the connection is lost.
 //! - [`node_client`] — connect to a node (verifying it) and make typed calls.
 //! - [`state`] — the state file: identity, groups, inbox, outbox, OpenMLS
 //!   storage; each unit of work one transaction.
@@ -45,20 +55,24 @@ macro_rules! note {
     };
 }
 
+mod changes;
 pub mod cli;
 pub mod commands;
-mod devices;
+mod directory;
 mod editor;
 pub mod error;
 mod follow;
 mod incoming;
 mod key_packages;
+mod link;
 mod naming;
 pub mod node_client;
 mod nodes;
 pub mod output;
 mod publish;
+mod sending;
 pub mod state;
+mod sync;
 
 pub use cli::Cli;
 pub use error::ClientError;

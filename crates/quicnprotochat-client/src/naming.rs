@@ -6,10 +6,12 @@ use std::collections::BTreeSet;
 
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
 
+use serde_json::json;
+
 use crate::cli::PeerArgs;
 use crate::error::ClientError;
-use crate::output::{Event, Person};
-use crate::state::{StateError, StateFile};
+use crate::output::{self, Event, Person, print_json, unsafe_to_show};
+use crate::state::{Invitation, StateError, StateFile};
 
 /// Parses an identity key given on the command line as `flag`.
 pub(crate) fn parse_key(flag: &str, text: &str) -> Result<IdentityKey, ClientError> {
@@ -36,36 +38,6 @@ pub(crate) fn resolve_peers(state: &StateFile, peers: &PeerArgs) -> Result<Vec<I
     let mut seen = std::collections::HashSet::new();
     keys.retain(|key| seen.insert(*key));
     Ok(keys)
-}
-
-/// Whether `c` must not reach a terminal as it is: a control character
-/// (C0 with newline and ESC, DEL, C1), or a character that reorders or
-/// hides text (bidirectional overrides and isolates, zero-width ones, line
-/// and paragraph separators), with which a peer could move the cursor,
-/// retitle the window, forge a line from someone else or disguise text.
-pub(crate) fn unsafe_to_show(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
-}
-
-/// `text` with every character [`unsafe_to_show`] written as an escape
-/// (`\n`, `\t`, `\r`, else `\u{1b}`), so a message prints as one line of
-/// visible characters; `--json` carries the exact text instead.
-pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(unsafe_to_show) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if unsafe_to_show(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
 }
 
 /// Shows a group id as text when it is printable UTF-8, else as hex.
@@ -277,6 +249,71 @@ fn people<'a>(
         .collect()
 }
 
+/// The waiting invitation to `group` (its name as shown, or its id as
+/// text or hex).
+pub(crate) fn invitation_to(state: &StateFile, group: &str) -> Result<Invitation, ClientError> {
+    state
+        .invitations()?
+        .into_iter()
+        .find(|invitation| {
+            let id = &invitation.group_id;
+            group_name(id) == group
+                || id.as_slice() == group.as_bytes()
+                || hex::encode(id) == group.to_lowercase()
+        })
+        .ok_or_else(|| {
+            ClientError::Usage(format!(
+                "no invitation to {group} waits; `invitations` lists them"
+            ))
+        })
+}
+
+/// Prints the `members` listing from an open state file (`chat`'s
+/// `/members` too).
+pub(crate) fn print_members(state: &StateFile, group_id: Option<&str>) -> Result<(), ClientError> {
+    let me = state.identity_key()?;
+    let (group_id, group) = load_group(state, group_id)?;
+    let mut users: Vec<(IdentityKey, usize)> = Vec::new();
+    for member in group.member_keys() {
+        match users.iter_mut().find(|(user, _)| *user == member.user) {
+            Some((_, count)) => *count += 1,
+            None => users.push((member.user, 1)),
+        }
+    }
+    let mut listed = Vec::new();
+    for (user, devices) in users {
+        let name = state.contact_name(&user)?;
+        if output::json() {
+            listed.push(json!({
+                "user_key": user.to_string(),
+                "name": name,
+                "you": user == me,
+                "devices": devices,
+            }));
+            continue;
+        }
+        let mut line = user.to_string();
+        if let Some(name) = name {
+            line.push(' ');
+            line.push_str(&name);
+        }
+        if user == me {
+            line.push_str(" (you)");
+        }
+        let plural = if devices == 1 { "" } else { "s" };
+        say!("{line} {devices} device{plural}");
+    }
+    if output::json() {
+        print_json(&json!({
+            "group": group_name(&group_id),
+            "group_id": hex::encode(&group_id),
+            "epoch": group.epoch(),
+            "members": listed,
+        }))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,16 +349,5 @@ mod tests {
         ));
         // A name that would reorder or hide text is shown as hex.
         assert_eq!(group_name("a\u{202e}b".as_bytes()), "61e280ae62");
-    }
-
-    #[test]
-    fn text_is_shown_as_visible_characters_on_one_line() {
-        assert_eq!(shown("plain, ünïcode ✓"), "plain, ünïcode ✓");
-        assert_eq!(shown("a\nb\tc\rd"), r"a\nb\tc\rd");
-        assert_eq!(shown("\u{1b}[2J\u{7f}\u{85}"), r"\u{1b}[2J\u{7f}\u{85}");
-        assert_eq!(
-            shown("x\u{202e}y\u{200b}z\u{2028}"),
-            r"x\u{202e}y\u{200b}z\u{2028}"
-        );
     }
 }

@@ -7,7 +7,7 @@
 //! nodes that completes a handshake ([`Dialer::dial_first`]).
 //!
 //! Calls return the node's typed outcomes ([`SendOutcome`],
-//! [`CommitOutcome`], [`ProposalOutcome`], [`FetchedKeyPackage`],
+//! [`ChangeOutcome`], [`FetchedKeyPackage`],
 //! [`FetchedGroupInfo`]) as values: deciding what to do about a rate limit, a full queue, a lost race
 //! or a change the node found not valid is the caller's business.
 //! An exception comes back as [`ClientError::Rpc`]; only its
@@ -26,8 +26,8 @@ use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::outcome::{
-    CommitOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree,
-    ProposalOutcome, SendOutcome, UploadOutcome,
+    ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome,
+    UploadOutcome,
 };
 use quicnprotochat_proto::wire::{
     Envelope, GroupState, MAX_DEVICE_LIST_FETCH, read_device_list, read_messages, write_device_list,
@@ -85,19 +85,7 @@ pub struct ConnectOptions {
     pub ca_cert: PathBuf,
 }
 
-/// What a node says about itself in `ping`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeInfo {
-    /// Software version.
-    pub version: String,
-    /// Wire protocol version.
-    pub protocol_version: u16,
-    /// Largest payload accepted, in bytes.
-    pub max_payload_bytes: u32,
-    /// Names the node's database; sequence numbers are only comparable
-    /// while it stays the same.
-    pub instance_id: Vec<u8>,
-}
+pub use quicnprotochat_proto::wire::NodeInfo;
 
 /// An open connection to a node.
 pub struct NodeClient {
@@ -330,16 +318,7 @@ impl NodeClient {
     pub async fn ping(&self) -> Result<NodeInfo, ClientError> {
         let request = self.node.ping_request();
         let response = call(request.send().promise).await?;
-        let info = response.get()?.get_info()?;
-        Ok(NodeInfo {
-            version: info
-                .get_version()?
-                .to_string()
-                .map_err(|e| capnp::Error::failed(format!("ping: version is not UTF-8: {e}")))?,
-            protocol_version: info.get_protocol_version(),
-            max_payload_bytes: info.get_max_payload_bytes(),
-            instance_id: info.get_instance_id()?.to_vec(),
-        })
+        Ok(NodeInfo::read(response.get()?.get_info()?)?)
     }
 
     /// Uploads a KeyPackage for `identity`; returns the node's SHA-256
@@ -490,10 +469,10 @@ impl NodeClient {
     /// ([`Self::fetch_group_info`]); without one it has nothing to serve
     /// until the next Commit that brings one.
     ///
-    /// [`CommitOutcome::Conflict`] says another Commit won that epoch, and
-    /// which epoch the group is in now; [`CommitOutcome::Invalid`] that the
+    /// [`ChangeOutcome::Conflict`] says another Commit won that epoch, and
+    /// which epoch the group is in now; [`ChangeOutcome::Invalid`] that the
     /// node found the Commit not valid for the group;
-    /// [`CommitOutcome::UnknownGroup`] that it has no state for the group and
+    /// [`ChangeOutcome::UnknownGroup`] that it has no state for the group and
     /// none was given.
     pub async fn publish_commit(
         &self,
@@ -503,7 +482,7 @@ impl NodeClient {
         welcome: Option<&Envelope>,
         initial_state: Option<&GroupState>,
         group_info: Option<&[u8]>,
-    ) -> Result<CommitOutcome, ClientError> {
+    ) -> Result<ChangeOutcome, ClientError> {
         let mut request = self.delivery.publish_commit_request();
         request.get().set_group_id(group_id.as_bytes());
         request.get().set_epoch(epoch);
@@ -520,7 +499,7 @@ impl NodeClient {
             request.get().set_group_info(group_info);
         }
         let response = call(request.send().promise).await?;
-        Ok(CommitOutcome::read(response.get()?.get_outcome()?)?)
+        Ok(ChangeOutcome::read_commit(response.get()?.get_outcome()?)?)
     }
 
     /// The current GroupInfo and ratchet tree of `group_id`, for rejoining it
@@ -554,20 +533,20 @@ impl NodeClient {
     /// Publishes a standalone `proposal` (made in `epoch` of `group_id`) to
     /// its recipients; the node checks it against the group's public state
     /// and keeps it for the Commit that will reference it.
-    /// [`ProposalOutcome::Accepted`] comes only once it is stored; any other
+    /// [`ChangeOutcome::Accepted`] comes only once it is stored; any other
     /// outcome stored nothing.
     pub async fn publish_proposal(
         &self,
         group_id: &GroupId,
         epoch: u64,
         proposal: &Envelope,
-    ) -> Result<ProposalOutcome, ClientError> {
+    ) -> Result<ChangeOutcome, ClientError> {
         let mut request = self.delivery.publish_proposal_request();
         request.get().set_group_id(group_id.as_bytes());
         request.get().set_epoch(epoch);
         fill_envelope(request.get().init_proposal(), proposal)?;
         let response = call(request.send().promise).await?;
-        Ok(ProposalOutcome::read(response.get()?.get_outcome()?)?)
+        Ok(ChangeOutcome::read_proposal(response.get()?.get_outcome()?)?)
     }
 
     /// Reads (without removing) the messages of `recipient` after `after`,

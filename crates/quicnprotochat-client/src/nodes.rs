@@ -9,14 +9,15 @@
 use std::cell::Cell;
 use std::time::Duration;
 
-use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{CoreError, IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::outcome::{RateLimited, SendOutcome, TooLarge};
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::ConnectionArgs;
-use crate::devices::Directory;
+use crate::directory::Directory;
 use crate::error::ClientError;
 use crate::node_client::{Dialer, NodeClient};
+use crate::state::StateFile;
 
 /// How long one command keeps retrying calls the node rate-limits, in all.
 pub(crate) const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(30);
@@ -88,6 +89,34 @@ impl Nodes {
             delivery,
             directory: Directory::default(),
         })
+    }
+
+    /// Fetches the device lists of `users` this command has not fetched
+    /// yet into its directory (see [`Directory::fetch`]).
+    pub(crate) async fn fetch_device_lists(
+        &self,
+        state: &StateFile,
+        users: &[IdentityKey],
+    ) -> Result<(), ClientError> {
+        self.directory.fetch(self.auth(), state, users).await
+    }
+
+    /// Runs `step` with this command's directory; if it needs lists not
+    /// fetched yet, fetches them and runs it once more. `step` must change
+    /// nothing when it fails (core's operations fail before writing, and
+    /// the state file's methods roll back).
+    pub(crate) async fn with_lists<T>(
+        &self,
+        state: &StateFile,
+        mut step: impl FnMut(&Directory) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        match step(&self.directory) {
+            Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) => {
+                self.fetch_device_lists(state, &users).await?;
+                step(&self.directory)
+            }
+            other => other,
+        }
     }
 
     /// The device lists fetched in this command.

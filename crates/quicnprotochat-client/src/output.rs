@@ -27,7 +27,6 @@ use serde::Serialize;
 use quicnprotochat_core::CoreError;
 
 use crate::error::ClientError;
-use crate::naming::shown;
 
 static JSON: OnceLock<bool> = OnceLock::new();
 
@@ -401,5 +400,51 @@ impl Progress {
 impl Drop for Progress {
     fn drop(&mut self) {
         self.bar.finish_and_clear();
+    }
+}
+
+/// Whether `c` must not reach a terminal as it is: a control character
+/// (C0 with newline and ESC, DEL, C1), or a character that reorders or
+/// hides text (bidirectional overrides and isolates, zero-width ones, line
+/// and paragraph separators), with which a peer could move the cursor,
+/// retitle the window, forge a line from someone else or disguise text.
+pub(crate) fn unsafe_to_show(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// `text` with every character [`unsafe_to_show`] written as an escape
+/// (`\n`, `\t`, `\r`, else `\u{1b}`), so a message prints as one line of
+/// visible characters; `--json` carries the exact text instead.
+pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(unsafe_to_show) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if unsafe_to_show(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_shown_as_visible_characters_on_one_line() {
+        assert_eq!(shown("plain, ünïcode ✓"), "plain, ünïcode ✓");
+        assert_eq!(shown("a\nb\tc\rd"), r"a\nb\tc\rd");
+        assert_eq!(shown("\u{1b}[2J\u{7f}\u{85}"), r"\u{1b}[2J\u{7f}\u{85}");
+        assert_eq!(
+            shown("x\u{202e}y\u{200b}z\u{2028}"),
+            r"x\u{202e}y\u{200b}z\u{2028}"
+        );
     }
 }

@@ -21,8 +21,8 @@
 //!    stays pending and [`resume_publications`] resends it, with the same
 //!    message ids, at the start of the next command.
 //!
-//! [`change_group`] runs the whole thing for a command and, when another
-//! member's Commit won, catches up and makes the change again.
+//! `changes::change_group` runs the whole thing for a command and, when
+//! another member's Commit won, catches up and makes the change again.
 //!
 //! [`rejoin`] brings back a group whose state we lost: from the group's
 //! GroupInfo and tree on the node it makes an external Commit that replaces
@@ -31,20 +31,18 @@
 //! records it as ours) or deletes it again; a lost race is retried with the
 //! group's new state.
 //!
-//! Standalone proposals (a request to leave) go out with [`propose`]: the
+//! Standalone proposals (a request to leave) go out with [`send_proposal`]: the
 //! node checks them too and keeps them for the Commit that will reference
 //! them. One the node did not take is withdrawn from the group again, since
 //! no Commit can ever cover it.
 
 use std::time::Duration;
 
-use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedGroupInfo, ProposalOutcome};
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
-use crate::devices::with_lists;
 use crate::error::ClientError;
-use crate::incoming;
 use crate::naming::{group_name, node_group_id, others};
 use crate::nodes::{Nodes, Patience, envelope};
 use crate::output::counted;
@@ -75,57 +73,13 @@ pub(crate) enum Settled {
 }
 
 /// How often a change is redone after losing the race for an epoch.
-const CHANGE_ATTEMPTS: usize = 3;
+pub(crate) const CHANGE_ATTEMPTS: usize = 3;
 
 /// How often an unanswered publication is sent again within one command.
 const PUBLISH_ATTEMPTS: usize = 3;
 
 /// Pause before sending an unanswered publication again.
 const RESEND_PAUSE: Duration = Duration::from_millis(300);
-
-/// Makes and publishes a group change: `make` builds it against the group
-/// as stored; the node accepts it only if no other Commit won that epoch.
-/// If another member's Commit won, ours is discarded, the queue is processed
-/// (bringing the group up to date) and the change is made again, telling
-/// the user.
-pub(crate) async fn change_group(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-    group_id: &[u8],
-    mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
-) -> Result<GroupMember, ClientError> {
-    let name = group_name(group_id);
-    resume_publications(nodes, state, identity).await?;
-    let mut current_epoch = 0;
-    for attempt in 1..=CHANGE_ATTEMPTS {
-        let mut group = GroupMember::load(&state.provider(), group_id)?
-            .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
-        // A change that adds devices of users whose lists this command has
-        // not fetched fails without staging anything; fetch and make it
-        // again.
-        let publication = match stage(state, &mut group, group_id, &mut make) {
-            Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) => {
-                nodes.directory().fetch(nodes, state, &users).await?;
-                stage(state, &mut group, group_id, &mut make)?
-            }
-            other => other?,
-        };
-        match send_publication(nodes, state, identity, &mut group, &publication).await? {
-            Settled::Merged => return Ok(group),
-            Settled::Lost { current_epoch: now } => {
-                current_epoch = now;
-                if attempt < CHANGE_ATTEMPTS {
-                    note!(
-                        "another member changed {name} first (now at epoch {now}); catching up and trying again"
-                    );
-                    incoming::catch_up(nodes, state, identity).await?;
-                }
-            }
-        }
-    }
-    Err(ClientError::CommitConflict { current_epoch })
-}
 
 /// Makes a change with `make` and saves it in the outbox in the same
 /// transaction, so a pending Commit never exists without the publication
@@ -191,27 +145,28 @@ pub(crate) async fn rejoin(
             // Overloaded or outcome unknown: nothing to drop, try later.
             Err(e) => return Err(e),
         };
-        let publication = with_lists(nodes, state, |directory| {
-            state.stage_publication(|| -> Result<Publication, ClientError> {
-                let rejoined = GroupMember::rejoin(
-                    &state.provider(),
-                    identity,
-                    group_id.as_bytes(),
-                    &group_info,
-                    &ratchet_tree,
-                    directory,
-                )?;
-                Ok(Publication {
-                    group_id: group_id.clone(),
-                    epoch: rejoined.epoch,
-                    commit: envelope(others(&rejoined.group, &me), rejoined.commit),
-                    welcome: None,
-                    group_info: Some(rejoined.group_info),
-                    rejoin: true,
+        let publication = nodes
+            .with_lists(state, |directory| {
+                state.stage_publication(|| -> Result<Publication, ClientError> {
+                    let rejoined = GroupMember::rejoin(
+                        &state.provider(),
+                        identity,
+                        group_id.as_bytes(),
+                        &group_info,
+                        &ratchet_tree,
+                        directory,
+                    )?;
+                    Ok(Publication {
+                        group_id: group_id.clone(),
+                        epoch: rejoined.epoch,
+                        commit: envelope(others(&rejoined.group, &me), rejoined.commit),
+                        welcome: None,
+                        group_info: Some(rejoined.group_info),
+                        rejoin: true,
+                    })
                 })
             })
-        })
-        .await?;
+            .await?;
         let mut group = GroupMember::load(&state.provider(), group_id.as_bytes())?
             .ok_or(ClientError::Internal("a staged rejoin left no group"))?;
         match send_publication(nodes, state, identity, &mut group, &publication).await? {
@@ -265,29 +220,36 @@ pub(crate) async fn send_publication(
             )
             .await;
         match answer {
-            Ok(CommitOutcome::Accepted) => {
+            Ok(ChangeOutcome::Accepted) => {
                 settle(state, publication, group, Settlement::Merge)?;
                 return Ok(Settled::Merged);
             }
-            Ok(CommitOutcome::Conflict { current_epoch }) => {
+            Ok(ChangeOutcome::Conflict { current_epoch }) => {
                 settle(state, publication, group, Settlement::Discard)?;
                 return Ok(Settled::Lost { current_epoch });
             }
-            Ok(CommitOutcome::RateLimited(limited)) => {
+            Ok(ChangeOutcome::RateLimited(limited)) => {
                 // Nothing was stored: the same Commit may be published again.
                 if !patience.wait(&limited).await {
                     break limited.into();
                 }
             }
-            Ok(CommitOutcome::QueueFull(full)) => break full.into(),
-            Ok(CommitOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
-            Ok(CommitOutcome::UnknownGroup) if initial_state.is_none() && !publication.rejoin => {
+            Ok(ChangeOutcome::QueueFull(full)) => break full.into(),
+            Ok(ChangeOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
+            // A Commit's answer has no such member: `read_commit` never
+            // yields it.
+            Ok(ChangeOutcome::TooManyProposals { max }) => {
+                break ClientError::InvalidChange {
+                    reason: format!("the group holds {max} proposals in this epoch already"),
+                };
+            }
+            Ok(ChangeOutcome::UnknownGroup) if initial_state.is_none() && !publication.rejoin => {
                 // The node forgot the group's public state (it was idle for
                 // the node's group retention): hand it over again, in the
                 // epoch the node still knows the group to be in.
                 initial_state = Some(self::initial_state(state, identity, group, publication.epoch)?);
             }
-            Ok(CommitOutcome::UnknownGroup) => {
+            Ok(ChangeOutcome::UnknownGroup) => {
                 // Nothing of this group can be published any more: drop
                 // the change so the group is at least readable as it was.
                 settle(state, publication, group, Settlement::Discard)?;
@@ -447,7 +409,7 @@ pub(crate) async fn commit_proposals(
 /// How a published proposal ended, when the node took it or another
 /// member's Commit had moved the group on (any other end is an error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proposed {
+pub(crate) enum Proposed {
     /// The node stored it and queued it for the other members.
     Accepted,
     /// The group is in another epoch on the node; ours was withdrawn.
@@ -457,55 +419,10 @@ enum Proposed {
     },
 }
 
-/// Makes a standalone proposal with `make` (against the group as stored;
-/// it returns the TLS-encoded proposal, which it leaves pending in the
-/// group as ours) and publishes it to every other member. If the group had
-/// moved to another epoch on the node, the proposal is withdrawn, the queue
-/// processed and the proposal made again, telling the user. Every other
-/// refusal withdraws it and is reported.
-pub(crate) async fn propose(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-    group_id: &[u8],
-    mut make: impl FnMut(&mut GroupMember) -> Result<Vec<u8>, ClientError>,
-) -> Result<GroupMember, ClientError> {
-    let name = group_name(group_id);
-    let node_id = node_group_id(group_id)?;
-    let me = identity.public_key();
-    // A change of ours left unanswered must be settled first: it decides
-    // the epoch the proposal is made in.
-    resume_publications(nodes, state, identity).await?;
-    let mut current_epoch = 0;
-    for attempt in 1..=CHANGE_ATTEMPTS {
-        let mut group = GroupMember::load(&state.provider(), group_id)?
-            .ok_or_else(|| ClientError::NoGroup(format!("{name} is not one of your groups")))?;
-        let recipients = others(&group, &me);
-        if recipients.is_empty() {
-            return Err(ClientError::Usage(format!(
-                "you are the only member of {name}; there is nobody to ask"
-            )));
-        }
-        let epoch = group.epoch();
-        let proposal = envelope(recipients, make(&mut group)?);
-        match send_proposal(nodes, state, &node_id, &mut group, epoch, &proposal).await? {
-            Proposed::Accepted => return Ok(group),
-            Proposed::Lost { current_epoch: now } => {
-                current_epoch = now;
-                if attempt < CHANGE_ATTEMPTS {
-                    note!("{name} changed meanwhile (now at epoch {now}); catching up and asking again");
-                    incoming::catch_up(nodes, state, identity).await?;
-                }
-            }
-        }
-    }
-    Err(ClientError::CommitConflict { current_epoch })
-}
-
 /// Publishes a proposal made in `epoch` and acts on the node's answer: a
 /// rate limit is waited out (within our patience), anything the node did
 /// not take withdraws the proposal from `group`.
-async fn send_proposal(
+pub(crate) async fn send_proposal(
     nodes: &Nodes,
     state: &StateFile,
     group_id: &GroupId,
@@ -518,24 +435,24 @@ async fn send_proposal(
     let mut unanswered = 0;
     let refusal = loop {
         match nodes.delivery().publish_proposal(group_id, epoch, proposal).await {
-            Ok(ProposalOutcome::Accepted) => return Ok(Proposed::Accepted),
-            Ok(ProposalOutcome::Conflict { current_epoch }) => {
+            Ok(ChangeOutcome::Accepted) => return Ok(Proposed::Accepted),
+            Ok(ChangeOutcome::Conflict { current_epoch }) => {
                 state.withdraw_proposals(group_id.as_bytes(), group)?;
                 return Ok(Proposed::Lost { current_epoch });
             }
-            Ok(ProposalOutcome::RateLimited(limited)) => {
+            Ok(ChangeOutcome::RateLimited(limited)) => {
                 // Nothing was stored: the same proposal may be sent again.
                 if !patience.wait(&limited).await {
                     break limited.into();
                 }
             }
-            Ok(ProposalOutcome::QueueFull(full)) => break full.into(),
-            Ok(ProposalOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
-            Ok(ProposalOutcome::UnknownGroup) => {
+            Ok(ChangeOutcome::QueueFull(full)) => break full.into(),
+            Ok(ChangeOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
+            Ok(ChangeOutcome::UnknownGroup) => {
                 state.withdraw_proposals(group_id.as_bytes(), group)?;
                 return Err(ClientError::GroupUnknownToNode { group: name });
             }
-            Ok(ProposalOutcome::TooManyProposals { max }) => {
+            Ok(ChangeOutcome::TooManyProposals { max }) => {
                 break ClientError::TooManyProposals {
                     group: name.clone(),
                     max,

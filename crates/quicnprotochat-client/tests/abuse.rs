@@ -815,12 +815,12 @@ async fn hoard(
             )
             .await;
         match published {
-            Ok(quicnprotochat_proto::outcome::CommitOutcome::Accepted) => {
+            Ok(quicnprotochat_proto::outcome::ChangeOutcome::Accepted) => {
                 group.merge_pending_commit(&group_provider).unwrap();
                 initial_state = None;
                 count.commits_accepted += 1;
             }
-            Ok(quicnprotochat_proto::outcome::CommitOutcome::RateLimited(_)) => {
+            Ok(quicnprotochat_proto::outcome::ChangeOutcome::RateLimited(_)) => {
                 group.discard_pending_commit(&group_provider).unwrap();
                 count.commits_limited += 1;
             }

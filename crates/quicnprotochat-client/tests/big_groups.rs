@@ -16,7 +16,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::node_client::NodeClient;
 use quicnprotochat_client::state::StateFile;
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair, Seq, generate_key_package};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
+use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 use quicnprotochat_server::Config;
 
@@ -206,7 +206,7 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
             )
             .await
             .unwrap();
-        assert_eq!(outcome, CommitOutcome::Accepted);
+        assert_eq!(outcome, ChangeOutcome::Accepted);
         // A Welcome sent around the node's ordering is refused outright.
         assert_eq!(
             client.enqueue(&bob_key, &for_bob.welcome).await.unwrap(),

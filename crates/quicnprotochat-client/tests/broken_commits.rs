@@ -16,7 +16,7 @@ use common::tampered::{Tampered, Tampering};
 use common::{Member, TestNode, group_of, local};
 use quicnprotochat_client::state::{StateFile, StateProvider};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
-use quicnprotochat_proto::outcome::CommitOutcome;
+use quicnprotochat_proto::outcome::ChangeOutcome;
 use quicnprotochat_proto::wire::Envelope;
 
 /// Mallory publishes a self-update Commit to `others` that `spoil` breaks
@@ -52,7 +52,7 @@ fn mallory_publishes(
             .await
             .unwrap()
         {
-            CommitOutcome::Invalid { reason } => assert!(reason.contains("must carry groupInfo"), "{reason}"),
+            ChangeOutcome::Invalid { reason } => assert!(reason.contains("must carry groupInfo"), "{reason}"),
             other => panic!("a Commit without groupInfo: {other:?}"),
         }
         let outcome = client
@@ -61,7 +61,7 @@ fn mallory_publishes(
             .unwrap();
         assert_eq!(
             outcome,
-            CommitOutcome::Accepted,
+            ChangeOutcome::Accepted,
             "the node cannot check what only members can"
         );
     });

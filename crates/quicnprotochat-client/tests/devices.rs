@@ -17,7 +17,7 @@ use openmls_traits::OpenMlsProvider as _;
 use quicnprotochat_client::state::StateFile;
 use quicnprotochat_core::{CIPHERSUITE, GroupId, GroupMember, IdentityKey, IdentityKeypair, Seq};
 use quicnprotochat_proto::outcome::{
-    CommitOutcome, DeviceListOutcome, FetchedKeyPackage, FetchedWelcomeTree,
+    ChangeOutcome, DeviceListOutcome, FetchedKeyPackage, FetchedWelcomeTree,
 };
 use quicnprotochat_proto::wire::Envelope;
 
@@ -374,7 +374,7 @@ fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_membe
             .unwrap()
     });
     match outcome {
-        CommitOutcome::Invalid { reason } => assert!(reason.contains("does not name it"), "{reason}"),
+        ChangeOutcome::Invalid { reason } => assert!(reason.contains("does not name it"), "{reason}"),
         other => panic!("the node must refuse the Add: {other:?}"),
     }
 

@@ -15,7 +15,7 @@ use openmls::prelude::{
 };
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{CIPHERSUITE, GroupId, Seq};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedWelcomeTree};
+use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::Envelope;
 
 #[test]
@@ -113,7 +113,7 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
             .publish_commit(&group_id, epoch, &envelope, None, None, Some(&group_info))
             .await
             .unwrap();
-        assert_eq!(outcome, CommitOutcome::Accepted, "the node checked and took it");
+        assert_eq!(outcome, ChangeOutcome::Accepted, "the node checked and took it");
         group
     });
     let mut group = message;

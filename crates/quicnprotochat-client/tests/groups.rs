@@ -564,7 +564,7 @@ fn groups_with_the_same_name_do_not_collide_at_the_node() {
 fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     use quicnprotochat_client::state::{Publication, StateError, StateFile};
     use quicnprotochat_core::{GroupId, GroupMember};
-    use quicnprotochat_proto::outcome::CommitOutcome;
+    use quicnprotochat_proto::outcome::ChangeOutcome;
 
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
@@ -608,7 +608,7 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
             )
             .await
             .unwrap();
-        assert_eq!(outcome, CommitOutcome::Accepted);
+        assert_eq!(outcome, ChangeOutcome::Accepted);
     });
 
     let (ok, _, err) = alice.try_run(&node, "recv", &[]);

@@ -16,9 +16,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::node_client::NodeClient;
 use quicnprotochat_client::state::StateFile;
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair};
-use quicnprotochat_proto::outcome::{
-    CommitOutcome, FetchedGroupInfo, FetchedWelcomeTree, ProposalOutcome, SendOutcome,
-};
+use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo, FetchedWelcomeTree, SendOutcome};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
 /// The node's id of the group `name` of `member`, as `--json` prints it.
@@ -221,7 +219,7 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
             .await
             .unwrap();
         match outcome {
-            CommitOutcome::Invalid { reason } => {
+            ChangeOutcome::Invalid { reason } => {
                 assert!(reason.contains("must carry an MLS Welcome"), "{reason}")
             }
             other => panic!("a Commit in the Welcome's place: {other:?}"),
@@ -293,19 +291,19 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
             )
             .await
             .unwrap();
-        assert_eq!(outcome, CommitOutcome::Accepted);
+        assert_eq!(outcome, ChangeOutcome::Accepted);
         for proposal in &proposals[..cap] {
             let outcome = client
                 .publish_proposal(&group, 1, &none(proposal.clone()))
                 .await
                 .unwrap();
-            assert_eq!(outcome, ProposalOutcome::Accepted);
+            assert_eq!(outcome, ChangeOutcome::Accepted);
         }
         let outcome = client
             .publish_proposal(&group, 1, &none(proposals[cap].clone()))
             .await
             .unwrap();
-        assert_eq!(outcome, ProposalOutcome::TooManyProposals { max: cap as u32 });
+        assert_eq!(outcome, ChangeOutcome::TooManyProposals { max: cap as u32 });
         // The group itself is untouched: still at epoch 1, its GroupInfo
         // served, and no epoch started by adding anyone.
         assert_eq!(

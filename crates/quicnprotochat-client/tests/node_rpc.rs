@@ -14,7 +14,7 @@ use quicnprotochat_core::{
     GroupId, GroupMember, IdentityKey, KeyPackageOptions, Seq, Suite, generate_key_package_with,
 };
 use quicnprotochat_proto::delivery_capnp::delivery_service;
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
+use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
@@ -723,7 +723,7 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
             )
             .await
             .unwrap();
-        assert_eq!(started, CommitOutcome::Accepted);
+        assert_eq!(started, ChangeOutcome::Accepted);
         creator.merge_pending_commit(&one).unwrap();
         let FetchedWelcomeTree::Tree(tree) = loser.fetch_welcome_tree(&group_id, 1).await.unwrap() else {
             panic!("the node keeps the tree for the member it added");
@@ -752,7 +752,7 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
             )
             .await
             .unwrap();
-        assert_eq!(won, CommitOutcome::Accepted);
+        assert_eq!(won, ChangeOutcome::Accepted);
         let lost = loser
             .publish_commit(
                 &group_id,
@@ -764,7 +764,7 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
             )
             .await
             .unwrap();
-        assert_eq!(lost, CommitOutcome::Conflict { current_epoch: 2 });
+        assert_eq!(lost, ChangeOutcome::Conflict { current_epoch: 2 });
         // The winner's retry (same message id) is accepted again, and only
         // the winning Commit was queued.
         let again = winner
@@ -778,7 +778,7 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
             )
             .await
             .unwrap();
-        assert_eq!(again, CommitOutcome::Accepted);
+        assert_eq!(again, ChangeOutcome::Accepted);
         let queued = loser.fetch_since(&key(2), Seq::ZERO, 0).await.unwrap();
         let payloads: Vec<_> = queued.into_iter().map(|message| message.payload).collect();
         assert_eq!(payloads, vec![added.welcome, first]);

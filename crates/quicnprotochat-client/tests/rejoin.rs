@@ -15,7 +15,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::ClientError;
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, generate_key_package};
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedGroupInfo, FetchedWelcomeTree};
+use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
 /// Copies a member's state file aside, as a backup.
@@ -314,7 +314,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             )
             .await
             .unwrap();
-        assert_eq!(outcome, CommitOutcome::Accepted);
+        assert_eq!(outcome, ChangeOutcome::Accepted);
         creator.merge_pending_commit(&one).unwrap();
         let FetchedWelcomeTree::Tree(tree) = joiner.fetch_welcome_tree(&group_id, 1).await.unwrap() else {
             panic!("the node keeps the tree for the member it added");
@@ -377,7 +377,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             .await
             .unwrap();
         // Not a member: told nothing about the group.
-        assert_eq!(stolen, CommitOutcome::UnknownGroup);
+        assert_eq!(stolen, ChangeOutcome::UnknownGroup);
         let outcome = joiner
             .publish_commit(
                 &group_id,
@@ -389,7 +389,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             )
             .await
             .unwrap();
-        assert_eq!(outcome, CommitOutcome::Accepted);
+        assert_eq!(outcome, ChangeOutcome::Accepted);
         let FetchedGroupInfo::State(served) = member.fetch_group_info(&group_id).await.unwrap() else {
             panic!("no GroupInfo served");
         };
@@ -406,7 +406,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             .await
             .unwrap();
         match outcome {
-            CommitOutcome::Invalid { reason } => assert!(reason.contains("must carry groupInfo"), "{reason}"),
+            ChangeOutcome::Invalid { reason } => assert!(reason.contains("must carry groupInfo"), "{reason}"),
             other => panic!("a Commit without groupInfo: {other:?}"),
         }
         let FetchedGroupInfo::State(served) = joiner.fetch_group_info(&group_id).await.unwrap() else {

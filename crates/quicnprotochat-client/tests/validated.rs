@@ -13,7 +13,7 @@ use std::path::Path;
 use common::{Member, TestNode, group_of};
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::{GroupId, GroupMember};
-use quicnprotochat_proto::outcome::CommitOutcome;
+use quicnprotochat_proto::outcome::ChangeOutcome;
 use quicnprotochat_proto::wire::Envelope;
 
 /// Opens a member's state file directly, as the client does.
@@ -200,7 +200,7 @@ fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
             .await
             .unwrap()
     });
-    assert_eq!(taken, CommitOutcome::UnknownGroup);
+    assert_eq!(taken, ChangeOutcome::UnknownGroup);
 
     // Bob's next change hands the state over again, in the state the node
     // kept the fingerprint of; everyone goes on.
@@ -320,7 +320,7 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
     body.extend_from_slice(&[0x3c; 32]);
     let outcome = publish(framed_as_a_commit(&group_id, 2, &body)).unwrap();
     // Eve is no member any more: she is told nothing about the group.
-    assert_eq!(outcome, CommitOutcome::UnknownGroup);
+    assert_eq!(outcome, ChangeOutcome::UnknownGroup);
 
     // The epoch stayed free: the others add, update and remove as before.
     alice.run(&node, "invite", &["--group-id", "team", "--peer-key", &carol.key]);

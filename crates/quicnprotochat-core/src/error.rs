@@ -8,7 +8,7 @@ use std::fmt::Display;
 
 use thiserror::Error;
 
-use crate::identity::IdentityKey;
+use crate::ids::IdentityKey;
 
 /// Everything that can go wrong in identity, KeyPackage and group handling.
 #[non_exhaustive]
@@ -193,7 +193,7 @@ pub enum CoreError {
     /// caller has not looked up; nothing was changed. Fetch them, then try
     /// again.
     #[error("the device lists of {} users are needed", .0.len())]
-    DeviceListsNeeded(Vec<crate::identity::IdentityKey>),
+    DeviceListsNeeded(Vec<IdentityKey>),
 
     /// A KeyPackage of another ciphersuite than the group's.
     #[error("the group is a {group} group, but the KeyPackage is for {key_package}")]

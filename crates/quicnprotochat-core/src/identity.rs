@@ -21,30 +21,7 @@ use crate::error::CoreError;
 /// Length of an identity key in bytes.
 const KEY_LEN: usize = 32;
 
-/// A user's public identity: a 32-byte Ed25519 public key.
-///
-/// Displayed and parsed as 64 lowercase hex characters.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdentityKey([u8; KEY_LEN]);
-
-impl IdentityKey {
-    /// Wraps raw key bytes. No point validation: the bytes are only ever
-    /// used for comparison and as MLS signature keys, which openmls checks
-    /// when verifying signatures.
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        Self(bytes)
-    }
-
-    /// The raw key bytes.
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
-
-    /// The first 16 hex characters, for compact display to humans.
-    pub fn short(&self) -> String {
-        hex::encode(&self.0[..KEY_LEN / 4])
-    }
-}
+pub use crate::ids::IdentityKey;
 
 impl TryFrom<&[u8]> for IdentityKey {
     type Error = CoreError;
@@ -56,7 +33,7 @@ impl TryFrom<&[u8]> for IdentityKey {
                 bytes.len()
             ))
         })?;
-        Ok(Self(array))
+        Ok(Self::from_bytes(array))
     }
 }
 
@@ -74,19 +51,7 @@ impl FromStr for IdentityKey {
         let mut bytes = [0u8; KEY_LEN];
         hex::decode_to_slice(s, &mut bytes)
             .map_err(|e| CoreError::InvalidIdentityKey(format!("identity key is not valid hex: {e}")))?;
-        Ok(Self(bytes))
-    }
-}
-
-impl fmt::Display for IdentityKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for IdentityKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IdentityKey({}…)", self.short())
+        Ok(Self::from_bytes(bytes))
     }
 }
 
@@ -136,7 +101,7 @@ impl IdentityKeypair {
 
     /// The public half.
     pub fn public_key(&self) -> IdentityKey {
-        IdentityKey(self.signing_key.verifying_key().to_bytes())
+        IdentityKey::from_bytes(self.signing_key.verifying_key().to_bytes())
     }
 
     /// A plain Ed25519 signature of `message`, for the project's own signed

@@ -105,3 +105,43 @@ mod tests {
         assert_eq!(Seq::from(9).get(), 9);
     }
 }
+
+/// Length of an identity key in bytes.
+const KEY_LEN: usize = 32;
+
+/// A user's public identity: a 32-byte Ed25519 public key.
+///
+/// Displayed and parsed as 64 lowercase hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey([u8; KEY_LEN]);
+
+impl IdentityKey {
+    /// Wraps raw key bytes. No point validation: the bytes are only ever
+    /// used for comparison and as MLS signature keys, which openmls checks
+    /// when verifying signatures.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw key bytes.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// The first 16 hex characters, for compact display to humans.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..KEY_LEN / 4])
+    }
+}
+
+impl fmt::Display for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdentityKey({}…)", self.short())
+    }
+}

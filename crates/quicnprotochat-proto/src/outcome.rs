@@ -283,36 +283,17 @@ impl DeviceListOutcome {
     }
 }
 
-/// What became of `publishCommit` (`CommitOutcome`).
+/// What became of a group change: `publishCommit` (`CommitOutcome`) or
+/// `publishProposal` (`ProposalOutcome`). The two unions share their
+/// members in the schema; only a proposal can meet
+/// [`ChangeOutcome::TooManyProposals`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommitOutcome {
-    /// The change is durably committed; the group is in the next epoch.
+pub enum ChangeOutcome {
+    /// Durably stored and queued: a Commit moved the group to the next
+    /// epoch; a proposal waits for the Commit that references it.
     Accepted,
-    /// Another Commit won the epoch; the group is at `current_epoch`.
-    Conflict {
-        /// The group's epoch on the node.
-        current_epoch: u64,
-    },
-    /// Over the sender's rate limit; nothing was published.
-    RateLimited(RateLimited),
-    /// Some queues are full; nothing was published.
-    QueueFull(QueueFull),
-    /// The Commit is not valid for the group's public state.
-    Invalid {
-        /// Why, for people.
-        reason: String,
-    },
-    /// The node has no state for the group: publish again with the
-    /// group's initial state.
-    UnknownGroup,
-}
-
-/// What became of `publishProposal` (`ProposalOutcome`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProposalOutcome {
-    /// Stored for the Commit that references it and queued.
-    Accepted,
-    /// The group is at `current_epoch`, not the proposal's epoch.
+    /// The group is at `current_epoch`: another Commit won the epoch, or a
+    /// proposal was made in another one.
     Conflict {
         /// The group's epoch on the node.
         current_epoch: u64,
@@ -326,52 +307,53 @@ pub enum ProposalOutcome {
         /// Why, for people.
         reason: String,
     },
-    /// The node has no state for the group, or the caller is not a member.
+    /// The node has no state for the group (a Commit: publish again with
+    /// the group's initial state), or the caller is not a member.
     UnknownGroup,
-    /// The group holds `max` proposals in this epoch already.
+    /// The group holds `max` proposals in this epoch already (proposals
+    /// only: a Commit frees the count).
     TooManyProposals {
         /// The node's limit per group and epoch.
         max: u32,
     },
 }
 
-/// `write` and `read` for an outcome of a group change: `CommitOutcome` and
-/// `ProposalOutcome` share their first members in the schema, so one body
-/// serves both (each with its own generated builder and reader); the arms
-/// of the members only one of them has are passed in, naming the builder
-/// and the reader they use.
-macro_rules! group_change_outcome {
-    ($outcome:ident, $schema:ident, |$builder:ident, $reader:ident| { $($write:tt)* } { $($read:tt)* }) => {
-        impl $outcome {
+/// A `write_*` and a `read_*` of [`ChangeOutcome`] for one of the schema's
+/// two unions, which share their first members (each has its own generated
+/// builder and reader); the arms of the members only one of them has are
+/// passed in.
+macro_rules! change_outcome_io {
+    ($write_fn:ident, $read_fn:ident, $schema:ident, |$builder:ident, $reader:ident| { $($write:tt)* } { $($read:tt)* }) => {
+        impl ChangeOutcome {
             /// Fills the node's answer.
-            pub fn write(&self, mut $builder: delivery_capnp::$schema::Builder<'_>) {
+            pub fn $write_fn(&self, mut $builder: delivery_capnp::$schema::Builder<'_>) {
                 match self {
-                    $outcome::Accepted => $builder.set_accepted(()),
-                    $outcome::Conflict { current_epoch } => {
+                    ChangeOutcome::Accepted => $builder.set_accepted(()),
+                    ChangeOutcome::Conflict { current_epoch } => {
                         $builder.init_conflict().set_current_epoch(*current_epoch)
                     }
-                    $outcome::RateLimited(limited) => limited.write($builder.init_rate_limited()),
-                    $outcome::QueueFull(full) => full.write($builder.init_queue_full()),
-                    $outcome::Invalid { reason } => $builder.init_invalid().set_reason(reason),
-                    $outcome::UnknownGroup => $builder.set_unknown_group(()),
+                    ChangeOutcome::RateLimited(limited) => limited.write($builder.init_rate_limited()),
+                    ChangeOutcome::QueueFull(full) => full.write($builder.init_queue_full()),
+                    ChangeOutcome::Invalid { reason } => $builder.init_invalid().set_reason(reason),
+                    ChangeOutcome::UnknownGroup => $builder.set_unknown_group(()),
                     $($write)*
                 }
             }
 
             /// Reads the node's answer.
-            pub fn read($reader: delivery_capnp::$schema::Reader<'_>) -> Result<$outcome, OutcomeError> {
+            pub fn $read_fn($reader: delivery_capnp::$schema::Reader<'_>) -> Result<ChangeOutcome, OutcomeError> {
                 use delivery_capnp::$schema::Which;
                 Ok(match $reader.which()? {
-                    Which::Accepted(()) => $outcome::Accepted,
-                    Which::Conflict(conflict) => $outcome::Conflict {
+                    Which::Accepted(()) => ChangeOutcome::Accepted,
+                    Which::Conflict(conflict) => ChangeOutcome::Conflict {
                         current_epoch: conflict?.get_current_epoch(),
                     },
-                    Which::RateLimited(limited) => $outcome::RateLimited(RateLimited::read(limited?)),
-                    Which::QueueFull(full) => $outcome::QueueFull(QueueFull::read(full?)?),
-                    Which::Invalid(invalid) => $outcome::Invalid {
+                    Which::RateLimited(limited) => ChangeOutcome::RateLimited(RateLimited::read(limited?)),
+                    Which::QueueFull(full) => ChangeOutcome::QueueFull(QueueFull::read(full?)?),
+                    Which::Invalid(invalid) => ChangeOutcome::Invalid {
                         reason: read_reason(invalid?)?,
                     },
-                    Which::UnknownGroup(()) => $outcome::UnknownGroup,
+                    Which::UnknownGroup(()) => ChangeOutcome::UnknownGroup,
                     $($read)*
                 })
             }
@@ -379,11 +361,17 @@ macro_rules! group_change_outcome {
     };
 }
 
-group_change_outcome!(CommitOutcome, commit_outcome, |builder, reader| {} {});
-group_change_outcome!(ProposalOutcome, proposal_outcome, |builder, reader| {
-    ProposalOutcome::TooManyProposals { max } => builder.init_too_many_proposals().set_max(*max),
+change_outcome_io!(write_commit, read_commit, commit_outcome, |builder, reader| {
+    // The node never refuses a Commit so (it frees the count); if it did,
+    // the Commit's union can only say it is not valid, and why.
+    ChangeOutcome::TooManyProposals { max } => builder
+        .init_invalid()
+        .set_reason(format!("the group holds {max} proposals in this epoch already")),
+} {});
+change_outcome_io!(write_proposal, read_proposal, proposal_outcome, |builder, reader| {
+    ChangeOutcome::TooManyProposals { max } => builder.init_too_many_proposals().set_max(*max),
 } {
-    Which::TooManyProposals(many) => ProposalOutcome::TooManyProposals { max: many?.get_max() },
+    Which::TooManyProposals(many) => ChangeOutcome::TooManyProposals { max: many?.get_max() },
 });
 
 /// What `fetchGroupInfo` found (`FetchedGroupInfo`).
@@ -578,30 +566,30 @@ mod tests {
             );
         }
         for outcome in [
-            CommitOutcome::Accepted,
-            CommitOutcome::Conflict { current_epoch: 7 },
-            CommitOutcome::QueueFull(full),
+            ChangeOutcome::Accepted,
+            ChangeOutcome::Conflict { current_epoch: 7 },
+            ChangeOutcome::QueueFull(full),
         ] {
             let mut message = capnp::message::Builder::new_default();
-            outcome.write(message.init_root());
+            outcome.write_commit(message.init_root());
             assert_eq!(
-                CommitOutcome::read(message.get_root_as_reader().unwrap()).unwrap(),
+                ChangeOutcome::read_commit(message.get_root_as_reader().unwrap()).unwrap(),
                 outcome
             );
         }
         for outcome in [
-            ProposalOutcome::Accepted,
-            ProposalOutcome::Conflict { current_epoch: 3 },
-            ProposalOutcome::Invalid {
+            ChangeOutcome::Accepted,
+            ChangeOutcome::Conflict { current_epoch: 3 },
+            ChangeOutcome::Invalid {
                 reason: "not a member".into(),
             },
-            ProposalOutcome::UnknownGroup,
-            ProposalOutcome::TooManyProposals { max: 256 },
+            ChangeOutcome::UnknownGroup,
+            ChangeOutcome::TooManyProposals { max: 256 },
         ] {
             let mut message = capnp::message::Builder::new_default();
-            outcome.write(message.init_root());
+            outcome.write_proposal(message.init_root());
             assert_eq!(
-                ProposalOutcome::read(message.get_root_as_reader().unwrap()).unwrap(),
+                ChangeOutcome::read_proposal(message.get_root_as_reader().unwrap()).unwrap(),
                 outcome
             );
         }

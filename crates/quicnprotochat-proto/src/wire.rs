@@ -803,3 +803,40 @@ mod tests {
         assert_eq!(payload("payload", b"abc", 10).unwrap(), b"abc");
     }
 }
+
+/// What a node says about itself in `ping` (`NodeInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Software version.
+    pub version: String,
+    /// Wire protocol version.
+    pub protocol_version: u16,
+    /// Largest payload accepted, in bytes.
+    pub max_payload_bytes: u32,
+    /// Names the node's database; sequence numbers are only comparable
+    /// while it stays the same.
+    pub instance_id: Vec<u8>,
+}
+
+impl NodeInfo {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: crate::node_capnp::node_info::Builder<'_>) {
+        builder.set_version(&self.version);
+        builder.set_protocol_version(self.protocol_version);
+        builder.set_max_payload_bytes(self.max_payload_bytes);
+        builder.set_instance_id(&self.instance_id);
+    }
+
+    /// Reads the node's answer.
+    pub fn read(reader: crate::node_capnp::node_info::Reader<'_>) -> capnp::Result<NodeInfo> {
+        Ok(NodeInfo {
+            version: reader
+                .get_version()?
+                .to_string()
+                .map_err(|e| capnp::Error::failed(format!("ping: version is not UTF-8: {e}")))?,
+            protocol_version: reader.get_protocol_version(),
+            max_payload_bytes: reader.get_max_payload_bytes(),
+            instance_id: reader.get_instance_id()?.to_vec(),
+        })
+    }
+}

@@ -20,10 +20,12 @@
 //! - [`config`] — everything the node can be told, with defaults.
 //! - [`listener`] — the QUIC endpoint: accept loop, RPC worker threads,
 //!   graceful shutdown.
-//! - [`service`] — the `NodeService` RPC adapter: parse, one store call, reply
-//!   (typed outcomes or an exception).
-//! - [`delivery`] — the delivery rules in plain Rust over a storage trait,
-//!   and the push and long-poll loops.
+//! - [`service`] — the `NodeService` RPC adapter: each method reads its
+//!   parameters, calls one [`api`] function and writes its result.
+//! - [`api`] — the node's calls in domain types: who may call, the limits
+//!   charged, one store command, a typed result (no capnp).
+//! - [`push`] — push subscriptions and long polls, woken by commits.
+//! - [`delivery`] — the delivery rules in plain Rust over a storage trait.
 //! - [`limits`] — per-caller rate limits (the send budget, token buckets).
 //! - [`admission`] — who may hold a connection: per-address and anonymous
 //!   caps, QUIC Retry under a handshake flood.
@@ -37,12 +39,14 @@
 //! - `testing` (feature `testing`) — the node every test and example starts.
 
 pub mod admission;
+pub mod api;
 pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod push;
 pub mod service;
 pub mod store;
 #[cfg(feature = "testing")]

@@ -39,9 +39,9 @@ pub struct Cost {
     pub bytes: u64,
 }
 
-/// Why a send was refused; it was not charged.
+/// Why the send budget refused a call; it was not charged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendRefusal {
+pub enum BudgetRefusal {
     /// Over the budget: it can pass after this wait.
     Wait(Duration),
     /// Bigger than the burst: it can never pass as it is.
@@ -50,6 +50,26 @@ pub enum SendRefusal {
         max_messages: u64,
         /// The burst of bytes.
         max_bytes: u64,
+    },
+}
+
+/// Over a rate: the call can pass after `retry_after`. The only refusal of
+/// an indivisible charge, of a ping and of a KeyPackage fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// How long until the call would pass.
+    pub retry_after: Duration,
+}
+
+/// Why an upload of KeyPackages was refused before they were checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadRefusal {
+    /// Over the identity's upload rate.
+    Wait(Wait),
+    /// More KeyPackages than one upload may ever carry (the burst).
+    OverBurst {
+        /// The most one upload may carry.
+        burst: u32,
     },
 }
 
@@ -106,13 +126,8 @@ impl RateLimits {
     }
 
     /// Takes `count` tokens for uploading KeyPackages of `owner` (before
-    /// they are validated, which costs the node CPU). `Err(Ok(wait))`: over
-    /// the rate; `Err(Err(burst))`: more than one upload may ever carry.
-    pub fn check_key_package_upload(
-        &self,
-        owner: &IdentityKey,
-        count: u32,
-    ) -> Result<(), Result<Duration, u32>> {
+    /// they are validated, which costs the node CPU).
+    pub fn check_key_package_upload(&self, owner: &IdentityKey, count: u32) -> Result<(), UploadRefusal> {
         let Some((limiter, burst)) = &self.key_package_upload else {
             return Ok(());
         };
@@ -121,8 +136,10 @@ impl RateLimits {
         };
         match limiter.check_key_n(owner, count) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Ok(not_until.wait_time_from(DefaultClock::default().now()))),
-            Err(_) => Err(Err(burst.get())),
+            Ok(Err(not_until)) => Err(UploadRefusal::Wait(Wait {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            })),
+            Err(_) => Err(UploadRefusal::OverBurst { burst: burst.get() }),
         }
     }
 
@@ -136,22 +153,35 @@ impl RateLimits {
             .is_none_or(|limiter| limiter.check_key(&(*target, suite)).is_ok())
     }
 
-    /// Takes a token for one ping; on refusal, how long to wait.
-    pub fn check_ping(&self, caller: Caller) -> Result<(), Duration> {
+    /// Takes a token for one ping.
+    pub fn check_ping(&self, caller: Caller) -> Result<(), Wait> {
         check(self.ping.as_ref(), caller)
     }
 
-    /// Charges a call that queues or stores something to the caller's send
-    /// budget. A call bigger than the burst is refused as
-    /// [`SendRefusal::TooLarge`], unless it is `indivisible` (a group
-    /// change): that one passes when the budget is full and leaves the
-    /// caller in debt for the rest.
-    pub fn check_send(&self, caller: Caller, cost: Cost, indivisible: bool) -> Result<(), SendRefusal> {
-        self.sends.check(caller, cost, indivisible, Instant::now())
+    /// Charges a call that queues messages to the caller's send budget. A
+    /// call bigger than the burst is refused as [`BudgetRefusal::TooLarge`]:
+    /// the sender can split it.
+    pub fn check_send(&self, caller: Caller, cost: Cost) -> Result<(), BudgetRefusal> {
+        self.sends.check(caller, cost, false, Instant::now())
     }
 
-    /// Takes a token for one KeyPackage fetch; on refusal, how long to wait.
-    pub fn check_key_package_fetch(&self, caller: Caller) -> Result<(), Duration> {
+    /// Charges a call that cannot be split (a group change, a client's
+    /// batch of KeyPackages, a device list) to the caller's send budget.
+    /// Bigger than the burst, it passes when the budget is full and leaves
+    /// the caller in debt for the rest, so the only refusal is a wait.
+    pub fn charge_indivisible(&self, caller: Caller, cost: Cost) -> Result<(), Wait> {
+        match self.sends.check(caller, cost, true, Instant::now()) {
+            Ok(()) => Ok(()),
+            Err(BudgetRefusal::Wait(retry_after)) => Err(Wait { retry_after }),
+            // `SendBudget::check` refuses as too large only divisible costs.
+            Err(BudgetRefusal::TooLarge { .. }) => Err(Wait {
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
+
+    /// Takes a token for one KeyPackage fetch.
+    pub fn check_key_package_fetch(&self, caller: Caller) -> Result<(), Wait> {
         check(self.key_package_fetch.as_ref(), caller)
     }
 
@@ -182,13 +212,13 @@ fn limiter(per_second: u32) -> Option<Bucket> {
     })
 }
 
-fn check(bucket: Option<&Bucket>, caller: Caller) -> Result<(), Duration> {
+fn check(bucket: Option<&Bucket>, caller: Caller) -> Result<(), Wait> {
     let Some(Bucket { limiter }) = bucket else {
         return Ok(());
     };
-    limiter
-        .check_key(&caller)
-        .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    limiter.check_key(&caller).map_err(|not_until| Wait {
+        retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+    })
 }
 
 /// One dimension of the send budget: the generic cell rate algorithm. A
@@ -219,7 +249,7 @@ impl Gcra {
         cost: u64,
         indivisible: bool,
         now: Instant,
-    ) -> Result<Instant, SendRefusal> {
+    ) -> Result<Instant, BudgetRefusal> {
         let Some(per_unit) = self.per_unit else {
             return Ok(tat);
         };
@@ -229,14 +259,14 @@ impl Gcra {
             return if tat <= now {
                 Ok(after)
             } else {
-                Err(SendRefusal::Wait(tat - now))
+                Err(BudgetRefusal::Wait(tat - now))
             };
         }
         let limit = now + per_unit.saturating_mul(u32::try_from(self.burst).unwrap_or(u32::MAX));
         if after <= limit {
             Ok(after)
         } else {
-            Err(SendRefusal::Wait(after - limit))
+            Err(BudgetRefusal::Wait(after - limit))
         }
     }
 
@@ -263,9 +293,15 @@ impl SendBudget {
         }
     }
 
-    fn check(&self, caller: Caller, cost: Cost, indivisible: bool, now: Instant) -> Result<(), SendRefusal> {
+    fn check(
+        &self,
+        caller: Caller,
+        cost: Cost,
+        indivisible: bool,
+        now: Instant,
+    ) -> Result<(), BudgetRefusal> {
         if !indivisible && (self.messages.too_large(cost.messages) || self.bytes.too_large(cost.bytes)) {
-            return Err(SendRefusal::TooLarge {
+            return Err(BudgetRefusal::TooLarge {
                 max_messages: self.messages.burst,
                 max_bytes: self.bytes.burst,
             });
@@ -289,7 +325,7 @@ impl SendBudget {
                 callers.insert(caller, (messages, bytes));
                 Ok(())
             }
-            (Err(SendRefusal::Wait(a)), Err(SendRefusal::Wait(b))) => Err(SendRefusal::Wait(a.max(b))),
+            (Err(BudgetRefusal::Wait(a)), Err(BudgetRefusal::Wait(b))) => Err(BudgetRefusal::Wait(a.max(b))),
             (Err(refusal), _) | (_, Err(refusal)) => Err(refusal),
         }
     }
@@ -322,8 +358,8 @@ mod tests {
     #[test]
     fn a_caller_beyond_its_burst_is_told_how_long_to_wait() {
         let limits = RateLimits::new(10, 0, 0, 0, 0, 0, 0);
-        assert!(limits.check_send(caller(1), messages(20), false).is_ok());
-        let Err(SendRefusal::Wait(wait)) = limits.check_send(caller(1), messages(1), false) else {
+        assert!(limits.check_send(caller(1), messages(20)).is_ok());
+        let Err(BudgetRefusal::Wait(wait)) = limits.check_send(caller(1), messages(1)) else {
             panic!("over the burst");
         };
         assert!(
@@ -331,7 +367,7 @@ mod tests {
             "{wait:?}"
         );
         // Others have their own budget; fetches are unlimited here.
-        assert!(limits.check_send(caller(2), messages(1), false).is_ok());
+        assert!(limits.check_send(caller(2), messages(1)).is_ok());
         assert!(limits.check_key_package_fetch(caller(1)).is_ok());
     }
 
@@ -354,8 +390,8 @@ mod tests {
     fn a_call_bigger_than_the_burst_is_refused_whole_and_charged_nothing() {
         let limits = RateLimits::new(10, 1000, 0, 0, 0, 0, 0);
         assert_eq!(
-            limits.check_send(caller(1), messages(21), false),
-            Err(SendRefusal::TooLarge {
+            limits.check_send(caller(1), messages(21)),
+            Err(BudgetRefusal::TooLarge {
                 max_messages: 20,
                 max_bytes: 2000
             })
@@ -366,16 +402,15 @@ mod tests {
                 Cost {
                     messages: 1,
                     bytes: 2001
-                },
-                false
+                }
             ),
-            Err(SendRefusal::TooLarge {
+            Err(BudgetRefusal::TooLarge {
                 max_messages: 20,
                 max_bytes: 2000
             })
         );
         // Nothing was charged: the whole burst is still there.
-        assert!(limits.check_send(caller(1), messages(20), false).is_ok());
+        assert!(limits.check_send(caller(1), messages(20)).is_ok());
     }
 
     #[test]
@@ -393,11 +428,11 @@ mod tests {
         let later = start + Duration::from_secs(7);
         assert_eq!(
             budget.check(caller(1), messages(1), false, later),
-            Err(SendRefusal::Wait(Duration::from_millis(1001)))
+            Err(BudgetRefusal::Wait(Duration::from_millis(1001)))
         );
         assert_eq!(
             budget.check(caller(1), cost, true, later),
-            Err(SendRefusal::Wait(Duration::from_secs(3)))
+            Err(BudgetRefusal::Wait(Duration::from_secs(3)))
         );
         let repaid = start + Duration::from_secs(10);
         assert_eq!(budget.check(caller(1), messages(2000), false, repaid), Ok(()));

@@ -35,11 +35,12 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::admission::{AddressSlot, Admission, Decision};
+use crate::api::Shared;
 use crate::config::{Config, MAX_PAYLOAD_CEILING};
 use crate::error::ServerError;
 use crate::limits::{Caller, RateLimits};
 use crate::metrics::{self, GaugeGuard};
-use crate::service::{NodeServiceImpl, Session, Shared};
+use crate::service::{NodeServiceImpl, Session};
 use crate::store::{Limits, Store, StoreCloser};
 
 /// How long shutdown waits for calls in flight before closing connections.

@@ -24,6 +24,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use quicnprotochat_proto::outcome::{
+    ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome,
+    UploadOutcome,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -194,6 +198,135 @@ pub fn record_call(method: &'static str, outcome: &'static str, started: std::ti
     metrics::histogram!(RPC_DURATION, "method" => method).record(started.elapsed().as_secs_f64());
     if !NOT_REFUSALS.contains(&outcome) {
         metrics::counter!(REFUSALS, "kind" => outcome).increment(1);
+    }
+}
+
+/// Counts `n` messages queued (one per recipient) by a call the store
+/// accepted.
+pub fn messages_queued(n: u64) {
+    metrics::counter!(MESSAGES_ENQUEUED).increment(n);
+}
+
+/// Counts `n` messages deleted by an acknowledgement.
+pub fn messages_acked(n: usize) {
+    metrics::counter!(MESSAGES_ACKED).increment(n as u64);
+}
+
+/// Counts a member who rejoined by an external Commit.
+pub fn rejoined() {
+    metrics::counter!(REJOINS).increment(1);
+}
+
+/// The `outcome` label of a call's typed result: `ok`, or the refusal's
+/// kind in snake case; `none` and `unavailable` (nothing to hand out) are
+/// answers, not refusals (see [`NOT_REFUSALS`]). Results with no outcome
+/// are `ok`.
+pub trait Label {
+    /// The label.
+    fn label(&self) -> &'static str;
+}
+
+impl Label for () {
+    fn label(&self) -> &'static str {
+        "ok"
+    }
+}
+
+impl<T> Label for Vec<T> {
+    fn label(&self) -> &'static str {
+        "ok"
+    }
+}
+
+impl Label for (u32, bool) {
+    fn label(&self) -> &'static str {
+        "ok"
+    }
+}
+
+impl Label for quicnprotochat_proto::wire::NodeInfo {
+    fn label(&self) -> &'static str {
+        "ok"
+    }
+}
+
+impl Label for SendOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            SendOutcome::Accepted => "ok",
+            SendOutcome::RateLimited(_) => "rate_limited",
+            SendOutcome::QueueFull(_) => "queue_full",
+            SendOutcome::TooLarge(_) => "too_large",
+            SendOutcome::StaleEpoch(_) => "stale_epoch",
+            SendOutcome::Handshake => "handshake",
+        }
+    }
+}
+
+impl Label for UploadOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            UploadOutcome::Stored => "ok",
+            UploadOutcome::RateLimited(_) => "rate_limited",
+            UploadOutcome::TooMany { .. } => "too_many",
+        }
+    }
+}
+
+impl Label for DeviceListOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            DeviceListOutcome::Stored => "ok",
+            DeviceListOutcome::Stale { .. } => "stale",
+            DeviceListOutcome::BadSignature => "bad_signature",
+            DeviceListOutcome::NotADevice => "not_a_device",
+            DeviceListOutcome::TooFar { .. } => "too_far",
+            DeviceListOutcome::RemovedDevice => "removed_device",
+            DeviceListOutcome::RateLimited(_) => "rate_limited",
+        }
+    }
+}
+
+impl Label for ChangeOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            ChangeOutcome::Accepted => "ok",
+            ChangeOutcome::Conflict { .. } => "conflict",
+            ChangeOutcome::RateLimited(_) => "rate_limited",
+            ChangeOutcome::QueueFull(_) => "queue_full",
+            ChangeOutcome::Invalid { .. } => "invalid",
+            ChangeOutcome::UnknownGroup => "unknown_group",
+            ChangeOutcome::TooManyProposals { .. } => "too_many_proposals",
+        }
+    }
+}
+
+impl Label for FetchedGroupInfo {
+    fn label(&self) -> &'static str {
+        match self {
+            FetchedGroupInfo::State(_) => "ok",
+            FetchedGroupInfo::Unavailable => "unavailable",
+            FetchedGroupInfo::NotMember => "not_member",
+        }
+    }
+}
+
+impl Label for FetchedWelcomeTree {
+    fn label(&self) -> &'static str {
+        match self {
+            FetchedWelcomeTree::Tree(_) => "ok",
+            FetchedWelcomeTree::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl Label for FetchedKeyPackage {
+    fn label(&self) -> &'static str {
+        match self {
+            FetchedKeyPackage::Package(_) => "ok",
+            FetchedKeyPackage::None => "none",
+            FetchedKeyPackage::RateLimited(_) => "rate_limited",
+        }
     }
 }
 

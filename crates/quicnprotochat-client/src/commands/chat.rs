@@ -29,19 +29,19 @@ use std::pin::{Pin, pin};
 use quicnprotochat_core::{IdentityKeypair, QueuedMessage};
 use tokio::time::Instant;
 
-use super::devices::replace_handed_leaves;
-use super::group::{invite_through, print_members};
-use super::messages::{Unconfirmed, deliver_again, send_through};
+use crate::changes::{invite, replace_handed_leaves};
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::editor::Input;
 use crate::error::ClientError;
 use crate::follow::{Pause, reconnect};
-use crate::incoming::{Seen, accept_invitation, catch_up, process_inbox, store_batch};
+use crate::incoming::{Seen, accept_invitation, process_inbox, store_batch};
 use crate::key_packages::top_up_key_packages;
-use crate::naming::{group_name, load_group};
+use crate::naming::{group_name, invitation_to, load_group, print_members};
 use crate::nodes::Nodes;
 use crate::publish::commit_due_proposals;
+use crate::sending::{Unconfirmed, deliver_again, send_through};
 use crate::state::StateFile;
+use crate::sync::catch_up;
 
 /// What `/help` and an unknown command show.
 const COMMANDS: &str = "/members, /invite NAME|HEX..., /group NAME, /accept GROUP, /quit (start a message with // to send a leading /)";
@@ -387,7 +387,7 @@ impl Session<'_> {
             Line::Message(text) => self.send_message(text).await?,
             Line::Members => print_members(self.state, group)?,
             Line::Invite(words) => {
-                invite_through(self.nodes, self.state, self.identity, &peers(words), group).await?;
+                invite(self.nodes, self.state, self.identity, &peers(words), group).await?;
             }
             Line::Group(name) => {
                 let (id, _) = load_group(self.state, Some(&name))?;
@@ -395,7 +395,7 @@ impl Session<'_> {
                 self.group = Some(name);
             }
             Line::Accept(name) => {
-                let invitation = super::messages::invitation_to(self.state, &name)?;
+                let invitation = invitation_to(self.state, &name)?;
                 accept_invitation(self.nodes, self.state, &invitation)
                     .await?
                     .tell()?;

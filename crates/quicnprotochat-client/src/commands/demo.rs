@@ -6,7 +6,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{
     CoreError, GroupId, GroupMember, IdentityKeypair, NoDeviceLists, Received, generate_key_package,
 };
-use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage, FetchedWelcomeTree};
+use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
 use crate::cli::ConnectionArgs;
@@ -130,7 +130,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
             alice_group.pending_group_info(),
         )
         .await?;
-    if outcome != CommitOutcome::Accepted {
+    if outcome != ChangeOutcome::Accepted {
         return Err(ClientError::Demo(format!(
             "the node refused Alice's add: {outcome:?}"
         )));

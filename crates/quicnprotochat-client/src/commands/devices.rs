@@ -1,25 +1,27 @@
-//! `link`, `devices add | list | remove`, and completing a link on the new
-//! device's first `recv`. The protocol (codes, key derivation, handoff) is
-//! `quicnprotochat_core::link`; here it meets the node and the groups.
+//! `link` and `devices add | list | remove`: a new device waiting to be
+//! linked, and the user's device list changed from one of its devices (the
+//! new device completes its link in `link.rs`, on its first `recv`). The
+//! protocol (codes, key derivation, handoff) is `quicnprotochat_core::link`;
+//! here it meets the node and the groups.
 
 use std::path::Path;
 use std::time::Duration;
 
-use quicnprotochat_core::link::{
-    DeviceKeyPackages, HANDOFF_MAGIC, Handoff, LinkCode, LinkError, LinkSecret, derive_device,
-};
-use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair, Suite};
+use quicnprotochat_core::link::{DeviceKeyPackages, Handoff, LinkCode, LinkSecret, derive_device};
+use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair, SignedDeviceList, Suite};
+use quicnprotochat_proto::outcome::DeviceListOutcome;
 use serde_json::json;
 
-use super::group::{remove_from_group, update_through};
+use crate::changes::change_group;
+use crate::changes::remove_from_group;
 use crate::cli::{ConnectionArgs, DevicesAction};
-use crate::devices::publish_list;
 use crate::error::ClientError;
 use crate::naming::{group_name, others, parse_key};
+use crate::nodes::Patience;
 use crate::nodes::{Nodes, envelope};
 use crate::output::counted;
 use crate::output::{self, print_json};
-use crate::publish::{Change, change_group};
+use crate::publish::Change;
 use crate::state::{StateFile, unix_now};
 
 /// `link`: makes this new state file a device waiting to be linked and
@@ -63,7 +65,7 @@ async fn current_devices(
     identity: &IdentityKeypair,
 ) -> Result<(u64, Vec<IdentityKey>), ClientError> {
     let user = identity.user();
-    nodes.directory().fetch(nodes, state, &[user]).await?;
+    nodes.fetch_device_lists(state, &[user]).await?;
     Ok(match nodes.directory().list(&user).flatten() {
         Some(list) => (list.list().version(), list.list().devices().to_vec()),
         None => (0, vec![identity.public_key()]),
@@ -257,85 +259,57 @@ async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<
     Ok(())
 }
 
-/// Replaces our leaf keys in every group we joined with a KeyPackage the
-/// device that linked us made (and so whose private keys it knows), one
-/// `update` Commit per group: otherwise, were that device removed later,
-/// it could still open what is encrypted to our leaf. The first `recv` of a
-/// new device does it; a group that cannot be updated now is tried again
-/// by the next `recv`.
-pub(crate) async fn replace_handed_leaves(
+/// Signs `devices` as the user's next list (one version above the current
+/// one) and stores it on the node, waiting out rate limits. Returns the
+/// stored list, also recorded in the state file and the directory.
+async fn publish_list(
     nodes: &Nodes,
     state: &StateFile,
-    identity: &IdentityKeypair,
-) -> Result<(), ClientError> {
-    for group_id in state.handed_leaves()? {
-        let name = group_name(&group_id);
-        if !GroupMember::load(&state.provider(), &group_id)?.is_some_and(|group| group.is_active()) {
-            state.forget_handed_leaf(&group_id)?;
-            continue;
-        }
-        match update_through(nodes, state, identity, &group_id).await {
-            Ok(group) => {
-                state.forget_handed_leaf(&group_id)?;
-                note!(
-                    "replaced the keys your other device made for this one in {name}: epoch {}",
-                    group.epoch()
-                );
-            }
-            Err(e) => {
-                note!(
-                    "warning: could not yet replace the keys your other device made for this one in {name} ({e}); the next `recv` tries again"
-                );
-                if e.is_connection_lost() {
-                    return Ok(());
+    user: &IdentityKeypair,
+    version: u64,
+    devices: Vec<IdentityKey>,
+) -> Result<SignedDeviceList, ClientError> {
+    let list = quicnprotochat_core::DeviceList::new(user.public_key(), version, devices)
+        .and_then(|list| list.sign(user))
+        .map_err(|e| ClientError::Usage(e.to_string()))?;
+    let patience = Patience::new();
+    loop {
+        match nodes.auth().upload_device_list(&list).await? {
+            DeviceListOutcome::Stored => break,
+            DeviceListOutcome::RateLimited(limited) => {
+                if !patience.wait(&limited).await {
+                    return Err(limited.into());
                 }
             }
-        }
-    }
-    Ok(())
-}
-
-/// On a new device's first `recv`: reads the handoff from the link key's
-/// queue and becomes a device of the user. Returns the device's key pair.
-pub(crate) async fn complete_link(
-    args: &ConnectionArgs,
-    state: &StateFile,
-    link: &LinkSecret,
-) -> Result<IdentityKeypair, ClientError> {
-    let nodes = Nodes::connect(args, Some(link.link_key())).await?;
-    let me = link.link_key().public_key();
-    let queued = nodes.delivery().fetch_since(&me, Default::default(), 0).await?;
-    let mut linked = None;
-    let mut refused = None;
-    for message in &queued {
-        if !message.payload.starts_with(HANDOFF_MAGIC) {
-            continue;
-        }
-        match link.open(&message.payload) {
-            Ok((handoff, device)) => {
-                linked = Some((handoff, device));
-                break;
+            DeviceListOutcome::Stale { current } => {
+                return Err(ClientError::DeviceListRefused(format!(
+                    "the node holds version {current}, at or above {version}: another device changed the list meanwhile; run the command again"
+                )));
             }
-            Err(e) => refused = Some(e),
+            DeviceListOutcome::BadSignature => {
+                return Err(ClientError::DeviceListRefused(
+                    "the node says the signature is not the user key's".into(),
+                ));
+            }
+            DeviceListOutcome::NotADevice => {
+                return Err(ClientError::DeviceListRefused(
+                    "this device is not in the user's current list on the node (it was removed)".into(),
+                ));
+            }
+            DeviceListOutcome::RemovedDevice => {
+                return Err(ClientError::DeviceListRefused(
+                    "the list names a device removed earlier; removed devices stay removed (link it anew)"
+                        .into(),
+                ));
+            }
+            DeviceListOutcome::TooFar { current, max_step } => {
+                return Err(ClientError::DeviceListRefused(format!(
+                    "version {version} is more than {max_step} above the node's {current}; lists move forward one step at a time"
+                )));
+            }
         }
     }
-    let Some((handoff, device)) = linked else {
-        nodes.close().await;
-        return Err(match refused {
-            Some(e) => e.into(),
-            None => ClientError::Link(LinkError::NotYet),
-        });
-    };
-    state.complete_link(&handoff, &device)?;
-    // Only now is it safe to let the node drop the handoff.
-    if let Some(last) = queued.last() {
-        nodes.delivery().ack(&me, last.seq).await?;
-    }
-    nodes.close().await;
-    note!(
-        "linked: this device ({}) is now a device of {}",
-        device.public_key().short(),
-        device.user()
-    );
-    Ok(device)
+    state.remember_device_list(&list)?;
+    nodes.directory().record(&list);
+    Ok(list)
 }

@@ -7,24 +7,24 @@
 //! it merged. If the node refuses a Commit or a proposal, the group is left
 //! as it was.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use quicnprotochat_core::{CoreError, GroupMember, IdentityKey, IdentityKeypair, Suite};
+use quicnprotochat_core::{CoreError, GroupMember, Suite};
 use serde_json::json;
 
+use crate::changes::{self, propose, remove_from_group, update_through};
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::error::ClientError;
-use crate::key_packages::fetch_verified_key_package;
+use crate::naming::print_members;
 use crate::naming::{
-    changed_event, devices_of, group_name, load_group, load_group_as_member, member_name, new_group_id,
-    others, rejoin_group_id, resolve_peers, shown, users,
+    group_name, load_group, load_group_as_member, member_name, new_group_id, others, rejoin_group_id,
+    resolve_peers,
 };
 use crate::nodes::Nodes;
 use crate::output::counted;
-use crate::output::{self, Progress, print_json};
-use crate::publish::{self, Change, change_group, propose};
+use crate::output::{self, print_json, shown};
+use crate::publish;
 use crate::state::{Direction, StateFile};
 
 /// `create-group`: a new group with us as its only member, in `suite`.
@@ -80,133 +80,9 @@ pub(crate) async fn invite(
         ));
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
-    invite_through(&nodes, &state, &identity, peers, group_id).await?;
+    changes::invite(&nodes, &state, &identity, peers, group_id).await?;
     nodes.close().await;
     Ok(())
-}
-
-/// Adds every peer in one Commit through open connections, as `invite`
-/// does; `chat`'s `/invite` uses it too.
-pub(crate) async fn invite_through(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-    peers: &PeerArgs,
-    group_id: Option<&str>,
-) -> Result<(), ClientError> {
-    let (group_id, group) = load_group_as_member(state, group_id)?;
-    let peers = resolve_peers(state, peers)?;
-    if peers.is_empty() {
-        return Err(ClientError::Usage(
-            "name at least one peer with --peer-key HEX or --peer NAME".into(),
-        ));
-    }
-    // Every current device of each peer, and of our own user (so that our
-    // other devices are in every group we are), that is not in the group.
-    let own_user = identity.user();
-    let mut users = peers.clone();
-    users.push(own_user);
-    nodes.directory().fetch(nodes, state, &users).await?;
-    let present = group.members();
-    let mut targets: Vec<(IdentityKey, IdentityKey)> = Vec::new();
-    for user in &users {
-        let devices = nodes
-            .directory()
-            .devices(user)
-            .ok_or(ClientError::Internal("a fetched user has no devices"))?;
-        let missing: Vec<IdentityKey> = devices.into_iter().filter(|d| !present.contains(d)).collect();
-        if missing.is_empty() && *user != own_user {
-            return Err(ClientError::Usage(format!(
-                "{user} is already a member of {}",
-                group_name(&group_id)
-            )));
-        }
-        targets.extend(missing.into_iter().map(|device| (*user, device)));
-    }
-    let mut packages = Vec::with_capacity(targets.len());
-    let mut joiners = Vec::with_capacity(targets.len());
-    let progress = Progress::new(targets.len(), 20, "fetching KeyPackages");
-    for user in &users {
-        let mut reached = 0;
-        let mut last_error = None;
-        for (_, device) in targets.iter().filter(|(owner, _)| owner == user) {
-            let fetched = fetch_verified_key_package(nodes, Some(user), device, group.suite()).await;
-            progress.step();
-            match fetched {
-                Ok(package) => {
-                    packages.push(package);
-                    joiners.push(*device);
-                    reached += 1;
-                }
-                // One device without a KeyPackage (long offline) must not
-                // keep the user's other devices out.
-                Err(e @ ClientError::NoKeyPackage(..)) => {
-                    progress.suspend(|| {
-                        note!(
-                            "warning: skipped device {} of {}: {e}",
-                            device.short(),
-                            user.short()
-                        )
-                    });
-                    last_error = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if reached == 0 && *user != own_user {
-            return Err(last_error.unwrap_or(ClientError::NoKeyPackage(*user, group.suite())));
-        }
-    }
-    // Cleared before the Commit goes out.
-    drop(progress);
-    let me = identity.public_key();
-    let group = change_reported(nodes, state, identity, &group_id, |group| {
-        let commit_to = others(group, &me);
-        let added = group.add_members(&state.provider(), identity, &packages, nodes.directory())?;
-        Ok(Change {
-            commit: added.commit,
-            commit_to,
-            welcome: Some((added.welcome, joiners.clone())),
-        })
-    })
-    .await?;
-    state.record_group(&group_id, true)?;
-    note!(
-        "invited {} ({}) to {}: epoch {}, {}",
-        counted(peers.len(), "person", "people"),
-        counted(joiners.len(), "device", "devices"),
-        group_name(&group_id),
-        group.epoch(),
-        counted(group.user_count(), "member", "members")
-    );
-    Ok(())
-}
-
-/// [`change_group`], then with `--json` the `changed` object of our own
-/// change, as the other members see it: who joined and left.
-async fn change_reported(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-    group_id: &[u8],
-    mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
-) -> Result<GroupMember, ClientError> {
-    let report = output::json();
-    let mut before = BTreeSet::new();
-    let group = change_group(nodes, state, identity, group_id, |group| {
-        // The users in the epoch the change is made in (after a lost race
-        // it is made again in a later one); a big group's member list is
-        // not free, so only when it is reported.
-        if report {
-            before = users(group);
-        }
-        make(group)
-    })
-    .await?;
-    if report {
-        changed_event(state, group_id, &before, &group)?.print()?;
-    }
-    Ok(group)
 }
 
 /// `remove`: removes members in one Commit, sent to everyone including the
@@ -243,30 +119,6 @@ pub(crate) async fn remove(
     Ok(())
 }
 
-/// Removes `keys` from the group in one Commit: every device of a user
-/// key, or the device a device key names; sent to everyone including the
-/// removed, so they learn of it.
-pub(crate) async fn remove_from_group(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-    group_id: &[u8],
-    keys: &[IdentityKey],
-) -> Result<GroupMember, ClientError> {
-    let me = identity.public_key();
-    change_reported(nodes, state, identity, group_id, |group| {
-        let commit_to = others(group, &me);
-        let devices = devices_of(group, keys)?;
-        let commit = group.remove_members(&state.provider(), identity, &devices)?;
-        Ok(Change {
-            commit,
-            commit_to,
-            welcome: None,
-        })
-    })
-    .await
-}
-
 /// `update`: a Commit with fresh keys for our leaf (and any pending
 /// proposals).
 pub(crate) async fn update(
@@ -287,27 +139,6 @@ pub(crate) async fn update(
     );
     nodes.close().await;
     Ok(())
-}
-
-/// Replaces our leaf's keys in `group_id` with a Commit (which also
-/// commits pending proposals), through open connections.
-pub(crate) async fn update_through(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-    group_id: &[u8],
-) -> Result<GroupMember, ClientError> {
-    let me = identity.public_key();
-    change_reported(nodes, state, identity, group_id, |group| {
-        let commit_to = others(group, &me);
-        let commit = group.self_update(&state.provider(), identity)?;
-        Ok(Change {
-            commit,
-            commit_to,
-            welcome: None,
-        })
-    })
-    .await
 }
 
 /// `leave`: sends a request to be removed; the remaining member with the
@@ -418,52 +249,6 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
 /// and how many of its devices are in the group.
 pub(crate) fn members(path: &Path, group_id: Option<&str>) -> Result<(), ClientError> {
     print_members(&StateFile::open(path)?, group_id)
-}
-
-/// Prints the `members` listing from an open state file (`chat`'s
-/// `/members` too).
-pub(crate) fn print_members(state: &StateFile, group_id: Option<&str>) -> Result<(), ClientError> {
-    let me = state.identity_key()?;
-    let (group_id, group) = load_group(state, group_id)?;
-    let mut users: Vec<(IdentityKey, usize)> = Vec::new();
-    for member in group.member_keys() {
-        match users.iter_mut().find(|(user, _)| *user == member.user) {
-            Some((_, count)) => *count += 1,
-            None => users.push((member.user, 1)),
-        }
-    }
-    let mut listed = Vec::new();
-    for (user, devices) in users {
-        let name = state.contact_name(&user)?;
-        if output::json() {
-            listed.push(json!({
-                "user_key": user.to_string(),
-                "name": name,
-                "you": user == me,
-                "devices": devices,
-            }));
-            continue;
-        }
-        let mut line = user.to_string();
-        if let Some(name) = name {
-            line.push(' ');
-            line.push_str(&name);
-        }
-        if user == me {
-            line.push_str(" (you)");
-        }
-        let plural = if devices == 1 { "" } else { "s" };
-        say!("{line} {devices} device{plural}");
-    }
-    if output::json() {
-        print_json(&json!({
-            "group": group_name(&group_id),
-            "group_id": hex::encode(&group_id),
-            "epoch": group.epoch(),
-            "members": listed,
-        }))?;
-    }
-    Ok(())
 }
 
 /// `history`: the group's messages from local storage, oldest first.

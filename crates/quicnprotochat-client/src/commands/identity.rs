@@ -68,7 +68,7 @@ pub(crate) fn contacts(path: &Path, action: ContactsAction) -> Result<(), Client
             if name.is_empty()
                 || name
                     .chars()
-                    .any(|c| c.is_whitespace() || crate::naming::unsafe_to_show(c))
+                    .any(|c| c.is_whitespace() || crate::output::unsafe_to_show(c))
             {
                 return Err(ClientError::Usage(format!(
                     "contact name {name:?} must be non-empty, without spaces"

@@ -287,7 +287,7 @@ pub async fn add_to_new_group(
     openmls_rust_crypto::OpenMlsRustCrypto,
 ) {
     use quicnprotochat_core::{GroupId, GroupMember, NoDeviceLists};
-    use quicnprotochat_proto::outcome::{CommitOutcome, FetchedKeyPackage};
+    use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage};
     use quicnprotochat_proto::wire::{Envelope, GroupState};
 
     let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
@@ -319,7 +319,7 @@ pub async fn add_to_new_group(
         )
         .await
         .unwrap();
-    assert_eq!(outcome, CommitOutcome::Accepted);
+    assert_eq!(outcome, ChangeOutcome::Accepted);
     group.merge_pending_commit(&provider).unwrap();
     (group, provider)
 }

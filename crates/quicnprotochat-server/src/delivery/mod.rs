@@ -1,5 +1,5 @@
-//! The Delivery Service's rules, in plain Rust apart from any database, and
-//! the loops that hand queued messages to waiting clients.
+//! The Delivery Service's rules, in plain Rust apart from any database and
+//! any I/O.
 //!
 //! # Layout
 //! - [`rules`] — one function per command (enqueue, publish a Commit, take
@@ -8,10 +8,8 @@
 //! - [`storage`] — the [`Storage`] trait: one transaction's reads and writes.
 //! - [`memory`] — [`MemoryStorage`], the in-memory reference implementation
 //!   the rules are unit-tested against.
-//! - [`push`] — push subscriptions and long polls, woken by commits.
 
 pub mod memory;
-pub mod push;
 pub mod rules;
 pub mod storage;
 

@@ -26,7 +26,6 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::super::StoreError;
-use super::storage::classify;
 
 /// A parameter a queued statement owns until it is sent.
 pub(super) type Param = Box<dyn ToSql + Send + Sync>;
@@ -305,4 +304,44 @@ fn send<T>(
         };
         (first_error, answer)
     })
+}
+
+/// A database error's full text: the server's message and detail, not only
+/// "db error".
+pub(super) fn describe(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
+    }
+}
+
+/// Whether `error` means the server is gone (stopped, restarting,
+/// unreachable) rather than that it refused a statement.
+pub(super) fn is_unavailable(error: &postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        // Class 08: connection exception; 57P01–57P03: shutting down,
+        // crash, cannot connect now.
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57P")
+        }
+        // No SQLSTATE: the socket failed (or a value did not convert,
+        // which these statements never do).
+        None => std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>()),
+    }
+}
+
+/// `StoreError` for a PostgreSQL failure.
+pub(super) fn classify(error: postgres::Error) -> StoreError {
+    if is_unavailable(&error) {
+        StoreError::Unavailable(describe(&error))
+    } else {
+        StoreError::Postgres(error)
+    }
 }

@@ -15,7 +15,7 @@ use tokio_postgres::AsyncMessage;
 
 use super::super::Notifier;
 use super::RECONNECT_PAUSE;
-use super::storage::classify;
+use super::conn::classify;
 
 /// Listens until `stop` turns true, on a runtime of this thread's own: the
 /// wait for a notification and the wait for `stop` are one `select`, so
@@ -103,7 +103,7 @@ async fn listen_once(
             Err(error) => {
                 tracing::warn!(
                     "the listening connection failed: {}; reconnecting",
-                    super::storage::describe(&error)
+                    super::conn::describe(&error)
                 );
                 return Ok(());
             }

@@ -32,7 +32,8 @@ use quicnprotochat_core::IdentityKey;
 use tokio::sync::{mpsc, watch};
 
 use self::conn::Conn;
-use self::storage::{PgStorage, classify, describe};
+use self::conn::{classify, describe};
+use self::storage::PgStorage;
 use super::commands::{apply, fail};
 use super::readers::{Read, serve};
 use super::{Command, Limits, Notifier, QUEUE_CAPACITY, Store, StoreCloser, StoreError};

@@ -26,7 +26,7 @@ use postgres::Row;
 use postgres::types::ToSql;
 use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList, Suite};
 
-use super::conn::Conn;
+use super::conn::{Conn, classify, describe};
 
 use super::super::commands::Transact;
 use super::super::notifier::{CARRY_BYTES, CARRY_MESSAGES};
@@ -88,46 +88,6 @@ impl From<PgError> for StoreError {
             PgError::Raced(what) => StoreError::Transaction(format!("{what} kept changing; retry")),
             PgError::Damaged(damaged) => StoreError::Transaction(damaged.to_string()),
         }
-    }
-}
-
-/// A database error's full text: the server's message and detail, not only
-/// "db error".
-pub(super) fn describe(error: &postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => match std::error::Error::source(error) {
-            Some(source) => format!("{error}: {source}"),
-            None => error.to_string(),
-        },
-    }
-}
-
-/// Whether `error` means the server is gone (stopped, restarting,
-/// unreachable) rather than that it refused a statement.
-pub(super) fn is_unavailable(error: &postgres::Error) -> bool {
-    if error.is_closed() {
-        return true;
-    }
-    match error.code() {
-        // Class 08: connection exception; 57P01–57P03: shutting down,
-        // crash, cannot connect now.
-        Some(code) => {
-            let code = code.code();
-            code.starts_with("08") || code.starts_with("57P")
-        }
-        // No SQLSTATE: the socket failed (or a value did not convert,
-        // which these statements never do).
-        None => std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>()),
-    }
-}
-
-/// `StoreError` for a PostgreSQL failure.
-pub(super) fn classify(error: postgres::Error) -> StoreError {
-    if is_unavailable(&error) {
-        StoreError::Unavailable(describe(&error))
-    } else {
-        StoreError::Postgres(error)
     }
 }
 

@@ -5,20 +5,17 @@
 //! A command asks the node once per user: [`Directory`] keeps what it
 //! fetched for the rest of the command and answers core's device checks
 //! from it; a check it cannot answer fails with
-//! `CoreError::DeviceListsNeeded`, and [`with_lists`] fetches those lists
-//! and runs the step again.
+//! `CoreError::DeviceListsNeeded`, and `Nodes::with_lists` fetches those
+//! lists and runs the step again.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use quicnprotochat_core::{
-    CoreError, DeviceDirectory, Freshness, IdentityKey, IdentityKeypair, Listed, SignedDeviceList,
-};
-use quicnprotochat_proto::outcome::DeviceListOutcome;
+use quicnprotochat_core::{DeviceDirectory, Freshness, IdentityKey, Listed, SignedDeviceList};
 use quicnprotochat_proto::wire::MAX_DEVICE_LIST_FETCH;
 
 use crate::error::ClientError;
-use crate::nodes::{Nodes, Patience};
+use crate::node_client::NodeClient;
 use crate::state::StateFile;
 
 /// The device lists fetched in this command: `Some(list)`, or `None` for a
@@ -67,7 +64,7 @@ impl Directory {
     /// not withheld after one was seen) and remembers it.
     pub(crate) async fn fetch(
         &self,
-        nodes: &Nodes,
+        auth: &NodeClient,
         state: &StateFile,
         users: &[IdentityKey],
     ) -> Result<(), ClientError> {
@@ -79,7 +76,7 @@ impl Directory {
         wanted.sort_unstable();
         wanted.dedup();
         for chunk in wanted.chunks(MAX_DEVICE_LIST_FETCH) {
-            let served = nodes.auth().fetch_device_lists(chunk).await?;
+            let served = auth.fetch_device_lists(chunk).await?;
             let mut found: HashMap<IdentityKey, SignedDeviceList> = HashMap::new();
             for list in served {
                 let user = *list.list().user();
@@ -139,77 +136,4 @@ fn accept(state: &StateFile, list: &SignedDeviceList) -> Result<(), ClientError>
             })
         }
     }
-}
-
-/// Runs `step` with this command's directory; if it needs lists not
-/// fetched yet, fetches them and runs it once more. `step` must change
-/// nothing when it fails (core's operations fail before writing, and the
-/// state file's methods roll back).
-pub(crate) async fn with_lists<T>(
-    nodes: &Nodes,
-    state: &StateFile,
-    mut step: impl FnMut(&Directory) -> Result<T, ClientError>,
-) -> Result<T, ClientError> {
-    match step(nodes.directory()) {
-        Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) => {
-            nodes.directory().fetch(nodes, state, &users).await?;
-            step(nodes.directory())
-        }
-        other => other,
-    }
-}
-
-/// Signs `devices` as the user's next list (one version above the current
-/// one) and stores it on the node, waiting out rate limits. Returns the
-/// stored list, also recorded in the state file and the directory.
-pub(crate) async fn publish_list(
-    nodes: &Nodes,
-    state: &StateFile,
-    user: &IdentityKeypair,
-    version: u64,
-    devices: Vec<IdentityKey>,
-) -> Result<SignedDeviceList, ClientError> {
-    let list = quicnprotochat_core::DeviceList::new(user.public_key(), version, devices)
-        .and_then(|list| list.sign(user))
-        .map_err(|e| ClientError::Usage(e.to_string()))?;
-    let patience = Patience::new();
-    loop {
-        match nodes.auth().upload_device_list(&list).await? {
-            DeviceListOutcome::Stored => break,
-            DeviceListOutcome::RateLimited(limited) => {
-                if !patience.wait(&limited).await {
-                    return Err(limited.into());
-                }
-            }
-            DeviceListOutcome::Stale { current } => {
-                return Err(ClientError::DeviceListRefused(format!(
-                    "the node holds version {current}, at or above {version}: another device changed the list meanwhile; run the command again"
-                )));
-            }
-            DeviceListOutcome::BadSignature => {
-                return Err(ClientError::DeviceListRefused(
-                    "the node says the signature is not the user key's".into(),
-                ));
-            }
-            DeviceListOutcome::NotADevice => {
-                return Err(ClientError::DeviceListRefused(
-                    "this device is not in the user's current list on the node (it was removed)".into(),
-                ));
-            }
-            DeviceListOutcome::RemovedDevice => {
-                return Err(ClientError::DeviceListRefused(
-                    "the list names a device removed earlier; removed devices stay removed (link it anew)"
-                        .into(),
-                ));
-            }
-            DeviceListOutcome::TooFar { current, max_step } => {
-                return Err(ClientError::DeviceListRefused(format!(
-                    "version {version} is more than {max_step} above the node's {current}; lists move forward one step at a time"
-                )));
-            }
-        }
-    }
-    state.remember_device_list(&list)?;
-    nodes.directory().record(&list);
-    Ok(list)
 }
