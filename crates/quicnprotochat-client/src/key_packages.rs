@@ -5,8 +5,8 @@
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{
-    IdentityKey, IdentityKeypair, KeyPackageOptions, Suite, fingerprint, generate_key_package_with,
-    inspect_key_package,
+    IdentityKey, IdentityKeypair, KeyPackageOptions, KeyPackageStock, Suite, fingerprint,
+    generate_key_package_with, inspect_key_package,
 };
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, RateLimited};
 
@@ -119,7 +119,10 @@ async fn top_up_suite(
     identity: &IdentityKeypair,
     suite: Suite,
 ) -> Result<usize, ClientError> {
-    let (count, has_last_resort) = nodes
+    let KeyPackageStock {
+        count,
+        has_last_resort,
+    } = nodes
         .auth()
         .key_package_count_in(&identity.public_key(), suite)
         .await?;

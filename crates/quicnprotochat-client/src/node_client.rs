@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use capnp::capability::FromClientHook;
 use quicnprotochat_core::{
-    GroupId, IdentityKey, IdentityKeypair, QueuedMessage, Seq, SignedDeviceList, Suite,
+    GroupId, IdentityKey, IdentityKeypair, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
 };
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
@@ -30,7 +30,8 @@ use quicnprotochat_proto::outcome::{
     UploadOutcome,
 };
 use quicnprotochat_proto::wire::{
-    Envelope, GroupState, MAX_DEVICE_LIST_FETCH, read_device_list, read_messages, write_device_list,
+    Envelope, GroupState, MAX_DEVICE_LIST_FETCH, read_device_list, read_key_package_stock, read_messages,
+    write_commit_publication, write_device_list, write_envelope, write_proposal_publication,
 };
 use quicnprotochat_proto::{cert, peer, rpc, transport};
 use rustls::AlertDescription;
@@ -362,7 +363,7 @@ impl NodeClient {
 
     /// How many ordinary KeyPackages of `identity` the node still has, and
     /// whether it has a last-resort one.
-    pub async fn key_package_count(&self, identity: &IdentityKey) -> Result<(u32, bool), ClientError> {
+    pub async fn key_package_count(&self, identity: &IdentityKey) -> Result<KeyPackageStock, ClientError> {
         self.key_package_count_in(identity, Suite::X25519).await
     }
 
@@ -371,13 +372,12 @@ impl NodeClient {
         &self,
         identity: &IdentityKey,
         suite: Suite,
-    ) -> Result<(u32, bool), ClientError> {
+    ) -> Result<KeyPackageStock, ClientError> {
         let mut request = self.auth.key_package_count_request();
         request.get().set_identity_key(identity.as_bytes());
         request.get().set_ciphersuite(suite.code());
         let response = call(request.send().promise).await?;
-        let results = response.get()?;
-        Ok((results.get_count(), results.get_has_last_resort()))
+        Ok(read_key_package_stock(response.get()?))
     }
 
     /// Takes one KeyPackage of `identity`: the package, none left, or over
@@ -454,7 +454,7 @@ impl NodeClient {
             u32::try_from(envelopes.len()).map_err(|_| ClientError::Internal("too many envelopes"))?;
         let mut list = request.get().init_envelopes(length);
         for (index, envelope) in envelopes.iter().enumerate() {
-            fill_envelope(list.reborrow().get(index as u32), envelope)?;
+            write_envelope(envelope, list.reborrow().get(index as u32))?;
         }
         let response = call(request.send().promise).await?;
         Ok(SendOutcome::read(response.get()?.get_outcome()?)?)
@@ -484,20 +484,15 @@ impl NodeClient {
         group_info: Option<&[u8]>,
     ) -> Result<ChangeOutcome, ClientError> {
         let mut request = self.delivery.publish_commit_request();
-        request.get().set_group_id(group_id.as_bytes());
-        request.get().set_epoch(epoch);
-        fill_envelope(request.get().init_commit(), commit)?;
-        if let Some(welcome) = welcome {
-            fill_envelope(request.get().init_welcome(), welcome)?;
-        }
-        if let Some(state) = initial_state {
-            let mut builder = request.get().init_initial_state();
-            builder.set_group_info(&state.group_info);
-            builder.set_ratchet_tree(&state.ratchet_tree);
-        }
-        if let Some(group_info) = group_info {
-            request.get().set_group_info(group_info);
-        }
+        write_commit_publication(
+            request.get(),
+            group_id,
+            epoch,
+            commit,
+            welcome,
+            initial_state,
+            group_info,
+        )?;
         let response = call(request.send().promise).await?;
         Ok(ChangeOutcome::read_commit(response.get()?.get_outcome()?)?)
     }
@@ -542,9 +537,7 @@ impl NodeClient {
         proposal: &Envelope,
     ) -> Result<ChangeOutcome, ClientError> {
         let mut request = self.delivery.publish_proposal_request();
-        request.get().set_group_id(group_id.as_bytes());
-        request.get().set_epoch(epoch);
-        fill_envelope(request.get().init_proposal(), proposal)?;
+        write_proposal_publication(request.get(), group_id, epoch, proposal)?;
         let response = call(request.send().promise).await?;
         Ok(ChangeOutcome::read_proposal(response.get()?.get_outcome()?)?)
     }
@@ -679,23 +672,6 @@ impl delivery_service_capnp::message_receiver::Server for MessageReceiverImpl {
             .await
             .map_err(|_| capnp::Error::disconnected("the client stopped following".into()))
     }
-}
-
-fn fill_envelope(
-    mut builder: quicnprotochat_proto::delivery_capnp::envelope::Builder<'_>,
-    envelope: &Envelope,
-) -> Result<(), ClientError> {
-    builder.set_payload(&envelope.payload);
-    if let Some(id) = &envelope.message_id {
-        builder.set_message_id(id);
-    }
-    let count =
-        u32::try_from(envelope.recipients.len()).map_err(|_| ClientError::Internal("too many recipients"))?;
-    let mut keys = builder.init_recipient_keys(count);
-    for (slot, recipient) in envelope.recipients.iter().enumerate() {
-        keys.set(slot as u32, recipient.as_bytes());
-    }
-    Ok(())
 }
 
 async fn call<T>(promise: capnp::capability::Promise<T, capnp::Error>) -> Result<T, ClientError> {

@@ -308,11 +308,7 @@ fn initial_state(
             "a pending change is not in its group's epoch",
         ));
     }
-    let public = group.export_public_state(&state.provider(), identity)?;
-    Ok(GroupState {
-        group_info: public.group_info,
-        ratchet_tree: public.ratchet_tree,
-    })
+    Ok(group.export_public_state(&state.provider(), identity)?)
 }
 
 /// Whether an error is the node refusing the call for good (`failed`:

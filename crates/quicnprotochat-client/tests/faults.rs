@@ -412,7 +412,7 @@ fn postgres_crashing_while_members_send_update_and_invite_loses_nothing_acknowle
 /// storm: every sync (writes land in the page cache, never on the disk),
 /// then every read and write, then all of them. A failed read or write
 /// stores nothing; a failed sync of the WAL stops the node (what the disk
-/// holds is unknown; see the node's `store/sync.rs`), which is started
+/// holds is unknown; see the node's `store/sqlite/sync.rs`), which is started
 /// again once the disk is back, as a supervisor would, and SQLite recovers
 /// what the disk holds.
 #[test]

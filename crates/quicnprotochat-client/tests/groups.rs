@@ -6,6 +6,7 @@
 mod common;
 
 use common::{Member, TestNode, group_of};
+use quicnprotochat_core::KeyPackageStock;
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome};
 
 fn sorted_lines(text: &str) -> Vec<String> {
@@ -384,7 +385,10 @@ fn register_uploads_a_batch_with_a_last_resort_and_recv_tops_up() {
         .unwrap();
     common::local(async {
         let owner = node.connect_as(&bob_identity).await;
-        let (count, last_resort) = owner.key_package_count(&bob_identity.public_key()).await.unwrap();
+        let KeyPackageStock {
+            count,
+            has_last_resort: last_resort,
+        } = owner.key_package_count(&bob_identity.public_key()).await.unwrap();
         assert!(count >= 3 && last_resort, "{count} {last_resort}");
         // Strangers use up every ordinary KeyPackage.
         let stranger = node.connect().await;
@@ -397,7 +401,10 @@ fn register_uploads_a_batch_with_a_last_resort_and_recv_tops_up() {
         }
         assert_eq!(
             owner.key_package_count(&bob_identity.public_key()).await.unwrap(),
-            (0, true)
+            KeyPackageStock {
+                count: 0,
+                has_last_resort: true
+            }
         );
     });
     // Bob is still invitable through his last-resort KeyPackage.
@@ -410,7 +417,10 @@ fn register_uploads_a_batch_with_a_last_resort_and_recv_tops_up() {
     // That recv saw Bob running low and uploaded a fresh batch.
     common::local(async {
         let owner = node.connect_as(&bob_identity).await;
-        let (count, last_resort) = owner.key_package_count(&bob_identity.public_key()).await.unwrap();
+        let KeyPackageStock {
+            count,
+            has_last_resort: last_resort,
+        } = owner.key_package_count(&bob_identity.public_key()).await.unwrap();
         assert!(count >= 3 && last_resort, "{count} {last_resort}");
     });
 }

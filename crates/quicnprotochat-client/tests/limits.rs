@@ -6,6 +6,7 @@
 
 mod common;
 
+use quicnprotochat_core::KeyPackageStock;
 use std::time::Duration;
 
 use common::{TestNode, alice_and_bob_in_a_group, identity, local};
@@ -451,7 +452,10 @@ fn key_packages_beyond_the_stock_limit_or_the_lifetime_limit_are_refused() {
         );
         assert_eq!(
             client.key_package_count(&owner.public_key()).await.unwrap(),
-            (3, false)
+            KeyPackageStock {
+                count: 3,
+                has_last_resort: false
+            }
         );
     });
 }
@@ -485,7 +489,10 @@ fn nobody_drains_an_identitys_key_packages_in_a_burst_and_the_last_resort_keeps_
         );
         assert_eq!(served.values().sum::<usize>(), 50);
         let owner = node.connect_as(&identity_of(&bob)).await;
-        let (left, last_resort) = owner.key_package_count(&bob_key).await.unwrap();
+        let KeyPackageStock {
+            count: left,
+            has_last_resort: last_resort,
+        } = owner.key_package_count(&bob_key).await.unwrap();
         assert!(left >= 3 && last_resort, "{left} {last_resort}");
     });
 }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use quicnprotochat_core::KeyPackageStock;
 use std::collections::HashSet;
 
 use capnp::capability::FromClientHook;
@@ -427,7 +428,13 @@ fn key_packages_whose_keys_have_the_wrong_length_for_their_suite_are_refused() {
             .upload_key_package(&key(22), &with_keys_of(32, Suite::X25519))
             .await
             .unwrap();
-        assert_eq!(client.key_package_count(&key(22)).await.unwrap(), (1, false));
+        assert_eq!(
+            client.key_package_count(&key(22)).await.unwrap(),
+            KeyPackageStock {
+                count: 1,
+                has_last_resort: false
+            }
+        );
     });
 }
 
@@ -464,7 +471,10 @@ fn garbage_and_foreign_key_packages_are_refused_with_the_reason() {
         assert!(err.contains("packages[1]"), "{err}");
         assert_eq!(
             client.key_package_count(&key(20)).await.unwrap(),
-            (0, false),
+            KeyPackageStock {
+                count: 0,
+                has_last_resort: false
+            },
             "all or none"
         );
     });
@@ -488,7 +498,13 @@ fn the_last_resort_is_served_again_and_again_after_the_others() {
             .upload_key_packages(&key(22), &[last.clone(), ordinary.clone()])
             .await
             .unwrap();
-        assert_eq!(owner.key_package_count(&key(22)).await.unwrap(), (1, true));
+        assert_eq!(
+            owner.key_package_count(&key(22)).await.unwrap(),
+            KeyPackageStock {
+                count: 1,
+                has_last_resort: true
+            }
+        );
         let anyone = node.connect().await;
         assert_eq!(
             anyone.fetch_key_package(&key(22)).await.unwrap(),
@@ -500,7 +516,13 @@ fn the_last_resort_is_served_again_and_again_after_the_others() {
                 FetchedKeyPackage::Package(last.clone())
             );
         }
-        assert_eq!(owner.key_package_count(&key(22)).await.unwrap(), (0, true));
+        assert_eq!(
+            owner.key_package_count(&key(22)).await.unwrap(),
+            KeyPackageStock {
+                count: 0,
+                has_last_resort: true
+            }
+        );
         let err = anyone.key_package_count(&key(22)).await.unwrap_err().to_string();
         assert!(err.contains("permission denied"), "{err}");
     });
@@ -527,7 +549,13 @@ fn an_expired_key_package_is_not_served() {
             node.connect().await.fetch_key_package(&key(23)).await.unwrap(),
             FetchedKeyPackage::None
         );
-        assert_eq!(owner.key_package_count(&key(23)).await.unwrap(), (0, false));
+        assert_eq!(
+            owner.key_package_count(&key(23)).await.unwrap(),
+            KeyPackageStock {
+                count: 0,
+                has_last_resort: false
+            }
+        );
     });
 }
 

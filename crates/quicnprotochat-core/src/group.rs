@@ -110,15 +110,16 @@ pub struct Rejoined {
     pub group_info: Vec<u8>,
 }
 
-/// A group's public state in one epoch, for the delivery service: what
-/// every member may see and nothing secret. From it the node checks the
-/// group's commits (see [`GroupMember::export_public_state`]).
+/// A group's public state in one epoch: what every member may see and
+/// nothing secret. A member exports it for the delivery service
+/// ([`GroupMember::export_public_state`]), which checks the group's
+/// commits from it ([`crate::PublicView`]) and hands it to members who
+/// rejoin; the wire's `GroupState` carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublicState {
-    /// The epoch both parts describe.
-    pub epoch: u64,
-    /// The GroupInfo as a TLS-encoded `MlsMessage`, signed by us, without
-    /// the ratchet tree extension (the tree travels in `ratchet_tree`).
+pub struct GroupState {
+    /// The GroupInfo as a TLS-encoded `MlsMessage`, signed by a member,
+    /// without the ratchet tree extension (the tree travels in
+    /// `ratchet_tree`).
     pub group_info: Vec<u8>,
     /// The TLS-encoded ratchet tree: the data of a `ratchet_tree` extension.
     pub ratchet_tree: Vec<u8>,
@@ -604,7 +605,7 @@ impl GroupMember {
         &self,
         provider: &P,
         identity: &IdentityKeypair,
-    ) -> Result<PublicState, CoreError> {
+    ) -> Result<GroupState, CoreError> {
         self.ensure_active()?;
         // Without the tree: the node gets it separately, and a GroupInfo
         // carrying it would be sent (and stored) twice.
@@ -613,8 +614,7 @@ impl GroupMember {
             .export_group_info(provider.crypto(), identity, false)
             .map_err(CoreError::mls("exporting the GroupInfo"))?;
         let ratchet_tree = self.ratchet_tree()?;
-        Ok(PublicState {
-            epoch: self.epoch(),
+        Ok(GroupState {
             group_info: encode(&group_info)?,
             ratchet_tree,
         })
@@ -2606,7 +2606,6 @@ mod tests {
         let state = alice_group
             .export_public_state(&alice.provider, &alice.identity)
             .unwrap();
-        assert_eq!(state.epoch, 0);
 
         let MlsMessageBodyIn::GroupInfo(group_info) = decode(&state.group_info).unwrap().extract() else {
             panic!("not a GroupInfo");
@@ -2642,13 +2641,17 @@ mod tests {
         assert_eq!(public.members().count(), 2);
 
         alice_group.merge_pending_commit(&alice.provider).unwrap();
-        assert_eq!(
-            alice_group
+        let MlsMessageBodyIn::GroupInfo(next) = decode(
+            &alice_group
                 .export_public_state(&alice.provider, &alice.identity)
                 .unwrap()
-                .epoch,
-            1
-        );
+                .group_info,
+        )
+        .unwrap()
+        .extract() else {
+            panic!("not a GroupInfo");
+        };
+        assert_eq!(next.epoch().as_u64(), 1);
         let mut bob_group = bob.join_from(&added.welcome, &alice_group);
 
         // Bob's update is checked by the node too, and a forged one is not.

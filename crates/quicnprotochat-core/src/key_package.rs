@@ -30,6 +30,17 @@ pub fn generate_key_package<P: OpenMlsProvider>(
     generate_key_package_with(provider, identity, KeyPackageOptions::default())
 }
 
+/// What an identity has in stock on a node of one ciphersuite's
+/// KeyPackages (`keyPackageCount`): the unexpired ordinary ones, and
+/// whether an unexpired last-resort one is among them besides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyPackageStock {
+    /// Unexpired ordinary KeyPackages.
+    pub count: u32,
+    /// Whether an unexpired last-resort KeyPackage is kept too.
+    pub has_last_resort: bool,
+}
+
 /// How to make a KeyPackage.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeyPackageOptions {

@@ -8,17 +8,20 @@
 //! blobs.
 //!
 //! Layout:
-//! - [`identity`] — [`IdentityKey`] (users and devices are Ed25519 public
-//!   keys), its signing [`IdentityKeypair`], and [`MemberKey`]: the user and
-//!   device a leaf's credential names.
+//! - [`identity`] — [`IdentityKey`]'s parsing (users and devices are
+//!   Ed25519 public keys), its signing [`IdentityKeypair`], and
+//!   [`MemberKey`]: the user and device a leaf's credential names.
 //! - [`devices`] — [`SignedDeviceList`]: which device keys belong to a user
 //!   key, versioned and signed by it; [`DeviceDirectory`], through which
 //!   group operations check that every leaf's device is listed.
 //! - [`link`] — linking a new device: the link code, the device key it
 //!   yields, and the sealed handoff of the user key.
-//! - [`ids`] — [`Seq`], [`GroupId`] and [`QueuedMessage`]: identifiers the node and clients share.
+//! - [`ids`] — [`IdentityKey`], [`Seq`], [`GroupId`] and [`QueuedMessage`]:
+//!   identifiers the node and clients share.
 //! - [`key_package`] — generating KeyPackages and validating uploaded ones.
 //! - [`group`] — [`GroupMember`] (create, join, rejoin, add, send, receive) and [`classify`] for routing.
+//! - [`framing`] — what a message's clear MLS header says (handshake or
+//!   not, group and epoch), read without openmls, for the node's routing.
 //! - [`public_view`] — [`PublicView`]: a group's public state as the node
 //!   keeps it, checking Commits and proposals (RFC 9750).
 //! - [`suite`] — [`Suite`]: the ciphersuites we speak (X25519 and the
@@ -27,6 +30,7 @@
 
 pub mod devices;
 pub mod error;
+pub mod framing;
 pub mod group;
 pub mod identity;
 pub mod ids;
@@ -42,14 +46,12 @@ pub use devices::{
     check_devices,
 };
 pub use error::CoreError;
-pub use group::{
-    AddedMembers, GroupMember, Incoming, MessageKind, PublicState, Received, Rejoined, classify,
-};
+pub use group::{AddedMembers, GroupMember, GroupState, Incoming, MessageKind, Received, Rejoined, classify};
 pub use identity::{IdentityKey, IdentityKeypair, MemberKey};
 pub use ids::{GroupId, QueuedMessage, Seq};
 pub use key_package::{
-    KeyPackageInfo, KeyPackageOptions, fingerprint, generate_key_package, generate_key_package_with,
-    inspect_key_package, key_package_identity, unwrap_key_package,
+    KeyPackageInfo, KeyPackageOptions, KeyPackageStock, fingerprint, generate_key_package,
+    generate_key_package_with, inspect_key_package, key_package_identity, unwrap_key_package,
 };
 pub use public_view::PublicView;
 pub use suite::Suite;

@@ -253,9 +253,12 @@ impl PublicView {
     /// The current epoch's GroupInfo (as accepted) and the ratchet tree
     /// (TLS-encoded), for a member rejoining by external commit; `None`
     /// while no Commit of this epoch brought a GroupInfo.
-    pub fn group_info(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+    pub fn group_info(&self) -> Option<crate::GroupState> {
         let group_info = self.items.0.borrow().group_info.clone()?;
-        Some((group_info, self.ratchet_tree()))
+        Some(crate::GroupState {
+            group_info,
+            ratchet_tree: self.ratchet_tree(),
+        })
     }
 
     /// Checks a standalone proposal (a TLS-encoded MLSMessage carrying a

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use quicnprotochat_core::IdentityKey;
 
-use crate::wire::{FieldError, GroupState, identity_key};
+use crate::wire::{FieldError, GroupState, identity_key, write_group_state};
 use crate::{auth_capnp, delivery_capnp};
 
 /// Over a rate limit: how long to wait before the same call can pass.
@@ -390,11 +390,7 @@ impl FetchedGroupInfo {
     /// Fills the node's answer.
     pub fn write(&self, mut builder: delivery_capnp::fetched_group_info::Builder<'_>) {
         match self {
-            FetchedGroupInfo::State(state) => {
-                let mut slot = builder.init_state();
-                slot.set_group_info(&state.group_info);
-                slot.set_ratchet_tree(&state.ratchet_tree);
-            }
+            FetchedGroupInfo::State(state) => write_group_state(state, builder.init_state()),
             FetchedGroupInfo::Unavailable => builder.set_unavailable(()),
             FetchedGroupInfo::NotMember => builder.set_not_member(()),
         }

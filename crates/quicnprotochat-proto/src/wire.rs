@@ -2,7 +2,7 @@
 //! validate"): the service and the client work with [`IdentityKey`], never
 //! with unchecked bytes.
 
-use quicnprotochat_core::{GroupId, IdentityKey, MessageKind, QueuedMessage, Seq, Suite};
+use quicnprotochat_core::{GroupId, IdentityKey, KeyPackageStock, MessageKind, QueuedMessage, Seq, Suite};
 
 use crate::delivery_capnp;
 
@@ -162,91 +162,6 @@ pub fn ciphersuite(field: &str, code: u16) -> Result<Suite, FieldError> {
     })
 }
 
-/// The group id and epoch in the clear header of an MLS PrivateMessage
-/// (RFC 9420, section 6: version mls10, wire format mls_private_message,
-/// then `group_id<V>` and `epoch`); `None` for any other payload, which the
-/// node treats as opaque.
-pub fn private_message_epoch(payload: &[u8]) -> Option<(&[u8], u64)> {
-    private_header(payload).map(|header| (header.group, header.epoch))
-}
-
-/// Whether `payload` is, by its clear MLS framing (RFC 9420, section 6), a
-/// handshake: a PublicMessage (which carries only proposals and Commits), a
-/// PrivateMessage whose content type is a proposal or a Commit, or a
-/// Welcome. Such messages must reach members through the node's ordering
-/// (`publishCommit`, `publishProposal`), never as plain queued payloads.
-/// Anything else, MLS or not, is opaque.
-pub fn is_handshake(payload: &[u8]) -> bool {
-    const MLS10: [u8; 2] = [0x00, 0x01];
-    const PUBLIC: [u8; 2] = [0x00, 0x01];
-    const WELCOME: [u8; 2] = [0x00, 0x03];
-    // ContentType (RFC 9420, section 6): proposal(2), commit(3).
-    const PROPOSAL: u8 = 2;
-    const COMMIT: u8 = 3;
-    match (payload.get(..2), payload.get(2..4)) {
-        (Some(version), Some(format)) if version == MLS10 && (format == PUBLIC || format == WELCOME) => true,
-        _ => private_header(payload).is_some_and(|header| matches!(header.content_type, PROPOSAL | COMMIT)),
-    }
-}
-
-/// Whether `payload` is, by its clear MLS framing, an MLS Welcome (version
-/// mls10, wire format mls_welcome): what the Welcome envelope of a Commit
-/// must carry.
-pub fn is_welcome(payload: &[u8]) -> bool {
-    payload.starts_with(&[0x00, 0x01, 0x00, 0x03])
-}
-
-/// Whether `payload` is, by its clear MLS framing, an external Commit (a
-/// PublicMessage whose sender type is new_member_commit, RFC 9420 section
-/// 6): the only kind the node accepts is a member's rejoin. Reads the
-/// header only, so it costs nothing beside the Commit's full check.
-pub fn is_external_commit(payload: &[u8]) -> bool {
-    // SenderType (RFC 9420, section 6): new_member_commit(4).
-    const NEW_MEMBER_COMMIT: u8 = 4;
-    let Some(rest) = payload.strip_prefix(&[0x00, 0x01, 0x00, 0x01]) else {
-        return false;
-    };
-    framed_group_and_epoch(rest).is_some_and(|(_, _, rest)| rest.first() == Some(&NEW_MEMBER_COMMIT))
-}
-
-/// The clear part of an MLS PrivateMessage.
-struct PrivateHeader<'a> {
-    group: &'a [u8],
-    epoch: u64,
-    content_type: u8,
-}
-
-/// Reads the clear header of an MLS PrivateMessage: version mls10, wire
-/// format mls_private_message, `group_id<V>`, `epoch`, `content_type`.
-fn private_header(payload: &[u8]) -> Option<PrivateHeader<'_>> {
-    let rest = payload.strip_prefix(&[0x00, 0x01, 0x00, 0x02])?;
-    let (group, epoch, rest) = framed_group_and_epoch(rest)?;
-    Some(PrivateHeader {
-        group,
-        epoch,
-        content_type: *rest.first()?,
-    })
-}
-
-/// Reads `group_id<V>` and `epoch`, which both MLS framings start with;
-/// returns them and the rest.
-fn framed_group_and_epoch(rest: &[u8]) -> Option<(&[u8], u64, &[u8])> {
-    // The group id's size: a QUIC-style variable-length integer of 1 or 2
-    // bytes (group ids are at most 256 bytes here).
-    let first = *rest.first()?;
-    let (len, rest) = match first >> 6 {
-        0 => (usize::from(first & 0x3f), rest.get(1..)?),
-        1 => (
-            (usize::from(first & 0x3f) << 8) | usize::from(*rest.get(1)?),
-            rest.get(2..)?,
-        ),
-        _ => return None,
-    };
-    let group = rest.get(..len)?;
-    let epoch = u64::from_be_bytes(rest.get(len..len + 8)?.try_into().ok()?);
-    Some((group, epoch, rest.get(len + 8..)?))
-}
-
 /// Most recipients one `enqueueBatch` call may name in all its envelopes.
 pub const MAX_BATCH_RECIPIENTS: usize = 100_000;
 
@@ -367,14 +282,8 @@ pub struct CommitPublication {
 }
 
 /// A group's public state (`GroupState`): a GroupInfo and the ratchet tree
-/// of the same epoch, both as received (checked by the node's rules).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupState {
-    /// A TLS-encoded MLSMessage carrying a GroupInfo.
-    pub group_info: Vec<u8>,
-    /// The TLS-encoded ratchet tree.
-    pub ratchet_tree: Vec<u8>,
-}
+/// of the same epoch; core's one type for it.
+pub use quicnprotochat_core::GroupState;
 
 /// A standalone proposal for `publishProposal`, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -462,6 +371,88 @@ pub fn commit_publication(
     })
 }
 
+/// Fills `keyPackageCount`'s results: what [`read_key_package_stock`]
+/// reads.
+pub fn write_key_package_stock(
+    stock: &KeyPackageStock,
+    mut results: crate::auth_capnp::auth_service::key_package_count_results::Builder<'_>,
+) {
+    results.set_count(stock.count);
+    results.set_has_last_resort(stock.has_last_resort);
+}
+
+/// Reads `keyPackageCount`'s results.
+pub fn read_key_package_stock(
+    results: crate::auth_capnp::auth_service::key_package_count_results::Reader<'_>,
+) -> KeyPackageStock {
+    KeyPackageStock {
+        count: results.get_count(),
+        has_last_resort: results.get_has_last_resort(),
+    }
+}
+
+/// Fills an `Envelope`: what [`envelope`] reads.
+pub fn write_envelope(
+    envelope: &Envelope,
+    mut builder: delivery_capnp::envelope::Builder<'_>,
+) -> capnp::Result<()> {
+    builder.set_payload(&envelope.payload);
+    if let Some(id) = &envelope.message_id {
+        builder.set_message_id(id);
+    }
+    let count = u32::try_from(envelope.recipients.len())
+        .map_err(|_| capnp::Error::failed("an envelope names more recipients than a list holds".into()))?;
+    let mut keys = builder.init_recipient_keys(count);
+    for (slot, recipient) in envelope.recipients.iter().enumerate() {
+        keys.set(slot as u32, recipient.as_bytes());
+    }
+    Ok(())
+}
+
+/// Fills a `GroupState`.
+pub fn write_group_state(state: &GroupState, mut builder: delivery_capnp::group_state::Builder<'_>) {
+    builder.set_group_info(&state.group_info);
+    builder.set_ratchet_tree(&state.ratchet_tree);
+}
+
+/// Fills `publishCommit`'s parameters: what [`commit_publication`] reads.
+pub fn write_commit_publication(
+    mut params: delivery_capnp::delivery_service::publish_commit_params::Builder<'_>,
+    group_id: &GroupId,
+    epoch: u64,
+    commit: &Envelope,
+    welcome: Option<&Envelope>,
+    initial_state: Option<&GroupState>,
+    group_info: Option<&[u8]>,
+) -> capnp::Result<()> {
+    params.set_group_id(group_id.as_bytes());
+    params.set_epoch(epoch);
+    write_envelope(commit, params.reborrow().init_commit())?;
+    if let Some(welcome) = welcome {
+        write_envelope(welcome, params.reborrow().init_welcome())?;
+    }
+    if let Some(state) = initial_state {
+        write_group_state(state, params.reborrow().init_initial_state());
+    }
+    if let Some(group_info) = group_info {
+        params.set_group_info(group_info);
+    }
+    Ok(())
+}
+
+/// Fills `publishProposal`'s parameters: what [`proposal_publication`]
+/// reads.
+pub fn write_proposal_publication(
+    mut params: delivery_capnp::delivery_service::publish_proposal_params::Builder<'_>,
+    group_id: &GroupId,
+    epoch: u64,
+    proposal: &Envelope,
+) -> capnp::Result<()> {
+    params.set_group_id(group_id.as_bytes());
+    params.set_epoch(epoch);
+    write_envelope(proposal, params.init_proposal())
+}
+
 /// Parses `publishProposal`'s parameters and checks that the proposal's own
 /// framing names the same group and epoch and is a proposal.
 pub fn proposal_publication(
@@ -540,8 +531,9 @@ fn check_framing(
     }
 }
 
-/// Fills a `List(QueuedMessage)` from `messages`, in order.
-pub fn fill_messages(
+/// Fills a `List(QueuedMessage)` from `messages`, in order: what
+/// [`read_messages`] reads.
+pub fn write_messages(
     mut list: capnp::struct_list::Builder<'_, delivery_capnp::queued_message::Owned>,
     messages: &[QueuedMessage],
 ) {
@@ -649,43 +641,27 @@ pub fn read_device_list(
 mod tests {
     use super::*;
 
-    /// The clear start of an MLS message of `wire_format` for group `g` in
-    /// epoch 7, followed by `next` (a PrivateMessage's content type, a
-    /// PublicMessage's sender type).
-    fn framed(wire_format: u8, next: u8) -> Vec<u8> {
-        let mut message = vec![0x00, 0x01, 0x00, wire_format, 0x01, b'g'];
-        message.extend_from_slice(&7u64.to_be_bytes());
-        message.extend_from_slice(&[next, 0xa5, 0xa5]);
-        message
-    }
-
     #[test]
-    fn handshakes_and_external_commits_are_told_by_their_clear_framing() {
-        // PublicMessages (proposals and Commits only) and Welcomes.
-        assert!(is_handshake(&framed(1, 1)));
-        assert!(is_handshake(&[0x00, 0x01, 0x00, 0x03, 0x42]));
-        // PrivateMessages by their content type: proposal, commit; not
-        // application.
-        assert!(is_handshake(&framed(2, 2)));
-        assert!(is_handshake(&framed(2, 3)));
-        assert!(!is_handshake(&framed(2, 1)));
-        assert_eq!(private_message_epoch(&framed(2, 1)), Some((&b"g"[..], 7)));
-        // GroupInfos, KeyPackages, other versions and anything else: opaque.
-        for opaque in [
-            framed(4, 1),
-            framed(5, 1),
-            vec![0x00, 0x02, 0x00, 0x01],
-            b"hello".to_vec(),
-            Vec::new(),
+    fn an_envelope_reads_back_as_written() {
+        for envelope in [
+            Envelope {
+                recipients: vec![IdentityKey::from_bytes([1; 32]), IdentityKey::from_bytes([2; 32])],
+                payload: b"ciphertext".to_vec(),
+                message_id: Some(vec![7; 16]),
+            },
+            Envelope {
+                recipients: vec![IdentityKey::from_bytes([3; 32])],
+                payload: vec![0; 100],
+                message_id: None,
+            },
         ] {
-            assert!(!is_handshake(&opaque), "{opaque:?}");
+            let mut message = capnp::message::Builder::new_default();
+            write_envelope(&envelope, message.init_root()).unwrap();
+            let reader = message
+                .get_root_as_reader::<delivery_capnp::envelope::Reader<'_>>()
+                .unwrap();
+            assert_eq!(super::envelope("envelope", reader, 1024, 1).unwrap(), envelope);
         }
-        // A PublicMessage from new_member_commit (4) is an external Commit;
-        // from a member (1), or a PrivateMessage, not.
-        assert!(is_external_commit(&framed(1, 4)));
-        assert!(!is_external_commit(&framed(1, 1)));
-        assert!(!is_external_commit(&framed(2, 4)));
-        assert!(!is_external_commit(&framed(1, 4)[..14]));
     }
 
     #[test]

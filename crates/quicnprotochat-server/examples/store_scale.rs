@@ -380,7 +380,7 @@ fn count_messages(path: &Path) -> i64 {
 }
 
 /// Query plans of what one fetch cycle runs (statements copied from
-/// `store/queries.rs` and the V3/V5 triggers in `store/migrations.rs`). A
+/// `store/sqlite/storage.rs` and the V3/V5 triggers in `store/sqlite/migrations.rs`). A
 /// plan of a `DELETE FROM payloads` includes the lookup SQLite makes in
 /// `messages` to enforce the `payload_id` foreign key.
 fn print_query_plans(path: &Path) {

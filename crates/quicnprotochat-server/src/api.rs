@@ -16,7 +16,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList, Suite, fingerprint};
+use quicnprotochat_core::{
+    GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite, fingerprint, framing,
+};
 use quicnprotochat_proto::PROTOCOL_VERSION;
 use quicnprotochat_proto::outcome::{
     ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, RateLimited,
@@ -246,7 +248,7 @@ impl Api {
         &self,
         identity: IdentityKey,
         suite: Suite,
-    ) -> Result<(u32, bool), ServiceError> {
+    ) -> Result<KeyPackageStock, ServiceError> {
         let _call = self.begin()?;
         self.require_owner("identityKey", &identity)?;
         Ok(self.shared.store.count_key_packages(identity, suite).await?)
@@ -408,7 +410,7 @@ impl Api {
             .collect();
         let queued = cost_of(envelopes.iter().copied(), 0).messages;
         let cost = change_cost(envelopes, extra);
-        let rejoin = wire::is_external_commit(&publication.commit.payload);
+        let rejoin = framing::is_external_commit(&publication.commit.payload);
         if let Err(wait) = self.shared.rate_limits.charge_indivisible(self.caller(), cost) {
             return Ok(ChangeOutcome::RateLimited(limited(wait)));
         }

@@ -238,7 +238,7 @@ impl<T> Label for Vec<T> {
     }
 }
 
-impl Label for (u32, bool) {
+impl Label for quicnprotochat_core::KeyPackageStock {
     fn label(&self) -> &'static str {
         "ok"
     }

@@ -141,7 +141,7 @@ pub async fn push(
             let mut request = receiver.deliver_request();
             // At most PUSH_BATCH messages (a change carries fewer): fits a
             // list length.
-            wire::fill_messages(request.get().init_messages(messages.len() as u32), messages);
+            wire::write_messages(request.get().init_messages(messages.len() as u32), messages);
             // The request holds its own copy; don't keep two while waiting.
             drop(batch);
             if let Some(woken) = woken.take() {

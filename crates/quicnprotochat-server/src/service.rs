@@ -152,9 +152,7 @@ impl auth_capnp::auth_service::Server for NodeServiceImpl {
             let identity = parsed(wire::identity_key("identityKey", params.get_identity_key()?))?;
             let suite = parsed(wire::ciphersuite("ciphersuite", params.get_ciphersuite()))?;
             let stock = self.api.key_package_count(identity, suite).await?;
-            let mut results = results.get();
-            results.set_count(stock.0);
-            results.set_has_last_resort(stock.1);
+            wire::write_key_package_stock(&stock, results.get());
             Ok(stock.label())
         })
         .await
@@ -367,7 +365,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                 )
                 .await?;
             // At most FETCH_MAX_MESSAGES: fits a list length.
-            wire::fill_messages(results.get().init_messages(messages.len() as u32), &messages);
+            wire::write_messages(results.get().init_messages(messages.len() as u32), &messages);
             Ok(messages.label())
         })
         .await
@@ -390,7 +388,7 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
                 )
                 .await?;
             // At most FETCH_MAX_MESSAGES: fits a list length.
-            wire::fill_messages(results.get().init_messages(messages.len() as u32), &messages);
+            wire::write_messages(results.get().init_messages(messages.len() as u32), &messages);
             Ok(messages.label())
         })
         .await

@@ -7,6 +7,7 @@
 
 mod conformance;
 
+use quicnprotochat_core::KeyPackageStock;
 use std::collections::HashSet;
 
 use conformance::device_lists::{public, signed_list};
@@ -196,7 +197,10 @@ async fn a_key_package_is_served_once_across_nodes_and_the_last_resort_kept() {
     assert_eq!(last_resort, 50);
     assert_eq!(
         b.0.count_key_packages(key(1), Suite::X25519).await.unwrap(),
-        (0, true)
+        KeyPackageStock {
+            count: 0,
+            has_last_resort: true
+        }
     );
     close_both([a, b]).await;
 }

@@ -7,7 +7,7 @@ use quicnprotochat_core::{
     CoreError, GroupId, GroupMember, IdentityKeypair, NoDeviceLists, Received, generate_key_package,
 };
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree};
-use quicnprotochat_proto::wire::{Envelope, GroupState};
+use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::ConnectionArgs;
 use crate::error::ClientError;
@@ -113,10 +113,6 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         recipients: Vec::new(),
         payload: added.commit,
         message_id: None,
-    };
-    let initial_state = GroupState {
-        group_info: initial_state.group_info,
-        ratchet_tree: initial_state.ratchet_tree,
     };
     let outcome = alice
         .nodes

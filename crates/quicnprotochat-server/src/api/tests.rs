@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{GroupId, IdentityKey, IdentityKeypair, Seq, Suite, generate_key_package};
+use quicnprotochat_core::{
+    GroupId, IdentityKey, IdentityKeypair, KeyPackageStock, Seq, Suite, generate_key_package,
+};
 use quicnprotochat_proto::outcome::{
     ChangeOutcome, FetchedGroupInfo, FetchedKeyPackage, SendOutcome, TooLarge, UploadOutcome,
 };
@@ -173,7 +175,10 @@ async fn key_packages_are_checked_stored_counted_and_handed_out() {
             .key_package_count(alice.public_key(), Suite::X25519)
             .await
             .unwrap(),
-        (1, false)
+        KeyPackageStock {
+            count: 1,
+            has_last_resort: false
+        }
     );
     assert_eq!(
         stranger

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
-use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{GroupId, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 use super::storage::{KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
@@ -118,7 +118,7 @@ impl Storage for MemoryStorage {
         identity: &IdentityKey,
         suite: Suite,
         now: i64,
-    ) -> Result<(u32, bool), Infallible> {
+    ) -> Result<KeyPackageStock, Infallible> {
         let mine = || {
             self.key_packages
                 .values()
@@ -126,7 +126,10 @@ impl Storage for MemoryStorage {
         };
         let ordinary = mine().filter(|(_, package)| !package.last_resort).count();
         let last_resort = mine().any(|(_, package)| package.last_resort);
-        Ok((u32::try_from(ordinary).unwrap_or(u32::MAX), last_resort))
+        Ok(KeyPackageStock {
+            count: u32::try_from(ordinary).unwrap_or(u32::MAX),
+            has_last_resort: last_resort,
+        })
     }
 
     fn stored_key_packages(

@@ -13,7 +13,8 @@ use std::collections::{HashMap, HashSet};
 
 use quicnprotochat_core::public_view::Invalid;
 use quicnprotochat_core::{
-    GroupId, IdentityKey, MemberKey, PublicView, QueuedMessage, Seq, SignedDeviceList, Suite,
+    GroupId, IdentityKey, KeyPackageStock, MemberKey, PublicView, QueuedMessage, Seq, SignedDeviceList,
+    Suite, framing,
 };
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
 use quicnprotochat_proto::wire;
@@ -223,7 +224,7 @@ pub fn count_key_packages<S: Storage>(
     identity: &IdentityKey,
     suite: Suite,
     now: i64,
-) -> Result<(u32, bool), S::Error> {
+) -> Result<KeyPackageStock, S::Error> {
     storage.count_key_packages(identity, suite, now)
 }
 
@@ -367,7 +368,7 @@ pub fn enqueue<S: Storage>(
 ) -> Result<Result<(), SendRefusal>, S::Error> {
     if envelopes
         .iter()
-        .any(|envelope| wire::is_handshake(&envelope.payload))
+        .any(|envelope| framing::is_handshake(&envelope.payload))
     {
         return Ok(Err(SendRefusal::Handshake));
     }
@@ -490,7 +491,7 @@ pub fn publish_commit<S: Storage>(
     // anything else here (another Commit for some members, say) would
     // reach them unordered and could fork the group.
     if let Some(welcome) = &publication.welcome {
-        if !wire::is_welcome(&welcome.payload) {
+        if !framing::is_welcome(&welcome.payload) {
             return Ok(Err(CommitRefusal::Invalid {
                 reason: "the welcome envelope must carry an MLS Welcome".into(),
             }));
@@ -654,12 +655,7 @@ pub fn group_info<S: Storage>(
     if !view.is_member(caller) {
         return Ok(Err(NotAMember));
     }
-    Ok(Ok(view.group_info().map(|(group_info, ratchet_tree)| {
-        GroupState {
-            group_info,
-            ratchet_tree,
-        }
-    })))
+    Ok(Ok(view.group_info()))
 }
 
 /// The ratchet tree of `group` in `epoch`, for `caller` to join with a
@@ -816,7 +812,7 @@ fn stale_epoch<S: Storage>(
     sender: &IdentityKey,
     payload: &[u8],
 ) -> Result<Option<StaleEpoch>, S::Error> {
-    let Some((group_id, epoch)) = wire::private_message_epoch(payload) else {
+    let Some((group_id, epoch)) = framing::private_message_epoch(payload) else {
         return Ok(None);
     };
     let Some(group) = GroupId::new(group_id.to_vec()) else {

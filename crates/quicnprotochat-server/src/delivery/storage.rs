@@ -6,7 +6,7 @@
 //! conformance suite (`tests/conformance/`) holds every backend to the same
 //! behaviour.
 
-use quicnprotochat_core::{DeviceList, GroupId, IdentityKey, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{DeviceList, GroupId, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 /// A stored KeyPackage's row id, to delete the one that was read.
@@ -187,7 +187,7 @@ pub trait Storage {
         identity: &IdentityKey,
         suite: Suite,
         now: i64,
-    ) -> Result<(u32, bool), Self::Error>;
+    ) -> Result<KeyPackageStock, Self::Error>;
 
     /// Whether `sender` already used `message_id`.
     fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, Self::Error>;

@@ -1,5 +1,6 @@
 //! The rules against [`MemoryStorage`]: no database involved.
 
+use quicnprotochat_core::KeyPackageStock;
 use quicnprotochat_core::{IdentityKey, Seq, Suite};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_proto::wire::{CommitPublication, Envelope, ProposalPublication, ValidKeyPackage};
@@ -182,7 +183,10 @@ fn key_packages_are_served_ordinary_first_each_once_last_resort_kept_expired_nev
         .unwrap();
     assert_eq!(
         storage.run(|s| rules::count_key_packages(s, &owner, Suite::X25519, NOW)),
-        (2, true)
+        KeyPackageStock {
+            count: 2,
+            has_last_resort: true
+        }
     );
     let mut take = || storage.run(|s| rules::take_key_package(s, &owner, Suite::X25519, true, NOW));
     assert_eq!(take().as_deref(), Some(&b"old"[..]));
@@ -243,8 +247,20 @@ fn each_suites_key_packages_are_a_stock_of_their_own() {
     let count = |storage: &mut MemoryStorage, suite| {
         storage.run(|s| rules::count_key_packages(s, &owner, suite, NOW))
     };
-    assert_eq!(count(&mut storage, classic), (1, true));
-    assert_eq!(count(&mut storage, hybrid), (1, true));
+    assert_eq!(
+        count(&mut storage, classic),
+        KeyPackageStock {
+            count: 1,
+            has_last_resort: true
+        }
+    );
+    assert_eq!(
+        count(&mut storage, hybrid),
+        KeyPackageStock {
+            count: 1,
+            has_last_resort: true
+        }
+    );
     let mut take =
         |suite, ordinary| storage.run(|s| rules::take_key_package(s, &owner, suite, ordinary, NOW));
     // The serve rate of one suite spent: that suite's last resort only.
@@ -253,8 +269,20 @@ fn each_suites_key_packages_are_a_stock_of_their_own() {
     assert_eq!(take(hybrid, true).as_deref(), Some(&b"hybrid resort"[..]));
     assert_eq!(take(classic, true).as_deref(), Some(&b"classic"[..]));
     assert_eq!(take(classic, true).as_deref(), Some(&b"classic resort"[..]));
-    assert_eq!(count(&mut storage, classic), (0, true));
-    assert_eq!(count(&mut storage, hybrid), (0, true));
+    assert_eq!(
+        count(&mut storage, classic),
+        KeyPackageStock {
+            count: 0,
+            has_last_resort: true
+        }
+    );
+    assert_eq!(
+        count(&mut storage, hybrid),
+        KeyPackageStock {
+            count: 0,
+            has_last_resort: true
+        }
+    );
 }
 
 #[test]
@@ -313,7 +341,10 @@ fn retention_purges_old_messages_ids_and_expired_key_packages() {
     assert!(queue(&mut storage, 1).is_empty());
     assert_eq!(
         storage.run(|s| rules::count_key_packages(s, &key(1), Suite::X25519, NOW)),
-        (0, false)
+        KeyPackageStock {
+            count: 0,
+            has_last_resort: false
+        }
     );
     // The id was forgotten with the message: the same id is new again.
     enqueue(&mut storage, 9, &[envelope(&[1], b"new", Some(b"id"))], 100).unwrap();

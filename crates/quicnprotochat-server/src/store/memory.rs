@@ -15,7 +15,7 @@ use quicnprotochat_core::IdentityKey;
 use tokio::sync::{mpsc, watch};
 
 use super::commands::{Transact, apply};
-use super::readers::{Read, serve};
+use super::reads::{Read, serve};
 use super::{Command, Limits, Notifier, QUEUE_CAPACITY, Store, StoreCloser, StoreError};
 use crate::delivery::MemoryStorage;
 

@@ -1,58 +1,49 @@
 //! The node's durable state: KeyPackages, device lists and message queues
-//! in SQLite, or in
-//! PostgreSQL shared by several nodes ([`Store::open_postgres`], module
-//! `postgres`). The rules of what to store live in [`crate::delivery`]; this
-//! module runs them against either, through the same commands
-//! (`commands`). What follows is the SQLite side.
+//! in SQLite (module `sqlite`), or in PostgreSQL shared by several nodes
+//! ([`Store::open_postgres`], module `postgres`), or in memory for tests.
+//! The rules of what to store live in [`crate::delivery`]; this module runs
+//! them against each backend through the same commands (`commands`) and
+//! reads (`reads`), behind one [`Store`] handle.
 //!
-//! One writer owns the write connection. RPC tasks send it [`Command`]s and
-//! await the answer. The writer takes every command that is waiting, runs
-//! them all in one transaction (each inside its own savepoint, so one
-//! failing command does not undo the others), commits, and answers them only
-//! once the commit is on the disk: many concurrent enqueues share one commit
-//! and one sync ("group commit"), and a success answer always means the data
-//! is committed and durable. The node runs the writer on its first RPC
-//! thread ([`Store::open_on`]); tests and tools give it a thread of its own
-//! ([`Store::open_with`]).
+//! A backend's writer owns the write connection. RPC tasks send it
+//! [`Command`]s and await the answer. The writer takes every command that
+//! is waiting, runs them all in one transaction (each inside its own
+//! savepoint, so one failing command does not undo the others), commits,
+//! and answers them only once the commit is durable: many concurrent
+//! enqueues share one commit and one sync ("group commit"), and a success
+//! answer always means the data is committed and durable. The node runs
+//! SQLite's writer on its first RPC thread ([`Store::open_on`]); tests and
+//! tools give it a thread of its own ([`Store::open_with`]).
 //!
 //! # Layout
 //! - `commands` — one command's rules inside a batch's transaction, for
-//!   both backends.
-//! - `lock` — one node per SQLite file: a lock file held for the node's
-//!   life.
-//! - `memory` — the store over the in-memory reference storage: the same
-//!   commands and reads, no database.
+//!   every backend.
+//! - `reads` — the reads answered beside the writer, for every backend.
+//! - `notifier` — wakes push subscriptions and long polls after a commit.
+//! - `sqlite` — the SQLite backend: file lock, migrations, its `Storage`,
+//!   the writer, the sync thread, the reader and checkpoint threads.
 //! - `postgres` — the PostgreSQL backend: writer and reader connections,
 //!   migrations, LISTEN/NOTIFY between nodes.
-//! - `migrations` — numbered schema migrations, tracked in `PRAGMA user_version`.
-//! - `sqlite` — the [`Storage`](crate::delivery::Storage) of one SQLite
-//!   connection: the node's data statements (migrations and pragmas excepted).
-//! - `writer` — the writer and its batching loop.
-//! - `sync` — makes committed batches durable, then answers them and lets
-//!   reads see them.
-//! - `readers` — the reader thread (queue reads, a group's GroupInfo and
-//!   Welcome trees, device lists) and background WAL checkpoints.
-//! - `notifier` — wakes push subscriptions and long polls after a commit.
+//! - `memory` — the store over the in-memory reference storage: the same
+//!   commands and reads, no database.
 //!
 //! The behaviour any backend must show is checked by the conformance suite in
 //! `tests/conformance/`, which `tests/store_memory.rs`, `tests/store_sqlite.rs`
 //! and `tests/store_postgres.rs` run against each.
 
 mod commands;
-mod lock;
 mod memory;
-mod migrations;
 mod notifier;
 mod postgres;
-mod readers;
+mod reads;
 mod sqlite;
-mod sync;
-mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{
+    GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use quicnprotochat_proto::wire::{
@@ -65,8 +56,8 @@ pub use crate::delivery::{
 };
 
 pub use memory::MemoryDatabase;
-pub use migrations::SCHEMA_VERSION;
 pub use notifier::{Fresh, Notifier, QueueWatch};
+pub use sqlite::SCHEMA_VERSION;
 
 /// How many commands may wait for the writer before callers are made to wait.
 const QUEUE_CAPACITY: usize = 8192;
@@ -225,9 +216,9 @@ pub enum Durability {
 pub struct Store {
     /// Reads show messages up to here: those whose commit is synced (SQLite;
     /// PostgreSQL answers a commit once it is durable).
-    watermark: Option<Arc<sync::Watermark>>,
+    watermark: Option<Arc<sqlite::Watermark>>,
     commands: mpsc::Sender<Command>,
-    reads: mpsc::Sender<readers::Read>,
+    reads: mpsc::Sender<reads::Read>,
     instance_id: [u8; 16],
     notifier: Arc<Notifier>,
 }
@@ -255,18 +246,7 @@ impl Store {
         limits: Limits,
         durability: Durability,
     ) -> Result<(Store, StoreCloser), StoreError> {
-        let (store, writer) = Self::prepare(path, limits, durability)?;
-        let finished = writer.finished.subscribe();
-        let failure = Some(writer.syncer.failure());
-        let thread = writer::spawn(writer)?;
-        Ok((
-            store,
-            StoreCloser {
-                thread: Some(thread),
-                finished,
-                failure,
-            },
-        ))
+        sqlite::open_with(path, limits, durability)
     }
 
     /// [`Self::open_with`], but the writer runs as a task of `runtime` (a
@@ -281,18 +261,7 @@ impl Store {
         durability: Durability,
         runtime: &tokio::runtime::Handle,
     ) -> Result<(Store, StoreCloser), StoreError> {
-        let (store, writer) = Self::prepare(path, limits, durability)?;
-        let finished = writer.finished.subscribe();
-        let failure = Some(writer.syncer.failure());
-        writer::spawn_on(writer, runtime);
-        Ok((
-            store,
-            StoreCloser {
-                thread: None,
-                finished,
-                failure,
-            },
-        ))
+        sqlite::open_on(path, limits, durability, runtime)
     }
 
     /// Opens the PostgreSQL database at `url` (`postgres://…`), which must
@@ -324,59 +293,6 @@ impl Store {
             Database::Sqlite(path) => Self::open_on(path, limits, durability, runtime),
             Database::Postgres(url) => Self::open_postgres(url, limits),
         }
-    }
-
-    fn prepare(
-        path: &Path,
-        limits: Limits,
-        durability: Durability,
-    ) -> Result<(Store, writer::Writer), StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        // Before anything touches the file: a second node must not even
-        // migrate it.
-        let lock = lock::NodeLock::acquire(path)?;
-        let (connection, instance_id) = migrations::open(path, durability)?;
-        // Commits append to the WAL without waiting for the disk; the
-        // syncer makes them durable before they are answered (`sync`).
-        connection.pragma_update(None, "synchronous", "NORMAL")?;
-        // Each command runs in a savepoint, which keeps the old copy of
-        // every page it changes in a statement journal. On a temp file (the
-        // default once it passes 64 KiB) that is a `pwrite` per page per
-        // command, never truncated until the batch ends: at 64 busy clients
-        // that was a quarter of the node's CPU. In memory it is a copy,
-        // dropped at each `RELEASE`.
-        connection.pragma_update(None, "temp_store", "MEMORY")?;
-        let (commands, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let (reads, read_receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let side = readers::SideThreads::spawn(path, read_receiver)?;
-        let notifier = Notifier::new();
-        let watermark = Arc::new(sync::Watermark::new(writer::last_seq(&connection)?));
-        let syncer = sync::Syncer::start(
-            path,
-            durability == Durability::Full,
-            notifier.clone(),
-            watermark.clone(),
-        )?;
-        let store = Store {
-            watermark: Some(watermark),
-            commands,
-            reads,
-            instance_id,
-            notifier,
-        };
-        let writer = writer::Writer {
-            connection,
-            commands: receiver,
-            syncer,
-            notifier: store.notifier.clone(),
-            limits,
-            side,
-            lock,
-            finished: watch::Sender::new(false),
-        };
-        Ok((store, writer))
     }
 
     /// Deletes messages and message ids older than `older_than` (Unix
@@ -423,7 +339,7 @@ impl Store {
         &self,
         identity: IdentityKey,
         suite: Suite,
-    ) -> Result<(u32, bool), StoreError> {
+    ) -> Result<KeyPackageStock, StoreError> {
         self.call(|reply| Command::CountKeyPackages {
             identity,
             suite,
@@ -468,7 +384,7 @@ impl Store {
     /// users without one. Runs on the reader connection, so it never waits
     /// for the writer.
     pub async fn device_lists(&self, users: Vec<IdentityKey>) -> Result<Vec<SignedDeviceList>, StoreError> {
-        ask(&self.reads, |reply| readers::Read::DeviceLists { users, reply }).await
+        ask(&self.reads, |reply| reads::Read::DeviceLists { users, reply }).await
     }
 
     /// Appends `payload` to the queue of `recipient`, unless `sender` already
@@ -543,7 +459,7 @@ impl Store {
         group: GroupId,
         caller: IdentityKey,
     ) -> Result<Result<Option<GroupState>, NotAMember>, StoreError> {
-        ask(&self.reads, |reply| readers::Read::GroupInfo {
+        ask(&self.reads, |reply| reads::Read::GroupInfo {
             group,
             caller,
             reply,
@@ -560,7 +476,7 @@ impl Store {
         epoch: u64,
         caller: IdentityKey,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        ask(&self.reads, |reply| readers::Read::WelcomeTree {
+        ask(&self.reads, |reply| reads::Read::WelcomeTree {
             group,
             epoch,
             caller,
@@ -579,7 +495,7 @@ impl Store {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
-        let mut messages = ask(&self.reads, |reply| readers::Read::MessagesAfter {
+        let mut messages = ask(&self.reads, |reply| reads::Read::MessagesAfter {
             recipient,
             after,
             limit,
@@ -613,13 +529,13 @@ impl Store {
     /// list for `identity` (see [`Storage::knows`]); on the reader
     /// connection.
     pub async fn knows(&self, identity: IdentityKey) -> Result<bool, StoreError> {
-        ask(&self.reads, |reply| readers::Read::Knows { identity, reply }).await
+        ask(&self.reads, |reply| reads::Read::Knows { identity, reply }).await
     }
 
     /// Messages queued and KeyPackages stored in all, for the node's
     /// gauges; on the reader connection.
     pub async fn totals(&self) -> Result<Totals, StoreError> {
-        ask(&self.reads, |reply| readers::Read::Totals { reply }).await
+        ask(&self.reads, |reply| reads::Read::Totals { reply }).await
     }
 
     async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
@@ -693,7 +609,7 @@ enum Command {
     CountKeyPackages {
         identity: IdentityKey,
         suite: Suite,
-        reply: Reply<(u32, bool)>,
+        reply: Reply<KeyPackageStock>,
     },
     TakeKeyPackage {
         identity: IdentityKey,

@@ -2,6 +2,7 @@
 //! per identity and suite, served, counted and limited apart; KeyPackages
 //! stored before suites existed are X25519 ones.
 
+use quicnprotochat_core::KeyPackageStock;
 use quicnprotochat_core::Suite;
 use quicnprotochat_server::store::{Limits, TooManyKeyPackages, ValidKeyPackage};
 
@@ -56,11 +57,17 @@ pub async fn each_suite_has_its_own_last_resort_and_count(backend: &impl Backend
         .unwrap();
     assert_eq!(
         store.count_key_packages(key(1), CLASSIC).await.unwrap(),
-        (1, true)
+        KeyPackageStock {
+            count: 1,
+            has_last_resort: true
+        }
     );
     assert_eq!(
         store.count_key_packages(key(1), HYBRID).await.unwrap(),
-        (2, false)
+        KeyPackageStock {
+            count: 2,
+            has_last_resort: false
+        }
     );
     // The hybrid stock has no last resort: spent means nothing, never the
     // classic one (a group of one suite cannot add a KeyPackage of the
@@ -76,7 +83,13 @@ pub async fn each_suite_has_its_own_last_resort_and_count(backend: &impl Backend
         Some(b"hybrid resort".to_vec()),
         "the serve rate spent: the suite's last resort, ordinary ones kept"
     );
-    assert_eq!(store.count_key_packages(key(1), HYBRID).await.unwrap(), (2, true));
+    assert_eq!(
+        store.count_key_packages(key(1), HYBRID).await.unwrap(),
+        KeyPackageStock {
+            count: 2,
+            has_last_resort: true
+        }
+    );
     for expected in [&b"hybrid"[..], b"hybrid 2", b"hybrid resort", b"hybrid resort"] {
         assert_eq!(
             store
@@ -87,10 +100,19 @@ pub async fn each_suite_has_its_own_last_resort_and_count(backend: &impl Backend
             Some(expected)
         );
     }
-    assert_eq!(store.count_key_packages(key(1), HYBRID).await.unwrap(), (0, true));
+    assert_eq!(
+        store.count_key_packages(key(1), HYBRID).await.unwrap(),
+        KeyPackageStock {
+            count: 0,
+            has_last_resort: true
+        }
+    );
     assert_eq!(
         store.count_key_packages(key(1), CLASSIC).await.unwrap(),
-        (1, true),
+        KeyPackageStock {
+            count: 1,
+            has_last_resort: true
+        },
         "untouched by the other suite's fetches"
     );
     close((store, closer)).await;
@@ -123,7 +145,10 @@ pub async fn the_key_package_limit_holds_per_suite(backend: &impl Backend) {
     );
     assert_eq!(
         store.count_key_packages(key(1), HYBRID).await.unwrap(),
-        (1, false),
+        KeyPackageStock {
+            count: 1,
+            has_last_resort: false
+        },
         "refused whole"
     );
     // The hybrid stock has room of its own.
@@ -170,11 +195,17 @@ pub async fn a_key_package_stored_before_suites_is_an_x25519_one(backend: &impl 
     let (store, closer) = backend.open();
     assert_eq!(
         store.count_key_packages(key(1), CLASSIC).await.unwrap(),
-        (1, true)
+        KeyPackageStock {
+            count: 1,
+            has_last_resort: true
+        }
     );
     assert_eq!(
         store.count_key_packages(key(1), HYBRID).await.unwrap(),
-        (0, false)
+        KeyPackageStock {
+            count: 0,
+            has_last_resort: false
+        }
     );
     assert_eq!(store.take_key_package(key(1), HYBRID, true).await.unwrap(), None);
     store

@@ -12,6 +12,7 @@ pub mod device_lists;
 pub mod key_packages;
 pub mod mls;
 
+use quicnprotochat_core::KeyPackageStock;
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
@@ -296,7 +297,10 @@ pub async fn a_key_package_uploaded_again_is_stored_once(backend: &impl Backend)
         .unwrap();
     assert_eq!(
         store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
-        (2, false)
+        KeyPackageStock {
+            count: 2,
+            has_last_resort: false
+        }
     );
     for expected in [Some(b"same".to_vec()), Some(b"other".to_vec()), None] {
         assert_eq!(
@@ -406,7 +410,10 @@ pub async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept(b
         .unwrap();
     assert_eq!(
         store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
-        (1, true)
+        KeyPackageStock {
+            count: 1,
+            has_last_resort: true
+        }
     );
     assert_eq!(
         store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
@@ -420,7 +427,10 @@ pub async fn the_last_resort_is_served_only_when_nothing_else_is_left_and_kept(b
     }
     assert_eq!(
         store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
-        (0, true)
+        KeyPackageStock {
+            count: 0,
+            has_last_resort: true
+        }
     );
     close((store, closer)).await;
 }
@@ -439,7 +449,10 @@ pub async fn an_expired_key_package_is_never_served_or_counted(backend: &impl Ba
         .unwrap();
     assert_eq!(
         store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
-        (0, false)
+        KeyPackageStock {
+            count: 0,
+            has_last_resort: false
+        }
     );
     assert_eq!(
         store.take_key_package(key(1), Suite::X25519, true).await.unwrap(),
@@ -864,7 +877,10 @@ pub async fn an_identity_keeps_at_most_its_limit_of_key_packages(backend: &impl 
     );
     assert_eq!(
         store.count_key_packages(key(1), Suite::X25519).await.unwrap(),
-        (2, false),
+        KeyPackageStock {
+            count: 2,
+            has_last_resort: false
+        },
         "refused whole"
     );
     store

@@ -35,7 +35,7 @@ use self::conn::Conn;
 use self::conn::{classify, describe};
 use self::storage::PgStorage;
 use super::commands::{apply, fail};
-use super::readers::{Read, serve};
+use super::reads::{Read, serve};
 use super::{Command, Limits, Notifier, QUEUE_CAPACITY, Store, StoreCloser, StoreError};
 
 /// Writer connections per node: one gathers a batch while the other's
@@ -341,7 +341,7 @@ fn uses_savepoint(command: &Command) -> bool {
         | Command::PublishProposal { .. } => true,
         Command::EnqueueBatch { envelopes, .. } => envelopes.iter().any(|envelope| {
             envelope.message_id.is_some()
-                || quicnprotochat_proto::wire::private_message_epoch(&envelope.payload).is_some()
+                || quicnprotochat_core::framing::private_message_epoch(&envelope.payload).is_some()
         }),
         _ => false,
     }

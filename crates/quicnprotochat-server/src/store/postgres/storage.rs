@@ -24,7 +24,9 @@ use std::sync::Arc;
 
 use postgres::Row;
 use postgres::types::ToSql;
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{
+    GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+};
 
 use super::conn::{Conn, classify, describe};
 
@@ -449,17 +451,15 @@ impl Storage for PgStorage<'_> {
         identity: &IdentityKey,
         suite: Suite,
         now: i64,
-    ) -> Result<(u32, bool), PgError> {
+    ) -> Result<KeyPackageStock, PgError> {
         let row = self.query_opt(
             "SELECT count(*) FILTER (WHERE NOT last_resort), coalesce(bool_or(last_resort), false)
              FROM key_packages WHERE identity_key = $1 AND ciphersuite = $2 AND expires_at > $3",
             &[&identity.as_bytes().as_slice(), &suite_column(suite), &now],
         )?;
-        Ok(row.map_or((0, false), |row| {
-            (
-                u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX),
-                row.get(1),
-            )
+        Ok(row.map_or(KeyPackageStock::default(), |row| KeyPackageStock {
+            count: u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX),
+            has_last_resort: row.get(1),
         }))
     }
 

@@ -8,18 +8,18 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::StoreError;
+use crate::store::StoreError;
 
 /// An exclusive lock on `DB.lock`, released when dropped (or when the
 /// process ends, however it ends: the kernel drops the lock with the file).
 #[derive(Debug)]
-pub(super) struct NodeLock {
+pub(in crate::store) struct NodeLock {
     _file: File,
 }
 
 impl NodeLock {
     /// Locks the database at `db` for this process, or says who holds it.
-    pub(super) fn acquire(db: &Path) -> Result<NodeLock, StoreError> {
+    pub(in crate::store) fn acquire(db: &Path) -> Result<NodeLock, StoreError> {
         let path = lock_path(db);
         let mut file = OpenOptions::new()
             .read(true)

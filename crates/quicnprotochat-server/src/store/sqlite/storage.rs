@@ -3,20 +3,20 @@
 //! transaction. Statements are cached by the connection. The schema they
 //! run against is in `migrations`.
 
-use quicnprotochat_core::{GroupId, IdentityKey, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{GroupId, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::commands::Transact;
-use super::{StoreError, ValidKeyPackage};
 use crate::delivery::{DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
+use crate::store::commands::Transact;
+use crate::store::{StoreError, ValidKeyPackage};
 
 /// One command's view of a connection.
-pub(super) struct SqliteStorage<'c> {
+pub(in crate::store) struct SqliteStorage<'c> {
     db: &'c Connection,
 }
 
 impl<'c> SqliteStorage<'c> {
-    pub(super) fn new(db: &'c Connection) -> Self {
+    pub(in crate::store) fn new(db: &'c Connection) -> Self {
         Self { db }
     }
 }
@@ -125,17 +125,17 @@ impl Storage for SqliteStorage<'_> {
         identity: &IdentityKey,
         suite: Suite,
         now: i64,
-    ) -> rusqlite::Result<(u32, bool)> {
+    ) -> rusqlite::Result<KeyPackageStock> {
         self.db
             .prepare_cached(
                 "SELECT coalesce(sum(last_resort = 0), 0), coalesce(max(last_resort), 0) FROM key_packages
                  WHERE identity_key = ?1 AND ciphersuite = ?2 AND expires_at > ?3",
             )?
             .query_row(params![identity.as_bytes(), suite.code(), now], |row| {
-                Ok((
-                    row.get::<_, i64>(0)?.clamp(0, i64::from(u32::MAX)) as u32,
-                    row.get::<_, i64>(1)? != 0,
-                ))
+                Ok(KeyPackageStock {
+                    count: row.get::<_, i64>(0)?.clamp(0, i64::from(u32::MAX)) as u32,
+                    has_last_resort: row.get::<_, i64>(1)? != 0,
+                })
             })
     }
 

@@ -6,7 +6,7 @@
 //! reads (push, `fetchSince`, `fetchWait`), a group's GroupInfo or
 //! Welcome tree (which may take tens of milliseconds to decode in a big
 //! group) and device lists run on the reader thread, so that they hold no RPC thread;
-//! [`serve`] answers them, for the PostgreSQL readers too. Checkpoints
+//! `reads::serve` answers them, as it does for the other backends. Checkpoints
 //! (copying the WAL back into the database file, with an fsync) run here in
 //! the background (`PASSIVE`: never blocking the writer or readers) rather
 //! than inside whichever commit crosses SQLite's threshold, which would stall
@@ -17,55 +17,21 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
 use rusqlite::Connection;
 use tokio::sync::mpsc;
 
-use super::sqlite::SqliteStorage;
-use super::{GroupState, Reply, StoreError};
-use crate::delivery::{NotAMember, Storage, Totals, rules};
+use super::storage::SqliteStorage;
+use crate::store::StoreError;
+use crate::store::reads::{Read, serve};
 
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
-
-/// One read for the reader thread.
-#[derive(Debug)]
-pub(super) enum Read {
-    MessagesAfter {
-        recipient: IdentityKey,
-        after: Seq,
-        limit: usize,
-        reply: Reply<Vec<QueuedMessage>>,
-    },
-    GroupInfo {
-        group: GroupId,
-        caller: IdentityKey,
-        reply: Reply<Result<Option<GroupState>, NotAMember>>,
-    },
-    WelcomeTree {
-        group: GroupId,
-        epoch: u64,
-        caller: IdentityKey,
-        reply: Reply<Option<Vec<u8>>>,
-    },
-    DeviceLists {
-        users: Vec<IdentityKey>,
-        reply: Reply<Vec<SignedDeviceList>>,
-    },
-    Knows {
-        identity: IdentityKey,
-        reply: Reply<bool>,
-    },
-    Totals {
-        reply: Reply<Totals>,
-    },
-}
 
 /// The reader and checkpointer threads; the writer stops them before it
 /// closes the database, so that its connection is the last one and closing
 /// it checkpoints and removes the WAL.
 #[derive(Debug)]
-pub(super) struct SideThreads {
+pub(in crate::store) struct SideThreads {
     reader: JoinHandle<()>,
     checkpointer: JoinHandle<()>,
     stop_checkpoints: std_mpsc::Sender<()>,
@@ -75,7 +41,10 @@ impl SideThreads {
     /// Opens the side connections to the (already migrated) database at
     /// `path` and starts their threads. The reader ends once every sender
     /// of `reads` is dropped.
-    pub(super) fn spawn(path: &Path, reads: mpsc::Receiver<Read>) -> Result<SideThreads, StoreError> {
+    pub(in crate::store) fn spawn(
+        path: &Path,
+        reads: mpsc::Receiver<Read>,
+    ) -> Result<SideThreads, StoreError> {
         let reader_connection = open_side(path)?;
         reader_connection.pragma_update(None, "query_only", true)?;
         // A long queue's rows lie on as many pages as it has messages once
@@ -100,7 +69,7 @@ impl SideThreads {
     }
 
     /// Waits for the reader to finish its reads and stops the checkpointer.
-    pub(super) fn stop(self) {
+    pub(in crate::store) fn stop(self) {
         if self.reader.join().is_err() {
             tracing::error!("the store reader thread panicked");
         }
@@ -121,54 +90,6 @@ fn open_side(path: &Path) -> Result<Connection, StoreError> {
 fn read_loop(db: &Connection, mut reads: mpsc::Receiver<Read>) {
     while let Some(read) = reads.blocking_recv() {
         serve(&mut SqliteStorage::new(db), read);
-    }
-}
-
-/// Answers one read from `storage`, on any backend; true if the answer is
-/// that the database is unavailable (the connection is worth making again).
-pub(super) fn serve<S: Storage<Error: Into<StoreError>>>(storage: &mut S, read: Read) -> bool {
-    fn answer<T, E: Into<StoreError>>(reply: Reply<T>, result: Result<T, E>) -> bool {
-        let result = result.map_err(Into::into);
-        let unavailable = matches!(result, Err(StoreError::Unavailable(_)));
-        // The caller may have gone away (its connection closed); nothing to
-        // do then.
-        let _ = reply.send(result);
-        unavailable
-    }
-    match read {
-        Read::MessagesAfter {
-            recipient,
-            after,
-            limit,
-            reply,
-        } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
-        Read::GroupInfo { group, caller, reply } => {
-            answer(reply, rules::group_info(storage, &group, &caller))
-        }
-        Read::WelcomeTree {
-            group,
-            epoch,
-            caller,
-            reply,
-        } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
-        Read::DeviceLists { users, reply } => answer(reply, rules::device_lists(storage, &users)),
-        Read::Knows { identity, reply } => answer(reply, storage.knows(&identity)),
-        Read::Totals { reply } => answer(reply, storage.totals()),
-    }
-}
-
-impl Read {
-    /// Answers a read that could not run with `error`.
-    pub(super) fn fail(self, error: StoreError) {
-        // The caller may have gone away; nothing to do then.
-        match self {
-            Read::MessagesAfter { reply, .. } => drop(reply.send(Err(error))),
-            Read::GroupInfo { reply, .. } => drop(reply.send(Err(error))),
-            Read::WelcomeTree { reply, .. } => drop(reply.send(Err(error))),
-            Read::DeviceLists { reply, .. } => drop(reply.send(Err(error))),
-            Read::Knows { reply, .. } => drop(reply.send(Err(error))),
-            Read::Totals { reply } => drop(reply.send(Err(error))),
-        }
     }
 }
 

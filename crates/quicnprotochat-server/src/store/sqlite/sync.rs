@@ -36,16 +36,16 @@ use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 
 use tokio::sync::watch;
 
-use super::{Notifier, StoreError};
+use crate::store::{Notifier, StoreError};
 
 /// The highest message sequence number whose commit is synced: reads show
 /// messages up to it. Sequence numbers grow with every commit, so every
 /// message at or below it is synced.
 #[derive(Debug)]
-pub(super) struct Watermark(AtomicI64);
+pub(in crate::store) struct Watermark(AtomicI64);
 
 impl Watermark {
-    pub(super) fn new(synced: i64) -> Watermark {
+    pub(in crate::store) fn new(synced: i64) -> Watermark {
         Watermark(AtomicI64::new(synced))
     }
 
@@ -54,7 +54,7 @@ impl Watermark {
     }
 
     /// Drops the messages (sorted by sequence number) not yet synced.
-    pub(super) fn hide_unsynced(&self, messages: &mut Vec<QueuedMessage>) {
+    pub(in crate::store) fn hide_unsynced(&self, messages: &mut Vec<QueuedMessage>) {
         let synced = Seq::new(self.0.load(Ordering::Acquire).max(0) as u64);
         let visible = messages.partition_point(|message| message.seq <= synced);
         messages.truncate(visible);
@@ -62,22 +62,22 @@ impl Watermark {
 }
 
 /// How a batch's callers are answered once it is durable.
-pub(super) type Answers = Vec<Box<dyn FnOnce(Result<(), &StoreError>) + Send>>;
+pub(in crate::store) type Answers = Vec<Box<dyn FnOnce(Result<(), &StoreError>) + Send>>;
 
 /// A committed batch waiting for its sync.
-pub(super) struct Committed {
-    pub(super) answers: Answers,
+pub(in crate::store) struct Committed {
+    pub(in crate::store) answers: Answers,
     /// Queues the batch wrote to, each once, woken once it is synced.
-    pub(super) touched: Vec<IdentityKey>,
+    pub(in crate::store) touched: Vec<IdentityKey>,
     /// The batch's messages for the watched queues among them, where they
     /// are few and small enough to hand to their waiters.
-    pub(super) carried: HashMap<IdentityKey, Arc<[QueuedMessage]>>,
+    pub(in crate::store) carried: HashMap<IdentityKey, Arc<[QueuedMessage]>>,
     /// The highest message sequence number committed so far.
-    pub(super) last_seq: i64,
+    pub(in crate::store) last_seq: i64,
 }
 
 /// Syncs committed batches and then answers them; see the module docs.
-pub(super) struct Syncer {
+pub(in crate::store) struct Syncer {
     wal: Arc<File>,
     /// `None` with `Durability::Normal`: commits are answered unsynced.
     jobs: Option<mpsc::Sender<Committed>>,
@@ -104,7 +104,7 @@ impl Syncer {
     /// Opens the WAL of the database at `path` (the writer's connection
     /// holds it open) and, if `durable`, starts the sync thread. Syncs the
     /// WAL once: a node killed before may have left commits unsynced.
-    pub(super) fn start(
+    pub(in crate::store) fn start(
         path: &Path,
         durable: bool,
         notifier: Arc<Notifier>,
@@ -144,7 +144,7 @@ impl Syncer {
     /// Answers `batch` once it is durable. `needs_sync`: whether any of
     /// its commands must reach the disk before its answer (see
     /// `Command::needs_fsync`).
-    pub(super) fn finish(&self, batch: Committed, needs_sync: bool) {
+    pub(in crate::store) fn finish(&self, batch: Committed, needs_sync: bool) {
         let Some(jobs) = &self.jobs else {
             // Durability::Normal: the WAL is synced at checkpoints only.
             self.shared.complete(batch, Ok(()));
@@ -169,12 +169,12 @@ impl Syncer {
     }
 
     /// Whether a sync has failed: nothing more may be written.
-    pub(super) fn failed(&self) -> bool {
+    pub(in crate::store) fn failed(&self) -> bool {
         self.shared.failed.borrow().is_some()
     }
 
     /// Turns to what failed once a sync has failed.
-    pub(super) fn failure(&self) -> watch::Receiver<Option<String>> {
+    pub(in crate::store) fn failure(&self) -> watch::Receiver<Option<String>> {
         self.shared.failed.subscribe()
     }
 
@@ -184,7 +184,7 @@ impl Syncer {
     }
 
     /// Answers what is queued and stops the sync thread.
-    pub(super) fn stop(mut self) {
+    pub(in crate::store) fn stop(mut self) {
         drop(self.jobs.take());
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()

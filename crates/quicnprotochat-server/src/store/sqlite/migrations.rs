@@ -9,7 +9,7 @@ use std::path::Path;
 use quicnprotochat_sqlite::{MigrationError, Ownership};
 use rusqlite::Connection;
 
-use super::{Durability, StoreError};
+use crate::store::{Durability, StoreError};
 
 /// `application_id` of a node database: "QNPN" in ASCII.
 const APPLICATION_ID: i64 = 0x514E_504E;
@@ -206,7 +206,10 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Opens the database at `path`, sets durability pragmas and applies pending
 /// migrations. Returns the connection and the database's instance id.
-pub(super) fn open(path: &Path, durability: Durability) -> Result<(Connection, [u8; 16]), StoreError> {
+pub(in crate::store) fn open(
+    path: &Path,
+    durability: Durability,
+) -> Result<(Connection, [u8; 16]), StoreError> {
     let mut connection = Connection::open(path)?;
     // Before anything writes (even the journal mode): refuse a file that is
     // not ours.

@@ -25,33 +25,33 @@ use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
-use super::commands::{apply, fail};
-use super::notifier::{CARRY_BYTES, CARRY_MESSAGES};
 use super::readers::SideThreads;
-use super::sqlite::SqliteStorage;
+use super::storage::SqliteStorage;
 use super::sync::{Answers, Committed, Syncer};
-use super::{Command, Limits, Notifier, StoreError};
 use crate::delivery::rules;
+use crate::store::commands::{apply, fail};
+use crate::store::notifier::{CARRY_BYTES, CARRY_MESSAGES};
+use crate::store::{Command, Limits, Notifier, StoreError};
 
 /// Most commands committed together; bounds the latency a batch adds.
 const MAX_BATCH: usize = 1024;
 
 /// Everything the write loop owns.
-pub(super) struct Writer {
-    pub(super) connection: Connection,
-    pub(super) commands: mpsc::Receiver<Command>,
-    pub(super) syncer: Syncer,
-    pub(super) notifier: Arc<Notifier>,
-    pub(super) limits: Limits,
-    pub(super) side: SideThreads,
+pub(in crate::store) struct Writer {
+    pub(in crate::store) connection: Connection,
+    pub(in crate::store) commands: mpsc::Receiver<Command>,
+    pub(in crate::store) syncer: Syncer,
+    pub(in crate::store) notifier: Arc<Notifier>,
+    pub(in crate::store) limits: Limits,
+    pub(in crate::store) side: SideThreads,
     /// This node's hold on the SQLite file, given up once it is closed.
-    pub(super) lock: super::lock::NodeLock,
+    pub(in crate::store) lock: super::lock::NodeLock,
     /// Set once the database is closed.
-    pub(super) finished: watch::Sender<bool>,
+    pub(in crate::store) finished: watch::Sender<bool>,
 }
 
 /// Runs the writer on a thread of its own.
-pub(super) fn spawn(writer: Writer) -> Result<JoinHandle<()>, StoreError> {
+pub(in crate::store) fn spawn(writer: Writer) -> Result<JoinHandle<()>, StoreError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(StoreError::Thread)?;
@@ -63,7 +63,7 @@ pub(super) fn spawn(writer: Writer) -> Result<JoinHandle<()>, StoreError> {
 
 /// Runs the writer as a task of `runtime`, which must be a current-thread
 /// runtime whose thread keeps running until the writer has finished.
-pub(super) fn spawn_on(writer: Writer, runtime: &tokio::runtime::Handle) {
+pub(in crate::store) fn spawn_on(writer: Writer, runtime: &tokio::runtime::Handle) {
     drop(runtime.spawn(write_loop(writer)));
 }
 
@@ -354,7 +354,7 @@ fn carry(
 
 /// The highest message sequence number ever handed out (`AUTOINCREMENT`
 /// keeps it even after the message is gone).
-pub(super) fn last_seq(connection: &Connection) -> rusqlite::Result<i64> {
+pub(in crate::store) fn last_seq(connection: &Connection) -> rusqlite::Result<i64> {
     use rusqlite::OptionalExtension;
     let seq = connection
         .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")?
