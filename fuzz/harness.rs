@@ -63,7 +63,12 @@ impl Pair {
         let bob = IdentityKeypair::generate();
         let alice_provider = OpenMlsRustCrypto::default();
         let bob_provider = OpenMlsRustCrypto::default();
-        let mut alice_group = GroupMember::create(&alice_provider, &alice, b"fuzz").expect("create");
+        let mut alice_group = GroupMember::create(
+            &alice_provider,
+            &alice,
+            &quicnprotochat_core::GroupId::new(b"fuzz".to_vec()).expect("a group id"),
+        )
+        .expect("create");
         let package = generate_key_package(&bob_provider, &bob).expect("key package");
         let added = alice_group
             .add_members(

@@ -77,7 +77,7 @@ fn main() {
         let provider = OpenMlsRustCrypto::default();
         let scratch = OpenMlsRustCrypto::default();
         let group_id = GroupId::new(b"big".to_vec()).unwrap();
-        let mut group = GroupMember::create(&provider, &creator, group_id.as_bytes()).unwrap();
+        let mut group = GroupMember::create(&provider, &creator, &group_id).unwrap();
         let mut initial_state = Some(group.export_public_state(&provider, &creator).unwrap());
         let started = Instant::now();
         // Everyone but the joiner, BATCH per Commit; then the joiner alone,
@@ -171,7 +171,9 @@ fn main() {
     cli(&["join", "--state", &state_arg]);
     let join = started.elapsed();
     let joined = StateFile::open(Path::new(&state)).unwrap();
-    let group = GroupMember::load(&joined.provider(), b"big").unwrap().unwrap();
+    let group = GroupMember::load(&joined.provider(), &GroupId::new(b"big".to_vec()).unwrap())
+        .unwrap()
+        .unwrap();
     assert_eq!(group.members().len(), size);
     println!("| members | Welcome | tree fetched from the node | `join` (CLI, wall) | node payload limit |");
     println!("|---:|---:|---:|---:|---:|");

@@ -7,13 +7,13 @@
 
 use std::collections::BTreeSet;
 
-use quicnprotochat_core::{CoreError, GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair};
 
 use crate::cli::PeerArgs;
 use crate::error::ClientError;
 use crate::key_packages::fetch_verified_key_package;
 use crate::naming::{
-    changed_event, devices_of, group_name, load_group_as_member, node_group_id, others, resolve_peers, users,
+    changed_event, devices_of, group_name, load_group_as_member, others, resolve_peers, users,
 };
 use crate::nodes::{Nodes, envelope};
 use crate::output::{self, Progress, counted};
@@ -32,7 +32,7 @@ pub(crate) async fn change_group(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
-    group_id: &[u8],
+    group_id: &GroupId,
     mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
 ) -> Result<GroupMember, ClientError> {
     let name = group_name(group_id);
@@ -77,11 +77,10 @@ pub(crate) async fn propose(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
-    group_id: &[u8],
+    group_id: &GroupId,
     mut make: impl FnMut(&mut GroupMember) -> Result<Vec<u8>, ClientError>,
 ) -> Result<GroupMember, ClientError> {
     let name = group_name(group_id);
-    let node_id = node_group_id(group_id)?;
     let me = identity.public_key();
     // A change of ours left unanswered must be settled first: it decides
     // the epoch the proposal is made in.
@@ -98,7 +97,7 @@ pub(crate) async fn propose(
         }
         let epoch = group.epoch();
         let proposal = envelope(recipients, make(&mut group)?);
-        match send_proposal(nodes, state, &node_id, &mut group, epoch, &proposal).await? {
+        match send_proposal(nodes, state, group_id, &mut group, epoch, &proposal).await? {
             Proposed::Accepted => return Ok(group),
             Proposed::Lost { current_epoch: now } => {
                 current_epoch = now;
@@ -215,7 +214,7 @@ async fn change_reported(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
-    group_id: &[u8],
+    group_id: &GroupId,
     mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
 ) -> Result<GroupMember, ClientError> {
     let report = output::json();
@@ -243,7 +242,7 @@ pub(crate) async fn remove_from_group(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
-    group_id: &[u8],
+    group_id: &GroupId,
     keys: &[IdentityKey],
 ) -> Result<GroupMember, ClientError> {
     let me = identity.public_key();
@@ -266,7 +265,7 @@ pub(crate) async fn update_through(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
-    group_id: &[u8],
+    group_id: &GroupId,
 ) -> Result<GroupMember, ClientError> {
     let me = identity.public_key();
     change_reported(nodes, state, identity, group_id, |group| {

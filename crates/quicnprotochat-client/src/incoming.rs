@@ -545,8 +545,10 @@ fn apply(
             })
         }
         Incoming::Group { group_id, kind, .. } => {
-            let mut group = GroupMember::load(&provider, &group_id)?
-                .ok_or_else(|| ClientError::UnknownGroup(group_name(&group_id)))?;
+            // No group of ours has an id a node would not take.
+            let unknown = || ClientError::UnknownGroup(group_name(&group_id));
+            let group_id = GroupId::new(group_id.clone()).ok_or_else(unknown)?;
+            let mut group = GroupMember::load(&provider, &group_id)?.ok_or_else(unknown)?;
             let (name, id) = (group_name(&group_id), hex::encode(&group_id));
             // Who a Commit adds or removes is told by comparing the users
             // before and after (only for Commits: a big group's member list

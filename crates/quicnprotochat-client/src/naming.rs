@@ -44,7 +44,8 @@ pub(crate) fn resolve_peers(state: &StateFile, peers: &PeerArgs) -> Result<Vec<I
 /// A group id made by `create-group` is `NAME#` plus 16 random hex digits:
 /// the name is for people, the suffix keeps ids unique and unguessable, so
 /// nobody can collide with or squat on another group's id at the node.
-pub(crate) fn group_name(group_id: &[u8]) -> String {
+pub(crate) fn group_name(group_id: impl AsRef<[u8]>) -> String {
+    let group_id = group_id.as_ref();
     match std::str::from_utf8(group_id) {
         Ok(text) if !text.is_empty() && !text.chars().any(unsafe_to_show) => match text.rsplit_once('#') {
             Some((name, suffix))
@@ -93,7 +94,7 @@ pub(crate) fn rejoin_group_id(state: &StateFile, text: &str) -> Result<GroupId, 
         return Err(ClientError::Usage("--group-id must not be empty".into()));
     }
     match find_group(state, text) {
-        Ok(id) => return node_group_id(&id),
+        Ok(id) => return Ok(id),
         Err(ClientError::NoGroup(_)) => {}
         Err(e) => return Err(e),
     }
@@ -114,7 +115,7 @@ pub(crate) fn member_name(state: &StateFile, key: &IdentityKey) -> Result<String
 pub(crate) fn load_group(
     state: &StateFile,
     group_id: Option<&str>,
-) -> Result<(Vec<u8>, GroupMember), ClientError> {
+) -> Result<(GroupId, GroupMember), ClientError> {
     let group_id = match group_id {
         Some(name) => find_group(state, name)?,
         None => state.current_group()?.ok_or_else(|| {
@@ -140,7 +141,7 @@ pub(crate) fn load_group(
 pub(crate) fn load_group_as_member(
     state: &StateFile,
     group_id: Option<&str>,
-) -> Result<(Vec<u8>, GroupMember), ClientError> {
+) -> Result<(GroupId, GroupMember), ClientError> {
     let (group_id, group) = load_group(state, group_id)?;
     if !group.is_active() {
         return Err(ClientError::NotAMember {
@@ -151,13 +152,13 @@ pub(crate) fn load_group_as_member(
 }
 
 /// The id of the group called `name` (or with exactly that id).
-fn find_group(state: &StateFile, name: &str) -> Result<Vec<u8>, ClientError> {
-    let matching: Vec<Vec<u8>> = state
+fn find_group(state: &StateFile, name: &str) -> Result<GroupId, ClientError> {
+    let matching: Vec<GroupId> = state
         .groups()?
         .into_iter()
         .map(|record| record.group_id)
         // By its full id, its name, or (as `--json` prints it) its id in hex.
-        .filter(|id| id.as_slice() == name.as_bytes() || group_name(id) == name || hex::encode(id) == name)
+        .filter(|id| id.as_bytes() == name.as_bytes() || group_name(id) == name || hex::encode(id) == name)
         .collect();
     match matching.as_slice() {
         [id] => Ok(id.clone()),
@@ -169,7 +170,7 @@ fn find_group(state: &StateFile, name: &str) -> Result<Vec<u8>, ClientError> {
             "several of your groups are called {name}; pass the full id as --group-id: {}",
             several
                 .iter()
-                .map(|id| String::from_utf8_lossy(id).into_owned())
+                .map(|id| String::from_utf8_lossy(id.as_bytes()).into_owned())
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
@@ -219,7 +220,7 @@ pub(crate) fn users(group: &GroupMember) -> BTreeSet<IdentityKey> {
 /// users who joined and left since it had the users `before`.
 pub(crate) fn changed_event(
     state: &StateFile,
-    group_id: &[u8],
+    group_id: &GroupId,
     before: &BTreeSet<IdentityKey>,
     group: &GroupMember,
 ) -> Result<Event, ClientError> {
@@ -332,7 +333,9 @@ mod tests {
         assert!(matches!(rejoin_group_id(&state, ""), Err(ClientError::Usage(_))));
 
         // A group the state file still lists: its name is enough.
-        state.record_group(b"club#00112233aabbccdd", false).unwrap();
+        state
+            .record_group(&GroupId::new(b"club#00112233aabbccdd".to_vec()).unwrap(), false)
+            .unwrap();
         assert_eq!(id("club"), b"club#00112233aabbccdd");
     }
 

@@ -43,7 +43,7 @@ use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
 use crate::error::ClientError;
-use crate::naming::{group_name, node_group_id, others};
+use crate::naming::{group_name, others};
 use crate::nodes::{Nodes, Patience, envelope};
 use crate::output::counted;
 use crate::state::{Publication, Settlement, StateError, StateFile};
@@ -87,10 +87,10 @@ const RESEND_PAUSE: Duration = Duration::from_millis(300);
 pub(crate) fn stage(
     state: &StateFile,
     group: &mut GroupMember,
-    group_id: &[u8],
+    group_id: &GroupId,
     make: impl FnOnce(&mut GroupMember) -> Result<Change, ClientError>,
 ) -> Result<Publication, ClientError> {
-    let node_id = node_group_id(group_id)?;
+    let node_id = group_id.clone();
     let epoch = group.epoch();
     state.stage_publication(|| {
         let change = make(group)?;
@@ -151,7 +151,7 @@ pub(crate) async fn rejoin(
                     let rejoined = GroupMember::rejoin(
                         &state.provider(),
                         identity,
-                        group_id.as_bytes(),
+                        group_id,
                         &group_info,
                         &ratchet_tree,
                         directory,
@@ -167,7 +167,7 @@ pub(crate) async fn rejoin(
                 })
             })
             .await?;
-        let mut group = GroupMember::load(&state.provider(), group_id.as_bytes())?
+        let mut group = GroupMember::load(&state.provider(), group_id)?
             .ok_or(ClientError::Internal("a staged rejoin left no group"))?;
         match send_publication(nodes, state, identity, &mut group, &publication).await? {
             Settled::Merged => return Ok(group),
@@ -331,7 +331,7 @@ pub(crate) async fn resume_publications(
 ) -> Result<(), ClientError> {
     for publication in state.publications()? {
         let name = group_name(publication.group_id.as_bytes());
-        match GroupMember::load(&state.provider(), publication.group_id.as_bytes())? {
+        match GroupMember::load(&state.provider(), &publication.group_id)? {
             // A rejoin's Commit is merged already; a change's is pending.
             Some(mut group) if publication.rejoin || group.has_pending_commit() => {
                 let what = if publication.rejoin {
@@ -380,7 +380,7 @@ pub(crate) async fn commit_proposals(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
-    group_id: &[u8],
+    group_id: &GroupId,
     group: &mut GroupMember,
 ) -> Result<(), ClientError> {
     let me = identity.public_key();
@@ -433,7 +433,7 @@ pub(crate) async fn send_proposal(
         match nodes.delivery().publish_proposal(group_id, epoch, proposal).await {
             Ok(ChangeOutcome::Accepted) => return Ok(Proposed::Accepted),
             Ok(ChangeOutcome::Conflict { current_epoch }) => {
-                state.withdraw_proposals(group_id.as_bytes(), group)?;
+                state.withdraw_proposals(group_id, group)?;
                 return Ok(Proposed::Lost { current_epoch });
             }
             Ok(ChangeOutcome::RateLimited(limited)) => {
@@ -445,7 +445,7 @@ pub(crate) async fn send_proposal(
             Ok(ChangeOutcome::QueueFull(full)) => break full.into(),
             Ok(ChangeOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
             Ok(ChangeOutcome::UnknownGroup) => {
-                state.withdraw_proposals(group_id.as_bytes(), group)?;
+                state.withdraw_proposals(group_id, group)?;
                 return Err(ClientError::GroupUnknownToNode { group: name });
             }
             Ok(ChangeOutcome::TooManyProposals { max }) => {
@@ -469,7 +469,7 @@ pub(crate) async fn send_proposal(
             }
         }
     };
-    state.withdraw_proposals(group_id.as_bytes(), group)?;
+    state.withdraw_proposals(group_id, group)?;
     Err(ClientError::ChangeRefused {
         group: name,
         reason: Box::new(refusal),

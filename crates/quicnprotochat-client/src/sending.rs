@@ -4,7 +4,7 @@
 //! for delivering again when the connection was lost before the node
 //! answered.
 
-use quicnprotochat_core::{CoreError, IdentityKeypair};
+use quicnprotochat_core::{CoreError, GroupId, IdentityKeypair};
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::PeerArgs;
@@ -53,7 +53,7 @@ const SEND_TRIES: usize = 5;
 pub(crate) struct Unconfirmed {
     envelope: Envelope,
     sent: SentMessage,
-    group_id: Vec<u8>,
+    group_id: GroupId,
     text: String,
 }
 

@@ -717,7 +717,12 @@ async fn hoard(
     let flooder = identity(FLOODER);
     let committer = NodeClient::connect(&options, Some(&flooder)).await.unwrap();
     let group_provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-    let mut group = quicnprotochat_core::GroupMember::create(&group_provider, &flooder, b"hoard").unwrap();
+    let mut group = quicnprotochat_core::GroupMember::create(
+        &group_provider,
+        &flooder,
+        &quicnprotochat_core::GroupId::new(b"hoard".to_vec()).unwrap(),
+    )
+    .unwrap();
     let mut initial_state = Some(group.export_public_state(&group_provider, &flooder).unwrap());
     let uploader = NodeClient::connect(&options, Some(&own)).await.unwrap();
     ready.send(()).await.unwrap();

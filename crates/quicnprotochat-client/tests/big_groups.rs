@@ -81,7 +81,6 @@ fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node
             .fetch_since(&bob_identity.public_key(), Seq::ZERO, 0)
             .await
             .unwrap();
-        let group = GroupId::new(group).unwrap();
         let FetchedWelcomeTree::Tree(tree) = client.fetch_welcome_tree(&group, epoch).await.unwrap() else {
             panic!("the node keeps the tree of the epoch that added Bob");
         };
@@ -124,7 +123,8 @@ fn a_welcome_whose_tree_the_node_does_not_keep_is_reported_and_dropped() {
             panic!("Bob's KeyPackages are on the node");
         };
         let provider = OpenMlsRustCrypto::default();
-        let mut group = GroupMember::create(&provider, &adder, b"unpublished").unwrap();
+        let mut group =
+            GroupMember::create(&provider, &adder, &GroupId::new(b"unpublished".to_vec()).unwrap()).unwrap();
         let added = group
             .add_members(&provider, &adder, &[package], &quicnprotochat_core::NoDeviceLists)
             .unwrap();
@@ -164,7 +164,8 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
             packages.push(package);
         }
         let provider = OpenMlsRustCrypto::default();
-        let mut group = GroupMember::create(&provider, &adder, b"one-epoch").unwrap();
+        let mut group =
+            GroupMember::create(&provider, &adder, &GroupId::new(b"one-epoch".to_vec()).unwrap()).unwrap();
         let state = group.export_public_state(&provider, &adder).unwrap();
         let for_bob = group
             .add_members(

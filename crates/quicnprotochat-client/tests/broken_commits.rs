@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use common::tampered::{Tampered, Tampering};
 use common::{Member, TestNode, group_of, local};
 use quicnprotochat_client::state::{StateFile, StateProvider};
-use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
+use quicnprotochat_core::{GroupMember, IdentityKey};
 use quicnprotochat_proto::outcome::ChangeOutcome;
 use quicnprotochat_proto::wire::Envelope;
 
@@ -30,11 +30,9 @@ fn mallory_publishes(
 ) -> u64 {
     let state = StateFile::open(std::path::Path::new(&mallory.state)).unwrap();
     let identity = state.identity().unwrap();
-    let group_id = GroupId::new(state.current_group().unwrap().unwrap()).unwrap();
+    let group_id = state.current_group().unwrap().unwrap();
     let provider = state.provider();
-    let mut club = GroupMember::load(&provider, group_id.as_bytes())
-        .unwrap()
-        .unwrap();
+    let mut club = GroupMember::load(&provider, &group_id).unwrap().unwrap();
     let epoch = club.epoch();
     let commit = make(&provider, &mut club, &identity);
     let group_info = club.pending_group_info().unwrap().to_vec();

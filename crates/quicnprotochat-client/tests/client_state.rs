@@ -205,9 +205,14 @@ fn messages_from_later_epochs_wait_within_bounds_and_the_rest_is_dropped() {
     local(async {
         let client = node.connect_as(&stranger).await;
         for _ in 0..40 {
-            enqueue_ok(&client, &bob_key, &private_message(&group_id, 2, 1_000_000)).await;
+            enqueue_ok(
+                &client,
+                &bob_key,
+                &private_message(group_id.as_bytes(), 2, 1_000_000),
+            )
+            .await;
         }
-        enqueue_ok(&client, &bob_key, &private_message(&group_id, 500, 100)).await;
+        enqueue_ok(&client, &bob_key, &private_message(group_id.as_bytes(), 500, 100)).await;
     });
     let (ok, _, err) = bob.try_run(&node, "recv", &[]);
     assert!(ok, "{err}");
@@ -230,7 +235,7 @@ fn messages_from_later_epochs_wait_within_bounds_and_the_rest_is_dropped() {
     // The next run drops nothing it kept and keeps nothing more.
     local(async {
         let client = node.connect_as(&stranger).await;
-        enqueue_ok(&client, &bob_key, &private_message(&group_id, 2, 1_000)).await;
+        enqueue_ok(&client, &bob_key, &private_message(group_id.as_bytes(), 2, 1_000)).await;
     });
     let (ok, _, err) = bob.try_run(&node, "recv", &[]);
     assert!(ok, "{err}");

@@ -573,7 +573,7 @@ fn groups_with_the_same_name_do_not_collide_at_the_node() {
 #[test]
 fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     use quicnprotochat_client::state::{Publication, StateError, StateFile};
-    use quicnprotochat_core::{GroupId, GroupMember};
+    use quicnprotochat_core::GroupMember;
     use quicnprotochat_proto::outcome::ChangeOutcome;
 
     let node = TestNode::start();
@@ -591,7 +591,7 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     let publication = state
         .stage_publication(|| -> Result<Publication, StateError> {
             Ok(Publication {
-                group_id: GroupId::new(group_id.clone()).unwrap(),
+                group_id: group_id.clone(),
                 epoch,
                 commit: quicnprotochat_proto::wire::Envelope {
                     recipients: vec![bob.key.parse().unwrap()],

@@ -43,7 +43,7 @@ fn identity_of(member: &Member) -> IdentityKeypair {
 /// its own under the same id: what someone outside can send.
 fn strangers_commit(stranger: &IdentityKeypair, group: &GroupId) -> (Vec<u8>, GroupState, Vec<u8>) {
     let provider = OpenMlsRustCrypto::default();
-    let mut own = GroupMember::create(&provider, stranger, group.as_bytes()).unwrap();
+    let mut own = GroupMember::create(&provider, stranger, group).unwrap();
     let state = own.export_public_state(&provider, stranger).unwrap();
     let commit = own.self_update(&provider, stranger).unwrap();
     let group_info = own.pending_group_info().unwrap().to_vec();
@@ -156,7 +156,7 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
     let (for_bob, for_carol, carols_group_info) = {
         let state = StateFile::open(std::path::Path::new(&alice.state)).unwrap();
         let provider = state.provider();
-        let mut trio = GroupMember::load(&provider, group.as_bytes()).unwrap().unwrap();
+        let mut trio = GroupMember::load(&provider, &group).unwrap().unwrap();
         let for_bob = trio
             .remove_members(&provider, &alice_identity, &[carol_key])
             .unwrap();
@@ -245,7 +245,7 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
     let owner = identity(5);
     let provider = OpenMlsRustCrypto::default();
     let group = GroupId::new(b"proposals".to_vec()).unwrap();
-    let mut first = GroupMember::create(&provider, &owner, group.as_bytes()).unwrap();
+    let mut first = GroupMember::create(&provider, &owner, &group).unwrap();
     let state = first.export_public_state(&provider, &owner).unwrap();
     let commit = first.self_update(&provider, &owner).unwrap();
     let group_info = first.pending_group_info().unwrap().to_vec();

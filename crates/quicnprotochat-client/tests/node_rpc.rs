@@ -710,7 +710,8 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
             openmls_rust_crypto::OpenMlsRustCrypto::default(),
             openmls_rust_crypto::OpenMlsRustCrypto::default(),
         );
-        let mut creator = GroupMember::create(&one, &identity(1), b"race#1").unwrap();
+        let mut creator =
+            GroupMember::create(&one, &identity(1), &GroupId::new(b"race#1".to_vec()).unwrap()).unwrap();
         let package = quicnprotochat_core::generate_key_package(&two, &identity(2)).unwrap();
         let added = creator
             .add_members(

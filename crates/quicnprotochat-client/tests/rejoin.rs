@@ -187,7 +187,7 @@ fn stage_unanswered_rejoin(node: &TestNode, member: &Member, group_id: &str, mes
             let rejoined = GroupMember::rejoin(
                 &state.provider(),
                 &identity,
-                group_id.as_bytes(),
+                &group_id,
                 &served.group_info,
                 &served.ratchet_tree,
                 &quicnprotochat_core::NoDeviceLists,
@@ -282,7 +282,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
     local(async {
         let (one, two) = (OpenMlsRustCrypto::default(), OpenMlsRustCrypto::default());
         let group_id = GroupId::new(b"served#1".to_vec()).unwrap();
-        let mut creator = GroupMember::create(&one, &identity(1), group_id.as_bytes()).unwrap();
+        let mut creator = GroupMember::create(&one, &identity(1), &group_id).unwrap();
         let package = generate_key_package(&two, &identity(2)).unwrap();
         let added = creator
             .add_members(
@@ -357,7 +357,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         let rejoined = GroupMember::rejoin(
             &wiped,
             &identity(2),
-            group_id.as_bytes(),
+            &group_id,
             &served.group_info,
             &served.ratchet_tree,
             &quicnprotochat_core::NoDeviceLists,

@@ -462,7 +462,7 @@ fn queued_messages_kept_for_later_or_dropped_are_reported_as_objects() {
             .connect_as(&quicnprotochat_core::IdentityKeypair::generate())
             .await;
         enqueue_ok(&stranger, &bob_key, b"\x00\x01 garbage").await;
-        enqueue_ok(&stranger, &bob_key, &private_message(&group_id, 7, 100)).await;
+        enqueue_ok(&stranger, &bob_key, &private_message(group_id.as_bytes(), 7, 100)).await;
     });
     alice.run(&node, "send", &["--msg", "still read"]);
 

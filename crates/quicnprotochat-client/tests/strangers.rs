@@ -162,8 +162,6 @@ fn a_flood_of_invitations_costs_the_client_little() {
 
 #[test]
 fn a_welcome_to_a_group_id_longer_than_any_node_takes_is_refused() {
-    use quicnprotochat_core::{GroupMember, NoDeviceLists};
-
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let bob = Member::register(&node, dir.path(), "bob");
@@ -177,14 +175,31 @@ fn a_welcome_to_a_group_id_longer_than_any_node_takes_is_refused() {
             panic!("Bob has KeyPackages on the node");
         };
         // A group no node would order (its id is 64 KiB), whose Welcome
-        // reaches Bob as the Welcome of another group's Commit.
+        // reaches Bob as the Welcome of another group's Commit. Made with
+        // openmls itself: the core refuses such an id.
+        use openmls::prelude::tls_codec::{DeserializeBytes as _, Serialize as _};
+        use openmls::prelude::{KeyPackageIn, MlsGroup, MlsGroupCreateConfig, ProtocolVersion};
+        use openmls_traits::OpenMlsProvider as _;
         let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
         let huge = vec![b'x'; 64 * 1024];
-        let mut group = GroupMember::create(&provider, &mallory, &huge).unwrap();
-        let added = group
-            .add_members(&provider, &mallory, &[package], &NoDeviceLists)
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(quicnprotochat_core::Suite::X25519.ciphersuite())
+            .build();
+        let mut group = MlsGroup::new_with_group_id(
+            &provider,
+            &mallory,
+            &config,
+            openmls::group::GroupId::from_slice(&huge),
+            mallory.credential_with_key(),
+        )
+        .unwrap();
+        let package = KeyPackageIn::tls_deserialize_exact_bytes(&package)
+            .unwrap()
+            .validate(provider.crypto(), ProtocolVersion::Mls10)
             .unwrap();
-        common::smuggle_welcome(&client, &mallory, bob_key, added.welcome).await;
+        let (_, welcome, _) = group.add_members(&provider, &mallory, &[package]).unwrap();
+        let welcome = welcome.tls_serialize_detached().unwrap();
+        common::smuggle_welcome(&client, &mallory, bob_key, welcome).await;
     });
     let (ok, _, err) = bob.try_run(&node, "recv", &[]);
     assert!(ok, "{err}");

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use common::{Member, TestNode, group_of};
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
-use quicnprotochat_core::{GroupId, GroupMember};
+use quicnprotochat_core::GroupMember;
 use quicnprotochat_proto::outcome::ChangeOutcome;
 use quicnprotochat_proto::wire::Envelope;
 
@@ -34,7 +34,7 @@ fn stage_unsent_update(member: &Member, recipients: &[&Member], tamper: impl FnO
             let mut commit = group.self_update(&state.provider(), &identity)?;
             tamper(&mut commit);
             Ok(Publication {
-                group_id: GroupId::new(group_id.clone()).unwrap(),
+                group_id: group_id.clone(),
                 epoch,
                 commit: Envelope {
                     recipients: recipients.iter().map(|m| m.key.parse().unwrap()).collect(),
@@ -157,7 +157,7 @@ fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "idle", &alice, &[&bob]);
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    let group_id = GroupId::new(open(&alice).current_group().unwrap().unwrap()).unwrap();
+    let group_id = open(&alice).current_group().unwrap().unwrap();
     let forgotten = common::local(async {
         let client = node.connect_as(&open(&bob).identity().unwrap()).await;
         client.fetch_group_info(&group_id).await.unwrap()
@@ -174,7 +174,7 @@ fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
     let taken = common::local(async {
         let stranger = common::identity(77);
         let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-        let mut own = GroupMember::create(&provider, &stranger, group_id.as_bytes()).unwrap();
+        let mut own = GroupMember::create(&provider, &stranger, &group_id).unwrap();
         own.self_update(&provider, &stranger).unwrap();
         own.merge_pending_commit(&provider).unwrap();
         let state = own.export_public_state(&provider, &stranger).unwrap();
@@ -292,7 +292,7 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
             node.connect_as(&eve_identity)
                 .await
                 .publish_commit(
-                    &GroupId::new(group_id.clone()).unwrap(),
+                    &group_id,
                     2,
                     &Envelope {
                         recipients: vec![alice.key.parse().unwrap(), bob.key.parse().unwrap()],
@@ -307,7 +307,7 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
         })
     };
     // Bytes that do not even parse as a Commit: refused as a wrong call.
-    let err = publish(framed_as_a_commit(&group_id, 2, &[0x5a; 117])).unwrap_err();
+    let err = publish(framed_as_a_commit(group_id.as_bytes(), 2, &[0x5a; 117])).unwrap_err();
     assert!(err.to_string().contains("malformed MLS message"), "{err}");
     // A well-formed Commit of noise: no proposals, no path, and random
     // signature, confirmation tag and membership tag.
@@ -318,7 +318,7 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
     body.extend_from_slice(&[0xa5; 32]);
     body.push(0x20);
     body.extend_from_slice(&[0x3c; 32]);
-    let outcome = publish(framed_as_a_commit(&group_id, 2, &body)).unwrap();
+    let outcome = publish(framed_as_a_commit(group_id.as_bytes(), 2, &body)).unwrap();
     // Eve is no member any more: she is told nothing about the group.
     assert_eq!(outcome, ChangeOutcome::UnknownGroup);
 

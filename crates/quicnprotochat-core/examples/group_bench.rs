@@ -65,7 +65,12 @@ fn run(size: usize) {
     let made = started.elapsed();
 
     // One commit adding everyone.
-    let mut group = GroupMember::create(&creator.provider, &creator.identity, b"bench-one").unwrap();
+    let mut group = GroupMember::create(
+        &creator.provider,
+        &creator.identity,
+        &quicnprotochat_core::GroupId::new(b"bench-one".to_vec()).unwrap(),
+    )
+    .unwrap();
     let started = Instant::now();
     let added = group
         .add_members(
@@ -110,7 +115,12 @@ fn run(size: usize) {
         .iter()
         .map(|p| generate_key_package(&p.provider, &p.identity).unwrap())
         .collect();
-    let mut batched = GroupMember::create(&creator.provider, &creator.identity, b"bench-batches").unwrap();
+    let mut batched = GroupMember::create(
+        &creator.provider,
+        &creator.identity,
+        &quicnprotochat_core::GroupId::new(b"bench-batches".to_vec()).unwrap(),
+    )
+    .unwrap();
     let started = Instant::now();
     for chunk in fresh.chunks(BATCH) {
         batched

@@ -232,7 +232,12 @@ fn bench_create() -> Timings {
         // A fresh user each time: its first group, in empty storage.
         let creator = Person::new();
         let (group, took) = time(|| {
-            GroupMember::create_with_suite(&creator.provider, &creator.identity, b"mls-bench", suite())
+            GroupMember::create_with_suite(
+                &creator.provider,
+                &creator.identity,
+                &quicnprotochat_core::GroupId::new(b"mls-bench".to_vec()).unwrap(),
+                suite(),
+            )
         });
         assert_eq!(group.unwrap().members().len(), 1);
         took
@@ -302,9 +307,13 @@ impl Group {
             .collect();
         packages.push(key_package(&receiver.provider, &receiver.identity).unwrap());
 
-        let mut creator_group =
-            GroupMember::create_with_suite(&creator.provider, &creator.identity, b"mls-bench", suite())
-                .unwrap();
+        let mut creator_group = GroupMember::create_with_suite(
+            &creator.provider,
+            &creator.identity,
+            &quicnprotochat_core::GroupId::new(b"mls-bench".to_vec()).unwrap(),
+            suite(),
+        )
+        .unwrap();
         let added = creator_group
             .add_members(
                 &creator.provider,

@@ -47,7 +47,7 @@ fn main() {
 fn run(size: usize) {
     let provider = OpenMlsRustCrypto::default();
     let creator = IdentityKeypair::generate();
-    let group_id = format!("bench-{size}").into_bytes();
+    let group_id = quicnprotochat_core::GroupId::new(format!("bench-{size}").into_bytes()).unwrap();
     let mut group = GroupMember::create(&provider, &creator, &group_id).unwrap();
     // Joiners' KeyPackages from one scratch provider: nobody joins here.
     let scratch = OpenMlsRustCrypto::default();
@@ -72,7 +72,7 @@ fn run(size: usize) {
     let state = group.export_public_state(&provider, &creator).unwrap();
     let started = Instant::now();
     let view = PublicView::start(
-        &group_id,
+        group_id.as_bytes(),
         group.epoch(),
         &state.group_info,
         &state.ratchet_tree,
@@ -88,7 +88,7 @@ fn run(size: usize) {
     let mut tree = 0;
     for _ in 0..RUNS {
         let commit = group.self_update(&provider, &creator).unwrap();
-        let (timings, next, _) = apply(&group_id, &stored, &commit, &me);
+        let (timings, next, _) = apply(group_id.as_bytes(), &stored, &commit, &me);
         group.merge_pending_commit(&provider).unwrap();
         stored = next;
         updates.push(timings);
@@ -102,7 +102,7 @@ fn run(size: usize) {
                 &quicnprotochat_core::NoDeviceLists,
             )
             .unwrap();
-        let (timings, next, kept) = apply(&group_id, &stored, &added.commit, &me);
+        let (timings, next, kept) = apply(group_id.as_bytes(), &stored, &added.commit, &me);
         group.merge_pending_commit(&provider).unwrap();
         stored = next;
         adds.push(timings);
@@ -110,7 +110,7 @@ fn run(size: usize) {
     }
     // A request to leave, as the node keeps it.
     let leave = group.leave(&provider, &creator).unwrap();
-    let mut view = PublicView::decode(&group_id, &stored, &[]).unwrap();
+    let mut view = PublicView::decode(group_id.as_bytes(), &stored, &[]).unwrap();
     let (_, proposal) = view.add_proposal(&leave, &me).unwrap();
     let median = |runs: &[[Duration; 3]], part: usize| -> Duration {
         let mut values: Vec<Duration> = runs.iter().map(|run| run[part]).collect();

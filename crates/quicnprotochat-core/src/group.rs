@@ -207,7 +207,7 @@ impl GroupMember {
     pub fn create<P: OpenMlsProvider>(
         provider: &P,
         identity: &IdentityKeypair,
-        group_id: &[u8],
+        group_id: &crate::GroupId,
     ) -> Result<Self, CoreError> {
         Self::create_with_suite(provider, identity, group_id, Suite::default())
     }
@@ -217,18 +217,18 @@ impl GroupMember {
     pub fn create_with_suite<P: OpenMlsProvider>(
         provider: &P,
         identity: &IdentityKeypair,
-        group_id: &[u8],
+        group_id: &crate::GroupId,
         suite: Suite,
     ) -> Result<Self, CoreError> {
         let group = MlsGroup::new_with_group_id(
             provider,
             identity,
             &create_config(suite),
-            GroupId::from_slice(group_id),
+            GroupId::from_slice(group_id.as_bytes()),
             identity.credential_with_key(),
         )
         .map_err(|e| match e {
-            NewGroupError::GroupAlreadyExists => CoreError::GroupExists(hex::encode(group_id)),
+            NewGroupError::GroupAlreadyExists => CoreError::GroupExists(hex::encode(group_id.as_bytes())),
             NewGroupError::StorageError(e) => CoreError::storage(e),
             e => CoreError::mls("creating the group")(e),
         })?;
@@ -237,9 +237,12 @@ impl GroupMember {
 
     /// Loads a group from `provider`'s storage; `None` if there is none with
     /// this id.
-    pub fn load<P: OpenMlsProvider>(provider: &P, group_id: &[u8]) -> Result<Option<Self>, CoreError> {
-        let group =
-            MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id)).map_err(CoreError::storage)?;
+    pub fn load<P: OpenMlsProvider>(
+        provider: &P,
+        group_id: &crate::GroupId,
+    ) -> Result<Option<Self>, CoreError> {
+        let group = MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id.as_bytes()))
+            .map_err(CoreError::storage)?;
         Ok(group.map(Self::wrap))
     }
 
@@ -417,7 +420,7 @@ impl GroupMember {
     pub fn rejoin<P: OpenMlsProvider>(
         provider: &P,
         identity: &IdentityKeypair,
-        group_id: &[u8],
+        group_id: &crate::GroupId,
         group_info: &[u8],
         ratchet_tree: &[u8],
         directory: &impl DeviceDirectory,
@@ -430,9 +433,9 @@ impl GroupMember {
                 got: format!("{wire_format:?}"),
             });
         };
-        if group_info.group_id().as_slice() != group_id {
+        if group_info.group_id().as_slice() != group_id.as_bytes() {
             return Err(CoreError::WrongGroup {
-                group: hex::encode(group_id),
+                group: hex::encode(group_id.as_bytes()),
                 message_group: hex::encode(group_info.group_id().as_slice()),
             });
         }
@@ -457,7 +460,7 @@ impl GroupMember {
             check_devices(directory, &members)?;
         }
 
-        let mls_group_id = GroupId::from_slice(group_id);
+        let mls_group_id = GroupId::from_slice(group_id.as_bytes());
         let epoch = group_info.epoch().as_u64();
         if let Some(mut stale) =
             MlsGroup::load(provider.storage(), &mls_group_id).map_err(CoreError::storage)?
@@ -516,9 +519,10 @@ impl GroupMember {
         }
     }
 
-    /// The group id.
-    pub fn group_id(&self) -> Vec<u8> {
-        self.group.group_id().as_slice().to_vec()
+    /// The group id: 1 to [`crate::GroupId::MAX_LEN`] bytes, as every way
+    /// into a group (create, join, rejoin) requires.
+    pub fn group_id(&self) -> crate::GroupId {
+        crate::GroupId::admitted(self.group.group_id().as_slice().to_vec())
     }
 
     /// The group's ciphersuite (a group stored by this crate is always in
@@ -1354,6 +1358,11 @@ mod tests {
 
     const GROUP_ID: &[u8] = b"test-group";
 
+    /// `bytes` as a group id.
+    fn id(bytes: &[u8]) -> crate::GroupId {
+        crate::GroupId::new(bytes.to_vec()).unwrap()
+    }
+
     /// One user: an identity and its own provider (its private storage).
     struct Client {
         provider: OpenMlsRustCrypto,
@@ -1377,7 +1386,7 @@ mod tests {
         }
 
         fn create(&self) -> GroupMember {
-            GroupMember::create(&self.provider, &self.identity, GROUP_ID).unwrap()
+            GroupMember::create(&self.provider, &self.identity, &id(GROUP_ID)).unwrap()
         }
 
         /// Joins from the Welcome with the tree the node would serve.
@@ -1450,7 +1459,7 @@ mod tests {
     fn created_group_has_only_its_creator_at_epoch_zero() {
         let alice = Client::new();
         let group = alice.create();
-        assert_eq!(group.group_id(), GROUP_ID);
+        assert_eq!(group.group_id().as_bytes(), GROUP_ID);
         assert_eq!(group.epoch(), 0);
         assert_eq!(group.members(), vec![alice.key()]);
         assert_eq!(group.own_identity(), Some(alice.key()));
@@ -1462,7 +1471,7 @@ mod tests {
     fn creating_an_existing_group_fails() {
         let alice = Client::new();
         let _group = alice.create();
-        let err = GroupMember::create(&alice.provider, &alice.identity, GROUP_ID).unwrap_err();
+        let err = GroupMember::create(&alice.provider, &alice.identity, &id(GROUP_ID)).unwrap_err();
         assert!(matches!(err, CoreError::GroupExists(_)), "{err}");
     }
 
@@ -1472,7 +1481,7 @@ mod tests {
 
         assert_eq!(alice_group.epoch(), 1);
         assert_eq!(bob_group.epoch(), 1);
-        assert_eq!(bob_group.group_id(), GROUP_ID);
+        assert_eq!(bob_group.group_id().as_bytes(), GROUP_ID);
         assert_eq!(alice_group.members(), bob_group.members());
         assert_eq!(alice_group.members(), vec![alice.key(), bob.key()]);
         assert_eq!(bob_group.own_identity(), Some(bob.key()));
@@ -1662,7 +1671,9 @@ mod tests {
             .unwrap();
         group.discard_pending_commit(&alice.provider).unwrap();
 
-        let reloaded = GroupMember::load(&alice.provider, GROUP_ID).unwrap().unwrap();
+        let reloaded = GroupMember::load(&alice.provider, &id(GROUP_ID))
+            .unwrap()
+            .unwrap();
         assert!(!reloaded.has_pending_commit());
         assert_eq!(reloaded.epoch(), 0);
     }
@@ -1851,7 +1862,7 @@ mod tests {
         let err =
             GroupMember::join(&bob.provider, &added.welcome, Some(&added.tree), &NoDeviceLists).unwrap_err();
         assert!(matches!(err, CoreError::GroupExists(_)), "{err}");
-        let kept = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
+        let kept = GroupMember::load(&bob.provider, &id(GROUP_ID)).unwrap().unwrap();
         assert!(kept.is_active());
         assert_eq!(kept.epoch(), bob_group.epoch());
     }
@@ -1954,7 +1965,7 @@ mod tests {
     #[test]
     fn message_for_another_group_is_rejected() {
         let (alice, _alice_group, bob, mut bob_group) = alice_and_bob();
-        let mut other = GroupMember::create(&alice.provider, &alice.identity, b"other").unwrap();
+        let mut other = GroupMember::create(&alice.provider, &alice.identity, &id(b"other")).unwrap();
         let message = alice.send(&mut other, "wrong place");
         let err = bob_group
             .receive(&bob.provider, &message, &NoDeviceLists)
@@ -2051,7 +2062,7 @@ mod tests {
         assert_eq!(err, CoreError::NotAMember);
 
         bob_group.delete(&bob.provider).unwrap();
-        assert!(GroupMember::load(&bob.provider, GROUP_ID).unwrap().is_none());
+        assert!(GroupMember::load(&bob.provider, &id(GROUP_ID)).unwrap().is_none());
     }
 
     #[test]
@@ -2069,11 +2080,17 @@ mod tests {
     fn load_returns_the_created_group_at_the_same_epoch() {
         let alice = Client::new();
         let group = alice.create();
-        let loaded = GroupMember::load(&alice.provider, GROUP_ID).unwrap().unwrap();
+        let loaded = GroupMember::load(&alice.provider, &id(GROUP_ID))
+            .unwrap()
+            .unwrap();
         assert_eq!(loaded.epoch(), group.epoch());
-        assert_eq!(loaded.group_id(), GROUP_ID);
+        assert_eq!(loaded.group_id().as_bytes(), GROUP_ID);
         assert_eq!(loaded.members(), vec![alice.key()]);
-        assert!(GroupMember::load(&alice.provider, b"unknown").unwrap().is_none());
+        assert!(
+            GroupMember::load(&alice.provider, &id(b"unknown"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -2084,8 +2101,10 @@ mod tests {
         drop(alice_group);
         drop(bob_group);
 
-        let mut alice_group = GroupMember::load(&alice.provider, GROUP_ID).unwrap().unwrap();
-        let mut bob_group = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
+        let mut alice_group = GroupMember::load(&alice.provider, &id(GROUP_ID))
+            .unwrap()
+            .unwrap();
+        let mut bob_group = GroupMember::load(&bob.provider, &id(GROUP_ID)).unwrap().unwrap();
         assert_eq!(alice_group.epoch(), 1);
         assert_eq!(bob_group.epoch(), 1);
 
@@ -2115,7 +2134,9 @@ mod tests {
             .unwrap();
         drop(alice_group);
 
-        let mut alice_group = GroupMember::load(&alice.provider, GROUP_ID).unwrap().unwrap();
+        let mut alice_group = GroupMember::load(&alice.provider, &id(GROUP_ID))
+            .unwrap()
+            .unwrap();
         assert!(alice_group.has_pending_commit());
         alice_group.merge_pending_commit(&alice.provider).unwrap();
         assert_eq!(alice_group.epoch(), 2);
@@ -2694,7 +2715,7 @@ mod tests {
         assert_eq!(b.withdraw_own_proposals(&bob.provider).unwrap(), 0);
 
         // Without Carol's request Bob could send again.
-        let mut b = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
+        let mut b = GroupMember::load(&bob.provider, &id(GROUP_ID)).unwrap().unwrap();
         assert_eq!(b.group.pending_proposals().count(), 1, "withdrawn in storage too");
         assert_eq!(alice.receive(&mut a, &carols), Received::Proposal);
         let commit = a
@@ -2800,7 +2821,7 @@ mod tests {
         assert_eq!(info.epoch().as_u64(), 1);
         assert!(info.extensions().ratchet_tree().is_none());
         assert!(
-            GroupMember::load(&alice.provider, GROUP_ID)
+            GroupMember::load(&alice.provider, &id(GROUP_ID))
                 .unwrap()
                 .unwrap()
                 .pending_group_info()
@@ -2859,7 +2880,7 @@ mod tests {
         let rejoined = GroupMember::rejoin(
             &new_bob.provider,
             &new_bob.identity,
-            GROUP_ID,
+            &id(GROUP_ID),
             &group_info,
             &tree,
             &NoDeviceLists,
@@ -2921,7 +2942,7 @@ mod tests {
             GroupMember::rejoin(
                 &alice.provider,
                 &alice.identity,
-                GROUP_ID,
+                &id(GROUP_ID),
                 &group_info,
                 &tree,
                 &NoDeviceLists
@@ -2930,7 +2951,7 @@ mod tests {
             CoreError::UpToDate { epoch: 2 }
         );
         assert_eq!(
-            GroupMember::load(&alice.provider, GROUP_ID)
+            GroupMember::load(&alice.provider, &id(GROUP_ID))
                 .unwrap()
                 .unwrap()
                 .epoch(),
@@ -2940,7 +2961,7 @@ mod tests {
         let rejoined = GroupMember::rejoin(
             &bob.provider,
             &bob.identity,
-            GROUP_ID,
+            &id(GROUP_ID),
             &group_info,
             &tree,
             &NoDeviceLists,
@@ -2953,7 +2974,7 @@ mod tests {
                 epoch: 3
             }
         );
-        let mut b = GroupMember::load(&bob.provider, GROUP_ID).unwrap().unwrap();
+        let mut b = GroupMember::load(&bob.provider, &id(GROUP_ID)).unwrap().unwrap();
         assert_eq!(b.epoch(), 3);
         let message = alice.send(&mut a, "in sync again");
         assert_eq!(
@@ -2971,7 +2992,7 @@ mod tests {
             GroupMember::rejoin(
                 &stranger.provider,
                 &stranger.identity,
-                GROUP_ID,
+                &id(GROUP_ID),
                 &group_info,
                 &tree,
                 &NoDeviceLists
@@ -2979,7 +3000,11 @@ mod tests {
             .unwrap_err(),
             CoreError::NotAMember
         );
-        assert!(GroupMember::load(&stranger.provider, GROUP_ID).unwrap().is_none());
+        assert!(
+            GroupMember::load(&stranger.provider, &id(GROUP_ID))
+                .unwrap()
+                .is_none()
+        );
 
         // With openmls alone, the stranger's external commit adds it and
         // removes nobody: refused.
@@ -3028,7 +3053,7 @@ mod tests {
             GroupMember::rejoin(
                 &bob.provider,
                 &bob.identity,
-                group_id,
+                &id(group_id),
                 group_info,
                 tree,
                 &NoDeviceLists,
@@ -3051,6 +3076,6 @@ mod tests {
             rejoin(GROUP_ID, &group_info, b"garbage"),
             CoreError::MalformedMessage(_)
         ));
-        assert!(GroupMember::load(&bob.provider, GROUP_ID).unwrap().is_none());
+        assert!(GroupMember::load(&bob.provider, &id(GROUP_ID)).unwrap().is_none());
     }
 }

@@ -51,6 +51,12 @@ impl GroupId {
         (!bytes.is_empty() && bytes.len() <= Self::MAX_LEN).then_some(GroupId(bytes))
     }
 
+    /// An id a group was created, joined or rejoined with: those check it
+    /// is one [`Self::new`] takes, so a group's id is one.
+    pub(crate) fn admitted(bytes: Vec<u8>) -> GroupId {
+        GroupId(bytes)
+    }
+
     /// The raw bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
@@ -59,6 +65,12 @@ impl GroupId {
     /// The raw bytes, owned.
     pub fn into_bytes(self) -> Vec<u8> {
         self.0
+    }
+}
+
+impl AsRef<[u8]> for GroupId {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 

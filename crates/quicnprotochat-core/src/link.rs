@@ -564,7 +564,8 @@ mod tests {
         // The user's first device adds the new one with the KeyPackage made
         // for it; the new device joins with the private keys handed over.
         let phone = OpenMlsRustCrypto::default();
-        let mut group = GroupMember::create(&phone, &user, b"g").unwrap();
+        let mut group =
+            GroupMember::create(&phone, &user, &crate::GroupId::new(b"g".to_vec()).unwrap()).unwrap();
         struct Listed(SignedDeviceList);
         impl crate::DeviceDirectory for Listed {
             fn listed(&self, user: &IdentityKey, device: &IdentityKey) -> crate::Listed {

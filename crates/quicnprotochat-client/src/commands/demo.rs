@@ -91,19 +91,20 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     };
     say!("Alice: fetched Bob's KeyPackage ({} bytes)", fetched.len());
 
-    let group_id = format!(
+    let name = format!(
         "demo-{}",
         hex::encode(&alice.identity.public_key().as_bytes()[..4])
     );
-    let mut alice_group = GroupMember::create(&alice.provider, &alice.identity, group_id.as_bytes())?;
-    say!("Alice: created group {group_id} (epoch {})", alice_group.epoch());
+    let group_id = GroupId::new(name.clone().into_bytes())
+        .ok_or_else(|| ClientError::Demo("the demo's group id is not 1 to 256 bytes".into()))?;
+    let mut alice_group = GroupMember::create(&alice.provider, &alice.identity, &group_id)?;
+    say!("Alice: created group {name} (epoch {})", alice_group.epoch());
 
     // The node checks every group change against the group's public state,
     // which Alice hands over with her first change.
     let initial_state = alice_group.export_public_state(&alice.provider, &alice.identity)?;
     let added = alice_group.add_members(&alice.provider, &alice.identity, &[fetched], &NoDeviceLists)?;
-    let group = GroupId::new(alice_group.group_id())
-        .ok_or_else(|| ClientError::Demo("the demo's group id is not 1 to 256 bytes".into()))?;
+    let group = alice_group.group_id();
     let welcome = Envelope {
         recipients: vec![bob.identity.public_key()],
         payload: added.welcome.clone(),
@@ -162,7 +163,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         joined => joined?,
     };
     say!(
-        "Bob: joined {group_id} from the Welcome (epoch {}, {})",
+        "Bob: joined {name} from the Welcome (epoch {}, {})",
         bob_group.epoch(),
         counted(bob_group.user_count(), "member", "members")
     );

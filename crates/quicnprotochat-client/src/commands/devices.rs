@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use quicnprotochat_core::link::{DeviceKeyPackages, Handoff, LinkCode, LinkSecret, derive_device};
-use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair, SignedDeviceList, Suite};
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair, SignedDeviceList, Suite};
 use quicnprotochat_proto::outcome::DeviceListOutcome;
 use serde_json::json;
 
@@ -74,7 +74,7 @@ async fn current_devices(
 
 /// The groups this device is an active member of and has not asked to
 /// leave, with their ciphersuites.
-fn active_groups(state: &StateFile) -> Result<Vec<(Vec<u8>, Suite)>, ClientError> {
+fn active_groups(state: &StateFile) -> Result<Vec<(GroupId, Suite)>, ClientError> {
     let mut groups = Vec::new();
     for record in state.groups()? {
         if record.left_at.is_some() {

@@ -44,7 +44,7 @@ pub(crate) fn create_group(path: &Path, group_id: &str, suite: Suite) -> Result<
     }
     let identity = state.identity()?;
     let id = new_group_id(group_id)?;
-    let group = state.create_group(&identity, id.as_bytes(), suite)?;
+    let group = state.create_group(&identity, &id, suite)?;
     if output::json() {
         print_json(&json!({
             "group": group_id,
@@ -202,7 +202,7 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
     let current = state.current_group()?;
     let mut listed = Vec::new();
     for record in state.groups()? {
-        let is_current = current.as_deref() == Some(record.group_id.as_slice());
+        let is_current = current.as_ref() == Some(&record.group_id);
         let mark = if is_current { "*" } else { " " };
         let name = group_name(&record.group_id);
         let group = GroupMember::load(&state.provider(), &record.group_id)?;

@@ -4,7 +4,7 @@
 //! linking device made for it until they are replaced.
 
 use quicnprotochat_core::link::{Handoff, LinkSecret};
-use quicnprotochat_core::{DeviceList, Freshness, IdentityKey, IdentityKeypair, SignedDeviceList};
+use quicnprotochat_core::{DeviceList, Freshness, GroupId, IdentityKey, IdentityKeypair, SignedDeviceList};
 use rusqlite::{OptionalExtension, params};
 
 use super::{StateError, StateFile};
@@ -144,29 +144,32 @@ impl StateFile {
 
     /// Notes that we joined `group_id` with leaf key `key`; true if the key
     /// is one the device that linked us made, so the leaf must be updated.
-    pub fn note_joined_leaf(&self, group_id: &[u8], key: &[u8]) -> Result<bool, StateError> {
+    pub fn note_joined_leaf(&self, group_id: &GroupId, key: &[u8]) -> Result<bool, StateError> {
         let changed = self.connection.execute(
             "UPDATE handed_leaf_keys SET group_id = ?1 WHERE encryption_key = ?2",
-            params![group_id, key],
+            params![group_id.as_bytes(), key],
         )?;
         Ok(changed > 0)
     }
 
     /// The groups whose leaf still has a key the linking device made.
-    pub fn handed_leaves(&self) -> Result<Vec<Vec<u8>>, StateError> {
+    pub fn handed_leaves(&self) -> Result<Vec<GroupId>, StateError> {
         let mut select = self
             .connection
             .prepare("SELECT group_id FROM handed_leaf_keys WHERE group_id IS NOT NULL ORDER BY group_id")?;
-        let rows = select.query_map([], |row| row.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows = select.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
+        // Only groups we joined are noted, and a group's id is a GroupId.
+        Ok(rows
+            .filter_map(|row| row.map(GroupId::new).transpose())
+            .collect::<Result<_, _>>()?)
     }
 
     /// Forgets the handed-over leaf key of `group_id` (updated, or the
     /// group is gone).
-    pub fn forget_handed_leaf(&self, group_id: &[u8]) -> Result<(), StateError> {
+    pub fn forget_handed_leaf(&self, group_id: &GroupId) -> Result<(), StateError> {
         self.connection.execute(
             "DELETE FROM handed_leaf_keys WHERE group_id = ?1",
-            params![group_id],
+            params![group_id.as_bytes()],
         )?;
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! The groups this client is in, and the current group (the one commands
 //! use when no `--group-id` is given); creating, leaving and rejoining one.
 
-use quicnprotochat_core::{GroupMember, IdentityKeypair, Suite};
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair, Suite};
 use rusqlite::{OptionalExtension, params};
 
 use super::{GroupRecord, StateError, StateFile, unix_now};
@@ -12,7 +12,7 @@ impl StateFile {
     pub fn create_group(
         &self,
         identity: &IdentityKeypair,
-        group_id: &[u8],
+        group_id: &GroupId,
         suite: Suite,
     ) -> Result<GroupMember, StateError> {
         self.atomically(|| {
@@ -26,7 +26,7 @@ impl StateFile {
     /// transaction; returns the proposal to send to the other members.
     pub fn leave_group(
         &self,
-        group_id: &[u8],
+        group_id: &GroupId,
         group: &mut GroupMember,
         identity: &IdentityKeypair,
     ) -> Result<Vec<u8>, StateError> {
@@ -40,12 +40,12 @@ impl StateFile {
     /// Takes back our own proposals in `group` (the node did not take our
     /// request to leave) and the note that we asked to leave, in one
     /// transaction.
-    pub fn withdraw_proposals(&self, group_id: &[u8], group: &mut GroupMember) -> Result<(), StateError> {
+    pub fn withdraw_proposals(&self, group_id: &GroupId, group: &mut GroupMember) -> Result<(), StateError> {
         self.atomically(|| {
             group.withdraw_own_proposals(&self.provider())?;
             self.connection.execute(
                 "UPDATE groups SET left_at = NULL WHERE group_id = ?1",
-                params![group_id],
+                params![group_id.as_bytes()],
             )?;
             Ok(())
         })
@@ -53,12 +53,12 @@ impl StateFile {
 
     /// Records that this client is in `group_id`; with `make_current`, it
     /// becomes the current group.
-    pub fn record_group(&self, group_id: &[u8], make_current: bool) -> Result<(), StateError> {
+    pub fn record_group(&self, group_id: &GroupId, make_current: bool) -> Result<(), StateError> {
         let now = unix_now();
         self.connection.execute(
             "INSERT INTO groups (group_id, joined_at, last_used) VALUES (?1, ?2, ?2)
              ON CONFLICT (group_id) DO UPDATE SET last_used = excluded.last_used, left_at = NULL",
-            params![group_id, now],
+            params![group_id.as_bytes(), now],
         )?;
         if make_current {
             self.make_current(group_id)?;
@@ -69,45 +69,46 @@ impl StateFile {
     /// Records that we rejoined `group_id` and makes it the current group:
     /// a record left from before (e.g. in a restored backup) is replaced,
     /// as if we had just joined.
-    pub fn record_rejoined_group(&self, group_id: &[u8]) -> Result<(), StateError> {
+    pub fn record_rejoined_group(&self, group_id: &GroupId) -> Result<(), StateError> {
         self.connection.execute(
             "INSERT INTO groups (group_id, joined_at, last_used) VALUES (?1, ?2, ?2)
              ON CONFLICT (group_id) DO UPDATE SET joined_at = excluded.joined_at,
                  last_used = excluded.last_used, left_at = NULL",
-            params![group_id, unix_now()],
+            params![group_id.as_bytes(), unix_now()],
         )?;
         self.make_current(group_id)
     }
 
-    fn make_current(&self, group_id: &[u8]) -> Result<(), StateError> {
+    fn make_current(&self, group_id: &GroupId) -> Result<(), StateError> {
         self.connection.execute(
             "INSERT INTO settings (key, value) VALUES ('current_group', ?1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![group_id],
+            params![group_id.as_bytes()],
         )?;
         Ok(())
     }
 
     /// Notes that we asked to leave `group_id`; it stays listed until the
     /// other members commit our removal.
-    pub fn mark_left(&self, group_id: &[u8]) -> Result<(), StateError> {
+    pub fn mark_left(&self, group_id: &GroupId) -> Result<(), StateError> {
         self.connection.execute(
             "UPDATE groups SET left_at = ?2 WHERE group_id = ?1",
-            params![group_id, unix_now()],
+            params![group_id.as_bytes(), unix_now()],
         )?;
         Ok(())
     }
 
     /// The current group, if any.
-    pub fn current_group(&self) -> Result<Option<Vec<u8>>, StateError> {
+    pub fn current_group(&self) -> Result<Option<GroupId>, StateError> {
         Ok(self
             .connection
             .query_row(
                 "SELECT value FROM settings WHERE key = 'current_group'",
                 [],
-                |row| row.get(0),
+                |row| row.get::<_, Vec<u8>>(0),
             )
-            .optional()?)
+            .optional()?
+            .and_then(GroupId::new))
     }
 
     /// Every group this client is in, oldest first.
@@ -116,12 +117,14 @@ impl StateFile {
             .connection
             .prepare("SELECT group_id, joined_at, left_at FROM groups ORDER BY joined_at, group_id")?;
         let rows = select.query_map([], |row| {
-            Ok(GroupRecord {
-                group_id: row.get(0)?,
-                joined_at: row.get(1)?,
-                left_at: row.get(2)?,
-            })
+            let (joined_at, left_at) = (row.get(1)?, row.get(2)?);
+            Ok(GroupId::new(row.get(0)?).map(|group_id| GroupRecord {
+                group_id,
+                joined_at,
+                left_at,
+            }))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        // A group's id is a GroupId: creating and joining check it.
+        Ok(rows.filter_map(Result::transpose).collect::<Result<_, _>>()?)
     }
 }

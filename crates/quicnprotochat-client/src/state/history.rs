@@ -2,7 +2,7 @@
 //! written in the same transaction as the MLS state change that produced it.
 //! A sent message counts as delivered only once the node took it.
 
-use quicnprotochat_core::{GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair};
 use rusqlite::params;
 
 use super::{StateError, StateFile, unix_now};
@@ -45,7 +45,7 @@ impl StateFile {
     /// to [`Self::confirm_sent`] once the node took it.
     pub fn encrypt_message(
         &self,
-        group_id: &[u8],
+        group_id: &GroupId,
         group: &mut GroupMember,
         identity: &IdentityKeypair,
         plaintext: &[u8],
@@ -56,7 +56,7 @@ impl StateFile {
                 "INSERT INTO history (group_id, outgoing, sender, body, epoch, at, confirmed)
                  VALUES (?1, 1, ?2, ?3, ?4, ?5, 0)",
                 params![
-                    group_id,
+                    group_id.as_bytes(),
                     identity.public_key().as_bytes(),
                     plaintext,
                     group.epoch() as i64,
@@ -87,7 +87,7 @@ impl StateFile {
     /// Appends a message to the history of `group_id`.
     pub fn record_message(
         &self,
-        group_id: &[u8],
+        group_id: &GroupId,
         direction: Direction,
         sender: &IdentityKey,
         body: &[u8],
@@ -96,7 +96,7 @@ impl StateFile {
         self.connection.execute(
             "INSERT INTO history (group_id, outgoing, sender, body, epoch, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
-                group_id,
+                group_id.as_bytes(),
                 direction == Direction::Sent,
                 sender.as_bytes(),
                 body,
@@ -108,11 +108,11 @@ impl StateFile {
     }
 
     /// The history of `group_id`, oldest first.
-    pub fn history(&self, group_id: &[u8]) -> Result<Vec<HistoryEntry>, StateError> {
+    pub fn history(&self, group_id: &GroupId) -> Result<Vec<HistoryEntry>, StateError> {
         let mut select = self.connection.prepare(
             "SELECT outgoing, sender, body, epoch, at, confirmed FROM history WHERE group_id = ?1 ORDER BY id",
         )?;
-        let rows = select.query_map(params![group_id], |row| {
+        let rows = select.query_map(params![group_id.as_bytes()], |row| {
             Ok((
                 row.get::<_, bool>(0)?,
                 row.get::<_, Vec<u8>>(1)?,

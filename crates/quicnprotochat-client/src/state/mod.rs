@@ -42,7 +42,7 @@ mod schema;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use quicnprotochat_core::{CoreError, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{CoreError, GroupId, IdentityKey, IdentityKeypair};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 pub use history::{Direction, HistoryEntry, SentMessage};
@@ -115,7 +115,7 @@ pub enum StateError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecord {
     /// The MLS group id.
-    pub group_id: Vec<u8>,
+    pub group_id: GroupId,
     /// When this client created or joined it (Unix seconds).
     pub joined_at: i64,
     /// When this client asked to leave it, if it did.

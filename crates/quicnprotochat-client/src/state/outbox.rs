@@ -86,9 +86,9 @@ impl StateFile {
     pub fn settle_rejoin(&self, group_id: &GroupId, settlement: Settlement) -> Result<(), StateError> {
         self.atomically(|| {
             match settlement {
-                Settlement::Merge => self.record_rejoined_group(group_id.as_bytes())?,
+                Settlement::Merge => self.record_rejoined_group(group_id)?,
                 Settlement::Discard => {
-                    if let Some(group) = GroupMember::load(&self.provider(), group_id.as_bytes())? {
+                    if let Some(group) = GroupMember::load(&self.provider(), group_id)? {
                         group.delete(&self.provider())?;
                     }
                 }

@@ -3,6 +3,11 @@ use quicnprotochat_core::{CoreError, GroupMember, IdentityKeypair, QueuedMessage
 
 use super::*;
 
+/// `bytes` as a group id.
+fn gid(bytes: &[u8]) -> quicnprotochat_core::GroupId {
+    quicnprotochat_core::GroupId::new(bytes.to_vec()).unwrap()
+}
+
 #[test]
 fn identity_survives_reopening_and_the_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,7 +97,7 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
 
     let alice = IdentityKeypair::generate();
     let alice_provider = OpenMlsRustCrypto::default();
-    let mut alice_group = GroupMember::create(&alice_provider, &alice, b"g").unwrap();
+    let mut alice_group = GroupMember::create(&alice_provider, &alice, &gid(b"g")).unwrap();
     let added = alice_group
         .add_members(&alice_provider, &alice, &[package], &BobsList)
         .unwrap();
@@ -121,7 +126,11 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     drop(bob_group);
     drop(state);
     let state = StateFile::open(&path).unwrap();
-    assert!(GroupMember::load(&state.provider(), b"g").unwrap().is_some());
+    assert!(
+        GroupMember::load(&state.provider(), &gid(b"g"))
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[test]
@@ -131,10 +140,10 @@ fn a_rolled_back_transaction_leaves_no_mls_state() {
     let identity = state.identity_or_generate().unwrap();
     {
         let _transaction = state.transaction().unwrap();
-        GroupMember::create(&state.provider(), &identity, b"rolled-back").unwrap();
+        GroupMember::create(&state.provider(), &identity, &gid(b"rolled-back")).unwrap();
     }
     assert!(
-        GroupMember::load(&state.provider(), b"rolled-back")
+        GroupMember::load(&state.provider(), &gid(b"rolled-back"))
             .unwrap()
             .is_none()
     );
@@ -148,19 +157,19 @@ fn a_failed_inbox_entry_rolls_back_what_it_wrote_and_stays() {
     state.push_inbox(&[b"entry".to_vec()]).unwrap();
     let entry = state.inbox().unwrap()[0].id;
     let failed: Result<(), StateError> = state.consume_inbox_entry(entry, || {
-        GroupMember::create(&state.provider(), &identity, b"half-done")?;
+        GroupMember::create(&state.provider(), &identity, &gid(b"half-done"))?;
         Err(StateError::Mls(CoreError::MalformedMessage("refused".into())))
     });
     assert!(failed.is_err());
     assert!(
-        GroupMember::load(&state.provider(), b"half-done")
+        GroupMember::load(&state.provider(), &gid(b"half-done"))
             .unwrap()
             .is_none()
     );
     assert_eq!(state.inbox().unwrap().len(), 1, "the entry stays");
 
     state
-        .consume_inbox_entry(entry, || state.record_group(b"applied", false))
+        .consume_inbox_entry(entry, || state.record_group(&gid(b"applied"), false))
         .unwrap();
     assert!(state.inbox().unwrap().is_empty(), "applied and removed");
     assert_eq!(state.groups().unwrap().len(), 1);
@@ -175,9 +184,7 @@ fn a_settled_publication_merges_or_discards_its_commit_and_is_forgotten() {
     let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
     let identity = state.identity_or_generate().unwrap();
     let id = GroupId::new(b"settle".to_vec()).unwrap();
-    let mut group = state
-        .create_group(&identity, id.as_bytes(), Default::default())
-        .unwrap();
+    let mut group = state.create_group(&identity, &id, Default::default()).unwrap();
     for (settlement, epoch) in [(Settlement::Discard, 0), (Settlement::Merge, 1)] {
         let publication = state
             .stage_publication(|| -> Result<Publication, StateError> {
@@ -237,11 +244,11 @@ fn the_last_created_or_joined_group_is_current() {
     let dir = tempfile::tempdir().unwrap();
     let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
     assert_eq!(state.current_group().unwrap(), None);
-    state.record_group(b"first", true).unwrap();
-    state.record_group(b"second", true).unwrap();
-    assert_eq!(state.current_group().unwrap(), Some(b"second".to_vec()));
-    state.record_group(b"third", false).unwrap();
-    assert_eq!(state.current_group().unwrap(), Some(b"second".to_vec()));
+    state.record_group(&gid(b"first"), true).unwrap();
+    state.record_group(&gid(b"second"), true).unwrap();
+    assert_eq!(state.current_group().unwrap(), Some(gid(b"second")));
+    state.record_group(&gid(b"third"), false).unwrap();
+    assert_eq!(state.current_group().unwrap(), Some(gid(b"second")));
     assert_eq!(state.groups().unwrap().len(), 3);
 }
 

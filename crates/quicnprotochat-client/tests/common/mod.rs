@@ -291,7 +291,8 @@ pub async fn add_to_new_group(
     use quicnprotochat_proto::wire::{Envelope, GroupState};
 
     let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
-    let mut group = GroupMember::create(&provider, adder, group_id).unwrap();
+    let group_id = GroupId::new(group_id.to_vec()).unwrap();
+    let mut group = GroupMember::create(&provider, adder, &group_id).unwrap();
     let state = group.export_public_state(&provider, adder).unwrap();
     let FetchedKeyPackage::Package(package) = client.fetch_key_package(&recipient).await.unwrap() else {
         panic!("the recipient has KeyPackages on the node");
@@ -307,7 +308,7 @@ pub async fn add_to_new_group(
     };
     let outcome = client
         .publish_commit(
-            &GroupId::new(group_id.to_vec()).unwrap(),
+            &group_id,
             0,
             &envelope(Vec::new(), added.commit),
             Some(&envelope(vec![recipient], welcome.unwrap_or(added.welcome))),

@@ -23,7 +23,8 @@ impl Member {
     pub fn create(seed: u8, group_id: &[u8]) -> Member {
         let provider = OpenMlsRustCrypto::default();
         let identity = identity(seed);
-        let group = GroupMember::create(&provider, &identity, group_id).unwrap();
+        let group_id = GroupId::new(group_id.to_vec()).unwrap();
+        let group = GroupMember::create(&provider, &identity, &group_id).unwrap();
         Member {
             provider,
             identity,
@@ -161,5 +162,5 @@ pub fn identity(seed: u8) -> IdentityKeypair {
 }
 
 fn group_id(group: &GroupMember) -> GroupId {
-    GroupId::new(group.group_id()).unwrap()
+    group.group_id()
 }
