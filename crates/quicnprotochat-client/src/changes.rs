@@ -10,12 +10,12 @@ use std::collections::BTreeSet;
 use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair};
 
 use crate::cli::PeerArgs;
+use crate::connections::{Nodes, envelope};
 use crate::error::ClientError;
 use crate::key_packages::fetch_verified_key_package;
 use crate::naming::{
     changed_event, devices_of, group_name, load_group_as_member, others, resolve_peers, users,
 };
-use crate::nodes::{Nodes, envelope};
 use crate::output::{self, Progress, counted};
 use crate::publish::{
     CHANGE_ATTEMPTS, Change, Proposed, Settled, resume_publications, send_proposal, send_publication, stage,

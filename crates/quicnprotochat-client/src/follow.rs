@@ -16,9 +16,9 @@ use std::time::Duration;
 use quicnprotochat_core::IdentityKeypair;
 use tokio::time::Instant;
 
+use crate::connections::Nodes;
 use crate::error::ClientError;
 use crate::incoming::{Seen, process_inbox, store_batch};
-use crate::nodes::Nodes;
 use crate::publish::commit_due_proposals;
 use crate::state::StateFile;
 use crate::sync::catch_up;

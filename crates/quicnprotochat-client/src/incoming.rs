@@ -12,10 +12,10 @@ use quicnprotochat_core::{
 };
 use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
+use crate::connections::Nodes;
 use crate::directory::Directory;
 use crate::error::ClientError;
 use crate::naming::{changed_event, group_name, users};
-use crate::nodes::Nodes;
 use crate::output::{Event, Person, Progress};
 use crate::state::{Direction, InboxEntry, Invitation, KeptWelcome, NotKept, StateFile, unix_now};
 

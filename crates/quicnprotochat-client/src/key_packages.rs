@@ -10,8 +10,8 @@ use quicnprotochat_core::{
 };
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, RateLimited};
 
+use crate::connections::{Nodes, Patience};
 use crate::error::ClientError;
-use crate::nodes::{Nodes, Patience};
 use crate::state::StateFile;
 
 /// Uploads a KeyPackage and checks the node stored exactly these bytes.

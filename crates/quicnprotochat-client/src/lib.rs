@@ -25,7 +25,7 @@
 //! - `key_packages` — uploading KeyPackages, keeping a stock of them on the
 //!   node, taking a peer's one verified.
 //! - `link` — completing a device link on the new device.
-//! - `nodes` — the connections a command uses (the first of each list of
+//! - `connections` — the connections a command uses (the first of each list of
 //!   nodes that answers, the next one on a reconnect); sending with rate
 //!   limits waited out and full queues reported.
 //! - `directory` — users' device lists: fetched once per command, verified,
@@ -58,6 +58,7 @@ macro_rules! note {
 mod changes;
 pub mod cli;
 pub mod commands;
+mod connections;
 mod directory;
 mod editor;
 pub mod error;
@@ -67,7 +68,6 @@ mod key_packages;
 mod link;
 mod naming;
 pub mod node_client;
-mod nodes;
 pub mod output;
 mod publish;
 mod sending;

@@ -6,8 +6,8 @@ use quicnprotochat_core::IdentityKeypair;
 use quicnprotochat_core::link::{HANDOFF_MAGIC, LinkError, LinkSecret};
 
 use crate::cli::ConnectionArgs;
+use crate::connections::Nodes;
 use crate::error::ClientError;
-use crate::nodes::Nodes;
 use crate::state::StateFile;
 
 /// On a new device's first `recv`: reads the handoff from the link key's

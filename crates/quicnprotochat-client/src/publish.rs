@@ -42,9 +42,9 @@ use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo};
 use quicnprotochat_proto::wire::{Envelope, GroupState};
 
+use crate::connections::{Nodes, Patience, envelope};
 use crate::error::ClientError;
 use crate::naming::{group_name, others};
-use crate::nodes::{Nodes, Patience, envelope};
 use crate::output::counted;
 use crate::state::{Publication, Settlement, StateError, StateFile};
 

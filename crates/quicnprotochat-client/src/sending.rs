@@ -8,9 +8,9 @@ use quicnprotochat_core::{CoreError, GroupId, IdentityKeypair};
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::PeerArgs;
+use crate::connections::{Nodes, envelope};
 use crate::error::ClientError;
 use crate::naming::{devices_of, group_name, load_group_as_member, others, resolve_peers};
-use crate::nodes::{Nodes, envelope};
 use crate::output::Event;
 use crate::publish::commit_proposals;
 use crate::state::{SentMessage, StateFile};

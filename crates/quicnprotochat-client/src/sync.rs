@@ -4,9 +4,9 @@
 
 use quicnprotochat_core::IdentityKeypair;
 
+use crate::connections::Nodes;
 use crate::error::ClientError;
 use crate::incoming::{Seen, fetch_into_inbox, process_inbox};
-use crate::nodes::Nodes;
 use crate::publish::resume_publications;
 use crate::state::StateFile;
 

@@ -56,7 +56,7 @@ use openmls::prelude::{
 use openmls::storage::OpenMlsProvider;
 use openmls_traits::storage::StorageProvider as _;
 
-use crate::devices::{DeviceDirectory, check_devices};
+use crate::device_lists::{DeviceDirectory, check_devices};
 use crate::error::CoreError;
 use crate::identity::{IdentityKey, IdentityKeypair, MemberKey, checked_member, credential_member};
 use crate::key_package::{leaf_member, validate_key_package};
@@ -1353,7 +1353,7 @@ mod tests {
 
     use super::*;
     use crate::CIPHERSUITE;
-    use crate::devices::NoDeviceLists;
+    use crate::device_lists::NoDeviceLists;
     use crate::generate_key_package;
 
     const GROUP_ID: &[u8] = b"test-group";

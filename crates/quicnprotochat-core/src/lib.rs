@@ -11,7 +11,7 @@
 //! - [`identity`] — [`IdentityKey`]'s parsing (users and devices are
 //!   Ed25519 public keys), its signing [`IdentityKeypair`], and
 //!   [`MemberKey`]: the user and device a leaf's credential names.
-//! - [`devices`] — [`SignedDeviceList`]: which device keys belong to a user
+//! - [`device_lists`] — [`SignedDeviceList`]: which device keys belong to a user
 //!   key, versioned and signed by it; [`DeviceDirectory`], through which
 //!   group operations check that every leaf's device is listed.
 //! - [`link`] — linking a new device: the link code, the device key it
@@ -28,7 +28,7 @@
 //!   ML-KEM-768 + X25519 hybrid).
 //! - [`error`] — [`CoreError`].
 
-pub mod devices;
+pub mod device_lists;
 pub mod error;
 pub mod framing;
 pub mod group;
@@ -41,7 +41,7 @@ pub mod suite;
 
 use openmls_traits::types::Ciphersuite;
 
-pub use devices::{
+pub use device_lists::{
     DeviceDirectory, DeviceList, DeviceListError, Freshness, Listed, NoDeviceLists, SignedDeviceList,
     check_devices,
 };

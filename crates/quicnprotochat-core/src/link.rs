@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 use tls_codec::{DeserializeBytes as _, Serialize as _};
 use zeroize::Zeroizing;
 
-use crate::devices::{DeviceList, SignedDeviceList};
+use crate::device_lists::{DeviceList, SignedDeviceList};
 use crate::error::CoreError;
 use crate::identity::{IdentityKey, IdentityKeypair};
 use crate::suite::Suite;
@@ -492,7 +492,7 @@ impl DeviceKeyPackages {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::devices::NoDeviceLists;
+    use crate::device_lists::NoDeviceLists;
     use crate::group::GroupMember;
 
     #[test]

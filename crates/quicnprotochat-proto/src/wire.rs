@@ -591,7 +591,7 @@ pub fn read_device_list(
     field: &str,
     reader: crate::auth_capnp::signed_device_list::Reader<'_>,
 ) -> Result<quicnprotochat_core::SignedDeviceList, FieldError> {
-    use quicnprotochat_core::devices::MAX_DEVICES;
+    use quicnprotochat_core::device_lists::MAX_DEVICES;
     use quicnprotochat_core::{DeviceList, SignedDeviceList};
 
     let bad = |name: &str, reason: String| FieldError {

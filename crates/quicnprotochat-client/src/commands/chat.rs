@@ -31,13 +31,13 @@ use tokio::time::Instant;
 
 use crate::changes::{invite, replace_handed_leaves};
 use crate::cli::{ConnectionArgs, PeerArgs};
+use crate::connections::Nodes;
 use crate::editor::Input;
 use crate::error::ClientError;
 use crate::follow::{Pause, reconnect};
 use crate::incoming::{Seen, accept_invitation, process_inbox, store_batch};
 use crate::key_packages::top_up_key_packages;
 use crate::naming::{group_name, invitation_to, load_group, print_members};
-use crate::nodes::Nodes;
 use crate::publish::commit_due_proposals;
 use crate::sending::{Unconfirmed, deliver_again, send_through};
 use crate::state::StateFile;

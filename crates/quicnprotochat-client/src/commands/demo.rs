@@ -10,9 +10,9 @@ use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWel
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::ConnectionArgs;
+use crate::connections::{Nodes, accepted};
 use crate::error::ClientError;
 use crate::key_packages::upload;
-use crate::nodes::{Nodes, accepted};
 use crate::output::counted;
 
 struct Person {

@@ -15,13 +15,13 @@ use serde_json::json;
 
 use crate::changes::{self, propose, remove_from_group, update_through};
 use crate::cli::{ConnectionArgs, PeerArgs};
+use crate::connections::Nodes;
 use crate::error::ClientError;
 use crate::naming::print_members;
 use crate::naming::{
     group_name, load_group, load_group_as_member, member_name, new_group_id, others, rejoin_group_id,
     resolve_peers,
 };
-use crate::nodes::Nodes;
 use crate::output::counted;
 use crate::output::{self, print_json, shown};
 use crate::publish;

@@ -5,10 +5,10 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::cli::{ConnectionArgs, ContactsAction};
+use crate::connections::Nodes;
 use crate::error::ClientError;
 use crate::key_packages::{top_up_key_packages, upload};
 use crate::naming::parse_key;
-use crate::nodes::Nodes;
 use crate::output::{self, print_json};
 use crate::state::StateFile;
 

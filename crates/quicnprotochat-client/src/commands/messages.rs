@@ -7,13 +7,13 @@ use quicnprotochat_core::{Incoming, classify};
 
 use crate::changes::replace_handed_leaves;
 use crate::cli::{ConnectionArgs, PeerArgs};
+use crate::connections::Nodes;
 use crate::error::ClientError;
 use crate::incoming::{accept_invitation, fetch_into_inbox, process_entry};
 use crate::key_packages::top_up_key_packages;
 use crate::link::complete_link;
 use crate::naming::group_name;
 use crate::naming::invitation_to;
-use crate::nodes::Nodes;
 use crate::output::counted;
 use crate::output::{self, print_json};
 use crate::publish::commit_due_proposals;

@@ -7,10 +7,10 @@ use quicnprotochat_core::{IdentityKeypair, Suite, fingerprint, generate_key_pack
 use serde_json::json;
 
 use crate::cli::ConnectionArgs;
+use crate::connections::Nodes;
 use crate::error::ClientError;
 use crate::key_packages::{fetch_verified_key_package, upload};
 use crate::naming::parse_key;
-use crate::nodes::Nodes;
 use crate::output::{self, print_json};
 
 /// `ping`: prints the node's version and the round trip time of one call.
