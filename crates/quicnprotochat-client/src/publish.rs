@@ -90,12 +90,11 @@ pub(crate) fn stage(
     group_id: &GroupId,
     make: impl FnOnce(&mut GroupMember) -> Result<Change, ClientError>,
 ) -> Result<Publication, ClientError> {
-    let node_id = group_id.clone();
     let epoch = group.epoch();
     state.stage_publication(|| {
         let change = make(group)?;
         Ok(Publication {
-            group_id: node_id,
+            group_id: group_id.clone(),
             epoch,
             commit: envelope(change.commit_to, change.commit),
             welcome: change.welcome.map(|(payload, to)| envelope(to, payload)),

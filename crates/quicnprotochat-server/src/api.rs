@@ -405,11 +405,12 @@ impl Api {
                 .initial_state
                 .as_ref()
                 .map_or(0, |state| state.group_info.len() + state.ratchet_tree.len());
-        let envelopes: Vec<&wire::Envelope> = std::iter::once(&publication.commit)
-            .chain(publication.welcome.as_ref())
-            .collect();
-        let queued = cost_of(envelopes.iter().copied(), 0).messages;
-        let cost = change_cost(envelopes, extra);
+        let cost = cost_of(
+            std::iter::once(&publication.commit).chain(publication.welcome.as_ref()),
+            extra,
+        );
+        let queued = cost.messages;
+        let cost = as_change(cost);
         let rejoin = framing::is_external_commit(&publication.commit.payload);
         if let Err(wait) = self.shared.rate_limits.charge_indivisible(self.caller(), cost) {
             return Ok(ChangeOutcome::RateLimited(limited(wait)));
@@ -441,8 +442,9 @@ impl Api {
     ) -> Result<ChangeOutcome, ServiceError> {
         let _call = self.begin()?;
         let sender = self.require_authenticated()?;
-        let queued = publication.proposal.recipients.len() as u64;
-        let cost = change_cost([&publication.proposal], 0);
+        let cost = cost_of([&publication.proposal], 0);
+        let queued = cost.messages;
+        let cost = as_change(cost);
         if let Err(wait) = self.shared.rate_limits.charge_indivisible(self.caller(), cost) {
             return Ok(ChangeOutcome::RateLimited(limited(wait)));
         }
@@ -670,13 +672,14 @@ fn cost_of<'a>(envelopes: impl IntoIterator<Item = &'a wire::Envelope>, extra_by
     cost
 }
 
-/// What a group change costs: as its envelopes, and one message at least:
+/// What a group change of `cost` is charged: one message at least, since
 /// checking it costs the node CPU even when it goes to nobody (a group of
 /// one).
-fn change_cost<'a>(envelopes: impl IntoIterator<Item = &'a wire::Envelope>, extra_bytes: usize) -> Cost {
-    let mut cost = cost_of(envelopes, extra_bytes);
-    cost.messages = cost.messages.max(1);
-    cost
+fn as_change(cost: Cost) -> Cost {
+    Cost {
+        messages: cost.messages.max(1),
+        ..cost
+    }
 }
 
 /// The outcome of a wait a rate asked for.
