@@ -13,6 +13,8 @@ DIR=$(mktemp -d /tmp/clibench.XXXXXX)
 NODE=$!
 trap 'kill $NODE 2>/dev/null; rm -rf "$DIR"' EXIT
 sleep 1
+# State files are encrypted; every one here has this passphrase.
+export QUICNPROTOCHAT_STATE_PASSPHRASE=bench
 C() { "$BIN/quicnprotochat-client" --server 127.0.0.1:$PORT --ca-cert "$DIR/cert.der" "$@"; }
 pids=()
 for i in $(seq 0 $((MEMBERS + 3))); do

@@ -15,6 +15,8 @@ DIR=$(mktemp -d /tmp/devbench.XXXXXX)
 NODE=$!
 trap 'kill $NODE 2>/dev/null; rm -rf "$DIR"' EXIT
 sleep 1
+# State files are encrypted; every one here has this passphrase.
+export QUICNPROTOCHAT_STATE_PASSPHRASE=bench
 C() { "$BIN/quicnprotochat-client" --server 127.0.0.1:$PORT --ca-cert "$DIR/cert.der" "$@"; }
 ok() { "$@" >/dev/null 2>"$DIR/err" || { echo "FAILED: $*" >&2; cat "$DIR/err" >&2; exit 1; }; }
 t() { local s=$(date +%s%N); "$@" >/dev/null 2>"$DIR/t.err" || { echo "FAILED: $*" >&2; cat "$DIR/t.err" >&2; exit 1; }; echo -n " $(( ($(date +%s%N) - s) / 1000000 ))"; }

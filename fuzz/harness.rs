@@ -137,12 +137,15 @@ pub fn incoming_payload(data: &[u8]) {
     });
 }
 
-/// Opening a state file: refused files are left untouched.
+/// Opening a state file: refused files are left untouched. Inputs that
+/// are plain SQLite files test the checks of an unencrypted file; the rest
+/// reach the encrypted path, with a passphrase that fails them.
 pub fn state_file(data: &[u8]) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("fuzzed.state");
     std::fs::write(&path, data).expect("write input");
-    match quicnprotochat_client::state::StateFile::open(&path) {
+    let access = quicnprotochat_client::state::StateAccess::with_passphrase(&path, "fuzz");
+    match quicnprotochat_client::state::StateFile::open(&access) {
         Ok(state) => {
             let _ = state.identity();
             let _ = state.groups();

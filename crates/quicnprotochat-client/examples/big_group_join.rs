@@ -11,13 +11,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark that fails should stop loudly
 
-use std::path::Path;
 use std::time::Instant;
 
 use clap::Parser;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
-use quicnprotochat_client::state::StateFile;
+use quicnprotochat_client::state::{StateAccess, StateFile};
+
+/// The joiner's state file passphrase.
+const PASSPHRASE: &str = "example";
 use quicnprotochat_client::{Cli, commands};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair, Seq, generate_key_package};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree};
@@ -39,11 +41,15 @@ fn main() {
     let addr = node.addr;
     let cert = dir.path().join("server-cert.der");
     let state = dir.path().join("joiner.state");
+    let passphrase = dir.path().join("passphrase");
+    std::fs::write(&passphrase, PASSPHRASE).unwrap();
     let connection = [
         "--server".to_owned(),
         addr.to_string(),
         "--ca-cert".to_owned(),
         cert.display().to_string(),
+        "--state-passphrase-file".to_owned(),
+        passphrase.display().to_string(),
     ];
     let cli = |args: &[&str]| {
         let mut full = vec!["quicnprotochat-client".to_owned()];
@@ -59,7 +65,10 @@ fn main() {
     };
     let state_arg = state.display().to_string();
     cli(&["register-state", "--state", &state_arg]);
-    let joiner = StateFile::open(&state).unwrap().identity().unwrap();
+    let joiner = StateFile::open(&StateAccess::with_passphrase(&state, PASSPHRASE))
+        .unwrap()
+        .identity()
+        .unwrap();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -170,7 +179,7 @@ fn main() {
     let started = Instant::now();
     cli(&["join", "--state", &state_arg]);
     let join = started.elapsed();
-    let joined = StateFile::open(Path::new(&state)).unwrap();
+    let joined = StateFile::open(&StateAccess::with_passphrase(&state, PASSPHRASE)).unwrap();
     let group = GroupMember::load(&joined.provider(), &GroupId::new(b"big".to_vec()).unwrap())
         .unwrap()
         .unwrap();

@@ -213,7 +213,8 @@ impl Client {
             .env_remove("QUICNPROTOCHAT_DS_SERVER")
             .env_remove("QUICNPROTOCHAT_CA_CERT")
             .env_remove("QUICNPROTOCHAT_SERVER_NAME")
-            .env_remove("QUICNPROTOCHAT_STATE");
+            .env_remove("QUICNPROTOCHAT_STATE")
+            .env("QUICNPROTOCHAT_STATE_PASSPHRASE", "bench");
         let started = Instant::now();
         let output = command.output().expect("the client binary runs");
         let time = started.elapsed();

@@ -17,11 +17,16 @@ pub struct Cli {
     /// object with a stable `kind` as the last line of stderr.
     #[arg(long, global = true)]
     pub json: bool,
-    /// The client state file (SQLite): holds your identity key and MLS
-    /// state. Every command but `ping`, `register`, `fetch-key`,
+    /// The client state file (SQLite, encrypted): holds your identity key
+    /// and MLS state. Every command but `ping`, `register`, `fetch-key`,
     /// `demo-group` and `completions` needs one.
     #[arg(long, global = true, env = "QUICNPROTOCHAT_STATE")]
     pub state: Option<PathBuf>,
+    /// A file whose first line is the state file's passphrase. Without it,
+    /// the passphrase is QUICNPROTOCHAT_STATE_PASSPHRASE, or is asked for
+    /// when stdin is a terminal.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub state_passphrase_file: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -280,6 +285,21 @@ pub enum Command {
         #[command(subcommand)]
         action: ContactsAction,
     },
+    /// The state file itself.
+    State {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: StateAction,
+    },
+}
+
+/// `state` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StateAction {
+    /// Encrypt a state file made before state files were encrypted, under a
+    /// new passphrase (asked twice at a terminal). Stop every other command
+    /// using the file first.
+    Encrypt,
 }
 
 /// The shells `completions` writes scripts for: the three people use most

@@ -406,6 +406,9 @@ pub enum Category {
     /// This client is no longer a member of the group the command acts
     /// in: it was removed, or its leave was committed. Exit 6.
     NotAMember,
+    /// The state file is encrypted and its passphrase is missing, cannot
+    /// be read, or does not open it. Exit 7.
+    Locked,
 }
 
 impl Category {
@@ -418,6 +421,7 @@ impl Category {
             Category::Refused => 4,
             Category::BadAnswer => 5,
             Category::NotAMember => 6,
+            Category::Locked => 7,
         }
     }
 }
@@ -529,6 +533,9 @@ impl ClientError {
 fn state_kind(error: &StateError) -> (&'static str, Category) {
     match error {
         StateError::Missing(_) => ("no_state_file", Category::BadInput),
+        StateError::NoPassphrase(_) | StateError::WrongPassphrase(_) | StateError::PassphraseFile { .. } => {
+            ("bad_passphrase", Category::Locked)
+        }
         StateError::NotAStateFile { .. } => ("not_a_state_file", Category::BadInput),
         StateError::NoIdentity(_) => ("no_identity", Category::BadInput),
         StateError::LinkPending(_) => ("link_pending", Category::BadInput),
@@ -728,6 +735,12 @@ mod tests {
                 reason: text(),
             }),
             state(StateError::NoIdentity(path())),
+            state(StateError::NoPassphrase(path())),
+            state(StateError::WrongPassphrase(path())),
+            state(StateError::PassphraseFile {
+                file: path(),
+                reason: text(),
+            }),
             state(StateError::LinkPending(path())),
             state(StateError::AlreadyRegistered(path())),
             state(StateError::Contact(text())),
@@ -790,7 +803,7 @@ mod tests {
             );
         }
         // Every kind `kind()` returns today (`runtime` is main's own).
-        assert_eq!(kinds.len(), 55, "{kinds:?}");
+        assert_eq!(kinds.len(), 56, "{kinds:?}");
     }
 
     #[test]

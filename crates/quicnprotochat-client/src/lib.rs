@@ -34,6 +34,8 @@
 //! - `editor` — what `chat` reads: a line editor on a terminal (history,
 //!   lines printed above the one being typed), stdin's lines otherwise.
 //! - [`node_client`] — connect to a node (verifying it) and make typed calls.
+//! - [`passphrase`] — the state file's passphrase: a file, the
+//!   environment or the terminal.
 //! - [`state`] — the state file: identity, groups, inbox, outbox, OpenMLS
 //!   storage; each unit of work one transaction.
 //! - [`output`] — text or `--json`, and progress bars on a terminal.
@@ -69,6 +71,7 @@ mod link;
 mod naming;
 pub mod node_client;
 pub mod output;
+pub mod passphrase;
 mod publish;
 mod sending;
 pub mod state;

@@ -322,7 +322,11 @@ mod tests {
     #[test]
     fn rejoin_takes_a_full_group_id_as_text_or_hex_as_groups_shows_it() {
         let dir = tempfile::tempdir().unwrap();
-        let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+        let state = StateFile::open_or_create(&crate::state::StateAccess::with_passphrase(
+            dir.path().join("s.state"),
+            "pass",
+        ))
+        .unwrap();
         let id = |text: &str| rejoin_group_id(&state, text).unwrap().as_bytes().to_vec();
         assert_eq!(id("team#0123456789abcdef"), b"team#0123456789abcdef");
         assert_eq!(id("0001ff"), [0x00, 0x01, 0xff]);

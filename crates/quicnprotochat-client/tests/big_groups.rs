@@ -65,12 +65,12 @@ fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node
     // What Bob finds on the node: a Welcome within the limit, and a tree
     // beyond it (a Welcome carrying the tree, bigger than the tree itself,
     // could not have been sent).
-    let bob_identity = StateFile::open(std::path::Path::new(&bob.state))
+    let bob_identity = StateFile::open(&common::access(&bob.state))
         .unwrap()
         .identity()
         .unwrap();
     let epoch = (OTHERS / 4 + 1) as u64;
-    let group = StateFile::open(std::path::Path::new(&alice.state))
+    let group = StateFile::open(&common::access(&alice.state))
         .unwrap()
         .current_group()
         .unwrap()

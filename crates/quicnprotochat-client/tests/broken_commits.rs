@@ -28,7 +28,7 @@ fn mallory_publishes(
     others: &[&Member],
     make: impl FnOnce(&StateProvider<'_>, &mut GroupMember, &quicnprotochat_core::IdentityKeypair) -> Vec<u8>,
 ) -> u64 {
-    let state = StateFile::open(std::path::Path::new(&mallory.state)).unwrap();
+    let state = StateFile::open(&common::access(&mallory.state)).unwrap();
     let identity = state.identity().unwrap();
     let group_id = state.current_group().unwrap().unwrap();
     let provider = state.provider();

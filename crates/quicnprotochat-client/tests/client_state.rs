@@ -25,7 +25,7 @@ const DIE_INSIDE_A_WRITE: &str = "QUICNPROTOCHAT_TEST_DIE_INSIDE_A_WRITE";
 /// changed pages reach the file before the commit, their originals saved in
 /// the rollback journal), then dies without committing or cleaning up.
 fn die_inside_a_write(path: &Path) -> ! {
-    let db = rusqlite::Connection::open(path).unwrap();
+    let db = StateFile::raw_connection(&common::access(&path.display().to_string())).unwrap();
     db.pragma_update(None, "cache_size", 4).unwrap();
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
     for n in 0..400 {
@@ -79,7 +79,7 @@ fn a_state_file_left_inside_a_write_by_a_dead_process_works_and_loses_nothing() 
     for line in ["before the crash", "after the crash", "and back"] {
         assert_eq!(history.matches(line).count(), 1, "{history}");
     }
-    let settings: i64 = rusqlite::Connection::open(&bob.state)
+    let settings: i64 = StateFile::raw_connection(&common::access(&bob.state))
         .unwrap()
         .query_row(
             "SELECT count(*) FROM settings WHERE key LIKE 'junk-%'",
@@ -113,6 +113,7 @@ fn a_recv_killed_at_random_moments_never_prints_a_message_twice_and_loses_none()
             .args(["--server", &node.addr.to_string(), "--ca-cert"])
             .arg(node.cert())
             .args(["recv", "--state", &bob.state])
+            .env("QUICNPROTOCHAT_STATE_PASSPHRASE", common::PASSPHRASE)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -192,7 +193,7 @@ fn messages_from_later_epochs_wait_within_bounds_and_the_rest_is_dropped() {
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "flooded", &alice, &[&bob]);
     let bob_key = bob.key.parse().unwrap();
-    let group_id = StateFile::open(Path::new(&bob.state))
+    let group_id = StateFile::open(&common::access(&bob.state))
         .unwrap()
         .current_group()
         .unwrap()
@@ -247,4 +248,296 @@ fn messages_from_later_epochs_wait_within_bounds_and_the_rest_is_dropped() {
     // The group works as before.
     alice.run(&node, "send", &["--msg", "still here"]);
     assert!(bob.run(&node, "recv", &[]).contains("still here"));
+}
+
+/// Runs the client against `node` with `args`, its stdin closed, and the
+/// passphrase from `passphrase` (`None`: no variable at all).
+fn with_passphrase(node: &TestNode, passphrase: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut command = node.command(args);
+    match passphrase {
+        Some(passphrase) => command.env("QUICNPROTOCHAT_STATE_PASSPHRASE", passphrase),
+        None => command.env_remove("QUICNPROTOCHAT_STATE_PASSPHRASE"),
+    };
+    command.stdin(std::process::Stdio::null()).output().unwrap()
+}
+
+/// The JSON error object on the last line of a failed command's stderr,
+/// after checking its exit code.
+fn error_object(output: &std::process::Output, exit_code: i32) -> serde_json::Value {
+    assert_eq!(
+        output.status.code(),
+        Some(exit_code),
+        "{}",
+        common::stderr(output)
+    );
+    let err = common::stderr(output);
+    serde_json::from_str(err.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn a_state_file_opens_only_with_its_passphrase_and_a_wrong_one_changes_nothing() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Member::register(&node, dir.path(), "alice");
+    let before = std::fs::read(&alice.state).unwrap();
+    assert!(!before.starts_with(b"SQLite format 3"), "encrypted");
+
+    let wrong = with_passphrase(
+        &node,
+        Some("not it"),
+        &["--json", "whoami", "--state", &alice.state],
+    );
+    let error = error_object(&wrong, 7);
+    assert_eq!(error["kind"], "bad_passphrase");
+    assert!(
+        error["message"].as_str().unwrap().contains("does not open"),
+        "{error}"
+    );
+
+    // No passphrase and stdin not a terminal: an error, not a prompt.
+    let none = with_passphrase(&node, None, &["--json", "groups", "--state", &alice.state]);
+    let error = error_object(&none, 7);
+    assert_eq!(error["kind"], "bad_passphrase");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("QUICNPROTOCHAT_STATE_PASSPHRASE") && message.contains("--state-passphrase-file"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read(&alice.state).unwrap(), before, "left as it was");
+
+    // The passphrase file's first line, whatever the variable says.
+    let file = dir.path().join("passphrase.txt");
+    std::fs::write(&file, format!("{}\n", common::PASSPHRASE)).unwrap();
+    let file_arg = file.display().to_string();
+    let output = with_passphrase(
+        &node,
+        Some("not it"),
+        &[
+            "whoami",
+            "--state",
+            &alice.state,
+            "--state-passphrase-file",
+            &file_arg,
+        ],
+    );
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    assert_eq!(String::from_utf8(output.stdout).unwrap().trim(), alice.key);
+
+    // A new state file without a passphrase is not made at all.
+    let new = common::state(dir.path(), "new.state");
+    let refused = with_passphrase(&node, None, &["--json", "register-state", "--state", &new]);
+    assert_eq!(error_object(&refused, 7)["kind"], "bad_passphrase");
+    assert!(!Path::new(&new).exists());
+}
+
+#[test]
+fn a_state_file_shows_no_group_name_message_or_key_and_the_group_works_on() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "secret-union-meeting", &alice, &[&bob, &carol]);
+    alice.run(&node, "send", &["--msg", "the meeting is on thursday"]);
+    bob.run(&node, "recv", &[]);
+    bob.run(&node, "send", &["--msg", "bring the leaflets"]);
+    alice.run(&node, "recv", &[]);
+
+    for member in [&alice, &bob, &carol] {
+        let bytes = std::fs::read(&member.state).unwrap();
+        assert!(
+            !bytes.starts_with(b"SQLite format 3"),
+            "{} is not a plain SQLite file",
+            member.name
+        );
+        let key = hex_bytes(&alice.key);
+        for (what, needle) in [
+            ("the group's name", b"secret-union-meeting".to_vec()),
+            ("a message", b"the meeting is on thursday".to_vec()),
+            ("a message", b"bring the leaflets".to_vec()),
+            ("alice's user key", key.clone()),
+            ("alice's user key in hex", alice.key.as_bytes().to_vec()),
+        ] {
+            assert!(
+                !bytes
+                    .windows(needle.len())
+                    .any(|window| window == needle.as_slice()),
+                "{}'s state file holds {what}",
+                member.name
+            );
+        }
+    }
+    // Carol, who got the messages queued, reads them, and everyone goes on.
+    let carol_saw = carol.run(&node, "recv", &[]);
+    assert!(carol_saw.contains("the meeting is on thursday") && carol_saw.contains("bring the leaflets"));
+    carol.run(&node, "send", &["--msg", "see you there"]);
+    assert!(alice.run(&node, "recv", &[]).contains("see you there"));
+    assert!(bob.run(&node, "recv", &[]).contains("see you there"));
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_plain_state_file_keeps_working_and_state_encrypt_encrypts_it() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    group_of(&node, "old", &alice, &[&bob]);
+
+    // Bob's file as a client from before encryption left it: a plain copy
+    // of the same database.
+    let plain = dir.path().join("plain.state");
+    {
+        let connection = StateFile::raw_connection(&common::access(&bob.state)).unwrap();
+        connection
+            .execute(
+                "ATTACH DATABASE ?1 AS plain KEY ''",
+                [plain.display().to_string()],
+            )
+            .unwrap();
+        connection
+            .query_row("SELECT sqlcipher_export('plain')", [], |_| Ok(()))
+            .unwrap();
+        let version: i64 = connection
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        let id: i64 = connection
+            .pragma_query_value(None, "application_id", |row| row.get(0))
+            .unwrap();
+        connection
+            .execute_batch(&format!(
+                "PRAGMA plain.user_version = {version}; PRAGMA plain.application_id = {id}; DETACH DATABASE plain;"
+            ))
+            .unwrap();
+    }
+    std::fs::remove_file(&bob.state).unwrap();
+    std::fs::rename(&plain, &bob.state).unwrap();
+    assert!(
+        std::fs::read(&bob.state)
+            .unwrap()
+            .starts_with(b"SQLite format 3\0")
+    );
+
+    // It still works, with a note, and needs no passphrase.
+    alice.run(&node, "send", &["--msg", "to the old file"]);
+    let output = with_passphrase(&node, None, &["recv", "--state", &bob.state]);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("to the old file"));
+    assert!(
+        common::stderr(&output).contains("state encrypt"),
+        "{}",
+        common::stderr(&output)
+    );
+
+    let output = node.cli(&["--json", "state", "encrypt", "--state", &bob.state]);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    let done: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (done["encrypted"].clone(), done["already"].clone()),
+        (true.into(), false.into())
+    );
+    let bytes = std::fs::read(&bob.state).unwrap();
+    assert!(!bytes.starts_with(b"SQLite format 3"));
+    assert!(!bytes.windows(15).any(|w| w == b"to the old file"));
+
+    // Now it takes the passphrase, and nothing was lost.
+    let locked = with_passphrase(&node, None, &["--json", "groups", "--state", &bob.state]);
+    assert_eq!(error_object(&locked, 7)["kind"], "bad_passphrase");
+    assert!(bob.run(&node, "history", &[]).contains("to the old file"));
+    bob.run(&node, "send", &["--msg", "encrypted now"]);
+    assert!(alice.run(&node, "recv", &[]).contains("encrypted now"));
+    let again = node.cli(&["--json", "state", "encrypt", "--state", &bob.state]);
+    let done: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(done["already"], true);
+}
+
+#[test]
+fn at_a_terminal_the_passphrase_is_asked_for_twice_for_a_new_file_then_once() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let state = common::state(dir.path(), "typed.state");
+    // `env -u` drops the tests' passphrase variable, so the client asks.
+    // Each answer is typed once its prompt shows, as a person would (keys
+    // typed before the prompt turns echo off would be echoed).
+    let typed = |args: &[&str], answers: &[(&str, &str)]| -> (bool, String) {
+        use std::io::{Read, Write};
+        let line = format!(
+            "env -u QUICNPROTOCHAT_STATE_PASSPHRASE {}",
+            node.shell_line_asking(args)
+        );
+        let mut terminal = std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("script (util-linux) runs");
+        let mut keys = terminal.stdin.take().unwrap();
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stdout = terminal.stdout.take().unwrap();
+        let shown = screen.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buffer = [0u8; 1024];
+            while let Ok(n) = stdout.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                shown
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        });
+        let mut seen = 0;
+        for (prompt, answer) in answers {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let text = screen.lock().unwrap().clone();
+                if let Some(at) = text[seen..].find(prompt) {
+                    seen += at + prompt.len();
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no prompt {prompt:?}: {text}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // The prompt is written just before echo is turned off.
+            std::thread::sleep(Duration::from_millis(200));
+            keys.write_all(format!("{answer}\n").as_bytes()).unwrap();
+            keys.flush().unwrap();
+        }
+        let status = terminal.wait().unwrap();
+        drop(keys);
+        reader.join().unwrap();
+        let shown = screen.lock().unwrap().clone();
+        (status.success(), shown)
+    };
+    let (made, shown) = typed(
+        &["register-state", "--state", &state],
+        &[
+            ("new passphrase for", "typed secret"),
+            ("the same again", "typed secret"),
+        ],
+    );
+    assert!(made, "{shown}");
+    assert!(!shown.contains("typed secret"), "not echoed: {shown}");
+
+    let (opened, shown) = typed(
+        &["whoami", "--state", &state],
+        &[("passphrase of", "typed secret")],
+    );
+    assert!(opened, "{shown}");
+    let key = StateFile::open(&quicnprotochat_client::state::StateAccess::with_passphrase(
+        &state,
+        "typed secret",
+    ))
+    .unwrap()
+    .identity_key()
+    .unwrap();
+    assert!(shown.contains(&key.to_string()), "{shown}");
 }

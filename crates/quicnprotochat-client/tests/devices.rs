@@ -201,7 +201,7 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
     // It holds no key its user still uses: the user key's secret was never
     // in its state file (so it cannot log in as the phone, whose key that
     // is, nor sign a list), and it may not link or remove devices.
-    let user = StateFile::open(std::path::Path::new(&phone.state))
+    let user = StateFile::open(&common::access(&phone.state))
         .unwrap()
         .user()
         .unwrap()
@@ -220,7 +220,7 @@ fn a_user_with_two_devices_reads_and_writes_from_both_and_can_cut_one_off() {
             );
         }
     }
-    let laptop_state = StateFile::open(std::path::Path::new(&laptop.state)).unwrap();
+    let laptop_state = StateFile::open(&common::access(&laptop.state)).unwrap();
     assert!(laptop_state.user().unwrap().is_none());
     let spare = link(&node, &state(dir.path(), "spare.state"), &[]);
     for args in [vec!["add", spare.as_str()], vec!["remove", phone_device.as_str()]] {

@@ -230,7 +230,7 @@ fn garbage_and_messages_for_unknown_groups_are_skipped_and_the_rest_processed() 
     // A real MLS message of a group Bob is not in, moved into his queue.
     carol.run(&node, "send", &["--group-id", "theirs", "--msg", "not for bob"]);
     let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
-    let alice_identity = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&alice.state))
+    let alice_identity = quicnprotochat_client::state::StateFile::open(&common::access(&alice.state))
         .unwrap()
         .identity()
         .unwrap();
@@ -277,12 +277,13 @@ fn a_client_killed_between_fetch_and_ack_loses_nothing_and_applies_once() {
     let crashed = std::process::Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"))
         .args(&args)
         .env("QUICNPROTOCHAT_TEST_EXIT_AFTER_FETCH", "1")
+        .env("QUICNPROTOCHAT_STATE_PASSPHRASE", common::PASSPHRASE)
         .output()
         .unwrap();
     assert_eq!(crashed.status.code(), Some(3), "{}", common::stderr(&crashed));
     assert!(crashed.stdout.is_empty(), "nothing was processed");
     // Not acknowledged: the node still holds both and will deliver them again.
-    let bob_identity = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&bob.state))
+    let bob_identity = quicnprotochat_client::state::StateFile::open(&common::access(&bob.state))
         .unwrap()
         .identity()
         .unwrap();
@@ -379,7 +380,7 @@ fn register_uploads_a_batch_with_a_last_resort_and_recv_tops_up() {
     config.key_package_serve_rate = 0;
     let node = TestNode::start_with(config, dir.path().to_owned());
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
-    let bob_identity = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&bob.state))
+    let bob_identity = quicnprotochat_client::state::StateFile::open(&common::access(&bob.state))
         .unwrap()
         .identity()
         .unwrap();
@@ -522,6 +523,7 @@ fn recv_follow_prints_messages_as_they_arrive_until_interrupted() {
 
     let mut follow = Command::new(env!("CARGO_BIN_EXE_quicnprotochat-client"));
     follow
+        .env("QUICNPROTOCHAT_STATE_PASSPHRASE", common::PASSPHRASE)
         .args([
             "--server",
             &node.addr.to_string(),
@@ -583,7 +585,7 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
 
     // Alice updated; the node took the Commit but its answer was lost: the
     // Commit is still pending in her state and the change is in her outbox.
-    let state = StateFile::open(std::path::Path::new(&alice.state)).unwrap();
+    let state = StateFile::open(&common::access(&alice.state)).unwrap();
     let identity = state.identity().unwrap();
     let group_id = state.current_group().unwrap().unwrap();
     let mut group = GroupMember::load(&state.provider(), &group_id).unwrap().unwrap();

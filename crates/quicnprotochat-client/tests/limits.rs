@@ -498,7 +498,7 @@ fn nobody_drains_an_identitys_key_packages_in_a_burst_and_the_last_resort_keeps_
 }
 
 fn identity_of(member: &common::Member) -> quicnprotochat_core::IdentityKeypair {
-    quicnprotochat_client::state::StateFile::open(std::path::Path::new(&member.state))
+    quicnprotochat_client::state::StateFile::open(&common::access(&member.state))
         .unwrap()
         .identity()
         .unwrap()

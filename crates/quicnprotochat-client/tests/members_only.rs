@@ -33,7 +33,7 @@ fn group_id_of(node: &TestNode, member: &Member, name: &str) -> GroupId {
 }
 
 fn identity_of(member: &Member) -> IdentityKeypair {
-    StateFile::open(std::path::Path::new(&member.state))
+    StateFile::open(&common::access(&member.state))
         .unwrap()
         .identity()
         .unwrap()
@@ -154,7 +154,7 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
     // Bob; one removing Bob, for Carol.
     let alice_identity = identity_of(&alice);
     let (for_bob, for_carol, carols_group_info) = {
-        let state = StateFile::open(std::path::Path::new(&alice.state)).unwrap();
+        let state = StateFile::open(&common::access(&alice.state)).unwrap();
         let provider = state.provider();
         let mut trio = GroupMember::load(&provider, &group).unwrap().unwrap();
         let for_bob = trio

@@ -52,6 +52,7 @@ fn client(ca_cert: &Path) -> Command {
         .env_remove("QUICNPROTOCHAT_SERVER")
         .env_remove("QUICNPROTOCHAT_DS_SERVER")
         .env_remove("QUICNPROTOCHAT_STATE")
+        .env("QUICNPROTOCHAT_STATE_PASSPHRASE", common::PASSPHRASE)
         .arg("--ca-cert")
         .arg(ca_cert);
     command

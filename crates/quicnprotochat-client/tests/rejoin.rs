@@ -171,7 +171,7 @@ fn a_stranger_or_a_removed_member_cannot_rejoin_and_the_group_is_unaffected() {
 /// if the client had crashed before the node answered: the group is merged
 /// in the state file and the publication waits in the outbox.
 fn stage_unanswered_rejoin(node: &TestNode, member: &Member, group_id: &str, message_id: &[u8]) {
-    let state = StateFile::open(Path::new(&member.state)).unwrap();
+    let state = StateFile::open(&common::access(&member.state)).unwrap();
     let identity = state.identity().unwrap();
     let me = identity.public_key();
     let group_id = GroupId::new(group_id.as_bytes().to_vec()).unwrap();

@@ -326,7 +326,7 @@ fn exit_codes_and_error_kinds_tell_failures_apart() {
     // Local failure (1): a state file written by a newer client.
     let newer = common::state(dir.path(), "newer.state");
     std::fs::copy(&alice.state, &newer).unwrap();
-    rusqlite::Connection::open(&newer)
+    quicnprotochat_client::state::StateFile::raw_connection(&common::access(&newer))
         .unwrap()
         .pragma_update(None, "user_version", 999)
         .unwrap();
@@ -451,7 +451,7 @@ fn queued_messages_kept_for_later_or_dropped_are_reported_as_objects() {
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "ours", &alice, &[&bob]);
-    let group_id = quicnprotochat_client::state::StateFile::open(std::path::Path::new(&bob.state))
+    let group_id = quicnprotochat_client::state::StateFile::open(&common::access(&bob.state))
         .unwrap()
         .current_group()
         .unwrap()

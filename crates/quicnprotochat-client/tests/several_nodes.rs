@@ -62,7 +62,8 @@ fn register_on_one_node_invite_through_another_and_follow_on_a_third() {
             c.cert().to_str().unwrap(),
         ])
         .args(["recv", "--follow", "--state", &bob.state])
-        .env_remove("QUICNPROTOCHAT_SERVER");
+        .env_remove("QUICNPROTOCHAT_SERVER")
+        .env("QUICNPROTOCHAT_STATE_PASSPHRASE", common::PASSPHRASE);
     let mut follower = Follower::start(follow);
     follower.await_note("following", Duration::from_secs(20));
     for (node, text) in [(a, "sent through A"), (b, "sent through B")] {

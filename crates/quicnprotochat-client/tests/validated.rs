@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{Member, TestNode, group_of};
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::GroupMember;
@@ -18,7 +16,7 @@ use quicnprotochat_proto::wire::Envelope;
 
 /// Opens a member's state file directly, as the client does.
 fn open(member: &Member) -> StateFile {
-    StateFile::open(Path::new(&member.state)).unwrap()
+    StateFile::open(&common::access(&member.state)).unwrap()
 }
 
 /// Stages a self-update of `member`'s current group in its outbox as if the

@@ -23,7 +23,6 @@
 
 use std::future::Future;
 use std::io::IsTerminal;
-use std::path::Path;
 use std::pin::{Pin, pin};
 
 use quicnprotochat_core::{IdentityKeypair, QueuedMessage};
@@ -40,7 +39,7 @@ use crate::key_packages::top_up_key_packages;
 use crate::naming::{group_name, invitation_to, load_group, print_members};
 use crate::publish::commit_due_proposals;
 use crate::sending::{Unconfirmed, deliver_again, send_through};
-use crate::state::StateFile;
+use crate::state::{StateAccess, StateFile};
 use crate::sync::catch_up;
 
 /// What `/help` and an unknown command show.
@@ -50,10 +49,10 @@ const COMMANDS: &str = "/members, /invite NAME|HEX..., /group NAME, /accept GROU
 /// one joined while chatting) until `/quit`, the end of stdin, or Ctrl-C.
 pub(crate) async fn chat(
     args: &ConnectionArgs,
-    path: &Path,
+    access: &StateAccess,
     group_id: Option<String>,
 ) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     // A group named but not ours is refused before dialling a node. With
     // no group at all, chat still starts: it can wait for an invitation,

@@ -4,7 +4,6 @@
 //! protocol (codes, key derivation, handoff) is `quicnprotochat_core::link`;
 //! here it meets the node and the groups.
 
-use std::path::Path;
 use std::time::Duration;
 
 use quicnprotochat_core::link::{DeviceKeyPackages, Handoff, LinkCode, LinkSecret, derive_device};
@@ -22,12 +21,12 @@ use crate::naming::{group_name, others, parse_key};
 use crate::output::counted;
 use crate::output::{self, print_json};
 use crate::publish::Change;
-use crate::state::{StateFile, unix_now};
+use crate::state::{StateAccess, StateFile, unix_now};
 
 /// `link`: makes this new state file a device waiting to be linked and
 /// prints its link code (valid for `valid_for`).
-pub(crate) fn link(path: &Path, valid_for: Duration) -> Result<(), ClientError> {
-    let state = StateFile::open_or_create(path)?;
+pub(crate) fn link(access: &StateAccess, valid_for: Duration) -> Result<(), ClientError> {
+    let state = StateFile::open_or_create(access)?;
     let expires_at = (unix_now().max(0) as u64).saturating_add(valid_for.as_secs());
     let secret = LinkSecret::generate(expires_at);
     state.start_link(&secret)?;
@@ -47,13 +46,13 @@ pub(crate) fn link(path: &Path, valid_for: Duration) -> Result<(), ClientError> 
 /// `devices add | list | remove`.
 pub(crate) async fn devices(
     args: &ConnectionArgs,
-    path: &Path,
+    access: &StateAccess,
     action: DevicesAction,
 ) -> Result<(), ClientError> {
     match action {
-        DevicesAction::Add { code } => add(args, path, &code).await,
-        DevicesAction::List => list(args, path).await,
-        DevicesAction::Remove { device_key } => remove(args, path, &device_key).await,
+        DevicesAction::Add { code } => add(args, access, &code).await,
+        DevicesAction::List => list(args, access).await,
+        DevicesAction::Remove { device_key } => remove(args, access, &device_key).await,
     }
 }
 
@@ -106,8 +105,8 @@ fn user_key(
 
 /// `devices add CODE`: signs the new device into the user's list, hands it
 /// its key (sealed to the code) and adds it to every group.
-async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+async fn add(args: &ConnectionArgs, access: &StateAccess, code: &str) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let user = user_key(&state, &identity, "link devices")?;
     let code = LinkCode::parse(code)?;
@@ -190,8 +189,8 @@ async fn add(args: &ConnectionArgs, path: &Path, code: &str) -> Result<(), Clien
 }
 
 /// `devices list`: the user's devices as the node serves them, verified.
-async fn list(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+async fn list(args: &ConnectionArgs, access: &StateAccess) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     let (_, devices) = current_devices(&nodes, &state, &identity).await?;
@@ -215,8 +214,8 @@ async fn list(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
 
 /// `devices remove KEY`: a new list without the device, then its leaves
 /// removed from every group. Runs on the first device, which stays.
-async fn remove(args: &ConnectionArgs, path: &Path, device_key: &str) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+async fn remove(args: &ConnectionArgs, access: &StateAccess, device_key: &str) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let user = user_key(&state, &identity, "remove devices")?;
     let gone = parse_key("device key", device_key)?;

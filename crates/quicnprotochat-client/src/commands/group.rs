@@ -7,7 +7,6 @@
 //! it merged. If the node refuses a Commit or a proposal, the group is left
 //! as it was.
 
-use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use quicnprotochat_core::{CoreError, GroupMember, Suite};
@@ -25,14 +24,14 @@ use crate::naming::{
 use crate::output::counted;
 use crate::output::{self, print_json, shown};
 use crate::publish;
-use crate::state::{Direction, StateFile};
+use crate::state::{Direction, StateAccess, StateFile};
 
 /// `create-group`: a new group with us as its only member, in `suite`.
-pub(crate) fn create_group(path: &Path, group_id: &str, suite: Suite) -> Result<(), ClientError> {
+pub(crate) fn create_group(access: &StateAccess, group_id: &str, suite: Suite) -> Result<(), ClientError> {
     if group_id.is_empty() {
         return Err(ClientError::Usage("--group-id must not be empty".into()));
     }
-    let state = StateFile::open(path)?;
+    let state = StateFile::open(access)?;
     if state
         .groups()?
         .iter()
@@ -66,11 +65,11 @@ pub(crate) fn create_group(path: &Path, group_id: &str, suite: Suite) -> Result<
 /// members and the Welcome to the new ones, in one atomic delivery.
 pub(crate) async fn invite(
     args: &ConnectionArgs,
-    path: &Path,
+    access: &StateAccess,
     peers: &PeerArgs,
     group_id: Option<&str>,
 ) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     // Refuse a missing group or unknown peer before dialling a node.
     load_group_as_member(&state, group_id)?;
@@ -89,11 +88,11 @@ pub(crate) async fn invite(
 /// removed, so they learn of it.
 pub(crate) async fn remove(
     args: &ConnectionArgs,
-    path: &Path,
+    access: &StateAccess,
     peers: &PeerArgs,
     group_id: Option<&str>,
 ) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let me = identity.public_key();
     let (group_id, _) = load_group_as_member(&state, group_id)?;
@@ -123,10 +122,10 @@ pub(crate) async fn remove(
 /// proposals).
 pub(crate) async fn update(
     args: &ConnectionArgs,
-    path: &Path,
+    access: &StateAccess,
     group_id: Option<&str>,
 ) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let (group_id, _) = load_group_as_member(&state, group_id)?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
@@ -145,10 +144,10 @@ pub(crate) async fn update(
 /// lowest leaf index commits it on their next `recv`.
 pub(crate) async fn leave(
     args: &ConnectionArgs,
-    path: &Path,
+    access: &StateAccess,
     group_id: Option<&str>,
 ) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let (group_id, group) = load_group_as_member(&state, group_id)?;
     if others(&group, &identity.public_key()).is_empty() {
@@ -173,8 +172,12 @@ pub(crate) async fn leave(
 /// `rejoin`: brings back a group whose state this client lost (or holds
 /// only in a stale form), by external commit from the group's state on the
 /// node. Only an identity that still owns a leaf of the group may.
-pub(crate) async fn rejoin(args: &ConnectionArgs, path: &Path, group_id: &str) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) async fn rejoin(
+    args: &ConnectionArgs,
+    access: &StateAccess,
+    group_id: &str,
+) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let group_id = rejoin_group_id(&state, group_id)?;
     let name = group_name(group_id.as_bytes());
@@ -197,8 +200,8 @@ pub(crate) async fn rejoin(args: &ConnectionArgs, path: &Path, group_id: &str) -
 
 /// `groups`: one line per group: current marker, name, epoch, members,
 /// ciphersuite (with `--json`, one document listing them).
-pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) fn groups(access: &StateAccess) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let current = state.current_group()?;
     let mut listed = Vec::new();
     for record in state.groups()? {
@@ -247,13 +250,13 @@ pub(crate) fn groups(path: &Path) -> Result<(), ClientError> {
 
 /// `members`: one line per member user: user key, contact name, `(you)`,
 /// and how many of its devices are in the group.
-pub(crate) fn members(path: &Path, group_id: Option<&str>) -> Result<(), ClientError> {
-    print_members(&StateFile::open(path)?, group_id)
+pub(crate) fn members(access: &StateAccess, group_id: Option<&str>) -> Result<(), ClientError> {
+    print_members(&StateFile::open(access)?, group_id)
 }
 
 /// `history`: the group's messages from local storage, oldest first.
-pub(crate) fn history(path: &Path, group_id: Option<&str>) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) fn history(access: &StateAccess, group_id: Option<&str>) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let me = state.identity_key()?;
     let (group_id, _) = load_group(&state, group_id)?;
     let mut listed = Vec::new();

@@ -1,6 +1,4 @@
-//! `register-state`, `whoami` and `contacts`.
-
-use std::path::Path;
+//! `register-state`, `whoami`, `contacts` and `state encrypt`.
 
 use serde_json::json;
 
@@ -10,12 +8,12 @@ use crate::error::ClientError;
 use crate::key_packages::{top_up_key_packages, upload};
 use crate::naming::parse_key;
 use crate::output::{self, print_json};
-use crate::state::StateFile;
+use crate::state::{Encryption, StateAccess, StateFile};
 
 /// `register-state`: creates the state file (or reuses its identity),
 /// uploads a fresh KeyPackage and prints the identity key.
-pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
-    let state = StateFile::open_or_create(path)?;
+pub(crate) async fn register_state(args: &ConnectionArgs, access: &StateAccess) -> Result<(), ClientError> {
+    let state = StateFile::open_or_create(access)?;
     let identity = state.identity_or_generate()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     // Always one fresh KeyPackage, then fill up to a batch (plus a last
@@ -43,8 +41,8 @@ pub(crate) async fn register_state(args: &ConnectionArgs, path: &Path) -> Result
 
 /// `whoami`: prints the user key (or, with `device`, this device's key)
 /// and nothing else.
-pub(crate) fn whoami(path: &Path, device: bool) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) fn whoami(access: &StateAccess, device: bool) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     if output::json() {
         // Both keys, whichever was asked for.
@@ -61,8 +59,8 @@ pub(crate) fn whoami(path: &Path, device: bool) -> Result<(), ClientError> {
 }
 
 /// `contacts add | list | remove`.
-pub(crate) fn contacts(path: &Path, action: ContactsAction) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) fn contacts(access: &StateAccess, action: ContactsAction) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     match action {
         ContactsAction::Add { name, identity_key } => {
             if name.is_empty()
@@ -97,6 +95,25 @@ pub(crate) fn contacts(path: &Path, action: ContactsAction) -> Result<(), Client
                 return Err(ClientError::Usage(format!("no contact named {name:?}")));
             }
         }
+    }
+    Ok(())
+}
+
+/// `state encrypt`: encrypts a state file made before state files were
+/// encrypted; one that is encrypted already is left as it is.
+pub(crate) fn encrypt_state(access: &StateAccess) -> Result<(), ClientError> {
+    let done = StateFile::encrypt(access)?;
+    let path = access.path().display();
+    if output::json() {
+        print_json(&json!({
+            "state": path.to_string(),
+            "encrypted": true,
+            "already": done == Encryption::AlreadyEncrypted,
+        }))?;
+    } else if done == Encryption::AlreadyEncrypted {
+        note!("{path} is encrypted already; nothing changed");
+    } else {
+        note!("{path} is now encrypted; the same passphrase opens it from now on");
     }
     Ok(())
 }

@@ -1,8 +1,6 @@
 //! `send`, `recv` and `join`: application messages and the inbox (the
 //! `incoming` module fetches and applies queued messages).
 
-use std::path::Path;
-
 use quicnprotochat_core::{Incoming, classify};
 
 use crate::changes::replace_handed_leaves;
@@ -18,19 +16,19 @@ use crate::output::counted;
 use crate::output::{self, print_json};
 use crate::publish::commit_due_proposals;
 use crate::sending::send_through;
-use crate::state::{Invitation, StateError, StateFile};
+use crate::state::{Invitation, StateAccess, StateError, StateFile};
 use crate::sync::catch_up;
 
 /// `send`: encrypts to the group and queues the ciphertext for the chosen
 /// members (default: every other member) in one atomic delivery.
 pub(crate) async fn send(
     args: &ConnectionArgs,
-    path: &Path,
+    access: &StateAccess,
     peers: &PeerArgs,
     group_id: Option<&str>,
     message: &str,
 ) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     // Delivering again after a lost connection is `chat`'s; `send` reports
@@ -45,8 +43,12 @@ pub(crate) async fn send(
 /// subscribed and does the same for every pushed batch until Ctrl-C,
 /// through the next node given when the connection is lost (see
 /// [`crate::follow`]).
-pub(crate) async fn recv(args: &ConnectionArgs, path: &Path, follow: bool) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) async fn recv(
+    args: &ConnectionArgs,
+    access: &StateAccess,
+    follow: bool,
+) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let identity = match state.identity() {
         Err(StateError::LinkPending(_)) => {
             // A new device: its first `recv` completes the link, then goes
@@ -86,8 +88,8 @@ fn tell_invitations(state: &StateFile) -> Result<(), ClientError> {
 }
 
 /// `invitations`: the waiting invitations, oldest first.
-pub(crate) fn invitations(path: &Path) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) fn invitations(access: &StateAccess) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let waiting = state.invitations()?;
     if output::json() {
         let mut listed = Vec::new();
@@ -119,11 +121,11 @@ pub(crate) fn invitations(path: &Path) -> Result<(), ClientError> {
 /// applies what those groups sent meanwhile.
 pub(crate) async fn accept(
     args: &ConnectionArgs,
-    path: &Path,
+    access: &StateAccess,
     group: Option<&str>,
     all: bool,
 ) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+    let state = StateFile::open(access)?;
     let chosen = match group {
         Some(group) if !all => vec![invitation_to(&state, group)?],
         _ => state.invitations()?,
@@ -153,8 +155,8 @@ async fn accept_all(nodes: &Nodes, state: &StateFile, chosen: &[Invitation]) -> 
 
 /// `decline GROUP`: forgets the invitation; what the group sent is dropped
 /// by the next `recv` (as for any group we are not in).
-pub(crate) fn decline(path: &Path, group: &str) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) fn decline(access: &StateAccess, group: &str) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let invitation = invitation_to(&state, group)?;
     state.remove_invitation(&invitation.group_id)?;
     note!(
@@ -167,8 +169,8 @@ pub(crate) fn decline(path: &Path, group: &str) -> Result<(), ClientError> {
 
 /// `join`: fetches the queue and joins from the Welcome(s) in it. Other
 /// messages stay in the local inbox for `recv`.
-pub(crate) async fn join(args: &ConnectionArgs, path: &Path) -> Result<(), ClientError> {
-    let state = StateFile::open(path)?;
+pub(crate) async fn join(args: &ConnectionArgs, access: &StateAccess) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     fetch_into_inbox(&nodes, &state, &identity).await?;

@@ -11,7 +11,7 @@
 //! # Layout
 //! - `node` — stateless commands: ping, register, fetch-key.
 //! - `demo` — demo-group.
-//! - `identity` — register-state, whoami, contacts.
+//! - `identity` — register-state, whoami, contacts, state encrypt.
 //! - `devices` — link, devices add | list | remove, and completing a link.
 //! - `group` — create-group, invite, remove, update, leave, rejoin, groups, members,
 //!   history.
@@ -28,22 +28,33 @@ mod identity;
 mod messages;
 mod node;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, StateAction};
 use crate::error::ClientError;
+use crate::passphrase::CliPassphrase;
+use crate::state::StateAccess;
 
 /// Runs one parsed command line. Must run inside a tokio `LocalSet`.
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
     let Cli {
         connection,
         state,
+        state_passphrase_file,
         command,
         ..
     } = cli;
     let connection = &connection;
     // `--state` is global (before or after any subcommand), so clap cannot
     // require it of the commands that need it: they ask here.
+    let access = state.map(|path| {
+        StateAccess::new(
+            path,
+            CliPassphrase {
+                file: state_passphrase_file,
+            },
+        )
+    });
     let state = || {
-        state.as_deref().ok_or_else(|| {
+        access.as_ref().ok_or_else(|| {
             ClientError::Usage(
                 "this command needs a state file: --state FILE (or QUICNPROTOCHAT_STATE)".into(),
             )
@@ -88,5 +99,8 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Recv { follow } => messages::recv(connection, state()?, follow).await,
         Command::Chat { group_id } => chat::chat(connection, state()?, group_id).await,
         Command::Completions { shell } => completions::completions(shell),
+        Command::State {
+            action: StateAction::Encrypt,
+        } => identity::encrypt_state(state()?),
     }
 }

@@ -2,14 +2,20 @@
 //! groups this client is in, a local inbox, and (through
 //! `openmls_sqlite_storage`) all MLS state.
 //!
-//! A state file is opened only after a read-only check that it is ours and
-//! intact, so a wrong path or a corrupt file is reported and never written.
+//! A state file is encrypted (SQLCipher, under a key derived from a
+//! passphrase; see `cipher`) and opened only after a read-only check that
+//! the key opens it and that it is ours and intact, so a wrong passphrase,
+//! a wrong path or a corrupt file is reported and never written. A file
+//! made before encryption still opens, and [`StateFile::encrypt`]
+//! converts it.
 //!
 //! Changes that must happen together (an MLS state change and the row that
 //! records it) are one method here, each one transaction; callers never
 //! open transactions themselves.
 //!
 //! # Layout
+//! - `access` — a file's path with the source of its passphrase.
+//! - `cipher` — the file's encryption: what a file is, its key.
 //! - `provider` — the OpenMLS provider over the state file's connection.
 //! - `schema` — our tables' numbered migrations and the ownership check.
 //! - `groups` — the groups we are in and the current group; creating,
@@ -26,6 +32,8 @@
 //!   pending link, and the leaf keys its linking device made.
 //! - `history` — sent and received application messages.
 
+mod access;
+mod cipher;
 mod contacts;
 mod devices;
 mod groups;
@@ -45,6 +53,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quicnprotochat_core::{CoreError, GroupId, IdentityKey, IdentityKeypair};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use cipher::{FileKey, Format};
+
+pub use access::{Passphrase, StateAccess, Unlock};
 pub use history::{Direction, HistoryEntry, SentMessage};
 pub use outbox::{Publication, Settlement};
 pub use provider::{JsonCodec, StateProvider};
@@ -56,6 +67,25 @@ pub enum StateError {
     /// The file does not exist.
     #[error("state file {0} not found; create it with `register-state --state {0}`")]
     Missing(PathBuf),
+    /// The file is encrypted, or is to be made, and no passphrase was
+    /// given.
+    #[error(
+        "{0} needs its passphrase (state files are encrypted): type it at the prompt, or set QUICNPROTOCHAT_STATE_PASSPHRASE, or pass --state-passphrase-file FILE"
+    )]
+    NoPassphrase(PathBuf),
+    /// The passphrase file (or variable) could not be read.
+    #[error("cannot read the state file's passphrase from {}: {reason}", .file.display())]
+    PassphraseFile {
+        /// The file (or `$VARIABLE`).
+        file: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The passphrase given does not open the file.
+    #[error(
+        "the passphrase does not open {0} (or it is not a state file: its first page does not decrypt); it was left untouched"
+    )]
+    WrongPassphrase(PathBuf),
     /// The file is not a quicnprotochat state file, or is damaged.
     #[error("{path} is not a usable quicnprotochat state file ({reason}); it was left untouched")]
     NotAStateFile {
@@ -111,6 +141,100 @@ pub enum StateError {
     Io(#[from] std::io::Error),
 }
 
+/// What [`StateFile::encrypt`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    /// The file was plain and is now encrypted.
+    Encrypted,
+    /// The file was encrypted already; nothing changed.
+    AlreadyEncrypted,
+}
+
+/// Copies every table of `plain` into a new encrypted file at `copy`, with
+/// our schema version and application id (which `sqlcipher_export` does
+/// not carry), and makes it durable.
+fn export(plain: &Connection, key: &FileKey, copy: &Path) -> Result<(), StateError> {
+    key.attach(plain, copy)?;
+    let exported = (|| {
+        plain.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
+        let version: i64 = plain.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        plain.execute_batch(&format!(
+            "PRAGMA encrypted.user_version = {version}; PRAGMA encrypted.application_id = {};",
+            schema::APPLICATION_ID
+        ))
+    })();
+    let detached = plain.execute_batch("DETACH DATABASE encrypted");
+    exported?;
+    detached?;
+    std::fs::File::open(copy)?.sync_all()?;
+    Ok(())
+}
+
+/// Checks that `encrypted` holds the same tables as `plain`, each with as
+/// many rows.
+fn same_rows(plain: &Connection, encrypted: &Connection) -> Result<(), StateError> {
+    let tables = |connection: &Connection| -> rusqlite::Result<Vec<String>> {
+        let mut statement = connection.prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )?;
+        statement
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()
+    };
+    let names = tables(plain)?;
+    if names != tables(encrypted)? {
+        return Err(StateError::Damaged(
+            "the encrypted copy lacks tables of the plain file".into(),
+        ));
+    }
+    for name in names {
+        let count = format!("SELECT count(*) FROM \"{}\"", name.replace('"', "\"\""));
+        let rows = |connection: &Connection| connection.query_row(&count, [], |row| row.get::<_, i64>(0));
+        if rows(plain)? != rows(encrypted)? {
+            return Err(StateError::Damaged(format!(
+                "the encrypted copy of table {name} has other rows than the plain file"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Gives the file at `path` owner-only permissions: it holds the
+/// identity's secret key.
+fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn sync_directory(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// A group this client is a member of, as recorded in the state file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecord {
@@ -134,47 +258,135 @@ impl StateFile {
     ///
     /// An empty file is refused: only [`Self::open_or_create`] (the
     /// commands that create a state) takes one.
-    pub fn open(path: &Path) -> Result<StateFile, StateError> {
-        Self::open_existing(path, false)
+    pub fn open(access: &StateAccess) -> Result<StateFile, StateError> {
+        Self::open_existing(access, false)
     }
 
-    fn open_existing(path: &Path, allow_fresh: bool) -> Result<StateFile, StateError> {
+    fn open_existing(access: &StateAccess, allow_fresh: bool) -> Result<StateFile, StateError> {
+        let path = access.path();
         if !path.exists() {
             return Err(StateError::Missing(path.to_owned()));
         }
-        schema::check(path, allow_fresh)?;
-        Self::open_checked(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        let key = match cipher::format(path)? {
+            Format::Encrypted(salt) => Some(FileKey::derive(&access.passphrase(false)?, salt)),
+            Format::Empty if allow_fresh => Some(FileKey::fresh(&access.passphrase(true)?)),
+            Format::Plain | Format::Empty => None,
+            Format::Unknown => {
+                return Err(StateError::NotAStateFile {
+                    path: path.to_owned(),
+                    reason: "it is not a SQLite database".into(),
+                });
+            }
+        };
+        schema::check(path, allow_fresh, key.as_ref())?;
+        let state = Self::open_checked(path, key.as_ref(), OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        if key.is_none() {
+            access.opened_plain();
+        }
+        Ok(state)
     }
 
-    /// Opens the state file at `path`, creating it (owner-only permissions)
-    /// when it does not exist or is empty.
-    pub fn open_or_create(path: &Path) -> Result<StateFile, StateError> {
+    /// Opens the state file of `access`, creating it encrypted (with
+    /// owner-only permissions) when it does not exist or is empty.
+    pub fn open_or_create(access: &StateAccess) -> Result<StateFile, StateError> {
+        let path = access.path();
         if path.exists() {
-            return Self::open_existing(path, true);
+            return Self::open_existing(access, true);
         }
+        // Asked before anything is written: a missing passphrase leaves
+        // no file behind.
+        let key = FileKey::fresh(&access.passphrase(true)?);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let state = Self::open_checked(
             path,
+            Some(&key),
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // The file holds the identity's secret key.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        restrict_to_owner(path)?;
         Ok(state)
     }
 
-    fn open_checked(path: &Path, flags: OpenFlags) -> Result<StateFile, StateError> {
+    fn open_checked(path: &Path, key: Option<&FileKey>, flags: OpenFlags) -> Result<StateFile, StateError> {
         let mut connection = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        if let Some(key) = key {
+            key.apply(&connection)?;
+        }
         schema::migrate(path, &mut connection)?;
         Ok(StateFile {
             path: path.to_owned(),
             connection,
         })
+    }
+
+    /// Encrypts the unencrypted state file of `access` under its
+    /// passphrase: writes an encrypted copy beside it, reads the copy back
+    /// (every table, row for row), and only then puts it in the plain
+    /// file's place. A file already encrypted is left as it is.
+    ///
+    /// No other command may use the file meanwhile: one that already has
+    /// it open would go on writing to the plain file, which is then gone.
+    pub fn encrypt(access: &StateAccess) -> Result<Encryption, StateError> {
+        let path = access.path();
+        if !path.exists() {
+            return Err(StateError::Missing(path.to_owned()));
+        }
+        match cipher::format(path)? {
+            Format::Encrypted(_) => return Ok(Encryption::AlreadyEncrypted),
+            Format::Plain => {}
+            Format::Empty | Format::Unknown => {
+                return Err(StateError::NotAStateFile {
+                    path: path.to_owned(),
+                    reason: "it is not a SQLite database".into(),
+                });
+            }
+        }
+        schema::check(path, false, None)?;
+        let key = FileKey::fresh(&access.passphrase(true)?);
+        let mut copy = path.as_os_str().to_owned();
+        copy.push(".encrypting");
+        let copy = PathBuf::from(copy);
+        // A copy left by an interrupted conversion is incomplete.
+        remove_if_present(&copy)?;
+        // CREATE lets ATTACH make the copy; the plain file exists already.
+        let plain = Self::open_checked(
+            path,
+            None,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )?;
+        let exported = export(&plain.connection, &key, &copy).and_then(|()| {
+            restrict_to_owner(&copy)?;
+            let encrypted = Self::open_checked(&copy, Some(&key), OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+            same_rows(&plain.connection, &encrypted.connection)
+        });
+        if let Err(e) = exported {
+            let _ = std::fs::remove_file(&copy);
+            return Err(e);
+        }
+        drop(plain);
+        std::fs::rename(&copy, path)?;
+        sync_directory(path)?;
+        Ok(Encryption::Encrypted)
+    }
+
+    /// The file's SQLite connection with its key applied, nothing checked
+    /// or migrated: for tests and tools that look inside a state file (it
+    /// may create files it attaches).
+    #[doc(hidden)]
+    pub fn raw_connection(access: &StateAccess) -> Result<Connection, StateError> {
+        let path = access.path();
+        if !path.exists() {
+            return Err(StateError::Missing(path.to_owned()));
+        }
+        let connection = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )?;
+        if let Format::Encrypted(salt) = cipher::format(path)? {
+            FileKey::derive(&access.passphrase(false)?, salt).apply(&connection)?;
+        }
+        Ok(connection)
     }
 
     /// The file's path.
@@ -213,9 +425,17 @@ impl StateFile {
         let free: i64 = self
             .connection
             .pragma_query_value(None, "freelist_count", |row| row.get(0))?;
-        let page: i64 = self
-            .connection
-            .pragma_query_value(None, "page_size", |row| row.get(0))?;
+        // SQLCipher answers `page_size` of an encrypted file as its
+        // `cipher_page_size`, in text.
+        let page: i64 =
+            self.connection
+                .pragma_query_value(None, "page_size", |row| match row.get_ref(0)? {
+                    rusqlite::types::ValueRef::Text(text) => Ok(std::str::from_utf8(text)
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(4096)),
+                    _ => row.get(0),
+                })?;
         if free.saturating_mul(page) < THRESHOLD {
             return Ok(false);
         }

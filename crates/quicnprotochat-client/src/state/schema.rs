@@ -8,6 +8,7 @@ use openmls_sqlite_storage::SqliteStorageProvider;
 use quicnprotochat_sqlite::{MigrationError, Ownership, check_ownership};
 use rusqlite::{Connection, OpenFlags};
 
+use super::cipher::{self, FileKey};
 use super::{JsonCodec, StateError};
 
 /// `application_id` of a state file: "QNPC" in ASCII.
@@ -134,21 +135,44 @@ pub(super) const MIGRATIONS: &[&str] = &[
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty
-/// file too, with `allow_fresh`), run before anything may write to it.
+/// file too, with `allow_fresh`), run before anything may write to it;
+/// `key` opens an encrypted file, and a key that does not is a wrong
+/// passphrase.
 ///
 /// A process that died inside a write leaves a hot rollback journal beside
 /// the file; a read-only connection cannot roll it back and SQLite then
 /// refuses to read at all. So a hot journal next to a file whose header
-/// says it is ours is rolled back first (opening it read-write and reading
-/// does that); any other file with a journal is refused untouched.
-pub(super) fn check(path: &Path, allow_fresh: bool) -> Result<(), StateError> {
+/// says it is ours (or that the key decrypts) is rolled back first (opening
+/// it read-write and reading does that); any other file with a journal is
+/// refused untouched.
+pub(super) fn check(path: &Path, allow_fresh: bool, key: Option<&FileKey>) -> Result<(), StateError> {
     let not_ours = |reason: String| StateError::NotAStateFile {
         path: path.to_owned(),
         reason,
     };
-    roll_back_hot_journal(path).map_err(not_ours)?;
+    let wrong_key = |e: rusqlite::Error| {
+        if cipher::is_wrong_key(&e) {
+            StateError::WrongPassphrase(path.to_owned())
+        } else {
+            not_ours(e.to_string())
+        }
+    };
+    match key {
+        Some(key) => roll_back_encrypted_journal(path, key).map_err(wrong_key)?,
+        None => roll_back_hot_journal(path).map_err(not_ours)?,
+    }
     let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| not_ours(e.to_string()))?;
+    if let Some(key) = key {
+        // The first read decrypts page 1; a wrong key fails it as "not a
+        // database", which here means the passphrase.
+        key.apply(&connection).map_err(wrong_key)?;
+        connection
+            .query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .map_err(wrong_key)?;
+    }
     match check_ownership(&connection, APPLICATION_ID).map_err(|e| not_ours(e.to_string()))? {
         Ownership::Ours { .. } => {}
         Ownership::Fresh if allow_fresh => {}
@@ -206,6 +230,24 @@ fn roll_back_hot_journal(path: &Path) -> Result<(), String> {
             row.get::<_, i64>(0)
         })
         .map_err(|e| format!("rolling back an interrupted write: {e}"))?;
+    Ok(())
+}
+
+/// Rolls back the hot journal of an interrupted write to an encrypted
+/// file, if there is one. Its header is ciphertext, so the key is the
+/// check: a wrong one fails the first read, and leaves the file intact
+/// (the journal holds the original pages as stored, in ciphertext).
+fn roll_back_encrypted_journal(path: &Path, key: &FileKey) -> rusqlite::Result<()> {
+    let mut journal = path.as_os_str().to_owned();
+    journal.push("-journal");
+    if !std::fs::metadata(&journal).is_ok_and(|meta| meta.len() > 0) {
+        return Ok(());
+    }
+    let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    key.apply(&connection)?;
+    connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+        row.get::<_, i64>(0)
+    })?;
     Ok(())
 }
 

@@ -3,6 +3,14 @@ use quicnprotochat_core::{CoreError, GroupMember, IdentityKeypair, QueuedMessage
 
 use super::*;
 
+/// The passphrase of the state files these tests make.
+const PASSPHRASE: &str = "correct horse battery staple";
+
+/// The state file at `path` under the tests' passphrase.
+fn sealed(path: &std::path::Path) -> StateAccess {
+    StateAccess::with_passphrase(path, PASSPHRASE)
+}
+
 /// `bytes` as a group id.
 fn gid(bytes: &[u8]) -> quicnprotochat_core::GroupId {
     quicnprotochat_core::GroupId::new(bytes.to_vec()).unwrap()
@@ -13,10 +21,10 @@ fn identity_survives_reopening_and_the_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("alice.state");
     let key = {
-        let state = StateFile::open_or_create(&path).unwrap();
+        let state = StateFile::open_or_create(&sealed(&path)).unwrap();
         state.identity_or_generate().unwrap()
     };
-    let state = StateFile::open(&path).unwrap();
+    let state = StateFile::open(&sealed(&path)).unwrap();
     // A new user's first device is the user key itself.
     assert_eq!(key.user(), key.public_key());
     assert_eq!(state.identity_key().unwrap(), key.user());
@@ -36,7 +44,7 @@ fn identity_survives_reopening_and_the_file_is_private() {
 #[test]
 fn a_missing_file_is_reported_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
-    let err = StateFile::open(&dir.path().join("nope.state")).unwrap_err();
+    let err = StateFile::open(&sealed(&dir.path().join("nope.state"))).unwrap_err();
     assert!(matches!(err, StateError::Missing(_)));
     assert!(err.to_string().contains("register-state"), "{err}");
 }
@@ -45,14 +53,173 @@ fn a_missing_file_is_reported_with_the_fix() {
 fn a_corrupt_file_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("garbage.state");
-    let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+    // Not a whole number of pages: no database of any kind.
+    let garbage: Vec<u8> = (0..4000u32).map(|i| (i * 7919 % 251) as u8).collect();
     std::fs::write(&path, &garbage).unwrap();
-    let err = StateFile::open(&path).unwrap_err();
+    let err = StateFile::open(&sealed(&path)).unwrap_err();
     assert!(matches!(err, StateError::NotAStateFile { .. }), "{err}");
     assert!(err.to_string().contains("left untouched"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), garbage);
-    assert!(StateFile::open_or_create(&path).is_err());
+    assert!(StateFile::open_or_create(&sealed(&path)).is_err());
     assert_eq!(std::fs::read(&path).unwrap(), garbage);
+
+    // A whole page of noise looks like an encrypted file whose first page
+    // the key does not decrypt: refused as the wrong passphrase, untouched.
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&path, &page).unwrap();
+    let err = StateFile::open(&sealed(&path)).unwrap_err();
+    assert!(matches!(err, StateError::WrongPassphrase(_)), "{err}");
+    assert!(err.to_string().contains("left untouched"), "{err}");
+    assert!(StateFile::open_or_create(&sealed(&path)).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), page);
+}
+
+#[test]
+fn the_file_is_ciphertext_and_only_its_passphrase_opens_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bob.state");
+    {
+        let state = StateFile::open_or_create(&sealed(&path)).unwrap();
+        let bob = state.identity_or_generate().unwrap();
+        state
+            .add_contact("secret-union-meeting", &bob.public_key())
+            .unwrap();
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(!bytes.starts_with(b"SQLite format 3"), "not a plain SQLite file");
+    assert!(
+        !bytes.windows(20).any(|w| w == b"secret-union-meeting"),
+        "no text in clear"
+    );
+
+    let wrong = StateFile::open(&StateAccess::with_passphrase(&path, "wrong")).unwrap_err();
+    assert!(matches!(wrong, StateError::WrongPassphrase(_)), "{wrong}");
+    let none = StateFile::open(&StateAccess::with_passphrase(&path, "")).unwrap_err();
+    assert!(matches!(none, StateError::NoPassphrase(_)), "{none}");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "left untouched");
+
+    let state = StateFile::open(&sealed(&path)).unwrap();
+    assert_eq!(state.contacts().unwrap()[0].0, "secret-union-meeting");
+}
+
+#[test]
+fn no_passphrase_makes_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.state");
+    let err = StateFile::open_or_create(&StateAccess::with_passphrase(&path, "")).unwrap_err();
+    assert!(matches!(err, StateError::NoPassphrase(_)), "{err}");
+    assert!(!path.exists());
+}
+
+/// Counts `opened_plain` calls.
+struct Counting(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl Unlock for Counting {
+    fn passphrase(
+        &self,
+        _path: &std::path::Path,
+        _new: bool,
+    ) -> Result<zeroize::Zeroizing<String>, StateError> {
+        Ok(zeroize::Zeroizing::new(PASSPHRASE.to_owned()))
+    }
+
+    fn opened_plain(&self, _path: &std::path::Path) {
+        self.0.set(self.0.get() + 1);
+    }
+}
+
+#[test]
+fn a_plain_file_still_opens_and_encrypt_converts_it_losing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.state");
+    // A state file as clients made them before encryption.
+    let key = {
+        let mut connection = rusqlite::Connection::open(&path).unwrap();
+        schema::migrate(&path, &mut connection).unwrap();
+        let state = StateFile {
+            path: path.clone(),
+            connection,
+        };
+        let key = state.identity_or_generate().unwrap();
+        state.add_contact("carol", &key.public_key()).unwrap();
+        key
+    };
+    assert!(std::fs::read(&path).unwrap().starts_with(b"SQLite format 3\0"));
+    let told = std::rc::Rc::new(std::cell::Cell::new(0));
+    {
+        let state = StateFile::open(&StateAccess::new(&path, Counting(told.clone()))).unwrap();
+        assert_eq!(state.identity_key().unwrap(), key.user());
+    }
+    assert_eq!(told.get(), 1, "the caller is told the file is plain");
+
+    assert_eq!(StateFile::encrypt(&sealed(&path)).unwrap(), Encryption::Encrypted);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(!bytes.starts_with(b"SQLite format 3"));
+    assert!(!bytes.windows(5).any(|w| w == b"carol"));
+    assert!(!dir.path().join("old.state.encrypting").exists());
+    let err = StateFile::open(&StateAccess::with_passphrase(&path, "wrong")).unwrap_err();
+    assert!(matches!(err, StateError::WrongPassphrase(_)), "{err}");
+    let state = StateFile::open(&StateAccess::new(&path, Counting(told.clone()))).unwrap();
+    assert_eq!(told.get(), 1, "no longer plain");
+    assert_eq!(state.identity_key().unwrap(), key.user());
+    assert_eq!(
+        state.contacts().unwrap(),
+        vec![("carol".to_owned(), key.public_key())]
+    );
+    drop(state);
+    assert_eq!(
+        StateFile::encrypt(&sealed(&path)).unwrap(),
+        Encryption::AlreadyEncrypted
+    );
+}
+
+#[test]
+fn an_encrypted_file_left_inside_a_write_rolls_back_and_a_wrong_key_harms_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("live.state");
+    {
+        let state = StateFile::open_or_create(&sealed(&path)).unwrap();
+        state.identity_or_generate().unwrap();
+    }
+    // A writer that spills pages into the file mid-transaction; the files
+    // copied then are what its death would leave.
+    let crashed = dir.path().join("crashed.state");
+    {
+        let writer = StateFile::raw_connection(&sealed(&path)).unwrap();
+        writer.pragma_update(None, "cache_size", 4).unwrap();
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for n in 0..200 {
+            writer
+                .execute(
+                    "INSERT INTO settings (key, value) VALUES (?1, ?2)",
+                    rusqlite::params![format!("junk-{n}"), vec![0x5a_u8; 8 * 1024]],
+                )
+                .unwrap();
+        }
+        std::fs::copy(&path, &crashed).unwrap();
+        let mut journal = crashed.as_os_str().to_owned();
+        journal.push("-journal");
+        std::fs::copy(dir.path().join("live.state-journal"), &journal).unwrap();
+        assert!(std::fs::metadata(&journal).unwrap().len() > 0, "a hot journal");
+    }
+    let err = StateFile::open(&StateAccess::with_passphrase(&crashed, "wrong")).unwrap_err();
+    assert!(matches!(err, StateError::WrongPassphrase(_)), "{err}");
+    let state = StateFile::open(&sealed(&crashed)).unwrap();
+    state.identity().unwrap();
+    let junk: i64 = state
+        .connection
+        .query_row(
+            "SELECT count(*) FROM settings WHERE key LIKE 'junk-%'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(junk, 0, "the interrupted write is rolled back");
+    let integrity: String = state
+        .connection
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
 }
 
 #[test]
@@ -64,7 +231,7 @@ fn a_foreign_sqlite_database_is_refused_and_left_untouched() {
         .execute_batch("CREATE TABLE notes (text TEXT); INSERT INTO notes VALUES ('mine');")
         .unwrap();
     let before = std::fs::read(&path).unwrap();
-    let err = StateFile::open(&path).unwrap_err();
+    let err = StateFile::open(&sealed(&path)).unwrap_err();
     assert!(matches!(err, StateError::NotAStateFile { .. }), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
@@ -87,7 +254,7 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bob.state");
     let package = {
-        let state = StateFile::open_or_create(&path).unwrap();
+        let state = StateFile::open_or_create(&sealed(&path)).unwrap();
         let bob = state.identity_or_generate().unwrap();
         let mut packages = state
             .generate_key_packages(&bob, Default::default(), 1, false)
@@ -107,7 +274,7 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
         .unwrap();
 
     // A new StateFile, as a new process would open it.
-    let state = StateFile::open(&path).unwrap();
+    let state = StateFile::open(&sealed(&path)).unwrap();
     let tree = alice_group.ratchet_tree().unwrap();
     let mut bob_group = GroupMember::join(&state.provider(), &added.welcome, Some(&tree), &BobsList).unwrap();
     let received = bob_group
@@ -125,7 +292,7 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
     );
     drop(bob_group);
     drop(state);
-    let state = StateFile::open(&path).unwrap();
+    let state = StateFile::open(&sealed(&path)).unwrap();
     assert!(
         GroupMember::load(&state.provider(), &gid(b"g"))
             .unwrap()
@@ -136,7 +303,7 @@ fn a_key_package_made_before_a_restart_can_be_joined_after_it() {
 #[test]
 fn a_rolled_back_transaction_leaves_no_mls_state() {
     let dir = tempfile::tempdir().unwrap();
-    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    let state = StateFile::open_or_create(&sealed(&dir.path().join("s.state"))).unwrap();
     let identity = state.identity_or_generate().unwrap();
     {
         let _transaction = state.transaction().unwrap();
@@ -152,7 +319,7 @@ fn a_rolled_back_transaction_leaves_no_mls_state() {
 #[test]
 fn a_failed_inbox_entry_rolls_back_what_it_wrote_and_stays() {
     let dir = tempfile::tempdir().unwrap();
-    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    let state = StateFile::open_or_create(&sealed(&dir.path().join("s.state"))).unwrap();
     let identity = state.identity_or_generate().unwrap();
     state.push_inbox(&[b"entry".to_vec()]).unwrap();
     let entry = state.inbox().unwrap()[0].id;
@@ -181,7 +348,7 @@ fn a_settled_publication_merges_or_discards_its_commit_and_is_forgotten() {
     use quicnprotochat_proto::wire::Envelope;
 
     let dir = tempfile::tempdir().unwrap();
-    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    let state = StateFile::open_or_create(&sealed(&dir.path().join("s.state"))).unwrap();
     let identity = state.identity_or_generate().unwrap();
     let id = GroupId::new(b"settle".to_vec()).unwrap();
     let mut group = state.create_group(&identity, &id, Default::default()).unwrap();
@@ -216,7 +383,7 @@ fn a_settled_publication_merges_or_discards_its_commit_and_is_forgotten() {
 #[test]
 fn inbox_keeps_order_until_entries_are_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    let state = StateFile::open_or_create(&sealed(&dir.path().join("s.state"))).unwrap();
     state.push_inbox(&[b"one".to_vec(), b"two".to_vec()]).unwrap();
     let inbox = state.inbox().unwrap();
     assert_eq!(
@@ -242,7 +409,7 @@ fn inbox_keeps_order_until_entries_are_removed() {
 #[test]
 fn the_last_created_or_joined_group_is_current() {
     let dir = tempfile::tempdir().unwrap();
-    let state = StateFile::open_or_create(&dir.path().join("s.state")).unwrap();
+    let state = StateFile::open_or_create(&sealed(&dir.path().join("s.state"))).unwrap();
     assert_eq!(state.current_group().unwrap(), None);
     state.record_group(&gid(b"first"), true).unwrap();
     state.record_group(&gid(b"second"), true).unwrap();
@@ -287,7 +454,7 @@ fn a_device_linked_before_v9_drops_its_copy_of_the_user_key() {
             .any(|window| window == secret.as_slice()),
         "the secret's bytes are overwritten, not just unlinked"
     );
-    let state = StateFile::open(&path).unwrap();
+    let state = StateFile::open(&sealed(&path)).unwrap();
     let identity = state.identity().unwrap();
     assert_eq!(identity.public_key(), device.public_key());
     assert_eq!(identity.user(), user.public_key(), "still the user's device");

@@ -13,6 +13,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
+use quicnprotochat_client::passphrase::PASSPHRASE_VARIABLE;
 use quicnprotochat_core::{IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::outcome::SendOutcome;
 use quicnprotochat_server::Config;
@@ -119,8 +120,19 @@ impl TestNode {
     }
 
     /// The client binary's command line against this node with `args`, as
-    /// one string for a shell (`script -c`, which runs it on a terminal).
+    /// one string for a shell (`script -c`, which runs it on a terminal),
+    /// with the tests' passphrase in its environment.
     pub fn shell_line(&self, args: &[&str]) -> String {
+        format!(
+            "env {PASSPHRASE_VARIABLE}={PASSPHRASE} {}",
+            self.shell_line_asking(args)
+        )
+    }
+
+    /// [`TestNode::shell_line`] without a passphrase: at a terminal, the
+    /// client asks for it.
+    #[allow(dead_code)] // only the state file tests type one
+    pub fn shell_line_asking(&self, args: &[&str]) -> String {
         let (server, cert) = (self.addr.to_string(), self.cert().display().to_string());
         [
             env!("CARGO_BIN_EXE_quicnprotochat-client"),
@@ -151,7 +163,8 @@ impl TestNode {
             .args(args)
             .env_remove("QUICNPROTOCHAT_SERVER")
             .env_remove("QUICNPROTOCHAT_CA_CERT")
-            .env_remove("QUICNPROTOCHAT_STATE");
+            .env_remove("QUICNPROTOCHAT_STATE")
+            .env(PASSPHRASE_VARIABLE, PASSPHRASE);
         command
     }
 
@@ -195,12 +208,23 @@ pub fn run_client<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .env_remove("QUICNPROTOCHAT_SERVER")
         .env_remove("QUICNPROTOCHAT_CA_CERT")
         .env_remove("QUICNPROTOCHAT_STATE")
+        .env(PASSPHRASE_VARIABLE, PASSPHRASE)
         .output()
         .expect("client binary runs")
 }
 
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The passphrase of every state file the tests make (through the CLI,
+/// which reads it from the environment, or in the test itself).
+pub const PASSPHRASE: &str = "test-passphrase";
+
+/// The state file at `path`, unlocked with [`PASSPHRASE`].
+#[allow(dead_code)] // not every test binary opens a state file itself
+pub fn access(path: &str) -> quicnprotochat_client::state::StateAccess {
+    quicnprotochat_client::state::StateAccess::with_passphrase(path, PASSPHRASE)
 }
 
 /// A path for a state file in `dir`.
