@@ -68,6 +68,37 @@ impl GroupId {
     }
 }
 
+/// What the node keys a group's rows by: `SHA-256("quicnprotochat group"
+/// || id)`. The node learns a group's id from each message of it while it
+/// checks that message, and stores only this, so its files do not hold the
+/// id (whose creator may have put a name in it). A hash of a random id
+/// reveals nothing; a key would add nothing against a copy of the files
+/// taken with the node's own keys.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupRef([u8; 32]);
+
+impl GroupRef {
+    /// The reference of the group with `id`.
+    pub fn of(id: &GroupId) -> GroupRef {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"quicnprotochat group");
+        hash.update(id.as_bytes());
+        GroupRef(hash.finalize().into())
+    }
+
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for GroupRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GroupRef({})", hex::encode(&self.0[..8]))
+    }
+}
+
 impl AsRef<[u8]> for GroupId {
     fn as_ref(&self) -> &[u8] {
         &self.0
@@ -96,6 +127,18 @@ pub struct QueuedMessage {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The reference is the documented hash (docs/protocol.md), which the
+    /// PostgreSQL migration computes in SQL too.
+    #[test]
+    fn a_group_ref_is_sha256_of_the_label_and_the_id() {
+        let team = GroupRef::of(&GroupId::new(b"team".to_vec()).unwrap());
+        assert_eq!(
+            hex::encode(team.as_bytes()),
+            "f3fcd028f524e991dea055443cf1604be98324059a5c5e1683f5f762cef89f9f"
+        );
+        assert_ne!(team, GroupRef::of(&GroupId::new(b"teams".to_vec()).unwrap()));
+    }
 
     #[test]
     fn a_group_id_is_one_to_256_bytes() {

@@ -9,7 +9,7 @@
 mod conformance;
 
 use conformance::Backend;
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{GroupId, GroupRef, IdentityKey};
 use quicnprotochat_server::store::{Limits, Store, StoreCloser};
 use quicnprotochat_testpg::TestPostgres;
 
@@ -41,8 +41,9 @@ impl Backend for Postgres {
         // The synchronous client must not run on an async thread.
         std::thread::spawn(move || {
             let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            // Migration 3 added the ciphersuite; undone here with 4 to 7
-            // after it.
+            // Migration 3 added the ciphersuite; undone here with 4 to 8
+            // after it (8's group tables, empty here, made again as 7 left
+            // them).
             let version: Vec<u8> = db
                 .query_one(
                     "SELECT value FROM quicnprotochat_meta WHERE key = 'schema_version'",
@@ -50,9 +51,32 @@ impl Backend for Postgres {
                 )
                 .unwrap()
                 .get(0);
-            assert_eq!(version, b"7", "undo the migrations after 3 here too");
+            assert_eq!(version, b"8", "undo the migrations after 3 here too");
             db.batch_execute(
-                "DROP INDEX key_packages_by_fingerprint;
+                "DROP TABLE group_epochs;
+                 CREATE TABLE group_epochs (
+                     group_id bytea PRIMARY KEY,
+                     epoch bigint NOT NULL,
+                     fingerprint bytea
+                 );
+                 DROP TABLE group_views;
+                 CREATE TABLE group_views (
+                     group_id bytea PRIMARY KEY,
+                     view bytea NOT NULL,
+                     changed_at bigint NOT NULL
+                 );
+                 CREATE INDEX group_views_by_age ON group_views (changed_at);
+                 DROP TABLE welcome_trees;
+                 CREATE TABLE welcome_trees (
+                     group_id bytea NOT NULL,
+                     epoch bigint NOT NULL,
+                     tree bytea NOT NULL,
+                     joiners bytea NOT NULL,
+                     created_at bigint NOT NULL,
+                     PRIMARY KEY (group_id, epoch)
+                 );
+                 CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
+                 DROP INDEX key_packages_by_fingerprint;
                  ALTER TABLE key_packages DROP COLUMN fingerprint;
                  DROP TABLE group_proposals;
                  DROP TABLE removed_devices;
@@ -71,6 +95,57 @@ impl Backend for Postgres {
                 )
                 .unwrap();
             }
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn key_groups_by_id(&self, group: &GroupId) {
+        let url = self.url.clone();
+        let (id, reference) = (group.as_bytes().to_vec(), GroupRef::of(group).as_bytes().to_vec());
+        std::thread::spawn(move || {
+            let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            // Migration 8 keyed groups by reference; undone here, each table
+            // made again as 7 left it, with the one group's rows under its
+            // id.
+            db.batch_execute(
+                "CREATE TABLE group_epochs_v7 (group_id bytea PRIMARY KEY, epoch bigint NOT NULL, fingerprint bytea);
+                 INSERT INTO group_epochs_v7 SELECT group_ref, epoch, fingerprint FROM group_epochs;
+                 DROP TABLE group_epochs;
+                 ALTER TABLE group_epochs_v7 RENAME TO group_epochs;
+                 CREATE TABLE group_views_v7 (group_id bytea PRIMARY KEY, view bytea NOT NULL, changed_at bigint NOT NULL);
+                 INSERT INTO group_views_v7 SELECT group_ref, view, changed_at FROM group_views;
+                 DROP TABLE group_views;
+                 ALTER TABLE group_views_v7 RENAME TO group_views;
+                 CREATE INDEX group_views_by_age ON group_views (changed_at);
+                 CREATE TABLE welcome_trees_v7 (
+                     group_id bytea NOT NULL,
+                     epoch bigint NOT NULL,
+                     tree bytea NOT NULL,
+                     joiners bytea NOT NULL,
+                     created_at bigint NOT NULL,
+                     PRIMARY KEY (group_id, epoch)
+                 );
+                 INSERT INTO welcome_trees_v7 SELECT group_ref, epoch, tree, joiners, created_at FROM welcome_trees;
+                 DROP TABLE welcome_trees;
+                 ALTER TABLE welcome_trees_v7 RENAME TO welcome_trees;
+                 CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
+                 ALTER TABLE group_proposals RENAME COLUMN group_ref TO group_id;
+                 UPDATE quicnprotochat_meta SET value = '7' WHERE key = 'schema_version';",
+            )
+            .unwrap();
+            for table in ["group_epochs", "group_views", "welcome_trees", "group_proposals"] {
+                db.execute(
+                    &format!("UPDATE {table} SET group_id = $1 WHERE group_id = $2"),
+                    &[&id, &reference],
+                )
+                .unwrap();
+            }
+            let keyed: i64 = db
+                .query_one("SELECT count(*) FROM group_epochs WHERE group_id = $1", &[&id])
+                .unwrap()
+                .get(0);
+            assert_eq!(keyed, 1, "the group is keyed by its id, as before migration 8");
         })
         .join()
         .unwrap();

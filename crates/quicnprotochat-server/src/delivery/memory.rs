@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
-use quicnprotochat_core::{GroupId, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{GroupRef, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 use super::storage::{KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
@@ -20,13 +20,13 @@ pub struct MemoryStorage {
     /// One counter for all queues, like SQLite's AUTOINCREMENT: numbers are
     /// increasing per queue and never reused.
     last_seq: u64,
-    groups: HashMap<GroupId, u64>,
+    groups: HashMap<GroupRef, u64>,
     /// The fingerprint of each group's current state.
-    fingerprints: HashMap<GroupId, [u8; 32]>,
-    views: HashMap<GroupId, (Vec<u8>, i64)>,
+    fingerprints: HashMap<GroupRef, [u8; 32]>,
+    views: HashMap<GroupRef, (Vec<u8>, i64)>,
     /// The proposals kept for each group: (epoch, item), in order.
-    proposals: HashMap<GroupId, Vec<(u64, Vec<u8>)>>,
-    welcome_trees: HashMap<(GroupId, u64), (WelcomeTree, i64)>,
+    proposals: HashMap<GroupRef, Vec<(u64, Vec<u8>)>>,
+    welcome_trees: HashMap<(GroupRef, u64), (WelcomeTree, i64)>,
     device_lists: HashMap<IdentityKey, SignedDeviceList>,
     removed_devices: std::collections::HashSet<(IdentityKey, IdentityKey)>,
 }
@@ -210,36 +210,36 @@ impl Storage for MemoryStorage {
         Ok(deleted)
     }
 
-    fn group_epoch(&mut self, group: &GroupId) -> Result<Option<u64>, Infallible> {
+    fn group_epoch(&mut self, group: &GroupRef) -> Result<Option<u64>, Infallible> {
         Ok(self.groups.get(group).copied())
     }
 
     fn set_group_epoch(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         fingerprint: &[u8; 32],
     ) -> Result<(), Infallible> {
-        self.groups.insert(group.clone(), epoch);
-        self.fingerprints.insert(group.clone(), *fingerprint);
+        self.groups.insert(*group, epoch);
+        self.fingerprints.insert(*group, *fingerprint);
         Ok(())
     }
 
-    fn group_fingerprint(&mut self, group: &GroupId) -> Result<Option<[u8; 32]>, Infallible> {
+    fn group_fingerprint(&mut self, group: &GroupRef) -> Result<Option<[u8; 32]>, Infallible> {
         Ok(self.fingerprints.get(group).copied())
     }
 
-    fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, Infallible> {
+    fn group_view(&mut self, group: &GroupRef) -> Result<Option<Vec<u8>>, Infallible> {
         Ok(self.views.get(group).map(|(view, _)| view.clone()))
     }
 
-    fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> Result<(), Infallible> {
-        self.views.insert(group.clone(), (view.to_vec(), now));
+    fn set_group_view(&mut self, group: &GroupRef, view: &[u8], now: i64) -> Result<(), Infallible> {
+        self.views.insert(*group, (view.to_vec(), now));
         self.proposals.remove(group);
         Ok(())
     }
 
-    fn group_proposals(&mut self, group: &GroupId, epoch: u64) -> Result<Vec<Vec<u8>>, Infallible> {
+    fn group_proposals(&mut self, group: &GroupRef, epoch: u64) -> Result<Vec<Vec<u8>>, Infallible> {
         Ok(self
             .proposals
             .get(group)
@@ -252,13 +252,13 @@ impl Storage for MemoryStorage {
 
     fn add_group_proposal(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         item: &[u8],
         now: i64,
     ) -> Result<(), Infallible> {
         self.proposals
-            .entry(group.clone())
+            .entry(*group)
             .or_default()
             .push((epoch, item.to_vec()));
         if let Some((_, changed_at)) = self.views.get_mut(group) {
@@ -277,7 +277,7 @@ impl Storage for MemoryStorage {
 
     fn put_welcome_tree(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         tree: &[u8],
         joiners: &[IdentityKey],
@@ -288,7 +288,7 @@ impl Storage for MemoryStorage {
             tree: tree.to_vec(),
             joiners: joiners.to_vec(),
         };
-        self.welcome_trees.insert((group.clone(), epoch), (kept, now));
+        self.welcome_trees.insert((*group, epoch), (kept, now));
         let mut epochs: Vec<u64> = self
             .welcome_trees
             .keys()
@@ -297,15 +297,15 @@ impl Storage for MemoryStorage {
             .collect();
         epochs.sort_unstable_by(|a, b| b.cmp(a));
         for old in epochs.into_iter().skip(keep) {
-            self.welcome_trees.remove(&(group.clone(), old));
+            self.welcome_trees.remove(&(*group, old));
         }
         Ok(())
     }
 
-    fn welcome_tree(&mut self, group: &GroupId, epoch: u64) -> Result<Option<WelcomeTree>, Infallible> {
+    fn welcome_tree(&mut self, group: &GroupRef, epoch: u64) -> Result<Option<WelcomeTree>, Infallible> {
         Ok(self
             .welcome_trees
-            .get(&(group.clone(), epoch))
+            .get(&(*group, epoch))
             .map(|(kept, _)| kept.clone()))
     }
 

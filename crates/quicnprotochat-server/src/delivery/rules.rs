@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 
 use quicnprotochat_core::public_view::Invalid;
 use quicnprotochat_core::{
-    GroupId, IdentityKey, KeyPackageStock, MemberKey, PublicView, QueuedMessage, Seq, SignedDeviceList,
-    Suite, framing,
+    GroupId, GroupRef, IdentityKey, KeyPackageStock, MemberKey, PublicView, QueuedMessage, Seq,
+    SignedDeviceList, Suite, framing,
 };
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
 use quicnprotochat_proto::wire;
@@ -419,9 +419,10 @@ pub fn publish_commit<S: Storage>(
         return Ok(Ok(()));
     }
     let group = &publication.group_id;
+    let group_ref = GroupRef::of(group);
     // Read first: a backend shared by several nodes moves an epoch only
     // from the value the command read (`Storage::set_group_epoch`).
-    let known_epoch = storage.group_epoch(group)?;
+    let known_epoch = storage.group_epoch(&group_ref)?;
     let mut view = match load_view(storage, group)? {
         // A stranger learns neither the epoch nor that the group exists.
         Ok(view) if !view.is_member(sender) => return Ok(Err(CommitRefusal::UnknownGroup)),
@@ -444,7 +445,7 @@ pub fn publish_commit<S: Storage>(
                 // fingerprint): a stranger, or anyone holding an older
                 // state, is told nothing, as for a group it does not know.
                 if storage
-                    .group_fingerprint(group)?
+                    .group_fingerprint(&group_ref)?
                     .is_some_and(|kept| kept != view.fingerprint())
                 {
                     return Ok(Err(CommitRefusal::UnknownGroup));
@@ -535,12 +536,12 @@ pub fn publish_commit<S: Storage>(
     if let Err(full) = incoming.check_room(storage, limits)? {
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
-    storage.set_group_view(group, &view.encode(), now)?;
-    storage.set_group_epoch(group, view.epoch(), &view.fingerprint())?;
+    storage.set_group_view(&group_ref, &view.encode(), now)?;
+    storage.set_group_epoch(&group_ref, view.epoch(), &view.fingerprint())?;
     if !added.is_empty() {
         // Welcomes do not carry the tree; the new members fetch it.
         storage.put_welcome_tree(
-            group,
+            &group_ref,
             view.epoch(),
             &view.ratchet_tree(),
             &added,
@@ -629,7 +630,7 @@ pub fn publish_proposal<S: Storage>(
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
     // The proposal alone: the view (the whole tree) stays as it is.
-    storage.add_group_proposal(&publication.group_id, view.epoch(), &item, now)?;
+    storage.add_group_proposal(&GroupRef::of(&publication.group_id), view.epoch(), &item, now)?;
     if !proposal.recipients.is_empty() {
         append(storage, proposal, now)?;
     }
@@ -671,7 +672,7 @@ pub fn welcome_tree<S: Storage>(
     caller: &IdentityKey,
 ) -> Result<Option<Vec<u8>>, S::Error> {
     Ok(storage
-        .welcome_tree(group, epoch)?
+        .welcome_tree(&GroupRef::of(group), epoch)?
         .filter(|kept| kept.joiners.contains(caller))
         .map(|kept| kept.tree))
 }
@@ -682,12 +683,13 @@ fn load_view<S: Storage>(
     storage: &mut S,
     group: &GroupId,
 ) -> Result<Result<PublicView, CommitRefusal>, S::Error> {
-    let Some(bytes) = storage.group_view(group)? else {
+    let group_ref = GroupRef::of(group);
+    let Some(bytes) = storage.group_view(&group_ref)? else {
         return Ok(Err(CommitRefusal::UnknownGroup));
     };
     // The view's epoch is the group's: both move with each Commit.
-    let proposals = match storage.group_epoch(group)? {
-        Some(epoch) => storage.group_proposals(group, epoch)?,
+    let proposals = match storage.group_epoch(&group_ref)? {
+        Some(epoch) => storage.group_proposals(&group_ref, epoch)?,
         None => Vec::new(),
     };
     Ok(
@@ -818,7 +820,7 @@ fn stale_epoch<S: Storage>(
     let Some(group) = GroupId::new(group_id.to_vec()) else {
         return Ok(None);
     };
-    let current_epoch = match storage.group_epoch(&group)? {
+    let current_epoch = match storage.group_epoch(&GroupRef::of(&group))? {
         Some(current_epoch) if epoch < current_epoch => current_epoch,
         _ => return Ok(None),
     };

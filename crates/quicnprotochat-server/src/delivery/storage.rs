@@ -6,7 +6,7 @@
 //! conformance suite (`tests/conformance/`) holds every backend to the same
 //! behaviour.
 
-use quicnprotochat_core::{DeviceList, GroupId, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{DeviceList, GroupRef, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 /// A stored KeyPackage's row id, to delete the one that was read.
@@ -225,40 +225,43 @@ pub trait Storage {
     fn delete_through(&mut self, recipient: &IdentityKey, up_to: Seq) -> Result<usize, Self::Error>;
 
     /// The epoch `group` is in, if the node has seen a Commit for it.
-    fn group_epoch(&mut self, group: &GroupId) -> Result<Option<u64>, Self::Error>;
+    ///
+    /// A group is named by its [`GroupRef`], a hash of its id, in every
+    /// method: the node never stores a group id.
+    fn group_epoch(&mut self, group: &GroupRef) -> Result<Option<u64>, Self::Error>;
 
     /// Moves `group` to `epoch`, whose state has `fingerprint`
     /// (`PublicView::fingerprint`).
     fn set_group_epoch(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         fingerprint: &[u8; 32],
     ) -> Result<(), Self::Error>;
 
     /// The fingerprint of the state `group` is in, if the node kept one
     /// (groups of nodes before it have none).
-    fn group_fingerprint(&mut self, group: &GroupId) -> Result<Option<[u8; 32]>, Self::Error>;
+    fn group_fingerprint(&mut self, group: &GroupRef) -> Result<Option<[u8; 32]>, Self::Error>;
 
     /// The stored public view of `group` (an opaque blob, see
     /// `quicnprotochat_core::PublicView`), if the node has one.
-    fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, Self::Error>;
+    fn group_view(&mut self, group: &GroupRef) -> Result<Option<Vec<u8>>, Self::Error>;
 
     /// Stores the public view of `group`, replacing the old one, as changed
     /// at `now`, and forgets the proposals kept for it: a new view starts
     /// an epoch, which has none yet.
-    fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> Result<(), Self::Error>;
+    fn set_group_view(&mut self, group: &GroupRef, view: &[u8], now: i64) -> Result<(), Self::Error>;
 
     /// The proposals kept for `group` in `epoch`, in the order they came
     /// (opaque items, see `quicnprotochat_core::PublicView::add_proposal`).
-    fn group_proposals(&mut self, group: &GroupId, epoch: u64) -> Result<Vec<Vec<u8>>, Self::Error>;
+    fn group_proposals(&mut self, group: &GroupRef, epoch: u64) -> Result<Vec<Vec<u8>>, Self::Error>;
 
     /// Keeps one more proposal for `group` in `epoch`, at `now` (which
     /// counts as a change of the group for [`Self::purge_idle_groups`]),
     /// leaving the view as it is.
     fn add_group_proposal(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         item: &[u8],
         now: i64,
@@ -275,7 +278,7 @@ pub trait Storage {
     /// but the newest `keep` (this one included).
     fn put_welcome_tree(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         tree: &[u8],
         joiners: &[IdentityKey],
@@ -285,7 +288,7 @@ pub trait Storage {
 
     /// The tree kept for the joiners of `epoch` of `group`, and who they
     /// are.
-    fn welcome_tree(&mut self, group: &GroupId, epoch: u64) -> Result<Option<WelcomeTree>, Self::Error>;
+    fn welcome_tree(&mut self, group: &GroupRef, epoch: u64) -> Result<Option<WelcomeTree>, Self::Error>;
 
     /// Deletes messages, message ids and Welcome trees recorded before
     /// `older_than`, and KeyPackages expired at `now`; returns how many

@@ -1,7 +1,7 @@
 //! The rules against [`MemoryStorage`]: no database involved.
 
 use quicnprotochat_core::KeyPackageStock;
-use quicnprotochat_core::{IdentityKey, Seq, Suite};
+use quicnprotochat_core::{GroupRef, IdentityKey, Seq, Suite};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_proto::wire::{CommitPublication, Envelope, ProposalPublication, ValidKeyPackage};
 
@@ -542,10 +542,13 @@ fn a_proposal_is_kept_for_the_commit_that_references_it() {
     // own: the group's view (its whole tree) is not written again.
     let leave = bob.leave(&[alice.key()], b"leave");
     let group = leave.group_id.clone();
-    let view = storage.group_view(&group).unwrap();
+    let view = storage.group_view(&GroupRef::of(&group)).unwrap();
     propose(&mut storage, &bob.key(), &leave).unwrap();
-    assert_eq!(storage.group_view(&group).unwrap(), view);
-    assert_eq!(storage.group_proposals(&group, 1).unwrap().len(), 1);
+    assert_eq!(storage.group_view(&GroupRef::of(&group)).unwrap(), view);
+    assert_eq!(
+        storage.group_proposals(&GroupRef::of(&group), 1).unwrap().len(),
+        1
+    );
     alice
         .group
         .receive(
@@ -566,8 +569,18 @@ fn a_proposal_is_kept_for_the_commit_that_references_it() {
     )
     .unwrap();
     // The new epoch starts with none.
-    assert!(storage.group_proposals(&group, 1).unwrap().is_empty());
-    assert!(storage.group_proposals(&group, 2).unwrap().is_empty());
+    assert!(
+        storage
+            .group_proposals(&GroupRef::of(&group), 1)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        storage
+            .group_proposals(&GroupRef::of(&group), 2)
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -1009,7 +1022,7 @@ fn sixty_adds_to_a_big_group_keep_trees_of_a_few_epochs_only() {
     }
 
     let trees: Vec<usize> = (1..=61u64)
-        .filter_map(|epoch| storage.welcome_tree(&group, epoch).unwrap())
+        .filter_map(|epoch| storage.welcome_tree(&GroupRef::of(&group), epoch).unwrap())
         .map(|kept| kept.tree.len())
         .collect();
     assert_eq!(
@@ -1020,7 +1033,7 @@ fn sixty_adds_to_a_big_group_keep_trees_of_a_few_epochs_only() {
     let newest = *trees.last().unwrap();
     let kept: usize = trees.iter().sum();
     assert!(kept <= rules::WELCOME_TREES_PER_GROUP * newest);
-    let view = storage.group_view(&group).unwrap().unwrap().len();
+    let view = storage.group_view(&GroupRef::of(&group)).unwrap().unwrap().len();
     // The group's state and its kept trees against what was sent to make
     // them: a few times, where keeping every epoch's tree was ~55 times.
     let ratio = (kept + view) as f64 / sent as f64;

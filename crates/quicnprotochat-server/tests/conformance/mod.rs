@@ -67,6 +67,7 @@ macro_rules! suite_on {
             the_key_package_limit_holds_per_suite,
             a_key_package_stored_before_suites_is_an_x25519_one,
             the_totals_count_queued_messages_and_stored_key_packages,
+            a_group_stored_by_its_id_is_kept_under_its_reference,
         );
 
         proptest::proptest! {
@@ -133,6 +134,13 @@ pub trait Backend {
     /// holding `packages` (bytes, last-resort mark; never expiring) of
     /// `identity`. The next open migrates it.
     fn store_key_packages_before_suites(&self, identity: IdentityKey, packages: &[(&[u8], bool)]);
+
+    /// Turns the backend's database (created by an open, closed since,
+    /// holding the one group `group`) back into one a node before group
+    /// references left: every group table keyed by the group's id, at the
+    /// schema version before the one that added them. The next open
+    /// migrates it.
+    fn key_groups_by_id(&self, group: &quicnprotochat_core::GroupId);
 }
 
 /// Closes a store: drops the handle and waits for its writer to finish.
@@ -616,6 +624,44 @@ async fn alice_adds_bob(store: &Store) -> (mls::Member, Added) {
             provider,
         },
     )
+}
+
+/// A group a node from before group references kept under its id is kept
+/// under its reference (`GroupRef`) by the migration: its Welcome tree,
+/// view and epoch are all found, and it goes on as before.
+pub async fn a_group_stored_by_its_id_is_kept_under_its_reference(backend: &impl Backend) {
+    let (store, closer) = backend.open();
+    let (mut alice, added) = alice_adds_bob(&store).await;
+    close((store, closer)).await;
+    backend.key_groups_by_id(&added.group);
+
+    let (store, closer) = backend.open();
+    let bob = mls::identity(2).public_key();
+    assert!(
+        store
+            .welcome_tree(added.group.clone(), 1, bob)
+            .await
+            .unwrap()
+            .is_some(),
+        "the tree kept for Bob"
+    );
+    // A Commit from the epoch before is one the node knows is stale.
+    let mut behind = mls::Member::create(1, b"g");
+    let old = behind.update();
+    assert!(
+        store
+            .publish_commit(alice.key(), behind.publication(old, &[bob], b"old", false))
+            .await
+            .unwrap()
+            .is_err()
+    );
+    let update = alice.update();
+    store
+        .publish_commit(alice.key(), alice.publication(update, &[bob], b"after", false))
+        .await
+        .unwrap()
+        .unwrap();
+    close((store, closer)).await;
 }
 
 /// A standalone proposal is kept on its own beside the group's view: it

@@ -141,6 +141,48 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE key_packages ADD COLUMN fingerprint bytea
          CHECK (fingerprint IS NULL OR octet_length(fingerprint) = 32);
      CREATE INDEX key_packages_by_fingerprint ON key_packages (identity_key, fingerprint);",
+    // 8: groups keyed by `group_ref`, SHA-256("quicnprotochat group" ||
+    // id) (`GroupRef`), never by their id: a dump does not hold the ids,
+    // which creators may have put names in. Tables with the id as key are
+    // rebuilt rather than updated in place, so that no id can collide
+    // with another group's new key half-way.
+    "CREATE TABLE group_epochs_v8 (
+         group_ref bytea PRIMARY KEY CHECK (octet_length(group_ref) = 32),
+         epoch bigint NOT NULL,
+         fingerprint bytea CHECK (fingerprint IS NULL OR octet_length(fingerprint) = 32)
+     );
+     INSERT INTO group_epochs_v8 (group_ref, epoch, fingerprint)
+         SELECT sha256(convert_to('quicnprotochat group', 'UTF8') || group_id), epoch, fingerprint
+         FROM group_epochs;
+     DROP TABLE group_epochs;
+     ALTER TABLE group_epochs_v8 RENAME TO group_epochs;
+     CREATE TABLE group_views_v8 (
+         group_ref bytea PRIMARY KEY CHECK (octet_length(group_ref) = 32),
+         view bytea NOT NULL,
+         changed_at bigint NOT NULL
+     );
+     INSERT INTO group_views_v8 (group_ref, view, changed_at)
+         SELECT sha256(convert_to('quicnprotochat group', 'UTF8') || group_id), view, changed_at
+         FROM group_views;
+     DROP TABLE group_views;
+     ALTER TABLE group_views_v8 RENAME TO group_views;
+     CREATE INDEX group_views_by_age ON group_views (changed_at);
+     CREATE TABLE welcome_trees_v8 (
+         group_ref bytea NOT NULL CHECK (octet_length(group_ref) = 32),
+         epoch bigint NOT NULL,
+         tree bytea NOT NULL,
+         joiners bytea NOT NULL,
+         created_at bigint NOT NULL,
+         PRIMARY KEY (group_ref, epoch)
+     );
+     INSERT INTO welcome_trees_v8 (group_ref, epoch, tree, joiners, created_at)
+         SELECT sha256(convert_to('quicnprotochat group', 'UTF8') || group_id), epoch, tree, joiners, created_at
+         FROM welcome_trees;
+     DROP TABLE welcome_trees;
+     ALTER TABLE welcome_trees_v8 RENAME TO welcome_trees;
+     CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
+     UPDATE group_proposals SET group_id = sha256(convert_to('quicnprotochat group', 'UTF8') || group_id);
+     ALTER TABLE group_proposals RENAME COLUMN group_id TO group_ref;",
 ];
 
 /// The schema version this build creates.

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use postgres::Row;
 use postgres::types::ToSql;
 use quicnprotochat_core::{
-    GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+    GroupRef, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
 };
 
 use super::conn::{Conn, classify, describe};
@@ -114,7 +114,7 @@ pub(super) struct PgStorage<'c> {
     usage: HashMap<IdentityKey, QueueUsage>,
     /// The epochs the running command read, by group: a move of the epoch
     /// must start from it.
-    epochs_read: HashMap<GroupId, Option<u64>>,
+    epochs_read: HashMap<GroupRef, Option<u64>>,
     /// The device list versions the running command read, by user (`None`:
     /// no list): a new list replaces only the one read.
     device_lists_read: HashMap<IdentityKey, Option<i64>>,
@@ -124,7 +124,7 @@ pub(super) struct PgStorage<'c> {
     /// before: a Commit moves an epoch only from the value it was checked
     /// against ([`Storage::set_group_epoch`]), so a stale entry makes it run
     /// again, never wins.
-    epochs: HashMap<GroupId, Option<u64>>,
+    epochs: HashMap<GroupRef, Option<u64>>,
     /// The last sequence number of each queue this transaction holds
     /// locked, moved by its own appends: under the lock, nobody else
     /// numbers that queue's messages, and each append takes the next one.
@@ -615,20 +615,20 @@ impl Storage for PgStorage<'_> {
         Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
     }
 
-    fn group_epoch(&mut self, group: &GroupId) -> Result<Option<u64>, PgError> {
+    fn group_epoch(&mut self, group: &GroupRef) -> Result<Option<u64>, PgError> {
         let epoch = match self.epochs.get(group) {
             Some(epoch) => *epoch,
             None => {
                 let row = self.query_opt(
-                    "SELECT epoch FROM group_epochs WHERE group_id = $1",
-                    &[&group.as_bytes()],
+                    "SELECT epoch FROM group_epochs WHERE group_ref = $1",
+                    &[&group.as_bytes().as_slice()],
                 )?;
                 let epoch = row.map(|row| count(row.get(0)));
-                self.epochs.insert(group.clone(), epoch);
+                self.epochs.insert(*group, epoch);
                 epoch
             }
         };
-        self.epochs_read.insert(group.clone(), epoch);
+        self.epochs_read.insert(*group, epoch);
         Ok(epoch)
     }
 
@@ -637,25 +637,25 @@ impl Storage for PgStorage<'_> {
     /// again, and then it sees that epoch.
     fn set_group_epoch(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         fingerprint: &[u8; 32],
     ) -> Result<(), PgError> {
         let fingerprint = &fingerprint[..];
         let moved = match self.epochs_read.get(group).copied() {
             Some(Some(read)) => self.execute(
-                "UPDATE group_epochs SET epoch = $2, fingerprint = $4 WHERE group_id = $1 AND epoch = $3",
-                &[&group.as_bytes(), &sql_int(epoch), &sql_int(read), &fingerprint],
+                "UPDATE group_epochs SET epoch = $2, fingerprint = $4 WHERE group_ref = $1 AND epoch = $3",
+                &[&group.as_bytes().as_slice(), &sql_int(epoch), &sql_int(read), &fingerprint],
             )?,
             Some(None) => self.execute(
-                "INSERT INTO group_epochs (group_id, epoch, fingerprint) VALUES ($1, $2, $3)
+                "INSERT INTO group_epochs (group_ref, epoch, fingerprint) VALUES ($1, $2, $3)
                  ON CONFLICT DO NOTHING",
-                &[&group.as_bytes(), &sql_int(epoch), &fingerprint],
+                &[&group.as_bytes().as_slice(), &sql_int(epoch), &fingerprint],
             )?,
             None => self.execute(
-                "INSERT INTO group_epochs (group_id, epoch, fingerprint) VALUES ($1, $2, $3)
-                 ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch, fingerprint = excluded.fingerprint",
-                &[&group.as_bytes(), &sql_int(epoch), &fingerprint],
+                "INSERT INTO group_epochs (group_ref, epoch, fingerprint) VALUES ($1, $2, $3)
+                 ON CONFLICT (group_ref) DO UPDATE SET epoch = excluded.epoch, fingerprint = excluded.fingerprint",
+                &[&group.as_bytes().as_slice(), &sql_int(epoch), &fingerprint],
             )?,
         };
         if moved == 0 {
@@ -663,63 +663,63 @@ impl Storage for PgStorage<'_> {
             self.epochs.remove(group);
             return Err(PgError::Raced("the group's epoch"));
         }
-        self.epochs_read.insert(group.clone(), Some(epoch));
-        self.epochs.insert(group.clone(), Some(epoch));
+        self.epochs_read.insert(*group, Some(epoch));
+        self.epochs.insert(*group, Some(epoch));
         Ok(())
     }
 
-    fn group_fingerprint(&mut self, group: &GroupId) -> Result<Option<[u8; 32]>, PgError> {
+    fn group_fingerprint(&mut self, group: &GroupRef) -> Result<Option<[u8; 32]>, PgError> {
         let row = self.query_opt(
-            "SELECT fingerprint FROM group_epochs WHERE group_id = $1",
-            &[&group.as_bytes()],
+            "SELECT fingerprint FROM group_epochs WHERE group_ref = $1",
+            &[&group.as_bytes().as_slice()],
         )?;
         let fingerprint: Option<Vec<u8>> = row.and_then(|row| row.get(0));
         Ok(fingerprint.and_then(|bytes| bytes.try_into().ok()))
     }
 
-    fn group_view(&mut self, group: &GroupId) -> Result<Option<Vec<u8>>, PgError> {
+    fn group_view(&mut self, group: &GroupRef) -> Result<Option<Vec<u8>>, PgError> {
         let row = self.query_opt(
-            "SELECT view FROM group_views WHERE group_id = $1",
-            &[&group.as_bytes()],
+            "SELECT view FROM group_views WHERE group_ref = $1",
+            &[&group.as_bytes().as_slice()],
         )?;
         Ok(row.map(|row| row.get(0)))
     }
 
-    fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> Result<(), PgError> {
+    fn set_group_view(&mut self, group: &GroupRef, view: &[u8], now: i64) -> Result<(), PgError> {
         self.execute(
-            "INSERT INTO group_views (group_id, view, changed_at) VALUES ($1, $2, $3)
-             ON CONFLICT (group_id) DO UPDATE SET view = excluded.view, changed_at = excluded.changed_at",
-            &[&group.as_bytes(), &view, &now],
+            "INSERT INTO group_views (group_ref, view, changed_at) VALUES ($1, $2, $3)
+             ON CONFLICT (group_ref) DO UPDATE SET view = excluded.view, changed_at = excluded.changed_at",
+            &[&group.as_bytes().as_slice(), &view, &now],
         )?;
         self.execute(
-            "DELETE FROM group_proposals WHERE group_id = $1",
-            &[&group.as_bytes()],
+            "DELETE FROM group_proposals WHERE group_ref = $1",
+            &[&group.as_bytes().as_slice()],
         )?;
         Ok(())
     }
 
-    fn group_proposals(&mut self, group: &GroupId, epoch: u64) -> Result<Vec<Vec<u8>>, PgError> {
+    fn group_proposals(&mut self, group: &GroupRef, epoch: u64) -> Result<Vec<Vec<u8>>, PgError> {
         let rows = self.query(
-            "SELECT item FROM group_proposals WHERE group_id = $1 AND epoch = $2 ORDER BY id",
-            &[&group.as_bytes(), &sql_int(epoch)],
+            "SELECT item FROM group_proposals WHERE group_ref = $1 AND epoch = $2 ORDER BY id",
+            &[&group.as_bytes().as_slice(), &sql_int(epoch)],
         )?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     fn add_group_proposal(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         item: &[u8],
         now: i64,
     ) -> Result<(), PgError> {
         self.execute(
-            "INSERT INTO group_proposals (group_id, epoch, item) VALUES ($1, $2, $3)",
-            &[&group.as_bytes(), &sql_int(epoch), &item],
+            "INSERT INTO group_proposals (group_ref, epoch, item) VALUES ($1, $2, $3)",
+            &[&group.as_bytes().as_slice(), &sql_int(epoch), &item],
         )?;
         self.execute(
-            "UPDATE group_views SET changed_at = $2 WHERE group_id = $1",
-            &[&group.as_bytes(), &now],
+            "UPDATE group_views SET changed_at = $2 WHERE group_ref = $1",
+            &[&group.as_bytes().as_slice(), &now],
         )?;
         Ok(())
     }
@@ -729,7 +729,7 @@ impl Storage for PgStorage<'_> {
         if deleted > 0 {
             self.execute(
                 "DELETE FROM group_proposals p
-                 WHERE NOT EXISTS (SELECT 1 FROM group_views v WHERE v.group_id = p.group_id)",
+                 WHERE NOT EXISTS (SELECT 1 FROM group_views v WHERE v.group_ref = p.group_ref)",
                 &[],
             )?;
         }
@@ -738,7 +738,7 @@ impl Storage for PgStorage<'_> {
 
     fn put_welcome_tree(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         tree: &[u8],
         joiners: &[IdentityKey],
@@ -747,24 +747,33 @@ impl Storage for PgStorage<'_> {
     ) -> Result<(), PgError> {
         let joiners = WelcomeTree::joiners_column(joiners);
         self.execute(
-            "INSERT INTO welcome_trees (group_id, epoch, tree, joiners, created_at)
+            "INSERT INTO welcome_trees (group_ref, epoch, tree, joiners, created_at)
              VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (group_id, epoch) DO UPDATE
+             ON CONFLICT (group_ref, epoch) DO UPDATE
              SET tree = excluded.tree, joiners = excluded.joiners, created_at = excluded.created_at",
-            &[&group.as_bytes(), &sql_int(epoch), &tree, &joiners, &now],
+            &[
+                &group.as_bytes().as_slice(),
+                &sql_int(epoch),
+                &tree,
+                &joiners,
+                &now,
+            ],
         )?;
         self.execute(
-            "DELETE FROM welcome_trees WHERE group_id = $1 AND epoch NOT IN
-                 (SELECT epoch FROM welcome_trees WHERE group_id = $1 ORDER BY epoch DESC LIMIT $2)",
-            &[&group.as_bytes(), &i64::try_from(keep).unwrap_or(i64::MAX)],
+            "DELETE FROM welcome_trees WHERE group_ref = $1 AND epoch NOT IN
+                 (SELECT epoch FROM welcome_trees WHERE group_ref = $1 ORDER BY epoch DESC LIMIT $2)",
+            &[
+                &group.as_bytes().as_slice(),
+                &i64::try_from(keep).unwrap_or(i64::MAX),
+            ],
         )?;
         Ok(())
     }
 
-    fn welcome_tree(&mut self, group: &GroupId, epoch: u64) -> Result<Option<WelcomeTree>, PgError> {
+    fn welcome_tree(&mut self, group: &GroupRef, epoch: u64) -> Result<Option<WelcomeTree>, PgError> {
         let row = self.query_opt(
-            "SELECT tree, joiners FROM welcome_trees WHERE group_id = $1 AND epoch = $2",
-            &[&group.as_bytes(), &sql_int(epoch)],
+            "SELECT tree, joiners FROM welcome_trees WHERE group_ref = $1 AND epoch = $2",
+            &[&group.as_bytes().as_slice(), &sql_int(epoch)],
         )?;
         Ok(row.map(|row| WelcomeTree::from_columns(row.get(0), row.get(1))))
     }

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use quicnprotochat_core::{GroupId, GroupRef};
 use quicnprotochat_sqlite::{MigrationError, Ownership};
 use rusqlite::Connection;
 
@@ -199,7 +200,67 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE key_packages ADD COLUMN fingerprint BLOB
          CHECK (fingerprint IS NULL OR length(fingerprint) = 32);
      CREATE INDEX key_packages_by_fingerprint ON key_packages (identity_key, fingerprint);",
+    // V18: groups keyed by `group_ref`, SHA-256("quicnprotochat group" ||
+    // id) (`GroupRef`), never by their id: a copy of the file does not
+    // hold the ids, which creators may have put names in. Tables with the
+    // id as key are rebuilt rather than updated in place, so that no id
+    // can collide with another group's new key half-way.
+    // `quicnprotochat_group_ref` is registered by `open`.
+    "CREATE TABLE group_epochs_v18 (
+         group_ref BLOB PRIMARY KEY CHECK (length(group_ref) = 32),
+         epoch INTEGER NOT NULL,
+         fingerprint BLOB CHECK (fingerprint IS NULL OR length(fingerprint) = 32)
+     );
+     INSERT INTO group_epochs_v18 (group_ref, epoch, fingerprint)
+         SELECT quicnprotochat_group_ref(group_id), epoch, fingerprint FROM group_epochs;
+     DROP TABLE group_epochs;
+     ALTER TABLE group_epochs_v18 RENAME TO group_epochs;
+     CREATE TABLE group_views_v18 (
+         group_ref BLOB PRIMARY KEY CHECK (length(group_ref) = 32),
+         view BLOB NOT NULL,
+         changed_at INTEGER NOT NULL DEFAULT 0
+     );
+     INSERT INTO group_views_v18 (group_ref, view, changed_at)
+         SELECT quicnprotochat_group_ref(group_id), view, changed_at FROM group_views;
+     DROP TABLE group_views;
+     ALTER TABLE group_views_v18 RENAME TO group_views;
+     CREATE INDEX group_views_by_age ON group_views (changed_at);
+     CREATE TABLE welcome_trees_v18 (
+         group_ref BLOB NOT NULL CHECK (length(group_ref) = 32),
+         epoch INTEGER NOT NULL,
+         tree BLOB NOT NULL,
+         joiners BLOB NOT NULL,
+         created_at INTEGER NOT NULL,
+         PRIMARY KEY (group_ref, epoch)
+     );
+     INSERT INTO welcome_trees_v18 (group_ref, epoch, tree, joiners, created_at)
+         SELECT quicnprotochat_group_ref(group_id), epoch, tree, joiners, created_at FROM welcome_trees;
+     DROP TABLE welcome_trees;
+     ALTER TABLE welcome_trees_v18 RENAME TO welcome_trees;
+     CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
+     UPDATE group_proposals SET group_id = quicnprotochat_group_ref(group_id);
+     ALTER TABLE group_proposals RENAME COLUMN group_id TO group_ref;",
 ];
+
+/// Registers `quicnprotochat_group_ref(id)` on `connection`: the
+/// [`GroupRef`] of a group id, for migration V18.
+fn register_group_ref(connection: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    connection.create_scalar_function(
+        "quicnprotochat_group_ref",
+        1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |context| {
+            let id: Vec<u8> = context.get(0)?;
+            // Every stored id was admitted as a GroupId; one that is not
+            // (empty or too long) stops the migration rather than vanish.
+            let id = GroupId::new(id).ok_or_else(|| {
+                rusqlite::Error::UserFunctionError("a stored group id is not a group id".into())
+            })?;
+            Ok(GroupRef::of(&id).as_bytes().to_vec())
+        },
+    )
+}
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -241,6 +302,7 @@ pub(in crate::store) fn open(
     connection.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     connection.pragma_update(None, "foreign_keys", true)?;
     check_integrity(&connection)?;
+    register_group_ref(&connection)?;
     quicnprotochat_sqlite::migrate(&mut connection, APPLICATION_ID, MIGRATIONS).map_err(refusal)?;
     let id: Vec<u8> =
         connection.query_row("SELECT value FROM meta WHERE key = 'instance_id'", [], |row| {

@@ -3,7 +3,7 @@
 //! transaction. Statements are cached by the connection. The schema they
 //! run against is in `migrations`.
 
-use quicnprotochat_core::{GroupId, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{GroupRef, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::delivery::{DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
@@ -253,10 +253,10 @@ impl Storage for SqliteStorage<'_> {
             .execute(params![recipient.as_bytes(), sql_int(up_to.get())])
     }
 
-    fn group_epoch(&mut self, group: &GroupId) -> rusqlite::Result<Option<u64>> {
+    fn group_epoch(&mut self, group: &GroupRef) -> rusqlite::Result<Option<u64>> {
         let epoch: Option<i64> = self
             .db
-            .prepare_cached("SELECT epoch FROM group_epochs WHERE group_id = ?1")?
+            .prepare_cached("SELECT epoch FROM group_epochs WHERE group_ref = ?1")?
             .query_row(params![group.as_bytes()], |row| row.get(0))
             .optional()?;
         Ok(epoch.map(|epoch| u64::try_from(epoch).unwrap_or(0)))
@@ -264,52 +264,52 @@ impl Storage for SqliteStorage<'_> {
 
     fn set_group_epoch(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         fingerprint: &[u8; 32],
     ) -> rusqlite::Result<()> {
         self.db
             .prepare_cached(
-                "INSERT INTO group_epochs (group_id, epoch, fingerprint) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch, fingerprint = excluded.fingerprint",
+                "INSERT INTO group_epochs (group_ref, epoch, fingerprint) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (group_ref) DO UPDATE SET epoch = excluded.epoch, fingerprint = excluded.fingerprint",
             )?
             .execute(params![group.as_bytes(), sql_int(epoch), &fingerprint[..]])?;
         Ok(())
     }
 
-    fn group_fingerprint(&mut self, group: &GroupId) -> rusqlite::Result<Option<[u8; 32]>> {
+    fn group_fingerprint(&mut self, group: &GroupRef) -> rusqlite::Result<Option<[u8; 32]>> {
         let fingerprint: Option<Option<Vec<u8>>> = self
             .db
-            .prepare_cached("SELECT fingerprint FROM group_epochs WHERE group_id = ?1")?
+            .prepare_cached("SELECT fingerprint FROM group_epochs WHERE group_ref = ?1")?
             .query_row(params![group.as_bytes()], |row| row.get(0))
             .optional()?;
         Ok(fingerprint.flatten().and_then(|bytes| bytes.try_into().ok()))
     }
 
-    fn group_view(&mut self, group: &GroupId) -> rusqlite::Result<Option<Vec<u8>>> {
+    fn group_view(&mut self, group: &GroupRef) -> rusqlite::Result<Option<Vec<u8>>> {
         self.db
-            .prepare_cached("SELECT view FROM group_views WHERE group_id = ?1")?
+            .prepare_cached("SELECT view FROM group_views WHERE group_ref = ?1")?
             .query_row(params![group.as_bytes()], |row| row.get(0))
             .optional()
     }
 
-    fn set_group_view(&mut self, group: &GroupId, view: &[u8], now: i64) -> rusqlite::Result<()> {
+    fn set_group_view(&mut self, group: &GroupRef, view: &[u8], now: i64) -> rusqlite::Result<()> {
         self.db
             .prepare_cached(
-                "INSERT INTO group_views (group_id, view, changed_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (group_id) DO UPDATE SET view = excluded.view, changed_at = excluded.changed_at",
+                "INSERT INTO group_views (group_ref, view, changed_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (group_ref) DO UPDATE SET view = excluded.view, changed_at = excluded.changed_at",
             )?
             .execute(params![group.as_bytes(), view, now])?;
         self.db
-            .prepare_cached("DELETE FROM group_proposals WHERE group_id = ?1")?
+            .prepare_cached("DELETE FROM group_proposals WHERE group_ref = ?1")?
             .execute(params![group.as_bytes()])?;
         Ok(())
     }
 
-    fn group_proposals(&mut self, group: &GroupId, epoch: u64) -> rusqlite::Result<Vec<Vec<u8>>> {
+    fn group_proposals(&mut self, group: &GroupRef, epoch: u64) -> rusqlite::Result<Vec<Vec<u8>>> {
         self.db
             .prepare_cached(
-                "SELECT item FROM group_proposals WHERE group_id = ?1 AND epoch = ?2 ORDER BY id",
+                "SELECT item FROM group_proposals WHERE group_ref = ?1 AND epoch = ?2 ORDER BY id",
             )?
             .query_map(params![group.as_bytes(), sql_int(epoch)], |row| row.get(0))?
             .collect()
@@ -317,16 +317,16 @@ impl Storage for SqliteStorage<'_> {
 
     fn add_group_proposal(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         item: &[u8],
         now: i64,
     ) -> rusqlite::Result<()> {
         self.db
-            .prepare_cached("INSERT INTO group_proposals (group_id, epoch, item) VALUES (?1, ?2, ?3)")?
+            .prepare_cached("INSERT INTO group_proposals (group_ref, epoch, item) VALUES (?1, ?2, ?3)")?
             .execute(params![group.as_bytes(), sql_int(epoch), item])?;
         self.db
-            .prepare_cached("UPDATE group_views SET changed_at = ?2 WHERE group_id = ?1")?
+            .prepare_cached("UPDATE group_views SET changed_at = ?2 WHERE group_ref = ?1")?
             .execute(params![group.as_bytes(), now])?;
         Ok(())
     }
@@ -340,7 +340,7 @@ impl Storage for SqliteStorage<'_> {
             self.db
                 .prepare_cached(
                     "DELETE FROM group_proposals
-                     WHERE NOT EXISTS (SELECT 1 FROM group_views WHERE group_views.group_id = group_proposals.group_id)",
+                     WHERE NOT EXISTS (SELECT 1 FROM group_views WHERE group_views.group_ref = group_proposals.group_ref)",
                 )?
                 .execute([])?;
         }
@@ -349,7 +349,7 @@ impl Storage for SqliteStorage<'_> {
 
     fn put_welcome_tree(
         &mut self,
-        group: &GroupId,
+        group: &GroupRef,
         epoch: u64,
         tree: &[u8],
         joiners: &[IdentityKey],
@@ -359,23 +359,23 @@ impl Storage for SqliteStorage<'_> {
         let joiners = WelcomeTree::joiners_column(joiners);
         self.db
             .prepare_cached(
-                "INSERT OR REPLACE INTO welcome_trees (group_id, epoch, tree, joiners, created_at)
+                "INSERT OR REPLACE INTO welcome_trees (group_ref, epoch, tree, joiners, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![group.as_bytes(), sql_int(epoch), tree, joiners, now])?;
         self.db
             .prepare_cached(
-                "DELETE FROM welcome_trees WHERE group_id = ?1 AND epoch NOT IN
-                     (SELECT epoch FROM welcome_trees WHERE group_id = ?1 ORDER BY epoch DESC LIMIT ?2)",
+                "DELETE FROM welcome_trees WHERE group_ref = ?1 AND epoch NOT IN
+                     (SELECT epoch FROM welcome_trees WHERE group_ref = ?1 ORDER BY epoch DESC LIMIT ?2)",
             )?
             .execute(params![group.as_bytes(), i64::try_from(keep).unwrap_or(i64::MAX)])?;
         Ok(())
     }
 
-    fn welcome_tree(&mut self, group: &GroupId, epoch: u64) -> rusqlite::Result<Option<WelcomeTree>> {
+    fn welcome_tree(&mut self, group: &GroupRef, epoch: u64) -> rusqlite::Result<Option<WelcomeTree>> {
         let row: Option<(Vec<u8>, Vec<u8>)> = self
             .db
-            .prepare_cached("SELECT tree, joiners FROM welcome_trees WHERE group_id = ?1 AND epoch = ?2")?
+            .prepare_cached("SELECT tree, joiners FROM welcome_trees WHERE group_ref = ?1 AND epoch = ?2")?
             .query_row(params![group.as_bytes(), sql_int(epoch)], |row| {
                 Ok((row.get(0)?, row.get(1)?))
             })
