@@ -5,7 +5,7 @@
 //! QUIC + TLS 1.3 on 127.0.0.1, rate limits off), then runs the release
 //! client binary as a user would: every member runs `register-state` (one
 //! state file each), member 0 runs `create-group` and one `invite` with
-//! every other member's `--peer-key`, and each of them runs `recv` to join
+//! every other member's `--peer-key`, and each of them runs `join`
 //! (several at a time). Then it measures, each repeated:
 //! - `send` by member 0 to the whole group;
 //! - `recv` by member 1 with exactly that one message waiting;
@@ -103,10 +103,10 @@ fn main() {
 
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
     let times = in_parallel(&group[1..], parallel, |member| {
-        client.run(&["recv", "--state", &member.state]).0
+        client.run(&["join", "--state", &member.state]).0
     });
     rows.push(row(
-        format!("`recv` that joins from the Welcome, {parallel} at a time"),
+        format!("`join` from the Welcome, {parallel} at a time"),
         times,
     ));
     let listed = client.run(&["members", "--state", &group[members - 1].state]).1;

@@ -5,8 +5,8 @@
 //! encrypted file, in clear; the same salt feeds Argon2id, so the file
 //! carries everything but the passphrase and can be copied alone. Giving
 //! SQLCipher a raw key skips its own PBKDF2 (256,000 rounds of
-//! HMAC-SHA512, 146 ms on the reference machine, against 17 ms for
-//! Argon2id here: BENCHMARKS.md).
+//! HMAC-SHA512, 146 ms on the reference machine, against about 15 ms
+//! for Argon2id here: BENCHMARKS.md).
 //!
 //! A plain SQLite file starts with its magic string; a file that does not
 //! and whose length is a whole number of pages is taken to be encrypted.
@@ -20,13 +20,16 @@ use std::path::Path;
 use rusqlite::Connection;
 use zeroize::Zeroizing;
 
-/// Argon2id parameters: 12 MiB, 3 passes, one lane, one of the settings
-/// OWASP's password storage guidance lists as equivalent (2024). Files
-/// made with them can only be opened with them: a change needs a way to
-/// tell old files apart.
-const MEMORY_KIB: u32 = 12 * 1024;
-const PASSES: u32 = 3;
-const LANES: u32 = 1;
+/// Argon2id parameters: 7 MiB and 5 passes, one of the settings OWASP's
+/// password storage guidance lists as equivalent (2024), in two lanes
+/// computed side by side. An attacker pays the same memory and passes; a
+/// command waits about 15 ms for it on two cores, where 12 MiB × 3 passes
+/// in one lane took 23 ms, most of the +20 ms a command may cost
+/// (BENCHMARKS.md). Files made with them can only be opened with them: a
+/// change needs a way to tell old files apart.
+const MEMORY_KIB: u32 = 7 * 1024;
+const PASSES: u32 = 5;
+const LANES: u32 = 2;
 
 /// SQLCipher's salt: the first 16 bytes of an encrypted file.
 pub(super) const SALT_LEN: usize = 16;
