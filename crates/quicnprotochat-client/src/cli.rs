@@ -300,6 +300,14 @@ pub enum StateAction {
     /// new passphrase (asked twice at a terminal). Stop every other command
     /// using the file first.
     Encrypt,
+    /// Change the state file's passphrase: the current one as for any
+    /// command, the new one asked twice at a terminal or read from
+    /// --new-passphrase-file.
+    Passphrase {
+        /// A file whose first line is the new passphrase (for scripts).
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+    },
 }
 
 /// The shells `completions` writes scripts for: the three people use most

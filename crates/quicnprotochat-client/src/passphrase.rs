@@ -20,8 +20,11 @@ const ATTEMPTS: usize = 3;
 /// The CLI's passphrase sources, in order.
 #[derive(Debug)]
 pub(crate) struct CliPassphrase {
-    /// `--state-passphrase-file`.
+    /// `--state-passphrase-file` (or `--new-passphrase-file`).
     pub(crate) file: Option<PathBuf>,
+    /// Whether `QUICNPROTOCHAT_STATE_PASSPHRASE` counts (not for a new
+    /// passphrase replacing the one it holds).
+    pub(crate) environment: bool,
 }
 
 impl Unlock for CliPassphrase {
@@ -36,7 +39,7 @@ impl Unlock for CliPassphrase {
                 );
             return Ok(Zeroizing::new(first_line(&text).to_owned()));
         }
-        if let Some(value) = std::env::var_os(PASSPHRASE_VARIABLE) {
+        if let Some(value) = std::env::var_os(PASSPHRASE_VARIABLE).filter(|_| self.environment) {
             return match value.into_string() {
                 Ok(text) => Ok(Zeroizing::new(text)),
                 Err(_) => Err(StateError::PassphraseFile {

@@ -541,3 +541,48 @@ fn at_a_terminal_the_passphrase_is_asked_for_twice_for_a_new_file_then_once() {
     .unwrap();
     assert!(shown.contains(&key.to_string()), "{shown}");
 }
+
+#[test]
+fn state_passphrase_changes_what_opens_the_file() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Member::register(&node, dir.path(), "alice");
+    let new = dir.path().join("new-passphrase");
+    std::fs::write(&new, "a better one\n").unwrap();
+    let new_arg = new.display().to_string();
+
+    // Without a new passphrase and without a terminal: a usage error.
+    let missing = with_passphrase(
+        &node,
+        Some(common::PASSPHRASE),
+        &["--json", "state", "passphrase", "--state", &alice.state],
+    );
+    assert_eq!(error_object(&missing, 2)["kind"], "usage");
+
+    let changed = with_passphrase(
+        &node,
+        Some(common::PASSPHRASE),
+        &[
+            "--json",
+            "state",
+            "passphrase",
+            "--state",
+            &alice.state,
+            "--new-passphrase-file",
+            &new_arg,
+        ],
+    );
+    assert!(changed.status.success(), "{}", common::stderr(&changed));
+    let done: serde_json::Value = serde_json::from_slice(&changed.stdout).unwrap();
+    assert_eq!(done["passphrase_changed"], true);
+
+    let old = with_passphrase(
+        &node,
+        Some(common::PASSPHRASE),
+        &["--json", "whoami", "--state", &alice.state],
+    );
+    assert_eq!(error_object(&old, 7)["kind"], "bad_passphrase");
+    let opened = with_passphrase(&node, Some("a better one"), &["whoami", "--state", &alice.state]);
+    assert!(opened.status.success(), "{}", common::stderr(&opened));
+    assert_eq!(String::from_utf8(opened.stdout).unwrap().trim(), alice.key);
+}

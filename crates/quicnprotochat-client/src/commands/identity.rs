@@ -1,4 +1,7 @@
-//! `register-state`, `whoami`, `contacts` and `state encrypt`.
+//! `register-state`, `whoami`, `contacts`, `state encrypt` and `state
+//! passphrase`.
+
+use std::path::PathBuf;
 
 use serde_json::json;
 
@@ -8,7 +11,8 @@ use crate::error::ClientError;
 use crate::key_packages::{top_up_key_packages, upload};
 use crate::naming::parse_key;
 use crate::output::{self, print_json};
-use crate::state::{Encryption, StateAccess, StateFile};
+use crate::passphrase::CliPassphrase;
+use crate::state::{Encryption, StateAccess, StateError, StateFile, Unlock};
 
 /// `register-state`: creates the state file (or reuses its identity),
 /// uploads a fresh KeyPackage and prints the identity key.
@@ -114,6 +118,33 @@ pub(crate) fn encrypt_state(access: &StateAccess) -> Result<(), ClientError> {
         note!("{path} is encrypted already; nothing changed");
     } else {
         note!("{path} is now encrypted; the same passphrase opens it from now on");
+    }
+    Ok(())
+}
+
+/// `state passphrase`: re-encrypts the state file under a new passphrase.
+pub(crate) fn change_passphrase(access: &StateAccess, new_file: Option<PathBuf>) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
+    let new = match (CliPassphrase {
+        file: new_file,
+        environment: false,
+    })
+    .passphrase(access.path(), true)
+    {
+        Ok(new) if !new.is_empty() => new,
+        Ok(_) | Err(StateError::NoPassphrase(_)) => {
+            return Err(ClientError::Usage(
+                "give the new passphrase at a terminal, or its file with --new-passphrase-file FILE".into(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    state.change_passphrase(&new)?;
+    let path = access.path().display();
+    if output::json() {
+        print_json(&json!({ "state": path.to_string(), "passphrase_changed": true }))?;
+    } else {
+        note!("{path} now opens with the new passphrase only");
     }
     Ok(())
 }

@@ -11,7 +11,7 @@
 //! # Layout
 //! - `node` — stateless commands: ping, register, fetch-key.
 //! - `demo` — demo-group.
-//! - `identity` — register-state, whoami, contacts, state encrypt.
+//! - `identity` — register-state, whoami, contacts, state encrypt | passphrase.
 //! - `devices` — link, devices add | list | remove, and completing a link.
 //! - `group` — create-group, invite, remove, update, leave, rejoin, groups, members,
 //!   history.
@@ -50,6 +50,7 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
             path,
             CliPassphrase {
                 file: state_passphrase_file,
+                environment: true,
             },
         )
     });
@@ -102,5 +103,8 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::State {
             action: StateAction::Encrypt,
         } => identity::encrypt_state(state()?),
+        Command::State {
+            action: StateAction::Passphrase { new_passphrase_file },
+        } => identity::change_passphrase(state()?, new_passphrase_file),
     }
 }

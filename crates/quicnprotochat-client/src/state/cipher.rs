@@ -122,6 +122,13 @@ impl FileKey {
         connection.execute_batch(&statement)
     }
 
+    /// Re-encrypts every page of `connection`'s (keyed) database under
+    /// this key (SQLCipher's `rekey`, one transaction).
+    pub(super) fn rekey(&self, connection: &Connection) -> rusqlite::Result<()> {
+        let statement = Zeroizing::new(format!("PRAGMA rekey = \"{}\"", self.literal().as_str()));
+        connection.execute_batch(&statement)
+    }
+
     /// Attaches an encrypted copy of `connection`'s database at `path`
     /// under this key as `encrypted` (for `sqlcipher_export`).
     pub(super) fn attach(&self, connection: &Connection, path: &Path) -> rusqlite::Result<()> {

@@ -370,6 +370,21 @@ impl StateFile {
         Ok(Encryption::Encrypted)
     }
 
+    /// Re-encrypts this (encrypted) file under the key of `passphrase`,
+    /// with the file's salt; in one transaction, so an interruption leaves
+    /// the file under the old passphrase. A plain file is refused: it needs
+    /// [`Self::encrypt`].
+    pub fn change_passphrase(&self, passphrase: &str) -> Result<(), StateError> {
+        let Format::Encrypted(salt) = cipher::format(&self.path)? else {
+            return Err(StateError::NotAStateFile {
+                path: self.path.clone(),
+                reason: "it is not encrypted; `state encrypt` encrypts it under a passphrase".into(),
+            });
+        };
+        FileKey::derive(passphrase, salt).rekey(&self.connection)?;
+        Ok(())
+    }
+
     /// The file's SQLite connection with its key applied, nothing checked
     /// or migrated: for tests and tools that look inside a state file (it
     /// may create files it attaches).

@@ -461,3 +461,35 @@ fn a_device_linked_before_v9_drops_its_copy_of_the_user_key() {
     assert_eq!(state.identity_key().unwrap(), user.public_key());
     assert!(state.user().unwrap().is_none(), "no user key to sign lists with");
 }
+
+#[test]
+fn a_changed_passphrase_opens_the_file_and_the_old_one_no_longer_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.state");
+    let key = {
+        let state = StateFile::open_or_create(&sealed(&path)).unwrap();
+        let key = state.identity_or_generate().unwrap();
+        state.change_passphrase("a new one").unwrap();
+        key
+    };
+    let old = StateFile::open(&sealed(&path)).unwrap_err();
+    assert!(matches!(old, StateError::WrongPassphrase(_)), "{old}");
+    let state = StateFile::open(&StateAccess::with_passphrase(&path, "a new one")).unwrap();
+    assert_eq!(state.identity_key().unwrap(), key.user());
+    let integrity: String = state
+        .connection
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+
+    // A plain file has no passphrase to change.
+    let plain_path = dir.path().join("plain.state");
+    let mut connection = rusqlite::Connection::open(&plain_path).unwrap();
+    schema::migrate(&plain_path, &mut connection).unwrap();
+    let plain = StateFile {
+        path: plain_path,
+        connection,
+    };
+    let refused = plain.change_passphrase("x").unwrap_err();
+    assert!(refused.to_string().contains("state encrypt"), "{refused}");
+}
