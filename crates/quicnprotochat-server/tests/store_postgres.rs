@@ -52,31 +52,9 @@ impl Backend for Postgres {
                 .unwrap()
                 .get(0);
             assert_eq!(version, b"8", "undo the migrations after 3 here too");
+            key_group_tables_by_id(&mut db);
             db.batch_execute(
-                "DROP TABLE group_epochs;
-                 CREATE TABLE group_epochs (
-                     group_id bytea PRIMARY KEY,
-                     epoch bigint NOT NULL,
-                     fingerprint bytea
-                 );
-                 DROP TABLE group_views;
-                 CREATE TABLE group_views (
-                     group_id bytea PRIMARY KEY,
-                     view bytea NOT NULL,
-                     changed_at bigint NOT NULL
-                 );
-                 CREATE INDEX group_views_by_age ON group_views (changed_at);
-                 DROP TABLE welcome_trees;
-                 CREATE TABLE welcome_trees (
-                     group_id bytea NOT NULL,
-                     epoch bigint NOT NULL,
-                     tree bytea NOT NULL,
-                     joiners bytea NOT NULL,
-                     created_at bigint NOT NULL,
-                     PRIMARY KEY (group_id, epoch)
-                 );
-                 CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
-                 DROP INDEX key_packages_by_fingerprint;
+                "DROP INDEX key_packages_by_fingerprint;
                  ALTER TABLE key_packages DROP COLUMN fingerprint;
                  DROP TABLE group_proposals;
                  DROP TABLE removed_devices;
@@ -108,32 +86,9 @@ impl Backend for Postgres {
             // Migration 8 keyed groups by reference; undone here, each table
             // made again as 7 left it, with the one group's rows under its
             // id.
-            db.batch_execute(
-                "CREATE TABLE group_epochs_v7 (group_id bytea PRIMARY KEY, epoch bigint NOT NULL, fingerprint bytea);
-                 INSERT INTO group_epochs_v7 SELECT group_ref, epoch, fingerprint FROM group_epochs;
-                 DROP TABLE group_epochs;
-                 ALTER TABLE group_epochs_v7 RENAME TO group_epochs;
-                 CREATE TABLE group_views_v7 (group_id bytea PRIMARY KEY, view bytea NOT NULL, changed_at bigint NOT NULL);
-                 INSERT INTO group_views_v7 SELECT group_ref, view, changed_at FROM group_views;
-                 DROP TABLE group_views;
-                 ALTER TABLE group_views_v7 RENAME TO group_views;
-                 CREATE INDEX group_views_by_age ON group_views (changed_at);
-                 CREATE TABLE welcome_trees_v7 (
-                     group_id bytea NOT NULL,
-                     epoch bigint NOT NULL,
-                     tree bytea NOT NULL,
-                     joiners bytea NOT NULL,
-                     created_at bigint NOT NULL,
-                     PRIMARY KEY (group_id, epoch)
-                 );
-                 INSERT INTO welcome_trees_v7 SELECT group_ref, epoch, tree, joiners, created_at FROM welcome_trees;
-                 DROP TABLE welcome_trees;
-                 ALTER TABLE welcome_trees_v7 RENAME TO welcome_trees;
-                 CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
-                 ALTER TABLE group_proposals RENAME COLUMN group_ref TO group_id;
-                 UPDATE quicnprotochat_meta SET value = '7' WHERE key = 'schema_version';",
-            )
-            .unwrap();
+            key_group_tables_by_id(&mut db);
+            db.batch_execute("UPDATE quicnprotochat_meta SET value = '7' WHERE key = 'schema_version';")
+                .unwrap();
             for table in ["group_epochs", "group_views", "welcome_trees", "group_proposals"] {
                 db.execute(
                     &format!("UPDATE {table} SET group_id = $1 WHERE group_id = $2"),
@@ -150,6 +105,37 @@ impl Backend for Postgres {
         .join()
         .unwrap();
     }
+}
+
+/// Undoes migration 8 on `db`: each group table made again as 7 left it,
+/// keyed by `group_id`, with the rows it holds (their keys still
+/// references).
+fn key_group_tables_by_id(db: &mut postgres::Client) {
+    db.batch_execute(
+        "CREATE TABLE group_epochs_v7 (group_id bytea PRIMARY KEY, epoch bigint NOT NULL, fingerprint bytea);
+         INSERT INTO group_epochs_v7 SELECT group_ref, epoch, fingerprint FROM group_epochs;
+         DROP TABLE group_epochs;
+         ALTER TABLE group_epochs_v7 RENAME TO group_epochs;
+         CREATE TABLE group_views_v7 (group_id bytea PRIMARY KEY, view bytea NOT NULL, changed_at bigint NOT NULL);
+         INSERT INTO group_views_v7 SELECT group_ref, view, changed_at FROM group_views;
+         DROP TABLE group_views;
+         ALTER TABLE group_views_v7 RENAME TO group_views;
+         CREATE INDEX group_views_by_age ON group_views (changed_at);
+         CREATE TABLE welcome_trees_v7 (
+             group_id bytea NOT NULL,
+             epoch bigint NOT NULL,
+             tree bytea NOT NULL,
+             joiners bytea NOT NULL,
+             created_at bigint NOT NULL,
+             PRIMARY KEY (group_id, epoch)
+         );
+         INSERT INTO welcome_trees_v7 SELECT group_ref, epoch, tree, joiners, created_at FROM welcome_trees;
+         DROP TABLE welcome_trees;
+         ALTER TABLE welcome_trees_v7 RENAME TO welcome_trees;
+         CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
+         ALTER TABLE group_proposals RENAME COLUMN group_ref TO group_id;",
+    )
+    .unwrap();
 }
 
 // Each check and case on a fresh database on the server; fewer cases than

@@ -32,27 +32,9 @@ impl Backend for Sqlite {
         // (V18's group tables, empty here, made again as V17 left them).
         assert_eq!(SCHEMA_VERSION, 18, "undo the migrations after V13 here too");
         let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
+        key_group_tables_by_id(&db);
         db.execute_batch(
-            "DROP TABLE group_epochs;
-             CREATE TABLE group_epochs (group_id BLOB PRIMARY KEY, epoch INTEGER NOT NULL, fingerprint BLOB);
-             DROP TABLE group_views;
-             CREATE TABLE group_views (
-                 group_id BLOB PRIMARY KEY,
-                 view BLOB NOT NULL,
-                 changed_at INTEGER NOT NULL DEFAULT 0
-             );
-             CREATE INDEX group_views_by_age ON group_views (changed_at);
-             DROP TABLE welcome_trees;
-             CREATE TABLE welcome_trees (
-                 group_id BLOB NOT NULL,
-                 epoch INTEGER NOT NULL,
-                 tree BLOB NOT NULL,
-                 joiners BLOB NOT NULL,
-                 created_at INTEGER NOT NULL,
-                 PRIMARY KEY (group_id, epoch)
-             );
-             CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
-             DROP INDEX key_packages_by_fingerprint;
+            "DROP INDEX key_packages_by_fingerprint;
              ALTER TABLE key_packages DROP COLUMN fingerprint;
              DROP TABLE group_proposals;
              DROP TABLE removed_devices;
@@ -79,36 +61,8 @@ impl Backend for Sqlite {
         // as V17 left it, with the one group's rows under its id.
         assert_eq!(SCHEMA_VERSION, 18, "undo the migrations after V17 here too");
         let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
-        db.execute_batch(
-            "CREATE TABLE group_epochs_v17 (group_id BLOB PRIMARY KEY, epoch INTEGER NOT NULL, fingerprint BLOB);
-             INSERT INTO group_epochs_v17 SELECT group_ref, epoch, fingerprint FROM group_epochs;
-             DROP TABLE group_epochs;
-             ALTER TABLE group_epochs_v17 RENAME TO group_epochs;
-             CREATE TABLE group_views_v17 (
-                 group_id BLOB PRIMARY KEY,
-                 view BLOB NOT NULL,
-                 changed_at INTEGER NOT NULL DEFAULT 0
-             );
-             INSERT INTO group_views_v17 SELECT group_ref, view, changed_at FROM group_views;
-             DROP TABLE group_views;
-             ALTER TABLE group_views_v17 RENAME TO group_views;
-             CREATE INDEX group_views_by_age ON group_views (changed_at);
-             CREATE TABLE welcome_trees_v17 (
-                 group_id BLOB NOT NULL,
-                 epoch INTEGER NOT NULL,
-                 tree BLOB NOT NULL,
-                 joiners BLOB NOT NULL,
-                 created_at INTEGER NOT NULL,
-                 PRIMARY KEY (group_id, epoch)
-             );
-             INSERT INTO welcome_trees_v17 SELECT group_ref, epoch, tree, joiners, created_at FROM welcome_trees;
-             DROP TABLE welcome_trees;
-             ALTER TABLE welcome_trees_v17 RENAME TO welcome_trees;
-             CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
-             ALTER TABLE group_proposals RENAME COLUMN group_ref TO group_id;
-             PRAGMA user_version = 17;",
-        )
-        .unwrap();
+        key_group_tables_by_id(&db);
+        db.execute_batch("PRAGMA user_version = 17;").unwrap();
         let reference = GroupRef::of(group);
         for table in ["group_epochs", "group_views", "welcome_trees", "group_proposals"] {
             db.execute(
@@ -126,6 +80,40 @@ impl Backend for Sqlite {
             .unwrap();
         assert_eq!(keyed, 1, "the group is keyed by its id, as before V18");
     }
+}
+
+/// Undoes V18 on `db`: each group table made again as V17 left it, keyed
+/// by `group_id`, with the rows it holds (their keys still references).
+fn key_group_tables_by_id(db: &rusqlite::Connection) {
+    db.execute_batch(
+        "CREATE TABLE group_epochs_v17 (group_id BLOB PRIMARY KEY, epoch INTEGER NOT NULL, fingerprint BLOB);
+         INSERT INTO group_epochs_v17 SELECT group_ref, epoch, fingerprint FROM group_epochs;
+         DROP TABLE group_epochs;
+         ALTER TABLE group_epochs_v17 RENAME TO group_epochs;
+         CREATE TABLE group_views_v17 (
+             group_id BLOB PRIMARY KEY,
+             view BLOB NOT NULL,
+             changed_at INTEGER NOT NULL DEFAULT 0
+         );
+         INSERT INTO group_views_v17 SELECT group_ref, view, changed_at FROM group_views;
+         DROP TABLE group_views;
+         ALTER TABLE group_views_v17 RENAME TO group_views;
+         CREATE INDEX group_views_by_age ON group_views (changed_at);
+         CREATE TABLE welcome_trees_v17 (
+             group_id BLOB NOT NULL,
+             epoch INTEGER NOT NULL,
+             tree BLOB NOT NULL,
+             joiners BLOB NOT NULL,
+             created_at INTEGER NOT NULL,
+             PRIMARY KEY (group_id, epoch)
+         );
+         INSERT INTO welcome_trees_v17 SELECT group_ref, epoch, tree, joiners, created_at FROM welcome_trees;
+         DROP TABLE welcome_trees;
+         ALTER TABLE welcome_trees_v17 RENAME TO welcome_trees;
+         CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
+         ALTER TABLE group_proposals RENAME COLUMN group_ref TO group_id;",
+    )
+    .unwrap();
 }
 
 // Each check and case on a fresh database file.
