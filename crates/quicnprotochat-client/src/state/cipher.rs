@@ -8,6 +8,9 @@
 //! HMAC-SHA512, 146 ms on the reference machine, against about 15 ms
 //! for Argon2id here: BENCHMARKS.md).
 //!
+//! `export` and `same_rows` encrypt a plain file into a copy and check it
+//! (`state encrypt`).
+//!
 //! A plain SQLite file starts with its magic string; a file that does not
 //! and whose length is a whole number of pages is taken to be encrypted.
 //! A key that does not open it is reported as a wrong passphrase: an
@@ -19,6 +22,8 @@ use std::path::Path;
 
 use rusqlite::Connection;
 use zeroize::Zeroizing;
+
+use super::StateError;
 
 /// Argon2id parameters: 7 MiB and 5 passes, one of the settings OWASP's
 /// password storage guidance lists as equivalent (2024), in two lanes
@@ -151,4 +156,53 @@ pub(super) fn quiet(connection: &Connection) -> rusqlite::Result<()> {
 /// file ("file is not a database").
 pub(super) fn is_wrong_key(error: &rusqlite::Error) -> bool {
     error.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase)
+}
+
+/// Copies every table of `plain` into a new encrypted file at `copy`, with
+/// our schema version and application id (which `sqlcipher_export` does
+/// not carry), and makes it durable.
+pub(super) fn export(plain: &Connection, key: &FileKey, copy: &Path) -> Result<(), StateError> {
+    key.attach(plain, copy)?;
+    let exported = (|| {
+        plain.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
+        let version: i64 = plain.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        plain.execute_batch(&format!(
+            "PRAGMA encrypted.user_version = {version}; PRAGMA encrypted.application_id = {};",
+            super::schema::APPLICATION_ID
+        ))
+    })();
+    let detached = plain.execute_batch("DETACH DATABASE encrypted");
+    exported?;
+    detached?;
+    std::fs::File::open(copy)?.sync_all()?;
+    Ok(())
+}
+
+/// Checks that `encrypted` holds the same tables as `plain`, each with as
+/// many rows.
+pub(super) fn same_rows(plain: &Connection, encrypted: &Connection) -> Result<(), StateError> {
+    let tables = |connection: &Connection| -> rusqlite::Result<Vec<String>> {
+        let mut statement = connection.prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )?;
+        statement
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()
+    };
+    let names = tables(plain)?;
+    if names != tables(encrypted)? {
+        return Err(StateError::Damaged(
+            "the encrypted copy lacks tables of the plain file".into(),
+        ));
+    }
+    for name in names {
+        let count = format!("SELECT count(*) FROM \"{}\"", name.replace('"', "\"\""));
+        let rows = |connection: &Connection| connection.query_row(&count, [], |row| row.get::<_, i64>(0));
+        if rows(plain)? != rows(encrypted)? {
+            return Err(StateError::Damaged(format!(
+                "the encrypted copy of table {name} has other rows than the plain file"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -150,55 +150,6 @@ pub enum Encryption {
     AlreadyEncrypted,
 }
 
-/// Copies every table of `plain` into a new encrypted file at `copy`, with
-/// our schema version and application id (which `sqlcipher_export` does
-/// not carry), and makes it durable.
-fn export(plain: &Connection, key: &FileKey, copy: &Path) -> Result<(), StateError> {
-    key.attach(plain, copy)?;
-    let exported = (|| {
-        plain.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
-        let version: i64 = plain.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        plain.execute_batch(&format!(
-            "PRAGMA encrypted.user_version = {version}; PRAGMA encrypted.application_id = {};",
-            schema::APPLICATION_ID
-        ))
-    })();
-    let detached = plain.execute_batch("DETACH DATABASE encrypted");
-    exported?;
-    detached?;
-    std::fs::File::open(copy)?.sync_all()?;
-    Ok(())
-}
-
-/// Checks that `encrypted` holds the same tables as `plain`, each with as
-/// many rows.
-fn same_rows(plain: &Connection, encrypted: &Connection) -> Result<(), StateError> {
-    let tables = |connection: &Connection| -> rusqlite::Result<Vec<String>> {
-        let mut statement = connection.prepare(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
-        )?;
-        statement
-            .query_map([], |row| row.get(0))?
-            .collect::<rusqlite::Result<Vec<String>>>()
-    };
-    let names = tables(plain)?;
-    if names != tables(encrypted)? {
-        return Err(StateError::Damaged(
-            "the encrypted copy lacks tables of the plain file".into(),
-        ));
-    }
-    for name in names {
-        let count = format!("SELECT count(*) FROM \"{}\"", name.replace('"', "\"\""));
-        let rows = |connection: &Connection| connection.query_row(&count, [], |row| row.get::<_, i64>(0));
-        if rows(plain)? != rows(encrypted)? {
-            return Err(StateError::Damaged(format!(
-                "the encrypted copy of table {name} has other rows than the plain file"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Gives the file at `path` owner-only permissions: it holds the
 /// identity's secret key.
 fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
@@ -355,10 +306,10 @@ impl StateFile {
             None,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )?;
-        let exported = export(&plain.connection, &key, &copy).and_then(|()| {
+        let exported = cipher::export(&plain.connection, &key, &copy).and_then(|()| {
             restrict_to_owner(&copy)?;
             let encrypted = Self::open_checked(&copy, Some(&key), OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-            same_rows(&plain.connection, &encrypted.connection)
+            cipher::same_rows(&plain.connection, &encrypted.connection)
         });
         if let Err(e) = exported {
             let _ = std::fs::remove_file(&copy);
