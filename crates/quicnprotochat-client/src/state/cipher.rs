@@ -159,16 +159,20 @@ pub(super) fn is_wrong_key(error: &rusqlite::Error) -> bool {
 }
 
 /// Copies every table of `plain` into a new encrypted file at `copy`, with
-/// our schema version and application id (which `sqlcipher_export` does
+/// its schema version and `application_id` (which `sqlcipher_export` does
 /// not carry), and makes it durable.
-pub(super) fn export(plain: &Connection, key: &FileKey, copy: &Path) -> Result<(), StateError> {
+pub(super) fn export(
+    plain: &Connection,
+    key: &FileKey,
+    copy: &Path,
+    application_id: i64,
+) -> Result<(), StateError> {
     key.attach(plain, copy)?;
     let exported = (|| {
         plain.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
         let version: i64 = plain.pragma_query_value(None, "user_version", |row| row.get(0))?;
         plain.execute_batch(&format!(
-            "PRAGMA encrypted.user_version = {version}; PRAGMA encrypted.application_id = {};",
-            super::schema::APPLICATION_ID
+            "PRAGMA encrypted.user_version = {version}; PRAGMA encrypted.application_id = {application_id};"
         ))
     })();
     let detached = plain.execute_batch("DETACH DATABASE encrypted");

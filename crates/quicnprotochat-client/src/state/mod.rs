@@ -306,11 +306,12 @@ impl StateFile {
             None,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )?;
-        let exported = cipher::export(&plain.connection, &key, &copy).and_then(|()| {
-            restrict_to_owner(&copy)?;
-            let encrypted = Self::open_checked(&copy, Some(&key), OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-            cipher::same_rows(&plain.connection, &encrypted.connection)
-        });
+        let exported =
+            cipher::export(&plain.connection, &key, &copy, schema::APPLICATION_ID).and_then(|()| {
+                restrict_to_owner(&copy)?;
+                let encrypted = Self::open_checked(&copy, Some(&key), OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+                cipher::same_rows(&plain.connection, &encrypted.connection)
+            });
         if let Err(e) = exported {
             let _ = std::fs::remove_file(&copy);
             return Err(e);
