@@ -20,6 +20,7 @@ use crate::output::{self, Progress, counted};
 use crate::publish::{
     CHANGE_ATTEMPTS, Change, Proposed, Settled, resume_publications, send_proposal, send_publication, stage,
 };
+use crate::sending::send_group_name;
 use crate::state::StateFile;
 use crate::sync::catch_up;
 
@@ -35,7 +36,7 @@ pub(crate) async fn change_group(
     group_id: &GroupId,
     mut make: impl FnMut(&mut GroupMember) -> Result<Change, ClientError>,
 ) -> Result<GroupMember, ClientError> {
-    let name = group_name(group_id);
+    let name = group_name(state, group_id);
     resume_publications(nodes, state, identity).await?;
     let mut current_epoch = 0;
     for attempt in 1..=CHANGE_ATTEMPTS {
@@ -52,6 +53,18 @@ pub(crate) async fn change_group(
             other => other?,
         };
         match send_publication(nodes, state, identity, &mut group, &publication).await? {
+            Settled::Merged if let Some(welcome) = &publication.welcome => {
+                // The change is made whatever happens to the name: a member
+                // added without it sees the group's id until the next
+                // invite names the group again.
+                if let Err(e) = send_group_name(nodes, state, identity, group_id, &welcome.recipients).await {
+                    note!("warning: the members added to {name} were not told its name: {e}");
+                }
+                // Sending the name moved the group's ratchet on: the copy
+                // in hand is stale.
+                return GroupMember::load(&state.provider(), group_id)?
+                    .ok_or(ClientError::Internal("a group vanished after a change"));
+            }
             Settled::Merged => return Ok(group),
             Settled::Lost { current_epoch: now } => {
                 current_epoch = now;
@@ -80,7 +93,7 @@ pub(crate) async fn propose(
     group_id: &GroupId,
     mut make: impl FnMut(&mut GroupMember) -> Result<Vec<u8>, ClientError>,
 ) -> Result<GroupMember, ClientError> {
-    let name = group_name(group_id);
+    let name = group_name(state, group_id);
     let me = identity.public_key();
     // A change of ours left unanswered must be settled first: it decides
     // the epoch the proposal is made in.
@@ -144,7 +157,7 @@ pub(crate) async fn invite(
         if missing.is_empty() && *user != own_user {
             return Err(ClientError::Usage(format!(
                 "{user} is already a member of {}",
-                group_name(&group_id)
+                group_name(state, &group_id)
             )));
         }
         targets.extend(missing.into_iter().map(|device| (*user, device)));
@@ -201,7 +214,7 @@ pub(crate) async fn invite(
         "invited {} ({}) to {}: epoch {}, {}",
         counted(peers.len(), "person", "people"),
         counted(joiners.len(), "device", "devices"),
-        group_name(&group_id),
+        group_name(state, &group_id),
         group.epoch(),
         counted(group.user_count(), "member", "members")
     );
@@ -292,7 +305,7 @@ pub(crate) async fn replace_handed_leaves(
     identity: &IdentityKeypair,
 ) -> Result<(), ClientError> {
     for group_id in state.handed_leaves()? {
-        let name = group_name(&group_id);
+        let name = group_name(state, &group_id);
         if !GroupMember::load(&state.provider(), &group_id)?.is_some_and(|group| group.is_active()) {
             state.forget_handed_leaf(&group_id)?;
             continue;

@@ -7,16 +7,17 @@
 //! applies nothing twice.
 
 use quicnprotochat_core::{
-    CoreError, GroupId, GroupMember, IdentityKeypair, Incoming, MessageKind, QueuedMessage, Received, Seq,
-    classify,
+    Content, CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair, Incoming, MessageKind,
+    QueuedMessage, Received, Seq, classify,
 };
 use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
 use crate::connections::Nodes;
 use crate::directory::Directory;
 use crate::error::ClientError;
-use crate::naming::{changed_event, group_name, users};
+use crate::naming::{changed_event, group_name, id_label, users, valid_group_name};
 use crate::output::{Event, Person, Progress};
+use crate::sending::send_group_name_once;
 use crate::state::{Direction, InboxEntry, Invitation, KeptWelcome, NotKept, StateFile, unix_now};
 
 /// Test hook: when this environment variable is set, `recv` and `join` exit
@@ -155,7 +156,18 @@ pub(crate) async fn process_entry(
             apply(state, payload, seq, tree.as_deref(), explicit_join, directory)
         });
         let (group_id, epoch) = match outcome {
-            Ok(applied) => return Ok(applied),
+            Ok(applied) => {
+                if let Some((group_id, rejoiner)) = &applied.name_for {
+                    // Once, in this epoch: a member who rejoined from a
+                    // backup without the group has no name for it.
+                    let identity = state.identity()?;
+                    let sent = send_group_name_once(nodes, state, &identity, group_id, &[*rejoiner]).await;
+                    if let Err(e) = sent {
+                        note!("warning: a member who rejoined was not told the group's name: {e}");
+                    }
+                }
+                return Ok(applied);
+            }
             Err(ClientError::Core(CoreError::RatchetTreeNeeded { group_id, epoch })) if tree.is_none() => {
                 (group_id, epoch)
             }
@@ -230,14 +242,14 @@ async fn fetch_tree(nodes: &Nodes, group_id: &[u8], epoch: u64) -> Result<Vec<u8
     match fetched {
         Ok(FetchedWelcomeTree::Tree(fetched)) => Ok(fetched),
         Ok(FetchedWelcomeTree::Unavailable) => Err(ClientError::WelcomeTreeUnavailable {
-            group: group_name(group_id),
+            group: id_label(group_id),
             epoch,
         }),
         // The node refused the call itself: it does not know us as a
         // member this Welcome added (a forged or misdirected Welcome).
         Err(ClientError::Rpc(e)) if e.kind == capnp::ErrorKind::Failed => {
             Err(ClientError::WelcomeTreeRefused {
-                group: group_name(group_id),
+                group: id_label(group_id),
                 reason: e.extra,
             })
         }
@@ -293,8 +305,9 @@ fn keep_invitation(
             };
             return Ok(Applied {
                 joined: false,
+                name_for: None,
                 event: Some(Event::Invited {
-                    group: group_name(&invitation.group_id),
+                    group: group_name(state, &invitation.group_id),
                     group_id: hex::encode(&invitation.group_id),
                     inviter,
                     epoch: invitation.epoch,
@@ -309,12 +322,13 @@ fn keep_invitation(
         Err(NotKept::TooBig) => format!("it is bigger than {} bytes", crate::state::MAX_INVITATION_BYTES),
     };
     let dropped = ClientError::InvitationDropped {
-        group: group_name(&invitation.group_id),
+        group: group_name(state, &invitation.group_id),
         inviter: invitation.inviter.user.short().to_owned(),
         why,
     };
     Ok(Applied {
         joined: false,
+        name_for: None,
         event: Some(Event::Dropped {
             seq: seq.map(Seq::get),
             error: dropped.kind().0,
@@ -361,8 +375,9 @@ async fn resync(
             };
             Ok(Applied {
                 joined: false,
+                name_for: None,
                 event: Some(Event::Resynced {
-                    group: group_name(group_id),
+                    group: group_name(state, group_id),
                     group_id: hex::encode(group_id),
                     culprit,
                     reason: reason.clone(),
@@ -491,6 +506,9 @@ pub(crate) struct Applied {
     pub(crate) joined: bool,
     /// What to report.
     event: Option<Event>,
+    /// A member who rejoined, whom this client (the first member besides
+    /// it) tells the group's name.
+    name_for: Option<(GroupId, IdentityKey)>,
 }
 
 impl Applied {
@@ -536,8 +554,9 @@ fn apply(
             }
             Ok(Applied {
                 joined: true,
+                name_for: None,
                 event: Some(Event::Joined {
-                    group: group_name(&group_id),
+                    group: group_name(state, &group_id),
                     group_id: hex::encode(&group_id),
                     epoch: group.epoch(),
                     members: group.user_count(),
@@ -546,49 +565,78 @@ fn apply(
         }
         Incoming::Group { group_id, kind, .. } => {
             // No group of ours has an id a node would not take.
-            let unknown = || ClientError::UnknownGroup(group_name(&group_id));
+            let unknown = || ClientError::UnknownGroup(group_name(state, &group_id));
             let group_id = GroupId::new(group_id.clone()).ok_or_else(unknown)?;
             let mut group = GroupMember::load(&provider, &group_id)?.ok_or_else(unknown)?;
-            let (name, id) = (group_name(&group_id), hex::encode(&group_id));
+            let (name, id) = (group_name(state, &group_id), hex::encode(&group_id));
             // Who a Commit adds or removes is told by comparing the users
             // before and after (only for Commits: a big group's member list
             // is not free).
             let users_before = (kind == MessageKind::Commit).then(|| users(&group));
+            let mut name_for = None;
             let event = match group.receive(&provider, payload, directory)? {
-                Received::Application { sender, plaintext } => {
-                    // Attributed to the user, whichever of its devices
-                    // sent it.
-                    state.record_message(
-                        &group_id,
-                        Direction::Received,
-                        &sender.user,
-                        &plaintext,
-                        group.epoch(),
-                    )?;
-                    Some(Event::Message {
+                Received::Application { sender, plaintext } => match Content::decode(&plaintext) {
+                    Content::Text(text) => {
+                        // Attributed to the user, whichever of its devices
+                        // sent it.
+                        state.record_message(
+                            &group_id,
+                            Direction::Received,
+                            &sender.user,
+                            text.as_bytes(),
+                            group.epoch(),
+                        )?;
+                        Some(Event::Message {
+                            group: name,
+                            group_id: id,
+                            sender: state.contact_name(&sender.user)?,
+                            sender_key: sender.user.to_string(),
+                            // Our own user: sent from another of our devices.
+                            from_me: sender.user == state.identity_key()?,
+                            text,
+                            seq: seq.map(Seq::get),
+                            epoch: group.epoch(),
+                        })
+                    }
+                    // The first name a group gets sticks; a later one (the
+                    // same, from the next invite) changes nothing.
+                    Content::GroupName(named)
+                        if valid_group_name(&named) && state.name_group(&group_id, &named)? =>
+                    {
+                        Some(Event::Named {
+                            group: named,
+                            group_id: id,
+                            sender: state.contact_name(&sender.user)?,
+                            sender_key: sender.user.to_string(),
+                        })
+                    }
+                    Content::GroupName(_) => None,
+                    Content::Unreadable { content_type } => Some(Event::UnknownContent {
                         group: name,
                         group_id: id,
-                        sender: state.contact_name(&sender.user)?,
                         sender_key: sender.user.to_string(),
-                        // Our own user: sent from another of our devices.
-                        from_me: sender.user == state.identity_key()?,
-                        text: String::from_utf8_lossy(&plaintext).into_owned(),
-                        seq: seq.map(Seq::get),
-                        epoch: group.epoch(),
-                    })
-                }
+                        content_type,
+                    }),
+                },
                 Received::Commit { .. } => {
                     let before = users_before.unwrap_or_else(|| users(&group));
                     Some(changed_event(state, &group_id, &before, &group)?)
                 }
-                Received::Rejoined { member, epoch } => Some(Event::Rejoined {
-                    group: name,
-                    group_id: id,
-                    member: state.contact_name(&member)?,
-                    member_key: member.to_string(),
-                    epoch,
-                    members: group.user_count(),
-                }),
+                Received::Rejoined { member, epoch } => {
+                    // Restored from a backup without the group, it has no
+                    // name for it: one member tells it.
+                    if group.first_besides(&member) {
+                        name_for = Some((group_id.clone(), member));
+                    }
+                    Some(Event::Rejoined {
+                        group: name,
+                        group_id: id,
+                        member: state.contact_name(&member)?,
+                        member_key: member.to_string(),
+                        epoch,
+                        members: group.user_count(),
+                    })
+                }
                 Received::Removed { epoch } => Some(Event::Removed {
                     group: name,
                     group_id: id,
@@ -604,7 +652,11 @@ fn apply(
                     group_id: id,
                 }),
             };
-            Ok(Applied { joined: false, event })
+            Ok(Applied {
+                joined: false,
+                event,
+                name_for,
+            })
         }
         other => Err(ClientError::Core(CoreError::MalformedMessage(format!(
             "cannot route {other:?}"

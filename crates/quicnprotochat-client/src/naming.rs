@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use quicnprotochat_core::{GroupId, GroupMember, IdentityKey};
+use quicnprotochat_core::{Content, GroupId, GroupMember, IdentityKey};
 
 use serde_json::json;
 
@@ -40,12 +40,23 @@ pub(crate) fn resolve_peers(state: &StateFile, peers: &PeerArgs) -> Result<Vec<I
     Ok(keys)
 }
 
-/// Shows a group id as text when it is printable UTF-8, else as hex.
-/// A group id made by `create-group` is `NAME#` plus 16 random hex digits:
-/// the name is for people, the suffix keeps ids unique and unguessable, so
-/// nobody can collide with or squat on another group's id at the node.
-pub(crate) fn group_name(group_id: impl AsRef<[u8]>) -> String {
+/// How a group is shown to people: the name it has in the state file (see
+/// [`StateFile::name_group`]), else as its id shows it ([`id_label`]).
+///
+/// A display label only: if the state file cannot be read here, the id is
+/// shown, and the next command that needs the file reports why.
+pub(crate) fn group_name(state: &StateFile, group_id: impl AsRef<[u8]>) -> String {
     let group_id = group_id.as_ref();
+    match state.group_name(group_id) {
+        Ok(Some(name)) => name,
+        _ => id_label(group_id),
+    }
+}
+
+/// Shows a group id: as hex, or as text when it is printable UTF-8. Groups
+/// made before group ids were random had ids `NAME#` plus 16 hex digits,
+/// shown as NAME.
+pub(crate) fn id_label(group_id: &[u8]) -> String {
     match std::str::from_utf8(group_id) {
         Ok(text) if !text.is_empty() && !text.chars().any(unsafe_to_show) => match text.rsplit_once('#') {
             Some((name, suffix))
@@ -61,16 +72,18 @@ pub(crate) fn group_name(group_id: impl AsRef<[u8]>) -> String {
     }
 }
 
-/// A fresh group id for a group people call `name`; refused when the id
-/// would be longer than a node accepts.
-pub(crate) fn new_group_id(name: &str) -> Result<GroupId, ClientError> {
-    let id = format!("{name}#{}", hex::encode(rand::random::<[u8; 8]>())).into_bytes();
-    GroupId::new(id).ok_or_else(|| {
-        ClientError::Usage(format!(
-            "--group-id is too long: at most {} bytes",
-            GroupId::MAX_LEN - 17
-        ))
-    })
+/// Whether `name` may name a group: not empty, at most
+/// [`Content::MAX_NAME_LEN`] bytes, and nothing that would reorder or hide
+/// text when shown. Checked for our own names and for names members send.
+pub(crate) fn valid_group_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= Content::MAX_NAME_LEN && !name.chars().any(unsafe_to_show)
+}
+
+/// A fresh group id: 16 random bytes, so that it says nothing about the
+/// group (its name stays with the members) and nobody can guess it to
+/// collide with or squat on it at the node.
+pub(crate) fn new_group_id() -> GroupId {
+    GroupId::new(rand::random::<[u8; 16]>().to_vec()).expect("16 bytes is a valid group id")
 }
 
 /// The group id as a node takes it: 1 to [`GroupId::MAX_LEN`] bytes. A
@@ -79,7 +92,7 @@ pub(crate) fn node_group_id(group_id: &[u8]) -> Result<GroupId, ClientError> {
     GroupId::new(group_id.to_vec()).ok_or_else(|| {
         ClientError::Usage(format!(
             "the id of group {} is {} bytes long; a node takes 1 to {} bytes, so changes to this group cannot be published",
-            group_name(group_id),
+            id_label(group_id),
             group_id.len(),
             GroupId::MAX_LEN
         ))
@@ -88,7 +101,7 @@ pub(crate) fn node_group_id(group_id: &[u8]) -> Result<GroupId, ClientError> {
 
 /// The group `rejoin --group-id` names: one the state file still lists (by
 /// name or full id), else the full id itself, taken as text, or as hex when
-/// that is how [`group_name`] shows it (an id that is not printable text).
+/// that is how [`id_label`] shows it (an id that is not printable text).
 pub(crate) fn rejoin_group_id(state: &StateFile, text: &str) -> Result<GroupId, ClientError> {
     if text.is_empty() {
         return Err(ClientError::Usage("--group-id must not be empty".into()));
@@ -99,7 +112,7 @@ pub(crate) fn rejoin_group_id(state: &StateFile, text: &str) -> Result<GroupId, 
         Err(e) => return Err(e),
     }
     let id = match hex::decode(text) {
-        Ok(bytes) if group_name(&bytes).eq_ignore_ascii_case(text) => bytes,
+        Ok(bytes) if id_label(&bytes).eq_ignore_ascii_case(text) => bytes,
         _ => text.as_bytes().to_vec(),
     };
     node_group_id(&id)
@@ -128,7 +141,7 @@ pub(crate) fn load_group(
     let group = GroupMember::load(&state.provider(), &group_id)?.ok_or_else(|| {
         ClientError::NoGroup(format!(
             "{} is not one of your groups; `groups --state {}` lists them",
-            group_name(&group_id),
+            group_name(state, &group_id),
             state.path().display()
         ))
     })?;
@@ -145,7 +158,7 @@ pub(crate) fn load_group_as_member(
     let (group_id, group) = load_group(state, group_id)?;
     if !group.is_active() {
         return Err(ClientError::NotAMember {
-            group: group_name(&group_id),
+            group: group_name(state, &group_id),
         });
     }
     Ok((group_id, group))
@@ -156,9 +169,16 @@ fn find_group(state: &StateFile, name: &str) -> Result<GroupId, ClientError> {
     let matching: Vec<GroupId> = state
         .groups()?
         .into_iter()
+        // By its name, its id in hex (as `--json` prints it), or an id
+        // made before ids were random, as text or as it was shown.
+        .filter(|record| {
+            let id = &record.group_id;
+            record.name.as_deref() == Some(name)
+                || hex::encode(id) == name.to_ascii_lowercase()
+                || (record.name.is_none()
+                    && (id.as_bytes() == name.as_bytes() || id_label(id.as_bytes()) == name))
+        })
         .map(|record| record.group_id)
-        // By its full id, its name, or (as `--json` prints it) its id in hex.
-        .filter(|id| id.as_bytes() == name.as_bytes() || group_name(id) == name || hex::encode(id) == name)
         .collect();
     match matching.as_slice() {
         [id] => Ok(id.clone()),
@@ -167,12 +187,8 @@ fn find_group(state: &StateFile, name: &str) -> Result<GroupId, ClientError> {
             state.path().display()
         ))),
         several => Err(ClientError::Usage(format!(
-            "several of your groups are called {name}; pass the full id as --group-id: {}",
-            several
-                .iter()
-                .map(|id| String::from_utf8_lossy(id.as_bytes()).into_owned())
-                .collect::<Vec<_>>()
-                .join(", ")
+            "several of your groups are called {name}; pass the id in hex as --group-id: {}",
+            several.iter().map(hex::encode).collect::<Vec<_>>().join(", ")
         ))),
     }
 }
@@ -226,7 +242,7 @@ pub(crate) fn changed_event(
 ) -> Result<Event, ClientError> {
     let after = users(group);
     Ok(Event::Changed {
-        group: group_name(group_id),
+        group: group_name(state, group_id),
         group_id: hex::encode(group_id),
         epoch: group.epoch(),
         members: group.user_count(),
@@ -258,7 +274,7 @@ pub(crate) fn invitation_to(state: &StateFile, group: &str) -> Result<Invitation
         .into_iter()
         .find(|invitation| {
             let id = &invitation.group_id;
-            group_name(id) == group
+            group_name(state, id) == group
                 || id.as_slice() == group.as_bytes()
                 || hex::encode(id) == group.to_lowercase()
         })
@@ -306,7 +322,7 @@ pub(crate) fn print_members(state: &StateFile, group_id: Option<&str>) -> Result
     }
     if output::json() {
         print_json(&json!({
-            "group": group_name(&group_id),
+            "group": group_name(state, &group_id),
             "group_id": hex::encode(&group_id),
             "epoch": group.epoch(),
             "members": listed,
@@ -344,17 +360,36 @@ mod tests {
     }
 
     #[test]
-    fn a_group_is_shown_by_the_name_its_creator_gave_it() {
-        let id = new_group_id("team").unwrap();
-        assert_eq!(group_name(id.as_bytes()), "team");
-        assert_eq!(group_name(b"plain"), "plain");
-        assert_eq!(group_name(b"\x00\x01"), "0001");
-        assert!(new_group_id(&"x".repeat(239)).is_ok());
-        assert!(matches!(
-            new_group_id(&"x".repeat(240)),
-            Err(ClientError::Usage(_))
-        ));
+    fn a_group_is_shown_by_its_name_else_by_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateFile::open_or_create(&crate::state::StateAccess::with_passphrase(
+            dir.path().join("s.state"),
+            "pass",
+        ))
+        .unwrap();
+        let id = new_group_id();
+        assert_eq!(id.as_bytes().len(), 16);
+        assert_ne!(id, new_group_id());
+        state.record_group(&id, false).unwrap();
+        assert_eq!(group_name(&state, &id), hex::encode(&id));
+        assert!(state.name_group(&id, "team").unwrap());
+        assert_eq!(group_name(&state, &id), "team");
+        // The first name sticks.
+        assert!(!state.name_group(&id, "other").unwrap());
+        assert_eq!(group_name(&state, &id), "team");
+        assert_eq!(find_group(&state, "team").unwrap(), id);
+        assert_eq!(find_group(&state, &hex::encode(&id)).unwrap(), id);
+
+        // Ids made before they were random show the name they carry.
+        assert_eq!(id_label(b"team#0123456789abcdef"), "team");
+        assert_eq!(id_label(b"plain"), "plain");
+        assert_eq!(id_label(b"\x00\x01"), "0001");
         // A name that would reorder or hide text is shown as hex.
-        assert_eq!(group_name("a\u{202e}b".as_bytes()), "61e280ae62");
+        assert_eq!(id_label("a\u{202e}b".as_bytes()), "61e280ae62");
+        assert!(valid_group_name("secret-union-meeting"));
+        assert!(!valid_group_name(""));
+        assert!(!valid_group_name("a\u{202e}b"));
+        assert!(valid_group_name(&"x".repeat(Content::MAX_NAME_LEN)));
+        assert!(!valid_group_name(&"x".repeat(Content::MAX_NAME_LEN + 1)));
     }
 }

@@ -180,6 +180,25 @@ pub(crate) enum Event {
         group_id: String,
         epoch: u64,
     },
+    /// A member told us the group's name (`group`), which it had none of
+    /// here: the first name a group gets sticks.
+    Named {
+        group: String,
+        group_id: String,
+        /// The sender's contact name, if it has one.
+        sender: Option<String>,
+        /// The sender's user key.
+        sender_key: String,
+    },
+    /// An application message of a content type this client cannot show.
+    UnknownContent {
+        group: String,
+        group_id: String,
+        /// The sender's user key.
+        sender_key: String,
+        /// The message's content type (its first byte).
+        content_type: u8,
+    },
     /// A proposal was stored for the next Commit.
     Proposal { group: String, group_id: String },
     /// A handshake message was processed that changed nothing to report.
@@ -332,6 +351,31 @@ impl Event {
             Event::Removed { group, epoch, .. } => {
                 note!("group {group}: you were removed from the group at epoch {epoch}")
             }
+            Event::Named {
+                group,
+                group_id,
+                sender,
+                sender_key,
+            } => {
+                let from = sender
+                    .as_deref()
+                    .unwrap_or(sender_key.get(..16).unwrap_or(sender_key));
+                note!(
+                    "group {} is called {}, says {}",
+                    group_id.get(..16).unwrap_or(group_id),
+                    shown(group),
+                    shown(from)
+                )
+            }
+            Event::UnknownContent {
+                group,
+                sender_key,
+                content_type,
+                ..
+            } => note!(
+                "group {group}: {} sent a message of content type {content_type}, which this client cannot show",
+                sender_key.get(..16).unwrap_or(sender_key)
+            ),
             Event::Proposal { group, .. } => {
                 note!("group {group}: stored a proposal for the next commit")
             }

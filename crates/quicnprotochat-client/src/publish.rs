@@ -118,7 +118,7 @@ pub(crate) async fn rejoin(
     identity: &IdentityKeypair,
     group_id: &GroupId,
 ) -> Result<GroupMember, ClientError> {
-    let name = group_name(group_id.as_bytes());
+    let name = group_name(state, group_id.as_bytes());
     let me = identity.public_key();
     // An unanswered rejoin of an earlier run is settled first.
     resume_publications(nodes, state, identity).await?;
@@ -253,7 +253,7 @@ pub(crate) async fn send_publication(
                 // the change so the group is at least readable as it was.
                 settle(state, publication, group, Settlement::Discard)?;
                 return Err(ClientError::GroupUnknownToNode {
-                    group: group_name(group_id.as_bytes()),
+                    group: group_name(state, group_id.as_bytes()),
                 });
             }
             Err(refused) if refused_by_node(&refused) => break refused,
@@ -261,7 +261,7 @@ pub(crate) async fn send_publication(
                 unanswered += 1;
                 if unanswered >= PUBLISH_ATTEMPTS {
                     return Err(ClientError::Unconfirmed {
-                        group: group_name(group_id.as_bytes()),
+                        group: group_name(state, group_id.as_bytes()),
                         reason: e.to_string(),
                     });
                 }
@@ -272,7 +272,7 @@ pub(crate) async fn send_publication(
     // The node stored none of it: drop the change, the group stays as it was.
     settle(state, publication, group, Settlement::Discard)?;
     Err(ClientError::ChangeRefused {
-        group: group_name(group_id.as_bytes()),
+        group: group_name(state, group_id.as_bytes()),
         reason: Box::new(refusal),
     })
 }
@@ -329,7 +329,7 @@ pub(crate) async fn resume_publications(
     identity: &IdentityKeypair,
 ) -> Result<(), ClientError> {
     for publication in state.publications()? {
-        let name = group_name(publication.group_id.as_bytes());
+        let name = group_name(state, publication.group_id.as_bytes());
         match GroupMember::load(&state.provider(), &publication.group_id)? {
             // A rejoin's Commit is merged already; a change's is pending.
             Some(mut group) if publication.rejoin || group.has_pending_commit() => {
@@ -393,7 +393,7 @@ pub(crate) async fn commit_proposals(
     if send_publication(nodes, state, identity, group, &publication).await? == Settled::Merged {
         note!(
             "group {}: committed pending proposals; now epoch {}, {}",
-            group_name(group_id),
+            group_name(state, group_id),
             group.epoch(),
             counted(group.user_count(), "member", "members")
         );
@@ -425,7 +425,7 @@ pub(crate) async fn send_proposal(
     epoch: u64,
     proposal: &Envelope,
 ) -> Result<Proposed, ClientError> {
-    let name = group_name(group_id.as_bytes());
+    let name = group_name(state, group_id.as_bytes());
     let patience = Patience::new();
     let mut unanswered = 0;
     let refusal = loop {

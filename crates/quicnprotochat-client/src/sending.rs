@@ -4,7 +4,7 @@
 //! for delivering again when the connection was lost before the node
 //! answered.
 
-use quicnprotochat_core::{CoreError, GroupId, IdentityKeypair};
+use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::PeerArgs;
@@ -80,7 +80,7 @@ pub(crate) async fn deliver_again(
         Ok(()) => {
             state.confirm_sent(unconfirmed.sent)?;
             Event::Sent {
-                group: group_name(&unconfirmed.group_id),
+                group: group_name(state, &unconfirmed.group_id),
                 group_id: hex::encode(&unconfirmed.group_id),
                 recipients: unconfirmed.envelope.recipients.len(),
                 text: unconfirmed.text,
@@ -128,7 +128,7 @@ async fn send_once(
     // longer be able to open, and the node refuses it.
     catch_up(nodes, state, identity).await?;
     let (group_id, mut group) = load_group_as_member(state, group_id)?;
-    let name = group_name(&group_id);
+    let name = group_name(state, &group_id);
     let others = others(&group, &me);
     let chosen = resolve_peers(state, peers)?;
     // A chosen user gets the message on each of its devices in the group.
@@ -158,7 +158,7 @@ async fn send_once(
         }
         commit_proposals(nodes, state, identity, &group_id, &mut group).await?;
     }
-    let (ciphertext, sent) = state.encrypt_message(&group_id, &mut group, identity, message.as_bytes())?;
+    let (ciphertext, sent) = state.encrypt_message(&group_id, &mut group, identity, message)?;
     let count = recipients.len();
     let envelope = envelope(recipients, ciphertext);
     match nodes.deliver(std::slice::from_ref(&envelope)).await {
@@ -186,4 +186,64 @@ async fn send_once(
         text: message.to_owned(),
     }
     .print()
+}
+
+/// Tells `joiners`, members the group just added, the name of `group_id`
+/// (if it has one here) in an application message of content type
+/// group-name. An inviter sends it right after its Commit is merged, in
+/// the epoch the joiners start in; the other members know the name
+/// already, so they are not sent it.
+pub(crate) async fn send_group_name(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &GroupId,
+    joiners: &[IdentityKey],
+) -> Result<(), ClientError> {
+    for _ in 0..SEND_TRIES {
+        match send_group_name_once(nodes, state, identity, group_id, joiners).await {
+            // The group moved on: the members added are in the new epoch
+            // too, so name it there.
+            Err(ClientError::StaleEpoch { .. }) => {
+                catch_up(nodes, state, identity).await?;
+            }
+            outcome => return outcome,
+        }
+    }
+    Ok(())
+}
+
+/// One try of [`send_group_name`], in the group's current epoch, to those
+/// of `recipients` still in it; a group that moved on meanwhile is
+/// `StaleEpoch`.
+pub(crate) async fn send_group_name_once(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &GroupId,
+    recipients: &[IdentityKey],
+) -> Result<(), ClientError> {
+    let Some(name) = state.group_name(group_id.as_bytes())? else {
+        return Ok(());
+    };
+    let mut group = GroupMember::load(&state.provider(), group_id)?
+        .ok_or(ClientError::Internal("a group vanished while it was named"))?;
+    // A proposal another member made meanwhile must be committed before
+    // anything is sent; the next invite names the group again.
+    if !group.is_active() || group.has_pending_proposals() {
+        return Ok(());
+    }
+    // Those still in the group (a Commit that won meanwhile may have
+    // removed one).
+    let members = group.members();
+    let recipients: Vec<IdentityKey> = recipients
+        .iter()
+        .filter(|r| members.contains(r))
+        .copied()
+        .collect();
+    if recipients.is_empty() {
+        return Ok(());
+    }
+    let ciphertext = state.encrypt_group_name(&mut group, identity, &name)?;
+    nodes.deliver(&[envelope(recipients, ciphertext)]).await
 }

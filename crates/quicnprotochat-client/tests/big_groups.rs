@@ -86,7 +86,16 @@ fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node
         };
         (queued, tree)
     });
-    assert_eq!(welcome.len(), 1, "Bob's queue holds his Welcome");
+    // His Welcome, then the group's name in the epoch it starts.
+    assert_eq!(
+        welcome.len(),
+        2,
+        "Bob's queue holds his Welcome and the group's name"
+    );
+    assert!(matches!(
+        quicnprotochat_core::classify(&welcome[0].payload),
+        Ok(quicnprotochat_core::Incoming::Welcome)
+    ));
     assert!(welcome[0].payload.len() <= MAX_PAYLOAD);
     assert!(
         tree.len() > MAX_PAYLOAD,

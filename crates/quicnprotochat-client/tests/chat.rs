@@ -199,10 +199,22 @@ fn an_invitation_typed_in_chat_reaches_the_invitees_chat_and_is_joined_on_accept
         common::stderr(&output)
     );
 
-    // Alice is no contact of Carol's: an invitation, joined on /accept.
-    carol_chat.await_note("invites you to group talk", Duration::from_secs(20));
-    carol_chat.type_line("/accept talk");
-    carol_chat.await_note("joined group talk", Duration::from_secs(20));
+    // Alice is no contact of Carol's: an invitation, joined on /accept. Its
+    // name is for members only, so the invitation shows the group's id.
+    let invited = carol_chat.await_note("invites you to group", Duration::from_secs(20));
+    let id = invited
+        .last()
+        .and_then(|note| note.split("invites you to group ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap()
+        .to_owned();
+    assert_eq!(id.len(), 32, "a random 16-byte id in hex: {invited:?}");
+    carol_chat.type_line(&format!("/accept {id}"));
+    carol_chat.await_note(&format!("joined group {id}"), Duration::from_secs(20));
+    carol_chat.await_note(
+        &format!("group {} is called talk", &id[..16]),
+        Duration::from_secs(20),
+    );
     assert_eq!(
         carol_chat.next_line(),
         format!("talk {}: welcome carol", alice.short())

@@ -336,10 +336,35 @@ fn a_state_file_shows_no_group_name_message_or_key_and_the_group_works_on() {
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "secret-union-meeting", &alice, &[&bob, &carol]);
+    // The invitees learnt the name inside the group, on `join`.
+    for member in [&bob, &carol] {
+        let groups = member.run(&node, "groups", &["--json"]);
+        assert!(
+            groups.contains("\"secret-union-meeting\""),
+            "{}: {groups}",
+            member.name
+        );
+    }
     alice.run(&node, "send", &["--msg", "the meeting is on thursday"]);
     bob.run(&node, "recv", &[]);
     bob.run(&node, "send", &["--msg", "bring the leaflets"]);
     alice.run(&node, "recv", &[]);
+
+    // Nothing the node keeps (its database, WAL and all) names the group:
+    // its id is random and its name went to the members encrypted.
+    for file in std::fs::read_dir(&node.dir).unwrap() {
+        let path = file.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes
+                    .windows(b"secret-union-meeting".len())
+                    .any(|window| window == b"secret-union-meeting"),
+                "the node's {} holds the group's name",
+                path.display()
+            );
+        }
+    }
 
     for member in [&alice, &bob, &carol] {
         let bytes = std::fs::read(&member.state).unwrap();

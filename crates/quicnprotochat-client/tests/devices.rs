@@ -349,7 +349,18 @@ fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_membe
             .fetch_since(&mallory.public_key(), Seq::ZERO, 0)
             .await
             .unwrap();
-        let welcome = &queued.last().unwrap().payload;
+        // The Welcome, before the group's name sent after it.
+        let welcome = &queued
+            .iter()
+            .rev()
+            .find(|message| {
+                matches!(
+                    quicnprotochat_core::classify(&message.payload),
+                    Ok(quicnprotochat_core::Incoming::Welcome)
+                )
+            })
+            .unwrap()
+            .payload;
         let (group_id, epoch) = match GroupMember::join(&mallory_provider, welcome, None, &Credulous) {
             Err(quicnprotochat_core::CoreError::RatchetTreeNeeded { group_id, epoch }) => (group_id, epoch),
             other => panic!("a Welcome without its tree: {other:?}"),

@@ -153,6 +153,7 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
             })
             .next_back()
             .expect("Alice's message reaches the outsider");
-        assert_eq!(text, b"hello outsider");
+        // Content type text (0x01), then the text (docs/protocol.md).
+        assert_eq!(text, b"\x01hello outsider");
     });
 }

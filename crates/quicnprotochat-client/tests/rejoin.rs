@@ -35,7 +35,7 @@ fn restore(member: &Member, backup: &str) {
 }
 
 /// `first` creates `name` and invites `rest` in one Commit; they all join.
-/// Returns the group's full id, as `create-group` prints it.
+/// Returns the group's id in hex, as `create-group` prints it.
 fn create_and_invite(node: &TestNode, name: &str, first: &Member, rest: &[&Member]) -> String {
     let (ok, _, err) = first.try_run(node, "create-group", &["--group-id", name]);
     assert!(ok, "{err}");
@@ -45,7 +45,10 @@ fn create_and_invite(node: &TestNode, name: &str, first: &Member, rest: &[&Membe
         .and_then(|rest| rest.split(',').next())
         .unwrap_or_else(|| panic!("no group id in {err:?}"))
         .to_owned();
-    assert!(full_id.starts_with(&format!("{name}#")), "{full_id}");
+    assert!(
+        full_id.len() == 32 && full_id.chars().all(|c| c.is_ascii_hexdigit()),
+        "16 random bytes: {full_id}"
+    );
     invite_all(node, name, first, rest);
     full_id
 }
@@ -70,10 +73,14 @@ fn a_member_restored_from_an_old_backup_rejoins_and_reads_and_writes_again() {
     assert_eq!(bob.run(&node, "groups", &[]), "");
     let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
     assert!(ok, "{err}");
-    assert!(err.contains("rejoined team: epoch 2, 3 members"), "{err}");
+    // The backup held no name for the group: it is known by its id.
+    assert!(
+        err.contains(&format!("rejoined {full_id}: epoch 2, 3 members")),
+        "{err}"
+    );
     assert_eq!(
         bob.run(&node, "groups", &[]).trim(),
-        "* team epoch 2 members 3 x25519"
+        format!("* {full_id} epoch 2 members 3 x25519")
     );
 
     // The others accept it and stay in the group.
@@ -94,6 +101,12 @@ fn a_member_restored_from_an_old_backup_rejoins_and_reads_and_writes_again() {
             "* team epoch 2 members 3 x25519"
         );
     }
+
+    // One of them (the first member besides Bob) told him the name.
+    let (ok, out, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "");
+    assert_eq!(err.matches(" is called team").count(), 1, "{err}");
 
     // Nothing left to repair: a second rejoin changes nothing.
     let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", "team"]);
@@ -141,8 +154,10 @@ fn a_stranger_or_a_removed_member_cannot_rejoin_and_the_group_is_unaffected() {
     for (outsider, group_id) in [(&mallory, full_id.as_str()), (&carol, "club")] {
         let (ok, _, err) = outsider.try_run(&node, "rejoin", &["--group-id", group_id]);
         assert!(!ok, "{err}");
+        // Mallory never knew the name, Carol keeps it.
+        let shown = if group_id == "club" { "club" } else { group_id };
         assert!(
-            err.contains("the node refused to let you rejoin club")
+            err.contains(&format!("the node refused to let you rejoin {shown}"))
                 && err.contains("the node knows you as no member of it")
                 && err.contains("only a current member can rejoin"),
             "{err}"
@@ -174,7 +189,7 @@ fn stage_unanswered_rejoin(node: &TestNode, member: &Member, group_id: &str, mes
     let state = StateFile::open(&common::access(&member.state)).unwrap();
     let identity = state.identity().unwrap();
     let me = identity.public_key();
-    let group_id = GroupId::new(group_id.as_bytes().to_vec()).unwrap();
+    let group_id = GroupId::new(hex::decode(group_id).unwrap()).unwrap();
     let fetched = local(async {
         let client = node.connect_as(&identity).await;
         client.fetch_group_info(&group_id).await.unwrap()
@@ -227,13 +242,13 @@ fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
     let (ok, _, err) = bob.try_run(&node, "recv", &[]);
     assert!(ok, "{err}");
     assert!(
-        err.contains("resending your unconfirmed rejoin of resume")
-            && err.contains("resume: the node has it; now epoch 2"),
+        err.contains(&format!("resending your unconfirmed rejoin of {full_id}"))
+            && err.contains(&format!("{full_id}: the node has it; now epoch 2")),
         "{err}"
     );
     assert_eq!(
         bob.run(&node, "groups", &[]).trim(),
-        "* resume epoch 2 members 2 x25519"
+        format!("* {full_id} epoch 2 members 2 x25519")
     );
     let (_, _, err) = alice.try_run(&node, "recv", &[]);
     assert!(err.contains("rejoined; now at epoch 2, 2 members"), "{err}");
@@ -256,7 +271,10 @@ fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
     );
     assert_eq!(bob.run(&node, "groups", &[]), "");
     let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
-    assert!(ok && err.contains("rejoined resume: epoch 4, 2 members"), "{err}");
+    assert!(
+        ok && err.contains(&format!("rejoined {full_id}: epoch 4, 2 members")),
+        "{err}"
+    );
     bob.run(&node, "send", &["--msg", "back for good"]);
     assert_eq!(
         alice.run(&node, "recv", &[]).trim(),

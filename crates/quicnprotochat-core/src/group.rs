@@ -555,6 +555,23 @@ impl GroupMember {
             .collect()
     }
 
+    /// Whether ours is the lowest leaf of the group but `device`'s: the
+    /// one member who acts towards `device` for the group (tells a member
+    /// who rejoined the group's name, say), so it is done once rather than
+    /// by everyone. False once we have been removed.
+    pub fn first_besides(&self, device: &IdentityKey) -> bool {
+        if !self.group.is_active() {
+            return false;
+        }
+        let first = self
+            .group
+            .members()
+            .filter(|member| member.signature_key != device.as_bytes())
+            .map(|member| member.index.u32())
+            .min();
+        first == Some(self.group.own_leaf_index().u32())
+    }
+
     /// How many users are members (ourselves included); each of their
     /// devices is a leaf of its own.
     pub fn user_count(&self) -> usize {

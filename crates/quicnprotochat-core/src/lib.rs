@@ -16,6 +16,8 @@
 //!   group operations check that every leaf's device is listed.
 //! - [`link`] — linking a new device: the link code, the device key it
 //!   yields, and the sealed handoff of the user key.
+//! - [`content`] — [`Content`]: what an application message carries
+//!   inside its encryption (text, or the group's name), by content type.
 //! - [`ids`] — [`IdentityKey`], [`Seq`], [`GroupId`] and [`QueuedMessage`]:
 //!   identifiers the node and clients share.
 //! - [`key_package`] — generating KeyPackages and validating uploaded ones.
@@ -28,6 +30,7 @@
 //!   ML-KEM-768 + X25519 hybrid).
 //! - [`error`] — [`CoreError`].
 
+pub mod content;
 pub mod device_lists;
 pub mod error;
 pub mod framing;
@@ -41,6 +44,7 @@ pub mod suite;
 
 use openmls_traits::types::Ciphersuite;
 
+pub use content::Content;
 pub use device_lists::{
     DeviceDirectory, DeviceList, DeviceListError, Freshness, Listed, NoDeviceLists, SignedDeviceList,
     check_devices,

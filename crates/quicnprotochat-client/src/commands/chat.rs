@@ -243,7 +243,10 @@ impl Session<'_> {
             // Printed once subscribed, also for scripts: from here on, what
             // is sent to us shows up without delay (tests wait for this).
             match load_group(self.state, self.group.as_deref()) {
-                Ok((id, _)) => note!("chatting in {}; type a message, or {COMMANDS}", group_name(&id)),
+                Ok((id, _)) => note!(
+                    "chatting in {}; type a message, or {COMMANDS}",
+                    group_name(self.state, &id)
+                ),
                 Err(ClientError::NoGroup(_)) => {
                     note!("chatting; you are in no group yet: wait for an invitation, or type {COMMANDS}")
                 }
@@ -390,8 +393,9 @@ impl Session<'_> {
             }
             Line::Group(name) => {
                 let (id, _) = load_group(self.state, Some(&name))?;
-                note!("now chatting in {}", group_name(&id));
-                self.group = Some(name);
+                note!("now chatting in {}", group_name(self.state, &id));
+                // By its id: a name another group may come to share.
+                self.group = Some(hex::encode(&id));
             }
             Line::Accept(name) => {
                 let invitation = invitation_to(self.state, &name)?;
@@ -400,8 +404,8 @@ impl Session<'_> {
                     .tell()?;
                 // What the group sent while we were invited.
                 process_inbox(self.nodes, self.state).await?;
-                note!("now chatting in {}", group_name(&invitation.group_id));
-                self.group = Some(group_name(&invitation.group_id));
+                note!("now chatting in {}", group_name(self.state, &invitation.group_id));
+                self.group = Some(hex::encode(&invitation.group_id));
             }
             Line::Help => note!("commands: {COMMANDS}"),
             Line::Quit => return Ok(Flow::Quit),

@@ -4,7 +4,7 @@
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{
-    CoreError, GroupId, GroupMember, IdentityKeypair, NoDeviceLists, Received, generate_key_package,
+    Content, CoreError, GroupMember, IdentityKeypair, NoDeviceLists, Received, generate_key_package,
 };
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::Envelope;
@@ -50,7 +50,13 @@ impl Person {
             )));
         };
         match group.receive(&self.provider, payload, &NoDeviceLists)? {
-            Received::Application { plaintext, .. } => Ok(String::from_utf8_lossy(&plaintext).into_owned()),
+            Received::Application { plaintext, .. } => match Content::decode(&plaintext) {
+                Content::Text(text) => Ok(text),
+                other => Err(ClientError::Demo(format!(
+                    "{} expected text, got {other:?}",
+                    self.name
+                ))),
+            },
             other => Err(ClientError::Demo(format!(
                 "{} expected an application message, got {other:?}",
                 self.name
@@ -95,8 +101,8 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         "demo-{}",
         hex::encode(&alice.identity.public_key().as_bytes()[..4])
     );
-    let group_id = GroupId::new(name.clone().into_bytes())
-        .ok_or_else(|| ClientError::Demo("the demo's group id is not 1 to 256 bytes".into()))?;
+    // The name is for this output only; the id the node sees is random.
+    let group_id = crate::naming::new_group_id();
     let mut alice_group = GroupMember::create(&alice.provider, &alice.identity, &group_id)?;
     say!("Alice: created group {name} (epoch {})", alice_group.epoch());
 
@@ -169,7 +175,11 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     );
 
     let to_bob = "Hello Bob, this is Alice.";
-    let ciphertext = alice_group.send(&alice.provider, &alice.identity, to_bob.as_bytes())?;
+    let ciphertext = alice_group.send(
+        &alice.provider,
+        &alice.identity,
+        &Content::Text(to_bob.into()).encode(),
+    )?;
     accepted(
         alice
             .nodes
@@ -182,7 +192,11 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     say!("Bob decrypted: {received}");
 
     let to_alice = "Hi Alice, Bob here. Got it.";
-    let ciphertext = bob_group.send(&bob.provider, &bob.identity, to_alice.as_bytes())?;
+    let ciphertext = bob_group.send(
+        &bob.provider,
+        &bob.identity,
+        &Content::Text(to_alice.into()).encode(),
+    )?;
     accepted(
         bob.nodes
             .delivery()

@@ -160,15 +160,18 @@ async fn add(args: &ConnectionArgs, access: &StateAccess, code: &str) -> Result<
         match added {
             Ok(group) => note!(
                 "added it to {}: epoch {}, {}",
-                group_name(group_id),
+                group_name(&state, group_id),
                 group.epoch(),
                 counted(group.user_count(), "member", "members")
             ),
             // The device is linked whatever happens to one group; say
             // which groups it is missing, and go on with the others.
             Err(e) => {
-                note!("warning: could not add it to {}: {e}", group_name(group_id));
-                failed.push(group_name(group_id));
+                note!(
+                    "warning: could not add it to {}: {e}",
+                    group_name(&state, group_id)
+                );
+                failed.push(group_name(&state, group_id));
             }
         }
     }
@@ -249,7 +252,7 @@ async fn remove(args: &ConnectionArgs, access: &StateAccess, device_key: &str) -
         let group = remove_from_group(&nodes, &state, &identity, &group_id, &[gone]).await?;
         note!(
             "removed it from {}: epoch {}, {}",
-            group_name(&group_id),
+            group_name(&state, &group_id),
             group.epoch(),
             counted(group.user_count(), "member", "members")
         );

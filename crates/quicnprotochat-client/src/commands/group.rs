@@ -9,7 +9,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use quicnprotochat_core::{CoreError, GroupMember, Suite};
+use quicnprotochat_core::{Content, CoreError, GroupMember, Suite};
 use serde_json::json;
 
 use crate::changes::{self, propose, remove_from_group, update_through};
@@ -19,34 +19,39 @@ use crate::error::ClientError;
 use crate::naming::print_members;
 use crate::naming::{
     group_name, load_group, load_group_as_member, member_name, new_group_id, others, rejoin_group_id,
-    resolve_peers,
+    resolve_peers, valid_group_name,
 };
 use crate::output::counted;
 use crate::output::{self, print_json, shown};
 use crate::publish;
 use crate::state::{Direction, StateAccess, StateFile};
 
-/// `create-group`: a new group with us as its only member, in `suite`.
-pub(crate) fn create_group(access: &StateAccess, group_id: &str, suite: Suite) -> Result<(), ClientError> {
-    if group_id.is_empty() {
-        return Err(ClientError::Usage("--group-id must not be empty".into()));
+/// `create-group`: a new group with us as its only member, in `suite`. Its
+/// MLS group id is random; `name` stays in the state file, and reaches the
+/// members we invite inside the group (see [`crate::sending::send_group_name`]).
+pub(crate) fn create_group(access: &StateAccess, name: &str, suite: Suite) -> Result<(), ClientError> {
+    if !valid_group_name(name) {
+        return Err(ClientError::Usage(format!(
+            "--group-id must be 1 to {} bytes of text that shows as written",
+            Content::MAX_NAME_LEN
+        )));
     }
     let state = StateFile::open(access)?;
     if state
         .groups()?
         .iter()
-        .any(|record| group_name(&record.group_id) == group_id)
+        .any(|record| group_name(&state, &record.group_id) == name)
     {
         return Err(ClientError::Usage(format!(
-            "you already have a group called {group_id}; choose another name"
+            "you already have a group called {name}; choose another name"
         )));
     }
     let identity = state.identity()?;
-    let id = new_group_id(group_id)?;
-    let group = state.create_group(&identity, &id, suite)?;
+    let id = new_group_id();
+    let group = state.create_group(&identity, &id, name, suite)?;
     if output::json() {
         print_json(&json!({
-            "group": group_id,
+            "group": name,
             "group_id": hex::encode(id.as_bytes()),
             "epoch": group.epoch(),
             "members": 1,
@@ -54,8 +59,8 @@ pub(crate) fn create_group(access: &StateAccess, group_id: &str, suite: Suite) -
         }))?;
     }
     note!(
-        "created group {group_id} (id {}, epoch {}, 1 member, ciphersuite {suite})",
-        String::from_utf8_lossy(id.as_bytes()),
+        "created group {name} (id {}, epoch {}, 1 member, ciphersuite {suite})",
+        hex::encode(id.as_bytes()),
         group.epoch()
     );
     Ok(())
@@ -110,7 +115,7 @@ pub(crate) async fn remove(
     note!(
         "removed {} from {}: epoch {}, {}",
         counted(peers.len(), "person", "people"),
-        group_name(&group_id),
+        group_name(&state, &group_id),
         group.epoch(),
         counted(group.user_count(), "member", "members")
     );
@@ -132,7 +137,7 @@ pub(crate) async fn update(
     let group = update_through(&nodes, &state, &identity, &group_id).await?;
     note!(
         "updated your keys in {}: epoch {}, {}",
-        group_name(&group_id),
+        group_name(&state, &group_id),
         group.epoch(),
         counted(group.user_count(), "member", "members")
     );
@@ -153,7 +158,7 @@ pub(crate) async fn leave(
     if others(&group, &identity.public_key()).is_empty() {
         return Err(ClientError::Usage(format!(
             "you are the only member of {}; there is nobody to leave",
-            group_name(&group_id)
+            group_name(&state, &group_id)
         )));
     }
     let nodes = Nodes::connect(args, Some(&identity)).await?;
@@ -163,7 +168,7 @@ pub(crate) async fn leave(
     .await?;
     note!(
         "asked to leave {}; a remaining member removes you on their next `recv`",
-        group_name(&group_id)
+        group_name(&state, &group_id)
     );
     nodes.close().await;
     Ok(())
@@ -180,7 +185,7 @@ pub(crate) async fn rejoin(
     let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let group_id = rejoin_group_id(&state, group_id)?;
-    let name = group_name(group_id.as_bytes());
+    let name = group_name(&state, group_id.as_bytes());
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     match publish::rejoin(&nodes, &state, &identity, &group_id).await {
         Ok(group) => note!(
@@ -207,7 +212,7 @@ pub(crate) fn groups(access: &StateAccess) -> Result<(), ClientError> {
     for record in state.groups()? {
         let is_current = current.as_ref() == Some(&record.group_id);
         let mark = if is_current { "*" } else { " " };
-        let name = group_name(&record.group_id);
+        let name = group_name(&state, &record.group_id);
         let group = GroupMember::load(&state.provider(), &record.group_id)?;
         // active | leaving | removed | no_state (the MLS state is gone).
         let status = match &group {
@@ -292,7 +297,7 @@ pub(crate) fn history(access: &StateAccess, group_id: Option<&str>) -> Result<()
     }
     if output::json() {
         print_json(&json!({
-            "group": group_name(&group_id),
+            "group": group_name(&state, &group_id),
             "group_id": hex::encode(&group_id),
             "messages": listed,
         }))?;

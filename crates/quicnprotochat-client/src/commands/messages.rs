@@ -1,7 +1,7 @@
 //! `send`, `recv` and `join`: application messages and the inbox (the
 //! `incoming` module fetches and applies queued messages).
 
-use quicnprotochat_core::{Incoming, classify};
+use quicnprotochat_core::{GroupId, Incoming, classify};
 
 use crate::changes::replace_handed_leaves;
 use crate::cli::{ConnectionArgs, PeerArgs};
@@ -95,7 +95,7 @@ pub(crate) fn invitations(access: &StateAccess) -> Result<(), ClientError> {
         let mut listed = Vec::new();
         for invitation in &waiting {
             listed.push(serde_json::json!({
-                "group": group_name(&invitation.group_id),
+                "group": group_name(&state, &invitation.group_id),
                 "group_id": hex::encode(&invitation.group_id),
                 "inviter_key": invitation.inviter.user.to_string(),
                 "inviter": state.contact_name(&invitation.inviter.user)?,
@@ -109,7 +109,7 @@ pub(crate) fn invitations(access: &StateAccess) -> Result<(), ClientError> {
     for invitation in &waiting {
         say!(
             "{} from {} ({})",
-            group_name(&invitation.group_id),
+            group_name(&state, &invitation.group_id),
             invitation.inviter.user,
             counted(invitation.members, "member", "members")
         );
@@ -161,19 +161,25 @@ pub(crate) fn decline(access: &StateAccess, group: &str) -> Result<(), ClientErr
     state.remove_invitation(&invitation.group_id)?;
     note!(
         "declined the invitation to {} from {}",
-        group_name(&invitation.group_id),
+        group_name(&state, &invitation.group_id),
         invitation.inviter.user.short()
     );
     Ok(())
 }
 
-/// `join`: fetches the queue and joins from the Welcome(s) in it. Other
-/// messages stay in the local inbox for `recv`.
+/// `join`: fetches the queue and joins from the Welcome(s) in it, then
+/// reads each joined group's name, which its inviter sent right after the
+/// Welcome. Other messages stay in the local inbox for `recv`.
 pub(crate) async fn join(args: &ConnectionArgs, access: &StateAccess) -> Result<(), ClientError> {
     let state = StateFile::open(access)?;
     let identity = state.identity()?;
     let nodes = Nodes::connect(args, Some(&identity)).await?;
     fetch_into_inbox(&nodes, &state, &identity).await?;
+    let before: Vec<GroupId> = state
+        .groups()?
+        .into_iter()
+        .map(|record| record.group_id)
+        .collect();
     // `join` is consent to every waiting invitation too.
     let mut joined = accept_all(&nodes, &state, &state.invitations()?).await?;
     for entry in state.inbox()? {
@@ -183,6 +189,11 @@ pub(crate) async fn join(args: &ConnectionArgs, access: &StateAccess) -> Result<
             joined += 1;
         }
     }
+    for record in state.groups()? {
+        if !before.contains(&record.group_id) {
+            read_name(&nodes, &state, &record.group_id).await?;
+        }
+    }
     state.compact_if_sparse()?;
     replace_handed_leaves(&nodes, &state, &identity).await?;
     nodes.close().await;
@@ -190,6 +201,26 @@ pub(crate) async fn join(args: &ConnectionArgs, access: &StateAccess) -> Result<
         return Err(ClientError::NoGroup(
             "no Welcome is waiting for you; ask a member to `invite` you (with your identity key from `whoami`), then run `join` again".into(),
         ));
+    }
+    Ok(())
+}
+
+/// Applies the queued messages of the group we just joined, in order, until
+/// it has a name: the name its inviter sent right after the Welcome is
+/// usually the first of them. What comes before it is reported as `recv`
+/// would.
+async fn read_name(nodes: &Nodes, state: &StateFile, group_id: &GroupId) -> Result<(), ClientError> {
+    for entry in state.inbox()? {
+        if state.group_name(group_id.as_bytes())?.is_some() {
+            break;
+        }
+        let ours = matches!(
+            classify(&entry.payload),
+            Ok(Incoming::Group { group_id: id, .. }) if id.as_slice() == group_id.as_bytes()
+        );
+        if ours {
+            process_entry(nodes, state, &entry, true).await?.tell()?;
+        }
     }
     Ok(())
 }

@@ -7,19 +7,46 @@ use rusqlite::{OptionalExtension, params};
 use super::{GroupRecord, StateError, StateFile, unix_now};
 
 impl StateFile {
-    /// Creates the MLS group `group_id` with `identity` as its only member
-    /// and records it as the current group, in one transaction.
+    /// Creates the MLS group `group_id` called `name` with `identity` as
+    /// its only member and records it as the current group, in one
+    /// transaction.
     pub fn create_group(
         &self,
         identity: &IdentityKeypair,
         group_id: &GroupId,
+        name: &str,
         suite: Suite,
     ) -> Result<GroupMember, StateError> {
         self.atomically(|| {
             let group = GroupMember::create_with_suite(&self.provider(), identity, group_id, suite)?;
             self.record_group(group_id, true)?;
+            self.name_group(group_id, name)?;
             Ok(group)
         })
+    }
+
+    /// Gives `group_id` the name `name` unless it has one; returns whether
+    /// it did. The first name sticks, so a member who sends another one
+    /// later cannot make `--group-id NAME` mean a different group.
+    pub fn name_group(&self, group_id: &GroupId, name: &str) -> Result<bool, StateError> {
+        let named = self.connection.execute(
+            "UPDATE groups SET name = ?2 WHERE group_id = ?1 AND name IS NULL",
+            params![group_id.as_bytes(), name],
+        )?;
+        Ok(named == 1)
+    }
+
+    /// The name of `group_id`, if it is ours and has one.
+    pub fn group_name(&self, group_id: &[u8]) -> Result<Option<String>, StateError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT name FROM groups WHERE group_id = ?1",
+                params![group_id],
+                |row| row.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// Makes our request to leave `group` and notes that we asked, in one
@@ -115,13 +142,14 @@ impl StateFile {
     pub fn groups(&self) -> Result<Vec<GroupRecord>, StateError> {
         let mut select = self
             .connection
-            .prepare("SELECT group_id, joined_at, left_at FROM groups ORDER BY joined_at, group_id")?;
+            .prepare("SELECT group_id, joined_at, left_at, name FROM groups ORDER BY joined_at, group_id")?;
         let rows = select.query_map([], |row| {
-            let (joined_at, left_at) = (row.get(1)?, row.get(2)?);
+            let (joined_at, left_at, name) = (row.get(1)?, row.get(2)?, row.get(3)?);
             Ok(GroupId::new(row.get(0)?).map(|group_id| GroupRecord {
                 group_id,
                 joined_at,
                 left_at,
+                name,
             }))
         })?;
         // A group's id is a GroupId: creating and joining check it.

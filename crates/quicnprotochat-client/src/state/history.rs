@@ -2,7 +2,7 @@
 //! written in the same transaction as the MLS state change that produced it.
 //! A sent message counts as delivered only once the node took it.
 
-use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{Content, GroupId, GroupMember, IdentityKey, IdentityKeypair};
 use rusqlite::params;
 
 use super::{StateError, StateFile, unix_now};
@@ -39,19 +39,25 @@ pub struct HistoryEntry {
 pub struct SentMessage(i64);
 
 impl StateFile {
-    /// Encrypts `plaintext` for `group` and records it as sent but not yet
-    /// confirmed, in one transaction (the ratchet step must be kept before
-    /// the ciphertext leaves); returns the ciphertext to deliver and the row
-    /// to [`Self::confirm_sent`] once the node took it.
+    /// Encrypts `text` for `group` (as [`Content::Text`]) and records it as
+    /// sent but not yet confirmed, in one transaction (the ratchet step
+    /// must be kept before the ciphertext leaves); returns the ciphertext
+    /// to deliver and the row to [`Self::confirm_sent`] once the node took
+    /// it.
     pub fn encrypt_message(
         &self,
         group_id: &GroupId,
         group: &mut GroupMember,
         identity: &IdentityKeypair,
-        plaintext: &[u8],
+        text: &str,
     ) -> Result<(Vec<u8>, SentMessage), StateError> {
+        let plaintext = text.as_bytes();
         self.atomically(|| {
-            let ciphertext = group.send(&self.provider(), identity, plaintext)?;
+            let ciphertext = group.send(
+                &self.provider(),
+                identity,
+                &Content::Text(text.to_owned()).encode(),
+            )?;
             self.connection.execute(
                 "INSERT INTO history (group_id, outgoing, sender, body, epoch, at, confirmed)
                  VALUES (?1, 1, ?2, ?3, ?4, ?5, 0)",
@@ -64,6 +70,23 @@ impl StateFile {
                 ],
             )?;
             Ok((ciphertext, SentMessage(self.connection.last_insert_rowid())))
+        })
+    }
+
+    /// Encrypts the group's name for `group` (as [`Content::GroupName`]),
+    /// keeping the ratchet step; it is no message of the history.
+    pub fn encrypt_group_name(
+        &self,
+        group: &mut GroupMember,
+        identity: &IdentityKeypair,
+        name: &str,
+    ) -> Result<Vec<u8>, StateError> {
+        self.atomically(|| {
+            Ok(group.send(
+                &self.provider(),
+                identity,
+                &Content::GroupName(name.to_owned()).encode(),
+            )?)
         })
     }
 

@@ -195,6 +195,8 @@ pub struct GroupRecord {
     pub joined_at: i64,
     /// When this client asked to leave it, if it did.
     pub left_at: Option<i64>,
+    /// Its name for people, once known (see [`StateFile::name_group`]).
+    pub name: Option<String>,
 }
 
 /// An open, checked state file.

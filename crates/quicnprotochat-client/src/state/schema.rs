@@ -132,6 +132,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
          tree BLOB,
          received_at INTEGER NOT NULL
      );",
+    // V11: a group's name for people. Group ids are random bytes now; the
+    // name is the creator's `--group-id`, or the first one a member sent.
+    "ALTER TABLE groups ADD COLUMN name TEXT;",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty

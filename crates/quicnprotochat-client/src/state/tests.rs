@@ -351,7 +351,9 @@ fn a_settled_publication_merges_or_discards_its_commit_and_is_forgotten() {
     let state = StateFile::open_or_create(&sealed(&dir.path().join("s.state"))).unwrap();
     let identity = state.identity_or_generate().unwrap();
     let id = GroupId::new(b"settle".to_vec()).unwrap();
-    let mut group = state.create_group(&identity, &id, Default::default()).unwrap();
+    let mut group = state
+        .create_group(&identity, &id, "settle", Default::default())
+        .unwrap();
     for (settlement, epoch) in [(Settlement::Discard, 0), (Settlement::Merge, 1)] {
         let publication = state
             .stage_publication(|| -> Result<Publication, StateError> {
