@@ -1,4 +1,5 @@
-//! Identifiers that cross crates: queue sequence numbers and group ids.
+//! Identifiers that cross crates: queue sequence numbers, group ids and
+//! the hashes the node keys groups and message ids by.
 //! Newtypes, so a sequence number is never mistaken for an epoch or a count,
 //! and a group id for a payload.
 
@@ -114,6 +115,38 @@ impl fmt::Debug for GroupId {
     }
 }
 
+/// What the node keeps of a sender's message id, to store each message at
+/// most once: SHA-256("quicnprotochat message id" || sender || message id).
+/// The sender's identity key is 32 bytes, so the two cannot run into each
+/// other. A copy of the node's files then shows neither who sent a message
+/// nor its id; telling whether a given person sent one would take its
+/// random id, which the node keeps nowhere else.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageKey([u8; 32]);
+
+impl MessageKey {
+    /// The key of `message_id` sent by `sender`.
+    pub fn of(sender: &IdentityKey, message_id: &[u8]) -> MessageKey {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"quicnprotochat message id");
+        hash.update(sender.as_bytes());
+        hash.update(message_id);
+        MessageKey(hash.finalize().into())
+    }
+
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for MessageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageKey({})", hex::encode(&self.0[..8]))
+    }
+}
+
 /// One message waiting in a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedMessage {
@@ -138,6 +171,20 @@ mod tests {
             "f3fcd028f524e991dea055443cf1604be98324059a5c5e1683f5f762cef89f9f"
         );
         assert_ne!(team, GroupRef::of(&GroupId::new(b"teams".to_vec()).unwrap()));
+    }
+
+    /// The PostgreSQL migration computes the same hash in SQL.
+    #[test]
+    fn a_message_key_is_sha256_of_the_label_the_sender_and_the_id() {
+        let sender = IdentityKey::from_bytes([7; 32]);
+        let key = MessageKey::of(&sender, b"id-1");
+        let mut input = b"quicnprotochat message id".to_vec();
+        input.extend_from_slice(&[7; 32]);
+        input.extend_from_slice(b"id-1");
+        use sha2::Digest;
+        assert_eq!(key.as_bytes()[..], sha2::Sha256::digest(&input)[..]);
+        assert_ne!(key, MessageKey::of(&IdentityKey::from_bytes([8; 32]), b"id-1"));
+        assert_ne!(key, MessageKey::of(&sender, b"id-2"));
     }
 
     #[test]

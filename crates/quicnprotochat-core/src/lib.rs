@@ -52,7 +52,7 @@ pub use device_lists::{
 pub use error::CoreError;
 pub use group::{AddedMembers, GroupMember, GroupState, Incoming, MessageKind, Received, Rejoined, classify};
 pub use identity::{IdentityKey, IdentityKeypair, MemberKey};
-pub use ids::{GroupId, GroupRef, QueuedMessage, Seq};
+pub use ids::{GroupId, GroupRef, MessageKey, QueuedMessage, Seq};
 pub use key_package::{
     KeyPackageInfo, KeyPackageOptions, KeyPackageStock, fingerprint, generate_key_package,
     generate_key_package_with, inspect_key_package, key_package_identity, unwrap_key_package,

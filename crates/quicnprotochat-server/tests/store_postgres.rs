@@ -41,9 +41,9 @@ impl Backend for Postgres {
         // The synchronous client must not run on an async thread.
         std::thread::spawn(move || {
             let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            // Migration 3 added the ciphersuite; undone here with 4 to 8
-            // after it (8's group tables, empty here, made again as 7 left
-            // them).
+            // Migration 3 added the ciphersuite; undone here with 4 to 9
+            // after it (8's group tables and 9's message keys, empty here,
+            // made again as 7 left them).
             let version: Vec<u8> = db
                 .query_one(
                     "SELECT value FROM quicnprotochat_meta WHERE key = 'schema_version'",
@@ -51,7 +51,8 @@ impl Backend for Postgres {
                 )
                 .unwrap()
                 .get(0);
-            assert_eq!(version, b"8", "undo the migrations after 3 here too");
+            assert_eq!(version, b"9", "undo the migrations after 3 here too");
+            key_message_ids_by_sender(&mut db);
             key_group_tables_by_id(&mut db);
             db.batch_execute(
                 "DROP INDEX key_packages_by_fingerprint;
@@ -78,6 +79,24 @@ impl Backend for Postgres {
         .unwrap();
     }
 
+    fn claim_message_id_by_sender(&self, sender: IdentityKey, message_id: &[u8]) {
+        let (url, message_id) = (self.url.clone(), message_id.to_vec());
+        std::thread::spawn(move || {
+            let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            key_message_ids_by_sender(&mut db);
+            db.execute(
+                "INSERT INTO message_ids (sender, message_id, created_at)
+                 VALUES ($1, $2, extract(epoch FROM now())::bigint)",
+                &[&sender.as_bytes().as_slice(), &message_id],
+            )
+            .unwrap();
+            db.batch_execute("UPDATE quicnprotochat_meta SET value = '8' WHERE key = 'schema_version';")
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+
     fn key_groups_by_id(&self, group: &GroupId) {
         let url = self.url.clone();
         let (id, reference) = (group.as_bytes().to_vec(), GroupRef::of(group).as_bytes().to_vec());
@@ -86,6 +105,7 @@ impl Backend for Postgres {
             // Migration 8 keyed groups by reference; undone here, each table
             // made again as 7 left it, with the one group's rows under its
             // id.
+            key_message_ids_by_sender(&mut db);
             key_group_tables_by_id(&mut db);
             db.batch_execute("UPDATE quicnprotochat_meta SET value = '7' WHERE key = 'schema_version';")
                 .unwrap();
@@ -105,6 +125,22 @@ impl Backend for Postgres {
         .join()
         .unwrap();
     }
+}
+
+/// Undoes migration 9 on `db`: message ids kept beside their sender, as 8
+/// left them (the keys it holds cannot be turned back, and are dropped).
+fn key_message_ids_by_sender(db: &mut postgres::Client) {
+    db.batch_execute(
+        "DROP TABLE message_keys;
+         CREATE TABLE message_ids (
+             sender bytea NOT NULL,
+             message_id bytea NOT NULL,
+             created_at bigint NOT NULL,
+             PRIMARY KEY (sender, message_id)
+         );
+         CREATE INDEX message_ids_by_age ON message_ids USING brin (created_at);",
+    )
+    .unwrap();
 }
 
 /// Undoes migration 8 on `db`: each group table made again as 7 left it,

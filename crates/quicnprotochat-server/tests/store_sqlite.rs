@@ -28,10 +28,12 @@ impl Backend for Sqlite {
     }
 
     fn store_key_packages_before_suites(&self, identity: IdentityKey, packages: &[(&[u8], bool)]) {
-        // V13 added the ciphersuite; undone here with V14 to V18 after it
-        // (V18's group tables, empty here, made again as V17 left them).
-        assert_eq!(SCHEMA_VERSION, 18, "undo the migrations after V13 here too");
+        // V13 added the ciphersuite; undone here with V14 to V19 after it
+        // (V18's group tables and V19's message keys, empty here, made
+        // again as V17 left them).
+        assert_eq!(SCHEMA_VERSION, 19, "undo the migrations after V13 here too");
         let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
+        key_message_ids_by_sender(&db);
         key_group_tables_by_id(&db);
         db.execute_batch(
             "DROP INDEX key_packages_by_fingerprint;
@@ -56,11 +58,16 @@ impl Backend for Sqlite {
         }
     }
 
+    fn claim_message_id_by_sender(&self, sender: IdentityKey, message_id: &[u8]) {
+        self.claim_message_id_by_sender_v18(sender, message_id);
+    }
+
     fn key_groups_by_id(&self, group: &GroupId) {
         // V18 keyed groups by reference; undone here, each table made again
         // as V17 left it, with the one group's rows under its id.
-        assert_eq!(SCHEMA_VERSION, 18, "undo the migrations after V17 here too");
+        assert_eq!(SCHEMA_VERSION, 19, "undo the migrations after V17 here too");
         let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
+        key_message_ids_by_sender(&db);
         key_group_tables_by_id(&db);
         db.execute_batch("PRAGMA user_version = 17;").unwrap();
         let reference = GroupRef::of(group);
@@ -80,6 +87,35 @@ impl Backend for Sqlite {
             .unwrap();
         assert_eq!(keyed, 1, "the group is keyed by its id, as before V18");
     }
+}
+
+impl Sqlite {
+    fn claim_message_id_by_sender_v18(&self, sender: IdentityKey, message_id: &[u8]) {
+        assert_eq!(SCHEMA_VERSION, 19, "undo the migrations after V18 here too");
+        let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
+        key_message_ids_by_sender(&db);
+        db.execute(
+            "INSERT INTO message_ids (sender, message_id, created_at) VALUES (?1, ?2, unixepoch())",
+            rusqlite::params![sender.as_bytes(), message_id],
+        )
+        .unwrap();
+        db.execute_batch("PRAGMA user_version = 18;").unwrap();
+    }
+}
+
+/// Undoes V19 on `db`: message ids kept beside their sender, as V18 left
+/// them (the keys it holds cannot be turned back, and are dropped).
+fn key_message_ids_by_sender(db: &rusqlite::Connection) {
+    db.execute_batch(
+        "DROP TABLE message_keys;
+         CREATE TABLE message_ids (
+             sender BLOB NOT NULL,
+             message_id BLOB NOT NULL,
+             created_at INTEGER NOT NULL,
+             PRIMARY KEY (sender, message_id)
+         ) WITHOUT ROWID;",
+    )
+    .unwrap();
 }
 
 /// Undoes V18 on `db`: each group table made again as V17 left it, keyed

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
-use quicnprotochat_core::{GroupRef, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 use super::storage::{KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
@@ -15,7 +15,7 @@ use super::storage::{KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
 pub struct MemoryStorage {
     key_packages: BTreeMap<i64, (IdentityKey, ValidKeyPackage)>,
     next_key_package: i64,
-    message_ids: HashMap<(IdentityKey, Vec<u8>), i64>,
+    message_ids: HashMap<MessageKey, i64>,
     queues: HashMap<IdentityKey, BTreeMap<Seq, (Vec<u8>, i64)>>,
     /// One counter for all queues, like SQLite's AUTOINCREMENT: numbers are
     /// increasing per queue and never reused.
@@ -145,21 +145,15 @@ impl Storage for MemoryStorage {
             .count() as u64)
     }
 
-    fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, Infallible> {
-        Ok(self.message_ids.contains_key(&(*sender, message_id.to_vec())))
+    fn message_id_used(&mut self, key: &MessageKey) -> Result<bool, Infallible> {
+        Ok(self.message_ids.contains_key(key))
     }
 
-    fn claim_message_id(
-        &mut self,
-        sender: &IdentityKey,
-        message_id: &[u8],
-        now: i64,
-    ) -> Result<bool, Infallible> {
-        let key = (*sender, message_id.to_vec());
-        if self.message_ids.contains_key(&key) {
+    fn claim_message_id(&mut self, key: &MessageKey, now: i64) -> Result<bool, Infallible> {
+        if self.message_ids.contains_key(key) {
             return Ok(false);
         }
-        self.message_ids.insert(key, now);
+        self.message_ids.insert(*key, now);
         Ok(true)
     }
 

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use quicnprotochat_core::public_view::Invalid;
 use quicnprotochat_core::{
-    GroupId, GroupRef, IdentityKey, KeyPackageStock, MemberKey, PublicView, QueuedMessage, Seq,
+    GroupId, GroupRef, IdentityKey, KeyPackageStock, MemberKey, MessageKey, PublicView, QueuedMessage, Seq,
     SignedDeviceList, Suite, framing,
 };
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
@@ -414,7 +414,7 @@ pub fn publish_commit<S: Storage>(
     now: i64,
 ) -> Result<Result<(), CommitRefusal>, S::Error> {
     if let Some(id) = &publication.commit.message_id
-        && storage.message_id_used(sender, id)?
+        && storage.message_id_used(&MessageKey::of(sender, id))?
     {
         return Ok(Ok(()));
     }
@@ -522,7 +522,7 @@ pub fn publish_commit<S: Storage>(
         return Ok(Err(invalid.into()));
     }
     if let Some(id) = &commit.message_id {
-        storage.claim_message_id(sender, id, now)?;
+        storage.claim_message_id(&MessageKey::of(sender, id), now)?;
     }
     let welcome = match &publication.welcome {
         Some(welcome) if is_new(storage, sender, welcome, now)? => Some(welcome),
@@ -592,7 +592,7 @@ pub fn publish_proposal<S: Storage>(
 ) -> Result<Result<(), CommitRefusal>, S::Error> {
     let proposal = &publication.proposal;
     if let Some(id) = &proposal.message_id
-        && storage.message_id_used(sender, id)?
+        && storage.message_id_used(&MessageKey::of(sender, id))?
     {
         return Ok(Ok(()));
     }
@@ -622,7 +622,7 @@ pub fn publish_proposal<S: Storage>(
         Err(invalid) => return Ok(Err(invalid.into())),
     };
     if let Some(id) = &proposal.message_id {
-        storage.claim_message_id(sender, id, now)?;
+        storage.claim_message_id(&MessageKey::of(sender, id), now)?;
     }
     let mut incoming = Incoming::default();
     incoming.add(&proposal.recipients, proposal.payload.len());
@@ -798,7 +798,7 @@ fn is_new<S: Storage>(
     now: i64,
 ) -> Result<bool, S::Error> {
     match &envelope.message_id {
-        Some(id) => storage.claim_message_id(sender, id, now),
+        Some(id) => storage.claim_message_id(&MessageKey::of(sender, id), now),
         None => Ok(true),
     }
 }

@@ -6,7 +6,9 @@
 //! conformance suite (`tests/conformance/`) holds every backend to the same
 //! behaviour.
 
-use quicnprotochat_core::{DeviceList, GroupRef, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{
+    DeviceList, GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite,
+};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 /// A stored KeyPackage's row id, to delete the one that was read.
@@ -189,17 +191,13 @@ pub trait Storage {
         now: i64,
     ) -> Result<KeyPackageStock, Self::Error>;
 
-    /// Whether `sender` already used `message_id`.
-    fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, Self::Error>;
+    /// Whether a sender already used a message id ([`MessageKey`]: the
+    /// backend never sees who sent it).
+    fn message_id_used(&mut self, key: &MessageKey) -> Result<bool, Self::Error>;
 
-    /// Records that `sender` used `message_id`; false (recording nothing) if
-    /// it already had.
-    fn claim_message_id(
-        &mut self,
-        sender: &IdentityKey,
-        message_id: &[u8],
-        now: i64,
-    ) -> Result<bool, Self::Error>;
+    /// Records that a sender used a message id; false (recording nothing)
+    /// if it already had.
+    fn claim_message_id(&mut self, key: &MessageKey, now: i64) -> Result<bool, Self::Error>;
 
     /// How many messages, with how many payload bytes, wait in the queue of
     /// `recipient`.

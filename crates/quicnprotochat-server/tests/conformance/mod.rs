@@ -68,6 +68,7 @@ macro_rules! suite_on {
             a_key_package_stored_before_suites_is_an_x25519_one,
             the_totals_count_queued_messages_and_stored_key_packages,
             a_group_stored_by_its_id_is_kept_under_its_reference,
+            a_message_id_claimed_before_message_keys_stays_claimed,
         );
 
         proptest::proptest! {
@@ -141,6 +142,12 @@ pub trait Backend {
     /// schema version before the one that added them. The next open
     /// migrates it.
     fn key_groups_by_id(&self, group: &quicnprotochat_core::GroupId);
+
+    /// Turns the backend's database (created by an open, closed since)
+    /// back into one a node before message keys left, with message ids
+    /// kept beside their sender, holding `sender`'s claim of `message_id`
+    /// (made now). The next open migrates it.
+    fn claim_message_id_by_sender(&self, sender: IdentityKey, message_id: &[u8]);
 }
 
 /// Closes a store: drops the handle and waits for its writer to finish.
@@ -661,6 +668,28 @@ pub async fn a_group_stored_by_its_id_is_kept_under_its_reference(backend: &impl
         .await
         .unwrap()
         .unwrap();
+    close((store, closer)).await;
+}
+
+/// A message id claimed before the node kept message keys is still
+/// claimed after the upgrade: a retry across it is stored once, and the
+/// same id from another sender is still another message.
+pub async fn a_message_id_claimed_before_message_keys_stays_claimed(backend: &impl Backend) {
+    close(backend.open()).await;
+    backend.claim_message_id_by_sender(key(0), b"id-1");
+    let (store, closer) = backend.open();
+    let id = Some(b"id-1".to_vec());
+    store
+        .enqueue(key(0), key(1), b"retried".to_vec(), id.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .enqueue(key(2), key(1), b"other sender".to_vec(), id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.drain(key(1)).await.unwrap(), vec![b"other sender".to_vec()]);
     close((store, closer)).await;
 }
 

@@ -183,6 +183,20 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
      UPDATE group_proposals SET group_id = sha256(convert_to('quicnprotochat group', 'UTF8') || group_id);
      ALTER TABLE group_proposals RENAME COLUMN group_id TO group_ref;",
+    // 9: message ids kept as `MessageKey`, SHA-256("quicnprotochat message
+    // id" || sender || id), so a dump does not say who sent what. The ids
+    // already claimed carry over, so a retry across the upgrade is still
+    // stored once.
+    "CREATE TABLE message_keys (
+         message_key bytea PRIMARY KEY CHECK (octet_length(message_key) = 32),
+         created_at bigint NOT NULL
+     );
+     INSERT INTO message_keys (message_key, created_at)
+         SELECT sha256(convert_to('quicnprotochat message id', 'UTF8') || sender || message_id), created_at
+         FROM message_ids
+         ON CONFLICT DO NOTHING;
+     DROP TABLE message_ids;
+     CREATE INDEX message_keys_by_age ON message_keys USING brin (created_at);",
 ];
 
 /// The schema version this build creates.

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use postgres::Row;
 use postgres::types::ToSql;
 use quicnprotochat_core::{
-    GroupRef, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+    GroupRef, IdentityKey, KeyPackageStock, MessageKey, QueuedMessage, Seq, SignedDeviceList, Suite,
 };
 
 use super::conn::{Conn, classify, describe};
@@ -463,26 +463,20 @@ impl Storage for PgStorage<'_> {
         }))
     }
 
-    fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> Result<bool, PgError> {
+    fn message_id_used(&mut self, key: &MessageKey) -> Result<bool, PgError> {
         let row = self.query_opt(
-            "SELECT 1 FROM message_ids WHERE sender = $1 AND message_id = $2",
-            &[&sender.as_bytes().as_slice(), &message_id],
+            "SELECT 1 FROM message_keys WHERE message_key = $1",
+            &[&key.as_bytes().as_slice()],
         )?;
         Ok(row.is_some())
     }
 
-    fn claim_message_id(
-        &mut self,
-        sender: &IdentityKey,
-        message_id: &[u8],
-        now: i64,
-    ) -> Result<bool, PgError> {
+    fn claim_message_id(&mut self, key: &MessageKey, now: i64) -> Result<bool, PgError> {
         // A claim another node's open transaction made waits for it here,
         // then counts as used once it commits.
         let inserted = self.execute(
-            "INSERT INTO message_ids (sender, message_id, created_at) VALUES ($1, $2, $3)
-             ON CONFLICT DO NOTHING",
-            &[&sender.as_bytes().as_slice(), &message_id, &now],
+            "INSERT INTO message_keys (message_key, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&key.as_bytes().as_slice(), &now],
         )?;
         Ok(inserted == 1)
     }
@@ -812,7 +806,7 @@ impl Storage for PgStorage<'_> {
             purged = row.map_or(0, |row| count(row.get(0)));
             self.usage.clear();
         }
-        self.execute("DELETE FROM message_ids WHERE created_at < $1", &[&older_than])?;
+        self.execute("DELETE FROM message_keys WHERE created_at < $1", &[&older_than])?;
         self.execute("DELETE FROM key_packages WHERE expires_at <= $1", &[&now])?;
         Ok(usize::try_from(purged).unwrap_or(usize::MAX))
     }

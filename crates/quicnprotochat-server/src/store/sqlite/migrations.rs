@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use quicnprotochat_core::{GroupId, GroupRef};
+use quicnprotochat_core::{GroupId, GroupRef, IdentityKey, MessageKey};
 use quicnprotochat_sqlite::{MigrationError, Ownership};
 use rusqlite::Connection;
 
@@ -240,6 +240,18 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX welcome_trees_by_age ON welcome_trees (created_at);
      UPDATE group_proposals SET group_id = quicnprotochat_group_ref(group_id);
      ALTER TABLE group_proposals RENAME COLUMN group_id TO group_ref;",
+    // V19: message ids kept as `MessageKey`, SHA-256("quicnprotochat
+    // message id" || sender || id), so a copy of the file does not say who
+    // sent what. The ids already claimed carry over, so a retry across the
+    // upgrade is still stored once. `quicnprotochat_message_key` is
+    // registered by `open`.
+    "CREATE TABLE message_keys (
+         message_key BLOB PRIMARY KEY CHECK (length(message_key) = 32),
+         created_at INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     INSERT OR IGNORE INTO message_keys (message_key, created_at)
+         SELECT quicnprotochat_message_key(sender, message_id), created_at FROM message_ids;
+     DROP TABLE message_ids;",
 ];
 
 /// Registers `quicnprotochat_group_ref(id)` on `connection`: the
@@ -258,6 +270,27 @@ fn register_group_ref(connection: &Connection) -> rusqlite::Result<()> {
                 rusqlite::Error::UserFunctionError("a stored group id is not a group id".into())
             })?;
             Ok(GroupRef::of(&id).as_bytes().to_vec())
+        },
+    )
+}
+
+/// Registers `quicnprotochat_message_key(sender, id)` on `connection`:
+/// the [`MessageKey`] of a sender's message id, for migration V19.
+fn register_message_key(connection: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    connection.create_scalar_function(
+        "quicnprotochat_message_key",
+        2,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |context| {
+            let sender: Vec<u8> = context.get(0)?;
+            let id: Vec<u8> = context.get(1)?;
+            // Every stored sender was an authenticated identity key; one
+            // that is not stops the migration rather than vanish.
+            let sender = IdentityKey::try_from(sender.as_slice()).map_err(|_| {
+                rusqlite::Error::UserFunctionError("a stored sender is not an identity key".into())
+            })?;
+            Ok(MessageKey::of(&sender, &id).as_bytes().to_vec())
         },
     )
 }
@@ -303,6 +336,7 @@ pub(in crate::store) fn open(
     connection.pragma_update(None, "foreign_keys", true)?;
     check_integrity(&connection)?;
     register_group_ref(&connection)?;
+    register_message_key(&connection)?;
     quicnprotochat_sqlite::migrate(&mut connection, APPLICATION_ID, MIGRATIONS).map_err(refusal)?;
     let id: Vec<u8> =
         connection.query_row("SELECT value FROM meta WHERE key = 'instance_id'", [], |row| {

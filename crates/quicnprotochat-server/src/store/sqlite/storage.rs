@@ -3,7 +3,7 @@
 //! transaction. Statements are cached by the connection. The schema they
 //! run against is in `migrations`.
 
-use quicnprotochat_core::{GroupRef, IdentityKey, KeyPackageStock, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::delivery::{DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
@@ -155,26 +155,19 @@ impl Storage for SqliteStorage<'_> {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
-    fn message_id_used(&mut self, sender: &IdentityKey, message_id: &[u8]) -> rusqlite::Result<bool> {
+    fn message_id_used(&mut self, key: &MessageKey) -> rusqlite::Result<bool> {
         self.db
-            .prepare_cached("SELECT 1 FROM message_ids WHERE sender = ?1 AND message_id = ?2")?
-            .query_row(params![sender.as_bytes(), message_id], |_| Ok(()))
+            .prepare_cached("SELECT 1 FROM message_keys WHERE message_key = ?1")?
+            .query_row(params![key.as_bytes()], |_| Ok(()))
             .optional()
             .map(|found| found.is_some())
     }
 
-    fn claim_message_id(
-        &mut self,
-        sender: &IdentityKey,
-        message_id: &[u8],
-        now: i64,
-    ) -> rusqlite::Result<bool> {
+    fn claim_message_id(&mut self, key: &MessageKey, now: i64) -> rusqlite::Result<bool> {
         let inserted = self
             .db
-            .prepare_cached(
-                "INSERT OR IGNORE INTO message_ids (sender, message_id, created_at) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![sender.as_bytes(), message_id, now])?;
+            .prepare_cached("INSERT OR IGNORE INTO message_keys (message_key, created_at) VALUES (?1, ?2)")?
+            .execute(params![key.as_bytes(), now])?;
         Ok(inserted == 1)
     }
 
@@ -401,7 +394,7 @@ impl Storage for SqliteStorage<'_> {
             )?
             .execute(params![older_than])?;
         self.db
-            .prepare_cached("DELETE FROM message_ids WHERE created_at < ?1")?
+            .prepare_cached("DELETE FROM message_keys WHERE created_at < ?1")?
             .execute(params![older_than])?;
         self.db
             .prepare_cached("DELETE FROM key_packages WHERE expires_at <= ?1")?
