@@ -402,3 +402,72 @@ fn a_subscriber_gets_every_message_once_in_order_when_two_nodes_write_its_queue(
     let distinct: std::collections::HashSet<_> = pushed.iter().map(|message| &message.payload).collect();
     assert_eq!(distinct.len(), 2 * EACH as usize, "every message once");
 }
+
+/// What a copy of the database (a `pg_dump`) shows after people talked in
+/// a group through two nodes: not the group's name, not a message's text,
+/// and no sender beside a message id; the group then works on. (Member keys
+/// in the group's public state and queued messages' recipients are still
+/// there until protocol 8: docs/seized-node.md.)
+#[test]
+fn a_dump_of_the_database_names_no_group_and_no_sender_of_a_message() {
+    let Some(cluster) = TestPostgres::shared() else {
+        return;
+    };
+    let url = cluster.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, 2, dir.path());
+    let [a, b] = [&nodes[0], &nodes[1]];
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(a, dir.path(), n));
+    alice.run(a, "create-group", &["--group-id", "secret-union-meeting"]);
+    alice.run(b, "invite", &["--peer-key", &bob.key, "--peer-key", &carol.key]);
+    bob.run(a, "join", &[]);
+    carol.run(b, "join", &[]);
+    alice.run(a, "send", &["--msg", "the meeting is on thursday"]);
+    bob.run(b, "recv", &[]);
+    // Carol's copy stays queued.
+    bob.run(b, "send", &["--msg", "bring the leaflets"]);
+
+    let dump = cluster.dump(&url);
+    let holds = |needle: &[u8]| dump.windows(needle.len()).any(|window| window == needle);
+    for (what, text) in [
+        ("the group's name", "secret-union-meeting"),
+        ("a message", "the meeting is on thursday"),
+        ("a message", "bring the leaflets"),
+    ] {
+        // pg_dump writes bytea in hex.
+        assert!(!holds(text.as_bytes()), "the dump holds {what}");
+        assert!(
+            !holds(hex::encode(text).as_bytes()),
+            "the dump holds {what} in hex"
+        );
+    }
+    let dump = String::from_utf8(dump).unwrap();
+    assert!(
+        !dump.contains("message_ids"),
+        "message ids are no longer kept by sender"
+    );
+    let claimed = dump
+        .split("COPY public.message_keys")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\\.\n").next())
+        .expect("the dump has the message keys");
+    assert!(
+        claimed.lines().count() > 3,
+        "the sends claimed message ids: {claimed}"
+    );
+    for member in [&alice, &bob, &carol] {
+        assert!(
+            !claimed.contains(&member.key),
+            "a message key names {}",
+            member.name
+        );
+    }
+
+    let read = carol.run(a, "recv", &[]);
+    assert!(
+        read.contains("the meeting is on thursday") && read.contains("bring the leaflets"),
+        "{read}"
+    );
+    carol.run(b, "send", &["--msg", "see you there"]);
+    assert!(alice.run(a, "recv", &[]).contains("see you there"));
+}

@@ -297,6 +297,26 @@ impl TestPostgres {
         }
     }
 
+    /// A `pg_dump` of the database at `database_url` (a URL from
+    /// [`TestPostgres::create_database`]), in plain SQL: what a copy of the
+    /// database shows. `bytea` columns come out in hex.
+    ///
+    /// # Panics
+    /// When `pg_dump` (beside `psql`) cannot be run or fails.
+    pub fn dump(&self, database_url: &str) -> Vec<u8> {
+        let pg_dump = self.psql().with_file_name("pg_dump");
+        let output = Command::new(&pg_dump)
+            .args(["--no-owner", "--dbname", database_url])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", pg_dump.display()));
+        assert!(
+            output.status.success(),
+            "pg_dump failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    }
+
     /// The client used to create databases.
     fn psql(&self) -> &Path {
         match &self.kind {
