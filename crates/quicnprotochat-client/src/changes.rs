@@ -57,13 +57,16 @@ pub(crate) async fn change_group(
                 // The change is made whatever happens to the name: a member
                 // added without it sees the group's id until the next
                 // invite names the group again.
-                if let Err(e) = send_group_name(nodes, state, identity, group_id, &welcome.recipients).await {
+                let named =
+                    send_group_name(nodes, state, identity, group_id, &mut group, &welcome.recipients);
+                if let Err(e) = named.await {
                     note!("warning: the members added to {name} were not told its name: {e}");
+                    // The copy in hand may have moved on without being
+                    // stored (or caught up past it): the stored one holds.
+                    return GroupMember::load(&state.provider(), group_id)?
+                        .ok_or(ClientError::Internal("a group vanished after a change"));
                 }
-                // Sending the name moved the group's ratchet on: the copy
-                // in hand is stale.
-                return GroupMember::load(&state.provider(), group_id)?
-                    .ok_or(ClientError::Internal("a group vanished after a change"));
+                return Ok(group);
             }
             Settled::Merged => return Ok(group),
             Settled::Lost { current_epoch: now } => {

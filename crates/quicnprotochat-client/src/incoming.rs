@@ -161,7 +161,11 @@ pub(crate) async fn process_entry(
                     // Once, in this epoch: a member who rejoined from a
                     // backup without the group has no name for it.
                     let identity = state.identity()?;
-                    let sent = send_group_name_once(nodes, state, &identity, group_id, &[*rejoiner]).await;
+                    let mut group = GroupMember::load(&state.provider(), group_id)?
+                        .ok_or(ClientError::Internal("a group vanished while it was named"))?;
+                    let sent =
+                        send_group_name_once(nodes, state, &identity, group_id, &mut group, &[*rejoiner])
+                            .await;
                     if let Err(e) = sent {
                         note!("warning: a member who rejoined was not told the group's name: {e}");
                     }

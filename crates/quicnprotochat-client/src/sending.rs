@@ -191,43 +191,46 @@ async fn send_once(
 /// Tells `joiners`, members the group just added, the name of `group_id`
 /// (if it has one here) in an application message of content type
 /// group-name. An inviter sends it right after its Commit is merged, in
-/// the epoch the joiners start in; the other members know the name
-/// already, so they are not sent it.
+/// the epoch the joiners start in, with `group` as it was merged; the other
+/// members know the name already, so they are not sent it.
 pub(crate) async fn send_group_name(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
     group_id: &GroupId,
+    group: &mut GroupMember,
     joiners: &[IdentityKey],
 ) -> Result<(), ClientError> {
-    for _ in 0..SEND_TRIES {
-        match send_group_name_once(nodes, state, identity, group_id, joiners).await {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match send_group_name_once(nodes, state, identity, group_id, group, joiners).await {
             // The group moved on: the members added are in the new epoch
             // too, so name it there.
-            Err(ClientError::StaleEpoch { .. }) => {
+            Err(ClientError::StaleEpoch { .. }) if tries < SEND_TRIES => {
                 catch_up(nodes, state, identity).await?;
+                *group = GroupMember::load(&state.provider(), group_id)?
+                    .ok_or(ClientError::Internal("a group vanished while it was named"))?;
             }
             outcome => return outcome,
         }
     }
-    Ok(())
 }
 
-/// One try of [`send_group_name`], in the group's current epoch, to those
-/// of `recipients` still in it; a group that moved on meanwhile is
+/// One try of [`send_group_name`], in `group`'s current epoch, to those of
+/// `recipients` still in it; a group that moved on meanwhile is
 /// `StaleEpoch`.
 pub(crate) async fn send_group_name_once(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
     group_id: &GroupId,
+    group: &mut GroupMember,
     recipients: &[IdentityKey],
 ) -> Result<(), ClientError> {
     let Some(name) = state.group_name(group_id.as_bytes())? else {
         return Ok(());
     };
-    let mut group = GroupMember::load(&state.provider(), group_id)?
-        .ok_or(ClientError::Internal("a group vanished while it was named"))?;
     // A proposal another member made meanwhile must be committed before
     // anything is sent; the next invite names the group again.
     if !group.is_active() || group.has_pending_proposals() {
@@ -244,6 +247,6 @@ pub(crate) async fn send_group_name_once(
     if recipients.is_empty() {
         return Ok(());
     }
-    let ciphertext = state.encrypt_group_name(&mut group, identity, &name)?;
+    let ciphertext = state.encrypt_group_name(group, identity, &name)?;
     nodes.deliver(&[envelope(recipients, ciphertext)]).await
 }

@@ -43,6 +43,10 @@ struct Args {
     /// Messages per enqueueBatch call (1: plain enqueue).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Give every message an id, as real clients do (the node claims each
+    /// one to store it at most once); sent with enqueueBatch.
+    #[arg(long)]
+    message_ids: bool,
     /// Receivers ack at most once per this many milliseconds (0: after
     /// every pushed batch).
     #[arg(long, default_value_t = 0)]
@@ -113,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         rate: args.rate,
         window: args.window,
         batch: args.batch,
+        message_ids: args.message_ids,
         ack_every: Duration::from_millis(args.ack_ms),
         threads: args.threads,
     };

@@ -68,6 +68,9 @@ pub struct Scenario {
     pub window: usize,
     /// Envelopes per `enqueueBatch` call (1: plain `enqueue`).
     pub batch: usize,
+    /// Give every envelope a message id, as real clients do (the node then
+    /// claims each id); sent with `enqueueBatch` even one at a time.
+    pub message_ids: bool,
     /// Receivers ack at most this often (zero: after every pushed batch).
     pub ack_every: Duration,
     /// Client threads.
@@ -639,20 +642,40 @@ async fn send(
     }
 }
 
+/// A message id no other envelope of this process has, 16 bytes that look
+/// random as the CLI's do (a store's index then takes them at random
+/// places, as it does real clients' ids): a counter mixed by splitmix64,
+/// then the time since the process started, mixed too (which keeps two
+/// processes' ids apart on a reused database).
+fn next_message_id() -> Vec<u8> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    // mix is a bijection, so distinct counters give distinct ids.
+    let mut id = mix(NEXT.fetch_add(1, Ordering::Relaxed)).to_le_bytes().to_vec();
+    id.extend_from_slice(&mix(EPOCH.elapsed().as_nanos() as u64).to_le_bytes());
+    id
+}
+
 async fn enqueue(client: &NodeClient, targets: &[IdentityKey], scenario: &Scenario, shared: &Shared) {
     let stamp = || {
         let mut payload = vec![0x5au8; scenario.payload];
         payload[..8].copy_from_slice(&(EPOCH.elapsed().as_nanos() as u64).to_le_bytes());
         payload
     };
-    let outcome = if scenario.batch <= 1 && targets.len() == 1 {
+    let outcome = if scenario.batch <= 1 && targets.len() == 1 && !scenario.message_ids {
         client.enqueue(&targets[0], &stamp()).await
     } else {
         let envelopes: Vec<Envelope> = (0..scenario.batch.max(1))
             .map(|_| Envelope {
                 recipients: targets.to_vec(),
                 payload: stamp(),
-                message_id: None,
+                message_id: scenario.message_ids.then(next_message_id),
             })
             .collect();
         client.enqueue_batch(&envelopes).await

@@ -32,6 +32,7 @@ fn scenario(shape: Shape, rate: Option<f64>, batch: usize) -> Scenario {
         rate,
         window: 4,
         batch,
+        message_ids: false,
         ack_every: Duration::ZERO,
         threads: 2,
     }
@@ -44,6 +45,13 @@ fn every_message_of_a_ring_and_a_fan_out_is_pushed_and_timed() {
         ("ring, unpaced", scenario(Shape::Ring(4), None, 1)),
         ("ring, paced, batches", scenario(Shape::Ring(3), Some(400.0), 4)),
         ("fan-out", scenario(Shape::FanOut(5), None, 1)),
+        (
+            "ring, message ids",
+            Scenario {
+                message_ids: true,
+                ..scenario(Shape::Ring(3), None, 1)
+            },
+        ),
         (
             "ring, acks every 20 ms",
             Scenario {
