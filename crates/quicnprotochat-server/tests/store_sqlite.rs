@@ -152,5 +152,37 @@ fn key_group_tables_by_id(db: &rusqlite::Connection) {
     .unwrap();
 }
 
+/// An upgrade that rekeyed rows by hash leaves nothing of the old rows in
+/// the file: the sender of a message id claimed before V19 (and so a group
+/// id before V18) is not in the file or its WAL after the node opened it.
+#[test]
+fn an_upgraded_file_keeps_no_trace_of_the_rows_it_rekeyed() {
+    let sqlite = Sqlite::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async { conformance::close(sqlite.open()).await });
+    let sender = IdentityKey::from_bytes([0xa7; 32]);
+    sqlite.claim_message_id_by_sender_v18(sender, b"a retried message");
+    let files = || -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for name in ["node.db", "node.db-wal"] {
+            if let Ok(file) = std::fs::read(sqlite.dir.path().join(name)) {
+                bytes.extend(file);
+            }
+        }
+        bytes
+    };
+    let holds_sender = |bytes: &[u8]| bytes.windows(32).any(|window| window == sender.as_bytes());
+    assert!(holds_sender(&files()), "the old row names its sender");
+
+    runtime.block_on(async { conformance::close(sqlite.open()).await });
+    assert!(
+        !holds_sender(&files()),
+        "the upgraded file still holds the sender"
+    );
+}
+
 // Each check and case on a fresh database file.
 conformance::suite_on!(Some(Sqlite::new()), cases: 64);

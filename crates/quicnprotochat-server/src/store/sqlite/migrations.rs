@@ -337,7 +337,11 @@ pub(in crate::store) fn open(
     check_integrity(&connection)?;
     register_group_ref(&connection)?;
     register_message_key(&connection)?;
+    let found: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     quicnprotochat_sqlite::migrate(&mut connection, APPLICATION_ID, MIGRATIONS).map_err(refusal)?;
+    if (1..KEYED_BY_HASHES).contains(&found) {
+        scrub_freed_pages(&connection, found)?;
+    }
     let id: Vec<u8> =
         connection.query_row("SELECT value FROM meta WHERE key = 'instance_id'", [], |row| {
             row.get(0)
@@ -346,6 +350,26 @@ pub(in crate::store) fn open(
         .try_into()
         .map_err(|_| StoreError::Transaction("the stored instance id is damaged".into()))?;
     Ok((connection, instance_id))
+}
+
+/// The schema from which every row names groups and message ids only by
+/// hash (V18 rekeyed the group tables, V19 the message ids).
+const KEYED_BY_HASHES: i64 = 19;
+
+/// Rebuilds a file that the migrations to [`KEYED_BY_HASHES`] just
+/// rewrote: the rows they replaced (group ids, the senders of message ids)
+/// stay byte for byte in free pages, and in the WAL, until something
+/// overwrites them, so a copy of the file would still show them. `VACUUM`
+/// writes the file anew without free pages; the checkpoint then copies it
+/// into place and empties the WAL. Once per upgrade, and it takes as long
+/// as copying the file.
+fn scrub_freed_pages(connection: &Connection, found: i64) -> Result<(), StoreError> {
+    tracing::info!(
+        "rebuilding the database after its upgrade from schema {found}, so that no copy of it keeps the group ids and senders the upgrade replaced"
+    );
+    connection.execute_batch("VACUUM")?;
+    connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
 }
 
 /// Refuses a database with damaged pages. `quick_check` reads every page
