@@ -53,14 +53,13 @@ pub(crate) async fn change_group(
             other => other?,
         };
         match send_publication(nodes, state, identity, &mut group, &publication).await? {
-            Settled::Merged if let Some(welcome) = &publication.welcome => {
-                // The change is made whatever happens to the name: a member
-                // added without it sees the group's id until the next
-                // invite names the group again.
-                let named =
-                    send_group_name(nodes, state, identity, group_id, &mut group, &welcome.recipients);
-                if let Err(e) = named.await {
-                    note!("warning: the members added to {name} were not told its name: {e}");
+            Settled::Merged if publication.welcome.is_some() => {
+                // The change is made whatever happens to the name: if it
+                // could not be sent, the next command sends it.
+                if let Err(e) = send_group_name(nodes, state, identity, group_id, &mut group).await {
+                    note!(
+                        "warning: the members added to {name} were not told its name yet ({e}); your next command tells them"
+                    );
                     // The copy in hand may have moved on without being
                     // stored (or caught up past it): the stored one holds.
                     return GroupMember::load(&state.provider(), group_id)?

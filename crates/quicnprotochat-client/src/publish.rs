@@ -46,6 +46,7 @@ use crate::connections::{Nodes, Patience, envelope};
 use crate::error::ClientError;
 use crate::naming::{group_name, others};
 use crate::output::counted;
+use crate::sending::send_owed_names;
 use crate::state::{Publication, Settlement, StateError, StateFile};
 
 /// A group change built against the group's current state: a pending
@@ -289,7 +290,11 @@ fn settle(
     if publication.rejoin {
         state.settle_rejoin(&publication.group_id, settlement)
     } else {
-        state.settle_publication(&publication.group_id, group, settlement)
+        let joiners = publication
+            .welcome
+            .as_ref()
+            .map_or(&[][..], |welcome| &welcome.recipients[..]);
+        state.settle_publication(&publication.group_id, group, settlement, joiners)
     }
 }
 
@@ -353,7 +358,7 @@ pub(crate) async fn resume_publications(
             _ => state.forget_publication(&publication.group_id)?,
         }
     }
-    Ok(())
+    send_owed_names(nodes, state, identity).await
 }
 
 /// Commits pending proposals in every group where it is our turn.

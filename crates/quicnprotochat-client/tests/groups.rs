@@ -686,3 +686,64 @@ fn a_removed_member_invited_again_rejoins_and_reads_new_messages() {
         "{history}"
     );
 }
+
+/// A command cut off after its invite was accepted but before it sent the
+/// group's name leaves the name owed in the state file (written with the
+/// merge); the inviter's next command sends it, and the invitee learns it.
+#[test]
+fn a_group_name_an_invite_could_not_send_is_sent_by_the_next_command() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    alice.run(&node, "create-group", &["--group-id", "club"]);
+    let raw =
+        || quicnprotochat_client::state::StateFile::raw_connection(&common::access(&alice.state)).unwrap();
+    let owed = || -> i64 {
+        raw()
+            .query_row("SELECT count(*) FROM names_owed", [], |row| row.get(0))
+            .unwrap()
+    };
+
+    // The invite as a cut-off command leaves it: the Commit accepted and
+    // merged, the name not sent (here: the name hidden while it ran).
+    raw().execute("UPDATE groups SET name = NULL", []).unwrap();
+    alice.run(
+        &node,
+        "invite",
+        &["--group-id", &group_hex(&alice), "--peer-key", &bob.key],
+    );
+    raw().execute("UPDATE groups SET name = 'club'", []).unwrap();
+    let bob_key = hex_bytes(&bob.key);
+    raw()
+        .execute(
+            "INSERT INTO names_owed (group_id, recipients) SELECT group_id, ?1 FROM groups",
+            [bob_key],
+        )
+        .unwrap();
+    let (ok, _, err) = bob.try_run(&node, "join", &[]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("is called"), "{err}");
+
+    // Alice's next command pays the debt; Bob's next `recv` learns the name.
+    alice.run(&node, "recv", &[]);
+    assert_eq!(owed(), 0, "the name was sent");
+    let (ok, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok && err.contains(" is called club"), "{err}");
+    bob.run(&node, "send", &["--group-id", "club", "--msg", "named at last"]);
+    assert!(alice.run(&node, "recv", &[]).contains("named at last"));
+
+    // An invite that runs to its end owes nothing.
+    let carol = Member::register(&node, dir.path(), "carol");
+    alice.run(&node, "invite", &["--group-id", "club", "--peer-key", &carol.key]);
+    assert_eq!(owed(), 0);
+}
+
+/// The hex id of `member`'s current group, as `--json` prints it.
+fn group_hex(member: &Member) -> String {
+    let state = quicnprotochat_client::state::StateFile::open(&common::access(&member.state)).unwrap();
+    hex::encode(state.current_group().unwrap().unwrap())
+}
+
+fn hex_bytes(text: &str) -> Vec<u8> {
+    hex::decode(text).unwrap()
+}

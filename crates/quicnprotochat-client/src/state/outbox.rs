@@ -62,20 +62,79 @@ impl StateFile {
 
     /// Settles the staged change of `group` by the node's answer: merges or
     /// discards its pending Commit and forgets the publication, in one
-    /// transaction.
+    /// transaction. A merged change that added `joiners` leaves them owed
+    /// the group's name, if it has one ([`Self::names_owed`]), in the same
+    /// transaction, so a command cut off before it sent the name leaves the
+    /// debt to the next.
     pub fn settle_publication(
         &self,
         group_id: &GroupId,
         group: &mut GroupMember,
         settlement: Settlement,
+        joiners: &[IdentityKey],
     ) -> Result<(), StateError> {
         self.atomically(|| {
             match settlement {
-                Settlement::Merge => group.merge_pending_commit(&self.provider())?,
+                Settlement::Merge => {
+                    group.merge_pending_commit(&self.provider())?;
+                    if !joiners.is_empty() {
+                        self.owe_name(group_id, joiners)?;
+                    }
+                }
                 Settlement::Discard => group.discard_pending_commit(&self.provider())?,
             }
             self.forget_publication(group_id)
         })
+    }
+
+    /// Notes that `recipients` are to be told the name of `group_id`, if it
+    /// has one.
+    fn owe_name(&self, group_id: &GroupId, recipients: &[IdentityKey]) -> Result<(), StateError> {
+        let keys: Vec<u8> = recipients.iter().flat_map(|key| *key.as_bytes()).collect();
+        self.connection.execute(
+            "INSERT INTO names_owed (group_id, recipients)
+                 SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM groups WHERE group_id = ?1 AND name IS NOT NULL)
+             ON CONFLICT (group_id) DO UPDATE SET recipients = recipients || excluded.recipients",
+            params![group_id.as_bytes(), keys],
+        )?;
+        Ok(())
+    }
+
+    /// The members still owed the name of `group_id`.
+    pub fn name_owed(&self, group_id: &GroupId) -> Result<Option<Vec<IdentityKey>>, StateError> {
+        let keys: Option<Vec<u8>> = self
+            .connection
+            .query_row(
+                "SELECT recipients FROM names_owed WHERE group_id = ?1",
+                params![group_id.as_bytes()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(keys.map(|keys| {
+            keys.chunks_exact(32)
+                .filter_map(|key| IdentityKey::try_from(key).ok())
+                .collect()
+        }))
+    }
+
+    /// Every group whose name some members are still owed.
+    pub fn names_owed(&self) -> Result<Vec<GroupId>, StateError> {
+        let mut select = self.connection.prepare("SELECT group_id FROM names_owed")?;
+        let rows = select.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
+        Ok(rows
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter_map(GroupId::new)
+            .collect())
+    }
+
+    /// Forgets what the members of `group_id` were owed: they were told.
+    pub fn forget_name_owed(&self, group_id: &GroupId) -> Result<(), StateError> {
+        self.connection.execute(
+            "DELETE FROM names_owed WHERE group_id = ?1",
+            params![group_id.as_bytes()],
+        )?;
+        Ok(())
     }
 
     /// Settles our rejoin of `group` by the node's answer: on

@@ -135,6 +135,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // V11: a group's name for people. Group ids are random bytes now; the
     // name is the creator's `--group-id`, or the first one a member sent.
     "ALTER TABLE groups ADD COLUMN name TEXT;",
+    // V12: the members an accepted Commit added who are still to be told
+    // the group's name (the command was cut off before it sent it): a
+    // later command sends it.
+    "CREATE TABLE names_owed (
+         group_id BLOB PRIMARY KEY,
+         recipients BLOB NOT NULL CHECK (length(recipients) % 32 = 0)
+     );",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty

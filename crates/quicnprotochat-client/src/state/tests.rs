@@ -375,7 +375,9 @@ fn a_settled_publication_merges_or_discards_its_commit_and_is_forgotten() {
         assert!(publication.group_info.is_some());
         assert_eq!(state.publications().unwrap(), vec![publication]);
         assert!(group.has_pending_commit());
-        state.settle_publication(&id, &mut group, settlement).unwrap();
+        state
+            .settle_publication(&id, &mut group, settlement, &[])
+            .unwrap();
         assert!(!group.has_pending_commit());
         assert_eq!(group.epoch(), epoch, "{settlement:?}");
         assert!(state.publications().unwrap().is_empty());
