@@ -12,6 +12,7 @@ use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKey, Identity
 use crate::cli::PeerArgs;
 use crate::connections::{Nodes, envelope};
 use crate::error::ClientError;
+use crate::group_names::pay_name_owed;
 use crate::key_packages::fetch_verified_key_package;
 use crate::naming::{
     changed_event, devices_of, group_name, load_group_as_member, others, resolve_peers, users,
@@ -20,7 +21,6 @@ use crate::output::{self, Progress, counted};
 use crate::publish::{
     CHANGE_ATTEMPTS, Change, Proposed, Settled, resume_publications, send_proposal, send_publication, stage,
 };
-use crate::sending::send_group_name;
 use crate::state::StateFile;
 use crate::sync::catch_up;
 
@@ -56,7 +56,7 @@ pub(crate) async fn change_group(
             Settled::Merged if publication.welcome.is_some() => {
                 // The change is made whatever happens to the name: if it
                 // could not be sent, the next command sends it.
-                if let Err(e) = send_group_name(nodes, state, identity, group_id, &mut group).await {
+                if let Err(e) = pay_name_owed(nodes, state, identity, group_id, &mut group).await {
                     note!(
                         "warning: the members added to {name} were not told its name yet ({e}); your next command tells them"
                     );

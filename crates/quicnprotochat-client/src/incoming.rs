@@ -15,9 +15,9 @@ use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 use crate::connections::Nodes;
 use crate::directory::Directory;
 use crate::error::ClientError;
+use crate::group_names::send_group_name;
 use crate::naming::{changed_event, group_name, id_label, users, valid_group_name};
 use crate::output::{Event, Person, Progress};
-use crate::sending::send_group_name_once;
 use crate::state::{Direction, InboxEntry, Invitation, KeptWelcome, NotKept, StateFile, unix_now};
 
 /// Test hook: when this environment variable is set, `recv` and `join` exit
@@ -164,8 +164,7 @@ pub(crate) async fn process_entry(
                     let mut group = GroupMember::load(&state.provider(), group_id)?
                         .ok_or(ClientError::Internal("a group vanished while it was named"))?;
                     let sent =
-                        send_group_name_once(nodes, state, &identity, group_id, &mut group, &[*rejoiner])
-                            .await;
+                        send_group_name(nodes, state, &identity, group_id, &mut group, &[*rejoiner]).await;
                     if let Err(e) = sent {
                         note!("warning: a member who rejoined was not told the group's name: {e}");
                     }

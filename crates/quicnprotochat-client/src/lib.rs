@@ -15,7 +15,9 @@
 //! - `sending` — an application message encrypted and queued, delivered
 //!   again after a lost connection.
 //! - `sync` — catching up: the outbox settled, then the queue fetched and
-//!   applied.
+//!   applied, then group names still owed sent.
+//! - `group_names` — telling the members a change added the group's name
+//!   (and paying that debt later when a command was cut off).
 //! - `publish` — one group change: stage, publish, settle by the node's
 //!   typed outcome, resume unanswered ones; rejoining a group by external
 //!   commit.
@@ -65,6 +67,7 @@ mod directory;
 mod editor;
 pub mod error;
 mod follow;
+mod group_names;
 mod incoming;
 mod key_packages;
 mod link;

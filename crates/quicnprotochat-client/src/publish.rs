@@ -46,7 +46,6 @@ use crate::connections::{Nodes, Patience, envelope};
 use crate::error::ClientError;
 use crate::naming::{group_name, others};
 use crate::output::counted;
-use crate::sending::send_owed_names;
 use crate::state::{Publication, Settlement, StateError, StateFile};
 
 /// A group change built against the group's current state: a pending
@@ -358,7 +357,7 @@ pub(crate) async fn resume_publications(
             _ => state.forget_publication(&publication.group_id)?,
         }
     }
-    send_owed_names(nodes, state, identity).await
+    Ok(())
 }
 
 /// Commits pending proposals in every group where it is our turn.

@@ -4,7 +4,7 @@
 //! for delivering again when the connection was lost before the node
 //! answered.
 
-use quicnprotochat_core::{CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{CoreError, GroupId, IdentityKeypair};
 use quicnprotochat_proto::wire::Envelope;
 
 use crate::cli::PeerArgs;
@@ -186,103 +186,4 @@ async fn send_once(
         text: message.to_owned(),
     }
     .print()
-}
-
-/// Tells the members a change of ours added the name of `group_id`, as
-/// [`StateFile::name_owed`] lists them (if it has one here), in an
-/// application message of content type group-name. An inviter sends it
-/// right after its Commit is merged, in the epoch the joiners start in,
-/// with `group` as it was merged; the other members know the name
-/// already, so they are not sent it.
-pub(crate) async fn send_group_name(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-    group_id: &GroupId,
-    group: &mut GroupMember,
-) -> Result<(), ClientError> {
-    let Some(joiners) = state.name_owed(group_id)? else {
-        return Ok(());
-    };
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match send_group_name_once(nodes, state, identity, group_id, group, &joiners).await {
-            Ok(true) => return Ok(state.forget_name_owed(group_id)?),
-            // Owed still, to the next command.
-            Ok(false) => return Ok(()),
-            // The group moved on: the members added are in the new epoch
-            // too, so name it there.
-            Err(ClientError::StaleEpoch { .. }) if tries < SEND_TRIES => {
-                catch_up(nodes, state, identity).await?;
-                *group = GroupMember::load(&state.provider(), group_id)?
-                    .ok_or(ClientError::Internal("a group vanished while it was named"))?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Sends the names a command cut off short still owed (see
-/// [`send_group_name`]), once each, at the start of the next command. One
-/// the group's state does not allow yet (a proposal waits, or the group
-/// moved on and the queue is not processed yet) stays owed.
-pub(crate) async fn send_owed_names(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-) -> Result<(), ClientError> {
-    for group_id in state.names_owed()? {
-        let (Some(mut group), Some(joiners)) = (
-            GroupMember::load(&state.provider(), &group_id)?,
-            state.name_owed(&group_id)?,
-        ) else {
-            state.forget_name_owed(&group_id)?;
-            continue;
-        };
-        match send_group_name_once(nodes, state, identity, &group_id, &mut group, &joiners).await {
-            Ok(true) => state.forget_name_owed(&group_id)?,
-            Ok(false) | Err(ClientError::StaleEpoch { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// One try of [`send_group_name`], in `group`'s current epoch, to those of
-/// `recipients` still in it; a group that moved on meanwhile is
-/// `StaleEpoch`. True once nothing more is owed (sent, or nobody left to
-/// tell); false when the group cannot send now (a proposal waits for a
-/// Commit).
-pub(crate) async fn send_group_name_once(
-    nodes: &Nodes,
-    state: &StateFile,
-    identity: &IdentityKeypair,
-    group_id: &GroupId,
-    group: &mut GroupMember,
-    recipients: &[IdentityKey],
-) -> Result<bool, ClientError> {
-    let Some(name) = state.group_name(group_id.as_bytes())? else {
-        return Ok(true);
-    };
-    if !group.is_active() {
-        return Ok(true);
-    }
-    if group.has_pending_proposals() {
-        return Ok(false);
-    }
-    // Those still in the group (a Commit that won meanwhile may have
-    // removed one).
-    let members = group.members();
-    let recipients: Vec<IdentityKey> = recipients
-        .iter()
-        .filter(|r| members.contains(r))
-        .copied()
-        .collect();
-    if recipients.is_empty() {
-        return Ok(true);
-    }
-    let ciphertext = state.encrypt_group_name(group, identity, &name)?;
-    nodes.deliver(&[envelope(recipients, ciphertext)]).await?;
-    Ok(true)
 }

@@ -6,13 +6,15 @@ use quicnprotochat_core::IdentityKeypair;
 
 use crate::connections::Nodes;
 use crate::error::ClientError;
+use crate::group_names::pay_names_owed;
 use crate::incoming::{Seen, fetch_into_inbox, process_inbox};
 use crate::publish::resume_publications;
 use crate::state::StateFile;
 
 /// Brings every group up to date: settles our own unanswered change, fetches
 /// the queue into the inbox and processes it, printing application messages
-/// as `recv` does.
+/// as `recv` does; then tells members a change of ours added the group's
+/// name if a command cut off before could not.
 pub(crate) async fn catch_up(
     nodes: &Nodes,
     state: &StateFile,
@@ -23,5 +25,6 @@ pub(crate) async fn catch_up(
     resume_publications(nodes, state, identity).await?;
     let seen = fetch_into_inbox(nodes, state, identity).await?;
     process_inbox(nodes, state).await?;
+    pay_names_owed(nodes, state, identity).await?;
     Ok(seen)
 }

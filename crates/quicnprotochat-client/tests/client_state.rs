@@ -170,11 +170,13 @@ fn an_empty_file_is_refused_by_every_command_but_register_state() {
 fn a_send_the_node_refused_is_not_recorded_as_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::in_dir(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.max_queue_depth = 1;
+    // Bob's Welcome and the group's name fit; then two messages.
+    config.max_queue_depth = 2;
     let node = TestNode::start_with(config, dir.path().to_owned());
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "full", &alice, &[&bob]);
     alice.run(&node, "send", &["--msg", "fits"]);
+    alice.run(&node, "send", &["--msg", "fits too"]);
     let (ok, _, err) = alice.try_run(&node, "send", &["--msg", "does not fit"]);
     assert!(!ok && err.contains("is full"), "{err}");
     let history = alice.run(&node, "history", &[]);

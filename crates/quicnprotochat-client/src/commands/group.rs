@@ -28,7 +28,7 @@ use crate::state::{Direction, StateAccess, StateFile};
 
 /// `create-group`: a new group with us as its only member, in `suite`. Its
 /// MLS group id is random; `name` stays in the state file, and reaches the
-/// members we invite inside the group (see [`crate::sending::send_group_name`]).
+/// members we invite inside the group (see `group_names`).
 pub(crate) fn create_group(access: &StateAccess, name: &str, suite: Suite) -> Result<(), ClientError> {
     if !valid_group_name(name) {
         return Err(ClientError::Usage(format!(
