@@ -35,17 +35,24 @@ pub(crate) async fn pay_name_owed(
 /// Pays every name still owed (see [`pay_name_owed`]), once each; run at
 /// the end of a catch-up, when the groups are as current as the queue
 /// makes them. One the group's state does not allow yet (a proposal
-/// waits, or the group moved on again) stays owed.
+/// waits, or the group moved on again), or the node refused (a joiner's
+/// queue is full, say), stays owed: the command that caught up goes on
+/// with what it was asked to do. Only a lost connection ends it.
 pub(crate) async fn pay_names_owed(
     nodes: &Nodes,
     state: &StateFile,
     identity: &IdentityKeypair,
 ) -> Result<(), ClientError> {
     for group_id in state.names_owed()? {
-        match GroupMember::load(&state.provider(), &group_id)? {
-            Some(mut group) => pay_name_owed(nodes, state, identity, &group_id, &mut group).await?,
+        let Some(mut group) = GroupMember::load(&state.provider(), &group_id)? else {
             // The group is gone here: nobody to tell.
-            None => state.forget_name_owed(&group_id)?,
+            state.forget_name_owed(&group_id)?;
+            continue;
+        };
+        match pay_name_owed(nodes, state, identity, &group_id, &mut group).await {
+            Err(e) if e.is_connection_lost() => return Err(e),
+            Err(e) => note!("warning: members you added were not told a group's name yet: {e}"),
+            Ok(()) => {}
         }
     }
     Ok(())

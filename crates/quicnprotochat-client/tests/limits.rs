@@ -614,3 +614,41 @@ fn initial_packets_from_a_sender_that_keeps_no_state_do_not_lock_clients_out() {
         drop(attempts);
     });
 }
+
+/// A joiner whose queue is full when the inviter sends it the group's
+/// name (it stopped reading) keeps the name owed, and blocks nothing: the
+/// inviter's next commands, in other groups, go on; once the joiner reads
+/// again, the next command tells it.
+#[test]
+fn a_joiner_that_stops_reading_keeps_the_groups_name_owed_and_blocks_nothing() {
+    let (node, dir) = node_with(|config| config.max_queue_depth = 2);
+    let [alice, bob, carol] =
+        ["alice", "bob", "carol"].map(|n| common::Member::register(&node, dir.path(), n));
+    common::group_of(&node, "with-carol", &alice, &[&carol]);
+    alice.run(&node, "create-group", &["--group-id", "with-bob"]);
+    // Bob's queue holds a message already, then takes the Welcome; the name
+    // finds it full.
+    let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
+    local(async {
+        let stranger = node.connect_as(&identity(7)).await;
+        assert_eq!(
+            stranger.enqueue(&bob_key, b"unread").await.unwrap(),
+            SendOutcome::Accepted
+        );
+    });
+    let (ok, _, err) = alice.try_run(
+        &node,
+        "invite",
+        &["--group-id", "with-bob", "--peer-key", &bob.key],
+    );
+    assert!(ok && err.contains("were not told its name yet"), "{err}");
+    // Alice's send to Carol tries the name again first, and goes on.
+    let (ok, _, err) = alice.try_run(&node, "send", &["--group-id", "with-carol", "--msg", "hi carol"]);
+    assert!(ok && err.contains("were not told a group's name yet"), "{err}");
+    assert!(carol.run(&node, "recv", &[]).contains("hi carol"));
+    // Bob reads again; Alice's next command names the group for him.
+    bob.run(&node, "join", &[]);
+    alice.run(&node, "recv", &[]);
+    let (ok, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok && err.contains(" is called with-bob"), "{err}");
+}
