@@ -269,8 +269,11 @@ fn epoch_of(node: &TestNode, member: &Member, group: &str) -> Option<u64> {
 }
 
 /// A storm: Alice, Bob and Carol in a group; while `disrupt` runs on a
-/// thread of its own (given the count of sends refused so far), Alice sends 18 messages, Bob and Carol update, Alice
-/// invites Dave, and Bob receives after each round; each message is padded
+/// thread of its own (given the count of sends refused so far), Alice sends
+/// a message each round (18 rounds at least, and on until `disrupt` is
+/// over, so that every fault it makes meets members at work), Bob and
+/// Carol update, Alice invites Dave, and Bob receives after each round;
+/// each message is padded
 /// with `pad` bytes. `tend` runs before
 /// every command (it may restart a node that stopped). Afterwards every
 /// message whose send was acknowledged is delivered exactly once, nothing
@@ -292,9 +295,17 @@ fn storm(
     // What the clients said on stderr, shown when an assertion fails.
     let mut notes: Vec<String> = Vec::new();
     let refused = AtomicUsize::new(0);
+    let disrupted = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
-        scope.spawn(|| disrupt(&refused));
-        for round in 0..18 {
+        scope.spawn(|| {
+            disrupt(&refused);
+            disrupted.store(true, Ordering::SeqCst);
+        });
+        // Bounded, should a disruption take far longer than it plans to.
+        for round in 0..300 {
+            if round >= 18 && disrupted.load(Ordering::SeqCst) {
+                break;
+            }
             let text = format!("storm message {round} {}", "x".repeat(pad));
             tend(node);
             let (ok, _, err) = alice.try_run(node, "send", &["--msg", &text]);
