@@ -482,9 +482,18 @@ fn sqlite_disk_failing_while_members_send_update_and_invite_loses_nothing_acknow
             node.restart();
         }
     };
-    storm(&mut node, dir.path(), 0, failures, tend);
-    eprintln!("the node stopped on a failed sync and was started again {restarts} times");
-    assert!(restarts > 0, "the node wrote while its syncs failed, and stopped");
+    let refused = storm(&mut node, dir.path(), 0, failures, tend);
+    eprintln!(
+        "the node stopped on a failed sync and was started again {restarts} times; {refused} sends refused"
+    );
+    // The failing disk was met: the node stopped on a failed sync of its
+    // own, or (when SQLite met the failing sync first, inside a write) it
+    // refused what it could not store. Which one a run sees depends on
+    // timing; either way nothing acknowledged was lost (checked by storm).
+    assert!(
+        restarts > 0 || refused > 0,
+        "the failing disk was met: the node stopped or refused"
+    );
 }
 
 /// Makes every read, write and sync of a file fail with EIO, by tracing
