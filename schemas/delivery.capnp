@@ -220,8 +220,9 @@ struct FetchedWelcomeTree {
     # The node keeps no tree for the caller in that epoch: the Commit that
     # started it was accepted longer ago than the node keeps undelivered
     # messages, no Commit it accepted started that epoch by adding members,
-    # or that Commit did not add the caller (protocol 7: the same answer,
-    # so nobody learns whether a group exists). The Welcome cannot be used;
+    # or the key presented is not that epoch's (protocol 8; before, that
+    # Commit did not add the caller): the same answer, so nobody learns
+    # whether a group exists. The Welcome cannot be used;
     # ask to be invited again.
     unavailable @1 :Void;
   }
@@ -358,6 +359,17 @@ interface DeliveryService {
   #               it by external commit, so no member can freeze a group.
   #               A Commit without it, or without `external_pub`, is
   #               `invalid`.
+  # epochKey:     32 bytes (protocol 8): the key of the epoch this Commit
+  #               starts, MLS-Exporter("quicnprotochat epoch key", "", 32)
+  #               of epoch `epoch + 1` (RFC 9420, section 8.5), which the
+  #               committer computes from its pending Commit. Required when
+  #               the Commit adds members (else `invalid`): the node keeps
+  #               the new epoch's ratchet tree for them sealed under it
+  #               (AES-256-GCM), and only a caller that presents it reads the
+  #               tree (fetchWelcomeTree), so the node need not store who the
+  #               joiners are. The node holds the key in memory for this
+  #               call only. Empty: none; any other length is a `failed`
+  #               exception.
   # outcome:      `accepted`: the Commit and the Welcome are durably
   #               committed in one transaction and the group is at
   #               `epoch + 1`. `conflict`: another Commit was already accepted
@@ -378,7 +390,7 @@ interface DeliveryService {
   # retry of an accepted publication (same sender and commit messageId) is
   # `accepted` again without storing anything.
   publishCommit @5 (groupId :Data, epoch :UInt64, commit :Envelope, welcome :Envelope,
-                    initialState :GroupState, groupInfo :Data)
+                    initialState :GroupState, groupInfo :Data, epochKey :Data)
       -> (outcome :CommitOutcome);
 
   # Pushes the messages of `recipientKey` after `afterSeq` to `receiver`
@@ -424,11 +436,19 @@ interface DeliveryService {
   # carry the tree (it grows by ~350 bytes per member and would stop groups
   # at the payload limit): the node keeps the tree of every epoch started by
   # a Commit that adds members, for as long as it keeps undelivered messages,
-  # and serves it to the members that Commit added. Needs a connection
-  # authenticated as one of them; anyone else gets `unavailable`. A Welcome whose GroupInfo carries the tree (other
-  # clients may send one) needs no call.
+  # sealed under that epoch's key (see publishCommit's epochKey), and serves
+  # it to whoever presents the key: the members that Commit added compute
+  # it from their Welcome alone (the exporter of the epoch the Welcome
+  # starts), before they have the tree. Anyone else gets `unavailable`. A
+  # Welcome whose GroupInfo carries the tree (other clients may send one)
+  # needs no call.
   #
-  # groupId: the MLS group id, as in the Welcome's GroupInfo.
-  # epoch:   the epoch the Welcome starts, as in its GroupInfo.
-  fetchWelcomeTree @10 (groupId :Data, epoch :UInt64) -> (outcome :FetchedWelcomeTree);
+  # groupId:  the MLS group id, as in the Welcome's GroupInfo.
+  # epoch:    the epoch the Welcome starts, as in its GroupInfo.
+  # epochKey: 32 bytes (protocol 8): MLS-Exporter("quicnprotochat epoch
+  #           key", "", 32) of that epoch. Empty: the node serves only a
+  #           tree it kept before protocol 8, to a connection authenticated
+  #           as one of the members the Commit added; any other length is
+  #           a `failed` exception.
+  fetchWelcomeTree @10 (groupId :Data, epoch :UInt64, epochKey :Data) -> (outcome :FetchedWelcomeTree);
 }

@@ -23,7 +23,7 @@ const PASSPHRASE: &str = "example";
 use quicnprotochat_client::{Cli, commands};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair, Seq, generate_key_package};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree};
-use quicnprotochat_proto::wire::{Envelope, GroupState};
+use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 use quicnprotochat_server::testing::TestNode;
 
 /// Members added per Commit: a creator-only group's Commit carries an update
@@ -128,19 +128,21 @@ fn main() {
                 payload: added.welcome.clone(),
                 message_id: None,
             });
+            let epoch_key = joining.then(|| group.pending_epoch_key(&provider).unwrap());
             let outcome = client
-                .publish_commit(
-                    &group_id,
+                .publish_commit(&CommitToSend {
+                    group_id: &group_id,
                     epoch,
-                    &Envelope {
+                    commit: &Envelope {
                         recipients: Vec::new(),
                         payload: added.commit,
                         message_id: None,
                     },
-                    welcome.as_ref(),
-                    state.as_ref(),
-                    group.pending_group_info(),
-                )
+                    welcome: welcome.as_ref(),
+                    initial_state: state.as_ref(),
+                    group_info: group.pending_group_info(),
+                    epoch_key: epoch_key.as_ref(),
+                })
                 .await
                 .unwrap();
             assert_eq!(
@@ -167,7 +169,7 @@ fn main() {
         assert_eq!(queued.len(), 1);
         assert_eq!(queued[0].payload, last_welcome);
         let FetchedWelcomeTree::Tree(tree) = joiner_client
-            .fetch_welcome_tree(&group_id, group.epoch())
+            .fetch_welcome_tree(&group_id, group.epoch(), &group.epoch_key(&provider).unwrap())
             .await
             .unwrap()
         else {

@@ -7,7 +7,7 @@
 //! applies nothing twice.
 
 use quicnprotochat_core::{
-    Content, CoreError, GroupId, GroupMember, IdentityKey, IdentityKeypair, Incoming, MessageKind,
+    Content, CoreError, EpochKey, GroupId, GroupMember, IdentityKey, IdentityKeypair, Incoming, MessageKind,
     QueuedMessage, Received, Seq, classify,
 };
 use quicnprotochat_proto::outcome::FetchedWelcomeTree;
@@ -155,7 +155,7 @@ pub(crate) async fn process_entry(
         let outcome = state.consume_inbox_entry(entry, || {
             apply(state, payload, seq, tree.as_deref(), explicit_join, directory)
         });
-        let (group_id, epoch) = match outcome {
+        let (group_id, epoch, epoch_key) = match outcome {
             Ok(applied) => {
                 if let Some((group_id, rejoiner)) = &applied.name_for {
                     // Once, in this epoch: a member who rejoined from a
@@ -171,9 +171,11 @@ pub(crate) async fn process_entry(
                 }
                 return Ok(applied);
             }
-            Err(ClientError::Core(CoreError::RatchetTreeNeeded { group_id, epoch })) if tree.is_none() => {
-                (group_id, epoch)
-            }
+            Err(ClientError::Core(CoreError::RatchetTreeNeeded {
+                group_id,
+                epoch,
+                epoch_key,
+            })) if tree.is_none() => (group_id, epoch, epoch_key),
             // The message adds (or, for a Welcome, holds) devices of users
             // whose lists this command has not fetched: fetch them and
             // apply it again. A list the node forged or rolled back stops
@@ -213,7 +215,7 @@ pub(crate) async fn process_entry(
             }
             Err(e) => return settle_failure(state, entry, seq, e).map(|()| Applied::default()),
         };
-        match fetch_tree(nodes, &group_id, epoch).await {
+        match fetch_tree(nodes, &group_id, epoch, &epoch_key).await {
             Ok(fetched) => tree = Some(fetched),
             Err(
                 e @ (ClientError::WelcomeTreeUnavailable { .. } | ClientError::WelcomeTreeRefused { .. }),
@@ -234,10 +236,15 @@ fn awaits_answer(state: &StateFile, payload: &[u8]) -> Result<bool, ClientError>
 }
 
 /// The ratchet tree the node kept for the Welcome to `group_id` that starts
-/// `epoch`.
-async fn fetch_tree(nodes: &Nodes, group_id: &[u8], epoch: u64) -> Result<Vec<u8>, ClientError> {
+/// `epoch`, sealed under `key`, that epoch's key.
+async fn fetch_tree(
+    nodes: &Nodes,
+    group_id: &[u8],
+    epoch: u64,
+    key: &EpochKey,
+) -> Result<Vec<u8>, ClientError> {
     let fetched = match GroupId::new(group_id.to_vec()) {
-        Some(group) => nodes.delivery().fetch_welcome_tree(&group, epoch).await,
+        Some(group) => nodes.delivery().fetch_welcome_tree(&group, epoch, key).await,
         None => Err(ClientError::Core(CoreError::MalformedMessage(
             "the Welcome's group id is not 1 to 256 bytes".into(),
         ))),
@@ -279,8 +286,12 @@ pub(crate) async fn accept_invitation(
         });
         match outcome {
             Ok(applied) => return Ok(applied),
-            Err(ClientError::Core(CoreError::RatchetTreeNeeded { group_id, epoch })) if tree.is_none() => {
-                tree = Some(fetch_tree(nodes, &group_id, epoch).await?);
+            Err(ClientError::Core(CoreError::RatchetTreeNeeded {
+                group_id,
+                epoch,
+                epoch_key,
+            })) if tree.is_none() => {
+                tree = Some(fetch_tree(nodes, &group_id, epoch, &epoch_key).await?);
             }
             Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) if !fetched_lists => {
                 fetched_lists = true;

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use capnp::capability::FromClientHook;
 use quicnprotochat_core::{
-    GroupId, IdentityKey, IdentityKeypair, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+    EpochKey, GroupId, IdentityKey, IdentityKeypair, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList,
+    Suite,
 };
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
@@ -30,7 +31,7 @@ use quicnprotochat_proto::outcome::{
     UploadOutcome,
 };
 use quicnprotochat_proto::wire::{
-    Envelope, GroupState, MAX_DEVICE_LIST_FETCH, read_device_list, read_key_package_stock, read_messages,
+    CommitToSend, Envelope, MAX_DEVICE_LIST_FETCH, read_device_list, read_key_package_stock, read_messages,
     write_commit_publication, write_device_list, write_envelope, write_proposal_publication,
 };
 use quicnprotochat_proto::{cert, peer, rpc, transport};
@@ -460,39 +461,26 @@ impl NodeClient {
         Ok(SendOutcome::read(response.get()?.get_outcome()?)?)
     }
 
-    /// Publishes a group change: `commit` (made in `epoch` of `group_id`) and,
+    /// Publishes a group change (the fields of `publication`): `commit`
+    /// (made in `epoch` of `group_id`) and,
     /// delivered only with it, `welcome`. With the group's first change,
     /// `initial_state` hands the node the group's public state in `epoch`,
     /// which it checks this and every later Commit against. `group_info` is
     /// the GroupInfo of the epoch the Commit starts (`epoch + 1`, signed by
     /// us), which the node checks and serves to members who rejoin
     /// ([`Self::fetch_group_info`]); without one it has nothing to serve
-    /// until the next Commit that brings one.
+    /// until the next Commit that brings one. `epoch_key`, the key of
+    /// `epoch + 1`, must come with a Commit that adds members: the node
+    /// seals their ratchet tree under it.
     ///
     /// [`ChangeOutcome::Conflict`] says another Commit won that epoch, and
     /// which epoch the group is in now; [`ChangeOutcome::Invalid`] that the
     /// node found the Commit not valid for the group;
     /// [`ChangeOutcome::UnknownGroup`] that it has no state for the group and
     /// none was given.
-    pub async fn publish_commit(
-        &self,
-        group_id: &GroupId,
-        epoch: u64,
-        commit: &Envelope,
-        welcome: Option<&Envelope>,
-        initial_state: Option<&GroupState>,
-        group_info: Option<&[u8]>,
-    ) -> Result<ChangeOutcome, ClientError> {
+    pub async fn publish_commit(&self, publication: &CommitToSend<'_>) -> Result<ChangeOutcome, ClientError> {
         let mut request = self.delivery.publish_commit_request();
-        write_commit_publication(
-            request.get(),
-            group_id,
-            epoch,
-            commit,
-            welcome,
-            initial_state,
-            group_info,
-        )?;
+        write_commit_publication(request.get(), publication)?;
         let response = call(request.send().promise).await?;
         Ok(ChangeOutcome::read_commit(response.get()?.get_outcome()?)?)
     }
@@ -511,16 +499,19 @@ impl NodeClient {
 
     /// The ratchet tree of `group_id` in `epoch`, kept by the node for the
     /// members the Commit that started `epoch` added, to join with their
-    /// Welcome; [`FetchedWelcomeTree::Unavailable`] if it keeps none. Anyone
-    /// else gets a [`capnp::ErrorKind::Failed`] exception.
+    /// Welcome, sealed under `key` (that epoch's key, which a joiner
+    /// computes from its Welcome); [`FetchedWelcomeTree::Unavailable`] if
+    /// it keeps none, or `key` is not the epoch's.
     pub async fn fetch_welcome_tree(
         &self,
         group_id: &GroupId,
         epoch: u64,
+        key: &EpochKey,
     ) -> Result<FetchedWelcomeTree, ClientError> {
         let mut request = self.delivery.fetch_welcome_tree_request();
         request.get().set_group_id(group_id.as_bytes());
         request.get().set_epoch(epoch);
+        request.get().set_epoch_key(key.as_bytes());
         let response = call(request.send().promise).await?;
         Ok(FetchedWelcomeTree::read(response.get()?.get_outcome()?)?)
     }

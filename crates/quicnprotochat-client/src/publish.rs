@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo};
-use quicnprotochat_proto::wire::{Envelope, GroupState};
+use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 
 use crate::connections::{Nodes, Patience, envelope};
 use crate::error::ClientError;
@@ -204,19 +204,28 @@ pub(crate) async fn send_publication(
     } else {
         None
     };
+    // The node seals the tree it keeps for the members a Commit adds under
+    // the key of the epoch the Commit starts (they compute it from their
+    // Welcome); the pending Commit is in storage, so a resend after a
+    // crash computes the same key.
+    let epoch_key = match &publication.welcome {
+        Some(_) => Some(group.pending_epoch_key(&state.provider())?),
+        None => None,
+    };
     let patience = Patience::new();
     let mut unanswered = 0;
     let refusal = loop {
         let answer = nodes
             .delivery()
-            .publish_commit(
+            .publish_commit(&CommitToSend {
                 group_id,
-                publication.epoch,
-                &publication.commit,
-                publication.welcome.as_ref(),
-                initial_state.as_ref(),
-                publication.group_info.as_deref(),
-            )
+                epoch: publication.epoch,
+                commit: &publication.commit,
+                welcome: publication.welcome.as_ref(),
+                initial_state: initial_state.as_ref(),
+                group_info: publication.group_info.as_deref(),
+                epoch_key: epoch_key.as_ref(),
+            })
             .await;
         match answer {
             Ok(ChangeOutcome::Accepted) => {

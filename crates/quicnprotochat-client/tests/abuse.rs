@@ -17,6 +17,7 @@
 
 mod common;
 
+use quicnprotochat_proto::wire::CommitToSend;
 use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -806,18 +807,19 @@ async fn hoard(
                 ratchet_tree: state.ratchet_tree.clone(),
             });
         let published = committer
-            .publish_commit(
-                &quicnprotochat_core::GroupId::new(b"hoard".to_vec()).unwrap(),
+            .publish_commit(&CommitToSend {
+                group_id: &quicnprotochat_core::GroupId::new(b"hoard".to_vec()).unwrap(),
                 epoch,
-                &quicnprotochat_proto::wire::Envelope {
+                commit: &quicnprotochat_proto::wire::Envelope {
                     recipients: Vec::new(),
                     payload: commit,
                     message_id: None,
                 },
-                None,
-                state.as_ref(),
-                group.pending_group_info(),
-            )
+                welcome: None,
+                initial_state: state.as_ref(),
+                group_info: group.pending_group_info(),
+                epoch_key: None,
+            })
             .await;
         match published {
             Ok(quicnprotochat_proto::outcome::ChangeOutcome::Accepted) => {

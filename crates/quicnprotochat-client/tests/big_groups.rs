@@ -17,7 +17,7 @@ use quicnprotochat_client::node_client::NodeClient;
 use quicnprotochat_client::state::StateFile;
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair, Seq, generate_key_package};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
-use quicnprotochat_proto::wire::{Envelope, GroupState};
+use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 use quicnprotochat_server::Config;
 
 /// The node's payload limit in this test: below a 66-member tree (~14 KB),
@@ -70,10 +70,13 @@ fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node
         .identity()
         .unwrap();
     let epoch = (OTHERS / 4 + 1) as u64;
-    let group = StateFile::open(&common::access(&alice.state))
+    let alice_state = StateFile::open(&common::access(&alice.state)).unwrap();
+    let group = alice_state.current_group().unwrap().unwrap();
+    // Bob computes it from his Welcome; Alice, who made the epoch, has it.
+    let epoch_key = quicnprotochat_core::GroupMember::load(&alice_state.provider(), &group)
         .unwrap()
-        .current_group()
         .unwrap()
+        .epoch_key(&alice_state.provider())
         .unwrap();
     let (welcome, tree) = local(async {
         let client: NodeClient = node.connect_as(&bob_identity).await;
@@ -81,7 +84,11 @@ fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node
             .fetch_since(&bob_identity.public_key(), Seq::ZERO, 0)
             .await
             .unwrap();
-        let FetchedWelcomeTree::Tree(tree) = client.fetch_welcome_tree(&group, epoch).await.unwrap() else {
+        let FetchedWelcomeTree::Tree(tree) = client
+            .fetch_welcome_tree(&group, epoch, &epoch_key)
+            .await
+            .unwrap()
+        else {
             panic!("the node keeps the tree of the epoch that added Bob");
         };
         (queued, tree)
@@ -195,25 +202,26 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
             .unwrap();
         let group_info = group.pending_group_info().unwrap().to_vec();
         let outcome = client
-            .publish_commit(
-                &GroupId::new(b"one-epoch".to_vec()).unwrap(),
-                0,
-                &Envelope {
+            .publish_commit(&CommitToSend {
+                group_id: &GroupId::new(b"one-epoch".to_vec()).unwrap(),
+                epoch: 0,
+                commit: &Envelope {
                     recipients: Vec::new(),
                     payload: for_carol.commit,
                     message_id: None,
                 },
-                Some(&Envelope {
+                welcome: Some(&Envelope {
                     recipients: vec![carol_key],
                     payload: for_carol.welcome,
                     message_id: None,
                 }),
-                Some(&GroupState {
+                initial_state: Some(&GroupState {
                     group_info: state.group_info,
                     ratchet_tree: state.ratchet_tree,
                 }),
-                Some(&group_info),
-            )
+                group_info: Some(&group_info),
+                epoch_key: Some(&group.pending_epoch_key(&provider).unwrap()),
+            })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted);

@@ -17,7 +17,7 @@ use common::{Member, TestNode, group_of, local};
 use quicnprotochat_client::state::{StateFile, StateProvider};
 use quicnprotochat_core::{GroupMember, IdentityKey};
 use quicnprotochat_proto::outcome::ChangeOutcome;
-use quicnprotochat_proto::wire::Envelope;
+use quicnprotochat_proto::wire::{CommitToSend, Envelope};
 
 /// Mallory publishes a self-update Commit to `others` that `spoil` breaks
 /// after (or while) making it. The node refuses it without the new epoch's
@@ -46,7 +46,15 @@ fn mallory_publishes(
         // Without the GroupInfo of the new epoch nobody could rejoin past
         // it: the node refuses such a Commit.
         match client
-            .publish_commit(&group_id, epoch, &to_others, None, None, None)
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch,
+                commit: &to_others,
+                welcome: None,
+                initial_state: None,
+                group_info: None,
+                epoch_key: None,
+            })
             .await
             .unwrap()
         {
@@ -54,7 +62,15 @@ fn mallory_publishes(
             other => panic!("a Commit without groupInfo: {other:?}"),
         }
         let outcome = client
-            .publish_commit(&group_id, epoch, &to_others, None, None, Some(&group_info))
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch,
+                commit: &to_others,
+                welcome: None,
+                initial_state: None,
+                group_info: Some(&group_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         assert_eq!(

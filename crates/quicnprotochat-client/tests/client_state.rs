@@ -368,6 +368,35 @@ fn a_state_file_shows_no_group_name_message_or_key_and_the_group_works_on() {
         }
     }
 
+    // The tree kept for Bob's and Carol's Welcomes is sealed under the key
+    // of the epoch their Welcome started: its row shows neither who was
+    // invited nor who is in the group (protocol 8).
+    let db = rusqlite::Connection::open_with_flags(
+        node.dir.join("node.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let kept: Vec<(Vec<u8>, Vec<u8>)> = db
+        .prepare("SELECT tree, joiners FROM welcome_trees")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!kept.is_empty(), "the node keeps the tree the invite started");
+    for (tree, joiners) in &kept {
+        assert!(joiners.is_empty(), "a Welcome tree names its joiners");
+        for member in [&alice, &bob, &carol] {
+            let key = hex_bytes(&member.key);
+            assert!(
+                !tree.windows(key.len()).any(|window| window == key.as_slice()),
+                "a Welcome tree holds {}'s key in clear",
+                member.name
+            );
+        }
+    }
+    drop(db);
+
     for member in [&alice, &bob, &carol] {
         let bytes = std::fs::read(&member.state).unwrap();
         assert!(

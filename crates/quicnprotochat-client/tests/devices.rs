@@ -19,7 +19,7 @@ use quicnprotochat_core::{CIPHERSUITE, GroupId, GroupMember, IdentityKey, Identi
 use quicnprotochat_proto::outcome::{
     ChangeOutcome, DeviceListOutcome, FetchedKeyPackage, FetchedWelcomeTree,
 };
-use quicnprotochat_proto::wire::Envelope;
+use quicnprotochat_proto::wire::{CommitToSend, Envelope};
 
 /// `link` on a new state file: the one line it prints.
 fn link(node: &TestNode, state: &str, extra: &[&str]) -> String {
@@ -361,12 +361,20 @@ fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_membe
             })
             .unwrap()
             .payload;
-        let (group_id, epoch) = match GroupMember::join(&mallory_provider, welcome, None, &Credulous) {
-            Err(quicnprotochat_core::CoreError::RatchetTreeNeeded { group_id, epoch }) => (group_id, epoch),
-            other => panic!("a Welcome without its tree: {other:?}"),
-        };
+        let (group_id, epoch, epoch_key) =
+            match GroupMember::join(&mallory_provider, welcome, None, &Credulous) {
+                Err(quicnprotochat_core::CoreError::RatchetTreeNeeded {
+                    group_id,
+                    epoch,
+                    epoch_key,
+                }) => (group_id, epoch, epoch_key),
+                other => panic!("a Welcome without its tree: {other:?}"),
+            };
         let group_id = GroupId::new(group_id).unwrap();
-        let FetchedWelcomeTree::Tree(tree) = connection.fetch_welcome_tree(&group_id, epoch).await.unwrap()
+        let FetchedWelcomeTree::Tree(tree) = connection
+            .fetch_welcome_tree(&group_id, epoch, &epoch_key)
+            .await
+            .unwrap()
         else {
             panic!("the node keeps the tree");
         };
@@ -380,7 +388,15 @@ fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_membe
             message_id: Some(b"rogue-add".to_vec()),
         };
         connection
-            .publish_commit(&group_id, group.epoch(), &envelope, None, None, None)
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: group.epoch(),
+                commit: &envelope,
+                welcome: None,
+                initial_state: None,
+                group_info: None,
+                epoch_key: None,
+            })
             .await
             .unwrap()
     });

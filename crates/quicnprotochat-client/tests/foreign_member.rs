@@ -14,9 +14,9 @@ use openmls::prelude::{
     PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent, RatchetTreeIn, StagedWelcome,
 };
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{CIPHERSUITE, GroupId, Seq};
+use quicnprotochat_core::{CIPHERSUITE, EpochKey, GroupId, Seq};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedWelcomeTree};
-use quicnprotochat_proto::wire::Envelope;
+use quicnprotochat_proto::wire::{CommitToSend, Envelope};
 
 #[test]
 fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_members() {
@@ -75,8 +75,18 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
         let info = staged.processed_welcome().unverified_group_info();
         assert!(info.extensions().ratchet_tree().is_none());
         let group_id = GroupId::new(info.group_id().as_slice().to_vec()).unwrap();
+        // The node keeps the tree sealed under the epoch's key, which the
+        // Welcome alone yields: the MLS exporter under the documented label.
+        let epoch_key = staged
+            .processed_welcome()
+            .export_secret(provider.crypto(), "quicnprotochat epoch key", &[], 32)
+            .unwrap();
         let FetchedWelcomeTree::Tree(tree) = connection
-            .fetch_welcome_tree(&group_id, info.epoch().as_u64())
+            .fetch_welcome_tree(
+                &group_id,
+                info.epoch().as_u64(),
+                &EpochKey::from_slice(&epoch_key).unwrap(),
+            )
             .await
             .unwrap()
         else {
@@ -110,7 +120,15 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
             message_id: Some(b"outsider-update".to_vec()),
         };
         let outcome = connection
-            .publish_commit(&group_id, epoch, &envelope, None, None, Some(&group_info))
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch,
+                commit: &envelope,
+                welcome: None,
+                initial_state: None,
+                group_info: Some(&group_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted, "the node checked and took it");

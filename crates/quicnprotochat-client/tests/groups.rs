@@ -8,6 +8,7 @@ mod common;
 use common::{Member, TestNode, group_of};
 use quicnprotochat_core::KeyPackageStock;
 use quicnprotochat_proto::outcome::{FetchedKeyPackage, SendOutcome};
+use quicnprotochat_proto::wire::CommitToSend;
 
 fn sorted_lines(text: &str) -> Vec<String> {
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
@@ -615,14 +616,15 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     common::local(async {
         let client = node.connect_as(&identity).await;
         let outcome = client
-            .publish_commit(
-                &publication.group_id,
+            .publish_commit(&CommitToSend {
+                group_id: &publication.group_id,
                 epoch,
-                &publication.commit,
-                None,
-                None,
-                publication.group_info.as_deref(),
-            )
+                commit: &publication.commit,
+                welcome: None,
+                initial_state: None,
+                group_info: publication.group_info.as_deref(),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted);

@@ -15,9 +15,9 @@ use openmls::prelude::{KeyPackageIn, MlsGroup, OpenMlsProvider as _, ProtocolVer
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::node_client::NodeClient;
 use quicnprotochat_client::state::StateFile;
-use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair};
+use quicnprotochat_core::{EpochKey, GroupId, GroupMember, IdentityKeypair};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo, FetchedWelcomeTree, SendOutcome};
-use quicnprotochat_proto::wire::{Envelope, GroupState};
+use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 
 /// The node's id of the group `name` of `member`, as `--json` prints it.
 fn group_id_of(node: &TestNode, member: &Member, name: &str) -> GroupId {
@@ -66,11 +66,24 @@ async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair,
         message_id: None,
     };
     let commit_alone = client
-        .publish_commit(group, 0, &envelope(commit.clone()), None, None, Some(&group_info))
+        .publish_commit(&CommitToSend {
+            group_id: group,
+            epoch: 0,
+            commit: &envelope(commit.clone()),
+            welcome: None,
+            initial_state: None,
+            group_info: Some(&group_info),
+            epoch_key: None,
+        })
         .await
         .unwrap();
     let served = client.fetch_group_info(group).await.unwrap();
-    let tree = client.fetch_welcome_tree(group, 1).await.unwrap();
+    // A key of the stranger's guessing: the node keeps a group's trees
+    // sealed under keys only its members can compute.
+    let tree = client
+        .fetch_welcome_tree(group, 1, &EpochKey::from_bytes([77; 32]))
+        .await
+        .unwrap();
     // A PrivateMessage from epoch 0 of the group, to a queue of the
     // stranger's choosing.
     let stale = client
@@ -81,7 +94,15 @@ async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair,
         .await
         .unwrap();
     let with_state = client
-        .publish_commit(group, 0, &envelope(commit), None, Some(&state), Some(&group_info))
+        .publish_commit(&CommitToSend {
+            group_id: group,
+            epoch: 0,
+            commit: &envelope(commit),
+            welcome: None,
+            initial_state: Some(&state),
+            group_info: Some(&group_info),
+            epoch_key: None,
+        })
         .await
         .unwrap();
     format!("{commit_alone:?} {served:?} {tree:?} {stale:?} | created: {with_state:?}")
@@ -208,14 +229,15 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
             message_id: None,
         };
         let outcome = client
-            .publish_commit(
-                &group,
-                1,
-                &to(carol_key, &for_carol),
-                Some(&to(bob_key, &for_bob)),
-                None,
-                Some(&carols_group_info),
-            )
+            .publish_commit(&CommitToSend {
+                group_id: &group,
+                epoch: 1,
+                commit: &to(carol_key, &for_carol),
+                welcome: Some(&to(bob_key, &for_bob)),
+                initial_state: None,
+                group_info: Some(&carols_group_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         match outcome {
@@ -278,17 +300,18 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
             message_id: None,
         };
         let outcome = client
-            .publish_commit(
-                &group,
-                0,
-                &none(commit),
-                None,
-                Some(&GroupState {
+            .publish_commit(&CommitToSend {
+                group_id: &group,
+                epoch: 0,
+                commit: &none(commit),
+                welcome: None,
+                initial_state: Some(&GroupState {
                     group_info: state.group_info,
                     ratchet_tree: state.ratchet_tree,
                 }),
-                Some(&group_info),
-            )
+                group_info: Some(&group_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted);
@@ -307,7 +330,10 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
         // The group itself is untouched: still at epoch 1, its GroupInfo
         // served, and no epoch started by adding anyone.
         assert_eq!(
-            client.fetch_welcome_tree(&group, 1).await.unwrap(),
+            client
+                .fetch_welcome_tree(&group, 1, &EpochKey::from_bytes([1; 32]))
+                .await
+                .unwrap(),
             FetchedWelcomeTree::Unavailable
         );
         assert!(matches!(

@@ -10,13 +10,13 @@ use std::collections::HashSet;
 
 use capnp::capability::FromClientHook;
 use common::tampered::{Tampered, Tampering};
-use common::{TestNode, enqueue_ok, identity, local};
+use common::{TestNode, enqueue_ok, identity, local, welcome_epoch_key};
 use quicnprotochat_core::{
     GroupId, GroupMember, IdentityKey, KeyPackageOptions, Seq, Suite, generate_key_package_with,
 };
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
-use quicnprotochat_proto::wire::{Envelope, GroupState};
+use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 use quicnprotochat_proto::{DEFAULT_MAX_PAYLOAD, cert, peer, rpc, transport};
 
 fn key(n: u8) -> IdentityKey {
@@ -742,19 +742,24 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
         };
         let welcome = envelope(2, added.welcome.clone(), b"welcome");
         let started = winner
-            .publish_commit(
-                &group_id,
-                0,
-                &commit,
-                Some(&welcome),
-                Some(&state),
-                Some(&added_info),
-            )
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 0,
+                commit: &commit,
+                welcome: Some(&welcome),
+                initial_state: Some(&state),
+                group_info: Some(&added_info),
+                epoch_key: Some(&creator.pending_epoch_key(&one).unwrap()),
+            })
             .await
             .unwrap();
         assert_eq!(started, ChangeOutcome::Accepted);
         creator.merge_pending_commit(&one).unwrap();
-        let FetchedWelcomeTree::Tree(tree) = loser.fetch_welcome_tree(&group_id, 1).await.unwrap() else {
+        let FetchedWelcomeTree::Tree(tree) = loser
+            .fetch_welcome_tree(&group_id, 1, &welcome_epoch_key(&two, &added.welcome))
+            .await
+            .unwrap()
+        else {
             panic!("the node keeps the tree for the member it added");
         };
         let mut joiner = GroupMember::join(
@@ -771,40 +776,43 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
         let second = joiner.self_update(&two, &identity(2)).unwrap();
         let second_info = joiner.pending_group_info().unwrap().to_vec();
         let won = winner
-            .publish_commit(
-                &group_id,
-                1,
-                &envelope(2, first.clone(), b"a"),
-                None,
-                None,
-                Some(&first_info),
-            )
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 1,
+                commit: &envelope(2, first.clone(), b"a"),
+                welcome: None,
+                initial_state: None,
+                group_info: Some(&first_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         assert_eq!(won, ChangeOutcome::Accepted);
         let lost = loser
-            .publish_commit(
-                &group_id,
-                1,
-                &envelope(1, second, b"b"),
-                None,
-                None,
-                Some(&second_info),
-            )
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 1,
+                commit: &envelope(1, second, b"b"),
+                welcome: None,
+                initial_state: None,
+                group_info: Some(&second_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         assert_eq!(lost, ChangeOutcome::Conflict { current_epoch: 2 });
         // The winner's retry (same message id) is accepted again, and only
         // the winning Commit was queued.
         let again = winner
-            .publish_commit(
-                &group_id,
-                1,
-                &envelope(2, first.clone(), b"a"),
-                None,
-                None,
-                Some(&first_info),
-            )
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 1,
+                commit: &envelope(2, first.clone(), b"a"),
+                welcome: None,
+                initial_state: None,
+                group_info: Some(&first_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         assert_eq!(again, ChangeOutcome::Accepted);

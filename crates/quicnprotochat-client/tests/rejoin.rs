@@ -10,13 +10,13 @@ mod common;
 
 use std::path::Path;
 
-use common::{Member, TestNode, identity, invite_all, local};
+use common::{Member, TestNode, identity, invite_all, local, welcome_epoch_key};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::ClientError;
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, generate_key_package};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo, FetchedWelcomeTree};
-use quicnprotochat_proto::wire::{Envelope, GroupState};
+use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 
 /// Copies a member's state file aside, as a backup.
 fn back_up(member: &Member) -> String {
@@ -322,19 +322,24 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             node.connect_as(&identity(3)).await,
         );
         let outcome = member
-            .publish_commit(
-                &group_id,
-                0,
-                &envelope(&[], added.commit, b"add"),
-                Some(&envelope(&[2], added.welcome.clone(), b"welcome")),
-                Some(&state),
-                Some(&group_info),
-            )
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 0,
+                commit: &envelope(&[], added.commit, b"add"),
+                welcome: Some(&envelope(&[2], added.welcome.clone(), b"welcome")),
+                initial_state: Some(&state),
+                group_info: Some(&group_info),
+                epoch_key: Some(&creator.pending_epoch_key(&one).unwrap()),
+            })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted);
         creator.merge_pending_commit(&one).unwrap();
-        let FetchedWelcomeTree::Tree(tree) = joiner.fetch_welcome_tree(&group_id, 1).await.unwrap() else {
+        let FetchedWelcomeTree::Tree(tree) = joiner
+            .fetch_welcome_tree(&group_id, 1, &welcome_epoch_key(&two, &added.welcome))
+            .await
+            .unwrap()
+        else {
             panic!("the node keeps the tree for the member it added");
         };
         GroupMember::join(
@@ -384,27 +389,29 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         assert_eq!(rejoined.epoch, 1);
         // The stranger may not publish it for identity(2).
         let stolen = stranger
-            .publish_commit(
-                &group_id,
-                1,
-                &envelope(&[1], rejoined.commit.clone(), b"stolen"),
-                None,
-                None,
-                Some(&rejoined.group_info),
-            )
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 1,
+                commit: &envelope(&[1], rejoined.commit.clone(), b"stolen"),
+                welcome: None,
+                initial_state: None,
+                group_info: Some(&rejoined.group_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         // Not a member: told nothing about the group.
         assert_eq!(stolen, ChangeOutcome::UnknownGroup);
         let outcome = joiner
-            .publish_commit(
-                &group_id,
-                1,
-                &envelope(&[1], rejoined.commit.clone(), b"rejoin"),
-                None,
-                None,
-                Some(&rejoined.group_info),
-            )
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 1,
+                commit: &envelope(&[1], rejoined.commit.clone(), b"rejoin"),
+                welcome: None,
+                initial_state: None,
+                group_info: Some(&rejoined.group_info),
+                epoch_key: None,
+            })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted);
@@ -420,7 +427,15 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             .unwrap();
         let update = creator.self_update(&one, &identity(1)).unwrap();
         let outcome = member
-            .publish_commit(&group_id, 2, &envelope(&[2], update, b"update"), None, None, None)
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 2,
+                commit: &envelope(&[2], update, b"update"),
+                welcome: None,
+                initial_state: None,
+                group_info: None,
+                epoch_key: None,
+            })
             .await
             .unwrap();
         match outcome {

@@ -446,6 +446,20 @@ fn a_dump_of_the_database_names_no_group_and_no_sender_of_a_message() {
         !dump.contains("message_ids"),
         "message ids are no longer kept by sender"
     );
+    // The tree kept for the invitees is sealed, and names no joiner.
+    let trees = dump
+        .split("COPY public.welcome_trees")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\\.\n").next())
+        .expect("the dump has the Welcome trees");
+    assert!(trees.lines().count() > 1, "the invite kept a tree: {trees}");
+    for member in [&alice, &bob, &carol] {
+        assert!(
+            !trees.contains(&member.key),
+            "a Welcome tree names {}",
+            member.name
+        );
+    }
     let claimed = dump
         .split("COPY public.message_keys")
         .nth(1)

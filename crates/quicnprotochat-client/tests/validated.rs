@@ -12,7 +12,7 @@ use common::{Member, TestNode, group_of};
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::GroupMember;
 use quicnprotochat_proto::outcome::ChangeOutcome;
-use quicnprotochat_proto::wire::Envelope;
+use quicnprotochat_proto::wire::{CommitToSend, Envelope};
 
 /// Opens a member's state file directly, as the client does.
 fn open(member: &Member) -> StateFile {
@@ -180,21 +180,22 @@ fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
         let group_info = own.pending_group_info().unwrap().to_vec();
         node.connect_as(&stranger)
             .await
-            .publish_commit(
-                &group_id,
-                1,
-                &Envelope {
+            .publish_commit(&CommitToSend {
+                group_id: &group_id,
+                epoch: 1,
+                commit: &Envelope {
                     recipients: vec![alice.key.parse().unwrap()],
                     payload: commit,
                     message_id: None,
                 },
-                None,
-                Some(&quicnprotochat_proto::wire::GroupState {
+                welcome: None,
+                initial_state: Some(&quicnprotochat_proto::wire::GroupState {
                     group_info: state.group_info,
                     ratchet_tree: state.ratchet_tree,
                 }),
-                Some(&group_info),
-            )
+                group_info: Some(&group_info),
+                epoch_key: None,
+            })
             .await
             .unwrap()
     });
@@ -289,18 +290,19 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
         common::local(async {
             node.connect_as(&eve_identity)
                 .await
-                .publish_commit(
-                    &group_id,
-                    2,
-                    &Envelope {
+                .publish_commit(&CommitToSend {
+                    group_id: &group_id,
+                    epoch: 2,
+                    commit: &Envelope {
                         recipients: vec![alice.key.parse().unwrap(), bob.key.parse().unwrap()],
                         payload,
                         message_id: None,
                     },
-                    None,
-                    None,
-                    None,
-                )
+                    welcome: None,
+                    initial_state: None,
+                    group_info: None,
+                    epoch_key: None,
+                })
                 .await
         })
     };

@@ -4,7 +4,8 @@
 //! Commit (decode the stored view, check and apply the Commit, encode the
 //! view again) for a self-update and for adding one member, and the bytes
 //! the node writes to keep one standalone proposal (a row of its own; the
-//! view is not written). Single-threaded, so wall time is the node's CPU
+//! view is not written). The tree kept for a joiner is sealed under the new
+//! epoch's key (protocol 8); the time that takes is shown beside its size. Single-threaded, so wall time is the node's CPU
 //! time. Prints a Markdown table.
 //!
 //! Run: `cargo run --release -p quicnprotochat-core --example view_bench [-- SIZE ...]`
@@ -15,7 +16,10 @@
 use std::time::{Duration, Instant};
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{GroupMember, IdentityKeypair, PublicView, generate_key_package};
+use quicnprotochat_core::sealed::{self, Sealed};
+use quicnprotochat_core::{
+    EpochKey, GroupMember, GroupRef, IdentityKeypair, PublicView, generate_key_package,
+};
 
 /// Members added per Commit while building a group.
 const BATCH: usize = 1000;
@@ -36,7 +40,7 @@ fn main() {
         }
     };
     println!(
-        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total, tree kept included) | tree kept for the joiner | proposal kept (written) |"
+        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total, tree kept and sealed included) | tree kept for the joiner (sealing it) | proposal kept (written) |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for size in sizes {
@@ -85,10 +89,11 @@ fn run(size: usize) {
 
     let mut updates = Vec::new();
     let mut adds = Vec::new();
-    let mut tree = 0;
+    let mut tree = (0, Duration::ZERO);
+    let mut seals = Vec::new();
     for _ in 0..RUNS {
         let commit = group.self_update(&provider, &creator).unwrap();
-        let (timings, next, _) = apply(group_id.as_bytes(), &stored, &commit, &me);
+        let (timings, next, _) = apply(&group_id, &stored, &commit, &me, None);
         group.merge_pending_commit(&provider).unwrap();
         stored = next;
         updates.push(timings);
@@ -102,11 +107,13 @@ fn run(size: usize) {
                 &quicnprotochat_core::NoDeviceLists,
             )
             .unwrap();
-        let (timings, next, kept) = apply(group_id.as_bytes(), &stored, &added.commit, &me);
+        let key = group.pending_epoch_key(&provider).unwrap();
+        let (timings, next, kept) = apply(&group_id, &stored, &added.commit, &me, Some(&key));
         group.merge_pending_commit(&provider).unwrap();
         stored = next;
         adds.push(timings);
         tree = kept.unwrap_or_default();
+        seals.push(tree.1);
     }
     // A request to leave, as the node keeps it.
     let leave = group.leave(&provider, &creator).unwrap();
@@ -123,7 +130,7 @@ fn run(size: usize) {
         values[values.len() / 2]
     };
     println!(
-        "| {size} | {} | {} | {} ({} / {} / {}) | {} | {} | {} |",
+        "| {size} | {} | {} | {} ({} / {} / {}) | {} | {} ({}) | {} |",
         ms(start),
         bytes(stored.len()),
         ms(total(&updates)),
@@ -131,20 +138,27 @@ fn run(size: usize) {
         ms(median(&updates, 1)),
         ms(median(&updates, 2)),
         ms(total(&adds)),
-        bytes(tree),
+        bytes(tree.0),
+        ms({
+            seals.sort();
+            seals[seals.len() / 2]
+        }),
         bytes(proposal.len()),
     );
 }
 
 /// Does what the node does for one Commit; returns the three times, the new
 /// stored view and, for a Commit that adds members, the size of the tree
-/// kept for them (encoding it counts in the third time).
+/// kept for them and the time sealing it under `key` took (encoding and
+/// sealing it count in the third time).
 fn apply(
-    group_id: &[u8],
+    group: &quicnprotochat_core::GroupId,
     stored: &[u8],
     commit: &[u8],
     caller: &quicnprotochat_core::IdentityKey,
-) -> ([Duration; 3], Vec<u8>, Option<usize>) {
+    key: Option<&EpochKey>,
+) -> ([Duration; 3], Vec<u8>, Option<(usize, Duration)>) {
+    let group_id = group.as_bytes();
     let started = Instant::now();
     let mut view = PublicView::decode(group_id, stored, &[]).unwrap();
     let decoded = started.elapsed();
@@ -153,8 +167,21 @@ fn apply(
     let applied = started.elapsed();
     let started = Instant::now();
     let next = view.encode();
-    // A Commit that adds members also leaves the new epoch's tree for them.
-    let tree = (!added.is_empty()).then(|| view.ratchet_tree().len());
+    // A Commit that adds members also leaves the new epoch's tree for
+    // them, sealed under the new epoch's key.
+    let tree = (!added.is_empty()).then(|| {
+        let tree = view.ratchet_tree();
+        let sealing = Instant::now();
+        let key = key.expect("a Commit that adds members comes with its epoch key");
+        let sealed = sealed::seal(
+            key,
+            Sealed::WelcomeTree,
+            &GroupRef::of(group),
+            view.epoch(),
+            &tree,
+        );
+        (sealed.len(), sealing.elapsed())
+    });
     let encoded = started.elapsed();
     ([decoded, applied, encoded], next, tree)
 }

@@ -118,6 +118,9 @@ pub enum CoreError {
         group_id: Vec<u8>,
         /// The epoch the Welcome starts, whose tree is needed.
         epoch: u64,
+        /// That epoch's key, computed from the Welcome: the node keeps the
+        /// tree sealed under it and serves it to whoever presents it.
+        epoch_key: crate::EpochKey,
     },
 
     /// A valid Welcome whose sender the caller did not consent to join

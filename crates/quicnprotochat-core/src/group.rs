@@ -60,6 +60,7 @@ use crate::device_lists::{DeviceDirectory, check_devices};
 use crate::error::CoreError;
 use crate::identity::{IdentityKey, IdentityKeypair, MemberKey, checked_member, credential_member};
 use crate::key_package::{leaf_member, validate_key_package};
+use crate::sealed::EpochKey;
 use crate::suite::Suite;
 
 /// How many past epochs' message keys we keep, so application messages sent
@@ -327,9 +328,15 @@ impl GroupMember {
                         .write_key_package(&reference, &bundle)
                         .map_err(CoreError::storage)?;
                 }
+                let epoch_key = epoch_key_of(|label, length| {
+                    builder
+                        .processed_welcome()
+                        .export_secret(provider.crypto(), label, &[], length)
+                })?;
                 return Err(CoreError::RatchetTreeNeeded {
                     epoch: info.epoch().as_u64(),
                     group_id,
+                    epoch_key,
                 });
             };
             let tree = RatchetTreeIn::tls_deserialize_exact_bytes(tree)
@@ -649,6 +656,18 @@ impl GroupMember {
             .export_ratchet_tree()
             .tls_serialize_detached()
             .map_err(CoreError::mls("encoding the ratchet tree"))
+    }
+
+    /// The [`EpochKey`] of the group's current epoch.
+    pub fn epoch_key<P: OpenMlsProvider>(&self, provider: &P) -> Result<EpochKey, CoreError> {
+        epoch_key_of(|label, length| self.group.export_secret(provider.crypto(), label, &[], length))
+    }
+
+    /// The [`EpochKey`] of the epoch our pending commit starts: the node
+    /// seals the tree it keeps for the commit's joiners under it.
+    pub fn pending_epoch_key<P: OpenMlsProvider>(&self, provider: &P) -> Result<EpochKey, CoreError> {
+        let pending = self.group.pending_commit().ok_or(CoreError::NoPendingCommit)?;
+        epoch_key_of(|label, length| pending.export_secret(provider.crypto(), label, &[], length))
     }
 
     /// The ratchet tree of the epoch our pending commit starts, TLS-encoded:
@@ -1267,6 +1286,20 @@ impl fmt::Debug for GroupMember {
     }
 }
 
+/// An [`EpochKey`] from an exporter of one epoch: `export(label, length)`.
+fn epoch_key_of<E: std::fmt::Debug>(
+    export: impl FnOnce(&str, usize) -> Result<Vec<u8>, E>,
+) -> Result<EpochKey, CoreError> {
+    let bytes = export(crate::sealed::EPOCH_KEY_LABEL, EpochKey::LEN).map_err(|e| CoreError::Mls {
+        operation: "exporting the epoch key",
+        detail: format!("{e:?}"),
+    })?;
+    EpochKey::from_slice(&bytes).ok_or_else(|| CoreError::Mls {
+        operation: "exporting the epoch key",
+        detail: format!("{} bytes instead of {}", bytes.len(), EpochKey::LEN),
+    })
+}
+
 /// Reads the routing information of a queued message without decrypting it.
 ///
 /// Errors for anything but a Welcome or a group (Public/PrivateMessage)
@@ -1812,6 +1845,41 @@ mod tests {
     }
 
     #[test]
+    fn the_committer_the_joiners_and_the_members_share_the_new_epochs_key() {
+        let alice = Client::new();
+        let bob = Client::new();
+        let carol = Client::new();
+        let mut group = alice.create();
+        let before = group.epoch_key(&alice.provider).unwrap();
+        let added = alice.add(&mut group, &[&bob]);
+        let mut bob_group = bob.join(&added);
+        assert_eq!(
+            bob_group.epoch_key(&bob.provider).unwrap(),
+            group.epoch_key(&alice.provider).unwrap()
+        );
+        assert_ne!(
+            before,
+            group.epoch_key(&alice.provider).unwrap(),
+            "a new epoch, a new key"
+        );
+
+        // Known before the commit is merged (the committer hands it to the
+        // node with the commit), equal to what members compute after.
+        let key_package = carol.key_package();
+        bob_group
+            .add_members(&bob.provider, &bob.identity, &[key_package], &NoDeviceLists)
+            .unwrap();
+        let pending = bob_group.pending_epoch_key(&bob.provider).unwrap();
+        assert_ne!(pending, bob_group.epoch_key(&bob.provider).unwrap());
+        bob_group.merge_pending_commit(&bob.provider).unwrap();
+        assert_eq!(pending, bob_group.epoch_key(&bob.provider).unwrap());
+        assert_eq!(
+            bob_group.pending_epoch_key(&bob.provider).unwrap_err(),
+            CoreError::NoPendingCommit
+        );
+    }
+
+    #[test]
     fn a_welcome_without_its_tree_names_the_tree_to_fetch() {
         let alice = Client::new();
         let bob = Client::new();
@@ -1821,7 +1889,9 @@ mod tests {
             GroupMember::join(&bob.provider, &added.welcome, None, &NoDeviceLists).unwrap_err(),
             CoreError::RatchetTreeNeeded {
                 group_id: GROUP_ID.to_vec(),
-                epoch: 1
+                epoch: 1,
+                // Every member of the epoch the Welcome starts has it.
+                epoch_key: group.epoch_key(&alice.provider).unwrap()
             }
         );
         // Nothing was consumed: the same Welcome works with the tree.

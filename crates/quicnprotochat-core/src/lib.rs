@@ -26,6 +26,8 @@
 //!   not, group and epoch), read without openmls, for the node's routing.
 //! - [`public_view`] — [`PublicView`]: a group's public state as the node
 //!   keeps it, checking Commits and proposals (RFC 9750).
+//! - [`sealed`] — [`EpochKey`]: an epoch's exporter key, under which the
+//!   node keeps group state sealed that only members may read.
 //! - [`suite`] — [`Suite`]: the ciphersuites we speak (X25519 and the
 //!   ML-KEM-768 + X25519 hybrid).
 //! - [`error`] — [`CoreError`].
@@ -40,6 +42,7 @@ pub mod ids;
 pub mod key_package;
 pub mod link;
 pub mod public_view;
+pub mod sealed;
 pub mod suite;
 
 use openmls_traits::types::Ciphersuite;
@@ -58,6 +61,7 @@ pub use key_package::{
     generate_key_package_with, inspect_key_package, key_package_identity, unwrap_key_package,
 };
 pub use public_view::PublicView;
+pub use sealed::EpochKey;
 pub use suite::Suite;
 
 /// The default suite's MLS ciphersuite: X25519 HPKE, AES-128-GCM, SHA-256

@@ -2,7 +2,9 @@
 //! validate"): the service and the client work with [`IdentityKey`], never
 //! with unchecked bytes.
 
-use quicnprotochat_core::{GroupId, IdentityKey, KeyPackageStock, MessageKind, QueuedMessage, Seq, Suite};
+use quicnprotochat_core::{
+    EpochKey, GroupId, IdentityKey, KeyPackageStock, MessageKind, QueuedMessage, Seq, Suite,
+};
 
 use crate::delivery_capnp;
 
@@ -279,6 +281,9 @@ pub struct CommitPublication {
     pub initial_state: Option<GroupState>,
     /// The GroupInfo of `epoch + 1`, for members who rejoin.
     pub group_info: Option<Vec<u8>>,
+    /// The key of `epoch + 1` (protocol 8), under which the node seals the
+    /// tree it keeps for the members the Commit adds.
+    pub epoch_key: Option<EpochKey>,
 }
 
 /// A group's public state (`GroupState`): a GroupInfo and the ratchet tree
@@ -361,6 +366,7 @@ pub fn commit_publication(
     } else {
         Some(payload("groupInfo", group_info, max_payload)?.to_vec())
     };
+    let epoch_key = epoch_key("epochKey", params.get_epoch_key())?;
     Ok(CommitPublication {
         group_id,
         epoch,
@@ -368,6 +374,22 @@ pub fn commit_publication(
         welcome,
         initial_state,
         group_info,
+        epoch_key,
+    })
+}
+
+/// An optional [`EpochKey`] field: empty is none, 32 bytes a key, any
+/// other length a mistake.
+pub fn epoch_key(field: &str, bytes: capnp::Result<&[u8]>) -> Result<Option<EpochKey>, FieldError> {
+    let bytes = bytes.map_err(|e| invalid(field, e.to_string()))?;
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    EpochKey::from_slice(bytes).map(Some).ok_or_else(|| {
+        invalid(
+            field,
+            format!("must be empty or {} bytes, not {}", EpochKey::LEN, bytes.len()),
+        )
     })
 }
 
@@ -415,16 +437,39 @@ pub fn write_group_state(state: &GroupState, mut builder: delivery_capnp::group_
     builder.set_ratchet_tree(&state.ratchet_tree);
 }
 
+/// A [`CommitPublication`] to send, borrowed from its sender.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitToSend<'a> {
+    /// The group.
+    pub group_id: &'a GroupId,
+    /// The epoch the Commit was made in.
+    pub epoch: u64,
+    /// The Commit and its recipients.
+    pub commit: &'a Envelope,
+    /// The Welcome and the new members, if any.
+    pub welcome: Option<&'a Envelope>,
+    /// The group's public state in `epoch`, with its first change.
+    pub initial_state: Option<&'a GroupState>,
+    /// The GroupInfo of `epoch + 1`.
+    pub group_info: Option<&'a [u8]>,
+    /// The key of `epoch + 1` (protocol 8).
+    pub epoch_key: Option<&'a EpochKey>,
+}
+
 /// Fills `publishCommit`'s parameters: what [`commit_publication`] reads.
 pub fn write_commit_publication(
     mut params: delivery_capnp::delivery_service::publish_commit_params::Builder<'_>,
-    group_id: &GroupId,
-    epoch: u64,
-    commit: &Envelope,
-    welcome: Option<&Envelope>,
-    initial_state: Option<&GroupState>,
-    group_info: Option<&[u8]>,
+    publication: &CommitToSend<'_>,
 ) -> capnp::Result<()> {
+    let CommitToSend {
+        group_id,
+        epoch,
+        commit,
+        welcome,
+        initial_state,
+        group_info,
+        epoch_key,
+    } = *publication;
     params.set_group_id(group_id.as_bytes());
     params.set_epoch(epoch);
     write_envelope(commit, params.reborrow().init_commit())?;
@@ -436,6 +481,9 @@ pub fn write_commit_publication(
     }
     if let Some(group_info) = group_info {
         params.set_group_info(group_info);
+    }
+    if let Some(key) = epoch_key {
+        params.set_epoch_key(key.as_bytes());
     }
     Ok(())
 }

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quicnprotochat_core::{
-    GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite, fingerprint, framing,
+    EpochKey, GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+    fingerprint, framing,
 };
 use quicnprotochat_proto::PROTOCOL_VERSION;
 use quicnprotochat_proto::outcome::{
@@ -471,16 +472,18 @@ impl Api {
     }
 
     /// `fetchWelcomeTree`: the ratchet tree a Welcome into `epoch` of the
-    /// group needs, for a member it welcomed.
+    /// group needs, for whoever presents that epoch's `key` (a member the
+    /// Welcome added).
     pub async fn fetch_welcome_tree(
         &self,
         group: GroupId,
         epoch: u64,
+        key: Option<EpochKey>,
     ) -> Result<FetchedWelcomeTree, ServiceError> {
         let _call = self.begin()?;
         let caller = self.require_authenticated()?;
         Ok(
-            match self.shared.store.welcome_tree(group, epoch, caller).await? {
+            match self.shared.store.welcome_tree(group, epoch, key, caller).await? {
                 Some(tree) => FetchedWelcomeTree::Tree(tree),
                 None => FetchedWelcomeTree::Unavailable,
             },

@@ -282,7 +282,11 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         observed("fetchWelcomeTree", async move {
             let params = params.get()?;
             let group = parsed(wire::group_id("groupId", params.get_group_id()?))?;
-            let outcome = self.api.fetch_welcome_tree(group, params.get_epoch()).await?;
+            let key = parsed(wire::epoch_key("epochKey", params.get_epoch_key()))?;
+            let outcome = self
+                .api
+                .fetch_welcome_tree(group, params.get_epoch(), key)
+                .await?;
             outcome.write(results.get().init_outcome());
             Ok(outcome.label())
         })

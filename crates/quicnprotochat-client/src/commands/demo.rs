@@ -7,7 +7,7 @@ use quicnprotochat_core::{
     Content, CoreError, GroupMember, IdentityKeypair, NoDeviceLists, Received, generate_key_package,
 };
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree};
-use quicnprotochat_proto::wire::Envelope;
+use quicnprotochat_proto::wire::{CommitToSend, Envelope};
 
 use crate::cli::ConnectionArgs;
 use crate::connections::{Nodes, accepted};
@@ -124,14 +124,15 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     let outcome = alice
         .nodes
         .delivery()
-        .publish_commit(
-            &group,
-            alice_group.epoch(),
-            &commit,
-            Some(&welcome),
-            Some(&initial_state),
-            alice_group.pending_group_info(),
-        )
+        .publish_commit(&CommitToSend {
+            group_id: &group,
+            epoch: alice_group.epoch(),
+            commit: &commit,
+            welcome: Some(&welcome),
+            initial_state: Some(&initial_state),
+            group_info: alice_group.pending_group_info(),
+            epoch_key: Some(&alice_group.pending_epoch_key(&alice.provider)?),
+        })
         .await?;
     if outcome != ChangeOutcome::Accepted {
         return Err(ClientError::Demo(format!(
@@ -150,11 +151,15 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
         .first()
         .ok_or_else(|| ClientError::Demo("Bob's queue holds no Welcome".into()))?;
     // The Welcome does not carry the group's ratchet tree: the node keeps
-    // it for the members the add named.
+    // it sealed under the new epoch's key, which Bob computes from the
+    // Welcome.
     let mut bob_group = match GroupMember::join(&bob.provider, welcome, None, &NoDeviceLists) {
-        Err(CoreError::RatchetTreeNeeded { epoch, .. }) => {
-            let FetchedWelcomeTree::Tree(tree) =
-                bob.nodes.delivery().fetch_welcome_tree(&group, epoch).await?
+        Err(CoreError::RatchetTreeNeeded { epoch, epoch_key, .. }) => {
+            let FetchedWelcomeTree::Tree(tree) = bob
+                .nodes
+                .delivery()
+                .fetch_welcome_tree(&group, epoch, &epoch_key)
+                .await?
             else {
                 return Err(ClientError::Demo(
                     "the node keeps no tree for Bob's Welcome".into(),

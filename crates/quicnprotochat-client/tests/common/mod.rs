@@ -297,6 +297,20 @@ pub async fn smuggle_welcome(
 
 /// `adder` makes the group `group_id` and adds `recipient` with a
 /// KeyPackage of theirs from the node, through the node's ordering like any
+/// The key of the epoch `welcome` starts, as its joiner computes it: from
+/// the Welcome alone, before it has the ratchet tree (which the node keeps
+/// sealed under this key).
+pub fn welcome_epoch_key(
+    provider: &impl openmls::storage::OpenMlsProvider,
+    welcome: &[u8],
+) -> quicnprotochat_core::EpochKey {
+    use quicnprotochat_core::{CoreError, GroupMember, NoDeviceLists};
+    match GroupMember::join(provider, welcome, None, &NoDeviceLists).err() {
+        Some(CoreError::RatchetTreeNeeded { epoch_key, .. }) => epoch_key,
+        other => panic!("a Welcome without its tree names the key to fetch it with, not {other:?}"),
+    }
+}
+
 /// `invite`: the Commit is the group's first change (with its initial
 /// state), its Welcome goes to `recipient` (`welcome` instead, if given).
 /// Returns the group, merged, and its provider, to send into it.
@@ -312,7 +326,7 @@ pub async fn add_to_new_group(
 ) {
     use quicnprotochat_core::{GroupId, GroupMember, NoDeviceLists};
     use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage};
-    use quicnprotochat_proto::wire::{Envelope, GroupState};
+    use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 
     let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
     let group_id = GroupId::new(group_id.to_vec()).unwrap();
@@ -331,17 +345,18 @@ pub async fn add_to_new_group(
         message_id: None,
     };
     let outcome = client
-        .publish_commit(
-            &group_id,
-            0,
-            &envelope(Vec::new(), added.commit),
-            Some(&envelope(vec![recipient], welcome.unwrap_or(added.welcome))),
-            Some(&GroupState {
+        .publish_commit(&CommitToSend {
+            group_id: &group_id,
+            epoch: 0,
+            commit: &envelope(Vec::new(), added.commit),
+            welcome: Some(&envelope(vec![recipient], welcome.unwrap_or(added.welcome))),
+            initial_state: Some(&GroupState {
                 group_info: state.group_info,
                 ratchet_tree: state.ratchet_tree,
             }),
-            group_info.as_deref(),
-        )
+            group_info: group_info.as_deref(),
+            epoch_key: Some(&group.pending_epoch_key(&provider).unwrap()),
+        })
         .await
         .unwrap();
     assert_eq!(outcome, ChangeOutcome::Accepted);

@@ -32,6 +32,24 @@ pub struct MemoryStorage {
 }
 
 impl MemoryStorage {
+    /// Keeps `tree` in clear for `joiners`, as nodes before protocol 8 kept
+    /// a Welcome's tree (a database upgraded since may still hold such).
+    #[cfg(test)]
+    pub fn put_plain_welcome_tree(
+        &mut self,
+        group: &GroupRef,
+        epoch: u64,
+        tree: &[u8],
+        joiners: &[IdentityKey],
+        now: i64,
+    ) {
+        let kept = WelcomeTree {
+            tree: tree.to_vec(),
+            joiners: joiners.to_vec(),
+        };
+        self.welcome_trees.insert((*group, epoch), (kept, now));
+    }
+
     /// Runs one command as in a transaction: whatever it wrote is undone if
     /// it refuses.
     pub fn command<T, R>(
@@ -273,14 +291,13 @@ impl Storage for MemoryStorage {
         &mut self,
         group: &GroupRef,
         epoch: u64,
-        tree: &[u8],
-        joiners: &[IdentityKey],
+        sealed: &[u8],
         keep: usize,
         now: i64,
     ) -> Result<(), Infallible> {
         let kept = WelcomeTree {
-            tree: tree.to_vec(),
-            joiners: joiners.to_vec(),
+            tree: sealed.to_vec(),
+            joiners: Vec::new(),
         };
         self.welcome_trees.insert((*group, epoch), (kept, now));
         let mut epochs: Vec<u64> = self

@@ -12,9 +12,10 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use quicnprotochat_core::public_view::Invalid;
+use quicnprotochat_core::sealed::{self, Sealed};
 use quicnprotochat_core::{
-    GroupId, GroupRef, IdentityKey, KeyPackageStock, MemberKey, MessageKey, PublicView, QueuedMessage, Seq,
-    SignedDeviceList, Suite, framing,
+    EpochKey, GroupId, GroupRef, IdentityKey, KeyPackageStock, MemberKey, MessageKey, PublicView,
+    QueuedMessage, Seq, SignedDeviceList, Suite, framing,
 };
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
 use quicnprotochat_proto::wire;
@@ -510,6 +511,17 @@ pub fn publish_commit<S: Storage>(
             }));
         }
     }
+    // The tree kept for joiners is sealed under the key of the epoch the
+    // Commit starts (protocol 8); without it they could not read it.
+    let tree_key = match (&publication.epoch_key, added.is_empty()) {
+        (_, true) => None,
+        (Some(key), false) => Some(key),
+        (None, false) => {
+            return Ok(Err(CommitRefusal::Invalid {
+                reason: "a Commit that adds members must carry epochKey, the key of the epoch it starts (protocol 8): the node keeps the joiners' ratchet tree sealed under it".into(),
+            }));
+        }
+    };
     // Every Commit brings the GroupInfo of the epoch it starts: a member
     // that cannot process the Commit (its sender broke it) rejoins from it
     // and the group carries on, instead of freezing for all but its sender.
@@ -538,16 +550,18 @@ pub fn publish_commit<S: Storage>(
     }
     storage.set_group_view(&group_ref, &view.encode(), now)?;
     storage.set_group_epoch(&group_ref, view.epoch(), &view.fingerprint())?;
-    if !added.is_empty() {
-        // Welcomes do not carry the tree; the new members fetch it.
-        storage.put_welcome_tree(
+    if let Some(key) = &tree_key {
+        // Welcomes do not carry the tree; the new members fetch it with
+        // the key of the epoch their Welcome starts, so the node need not
+        // keep who they are, and its files show neither them nor the tree.
+        let sealed = sealed::seal(
+            key,
+            Sealed::WelcomeTree,
             &group_ref,
             view.epoch(),
             &view.ratchet_tree(),
-            &added,
-            WELCOME_TREES_PER_GROUP,
-            now,
-        )?;
+        );
+        storage.put_welcome_tree(&group_ref, view.epoch(), &sealed, WELCOME_TREES_PER_GROUP, now)?;
     }
     // A group of one has nobody to send its Commit to; its epoch still counts.
     if !commit.recipients.is_empty() {
@@ -660,21 +674,28 @@ pub fn group_info<S: Storage>(
 }
 
 /// The ratchet tree of `group` in `epoch`, for `caller` to join with a
-/// Welcome of that epoch. Only the members the Commit that started the
-/// epoch added may read it; `None` for anyone else, and when the node keeps
-/// none (purged, or no Commit it accepted started that epoch by adding
-/// members): one answer, so that it tells nobody outside whether the group
-/// exists.
+/// Welcome of that epoch. Only whoever presents the epoch's `key` reads
+/// it: the members the Commit that started the epoch added compute it from
+/// their Welcome (a tree kept before protocol 8 is in clear, and read only
+/// by the members it names). `None` for anyone else, and when the node
+/// keeps none (purged, or no Commit it accepted started that epoch by
+/// adding members): one answer, so that it tells nobody outside whether
+/// the group exists.
 pub fn welcome_tree<S: Storage>(
     storage: &mut S,
     group: &GroupId,
     epoch: u64,
+    key: Option<&EpochKey>,
     caller: &IdentityKey,
 ) -> Result<Option<Vec<u8>>, S::Error> {
-    Ok(storage
-        .welcome_tree(&GroupRef::of(group), epoch)?
-        .filter(|kept| kept.joiners.contains(caller))
-        .map(|kept| kept.tree))
+    let group_ref = GroupRef::of(group);
+    let Some(kept) = storage.welcome_tree(&group_ref, epoch)? else {
+        return Ok(None);
+    };
+    if kept.joiners.is_empty() {
+        return Ok(key.and_then(|key| sealed::open(key, Sealed::WelcomeTree, &group_ref, epoch, &kept.tree)));
+    }
+    Ok(kept.joiners.contains(caller).then_some(kept.tree))
 }
 
 /// The stored public view of `group`; [`CommitRefusal::UnknownGroup`] if

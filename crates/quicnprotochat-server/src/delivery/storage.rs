@@ -37,20 +37,18 @@ pub struct Totals {
 /// A ratchet tree kept for the members a Commit added.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WelcomeTree {
-    /// The tree, TLS-encoded.
+    /// The tree sealed under the key of its epoch
+    /// (`quicnprotochat_core::sealed`); or, kept before protocol 8 (when
+    /// `joiners` is not empty), TLS-encoded in clear.
     pub tree: Vec<u8>,
-    /// Who may fetch it: the members the Commit added.
+    /// Before protocol 8, who may fetch the tree: the members the Commit
+    /// added. Empty for a sealed tree, whose key is the permission.
     pub joiners: Vec<IdentityKey>,
 }
 
 impl WelcomeTree {
-    /// `joiners` as a database column keeps them: their keys one after
-    /// another.
-    pub fn joiners_column(joiners: &[IdentityKey]) -> Vec<u8> {
-        joiners.iter().flat_map(|key| *key.as_bytes()).collect()
-    }
-
-    /// A tree and the joiners read back from [`Self::joiners_column`].
+    /// A tree and the joiners read back from their columns: the joiners'
+    /// keys one after another (nothing, for a sealed tree).
     pub fn from_columns(tree: Vec<u8>, joiners: &[u8]) -> WelcomeTree {
         WelcomeTree {
             tree,
@@ -270,22 +268,21 @@ pub trait Storage {
     /// an older state); returns how many.
     fn purge_idle_groups(&mut self, before: i64) -> Result<usize, Self::Error>;
 
-    /// Keeps `tree`, the ratchet tree of `group` in `epoch`, for `joiners`
-    /// (the members the Commit that started `epoch` added) to fetch with
-    /// their Welcome, and forgets the trees of the group's older epochs
-    /// but the newest `keep` (this one included).
+    /// Keeps `sealed`, the ratchet tree of `group` in `epoch` sealed under
+    /// that epoch's key, for the members the Commit that started `epoch`
+    /// added to fetch with their Welcome, and forgets the trees of the
+    /// group's older epochs but the newest `keep` (this one included).
     fn put_welcome_tree(
         &mut self,
         group: &GroupRef,
         epoch: u64,
-        tree: &[u8],
-        joiners: &[IdentityKey],
+        sealed: &[u8],
         keep: usize,
         now: i64,
     ) -> Result<(), Self::Error>;
 
-    /// The tree kept for the joiners of `epoch` of `group`, and who they
-    /// are.
+    /// The tree kept for the joiners of `epoch` of `group` (and, for one
+    /// kept before protocol 8, who they are).
     fn welcome_tree(&mut self, group: &GroupRef, epoch: u64) -> Result<Option<WelcomeTree>, Self::Error>;
 
     /// Deletes messages, message ids and Welcome trees recorded before

@@ -1,7 +1,7 @@
 //! The rules against [`MemoryStorage`]: no database involved.
 
 use quicnprotochat_core::KeyPackageStock;
-use quicnprotochat_core::{GroupRef, IdentityKey, Seq, Suite};
+use quicnprotochat_core::{EpochKey, GroupId, GroupRef, IdentityKey, Seq, Suite};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_proto::wire::{CommitPublication, Envelope, ProposalPublication, ValidKeyPackage};
 
@@ -380,9 +380,19 @@ fn alice_and_bob(storage: &mut MemoryStorage) -> (mls::Member, mls::Member) {
     let publication = alice.publication(add, &[], b"add", true);
     publish(storage, &alice.key(), &publication, 100).unwrap();
     alice.merge();
-    // Bob joins with the tree the node kept for him.
+    // Bob joins with the tree the node kept for him, sealed under the key
+    // of the epoch his Welcome starts.
+    let key = mls::welcome_key(&provider, &welcome);
     let tree = storage
-        .run(|s| rules::welcome_tree(s, &publication.group_id, 1, &mls::identity(2).public_key()))
+        .run(|s| {
+            rules::welcome_tree(
+                s,
+                &publication.group_id,
+                1,
+                Some(&key),
+                &mls::identity(2).public_key(),
+            )
+        })
         .unwrap();
     (alice, mls::join(2, provider, &welcome, &tree))
 }
@@ -752,6 +762,7 @@ fn a_well_signed_commit_whose_path_breaks_the_identity_rules_is_refused() {
             ratchet_tree,
         }),
         group_info: None,
+        epoch_key: None,
     };
     let mut storage = MemoryStorage::default();
     let reason = invalid(publish(&mut storage, &alice.public_key(), &publication, 100));
@@ -760,35 +771,91 @@ fn a_well_signed_commit_whose_path_breaks_the_identity_rules_is_refused() {
 }
 
 #[test]
-fn the_tree_of_an_epoch_that_added_members_is_kept_for_them_alone_until_purged() {
+fn the_tree_of_an_epoch_that_added_members_is_sealed_under_its_key_until_purged() {
     let mut storage = MemoryStorage::default();
     let (mut alice, bob) = alice_and_bob(&mut storage);
     let group = alice.publication(Vec::new(), &[], b"-", false).group_id;
-    let tree_of = |storage: &mut MemoryStorage, epoch, who: &IdentityKey| {
-        storage.run(|s| rules::welcome_tree(s, &group, epoch, who))
+    let stranger = key(9);
+    let tree_of = |storage: &mut MemoryStorage, epoch, with: Option<&EpochKey>| {
+        storage.run(|s| rules::welcome_tree(s, &group, epoch, with, &stranger))
     };
-    // Bob, added in epoch 1, reads the tree of epoch 1 (the one he joined
-    // with in `alice_and_bob`); Alice, a member already, and a stranger may not.
+    // Whoever presents the key of epoch 1 reads its tree, whoever they
+    // are: Bob computed it from his Welcome in `alice_and_bob`.
+    let epoch_1 = bob.group.epoch_key(&bob.provider).unwrap();
+    let tree = alice.group.ratchet_tree().unwrap();
+    assert_eq!(tree_of(&mut storage, 1, Some(&epoch_1)), Some(tree.clone()));
+    // Without it, or with another key, the same answer as for an epoch
+    // without a tree: nobody outside learns that the group exists.
+    assert_eq!(tree_of(&mut storage, 1, None), None);
     assert_eq!(
-        tree_of(&mut storage, 1, &bob.key()),
-        Some(alice.group.ratchet_tree().unwrap())
+        tree_of(&mut storage, 1, Some(&EpochKey::from_bytes([9; 32]))),
+        None
     );
-    // The same answer as for an epoch without a tree: nobody outside
-    // learns that the group exists.
-    assert_eq!(tree_of(&mut storage, 1, &alice.key()), None);
-    assert_eq!(tree_of(&mut storage, 1, &key(9)), None);
-    // No add started epoch 0, and none started epoch 2.
-    assert_eq!(tree_of(&mut storage, 0, &bob.key()), None);
+    // No add started epoch 0, and none started epoch 2; a key is bound to
+    // its epoch.
+    assert_eq!(tree_of(&mut storage, 0, Some(&epoch_1)), None);
+    // What the node stores shows neither the tree nor who may read it.
+    let kept = storage.run(|s| s.welcome_tree(&GroupRef::of(&group), 1)).unwrap();
+    assert!(kept.joiners.is_empty());
+    assert!(!kept.tree.windows(32).any(|window| window == bob.key().as_bytes()));
+    assert!(
+        !kept
+            .tree
+            .windows(64)
+            .any(|window| tree.windows(64).any(|part| part == window))
+    );
     let update = alice.update();
     let publication = alice.publication(update, &[bob.key()], b"update", false);
     publish(&mut storage, &alice.key(), &publication, 100).unwrap();
     alice.merge();
-    assert_eq!(tree_of(&mut storage, 2, &bob.key()), None);
+    let epoch_2 = alice.group.epoch_key(&alice.provider).unwrap();
+    assert_eq!(tree_of(&mut storage, 2, Some(&epoch_2)), None);
     // Kept as long as undelivered messages, then purged with them.
     storage.run(|s| rules::purge(s, NOW, NOW));
-    assert!(tree_of(&mut storage, 1, &bob.key()).is_some());
+    assert!(tree_of(&mut storage, 1, Some(&epoch_1)).is_some());
     storage.run(|s| rules::purge(s, NOW + 1, NOW + 1));
-    assert_eq!(tree_of(&mut storage, 1, &bob.key()), None);
+    assert_eq!(tree_of(&mut storage, 1, Some(&epoch_1)), None);
+}
+
+#[test]
+fn a_commit_that_adds_members_without_the_new_epochs_key_is_refused() {
+    let mut storage = MemoryStorage::default();
+    let mut alice = mls::Member::create(1, b"g");
+    let (add, _welcome, _provider) = alice.add(2);
+    let mut publication = alice.publication(add, &[], b"add", true);
+    publication.epoch_key = None;
+    let reason = invalid(publish(&mut storage, &alice.key(), &publication, 100));
+    assert!(reason.contains("epochKey"), "{reason}");
+    // Nothing was stored: the same Commit with its key is taken.
+    let group = GroupRef::of(&publication.group_id);
+    assert_eq!(storage.run(|s| s.group_epoch(&group)), None);
+    publication.epoch_key = alice.group.pending_epoch_key(&alice.provider).ok();
+    publish(&mut storage, &alice.key(), &publication, 100).unwrap();
+    // A Commit that adds nobody needs none.
+    alice.merge();
+    let update = alice.update();
+    let mut publication = alice.publication(update, &[mls::identity(2).public_key()], b"update", false);
+    publication.epoch_key = None;
+    publish(&mut storage, &alice.key(), &publication, 100).unwrap();
+}
+
+#[test]
+fn a_tree_kept_before_protocol_8_is_read_by_the_members_it_names_alone() {
+    let mut storage = MemoryStorage::default();
+    let group = GroupId::new(b"old".to_vec()).unwrap();
+    let joiner = key(2);
+    storage.put_plain_welcome_tree(&GroupRef::of(&group), 1, b"tree", &[joiner], NOW);
+    let tree_of = |storage: &mut MemoryStorage, who: &IdentityKey, with: Option<&EpochKey>| {
+        storage.run(|s| rules::welcome_tree(s, &group, 1, with, who))
+    };
+    assert_eq!(tree_of(&mut storage, &joiner, None), Some(b"tree".to_vec()));
+    let any_key = EpochKey::from_bytes([1; 32]);
+    assert_eq!(
+        tree_of(&mut storage, &joiner, Some(&any_key)),
+        Some(b"tree".to_vec())
+    );
+    assert_eq!(tree_of(&mut storage, &key(3), Some(&any_key)), None);
+    assert_eq!(tree_of(&mut storage, &key(3), None), None);
 }
 
 #[test]
@@ -849,6 +916,7 @@ fn a_well_signed_commit_with_a_broken_update_path_is_refused_and_the_group_goes_
         welcome: None,
         initial_state: Some(initial_state.clone()),
         group_info: None,
+        epoch_key: None,
     };
     let mut storage = MemoryStorage::default();
     let reason = invalid(publish(&mut storage, &alice.public_key(), &broken, 100));
@@ -882,6 +950,7 @@ fn a_well_signed_commit_with_a_broken_update_path_is_refused_and_the_group_goes_
         welcome: None,
         initial_state: Some(initial_state),
         group_info: Some(group_info),
+        epoch_key: None,
     };
     publish(&mut storage, &alice.public_key(), &publication, 100).unwrap();
     assert_eq!(payloads(&mut storage, 2), vec![honest]);

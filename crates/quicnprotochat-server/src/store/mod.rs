@@ -42,7 +42,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use quicnprotochat_core::{
-    GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+    EpochKey, GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -468,17 +468,20 @@ impl Store {
     }
 
     /// The ratchet tree of `group` in `epoch` for `caller`, who joins with
-    /// a Welcome of that epoch; see [`crate::delivery::rules::welcome_tree`].
-    /// Runs on the reader connection.
+    /// a Welcome of that epoch and presents its `key`; see
+    /// [`crate::delivery::rules::welcome_tree`]. Runs on the reader
+    /// connection.
     pub async fn welcome_tree(
         &self,
         group: GroupId,
         epoch: u64,
+        key: Option<EpochKey>,
         caller: IdentityKey,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         ask(&self.reads, |reply| reads::Read::WelcomeTree {
             group,
             epoch,
+            key,
             caller,
             reply,
         })

@@ -4,7 +4,7 @@
 //! any backend's [`Storage`]: SQLite's reader thread, PostgreSQL's reader
 //! connections and the memory store all run it.
 
-use quicnprotochat_core::{GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
+use quicnprotochat_core::{EpochKey, GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
 
 use super::{GroupState, Reply, StoreError};
 use crate::delivery::{NotAMember, Storage, Totals, rules};
@@ -26,6 +26,7 @@ pub(crate) enum Read {
     WelcomeTree {
         group: GroupId,
         epoch: u64,
+        key: Option<EpochKey>,
         caller: IdentityKey,
         reply: Reply<Option<Vec<u8>>>,
     },
@@ -66,9 +67,13 @@ pub(crate) fn serve<S: Storage<Error: Into<StoreError>>>(storage: &mut S, read: 
         Read::WelcomeTree {
             group,
             epoch,
+            key,
             caller,
             reply,
-        } => answer(reply, rules::welcome_tree(storage, &group, epoch, &caller)),
+        } => answer(
+            reply,
+            rules::welcome_tree(storage, &group, epoch, key.as_ref(), &caller),
+        ),
         Read::DeviceLists { users, reply } => answer(reply, rules::device_lists(storage, &users)),
         Read::Knows { identity, reply } => answer(reply, storage.knows(&identity)),
         Read::Totals { reply } => answer(reply, storage.totals()),

@@ -5,7 +5,9 @@
 #![allow(dead_code)] // each test file uses what it needs
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, IdentityKeypair, generate_key_package};
+use quicnprotochat_core::{
+    CoreError, EpochKey, GroupId, GroupMember, IdentityKey, IdentityKeypair, generate_key_package,
+};
 use quicnprotochat_proto::wire::{CommitPublication, Envelope, GroupState, ProposalPublication};
 
 /// One member of a real group: its identity, its MLS state.
@@ -16,6 +18,8 @@ pub struct Member {
     /// The GroupInfo of the epoch each Commit made here starts, by Commit:
     /// a test may publish a Commit after making (and discarding) others.
     group_infos: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    /// The key of the epoch each Commit made here starts, likewise.
+    epoch_keys: std::collections::HashMap<Vec<u8>, EpochKey>,
 }
 
 impl Member {
@@ -30,6 +34,7 @@ impl Member {
             identity,
             group,
             group_infos: Default::default(),
+            epoch_keys: Default::default(),
         }
     }
 
@@ -65,6 +70,9 @@ impl Member {
     fn note_group_info(&mut self, commit: &[u8]) {
         if let Some(info) = self.group.pending_group_info() {
             self.group_infos.insert(commit.to_vec(), info.to_vec());
+        }
+        if let Ok(key) = self.group.pending_epoch_key(&self.provider) {
+            self.epoch_keys.insert(commit.to_vec(), key);
         }
     }
 
@@ -113,6 +121,11 @@ impl Member {
                 .get(&commit)
                 .cloned()
                 .or_else(|| self.group.pending_group_info().map(<[u8]>::to_vec)),
+            epoch_key: self
+                .epoch_keys
+                .get(&commit)
+                .cloned()
+                .or_else(|| self.group.pending_epoch_key(&self.provider).ok()),
             commit: Envelope {
                 recipients: to.to_vec(),
                 payload: commit,
@@ -153,6 +166,16 @@ pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8], tree: &[u8]) 
         identity: identity(seed),
         group,
         group_infos: Default::default(),
+        epoch_keys: Default::default(),
+    }
+}
+
+/// The key of the epoch `welcome` starts, as its joiner computes it from the
+/// Welcome alone (with the provider that holds its KeyPackage).
+pub fn welcome_key(provider: &OpenMlsRustCrypto, welcome: &[u8]) -> EpochKey {
+    match GroupMember::join(provider, welcome, None, &quicnprotochat_core::NoDeviceLists).err() {
+        Some(CoreError::RatchetTreeNeeded { epoch_key, .. }) => epoch_key,
+        other => panic!("a Welcome without its tree names its epoch's key, not {other:?}"),
     }
 }
 

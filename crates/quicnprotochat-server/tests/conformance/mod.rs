@@ -644,9 +644,10 @@ pub async fn a_group_stored_by_its_id_is_kept_under_its_reference(backend: &impl
 
     let (store, closer) = backend.open();
     let bob = mls::identity(2).public_key();
+    let key = mls::welcome_key(&added.provider, &added.welcome);
     assert!(
         store
-            .welcome_tree(added.group.clone(), 1, bob)
+            .welcome_tree(added.group.clone(), 1, Some(key), bob)
             .await
             .unwrap()
             .is_some(),
@@ -700,8 +701,9 @@ pub async fn a_kept_proposal_survives_a_restart_and_a_commit_of_its_epoch_takes_
     let (store, closer) = backend.open();
     let (mut alice, added) = alice_adds_bob(&store).await;
     let bob_key = mls::identity(2).public_key();
+    let key = mls::welcome_key(&added.provider, &added.welcome);
     let tree = store
-        .welcome_tree(added.group, 1, bob_key)
+        .welcome_tree(added.group, 1, Some(key), bob_key)
         .await
         .unwrap()
         .unwrap();
@@ -760,20 +762,41 @@ pub async fn the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_r
     close((store, closer)).await;
 
     let (store, closer) = backend.open();
-    let tree = store.welcome_tree(group.clone(), 1, bob).await.unwrap().unwrap();
+    // Bob computes the key of the epoch his Welcome starts from the
+    // Welcome alone.
+    let key = mls::welcome_key(&provider, &welcome);
+    let tree = store
+        .welcome_tree(group.clone(), 1, Some(key.clone()), bob)
+        .await
+        .unwrap()
+        .unwrap();
     // The Welcome carries no tree; the kept one is the one it commits to.
     let joined = mls::join(2, provider, &welcome, &tree);
     assert_eq!(joined.group.members(), alice.group.members());
-    // A member the Commit did not add gets what a stranger or an epoch
+    // Without the key, or with another, the caller gets what an epoch
     // without a tree gets: nothing, told apart by nobody.
     assert_eq!(
-        store.welcome_tree(group.clone(), 1, alice.key()).await.unwrap(),
+        store.welcome_tree(group.clone(), 1, None, bob).await.unwrap(),
         None
     );
-    assert_eq!(store.welcome_tree(group.clone(), 0, bob).await.unwrap(), None);
+    let guessed = quicnprotochat_core::EpochKey::from_bytes([2; 32]);
+    assert_eq!(
+        store
+            .welcome_tree(group.clone(), 1, Some(guessed), bob)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .welcome_tree(group.clone(), 0, Some(key.clone()), bob)
+            .await
+            .unwrap(),
+        None
+    );
     // Purged with the messages it came with.
     store.purge(i64::MAX).await.unwrap();
-    assert_eq!(store.welcome_tree(group, 1, bob).await.unwrap(), None);
+    assert_eq!(store.welcome_tree(group, 1, Some(key), bob).await.unwrap(), None);
     close((store, closer)).await;
 }
 

@@ -734,24 +734,17 @@ impl Storage for PgStorage<'_> {
         &mut self,
         group: &GroupRef,
         epoch: u64,
-        tree: &[u8],
-        joiners: &[IdentityKey],
+        sealed: &[u8],
         keep: usize,
         now: i64,
     ) -> Result<(), PgError> {
-        let joiners = WelcomeTree::joiners_column(joiners);
+        // No joiners: the seal's key is the permission (protocol 8).
         self.execute(
             "INSERT INTO welcome_trees (group_ref, epoch, tree, joiners, created_at)
-             VALUES ($1, $2, $3, $4, $5)
+             VALUES ($1, $2, $3, ''::bytea, $4)
              ON CONFLICT (group_ref, epoch) DO UPDATE
              SET tree = excluded.tree, joiners = excluded.joiners, created_at = excluded.created_at",
-            &[
-                &group.as_bytes().as_slice(),
-                &sql_int(epoch),
-                &tree,
-                &joiners,
-                &now,
-            ],
+            &[&group.as_bytes().as_slice(), &sql_int(epoch), &sealed, &now],
         )?;
         self.execute(
             "DELETE FROM welcome_trees WHERE group_ref = $1 AND epoch NOT IN

@@ -344,18 +344,17 @@ impl Storage for SqliteStorage<'_> {
         &mut self,
         group: &GroupRef,
         epoch: u64,
-        tree: &[u8],
-        joiners: &[IdentityKey],
+        sealed: &[u8],
         keep: usize,
         now: i64,
     ) -> rusqlite::Result<()> {
-        let joiners = WelcomeTree::joiners_column(joiners);
+        // No joiners: the seal's key is the permission (protocol 8).
         self.db
             .prepare_cached(
                 "INSERT OR REPLACE INTO welcome_trees (group_ref, epoch, tree, joiners, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                 VALUES (?1, ?2, ?3, X'', ?4)",
             )?
-            .execute(params![group.as_bytes(), sql_int(epoch), tree, joiners, now])?;
+            .execute(params![group.as_bytes(), sql_int(epoch), sealed, now])?;
         self.db
             .prepare_cached(
                 "DELETE FROM welcome_trees WHERE group_ref = ?1 AND epoch NOT IN
