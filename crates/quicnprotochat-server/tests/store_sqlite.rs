@@ -184,5 +184,66 @@ fn an_upgraded_file_keeps_no_trace_of_the_rows_it_rekeyed() {
     );
 }
 
+/// A message its recipient acked leaves no copy of itself in the database
+/// file: the node zeroes a deleted row where it lay, freed overflow pages
+/// included (`secure_delete = ON`; `FAST` leaves those), so a copy of the
+/// file taken after holds neither the message nor its clear MLS header.
+#[test]
+fn an_acked_message_leaves_no_copy_in_the_database_file() {
+    use quicnprotochat_core::Seq;
+
+    let sqlite = Sqlite::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (sender, recipient) = (IdentityKey::from_bytes([1; 32]), IdentityKey::from_bytes([2; 32]));
+    let marker: Vec<u8> = b"an acked message, long enough to find again: "
+        .iter()
+        .copied()
+        .chain((0..=255u8).cycle().take(400))
+        .collect();
+    // Beyond a page: SQLite keeps it on overflow pages of its own.
+    let large: Vec<u8> = b"an acked large message: "
+        .iter()
+        .copied()
+        .chain((0..=255u8).rev().cycle().take(20_000))
+        .collect();
+    let kept = b"a message still waiting".to_vec();
+    runtime.block_on(async {
+        let (store, closer) = sqlite.open();
+        store
+            .enqueue(sender, recipient, marker.clone(), None)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .enqueue(sender, recipient, large.clone(), None)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .enqueue(sender, recipient, kept.clone(), None)
+            .await
+            .unwrap()
+            .unwrap();
+        let queued = store.messages_after(recipient, Seq::ZERO, 0).await.unwrap();
+        assert_eq!(queued.len(), 3);
+        store.ack(recipient, queued[1].seq).await.unwrap();
+        // Closing checkpoints the WAL into the file and removes it.
+        conformance::close((store, closer)).await;
+    });
+    let file = std::fs::read(sqlite.dir.path().join("node.db")).unwrap();
+    let holds = |needle: &[u8]| file.windows(needle.len()).any(|window| window == needle);
+    assert!(holds(&kept), "the waiting message is in the file");
+    assert!(!holds(&marker[..64]), "the acked message is still in the file");
+    for part in large.chunks(4096) {
+        assert!(
+            !holds(&part[..64]),
+            "a part of the acked large message is still in the file"
+        );
+    }
+}
+
 // Each check and case on a fresh database file.
 conformance::suite_on!(Some(Sqlite::new()), cases: 64);

@@ -334,6 +334,13 @@ pub(in crate::store) fn open(
     // instead of keeping the file at its high-water mark.
     connection.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     connection.pragma_update(None, "foreign_keys", true)?;
+    // A deleted row (an acked or expired message, a replaced group view)
+    // would otherwise stay readable in its page, or in a freed overflow
+    // page, until SQLite reuses the space: a copy of the file would show
+    // what was delivered long ago. ON overwrites it with zeros where it
+    // lay, freed pages included (docs/seized-node.md; its cost is in
+    // BENCHMARKS.md).
+    connection.pragma_update(None, "secure_delete", "ON")?;
     check_integrity(&connection)?;
     register_group_ref(&connection)?;
     register_message_key(&connection)?;
