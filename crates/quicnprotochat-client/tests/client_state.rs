@@ -486,8 +486,7 @@ fn a_copy_of_the_nodes_file_shows_members_and_the_group_only_where_the_design_sa
     // the proposal (by leaf index, it names nobody).
     bob.run(&node, "leave", &["--group-id", "team"]);
 
-    let listed: serde_json::Value = serde_json::from_str(&alice.run(&node, "groups", &["--json"])).unwrap();
-    let group_id = hex::decode(listed["groups"][0]["group_id"].as_str().unwrap()).unwrap();
+    let group_id = common::group_id_of(&node, &alice, "team").into_bytes();
     let mut needles = vec![("the group id", group_id)];
     for member in [&alice, &bob, &carol] {
         needles.push(("a member's key", hex_bytes(&member.key)));

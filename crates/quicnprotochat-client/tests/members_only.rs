@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Member, TestNode, group_of, identity, local, private_message};
+use common::{Member, TestNode, group_id_of, group_of, identity, local, private_message};
 use openmls::prelude::tls_codec::{DeserializeBytes as _, Serialize as _};
 use openmls::prelude::{KeyPackageIn, MlsGroup, OpenMlsProvider as _, ProtocolVersion};
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -18,19 +18,6 @@ use quicnprotochat_client::state::StateFile;
 use quicnprotochat_core::{EpochKey, GroupId, GroupMember, IdentityKeypair};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo, FetchedWelcomeTree, SendOutcome};
 use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
-
-/// The node's id of the group `name` of `member`, as `--json` prints it.
-fn group_id_of(node: &TestNode, member: &Member, name: &str) -> GroupId {
-    let listed = member.run(node, "groups", &["--json"]);
-    let document: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    let group = document["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|group| group["group"] == name)
-        .unwrap_or_else(|| panic!("{name} in {listed}"));
-    GroupId::new(hex::decode(group["group_id"].as_str().unwrap()).unwrap()).unwrap()
-}
 
 fn identity_of(member: &Member) -> IdentityKeypair {
     StateFile::open(&common::access(&member.state))

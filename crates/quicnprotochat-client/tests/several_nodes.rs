@@ -480,8 +480,7 @@ fn a_dump_of_the_database_names_no_group_and_no_sender_of_a_message() {
     // Table by table, as `client_state.rs` checks a SQLite file: members'
     // keys and the group's id show only where docs/seized-node.md says
     // they still do.
-    let listed: serde_json::Value = serde_json::from_str(&alice.run(a, "groups", &["--json"])).unwrap();
-    let group_id = listed["groups"][0]["group_id"].as_str().unwrap().to_owned();
+    let group_id = hex::encode(common::group_id_of(a, &alice, "secret-union-meeting").as_bytes());
     let mut found: std::collections::BTreeMap<&str, std::collections::BTreeSet<String>> = Default::default();
     for section in dump.split("COPY public.").skip(1) {
         let table = section.split([' ', '(']).next().unwrap().to_owned();

@@ -419,6 +419,19 @@ pub fn group_of(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) 
     invite_all(node, group, first, rest);
 }
 
+/// The MLS id of the group `name` of `member`, as `groups --json` prints it.
+pub fn group_id_of(node: &TestNode, member: &Member, name: &str) -> quicnprotochat_core::GroupId {
+    let listed = member.run(node, "groups", &["--json"]);
+    let document: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let group = document["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|group| group["group"] == name)
+        .unwrap_or_else(|| panic!("{name} in {listed}"));
+    quicnprotochat_core::GroupId::new(hex::decode(group["group_id"].as_str().unwrap()).unwrap()).unwrap()
+}
+
 /// `first` invites `rest` to its `group` in one commit; they all join.
 pub fn invite_all(node: &TestNode, group: &str, first: &Member, rest: &[&Member]) {
     let mut args = vec!["--group-id", group];

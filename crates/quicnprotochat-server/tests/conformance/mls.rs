@@ -10,16 +10,18 @@ use quicnprotochat_core::{
 };
 use quicnprotochat_proto::wire::{CommitPublication, Envelope, GroupState, ProposalPublication};
 
+/// The GroupInfo and the key of the epoch a Commit starts.
+type NextEpoch = (Option<Vec<u8>>, Option<EpochKey>);
+
 /// One member of a real group: its identity, its MLS state.
 pub struct Member {
     pub provider: OpenMlsRustCrypto,
     pub identity: IdentityKeypair,
     pub group: GroupMember,
-    /// The GroupInfo of the epoch each Commit made here starts, by Commit:
-    /// a test may publish a Commit after making (and discarding) others.
-    group_infos: std::collections::HashMap<Vec<u8>, Vec<u8>>,
-    /// The key of the epoch each Commit made here starts, likewise.
-    epoch_keys: std::collections::HashMap<Vec<u8>, EpochKey>,
+    /// The GroupInfo and the key of the epoch each Commit made here starts,
+    /// by Commit: a test may publish a Commit after making (and discarding)
+    /// others.
+    next_epochs: std::collections::HashMap<Vec<u8>, NextEpoch>,
 }
 
 impl Member {
@@ -33,8 +35,7 @@ impl Member {
             provider,
             identity,
             group,
-            group_infos: Default::default(),
-            epoch_keys: Default::default(),
+            next_epochs: Default::default(),
         }
     }
 
@@ -66,14 +67,19 @@ impl Member {
         commit
     }
 
-    /// Keeps the GroupInfo of the Commit just made, for its publication.
+    /// Keeps the GroupInfo and key of the epoch the Commit just made
+    /// starts, for its publication.
     fn note_group_info(&mut self, commit: &[u8]) {
-        if let Some(info) = self.group.pending_group_info() {
-            self.group_infos.insert(commit.to_vec(), info.to_vec());
-        }
-        if let Ok(key) = self.group.pending_epoch_key(&self.provider) {
-            self.epoch_keys.insert(commit.to_vec(), key);
-        }
+        self.next_epochs
+            .insert(commit.to_vec(), self.pending_next_epoch());
+    }
+
+    /// The GroupInfo and key of the epoch the pending Commit starts.
+    fn pending_next_epoch(&self) -> NextEpoch {
+        (
+            self.group.pending_group_info().map(<[u8]>::to_vec),
+            self.group.pending_epoch_key(&self.provider).ok(),
+        )
     }
 
     /// Adds `identity(seed)` (a fresh KeyPackage of it): the Commit, left
@@ -112,20 +118,17 @@ impl Member {
         id: &[u8],
         with_state: bool,
     ) -> CommitPublication {
+        // A Commit made straight on `group` has the pending GroupInfo and key.
+        let (group_info, epoch_key) = self
+            .next_epochs
+            .get(&commit)
+            .cloned()
+            .unwrap_or_else(|| self.pending_next_epoch());
         CommitPublication {
             group_id: group_id(&self.group),
             epoch: self.epoch(),
-            // A Commit made straight on `group` has the pending GroupInfo.
-            group_info: self
-                .group_infos
-                .get(&commit)
-                .cloned()
-                .or_else(|| self.group.pending_group_info().map(<[u8]>::to_vec)),
-            epoch_key: self
-                .epoch_keys
-                .get(&commit)
-                .cloned()
-                .or_else(|| self.group.pending_epoch_key(&self.provider).ok()),
+            group_info,
+            epoch_key,
             commit: Envelope {
                 recipients: to.to_vec(),
                 payload: commit,
@@ -165,8 +168,7 @@ pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8], tree: &[u8]) 
         provider,
         identity: identity(seed),
         group,
-        group_infos: Default::default(),
-        epoch_keys: Default::default(),
+        next_epochs: Default::default(),
     }
 }
 
