@@ -119,8 +119,9 @@ struct SendOutcome {
 
     # A message from an epoch its group has left (protocol 4): catch up,
     # then encrypt and send it again. Answered only to a member of the
-    # group (protocol 7): anyone else's message is queued as any opaque
-    # payload, so it tells nobody whether the group exists.
+    # group (protocol 7) that presents the group's state key (protocol 9,
+    # enqueueBatch's stateKeys): anyone else's message is queued as any
+    # opaque payload, so it tells nobody whether the group exists.
     staleEpoch @4 :StaleEpoch;
 
     # A payload is, by its clear MLS framing, a handshake: a Commit or a
@@ -183,10 +184,11 @@ struct CommitOutcome {
     # the node has not seen, an identity rule broken); nothing was stored.
     invalid @4 :InvalidMessage;
 
-    # The node has no state for this group and the call carried none:
-    # publish again with `initialState`. Also the answer to a caller who is
-    # not a member of a group the node knows (protocol 7), so that a
-    # non-member learns neither the group's epoch nor that it exists.
+    # The node has no state for this group that the caller's `stateKey`
+    # opens, and the call carried none: publish again with `initialState`.
+    # Also the answer to a caller who is not a member of a group the node
+    # knows (protocol 7), so that a non-member learns neither the group's
+    # epoch nor that it exists.
     unknownGroup @5 :Void;
   }
 }
@@ -201,9 +203,10 @@ struct FetchedGroupInfo {
     # carried none): ask a member to update, or wait for the next change.
     unavailable @1 :Void;
 
-    # The caller owns no leaf of the group, or the node knows no such group
-    # (protocol 7; the two are not told apart, so the answer says nothing
-    # about a group to anyone outside it).
+    # The caller owns no leaf of the group, the node knows no such group,
+    # or the state key presented does not open its state (protocol 9; the
+    # three are not told apart, so the answer says nothing about a group to
+    # anyone outside it).
     notMember @2 :Void;
   }
 }
@@ -226,6 +229,30 @@ struct FetchedWelcomeTree {
     # ask to be invited again.
     unavailable @1 :Void;
   }
+
+  # With `tree` (protocol 9): the group's state key (32 bytes, see
+  # publishCommit's stateKey), which the joiner keeps and presents with its
+  # own calls about the group. Empty for a tree kept before protocol 9.
+  stateKey @2 :Data;
+}
+
+# What became of `putKeyBackup`.
+struct BackupOutcome {
+  union {
+    # The backup is durably stored, in place of the one before.
+    stored @0 :Void;
+
+    # Over the caller's rate limit; nothing was stored.
+    rateLimited @1 :RateLimited;
+
+    # The backup is larger than `maxBytes`; nothing was stored.
+    tooLarge @2 :BackupTooLarge;
+  }
+}
+
+# The most a key backup may take.
+struct BackupTooLarge {
+  maxBytes @0 :UInt32;
 }
 
 # What became of `publishProposal`.
@@ -248,8 +275,9 @@ struct ProposalOutcome {
     # Not a valid proposal for the group's public state.
     invalid @4 :InvalidMessage;
 
-    # The node has no state for this group, or the caller is not one of
-    # its members (protocol 7: the two are not told apart).
+    # The node has no state for this group, the caller is not one of its
+    # members (protocol 7), or its `stateKey` does not open the group's
+    # state (protocol 9): the three are not told apart.
     unknownGroup @5 :Void;
 
     # The group already holds `max` proposals in this epoch (protocol 7):
@@ -313,7 +341,14 @@ interface DeliveryService {
   # outcome:   as in `enqueue`, for the whole batch: `accepted` means every
   #            envelope is committed; otherwise none is. `rateLimited`
   #            counts one message per recipient of every envelope.
-  enqueueBatch @2 (envelopes :List(Envelope)) -> (outcome :SendOutcome);
+  # stateKeys: optional (protocol 9), each exactly 32 bytes, at most 16: the
+  #            state keys (see publishCommit's stateKey) of the groups the
+  #            envelopes' application messages belong to. The node answers
+  #            `staleEpoch` for a message from an epoch its group has left
+  #            only to a member presenting a key that opens the group's
+  #            state; without one, such a message is queued like any other
+  #            (and its readers may no longer be able to decrypt it).
+  enqueueBatch @2 (envelopes :List(Envelope), stateKeys :List(Data)) -> (outcome :SendOutcome);
 
   # Reads, without removing, the messages of `recipientKey` with a sequence
   # number above `afterSeq`, oldest first: at most `limit` (0: no limit of
@@ -370,6 +405,28 @@ interface DeliveryService {
   #               joiners are. The node holds the key in memory for this
   #               call only. Empty: none; any other length is a `failed`
   #               exception.
+  # stateKey:     32 bytes (protocol 9): the group's state key as the caller
+  #               holds it in `epoch`. The node keeps the group's public
+  #               state (tree, context, GroupInfo, proposals) sealed under
+  #               it (AES-256-GCM) and holds the key in memory for this call
+  #               only. A group's state key is MLS-Exporter("quicnprotochat
+  #               state key", "", 32) of the last epoch started by a Commit
+  #               that took a device out of the group (a device with a leaf
+  #               in the epoch before and none after), or of epoch 0 for a
+  #               group that never lost one; a member keeps it from one such
+  #               Commit to the next, a joiner gets it from fetchWelcomeTree.
+  #               A key that does not open the group's state is answered as
+  #               a group the node does not know (`unknownGroup`: hand over
+  #               `initialState`, which the node takes only in exactly the
+  #               state it last knew the group in). With `initialState`, the
+  #               key the node seals that state under. Required (else a
+  #               `failed` exception).
+  # newStateKey:  32 bytes (protocol 9), required when the Commit takes a
+  #               device out of the group (else `invalid`), empty otherwise:
+  #               the state key of epoch `epoch + 1`, which the committer
+  #               computes from its pending Commit. The node keeps the new
+  #               state under it, so the removed device's key opens nothing
+  #               written after.
   # outcome:      `accepted`: the Commit and the Welcome are durably
   #               committed in one transaction and the group is at
   #               `epoch + 1`. `conflict`: another Commit was already accepted
@@ -390,7 +447,8 @@ interface DeliveryService {
   # retry of an accepted publication (same sender and commit messageId) is
   # `accepted` again without storing anything.
   publishCommit @5 (groupId :Data, epoch :UInt64, commit :Envelope, welcome :Envelope,
-                    initialState :GroupState, groupInfo :Data, epochKey :Data)
+                    initialState :GroupState, groupInfo :Data, epochKey :Data,
+                    stateKey :Data, newStateKey :Data)
       -> (outcome :CommitOutcome);
 
   # Pushes the messages of `recipientKey` after `afterSeq` to `receiver`
@@ -417,8 +475,11 @@ interface DeliveryService {
   # epoch:    the epoch the proposal was made in.
   # proposal: the proposal, a TLS-encoded MLSMessage carrying a
   #           PublicMessage, and its recipients.
+  # stateKey: 32 bytes (protocol 9; else a `failed` exception): the group's
+  #           state key, as in publishCommit. The node keeps the proposal
+  #           sealed under it.
   # outcome:  see ProposalOutcome; anything but `accepted` stored nothing.
-  publishProposal @8 (groupId :Data, epoch :UInt64, proposal :Envelope)
+  publishProposal @8 (groupId :Data, epoch :UInt64, proposal :Envelope, stateKey :Data)
       -> (outcome :ProposalOutcome);
 
   # The current public state of a group (GroupInfo and ratchet tree), for a
@@ -427,10 +488,14 @@ interface DeliveryService {
   # already owns a leaf of the group, and only if it removes that leaf, so a
   # stranger who got hold of a GroupInfo cannot join. Needs a connection
   # authenticated as a member of the group (an identity with a leaf in its
-  # current tree); anyone else gets `notMember`.
+  # current tree) that presents the group's state key; anyone else gets
+  # `notMember`. A device restored from a backup of its identity alone
+  # finds the key in its key backup (fetchKeyBackup).
   #
-  # groupId: the MLS group id.
-  fetchGroupInfo @9 (groupId :Data) -> (outcome :FetchedGroupInfo);
+  # groupId:  the MLS group id.
+  # stateKey: 32 bytes (protocol 9; else a `failed` exception): the group's
+  #           state key, as in publishCommit.
+  fetchGroupInfo @9 (groupId :Data, stateKey :Data) -> (outcome :FetchedGroupInfo);
 
   # The ratchet tree a new member needs with its Welcome. Welcomes do not
   # carry the tree (it grows by ~350 bytes per member and would stop groups
@@ -451,4 +516,22 @@ interface DeliveryService {
   #           as one of the members the Commit added; any other length is
   #           a `failed` exception.
   fetchWelcomeTree @10 (groupId :Data, epoch :UInt64, epochKey :Data) -> (outcome :FetchedWelcomeTree);
+
+  # Keeps a device's key backup (protocol 9): its groups' ids and state
+  # keys, sealed by the device under a key only it derives, replacing the
+  # one kept before. The node files it under SHA-256("quicnprotochat key
+  # backup" || lookup) and never stores `lookup`, so a copy of its database
+  # tells neither whose backup a row is nor what it holds, and only a holder
+  # of `lookup` reads or replaces it. Kept until replaced. Needs an
+  # authenticated connection (any identity: the node does not learn whose
+  # backup it is).
+  #
+  # lookup: exactly 32 bytes (else a `failed` exception), derived by the
+  #         device from its identity secret (HKDF-SHA256 with info
+  #         "quicnprotochat key backup lookup"; see docs/protocol.md).
+  # backup: the sealed backup, at most 65,536 bytes (else `tooLarge`).
+  putKeyBackup @11 (lookup :Data, backup :Data) -> (outcome :BackupOutcome);
+
+  # The key backup kept under `lookup` (see putKeyBackup); empty if none.
+  fetchKeyBackup @12 (lookup :Data) -> (backup :Data);
 }

@@ -14,7 +14,7 @@ struct NodeInfo {
   # The node software's version, e.g. "0.1.0".
   version @0 :Text;
 
-  # The wire protocol version; bumped on incompatible changes. Currently 8
+  # The wire protocol version; bumped on incompatible changes. Currently 9
   # (2: typed outcomes in results; 3: the node checks group changes; see
   # delivery.capnp; 4: typed upload outcomes; 5: device lists, see
   # auth.capnp; 6: KeyPackages per ciphersuite, the hybrid ML-KEM-768 +
@@ -23,7 +23,10 @@ struct NodeInfo {
   # publishCommit/publishProposal; bounded proposals and device list
   # versions; 8: a Commit that adds members carries the new epoch's key,
   # under which the node seals the joiners' ratchet tree, and
-  # fetchWelcomeTree takes that key instead of asking who the caller is).
+  # fetchWelcomeTree takes that key instead of asking who the caller is;
+  # 9: the group's public state sealed under its state key, which members
+  # present with every call about the group, and key backups; see
+  # delivery.capnp).
   protocolVersion @1 :UInt16;
 
   # The largest KeyPackage or message payload, in bytes, the node accepts.

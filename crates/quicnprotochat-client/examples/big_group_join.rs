@@ -87,6 +87,8 @@ fn main() {
         let scratch = OpenMlsRustCrypto::default();
         let group_id = GroupId::new(b"big".to_vec()).unwrap();
         let mut group = GroupMember::create(&provider, &creator, &group_id).unwrap();
+        // Adds never take a device out: the group keeps epoch 0's state key.
+        let state_key = group.current_state_key(&provider).unwrap();
         let mut initial_state = Some(group.export_public_state(&provider, &creator).unwrap());
         let started = Instant::now();
         // Everyone but the joiner, BATCH per Commit; then the joiner alone,
@@ -110,6 +112,14 @@ fn main() {
                 vec![package]
             };
             let epoch = group.epoch();
+            // The Commit goes to every member but its sender (the node
+            // refuses one that leaves a member behind); those it adds get
+            // the Welcome.
+            let members: Vec<_> = group
+                .members()
+                .into_iter()
+                .filter(|member| *member != creator.public_key())
+                .collect();
             let added = group
                 .add_members(
                     &provider,
@@ -128,20 +138,25 @@ fn main() {
                 payload: added.welcome.clone(),
                 message_id: None,
             });
-            let epoch_key = joining.then(|| group.pending_epoch_key(&provider).unwrap());
+            // Every Commit that adds members carries the key of the epoch it
+            // starts (protocol 8), under which the node seals the tree it
+            // keeps for them.
+            let epoch_key = group.pending_epoch_key(&provider).unwrap();
             let outcome = client
                 .publish_commit(&CommitToSend {
                     group_id: &group_id,
                     epoch,
                     commit: &Envelope {
-                        recipients: Vec::new(),
+                        recipients: members,
                         payload: added.commit,
                         message_id: None,
                     },
                     welcome: welcome.as_ref(),
                     initial_state: state.as_ref(),
                     group_info: group.pending_group_info(),
-                    epoch_key: epoch_key.as_ref(),
+                    epoch_key: Some(&epoch_key),
+                    state_key: &state_key,
+                    new_state_key: None,
                 })
                 .await
                 .unwrap();
@@ -168,7 +183,7 @@ fn main() {
             .unwrap();
         assert_eq!(queued.len(), 1);
         assert_eq!(queued[0].payload, last_welcome);
-        let FetchedWelcomeTree::Tree(tree) = joiner_client
+        let FetchedWelcomeTree::Tree { tree, .. } = joiner_client
             .fetch_welcome_tree(&group_id, group.epoch(), &group.epoch_key(&provider).unwrap())
             .await
             .unwrap()

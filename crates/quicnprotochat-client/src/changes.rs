@@ -13,6 +13,7 @@ use crate::cli::PeerArgs;
 use crate::connections::{Nodes, envelope};
 use crate::error::ClientError;
 use crate::group_names::pay_name_owed;
+use crate::key_backup::sync_key_backup;
 use crate::key_packages::fetch_verified_key_package;
 use crate::naming::{
     changed_event, devices_of, group_name, load_group_as_member, others, resolve_peers, users,
@@ -52,7 +53,13 @@ pub(crate) async fn change_group(
             }
             other => other?,
         };
-        match send_publication(nodes, state, identity, &mut group, &publication).await? {
+        let settled = send_publication(nodes, state, identity, &mut group, &publication).await?;
+        if settled == Settled::Merged {
+            // The change may have created the group on the node, or moved
+            // its key on: our key backup follows.
+            sync_key_backup(nodes, state).await;
+        }
+        match settled {
             Settled::Merged if publication.welcome.is_some() => {
                 // The change is made whatever happens to the name: if it
                 // could not be sent, the next command sends it.
@@ -77,9 +84,39 @@ pub(crate) async fn change_group(
                     catch_up(nodes, state, identity).await?;
                 }
             }
+            Settled::Unknown => {
+                caught_up_past(nodes, state, identity, group_id, publication.epoch).await?;
+                current_epoch = publication.epoch;
+            }
         }
     }
     Err(ClientError::CommitConflict { current_epoch })
+}
+
+/// After the node found no group our state key opens: catches up, which
+/// brings any Commit we missed (and the key it moved the group to). Fails
+/// with [`ClientError::GroupUnknownToNode`] if that moved the group past
+/// `epoch` no further: the node has no state of it that we can reach.
+async fn caught_up_past(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &GroupId,
+    epoch: u64,
+) -> Result<(), ClientError> {
+    catch_up(nodes, state, identity).await?;
+    let moved = GroupMember::load(&state.provider(), group_id)?.is_some_and(|group| group.epoch() > epoch);
+    if moved {
+        note!(
+            "{} changed meanwhile; caught up and trying again",
+            group_name(state, group_id)
+        );
+        Ok(())
+    } else {
+        Err(ClientError::GroupUnknownToNode {
+            group: group_name(state, group_id),
+        })
+    }
 }
 
 /// Makes a standalone proposal with `make` (against the group as stored;
@@ -114,6 +151,10 @@ pub(crate) async fn propose(
         let proposal = envelope(recipients, make(&mut group)?);
         match send_proposal(nodes, state, group_id, &mut group, epoch, &proposal).await? {
             Proposed::Accepted => return Ok(group),
+            Proposed::Unknown => {
+                caught_up_past(nodes, state, identity, group_id, epoch).await?;
+                current_epoch = epoch;
+            }
             Proposed::Lost { current_epoch: now } => {
                 current_epoch = now;
                 if attempt < CHANGE_ATTEMPTS {

@@ -9,7 +9,7 @@
 use std::cell::Cell;
 use std::time::Duration;
 
-use quicnprotochat_core::{CoreError, IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{CoreError, IdentityKey, IdentityKeypair, StateKey};
 use quicnprotochat_proto::outcome::{RateLimited, SendOutcome, TooLarge};
 use quicnprotochat_proto::wire::Envelope;
 
@@ -153,11 +153,18 @@ impl Nodes {
 
     /// Queues `envelopes` on the delivery node in one atomic call, sending
     /// it again (same message ids, so stored at most once) while the node
-    /// rate-limits us and our patience lasts.
-    pub(crate) async fn deliver(&self, envelopes: &[Envelope]) -> Result<(), ClientError> {
+    /// rate-limits us and our patience lasts. `state_key`, the state key of
+    /// the group the messages belong to, lets the node tell us when they
+    /// are from an epoch the group has left.
+    pub(crate) async fn deliver(
+        &self,
+        envelopes: &[Envelope],
+        state_key: Option<&StateKey>,
+    ) -> Result<(), ClientError> {
         let patience = Patience::new();
+        let keys: Vec<&StateKey> = state_key.into_iter().collect();
         loop {
-            match self.delivery().enqueue_batch(envelopes).await? {
+            match self.delivery().enqueue_batch_with_keys(envelopes, &keys).await? {
                 SendOutcome::Accepted => return Ok(()),
                 SendOutcome::RateLimited(limited) => {
                     if !patience.wait(&limited).await {
@@ -166,7 +173,7 @@ impl Nodes {
                 }
                 SendOutcome::QueueFull(full) => return Err(full.into()),
                 SendOutcome::TooLarge(large) => {
-                    return Box::pin(self.deliver_in_parts(envelopes, large)).await;
+                    return Box::pin(self.deliver_in_parts(envelopes, large, state_key)).await;
                 }
                 SendOutcome::StaleEpoch(stale) => {
                     return Err(ClientError::StaleEpoch {
@@ -183,7 +190,12 @@ impl Nodes {
     /// one after the other: each part is atomic, the whole is not. A part's
     /// message id is the envelope's with the part's number appended, so a
     /// retry of the whole stores no part twice.
-    async fn deliver_in_parts(&self, envelopes: &[Envelope], large: TooLarge) -> Result<(), ClientError> {
+    async fn deliver_in_parts(
+        &self,
+        envelopes: &[Envelope],
+        large: TooLarge,
+        state_key: Option<&StateKey>,
+    ) -> Result<(), ClientError> {
         let per_call = usize::try_from(large.max_messages).unwrap_or(usize::MAX).max(1);
         for envelope in envelopes {
             if envelope.payload.len() as u64 > large.max_bytes {
@@ -201,7 +213,7 @@ impl Nodes {
                     payload: envelope.payload.clone(),
                     message_id,
                 };
-                self.deliver(std::slice::from_ref(&piece)).await?;
+                self.deliver(std::slice::from_ref(&piece), state_key).await?;
             }
         }
         Ok(())

@@ -91,7 +91,10 @@ pub(crate) async fn send_group_name(
     if recipients.is_empty() {
         return Ok(true);
     }
+    let state_key = state.state_key(group_id, group)?;
     let ciphertext = state.encrypt_group_name(group, identity, &name)?;
-    nodes.deliver(&[envelope(recipients, ciphertext)]).await?;
+    nodes
+        .deliver(&[envelope(recipients, ciphertext)], Some(&state_key))
+        .await?;
     Ok(true)
 }

@@ -8,7 +8,7 @@
 
 use quicnprotochat_core::{
     Content, CoreError, EpochKey, GroupId, GroupMember, IdentityKey, IdentityKeypair, Incoming, MessageKind,
-    QueuedMessage, Received, Seq, classify,
+    QueuedMessage, Received, Seq, StateKey, classify,
 };
 use quicnprotochat_proto::outcome::FetchedWelcomeTree;
 
@@ -16,6 +16,7 @@ use crate::connections::Nodes;
 use crate::directory::Directory;
 use crate::error::ClientError;
 use crate::group_names::send_group_name;
+use crate::key_backup::sync_key_backup;
 use crate::naming::{changed_event, group_name, id_label, users, valid_group_name};
 use crate::output::{Event, Person, Progress};
 use crate::state::{Direction, InboxEntry, Invitation, KeptWelcome, NotKept, StateFile, unix_now};
@@ -124,6 +125,9 @@ pub(crate) async fn process_inbox(nodes: &Nodes, state: &StateFile) -> Result<()
         progress.step();
     }
     state.compact_if_sparse()?;
+    // A join or a Commit that moved a group's key on changed what our
+    // key backup must hold.
+    sync_key_backup(nodes, state).await;
     Ok(())
 }
 
@@ -149,14 +153,26 @@ pub(crate) async fn process_entry(
     let (payload, seq) = (entry.payload.as_slice(), entry.seq);
     let entry = entry.id;
     let mut tree = None;
+    let mut state_key = None;
     let mut fetched_lists = false;
     loop {
         let directory = nodes.directory();
         let outcome = state.consume_inbox_entry(entry, || {
-            apply(state, payload, seq, tree.as_deref(), explicit_join, directory)
+            apply(
+                state,
+                payload,
+                seq,
+                tree.as_deref(),
+                state_key.as_ref(),
+                explicit_join,
+                directory,
+            )
         });
         let (group_id, epoch, epoch_key) = match outcome {
             Ok(applied) => {
+                if let Some(group_id) = &applied.joined_group {
+                    learn_state_key(nodes, state, group_id).await?;
+                }
                 if let Some((group_id, rejoiner)) = &applied.name_for {
                     // Once, in this epoch: a member who rejoined from a
                     // backup without the group has no name for it.
@@ -216,7 +232,10 @@ pub(crate) async fn process_entry(
             Err(e) => return settle_failure(state, entry, seq, e).map(|()| Applied::default()),
         };
         match fetch_tree(nodes, &group_id, epoch, &epoch_key).await {
-            Ok(fetched) => tree = Some(fetched),
+            Ok((fetched, key)) => {
+                tree = Some(fetched);
+                state_key = key;
+            }
             Err(
                 e @ (ClientError::WelcomeTreeUnavailable { .. } | ClientError::WelcomeTreeRefused { .. }),
             ) => {
@@ -236,13 +255,14 @@ fn awaits_answer(state: &StateFile, payload: &[u8]) -> Result<bool, ClientError>
 }
 
 /// The ratchet tree the node kept for the Welcome to `group_id` that starts
-/// `epoch`, sealed under `key`, that epoch's key.
+/// `epoch`, sealed under `key`, that epoch's key, and the group's state key
+/// kept with it (none from a node before protocol 9).
 async fn fetch_tree(
     nodes: &Nodes,
     group_id: &[u8],
     epoch: u64,
     key: &EpochKey,
-) -> Result<Vec<u8>, ClientError> {
+) -> Result<(Vec<u8>, Option<StateKey>), ClientError> {
     let fetched = match GroupId::new(group_id.to_vec()) {
         Some(group) => nodes.delivery().fetch_welcome_tree(&group, epoch, key).await,
         None => Err(ClientError::Core(CoreError::MalformedMessage(
@@ -250,7 +270,7 @@ async fn fetch_tree(
         ))),
     };
     match fetched {
-        Ok(FetchedWelcomeTree::Tree(fetched)) => Ok(fetched),
+        Ok(FetchedWelcomeTree::Tree { tree, state_key }) => Ok((tree, state_key)),
         Ok(FetchedWelcomeTree::Unavailable) => Err(ClientError::WelcomeTreeUnavailable {
             group: id_label(group_id),
             epoch,
@@ -278,20 +298,36 @@ pub(crate) async fn accept_invitation(
     let KeptWelcome { welcome, mut tree } = state
         .invitation_welcome(&invitation.group_id)?
         .ok_or(ClientError::Internal("an invitation vanished"))?;
+    let mut state_key = None;
     let mut fetched_lists = false;
     loop {
         let directory = nodes.directory();
         let outcome = state.consume_invitation(&invitation.group_id, || {
-            apply(state, &welcome, None, tree.as_deref(), true, directory)
+            apply(
+                state,
+                &welcome,
+                None,
+                tree.as_deref(),
+                state_key.as_ref(),
+                true,
+                directory,
+            )
         });
         match outcome {
-            Ok(applied) => return Ok(applied),
+            Ok(applied) => {
+                if let Some(group_id) = &applied.joined_group {
+                    learn_state_key(nodes, state, group_id).await?;
+                }
+                return Ok(applied);
+            }
             Err(ClientError::Core(CoreError::RatchetTreeNeeded {
                 group_id,
                 epoch,
                 epoch_key,
             })) if tree.is_none() => {
-                tree = Some(fetch_tree(nodes, &group_id, epoch, &epoch_key).await?);
+                let (fetched, key) = fetch_tree(nodes, &group_id, epoch, &epoch_key).await?;
+                tree = Some(fetched);
+                state_key = key;
             }
             Err(ClientError::Core(CoreError::DeviceListsNeeded(users))) if !fetched_lists => {
                 fetched_lists = true;
@@ -300,6 +336,29 @@ pub(crate) async fn accept_invitation(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Learns the state key of `group_id`, joined by a Welcome that carried its
+/// tree (other clients may send one) or whose tree was fetched before the
+/// user accepted it: the node keeps the key beside the tree, sealed under
+/// the key of the epoch the Welcome started, which we are in. Without it
+/// (the node purged it, or kept none) the group takes its current
+/// epoch's, and our first change hands the node its state again under it.
+async fn learn_state_key(nodes: &Nodes, state: &StateFile, group_id: &GroupId) -> Result<(), ClientError> {
+    if state.kept_state_key(group_id)?.is_some() {
+        return Ok(());
+    }
+    let Some(group) = GroupMember::load(&state.provider(), group_id)? else {
+        return Ok(());
+    };
+    let epoch_key = group.epoch_key(&state.provider())?;
+    match fetch_tree(nodes, group_id.as_bytes(), group.epoch(), &epoch_key).await {
+        Ok((_, Some(key))) => state.set_state_key(group_id, &key)?,
+        Ok((_, None))
+        | Err(ClientError::WelcomeTreeUnavailable { .. } | ClientError::WelcomeTreeRefused { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
 
 /// Keeps a Welcome from a stranger as an invitation, or drops it past the
@@ -319,6 +378,7 @@ fn keep_invitation(
             };
             return Ok(Applied {
                 joined: false,
+                joined_group: None,
                 name_for: None,
                 event: Some(Event::Invited {
                     group: group_name(state, &invitation.group_id),
@@ -342,6 +402,7 @@ fn keep_invitation(
     };
     Ok(Applied {
         joined: false,
+        joined_group: None,
         name_for: None,
         event: Some(Event::Dropped {
             seq: seq.map(Seq::get),
@@ -389,6 +450,7 @@ async fn resync(
             };
             Ok(Applied {
                 joined: false,
+                joined_group: None,
                 name_for: None,
                 event: Some(Event::Resynced {
                     group: group_name(state, group_id),
@@ -518,6 +580,8 @@ fn settle_failure(
 pub(crate) struct Applied {
     /// The entry joined a group.
     pub(crate) joined: bool,
+    /// The group it joined without learning the group's state key.
+    joined_group: Option<GroupId>,
     /// What to report.
     event: Option<Event>,
     /// A member who rejoined, whom this client (the first member besides
@@ -541,6 +605,7 @@ fn apply(
     payload: &[u8],
     seq: Option<Seq>,
     tree: Option<&[u8]>,
+    state_key: Option<&StateKey>,
     explicit_join: bool,
     directory: &Directory,
 ) -> Result<Applied, ClientError> {
@@ -561,6 +626,9 @@ fn apply(
             // without --group-id into a group someone invited us to.
             let make_current = explicit_join || state.current_group()?.is_none();
             state.record_group(&group_id, make_current)?;
+            if let Some(key) = state_key {
+                state.set_state_key(&group_id, key)?;
+            }
             // Joined with a KeyPackage the device that linked us made: its
             // leaf key is noted, to be replaced (`replace_handed_leaves`).
             if let Some(key) = group.own_leaf_key() {
@@ -568,6 +636,7 @@ fn apply(
             }
             Ok(Applied {
                 joined: true,
+                joined_group: state_key.is_none().then(|| group_id.clone()),
                 name_for: None,
                 event: Some(Event::Joined {
                     group: group_name(state, &group_id),
@@ -633,10 +702,12 @@ fn apply(
                     }),
                 },
                 Received::Commit { .. } => {
+                    state.follow_state_key(&group_id, &group)?;
                     let before = users_before.unwrap_or_else(|| users(&group));
                     Some(changed_event(state, &group_id, &before, &group)?)
                 }
                 Received::Rejoined { member, epoch } => {
+                    state.follow_state_key(&group_id, &group)?;
                     // Restored from a backup without the group, it has no
                     // name for it: one member tells it.
                     if group.first_besides(&member) {
@@ -668,6 +739,7 @@ fn apply(
             };
             Ok(Applied {
                 joined: false,
+                joined_group: None,
                 event,
                 name_for,
             })

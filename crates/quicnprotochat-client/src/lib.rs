@@ -24,6 +24,8 @@
 //! - `incoming` — fetch → store → ack, then apply each queued message.
 //! - `follow` — `recv --follow`: pushed batches until Ctrl-C, resumed through
 //!   the next node when the connection is lost.
+//! - `key_backup` — the device's groups and their state keys, sealed and
+//!   kept on the node, for a device restored from its identity alone.
 //! - `key_packages` — uploading KeyPackages, keeping a stock of them on the
 //!   node, taking a peer's one verified.
 //! - `link` — completing a device link on the new device.
@@ -69,6 +71,7 @@ pub mod error;
 mod follow;
 mod group_names;
 mod incoming;
+mod key_backup;
 mod key_packages;
 mod link;
 mod naming;

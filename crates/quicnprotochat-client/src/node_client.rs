@@ -20,19 +20,20 @@ use std::time::Duration;
 use capnp::capability::FromClientHook;
 use quicnprotochat_core::{
     EpochKey, GroupId, IdentityKey, IdentityKeypair, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList,
-    Suite,
+    StateKey, Suite,
 };
 use quicnprotochat_proto::auth_capnp::auth_service;
 use quicnprotochat_proto::delivery_capnp as delivery_service_capnp;
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::node_capnp::node_service;
 use quicnprotochat_proto::outcome::{
-    ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome,
-    UploadOutcome,
+    BackupOutcome, ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree,
+    SendOutcome, UploadOutcome,
 };
 use quicnprotochat_proto::wire::{
     CommitToSend, Envelope, MAX_DEVICE_LIST_FETCH, read_device_list, read_key_package_stock, read_messages,
     write_commit_publication, write_device_list, write_envelope, write_proposal_publication,
+    write_state_keys,
 };
 use quicnprotochat_proto::{cert, peer, rpc, transport};
 use rustls::AlertDescription;
@@ -450,12 +451,29 @@ impl NodeClient {
     /// atomic call: [`SendOutcome::Accepted`] means all are committed on the
     /// node; any other outcome, or an error, means none is.
     pub async fn enqueue_batch(&self, envelopes: &[Envelope]) -> Result<SendOutcome, ClientError> {
+        self.enqueue_batch_with_keys(envelopes, &[]).await
+    }
+
+    /// [`Self::enqueue_batch`] with the state keys of the groups the
+    /// messages belong to (protocol 9): with them, the node tells a member
+    /// whose message is from an epoch the group has left
+    /// ([`SendOutcome::StaleEpoch`]) instead of queueing it.
+    pub async fn enqueue_batch_with_keys(
+        &self,
+        envelopes: &[Envelope],
+        state_keys: &[&StateKey],
+    ) -> Result<SendOutcome, ClientError> {
         let mut request = self.delivery.enqueue_batch_request();
         let length =
             u32::try_from(envelopes.len()).map_err(|_| ClientError::Internal("too many envelopes"))?;
         let mut list = request.get().init_envelopes(length);
         for (index, envelope) in envelopes.iter().enumerate() {
             write_envelope(envelope, list.reborrow().get(index as u32))?;
+        }
+        if !state_keys.is_empty() {
+            let length =
+                u32::try_from(state_keys.len()).map_err(|_| ClientError::Internal("too many state keys"))?;
+            write_state_keys(state_keys, request.get().init_state_keys(length));
         }
         let response = call(request.send().promise).await?;
         Ok(SendOutcome::read(response.get()?.get_outcome()?)?)
@@ -490,9 +508,14 @@ impl NodeClient {
     /// group's last Commit brought no GroupInfo. Only a member of the group
     /// (an identity with a leaf in the node's current tree) may ask; anyone
     /// else gets a [`capnp::ErrorKind::Failed`] exception.
-    pub async fn fetch_group_info(&self, group_id: &GroupId) -> Result<FetchedGroupInfo, ClientError> {
+    pub async fn fetch_group_info(
+        &self,
+        group_id: &GroupId,
+        state_key: &StateKey,
+    ) -> Result<FetchedGroupInfo, ClientError> {
         let mut request = self.delivery.fetch_group_info_request();
         request.get().set_group_id(group_id.as_bytes());
+        request.get().set_state_key(state_key.as_bytes());
         let response = call(request.send().promise).await?;
         Ok(FetchedGroupInfo::read(response.get()?.get_outcome()?)?)
     }
@@ -526,11 +549,34 @@ impl NodeClient {
         group_id: &GroupId,
         epoch: u64,
         proposal: &Envelope,
+        state_key: &StateKey,
     ) -> Result<ChangeOutcome, ClientError> {
         let mut request = self.delivery.publish_proposal_request();
-        write_proposal_publication(request.get(), group_id, epoch, proposal)?;
+        write_proposal_publication(request.get(), group_id, epoch, proposal, state_key)?;
         let response = call(request.send().promise).await?;
         Ok(ChangeOutcome::read_proposal(response.get()?.get_outcome()?)?)
+    }
+
+    /// Keeps `backup` (sealed by us) as our key backup on the node, filed
+    /// under `lookup` (protocol 9).
+    pub async fn put_key_backup(
+        &self,
+        lookup: &[u8; 32],
+        backup: &[u8],
+    ) -> Result<BackupOutcome, ClientError> {
+        let mut request = self.delivery.put_key_backup_request();
+        request.get().set_lookup(lookup);
+        request.get().set_backup(backup);
+        let response = call(request.send().promise).await?;
+        Ok(BackupOutcome::read(response.get()?.get_outcome()?)?)
+    }
+
+    /// The key backup filed under `lookup`; empty if there is none.
+    pub async fn fetch_key_backup(&self, lookup: &[u8; 32]) -> Result<Vec<u8>, ClientError> {
+        let mut request = self.delivery.fetch_key_backup_request();
+        request.get().set_lookup(lookup);
+        let response = call(request.send().promise).await?;
+        Ok(response.get()?.get_backup()?.to_vec())
     }
 
     /// Reads (without removing) the messages of `recipient` after `after`,

@@ -44,6 +44,7 @@ use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 
 use crate::connections::{Nodes, Patience, envelope};
 use crate::error::ClientError;
+use crate::key_backup::{backed_up_state_key, sync_key_backup};
 use crate::naming::{group_name, others};
 use crate::output::counted;
 use crate::state::{Publication, Settlement, StateError, StateFile};
@@ -70,6 +71,11 @@ pub(crate) enum Settled {
         /// The epoch the group is in on the node.
         current_epoch: u64,
     },
+    /// The node found no group our state key opens, and took no state of
+    /// ours in its place; ours was discarded. A member who missed a Commit
+    /// that moved the group's key on gets this: catching up brings the
+    /// key (and the epoch) the node has.
+    Unknown,
 }
 
 /// How often a change is redone after losing the race for an epoch.
@@ -124,14 +130,14 @@ pub(crate) async fn rejoin(
     resume_publications(nodes, state, identity).await?;
     let mut current_epoch = 0;
     for attempt in 1..=CHANGE_ATTEMPTS {
-        let (group_info, ratchet_tree) = match nodes.delivery().fetch_group_info(group_id).await {
+        let (group_info, ratchet_tree) = match fetch_group_info(nodes, state, identity, group_id).await {
             Ok(FetchedGroupInfo::State(current)) => (current.group_info, current.ratchet_tree),
             Ok(FetchedGroupInfo::Unavailable) => return Err(ClientError::NoGroupInfo { group: name }),
             // The node knows no leaf of ours in the group (or no group).
             Ok(FetchedGroupInfo::NotMember) => {
                 return Err(ClientError::RejoinRefused {
                     group: name,
-                    reason: "the node knows you as no member of it".into(),
+                    reason: "the node knows you as no member of it, or neither this device nor its key backup holds the group's state key".into(),
                 });
             }
             // The call itself was wrong: the same call fails again.
@@ -169,7 +175,10 @@ pub(crate) async fn rejoin(
         let mut group = GroupMember::load(&state.provider(), group_id)?
             .ok_or(ClientError::Internal("a staged rejoin left no group"))?;
         match send_publication(nodes, state, identity, &mut group, &publication).await? {
-            Settled::Merged => return Ok(group),
+            Settled::Merged => {
+                sync_key_backup(nodes, state).await;
+                return Ok(group);
+            }
             Settled::Lost { current_epoch: now } => {
                 current_epoch = now;
                 if attempt < CHANGE_ATTEMPTS {
@@ -178,9 +187,49 @@ pub(crate) async fn rejoin(
                     );
                 }
             }
+            // The key that served the state no longer opens it: a Commit
+            // moved it on meanwhile, and this device cannot learn the new
+            // key (its key backup may, once another device of ours wrote
+            // it).
+            Settled::Unknown => {
+                return Err(ClientError::RejoinRefused {
+                    group: name,
+                    reason: "the group's state key changed while you rejoined; run `rejoin` again".into(),
+                });
+            }
         }
     }
     Err(ClientError::CommitConflict { current_epoch })
+}
+
+/// The group's current GroupInfo and tree, asked with the state key this
+/// device keeps for it or, when that opens nothing (we never had it, or a
+/// Commit we missed moved it on), with the one in our key backup on the
+/// node, which every device of ours updates as it follows the group. The
+/// key that opened the state is kept for the rejoin.
+async fn fetch_group_info(
+    nodes: &Nodes,
+    state: &StateFile,
+    identity: &IdentityKeypair,
+    group_id: &GroupId,
+) -> Result<FetchedGroupInfo, ClientError> {
+    let kept = state.kept_state_key(group_id)?;
+    if let Some(key) = &kept {
+        let fetched = nodes.delivery().fetch_group_info(group_id, key).await?;
+        if fetched != FetchedGroupInfo::NotMember {
+            return Ok(fetched);
+        }
+    }
+    match backed_up_state_key(nodes, identity, group_id).await? {
+        Some(key) if Some(&key) != kept.as_ref() => {
+            let fetched = nodes.delivery().fetch_group_info(group_id, &key).await?;
+            if fetched != FetchedGroupInfo::NotMember {
+                state.set_state_key(group_id, &key)?;
+            }
+            Ok(fetched)
+        }
+        _ => Ok(FetchedGroupInfo::NotMember),
+    }
 }
 
 /// Publishes a staged change and settles it by the node's answer (see the
@@ -212,6 +261,15 @@ pub(crate) async fn send_publication(
         Some(_) => Some(group.pending_epoch_key(&state.provider())?),
         None => None,
     };
+    // The group's state key opens its state on the node; a Commit that
+    // takes a device out brings the next one (computed likewise from the
+    // pending Commit). A rejoin is merged already and takes nobody out.
+    let state_key = state.state_key(group_id, group)?;
+    let new_state_key = if publication.rejoin {
+        None
+    } else {
+        group.pending_state_key(&state.provider())?
+    };
     let patience = Patience::new();
     let mut unanswered = 0;
     let refusal = loop {
@@ -225,6 +283,8 @@ pub(crate) async fn send_publication(
                 initial_state: initial_state.as_ref(),
                 group_info: publication.group_info.as_deref(),
                 epoch_key: epoch_key.as_ref(),
+                state_key: &state_key,
+                new_state_key: new_state_key.as_ref(),
             })
             .await;
         match answer {
@@ -253,17 +313,18 @@ pub(crate) async fn send_publication(
             }
             Ok(ChangeOutcome::UnknownGroup) if initial_state.is_none() && !publication.rejoin => {
                 // The node forgot the group's public state (it was idle for
-                // the node's group retention): hand it over again, in the
-                // epoch the node still knows the group to be in.
+                // the node's group retention), or keeps it under a key we
+                // do not hold: hand it over again, in the epoch the node
+                // still knows the group to be in.
                 initial_state = Some(self::initial_state(state, identity, group, publication.epoch)?);
             }
             Ok(ChangeOutcome::UnknownGroup) => {
-                // Nothing of this group can be published any more: drop
-                // the change so the group is at least readable as it was.
+                // The node has the group in another state than ours (we
+                // may have missed a Commit that moved its key on), or not
+                // at all: drop the change so the group is at least
+                // readable as it was; the caller catches up and tells.
                 settle(state, publication, group, Settlement::Discard)?;
-                return Err(ClientError::GroupUnknownToNode {
-                    group: group_name(state, group_id.as_bytes()),
-                });
+                return Ok(Settled::Unknown);
             }
             Err(refused) if refused_by_node(&refused) => break refused,
             Err(e) => {
@@ -360,6 +421,9 @@ pub(crate) async fn resume_publications(
                     Settled::Lost { current_epoch } => note!(
                         "{name}: another member's change won (the group is at epoch {current_epoch}); yours was dropped"
                     ),
+                    Settled::Unknown => note!(
+                        "{name}: the node has the group in another state than yours; your change was dropped: catch up (recv) and make it again"
+                    ),
                 }
             }
             // Nothing pending any more: the entry is stale.
@@ -425,6 +489,9 @@ pub(crate) enum Proposed {
         /// The epoch the group is in on the node.
         current_epoch: u64,
     },
+    /// The node found no group our state key opens; ours was withdrawn
+    /// (see [`Settled::Unknown`]).
+    Unknown,
 }
 
 /// Publishes a proposal made in `epoch` and acts on the node's answer: a
@@ -442,7 +509,12 @@ pub(crate) async fn send_proposal(
     let patience = Patience::new();
     let mut unanswered = 0;
     let refusal = loop {
-        match nodes.delivery().publish_proposal(group_id, epoch, proposal).await {
+        let state_key = state.state_key(group_id, group)?;
+        match nodes
+            .delivery()
+            .publish_proposal(group_id, epoch, proposal, &state_key)
+            .await
+        {
             Ok(ChangeOutcome::Accepted) => return Ok(Proposed::Accepted),
             Ok(ChangeOutcome::Conflict { current_epoch }) => {
                 state.withdraw_proposals(group_id, group)?;
@@ -458,7 +530,7 @@ pub(crate) async fn send_proposal(
             Ok(ChangeOutcome::Invalid { reason }) => break ClientError::InvalidChange { reason },
             Ok(ChangeOutcome::UnknownGroup) => {
                 state.withdraw_proposals(group_id, group)?;
-                return Err(ClientError::GroupUnknownToNode { group: name });
+                return Ok(Proposed::Unknown);
             }
             Ok(ChangeOutcome::TooManyProposals { max }) => {
                 break ClientError::TooManyProposals {

@@ -76,7 +76,11 @@ pub(crate) async fn deliver_again(
     unconfirmed: Unconfirmed,
     slot: &mut Option<Unconfirmed>,
 ) -> Result<(), ClientError> {
-    match nodes.deliver(std::slice::from_ref(&unconfirmed.envelope)).await {
+    let state_key = state.kept_state_key(&unconfirmed.group_id)?;
+    match nodes
+        .deliver(std::slice::from_ref(&unconfirmed.envelope), state_key.as_ref())
+        .await
+    {
         Ok(()) => {
             state.confirm_sent(unconfirmed.sent)?;
             Event::Sent {
@@ -158,10 +162,14 @@ async fn send_once(
         }
         commit_proposals(nodes, state, identity, &group_id, &mut group).await?;
     }
+    let state_key = state.state_key(&group_id, &group)?;
     let (ciphertext, sent) = state.encrypt_message(&group_id, &mut group, identity, message)?;
     let count = recipients.len();
     let envelope = envelope(recipients, ciphertext);
-    match nodes.deliver(std::slice::from_ref(&envelope)).await {
+    match nodes
+        .deliver(std::slice::from_ref(&envelope), Some(&state_key))
+        .await
+    {
         Ok(()) => state.confirm_sent(sent)?,
         Err(e @ ClientError::StaleEpoch { .. }) => {
             // Refused whole: this copy is no message of the history.

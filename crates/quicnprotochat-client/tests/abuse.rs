@@ -725,6 +725,8 @@ async fn hoard(
     )
     .unwrap();
     let mut initial_state = Some(group.export_public_state(&group_provider, &flooder).unwrap());
+    // Self-updates never take a device out: the key of epoch 0 stays.
+    let state_key = group.current_state_key(&group_provider).unwrap();
     let uploader = NodeClient::connect(&options, Some(&own)).await.unwrap();
     ready.send(()).await.unwrap();
     go.wait_for(|&go| go).await.unwrap();
@@ -819,6 +821,8 @@ async fn hoard(
                 initial_state: state.as_ref(),
                 group_info: group.pending_group_info(),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await;
         match published {

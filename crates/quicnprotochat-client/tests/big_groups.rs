@@ -84,13 +84,15 @@ fn a_group_whose_tree_exceeds_the_payload_limit_is_joined_with_the_tree_the_node
             .fetch_since(&bob_identity.public_key(), Seq::ZERO, 0)
             .await
             .unwrap();
-        let FetchedWelcomeTree::Tree(tree) = client
+        let FetchedWelcomeTree::Tree { tree, state_key } = client
             .fetch_welcome_tree(&group, epoch, &epoch_key)
             .await
             .unwrap()
         else {
             panic!("the node keeps the tree of the epoch that added Bob");
         };
+        // With the tree, the group's state key, as Alice keeps it.
+        assert_eq!(state_key, alice_state.kept_state_key(&group).unwrap());
         (queued, tree)
     });
     // His Welcome, then the group's name in the epoch it starts.
@@ -182,6 +184,7 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
         let provider = OpenMlsRustCrypto::default();
         let mut group =
             GroupMember::create(&provider, &adder, &GroupId::new(b"one-epoch".to_vec()).unwrap()).unwrap();
+        let state_key = group.current_state_key(&provider).unwrap();
         let state = group.export_public_state(&provider, &adder).unwrap();
         let for_bob = group
             .add_members(
@@ -221,6 +224,8 @@ fn the_tree_of_an_epoch_is_refused_to_anyone_its_commit_did_not_add() {
                 }),
                 group_info: Some(&group_info),
                 epoch_key: Some(&group.pending_epoch_key(&provider).unwrap()),
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();

@@ -34,6 +34,7 @@ fn mallory_publishes(
     let provider = state.provider();
     let mut club = GroupMember::load(&provider, &group_id).unwrap().unwrap();
     let epoch = club.epoch();
+    let state_key = state.kept_state_key(&group_id).unwrap().unwrap();
     let commit = make(&provider, &mut club, &identity);
     let group_info = club.pending_group_info().unwrap().to_vec();
     let to_others = Envelope {
@@ -54,6 +55,8 @@ fn mallory_publishes(
                 initial_state: None,
                 group_info: None,
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap()
@@ -70,6 +73,8 @@ fn mallory_publishes(
                 initial_state: None,
                 group_info: Some(&group_info),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();

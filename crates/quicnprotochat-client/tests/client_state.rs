@@ -493,20 +493,17 @@ fn a_copy_of_the_nodes_file_shows_members_and_the_group_only_where_the_design_sa
     }
     let found = tables_holding(&node.dir.join("node.db"), &needles);
     let tables = |names: &[&str]| -> BTreeSet<String> { names.iter().map(|name| name.to_string()).collect() };
-    // The directory is public by design; the group's public view (its
-    // tree), the queues (recipients) and the queued payloads (their clear
-    // MLS header) wait for mechanisms 2 to 4. Welcome trees, group epochs
-    // and message ids show neither.
+    // The directory is public by design; the queues (recipients) and the
+    // queued payloads (their clear MLS header) wait for mechanisms 3 and 4.
+    // The group's view, its proposals (sealed under its state key, protocol
+    // 9), Welcome trees, group epochs, message ids and key backups show
+    // neither.
     assert_eq!(
         found["a member's key"],
-        tables(&["group_views", "key_packages", "messages", "queue_depths"]),
+        tables(&["key_packages", "messages", "queue_depths"]),
         "{found:?}"
     );
-    assert_eq!(
-        found["the group id"],
-        tables(&["group_views", "payloads"]),
-        "{found:?}"
-    );
+    assert_eq!(found["the group id"], tables(&["payloads"]), "{found:?}");
 }
 
 fn hex_bytes(hex: &str) -> Vec<u8> {

@@ -371,12 +371,16 @@ fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_membe
                 other => panic!("a Welcome without its tree: {other:?}"),
             };
         let group_id = GroupId::new(group_id).unwrap();
-        let FetchedWelcomeTree::Tree(tree) = connection
+        // The group's state key comes with the tree: Mallory is a member.
+        let FetchedWelcomeTree::Tree {
+            tree,
+            state_key: Some(state_key),
+        } = connection
             .fetch_welcome_tree(&group_id, epoch, &epoch_key)
             .await
             .unwrap()
         else {
-            panic!("the node keeps the tree");
+            panic!("the node keeps the tree and the state key");
         };
         let mut group = GroupMember::join(&mallory_provider, welcome, Some(&tree), &Credulous).unwrap();
         let added = group
@@ -396,6 +400,8 @@ fn a_leaf_for_a_device_its_user_did_not_list_is_refused_by_the_node_and_by_membe
                 initial_state: None,
                 group_info: None,
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap()

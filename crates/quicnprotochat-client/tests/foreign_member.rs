@@ -81,7 +81,12 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
             .processed_welcome()
             .export_secret(provider.crypto(), "quicnprotochat epoch key", &[], 32)
             .unwrap();
-        let FetchedWelcomeTree::Tree(tree) = connection
+        // With the tree comes the group's state key, which the node keeps
+        // the group's state under and asks of members with each change.
+        let FetchedWelcomeTree::Tree {
+            tree,
+            state_key: Some(state_key),
+        } = connection
             .fetch_welcome_tree(
                 &group_id,
                 info.epoch().as_u64(),
@@ -90,7 +95,7 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
             .await
             .unwrap()
         else {
-            panic!("the node keeps the tree for the member Alice added");
+            panic!("the node keeps the tree and the state key for the member Alice added");
         };
         let tree = RatchetTreeIn::tls_deserialize_exact_bytes(&tree).unwrap();
         let mut group = staged
@@ -128,6 +133,8 @@ fn a_commit_made_by_plain_openmls_is_checked_by_the_node_and_processed_by_cli_me
                 initial_state: None,
                 group_info: Some(&group_info),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();

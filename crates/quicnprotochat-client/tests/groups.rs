@@ -596,6 +596,7 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
     let group_id = state.current_group().unwrap().unwrap();
     let mut group = GroupMember::load(&state.provider(), &group_id).unwrap().unwrap();
     let epoch = group.epoch();
+    let state_key = state.kept_state_key(&group_id).unwrap().unwrap();
     let publication = state
         .stage_publication(|| -> Result<Publication, StateError> {
             Ok(Publication {
@@ -624,6 +625,8 @@ fn an_unconfirmed_change_is_resent_and_settled_by_the_next_command() {
                 initial_state: None,
                 group_info: publication.group_info.as_deref(),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();

@@ -9,13 +9,13 @@
 
 mod common;
 
-use common::{Member, TestNode, group_id_of, group_of, identity, local, private_message};
+use common::{Member, TestNode, group_id_of, group_of, identity, local, private_message, state_key_of};
 use openmls::prelude::tls_codec::{DeserializeBytes as _, Serialize as _};
 use openmls::prelude::{KeyPackageIn, MlsGroup, OpenMlsProvider as _, ProtocolVersion};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::node_client::NodeClient;
 use quicnprotochat_client::state::StateFile;
-use quicnprotochat_core::{EpochKey, GroupId, GroupMember, IdentityKeypair};
+use quicnprotochat_core::{EpochKey, GroupId, GroupMember, IdentityKeypair, StateKey};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo, FetchedWelcomeTree, SendOutcome};
 use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 
@@ -27,10 +27,12 @@ fn identity_of(member: &Member) -> IdentityKeypair {
 }
 
 /// A Commit framed for `group` in `epoch` 0, made by `stranger` in a group of
-/// its own under the same id: what someone outside can send.
-fn strangers_commit(stranger: &IdentityKeypair, group: &GroupId) -> (Vec<u8>, GroupState, Vec<u8>) {
+/// its own under the same id, with that group's state key: what someone
+/// outside can send.
+fn strangers_commit(stranger: &IdentityKeypair, group: &GroupId) -> (Vec<u8>, GroupState, Vec<u8>, StateKey) {
     let provider = OpenMlsRustCrypto::default();
     let mut own = GroupMember::create(&provider, stranger, group).unwrap();
+    let state_key = own.current_state_key(&provider).unwrap();
     let state = own.export_public_state(&provider, stranger).unwrap();
     let commit = own.self_update(&provider, stranger).unwrap();
     let group_info = own.pending_group_info().unwrap().to_vec();
@@ -41,12 +43,14 @@ fn strangers_commit(stranger: &IdentityKeypair, group: &GroupId) -> (Vec<u8>, Gr
             ratchet_tree: state.ratchet_tree,
         },
         group_info,
+        state_key,
     )
 }
 
 /// Every answer a stranger gets about `group`.
 async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair, group: &GroupId) -> String {
-    let (commit, state, group_info) = strangers_commit(stranger, group);
+    // The state key of the stranger's own group: the best a stranger has.
+    let (commit, state, group_info, state_key) = strangers_commit(stranger, group);
     let envelope = |payload: Vec<u8>| Envelope {
         recipients: Vec::new(),
         payload,
@@ -61,10 +65,12 @@ async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair,
             initial_state: None,
             group_info: Some(&group_info),
             epoch_key: None,
+            state_key: &state_key,
+            new_state_key: None,
         })
         .await
         .unwrap();
-    let served = client.fetch_group_info(group).await.unwrap();
+    let served = client.fetch_group_info(group, &state_key).await.unwrap();
     // A key of the stranger's guessing: the node keeps a group's trees
     // sealed under keys only its members can compute.
     let tree = client
@@ -72,11 +78,15 @@ async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair,
         .await
         .unwrap();
     // A PrivateMessage from epoch 0 of the group, to a queue of the
-    // stranger's choosing.
+    // stranger's choosing, with the stranger's key.
     let stale = client
-        .enqueue(
-            &identity(99).public_key(),
-            &private_message(group.as_bytes(), 0, 64),
+        .enqueue_batch_with_keys(
+            &[Envelope {
+                recipients: vec![identity(99).public_key()],
+                payload: private_message(group.as_bytes(), 0, 64),
+                message_id: None,
+            }],
+            &[&state_key],
         )
         .await
         .unwrap();
@@ -89,6 +99,8 @@ async fn what_a_stranger_learns(client: &NodeClient, stranger: &IdentityKeypair,
             initial_state: Some(&state),
             group_info: Some(&group_info),
             epoch_key: None,
+            state_key: &state_key,
+            new_state_key: None,
         })
         .await
         .unwrap();
@@ -127,21 +139,27 @@ fn a_stranger_learns_neither_the_epoch_nor_the_existence_of_a_group() {
     assert_eq!(secret_created, "created: UnknownGroup");
     assert_eq!(nothing_created, "created: Accepted");
 
-    // A member of the group does get its epoch when a message is stale.
+    // A member of the group does get its epoch when a message is stale,
+    // once it shows the group's state key; without it, the node says
+    // nothing about the group even to a member, and queues the message.
     let bob_identity = identity_of(&bob);
+    let bobs_key = state_key_of(&bob, &secret);
     local(async {
         let client = node.connect_as(&bob_identity).await;
+        let stale = [Envelope {
+            recipients: vec![identity(99).public_key()],
+            payload: private_message(secret.as_bytes(), 0, 64),
+            message_id: None,
+        }];
         match client
-            .enqueue(
-                &identity(99).public_key(),
-                &private_message(secret.as_bytes(), 0, 64),
-            )
+            .enqueue_batch_with_keys(&stale, &[&bobs_key])
             .await
             .unwrap()
         {
             SendOutcome::StaleEpoch(stale) => assert_eq!(stale.current_epoch, 2),
             other => panic!("a member's stale message: {other:?}"),
         }
+        assert_eq!(client.enqueue_batch(&stale).await.unwrap(), SendOutcome::Accepted);
     });
     // The group carries on.
     alice.run(&node, "send", &["--msg", "still ours"]);
@@ -161,7 +179,8 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
     // Alice makes two valid Commits of one epoch: one removing Carol, for
     // Bob; one removing Bob, for Carol.
     let alice_identity = identity_of(&alice);
-    let (for_bob, for_carol, carols_group_info) = {
+    let state_key = state_key_of(&alice, &group);
+    let (for_bob, for_carol, carols_group_info, carols_state_key) = {
         let state = StateFile::open(&common::access(&alice.state)).unwrap();
         let provider = state.provider();
         let mut trio = GroupMember::load(&provider, &group).unwrap().unwrap();
@@ -173,8 +192,10 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
             .remove_members(&provider, &alice_identity, &[bob_key])
             .unwrap();
         let group_info = trio.pending_group_info().unwrap().to_vec();
+        // Removing Bob moves the group's state key on.
+        let new_state_key = trio.pending_state_key(&provider).unwrap().unwrap();
         trio.discard_pending_commit(&provider).unwrap();
-        (for_bob, for_carol, group_info)
+        (for_bob, for_carol, group_info, new_state_key)
     };
     // A Commit in a PrivateMessage is refused by its framing as well.
     let mut private_commit = private_message(group.as_bytes(), 1, 64);
@@ -224,6 +245,8 @@ fn commits_sent_around_the_nodes_ordering_are_refused_so_no_member_can_fork_a_gr
                 initial_state: None,
                 group_info: Some(&carols_group_info),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: Some(&carols_state_key),
             })
             .await
             .unwrap();
@@ -255,6 +278,7 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
     let provider = OpenMlsRustCrypto::default();
     let group = GroupId::new(b"proposals".to_vec()).unwrap();
     let mut first = GroupMember::create(&provider, &owner, &group).unwrap();
+    let state_key = first.current_state_key(&provider).unwrap();
     let state = first.export_public_state(&provider, &owner).unwrap();
     let commit = first.self_update(&provider, &owner).unwrap();
     let group_info = first.pending_group_info().unwrap().to_vec();
@@ -298,19 +322,21 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
                 }),
                 group_info: Some(&group_info),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted);
         for proposal in &proposals[..cap] {
             let outcome = client
-                .publish_proposal(&group, 1, &none(proposal.clone()))
+                .publish_proposal(&group, 1, &none(proposal.clone()), &state_key)
                 .await
                 .unwrap();
             assert_eq!(outcome, ChangeOutcome::Accepted);
         }
         let outcome = client
-            .publish_proposal(&group, 1, &none(proposals[cap].clone()))
+            .publish_proposal(&group, 1, &none(proposals[cap].clone()), &state_key)
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::TooManyProposals { max: cap as u32 });
@@ -324,7 +350,7 @@ fn proposals_beyond_the_cap_of_an_epoch_are_refused_until_a_commit() {
             FetchedWelcomeTree::Unavailable
         );
         assert!(matches!(
-            client.fetch_group_info(&group).await.unwrap(),
+            client.fetch_group_info(&group, &state_key).await.unwrap(),
             FetchedGroupInfo::State(_)
         ));
     });

@@ -12,7 +12,7 @@ use capnp::capability::FromClientHook;
 use common::tampered::{Tampered, Tampering};
 use common::{TestNode, enqueue_ok, identity, local, welcome_epoch_key};
 use quicnprotochat_core::{
-    GroupId, GroupMember, IdentityKey, KeyPackageOptions, Seq, Suite, generate_key_package_with,
+    GroupId, GroupMember, IdentityKey, KeyPackageOptions, Seq, StateKey, Suite, generate_key_package_with,
 };
 use quicnprotochat_proto::delivery_capnp::delivery_service;
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome};
@@ -712,6 +712,7 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
         );
         let mut creator =
             GroupMember::create(&one, &identity(1), &GroupId::new(b"race#1".to_vec()).unwrap()).unwrap();
+        let state_key = creator.current_state_key(&one).unwrap();
         let package = quicnprotochat_core::generate_key_package(&two, &identity(2)).unwrap();
         let added = creator
             .add_members(
@@ -750,18 +751,24 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
                 initial_state: Some(&state),
                 group_info: Some(&added_info),
                 epoch_key: Some(&creator.pending_epoch_key(&one).unwrap()),
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();
         assert_eq!(started, ChangeOutcome::Accepted);
         creator.merge_pending_commit(&one).unwrap();
-        let FetchedWelcomeTree::Tree(tree) = loser
+        let FetchedWelcomeTree::Tree {
+            tree,
+            state_key: Some(joiners_key),
+        } = loser
             .fetch_welcome_tree(&group_id, 1, &welcome_epoch_key(&two, &added.welcome))
             .await
             .unwrap()
         else {
-            panic!("the node keeps the tree for the member it added");
+            panic!("the node keeps the tree and the state key for the member it added");
         };
+        assert_eq!(joiners_key, state_key);
         let mut joiner = GroupMember::join(
             &two,
             &added.welcome,
@@ -784,23 +791,36 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
                 initial_state: None,
                 group_info: Some(&first_info),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();
         assert_eq!(won, ChangeOutcome::Accepted);
-        let lost = loser
-            .publish_commit(&CommitToSend {
-                group_id: &group_id,
-                epoch: 1,
-                commit: &envelope(1, second, b"b"),
-                welcome: None,
-                initial_state: None,
-                group_info: Some(&second_info),
-                epoch_key: None,
-            })
-            .await
-            .unwrap();
-        assert_eq!(lost, ChangeOutcome::Conflict { current_epoch: 2 });
+        // Without the group's state key the loser is told nothing about
+        // the group, not even its epoch; with it, the epoch, as data.
+        let second = envelope(1, second, b"b");
+        let wrong_key = StateKey::from_bytes([9; 32]);
+        for (key, told) in [
+            (&wrong_key, ChangeOutcome::UnknownGroup),
+            (&joiners_key, ChangeOutcome::Conflict { current_epoch: 2 }),
+        ] {
+            let lost = loser
+                .publish_commit(&CommitToSend {
+                    group_id: &group_id,
+                    epoch: 1,
+                    commit: &second,
+                    welcome: None,
+                    initial_state: None,
+                    group_info: Some(&second_info),
+                    epoch_key: None,
+                    state_key: key,
+                    new_state_key: None,
+                })
+                .await
+                .unwrap();
+            assert_eq!(lost, told);
+        }
         // The winner's retry (same message id) is accepted again, and only
         // the winning Commit was queued.
         let again = winner
@@ -812,6 +832,8 @@ fn a_commit_that_loses_the_race_is_told_the_groups_epoch_as_data() {
                 initial_state: None,
                 group_info: Some(&first_info),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();

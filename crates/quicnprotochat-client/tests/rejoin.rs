@@ -14,7 +14,9 @@ use common::{Member, TestNode, identity, invite_all, local, welcome_epoch_key};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::ClientError;
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
-use quicnprotochat_core::{GroupId, GroupMember, IdentityKey, generate_key_package};
+use quicnprotochat_core::{
+    BackupSecrets, GroupId, GroupMember, IdentityKey, KeyBackup, StateKey, generate_key_package,
+};
 use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedGroupInfo, FetchedWelcomeTree};
 use quicnprotochat_proto::wire::{CommitToSend, Envelope, GroupState};
 
@@ -184,19 +186,32 @@ fn a_stranger_or_a_removed_member_cannot_rejoin_and_the_group_is_unaffected() {
 
 /// Stages `member`'s rejoin of `group_id` from the node's current state as
 /// if the client had crashed before the node answered: the group is merged
-/// in the state file and the publication waits in the outbox.
+/// in the state file and the publication waits in the outbox. The state
+/// file, restored from before the group, has no state key for it: the
+/// group's state is asked for with the key in the member's key backup on
+/// the node, which is kept for the rejoin, as `rejoin` does.
 fn stage_unanswered_rejoin(node: &TestNode, member: &Member, group_id: &str, message_id: &[u8]) {
     let state = StateFile::open(&common::access(&member.state)).unwrap();
     let identity = state.identity().unwrap();
     let me = identity.public_key();
     let group_id = GroupId::new(hex::decode(group_id).unwrap()).unwrap();
-    let fetched = local(async {
+    assert_eq!(state.kept_state_key(&group_id).unwrap(), None);
+    let (fetched, state_key) = local(async {
         let client = node.connect_as(&identity).await;
-        client.fetch_group_info(&group_id).await.unwrap()
+        let secrets = BackupSecrets::of(&identity);
+        let sealed = client.fetch_key_backup(&secrets.lookup).await.unwrap();
+        let state_key = KeyBackup::open(&secrets.key, &sealed)
+            .and_then(|backup| backup.state_key(&group_id).cloned())
+            .expect("the key backup on the node holds the group's state key");
+        (
+            client.fetch_group_info(&group_id, &state_key).await.unwrap(),
+            state_key,
+        )
     });
     let FetchedGroupInfo::State(served) = fetched else {
         panic!("no GroupInfo served");
     };
+    state.set_state_key(&group_id, &state_key).unwrap();
     state
         .stage_publication(|| -> Result<Publication, StateError> {
             let rejoined = GroupMember::rejoin(
@@ -235,6 +250,10 @@ fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
     let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
     let backup = back_up(&bob);
     let full_id = create_and_invite(&node, "resume", &alice, &[&bob]);
+    // A command after the join writes Bob's key backup on the node, which
+    // the restored device asks for the group's state key (`join` alone
+    // leaves it unwritten: see the next test).
+    bob.run(&node, "recv", &[]);
 
     // Bob rejoins after a restore, but the node never got the Commit.
     restore(&bob, &backup);
@@ -282,6 +301,30 @@ fn an_unanswered_rejoin_is_resent_and_settled_by_the_next_command() {
     );
 }
 
+/// A device restored from a backup taken before it joined holds neither
+/// the group nor its state key: the key backup on the node, which the
+/// join brought up to date, gives it the key, and it rejoins.
+#[test]
+fn a_member_restored_from_a_backup_taken_before_it_joined_rejoins_with_its_key_backup() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob] = ["alice", "bob"].map(|n| Member::register(&node, dir.path(), n));
+    let backup = back_up(&bob);
+    // Bob's one command in the group is `join`.
+    let full_id = create_and_invite(&node, "fresh", &alice, &[&bob]);
+    restore(&bob, &backup);
+    let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
+    assert!(
+        ok && err.contains(&format!("rejoined {full_id}: epoch 2, 2 members")),
+        "{err}"
+    );
+    let (_, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(err.contains("rejoined; now at epoch 2, 2 members"), "{err}");
+    alice.run(&node, "send", &["--msg", "still with us"]);
+    let read = bob.run(&node, "recv", &[]);
+    assert!(read.contains("still with us"), "{read}");
+}
+
 fn key(n: u8) -> IdentityKey {
     identity(n).public_key()
 }
@@ -301,6 +344,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         let (one, two) = (OpenMlsRustCrypto::default(), OpenMlsRustCrypto::default());
         let group_id = GroupId::new(b"served#1".to_vec()).unwrap();
         let mut creator = GroupMember::create(&one, &identity(1), &group_id).unwrap();
+        let state_key = creator.current_state_key(&one).unwrap();
         let package = generate_key_package(&two, &identity(2)).unwrap();
         let added = creator
             .add_members(
@@ -330,18 +374,28 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
                 initial_state: Some(&state),
                 group_info: Some(&group_info),
                 epoch_key: Some(&creator.pending_epoch_key(&one).unwrap()),
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted);
         creator.merge_pending_commit(&one).unwrap();
-        let FetchedWelcomeTree::Tree(tree) = joiner
+        let FetchedWelcomeTree::Tree {
+            tree,
+            state_key: joiners_key,
+        } = joiner
             .fetch_welcome_tree(&group_id, 1, &welcome_epoch_key(&two, &added.welcome))
             .await
             .unwrap()
         else {
             panic!("the node keeps the tree for the member it added");
         };
+        assert_eq!(
+            joiners_key.as_ref(),
+            Some(&state_key),
+            "the joiner gets the group's state key"
+        );
         GroupMember::join(
             &two,
             &added.welcome,
@@ -352,28 +406,40 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
 
         // Both members get epoch 1's GroupInfo, as published, and the tree.
         for client in [&member, &joiner] {
-            let FetchedGroupInfo::State(served) = client.fetch_group_info(&group_id).await.unwrap() else {
+            let FetchedGroupInfo::State(served) =
+                client.fetch_group_info(&group_id, &state_key).await.unwrap()
+            else {
                 panic!("no GroupInfo served");
             };
             assert_eq!(served.group_info, group_info);
             assert!(!served.ratchet_tree.is_empty());
         }
-        // A stranger gets `notMember`, the answer for no group at all; an
-        // anonymous caller a permission error (it is nobody).
+        // A member asking with a key that does not open the group's state
+        // gets `notMember`, as does a stranger, even one holding the key:
+        // the answer for no group at all. An anonymous caller gets a
+        // permission error (it is nobody).
+        let wrong_key = StateKey::from_bytes([3; 32]);
+        assert_eq!(
+            member.fetch_group_info(&group_id, &wrong_key).await.unwrap(),
+            FetchedGroupInfo::NotMember
+        );
         let nothing = GroupId::new(b"no such group".to_vec()).unwrap();
         for group in [&group_id, &nothing] {
-            assert_eq!(
-                stranger.fetch_group_info(group).await.unwrap(),
-                FetchedGroupInfo::NotMember
-            );
+            for key in [&state_key, &wrong_key] {
+                assert_eq!(
+                    stranger.fetch_group_info(group, key).await.unwrap(),
+                    FetchedGroupInfo::NotMember
+                );
+            }
         }
-        match node.connect().await.fetch_group_info(&group_id).await {
+        match node.connect().await.fetch_group_info(&group_id, &state_key).await {
             Err(ClientError::Rpc(e)) => assert_eq!(e.kind, capnp::ErrorKind::Failed, "{e}"),
             other => panic!("served to an anonymous caller: {other:?}"),
         }
 
         // identity(2) lost its state: it rejoins from what the node serves.
-        let FetchedGroupInfo::State(served) = joiner.fetch_group_info(&group_id).await.unwrap() else {
+        let FetchedGroupInfo::State(served) = joiner.fetch_group_info(&group_id, &state_key).await.unwrap()
+        else {
             panic!("no GroupInfo served");
         };
         let wiped = OpenMlsRustCrypto::default();
@@ -387,7 +453,8 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         )
         .unwrap();
         assert_eq!(rejoined.epoch, 1);
-        // The stranger may not publish it for identity(2).
+        // The stranger may not publish it for identity(2), even with the
+        // group's state key.
         let stolen = stranger
             .publish_commit(&CommitToSend {
                 group_id: &group_id,
@@ -397,6 +464,8 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
                 initial_state: None,
                 group_info: Some(&rejoined.group_info),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();
@@ -411,11 +480,16 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
                 initial_state: None,
                 group_info: Some(&rejoined.group_info),
                 epoch_key: None,
+                // A rejoin replaces the device's own leaf: nobody is out,
+                // the state key stays.
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();
         assert_eq!(outcome, ChangeOutcome::Accepted);
-        let FetchedGroupInfo::State(served) = member.fetch_group_info(&group_id).await.unwrap() else {
+        let FetchedGroupInfo::State(served) = member.fetch_group_info(&group_id, &state_key).await.unwrap()
+        else {
             panic!("no GroupInfo served");
         };
         assert_eq!(served.group_info, rejoined.group_info, "the rejoin's, of epoch 2");
@@ -425,6 +499,7 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
         creator
             .receive(&one, &rejoined.commit, &quicnprotochat_core::NoDeviceLists)
             .unwrap();
+        assert!(!creator.state_key_rotated(), "a rejoin takes nobody out");
         let update = creator.self_update(&one, &identity(1)).unwrap();
         let outcome = member
             .publish_commit(&CommitToSend {
@@ -435,6 +510,8 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
                 initial_state: None,
                 group_info: None,
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap();
@@ -442,9 +519,87 @@ fn a_commits_group_info_is_served_to_members_only_and_lets_them_rejoin() {
             ChangeOutcome::Invalid { reason } => assert!(reason.contains("must carry groupInfo"), "{reason}"),
             other => panic!("a Commit without groupInfo: {other:?}"),
         }
-        let FetchedGroupInfo::State(served) = joiner.fetch_group_info(&group_id).await.unwrap() else {
+        let FetchedGroupInfo::State(served) = joiner.fetch_group_info(&group_id, &state_key).await.unwrap()
+        else {
             panic!("no GroupInfo served");
         };
         assert_eq!(served.group_info, rejoined.group_info);
     });
+}
+
+/// A Commit that removes a member moves the group's state key on: the
+/// others follow it and go on, the removed member's key opens nothing, and
+/// a member that missed the removal when it makes a change catches up and
+/// makes it again instead of failing.
+#[test]
+fn a_removal_moves_the_state_key_on_and_a_member_who_missed_it_catches_up() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    create_and_invite(&node, "team", &alice, &[&bob, &carol]);
+    alice.run(&node, "remove", &["--group-id", "team", "--peer-key", &carol.key]);
+
+    // Bob has not read the removal: his update is made in the epoch
+    // before, under the key before. The node finds no group that key
+    // opens; Bob catches up (taking the new key from the removal) and
+    // makes it again.
+    let (ok, _, err) = bob.try_run(&node, "update", &["--group-id", "team"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("team changed meanwhile; caught up and trying again"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "group team: {} left; now at epoch 2, 2 members",
+            carol.short()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("updated your keys in team: epoch 3, 2 members"),
+        "{err}"
+    );
+    let (ok, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(ok && err.contains("now at epoch 3, 2 members"), "{err}");
+
+    alice.run(&node, "send", &["--msg", "without carol"]);
+    assert_eq!(
+        bob.run(&node, "recv", &[]).trim(),
+        format!("team {}: without carol", alice.short())
+    );
+    // Carol learns she was removed and cannot get back in.
+    carol.run(&node, "recv", &[]);
+    let (ok, _, err) = carol.try_run(&node, "rejoin", &["--group-id", "team"]);
+    assert!(!ok, "{err}");
+}
+
+/// A device restored from a backup of its identity alone rejoins a group
+/// whose state key moved on after the backup was taken: it finds the key
+/// in the key backup its live self kept on the node.
+#[test]
+fn a_device_restored_from_its_identity_alone_rejoins_with_its_key_backup() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
+    let backup = back_up(&bob);
+    let full_id = create_and_invite(&node, "team", &alice, &[&bob, &carol]);
+    alice.run(&node, "remove", &["--group-id", "team", "--peer-key", &carol.key]);
+    // Bob follows the removal: his key backup on the node now holds the
+    // group's new key.
+    let (ok, _, err) = bob.try_run(&node, "recv", &[]);
+    assert!(ok && err.contains("now at epoch 2, 2 members"), "{err}");
+
+    restore(&bob, &backup);
+    let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!("rejoined {full_id}: epoch 3, 2 members")),
+        "{err}"
+    );
+    let (ok, _, err) = alice.try_run(&node, "recv", &[]);
+    assert!(ok && err.contains("rejoined"), "{err}");
+    alice.run(&node, "send", &["--msg", "welcome back"]);
+    let read = bob.run(&node, "recv", &[]);
+    assert!(read.contains("welcome back"), "{read}");
 }

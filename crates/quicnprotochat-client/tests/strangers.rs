@@ -48,7 +48,7 @@ fn a_strangers_welcome_is_an_invitation_joined_only_on_accept() {
     let mallory = quicnprotochat_core::IdentityKeypair::generate();
     common::local(async {
         let client = node.connect_as(&mallory).await;
-        let (mut group, provider) =
+        let (mut group, provider, _) =
             common::add_to_new_group(&client, &mallory, bob_key, b"offers#0011223344556677", None).await;
         // Sent while Bob has not answered: kept for him, not lost.
         let message = group.send(&provider, &mallory, b"buy now").unwrap();
@@ -102,7 +102,7 @@ fn a_declined_invitation_is_forgotten_and_its_group_dropped() {
     let bob = Member::register(&node, dir.path(), "bob");
     let bob_key: quicnprotochat_core::IdentityKey = bob.key.parse().unwrap();
     let mallory = quicnprotochat_core::IdentityKeypair::generate();
-    let (mut group, provider) = common::local(async {
+    let (mut group, provider, _) = common::local(async {
         let client = node.connect_as(&mallory).await;
         common::add_to_new_group(&client, &mallory, bob_key, b"spam#0011223344556677", None).await
     });

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Member, TestNode, group_of};
+use common::{Member, TestNode, group_of, state_key_of};
 use quicnprotochat_client::state::{Publication, StateError, StateFile};
 use quicnprotochat_core::GroupMember;
 use quicnprotochat_proto::outcome::ChangeOutcome;
@@ -156,9 +156,10 @@ fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
     group_of(&node, "idle", &alice, &[&bob]);
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let group_id = open(&alice).current_group().unwrap().unwrap();
+    let bobs_key = state_key_of(&bob, &group_id);
     let forgotten = common::local(async {
         let client = node.connect_as(&open(&bob).identity().unwrap()).await;
-        client.fetch_group_info(&group_id).await.unwrap()
+        client.fetch_group_info(&group_id, &bobs_key).await.unwrap()
     });
     assert_eq!(
         forgotten,
@@ -173,6 +174,7 @@ fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
         let stranger = common::identity(77);
         let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
         let mut own = GroupMember::create(&provider, &stranger, &group_id).unwrap();
+        let state_key = own.current_state_key(&provider).unwrap();
         own.self_update(&provider, &stranger).unwrap();
         own.merge_pending_commit(&provider).unwrap();
         let state = own.export_public_state(&provider, &stranger).unwrap();
@@ -195,6 +197,8 @@ fn a_group_idle_for_the_group_retention_is_forgotten_and_handed_over_again() {
                 }),
                 group_info: Some(&group_info),
                 epoch_key: None,
+                state_key: &state_key,
+                new_state_key: None,
             })
             .await
             .unwrap()
@@ -282,11 +286,15 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
     eve.try_run(&node, "recv", &[]);
 
     // Eve, removed at epoch 2, publishes noise framed as a Commit of the
-    // group's current epoch, on her own authenticated connection.
+    // group's current epoch, on her own authenticated connection, with the
+    // state key she kept (from before her removal moved it on) or, say
+    // leaked, the group's current one.
     let state = open(&eve);
     let eve_identity = state.identity().unwrap();
     let group_id = state.current_group().unwrap().unwrap();
-    let publish = |payload: Vec<u8>| {
+    let (old_key, current_key) = (state_key_of(&eve, &group_id), state_key_of(&alice, &group_id));
+    assert_ne!(old_key, current_key, "removing Eve moved the state key on");
+    let publish = |payload: Vec<u8>, state_key| {
         common::local(async {
             node.connect_as(&eve_identity)
                 .await
@@ -302,12 +310,14 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
                     initial_state: None,
                     group_info: None,
                     epoch_key: None,
+                    state_key,
+                    new_state_key: None,
                 })
                 .await
         })
     };
     // Bytes that do not even parse as a Commit: refused as a wrong call.
-    let err = publish(framed_as_a_commit(group_id.as_bytes(), 2, &[0x5a; 117])).unwrap_err();
+    let err = publish(framed_as_a_commit(group_id.as_bytes(), 2, &[0x5a; 117]), &old_key).unwrap_err();
     assert!(err.to_string().contains("malformed MLS message"), "{err}");
     // A well-formed Commit of noise: no proposals, no path, and random
     // signature, confirmation tag and membership tag.
@@ -318,9 +328,12 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
     body.extend_from_slice(&[0xa5; 32]);
     body.push(0x20);
     body.extend_from_slice(&[0x3c; 32]);
-    let outcome = publish(framed_as_a_commit(group_id.as_bytes(), 2, &body)).unwrap();
-    // Eve is no member any more: she is told nothing about the group.
-    assert_eq!(outcome, ChangeOutcome::UnknownGroup);
+    // Eve is no member any more: she is told nothing about the group,
+    // whichever key she holds.
+    for key in [&old_key, &current_key] {
+        let outcome = publish(framed_as_a_commit(group_id.as_bytes(), 2, &body), key).unwrap();
+        assert_eq!(outcome, ChangeOutcome::UnknownGroup);
+    }
 
     // The epoch stayed free: the others add, update and remove as before.
     alice.run(&node, "invite", &["--group-id", "team", "--peer-key", &carol.key]);

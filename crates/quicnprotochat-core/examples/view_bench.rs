@@ -5,8 +5,14 @@
 //! view again) for a self-update and for adding one member, and the bytes
 //! the node writes to keep one standalone proposal (a row of its own; the
 //! view is not written). The tree kept for a joiner is sealed under the new
-//! epoch's key (protocol 8); the time that takes is shown beside its size. Single-threaded, so wall time is the node's CPU
-//! time. Prints a Markdown table.
+//! epoch's key (protocol 8); the time that takes is shown beside its size.
+//! Since protocol 9 the stored view is sealed under the group's state key:
+//! each Commit opens it and seals the new one; that cost is shown on its
+//! own, so the table holds the times before and after protocol 9 side by
+//! side (whether a device left is read from the Commit's proposals, within
+//! check+apply).
+//! Single-threaded, so wall time is the node's CPU time. Prints a Markdown
+//! table.
 //!
 //! Run: `cargo run --release -p quicnprotochat-core --example view_bench [-- SIZE ...]`
 //! (default sizes: 10 100 1000 10000; 5 Commits of each kind per size).
@@ -18,7 +24,7 @@ use std::time::{Duration, Instant};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::sealed::{self, Sealed};
 use quicnprotochat_core::{
-    EpochKey, GroupMember, GroupRef, IdentityKeypair, PublicView, generate_key_package,
+    EpochKey, GroupMember, GroupRef, IdentityKeypair, PublicView, StateKey, generate_key_package,
 };
 
 /// Members added per Commit while building a group.
@@ -40,9 +46,9 @@ fn main() {
         }
     };
     println!(
-        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total, tree kept and sealed included) | tree kept for the joiner (sealing it) | proposal kept (written) |"
+        "| members | start the view | stored view | per self-update Commit (decode / check+apply / encode) | per add-one Commit (total, tree kept and sealed included) | protocol 9 adds per Commit (open and seal the view) | tree kept for the joiner (sealing it) | proposal kept (written) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for size in sizes {
         run(size);
     }
@@ -84,16 +90,21 @@ fn run(size: usize) {
     )
     .unwrap();
     let start = started.elapsed();
-    let mut stored = view.encode();
+    let state_key = StateKey::from_bytes([7; 32]);
+    let group_ref = GroupRef::of(&group_id);
+    let mut stored = sealed::seal(&state_key, Sealed::View, &group_ref, view.epoch(), &view.encode());
     assert_eq!(view.member_count(), size);
 
     let mut updates = Vec::new();
     let mut adds = Vec::new();
     let mut tree = (0, Duration::ZERO);
     let mut seals = Vec::new();
+    let mut sealing_state = Vec::new();
     for _ in 0..RUNS {
         let commit = group.self_update(&provider, &creator).unwrap();
-        let (timings, next, _) = apply(&group_id, &stored, &commit, &me, None);
+        let (timings, next, _, added_by_9) =
+            apply(&group_id, &state_key, group.epoch(), &stored, &commit, &me, None);
+        sealing_state.push(added_by_9);
         group.merge_pending_commit(&provider).unwrap();
         stored = next;
         updates.push(timings);
@@ -108,7 +119,16 @@ fn run(size: usize) {
             )
             .unwrap();
         let key = group.pending_epoch_key(&provider).unwrap();
-        let (timings, next, kept) = apply(&group_id, &stored, &added.commit, &me, Some(&key));
+        let (timings, next, kept, added_by_9) = apply(
+            &group_id,
+            &state_key,
+            group.epoch(),
+            &stored,
+            &added.commit,
+            &me,
+            Some(&key),
+        );
+        sealing_state.push(added_by_9);
         group.merge_pending_commit(&provider).unwrap();
         stored = next;
         adds.push(timings);
@@ -117,7 +137,8 @@ fn run(size: usize) {
     }
     // A request to leave, as the node keeps it.
     let leave = group.leave(&provider, &creator).unwrap();
-    let mut view = PublicView::decode(group_id.as_bytes(), &stored, &[]).unwrap();
+    let opened = sealed::open(&state_key, Sealed::View, &group_ref, group.epoch(), &stored).unwrap();
+    let mut view = PublicView::decode(group_id.as_bytes(), &opened, &[]).unwrap();
     let (_, proposal) = view.add_proposal(&leave, &me).unwrap();
     let median = |runs: &[[Duration; 3]], part: usize| -> Duration {
         let mut values: Vec<Duration> = runs.iter().map(|run| run[part]).collect();
@@ -129,8 +150,9 @@ fn run(size: usize) {
         values.sort();
         values[values.len() / 2]
     };
+    sealing_state.sort();
     println!(
-        "| {size} | {} | {} | {} ({} / {} / {}) | {} | {} ({}) | {} |",
+        "| {size} | {} | {} | {} ({} / {} / {}) | {} | {} | {} ({}) | {} |",
         ms(start),
         bytes(stored.len()),
         ms(total(&updates)),
@@ -138,6 +160,7 @@ fn run(size: usize) {
         ms(median(&updates, 1)),
         ms(median(&updates, 2)),
         ms(total(&adds)),
+        ms(sealing_state[sealing_state.len() / 2]),
         bytes(tree.0),
         ms({
             seals.sort();
@@ -147,24 +170,37 @@ fn run(size: usize) {
     );
 }
 
-/// Does what the node does for one Commit; returns the three times, the new
-/// stored view and, for a Commit that adds members, the size of the tree
-/// kept for them and the time sealing it under `key` took (encoding and
-/// sealing it count in the third time).
+/// What [`apply`] measured of one Commit: see there.
+type Handled = ([Duration; 3], Vec<u8>, Option<(usize, Duration)>, Duration);
+
+/// Does what the node does for one Commit in `epoch`; returns the three
+/// times of protocol 8 (decode, check+apply, encode), the new stored view
+/// (sealed under `state_key`), for a Commit that adds members the size of
+/// the tree kept for them and the time sealing it under `key` took
+/// (encoding and sealing it count in the third time), and what protocol 9
+/// adds: opening the stored view and sealing the new one.
 fn apply(
     group: &quicnprotochat_core::GroupId,
+    state_key: &StateKey,
+    epoch: u64,
     stored: &[u8],
     commit: &[u8],
     caller: &quicnprotochat_core::IdentityKey,
     key: Option<&EpochKey>,
-) -> ([Duration; 3], Vec<u8>, Option<(usize, Duration)>) {
+) -> Handled {
     let group_id = group.as_bytes();
+    let group_ref = GroupRef::of(group);
     let started = Instant::now();
-    let mut view = PublicView::decode(group_id, stored, &[]).unwrap();
+    let opened = sealed::open(state_key, Sealed::View, &group_ref, epoch, stored).unwrap();
+    let mut protocol_9 = started.elapsed();
+    let started = Instant::now();
+    let mut view = PublicView::decode(group_id, &opened, &[]).unwrap();
     let decoded = started.elapsed();
     let started = Instant::now();
-    let added = view.apply_commit(commit, caller).unwrap();
+    let applied_commit = view.apply_commit(commit, caller).unwrap();
     let applied = started.elapsed();
+    assert!(!applied_commit.takes_out_a_device, "nobody leaves here");
+    let added = applied_commit.added;
     let started = Instant::now();
     let next = view.encode();
     // A Commit that adds members also leaves the new epoch's tree for
@@ -173,17 +209,14 @@ fn apply(
         let tree = view.ratchet_tree();
         let sealing = Instant::now();
         let key = key.expect("a Commit that adds members comes with its epoch key");
-        let sealed = sealed::seal(
-            key,
-            Sealed::WelcomeTree,
-            &GroupRef::of(group),
-            view.epoch(),
-            &tree,
-        );
+        let sealed = sealed::seal_welcome(key, &GroupRef::of(group), view.epoch(), state_key, &tree);
         (sealed.len(), sealing.elapsed())
     });
     let encoded = started.elapsed();
-    ([decoded, applied, encoded], next, tree)
+    let started = Instant::now();
+    let next = sealed::seal(state_key, Sealed::View, &group_ref, view.epoch(), &next);
+    protocol_9 += started.elapsed();
+    ([decoded, applied, encoded], next, tree, protocol_9)
 }
 
 fn ms(took: Duration) -> String {

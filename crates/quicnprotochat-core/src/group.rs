@@ -60,7 +60,7 @@ use crate::device_lists::{DeviceDirectory, check_devices};
 use crate::error::CoreError;
 use crate::identity::{IdentityKey, IdentityKeypair, MemberKey, checked_member, credential_member};
 use crate::key_package::{leaf_member, validate_key_package};
-use crate::sealed::EpochKey;
+use crate::sealed::{EpochKey, StateKey};
 use crate::suite::Suite;
 
 /// How many past epochs' message keys we keep, so application messages sent
@@ -84,6 +84,10 @@ pub struct GroupMember {
     /// commit starts, made with that commit. openmls does not store it, so
     /// it lives only here: see [`Self::pending_group_info`].
     pending_group_info: Option<Vec<u8>>,
+    /// Whether the last Commit merged through this value took a device
+    /// out of the group, so the group's [`StateKey`] is now the current
+    /// epoch's: see [`Self::state_key_rotated`].
+    state_key_rotated: bool,
 }
 
 /// The messages produced by [`GroupMember::add_members`].
@@ -448,7 +452,7 @@ impl GroupMember {
         }
         let tree = RatchetTreeIn::tls_deserialize_exact_bytes(ratchet_tree)
             .map_err(|e| CoreError::MalformedMessage(format!("ratchet tree: {e}")))?;
-        {
+        let before = {
             // The tree openmls will use. Its signatures are checked while
             // building; our identity rules and our own membership are
             // checked here, before anything is written.
@@ -465,7 +469,8 @@ impl GroupMember {
                 return Err(CoreError::NotAMember);
             }
             check_devices(directory, &members)?;
-        }
+            members.iter().map(|member| member.device).collect::<Vec<_>>()
+        };
 
         let mls_group_id = GroupId::from_slice(group_id.as_bytes());
         let epoch = group_info.epoch().as_u64();
@@ -500,6 +505,9 @@ impl GroupMember {
             .finalize(provider)
             .map_err(CoreError::mls(operation))?;
         let mut group = Self::wrap(group);
+        // A rejoin that covers another member's request to leave takes
+        // that device out: the group's state key moves on.
+        group.state_key_rotated = lost_a_device(&before, &group.members());
         let encoded = encode(bundle.commit()).and_then(|commit| Ok((commit, encode_group_info(&bundle)?)));
         match encoded {
             Ok((commit, group_info)) => Ok(Rejoined {
@@ -523,6 +531,7 @@ impl GroupMember {
         Self {
             group,
             pending_group_info: None,
+            state_key_rotated: false,
         }
     }
 
@@ -668,6 +677,65 @@ impl GroupMember {
     pub fn pending_epoch_key<P: OpenMlsProvider>(&self, provider: &P) -> Result<EpochKey, CoreError> {
         let pending = self.group.pending_commit().ok_or(CoreError::NoPendingCommit)?;
         epoch_key_of(|label, length| pending.export_secret(provider.crypto(), label, &[], length))
+    }
+
+    /// The [`StateKey`] a group would take in its current epoch: the group's
+    /// state key at creation, after a Commit that took a device out
+    /// ([`Self::state_key_rotated`]), and for a group whose key was never
+    /// kept (all members of one epoch compute the same).
+    pub fn current_state_key<P: OpenMlsProvider>(&self, provider: &P) -> Result<StateKey, CoreError> {
+        key_of(crate::sealed::STATE_KEY_LABEL, |label, length| {
+            self.group.export_secret(provider.crypto(), label, &[], length)
+        })
+        .map(|bytes| StateKey::from_bytes(*bytes.as_bytes()))
+    }
+
+    /// The [`StateKey`] of the epoch our pending commit starts, if that
+    /// commit takes a device out of the group ([`Self::pending_commit_rotates`]):
+    /// it goes to the node with the commit, which keeps the group's state
+    /// under it from then on.
+    pub fn pending_state_key<P: OpenMlsProvider>(&self, provider: &P) -> Result<Option<StateKey>, CoreError> {
+        if !self.pending_commit_rotates()? {
+            return Ok(None);
+        }
+        let pending = self.group.pending_commit().ok_or(CoreError::NoPendingCommit)?;
+        key_of(crate::sealed::STATE_KEY_LABEL, |label, length| {
+            pending.export_secret(provider.crypto(), label, &[], length)
+        })
+        .map(|bytes| Some(StateKey::from_bytes(*bytes.as_bytes())))
+    }
+
+    /// Whether our pending commit takes a device out of the group: it
+    /// removes (or covers the self-removal of) a leaf whose device it does
+    /// not add again. Such a commit rotates the group's [`StateKey`].
+    pub fn pending_commit_rotates(&self) -> Result<bool, CoreError> {
+        let pending = self.group.pending_commit().ok_or(CoreError::NoPendingCommit)?;
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
+        for queued in pending.queued_proposals() {
+            match queued.proposal() {
+                Proposal::Remove(remove) => removed.push(self.identity_at(remove.removed())?),
+                Proposal::SelfRemove => {
+                    if let Sender::Member(index) = queued.sender() {
+                        removed.push(self.identity_at(*index)?);
+                    }
+                }
+                Proposal::Add(add) => {
+                    let leaf = add.key_package().leaf_node();
+                    added.push(checked_member(leaf.credential(), leaf.signature_key().as_slice())?.device);
+                }
+                _ => {}
+            }
+        }
+        Ok(removed.iter().any(|device| !added.contains(device)))
+    }
+
+    /// Whether the last Commit merged through this value (ours, another
+    /// member's, or our rejoin) took a device out of the group: the
+    /// group's [`StateKey`] is then [`Self::current_state_key`], and a
+    /// member keeps it in place of the one before.
+    pub fn state_key_rotated(&self) -> bool {
+        self.state_key_rotated
     }
 
     /// The ratchet tree of the epoch our pending commit starts, TLS-encoded:
@@ -937,10 +1005,12 @@ impl GroupMember {
         if !self.has_pending_commit() {
             return Err(CoreError::NoPendingCommit);
         }
+        let rotates = self.pending_commit_rotates()?;
         self.group
             .merge_pending_commit(provider)
             .map_err(CoreError::mls("merging our commit"))?;
         self.pending_group_info = None;
+        self.state_key_rotated = rotates;
         Ok(())
     }
 
@@ -1074,11 +1144,13 @@ impl GroupMember {
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let rejoined = self.check_commit(&sender, &staged, directory)?;
                 let removed = staged.self_removed();
+                let before = self.members();
                 self.group
                     .merge_staged_commit(provider, *staged)
                     .map_err(CoreError::mls("merging a commit"))?;
                 // Merging another's commit dropped any pending one of ours.
                 self.pending_group_info = None;
+                self.state_key_rotated = !removed && lost_a_device(&before, &self.members());
                 let epoch = self.epoch();
                 Ok(match rejoined {
                     _ if removed => Received::Removed { epoch },
@@ -1290,14 +1362,31 @@ impl fmt::Debug for GroupMember {
 fn epoch_key_of<E: std::fmt::Debug>(
     export: impl FnOnce(&str, usize) -> Result<Vec<u8>, E>,
 ) -> Result<EpochKey, CoreError> {
-    let bytes = export(crate::sealed::EPOCH_KEY_LABEL, EpochKey::LEN).map_err(|e| CoreError::Mls {
-        operation: "exporting the epoch key",
+    key_of(crate::sealed::EPOCH_KEY_LABEL, export)
+}
+
+/// The 32-byte exporter secret with `label` of one epoch:
+/// `export(label, length)`.
+fn key_of<E: std::fmt::Debug>(
+    label: &str,
+    export: impl FnOnce(&str, usize) -> Result<Vec<u8>, E>,
+) -> Result<EpochKey, CoreError> {
+    let mut bytes = export(label, EpochKey::LEN).map_err(|e| CoreError::Mls {
+        operation: "exporting a key",
         detail: format!("{e:?}"),
     })?;
-    EpochKey::from_slice(&bytes).ok_or_else(|| CoreError::Mls {
-        operation: "exporting the epoch key",
+    let key = EpochKey::from_slice(&bytes).ok_or_else(|| CoreError::Mls {
+        operation: "exporting a key",
         detail: format!("{} bytes instead of {}", bytes.len(), EpochKey::LEN),
-    })
+    });
+    zeroize::Zeroize::zeroize(&mut bytes);
+    key
+}
+
+/// Whether a device of `before` has no leaf in `after`.
+fn lost_a_device(before: &[IdentityKey], after: &[IdentityKey]) -> bool {
+    let after: std::collections::HashSet<&IdentityKey> = after.iter().collect();
+    before.iter().any(|device| !after.contains(device))
 }
 
 /// Reads the routing information of a queued message without decrypting it.
@@ -1877,6 +1966,47 @@ mod tests {
             bob_group.pending_epoch_key(&bob.provider).unwrap_err(),
             CoreError::NoPendingCommit
         );
+    }
+
+    #[test]
+    fn the_state_key_moves_on_only_when_a_device_leaves() {
+        let alice = Client::new();
+        let (bob, carol) = (Client::new(), Client::new());
+        let mut group = alice.create();
+        let first = group.current_state_key(&alice.provider).unwrap();
+        let added = alice.add(&mut group, &[&bob, &carol]);
+        assert!(!group.state_key_rotated(), "adding takes nobody out");
+        let mut bob_group = bob.join(&added);
+        let mut carol_group = carol.join(&added);
+        assert_ne!(first, group.current_state_key(&alice.provider).unwrap());
+
+        // An update keeps the key.
+        let commit = bob_group.self_update(&bob.provider, &bob.identity).unwrap();
+        assert!(!bob_group.pending_commit_rotates().unwrap());
+        assert_eq!(bob_group.pending_state_key(&bob.provider).unwrap(), None);
+        bob_group.merge_pending_commit(&bob.provider).unwrap();
+        assert!(!bob_group.state_key_rotated());
+        alice.receive(&mut group, &commit);
+        assert!(!group.state_key_rotated());
+        carol.receive(&mut carol_group, &commit);
+
+        // Removing Carol moves it on: Alice knows the new key before the
+        // commit is merged, Bob computes the same from the commit, and
+        // Carol's old key is not it.
+        let commit = group
+            .remove_members(&alice.provider, &alice.identity, &[carol.key()])
+            .unwrap();
+        assert!(group.pending_commit_rotates().unwrap());
+        let next = group.pending_state_key(&alice.provider).unwrap().unwrap();
+        group.merge_pending_commit(&alice.provider).unwrap();
+        assert!(group.state_key_rotated());
+        assert_eq!(next, group.current_state_key(&alice.provider).unwrap());
+        bob.receive(&mut bob_group, &commit);
+        assert!(bob_group.state_key_rotated());
+        assert_eq!(next, bob_group.current_state_key(&bob.provider).unwrap());
+        assert_ne!(next, carol_group.current_state_key(&carol.provider).unwrap());
+        carol.receive(&mut carol_group, &commit);
+        assert!(!carol_group.state_key_rotated(), "Carol is out: no key for her");
     }
 
     #[test]

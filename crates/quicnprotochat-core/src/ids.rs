@@ -1,5 +1,5 @@
 //! Identifiers that cross crates: queue sequence numbers, group ids and
-//! the hashes the node keys groups and message ids by.
+//! the hashes the node keys groups, message ids and key backups by.
 //! Newtypes, so a sequence number is never mistaken for an epoch or a count,
 //! and a group id for a payload.
 
@@ -147,6 +147,44 @@ impl fmt::Debug for MessageKey {
     }
 }
 
+/// What the node keeps a device's key backup (its groups and their state
+/// keys, sealed by the device) under: SHA-256("quicnprotochat key backup"
+/// || secret), where the secret is 32 bytes the device derives from its
+/// identity secret and presents with each call. The node never stores the
+/// secret, so a copy of its files cannot tell whose backup a row is, and
+/// only a holder of the secret can name the row to read or replace it.
+/// The label keeps these hashes apart from the node's other ones.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackupRef([u8; 32]);
+
+impl BackupRef {
+    /// The reference of the backup of the device that presents `secret`.
+    pub fn of(secret: &[u8; 32]) -> BackupRef {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"quicnprotochat key backup");
+        hash.update(secret);
+        BackupRef(hash.finalize().into())
+    }
+
+    /// A reference read back from storage, which holds only references
+    /// [`Self::of`] made.
+    pub fn from_bytes(bytes: [u8; 32]) -> BackupRef {
+        BackupRef(bytes)
+    }
+
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for BackupRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BackupRef({})", hex::encode(&self.0[..8]))
+    }
+}
+
 /// One message waiting in a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedMessage {
@@ -185,6 +223,23 @@ mod tests {
         assert_eq!(key.as_bytes()[..], sha2::Sha256::digest(&input)[..]);
         assert_ne!(key, MessageKey::of(&IdentityKey::from_bytes([8; 32]), b"id-1"));
         assert_ne!(key, MessageKey::of(&sender, b"id-2"));
+    }
+
+    /// Each secret names a backup of its own, the same one every time, and
+    /// the reference is the documented hash, which does not hold the
+    /// secret.
+    #[test]
+    fn a_backup_ref_is_sha256_of_the_label_and_the_secret() {
+        let secret = [7; 32];
+        let backup = BackupRef::of(&secret);
+        assert_eq!(backup, BackupRef::of(&[7; 32]));
+        assert_ne!(backup, BackupRef::of(&[8; 32]));
+        assert_ne!(backup.as_bytes(), &secret);
+        let mut input = b"quicnprotochat key backup".to_vec();
+        input.extend_from_slice(&secret);
+        use sha2::Digest;
+        assert_eq!(backup.as_bytes()[..], sha2::Sha256::digest(&input)[..]);
+        assert_eq!(BackupRef::from_bytes(*backup.as_bytes()), backup);
     }
 
     #[test]

@@ -16,22 +16,26 @@
 //!   group operations check that every leaf's device is listed.
 //! - [`link`] — linking a new device: the link code, the device key it
 //!   yields, and the sealed handoff of the user key.
+//! - [`backup`] — [`KeyBackup`]: a device's groups and their state keys,
+//!   sealed under a key derived from its identity, for the node to keep.
 //! - [`content`] — [`Content`]: what an application message carries
 //!   inside its encryption (text, or the group's name), by content type.
 //! - [`ids`] — [`IdentityKey`], [`Seq`], [`GroupId`] and [`QueuedMessage`]:
-//!   identifiers the node and clients share.
+//!   identifiers the node and clients share; [`GroupRef`], [`MessageKey`]
+//!   and [`BackupRef`]: the hashes the node keys rows by.
 //! - [`key_package`] — generating KeyPackages and validating uploaded ones.
 //! - [`group`] — [`GroupMember`] (create, join, rejoin, add, send, receive) and [`classify`] for routing.
 //! - [`framing`] — what a message's clear MLS header says (handshake or
 //!   not, group and epoch), read without openmls, for the node's routing.
 //! - [`public_view`] — [`PublicView`]: a group's public state as the node
 //!   keeps it, checking Commits and proposals (RFC 9750).
-//! - [`sealed`] — [`EpochKey`]: an epoch's exporter key, under which the
+//! - [`sealed`] — [`EpochKey`] and [`StateKey`]: exporter keys under which the
 //!   node keeps group state sealed that only members may read.
 //! - [`suite`] — [`Suite`]: the ciphersuites we speak (X25519 and the
 //!   ML-KEM-768 + X25519 hybrid).
 //! - [`error`] — [`CoreError`].
 
+pub mod backup;
 pub mod content;
 pub mod device_lists;
 pub mod error;
@@ -47,6 +51,7 @@ pub mod suite;
 
 use openmls_traits::types::Ciphersuite;
 
+pub use backup::{BackupSecrets, KeyBackup};
 pub use content::Content;
 pub use device_lists::{
     DeviceDirectory, DeviceList, DeviceListError, Freshness, Listed, NoDeviceLists, SignedDeviceList,
@@ -55,13 +60,13 @@ pub use device_lists::{
 pub use error::CoreError;
 pub use group::{AddedMembers, GroupMember, GroupState, Incoming, MessageKind, Received, Rejoined, classify};
 pub use identity::{IdentityKey, IdentityKeypair, MemberKey};
-pub use ids::{GroupId, GroupRef, MessageKey, QueuedMessage, Seq};
+pub use ids::{BackupRef, GroupId, GroupRef, MessageKey, QueuedMessage, Seq};
 pub use key_package::{
     KeyPackageInfo, KeyPackageOptions, KeyPackageStock, fingerprint, generate_key_package,
     generate_key_package_with, inspect_key_package, key_package_identity, unwrap_key_package,
 };
 pub use public_view::PublicView;
-pub use sealed::EpochKey;
+pub use sealed::{EpochKey, StateKey};
 pub use suite::Suite;
 
 /// The default suite's MLS ciphersuite: X25519 HPKE, AES-128-GCM, SHA-256

@@ -47,6 +47,17 @@ pub struct Invalid(pub String);
 #[error("the stored public state of the group is damaged: {0}")]
 pub struct DamagedState(String);
 
+/// What [`PublicView::apply_commit`] found in a Commit it applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The members it added.
+    pub added: Vec<MemberKey>,
+    /// Whether it took a device out of the group: removed (or covered the
+    /// self-removal of) a leaf whose device it does not add again. Such a
+    /// Commit moves the group's state key on (protocol 9).
+    pub takes_out_a_device: bool,
+}
+
 /// One group's public state.
 pub struct PublicView {
     group: PublicGroup,
@@ -185,9 +196,10 @@ impl PublicView {
     /// group moves to the next epoch. Returns the members the Commit added
     /// (they join by Welcome and need the new epoch's
     /// [`Self::ratchet_tree`]; the caller checks their devices against
-    /// their users' lists). On `Err` the state may be partly changed: drop
-    /// it and decode the stored one again.
-    pub fn apply_commit(&mut self, commit: &[u8], caller: &IdentityKey) -> Result<Vec<MemberKey>, Invalid> {
+    /// their users' lists) and whether it took a device out (which moves
+    /// the group's state key on). On `Err` the state may be partly changed:
+    /// drop it and decode the stored one again.
+    pub fn apply_commit(&mut self, commit: &[u8], caller: &IdentityKey) -> Result<Applied, Invalid> {
         let processed = self.process(commit, "Commit")?;
         let sender = processed.sender().clone();
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
@@ -199,11 +211,31 @@ impl PublicView {
             .map(|add| leaf_member(add.add_proposal().key_package().leaf_node()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Invalid(format!("an added member: {e}")))?;
+        // Read from the proposals, not by comparing the members before and
+        // after: the same answer at the cost of the proposals, not of the
+        // group's size. An external Commit's new leaf is its sender (the
+        // same device, rejoining).
+        let removed = staged.queued_proposals().filter_map(|queued| {
+            let index = match (queued.proposal(), queued.sender()) {
+                (Proposal::Remove(remove), _) => remove.removed(),
+                (Proposal::SelfRemove, Sender::Member(index)) => *index,
+                _ => return None,
+            };
+            self.group.leaf(index).and_then(|leaf| leaf_member(leaf).ok())
+        });
+        let rejoiner = matches!(sender, Sender::NewMemberCommit).then_some(*caller);
+        let takes_out_a_device = removed
+            .collect::<Vec<_>>()
+            .iter()
+            .any(|gone| Some(gone.device) != rejoiner && !added.iter().any(|new| new.device == gone.device));
         self.group
             .merge_commit(&self.items, *staged)
             .map_err(|e| Invalid(format!("the Commit cannot be applied: {e}")))?;
         self.check_members()?;
-        Ok(added)
+        Ok(Applied {
+            added,
+            takes_out_a_device,
+        })
     }
 
     /// The current epoch's ratchet tree, TLS-encoded: what a member joining

@@ -54,7 +54,7 @@ pub mod generated {
 pub use generated::{auth_capnp, delivery_capnp, node_capnp};
 
 /// The wire protocol version a node reports in `ping`.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Default largest payload (KeyPackage or message) a node accepts: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::{IdentityKey, StateKey};
 
 use crate::wire::{FieldError, GroupState, identity_key, write_group_state};
 use crate::{auth_capnp, delivery_capnp};
@@ -418,8 +418,14 @@ impl FetchedGroupInfo {
 /// What `fetchWelcomeTree` found (`FetchedWelcomeTree`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchedWelcomeTree {
-    /// The group's ratchet tree in the asked epoch, TLS-encoded.
-    Tree(Vec<u8>),
+    /// The group's ratchet tree in the asked epoch, TLS-encoded, and the
+    /// group's state key (protocol 9; none for a tree kept before).
+    Tree {
+        /// The TLS-encoded ratchet tree.
+        tree: Vec<u8>,
+        /// The group's state key.
+        state_key: Option<StateKey>,
+    },
     /// The node keeps no tree for that epoch.
     Unavailable,
 }
@@ -428,7 +434,12 @@ impl FetchedWelcomeTree {
     /// Fills the node's answer.
     pub fn write(&self, mut builder: delivery_capnp::fetched_welcome_tree::Builder<'_>) {
         match self {
-            FetchedWelcomeTree::Tree(tree) => builder.set_tree(tree),
+            FetchedWelcomeTree::Tree { tree, state_key } => {
+                builder.set_tree(tree);
+                if let Some(key) = state_key {
+                    builder.set_state_key(key.as_bytes());
+                }
+            }
             FetchedWelcomeTree::Unavailable => builder.set_unavailable(()),
         }
     }
@@ -439,8 +450,48 @@ impl FetchedWelcomeTree {
     ) -> Result<FetchedWelcomeTree, OutcomeError> {
         use delivery_capnp::fetched_welcome_tree::Which;
         Ok(match reader.which()? {
-            Which::Tree(tree) => FetchedWelcomeTree::Tree(tree?.to_vec()),
+            Which::Tree(tree) => FetchedWelcomeTree::Tree {
+                tree: tree?.to_vec(),
+                state_key: crate::wire::optional_state_key("stateKey", reader.get_state_key())?,
+            },
             Which::Unavailable(()) => FetchedWelcomeTree::Unavailable,
+        })
+    }
+}
+
+/// What became of `putKeyBackup` (`BackupOutcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupOutcome {
+    /// The backup is durably stored in place of the one before.
+    Stored,
+    /// Over the caller's rate limit; nothing was stored.
+    RateLimited(RateLimited),
+    /// Larger than `max_bytes`; nothing was stored.
+    TooLarge {
+        /// The most a backup may take.
+        max_bytes: u32,
+    },
+}
+
+impl BackupOutcome {
+    /// Fills the node's answer.
+    pub fn write(&self, mut builder: delivery_capnp::backup_outcome::Builder<'_>) {
+        match self {
+            BackupOutcome::Stored => builder.set_stored(()),
+            BackupOutcome::RateLimited(limited) => limited.write(builder.init_rate_limited()),
+            BackupOutcome::TooLarge { max_bytes } => builder.init_too_large().set_max_bytes(*max_bytes),
+        }
+    }
+
+    /// Reads the node's answer.
+    pub fn read(reader: delivery_capnp::backup_outcome::Reader<'_>) -> Result<BackupOutcome, OutcomeError> {
+        use delivery_capnp::backup_outcome::Which;
+        Ok(match reader.which()? {
+            Which::Stored(()) => BackupOutcome::Stored,
+            Which::RateLimited(limited) => BackupOutcome::RateLimited(RateLimited::read(limited?)),
+            Which::TooLarge(large) => BackupOutcome::TooLarge {
+                max_bytes: large?.get_max_bytes(),
+            },
         })
     }
 }
@@ -590,7 +641,14 @@ mod tests {
             );
         }
         for outcome in [
-            FetchedWelcomeTree::Tree(vec![3, 4]),
+            FetchedWelcomeTree::Tree {
+                tree: vec![3, 4],
+                state_key: Some(StateKey::from_bytes([5; 32])),
+            },
+            FetchedWelcomeTree::Tree {
+                tree: vec![3, 4],
+                state_key: None,
+            },
             FetchedWelcomeTree::Unavailable,
         ] {
             let mut message = capnp::message::Builder::new_default();

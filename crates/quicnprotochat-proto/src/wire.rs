@@ -3,7 +3,7 @@
 //! with unchecked bytes.
 
 use quicnprotochat_core::{
-    EpochKey, GroupId, IdentityKey, KeyPackageStock, MessageKind, QueuedMessage, Seq, Suite,
+    EpochKey, GroupId, IdentityKey, KeyPackageStock, MessageKind, QueuedMessage, Seq, StateKey, Suite,
 };
 
 use crate::delivery_capnp;
@@ -284,6 +284,12 @@ pub struct CommitPublication {
     /// The key of `epoch + 1` (protocol 8), under which the node seals the
     /// tree it keeps for the members the Commit adds.
     pub epoch_key: Option<EpochKey>,
+    /// The group's state key in `epoch` (protocol 9), which opens the
+    /// group's state on the node (or seals `initial_state`).
+    pub state_key: StateKey,
+    /// The state key of `epoch + 1` (protocol 9), when the Commit takes a
+    /// device out of the group.
+    pub new_state_key: Option<StateKey>,
 }
 
 /// A group's public state (`GroupState`): a GroupInfo and the ratchet tree
@@ -299,6 +305,8 @@ pub struct ProposalPublication {
     pub epoch: u64,
     /// The proposal and its recipients.
     pub proposal: Envelope,
+    /// The group's state key (protocol 9).
+    pub state_key: StateKey,
 }
 
 /// Parses `publishCommit`'s parameters and checks that the Commit's own
@@ -367,6 +375,8 @@ pub fn commit_publication(
         Some(payload("groupInfo", group_info, max_payload)?.to_vec())
     };
     let epoch_key = epoch_key("epochKey", params.get_epoch_key())?;
+    let state_key = state_key("stateKey", params.get_state_key())?;
+    let new_state_key = optional_state_key("newStateKey", params.get_new_state_key())?;
     Ok(CommitPublication {
         group_id,
         epoch,
@@ -375,7 +385,70 @@ pub fn commit_publication(
         initial_state,
         group_info,
         epoch_key,
+        state_key,
+        new_state_key,
     })
+}
+
+/// A required [`StateKey`] field (protocol 9): exactly 32 bytes.
+pub fn state_key(field: &str, bytes: capnp::Result<&[u8]>) -> Result<StateKey, FieldError> {
+    optional_state_key(field, bytes)?.ok_or_else(|| {
+        invalid(
+            field,
+            format!(
+                "required (protocol 9): the group's state key, {} bytes",
+                StateKey::LEN
+            ),
+        )
+    })
+}
+
+/// An optional [`StateKey`] field: empty is none, 32 bytes a key, any other
+/// length a mistake.
+pub fn optional_state_key(field: &str, bytes: capnp::Result<&[u8]>) -> Result<Option<StateKey>, FieldError> {
+    let bytes = bytes.map_err(|e| invalid(field, e.to_string()))?;
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    StateKey::from_slice(bytes).map(Some).ok_or_else(|| {
+        invalid(
+            field,
+            format!("must be empty or {} bytes, not {}", StateKey::LEN, bytes.len()),
+        )
+    })
+}
+
+/// Most state keys one `enqueueBatch` call may carry.
+pub const MAX_BATCH_STATE_KEYS: usize = 16;
+
+/// Parses `enqueueBatch`'s `stateKeys` (protocol 9): at most
+/// [`MAX_BATCH_STATE_KEYS`], each exactly 32 bytes.
+pub fn state_keys(list: capnp::Result<capnp::data_list::Reader<'_>>) -> Result<Vec<StateKey>, FieldError> {
+    let list = list.map_err(|e| invalid("stateKeys", e.to_string()))?;
+    if list.len() as usize > MAX_BATCH_STATE_KEYS {
+        return Err(invalid(
+            "stateKeys",
+            format!("at most {MAX_BATCH_STATE_KEYS} keys, got {}", list.len()),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(slot, bytes)| state_key(&format!("stateKeys[{slot}]"), bytes))
+        .collect()
+}
+
+/// Fills `enqueueBatch`'s `stateKeys`: what [`state_keys`] reads.
+pub fn write_state_keys(keys: &[&StateKey], builder: capnp::data_list::Builder<'_>) {
+    let mut builder = builder;
+    for (slot, key) in keys.iter().enumerate() {
+        builder.set(slot as u32, key.as_bytes());
+    }
+}
+
+/// Parses a key backup's `lookup` (protocol 9): exactly 32 bytes.
+pub fn backup_lookup(field: &str, bytes: capnp::Result<&[u8]>) -> Result<[u8; 32], FieldError> {
+    let bytes = bytes.map_err(|e| invalid(field, e.to_string()))?;
+    <[u8; 32]>::try_from(bytes).map_err(|_| invalid(field, format!("must be 32 bytes, not {}", bytes.len())))
 }
 
 /// An optional [`EpochKey`] field: empty is none, 32 bytes a key, any
@@ -454,6 +527,10 @@ pub struct CommitToSend<'a> {
     pub group_info: Option<&'a [u8]>,
     /// The key of `epoch + 1` (protocol 8).
     pub epoch_key: Option<&'a EpochKey>,
+    /// The group's state key in `epoch` (protocol 9).
+    pub state_key: &'a StateKey,
+    /// The state key of `epoch + 1`, when the Commit takes a device out.
+    pub new_state_key: Option<&'a StateKey>,
 }
 
 /// Fills `publishCommit`'s parameters: what [`commit_publication`] reads.
@@ -469,6 +546,8 @@ pub fn write_commit_publication(
         initial_state,
         group_info,
         epoch_key,
+        state_key,
+        new_state_key,
     } = *publication;
     params.set_group_id(group_id.as_bytes());
     params.set_epoch(epoch);
@@ -485,6 +564,10 @@ pub fn write_commit_publication(
     if let Some(key) = epoch_key {
         params.set_epoch_key(key.as_bytes());
     }
+    params.set_state_key(state_key.as_bytes());
+    if let Some(key) = new_state_key {
+        params.set_new_state_key(key.as_bytes());
+    }
     Ok(())
 }
 
@@ -495,9 +578,11 @@ pub fn write_proposal_publication(
     group_id: &GroupId,
     epoch: u64,
     proposal: &Envelope,
+    state_key: &StateKey,
 ) -> capnp::Result<()> {
     params.set_group_id(group_id.as_bytes());
     params.set_epoch(epoch);
+    params.set_state_key(state_key.as_bytes());
     write_envelope(proposal, params.init_proposal())
 }
 
@@ -523,10 +608,12 @@ pub fn proposal_publication(
         epoch,
         MessageKind::Proposal,
     )?;
+    let state_key = state_key("stateKey", params.get_state_key())?;
     Ok(ProposalPublication {
         group_id,
         epoch,
         proposal,
+        state_key,
     })
 }
 

@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quicnprotochat_core::{
-    EpochKey, GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+    EpochKey, GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, StateKey, Suite,
     fingerprint, framing,
 };
 use quicnprotochat_proto::PROTOCOL_VERSION;
 use quicnprotochat_proto::outcome::{
-    ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, RateLimited,
-    SendOutcome, TooLarge, UploadOutcome,
+    BackupOutcome, ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree,
+    RateLimited, SendOutcome, TooLarge, UploadOutcome,
 };
 use quicnprotochat_proto::wire::{self, NodeInfo};
 use tokio_util::task::TaskTracker;
@@ -379,14 +379,23 @@ impl Api {
     /// `enqueueBatch`: queues each envelope's payload for its recipients,
     /// all or nothing; each recipient is a message of the budget, each
     /// payload its bytes once.
-    pub async fn enqueue_batch(&self, envelopes: Vec<wire::Envelope>) -> Result<SendOutcome, ServiceError> {
+    pub async fn enqueue_batch(
+        &self,
+        envelopes: Vec<wire::Envelope>,
+        state_keys: Vec<StateKey>,
+    ) -> Result<SendOutcome, ServiceError> {
         let _call = self.begin()?;
         let sender = self.require_authenticated()?;
         let cost = cost_of(&envelopes, 0);
         if let Err(refusal) = self.shared.rate_limits.check_send(self.caller(), cost) {
             return Ok(over_budget(refusal));
         }
-        let outcome = sent(self.shared.store.enqueue_batch(sender, envelopes).await?);
+        let outcome = sent(
+            self.shared
+                .store
+                .enqueue_batch_with_keys(sender, envelopes, state_keys)
+                .await?,
+        );
         if outcome == SendOutcome::Accepted {
             metrics::messages_queued(cost.messages);
         }
@@ -461,10 +470,14 @@ impl Api {
 
     /// `fetchGroupInfo`: the group's current GroupInfo and tree, for a
     /// member who rejoins.
-    pub async fn fetch_group_info(&self, group: GroupId) -> Result<FetchedGroupInfo, ServiceError> {
+    pub async fn fetch_group_info(
+        &self,
+        group: GroupId,
+        key: StateKey,
+    ) -> Result<FetchedGroupInfo, ServiceError> {
         let _call = self.begin()?;
         let caller = self.require_authenticated()?;
-        Ok(match self.shared.store.group_info(group, caller).await? {
+        Ok(match self.shared.store.group_info(group, key, caller).await? {
             Ok(Some(state)) => FetchedGroupInfo::State(state),
             Ok(None) => FetchedGroupInfo::Unavailable,
             Err(NotAMember) => FetchedGroupInfo::NotMember,
@@ -484,10 +497,42 @@ impl Api {
         let caller = self.require_authenticated()?;
         Ok(
             match self.shared.store.welcome_tree(group, epoch, key, caller).await? {
-                Some(tree) => FetchedWelcomeTree::Tree(tree),
+                Some((tree, state_key)) => FetchedWelcomeTree::Tree { tree, state_key },
                 None => FetchedWelcomeTree::Unavailable,
             },
         )
+    }
+
+    /// `putKeyBackup`: keeps a device's sealed key backup under the hash of
+    /// `lookup`. Charged like a change of that many bytes, so nobody fills
+    /// the node with backups faster than with messages.
+    pub async fn put_key_backup(
+        &self,
+        lookup: [u8; 32],
+        backup: Vec<u8>,
+    ) -> Result<BackupOutcome, ServiceError> {
+        let _call = self.begin()?;
+        self.require_authenticated()?;
+        let cost = as_change(Cost {
+            messages: 1,
+            bytes: backup.len() as u64,
+        });
+        if let Err(wait) = self.shared.rate_limits.charge_indivisible(self.caller(), cost) {
+            return Ok(BackupOutcome::RateLimited(limited(wait)));
+        }
+        Ok(match self.shared.store.put_key_backup(lookup, backup).await? {
+            Ok(()) => BackupOutcome::Stored,
+            Err(too_large) => BackupOutcome::TooLarge {
+                max_bytes: u32::try_from(too_large.max_bytes).unwrap_or(u32::MAX),
+            },
+        })
+    }
+
+    /// `fetchKeyBackup`: the key backup kept under the hash of `lookup`.
+    pub async fn fetch_key_backup(&self, lookup: [u8; 32]) -> Result<Vec<u8>, ServiceError> {
+        let _call = self.begin()?;
+        self.require_authenticated()?;
+        Ok(self.shared.store.key_backup(lookup).await?.unwrap_or_default())
     }
 
     /// `subscribe`: agrees to push the caller's queue after `after`; the

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use quicnprotochat_proto::outcome::{
-    ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree, SendOutcome,
-    UploadOutcome,
+    BackupOutcome, ChangeOutcome, DeviceListOutcome, FetchedGroupInfo, FetchedKeyPackage, FetchedWelcomeTree,
+    SendOutcome, UploadOutcome,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -314,8 +314,18 @@ impl Label for FetchedGroupInfo {
 impl Label for FetchedWelcomeTree {
     fn label(&self) -> &'static str {
         match self {
-            FetchedWelcomeTree::Tree(_) => "ok",
+            FetchedWelcomeTree::Tree { .. } => "ok",
             FetchedWelcomeTree::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl Label for BackupOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            BackupOutcome::Stored => "ok",
+            BackupOutcome::RateLimited(_) => "rate_limited",
+            BackupOutcome::TooLarge { .. } => "too_large",
         }
     }
 }

@@ -235,11 +235,10 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         mut results: delivery_capnp::delivery_service::EnqueueBatchResults,
     ) -> Result<(), capnp::Error> {
         observed("enqueueBatch", async move {
-            let envelopes = parsed(wire::envelopes(
-                params.get()?.get_envelopes()?,
-                self.api.max_payload(),
-            ))?;
-            let outcome = self.api.enqueue_batch(envelopes).await?;
+            let params = params.get()?;
+            let envelopes = parsed(wire::envelopes(params.get_envelopes()?, self.api.max_payload()))?;
+            let state_keys = parsed(wire::state_keys(params.get_state_keys()))?;
+            let outcome = self.api.enqueue_batch(envelopes, state_keys).await?;
             outcome.write(results.get().init_outcome());
             Ok(outcome.label())
         })
@@ -266,8 +265,10 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
         mut results: delivery_capnp::delivery_service::FetchGroupInfoResults,
     ) -> Result<(), capnp::Error> {
         observed("fetchGroupInfo", async move {
-            let group = parsed(wire::group_id("groupId", params.get()?.get_group_id()?))?;
-            let outcome = self.api.fetch_group_info(group).await?;
+            let params = params.get()?;
+            let group = parsed(wire::group_id("groupId", params.get_group_id()?))?;
+            let key = parsed(wire::state_key("stateKey", params.get_state_key()))?;
+            let outcome = self.api.fetch_group_info(group, key).await?;
             outcome.write(results.get().init_outcome());
             Ok(outcome.label())
         })
@@ -303,6 +304,38 @@ impl delivery_capnp::delivery_service::Server for NodeServiceImpl {
             let outcome = self.api.publish_proposal(publication).await?;
             outcome.write_proposal(results.get().init_outcome());
             Ok(outcome.label())
+        })
+        .await
+    }
+
+    async fn put_key_backup(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::PutKeyBackupParams,
+        mut results: delivery_capnp::delivery_service::PutKeyBackupResults,
+    ) -> Result<(), capnp::Error> {
+        observed("putKeyBackup", async move {
+            let params = params.get()?;
+            let lookup = parsed(wire::backup_lookup("lookup", params.get_lookup()))?;
+            let outcome = self
+                .api
+                .put_key_backup(lookup, params.get_backup()?.to_vec())
+                .await?;
+            outcome.write(results.get().init_outcome());
+            Ok(outcome.label())
+        })
+        .await
+    }
+
+    async fn fetch_key_backup(
+        self: Rc<Self>,
+        params: delivery_capnp::delivery_service::FetchKeyBackupParams,
+        mut results: delivery_capnp::delivery_service::FetchKeyBackupResults,
+    ) -> Result<(), capnp::Error> {
+        observed("fetchKeyBackup", async move {
+            let lookup = parsed(wire::backup_lookup("lookup", params.get()?.get_lookup()))?;
+            let backup = self.api.fetch_key_backup(lookup).await?;
+            results.get().set_backup(&backup);
+            Ok("ok")
         })
         .await
     }

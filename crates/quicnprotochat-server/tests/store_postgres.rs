@@ -41,9 +41,10 @@ impl Backend for Postgres {
         // The synchronous client must not run on an async thread.
         std::thread::spawn(move || {
             let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            // Migration 3 added the ciphersuite; undone here with 4 to 9
+            // Migration 3 added the ciphersuite; undone here with 4 to 10
             // after it (8's group tables and 9's message keys, empty here,
-            // made again as 7 left them).
+            // made again as 7 left them; 10's key backups dropped; 11 only
+            // forgets views, and has nothing to undo).
             let version: Vec<u8> = db
                 .query_one(
                     "SELECT value FROM quicnprotochat_meta WHERE key = 'schema_version'",
@@ -51,7 +52,8 @@ impl Backend for Postgres {
                 )
                 .unwrap()
                 .get(0);
-            assert_eq!(version, b"9", "undo the migrations after 3 here too");
+            assert_eq!(version, b"11", "undo the migrations after 3 here too");
+            drop_key_backups(&mut db);
             key_message_ids_by_sender(&mut db);
             key_group_tables_by_id(&mut db);
             db.batch_execute(
@@ -83,6 +85,7 @@ impl Backend for Postgres {
         let (url, message_id) = (self.url.clone(), message_id.to_vec());
         std::thread::spawn(move || {
             let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            drop_key_backups(&mut db);
             key_message_ids_by_sender(&mut db);
             db.execute(
                 "INSERT INTO message_ids (sender, message_id, created_at)
@@ -104,7 +107,8 @@ impl Backend for Postgres {
             let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
             // Migration 8 keyed groups by reference; undone here, each table
             // made again as 7 left it, with the one group's rows under its
-            // id.
+            // id (and 9 and 10 after it).
+            drop_key_backups(&mut db);
             key_message_ids_by_sender(&mut db);
             key_group_tables_by_id(&mut db);
             db.batch_execute("UPDATE quicnprotochat_meta SET value = '7' WHERE key = 'schema_version';")
@@ -125,6 +129,20 @@ impl Backend for Postgres {
         .join()
         .unwrap();
     }
+
+    fn copy_holds(&self, bytes: &[u8]) -> Option<bool> {
+        let dump = TestPostgres::shared()?.dump(&self.url);
+        // `bytea` comes out in hex.
+        let hex = hex::encode(bytes).into_bytes();
+        let holds = |needle: &[u8]| dump.windows(needle.len()).any(|window| window == needle);
+        Some(holds(bytes) || holds(&hex))
+    }
+}
+
+/// Undoes migration 10 on `db`: no table of key backups (those it holds
+/// go).
+fn drop_key_backups(db: &mut postgres::Client) {
+    db.batch_execute("DROP TABLE key_backups;").unwrap();
 }
 
 /// Undoes migration 9 on `db`: message ids kept beside their sender, as 8

@@ -28,11 +28,13 @@ impl Backend for Sqlite {
     }
 
     fn store_key_packages_before_suites(&self, identity: IdentityKey, packages: &[(&[u8], bool)]) {
-        // V13 added the ciphersuite; undone here with V14 to V19 after it
+        // V13 added the ciphersuite; undone here with V14 to V20 after it
         // (V18's group tables and V19's message keys, empty here, made
-        // again as V17 left them).
-        assert_eq!(SCHEMA_VERSION, 19, "undo the migrations after V13 here too");
+        // again as V17 left them; V20's key backups dropped; V21 only
+        // forgets views, and has nothing to undo).
+        assert_eq!(SCHEMA_VERSION, 21, "undo the migrations after V13 here too");
         let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
+        drop_key_backups(&db);
         key_message_ids_by_sender(&db);
         key_group_tables_by_id(&db);
         db.execute_batch(
@@ -64,9 +66,11 @@ impl Backend for Sqlite {
 
     fn key_groups_by_id(&self, group: &GroupId) {
         // V18 keyed groups by reference; undone here, each table made again
-        // as V17 left it, with the one group's rows under its id.
-        assert_eq!(SCHEMA_VERSION, 19, "undo the migrations after V17 here too");
+        // as V17 left it, with the one group's rows under its id (and V19
+        // and V20 after it).
+        assert_eq!(SCHEMA_VERSION, 21, "undo the migrations after V17 here too");
         let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
+        drop_key_backups(&db);
         key_message_ids_by_sender(&db);
         key_group_tables_by_id(&db);
         db.execute_batch("PRAGMA user_version = 17;").unwrap();
@@ -87,12 +91,22 @@ impl Backend for Sqlite {
             .unwrap();
         assert_eq!(keyed, 1, "the group is keyed by its id, as before V18");
     }
+
+    fn copy_holds(&self, bytes: &[u8]) -> Option<bool> {
+        let hex = hex::encode(bytes).into_bytes();
+        let holds = |file: &[u8], needle: &[u8]| file.windows(needle.len()).any(|window| window == needle);
+        Some(["node.db", "node.db-wal"].iter().any(|name| {
+            std::fs::read(self.dir.path().join(name))
+                .is_ok_and(|file| holds(&file, bytes) || holds(&file, &hex))
+        }))
+    }
 }
 
 impl Sqlite {
     fn claim_message_id_by_sender_v18(&self, sender: IdentityKey, message_id: &[u8]) {
-        assert_eq!(SCHEMA_VERSION, 19, "undo the migrations after V18 here too");
+        assert_eq!(SCHEMA_VERSION, 21, "undo the migrations after V18 here too");
         let db = rusqlite::Connection::open(self.dir.path().join("node.db")).unwrap();
+        drop_key_backups(&db);
         key_message_ids_by_sender(&db);
         db.execute(
             "INSERT INTO message_ids (sender, message_id, created_at) VALUES (?1, ?2, unixepoch())",
@@ -101,6 +115,11 @@ impl Sqlite {
         .unwrap();
         db.execute_batch("PRAGMA user_version = 18;").unwrap();
     }
+}
+
+/// Undoes V20 on `db`: no table of key backups (those it holds go).
+fn drop_key_backups(db: &rusqlite::Connection) {
+    db.execute_batch("DROP TABLE key_backups;").unwrap();
 }
 
 /// Undoes V19 on `db`: message ids kept beside their sender, as V18 left

@@ -109,6 +109,9 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     // The node checks every group change against the group's public state,
     // which Alice hands over with her first change.
     let initial_state = alice_group.export_public_state(&alice.provider, &alice.identity)?;
+    // It keeps that state sealed under the group's state key, which only
+    // members hold (the demo's group is created in this epoch).
+    let state_key = alice_group.current_state_key(&alice.provider)?;
     let added = alice_group.add_members(&alice.provider, &alice.identity, &[fetched], &NoDeviceLists)?;
     let group = alice_group.group_id();
     let welcome = Envelope {
@@ -132,6 +135,8 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
             initial_state: Some(&initial_state),
             group_info: alice_group.pending_group_info(),
             epoch_key: Some(&alice_group.pending_epoch_key(&alice.provider)?),
+            state_key: &state_key,
+            new_state_key: None,
         })
         .await?;
     if outcome != ChangeOutcome::Accepted {
@@ -155,7 +160,7 @@ pub(crate) async fn demo_group(args: &ConnectionArgs) -> Result<(), ClientError>
     // Welcome.
     let mut bob_group = match GroupMember::join(&bob.provider, welcome, None, &NoDeviceLists) {
         Err(CoreError::RatchetTreeNeeded { epoch, epoch_key, .. }) => {
-            let FetchedWelcomeTree::Tree(tree) = bob
+            let FetchedWelcomeTree::Tree { tree, .. } = bob
                 .nodes
                 .delivery()
                 .fetch_welcome_tree(&group, epoch, &epoch_key)

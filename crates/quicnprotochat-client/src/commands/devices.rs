@@ -136,7 +136,9 @@ async fn add(args: &ConnectionArgs, access: &StateAccess, code: &str) -> Result<
     .seal(&code)?;
     // The handoff waits in the link key's queue; the new device reads it on
     // its next `recv`, before the Welcomes in its own queue.
-    nodes.deliver(&[envelope(vec![code.link_key], handoff)]).await?;
+    nodes
+        .deliver(&[envelope(vec![code.link_key], handoff)], None)
+        .await?;
     note!("device {} is now one of your devices", new.short());
 
     let me = identity.public_key();

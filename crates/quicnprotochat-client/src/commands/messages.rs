@@ -8,6 +8,7 @@ use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::connections::Nodes;
 use crate::error::ClientError;
 use crate::incoming::{accept_invitation, fetch_into_inbox, process_entry};
+use crate::key_backup::sync_key_backup;
 use crate::key_packages::top_up_key_packages;
 use crate::link::complete_link;
 use crate::naming::group_name;
@@ -195,6 +196,9 @@ pub(crate) async fn join(args: &ConnectionArgs, access: &StateAccess) -> Result<
         }
     }
     state.compact_if_sparse()?;
+    // The groups joined belong in our key backup before anything else can
+    // go wrong: a device restored from its identity finds them there.
+    sync_key_backup(&nodes, &state).await;
     replace_handed_leaves(&nodes, &state, &identity).await?;
     nodes.close().await;
     if joined == 0 {

@@ -1,7 +1,7 @@
 //! The groups this client is in, and the current group (the one commands
 //! use when no `--group-id` is given); creating, leaving and rejoining one.
 
-use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair, Suite};
+use quicnprotochat_core::{GroupId, GroupMember, IdentityKeypair, KeyBackup, StateKey, Suite};
 use rusqlite::{OptionalExtension, params};
 
 use super::{GroupRecord, StateError, StateFile, unix_now};
@@ -20,6 +20,7 @@ impl StateFile {
         self.atomically(|| {
             let group = GroupMember::create_with_suite(&self.provider(), identity, group_id, suite)?;
             self.record_group(group_id, true)?;
+            self.set_state_key(group_id, &group.current_state_key(&self.provider())?)?;
             self.name_group(group_id, name)?;
             Ok(group)
         })
@@ -154,5 +155,92 @@ impl StateFile {
         })?;
         // A group's id is a GroupId: creating and joining check it.
         Ok(rows.filter_map(Result::transpose).collect::<Result<_, _>>()?)
+    }
+}
+
+impl StateFile {
+    /// The state key of `group_id` (protocol 9) as we keep it; a group
+    /// joined before we kept one takes its current epoch's, which every
+    /// member of that epoch computes alike, and keeps it from then on.
+    pub fn state_key(&self, group_id: &GroupId, group: &GroupMember) -> Result<StateKey, StateError> {
+        if let Some(key) = self.kept_state_key(group_id)? {
+            return Ok(key);
+        }
+        let key = group.current_state_key(&self.provider())?;
+        self.set_state_key(group_id, &key)?;
+        Ok(key)
+    }
+
+    /// The state key of `group_id` if we keep one (none for a group we are
+    /// not in, or joined before keys were kept).
+    pub fn kept_state_key(&self, group_id: &GroupId) -> Result<Option<StateKey>, StateError> {
+        let kept: Option<Vec<u8>> = self
+            .connection
+            .query_row(
+                "SELECT state_key FROM state_keys WHERE group_id = ?1",
+                params![group_id.as_bytes()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(kept.as_deref().and_then(StateKey::from_slice))
+    }
+
+    /// Keeps `key` as the state key of `group_id`.
+    pub fn set_state_key(&self, group_id: &GroupId, key: &StateKey) -> Result<(), StateError> {
+        self.connection.execute(
+            "INSERT INTO state_keys (group_id, state_key) VALUES (?1, ?2)
+             ON CONFLICT (group_id) DO UPDATE SET state_key = excluded.state_key",
+            params![group_id.as_bytes(), &key.as_bytes()[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Takes the group's new state key if the last Commit merged into
+    /// `group` took a device out (see `GroupMember::state_key_rotated`).
+    pub fn follow_state_key(&self, group_id: &GroupId, group: &GroupMember) -> Result<(), StateError> {
+        if group.state_key_rotated() {
+            self.set_state_key(group_id, &group.current_state_key(&self.provider())?)?;
+        }
+        Ok(())
+    }
+
+    /// Our groups and their state keys, for the key backup: every group we
+    /// keep a key for and are still in.
+    pub fn state_keys(&self) -> Result<KeyBackup, StateError> {
+        let mut statement = self.connection.prepare(
+            "SELECT k.group_id, k.state_key FROM state_keys k JOIN groups g ON g.group_id = k.group_id
+                 ORDER BY k.group_id",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut groups = Vec::new();
+        for row in rows {
+            let (id, key) = row?;
+            if let (Some(id), Some(key)) = (GroupId::new(id), StateKey::from_slice(&key)) {
+                groups.push((id, key));
+            }
+        }
+        Ok(KeyBackup { groups })
+    }
+
+    /// The digest of the key backup last stored on the node, if any.
+    pub fn stored_backup_digest(&self) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self
+            .connection
+            .query_row("SELECT value FROM settings WHERE key = 'key_backup'", [], |row| {
+                row.get::<_, Vec<u8>>(0)
+            })
+            .optional()?)
+    }
+
+    /// Notes that the node holds the key backup with `digest`.
+    pub fn note_backup_stored(&self, digest: &[u8]) -> Result<(), StateError> {
+        self.connection.execute(
+            "INSERT INTO settings (key, value) VALUES ('key_backup', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![digest],
+        )?;
+        Ok(())
     }
 }

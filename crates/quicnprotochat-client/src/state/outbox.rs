@@ -77,6 +77,7 @@ impl StateFile {
             match settlement {
                 Settlement::Merge => {
                     group.merge_pending_commit(&self.provider())?;
+                    self.follow_state_key(group_id, group)?;
                     if !joiners.is_empty() {
                         self.owe_name(group_id, joiners)?;
                     }

@@ -142,6 +142,17 @@ pub(super) const MIGRATIONS: &[&str] = &[
          group_id BLOB PRIMARY KEY,
          recipients BLOB NOT NULL CHECK (length(recipients) % 32 = 0)
      );",
+    // V13: each group's state key (protocol 9), which the node keeps the
+    // group's public state under and which we present with every call
+    // about the group. A group joined before has none and takes its
+    // current epoch's (as every member of that epoch does). A key may be
+    // known before the group is ours again (a rejoin from the key backup).
+    // The setting `key_backup` remembers a digest of what our key backup
+    // on the node last held, so it is sent again only when it changed.
+    "CREATE TABLE state_keys (
+         group_id BLOB PRIMARY KEY CHECK (length(group_id) BETWEEN 1 AND 256),
+         state_key BLOB NOT NULL CHECK (length(state_key) = 32)
+     );",
 ];
 
 /// Read-only check that `path` is an intact state file of ours (an empty

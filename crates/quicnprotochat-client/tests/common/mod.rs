@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use quicnprotochat_client::node_client::{ConnectOptions, NodeClient};
 use quicnprotochat_client::passphrase::PASSPHRASE_VARIABLE;
-use quicnprotochat_core::{IdentityKey, IdentityKeypair};
+use quicnprotochat_core::{IdentityKey, IdentityKeypair, StateKey};
 use quicnprotochat_proto::outcome::SendOutcome;
 use quicnprotochat_server::Config;
 use quicnprotochat_server::testing;
@@ -295,8 +295,6 @@ pub async fn smuggle_welcome(
     add_to_new_group(client, adder, recipient, cover_id.as_bytes(), Some(welcome)).await;
 }
 
-/// `adder` makes the group `group_id` and adds `recipient` with a
-/// KeyPackage of theirs from the node, through the node's ordering like any
 /// The key of the epoch `welcome` starts, as its joiner computes it: from
 /// the Welcome alone, before it has the ratchet tree (which the node keeps
 /// sealed under this key).
@@ -311,9 +309,12 @@ pub fn welcome_epoch_key(
     }
 }
 
+/// `adder` makes the group `group_id` and adds `recipient` with a
+/// KeyPackage of theirs from the node, through the node's ordering like any
 /// `invite`: the Commit is the group's first change (with its initial
 /// state), its Welcome goes to `recipient` (`welcome` instead, if given).
-/// Returns the group, merged, and its provider, to send into it.
+/// Returns the group, merged, its provider, to send into it, and the
+/// group's state key, which the node keeps the group's state under.
 pub async fn add_to_new_group(
     client: &NodeClient,
     adder: &IdentityKeypair,
@@ -323,6 +324,7 @@ pub async fn add_to_new_group(
 ) -> (
     quicnprotochat_core::GroupMember,
     openmls_rust_crypto::OpenMlsRustCrypto,
+    StateKey,
 ) {
     use quicnprotochat_core::{GroupId, GroupMember, NoDeviceLists};
     use quicnprotochat_proto::outcome::{ChangeOutcome, FetchedKeyPackage};
@@ -331,6 +333,7 @@ pub async fn add_to_new_group(
     let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();
     let group_id = GroupId::new(group_id.to_vec()).unwrap();
     let mut group = GroupMember::create(&provider, adder, &group_id).unwrap();
+    let state_key = group.current_state_key(&provider).unwrap();
     let state = group.export_public_state(&provider, adder).unwrap();
     let FetchedKeyPackage::Package(package) = client.fetch_key_package(&recipient).await.unwrap() else {
         panic!("the recipient has KeyPackages on the node");
@@ -356,12 +359,24 @@ pub async fn add_to_new_group(
             }),
             group_info: group_info.as_deref(),
             epoch_key: Some(&group.pending_epoch_key(&provider).unwrap()),
+            state_key: &state_key,
+            new_state_key: None,
         })
         .await
         .unwrap();
     assert_eq!(outcome, ChangeOutcome::Accepted);
     group.merge_pending_commit(&provider).unwrap();
-    (group, provider)
+    (group, provider, state_key)
+}
+
+/// The state key `member`'s state file keeps for `group_id`: what its
+/// client presents to the node for that group.
+pub fn state_key_of(member: &Member, group_id: &quicnprotochat_core::GroupId) -> StateKey {
+    quicnprotochat_client::state::StateFile::open(&access(&member.state))
+        .unwrap()
+        .kept_state_key(group_id)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{} keeps a state key for {group_id:?}", member.name))
 }
 
 /// One person driving the real CLI: a state file and the identity key

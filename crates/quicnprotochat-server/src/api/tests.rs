@@ -86,14 +86,17 @@ async fn the_send_budget_answers_a_wait_or_too_large_and_stores_nothing() {
 
     let too_many = vec![envelope(&[key(2)], b"x"); 21];
     assert_eq!(
-        sender.enqueue_batch(too_many).await.unwrap(),
+        sender.enqueue_batch(too_many, Vec::new()).await.unwrap(),
         SendOutcome::TooLarge(TooLarge {
             max_messages: 20,
             max_bytes: 0
         })
     );
     let burst = vec![envelope(&[key(2)], b"x"); 20];
-    assert_eq!(sender.enqueue_batch(burst).await.unwrap(), SendOutcome::Accepted);
+    assert_eq!(
+        sender.enqueue_batch(burst, Vec::new()).await.unwrap(),
+        SendOutcome::Accepted
+    );
     let SendOutcome::RateLimited(limited) = sender.enqueue(key(2), b"y", None).await.unwrap() else {
         panic!("over the budget");
     };
@@ -110,6 +113,7 @@ async fn a_group_change_is_never_too_large_only_told_to_wait() {
         group_id: GroupId::new(vec![7; 16]).unwrap(),
         epoch,
         proposal: envelope(&recipients, b"not a proposal"),
+        state_key: StateKey::from_bytes([7; 32]),
     };
     // 38 recipients against a burst of 2: charged whole (the store then
     // refuses it, for a group it does not know), and the debt it leaves
@@ -129,10 +133,16 @@ async fn group_state_is_for_members_and_an_unknown_group_is_told_apart() {
     let anonymous = Api::new(shared, None, HOME);
     let group = GroupId::new(vec![9; 16]).unwrap();
     assert_eq!(
-        member.fetch_group_info(group.clone()).await.unwrap(),
+        member
+            .fetch_group_info(group.clone(), StateKey::from_bytes([1; 32]))
+            .await
+            .unwrap(),
         FetchedGroupInfo::NotMember
     );
-    let denied = anonymous.fetch_group_info(group).await.unwrap_err();
+    let denied = anonymous
+        .fetch_group_info(group, StateKey::from_bytes([1; 32]))
+        .await
+        .unwrap_err();
     assert!(matches!(denied, ServiceError::PermissionDenied(_)), "{denied}");
 }
 

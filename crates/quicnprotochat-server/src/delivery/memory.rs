@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
-use quicnprotochat_core::{GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{
+    BackupRef, GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite,
+};
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
 use super::storage::{KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
@@ -29,6 +31,8 @@ pub struct MemoryStorage {
     welcome_trees: HashMap<(GroupRef, u64), (WelcomeTree, i64)>,
     device_lists: HashMap<IdentityKey, SignedDeviceList>,
     removed_devices: std::collections::HashSet<(IdentityKey, IdentityKey)>,
+    /// Each device's sealed key backup and when it was stored.
+    key_backups: HashMap<BackupRef, (Vec<u8>, i64)>,
 }
 
 impl MemoryStorage {
@@ -363,6 +367,15 @@ impl Storage for MemoryStorage {
     ) -> Result<(), Infallible> {
         self.removed_devices
             .extend(devices.iter().map(|device| (*user, *device)));
+        Ok(())
+    }
+
+    fn key_backup(&mut self, backup: &BackupRef) -> Result<Option<Vec<u8>>, Infallible> {
+        Ok(self.key_backups.get(backup).map(|(sealed, _)| sealed.clone()))
+    }
+
+    fn put_key_backup(&mut self, backup: &BackupRef, sealed: &[u8], now: i64) -> Result<(), Infallible> {
+        self.key_backups.insert(*backup, (sealed.to_vec(), now));
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use quicnprotochat_core::public_view::Invalid;
 use quicnprotochat_core::sealed::{self, Sealed};
 use quicnprotochat_core::{
     EpochKey, GroupId, GroupRef, IdentityKey, KeyPackageStock, MemberKey, MessageKey, PublicView,
-    QueuedMessage, Seq, SignedDeviceList, Suite, framing,
+    QueuedMessage, Seq, SignedDeviceList, StateKey, Suite, framing,
 };
 use quicnprotochat_proto::outcome::{QueueFull, StaleEpoch};
 use quicnprotochat_proto::wire;
@@ -364,6 +364,7 @@ pub fn enqueue<S: Storage>(
     storage: &mut S,
     sender: &IdentityKey,
     envelopes: &[Envelope],
+    state_keys: &[StateKey],
     limits: &Limits,
     now: i64,
 ) -> Result<Result<(), SendRefusal>, S::Error> {
@@ -380,7 +381,7 @@ pub fn enqueue<S: Storage>(
         }
     }
     for envelope in &fresh {
-        if let Some(stale) = stale_epoch(storage, sender, &envelope.payload)? {
+        if let Some(stale) = stale_epoch(storage, sender, &envelope.payload, state_keys)? {
             return Ok(Err(SendRefusal::StaleEpoch(stale)));
         }
     }
@@ -424,7 +425,7 @@ pub fn publish_commit<S: Storage>(
     // Read first: a backend shared by several nodes moves an epoch only
     // from the value the command read (`Storage::set_group_epoch`).
     let known_epoch = storage.group_epoch(&group_ref)?;
-    let mut view = match load_view(storage, group)? {
+    let mut view = match load_view(storage, group, &publication.state_key)? {
         // A stranger learns neither the epoch nor that the group exists.
         Ok(view) if !view.is_member(sender) => return Ok(Err(CommitRefusal::UnknownGroup)),
         Ok(view) => view,
@@ -465,9 +466,27 @@ pub fn publish_commit<S: Storage>(
         return Ok(Err(CommitRefusal::Conflict { current_epoch }));
     }
     let commit = &publication.commit;
-    let added = match view.apply_commit(&commit.payload, sender) {
-        Ok(added) => added,
+    let applied = match view.apply_commit(&commit.payload, sender) {
+        Ok(applied) => applied,
         Err(invalid) => return Ok(Err(invalid.into())),
+    };
+    let added = applied.added;
+    // A Commit that takes a device out moves the group's state key on
+    // (protocol 9), so that device's key opens nothing written after; the
+    // members compute the new key from the Commit as the committer did.
+    let state_key = match (&publication.new_state_key, applied.takes_out_a_device) {
+        (Some(key), true) => key,
+        (None, false) => &publication.state_key,
+        (None, true) => {
+            return Ok(Err(CommitRefusal::Invalid {
+                reason: "a Commit that takes a device out of the group must carry newStateKey, the state key of the epoch it starts (protocol 9)".into(),
+            }));
+        }
+        (Some(_), false) => {
+            return Ok(Err(CommitRefusal::Invalid {
+                reason: "newStateKey goes only with a Commit that takes a device out of the group (protocol 9): this one keeps the state key".into(),
+            }));
+        }
     };
     if let Err(invalid) = check_listed(storage, &added)? {
         return Ok(Err(invalid.into()));
@@ -548,19 +567,17 @@ pub fn publish_commit<S: Storage>(
     if let Err(full) = incoming.check_room(storage, limits)? {
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
-    storage.set_group_view(&group_ref, &view.encode(), now)?;
+    // The view (the tree with every member's key, the group context with
+    // the group's id) only ever reaches storage sealed under the state key.
+    let sealed_view = sealed::seal(state_key, Sealed::View, &group_ref, view.epoch(), &view.encode());
+    storage.set_group_view(&group_ref, &sealed_view, now)?;
     storage.set_group_epoch(&group_ref, view.epoch(), &view.fingerprint())?;
     if let Some(key) = &tree_key {
-        // Welcomes do not carry the tree; the new members fetch it with
-        // the key of the epoch their Welcome starts, so the node need not
-        // keep who they are, and its files show neither them nor the tree.
-        let sealed = sealed::seal(
-            key,
-            Sealed::WelcomeTree,
-            &group_ref,
-            view.epoch(),
-            &view.ratchet_tree(),
-        );
+        // Welcomes do not carry the tree; the new members fetch it, with the
+        // group's state key, by the key of the epoch their Welcome starts,
+        // so the node need not keep who they are, and its files show
+        // neither them nor the tree.
+        let sealed = sealed::seal_welcome(key, &group_ref, view.epoch(), state_key, &view.ratchet_tree());
         storage.put_welcome_tree(&group_ref, view.epoch(), &sealed, WELCOME_TREES_PER_GROUP, now)?;
     }
     // A group of one has nobody to send its Commit to; its epoch still counts.
@@ -610,7 +627,7 @@ pub fn publish_proposal<S: Storage>(
     {
         return Ok(Ok(()));
     }
-    let mut view = match load_view(storage, &publication.group_id)? {
+    let mut view = match load_view(storage, &publication.group_id, &publication.state_key)? {
         // A stranger learns neither the epoch nor that the group exists.
         Ok(view) if !view.is_member(sender) => return Ok(Err(CommitRefusal::UnknownGroup)),
         Ok(view) => view,
@@ -644,7 +661,15 @@ pub fn publish_proposal<S: Storage>(
         return Ok(Err(CommitRefusal::QueueFull(full)));
     }
     // The proposal alone: the view (the whole tree) stays as it is.
-    storage.add_group_proposal(&GroupRef::of(&publication.group_id), view.epoch(), &item, now)?;
+    let group_ref = GroupRef::of(&publication.group_id);
+    let item = sealed::seal(
+        &publication.state_key,
+        Sealed::Proposal,
+        &group_ref,
+        view.epoch(),
+        &item,
+    );
+    storage.add_group_proposal(&group_ref, view.epoch(), &item, now)?;
     if !proposal.recipients.is_empty() {
         append(storage, proposal, now)?;
     }
@@ -662,9 +687,10 @@ pub struct NotAMember;
 pub fn group_info<S: Storage>(
     storage: &mut S,
     group: &GroupId,
+    key: &StateKey,
     caller: &IdentityKey,
 ) -> Result<Result<Option<GroupState>, NotAMember>, S::Error> {
-    let Ok(view) = load_view(storage, group)? else {
+    let Ok(view) = load_view(storage, group, key)? else {
         return Ok(Err(NotAMember));
     };
     if !view.is_member(caller) {
@@ -672,6 +698,11 @@ pub fn group_info<S: Storage>(
     }
     Ok(Ok(view.group_info()))
 }
+
+/// What the node serves the members a Commit added ([`welcome_tree`]): the
+/// ratchet tree of the epoch it started, and the group's state key (none
+/// for a tree kept before protocol 9).
+pub type ForJoiners = (Vec<u8>, Option<StateKey>);
 
 /// The ratchet tree of `group` in `epoch`, for `caller` to join with a
 /// Welcome of that epoch. Only whoever presents the epoch's `key` reads
@@ -687,15 +718,22 @@ pub fn welcome_tree<S: Storage>(
     epoch: u64,
     key: Option<&EpochKey>,
     caller: &IdentityKey,
-) -> Result<Option<Vec<u8>>, S::Error> {
+) -> Result<Option<ForJoiners>, S::Error> {
     let group_ref = GroupRef::of(group);
     let Some(kept) = storage.welcome_tree(&group_ref, epoch)? else {
         return Ok(None);
     };
-    if kept.joiners.is_empty() {
-        return Ok(key.and_then(|key| sealed::open(key, Sealed::WelcomeTree, &group_ref, epoch, &kept.tree)));
+    if !kept.joiners.is_empty() {
+        return Ok(kept.joiners.contains(caller).then_some((kept.tree, None)));
     }
-    Ok(kept.joiners.contains(caller).then_some(kept.tree))
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    if let Some((state_key, tree)) = sealed::open_welcome(key, &group_ref, epoch, &kept.tree) {
+        return Ok(Some((tree, Some(state_key))));
+    }
+    // Kept by a protocol 8 node: the tree alone.
+    Ok(sealed::open(key, Sealed::WelcomeTree, &group_ref, epoch, &kept.tree).map(|tree| (tree, None)))
 }
 
 /// The stored public view of `group`; [`CommitRefusal::UnknownGroup`] if
@@ -703,16 +741,29 @@ pub fn welcome_tree<S: Storage>(
 fn load_view<S: Storage>(
     storage: &mut S,
     group: &GroupId,
+    key: &StateKey,
 ) -> Result<Result<PublicView, CommitRefusal>, S::Error> {
     let group_ref = GroupRef::of(group);
-    let Some(bytes) = storage.group_view(&group_ref)? else {
+    let Some(sealed_view) = storage.group_view(&group_ref)? else {
         return Ok(Err(CommitRefusal::UnknownGroup));
     };
     // The view's epoch is the group's: both move with each Commit.
-    let proposals = match storage.group_epoch(&group_ref)? {
-        Some(epoch) => storage.group_proposals(&group_ref, epoch)?,
-        None => Vec::new(),
+    let Some(epoch) = storage.group_epoch(&group_ref)? else {
+        return Ok(Err(CommitRefusal::UnknownGroup));
     };
+    // A key that does not open the view (a stranger's guess, a removed
+    // member's old key, a view kept before protocol 9) finds no group: the
+    // caller learns nothing, and a member hands the state over again.
+    let Some(bytes) = sealed::open(key, Sealed::View, &group_ref, epoch, &sealed_view) else {
+        return Ok(Err(CommitRefusal::UnknownGroup));
+    };
+    let mut proposals = Vec::new();
+    for item in storage.group_proposals(&group_ref, epoch)? {
+        match sealed::open(key, Sealed::Proposal, &group_ref, epoch, &item) {
+            Some(item) => proposals.push(item),
+            None => return Ok(Err(CommitRefusal::UnknownGroup)),
+        }
+    }
     Ok(
         PublicView::decode(group.as_bytes(), &bytes, &proposals).map_err(|damaged| {
             // Our own storage failed us; the caller can do nothing but know.
@@ -834,6 +885,7 @@ fn stale_epoch<S: Storage>(
     storage: &mut S,
     sender: &IdentityKey,
     payload: &[u8],
+    keys: &[StateKey],
 ) -> Result<Option<StaleEpoch>, S::Error> {
     let Some((group_id, epoch)) = framing::private_message_epoch(payload) else {
         return Ok(None);
@@ -845,7 +897,13 @@ fn stale_epoch<S: Storage>(
         Some(current_epoch) if epoch < current_epoch => current_epoch,
         _ => return Ok(None),
     };
-    let member = matches!(load_view(storage, &group)?, Ok(view) if view.is_member(sender));
+    let mut member = false;
+    for key in keys {
+        if let Ok(view) = load_view(storage, &group, key)? {
+            member = view.is_member(sender);
+            break;
+        }
+    }
     Ok(member.then(|| StaleEpoch {
         group_id: group_id.to_vec(),
         current_epoch,

@@ -7,7 +7,7 @@
 //! behaviour.
 
 use quicnprotochat_core::{
-    DeviceList, GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite,
+    BackupRef, DeviceList, GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite,
 };
 use quicnprotochat_proto::wire::ValidKeyPackage;
 
@@ -313,6 +313,18 @@ pub trait Storage {
         devices: &[IdentityKey],
         now: i64,
     ) -> Result<(), Self::Error>;
+
+    /// The key backup kept under `backup`, if any: the opaque blob its
+    /// device sealed, as last stored.
+    ///
+    /// A backup is named only by its [`BackupRef`], a hash of a secret its
+    /// device presents: the node never stores the secret, nor whose backup
+    /// it is (so [`Self::knows`] does not count backups).
+    fn key_backup(&mut self, backup: &BackupRef) -> Result<Option<Vec<u8>>, Self::Error>;
+
+    /// Keeps `sealed` as the key backup under `backup`, replacing any
+    /// earlier one, as written at `now`.
+    fn put_key_backup(&mut self, backup: &BackupRef, sealed: &[u8], now: i64) -> Result<(), Self::Error>;
 
     /// Whether the node holds anything for `identity`: KeyPackages, queued
     /// messages or a device list (as its user). Such an identity is one the

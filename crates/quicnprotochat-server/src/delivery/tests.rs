@@ -1,7 +1,7 @@
 //! The rules against [`MemoryStorage`]: no database involved.
 
 use quicnprotochat_core::KeyPackageStock;
-use quicnprotochat_core::{EpochKey, GroupId, GroupRef, IdentityKey, Seq, Suite};
+use quicnprotochat_core::{EpochKey, GroupId, GroupRef, IdentityKey, Seq, StateKey, Suite};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_proto::wire::{CommitPublication, Envelope, ProposalPublication, ValidKeyPackage};
 
@@ -36,7 +36,7 @@ fn enqueue(
         ..Limits::default()
     };
     storage
-        .command(|s| rules::enqueue(s, &key(sender), envelopes, &limits, NOW))
+        .command(|s| rules::enqueue(s, &key(sender), envelopes, &[], &limits, NOW))
         .map_err(|refusal| match refusal {
             SendRefusal::QueueFull(full) => full,
             other => panic!("not a full queue: {other:?}"),
@@ -393,8 +393,18 @@ fn alice_and_bob(storage: &mut MemoryStorage) -> (mls::Member, mls::Member) {
                 &mls::identity(2).public_key(),
             )
         })
-        .unwrap();
-    (alice, mls::join(2, provider, &welcome, &tree))
+        .expect("a tree for Bob");
+    let (tree, state_key) = tree;
+    (
+        alice,
+        mls::join(
+            2,
+            provider,
+            &welcome,
+            &tree,
+            state_key.expect("the group's state key"),
+        ),
+    )
 }
 
 fn invalid(refusal: Result<(), CommitRefusal>) -> String {
@@ -676,7 +686,13 @@ fn the_groupinfo_of_a_new_epoch_is_checked_and_served_only_to_members() {
     let (add, welcome, provider) = alice.add(2);
     let mut publication = alice.publication(add, &[], b"add", true);
     alice.merge();
-    let bob = mls::join(2, provider, &welcome, &alice.group.ratchet_tree().unwrap());
+    let bob = mls::join(
+        2,
+        provider,
+        &welcome,
+        &alice.group.ratchet_tree().unwrap(),
+        alice.state_key.clone(),
+    );
     // The GroupInfo of epoch 1, signed by Alice, who made the Commit.
     publication.group_info = Some(alice.state().group_info);
     // Signed by Bob instead: refused with the whole change.
@@ -687,14 +703,21 @@ fn the_groupinfo_of_a_new_epoch_is_checked_and_served_only_to_members() {
     publish(&mut storage, &alice.key(), &publication, 100).unwrap();
 
     let group = publication.group_id.clone();
-    let served = storage.run(|s| rules::group_info(s, &group, &bob.key())).unwrap();
+    let served = storage
+        .run(|s| rules::group_info(s, &group, &bob.state_key, &bob.key()))
+        .unwrap();
     let state = served.expect("the node serves epoch 1's GroupInfo");
     assert_eq!(Some(&state.group_info), publication.group_info.as_ref());
     assert!(!state.ratchet_tree.is_empty());
     assert_eq!(
-        storage.run(|s| rules::group_info(s, &group, &key(9))),
+        storage.run(|s| rules::group_info(s, &group, &bob.state_key, &key(9))),
         Err(NotAMember),
         "strangers get nothing"
+    );
+    assert_eq!(
+        storage.run(|s| rules::group_info(s, &group, &StateKey::from_bytes([9; 32]), &bob.key())),
+        Err(NotAMember),
+        "nor a member without the group's key"
     );
 
     // A Commit without a GroupInfo is refused: members who could not
@@ -705,7 +728,7 @@ fn the_groupinfo_of_a_new_epoch_is_checked_and_served_only_to_members() {
     let reason = invalid(publish(&mut storage, &alice.key(), &bare, 100));
     assert!(reason.contains("must carry groupInfo"), "{reason}");
     assert_eq!(
-        storage.run(|s| rules::group_info(s, &group, &bob.key())),
+        storage.run(|s| rules::group_info(s, &group, &bob.state_key, &bob.key())),
         Ok(Some(state)),
         "the last one is still served"
     );
@@ -763,6 +786,8 @@ fn a_well_signed_commit_whose_path_breaks_the_identity_rules_is_refused() {
         }),
         group_info: None,
         epoch_key: None,
+        state_key: StateKey::from_bytes([1; 32]),
+        new_state_key: None,
     };
     let mut storage = MemoryStorage::default();
     let reason = invalid(publish(&mut storage, &alice.public_key(), &publication, 100));
@@ -783,7 +808,10 @@ fn the_tree_of_an_epoch_that_added_members_is_sealed_under_its_key_until_purged(
     // are: Bob computed it from his Welcome in `alice_and_bob`.
     let epoch_1 = bob.group.epoch_key(&bob.provider).unwrap();
     let tree = alice.group.ratchet_tree().unwrap();
-    assert_eq!(tree_of(&mut storage, 1, Some(&epoch_1)), Some(tree.clone()));
+    assert_eq!(
+        tree_of(&mut storage, 1, Some(&epoch_1)),
+        Some((tree.clone(), Some(alice.state_key.clone())))
+    );
     // Without it, or with another key, the same answer as for an epoch
     // without a tree: nobody outside learns that the group exists.
     assert_eq!(tree_of(&mut storage, 1, None), None);
@@ -848,11 +876,14 @@ fn a_tree_kept_before_protocol_8_is_read_by_the_members_it_names_alone() {
     let tree_of = |storage: &mut MemoryStorage, who: &IdentityKey, with: Option<&EpochKey>| {
         storage.run(|s| rules::welcome_tree(s, &group, 1, with, who))
     };
-    assert_eq!(tree_of(&mut storage, &joiner, None), Some(b"tree".to_vec()));
+    assert_eq!(
+        tree_of(&mut storage, &joiner, None),
+        Some((b"tree".to_vec(), None))
+    );
     let any_key = EpochKey::from_bytes([1; 32]);
     assert_eq!(
         tree_of(&mut storage, &joiner, Some(&any_key)),
-        Some(b"tree".to_vec())
+        Some((b"tree".to_vec(), None))
     );
     assert_eq!(tree_of(&mut storage, &key(3), Some(&any_key)), None);
     assert_eq!(tree_of(&mut storage, &key(3), None), None);
@@ -917,6 +948,8 @@ fn a_well_signed_commit_with_a_broken_update_path_is_refused_and_the_group_goes_
         initial_state: Some(initial_state.clone()),
         group_info: None,
         epoch_key: None,
+        state_key: StateKey::from_bytes([1; 32]),
+        new_state_key: None,
     };
     let mut storage = MemoryStorage::default();
     let reason = invalid(publish(&mut storage, &alice.public_key(), &broken, 100));
@@ -951,6 +984,8 @@ fn a_well_signed_commit_with_a_broken_update_path_is_refused_and_the_group_goes_
         initial_state: Some(initial_state),
         group_info: Some(group_info),
         epoch_key: None,
+        state_key: StateKey::from_bytes([1; 32]),
+        new_state_key: None,
     };
     publish(&mut storage, &alice.public_key(), &publication, 100).unwrap();
     assert_eq!(payloads(&mut storage, 2), vec![honest]);

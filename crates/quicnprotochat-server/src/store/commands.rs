@@ -6,7 +6,7 @@
 use quicnprotochat_core::IdentityKey;
 
 use super::{Command, Limits, StoreError, unix_now};
-use crate::delivery::{Storage, rules};
+use crate::delivery::{Storage, key_backups, rules};
 
 /// An answer computed inside the transaction, sent once it is committed
 /// (and, where the backend needs it, synced).
@@ -70,12 +70,21 @@ pub(super) fn apply<D: Transact>(
             reply,
             db.decide(|s| rules::upload_device_list(s, &caller, &list, now)),
         ),
+        Command::PutKeyBackup {
+            secret,
+            sealed,
+            reply,
+        } => answer(
+            reply,
+            db.decide(|s| key_backups::put_key_backup(s, &secret.0, &sealed, now)),
+        ),
         Command::EnqueueBatch {
             sender,
             envelopes,
+            state_keys,
             reply,
         } => {
-            let outcome = db.decide(|s| rules::enqueue(s, &sender, &envelopes, limits, now));
+            let outcome = db.decide(|s| rules::enqueue(s, &sender, &envelopes, &state_keys, limits, now));
             if matches!(outcome, Ok(Ok(()))) {
                 touched.extend(
                     envelopes
@@ -158,6 +167,7 @@ pub(super) fn fail(command: Command, error: &StoreError) {
         Command::TakeKeyPackage { reply, .. } => send(reply, error),
         Command::CountKeyPackages { reply, .. } => send(reply, error),
         Command::UploadDeviceList { reply, .. } => send(reply, error),
+        Command::PutKeyBackup { reply, .. } => send(reply, error),
         Command::Drain { reply, .. } => send(reply, error),
         Command::Ack { reply, .. } => send(reply, error),
         Command::Purge { reply, .. } => send(reply, error),

@@ -1,6 +1,7 @@
-//! The node's durable state: KeyPackages, device lists and message queues
-//! in SQLite (module `sqlite`), or in PostgreSQL shared by several nodes
-//! ([`Store::open_postgres`], module `postgres`), or in memory for tests.
+//! The node's durable state: KeyPackages, device lists, devices' key
+//! backups and message queues in SQLite (module `sqlite`), or in
+//! PostgreSQL shared by several nodes ([`Store::open_postgres`], module
+//! `postgres`), or in memory for tests.
 //! The rules of what to store live in [`crate::delivery`]; this module runs
 //! them against each backend through the same commands (`commands`) and
 //! reads (`reads`), behind one [`Store`] handle.
@@ -42,7 +43,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use quicnprotochat_core::{
-    EpochKey, GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, Suite,
+    EpochKey, GroupId, IdentityKey, KeyPackageStock, QueuedMessage, Seq, SignedDeviceList, StateKey, Suite,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -51,8 +52,8 @@ pub use quicnprotochat_proto::wire::{
 };
 
 pub use crate::delivery::{
-    CommitRefusal, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, NotAMember,
-    SendRefusal, TooManyKeyPackages, Totals,
+    BackupTooLarge, CommitRefusal, DeviceListRefusal, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits,
+    NotAMember, SendRefusal, TooManyKeyPackages, Totals,
 };
 
 pub use memory::MemoryDatabase;
@@ -387,6 +388,34 @@ impl Store {
         ask(&self.reads, |reply| reads::Read::DeviceLists { users, reply }).await
     }
 
+    /// Stores `sealed` as the key backup of the device presenting
+    /// `secret`, replacing its earlier one, unless it is larger than
+    /// [`crate::delivery::MAX_KEY_BACKUP_BYTES`]; see
+    /// [`crate::delivery::key_backups`]. Answered once the backup is
+    /// durably stored.
+    pub async fn put_key_backup(
+        &self,
+        secret: [u8; 32],
+        sealed: Vec<u8>,
+    ) -> Result<Result<(), BackupTooLarge>, StoreError> {
+        self.call(|reply| Command::PutKeyBackup {
+            secret: BackupSecret(secret),
+            sealed,
+            reply,
+        })
+        .await
+    }
+
+    /// The key backup the device presenting `secret` stored last, if any.
+    /// Runs on the reader connection, so it never waits for the writer.
+    pub async fn key_backup(&self, secret: [u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        ask(&self.reads, |reply| reads::Read::KeyBackup {
+            secret: BackupSecret(secret),
+            reply,
+        })
+        .await
+    }
+
     /// Appends `payload` to the queue of `recipient`, unless `sender` already
     /// used `message_id`.
     pub async fn enqueue(
@@ -413,9 +442,22 @@ impl Store {
         sender: IdentityKey,
         envelopes: Vec<Envelope>,
     ) -> Result<Result<(), SendRefusal>, StoreError> {
+        self.enqueue_batch_with_keys(sender, envelopes, Vec::new()).await
+    }
+
+    /// [`Self::enqueue_batch`], with the state keys of the groups the
+    /// messages belong to: a member that presents one is told when its
+    /// message is from an epoch its group has left.
+    pub async fn enqueue_batch_with_keys(
+        &self,
+        sender: IdentityKey,
+        envelopes: Vec<Envelope>,
+        state_keys: Vec<StateKey>,
+    ) -> Result<Result<(), SendRefusal>, StoreError> {
         self.call(|reply| Command::EnqueueBatch {
             sender,
             envelopes,
+            state_keys,
             reply,
         })
         .await
@@ -430,7 +472,7 @@ impl Store {
     ) -> Result<Result<(), CommitRefusal>, StoreError> {
         self.call(|reply| Command::PublishCommit {
             sender,
-            publication,
+            publication: Box::new(publication),
             reply,
         })
         .await
@@ -457,10 +499,12 @@ impl Store {
     pub async fn group_info(
         &self,
         group: GroupId,
+        key: StateKey,
         caller: IdentityKey,
     ) -> Result<Result<Option<GroupState>, NotAMember>, StoreError> {
         ask(&self.reads, |reply| reads::Read::GroupInfo {
             group,
+            key,
             caller,
             reply,
         })
@@ -477,7 +521,7 @@ impl Store {
         epoch: u64,
         key: Option<EpochKey>,
         caller: IdentityKey,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<Option<crate::delivery::rules::ForJoiners>, StoreError> {
         ask(&self.reads, |reply| reads::Read::WelcomeTree {
             group,
             epoch,
@@ -594,6 +638,17 @@ impl StoreCloser {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// The secret a device presents for its key backup, on its way to the
+/// rules. Commands and reads derive `Debug`; this keeps the secret out of
+/// whatever prints them.
+pub(crate) struct BackupSecret([u8; 32]);
+
+impl std::fmt::Debug for BackupSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackupSecret(..)")
+    }
+}
+
 /// Now in Unix seconds: the clock the rules are given.
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -625,14 +680,21 @@ enum Command {
         list: SignedDeviceList,
         reply: Reply<Result<(), DeviceListRefusal>>,
     },
+    PutKeyBackup {
+        secret: BackupSecret,
+        sealed: Vec<u8>,
+        reply: Reply<Result<(), BackupTooLarge>>,
+    },
     EnqueueBatch {
         sender: IdentityKey,
         envelopes: Vec<Envelope>,
+        state_keys: Vec<StateKey>,
         reply: Reply<Result<(), SendRefusal>>,
     },
     PublishCommit {
         sender: IdentityKey,
-        publication: CommitPublication,
+        // Boxed: it is much larger than every other command.
+        publication: Box<CommitPublication>,
         reply: Reply<Result<(), CommitRefusal>>,
     },
     PublishProposal {

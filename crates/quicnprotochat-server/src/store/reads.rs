@@ -1,13 +1,14 @@
 //! The reads a store answers beside its writer (queue reads, a group's
-//! GroupInfo or Welcome tree, device lists, whether it knows an identity,
-//! totals), as requests to a reader, and [`serve`], which answers one from
-//! any backend's [`Storage`]: SQLite's reader thread, PostgreSQL's reader
-//! connections and the memory store all run it.
+//! GroupInfo or Welcome tree, device lists, a device's key backup, whether
+//! it knows an identity, totals), as requests to a reader, and [`serve`],
+//! which answers one from any backend's [`Storage`]: SQLite's reader
+//! thread, PostgreSQL's reader connections and the memory store all run
+//! it.
 
-use quicnprotochat_core::{EpochKey, GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList};
+use quicnprotochat_core::{EpochKey, GroupId, IdentityKey, QueuedMessage, Seq, SignedDeviceList, StateKey};
 
-use super::{GroupState, Reply, StoreError};
-use crate::delivery::{NotAMember, Storage, Totals, rules};
+use super::{BackupSecret, GroupState, Reply, StoreError};
+use crate::delivery::{NotAMember, Storage, Totals, key_backups, rules};
 
 /// One read for the reader thread.
 #[derive(Debug)]
@@ -20,6 +21,7 @@ pub(crate) enum Read {
     },
     GroupInfo {
         group: GroupId,
+        key: StateKey,
         caller: IdentityKey,
         reply: Reply<Result<Option<GroupState>, NotAMember>>,
     },
@@ -28,11 +30,15 @@ pub(crate) enum Read {
         epoch: u64,
         key: Option<EpochKey>,
         caller: IdentityKey,
-        reply: Reply<Option<Vec<u8>>>,
+        reply: Reply<Option<rules::ForJoiners>>,
     },
     DeviceLists {
         users: Vec<IdentityKey>,
         reply: Reply<Vec<SignedDeviceList>>,
+    },
+    KeyBackup {
+        secret: BackupSecret,
+        reply: Reply<Option<Vec<u8>>>,
     },
     Knows {
         identity: IdentityKey,
@@ -61,9 +67,12 @@ pub(crate) fn serve<S: Storage<Error: Into<StoreError>>>(storage: &mut S, read: 
             limit,
             reply,
         } => answer(reply, rules::messages_after(storage, &recipient, after, limit)),
-        Read::GroupInfo { group, caller, reply } => {
-            answer(reply, rules::group_info(storage, &group, &caller))
-        }
+        Read::GroupInfo {
+            group,
+            key,
+            caller,
+            reply,
+        } => answer(reply, rules::group_info(storage, &group, &key, &caller)),
         Read::WelcomeTree {
             group,
             epoch,
@@ -75,6 +84,7 @@ pub(crate) fn serve<S: Storage<Error: Into<StoreError>>>(storage: &mut S, read: 
             rules::welcome_tree(storage, &group, epoch, key.as_ref(), &caller),
         ),
         Read::DeviceLists { users, reply } => answer(reply, rules::device_lists(storage, &users)),
+        Read::KeyBackup { secret, reply } => answer(reply, key_backups::key_backup(storage, &secret.0)),
         Read::Knows { identity, reply } => answer(reply, storage.knows(&identity)),
         Read::Totals { reply } => answer(reply, storage.totals()),
     }
@@ -89,6 +99,7 @@ impl Read {
             Read::GroupInfo { reply, .. } => drop(reply.send(Err(error))),
             Read::WelcomeTree { reply, .. } => drop(reply.send(Err(error))),
             Read::DeviceLists { reply, .. } => drop(reply.send(Err(error))),
+            Read::KeyBackup { reply, .. } => drop(reply.send(Err(error))),
             Read::Knows { reply, .. } => drop(reply.send(Err(error))),
             Read::Totals { reply } => drop(reply.send(Err(error))),
         }

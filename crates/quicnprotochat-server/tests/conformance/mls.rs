@@ -6,18 +6,21 @@
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_core::{
-    CoreError, EpochKey, GroupId, GroupMember, IdentityKey, IdentityKeypair, generate_key_package,
+    CoreError, EpochKey, GroupId, GroupMember, IdentityKey, IdentityKeypair, StateKey, generate_key_package,
 };
 use quicnprotochat_proto::wire::{CommitPublication, Envelope, GroupState, ProposalPublication};
 
-/// The GroupInfo and the key of the epoch a Commit starts.
-type NextEpoch = (Option<Vec<u8>>, Option<EpochKey>);
+/// The GroupInfo, the key and the new state key (if it takes a device out)
+/// of the epoch a Commit starts.
+type NextEpoch = (Option<Vec<u8>>, Option<EpochKey>, Option<StateKey>);
 
 /// One member of a real group: its identity, its MLS state.
 pub struct Member {
     pub provider: OpenMlsRustCrypto,
     pub identity: IdentityKeypair,
     pub group: GroupMember,
+    /// The group's state key, as a client keeps it.
+    pub state_key: StateKey,
     /// The GroupInfo and the key of the epoch each Commit made here starts,
     /// by Commit: a test may publish a Commit after making (and discarding)
     /// others.
@@ -31,10 +34,12 @@ impl Member {
         let identity = identity(seed);
         let group_id = GroupId::new(group_id.to_vec()).unwrap();
         let group = GroupMember::create(&provider, &identity, &group_id).unwrap();
+        let state_key = group.current_state_key(&provider).unwrap();
         Member {
             provider,
             identity,
             group,
+            state_key,
             next_epochs: Default::default(),
         }
     }
@@ -79,6 +84,7 @@ impl Member {
         (
             self.group.pending_group_info().map(<[u8]>::to_vec),
             self.group.pending_epoch_key(&self.provider).ok(),
+            self.group.pending_state_key(&self.provider).ok().flatten(),
         )
     }
 
@@ -102,6 +108,15 @@ impl Member {
 
     pub fn merge(&mut self) {
         self.group.merge_pending_commit(&self.provider).unwrap();
+        self.follow_state_key();
+    }
+
+    /// Takes the group's new state key after a Commit that took a device
+    /// out, as a client does.
+    pub fn follow_state_key(&mut self) {
+        if self.group.state_key_rotated() {
+            self.state_key = self.group.current_state_key(&self.provider).unwrap();
+        }
     }
 
     pub fn discard(&mut self) {
@@ -119,7 +134,7 @@ impl Member {
         with_state: bool,
     ) -> CommitPublication {
         // A Commit made straight on `group` has the pending GroupInfo and key.
-        let (group_info, epoch_key) = self
+        let (group_info, epoch_key, new_state_key) = self
             .next_epochs
             .get(&commit)
             .cloned()
@@ -136,6 +151,8 @@ impl Member {
             },
             welcome: None,
             initial_state: with_state.then(|| self.state()),
+            state_key: self.state_key.clone(),
+            new_state_key,
         }
     }
 
@@ -150,13 +167,21 @@ impl Member {
                 payload: proposal,
                 message_id: Some(id.to_vec()),
             },
+            state_key: self.state_key.clone(),
         }
     }
 }
 
 /// Joins the group of `welcome` as `identity(seed)`, with the provider that
-/// made its KeyPackage and the ratchet tree of the Welcome's epoch.
-pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8], tree: &[u8]) -> Member {
+/// made its KeyPackage, the ratchet tree of the Welcome's epoch and the
+/// group's state key (both as the node serves them to joiners).
+pub fn join(
+    seed: u8,
+    provider: OpenMlsRustCrypto,
+    welcome: &[u8],
+    tree: &[u8],
+    state_key: StateKey,
+) -> Member {
     let group = GroupMember::join(
         &provider,
         welcome,
@@ -168,6 +193,7 @@ pub fn join(seed: u8, provider: OpenMlsRustCrypto, welcome: &[u8], tree: &[u8]) 
         provider,
         identity: identity(seed),
         group,
+        state_key,
         next_epochs: Default::default(),
     }
 }

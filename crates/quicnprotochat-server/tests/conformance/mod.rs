@@ -2,21 +2,24 @@
 //! checked through the public `Store` API only, so that each backend
 //! (`tests/store_sqlite.rs`, `tests/store_postgres.rs`) runs exactly the
 //! same checks. Device lists' checks are in `device_lists`, those of
-//! KeyPackages of several ciphersuites in `key_packages`.
+//! KeyPackages of several ciphersuites in `key_packages`, those of devices'
+//! key backups in `key_backups`.
 //!
 //! Each check takes a fresh [`Backend`] and closes every store it opens.
 
 #![allow(dead_code)] // each runner file uses the checks it can run
 
 pub mod device_lists;
+pub mod key_backups;
 pub mod key_packages;
 pub mod mls;
+pub mod state_keys;
 
 use quicnprotochat_core::KeyPackageStock;
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
-use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq, Suite};
+use quicnprotochat_core::{IdentityKey, QueuedMessage, Seq, StateKey, Suite};
 use quicnprotochat_proto::outcome::QueueFull;
 use quicnprotochat_server::store::{
     CommitRefusal, Envelope, FETCH_BUDGET_BYTES, FETCH_MAX_MESSAGES, Limits, SendRefusal, Store, StoreCloser,
@@ -69,6 +72,12 @@ macro_rules! suite_on {
             the_totals_count_queued_messages_and_stored_key_packages,
             a_group_stored_by_its_id_is_kept_under_its_reference,
             a_message_id_claimed_before_message_keys_stays_claimed,
+            a_key_backup_is_read_back_with_its_secret_and_replaced_by_the_next,
+            a_key_backup_over_the_limit_is_refused_and_nothing_stored,
+            a_copy_of_the_database_holds_no_key_backup_secret,
+            a_groups_state_is_sealed_and_opens_only_with_its_state_key,
+            a_commit_that_takes_a_device_out_moves_the_state_key_on,
+            a_member_whose_key_does_not_open_the_state_hands_it_over_and_nobody_is_frozen,
         );
 
         proptest::proptest! {
@@ -113,9 +122,21 @@ pub use device_lists::{
     the_node_knows_whom_it_holds_key_packages_messages_or_a_device_list_for,
 };
 #[allow(unused_imports)] // files checking other things use the helpers only
+pub use key_backups::{
+    a_copy_of_the_database_holds_no_key_backup_secret,
+    a_key_backup_is_read_back_with_its_secret_and_replaced_by_the_next,
+    a_key_backup_over_the_limit_is_refused_and_nothing_stored,
+};
+#[allow(unused_imports)] // files checking other things use the helpers only
 pub use key_packages::{
     a_key_package_stored_before_suites_is_an_x25519_one, each_suite_has_its_own_last_resort_and_count,
     key_packages_are_served_only_to_fetches_of_their_suite, the_key_package_limit_holds_per_suite,
+};
+#[allow(unused_imports)] // files checking other things use the helpers only
+pub use state_keys::{
+    a_commit_that_takes_a_device_out_moves_the_state_key_on,
+    a_groups_state_is_sealed_and_opens_only_with_its_state_key,
+    a_member_whose_key_does_not_open_the_state_hands_it_over_and_nobody_is_frozen,
 };
 
 /// A way to open a backend's store.
@@ -148,6 +169,11 @@ pub trait Backend {
     /// kept beside their sender, holding `sender`'s claim of `message_id`
     /// (made now). The next open migrates it.
     fn claim_message_id_by_sender(&self, sender: IdentityKey, message_id: &[u8]);
+
+    /// Whether a copy of the backend's database (every store on it closed)
+    /// holds `bytes`, raw or as the backend writes bytes out (hex); `None`
+    /// where there is no copy to take (memory).
+    fn copy_holds(&self, bytes: &[u8]) -> Option<bool>;
 }
 
 /// Closes a store: drops the handle and waits for its writer to finish.
@@ -598,17 +624,22 @@ pub async fn only_the_first_valid_commit_of_an_epoch_is_accepted_and_its_welcome
 }
 
 /// What [`alice_adds_bob`] leaves for Bob to join with.
-struct Added {
-    group: quicnprotochat_core::GroupId,
-    welcome: Vec<u8>,
+pub(crate) struct Added {
+    pub(crate) group: quicnprotochat_core::GroupId,
+    pub(crate) welcome: Vec<u8>,
     /// The provider holding Bob's KeyPackage.
-    provider: openmls_rust_crypto::OpenMlsRustCrypto,
+    pub(crate) provider: openmls_rust_crypto::OpenMlsRustCrypto,
 }
 
 /// Alice makes group `g` and adds Bob (`mls::identity(2)`) with its first
 /// Commit, the Welcome to him; her Commit is merged.
 async fn alice_adds_bob(store: &Store) -> (mls::Member, Added) {
-    let mut alice = mls::Member::create(1, b"g");
+    alice_adds_bob_to(store, b"g").await
+}
+
+/// [`alice_adds_bob`] to a group with the id `group_id`.
+pub(crate) async fn alice_adds_bob_to(store: &Store, group_id: &[u8]) -> (mls::Member, Added) {
+    let mut alice = mls::Member::create(1, group_id);
     let (add, welcome, provider) = alice.add(2);
     let mut publication = alice.publication(add, &[], b"add", true);
     publication.welcome = Some(Envelope {
@@ -664,11 +695,25 @@ pub async fn a_group_stored_by_its_id_is_kept_under_its_reference(backend: &impl
             .is_err()
     );
     let update = alice.update();
-    store
-        .publish_commit(alice.key(), alice.publication(update, &[bob], b"after", false))
+    let first = store
+        .publish_commit(
+            alice.key(),
+            alice.publication(update.clone(), &[bob], b"after", false),
+        )
         .await
-        .unwrap()
         .unwrap();
+    if first == Err(CommitRefusal::UnknownGroup) {
+        // A database whose views were kept in clear forgets them on the
+        // upgrade to sealed state (SQLite V21, PostgreSQL 11): the member
+        // hands the state over, in the epoch the node kept.
+        store
+            .publish_commit(alice.key(), alice.publication(update, &[bob], b"after", true))
+            .await
+            .unwrap()
+            .unwrap();
+    } else {
+        first.unwrap();
+    }
     close((store, closer)).await;
 }
 
@@ -708,7 +753,8 @@ pub async fn a_kept_proposal_survives_a_restart_and_a_commit_of_its_epoch_takes_
         .unwrap()
         .unwrap();
     let (welcome, provider) = (added.welcome, added.provider);
-    let mut bob = mls::join(2, provider, &welcome, &tree);
+    let (tree, state_key) = tree;
+    let mut bob = mls::join(2, provider, &welcome, &tree, state_key.expect("the state key"));
     let leave = bob.leave(&[alice.key()], b"leave");
     store
         .publish_proposal(bob.key(), leave.clone())
@@ -771,7 +817,8 @@ pub async fn the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_r
         .unwrap()
         .unwrap();
     // The Welcome carries no tree; the kept one is the one it commits to.
-    let joined = mls::join(2, provider, &welcome, &tree);
+    let (tree, state_key) = tree;
+    let joined = mls::join(2, provider, &welcome, &tree, state_key.expect("the state key"));
     assert_eq!(joined.group.members(), alice.group.members());
     // Without the key, or with another, the caller gets what an epoch
     // without a tree gets: nothing, told apart by nobody.
@@ -800,23 +847,24 @@ pub async fn the_tree_of_an_epoch_that_added_members_is_kept_for_them_across_a_r
     close((store, closer)).await;
 }
 
-/// Publishes `commit` of `member`: refused as an unknown group without the
-/// group's state, accepted with it.
-async fn unknown_until_the_state_comes_with_it(
+/// Publishes `commit` of `member` to `to`: refused as an unknown group
+/// without the group's state, accepted with it.
+pub(crate) async fn unknown_until_the_state_comes_with_it(
     store: &Store,
     member: &mls::Member,
+    to: &[IdentityKey],
     commit: Vec<u8>,
     id: &[u8],
 ) {
     assert_eq!(
         store
-            .publish_commit(member.key(), member.publication(commit.clone(), &[], id, false))
+            .publish_commit(member.key(), member.publication(commit.clone(), to, id, false))
             .await
             .unwrap(),
         Err(CommitRefusal::UnknownGroup)
     );
     store
-        .publish_commit(member.key(), member.publication(commit, &[], id, true))
+        .publish_commit(member.key(), member.publication(commit, to, id, true))
         .await
         .unwrap()
         .unwrap();
@@ -826,11 +874,22 @@ pub async fn a_commit_for_any_other_epoch_or_not_valid_for_the_group_is_refused(
     let (store, closer) = backend.open();
     let mut alice = mls::Member::create(1, b"g");
     let commit = alice.update();
-    unknown_until_the_state_comes_with_it(&store, &alice, commit, b"0").await;
+    unknown_until_the_state_comes_with_it(&store, &alice, &[], commit, b"0").await;
     alice.merge();
-    // Another epoch-0 Commit of the group, under another id: epoch 0 is taken.
+    // Another epoch-0 Commit of the group, under another id: epoch 0 is
+    // taken. Only a caller whose state key opens the group learns its epoch
+    // (protocol 9); with any other key the group is one the node does not
+    // know.
     let mut stale = mls::Member::create(1, b"g");
     let old = stale.update();
+    assert_eq!(
+        store
+            .publish_commit(alice.key(), stale.publication(old.clone(), &[], b"again", false))
+            .await
+            .unwrap(),
+        Err(CommitRefusal::UnknownGroup)
+    );
+    stale.state_key = alice.state_key.clone();
     assert_eq!(
         store
             .publish_commit(alice.key(), stale.publication(old, &[], b"again", false))
@@ -1015,8 +1074,16 @@ pub async fn an_application_message_from_an_epoch_its_group_left_is_refused(back
         .unwrap()
         .unwrap();
     alice.merge();
+    let stale = vec![Envelope {
+        recipients: vec![key(2)],
+        payload: old.clone(),
+        message_id: None,
+    }];
     assert_eq!(
-        store.enqueue(alice.key(), key(2), old, None).await.unwrap(),
+        store
+            .enqueue_batch_with_keys(alice.key(), stale.clone(), vec![alice.state_key.clone()])
+            .await
+            .unwrap(),
         Err(SendRefusal::StaleEpoch(
             quicnprotochat_proto::outcome::StaleEpoch {
                 group_id: b"g".to_vec(),
@@ -1025,6 +1092,27 @@ pub async fn an_application_message_from_an_epoch_its_group_left_is_refused(back
         ))
     );
     assert!(all(&store, 2).await.is_empty());
+    // The group's key, but not from a member: nothing said about the group.
+    store
+        .enqueue_batch_with_keys(key(3), stale.clone(), vec![alice.state_key.clone()])
+        .await
+        .unwrap()
+        .unwrap();
+    // A member without the key (or with a wrong one) is told nothing
+    // either: the node cannot tell it is a member, and the message is
+    // queued as any opaque payload.
+    store
+        .enqueue_batch_with_keys(alice.key(), stale, vec![StateKey::from_bytes([3; 32])])
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .enqueue(alice.key(), key(2), old, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(all(&store, 2).await.len(), 3);
+    store.ack(key(2), Seq::new(3)).await.unwrap();
     let current = alice
         .group
         .send(&alice.provider, &alice.identity, b"epoch 1")
@@ -1085,7 +1173,7 @@ pub async fn an_idle_groups_view_is_forgotten_but_its_epoch_kept(backend: &impl 
     );
     // In the kept epoch: unknown until a member hands the state over again.
     let next = alice.update();
-    unknown_until_the_state_comes_with_it(&store, &alice, next, b"next").await;
+    unknown_until_the_state_comes_with_it(&store, &alice, &[], next, b"next").await;
     close((store, closer)).await;
 }
 

@@ -197,6 +197,26 @@ const MIGRATIONS: &[&str] = &[
          ON CONFLICT DO NOTHING;
      DROP TABLE message_ids;
      CREATE INDEX message_keys_by_age ON message_keys USING brin (created_at);",
+    // 10: each device's key backup, one opaque sealed blob, kept under
+    // `backup`, SHA-256("quicnprotochat key backup" || secret)
+    // (`BackupRef`): the secret its device presents is never stored, so a
+    // dump does not say whose backup a row is. Never purged (see
+    // `delivery::key_backups`).
+    "CREATE TABLE key_backups (
+         backup bytea PRIMARY KEY CHECK (octet_length(backup) = 32),
+         sealed bytea NOT NULL,
+         updated_at bigint NOT NULL
+     );
+     -- Sealed: it does not compress, skip the attempt.
+     ALTER TABLE key_backups ALTER COLUMN sealed SET STORAGE EXTERNAL;",
+    // 11: groups' public views and proposals are kept sealed under the
+    // group's state key (protocol 9), which the node never holds at rest,
+    // so it cannot seal those kept before. It forgets them instead, as it
+    // forgets an idle group's (their epochs and fingerprints stay): each
+    // group's next change hands its state over again, under its key. The
+    // old rows stay as dead tuples until the table is vacuumed.
+    "DELETE FROM group_proposals;
+     DELETE FROM group_views;",
 ];
 
 /// The schema version this build creates.

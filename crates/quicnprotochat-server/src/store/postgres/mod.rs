@@ -594,6 +594,7 @@ mod tests {
     fn only_commands_that_wait_on_a_statement_count_toward_the_savepoint_cap() {
         let send = |message_id: Option<Vec<u8>>| Command::EnqueueBatch {
             sender: IdentityKey::from_bytes([1; 32]),
+            state_keys: Vec::new(),
             envelopes: vec![quicnprotochat_proto::wire::Envelope {
                 recipients: vec![IdentityKey::from_bytes([2; 32])],
                 payload: b"opaque".to_vec(),

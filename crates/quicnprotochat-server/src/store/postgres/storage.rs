@@ -25,7 +25,8 @@ use std::sync::Arc;
 use postgres::Row;
 use postgres::types::ToSql;
 use quicnprotochat_core::{
-    GroupRef, IdentityKey, KeyPackageStock, MessageKey, QueuedMessage, Seq, SignedDeviceList, Suite,
+    BackupRef, GroupRef, IdentityKey, KeyPackageStock, MessageKey, QueuedMessage, Seq, SignedDeviceList,
+    Suite,
 };
 
 use super::conn::{Conn, classify, describe};
@@ -904,6 +905,25 @@ impl Storage for PgStorage<'_> {
             return Err(PgError::Raced("the user's device list"));
         }
         self.device_lists_read.insert(*user, Some(columns.version));
+        Ok(())
+    }
+
+    fn key_backup(&mut self, backup: &BackupRef) -> Result<Option<Vec<u8>>, PgError> {
+        let row = self.query_opt(
+            "SELECT sealed FROM key_backups WHERE backup = $1",
+            &[&backup.as_bytes().as_slice()],
+        )?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    /// Two nodes storing one device's backup at once: the one committed
+    /// last wins, as it would on one node.
+    fn put_key_backup(&mut self, backup: &BackupRef, sealed: &[u8], now: i64) -> Result<(), PgError> {
+        self.execute(
+            "INSERT INTO key_backups (backup, sealed, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (backup) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+            &[&backup.as_bytes().as_slice(), &sealed, &now],
+        )?;
         Ok(())
     }
 

@@ -252,6 +252,25 @@ const MIGRATIONS: &[&str] = &[
      INSERT OR IGNORE INTO message_keys (message_key, created_at)
          SELECT quicnprotochat_message_key(sender, message_id), created_at FROM message_ids;
      DROP TABLE message_ids;",
+    // V20: each device's key backup, one opaque sealed blob, kept under
+    // `backup`, SHA-256("quicnprotochat key backup" || secret)
+    // (`BackupRef`): the secret its device presents is never stored, so
+    // the file does not say whose backup a row is. Never purged (see
+    // `delivery::key_backups`). A rowid table: a backup (up to 64 KiB)
+    // is too big for the B-tree of a WITHOUT ROWID table.
+    "CREATE TABLE key_backups (
+         backup BLOB PRIMARY KEY CHECK (length(backup) = 32),
+         sealed BLOB NOT NULL,
+         updated_at INTEGER NOT NULL
+     );",
+    // V21: groups' public views and proposals are kept sealed under the
+    // group's state key (protocol 9), which the node never holds at rest,
+    // so it cannot seal those kept before. It forgets them instead, as it
+    // forgets an idle group's (their epochs and fingerprints stay): each
+    // group's next change hands its state over again, under its key. The
+    // rows go with `secure_delete`, and `open` rebuilds the file once.
+    "DELETE FROM group_proposals;
+     DELETE FROM group_views;",
 ];
 
 /// Registers `quicnprotochat_group_ref(id)` on `connection`: the
@@ -360,13 +379,14 @@ pub(in crate::store) fn open(
 }
 
 /// The schema from which every row names groups and message ids only by
-/// hash (V18 rekeyed the group tables, V19 the message ids).
-const KEYED_BY_HASHES: i64 = 19;
+/// hash (V18 rekeyed the group tables, V19 the message ids) and keeps no
+/// group's state in clear (V21).
+const KEYED_BY_HASHES: i64 = 21;
 
 /// Rebuilds a file that the migrations to [`KEYED_BY_HASHES`] just
-/// rewrote: the rows they replaced (group ids, the senders of message ids)
-/// stay byte for byte in free pages, and in the WAL, until something
-/// overwrites them, so a copy of the file would still show them. `VACUUM`
+/// rewrote: the rows they replaced (group ids, the senders of message ids,
+/// views in clear) stay byte for byte in free pages, and in the WAL, until
+/// something overwrites them, so a copy of the file would still show them. `VACUUM`
 /// writes the file anew without free pages; the checkpoint then copies it
 /// into place and empties the WAL. Once per upgrade, and it takes as long
 /// as copying the file.

@@ -3,7 +3,9 @@
 //! transaction. Statements are cached by the connection. The schema they
 //! run against is in `migrations`.
 
-use quicnprotochat_core::{GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite};
+use quicnprotochat_core::{
+    BackupRef, GroupRef, IdentityKey, KeyPackageStock, MessageKey, Seq, SignedDeviceList, Suite,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::delivery::{DeviceListColumns, KeyPackageRow, QueueUsage, Storage, Totals, WelcomeTree};
@@ -460,6 +462,23 @@ impl Storage for SqliteStorage<'_> {
         for device in devices {
             insert.execute(params![user.as_bytes(), device.as_bytes(), now])?;
         }
+        Ok(())
+    }
+
+    fn key_backup(&mut self, backup: &BackupRef) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.db
+            .prepare_cached("SELECT sealed FROM key_backups WHERE backup = ?1")?
+            .query_row(params![backup.as_bytes()], |row| row.get(0))
+            .optional()
+    }
+
+    fn put_key_backup(&mut self, backup: &BackupRef, sealed: &[u8], now: i64) -> rusqlite::Result<()> {
+        self.db
+            .prepare_cached(
+                "INSERT INTO key_backups (backup, sealed, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (backup) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+            )?
+            .execute(params![backup.as_bytes(), sealed, now])?;
         Ok(())
     }
 

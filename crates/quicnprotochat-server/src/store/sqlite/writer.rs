@@ -373,6 +373,7 @@ mod tests {
     fn enqueue(bytes: usize) -> Command {
         Command::EnqueueBatch {
             sender: IdentityKey::from_bytes([1; 32]),
+            state_keys: Vec::new(),
             envelopes: vec![Envelope {
                 recipients: vec![IdentityKey::from_bytes([2; 32])],
                 payload: vec![0; bytes],
