@@ -223,8 +223,13 @@ pub enum Command {
         /// The group's full id, as text (e.g. team#0123456789abcdef) or, for
         /// an id that is not printable text, as hex; the name alone works
         /// while the state file still lists the group.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        group_id: Option<String>,
+        /// Every group this device's key backup on the node names and this
+        /// state file has no current state of (a device restored from a
+        /// backup of its identity alone gets all its groups back).
         #[arg(long)]
-        group_id: String,
+        all: bool,
     },
     /// Encrypt a message to a group and queue it for its members.
     Send {

@@ -4,10 +4,15 @@
 //! backup of its identity alone finds its groups and their keys again and
 //! can `rejoin` them (`quicnprotochat_core::backup`).
 //!
-//! The backup is sent again whenever what it holds changed since the node
-//! last stored it (a digest of it is kept in the state file): after a
-//! change of ours is merged, and after the queue is processed (a join, a
-//! Commit that moved a group's key on).
+//! The backup is sent again whenever what this state file would put in it
+//! changed since the node last stored it (a digest of it is kept in the
+//! state file): after a change of ours is merged, after a join, and after
+//! the queue is processed (a Commit that moved a group's key on). It is
+//! merged with what the node holds, never written over it blindly: a
+//! device restored from an old state file knows only some of its groups
+//! until it has rejoined the rest, and must not drop their keys from the
+//! backup in the meantime. A group leaves the backup only once this state
+//! file knows it was removed from it.
 
 use quicnprotochat_core::{BackupSecrets, GroupId, IdentityKeypair, KeyBackup, StateKey};
 use quicnprotochat_proto::outcome::BackupOutcome;
@@ -27,13 +32,23 @@ pub(crate) async fn sync_key_backup(nodes: &Nodes, state: &StateFile) {
 }
 
 async fn try_sync(nodes: &Nodes, state: &StateFile) -> Result<(), ClientError> {
-    let backup = state.state_keys()?;
-    let digest = digest(&backup);
+    let ours = state.state_keys()?;
+    let digest = digest(&ours);
     if state.stored_backup_digest()?.as_deref() == Some(&digest[..]) {
         return Ok(());
     }
     let identity = state.identity()?;
     let secrets = BackupSecrets::of(&identity);
+    let mut backup = ours;
+    let kept = nodes.delivery().fetch_key_backup(&secrets.lookup).await?;
+    // One that does not open (damaged) is replaced by ours.
+    if let Some(kept) = KeyBackup::open(&secrets.key, &kept) {
+        for (id, key) in kept.groups {
+            if backup.state_key(&id).is_none() && !state.is_out_of(&id)? {
+                backup.groups.push((id, key));
+            }
+        }
+    }
     match nodes
         .delivery()
         .put_key_backup(&secrets.lookup, &backup.seal(&secrets.key))
@@ -62,6 +77,24 @@ pub(crate) async fn backed_up_state_key(
         return Ok(None);
     }
     Ok(KeyBackup::open(&secrets.key, &sealed).and_then(|backup| backup.state_key(group_id).cloned()))
+}
+
+/// The groups our key backup on the node names (none if there is none).
+pub(crate) async fn backed_up_groups(
+    nodes: &Nodes,
+    identity: &IdentityKeypair,
+) -> Result<Vec<GroupId>, ClientError> {
+    let secrets = BackupSecrets::of(identity);
+    let sealed = nodes.delivery().fetch_key_backup(&secrets.lookup).await?;
+    if sealed.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Only this device seals what is filed under its lookup: anything else
+    // there is the node's doing (or damage), not ours.
+    let backup = KeyBackup::open(&secrets.key, &sealed).ok_or_else(|| {
+        ClientError::Protocol("the node's key backup for this device does not open with its key".into())
+    })?;
+    Ok(backup.groups.into_iter().map(|(id, _)| id).collect())
 }
 
 /// What the backup holds, in a form that changes exactly when it does.

@@ -574,16 +574,18 @@ fn a_removal_moves_the_state_key_on_and_a_member_who_missed_it_catches_up() {
     assert!(!ok, "{err}");
 }
 
-/// A device restored from a backup of its identity alone rejoins a group
-/// whose state key moved on after the backup was taken: it finds the key
-/// in the key backup its live self kept on the node.
+/// A device restored from a backup of its identity alone gets all its
+/// groups back with `rejoin --all`, including one whose state key moved on
+/// after the backup was taken: it finds them and their keys in the key
+/// backup its live self kept on the node.
 #[test]
-fn a_device_restored_from_its_identity_alone_rejoins_with_its_key_backup() {
+fn a_device_restored_from_its_identity_alone_rejoins_all_its_groups_with_its_key_backup() {
     let node = TestNode::start();
     let dir = tempfile::tempdir().unwrap();
     let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| Member::register(&node, dir.path(), n));
     let backup = back_up(&bob);
-    let full_id = create_and_invite(&node, "team", &alice, &[&bob, &carol]);
+    let team = create_and_invite(&node, "team", &alice, &[&bob, &carol]);
+    let club = create_and_invite(&node, "club", &carol, &[&bob]);
     alice.run(&node, "remove", &["--group-id", "team", "--peer-key", &carol.key]);
     // Bob follows the removal: his key backup on the node now holds the
     // group's new key.
@@ -591,12 +593,29 @@ fn a_device_restored_from_its_identity_alone_rejoins_with_its_key_backup() {
     assert!(ok && err.contains("now at epoch 2, 2 members"), "{err}");
 
     restore(&bob, &backup);
-    let (ok, _, err) = bob.try_run(&node, "rejoin", &["--group-id", &full_id]);
+    assert_eq!(bob.run(&node, "groups", &[]), "");
+    let (ok, _, err) = bob.try_run(&node, "rejoin", &["--all"]);
     assert!(ok, "{err}");
     assert!(
-        err.contains(&format!("rejoined {full_id}: epoch 3, 2 members")),
+        err.contains(&format!("rejoined {team}: epoch 3, 2 members")),
         "{err}"
     );
+    assert!(
+        err.contains(&format!("rejoined {club}: epoch 2, 2 members")),
+        "{err}"
+    );
+    assert!(
+        err.contains("your key backup names 2 groups; rejoined 2"),
+        "{err}"
+    );
+    // Nothing is left to rejoin.
+    let (ok, _, err) = bob.try_run(&node, "rejoin", &["--all"]);
+    assert!(
+        ok && err.contains("your key backup names 2 groups; rejoined 0"),
+        "{err}"
+    );
+    let (ok, _, err) = carol.try_run(&node, "recv", &[]);
+    assert!(ok && err.contains("rejoined"), "{err}");
     let (ok, _, err) = alice.try_run(&node, "recv", &[]);
     assert!(ok && err.contains("rejoined"), "{err}");
     alice.run(&node, "send", &["--msg", "welcome back"]);

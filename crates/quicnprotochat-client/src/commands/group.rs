@@ -16,6 +16,7 @@ use crate::changes::{self, propose, remove_from_group, update_through};
 use crate::cli::{ConnectionArgs, PeerArgs};
 use crate::connections::Nodes;
 use crate::error::ClientError;
+use crate::key_backup;
 use crate::naming::print_members;
 use crate::naming::{
     group_name, load_group, load_group_as_member, member_name, new_group_id, others, rejoin_group_id,
@@ -201,6 +202,50 @@ pub(crate) async fn rejoin(
     }
     nodes.close().await;
     Ok(())
+}
+
+/// `rejoin --all`: rejoins every group the device's key backup on the node
+/// names that this state file holds no active state of, one after the
+/// other; a group that cannot be rejoined is reported and the others go
+/// on. Fails only if some could not be rejoined and none could.
+pub(crate) async fn rejoin_all(args: &ConnectionArgs, access: &StateAccess) -> Result<(), ClientError> {
+    let state = StateFile::open(access)?;
+    let identity = state.identity()?;
+    let nodes = Nodes::connect(args, Some(&identity)).await?;
+    let backed_up = key_backup::backed_up_groups(&nodes, &identity).await?;
+    let mut rejoined = 0;
+    let mut failed = None;
+    for group_id in &backed_up {
+        if GroupMember::load(&state.provider(), group_id)?.is_some_and(|group| group.is_active()) {
+            continue;
+        }
+        let name = group_name(&state, group_id.as_bytes());
+        match publish::rejoin(&nodes, &state, &identity, group_id).await {
+            Ok(group) => {
+                rejoined += 1;
+                note!(
+                    "rejoined {name}: epoch {}, {}",
+                    group.epoch(),
+                    counted(group.user_count(), "member", "members")
+                );
+            }
+            Err(ClientError::Core(CoreError::UpToDate { .. })) => {}
+            Err(e) if e.is_connection_lost() => return Err(e),
+            Err(e) => {
+                note!("could not rejoin {name}: {e}");
+                failed = Some(e);
+            }
+        }
+    }
+    nodes.close().await;
+    note!(
+        "your key backup names {}; rejoined {rejoined}",
+        counted(backed_up.len(), "group", "groups")
+    );
+    match failed {
+        Some(e) if rejoined == 0 => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// `groups`: one line per group: current marker, name, epoch, members,

@@ -86,7 +86,11 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Update { group_id } => group::update(connection, state()?, group_id.as_deref()).await,
         Command::Leave { group_id } => group::leave(connection, state()?, group_id.as_deref()).await,
-        Command::Rejoin { group_id } => group::rejoin(connection, state()?, &group_id).await,
+        Command::Rejoin {
+            group_id: Some(group_id),
+            ..
+        } => group::rejoin(connection, state()?, &group_id).await,
+        Command::Rejoin { group_id: None, .. } => group::rejoin_all(connection, state()?).await,
         Command::Groups => group::groups(state()?),
         Command::Members { group_id } => group::members(state()?, group_id.as_deref()),
         Command::History { group_id } => group::history(state()?, group_id.as_deref()),

@@ -205,7 +205,8 @@ impl StateFile {
     }
 
     /// Our groups and their state keys, for the key backup: every group we
-    /// keep a key for and are still in.
+    /// keep a key for and whose MLS state is active here (not one that
+    /// removed us).
     pub fn state_keys(&self) -> Result<KeyBackup, StateError> {
         let mut statement = self.connection.prepare(
             "SELECT k.group_id, k.state_key FROM state_keys k JOIN groups g ON g.group_id = k.group_id
@@ -217,11 +218,19 @@ impl StateFile {
         let mut groups = Vec::new();
         for row in rows {
             let (id, key) = row?;
-            if let (Some(id), Some(key)) = (GroupId::new(id), StateKey::from_slice(&key)) {
+            if let (Some(id), Some(key)) = (GroupId::new(id), StateKey::from_slice(&key))
+                && GroupMember::load(&self.provider(), &id)?.is_some_and(|group| group.is_active())
+            {
                 groups.push((id, key));
             }
         }
         Ok(KeyBackup { groups })
+    }
+
+    /// Whether this state file knows `group_id` as one it is no longer in:
+    /// we were removed (its MLS state is inactive).
+    pub fn is_out_of(&self, group_id: &GroupId) -> Result<bool, StateError> {
+        Ok(GroupMember::load(&self.provider(), group_id)?.is_some_and(|group| !group.is_active()))
     }
 
     /// The digest of the key backup last stored on the node, if any.
