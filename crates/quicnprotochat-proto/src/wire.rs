@@ -406,16 +406,23 @@ pub fn state_key(field: &str, bytes: capnp::Result<&[u8]>) -> Result<StateKey, F
 /// An optional [`StateKey`] field: empty is none, 32 bytes a key, any other
 /// length a mistake.
 pub fn optional_state_key(field: &str, bytes: capnp::Result<&[u8]>) -> Result<Option<StateKey>, FieldError> {
+    optional_key(field, bytes, StateKey::from_slice)
+}
+
+/// An optional 32-byte key field read with `from_slice`: empty is none,
+/// 32 bytes a key, any other length a mistake.
+fn optional_key<K>(
+    field: &str,
+    bytes: capnp::Result<&[u8]>,
+    from_slice: fn(&[u8]) -> Option<K>,
+) -> Result<Option<K>, FieldError> {
     let bytes = bytes.map_err(|e| invalid(field, e.to_string()))?;
     if bytes.is_empty() {
         return Ok(None);
     }
-    StateKey::from_slice(bytes).map(Some).ok_or_else(|| {
-        invalid(
-            field,
-            format!("must be empty or {} bytes, not {}", StateKey::LEN, bytes.len()),
-        )
-    })
+    from_slice(bytes)
+        .map(Some)
+        .ok_or_else(|| invalid(field, format!("must be empty or 32 bytes, not {}", bytes.len())))
 }
 
 /// Most state keys one `enqueueBatch` call may carry.
@@ -454,16 +461,7 @@ pub fn backup_lookup(field: &str, bytes: capnp::Result<&[u8]>) -> Result<[u8; 32
 /// An optional [`EpochKey`] field: empty is none, 32 bytes a key, any
 /// other length a mistake.
 pub fn epoch_key(field: &str, bytes: capnp::Result<&[u8]>) -> Result<Option<EpochKey>, FieldError> {
-    let bytes = bytes.map_err(|e| invalid(field, e.to_string()))?;
-    if bytes.is_empty() {
-        return Ok(None);
-    }
-    EpochKey::from_slice(bytes).map(Some).ok_or_else(|| {
-        invalid(
-            field,
-            format!("must be empty or {} bytes, not {}", EpochKey::LEN, bytes.len()),
-        )
-    })
+    optional_key(field, bytes, EpochKey::from_slice)
 }
 
 /// Fills `keyPackageCount`'s results: what [`read_key_package_stock`]
