@@ -722,11 +722,16 @@ fn apply(
                         members: group.user_count(),
                     })
                 }
-                Received::Removed { epoch } => Some(Event::Removed {
-                    group: name,
-                    group_id: id,
-                    epoch,
-                }),
+                Received::Removed { epoch } => {
+                    // Its key is of no use to us any more, and leaves our
+                    // key backup with it.
+                    state.forget_state_key(&group_id)?;
+                    Some(Event::Removed {
+                        group: name,
+                        group_id: id,
+                        epoch,
+                    })
+                }
                 Received::Proposal => Some(Event::Proposal {
                     group: name,
                     group_id: id,

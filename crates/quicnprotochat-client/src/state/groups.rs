@@ -205,8 +205,9 @@ impl StateFile {
     }
 
     /// Our groups and their state keys, for the key backup: every group we
-    /// keep a key for and whose MLS state is active here (not one that
-    /// removed us).
+    /// keep a key for (a removal forgets it: [`Self::forget_state_key`]).
+    /// Read on every sync of the backup, so from our tables alone, without
+    /// loading any group's MLS state.
     pub fn state_keys(&self) -> Result<KeyBackup, StateError> {
         let mut statement = self.connection.prepare(
             "SELECT k.group_id, k.state_key FROM state_keys k JOIN groups g ON g.group_id = k.group_id
@@ -218,13 +219,20 @@ impl StateFile {
         let mut groups = Vec::new();
         for row in rows {
             let (id, key) = row?;
-            if let (Some(id), Some(key)) = (GroupId::new(id), StateKey::from_slice(&key))
-                && GroupMember::load(&self.provider(), &id)?.is_some_and(|group| group.is_active())
-            {
+            if let (Some(id), Some(key)) = (GroupId::new(id), StateKey::from_slice(&key)) {
                 groups.push((id, key));
             }
         }
         Ok(KeyBackup { groups })
+    }
+
+    /// Forgets the state key of `group_id`: we were removed from it.
+    pub fn forget_state_key(&self, group_id: &GroupId) -> Result<(), StateError> {
+        self.connection.execute(
+            "DELETE FROM state_keys WHERE group_id = ?1",
+            params![group_id.as_bytes()],
+        )?;
+        Ok(())
     }
 
     /// Whether this state file knows `group_id` as one it is no longer in:
