@@ -281,18 +281,22 @@ fn a_removed_members_noise_framed_as_a_commit_is_refused_and_the_others_change_t
     let [alice, bob, eve, carol] =
         ["alice", "bob", "eve", "carol"].map(|n| Member::register(&node, dir.path(), n));
     group_of(&node, "team", &alice, &[&bob, &eve]);
+    // The state key Eve holds while she is a member (she could copy it).
+    let group_id = open(&eve).current_group().unwrap().unwrap();
+    let old_key = state_key_of(&eve, &group_id);
     alice.run(&node, "remove", &["--group-id", "team", "--peer-key", &eve.key]);
     bob.run(&node, "recv", &[]);
     eve.try_run(&node, "recv", &[]);
 
     // Eve, removed at epoch 2, publishes noise framed as a Commit of the
     // group's current epoch, on her own authenticated connection, with the
-    // state key she kept (from before her removal moved it on) or, say
-    // leaked, the group's current one.
+    // state key she held (from before her removal moved it on) or, say
+    // leaked, the group's current one. Her client forgot the key when it
+    // learnt of her removal.
     let state = open(&eve);
     let eve_identity = state.identity().unwrap();
-    let group_id = state.current_group().unwrap().unwrap();
-    let (old_key, current_key) = (state_key_of(&eve, &group_id), state_key_of(&alice, &group_id));
+    assert_eq!(state.kept_state_key(&group_id).unwrap(), None);
+    let current_key = state_key_of(&alice, &group_id);
     assert_ne!(old_key, current_key, "removing Eve moved the state key on");
     let publish = |payload: Vec<u8>, state_key| {
         common::local(async {
